@@ -1,0 +1,46 @@
+// Schemas of the C++ ops of fastlm (torch.ops.fastlm.*), and the Python module stub.
+//
+// Every schema lives here; the CUDA implementations are registered from the .cu files with
+// TORCH_LIBRARY_IMPL(fastlm, CUDA, m), and fake (meta) implementations and autograd from
+// Python (fastlm/ops/).  The public ops users call (rms_norm, apply_rotary, attention, ...)
+// are Python custom ops in the same namespace that pick a backend and call these kernels.
+// Mutated arguments are declared with (a!) annotations.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing fastlm._C only has to load this library so the static registrations run; the
+// module itself is empty (pattern of pytorch/extension-cpp, works with py_limited_api).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+static bool built_with_cuda() {
+#ifdef FASTLM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+TORCH_LIBRARY(fastlm, m) {
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
+
+  // ---- normalization (csrc/norm.cu) ----
+  // x, residual: (rows, N) with unit stride in the last dim.  Returns
+  // (out, residual_out = x + residual or empty, mean (rows,) fp32 or empty for RMS, rstd (rows,) fp32).
+  m.def(
+      "norm_fwd_cuda(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool is_rms)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  // h: the normalized input (x, or x + residual).  dresidual_out: grad of residual_out, or None.
+  // Returns (dh, dweight or empty, dbias or empty); dh is the gradient of both x and residual.
+  m.def(
+      "norm_bwd_cuda(Tensor dy, Tensor? dresidual_out, Tensor h, Tensor? weight, Tensor mean, Tensor rstd,"
+      " bool is_rms, bool has_bias) -> (Tensor, Tensor, Tensor)");
+
+  // [rotary schemas]
+
+  // [kv cache schemas]
+}

@@ -1,0 +1,33 @@
+"""Loads the compiled extension ``fastlm._C`` (op schemas + CUDA kernels) if it was built.
+
+The package works without it (Triton and reference backends); in that case one warning says
+what is missing and how to get it.
+"""
+import os
+import warnings
+
+HAVE_C = False  # the extension imported (op schemas registered)
+HAVE_CUDA_KERNELS = False  # ... and it was compiled with the CUDA kernels
+WHY_NOT = ""  # human-readable reason the CUDA backend is unavailable
+
+try:
+    from fastlm import _C  # noqa: F401  (importing registers the ops)
+
+    HAVE_C = True
+    import torch
+
+    HAVE_CUDA_KERNELS = bool(torch.ops.fastlm.built_with_cuda())
+    if not HAVE_CUDA_KERNELS:
+        WHY_NOT = (
+            "fastlm._C was built without CUDA kernels (no CUDA toolkit or a CPU build of torch "
+            "at build time, or FASTLM_SKIP_CUDA_BUILD=1); reinstall with a CUDA toolkit: "
+            "pip install --no-build-isolation -e ."
+        )
+except ImportError as e:  # pragma: no cover - depends on how the package was installed
+    WHY_NOT = (
+        f"the compiled extension fastlm._C is not available ({e}); the 'cuda' backend is "
+        "disabled and the Triton/reference backends are used. Build it with: "
+        "pip install --no-build-isolation -e ."
+    )
+    if os.environ.get("FASTLM_QUIET_NO_C", "0") in ("", "0"):
+        warnings.warn("fastlm: " + WHY_NOT, RuntimeWarning, stacklevel=2)

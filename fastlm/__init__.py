@@ -1,0 +1,9 @@
+"""fastlm: fused GPU kernels (Triton + CUDA C++) for Transformer language models.
+
+Public layers: ``fastlm.ops`` (torch ops with backend dispatch), ``fastlm.nn`` (drop-in
+modules), ``fastlm.reference`` (plain PyTorch ground truth), ``fastlm.models``.
+"""
+from fastlm import _C_loader  # noqa: F401  (registers the C++ op schemas first)
+from fastlm import ops, nn, reference  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""Backend selection shared by every op: "triton" | "cuda" | "reference" | None.
+
+None picks the best backend available for the tensor's device; the environment variable
+FASTLM_BACKEND overrides that choice (when the op family has that backend).  Asking for a
+backend that cannot run raises an error that says why.
+"""
+import functools
+import os
+
+import torch
+
+from fastlm import _C_loader
+
+BACKENDS = ("triton", "cuda", "reference")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status():
+    """(ok, reason) for the Triton backend; CPU tensors need the interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton is not installed ({e})"
+    return True, ""
+
+
+def interpreter_active():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def why_unavailable(backend, device):
+    """Reason `backend` cannot run on `device`, or "" if it can."""
+    dev = torch.device(device).type
+    if backend == "reference":
+        return ""
+    if backend == "triton":
+        ok, why = _triton_status()
+        if not ok:
+            return why
+        if dev == "cuda":
+            return ""
+        if dev == "cpu" and interpreter_active():
+            return ""
+        return f"the triton backend needs CUDA tensors (got {dev}; on CPU set TRITON_INTERPRET=1 before importing triton)"
+    if backend == "cuda":
+        if dev != "cuda":
+            return f"the cuda backend needs CUDA tensors (got device type '{dev}')"
+        if not _C_loader.HAVE_CUDA_KERNELS:
+            return _C_loader.WHY_NOT
+        return ""
+    return f"unknown backend {backend!r}; expected one of {BACKENDS} or None"
+
+
+def resolve(backend, device, supported, preferred=None, op="op"):
+    """Return the backend name to run `op` with.
+
+    supported: backends this op family implements, e.g. ("triton", "cuda", "reference").
+    preferred: order to try when backend is None (default: `supported` order).
+    """
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
+        if backend not in supported:
+            raise ValueError(f"{op}: backend {backend!r} is not implemented for this op (it has {supported})")
+        why = why_unavailable(backend, device)
+        if why:
+            raise RuntimeError(f"{op}: backend {backend!r} is unavailable: {why}")
+        return backend
+    env = os.environ.get("FASTLM_BACKEND", "").strip() or None
+    if env is not None:
+        if env not in BACKENDS:
+            raise ValueError(f"FASTLM_BACKEND must be one of {BACKENDS}, got {env!r}")
+        if env in supported:
+            why = why_unavailable(env, device)
+            if why:
+                raise RuntimeError(f"{op}: FASTLM_BACKEND={env!r} is unavailable: {why}")
+            return env
+    for b in preferred or supported:
+        if b in supported and not why_unavailable(b, device):
+            return b
+    return "reference"

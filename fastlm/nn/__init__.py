@@ -1,0 +1,2 @@
+"""Drop-in modules built on fastlm.ops."""
+from fastlm.nn.norm import LayerNorm, RMSNorm  # noqa: F401

@@ -1,0 +1,46 @@
+"""Drop-in RMSNorm / LayerNorm modules on the fused ops.
+
+Subclasses of torch.nn.RMSNorm / torch.nn.LayerNorm: same constructor, same parameters and
+state_dict keys.  ``forward(x, residual=None)``: with a residual, returns (norm(x + residual),
+x + residual) from one fused kernel.
+"""
+import torch
+
+from fastlm import ops
+
+
+def _flat(x, shape):
+    # The ops normalize the last dim; a multi-dim normalized_shape is flattened into it.
+    return x if len(shape) == 1 else x.flatten(-len(shape))
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    def __init__(self, *args, backend=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, x, residual=None):
+        shape = self.normalized_shape
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        w = self.weight.reshape(-1) if self.weight is not None else None
+        res = _flat(residual, shape) if residual is not None else None
+        out = ops.rms_norm(_flat(x, shape), w, eps, residual=res, backend=self.backend)
+        if residual is not None:
+            return out[0].view(x.shape), out[1].view(x.shape)
+        return out.view(x.shape)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    def __init__(self, *args, backend=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, x, residual=None):
+        shape = self.normalized_shape
+        w = self.weight.reshape(-1) if self.weight is not None else None
+        b = self.bias.reshape(-1) if self.bias is not None else None
+        res = _flat(residual, shape) if residual is not None else None
+        out = ops.layer_norm(_flat(x, shape), w, b, self.eps, residual=res, backend=self.backend)
+        if residual is not None:
+            return out[0].view(x.shape), out[1].view(x.shape)
+        return out.view(x.shape)

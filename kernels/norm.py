@@ -1,0 +1,225 @@
+"""LayerNorm / RMSNorm forward and backward in Triton, with an optional fused residual add.
+
+Forward, one program per row: the whole row (BLOCK_N >= N) sits in registers, so x (and the
+residual) are read once and out (and h = x + residual) written once: the minimum traffic.
+Statistics are fp32; LayerNorm uses the two-pass variance on the registers (no cancellation).
+
+Backward, persistent: G programs each walk a contiguous chunk of rows, producing dh for every
+row and accumulating the dweight/dbias partial sums of their chunk in fp32 registers, then
+write one partial row each; the launcher sums the G partial rows.  This keeps the weight
+gradient fast when rows greatly outnumber the hidden size (no atomics, deterministic).
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest hidden size held in registers by one program (fp32: 256 KiB per row at 65536).
+MAX_FUSED_N = 65536
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X,  # *T   input, (M, N), row stride stride_x, unit column stride
+    R,  # *T   residual, (M, N) (unused unless HAS_RESIDUAL)
+    W,  # *Tw  weight, (N,) (unused unless HAS_WEIGHT)
+    B,  # *Tw  bias, (N,) (unused unless HAS_BIAS)
+    Y,  # *T   output, (M, N)
+    H,  # *T   residual output h = x + residual, (M, N) (unused unless HAS_RESIDUAL)
+    MEAN,  # *fp32 (M,) row means (unused if IS_RMS)
+    RSTD,  # *fp32 (M,) 1 / sqrt(var + eps) (or of mean square for RMS)
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_h,
+    N,  # hidden size
+    eps,
+    IS_RMS: tl.constexpr,  # RMSNorm (no mean subtraction, no bias) vs LayerNorm
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # power of two >= N: the whole row in one block
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(H.dtype.element_ty)
+        tl.store(H + row * stride_h + cols, h, mask=mask)
+        # Normalize the rounded h, exactly what the backward pass will see.
+        x = h.to(tl.float32)
+    if IS_RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        tl.store(MEAN + row, mean)
+    var = tl.sum(xc * xc, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(RSTD + row, rstd)
+    y = xc * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    DY,  # *T   grad of the output, (M, N), row stride stride_dy
+    DHO,  # *T  grad of the residual output h, (M, N) (unused unless HAS_DRESIDUAL)
+    H,  # *T    the normalized input (x, or x + residual), (M, N)
+    W,  # *Tw   weight (N,) (unused unless HAS_WEIGHT)
+    MEAN,  # *fp32 (M,) (unused if IS_RMS)
+    RSTD,  # *fp32 (M,)
+    DH,  # *T   output: grad of h (= grad of x and of the residual), (M, N), contiguous
+    DW_PART,  # *fp32 (G, N) per-program partial dweight (unused unless HAS_WEIGHT)
+    DB_PART,  # *fp32 (G, N) per-program partial dbias (unused unless HAS_BIAS)
+    stride_dy,
+    stride_dho,
+    stride_h,
+    M,  # rows
+    N,  # hidden size
+    rows_per_program,
+    IS_RMS: tl.constexpr,
+    HAS_DRESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for row in range(row_start, row_end):
+        row64 = row.to(tl.int64)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        if IS_RMS:
+            xhat = h * rstd
+        else:
+            xhat = tl.where(mask, (h - tl.load(MEAN + row)) * rstd, 0.0)
+        if HAS_WEIGHT:
+            wdy = dy * w
+            dw += dy * xhat
+        else:
+            wdy = dy
+        if HAS_BIAS:
+            db += dy
+        c1 = tl.sum(xhat * wdy, axis=0) / N
+        if IS_RMS:
+            dh = (wdy - xhat * c1) * rstd
+        else:
+            c2 = tl.sum(wdy, axis=0) / N
+            dh = (wdy - xhat * c1 - c2) * rstd
+        if HAS_DRESIDUAL:
+            dh += tl.load(DHO + row64 * stride_dho + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DH + row64 * N + cols, dh.to(DH.dtype.element_ty), mask=mask)
+    if HAS_WEIGHT:
+        tl.store(DW_PART + pid * N + cols, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB_PART + pid * N + cols, db, mask=mask)
+
+
+def _num_warps(block_n):
+    # Deterministic rule: ~8-16 elements per thread up to the register budget.
+    if block_n >= 32768:
+        return 32
+    if block_n >= 8192:
+        return 16
+    if block_n >= 2048:
+        return 8
+    if block_n >= 512:
+        return 4
+    return 2 if block_n >= 128 else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _num_programs(device_index):
+    # Persistent backward grid: enough programs to fill every SM a few times over.
+    if device_index is None:
+        return 8  # the CPU interpreter: few programs, each loops over many rows
+    sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return 4 * sms
+
+
+def _rows2d(t, name):
+    """View t as (rows, N) with unit column stride (copies only if it must)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    if t2.shape[1] > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def _row_stride(t2):
+    return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
+
+
+def norm_fwd(x, weight, bias, residual, eps, is_rms):
+    """x, residual: (..., N).  Returns (out, residual_out or empty, mean or empty, rstd)."""
+    N = x.shape[-1]
+    if N > MAX_FUSED_N:
+        raise ValueError(f"x: hidden size {N} exceeds the triton norm kernel's limit of {MAX_FUSED_N}")
+    x2 = _rows2d(x, "x")
+    M = x2.shape[0]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    mean = torch.empty(x.shape[:-1] if not is_rms else (0,), dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = _rows2d(residual, "residual")
+        h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        r2, h = x2, torch.empty(0, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out, h, mean, rstd
+    block_n = triton.next_power_of_2(N)
+    _norm_fwd_kernel[(M,)](
+        x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
+        out, h if residual is not None else out, mean if not is_rms else rstd, rstd,
+        _row_stride(x2), _row_stride(r2), N, N, N, eps,
+        IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=_num_warps(block_n),
+    )
+    return out, h, mean, rstd
+
+
+def norm_bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias):
+    """Returns (dh, dweight or empty, dbias or empty); dweight/dbias as fp32 (N,)."""
+    N = h.shape[-1]
+    dy2 = _rows2d(dy, "dy")
+    h2 = _rows2d(h, "h")
+    M = h2.shape[0]
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    has_w = weight is not None
+    if M == 0:
+        dw = h.new_zeros(N if has_w else 0, dtype=torch.float32)
+        db = h.new_zeros(N if has_bias else 0, dtype=torch.float32)
+        return dh, dw, db
+    dho2 = _rows2d(dresidual_out, "dresidual_out") if dresidual_out is not None else dy2
+    G = min(_num_programs(h.device.index if h.is_cuda else None), M)
+    rows_per_program = triton.cdiv(M, G)
+    G = triton.cdiv(M, rows_per_program)
+    dw_part = torch.empty((G, N) if has_w else (0,), dtype=torch.float32, device=h.device)
+    db_part = torch.empty((G, N) if has_bias else (0,), dtype=torch.float32, device=h.device)
+    block_n = triton.next_power_of_2(N)
+    _norm_bwd_kernel[(G,)](
+        dy2, dho2, h2, weight if has_w else h2, mean if not is_rms else rstd, rstd, dh,
+        dw_part if has_w else dh, db_part if has_bias else dh,
+        _row_stride(dy2), _row_stride(dho2), _row_stride(h2), M, N, rows_per_program,
+        IS_RMS=is_rms, HAS_DRESIDUAL=dresidual_out is not None, HAS_WEIGHT=has_w, HAS_BIAS=has_bias,
+        BLOCK_N=block_n, num_warps=_num_warps(block_n),
+    )
+    dw = dw_part.sum(0) if has_w else dw_part
+    db = db_part.sum(0) if has_bias else db_part
+    return dh, dw, db

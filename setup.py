@@ -1,0 +1,136 @@
+"""Build script for fastlm.
+
+Builds the C++/CUDA extension ``fastlm._C`` from ``csrc/``:
+
+* with CUDA kernels when a CUDA toolkit is found *and* torch is a CUDA build (no GPU is
+  needed: CI compiles every .cu file on a machine without one);
+* CPU-only (just the op schemas in ``csrc/ops.cpp``) otherwise;
+* ``FASTLM_SKIP_CUDA_BUILD=1`` forces the CPU-only build.
+
+``FASTLM_CUDA_ARCHS`` (default ``"8.0;9.0"``) selects the GPU architectures, e.g. ``"9.0"``
+for an H100-only build.  The Triton kernels in ``kernels/`` install as ``fastlm.kernels``.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _has_cudart(home):
+    return home and any(
+        os.path.exists(os.path.join(home, d, n))
+        for d in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")
+        for n in ("libcudart.so", "libcudart_static.a")
+    )
+
+
+def _fix_cuda_home():
+    """torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script in /usr/local/bin makes
+    that guess /usr/local, which has no toolkit.  Fall back to the real toolkit."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        candidates.append(os.path.dirname(os.path.dirname(nvcc)))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if _has_cudart(home) and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_fix_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def _cuda_archs():
+    archs = os.environ.get("FASTLM_CUDA_ARCHS", "8.0;9.0")
+    flags = []
+    parsed = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+    for a in parsed:
+        num = a.replace(".", "").replace("+PTX", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    # PTX of the newest arch so later GPUs can JIT it.
+    last = parsed[-1].replace(".", "").replace("+PTX", "")
+    flags.append(f"-gencode=arch=compute_{last},code=compute_{last}")
+    return flags
+
+
+def _want_cuda():
+    if os.environ.get("FASTLM_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+        print("fastlm: FASTLM_SKIP_CUDA_BUILD set, building CPU-only _C", file=sys.stderr)
+        return False
+    if torch.version.cuda is None:
+        print("fastlm: torch is not a CUDA build, building CPU-only _C", file=sys.stderr)
+        return False
+    if cpp_extension.CUDA_HOME is None or not os.path.exists(
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    ):
+        print("fastlm: no CUDA toolkit found (set CUDA_HOME), building CPU-only _C", file=sys.stderr)
+        return False
+    return True
+
+
+def _extensions():
+    sources = [os.path.join("csrc", "ops.cpp")]
+    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    # CUDA 13 torch wheels ship some toolkit headers (cusparse.h, ...) under
+    # site-packages/nvidia/cu13/include; a bare system toolkit may lack them.
+    for sp in sys.path:
+        inc = os.path.join(sp, "nvidia", "cu13", "include")
+        if os.path.isdir(inc):
+            include_dirs.append(inc)
+            break
+    if _want_cuda():
+        sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
+        nvcc = [
+            "-O3",
+            "--use_fast_math",
+            "-lineinfo",
+            "--expt-relaxed-constexpr",
+            "-U__CUDA_NO_HALF_OPERATORS__",
+            "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "-DPy_LIMITED_API=0x03090000",
+        ] + _cuda_archs()
+        if os.environ.get("NVCC_THREADS"):
+            nvcc.append(f"--threads={os.environ['NVCC_THREADS']}")
+        return [
+            cpp_extension.CUDAExtension(
+                "fastlm._C",
+                sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx + ["-DFASTLM_WITH_CUDA"], "nvcc": nvcc + ["-DFASTLM_WITH_CUDA"]},
+                py_limited_api=True,
+            )
+        ]
+    return [
+        cpp_extension.CppExtension(
+            "fastlm._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, py_limited_api=True
+        )
+    ]
+
+
+setup(
+    packages=[
+        "fastlm",
+        "fastlm.ops",
+        "fastlm.nn",
+        "fastlm.models",
+        "fastlm.kernels",
+    ],
+    package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

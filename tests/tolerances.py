@@ -1,0 +1,45 @@
+"""The numerical tolerance policy of the test suite, in one place.
+
+A fused kernel's error against the float64 reference must be no worse than FACTOR times the
+error of the same reference computed in the input dtype (what plain PyTorch would give), plus
+a small floor that scales with the dtype's resolution and the output's magnitude.
+"""
+import torch
+
+FACTOR = 2.0
+# Floor, in units of the dtype's machine epsilon times max(1, max|ref|).
+FLOOR_EPS = {torch.float32: 8.0, torch.float16: 2.0, torch.bfloat16: 2.0, torch.float64: 8.0}
+
+
+def _eps(dtype):
+    return torch.finfo(dtype).eps
+
+
+def max_err(a, b):
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_close(out, ref64, ref_lowp, name="output", dtype=None, factor=FACTOR, floor_eps=None):
+    """out: the kernel result; ref64: reference in float64; ref_lowp: reference in the input dtype."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output or overflow)"
+    dtype = dtype or out.dtype
+    scale = max(1.0, ref64.abs().max().item() if ref64.numel() else 1.0)
+    floor = (floor_eps if floor_eps is not None else FLOOR_EPS[dtype]) * _eps(dtype) * scale
+    err = max_err(out, ref64)
+    base = max_err(ref_lowp, ref64)
+    tol = factor * base + floor
+    assert err <= tol, (
+        f"{name}: max error {err:.3e} vs fp64 reference exceeds {factor}x the same-dtype "
+        f"PyTorch error ({base:.3e}) + floor ({floor:.3e})"
+    )
+    return err, base
+
+
+def poison_(t):
+    """Fill with NaN so elements a kernel forgot to write are caught."""
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
