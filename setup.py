@@ -125,6 +125,7 @@ setup(
     packages=[
         "fastlm",
         "fastlm.ops",
+        "fastlm.reference",
         "fastlm.nn",
         "fastlm.models",
         "fastlm.kernels",

@@ -1,7 +1,4 @@
-"""Plain PyTorch reference of every fastlm op: the test oracle, the benchmark baseline and
-the CPU path.  Short and obviously correct; fp16/bf16 inputs are computed in fp32 (the same
-statistics precision as the kernels) unless ``upcast=False``.
-"""
+"""Reference RMSNorm / LayerNorm (plain PyTorch)."""
 import torch
 
 

@@ -1,0 +1,5 @@
+"""Plain PyTorch reference of every fastlm op: the test oracle, the benchmark baseline and
+the CPU path.  One module per op family; short and obviously correct.  fp16/bf16 inputs are
+computed in fp32 (the same statistics precision as the kernels) unless ``upcast=False``.
+"""
+from fastlm.reference.norm import layer_norm, rms_norm  # noqa: F401
