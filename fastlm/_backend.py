@@ -4,7 +4,6 @@ None picks the best backend available for the tensor's device; the environment v
 FASTLM_BACKEND overrides that choice (when the op family has that backend).  Asking for a
 backend that cannot run raises an error that says why.
 """
-import functools
 import os
 
 import torch
@@ -14,14 +13,15 @@ from fastlm import _C_loader
 BACKENDS = ("triton", "cuda", "reference")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_status():
-    """(ok, reason) for the Triton backend; CPU tensors need the interpreter."""
+def _find_triton():
     try:
         import triton  # noqa: F401
     except ImportError as e:
         return False, f"triton is not installed ({e})"
     return True, ""
+
+
+_TRITON_STATUS = _find_triton()  # (ok, reason); CPU tensors additionally need the interpreter
 
 
 def interpreter_active():
@@ -34,7 +34,7 @@ def why_unavailable(backend, device):
     if backend == "reference":
         return ""
     if backend == "triton":
-        ok, why = _triton_status()
+        ok, why = _TRITON_STATUS
         if not ok:
             return why
         if dev == "cuda":

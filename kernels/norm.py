@@ -99,10 +99,11 @@ def _norm_bwd_kernel(
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    row_start = pid * rows_per_program
+    # int64 bounds make the loop variable int64, so row * stride cannot overflow.
+    row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     for row in range(row_start, row_end):
-        row64 = row.to(tl.int64)
+        row64 = row
         dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         h = tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row)

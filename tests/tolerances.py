@@ -30,6 +30,7 @@ def assert_close(out, ref64, ref_lowp, name="output", dtype=None, factor=FACTOR,
     floor = (floor_eps if floor_eps is not None else FLOOR_EPS[dtype]) * _eps(dtype) * scale
     err = max_err(out, ref64)
     base = max_err(ref_lowp, ref64)
+    assert base == base and base != float("inf"), f"{name}: the same-dtype baseline is not finite; fix the test"
     tol = factor * base + floor
     assert err <= tol, (
         f"{name}: max error {err:.3e} vs fp64 reference exceeds {factor}x the same-dtype "

@@ -161,8 +161,10 @@ _layer_norm_op.register_autograd(_backward_ln, setup_context=_setup_ln)
 
 
 # ---------------------------------------------------------------------------- public API
-def _validate(op, x, eps, **params):
-    check_tensor(x, "x", min_ndim=1)
+def _validate(op, x, eps, backend, **params):
+    # float64 runs on the reference path only (the kernels are fp32/fp16/bf16).
+    allowed = KERNEL_DTYPES + ((torch.float64,) if backend in (None, "reference") else ())
+    check_tensor(x, "x", dtypes=allowed, min_ndim=1)
     if x.shape[-1] == 0:
         raise ValueError(f"{op}: x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
     N = x.shape[-1]
@@ -175,13 +177,19 @@ def _validate(op, x, eps, **params):
             if t.shape != x.shape:
                 raise ValueError(f"{op}: residual must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
         else:
-            check_tensor(t, name, dtypes=KERNEL_DTYPES)
+            check_tensor(t, name, dtypes=allowed)
             if t.shape != (N,):
                 raise ValueError(f"{op}: {name} must have shape ({N},) (the last dim of x), got {tuple(t.shape)}")
             if t.dtype not in (x.dtype, torch.float32):
                 raise TypeError(f"{op}: {name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
     if not (eps >= 0.0):
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+
+
+def _pick(backend, x, op):
+    if backend is None and x.dtype == torch.float64:
+        return "reference"
+    return _backend.resolve(backend, x.device, SUPPORTED, PREFERRED, op=op)
 
 
 def rms_norm(x, weight=None, eps=1e-6, *, residual=None, backend=None):
@@ -191,8 +199,8 @@ def rms_norm(x, weight=None, eps=1e-6, *, residual=None, backend=None):
     pass (the pre-norm residual stream).  fp32/fp16/bf16; fp32 statistics; output in x's dtype.
     weight may be fp32 or x's dtype.  backend: "triton" | "cuda" | "reference" | None.
     """
-    _validate("rms_norm", x, eps, weight=weight, residual=residual)
-    b = _backend.resolve(backend, x.device, SUPPORTED, PREFERRED, op="rms_norm")
+    _validate("rms_norm", x, eps, backend, weight=weight, residual=residual)
+    b = _pick(backend, x, "rms_norm")
     if b == "reference":
         return reference.rms_norm(x, weight, eps, residual=residual)
     out, h, _ = _rms_norm_op(x, weight, residual, float(eps), b)
@@ -206,8 +214,8 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, backend=No
     pass.  fp32/fp16/bf16; fp32 statistics; output in x's dtype.
     backend: "triton" | "cuda" | "reference" | None.
     """
-    _validate("layer_norm", x, eps, weight=weight, bias=bias, residual=residual)
-    b = _backend.resolve(backend, x.device, SUPPORTED, PREFERRED, op="layer_norm")
+    _validate("layer_norm", x, eps, backend, weight=weight, bias=bias, residual=residual)
+    b = _pick(backend, x, "layer_norm")
     if b == "reference":
         return reference.layer_norm(x, weight, bias, eps, residual=residual)
     out, h, _, _ = _layer_norm_op(x, weight, bias, residual, float(eps), b)

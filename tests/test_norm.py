@@ -1,0 +1,282 @@
+"""RMSNorm / LayerNorm: Triton (interpreter on CPU) and CUDA kernels vs the float64 reference."""
+import pytest
+import torch
+
+import fastlm
+from fastlm import reference
+from conftest import DEVICE, HAS_CUDA, kernel_backends
+from tolerances import assert_close, poison_
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _ref(kind, x, w, b, eps, residual, upcast=True):
+    if kind == "rms":
+        return reference.rms_norm(x, w, eps, residual=residual, upcast=upcast)
+    return reference.layer_norm(x, w, b, eps, residual=residual, upcast=upcast)
+
+
+def _op(kind, x, w, b, eps, residual, backend):
+    if kind == "rms":
+        return fastlm.ops.rms_norm(x, w, eps, residual=residual, backend=backend)
+    return fastlm.ops.layer_norm(x, w, b, eps, residual=residual, backend=backend)
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_(True) if t is not None else None for t in ts]
+
+
+def _run(kind, shape, dtype, backend, *, residual, affine, eps=1e-5, wdtype=None):
+    N = shape[-1]
+    x = torch.randn(shape, dtype=dtype, device=DEVICE) * 2 + 0.5
+    r = torch.randn(shape, dtype=dtype, device=DEVICE) if residual else None
+    wdt = wdtype or dtype
+    w = torch.randn(N, dtype=wdt, device=DEVICE) if affine else None
+    b = torch.randn(N, dtype=wdt, device=DEVICE) if (affine and kind == "ln") else None
+    dy = torch.randn(shape, dtype=dtype, device=DEVICE)
+    dh = torch.randn(shape, dtype=dtype, device=DEVICE) if residual else None
+
+    def grads(fn, inputs, cast):
+        xs = _leaves(*[None if t is None else cast(t) for t in inputs])
+        out = fn(*xs)
+        if residual:
+            y, h = out
+            torch.autograd.backward([y, h], [cast(dy), cast(dh)])
+            outs = [y, h]
+        else:
+            out.backward(cast(dy))
+            outs = [out]
+        return outs, [t.grad if t is not None else None for t in xs]
+
+    inputs = (x, w, b, r)
+    got, ggot = grads(lambda x_, w_, b_, r_: _op(kind, x_, w_, b_, eps, r_, backend), inputs, lambda t: t)
+    ref, gref = grads(lambda x_, w_, b_, r_: _ref(kind, x_, w_, b_, eps, r_), inputs, lambda t: t.double())
+    # Same-dtype PyTorch baseline: the reference on the low-precision inputs (fp32 math inside,
+    # like torch's own CUDA norms), outputs and grads rounded to the input dtype.
+    low, glow = grads(lambda x_, w_, b_, r_: _ref(kind, x_, w_, b_, eps, r_), inputs, lambda t: t)
+    for name, o, o64, ol in zip(["out", "residual_out"], got, ref, low):
+        assert o.dtype == dtype
+        assert_close(o, o64, ol, name)
+    for name, g, g64, gl in zip(["dx", "dweight", "dbias", "dresidual"], ggot, gref, glow):
+        if g64 is None:
+            assert g is None, f"{name} should be None"
+            continue
+        assert g.dtype == (wdt if name in ("dweight", "dbias") else dtype), f"{name} dtype {g.dtype}"
+        assert_close(g, g64, gl, name, floor_eps=None)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 1), (3, 7), (2, 3, 123), (4, 4097)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_forward_backward(backend, kind, dtype, shape, residual):
+    _run(kind, shape, dtype, backend, residual=residual, affine=True)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_no_affine(backend, kind, residual):
+    _run(kind, (6, 33), torch.float16, backend, residual=residual, affine=False)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_fp32_weight_with_half_input(backend, kind):
+    # Mixed precision: fp32 parameters, bf16 activations (autocast-style).
+    _run(kind, (9, 64), torch.bfloat16, backend, residual=True, affine=True, wdtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_many_rows(backend, kind):
+    # Rows greatly outnumber hidden: exercises the persistent dweight/dbias reduction.
+    _run(kind, (1031, 16), torch.float32, backend, residual=True, affine=True)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_hidden_65536(backend, kind):
+    _run(kind, (2, 65536), torch.bfloat16, backend, residual=True, affine=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4096, 1024), (2048, 4096), (1000, 8191), (257, 16384), (64, 65536)])
+def test_gpu_large(backend, kind, dtype, shape):
+    _run(kind, shape, dtype, backend, residual=True, affine=True)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_outputs_fully_written(backend):
+    # The op allocates its outputs; poison the memory the allocator is likely to reuse so a
+    # kernel that skips elements shows up as NaN.
+    for _ in range(3):
+        poison_(torch.empty(4 * 129, dtype=torch.float16, device=DEVICE))
+        x = torch.randn(4, 129, dtype=torch.float16, device=DEVICE)
+        r = torch.randn_like(x)
+        y, h = fastlm.ops.layer_norm(x, torch.randn(129, device=DEVICE, dtype=torch.float16), residual=r, backend=backend)
+        assert torch.isfinite(y).all() and torch.isfinite(h).all()
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_non_contiguous_and_expanded_grad(backend, kind):
+    base = torch.randn(40, 6, dtype=torch.float32, device=DEVICE)
+    x = base.t()  # (6, 40) with column stride 6: not contiguous
+    w = torch.randn(40, device=DEVICE)
+    xs = x.detach().clone().requires_grad_(True)
+    ws = w.clone().requires_grad_(True)
+    xr = x.detach().double().requires_grad_(True)
+    wr = w.double().requires_grad_(True)
+    # .sum() gives an expanded stride-0 gradient to the op's backward.
+    _op(kind, xs, ws, None, 1e-5, None, backend).sum().backward()
+    _ref(kind, xr, wr, None, 1e-5, None).sum().backward()
+    out = _op(kind, x, w, None, 1e-5, None, backend)
+    ref = _ref(kind, x.double(), w.double(), None, 1e-5, None)
+    assert_close(out, ref, _ref(kind, x, w, None, 1e-5, None), "out")
+    assert_close(xs.grad, xr.grad, xr.grad.float(), "dx")
+    assert_close(ws.grad, wr.grad, wr.grad.float(), "dweight", floor_eps=64)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_empty_rows(backend):
+    x = torch.randn(0, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(16, device=DEVICE, requires_grad=True)
+    y = fastlm.ops.rms_norm(x, w, backend=backend)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_opcheck(backend):
+    x = torch.randn(3, 5, 37, device=DEVICE, requires_grad=True)
+    r = torch.randn(3, 5, 37, device=DEVICE, requires_grad=True)
+    w = torch.randn(37, device=DEVICE, requires_grad=True)
+    b = torch.randn(37, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastlm.rms_norm.default, (x, w, r, 1e-6, backend))
+    torch.library.opcheck(torch.ops.fastlm.rms_norm.default, (x, None, None, 1e-6, backend))
+    torch.library.opcheck(torch.ops.fastlm.layer_norm.default, (x, w, b, r, 1e-5, backend))
+    torch.library.opcheck(torch.ops.fastlm.layer_norm.default, (x, w, None, None, 1e-5, backend))
+    mean, rstd = torch.randn(3, 5, device=DEVICE), torch.rand(3, 5, device=DEVICE) + 0.5
+    dy = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.fastlm.norm_backward.default, (dy, dy, x.detach(), w.detach(), mean, rstd, False, True, backend))
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_kernels():
+    x = torch.randn(7, 300, device="cuda")
+    w = torch.randn(300, device="cuda")
+    torch.library.opcheck(torch.ops.fastlm.norm_fwd_cuda.default, (x, w, w, x, 1e-5, False))
+    mean, rstd = torch.randn(7, device="cuda"), torch.rand(7, device="cuda") + 0.5
+    torch.library.opcheck(torch.ops.fastlm.norm_bwd_cuda.default, (x, x, x, w, mean, rstd, False, True))
+
+
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_torch_compile_fullgraph(backend):
+    norm = fastlm.nn.RMSNorm(48, eps=1e-6, backend=backend).to(DEVICE)
+    ln = fastlm.nn.LayerNorm(48, backend=backend).to(DEVICE)
+
+    def block(x, res):
+        y, h = norm(x, res)
+        return ln(y * 2.0).sum() + h.sum()
+
+    x = torch.randn(4, 48, device=DEVICE, requires_grad=True)
+    res = torch.randn(4, 48, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if not HAS_CUDA else "inductor")
+    out = compiled(x, res)
+    out.backward()
+    gx, gr = x.grad.clone(), res.grad.clone()
+    x.grad = res.grad = None
+    block(x, res).backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gr, res.grad)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    for backend in ("triton", "cuda"):
+        x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn_like(x)
+        w = torch.randn(512, device="cuda", dtype=torch.bfloat16)
+        fastlm.ops.rms_norm(x, w, residual=r, backend=backend)  # warm up (compile/autotune)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y, h = fastlm.ops.rms_norm(x, w, residual=r, backend=backend)
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        ey, eh = fastlm.ops.rms_norm(x, w, residual=r, backend=backend)
+        torch.testing.assert_close(y, ey)
+        torch.testing.assert_close(h, eh)
+
+
+def test_modules_are_drop_in():
+    for ours, theirs, kw in [
+        (fastlm.nn.RMSNorm, torch.nn.RMSNorm, {"eps": 1e-6}),
+        (fastlm.nn.LayerNorm, torch.nn.LayerNorm, {}),
+        (fastlm.nn.LayerNorm, torch.nn.LayerNorm, {"bias": False}),
+    ]:
+        a, b = ours((4, 8), **kw).to(DEVICE), theirs((4, 8), **kw).to(DEVICE)
+        assert isinstance(a, theirs)
+        assert a.state_dict().keys() == b.state_dict().keys()
+        with torch.no_grad():
+            for p in b.parameters():
+                p.normal_()
+        a.load_state_dict(b.state_dict())
+        x = torch.randn(3, 4, 8, device=DEVICE)
+        torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
+
+
+def test_backend_selection(monkeypatch):
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="backend"):
+        fastlm.ops.rms_norm(x, backend="bogus")
+    if not HAS_CUDA:
+        with pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors"):
+            fastlm.ops.rms_norm(x, backend="cuda")
+        monkeypatch.setenv("FASTLM_BACKEND", "cuda")
+        with pytest.raises(RuntimeError, match="FASTLM_BACKEND"):
+            fastlm.ops.rms_norm(x)
+    monkeypatch.setenv("FASTLM_BACKEND", "reference")
+    torch.testing.assert_close(fastlm.ops.rms_norm(x), reference.rms_norm(x))
+    # float64 is computed (on the reference path) when no kernel backend is forced...
+    monkeypatch.delenv("FASTLM_BACKEND")
+    x64 = torch.randn(2, 8, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(fastlm.ops.layer_norm(x64), reference.layer_norm(x64))
+    # ...and rejected with a clear message by a kernel backend.
+    with pytest.raises(TypeError, match="x must have dtype"):
+        fastlm.ops.layer_norm(x64, backend="triton")
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_bad_inputs(kind):
+    x = torch.randn(4, 16, device=DEVICE)
+
+    def call(**kw):
+        args = dict(x=x, w=None, b=None, eps=1e-5, residual=None, backend="triton")
+        args.update(kw)
+        return _op(kind, args["x"], args["w"], args["b"], args["eps"], args["residual"], args["backend"])
+
+    with pytest.raises(TypeError, match="x must have dtype"):
+        call(x=torch.ones(4, 16, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"weight must have shape \(16,\)"):
+        call(w=torch.randn(15, device=DEVICE))
+    with pytest.raises(ValueError, match="residual must have the shape"):
+        call(residual=torch.randn(4, 15, device=DEVICE))
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        call(residual=torch.randn(4, 16, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(ValueError, match="non-empty last"):
+        call(x=torch.randn(4, 0, device=DEVICE))
+    with pytest.raises(ValueError, match="weight is on meta"):
+        call(w=torch.randn(16, device="meta"))
+    with pytest.raises(TypeError, match="weight must be float32 or x's dtype"):
+        call(x=x.half(), w=torch.randn(16, device=DEVICE, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="hidden size 65537 exceeds"):
+        call(x=torch.randn(1, 65537, device=DEVICE))
+    with pytest.raises(ValueError, match="eps must be"):
+        call(eps=-1.0)
