@@ -64,19 +64,39 @@ def _cuda_archs():
     return flags
 
 
-def _want_cuda():
+def _why_no_cuda():
+    """"" when the CUDA kernels should be built, else the reason they are not."""
     if os.environ.get("FASTLM_SKIP_CUDA_BUILD", "0") not in ("", "0"):
-        print("fastlm: FASTLM_SKIP_CUDA_BUILD set, building CPU-only _C", file=sys.stderr)
-        return False
+        return "FASTLM_SKIP_CUDA_BUILD was set"
     if torch.version.cuda is None:
-        print("fastlm: torch is not a CUDA build, building CPU-only _C", file=sys.stderr)
-        return False
-    if cpp_extension.CUDA_HOME is None or not os.path.exists(
-        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
-    ):
-        print("fastlm: no CUDA toolkit found (set CUDA_HOME), building CPU-only _C", file=sys.stderr)
-        return False
-    return True
+        return "torch is not a CUDA build"
+    if cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    return ""
+
+
+def _want_cuda():
+    why = _why_no_cuda()
+    if why:
+        print(f"fastlm: {why}; building CPU-only _C", file=sys.stderr)
+    _write_build_info(not why, why)
+    return not why
+
+
+def _write_build_info(with_cuda, why):
+    """fastlm/_build_info.py records how _C was built (read by tests and error messages)."""
+    text = (
+        "# Written by setup.py at build time; not tracked by git.\n"
+        f"WITH_CUDA = {with_cuda!r}\n"
+        f"WHY_NO_CUDA = {why!r}\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"CUDA_ARCHS = {os.environ.get('FASTLM_CUDA_ARCHS', '8.0;9.0') if with_cuda else ''!r}\n"
+    )
+    path = os.path.join(ROOT, "fastlm", "_build_info.py")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _extensions():

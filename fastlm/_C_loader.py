@@ -18,10 +18,13 @@ try:
 
     HAVE_CUDA_KERNELS = bool(torch.ops.fastlm.built_with_cuda())
     if not HAVE_CUDA_KERNELS:
+        try:
+            from fastlm._build_info import WHY_NO_CUDA as _why
+        except ImportError:
+            _why = "no CUDA toolkit or a CPU build of torch at build time, or FASTLM_SKIP_CUDA_BUILD=1"
         WHY_NOT = (
-            "fastlm._C was built without CUDA kernels (no CUDA toolkit or a CPU build of torch "
-            "at build time, or FASTLM_SKIP_CUDA_BUILD=1); reinstall with a CUDA toolkit: "
-            "pip install --no-build-isolation -e ."
+            f"fastlm._C was built without CUDA kernels ({_why}); rebuild with a CUDA toolkit and a "
+            "CUDA build of torch: pip install --no-build-isolation -e ."
         )
 except ImportError as e:  # pragma: no cover - depends on how the package was installed
     WHY_NOT = (
