@@ -1,2 +1,3 @@
 """Drop-in modules built on fastlm.ops."""
 from fastlm.nn.norm import LayerNorm, RMSNorm  # noqa: F401
+from fastlm.nn.rotary import RotaryEmbedding  # noqa: F401

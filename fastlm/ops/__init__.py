@@ -1,2 +1,3 @@
 """fastlm ops: public functions with backend dispatch over torch ops (torch.ops.fastlm.*)."""
 from fastlm.ops.norm import layer_norm, rms_norm  # noqa: F401
+from fastlm.ops.rotary import apply_rotary, rotary_tables  # noqa: F401

@@ -3,3 +3,4 @@ the CPU path.  One module per op family; short and obviously correct.  fp16/bf16
 computed in fp32 (the same statistics precision as the kernels) unless ``upcast=False``.
 """
 from fastlm.reference.norm import layer_norm, rms_norm  # noqa: F401
+from fastlm.reference.rotary import apply_rotary  # noqa: F401
