@@ -1,0 +1,164 @@
+"""TransformerConfig: the shape of a decoder-only Transformer LM, plus named presets.
+
+One dataclass covers the GPT-2 family (learned positions, LayerNorm, GELU MLP, biases) and the
+Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention; Mistral adds a sliding window,
+Qwen2 adds q/k/v biases).  Fields left as None are derived in ``__post_init__``.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 32000
+    dim: int = 768  # model width (residual stream)
+    n_layers: int = 12
+    n_heads: int = 12  # query heads
+    n_kv_heads: Optional[int] = None  # key/value heads (GQA); default n_heads
+    head_dim: Optional[int] = None  # default dim // n_heads
+    ffn_dim: Optional[int] = None  # MLP hidden width; default 4*dim (gelu) or Llama's 8/3*dim rule (swiglu)
+    norm: str = "rms"  # "rms" | "layer"
+    norm_eps: float = 1e-5
+    positional: str = "rope"  # "rope" | "learned"
+    rope_base: float = 10000.0
+    rotary_dim: Optional[int] = None  # rotated dims per head (partial rotary); default head_dim
+    rope_scaling: Optional[dict] = None  # HF rope_scaling dict, e.g. {"rope_type": "llama3", "factor": 32.0, ...}
+    mlp: str = "swiglu"  # "swiglu" (silu(gate) * up) | "gelu" (GPT-2)
+    gelu_approximate: str = "tanh"  # GPT-2's "gelu_new" is the tanh approximation; "none" = exact erf GELU
+    qkv_bias: bool = False  # bias on the q/k/v projections (GPT-2, Qwen2)
+    out_bias: bool = False  # bias on the attention output projection (GPT-2)
+    mlp_bias: bool = False  # biases in the MLP (GPT-2)
+    norm_bias: bool = True  # LayerNorm bias (RMSNorm never has one)
+    tie_embeddings: bool = False  # lm_head shares the token embedding matrix
+    max_seqlen: int = 2048  # longest sequence (size of the learned-position / RoPE tables)
+    sliding_window: Optional[int] = None  # Mistral: a query sees at most this many keys (itself included)
+    init_std: float = 0.02
+    extra: dict = field(default_factory=dict)  # free-form metadata (e.g. the HF architecture it came from)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None and self.n_heads > 0 and self.dim % self.n_heads == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.ffn_dim is None:
+            if self.mlp == "swiglu":  # Llama: 2/3 of 4*dim, rounded up to a multiple of 256
+                self.ffn_dim = 256 * math.ceil(int(8 * self.dim / 3) / 256)
+            else:
+                self.ffn_dim = 4 * self.dim
+        if self.rotary_dim is None and self.head_dim is not None:
+            self.rotary_dim = self.head_dim
+        self.validate()
+
+    def validate(self):
+        def bad(msg):
+            raise ValueError(f"TransformerConfig: {msg}")
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seqlen"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                bad(f"{name} must be a positive int, got {v!r}")
+        if self.head_dim is None:
+            bad(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; make it divisible or set head_dim")
+        if self.head_dim <= 0:
+            bad(f"head_dim must be positive, got {self.head_dim}")
+        if self.n_heads % self.n_kv_heads != 0:
+            bad(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} (grouped-query attention)")
+        if self.norm not in ("rms", "layer"):
+            bad(f"norm must be 'rms' or 'layer', got {self.norm!r}")
+        if self.positional not in ("rope", "learned"):
+            bad(f"positional must be 'rope' or 'learned', got {self.positional!r}")
+        if self.mlp not in ("swiglu", "gelu"):
+            bad(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.gelu_approximate not in ("tanh", "none"):
+            bad(f"gelu_approximate must be 'tanh' or 'none', got {self.gelu_approximate!r}")
+        if self.positional == "rope":
+            if not (0 < self.rotary_dim <= self.head_dim) or self.rotary_dim % 2:
+                bad(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
+            if not self.rope_base > 0:
+                bad(f"rope_base must be positive, got {self.rope_base}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            bad(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        if not self.norm_eps >= 0:
+            bad(f"norm_eps must be >= 0, got {self.norm_eps}")
+
+    # ----------------------------------------------------------------------------- helpers
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"TransformerConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes):
+        """A copy with some fields changed (derived fields are re-derived unless given)."""
+        d = self.to_dict()
+        d.update(changes)
+        return TransformerConfig.from_dict(d)
+
+    @property
+    def attention_window(self):
+        """(left, right) for fastlm.ops.attention with causal=True."""
+        return (self.sliding_window - 1, 0) if self.sliding_window else (-1, -1)
+
+    def num_params(self, embeddings=True):
+        """Parameter count computed from the shapes (tied weights counted once)."""
+        d, f, hd = self.dim, self.ffn_dim, self.head_dim
+        qkv = d * hd * (self.n_heads + 2 * self.n_kv_heads) + (hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0)
+        out = self.n_heads * hd * d + (d if self.out_bias else 0)
+        n_in = 2 * f if self.mlp == "swiglu" else f
+        mlp = d * n_in + f * d + ((n_in + d) if self.mlp_bias else 0)
+        norm = d * (2 if self.norm == "layer" and self.norm_bias else 1)
+        n = self.n_layers * (qkv + out + mlp + 2 * norm) + norm
+        emb = self.vocab_size * d + (self.max_seqlen * d if self.positional == "learned" else 0)
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return n + head + (emb if embeddings else 0)
+
+    def flops_per_token(self, seqlen, causal=True):
+        """Training FLOPs per token: 6 x (matmul params) + attention scores and values.
+
+        Matmul params exclude the embedding lookups and include the lm_head (tied or not).
+        Attention: 2 matmuls of 2*seqlen*head_dim*n_heads FLOPs each per token in the
+        forward, x3 for forward + backward; causal counts the half that is computed.
+        """
+        matmul_params = self.num_params(embeddings=False) - (0 if self.tie_embeddings else self.vocab_size * self.dim)
+        matmul_params += self.vocab_size * self.dim
+        attn = 12 * self.n_layers * self.n_heads * self.head_dim * seqlen * (0.5 if causal else 1.0)
+        return 6 * matmul_params + attn
+
+    # ----------------------------------------------------------------------------- presets
+    @classmethod
+    def from_name(cls, name, **overrides):
+        """A named preset (see ``PRESETS``); keyword overrides replace preset fields."""
+        key = name.lower().replace("_", "-")
+        if key not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[key], **overrides})
+
+
+PRESETS = {
+    # The test model: Llama-style with GQA, small enough for the Triton interpreter.
+    "tiny": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seqlen=256,
+                 norm_eps=1e-5),
+    # Same but GPT-2-style (learned positions, LayerNorm, GELU, biases, tied embeddings).
+    "tiny-gpt2": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, ffn_dim=256, max_seqlen=256, norm="layer",
+                      positional="learned", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True,
+                      tie_embeddings=True),
+    # GPT-2 small (124M), vocab padded from 50257 to a multiple of 64 as nanoGPT does.
+    "gpt2-124m": dict(vocab_size=50304, dim=768, n_layers=12, n_heads=12, max_seqlen=4096, norm="layer",
+                      positional="learned", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True,
+                      tie_embeddings=True),
+    # A Llama-style model of about the same size (Llama-2 tokenizer vocab).
+    "llama-125m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=3072,
+                       max_seqlen=4096, tie_embeddings=True),
+    # The shape of Llama-3.2-1B.
+    "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                         max_seqlen=131072, rope_base=500000.0, norm_eps=1e-5, tie_embeddings=True,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}

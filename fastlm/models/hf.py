@@ -1,0 +1,371 @@
+"""Hugging Face checkpoints <-> fastlm Transformer: Llama, Mistral, Qwen2 and GPT-2 families.
+
+    model = Transformer.from_hf("path/to/folder")       # config.json + *.safetensors (or a model object)
+    hf_model = model.to_hf()                             # a transformers model with the same weights
+
+Weight layout differences handled here:
+  - fastlm stacks q/k/v into one ``wqkv`` and SwiGLU's gate/up into one ``w_in`` (one matmul each);
+  - GPT-2's Conv1D stores weights as (in, out): they are transposed;
+  - HF Llama weights already use the rotate-half RoPE pairing that fastlm uses (no permutation).
+Nothing is downloaded: a folder must be local.
+"""
+import json
+import os
+
+import torch
+
+from fastlm.models.config import TransformerConfig
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+SUPPORTED = LLAMA_LIKE + ("gpt2",)
+
+
+# ------------------------------------------------------------------------------ configs
+def _rope_from_hf(c, head_dim):
+    """(base, scaling dict or None, rotary_dim) from a v4 (rope_theta + rope_scaling) or v5
+    (rope_parameters) transformers config dict."""
+    params = dict(c.get("rope_parameters") or {})
+    if params and "rope_theta" in params:
+        base = params.pop("rope_theta")
+    else:
+        base = c.get("rope_theta", 10000.0)
+        params = dict(c.get("rope_scaling") or {})
+    partial = params.pop("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    scaling = None if kind == "default" else {"rope_type": kind, **params}
+    rotary_dim = int(head_dim * partial)
+    return float(base), scaling, rotary_dim - rotary_dim % 2
+
+
+def config_from_hf(c):
+    """TransformerConfig from an HF config dict (config.json / PretrainedConfig.to_dict())."""
+    mtype = c.get("model_type")
+    if mtype not in SUPPORTED:
+        archs = c.get("architectures")
+        raise ValueError(f"unsupported HF architecture {mtype!r} ({archs}); fastlm loads {list(SUPPORTED)}")
+    if mtype == "gpt2":
+        act = c.get("activation_function", "gelu_new")
+        approx = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(act)
+        if approx is None:
+            raise ValueError(f"unsupported GPT-2 activation_function {act!r}")
+        if c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True):
+            raise ValueError("unsupported GPT-2 attention scaling (scale_attn_by_inverse_layer_idx / scale_attn_weights=False)")
+        if c.get("add_cross_attention"):
+            raise ValueError("unsupported GPT-2 variant with cross-attention")
+        dim = c["n_embd"]
+        return TransformerConfig(
+            vocab_size=c["vocab_size"], dim=dim, n_layers=c["n_layer"], n_heads=c["n_head"],
+            ffn_dim=c.get("n_inner") or 4 * dim, norm="layer", norm_eps=c.get("layer_norm_epsilon", 1e-5),
+            positional="learned", mlp="gelu", gelu_approximate=approx, qkv_bias=True, out_bias=True, mlp_bias=True,
+            tie_embeddings=c.get("tie_word_embeddings", True), max_seqlen=c.get("n_positions", 1024),
+            extra={"hf_arch": "gpt2"},
+        )
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported {mtype} hidden_act {c.get('hidden_act')!r} (fastlm's SwiGLU uses silu)")
+    n_heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // n_heads
+    base, scaling, rotary_dim = _rope_from_hf(c, head_dim)
+    window = None
+    if mtype == "mistral":
+        window = c.get("sliding_window")
+    elif mtype == "qwen2":
+        types = c.get("layer_types")
+        if types is None:  # transformers v4
+            n_full = min(c.get("max_window_layers", 0), c["num_hidden_layers"]) if c.get("use_sliding_window") else c["num_hidden_layers"]
+            types = ["full_attention"] * n_full + ["sliding_attention"] * (c["num_hidden_layers"] - n_full)
+        if len(set(types)) > 1:
+            raise ValueError("unsupported Qwen2 config: a mix of sliding-window and full-attention layers")
+        window = c.get("sliding_window") if types and types[0] == "sliding_attention" else None
+    bias = mtype == "qwen2" or bool(c.get("attention_bias", False))
+    return TransformerConfig(
+        vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=c.get("num_key_value_heads") or n_heads, head_dim=head_dim, ffn_dim=c["intermediate_size"],
+        norm="rms", norm_eps=c.get("rms_norm_eps", 1e-6), positional="rope", rope_base=base, rotary_dim=rotary_dim,
+        rope_scaling=scaling, mlp="swiglu", qkv_bias=bias, out_bias=bias and mtype != "qwen2",
+        mlp_bias=bool(c.get("mlp_bias", False)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        max_seqlen=c.get("max_position_embeddings", 2048), sliding_window=window, extra={"hf_arch": mtype},
+    )
+
+
+def _hf_config(cfg, arch):
+    """The transformers config object for `cfg` exported as `arch`."""
+    import inspect
+
+    import transformers
+
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
+    if arch == "gpt2":
+        if not (cfg.positional == "learned" and cfg.norm == "layer" and cfg.mlp == "gelu" and cfg.norm_bias
+                and cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias and cfg.n_kv_heads == cfg.n_heads
+                and cfg.head_dim * cfg.n_heads == cfg.dim and cfg.sliding_window is None):
+            raise ValueError("to_hf: this config is not a GPT-2 architecture")
+        act = "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu"
+        return transformers.GPT2Config(
+            n_embd=cfg.dim, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.ffn_dim, n_positions=cfg.max_seqlen,
+            layer_norm_epsilon=cfg.norm_eps, activation_function=act, bos_token_id=None, eos_token_id=None,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+        )
+    if not (cfg.positional == "rope" and cfg.norm == "rms" and cfg.mlp == "swiglu"):
+        raise ValueError(f"to_hf: this config (positional={cfg.positional}, norm={cfg.norm}, mlp={cfg.mlp}) is not a {arch} architecture")
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[arch]
+    kw = dict(hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
+              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+              rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seqlen, hidden_act="silu",
+              bos_token_id=None, eos_token_id=None, **common)
+    rope = {"rope_type": "default", **(cfg.rope_scaling or {})}
+    if cfg.rotary_dim != cfg.head_dim:
+        rope["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+    if arch == "llama":
+        if cfg.qkv_bias != cfg.out_bias or cfg.sliding_window:
+            raise ValueError("to_hf: Llama has one attention_bias flag for q/k/v/o and no sliding window")
+        kw.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    elif arch == "qwen2":
+        if not cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
+            raise ValueError("to_hf: Qwen2 has q/k/v biases and no output/MLP biases")
+        kw.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                  max_window_layers=0)
+    else:
+        if cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
+            raise ValueError("to_hf: Mistral has no biases")
+        kw.update(sliding_window=cfg.sliding_window)
+    if "rope_parameters" in inspect.signature(cls.__init__).parameters:  # transformers >= 5
+        kw["rope_parameters"] = {"rope_theta": cfg.rope_base, **rope}
+    else:
+        kw["rope_theta"] = cfg.rope_base
+        kw["rope_scaling"] = None if rope == {"rope_type": "default"} else rope
+    return cls(**kw)
+
+
+def default_arch(cfg):
+    if cfg.extra.get("hf_arch") in SUPPORTED:
+        return cfg.extra["hf_arch"]
+    if cfg.positional == "learned":
+        return "gpt2"
+    if cfg.qkv_bias and not cfg.out_bias:
+        return "qwen2"
+    return "mistral" if cfg.sliding_window else "llama"
+
+
+# ------------------------------------------------------------------------------ weights
+def _strip(sd, prefixes):
+    out = {}
+    for k, v in sd.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        out[k] = v
+    return out
+
+
+def state_dict_from_hf(sd, cfg, arch):
+    """HF state dict -> fastlm state dict (same tensors, stacked/transposed where needed)."""
+    out, used = {}, set()
+
+    def take(key):
+        if key not in sd:
+            raise KeyError(key)
+        used.add(key)
+        return sd[key]
+
+    def opt(key):
+        return take(key) if key in sd else None
+
+    try:
+        if arch == "gpt2":
+            sd = _strip(sd, ("transformer.",))
+            out["tok_emb.weight"] = take("wte.weight")
+            out["pos_emb.weight"] = take("wpe.weight")
+            for i in range(cfg.n_layers):
+                p, q = f"h.{i}.", f"layers.{i}."
+                out[q + "attn_norm.weight"], out[q + "attn_norm.bias"] = take(p + "ln_1.weight"), take(p + "ln_1.bias")
+                out[q + "attn.wqkv.weight"] = take(p + "attn.c_attn.weight").t()  # Conv1D: (in, out)
+                out[q + "attn.wqkv.bias"] = take(p + "attn.c_attn.bias")
+                out[q + "attn.wo.weight"], out[q + "attn.wo.bias"] = take(p + "attn.c_proj.weight").t(), take(p + "attn.c_proj.bias")
+                out[q + "mlp_norm.weight"], out[q + "mlp_norm.bias"] = take(p + "ln_2.weight"), take(p + "ln_2.bias")
+                out[q + "mlp.w_in.weight"], out[q + "mlp.w_in.bias"] = take(p + "mlp.c_fc.weight").t(), take(p + "mlp.c_fc.bias")
+                out[q + "mlp.w_out.weight"], out[q + "mlp.w_out.bias"] = take(p + "mlp.c_proj.weight").t(), take(p + "mlp.c_proj.bias")
+                for buf in ("attn.bias", "attn.masked_bias"):  # causal-mask buffers of old checkpoints
+                    used.add(p + buf)
+            out["norm.weight"], out["norm.bias"] = take("ln_f.weight"), take("ln_f.bias")
+        else:
+            sd = _strip(sd, ("model.",))
+            out["tok_emb.weight"] = take("embed_tokens.weight")
+            for i in range(cfg.n_layers):
+                p, q = f"layers.{i}.", f"layers.{i}."
+                a = p + "self_attn."
+                out[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
+                out[q + "attn.wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
+                if cfg.qkv_bias:
+                    out[q + "attn.wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
+                out[q + "attn.wo.weight"] = take(a + "o_proj.weight")
+                if cfg.out_bias:
+                    out[q + "attn.wo.bias"] = take(a + "o_proj.bias")
+                out[q + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
+                m = p + "mlp."
+                out[q + "mlp.w_in.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
+                out[q + "mlp.w_out.weight"] = take(m + "down_proj.weight")
+                if cfg.mlp_bias:
+                    out[q + "mlp.w_in.bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])
+                    out[q + "mlp.w_out.bias"] = take(m + "down_proj.bias")
+                used.update(k for k in sd if k.startswith(a) and k.endswith("rotary_emb.inv_freq"))
+            out["norm.weight"] = take("norm.weight")
+            used.update(k for k in sd if k.endswith("rotary_emb.inv_freq"))
+        head = opt("lm_head.weight")
+    except KeyError as e:
+        raise ValueError(f"HF {arch} checkpoint is missing the weight {e.args[0]!r} (incomplete or not a {arch} checkpoint)") from None
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    elif head is None:
+        raise ValueError(f"HF {arch} checkpoint has no lm_head.weight and tie_word_embeddings is false")
+    else:
+        out["lm_head.weight"] = head
+    unused = sorted(set(sd) - used)
+    if unused:
+        raise ValueError(f"HF {arch} checkpoint has weights fastlm does not know how to load: {unused[:8]}"
+                         f"{' ...' if len(unused) > 8 else ''}")
+    return out
+
+
+def state_dict_to_hf(model, arch):
+    cfg, sd = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    out = {}
+    hd = cfg.head_dim
+    if arch == "gpt2":
+        out["transformer.wte.weight"], out["transformer.wpe.weight"] = sd["tok_emb.weight"], sd["pos_emb.weight"]
+        for i in range(cfg.n_layers):
+            p, q = f"transformer.h.{i}.", f"layers.{i}."
+            out[p + "ln_1.weight"], out[p + "ln_1.bias"] = sd[q + "attn_norm.weight"], sd[q + "attn_norm.bias"]
+            out[p + "attn.c_attn.weight"], out[p + "attn.c_attn.bias"] = sd[q + "attn.wqkv.weight"].t(), sd[q + "attn.wqkv.bias"]
+            out[p + "attn.c_proj.weight"], out[p + "attn.c_proj.bias"] = sd[q + "attn.wo.weight"].t(), sd[q + "attn.wo.bias"]
+            out[p + "ln_2.weight"], out[p + "ln_2.bias"] = sd[q + "mlp_norm.weight"], sd[q + "mlp_norm.bias"]
+            out[p + "mlp.c_fc.weight"], out[p + "mlp.c_fc.bias"] = sd[q + "mlp.w_in.weight"].t(), sd[q + "mlp.w_in.bias"]
+            out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = sd[q + "mlp.w_out.weight"].t(), sd[q + "mlp.w_out.bias"]
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
+    else:
+        out["model.embed_tokens.weight"] = sd["tok_emb.weight"]
+        sizes = [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]
+        for i in range(cfg.n_layers):
+            p, q = f"model.layers.{i}.", f"layers.{i}."
+            a = p + "self_attn."
+            out[p + "input_layernorm.weight"] = sd[q + "attn_norm.weight"]
+            for n, w in zip("qkv", sd[q + "attn.wqkv.weight"].split(sizes)):
+                out[a + f"{n}_proj.weight"] = w
+            if cfg.qkv_bias:
+                for n, b in zip("qkv", sd[q + "attn.wqkv.bias"].split(sizes)):
+                    out[a + f"{n}_proj.bias"] = b
+            out[a + "o_proj.weight"] = sd[q + "attn.wo.weight"]
+            if cfg.out_bias:
+                out[a + "o_proj.bias"] = sd[q + "attn.wo.bias"]
+            out[p + "post_attention_layernorm.weight"] = sd[q + "mlp_norm.weight"]
+            gate, up = sd[q + "mlp.w_in.weight"].chunk(2)
+            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+            out[p + "mlp.down_proj.weight"] = sd[q + "mlp.w_out.weight"]
+            if cfg.mlp_bias:
+                gb, ub = sd[q + "mlp.w_in.bias"].chunk(2)
+                out[p + "mlp.gate_proj.bias"], out[p + "mlp.up_proj.bias"] = gb, ub
+                out[p + "mlp.down_proj.bias"] = sd[q + "mlp.w_out.bias"]
+        out["model.norm.weight"] = sd["norm.weight"]
+    out["lm_head.weight"] = sd["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------ files
+def read_folder(path):
+    """(config dict, state dict) from a local HF folder: config.json + safetensors (single or
+    sharded with model.safetensors.index.json), or pytorch_model.bin as a fallback."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"HF checkpoint folder not found: {path} (fastlm loads local folders only)")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no config.json in {path}")
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index: {e}") from e
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    sd = {}
+    if files:
+        from safetensors.torch import load_file
+
+        for name in files:
+            fp = os.path.join(path, name)
+            if not os.path.isfile(fp):
+                raise FileNotFoundError(f"missing weight file {fp} (listed in {os.path.basename(index)})")
+            try:
+                sd.update(load_file(fp))
+            except Exception as e:
+                raise ValueError(f"cannot read {fp}: corrupt or truncated safetensors file ({e})") from e
+    else:
+        bin_path = os.path.join(path, "pytorch_model.bin")
+        if not os.path.isfile(bin_path):
+            raise FileNotFoundError(f"no *.safetensors (or pytorch_model.bin) weights in {path}")
+        try:
+            sd = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read {bin_path}: corrupt or truncated ({e})") from e
+    return config, sd
+
+
+def from_hf(model_or_path, backend="fused", op_backend=None, dtype=None):
+    """A fastlm Transformer with the weights of an HF model object or local folder."""
+    from fastlm.models.transformer import Transformer
+
+    if isinstance(model_or_path, (str, os.PathLike)):
+        config, sd = read_folder(os.fspath(model_or_path))
+    elif hasattr(model_or_path, "config") and hasattr(model_or_path, "state_dict"):
+        config, sd = model_or_path.config.to_dict(), model_or_path.state_dict()
+    else:
+        raise TypeError(f"from_hf expects an HF model object or a folder path, got {type(model_or_path).__name__}")
+    cfg = config_from_hf(config)
+    fsd = state_dict_from_hf(sd, cfg, cfg.extra["hf_arch"])
+    with torch.device("meta"):
+        model = Transformer(cfg, backend=backend, op_backend=op_backend)
+    model.to_empty(device="cpu")
+    model.load_state_dict(fsd, strict=True)
+    with torch.no_grad():  # buffers are not in the checkpoint: rebuild them
+        if cfg.positional == "rope":
+            cos, sin = model.make_rope_tables()
+            model.rope_cos, model.rope_sin = cos, sin
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def to_hf(model, arch=None):
+    """The transformers model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or
+    GPT2LMHeadModel) holding a copy of `model`'s weights, in float32 unless the model isn't."""
+    import transformers
+
+    arch = arch or default_arch(model.config)
+    if arch not in SUPPORTED:
+        raise ValueError(f"to_hf: arch must be one of {SUPPORTED}, got {arch!r}")
+    hf_cfg = _hf_config(model.config, arch)
+    cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+           "qwen2": transformers.Qwen2ForCausalLM, "gpt2": transformers.GPT2LMHeadModel}[arch]
+    hf_model = cls(hf_cfg)
+    sd = state_dict_to_hf(model, arch)
+    dtype = next(model.parameters()).dtype
+    hf_model.to(dtype)
+    missing, unexpected = hf_model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and hf_cfg.tie_word_embeddings) and "rotary_emb" not in k
+               and not k.endswith(("attn.bias", "attn.masked_bias"))]
+    if missing or unexpected:
+        raise RuntimeError(f"to_hf: weights do not match {cls.__name__}: missing {missing}, unexpected {unexpected}")
+    if hf_cfg.tie_word_embeddings:
+        hf_model.tie_weights()
+    return hf_model.eval()
+
+
+def save_hf(model, path, arch=None):
+    """Export to a local HF folder (config.json + model.safetensors)."""
+    model.to_hf(arch).save_pretrained(path)

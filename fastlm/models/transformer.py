@@ -1,0 +1,337 @@
+"""A decoder-only Transformer LM on the fastlm ops: GPT-2 and Llama/Mistral/Qwen2 shapes.
+
+    tokens -> embedding (+ learned positions) -> n_layers x Block -> norm -> lm_head -> logits
+    Block:  h = h + Attention(norm(h));  h = h + MLP(norm(h))        (pre-norm)
+
+Two backends with the same parameters and state_dict keys (one checkpoint runs on either):
+  "fused"      every norm, rotary and attention is a fastlm op; the residual add of each
+               pre-norm is fused into the next norm call (one kernel reads x and the residual
+               and writes norm(x + residual) and x + residual).
+  "reference"  what a good PyTorch user writes: torch.nn.RMSNorm/LayerNorm, rotate-half RoPE,
+               F.scaled_dot_product_attention.
+
+Shapes: B batch, T sequence length, D model dim, H query heads, Hkv key/value heads, hd head dim.
+Inputs are (B, T) token ids, or packed variable-length sequences: (total,) ids with
+``cu_seqlens`` (int32, (num_seqs + 1,)), positions restarting at 0 in each sequence.
+
+KV-cache hook: ``forward(..., cache=obj)`` passes ``obj`` down to every attention layer, which
+calls ``k, v = obj.update(layer_idx, k, v)`` with this step's rotated keys/values (B, T, Hkv, hd)
+and attends over the returned (B, S, Hkv, hd), causal mask aligned bottom-right (the last query
+sees every key).  The caller passes ``positions`` (e.g. the int offset of the first new
+token).  ``cache`` is None in training.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import fastlm.nn
+from fastlm import ops
+from fastlm.models.config import TransformerConfig
+
+BACKENDS = ("fused", "reference")
+
+
+# ------------------------------------------------------------------------------- helpers
+def rope_tables(config, device=None):
+    """(cos, sin), each (max_seqlen, rotary_dim // 2) fp32: the rotation angle pos * inv_freq.
+
+    The "fused" backend gets its tables from fastlm.ops.rotary_tables; these are the
+    reference backend's own (HF's rope initialisation for the default, linear and llama3 rope
+    types; other types fall back to ops.rotary_tables).
+    """
+    rd, scaling = config.rotary_dim, dict(config.rope_scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        return ops.rotary_tables(rd, config.max_seqlen, config.rope_base, config.rope_scaling, device=device)
+    inv_freq = 1.0 / config.rope_base ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd)  # (rd/2,)
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":  # keep high frequencies, divide low ones by `factor`, blend in between
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    angles = torch.outer(torch.arange(config.max_seqlen, dtype=torch.float64), inv_freq)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def packed_positions(cu_seqlens, total):
+    """(total,) positions restarting at 0 in each packed sequence, without a host sync."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)  # sequence of each token
+    return idx - cu_seqlens.long()[seq]
+
+
+def position_ids(tokens, positions, cu_seqlens):
+    """Explicit position ids broadcastable to tokens' shape, from any accepted `positions` form:
+    None (0..T-1, or per packed sequence), an int offset, (B,) per-sequence offsets, or explicit."""
+    T = tokens.shape[-1]
+    if positions is None:
+        if cu_seqlens is not None:
+            return packed_positions(cu_seqlens, T)
+        return torch.arange(T, device=tokens.device)  # (T,)
+    if isinstance(positions, int):
+        return torch.arange(positions, positions + T, device=tokens.device)
+    if tokens.dim() == 2 and positions.dim() == 1:  # (B,) start offsets
+        return positions[:, None].long() + torch.arange(T, device=tokens.device)  # (B, T)
+    return positions.long()  # (B, T) or packed (total,)
+
+
+def rotate_half_rope(x, cos, sin):
+    """Reference RoPE, NeoX/Llama convention: pairs (i, i + rd/2) rotate by angle[i].
+    x: (B, T, H, hd); cos, sin: (T, rd/2) or (B, T, rd/2); dims past rd pass through."""
+    rd = 2 * cos.shape[-1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., T, 1, rd/2) broadcasts over heads
+    x1, x2, rest = x[..., : rd // 2].float(), x[..., rd // 2 : rd].float(), x[..., rd:]
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+
+def attention_mask(T, S, device, window=(-1, -1), q_seq=None, k_seq=None):
+    """Boolean (T, S) causal mask, bottom-right aligned (query i sits at key position i + S - T),
+    with an optional sliding window and, for packed sequences, a block-diagonal restriction."""
+    i = torch.arange(T, device=device)[:, None] + (S - T)
+    j = torch.arange(S, device=device)[None, :]
+    mask = j <= i
+    if window[0] >= 0:
+        mask &= j >= i - window[0]
+    if q_seq is not None:
+        mask &= q_seq[:, None] == k_seq[None, :]
+    return mask
+
+
+def sdpa_attention(q, k, v, *, window=(-1, -1), cu_seqlens=None):
+    """Reference causal attention on F.scaled_dot_product_attention.
+    q: (B, T, H, hd), k/v: (B, S, Hkv, hd) -> (B, T, H, hd)."""
+    T, S = q.shape[1], k.shape[1]
+    mask = None
+    if cu_seqlens is not None or window[0] >= 0 or T != S:
+        seq = None
+        if cu_seqlens is not None:  # token -> sequence index
+            seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(T, device=q.device), right=True)
+        mask = attention_mask(T, S, q.device, window, seq, seq)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # SDPA wants (B, H, T, hd)
+        attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[2] != q.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def make_norm(config, fused, op_backend):
+    if config.norm == "rms":
+        if fused:
+            return fastlm.nn.RMSNorm(config.dim, eps=config.norm_eps, backend=op_backend)
+        return nn.RMSNorm(config.dim, eps=config.norm_eps)
+    if fused:
+        return fastlm.nn.LayerNorm(config.dim, eps=config.norm_eps, bias=config.norm_bias, backend=op_backend)
+    return nn.LayerNorm(config.dim, eps=config.norm_eps, bias=config.norm_bias)
+
+
+def add_norm(norm, x, residual, fused):
+    """h = x + residual; returns (norm(h), h).  The fused backend does both in one kernel."""
+    if residual is None:
+        return norm(x), x
+    if fused:
+        return norm(x, residual)
+    h = x + residual
+    return norm(h), h
+
+
+# ------------------------------------------------------------------------------- modules
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx, fused, op_backend):
+        super().__init__()
+        self.layer_idx, self.fused, self.op_backend = layer_idx, fused, op_backend
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.window = config.attention_window
+        qkv_dim = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+        self.wqkv = nn.Linear(config.dim, qkv_dim, bias=config.qkv_bias)  # q, k, v stacked
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.out_bias)
+
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
+        # x: (B, T, D) or packed (total, D)
+        lead = x.shape[:-1]
+        qkv = self.wqkv(x).view(*lead, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=-2)  # (B, T, H|Hkv, hd)
+        if self.fused:
+            if rope is not None:  # (cos table, sin table, positions, cu_seqlens)
+                cos, sin, positions, cu = rope
+                q, k = ops.apply_rotary(q, k, cos, sin, positions=positions, cu_seqlens=cu, backend=self.op_backend)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # (B, S, Hkv, hd)
+            o = ops.attention(
+                q, k, v, causal=True, window=self.window, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, backend=self.op_backend,
+            )
+        else:
+            if rope is not None:  # (cos, sin) already gathered at each token's position
+                q, k = rotate_half_rope(q, *rope), rotate_half_rope(k, *rope)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)
+            if cu_seqlens is not None:  # packed: one "batch" row with a block-diagonal mask
+                o = sdpa_attention(q[None], k[None], v[None], window=self.window, cu_seqlens=cu_seqlens)[0]
+            else:
+                o = sdpa_attention(q, k, v, window=self.window)
+        return self.wo(o.reshape(*lead, self.n_heads * self.head_dim))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu, self.approximate = config.mlp == "swiglu", config.gelu_approximate
+        n_in = 2 * config.ffn_dim if self.swiglu else config.ffn_dim  # SwiGLU: gate and up stacked
+        self.w_in = nn.Linear(config.dim, n_in, bias=config.mlp_bias)
+        self.w_out = nn.Linear(config.ffn_dim, config.dim, bias=config.mlp_bias)
+
+    def forward(self, x):
+        h = self.w_in(x)  # (B, T, ffn) or (B, T, 2*ffn)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate=self.approximate)
+        return self.w_out(h)  # (B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx, fused, op_backend):
+        super().__init__()
+        self.fused = fused
+        self.attn_norm = make_norm(config, fused, op_backend)
+        self.attn = Attention(config, layer_idx, fused, op_backend)
+        self.mlp_norm = make_norm(config, fused, op_backend)
+        self.mlp = MLP(config)
+
+    def forward(self, x, residual, rope, cu_seqlens=None, max_seqlen=None, cache=None):
+        """x: the previous block's output (or the embeddings), residual: the stream before it
+        (None for the first block).  Returns (this block's MLP output, residual stream before it),
+        leaving the last residual add to the next norm."""
+        h, residual = add_norm(self.attn_norm, x, residual, self.fused)
+        x = self.attn(h, rope, cu_seqlens, max_seqlen, cache)
+        h, residual = add_norm(self.mlp_norm, x, residual, self.fused)
+        return self.mlp(h), residual
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig, backend="fused", op_backend=None):
+        """backend: "fused" | "reference".  op_backend: backend= passed to every fastlm op by the
+        fused model ("triton" | "cuda" | "reference" | None = best available)."""
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"Transformer: backend must be one of {BACKENDS}, got {backend!r}")
+        config.validate()
+        self.config, self.backend = config, backend
+        fused = backend == "fused"
+        self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.pos_emb = nn.Embedding(config.max_seqlen, config.dim) if config.positional == "learned" else None
+        self.layers = nn.ModuleList(Block(config, i, fused, op_backend) for i in range(config.n_layers))
+        self.norm = make_norm(config, fused, op_backend)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.activation_checkpointing = False  # recompute each block in the backward (saves memory)
+        if config.positional == "rope":  # not in the state_dict: derived from the config
+            cos, sin = self.make_rope_tables()
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def make_rope_tables(self, device=None):
+        c = self.config
+        if self.backend == "fused":
+            return ops.rotary_tables(c.rotary_dim, c.max_seqlen, c.rope_base, c.rope_scaling, device=device)
+        return rope_tables(c, device)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """GPT-2 init: N(0, init_std) weights, zero biases, unit norms; the projections into the
+        residual stream scaled by 1/sqrt(2 * n_layers).  Also (re)builds the RoPE tables (for
+        models created on the meta device and materialized with to_empty())."""
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.RMSNorm, nn.LayerNorm)):
+                m.reset_parameters()
+        for block in self.layers:
+            for lin in (block.attn.wo, block.mlp.w_out):
+                nn.init.normal_(lin.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
+        if self.config.positional == "rope":
+            cos, sin = self.make_rope_tables(self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def _rope_inputs(self, tokens, positions, cu_seqlens):
+        if self.config.positional != "rope":
+            return None
+        if self.backend == "fused":  # the op gathers the table rows itself
+            return self.rope_cos, self.rope_sin, positions, cu_seqlens
+        pos = position_ids(tokens, positions, cu_seqlens)
+        return self.rope_cos[pos], self.rope_sin[pos]  # (T, rd/2) or (B, T, rd/2)
+
+    def hidden_states(self, tokens, *, positions=None, cu_seqlens=None, max_seqlen=None, cache=None):
+        """tokens (B, T) or packed (total,) -> final normed hidden states (B, T, D) / (total, D)."""
+        self._check_inputs(tokens, positions, cu_seqlens, cache)
+        x = self.tok_emb(tokens)  # (B, T, D)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(position_ids(tokens, positions, cu_seqlens))
+        if torch.is_autocast_enabled(x.device.type):  # keep the residual stream in the autocast dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        rope = self._rope_inputs(tokens, positions, cu_seqlens)
+        residual = None
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x, residual = checkpoint(layer, x, residual, rope, cu_seqlens, max_seqlen, cache, use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, rope, cu_seqlens, max_seqlen, cache)
+        h, _ = add_norm(self.norm, x, residual, self.backend == "fused")
+        return h
+
+    def forward(self, tokens, targets=None, *, positions=None, cu_seqlens=None, max_seqlen=None, cache=None):
+        """Logits (B, T, vocab) [or (total, vocab)]; with ``targets`` (same shape as tokens, -100 =
+        ignore) the mean next-token cross-entropy instead."""
+        h = self.hidden_states(tokens, positions=positions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache)
+        logits = self.lm_head(h)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
+
+    def _check_inputs(self, tokens, positions, cu_seqlens, cache):
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"Transformer: tokens must be an int64/int32 tensor, got {getattr(tokens, 'dtype', type(tokens))}")
+        if cu_seqlens is not None:
+            if tokens.dim() != 1:
+                raise ValueError(f"Transformer: with cu_seqlens, tokens must be packed (total,), got {tuple(tokens.shape)}")
+            if cache is not None:
+                raise ValueError("Transformer: a KV cache with packed (cu_seqlens) input is not supported")
+        elif tokens.dim() != 2:
+            raise ValueError(f"Transformer: tokens must be (batch, seqlen) or packed (total,) with cu_seqlens, got {tuple(tokens.shape)}")
+        T, limit = tokens.shape[-1], self.config.max_seqlen
+        start = positions if isinstance(positions, int) else 0
+        if positions is None and cu_seqlens is None or isinstance(positions, int):
+            if start < 0 or start + T > limit:
+                raise ValueError(
+                    f"Transformer: positions {start}..{start + T - 1} exceed max_seqlen={limit} of the config "
+                    f"(seqlen {T}); use a shorter sequence or a config with a larger max_seqlen"
+                )
+
+    # ------------------------------------------------------------------- HF conversion
+    @classmethod
+    def from_hf(cls, model_or_path, backend="fused", op_backend=None, dtype=None):
+        """Load a Hugging Face Llama / Mistral / Qwen2 / GPT-2 checkpoint: a transformers model
+        object, or a local folder with config.json and *.safetensors (see fastlm.models.hf)."""
+        from fastlm.models import hf
+
+        return hf.from_hf(model_or_path, backend=backend, op_backend=op_backend, dtype=dtype)
+
+    def to_hf(self, arch=None):
+        """The equivalent transformers model (needs transformers); see fastlm.models.hf.to_hf."""
+        from fastlm.models import hf
+
+        return hf.to_hf(self, arch=arch)
