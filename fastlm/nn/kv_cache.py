@@ -1,0 +1,281 @@
+"""KV caches for decoding: StaticKVCache (contiguous) and PagedKVCache (block allocator).
+
+Both keep the cache tensors, per-sequence lengths on the device (int32, what the kernels read)
+and a host-side mirror of those lengths (and, for the paged cache, of the block tables) used to
+check capacity *before* anything is written, without a device sync.  Every per-step update of
+the device state is a tensor op, so a decode step can be captured in a CUDA graph; the host
+steps (``reserve``, adding and freeing sequences) run outside it.
+
+The protocol of one step that adds ``n`` tokens to each sequence (decoding: n = 1):
+
+    cache.reserve(n)            # host, outside any graph: capacity check (+ block allocation);
+                                # raises before anything is written if the cache is full
+    # ---- capturable region (CUDA graph / torch.compile) ----
+    cache.advance(n)            # device: positions <- seqlens; seqlens += n
+    for layer in range(num_layers):
+        q, k, v = ...           # (batch, n, heads, head_dim), rotary at cache.positions + i
+        cache.append(layer, k, v)          # writes at positions[b] ... positions[b] + n - 1
+        o = cache.attend(layer, q)         # decode_attention over the first seqlens[b] tokens
+    # ---------------------------------------------------------
+
+``positions`` (int32, device) is where the step's tokens go (the lengths before the step) and
+``seqlens`` the lengths after it, which include the new tokens as decode_attention expects.
+"""
+import torch
+from torch import nn
+
+from fastlm import ops
+
+
+class _KVCacheBase(nn.Module):
+    def _init_common(self, num_layers, batch, n_kv_heads, head_dim, dtype, device):
+        for name, val in (("num_layers", num_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {val!r}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{type(self).__name__}: dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.num_layers, self.n_kv_heads, self.head_dim, self.dtype = num_layers, n_kv_heads, head_dim, dtype
+        self.register_buffer("seqlens", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("positions", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
+        # 1 for slots holding a sequence: advance() moves only those (a freed slot stays empty).
+        self.register_buffer("live", torch.ones(batch, dtype=torch.int32, device=device), persistent=False)
+        self._lens = [0] * batch  # host mirror of the reserved lengths
+
+    # -- host side -------------------------------------------------------------------------
+    def lengths(self):
+        """Host copy of the reserved length of every sequence slot (no device sync)."""
+        return list(self._lens)
+
+    def _seq_list(self, seq_ids):
+        return list(range(len(self._lens))) if seq_ids is None else list(seq_ids)
+
+    def _n_list(self, n, seqs):
+        ns = [n] * len(seqs) if isinstance(n, int) else list(n)
+        if len(ns) != len(seqs):
+            raise ValueError(f"{type(self).__name__}.reserve: got {len(ns)} token counts for {len(seqs)} sequences")
+        if any((not isinstance(x, int)) or x < 0 for x in ns):
+            raise ValueError(f"{type(self).__name__}.reserve: token counts must be ints >= 0, got {ns}")
+        return ns
+
+    # -- device side (capturable) ------------------------------------------------------------
+    def advance(self, n):
+        """Device op: positions <- seqlens; seqlens += n (int, or int32 tensor (batch,)) for the
+        live sequence slots.  Call it after ``reserve`` (host) and before the layers append/attend."""
+        self.positions.copy_(self.seqlens)
+        self.seqlens.add_(self.live * n)
+
+    def _rows(self, t, B):
+        return t if B == t.shape[0] else t[:B]
+
+    def _layer_args(self, layer, B):
+        raise NotImplementedError
+
+    def append(self, layer, k, v, *, backend=None):
+        """Write k, v (batch, n, n_kv_heads, head_dim) of one layer at ``positions`` (device op).
+        batch may be smaller than the cache's: rows 0..batch-1 (sequence slots) are used."""
+        kc, vc, bt = self._layer_args(layer, k.shape[0])
+        ops.kv_cache_append(kc, vc, k, v, self._rows(self.positions, k.shape[0]), block_table=bt, backend=backend)
+
+    def attend(self, layer, q, **kwargs):
+        """decode_attention of q (batch, n, n_heads, head_dim) over the first ``seqlens`` tokens of
+        each sequence (kwargs: softmax_scale, causal, window, softcap, num_splits, backend)."""
+        kc, vc, bt = self._layer_args(layer, q.shape[0])
+        return ops.decode_attention(q, kc, vc, self._rows(self.seqlens, q.shape[0]), block_table=bt, **kwargs)
+
+
+class StaticKVCache(_KVCacheBase):
+    """Contiguous cache: k, v of shape (num_layers, batch, max_seqlen, n_kv_heads, head_dim).
+
+    One slot per batch row.  Decode loop (see the module docstring)::
+
+        cache = StaticKVCache(n_layers, batch, max_seqlen, n_kv_heads, head_dim, torch.bfloat16, "cuda")
+        cache.reserve(prompt_len)          # or a list: one count per sequence
+        cache.advance(prompt_len)          # positions = 0, seqlens = prompt_len
+        ... per layer: cache.append(layer, k, v); prefill attention ...
+        for step in range(max_new_tokens):
+            cache.reserve(1)               # host: raises if a sequence would pass max_seqlen
+            graph.replay()                 # captured: cache.advance(1); per layer append + attend
+
+    ``reset(seq_ids)`` empties sequences (host and device).  Errors (past max_seqlen) are raised
+    by ``reserve`` before anything is written.
+    """
+
+    def __init__(self, num_layers, batch, max_seqlen, n_kv_heads, head_dim, dtype=torch.bfloat16, device=None):
+        super().__init__()
+        for name, val in (("batch", batch), ("max_seqlen", max_seqlen)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"StaticKVCache: {name} must be a positive int, got {val!r}")
+        self._init_common(num_layers, batch, n_kv_heads, head_dim, dtype, device)
+        self.batch, self.max_seqlen = batch, max_seqlen
+        shape = (num_layers, batch, max_seqlen, n_kv_heads, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def reserve(self, n, seq_ids=None):
+        """Host: account for n more tokens (int or one per sequence) of the given sequences
+        (default: all).  Raises ValueError, changing nothing, if any would pass max_seqlen."""
+        seqs = self._seq_list(seq_ids)
+        ns = self._n_list(n, seqs)
+        for s, x in zip(seqs, ns):
+            if not 0 <= s < self.batch:
+                raise IndexError(f"StaticKVCache.reserve: sequence id {s} is outside [0, {self.batch})")
+            if self._lens[s] + x > self.max_seqlen:
+                raise ValueError(
+                    f"StaticKVCache: sequence {s} would hold {self._lens[s] + x} tokens, past max_seqlen = "
+                    f"{self.max_seqlen} (has {self._lens[s]}, adding {x}); nothing was written"
+                )
+        for s, x in zip(seqs, ns):
+            self._lens[s] += x
+
+    def reset(self, seq_ids=None):
+        """Empty the given sequences (default: all), on the host and the device."""
+        seqs = self._seq_list(seq_ids)
+        for s in seqs:
+            self._lens[s] = 0
+        idx = torch.tensor(seqs, dtype=torch.long, device=self.seqlens.device)
+        self.seqlens.index_fill_(0, idx, 0)
+        self.positions.index_fill_(0, idx, 0)
+
+    def _layer_args(self, layer, B):
+        if B > self.batch:
+            raise ValueError(f"StaticKVCache: batch {B} exceeds the cache's batch {self.batch}")
+        return self.k_cache[layer, :B], self.v_cache[layer, :B], None
+
+
+class PagedKVCache(_KVCacheBase):
+    """Paged cache: k, v of shape (num_layers, num_blocks, block_size, n_kv_heads, head_dim),
+    a pool of blocks shared by up to ``max_batch`` sequences through an int32 block table
+    (max_batch, max_blocks_per_seq) on the device (unassigned entries are -1).
+
+    A sequence occupies a slot (its row in the block table; rows 0..B-1 serve a batch of B).
+    Blocks are allocated on the host as sequences grow (``reserve``), returned by
+    ``free_sequence`` and reused; no block is ever held by two live sequences.  Decode loop::
+
+        cache = PagedKVCache(n_layers, num_blocks, 16, n_kv_heads, head_dim, torch.bfloat16, "cuda",
+                             max_batch=8, max_seqlen=4096)
+        ids = [cache.add_sequence() for _ in prompts]        # slots 0..7
+        cache.reserve([len(p) for p in prompts])              # allocates blocks for the prompts
+        cache.advance(torch.tensor(lens, dtype=torch.int32, device="cuda"))
+        ... per layer: cache.append(layer, k, v) ...
+        for step in range(max_new_tokens):
+            cache.reserve(1, ids)                             # host: may allocate a block per sequence
+            graph.replay()                                    # advance(1); append + attend per layer
+            for s in finished: cache.free_sequence(s)         # blocks back to the pool
+
+    Running out of blocks, slots or max_seqlen raises in ``reserve`` / ``add_sequence`` before
+    anything is written.  ``reserve`` uploads changed block-table entries with a small
+    host-to-device copy (stream-ordered; no sync).
+    """
+
+    def __init__(self, num_layers, num_blocks, block_size, n_kv_heads, head_dim, dtype=torch.bfloat16, device=None,
+                 *, max_batch=8, max_seqlen=None):
+        super().__init__()
+        for name, val in (("num_blocks", num_blocks), ("block_size", block_size), ("max_batch", max_batch)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"PagedKVCache: {name} must be a positive int, got {val!r}")
+        if max_seqlen is None:
+            max_seqlen = num_blocks * block_size
+        if not isinstance(max_seqlen, int) or max_seqlen < 1:
+            raise ValueError(f"PagedKVCache: max_seqlen must be a positive int, got {max_seqlen!r}")
+        self._init_common(num_layers, max_batch, n_kv_heads, head_dim, dtype, device)
+        self.num_blocks, self.block_size, self.max_batch, self.max_seqlen = num_blocks, block_size, max_batch, max_seqlen
+        self.max_blocks_per_seq = -(-max_seqlen // block_size)
+        shape = (num_layers, num_blocks, block_size, n_kv_heads, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "block_table", torch.full((max_batch, self.max_blocks_per_seq), -1, dtype=torch.int32, device=device),
+            persistent=False,
+        )
+        self.live.zero_()  # no sequence yet
+        self._free_blocks = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives block 0 first
+        self._blocks = [None] * max_batch  # per slot: list of block ids, or None when the slot is free
+
+    # -- allocator (host) --------------------------------------------------------------------
+    @property
+    def num_free_blocks(self):
+        return len(self._free_blocks)
+
+    def live_sequences(self):
+        return [s for s, b in enumerate(self._blocks) if b is not None]
+
+    def blocks_of(self, seq_id):
+        """Host copy of the block ids held by a sequence, in order."""
+        self._check_live(seq_id, "blocks_of")
+        return list(self._blocks[seq_id])
+
+    def _check_live(self, seq_id, what):
+        if not isinstance(seq_id, int) or not 0 <= seq_id < self.max_batch or self._blocks[seq_id] is None:
+            raise KeyError(f"PagedKVCache.{what}: {seq_id!r} is not a live sequence id (live: {self.live_sequences()})")
+
+    def add_sequence(self):
+        """Claim the lowest free slot for a new, empty sequence; returns its id (the row index)."""
+        for s, b in enumerate(self._blocks):
+            if b is None:
+                self._blocks[s] = []
+                self._lens[s] = 0
+                self.seqlens[s].fill_(0)
+                self.positions[s].fill_(0)
+                self.live[s].fill_(1)
+                return s
+        raise RuntimeError(f"PagedKVCache: all {self.max_batch} sequence slots are in use (max_batch); free one first")
+
+    def free_sequence(self, seq_id):
+        """Return the sequence's blocks to the pool and empty its slot (host + device)."""
+        self._check_live(seq_id, "free_sequence")
+        self._free_blocks.extend(reversed(self._blocks[seq_id]))
+        self._blocks[seq_id] = None
+        self._lens[seq_id] = 0
+        self.block_table[seq_id].fill_(-1)
+        self.seqlens[seq_id].fill_(0)
+        self.positions[seq_id].fill_(0)
+        self.live[seq_id].fill_(0)
+
+    def reserve(self, n, seq_ids=None):
+        """Host: make room for n more tokens (int or one per sequence) in the given live sequences
+        (default: all live ones), allocating blocks as needed.  All or nothing: raises (with
+        nothing allocated or written) if the pool, or a sequence's max_seqlen, would be exceeded."""
+        seqs = self.live_sequences() if seq_ids is None else list(seq_ids)
+        ns = self._n_list(n, seqs)
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"PagedKVCache.reserve: repeated sequence ids {seqs}")
+        need = []
+        for s, x in zip(seqs, ns):
+            self._check_live(s, "reserve")
+            total = self._lens[s] + x
+            if total > self.max_seqlen:
+                raise ValueError(
+                    f"PagedKVCache: sequence {s} would hold {total} tokens, past max_seqlen = {self.max_seqlen} "
+                    f"(has {self._lens[s]}, adding {x}); nothing was written"
+                )
+            need.append(-(-total // self.block_size) - len(self._blocks[s]))
+        if sum(need) > len(self._free_blocks):
+            raise RuntimeError(
+                f"PagedKVCache: out of blocks: {sum(need)} more needed, {len(self._free_blocks)} free of "
+                f"{self.num_blocks}; free finished sequences first; nothing was written"
+            )
+        rows, cols, vals = [], [], []
+        for s, x, k in zip(seqs, ns, need):
+            for _ in range(k):
+                blk = self._free_blocks.pop()
+                rows.append(s)
+                cols.append(len(self._blocks[s]))
+                vals.append(blk)
+                self._blocks[s].append(blk)
+            self._lens[s] += x
+        if vals:
+            # One pinned host-to-device copy, ordered on the stream (no sync), then a scatter.
+            dev = self.block_table.device
+            idx = torch.tensor([rows, cols, vals], dtype=torch.long, pin_memory=dev.type == "cuda")
+            idx = idx.to(dev, non_blocking=True)
+            self.block_table.index_put_((idx[0], idx[1]), idx[2].to(torch.int32))
+
+    def reset(self):
+        """Free every sequence."""
+        for s in self.live_sequences():
+            self.free_sequence(s)
+
+    def _layer_args(self, layer, B):
+        if B > self.max_batch:
+            raise ValueError(f"PagedKVCache: batch {B} exceeds max_batch {self.max_batch}")
+        return self.k_cache[layer], self.v_cache[layer], self._rows(self.block_table, B)

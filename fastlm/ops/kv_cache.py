@@ -1,0 +1,376 @@
+"""KV cache ops: in-place append and split-KV decode attention, over paged or contiguous caches.
+
+Public: ``kv_cache_append`` and ``decode_attention``.  Backends:
+  "triton"    kernels/decode.py           (GPU, or CPU under TRITON_INTERPRET=1)
+  "cuda"      csrc/kv_cache.cu via torch.ops.fastlm.{kv_cache_append,decode_attention}_cuda
+  "reference" fastlm.reference.kv_cache   (plain PyTorch; the CPU path)
+The kernel backends run through the torch ops ``torch.ops.fastlm.kv_cache_append`` (mutates
+k_cache and v_cache, declared) and ``torch.ops.fastlm.decode_attention``, with fake
+implementations, so they work with opcheck, torch.compile(fullgraph=True) and CUDA graphs: no
+host syncs, no allocation whose size depends on device values (the split-KV workspace is sized
+from shapes only).
+
+Layouts (see fastlm.reference.kv_cache):
+  contiguous  k_cache, v_cache (batch, max_seqlen, n_kv_heads, head_dim), block_table None
+  paged       k_cache, v_cache (num_blocks, block_size, n_kv_heads, head_dim), block_table int32
+              (batch, max_blocks_per_seq); any block_size >= 1.
+
+Block-table entries < 0 (-1) mean "no block": an append skips tokens that fall there (padding
+rows, finished sequences of a batch); decode must not need them.
+
+Index safety.  Checking cache_seqlens against the capacity and block_table entries against
+num_blocks needs device values, so it runs on the host only in debug mode: always for CPU
+tensors, and for CUDA tensors when the environment sets FASTLM_DEBUG=1 (a host sync; skipped
+during CUDA graph capture).  Without it the kernels still never touch memory out of bounds: an
+append skips tokens whose position is past the capacity or whose block id is outside
+[0, num_blocks), and decode reads at most the capacity and masks out tokens of invalid blocks.
+fastlm.nn.PagedKVCache / StaticKVCache check capacity on the host, from their own bookkeeping,
+before anything is written.
+"""
+import functools
+import math
+import os
+
+import torch
+
+from fastlm import _backend, _C_loader
+from fastlm._checks import KERNEL_DTYPES, check_tensor
+from fastlm.reference import kv_cache as _ref
+
+SUPPORTED = ("triton", "cuda", "reference")
+# Triton first until the GPU benchmark (benchmarks/bench_decode.py) says the CUDA kernels win.
+PREFERRED = ("triton", "cuda", "reference")
+
+MAX_HEAD_DIM = 256
+MAX_SEQLEN_Q = 128  # decode / speculative / small chunks; use fastlm.ops.attention for prefill
+MAX_SPLITS = 128
+MIN_TOKENS_PER_SPLIT = 64  # one key tile: fewer keys per split only adds combine work
+
+
+def _debug_checks_on(t):
+    """Host-side index validation: CPU tensors always; CUDA with FASTLM_DEBUG=1, not while capturing."""
+    if t.device.type == "cpu":
+        return True
+    if os.environ.get("FASTLM_DEBUG", "0") in ("", "0"):
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _capacity(k_cache, block_table):
+    return block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+
+
+def _layout(block_table):
+    return "max_blocks_per_seq * block_size" if block_table is not None else "max_seqlen"
+
+
+def _check_block_ids(op, block_table, rows, cols, used, num_blocks, allow_negative=False):
+    """block_table[rows, cols] (where used) must lie in [0, num_blocks) (or be < 0: no block)."""
+    ids = block_table.long()[rows, cols]
+    bad = used & (((ids < 0) & (not allow_negative)) | (ids >= num_blocks))
+    if bool(bad.any()):
+        i = bad.nonzero()[0]
+        r, c = int(rows[tuple(i)]), int(cols[tuple(i)])
+        raise IndexError(
+            f"{op}: block_table[{r}, {c}] = {int(block_table[r, c])} is not a valid block id: expected "
+            f"0 <= id < num_blocks = {num_blocks} (k_cache.shape[0])"
+            + ("" if allow_negative else " for every block the sequence uses (cache_seqlens)")
+        )
+
+
+def _debug_check_append(k_cache, k, cache_seqlens, block_table):
+    lens = cache_seqlens.long().cpu()
+    S = k.shape[1]
+    cap = _capacity(k_cache, block_table)
+    if bool((lens < 0).any()):
+        b = int((lens < 0).nonzero()[0, 0])
+        raise IndexError(f"kv_cache_append: cache_seqlens[{b}] = {int(lens[b])} is negative")
+    over = lens + S > cap
+    if bool(over.any()):
+        b = int(over.nonzero()[0, 0])
+        raise IndexError(
+            f"kv_cache_append: cache_seqlens[{b}] + seqlen_new = {int(lens[b])} + {S} exceeds the cache "
+            f"capacity of {cap} tokens per sequence ({_layout(block_table)})"
+        )
+    if block_table is not None and S > 0:
+        bs = k_cache.shape[1]
+        pos = lens[:, None] + torch.arange(S)
+        rows = torch.arange(lens.shape[0])[:, None].expand_as(pos)
+        _check_block_ids("kv_cache_append", block_table.cpu(), rows, pos // bs, torch.ones_like(pos, dtype=torch.bool),
+                         k_cache.shape[0], allow_negative=True)
+
+
+def _debug_check_decode(k_cache, cache_seqlens, block_table):
+    lens = cache_seqlens.long().cpu()
+    cap = _capacity(k_cache, block_table)
+    bad = (lens < 0) | (lens > cap)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"decode_attention: cache_seqlens[{b}] = {int(lens[b])} is outside [0, {cap}] (the cache capacity, "
+            f"{_layout(block_table)})"
+        )
+    if block_table is not None:
+        bs = k_cache.shape[1]
+        nb = block_table.shape[1]
+        cols = torch.arange(nb)[None, :].expand(lens.shape[0], nb)
+        rows = torch.arange(lens.shape[0])[:, None].expand_as(cols)
+        used = cols < ((lens + bs - 1) // bs)[:, None]
+        _check_block_ids("decode_attention", block_table.cpu(), rows, cols, used, k_cache.shape[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    if device_index is None:
+        return 4  # the CPU interpreter: a pretend 4-SM device, so the heuristic still splits
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits_heuristic(batch, n_kv_heads, n_row_tiles, capacity, device):
+    """Flash-Decoding split count from shapes only (CUDA-graph safe): enough splits that
+    batch * n_kv_heads * row_tiles * splits fills about twice the SMs, but at least
+    MIN_TOKENS_PER_SPLIT cache slots per split and at most MAX_SPLITS."""
+    ctas = max(1, batch * n_kv_heads * n_row_tiles)
+    sms = _sm_count(device.index if device.type == "cuda" else None)
+    want = -(-2 * sms // ctas)
+    useful = max(1, -(-capacity // MIN_TOKENS_PER_SPLIT))
+    return max(1, min(want, useful, MAX_SPLITS))
+
+
+def _row_tiles(backend, rows, head_dim):
+    if backend == "triton":
+        from fastlm.kernels.decode import decode_config
+
+        return -(-rows // decode_config(rows, head_dim)[0])
+    return -(-rows // 16)  # the CUDA kernels take 16 query rows per CTA
+
+
+# ---------------------------------------------------------------------------- torch ops
+@torch.library.custom_op("fastlm::kv_cache_append", mutates_args=("k_cache", "v_cache"))
+def _append_op(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    backend: str,
+) -> None:
+    if _debug_checks_on(k_cache):
+        _debug_check_append(k_cache, k, cache_seqlens, block_table)
+    if backend == "triton":
+        from fastlm.kernels import decode as kd
+
+        kd.kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table)
+    else:
+        torch.ops.fastlm.kv_cache_append_cuda(k_cache, v_cache, k, v, cache_seqlens, block_table)
+
+
+@_append_op.register_fake
+def _(k_cache, v_cache, k, v, cache_seqlens, block_table, backend):
+    return None
+
+
+@torch.library.custom_op("fastlm::decode_attention", mutates_args=())
+def _decode_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    softmax_scale: float,
+    causal: bool,
+    window: int,
+    softcap: float,
+    num_splits: int,
+    backend: str,
+) -> torch.Tensor:
+    if _debug_checks_on(q):
+        _debug_check_decode(k_cache, cache_seqlens, block_table)
+    B, Sq, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    if num_splits == 0:
+        num_splits = num_splits_heuristic(
+            B, Hkv, _row_tiles(backend, Sq * (Hq // Hkv), D), _capacity(k_cache, block_table), q.device
+        )
+    num_splits = min(num_splits, MAX_SPLITS)
+    if backend == "triton":
+        from fastlm.kernels import decode as kd
+
+        return kd.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window,
+                                   softcap, num_splits)
+    return torch.ops.fastlm.decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale,
+                                                  causal, window, softcap, num_splits)
+
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap, num_splits, backend):
+    return torch.empty_like(q)
+
+
+def _register_cuda_fakes():
+    # The C++ ops exist only when fastlm._C was built from a tree that has csrc/kv_cache.cu.
+    if not _C_loader.HAVE_C or not hasattr(torch.ops.fastlm, "decode_attention_cuda"):
+        return
+
+    @torch.library.register_fake("fastlm::kv_cache_append_cuda")
+    def _(k_cache, v_cache, k, v, cache_seqlens, block_table):
+        return None
+
+    @torch.library.register_fake("fastlm::decode_attention_cuda")
+    def _(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap, num_splits):
+        return torch.empty_like(q)
+
+
+_register_cuda_fakes()
+
+
+# ---------------------------------------------------------------------------- validation
+def _validate_cache(op, k_cache, v_cache, cache_seqlens, block_table, batch, device):
+    check_tensor(k_cache, "k_cache", ndim=4)
+    check_tensor(v_cache, "v_cache", ndim=4)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{op}: v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"{op}: v_cache dtype {v_cache.dtype} must equal k_cache dtype {k_cache.dtype}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.device != device:
+            raise ValueError(f"{op}: {name} is on {c.device} but the other inputs are on {device}")
+        if c.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must have unit stride in head_dim (the last dim), got strides {c.stride()}")
+    if k_cache.shape[1] < 1 or k_cache.shape[2] < 1 or k_cache.shape[3] < 1:
+        raise ValueError(f"{op}: k_cache has an empty dimension: shape {tuple(k_cache.shape)}")
+    if k_cache.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim {k_cache.shape[3]} exceeds the kernels' limit of {MAX_HEAD_DIM}")
+    check_tensor(cache_seqlens, "cache_seqlens", dtypes=(torch.int32,), ndim=1)
+    if cache_seqlens.shape[0] != batch:
+        raise ValueError(f"{op}: cache_seqlens must have shape ({batch},) (the batch), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but the other inputs are on {device}")
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(
+                f"{op}: contiguous cache (block_table=None): k_cache.shape[0] = {k_cache.shape[0]} must equal the "
+                f"batch {batch}; for a paged cache pass block_table"
+            )
+    else:
+        check_tensor(block_table, "block_table", dtypes=(torch.int32,), ndim=2)
+        if block_table.shape[0] != batch:
+            raise ValueError(
+                f"{op}: block_table must have shape ({batch}, max_blocks_per_seq), got {tuple(block_table.shape)}"
+            )
+        if block_table.device != device:
+            raise ValueError(f"{op}: block_table is on {block_table.device} but the other inputs are on {device}")
+        if block_table.shape[1] > 0 and block_table.stride(1) != 1:
+            raise ValueError(f"{op}: block_table must have unit stride in its last dim, got {block_table.stride()}")
+
+
+def _check_new(op, name, t, k_cache):
+    check_tensor(t, name, ndim=4)
+    if t.dtype != k_cache.dtype:
+        raise TypeError(f"{op}: {name} dtype {t.dtype} must equal the cache dtype {k_cache.dtype}")
+    if t.shape[2:] != k_cache.shape[2:]:
+        raise ValueError(
+            f"{op}: {name} must have shape (batch, seqlen_new, n_kv_heads={k_cache.shape[2]}, "
+            f"head_dim={k_cache.shape[3]}) to match the cache, got {tuple(t.shape)}"
+        )
+
+
+# ---------------------------------------------------------------------------- public API
+def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, advance=False, backend=None):
+    """Write k, v (batch, seqlen_new, n_kv_heads, head_dim) into the cache in place, at positions
+    cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1 of each sequence b.
+
+    k_cache, v_cache: (batch, max_seqlen, n_kv_heads, head_dim) contiguous caches, or with
+    ``block_table`` (int32, (batch, max_blocks_per_seq)) paged caches of shape (num_blocks,
+    block_size, n_kv_heads, head_dim).  cache_seqlens: int32 (batch,).  ``advance=True`` then adds
+    seqlen_new to cache_seqlens on the device (otherwise the caller advances it).  Tokens whose
+    block-table entry is negative (no block) are skipped.  No host sync: positions past the
+    capacity and block ids >= num_blocks are skipped by the kernels and reported as errors only
+    in debug mode (CPU tensors, or FASTLM_DEBUG=1; see the module docstring).
+    fp32/fp16/bf16.  backend: "triton" | "cuda" | "reference" | None.  Returns None.
+    """
+    check_tensor(k, "k", ndim=4)
+    device = k.device
+    B = k.shape[0]
+    _validate_cache("kv_cache_append", k_cache, v_cache, cache_seqlens, block_table, B, device)
+    _check_new("kv_cache_append", "k", k, k_cache)
+    _check_new("kv_cache_append", "v", v, k_cache)
+    if v.shape != k.shape:
+        raise ValueError(f"kv_cache_append: v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+    if v.device != device:
+        raise ValueError(f"kv_cache_append: v is on {v.device} but k is on {device}")
+    b = _backend.resolve(backend, device, SUPPORTED, PREFERRED, op="kv_cache_append")
+    if b == "reference":
+        if not torch.compiler.is_compiling() and _debug_checks_on(k_cache):
+            _debug_check_append(k_cache, k, cache_seqlens, block_table)
+        _ref.kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table, advance=advance)
+        return None
+    if k.numel() > 0:
+        _append_op(k_cache, v_cache, k, v, cache_seqlens, block_table, b)
+    if advance:
+        cache_seqlens.add_(k.shape[1])
+    return None
+
+
+def decode_attention(
+    q, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None, causal=True, window=-1,
+    softcap=0.0, num_splits=0, backend=None,
+):
+    """Attention of a few new query tokens over each sequence's KV cache (forward only: decoding
+    needs no backward).
+
+    q: (batch, seqlen_q, n_heads_q, head_dim), seqlen_q small (1 for decoding; up to 16 for
+    speculative decoding / chunked prefill; at most 128).  k_cache, v_cache, block_table as in
+    ``kv_cache_append``; n_kv_heads must divide n_heads_q (GQA/MQA: each KV head is read once for
+    its whole query group).  Sequence b attends to its first cache_seqlens[b] cached tokens,
+    which already include the new ones; query row i sits at position
+    p = cache_seqlens[b] - seqlen_q + i (causal aligned to the end of the cache) and sees key j iff
+    j <= p (causal) and j >= p - window (window >= 0; -1 = unbounded; FlashAttention's left
+    window, so Mistral's sliding_window w is window = w - 1).  softcap > 0 maps scores to
+    softcap * tanh(score / softcap).  A row that sees no key returns 0.
+
+    Split-KV (Flash-Decoding): the keys are cut into num_splits chunks processed in parallel and
+    merged; num_splits=0 picks by a heuristic from shapes only (fills the GPU at batch 1 and long
+    contexts), n >= 1 forces n (capped at 128).  head_dim <= 256; fp32/fp16/bf16 (q and the
+    caches share a dtype).  backend: "triton" | "cuda" | "reference" | None.
+    """
+    check_tensor(q, "q", ndim=4)
+    device = q.device
+    B, Sq, Hq, D = q.shape
+    _validate_cache("decode_attention", k_cache, v_cache, cache_seqlens, block_table, B, device)
+    if k_cache.dtype != q.dtype:
+        raise TypeError(f"decode_attention: k_cache dtype {k_cache.dtype} must equal q dtype {q.dtype}")
+    if k_cache.shape[3] != D:
+        raise ValueError(f"decode_attention: head_dim of q ({D}) and of k_cache ({k_cache.shape[3]}) differ")
+    Hkv = k_cache.shape[2]
+    if Hq < 1 or Hq % Hkv != 0:
+        raise ValueError(
+            f"decode_attention: n_heads_q = {Hq} (q.shape[2]) must be a positive multiple of n_kv_heads = {Hkv} "
+            f"(k_cache.shape[2])"
+        )
+    if not 1 <= Sq <= MAX_SEQLEN_Q:
+        raise ValueError(
+            f"decode_attention: seqlen_q = {Sq} (q.shape[1]) must be in [1, {MAX_SEQLEN_Q}]; use "
+            f"fastlm.ops.attention for long prefills"
+        )
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(D)
+    if not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+        raise ValueError(f"decode_attention: softmax_scale must be a finite number, got {softmax_scale!r}")
+    if not isinstance(window, int) or window < -1:
+        raise ValueError(f"decode_attention: window must be an int >= -1 (-1 = unbounded), got {window!r}")
+    if not (softcap >= 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"decode_attention: softcap must be >= 0 (0 = off), got {softcap!r}")
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"decode_attention: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    b = _backend.resolve(backend, device, SUPPORTED, PREFERRED, op="decode_attention")
+    if b == "reference":
+        if not torch.compiler.is_compiling() and _debug_checks_on(q):
+            _debug_check_decode(k_cache, cache_seqlens, block_table)
+        return _ref.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=block_table,
+                                     softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap)
+    if q.numel() == 0:
+        return torch.empty_like(q)
+    return _decode_op(q, k_cache, v_cache, cache_seqlens, block_table, float(softmax_scale), bool(causal),
+                      int(window), float(softcap), int(num_splits), b)

@@ -1,0 +1,124 @@
+"""Reference KV-cache append and decode attention (plain PyTorch).
+
+Cache layouts (shared with fastlm.ops.kv_cache):
+  contiguous  k_cache, v_cache: (batch, max_seqlen, n_kv_heads, head_dim)       block_table None
+  paged       k_cache, v_cache: (num_blocks, block_size, n_kv_heads, head_dim)  block_table int32
+              (batch, max_blocks_per_seq): token t of sequence b lives in block
+              block_table[b, t // block_size] at slot t % block_size.
+
+Masking of decode_attention (query row i of seqlen_q, sequence b of length L = cache_seqlens[b]):
+the row sits at position p = L - seqlen_q + i (aligned to the end of the cache) and sees key j
+iff j < L, and j <= p when causal, and j >= p - window when window >= 0.  A row that sees no
+key gives 0.  softcap > 0 maps scores s (already scaled) to softcap * tanh(s / softcap).
+
+Everything here is vectorized (no host syncs), so the reference also runs under torch.compile
+and CUDA graphs; ``gather_kv`` is the host-side per-sequence gather the tests use.
+"""
+import math
+
+import torch
+
+
+def _up(t, upcast):
+    return t.float() if upcast and t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _token_index(cache_seqlens, seqlen_new, block_table, block_size):
+    """(batch, seqlen_new) positions, and for paged caches the (block, slot) they live in."""
+    pos = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=cache_seqlens.device)
+    if block_table is None:
+        return pos, None, None
+    blk = torch.gather(block_table.long(), 1, pos // block_size)
+    return pos, blk, pos % block_size
+
+
+def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, advance=False):
+    """Writes k, v (batch, seqlen_new, n_kv_heads, head_dim) at positions cache_seqlens[b] ...
+    cache_seqlens[b] + seqlen_new - 1 of each sequence, in place.  advance=True then adds
+    seqlen_new to cache_seqlens.  Indices must be in range (PyTorch indexing raises otherwise)."""
+    B, S = k.shape[:2]
+    if S > 0:
+        if block_table is None:
+            pos, _, _ = _token_index(cache_seqlens, S, None, None)
+            b = torch.arange(B, device=k.device)[:, None].expand(B, S)
+            k_cache[b, pos] = k.to(k_cache.dtype)
+            v_cache[b, pos] = v.to(v_cache.dtype)
+        else:
+            _, blk, slot = _token_index(cache_seqlens, S, block_table, k_cache.shape[1])
+            k_cache[blk, slot] = k.to(k_cache.dtype)
+            v_cache[blk, slot] = v.to(v_cache.dtype)
+    if advance:
+        cache_seqlens.add_(S)
+
+
+def padded_kv(k_cache, v_cache, block_table=None):
+    """The caches as (batch, capacity, n_kv_heads, head_dim) (a gather for paged caches)."""
+    if block_table is None:
+        return k_cache, v_cache
+    B, nb = block_table.shape
+    idx = block_table.long().clamp(0, k_cache.shape[0] - 1)
+    k = k_cache[idx].reshape(B, nb * k_cache.shape[1], *k_cache.shape[2:])
+    v = v_cache[idx].reshape(B, nb * v_cache.shape[1], *v_cache.shape[2:])
+    return k, v
+
+
+def gather_kv(k_cache, v_cache, cache_seqlens, block_table=None):
+    """Host-side: a list of (k, v), each (cache_seqlens[b], n_kv_heads, head_dim), one per sequence."""
+    out = []
+    lens = cache_seqlens.tolist()
+    for b, L in enumerate(lens):
+        if block_table is None:
+            out.append((k_cache[b, :L], v_cache[b, :L]))
+        else:
+            bs = k_cache.shape[1]
+            blocks = block_table[b, : (L + bs - 1) // bs].long()
+            out.append(
+                (k_cache[blocks].flatten(0, 1)[:L], v_cache[blocks].flatten(0, 1)[:L])
+            )
+    return out
+
+
+def decode_mask(cache_seqlens, seqlen_q, seqlen_k, *, causal=True, window=-1):
+    """(batch, seqlen_q, seqlen_k) bool: which keys each query row sees."""
+    L = cache_seqlens.long()[:, None, None]
+    i = torch.arange(seqlen_q, device=cache_seqlens.device)[None, :, None]
+    j = torch.arange(seqlen_k, device=cache_seqlens.device)[None, None, :]
+    p = L - seqlen_q + i
+    mask = j < L
+    if causal:
+        mask = mask & (j <= p)
+    if window >= 0:
+        mask = mask & (j >= p - window)
+    return mask
+
+
+def attention_with_mask(q, k, v, mask, softmax_scale, softcap=0.0):
+    """q (B, Sq, Hq, D); k, v (B, Sk, Hkv, D); mask (B, Sq, Sk).  Rows without keys give 0."""
+    B, Sq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    g = Hq // Hkv
+    qh = q.transpose(1, 2)  # (B, Hq, Sq, D)
+    kh = k.transpose(1, 2).repeat_interleave(g, dim=1)  # (B, Hq, Sk, D)
+    vh = v.transpose(1, 2).repeat_interleave(g, dim=1)
+    s = (qh @ kh.transpose(-1, -2)) * softmax_scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    m = mask[:, None]
+    s = s.masked_fill(~m, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.where(m.any(-1, keepdim=True), p, torch.zeros_like(p))  # rows with no key: 0, not NaN
+    return (p @ vh).transpose(1, 2)
+
+
+def decode_attention(
+    q, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None, causal=True, window=-1,
+    softcap=0.0, upcast=True,
+):
+    """Attention of q (batch, seqlen_q, n_heads_q, head_dim) over the first cache_seqlens[b] cached
+    tokens of each sequence (the gather + attention baseline).  Output like q.  upcast computes
+    fp16/bf16 in fp32 (upcast=False: in the input dtype, the same-dtype baseline of the tests)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    k, v = padded_kv(k_cache, v_cache, block_table)
+    mask = decode_mask(cache_seqlens, q.shape[1], k.shape[1], causal=causal, window=window)
+    out = attention_with_mask(_up(q, upcast), _up(k, upcast), _up(v, upcast), mask, scale, softcap)
+    return out.to(q.dtype)

@@ -1,0 +1,324 @@
+"""KV-cache append and split-KV decode attention (Flash-Decoding) in Triton.
+
+Layouts: contiguous caches (batch, max_seqlen, n_kv_heads, head_dim), or paged caches
+(num_blocks, block_size, n_kv_heads, head_dim) with an int32 block_table (batch, max_blocks):
+token t of sequence b lives in block block_table[b, t // block_size], slot t % block_size.
+Any block size works: tiles of BLOCK_N tokens gather their block ids token by token, so a tile
+may straddle block boundaries (block_size is a constexpr: the divisions become shifts).
+
+Append: one program per new token copies its (n_kv_heads, head_dim) slice of k and v to the
+cache slot at position cache_seqlens[b] + s.  Positions outside the cache capacity and block ids
+outside [0, num_blocks) are skipped: the kernel never writes out of bounds (the op layer checks
+these on the host in debug mode; the cache objects check them before anything is written).
+
+Decode (memory-bound: every byte of the visible K/V is read once):
+- grid (split, kv_head x row_tile, batch).  A program owns one KV head and BLOCK_M "query rows",
+  the n_heads_q / n_kv_heads query heads of the GQA group times seqlen_q (row r = s * G + g), so
+  each K/V tile is loaded once for all of them and the tile math is a small matmul (tl.dot,
+  rows padded to 16; the FLOPs are free in this memory-bound kernel, and the dot keeps Triton's
+  software pipelining of the loads).
+- Split-KV: the visible keys of each sequence are cut into num_splits chunks of whole tiles;
+  each program runs an online softmax over its chunk and writes the normalized partial output
+  and its log2-sum-exp (fp32 workspace), and `_combine_kernel` merges the splits.  With one
+  split the program writes the output directly.
+- Masks: query row at position p = L - seqlen_q + s sees key t iff t < L, t <= p (causal) and
+  t >= p - window (window >= 0).  Rows that see no key give 0.  Block ids out of range are
+  masked (never read).  Forward only.
+"""
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 128
+
+
+@triton.jit
+def _tanh(x):
+    # tanh without libdevice (not available in the interpreter): an odd Taylor polynomial near
+    # 0 (keeps the relative accuracy that 1 - 2/(e^2x + 1) loses there), the exp form elsewhere.
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = a * a
+    small = a * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * (-0.008863235529902197 + x2 * (
+            0.003592128036572481 + x2 * -0.0014558343870513183)))))))
+    t = tl.where(a < 0.5, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+# ----------------------------------------------------------------------------- append
+@triton.jit
+def _append_kernel(
+    K_CACHE,  # *T  (num_blocks, block_size, H, D) paged, or (batch, max_seqlen, H, D): written in place
+    V_CACHE,  # *T  same shape as K_CACHE (its own strides)
+    K,  # *T  new keys (batch, seqlen_new, H, D), any strides
+    V,  # *T  new values, same shape as K
+    SEQLENS,  # *i32 (batch,): write position of each sequence's first new token
+    BT,  # *i32 (batch, max_blocks) block table (unused unless PAGED)
+    seqlen_new,
+    H,
+    D,
+    n_pages,  # valid range of the cache's first index: num_blocks (paged) or batch
+    capacity,  # tokens a sequence can hold: max_blocks * PAGE (paged) or max_seqlen
+    s_kcb, s_kct, s_kch, s_kcd,  # K_CACHE strides (block|batch, slot|token, head, dim)
+    s_vcb, s_vct, s_vch, s_vcd,  # V_CACHE strides
+    s_kb, s_ks, s_kh, s_kd,  # K strides
+    s_vb, s_vs, s_vh, s_vd,  # V strides
+    s_bt,  # block table row stride
+    PAGED: tl.constexpr,  # paged layout (else contiguous)
+    PAGE: tl.constexpr,  # block size (1 when not PAGED)
+    BLOCK_H: tl.constexpr,  # power of two >= H
+    BLOCK_D: tl.constexpr,  # power of two >= D
+):
+    pid = tl.program_id(0)
+    b = pid // seqlen_new
+    s = pid % seqlen_new
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    # The position as a (BLOCK_H, 1) tensor (the same value in every row): the interpreter
+    # mishandles masks built from scalar comparisons.
+    pos = tl.load(SEQLENS + b + h * 0) + s
+    ok = (pos >= 0) & (pos < capacity)
+    pos = tl.where(ok, pos, 0)
+    b64 = b.to(tl.int64)
+    if PAGED:
+        phys = tl.load(BT + b64 * s_bt + pos // PAGE, mask=ok, other=-1)
+        slot = pos % PAGE
+        ok = ok & (phys >= 0) & (phys < n_pages)
+        phys64 = tl.where(ok, phys, 0).to(tl.int64)
+    else:
+        phys64 = b64
+        slot = pos
+    m = (h < H) & (d < D) & ok
+    slot64 = slot.to(tl.int64)
+    k = tl.load(K + b64 * s_kb + s * s_ks + h * s_kh + d * s_kd, mask=m)
+    tl.store(K_CACHE + phys64 * s_kcb + slot64 * s_kct + h * s_kch + d * s_kcd, k.to(K_CACHE.dtype.element_ty), mask=m)
+    v = tl.load(V + b64 * s_vb + s * s_vs + h * s_vh + d * s_vd, mask=m)
+    tl.store(V_CACHE + phys64 * s_vcb + slot64 * s_vct + h * s_vch + d * s_vcd, v.to(V_CACHE.dtype.element_ty), mask=m)
+
+
+def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table):
+    """In place; shapes/dtypes/devices already validated by fastlm.ops.kv_cache."""
+    B, S, H, D = k.shape
+    if B == 0 or S == 0:
+        return
+    paged = block_table is not None
+    page = k_cache.shape[1] if paged else 1
+    capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
+    block_h, block_d = triton.next_power_of_2(H), triton.next_power_of_2(D)
+    tile = block_h * block_d
+    _append_kernel[(B * S,)](
+        k_cache, v_cache, k, v, cache_seqlens, block_table if paged else cache_seqlens,
+        S, H, D, k_cache.shape[0], capacity,
+        *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(),
+        block_table.stride(0) if paged else 0,
+        PAGED=paged, PAGE=page, BLOCK_H=block_h, BLOCK_D=block_d,
+        num_warps=8 if tile >= 8192 else (4 if tile >= 1024 else 2),
+    )
+
+
+# ----------------------------------------------------------------------------- decode
+@triton.jit
+def _decode_kernel(
+    Q,  # *T  (batch, seqlen_q, Hq, D), strides s_q*
+    K_CACHE,  # *T  (num_blocks, PAGE, Hkv, D) or (batch, max_seqlen, Hkv, D)
+    V_CACHE,  # *T  same shape as K_CACHE
+    SEQLENS,  # *i32 (batch,): tokens of each sequence in the cache (new ones included)
+    BT,  # *i32 (batch, max_blocks) (unused unless PAGED)
+    OUT,  # *T  (batch, seqlen_q, Hq, D), strides s_o* (written when not SPLIT)
+    O_PART,  # *fp32 (batch, seqlen_q, Hq, num_splits, D) contiguous (written when SPLIT)
+    LSE_PART,  # *fp32 (batch, seqlen_q, Hq, num_splits): log2-sum-exp of each split (SPLIT)
+    qk_scale,  # softmax_scale * log2(e), or softmax_scale / softcap with SOFTCAP
+    softcap_log2,  # softcap * log2(e) (SOFTCAP only)
+    seqlen_q,
+    G,  # query heads per KV head
+    Hq,
+    D,
+    n_pages,  # num_blocks (paged) or batch: valid range of the cache's first index
+    capacity,  # tokens a sequence can hold
+    window,  # left window (keys >= p - window), used when HAS_WINDOW
+    num_splits,
+    n_mtiles,  # row tiles per KV head
+    s_qb, s_qs, s_qh, s_qd,
+    s_kb, s_kt, s_kh, s_kd,
+    s_vb, s_vt, s_vh, s_vd,
+    s_ob, s_os, s_oh, s_od,
+    s_bt,
+    PAGED: tl.constexpr,
+    PAGE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr,  # write partials to O_PART/LSE_PART (else the final output to OUT)
+    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32 caches (no tf32 rounding)
+    BLOCK_M: tl.constexpr,  # query rows per program (power of two >= 16: tl.dot's minimum)
+    BLOCK_N: tl.constexpr,  # keys per tile
+    BLOCK_D: tl.constexpr,  # power of two >= D
+):
+    pid_split = tl.program_id(0)
+    pid_hm = tl.program_id(1)
+    b = tl.program_id(2)
+    hkv = pid_hm // n_mtiles
+    mtile = pid_hm % n_mtiles
+    b64 = b.to(tl.int64)
+
+    # Query rows of this program: row = s * G + g -> query position s, head hkv * G + g.
+    rows = mtile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < seqlen_q * G
+    qs = tl.where(row_ok, rows // G, 0)
+    head = hkv * G + rows % G
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(
+        Q + b64 * s_qb + qs[:, None] * s_qs + head[:, None] * s_qh + d[None, :] * s_qd,
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+
+    L = tl.load(SEQLENS + b)
+    L = tl.minimum(tl.maximum(L, 0), capacity)
+    pos = L - seqlen_q + qs  # position of each query row
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(L - seqlen_q - window, 0)
+    # This program's chunk of the visible keys: a run of whole tiles.
+    n_tiles = (L - lo + BLOCK_N - 1) // BLOCK_N
+    per_split = (n_tiles + num_splits - 1) // num_splits
+    start = lo + pid_split * per_split * BLOCK_N
+    end = tl.minimum(start + per_split * BLOCK_N, L)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        t_ok = t < end
+        if PAGED:
+            phys = tl.load(BT + b64 * s_bt + t // PAGE, mask=t_ok, other=-1)
+            t_ok = t_ok & (phys >= 0) & (phys < n_pages)
+            k_row = tl.where(t_ok, phys, 0).to(tl.int64) * s_kb + (t % PAGE).to(tl.int64) * s_kt
+            v_row = tl.where(t_ok, phys, 0).to(tl.int64) * s_vb + (t % PAGE).to(tl.int64) * s_vt
+        else:
+            k_row = b64 * s_kb + t.to(tl.int64) * s_kt
+            v_row = b64 * s_vb + t.to(tl.int64) * s_vt
+        kv_mask = t_ok[:, None] & d_ok[None, :]
+        k = tl.load(K_CACHE + k_row[:, None] + hkv * s_kh + d[None, :] * s_kd, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if SOFTCAP:
+            s = softcap_log2 * _tanh(qk * qk_scale)
+        else:
+            s = qk * qk_scale
+        vis = t_ok[None, :]
+        if CAUSAL:
+            vis = vis & (t[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            vis = vis & (t[None, :] >= pos[:, None] - window)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid inf - inf
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_CACHE + v_row[:, None] + hkv * s_vh + d[None, :] * s_vd, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    omask = row_ok[:, None] & d_ok[None, :]
+    if SPLIT:
+        prow = ((b64 * seqlen_q + qs) * Hq + head) * num_splits + pid_split
+        tl.store(O_PART + prow[:, None] * D + d[None, :], o, mask=omask)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(LSE_PART + prow, lse, mask=row_ok)
+    else:
+        optr = OUT + b64 * s_ob + qs[:, None] * s_os + head[:, None] * s_oh + d[None, :] * s_od
+        tl.store(optr, o.to(OUT.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _combine_kernel(
+    O_PART,  # *fp32 (rows, num_splits, D): normalized partial outputs, rows = batch*seqlen_q*Hq
+    LSE_PART,  # *fp32 (rows, num_splits): their log2-sum-exp (-inf for an empty split)
+    OUT,  # *T (batch, seqlen_q, Hq, D), strides s_o*
+    seqlen_q,
+    Hq,
+    D,
+    num_splits,
+    s_ob, s_os, s_oh, s_od,
+    BLOCK_S: tl.constexpr,  # power of two >= num_splits
+    BLOCK_D: tl.constexpr,  # power of two >= D
+):
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, BLOCK_S)
+    lse = tl.load(LSE_PART + row * num_splits + sp, mask=sp < num_splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.sum(tl.exp2(lse - m), 0)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(num_splits):
+        w = tl.exp2(tl.load(LSE_PART + row * num_splits + i) - m)
+        acc += w * tl.load(O_PART + (row * num_splits + i) * D + d, mask=d < D, other=0.0)
+    out = acc / tl.where(denom > 0, denom, 1.0)
+    h = row % Hq
+    s = (row // Hq) % seqlen_q
+    b = row // (Hq * seqlen_q)
+    tl.store(OUT + b * s_ob + s * s_os + h * s_oh + d * s_od, out.to(OUT.dtype.element_ty), mask=d < D)
+
+
+def decode_config(n_rows, head_dim):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) by a deterministic rule.
+    BLOCK_M: the GQA group x seqlen_q rows, padded to tl.dot's minimum of 16, at most 64 (more
+    rows are split into row tiles, which re-read K/V, mostly from L2).  BLOCK_N: 64 keys per
+    tile (32 at head_dim > 128) keeps a K and a V tile (16 KiB each in bf16) in flight per stage."""
+    block_m = min(64, max(16, triton.next_power_of_2(n_rows)))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = 64 if block_d <= 128 else 32
+    num_warps = 8 if block_m * block_d >= 8192 else 4
+    num_stages = 3 if block_d <= 128 else 2
+    return block_m, block_n, block_d, num_warps, num_stages
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap,
+                     num_splits):
+    """Shapes/dtypes/devices validated by fastlm.ops.kv_cache; num_splits >= 1 resolved there."""
+    B, Sq, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    out = torch.empty_like(q)
+    if out.numel() == 0:
+        return out
+    paged = block_table is not None
+    page = k_cache.shape[1] if paged else 1
+    capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
+    block_m, block_n, block_d, num_warps, num_stages = decode_config(G * Sq, D)
+    n_mtiles = triton.cdiv(G * Sq, block_m)
+    split = num_splits > 1
+    if split:
+        o_part = torch.empty((B, Sq, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B, Sq, Hq, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = out  # unused
+    if softcap > 0:
+        qk_scale, softcap_log2 = softmax_scale / softcap, softcap * LOG2E
+    else:
+        qk_scale, softcap_log2 = softmax_scale * LOG2E, 0.0
+    _decode_kernel[(num_splits, Hkv * n_mtiles, B)](
+        q, k_cache, v_cache, cache_seqlens, block_table if paged else cache_seqlens,
+        out, o_part, lse_part, qk_scale, softcap_log2,
+        Sq, G, Hq, D, k_cache.shape[0], capacity, window, num_splits, n_mtiles,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        block_table.stride(0) if paged else 0,
+        PAGED=paged, PAGE=page, CAUSAL=causal, HAS_WINDOW=window >= 0, SOFTCAP=softcap > 0, SPLIT=split,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        _combine_kernel[(B * Sq * Hq,)](
+            o_part, lse_part, out, Sq, Hq, D, num_splits, *out.stride(),
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(D),
+            num_warps=4 if D >= 128 else 2,
+        )
+    return out
