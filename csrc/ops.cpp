@@ -41,6 +41,16 @@ TORCH_LIBRARY(fastlm, m) {
       " bool is_rms, bool has_bias) -> (Tensor, Tensor, Tensor)");
 
   // [rotary schemas]
+  // ---- rotary embeddings (csrc/rotary.cu) ----
+  // q, k: (batch, seqlen, heads, head_dim) or packed (tokens, heads, head_dim), unit stride in
+  // the head dim.  cos, sin: (max_positions, rotary_dim / 2), fp32 or q's dtype.  Writes the
+  // rotated q, k into q_out, k_out (which may be q, k: in place; dims past rotary_dim are then
+  // left alone, else copied).  pos_mode: 0 = arange per sequence + offset, 1 = + per-sequence
+  // offsets positions (num_seqs,), 2 = explicit positions (batch, seqlen) / (tokens,) (int32 or
+  // int64).  cu_seqlens: int32 (num_seqs + 1,) for packed sequences.  conj: rotate by -theta.
+  m.def(
+      "rotary_cuda(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions, Tensor? cu_seqlens,"
+      " Tensor(a!) q_out, Tensor(b!) k_out, int offset, int pos_mode, bool interleaved, bool conj) -> ()");
 
   // [kv cache schemas]
 }
