@@ -53,4 +53,18 @@ TORCH_LIBRARY(fastlm, m) {
       " Tensor(a!) q_out, Tensor(b!) k_out, int offset, int pos_mode, bool interleaved, bool conj) -> ()");
 
   // [kv cache schemas]
+  // ---- KV cache (csrc/kv_cache.cu) ----
+  // Caches: contiguous (batch, max_seqlen, n_kv_heads, head_dim), or paged (num_blocks, block_size,
+  // n_kv_heads, head_dim) with block_table int32 (batch, max_blocks_per_seq); unit stride in head_dim.
+  // Writes k, v (batch, seqlen_new, n_kv_heads, head_dim) at positions cache_seqlens[b] + s (int32);
+  // positions past the capacity and block ids outside [0, num_blocks) are skipped.
+  m.def(
+      "kv_cache_append_cuda(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor cache_seqlens,"
+      " Tensor? block_table) -> ()");
+  // Split-KV decode attention of q (batch, seqlen_q, n_heads_q, head_dim) over the first
+  // cache_seqlens[b] tokens; causal aligned to the end of the cache, window >= -1, softcap >= 0,
+  // num_splits in [1, 128] (resolved by the caller).  Returns out like q.  Forward only.
+  m.def(
+      "decode_attention_cuda(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table,"
+      " float softmax_scale, bool causal, int window, float softcap, int num_splits) -> Tensor");
 }

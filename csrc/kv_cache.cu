@@ -1,0 +1,764 @@
+// KV cache append and split-KV decode attention (Flash-Decoding) for paged and contiguous caches.
+//
+// Layouts: contiguous caches (batch, max_seqlen, Hkv, D), or paged caches (num_blocks, page, Hkv, D)
+// with an int32 block table (batch, max_blocks): token t of sequence b lives in block
+// block_table[b][t / page], slot t % page.  Any page size >= 1 (shifts for powers of two).
+//
+// kv_cache_append_cuda: one CTA per new token copies its (Hkv, D) slices of k and v with 16-byte
+// vectors.  Positions past the capacity and block ids outside [0, num_blocks) are skipped: the
+// kernel never writes out of bounds (negative block ids mean "no block" by design).
+//
+// decode_attention_cuda: memory-bound, so the floor is reading every visible K/V byte once.
+// Grid (split, kv_head x row_tile, batch), 4 warps per CTA.  A CTA owns one KV head and 16 "query
+// rows" (the GQA group's query heads x seqlen_q, row = s * G + g), so each K/V byte is read once
+// for the whole group.  Tensor-core path (fp16/bf16, head_dim % 8 == 0, 16-byte aligned caches):
+// each warp takes 16-token steps of its CTA's chunk and computes S = Q K^T and O += P V with
+// mma.sync m16n8k16 (fp32 accumulation), loading K and V straight from global memory into
+// registers with 16-byte loads in a layout that *is* the mma B fragment:
+//   - QK: the contraction runs over head_dim, whose order is free: thread (g = lane/4, t = lane%4)
+//     loads 16-byte chunks t, t+4, ... of key g, and the Q fragments (staged in shared memory in
+//     fragment order) use the same permutation of head_dim.
+//   - PV: the contraction runs over tokens.  Thread (g, t) loads chunks g, g+8, ... of tokens
+//     2t, 2t+1, 2t+8, 2t+9 and pairs them per element with byte permutes; n-tile j = 8m + e then
+//     holds output dims 8 * (column + 8m) + e, unscrambled when the output goes through shared
+//     memory.  P comes from the S accumulators in registers (the FlashAttention-2 identity between
+//     the m16n8 accumulator and the m16k16 A fragment).
+// The 4 warps' online-softmax states are merged through shared memory (deterministic order); a
+// single split writes the output, several write fp32 partials (normalized output + log2-sum-exp)
+// that combine_kernel merges.  Other dtypes/shapes (fp32, head_dim % 8 != 0, unaligned caches)
+// take decode_simple_kernel: CUDA cores, one token at a time, each warp owning 4 of the 16 rows.
+// Masks: query row at position p = L - seqlen_q + s sees key j iff j < L, j <= p (causal) and
+// j >= p - window (window >= 0); rows that see nothing give 0; keys of invalid blocks are masked.
+#include "common.cuh"
+
+#include <ATen/ops/empty_like.h>
+
+namespace fastlm {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRows = 16;  // query rows per CTA (the mma M)
+constexpr int kStep = 16;  // tokens per warp step (the PV mma K)
+constexpr int kMaxSplits = 128;
+
+// ------------------------------------------------------------------------------------ append
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256) kv_append_kernel(
+    T* __restrict__ k_cache, T* __restrict__ v_cache, const T* __restrict__ k, const T* __restrict__ v,
+    const int* __restrict__ seqlens, const int* __restrict__ block_table, int seqlen_new, int H, int D, int n_pages,
+    int capacity, int page, int64_t kc_b, int64_t kc_t, int64_t kc_h, int64_t vc_b, int64_t vc_t, int64_t vc_h,
+    int64_t k_b, int64_t k_s, int64_t k_h, int64_t v_b, int64_t v_s, int64_t v_h, int64_t bt_s) {
+  const int b = blockIdx.x / seqlen_new;
+  const int s = blockIdx.x % seqlen_new;
+  const int64_t pos = static_cast<int64_t>(seqlens[b]) + s;
+  if (pos < 0 || pos >= capacity) return;  // past the capacity: skipped (never out of bounds)
+  int64_t blk, slot;
+  if (block_table != nullptr) {
+    const int id = block_table[b * bt_s + pos / page];
+    if (id < 0 || id >= n_pages) return;  // no block / invalid block id: skipped
+    blk = id;
+    slot = pos % page;
+  } else {
+    blk = b;
+    slot = pos;
+  }
+  const int nv = D / VEC;
+  T* kd = k_cache + blk * kc_b + slot * kc_t;
+  T* vd = v_cache + blk * vc_b + slot * vc_t;
+  const T* ks = k + b * k_b + s * k_s;
+  const T* vs = v + b * v_b + s * v_s;
+  for (int i = threadIdx.x; i < H * nv; i += blockDim.x) {
+    const int h = i / nv, d = (i - h * nv) * VEC;
+    store_vec<T, VEC>(kd + h * kc_h + d, load_vec<T, VEC>(ks + h * k_h + d));
+    store_vec<T, VEC>(vd + h * vc_h + d, load_vec<T, VEC>(vs + h * v_h + d));
+  }
+}
+
+// ------------------------------------------------------------------------------------ decode
+struct DecodeParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const int* seqlens;
+  const int* block_table;  // nullptr: contiguous layout
+  void* out;
+  float* o_part;    // (batch, seqlen_q, Hq, num_splits, D) when num_splits > 1
+  float* lse_part;  // (batch, seqlen_q, Hq, num_splits), log2 domain
+  int64_t q_b, q_s, q_h;  // q strides (unit stride in D)
+  int64_t k_b, k_t, k_h;  // K cache strides: block|batch, slot|token, head
+  int64_t v_b, v_t, v_h;
+  int64_t o_b, o_s, o_h, o_d;
+  int64_t bt_s;
+  int seqlen_q, G, Hq, D, n_pages, capacity, page, page_shift, window, num_splits, n_mtiles;
+  float qk_scale;      // softmax_scale * log2(e), or softmax_scale / softcap when softcap > 0
+  float softcap_log2;  // softcap * log2(e); 0 = no softcap
+  bool causal;
+};
+
+// Where token `tok` of sequence b lives: (block|batch index, slot|token index); false if it must
+// not be read (outside [0, hi) or an invalid block id).
+__device__ __forceinline__ bool locate(const DecodeParams& p, int b, int tok, int hi, int& blk, int& slot) {
+  if (tok < 0 || tok >= hi) return false;
+  if (p.block_table == nullptr) {
+    blk = b;
+    slot = tok;
+    return true;
+  }
+  const int bi = p.page_shift >= 0 ? (tok >> p.page_shift) : tok / p.page;
+  slot = tok - bi * p.page;
+  blk = __ldg(p.block_table + b * p.bt_s + bi);
+  return blk >= 0 && blk < p.n_pages;
+}
+
+// The visible keys [lo, hi) of sequence b and this CTA's share of them, in 16-token steps
+// counted from lo rounded down to a multiple of 16.
+struct SplitRange {
+  int L, hi, base, step0, step1;
+};
+
+__device__ __forceinline__ SplitRange split_range(const DecodeParams& p, int b, int split) {
+  SplitRange r;
+  r.L = min(max(p.seqlens[b], 0), p.capacity);
+  r.hi = r.L;
+  const int lo = p.window >= 0 ? max(0, r.L - p.seqlen_q - p.window) : 0;
+  r.base = lo & ~(kStep - 1);
+  const int n_steps = max(0, (r.hi - r.base + kStep - 1) / kStep);
+  const int per = (n_steps + p.num_splits - 1) / p.num_splits;
+  r.step0 = split * per;
+  r.step1 = min(r.step0 + per, n_steps);
+  return r;
+}
+
+__device__ __forceinline__ float score(const DecodeParams& p, float qk) {
+  return p.softcap_log2 > 0.f ? p.softcap_log2 * tanhf(qk * p.qk_scale) : qk * p.qk_scale;
+}
+
+__device__ __forceinline__ bool visible(const DecodeParams& p, int tok, int pos) {
+  return (!p.causal || tok <= pos) && (p.window < 0 || tok >= pos - p.window);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_out(const DecodeParams& p, int b, int s, int h, int d, float val) {
+  static_cast<T*>(p.out)[b * p.o_b + s * p.o_s + h * p.o_h + d * p.o_d] = from_float<T>(val);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// D (16x8, fp32) += A (16x16, row) * B (16x8, col).
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldg16(uint32_t (&w)[4], const void* ptr) {
+  const uint4 x = __ldg(reinterpret_cast<const uint4*>(ptr));
+  w[0] = x.x;
+  w[1] = x.y;
+  w[2] = x.z;
+  w[3] = x.w;
+}
+
+// Tensor-core decode.  DP: head_dim padded to a multiple of 64 (64, 128, 192, 256).
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) decode_tc_kernel(const DecodeParams p) {
+  constexpr int KCH = DP / 32;     // 16-byte K chunks per thread per key (4 threads share a key)
+  constexpr int KSTEPS = DP / 16;  // QK mma k-steps
+  constexpr int VM = DP / 64;      // 16-byte V chunks per thread per token (chunk g + 8m)
+  constexpr int NT = 8 * VM;       // PV n-tiles of 8 output dims
+  constexpr bool kLateV = DP > 128;  // load V after QK to bound registers at large head_dim
+  __shared__ __align__(16) uint32_t s_q[KSTEPS][32][4];  // Q A-fragments, in fragment order
+  __shared__ float s_o[kRows][DP + 4];
+  __shared__ float s_m[kWarps][kRows], s_l[kWarps][kRows];
+  __shared__ float s_M[kRows], s_L[kRows];
+
+  const int split = blockIdx.x;
+  const int hkv = blockIdx.y / p.n_mtiles, mtile = blockIdx.y % p.n_mtiles;
+  const int b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int n_rows = p.seqlen_q * p.G;
+  const T* __restrict__ q = static_cast<const T*>(p.q);
+  const T* __restrict__ kc = static_cast<const T*>(p.k) + hkv * p.k_h;
+  const T* __restrict__ vc = static_cast<const T*>(p.v) + hkv * p.v_h;
+
+  // Q fragments: register r of k-step ks of lane (rg, rt) holds Q[row][d0], Q[row][d0 + 1] with
+  // row = rg + 8 * (r & 1) and d0 the head-dim pair that K's B fragment holds (same permutation).
+  for (int idx = tid; idx < KSTEPS * 32 * 4; idx += kThreads) {
+    const int ks = idx >> 7, ln = (idx >> 2) & 31, r = idx & 3;
+    const int row = (ln >> 2) + 8 * (r & 1), pr = r >> 1;
+    const int d0 = 8 * ((ln & 3) + 4 * (ks >> 1)) + 2 * (2 * (ks & 1) + pr);
+    const int R = mtile * kRows + row;
+    uint32_t val = 0;
+    if (R < n_rows && d0 < p.D) {
+      const int s = R / p.G, h = hkv * p.G + R % p.G;
+      val = *reinterpret_cast<const uint32_t*>(q + b * p.q_b + s * p.q_s + h * p.q_h + d0);
+    }
+    s_q[ks][ln][r] = val;
+  }
+
+  const SplitRange sr = split_range(p, b, split);
+  // Query positions of this thread's two accumulator rows (g and g + 8).
+  const int pos0 = sr.L - p.seqlen_q + (mtile * kRows + g) / p.G;
+  const int pos1 = sr.L - p.seqlen_q + (mtile * kRows + g + 8) / p.G;
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  __syncthreads();
+
+  for (int st = sr.step0 + warp; st < sr.step1; st += kWarps) {
+    const int base = sr.base + st * kStep;
+    // K: keys base + 8t + g, chunks tq + 4i.
+    uint32_t kw[2][KCH][4];
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      int blk = 0, slot = 0;
+      const bool ok = locate(p, b, base + 8 * t + g, sr.hi, blk, slot);
+      const T* kp = kc + blk * p.k_b + slot * p.k_t;
+#pragma unroll
+      for (int i = 0; i < KCH; ++i) {
+        const int c = tq + 4 * i;
+        if (ok && 8 * c < p.D) {
+          ldg16(kw[t][i], kp + 8 * c);
+        } else {
+          kw[t][i][0] = kw[t][i][1] = kw[t][i][2] = kw[t][i][3] = 0u;
+        }
+      }
+    }
+    // V: tokens base + 2tq + {0, 1, 8, 9} (u = (u & 1) + 2 * (u >> 1) in that order), chunks g + 8m.
+    // These are also the key columns of this thread's S accumulators: vok masks them.
+    uint32_t vw[4][VM][4];
+    bool vok[4];
+    const T* vp[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      int blk = 0, slot = 0;
+      vok[u] = locate(p, b, base + 2 * tq + (u & 1) + 8 * (u >> 1), sr.hi, blk, slot);
+      vp[u] = vc + blk * p.v_b + slot * p.v_t;
+    }
+    auto load_v = [&]() {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+#pragma unroll
+        for (int mm = 0; mm < VM; ++mm) {
+          const int c = g + 8 * mm;
+          if (vok[u] && 8 * c < p.D) {
+            ldg16(vw[u][mm], vp[u] + 8 * c);
+          } else {
+            vw[u][mm][0] = vw[u][mm][1] = vw[u][mm][2] = vw[u][mm][3] = 0u;
+          }
+        }
+      }
+    };
+    if (!kLateV) load_v();
+
+    // S = Q K^T for keys base .. base + 15 (n-tiles t = 0, 1).
+    float sacc[2][4];
+#pragma unroll
+    for (int t = 0; t < 2; ++t) sacc[t][0] = sacc[t][1] = sacc[t][2] = sacc[t][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      const uint4 a4 = *reinterpret_cast<const uint4*>(&s_q[ks][lane][0]);
+      const uint32_t a[4] = {a4.x, a4.y, a4.z, a4.w};
+#pragma unroll
+      for (int t = 0; t < 2; ++t) mma16816<T>(sacc[t], a, kw[t][ks >> 1][2 * (ks & 1)], kw[t][ks >> 1][2 * (ks & 1) + 1]);
+    }
+    if (kLateV) load_v();
+
+    // Scores (log2 domain), masks, online softmax.  Accumulator e of n-tile t: row g + 8 * (e >> 1),
+    // key base + 8t + 2tq + (e & 1), i.e. V token u = 2t + (e & 1).
+    float sc[2][4];
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int tok = base + 8 * t + 2 * tq + (e & 1);
+        const bool vis = vok[2 * t + (e & 1)] && visible(p, tok, e < 2 ? pos0 : pos1);
+        sc[t][e] = vis ? score(p, sacc[t][e]) : -INFINITY;
+      }
+    }
+    float mx[2] = {fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1])),
+                   fmaxf(fmaxf(sc[0][2], sc[0][3]), fmaxf(sc[1][2], sc[1][3]))};
+    float alpha[2], msafe[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float mn = fmaxf(m[r], mx[r]);
+      msafe[r] = mn == -INFINITY ? 0.f : mn;  // no visible key yet: avoid (-inf) - (-inf)
+      alpha[r] = exp2f(m[r] - msafe[r]);
+      m[r] = mn;
+    }
+    float pr[2][4];
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pr[t][e] = exp2f(sc[t][e] - msafe[e >> 1]);
+    }
+    l[0] = l[0] * alpha[0] + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
+    l[1] = l[1] * alpha[1] + (pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3]);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      o[j][0] *= alpha[0];
+      o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1];
+      o[j][3] *= alpha[1];
+    }
+    // P as the A fragment (rows g / g + 8, keys 2tq.. and 8 + 2tq..).
+    const uint32_t pa[4] = {pack2<T>(pr[0][0], pr[0][1]), pack2<T>(pr[0][2], pr[0][3]), pack2<T>(pr[1][0], pr[1][1]),
+                            pack2<T>(pr[1][2], pr[1][3])};
+    // O += P V.  n-tile j = 8mm + 2k + hh, column g <-> output dim 8 * (g + 8mm) + 2k + hh.
+#pragma unroll
+    for (int mm = 0; mm < VM; ++mm) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const uint32_t sel = hh ? 0x7632u : 0x5410u;
+          const uint32_t b0 = __byte_perm(vw[0][mm][k], vw[1][mm][k], sel);
+          const uint32_t b1 = __byte_perm(vw[2][mm][k], vw[3][mm][k], sel);
+          mma16816<T>(o[8 * mm + 2 * k + hh], pa, b0, b1);
+        }
+      }
+    }
+  }
+
+  // Merge the 4 warps: row sums over the quad, then max / rescale / sum through shared memory.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  if (tq == 0) {
+    s_m[warp][g] = m[0];
+    s_m[warp][g + 8] = m[1];
+    s_l[warp][g] = l[0];
+    s_l[warp][g + 8] = l[1];
+  }
+  __syncthreads();
+  float f[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = g + 8 * r;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w][row]);
+    const float Ms = M == -INFINITY ? 0.f : M;
+    f[r] = exp2f(m[r] - Ms);
+    if (warp == 0 && tq == 0) {
+      float Lsum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) Lsum += s_l[w][row] * exp2f(s_m[w][row] - Ms);
+      s_M[row] = M;
+      s_L[row] = Lsum;
+    }
+  }
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    if (warp == w) {
+#pragma unroll
+      for (int mm = 0; mm < VM; ++mm) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int j = 8 * mm + e;
+          const int d0 = 8 * (2 * tq + 8 * mm) + e, d1 = d0 + 8;
+          if (w == 0) {
+            s_o[g][d0] = o[j][0] * f[0];
+            s_o[g][d1] = o[j][1] * f[0];
+            s_o[g + 8][d0] = o[j][2] * f[1];
+            s_o[g + 8][d1] = o[j][3] * f[1];
+          } else {
+            s_o[g][d0] += o[j][0] * f[0];
+            s_o[g][d1] += o[j][1] * f[0];
+            s_o[g + 8][d0] += o[j][2] * f[1];
+            s_o[g + 8][d1] += o[j][3] * f[1];
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  for (int idx = tid; idx < kRows * p.D; idx += kThreads) {
+    const int r = idx / p.D, d = idx - r * p.D;
+    const int R = mtile * kRows + r;
+    if (R >= n_rows) break;  // rows are in order: the rest are padding too
+    const int s = R / p.G, h = hkv * p.G + R % p.G;
+    const float Lr = s_L[r];
+    const float val = Lr > 0.f ? s_o[r][d] / Lr : 0.f;
+    if (p.num_splits == 1) {
+      store_out<T>(p, b, s, h, d, val);
+    } else {
+      const int64_t prow = ((static_cast<int64_t>(b) * p.seqlen_q + s) * p.Hq + h) * p.num_splits + split;
+      p.o_part[prow * p.D + d] = val;
+      if (d == 0) p.lse_part[prow] = Lr > 0.f ? s_M[r] + log2f(Lr) : -INFINITY;
+    }
+  }
+}
+
+// CUDA-core decode for every dtype and head_dim <= 256 (the fallback): warp w owns tile rows
+// w, w + 4, w + 8, w + 12; lanes split head_dim (NV elements each); one key at a time.
+template <typename T, int NV>
+__global__ void __launch_bounds__(kThreads) decode_simple_kernel(const DecodeParams p) {
+  constexpr int RPW = kRows / kWarps;  // rows per warp
+  const int split = blockIdx.x;
+  const int hkv = blockIdx.y / p.n_mtiles, mtile = blockIdx.y % p.n_mtiles;
+  const int b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n_rows = p.seqlen_q * p.G;
+  const T* __restrict__ q = static_cast<const T*>(p.q);
+  const T* __restrict__ kc = static_cast<const T*>(p.k) + hkv * p.k_h;
+  const T* __restrict__ vc = static_cast<const T*>(p.v) + hkv * p.v_h;
+  const SplitRange sr = split_range(p, b, split);
+
+  float qv[RPW][NV], acc[RPW][NV], m[RPW], l[RPW];
+  int pos[RPW];
+#pragma unroll
+  for (int i = 0; i < RPW; ++i) {
+    const int R = mtile * kRows + warp + kWarps * i;
+    const bool ok = R < n_rows;
+    const int s = ok ? R / p.G : 0, h = hkv * p.G + (ok ? R % p.G : 0);
+    pos[i] = sr.L - p.seqlen_q + s;
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int d = lane + 32 * j;
+      qv[i][j] = ok && d < p.D ? to_float(q[b * p.q_b + s * p.q_s + h * p.q_h + d]) : 0.f;
+      acc[i][j] = 0.f;
+    }
+  }
+  const int t0 = sr.base + sr.step0 * kStep, t1 = min(sr.base + sr.step1 * kStep, sr.hi);
+  for (int tok = t0; tok < t1; ++tok) {
+    int blk = 0, slot = 0;
+    if (!locate(p, b, tok, sr.hi, blk, slot)) continue;  // warp-uniform
+    const T* kp = kc + blk * p.k_b + slot * p.k_t;
+    const T* vp = vc + blk * p.v_b + slot * p.v_t;
+    float kv[NV], vv[NV];
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int d = lane + 32 * j;
+      kv[j] = d < p.D ? to_float(kp[d]) : 0.f;
+      vv[j] = d < p.D ? to_float(vp[d]) : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+      float dot = 0.f;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) dot += qv[i][j] * kv[j];
+      dot = warp_sum(dot);
+      if (!visible(p, tok, pos[i])) continue;  // uniform across the warp
+      const float sc = score(p, dot);
+      const float mn = fmaxf(m[i], sc);
+      const float alpha = exp2f(m[i] - mn), pw = exp2f(sc - mn);
+      l[i] = l[i] * alpha + pw;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) acc[i][j] = acc[i][j] * alpha + pw * vv[j];
+      m[i] = mn;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < RPW; ++i) {
+    const int R = mtile * kRows + warp + kWarps * i;
+    if (R >= n_rows) continue;
+    const int s = R / p.G, h = hkv * p.G + R % p.G;
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    const int64_t prow = ((static_cast<int64_t>(b) * p.seqlen_q + s) * p.Hq + h) * p.num_splits + split;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int d = lane + 32 * j;
+      if (d >= p.D) continue;
+      if (p.num_splits == 1) {
+        store_out<T>(p, b, s, h, d, acc[i][j] * inv);
+      } else {
+        p.o_part[prow * p.D + d] = acc[i][j] * inv;
+      }
+    }
+    if (p.num_splits > 1 && lane == 0) p.lse_part[prow] = l[i] > 0.f ? m[i] + log2f(l[i]) : -INFINITY;
+  }
+}
+
+// Merge the splits of one (batch, query, head) row: out = sum_i 2^(lse_i - M) o_i / sum_i 2^(lse_i - M).
+template <typename T>
+__global__ void __launch_bounds__(128) combine_kernel(const DecodeParams p) {
+  __shared__ float s_w[kMaxSplits];
+  const int64_t row = blockIdx.x;  // ((b * seqlen_q) + s) * Hq + h
+  const int NS = p.num_splits;
+  const float* lse = p.lse_part + row * NS;
+  float M = -INFINITY;
+  for (int i = 0; i < NS; ++i) M = fmaxf(M, lse[i]);
+  const float Ms = M == -INFINITY ? 0.f : M;
+  for (int i = threadIdx.x; i < NS; i += blockDim.x) s_w[i] = exp2f(lse[i] - Ms);
+  __syncthreads();
+  float den = 0.f;
+  for (int i = 0; i < NS; ++i) den += s_w[i];
+  const float inv = den > 0.f ? 1.f / den : 0.f;
+  const int h = static_cast<int>(row % p.Hq);
+  const int s = static_cast<int>((row / p.Hq) % p.seqlen_q);
+  const int b = static_cast<int>(row / (static_cast<int64_t>(p.Hq) * p.seqlen_q));
+  for (int d = threadIdx.x; d < p.D; d += blockDim.x) {
+    float acc = 0.f;
+    for (int i = 0; i < NS; ++i) acc += s_w[i] * p.o_part[(row * NS + i) * p.D + d];
+    store_out<T>(p, b, s, h, d, acc * inv);
+  }
+}
+
+// ------------------------------------------------------------------------------------ host
+void check_cache(const at::Tensor& c, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(c.is_cuda(), name, " must be a CUDA tensor, got ", c.device());
+  TORCH_CHECK(c.device() == ref.device(), name, " must be on ", ref.device(), ", got ", c.device());
+  TORCH_CHECK(c.dim() == 4, name, " must be 4-D (num_blocks|batch, block_size|max_seqlen, n_kv_heads, head_dim), got ",
+              c.sizes());
+  TORCH_CHECK(c.scalar_type() == ref.scalar_type(), name, " must have dtype ", ref.scalar_type(), ", got ",
+              c.scalar_type());
+  TORCH_CHECK(c.stride(3) == 1, name, " must have unit stride in head_dim, got strides ", c.strides());
+}
+
+void check_index(const at::Tensor& t, const at::Tensor& ref, const char* name, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must have dtype int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+// Validates cache_seqlens / block_table for `batch` sequences; returns (block_table or undefined,
+// capacity in tokens).
+std::pair<at::Tensor, int64_t> check_layout(const at::Tensor& k_cache, const at::Tensor& cache_seqlens,
+                                            const std::optional<at::Tensor>& block_table, int64_t batch) {
+  check_index(cache_seqlens, k_cache, "cache_seqlens", 1);
+  TORCH_CHECK(cache_seqlens.size(0) == batch, "cache_seqlens must have shape (", batch, ",), got ",
+              cache_seqlens.sizes());
+  TORCH_CHECK(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous");
+  TORCH_CHECK(k_cache.size(1) >= 1 && k_cache.size(2) >= 1, "k_cache has an empty dimension: ", k_cache.sizes());
+  if (block_table.has_value() && block_table->defined()) {
+    const at::Tensor& bt = *block_table;
+    check_index(bt, k_cache, "block_table", 2);
+    TORCH_CHECK(bt.size(0) == batch, "block_table must have shape (", batch, ", max_blocks_per_seq), got ", bt.sizes());
+    TORCH_CHECK(bt.size(1) <= 1 || bt.stride(1) == 1, "block_table must have unit stride in its last dim");
+    const int64_t cap = bt.size(1) * k_cache.size(1);
+    TORCH_CHECK(cap < (int64_t{1} << 30), "capacity max_blocks_per_seq * block_size = ", cap, " is too large");
+    TORCH_CHECK(k_cache.size(0) < (int64_t{1} << 31), "num_blocks is too large");
+    return {bt, cap};
+  }
+  TORCH_CHECK(k_cache.size(0) == batch, "contiguous cache: k_cache.size(0) = ", k_cache.size(0),
+              " must equal the batch ", batch);
+  TORCH_CHECK(k_cache.size(1) < (int64_t{1} << 30), "max_seqlen ", k_cache.size(1), " is too large");
+  return {at::Tensor(), k_cache.size(1)};
+}
+
+template <typename T>
+bool aligned16(const at::Tensor& t, std::initializer_list<int64_t> strides) {
+  for (int64_t s : strides)
+    if (s % vec16<T>() != 0) return false;
+  return is_aligned(t.data_ptr(), 16);
+}
+
+template <typename T>
+void run_decode(const DecodeParams& p, dim3 grid, cudaStream_t stream, const at::Tensor& k_cache,
+                const at::Tensor& v_cache, int64_t combine_rows) {
+  bool tc = false;
+  if constexpr (!std::is_same_v<T, float>) {
+    tc = p.D % 8 == 0 && aligned16<T>(k_cache, {p.k_b, p.k_t, p.k_h}) && aligned16<T>(v_cache, {p.v_b, p.v_t, p.v_h});
+    if (tc) {
+      if (p.D <= 64) {
+        decode_tc_kernel<T, 64><<<grid, kThreads, 0, stream>>>(p);
+      } else if (p.D <= 128) {
+        decode_tc_kernel<T, 128><<<grid, kThreads, 0, stream>>>(p);
+      } else if (p.D <= 192) {
+        decode_tc_kernel<T, 192><<<grid, kThreads, 0, stream>>>(p);
+      } else {
+        decode_tc_kernel<T, 256><<<grid, kThreads, 0, stream>>>(p);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  if (!tc) {
+    if (p.D <= 64) {
+      decode_simple_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p);
+    } else if (p.D <= 128) {
+      decode_simple_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p);
+    } else {
+      decode_simple_kernel<T, 8><<<grid, kThreads, 0, stream>>>(p);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (p.num_splits > 1) {
+    combine_kernel<T><<<static_cast<unsigned>(combine_rows), 128, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_in,
+                          const at::Tensor& v_in, const at::Tensor& cache_seqlens,
+                          const std::optional<at::Tensor>& block_table) {
+  FASTLM_CHECK_CUDA(k_in, "k");
+  TORCH_CHECK(k_in.dim() == 4, "k must be (batch, seqlen_new, n_kv_heads, head_dim), got ", k_in.sizes());
+  check_cache(k_cache, k_in, "k_cache");
+  check_cache(v_cache, k_in, "v_cache");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(), " must equal k_cache shape ",
+              k_cache.sizes());
+  FASTLM_CHECK_CUDA(v_in, "v");
+  TORCH_CHECK(v_in.sizes() == k_in.sizes(), "v shape ", v_in.sizes(), " must equal k shape ", k_in.sizes());
+  TORCH_CHECK(v_in.scalar_type() == k_in.scalar_type() && v_in.device() == k_in.device(),
+              "v must have k's dtype and device");
+  TORCH_CHECK(k_in.size(2) == k_cache.size(2) && k_in.size(3) == k_cache.size(3), "k must have n_kv_heads = ",
+              k_cache.size(2), " and head_dim = ", k_cache.size(3), " like the cache, got ", k_in.sizes());
+  const int64_t B = k_in.size(0), S = k_in.size(1), H = k_in.size(2), D = k_in.size(3);
+  auto [bt, capacity] = check_layout(k_cache, cache_seqlens, block_table, B);
+  if (B == 0 || S == 0 || H == 0 || D == 0) return;
+  TORCH_CHECK(B * S < (int64_t{1} << 31), "batch * seqlen_new is too large");
+  c10::cuda::CUDAGuard guard(k_in.device());
+  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int* btp = bt.defined() ? bt.data_ptr<int>() : nullptr;
+  const int64_t bt_s = bt.defined() ? bt.stride(0) : 0;
+  FASTLM_DISPATCH_FLOAT(k.scalar_type(), "kv_cache_append_cuda", [&] {
+    auto launch = [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      const int64_t work = H * (D / VEC);
+      const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (work + 31) / 32 * 32)));
+      kv_append_kernel<scalar_t, VEC><<<static_cast<unsigned>(B * S), threads, 0, stream>>>(
+          static_cast<scalar_t*>(k_cache.data_ptr()), static_cast<scalar_t*>(v_cache.data_ptr()),
+          static_cast<const scalar_t*>(k.data_ptr()), static_cast<const scalar_t*>(v.data_ptr()),
+          cache_seqlens.data_ptr<int>(), btp, static_cast<int>(S), static_cast<int>(H), static_cast<int>(D),
+          static_cast<int>(k_cache.size(0)), static_cast<int>(capacity), static_cast<int>(k_cache.size(1)),
+          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+          v_cache.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bt_s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    constexpr int V16 = vec16<scalar_t>();
+    const bool vec_ok = D % V16 == 0 &&
+                        aligned16<scalar_t>(k_cache, {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)}) &&
+                        aligned16<scalar_t>(v_cache, {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)}) &&
+                        aligned16<scalar_t>(k, {k.stride(0), k.stride(1), k.stride(2)}) &&
+                        aligned16<scalar_t>(v, {v.stride(0), v.stride(1), v.stride(2)});
+    if (vec_ok) {
+      launch(std::integral_constant<int, V16>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
+  });
+}
+
+at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                                 double softmax_scale, bool causal, int64_t window, double softcap,
+                                 int64_t num_splits) {
+  FASTLM_CHECK_CUDA(q_in, "q");
+  TORCH_CHECK(q_in.dim() == 4, "q must be (batch, seqlen_q, n_heads_q, head_dim), got ", q_in.sizes());
+  check_cache(k_cache, q_in, "k_cache");
+  check_cache(v_cache, q_in, "v_cache");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(), " must equal k_cache shape ",
+              k_cache.sizes());
+  const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "head_dim of q (", D, ") and k_cache (", k_cache.size(3), ") differ");
+  TORCH_CHECK(D >= 1 && D <= 256, "head_dim must be in [1, 256], got ", D);
+  TORCH_CHECK(Hq >= 1 && Hq % Hkv == 0, "n_heads_q = ", Hq, " must be a positive multiple of n_kv_heads = ", Hkv);
+  TORCH_CHECK(Sq >= 1 && Sq <= 4096, "seqlen_q must be in [1, 4096], got ", Sq);
+  TORCH_CHECK(window >= -1, "window must be >= -1, got ", window);
+  TORCH_CHECK(softcap >= 0.0, "softcap must be >= 0, got ", softcap);
+  TORCH_CHECK(num_splits >= 1 && num_splits <= kMaxSplits, "num_splits must be in [1, ", kMaxSplits, "], got ",
+              num_splits);
+  auto [bt, capacity] = check_layout(k_cache, cache_seqlens, block_table, B);
+  at::Tensor out = at::empty_like(q_in);
+  if (out.numel() == 0) return out;
+  c10::cuda::CUDAGuard guard(q_in.device());
+  // The tensor-core kernel reads q in 4-byte pairs: a contiguous, 16-byte aligned copy if needed.
+  const at::Tensor q = q_in.is_contiguous() && is_aligned(q_in.data_ptr(), 16)
+                           ? q_in
+                           : at::empty(q_in.sizes(), q_in.options()).copy_(q_in);
+  const int64_t G = Hq / Hkv;
+  const int64_t n_mtiles = (G * Sq + kRows - 1) / kRows;
+  TORCH_CHECK(Hkv * n_mtiles <= 65535 && B <= 65535, "too many KV heads x row tiles or sequences for the grid");
+  at::Tensor o_part, lse_part;
+  if (num_splits > 1) {
+    o_part = at::empty({B, Sq, Hq, num_splits, D}, q.options().dtype(at::kFloat));
+    lse_part = at::empty({B, Sq, Hq, num_splits}, q.options().dtype(at::kFloat));
+  }
+  constexpr double kLog2e = 1.4426950408889634;
+  DecodeParams p{};
+  p.q = q.data_ptr();
+  p.k = k_cache.data_ptr();
+  p.v = v_cache.data_ptr();
+  p.seqlens = cache_seqlens.data_ptr<int>();
+  p.block_table = bt.defined() ? bt.data_ptr<int>() : nullptr;
+  p.out = out.data_ptr();
+  p.o_part = num_splits > 1 ? o_part.data_ptr<float>() : nullptr;
+  p.lse_part = num_splits > 1 ? lse_part.data_ptr<float>() : nullptr;
+  p.q_b = q.stride(0);
+  p.q_s = q.stride(1);
+  p.q_h = q.stride(2);
+  p.k_b = k_cache.stride(0);
+  p.k_t = k_cache.stride(1);
+  p.k_h = k_cache.stride(2);
+  p.v_b = v_cache.stride(0);
+  p.v_t = v_cache.stride(1);
+  p.v_h = v_cache.stride(2);
+  p.o_b = out.stride(0);
+  p.o_s = out.stride(1);
+  p.o_h = out.stride(2);
+  p.o_d = out.stride(3);
+  p.bt_s = bt.defined() ? bt.stride(0) : 0;
+  p.seqlen_q = static_cast<int>(Sq);
+  p.G = static_cast<int>(G);
+  p.Hq = static_cast<int>(Hq);
+  p.D = static_cast<int>(D);
+  p.n_pages = static_cast<int>(k_cache.size(0));
+  p.capacity = static_cast<int>(capacity);
+  p.page = bt.defined() ? static_cast<int>(k_cache.size(1)) : 1;
+  p.page_shift = -1;
+  for (int sh = 0; sh < 31; ++sh)
+    if ((1 << sh) == p.page) p.page_shift = sh;
+  p.window = static_cast<int>(std::min<int64_t>(window, int64_t{1} << 30));
+  p.num_splits = static_cast<int>(num_splits);
+  p.n_mtiles = static_cast<int>(n_mtiles);
+  p.causal = causal;
+  if (softcap > 0.0) {
+    p.qk_scale = static_cast<float>(softmax_scale / softcap);
+    p.softcap_log2 = static_cast<float>(softcap * kLog2e);
+  } else {
+    p.qk_scale = static_cast<float>(softmax_scale * kLog2e);
+    p.softcap_log2 = 0.f;
+  }
+  const dim3 grid(static_cast<unsigned>(num_splits), static_cast<unsigned>(Hkv * n_mtiles), static_cast<unsigned>(B));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTLM_DISPATCH_FLOAT(q.scalar_type(), "decode_attention_cuda", [&] {
+    run_decode<scalar_t>(p, grid, stream, k_cache, v_cache, B * Sq * Hq);
+  });
+  return out;
+}
+
+}  // namespace fastlm
+
+TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
+  m.impl("kv_cache_append_cuda", &fastlm::kv_cache_append_cuda);
+  m.impl("decode_attention_cuda", &fastlm::decode_attention_cuda);
+}
