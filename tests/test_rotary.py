@@ -1,0 +1,708 @@
+"""Rotary embeddings: fastlm.ops.apply_rotary / rotary_tables / fastlm.nn.RotaryEmbedding.
+
+Oracles: the float64 plain-PyTorch reference of each convention (fastlm.reference.rotary),
+whose position bookkeeping is itself checked against hand-built positions; and, when
+transformers is installed, HF's own rope initialisation and apply functions (Llama /
+GPT-NeoX rotate_half, GPT-J interleaved).  Triton runs under the interpreter without a GPU
+(bf16 included: the kernel has no tl.dot); CUDA tests carry @pytest.mark.gpu.
+"""
+import math
+import os
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, kernel_backends
+from tolerances import assert_close, poison_
+
+from fastlm import nn as fnn
+from fastlm import ops, reference
+from fastlm.kernels import rotary as krot
+from fastlm.reference.rotary import token_positions
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------- helpers
+def tables(rotary_dim, max_pos, dtype=torch.float32, base=10000.0):
+    return ops.rotary_tables(rotary_dim, max_pos, base, dtype=dtype, device=DEVICE)
+
+
+def rand_qk(shape_q, shape_k, dtype, device=DEVICE):
+    return torch.randn(shape_q, dtype=dtype, device=device), torch.randn(shape_k, dtype=dtype, device=device)
+
+
+def refs(q, k, cos, sin, **kw):
+    """(fp64 reference, same-dtype reference without upcast) of (q_out, k_out)."""
+    r64 = reference.apply_rotary(q.double(), k.double(), cos.double(), sin.double(), **kw)
+    rlp = reference.apply_rotary(q, k, cos, sin, upcast=False, **kw)
+    return r64, rlp
+
+
+def check(outs, q, k, cos, sin, **kw):
+    (rq, rk), (lq, lk) = refs(q, k, cos, sin, **kw)
+    assert_close(outs[0], rq, lq, "q_out")
+    assert_close(outs[1], rk, lk, "k_out")
+
+
+# ---------------------------------------------------------------------------- the reference itself
+def test_reference_positions_match_hand_built():
+    q = torch.empty(3, 4, 1, 2)
+    off = torch.tensor([5, 0, 2])
+    want = torch.tensor([[off[b] + s for s in range(4)] for b in range(3)])
+    assert torch.equal(token_positions(q, off), want)
+    assert torch.equal(token_positions(q, 7), torch.arange(4).expand(3, 4) + 7)
+    cu = torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32)
+    qp = torch.empty(6, 1, 2)
+    assert token_positions(qp, None, cu).tolist() == [0, 1, 0, 1, 2, 0]
+    assert token_positions(qp, torch.tensor([10, 20, 30, 40]), cu).tolist() == [10, 11, 30, 31, 32, 40]
+    assert token_positions(qp, 3, cu).tolist() == [3, 4, 3, 4, 5, 3]
+
+
+def test_reference_conventions_by_hand():
+    # One head, head_dim 6, rotary_dim 4, position 1, hand-computed pairs.
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64).view(1, 1, 1, 6)
+    th = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    cos, sin = torch.stack([torch.zeros(2), th]).cos(), torch.stack([torch.zeros(2), th]).sin()
+    c, s = th.cos(), th.sin()
+    half, _ = reference.apply_rotary(x, x, cos, sin, positions=1)
+    want = [1 * c[0] - 3 * s[0], 2 * c[1] - 4 * s[1], 3 * c[0] + 1 * s[0], 4 * c[1] + 2 * s[1], 5, 6]
+    assert torch.allclose(half.flatten(), torch.tensor(want, dtype=torch.float64))
+    inter, _ = reference.apply_rotary(x, x, cos, sin, positions=1, interleaved=True)
+    want = [1 * c[0] - 2 * s[0], 2 * c[0] + 1 * s[0], 3 * c[1] - 4 * s[1], 4 * c[1] + 3 * s[1], 5, 6]
+    assert torch.allclose(inter.flatten(), torch.tensor(want, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------- forward / backward
+# (batch, seqlen, heads_q, heads_k, head_dim, rotary_dim): GQA/MQA/MHA, seqlen 1, partial
+# rotary, odd half (17), odd pass-through, head_dim 256.
+SHAPES = [
+    (2, 5, 4, 2, 16, 16),
+    (1, 7, 3, 1, 20, 12),
+    (3, 1, 6, 3, 8, 8),
+    (2, 3, 5, 5, 34, 34),
+    (1, 4, 2, 1, 256, 250),
+]
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward(backend, dtype, interleaved, shape):
+    B, S, Hq, Hk, D, rd = shape
+    q, k = rand_qk((B, S, Hq, D), (B, S, Hk, D), dtype)
+    cos, sin = tables(rd, S + 9)
+    out = ops.apply_rotary(q, k, cos, sin, positions=3, interleaved=interleaved, backend=backend)
+    check(out, q, k, cos, sin, positions=3, interleaved=interleaved)
+    assert torch.equal(out[0][..., rd:], q[..., rd:]) and torch.equal(out[1][..., rd:], k[..., rd:])
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_tables_in_input_dtype(backend, dtype):
+    q, k = rand_qk((2, 6, 4, 32), (2, 6, 2, 32), dtype)
+    cos, sin = tables(32, 6, dtype=dtype)
+    out = ops.apply_rotary(q, k, cos, sin, backend=backend)
+    check(out, q, k, cos, sin)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]])
+def test_backward(backend, dtype, interleaved, shape):
+    B, S, Hq, Hk, D, rd = shape
+    q, k = rand_qk((B, S, Hq, D), (B, S, Hk, D), dtype)
+    cos, sin = tables(rd, S + 4)
+    pos = torch.randint(0, S + 4, (B, S), device=DEVICE)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    qo, ko = ops.apply_rotary(q, k, cos, sin, positions=pos, interleaved=interleaved, backend=backend)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    dq, dk = torch.autograd.grad((qo, ko), (q, k), (gq, gk))
+    kw = dict(positions=pos, interleaved=interleaved)
+    q64, k64 = q.detach().double().requires_grad_(True), k.detach().double().requires_grad_(True)
+    rq, rk = reference.apply_rotary(q64, k64, cos.double(), sin.double(), **kw)
+    dq64, dk64 = torch.autograd.grad((rq, rk), (q64, k64), (gq.double(), gk.double()))
+    ql, kl = q.detach().clone().requires_grad_(True), k.detach().clone().requires_grad_(True)
+    lq, lk = reference.apply_rotary(ql, kl, cos, sin, upcast=False, **kw)
+    dql, dkl = torch.autograd.grad((lq, lk), (ql, kl), (gq, gk))
+    assert_close(dq, dq64, dql, "dq")
+    assert_close(dk, dk64, dkl, "dk")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_backward_expanded_and_one_sided_grads(backend):
+    # The grad of .sum() arrives expanded (all strides 0); an unused k gets a zero grad.
+    q, k = rand_qk((2, 3, 4, 16), (2, 3, 2, 16), torch.float32)
+    cos, sin = tables(16, 3)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    qo, ko = ops.apply_rotary(q, k, cos, sin, backend=backend)
+    qo.sum().backward()
+    q64 = q.detach().double().requires_grad_(True)
+    reference.apply_rotary(q64, k.detach().double(), cos.double(), sin.double())[0].sum().backward()
+    assert_close(q.grad, q64.grad, q64.grad.float(), "dq")
+    assert k.grad is None or torch.count_nonzero(k.grad) == 0
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_conj_inverts(backend, interleaved):
+    q, k = rand_qk((2, 5, 4, 24), (2, 5, 2, 24), torch.float32)
+    cos, sin = tables(16, 5)
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    if backend == "triton":
+        krot.rotary_fwd(q, k, cos, sin, qo, ko, None, None, 0, krot.POS_ARANGE, interleaved, False)
+        krot.rotary_fwd(qo, ko, cos, sin, qo, ko, None, None, 0, krot.POS_ARANGE, interleaved, True)
+    else:
+        torch.ops.fastlm.rotary_cuda(q, k, cos, sin, None, None, qo, ko, 0, 0, interleaved, False)
+        torch.ops.fastlm.rotary_cuda(qo, ko, cos, sin, None, None, qo, ko, 0, 0, interleaved, True)
+    torch.testing.assert_close(qo, q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ko, k, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- positions
+def _dense_position_forms(B, S, max_pos):
+    return {
+        "none": None,
+        "int": 4,
+        "per_seq_i64": torch.randint(0, max_pos - S + 1, (B,), device=DEVICE),
+        "per_seq_i32": torch.randint(0, max_pos - S + 1, (B,), device=DEVICE, dtype=torch.int32),
+        "scalar_tensor": torch.tensor(2, device=DEVICE),
+        "explicit": torch.randint(0, max_pos, (B, S), device=DEVICE),
+        "explicit_i32_broadcast": torch.randperm(max_pos, device=DEVICE)[:S].to(torch.int32)[None],
+        "expanded_arange": (torch.arange(S, device=DEVICE) + 1).expand(B, S),
+    }
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("form", list(_dense_position_forms(2, 3, 10)))
+def test_positions_dense(backend, form):
+    B, S, max_pos = 3, 6, 13
+    positions = _dense_position_forms(B, S, max_pos)[form]
+    q, k = rand_qk((B, S, 4, 12), (B, S, 2, 12), torch.bfloat16)
+    cos, sin = tables(12, max_pos)
+    out = ops.apply_rotary(q, k, cos, sin, positions=positions, backend=backend)
+    check(out, q, k, cos, sin, positions=positions)
+
+
+def _packed(lens, Hq=4, Hk=2, D=16, dtype=torch.float32):
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    T = int(cu[-1])
+    q, k = rand_qk((T, Hq, D), (T, Hk, D), dtype)
+    return q, k, cu
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("form", ["none", "int", "per_seq", "scalar_tensor", "explicit"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_positions_packed(backend, form, interleaved):
+    lens = [3, 0, 1, 7, 5, 2]  # an empty sequence, length 1, primes
+    q, k, cu = _packed(lens, dtype=torch.bfloat16)
+    T, max_pos = q.shape[0], 16
+    positions = {
+        "none": None,
+        "int": 5,
+        "per_seq": torch.randint(0, max_pos - max(lens) + 1, (len(lens),), device=DEVICE),
+        "scalar_tensor": torch.tensor(3, device=DEVICE, dtype=torch.int32),
+        "explicit": torch.randint(0, max_pos, (T,), device=DEVICE),
+    }[form]
+    cos, sin = tables(16, max_pos)
+    out = ops.apply_rotary(q, k, cos, sin, positions=positions, cu_seqlens=cu, interleaved=interleaved,
+                           backend=backend)
+    check(out, q, k, cos, sin, positions=positions, cu_seqlens=cu, interleaved=interleaved)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_packed_matches_per_sequence_dense(backend):
+    # Packing must not change anything: each sequence rotated alone (dense, positions from 0).
+    lens = [5, 1, 11, 2]
+    q, k, cu = _packed(lens, Hq=6, Hk=3, D=20)
+    cos, sin = tables(14, 12)
+    qo, ko = ops.apply_rotary(q, k, cos, sin, cu_seqlens=cu, backend=backend)
+    for i in range(len(lens)):
+        a, b = int(cu[i]), int(cu[i + 1])
+        dq, dk = ops.apply_rotary(q[None, a:b], k[None, a:b], cos, sin, backend=backend)
+        torch.testing.assert_close(qo[a:b], dq[0], atol=0, rtol=0)
+        torch.testing.assert_close(ko[a:b], dk[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_packed_without_cu_seqlens_is_one_sequence(backend):
+    q, k = rand_qk((9, 4, 16), (9, 1, 16), torch.float32)
+    cos, sin = tables(16, 12)
+    out = ops.apply_rotary(q, k, cos, sin, positions=2, backend=backend)
+    want = ops.apply_rotary(q[None], k[None], cos, sin, positions=2, backend=backend)
+    torch.testing.assert_close(out[0], want[0][0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_decode_left_padding(backend):
+    # One new token per sequence, each at its own position (per-sequence offsets).
+    q, k = rand_qk((4, 1, 8, 64), (4, 1, 2, 64), torch.bfloat16)
+    cos, sin = tables(64, 100)
+    pos = torch.tensor([0, 17, 99, 50], device=DEVICE)
+    out = ops.apply_rotary(q, k, cos, sin, positions=pos, backend=backend)
+    check(out, q, k, cos, sin, positions=pos[:, None])
+
+
+# ---------------------------------------------------------------------------- layouts and in place
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_fused_qkv_slices_no_copy(backend, interleaved):
+    B, S, Hq, Hk, D, rd = 2, 5, 4, 2, 24, 16
+    qkv = torch.randn(B, S, (Hq + 2 * Hk) * D, device=DEVICE, dtype=torch.bfloat16)
+    q = qkv[..., : Hq * D].view(B, S, Hq, D)
+    k = qkv[..., Hq * D : (Hq + Hk) * D].view(B, S, Hk, D)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    cos, sin = tables(rd, S)
+    out = ops.apply_rotary(q, k, cos, sin, interleaved=interleaved, backend=backend)
+    check(out, q, k, cos, sin, interleaved=interleaved)
+    # in place: q and k are rotated inside qkv, v and the pass-through dims untouched
+    before = qkv.clone()
+    qi, ki = ops.apply_rotary(q, k, cos, sin, interleaved=interleaved, inplace=True, backend=backend)
+    assert qi.data_ptr() == q.data_ptr() and ki.data_ptr() == k.data_ptr()
+    assert torch.equal(out[0], q) and torch.equal(out[1], k)
+    assert torch.equal(qkv[..., (Hq + Hk) * D :], before[..., (Hq + Hk) * D :])
+    assert torch.equal(q[..., rd:], before[..., : Hq * D].view(B, S, Hq, D)[..., rd:])
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("inplace", [False, True])
+def test_non_unit_head_dim_stride(backend, inplace):
+    base_q = torch.randn(2, 3, 16, 4, device=DEVICE)
+    base_k = torch.randn(2, 3, 16, 2, device=DEVICE)
+    q, k = base_q.transpose(-1, -2), base_k.transpose(-1, -2)  # (2, 3, 4, 16), head-dim stride 4
+    cos, sin = tables(16, 3)
+    (rq, rk), (lq, lk) = refs(q.clone(), k.clone(), cos, sin)
+    qo, ko = ops.apply_rotary(q, k, cos, sin, inplace=inplace, backend=backend)
+    assert_close(qo, rq, lq)
+    assert_close(ko, rk, lk)
+    if inplace:
+        assert_close(base_q.transpose(-1, -2), rq, lq)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_inplace_autograd_through_fused_projection(backend):
+    torch.manual_seed(1)
+    B, S, Hq, Hk, D = 2, 4, 4, 2, 16
+    x = torch.randn(B * S, 24, device=DEVICE)
+    w = torch.randn(24, (Hq + 2 * Hk) * D, device=DEVICE, requires_grad=True)
+    cos, sin = tables(12, S + 3)
+    pos = torch.tensor([3, 0], device=DEVICE)
+    grads = []
+    for inplace, be in [(False, "reference"), (True, backend), (False, backend)]:
+        qkv = (x @ w).view(B, S, Hq + 2 * Hk, D)
+        q, k, v = qkv[:, :, :Hq], qkv[:, :, Hq : Hq + Hk], qkv[:, :, Hq + Hk :]
+        qo, ko = ops.apply_rotary(q, k, cos, sin, positions=pos, inplace=inplace, backend=be)
+        if inplace:
+            assert qo.data_ptr() == q.data_ptr()
+        loss = (qo.square() * 1.5).sum() + (ko * torch.linspace(-1, 1, D, device=DEVICE)).sum() + v.sum()
+        grads.append(torch.autograd.grad(loss, w)[0])
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[2], grads[0], atol=1e-4, rtol=1e-4)
+
+
+def test_inplace_leaf_requiring_grad_is_an_error():
+    q = torch.randn(1, 2, 2, 8, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 2, 1, 8, device=DEVICE, requires_grad=True)
+    cos, sin = tables(8, 2)
+    with pytest.raises(RuntimeError, match="leaf"):
+        ops.apply_rotary(q, k, cos, sin, inplace=True, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["reference"])
+def test_reference_backend(backend):
+    q, k = rand_qk((2, 3, 4, 8), (2, 3, 2, 8), torch.float32)
+    cos, sin = tables(8, 5)
+    out = ops.apply_rotary(q, k, cos, sin, positions=1, backend=backend)
+    check(out, q, k, cos, sin, positions=1)
+    qi, ki = ops.apply_rotary(q, k, cos, sin, positions=1, inplace=True, backend=backend)
+    assert qi is q and torch.equal(q, out[0]) and torch.equal(k, out[1])
+
+
+# ---------------------------------------------------------------------------- out-of-table positions
+def test_kernel_never_wraps_out_of_table_positions():
+    # The launcher itself (no host checks): invalid positions give NaN rows, nothing else moves.
+    q, k = rand_qk((2, 3, 2, 12), (2, 3, 1, 12), torch.float32)
+    cos, sin = tables(8, 5)
+    pos = torch.tensor([[0, 5, 1], [-1, 4, 100]], device=DEVICE)
+    qo, ko = poison_(torch.empty_like(q)), poison_(torch.empty_like(k))
+    krot.rotary_fwd(q, k, cos, sin, qo, ko, pos, None, 0, krot.POS_EXPLICIT, False, False)
+    bad = (pos < 0) | (pos >= 5)
+    assert torch.isnan(qo[bad][..., :8]).all() and torch.isnan(ko[bad][..., :8]).all()
+    assert torch.equal(qo[..., 8:], q[..., 8:])
+    (rq, _), (lq, _) = refs(q[~bad][None], k[~bad][None], cos, sin, positions=pos[~bad][None])
+    assert_close(qo[~bad][None], rq, lq)
+
+
+def test_kernel_tokens_outside_cu_seqlens_are_nan():
+    q, k = rand_qk((6, 2, 8), (6, 1, 8), torch.float32)
+    cos, sin = tables(8, 8)
+    cu = torch.tensor([0, 2, 4], dtype=torch.int32, device=DEVICE)  # tokens 4, 5 in no sequence
+    qo, ko = poison_(torch.empty_like(q)), poison_(torch.empty_like(k))
+    krot.rotary_fwd(q, k, cos, sin, qo, ko, None, cu, 0, krot.POS_ARANGE, False, False)
+    assert torch.isnan(qo[4:]).all() and torch.isfinite(qo[:4]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_out_of_table_positions(backend, monkeypatch):
+    q, k = rand_qk((1, 4, 2, 16), (1, 4, 1, 16), torch.bfloat16)
+    cos, sin = tables(16, 8)
+    pos = torch.tensor([[0, 8, 3, -2]], device=DEVICE)
+    monkeypatch.delenv("FASTLM_DEBUG", raising=False)
+    qo, _ = ops.apply_rotary(q, k, cos, sin, positions=pos, backend=backend)  # no sync, no raise
+    assert torch.isnan(qo[0, 1]).all() and torch.isnan(qo[0, 3]).all() and torch.isfinite(qo[0, 0]).all()
+    monkeypatch.setenv("FASTLM_DEBUG", "1")
+    with pytest.raises(ValueError, match="positions"):
+        ops.apply_rotary(q, k, cos, sin, positions=pos, backend=backend)
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_inputs(monkeypatch):
+    monkeypatch.setenv("FASTLM_DEBUG", "1")  # value checks on CUDA tensors too
+    T = dict(device=DEVICE)
+    q, k = rand_qk((2, 3, 4, 16), (2, 3, 2, 16), torch.float32)
+    cos, sin = tables(16, 8)
+
+    def call(**kw):
+        args = dict(q=q, k=k, cos=cos, sin=sin)
+        args.update(kw)
+        return ops.apply_rotary(args.pop("q"), args.pop("k"), args.pop("cos"), args.pop("sin"), backend="triton",
+                                **args)
+
+    with pytest.raises(ValueError, match="rotary_dim"):
+        ops.rotary_tables(15, 8)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        fnn.RotaryEmbedding(16, 8, rotary_dim=7)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        fnn.RotaryEmbedding(16, 8, rotary_dim=18)
+    c2, s2 = tables(18, 8)
+    with pytest.raises(ValueError, match="rotary_dim.*exceeds head_dim"):
+        call(cos=c2, sin=s2)
+    with pytest.raises(ValueError, match="k head_dim"):
+        call(k=torch.randn(2, 3, 2, 12, **T))
+    with pytest.raises(ValueError, match="k must match q in batch"):
+        call(k=torch.randn(1, 3, 2, 16, **T))
+    with pytest.raises(ValueError, match="n_heads_k"):
+        call(k=torch.randn(2, 3, 3, 16, **T))
+    with pytest.raises(ValueError, match="sin must have the shape of cos"):
+        call(sin=sin[:, :4])
+    with pytest.raises(ValueError, match="cos must have shape"):
+        call(cos=cos[0], sin=sin[0])
+    with pytest.raises(TypeError, match="cos and sin"):
+        call(cos=cos.half(), sin=sin.half())
+    with pytest.raises(TypeError, match="k must have q's dtype"):
+        call(k=k.half())
+    with pytest.raises(TypeError, match="q must be float32"):
+        call(q=q.int(), k=k.int())
+    with pytest.raises(ValueError, match="q must be"):
+        call(q=q[0, 0], k=k[0, 0])
+    # positions
+    with pytest.raises(ValueError, match="positions"):
+        call(positions=6)  # 6 + seqlen 3 > 8 rows
+    with pytest.raises(ValueError, match="positions"):
+        call(positions=-1)
+    with pytest.raises(ValueError, match="positions"):
+        call(positions=torch.tensor([[0, 1, 8], [0, 1, 2]], **T))
+    with pytest.raises(ValueError, match="positions"):
+        call(positions=torch.tensor([[0, 1, -1], [0, 1, 2]], **T))
+    with pytest.raises(ValueError, match="positions"):
+        call(positions=torch.tensor([0, 6], **T))  # per-sequence offset 6 + 3 > 8
+    with pytest.raises(ValueError, match="positions must have shape"):
+        call(positions=torch.tensor([0, 1, 2], **T))
+    with pytest.raises(TypeError, match="positions"):
+        call(positions=torch.tensor([0.0, 1.0], **T))
+    with pytest.raises(TypeError, match="positions"):
+        call(positions=1.0)
+    with pytest.raises(TypeError, match="positions"):
+        call(positions=True)
+    # packed
+    qp, kp, cu = _packed([3, 5], D=16)
+    with pytest.raises(TypeError, match="cu_seqlens must be an int32"):
+        ops.apply_rotary(qp, kp, cos, sin, cu_seqlens=cu.long())
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        ops.apply_rotary(qp, kp, cos, sin, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32, **T))
+    with pytest.raises(ValueError, match="q must be packed"):
+        call(cu_seqlens=cu)
+    with pytest.raises(ValueError, match="positions"):  # offset 4 + longest sequence 5 > 8
+        ops.apply_rotary(qp, kp, cos, sin, positions=4, cu_seqlens=cu, backend="triton")
+    with pytest.raises(ValueError, match="positions"):
+        ops.apply_rotary(qp, kp, cos, sin, positions=torch.tensor([0, 4], **T), cu_seqlens=cu, backend="triton")
+    # devices (meta stands in for a second device)
+    with pytest.raises(ValueError, match="k is on"):
+        call(k=torch.empty(2, 3, 2, 16, device="meta"))
+    with pytest.raises(ValueError, match="cos is on"):
+        call(cos=cos.to("meta"), sin=sin.to("meta"))
+    with pytest.raises(ValueError, match="positions is on"):
+        call(positions=torch.zeros(2, dtype=torch.long, device="meta"))
+    # in place
+    with pytest.raises(ValueError, match="q and k"):
+        ops.apply_rotary(q, q, cos, sin, inplace=True)
+    with pytest.raises(ValueError, match="expanded"):
+        ops.apply_rotary(q[:1].expand(2, 3, 4, 16), k, cos, sin, inplace=True)
+    with pytest.raises(ValueError, match="backend"):
+        ops.apply_rotary(q, k, cos, sin, backend="nope")
+
+
+@pytest.mark.gpu
+def test_bad_inputs_cuda_devices():
+    q, k = rand_qk((2, 3, 4, 16), (2, 3, 2, 16), torch.float32)
+    cos, sin = tables(16, 8)
+    with pytest.raises(ValueError, match="cos is on"):
+        ops.apply_rotary(q, k, cos.cpu(), sin.cpu())
+    with pytest.raises(ValueError, match="positions is on"):
+        ops.apply_rotary(q, k, cos, sin, positions=torch.zeros(2, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------- opcheck / compile
+def _op_cases():
+    q, k = rand_qk((2, 3, 4, 16), (2, 3, 2, 16), torch.float32)
+    cos, sin = tables(12, 8)
+    pos = torch.randint(0, 8, (2, 3), device=DEVICE)
+    qp, kp, cu = _packed([2, 3], D=16)
+    return [
+        (q, k, cos, sin, None, None, 2, 0, False, False),
+        (q, k, cos, sin, pos, None, 0, 2, True, False),
+        (qp, kp, cos, sin, torch.tensor([1, 0], device=DEVICE), cu, 0, 1, False, True),
+    ]
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_opcheck(backend):
+    for args in _op_cases():
+        torch.library.opcheck(torch.ops.fastlm.rotary.default, (*args, backend))
+        qa, ka = args[0].clone(), args[1].clone()
+        torch.library.opcheck(torch.ops.fastlm.rotary_.default, (qa, ka, *args[2:], backend))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    cos, sin = tables(16, 12)
+
+    def f(x, w, pos, inplace):
+        qkv = (x @ w).view(2, 5, 8, 16)
+        q, k = qkv[:, :, :4], qkv[:, :, 4:6]
+        qo, ko = ops.apply_rotary(q, k, cos, sin, positions=pos, inplace=inplace, backend=backend)
+        return qo.square().sum() + (ko * 0.5).sum()
+
+    x = torch.randn(10, 12, device=DEVICE)
+    w = torch.randn(12, 128, device=DEVICE, requires_grad=True)
+    pos = torch.tensor([0, 6], device=DEVICE)
+    cf = torch.compile(f, fullgraph=True)
+    for inplace in (False, True):
+        loss = f(x, w, pos, inplace)
+        (g,) = torch.autograd.grad(loss, w)
+        closs = cf(x, w, pos, inplace)
+        (cg,) = torch.autograd.grad(closs, w)
+        torch.testing.assert_close(closs, loss, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(cg, g, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture(backend):
+    q, k = rand_qk((4, 1, 8, 64), (4, 1, 2, 64), torch.bfloat16)
+    cos, sin = tables(64, 256)
+    pos = torch.tensor([3, 9, 100, 0], device=DEVICE)
+    ops.apply_rotary(q, k, cos, sin, positions=pos, backend=backend)  # warm up (compile)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        qo, ko = ops.apply_rotary(q, k, cos, sin, positions=pos, backend=backend)
+    pos.copy_(torch.tensor([7, 1, 255, 42], device=DEVICE))
+    q.normal_()
+    g.replay()
+    torch.cuda.synchronize()
+    check((qo, ko), q, k, cos, sin, positions=pos)
+
+
+# ---------------------------------------------------------------------------- GPU: sizes, paths
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("shape", [(2, 1000, 32, 8, 128, 128), (3, 257, 32, 8, 64, 64), (1, 333, 12, 4, 80, 32),
+                                   (2, 129, 7, 7, 96, 96), (1, 64, 16, 1, 256, 256), (1, 50, 4, 2, 30, 10)])
+def test_gpu_large_shapes_both_backends(dtype, interleaved, shape):
+    B, S, Hq, Hk, D, rd = shape
+    q, k = rand_qk((B, S, Hq, D), (B, S, Hk, D), dtype)
+    cos, sin = tables(rd, S + 100)
+    pos = torch.randint(0, S + 100, (B, S), device=DEVICE)
+    for backend in ("triton", "cuda"):
+        out = ops.apply_rotary(q, k, cos, sin, positions=pos, interleaved=interleaved, backend=backend)
+        check(out, q, k, cos, sin, positions=pos, interleaved=interleaved)
+
+
+@pytest.mark.gpu
+def test_gpu_misaligned_pointers_use_narrow_vectors():
+    # Offset the storage by one element: the CUDA launcher must fall back to narrower vectors.
+    buf = torch.randn(1 + 2 * 7 * 6 * 64, device=DEVICE, dtype=torch.bfloat16)
+    q = buf[1:].view(2, 7, 6, 64)
+    k = torch.randn(2, 7, 3, 64, device=DEVICE, dtype=torch.bfloat16)
+    cos, sin = tables(64, 7)
+    for backend in ("triton", "cuda"):
+        check(ops.apply_rotary(q, k, cos, sin, backend=backend), q, k, cos, sin)
+
+
+@pytest.mark.gpu
+def test_gpu_inplace_autograd_cuda_matches_triton():
+    q, k = rand_qk((2, 100, 8, 128), (2, 100, 2, 128), torch.bfloat16)
+    cos, sin = tables(128, 100)
+    res = []
+    for backend in ("triton", "cuda"):
+        qq, kk = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+        qo, ko = ops.apply_rotary(qq * 1, kk * 1, cos, sin, inplace=True, backend=backend)
+        (qo.float().square().sum() + ko.float().sum()).backward()
+        res.append((qo.detach(), ko.detach(), qq.grad, kk.grad))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------- tables
+def test_rotary_tables_default_and_linear():
+    cos, sin = ops.rotary_tables(8, 50, 500.0, dtype=torch.float64)
+    inv = 1.0 / (500.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
+    ang = torch.arange(50, dtype=torch.float64)[:, None] * inv.double()
+    torch.testing.assert_close(cos, ang.cos(), atol=1e-15, rtol=0)
+    torch.testing.assert_close(sin, ang.sin(), atol=1e-15, rtol=0)
+    cl, sl = ops.rotary_tables(8, 50, 500.0, {"rope_type": "linear", "factor": 4.0}, dtype=torch.float64)
+    torch.testing.assert_close(cl, (ang / 4).cos(), atol=1e-7, rtol=0)
+    c16, _ = ops.rotary_tables(8, 50, dtype=torch.bfloat16)
+    assert c16.dtype == torch.bfloat16 and c16.shape == (50, 4)
+    with pytest.raises(ValueError, match="rope_type"):
+        ops.rotary_tables(8, 50, scaling={"rope_type": "longrope2"})
+    with pytest.raises(ValueError, match="factor"):
+        ops.rotary_tables(8, 50, scaling={"rope_type": "linear"})
+    with pytest.raises(ValueError, match="rope_theta"):
+        ops.rotary_tables(8, 50, 10000.0, scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5})
+    with pytest.raises(ValueError, match="max_positions"):
+        ops.rotary_tables(8, 0)
+
+
+def test_rotary_tables_yarn_attention_factor():
+    cos, sin = ops.rotary_tables(16, 64, scaling={"rope_type": "yarn", "factor": 4.0,
+                                                  "original_max_position_embeddings": 16}, dtype=torch.float64)
+    assert torch.allclose(cos[0], torch.full((8,), 0.1 * math.log(4.0) + 1.0, dtype=torch.float64))
+    assert torch.allclose(cos.square() + sin.square(), torch.full_like(cos, (0.1 * math.log(4.0) + 1.0) ** 2))
+
+
+HF_SCALINGS = [
+    None,
+    {"rope_type": "linear", "factor": 2.5},
+    {"rope_type": "dynamic", "factor": 3.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2,
+     "mscale": 0.8, "mscale_all_dim": 0.5},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "attention_factor": 1.3},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+]
+
+
+def _hf_rope(head_dim, max_pos, base, scaling):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    kw = {"rope_scaling": dict(scaling)} if scaling else {}
+    cfg = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
+                                   max_position_embeddings=max_pos, rope_theta=base, **kw)
+    return LlamaRotaryEmbedding(cfg)
+
+
+@pytest.mark.parametrize("scaling", HF_SCALINGS, ids=lambda s: (s or {}).get("rope_type", "default"))
+def test_rotary_tables_match_hf(scaling):
+    D, base, hf_max = 32, 50000.0, 128
+    emb = _hf_rope(D, hf_max, base, scaling)
+    # "dynamic": HF grows the frequencies once a sequence is longer than max_position_embeddings;
+    # compare a 300-token table with HF at 300 positions (and our original length = HF's).
+    L = 300 if scaling and scaling["rope_type"] == "dynamic" else hf_max
+    ours = dict(scaling or {})
+    if scaling and scaling["rope_type"] == "dynamic":
+        ours["original_max_position_embeddings"] = hf_max
+    inv, attn = ops.rotary.rope_inv_freq(D, base, ours, L)
+    if not (scaling and scaling["rope_type"] == "dynamic"):
+        torch.testing.assert_close(inv, emb.inv_freq.float().cpu(), atol=0, rtol=2e-7)
+        assert attn == pytest.approx(emb.attention_scaling, rel=1e-12)
+    cos, sin = ops.rotary_tables(D, L, base, ours, dtype=torch.float64)
+    pos = torch.arange(L)[None]
+    hc, hs = emb(torch.zeros(1, L, D), pos)
+    # HF forms the angles in fp32: allow its rounding (angle * 2^-23) plus a few ulps.
+    tol = L * float(inv.max()) * 2.0**-23 * max(1.0, attn) + 1e-6
+    torch.testing.assert_close(cos, hc[0, :, : D // 2].double(), atol=tol, rtol=0)
+    torch.testing.assert_close(sin, hs[0, :, : D // 2].double(), atol=tol, rtol=0)
+    torch.testing.assert_close(hc[0, :, D // 2 :], hc[0, :, : D // 2])  # HF duplicates the half
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("scaling", [HF_SCALINGS[0], HF_SCALINGS[6]], ids=["default", "llama3"])
+def test_apply_matches_hf_llama(backend, scaling):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    B, S, Hq, Hk, D, base = 2, 9, 4, 2, 32, 500000.0
+    emb = _hf_rope(D, 64, base, scaling).to(DEVICE)
+    q, k = rand_qk((B, S, Hq, D), (B, S, Hk, D), torch.float32)
+    pos = torch.randint(0, 64, (B, S), device=DEVICE)
+    hc, hs = emb(q, pos)
+    hq, hk = apply_rotary_pos_emb(q.transpose(1, 2).double(), k.transpose(1, 2).double(), hc.double(), hs.double())
+    cos, sin = ops.rotary_tables(D, 64, base, scaling, device=DEVICE)
+    qo, ko = ops.apply_rotary(q, k, cos, sin, positions=pos, backend=backend)
+    # HF's cos/sin carry fp32 angle rounding (position * 2^-24 rad): a wrong pairing is O(1) off.
+    torch.testing.assert_close(qo.double(), hq.transpose(1, 2), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ko.double(), hk.transpose(1, 2), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_apply_matches_hf_gpt_neox_partial(backend):
+    pytest.importorskip("transformers")
+    from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+
+    B, S, H, D, rd = 2, 7, 3, 40, 16
+    q, k = rand_qk((B, S, H, D), (B, S, H, D), torch.float64)
+    cos, sin = ops.rotary_tables(rd, 20, dtype=torch.float64, device=DEVICE)
+    pos = torch.randint(0, 20, (B, S), device=DEVICE)
+    c = torch.cat([cos[pos], cos[pos]], -1)
+    s = torch.cat([sin[pos], sin[pos]], -1)
+    hq, hk = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), c, s)
+    qo, ko = ops.apply_rotary(q.float(), k.float(), cos.float(), sin.float(), positions=pos, backend=backend)
+    torch.testing.assert_close(qo.double(), hq.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ko.double(), hk.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_apply_matches_hf_gptj_interleaved(backend):
+    pytest.importorskip("transformers")
+    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
+
+    B, S, H, D, rd = 2, 6, 3, 24, 16
+    q, k = rand_qk((B, S, H, D), (B, S, H, D), torch.float32)
+    pos = torch.randint(0, 30, (B, S), device=DEVICE)
+    sincos = create_sinusoidal_positions(30, rd).to(DEVICE)[pos]  # GPT-J's own table: [sin | cos]
+    hs, hc = torch.split(sincos, rd // 2, dim=-1)
+    want = [torch.cat([apply_rotary_pos_emb(x[..., :rd], hs, hc), x[..., rd:]], -1) for x in (q, k)]
+    cos, sin = ops.rotary_tables(rd, 30, device=DEVICE)
+    qo, ko = ops.apply_rotary(q, k, cos, sin, positions=pos, interleaved=True, backend=backend)
+    torch.testing.assert_close(qo, want[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ko, want[1], atol=2e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- module
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_rotary_embedding_module(backend):
+    m = fnn.RotaryEmbedding(24, 40, base=1000.0, rotary_dim=16, interleaved=True, backend=backend).to(DEVICE)
+    assert m.cos.shape == (40, 8) and m.cos.device.type == DEVICE.type
+    assert "cos" not in m.state_dict()
+    m = m.to(torch.bfloat16)
+    assert m.cos.dtype == torch.float32  # tables stay fp32 under dtype casts
+    q, k = rand_qk((2, 5, 4, 24), (2, 5, 2, 24), torch.bfloat16)
+    out = m(q, k, positions=3)
+    cos, sin = ops.rotary_tables(16, 40, 1000.0, device=DEVICE)
+    check(out, q, k, cos, sin, positions=3, interleaved=True)
+    qp, kp, cu = _packed([4, 2], D=24)
+    out = m(qp, kp, cu_seqlens=cu)
+    check(out, qp, kp, cos, sin, cu_seqlens=cu, interleaved=True)
+    with pytest.raises(ValueError, match="head_dim"):
+        m(torch.randn(1, 2, 2, 16, device=DEVICE), torch.randn(1, 2, 2, 16, device=DEVICE))
+    assert "rotary_dim=16" in repr(m)
