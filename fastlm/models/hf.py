@@ -271,9 +271,8 @@ def state_dict_to_hf(model, arch):
 
 
 # ------------------------------------------------------------------------------ files
-def read_folder(path):
-    """(config dict, state dict) from a local HF folder: config.json + safetensors (single or
-    sharded with model.safetensors.index.json), or pytorch_model.bin as a fallback."""
+def read_config(path):
+    """The config.json dict of a local HF folder."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"HF checkpoint folder not found: {path} (fastlm loads local folders only)")
     cfg_path = os.path.join(path, "config.json")
@@ -284,6 +283,12 @@ def read_folder(path):
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    return config
+
+
+def read_weights(path):
+    """The state dict of a local HF folder: safetensors (single or sharded with
+    model.safetensors.index.json), or pytorch_model.bin as a fallback."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
@@ -313,7 +318,7 @@ def read_folder(path):
             sd = torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"cannot read {bin_path}: corrupt or truncated ({e})") from e
-    return config, sd
+    return sd
 
 
 def from_hf(model_or_path, backend="fused", op_backend=None, dtype=None):
@@ -321,21 +326,21 @@ def from_hf(model_or_path, backend="fused", op_backend=None, dtype=None):
     from fastlm.models.transformer import Transformer
 
     if isinstance(model_or_path, (str, os.PathLike)):
-        config, sd = read_folder(os.fspath(model_or_path))
+        path = os.fspath(model_or_path)
+        cfg = config_from_hf(read_config(path))  # an unsupported architecture fails before the weights are read
+        sd = read_weights(path)
     elif hasattr(model_or_path, "config") and hasattr(model_or_path, "state_dict"):
-        config, sd = model_or_path.config.to_dict(), model_or_path.state_dict()
+        cfg = config_from_hf(model_or_path.config.to_dict())
+        sd = model_or_path.state_dict()
     else:
         raise TypeError(f"from_hf expects an HF model object or a folder path, got {type(model_or_path).__name__}")
-    cfg = config_from_hf(config)
     fsd = state_dict_from_hf(sd, cfg, cfg.extra["hf_arch"])
     with torch.device("meta"):
         model = Transformer(cfg, backend=backend, op_backend=op_backend)
     model.to_empty(device="cpu")
     model.load_state_dict(fsd, strict=True)
-    with torch.no_grad():  # buffers are not in the checkpoint: rebuild them
-        if cfg.positional == "rope":
-            cos, sin = model.make_rope_tables()
-            model.rope_cos, model.rope_sin = cos, sin
+    if cfg.positional == "rope":  # buffers are not in the checkpoint: rebuild them
+        model.rope_cos, model.rope_sin = model.make_rope_tables()
     if dtype is not None:
         model.to(dtype)
     return model

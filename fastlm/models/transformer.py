@@ -10,6 +10,11 @@ Two backends with the same parameters and state_dict keys (one checkpoint runs o
   "reference"  what a good PyTorch user writes: torch.nn.RMSNorm/LayerNorm, rotate-half RoPE,
                F.scaled_dot_product_attention.
 
+Mixed precision: under torch.autocast the fused model keeps the residual stream in the autocast
+dtype (bf16), as FSDP2 with a bf16 param_dtype does; its norm kernels still compute statistics in
+fp32.  The reference keeps the fp32 residual stream a plain autocast model has (fp32 embeddings
+plus bf16 block outputs promote to fp32), so torch.nn.RMSNorm sees matching fp32 input and weight.
+
 Shapes: B batch, T sequence length, D model dim, H query heads, Hkv key/value heads, hd head dim.
 Inputs are (B, T) token ids, or packed variable-length sequences: (total,) ids with
 ``cu_seqlens`` (int32, (num_seqs + 1,)), positions restarting at 0 in each sequence.
@@ -155,15 +160,17 @@ class Attention(nn.Module):
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
         # x: (B, T, D) or packed (total, D)
         lead = x.shape[:-1]
-        qkv = self.wqkv(x).view(*lead, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=-2)  # (B, T, H|Hkv, hd)
+        H, Hkv = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(*lead, H + 2 * Hkv, self.head_dim)
+        q, k, v = qkv[..., :H, :], qkv[..., H : H + Hkv, :], qkv[..., H + Hkv :, :]  # (B, T, H|Hkv, hd) views
         if self.fused:
-            if rope is not None:  # (cos table, sin table, positions, cu_seqlens)
+            if rope is not None:  # (cos table, sin table, positions, cu_seqlens); rotates inside qkv, no copy
                 cos, sin, positions, cu = rope
-                q, k = ops.apply_rotary(q, k, cos, sin, positions=positions, cu_seqlens=cu, backend=self.op_backend)
+                q, k = ops.apply_rotary(q, k, cos, sin, positions=positions, cu_seqlens=cu, inplace=True,
+                                        backend=self.op_backend)
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, S, Hkv, hd)
-            o = ops.attention(
+            o = ops.attention(  # reads the strided q/k/v views directly
                 q, k, v, causal=True, window=self.window, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                 max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, backend=self.op_backend,
             )
@@ -234,10 +241,9 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.activation_checkpointing = False  # recompute each block in the backward (saves memory)
-        if config.positional == "rope":  # not in the state_dict: derived from the config
-            cos, sin = self.make_rope_tables()
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        if config.positional == "rope":  # (max_seqlen, rotary_dim / 2) fp32, filled by init_weights();
+            for name in ("rope_cos", "rope_sin"):  # not in the state_dict: derived from the config
+                self.register_buffer(name, torch.empty(config.max_seqlen, config.rotary_dim // 2), persistent=False)
         self.init_weights()
 
     def make_rope_tables(self, device=None):
@@ -262,7 +268,7 @@ class Transformer(nn.Module):
         for block in self.layers:
             for lin in (block.attn.wo, block.mlp.w_out):
                 nn.init.normal_(lin.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
-        if self.config.positional == "rope":
+        if self.config.positional == "rope" and not self.rope_cos.is_meta:
             cos, sin = self.make_rope_tables(self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
@@ -281,8 +287,8 @@ class Transformer(nn.Module):
         x = self.tok_emb(tokens)  # (B, T, D)
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids(tokens, positions, cu_seqlens))
-        if torch.is_autocast_enabled(x.device.type):  # keep the residual stream in the autocast dtype
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if self.backend == "fused" and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # residual stream in bf16 (see the docstring)
         rope = self._rope_inputs(tokens, positions, cu_seqlens)
         residual = None
         for layer in self.layers:

@@ -1,0 +1,386 @@
+"""The Transformer: fused vs reference backend, packed input, KV-cache hook, torch.compile,
+HF checkpoint parity (Llama, Mistral, Qwen2, GPT-2) and bad input.
+
+On CPU the fused backend runs the Triton kernels under the interpreter, so shapes are tiny.
+Error policy (tests/tolerances.py): the fp32 result's error against the same model run in
+float64 must be within 2x the error of the fp32 reference backend, plus a small floor.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from fastlm.models import PRESETS, Transformer, TransformerConfig
+from tolerances import assert_close
+
+transformers = pytest.importorskip("transformers", reason="HF parity tests need transformers (a test extra)")
+
+TINY_VARIANTS = {
+    "tiny": {},
+    "tiny-gpt2": {},
+    # llama3 rope scaling, sliding window, q/k/v biases, partial rotary, odd sizes, untied
+    "tiny-mix": dict(base="tiny", rope_base=500000.0, sliding_window=7, qkv_bias=True, rotary_dim=10, ffn_dim=72,
+                     tie_embeddings=False, vocab_size=301,
+                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
+def tiny_config(name):
+    over = dict(TINY_VARIANTS[name])
+    return TransformerConfig.from_name(over.pop("base", name), **over)
+
+
+def randomize_(model, scale=0.05):
+    """Perturb every parameter (norm weights and biases start at exactly 1 and 0)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def pair(cfg, device=DEVICE):
+    ref = randomize_(Transformer(cfg, backend="reference")).to(device)
+    fused = Transformer(cfg, backend="fused").to(device)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def loss_and_grads(model, tokens, targets, **kw):
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens, **kw)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2).double(), targets.flatten())
+    loss.backward()
+    return logits.detach(), {n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build_and_count_params(name):
+    cfg = TransformerConfig.from_name(name)
+    with torch.device("meta"):
+        model = Transformer(cfg, backend="reference")
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    assert cfg.flops_per_token(1024) > 6 * cfg.num_params(embeddings=False)
+
+
+def test_llama_3_2_1b_shape():
+    cfg = TransformerConfig.from_name("llama-3.2-1b")
+    assert abs(cfg.num_params() - 1.2358e9) < 1e6  # Llama-3.2-1B has 1,235,814,400 parameters
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size) == (2048, 16, 32, 8, 8192, 128256)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(dim=100, n_heads=3), "not divisible by n_heads"),
+    (dict(n_heads=4, n_kv_heads=3), "must divide n_heads"),
+    (dict(rotary_dim=7), "rotary_dim"),
+    (dict(rotary_dim=32), "rotary_dim"),
+    (dict(norm="batch"), "norm must be"),
+    (dict(mlp="relu"), "mlp must be"),
+    (dict(positional="alibi"), "positional must be"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(vocab_size=0), "vocab_size"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TransformerConfig.from_name("tiny", **kw)
+
+
+def test_unknown_preset_and_backend():
+    with pytest.raises(ValueError, match="unknown model preset 'gpt5'.*available"):
+        TransformerConfig.from_name("gpt5")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Transformer(TransformerConfig.from_name("tiny"), backend="triton")
+
+
+def test_state_dict_keys_identical_across_backends():
+    cfg = TransformerConfig.from_name("tiny")
+    a, b = Transformer(cfg, backend="reference"), Transformer(cfg, backend="fused")
+    assert list(a.state_dict()) == list(b.state_dict())
+    assert all(a.state_dict()[k].shape == v.shape for k, v in b.state_dict().items())
+
+
+# ------------------------------------------------------------------------------ fused vs reference
+@pytest.mark.parametrize("name", sorted(TINY_VARIANTS))
+def test_fused_matches_reference(name):
+    cfg = tiny_config(name)
+    ref, fused = pair(cfg)
+    ref64 = Transformer(cfg, backend="reference").to(DEVICE).double()
+    ref64.load_state_dict(ref.state_dict())
+    B, T = 2, 19
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), device=DEVICE)
+    targets = torch.randint(0, cfg.vocab_size, (B, T), device=DEVICE)
+    out, grads = loss_and_grads(fused, tokens, targets)
+    out32, grads32 = loss_and_grads(ref, tokens, targets)
+    out64, grads64 = loss_and_grads(ref64, tokens, targets)
+    assert_close(out, out64, out32, name="logits")
+    for n in grads64:
+        assert_close(grads[n], grads64[n], grads32[n], name=f"grad {n}", dtype=torch.float32)
+
+
+def test_rope_tables_of_both_backends_agree():
+    cfg = tiny_config("tiny-mix")
+    ref, fused = Transformer(cfg, backend="reference"), Transformer(cfg, backend="fused")
+    assert ref.rope_cos.shape == fused.rope_cos.shape == (cfg.max_seqlen, cfg.rotary_dim // 2)
+    # fp32 angles (HF's way) vs fp64 angles: the difference grows with the position's ulp
+    tol = 4 * torch.finfo(torch.float32).eps * (torch.arange(cfg.max_seqlen)[:, None] + 1.0)
+    assert ((fused.rope_cos - ref.rope_cos).abs() <= tol).all()
+    assert ((fused.rope_sin - ref.rope_sin).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_packed_varlen_matches_per_sequence(backend):
+    cfg = tiny_config("tiny-mix")
+    ref, fused = pair(cfg)
+    model = fused if backend == "fused" else ref
+    lens = [5, 1, 11]
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), device=DEVICE) for n in lens]
+    cu = torch.tensor([0, 5, 6, 17], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        packed = model(torch.cat(seqs), cu_seqlens=cu, max_seqlen=max(lens))
+        singles = torch.cat([ref(s[None])[0] for s in seqs])
+    assert packed.shape == (sum(lens), cfg.vocab_size)
+    torch.testing.assert_close(packed, singles, atol=2e-5, rtol=2e-5)
+
+
+class ContiguousCache:
+    """The smallest cache for the `cache` hook: appends each step's k/v and returns all of them."""
+
+    def __init__(self):
+        self.k, self.v = {}, {}
+
+    def update(self, layer, k, v):
+        if layer in self.k:
+            k, v = torch.cat([self.k[layer], k], dim=1), torch.cat([self.v[layer], v], dim=1)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("name", ["tiny-mix", "tiny-gpt2"])
+def test_kv_cache_hook_and_positions(backend, name):
+    cfg = tiny_config(name)
+    ref, fused = pair(cfg)
+    model = fused if backend == "fused" else ref
+    tokens = torch.randint(0, cfg.vocab_size, (2, 13), device=DEVICE)
+    with torch.no_grad():
+        full = ref(tokens)
+        cache = ContiguousCache()
+        steps = [model(tokens[:, :9], cache=cache, positions=0)]
+        steps.append(model(tokens[:, 9:11], cache=cache, positions=9))  # two tokens at once
+        steps.append(model(tokens[:, 11:12], cache=cache, positions=11))
+        # explicit (B, T) position ids and (B,) offsets are other forms of the same thing
+        steps.append(model(tokens[:, 12:13], cache=cache, positions=torch.full((2,), 12, device=DEVICE)))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=2e-5)
+    with torch.no_grad():
+        pos = torch.arange(13, device=DEVICE).expand(2, 13)
+        torch.testing.assert_close(model(tokens, positions=pos), full, atol=2e-5, rtol=2e-5)
+
+
+def test_activation_checkpointing_same_grads():
+    cfg = tiny_config("tiny-mix")
+    model = randomize_(Transformer(cfg, backend="reference")).to(DEVICE)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17), device=DEVICE)
+    out_a, g_a = loss_and_grads(model, tokens, tokens)
+    model.activation_checkpointing = True
+    out_b, g_b = loss_and_grads(model, tokens, tokens)
+    torch.testing.assert_close(out_a, out_b, atol=0, rtol=0)
+    for n in g_a:
+        torch.testing.assert_close(g_a[n], g_b[n], atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("fused", marks=pytest.mark.gpu)])
+def test_autocast_residual_stream_dtype(backend):
+    """Under bf16 autocast the fused model's residual stream is bf16, the reference's fp32."""
+    cfg = tiny_config("tiny")
+    model = Transformer(cfg, backend=backend).to(DEVICE)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9), device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        h = model.hidden_states(tokens)
+        loss = model(tokens, tokens)
+    assert h.dtype == (torch.bfloat16 if backend == "fused" else torch.float32)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    ref = Transformer(cfg, backend="reference").to(DEVICE)
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert abs(loss.item() - ref(tokens, tokens).item()) < 0.05
+
+
+def test_torch_compile_fullgraph_fused():
+    cfg = tiny_config("tiny")
+    _, fused = pair(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 19), device=DEVICE)
+    compiled = torch.compile(fused, fullgraph=True)
+    eager_logits, eager_grads = loss_and_grads(fused, tokens, tokens)
+    comp_logits, comp_grads = loss_and_grads(compiled, tokens, tokens)
+    torch.testing.assert_close(comp_logits, eager_logits, atol=1e-5, rtol=1e-5)
+    for n in eager_grads:
+        torch.testing.assert_close(comp_grads[n], eager_grads[n], atol=1e-5, rtol=1e-4)
+
+
+def test_forward_errors():
+    cfg = tiny_config("tiny")
+    model = Transformer(cfg, backend="reference")
+    with pytest.raises(ValueError, match="exceed max_seqlen=256"):
+        model(torch.zeros(1, 257, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceed max_seqlen"):
+        model(torch.zeros(1, 8, dtype=torch.long), positions=250)
+    with pytest.raises(TypeError, match="tokens must be an int64/int32"):
+        model(torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="tokens must be"):
+        model(torch.zeros(1, 2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="packed"):
+        model(torch.zeros(1, 8, dtype=torch.long), cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+
+
+# ------------------------------------------------------------------------------ HF parity
+def hf_model(family):
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 32}
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common, **_rope_kw(transformers.LlamaConfig, 500000.0, llama3))
+        m = transformers.LlamaForCausalLM(cfg)
+    elif family == "mistral":
+        m = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=6))
+    elif family == "qwen2":
+        m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
+    else:
+        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=None, eos_token_id=None))
+    return randomize_(m).eval()
+
+
+def _rope_kw(cls, theta, scaling):
+    import inspect
+
+    if "rope_parameters" in inspect.signature(cls.__init__).parameters:  # transformers >= 5
+        return {"rope_parameters": {"rope_theta": theta, **scaling}}
+    return {"rope_theta": theta, "rope_scaling": scaling}
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_hf_parity_fp32(family, backend):
+    hf = hf_model(family)
+    model = Transformer.from_hf(hf, backend=backend).to(DEVICE)
+    assert model.config.extra["hf_arch"] == family
+    tokens = torch.randint(0, 300, (2, 21), device=DEVICE)
+    hf64 = hf_model(family).double()
+    hf64.load_state_dict(hf.state_dict())
+    ref64 = hf_logits(hf64.to(DEVICE), tokens)
+    ref32 = hf_logits(hf.to(DEVICE), tokens)
+    with torch.no_grad():
+        out = model(tokens)
+    assert_close(out, ref64, ref32, name=f"{family} logits ({backend})")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_parity_bf16_reference(family):
+    hf = hf_model(family)
+    model = Transformer.from_hf(hf, backend="reference", dtype=torch.bfloat16).to(DEVICE)
+    tokens = torch.randint(0, 300, (2, 21), device=DEVICE)
+    hf64 = hf_model(family).double()
+    hf64.load_state_dict(hf.state_dict())
+    ref64 = hf_logits(hf64.to(DEVICE), tokens)
+    ref16 = hf_logits(hf.to(torch.bfloat16).to(DEVICE), tokens)
+    with torch.no_grad():
+        out = model(tokens)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref64, ref16, name=f"{family} bf16 logits")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_parity_bf16_fused_gpu(family):
+    hf = hf_model(family)
+    model = Transformer.from_hf(hf, backend="fused", dtype=torch.bfloat16).to(DEVICE)
+    tokens = torch.randint(0, 300, (4, 200), device=DEVICE)
+    hf64 = hf_model(family).double()
+    hf64.load_state_dict(hf.state_dict())
+    ref64 = hf_logits(hf64.to(DEVICE), tokens)
+    ref16 = hf_logits(hf.to(torch.bfloat16).to(DEVICE), tokens)
+    with torch.no_grad():
+        out = model(tokens)
+    assert_close(out, ref64, ref16, name=f"{family} bf16 fused logits")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_folder_roundtrip(family, tmp_path):
+    hf = hf_model(family)
+    # sharded safetensors for one family, a single file for the others
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB" if family == "llama" else "5GB")
+    if family == "llama":
+        assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    model = Transformer.from_hf(str(tmp_path / "hf"), backend="reference")
+    tokens = torch.randint(0, 300, (2, 15))
+    expect = hf_logits(hf, tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), expect, atol=2e-5, rtol=2e-5)
+    # export: to_hf() object and save/load through a folder
+    back = model.to_hf()
+    assert type(back).__name__ == type(hf).__name__
+    torch.testing.assert_close(hf_logits(back, tokens), expect, atol=0, rtol=0)
+    back.save_pretrained(tmp_path / "back")
+    again = Transformer.from_hf(str(tmp_path / "back"), backend="reference")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_hf_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Transformer.from_hf(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Transformer.from_hf(str(tmp_path / "empty"))
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(ValueError, match="unsupported HF architecture 'bert'"):
+        Transformer.from_hf(str(bert))
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path / "llama")
+    st = tmp_path / "llama" / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match="corrupt or truncated safetensors"):
+        Transformer.from_hf(str(tmp_path / "llama"))
+    st.unlink()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        Transformer.from_hf(str(tmp_path / "llama"))
+    sd = {k: v for k, v in hf.state_dict().items() if "layers.1.mlp.up_proj" not in k}
+    with pytest.raises(ValueError, match="missing the weight 'layers.1.mlp.up_proj.weight'"):
+        Transformer.from_hf(_Obj(hf.config, sd))
+    with pytest.raises(TypeError, match="expects an HF model object or a folder"):
+        Transformer.from_hf(42)
+    act = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                                   vocab_size=300, hidden_act="gelu")
+    with pytest.raises(ValueError, match="hidden_act"):
+        Transformer.from_hf(_Obj(act, {}))
+
+
+class _Obj:
+    def __init__(self, config, sd):
+        self.config, self._sd = config, sd
+
+    def state_dict(self):
+        return self._sd
+
+
+def test_to_hf_rejects_mismatched_arch():
+    model = Transformer(tiny_config("tiny"), backend="reference")
+    with pytest.raises(ValueError, match="not a GPT-2 architecture"):
+        model.to_hf("gpt2")
+    with pytest.raises(ValueError, match="arch must be one of"):
+        model.to_hf("bert")
