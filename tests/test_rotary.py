@@ -304,12 +304,23 @@ def test_inplace_autograd_through_fused_projection(backend):
     torch.testing.assert_close(grads[2], grads[0], atol=1e-4, rtol=1e-4)
 
 
-def test_inplace_leaf_requiring_grad_is_an_error():
-    q = torch.randn(1, 2, 2, 8, device=DEVICE, requires_grad=True)
+def test_inplace_leaf_requiring_grad_is_an_error_before_any_write():
+    q = torch.randn(1, 2, 2, 8, device=DEVICE)
     k = torch.randn(1, 2, 1, 8, device=DEVICE, requires_grad=True)
+    q0, k0 = q.clone(), k.detach().clone()
     cos, sin = tables(8, 2)
     with pytest.raises(RuntimeError, match="leaf"):
         ops.apply_rotary(q, k, cos, sin, inplace=True, backend="triton")
+    assert torch.equal(q, q0) and torch.equal(k.detach(), k0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("inplace", [False, True])
+def test_empty_sequences(backend, inplace):
+    q, k = rand_qk((2, 0, 4, 16), (2, 0, 2, 16), torch.float32)
+    cos, sin = tables(16, 4)
+    qo, ko = ops.apply_rotary(q, k, cos, sin, inplace=inplace, backend=backend)
+    assert qo.shape == q.shape and ko.shape == k.shape
 
 
 @pytest.mark.parametrize("backend", ["reference"])
