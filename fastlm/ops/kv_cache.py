@@ -126,12 +126,13 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_splits_heuristic(batch, n_kv_heads, n_row_tiles, capacity, device):
+def num_splits_heuristic(batch, n_kv_heads, n_row_tiles, capacity, device, sms=None):
     """Flash-Decoding split count from shapes only (CUDA-graph safe): enough splits that
     batch * n_kv_heads * row_tiles * splits fills about twice the SMs, but at least
     MIN_TOKENS_PER_SPLIT cache slots per split and at most MAX_SPLITS."""
     ctas = max(1, batch * n_kv_heads * n_row_tiles)
-    sms = _sm_count(device.index if device.type == "cuda" else None)
+    if sms is None:
+        sms = _sm_count(device.index if device.type == "cuda" else None)
     want = -(-2 * sms // ctas)
     useful = max(1, -(-capacity // MIN_TOKENS_PER_SPLIT))
     return max(1, min(want, useful, MAX_SPLITS))

@@ -93,21 +93,25 @@ def decode_mask(cache_seqlens, seqlen_q, seqlen_k, *, causal=True, window=-1):
 
 
 def attention_with_mask(q, k, v, mask, softmax_scale, softcap=0.0):
-    """q (B, Sq, Hq, D); k, v (B, Sk, Hkv, D); mask (B, Sq, Sk).  Rows without keys give 0."""
+    """q (B, Sq, Hq, D); k, v (B, Sk, Hkv, D); mask (B, Sq, Sk).  Rows without keys give 0, and
+    masked keys never contribute (not even NaN from unused cache slots)."""
     B, Sq, Hq, D = q.shape
-    Hkv = k.shape[2]
-    g = Hq // Hkv
-    qh = q.transpose(1, 2)  # (B, Hq, Sq, D)
-    kh = k.transpose(1, 2).repeat_interleave(g, dim=1)  # (B, Hq, Sk, D)
-    vh = v.transpose(1, 2).repeat_interleave(g, dim=1)
+    Sk, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    # The G query heads of a KV head times the Sq queries form the rows (s, g) of one matmul.
+    qh = q.reshape(B, Sq, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Sq * G, D)
+    m = mask[:, None, :, None, :].expand(B, 1, Sq, G, Sk).reshape(B, 1, Sq * G, Sk)
+    used = mask.any(1)[:, None, :, None]  # (B, 1, Sk, 1): keys some row sees
+    kh = k.transpose(1, 2)  # (B, Hkv, Sk, D)
+    vh = torch.where(used, v.transpose(1, 2), torch.zeros((), dtype=v.dtype, device=v.device))
     s = (qh @ kh.transpose(-1, -2)) * softmax_scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    m = mask[:, None]
     s = s.masked_fill(~m, float("-inf"))
     p = torch.softmax(s, dim=-1)
-    p = torch.where(m.any(-1, keepdim=True), p, torch.zeros_like(p))  # rows with no key: 0, not NaN
-    return (p @ vh).transpose(1, 2)
+    p = torch.where(m.any(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype, device=p.device))
+    o = p @ vh  # (B, Hkv, Sq * G, D)
+    return o.reshape(B, Hkv, Sq, G, D).permute(0, 2, 1, 3, 4).reshape(B, Sq, Hq, D)
 
 
 def decode_attention(

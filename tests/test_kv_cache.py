@@ -1,0 +1,556 @@
+"""KV cache: append and split-KV decode attention (Triton under the interpreter on CPU, CUDA on a
+GPU) against a reference that gathers each sequence's cache and runs float64 attention; the
+Static/Paged cache objects and their block allocator."""
+import math
+import random
+
+import pytest
+import torch
+
+import fastlm
+from fastlm import reference
+from fastlm.nn import PagedKVCache, StaticKVCache
+from fastlm.ops import kv_cache as kv_ops
+from fastlm.reference import kv_cache as ref_kv
+from conftest import DEVICE, HAS_CUDA, kernel_backends
+from tolerances import assert_close
+
+# The interpreter's tl.dot on bf16 is broken: bf16 decode runs on the GPU only.
+DTYPES = [torch.float16, torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+
+
+def make_cache(B, Hkv, D, dtype, cap, *, paged, block_size=4, spare_blocks=3):
+    """Random caches with capacity `cap` tokens per sequence; paged ones get a shuffled block
+    table over a pool with spare blocks (non-contiguous, in random order)."""
+    if paged:
+        nb = -(-cap // block_size)
+        num_blocks = B * nb + spare_blocks
+        bt = torch.randperm(num_blocks)[: B * nb].view(B, nb).to(torch.int32).to(DEVICE)
+        shape = (num_blocks, block_size, Hkv, D)
+    else:
+        bt = None
+        shape = (B, cap, Hkv, D)
+    kc = torch.randn(shape, dtype=dtype, device=DEVICE)
+    vc = torch.randn(shape, dtype=dtype, device=DEVICE)
+    return kc, vc, bt
+
+
+def mixed_lengths(B, cap, lo=1):
+    """Lengths with a full cache and a length-1 (or lo) sequence among random ones."""
+    lens = [random.randint(lo, cap) for _ in range(B)]
+    lens[0] = cap
+    if B > 1:
+        lens[1] = lo
+    return torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+
+
+def poison_unused(kc, vc, lens, bt):
+    """NaN into every cache slot no sequence uses (spare blocks, slots past each length): a kernel
+    that reads them, or lets them reach the softmax, produces NaN."""
+    used = torch.zeros(kc.shape[:2], dtype=torch.bool, device=kc.device)
+    for b, L in enumerate(lens.tolist()):
+        pos = torch.arange(L, device=kc.device)
+        if bt is None:
+            used[b, :L] = True
+        else:
+            used[bt[b, pos // kc.shape[1]].long(), pos % kc.shape[1]] = True
+    for c in (kc, vc):
+        c[~used] = float("nan")
+
+
+def check_decode(q, kc, vc, lens, bt, backend, **kw):
+    out = fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, backend=backend, **kw)
+    kw.pop("num_splits", None)
+    ref64 = reference.decode_attention(q.double(), kc.double(), vc.double(), lens, block_table=bt, **kw)
+    low = reference.decode_attention(q, kc, vc, lens, block_table=bt, upcast=False, **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close(out, ref64, low, "decode out")
+    return out
+
+
+def per_sequence_reference(q, kc, vc, lens, bt, scale):
+    """The plainest oracle: gather each sequence's tokens and loop (float64)."""
+    outs = []
+    for b, (k, v) in enumerate(ref_kv.gather_kv(kc, vc, lens, bt)):
+        L, Sq, G = k.shape[0], q.shape[1], q.shape[2] // k.shape[1]
+        qb = q[b].double().transpose(0, 1)  # (Hq, Sq, D)
+        kb = k.double().repeat_interleave(G, 1).transpose(0, 1)
+        vb = v.double().repeat_interleave(G, 1).transpose(0, 1)
+        s = qb @ kb.transpose(-1, -2) * scale
+        mask = torch.arange(L, device=q.device)[None, :] <= (L - Sq + torch.arange(Sq, device=q.device))[:, None]
+        s = s.masked_fill(~mask, float("-inf"))
+        outs.append((torch.softmax(s, -1) @ vb).transpose(0, 1))
+    return torch.stack(outs)
+
+
+# ------------------------------------------------------------------------------ decode
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("paged", [True, False])
+@pytest.mark.parametrize("Hq,Hkv,Sq", [(4, 4, 1), (8, 2, 1), (6, 1, 3)])
+def test_decode(backend, dtype, paged, Hq, Hkv, Sq):
+    B, D, cap = 3, 40, 37
+    kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=5)
+    lens = mixed_lengths(B, cap, lo=Sq)
+    poison_unused(kc, vc, lens, bt)
+    q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
+    out = check_decode(q, kc, vc, lens, bt, backend)
+    oracle = per_sequence_reference(q, kc, vc, lens, bt, 1 / math.sqrt(D))
+    torch.testing.assert_close(out.double(), oracle, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize(
+    "causal,window,softcap,Sq",
+    [(True, 3, 0.0, 2), (True, -1, 4.0, 4), (False, -1, 0.0, 3), (False, 6, 2.5, 1), (True, 0, 0.0, 3)],
+)
+def test_decode_masks_softcap(backend, causal, window, softcap, Sq):
+    B, Hq, Hkv, D, cap = 3, 4, 2, 32, 29
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=3)
+    lens = mixed_lengths(B, cap, lo=1)  # length 1 with seqlen_q > 1: rows that see no key
+    poison_unused(kc, vc, lens, bt)
+    q = torch.randn(B, Sq, Hq, D, dtype=torch.float16, device=DEVICE)
+    check_decode(q, kc, vc, lens, bt, backend, causal=causal, window=window, softcap=softcap,
+                 softmax_scale=0.3, num_splits=2)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_num_splits_agree(backend):
+    B, Hq, Hkv, D, cap = 2, 4, 2, 32, 150
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float32, cap, paged=True, block_size=8)
+    lens = torch.tensor([cap, 77], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float32, device=DEVICE)
+    outs = [check_decode(q, kc, vc, lens, bt, backend, num_splits=n) for n in (1, 2, 3, 7, 0)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("block_size", [1, 7, 16])
+def test_block_sizes(backend, block_size):
+    B, Hq, Hkv, D, cap = 2, 2, 1, 16, 35
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=block_size)
+    lens = mixed_lengths(B, cap)
+    poison_unused(kc, vc, lens, bt)
+    q = torch.randn(B, 2, Hq, D, dtype=torch.float16, device=DEVICE)
+    check_decode(q, kc, vc, lens, bt, backend, num_splits=3)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_decode_strided_q_and_empty_sequences(backend):
+    # q as a non-contiguous view; a sequence of length 0 and one with fewer tokens than queries.
+    B, Hq, Hkv, D, cap, Sq = 3, 4, 2, 24, 20, 3
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=False)
+    lens = torch.tensor([0, 2, 20], dtype=torch.int32, device=DEVICE)
+    poison_unused(kc, vc, lens, bt)
+    q = torch.randn(B, Hq, Sq, D, dtype=torch.float16, device=DEVICE).transpose(1, 2)
+    out = check_decode(q, kc, vc, lens, bt, backend, num_splits=2)
+    assert (out[0] == 0).all() and (out[1, 0] == 0).all()  # rows that see no key give 0
+
+
+def test_num_splits_heuristic():
+    h = lambda *a: kv_ops.num_splits_heuristic(*a, torch.device("cpu"), sms=132)  # noqa: E731  (an H100)
+    assert h(1, 8, 1, 16384) == 33  # batch 1, long context: 8 CTAs x 33 splits ~ 2 x 132 SMs
+    assert h(1, 8, 1, 100) == 2  # bounded by the capacity (>= 64 slots per split)
+    assert h(64, 8, 1, 16384) == 1  # enough CTAs already
+    assert h(8, 8, 1, 16384) == 5
+    assert h(1, 1, 1, 10**7) == kv_ops.MAX_SPLITS
+
+
+# ------------------------------------------------------------------------------ append
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("paged,block_size", [(True, 1), (True, 5), (False, 0)])
+def test_append(backend, dtype, paged, block_size):
+    B, S, Hkv, D, cap = 3, 4, 3, 24, 23
+    kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=block_size)
+    lens = torch.tensor([0, 11, cap - S], dtype=torch.int32, device=DEVICE)  # empty, middle, ends full
+    k = torch.randn(B, Hkv, S, D, dtype=dtype, device=DEVICE).transpose(1, 2)  # non-contiguous
+    v = torch.randn(B, S, Hkv, D, dtype=dtype, device=DEVICE)
+    kc_ref, vc_ref, lens_ref = kc.clone(), vc.clone(), lens.clone()
+    ref_kv.kv_cache_append(kc_ref, vc_ref, k, v, lens_ref, block_table=bt, advance=True)
+    fastlm.ops.kv_cache_append(kc, vc, k, v, lens, block_table=bt, advance=True, backend=backend)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)  # a copy: bit-exact, nothing else touched
+    assert torch.equal(lens, lens_ref) and lens.tolist() == [S, 11 + S, cap]
+    # The written tokens read back through the per-sequence gather.
+    for b, (kb, vb) in enumerate(ref_kv.gather_kv(kc, vc, lens, bt)):
+        assert torch.equal(kb[-S:], k[b]) and torch.equal(vb[-S:], v[b])
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_append_skips_unassigned_blocks(backend):
+    # Negative block-table entries mean "no block": those tokens are skipped, others written.
+    B, S, Hkv, D = 2, 3, 2, 16
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, 12, paged=True, block_size=4)
+    bt[1] = -1
+    lens = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
+    k = torch.randn(B, S, Hkv, D, dtype=torch.float16, device=DEVICE)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    ref_kv.kv_cache_append(kc_ref, vc_ref, k[:1], k[:1], lens[:1], block_table=bt[:1])
+    fastlm.ops.kv_cache_append(kc, vc, k, k, lens, block_table=bt, backend=backend)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+def _launch_raw_append(backend, kc, vc, k, lens, bt):
+    if backend == "triton":
+        from fastlm.kernels import decode as kd
+
+        kd.kv_cache_append(kc, vc, k, k, lens, bt)
+    else:
+        torch.ops.fastlm.kv_cache_append_cuda(kc, vc, k, k, lens, bt)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("paged", [True, False])
+def test_append_kernel_never_writes_out_of_bounds(backend, paged):
+    # The kernels themselves (no host checks): positions past the capacity, negative positions and
+    # block ids >= num_blocks are skipped, everything in range is written.
+    B, S, Hkv, D, cap = 3, 4, 2, 16, 8
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float32, cap, paged=paged, block_size=4, spare_blocks=0)
+    if paged:
+        bt[2, 1] = 10**6
+    lens = torch.tensor([6, -2, 3], dtype=torch.int32, device=DEVICE)
+    k = torch.randn(B, S, Hkv, D, device=DEVICE)
+    kc0 = kc.clone()
+    _launch_raw_append(backend, kc, vc, k, lens, bt)
+    changed = (kc != kc0).any(-1).any(-1)
+    expect = torch.zeros_like(changed)
+    for b, start in enumerate(lens.tolist()):
+        for s in range(S):
+            pos = start + s
+            if not 0 <= pos < cap:
+                continue
+            if paged:
+                blk = int(bt[b, pos // 4])
+                if blk < kc.shape[0]:
+                    expect[blk, pos % 4] = True
+                    assert torch.equal(kc[blk, pos % 4], k[b, s])
+            else:
+                expect[b, pos] = True
+                assert torch.equal(kc[b, pos], k[b, s])
+    assert torch.equal(changed, expect)
+
+
+# ------------------------------------------------------------------------------ torch integration
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_opcheck(backend):
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 19
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=4)
+    lens = torch.tensor([5, 19], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    lens_app = torch.tensor([5, 18], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastlm.decode_attention.default, (q, kc, vc, lens, bt, 0.25, True, -1, 0.0, 2, backend))
+    torch.library.opcheck(torch.ops.fastlm.kv_cache_append.default, (kc, vc, k, k, lens_app, bt, backend))
+    if backend == "cuda":
+        torch.library.opcheck(torch.ops.fastlm.decode_attention_cuda.default, (q, kc, vc, lens, bt, 0.25, True, -1, 0.0, 3))
+        torch.library.opcheck(torch.ops.fastlm.kv_cache_append_cuda.default, (kc, vc, k, k, lens_app, bt))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_compile_fullgraph(backend):
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 21
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=4)
+    lens = torch.tensor([3, 12], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+
+    def step(q, k, kc, vc, lens, bt):
+        fastlm.ops.kv_cache_append(kc, vc, k, k, lens, block_table=bt, backend=backend)
+        lens.add_(1)
+        return fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, num_splits=2, backend=backend)
+
+    kc2, vc2, lens2 = kc.clone(), vc.clone(), lens.clone()
+    torch._dynamo.reset()
+    out = torch.compile(step, fullgraph=True)(q, k, kc, vc, lens, bt)
+    exp = step(q, k, kc2, vc2, lens2, bt)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2) and torch.equal(lens, lens2)
+    torch.testing.assert_close(out, exp, atol=1e-3, rtol=0)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_inputs():
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 12
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=4)
+    lens = torch.tensor([3, 12], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    dec = fastlm.ops.decode_attention
+
+    def raises(exc, match, fn, *a, **kw):
+        with pytest.raises(exc, match=match):
+            fn(*a, **kw)
+
+    raises(ValueError, "head_dim", dec, torch.randn(B, 1, Hq, 8, dtype=torch.float16, device=DEVICE), kc, vc, lens,
+           block_table=bt)
+    raises(ValueError, "n_heads_q", dec, torch.randn(B, 1, 3, D, dtype=torch.float16, device=DEVICE), kc, vc, lens,
+           block_table=bt)
+    raises(TypeError, "cache_seqlens", dec, q, kc, vc, lens.long(), block_table=bt)
+    raises(TypeError, "block_table", dec, q, kc, vc, lens, block_table=bt.long())
+    raises(ValueError, "block_table", dec, q, kc, vc, lens, block_table=bt[:1])
+    raises(TypeError, "k_cache dtype", dec, q.float(), kc, vc, lens, block_table=bt)
+    raises(ValueError, "v_cache shape", dec, q, kc, vc[:-1], lens, block_table=bt)
+    raises(ValueError, "k_cache.shape\\[0\\]", dec, q, kc, vc, lens)  # paged cache without block_table
+    raises(ValueError, "window", dec, q, kc, vc, lens, block_table=bt, window=-2)
+    raises(ValueError, "softcap", dec, q, kc, vc, lens, block_table=bt, softcap=-1.0)
+    raises(ValueError, "num_splits", dec, q, kc, vc, lens, block_table=bt, num_splits=-1)
+    raises(ValueError, "seqlen_q", dec, q[:, :0], kc, vc, lens, block_table=bt)
+    raises(ValueError, "backend", dec, q, kc, vc, lens, block_table=bt, backend="nope")
+    raises(ValueError, "unit stride", dec, q, kc.transpose(2, 3), vc.transpose(2, 3), lens, block_table=bt)
+    if HAS_CUDA:
+        raises(ValueError, "cache_seqlens is on", dec, q, kc, vc, lens.cpu(), block_table=bt)
+    else:
+        raises(RuntimeError, "cuda", dec, q, kc, vc, lens, block_table=bt, backend="cuda")
+    # Index ranges (host checks: CPU tensors always, CUDA with FASTLM_DEBUG=1).
+    if not HAS_CUDA:
+        bad = bt.clone()
+        bad[1, 2] = kc.shape[0]
+        raises(IndexError, r"block_table\[1, 2\]", dec, q, kc, vc, lens, block_table=bad)
+        raises(IndexError, "cache_seqlens\\[0\\] = 13", dec, q, kc, vc, torch.tensor([13, 1], dtype=torch.int32),
+               block_table=bt)
+        k = torch.randn(B, 2, Hkv, D, dtype=torch.float16)
+        raises(IndexError, "exceeds the cache capacity", fastlm.ops.kv_cache_append, kc, vc, k, k, lens,
+               block_table=bt)
+        raises(IndexError, r"block_table\[0, 1\]", fastlm.ops.kv_cache_append, kc, vc, k, k,
+               torch.tensor([3, 0], dtype=torch.int32), block_table=torch.tensor([[0, 99, 1], [2, 3, 4]],
+                                                                                 dtype=torch.int32))
+    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    app = fastlm.ops.kv_cache_append
+    raises(ValueError, "k must have shape", app, kc, vc, torch.randn(B, 1, Hkv + 1, D, dtype=torch.float16,
+                                                                     device=DEVICE), k, lens, block_table=bt)
+    raises(TypeError, "v dtype", app, kc, vc, k, k.float(), lens, block_table=bt)
+    raises(ValueError, "v shape", app, kc, vc, k, k[:, :0], lens, block_table=bt)
+    raises(ValueError, "cache_seqlens must have shape", app, kc, vc, k, k, lens[:1], block_table=bt)
+
+
+@pytest.mark.gpu
+def test_debug_mode_checks_cuda(monkeypatch):
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 12
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=4)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    lens = torch.tensor([13, 1], dtype=torch.int32, device=DEVICE)
+    for backend in ("triton", "cuda"):
+        monkeypatch.setenv("FASTLM_DEBUG", "0")
+        fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, backend=backend)  # clamped, no error
+        monkeypatch.setenv("FASTLM_DEBUG", "1")
+        with pytest.raises(IndexError, match="cache_seqlens"):
+            fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, backend=backend)
+
+
+# ------------------------------------------------------------------------------ cache objects
+def test_paged_allocator_exhaustion_free_reuse():
+    cache = PagedKVCache(1, 6, 4, 1, 8, torch.float32, DEVICE, max_batch=3, max_seqlen=20)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    assert (a, b) == (0, 1)
+    cache.reserve([9, 4], [a, b])  # 3 + 1 blocks
+    assert len(cache.blocks_of(a)) == 3 and len(cache.blocks_of(b)) == 1 and cache.num_free_blocks == 2
+    table = cache.block_table.clone()
+    with pytest.raises(RuntimeError, match="out of blocks"):
+        cache.reserve([4, 9], [a, b])  # needs 1 + 2 > 2 free
+    assert cache.lengths()[:2] == [9, 4] and cache.num_free_blocks == 2  # all or nothing
+    assert torch.equal(cache.block_table, table)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        cache.reserve(12, [a])
+    freed = cache.blocks_of(a)
+    cache.free_sequence(a)
+    assert cache.num_free_blocks == 5 and (cache.block_table[a] == -1).all()
+    with pytest.raises(KeyError):
+        cache.reserve(1, [a])
+    c = cache.add_sequence()
+    assert c == a  # the lowest free slot
+    cache.reserve(12, [c])
+    assert set(cache.blocks_of(c)) & set(freed)  # freed blocks are reused
+    cache.add_sequence()
+    with pytest.raises(RuntimeError, match="slots"):
+        cache.add_sequence()
+
+
+def test_paged_allocator_random_no_sharing():
+    rng = random.Random(0)
+    cache = PagedKVCache(1, 40, 3, 1, 4, torch.float32, DEVICE, max_batch=6, max_seqlen=30)
+    for _ in range(300):
+        live = cache.live_sequences()
+        op = rng.random()
+        if op < 0.25 and len(live) < 6:
+            cache.add_sequence()
+        elif op < 0.45 and live:
+            cache.free_sequence(rng.choice(live))
+        elif live:
+            s = rng.choice(live)
+            try:
+                cache.reserve(rng.randint(0, 9), [s])
+            except (RuntimeError, ValueError):
+                pass
+        held = [blk for s in cache.live_sequences() for blk in cache.blocks_of(s)]
+        assert len(held) == len(set(held)), "a block is held by two live sequences"
+        assert len(held) + cache.num_free_blocks == 40
+        for s in cache.live_sequences():
+            assert len(cache.blocks_of(s)) == -(-cache.lengths()[s] // 3)
+            row = cache.block_table[s].tolist()
+            assert row[: len(cache.blocks_of(s))] == cache.blocks_of(s)
+            assert all(x == -1 for x in row[len(cache.blocks_of(s)):])
+
+
+def test_static_cache_capacity_error():
+    cache = StaticKVCache(2, 2, 5, 1, 8, torch.float32, DEVICE)
+    cache.reserve([5, 2])
+    with pytest.raises(ValueError, match="max_seqlen"):
+        cache.reserve(1)
+    assert cache.lengths() == [5, 2]
+    cache.reset([0])
+    assert cache.lengths() == [0, 2]
+    cache.reserve(3)
+    assert cache.lengths() == [3, 5]
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_caches_decode_loop(backend):
+    """Static and paged caches through the documented protocol give the same outputs as the
+    reference over the full history (prefill of mixed lengths, then decode steps)."""
+    L_, B, Hq, Hkv, D, steps = 2, 2, 4, 2, 16, 3
+    dtype = torch.float16
+    static = StaticKVCache(L_, B, 12, Hkv, D, dtype, DEVICE)
+    paged = PagedKVCache(L_, 9, 3, Hkv, D, dtype, DEVICE, max_batch=B, max_seqlen=12)
+    ids = [paged.add_sequence() for _ in range(B)]
+    prompt = [5, 2]
+    hist_k = [[[] for _ in range(B)] for _ in range(L_)]
+    hist_v = [[[] for _ in range(B)] for _ in range(L_)]
+    n_pad = max(prompt)
+    # Prefill of ragged prompts: reserve each prompt, advance by the true lengths, append padded
+    # (tokens past a short prompt land in its own slots or, past its blocks, are skipped).
+    lens = torch.tensor(prompt, dtype=torch.int32, device=DEVICE)
+    for cache in (static, paged):
+        cache.reserve(prompt)
+        cache.advance(lens)
+    for layer in range(L_):
+        k = torch.randn(B, n_pad, Hkv, D, dtype=dtype, device=DEVICE)
+        v = torch.randn(B, n_pad, Hkv, D, dtype=dtype, device=DEVICE)
+        for cache in (static, paged):
+            cache.append(layer, k, v, backend=backend)
+        for b in range(B):
+            hist_k[layer][b] += list(k[b, : prompt[b]])
+            hist_v[layer][b] += list(v[b, : prompt[b]])
+    for _ in range(steps):
+        for cache in (static, paged):
+            cache.reserve(1)
+            cache.advance(1)
+        for layer in range(L_):
+            k = torch.randn(B, 1, Hkv, D, dtype=dtype, device=DEVICE)
+            v = torch.randn(B, 1, Hkv, D, dtype=dtype, device=DEVICE)
+            q = torch.randn(B, 1, Hq, D, dtype=dtype, device=DEVICE)
+            outs = []
+            for cache in (static, paged):
+                cache.append(layer, k, v, backend=backend)
+                outs.append(cache.attend(layer, q, backend=backend))
+            for b in range(B):
+                hist_k[layer][b].append(k[b, 0])
+                hist_v[layer][b].append(v[b, 0])
+            lens_now = torch.tensor([len(h) for h in hist_k[layer]], dtype=torch.int32, device=DEVICE)
+            kfull = torch.zeros(B, 12, Hkv, D, dtype=dtype, device=DEVICE)
+            vfull = torch.zeros_like(kfull)
+            for b in range(B):
+                kfull[b, : lens_now[b]] = torch.stack(hist_k[layer][b])
+                vfull[b, : lens_now[b]] = torch.stack(hist_v[layer][b])
+            ref64 = reference.decode_attention(q.double(), kfull.double(), vfull.double(), lens_now)
+            low = reference.decode_attention(q, kfull, vfull, lens_now, upcast=False)
+            for o in outs:
+                assert_close(o, ref64, low, "cache decode")
+    assert static.seqlens.tolist() == paged.seqlens.tolist() == [p + steps for p in prompt]
+    paged.free_sequence(ids[0])
+    assert paged.seqlens.tolist()[0] == 0 and paged.num_free_blocks == 9 - len(paged.blocks_of(ids[1]))
+
+
+# ------------------------------------------------------------------------------ GPU-only
+BF, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+GPU_CASES = [  # (dtype, head_dim, paged, block_size); D % 8 != 0 and fp32 take the CUDA fallback
+    (BF, 128, True, 16), (BF, 128, False, 0), (BF, 128, True, 256), (BF, 128, True, 1), (BF, 64, True, 16),
+    (BF, 80, True, 16), (BF, 96, False, 0), (BF, 256, True, 16), (F16, 128, True, 16), (F32, 128, True, 16),
+    (F32, 80, False, 0), (BF, 36, True, 16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype,D,paged,block_size", GPU_CASES)
+def test_decode_large_gpu(backend, dtype, D, paged, block_size):
+    B, Hq, Hkv, cap = 4, 16, 2, 3000
+    kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=block_size)
+    lens = mixed_lengths(B, cap)
+    poison_unused(kc, vc, lens, bt)
+    for Sq in (1, 5):
+        q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
+        check_decode(q, kc, vc, lens, bt, backend)
+        check_decode(q, kc, vc, lens, bt, backend, window=700, softcap=30.0, num_splits=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_decode_batch1_long_context_gpu(backend):
+    # The split-KV regime: one sequence, 16k tokens, MQA with 32 query heads (2 CUDA row tiles).
+    cap, Hq, Hkv, D = 16384, 32, 1, 128
+    kc, vc, bt = make_cache(1, Hkv, D, torch.bfloat16, cap, paged=True, block_size=64)
+    lens = torch.tensor([cap - 3], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(1, 1, Hq, D, dtype=torch.bfloat16, device=DEVICE)
+    for n in (0, 1, 128):
+        check_decode(q, kc, vc, lens, bt, backend, num_splits=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_unaligned_cache_gpu(backend):
+    # A cache view that is not 16-byte aligned takes the CUDA fallback path; still correct.
+    B, Hq, Hkv, D, cap = 2, 8, 2, 64, 100
+    base = torch.randn(B * cap * Hkv * D + 1, dtype=torch.float16, device=DEVICE)
+    kc = base[1:].view(B, cap, Hkv, D)
+    vc = torch.randn_like(kc)
+    lens = torch.tensor([100, 37], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    check_decode(q, kc, vc, lens, None, backend)
+    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    lens[0] = 99
+    fastlm.ops.kv_cache_append(kc, vc, k, k, lens, backend=backend)
+    ref_kv.kv_cache_append(kc_ref, vc_ref, k, k, lens)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_decode_step(backend):
+    """A decode step (advance + per-layer append + attend) captured in a CUDA graph and replayed
+    after host-side reserve() calls: outputs match the reference on the cache after each step."""
+    L_, B, Hq, Hkv, D = 2, 3, 8, 2, 64
+    cache = PagedKVCache(L_, 64, 16, Hkv, D, torch.bfloat16, DEVICE, max_batch=B, max_seqlen=512)
+    for _ in range(B):
+        cache.add_sequence()
+    prompt = [100, 30, 7]
+    cache.reserve(prompt)
+    cache.advance(torch.tensor(prompt, dtype=torch.int32, device=DEVICE))
+    cache.k_cache.normal_()
+    cache.v_cache.normal_()
+    q = torch.randn(L_, B, 1, Hq, D, dtype=torch.bfloat16, device=DEVICE)
+    k = torch.randn(L_, B, 1, Hkv, D, dtype=torch.bfloat16, device=DEVICE)
+    out = torch.empty(L_, B, 1, Hq, D, dtype=torch.bfloat16, device=DEVICE)
+
+    def step():
+        cache.advance(1)
+        for layer in range(L_):
+            cache.append(layer, k[layer], k[layer], backend=backend)
+            out[layer] = cache.attend(layer, q[layer], backend=backend)
+
+    cache.reserve(1)
+    step()  # eager warm-up: compiles the kernels (and is a real step)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g):
+        step()  # recorded, not executed
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        cache.reserve(1)
+        g.replay()
+        torch.cuda.synchronize()
+        for layer in range(L_):
+            expected = reference.decode_attention(q[layer], cache.k_cache[layer], cache.v_cache[layer], cache.seqlens,
+                                                  block_table=cache.block_table)
+            torch.testing.assert_close(out[layer].float(), expected.float(), atol=2e-2, rtol=0)
+    assert cache.seqlens.tolist() == [p + 4 for p in prompt] and cache.lengths() == [p + 4 for p in prompt]
