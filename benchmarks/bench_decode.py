@@ -1,0 +1,279 @@
+"""Decode attention and KV-cache append benchmark (paged and contiguous caches).
+
+Decode attention is memory-bound: its floor is reading the visible K and V once, so the figure
+is achieved GB/s = (K + V cache bytes read) / time = 2 * batch * context * n_kv_heads *
+head_dim * element_size / time, and its % of the device copy bandwidth measured in this run.
+Shapes: batch 1, 8, 64 x context 512..32k x GQA 1:1, 4:1, 8:1 (32 query heads, head_dim 128,
+bf16), every sequence filled to the context; paged caches use 16-token blocks in a shuffled
+block table.  Implementations: fastlm triton and cuda (paged and contiguous), PyTorch SDPA over
+the contiguous cache (q of length 1 attends to everything: no mask needed), the reference
+gather + attention (fastlm.reference.decode_attention, <= 512 MiB caches), torch.compile of the
+reference (one shape per batch 1 / 8), flash_attn_with_kvcache / flashinfer when installed.
+The reference runs on the paged layout (its gather is the point); SDPA on the contiguous one.
+
+Append: GB/s = (k, v read + cache written) / time for decode-style (1 token) and chunk-style
+(512 tokens) appends, fastlm backends vs the reference (index_put).
+
+Timing: every call is captured in a CUDA graph (many calls per graph, replayed; median of 10
+replays with p20/p80) so launch overhead does not hide the kernel time, and the calls cycle
+over enough copies of the cache (>= 256 MiB in all) that nothing is served from the 50 MiB L2
+cache: a decode step reads each layer's cache once, cold.
+Targets (H100): >= 85% of copy bandwidth for context >= 4k at batch 1 and 8; >= 3x SDPA at
+batch 1, context 16k.
+"""
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import (
+    Results, compiled, copy_bandwidth_gbs, main_guard, optional_module, parser, require_cuda,
+)
+
+import fastlm
+from fastlm import _C_loader, reference
+from fastlm.ops import kv_cache as kv_ops
+
+HQ, HEAD_DIM, DTYPE, BLOCK = 32, 128, torch.bfloat16, 16
+GQA = {"1:1": 32, "4:1": 8, "8:1": 4}  # ratio -> n_kv_heads
+BATCHES = (1, 8, 64)
+CONTEXTS = (512, 2048, 4096, 16384, 32768)
+MAX_KV_BYTES = 4.5e9  # skip shapes whose cache does not fit comfortably
+REF_MAX_BYTES = 512 * 2**20  # the gather reference copies (and upcasts) the whole cache
+COLD_BYTES = 256 * 2**20  # working set that defeats the L2 cache
+
+
+def kv_bytes(batch, ctx, hkv, d=HEAD_DIM, esize=2):
+    return 2 * batch * ctx * hkv * d * esize
+
+
+def append_bytes(batch, s_new, hkv, d=HEAD_DIM, esize=2):
+    return 2 * 2 * batch * s_new * hkv * d * esize  # read k and v, write them into the cache
+
+
+def n_copies(nbytes):
+    return int(min(32, max(1, math.ceil(COLD_BYTES / max(nbytes, 1)))))
+
+
+def bench_graph(calls, reps=10, target_ms=8.0, max_calls=500):
+    """Median, p20, p80 ms per call of `calls` (a list of zero-argument callables, cycled in
+    order), from CUDA-graph replays of many calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:  # warm-up: compiles kernels, allocator settles
+            c()
+        torch.cuda.synchronize()
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for c in calls:
+            c()
+        t1.record()
+        torch.cuda.synchronize()
+        est = max(t0.elapsed_time(t1) / len(calls), 1e-3)
+        n = len(calls) * max(1, min(max_calls // len(calls), int(target_ms / est / len(calls))))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            for i in range(n):
+                calls[i % len(calls)]()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            t0.record()
+            g.replay()
+            t1.record()
+            torch.cuda.synchronize()
+            times.append(t0.elapsed_time(t1) / n)
+    torch.cuda.current_stream().wait_stream(s)
+    del g
+    q = torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
+    return q[0], q[1], q[2]
+
+
+def make_inputs(batch, ctx, hkv, paged, copies, gen):
+    """`copies` independent caches (contiguous or paged with a shuffled block table) + q."""
+    q = torch.randn(batch, 1, HQ, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    caches = []
+    for _ in range(copies):
+        if paged:
+            nb = ctx // BLOCK
+            bt = torch.randperm(batch * nb, device="cuda", generator=gen).view(batch, nb).to(torch.int32)
+            shape = (batch * nb, BLOCK, hkv, HEAD_DIM)
+        else:
+            bt, shape = None, (batch, ctx, hkv, HEAD_DIM)
+        kc = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+        vc = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+        caches.append((kc, vc, bt))
+    return q, lens, caches
+
+
+def peer_calls(name, q, lens, caches, paged, hkv, ctx, fa, fi):
+    """The list of callables for implementation `name`, or a string saying why it is skipped."""
+    if name in ("triton", "cuda"):
+        if name == "cuda" and not _C_loader.HAVE_CUDA_KERNELS:
+            return "skipped: fastlm._C built without CUDA kernels"
+        return [lambda c=c: fastlm.ops.decode_attention(q, c[0], c[1], lens, block_table=c[2], backend=name)
+                for c in caches]
+    if name == "reference":
+        return [lambda c=c: reference.decode_attention(q, c[0], c[1], lens, block_table=c[2]) for c in caches]
+    if name == "reference-compile":
+        f = compiled(lambda q, k, v, lens, bt: reference.decode_attention(q, k, v, lens, block_table=bt))
+        return [lambda c=c: f(q, c[0], c[1], lens, c[2]) for c in caches]
+    if name.startswith("sdpa"):
+        if paged:
+            return None  # SDPA has no paged layout
+        qh = q.transpose(1, 2)  # (B, Hq, 1, D)
+        backends = {
+            "sdpa": None,
+            "sdpa-flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+            "sdpa-efficient": torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+            "sdpa-cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
+        }
+        be = backends[name]
+
+        def run(c):
+            k, v = c[0].transpose(1, 2), c[1].transpose(1, 2)  # (B, Hkv, ctx, D) views
+            if be is None:
+                return F.scaled_dot_product_attention(qh, k, v, enable_gqa=hkv != HQ)
+            with torch.nn.attention.sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(qh, k, v, enable_gqa=hkv != HQ)
+
+        return [lambda c=c: run(c) for c in caches]
+    if name == "flash_attn":
+        if fa is None:
+            return "skipped: not installed"
+        if paged:
+            return None  # its paged layout needs 256-token blocks
+        return [lambda c=c: fa.flash_attn_with_kvcache(q, c[0], c[1], cache_seqlens=lens) for c in caches]
+    if name == "flashinfer":
+        if fi is None:
+            return "skipped: not installed"
+        if paged or q.shape[0] != 1:
+            return None  # wired for its single-request decode only
+        return [lambda c=c: fi.single_decode_with_kv_cache(q[0, 0], c[0][0], c[1][0]) for c in caches]
+    raise ValueError(name)
+
+
+def bench_decode(res, args, copy_bw, fa, fi):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batches = (1, 8) if args.quick else BATCHES
+    contexts = (512, 4096, 16384) if args.quick else CONTEXTS
+    summary = {}
+    for batch in batches:
+        for ctx in contexts:
+            for ratio, hkv in GQA.items():
+                nbytes = kv_bytes(batch, ctx, hkv)
+                if nbytes > MAX_KV_BYTES:
+                    continue
+                for paged in (True, False):
+                    copies = n_copies(nbytes)
+                    q, lens, caches = make_inputs(batch, ctx, hkv, paged, copies, gen)
+                    layout = "paged" if paged else "contiguous"
+                    names = ["triton", "cuda", "sdpa", "flash_attn", "flashinfer"]
+                    if nbytes <= REF_MAX_BYTES and paged:
+                        names.append("reference")  # the gather + attention baseline
+                    if ctx == 4096 and ratio == "4:1" and batch in (1, 8) and not paged:
+                        names.append("reference-compile")
+                    if batch == 1 and ctx == 16384 and not paged:
+                        names += ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn"]
+                    row = dict(op="decode", batch=batch, context=ctx, gqa=ratio, n_kv_heads=hkv, layout=layout,
+                               kv_mib=round(nbytes / 2**20, 1))
+                    for name in names:
+                        calls = peer_calls(name, q, lens, caches, paged, hkv, ctx, fa, fi)
+                        if calls is None:
+                            continue
+                        if isinstance(calls, str):
+                            res.add(**row, impl=name, status=calls)
+                            continue
+                        try:
+                            ms, p20, p80 = bench_graph(calls)
+                        except Exception as e:  # a peer that cannot run this shape: say so
+                            res.add(**row, impl=name, status=f"error: {type(e).__name__}: {str(e)[:120]}")
+                            torch.cuda.synchronize()
+                            continue
+                        gbs = nbytes / ms / 1e6
+                        extra = {}
+                        if name in ("triton", "cuda"):
+                            extra["num_splits"] = kv_ops.num_splits_heuristic(batch, hkv, 1, ctx, q.device)
+                        res.add(**row, impl=name, ms=ms, p20=p20, p80=p80, gbs=gbs, pct_copy=100 * gbs / copy_bw,
+                                **extra)
+                        summary[(batch, ctx, ratio, layout, name)] = ms
+                    del q, lens, caches
+                    torch.cuda.empty_cache()
+    return summary
+
+
+def bench_append(res, args, copy_bw):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    cases = [(64, 1, 8), (8, 1, 8), (8, 512, 8), (1, 4096, 8)]
+    cap = 8192
+    for batch, s_new, hkv in cases:
+        for paged in (True, False):
+            nbytes = append_bytes(batch, s_new, hkv)
+            nb = cap // BLOCK
+            shape = (batch * nb, BLOCK, hkv, HEAD_DIM) if paged else (batch, cap, hkv, HEAD_DIM)
+            kc = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+            vc = torch.randn_like(kc)
+            bt = torch.randperm(batch * nb, device="cuda", generator=gen).view(batch, nb).int() if paged else None
+            k = torch.randn(batch, s_new, hkv, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+            v = torch.randn_like(k)
+            lens = torch.randint(0, cap - s_new + 1, (batch,), device="cuda", generator=gen).int()
+            row = dict(op="append", batch=batch, seqlen_new=s_new, n_kv_heads=hkv, layout="paged" if paged else "contiguous",
+                       bytes=nbytes)
+            for name in ("triton", "cuda", "reference"):
+                if name == "cuda" and not _C_loader.HAVE_CUDA_KERNELS:
+                    res.add(**row, impl=name, status="skipped: fastlm._C built without CUDA kernels")
+                    continue
+                fn = (lambda: reference.kv_cache_append(kc, vc, k, v, lens, block_table=bt)) if name == "reference" else (
+                    lambda name=name: fastlm.ops.kv_cache_append(kc, vc, k, v, lens, block_table=bt, backend=name))
+                ms, p20, p80 = bench_graph([fn])
+                gbs = nbytes / ms / 1e6
+                res.add(**row, impl=name, ms=ms, p20=p20, p80=p80, gbs=gbs, pct_copy=100 * gbs / copy_bw)
+            del kc, vc
+            torch.cuda.empty_cache()
+
+
+def print_targets(summary, copy_bw):
+    print("[bench_decode] targets: >= 85% of copy bandwidth at context >= 4k, batch 1 and 8; >= 3x SDPA at "
+          "batch 1 / 16k", flush=True)
+    for impl in ("triton", "cuda"):
+        for layout in ("paged", "contiguous"):
+            worst = None
+            for (batch, ctx, ratio, lay, name), ms in summary.items():
+                if name == impl and lay == layout and ctx >= 4096 and batch in (1, 8):
+                    pct = 100 * kv_bytes(batch, ctx, GQA[ratio]) / ms / 1e6 / copy_bw
+                    if worst is None or pct < worst[0]:
+                        worst = (pct, batch, ctx, ratio)
+            if worst:
+                print(f"[bench_decode]   {impl:6s} {layout:10s} worst % of copy (ctx>=4k, batch 1/8): {worst[0]:.1f}% "
+                      f"at batch {worst[1]}, ctx {worst[2]}, GQA {worst[3]}", flush=True)
+        for ratio in GQA:
+            sd = summary.get((1, 16384, ratio, "contiguous", "sdpa"))
+            for layout in ("paged", "contiguous"):
+                ours = summary.get((1, 16384, ratio, layout, impl))
+                if sd and ours:
+                    print(f"[bench_decode]   {impl:6s} {layout:10s} batch 1 ctx 16k GQA {ratio}: {sd / ours:.2f}x SDPA",
+                          flush=True)
+
+
+def main(argv=None):
+    main_guard()
+    args = parser("decode attention + KV append: GB/s and % of copy bandwidth").parse_args(argv)
+    if not require_cuda("bench_decode"):
+        return 0
+    res = Results("bench_decode", args.out)
+    copy_bw = copy_bandwidth_gbs()
+    res.add(op="roof", impl="copy", gbs=copy_bw)
+    fa = optional_module("flash_attn")
+    fi = optional_module("flashinfer")
+    summary = bench_decode(res, args, copy_bw, fa, fi)
+    bench_append(res, args, copy_bw)
+    print_targets(summary, copy_bw)
+    res.write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
