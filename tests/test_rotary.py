@@ -717,3 +717,229 @@ def test_rotary_embedding_module(backend):
     with pytest.raises(ValueError, match="head_dim"):
         m(torch.randn(1, 2, 2, 16, device=DEVICE), torch.randn(1, 2, 2, 16, device=DEVICE))
     assert "rotary_dim=16" in repr(m)
+
+
+# ---------------------------------------------------------------------------- CUDA kernel, host-emulated
+# The CUDA kernel cannot run without a GPU, but its body is plain C++ over a params struct: it is
+# compiled here with g++ (CUDA qualifiers defined away, blockDim = 1 so each CTA runs as one
+# thread, which is exactly equivalent: threads share only the smem written before
+# __syncthreads) and checked against the reference on random layouts, both conventions, every
+# positions form, packed, in place, conj, and every vector width.  Vector accesses trap when
+# misaligned.
+_EMU_CPP = r"""
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+struct Dim { unsigned x; };
+static Dim threadIdx{0}, blockIdx{0}, blockDim{1};
+#undef __global__
+#define __global__
+#undef __device__
+#define __device__
+#undef __forceinline__
+#define __forceinline__ inline
+#undef __launch_bounds__
+#define __launch_bounds__(x)
+#undef __shared__
+#define __shared__ static
+#define __syncthreads() do {} while (0)
+using std::min;
+static inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+namespace fastlm {
+template <typename T> inline float to_float(T v) { return static_cast<float>(v); }
+template <> inline float to_float<__half>(__half v) { return __half2float(v); }
+template <> inline float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> inline T from_float(float v) { return static_cast<T>(v); }
+template <> inline __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T, int N> struct alignas(sizeof(T) * N) Vec { T v[N]; };
+template <typename T, int N> inline Vec<T, N> load_vec(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N)) __builtin_trap();
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+template <typename T, int N> inline void store_vec(T* p, const Vec<T, N>& v) {
+  if (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N)) __builtin_trap();
+  *reinterpret_cast<Vec<T, N>*>(p) = v;
+}
+namespace {
+#include "kernel_body.inc"
+}
+template <typename T, typename C, int VEC, bool IL> void run_t(const RotaryParams& p, int64_t blocks) {
+  for (int64_t b = 0; b < blocks; ++b) { blockIdx.x = (unsigned)b; rotary_kernel<T, C, VEC, IL>(p); }
+}
+template <typename T, typename C> void run_c(const RotaryParams& p, int64_t blocks, int vec, bool il) {
+  switch (vec * 2 + il) {
+    case 2: run_t<T, C, 1, false>(p, blocks); break;
+    case 3: run_t<T, C, 1, true>(p, blocks); break;
+    case 4: run_t<T, C, 2, false>(p, blocks); break;
+    case 5: run_t<T, C, 2, true>(p, blocks); break;
+    case 8: run_t<T, C, 4, false>(p, blocks); break;
+    case 9: run_t<T, C, 4, true>(p, blocks); break;
+    case 16: if constexpr (sizeof(T) == 2) run_t<T, C, 8, false>(p, blocks); break;
+    case 17: if constexpr (sizeof(T) == 2) run_t<T, C, 8, true>(p, blocks); break;
+    default: __builtin_trap();
+  }
+}
+}  // namespace fastlm
+using namespace fastlm;
+extern "C" void run(const void* q, const void* k, void* qo, void* ko, const void* cos, const void* sin,
+                    const void* pos, int pos64, const int* cu, const int64_t* st, int64_t s_cos, int64_t spos_b,
+                    int64_t spos_s, int64_t n_tokens, int64_t seqlen, int64_t offset, int64_t max_pos, int hq, int hk,
+                    int d, int half, int num_seqs, int pos_mode, int tpb, int varlen, int copy_pass, float sin_sign,
+                    int dtype, int cos_f32, int vec, int il) {
+  RotaryParams p{};
+  p.q = q; p.k = k; p.qo = qo; p.ko = ko; p.cos = cos; p.sin = sin; p.pos = pos; p.pos64 = pos64; p.cu = cu;
+  for (int i = 0; i < 3; ++i) { p.sq[i] = st[i]; p.sk[i] = st[3 + i]; p.sqo[i] = st[6 + i]; p.sko[i] = st[9 + i]; }
+  p.s_cos = s_cos; p.spos_b = spos_b; p.spos_s = spos_s; p.n_tokens = n_tokens; p.seqlen = seqlen;
+  p.offset = offset; p.max_pos = max_pos; p.n_heads_q = hq; p.n_heads_k = hk; p.head_dim = d; p.half = half;
+  p.num_seqs = num_seqs; p.pos_mode = pos_mode; p.tpb = tpb; p.varlen = varlen; p.copy_pass = copy_pass;
+  p.sin_sign = sin_sign;
+  const int64_t blocks = (n_tokens + tpb - 1) / tpb;
+  if (dtype == 0) run_c<float, float>(p, blocks, vec, il);
+  else if (dtype == 1) { if (cos_f32) run_c<__half, float>(p, blocks, vec, il); else run_c<__half, __half>(p, blocks, vec, il); }
+  else { if (cos_f32) run_c<__nv_bfloat16, float>(p, blocks, vec, il); else run_c<__nv_bfloat16, __nv_bfloat16>(p, blocks, vec, il); }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def cuda_kernel_emulator(tmp_path_factory):
+    import ctypes
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = open(os.path.join(root, "csrc", "rotary.cu")).read()
+    begin, end = src.find("// ---- kernel begin"), src.find("// ---- kernel end")
+    assert 0 <= begin < end, "csrc/rotary.cu lost its kernel begin/end markers"
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    inc = os.path.join(cuda_home, "include")
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None or not os.path.exists(os.path.join(inc, "cuda_bf16.h")):
+        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h / cuda_bf16.h) to emulate the CUDA kernel")
+    d = tmp_path_factory.mktemp("rotary_emu")
+    (d / "kernel_body.inc").write_text(src[begin:end])
+    (d / "emu.cpp").write_text(_EMU_CPP)
+    r = subprocess.run([cxx, "-O1", "-std=c++20", "-shared", "-fPIC", f"-I{inc}", str(d / "emu.cpp"), "-o",
+                        str(d / "libemu.so")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lib = ctypes.CDLL(str(d / "libemu.so"))
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.run.argtypes = [P] * 7 + [I, P, P] + [I64] * 7 + [I] * 9 + [ctypes.c_float] + [I] * 4
+    return lib
+
+
+def _emu_launch(lib, q, k, cos, sin, qo, ko, positions, cu, offset, mode, interleaved, conj, vec=None):
+    """What rotary_cuda's host code sets up (strides, vector width, tokens per CTA), then the kernel."""
+    import ctypes
+
+    packed = q.dim() == 3
+    B, S = (1, q.shape[0]) if packed else (q.shape[0], q.shape[1])
+    D, half, Hq, Hk = q.shape[-1], cos.shape[1], q.shape[-2], k.shape[-2]
+
+    def dims3(x):
+        sizes = [1, x.shape[0], x.shape[1]] if packed else list(x.shape[:3])
+        st = [0, x.stride(0), x.stride(1)] if packed else list(x.stride()[:3])
+        return [s if n > 1 else 0 for s, n in zip(st, sizes)]
+
+    spos_b = spos_s = 0
+    if mode == 1:
+        spos_b = positions.stride(0) if positions.shape[0] > 1 else 0
+    elif mode == 2 and packed:
+        spos_s = positions.stride(0) if positions.shape[0] > 1 else 0
+    elif mode == 2:
+        spos_b, spos_s = (positions.stride(0) if B > 1 else 0), (positions.stride(1) if S > 1 else 0)
+    copy_pass = qo.data_ptr() != q.data_ptr() and 2 * half < D
+    strides = dims3(q) + dims3(k) + dims3(qo) + dims3(ko)
+    es, cs = q.element_size(), cos.element_size()
+    s_cos = cos.stride(0) if cos.shape[0] > 1 else 0
+
+    def fits(v):
+        if half % v or (copy_pass and (D - 2 * half) % v):
+            return False
+        for i, t in enumerate((q, k, qo, ko)):
+            if t.numel() and (t.data_ptr() % (v * es) or any(s % v for s in strides[3 * i : 3 * i + 3])):
+                return False
+        cv = min(v, 16 // cs)
+        return cos.data_ptr() % (cv * cs) == 0 and sin.data_ptr() % (cv * cs) == 0 and s_cos % cv == 0
+
+    if vec is None:
+        vec = 16 // es
+        while vec > 1 and not fits(vec):
+            vec //= 2
+    assert fits(vec)
+    upt = (Hq + Hk) * (half // vec + ((D - 2 * half) // vec if copy_pass else 0))
+    tpb = max(1, min(64, -(-2048 // upt)))
+    if B * S == 0:
+        return vec
+
+    def ptr(t):
+        return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else 0)
+
+    lib.run(ptr(q), ptr(k), ptr(qo), ptr(ko), ptr(cos), ptr(sin), ptr(positions) if mode else ptr(None),
+            int(positions is not None and positions.dtype == torch.int64), ptr(cu),
+            (ctypes.c_int64 * 12)(*strides), s_cos, spos_b, spos_s, B * S, S, offset, cos.shape[0], Hq, Hk, D, half,
+            cu.numel() - 1 if cu is not None else B, mode, tpb, int(cu is not None), int(copy_pass),
+            -1.0 if conj else 1.0, {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[q.dtype],
+            int(cos.dtype == torch.float32), vec, int(interleaved))
+    return vec
+
+
+def test_cuda_kernel_host_emulation(cuda_kernel_emulator):
+    import random
+
+    from fastlm.ops.rotary import _normalize_positions
+
+    rng = random.Random(0)
+    widths = set()
+    for _ in range(160):
+        dtype = rng.choice(DTYPES)
+        il, conj, inplace = rng.random() < 0.5, rng.random() < 0.3, rng.random() < 0.3
+        Hk = rng.choice([1, 2, 3])
+        Hq = Hk * rng.choice([1, 2, 4])
+        half = rng.choice([1, 2, 3, 4, 8, 16, 17, 32, 64])
+        D = 2 * half + rng.choice([0, 0, 1, 2, 4, 8, 16])
+        maxp = rng.choice([8, 40])
+        cos, sin = ops.rotary_tables(2 * half, maxp, dtype=rng.choice([torch.float32, dtype]))
+        if rng.random() < 0.35:  # packed
+            lens = [rng.randint(0, 6) for _ in range(rng.randint(1, 4))]
+            cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+            q, k = torch.randn(int(cu[-1]), Hq, D, dtype=dtype), torch.randn(int(cu[-1]), Hk, D, dtype=dtype)
+            positions = rng.choice([None, rng.randint(0, 2), torch.randint(0, 2, (len(lens),)),
+                                    torch.randint(-1, maxp + 1, (q.shape[0],))])
+        else:
+            cu, B, S = None, rng.randint(1, 3), rng.randint(1, 7)
+            if rng.random() < 0.5:  # slices of a fused projection, sometimes with an odd row length
+                qkv = torch.randn(B, S, (Hq + 2 * Hk) * D + rng.choice([0, 1, 8]), dtype=dtype)
+                q, k = qkv[..., : Hq * D].view(B, S, Hq, D), qkv[..., Hq * D : (Hq + Hk) * D].view(B, S, Hk, D)
+            else:
+                q, k = torch.randn(B, S, Hq, D, dtype=dtype), torch.randn(B, S, Hk, D, dtype=dtype)
+            positions = rng.choice([None, rng.randint(0, 1), torch.randint(0, 2, (B,)),
+                                    torch.randint(-1, maxp + 1, (B, S)), torch.randint(0, maxp, (1, S)).int()])
+        pt, off, mode = _normalize_positions(q, positions, cu, maxp)
+        q0, k0 = q.clone(), k.clone()
+        qo, ko = (q, k) if inplace else (poison_(torch.empty_like(q0)), poison_(torch.empty_like(k0)))
+        widths.add(_emu_launch(cuda_kernel_emulator, q, k, cos, sin, qo, ko, pt, cu, off, mode, il, conj))
+        tp = token_positions(q0, positions, cu)
+        bad = (tp < 0) | (tp >= maxp)
+        rq, rk = reference.apply_rotary(q0.double(), k0.double(), cos.double(), (-sin if conj else sin).double(),
+                                        positions=tp.clamp(0, maxp - 1), cu_seqlens=cu, interleaved=il)
+        for out, ref, x0 in ((qo, rq, q0), (ko, rk, k0)):
+            if (~bad).any():  # fp32 math, one rounding to the output dtype
+                tol = 2 * torch.finfo(dtype).eps * max(1.0, ref[~bad].abs().max().item())
+                assert (out[~bad].double() - ref[~bad]).abs().max() <= tol
+            assert torch.isnan(out[bad][..., : 2 * half]).all()  # out-of-table positions: NaN, no wrap
+            assert torch.equal(out[..., 2 * half :], x0[..., 2 * half :])  # pass-through copied / untouched
+    assert widths == {1, 2, 4, 8}
+    # Every vector width gives the same bits on an aligned shape.
+    q, k = torch.randn(2, 5, 4, 32, dtype=torch.bfloat16), torch.randn(2, 5, 2, 32, dtype=torch.bfloat16)
+    cos, sin = ops.rotary_tables(32, 8)
+    for il in (False, True):
+        outs = []
+        for v in (8, 4, 2, 1):
+            qo, ko = torch.empty_like(q), torch.empty_like(k)
+            _emu_launch(cuda_kernel_emulator, q, k, cos, sin, qo, ko, None, None, 1, 0, il, False, vec=v)
+            outs.append(torch.cat([qo.flatten(), ko.flatten()]))
+        assert all(torch.equal(o, outs[0]) for o in outs)
