@@ -148,6 +148,18 @@ def test_decode_strided_q_and_empty_sequences(backend):
     assert (out[0] == 0).all() and (out[1, 0] == 0).all()  # rows that see no key give 0
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_decode_many_query_rows(backend):
+    # MQA with 40 query heads x seqlen_q 2 = 80 rows per KV head: several row tiles per program
+    # grid (Triton 64 rows, CUDA 16), each reading the same K/V.
+    B, Hq, Hkv, D, cap = 2, 40, 1, 16, 30
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=6)
+    lens = mixed_lengths(B, cap, lo=2)
+    poison_unused(kc, vc, lens, bt)
+    q = torch.randn(B, 2, Hq, D, dtype=torch.float16, device=DEVICE)
+    check_decode(q, kc, vc, lens, bt, backend, num_splits=2, window=9)
+
+
 def test_num_splits_heuristic():
     h = lambda *a: kv_ops.num_splits_heuristic(*a, torch.device("cpu"), sms=132)  # noqa: E731  (an H100)
     assert h(1, 8, 1, 16384) == 33  # batch 1, long context: 8 CTAs x 33 splits ~ 2 x 132 SMs

@@ -34,7 +34,7 @@ import os
 import torch
 
 from fastlm import _backend, _C_loader
-from fastlm._checks import KERNEL_DTYPES, check_tensor
+from fastlm._checks import check_tensor
 from fastlm.reference import kv_cache as _ref
 
 SUPPORTED = ("triton", "cuda", "reference")
