@@ -5,3 +5,4 @@ computed in fp32 (the same statistics precision as the kernels) unless ``upcast=
 from fastlm.reference.norm import layer_norm, rms_norm  # noqa: F401
 from fastlm.reference.rotary import apply_rotary  # noqa: F401
 from fastlm.reference.kv_cache import decode_attention, kv_cache_append  # noqa: F401
+from fastlm.reference.attention import attention  # noqa: F401

@@ -1,0 +1,1006 @@
+"""Fused attention (FlashAttention-2 algorithm) forward and backward in Triton.
+
+Layout: q (B, Sq, Hq, D), k/v (B, Sk, Hk, D), or packed varlen q (Tq, Hq, D), k/v (Tk, Hk, D)
+with cu_seqlens.  Every tensor is addressed through its strides (unit stride in D required;
+the launcher copies only a tensor whose last dim is strided).  Hq = group * Hk (GQA/MQA).
+
+Cost model (per head, non-causal): forward 4*Sq*Sk*D FLOPs (QK^T and PV) against
+2*(Sq+Sk)*D*bytes of traffic: at seqlen >= 512 and D >= 64 it is compute-bound, so the
+design goal is to keep the tensor cores fed: one Q tile per program kept in registers, K/V
+tiles streamed (software-pipelined by num_stages), fp32 online softmax in the log2 domain
+(scale * log2(e) folded into one multiplier, exp2), and no masking work on tiles that need
+none.  Backward is 2.5x the forward FLOPs (QK^T and dO V^T recomputed, dV, dK, dQ).
+
+Masks (bottom-right aligned like FlashAttention >= 2.1; off = Lk - Lq per sequence):
+  right (causal is right = 0):  key j <= i + off + right
+  left:                         key j >= i + off - left
+Each program splits its K (or Q) range into three loops: [lo, full_lo) masked, [full_lo,
+full_hi) unmasked, [full_hi, hi) masked.  Tiles outside the band are never visited (causal
+does half the work), and only the diagonal/edge tiles pay for the mask.  Fully masked rows
+produce out = 0 and lse = -inf (never NaN); the backward maps lse = -inf to p = 0.
+
+Varlen without a host sync: the grid's first axis enumerates query blocks of the *packed*
+batch: sum_s cdiv(len_s, BLOCK_M) <= cdiv(Tq, BLOCK_M) + num_seqs, a bound known on the host
+from shapes alone.  Each program finds its (sequence, block) by a prefix sum over cdiv(len_s,
+BLOCK_M) read from cu_seqlens on the device (`_seq_lookup`, O(num_seqs / 256) vector steps),
+and programs past the last block exit.  So max_seqlen_q/k are only tuning hints.  Lengths are
+clamped into [0, T] so malformed cu_seqlens can never address memory out of bounds.
+
+Backward (FA2): a preprocess kernel computes delta = rowsum(dO * O) - dlse (the lse gradient
+folds into delta: dS = P * (dP - delta)).  The dK/dV kernel gives each program one (kv head,
+K block): K, V stay in registers, dK/dV accumulate in fp32 registers while it loops over the
+query heads of its GQA group and their Q blocks: the group sum needs no atomics.  dQ comes
+either from fp32 atomics in that same loop (ATOMIC_DQ: 5 matmuls per tile, order-dependent
+rounding) or from a separate dQ kernel, one program per (q head, Q block) looping over K
+blocks (7 matmuls per tile, bitwise deterministic).  When a GQA group has too few (kv head,
+K block) programs to fill the GPU, the group's query heads are split across programs that
+write fp32 partial dK/dV which the launcher sums (still deterministic).
+"""
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Sequences per vector step of the varlen block lookup (a constexpr global: readable in kernels).
+LOOKUP_CHUNK = tl.constexpr(256)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ------------------------------------------------------------------------------ helpers
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # fp32 inputs use exact fp32 products (tf32 would break the fp32 accuracy contract);
+    # fp16/bf16 inputs use the tensor cores with fp32 accumulation.
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1); saturates to +-1 without inf/inf for large |x|.
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _seq_lookup(CU, num_seqs, total, pid, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Packed block index pid -> (seq, block index within seq).  seq == num_seqs: past the end.
+
+    Block counts per sequence are cdiv(len, BLOCK); a sequence lies before pid when the
+    inclusive prefix sum of the counts up to it is <= pid (empty sequences count 0).
+    """
+    seq = tl.full([], 0, tl.int32)
+    before = tl.full([], 0, tl.int32)
+    done = tl.full([], 0, tl.int32)
+    for c in range(0, num_seqs, CHUNK):
+        idx = c + tl.arange(0, CHUNK)
+        valid = idx < num_seqs
+        lo = tl.load(CU + idx, mask=valid, other=0)
+        hi = tl.load(CU + idx + 1, mask=valid, other=0)
+        lo = tl.minimum(tl.maximum(lo, 0), total)
+        hi = tl.minimum(tl.maximum(hi, lo), total)
+        nb = tl.where(valid, (hi - lo + BLOCK - 1) // BLOCK, 0)
+        cum = tl.cumsum(nb, 0) + done
+        is_before = valid & (cum <= pid)
+        seq += tl.sum(is_before.to(tl.int32), 0)
+        before += tl.sum(tl.where(is_before, nb, 0), 0)
+        done += tl.sum(nb, 0)
+    return seq, pid - before
+
+
+@triton.jit
+def _seq_bounds(CU, seq, total):
+    """[start, end) of packed sequence seq, clamped into [0, total] and non-decreasing."""
+    start = tl.load(CU + seq)
+    end = tl.load(CU + seq + 1)
+    start = tl.minimum(tl.maximum(start, 0), total)
+    end = tl.minimum(tl.maximum(end, start), total)
+    return start, end
+
+
+@triton.jit
+def _kv_range(m0, i_last, Lk, off, window_left, window_right,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query rows [m0, i_last]: key blocks [lo, full_lo) masked, [full_lo, full_hi)
+    fully visible, [full_hi, hi) masked.  All multiples of BLOCK_N."""
+    if HAS_LEFT:
+        j_lo = tl.maximum(m0 + off - window_left, 0)
+        full_lo = tl.cdiv(tl.maximum(i_last + off - window_left, 0), BLOCK_N) * BLOCK_N
+    else:
+        j_lo = tl.full([], 0, tl.int32)
+        full_lo = tl.full([], 0, tl.int32)
+    if HAS_RIGHT:
+        j_hi = tl.minimum(tl.maximum(i_last + off + window_right + 1, 0), Lk)
+        full_hi = (tl.maximum(tl.minimum(m0 + off + window_right + 1, Lk), 0) // BLOCK_N) * BLOCK_N
+    else:
+        j_hi = Lk
+        full_hi = (Lk // BLOCK_N) * BLOCK_N
+    lo = (j_lo // BLOCK_N) * BLOCK_N
+    hi = tl.cdiv(j_hi, BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _q_range(n0, j_last, Lq, Lk, off, window_left, window_right,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """For key rows [n0, j_last]: query blocks [lo, full_lo) masked, [full_lo, full_hi)
+    fully visible, [full_hi, hi) masked.  A partial key block is always masked."""
+    if HAS_RIGHT:
+        i_lo = tl.maximum(n0 - off - window_right, 0)
+        full_lo = tl.cdiv(tl.maximum(j_last - off - window_right, 0), BLOCK_M) * BLOCK_M
+    else:
+        i_lo = tl.full([], 0, tl.int32)
+        full_lo = tl.full([], 0, tl.int32)
+    if HAS_LEFT:
+        i_hi = tl.minimum(tl.maximum(j_last - off + window_left + 1, 0), Lq)
+        full_hi = (tl.maximum(tl.minimum(n0 - off + window_left + 1, Lq), 0) // BLOCK_M) * BLOCK_M
+    else:
+        i_hi = Lq
+        full_hi = (Lq // BLOCK_M) * BLOCK_M
+    lo = (i_lo // BLOCK_M) * BLOCK_M
+    hi = tl.cdiv(i_hi, BLOCK_M) * BLOCK_M
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    full_hi = tl.where(n0 + BLOCK_N > Lk, full_lo, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _allowed(rows, cols, Lq, Lk, off, window_left, window_right,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Mask of visible (query row, key col) pairs; rows/cols are broadcastable index tiles."""
+    ok = (rows < Lq) & (cols < Lk)
+    if HAS_RIGHT:
+        ok = ok & (cols <= rows + (off + window_right))
+    if HAS_LEFT:
+        ok = ok & (cols >= rows + (off - window_left))
+    return ok
+
+
+# ------------------------------------------------------------------------------ forward
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, lo, hi,
+               offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right, score_mul, cap_mul,
+               MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    k_ptrs = K + lo.to(tl.int64) * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + lo.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        if MASK:
+            kv_ok = ((start_n + offs_n)[:, None] < Lk) & d_ok
+        else:
+            kv_ok = d_ok
+        if BLOCK_D == HEAD_DIM and not MASK:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+        qk = _dot(q, tl.trans(k), None, IEEE)
+        if MASK or HAS_SOFTCAP:
+            if HAS_SOFTCAP:
+                s = cap_mul * _tanh(qk * score_mul)
+            else:
+                s = qk * score_mul
+            if MASK:
+                ok = _allowed(offs_m[:, None], (start_n + offs_n)[None, :], Lq, Lk, off, window_left,
+                              window_right, HAS_LEFT, HAS_RIGHT)
+                s = tl.where(ok, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # A row with nothing visible so far keeps m = -inf: shift by 0, not inf - inf.
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = m_new
+            p = tl.math.exp2(s - m_use[:, None])
+        else:
+            # Hot path: score_mul > 0 commutes with max, and scale-and-shift is one FMA.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * score_mul)
+            m_use = m_new
+            p = tl.math.exp2(qk * score_mul - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if BLOCK_D == HEAD_DIM and not MASK:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc, IEEE)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # *T  (B, Sq, Hq, D) or packed (Tq, Hq, D); unit stride in D
+    K,  # *T  (B, Sk, Hk, D) or packed (Tk, Hk, D)
+    V,  # *T  like K
+    O,  # *T  output, like Q (written)
+    LSE,  # *fp32 log-sum-exp (natural log): (B, Hq, Sq) or packed (Hq, Tq); unit stride in seq
+    CU_Q,  # *i32 (num_seqs + 1,) packed query offsets (IS_VARLEN only)
+    CU_K,  # *i32 (num_seqs + 1,) packed key offsets (IS_VARLEN only)
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q,  # dense: Sq; varlen: Tq (bound for clamping)
+    seqlen_k,  # dense: Sk; varlen: Tk
+    num_seqs,  # varlen: number of sequences
+    group,  # Hq // Hk
+    score_mul,  # no softcap: softmax_scale * log2(e); softcap: softmax_scale / softcap
+    cap_mul,  # softcap * log2(e) (HAS_SOFTCAP only)
+    window_left,  # >= 0 when HAS_LEFT
+    window_right,  # >= 0 when HAS_RIGHT (0 = causal)
+    seq_key,  # autotune key only (power-of-2 bucket of the sequence length)
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # next power of 2 >= max(D, 16); padded columns are masked
+    IS_VARLEN: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per inner step
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // group
+    if IS_VARLEN:
+        seq, m_blk = _seq_lookup(CU_Q, num_seqs, seqlen_q, pid_m, BLOCK_M, LOOKUP_CHUNK)
+        if seq >= num_seqs:
+            return
+        q_start, q_end = _seq_bounds(CU_Q, seq, seqlen_q)
+        k_start, k_end = _seq_bounds(CU_K, seq, seqlen_k)
+        Lq = q_end - q_start
+        Lk = k_end - k_start
+        q_off = q_start.to(tl.int64) * stride_qs
+        k_off = k_start.to(tl.int64) * stride_ks
+        v_off = k_start.to(tl.int64) * stride_vs
+        o_off = q_start.to(tl.int64) * stride_os
+        l_off = q_start.to(tl.int64)
+    else:
+        b = tl.program_id(2).to(tl.int64)
+        if HAS_RIGHT:
+            # Causal-like: the last query blocks see the most keys; launch them first.
+            m_blk = tl.num_programs(0) - 1 - pid_m
+        else:
+            m_blk = pid_m
+        Lq = seqlen_q
+        Lk = seqlen_k
+        q_off = b * stride_qb
+        k_off = b * stride_kb
+        v_off = b * stride_vb
+        o_off = b * stride_ob
+        l_off = b * stride_lb
+    off = Lk - Lq
+    m0 = m_blk * BLOCK_M
+    Q += q_off + h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qs
+    O += o_off + h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_os
+    K += k_off + hk.to(tl.int64) * stride_kh
+    V += v_off + hk.to(tl.int64) * stride_vh
+    LSE += l_off + h.to(tl.int64) * stride_lh
+
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m0 + offs_r
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + offs_r[:, None] * stride_qs + offs_d[None, :], mask=tile_ok, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    i_last = tl.minimum(m0 + BLOCK_M, Lq) - 1
+    lo, full_lo, full_hi, hi = _kv_range(m0, i_last, Lk, off, window_left, window_right,
+                                         HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    if HAS_LEFT:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, lo, full_lo,
+                                   offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right,
+                                   score_mul, cap_mul, True, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT,
+                                   HAS_SOFTCAP, IEEE, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, full_lo, full_hi,
+                               offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right,
+                               score_mul, cap_mul, False, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT,
+                               HAS_SOFTCAP, IEEE, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, full_hi, hi,
+                               offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right,
+                               score_mul, cap_mul, True, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT,
+                               HAS_SOFTCAP, IEEE, BLOCK_N)
+
+    # Epilogue: rows that saw no key (l = 0) give out = 0 and lse = -inf.
+    empty = l_i == 0.0
+    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+    out = acc * inv_l[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(O + offs_r[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=tile_ok)
+    tl.store(LSE + offs_m, lse, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------ backward
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O,  # *T   forward output (B, S, H, D) / packed (T, H, D) with B = 1
+    DO,  # *T  its gradient, same shape, any strides with unit D stride
+    DLSE,  # *fp32 gradient of lse, lse layout (HAS_DLSE only)
+    DELTA,  # *fp32 output (B, H, S) / packed (H, T): rowsum(dO * O) - dlse
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dlb, stride_dlh, stride_dls,
+    stride_lb, stride_lh,
+    seqlen,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seqlen
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_m.to(tl.int64)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :],
+                mask=tile_ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+                 mask=tile_ok, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b * stride_dlb + h * stride_dlh + rows * stride_dls, mask=row_ok, other=0.0)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, stride_qs, stride_dos, stride_dqs, lo, hi,
+                    offs_n, offs_mb, offs_d, Lq, Lk, off, window_left, window_right, qk_scale2, score_mul,
+                    cap_mul, dq_scale,
+                    MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head.
+    Works on transposed score tiles (keys x queries) so no P/dS transpose is needed for
+    dV = P^T dO and dK = dS^T Q."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q_tile = offs_mb[:, None] * stride_qs + offs_d[None, :]
+    do_tile = offs_mb[:, None] * stride_dos + offs_d[None, :]
+    dq_tile = offs_mb[:, None] * stride_dqs + offs_d[None, :]
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + offs_mb
+        q_ptrs = Q + start_m.to(tl.int64) * stride_qs + q_tile
+        do_ptrs = DO + start_m.to(tl.int64) * stride_dos + do_tile
+        dq_ptrs = DQ + start_m.to(tl.int64) * stride_dqs + dq_tile
+        if MASK:
+            row_ok = offs_m < Lq
+            q_ok = row_ok[:, None] & d_ok
+            lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        else:
+            q_ok = d_ok
+            lse = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
+        if BLOCK_D == HEAD_DIM and not MASK:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=q_ok, other=0.0)
+            do = tl.load(do_ptrs, mask=q_ok, other=0.0)
+        # log2-domain lse; fully masked rows (lse = -inf) get +inf so that p = 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qkT = _dot(k, tl.trans(q), None, IEEE)  # (BLOCK_N, BLOCK_M)
+        if HAS_SOFTCAP:
+            t = _tanh(qkT * score_mul)
+            pT = tl.math.exp2(cap_mul * t - lse2[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale2 - lse2[None, :])
+        if MASK:
+            ok = _allowed(offs_m[None, :], offs_n[:, None], Lq, Lk, off, window_left, window_right,
+                          HAS_LEFT, HAS_RIGHT)
+            pT = tl.where(ok, pT, 0.0)
+        dv = _dot(pT.to(do.dtype), do, dv, IEEE)
+        dpT = _dot(v, tl.trans(do), None, IEEE)
+        dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - t * t)
+        dsT = dsT.to(q.dtype)
+        dk = _dot(dsT, q, dk, IEEE)
+        if ATOMIC_DQ:
+            dq = _dot(tl.trans(dsT), k, None, IEEE) * dq_scale
+            if BLOCK_D == HEAD_DIM and not MASK:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=q_ok, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V,  # *T forward inputs (layouts as in the forward kernel)
+    DO,  # *T  gradient of the output, like Q
+    LSE,  # *fp32 forward lse, (B, Hq, Sq) / (Hq, Tq)
+    DELTA,  # *fp32 preprocess output, same layout as LSE
+    DK,  # *T or *fp32  dK: (B, Sk, Hk, D) / (Tk, Hk, D), or fp32 partials (splits, ...) when split
+    DV,  # *T or *fp32  dV: like DK
+    DQ,  # *fp32 dQ accumulator like Q, zero-initialised (ATOMIC_DQ only)
+    CU_Q, CU_K,  # *i32 (num_seqs + 1,) (IS_VARLEN only)
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh,
+    stride_dkp, stride_dkb, stride_dks, stride_dkh,  # p = split (partials) index
+    stride_dvp, stride_dvb, stride_dvs, stride_dvh,
+    stride_dqb, stride_dqs, stride_dqh,
+    seqlen_q, seqlen_k, num_seqs,
+    group,  # Hq // Hk
+    n_splits,  # programs sharing one kv head's query-head group
+    heads_per_split,
+    qk_scale2,  # softmax_scale * log2(e)
+    score_mul, cap_mul,  # as in the forward (softcap)
+    dk_scale,  # softmax_scale: dS is w.r.t. the scaled scores
+    window_left, window_right,
+    seq_key,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,  # also accumulate dQ with fp32 atomics
+    BLOCK_M: tl.constexpr,  # queries per inner step
+    BLOCK_N: tl.constexpr,  # keys owned by the program
+):
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    hk = pid_h // n_splits
+    split = pid_h % n_splits
+    if IS_VARLEN:
+        seq, n_blk = _seq_lookup(CU_K, num_seqs, seqlen_k, pid_n, BLOCK_N, LOOKUP_CHUNK)
+        if seq >= num_seqs:
+            return
+        q_start, q_end = _seq_bounds(CU_Q, seq, seqlen_q)
+        k_start, k_end = _seq_bounds(CU_K, seq, seqlen_k)
+        Lq = q_end - q_start
+        Lk = k_end - k_start
+        q_tok = q_start.to(tl.int64)
+        k_tok = k_start.to(tl.int64)
+        Q += q_tok * stride_qs
+        DO += q_tok * stride_dos
+        DQ += q_tok * stride_dqs
+        K += k_tok * stride_ks
+        V += k_tok * stride_vs
+        DK += k_tok * stride_dks
+        DV += k_tok * stride_dvs
+        LSE += q_tok
+        DELTA += q_tok
+    else:
+        b = tl.program_id(2).to(tl.int64)
+        n_blk = pid_n
+        Lq = seqlen_q
+        Lk = seqlen_k
+        Q += b * stride_qb
+        DO += b * stride_dob
+        DQ += b * stride_dqb
+        K += b * stride_kb
+        V += b * stride_vb
+        DK += b * stride_dkb
+        DV += b * stride_dvb
+        LSE += b * stride_lb
+        DELTA += b * stride_lb
+    off = Lk - Lq
+    n0 = n_blk * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_ok = (offs_n[:, None] < Lk) & (offs_d[None, :] < HEAD_DIM)
+    rows_n = offs_n.to(tl.int64)
+    k = tl.load(K + hk.to(tl.int64) * stride_kh + rows_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + hk.to(tl.int64) * stride_vh + rows_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    j_last = tl.minimum(n0 + BLOCK_N, Lk) - 1
+    lo, full_lo, full_hi, hi = _q_range(n0, j_last, Lq, Lk, off, window_left, window_right,
+                                        HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_M)
+    h_begin = hk * group + split * heads_per_split
+    h_end = tl.minimum(h_begin + heads_per_split, (hk + 1) * group)
+    for h in range(h_begin, h_end):
+        # Head offsets stay inside one token row: int32 is enough.
+        Qh = Q + h * stride_qh
+        DOh = DO + h * stride_doh
+        DQh = DQ + h * stride_dqh
+        LSEh = LSE + h * stride_lh
+        DELTAh = DELTA + h * stride_lh
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qs, stride_dos, stride_dqs,
+                                 lo, full_lo, offs_n, offs_mb, offs_d, Lq, Lk, off, window_left, window_right,
+                                 qk_scale2, score_mul, cap_mul, dk_scale, True, HEAD_DIM, BLOCK_D,
+                                 HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, IEEE, ATOMIC_DQ, BLOCK_M)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qs, stride_dos, stride_dqs,
+                                 full_lo, full_hi, offs_n, offs_mb, offs_d, Lq, Lk, off, window_left, window_right,
+                                 qk_scale2, score_mul, cap_mul, dk_scale, False, HEAD_DIM, BLOCK_D,
+                                 HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, IEEE, ATOMIC_DQ, BLOCK_M)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qs, stride_dos, stride_dqs,
+                                 full_hi, hi, offs_n, offs_mb, offs_d, Lq, Lk, off, window_left, window_right,
+                                 qk_scale2, score_mul, cap_mul, dk_scale, True, HEAD_DIM, BLOCK_D,
+                                 HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, IEEE, ATOMIC_DQ, BLOCK_M)
+    dk = dk * dk_scale
+    split64 = split.to(tl.int64)
+    dk_ptrs = DK + split64 * stride_dkp + hk.to(tl.int64) * stride_dkh + rows_n[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + split64 * stride_dvp + hk.to(tl.int64) * stride_dvh + rows_n[:, None] * stride_dvs + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, lo, hi,
+                  offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right, qk_scale2, score_mul, cap_mul,
+                  MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    k_ptrs = K + lo.to(tl.int64) * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + lo.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        if MASK:
+            kv_ok = ((start_n + offs_n)[:, None] < Lk) & d_ok
+        else:
+            kv_ok = d_ok
+        if BLOCK_D == HEAD_DIM and not MASK:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        qk = _dot(q, tl.trans(k), None, IEEE)
+        if HAS_SOFTCAP:
+            t = _tanh(qk * score_mul)
+            p = tl.math.exp2(cap_mul * t - lse2[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale2 - lse2[:, None])
+        if MASK:
+            ok = _allowed(offs_m[:, None], (start_n + offs_n)[None, :], Lq, Lk, off, window_left, window_right,
+                          HAS_LEFT, HAS_RIGHT)
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, tl.trans(v), None, IEEE)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = _dot(ds.to(k.dtype), k, dq, IEEE)
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA,  # as in _attn_bwd_dkdv_kernel
+    DQ,  # *T output dQ like Q
+    CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh,
+    stride_dqb, stride_dqs, stride_dqh,
+    seqlen_q, seqlen_k, num_seqs, group,
+    qk_scale2, score_mul, cap_mul, dq_scale,
+    window_left, window_right,
+    seq_key,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries owned by the program
+    BLOCK_N: tl.constexpr,  # keys per inner step
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // group
+    if IS_VARLEN:
+        seq, m_blk = _seq_lookup(CU_Q, num_seqs, seqlen_q, pid_m, BLOCK_M, LOOKUP_CHUNK)
+        if seq >= num_seqs:
+            return
+        q_start, q_end = _seq_bounds(CU_Q, seq, seqlen_q)
+        k_start, k_end = _seq_bounds(CU_K, seq, seqlen_k)
+        Lq = q_end - q_start
+        Lk = k_end - k_start
+        q_tok = q_start.to(tl.int64)
+        k_tok = k_start.to(tl.int64)
+        Q += q_tok * stride_qs
+        DO += q_tok * stride_dos
+        DQ += q_tok * stride_dqs
+        K += k_tok * stride_ks
+        V += k_tok * stride_vs
+        LSE += q_tok
+        DELTA += q_tok
+    else:
+        b = tl.program_id(2).to(tl.int64)
+        if HAS_RIGHT:
+            m_blk = tl.num_programs(0) - 1 - pid_m
+        else:
+            m_blk = pid_m
+        Lq = seqlen_q
+        Lk = seqlen_k
+        Q += b * stride_qb
+        DO += b * stride_dob
+        DQ += b * stride_dqb
+        K += b * stride_kb
+        V += b * stride_vb
+        LSE += b * stride_lb
+        DELTA += b * stride_lb
+    off = Lk - Lq
+    m0 = m_blk * BLOCK_M
+    h64 = h.to(tl.int64)
+    Q += h64 * stride_qh
+    DO += h64 * stride_doh
+    DQ += h64 * stride_dqh
+    K += hk.to(tl.int64) * stride_kh
+    V += hk.to(tl.int64) * stride_vh
+    LSE += h64 * stride_lh
+    DELTA += h64 * stride_lh
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_m.to(tl.int64)
+    q = tl.load(Q + rows[:, None] * stride_qs + offs_d[None, :], mask=tile_ok, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dos + offs_d[None, :], mask=tile_ok, other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    i_last = tl.minimum(m0 + BLOCK_M, Lq) - 1
+    lo, full_lo, full_hi, hi = _kv_range(m0, i_last, Lk, off, window_left, window_right,
+                                         HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    if HAS_LEFT:
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, lo, full_lo,
+                           offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right, qk_scale2,
+                           score_mul, cap_mul, True, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                           IEEE, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, full_lo, full_hi,
+                       offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right, qk_scale2,
+                       score_mul, cap_mul, False, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                       IEEE, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, full_hi, hi,
+                       offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right, qk_scale2,
+                       score_mul, cap_mul, True, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                       IEEE, BLOCK_N)
+    dq = dq * dq_scale
+    tl.store(DQ + rows[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_ok)
+
+
+# ------------------------------------------------------------------------------ launchers
+def _block_d(d):
+    return max(16, triton.next_power_of_2(d))
+
+
+def _d_class(block_d):
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+
+
+def _seq_key(n):
+    """Autotune bucket of a sequence length (powers of two, 64 .. 16384)."""
+    return min(max(triton.next_power_of_2(max(int(n), 1)), 64), 16384)
+
+
+# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages), per head-dim class, for sm_80/sm_90.
+# Chosen from ptxas register/spill reports of sm_90a builds (2-3 per class, so a new variant
+# compiles few kernels); the autotuner picks among them per sequence-length bucket.
+# Forward: BLOCK_M query rows per program (a Hopper warpgroup = 4 warps per 64 rows),
+# BLOCK_N keys per pipelined step.  Larger D shrinks the tiles to stay inside registers
+# (the fp32 accumulator is BLOCK_M x D) and shared memory (num_stages K/V tiles in flight).
+_FWD_CONFIGS = {
+    64: [(128, 128, 8, 3), (128, 64, 4, 3)],
+    128: [(128, 128, 8, 3), (128, 64, 8, 3)],
+    256: [(128, 64, 8, 2), (64, 32, 4, 2)],
+}
+# dK/dV kernel: BLOCK_N keys owned by the program (dK, dV accumulators: 2 x BLOCK_N x D fp32),
+# BLOCK_M queries per step.  Register-bound: small BLOCK_M keeps the score tiles small.
+_DKDV_CONFIGS = {
+    64: [(32, 128, 8, 2), (64, 128, 8, 2)],
+    128: [(32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2)],
+    256: [(32, 64, 8, 2), (64, 32, 8, 2)],
+}
+# dQ kernel: BLOCK_M queries owned, BLOCK_N keys per step.
+_DQ_CONFIGS = {
+    64: [(128, 64, 8, 2), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 2), (128, 32, 8, 2)],
+    256: [(64, 64, 8, 2), (32, 32, 4, 2)],
+}
+# Always-fitting fallbacks (fp32 inputs at large D exceed shared memory with the above).
+_FALLBACK_CONFIGS = [(64, 32, 4, 2), (32, 32, 4, 1)]
+
+# Under TRITON_INTERPRET=1 (CPU tests) one small fixed config per kernel, chosen so short
+# test sequences still span several blocks; BLOCK_M != BLOCK_N exercises the mask logic.
+# Tests may monkeypatch this dict to try other block shapes.
+INTERPRET_CONFIGS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_index):
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", 166912)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _smem_estimate(kind, bm, bn, stages, block_d, esize, atomic=False):
+    """Shared memory of a config: pipelined operands (stages copies) + operands kept for the
+    whole loop (+ the transposed dS and K copies of the atomic-dQ product).  Matches the
+    sm_90a builds of triton 3.9 to within the few hundred bytes of lse/delta staging."""
+    if kind == "fwd":
+        return (stages * 2 * bn + bm) * block_d * esize
+    if kind == "dkdv":
+        extra = (bn * block_d + bm * bn) * esize if atomic else 0
+        return (stages * 2 * bm + 2 * bn) * block_d * esize + extra + 1024
+    return (stages * 2 * bn + 2 * bm) * block_d * esize + 1024
+
+
+def _configs(kind, block_d, esize, device_index, atomic=False):
+    table = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind]
+    limit = _smem_limit(device_index)
+
+    def fit(c):
+        return _smem_estimate(kind, c[0], c[1], c[3], block_d, esize, atomic) <= limit
+
+    fits = [c for c in table[_d_class(block_d)] if fit(c)]
+    if not fits:
+        fits = [c for c in _FALLBACK_CONFIGS if fit(c)]
+    if not fits:
+        fits = [_FALLBACK_CONFIGS[-1]]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in fits]
+
+
+_TUNE_KEY = ["seq_key", "HEAD_DIM", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "IEEE"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind, block_d, esize, device_index, atomic=False):
+    """Autotuned launcher of one kernel for one head-dim class / element size / device."""
+    cfgs = _configs(kind, block_d, esize, device_index, atomic)
+    if kind == "fwd":
+        return triton.autotune(cfgs, key=_TUNE_KEY)(_attn_fwd_kernel)
+    if kind == "dkdv":
+        # The atomic variant accumulates into DQ: zero it before every tuning run.
+        return triton.autotune(cfgs, key=_TUNE_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ"] if atomic else None)(
+            _attn_bwd_dkdv_kernel)
+    return triton.autotune(cfgs, key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+
+
+# FASTLM_ATTENTION_AUTOTUNE=0: skip autotuning and take the first config that fits (each
+# variant then compiles once instead of len(configs) times; the GPU tests use this).
+AUTOTUNE = os.environ.get("FASTLM_ATTENTION_AUTOTUNE", "1") != "0"
+
+
+def _launcher(kind, t, block_d, atomic=False):
+    """(kernel to index with a grid, extra launch kwargs)."""
+    if t.is_cuda and not _interpreting():
+        if AUTOTUNE:
+            return _tuned(kind, block_d, t.element_size(), t.device.index, atomic), {}
+        cfg = _configs(kind, block_d, t.element_size(), t.device.index, atomic)[0]
+        kern = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+        return kern, dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    bm, bn = INTERPRET_CONFIGS[kind]
+    kern = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+    return kern, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4}
+
+
+def _empty(shape, dtype, device):
+    """Allocation of every output the kernels fully overwrite (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _strides3(t, varlen):
+    """(batch, seq, head) strides; a packed tensor has batch stride 0."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+@functools.lru_cache(maxsize=None)
+def _dummy_cu_on(device):
+    return torch.zeros(2, dtype=torch.int32, device=device)
+
+
+def _dummy_cu(t):
+    """Placeholder cu_seqlens for dense launches (never read)."""
+    return _dummy_cu_on(t.device)
+
+
+def _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, softcap):
+    varlen = cu_seqlens_q is not None
+    d = q.shape[-1]
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {d} exceeds the attention kernel's limit of {MAX_HEAD_DIM}")
+    block_d = _block_d(d)
+    if varlen:
+        num_seqs = cu_seqlens_q.shape[0] - 1
+        sq, sk = q.shape[0], k.shape[0]
+        hint = max(max_seqlen_q or 0, max_seqlen_k or 0) or max(sq, sk) // max(num_seqs, 1)
+    else:
+        num_seqs = q.shape[0]
+        sq, sk = q.shape[1], k.shape[1]
+        hint = max(sq, sk)
+    if softcap > 0:
+        score_mul, cap_mul = softmax_scale / softcap, softcap * LOG2E
+    else:
+        score_mul, cap_mul = softmax_scale * LOG2E, 1.0
+    return varlen, d, block_d, num_seqs, sq, sk, _seq_key(hint), score_mul, cap_mul
+
+
+def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                  window_left, window_right, softcap):
+    """Forward.  Returns (out like q (contiguous), lse fp32 (B, Hq, Sq) or packed (Hq, Tq)).
+
+    window_left / window_right: -1 = unbounded; causal is window_right = 0.  Inputs are
+    validated by fastlm.ops.attention; only their last dim must have unit stride here.
+    """
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    varlen, d, block_d, num_seqs, sq, sk, seq_key, score_mul, cap_mul = _common(
+        q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, softcap)
+    hq, hk = q.shape[-2], k.shape[-2]
+    if varlen:
+        # Tokens past cu_seqlens[-1] belong to no sequence: they keep out = 0, lse = -inf.
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((hq, sq), float("-inf"), dtype=torch.float32, device=q.device)
+        stride_l = (0, lse.stride(0))
+    else:
+        out = _empty(q.shape, q.dtype, q.device)
+        lse = _empty((q.shape[0], hq, sq), torch.float32, q.device)
+        stride_l = (lse.stride(0), lse.stride(1))
+    if sq == 0 or num_seqs == 0 or out.numel() == 0:
+        return out, lse
+    cu_q = cu_seqlens_q if varlen else _dummy_cu(q)
+    cu_k = cu_seqlens_k if varlen else cu_q
+    kern, extra = _launcher("fwd", q, block_d)
+
+    def grid(meta):
+        if varlen:
+            return (triton.cdiv(sq, meta["BLOCK_M"]) + num_seqs, hq, 1)
+        return (triton.cdiv(sq, meta["BLOCK_M"]), hq, num_seqs)
+
+    kern[grid](
+        q, k, v, out, lse, cu_q, cu_k,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
+        *stride_l,
+        sq, sk, num_seqs, hq // hk, score_mul, cap_mul, window_left, window_right, seq_key,
+        HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        HAS_SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32, **extra,
+    )
+    return out, lse
+
+
+def _group_splits(q, k, varlen, num_seqs, sk, group):
+    """How many programs share one kv head's query-head group in the dK/dV kernel."""
+    if group == 1 or not q.is_cuda or _interpreting():
+        return 1
+    hk = k.shape[-2]
+    blocks = triton.cdiv(sk, 128) + num_seqs if varlen else triton.cdiv(sk, 128) * num_seqs
+    programs = max(blocks * hk, 1)
+    target = 2 * _num_sms(q.device.index)
+    if programs >= target:
+        return 1
+    return min(group, triton.cdiv(target, programs))
+
+
+def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  softmax_scale, window_left, window_right, softcap, deterministic, group_splits=None):
+    """Backward.  Returns (dq, dk, dv) like q, k, v (contiguous).
+
+    dlse: gradient of the returned lse or None.  deterministic=False accumulates dQ with fp32
+    atomics inside the dK/dV kernel; True runs a separate dQ kernel (bitwise reproducible).
+    group_splits: programs per GQA group in the dK/dV kernel (None: by occupancy).
+    """
+    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    varlen, d, block_d, num_seqs, sq, sk, seq_key, score_mul, cap_mul = _common(
+        q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, softcap)
+    hq, hk = q.shape[-2], k.shape[-2]
+    group = hq // hk
+    # Packed tokens past cu_seqlens[-1] belong to no sequence: their gradients stay 0.
+    alloc = (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)) if varlen else _empty
+    dq = alloc(q.shape, q.dtype, q.device)
+    dk = alloc(k.shape, k.dtype, k.device)
+    dv = alloc(v.shape, v.dtype, v.device)
+    if num_seqs == 0 or q.numel() == 0 or k.numel() == 0:
+        if not varlen:
+            dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv
+    batch = 1 if varlen else num_seqs
+
+    # delta = rowsum(dO * O) - dlse, fp32, in lse's layout.
+    delta = _empty(lse.shape, torch.float32, lse.device) if not varlen else torch.zeros_like(lse)
+    stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    if dlse is not None:
+        stride_dl = (0, dlse.stride(0), dlse.stride(1)) if varlen else tuple(dlse.stride())
+    else:
+        stride_dl = (0, 0, 0)
+    pre_bm = max(16, min(128, 8192 // block_d))
+    _attn_bwd_preprocess_kernel[(triton.cdiv(sq, pre_bm), hq, batch)](
+        out, dout, dlse if dlse is not None else delta, delta,
+        *_strides3(out, varlen), *_strides3(dout, varlen), *stride_dl, *stride_l, sq,
+        HEAD_DIM=d, BLOCK_D=block_d, HAS_DLSE=dlse is not None, BLOCK_M=pre_bm, num_warps=4,
+    )
+
+    cu_q = cu_seqlens_q if varlen else _dummy_cu(q)
+    cu_k = cu_seqlens_k if varlen else cu_q
+    flags = dict(HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=window_left >= 0,
+                 HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32)
+    atomic = not deterministic
+    splits = group_splits if group_splits is not None else _group_splits(q, k, varlen, num_seqs, sk, group)
+    splits = max(1, min(int(splits), group))
+    heads_per_split = triton.cdiv(group, splits)
+    splits = triton.cdiv(group, heads_per_split)
+    if splits > 1:
+        dk_buf = alloc((splits,) + tuple(k.shape), torch.float32, k.device)
+        dv_buf = alloc((splits,) + tuple(v.shape), torch.float32, v.device)
+    else:
+        dk_buf, dv_buf = dk.unsqueeze(0), dv.unsqueeze(0)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
+
+    def dk_strides(t):
+        return (t.stride(0),) + ((0, t.stride(1), t.stride(2)) if varlen else (t.stride(1), t.stride(2), t.stride(3)))
+
+    kern, extra = _launcher("dkdv", q, block_d, atomic)
+
+    def grid_kv(meta):
+        if varlen:
+            return (triton.cdiv(sk, meta["BLOCK_N"]) + num_seqs, hk * splits, 1)
+        return (triton.cdiv(sk, meta["BLOCK_N"]), hk * splits, num_seqs)
+
+    kern[grid_kv](
+        q, k, v, dout, lse, delta, dk_buf, dv_buf, dq_acc, cu_q, cu_k,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
+        *stride_l, *dk_strides(dk_buf), *dk_strides(dv_buf), *_strides3(dq_acc, varlen),
+        sq, sk, num_seqs, group, splits, heads_per_split,
+        softmax_scale * LOG2E, score_mul, cap_mul, softmax_scale, window_left, window_right, seq_key,
+        ATOMIC_DQ=atomic, **flags, **extra,
+    )
+    if splits > 1:
+        dk.copy_(dk_buf.sum(0))
+        dv.copy_(dv_buf.sum(0))
+    if atomic:
+        dq.copy_(dq_acc)
+        return dq, dk, dv
+
+    kern, extra = _launcher("dq", q, block_d)
+
+    def grid_q(meta):
+        if varlen:
+            return (triton.cdiv(sq, meta["BLOCK_M"]) + num_seqs, hq, 1)
+        return (triton.cdiv(sq, meta["BLOCK_M"]), hq, num_seqs)
+
+    kern[grid_q](
+        q, k, v, dout, lse, delta, dq, cu_q, cu_k,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
+        *stride_l, *_strides3(dq, varlen),
+        sq, sk, num_seqs, group, softmax_scale * LOG2E, score_mul, cap_mul, softmax_scale,
+        window_left, window_right, seq_key, **flags, **extra,
+    )
+    return dq, dk, dv

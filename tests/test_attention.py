@@ -1,0 +1,423 @@
+"""Fused attention (fastlm.ops.attention): forward, lse and dq/dk/dv against the float64
+reference, under the policy of tests/tolerances.py (error <= 2x the same reference computed in
+the input dtype, plus a small floor).
+
+On CPU the Triton kernels run under the interpreter: fp16/fp32 only (its bf16 dot is broken)
+and a representative subset of small shapes; the full cross-product (bf16, head dims up to 256,
+lengths up to 1000) is marked gpu.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA
+from tolerances import assert_close, max_err
+
+import fastlm
+from fastlm import reference
+from fastlm.kernels import attention as K
+
+attention = fastlm.ops.attention
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every output buffer the kernels are meant to overwrite starts as NaN."""
+
+    def empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan"))
+
+    monkeypatch.setattr(K, "_empty", empty)
+
+
+def _rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE, dtype=torch.float32) * scale).to(dtype)
+
+
+def _make(B, Sq, Sk, Hq, Hk, D, dtype, scale=1.0):
+    return _rand(B, Sq, Hq, D, dtype=dtype, scale=scale), _rand(B, Sk, Hk, D, dtype=dtype, scale=scale), \
+        _rand(B, Sk, Hk, D, dtype=dtype)
+
+
+def _ref_all(q, k, v, dout, dlse=None, dtype=torch.float64, **kw):
+    """Reference (out, lse, dq, dk, dv) computed in `dtype` (float64, or the input dtype)."""
+    qs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = reference.attention(*qs, return_lse=True, upcast=False, **kw)
+    loss = (out * dout.to(dtype)).sum()
+    if dlse is not None:
+        loss = loss + (lse * dlse).sum()
+    if not loss.requires_grad:  # a sequence without keys: nothing depends on the inputs
+        return (out, lse) + tuple(torch.zeros_like(x) for x in qs)
+    grads = torch.autograd.grad(loss, qs, allow_unused=True)
+    return (out, lse) + tuple(torch.zeros_like(x) if g is None else g for x, g in zip(qs, grads))
+
+
+def _run(q, k, v, dout, dlse=None, backend="triton", **kw):
+    qs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attention(*qs, return_lse=True, backend=backend, **kw)
+    outs, grads_in = [out], [dout]
+    if dlse is not None:
+        outs.append(lse)
+        grads_in.append(dlse)
+    grads = torch.autograd.grad(outs, qs, grads_in)
+    return (out, lse) + tuple(grads)
+
+
+def _check_lse(lse, lse64, lse_lowp):
+    dead = torch.isneginf(lse64)
+    assert torch.equal(torch.isneginf(lse), dead), "lse: -inf (fully masked rows) in the wrong places"
+    if (~dead).any():
+        assert_close(lse[~dead], lse64[~dead], lse_lowp[~dead], "lse", dtype=torch.float32)
+
+
+def _check_all(res, q, k, v, dout, dlse=None, **kw):
+    ref64 = _ref_all(q, k, v, dout, dlse, torch.float64, **kw)
+    reflp = _ref_all(q, k, v, dout, dlse, q.dtype, **kw)
+    out, lse, dq, dk, dv = res
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_close(out, ref64[0], reflp[0], "out")
+    _check_lse(lse, ref64[1], reflp[1])
+    for name, g, g64, glp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref64[2:], reflp[2:]):
+        assert g.dtype == q.dtype
+        assert_close(g, g64, glp, name)
+
+
+# (B, Sq, Sk, Hq, Hk, D, causal, window, softcap, deterministic, dtype): a representative subset of
+# causal x window x softcap x GQA x head dim x awkward lengths x Sq != Sk for the interpreter.
+F16, F32 = torch.float16, torch.float32
+CPU_CASES = [
+    (2, 17, 17, 2, 2, 64, False, (-1, -1), 0.0, False, F16),
+    (1, 33, 33, 4, 2, 40, True, (-1, -1), 0.0, False, F16),
+    (1, 33, 33, 4, 2, 40, True, (-1, -1), 0.0, True, F16),
+    (1, 1, 1, 2, 1, 16, True, (-1, -1), 0.0, False, F16),
+    (2, 1, 37, 4, 1, 32, True, (-1, -1), 0.0, True, F16),  # decode-like, MQA
+    (1, 45, 20, 2, 1, 80, True, (-1, -1), 0.0, False, F16),  # Sq > Sk: first rows fully masked
+    (1, 20, 50, 3, 3, 96, True, (-1, -1), 0.0, True, F16),  # Sq < Sk: bottom-right aligned
+    (1, 40, 40, 2, 1, 32, False, (7, 3), 0.0, False, F16),  # sliding window, both sides
+    (1, 40, 33, 2, 2, 24, True, (9, -1), 0.0, True, F16),  # causal + left window
+    (1, 29, 41, 4, 4, 16, False, (-1, 5), 0.0, False, F16),  # right window only
+    (1, 37, 37, 2, 1, 64, False, (0, 0), 0.0, True, F16),  # each query sees one key
+    (1, 33, 27, 4, 2, 48, False, (-1, -1), 5.0, False, F16),  # softcap
+    (1, 35, 35, 2, 1, 32, True, (11, -1), 2.0, True, F16),  # softcap + causal + window
+    (1, 26, 19, 3, 1, 40, False, (-1, -1), 0.0, False, F32),
+    (1, 21, 30, 2, 2, 72, True, (5, 2), 3.0, True, F32),
+]
+
+
+def _case_id(c):
+    B, Sq, Sk, Hq, Hk, D, causal, window, softcap, det, dtype = c
+    return (f"b{B}-q{Sq}-k{Sk}-h{Hq}/{Hk}-d{D}{'-causal' if causal else ''}"
+            f"{'-w%d,%d' % window if window != (-1, -1) else ''}{'-cap' if softcap else ''}"
+            f"{'-det' if det else ''}-{str(dtype).split('.')[-1]}")
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+def test_forward_backward(case):
+    B, Sq, Sk, Hq, Hk, D, causal, window, softcap, det, dtype = case
+    q, k, v = _make(B, Sq, Sk, Hq, Hk, D, dtype)
+    dout = _rand(B, Sq, Hq, D, dtype=dtype)
+    kw = dict(causal=causal, window=window, softcap=softcap)
+    res = _run(q, k, v, dout, deterministic=det, **kw)
+    _check_all(res, q, k, v, dout, **kw)
+
+
+def test_softmax_scale_and_lse_gradient():
+    """A custom scale, and the lse output used in the loss (its gradient folds into delta)."""
+    q, k, v = _make(1, 19, 23, 2, 1, 32, F16)
+    dout = _rand(1, 19, 2, 32, dtype=F16)
+    dlse = torch.randn(1, 2, 19, device=DEVICE)
+    kw = dict(causal=True, softmax_scale=0.3)
+    res = _run(q, k, v, dout, dlse=dlse, **kw)
+    _check_all(res, q, k, v, dout, dlse=dlse, **kw)
+
+
+@pytest.mark.parametrize("blocks", [(16, 16, 16, 16, 16, 16), (64, 16, 16, 64, 16, 32)])
+def test_other_block_shapes(monkeypatch, blocks):
+    """The range/mask logic with square and strongly rectangular tiles."""
+    monkeypatch.setitem(K.INTERPRET_CONFIGS, "fwd", blocks[0:2])
+    monkeypatch.setitem(K.INTERPRET_CONFIGS, "dkdv", blocks[2:4])
+    monkeypatch.setitem(K.INTERPRET_CONFIGS, "dq", blocks[4:6])
+    q, k, v = _make(1, 70, 53, 2, 1, 32, F16)
+    dout = _rand(1, 70, 2, 32, dtype=F16)
+    for det, kw in ((True, dict(causal=True, window=(20, -1))), (False, dict(window=(6, 9), softcap=4.0))):
+        _check_all(_run(q, k, v, dout, deterministic=det, **kw), q, k, v, dout, **kw)
+
+
+def test_fully_masked_rows_are_zero():
+    """Rows with no visible key: out = 0, lse = -inf, finite gradients (no NaN anywhere)."""
+    q, k, v = _make(1, 24, 10, 2, 2, 16, F16)
+    dout = _rand(1, 24, 2, 16, dtype=F16)
+    out, lse, dq, dk, dv = _run(q, k, v, dout, causal=True)  # Sq > Sk: the first 14 rows see nothing
+    assert torch.all(out[:, :14] == 0) and torch.all(torch.isneginf(lse[:, :, :14]))
+    assert torch.all(dq[:, :14] == 0)
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+
+
+def test_group_splits_match():
+    """dK/dV with a GQA group split across programs (fp32 partials summed) == unsplit."""
+    q, k, v = _make(1, 23, 31, 6, 2, 32, F16)
+    dout = _rand(1, 23, 6, 32, dtype=F16)
+    out, lse = K.attention_fwd(q, k, v, None, None, None, None, 0.2, 4, 0, 0.0)
+    base = K.attention_bwd(dout, None, q, k, v, out, lse, None, None, None, None, 0.2, 4, 0, 0.0, True, 1)
+    for splits in (2, 3):
+        got = K.attention_bwd(dout, None, q, k, v, out, lse, None, None, None, None, 0.2, 4, 0, 0.0, True, splits)
+        for a, b in zip(base, got):
+            assert max_err(a, b) <= 2 * torch.finfo(F16).eps * max(1.0, b.abs().max().item())
+    _check_all((out, lse) + tuple(got), q, k, v, dout, causal=True, window=(4, -1), softmax_scale=0.2)
+
+
+def test_strided_inputs_and_expanded_grad():
+    """q/k/v as strided views (no copies needed) and a stride-0 upstream gradient."""
+    base = _rand(1, 21, 3, 4, 32, dtype=F16)  # (B, S, qkv, H, D): packed QKV projection output
+    q, k, v = base[:, :, 0], base[:, :, 1, :2], base[:, :, 2, 2:]
+    assert not q.is_contiguous()
+    qs = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attention(*qs, causal=True, backend="triton")
+    grads = torch.autograd.grad(out.sum(), qs)  # dout = ones expanded: all strides 0
+    dout = torch.ones_like(out)
+    ref64 = _ref_all(q, k, v, dout, causal=True)
+    reflp = _ref_all(q, k, v, dout, dtype=F16, causal=True)
+    assert_close(out, ref64[0], reflp[0], "out")
+    for name, g, g64, glp in zip(("dq", "dk", "dv"), grads, ref64[2:], reflp[2:]):
+        assert_close(g, g64, glp, name)
+
+
+# ------------------------------------------------------------------------------ varlen
+def _pack(lens, H, D, dtype):
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=DEVICE)
+    return _rand(int(cu[-1]), H, D, dtype=dtype), cu
+
+
+@pytest.mark.parametrize(
+    "lens_q, lens_k, Hq, Hk, D, kw, det",
+    [
+        ([5, 0, 17, 33], [9, 0, 17, 20], 2, 1, 32, dict(causal=True), False),
+        ([1, 40, 7], [30, 40, 0], 4, 2, 40, dict(window=(6, 2), softcap=3.0), True),
+    ],
+    ids=["causal-gqa-empty-seq", "window-softcap-empty-k"],
+)
+def test_varlen_matches_per_sequence_loop(lens_q, lens_k, Hq, Hk, D, kw, det):
+    dtype = F16
+    q, cu_q = _pack(lens_q, Hq, D, dtype)
+    k, cu_k = _pack(lens_k, Hk, D, dtype)
+    v = _rand(k.shape[0], Hk, D, dtype=dtype)
+    dout = _rand(*q.shape, dtype=dtype)
+    vl = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+    out, lse, dq, dk, dv = _run(q, k, v, dout, deterministic=det, max_seqlen_q=max(lens_q), **vl)
+    assert lse.shape == (Hq, q.shape[0])
+    # The reference's varlen form (block-diagonal mask) and a loop of dense calls must agree.
+    _check_all((out, lse, dq, dk, dv), q, k, v, dout, **vl)
+    for s in range(len(lens_q)):
+        a, b = int(cu_q[s]), int(cu_q[s + 1])
+        c, d = int(cu_k[s]), int(cu_k[s + 1])
+        if b == a:
+            continue
+        r = _ref_all(q[None, a:b], k[None, c:d], v[None, c:d], dout[None, a:b], **kw)
+        r_lp = _ref_all(q[None, a:b], k[None, c:d], v[None, c:d], dout[None, a:b], dtype=dtype, **kw)
+        assert_close(out[a:b], r[0][0], r_lp[0][0], f"out[seq {s}]")
+        _check_lse(lse[:, a:b], r[1][0], r_lp[1][0])
+        assert_close(dq[a:b], r[2][0], r_lp[2][0], f"dq[seq {s}]")
+        if d > c:
+            assert_close(dk[c:d], r[3][0], r_lp[3][0], f"dk[seq {s}]")
+            assert_close(dv[c:d], r[4][0], r_lp[4][0], f"dv[seq {s}]")
+
+
+def test_varlen_trailing_padding_tokens():
+    """Packed buffers longer than cu_seqlens[-1] (CUDA-graph style padding): the extra tokens
+    get out = 0, lse = -inf and zero gradients."""
+    q, _ = _pack([30], 2, 16, F16)
+    cu = torch.tensor([0, 12, 25], dtype=torch.int32, device=DEVICE)
+    k, v = _rand(30, 2, 16, dtype=F16), _rand(30, 2, 16, dtype=F16)
+    dout = _rand(30, 2, 16, dtype=F16)
+    out, lse, dq, dk, dv = _run(q, k, v, dout, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    assert torch.all(out[25:] == 0) and torch.all(torch.isneginf(lse[:, 25:]))
+    assert torch.all(dq[25:] == 0) and torch.all(dk[25:] == 0) and torch.all(dv[25:] == 0)
+    _check_all((out[:25], lse[:, :25], dq[:25], dk[:25], dv[:25]), q[:25], k[:25], v[:25], dout[:25],
+               cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+
+
+# ------------------------------------------------------------------------------ determinism
+def test_deterministic_bitwise():
+    q, k, v = _make(1, 40, 40, 4, 1, 32, F16)
+    dout = _rand(1, 40, 4, 32, dtype=F16)
+    a = _run(q, k, v, dout, causal=True, deterministic=True)
+    b = _run(q, k, v, dout, causal=True, deterministic=True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+# ------------------------------------------------------------------------------ op plumbing
+def test_opcheck():
+    q, k, v = _make(1, 9, 11, 2, 1, 16, F16)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, None, None, 0.25, -1, 0, 0.0, False)
+    torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, args)
+    qp, cu = _pack([4, 0, 5], 2, 16, F16)
+    kp, _ = _pack([4, 0, 5], 1, 16, F16)
+    vp = _rand(*kp.shape, dtype=F16)
+    args = (qp.requires_grad_(), kp.requires_grad_(), vp.requires_grad_(), cu, cu, 5, None, 0.25, 3, -1, 2.0, True)
+    torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, args)
+
+
+def test_opcheck_backward_op():
+    q, k, v = _make(1, 9, 11, 2, 1, 16, F16)
+    out, lse = torch.ops.fastlm.attention_fwd(q, k, v, None, None, None, None, 0.25, -1, 0, 0.0, True)
+    dout = _rand(*out.shape, dtype=F16)
+    dlse = torch.randn_like(lse)
+    args = (dout, dlse, q, k, v, out, lse, None, None, None, None, 0.25, -1, 0, 0.0, True)
+    torch.library.opcheck(torch.ops.fastlm.attention_bwd.default, args)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = (t.requires_grad_() for t in _make(1, 13, 13, 2, 1, 16, F16))
+
+    def f(q, k, v):
+        return attention(q, k, v, causal=True, window=(5, -1), backend="triton").float().square().sum()
+
+    torch._dynamo.reset()
+    loss = torch.compile(f, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    assert torch.allclose(loss, loss_e)
+    for a, b in zip(grads, grads_e):
+        assert torch.equal(a, b)
+
+
+def test_reference_backend_and_dispatch():
+    q, k, v = _make(1, 9, 9, 2, 2, 16, F32)
+    a = attention(q, k, v, causal=True, backend="reference")
+    b = attention(q, k, v, causal=True, backend="triton")
+    assert max_err(a, b) < 1e-5
+    with pytest.raises(ValueError, match="not implemented"):
+        attention(q, k, v, backend="cuda")
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def _bad_cases():
+    q, k, v = _make(1, 8, 8, 4, 2, 16, F16)
+    qp, cu = _pack([3, 5], 4, 16, F16)
+    kp, _ = _pack([3, 5], 2, 16, F16)
+    vp = _rand(*kp.shape, dtype=F16)
+    return [
+        ("head_dim must match", (q, k[..., :8], v[..., :8]), {}),
+        ("head_dim must match", (q, k, v[..., :8]), {}),
+        ("batch sizes differ", (q, torch.cat([k, k]), torch.cat([v, v])), {}),
+        ("multiple of n_heads_k", (q, k[:, :, :1].expand(1, 8, 3, 16), v[:, :, :1].expand(1, 8, 3, 16)), {}),
+        ("head_dim must be in", (_rand(1, 4, 1, 288, dtype=F16),) * 3, {}),
+        ("share one dtype", (q, k.float(), v), {}),
+        ("same \\(seqlen, heads\\)", (q, k, v[:, :5]), {}),
+        ("must be 4-D", (q[0], k, v), {}),
+        ("window sizes must be >= -1", (q, k, v), dict(window=(-2, 0))),
+        ("window must be a pair", (q, k, v), dict(window=5)),
+        ("softcap", (q, k, v), dict(softcap=-1.0)),
+        ("softmax_scale", (q, k, v), dict(softmax_scale=float("nan"))),
+        ("cu_seqlens_q must have dtype torch.int32", (qp, kp, vp), dict(cu_seqlens_q=cu.long(), cu_seqlens_k=cu)),
+        ("cu_seqlens_k must be 1-D", (qp, kp, vp), dict(cu_seqlens_q=cu, cu_seqlens_k=cu[None])),
+        ("non-decreasing", (qp, kp, vp), dict(cu_seqlens_q=torch.tensor([0, 5, 3], dtype=torch.int32),
+                                              cu_seqlens_k=cu)),
+        ("end at <= 8", (qp, kp, vp), dict(cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 3, 9], dtype=torch.int32))),
+        ("same length", (qp, kp, vp), dict(cu_seqlens_q=cu, cu_seqlens_k=cu[:2])),
+        ("both cu_seqlens_q and cu_seqlens_k", (qp, kp, vp), dict(cu_seqlens_q=cu)),
+        ("packed 3-D", (q, k, v), dict(cu_seqlens_q=cu, cu_seqlens_k=cu)),
+        ("max_seqlen_q", (qp, kp, vp), dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=-3)),
+        ("for packed inputs", (q, k, v), dict(max_seqlen_q=8)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_bad_cases())))
+def test_bad_inputs(i):
+    match, args, kw = _bad_cases()[i]
+    with pytest.raises((ValueError, TypeError), match=match):
+        attention(*args, backend="triton", **kw)
+
+
+def test_bad_device_mix():
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU to mix devices")
+    q, k, v = _make(1, 8, 8, 2, 2, 16, F16)
+    with pytest.raises(ValueError, match="k is on"):
+        attention(q, k.cpu(), v)
+
+
+# ------------------------------------------------------------------------------ GPU: full sweep
+GPU_DIMS = [40, 64, 80, 96, 112, 128, 160, 192, 256]
+GPU_LENS = [(1, 1), (17, 17), (127, 129), (129, 127), (1000, 1000), (1, 1000), (1000, 300)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", GPU_DIMS)
+@pytest.mark.parametrize("lens", GPU_LENS, ids=lambda x: f"q{x[0]}-k{x[1]}")
+@pytest.mark.parametrize("mode", ["full", "causal", "window", "causal-window-softcap"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)], ids=lambda h: f"h{h[0]}/{h[1]}")
+def test_gpu_sweep(dtype, D, lens, mode, heads):
+    Sq, Sk = lens
+    kw = {"full": {}, "causal": dict(causal=True), "window": dict(window=(64, 33)),
+          "causal-window-softcap": dict(causal=True, window=(100, -1), softcap=30.0)}[mode]
+    q, k, v = _make(2, Sq, Sk, heads[0], heads[1], D, dtype)
+    dout = _rand(2, Sq, heads[0], D, dtype=dtype)
+    _check_all(_run(q, k, v, dout, deterministic=(D % 3 == 0), **kw), q, k, v, dout, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_varlen_large(dtype):
+    lens_q = [1000, 0, 1, 513, 77, 2048]
+    lens_k = [1000, 5, 0, 600, 77, 2048]
+    q, cu_q = _pack(lens_q, 8, 128, dtype)
+    k, cu_k = _pack(lens_k, 2, 128, dtype)
+    v = _rand(k.shape[0], 2, 128, dtype=dtype)
+    dout = _rand(*q.shape, dtype=dtype)
+    for kw in (dict(causal=True), dict(window=(256, 0), softcap=20.0)):
+        vl = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+        _check_all(_run(q, k, v, dout, **vl), q, k, v, dout, **vl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(8, 8), (8, 1)])
+def test_gpu_deterministic_bitwise(heads):
+    q, k, v = _make(2, 1500, 1500, heads[0], heads[1], 128, torch.bfloat16)
+    dout = _rand(2, 1500, heads[0], 128, dtype=torch.bfloat16)
+    a = _run(q, k, v, dout, causal=True, deterministic=True)
+    b = _run(q, k, v, dout, causal=True, deterministic=True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    """After a warm-up call (autotuning), forward + backward replay inside a CUDA graph."""
+    q, k, v = (t.requires_grad_() for t in _make(2, 256, 256, 4, 2, 64, torch.bfloat16))
+    dout = _rand(2, 256, 4, 64, dtype=torch.bfloat16)
+    for det in (False, True):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                out = attention(q, k, v, causal=True, deterministic=det)
+                grads = torch.autograd.grad(out, (q, k, v), dout)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = attention(q, k, v, causal=True, deterministic=det)
+            grads = torch.autograd.grad(out, (q, k, v), dout)
+        g.replay()
+        torch.cuda.synchronize()
+        ref = _run(q, k, v, dout, causal=True, deterministic=det)
+        assert max_err(out, ref[0]) == 0 or det is False
+        assert torch.allclose(out.float(), ref[0].float(), atol=1e-2)
+        for a, b in zip(grads, ref[2:]):
+            assert torch.allclose(a.float(), b.float(), atol=5e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_sdpa():
+    """Cross-check against PyTorch SDPA (bf16, causal, GQA via enable_gqa)."""
+    q, k, v = _make(2, 512, 512, 8, 2, 128, torch.bfloat16)
+    ours = attention(q, k, v, causal=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
+    assert max_err(ours, sdpa) < 2e-2 * math.sqrt(128) / 8
