@@ -311,6 +311,8 @@ def test_inplace_leaf_requiring_grad_is_an_error_before_any_write():
     cos, sin = tables(8, 2)
     with pytest.raises(RuntimeError, match="leaf"):
         ops.apply_rotary(q, k, cos, sin, inplace=True, backend="triton")
+    with pytest.raises(RuntimeError, match="leaf"):
+        ops.apply_rotary(q, k[:, :, :1], cos, sin, inplace=True, backend="triton")
     assert torch.equal(q, q0) and torch.equal(k.detach(), k0)
 
 

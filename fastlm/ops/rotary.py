@@ -352,9 +352,12 @@ def _validate(q, k, cos, sin, positions, cu_seqlens, inplace):
         if q is k:
             raise ValueError("inplace=True: q and k must be different tensors")
         for name, t in (("q", q), ("k", k)):
-            if t.is_leaf and t.requires_grad and torch.is_grad_enabled():
+            if t.requires_grad and torch.is_grad_enabled() and (t.is_leaf or (t._base is not None and t._base.is_leaf)):
                 # Checked up front: the kernel rotates q and k together, before autograd would object.
-                raise RuntimeError(f"{name}: a leaf Variable that requires grad cannot be rotated in place (inplace=True)")
+                raise RuntimeError(
+                    f"{name}: a leaf Variable that requires grad (or a view of one) cannot be rotated in place "
+                    "(inplace=True)"
+                )
             if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
                 raise ValueError(f"{name}: inplace=True needs a tensor that owns its elements; got an expanded one (stride 0)")
 
