@@ -17,7 +17,6 @@ of cu_seqlens) reads no table memory: its cos/sin are NaN, so its rotated dims c
 instead of a silently wrapped position.  The op layer raises before launching when it can
 check the values without a host sync.
 """
-import torch
 import triton
 import triton.language as tl
 

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, kernel_backends
+from conftest import DEVICE, kernel_backends
 from tolerances import assert_close, poison_
 
 from fastlm import nn as fnn
