@@ -102,14 +102,11 @@ def _write_build_info(with_cuda, why):
 def _extensions():
     sources = [os.path.join("csrc", "ops.cpp")]
     cxx = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    # The kernels include only c10/ATen core headers (not ATen/cuda/CUDAContext.h, which pulls
+    # cusparse.h that a bare toolkit may lack).  Do not add the torch wheel's
+    # site-packages/nvidia/cu13/include: its headers can be newer than the system nvcc
+    # ("CUDA compiler and CUDA toolkit headers are incompatible").
     include_dirs = [os.path.join(ROOT, "csrc")]
-    # CUDA 13 torch wheels ship some toolkit headers (cusparse.h, ...) under
-    # site-packages/nvidia/cu13/include; a bare system toolkit may lack them.
-    for sp in sys.path:
-        inc = os.path.join(sp, "nvidia", "cu13", "include")
-        if os.path.isdir(inc):
-            include_dirs.append(inc)
-            break
     if _want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
         nvcc = [

@@ -11,10 +11,6 @@ INC=$($PY - <<'PYEOF'
 import os, sys
 from torch.utils.cpp_extension import include_paths
 paths = include_paths()
-for sp in sys.path:
-    p = os.path.join(sp, "nvidia", "cu13", "include")
-    if os.path.isdir(p):
-        paths.append(p); break
 print(" ".join("-I" + p for p in paths))
 PYEOF
 )
