@@ -268,7 +268,10 @@ def build_model(cfg, vocab_size, device):
 
 
 def wrap_model(model, cfg, world, amp_dtype):
-    """DDP or FSDP2 (fully_shard per block, then the root), then optionally torch.compile."""
+    """Optionally torch.compile each block (before sharding, as torchtitan does), then DDP or
+    FSDP2 (fully_shard per block, then the root)."""
+    if cfg.compile:
+        model.compile_blocks()
     if world.mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -283,8 +286,6 @@ def wrap_model(model, cfg, world, amp_dtype):
         wrapped = DDP(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     else:
         wrapped = model
-    if cfg.compile:
-        wrapped = torch.compile(wrapped)
     return wrapped
 
 

@@ -87,12 +87,13 @@ def position_ids(tokens, positions, cu_seqlens):
 
 
 def rotate_half_rope(x, cos, sin):
-    """Reference RoPE, NeoX/Llama convention: pairs (i, i + rd/2) rotate by angle[i].
-    x: (B, T, H, hd); cos, sin: (T, rd/2) or (B, T, rd/2); dims past rd pass through."""
+    """Reference RoPE, NeoX/Llama convention: pairs (i, i + rd/2) rotate by angle[i], computed
+    in x's dtype as HF does.  x: (B, T, H, hd); cos, sin: (T, rd/2) or (B, T, rd/2); dims past
+    rd pass through."""
     rd = 2 * cos.shape[-1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., T, 1, rd/2) broadcasts over heads
-    x1, x2, rest = x[..., : rd // 2].float(), x[..., rd // 2 : rd].float(), x[..., rd:]
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    cos, sin = cos.to(x.dtype).unsqueeze(-2), sin.to(x.dtype).unsqueeze(-2)  # (..., T, 1, rd/2): all heads
+    x1, x2, rest = x[..., : rd // 2], x[..., rd // 2 : rd], x[..., rd:]
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
 
 
@@ -303,10 +304,22 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab) [or (total, vocab)]; with ``targets`` (same shape as tokens, -100 =
         ignore) the mean next-token cross-entropy instead."""
         h = self.hidden_states(tokens, positions=positions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache)
+        return self.output(h, targets)
+
+    def output(self, h, targets=None):
+        """lm_head, and the cross-entropy when targets are given (a method so it can be compiled)."""
         logits = self.lm_head(h)
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
+
+    def compile_blocks(self, **kwargs):
+        """torch.compile each block and the output head separately (as torchtitan does): the
+        identical blocks share one compiled graph, and it composes with DDP and FSDP2."""
+        for block in self.layers:
+            block.compile(**kwargs)
+        self.output = torch.compile(self.output, **kwargs)
+        return self
 
     def _check_inputs(self, tokens, positions, cu_seqlens, cache):
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):

@@ -1,0 +1,221 @@
+"""Training throughput: fused vs reference vs torch.compile(reference), plus loss parity.
+
+For each preset (GPT-2-124M and Llama-3.2-1B shapes) and sequence length (1k, 2k, 4k): one full
+training step (bf16 autocast forward + backward, gradient clipping, fused AdamW step) of
+
+  fused              the fastlm model on the fused ops, eager
+  reference          plain PyTorch (torch.nn.RMSNorm/LayerNorm, rotate-half RoPE, SDPA), eager
+  compile(reference) the reference with every block and the output head torch.compile'd
+  compile(fused)     the fused model compiled the same way (fuses what the ops leave: SwiGLU, loss)
+
+Reported: step time (median, p20/p80 over timed steps), tokens/s, model TFLOP/s and MFU
+(FLOPs per token = 6 x matmul params + causal attention, see TransformerConfig.flops_per_token;
+peak = the bf16 matmul rate measured in this run), and peak memory.  Random tokens.
+
+Loss parity (--parity-steps, default 200; 0 skips): the fused and reference models, same init
+and same data (the stdlib byte corpus), trained with fastlm.train for that many steps on the
+Llama-style 125M preset; their loss curves must track each other.
+
+    python -m benchmarks.bench_train [--quick] [--out DIR] [--presets gpt2-124m,llama-3.2-1b]
+           [--seqlens 1024,2048,4096] [--impls fused,reference,compile(reference),compile(fused)]
+    python -m benchmarks.bench_train --plan      # print the plan and FLOP counts (no GPU needed)
+"""
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from benchmarks.common import Results, main_guard, matmul_tflops, parser, require_cuda
+from fastlm.models import Transformer, TransformerConfig
+
+NAME = "train"
+IMPLS = ("fused", "reference", "compile(reference)", "compile(fused)")
+# Tokens per step chosen to fit the reference on an 80 GB GPU with headroom (fp32 master
+# weights + AdamW: 16 bytes/param; the 1B preset's 128k-vocab logits alone take ~2.5 MB/token).
+TOKENS_PER_STEP = {"gpt2-124m": 32768, "llama-125m": 32768, "llama-3.2-1b": 8192}
+PARITY_PRESET = "llama-125m"
+
+
+def plan(presets, seqlens):
+    """[(preset, seqlen, batch)] with batch * seqlen = TOKENS_PER_STEP[preset]."""
+    out = []
+    for p in presets:
+        for s in seqlens:
+            out.append((p, s, max(1, TOKENS_PER_STEP.get(p, 16384) // s)))
+    return out
+
+
+def flops_per_step(cfg, batch, seqlen):
+    return cfg.flops_per_token(seqlen) * batch * seqlen
+
+
+def _free():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _build(preset, impl):
+    cfg = TransformerConfig.from_name(preset)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(cfg, backend="fused" if "fused" in impl else "reference")
+    if impl.startswith("compile"):
+        model.compile_blocks()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    return cfg, model, opt
+
+
+def _step(model, opt, batch):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(batch[:, :-1], batch[:, 1:])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def time_training(preset, impl, batch, seqlen, warmup=3, iters=10):
+    """-> dict(step_ms, p20, p80, peak_gb, compile_s, loss) for one implementation."""
+    torch._dynamo.reset()
+    _free()
+    cfg, model, opt = _build(preset, impl)
+    data = [torch.randint(0, cfg.vocab_size, (batch, seqlen + 1), device="cuda") for _ in range(4)]
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        loss = _step(model, opt, data[i % len(data)])
+    torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        starts[i].record()
+        loss = _step(model, opt, data[i % len(data)])
+        ends[i].record()
+    torch.cuda.synchronize()
+    ms = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    q = statistics.quantiles(ms, n=5) if len(ms) >= 2 else [ms[0]] * 4
+    out = dict(step_ms=statistics.median(ms), p20=q[0], p80=q[3], peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+               warmup_s=warm_s, loss=float(loss), flops=flops_per_step(cfg, batch, seqlen))
+    del model, opt, data, loss
+    torch._dynamo.reset()
+    _free()
+    return out
+
+
+def run_throughput(res, args, peak):
+    impls = [i.strip() for i in args.impls.split(",")]
+    for impl in impls:
+        if impl not in IMPLS:
+            raise SystemExit(f"bench_train: unknown impl {impl!r}; choose from {IMPLS}")
+    for preset, seqlen, batch in plan(args.presets.split(","), [int(s) for s in args.seqlens.split(",")]):
+        got = {}
+        for impl in impls:
+            row = dict(preset=preset, seqlen=seqlen, batch=batch, impl=impl)
+            try:
+                r = time_training(preset, impl, batch, seqlen, iters=args.iters)
+            except torch.OutOfMemoryError:
+                _free()
+                res.add(**row, status="OOM")
+                continue
+            except Exception as e:  # a failing implementation must not hide the others
+                _free()
+                res.add(**row, status=f"error: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            tps = batch * seqlen / (r["step_ms"] / 1e3)
+            tflops = r["flops"] / (r["step_ms"] / 1e3) / 1e12
+            got[impl] = tps
+            extra = {}
+            if impl != "reference" and "reference" in got:
+                extra["x_reference"] = tps / got["reference"]
+            if impl != "compile(reference)" and "compile(reference)" in got:
+                extra["x_compile_reference"] = tps / got["compile(reference)"]
+            res.add(**row, step_ms=r["step_ms"], step_ms_p20=r["p20"], step_ms_p80=r["p80"], tokens_per_s=tps,
+                    model_tflops=tflops, mfu_pct=100 * tflops / peak, peak_mem_gb=r["peak_gb"],
+                    warmup_s=r["warmup_s"], loss=r["loss"], **extra, status="ok")
+        # speedups of fused against peers measured later in the loop
+        if "fused" in got:
+            for peer in ("reference", "compile(reference)"):
+                if peer in got:
+                    res.add(preset=preset, seqlen=seqlen, batch=batch, impl=f"fused / {peer}",
+                            speedup=got["fused"] / got[peer], status="ok")
+            if "compile(fused)" in got and "compile(reference)" in got:
+                res.add(preset=preset, seqlen=seqlen, batch=batch, impl="compile(fused) / compile(reference)",
+                        speedup=got["compile(fused)"] / got["compile(reference)"], status="ok")
+
+
+def run_parity(res, args):
+    """Fused and reference trained from the same init on the same data: losses must track."""
+    from fastlm.train import TrainConfig, train
+
+    steps = args.parity_steps
+    hist = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in ("fused", "reference"):
+            _free()
+            cfg = TrainConfig(model=PARITY_PRESET, backend=backend, seqlen=1024, batch_size=16, steps=steps,
+                              lr=1e-3, warmup=max(1, steps // 10), eval_every=steps, eval_batches=4,
+                              ckpt_every=10**9, log_every=max(1, steps // 10), out_dir=os.path.join(tmp, backend),
+                              progress=False, seed=0, cache_dir=os.path.join(tmp, "cache"))
+            t0 = time.perf_counter()
+            hist[backend] = train(cfg, log=lambda *a: None)
+            hist[backend]["time_s"] = time.perf_counter() - t0
+            os.remove(os.path.join(tmp, backend, "checkpoint.pt"))
+    f, r = hist["fused"]["train_loss"], hist["reference"]["train_loss"]
+    diffs = [abs(f[s] - r[s]) for s in sorted(f)]
+    tail = max(1, steps // 4)
+    f_tail = statistics.mean(f[s] for s in sorted(f)[-tail:])
+    r_tail = statistics.mean(r[s] for s in sorted(r)[-tail:])
+    for s in sorted(f):
+        if s == 1 or s % max(1, steps // 20) == 0 or s == steps:
+            res.add(preset=PARITY_PRESET, impl="parity", step=s, loss_fused=f[s], loss_reference=r[s],
+                    abs_diff=abs(f[s] - r[s]), status="ok")
+    ok = abs(f_tail - r_tail) < 0.02 + 0.01 * r_tail and f[1] - f_tail > 1.0
+    res.add(preset=PARITY_PRESET, impl="parity summary", steps=steps, first_loss=f[1],
+            tail_mean_fused=f_tail, tail_mean_reference=r_tail, tail_mean_diff=f_tail - r_tail,
+            max_abs_diff=max(diffs), val_fused=hist["fused"]["val_loss"].get(steps),
+            val_reference=hist["reference"]["val_loss"].get(steps),
+            time_fused_s=hist["fused"]["time_s"], time_reference_s=hist["reference"]["time_s"],
+            status="ok" if ok else "FAIL: the loss curves diverge")
+
+
+def main(argv=None):
+    main_guard()
+    p = parser("training step throughput, MFU and memory: fused vs reference vs torch.compile(reference)")
+    p.add_argument("--presets", default="gpt2-124m,llama-3.2-1b")
+    p.add_argument("--seqlens", default="1024,2048,4096")
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--iters", type=int, default=10, help="timed steps per implementation")
+    p.add_argument("--parity-steps", type=int, default=200, help="loss-parity run length (0 skips it)")
+    p.add_argument("--plan", action="store_true", help="print the shapes and FLOP counts and exit")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seqlens, args.iters, args.parity_steps = "2048", 6, min(args.parity_steps, 50)
+    if args.plan:
+        for preset, seqlen, batch in plan(args.presets.split(","), [int(s) for s in args.seqlens.split(",")]):
+            cfg = TransformerConfig.from_name(preset)
+            print(f"{preset:14s} seqlen {seqlen:5d} batch {batch:3d}: {cfg.num_params() / 1e6:.1f}M params, "
+                  f"{cfg.flops_per_token(seqlen) / 1e9:.2f} GFLOP/token, "
+                  f"{flops_per_step(cfg, batch, seqlen) / 1e12:.1f} TFLOP/step")
+        return 0
+    if not require_cuda(NAME):
+        return 0
+    res = Results(NAME, args.out)
+    t0 = time.perf_counter()
+    peak = matmul_tflops()
+    res.add(impl="matmul bf16 8192^3", tflops=peak, status="ok")
+    run_throughput(res, args, peak)
+    if args.parity_steps > 0:
+        run_parity(res, args)
+    res.add(impl="total", time_s=time.perf_counter() - t0, status="ok")
+    res.write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

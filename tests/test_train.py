@@ -1,0 +1,278 @@
+"""Data pipeline, training loop, checkpoints/resume, torchrun DDP/FSDP2 (CPU, gloo) and the CLI.
+
+Training runs use tiny models on a small synthetic corpus; the torchrun tests launch
+`python -m torch.distributed.run` as a subprocess with 2 CPU processes.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastlm import data as fdata
+from fastlm.cli import main as cli_main
+from fastlm.train import TrainConfig, load_checkpoint, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small, learnable corpus: a few files of repetitive Python-like text (~40 KB)."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for f in range(5):
+        lines = []
+        for i in range(300):
+            a, b = rng.integers(0, 10, 2)
+            lines.append(f"def add_{f}_{i}(x):\n    return x + {a} * {b}\n")
+        (d / f"mod{f}.py").write_text("".join(lines))
+    (d / "sub").mkdir()
+    (d / "sub" / "notes.txt").write_text("hello world\n" * 50)
+    (d / "blob.bin").write_bytes(b"\0\1\2" * 100)  # binary: skipped in folders
+    return d
+
+
+def run_cfg(corpus, tmp_path, name="run", **kw):
+    base = dict(model="tiny", backend="reference", data=[str(corpus)], cache_dir=str(tmp_path / "cache"),
+                seqlen=32, batch_size=4, steps=6, lr=3e-3, warmup=2, eval_every=3, eval_batches=2, ckpt_every=2,
+                log_every=1, out_dir=str(tmp_path / name), progress=False, val_fraction=0.05)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------ data
+def test_byte_tokens_cache_and_split(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    td = fdata.TokenData([str(corpus)], cache_dir=str(cache), val_fraction=0.1)
+    files = fdata.list_files([str(corpus)])
+    assert sorted(os.path.basename(f) for f in files) == ["mod0.py", "mod1.py", "mod2.py", "mod3.py", "mod4.py", "notes.txt"]
+    expect = []
+    for f in sorted(files, key=fdata._doc_order):
+        expect += list(open(f, "rb").read()) + [256]
+    assert np.array_equal(np.asarray(td.tokens), np.asarray(expect))
+    assert len(td.train) + len(td.val) == len(expect) and len(td.val) == int(len(expect) * 0.1)
+    assert np.array_equal(td.val, np.asarray(expect[len(td.train):]))
+    assert sorted(p.suffix for p in cache.iterdir()) == [".bin", ".json"]  # no temporary files left
+    mtime = os.path.getmtime(td.bin_path)
+    again = fdata.TokenData([str(corpus)], cache_dir=str(cache), val_fraction=0.1)
+    assert again.bin_path == td.bin_path and os.path.getmtime(td.bin_path) == mtime  # reused, not rebuilt
+    (corpus / "mod0.py").write_text("changed\n")
+    changed = fdata.TokenData([str(corpus)], cache_dir=str(cache))
+    assert changed.bin_path != td.bin_path and len(changed) < len(td)
+    assert fdata.ByteTokenizer().decode(fdata.ByteTokenizer().encode("héllo")) == "héllo"
+
+
+def test_empty_or_missing_corpus(tmp_path):
+    cache = tmp_path / "cache"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty corpus"):
+        fdata.TokenData([str(tmp_path / "empty")], cache_dir=str(cache))
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("")
+    with pytest.raises(ValueError, match="empty corpus: the 1 input file"):
+        fdata.TokenData([str(tmp_path / "blank")], cache_dir=str(cache))
+    assert not any(cache.iterdir())  # nothing half-written
+    with pytest.raises(FileNotFoundError, match="corpus path not found"):
+        fdata.TokenData([str(tmp_path / "missing.txt")], cache_dir=str(cache))
+
+
+def test_default_corpus_is_the_stdlib():
+    files = fdata.list_files(None)
+    assert len(files) > 100 and all(f.endswith(".py") for f in files)
+    assert not any("site-packages" in f or "dist-packages" in f for f in files)
+    assert any(f.endswith(os.path.join("", "os.py")) for f in files)
+
+
+def test_hf_tokenizer_json(corpus, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([str(p) for p in corpus.glob("*.py")], trainers.WordLevelTrainer(special_tokens=["<unk>", "<|endoftext|>"]))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    t = fdata.load_tokenizer(str(path))
+    assert t.eot_id == 1 and t.vocab_size == tok.get_vocab_size()
+    td = fdata.TokenData([str(corpus / "mod1.py")], tokenizer=t, cache_dir=str(tmp_path / "cache"), val_fraction=0)
+    ids = tok.encode((corpus / "mod1.py").read_text(), add_special_tokens=False).ids + [1]
+    assert np.array_equal(np.asarray(td.tokens), np.asarray(ids))
+    with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
+        fdata.load_tokenizer(str(tmp_path / "nope.json"))
+
+
+def test_batch_sampler_order_and_resume():
+    tokens = np.arange(1000, dtype=np.uint16)
+    s = fdata.BatchSampler(tokens, seqlen=10, seed=3)
+    assert s.n_windows == 99
+    first = np.concatenate([s.next_indices(7) for _ in range(14)])  # 98 windows: most of epoch 0
+    assert len(set(first.tolist())) == 98
+    state = s.state_dict()
+    cont = [s.next_indices(7) for _ in range(30)]  # crosses into epochs 1 and 2
+    s2 = fdata.BatchSampler(tokens, seqlen=10, seed=3)
+    s2.load_state_dict(state)
+    assert all(np.array_equal(a, s2.next_indices(7)) for a in cont)
+    w = s.fetch(np.array([0, 5]))
+    assert w.shape == (2, 11) and w[1, 0] == 50 and w[1, -1] == 60  # inputs + shifted targets
+    other = fdata.BatchSampler(tokens, seqlen=10, seed=4)
+    assert not np.array_equal(other.next_indices(20), first[:20])
+    with pytest.raises(ValueError, match="fewer than seqlen"):
+        fdata.BatchSampler(tokens[:10], seqlen=10)
+    with pytest.raises(ValueError, match="same data"):
+        fdata.BatchSampler(tokens[:500], seqlen=10).load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------ training
+def test_training_loss_falls_and_logs(corpus, tmp_path):
+    cfg = run_cfg(corpus, tmp_path, steps=40, batch_size=8, lr=1e-2, warmup=5, eval_every=20, ckpt_every=40)
+    hist = train(cfg)
+    losses = [hist["train_loss"][s] for s in range(1, 41)]
+    assert losses[0] > 5.0  # ~ln(320) at init
+    assert np.mean(losses[-5:]) < losses[0] - 2.0, losses
+    assert hist["val_loss"][40] < hist["val_loss"][20] < losses[0]
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 41)) and rows[-1]["val_loss"] == hist["val_loss"][40]
+    csv_lines = open(tmp_path / "run" / "metrics.csv").read().splitlines()
+    assert csv_lines[0].startswith("step,loss,val_loss,lr") and len(csv_lines) == 41
+    ckpt = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
+    assert ckpt["step"] == 40 and ckpt["data"]["index"] > 0
+
+
+def test_fused_training_runs(corpus, tmp_path):
+    """The fused model trains (Triton kernels under the interpreter on CPU: a few steps)."""
+    cfg = run_cfg(corpus, tmp_path, backend="fused", steps=3, batch_size=2, seqlen=24, lr=2e-2, warmup=1,
+                  eval_every=0, ckpt_every=3)
+    hist = train(cfg)
+    losses = [hist["train_loss"][s] for s in (1, 2, 3)]
+    assert all(np.isfinite(losses)) and losses[2] < losses[0], losses
+
+
+def test_activation_checkpointing_same_losses(corpus, tmp_path):
+    a = train(run_cfg(corpus, tmp_path, "a", steps=3, eval_every=0))
+    b = train(run_cfg(corpus, tmp_path, "b", steps=3, eval_every=0, activation_checkpointing=True))
+    np.testing.assert_allclose(list(a["train_loss"].values()), list(b["train_loss"].values()), rtol=1e-6)
+
+
+def test_resume_reproduces_uninterrupted_run(corpus, tmp_path):
+    kw = dict(steps=6, grad_accum=2, ckpt_every=2, eval_every=3)
+    full = train(run_cfg(corpus, tmp_path, "full", **kw))
+    part = train(run_cfg(corpus, tmp_path, "part", stop_after=5, **kw))  # "killed" after step 5; checkpoint at 4
+    assert part["step"] == 5 and load_checkpoint(str(tmp_path / "part" / "checkpoint.pt"))["step"] == 4
+    rest = train(run_cfg(corpus, tmp_path, "part", resume=True, **kw))
+    assert sorted(rest["train_loss"]) == [5, 6]
+    for s in (5, 6):
+        assert rest["train_loss"][s] == full["train_loss"][s]  # bitwise
+    assert rest["val_loss"][6] == full["val_loss"][6]
+
+    def table(name):
+        rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        return [(r["step"], r["loss"], r.get("val_loss"), r["lr"]) for r in rows]
+
+    assert table("part") == table("full")  # rows logged after the checkpoint were replaced, not duplicated
+
+
+def test_checkpoint_and_config_errors(corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        train(run_cfg(corpus, tmp_path, resume=True))
+    train(run_cfg(corpus, tmp_path, steps=2))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(FileExistsError, match="already exists; pass resume=True"):
+        train(run_cfg(corpus, tmp_path, steps=2))
+    assert ckpt.read_bytes() == before  # the previous run is untouched
+    ckpt.write_bytes(before[: len(before) // 3])
+    with pytest.raises(RuntimeError, match="corrupt or truncated"):
+        train(run_cfg(corpus, tmp_path, steps=4, resume=True))
+    with pytest.raises(ValueError, match="seqlen=300 exceeds max_seqlen=256"):
+        train(run_cfg(corpus, tmp_path, "long", seqlen=300))
+    assert not (tmp_path / "long" / "checkpoint.pt").exists()
+    with pytest.raises(ValueError, match="divisible by world_size x grad_accum"):
+        train(run_cfg(corpus, tmp_path, "odd", batch_size=5, grad_accum=2))
+    with pytest.raises(ValueError, match="unknown model preset"):
+        train(run_cfg(corpus, tmp_path, "bad", model="gpt5"))
+    with pytest.raises(ValueError, match="must divide n_heads"):
+        train(run_cfg(corpus, tmp_path, "bad", model_overrides={"n_kv_heads": 3}))
+    with pytest.raises(ValueError, match="empty corpus"):
+        (tmp_path / "void").mkdir()
+        train(run_cfg(corpus, tmp_path, "bad", data=[str(tmp_path / "void")]))
+
+
+def test_atomic_checkpoint_survives_a_crash_mid_save(corpus, tmp_path, monkeypatch):
+    train(run_cfg(corpus, tmp_path, steps=2))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        real_save({"partial": torch.zeros(10)}, f)
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_cfg(corpus, tmp_path, steps=4, resume=True))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "tmp" in p.name) == []
+    hist = train(run_cfg(corpus, tmp_path, steps=4, resume=True))  # and it still resumes
+    assert sorted(hist["train_loss"]) == [3, 4]
+
+
+def test_cli(corpus, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--model", "tiny", "--backend", "reference", "--data", str(corpus), "--cache-dir",
+            str(tmp_path / "cache"), "--seqlen", "16", "--batch-size", "2", "--steps", "2", "--out-dir", str(out),
+            "--no-progress", "--eval-every", "0", "--set", "n_layers=1", "--summary-json", str(tmp_path / "s.json")]
+    assert cli_main(args) == 0
+    summary = json.load(open(tmp_path / "s.json"))
+    assert set(summary["train_loss"]) == {"1", "2"}
+    assert json.load(open(out / "config.json"))["model_config"]["n_layers"] == 1
+    assert cli_main(args) == 1  # the checkpoint exists and --resume was not given
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(["train", "--model", "nope", "--out-dir", str(tmp_path / "x")]) == 1
+    assert "unknown model preset 'nope'" in capsys.readouterr().err
+    assert cli_main(["presets"]) == 0 and "llama-3.2-1b" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ torchrun
+def torchrun(args, nproc=2, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", FASTLM_QUIET_NO_C="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "fastlm",
+           "train"] + args
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r
+
+
+def cli_args(cfg, summary):
+    a = ["--model", cfg.model, "--backend", cfg.backend, "--data", *cfg.data, "--cache-dir", cfg.cache_dir,
+         "--seqlen", str(cfg.seqlen), "--batch-size", str(cfg.batch_size), "--grad-accum", str(cfg.grad_accum),
+         "--steps", str(cfg.steps), "--lr", str(cfg.lr), "--warmup", str(cfg.warmup), "--eval-every",
+         str(cfg.eval_every), "--eval-batches", str(cfg.eval_batches), "--ckpt-every", str(cfg.ckpt_every),
+         "--val-fraction", str(cfg.val_fraction), "--out-dir", cfg.out_dir, "--no-progress", "--summary-json", summary]
+    return a + (["--resume"] if cfg.resume else []) + (["--stop-after", str(cfg.stop_after)] if cfg.stop_after else [])
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(mode, corpus, tmp_path):
+    """2 gloo processes with the same global batch give the losses of 1 process.  FSDP2 run is
+    "killed" after step 3 and resumed by a single process: checkpoints are world-size portable."""
+    kw = dict(steps=5, batch_size=4, grad_accum=2 if mode == "ddp" else 1, ckpt_every=3, eval_every=5)
+    single = train(run_cfg(corpus, tmp_path, "single", **kw))
+    cfg = run_cfg(corpus, tmp_path, mode, stop_after=3 if mode == "fsdp" else None, **kw)
+    torchrun(cli_args(cfg, str(tmp_path / "dist.json")) + ["--distributed", mode])
+    dist_hist = json.load(open(tmp_path / "dist.json"))
+    steps = range(1, 4 if mode == "fsdp" else 6)
+    np.testing.assert_allclose([dist_hist["train_loss"][str(s)] for s in steps],
+                               [single["train_loss"][s] for s in steps], rtol=2e-5)
+    if mode == "ddp":
+        np.testing.assert_allclose(dist_hist["val_loss"]["5"], single["val_loss"][5], rtol=2e-5)
+    else:
+        assert load_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"))["config"]["world_size"] == 2
+        rest = train(run_cfg(corpus, tmp_path, mode, resume=True, **kw))  # 1 process resumes the 2-process run
+        np.testing.assert_allclose([rest["train_loss"][s] for s in (4, 5)],
+                                   [single["train_loss"][s] for s in (4, 5)], rtol=2e-5)
