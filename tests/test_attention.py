@@ -7,7 +7,6 @@ and a representative subset of small shapes; the full cross-product (bf16, head 
 lengths up to 1000) is marked gpu.
 """
 import itertools
-import math
 
 import pytest
 import torch
@@ -343,28 +342,56 @@ def test_bad_device_mix():
 
 
 # ------------------------------------------------------------------------------ GPU: full sweep
-GPU_DIMS = [40, 64, 80, 96, 112, 128, 160, 192, 256]
+# Each (dtype, head_dim, mask mode) compiles its own kernels, so those are the parameters and
+# the runtime-only dimensions (lengths, GQA ratio) loop inside; autotuning is off here (one
+# config per kernel: compile time), test_gpu_autotuned covers the tuned path.
+GPU_MODES = {
+    "full": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window=(64, 33)),
+    "causal-window-softcap": dict(causal=True, window=(100, -1), softcap=30.0),
+}
+GPU_DET_MODES = ("window", "causal-window-softcap")  # these use the deterministic dQ kernel
 GPU_LENS = [(1, 1), (17, 17), (127, 129), (129, 127), (1000, 1000), (1, 1000), (1000, 300)]
+GPU_HEADS = [(4, 4), (4, 2), (6, 1)]
+GPU_COMBOS = (
+    [(torch.bfloat16, D, m) for D in (40, 64, 96, 128, 256) for m in GPU_MODES]
+    + [(torch.bfloat16, D, "causal") for D in (80, 112, 160, 192)]
+    + [(torch.bfloat16, D, "causal-window-softcap") for D in (80, 112, 160, 192)]
+    + [(torch.float16, D, m) for D in (64, 128) for m in ("full", "causal-window-softcap")]
+    + [(torch.float32, 64, "causal"), (torch.float32, 128, "window")]
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, D, mode", GPU_COMBOS, ids=lambda x: str(x).replace("torch.", ""))
+def test_gpu_sweep(monkeypatch, dtype, D, mode):
+    monkeypatch.setattr(K, "AUTOTUNE", False)
+    kw = GPU_MODES[mode]
+    for (Sq, Sk), (Hq, Hk) in itertools.product(GPU_LENS, GPU_HEADS):
+        q, k, v = _make(2, Sq, Sk, Hq, Hk, D, dtype)
+        dout = _rand(2, Sq, Hq, D, dtype=dtype)
+        try:
+            _check_all(_run(q, k, v, dout, deterministic=mode in GPU_DET_MODES, **kw), q, k, v, dout, **kw)
+        except AssertionError as e:
+            raise AssertionError(f"Sq={Sq} Sk={Sk} heads={Hq}/{Hk}: {e}") from e
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_autotuned(deterministic):
+    """The autotuned launch (several configs benchmarked; the atomic-dQ accumulator must be
+    re-zeroed after tuning) gives correct results on its first and later calls."""
+    q, k, v = _make(2, 1531, 1531, 8, 2, 128, torch.bfloat16)
+    dout = _rand(2, 1531, 8, 128, dtype=torch.bfloat16)
+    for _ in range(2):
+        _check_all(_run(q, k, v, dout, causal=True, deterministic=deterministic), q, k, v, dout, causal=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D", GPU_DIMS)
-@pytest.mark.parametrize("lens", GPU_LENS, ids=lambda x: f"q{x[0]}-k{x[1]}")
-@pytest.mark.parametrize("mode", ["full", "causal", "window", "causal-window-softcap"])
-@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)], ids=lambda h: f"h{h[0]}/{h[1]}")
-def test_gpu_sweep(dtype, D, lens, mode, heads):
-    Sq, Sk = lens
-    kw = {"full": {}, "causal": dict(causal=True), "window": dict(window=(64, 33)),
-          "causal-window-softcap": dict(causal=True, window=(100, -1), softcap=30.0)}[mode]
-    q, k, v = _make(2, Sq, Sk, heads[0], heads[1], D, dtype)
-    dout = _rand(2, Sq, heads[0], D, dtype=dtype)
-    _check_all(_run(q, k, v, dout, deterministic=(D % 3 == 0), **kw), q, k, v, dout, **kw)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_varlen_large(dtype):
+def test_gpu_varlen_large(monkeypatch, dtype):
+    monkeypatch.setattr(K, "AUTOTUNE", False)
     lens_q = [1000, 0, 1, 513, 77, 2048]
     lens_k = [1000, 5, 0, 600, 77, 2048]
     q, cu_q = _pack(lens_q, 8, 128, dtype)
@@ -378,7 +405,8 @@ def test_gpu_varlen_large(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads", [(8, 8), (8, 1)])
-def test_gpu_deterministic_bitwise(heads):
+def test_gpu_deterministic_bitwise(monkeypatch, heads):
+    monkeypatch.setattr(K, "AUTOTUNE", False)
     q, k, v = _make(2, 1500, 1500, heads[0], heads[1], 128, torch.bfloat16)
     dout = _rand(2, 1500, heads[0], 128, dtype=torch.bfloat16)
     a = _run(q, k, v, dout, causal=True, deterministic=True)
@@ -407,8 +435,7 @@ def test_gpu_cuda_graph_capture():
         g.replay()
         torch.cuda.synchronize()
         ref = _run(q, k, v, dout, causal=True, deterministic=det)
-        assert max_err(out, ref[0]) == 0 or det is False
-        assert torch.allclose(out.float(), ref[0].float(), atol=1e-2)
+        assert torch.equal(out, ref[0])  # the forward has no atomics
         for a, b in zip(grads, ref[2:]):
             assert torch.allclose(a.float(), b.float(), atol=5e-2, rtol=1e-2)
 
@@ -420,4 +447,4 @@ def test_gpu_matches_sdpa():
     ours = attention(q, k, v, causal=True)
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
-    assert max_err(ours, sdpa) < 2e-2 * math.sqrt(128) / 8
+    assert max_err(ours, sdpa) < 3e-2  # two bf16 implementations: a few bf16 ulps apart

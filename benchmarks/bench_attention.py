@@ -1,0 +1,269 @@
+"""Attention benchmark: forward, backward and forward+backward TFLOP/s (bf16).
+
+FLOPs (explicit): forward = 4 * batch * n_heads_q * seqlen_q * seqlen_k * head_dim (QK^T and
+PV, 2 FLOPs per multiply-add); causal counts half (the visible pairs, for seqlen_q ==
+seqlen_k); backward = 2.5 x forward (dV, dP, dS->dQ, dK, and the recomputed QK^T);
+forward+backward = 3.5 x forward.  Varlen sums the per-sequence counts.
+
+Shapes: head_dim 64/128/256 with n_heads = 2048 / head_dim, seqlen 512..16k at batch x seqlen =
+16k tokens, causal and not; GQA (16 query heads on 2 kv heads); varlen (random document lengths
+packing 16k tokens, causal).  Each figure sits beside the peers measured in the same run: SDPA
+with each backend (flash, cuDNN, efficient), FlexAttention (compiled), flash_attn (FA2) / FA3
+when installed, the math reference (eager and compiled) at small sizes; plus % of the dense
+bf16 matmul TFLOP/s measured in this run.  fastlm's backward is timed in both modes: atomic dQ
+(default) and deterministic=True.
+"""
+import functools
+import random
+import sys
+
+import torch
+
+from benchmarks.common import Results, bench, compiled, matmul_tflops, optional_module, parser, require_cuda
+
+import fastlm
+from fastlm import reference
+
+TOKENS = 16384
+MODEL_DIM = 2048  # n_heads = MODEL_DIM // head_dim
+SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
+SMALL_REF = 1024  # the math reference (eager / compiled) only up to this seqlen (memory: B*H*S^2)
+FLEX_SEQLENS = (4096, 16384)  # FlexAttention compiles per shape: only these (compile time)
+
+
+def attn_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal, mode):
+    """FLOPs of one call; causal counts half (the formula of the FlashAttention papers)."""
+    f = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim
+    if causal:
+        f *= 0.5
+    return f * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+
+def varlen_flops(lens, heads, head_dim, causal, mode):
+    return sum(attn_flops(1, heads, n, n, head_dim, causal, mode) for n in lens)
+
+
+def dense_shapes(quick):
+    """(head_dim, seqlen, causal) in run order; batch = TOKENS // seqlen."""
+    if quick:
+        return [(128, s, c) for s in (2048, 8192) for c in (False, True)]
+    out = [(128, s, c) for s in SEQLENS for c in (False, True)]
+    out += [(d, s, c) for d in (64, 256) for s in (1024, 16384) for c in (False, True)]
+    return out
+
+
+def doc_lengths(total, seed=0, lo=128, hi=4096):
+    """Random document lengths summing to `total` (the varlen case)."""
+    rng = random.Random(seed)
+    lens = []
+    while sum(lens) < total:
+        lens.append(min(rng.randint(lo, hi), total - sum(lens)))
+    return lens
+
+
+# ------------------------------------------------------------------------------ implementations
+def _sdpa(backend_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def f(q, k, v, causal):
+        gqa = q.shape[2] != k.shape[2]
+        with sdpa_kernel([backend]):
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                **({"enable_gqa": True} if gqa else {}))
+        return o.transpose(1, 2)
+
+    return f
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_compiled():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, causal, block_mask_cache={}):  # noqa: B006 (a cache on purpose)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, S, H, D = q.shape
+    bm = None
+    if causal:
+        key = (S, str(q.device))
+        if key not in block_mask_cache:
+            block_mask_cache[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device=q.device)
+        bm = block_mask_cache[key]
+    gqa = q.shape[2] != k.shape[2]
+    o = _flex_compiled()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=gqa)
+    return o.transpose(1, 2)
+
+
+def dense_impls(head_dim, seqlen, gqa=False):
+    """name -> f(q, k, v, causal) or a 'skipped: why' string."""
+    impls = {
+        "fastlm-triton": lambda q, k, v, c: fastlm.ops.attention(q, k, v, causal=c, backend="triton"),
+        "fastlm-triton-det": (lambda q, k, v, c: fastlm.ops.attention(q, k, v, causal=c, deterministic=True,
+                                                                      backend="triton"))
+        if head_dim == 128 else "skipped: deterministic backward timed at head_dim 128 only (compile time)",
+        "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+        "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+        "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+    }
+    if seqlen in FLEX_SEQLENS and head_dim == 128:
+        impls["flex-attention"] = _flex
+    else:
+        impls["flex-attention"] = f"skipped: only at head_dim 128, seqlen {FLEX_SEQLENS} (compile time)"
+    fa2 = optional_module("flash_attn")
+    impls["flash_attn"] = (lambda q, k, v, c: fa2.flash_attn_func(q, k, v, causal=c)) if fa2 else "skipped: not installed"
+    fa3 = optional_module("flash_attn_interface")
+    if fa3 is None:
+        impls["flash_attn_3"] = "skipped: not installed"
+    else:
+        impls["flash_attn_3"] = lambda q, k, v, c: _first(fa3.flash_attn_func(q, k, v, causal=c))
+    if seqlen <= SMALL_REF:
+        impls["reference-eager"] = lambda q, k, v, c: reference.attention(q, k, v, causal=c)
+        if head_dim == 128 and not gqa:
+            ref_c = compiled(lambda q, k, v, c: reference.attention(q, k, v, causal=c))
+            impls["reference-compiled"] = ref_c
+        else:
+            impls["reference-compiled"] = "skipped: only at head_dim 128 (compile time)"
+    else:
+        impls["reference-eager"] = impls["reference-compiled"] = f"skipped: only seqlen <= {SMALL_REF} (O(S^2) memory)"
+    return impls
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def time_mode(fn, mode, inputs, warmup=5, rep=30):
+    """(ms, p20, p80) of fn(*inputs) in `mode`; inputs[:3] are differentiated."""
+    leaves = inputs[:3]
+    if mode == "fwd":
+        with torch.no_grad():
+            return bench(lambda: fn(*inputs), warmup=warmup, rep=rep)
+    for t in leaves:
+        t.requires_grad_(True)
+    try:
+        out = fn(*inputs)
+        dout = torch.randn_like(out)
+        if mode == "bwd":
+            return bench(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True), warmup=warmup, rep=rep)
+        return bench(lambda: torch.autograd.grad(fn(*inputs), leaves, dout), warmup=warmup, rep=rep)
+    finally:
+        for t in leaves:
+            t.requires_grad_(False)
+
+
+def run_case(res, impls, base, inputs, flops, modes, peak, det_modes=("bwd", "fwd+bwd")):
+    for mode in modes:
+        row0 = dict(base, mode=mode)
+        tflops = {}
+        for name, fn in impls.items():
+            if name.endswith("-det") and mode not in det_modes:
+                continue  # deterministic=True only changes the backward
+            if isinstance(fn, str):
+                res.skipped(name, fn.split(": ", 1)[1], **row0)
+                continue
+            try:
+                ms, p20, p80 = time_mode(fn, mode, inputs)
+            except Exception as e:  # a peer failing must not hide the others
+                res.skipped(name, f"error: {type(e).__name__}: {e}"[:200], **row0)
+                continue
+            tf = flops[mode] / ms / 1e9
+            tflops[name] = tf
+            res.add(**row0, impl=name, ms=ms, p20=p20, p80=p80, TFLOPs=tf, pct_matmul=100 * tf / peak)
+        sdpa = {k: v for k, v in tflops.items() if k.startswith("sdpa-")}
+        if "fastlm-triton" in tflops and sdpa:
+            best = max(sdpa, key=sdpa.get)
+            res.add(**row0, impl="fastlm-triton", metric="vs_best_sdpa", best_sdpa=best,
+                    ratio=tflops["fastlm-triton"] / sdpa[best])
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma-separated subset of fwd,bwd,fwd+bwd")
+    args = p.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in ("fwd", "bwd", "fwd+bwd"):
+            p.error(f"unknown mode {m!r}")
+    if not require_cuda("attention"):
+        return
+    res = Results("attention", args.out)
+    peak = matmul_tflops()
+    res.add(impl="device", metric="bf16_matmul_TFLOPs", value=peak)
+    dtype = torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=dtype, generator=gen)
+
+    for d, s, causal in dense_shapes(args.quick):
+        b, h = TOKENS // s, MODEL_DIM // d
+        q, k, v = randn(b, s, h, d), randn(b, s, h, d), randn(b, s, h, d)
+        base = dict(case="dense", head_dim=d, seqlen=s, batch=b, heads=h, kv_heads=h, causal=causal, dtype="bf16")
+        flops = {m: attn_flops(b, h, s, s, d, causal, m) for m in ("fwd", "bwd", "fwd+bwd")}
+        run_case(res, dense_impls(d, s), base, (q, k, v, causal), flops, modes, peak)
+        del q, k, v
+
+    if not args.quick:
+        # GQA: 16 query heads on 2 kv heads, head_dim 128, seqlen 4k.
+        d, s, h, hk = 128, 4096, 16, 2
+        b = TOKENS // s
+        q, k, v = randn(b, s, h, d), randn(b, s, hk, d), randn(b, s, hk, d)
+        for causal in (False, True):
+            base = dict(case="gqa", head_dim=d, seqlen=s, batch=b, heads=h, kv_heads=hk, causal=causal, dtype="bf16")
+            flops = {m: attn_flops(b, h, s, s, d, causal, m) for m in ("fwd", "bwd", "fwd+bwd")}
+            run_case(res, dense_impls(d, s, gqa=True), base, (q, k, v, causal), flops, modes, peak)
+        del q, k, v
+        run_varlen(res, randn, modes, peak)
+    res.write()
+
+
+def run_varlen(res, randn, modes, peak, device="cuda", tokens=TOKENS, h=16):
+    """Packed documents (random lengths, 16k tokens), causal, head_dim 128, 16 heads."""
+    d = 128
+    lens = doc_lengths(tokens, lo=min(128, tokens), hi=min(4096, tokens))
+    cu = torch.tensor([0] + [sum(lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32, device=device)
+    q, k, v = randn(tokens, h, d), randn(tokens, h, d), randn(tokens, h, d)
+    mx = max(lens)
+    impls = {
+        "fastlm-triton": lambda q, k, v: fastlm.ops.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                                              max_seqlen_q=mx, max_seqlen_k=mx, backend="triton"),
+        "fastlm-triton-det": lambda q, k, v: fastlm.ops.attention(q, k, v, causal=True, cu_seqlens_q=cu,
+                                                                  cu_seqlens_k=cu, deterministic=True,
+                                                                  backend="triton"),
+    }
+    fa2 = optional_module("flash_attn")
+    impls["flash_attn"] = (lambda q, k, v: fa2.flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=True)) \
+        if fa2 else "skipped: not installed"
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        doc = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
+
+        def doc_causal(b, hh, qi, ki):
+            return (doc[qi] == doc[ki]) & (qi >= ki)
+
+        bm = create_block_mask(doc_causal, None, None, tokens, tokens, device=device)
+        def flex_varlen(q, k, v):
+            o = _flex_compiled()(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
+                                 block_mask=bm)
+            return o[0].transpose(0, 1)
+
+        impls["flex-attention"] = flex_varlen
+    except Exception as e:
+        impls["flex-attention"] = f"skipped: {type(e).__name__}: {e}"[:200]
+    impls["sdpa-*"] = "skipped: SDPA has no packed varlen form"
+    base = dict(case="varlen", head_dim=d, seqlen=mx, batch=len(lens), heads=h, kv_heads=h, causal=True,
+                dtype=str(q.dtype).split(".")[-1], tokens=tokens)
+    flops = {m: varlen_flops(lens, h, d, True, m) for m in ("fwd", "bwd", "fwd+bwd")}
+    run_case(res, impls, base, (q, k, v), flops, modes, peak)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
