@@ -48,11 +48,11 @@ def _train_args(p):
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=None)
-    g.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default=d.dtype)
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default=d.dtype)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--activation-checkpointing", action="store_true")
     g.add_argument("--distributed", choices=["auto", "ddp", "fsdp", "none"], default=d.distributed)
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     g.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--summary-json", default=None, help="write the loss history to this JSON file")
 

@@ -25,6 +25,9 @@ import tempfile
 
 import numpy as np
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # mode of the files written via mkstemp (which creates 0600 files)
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", ".hg", ".svn", "node_modules"}
 
 
@@ -165,6 +168,7 @@ def _cache_key(files, tokenizer):
 
 def _atomic_write_text(path, text):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".tmp-")
+    os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -222,6 +226,7 @@ def build_token_cache(files, tokenizer, cache_dir=None, log=None):
     if log:
         log(f"tokenizing {len(files)} files into {bin_path}")
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=key + ".bin.tmp-")
+    os.fchmod(fd, FILE_MODE)
     n_tokens = n_docs = 0
     try:
         with os.fdopen(fd, "wb") as out:

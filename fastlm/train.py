@@ -73,7 +73,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: Optional[str] = None  # default: cuda:LOCAL_RANK if available, else cpu
-    dtype: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp16" | "fp32"
+    dtype: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
     compile: bool = False
     activation_checkpointing: bool = False
     distributed: str = "auto"  # "auto" (ddp under torchrun) | "ddp" | "fsdp" | "none"
@@ -93,8 +93,8 @@ class TrainConfig:
             bad(f"lr must be > 0 and min_lr_ratio in [0, 1] (got {self.lr}, {self.min_lr_ratio})")
         if self.backend not in ("fused", "reference"):
             bad(f"backend must be 'fused' or 'reference', got {self.backend!r}")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            bad(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            bad(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         if self.distributed not in ("auto", "ddp", "fsdp", "none"):
             bad(f"distributed must be auto, ddp, fsdp or none, got {self.distributed!r}")
 
@@ -116,6 +116,7 @@ def atomic_save(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".tmp-")
+    os.fchmod(fd, fdata.FILE_MODE)  # mkstemp creates 0600 files
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -181,6 +182,8 @@ class Dist:
         self.mode = mode
         if cfg.device:
             self.device = torch.device(cfg.device)
+            if self.device.type == "cuda" and self.device.index is None:
+                self.device = torch.device("cuda", self.local_rank)
         elif torch.cuda.is_available():
             self.device = torch.device("cuda", self.local_rank)
         else:
@@ -225,6 +228,7 @@ class MetricsLog:
                 rows = [r for r in (json.loads(line) for line in f if line.strip()) if r["step"] <= resume_step]
         for path, text in ((self.json_path, "".join(json.dumps(r) + "\n" for r in rows)), (self.csv_path, self._csv(rows))):
             fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=os.path.basename(path) + ".tmp-")
+            os.fchmod(fd, fdata.FILE_MODE)
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             os.replace(tmp, path)
@@ -252,7 +256,7 @@ class MetricsLog:
 def _autocast_dtype(cfg, device):
     if cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.dtype]
+    return {"bf16": torch.bfloat16, "fp32": None}[cfg.dtype]
 
 
 def build_model(cfg, vocab_size, device):
@@ -383,7 +387,7 @@ def _train(cfg, world, log):
     metrics = MetricsLog(out_dir, resume_step=step if ckpt is not None else None, enabled=world.main)
     log(f"model {cfg.model} ({cfg.backend}): {n_params / 1e6:.2f}M params, vocab {vocab_size}; corpus "
         f"{len(corpus.train):,} train / {len(corpus.val):,} val tokens; {world.world} process(es) [{world.mode}] on "
-        f"{device}, {'bf16' if amp_dtype == torch.bfloat16 else 'fp16' if amp_dtype else 'fp32'}; global batch "
+        f"{device}, {'bf16 autocast' if amp_dtype else 'fp32'}; global batch "
         f"{cfg.batch_size} x {cfg.seqlen} tokens, micro-batch {micro} x {cfg.grad_accum} accum")
 
     def to_device(a):
@@ -424,12 +428,14 @@ def _train(cfg, world, log):
                          "config": run_config}, ckpt_path)
         world.barrier()
 
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and world.main), dynamic_ncols=True,
-               file=sys.stderr) if tqdm else None
+    bar = None
+    if cfg.progress and world.main:  # a tqdm bar when tqdm is installed; log lines otherwise
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=step, dynamic_ncols=True, file=sys.stderr, unit="step")
+        except ImportError:
+            pass
     history = {"train_loss": {}, "val_loss": {}, "tokens_per_s": None, "n_params": n_params}
     tokens_per_step = cfg.batch_size * cfg.seqlen
     pending = []  # (step, loss tensor, lr) not yet synced to the host
@@ -465,32 +471,35 @@ def _train(cfg, world, log):
         step += 1
         tokens_since += tokens_per_step
         pending.append((step, world.mean(loss_sum / cfg.grad_accum), lr))
-        val_loss = evaluate() if val_sampler is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) else None
-        if step % cfg.log_every == 0 or val_loss is not None or step == stop_at or step % cfg.ckpt_every == 0:
-            losses = torch.stack([p[1] for p in pending]).tolist()  # one host sync per log interval
-            now = time.perf_counter()
-            tps = tokens_since / (now - t_last)
-            for (s, _, lr_s), l in zip(pending, losses):
-                history["train_loss"][s] = l
-                row = {"step": s, "loss": l, "lr": lr_s, "tokens": s * tokens_per_step, "time_s": now - t_start}
-                if s == step:
-                    row["tokens_per_s"] = tps
-                    if val_loss is not None:
-                        row["val_loss"] = val_loss
-                metrics.write(row)
-            if val_loss is not None:
-                history["val_loss"][step] = val_loss
-            history["tokens_per_s"] = tps
-            msg = f"step {step}/{cfg.steps} loss {losses[-1]:.4f} lr {lr:.2e} {tps:,.0f} tok/s" + (
-                f" val {val_loss:.4f}" if val_loss is not None else "")
-            if bar is not None:
-                bar.set_postfix_str(msg.split(" ", 2)[2])
-                bar.update(len(pending))
-            elif cfg.progress:
-                log(msg)
-            pending, t_last, tokens_since = [], time.perf_counter(), 0
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        do_eval = val_sampler is not None and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
+        do_save = step % cfg.ckpt_every == 0 or step == cfg.steps
+        if not (do_eval or do_save or step % cfg.log_every == 0 or step == stop_at):
+            continue
+        losses = torch.stack([p[1] for p in pending]).tolist()  # one host sync per log interval
+        now = time.perf_counter()
+        tps = tokens_since / (now - t_last)  # training only: eval and checkpoint time come after
+        val_loss = evaluate() if do_eval else None
+        for (s, _, lr_s), l in zip(pending, losses):
+            history["train_loss"][s] = l
+            row = {"step": s, "loss": l, "lr": lr_s, "tokens": s * tokens_per_step, "time_s": now - t_start}
+            if s == step:
+                row["tokens_per_s"] = tps
+                if val_loss is not None:
+                    row["val_loss"] = val_loss
+            metrics.write(row)
+        if val_loss is not None:
+            history["val_loss"][step] = val_loss
+        history["tokens_per_s"] = tps
+        msg = f"step {step}/{cfg.steps} loss {losses[-1]:.4f} lr {lr:.2e} {tps:,.0f} tok/s" + (
+            f" val {val_loss:.4f}" if val_loss is not None else "")
+        if bar is not None:
+            bar.set_postfix_str(msg.split(" ", 2)[2])
+            bar.update(len(pending))
+        else:
+            log(msg)
+        if do_save:
             save(step)
+        pending, t_last, tokens_since = [], time.perf_counter(), 0
     if bar is not None:
         bar.close()
     history["step"] = step

@@ -158,22 +158,38 @@ class ContiguousCache:
         return k, v
 
 
-@pytest.mark.parametrize("backend", ["reference", "fused"])
+class AttendingCache(ContiguousCache):
+    """A cache that runs the attention itself (the `attend` form of the hook)."""
+
+    calls = 0
+
+    def attend(self, layer, q, k, v, window):
+        from fastlm.models.transformer import sdpa_attention
+
+        AttendingCache.calls += 1
+        k, v = self.update(layer, k, v)
+        return sdpa_attention(q, k, v, window=window)
+
+
+@pytest.mark.parametrize("backend, cache_cls", [("reference", ContiguousCache), ("fused", ContiguousCache),
+                                                ("fused", AttendingCache)])
 @pytest.mark.parametrize("name", ["tiny-mix", "tiny-gpt2"])
-def test_kv_cache_hook_and_positions(backend, name):
+def test_kv_cache_hook_and_positions(backend, cache_cls, name):
     cfg = tiny_config(name)
     ref, fused = pair(cfg)
     model = fused if backend == "fused" else ref
     tokens = torch.randint(0, cfg.vocab_size, (2, 13), device=DEVICE)
+    AttendingCache.calls = 0
     with torch.no_grad():
         full = ref(tokens)
-        cache = ContiguousCache()
+        cache = cache_cls()
         steps = [model(tokens[:, :9], cache=cache, positions=0)]
         steps.append(model(tokens[:, 9:11], cache=cache, positions=9))  # two tokens at once
         steps.append(model(tokens[:, 11:12], cache=cache, positions=11))
         # explicit (B, T) position ids and (B,) offsets are other forms of the same thing
         steps.append(model(tokens[:, 12:13], cache=cache, positions=torch.full((2,), 12, device=DEVICE)))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=2e-5)
+    assert AttendingCache.calls == (4 * cfg.n_layers if cache_cls is AttendingCache else 0)
     with torch.no_grad():
         pos = torch.arange(13, device=DEVICE).expand(2, 13)
         torch.testing.assert_close(model(tokens, positions=pos), full, atol=2e-5, rtol=2e-5)
@@ -306,7 +322,7 @@ def test_hf_parity_bf16_reference(family):
 def test_hf_parity_bf16_fused_gpu(family):
     hf = hf_model(family)
     model = Transformer.from_hf(hf, backend="fused", dtype=torch.bfloat16).to(DEVICE)
-    tokens = torch.randint(0, 300, (4, 200), device=DEVICE)
+    tokens = torch.randint(0, 300, (4, 120), device=DEVICE)
     hf64 = hf_model(family).double()
     hf64.load_state_dict(hf.state_dict())
     ref64 = hf_logits(hf64.to(DEVICE), tokens)

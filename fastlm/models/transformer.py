@@ -22,8 +22,10 @@ Inputs are (B, T) token ids, or packed variable-length sequences: (total,) ids w
 KV-cache hook: ``forward(..., cache=obj)`` passes ``obj`` down to every attention layer, which
 calls ``k, v = obj.update(layer_idx, k, v)`` with this step's rotated keys/values (B, T, Hkv, hd)
 and attends over the returned (B, S, Hkv, hd), causal mask aligned bottom-right (the last query
-sees every key).  The caller passes ``positions`` (e.g. the int offset of the first new
-token).  ``cache`` is None in training.
+sees every key).  A cache may instead define ``attend(layer_idx, q, k, v, window) -> out``
+(B, T, H, hd): it stores k/v and computes the attention itself (e.g. with a paged decode
+kernel), and is then used in place of the model's attention call.  The caller passes
+``positions`` (e.g. the int offset of the first new token).  ``cache`` is None in training.
 """
 import math
 
@@ -120,6 +122,8 @@ def sdpa_attention(q, k, v, *, window=(-1, -1), cu_seqlens=None):
         if cu_seqlens is not None:  # token -> sequence index
             seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(T, device=q.device), right=True)
         mask = attention_mask(T, S, q.device, window, seq, seq)
+        if k.shape[2] != q.shape[2]:  # CUDA SDPA's GQA path takes no mask: repeat the kv heads
+            k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v))
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # SDPA wants (B, H, T, hd)
         attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[2] != q.shape[2],
@@ -169,6 +173,11 @@ class Attention(nn.Module):
                 cos, sin, positions, cu = rope
                 q, k = ops.apply_rotary(q, k, cos, sin, positions=positions, cu_seqlens=cu, inplace=True,
                                         backend=self.op_backend)
+        elif rope is not None:  # (cos, sin) already gathered at each token's position
+            q, k = rotate_half_rope(q, *rope), rotate_half_rope(k, *rope)
+        if cache is not None and hasattr(cache, "attend"):  # the cache runs the attention itself
+            o = cache.attend(self.layer_idx, q, k, v, self.window)
+        elif self.fused:
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, S, Hkv, hd)
             o = ops.attention(  # reads the strided q/k/v views directly
@@ -176,8 +185,6 @@ class Attention(nn.Module):
                 max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, backend=self.op_backend,
             )
         else:
-            if rope is not None:  # (cos, sin) already gathered at each token's position
-                q, k = rotate_half_rope(q, *rope), rotate_half_rope(k, *rope)
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)
             if cu_seqlens is not None:  # packed: one "batch" row with a block-diagonal mask
