@@ -130,8 +130,24 @@ __device__ __forceinline__ SplitRange split_range(const DecodeParams& p, int b, 
   return r;
 }
 
+// tanh accurate to a few ulp even under --use_fast_math (which turns tanhf into tanh.approx, ~1e-3
+// relative error): an odd Taylor polynomial near 0, (1 - e^-2a) / (1 + e^-2a) elsewhere.
+__device__ __forceinline__ float tanh_accurate(float x) {
+  const float a = fabsf(x);
+  float t;
+  if (a < 0.5f) {
+    const float x2 = a * a;
+    t = a * (1.f + x2 * (-0.33333333f + x2 * (0.13333333f + x2 * (-0.053968254f + x2 * (0.021869489f + x2 * (
+                   -0.0088632355f + x2 * (0.0035921280f + x2 * -0.0014558344f)))))));
+  } else {
+    const float e = exp2f(-2.885390081777927f * a);  // e^(-2a)
+    t = (1.f - e) / (1.f + e);
+  }
+  return copysignf(t, x);
+}
+
 __device__ __forceinline__ float score(const DecodeParams& p, float qk) {
-  return p.softcap_log2 > 0.f ? p.softcap_log2 * tanhf(qk * p.qk_scale) : qk * p.qk_scale;
+  return p.softcap_log2 > 0.f ? p.softcap_log2 * tanh_accurate(qk * p.qk_scale) : qk * p.qk_scale;
 }
 
 __device__ __forceinline__ bool visible(const DecodeParams& p, int tok, int pos) {
@@ -181,6 +197,24 @@ __device__ __forceinline__ void ldg16(uint32_t (&w)[4], const void* ptr) {
   w[1] = x.y;
   w[2] = x.z;
   w[3] = x.w;
+}
+
+// V chunks g + 8m of the 4 tokens of a thread (zeros where not loadable).
+template <typename T, int VM>
+__device__ __forceinline__ void load_v_chunks(uint32_t (&vw)[4][VM][4], const bool (&vok)[4], const T* const (&vp)[4],
+                                              int g, int D) {
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+#pragma unroll
+    for (int mm = 0; mm < VM; ++mm) {
+      const int c = g + 8 * mm;
+      if (vok[u] && 8 * c < D) {
+        ldg16(vw[u][mm], vp[u] + 8 * c);
+      } else {
+        vw[u][mm][0] = vw[u][mm][1] = vw[u][mm][2] = vw[u][mm][3] = 0u;
+      }
+    }
+  }
 }
 
 // Tensor-core decode.  DP: head_dim padded to a multiple of 64 (64, 128, 192, 256).
@@ -261,21 +295,7 @@ __global__ void __launch_bounds__(kThreads) decode_tc_kernel(const DecodeParams 
       vok[u] = locate(p, b, base + 2 * tq + (u & 1) + 8 * (u >> 1), sr.hi, blk, slot);
       vp[u] = vc + blk * p.v_b + slot * p.v_t;
     }
-    auto load_v = [&]() {
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-#pragma unroll
-        for (int mm = 0; mm < VM; ++mm) {
-          const int c = g + 8 * mm;
-          if (vok[u] && 8 * c < p.D) {
-            ldg16(vw[u][mm], vp[u] + 8 * c);
-          } else {
-            vw[u][mm][0] = vw[u][mm][1] = vw[u][mm][2] = vw[u][mm][3] = 0u;
-          }
-        }
-      }
-    };
-    if (!kLateV) load_v();
+    if (!kLateV) load_v_chunks<T, VM>(vw, vok, vp, g, p.D);
 
     // S = Q K^T for keys base .. base + 15 (n-tiles t = 0, 1).
     float sacc[2][4];
@@ -288,7 +308,7 @@ __global__ void __launch_bounds__(kThreads) decode_tc_kernel(const DecodeParams 
 #pragma unroll
       for (int t = 0; t < 2; ++t) mma16816<T>(sacc[t], a, kw[t][ks >> 1][2 * (ks & 1)], kw[t][ks >> 1][2 * (ks & 1) + 1]);
     }
-    if (kLateV) load_v();
+    if (kLateV) load_v_chunks<T, VM>(vw, vok, vp, g, p.D);
 
     // Scores (log2 domain), masks, online softmax.  Accumulator e of n-tile t: row g + 8 * (e >> 1),
     // key base + 8t + 2tq + (e & 1), i.e. V token u = 2t + (e & 1).
