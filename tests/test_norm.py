@@ -105,9 +105,33 @@ def test_hidden_65536(backend, kind):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("kind", ["rms", "ln"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(4096, 1024), (2048, 4096), (1000, 8191), (257, 16384), (64, 65536)])
-def test_gpu_large(backend, kind, dtype, shape):
-    _run(kind, shape, dtype, backend, residual=True, affine=True)
+@pytest.mark.parametrize(
+    "shape",
+    # Reaches every CUDA path: <=32 threads per row (N <= 1024), 1/2/4/8/16 vector chunks per
+    # thread, the scalar fallback (odd N), the split backward (N = 32768), rows not a multiple
+    # of rows-per-block (M = 1, 7, 4097).
+    [(4097, 512), (4096, 1024), (7, 2048), (2048, 4096), (1000, 8191), (1, 8192), (257, 16384),
+     (33, 32768), (64, 65536), (4097, 4097)],
+)
+@pytest.mark.parametrize("residual", [False, True])
+def test_gpu_large(backend, kind, dtype, shape, residual):
+    _run(kind, shape, dtype, backend, residual=residual, affine=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_gpu_fp32_and_misaligned(backend, kind):
+    _run(kind, (300, 65536 // 2), torch.float32, backend, residual=True, affine=True)
+    _run(kind, (64, 65536), torch.float32, backend, residual=False, affine=True)
+    _run(kind, (128, 4096), torch.bfloat16, backend, residual=True, affine=True, wdtype=torch.float32)
+    # x misaligned for 16-byte vectors: a slice starting one element into a row.
+    big = torch.randn(64, 4097, device=DEVICE, dtype=torch.bfloat16)
+    x = big[:, 1:]
+    w = torch.randn(4096, device=DEVICE, dtype=torch.bfloat16)
+    out = _op(kind, x, w, None, 1e-5, None, backend)
+    ref = _ref(kind, x.double(), w.double(), None, 1e-5, None)
+    assert_close(out, ref, _ref(kind, x, w, None, 1e-5, None), "misaligned out")
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
