@@ -208,9 +208,8 @@ def state_dict_from_hf(sd, cfg, arch):
                 if cfg.mlp_bias:
                     out[q + "mlp.w_in.bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])
                     out[q + "mlp.w_out.bias"] = take(m + "down_proj.bias")
-                used.update(k for k in sd if k.startswith(a) and k.endswith("rotary_emb.inv_freq"))
             out["norm.weight"] = take("norm.weight")
-            used.update(k for k in sd if k.endswith("rotary_emb.inv_freq"))
+            used.update(k for k in sd if k.endswith("rotary_emb.inv_freq"))  # buffers of old checkpoints
         head = opt("lm_head.weight")
     except KeyError as e:
         raise ValueError(f"HF {arch} checkpoint is missing the weight {e.args[0]!r} (incomplete or not a {arch} checkpoint)") from None
