@@ -167,12 +167,12 @@ class Attention(nn.Module):
         lead = x.shape[:-1]
         H, Hkv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(*lead, H + 2 * Hkv, self.head_dim)
-        q, k, v = qkv[..., :H, :], qkv[..., H : H + Hkv, :], qkv[..., H + Hkv :, :]  # (B, T, H|Hkv, hd) views
+        # (B, T, H|Hkv, hd) views; split (not slicing) so the backward is one cat of dq, dk, dv
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=-2)
         if self.fused:
-            if rope is not None:  # (cos table, sin table, positions, cu_seqlens); rotates inside qkv, no copy
+            if rope is not None:  # (cos table, sin table, positions, cu_seqlens): one launch for q and k
                 cos, sin, positions, cu = rope
-                q, k = ops.apply_rotary(q, k, cos, sin, positions=positions, cu_seqlens=cu, inplace=True,
-                                        backend=self.op_backend)
+                q, k = ops.apply_rotary(q, k, cos, sin, positions=positions, cu_seqlens=cu, backend=self.op_backend)
         elif rope is not None:  # (cos, sin) already gathered at each token's position
             q, k = rotate_half_rope(q, *rope), rotate_half_rope(k, *rope)
         if cache is not None and hasattr(cache, "attend"):  # the cache runs the attention itself
