@@ -259,11 +259,14 @@ def _autocast_dtype(cfg, device):
     return {"bf16": torch.bfloat16, "fp32": None}[cfg.dtype]
 
 
-def build_model(cfg, vocab_size, device):
-    mc = TransformerConfig.from_name(cfg.model, **cfg.model_overrides)
-    mc = mc.replace(vocab_size=vocab_size)
+def model_config(cfg, vocab_size):
+    mc = TransformerConfig.from_name(cfg.model, **cfg.model_overrides).replace(vocab_size=vocab_size)
     if cfg.seqlen > mc.max_seqlen:
         raise ValueError(f"train: seqlen={cfg.seqlen} exceeds max_seqlen={mc.max_seqlen} of model {cfg.model!r}")
+    return mc
+
+
+def build_model(cfg, mc, device):
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         model = Transformer(mc, backend=cfg.backend, op_backend=cfg.op_backend)
@@ -333,9 +336,14 @@ def _train(cfg, world, log):
             f"train: batch_size={cfg.batch_size} must be divisible by world_size x grad_accum = "
             f"{world.world} x {cfg.grad_accum}"
         )
+    # Everything that can be checked is checked before anything is written.
+    tokenizer = fdata.load_tokenizer(cfg.tokenizer)
+    vocab_size = cfg.vocab_size or 64 * math.ceil(tokenizer.vocab_size / 64)
+    if vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"train: vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    mc = model_config(cfg, vocab_size)
     out_dir = cfg.out_dir
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    # Refuse to clobber a previous run before anything is written.
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
@@ -347,8 +355,10 @@ def _train(cfg, world, log):
     if world.main:
         os.makedirs(out_dir, exist_ok=True)
 
+    if ckpt is not None and ckpt["config"]["model_config"] != mc.to_dict():
+        raise ValueError("train: the checkpoint's model config differs from this run's; resume with the same model options")
+
     # Data (rank 0 builds the token cache, the others wait and map it).
-    tokenizer = fdata.load_tokenizer(cfg.tokenizer)
     if not world.main:
         world.barrier()
     corpus = fdata.TokenData(cfg.data, tokenizer, cfg.cache_dir, cfg.val_fraction, log=log)
@@ -356,15 +366,10 @@ def _train(cfg, world, log):
         world.barrier()
     train_sampler = fdata.BatchSampler(corpus.train, cfg.seqlen, seed=cfg.seed, name="train")
     val_sampler = fdata.BatchSampler(corpus.val, cfg.seqlen, name="validation") if cfg.eval_every and len(corpus.val) else None
-    vocab_size = cfg.vocab_size or 64 * math.ceil(tokenizer.vocab_size / 64)
-    if vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"train: vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
 
     # Model, optimizer, schedule.
     amp_dtype = _autocast_dtype(cfg, device)
-    model = build_model(cfg, vocab_size, device)
-    if ckpt is not None and ckpt["config"]["model_config"] != model.config.to_dict():
-        raise ValueError("train: the checkpoint's model config differs from this run's; resume with the same model options")
+    model = build_model(cfg, mc, device)
     n_params = sum(p.numel() for p in model.parameters())
     wrapped = wrap_model(model, cfg, world, amp_dtype)
     optimizer = make_optimizer(model, cfg, device)
