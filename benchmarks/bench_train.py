@@ -16,10 +16,15 @@ Loss parity (--parity-steps, default 200; 0 skips): the fused and reference mode
 and same data (the stdlib byte corpus), trained with fastlm.train for that many steps on the
 Llama-style 125M preset; their loss curves must track each other.
 
-    python -m benchmarks.bench_train [--quick] [--out DIR] [--presets gpt2-124m,llama-3.2-1b]
+    python -m benchmarks.bench_train [--quick | --full] [--out DIR] [--presets gpt2-124m,llama-3.2-1b]
            [--seqlens 1024,2048,4096] [--impls fused,reference,compile(reference),compile(fused)]
+
+Time (estimated, H100): compiling dominates, so by default the compiled peers run at seqlen
+2048 only (eager ones at every seqlen) to stay near 150 s; --full compiles at every seqlen
+(several minutes); --quick is seqlen 2048 only and a 50-step parity run.
     python -m benchmarks.bench_train --plan      # print the plan and FLOP counts (no GPU needed)
 """
+import argparse
 import gc
 import os
 import statistics
@@ -37,15 +42,14 @@ IMPLS = ("fused", "reference", "compile(reference)", "compile(fused)")
 # Tokens per step chosen to fit the reference on an 80 GB GPU with headroom (fp32 master
 # weights + AdamW: 16 bytes/param; the 1B preset's 128k-vocab logits alone take ~2.5 MB/token).
 TOKENS_PER_STEP = {"gpt2-124m": 32768, "llama-125m": 32768, "llama-3.2-1b": 8192}
-PARITY_PRESET = "llama-125m"
 
 
-def plan(presets, seqlens):
-    """[(preset, seqlen, batch)] with batch * seqlen = TOKENS_PER_STEP[preset]."""
+def plan(presets, seqlens, tokens=None):
+    """[(preset, seqlen, batch)] with batch * seqlen = tokens or TOKENS_PER_STEP[preset]."""
     out = []
     for p in presets:
         for s in seqlens:
-            out.append((p, s, max(1, TOKENS_PER_STEP.get(p, 16384) // s)))
+            out.append((p, s, max(1, (tokens or TOKENS_PER_STEP.get(p, 16384)) // s)))
     return out
 
 
@@ -55,22 +59,24 @@ def flops_per_step(cfg, batch, seqlen):
 
 def _free():
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def _build(preset, impl):
+def _build(preset, impl, device):
     cfg = TransformerConfig.from_name(preset)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = Transformer(cfg, backend="fused" if "fused" in impl else "reference")
     if impl.startswith("compile"):
         model.compile_blocks()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device == "cuda")
     return cfg, model, opt
 
 
 def _step(model, opt, batch):
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=batch.is_cuda):
         loss = model(batch[:, :-1], batch[:, 1:])
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -79,29 +85,41 @@ def _step(model, opt, batch):
     return loss
 
 
-def time_training(preset, impl, batch, seqlen, warmup=3, iters=10):
-    """-> dict(step_ms, p20, p80, peak_gb, compile_s, loss) for one implementation."""
+def time_training(preset, impl, batch, seqlen, warmup=3, iters=10, device="cuda"):
+    """-> dict(step_ms, p20, p80, peak_gb, warmup_s, loss, flops) for one implementation.
+    Each step is timed with CUDA events (CPU: wall clock; only for a smoke test)."""
     torch._dynamo.reset()
     _free()
-    cfg, model, opt = _build(preset, impl)
-    data = [torch.randint(0, cfg.vocab_size, (batch, seqlen + 1), device="cuda") for _ in range(4)]
+    cuda = device == "cuda"
+    cfg, model, opt = _build(preset, impl, device)
+    data = [torch.randint(0, cfg.vocab_size, (batch, seqlen + 1), device=device) for _ in range(4)]
     t0 = time.perf_counter()
     for i in range(warmup):
         loss = _step(model, opt, data[i % len(data)])
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     warm_s = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ms = []
     for i in range(iters):
-        starts[i].record()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t = time.perf_counter()
         loss = _step(model, opt, data[i % len(data)])
-        ends[i].record()
-    torch.cuda.synchronize()
-    ms = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+        if cuda:
+            end.record()
+            ms.append((start, end))
+        else:
+            ms.append((time.perf_counter() - t) * 1e3)
+    if cuda:
+        torch.cuda.synchronize()
+        ms = [s.elapsed_time(e) for s, e in ms]
+    ms.sort()
     q = statistics.quantiles(ms, n=5) if len(ms) >= 2 else [ms[0]] * 4
-    out = dict(step_ms=statistics.median(ms), p20=q[0], p80=q[3], peak_gb=torch.cuda.max_memory_allocated() / 1e9,
-               warmup_s=warm_s, loss=float(loss), flops=flops_per_step(cfg, batch, seqlen))
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    out = dict(step_ms=statistics.median(ms), p20=q[0], p80=q[3], peak_gb=peak_gb,
+               warmup_s=warm_s, loss=loss.detach().item(), flops=flops_per_step(cfg, batch, seqlen))
     del model, opt, data, loss
     torch._dynamo.reset()
     _free()
@@ -113,12 +131,18 @@ def run_throughput(res, args, peak):
     for impl in impls:
         if impl not in IMPLS:
             raise SystemExit(f"bench_train: unknown impl {impl!r}; choose from {IMPLS}")
-    for preset, seqlen, batch in plan(args.presets.split(","), [int(s) for s in args.seqlens.split(",")]):
+    compile_seqlens = None if args.compile_seqlens == "all" else {int(s) for s in args.compile_seqlens.split(",")}
+    for preset, seqlen, batch in plan(args.presets.split(","), [int(s) for s in args.seqlens.split(",")], args.tokens):
         got = {}
         for impl in impls:
             row = dict(preset=preset, seqlen=seqlen, batch=batch, impl=impl)
+            if impl.startswith("compile") and compile_seqlens is not None and seqlen not in compile_seqlens:
+                res.skipped(impl, "time budget: compiled peers run at --compile-seqlens (use --full for all)",
+                            preset=preset, seqlen=seqlen, batch=batch)
+                continue
             try:
-                r = time_training(preset, impl, batch, seqlen, iters=args.iters)
+                r = time_training(preset, impl, batch, seqlen, warmup=args.warmup, iters=args.iters,
+                                  device=args.device)
             except torch.OutOfMemoryError:
                 _free()
                 res.add(**row, status="OOM")
@@ -136,7 +160,7 @@ def run_throughput(res, args, peak):
             if impl != "compile(reference)" and "compile(reference)" in got:
                 extra["x_compile_reference"] = tps / got["compile(reference)"]
             res.add(**row, step_ms=r["step_ms"], step_ms_p20=r["p20"], step_ms_p80=r["p80"], tokens_per_s=tps,
-                    model_tflops=tflops, mfu_pct=100 * tflops / peak, peak_mem_gb=r["peak_gb"],
+                    model_tflops=tflops, mfu_pct=100 * tflops / peak if peak else None, peak_mem_gb=r["peak_gb"],
                     warmup_s=r["warmup_s"], loss=r["loss"], **extra, status="ok")
         # speedups of fused against peers measured later in the loop
         if "fused" in got:
@@ -158,10 +182,11 @@ def run_parity(res, args):
     with tempfile.TemporaryDirectory() as tmp:
         for backend in ("fused", "reference"):
             _free()
-            cfg = TrainConfig(model=PARITY_PRESET, backend=backend, seqlen=1024, batch_size=16, steps=steps,
-                              lr=1e-3, warmup=max(1, steps // 10), eval_every=steps, eval_batches=4,
-                              ckpt_every=10**9, log_every=max(1, steps // 10), out_dir=os.path.join(tmp, backend),
-                              progress=False, seed=0, cache_dir=os.path.join(tmp, "cache"))
+            cfg = TrainConfig(model=args.parity_preset, backend=backend, seqlen=args.parity_seqlen,
+                              batch_size=args.parity_batch, steps=steps, lr=1e-3, warmup=max(1, steps // 10),
+                              eval_every=steps, eval_batches=4, ckpt_every=10**9, log_every=max(1, steps // 10),
+                              out_dir=os.path.join(tmp, backend), progress=False, seed=0, device=args.device,
+                              cache_dir=os.path.join(tmp, "cache"), data=args.parity_data)
             t0 = time.perf_counter()
             hist[backend] = train(cfg, log=lambda *a: None)
             hist[backend]["time_s"] = time.perf_counter() - t0
@@ -173,10 +198,10 @@ def run_parity(res, args):
     r_tail = statistics.mean(r[s] for s in sorted(r)[-tail:])
     for s in sorted(f):
         if s == 1 or s % max(1, steps // 20) == 0 or s == steps:
-            res.add(preset=PARITY_PRESET, impl="parity", step=s, loss_fused=f[s], loss_reference=r[s],
+            res.add(preset=args.parity_preset, impl="parity", step=s, loss_fused=f[s], loss_reference=r[s],
                     abs_diff=abs(f[s] - r[s]), status="ok")
     ok = abs(f_tail - r_tail) < 0.02 + 0.01 * r_tail and f[1] - f_tail > 1.0
-    res.add(preset=PARITY_PRESET, impl="parity summary", steps=steps, first_loss=f[1],
+    res.add(preset=args.parity_preset, impl="parity summary", steps=steps, first_loss=f[1],
             tail_mean_fused=f_tail, tail_mean_reference=r_tail, tail_mean_diff=f_tail - r_tail,
             max_abs_diff=max(diffs), val_fused=hist["fused"]["val_loss"].get(steps),
             val_reference=hist["reference"]["val_loss"].get(steps),
@@ -185,30 +210,44 @@ def run_parity(res, args):
 
 
 def main(argv=None):
-    main_guard()
     p = parser("training step throughput, MFU and memory: fused vs reference vs torch.compile(reference)")
     p.add_argument("--presets", default="gpt2-124m,llama-3.2-1b")
     p.add_argument("--seqlens", default="1024,2048,4096")
     p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--compile-seqlens", default="2048",
+                   help="seqlens at which the torch.compile peers run ('all' = every one; compiling dominates the run time)")
+    p.add_argument("--full", action="store_true", help="compiled peers at every seqlen (several minutes)")
     p.add_argument("--iters", type=int, default=10, help="timed steps per implementation")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per step (default: per preset, fits 80 GB)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--parity-steps", type=int, default=200, help="loss-parity run length (0 skips it)")
+    p.add_argument("--parity-preset", default="llama-125m")
+    p.add_argument("--parity-seqlen", type=int, default=1024)
+    p.add_argument("--parity-batch", type=int, default=16)
+    p.add_argument("--parity-data", nargs="*", default=None, help="corpus of the parity run (default: stdlib)")
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke test of this script
     p.add_argument("--plan", action="store_true", help="print the shapes and FLOP counts and exit")
     args = p.parse_args(argv)
+    if args.full:
+        args.compile_seqlens = "all"
     if args.quick:
         args.seqlens, args.iters, args.parity_steps = "2048", 6, min(args.parity_steps, 50)
+        args.impls = "fused,reference,compile(reference)"
     if args.plan:
-        for preset, seqlen, batch in plan(args.presets.split(","), [int(s) for s in args.seqlens.split(",")]):
+        for preset, seqlen, batch in plan(args.presets.split(","), [int(s) for s in args.seqlens.split(",")], args.tokens):
             cfg = TransformerConfig.from_name(preset)
             print(f"{preset:14s} seqlen {seqlen:5d} batch {batch:3d}: {cfg.num_params() / 1e6:.1f}M params, "
                   f"{cfg.flops_per_token(seqlen) / 1e9:.2f} GFLOP/token, "
                   f"{flops_per_step(cfg, batch, seqlen) / 1e12:.1f} TFLOP/step")
         return 0
-    if not require_cuda(NAME):
-        return 0
+    if args.device == "cuda":
+        main_guard()
+        if not require_cuda(NAME):
+            return 0
     res = Results(NAME, args.out)
     t0 = time.perf_counter()
-    peak = matmul_tflops()
-    res.add(impl="matmul bf16 8192^3", tflops=peak, status="ok")
+    peak = matmul_tflops() if args.device == "cuda" else None
+    res.add(impl="matmul bf16 8192^3", tflops=peak, status="ok" if peak else "skipped: no GPU")
     run_throughput(res, args, peak)
     if args.parity_steps > 0:
         run_parity(res, args)

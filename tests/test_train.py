@@ -290,3 +290,22 @@ def test_gpu_bf16_fused_training(corpus, tmp_path, compile):
     ref = train(run_cfg(corpus, tmp_path, "ref", backend="reference", steps=30, batch_size=8, seqlen=128, lr=1e-2,
                         warmup=3, eval_every=30, ckpt_every=30, log_every=10))
     assert abs(hist["val_loss"][30] - ref["val_loss"][30]) < 0.1  # same init and data: the curves track
+
+
+def test_bench_train_runs_on_cpu(corpus, tmp_path):
+    """Smoke test of benchmarks/bench_train.py's code paths on CPU (tiny model; the real run
+    needs a GPU): throughput rows for both backends and a short parity run."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_train
+
+    out = tmp_path / "bench"
+    assert bench_train.main(["--device", "cpu", "--presets", "tiny", "--seqlens", "16", "--tokens", "32",
+                             "--impls", "fused,reference", "--warmup", "1", "--iters", "1", "--parity-steps", "1",
+                             "--parity-preset", "tiny", "--parity-seqlen", "16", "--parity-batch", "2",
+                             "--parity-data", str(corpus), "--out", str(out)]) == 0
+    rows = json.load(open(out / "train.json"))["rows"]
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["fused"]["status"] == by_impl["reference"]["status"] == "ok"
+    assert by_impl["fused"]["tokens_per_s"] > 0 and by_impl["fused / reference"]["speedup"] > 0
+    assert "compile(reference)" not in by_impl
+    assert by_impl["parity summary"]["steps"] == 1
