@@ -120,6 +120,38 @@ def test_fused_matches_reference(name):
         assert_close(grads[n], grads64[n], grads32[n], name=f"grad {n}", dtype=torch.float32)
 
 
+def test_fused_backend_runs_every_op_fused(monkeypatch):
+    """The fused model calls the fastlm ops (norms with the residual add fused, rotary,
+    attention) and the reference calls none of them."""
+    from fastlm import ops
+
+    calls = []
+
+    def spy(name):
+        real = getattr(ops, name)
+
+        def wrapper(*a, **k):
+            calls.append((name, k.get("residual") is not None))
+            return real(*a, **k)
+
+        monkeypatch.setattr(ops, name, wrapper)
+
+    for name in ("rms_norm", "layer_norm", "apply_rotary", "attention"):
+        spy(name)
+    tokens = torch.randint(0, 320, (1, 7), device=DEVICE)
+    for cfg_name, norm in (("tiny", "rms_norm"), ("tiny-gpt2", "layer_norm")):
+        cfg = tiny_config(cfg_name)
+        ref, fused = pair(cfg)
+        calls.clear()
+        ref(tokens)
+        assert calls == []
+        fused(tokens)
+        L = cfg.n_layers
+        assert calls.count((norm, True)) == 2 * L and calls.count((norm, False)) == 1  # first norm has no residual
+        assert calls.count(("attention", False)) == L
+        assert calls.count(("apply_rotary", False)) == (L if cfg.positional == "rope" else 0)
+
+
 def test_rope_tables_of_both_backends_agree():
     cfg = tiny_config("tiny-mix")
     ref, fused = Transformer(cfg, backend="reference"), Transformer(cfg, backend="fused")
