@@ -126,8 +126,9 @@ class TransformerConfig:
         Attention: 2 matmuls of 2*seqlen*head_dim*n_heads FLOPs each per token in the
         forward, x3 for forward + backward; causal counts the half that is computed.
         """
-        matmul_params = self.num_params(embeddings=False) - (0 if self.tie_embeddings else self.vocab_size * self.dim)
-        matmul_params += self.vocab_size * self.dim
+        head = self.vocab_size * self.dim
+        blocks = self.num_params(embeddings=False) - (0 if self.tie_embeddings else head)  # no vocab matrix
+        matmul_params = blocks + head  # the lm_head is a matmul whether or not it is tied
         attn = 12 * self.n_layers * self.n_heads * self.head_dim * seqlen * (0.5 if causal else 1.0)
         return 6 * matmul_params + attn
 
