@@ -6,7 +6,6 @@ Error policy (tests/tolerances.py): the fp32 result's error against the same mod
 float64 must be within 2x the error of the fp32 reference backend, plus a small floor.
 """
 import json
-import os
 
 import pytest
 import torch
