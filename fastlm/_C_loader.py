@@ -6,6 +6,8 @@ what is missing and how to get it.
 import os
 import warnings
 
+import torch  # loads libc10/libtorch, which fastlm._C links against
+
 HAVE_C = False  # the extension imported (op schemas registered)
 HAVE_CUDA_KERNELS = False  # ... and it was compiled with the CUDA kernels
 WHY_NOT = ""  # human-readable reason the CUDA backend is unavailable
@@ -14,8 +16,6 @@ try:
     from fastlm import _C  # noqa: F401  (importing registers the ops)
 
     HAVE_C = True
-    import torch
-
     HAVE_CUDA_KERNELS = bool(torch.ops.fastlm.built_with_cuda())
     if not HAVE_CUDA_KERNELS:
         try:
