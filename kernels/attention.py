@@ -727,7 +727,7 @@ _DQ_CONFIGS = {
     128: [(128, 64, 8, 2), (128, 32, 8, 2)],
     256: [(64, 64, 8, 2), (32, 32, 4, 2)],
 }
-# Always-fitting fallbacks (fp32 inputs at large D exceed shared memory with the above).
+# Fallbacks when none of the above fits the device's shared memory.
 _FALLBACK_CONFIGS = [(64, 32, 4, 2), (32, 32, 4, 1)]
 
 # Under TRITON_INTERPRET=1 (CPU tests) one small fixed config per kernel, chosen so short
@@ -760,6 +760,10 @@ def _smem_estimate(kind, bm, bn, stages, block_d, esize, atomic=False):
 
 
 def _configs(kind, block_d, esize, device_index, atomic=False):
+    if esize == 4:
+        # fp32 inputs: exact fp32 dots run on FMA units, where big tiles only add compile time
+        # (minutes) and spills; one small config.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
     table = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind]
     limit = _smem_limit(device_index)
 
