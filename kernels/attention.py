@@ -794,6 +794,11 @@ def _tuned(kind, block_d, esize, device_index, atomic=False):
     return triton.autotune(cfgs, key=_TUNE_KEY)(_attn_bwd_dq_kernel)
 
 
+# With deterministic=False the dK/dV kernel also accumulates dQ with fp32 atomics (5 matmuls per
+# tile instead of 7).  FASTLM_ATTENTION_DQ_ATOMIC=0 uses the separate dQ kernel in that mode too
+# (benchmarks/bench_attention.py times both as fastlm-triton and fastlm-triton-det).
+DQ_ATOMIC = os.environ.get("FASTLM_ATTENTION_DQ_ATOMIC", "1") != "0"
+
 # FASTLM_ATTENTION_AUTOTUNE=0: skip autotuning and take the first config that fits (each
 # variant then compiles once instead of len(configs) times; the GPU tests use this).
 AUTOTUNE = os.environ.get("FASTLM_ATTENTION_AUTOTUNE", "1") != "0"
@@ -956,7 +961,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
     cu_k = cu_seqlens_k if varlen else cu_q
     flags = dict(HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=window_left >= 0,
                  HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32)
-    atomic = not deterministic
+    atomic = DQ_ATOMIC and not deterministic
     splits = group_splits if group_splits is not None else _group_splits(q, k, varlen, num_seqs, sk, group)
     splits = max(1, min(int(splits), group))
     heads_per_split = triton.cdiv(group, splits)
