@@ -6,7 +6,7 @@ the launcher copies only a tensor whose last dim is strided).  Hq = group * Hk (
 
 Cost model (per head, non-causal): forward 4*Sq*Sk*D FLOPs (QK^T and PV) against
 2*(Sq+Sk)*D*bytes of traffic: at seqlen >= 512 and D >= 64 it is compute-bound, so the
-design goal is to keep the tensor cores fed: one Q tile per program kept in registers, K/V
+design goal is to keep the tensor cores fed: one Q tile per program kept on chip, K/V
 tiles streamed (software-pipelined by num_stages), fp32 online softmax in the log2 domain
 (scale * log2(e) folded into one multiplier, exp2), and no masking work on tiles that need
 none.  Backward is 2.5x the forward FLOPs (QK^T and dO V^T recomputed, dV, dK, dQ).
@@ -28,16 +28,20 @@ clamped into [0, T] so malformed cu_seqlens can never address memory out of boun
 
 Backward (FA2): a preprocess kernel computes delta = rowsum(dO * O) - dlse (the lse gradient
 folds into delta: dS = P * (dP - delta)).  The dK/dV kernel gives each program one (kv head,
-K block): K, V stay in registers, dK/dV accumulate in fp32 registers while it loops over the
+K block): K, V stay in shared memory, dK/dV accumulate in fp32 registers while it loops over the
 query heads of its GQA group and their Q blocks: the group sum needs no atomics.  dQ comes
 either from fp32 atomics in that same loop (ATOMIC_DQ: 5 matmuls per tile, order-dependent
 rounding) or from a separate dQ kernel, one program per (q head, Q block) looping over K
 blocks (7 matmuls per tile, bitwise deterministic).  When a GQA group has too few (kv head,
 K block) programs to fill the GPU, the group's query heads are split across programs that
 write fp32 partial dK/dV which the launcher sums (still deterministic).
+
+Tuning: a few (BLOCK_M, BLOCK_N, warps, stages) configs per head-dim class, autotuned per
+sequence-length bucket on the first call of each variant (so warm up before CUDA-graph
+capture); FASTLM_ATTENTION_AUTOTUNE=0 takes the first config that fits.  Under
+TRITON_INTERPRET=1 a fixed small config (INTERPRET_CONFIGS) is used.
 """
 import functools
-import math
 import os
 
 import torch
@@ -46,7 +50,6 @@ import triton.language as tl
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # Sequences per vector step of the varlen block lookup (a constexpr global: readable in kernels).
 LOOKUP_CHUNK = tl.constexpr(256)
 
