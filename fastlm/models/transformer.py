@@ -25,7 +25,10 @@ and attends over the returned (B, S, Hkv, hd), causal mask aligned bottom-right 
 sees every key).  A cache may instead define ``attend(layer_idx, q, k, v, window) -> out``
 (B, T, H, hd): it stores k/v and computes the attention itself (e.g. with a paged decode
 kernel), and is then used in place of the model's attention call.  The caller passes
-``positions`` (e.g. the int offset of the first new token).  ``cache`` is None in training.
+``positions`` (e.g. the int offset of the first new token).  Packed input (``cu_seqlens``) takes
+only the ``attend`` form: the cache then gets packed (total, H|Hkv, hd) q/k/v and must know the
+sequence boundaries itself (e.g. a prefill of several prompts that writes each one into its
+own cache slots; see fastlm.generation).  ``cache`` is None in training.
 """
 import math
 
@@ -334,8 +337,9 @@ class Transformer(nn.Module):
         if cu_seqlens is not None:
             if tokens.dim() != 1:
                 raise ValueError(f"Transformer: with cu_seqlens, tokens must be packed (total,), got {tuple(tokens.shape)}")
-            if cache is not None:
-                raise ValueError("Transformer: a KV cache with packed (cu_seqlens) input is not supported")
+            if cache is not None and not hasattr(cache, "attend"):
+                raise ValueError("Transformer: packed (cu_seqlens) input with a KV cache needs a cache that runs "
+                                 "the attention itself (an `attend` method; see the module docstring)")
         elif tokens.dim() != 2:
             raise ValueError(f"Transformer: tokens must be (batch, seqlen) or packed (total,) with cu_seqlens, got {tuple(tokens.shape)}")
         T, limit = tokens.shape[-1], self.config.max_seqlen
