@@ -1,0 +1,471 @@
+"""Generation on the KV cache (fastlm.generation): greedy parity with the reference path, a
+full forward and HF ``generate``; batching with mixed prompt lengths; static vs paged caches;
+seeded sampling; EOS with paged blocks freed; streaming; bad input; the `fastlm generate` CLI;
+CUDA-graph vs eager decoding (GPU).
+
+On CPU the fused model's ops run the Triton kernels under the interpreter (slow: a decode step
+of the tiny model takes ~0.3 s), so only the parity tests use them; the tests of the
+generation logic (EOS, streaming, sampling, sizes, errors) run the fused model with
+op_backend="reference" -- the same packed prefill, cache hook, caches and decode loop, with the
+ops' plain-PyTorch implementations.
+
+Oracles: greedy tokens are checked against the argmax of a float64 full forward (no cache) over
+the generated sequence, which does not share any code with the decoding path; models get large
+random weights so that the logits are far apart (no near-ties for rounding to flip).
+"""
+import json
+
+import pytest
+import torch
+
+import fastlm
+from conftest import DEVICE
+from fastlm.generation import Generator, generate
+from fastlm.models import Transformer, TransformerConfig
+
+VARIANTS = {
+    "tiny": {},
+    "tiny-gpt2": {},
+    # sliding window, q/k/v biases, partial rotary, llama3 rope scaling, odd sizes, untied
+    "tiny-mix": dict(base="tiny", rope_base=500000.0, sliding_window=5, qkv_bias=True, rotary_dim=10, ffn_dim=72,
+                     tie_embeddings=False, vocab_size=301,
+                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
+def config(name, **kw):
+    over = dict(VARIANTS[name])
+    return TransformerConfig.from_name(over.pop("base", name), **{**over, **kw})
+
+
+def randomize_(model, std=0.25):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def models(name, op_backend=None, device=DEVICE, **kw):
+    """(reference, fused) with the same random weights."""
+    cfg = config(name, **kw)
+    ref = randomize_(Transformer(cfg, backend="reference")).to(device)
+    fused = Transformer(cfg, backend="fused", op_backend=op_backend).to(device)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def prompts_of(lens, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def assert_greedy_by_full_forward(ref, prompts, outs, eos=()):
+    """Each generated token is the argmax of a float64 full forward (no cache) over prompt +
+    tokens so far, and a sequence stops only at max length or its first EOS."""
+    m64 = Transformer(ref.config, backend="reference").double()
+    m64.load_state_dict(ref.state_dict())
+    m64.to(DEVICE)
+    for p, out in zip(prompts, outs):
+        assert len(out) >= 1
+        seq = torch.tensor([p + out], device=DEVICE)
+        with torch.no_grad():
+            logits = m64(seq)[0, len(p) - 1 : -1]  # predictions for every generated token
+        assert logits.argmax(-1).tolist() == out
+        assert not any(t in eos for t in out[:-1])
+
+
+# ------------------------------------------------------------------------------ parity
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-mix"])
+def test_greedy_fused_equals_reference_and_full_forward(name):
+    """Fused (Triton kernels under the interpreter on CPU) vs reference path, batched prompts of
+    mixed lengths (1 and past the sliding window), and the fp64 full-forward oracle."""
+    ref, fused = models(name)
+    prompts = prompts_of([6, 1, 11], ref.config.vocab_size)
+    out_ref = generate(ref, prompts, 5, greedy=True)
+    out_fused = generate(fused, prompts, 5, greedy=True)
+    assert out_fused == out_ref
+    assert [len(o) for o in out_ref] == [5, 5, 5]
+    assert_greedy_by_full_forward(ref, prompts, out_ref)
+
+
+def _hf_llama():
+    transformers = pytest.importorskip("transformers", reason="the HF generate comparison needs transformers")
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(1)
+    m = transformers.LlamaForCausalLM(cfg)
+    randomize_(m)
+    return m.eval()
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_greedy_equals_hf_generate(backend):
+    hf = _hf_llama()
+    model = Transformer.from_hf(hf, backend=backend).to(DEVICE)
+    prompts = prompts_of([7, 2], 300, seed=3)
+    ours = generate(model, prompts, 6, greedy=True, cache="paged")
+    hf = hf.to(DEVICE)
+    for p, out in zip(prompts, ours):
+        with torch.no_grad():
+            seq = hf.generate(torch.tensor([p], device=DEVICE), attention_mask=torch.ones(1, len(p), dtype=torch.long,
+                              device=DEVICE), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert seq[0, len(p):].tolist() == out
+
+
+@pytest.mark.parametrize("cache", ["static", "paged"])
+def test_batched_mixed_lengths_equal_each_prompt_alone(cache):
+    """Batched (prefilled in several packed groups: prefill_tokens=12 splits the prompts, and
+    the 13-token prompt goes alone) == every prompt generated alone; paged blocks of 3 tokens
+    so decoding crosses block boundaries.  Triton kernels."""
+    _, fused = models("tiny")
+    prompts = prompts_of([5, 13, 1, 4], fused.config.vocab_size, seed=1)
+    gen = Generator(fused, cache=cache, block_size=3, prefill_tokens=12)
+    batched = gen.generate(prompts, 4, greedy=True)
+    assert list(gen._groups([len(p) for p in prompts])) == [(0, 1), (1, 2), (2, 4)]
+    alone = [Generator(fused, cache=cache, block_size=3).generate([p], 4, greedy=True)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_static_paged_and_reference_caches_agree():
+    """Longer decode (reference ops): every cache kind and sync interval gives the same tokens,
+    which follow the fp64 full-forward argmax."""
+    ref, fused = models("tiny-mix", op_backend="reference")
+    prompts = prompts_of([9, 3, 17], ref.config.vocab_size, seed=2)
+    outs = [generate(ref, prompts, 24, greedy=True)]
+    for cache in ("static", "paged"):
+        for sync in (1, 5):
+            outs.append(Generator(fused, cache=cache, block_size=4, sync_every=sync).generate(prompts, 24, greedy=True))
+    assert all(o == outs[0] for o in outs[1:])
+    assert_greedy_by_full_forward(ref, prompts, outs[0])
+
+
+def test_generator_reuses_its_cache_and_resizes():
+    _, fused = models("tiny", op_backend="reference")
+    gen = Generator(fused, cache="paged", block_size=4)
+    a = gen.generate(prompts_of([3, 5], 320), 6, greedy=True)
+    st = gen._state
+    b = gen.generate(prompts_of([3, 5], 320), 6, greedy=True)
+    assert gen._state is st and a == b  # same request: same cache, same tokens
+    gen.generate(prompts_of([3, 5], 320), 2, greedy=True)
+    assert gen._state is st  # a smaller request fits
+    gen.generate(prompts_of([3, 5, 2], 320), 2, greedy=True)
+    assert gen._state is not st and gen._state.batch == 3  # another batch: a new cache
+    st = gen._state
+    fused.to(torch.bfloat16)  # converted weights (new addresses): a new cache of the new dtype
+    gen.generate(prompts_of([3, 5, 2], 320), 2, greedy=True)
+    assert gen._state is not st and gen._state.cache.k_cache.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------ sampling
+def test_seeded_sampling_is_reproducible():
+    ref, fused = models("tiny", op_backend="reference")
+    prompts = prompts_of([4, 7, 1], 320, seed=4)
+    kw = dict(temperature=0.9, top_k=50, top_p=0.9)
+    gen = Generator(fused, cache="paged", block_size=4)
+    a = gen.generate(prompts, 12, seed=123, **kw)
+    assert gen.generate(prompts, 12, seed=123, **kw) == a
+    assert generate(fused, prompts, 12, seed=123, **kw) == a  # a fresh generator, static cache
+    assert generate(ref, prompts, 12, seed=123, **kw) == a  # the reference path draws the same noise
+    assert gen.generate(prompts, 12, seed=124, **kw) != a
+    torch.manual_seed(5)
+    b = gen.generate(prompts, 12, **kw)  # seed=None: drawn from torch's global RNG
+    torch.manual_seed(5)
+    assert gen.generate(prompts, 12, **kw) == b
+    # degenerate sampling settings are greedy
+    greedy = gen.generate(prompts, 12, greedy=True)
+    assert gen.generate(prompts, 12, temperature=0.0) == greedy
+    assert gen.generate(prompts, 12, top_k=1, seed=9) == greedy
+    assert gen.generate(prompts, 12, top_p=1e-6, seed=9) == greedy
+
+
+def test_sampling_follows_temperature():
+    """High temperature spreads the samples, low temperature concentrates them on the argmax."""
+    _, fused = models("tiny", op_backend="reference")
+    prompts = [[7]] * 48
+    greedy = generate(fused, [[7]], 1, greedy=True)[0][0]
+    hot = [o[0] for o in generate(fused, prompts, 1, temperature=5.0, seed=0)]
+    cold = [o[0] for o in generate(fused, prompts, 1, temperature=0.05, seed=0)]
+    assert len(set(hot)) > 10
+    assert cold.count(greedy) >= 40
+
+
+# ------------------------------------------------------------------------------ EOS, streaming
+def test_eos_stops_sequences_at_different_times_and_frees_paged_blocks():
+    ref, fused = models("tiny", op_backend="reference")
+    prompts = prompts_of([5, 2, 8], 320, seed=6)
+    full = generate(fused, prompts, 12, greedy=True)
+    eos = [full[0][1], full[2][4]]  # sequence 0 stops by token 1; sequence 2 by token 4 at the latest
+
+    def expected(out):
+        for i, t in enumerate(out):
+            if t in eos:
+                return out[: i + 1]
+        return out
+
+    want = [expected(o) for o in full]
+    assert len({len(w) for w in want}) > 1  # they really stop at different times
+    gen = Generator(fused, cache="paged", block_size=2, sync_every=2)
+    got = [[] for _ in prompts]
+    for b, tok in gen.stream(prompts, 12, greedy=True, eos_token_id=eos):
+        cache = gen._state.cache
+        got[b].append(tok)
+        if tok in eos or len(got[b]) == 12:  # finished: freed by the time its last token arrives
+            assert b not in cache.live_sequences()
+        else:
+            assert b in cache.live_sequences() and len(cache.blocks_of(b)) >= 1
+    assert got == want
+    assert gen.generate(prompts, 12, greedy=True, eos_token_id=eos) == want
+    assert generate(ref, prompts, 12, greedy=True, eos_token_id=eos) == want
+    assert_greedy_by_full_forward(ref, prompts, want, eos=eos)
+    # blocks of finished sequences are back in the pool (all are finished at the end)
+    assert gen._state.cache.num_free_blocks == gen._state.num_blocks
+
+
+def test_generation_stops_soon_after_every_sequence_finished():
+    _, fused = models("tiny", op_backend="reference")
+    prompts = prompts_of([3, 6], 320, seed=7)
+    first = [o[0] for o in generate(fused, prompts, 1, greedy=True)]
+    gen = Generator(fused, sync_every=4)
+    out = gen.generate(prompts, 100, greedy=True, eos_token_id=first)
+    assert out == [[t] for t in first]
+    assert gen.stats["decode_steps"] <= 2 * 4  # at most two chunks late, not 99 steps
+    assert gen.stats["new_tokens"] == 2
+
+
+def test_streaming_yields_tokens_as_they_are_produced(monkeypatch):
+    _, fused = models("tiny", op_backend="reference")
+    prompts = prompts_of([4, 1], 320, seed=8)
+    want = generate(fused, prompts, 20, greedy=True)
+    steps = []
+    real = Generator._step_body
+    monkeypatch.setattr(Generator, "_step_body", lambda self, st, sp: (steps.append(1), real(self, st, sp)))
+    gen = Generator(fused, sync_every=3)
+    it = gen.stream(prompts, 20, greedy=True)
+    events = []
+    for b, tok in it:
+        events.append((b, tok, len(steps)))
+    assert events[0][2] < 19  # the first tokens arrived long before the last step ran
+    assert [[t for b, t, _ in events if b == i] for i in range(2)] == want
+    # chunks arrive in token order: token i of every sequence before token i + 1 of any
+    order = [sum(1 for b2, _, _ in events[:k] if b2 == b) for k, (b, _, _) in enumerate(events)]
+    assert order == sorted(order)
+    # the callback form gives the same
+    seen = []
+    assert gen.generate(prompts, 20, greedy=True, stream=lambda b, t: seen.append((b, t))) == want
+    assert seen == [(b, t) for b, t, _ in events]
+
+
+# ------------------------------------------------------------------------------ bad input
+BAD = [
+    (dict(prompts=[]), ValueError, "prompts must be a non-empty"),
+    (dict(prompts=[[1, 2], []]), ValueError, r"prompts\[1\] is empty"),
+    (dict(prompts=[1, 2, 3]), TypeError, "flat list of ints"),
+    (dict(prompts=torch.tensor([1, 2])), ValueError, "2-D"),
+    (dict(prompts=[[1, 320]]), ValueError, r"prompts\[0\] has token id 320 outside the vocabulary \[0, 320\)"),
+    (dict(prompts=[[3], [-1]]), ValueError, r"prompts\[1\] has token id -1"),
+    (dict(prompts=[[1.5]]), TypeError, "token ids must be ints"),
+    (dict(prompts=[torch.tensor([1.0])]), TypeError, r"prompts\[0\] must be a 1-D integer tensor"),
+    (dict(prompts=["abc"]), TypeError, r"prompts\[0\] must be a sequence"),
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be a positive int"),
+    (dict(prompts=[[1] * 250], max_new_tokens=7), ValueError, r"prompts\[0\] has 250 tokens.*max_seqlen=256"),
+    (dict(temperature=-0.5), ValueError, "temperature"),
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(top_p=1.5), ValueError, "top_p"),
+    (dict(top_k=0), ValueError, "top_k"),
+    (dict(greedy="yes"), TypeError, "greedy"),
+    (dict(eos_token_id=320), ValueError, "eos_token_id 320 is outside"),
+    (dict(eos_token_id="x"), TypeError, "eos_token_id"),
+    (dict(seed=1.5), TypeError, "seed"),
+    (dict(stream=3), TypeError, "stream must be a callable"),
+]
+
+
+@pytest.mark.parametrize("kw, exc, match", BAD, ids=[m for _, _, m in BAD])
+def test_bad_input_raises_before_any_work(kw, exc, match, monkeypatch):
+    _, fused = models("tiny", op_backend="reference")
+    kw = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, **kw}
+    gen = Generator(fused)
+    monkeypatch.setattr(Generator, "_run", lambda *a, **k: pytest.fail("work started before validation"))
+    with pytest.raises(exc, match=match):
+        gen.generate(kw.pop("prompts"), kw.pop("max_new_tokens"), **kw)
+    assert gen._state is None
+
+
+def test_capacity_and_constructor_errors():
+    _, fused = models("tiny", op_backend="reference")
+    with pytest.raises(ValueError, match=r"prompts\[1\].*stores 11 tokens.*capacity max_seqlen=10"):
+        Generator(fused, max_seqlen=10).stream([[1] * 4, [2] * 6], 6)  # raises at the call, not when iterated
+    with pytest.raises(ValueError, match="need 6 cache blocks of 4 tokens, more than the pool's num_blocks=5"):
+        Generator(fused, cache="paged", block_size=4, num_blocks=5).generate([[1] * 4, [2] * 6], 6)
+    assert Generator(fused, max_seqlen=11).generate([[1] * 4, [2] * 6], 6, greedy=True)  # exactly fits
+    assert Generator(fused, cache="paged", block_size=4, num_blocks=6).generate([[1] * 4, [2] * 6], 6, greedy=True)
+    with pytest.raises(ValueError, match="cache must be one of"):
+        Generator(fused, cache="ring")
+    with pytest.raises(ValueError, match="cache must be one of"):
+        generate(fused, [[1]], 2, cache="ring")
+    with pytest.raises(TypeError, match="model must be a fastlm Transformer"):
+        Generator(torch.nn.Linear(2, 2))
+    for name in ("block_size", "sync_every", "prefill_tokens", "max_seqlen", "num_blocks"):
+        with pytest.raises(ValueError, match=name):
+            Generator(fused, **{name: 0})
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        Generator(fused, cuda_graphs="no")
+    with pytest.raises(TypeError, match="parameters must be float32"):
+        Generator(Transformer(config("tiny")).double())
+
+
+def test_packed_input_needs_a_cache_that_attends():
+    """The model hook: packed (cu_seqlens) input takes a cache with `attend` only."""
+
+    class UpdateOnly:
+        def update(self, layer, k, v):
+            return k, v
+
+    model = Transformer(config("tiny"), backend="reference")
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="needs a cache that runs the attention itself"):
+        model(torch.zeros(5, dtype=torch.long), cu_seqlens=cu, cache=UpdateOnly())
+
+
+def test_public_export():
+    assert fastlm.generate is generate and fastlm.Generator is Generator
+
+
+# ------------------------------------------------------------------------------ CLI
+def _train_checkpoint(tmp_path):
+    from fastlm.cli import main
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("def add(a, b):\n    return a + b\n" * 40)
+    out = tmp_path / "run"
+    rc = main(["train", "--model", "tiny", "--backend", "reference", "--data", str(data), "--cache-dir",
+               str(tmp_path / "cache"), "--steps", "2", "--batch-size", "2", "--seqlen", "32", "--eval-every", "0",
+               "--log-every", "1", "--device", "cpu", "--no-progress", "--out-dir", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_cli_generate_from_a_training_checkpoint(tmp_path, capsys):
+    from fastlm.cli import _load_for_generation, main
+
+    out = _train_checkpoint(tmp_path)
+    capsys.readouterr()
+    args = ["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "6", "--greedy",
+            "--backend", "reference", "--device", "cpu", "--ignore-eos"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    assert "tokens/s" in cap.err and "6 new tokens" in cap.err
+    model, tok, eos, encode = _load_for_generation(str(out), None, None, "reference", None, torch.device("cpu"),
+                                                   torch.float32)
+    assert eos == 256 and encode("def ") == list(b"def ")
+    want = generate(model, [encode("def ")], 6, greedy=True)[0]
+    assert cap.out == "def " + tok.decode(want) + "\n"
+    # a batch of prompts, the fused model with the paged cache, sampling; checkpoint.pt path form
+    assert main(["generate", "--checkpoint", str(out / "checkpoint.pt"), "--prompt", "a", "--prompt", "bc",
+                 "--max-new-tokens", "2", "--temperature", "0.7", "--top-k", "5", "--seed", "1", "--cache", "paged",
+                 "--device", "cpu", "--op-backend", "reference"]) == 0
+    cap = capsys.readouterr()
+    assert "--- [0] ---\na" in cap.out and "--- [1] ---\nbc" in cap.out and "fused, paged cache" in cap.err
+    # errors: named, exit code 1
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--device", "cpu"]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "", "--device", "cpu"]) == 1
+    assert "prompts[0] is empty" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "x", "--top-p", "2", "--device", "cpu"]) == 1
+    assert "top_p" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # exactly one source
+        main(["generate", "--checkpoint", str(out), "--hf", str(out), "--prompt", "x"])
+
+
+def test_cli_generate_from_an_hf_folder(tmp_path, capsys):
+    pytest.importorskip("transformers", reason="saving an HF folder needs transformers")
+    from fastlm.cli import main
+    from fastlm.models import hf as fhf
+
+    model = randomize_(Transformer(config("tiny"), backend="reference"))
+    fhf.save_hf(model, str(tmp_path / "hf"))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg.get("eos_token_id") is None
+    assert main(["generate", "--hf", str(tmp_path / "hf"), "--prompt", "hi", "--max-new-tokens", "3", "--greedy",
+                 "--device", "cpu"]) == 0
+    cap = capsys.readouterr()
+    assert "no tokenizer.json" in cap.err and "3 new tokens" in cap.err and cap.out.startswith("hi")
+    want = generate(model, [list(b"hi")], 3, greedy=True)[0]
+    from fastlm.data import ByteTokenizer
+
+    assert cap.out == "hi" + ByteTokenizer().decode(want) + "\n"
+
+
+# ------------------------------------------------------------------------------ GPU
+def gpu_models(dtype=torch.bfloat16, **kw):
+    cfg = TransformerConfig.from_name("tiny", vocab_size=1000, dim=256, n_layers=3, n_heads=8, n_kv_heads=2,
+                                      ffn_dim=512, max_seqlen=1024, **kw)
+    torch.manual_seed(0)
+    ref = randomize_(Transformer(cfg, backend="reference"), std=0.1).cuda()
+    fused = Transformer(cfg, backend="fused").cuda()
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused.to(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["static", "paged"])
+def test_cuda_graph_and_eager_decode_agree_gpu(cache):
+    _, fused = gpu_models()
+    prompts = prompts_of([37, 1, 200, 64, 5], 1000, seed=9)
+    eager = Generator(fused, cache=cache, cuda_graphs=False)
+    graphed = Generator(fused, cache=cache, cuda_graphs=True)
+    kw = dict(greedy=True)
+    a = eager.generate(prompts, 50, **kw)
+    b = graphed.generate(prompts, 50, **kw)
+    assert graphed._state.graphs and all(g is not None for g in graphed._state.graphs.values())
+    assert a == b
+    c = graphed.generate(prompts, 50, **kw)  # replays the captured graph from the first step
+    assert c == a
+    for kw in (dict(temperature=0.8, top_p=0.9, seed=3), dict(temperature=1.2, top_k=20, seed=4)):
+        a = eager.generate(prompts, 40, **kw)
+        b = graphed.generate(prompts, 40, **kw)  # warm-up step eager, captured, replays
+        c = graphed.generate(prompts, 40, **kw)  # every step replayed
+        assert a == b == c
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["static", "paged"])
+def test_bf16_generation_tracks_fp32_gpu(cache):
+    """bf16 fused decoding: every greedy token is the fp32 full forward's argmax or within bf16
+    rounding of it (a near-tie), and the first tokens agree with the fp32 reference exactly."""
+    ref, fused = gpu_models()
+    prompts = prompts_of([100, 3, 17], 1000, seed=10)
+    out = generate(fused, prompts, 40, greedy=True, cache=cache)
+    for p, o in zip(prompts, out):
+        with torch.no_grad():
+            logits = ref(torch.tensor([p + o], device="cuda"))[0, len(p) - 1 : -1].float()
+        gap = logits.max(-1).values - logits.gather(-1, torch.tensor(o, device="cuda")[:, None])[:, 0]
+        assert gap.max().item() <= 0.05 * logits.abs().max().item(), gap
+    ref_out = generate(ref, prompts, 3, greedy=True)
+    assert [o[:3] for o in out] == ref_out
+
+
+@pytest.mark.gpu
+def test_paged_eos_frees_blocks_gpu():
+    _, fused = gpu_models()
+    prompts = prompts_of([50, 7, 130], 1000, seed=11)
+    full = generate(fused, prompts, 60, greedy=True, cache="paged")
+    eos = [full[1][10]]
+    gen = Generator(fused, cache="paged", block_size=16)
+    out = gen.generate(prompts, 60, greedy=True, eos_token_id=eos)
+    for o, f in zip(out, full):
+        cut = next((i + 1 for i, t in enumerate(f) if t in eos), len(f))
+        assert o == f[:cut]
+    assert gen._state.cache.num_free_blocks == gen._state.num_blocks
+
+
+@pytest.mark.gpu
+def test_learned_positions_and_window_gpu():
+    for name in ("tiny-gpt2", "tiny-mix"):
+        ref, fused = models(name, device="cuda")
+        prompts = prompts_of([30, 2, 9], ref.config.vocab_size, seed=12)
+        out = generate(fused, prompts, 20, greedy=True)
+        assert out == generate(fused, prompts, 20, greedy=True, cuda_graphs=False)
+        assert_greedy_by_full_forward(ref, prompts, out)
