@@ -2,6 +2,8 @@
 
     fastlm train [options]      train a model (see `fastlm train --help`); under torchrun for
                                 multi-GPU: torchrun --nproc_per_node N -m fastlm train --distributed fsdp
+    fastlm generate [options]   generate text from a `fastlm train` checkpoint or an HF folder
+                                (see `fastlm generate --help`)
     fastlm presets              list the model presets
 
 Each subcommand is an (add_arguments, run) pair in COMMANDS, so others can be added alongside.
@@ -104,8 +106,136 @@ def _presets_run(a):
     return 0
 
 
+def _generate_args(p):
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a `fastlm train` checkpoint.pt, or its --out-dir")
+    src.add_argument("--hf", help="a local Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None, help="default: random")
+    g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--backend", choices=["fused", "reference"], default="fused")
+    g.add_argument("--op-backend", choices=["triton", "cuda", "reference"], default=None,
+                   help="backend of the fastlm ops in the fused model (default: best available)")
+    g.add_argument("--cache", choices=["static", "paged"], default="static", help="KV cache of the fused model")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode steps eagerly")
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: bf16 on GPU, fp32 on CPU")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (or 'bytes') instead of the checkpoint's / the HF folder's")
+
+
+def _load_for_generation(checkpoint, hf, tokenizer, backend, op_backend, device, dtype):
+    """-> (model on device/dtype in eval mode, tokenizer, eos id(s) or None, encode(text) -> ids)."""
+    import os
+
+    import torch
+
+    from fastlm import data as fdata
+    from fastlm.models import Transformer, TransformerConfig
+
+    if checkpoint is not None:
+        from fastlm.train import CHECKPOINT, load_checkpoint
+
+        path = os.path.join(checkpoint, CHECKPOINT) if os.path.isdir(checkpoint) else checkpoint
+        ckpt = load_checkpoint(path)
+        cfg = TransformerConfig.from_dict(ckpt["config"]["model_config"])
+        with torch.device("meta"):
+            model = Transformer(cfg, backend=backend, op_backend=op_backend)
+        model.to_empty(device="cpu")
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+        spec = tokenizer or ckpt["config"]["train_config"].get("tokenizer")
+        tok = fdata.load_tokenizer(spec)
+        if tokenizer is None and tok.identity != ckpt["config"].get("tokenizer", tok.identity):
+            raise ValueError(f"the tokenizer {spec or 'bytes'} differs from the one {path} was trained with; "
+                             "pass the original one with --tokenizer")
+        eos = tok.eot_id
+        encode = lambda text: tok.encode(text).tolist()  # noqa: E731
+    else:
+        model = Transformer.from_hf(hf, backend=backend, op_backend=op_backend)
+        spec = tokenizer or (hf if os.path.isfile(os.path.join(hf, "tokenizer.json")) else None)
+        tok = fdata.load_tokenizer(spec)
+        if spec is None:
+            print(f"[generate] no tokenizer.json in {hf}: byte-level prompt and output", file=sys.stderr)
+        eos = None
+        for name in ("generation_config.json", "config.json"):  # the model's own end-of-text id(s)
+            f = os.path.join(hf, name)
+            if eos is None and os.path.isfile(f):
+                with open(f) as fh:
+                    eos = json.load(fh).get("eos_token_id")
+        if eos is None:
+            eos = tok.eot_id
+        if isinstance(tok, fdata.HFTokenizer):  # with the tokenizer's special tokens (e.g. Llama's BOS)
+            encode = lambda text: tok.tok.encode(text).ids  # noqa: E731
+        else:
+            encode = lambda text: tok.encode(text).tolist()  # noqa: E731
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
+                         f"{model.config.vocab_size}")
+    model = model.to(device=device, dtype=dtype).eval()
+    if model.config.positional == "rope":  # derived fp32 tables (not in the checkpoint; kept fp32 in bf16 models)
+        model.rope_cos, model.rope_sin = model.make_rope_tables(device)
+    return model, tok, eos, encode
+
+
+def _generate_run(a):
+    import time
+
+    import torch
+
+    from fastlm.generation import Generator
+
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[a.dtype]
+    model, tok, eos, encode = _load_for_generation(checkpoint=a.checkpoint, hf=a.hf, tokenizer=a.tokenizer,
+                                                  backend=a.backend, op_backend=a.op_backend, device=device,
+                                                  dtype=dtype)
+    prompts = [encode(text) for text in a.prompt]
+    gen = Generator(model, cache=a.cache, cuda_graphs=not a.no_cuda_graphs)
+    outs = [[] for _ in prompts]
+    shown = [""]
+
+    def show(i, token):  # one prompt: print the text as it arrives (holding back a partial UTF-8 char)
+        outs[i].append(token)
+        if len(prompts) == 1:
+            text = tok.decode(outs[0]).rstrip("\ufffd")
+            if text.startswith(shown[0]):
+                sys.stdout.write(text[len(shown[0]):])
+                sys.stdout.flush()
+                shown[0] = text
+
+    if len(prompts) == 1:
+        sys.stdout.write(a.prompt[0])
+        sys.stdout.flush()
+    t0 = time.perf_counter()
+    gen.generate(prompts, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                 greedy=a.greedy, eos_token_id=None if a.ignore_eos else eos, seed=a.seed, stream=show)
+    wall = time.perf_counter() - t0
+    if len(prompts) == 1:
+        sys.stdout.write(tok.decode(outs[0])[len(shown[0]):] + "\n")
+    else:
+        for i, (text, out) in enumerate(zip(a.prompt, outs)):
+            print(f"--- [{i}] ---\n{text}{tok.decode(out)}")
+    s = gen.stats
+    print(f"[generate] {s['new_tokens']} new tokens for {len(prompts)} prompt(s) in {wall:.3f} s: "
+          f"{s['new_tokens'] / wall:.1f} tokens/s; prefill {s['prompt_tokens']} tokens in {s['prefill_s'] * 1e3:.1f} ms; "
+          f"decode {s['decode_steps']} steps, {s['decode_s'] * 1e3 / max(s['decode_steps'], 1):.2f} ms/step "
+          f"({s['decode_tokens_per_s']:.1f} tokens/s) [{model.backend}, {a.cache if model.backend == 'fused' else 'torch'} "
+          f"cache, {'CUDA graphs' if gen.cuda_graphs else 'eager'}, {dtype}, {device}]", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "train": (_train_args, _train_run, "train a Transformer LM (single process, or DDP/FSDP2 under torchrun)"),
+    "generate": (_generate_args, _generate_run, "generate text from a trained checkpoint or an HF model folder"),
     "presets": (_presets_args, _presets_run, "list the model presets"),
 }
 
