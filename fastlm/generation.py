@@ -272,7 +272,9 @@ class Generator:
     prefill_tokens: at most this many prompt tokens per packed prefill call (a longer prompt
       goes alone); bounds the prefill's activation memory.
 
-    After each call ``stats`` holds the batch, token counts and prefill/decode times.
+    After each call, ``stats``: batch, prompt_tokens, new_tokens (returned), decode_steps,
+    prefill_s, decode_s (GPU time from CUDA events on CUDA, host gaps included),
+    prefill_tokens_per_s and decode_tokens_per_s (batch x decode_steps / decode_s).
     """
 
     def __init__(self, model, *, cache="static", cuda_graphs=True, block_size=16, max_seqlen=None, num_blocks=None,
@@ -412,6 +414,7 @@ class Generator:
             self._prefill(st, prompts, lens, sp)
             clock.mark("prefill")
         finished, counts, live = [False] * B, [0] * B, list(range(B))
+        key = tuple(sorted(sp.items()))
         pending = deque()
         t, chunk = 1, 0  # tokens sampled per sequence so far; chunks issued
         done = False
@@ -419,7 +422,7 @@ class Generator:
             with self._ctx():
                 end = min(max_new, (chunk + 1) * K)  # chunk c: tokens [c * K, end)
                 while t < end:
-                    self._decode_step(st, sp, live)
+                    self._decode_step(st, sp, key, live)
                     t += 1
                 buf = st.host[chunk % 2]
                 buf.copy_(st.ring, non_blocking=cuda)
@@ -531,8 +534,9 @@ class Generator:
         last = torch.tensor(group, device=dev) - 1
         return m.output(h[torch.arange(g1 - g0, device=dev), last])
 
-    def _decode_step(self, st, sp, live):
-        """One token for every sequence: host-side reserve, then the (captured) device step."""
+    def _decode_step(self, st, sp, key, live):
+        """One token for every sequence: host-side reserve, then the (captured) device step.
+        key: the sampling parameters as a hashable (one graph per distinct key)."""
         if not st.fused:
             st.cache.begin_decode(self.model.config.attention_window)
         elif self.cache_kind == "paged":
@@ -542,7 +546,6 @@ class Generator:
         if not self.cuda_graphs:
             self._step_body(st, sp)
             return
-        key = tuple(sorted(sp.items()))
         if key not in st.graphs:
             st.graphs[key] = self._capture(st, sp)  # runs this step eagerly (the warm-up), then captures
             return
@@ -567,8 +570,9 @@ class Generator:
 
     def _capture(self, st, sp):
         """Run one real step eagerly on a side stream (compiles kernels, warms the allocator),
-        then capture the step into a CUDA graph.  Returns None when sampling needs a
-        generator the graph cannot own (torch without CUDAGraph.register_generator_state)."""
+        then capture the step into a CUDA graph.  Returns None (the steps then run eagerly) when
+        sampling needs a generator the graph cannot own (torch without
+        CUDAGraph.register_generator_state) or the capture fails."""
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -584,8 +588,13 @@ class Generator:
             with warnings.catch_warnings():  # a deprecated no-op where registration became implicit
                 warnings.simplefilter("ignore")
                 g.register_generator_state(st.rng)
-        with torch.cuda.graph(g):
-            self._step_body(st, sp)  # recorded, not run
+        try:
+            with torch.cuda.graph(g):
+                self._step_body(st, sp)  # recorded, not run
+        except Exception as e:  # e.g. an op that cannot be captured: decode eagerly, correctly
+            warnings.warn(f"CUDA-graph capture of the decode step failed ({type(e).__name__}: {e}); decoding "
+                          "eagerly", RuntimeWarning, stacklevel=4)
+            return None
         return g
 
 

