@@ -221,9 +221,10 @@ def _generate_run(a):
     wall = time.perf_counter() - t0
     if len(prompts) == 1:
         sys.stdout.write(tok.decode(outs[0])[len(shown[0]):] + "\n")
+        sys.stdout.flush()
     else:
         for i, (text, out) in enumerate(zip(a.prompt, outs)):
-            print(f"--- [{i}] ---\n{text}{tok.decode(out)}")
+            print(f"--- [{i}] ---\n{text}{tok.decode(out)}", flush=True)
     s = gen.stats
     print(f"[generate] {s['new_tokens']} new tokens for {len(prompts)} prompt(s) in {wall:.3f} s: "
           f"{s['new_tokens'] / wall:.1f} tokens/s; prefill {s['prompt_tokens']} tokens in {s['prefill_s'] * 1e3:.1f} ms; "
