@@ -41,7 +41,6 @@ random stream comes from one generator seeded per call, so a seed reproduces a c
 output is independent of the batch composition.
 """
 import contextlib
-import math
 import numbers
 import time
 import warnings
@@ -464,19 +463,13 @@ class Generator:
 
     def _prefill(self, st, prompts, lens, sp):
         """Writes every prompt into the cache and samples the first new token of each."""
-        m, dev = self.model, self.device
-        B = len(prompts)
-        lens_dev = _to(torch.tensor(lens, dtype=torch.int32), dev)
         if st.fused:
-            if self.cache_kind == "static":
-                st.cache.reset()
-                st.cache.reserve(lens)
-            else:
-                st.cache.reset()
-                ids = [st.cache.add_sequence() for _ in range(B)]
-                assert ids == list(range(B))
-                st.cache.reserve(lens, ids)
-            st.cache.advance(lens_dev)  # positions 0, seqlens = lens
+            st.cache.reset()
+            if self.cache_kind == "paged":
+                for _ in prompts:  # a reset pool hands out slots 0, 1, ...: sequence b is slot b
+                    st.cache.add_sequence()
+            st.cache.reserve(lens)  # allocates the prompts' blocks (paged)
+            st.cache.advance(_to(torch.tensor(lens, dtype=torch.int32), self.device))  # positions 0, seqlens = lens
         else:
             st.cache.start(lens)
         logits = []
