@@ -351,6 +351,8 @@ class Generator:
         eos = _check_eos(eos_token_id, cfg.vocab_size)
         if seed is not None and not _is_int(seed):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if seed is not None and not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64) (a torch.Generator seed), got {seed}")
         lens = [len(p) for p in prompts]
         for i, n in enumerate(lens):
             if n + max_new_tokens > cfg.max_seqlen:
