@@ -701,7 +701,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cac
   const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3), Hkv = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == D, "head_dim of q (", D, ") and k_cache (", k_cache.size(3), ") differ");
   TORCH_CHECK(D >= 1 && D <= 256, "head_dim must be in [1, 256], got ", D);
-  TORCH_CHECK(Hq >= 1 && Hq % Hkv == 0, "n_heads_q = ", Hq, " must be a positive multiple of n_kv_heads = ", Hkv);
+  TORCH_CHECK(Hkv >= 1 && Hq >= 1 && Hq % Hkv == 0, "n_heads_q = ", Hq,
+              " must be a positive multiple of n_kv_heads = ", Hkv);
   TORCH_CHECK(Sq >= 1 && Sq <= 4096, "seqlen_q must be in [1, 4096], got ", Sq);
   TORCH_CHECK(window >= -1, "window must be >= -1, got ", window);
   TORCH_CHECK(softcap >= 0.0, "softcap must be >= 0, got ", softcap);
