@@ -946,3 +946,20 @@ def test_cuda_kernel_host_emulation(cuda_kernel_emulator):
             _emu_launch(cuda_kernel_emulator, q, k, cos, sin, qo, ko, None, None, 1, 0, il, False, vec=v)
             outs.append(torch.cat([qo.flatten(), ko.flatten()]))
         assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_strided_cu_seqlens_is_read_correctly():
+    # A cu_seqlens view with stride 2 (e.g. a column of a bigger index tensor).
+    torch.manual_seed(3)
+    from fastlm.reference import rotary as ref_rotary
+
+    cu = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    strided = torch.stack([cu, torch.full_like(cu, 99)], 1)[:, 0]
+    assert strided.stride(0) == 2
+    q = torch.randn(8, 4, 16, device=DEVICE)
+    k = torch.randn(8, 2, 16, device=DEVICE)
+    cos, sin = ops.rotary_tables(16, 32, device=DEVICE)
+    qo, ko = ops.apply_rotary(q, k, cos, sin, cu_seqlens=strided.to(DEVICE), backend="triton")
+    qr, kr = ref_rotary.apply_rotary(q.double(), k.double(), cos.double(), sin.double(), cu_seqlens=cu.to(DEVICE))
+    torch.testing.assert_close(qo.double(), qr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ko.double(), kr, atol=1e-5, rtol=1e-5)

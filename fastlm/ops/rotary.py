@@ -414,6 +414,8 @@ def apply_rotary(q, k, cos, sin, *, positions=None, cu_seqlens=None, interleaved
         raise TypeError(f"q: dtype {q.dtype} is not supported by the {b} backend (float32/float16/bfloat16)")
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()  # both kernels index it with unit stride
     args = (cos, sin, pos_t, cu_seqlens, offset, mode, interleaved)
     if not inplace:
         return _rotary_op(q, k, *args, False, b)
