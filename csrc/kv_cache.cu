@@ -114,7 +114,7 @@ __device__ __forceinline__ bool locate(const DecodeParams& p, int b, int tok, in
 // The visible keys [lo, hi) of sequence b and this CTA's share of them, in 16-token steps
 // counted from lo rounded down to a multiple of 16.
 struct SplitRange {
-  int L, hi, base, step0, step1;
+  int L, hi, lo, base, step0, step1;
 };
 
 __device__ __forceinline__ SplitRange split_range(const DecodeParams& p, int b, int split) {
@@ -122,6 +122,7 @@ __device__ __forceinline__ SplitRange split_range(const DecodeParams& p, int b, 
   r.L = min(max(p.seqlens[b], 0), p.capacity);
   r.hi = r.L;
   const int lo = p.window >= 0 ? max(0, r.L - p.seqlen_q - p.window) : 0;
+  r.lo = lo;
   r.base = lo & ~(kStep - 1);
   const int n_steps = max(0, (r.hi - r.base + kStep - 1) / kStep);
   const int per = (n_steps + p.num_splits - 1) / p.num_splits;
@@ -292,7 +293,10 @@ __global__ void __launch_bounds__(kThreads) decode_tc_kernel(const DecodeParams 
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       int blk = 0, slot = 0;
-      vok[u] = locate(p, b, base + 2 * tq + (u & 1) + 8 * (u >> 1), sr.hi, blk, slot);
+      const int tok = base + 2 * tq + (u & 1) + 8 * (u >> 1);
+      // Tokens before the window's first key (base is lo rounded down) get P = 0, but their
+      // V must not be read either: a reused block could hold NaN/Inf, and 0 * NaN = NaN.
+      vok[u] = locate(p, b, tok, sr.hi, blk, slot) && tok >= sr.lo;
       vp[u] = vc + blk * p.v_b + slot * p.v_t;
     }
     if (!kLateV) load_v_chunks<T, VM>(vw, vok, vp, g, p.D);
