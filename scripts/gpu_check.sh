@@ -7,6 +7,13 @@
 #   results.json    all benchmark rows + env  results.tar.gz  per-benchmark JSON/CSV and plots
 #   summary.json    exit status of each stage
 # STAGES=build,test,bench (default all) selects stages; PYTEST_ARGS / BENCH_ARGS pass options.
+#
+# The device tool allows 10 minutes per command, and all of it does not fit in one, so split it
+# (the build is kept between calls while the machine stays warm, and is incremental anyway):
+#   STAGES=build,test scripts/gpu_check.sh $OUT
+#   STAGES=build,bench BENCH_ARGS="--only bench_norm,bench_rotary,bench_attention" scripts/gpu_check.sh $OUT
+#   STAGES=build,bench BENCH_ARGS="--only bench_decode,bench_train,bench_generate" scripts/gpu_check.sh $OUT
+# FASTLM_CUDA_ARCHS defaults to 9.0 here (the GPU in hand) to halve the compile time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-out}}
@@ -33,7 +40,10 @@ if [[ $STAGES == *build* ]]; then
 fi
 if [[ $STAGES == *test* ]]; then
   start=$(date +%s)
-  $PY -m pytest tests -q -rs --junitxml="$OUT_DIR/junit.xml" ${PYTEST_ARGS:-}
+  # A hung test must not eat the whole call: per-test timeout when pytest-timeout is there.
+  TIMEOUT_ARG=""
+  $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARG="--timeout=${TEST_TIMEOUT:-240}"
+  $PY -m pytest tests -q -rs --durations=15 $TIMEOUT_ARG --junitxml="$OUT_DIR/junit.xml" ${PYTEST_ARGS:-}
   rc_test=$?
   echo "== tests rc=$rc_test in $(( $(date +%s) - start ))s"
 fi
