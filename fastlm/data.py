@@ -21,13 +21,11 @@ import hashlib
 import json
 import os
 import sysconfig
-import tempfile
 
 import numpy as np
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK  # mode of the files written via mkstemp (which creates 0600 files)
+from fastlm._io import atomic_open
+
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", ".hg", ".svn", "node_modules"}
 
 
@@ -167,18 +165,8 @@ def _cache_key(files, tokenizer):
 
 
 def _atomic_write_text(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".tmp-")
-    os.fchmod(fd, FILE_MODE)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 CHUNK = 16 << 20  # read files in 16 MiB pieces (split at newlines for non-byte tokenizers)
@@ -225,31 +213,21 @@ def build_token_cache(files, tokenizer, cache_dir=None, log=None):
     byte_level = isinstance(tokenizer, ByteTokenizer)
     if log:
         log(f"tokenizing {len(files)} files into {bin_path}")
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=key + ".bin.tmp-")
-    os.fchmod(fd, FILE_MODE)
     n_tokens = n_docs = 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for path in sorted(files, key=_doc_order):
-                doc = 0
-                for chunk in _read_chunks(path, split_lines=not byte_level):
-                    ids = tokenizer.encode_bytes(chunk)
-                    out.write(ids.astype(dtype).tobytes())
-                    doc += len(ids)
-                if doc and tokenizer.eot_id is not None:
-                    out.write(np.asarray([tokenizer.eot_id], dtype=dtype).tobytes())
-                    doc += 1
-                n_tokens += doc
-                n_docs += doc > 0
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_open(bin_path, "wb") as out:  # a kill mid-way leaves no partial cache file
+        for path in sorted(files, key=_doc_order):
+            doc = 0
+            for chunk in _read_chunks(path, split_lines=not byte_level):
+                ids = tokenizer.encode_bytes(chunk)
+                out.write(ids.astype(dtype).tobytes())
+                doc += len(ids)
+            if doc and tokenizer.eot_id is not None:
+                out.write(np.asarray([tokenizer.eot_id], dtype=dtype).tobytes())
+                doc += 1
+            n_tokens += doc
+            n_docs += doc > 0
         if n_tokens == 0:
             raise ValueError(f"empty corpus: the {len(files)} input file(s) contain no text (e.g. {files[0]})")
-        os.replace(tmp, bin_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     meta = dict(key=key, n_tokens=n_tokens, n_docs=n_docs, n_files=len(files), dtype=np.dtype(dtype).name,
                 tokenizer=tokenizer.identity, vocab_size=tokenizer.vocab_size)
     _atomic_write_text(meta_path, json.dumps(meta))

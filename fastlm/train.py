@@ -23,7 +23,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from fastlm import data as fdata
+from fastlm._io import atomic_open
 from fastlm.models import Transformer, TransformerConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -114,23 +114,8 @@ def lr_lambda(cfg):
 
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".tmp-")
-    os.fchmod(fd, fdata.FILE_MODE)  # mkstemp creates 0600 files
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable
-        dfd = os.open(d, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path):
@@ -227,11 +212,8 @@ class MetricsLog:
             with open(self.json_path) as f:
                 rows = [r for r in (json.loads(line) for line in f if line.strip()) if r["step"] <= resume_step]
         for path, text in ((self.json_path, "".join(json.dumps(r) + "\n" for r in rows)), (self.csv_path, self._csv(rows))):
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=os.path.basename(path) + ".tmp-")
-            os.fchmod(fd, fdata.FILE_MODE)
-            with os.fdopen(fd, "w") as f:
+            with atomic_open(path, "w") as f:
                 f.write(text)
-            os.replace(tmp, path)
 
     def _csv(self, rows, header=True):
         import io
