@@ -1,0 +1,707 @@
+"""Ahead-of-time compile check of every Triton kernel for sm_90 and sm_80, without a GPU.
+
+Why: CI runs the kernels only under TRITON_INTERPRET=1, which accepts code the real compiler
+rejects (tl.dot minimum shapes, layouts, dtype rules, constexpr misuse, ...); this compiles each
+kernel for a real GPU target so such errors surface here, not on a scarce GPU session.
+
+How, so the test follows the launchers as they change:
+1. A subprocess without TRITON_INTERPRET (conftest turns the interpreter on, and then
+   @triton.jit does not give real JITFunctions) runs the real launchers of kernels/*.py on
+   fake CUDA tensors (torch FakeTensorMode: shapes, strides and dtypes, no memory, no GPU) with
+   `JITFunction.run` and `Autotuner.run` replaced by recorders.  GPU queries the launchers make
+   (SM count, shared memory limit) are answered for an H100 (sm_90) or an A100 (sm_80).
+2. Each recorded launch becomes `triton.compile(ASTSource(fn, signature, constexprs, attrs),
+   target=GPUTarget("cuda", arch, 32), options={num_warps, num_stages})`, with the signature
+   derived from the real arguments the way the JIT specializes them (pointer dtypes, i32/i64,
+   ints equal to 1 as constants, 16-divisibility of ints and pointers); autotuned launches
+   expand into every config the autotuner would try on that device.
+3. Compiles run in parallel worker processes; ptxas's own log gives registers and spills.
+
+Run directly for the table (``--full``: the whole variant cross product, about an hour on 2
+cores; ``--module`` / ``--match`` narrow it):
+    python tests/test_triton_compile.py [--full] [--arch 90|80] [--module attention] [--match bf16]
+The default (representative) set is what CI runs (FASTLM_AOT_FULL=1 makes pytest run --full):
+every kernel and flag, head dims 64/80/128/256, fp16/bf16/fp32, every attention autotune config
+of the model's case (D=128 causal GQA, as pruned by each device's shared memory) on sm_90 and
+sm_80, and at least one variant of every kernel on sm_80.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+MODULES = ["norm", "rotary", "decode", "attention"]
+
+# Device profiles: what the launchers' GPU queries return, and the compile target.
+PROFILES = {
+    90: dict(name="H100", sms=132, smem=232448),
+    80: dict(name="A100", sms=108, smem=166912),
+}
+
+
+# ============================================================================ recording side
+def _import_kernels():
+    import importlib
+
+    return {m: importlib.import_module(f"fastlm.kernels.{m}") for m in MODULES}
+
+
+def _jit_functions(mod):
+    from triton.runtime.jit import JITFunction
+
+    return {n: f for n, f in vars(mod).items() if isinstance(f, JITFunction) and f.__module__ == mod.__name__}
+
+
+def _launched_kernels(mod):
+    """@triton.jit functions of a module that are not called from another one (helpers are)."""
+    import re
+
+    fns = _jit_functions(mod)
+    called = set()
+    for n, f in fns.items():
+        for other in fns:
+            if other != n and re.search(rf"\b{re.escape(other)}\s*\(", f.src):
+                called.add(other)
+    return sorted(set(fns) - called)
+
+
+_TORCH_TO_TRITON = None
+
+
+def _ptr_type(t):
+    import torch
+
+    global _TORCH_TO_TRITON
+    if _TORCH_TO_TRITON is None:
+        _TORCH_TO_TRITON = {
+            torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+            torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
+            torch.uint8: "u8", torch.bool: "i1",
+        }
+    return "*" + _TORCH_TO_TRITON[t.dtype]
+
+
+def _specialize(value):
+    """(signature type, 16-divisible?) of one non-constexpr argument, as the JIT specializes
+    it; type "constexpr" for the values the JIT turns into constants (None, ints equal to 1)."""
+    import torch
+
+    if value is None:
+        return "constexpr", False
+    if isinstance(value, torch.Tensor):
+        return _ptr_type(value), value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return "i1", False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", False
+        if -(2**31) <= value < 2**31:
+            return "i32", value % 16 == 0
+        if -(2**63) <= value < 2**63:
+            return "i64", value % 16 == 0
+        return "u64", value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    raise TypeError(f"cannot derive a signature type for {type(value).__name__} {value!r}")
+
+
+def _make_job(fn, args, kwargs, arch, case):
+    """A serializable compile job from one recorded launch."""
+    names = list(fn.arg_names)
+    bound = dict(zip(names, args))
+    options = {}
+    for k, v in kwargs.items():
+        if k in names:
+            bound[k] = v
+        else:
+            options[k] = v
+    signature, constexprs, attrs = {}, {}, []
+    for i, p in enumerate(fn.params):
+        if p.name not in bound:
+            if not p.has_default:
+                raise TypeError(f"{fn.__name__}: argument {p.name} not passed by the launcher")
+            bound[p.name] = p.default
+        v = bound[p.name]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = v
+            continue
+        typ, div16 = _specialize(v)
+        signature[p.name] = typ
+        if typ == "constexpr":
+            constexprs[p.name] = v
+        elif div16:
+            attrs.append([[i], [["tt.divisibility", 16]]])
+    options = {k: options[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in options}
+    options.setdefault("num_warps", 4)
+    options.setdefault("num_stages", 3)
+    return dict(module=fn.__module__, kernel=fn.__name__, arch=arch, case=case, signature=signature,
+                constexprs=constexprs, attrs=attrs, options=options)
+
+
+class _Recorder:
+    """Context: launches are recorded instead of compiled/run; GPU queries answered for `arch`."""
+
+    def __init__(self, kernels, arch):
+        self.k, self.arch, self.prof = kernels, arch, PROFILES[arch]
+        self.launches = []  # (fn, args, kwargs)
+
+    def __enter__(self):
+        import triton.runtime.autotuner as at
+        from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+        from triton.runtime.jit import JITFunction
+
+        rec = self
+        self._saved = []
+
+        def patch(obj, name, value):
+            self._saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
+            setattr(obj, name, value)
+
+        def jit_run(fn, *args, grid, warmup, **kwargs):
+            rec.launches.append((fn, args, kwargs))
+
+        def tuner_run(tuner, *args, **kwargs):
+            kwargs.pop("grid", None), kwargs.pop("warmup", None)
+            for cfg in tuner.configs:
+                kw = dict(kwargs, **cfg.kwargs)
+                kw.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                rec.launches.append((tuner.fn, args, kw))
+
+        bases = {}
+
+        def data_ptr(t):
+            # Fake tensors have no memory: give each storage a distinct 256-aligned base, so
+            # in-place checks and pointer alignment behave like real allocations.
+            key = t.untyped_storage()._cdata
+            base = bases.setdefault(key, (len(bases) + 1) << 32)
+            return base + t.storage_offset() * t.element_size()
+
+        patch(JITFunction, "run", jit_run)
+        patch(at.Autotuner, "run", tuner_run)
+        patch(FakeTensor, "data_ptr", data_ptr)
+        sms, smem = self.prof["sms"], self.prof["smem"]
+        patch(self.k["norm"], "_num_programs", lambda idx: 4 * sms)
+        patch(self.k["attention"], "_num_sms", lambda idx: sms)
+        patch(self.k["attention"], "_smem_limit", lambda idx: smem)
+        self.k["attention"]._tuned.cache_clear()
+        self.k["attention"]._dummy_cu_on.cache_clear()
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        for obj, name, old in reversed(self._saved):
+            if old is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+        self.k["attention"]._tuned.cache_clear()
+        self.k["attention"]._dummy_cu_on.cache_clear()
+        return False
+
+
+_MISSING = object()
+
+
+def _t(*shape, dtype):
+    import torch
+
+    return torch.empty(shape, dtype=dtype, device="cuda")
+
+
+# ---------------------------------------------------------------------------- cases
+# Each case: (module, tag, archs, thunk(kernels, arch)).  The thunk calls the launchers the
+# way fastlm/ops calls them; every launch it makes is compiled.
+def _norm_case(N, dtype, *, rms, residual, weight, bias, wdtype=None, rows=8192):
+    def run(k, arch):
+        x = _t(rows, N, dtype=dtype)
+        w = _t(N, dtype=wdtype or dtype) if weight else None
+        b = _t(N, dtype=wdtype or dtype) if bias else None
+        r = _t(rows, N, dtype=dtype) if residual else None
+        out, h, mean, rstd = k["norm"].norm_fwd(x, w, b, r, 1e-5, rms)
+        # Backward as the op calls it: dresidual_out when the residual output is used.
+        dy = _t(rows, N, dtype=dtype)
+        k["norm"].norm_bwd(dy, _t(rows, N, dtype=dtype) if residual else None, h if residual else x, w, mean,
+                           rstd, rms, bias)
+    flags = "rms" if rms else "ln"
+    flags += "+res" * residual + "+w" * weight + "+b" * bias
+    return f"{flags} N={N} {_dt(dtype)}" + (f" w:{_dt(wdtype)}" if wdtype else ""), run
+
+
+def _rotary_case(D, rotary_dim, dtype, *, mode, varlen=False, interleaved=False, conj=False, inplace=False,
+                 pos_dtype=None, cos_dtype=None, B=4, S=2048, H=32, Hk=8):
+    def run(k, arch):
+        import torch
+
+        R = k["rotary"]
+        half = rotary_dim // 2
+        cos = _t(8192, half, dtype=cos_dtype or torch.float32)
+        sin = _t(8192, half, dtype=cos_dtype or torch.float32)
+        lead = (B * S,) if varlen else (B, S)
+        qkv = _t(*lead, H + 2 * Hk, D, dtype=dtype)  # the model's fused projection, split in views
+        q, kk, _ = qkv.split([H, Hk, Hk], dim=-2)
+        cu = _t(B + 1, dtype=torch.int32) if varlen else None
+        positions = None
+        if mode == R.POS_PER_SEQ:
+            positions = _t(B, dtype=pos_dtype or torch.int32)
+        elif mode == R.POS_EXPLICIT:
+            positions = _t(*lead, dtype=pos_dtype or torch.int64)
+        if inplace:
+            qo, ko = q, kk
+        else:
+            qo, ko = _t(*q.shape, dtype=dtype), _t(*kk.shape, dtype=dtype)
+        R.rotary_fwd(q, kk, cos, sin, qo, ko, positions, cu, 0, mode, interleaved, conj)
+    tag = f"D={D} rot={rotary_dim} {_dt(dtype)} mode={mode}" + " varlen" * varlen + " interleaved" * interleaved
+    tag += " conj" * conj + (" inplace" if inplace else " out-of-place")
+    return tag, run
+
+
+def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8):
+    def run(k, arch):
+        import torch
+
+        if paged:
+            kc, vc = _t(1024, page, H, D, dtype=dtype), _t(1024, page, H, D, dtype=dtype)
+            bt = _t(B, 64, dtype=torch.int32)
+        else:
+            kc, vc, bt = _t(B, 4096, H, D, dtype=dtype), _t(B, 4096, H, D, dtype=dtype), None
+        kv = _t(B, S, 2 * H, D, dtype=dtype)  # k, v as views of one projection
+        k_new, v_new = kv.split([H, H], dim=2)
+        k["decode"].kv_cache_append(kc, vc, k_new, v_new, _t(B, dtype=torch.int32), bt)
+    return f"append D={D} {_dt(dtype)}" + (f" paged{page}" if paged else " contiguous") + f" S={S}", run
+
+
+def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, softcap=0.0, page=16, cap=4096):
+    def run(k, arch):
+        import torch
+        from fastlm.ops import kv_cache as opk
+
+        if paged:
+            nb = B * cap // page
+            kc, vc = _t(nb, page, Hkv, D, dtype=dtype), _t(nb, page, Hkv, D, dtype=dtype)
+            bt = _t(B, cap // page, dtype=torch.int32)
+        else:
+            kc, vc, bt = _t(B, cap, Hkv, D, dtype=dtype), _t(B, cap, Hkv, D, dtype=dtype), None
+        q = _t(B, Sq, Hq, D, dtype=dtype)
+        # num_splits as the op resolves it (num_splits=0: the shape heuristic).
+        rows = Sq * (Hq // Hkv)
+        tiles = -(-rows // k["decode"].decode_config(rows, D)[0])
+        splits = opk.num_splits_heuristic(B, Hkv, tiles, cap, q.device, sms=PROFILES[arch]["sms"])
+        k["decode"].decode_attention(q, kc, vc, _t(B, dtype=torch.int32), bt, D**-0.5, causal, window, softcap,
+                                     min(splits, k["decode"].MAX_SPLITS))
+    tag = f"decode D={D} {_dt(dtype)} B={B} Sq={Sq} G={Hq // Hkv}" + (f" paged{page}" if paged else "")
+    tag += " causal" * causal + f" window={window}" * (window >= 0) + f" softcap={softcap}" * (softcap > 0)
+    return tag, run
+
+
+def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=False, autotune=False,
+               deterministic=(False, True), dlse=False, B=4, S=2048, H=32, Hk=8):
+    wl, wr = window
+    if causal:
+        wr = 0
+
+    def run(k, arch):
+        import torch
+
+        A = k["attention"]
+        saved = A.AUTOTUNE
+        A.AUTOTUNE = autotune  # False: the first config that fits (FASTLM_ATTENTION_AUTOTUNE=0, GPU tests)
+        try:
+            lead = (B * S,) if varlen else (B, S)
+            qkv = _t(*lead, H + 2 * Hk, D, dtype=dtype)
+            q, kk, v = qkv.split([H, Hk, Hk], dim=-2)  # strided views, as the model passes them
+            cu = _t(B + 1, dtype=torch.int32) if varlen else None
+            mx = S if varlen else None
+            out, lse = A.attention_fwd(q, kk, v, cu, cu, mx, mx, D**-0.5, wl, wr, softcap)
+            dout = _t(*out.shape, dtype=dtype)
+            g = _t(*lse.shape, dtype=torch.float32) if dlse else None
+            for det in deterministic:
+                A.attention_bwd(dout, g, q, kk, v, out, lse, cu, cu, mx, mx, D**-0.5, wl, wr, softcap, det)
+        finally:
+            A.AUTOTUNE = saved
+    tag = f"D={D} {_dt(dtype)}" + " varlen" * varlen + " causal" * causal
+    tag += f" window={window}" * (window != (-1, -1)) + f" softcap={softcap}" * (softcap > 0)
+    tag += " dlse" * dlse + (" all-configs" if autotune else " first-config") + f" B={B} S={S} H={H}/{Hk}"
+    return tag, run
+
+
+def _dt(dtype):
+    return str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
+
+
+def _cases(full):
+    """[(module, tag, archs, thunk)]: the representative set (CI), or everything with full."""
+    import torch
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    both, h100 = (90, 80), (90,)
+    cases = []
+
+    def add(module, archs, tag_run):
+        cases.append((module, tag_run[0], archs, tag_run[1]))
+
+    # ---- norm: every flag, the warp rule's range of block sizes (N=100 -> 2 warps ... 65536 -> 32)
+    if full:
+        for N in (100, 768, 4096, 65536):
+            for dt in (bf16, fp16, fp32):
+                for rms in (True, False):
+                    for res in (False, True):
+                        for w in (False, True):
+                            for b in ((False, True) if not rms else (False,)):
+                                add("norm", both, _norm_case(N, dt, rms=rms, residual=res, weight=w, bias=b))
+    else:
+        add("norm", both, _norm_case(4096, bf16, rms=True, residual=True, weight=True, bias=False))
+        add("norm", h100, _norm_case(768, fp16, rms=False, residual=True, weight=True, bias=True, wdtype=fp32))
+        add("norm", h100, _norm_case(100, fp32, rms=False, residual=False, weight=False, bias=False))
+        add("norm", h100, _norm_case(65536, bf16, rms=True, residual=False, weight=True, bias=False, rows=64))
+        add("norm", h100, _norm_case(8192, fp16, rms=False, residual=False, weight=True, bias=False))
+
+    # ---- rotary: position modes, varlen, interleaved, conj (backward), partial rotary (copy pass)
+    if full:
+        for D, rot in ((64, 64), (128, 128), (80, 80), (128, 64), (256, 256)):
+            for dt in (bf16, fp16, fp32):
+                for mode in (0, 1, 2):
+                    for varlen in (False, True):
+                        for inter in (False, True):
+                            for conj in (False, True):
+                                for inplace in (False, True):
+                                    add("rotary", both, _rotary_case(D, rot, dt, mode=mode, varlen=varlen,
+                                                                     interleaved=inter, conj=conj, inplace=inplace))
+    else:
+        add("rotary", both, _rotary_case(128, 128, bf16, mode=2, varlen=True, inplace=False))
+        add("rotary", h100, _rotary_case(64, 64, bf16, mode=0, inplace=True))
+        add("rotary", h100, _rotary_case(64, 32, fp16, mode=1, interleaved=True, conj=True, pos_dtype=torch.int64))
+        add("rotary", h100, _rotary_case(80, 80, fp32, mode=2, inplace=True, cos_dtype=bf16, pos_dtype=torch.int32))
+        add("rotary", h100, _rotary_case(256, 192, bf16, mode=0, varlen=True, interleaved=True, H=8, Hk=1))
+
+    # ---- decode: append (contiguous / paged), decode (split / not, paged, window, softcap,
+    # GQA row tiles 16/32/64, head dims 64/80/128/256, fp32 "ieee" dots), combine
+    if full:
+        for D in (64, 80, 128, 256):
+            for dt in (bf16, fp16, fp32):
+                for paged in (False, True):
+                    add("decode", both, _append_case(D, dt, paged=paged))
+                    for B, Sq, G in ((1, 1, 4), (64, 1, 8), (2, 4, 8), (2, 8, 16)):
+                        for causal, window, cap in ((True, -1, 0.0), (False, 256, 30.0)):
+                            add("decode", both, _decode_case(D, dt, B=B, Sq=Sq, Hq=8 * G, Hkv=8, paged=paged,
+                                                             causal=causal, window=window, softcap=cap))
+    else:
+        add("decode", both, _append_case(128, bf16, paged=False))
+        add("decode", h100, _append_case(64, fp16, paged=True, page=16, S=7))
+        add("decode", h100, _append_case(256, fp32, paged=True, page=256))
+        # batch 1: split-KV + combine; llama-3.2-1b shape (32 / 8 heads, D=64)
+        add("decode", both, _decode_case(64, bf16, B=1, Sq=1, Hq=32, Hkv=8, paged=False))
+        add("decode", h100, _decode_case(128, bf16, B=64, Sq=1, Hq=32, Hkv=8, paged=True))  # no split
+        add("decode", h100, _decode_case(128, fp16, B=2, Sq=4, Hq=64, Hkv=8, paged=True, causal=True, window=512,
+                                         softcap=30.0))
+        add("decode", h100, _decode_case(256, bf16, B=2, Sq=8, Hq=128, Hkv=8, paged=False))  # BLOCK_M 64
+        add("decode", h100, _decode_case(80, fp32, B=4, Sq=1, Hq=16, Hkv=2, paged=False, causal=False))
+
+    # ---- attention: the model's call (strided qkv views, causal, GQA) with every autotune config
+    # on sm_90; other flag / head-dim / dtype variants with the first config that fits.
+    if full:
+        for D in (64, 80, 128, 256):
+            for dt in (bf16, fp16, fp32):
+                for varlen in (False, True):
+                    for causal, window, cap in ((True, (-1, -1), 0.0), (False, (-1, -1), 0.0),
+                                                (True, (256, -1), 0.0), (False, (128, 128), 50.0)):
+                        add("attention", both, _attn_case(D, dt, causal=causal, window=window, softcap=cap,
+                                                          varlen=varlen, autotune=dt != fp32))
+    else:
+        add("attention", both, _attn_case(128, bf16, autotune=True))
+        # llama-3.2-1b attention (D=64, 32 / 8 heads), also the generation prefill's head dim
+        add("attention", h100, _attn_case(64, bf16, autotune=True, B=8, S=1024))
+        add("attention", h100, _attn_case(64, fp16, varlen=True, causal=True, window=(256, -1), B=3, S=700,
+                                          H=12, Hk=4, deterministic=(False,), dlse=True))
+        add("attention", h100, _attn_case(256, bf16, causal=False, softcap=50.0, B=2, S=1024, H=8, Hk=8,
+                                          deterministic=(True,)))
+        add("attention", h100, _attn_case(80, fp16, varlen=True, causal=False, window=(128, 128), B=2, S=512,
+                                          H=16, Hk=2, deterministic=(False,)))
+        add("attention", h100, _attn_case(64, fp32, causal=True, B=2, S=256, H=4, Hk=2, deterministic=(True,)))
+    return cases
+
+
+def record(full, archs, modules=MODULES, match=None):
+    """-> (jobs, recording errors, launched kernels per module).  match: substring of case tags."""
+    import traceback
+
+    kernels = _import_kernels()
+    jobs, errors, seen = [], [], set()
+    for arch in archs:
+        for module, tag, case_archs, run in _cases(full):
+            if arch not in case_archs or module not in modules or (match and match not in tag):
+                continue
+            with _Recorder(kernels, arch) as rec:
+                try:
+                    run(kernels, arch)
+                    # (inside the recorder: pointer alignment comes from the patched data_ptr)
+                    new = [_make_job(fn, args, kwargs, arch, tag) for fn, args, kwargs in rec.launches]
+                except Exception:
+                    errors.append(dict(module=module, case=tag, arch=arch, error=traceback.format_exc()))
+                    continue
+            for job in new:
+                key = json.dumps({k: job[k] for k in job if k != "case"}, sort_keys=True, default=repr)
+                if key not in seen:  # identical compiles from different cases run once
+                    seen.add(key)
+                    jobs.append(job)
+    launched = {m: _launched_kernels(kernels[m]) for m in MODULES}
+    return jobs, errors, launched
+
+
+# ============================================================================ compile side
+def _job_cost(job):
+    c = {"_attn_bwd_dkdv_kernel": 8, "_attn_fwd_kernel": 5, "_attn_bwd_dq_kernel": 5, "_decode_kernel": 2}
+    cost = c.get(job["kernel"], 0.5)
+    return cost * (3 if "*fp32" == job["signature"].get("Q") else 1)
+
+
+def _compile(job):
+    import contextlib
+    import importlib
+    import io
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(job["module"]), job["kernel"])
+    attrs = {tuple(k): v for k, v in job["attrs"]}
+    res = dict(job)
+    t0 = time.time()
+    log = io.StringIO()
+    try:
+        src = ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"], attrs=attrs)
+        with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: ptxas -v's log on stdout
+            k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=dict(job["options"]))
+    except Exception as e:  # noqa: BLE001  (any compiler failure is the finding)
+        res.update(ok=False, seconds=round(time.time() - t0, 1), error=f"{type(e).__name__}: {e}"[-6000:])
+        return res
+    text = log.getvalue()
+
+    def last(pattern):
+        m = re.findall(pattern, text)
+        return int(m[-1]) if m else None
+
+    res.update(ok=True, seconds=round(time.time() - t0, 1), regs=last(r"Used (\d+) registers"),
+               spill_stores=last(r"(\d+) bytes spill stores"), spill_loads=last(r"(\d+) bytes spill loads"),
+               stack=last(r"(\d+) bytes stack frame"), shared=getattr(k.metadata, "shared", None))
+    return res
+
+
+def _worker_init(path):
+    sys.path.insert(0, path)
+
+
+def compile_all(jobs, workers, progress=None):
+    """Compile every job (longest first, `workers` processes); progress(result) as each ends."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    order = sorted(range(len(jobs)), key=lambda i: -_job_cost(jobs[i]))
+    results = [None] * len(jobs)
+    if workers <= 1:
+        for i in order:
+            results[i] = _compile(jobs[i])
+            progress and progress(results[i])
+        return results
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(ROOT,)) as ex:
+        futs = {ex.submit(_compile, jobs[i]): i for i in order}
+        for f in cf.as_completed(futs):
+            results[futs[f]] = f.result()
+            progress and progress(results[futs[f]])
+    return results
+
+
+def _describe(r):
+    """Short description of a job: its constexprs and options."""
+    skip = {"HEAD_DIM"}
+    cx = " ".join(f"{k}={v}" for k, v in r["constexprs"].items()
+                  if k.isupper() and k not in skip and v not in (False, None))
+    ptrs = sorted({t for t in r["signature"].values() if t.startswith("*") and t not in ("*i32", "*i64")})
+    return f"{cx} w{r['options']['num_warps']}s{r['options']['num_stages']} {'/'.join(ptrs)}"
+
+
+def _over_smem(r):
+    """Compiled, but needs more shared memory than the device has: it would fail to launch."""
+    return r["ok"] and r.get("shared") is not None and r["shared"] > PROFILES[r["arch"]]["smem"]
+
+
+def format_table(results):
+    lines = [f"{'sm':>3} {'kernel':<28} {'regs':>4} {'spill st/ld':>12} {'smem':>7} {'sec':>5}  variant"]
+    for r in sorted(results, key=lambda r: (r["module"], r["kernel"], -r["arch"], r["case"])):
+        name = r["kernel"]
+        if r["ok"]:
+            sp = f"{r['spill_stores']}/{r['spill_loads']}" if r["spill_stores"] is not None else "?"
+            lines.append(f"{r['arch']:>3} {name:<28} {str(r['regs']):>4} {sp:>12} {str(r['shared']):>7} "
+                         f"{r['seconds']:>5.1f}  {_describe(r)}  [{r['case']}]"
+                         + ("  OVER THE SHARED MEMORY LIMIT" if _over_smem(r) else ""))
+        else:
+            lines.append(f"{r['arch']:>3} {name:<28} FAILED {r['seconds']:>5.1f}s  {_describe(r)}  [{r['case']}]\n"
+                         f"      {r['error'][:1500]}")
+    return "\n".join(lines)
+
+
+def _cpus():
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--full", action="store_true", help="the whole variant cross product (slow)")
+    p.add_argument("--arch", type=int, action="append", choices=sorted(PROFILES), help="default: 90 and 80")
+    p.add_argument("--module", action="append", choices=MODULES, help="default: all")
+    p.add_argument("--match", help="only cases whose tag contains this (e.g. fp32, varlen, 'D=128')")
+    p.add_argument("--workers", type=int, default=_cpus())
+    p.add_argument("--json", help="write the results here (used by the pytest side)")
+    args = p.parse_args(argv)
+    out = dict(skip=None, results=[], errors=[], launched={}, seconds=0.0, triton="?")
+    t0 = time.time()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: the AOT compile needs the real JITFunctions")
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.runtime.jit import JITFunction
+
+        out["triton"] = triton.__version__
+        if not hasattr(JITFunction, "run"):
+            raise ImportError("triton.runtime.jit.JITFunction.run is missing")
+        if not (hasattr(triton, "compile") and callable(ASTSource) and callable(GPUTarget)):
+            raise ImportError("triton.compile is missing")
+        from triton.backends import backends
+
+        if "nvidia" not in backends:
+            raise ImportError("triton has no nvidia backend")
+    except ImportError as e:
+        out["skip"] = f"triton {getattr(sys.modules.get('triton'), '__version__', '?')} lacks the AOT API: {e}"
+    if out["skip"] is None:
+        sys.path.insert(0, ROOT)
+        jobs, out["errors"], out["launched"] = record(args.full, args.arch or sorted(PROFILES, reverse=True),
+                                                      args.module or MODULES, args.match)
+        done = []
+
+        def progress(r):  # by hand: one line per finished compile (long --full runs)
+            done.append(r)
+            print(f"[{len(done)}/{len(jobs)} {time.time() - t0:.0f}s] " + format_table([r]).split("\n", 1)[1],
+                  flush=True)
+
+        out["results"] = compile_all(jobs, min(args.workers, max(len(jobs), 1)), None if args.json else progress)
+    out["seconds"] = round(time.time() - t0, 1)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, default=repr)
+    else:
+        if out["skip"]:
+            print("SKIP:", out["skip"])
+        print("\n" + format_table(out["results"]))
+        for e in out["errors"]:
+            print(f"RECORDING FAILED sm_{e['arch']} {e['module']} [{e['case']}]\n{e['error']}")
+        bad = sum(not r["ok"] or _over_smem(r) for r in out["results"]) + len(out["errors"])
+        print(f"{len(out['results'])} compiles, {bad} failures, {out['seconds']:.0f} s (triton {out['triton']})")
+        return 1 if bad else 0
+    return 0
+
+
+def _subprocess_env(cache_dir):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # conftest sets it; the real compiler needs real JITFunctions
+    env["TRITON_CACHE_DIR"] = cache_dir  # fresh: every kernel really compiles (and ptxas logs)
+    env["TRITON_DUMP_PTXAS_LOG"] = "1"
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+# ============================================================================ pytest side
+@pytest.fixture(scope="module")
+def aot(tmp_path_factory):
+    """Record and compile everything once (one subprocess, parallel compile workers)."""
+    tmp = tmp_path_factory.mktemp("aot")
+    out = tmp / "aot.json"
+    cmd = [sys.executable, HERE, "--json", str(out)]
+    if os.environ.get("FASTLM_AOT_FULL", "0") not in ("", "0"):
+        cmd.append("--full")
+    t0 = time.time()
+    r = subprocess.run(cmd, env=_subprocess_env(str(tmp / "triton_cache")), capture_output=True, text=True,
+                       timeout=900, cwd=ROOT)
+    if r.returncode != 0 or not out.exists():
+        pytest.fail(f"AOT compile subprocess failed (rc={r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
+    data = json.loads(out.read_text())
+    if data["skip"]:
+        pytest.skip(data["skip"])
+    print(f"\nAOT compile (triton {data['triton']}): {len(data['results'])} kernels in {time.time() - t0:.0f} s "
+          f"(recording + compiling {data['seconds']:.0f} s)")
+    return data
+
+
+def test_every_kernel_is_compiled_for_both_archs(aot):
+    """Every launched @triton.jit kernel of kernels/*.py has a compile job on sm_90 and sm_80
+    (a new kernel whose launcher no case exercises fails here)."""
+    assert set(aot["launched"]) == set(MODULES)
+    missing = []
+    for module, names in aot["launched"].items():
+        assert names, f"no @triton.jit kernel found in kernels/{module}.py"
+        for name in names:
+            for arch in PROFILES:
+                if not any(r["kernel"] == name and r["arch"] == arch for r in aot["results"]):
+                    missing.append(f"{module}.{name} sm_{arch}")
+    assert not missing, "kernels no case launches: " + ", ".join(missing)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_kernels_compile(aot, module):
+    errs = [e for e in aot["errors"] if e["module"] == module]
+    assert not errs, "launcher failed while recording:\n" + "\n".join(
+        f"sm_{e['arch']} [{e['case']}]\n{e['error']}" for e in errs)
+    rows = [r for r in aot["results"] if r["module"] == f"fastlm.kernels.{module}"]
+    assert rows, f"no compile job for kernels/{module}.py"
+    print("\n" + format_table(rows))
+    failed = [r for r in rows if not r["ok"]]
+    assert not failed, f"{len(failed)} of {len(rows)} {module} kernels fail to compile:\n" + format_table(failed)
+    # A kernel that needs more shared memory than the device has compiles, then fails to launch.
+    big = [r for r in rows if _over_smem(r)]
+    assert not big, "shared memory over the device limit (would fail to launch):\n" + "\n".join(
+        f"{r['shared']} > {PROFILES[r['arch']]['smem']} bytes on sm_{r['arch']}: {r['kernel']} {_describe(r)} "
+        f"[{r['case']}]" for r in big)
+    # The register report must be real (ptxas ran); a compile that produced no stats is suspect.
+    assert all(r["regs"] is not None for r in rows) or _ptxas_log_unsupported(), "ptxas log missing"
+
+
+def _ptxas_log_unsupported():
+    """Older triton without TRITON_DUMP_PTXAS_LOG: stats are reported as '?' there."""
+    try:
+        from triton import knobs
+
+        return not hasattr(knobs.nvidia, "dump_ptxas_log")
+    except Exception:  # noqa: BLE001
+        return True
+
+
+if __name__ == "__main__":
+    if "--json" not in sys.argv:  # run by hand: the environment the pytest side would give
+        import shutil
+
+        cache = tempfile.mkdtemp(prefix="fastlm_aot_")
+        os.environ.update(_subprocess_env(cache))
+        os.environ.pop("TRITON_INTERPRET", None)
+        try:
+            rc = main()
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        sys.exit(rc)
+    sys.exit(main())
