@@ -1,0 +1,110 @@
+"""SwiGLU activation op: ``swiglu(x, up=None)`` = silu(gate) * up, one kernel each way.
+
+Forms:
+  stacked  up is None: x (..., 2F) = [gate | up] along the last dim (the Llama MLP's fused
+           w_in projection) -> (..., F); the backward writes one (..., 2F) gradient.
+  split    x is the gate (..., F), up the same shape -> (..., F); two gradients.
+Only the input is saved for the backward (silu is recomputed), instead of the sigmoid/silu
+intermediates eager PyTorch keeps.
+
+Backends:
+  "triton"    kernels/activation.py   (GPU, or CPU under TRITON_INTERPRET=1)
+  "reference" fastlm.reference.activation (plain PyTorch autograd; the CPU path)
+The kernel backend runs through the torch ops ``torch.ops.fastlm.swiglu`` and
+``torch.ops.fastlm.swiglu_backward`` (custom ops with fake implementations and a registered
+backward), so it works with opcheck, torch.compile(fullgraph=True) and CUDA graphs.
+"""
+import torch
+
+from fastlm import _backend, reference
+from fastlm._checks import KERNEL_DTYPES, check_same_device, check_tensor
+
+SUPPORTED = ("triton", "reference")
+PREFERRED = ("triton", "reference")
+
+
+def _kernels():
+    from fastlm.kernels import activation as k
+
+    return k
+
+
+# ---------------------------------------------------------------------------- torch ops
+@torch.library.custom_op("fastlm::swiglu", mutates_args=())
+def _swiglu_op(x: torch.Tensor, up: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """-> silu(gate) * up, (..., F) in x's dtype."""
+    return _kernels().swiglu_fwd(x, up)
+
+
+@torch.library.custom_op("fastlm::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, up: torch.Tensor | None, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx, dup): stacked: dx (..., 2F) = [dgate | dup] and an empty dup; split: dgate, dup."""
+    return tuple(_kernels().swiglu_bwd(dy, x, up))
+
+
+@_swiglu_op.register_fake
+def _(x, up, backend):
+    F = x.shape[-1] // 2 if up is None else x.shape[-1]
+    return x.new_empty((*x.shape[:-1], F))
+
+
+@_swiglu_backward_op.register_fake
+def _(dy, x, up, backend):
+    dup = x.new_empty(0) if up is None else torch.empty_like(up, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dup
+
+
+def _setup(ctx, inputs, output):
+    x, up, backend = inputs
+    ctx.backend = backend
+    ctx.has_up = up is not None
+    ctx.save_for_backward(x, up)
+
+
+def _backward(ctx, dy):
+    x, up = ctx.saved_tensors
+    dx, dup = _swiglu_backward_op(dy, x, up, ctx.backend)
+    return dx, (dup if ctx.has_up else None), None
+
+
+_swiglu_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------------------- public API
+def _validate(x, up, backend):
+    # float64 runs on the reference path only (the kernels are fp32/fp16/bf16).
+    allowed = KERNEL_DTYPES + ((torch.float64,) if backend in (None, "reference") else ())
+    check_tensor(x, "x", dtypes=allowed, min_ndim=1)
+    if x.shape[-1] == 0:
+        raise ValueError(f"swiglu: x must have a non-empty last dim, got shape {tuple(x.shape)}")
+    if up is None:
+        if x.shape[-1] % 2:
+            raise ValueError(
+                f"swiglu: x without up must be stacked [gate | up] with an even last dim, got shape {tuple(x.shape)}"
+            )
+        return
+    check_tensor(up, "up", dtypes=allowed)
+    check_same_device(x, "x", up=up)
+    if up.dtype != x.dtype:
+        raise TypeError(f"swiglu: up must have x's (the gate's) dtype {x.dtype}, got {up.dtype}")
+    if up.shape != x.shape:
+        raise ValueError(f"swiglu: up must have the shape of x (the gate) {tuple(x.shape)}, got {tuple(up.shape)}")
+
+
+def swiglu(x, up=None, *, backend=None):
+    """silu(gate) * up, computed in fp32, returned in x's dtype.
+
+    up None: x is (..., 2F) with gate stacked first and up second along the last dim;
+    returns (..., F).  Otherwise x is the gate and up has its shape and dtype.
+    fp32/fp16/bf16 (float64 on the reference backend).  backend: "triton" | "reference" | None.
+    """
+    _validate(x, up, backend)
+    if backend is None and x.dtype == torch.float64:
+        b = "reference"
+    else:
+        b = _backend.resolve(backend, x.device, SUPPORTED, PREFERRED, op="swiglu")
+    if b == "reference":
+        return reference.swiglu(x, up)
+    return _swiglu_op(x, up, b)
