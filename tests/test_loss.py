@@ -1,0 +1,232 @@
+"""cross_entropy and linear_cross_entropy against float64 references (policy: tests/tolerances.py)."""
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_CUDA
+from fastlm import ops, reference
+from tolerances import assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _targets(shape, V, n_ignore=3, ignore_index=-100):
+    t = torch.randint(0, V, shape, device=DEVICE)
+    flat = t.view(-1)
+    flat[torch.randperm(flat.numel(), device=DEVICE)[:n_ignore]] = ignore_index
+    return t
+
+
+def _grads(loss, inputs, upstream):
+    return torch.autograd.grad(loss, inputs, upstream)
+
+
+def _check_ce(logits, t, reduction, ignore_index=-100):
+    x = logits.detach().requires_grad_()
+    x64 = logits.detach().double().requires_grad_()
+    xlp = logits.detach().requires_grad_()  # the same reference in the input dtype
+    out = ops.cross_entropy(x, t, ignore_index=ignore_index, reduction=reduction, backend="triton")
+    r64 = reference.cross_entropy(x64, t, ignore_index, reduction)
+    rlp = torch.nn.functional.cross_entropy(xlp.flatten(0, -2), t.flatten(), ignore_index=ignore_index,
+                                            reduction=reduction)
+    rlp = rlp.view(t.shape) if reduction == "none" else rlp
+    assert out.dtype == torch.float32
+    assert_close(out, r64, rlp.float(), "loss", dtype=torch.float32 if x.dtype == torch.float32 else x.dtype)
+    g = torch.randn_like(out) if reduction == "none" else torch.tensor(1.3, device=DEVICE)
+    (gx,) = _grads(out, x, g)
+    (g64,) = _grads(r64, x64, g.double())
+    (glp,) = _grads(rlp, xlp, g.to(rlp.dtype))
+    assert_close(gx, g64, glp, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17, 1001), (40, 4097)])  # V below, at and across the tile
+def test_cross_entropy(dtype, reduction, shape):
+    logits = torch.randn(*shape, device=DEVICE, dtype=dtype) * 3
+    t = _targets(shape[:-1], shape[-1], n_ignore=min(3, max(0, t_numel(shape) - 1)))
+    _check_ce(logits, t, reduction)
+
+
+def t_numel(shape):
+    n = 1
+    for s in shape[:-1]:
+        n *= s
+    return n
+
+
+def test_cross_entropy_strided_and_extreme():
+    base = torch.randn(37, 600, device=DEVICE) * 40  # large logits: the online max must hold
+    _check_ce(base[:, :513], _targets((37,), 513), "mean")  # row stride 600, unit column stride
+    _check_ce(base[:, :64].t(), _targets((64,), 37), "none")  # column stride 600: copied
+    t = _targets((37,), 513, n_ignore=0, ignore_index=7)
+    _check_ce(base[:, :513], t, "sum", ignore_index=7)  # a custom ignore_index
+
+
+def test_cross_entropy_all_ignored():
+    x = torch.randn(4, 9, device=DEVICE, requires_grad=True)
+    t = torch.full((4,), -100, device=DEVICE)
+    mean = ops.cross_entropy(x, t, backend="triton")
+    assert torch.isnan(mean) == torch.isnan(torch.nn.functional.cross_entropy(x, t))  # NaN, as torch
+    s = ops.cross_entropy(x, t, reduction="sum", backend="triton")
+    (g,) = torch.autograd.grad(s, x)
+    assert s.item() == 0 and (g == 0).all()
+
+
+def _check_lce(h, w, b, t, reduction, chunk, factor=2.0):
+    leaves = [h, w] + ([b] if b is not None else [])
+    x = [a.detach().requires_grad_() for a in leaves]
+    x64 = [a.detach().double().requires_grad_() for a in leaves]
+    xlp = [a.detach().requires_grad_() for a in leaves]
+    bias = lambda xs: xs[2] if b is not None else None  # noqa: E731
+    out = ops.linear_cross_entropy(x[0], x[1], t, bias(x), reduction=reduction, chunk_size=chunk, backend="triton")
+    r64 = reference.linear_cross_entropy(x64[0], x64[1], t, bias(x64), reduction=reduction)
+    rlp = reference.linear_cross_entropy(xlp[0], xlp[1], t, bias(xlp), reduction=reduction)
+    low = h.dtype if h.dtype != torch.float32 else torch.float32
+    assert_close(out, r64, rlp, "loss", dtype=low)
+    g = torch.tensor(0.7, device=DEVICE)
+    for name, a, b64, blp in zip(("dh", "dweight", "dbias"), _grads(out, x, g), _grads(r64, x64, g.double()),
+                                 _grads(rlp, xlp, g)):
+        assert a.dtype == h.dtype
+        assert_close(a, b64, blp, name, factor=factor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16 CPU GEMMs: see the GPU test
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk,bias", [(None, False), (16, True), (7, False)])
+def test_linear_cross_entropy(dtype, reduction, chunk, bias):
+    M, D, V = 50, 64, 777
+    h = torch.randn(2, M // 2, D, device=DEVICE, dtype=dtype)
+    w = torch.randn(V, D, device=DEVICE, dtype=dtype) * D**-0.5
+    b = torch.randn(V, device=DEVICE, dtype=dtype) if bias else None
+    t = _targets((2, M // 2), V, n_ignore=5)
+    # Chunking accumulates dweight in the input dtype, once per chunk (7 chunks at chunk=7):
+    # a few more roundings than the one GEMM of the reference.
+    _check_lce(h, w, b, t, reduction, chunk, factor=2.0 if chunk is None else 4.0)
+
+
+def test_linear_cross_entropy_no_grad_and_tied():
+    h = torch.randn(9, 32, device=DEVICE)
+    emb = torch.nn.Embedding(100, 32).to(DEVICE)
+    t = _targets((9,), 100, n_ignore=1)
+    with torch.no_grad():
+        a = ops.linear_cross_entropy(h, emb.weight, t, backend="triton")
+    ref = reference.linear_cross_entropy(h.double(), emb.weight.double(), t)
+    assert abs(a.item() - ref.item()) < 1e-5
+    # tied weights: the head's gradient adds to the embedding's
+    tokens = torch.randint(0, 100, (9,), device=DEVICE)
+    loss = ops.linear_cross_entropy(emb(tokens), emb.weight, t, backend="triton")
+    loss.backward()
+    g = emb.weight.grad.clone()
+    emb.weight.grad = None
+    reference.linear_cross_entropy(emb(tokens), emb.weight, t).backward()
+    torch.testing.assert_close(g, emb.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_autocast():
+    dt = torch.bfloat16 if HAS_CUDA else torch.float16  # CPU autocast to fp16 (bf16 is GPU-tested)
+    h = torch.randn(33, 48, device=DEVICE, requires_grad=True)
+    w = torch.randn(301, 48, device=DEVICE, requires_grad=True)
+    t = _targets((33,), 301)
+    with torch.autocast(DEVICE.type, dtype=dt):
+        loss = ops.linear_cross_entropy(h, w, t, chunk_size=8, backend="triton")
+        ref = reference.linear_cross_entropy(h, w, t)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    assert gh.dtype == gw.dtype == torch.float32  # the grads of the fp32 leaves
+    for a, b in ((loss, ref), (gh, rh), (gw, rw)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_opcheck():
+    x = torch.randn(6, 50, device=DEVICE)
+    t = _targets((6,), 50, n_ignore=1)
+    torch.library.opcheck(torch.ops.fastlm.cross_entropy.default, (x, t, -100))
+    loss, stats = torch.ops.fastlm.cross_entropy(x, t, -100)
+    torch.library.opcheck(torch.ops.fastlm.cross_entropy_backward.default, (x, t, stats, torch.rand(6, device=DEVICE), -100))
+    h, w = torch.randn(6, 8, device=DEVICE), torch.randn(50, 8, device=DEVICE)
+    for need_grad in (True, False):
+        torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy.default,
+                              (h, w, None, t, -100, False, 4, need_grad),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_torch_compile_fullgraph():
+    h = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(40, 16, device=DEVICE, requires_grad=True)
+    t = _targets((2, 5), 40, n_ignore=1)
+
+    def f(h, w, t):
+        a = ops.linear_cross_entropy(h, w, t, backend="triton")
+        b = ops.cross_entropy(h @ w.t(), t, backend="triton")
+        return a + b
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if not HAS_CUDA else "inductor")
+    out = compiled(h, w, t)
+    ref = f(h, w, t)
+    torch.testing.assert_close(out, ref)
+    g = torch.autograd.grad(out, (h, w))
+    gr = torch.autograd.grad(ref, (h, w))
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_inputs():
+    x = torch.randn(4, 10, device=DEVICE)
+    t = torch.randint(0, 10, (4,), device=DEVICE)
+    w = torch.randn(10, 6, device=DEVICE)
+    h = torch.randn(4, 6, device=DEVICE)
+    bad = t.clone()
+    bad[2] = 10
+    cases = [
+        (lambda: ops.cross_entropy(x, bad, backend="triton"), ValueError, "targets must be in"),
+        (lambda: ops.cross_entropy(x, t.float(), backend="triton"), TypeError, "targets"),
+        (lambda: ops.cross_entropy(x, t[:3], backend="triton"), ValueError, "targets must have shape"),
+        (lambda: ops.cross_entropy(x.long(), t, backend="triton"), TypeError, "logits"),
+        (lambda: ops.cross_entropy(x, t, reduction="avg"), ValueError, "reduction"),
+        (lambda: ops.cross_entropy(x[:, :0], t, backend="triton"), ValueError, "non-empty"),
+        (lambda: ops.cross_entropy(x, t, backend="cuda"), ValueError, "not implemented"),
+        (lambda: ops.linear_cross_entropy(h, w, bad, backend="triton"), ValueError, "targets must be in"),
+        (lambda: ops.linear_cross_entropy(h, w.t(), t, backend="triton"), ValueError, "weight must have shape"),
+        (lambda: ops.linear_cross_entropy(h, w, t, torch.randn(9, device=DEVICE), backend="triton"), ValueError, "bias"),
+        (lambda: ops.linear_cross_entropy(h, w.half(), t, backend="triton"), TypeError, "weight has dtype"),
+        (lambda: ops.linear_cross_entropy(h, w, t, reduction="none"), ValueError, "reduction"),
+        (lambda: ops.linear_cross_entropy(h, w, t, chunk_size=0), ValueError, "chunk_size"),
+        (lambda: ops.linear_cross_entropy(h, w.to("meta"), t), ValueError, "weight is on meta"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("V", [50257, 128256])
+def test_gpu_large_vocab_bf16(V):
+    M, D = 2048, 512
+    h = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(V, D, device="cuda", dtype=torch.bfloat16) * D**-0.5
+    t = _targets((M,), V, n_ignore=17)
+    _check_ce(h @ w.t(), t, "mean")
+    _check_lce(h, w, None, t, "mean", chunk=512, factor=4.0)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    h = torch.randn(64, 32, device="cuda", requires_grad=True)
+    w = torch.randn(1000, 32, device="cuda", requires_grad=True)
+    t = _targets((64,), 1000)
+    ops.linear_cross_entropy(h, w, t).backward()  # warm up (compile the kernel)
+    h.grad = w.grad = None
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            loss = ops.linear_cross_entropy(h, w, t, chunk_size=16)
+            gh, gw = torch.autograd.grad(loss, (h, w))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = reference.linear_cross_entropy(h, w, t)
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-6)
