@@ -37,7 +37,7 @@ import pytest
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
-MODULES = ["norm", "rotary", "decode", "attention"]
+MODULES = ["norm", "rotary", "decode", "attention", "cross_entropy"]
 
 # Device profiles: what the launchers' GPU queries return, and the compile target.
 PROFILES = {
@@ -334,6 +334,21 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
     return tag, run
 
 
+def _ce_case(V, dtype, *, fused_grad, rows=4096, target_dtype=None):
+    def run(k, arch):
+        import torch
+
+        ce = k["cross_entropy"]
+        x = _t(rows, V, dtype=dtype)
+        t = _t(rows, dtype=target_dtype or torch.int64)
+        if fused_grad:  # linear_cross_entropy: loss + gradient in place, one scalar scale
+            ce.ce_forward(x, t, -100, grad=x, gscale=_t(1, dtype=torch.float32))
+        else:  # cross_entropy: forward, then the backward from the saved stats
+            _, stats = ce.ce_forward(x, t, -100)
+            ce.ce_backward(x, t, stats, _t(rows, dtype=torch.float32), -100, _t(rows, V, dtype=dtype))
+    return f"V={V} {_dt(dtype)}" + (" fused-grad" if fused_grad else ""), run
+
+
 def _dt(dtype):
     return str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
 
@@ -427,6 +442,11 @@ def _cases(full):
         add("attention", h100, _attn_case(80, fp16, varlen=True, causal=False, window=(128, 128), B=2, S=512,
                                           H=16, Hk=2, deterministic=(False,)))
         add("attention", h100, _attn_case(64, fp32, causal=True, B=2, S=256, H=4, Hk=2, deterministic=(True,)))
+
+    # ---- cross_entropy: tile 4096 (8 warps) and a small vocabulary (4 warps), both modes
+    for V, dt, fused in ((128256, bf16, True), (50257, fp16, False), (1000, fp32, True), (256, bf16, False)):
+        if full or V != 1000:
+            add("cross_entropy", both if V == 128256 or full else h100, _ce_case(V, dt, fused_grad=fused))
     return cases
 
 
