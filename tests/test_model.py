@@ -119,6 +119,29 @@ def test_fused_matches_reference(name):
         assert_close(grads[n], grads64[n], grads32[n], name=f"grad {n}", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+def test_fused_training_loss_matches_reference(name):
+    """model(tokens, targets): the fused model's lm_head + cross-entropy (linear_cross_entropy,
+    never materializing the logits) against the reference's logits + F.cross_entropy."""
+    cfg = tiny_config(name)
+    ref, fused = pair(cfg)
+    ref64 = Transformer(cfg, backend="reference").to(DEVICE).double()
+    ref64.load_state_dict(ref.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (2, 19), device=DEVICE)
+    targets = torch.randint(0, cfg.vocab_size, (2, 19), device=DEVICE)
+    targets[0, :4] = -100  # ignored positions (e.g. padding, prompts)
+    out = {}
+    for key, model in (("fused", fused), ("ref", ref), ("ref64", ref64)):
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens, targets)
+        loss.backward()
+        out[key] = loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    assert out["fused"][0].dtype == torch.float32
+    assert_close(out["fused"][0], out["ref64"][0], out["ref"][0], name="loss")
+    for n, g64 in out["ref64"][1].items():
+        assert_close(out["fused"][1][n], g64, out["ref"][1][n], name=f"grad {n}", dtype=torch.float32)
+
+
 def test_fused_backend_runs_every_op_fused(monkeypatch):
     """The fused model calls the fastlm ops (norms with the residual add fused, rotary,
     attention) and the reference calls none of them."""
@@ -135,7 +158,7 @@ def test_fused_backend_runs_every_op_fused(monkeypatch):
 
         monkeypatch.setattr(ops, name, wrapper)
 
-    for name in ("rms_norm", "layer_norm", "apply_rotary", "attention"):
+    for name in ("rms_norm", "layer_norm", "apply_rotary", "attention", "linear_cross_entropy"):
         spy(name)
     tokens = torch.randint(0, 320, (1, 7), device=DEVICE)
     for cfg_name, norm in (("tiny", "rms_norm"), ("tiny-gpt2", "layer_norm")):
@@ -149,6 +172,10 @@ def test_fused_backend_runs_every_op_fused(monkeypatch):
         assert calls.count((norm, True)) == 2 * L and calls.count((norm, False)) == 1  # first norm has no residual
         assert calls.count(("attention", False)) == L
         assert calls.count(("apply_rotary", False)) == (L if cfg.positional == "rope" else 0)
+        assert ("linear_cross_entropy", False) not in calls  # no targets: logits
+        ref(tokens, tokens)
+        fused(tokens, tokens)
+        assert calls.count(("linear_cross_entropy", False)) == 1
 
 
 def test_rope_tables_of_both_backends_agree():
@@ -265,6 +292,14 @@ def test_torch_compile_fullgraph_fused():
     torch.testing.assert_close(comp_logits, eager_logits, atol=1e-5, rtol=1e-5)
     for n in eager_grads:
         torch.testing.assert_close(comp_grads[n], eager_grads[n], atol=1e-5, rtol=1e-4)
+    # and the training loss (the fused lm_head + cross-entropy op inside the graph)
+    fused.zero_grad(set_to_none=True)
+    compiled(tokens, tokens).backward()
+    comp_grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in compiled.named_parameters()}
+    fused.zero_grad(set_to_none=True)
+    fused(tokens, tokens).backward()
+    for n, p in fused.named_parameters():
+        torch.testing.assert_close(comp_grads[n], p.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_forward_errors():

@@ -6,7 +6,9 @@
 Two backends with the same parameters and state_dict keys (one checkpoint runs on either):
   "fused"      every norm, rotary and attention is a fastlm op; the residual add of each
                pre-norm is fused into the next norm call (one kernel reads x and the residual
-               and writes norm(x + residual) and x + residual).
+               and writes norm(x + residual) and x + residual); the training loss is the
+               lm_head fused with the cross-entropy (ops.linear_cross_entropy: the
+               (tokens x vocab) logits are never materialized whole).
   "reference"  what a good PyTorch user writes: torch.nn.RMSNorm/LayerNorm, rotate-half RoPE,
                F.scaled_dot_product_attention.
 
@@ -134,6 +136,11 @@ def sdpa_attention(q, k, v, *, window=(-1, -1), cu_seqlens=None):
     return out.transpose(1, 2)
 
 
+def triton_only(op_backend):
+    """op_backend for the ops that have no CUDA C++ kernel: "cuda" means "the best there is"."""
+    return None if op_backend == "cuda" else op_backend
+
+
 def make_norm(config, fused, op_backend):
     if config.norm == "rms":
         if fused:
@@ -185,7 +192,7 @@ class Attention(nn.Module):
                 k, v = cache.update(self.layer_idx, k, v)  # (B, S, Hkv, hd)
             o = ops.attention(  # reads the strided q/k/v views directly
                 q, k, v, causal=True, window=self.window, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, backend=self.op_backend,
+                max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, backend=triton_only(self.op_backend),
             )
         else:
             if cache is not None:
@@ -242,7 +249,7 @@ class Transformer(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"Transformer: backend must be one of {BACKENDS}, got {backend!r}")
         config.validate()
-        self.config, self.backend = config, backend
+        self.config, self.backend, self.op_backend = config, backend, op_backend
         fused = backend == "fused"
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.pos_emb = nn.Embedding(config.max_seqlen, config.dim) if config.positional == "learned" else None
@@ -318,6 +325,8 @@ class Transformer(nn.Module):
 
     def output(self, h, targets=None):
         """lm_head, and the cross-entropy when targets are given (a method so it can be compiled)."""
+        if targets is not None and self.backend == "fused":
+            return ops.linear_cross_entropy(h, self.lm_head.weight, targets, backend=triton_only(self.op_backend))
         logits = self.lm_head(h)
         if targets is None:
             return logits

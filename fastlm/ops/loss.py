@@ -217,7 +217,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
 
 def default_chunk_rows(M, V, dtype):
     """Rows per chunk: about CHUNK_BYTES of logits, at least 128, at most M."""
-    per_row = V * torch.empty((), dtype=dtype).element_size()
+    per_row = V * dtype.itemsize
     return max(1, min(M, max(128, CHUNK_BYTES // per_row)))
 
 
