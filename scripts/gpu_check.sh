@@ -11,7 +11,8 @@
 # The device tool allows 10 minutes per command, and all of it does not fit in one, so split it
 # (the build is kept between calls while the machine stays warm, and is incremental anyway):
 #   STAGES=build,test scripts/gpu_check.sh $OUT
-#   STAGES=build,bench BENCH_ARGS="--only bench_norm,bench_rotary,bench_attention" scripts/gpu_check.sh $OUT
+#   STAGES=build,bench BENCH_ARGS="--only bench_norm,bench_rotary,bench_activation,bench_loss" scripts/gpu_check.sh $OUT
+#   STAGES=build,bench BENCH_ARGS="--only bench_attention" scripts/gpu_check.sh $OUT
 #   STAGES=build,bench BENCH_ARGS="--only bench_decode,bench_train,bench_generate" scripts/gpu_check.sh $OUT
 # FASTLM_CUDA_ARCHS defaults to 9.0 here (the GPU in hand) to halve the compile time.
 set -uo pipefail
