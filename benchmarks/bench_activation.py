@@ -1,0 +1,152 @@
+"""SwiGLU activation benchmark: forward, backward, forward+backward.
+
+The Llama MLP's activation silu(gate) * up on the stacked (rows, 2F) [gate | up] projection,
+bf16, rows 4k-32k tokens, F = 2816 (GPT-2-size MLP), 5632, 8192, 14336 (Llama-3-8B).
+
+Reports achieved GB/s and % of the copy bandwidth measured in this run, beside:
+  torch-eager      F.silu(gate) * up on the chunks in bf16 (what HF Llama runs)
+  reference-eager  fastlm.reference.swiglu (fp32 math, one rounding: fastlm's numerics)
+  torch-compile    torch.compile(fastlm.reference.swiglu)
+  liger            Liger-Kernel's LigerSiLUMulFunction (split gate / up tensors) when installed
+and a sweep of the kernel's column tile (kernels/activation.MAX_BLOCK) on one large shape, so
+the tile rule can be checked against measurements.
+
+Bytes moved, the floor of any implementation (T = element size): forward reads gate and up,
+writes out: 3 rows F T; backward reads dy, gate, up and writes dgate, dup: 5 rows F T
+(recomputing silu from the saved input); forward+backward 8 rows F T.
+Target on an H100: >= 90% of the copy bandwidth at the large shapes.
+"""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser, require_cuda
+
+import fastlm
+from fastlm import reference
+
+ROWS = (4096, 32768)
+WIDTHS = (2816, 5632, 8192, 14336)
+SWEEP_SHAPE = (32768, 14336)
+SWEEP_BLOCKS = (256, 512, 1024, 2048, 4096)
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def shapes(quick=False):
+    if quick:
+        return [(torch.bfloat16, 16384, 14336), (torch.bfloat16, 4096, 2816)]
+    return [(torch.bfloat16, rows, f) for rows in ROWS for f in WIDTHS]
+
+
+def nbytes(rows, f, esize, mode):
+    return {"fwd": 3, "bwd": 5, "fwd+bwd": 8}[mode] * rows * f * esize
+
+
+def make_impls():
+    """name -> (layout, f(*inputs) -> out) or a 'skipped: why' string.
+
+    layout "stacked": inputs = (x,) with x (rows, 2F); "split": inputs = (gate, up), each a
+    contiguous (rows, F) tensor (what Liger expects)."""
+
+    def eager(x):
+        g, u = x.chunk(2, -1)
+        return F.silu(g) * u
+
+    impls = {
+        "fastlm-triton": ("stacked", lambda x: fastlm.ops.swiglu(x, backend="triton")),
+        "fastlm-triton-split": ("split", lambda g, u: fastlm.ops.swiglu(g, u, backend="triton")),
+        "torch-eager": ("stacked", eager),
+        "reference-eager": ("stacked", reference.swiglu),
+        "torch-compile": ("stacked", compiled(reference.swiglu)),
+    }
+    liger = optional_module("liger_kernel.ops.swiglu")
+    if liger is None:
+        impls["liger"] = "skipped: not installed"
+    else:
+        impls["liger"] = ("split", lambda g, u: liger.LigerSiLUMulFunction.apply(g, u))
+    return impls
+
+
+def run_one(fn, mode, inputs):
+    """Median/p20/p80 ms of fn(*inputs) in `mode` (the backward alone reuses one graph)."""
+    if mode == "fwd":
+        with torch.no_grad():
+            return bench(lambda: fn(*inputs), warmup=10, rep=40)
+    for t in inputs:
+        t.requires_grad_(True)
+    try:
+        out = fn(*inputs)
+        dy = torch.randn_like(out)
+        if mode == "bwd":
+            return bench(lambda: torch.autograd.grad(out, inputs, dy, retain_graph=True), warmup=10, rep=40)
+        return bench(lambda: torch.autograd.grad(fn(*inputs), inputs, dy), warmup=10, rep=40)
+    finally:
+        for t in inputs:
+            t.requires_grad_(False)
+
+
+def sweep_tiles(res, copy_bw):
+    """GB/s of the kernel for each column tile MAX_BLOCK on one large shape (fwd and bwd)."""
+    from fastlm.kernels import activation as K
+
+    rows, f = SWEEP_SHAPE
+    x = torch.randn(rows, 2 * f, device="cuda", dtype=torch.bfloat16)
+    saved = K.MAX_BLOCK
+    try:
+        for block in SWEEP_BLOCKS:
+            K.MAX_BLOCK = block
+            for mode in ("fwd", "bwd"):
+                ms, p20, p80 = run_one(lambda t: fastlm.ops.swiglu(t, backend="triton"), mode, (x,))
+                gbs = nbytes(rows, f, 2, mode) / ms / 1e6
+                res.add(impl="fastlm-triton", sweep="MAX_BLOCK", max_block=block,
+                        warps=K.launch_config(f, 2)[1], rows=rows, F=f, mode=mode, ms=ms, p20=p20, p80=p80,
+                        GBps=gbs, pct_copy_bw=100 * gbs / copy_bw)
+    finally:
+        K.MAX_BLOCK = saved
+
+
+def main(argv=None):
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    if not require_cuda("activation"):
+        return
+    res = Results("activation", args.out)
+    copy_bw = copy_bandwidth_gbs()
+    res.add(impl="device", metric="copy_bandwidth_GBps", value=copy_bw)
+    impls = make_impls()
+    for dtype, rows, f in shapes(args.quick):
+        x = torch.randn(rows, 2 * f, device="cuda", dtype=dtype) * 3
+        split = tuple(t.contiguous() for t in x.chunk(2, -1))
+        for mode in MODES:
+            base = dict(dtype=str(dtype).split(".")[-1], rows=rows, F=f, mode=mode)
+            times = {}
+            for name, impl in impls.items():
+                if isinstance(impl, str):
+                    res.skipped(name, impl.split(": ", 1)[1], **base)
+                    continue
+                layout, fn = impl
+                try:
+                    ms, p20, p80 = run_one(fn, mode, (x,) if layout == "stacked" else split)
+                except Exception as e:  # a peer failing must not hide the others
+                    res.skipped(name, f"error: {type(e).__name__}: {e}"[:200], **base)
+                    continue
+                times[name] = ms
+                gbs = nbytes(rows, f, x.element_size(), mode) / ms / 1e6
+                res.add(**base, impl=name, layout=layout, ms=ms, p20=p20, p80=p80, GBps=gbs,
+                        pct_copy_bw=100 * gbs / copy_bw)
+            for name in ("fastlm-triton", "fastlm-triton-split"):
+                if name in times:
+                    nan = float("nan")
+                    res.add(**base, impl=name, metric="speedup",
+                            vs_eager=times.get("torch-eager", nan) / times[name],
+                            vs_reference=times.get("reference-eager", nan) / times[name],
+                            vs_compile=times.get("torch-compile", nan) / times[name],
+                            vs_liger=times.get("liger", nan) / times[name])
+        del x, split
+    if not args.quick:
+        sweep_tiles(res, copy_bw)
+    res.write()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
