@@ -18,18 +18,23 @@ Grid: (rows, cdiv(F, BLOCK)).  Rows go on grid axis 0 (limit 2^31 - 1; axis 1 is
 elements (e.g. 75k tokens x 2 x 14336).  Column offsets stay int32 (F < 2^31).
 
 Tile size (deterministic rule, see `launch_config`): a program covers BLOCK = min(F rounded
-up to a power of two, 1024) columns of one row with up to 4 warps, which gives every thread
-one 16-byte vector per tensor in 16-bit dtypes (1024 / (128 threads) = 8 bf16) and two in
-fp32.  That is the tile PyTorch's own vectorized elementwise/copy kernels use (~1 KiB-4 KiB
-per tensor per 128-thread block), so the kernel is in the regime that reaches copy
-bandwidth: at 16 resident 128-thread blocks per SM, each SM keeps 16 x 2-3 x 16 B x 128 =
-64-96 KiB of loads in flight, far more than the ~25 KiB/SM that Little's law asks for at
-3.35 TB/s and ~1 us of DRAM latency on an H100.  Bigger tiles only lengthen the tail of
-the last wave; smaller ones add per-block overhead.  The 16-byte vectors need F * T to be a
-multiple of 16 (true for every real MLP width: 2816, 5632, 8192, 14336, ...); Triton then
-sees 16-divisible strides and pointers and emits 128-bit loads/stores.  Other widths are
-correct, with narrower accesses.  MAX_BLOCK is a module constant so benchmarks/
-bench_activation.py can sweep it on the GPU.
+up to a power of two, MAX_BLOCK = 1024) columns of one row with up to 4 warps, which gives
+every thread one 16-byte vector per tensor in 16-bit dtypes (1024 / 128 threads = 8 bf16)
+and two in fp32: about the work per block of PyTorch's vectorized elementwise kernels (128
+threads, a 16-byte vector or two each), whose copy defines the bandwidth we measure against.
+Bytes in flight: 16 resident 128-thread blocks per SM x 2-3 loads x 16 B x 128 threads =
+64-96 KiB per SM, well above the ~25 KiB per SM that Little's law asks for at 3.35 TB/s and
+~1 us DRAM latency on an H100.  Bigger tiles only lengthen the last wave's tail; smaller ones
+add per-block overhead.  MAX_BLOCK is a module constant so benchmarks/bench_activation.py
+can sweep it on the GPU (bf16: 256 / 512 / 1024 are 1 / 2 / 4 warps of one vector per
+thread, 2048 / 4096 are 4 warps of 2 / 4 vectors per thread).
+
+Vector width: Triton emits 128-bit loads/stores (checked in the sm_90 PTX: 2 ld.global.v4 +
+1 st.global.v4 per thread forward, 3 + 2 backward, at F = 14336 bf16) when the pointers are
+16-byte aligned and F is a multiple of 16 (Triton specializes integer arguments by
+divisibility by 16, which makes the row strides and the `cols < F` mask vector-friendly):
+true for real MLP widths (2816, 5632, 8192, 11008, 14336, ...).  Other widths are correct,
+with scalar accesses.
 """
 import torch
 import triton
