@@ -158,7 +158,7 @@ def test_fused_backend_runs_every_op_fused(monkeypatch):
 
         monkeypatch.setattr(ops, name, wrapper)
 
-    for name in ("rms_norm", "layer_norm", "apply_rotary", "attention", "linear_cross_entropy"):
+    for name in ("rms_norm", "layer_norm", "apply_rotary", "attention", "swiglu", "linear_cross_entropy"):
         spy(name)
     tokens = torch.randint(0, 320, (1, 7), device=DEVICE)
     for cfg_name, norm in (("tiny", "rms_norm"), ("tiny-gpt2", "layer_norm")):
@@ -172,6 +172,7 @@ def test_fused_backend_runs_every_op_fused(monkeypatch):
         assert calls.count((norm, True)) == 2 * L and calls.count((norm, False)) == 1  # first norm has no residual
         assert calls.count(("attention", False)) == L
         assert calls.count(("apply_rotary", False)) == (L if cfg.positional == "rope" else 0)
+        assert calls.count(("swiglu", False)) == (L if cfg.mlp == "swiglu" else 0)
         assert ("linear_cross_entropy", False) not in calls  # no targets: logits
         ref(tokens, tokens)
         fused(tokens, tokens)

@@ -37,7 +37,7 @@ import pytest
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
-MODULES = ["norm", "rotary", "decode", "attention", "cross_entropy"]
+MODULES = ["norm", "rotary", "decode", "attention", "cross_entropy", "activation"]
 
 # Device profiles: what the launchers' GPU queries return, and the compile target.
 PROFILES = {
@@ -349,6 +349,15 @@ def _ce_case(V, dtype, *, fused_grad, rows=4096, target_dtype=None):
     return f"V={V} {_dt(dtype)}" + (" fused-grad" if fused_grad else ""), run
 
 
+def _swiglu_case(F, dtype, *, stacked, rows=8192):
+    def run(k, arch):
+        x = _t(rows, 2 * F, dtype=dtype)
+        args = (x, None) if stacked else tuple(x.chunk(2, -1))
+        k["activation"].swiglu_fwd(*args)
+        k["activation"].swiglu_bwd(_t(rows, F, dtype=dtype), *args)
+    return f"swiglu F={F} {_dt(dtype)} {'stacked' if stacked else 'split'}", run
+
+
 def _dt(dtype):
     return str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
 
@@ -447,6 +456,10 @@ def _cases(full):
     for V, dt, fused in ((128256, bf16, True), (50257, fp16, False), (1000, fp32, True), (256, bf16, False)):
         if full or V != 1000:
             add("cross_entropy", both if V == 128256 or full else h100, _ce_case(V, dt, fused_grad=fused))
+
+    # ---- activation: the presets' widths (stacked, bf16), a 1-warp tile, the split form in fp32
+    for F, dt, stacked in ((8192, bf16, True), (2816, fp16, True), (100, bf16, True), (1000, fp32, False)):
+        add("activation", both if F == 8192 or full else h100, _swiglu_case(F, dt, stacked=stacked))
     return cases
 
 

@@ -6,7 +6,8 @@
 Two backends with the same parameters and state_dict keys (one checkpoint runs on either):
   "fused"      every norm, rotary and attention is a fastlm op; the residual add of each
                pre-norm is fused into the next norm call (one kernel reads x and the residual
-               and writes norm(x + residual) and x + residual); the training loss is the
+               and writes norm(x + residual) and x + residual); SwiGLU is one kernel
+               (ops.swiglu); the training loss is the
                lm_head fused with the cross-entropy (ops.linear_cross_entropy: the
                (tokens x vocab) logits are never materialized whole).
   "reference"  what a good PyTorch user writes: torch.nn.RMSNorm/LayerNorm, rotate-half RoPE,
@@ -205,16 +206,19 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, fused=False, op_backend=None):
         super().__init__()
         self.swiglu, self.approximate = config.mlp == "swiglu", config.gelu_approximate
+        self.fused, self.op_backend = fused, triton_only(op_backend)
         n_in = 2 * config.ffn_dim if self.swiglu else config.ffn_dim  # SwiGLU: gate and up stacked
         self.w_in = nn.Linear(config.dim, n_in, bias=config.mlp_bias)
         self.w_out = nn.Linear(config.ffn_dim, config.dim, bias=config.mlp_bias)
 
     def forward(self, x):
         h = self.w_in(x)  # (B, T, ffn) or (B, T, 2*ffn)
-        if self.swiglu:
+        if self.swiglu and self.fused:
+            h = ops.swiglu(h, backend=self.op_backend)  # one kernel each way, saves only h
+        elif self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
@@ -229,7 +233,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config, fused, op_backend)
         self.attn = Attention(config, layer_idx, fused, op_backend)
         self.mlp_norm = make_norm(config, fused, op_backend)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, fused, op_backend)
 
     def forward(self, x, residual, rope, cu_seqlens=None, max_seqlen=None, cache=None):
         """x: the previous block's output (or the embeddings), residual: the stream before it
