@@ -6,7 +6,8 @@ training step (bf16 autocast forward + backward, gradient clipping, fused AdamW 
   fused              the fastlm model on the fused ops, eager
   reference          plain PyTorch (torch.nn.RMSNorm/LayerNorm, rotate-half RoPE, SDPA), eager
   compile(reference) the reference with every block and the output head torch.compile'd
-  compile(fused)     the fused model compiled the same way (fuses what the ops leave: SwiGLU, loss)
+  compile(fused)     the fused model compiled the same way (fuses the glue the ops leave:
+                     embedding, GELU, dtype casts)
 
 Reported: step time (median, p20/p80 over timed steps), tokens/s, model TFLOP/s and MFU
 (FLOPs per token = 6 x matmul params + causal attention, see TransformerConfig.flops_per_token;

@@ -216,9 +216,11 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
 
 
 def default_chunk_rows(M, V, dtype):
-    """Rows per chunk: about CHUNK_BYTES of logits, at least 128, at most M."""
-    per_row = V * dtype.itemsize
-    return max(1, min(M, max(128, CHUNK_BYTES // per_row)))
+    """Rows per chunk: M split into equal chunks of at most about CHUNK_BYTES of logits each,
+    rounded up to a multiple of 128 rows (GEMM-friendly); at least 128, at most M."""
+    n_chunks = max(1, -(-(M * V * dtype.itemsize) // CHUNK_BYTES))
+    rows = -(-M // n_chunks)
+    return max(1, min(M, -(-rows // 128) * 128))
 
 
 def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, reduction="mean",
