@@ -6,11 +6,14 @@
 #   gpu_check.log   everything printed        junit.xml     per-test results
 #   results.json    all benchmark rows + env  results.tar.gz  per-benchmark JSON/CSV and plots
 #   summary.json    exit status of each stage
-# STAGES=build,test,bench (default all) selects stages; PYTEST_ARGS / BENCH_ARGS pass options.
+# STAGES=build,test,bench (default all) selects stages; TEST_FILES / PYTEST_ARGS / BENCH_ARGS
+# pass options.
 #
 # The device tool allows 10 minutes per command, and all of it does not fit in one, so split it
 # (the build is kept between calls while the machine stays warm, and is incremental anyway):
 #   STAGES=build,test scripts/gpu_check.sh $OUT
+# (if the tests alone outgrow one call: TEST_FILES="tests/test_attention.py" in one call and
+#  TEST_FILES="tests --ignore=tests/test_attention.py" in the next)
 #   STAGES=build,bench BENCH_ARGS="--only bench_norm,bench_rotary,bench_activation,bench_loss" scripts/gpu_check.sh $OUT
 #   STAGES=build,bench BENCH_ARGS="--only bench_attention" scripts/gpu_check.sh $OUT
 #   STAGES=build,bench BENCH_ARGS="--only bench_decode,bench_train,bench_generate" scripts/gpu_check.sh $OUT
@@ -44,7 +47,8 @@ if [[ $STAGES == *test* ]]; then
   # A hung test must not eat the whole call: per-test timeout when pytest-timeout is there.
   TIMEOUT_ARG=""
   $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARG="--timeout=${TEST_TIMEOUT:-240}"
-  $PY -m pytest tests -q -rs --durations=15 $TIMEOUT_ARG --junitxml="$OUT_DIR/junit.xml" ${PYTEST_ARGS:-}
+  # TEST_FILES (default: the whole tests/ folder) lets the suite be split over two calls.
+  $PY -m pytest ${TEST_FILES:-tests} -q -rs --durations=15 $TIMEOUT_ARG --junitxml="$OUT_DIR/junit.xml" ${PYTEST_ARGS:-}
   rc_test=$?
   echo "== tests rc=$rc_test in $(( $(date +%s) - start ))s"
 fi
