@@ -152,8 +152,14 @@ def default_cache_dir():
     return os.path.join(base, "tokens")
 
 
-def _doc_order(path):
-    return hashlib.sha256(os.path.abspath(path).encode()).hexdigest()
+def _doc_order(files):
+    """The files in a fixed pseudo-random order (so the validation tail samples the whole corpus,
+    not its last folder), keyed on each file's path relative to the corpus root: the same corpus
+    gives the same order, and the same train/val split, wherever it lives."""
+    absf = [os.path.abspath(f) for f in files]
+    root = os.path.commonpath(absf) if len(absf) > 1 else os.path.dirname(absf[0])
+    keyed = sorted((hashlib.sha256(os.path.relpath(a, root).encode()).hexdigest(), i) for i, a in enumerate(absf))
+    return [files[i] for _, i in keyed]
 
 
 def _cache_key(files, tokenizer):
@@ -215,7 +221,7 @@ def build_token_cache(files, tokenizer, cache_dir=None, log=None):
         log(f"tokenizing {len(files)} files into {bin_path}")
     n_tokens = n_docs = 0
     with atomic_open(bin_path, "wb") as out:  # a kill mid-way leaves no partial cache file
-        for path in sorted(files, key=_doc_order):
+        for path in _doc_order(files):
             doc = 0
             for chunk in _read_chunks(path, split_lines=not byte_level):
                 ids = tokenizer.encode_bytes(chunk)

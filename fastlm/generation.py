@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from fastlm import ops
 from fastlm.nn.kv_cache import PagedKVCache, StaticKVCache
+from fastlm.models.transformer import triton_only
 from fastlm.sampling import check_sampling_args, sample
 
 CACHES = ("static", "paged")
@@ -77,7 +78,7 @@ class _CacheHook:
             for buf, new in ((c.k_cache[layer], k), (c.v_cache[layer], v)):
                 buf.view(-1, *buf.shape[2:]).index_copy_(0, slots, new)
             return ops.attention(q, k, v, causal=True, window=window, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                 max_seqlen_q=max_len, max_seqlen_k=max_len, backend=self.op_backend)
+                                 max_seqlen_q=max_len, max_seqlen_k=max_len, backend=triton_only(self.op_backend))
         c.append(layer, k, v, backend=self.op_backend)
         return c.attend(layer, q, window=window[0], backend=self.op_backend)  # (left, 0) -> left window
 

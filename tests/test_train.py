@@ -52,7 +52,7 @@ def test_byte_tokens_cache_and_split(corpus, tmp_path):
     files = fdata.list_files([str(corpus)])
     assert sorted(os.path.basename(f) for f in files) == ["mod0.py", "mod1.py", "mod2.py", "mod3.py", "mod4.py", "notes.txt"]
     expect = []
-    for f in sorted(files, key=fdata._doc_order):
+    for f in fdata._doc_order(files):
         expect += list(open(f, "rb").read()) + [256]
     assert np.array_equal(np.asarray(td.tokens), np.asarray(expect))
     assert len(td.train) + len(td.val) == len(expect) and len(td.val) == int(len(expect) * 0.1)
@@ -125,6 +125,18 @@ def test_batch_sampler_order_and_resume():
         fdata.BatchSampler(tokens[:10], seqlen=10)
     with pytest.raises(ValueError, match="same data"):
         fdata.BatchSampler(tokens[:500], seqlen=10).load_state_dict(state)
+
+
+def test_split_does_not_depend_on_the_corpus_location(corpus, tmp_path):
+    """The document order (hence the train/val split) is keyed on paths relative to the corpus
+    root: a copy of the corpus elsewhere tokenizes to the same stream."""
+    import shutil
+
+    other = tmp_path / "elsewhere" / "deeper" / "copy"
+    shutil.copytree(corpus, other)
+    a = fdata.TokenData([str(corpus)], cache_dir=str(tmp_path / "c1"), val_fraction=0.1)
+    b = fdata.TokenData([str(other)], cache_dir=str(tmp_path / "c2"), val_fraction=0.1)
+    assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
 
 
 # ------------------------------------------------------------------------------ training
