@@ -6,7 +6,7 @@ import traceback
 from benchmarks.common import main_guard, parser, require_cuda
 
 # Each module has main(argv) -> None; listed in the order of the product card.
-MODULES = ["bench_norm", "bench_rotary", "bench_activation", "bench_attention", "bench_loss", "bench_decode", "bench_train", "bench_generate"]
+MODULES = ["bench_norm", "bench_rotary", "bench_activation", "bench_attention", "bench_loss", "bench_decode", "bench_train", "bench_generate", "bench_profile"]
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@
 #  TEST_FILES="tests --ignore=tests/test_attention.py" in the next)
 #   STAGES=build,bench BENCH_ARGS="--only bench_norm,bench_rotary,bench_activation,bench_loss" scripts/gpu_check.sh $OUT
 #   STAGES=build,bench BENCH_ARGS="--only bench_attention" scripts/gpu_check.sh $OUT
-#   STAGES=build,bench BENCH_ARGS="--only bench_decode,bench_train,bench_generate" scripts/gpu_check.sh $OUT
+#   STAGES=build,bench BENCH_ARGS="--only bench_decode,bench_train,bench_generate,bench_profile" scripts/gpu_check.sh $OUT
 # FASTLM_CUDA_ARCHS defaults to 9.0 here (the GPU in hand) to halve the compile time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
