@@ -103,11 +103,9 @@ class Results:
         self.rows.append(row)
         cols = " ".join(f"{k}={_fmt(v)}" for k, v in row.items())
         print(f"[{self.name}] {cols}", flush=True)
+        self._save()  # after every row: a run cut short by its time budget keeps what it measured
 
-    def skipped(self, peer, why, **row):
-        self.add(**row, impl=peer, status=f"skipped: {why}")
-
-    def write(self):
+    def _save(self):
         if not self.out_dir:
             return None
         os.makedirs(self.out_dir, exist_ok=True)
@@ -122,7 +120,15 @@ class Results:
             w.writeheader()
             for r in self.rows:
                 w.writerow({**self.env, **r})
-        print(f"[{self.name}] wrote {path}", flush=True)
+        return path
+
+    def skipped(self, peer, why, **row):
+        self.add(**row, impl=peer, status=f"skipped: {why}")
+
+    def write(self):
+        path = self._save()
+        if path:
+            print(f"[{self.name}] wrote {path}", flush=True)
         return path
 
 

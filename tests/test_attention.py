@@ -520,13 +520,61 @@ def test_gpu_sweep(monkeypatch, dtype, D, mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_gpu_autotuned(deterministic):
+def test_gpu_autotuned(monkeypatch, deterministic):
     """The autotuned launch (several configs benchmarked; the atomic-dQ accumulator must be
     re-zeroed after tuning) gives correct results on its first and later calls."""
+    monkeypatch.setattr(K, "AUTOTUNE", True)  # on even when the run sets FASTLM_ATTENTION_AUTOTUNE=0
     q, k, v = _make(2, 1531, 1531, 8, 2, 128, torch.bfloat16)
     dout = _rand(2, 1531, 8, 128, dtype=torch.bfloat16)
     for _ in range(2):
         _check_all(_run(q, k, v, dout, causal=True, deterministic=deterministic), q, k, v, dout, causal=True)
+
+
+def _tile_configs(kind, D, dtype, atomic):
+    """Every config of the kernel's table for this head dim that fits the device's shared
+    memory (what the autotuner may pick), or the fallback list when none does."""
+    table = {"fwd": K._FWD_CONFIGS, "dkdv": K._DKDV_CONFIGS, "dq": K._DQ_CONFIGS}[kind]
+    block_d = K._block_d(D)
+    limit = K._smem_limit(DEVICE.index or 0)
+    esize = torch.tensor([], dtype=dtype).element_size()
+    fits = [c for c in table[K._d_class(block_d)]
+            if K._smem_estimate(kind, c[0], c[1], c[3], block_d, esize, atomic) <= limit]
+    return fits or K._FALLBACK_CONFIGS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_every_tile_config(monkeypatch, D, deterministic):
+    """Each tile config the autotuner can choose, forced one at a time (the sweep above runs only
+    the first): forward, atomic-dQ dK/dV (deterministic=False) or dK/dV + dQ kernels, causal with
+    GQA and lengths that are not multiples of any tile."""
+    monkeypatch.setattr(K, "AUTOTUNE", False)
+    dtype = torch.bfloat16
+    atomic = not deterministic and K.DQ_ATOMIC
+    chosen = {}
+    real = K._configs
+
+    def forced(kind, block_d, esize, device_index, atomic=False):
+        if kind in chosen:
+            bm, bn, w, st = chosen[kind]
+            return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)]
+        return real(kind, block_d, esize, device_index, atomic)
+
+    monkeypatch.setattr(K, "_configs", forced)
+    q, k, v = _make(2, 333, 461, 8, 2, D, dtype)
+    dout = _rand(2, 333, 8, D, dtype=dtype)
+    runs = [("fwd", c) for c in _tile_configs("fwd", D, dtype, False)]
+    runs += [("dkdv", c) for c in _tile_configs("dkdv", D, dtype, atomic)]
+    if not atomic:
+        runs += [("dq", c) for c in _tile_configs("dq", D, dtype, False)]
+    for kind, cfg in runs:
+        chosen.clear()
+        chosen[kind] = cfg
+        try:
+            _check_all(_run(q, k, v, dout, causal=True, deterministic=deterministic), q, k, v, dout, causal=True)
+        except AssertionError as e:
+            raise AssertionError(f"{kind} config {cfg}: {e}") from e
 
 
 @pytest.mark.gpu
