@@ -67,20 +67,28 @@ class _CacheHook:
     ``cache.positions`` and ``decode_attention`` over each sequence's first ``seqlens`` tokens.
     """
 
+    rotates = True  # gets q/k before rotary: the decode step rotates and appends in one launch
+
     def __init__(self, cache, op_backend):
         self.cache, self.op_backend = cache, op_backend
         self.prefill = None  # (slots (total,) int64, cu_seqlens int32, max_seqlen int)
 
-    def attend(self, layer, q, k, v, window):
+    def attend(self, layer, q, k, v, window, rope):
         c = self.cache
         if self.prefill is not None:
+            if rope is not None:
+                cos, sin, positions, cu = rope
+                q, k = ops.apply_rotary(q, k, cos, sin, positions=positions, cu_seqlens=cu, backend=self.op_backend)
             slots, cu, max_len = self.prefill
             for buf, new in ((c.k_cache[layer], k), (c.v_cache[layer], v)):
                 buf.view(-1, *buf.shape[2:]).index_copy_(0, slots, new)
             return ops.attention(q, k, v, causal=True, window=window, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                  max_seqlen_q=max_len, max_seqlen_k=max_len, backend=triton_only(self.op_backend))
-        c.append(layer, k, v, backend=self.op_backend)
-        return c.attend(layer, q, window=window[0], backend=self.op_backend)  # (left, 0) -> left window
+        # Decode: the step's tokens sit at the cache's write positions (the model was called with
+        # positions=cache.positions), so rotary, append and attention are one decode_attention.
+        cos, sin = (rope[0], rope[1]) if rope is not None else (None, None)
+        return c.append_attend(layer, q, k, v, rotary_cos=cos, rotary_sin=sin, window=window[0],
+                               backend=self.op_backend)  # (left, 0) -> left window
 
 
 class _TorchKVCache:

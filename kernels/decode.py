@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.kernels.rotary import _rotate_tile
+
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 128
 
@@ -50,6 +52,19 @@ def _tanh(x):
 
 # ----------------------------------------------------------------------------- append
 @triton.jit
+def _cache_row(pos, b64, BT, s_bt, n_pages, capacity, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """(first index, slot, ok) of the cache row of position `pos` (a tensor) of sequence b: ok
+    is False past the capacity or where the block id is outside [0, n_pages)."""
+    ok = (pos >= 0) & (pos < capacity)
+    pos = tl.where(ok, pos, 0)
+    if PAGED:
+        phys = tl.load(BT + b64 * s_bt + pos // PAGE, mask=ok, other=-1)
+        ok = ok & (phys >= 0) & (phys < n_pages)
+        return tl.where(ok, phys, 0).to(tl.int64), (pos % PAGE).to(tl.int64), ok
+    return b64 + pos.to(tl.int64) * 0, pos.to(tl.int64), ok
+
+
+@triton.jit
 def _append_kernel(
     K_CACHE,  # *T  (num_blocks, block_size, H, D) paged, or (batch, max_seqlen, H, D): written in place
     V_CACHE,  # *T  same shape as K_CACHE (its own strides)
@@ -57,50 +72,79 @@ def _append_kernel(
     V,  # *T  new values, same shape as K
     SEQLENS,  # *i32 (batch,): write position of each sequence's first new token
     BT,  # *i32 (batch, max_blocks) block table (unused unless PAGED)
+    Q,  # *T  (batch, seqlen_new, Hq, D) queries to rotate (ROTARY only)
+    QO,  # *T  rotated queries, same shape (ROTARY only)
+    COS,  # *Tc (max_pos, half) rotary tables, unit column stride (ROTARY only)
+    SIN,
     seqlen_new,
     H,
     D,
+    Hq,  # query heads (ROTARY only)
+    half,  # rotary_dim // 2 (ROTARY only)
+    max_pos,  # rows of the tables (ROTARY only)
     n_pages,  # valid range of the cache's first index: num_blocks (paged) or batch
     capacity,  # tokens a sequence can hold: max_blocks * PAGE (paged) or max_seqlen
     s_kcb, s_kct, s_kch, s_kcd,  # K_CACHE strides (block|batch, slot|token, head, dim)
     s_vcb, s_vct, s_vch, s_vcd,  # V_CACHE strides
     s_kb, s_ks, s_kh, s_kd,  # K strides
     s_vb, s_vs, s_vh, s_vd,  # V strides
+    s_qb, s_qs, s_qh,  # Q strides (unit last stride; ROTARY only)
+    s_qob, s_qos, s_qoh,  # QO strides
+    s_cos,  # table row stride
     s_bt,  # block table row stride
     PAGED: tl.constexpr,  # paged layout (else contiguous)
     PAGE: tl.constexpr,  # block size (1 when not PAGED)
+    ROTARY: tl.constexpr,  # rotate k (and q into QO) at each token's position before writing
+    INTERLEAVED: tl.constexpr,  # GPT-J pairs (ROTARY only)
+    COPY_PASS: tl.constexpr,  # rotary_dim < head_dim: copy the dims past it (ROTARY only)
     BLOCK_H: tl.constexpr,  # power of two >= H
     BLOCK_D: tl.constexpr,  # power of two >= D
+    BLOCK_HQ: tl.constexpr,  # power of two >= Hq (ROTARY only)
+    BLOCK_HALF: tl.constexpr,  # power of two >= half (ROTARY only)
+    BLOCK_PASS: tl.constexpr,  # power of two >= D - 2 * half (COPY_PASS only)
 ):
     pid = tl.program_id(0)
     b = pid // seqlen_new
     s = pid % seqlen_new
+    b64 = b.to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     # The position as a (BLOCK_H, 1) tensor (the same value in every row): the interpreter
     # mishandles masks built from scalar comparisons.
     pos = tl.load(SEQLENS + b + h * 0) + s
-    ok = (pos >= 0) & (pos < capacity)
-    pos = tl.where(ok, pos, 0)
-    b64 = b.to(tl.int64)
-    if PAGED:
-        phys = tl.load(BT + b64 * s_bt + pos // PAGE, mask=ok, other=-1)
-        slot = pos % PAGE
-        ok = ok & (phys >= 0) & (phys < n_pages)
-        phys64 = tl.where(ok, phys, 0).to(tl.int64)
-    else:
-        phys64 = b64
-        slot = pos
+    phys64, slot64, ok = _cache_row(pos, b64, BT, s_bt, n_pages, capacity, PAGED, PAGE)
     m = (h < H) & (d < D) & ok
-    slot64 = slot.to(tl.int64)
-    k = tl.load(K + b64 * s_kb + s * s_ks + h * s_kh + d * s_kd, mask=m)
-    tl.store(K_CACHE + phys64 * s_kcb + slot64 * s_kct + h * s_kch + d * s_kcd, k.to(K_CACHE.dtype.element_ty), mask=m)
     v = tl.load(V + b64 * s_vb + s * s_vs + h * s_vh + d * s_vd, mask=m)
     tl.store(V_CACHE + phys64 * s_vcb + slot64 * s_vct + h * s_vch + d * s_vcd, v.to(V_CACHE.dtype.element_ty), mask=m)
+    if ROTARY:
+        # One token per program: [1]-shaped position, cache row and cos/sin row (NaN past the
+        # table, so a bad position shows as NaN, never as a wrapped angle).
+        one = tl.zeros([1], dtype=tl.int32)
+        pos1 = tl.load(SEQLENS + b + one) + s
+        phys1, slot1, ok1 = _cache_row(pos1, b64, BT, s_bt, n_pages, capacity, PAGED, PAGE)
+        in_table = (pos1 >= 0) & (pos1 < max_pos)
+        i = tl.arange(0, BLOCK_HALF)
+        coff = tl.where(in_table, pos1, 0).to(tl.int64)[:, None] * s_cos + i[None, :]
+        cmask = in_table[:, None] & (i < half)[None, :]
+        c = tl.load(COS + coff, mask=cmask, other=float("nan")).to(tl.float32)[:, None, :]
+        sn = tl.load(SIN + coff, mask=cmask, other=float("nan")).to(tl.float32)[:, None, :]
+        zero = one.to(tl.int64)
+        # k: read at (b, s), written rotated at the cache row; q: read at (b, s), written to QO.
+        _rotate_tile(K + b64 * s_kb + s * s_ks, K_CACHE, 0, 0, s_kh, s_kcb, s_kct, s_kch, phys1, slot1, ok1, 0, H,
+                     c, sn, half, D, INTERLEAVED, COPY_PASS, 1, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+        _rotate_tile(Q + b64 * s_qb + s * s_qs, QO + b64 * s_qob + s * s_qos, 0, 0, s_qh, 0, 0, s_qoh, zero, zero,
+                     one == 0, 0, Hq, c, sn, half, D, INTERLEAVED, COPY_PASS, 1, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS)
+    else:
+        k = tl.load(K + b64 * s_kb + s * s_ks + h * s_kh + d * s_kd, mask=m)
+        tl.store(K_CACHE + phys64 * s_kcb + slot64 * s_kct + h * s_kch + d * s_kcd, k.to(K_CACHE.dtype.element_ty),
+                 mask=m)
 
 
-def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table):
-    """In place; shapes/dtypes/devices already validated by fastlm.ops.kv_cache."""
+def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q=None, q_out=None, cos=None, sin=None,
+                    interleaved=False):
+    """In place; shapes/dtypes/devices already validated by fastlm.ops.kv_cache.  With cos/sin,
+    k is rotated at each token's position (cache_seqlens[b] + s) as it is written, and q (same
+    positions) is rotated into q_out, in the same launch."""
     B, S, H, D = k.shape
     if B == 0 or S == 0:
         return
@@ -108,13 +152,31 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table):
     page = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
     block_h, block_d = triton.next_power_of_2(H), triton.next_power_of_2(D)
-    tile = block_h * block_d
+    rotary = cos is not None
+    if rotary:
+        # the rotation reads whole rows: unit stride in head_dim (a free view of a fused qkv)
+        q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+        Hq, half = q.shape[2], cos.shape[1]
+        block_hq, block_half = triton.next_power_of_2(Hq), triton.next_power_of_2(half)
+        copy_pass = 2 * half < D
+        block_pass = triton.next_power_of_2(D - 2 * half) if copy_pass else 1
+        q_args = (q, q_out, cos, sin)
+        q_strides = (*q.stride()[:3], *q_out.stride()[:3], cos.stride(0))
+        tile = max(block_h, block_hq) * block_d
+    else:
+        Hq = half = 0
+        block_hq = block_half = block_pass = 1
+        copy_pass = False
+        q_args = (k, k, k, k)  # placeholders (never read)
+        q_strides = (0,) * 7
+        tile = block_h * block_d
     _append_kernel[(B * S,)](
-        k_cache, v_cache, k, v, cache_seqlens, block_table if paged else cache_seqlens,
-        S, H, D, k_cache.shape[0], capacity,
-        *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(),
+        k_cache, v_cache, k, v, cache_seqlens, block_table if paged else cache_seqlens, *q_args,
+        S, H, D, Hq, half, cos.shape[0] if rotary else 0, k_cache.shape[0], capacity,
+        *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(), *q_strides,
         block_table.stride(0) if paged else 0,
-        PAGED=paged, PAGE=page, BLOCK_H=block_h, BLOCK_D=block_d,
+        PAGED=paged, PAGE=page, ROTARY=rotary, INTERLEAVED=interleaved, COPY_PASS=copy_pass,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
         num_warps=8 if tile >= 8192 else (4 if tile >= 1024 else 2),
     )
 
@@ -125,7 +187,7 @@ def _decode_kernel(
     Q,  # *T  (batch, seqlen_q, Hq, D), strides s_q*
     K_CACHE,  # *T  (num_blocks, PAGE, Hkv, D) or (batch, max_seqlen, Hkv, D)
     V_CACHE,  # *T  same shape as K_CACHE
-    SEQLENS,  # *i32 (batch,): tokens of each sequence in the cache (new ones included)
+    SEQLENS,  # *i32 (batch,): tokens of each sequence in the cache (+ seqlen_add: the new ones)
     BT,  # *i32 (batch, max_blocks) (unused unless PAGED)
     OUT,  # *T  (batch, seqlen_q, Hq, D), strides s_o* (written when not SPLIT)
     O_PART,  # *fp32 (batch, seqlen_q, Hq, num_splits, D) contiguous (written when SPLIT)
@@ -133,6 +195,7 @@ def _decode_kernel(
     qk_scale,  # softmax_scale * log2(e), or softmax_scale / softcap with SOFTCAP
     softcap_log2,  # softcap * log2(e) (SOFTCAP only)
     seqlen_q,
+    seqlen_add,  # added to SEQLENS (tokens appended by this step's fused append, else 0)
     G,  # query heads per KV head
     Hq,
     D,
@@ -176,7 +239,7 @@ def _decode_kernel(
         mask=row_ok[:, None] & d_ok[None, :], other=0.0,
     )
 
-    L = tl.load(SEQLENS + b)
+    L = tl.load(SEQLENS + b) + seqlen_add
     L = tl.minimum(tl.maximum(L, 0), capacity)
     pos = L - seqlen_q + qs  # position of each query row
     lo = 0
@@ -282,8 +345,9 @@ def decode_config(n_rows, head_dim):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap,
-                     num_splits):
-    """Shapes/dtypes/devices validated by fastlm.ops.kv_cache; num_splits >= 1 resolved there."""
+                     num_splits, seqlen_add=0):
+    """Shapes/dtypes/devices validated by fastlm.ops.kv_cache; num_splits >= 1 resolved there.
+    Sequence b attends to its first cache_seqlens[b] + seqlen_add tokens."""
     B, Sq, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
@@ -308,7 +372,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sc
     _decode_kernel[(num_splits, Hkv * n_mtiles, B)](
         q, k_cache, v_cache, cache_seqlens, block_table if paged else cache_seqlens,
         out, o_part, lse_part, qk_scale, softcap_log2,
-        Sq, G, Hq, D, k_cache.shape[0], capacity, window, num_splits, n_mtiles,
+        Sq, seqlen_add, G, Hq, D, k_cache.shape[0], capacity, window, num_splits, n_mtiles,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         block_table.stride(0) if paged else 0,
         PAGED=paged, PAGE=page, CAUSAL=causal, HAS_WINDOW=window >= 0, SOFTCAP=softcap > 0, SPLIT=split,

@@ -189,9 +189,10 @@ def test_append(backend, dtype, paged, block_size):
         assert torch.equal(kb[-S:], k[b]) and torch.equal(vb[-S:], v[b])
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
 def test_append_skips_unassigned_blocks(backend):
-    # Negative block-table entries mean "no block": those tokens are skipped, others written.
+    # Negative block-table entries mean "no block": those tokens are skipped, others written
+    # (never wrapped to the last block, as a plain -1 index would).
     B, S, Hkv, D = 2, 3, 2, 16
     kc, vc, bt = make_cache(B, Hkv, D, torch.float16, 12, paged=True, block_size=4)
     bt[1] = -1
@@ -199,8 +200,31 @@ def test_append_skips_unassigned_blocks(backend):
     k = torch.randn(B, S, Hkv, D, dtype=torch.float16, device=DEVICE)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     ref_kv.kv_cache_append(kc_ref, vc_ref, k[:1], k[:1], lens[:1], block_table=bt[:1])
+    kc0 = kc.clone()
     fastlm.ops.kv_cache_append(kc, vc, k, k, lens, block_table=bt, backend=backend)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    assert int((kc != kc0).any(-1).any(-1).sum()) == 3 and torch.equal(kc[bt[0, 0].long(), 2:], k[0, :2])
+
+
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
+def test_decode_with_new_kv_finished_sequence(backend):
+    """A finished sequence of a paged batch (block-table row -1, length 0) gets no cache write and
+    a zero output from the flash_attn_with_kvcache form; the live one is unaffected."""
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, 12, paged=True, block_size=4)
+    bt[1] = -1
+    lens = torch.tensor([5, 0], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    cos, sin = _tables(D, 12)
+    kc0 = kc.clone()
+    out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=k, rotary_cos=cos, rotary_sin=sin, block_table=bt,
+                                      backend=backend)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert int((kc != kc0).any(-1).any(-1).sum()) == 1  # only the live sequence's new slot
+    exp = fastlm.ops.decode_attention(q[:1], kc0, vc.clone(), lens[:1], k=k[:1], v=k[:1], rotary_cos=cos,
+                                      rotary_sin=sin, block_table=bt[:1], backend=backend)
+    torch.testing.assert_close(out[:1], exp, atol=1e-3, rtol=0)
 
 
 def _launch_raw_append(backend, kc, vc, k, lens, bt):
@@ -278,6 +302,169 @@ def test_compile_fullgraph(backend):
     exp = step(q, k, kc2, vc2, lens2, bt)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2) and torch.equal(lens, lens2)
     torch.testing.assert_close(out, exp, atol=1e-3, rtol=0)
+
+
+# ------------------------------------------------------------------------------ new tokens in the call
+def _tables(rd, n, dtype=torch.float32):
+    cos, sin = fastlm.ops.rotary_tables(rd, n, device=DEVICE)
+    return cos.to(dtype), sin.to(dtype)
+
+
+def _check_with_kv(q, kc, vc, k, v, lens, bt, backend, cos=None, sin=None, interleaved=False, **kw):
+    """decode_attention(k=, v=, rotary_*) against the reference form in float64 (cache and
+    tables upcast) and in the input dtype; the written cache against the reference's."""
+    rot = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved)
+    q0, lens0 = q.clone(), lens.clone()
+    caches = {name: (kc.clone(), vc.clone()) for name in ("ref64", "low", "up")}
+    k64, v64 = (c.double() for c in caches["ref64"])
+    ref64 = ref_kv.decode_attention_with_kv(q.double(), k64, v64, k.double(), v.double(), lens, block_table=bt,
+                                            **rot, **kw)
+    klow, vlow = caches["low"]
+    low = ref_kv.decode_attention_with_kv(q, klow, vlow, k, v, lens, block_table=bt, upcast=False, **rot, **kw)
+    out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=v, block_table=bt, backend=backend, **rot, **kw)
+    assert torch.equal(q, q0) and torch.equal(lens, lens0), "q and cache_seqlens must not change"
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close(out, ref64, low, "decode with new kv")
+    # The cache: v copied exactly; k rotated in fp32 and rounded once (the reference upcast
+    # path does the same arithmetic, up to fma contraction).
+    kup, vup = caches["up"]
+    ref_kv.decode_attention_with_kv(q, kup, vup, k, v, lens, block_table=bt, **rot, **kw)
+    torch.testing.assert_close(vc, vup, atol=0, rtol=0, equal_nan=True)  # poisoned slots stay NaN
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[k.dtype]
+    torch.testing.assert_close(kc, kup, atol=tol, rtol=tol, equal_nan=True)
+    return out
+
+
+ROTARY_CASES = {  # name -> (rotary_dim as a fraction of D or None, interleaved)
+    "none": (None, False), "neox": (1.0, False), "gptj": (1.0, True), "partial-neox": (0.5, False),
+    "partial-gptj": (0.25, True),
+}
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("paged", [True, False])
+@pytest.mark.parametrize("rotary", list(ROTARY_CASES))
+@pytest.mark.parametrize("Hq,Hkv,Sq", [(4, 4, 1), (8, 2, 1), (6, 1, 3)])
+def test_decode_with_new_kv(backend, dtype, paged, rotary, Hq, Hkv, Sq):
+    """FlashAttention's flash_attn_with_kvcache form: rotate q/k at cache_seqlens + i, append,
+    attend over the old and the new tokens; an empty cache, a middle one and one that ends full."""
+    B, D, cap = 3, 40, 29
+    kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=5)
+    lens = torch.tensor([0, 11, cap - Sq], dtype=torch.int32, device=DEVICE)
+    poison_unused(kc, vc, lens, bt)
+    q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
+    k = torch.randn(B, Sq, Hkv, D, dtype=dtype, device=DEVICE)
+    v = torch.randn(B, Sq, Hkv, D, dtype=dtype, device=DEVICE)
+    frac, inter = ROTARY_CASES[rotary]
+    cos = sin = None
+    if frac is not None:
+        cos, sin = _tables(2 * max(1, int(D * frac) // 2), cap + 3)
+    _check_with_kv(q, kc, vc, k, v, lens, bt, backend, cos, sin, inter)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_decode_with_new_kv_matches_separate_ops(backend):
+    """One call == apply_rotary at the per-sequence offsets + kv_cache_append + decode_attention
+    over the advanced lengths, on strided q/k/v views of a fused qkv projection, with window,
+    softcap, a forced split and fp16 tables."""
+    B, Hq, Hkv, D, cap = 3, 8, 2, 32, 45
+    dtype = torch.float16
+    kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=True, block_size=7)
+    lens = torch.tensor([4, 30, 0], dtype=torch.int32, device=DEVICE)
+    qkv = torch.randn(B, 1, Hq + 2 * Hkv, D, dtype=dtype, device=DEVICE)
+    q, k, v = qkv.split([Hq, Hkv, Hkv], dim=2)
+    cos, sin = _tables(D, cap, dtype)
+    kw = dict(window=9, softcap=5.0, num_splits=3)
+    kc2, vc2, lens2 = kc.clone(), vc.clone(), lens.clone()
+    out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=v, rotary_cos=cos, rotary_sin=sin, block_table=bt,
+                                      backend=backend, **kw)
+    qr, kr = fastlm.ops.apply_rotary(q, k, cos, sin, positions=lens2, backend=backend)
+    fastlm.ops.kv_cache_append(kc2, vc2, kr, v, lens2, block_table=bt, advance=True, backend=backend)
+    exp = fastlm.ops.decode_attention(qr, kc2, vc2, lens2, block_table=bt, backend=backend, **kw)
+    assert torch.equal(vc, vc2)
+    torch.testing.assert_close(kc, kc2, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(out, exp, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_decode_with_new_kv_opcheck_and_compile(backend):
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 19
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=4)
+    lens = torch.tensor([5, 18], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    cos, sin = _tables(D // 2, cap)  # partial rotary
+    torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv.default,
+                          (q, kc, vc, k, k, lens, bt, cos, sin, False, 0.25, True, -1, 0.0, 2, backend))
+    torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv.default,
+                          (q, kc, vc, k, k, lens, bt, None, None, False, 0.25, True, -1, 0.0, 1, backend))
+
+    def step(q, k, kc, vc, lens, bt):
+        out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=k, rotary_cos=cos, rotary_sin=sin,
+                                          block_table=bt, num_splits=2, backend=backend)
+        lens.add_(1)
+        return out
+
+    kc2, vc2, lens2 = kc.clone(), vc.clone(), lens.clone()
+    torch._dynamo.reset()
+    out = torch.compile(step, fullgraph=True)(q, k, kc, vc, lens, bt)
+    exp = step(q, k, kc2, vc2, lens2, bt)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2) and torch.equal(lens, lens2)
+    torch.testing.assert_close(out, exp, atol=1e-3, rtol=0)
+
+
+def test_rotary_append_kernel_position_past_table_is_nan():
+    """Without the host check (CUDA without FASTLM_DEBUG) a position past the tables rotates to
+    NaN in the cache and in q, never to a wrapped or stale angle."""
+    from fastlm.kernels import decode as kd
+
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 12
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=False)
+    lens = torch.tensor([3, 8], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    cos, sin = _tables(D, 8)
+    q_out = torch.zeros_like(q)
+    kd.kv_cache_append(kc, vc, k, k, lens, None, q, q_out, cos, sin)
+    assert torch.isnan(q_out[1]).all() and torch.isnan(kc[1, 8]).all()
+    assert not torch.isnan(q_out[0]).any() and not torch.isnan(kc[0, 3]).any()
+    assert torch.equal(vc[1, 8], k[1, 0])
+
+
+def test_decode_with_new_kv_bad_inputs():
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 12
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=4)
+    lens = torch.tensor([3, 8], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    cos, sin = _tables(D, cap)
+    dec = fastlm.ops.decode_attention
+
+    def raises(exc, match, **kw):
+        args = dict(k=k, v=k, rotary_cos=cos, rotary_sin=sin, block_table=bt)
+        args.update(kw)
+        with pytest.raises(exc, match=match):
+            dec(q, kc, vc, lens, **args)
+
+    raises(ValueError, "v is missing", v=None)
+    raises(ValueError, "k is missing", k=None)
+    raises(ValueError, "rotary_sin is missing", rotary_sin=None)
+    raises(ValueError, "rotary_cos/rotary_sin need k and v", k=None, v=None)
+    raises(ValueError, "k must have shape", k=torch.randn(B, 1, Hkv + 1, D, dtype=torch.float16, device=DEVICE))
+    raises(TypeError, "v dtype", v=k.float())
+    raises(ValueError, "v shape", v=torch.cat([k, k], 1))
+    raises(ValueError, "k has batch", k=k[:1], v=k[:1])
+    raises(ValueError, "seqlen_new", k=torch.cat([k, k], 1), v=torch.cat([k, k], 1))
+    raises(ValueError, "rotary_dim", rotary_cos=_tables(2 * D, cap)[0], rotary_sin=_tables(2 * D, cap)[1])
+    raises(ValueError, "rotary_sin must have the shape", rotary_sin=sin[:, :2])
+    raises(TypeError, "float32 or q's dtype", rotary_cos=cos.double(), rotary_sin=sin.double())
+    raises(TypeError, "rotary_interleaved", rotary_interleaved=1)
+    if not HAS_CUDA:  # host index checks (CPU always)
+        raises(IndexError, "position 8, past the 8 positions", rotary_cos=cos[:8], rotary_sin=sin[:8])
+        dec(q, kc.clone(), vc.clone(), lens, k=k, v=k, rotary_cos=cos[:9], rotary_sin=sin[:9], block_table=bt)
+        with pytest.raises(IndexError, match="exceeds the cache capacity"):
+            dec(q, kc, vc, torch.tensor([12, 0], dtype=torch.int32), k=k, v=k, block_table=bt)
 
 
 # ------------------------------------------------------------------------------ bad input

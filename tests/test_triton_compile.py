@@ -265,7 +265,8 @@ def _rotary_case(D, rotary_dim, dtype, *, mode, varlen=False, interleaved=False,
     return tag, run
 
 
-def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8):
+def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8, rotary_dim=0, Hq=32, interleaved=False):
+    """rotary_dim > 0: the fused rotary + append of decode_attention(k=, v=, rotary_cos=...)."""
     def run(k, arch):
         import torch
 
@@ -274,10 +275,20 @@ def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8):
             bt = _t(B, 64, dtype=torch.int32)
         else:
             kc, vc, bt = _t(B, 4096, H, D, dtype=dtype), _t(B, 4096, H, D, dtype=dtype), None
+        if rotary_dim:  # q, k, v as views of one fused qkv projection
+            qkv = _t(B, S, Hq + 2 * H, D, dtype=dtype)
+            q, k_new, v_new = qkv.split([Hq, H, H], dim=2)
+            cos, sin = _t(4096, rotary_dim // 2, dtype=torch.float32), _t(4096, rotary_dim // 2, dtype=torch.float32)
+            k["decode"].kv_cache_append(kc, vc, k_new, v_new, _t(B, dtype=torch.int32), bt, q, _t(*q.shape, dtype=dtype),
+                                        cos, sin, interleaved)
+            return
         kv = _t(B, S, 2 * H, D, dtype=dtype)  # k, v as views of one projection
         k_new, v_new = kv.split([H, H], dim=2)
         k["decode"].kv_cache_append(kc, vc, k_new, v_new, _t(B, dtype=torch.int32), bt)
-    return f"append D={D} {_dt(dtype)}" + (f" paged{page}" if paged else " contiguous") + f" S={S}", run
+    tag = f"append D={D} {_dt(dtype)}" + (f" paged{page}" if paged else " contiguous") + f" S={S}"
+    if rotary_dim:
+        tag += f" rotary{rotary_dim}" + " interleaved" * interleaved + f" Hq={Hq}"
+    return tag, run
 
 
 def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, softcap=0.0, page=16, cap=4096):
@@ -414,6 +425,7 @@ def _cases(full):
             for dt in (bf16, fp16, fp32):
                 for paged in (False, True):
                     add("decode", both, _append_case(D, dt, paged=paged))
+                    add("decode", both, _append_case(D, dt, paged=paged, rotary_dim=D, Hq=32))
                     for B, Sq, G in ((1, 1, 4), (64, 1, 8), (2, 4, 8), (2, 8, 16)):
                         for causal, window, cap in ((True, -1, 0.0), (False, 256, 30.0)):
                             add("decode", both, _decode_case(D, dt, B=B, Sq=Sq, Hq=8 * G, Hkv=8, paged=paged,
@@ -422,6 +434,9 @@ def _cases(full):
         add("decode", both, _append_case(128, bf16, paged=False))
         add("decode", h100, _append_case(64, fp16, paged=True, page=16, S=7))
         add("decode", h100, _append_case(256, fp32, paged=True, page=256))
+        # the fused rotary + append of a decode step: llama-3.2-1b (32 / 8 heads, D=64), partial GPT-J
+        add("decode", both, _append_case(64, bf16, paged=False, B=1, rotary_dim=64, Hq=32))
+        add("decode", h100, _append_case(128, fp16, paged=True, B=8, rotary_dim=64, Hq=64, interleaved=True))
         # batch 1: split-KV + combine; llama-3.2-1b shape (32 / 8 heads, D=64)
         add("decode", both, _decode_case(64, bf16, B=1, Sq=1, Hq=32, Hkv=8, paged=False))
         add("decode", h100, _decode_case(128, bf16, B=64, Sq=1, Hq=32, Hkv=8, paged=True))  # no split

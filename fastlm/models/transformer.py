@@ -31,7 +31,10 @@ kernel), and is then used in place of the model's attention call.  The caller pa
 ``positions`` (e.g. the int offset of the first new token).  Packed input (``cu_seqlens``) takes
 only the ``attend`` form: the cache then gets packed (total, H|Hkv, hd) q/k/v and must know the
 sequence boundaries itself (e.g. a prefill of several prompts that writes each one into its
-own cache slots; see fastlm.generation).  ``cache`` is None in training.
+own cache slots; see fastlm.generation).  A cache whose ``rotates`` attribute is True gets q and k
+*before* rotary and the layer's rope argument, ``attend(layer_idx, q, k, v, window, rope)``, so it
+can fuse the rotation into its own kernels (fused backend: rope = (cos table, sin table,
+positions, cu_seqlens)).  ``cache`` is None in training.
 """
 import math
 
@@ -180,6 +183,9 @@ class Attention(nn.Module):
         qkv = self.wqkv(x).view(*lead, H + 2 * Hkv, self.head_dim)
         # (B, T, H|Hkv, hd) views; split (not slicing) so the backward is one cat of dq, dk, dv
         q, k, v = qkv.split([H, Hkv, Hkv], dim=-2)
+        if cache is not None and getattr(cache, "rotates", False):  # the cache rotates q/k itself
+            o = cache.attend(self.layer_idx, q, k, v, self.window, rope)
+            return self.wo(o.reshape(*lead, self.n_heads * self.head_dim))
         if self.fused:
             if rope is not None:  # (cos table, sin table, positions, cu_seqlens): one launch for q and k
                 cos, sin, positions, cu = rope

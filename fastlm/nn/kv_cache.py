@@ -16,6 +16,8 @@ The protocol of one step that adds ``n`` tokens to each sequence (decoding: n = 
         q, k, v = ...           # (batch, n, heads, head_dim), rotary at cache.positions + i
         cache.append(layer, k, v)          # writes at positions[b] ... positions[b] + n - 1
         o = cache.attend(layer, q)         # decode_attention over the first seqlens[b] tokens
+        # or both at once, rotary included (q, k not yet rotated):
+        # o = cache.append_attend(layer, q, k, v, rotary_cos=cos, rotary_sin=sin)
     # ---------------------------------------------------------
 
 ``positions`` (int32, device) is where the step's tokens go (the lengths before the step) and
@@ -75,6 +77,15 @@ class _KVCacheBase(nn.Module):
         batch may be smaller than the cache's: rows 0..batch-1 (sequence slots) are used."""
         kc, vc, bt = self._layer_args(layer, k.shape[0])
         ops.kv_cache_append(kc, vc, k, v, self._rows(self.positions, k.shape[0]), block_table=bt, backend=backend)
+
+    def append_attend(self, layer, q, k, v, *, rotary_cos=None, rotary_sin=None, rotary_interleaved=False, **kwargs):
+        """``append`` + ``attend`` as one ``decode_attention(k=, v=)`` call: k, v written at
+        ``positions``, q and k first rotated at those positions when rotary tables are given (the
+        Triton backend rotates and appends in one launch).  kwargs as for ``attend``."""
+        kc, vc, bt = self._layer_args(layer, q.shape[0])
+        return ops.decode_attention(q, kc, vc, self._rows(self.positions, q.shape[0]), k=k, v=v,
+                                    rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                    rotary_interleaved=rotary_interleaved, block_table=bt, **kwargs)
 
     def attend(self, layer, q, **kwargs):
         """decode_attention of q (batch, n, n_heads, head_dim) over the first ``seqlens`` tokens of

@@ -16,7 +16,10 @@ Layouts (see fastlm.reference.kv_cache):
               (batch, max_blocks_per_seq); any block_size >= 1.
 
 Block-table entries < 0 (-1) mean "no block": an append skips tokens that fall there (padding
-rows, finished sequences of a batch); decode must not need them.
+rows, finished sequences of a batch) and decode never sees them; the blocks of a sequence's
+cached tokens must be valid (checked in debug mode).  decode_attention with new k/v (the
+flash_attn_with_kvcache form) does the same for its new tokens: a finished sequence whose
+block-table row is -1 gets no write and an output of 0.
 
 Index safety.  Checking cache_seqlens against the capacity and block_table entries against
 num_blocks needs device values, so it runs on the host only in debug mode: always for CPU
@@ -146,6 +149,17 @@ def _row_tiles(backend, rows, head_dim):
     return -(-rows // 16)  # the CUDA kernels take 16 query rows per CTA
 
 
+def _splits(q, k_cache, block_table, num_splits, backend):
+    """num_splits=0 -> the heuristic's count from shapes; capped at MAX_SPLITS."""
+    if num_splits == 0:
+        B, Sq, Hq, D = q.shape
+        Hkv = k_cache.shape[2]
+        num_splits = num_splits_heuristic(
+            B, Hkv, _row_tiles(backend, Sq * (Hq // Hkv), D), _capacity(k_cache, block_table), q.device
+        )
+    return min(num_splits, MAX_SPLITS)
+
+
 # ---------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("fastlm::kv_cache_append", mutates_args=("k_cache", "v_cache"))
 def _append_op(
@@ -188,13 +202,7 @@ def _decode_op(
 ) -> torch.Tensor:
     if _debug_checks_on(q):
         _debug_check_decode(k_cache, cache_seqlens, block_table)
-    B, Sq, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    if num_splits == 0:
-        num_splits = num_splits_heuristic(
-            B, Hkv, _row_tiles(backend, Sq * (Hq // Hkv), D), _capacity(k_cache, block_table), q.device
-        )
-    num_splits = min(num_splits, MAX_SPLITS)
+    num_splits = _splits(q, k_cache, block_table, num_splits, backend)
     if backend == "triton":
         from fastlm.kernels import decode as kd
 
@@ -206,6 +214,63 @@ def _decode_op(
 
 @_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap, num_splits, backend):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("fastlm::decode_attention_with_kv", mutates_args=("k_cache", "v_cache"))
+def _decode_kv_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    rotary_cos: torch.Tensor | None,
+    rotary_sin: torch.Tensor | None,
+    rotary_interleaved: bool,
+    softmax_scale: float,
+    causal: bool,
+    window: int,
+    softcap: float,
+    num_splits: int,
+    backend: str,
+) -> torch.Tensor:
+    """Rotate q and k (optional), append k/v, attend over cache_seqlens + seqlen_new tokens.
+    Triton: the rotation and the append are one launch (then decode, + combine when split);
+    CUDA: the rotary, append and decode kernels one after the other."""
+    n = k.shape[1]
+    if _debug_checks_on(q):
+        _debug_check_append(k_cache, k, cache_seqlens, block_table)  # new tokens may fall in no block: skipped
+        _debug_check_decode(k_cache, cache_seqlens, block_table)  # the cached ones need valid blocks
+        if rotary_cos is not None:
+            _debug_check_rotary_positions(rotary_cos, cache_seqlens, n)
+    num_splits = _splits(q, k_cache, block_table, num_splits, backend)
+    rotary = rotary_cos is not None
+    if backend == "triton":
+        from fastlm.kernels import decode as kd
+
+        q_rot = torch.empty_like(q) if rotary else q
+        kd.kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q, q_rot, rotary_cos, rotary_sin,
+                           rotary_interleaved)
+        return kd.decode_attention(q_rot, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal,
+                                   window, softcap, num_splits, seqlen_add=n)
+    if rotary:
+        from fastlm.ops.rotary import POS_PER_SEQ, _launch
+
+        q_rot, k = torch.empty_like(q), k.contiguous()
+        k_rot = torch.empty_like(k)
+        _launch("cuda", q.contiguous(), k, rotary_cos, rotary_sin, q_rot, k_rot, cache_seqlens, None, 0,
+                POS_PER_SEQ, rotary_interleaved, False)
+        q, k = q_rot, k_rot
+    torch.ops.fastlm.kv_cache_append_cuda(k_cache, v_cache, k, v, cache_seqlens, block_table)
+    return torch.ops.fastlm.decode_attention_cuda(q, k_cache, v_cache, cache_seqlens + n, block_table, softmax_scale,
+                                                  causal, window, softcap, num_splits)
+
+
+@_decode_kv_op.register_fake
+def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary_cos, rotary_sin, rotary_interleaved,
+      softmax_scale, causal, window, softcap, num_splits, backend):
     return torch.empty_like(q)
 
 
@@ -277,6 +342,68 @@ def _check_new(op, name, t, k_cache):
         )
 
 
+def _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table):
+    """Validate decode_attention's k/v/rotary arguments; returns whether rotary is on."""
+    op = "decode_attention"
+    if (k is None) != (v is None):
+        missing = "v" if v is None else "k"
+        raise ValueError(f"{op}: k and v come together (the new tokens to append); {missing} is missing")
+    if (rotary_cos is None) != (rotary_sin is None):
+        missing = "rotary_sin" if rotary_sin is None else "rotary_cos"
+        raise ValueError(f"{op}: rotary_cos and rotary_sin come together; {missing} is missing")
+    if not isinstance(rotary_interleaved, bool):
+        raise TypeError(f"{op}: rotary_interleaved must be a bool, got {rotary_interleaved!r}")
+    if k is None:
+        if rotary_cos is not None:
+            raise ValueError(f"{op}: rotary_cos/rotary_sin need k and v: the rotation is applied to q and the new "
+                             "keys as they are appended (rotate q yourself with fastlm.ops.apply_rotary otherwise)")
+        return False
+    _check_new(op, "k", k, k_cache)
+    _check_new(op, "v", v, k_cache)
+    if v.shape != k.shape:
+        raise ValueError(f"{op}: v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: k has batch {k.shape[0]} but q has batch {q.shape[0]}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    if rotary_cos is None:
+        return False
+    D = q.shape[3]
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    if rotary_cos.dim() != 2 or rotary_cos.shape[1] < 1:
+        raise ValueError(f"{op}: rotary_cos must have shape (max_positions, rotary_dim // 2), got "
+                         f"{tuple(rotary_cos.shape)}")
+    if rotary_sin.shape != rotary_cos.shape:
+        raise ValueError(f"{op}: rotary_sin must have the shape of rotary_cos {tuple(rotary_cos.shape)}, got "
+                         f"{tuple(rotary_sin.shape)}")
+    if 2 * rotary_cos.shape[1] > D:
+        raise ValueError(f"{op}: rotary_cos: rotary_dim = 2 * rotary_cos.shape[1] = {2 * rotary_cos.shape[1]} "
+                         f"exceeds head_dim {D}")
+    if rotary_cos.dtype not in (torch.float32, q.dtype) or rotary_sin.dtype != rotary_cos.dtype:
+        raise TypeError(f"{op}: rotary_cos and rotary_sin must both be float32 or q's dtype {q.dtype}, got "
+                        f"{rotary_cos.dtype} and {rotary_sin.dtype}")
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if t.shape[0] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{op}: {name} must have unit stride in its last dim, got strides {t.stride()}")
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"{op}: with rotary tables, k's seqlen_new ({k.shape[1]}) must equal q's seqlen_q "
+                         f"({q.shape[1]}): the query rows are rotated at the positions of the new tokens")
+    return True
+
+
+def _debug_check_rotary_positions(rotary_cos, cache_seqlens, n):
+    last = int(cache_seqlens.max()) + n - 1 if cache_seqlens.numel() else -1
+    if last >= rotary_cos.shape[0]:
+        b = int(cache_seqlens.argmax())
+        raise IndexError(f"decode_attention: sequence {b} puts a new token at position {last}, past the "
+                         f"{rotary_cos.shape[0]} positions of rotary_cos/rotary_sin")
+
+
 # ---------------------------------------------------------------------------- public API
 def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, advance=False, backend=None):
     """Write k, v (batch, seqlen_new, n_kv_heads, head_dim) into the cache in place, at positions
@@ -315,8 +442,9 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, 
 
 
 def decode_attention(
-    q, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None, causal=True, window=-1,
-    softcap=0.0, num_splits=0, backend=None,
+    q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, rotary_cos=None, rotary_sin=None,
+    rotary_interleaved=False, block_table=None, softmax_scale=None, causal=True, window=-1, softcap=0.0,
+    num_splits=0, backend=None,
 ):
     """Attention of a few new query tokens over each sequence's KV cache (forward only: decoding
     needs no backward).
@@ -335,6 +463,17 @@ def decode_attention(
     merged; num_splits=0 picks by a heuristic from shapes only (fills the GPU at batch 1 and long
     contexts), n >= 1 forces n (capped at 128).  head_dim <= 256; fp32/fp16/bf16 (q and the
     caches share a dtype).  backend: "triton" | "cuda" | "reference" | None.
+
+    New tokens in the same call (FlashAttention's ``flash_attn_with_kvcache`` form): with ``k``,
+    ``v`` (batch, seqlen_new, n_kv_heads, head_dim) given, cache_seqlens[b] counts the tokens
+    cached *before* this call; k and v are written at positions cache_seqlens[b] + i (in place;
+    cache_seqlens itself is not changed: advance it after the call) and the attention covers the
+    first cache_seqlens[b] + seqlen_new tokens.  With ``rotary_cos``/``rotary_sin`` ((max_positions,
+    rotary_dim // 2), as fastlm.ops.rotary_tables gives; ``rotary_interleaved`` picks GPT-J pairs)
+    q and k are rotated at those same positions first (seqlen_new must equal seqlen_q; q itself
+    is not modified).  A position past the tables is an error in debug mode (see the module
+    docstring) and otherwise rotates to NaN, never to a wrapped angle.  The Triton backend rotates
+    and appends in one launch, before the decode launch.
     """
     check_tensor(q, "q", ndim=4)
     device = q.device
@@ -365,7 +504,24 @@ def decode_attention(
         raise ValueError(f"decode_attention: softcap must be >= 0 (0 = off), got {softcap!r}")
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"decode_attention: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    rotary = _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table)
     b = _backend.resolve(backend, device, SUPPORTED, PREFERRED, op="decode_attention")
+    if k is not None:
+        if b == "reference":
+            if not torch.compiler.is_compiling() and _debug_checks_on(q):
+                _debug_check_append(k_cache, k, cache_seqlens, block_table)
+                _debug_check_decode(k_cache, cache_seqlens, block_table)
+                if rotary:
+                    _debug_check_rotary_positions(rotary_cos, cache_seqlens, k.shape[1])
+            return _ref.decode_attention_with_kv(
+                q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                rotary_interleaved=rotary_interleaved, block_table=block_table, softmax_scale=softmax_scale,
+                causal=causal, window=window, softcap=softcap)
+        if q.numel() == 0:  # batch 0 (every other dim is >= 1): nothing to append either
+            return torch.empty_like(q)
+        return _decode_kv_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                             rotary_cos if rotary else None, rotary_sin if rotary else None, bool(rotary_interleaved),
+                             float(softmax_scale), bool(causal), int(window), float(softcap), int(num_splits), b)
     if b == "reference":
         if not torch.compiler.is_compiling() and _debug_checks_on(q):
             _debug_check_decode(k_cache, cache_seqlens, block_table)

@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from fastlm.reference.rotary import apply_rotary
+
 
 def _up(t, upcast):
     return t.float() if upcast and t.dtype in (torch.float16, torch.bfloat16) else t
@@ -35,7 +37,8 @@ def _token_index(cache_seqlens, seqlen_new, block_table, block_size):
 def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, advance=False):
     """Writes k, v (batch, seqlen_new, n_kv_heads, head_dim) at positions cache_seqlens[b] ...
     cache_seqlens[b] + seqlen_new - 1 of each sequence, in place.  advance=True then adds
-    seqlen_new to cache_seqlens.  Indices must be in range (PyTorch indexing raises otherwise)."""
+    seqlen_new to cache_seqlens.  Tokens whose block-table entry is negative (no block) are
+    skipped, as the kernels skip them; other indices must be in range (PyTorch indexing raises)."""
     B, S = k.shape[:2]
     if S > 0:
         if block_table is None:
@@ -45,8 +48,9 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, 
             v_cache[b, pos] = v.to(v_cache.dtype)
         else:
             _, blk, slot = _token_index(cache_seqlens, S, block_table, k_cache.shape[1])
-            k_cache[blk, slot] = k.to(k_cache.dtype)
-            v_cache[blk, slot] = v.to(v_cache.dtype)
+            has = blk >= 0  # -1: no block (a padding row or a finished sequence), never block -1
+            k_cache[blk[has], slot[has]] = k[has].to(k_cache.dtype)
+            v_cache[blk[has], slot[has]] = v[has].to(v_cache.dtype)
     if advance:
         cache_seqlens.add_(S)
 
@@ -124,5 +128,24 @@ def decode_attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     k, v = padded_kv(k_cache, v_cache, block_table)
     mask = decode_mask(cache_seqlens, q.shape[1], k.shape[1], causal=causal, window=window)
+    if block_table is not None:  # keys in no valid block are never seen (as in the kernels)
+        blk = block_table.long().repeat_interleave(k_cache.shape[1], dim=1)  # (B, capacity)
+        mask = mask & ((blk >= 0) & (blk < k_cache.shape[0]))[:, None, :]
     out = attention_with_mask(_up(q, upcast), _up(k, upcast), _up(v, upcast), mask, scale, softcap)
     return out.to(q.dtype)
+
+
+def decode_attention_with_kv(
+    q, k_cache, v_cache, k, v, cache_seqlens, *, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
+    block_table=None, softmax_scale=None, causal=True, window=-1, softcap=0.0, upcast=True,
+):
+    """flash_attn_with_kvcache's form: q and k rotated at positions cache_seqlens[b] + i (when
+    rotary tables are given), k and v appended at those positions (in place; cache_seqlens is
+    not changed), then decode attention over the first cache_seqlens[b] + seqlen_new tokens."""
+    if rotary_cos is not None:
+        q, k = apply_rotary(q, k, rotary_cos, rotary_sin, positions=cache_seqlens.long(),
+                            interleaved=rotary_interleaved, upcast=upcast)
+    kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table)
+    return decode_attention(q, k_cache, v_cache, cache_seqlens + k.shape[1], block_table=block_table,
+                            softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap,
+                            upcast=upcast)
