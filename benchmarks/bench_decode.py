@@ -14,6 +14,10 @@ The reference runs on the paged layout (its gather is the point); SDPA on the co
 Append: GB/s = (k, v read + cache written) / time for decode-style (1 token) and chunk-style
 (512 tokens) appends, fastlm backends vs the reference (index_put).
 
+Decode step (one layer's attention part): rotary + append + decode as separate ops vs the one
+call decode_attention(k=, v=, rotary_cos=, rotary_sin=), and flash_attn_with_kvcache when
+installed, in microseconds per call.
+
 Timing: every call is captured in a CUDA graph (many calls per graph, replayed; median of 10
 replays with p20/p80) so launch overhead does not hide the kernel time, and the calls cycle
 over enough copies of the cache (>= 256 MiB in all) that nothing is served from the 50 MiB L2
@@ -235,6 +239,56 @@ def bench_append(res, args, copy_bw):
             torch.cuda.empty_cache()
 
 
+def bench_step(res, args, copy_bw, fa):
+    """One layer's attention part of a decode step: rotate q/k at each sequence's position,
+    append k/v, attend.  "separate" = apply_rotary + kv_cache_append + decode_attention (3-4
+    launches); "fused" = decode_attention(k=, v=, rotary_cos=, rotary_sin=) (the Triton backend
+    rotates and appends in one launch); flash_attn_with_kvcache does the same when installed.
+    GB/s counts the cache read plus the new tokens written."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    hkv = GQA["4:1"]
+    cos, sin = fastlm.ops.rotary_tables(HEAD_DIM, max(CONTEXTS), device="cuda")
+    for batch in (1, 8):
+        for ctx in ((4096,) if args.quick else (512, 4096, 16384)):
+            nbytes = kv_bytes(batch, ctx, hkv)
+            q, _, caches = make_inputs(batch, ctx, hkv, False, n_copies(nbytes), gen)
+            lens = torch.full((batch,), ctx - 1, dtype=torch.int32, device="cuda")  # the new token fills the cache
+            k = torch.randn(batch, 1, hkv, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+            v = torch.randn_like(k)
+            row = dict(op="decode_step", batch=batch, context=ctx, gqa="4:1", n_kv_heads=hkv, layout="contiguous")
+            impls = {}
+            for be in ("triton", "cuda"):
+                if be == "cuda" and not _C_loader.HAVE_CUDA_KERNELS:
+                    continue
+
+                def separate(c, be=be):
+                    qr, kr = fastlm.ops.apply_rotary(q, k, cos, sin, positions=lens, backend=be)
+                    fastlm.ops.kv_cache_append(c[0], c[1], kr, v, lens, backend=be)
+                    return fastlm.ops.decode_attention(qr, c[0], c[1], lens + 1, backend=be)
+
+                impls[f"{be}-separate"] = separate
+                impls[f"{be}-fused"] = lambda c, be=be: fastlm.ops.decode_attention(
+                    q, c[0], c[1], lens, k=k, v=v, rotary_cos=cos, rotary_sin=sin, backend=be)
+            if fa is not None:  # its tables in q's dtype
+                cos_lp, sin_lp = cos.to(DTYPE), sin.to(DTYPE)
+                impls["flash_attn"] = lambda c: fa.flash_attn_with_kvcache(
+                    q, c[0], c[1], k=k, v=v, rotary_cos=cos_lp, rotary_sin=sin_lp, cache_seqlens=lens,
+                    rotary_interleaved=False, causal=True)
+            else:
+                res.add(**row, impl="flash_attn", status="skipped: not installed")
+            for name, fn in impls.items():
+                try:
+                    ms, p20, p80 = bench_graph([lambda c=c, fn=fn: fn(c) for c in caches])
+                except Exception as e:
+                    res.add(**row, impl=name, status=f"error: {type(e).__name__}: {str(e)[:120]}")
+                    torch.cuda.synchronize()
+                    continue
+                gbs = (nbytes + append_bytes(batch, 1, hkv) / 2) / ms / 1e6
+                res.add(**row, impl=name, ms=ms, p20=p20, p80=p80, us=1000 * ms, gbs=gbs, pct_copy=100 * gbs / copy_bw)
+            del q, caches
+            torch.cuda.empty_cache()
+
+
 def print_targets(summary, copy_bw):
     print("[bench_decode] targets: >= 85% of copy bandwidth at context >= 4k, batch 1 and 8; >= 3x SDPA at "
           "batch 1 / 16k", flush=True)
@@ -270,6 +324,7 @@ def main(argv=None):
     fi = optional_module("flashinfer")
     summary = bench_decode(res, args, copy_bw, fa, fi)
     bench_append(res, args, copy_bw)
+    bench_step(res, args, copy_bw, fa)
     print_targets(summary, copy_bw)
     res.write()
     return 0

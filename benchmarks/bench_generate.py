@@ -15,9 +15,10 @@ generation of ``--new-tokens`` tokens per sequence by
 
 Decode time per step (each step makes ``batch`` tokens): for fastlm, from the generator's own
 CUDA-event marks (prefill end -> last decode step, host gaps included) of a call made after a
-warm-up call (which compiles, autotunes the prefill and captures the graph); for HF, the
-difference of two wall-clock generate calls, (T(1 + n) - T(1)) / n, which removes the prefill.
-Prefill tokens/s: prompt tokens / prefill time (T(1) for HF).  Random prompts, no EOS.
+warm-up call (which compiles, autotunes the prefill and captures the graph); for HF, synchronized
+timestamps taken inside its generation loop by a logits processor (first token -> last token).
+Prefill tokens/s: prompt tokens / prefill time (start -> first token for HF).  Random prompts,
+no EOS.
 
 Bandwidth: a decode step must read every weight once (blocks + lm_head; the embedding lookup
 reads ``batch`` rows) plus the visible KV cache of every layer (context + n/2 tokens on
@@ -139,23 +140,38 @@ def time_generator(gen, prompts, new_tokens, reps):
 
 
 def time_hf(hf, prompts, new_tokens, reps, device):
+    """HF generate timed from inside its loop: a logits processor (called once per generated
+    token, after that step's forward) records a synchronized timestamp, so decode ms/step =
+    (last - first) / (calls - 1) and prefill = start -> first call, with no subtraction of two
+    noisy wall-clock totals."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepClock(LogitsProcessor):
+        def __init__(self):
+            self.t = []
+
+        def __call__(self, input_ids, scores):
+            _sync(device)
+            self.t.append(time.perf_counter())
+            return scores
+
     ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(ids)
 
     def run(n):
+        clock = StepClock()
         _sync(device)
-        t = time.perf_counter()
+        t0 = time.perf_counter()
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=0)
+                              pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
         _sync(device)
-        assert out.shape[1] == ids.shape[1] + n
-        return time.perf_counter() - t
+        assert out.shape[1] == ids.shape[1] + n and len(clock.t) == n, (out.shape, len(clock.t))
+        return (clock.t[-1] - clock.t[0]) / (n - 1) * 1e3, clock.t[0] - t0
 
     run(2)  # warm-up
-    t1 = statistics.median(run(1) for _ in range(reps))
-    steps = [(run(new_tokens + 1) - t1) / new_tokens * 1e3 for _ in range(reps)]
-    return _summary(steps) + (ids.numel() / t1,)
+    runs = [run(new_tokens + 1) for _ in range(reps)]
+    return _summary([r[0] for r in runs]) + (ids.numel() / statistics.median(r[1] for r in runs),)
 
 
 def _summary(xs):
