@@ -23,6 +23,9 @@
 # installed, with FASTLM_ATTENTION_AUTOTUNE=0: correctness does not need every tile config timed
 # for every shape (tests/test_attention.py runs each config and the autotuned path explicitly).
 # FASTLM_CUDA_ARCHS defaults to 9.0 here (the GPU in hand) to halve the compile time.
+# With the device tool (a session's whole device time is 15 minutes):
+#   here:   scripts/fetch_peer_wheels.sh          (liger-kernel for the peer columns)
+#   device: run(command="BUDGET_S=480 bash scripts/gpu_check.sh $OUT", carry=[".whl"], timeout_s=570)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-out}}
@@ -43,6 +46,12 @@ capped() {
   if (( BUDGET_S > 0 )); then timeout -s INT -k 30 "$(( cap > 10 ? cap : 10 ))" "$@"; else "$@"; fi
 }
 
+# Peer libraries the machine lacks (liger-kernel) travel as wheels in .whl/: see
+# scripts/fetch_peer_wheels.sh.  Installed into a private folder, never over the machine's own.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastlm_peers .whl/*.whl \
+    && export PYTHONPATH=/tmp/fastlm_peers${PYTHONPATH:+:$PYTHONPATH} && echo "== peers from .whl: $(ls .whl)"
+fi
 echo "== fastlm gpu check $(date -u +%FT%TZ) commit=$(git rev-parse --short HEAD 2>/dev/null || echo ${FASTLM_COMMIT:-unknown}) budget=${BUDGET_S}s"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
