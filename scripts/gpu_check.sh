@@ -13,7 +13,7 @@
 # device time, the machine's start included, and 10 minutes per command):
 #   BUDGET_S=500 scripts/gpu_check.sh $OUT       (device tool: timeout_s=590)
 # The build takes what it needs; the tests then get TEST_SHARE percent (default 55) of what is
-# left: the GPU-only tests (-m gpu: they never run on a CPU machine) first, with 60% of that,
+# left (all of it when STAGES has no bench): the GPU-only tests (-m gpu: they never run on a CPU machine) first, with 60% of that,
 # then the rest; the benchmarks (--quick, each module in its own process with a weighted share,
 # see benchmarks/run_all.py --budget-s) get the remainder.  A stage cut short by its share says
 # so (pytest is interrupted with SIGINT and still writes its junit XML, rc 2 or 124; a benchmark
@@ -72,7 +72,8 @@ if [[ $STAGES == *test* ]]; then
   $PY -c "import pytest_timeout" 2>/dev/null && ARGS+=(--timeout=${TEST_TIMEOUT:-240})
   $PY -c "import xdist" 2>/dev/null && [[ ${TEST_WORKERS:-8} != 0 ]] && ARGS+=(-n "${TEST_WORKERS:-8}")
   if (( BUDGET_S > 0 )); then
-    budget=$(( $(left) * ${TEST_SHARE:-55} / 100 ))
+    # Without the bench stage the tests get all that is left (less time to write the results).
+    if [[ $STAGES == *bench* ]]; then budget=$(( $(left) * ${TEST_SHARE:-55} / 100 )); else budget=$(( $(left) - 15 )); fi
     echo "== tests: ${budget}s of the $(left)s left, GPU-only tests first"
     capped $(( budget * 6 / 10 )) $PY -m pytest ${TEST_FILES:-tests} "${ARGS[@]}" -m gpu \
       --junitxml="$OUT_DIR/junit_gpu.xml" ${PYTEST_ARGS:-}
