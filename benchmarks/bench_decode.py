@@ -276,6 +276,7 @@ def bench_step(res, args, copy_bw, fa):
                     rotary_interleaved=False, causal=True)
             else:
                 res.add(**row, impl="flash_attn", status="skipped: not installed")
+            got = {}
             for name, fn in impls.items():
                 try:
                     ms, p20, p80 = bench_graph([lambda c=c, fn=fn: fn(c) for c in caches])
@@ -283,8 +284,14 @@ def bench_step(res, args, copy_bw, fa):
                     res.add(**row, impl=name, status=f"error: {type(e).__name__}: {str(e)[:120]}")
                     torch.cuda.synchronize()
                     continue
+                got[name] = ms
                 gbs = (nbytes + append_bytes(batch, 1, hkv) / 2) / ms / 1e6
                 res.add(**row, impl=name, ms=ms, p20=p20, p80=p80, us=1000 * ms, gbs=gbs, pct_copy=100 * gbs / copy_bw)
+            for be in ("triton", "cuda"):
+                fused = got.get(f"{be}-fused")
+                if fused:
+                    peers = {"x_separate": got.get(f"{be}-separate"), "x_flash_attn": got.get("flash_attn")}
+                    res.add(**row, impl=f"{be}-fused speedup", **{k: v / fused for k, v in peers.items() if v})
             del q, caches
             torch.cuda.empty_cache()
 
