@@ -241,10 +241,7 @@ def _decode_kv_op(
     CUDA: the rotary, append and decode kernels one after the other."""
     n = k.shape[1]
     if _debug_checks_on(q):
-        _debug_check_append(k_cache, k, cache_seqlens, block_table)  # new tokens may fall in no block: skipped
-        _debug_check_decode(k_cache, cache_seqlens, block_table)  # the cached ones need valid blocks
-        if rotary_cos is not None:
-            _debug_check_rotary_positions(rotary_cos, cache_seqlens, n)
+        _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos)
     num_splits = _splits(q, k_cache, block_table, num_splits, backend)
     rotary = rotary_cos is not None
     if backend == "triton":
@@ -396,8 +393,15 @@ def _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleav
     return True
 
 
-def _debug_check_rotary_positions(rotary_cos, cache_seqlens, n):
-    last = int(cache_seqlens.max()) + n - 1 if cache_seqlens.numel() else -1
+def _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos):
+    """Debug-mode checks of decode_attention with new tokens: the new tokens may fall in no
+    block (skipped, as by kv_cache_append), the cached ones need valid blocks, and every new
+    position must be inside the rotary tables."""
+    _debug_check_append(k_cache, k, cache_seqlens, block_table)
+    _debug_check_decode(k_cache, cache_seqlens, block_table)
+    if rotary_cos is None or cache_seqlens.numel() == 0:
+        return
+    last = int(cache_seqlens.max()) + k.shape[1] - 1
     if last >= rotary_cos.shape[0]:
         b = int(cache_seqlens.argmax())
         raise IndexError(f"decode_attention: sequence {b} puts a new token at position {last}, past the "
@@ -509,10 +513,7 @@ def decode_attention(
     if k is not None:
         if b == "reference":
             if not torch.compiler.is_compiling() and _debug_checks_on(q):
-                _debug_check_append(k_cache, k, cache_seqlens, block_table)
-                _debug_check_decode(k_cache, cache_seqlens, block_table)
-                if rotary:
-                    _debug_check_rotary_positions(rotary_cos, cache_seqlens, k.shape[1])
+                _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos)
             return _ref.decode_attention_with_kv(
                 q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                 rotary_interleaved=rotary_interleaved, block_table=block_table, softmax_scale=softmax_scale,
