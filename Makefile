@@ -16,7 +16,7 @@ all: test
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=64" wheel
-	$(PIP) install -q torch numpy ninja pytest transformers safetensors tokenizers tqdm
+	$(PIP) install -q torch numpy ninja pytest pytest-xdist transformers safetensors tokenizers tqdm
 	touch $@
 
 deps: $(VENV)/.deps
@@ -28,8 +28,9 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 build: $(VENV)/.built
 
+# One pytest worker per core when pytest-xdist is there (the interpreter-run kernels are CPU-bound).
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $$($(PY) -c "import xdist" 2>/dev/null && echo "-n auto") tests
 
 bench: build
 	$(PY) -m benchmarks.run_all --out benchmarks/results
