@@ -11,6 +11,8 @@ GPU session can decide what to fuse or tune next without another run.  torch.pro
 
 and reports, per kernel name, the total GPU time, calls and share of the step, plus the share of
 each kernel family (GEMM, attention, norm, rotary, swiglu, loss, KV cache, optimizer, other).
+For decode it also replays the same steps from a CUDA graph and reports the step time beside
+the kernels' own time and count: the idle share between kernels is what fusing kernels buys.
 Rows go to the results JSON; the top kernels are printed.  About 30 s on an H100.
 
     python -m benchmarks.bench_profile [--quick] [--out DIR] [--what train,decode]
@@ -114,8 +116,21 @@ def profile_decode(res, steps, context=1024):
         if c > c0:
             table.append((n, t - t0, c - c0))
     table.sort(key=lambda r: -r[1])
-    report(res, f"decode llama-3.2-1b fused batch 1 context {context}", table, steps)
-    del model, gen
+    what = f"decode llama-3.2-1b fused batch 1 context {context}"
+    report(res, what, table, steps)
+    # The same steps replayed from a CUDA graph: step time vs the kernels' own time.  The
+    # difference is the GPU idling between dependent kernels, which only fewer kernels remove.
+    gen_g = Generator(model, cache="static", cuda_graphs=True)
+    gen_g.generate(prompt, 4, greedy=True)  # capture
+    gen_g.generate(prompt, 1 + steps, greedy=True)
+    st = gen_g.stats
+    step_ms = st["decode_s"] / st["decode_steps"] * 1e3
+    busy_ms = sum(t for _, t, _ in table) / steps / 1e3
+    kernels = sum(c for _, _, c in table) / steps
+    res.add(profile=what, metric="graph step", graph_step_ms=step_ms, kernel_ms_per_step=busy_ms,
+            kernels_per_step=kernels, idle_pct=100 * (1 - busy_ms / step_ms),
+            idle_us_per_kernel=1e3 * (step_ms - busy_ms) / kernels)
+    del model, gen, gen_g
     torch.cuda.empty_cache()
 
 
