@@ -62,10 +62,11 @@ CACHES = ("static", "paged")
 class _CacheHook:
     """The model's cache hook (its ``attend`` form) over a fastlm.nn KV cache.
 
-    Prefill (``self.prefill`` set): q/k/v are packed (total, heads, head_dim); k/v are scattered
-    into the cache at ``slots`` (flat row indices of the layer's cache viewed as (-1, Hkv, hd))
-    and the attention is ``ops.attention`` over the packed sequences.  Decode: ``append`` at
-    ``cache.positions`` and ``decode_attention`` over each sequence's first ``seqlens`` tokens.
+    It gets q/k before rotary (``rotates``).  Prefill (``self.prefill`` set): q/k/v are packed
+    (total, heads, head_dim); q/k are rotated, k/v scattered into the cache at ``slots`` (flat row
+    indices of the layer's cache viewed as (-1, Hkv, hd)) and the attention is ``ops.attention``
+    over the packed sequences.  Decode: ``cache.append_attend``, one ``decode_attention`` that
+    rotates q/k at ``cache.positions``, appends k/v there and attends over positions + 1 tokens.
     """
 
     rotates = True  # gets q/k before rotary: the decode step rotates and appends in one launch
