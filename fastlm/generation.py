@@ -89,6 +89,8 @@ class _CacheHook:
         # Decode: the step's tokens sit at the cache's write positions (the model was called with
         # positions=cache.positions), so rotary, append and attention are one decode_attention.
         cos, sin = (rope[0], rope[1]) if rope is not None else (None, None)
+        if rope is not None and rope[2] is not c.positions:  # the rotation positions are the cache's
+            raise RuntimeError("_CacheHook: a decode step must run the model with positions=cache.positions")
         return c.append_attend(layer, q, k, v, rotary_cos=cos, rotary_sin=sin, window=window[0],
                                backend=self.op_backend)  # (left, 0) -> left window
 
