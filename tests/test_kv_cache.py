@@ -35,6 +35,15 @@ def make_cache(B, Hkv, D, dtype, cap, *, paged, block_size=4, spare_blocks=3):
     return kc, vc, bt
 
 
+def small_paged_case(cap, lens, B=2, Hq=4, Hkv=2, D=16):
+    """fp16 paged cache (4-token blocks) of capacity `cap`, lengths `lens`, one-token q and k."""
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=4)
+    lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    return kc, vc, bt, lens, q, k
+
+
 def mixed_lengths(B, cap, lo=1):
     """Lengths with a full cache and a length-1 (or lo) sequence among random ones."""
     lens = [random.randint(lo, cap) for _ in range(B)]
@@ -271,10 +280,7 @@ def test_append_kernel_never_writes_out_of_bounds(backend, paged):
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_opcheck(backend):
     B, Hq, Hkv, D, cap = 2, 4, 2, 16, 19
-    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=4)
-    lens = torch.tensor([5, 19], dtype=torch.int32, device=DEVICE)
-    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
-    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    kc, vc, bt, lens, q, k = small_paged_case(cap, [5, 19])
     lens_app = torch.tensor([5, 18], dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(torch.ops.fastlm.decode_attention.default, (q, kc, vc, lens, bt, 0.25, True, -1, 0.0, 2, backend))
     torch.library.opcheck(torch.ops.fastlm.kv_cache_append.default, (kc, vc, k, k, lens_app, bt, backend))
@@ -286,10 +292,7 @@ def test_opcheck(backend):
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_compile_fullgraph(backend):
     B, Hq, Hkv, D, cap = 2, 4, 2, 16, 21
-    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=4)
-    lens = torch.tensor([3, 12], dtype=torch.int32, device=DEVICE)
-    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
-    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    kc, vc, bt, lens, q, k = small_paged_case(cap, [3, 12])
 
     def step(q, k, kc, vc, lens, bt):
         fastlm.ops.kv_cache_append(kc, vc, k, k, lens, block_table=bt, backend=backend)
@@ -390,10 +393,7 @@ def test_decode_with_new_kv_matches_separate_ops(backend):
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_decode_with_new_kv_opcheck_and_compile(backend):
     B, Hq, Hkv, D, cap = 2, 4, 2, 16, 19
-    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=4)
-    lens = torch.tensor([5, 18], dtype=torch.int32, device=DEVICE)
-    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
-    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    kc, vc, bt, lens, q, k = small_paged_case(cap, [5, 18])
     cos, sin = _tables(D // 2, cap)  # partial rotary
     torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv.default,
                           (q, kc, vc, k, k, lens, bt, cos, sin, False, 0.25, True, -1, 0.0, 2, backend))
@@ -434,10 +434,7 @@ def test_rotary_append_kernel_position_past_table_is_nan():
 
 def test_decode_with_new_kv_bad_inputs():
     B, Hq, Hkv, D, cap = 2, 4, 2, 16, 12
-    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=4)
-    lens = torch.tensor([3, 8], dtype=torch.int32, device=DEVICE)
-    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
-    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    kc, vc, bt, lens, q, k = small_paged_case(cap, [3, 8])
     cos, sin = _tables(D, cap)
     dec = fastlm.ops.decode_attention
 
