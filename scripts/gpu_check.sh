@@ -70,7 +70,9 @@ if [[ $STAGES == *test* ]]; then
   ARGS=(-q -rs --durations=15)
   # A hung test must not eat the whole call: per-test timeout when pytest-timeout is there.
   $PY -c "import pytest_timeout" 2>/dev/null && ARGS+=(--timeout=${TEST_TIMEOUT:-240})
-  $PY -c "import xdist" 2>/dev/null && [[ ${TEST_WORKERS:-8} != 0 ]] && ARGS+=(-n "${TEST_WORKERS:-8}")
+  # A worker whose CUDA context a faulting kernel broke exits and is replaced (tests/conftest.py).
+  $PY -c "import xdist" 2>/dev/null && [[ ${TEST_WORKERS:-8} != 0 ]] \
+    && ARGS+=(-n "${TEST_WORKERS:-8}" --max-worker-restart="${TEST_MAX_RESTARTS:-64}")
   if (( BUDGET_S > 0 )); then
     # Without the bench stage the tests get all that is left (less time to write the results).
     if [[ $STAGES == *bench* ]]; then budget=$(( $(left) * ${TEST_SHARE:-55} / 100 )); else budget=$(( $(left) - 15 )); fi

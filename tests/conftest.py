@@ -5,6 +5,7 @@ must be switched on before triton is first imported; that happens here, at colle
 CUDA-only tests carry @pytest.mark.gpu and are skipped with a visible reason without a GPU.
 """
 import os
+import sys
 
 import torch
 
@@ -35,6 +36,51 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------ a broken CUDA context
+# A kernel that faults (illegal address, device-side assert, launch failure) breaks the CUDA
+# context of the whole process for good: every later CUDA call in it fails.  Without care, one
+# faulty kernel fails every test that follows in that process, hiding which tests are really
+# broken.  So after each test on a GPU the guard synchronizes: a fault is charged to the test
+# that caused it (a teardown error), and the process is then retired.  Under pytest-xdist the
+# worker exits, and xdist starts a fresh one and gives it the tests still pending (the test that
+# faulted is reported twice: its own failure, then "worker crashed"); run serially, the session
+# stops with a message that says so.
+_CUDA_LOST = None  # the error that broke this process's CUDA context
+
+
+def _cuda_error():
+    """None if this process's CUDA context is healthy (or unused), else the error it reports."""
+    if not (HAS_CUDA and torch.cuda.is_initialized()):
+        return None
+    try:
+        torch.cuda.synchronize()
+    except Exception as e:  # torch.AcceleratorError / RuntimeError: "CUDA error: ..."
+        return f"{type(e).__name__}: {e}".strip()
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _cuda_context_guard():
+    yield
+    global _CUDA_LOST
+    if _CUDA_LOST is None and (err := _cuda_error()) is not None:
+        _CUDA_LOST = err
+        pytest.fail(f"the CUDA context broke during this test (a kernel faulted): {err}", pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    yield  # the test ran and its reports were sent (to the xdist controller, too)
+    if _CUDA_LOST is None:
+        return
+    msg = f"CUDA context lost in {item.nodeid}: {_CUDA_LOST.splitlines()[0]}"
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        sys.stderr.write(f"\nfastlm conftest: {msg}; retiring this xdist worker\n")
+        sys.stderr.flush()
+        os._exit(70)
+    item.session.shouldstop = f"{msg}; the tests after it cannot run in this process (run with -n N: xdist replaces the worker)"
 
 
 @pytest.fixture
