@@ -37,7 +37,7 @@ import pytest
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
-MODULES = ["norm", "rotary", "decode", "attention", "cross_entropy", "activation"]
+MODULES = ["norm", "rotary", "decode", "attention", "cross_entropy", "activation", "gemv"]
 
 # Device profiles: what the launchers' GPU queries return, and the compile target.
 PROFILES = {
@@ -369,6 +369,20 @@ def _swiglu_case(F, dtype, *, stacked, rows=8192):
     return f"swiglu F={F} {_dt(dtype)} {'stacked' if stacked else 'split'}", run
 
 
+def _gemv_case(M, N, K, dtype, *, norm, residual, swiglu, bias=False, nw_dtype=None):
+    def run(k, arch):
+        x = _t(M, K, dtype=dtype)
+        r = _t(M, K, dtype=dtype) if residual else None
+        w = _t(2 * N if swiglu else N, K, dtype=dtype)
+        b = _t(w.shape[0], dtype=dtype) if bias else None
+        nw = _t(K, dtype=nw_dtype or dtype) if norm else None
+        nb = _t(K, dtype=nw_dtype or dtype) if norm == 2 else None
+        k["gemv"].gemv(x, w, b, r, norm, nw, nb, 1e-5, swiglu, _t(M, N, dtype=dtype),
+                       _t(M, K, dtype=dtype) if residual else None)
+    flags = ["none", "rms", "ln"][norm] + "+res" * residual + "+swiglu" * swiglu + "+b" * bias
+    return f"gemv {flags} M={M} N={N} K={K} {_dt(dtype)}", run
+
+
 def _dt(dtype):
     return str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
 
@@ -475,6 +489,14 @@ def _cases(full):
     # ---- activation: the presets' widths (stacked, bf16), a 1-warp tile, the split form in fp32
     for F, dt, stacked in ((8192, bf16, True), (2816, fp16, True), (100, bf16, True), (1000, fp32, False)):
         add("activation", both if F == 8192 or full else h100, _swiglu_case(F, dt, stacked=stacked))
+
+    # ---- gemv (decode-step linear layers, every autotune config): llama-3.2-1b's norm + qkv and
+    # norm + w_in + swiglu at batch 1, w_out at batch 4; GPT-2's LayerNorm + qkv with bias at 16 rows
+    add("gemv", both, _gemv_case(1, 3072, 2048, bf16, norm=1, residual=True, swiglu=False, nw_dtype=fp32))
+    add("gemv", both, _gemv_case(1, 8192, 2048, bf16, norm=1, residual=True, swiglu=True))
+    add("gemv", h100, _gemv_case(4, 2048, 8192, bf16, norm=0, residual=False, swiglu=False))
+    add("gemv", h100, _gemv_case(16, 2304, 768, fp16, norm=2, residual=True, swiglu=False, bias=True))
+    add("gemv", h100, _gemv_case(3, 1000, 100, fp32, norm=0, residual=True, swiglu=True, bias=True))
     return cases
 
 

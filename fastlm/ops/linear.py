@@ -1,0 +1,187 @@
+"""fused_linear: a linear layer with the pre-norm residual add and norm before it and SwiGLU
+after it, in one kernel for the few rows of a decode step.
+
+    y = act(norm(x + residual) @ weight^T + bias)        (each part optional)
+
+Backends:
+  "triton"    kernels/gemv.py for up to kernels.gemv.MAX_ROWS rows (decode: a matrix-vector
+              product bound by reading the weight once, with the norm and the activation folded
+              in, see that module); more rows are a compute-bound GEMM, which runs on cuBLAS
+              between the fused norm and SwiGLU kernels.
+  "reference" fastlm.reference.fused_linear (the unfused PyTorch chain; the CPU path)
+The kernel runs through the torch op ``torch.ops.fastlm.fused_linear`` (custom op with a fake
+implementation), so it works with opcheck, torch.compile(fullgraph=True) and CUDA graphs.
+
+Inference only: there is no backward (training uses rms_norm / layer_norm, the GEMM and swiglu,
+which save what their backward needs); calling it on tensors that require grad with grad
+mode on is an error, not a silently detached result.
+"""
+import torch
+import torch.nn.functional as F
+
+from fastlm import _backend, reference
+from fastlm._checks import KERNEL_DTYPES, check_same_device, check_tensor
+
+SUPPORTED = ("triton", "reference")
+PREFERRED = ("triton", "reference")
+NORMS = {None: 0, "rms": 1, "layer": 2}
+ACTIVATIONS = (None, "swiglu")
+DEFAULT_EPS = {"rms": 1e-6, "layer": 1e-5}
+
+
+def _kernels():
+    from fastlm.kernels import gemv as k
+
+    return k
+
+
+# ---------------------------------------------------------------------------- torch op
+@torch.library.custom_op("fastlm::fused_linear", mutates_args=())
+def _fused_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    norm: int,
+    eps: float,
+    swiglu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M <= kernels.gemv.MAX_ROWS, K), weight (N or 2N, K) -> (y (M, N), h (M, K) = x + residual,
+    empty without one).  1-D inputs must be contiguous (the public function makes them so)."""
+    k = _kernels()
+    M, K = x.shape
+    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    y = x.new_empty((M, N))
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
+    k.gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, swiglu, y,
+           h if residual is not None else None)
+    return y, h
+
+
+@_fused_linear_op.register_fake
+def _(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, swiglu):
+    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
+    return x.new_empty((x.shape[0], N)), h
+
+
+# ---------------------------------------------------------------------------- checks
+def _unit_cols(t):
+    return t if t is None or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, activation, backend):
+    op = "fused_linear"
+    allowed = KERNEL_DTYPES + ((torch.float64,) if backend in (None, "reference") else ())
+    check_tensor(x, "x", dtypes=allowed, min_ndim=1)
+    K = x.shape[-1]
+    if K == 0:
+        raise ValueError(f"{op}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    check_tensor(weight, "weight", dtypes=allowed, ndim=2)
+    if weight.shape[1] != K:
+        raise ValueError(f"{op}: weight must have shape (out_features, {K}) (K = the last dim of x), "
+                         f"got {tuple(weight.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "swiglu" and weight.shape[0] % 2:
+        raise ValueError(f"{op}: with activation='swiglu' weight must stack [gate; up] (an even number of rows), "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias", dtypes=allowed, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},) (weight's rows), got {tuple(bias.shape)}")
+    if residual is not None:
+        check_tensor(residual, "residual", dtypes=allowed)
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{op}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    if norm not in NORMS:
+        raise ValueError(f"{op}: norm must be one of {tuple(NORMS)}, got {norm!r}")
+    if norm is None and (norm_weight is not None or norm_bias is not None):
+        raise ValueError(f"{op}: norm_weight / norm_bias given without norm ('rms' or 'layer')")
+    if norm == "rms" and norm_bias is not None:
+        raise ValueError(f"{op}: norm='rms' has no bias; got norm_bias")
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is not None:
+            check_tensor(t, name, dtypes=allowed, ndim=1)
+            if t.shape[0] != K:
+                raise ValueError(f"{op}: {name} must have shape ({K},) (the last dim of x), got {tuple(t.shape)}")
+    if eps is not None and not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
+    check_same_device(x, "x", weight=weight, bias=bias, residual=residual, norm_weight=norm_weight,
+                      norm_bias=norm_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias, residual, norm_weight, norm_bias)):
+        raise RuntimeError(f"{op} is an inference kernel with no backward, and an input requires grad; run it "
+                           "under torch.no_grad() / torch.inference_mode(), or for training use rms_norm / "
+                           "layer_norm, F.linear and swiglu")
+
+
+def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, swiglu, backend):
+    """Many rows: the fused norm kernel, the cuBLAS GEMM, the fused SwiGLU kernel."""
+    from fastlm import ops
+
+    h = x2
+    if norm == "rms":
+        out = ops.rms_norm(x2, norm_weight, eps, residual=residual2, backend=backend)
+    elif norm == "layer":
+        out = ops.layer_norm(x2, norm_weight, norm_bias, eps, residual=residual2, backend=backend)
+    else:
+        out = x2 + residual2 if residual2 is not None else x2
+    if residual2 is not None and norm is not None:
+        a, h = out
+    else:
+        a = h = out
+    y = F.linear(a, weight, bias)
+    if swiglu:
+        y = ops.swiglu(y, backend=backend)
+    return y, h
+
+
+# ---------------------------------------------------------------------------- public API
+def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias=None, eps=None, residual=None,
+                 activation=None, backend=None):
+    """act(norm(x + residual) @ weight.T + bias) in one kernel for decode-sized inputs.
+
+    x (..., K); weight (N, K) as nn.Linear stores it, bias (N,) or None; with
+    activation="swiglu", weight stacks the gate rows over the up rows (2F, K) and the result is
+    silu(gate) * up (..., F).  norm: None | "rms" | "layer" with norm_weight / norm_bias (K,)
+    and eps (default 1e-6 for rms, 1e-5 for layer).  residual (like x): h = x + residual is
+    normalized and returned too.  Returns y (..., N or F), or (y, h) with a residual.
+    Statistics and accumulation in fp32; each intermediate is rounded to x's dtype where the
+    separate ops would store it.  Under autocast, x, residual, weight and bias are cast to the
+    autocast dtype (as F.linear would); otherwise weight and bias must have x's dtype.
+    Inference only (no backward).  backend: "triton" | "reference" | None.
+    """
+    _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, activation, backend)
+    eps = float(DEFAULT_EPS[norm] if eps is None and norm is not None else (eps or 0.0))
+    swiglu = activation == "swiglu"
+    if backend is None and x.dtype == torch.float64:
+        b = "reference"
+    else:
+        b = _backend.resolve(backend, x.device, SUPPORTED, PREFERRED, op="fused_linear")
+    dev = x.device.type
+    if b != "reference" and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        residual = residual.to(dt) if residual is not None else None
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"fused_linear: {name} has dtype {t.dtype} but x has {x.dtype}; use one dtype (or autocast)")
+    if b == "reference":
+        return reference.fused_linear(x, weight, bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
+                                      eps=eps, residual=residual, activation=activation)
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = _unit_cols(x.reshape(-1, K))
+    r2 = _unit_cols(residual.reshape(-1, K)) if residual is not None else None
+    if x2.shape[0] > _kernels().MAX_ROWS:
+        y, h = _gemm_path(x2, weight, bias, r2, norm, norm_weight, norm_bias, eps, swiglu, b)
+    else:
+        vec = [t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias)]
+        y, h = _fused_linear_op(x2, _unit_cols(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps, swiglu)
+    y = y.view(*lead, y.shape[-1])
+    return (y, h.view(x.shape)) if residual is not None else y

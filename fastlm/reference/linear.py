@@ -1,0 +1,25 @@
+"""Reference fused_linear (plain PyTorch): the unfused chain the kernel replaces."""
+import torch.nn.functional as F
+
+from fastlm.reference.activation import swiglu
+from fastlm.reference.norm import layer_norm, rms_norm
+
+
+def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias=None, eps=None, residual=None,
+                 activation=None, upcast=True):
+    """act(norm(x [+ residual]) @ weight^T + bias); returns y, or (y, h = x + residual).
+    eps None: 1e-6 for norm="rms", 1e-5 for "layer" (as rms_norm / layer_norm).
+
+    Each step rounds to x's dtype, as the separate ops would store it: h, the normalized x,
+    the linear's output (gate and up for SwiGLU), the activation."""
+    h = x + residual if residual is not None else x
+    if norm == "rms":
+        a = rms_norm(h, norm_weight, 1e-6 if eps is None else eps, upcast=upcast)
+    elif norm == "layer":
+        a = layer_norm(h, norm_weight, norm_bias, 1e-5 if eps is None else eps, upcast=upcast)
+    else:
+        a = h
+    y = F.linear(a, weight, bias)
+    if activation == "swiglu":
+        y = swiglu(y, upcast=upcast)
+    return (y, h) if residual is not None else y

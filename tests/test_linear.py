@@ -1,0 +1,261 @@
+"""fused_linear (norm + residual prologue, linear, SwiGLU epilogue; kernels/gemv.py) vs the
+float64 reference chain, the torch op contract, bad input, and the model's decode path."""
+import pytest
+import torch
+
+import fastlm
+from conftest import DEVICE, HAS_CUDA
+from fastlm import reference
+from fastlm.kernels import gemv as G
+from fastlm.models import Transformer, TransformerConfig
+from tolerances import FACTOR, assert_close, truncation_factor
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NORMS = [None, "rms", "layer"]
+
+
+def _case(M, K, N, dtype, *, norm, residual, swiglu, bias, lead=None, scale=1.0):
+    """Fresh inputs: x, weight (2N rows with SwiGLU), and the keyword arguments of the op."""
+    lead = lead or (M,)
+    x = torch.randn(*lead, K, device=DEVICE).to(dtype) * scale
+    w = (torch.randn(2 * N if swiglu else N, K, device=DEVICE) / K**0.5).to(dtype)
+    kw = dict(norm=norm, activation="swiglu" if swiglu else None)
+    if bias:
+        kw["bias"] = torch.randn(w.shape[0], device=DEVICE).to(dtype)
+    if residual:
+        kw["residual"] = torch.randn(*lead, K, device=DEVICE).to(dtype)
+    if norm:
+        kw["norm_weight"] = 1.0 + 0.5 * torch.randn(K, device=DEVICE)  # fp32, as a model's norm keeps it
+        if norm == "layer":
+            kw["norm_bias"] = 0.1 * torch.randn(K, device=DEVICE)
+    return x, w, kw
+
+
+def _run_ref(x, w, kw, cast):
+    kw = {k: cast(v) if isinstance(v, torch.Tensor) and k not in ("norm_weight", "norm_bias") else v
+          for k, v in kw.items()}
+    if "norm_weight" in kw:  # the norm's own parameters stay fp32 in both references
+        kw = dict(kw, **{k: kw[k].double() if cast(x).dtype == torch.float64 else kw[k]
+                         for k in ("norm_weight", "norm_bias") if kw.get(k) is not None})
+    return reference.fused_linear(cast(x), cast(w), **kw)
+
+
+def _check(x, w, kw, backend="triton"):
+    out = fastlm.ops.fused_linear(x, w, **kw, backend=backend)
+    f = FACTOR * truncation_factor(x.dtype)  # bf16 in the interpreter: h, x_norm, gate, up truncated
+    ref64 = _run_ref(x, w, kw, lambda t: t.double())
+    lowp = _run_ref(x, w, kw, lambda t: t)
+    if "residual" in kw:
+        (out, h), (ref64, h64), (lowp, hl) = out, ref64, lowp
+        assert h.dtype == x.dtype and h.shape == x.shape
+        assert_close(h, h64, hl, "h", factor=f)
+    assert out.dtype == x.dtype
+    N = w.shape[0] // 2 if kw.get("activation") else w.shape[0]
+    assert out.shape == (*x.shape[:-1], N)
+    assert_close(out, ref64, lowp, "y", factor=f)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("M", [1, 3])
+def test_matches_reference(dtype, norm, swiglu, residual, M):
+    """Shapes span several (BLOCK_N, BLOCK_K) tiles of the interpreter config with ragged edges."""
+    x, w, kw = _case(M, 37, 22, dtype, norm=norm, residual=residual, swiglu=swiglu, bias=M == 3, scale=2.0)
+    _check(x, w, kw)
+
+
+@pytest.mark.parametrize("M", [16, 17, 40])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_many_rows(M, norm):
+    """M = MAX_ROWS runs the kernel with BLOCK_M 16; more rows take the GEMM path (norm kernel,
+    GEMM, SwiGLU kernel): same results either way."""
+    x, w, kw = _case(M, 40, 12, torch.float16, norm=norm, residual=True, swiglu=True, bias=True)
+    _check(x, w, kw)
+
+
+def test_leading_dims_and_strided_views():
+    """x and the residual as column slices of bigger tensors with 2 leading dims, weight as a row
+    block of a bigger matrix (row stride > K): read in place, same result as contiguous copies."""
+    K, N = 24, 10
+    big = torch.randn(2, 1, 3 * K, device=DEVICE, dtype=torch.float16)
+    x, r = big[..., K:2 * K], big[..., 2 * K:]
+    wbig = torch.randn(3 * N, K + 8, device=DEVICE, dtype=torch.float16) / K**0.5
+    w = wbig[N:2 * N, :K]
+    kw = dict(norm="rms", norm_weight=torch.rand(K, device=DEVICE) + 0.5, residual=r)
+    y, h = fastlm.ops.fused_linear(x, w, **kw, backend="triton")
+    y2, h2 = fastlm.ops.fused_linear(x.contiguous(), w.contiguous(), **dict(kw, residual=r.contiguous()),
+                                     backend="triton")
+    assert y.shape == (2, 1, N) and h.shape == (2, 1, K)
+    assert torch.equal(y, y2) and torch.equal(h, h2)
+    _check(x, w, kw)
+
+
+def test_norm_without_weight_and_no_rows():
+    x, w, kw = _case(2, 33, 7, torch.float32, norm="layer", residual=False, swiglu=False, bias=False)
+    kw.pop("norm_weight"), kw.pop("norm_bias")
+    _check(x, w, kw)
+    y, h = fastlm.ops.fused_linear(x[:0], w, residual=x[:0], norm="rms", backend="triton")
+    assert y.shape == (0, 7) and h.shape == (0, 33)
+
+
+def test_default_eps_follows_the_norm():
+    """eps=None: 1e-6 for rms, 1e-5 for layer (as rms_norm / layer_norm); visible on a tiny-
+    variance row, where eps dominates."""
+    x = torch.full((1, 16), 1e-3, device=DEVICE)
+    x[0, ::2] = -1e-3
+    w = torch.eye(16, device=DEVICE)
+    for norm, eps in (("rms", 1e-6), ("layer", 1e-5)):
+        y = fastlm.ops.fused_linear(x, w, norm=norm, backend="triton")
+        torch.testing.assert_close(y, fastlm.ops.fused_linear(x, w, norm=norm, eps=eps, backend="triton"))
+        assert not torch.allclose(y, fastlm.ops.fused_linear(x, w, norm=norm, eps=eps * 100, backend="triton"))
+
+
+def test_torch_op_contract():
+    x, w, kw = _case(3, 20, 6, torch.float32, norm="rms", residual=True, swiglu=True, bias=True)
+    args = (x, w, kw["bias"], kw["residual"], kw["norm_weight"], None, 1, 1e-6, True)
+    torch.library.opcheck(torch.ops.fastlm.fused_linear.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    f = torch.compile(lambda *a: fastlm.ops.fused_linear(*a, **{k: v for k, v in kw.items() if k != "bias"},
+                                                         backend="triton"), fullgraph=True, backend="eager")
+    y, h = f(x, w, kw["bias"])
+    y2, h2 = fastlm.ops.fused_linear(x, w, **kw, backend="triton")
+    assert torch.equal(y, y2) and torch.equal(h, h2)
+
+
+def test_autocast_casts_like_linear():
+    x, w, kw = _case(2, 24, 8, torch.float32, norm="rms", residual=True, swiglu=False, bias=True)
+    dt = torch.bfloat16
+    with torch.autocast(DEVICE.type, dtype=dt):
+        y, h = fastlm.ops.fused_linear(x, w, **kw, backend="triton")
+    cast = {k: v.to(dt) if k in ("bias", "residual") else v for k, v in kw.items()}
+    y2, h2 = fastlm.ops.fused_linear(x.to(dt), w.to(dt), **cast, backend="triton")
+    assert y.dtype == dt and torch.equal(y, y2) and torch.equal(h, h2)
+
+
+def test_inference_only():
+    x, w, kw = _case(1, 16, 4, torch.float32, norm="rms", residual=False, swiglu=False, bias=False)
+    w.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="no backward"):
+        fastlm.ops.fused_linear(x, w, **kw, backend="triton")
+    with torch.no_grad():
+        fastlm.ops.fused_linear(x, w, **kw, backend="triton")
+    with torch.inference_mode():
+        fastlm.ops.fused_linear(x, w, **kw, backend="triton")
+
+
+def _bad(**over):
+    x = torch.randn(2, 8, device=DEVICE)
+    args = dict(x=x, weight=torch.randn(6, 8, device=DEVICE))
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(x=torch.zeros(2, 8, dtype=torch.int32)), TypeError, "x must have dtype"),
+    (dict(x=torch.randn(2, 0)), ValueError, "x must have a non-empty last"),
+    (dict(weight=torch.randn(6, 7)), ValueError, r"weight must have shape \(out_features, 8\)"),
+    (dict(weight=torch.randn(6, 8, dtype=torch.float16)), TypeError, "weight has dtype"),
+    (dict(weight=torch.randn(5, 8), activation="swiglu"), ValueError, "even number of rows"),
+    (dict(activation="gelu"), ValueError, "activation must be one of"),
+    (dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\)"),
+    (dict(residual=torch.randn(2, 9)), ValueError, "residual must have the shape of x"),
+    (dict(residual=torch.randn(2, 8, dtype=torch.float16)), TypeError, "residual must have x's dtype"),
+    (dict(norm="batch"), ValueError, "norm must be one of"),
+    (dict(norm_weight=torch.ones(8)), ValueError, "without norm"),
+    (dict(norm="rms", norm_bias=torch.ones(8)), ValueError, "'rms' has no bias"),
+    (dict(norm="rms", norm_weight=torch.ones(7)), ValueError, r"norm_weight must have shape \(8,\)"),
+    (dict(norm="rms", eps=-1.0), ValueError, "eps must be a non-negative"),
+])
+def test_bad_input(over, exc, match):
+    args = _bad(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in over.items()})
+    with pytest.raises(exc, match=match):
+        fastlm.ops.fused_linear(**args, backend="triton")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs two devices: a CUDA GPU and the CPU")
+def test_bad_device():
+    with pytest.raises(ValueError, match="weight is on"):
+        fastlm.ops.fused_linear(torch.randn(1, 8, device="cuda"), torch.randn(4, 8), backend="triton")
+
+
+# ------------------------------------------------------------------------------ the model
+def _count_fused_linear(monkeypatch):
+    import fastlm.models.transformer as T
+
+    calls, orig = [], fastlm.ops.fused_linear
+
+    def spy(*a, **k):
+        calls.append(k.get("activation"))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(T.ops, "fused_linear", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+def test_model_decode_path_matches_the_unfused_blocks(name, monkeypatch):
+    """A grad-free forward of a few token rows (the decode path: norms folded into qkv / w_in,
+    SwiGLU into w_in) gives the logits of the same model with that path off."""
+    cfg = TransformerConfig.from_name(name)
+    model = Transformer(cfg, backend="fused").to(DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 1), device=DEVICE)
+    with torch.no_grad():
+        model.decode_gemv_rows = 0
+        want = model(tokens)
+        model.decode_gemv_rows = 4
+        calls = _count_fused_linear(monkeypatch)
+        got = model(tokens)
+    assert len(calls) == 2 * cfg.n_layers  # norm + qkv, norm + w_in per block
+    assert calls.count("swiglu") == (cfg.n_layers if cfg.mlp == "swiglu" else 0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # more rows than the threshold, or grad mode on: the unfused blocks
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (5, 1), device=DEVICE))
+    model(tokens)
+    assert calls == []
+    with pytest.raises(ValueError, match="decode_gemv_rows"):
+        model.decode_gemv_rows = -1
+
+
+# ------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4, 8, 16])
+@pytest.mark.parametrize("shape, norm, swiglu", [
+    ((2048, 3072), "rms", False),  # llama-3.2-1b: norm + qkv
+    ((2048, 8192), "rms", True),  # norm + w_in + SwiGLU
+    ((8192, 2048), None, False),  # w_out
+    ((768, 2304), "layer", False),  # gpt2: LayerNorm + qkv (with bias)
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_model_shapes(M, shape, norm, swiglu, dtype):
+    K, N = shape
+    x, w, kw = _case(M, K, N, dtype, norm=norm, residual=norm is not None, swiglu=swiglu, bias=K == 768)
+    _check(x, w, kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("M", [1, 4])
+def test_gpu_every_config(monkeypatch, M, swiglu):
+    """Each autotune config forced in turn (the tuner may pick any), and the autotuned launch."""
+    x, w, kw = _case(M, 2048, 1000, torch.bfloat16, norm="rms", residual=True, swiglu=swiglu, bias=False)
+    monkeypatch.setattr(G, "AUTOTUNE", False)
+    for cfg in G._configs(triton_next_pow2(M), swiglu):
+        monkeypatch.setattr(G, "_configs", lambda bm, sw, c=cfg: [c])
+        _check(x, w, kw)
+    monkeypatch.undo()
+    monkeypatch.setattr(G, "AUTOTUNE", True)
+    _check(x, w, kw)
+
+
+def triton_next_pow2(n):
+    import triton
+
+    return triton.next_power_of_2(n)
