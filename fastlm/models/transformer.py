@@ -18,6 +18,12 @@ dtype (bf16), as FSDP2 with a bf16 param_dtype does; its norm kernels still comp
 fp32.  The reference keeps the fp32 residual stream a plain autocast model has (fp32 embeddings
 plus bf16 block outputs promote to fp32), so torch.nn.RMSNorm sees matching fp32 input and weight.
 
+Decode-sized inputs: with grad mode off and at most ``decode_gemv_rows`` token rows (default 4,
+env FASTLM_DECODE_GEMV_ROWS; 0 turns it off), the fused backend runs each block's norm + qkv
+projection and norm + w_in (+ SwiGLU) as one kernel each (ops.fused_linear: a matrix-vector
+product with the norm folded in before and the activation after), removing three small kernels
+per layer from a decode step.
+
 Shapes: B batch, T sequence length, D model dim, H query heads, Hkv key/value heads, hd head dim.
 Inputs are (B, T) token ids, or packed variable-length sequences: (total,) ids with
 ``cu_seqlens`` (int32, (num_seqs + 1,)), positions restarting at 0 in each sequence.
@@ -37,6 +43,7 @@ can fuse the rotation into its own kernels (fused backend: rope = (cos table, si
 positions, cu_seqlens)).  ``cache`` is None in training.
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -48,6 +55,8 @@ from fastlm import ops
 from fastlm.models.config import TransformerConfig
 
 BACKENDS = ("fused", "reference")
+# Token rows up to which a fused, grad-free forward uses ops.fused_linear (see the docstring).
+DECODE_GEMV_ROWS = int(os.environ.get("FASTLM_DECODE_GEMV_ROWS", "4"))
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -176,11 +185,14 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, qkv_dim, bias=config.qkv_bias)  # q, k, v stacked
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.out_bias)
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
-        # x: (B, T, D) or packed (total, D)
-        lead = x.shape[:-1]
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None, qkv=None):
+        # x: (B, T, D) or packed (total, D); or None and qkv, the projection already made
+        # (the decode path of Block, which fuses the norm into it)
+        if qkv is None:
+            qkv = self.wqkv(x)
+        lead = qkv.shape[:-1]
         H, Hkv = self.n_heads, self.n_kv_heads
-        qkv = self.wqkv(x).view(*lead, H + 2 * Hkv, self.head_dim)
+        qkv = qkv.view(*lead, H + 2 * Hkv, self.head_dim)
         # (B, T, H|Hkv, hd) views; split (not slicing) so the backward is one cat of dq, dk, dv
         q, k, v = qkv.split([H, Hkv, Hkv], dim=-2)
         if cache is not None and getattr(cache, "rotates", False):  # the cache rotates q/k itself
@@ -240,15 +252,38 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_idx, fused, op_backend)
         self.mlp_norm = make_norm(config, fused, op_backend)
         self.mlp = MLP(config, fused, op_backend)
+        self.gemv_rows = DECODE_GEMV_ROWS  # token rows up to which forward() uses _forward_gemv
 
     def forward(self, x, residual, rope, cu_seqlens=None, max_seqlen=None, cache=None):
         """x: the previous block's output (or the embeddings), residual: the stream before it
         (None for the first block).  Returns (this block's MLP output, residual stream before it),
         leaving the last residual add to the next norm."""
+        if self.fused and 0 < x.numel() <= self.gemv_rows * x.shape[-1] and not torch.is_grad_enabled():
+            return self._forward_gemv(x, residual, rope, cu_seqlens, max_seqlen, cache)
         h, residual = add_norm(self.attn_norm, x, residual, self.fused)
         x = self.attn(h, rope, cu_seqlens, max_seqlen, cache)
         h, residual = add_norm(self.mlp_norm, x, residual, self.fused)
         return self.mlp(h), residual
+
+    def _norm_linear(self, norm, x, residual, linear, activation=None):
+        """(linear(norm(x + residual)) [SwiGLU'd], x + residual) in one ops.fused_linear call."""
+        is_rms = isinstance(norm, nn.RMSNorm)
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        out = ops.fused_linear(x, linear.weight, linear.bias, norm="rms" if is_rms else "layer",
+                               norm_weight=norm.weight, norm_bias=None if is_rms else norm.bias, eps=eps,
+                               residual=residual, activation=activation, backend=triton_only(norm.backend))
+        return out if residual is not None else (out, x)
+
+    def _forward_gemv(self, x, residual, rope, cu_seqlens, max_seqlen, cache):
+        """forward() for a few token rows without grad (decode): the norms are folded into the
+        qkv and w_in projections, and SwiGLU into w_in (see the module docstring)."""
+        qkv, residual = self._norm_linear(self.attn_norm, x, residual, self.attn.wqkv)
+        x = self.attn(None, rope, cu_seqlens, max_seqlen, cache, qkv=qkv)
+        mlp = self.mlp
+        h, residual = self._norm_linear(self.mlp_norm, x, residual, mlp.w_in, "swiglu" if mlp.swiglu else None)
+        if not mlp.swiglu:
+            h = F.gelu(h, approximate=mlp.approximate)
+        return mlp.w_out(h), residual
 
 
 class Transformer(nn.Module):
@@ -273,6 +308,19 @@ class Transformer(nn.Module):
             for name in ("rope_cos", "rope_sin"):  # not in the state_dict: derived from the config
                 self.register_buffer(name, torch.empty(config.max_seqlen, config.rotary_dim // 2), persistent=False)
         self.init_weights()
+
+    @property
+    def decode_gemv_rows(self):
+        """Token rows up to which a grad-free fused forward folds each norm into the next
+        projection (ops.fused_linear); 0 = never.  Default DECODE_GEMV_ROWS."""
+        return self.layers[0].gemv_rows if len(self.layers) else 0
+
+    @decode_gemv_rows.setter
+    def decode_gemv_rows(self, n):
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"decode_gemv_rows must be a non-negative int, got {n!r}")
+        for block in self.layers:
+            block.gemv_rows = n
 
     def make_rope_tables(self, device=None):
         c = self.config
