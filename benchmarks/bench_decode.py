@@ -18,6 +18,12 @@ Decode step (one layer's attention part): rotary + append + decode as separate o
 call decode_attention(k=, v=, rotary_cos=, rotary_sin=), and flash_attn_with_kvcache when
 installed, in microseconds per call.
 
+Decode-step linear layers (ops.fused_linear): the residual add + norm before a projection and
+SwiGLU after it in one matrix-vector kernel, vs the same as separate kernels (norm kernel,
+cuBLAS, SwiGLU kernel: what the model runs with decode_gemv_rows = 0), cuBLAS alone (F.linear:
+the GEMM without its neighbours), the eager reference chain and torch.compile of it, at 1-16
+rows on Llama-3.2-1B / GPT-2 shapes.  GB/s = (weight + activation bytes) / time.
+
 Timing: every call is captured in a CUDA graph (many calls per graph, replayed; median of 10
 replays with p20/p80) so launch overhead does not hide the kernel time, and the calls cycle
 over enough copies of the cache (>= 256 MiB in all) that nothing is served from the 50 MiB L2
@@ -296,6 +302,76 @@ def bench_step(res, args, copy_bw, fa):
             torch.cuda.empty_cache()
 
 
+# (tag, K, N, norm, swiglu, bias, residual): the projections of a decode step
+LINEAR_SHAPES = [
+    ("llama-1b norm+qkv", 2048, 3072, "rms", False, False, True),
+    ("llama-1b norm+w_in+swiglu", 2048, 8192, "rms", True, False, True),
+    ("llama-1b wo", 2048, 2048, None, False, False, False),
+    ("llama-1b w_out", 8192, 2048, None, False, False, False),
+    ("llama-1b norm+lm_head", 2048, 128256, "rms", False, False, True),
+    ("gpt2 norm+qkv", 768, 2304, "layer", False, True, True),
+]
+
+
+def bench_linear(res, args, copy_bw):
+    """ops.fused_linear vs its unfused chain, cuBLAS alone, eager and compiled references."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    shapes = LINEAR_SHAPES[:2] + LINEAR_SHAPES[3:4] if args.quick else LINEAR_SHAPES
+    for tag, K, N, norm, swiglu, has_bias, has_res in shapes:
+        n_out = 2 * N if swiglu else N
+        wbytes = n_out * K * 2
+        copies = n_copies(wbytes)
+        ws = [torch.randn(n_out, K, device="cuda", dtype=DTYPE, generator=gen) / K**0.5 for _ in range(copies)]
+        bias = torch.randn(n_out, device="cuda", dtype=DTYPE, generator=gen) if has_bias else None
+        nw = torch.rand(K, device="cuda", generator=gen) + 0.5 if norm else None
+        nb = torch.randn(K, device="cuda", generator=gen) * 0.1 if norm == "layer" else None
+        kw = dict(norm=norm, norm_weight=nw, norm_bias=nb, activation="swiglu" if swiglu else None)
+        for M in ((1, 4) if args.quick else (1, 4, 8, 16)):
+            x = torch.randn(M, K, device="cuda", dtype=DTYPE, generator=gen)
+            r = torch.randn(M, K, device="cuda", dtype=DTYPE, generator=gen) if has_res else None
+            nbytes = wbytes + (n_out * 2 if has_bias else 0) + M * K * 2 * (3 if has_res else 1) + M * N * 2
+            row = dict(op="linear", shape=tag, rows=M, K=K, N=N, weight_mb=wbytes / 1e6)
+
+            def separate(w, be="triton"):
+                h = x
+                if norm == "rms":
+                    out = fastlm.ops.rms_norm(x, nw, 1e-6, residual=r, backend=be)
+                elif norm == "layer":
+                    out = fastlm.ops.layer_norm(x, nw, nb, 1e-5, residual=r, backend=be)
+                else:
+                    out = x + r if r is not None else x
+                a = out[0] if (r is not None and norm) else out
+                y = F.linear(a, w, bias)
+                return fastlm.ops.swiglu(y, backend=be) if swiglu else y
+
+            ref = lambda w: reference.fused_linear(x, w, bias, residual=r, **kw)  # noqa: E731
+            impls = {
+                "fastlm-fused": lambda w: fastlm.ops.fused_linear(x, w, bias, residual=r, **kw, backend="triton"),
+                "fastlm-separate": separate,
+                "cublas-only": lambda w: F.linear(x, w, bias),
+                "reference-eager": ref,
+                "torch-compile": compiled(ref),
+            }
+            got = {}
+            for name, fn in impls.items():
+                try:
+                    with torch.no_grad():
+                        ms, p20, p80 = bench_graph([lambda w=w, fn=fn: fn(w) for w in ws])
+                except Exception as e:
+                    res.add(**row, impl=name, status=f"error: {type(e).__name__}: {str(e)[:120]}")
+                    torch.cuda.synchronize()
+                    continue
+                got[name] = ms
+                gbs = nbytes / ms / 1e6
+                res.add(**row, impl=name, us=1000 * ms, p20=p20, p80=p80, gbs=gbs, pct_copy=100 * gbs / copy_bw)
+            fused = got.get("fastlm-fused")
+            if fused:
+                res.add(**row, impl="fastlm-fused speedup",
+                        **{f"x_{k.replace('-', '_')}": v / fused for k, v in got.items() if k != "fastlm-fused"})
+        del ws
+        torch.cuda.empty_cache()
+
+
 def print_targets(summary, copy_bw):
     print("[bench_decode] targets: >= 85% of copy bandwidth at context >= 4k, batch 1 and 8; >= 3x SDPA at "
           "batch 1 / 16k", flush=True)
@@ -332,6 +408,7 @@ def main(argv=None):
     summary = bench_decode(res, args, copy_bw, fa, fi)
     bench_append(res, args, copy_bw)
     bench_step(res, args, copy_bw, fa)
+    bench_linear(res, args, copy_bw)
     print_targets(summary, copy_bw)
     res.write()
     return 0

@@ -8,6 +8,9 @@ generation of ``--new-tokens`` tokens per sequence by
   fused/static   fastlm.Generator on the fused model: packed prefill, static KV cache,
                  decode steps captured in a CUDA graph (kv_cache_append + decode_attention)
   fused/paged    the same with the paged cache (16-token blocks)
+  fused/static-nogemv  fused/static with model.decode_gemv_rows = 0: the norms and SwiGLU as
+                 their own kernels instead of inside the qkv / w_in projections
+                 (ops.fused_linear); only at batches where that path is on (<= 4 rows)
   reference      the reference model (torch.nn norms, rotate-half RoPE, SDPA) decoding with
                  a plain PyTorch cache (index_put + SDPA over the filled part), eager
   hf             transformers ``generate`` (greedy, its default dynamic cache, SDPA) on the
@@ -49,7 +52,7 @@ from fastlm.generation import Generator
 from fastlm.models import Transformer, TransformerConfig
 
 NAME = "generate"
-IMPLS = ("fused/static", "fused/paged", "reference", "hf")
+IMPLS = ("fused/static", "fused/paged", "fused/static-nogemv", "reference", "hf")
 BLOCK = 16
 
 
@@ -206,6 +209,8 @@ def run(res, args, copy_gbs):
             base = dict(preset=preset, batch=batch, context=ctx, new_tokens=n)
             got = {}
             for impl in impls:
+                if impl == "fused/static-nogemv" and batch > fused.decode_gemv_rows:
+                    continue  # the same kernels as fused/static at this batch
                 if impl == "hf" and (hf is None or batch * ctx > args.hf_max_tokens):
                     if hf is not None:
                         res.skipped(impl, f"time budget: batch x context > --hf-max-tokens={args.hf_max_tokens}",
@@ -219,11 +224,17 @@ def run(res, args, copy_gbs):
                         if impl == "reference":
                             gen = Generator(ref, max_seqlen=cap)
                         else:
-                            kind = impl.split("/")[1]
+                            kind = impl.split("/")[1].split("-")[0]
                             gen = Generator(fused, cache=kind, max_seqlen=cap, block_size=BLOCK,
                                             num_blocks=batch * -(-cap // BLOCK) if kind == "paged" else None,
                                             cuda_graphs=not args.no_cuda_graphs)
-                        ms, p20, p80, pre = time_generator(gen, prompts, n, reps)
+                        rows = fused.decode_gemv_rows
+                        if impl.endswith("-nogemv"):
+                            fused.decode_gemv_rows = 0
+                        try:
+                            ms, p20, p80, pre = time_generator(gen, prompts, n, reps)
+                        finally:
+                            fused.decode_gemv_rows = rows
                         del gen
                 except torch.OutOfMemoryError:
                     _free()
@@ -242,7 +253,8 @@ def run(res, args, copy_gbs):
                     row.update(pct_copy_bw=100 * gbs / copy_gbs, limit_tokens_per_s=batch * copy_gbs * 1e9 / nbytes)
                 res.add(**row, status="ok")
             lead = "fused/static" if "fused/static" in got else "fused/paged"
-            x = {peer: got[peer] / got[lead] for peer in ("reference", "hf") if lead in got and peer in got}
+            x = {peer: got[peer] / got[lead] for peer in ("reference", "hf", "fused/static-nogemv")
+                 if lead in got and peer in got}
             for peer, v in x.items():
                 res.add(**base, impl=f"{lead} / {peer}", speedup=v, status="ok")
             if batch == 1 and lead in got and copy_gbs:  # the targets (stated for the 1B preset)
