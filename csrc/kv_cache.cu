@@ -36,6 +36,9 @@
 namespace fastlm {
 namespace {
 
+// ---- kernel begin: this section (to 'kernel end') is also compiled on the host by
+// tests/test_kv_cache_emu.py, which runs the kernels there in a SIMT emulator (tests/cuda_emu.h:
+// one host thread per CUDA thread, warp shuffles / mma.sync / __syncthreads as collectives).
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kRows = 16;  // query rows per CTA (the mma M)
@@ -173,7 +176,8 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
-// D (16x8, fp32) += A (16x16, row) * B (16x8, col).
+// D (16x8, fp32) += A (16x16, row) * B (16x8, col).  (The emulator defines its own.)
+#ifndef FASTLM_HOST_EMU
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 template <>
@@ -191,6 +195,7 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uin
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 __device__ __forceinline__ void ldg16(uint32_t (&w)[4], const void* ptr) {
   const uint4 x = __ldg(reinterpret_cast<const uint4*>(ptr));
@@ -551,6 +556,8 @@ __global__ void __launch_bounds__(128) combine_kernel(const DecodeParams p) {
     store_out<T>(p, b, s, h, d, acc * inv);
   }
 }
+
+// ---- kernel end
 
 // ------------------------------------------------------------------------------------ host
 void check_cache(const at::Tensor& c, const at::Tensor& ref, const char* name) {

@@ -1,0 +1,213 @@
+// A SIMT emulator that runs fastlm's CUDA kernels on the host (tests only; no GPU needed).
+//
+// The kernel source is compiled by g++ with the CUDA qualifiers defined away.  A launch runs the
+// CTAs one after another; each CTA runs one host thread per CUDA thread, so per-thread code is
+// exactly the kernel's.  What threads share is emulated as collectives:
+//   __syncthreads()         a barrier of the CTA's threads (shared memory is `static`: one copy,
+//                           used by one CTA at a time)
+//   __shfl_xor_sync         the 32 lanes of a warp deposit their value, meet at a barrier, read
+//                           their partner's, meet again
+//   mma16816 (mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16})
+//                           the lanes deposit their A / B fragments, and each lane computes its
+//                           four accumulators from the fragment layouts of the PTX ISA
+//                           (section "Matrix Fragments for mma.m16n8k16 with floating point
+//                           type"), in fp32.
+// A collective that not every thread of its group reaches (a divergent __syncthreads or shuffle,
+// a deadlock on the GPU) stops the process after a timeout with a message, rather than hanging.
+#pragma once
+#define FASTLM_HOST_EMU 1
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <vector_types.h>
+
+#undef __global__
+#define __global__
+#undef __device__
+#define __device__
+#undef __host__
+#define __host__
+#undef __forceinline__
+#define __forceinline__ inline
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#undef __shared__
+#define __shared__ static
+
+using std::max;
+using std::min;
+
+struct EmuDim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local EmuDim3 threadIdx;
+inline EmuDim3 blockIdx, blockDim{1, 1, 1}, gridDim{1, 1, 1};
+
+class EmuBarrier {
+ public:
+  explicit EmuBarrier(int n) : n_(n) {}
+  void wait(const char* what) {
+    std::unique_lock<std::mutex> lk(m_);
+    const unsigned long gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+      return;
+    }
+    if (!cv_.wait_for(lk, std::chrono::seconds(60), [&] { return gen_ != gen; })) {
+      std::fprintf(stderr, "cuda_emu: %s: %d of %d threads arrived, the others never did (divergent collective "
+                   "or deadlock) in block (%u,%u,%u)\n", what, count_, n_, blockIdx.x, blockIdx.y, blockIdx.z);
+      std::fflush(stderr);
+      std::_Exit(86);
+    }
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  int n_, count_ = 0;
+  unsigned long gen_ = 0;
+};
+
+struct EmuCta {
+  explicit EmuCta(int n) : threads(n), cta(n), slots((n + 31) / 32) {
+    for (int w = 0; w < (n + 31) / 32; ++w) warps.emplace_back(new EmuBarrier(std::min(32, n - 32 * w)));
+  }
+  int threads;
+  EmuBarrier cta;
+  std::vector<std::unique_ptr<EmuBarrier>> warps;
+  struct alignas(16) Slot {
+    unsigned char bytes[64];
+  };
+  std::vector<std::array<Slot, 32>> slots;  // per warp, per lane: one deposited value
+};
+inline EmuCta* emu_cta = nullptr;
+
+inline int emu_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+
+inline void __syncthreads() { emu_cta->cta.wait("__syncthreads"); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  if (mask != 0xffffffffu) {
+    std::fprintf(stderr, "cuda_emu: __shfl_xor_sync with a partial mask is not emulated\n");
+    std::_Exit(87);
+  }
+  static_assert(sizeof(T) <= 64, "shuffle of a value over 64 bytes");
+  const int tid = emu_tid(), w = tid >> 5, lane = tid & 31;
+  std::memcpy(emu_cta->slots[w][lane].bytes, &v, sizeof(T));
+  emu_cta->warps[w]->wait("__shfl_xor_sync");
+  T r;
+  std::memcpy(&r, emu_cta->slots[w][lane ^ lane_mask].bytes, sizeof(T));
+  emu_cta->warps[w]->wait("__shfl_xor_sync");
+  return r;
+}
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+// PTX prmt (the default mode): byte i of the result is byte (selector nibble i & 7) of {y:x}.
+inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+  const uint64_t both = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((both >> (8 * ((s >> (4 * i)) & 7))) & 0xffu) << (8 * i);
+  return r;
+}
+
+template <typename T>
+inline float emu_bits_to_float(uint16_t bits);
+template <>
+inline float emu_bits_to_float<__half>(uint16_t bits) {
+  __half_raw r;
+  r.x = bits;
+  return __half2float(__half(r));
+}
+template <>
+inline float emu_bits_to_float<__nv_bfloat16>(uint16_t bits) {
+  __nv_bfloat16_raw r;
+  r.x = bits;
+  return __bfloat162float(__nv_bfloat16(r));
+}
+
+// D (16x8, fp32) = A (16x16, row) * B (16x8, col) + C for the warp, each lane holding its
+// fragments: A regs {a0,a1} {a2,a3} {a4,a5} {a6,a7} with a_i at row g + 8 * ((i >> 1) & 1),
+// column 2t + (i & 1) + 8 * (i >= 4); B regs {b0,b1} {b2,b3} with b_i at row (k) 2t + (i & 1)
+// + 8 * (i >= 2), column g; C/D c_i at row g + 8 * (i >= 2), column 2t + (i & 1)  (g = lane / 4,
+// t = lane % 4; element 0 of a register is its low 16 bits).
+template <typename T>
+inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  struct Frag {
+    uint32_t a[4], b[2];
+  };
+  const int tid = emu_tid(), w = tid >> 5, lane = tid & 31;
+  auto& slots = emu_cta->slots[w];
+  Frag mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+  std::memcpy(slots[lane].bytes, &mine, sizeof(Frag));
+  emu_cta->warps[w]->wait("mma.sync");
+  auto frag = [&](int ln) {
+    Frag f;
+    std::memcpy(&f, slots[ln].bytes, sizeof(Frag));
+    return f;
+  };
+  auto A = [&](int row, int k) {
+    const Frag f = frag((row & 7) * 4 + ((k & 7) >> 1));
+    const uint32_t reg = f.a[(row >> 3) + 2 * (k >> 3)];
+    return emu_bits_to_float<T>(static_cast<uint16_t>(reg >> (16 * (k & 1))));
+  };
+  auto B = [&](int k, int col) {
+    const Frag f = frag(col * 4 + ((k & 7) >> 1));
+    const uint32_t reg = f.b[k >> 3];
+    return emu_bits_to_float<T>(static_cast<uint16_t>(reg >> (16 * (k & 1))));
+  };
+  const int g = lane >> 2, t = lane & 3;
+  float d[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    d[i] = acc;
+  }
+  emu_cta->warps[w]->wait("mma.sync");
+  for (int i = 0; i < 4; ++i) c[i] = d[i];
+}
+
+// Runs body() as a kernel launch <<<grid, block>>>: CTAs in order, one host thread per thread.
+template <typename F>
+inline void emu_launch(EmuDim3 grid, EmuDim3 block, F&& body) {
+  gridDim = grid;
+  blockDim = block;
+  const int n = static_cast<int>(block.x * block.y * block.z);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = EmuDim3{x, y, z};
+        EmuCta cta(n);
+        emu_cta = &cta;
+        std::vector<std::thread> threads;
+        threads.reserve(n);
+        for (int i = 0; i < n; ++i)
+          threads.emplace_back([&, i] {
+            threadIdx = EmuDim3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+            body();
+          });
+        for (auto& th : threads) th.join();
+        emu_cta = nullptr;
+      }
+}
