@@ -5,6 +5,11 @@
 
 #include <cstdint>
 
+// Dynamic shared memory (the host emulator defines its own).
+#ifndef FASTLM_EXTERN_SMEM
+#define FASTLM_EXTERN_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 namespace fastlm {
 
 template <typename T>
@@ -41,10 +46,16 @@ struct alignas(sizeof(T) * N) Vec {
 
 template <typename T, int N>
 __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+#ifdef FASTLM_HOST_EMU
+  emu_check_aligned(p, sizeof(T) * N, "load_vec");
+#endif
   return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+#ifdef FASTLM_HOST_EMU
+  emu_check_aligned(p, sizeof(T) * N, "store_vec");
+#endif
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 

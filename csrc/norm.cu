@@ -53,6 +53,8 @@
 namespace fastlm {
 namespace {
 
+// ---- kernel begin: this section (to 'kernel end') is also compiled on the host by
+// tests/test_norm_emu.py, which runs the kernels there in the SIMT emulator of tests/cuda_emu.h.
 // Largest hidden size accepted.  Column indices are int32 and the statistics fp32; the
 // kernels themselves have no other limit (larger rows take the stream / split paths).
 constexpr int64_t kMaxN = int64_t(1) << 20;
@@ -101,8 +103,12 @@ __device__ __forceinline__ void group_barrier() {
   if (blockDim.y == 1) {
     __syncthreads();
   } else {
+#ifdef FASTLM_HOST_EMU
+    emu_bar_sync(static_cast<int>(threadIdx.y) + 1, static_cast<int>(blockDim.x));
+#else
     asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(threadIdx.y) + 1), "r"(static_cast<int>(blockDim.x))
                  : "memory");
+#endif
   }
 }
 
@@ -199,7 +205,9 @@ __device__ __forceinline__ void keep_packed(Vec<T, VEC>& v) {
   static_assert(sizeof(Vec<T, VEC>) == 16, "16-byte vectors only");
   uint4 u;
   memcpy(&u, &v, 16);
+#ifndef FASTLM_HOST_EMU
   asm volatile("" : "+r"(u.x), "+r"(u.y), "+r"(u.z), "+r"(u.w));
+#endif
   memcpy(&v, &u, 16);
 }
 
@@ -414,7 +422,7 @@ template <typename T, int NVEC>
 __global__ void __launch_bounds__(bwd_max_threads<NVEC>()) norm_bwd_fused_kernel(const BwdParams p) {
   constexpr int VEC = vec16<T>(), V4 = VEC / 4;
   __shared__ float red[kMaxGroups * 32 * 2];
-  extern __shared__ float4 sm4[];
+  FASTLM_EXTERN_SMEM(float4, sm4);
   const int tpr = blockDim.x, ry = blockDim.y, t = threadIdx.x, y = threadIdx.y;
   const int nch_all = p.N / VEC;
   const int S = tpr * NVEC * V4;
@@ -673,8 +681,7 @@ __global__ void __launch_bounds__(512) reduce_partials_kernel(const float* part0
   }
 }
 
-// ------------------------------------------------------------------------------ host
-
+// ------------------------------------------------------------------ launch shapes (host)
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int next_pow2(int v) {
   int p = 1;
@@ -682,32 +689,6 @@ int next_pow2(int v) {
   return p;
 }
 int round_up(int v, int m) { return static_cast<int>(ceil_div(v, m) * m); }
-
-int sm_count(int dev) {
-  static std::mutex mu;
-  static std::map<int, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(dev);
-  if (it != cache.end()) return it->second;
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  cache[dev] = n;
-  return n;
-}
-
-// Resident CTAs per SM of `kern` with `threads` threads and `smem` dynamic shared bytes.
-int occupancy(const void* kern, int threads, size_t smem, int dev) {
-  static std::mutex mu;
-  static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(kern, threads, smem, dev);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, threads, smem));
-  cache[key] = n;
-  return n;
-}
 
 struct Cfg {
   int nvec, tpr, ry;
@@ -749,6 +730,36 @@ Cfg bwd_fused_cfg(int nch) {
     if (ceil_div(nch, nvec) <= 256) return {nvec, round_up(static_cast<int>(ceil_div(nch, nvec)), 32), 0};
   }
   return {4, round_up(static_cast<int>(ceil_div(nch, 4)), 32), 0};  // <= 512 threads
+}
+
+// ---- kernel end
+
+// ------------------------------------------------------------------------------ host
+
+int sm_count(int dev) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(dev);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  cache[dev] = n;
+  return n;
+}
+
+// Resident CTAs per SM of `kern` with `threads` threads and `smem` dynamic shared bytes.
+int occupancy(const void* kern, int threads, size_t smem, int dev) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kern, threads, smem, dev);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, threads, smem));
+  cache[key] = n;
+  return n;
 }
 
 template <typename T>

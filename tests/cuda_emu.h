@@ -4,7 +4,9 @@
 // CTAs one after another; each CTA runs one host thread per CUDA thread, so per-thread code is
 // exactly the kernel's.  What threads share is emulated as collectives:
 //   __syncthreads()         a barrier of the CTA's threads (shared memory is `static`: one copy,
-//                           used by one CTA at a time)
+//                           used by one CTA at a time; dynamic shared memory is a per-CTA
+//                           buffer filled with NaN bytes, so reads before writes show)
+//   bar.sync id, count      (named barriers) emu_bar_sync: a barrier of `count` threads per id
 //   __shfl_xor_sync         the 32 lanes of a warp deposit their value, meet at a barrier, read
 //                           their partner's, meet again
 //   mma16816 (mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16})
@@ -33,6 +35,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <vector_functions.h>
 #include <vector_types.h>
 
 #undef __global__
@@ -85,12 +88,19 @@ class EmuBarrier {
 };
 
 struct EmuCta {
-  explicit EmuCta(int n) : threads(n), cta(n), slots((n + 31) / 32) {
+  EmuCta(int n, size_t smem_bytes) : threads(n), cta(n), slots((n + 31) / 32), dyn((smem_bytes + 15) / 16 + 1) {
     for (int w = 0; w < (n + 31) / 32; ++w) warps.emplace_back(new EmuBarrier(std::min(32, n - 32 * w)));
+    std::memset(dyn.data(), 0xff, dyn.size() * sizeof(dyn[0]));
   }
   int threads;
   EmuBarrier cta;
   std::vector<std::unique_ptr<EmuBarrier>> warps;
+  std::mutex named_mu;
+  std::unique_ptr<EmuBarrier> named[16];
+  struct alignas(16) Chunk {
+    unsigned char b[16];
+  };
+  std::vector<Chunk> dyn;  // dynamic shared memory
   struct alignas(16) Slot {
     unsigned char bytes[64];
   };
@@ -101,6 +111,19 @@ inline EmuCta* emu_cta = nullptr;
 inline int emu_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 
 inline void __syncthreads() { emu_cta->cta.wait("__syncthreads"); }
+
+inline void emu_bar_sync(int id, int count) {
+  EmuBarrier* b;
+  {
+    std::lock_guard<std::mutex> lk(emu_cta->named_mu);
+    if (!emu_cta->named[id]) emu_cta->named[id].reset(new EmuBarrier(count));
+    b = emu_cta->named[id].get();
+  }
+  b->wait("bar.sync (named barrier)");
+}
+
+inline void* emu_dyn_smem() { return emu_cta->dyn.data(); }
+#define FASTLM_EXTERN_SMEM(T, name) T* name = reinterpret_cast<T*>(emu_dyn_smem())
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
@@ -118,9 +141,36 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   return r;
 }
 
+// A misaligned vector access faults on the GPU: here it stops the process with a message.
+inline void emu_check_aligned(const void* p, size_t bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes) {
+    std::fprintf(stderr, "cuda_emu: %s: %zu-byte access at misaligned address %p (block (%u,%u,%u))\n", what, bytes, p,
+                 blockIdx.x, blockIdx.y, blockIdx.z);
+    std::fflush(stderr);
+    std::_Exit(88);
+  }
+}
+
 template <typename T>
 inline T __ldg(const T* p) {
+  emu_check_aligned(p, sizeof(T) < 16 ? sizeof(T) : 16, "__ldg");
   return *p;
+}
+template <typename T>
+inline T __ldcs(const T* p) {
+  emu_check_aligned(p, sizeof(T) < 16 ? sizeof(T) : 16, "__ldcs");
+  return *p;
+}
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __int_as_float(int u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 
 // PTX prmt (the default mode): byte i of the result is byte (selector nibble i & 7) of {y:x}.
@@ -190,7 +240,7 @@ inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
 
 // Runs body() as a kernel launch <<<grid, block>>>: CTAs in order, one host thread per thread.
 template <typename F>
-inline void emu_launch(EmuDim3 grid, EmuDim3 block, F&& body) {
+inline void emu_launch(EmuDim3 grid, EmuDim3 block, F&& body, size_t smem_bytes = 0) {
   gridDim = grid;
   blockDim = block;
   const int n = static_cast<int>(block.x * block.y * block.z);
@@ -198,7 +248,7 @@ inline void emu_launch(EmuDim3 grid, EmuDim3 block, F&& body) {
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = EmuDim3{x, y, z};
-        EmuCta cta(n);
+        EmuCta cta(n, smem_bytes);
         emu_cta = &cta;
         std::vector<std::thread> threads;
         threads.reserve(n);

@@ -724,53 +724,20 @@ def test_rotary_embedding_module(backend):
 
 # ---------------------------------------------------------------------------- CUDA kernel, host-emulated
 # The CUDA kernel cannot run without a GPU, but its body is plain C++ over a params struct: it is
-# compiled here with g++ (CUDA qualifiers defined away, blockDim = 1 so each CTA runs as one
-# thread, which is exactly equivalent: threads share only the smem written before
+# compiled here with g++ and run by the emulator of tests/cuda_emu.h with blockDim = 1 (each CTA
+# one thread, which is exactly equivalent: its threads share only the smem written before
 # __syncthreads) and checked against the reference on random layouts, both conventions, every
 # positions form, packed, in place, conj, and every vector width.  Vector accesses trap when
 # misaligned.
 _EMU_CPP = r"""
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-struct Dim { unsigned x; };
-static Dim threadIdx{0}, blockIdx{0}, blockDim{1};
-#undef __global__
-#define __global__
-#undef __device__
-#define __device__
-#undef __forceinline__
-#define __forceinline__ inline
-#undef __launch_bounds__
-#define __launch_bounds__(x)
-#undef __shared__
-#define __shared__ static
-#define __syncthreads() do {} while (0)
-using std::min;
-static inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+#include "cuda_emu.h"
+#include "device.cuh"
 namespace fastlm {
-template <typename T> inline float to_float(T v) { return static_cast<float>(v); }
-template <> inline float to_float<__half>(__half v) { return __half2float(v); }
-template <> inline float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> inline T from_float(float v) { return static_cast<T>(v); }
-template <> inline __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <typename T, int N> struct alignas(sizeof(T) * N) Vec { T v[N]; };
-template <typename T, int N> inline Vec<T, N> load_vec(const T* p) {
-  if (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N)) __builtin_trap();
-  return *reinterpret_cast<const Vec<T, N>*>(p);
-}
-template <typename T, int N> inline void store_vec(T* p, const Vec<T, N>& v) {
-  if (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N)) __builtin_trap();
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
-}
 namespace {
 #include "kernel_body.inc"
 }
 template <typename T, typename C, int VEC, bool IL> void run_t(const RotaryParams& p, int64_t blocks) {
-  for (int64_t b = 0; b < blocks; ++b) { blockIdx.x = (unsigned)b; rotary_kernel<T, C, VEC, IL>(p); }
+  emu_launch(EmuDim3{(unsigned)blocks, 1, 1}, EmuDim3{1, 1, 1}, [&] { rotary_kernel<T, C, VEC, IL>(p); });
 }
 template <typename T, typename C> void run_c(const RotaryParams& p, int64_t blocks, int vec, bool il) {
   switch (vec * 2 + il) {
@@ -825,8 +792,9 @@ def cuda_kernel_emulator(tmp_path_factory):
     d = tmp_path_factory.mktemp("rotary_emu")
     (d / "kernel_body.inc").write_text(src[begin:end])
     (d / "emu.cpp").write_text(_EMU_CPP)
-    r = subprocess.run([cxx, "-O1", "-std=c++20", "-shared", "-fPIC", f"-I{inc}", str(d / "emu.cpp"), "-o",
-                        str(d / "libemu.so")], capture_output=True, text=True)
+    r = subprocess.run([cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", "-w", f"-I{inc}",
+                        f"-I{os.path.join(root, 'csrc')}", f"-I{os.path.join(root, 'tests')}", str(d / "emu.cpp"),
+                        "-o", str(d / "libemu.so")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     lib = ctypes.CDLL(str(d / "libemu.so"))
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
