@@ -39,6 +39,15 @@ MAX_ROWS = 16  # rows of x one launch handles (BLOCK_M <= 16); the op splits lar
 
 
 @triton.jit
+def _load_h(x_ptrs, r_ptrs, mask, HAS_RESIDUAL: tl.constexpr):
+    """x, or x + residual rounded to x's dtype (as the residual stream stores it)."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
 def _gemv_kernel(
     X,  # *T   (M, K) input rows, row stride stride_x, unit column stride
     R,  # *T   (M, K) residual (HAS_RESIDUAL)
@@ -84,10 +93,8 @@ def _gemv_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             mk = m_mask[:, None] & (kk < K)[None, :]
-            x = tl.load(x_rows + kk[None, :], mask=mk, other=0.0)
+            x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, HAS_RESIDUAL)
             if HAS_RESIDUAL:
-                x = (x.to(tl.float32) + tl.load(r_rows + kk[None, :], mask=mk, other=0.0).to(tl.float32))
-                x = x.to(X.dtype.element_ty)
                 tl.store(H + rm.to(tl.int64)[:, None] * stride_h + kk[None, :], x, mask=mk & (pid == 0))
             x = x.to(tl.float32)
             if NORM == 1:
@@ -103,10 +110,7 @@ def _gemv_kernel(
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
                 mk = m_mask[:, None] & (kk < K)[None, :]
-                x = tl.load(x_rows + kk[None, :], mask=mk, other=0.0)
-                if HAS_RESIDUAL:
-                    x = (x.to(tl.float32) + tl.load(r_rows + kk[None, :], mask=mk, other=0.0).to(tl.float32))
-                    x = x.to(X.dtype.element_ty)
+                x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, HAS_RESIDUAL)
                 xc = tl.where(mk, x.to(tl.float32) - mean[:, None], 0.0)
                 acc2 += xc * xc
             rstd = 1.0 / tl.sqrt(tl.sum(acc2, axis=1) / K + eps)
@@ -114,9 +118,8 @@ def _gemv_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             mk = m_mask[:, None] & (kk < K)[None, :] & (pid == 0)
-            x = tl.load(x_rows + kk[None, :], mask=mk, other=0.0).to(tl.float32)
-            x = x + tl.load(r_rows + kk[None, :], mask=mk, other=0.0).to(tl.float32)
-            tl.store(H + rm.to(tl.int64)[:, None] * stride_h + kk[None, :], x.to(H.dtype.element_ty), mask=mk)
+            x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, True)
+            tl.store(H + rm.to(tl.int64)[:, None] * stride_h + kk[None, :], x, mask=mk)
 
     # ---- main loop: elementwise fp32 accumulators, reduced over K at the end
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -126,10 +129,7 @@ def _gemv_kernel(
         kk = k0 + rk
         k_mask = kk < K
         mk = m_mask[:, None] & k_mask[None, :]
-        x = tl.load(x_rows + kk[None, :], mask=mk, other=0.0)
-        if HAS_RESIDUAL:
-            x = (x.to(tl.float32) + tl.load(r_rows + kk[None, :], mask=mk, other=0.0).to(tl.float32))
-            x = x.to(X.dtype.element_ty)
+        x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, HAS_RESIDUAL)
         if NORM != 0:
             xn = x.to(tl.float32)
             if NORM == 2:
