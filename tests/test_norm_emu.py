@@ -10,17 +10,13 @@ and CTA count come from the occupancy API on a GPU; here each test picks them (s
 which is what the kernel must be correct for anyway.
 """
 import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 
+import cuda_emu
 from fastlm import reference
 from tolerances import assert_close
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _ENTRY = r"""
 #include "cuda_emu.h"
@@ -148,21 +144,7 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    src = open(os.path.join(ROOT, "csrc", "norm.cu")).read()
-    begin, end = src.find("// ---- kernel begin"), src.find("// ---- kernel end")
-    assert 0 <= begin < end, "csrc/norm.cu lost its kernel begin/end markers"
-    inc = os.path.join(os.environ.get("CUDA_HOME") or "/usr/local/cuda", "include")
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None or not os.path.exists(os.path.join(inc, "cuda_bf16.h")):
-        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h / cuda_bf16.h) to emulate the CUDA kernels")
-    d = tmp_path_factory.mktemp("norm_emu")
-    (d / "kernel_body.inc").write_text(src[begin:end])
-    (d / "entry.cpp").write_text(_ENTRY)
-    r = subprocess.run([cxx, "-O2", "-std=c++20", "-shared", "-fPIC", "-pthread", "-w", f"-I{inc}",
-                        f"-I{os.path.join(ROOT, 'csrc')}", f"-I{os.path.join(ROOT, 'tests')}", f"-I{d}",
-                        str(d / "entry.cpp"), "-o", str(d / "libemu.so")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-4000:]
-    lib = ctypes.CDLL(str(d / "libemu.so"))
+    lib = cuda_emu.build(tmp_path_factory.mktemp("norm_emu"), "norm.cu", _ENTRY)
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.fwd.argtypes = [P] * 8 + [I64] * 3 + [I, F] + [I] * 5
     lib.bwd.argtypes = [P] * 9 + [I64] * 4 + [I] * 9
@@ -170,8 +152,7 @@ def emu(tmp_path_factory):
     return lib
 
 
-def _ptr(t):
-    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else 0)
+_ptr = cuda_emu.ptr
 
 
 def _vec_ok(*ts):

@@ -777,26 +777,10 @@ extern "C" void run(const void* q, const void* k, void* qo, void* ko, const void
 @pytest.fixture(scope="module")
 def cuda_kernel_emulator(tmp_path_factory):
     import ctypes
-    import shutil
-    import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    src = open(os.path.join(root, "csrc", "rotary.cu")).read()
-    begin, end = src.find("// ---- kernel begin"), src.find("// ---- kernel end")
-    assert 0 <= begin < end, "csrc/rotary.cu lost its kernel begin/end markers"
-    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    inc = os.path.join(cuda_home, "include")
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None or not os.path.exists(os.path.join(inc, "cuda_bf16.h")):
-        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h / cuda_bf16.h) to emulate the CUDA kernel")
-    d = tmp_path_factory.mktemp("rotary_emu")
-    (d / "kernel_body.inc").write_text(src[begin:end])
-    (d / "emu.cpp").write_text(_EMU_CPP)
-    r = subprocess.run([cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", "-w", f"-I{inc}",
-                        f"-I{os.path.join(root, 'csrc')}", f"-I{os.path.join(root, 'tests')}", str(d / "emu.cpp"),
-                        "-o", str(d / "libemu.so")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lib = ctypes.CDLL(str(d / "libemu.so"))
+    import cuda_emu
+
+    lib = cuda_emu.build(tmp_path_factory.mktemp("rotary_emu"), "rotary.cu", _EMU_CPP, opt="-O1")
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.run.argtypes = [P] * 7 + [I, P, P] + [I64] * 7 + [I] * 9 + [ctypes.c_float] + [I] * 4
     return lib

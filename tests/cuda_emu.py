@@ -1,0 +1,42 @@
+"""Builds a host library of one CUDA source's kernels for the SIMT emulator (tests/cuda_emu.h).
+
+build(tmp_dir, "kv_cache.cu", entry_cpp) takes the section of csrc/<cu_file> between its
+'// ---- kernel begin' and '// ---- kernel end' markers, writes it as kernel_body.inc next to
+entry_cpp (the test's C++: it includes cuda_emu.h, device.cuh and the section, and exports the
+launch entry points), compiles them with g++ and returns the ctypes library.  Skips the test
+when g++ or the CUDA headers (cuda_fp16.h / cuda_bf16.h; they come with nvcc) are missing.
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build(tmp_dir, cu_file, entry_cpp, opt="-O2"):
+    src = open(os.path.join(ROOT, "csrc", cu_file)).read()
+    begin, end = src.find("// ---- kernel begin"), src.find("// ---- kernel end")
+    assert 0 <= begin < end, f"csrc/{cu_file} lost its kernel begin/end markers"
+    inc = os.path.join(os.environ.get("CUDA_HOME") or "/usr/local/cuda", "include")
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None or not os.path.exists(os.path.join(inc, "cuda_bf16.h")):
+        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h / cuda_bf16.h) to emulate the CUDA kernels")
+    d = str(tmp_dir)
+    with open(os.path.join(d, "kernel_body.inc"), "w") as f:
+        f.write(src[begin:end])
+    with open(os.path.join(d, "entry.cpp"), "w") as f:
+        f.write(entry_cpp)
+    lib = os.path.join(d, "libemu.so")
+    r = subprocess.run([cxx, opt, "-std=c++20", "-shared", "-fPIC", "-pthread", "-w", f"-I{inc}",
+                        f"-I{os.path.join(ROOT, 'csrc')}", f"-I{os.path.join(ROOT, 'tests')}", f"-I{d}",
+                        os.path.join(d, "entry.cpp"), "-o", lib], capture_output=True, text=True)
+    assert r.returncode == 0, f"compiling the emulated csrc/{cu_file} failed:\n{r.stderr[-4000:]}"
+    return ctypes.CDLL(lib)
+
+
+def ptr(t):
+    """A tensor's address for a C pointer argument (NULL for None or an empty tensor)."""
+    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else 0)
