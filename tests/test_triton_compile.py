@@ -20,6 +20,9 @@ How, so the test follows the launchers as they change:
 Run directly for the table (``--full``: the whole variant cross product, about an hour on 2
 cores; ``--module`` / ``--match`` narrow it):
     python tests/test_triton_compile.py [--full] [--arch 90|80] [--module attention] [--match bf16]
+Against the GPU machine's Triton version (3.6) instead of the local one:
+    pip install --target /tmp/tri36 --no-deps triton==3.6.0
+    PYTHONPATH=/tmp/tri36 python tests/test_triton_compile.py
 The default (representative) set is what CI runs (FASTLM_AOT_FULL=1 makes pytest run --full):
 every kernel and flag, head dims 64/80/128/256, fp16/bf16/fp32, every attention autotune config
 of the model's case (D=128 causal GQA, as pruned by each device's shared memory) on sm_90 and
