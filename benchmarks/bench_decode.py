@@ -44,6 +44,7 @@ from benchmarks.common import (
 import fastlm
 from fastlm import _C_loader, reference
 from fastlm.ops import kv_cache as kv_ops
+from fastlm.ops import linear as linear_ops
 
 HQ, HEAD_DIM, DTYPE, BLOCK = 32, 128, torch.bfloat16, 16
 GQA = {"1:1": 32, "4:1": 8, "8:1": 4}  # ratio -> n_kv_heads
@@ -332,17 +333,9 @@ def bench_linear(res, args, copy_bw):
             nbytes = wbytes + (n_out * 2 if has_bias else 0) + M * K * 2 * (3 if has_res else 1) + M * N * 2
             row = dict(op="linear", shape=tag, rows=M, K=K, N=N, weight_mb=wbytes / 1e6)
 
-            def separate(w, be="triton"):
-                h = x
-                if norm == "rms":
-                    out = fastlm.ops.rms_norm(x, nw, 1e-6, residual=r, backend=be)
-                elif norm == "layer":
-                    out = fastlm.ops.layer_norm(x, nw, nb, 1e-5, residual=r, backend=be)
-                else:
-                    out = x + r if r is not None else x
-                a = out[0] if (r is not None and norm) else out
-                y = F.linear(a, w, bias)
-                return fastlm.ops.swiglu(y, backend=be) if swiglu else y
+            def separate(w):  # what the model runs with decode_gemv_rows = 0 (fused_linear's GEMM path)
+                eps = linear_ops.DEFAULT_EPS.get(norm, 0.0)
+                return linear_ops._gemm_path(x, w, bias, r, norm, nw, nb, eps, swiglu, "triton")[0]
 
             ref = lambda w: reference.fused_linear(x, w, bias, residual=r, **kw)  # noqa: E731
             impls = {

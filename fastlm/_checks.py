@@ -21,3 +21,9 @@ def check_same_device(ref, name_ref, **tensors):
     for name, t in tensors.items():
         if t is not None and t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but {name_ref} is on {ref.device}; put all inputs on one device")
+
+
+def unit_last(t):
+    """t, or a contiguous copy when its last dim has a non-unit stride (the kernels read the
+    other strides as given; gradients can arrive expanded (stride 0) or transposed)."""
+    return t if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()

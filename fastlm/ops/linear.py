@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import _backend, reference
-from fastlm._checks import KERNEL_DTYPES, check_same_device, check_tensor
+from fastlm._checks import KERNEL_DTYPES, check_same_device, check_tensor, unit_last
 
 SUPPORTED = ("triton", "reference")
 PREFERRED = ("triton", "reference")
@@ -68,10 +68,6 @@ def _(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, swiglu):
 
 
 # ---------------------------------------------------------------------------- checks
-def _unit_cols(t):
-    return t if t is None or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
 def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, activation, backend):
     op = "fused_linear"
     allowed = KERNEL_DTYPES + ((torch.float64,) if backend in (None, "reference") else ())
@@ -124,17 +120,14 @@ def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, s
     """Many rows: the fused norm kernel, the cuBLAS GEMM, the fused SwiGLU kernel."""
     from fastlm import ops
 
-    h = x2
-    if norm == "rms":
-        out = ops.rms_norm(x2, norm_weight, eps, residual=residual2, backend=backend)
-    elif norm == "layer":
-        out = ops.layer_norm(x2, norm_weight, norm_bias, eps, residual=residual2, backend=backend)
+    if norm is None:
+        a = h = x2 + residual2 if residual2 is not None else x2
     else:
-        out = x2 + residual2 if residual2 is not None else x2
-    if residual2 is not None and norm is not None:
-        a, h = out
-    else:
-        a = h = out
+        if norm == "rms":
+            out = ops.rms_norm(x2, norm_weight, eps, residual=residual2, backend=backend)
+        else:
+            out = ops.layer_norm(x2, norm_weight, norm_bias, eps, residual=residual2, backend=backend)
+        a, h = out if residual2 is not None else (out, x2)
     y = F.linear(a, weight, bias)
     if swiglu:
         y = ops.swiglu(y, backend=backend)
@@ -176,12 +169,12 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
         return reference.fused_linear(x, weight, bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
                                       eps=eps, residual=residual, activation=activation)
     lead, K = x.shape[:-1], x.shape[-1]
-    x2 = _unit_cols(x.reshape(-1, K))
-    r2 = _unit_cols(residual.reshape(-1, K)) if residual is not None else None
+    x2 = unit_last(x.reshape(-1, K))
+    r2 = unit_last(residual.reshape(-1, K)) if residual is not None else None
     if x2.shape[0] > _kernels().MAX_ROWS:
         y, h = _gemm_path(x2, weight, bias, r2, norm, norm_weight, norm_bias, eps, swiglu, b)
     else:
         vec = [t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias)]
-        y, h = _fused_linear_op(x2, _unit_cols(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps, swiglu)
+        y, h = _fused_linear_op(x2, unit_last(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps, swiglu)
     y = y.view(*lead, y.shape[-1])
     return (y, h.view(x.shape)) if residual is not None else y

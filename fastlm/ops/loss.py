@@ -15,7 +15,7 @@ same three GEMMs as the unfused head.
 import torch
 
 from fastlm import _backend, reference
-from fastlm._checks import KERNEL_DTYPES, check_same_device, check_tensor
+from fastlm._checks import KERNEL_DTYPES, check_same_device, check_tensor, unit_last
 
 SUPPORTED = ("triton", "reference")
 REDUCTIONS = ("mean", "sum", "none")
@@ -33,7 +33,7 @@ def _kernels():
 def _ce_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (M, V), targets (M,) -> (per-row loss fp32 (M,), stats fp32 (M, 2): row max and
     log-sum-exp(x - max)).  stats are saved for the backward and are not differentiable."""
-    return _kernels().ce_forward(_unit_cols(logits), targets, ignore_index)
+    return _kernels().ce_forward(unit_last(logits), targets, ignore_index)
 
 
 @torch.library.custom_op("fastlm::cross_entropy_backward", mutates_args=())
@@ -42,7 +42,7 @@ def _ce_backward_op(
 ) -> torch.Tensor:
     """-> dlogits (M, V) = (softmax - onehot) * dloss[row] (dloss fp32 (M,), any stride)."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return _kernels().ce_backward(_unit_cols(logits), targets, stats.contiguous(), dloss.float(), ignore_index, grad)
+    return _kernels().ce_backward(unit_last(logits), targets, stats.contiguous(), dloss.float(), ignore_index, grad)
 
 
 @_ce_op.register_fake
@@ -150,10 +150,6 @@ _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup)
 
 
 # ---------------------------------------------------------------------------- checks
-def _unit_cols(x):
-    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
-
-
 def _check_targets(op, t, V, ignore_index):
     """Every target must be ignore_index or in [0, V).  Like attention's cu_seqlens: CPU values
     are checked here, CUDA values by an asynchronous device assert (no host sync; skipped while

@@ -22,6 +22,7 @@ import os
 import torch
 
 from fastlm import _backend
+from fastlm._checks import unit_last
 from fastlm.reference import rotary as _ref
 
 SUPPORTED = ("triton", "cuda", "reference")
@@ -57,12 +58,6 @@ def _launch(backend, q, k, cos, sin, q_out, k_out, positions, cu_seqlens, offset
     )
 
 
-def _unit_last(x):
-    # The kernels need a unit stride in the head dim (any other strides are read as given);
-    # gradients can arrive expanded (stride 0) or transposed.
-    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
-
-
 # ---------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("fastlm::rotary", mutates_args=())
 def _rotary_op(
@@ -79,7 +74,7 @@ def _rotary_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (q_out, k_out), contiguous, rotated by θ (or by -θ with conj)."""
-    q, k = _unit_last(q), _unit_last(k)
+    q, k = unit_last(q), unit_last(k)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     _launch(backend, q, k, cos, sin, q_out, k_out, positions, cu_seqlens, offset, pos_mode, interleaved, conj)
@@ -106,7 +101,7 @@ def _rotary_inplace_op(
     backend: str,
 ) -> None:
     """Rotates q and k in their own storage."""
-    qw, kw = _unit_last(q), _unit_last(k)  # a copy only for a non-unit head-dim stride
+    qw, kw = unit_last(q), unit_last(k)  # a copy only for a non-unit head-dim stride
     _launch(backend, qw, kw, cos, sin, qw, kw, positions, cu_seqlens, offset, pos_mode, interleaved, conj)
     if qw is not q:
         q.copy_(qw)
