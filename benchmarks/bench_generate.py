@@ -9,7 +9,7 @@ generation of ``--new-tokens`` tokens per sequence by
                  decode steps captured in a CUDA graph (kv_cache_append + decode_attention)
   fused/paged    the same with the paged cache (16-token blocks)
   fused/static-nogemv  fused/static with model.decode_gemv_rows = 0: the norms and SwiGLU as
-                 their own kernels instead of inside the qkv / w_in projections
+                 their own kernels instead of inside the qkv / w_in / lm_head projections
                  (ops.fused_linear); only at batches where that path is on (<= 4 rows)
   reference      the reference model (torch.nn norms, rotate-half RoPE, SDPA) decoding with
                  a plain PyTorch cache (index_put + SDPA over the filled part), eager

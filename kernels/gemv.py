@@ -165,8 +165,11 @@ def _gemv_kernel(
 
 # (BLOCK_N, BLOCK_K, num_warps) for one row; BLOCK_K shrinks as BLOCK_M grows (see _configs).
 _CONFIGS = [(8, 512, 4), (4, 1024, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (4, 512, 2)]
-# Under TRITON_INTERPRET=1 (CPU tests): small blocks so test shapes span several of them.
+# Under TRITON_INTERPRET=1 (CPU tests): small blocks so test shapes span several of them; for a
+# wide output (a model's lm_head) BLOCK_N grows so that at most INTERPRET_PROGRAMS programs run
+# (the interpreter's cost is per program).
 INTERPRET_CONFIG = (4, 16)
+INTERPRET_PROGRAMS = 8
 AUTOTUNE = os.environ.get("FASTLM_GEMV_AUTOTUNE", "1") != "0"
 
 
@@ -224,5 +227,6 @@ def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, swiglu, y
                                             num_stages=cfg.num_stages)
         return y
     bn, bk = INTERPRET_CONFIG
+    bn = max(bn, triton.next_power_of_2(triton.cdiv(N, INTERPRET_PROGRAMS)))
     _gemv_kernel[(triton.cdiv(N, bn),)](*args, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     return y

@@ -224,6 +224,37 @@ def test_model_decode_path_matches_the_unfused_blocks(name, monkeypatch):
         model.decode_gemv_rows = -1
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+def test_model_head_folds_the_final_norm(name, monkeypatch):
+    """Transformer.head on residual_stream rows (what generation calls: the last rows only) gives
+    the logits of model(tokens) at those rows; for a decode-sized batch it is one fused_linear
+    call with the lm_head weight, otherwise the separate final norm and lm_head."""
+    cfg = TransformerConfig.from_name(name)
+    model = Transformer(cfg, backend="fused").to(DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 5), device=DEVICE)
+    with torch.no_grad():
+        model.decode_gemv_rows = 0
+        want = model(tokens)[:, -1]
+        x, residual = model.residual_stream(tokens)
+        calls = _count_fused_linear(monkeypatch)
+        exact = dict(rtol=1e-5, atol=1e-6)  # the same kernels (only the matmul's row count differs)
+        torch.testing.assert_close(model.head(x[:, -1], residual[:, -1]), want, **exact)
+        assert calls == []
+        model.decode_gemv_rows = 4
+        got = model.head(x[:, -1], residual[:, -1])
+    assert calls == [None]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # grad mode on, or more rows than the threshold: the separate kernels
+    torch.testing.assert_close(model.head(x[:, -1], residual[:, -1]).detach(), want, **exact)
+    with torch.no_grad():
+        torch.testing.assert_close(model.head(x.flatten(0, 1), residual.flatten(0, 1)), model(tokens).flatten(0, 1),
+                                   **exact)
+    assert calls == [None]
+
+
 # ------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 4, 8, 16])

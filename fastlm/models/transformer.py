@@ -22,7 +22,9 @@ Decode-sized inputs: with grad mode off and at most ``decode_gemv_rows`` token r
 env FASTLM_DECODE_GEMV_ROWS; 0 turns it off), the fused backend runs each block's norm + qkv
 projection and norm + w_in (+ SwiGLU) as one kernel each (ops.fused_linear: a matrix-vector
 product with the norm folded in before and the activation after), removing three small kernels
-per layer from a decode step.
+per layer from a decode step; ``head(x, residual)`` likewise folds the final norm into the
+lm_head.  A decoder that needs only some rows' logits (the last token of each prompt) takes
+``residual_stream`` and applies ``head`` to those rows alone.
 
 Shapes: B batch, T sequence length, D model dim, H query heads, Hkv key/value heads, hd head dim.
 Inputs are (B, T) token ids, or packed variable-length sequences: (total,) ids with
@@ -174,6 +176,16 @@ def add_norm(norm, x, residual, fused):
     return norm(h), h
 
 
+def _norm_linear(norm, x, residual, linear, activation=None):
+    """(linear(norm(x + residual)) [SwiGLU'd], x + residual) in one ops.fused_linear call."""
+    is_rms = isinstance(norm, nn.RMSNorm)
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    out = ops.fused_linear(x, linear.weight, linear.bias, norm="rms" if is_rms else "layer",
+                           norm_weight=norm.weight, norm_bias=None if is_rms else norm.bias, eps=eps,
+                           residual=residual, activation=activation, backend=triton_only(norm.backend))
+    return out if residual is not None else (out, x)
+
+
 # ------------------------------------------------------------------------------- modules
 class Attention(nn.Module):
     def __init__(self, config, layer_idx, fused, op_backend):
@@ -265,22 +277,13 @@ class Block(nn.Module):
         h, residual = add_norm(self.mlp_norm, x, residual, self.fused)
         return self.mlp(h), residual
 
-    def _norm_linear(self, norm, x, residual, linear, activation=None):
-        """(linear(norm(x + residual)) [SwiGLU'd], x + residual) in one ops.fused_linear call."""
-        is_rms = isinstance(norm, nn.RMSNorm)
-        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-        out = ops.fused_linear(x, linear.weight, linear.bias, norm="rms" if is_rms else "layer",
-                               norm_weight=norm.weight, norm_bias=None if is_rms else norm.bias, eps=eps,
-                               residual=residual, activation=activation, backend=triton_only(norm.backend))
-        return out if residual is not None else (out, x)
-
     def _forward_gemv(self, x, residual, rope, cu_seqlens, max_seqlen, cache):
         """forward() for a few token rows without grad (decode): the norms are folded into the
         qkv and w_in projections, and SwiGLU into w_in (see the module docstring)."""
-        qkv, residual = self._norm_linear(self.attn_norm, x, residual, self.attn.wqkv)
+        qkv, residual = _norm_linear(self.attn_norm, x, residual, self.attn.wqkv)
         x = self.attn(None, rope, cu_seqlens, max_seqlen, cache, qkv=qkv)
         mlp = self.mlp
-        h, residual = self._norm_linear(self.mlp_norm, x, residual, mlp.w_in, "swiglu" if mlp.swiglu else None)
+        h, residual = _norm_linear(self.mlp_norm, x, residual, mlp.w_in, "swiglu" if mlp.swiglu else None)
         if not mlp.swiglu:
             h = F.gelu(h, approximate=mlp.approximate)
         return mlp.w_out(h), residual
@@ -357,8 +360,9 @@ class Transformer(nn.Module):
         pos = position_ids(tokens, positions, cu_seqlens)
         return self.rope_cos[pos], self.rope_sin[pos]  # (T, rd/2) or (B, T, rd/2)
 
-    def hidden_states(self, tokens, *, positions=None, cu_seqlens=None, max_seqlen=None, cache=None):
-        """tokens (B, T) or packed (total,) -> final normed hidden states (B, T, D) / (total, D)."""
+    def residual_stream(self, tokens, *, positions=None, cu_seqlens=None, max_seqlen=None, cache=None):
+        """tokens -> (x, residual): the last block's output and the residual stream before it,
+        whose sum the final norm normalizes (residual is None for a model with no layers)."""
         self._check_inputs(tokens, positions, cu_seqlens, cache)
         x = self.tok_emb(tokens)  # (B, T, D)
         if self.pos_emb is not None:
@@ -372,8 +376,24 @@ class Transformer(nn.Module):
                 x, residual = checkpoint(layer, x, residual, rope, cu_seqlens, max_seqlen, cache, use_reentrant=False)
             else:
                 x, residual = layer(x, residual, rope, cu_seqlens, max_seqlen, cache)
+        return x, residual
+
+    def hidden_states(self, tokens, *, positions=None, cu_seqlens=None, max_seqlen=None, cache=None):
+        """tokens (B, T) or packed (total,) -> final normed hidden states (B, T, D) / (total, D)."""
+        x, residual = self.residual_stream(tokens, positions=positions, cu_seqlens=cu_seqlens,
+                                           max_seqlen=max_seqlen, cache=cache)
         h, _ = add_norm(self.norm, x, residual, self.backend == "fused")
         return h
+
+    def head(self, x, residual):
+        """Logits of the rows (x, residual) from residual_stream: the final norm of x + residual,
+        then the lm_head.  Fused, grad-free and at most decode_gemv_rows rows: one kernel
+        (ops.fused_linear, the norm folded into the matrix-vector product)."""
+        if (self.backend == "fused" and residual is not None and 0 < x.numel() <= self.decode_gemv_rows * x.shape[-1]
+                and not torch.is_grad_enabled()):
+            return _norm_linear(self.norm, x, residual, self.lm_head)[0]
+        h, _ = add_norm(self.norm, x, residual, self.backend == "fused")
+        return self.output(h)
 
     def forward(self, tokens, targets=None, *, positions=None, cu_seqlens=None, max_seqlen=None, cache=None):
         """Logits (B, T, vocab) [or (total, vocab)]; with ``targets`` (same shape as tokens, -100 =
