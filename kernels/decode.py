@@ -21,6 +21,13 @@ Decode (memory-bound: every byte of the visible K/V is read once):
   each program runs an online softmax over its chunk and writes the normalized partial output
   and its log2-sum-exp (fp32 workspace), and `_combine_kernel` merges the splits.  With one
   split the program writes the output directly.
+- Fused combine (decode right after an append in the same op, the model's decode step): no
+  combine launch.  Each program, after writing its partials, takes a ticket from an int32
+  counter of its (batch, kv head, row tile) (a barrier, then one thread's acq_rel atomic at GPU
+  scope: the pattern of a cooperative-groups grid sync); the program that draws the last ticket
+  merges the splits (`_merge_splits`, the same arithmetic as `_combine_kernel`, so both give
+  bit-identical outputs).  The counters are zeroed by the append kernel launched just before on
+  the same stream (no memset launch, and nothing kept between calls: CUDA-graph safe).
 - Masks: query row at position p = L - seqlen_q + s sees key t iff t < L, t <= p (causal) and
   t >= p - window (window >= 0).  Rows that see no key give 0.  Block ids out of range are
   masked (never read).  Forward only.
@@ -92,6 +99,8 @@ def _append_kernel(
     s_qob, s_qos, s_qoh,  # QO strides
     s_cos,  # table row stride
     s_bt,  # block table row stride
+    SEM,  # *i32 (batch, n_sem) fused-combine counters of the decode launched next (ZERO_SEM only)
+    n_sem,
     PAGED: tl.constexpr,  # paged layout (else contiguous)
     PAGE: tl.constexpr,  # block size (1 when not PAGED)
     ROTARY: tl.constexpr,  # rotate k (and q into QO) at each token's position before writing
@@ -102,11 +111,16 @@ def _append_kernel(
     BLOCK_HQ: tl.constexpr,  # power of two >= Hq (ROTARY only)
     BLOCK_HALF: tl.constexpr,  # power of two >= half (ROTARY only)
     BLOCK_PASS: tl.constexpr,  # power of two >= D - 2 * half (COPY_PASS only)
+    ZERO_SEM: tl.constexpr,  # zero SEM[b, :] (in the program of each sequence's first new token)
+    BLOCK_SEM: tl.constexpr,  # power of two >= n_sem (ZERO_SEM only)
 ):
     pid = tl.program_id(0)
     b = pid // seqlen_new
     s = pid % seqlen_new
     b64 = b.to(tl.int64)
+    if ZERO_SEM:
+        j = tl.arange(0, BLOCK_SEM)
+        tl.store(SEM + b64 * n_sem + j, tl.zeros([BLOCK_SEM], dtype=tl.int32), mask=(j < n_sem) & (s == 0))
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     # The position as a (BLOCK_H, 1) tensor (the same value in every row): the interpreter
@@ -141,12 +155,14 @@ def _append_kernel(
 
 
 def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q=None, q_out=None, cos=None, sin=None,
-                    interleaved=False):
+                    interleaved=False, counters=None):
     """In place; shapes/dtypes/devices already validated by fastlm.ops.kv_cache.  With cos/sin,
     k is rotated at each token's position (cache_seqlens[b] + s) as it is written, and q (same
-    positions) is rotated into q_out, in the same launch."""
+    positions) is rotated into q_out, in the same launch.  counters: combine_counters() of the
+    decode_attention launched next, zeroed here."""
     B, S, H, D = k.shape
     if B == 0 or S == 0:
+        assert counters is None or counters.numel() == 0, "the fused combine's counters need an append to zero them"
         return
     paged = block_table is not None
     page = k_cache.shape[1] if paged else 1
@@ -175,8 +191,11 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q=None, 
         S, H, D, Hq, half, cos.shape[0] if rotary else 0, k_cache.shape[0], capacity,
         *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(), *q_strides,
         block_table.stride(0) if paged else 0,
+        counters if counters is not None else cache_seqlens, counters.shape[1] if counters is not None else 0,
         PAGED=paged, PAGE=page, ROTARY=rotary, INTERLEAVED=interleaved, COPY_PASS=copy_pass,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
+        ZERO_SEM=counters is not None,
+        BLOCK_SEM=triton.next_power_of_2(counters.shape[1]) if counters is not None else 1,
         num_warps=8 if tile >= 8192 else (4 if tile >= 1024 else 2),
     )
 
@@ -192,6 +211,7 @@ def _decode_kernel(
     OUT,  # *T  (batch, seqlen_q, Hq, D), strides s_o* (written when not SPLIT)
     O_PART,  # *fp32 (batch, seqlen_q, Hq, num_splits, D) contiguous (written when SPLIT)
     LSE_PART,  # *fp32 (batch, seqlen_q, Hq, num_splits): log2-sum-exp of each split (SPLIT)
+    SEM,  # *i32 (batch, Hkv * n_mtiles) zeroed counters (FUSED_COMBINE)
     qk_scale,  # softmax_scale * log2(e), or softmax_scale / softcap with SOFTCAP
     softcap_log2,  # softcap * log2(e) (SOFTCAP only)
     seqlen_q,
@@ -215,6 +235,7 @@ def _decode_kernel(
     HAS_WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr,  # write partials to O_PART/LSE_PART (else the final output to OUT)
+    FUSED_COMBINE: tl.constexpr,  # SPLIT: the last program of each (b, hkv, mtile) merges the splits
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32 caches (no tf32 rounding)
     BLOCK_M: tl.constexpr,  # query rows per program (power of two >= 16: tl.dot's minimum)
     BLOCK_N: tl.constexpr,  # keys per tile
@@ -290,14 +311,40 @@ def _decode_kernel(
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     omask = row_ok[:, None] & d_ok[None, :]
+    optr = OUT + b64 * s_ob + qs[:, None] * s_os + head[:, None] * s_oh + d[None, :] * s_od
     if SPLIT:
-        prow = ((b64 * seqlen_q + qs) * Hq + head) * num_splits + pid_split
-        tl.store(O_PART + prow[:, None] * D + d[None, :], o, mask=omask)
+        prow = ((b64 * seqlen_q + qs) * Hq + head) * num_splits
+        tl.store(O_PART + (prow + pid_split)[:, None] * D + d[None, :], o, mask=omask)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(LSE_PART + prow, lse, mask=row_ok)
+        tl.store(LSE_PART + prow + pid_split, lse, mask=row_ok)
+        if FUSED_COMBINE:
+            tl.debug_barrier()  # every thread's partials are written before the ticket is taken
+            ticket = tl.atomic_add(SEM + b64 * tl.num_programs(1) + pid_hm, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_splits - 1:  # the last split of this (b, hkv, mtile) to finish
+                out = _merge_splits(O_PART, LSE_PART, prow, row_ok, d, d_ok, D, num_splits)
+                tl.store(optr, out.to(OUT.dtype.element_ty), mask=omask)
     else:
-        optr = OUT + b64 * s_ob + qs[:, None] * s_os + head[:, None] * s_oh + d[None, :] * s_od
         tl.store(optr, o.to(OUT.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _merge_splits(O_PART, LSE_PART, prow, row_ok, d, d_ok, D, num_splits):
+    """(rows, BLOCK_D) fp32: the splits' partial outputs O_PART[prow + i] weighted by
+    2^(lse_i - max lse) / sum of those weights (rows with no visible key give 0).  Reads with
+    .cg (L2, never a stale L1 line: other programs wrote them)."""
+    m = tl.load(LSE_PART + prow, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+    for i in range(1, num_splits):
+        m = tl.maximum(m, tl.load(LSE_PART + prow + i, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.zeros_like(m)
+    acc = tl.zeros([m.shape[0], d.shape[0]], dtype=tl.float32)
+    omask = row_ok[:, None] & d_ok[None, :]
+    for i in range(num_splits):
+        w = tl.exp2(tl.load(LSE_PART + prow + i, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m)
+        denom += w
+        o = tl.load(O_PART + (prow + i)[:, None] * D + d[None, :], mask=omask, other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * o
+    return acc / tl.where(denom > 0, denom, 1.0)[:, None]
 
 
 @triton.jit
@@ -305,30 +352,25 @@ def _combine_kernel(
     O_PART,  # *fp32 (rows, num_splits, D): normalized partial outputs, rows = batch*seqlen_q*Hq
     LSE_PART,  # *fp32 (rows, num_splits): their log2-sum-exp (-inf for an empty split)
     OUT,  # *T (batch, seqlen_q, Hq, D), strides s_o*
+    n_rows,
     seqlen_q,
     Hq,
     D,
     num_splits,
     s_ob, s_os, s_oh, s_od,
-    BLOCK_S: tl.constexpr,  # power of two >= num_splits
+    BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # power of two >= D
 ):
-    row = tl.program_id(0).to(tl.int64)
-    sp = tl.arange(0, BLOCK_S)
-    lse = tl.load(LSE_PART + row * num_splits + sp, mask=sp < num_splits, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.sum(tl.exp2(lse - m), 0)
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = row < n_rows
     d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(num_splits):
-        w = tl.exp2(tl.load(LSE_PART + row * num_splits + i) - m)
-        acc += w * tl.load(O_PART + (row * num_splits + i) * D + d, mask=d < D, other=0.0)
-    out = acc / tl.where(denom > 0, denom, 1.0)
+    d_ok = d < D
+    out = _merge_splits(O_PART, LSE_PART, row * num_splits, row_ok, d, d_ok, D, num_splits)
     h = row % Hq
     s = (row // Hq) % seqlen_q
     b = row // (Hq * seqlen_q)
-    tl.store(OUT + b * s_ob + s * s_os + h * s_oh + d * s_od, out.to(OUT.dtype.element_ty), mask=d < D)
+    optr = OUT + (b * s_ob + s * s_os + h * s_oh)[:, None] + d[None, :] * s_od
+    tl.store(optr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def decode_config(n_rows, head_dim):
@@ -344,10 +386,24 @@ def decode_config(n_rows, head_dim):
     return block_m, block_n, block_d, num_warps, num_stages
 
 
+def combine_counters(q, k_cache, num_splits):
+    """The fused combine's counters for decode_attention(q, k_cache, ..., num_splits), to be
+    zeroed by the kv_cache_append launched just before it (uninitialized here); None when
+    there is nothing to combine."""
+    B, Sq, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    if num_splits <= 1 or q.numel() == 0:
+        return None
+    n_mtiles = triton.cdiv(Hq // Hkv * Sq, decode_config(Hq // Hkv * Sq, D)[0])
+    return torch.empty((B, Hkv * n_mtiles), dtype=torch.int32, device=q.device)
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap,
-                     num_splits, seqlen_add=0):
+                     num_splits, seqlen_add=0, counters=None):
     """Shapes/dtypes/devices validated by fastlm.ops.kv_cache; num_splits >= 1 resolved there.
-    Sequence b attends to its first cache_seqlens[b] + seqlen_add tokens."""
+    Sequence b attends to its first cache_seqlens[b] + seqlen_add tokens.  counters: from
+    combine_counters(), zeroed since (by kv_cache_append): the splits merge without a combine
+    launch."""
     B, Sq, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
@@ -371,18 +427,20 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sc
         qk_scale, softcap_log2 = softmax_scale * LOG2E, 0.0
     _decode_kernel[(num_splits, Hkv * n_mtiles, B)](
         q, k_cache, v_cache, cache_seqlens, block_table if paged else cache_seqlens,
-        out, o_part, lse_part, qk_scale, softcap_log2,
+        out, o_part, lse_part, counters if split and counters is not None else cache_seqlens,
+        qk_scale, softcap_log2,
         Sq, seqlen_add, G, Hq, D, k_cache.shape[0], capacity, window, num_splits, n_mtiles,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         block_table.stride(0) if paged else 0,
         PAGED=paged, PAGE=page, CAUSAL=causal, HAS_WINDOW=window >= 0, SOFTCAP=softcap > 0, SPLIT=split,
+        FUSED_COMBINE=split and counters is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
     )
-    if split:
-        _combine_kernel[(B * Sq * Hq,)](
-            o_part, lse_part, out, Sq, Hq, D, num_splits, *out.stride(),
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(D),
-            num_warps=4 if D >= 128 else 2,
+    if split and counters is None:
+        rows, block_r = B * Sq * Hq, 4
+        _combine_kernel[(triton.cdiv(rows, block_r),)](
+            o_part, lse_part, out, rows, Sq, Hq, D, num_splits, *out.stride(),
+            BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(D), num_warps=4 if D >= 128 else 2,
         )
     return out

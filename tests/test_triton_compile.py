@@ -268,8 +268,10 @@ def _rotary_case(D, rotary_dim, dtype, *, mode, varlen=False, interleaved=False,
     return tag, run
 
 
-def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8, rotary_dim=0, Hq=32, interleaved=False):
-    """rotary_dim > 0: the fused rotary + append of decode_attention(k=, v=, rotary_cos=...)."""
+def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8, rotary_dim=0, Hq=32, interleaved=False,
+                 counters=0):
+    """rotary_dim > 0: the fused rotary + append of decode_attention(k=, v=, rotary_cos=...);
+    counters > 0: it also zeroes that many fused-combine counters per sequence."""
     def run(k, arch):
         import torch
 
@@ -283,7 +285,8 @@ def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8, rotary_dim=0, Hq=32
             q, k_new, v_new = qkv.split([Hq, H, H], dim=2)
             cos, sin = _t(4096, rotary_dim // 2, dtype=torch.float32), _t(4096, rotary_dim // 2, dtype=torch.float32)
             k["decode"].kv_cache_append(kc, vc, k_new, v_new, _t(B, dtype=torch.int32), bt, q, _t(*q.shape, dtype=dtype),
-                                        cos, sin, interleaved)
+                                        cos, sin, interleaved,
+                                        counters=_t(B, counters, dtype=torch.int32) if counters else None)
             return
         kv = _t(B, S, 2 * H, D, dtype=dtype)  # k, v as views of one projection
         k_new, v_new = kv.split([H, H], dim=2)
@@ -291,10 +294,12 @@ def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8, rotary_dim=0, Hq=32
     tag = f"append D={D} {_dt(dtype)}" + (f" paged{page}" if paged else " contiguous") + f" S={S}"
     if rotary_dim:
         tag += f" rotary{rotary_dim}" + " interleaved" * interleaved + f" Hq={Hq}"
-    return tag, run
+    return tag + f" counters={counters}" * (counters > 0), run
 
 
-def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, softcap=0.0, page=16, cap=4096):
+def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, softcap=0.0, page=16, cap=4096,
+                 fused_combine=False):
+    """fused_combine: the decode of decode_attention(k=, v=), which merges its own splits."""
     def run(k, arch):
         import torch
         from fastlm.ops import kv_cache as opk
@@ -310,9 +315,13 @@ def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, sof
         rows = Sq * (Hq // Hkv)
         tiles = -(-rows // k["decode"].decode_config(rows, D)[0])
         splits = opk.num_splits_heuristic(B, Hkv, tiles, cap, q.device, sms=PROFILES[arch]["sms"])
+        splits = min(splits, k["decode"].MAX_SPLITS)
+        assert splits > 1 or not fused_combine, "a fused-combine case needs a split"
+        counters = _t(B, Hkv * tiles, dtype=torch.int32) if fused_combine else None
         k["decode"].decode_attention(q, kc, vc, _t(B, dtype=torch.int32), bt, D**-0.5, causal, window, softcap,
-                                     min(splits, k["decode"].MAX_SPLITS))
+                                     splits, seqlen_add=Sq if fused_combine else 0, counters=counters)
     tag = f"decode D={D} {_dt(dtype)} B={B} Sq={Sq} G={Hq // Hkv}" + (f" paged{page}" if paged else "")
+    tag += " fused-combine" * fused_combine
     tag += " causal" * causal + f" window={window}" * (window >= 0) + f" softcap={softcap}" * (softcap > 0)
     return tag, run
 
@@ -442,7 +451,8 @@ def _cases(full):
             for dt in (bf16, fp16, fp32):
                 for paged in (False, True):
                     add("decode", both, _append_case(D, dt, paged=paged))
-                    add("decode", both, _append_case(D, dt, paged=paged, rotary_dim=D, Hq=32))
+                    add("decode", both, _append_case(D, dt, paged=paged, rotary_dim=D, Hq=32, counters=8))
+                    add("decode", both, _decode_case(D, dt, B=1, Sq=1, Hq=32, Hkv=8, paged=paged, fused_combine=True))
                     for B, Sq, G in ((1, 1, 4), (64, 1, 8), (2, 4, 8), (2, 8, 16)):
                         for causal, window, cap in ((True, -1, 0.0), (False, 256, 30.0)):
                             add("decode", both, _decode_case(D, dt, B=B, Sq=Sq, Hq=8 * G, Hkv=8, paged=paged,
@@ -452,10 +462,12 @@ def _cases(full):
         add("decode", h100, _append_case(64, fp16, paged=True, page=16, S=7))
         add("decode", h100, _append_case(256, fp32, paged=True, page=256))
         # the fused rotary + append of a decode step: llama-3.2-1b (32 / 8 heads, D=64), partial GPT-J
-        add("decode", both, _append_case(64, bf16, paged=False, B=1, rotary_dim=64, Hq=32))
+        add("decode", both, _append_case(64, bf16, paged=False, B=1, rotary_dim=64, Hq=32, counters=8))
         add("decode", h100, _append_case(128, fp16, paged=True, B=8, rotary_dim=64, Hq=64, interleaved=True))
         # batch 1: split-KV + combine; llama-3.2-1b shape (32 / 8 heads, D=64)
         add("decode", both, _decode_case(64, bf16, B=1, Sq=1, Hq=32, Hkv=8, paged=False))
+        add("decode", both, _decode_case(64, bf16, B=1, Sq=1, Hq=32, Hkv=8, paged=False, fused_combine=True))
+        add("decode", h100, _decode_case(128, fp16, B=2, Sq=8, Hq=128, Hkv=8, paged=True, fused_combine=True))
         add("decode", h100, _decode_case(128, bf16, B=64, Sq=1, Hq=32, Hkv=8, paged=True))  # no split
         add("decode", h100, _decode_case(128, fp16, B=2, Sq=4, Hq=64, Hkv=8, paged=True, causal=True, window=512,
                                          softcap=30.0))

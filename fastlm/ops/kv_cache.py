@@ -237,8 +237,9 @@ def _decode_kv_op(
     backend: str,
 ) -> torch.Tensor:
     """Rotate q and k (optional), append k/v, attend over cache_seqlens + seqlen_new tokens.
-    Triton: the rotation and the append are one launch (then decode, + combine when split);
-    CUDA: the rotary, append and decode kernels one after the other."""
+    Triton: the rotation and the append are one launch, then decode (which merges its splits
+    itself: the fused combine of kernels/decode.py); CUDA: the rotary, append and decode (+
+    combine when split) kernels one after the other."""
     n = k.shape[1]
     if _debug_checks_on(q):
         _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos)
@@ -248,10 +249,11 @@ def _decode_kv_op(
         from fastlm.kernels import decode as kd
 
         q_rot = torch.empty_like(q) if rotary else q
+        counters = kd.combine_counters(q, k_cache, num_splits) if n > 0 else None  # zeroed by the append
         kd.kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q, q_rot, rotary_cos, rotary_sin,
-                           rotary_interleaved)
+                           rotary_interleaved, counters=counters)
         return kd.decode_attention(q_rot, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal,
-                                   window, softcap, num_splits, seqlen_add=n)
+                                   window, softcap, num_splits, seqlen_add=n, counters=counters)
     if rotary:
         from fastlm.ops.rotary import POS_PER_SEQ, _launch
 
