@@ -36,9 +36,9 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 def sample(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
     """Next token ids (...,) int64 from logits (..., vocab).  temperature == 0 means greedy."""
-    logits = logits.float()
     if greedy or temperature == 0.0:
-        return logits.argmax(-1)
+        return logits.argmax(-1)  # the same index in any float dtype (no fp32 copy of the logits)
+    logits = logits.float()
     logits = filter_logits(logits / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     e = torch.empty_like(probs).exponential_(1.0, generator=generator)

@@ -64,7 +64,10 @@ class _KVCacheBase(nn.Module):
         """Device op: positions <- seqlens; seqlens += n (int, or int32 tensor (batch,)) for the
         live sequence slots.  Call it after ``reserve`` (host) and before the layers append/attend."""
         self.positions.copy_(self.seqlens)
-        self.seqlens.add_(self.live * n)
+        if isinstance(n, int):
+            self.seqlens.add_(self.live, alpha=n)  # one kernel (a decode step runs this every token)
+        else:
+            self.seqlens.add_(self.live * n)
 
     def _rows(self, t, B):
         return t if B == t.shape[0] else t[:B]
