@@ -25,8 +25,8 @@ Decode (memory-bound: every byte of the visible K/V is read once):
   combine launch.  Each program, after writing its partials, takes a ticket from an int32
   counter of its (batch, kv head, row tile) (a barrier, then one thread's acq_rel atomic at GPU
   scope: the pattern of a cooperative-groups grid sync); the program that draws the last ticket
-  merges the splits (`_merge_splits`, the same arithmetic as `_combine_kernel`, so both give
-  bit-identical outputs).  The counters are zeroed by the append kernel launched just before on
+  merges the splits (`_merge_splits`, which `_combine_kernel` also uses: vectorized over
+  the splits, so the merge is a few wide loads, not a chain of one L2 round trip per split).  The counters are zeroed by the append kernel launched just before on
   the same stream (no memset launch, and nothing kept between calls: CUDA-graph safe).
 - Masks: query row at position p = L - seqlen_q + s sees key t iff t < L, t <= p (causal) and
   t >= p - window (window >= 0).  Rows that see no key give 0.  Block ids out of range are
@@ -236,6 +236,9 @@ def _decode_kernel(
     SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr,  # write partials to O_PART/LSE_PART (else the final output to OUT)
     FUSED_COMBINE: tl.constexpr,  # SPLIT: the last program of each (b, hkv, mtile) merges the splits
+    BLOCK_S: tl.constexpr,  # power of two >= num_splits (FUSED_COMBINE)
+    MERGE_M: tl.constexpr,  # rows merged: min(BLOCK_M, power of two >= seqlen_q * G) (FUSED_COMBINE)
+    CHUNK_S: tl.constexpr,  # splits merged per step (FUSED_COMBINE; merge_chunk)
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32 caches (no tf32 rounding)
     BLOCK_M: tl.constexpr,  # query rows per program (power of two >= 16: tl.dot's minimum)
     BLOCK_N: tl.constexpr,  # keys per tile
@@ -321,30 +324,53 @@ def _decode_kernel(
             tl.debug_barrier()  # every thread's partials are written before the ticket is taken
             ticket = tl.atomic_add(SEM + b64 * tl.num_programs(1) + pid_hm, 1, sem="acq_rel", scope="gpu")
             if ticket == num_splits - 1:  # the last split of this (b, hkv, mtile) to finish
-                out = _merge_splits(O_PART, LSE_PART, prow, row_ok, d, d_ok, D, num_splits)
-                tl.store(optr, out.to(OUT.dtype.element_ty), mask=omask)
+                # Its first MERGE_M rows (all the real ones: MERGE_M < BLOCK_M only for a single
+                # row tile of fewer than 16 rows, padded for tl.dot), so no padding row is merged.
+                mr = mtile * BLOCK_M + tl.arange(0, MERGE_M)
+                mr_ok = mr < seqlen_q * G
+                mqs = tl.where(mr_ok, mr // G, 0)
+                mhead = hkv * G + mr % G
+                mprow = ((b64 * seqlen_q + mqs) * Hq + mhead) * num_splits
+                out = _merge_splits(O_PART, LSE_PART, mprow, mr_ok, d, d_ok, D, num_splits, BLOCK_S, CHUNK_S)
+                mptr = OUT + b64 * s_ob + mqs[:, None] * s_os + mhead[:, None] * s_oh + d[None, :] * s_od
+                tl.store(mptr, out.to(OUT.dtype.element_ty), mask=mr_ok[:, None] & d_ok[None, :])
     else:
         tl.store(optr, o.to(OUT.dtype.element_ty), mask=omask)
 
 
 @triton.jit
-def _merge_splits(O_PART, LSE_PART, prow, row_ok, d, d_ok, D, num_splits):
+def _merge_splits(O_PART, LSE_PART, prow, row_ok, d, d_ok, D, num_splits,
+                  BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr):
     """(rows, BLOCK_D) fp32: the splits' partial outputs O_PART[prow + i] weighted by
-    2^(lse_i - max lse) / sum of those weights (rows with no visible key give 0).  Reads with
-    .cg (L2, never a stale L1 line: other programs wrote them)."""
-    m = tl.load(LSE_PART + prow, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-    for i in range(1, num_splits):
-        m = tl.maximum(m, tl.load(LSE_PART + prow + i, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
+    2^(lse_i - max lse) / sum of those weights (rows with no visible key give 0).
+    Vectorized over the splits (a loop with one split per step would chain num_splits L2
+    round trips): all log-sum-exps in one (rows, BLOCK_S) load, then the partials CHUNK_S splits
+    at a time as one (rows, CHUNK_S, BLOCK_D) load.  Reads with .cg (L2, never a stale L1
+    line: other programs wrote them)."""
+    sp = tl.arange(0, BLOCK_S)
+    lse = tl.load(LSE_PART + prow[:, None] + sp[None, :], mask=row_ok[:, None] & (sp < num_splits)[None, :],
+                  other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.zeros_like(m)
+    denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
+    c = tl.arange(0, CHUNK_S)
     acc = tl.zeros([m.shape[0], d.shape[0]], dtype=tl.float32)
-    omask = row_ok[:, None] & d_ok[None, :]
-    for i in range(num_splits):
-        w = tl.exp2(tl.load(LSE_PART + prow + i, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m)
-        denom += w
-        o = tl.load(O_PART + (prow + i)[:, None] * D + d[None, :], mask=omask, other=0.0, cache_modifier=".cg")
-        acc += w[:, None] * o
+    for s0 in range(0, num_splits, CHUNK_S):
+        ok = row_ok[:, None] & (s0 + c < num_splits)[None, :]  # (rows, CHUNK_S)
+        w = tl.exp2(tl.load(LSE_PART + prow[:, None] + s0 + c[None, :], mask=ok, other=float("-inf"),
+                            cache_modifier=".cg") - m[:, None])
+        ptr = O_PART + ((prow[:, None] + s0 + c[None, :]) * D)[:, :, None] + d[None, None, :]
+        o = tl.load(ptr, mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(w[:, :, None] * o, 1)
     return acc / tl.where(denom > 0, denom, 1.0)[:, None]
+
+
+def merge_chunk(rows, block_d, num_warps, num_splits):
+    """CHUNK_S of _merge_splits: partials loaded per step, (rows, CHUNK_S, BLOCK_D) fp32 at most
+    32 per thread (more lifts the decode kernel's registers: 94 at llama-3.2-1b's 4 rows x
+    D 64, CHUNK_S 16; 128 at 64 per thread), and no more splits than there are."""
+    fit = max(1, 32 * 32 * num_warps // (rows * block_d))
+    return max(1, min(triton.next_power_of_2(num_splits), 1 << (fit.bit_length() - 1)))
 
 
 @triton.jit
@@ -360,12 +386,14 @@ def _combine_kernel(
     s_ob, s_os, s_oh, s_od,
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # power of two >= D
+    BLOCK_S: tl.constexpr,  # power of two >= num_splits
+    CHUNK_S: tl.constexpr,  # splits merged per step (merge_chunk)
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = row < n_rows
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    out = _merge_splits(O_PART, LSE_PART, row * num_splits, row_ok, d, d_ok, D, num_splits)
+    out = _merge_splits(O_PART, LSE_PART, row * num_splits, row_ok, d, d_ok, D, num_splits, BLOCK_S, CHUNK_S)
     h = row % Hq
     s = (row // Hq) % seqlen_q
     b = row // (Hq * seqlen_q)
@@ -416,6 +444,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sc
     block_m, block_n, block_d, num_warps, num_stages = decode_config(G * Sq, D)
     n_mtiles = triton.cdiv(G * Sq, block_m)
     split = num_splits > 1
+    fused = split and counters is not None  # (the merge constexprs stay 1 otherwise: no recompiles)
+    merge_m = min(block_m, triton.next_power_of_2(G * Sq))
     if split:
         o_part = torch.empty((B, Sq, Hq, num_splits, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((B, Sq, Hq, num_splits), dtype=torch.float32, device=q.device)
@@ -433,14 +463,17 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sc
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         block_table.stride(0) if paged else 0,
         PAGED=paged, PAGE=page, CAUSAL=causal, HAS_WINDOW=window >= 0, SOFTCAP=softcap > 0, SPLIT=split,
-        FUSED_COMBINE=split and counters is not None,
+        FUSED_COMBINE=fused, BLOCK_S=triton.next_power_of_2(num_splits) if fused else 1,
+        MERGE_M=merge_m if fused else 1, CHUNK_S=merge_chunk(merge_m, block_d, num_warps, num_splits) if fused else 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
     )
     if split and counters is None:
-        rows, block_r = B * Sq * Hq, 4
+        rows, block_r, bd = B * Sq * Hq, 1, triton.next_power_of_2(D)
+        warps = 8 if bd >= 256 else 4  # up to 32 splits x BLOCK_D 128 per step
         _combine_kernel[(triton.cdiv(rows, block_r),)](
             o_part, lse_part, out, rows, Sq, Hq, D, num_splits, *out.stride(),
-            BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(D), num_warps=4 if D >= 128 else 2,
+            BLOCK_R=block_r, BLOCK_D=bd, BLOCK_S=triton.next_power_of_2(num_splits),
+            CHUNK_S=merge_chunk(block_r, bd, warps, num_splits), num_warps=warps,
         )
     return out
