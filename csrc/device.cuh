@@ -89,4 +89,15 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
   return warp_sum(v);
 }
 
+// Max over the whole block; every thread gets the result.  Same contract as block_sum.
+__device__ __forceinline__ float block_max(float v, float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? smem[lane] : -INFINITY;
+  return warp_max(v);
+}
+
 }  // namespace fastlm

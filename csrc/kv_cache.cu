@@ -533,26 +533,36 @@ __global__ void __launch_bounds__(kThreads) decode_simple_kernel(const DecodePar
 }
 
 // Merge the splits of one (batch, query, head) row: out = sum_i 2^(lse_i - M) o_i / sum_i 2^(lse_i - M).
+// One split per thread for the max and the weights (two block reductions, not a serial loop of
+// loads), then per output element the partials kMergeUnroll splits at a time, their loads issued
+// together: ceil(num_splits / 8) L2 round trips instead of num_splits.
+constexpr int kMergeUnroll = 8;
+
 template <typename T>
-__global__ void __launch_bounds__(128) combine_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kMaxSplits) combine_kernel(const DecodeParams p) {
   __shared__ float s_w[kMaxSplits];
+  __shared__ float s_red[32];
   const int64_t row = blockIdx.x;  // ((b * seqlen_q) + s) * Hq + h
-  const int NS = p.num_splits;
-  const float* lse = p.lse_part + row * NS;
-  float M = -INFINITY;
-  for (int i = 0; i < NS; ++i) M = fmaxf(M, lse[i]);
-  const float Ms = M == -INFINITY ? 0.f : M;
-  for (int i = threadIdx.x; i < NS; i += blockDim.x) s_w[i] = exp2f(lse[i] - Ms);
-  __syncthreads();
-  float den = 0.f;
-  for (int i = 0; i < NS; ++i) den += s_w[i];
+  const int NS = p.num_splits, t = threadIdx.x;  // NS <= kMaxSplits = blockDim.x
+  const float l = t < NS ? p.lse_part[row * NS + t] : -INFINITY;
+  const float M = block_max(l, s_red);
+  const float w = t < NS ? exp2f(l - (M == -INFINITY ? 0.f : M)) : 0.f;
+  if (t < NS) s_w[t] = w;
+  const float den = block_sum(w, s_red);  // (its barriers also publish s_w)
   const float inv = den > 0.f ? 1.f / den : 0.f;
   const int h = static_cast<int>(row % p.Hq);
   const int s = static_cast<int>((row / p.Hq) % p.seqlen_q);
   const int b = static_cast<int>(row / (static_cast<int64_t>(p.Hq) * p.seqlen_q));
-  for (int d = threadIdx.x; d < p.D; d += blockDim.x) {
+  for (int d = t; d < p.D; d += blockDim.x) {
+    const float* o = p.o_part + row * NS * p.D + d;
     float acc = 0.f;
-    for (int i = 0; i < NS; ++i) acc += s_w[i] * p.o_part[(row * NS + i) * p.D + d];
+    for (int i0 = 0; i0 < NS; i0 += kMergeUnroll) {
+      float v[kMergeUnroll];
+#pragma unroll
+      for (int j = 0; j < kMergeUnroll; ++j) v[j] = i0 + j < NS ? o[static_cast<int64_t>(i0 + j) * p.D] : 0.f;
+#pragma unroll
+      for (int j = 0; j < kMergeUnroll; ++j) acc += i0 + j < NS ? s_w[i0 + j] * v[j] : 0.f;
+    }
     store_out<T>(p, b, s, h, d, acc * inv);
   }
 }
@@ -639,7 +649,7 @@ void run_decode(const DecodeParams& p, dim3 grid, cudaStream_t stream, const at:
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (p.num_splits > 1) {
-    combine_kernel<T><<<static_cast<unsigned>(combine_rows), 128, 0, stream>>>(p);
+    combine_kernel<T><<<static_cast<unsigned>(combine_rows), kMaxSplits, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -46,7 +46,7 @@ void decode_t(DecodeParams& p, int B, int Hkv, bool tc) {
     else emu_launch(grid, block, [&] { decode_simple_kernel<T, 8>(p); });
   }
   if (p.num_splits > 1)
-    emu_launch(EmuDim3{static_cast<unsigned>(B * p.seqlen_q * p.Hq), 1, 1}, EmuDim3{128, 1, 1},
+    emu_launch(EmuDim3{static_cast<unsigned>(B * p.seqlen_q * p.Hq), 1, 1}, EmuDim3{kMaxSplits, 1, 1},
                [&] { combine_kernel<T>(p); });
 }
 
@@ -179,6 +179,7 @@ CASES = [
     (torch.float16, 256, 16, 2, 3, True, 5, (40, 23), True, -1, 30.0, 2),  # D 256 (late V), 24 rows: 2 tiles, page 5
     (torch.bfloat16, 192, 2, 2, 1, False, 0, (17, 0), False, -1, 0.0, 1),  # D 192, an empty sequence
     (torch.float16, 64, 4, 4, 2, True, 16, (33, 64), False, 7, 10.0, 4),  # window + softcap, more splits than steps
+    (torch.bfloat16, 64, 8, 2, 1, True, 16, (700, 301), True, -1, 0.0, 11),  # 11 splits: 2 merge steps of 8
     (torch.float32, 64, 8, 2, 1, True, 16, (37, 70), True, -1, 0.0, 2),  # CUDA-core fallback (fp32)
     (torch.float16, 36, 6, 3, 2, False, 0, (29, 12), True, -1, 0.0, 1),  # fallback: head_dim % 8 != 0
     (torch.bfloat16, 128, 16, 4, 1, True, 16, (60, 44), True, 30, 0.0, 2),  # fallback forced (tc=False) below
