@@ -25,9 +25,10 @@ Decode (memory-bound: every byte of the visible K/V is read once):
   combine launch.  Each program, after writing its partials, takes a ticket from an int32
   counter of its (batch, kv head, row tile) (a barrier, then one thread's acq_rel atomic at GPU
   scope: the pattern of a cooperative-groups grid sync); the program that draws the last ticket
-  merges the splits (`_merge_splits`, which `_combine_kernel` also uses: vectorized over
-  the splits, so the merge is a few wide loads, not a chain of one L2 round trip per split).  The counters are zeroed by the append kernel launched just before on
-  the same stream (no memset launch, and nothing kept between calls: CUDA-graph safe).
+  merges the splits (`_merge_splits`, which `_combine_kernel` also uses: vectorized over the
+  splits, so the merge is a few wide loads, not a chain of one L2 round trip per split).  The
+  counters are zeroed by the append kernel launched just before on the same stream (no memset
+  launch, and nothing kept between calls: CUDA-graph safe).
 - Masks: query row at position p = L - seqlen_q + s sees key t iff t < L, t <= p (causal) and
   t >= p - window (window >= 0).  Rows that see no key give 0.  Block ids out of range are
   masked (never read).  Forward only.
