@@ -176,6 +176,11 @@ def add_norm(norm, x, residual, fused):
     return norm(h), h
 
 
+def _decode_sized(x, gemv_rows):
+    """x (..., D) has 1..gemv_rows token rows and grad mode is off: the ops.fused_linear path."""
+    return 0 < x.numel() <= gemv_rows * x.shape[-1] and not torch.is_grad_enabled()
+
+
 def _norm_linear(norm, x, residual, linear, activation=None):
     """(linear(norm(x + residual)) [SwiGLU'd], x + residual) in one ops.fused_linear call."""
     is_rms = isinstance(norm, nn.RMSNorm)
@@ -270,7 +275,7 @@ class Block(nn.Module):
         """x: the previous block's output (or the embeddings), residual: the stream before it
         (None for the first block).  Returns (this block's MLP output, residual stream before it),
         leaving the last residual add to the next norm."""
-        if self.fused and 0 < x.numel() <= self.gemv_rows * x.shape[-1] and not torch.is_grad_enabled():
+        if self.fused and _decode_sized(x, self.gemv_rows):
             return self._forward_gemv(x, residual, rope, cu_seqlens, max_seqlen, cache)
         h, residual = add_norm(self.attn_norm, x, residual, self.fused)
         x = self.attn(h, rope, cu_seqlens, max_seqlen, cache)
@@ -389,8 +394,7 @@ class Transformer(nn.Module):
         """Logits of the rows (x, residual) from residual_stream: the final norm of x + residual,
         then the lm_head.  Fused, grad-free and at most decode_gemv_rows rows: one kernel
         (ops.fused_linear, the norm folded into the matrix-vector product)."""
-        if (self.backend == "fused" and residual is not None and 0 < x.numel() <= self.decode_gemv_rows * x.shape[-1]
-                and not torch.is_grad_enabled()):
+        if self.backend == "fused" and residual is not None and _decode_sized(x, self.decode_gemv_rows):
             return _norm_linear(self.norm, x, residual, self.lm_head)[0]
         h, _ = add_norm(self.norm, x, residual, self.backend == "fused")
         return self.output(h)
