@@ -77,27 +77,21 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Sum over the whole block; every thread gets the result.  `smem` holds >= 32 floats.
-// Safe to call repeatedly (synchronizes before reusing smem).
-__device__ __forceinline__ float block_sum(float v, float* smem) {
+// Reduce over the whole block by a warp reduction (warp_sum, warp_max) whose identity is
+// `identity`; every thread gets the result.  `smem` holds >= 32 floats.  Safe to call
+// repeatedly (synchronizes before reusing smem).
+template <float (*WarpOp)(float)>
+__device__ __forceinline__ float block_reduce(float v, float identity, float* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-  v = warp_sum(v);
+  v = WarpOp(v);
   __syncthreads();
   if (lane == 0) smem[warp] = v;
   __syncthreads();
-  v = lane < nwarps ? smem[lane] : 0.f;
-  return warp_sum(v);
+  v = lane < nwarps ? smem[lane] : identity;
+  return WarpOp(v);
 }
 
-// Max over the whole block; every thread gets the result.  Same contract as block_sum.
-__device__ __forceinline__ float block_max(float v, float* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  v = lane < nwarps ? smem[lane] : -INFINITY;
-  return warp_max(v);
-}
+__device__ __forceinline__ float block_sum(float v, float* smem) { return block_reduce<warp_sum>(v, 0.f, smem); }
+__device__ __forceinline__ float block_max(float v, float* smem) { return block_reduce<warp_max>(v, -INFINITY, smem); }
 
 }  // namespace fastlm

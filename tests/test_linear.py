@@ -195,15 +195,21 @@ def _count_fused_linear(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
-def test_model_decode_path_matches_the_unfused_blocks(name, monkeypatch):
-    """A grad-free forward of a few token rows (the decode path: norms folded into qkv / w_in,
-    SwiGLU into w_in) gives the logits of the same model with that path off."""
+def _perturbed_fused_model(name):
+    """The preset's fused model with its weights moved off their init (norm weights off 1)."""
     cfg = TransformerConfig.from_name(name)
     model = Transformer(cfg, backend="fused").to(DEVICE)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    return cfg, model
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+def test_model_decode_path_matches_the_unfused_blocks(name, monkeypatch):
+    """A grad-free forward of a few token rows (the decode path: norms folded into qkv / w_in,
+    SwiGLU into w_in) gives the logits of the same model with that path off."""
+    cfg, model = _perturbed_fused_model(name)
     tokens = torch.randint(0, cfg.vocab_size, (3, 1), device=DEVICE)
     with torch.no_grad():
         model.decode_gemv_rows = 0
@@ -229,11 +235,7 @@ def test_model_head_folds_the_final_norm(name, monkeypatch):
     """Transformer.head on residual_stream rows (what generation calls: the last rows only) gives
     the logits of model(tokens) at those rows; for a decode-sized batch it is one fused_linear
     call with the lm_head weight, otherwise the separate final norm and lm_head."""
-    cfg = TransformerConfig.from_name(name)
-    model = Transformer(cfg, backend="fused").to(DEVICE)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    cfg, model = _perturbed_fused_model(name)
     tokens = torch.randint(0, cfg.vocab_size, (3, 5), device=DEVICE)
     with torch.no_grad():
         model.decode_gemv_rows = 0
