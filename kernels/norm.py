@@ -167,6 +167,22 @@ def _row_stride(t2):
     return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
 
 
+def _param(t, name, N):
+    """weight / bias as a dense (N,) vector (the kernels read them at unit stride)."""
+    if t is None:
+        return None
+    if t.shape != (N,):
+        raise ValueError(f"{name} must have shape ({N},) (the last dim of x), got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def _stat(t, name, M):
+    """A saved fp32 statistic (mean / rstd): one value per row, read densely."""
+    if t.dtype != torch.float32 or t.numel() != M:
+        raise ValueError(f"{name} must be float32 with one value per row ({M}), got {t.dtype} with {t.numel()}")
+    return t.contiguous()
+
+
 def norm_fwd(x, weight, bias, residual, eps, is_rms):
     """x, residual: (..., N).  Returns (out, residual_out or empty, mean or empty, rstd)."""
     N = x.shape[-1]
@@ -174,10 +190,13 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms):
         raise ValueError(f"x: hidden size {N} exceeds the triton norm kernel's limit of {MAX_FUSED_N}")
     x2 = _rows2d(x, "x")
     M = x2.shape[0]
+    weight, bias = _param(weight, "weight", N), _param(bias, "bias", N)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     mean = torch.empty(x.shape[:-1] if not is_rms else (0,), dtype=torch.float32, device=x.device)
     if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         r2 = _rows2d(residual, "residual")
         h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     else:
@@ -201,6 +220,12 @@ def norm_bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias):
     dy2 = _rows2d(dy, "dy")
     h2 = _rows2d(h, "h")
     M = h2.shape[0]
+    if dy.shape != h.shape or (dresidual_out is not None and dresidual_out.shape != h.shape):
+        raise ValueError(f"dy and dresidual_out must have h's shape {tuple(h.shape)}")
+    weight = _param(weight, "weight", N)
+    rstd = _stat(rstd, "rstd", M)
+    if not is_rms:
+        mean = _stat(mean, "mean", M)
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     has_w = weight is not None
     if M == 0:

@@ -167,6 +167,32 @@ def test_non_contiguous_and_expanded_grad(backend, kind):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_strided_and_expanded_params(backend, kind, layout):
+    # weight / bias that are views (every other element of a buffer, or one value broadcast
+    # with stride 0) must be read as the vectors they are, forward and backward.
+    N = 24
+    if layout == "strided":
+        w, b = torch.randn(2 * N, device=DEVICE)[::2], torch.randn(3 * N, device=DEVICE)[1::3]
+    else:
+        w, b = torch.randn(1, device=DEVICE).expand(N), torch.randn(1, device=DEVICE).expand(N)
+    b = b if kind == "ln" else None
+    x = torch.randn(5, N, device=DEVICE)
+    dy = torch.randn(5, N, device=DEVICE)
+    xs, ws = _leaves(x, w)
+    xr, wr = _leaves(x.double(), w.double())
+    out = _op(kind, xs, ws, b, 1e-5, None, backend)
+    ref = _ref(kind, xr, wr, None if b is None else b.double(), 1e-5, None)
+    out.backward(dy)
+    ref.backward(dy.double())
+    low = _ref(kind, x, w, b, 1e-5, None)
+    assert_close(out, ref, low, "out")
+    assert_close(xs.grad, xr.grad, xr.grad.float(), "dx")
+    assert_close(ws.grad, wr.grad, wr.grad.float(), "dweight", floor_eps=64)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_empty_rows(backend):
     x = torch.randn(0, 16, device=DEVICE, requires_grad=True)
     w = torch.randn(16, device=DEVICE, requires_grad=True)
@@ -256,6 +282,33 @@ def test_modules_are_drop_in():
         torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
 
 
+def test_modules_check_normalized_shape():
+    # The ops see the normalized dims flattened into one, so the module checks them: a
+    # (8, 4) input is not a (4, 8) one, and without a weight nothing else would notice.
+    for mod in (fastlm.nn.RMSNorm((4, 8)), fastlm.nn.LayerNorm((4, 8)), fastlm.nn.RMSNorm(16, elementwise_affine=False)):
+        mod = mod.to(DEVICE)
+        bad = torch.randn(3, 8, 4, device=DEVICE) if len(mod.normalized_shape) == 2 else torch.randn(3, 8, device=DEVICE)
+        with pytest.raises(ValueError, match=r"x must have shape \[\*, "):
+            mod(bad)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        fastlm.nn.RMSNorm((4, 8)).to(DEVICE)(torch.randn(3, 4, 8, device=DEVICE), torch.randn(3, 8, 4, device=DEVICE))
+
+
+def test_torch_ops_check_their_arguments():
+    # torch.ops.fastlm.* are public too: they run a kernel backend or say why not, and reject
+    # saved statistics that do not match the rows.
+    x = torch.randn(3, 16, device=DEVICE)
+    w = torch.randn(16, device=DEVICE)
+    with pytest.raises(ValueError, match="backend must be 'triton' or 'cuda'"):
+        torch.ops.fastlm.rms_norm(x, w, None, 1e-6, "reference")
+    with pytest.raises(ValueError, match="rstd must be float32 with one value per row"):
+        torch.ops.fastlm.norm_backward(x, None, x, w, torch.empty(0), torch.ones(2, device=DEVICE), True, False, "triton")
+    with pytest.raises(ValueError, match="mean must be float32 with one value per row"):
+        torch.ops.fastlm.norm_backward(x, None, x, w, torch.ones(2, device=DEVICE), torch.ones(3, device=DEVICE), False, False, "triton")
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        torch.ops.fastlm.rms_norm(x, w, x[:2], 1e-6, "triton")
+
+
 def test_backend_selection(monkeypatch):
     x = torch.randn(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="backend"):
@@ -290,6 +343,9 @@ def test_bad_inputs(kind):
         call(x=torch.ones(4, 16, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match=r"weight must have shape \(16,\)"):
         call(w=torch.randn(15, device=DEVICE))
+    if kind == "ln":
+        with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+            call(b=torch.randn(16, 1, device=DEVICE))
     with pytest.raises(ValueError, match="residual must have the shape"):
         call(residual=torch.randn(4, 15, device=DEVICE))
     with pytest.raises(TypeError, match="residual must have dtype"):

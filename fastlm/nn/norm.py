@@ -9,8 +9,13 @@ import torch
 from fastlm import ops
 
 
-def _flat(x, shape):
-    # The ops normalize the last dim; a multi-dim normalized_shape is flattened into it.
+def _flat(x, shape, name="x"):
+    # The ops normalize the last dim; a multi-dim normalized_shape is flattened into it, so
+    # the trailing dims are checked here (a (8, 4) input is not a (4, 8) one; nor, without
+    # a weight to check against, is a last dim of 8 a normalized_shape of (16,)).
+    if x.dim() < len(shape) or tuple(x.shape[-len(shape):]) != tuple(shape):
+        raise ValueError(f"{name} must have shape [*, {', '.join(map(str, shape))}] (normalized_shape), "
+                         f"got {tuple(x.shape)}")
     return x if len(shape) == 1 else x.flatten(-len(shape))
 
 
@@ -23,7 +28,7 @@ class RMSNorm(torch.nn.RMSNorm):
         shape = self.normalized_shape
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         w = self.weight.reshape(-1) if self.weight is not None else None
-        res = _flat(residual, shape) if residual is not None else None
+        res = _flat(residual, shape, "residual") if residual is not None else None
         out = ops.rms_norm(_flat(x, shape), w, eps, residual=res, backend=self.backend)
         if residual is not None:
             return out[0].view(x.shape), out[1].view(x.shape)
@@ -39,7 +44,7 @@ class LayerNorm(torch.nn.LayerNorm):
         shape = self.normalized_shape
         w = self.weight.reshape(-1) if self.weight is not None else None
         b = self.bias.reshape(-1) if self.bias is not None else None
-        res = _flat(residual, shape) if residual is not None else None
+        res = _flat(residual, shape, "residual") if residual is not None else None
         out = ops.layer_norm(_flat(x, shape), w, b, self.eps, residual=res, backend=self.backend)
         if residual is not None:
             return out[0].view(x.shape), out[1].view(x.shape)

@@ -24,6 +24,8 @@ def _kernels(backend):
         from fastlm.kernels import norm as k
 
         return k.norm_fwd, k.norm_bwd
+    if backend != "cuda":  # the torch ops run the kernel backends only
+        raise ValueError(f"backend must be 'triton' or 'cuda' for the fastlm norm torch ops, got {backend!r}")
     return torch.ops.fastlm.norm_fwd_cuda, torch.ops.fastlm.norm_bwd_cuda
 
 
