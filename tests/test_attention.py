@@ -112,6 +112,8 @@ CPU_CASES = [
     (1, 31, 31, 8, 2, 40, True, (-1, -1), 50.0, False, F16),  # GQA 4:1, large softcap (nearly linear)
     (1, 18, 47, 2, 1, 64, False, (0, -1), 0.0, True, F16),  # only keys at/after the aligned diagonal
     (1, 47, 18, 2, 2, 32, False, (2, 2), 1.0, False, F16),  # Sq > Sk window: leading rows fully masked
+    (1, 19, 23, 2, 1, 200, True, (-1, -1), 3.0, False, F16),  # BLOCK_D 256 (head_dim > 128)
+    (1, 9, 9, 1, 1, 256, False, (-1, -1), 0.0, True, F32),  # the largest head_dim
 ]
 
 
@@ -365,18 +367,27 @@ def test_varlen_matches_per_sequence_loop(lens_q, lens_k, Hq, Hk, D, kw, det):
             assert_close(dv[c:d], r[4][0], r_lp[4][0], f"dv[seq {s}]")
 
 
-def test_varlen_trailing_padding_tokens():
-    """Packed buffers longer than cu_seqlens[-1] (CUDA-graph style padding): the extra tokens
-    get out = 0, lse = -inf and zero gradients."""
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("layout", ["trailing", "leading+trailing", "strided-cu"])
+def test_varlen_tokens_outside_cu_seqlens(backend, layout):
+    """Packed buffers longer than cu_seqlens covers (CUDA-graph style padding after
+    cu_seqlens[-1], or an offset cu_seqlens[0] > 0): the extra tokens get out = 0, lse = -inf
+    and zero gradients, on every backend.  cu_seqlens may be a strided view."""
     q, _ = _pack([30], 2, 16, F16)
-    cu = torch.tensor([0, 12, 25], dtype=torch.int32, device=DEVICE)
+    lo = 3 if layout == "leading+trailing" else 0
+    cu = torch.tensor([lo, 12, 25], dtype=torch.int32, device=DEVICE)
+    if layout == "strided-cu":
+        cu = torch.tensor([0, 99, 12, 99, 25, 99], dtype=torch.int32, device=DEVICE)[::2]
     k, v = _rand(30, 2, 16, dtype=F16), _rand(30, 2, 16, dtype=F16)
     dout = _rand(30, 2, 16, dtype=F16)
-    out, lse, dq, dk, dv = _run(q, k, v, dout, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
-    assert torch.all(out[25:] == 0) and torch.all(torch.isneginf(lse[:, 25:]))
-    assert torch.all(dq[25:] == 0) and torch.all(dk[25:] == 0) and torch.all(dv[25:] == 0)
-    _check_all((out[:25], lse[:, :25], dq[:25], dk[:25], dv[:25]), q[:25], k[:25], v[:25], dout[:25],
-               cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    out, lse, dq, dk, dv = _run(q, k, v, dout, backend=backend, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    outside = torch.ones(30, dtype=torch.bool, device=DEVICE)
+    outside[lo:25] = False
+    assert torch.all(out[outside] == 0) and torch.all(torch.isneginf(lse[:, outside]))
+    assert torch.all(dq[outside] == 0) and torch.all(dk[outside] == 0) and torch.all(dv[outside] == 0)
+    inner = cu.contiguous() - lo
+    _check_all((out[lo:25], lse[:, lo:25], dq[lo:25], dk[lo:25], dv[lo:25]), q[lo:25], k[lo:25], v[lo:25],
+               dout[lo:25], cu_seqlens_q=inner, cu_seqlens_k=inner, causal=True)
 
 
 # ------------------------------------------------------------------------------ determinism
@@ -454,6 +465,9 @@ def _bad_cases():
         ("window must be a pair", (q, k, v), dict(window=5)),
         ("softcap", (q, k, v), dict(softcap=-1.0)),
         ("softmax_scale", (q, k, v), dict(softmax_scale=float("nan"))),
+        ("softcap must be a finite value", (q, k, v), dict(softcap=None)),
+        ("softcap must be a real number", (q, k, v), dict(softcap="1")),
+        ("softmax_scale must be a real number", (q, k, v), dict(softmax_scale="1")),
         ("cu_seqlens_q must have dtype torch.int32", (qp, kp, vp), dict(cu_seqlens_q=cu.long(), cu_seqlens_k=cu)),
         ("cu_seqlens_k must be 1-D", (qp, kp, vp), dict(cu_seqlens_q=cu, cu_seqlens_k=cu[None])),
         ("non-decreasing", (qp, kp, vp), dict(cu_seqlens_q=torch.tensor([0, 5, 3], dtype=torch.int32),

@@ -8,6 +8,7 @@ The Triton backend runs through ``torch.ops.fastlm.attention_fwd`` / ``attention
 torch.compile(fullgraph=True) and CUDA graphs (after the first, autotuning, call).
 """
 import math
+import numbers
 
 import torch
 
@@ -198,7 +199,10 @@ def _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_
         raise ValueError(f"attention: window must be a pair of ints (left, right), got {window!r}")
     if window[0] < -1 or window[1] < -1:
         raise ValueError(f"attention: window sizes must be >= -1 (-1 = unbounded), got {tuple(window)}")
-    if not (softcap >= 0.0 and math.isfinite(softcap)):
+    for name, val in (("softcap", softcap), ("softmax_scale", softmax_scale)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, numbers.Real)):
+            raise TypeError(f"attention: {name} must be a real number, got {type(val).__name__} {val!r}")
+    if softcap is None or not (softcap >= 0.0 and math.isfinite(softcap)):
         raise ValueError(f"attention: softcap must be a finite value >= 0 (0 = off), got {softcap}")
     if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"attention: softmax_scale must be a finite value > 0, got {softmax_scale}")
@@ -241,6 +245,8 @@ def attention(
     backend: "triton" | "reference" | None (best for the device; env FASTLM_BACKEND overrides).
     """
     _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if cu_seqlens_q is not None:  # the kernels read the offsets densely
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     window_left, window_right = int(window[0]), int(window[1])
     if causal:
         window_right = 0

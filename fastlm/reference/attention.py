@@ -95,13 +95,18 @@ def attention(
         Tq, Tk = q.shape[0], k.shape[0]
         tq = torch.arange(Tq, device=q.device)
         tk = torch.arange(Tk, device=q.device)
-        sq = torch.searchsorted(cq, tq, right=True) - 1  # sequence of each packed token
-        sk = torch.searchsorted(ck, tk, right=True) - 1
+        # Sequence of each packed token; tokens before cu[0] or from cu[-1] on belong to none
+        # (they attend to nothing and are attended by nothing: out 0, lse -inf).
+        n = cq.shape[0] - 1
+        in_q, in_k = (tq >= cq[0]) & (tq < cq[-1]), (tk >= ck[0]) & (tk < ck[-1])
+        sq = (torch.searchsorted(cq, tq, right=True) - 1).clamp(0, n - 1)
+        sk = (torch.searchsorted(ck, tk, right=True) - 1).clamp(0, n - 1)
         lens_q, lens_k = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
         qpos = tq - cq[sq]
         kpos = tk - ck[sk]
         off = (lens_k - lens_q)[sq]
-        allowed = _allowed(qpos, kpos, off, window_left, window_right) & (sq[:, None] == sk[None, :])
+        same = (sq[:, None] == sk[None, :]) & in_q[:, None] & in_k[None, :]
+        allowed = _allowed(qpos, kpos, off, window_left, window_right) & same
         qh, kh, vh = qf.transpose(0, 1), kf.transpose(0, 1), vf.transpose(0, 1)
         kh, vh = _expand_kv(kh, group, 0), _expand_kv(vh, group, 0)
         out, lse = _softmax_attend(qh, kh, vh, allowed, scale, softcap)
