@@ -239,7 +239,12 @@ def bench_append(res, args, copy_bw):
                     continue
                 fn = (lambda: reference.kv_cache_append(kc, vc, k, v, lens, block_table=bt)) if name == "reference" else (
                     lambda name=name: fastlm.ops.kv_cache_append(kc, vc, k, v, lens, block_table=bt, backend=name))
-                ms, p20, p80 = bench_graph([fn])
+                try:
+                    ms, p20, p80 = bench_graph([fn])
+                except Exception as e:  # say so, and go on with the other rows
+                    res.add(**row, impl=name, status=f"error: {type(e).__name__}: {str(e)[:120]}")
+                    torch.cuda.synchronize()
+                    continue
                 gbs = nbytes / ms / 1e6
                 res.add(**row, impl=name, ms=ms, p20=p20, p80=p80, gbs=gbs, pct_copy=100 * gbs / copy_bw)
             del kc, vc

@@ -12,6 +12,7 @@ from fastlm import reference
 from fastlm.nn import PagedKVCache, StaticKVCache
 from fastlm.ops import kv_cache as kv_ops
 from fastlm.reference import kv_cache as ref_kv
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import DEVICE, HAS_CUDA, kernel_backends
 from tolerances import assert_close
 
@@ -213,6 +214,55 @@ def test_append_skips_unassigned_blocks(backend):
     fastlm.ops.kv_cache_append(kc, vc, k, k, lens, block_table=bt, backend=backend)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
     assert int((kc != kc0).any(-1).any(-1).sum()) == 3 and torch.equal(kc[bt[0, 0].long(), 2:], k[0, :2])
+
+
+class _SyncingOps(TorchDispatchMode):
+    """Records the aten ops that need the host to read device data (data-dependent sizes or
+    scalars): on CUDA they synchronize, and CUDA-graph capture rejects them."""
+
+    SYNCING = ("nonzero", "masked_select", "_local_scalar_dense", "item", "unique", "_unique2")
+
+    def __enter__(self):
+        self.ops = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        # index / index_put with a boolean mask turn it into indices (a nonzero) inside the kernel
+        masks = name.startswith("index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+        if name in self.SYNCING or masks:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("aim_at_block0", [True, False])
+def test_reference_paged_append_is_sync_free(aim_at_block0):
+    # The benchmark captures the reference append in a CUDA graph, so it must not pick its
+    # tokens with a boolean index (a host sync: the output size depends on the data).  Skipped tokens are parked on (block 0, slot 0) with the
+    # value that slot must end with, whether or not a live token writes there.
+    B, S, Hkv, D = 3, 2, 2, 8
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float32, 8, paged=True, block_size=4)
+    bt[1] = -1
+    bt[2, 1] = -1
+    blk0 = int((bt[0, 0] if aim_at_block0 else bt[2, 0]).item())
+    bt[bt == 0] = blk0
+    bt[0 if aim_at_block0 else 2, 0] = 0  # a live token lands on (0, 0), or none does
+    lens = torch.tensor([0, 1, 3], dtype=torch.int32, device=DEVICE)  # seq 2 crosses into a -1 block
+    k = torch.randn(B, S, Hkv, D, device=DEVICE)
+    v = torch.randn_like(k)
+    ek, ev = kc.clone(), vc.clone()
+    for b in range(B):
+        for t in range(S):
+            p = int(lens[b]) + t
+            blk = int(bt[b, p // 4])
+            if blk >= 0:
+                ek[blk, p % 4], ev[blk, p % 4] = k[b, t], v[b, t]
+    assert torch.equal(ek[0, 0], k[0, 0]) == aim_at_block0
+    with _SyncingOps() as seen:
+        ref_kv.kv_cache_append(kc, vc, k, v, lens, block_table=bt)
+    assert not seen.ops, f"host-syncing ops in the reference append: {seen.ops}"
+    assert torch.equal(kc, ek) and torch.equal(vc, ev)
 
 
 @pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
@@ -563,6 +613,10 @@ def test_bad_inputs():
     raises(TypeError, "v dtype", app, kc, vc, k, k.float(), lens, block_table=bt)
     raises(ValueError, "v shape", app, kc, vc, k, k[:, :0], lens, block_table=bt)
     raises(ValueError, "cache_seqlens must have shape", app, kc, vc, k, k, lens[:1], block_table=bt)
+    # A strided cache_seqlens is rejected, not read densely (nor advanced in a copy).
+    strided = torch.tensor([3, 99, 12, 99], dtype=torch.int32, device=DEVICE)[::2]
+    raises(ValueError, "cache_seqlens must be contiguous", app, kc, vc, k, k, strided, block_table=bt)
+    raises(ValueError, "cache_seqlens must be contiguous", dec, q, kc, vc, strided, block_table=bt)
 
 
 @pytest.mark.gpu

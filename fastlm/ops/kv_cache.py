@@ -312,6 +312,8 @@ def _validate_cache(op, k_cache, v_cache, cache_seqlens, block_table, batch, dev
         raise ValueError(f"{op}: cache_seqlens must have shape ({batch},) (the batch), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
         raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but the other inputs are on {device}")
+    if not cache_seqlens.is_contiguous():  # the kernels read (and advance) it in place, densely
+        raise ValueError(f"{op}: cache_seqlens must be contiguous, got stride {cache_seqlens.stride()}")
     if block_table is None:
         if k_cache.shape[0] != batch:
             raise ValueError(

@@ -34,6 +34,19 @@ def _token_index(cache_seqlens, seqlen_new, block_table, block_size):
     return pos, blk, pos % block_size
 
 
+def _put_where(cache, blk, slot, has, new):
+    """cache[blk, slot] = new for the tokens where ``has``, without a host sync (a boolean
+    index would need one, and CUDA-graph capture forbids it).  The other tokens all write
+    (block 0, slot 0) the value it must end with: the new token aimed there, if any, else its
+    old value; duplicate writes of one value leave no race."""
+    new = new.to(cache.dtype)
+    hit = (has & (blk == 0) & (slot == 0)).flatten()
+    first = hit.int().argmax().view(1)  # the (unique) token aimed at (0, 0), when hit.any()
+    at0 = torch.where(hit.any(), new.flatten(0, 1).index_select(0, first)[0], cache[0, 0])
+    vals = torch.where(has[..., None, None], new, at0)
+    cache[torch.where(has, blk, 0), torch.where(has, slot, 0)] = vals
+
+
 def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, advance=False):
     """Writes k, v (batch, seqlen_new, n_kv_heads, head_dim) at positions cache_seqlens[b] ...
     cache_seqlens[b] + seqlen_new - 1 of each sequence, in place.  advance=True then adds
@@ -49,8 +62,8 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, 
         else:
             _, blk, slot = _token_index(cache_seqlens, S, block_table, k_cache.shape[1])
             has = blk >= 0  # -1: no block (a padding row or a finished sequence), never block -1
-            k_cache[blk[has], slot[has]] = k[has].to(k_cache.dtype)
-            v_cache[blk[has], slot[has]] = v[has].to(v_cache.dtype)
+            _put_where(k_cache, blk, slot, has, k)
+            _put_where(v_cache, blk, slot, has, v)
     if advance:
         cache_seqlens.add_(S)
 
