@@ -1,4 +1,6 @@
 """Input validation helpers used at op boundaries: messages name the argument."""
+import os
+
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -27,3 +29,16 @@ def unit_last(t):
     """t, or a contiguous copy when its last dim has a non-unit stride (the kernels read the
     other strides as given; gradients can arrive expanded (stride 0) or transposed)."""
     return t if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def value_checks_on(t):
+    """Whether to validate tensor *values* (index ranges) on the host: always for CPU tensors;
+    for CUDA ones only when the environment sets FASTLM_DEBUG=1 (reading them is a device sync),
+    and never while compiling or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cpu":
+        return True
+    if os.environ.get("FASTLM_DEBUG", "0") in ("", "0"):
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())

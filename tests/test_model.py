@@ -81,6 +81,9 @@ def test_llama_3_2_1b_shape():
     (dict(positional="alibi"), "positional must be"),
     (dict(sliding_window=0), "sliding_window"),
     (dict(vocab_size=0), "vocab_size"),
+    (dict(rope_scaling={"rope_type": "llama3"}), "rope_scaling .*needs 'factor'"),
+    (dict(rope_scaling={"rope_type": "bogus"}), "rope_scaling .*unsupported rope_type"),
+    (dict(rope_scaling="linear"), "rope_scaling must be an HF rope_scaling dict"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -316,6 +319,23 @@ def test_forward_errors():
         model(torch.zeros(1, 2, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="packed"):
         model(torch.zeros(1, 8, dtype=torch.long), cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_positions_past_the_table_are_named(name, backend):
+    # Packed sequences, per-sequence offsets and explicit positions reach past max_seqlen only
+    # through their values: a clear error on every backend (not an indexing error inside).
+    model = Transformer(tiny_config(name), backend=backend)
+    limit = model.config.max_seqlen
+    with pytest.raises(ValueError, match=f"positions 0..{limit + 43} exceed max_seqlen={limit}"):
+        model(torch.zeros(limit + 50, dtype=torch.long), cu_seqlens=torch.tensor([0, 6, limit + 50], dtype=torch.int32))
+    with pytest.raises(ValueError, match="exceed max_seqlen"):
+        model(torch.zeros(2, 8, dtype=torch.long), positions=torch.tensor([0, limit - 4]))
+    with pytest.raises(ValueError, match="exceed max_seqlen"):
+        model(torch.zeros(1, 3, dtype=torch.long), positions=torch.tensor([[0, 1, -1]]))
+    with pytest.raises(TypeError, match="positions must be None, an int or an integer tensor"):
+        model(torch.zeros(1, 3, dtype=torch.long), positions=torch.zeros(1, 3))
 
 
 # ------------------------------------------------------------------------------ HF parity

@@ -78,6 +78,15 @@ class TransformerConfig:
                 bad(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
             if not self.rope_base > 0:
                 bad(f"rope_base must be positive, got {self.rope_base}")
+            if self.rope_scaling is not None:
+                from fastlm.ops.rotary import rope_inv_freq  # the tables' own checks, now not at model build
+
+                if not isinstance(self.rope_scaling, dict):
+                    bad(f"rope_scaling must be an HF rope_scaling dict or None, got {type(self.rope_scaling).__name__}")
+                try:
+                    rope_inv_freq(self.rotary_dim, self.rope_base, self.rope_scaling, self.max_seqlen)
+                except (ValueError, TypeError, KeyError) as e:
+                    bad(f"rope_scaling {self.rope_scaling}: {e}")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             bad(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
         if not self.norm_eps >= 0:
@@ -96,7 +105,9 @@ class TransformerConfig:
         return cls(**d)
 
     def replace(self, **changes):
-        """A copy with some fields changed (derived fields are re-derived unless given)."""
+        """A copy with some fields changed.  The derived fields (n_kv_heads, head_dim, ffn_dim,
+        rotary_dim) keep their values unless given; pass them as None to derive them again from
+        the new shape (e.g. ``replace(dim=1024, head_dim=None, ffn_dim=None, rotary_dim=None)``)."""
         d = self.to_dict()
         d.update(changes)
         return TransformerConfig.from_dict(d)

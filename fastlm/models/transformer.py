@@ -54,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastlm.nn
 from fastlm import ops
+from fastlm._checks import value_checks_on
 from fastlm.models.config import TransformerConfig
 
 BACKENDS = ("fused", "reference")
@@ -440,6 +441,22 @@ class Transformer(nn.Module):
                 raise ValueError(
                     f"Transformer: positions {start}..{start + T - 1} exceed max_seqlen={limit} of the config "
                     f"(seqlen {T}); use a shorter sequence or a config with a larger max_seqlen"
+                )
+            return
+        if positions is not None and (not isinstance(positions, torch.Tensor) or positions.is_floating_point()
+                                      or positions.dtype == torch.bool):
+            raise TypeError(f"Transformer: positions must be None, an int or an integer tensor, got "
+                            f"{getattr(positions, 'dtype', type(positions).__name__)}")
+        # Packed sequences and explicit / per-sequence positions: the values decide (a host read,
+        # so CPU tensors always, CUDA ones with FASTLM_DEBUG=1, as the ops do).
+        if value_checks_on(tokens) and tokens.numel():
+            pos = position_ids(tokens, positions, cu_seqlens)
+            lo, hi = int(pos.min()), int(pos.max())
+            if lo < 0 or hi >= limit:
+                raise ValueError(
+                    f"Transformer: positions {lo}..{hi} exceed max_seqlen={limit} of the config (a packed "
+                    f"sequence or explicit positions past the table); use shorter sequences or a config with a "
+                    f"larger max_seqlen"
                 )
 
     # ------------------------------------------------------------------- HF conversion

@@ -32,12 +32,11 @@ before anything is written.
 """
 import functools
 import math
-import os
 
 import torch
 
 from fastlm import _backend, _C_loader
-from fastlm._checks import check_tensor
+from fastlm._checks import check_tensor, value_checks_on
 from fastlm.reference import kv_cache as _ref
 
 SUPPORTED = ("triton", "cuda", "reference")
@@ -48,15 +47,6 @@ MAX_HEAD_DIM = 256
 MAX_SEQLEN_Q = 128  # decode / speculative / small chunks; use fastlm.ops.attention for prefill
 MAX_SPLITS = 128
 MIN_TOKENS_PER_SPLIT = 64  # one key tile: fewer keys per split only adds combine work
-
-
-def _debug_checks_on(t):
-    """Host-side index validation: CPU tensors always; CUDA with FASTLM_DEBUG=1, not while capturing."""
-    if t.device.type == "cpu":
-        return True
-    if os.environ.get("FASTLM_DEBUG", "0") in ("", "0"):
-        return False
-    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _capacity(k_cache, block_table):
@@ -171,7 +161,7 @@ def _append_op(
     block_table: torch.Tensor | None,
     backend: str,
 ) -> None:
-    if _debug_checks_on(k_cache):
+    if value_checks_on(k_cache):
         _debug_check_append(k_cache, k, cache_seqlens, block_table)
     if backend == "triton":
         from fastlm.kernels import decode as kd
@@ -200,7 +190,7 @@ def _decode_op(
     num_splits: int,
     backend: str,
 ) -> torch.Tensor:
-    if _debug_checks_on(q):
+    if value_checks_on(q):
         _debug_check_decode(k_cache, cache_seqlens, block_table)
     num_splits = _splits(q, k_cache, block_table, num_splits, backend)
     if backend == "triton":
@@ -241,7 +231,7 @@ def _decode_kv_op(
     itself: the fused combine of kernels/decode.py); CUDA: the rotary, append and decode (+
     combine when split) kernels one after the other."""
     n = k.shape[1]
-    if _debug_checks_on(q):
+    if value_checks_on(q):
         _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos)
     num_splits = _splits(q, k_cache, block_table, num_splits, backend)
     rotary = rotary_cos is not None
@@ -438,7 +428,7 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, 
         raise ValueError(f"kv_cache_append: v is on {v.device} but k is on {device}")
     b = _backend.resolve(backend, device, SUPPORTED, PREFERRED, op="kv_cache_append")
     if b == "reference":
-        if not torch.compiler.is_compiling() and _debug_checks_on(k_cache):
+        if value_checks_on(k_cache):
             _debug_check_append(k_cache, k, cache_seqlens, block_table)
         _ref.kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table, advance=advance)
         return None
@@ -516,7 +506,7 @@ def decode_attention(
     b = _backend.resolve(backend, device, SUPPORTED, PREFERRED, op="decode_attention")
     if k is not None:
         if b == "reference":
-            if not torch.compiler.is_compiling() and _debug_checks_on(q):
+            if value_checks_on(q):
                 _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos)
             return _ref.decode_attention_with_kv(
                 q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
@@ -528,7 +518,7 @@ def decode_attention(
                              rotary_cos if rotary else None, rotary_sin if rotary else None, bool(rotary_interleaved),
                              float(softmax_scale), bool(causal), int(window), float(softcap), int(num_splits), b)
     if b == "reference":
-        if not torch.compiler.is_compiling() and _debug_checks_on(q):
+        if value_checks_on(q):
             _debug_check_decode(k_cache, cache_seqlens, block_table)
         return _ref.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=block_table,
                                      softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap)
