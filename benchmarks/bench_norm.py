@@ -1,8 +1,9 @@
 """RMSNorm / LayerNorm benchmark: forward, backward, forward+backward.
 
 Reports achieved GB/s (bytes that must move / time), % of the copy bandwidth measured in this
-run, and the ratio to torch eager (F.rms_norm / F.layer_norm, residual added separately) and to
-torch.compile of the reference, beside Liger-Kernel when installed.
+run, and the ratio to torch eager (F.rms_norm / F.layer_norm, residual added separately), to
+torch.compile of the reference, and to Liger-Kernel and apex when installed (they have no fused
+residual: theirs is added by a separate torch add, as their users do).
 
 Bytes moved (T = element size, rows x N): forward reads x (+ residual) and writes out (+ h);
 backward reads dy, h (+ grad of h) and writes dx; weight/bias and per-row stats are included.
@@ -17,7 +18,7 @@ from benchmarks.common import Results, bench, compiled, copy_bandwidth_gbs, opti
 import fastlm
 from fastlm import reference
 
-CASES = [("rms", True), ("rms", False), ("ln", False)]  # (kind, fused residual)
+CASES = [("rms", True), ("rms", False), ("ln", True), ("ln", False)]  # (kind, fused residual)
 
 
 def nbytes(kind, residual, rows, n, esize, mode):
@@ -54,17 +55,30 @@ def make_impls(kind, residual, eps):
         ref = lambda x, w, b, r: reference.layer_norm(x, w, b, eps, residual=r)  # noqa: E731
     impls["torch-compile"] = compiled(ref)
 
+    # Peers without a fused residual add it the way their users do: a separate torch add.
+    def with_residual(norm):
+        def fn(x, w, b, r):
+            if r is None:
+                return norm(x, w, b)
+            h = x + r
+            return norm(h, w, b), h
+
+        return fn
+
     liger = optional_module("liger_kernel.ops.rms_norm") if kind == "rms" else optional_module("liger_kernel.ops.layer_norm")
     if liger is None:
         impls["liger"] = "skipped: not installed"
-    elif residual:
-        impls["liger"] = "skipped: no fused residual in liger"
     elif kind == "rms":
-        impls["liger"] = lambda x, w, b, r: liger.LigerRMSNormFunction.apply(x, w, eps)
+        impls["liger"] = with_residual(lambda x, w, b: liger.LigerRMSNormFunction.apply(x, w, eps))
     else:
-        impls["liger"] = lambda x, w, b, r: liger.LigerLayerNormFunction.apply(x, w, b, eps)
-    apex = optional_module("apex.normalization")
-    impls["apex"] = "skipped: not installed" if apex is None else "skipped: not wired"
+        impls["liger"] = with_residual(lambda x, w, b: liger.LigerLayerNormFunction.apply(x, w, b, eps))
+    apex = optional_module("apex.normalization.fused_layer_norm")
+    if apex is None:
+        impls["apex"] = "skipped: not installed"
+    elif kind == "rms":
+        impls["apex"] = with_residual(lambda x, w, b: apex.fused_rms_norm_affine(x, w, (x.shape[-1],), eps))
+    else:
+        impls["apex"] = with_residual(lambda x, w, b: apex.fused_layer_norm_affine(x, w, b, (x.shape[-1],), eps))
     return impls
 
 
@@ -128,10 +142,10 @@ def main(argv=None):
                     row = dict(base, impl=name, ms=ms, p20=p20, p80=p80, GBps=gbs, pct_copy_bw=100 * gbs / copy_bw)
                     res.add(**row)
                 for name in ("fastlm-triton", "fastlm-cuda"):
-                    if name in times:
-                        res.add(**base, impl=name, metric="speedup",
-                                vs_eager=times.get("torch-eager", float("nan")) / times[name],
-                                vs_compile=times.get("torch-compile", float("nan")) / times[name])
+                    if name in times:  # a peer that did not run: None ("not measured")
+                        res.add(**base, impl=name, metric="speedup", **{
+                            f"vs_{peer.removeprefix('torch-')}": times[peer] / times[name] if peer in times else None
+                            for peer in ("torch-eager", "torch-compile", "liger", "apex")})
             del x, r, w, b
     res.write()
 
