@@ -335,6 +335,28 @@ def test_reference_backend(backend):
     assert qi is q and torch.equal(q, out[0]) and torch.equal(k, out[1])
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_float64_runs_on_the_reference_path(monkeypatch, inplace):
+    # backend=None computes float64 on the reference path (also under FASTLM_BACKEND)...
+    monkeypatch.setenv("FASTLM_BACKEND", "triton")
+    q, k = rand_qk((2, 3, 4, 8), (2, 3, 2, 8), torch.float64)
+    cos, sin = tables(8, 6)
+    want = reference.apply_rotary(q, k, cos.double(), sin.double(), positions=2)
+    qo, ko = ops.apply_rotary(q.clone(), k.clone(), cos, sin, positions=2, inplace=inplace)
+    assert qo.dtype == ko.dtype == torch.float64
+    torch.testing.assert_close(qo, want[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(ko, want[1], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_bad_float64_with_a_kernel_backend(backend):
+    # ...and a kernel backend rejects it up front, saying where float64 runs.
+    q, k = rand_qk((2, 3, 4, 8), (2, 3, 2, 8), torch.float64)
+    cos, sin = tables(8, 6)
+    with pytest.raises(TypeError, match=rf"q: float64 is not supported by backend='{backend}'.*backend=None"):
+        ops.apply_rotary(q, k, cos, sin, backend=backend)
+
+
 # ---------------------------------------------------------------------------- out-of-table positions
 def test_kernel_never_wraps_out_of_table_positions():
     # The launcher itself (no host checks): invalid positions give NaN rows, nothing else moves.
@@ -602,6 +624,52 @@ def test_rotary_tables_yarn_attention_factor():
     assert torch.allclose(cos.square() + sin.square(), torch.full_like(cos, (0.1 * math.log(4.0) + 1.0) ** 2))
 
 
+def test_rotary_tables_bad_scaling_keys():
+    # A key the rope_type does not read is an error listing the accepted keys (never ignored).
+    with pytest.raises(ValueError, match=r"unknown key.*'bogus_key'.*rope_type 'default'.*accepted keys: rope_type"):
+        ops.rotary_tables(8, 4, scaling={"rope_type": "default", "bogus_key": 1})
+    with pytest.raises(ValueError, match=r"unknown key.*'low_freq_factor'.*accepted keys:.*factor"):
+        ops.rotary_tables(8, 4, scaling={"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0})
+    with pytest.raises(ValueError, match=r"unknown key.*'mrope_section'"):
+        ops.rotary_tables(8, 4, scaling={"type": "default", "mrope_section": [1, 1, 2]})
+    with pytest.raises(ValueError, match=r"'type'='linear' disagrees with 'rope_type'='yarn'"):
+        ops.rotary_tables(8, 4, scaling={"type": "linear", "rope_type": "yarn", "factor": 2.0})
+    # The generic HF keys are accepted for every rope_type.
+    generic = {"rope_theta": 10000.0, "partial_rotary_factor": 1.0, "original_max_position_embeddings": 4}
+    for kind, extra in [("default", {}), ("linear", {"factor": 2.0}), ("dynamic", {"factor": 2.0}),
+                        ("yarn", {"factor": 2.0, "truncate": False}),
+                        ("llama3", {"factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0})]:
+        ops.rotary_tables(8, 4, scaling={"rope_type": kind, "type": kind, **generic, **extra})
+
+
+def test_rotary_tables_bad_scaling_type():
+    for bad in ("linear", 2.0, [("rope_type", "linear")]):
+        with pytest.raises(TypeError, match="scaling must be None or an HF rope_scaling"):
+            ops.rotary_tables(8, 4, scaling=bad)
+        with pytest.raises(TypeError, match="scaling must be None or an HF rope_scaling"):
+            fnn.RotaryEmbedding(8, 4, scaling=bad)
+
+
+def test_rotary_tables_partial_rotary_factor():
+    neox = {"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"}
+    # The tables know rotary_dim but not head_dim: a factor != 1 needs head_dim to be checked.
+    with pytest.raises(ValueError, match=r"partial_rotary_factor'\]=0.25 cannot be checked against rotary_dim=64"):
+        ops.rotary_tables(64, 8, scaling=neox)
+    with pytest.raises(ValueError, match=r"rotary_dim=64 disagrees with scaling\['partial_rotary_factor'\]=0.25.*"
+                                         r"head_dim=64.*= 16"):
+        ops.rotary_tables(64, 8, scaling=neox, head_dim=64)
+    cos, sin = ops.rotary_tables(16, 8, scaling=neox, head_dim=64)
+    c0, s0 = ops.rotary_tables(16, 8)
+    assert torch.equal(cos, c0) and torch.equal(sin, s0)
+    # A factor of 1 (Phi-3 configs carry it) says nothing the tables could get wrong.
+    assert torch.equal(ops.rotary_tables(16, 8, scaling={"partial_rotary_factor": 1.0})[0], c0)
+    for bad in (0.0, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="partial_rotary_factor"):
+            ops.rotary_tables(16, 8, scaling={"partial_rotary_factor": bad}, head_dim=64)
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.rotary_tables(16, 8, head_dim=8)
+
+
 HF_SCALINGS = [
     None,
     {"rope_type": "linear", "factor": 2.5},
@@ -720,6 +788,68 @@ def test_rotary_embedding_module(backend):
     with pytest.raises(ValueError, match="head_dim"):
         m(torch.randn(1, 2, 2, 16, device=DEVICE), torch.randn(1, 2, 2, 16, device=DEVICE))
     assert "rotary_dim=16" in repr(m)
+
+
+def test_rotary_embedding_module_partial_rotary_factor():
+    neox = {"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"}
+    m = fnn.RotaryEmbedding(64, 16, scaling=neox).to(DEVICE)  # HF: int(64 * 0.25) = 16 rotated dims
+    assert m.rotary_dim == 16 and m.cos.shape == (16, 8)
+    q, k = rand_qk((1, 5, 2, 64), (1, 5, 2, 64), torch.float32)
+    qo, ko = m(q, k)
+    assert torch.equal(qo[..., 16:], q[..., 16:]) and torch.equal(ko[..., 16:], k[..., 16:])
+    cos, sin = ops.rotary_tables(16, 16, device=DEVICE)
+    check((qo, ko), q, k, cos, sin)
+    assert fnn.RotaryEmbedding(64, 16, rotary_dim=16, scaling=neox).rotary_dim == 16
+    with pytest.raises(ValueError, match=r"rotary_dim=32 disagrees with scaling\['partial_rotary_factor'\]=0.25"):
+        fnn.RotaryEmbedding(64, 16, rotary_dim=32, scaling=neox)
+    with pytest.raises(ValueError, match=r"partial_rotary_factor'\]=0.3 with head_dim=64 gives rotary_dim.*19"):
+        fnn.RotaryEmbedding(64, 16, scaling={"partial_rotary_factor": 0.3})
+
+
+def test_rotary_embedding_module_partial_matches_hf_gpt_neox():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
+
+    cfg = transformers.GPTNeoXConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=32)
+    assert cfg.rope_parameters.get("partial_rotary_factor", 1.0) != 1.0  # the config's own partial rotary
+    m = fnn.RotaryEmbedding(64, 32, scaling=cfg.rope_parameters)
+    hc, hs = GPTNeoXRotaryEmbedding(cfg)(torch.zeros(1, 32, 64), torch.arange(32)[None])
+    assert hc.shape[-1] == m.rotary_dim
+    torch.testing.assert_close(m.cos, hc[0, :, : m.rotary_dim // 2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.sin, hs[0, :, : m.rotary_dim // 2], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["LlamaConfig", "GPTNeoXConfig", "PhiConfig", "MistralConfig", "Qwen2Config",
+                                  "Phi3Config"])
+@pytest.mark.parametrize("rope_scaling", [
+    None,
+    {"rope_type": "linear", "factor": 2.0},
+    {"type": "dynamic", "factor": 2.0},
+    {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+], ids=lambda s: (s or {}).get("rope_type", (s or {}).get("type", "none")))
+def test_rotary_embedding_module_accepts_hf_rope_parameters(name, rope_scaling):
+    # Every key real HF configs put in rope_parameters is accepted (and rotary_dim follows the
+    # config's partial_rotary_factor).
+    transformers = pytest.importorskip("transformers")
+    if name == "Phi3Config" and rope_scaling:
+        pytest.skip("Phi-3 configs take only longrope scaling")
+    kw = {"rope_scaling": dict(rope_scaling)} if rope_scaling else {}
+    cfg = getattr(transformers, name)(hidden_size=256, num_attention_heads=4, max_position_embeddings=128, **kw)
+    params = cfg.rope_parameters
+    m = fnn.RotaryEmbedding(64, 128, base=params["rope_theta"], scaling=params)
+    assert m.rotary_dim == int(64 * params.get("partial_rotary_factor", 1.0))
+
+
+def test_bad_module_head_dim():
+    with pytest.raises(ValueError, match=r"head_dim must be even when rotary_dim is not given.*got 7"):
+        fnn.RotaryEmbedding(7, 8)
+    assert fnn.RotaryEmbedding(7, 8, rotary_dim=6).rotary_dim == 6
+    with pytest.raises(ValueError, match=r"head_dim must be <= 256.*got 300"):
+        fnn.RotaryEmbedding(300, 8)
+    with pytest.raises(ValueError, match="head_dim must be an int"):
+        fnn.RotaryEmbedding(True, 8)
 
 
 # ---------------------------------------------------------------------------- CUDA kernel, host-emulated

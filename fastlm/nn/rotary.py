@@ -2,6 +2,8 @@
 import torch
 
 from fastlm import ops
+from fastlm.ops import rotary as _rot
+from fastlm.ops.rotary import _is_int
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -10,10 +12,12 @@ class RotaryEmbedding(torch.nn.Module):
     RotaryEmbedding(head_dim, max_positions, base=10000.0, *, rotary_dim=None,
                     interleaved=False, scaling=None, backend=None)
 
-    rotary_dim: rotated dims (even, <= head_dim; default head_dim); the rest pass through
-    (partial rotary, GPT-NeoX / Phi).  interleaved: GPT-J pairs (2i, 2i+1) instead of the
-    NeoX/Llama rotate_half pairs (i, i + rotary_dim/2).  scaling: an HF rope_scaling dict
-    (see ``fastlm.ops.rotary_tables``).
+    head_dim: <= 256.  rotary_dim: rotated dims (even, <= head_dim; default
+    int(head_dim * scaling['partial_rotary_factor']) when scaling has that key, else head_dim);
+    the rest pass through (partial rotary, GPT-NeoX / Phi).  An explicit rotary_dim that
+    disagrees with scaling's partial_rotary_factor is an error.  interleaved: GPT-J pairs
+    (2i, 2i+1) instead of the NeoX/Llama rotate_half pairs (i, i + rotary_dim/2).  scaling: an
+    HF rope_scaling / rope_parameters dict (see ``fastlm.ops.rotary_tables``).
 
     The tables are non-persistent fp32 buffers: they follow ``.to(device)`` and stay fp32
     under ``.half()`` / ``.to(torch.bfloat16)`` (the kernels do the math in fp32).
@@ -25,16 +29,34 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, head_dim, max_positions, base=10000.0, *, rotary_dim=None, interleaved=False, scaling=None,
                  backend=None, device=None):
         super().__init__()
-        rotary_dim = head_dim if rotary_dim is None else rotary_dim
-        if not isinstance(head_dim, int) or head_dim < 2:
+        if not _is_int(head_dim) or head_dim < 2:
             raise ValueError(f"head_dim must be an int >= 2, got {head_dim!r}")
-        if not isinstance(rotary_dim, int) or rotary_dim < 2 or rotary_dim % 2:
+        if head_dim > _rot.MAX_HEAD_DIM:
+            raise ValueError(f"head_dim must be <= {_rot.MAX_HEAD_DIM} (the kernels' maximum), got {head_dim}")
+        factor = _rot._partial_factor(_rot._scaling_dict(scaling))
+        if rotary_dim is None and factor is not None:  # HF's partial rotary: int(head_dim * factor) dims
+            rotary_dim = int(head_dim * factor)
+            if rotary_dim < 2 or rotary_dim % 2:
+                raise ValueError(
+                    f"scaling['partial_rotary_factor']={factor} with head_dim={head_dim} gives rotary_dim "
+                    f"int({head_dim} * {factor}) = {rotary_dim}, which must be an even int >= 2"
+                )
+        elif rotary_dim is None:
+            if head_dim % 2:
+                raise ValueError(
+                    f"head_dim must be even when rotary_dim is not given (every dim is rotated), got {head_dim}; "
+                    "pass an even rotary_dim < head_dim to rotate only part of the head"
+                )
+            rotary_dim = head_dim
+        elif not _is_int(rotary_dim) or rotary_dim < 2 or rotary_dim % 2:
             raise ValueError(f"rotary_dim must be an even int >= 2, got {rotary_dim!r}")
         if rotary_dim > head_dim:
             raise ValueError(f"rotary_dim ({rotary_dim}) must be <= head_dim ({head_dim})")
         self.head_dim, self.rotary_dim, self.max_positions = head_dim, rotary_dim, max_positions
         self.base, self.interleaved, self.scaling, self.backend = float(base), interleaved, scaling, backend
-        cos, sin = ops.rotary_tables(rotary_dim, max_positions, base, scaling, dtype=torch.float32, device=device)
+        # head_dim lets the tables check rotary_dim against scaling's partial_rotary_factor.
+        cos, sin = ops.rotary_tables(rotary_dim, max_positions, base, scaling, dtype=torch.float32, device=device,
+                                     head_dim=head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 

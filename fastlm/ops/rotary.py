@@ -18,6 +18,7 @@ records the in-place update of each (possibly view) tensor as its own node.
 """
 import math
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -293,7 +294,7 @@ def _normalize_positions(q, positions, cu_seqlens, max_pos):
     )
 
 
-def _validate(q, k, cos, sin, positions, cu_seqlens, inplace):
+def _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend):
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -302,8 +303,16 @@ def _validate(q, k, cos, sin, positions, cu_seqlens, inplace):
     for name, t in (("k", k), ("cos", cos), ("sin", sin), ("cu_seqlens", cu_seqlens)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; put all inputs on one device")
+    if q.dtype == torch.float64 and backend not in (None, "reference"):
+        # float64 runs on the reference path only (the kernels are fp32/fp16/bf16).
+        raise TypeError(
+            f"q: float64 is not supported by backend={backend!r} (float32, float16 or bfloat16); "
+            "float64 runs on the reference path: pass backend=None or 'reference'"
+        )
     if not q.is_floating_point() or q.dtype not in KERNEL_DTYPES + (torch.float64,):
-        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+        raise TypeError(
+            f"q must be float32, float16 or bfloat16 (or float64, on the reference path), got {q.dtype}"
+        )
     if k.dtype != q.dtype:
         raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
     if cu_seqlens is not None:
@@ -365,7 +374,8 @@ def apply_rotary(q, k, cos, sin, *, positions=None, cu_seqlens=None, interleaved
     n_heads_k dividing n_heads_q (GQA/MQA); or packed (total_tokens, heads, head_dim) with
     ``cu_seqlens`` (int32, (num_seqs + 1,)): positions restart at 0 for each sequence (3-D q
     without cu_seqlens is one sequence).  fp32/fp16/bf16, head_dim <= 256; any strides
-    (slices of a fused qkv projection are read in place, without a copy).
+    (slices of a fused qkv projection are read in place, without a copy).  float64 runs on
+    the reference path (backend None or "reference"; the kernel backends reject it).
 
     cos, sin: (max_positions, rotary_dim // 2), fp32 or q's dtype (see ``rotary_tables``).
     rotary_dim (even, <= head_dim) is read from their shape; dims past it pass through.
@@ -395,11 +405,14 @@ def apply_rotary(q, k, cos, sin, *, positions=None, cu_seqlens=None, interleaved
     Returns (q_out, k_out).  Gradients flow to q and k (not to cos/sin); the backward is the
     rotation by -θ, fused the same way.  backend: "triton" | "cuda" | "reference" | None.
     """
-    _validate(q, k, cos, sin, positions, cu_seqlens, inplace)
+    _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend)
     pos_t, offset, mode = _normalize_positions(q, positions, cu_seqlens, cos.shape[0])
     n_tokens = q.shape[0] if q.dim() == 3 else q.shape[0] * q.shape[1]
     _check_values(q, cos, pos_t, cu_seqlens, offset, mode, n_tokens, q.shape[1] if q.dim() == 4 else n_tokens)
-    b = _backend.resolve(backend, q.device, SUPPORTED, PREFERRED, op="apply_rotary")
+    if backend is None and q.dtype == torch.float64:
+        b = "reference"  # the kernels are fp32/fp16/bf16
+    else:
+        b = _backend.resolve(backend, q.device, SUPPORTED, PREFERRED, op="apply_rotary")
     if b == "reference":
         qo, ko = _ref.apply_rotary(q, k, cos, sin, positions=positions, cu_seqlens=cu_seqlens, interleaved=interleaved)
         if not inplace:
@@ -423,13 +436,92 @@ def apply_rotary(q, k, cos, sin, *, positions=None, cu_seqlens=None, interleaved
 
 
 # ---------------------------------------------------------------------------- tables
-def rope_inv_freq(rotary_dim, base=10000.0, scaling=None, max_positions=None):
+# Keys of an HF rope_scaling / rope_parameters dict read for each rope_type (the keys HF's rope
+# init functions read), plus the generic keys any HF config may carry.  Any other key is an
+# error: a setting this op would silently ignore (e.g. a rope variant it does not implement).
+_ROPE_GENERIC_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "original_max_position_embeddings")
+_ROPE_TYPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
+
+
+def _scaling_dict(scaling):
+    """``scaling`` as a new dict ({} for None), or a TypeError naming it."""
+    if scaling is None:
+        return {}
+    if not isinstance(scaling, Mapping):
+        raise TypeError(
+            "scaling must be None or an HF rope_scaling / rope_parameters dict, e.g. "
+            f"{{'rope_type': 'linear', 'factor': 2.0}}; got {type(scaling).__name__} {scaling!r}"
+        )
+    return dict(scaling)
+
+
+def _partial_factor(scaling):
+    """scaling['partial_rotary_factor'] as a float in (0, 1], or None when absent."""
+    f = scaling.get("partial_rotary_factor")
+    if f is None:
+        return None
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+        raise ValueError(f"scaling['partial_rotary_factor'] must be a number in (0, 1], got {f!r}")
+    return float(f)
+
+
+def _check_scaling(dim, base, scaling, head_dim):
+    """Validates the keys of a scaling dict (see rope_inv_freq) -> its rope_type."""
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    if "type" in scaling and "rope_type" in scaling and scaling["type"] != scaling["rope_type"]:
+        raise ValueError(
+            f"scaling: 'type'={scaling['type']!r} disagrees with 'rope_type'={scaling['rope_type']!r}"
+        )
+    if rope_type not in _ROPE_TYPE_KEYS:
+        raise ValueError(
+            f"scaling: unsupported rope_type {rope_type!r} (supported: {', '.join(_ROPE_TYPE_KEYS)})"
+        )
+    accepted = _ROPE_GENERIC_KEYS + _ROPE_TYPE_KEYS[rope_type]
+    unknown = [key for key in scaling if key not in accepted]
+    if unknown:
+        raise ValueError(
+            f"scaling: unknown key(s) {', '.join(map(repr, unknown))} for rope_type {rope_type!r}; "
+            f"accepted keys: {', '.join(accepted)}"
+        )
+    if "rope_theta" in scaling and float(scaling["rope_theta"]) != base:
+        raise ValueError(
+            f"scaling['rope_theta']={scaling['rope_theta']} disagrees with base={base}; pass base=scaling['rope_theta']"
+        )
+    if head_dim is not None and (not _is_int(head_dim) or head_dim < dim):
+        raise ValueError(f"head_dim must be an int >= rotary_dim ({dim}), got {head_dim!r}")
+    factor = _partial_factor(scaling)
+    if factor is None:
+        return rope_type
+    if head_dim is None:
+        if factor != 1.0:
+            raise ValueError(
+                f"scaling['partial_rotary_factor']={factor} cannot be checked against rotary_dim={dim}: the "
+                "tables take the rotated dims directly and do not know head_dim.  Pass head_dim= (rotary_dim "
+                "must then be int(head_dim * partial_rotary_factor), as in HF), or pass rotary_dim="
+                "int(head_dim * partial_rotary_factor) and drop the key (fastlm.nn.RotaryEmbedding applies it)"
+            )
+    elif int(head_dim * factor) != dim:
+        raise ValueError(
+            f"rotary_dim={dim} disagrees with scaling['partial_rotary_factor']={factor}: with head_dim={head_dim} "
+            f"HF rotates int({head_dim} * {factor}) = {int(head_dim * factor)} dims"
+        )
+    return rope_type
+
+
+def rope_inv_freq(rotary_dim, base=10000.0, scaling=None, max_positions=None, *, head_dim=None):
     """Inverse frequencies θ_i (fp32, (rotary_dim // 2,)) and the cos/sin scale factor.
 
     Follows HF transformers' rope initialisation (modeling_rope_utils) for each rope_type,
     computed in fp32 like it, so the frequencies are the ones HF checkpoints are used with.
     ``max_positions`` stands in for HF's ``config.max_position_embeddings`` (the default of
     original_max_position_embeddings, the sequence length of "dynamic", yarn's default factor).
+    ``scaling`` and ``head_dim``: see ``rotary_tables``.
     """
     if not _is_int(rotary_dim) or rotary_dim < 2 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be an even int >= 2, got {rotary_dim!r}")
@@ -437,12 +529,8 @@ def rope_inv_freq(rotary_dim, base=10000.0, scaling=None, max_positions=None):
     base = float(base)
     if not base > 1.0:
         raise ValueError(f"base must be > 1, got {base}")
-    scaling = dict(scaling or {})
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
-    if "rope_theta" in scaling and float(scaling["rope_theta"]) != base:
-        raise ValueError(
-            f"scaling['rope_theta']={scaling['rope_theta']} disagrees with base={base}; pass base=scaling['rope_theta']"
-        )
+    scaling = _scaling_dict(scaling)
+    rope_type = _check_scaling(dim, base, scaling, head_dim)
 
     def plain(b):
         return 1.0 / (b ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
@@ -512,12 +600,11 @@ def rope_inv_freq(rotary_dim, base=10000.0, scaling=None, max_positions=None):
         smoothed = (1 - smooth) * out / factor + smooth * out
         medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
         return torch.where(medium, smoothed, out), 1.0
-    raise ValueError(
-        f"scaling: unsupported rope_type {rope_type!r} (supported: default, linear, dynamic, yarn, llama3)"
-    )
+    raise AssertionError(rope_type)  # _check_scaling admits only the types above
 
 
-def rotary_tables(rotary_dim, max_positions, base=10000.0, scaling=None, *, dtype=torch.float32, device=None):
+def rotary_tables(rotary_dim, max_positions, base=10000.0, scaling=None, *, dtype=torch.float32, device=None,
+                  head_dim=None):
     """cos, sin tables of shape (max_positions, rotary_dim // 2) for ``apply_rotary``.
 
     scaling: None, or an HF ``rope_scaling`` / ``rope_parameters`` dict with ``rope_type``
@@ -533,12 +620,16 @@ def rotary_tables(rotary_dim, max_positions, base=10000.0, scaling=None, *, dtyp
     the one HF uses for a sequence of max_positions tokens (for max_positions <= original
     length, the unscaled one).  rotary_dim = int(head_dim * partial_rotary_factor) for
     partial-rotary models (GPT-NeoX, Phi).
+    Keys other than those of the dict's rope_type and the generic HF ones (rope_type, type,
+    rope_theta (must equal base), partial_rotary_factor, original_max_position_embeddings)
+    are an error.  A ``partial_rotary_factor`` other than 1 needs ``head_dim`` (the tables
+    know only rotary_dim), and rotary_dim must then equal int(head_dim * factor).
     """
     if not _is_int(max_positions) or max_positions < 1:
         raise ValueError(f"max_positions must be an int >= 1, got {max_positions!r}")
     if dtype not in KERNEL_DTYPES + (torch.float64,):
         raise TypeError(f"dtype must be a floating dtype (float32, float16, bfloat16, float64), got {dtype}")
-    inv_freq, attn = rope_inv_freq(rotary_dim, base, scaling, max_positions)
+    inv_freq, attn = rope_inv_freq(rotary_dim, base, scaling, max_positions, head_dim=head_dim)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     work = dev if dev.type in ("cpu", "cuda") else torch.device("cpu")  # float64 math
     t = torch.arange(max_positions, dtype=torch.float64, device=work)
