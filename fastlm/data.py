@@ -244,14 +244,14 @@ class TokenData:
     """The memory-mapped token stream of a corpus, split into train and validation."""
 
     def __init__(self, paths=None, tokenizer=None, cache_dir=None, val_fraction=0.01, exts=None, log=None):
+        if not 0.0 <= val_fraction < 1.0:  # before any tokenizing or cache folder
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.tokenizer = tokenizer or ByteTokenizer()
         files = list_files(paths, exts)
         if not files:
             raise ValueError(f"empty corpus: no files found in {paths}")
         self.bin_path, self.meta = build_token_cache(files, self.tokenizer, cache_dir, log=log)
         self.tokens = np.memmap(self.bin_path, dtype=np.dtype(self.meta["dtype"]), mode="r")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         n = len(self.tokens)
         n_val = int(n * val_fraction)
         self.train = self.tokens[: n - n_val]

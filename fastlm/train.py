@@ -13,7 +13,12 @@
   state, as full (unsharded) state dicts, written to a temporary file and renamed (atomic).
   ``resume=True`` restores it (with any world size) and reproduces the losses of an
   uninterrupted run.  Losses go to ``metrics.csv`` and ``metrics.jsonl``; a resumed run drops
-  the rows logged after the checkpoint and continues them.
+  the rows logged after the checkpoint (and a torn last line of a kill mid-append) and
+  continues them.
+- A resumed run must use the checkpoint's model and the settings that shape the loss trajectory
+  (TRAJECTORY_FIELDS, and the tokenizer); ``resume_override=True`` (``--resume-override``)
+  continues with changed ones on purpose.  ``steps`` may change (extend a run: the cosine
+  schedule then ends at the new step count), and so may execution and bookkeeping settings.
 """
 import contextlib
 import csv
@@ -66,6 +71,7 @@ class TrainConfig:
     # run
     out_dir: str = "runs/fastlm"
     resume: bool = False
+    resume_override: bool = False  # resume even if TRAJECTORY_FIELDS / the tokenizer differ from the checkpoint's
     overwrite: bool = False
     eval_every: int = 100
     eval_batches: int = 8
@@ -91,6 +97,14 @@ class TrainConfig:
             bad("warmup and eval_every must be >= 0")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             bad(f"lr must be > 0 and min_lr_ratio in [0, 1] (got {self.lr}, {self.min_lr_ratio})")
+        if not 0.0 <= self.val_fraction < 1.0:  # `not` form: NaN fails too
+            bad(f"val_fraction (--val-fraction) must be in [0, 1), got {self.val_fraction!r}")
+        if not self.grad_clip >= 0:
+            bad(f"grad_clip (--grad-clip) must be >= 0 (0 disables clipping), got {self.grad_clip!r}")
+        if not self.weight_decay >= 0:
+            bad(f"weight_decay (--weight-decay) must be >= 0 (0 disables it), got {self.weight_decay!r}")
+        if len(tuple(self.betas)) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            bad(f"betas must be two values in [0, 1), got {self.betas!r}")
         if self.backend not in ("fused", "reference"):
             bad(f"backend must be 'fused' or 'reference', got {self.backend!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -100,6 +114,68 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------ helpers
+# Training settings that shape the loss trajectory: a resumed run must use the checkpoint's
+# values (or say resume_override=True), else its losses silently differ from the uninterrupted
+# run's.  The model config (model, model_overrides, vocab_size) and the tokenizer are checked
+# separately.  Deliberately NOT here:
+# - steps: extending a finished run (resume with more steps) is how a run is continued; the
+#   schedule then ends at the new step count.  The checkpoint's step is what matters for resume.
+# - grad_accum, world size, backend/op_backend, dtype, compile, activation_checkpointing,
+#   device, distributed: how the same math is executed.  batch_size is global and every
+#   micro-batch has the same number of tokens, so the gradient is the same mean over the same
+#   sequences (up to float rounding) for any grad_accum x world size; checkpoints are meant to
+#   move between world sizes, and grad_accum is how per-device memory is kept when they do.
+# - eval_every, eval_batches, ckpt_every, log_every, progress, stop_after, out_dir, cache_dir,
+#   data paths (a moved corpus is the same corpus; the data position check catches a different
+#   one): bookkeeping that never touches the parameters, the optimizer or the batch order.
+TRAJECTORY_FIELDS = ("val_fraction", "seqlen", "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay",
+                     "betas", "grad_clip", "seed")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def resume_config_diff(saved_run_config, cfg, tokenizer_identity):
+    """[(name, checkpoint value, this run's value)] for the trajectory settings that differ."""
+    saved = saved_run_config.get("train_config") or {}
+    diff = [(k, saved[k], getattr(cfg, k)) for k in TRAJECTORY_FIELDS
+            if k in saved and _norm(saved[k]) != _norm(getattr(cfg, k))]
+    old_tok = saved_run_config.get("tokenizer")
+    if old_tok is not None and old_tok != tokenizer_identity:
+        diff.append(("tokenizer", old_tok, tokenizer_identity))
+    return diff
+
+
+def read_metrics(path, upto_step):
+    """The rows of metrics.jsonl with step <= upto_step, and the dropped torn last line (or None).
+
+    Rows are appended (not written atomically), so a kill mid-append can leave a torn last line:
+    it is dropped (it was logged after the checkpoint, so nothing is lost).  An unparseable line
+    anywhere else is not a torn append: a ValueError naming the file and line.
+    """
+    if not os.path.exists(path):
+        return [], None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    rows, torn = [], None
+    for k, (lineno, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row (a JSON object with an integer 'step')")
+        except ValueError as e:
+            if k == len(numbered) - 1:
+                torn = line
+                break
+            raise ValueError(f"{path}, line {lineno}: cannot be parsed ({e}); only a torn last line (a kill "
+                             "mid-write) is dropped on resume: fix or delete that line, then resume again") from None
+        if row["step"] <= upto_step:
+            rows.append(row)
+    return rows, torn
+
+
 def lr_lambda(cfg):
     """Multiplier of cfg.lr at a step: linear warmup, then cosine decay to min_lr_ratio."""
 
@@ -198,19 +274,17 @@ class Dist:
 
 
 class MetricsLog:
-    """metrics.csv + metrics.jsonl; on resume, rows after the checkpoint step are dropped."""
+    """metrics.csv + metrics.jsonl, both rewritten (atomically) to `rows` -- on resume, the rows
+    up to the checkpoint step (read_metrics) -- and then appended to."""
 
     FIELDS = ["step", "loss", "val_loss", "lr", "tokens", "tokens_per_s", "time_s"]
 
-    def __init__(self, out_dir, resume_step=None, enabled=True):
+    def __init__(self, out_dir, rows=(), enabled=True):
         self.enabled = enabled
         self.csv_path, self.json_path = os.path.join(out_dir, "metrics.csv"), os.path.join(out_dir, "metrics.jsonl")
         if not enabled:
             return
-        rows = []
-        if resume_step is not None and os.path.exists(self.json_path):
-            with open(self.json_path) as f:
-                rows = [r for r in (json.loads(line) for line in f if line.strip()) if r["step"] <= resume_step]
+        rows = list(rows)
         for path, text in ((self.json_path, "".join(json.dumps(r) + "\n" for r in rows)), (self.csv_path, self._csv(rows))):
             with atomic_open(path, "w") as f:
                 f.write(text)
@@ -326,9 +400,32 @@ def _train(cfg, world, log):
     mc = model_config(cfg, vocab_size)
     out_dir = cfg.out_dir
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    ckpt = None
+    for p in [cfg.data] if isinstance(cfg.data, (str, os.PathLike)) else cfg.data or ():  # before any mkdir
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"corpus path not found: {p}")
+    ckpt, metrics_rows = None, ()
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
+        if ckpt["config"]["model_config"] != mc.to_dict():
+            raise ValueError("train: the checkpoint's model config differs from this run's; resume with the same "
+                             "model options")
+        diff = resume_config_diff(ckpt["config"], cfg, tokenizer.identity)
+        changes = ", ".join(f"{k}: {old!r} (checkpoint) -> {new!r} (this run)" for k, old, new in diff)
+        if diff and not cfg.resume_override:
+            raise ValueError(
+                f"train: this run's training settings differ from those of {ckpt_path}, so its losses would differ "
+                f"from the uninterrupted run's: {changes}. Resume with the checkpoint's settings, or pass "
+                "resume_override=True (--resume-override) to continue with the new ones"
+            )
+        if diff:
+            log(f"resuming with changed settings (resume override): {changes}")
+        old_steps = (ckpt["config"].get("train_config") or {}).get("steps", cfg.steps)
+        if old_steps != cfg.steps:
+            log(f"steps {old_steps} -> {cfg.steps}: the lr schedule now ends at step {cfg.steps}")
+        metrics_rows, torn = read_metrics(os.path.join(out_dir, "metrics.jsonl"), int(ckpt["step"]))
+        if torn is not None:
+            log(f"dropping the torn last line of {os.path.join(out_dir, 'metrics.jsonl')} (a kill mid-write): "
+                f"{torn[:80]!r}")
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
         raise FileExistsError(
             f"train: {ckpt_path} already exists; pass resume=True (--resume) to continue that run or "
@@ -336,9 +433,6 @@ def _train(cfg, world, log):
         )
     if world.main:
         os.makedirs(out_dir, exist_ok=True)
-
-    if ckpt is not None and ckpt["config"]["model_config"] != mc.to_dict():
-        raise ValueError("train: the checkpoint's model config differs from this run's; resume with the same model options")
 
     # Data (rank 0 builds the token cache, the others wait and map it).
     if not world.main:
@@ -360,10 +454,18 @@ def _train(cfg, world, log):
     if ckpt is not None:
         _load_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        train_sampler.load_state_dict(ckpt["data"])
+        train_sampler.load_state_dict(ckpt["data"])  # the data order (and its seed) continue from the checkpoint
         rng = ckpt["rng"]
         _set_rng_state(rng[world.rank] if len(rng) == world.world else rng[0])
         step = int(ckpt["step"])
+        # The restored optimizer and scheduler hold the checkpoint's lr, weight decay and betas: set this
+        # run's (the same values unless resume_override) and the next step's lr from this run's schedule
+        # (its steps may have grown).  base_lr * lambda(step) is what LambdaLR computes: bitwise the same.
+        lam = lr_lambda(cfg)
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        for g, wd in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):  # make_optimizer's groups
+            g.update(initial_lr=cfg.lr, lr=cfg.lr * lam(step), weight_decay=wd, betas=tuple(cfg.betas))
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         log(f"resumed from {ckpt_path} at step {step}")
     run_config = {"train_config": dataclasses.asdict(cfg), "model_config": model.config.to_dict(),
                   "tokenizer": tokenizer.identity, "world_size": world.world}
@@ -371,7 +473,7 @@ def _train(cfg, world, log):
         with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:
             json.dump(run_config, f, indent=1, default=str)
         os.replace(os.path.join(out_dir, "config.json.tmp"), os.path.join(out_dir, "config.json"))
-    metrics = MetricsLog(out_dir, resume_step=step if ckpt is not None else None, enabled=world.main)
+    metrics = MetricsLog(out_dir, rows=metrics_rows, enabled=world.main)
     log(f"model {cfg.model} ({cfg.backend}): {n_params / 1e6:.2f}M params, vocab {vocab_size}; corpus "
         f"{len(corpus.train):,} train / {len(corpus.val):,} val tokens; {world.world} process(es) [{world.mode}] on "
         f"{device}, {'bf16 autocast' if amp_dtype else 'fp32'}; global batch "

@@ -250,6 +250,86 @@ def test_cli(corpus, tmp_path, capsys):
     assert cli_main(["presets"]) == 0 and "llama-3.2-1b" in capsys.readouterr().out
 
 
+def _metrics_rows(run_dir):
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def test_resume_drops_a_torn_last_metrics_line(corpus, tmp_path, capsys):
+    """A kill mid-append leaves a torn last line in metrics.jsonl: --resume drops it and goes on;
+    an unparseable line elsewhere is an error naming the file and line (and nothing is rewritten)."""
+    kw = dict(steps=6, ckpt_every=2, eval_every=3)
+    full = train(run_cfg(corpus, tmp_path, "full", **kw))
+    train(run_cfg(corpus, tmp_path, "part", stop_after=5, **kw))  # checkpoint at 4, rows up to 5
+    part = tmp_path / "part"
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 3.14, "lr"')  # torn: no closing brace, no newline
+    rest = train(run_cfg(corpus, tmp_path, "part", resume=True, **kw))
+    assert rest["train_loss"][6] == full["train_loss"][6]
+    steps_losses = lambda d: [(r["step"], r["loss"]) for r in _metrics_rows(d)]  # noqa: E731
+    assert steps_losses(part) == steps_losses(tmp_path / "full")
+    assert len((part / "metrics.csv").read_text().splitlines()) == 7
+
+    lines = (part / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = lines[1][: len(lines[1]) // 2] + "\n"  # corrupt line 2 of 6: not a torn append
+    (part / "metrics.jsonl").write_text("".join(lines))
+    before = {p: (part / p).read_bytes() for p in ("metrics.jsonl", "metrics.csv", "checkpoint.pt", "config.json")}
+    with pytest.raises(ValueError, match=r"metrics\.jsonl.* line 2"):
+        train(run_cfg(corpus, tmp_path, "part", resume=True, **dict(kw, steps=8)))
+    assert {p: (part / p).read_bytes() for p in before} == before  # nothing rewritten
+    args = cli_args(run_cfg(corpus, tmp_path, "part", resume=True, **dict(kw, steps=8)), str(tmp_path / "s.json"))
+    capsys.readouterr()
+    assert cli_main(["train"] + args) == 1
+    err = capsys.readouterr().err
+    assert "metrics.jsonl" in err and "line 2" in err, err
+
+def test_resume_checks_the_training_config(corpus, tmp_path, capsys):
+    """Settings that change the loss trajectory must match the checkpoint's, unless
+    resume_override=True; bookkeeping settings (steps, log/eval/ckpt intervals, grad_accum) may change."""
+    kw = dict(steps=6, ckpt_every=2, eval_every=3)
+    full = train(run_cfg(corpus, tmp_path, "full", **kw))
+    train(run_cfg(corpus, tmp_path, "part", stop_after=5, **kw))
+    part = tmp_path / "part"
+    before = {p: (part / p).read_bytes() for p in ("metrics.jsonl", "checkpoint.pt", "config.json")}
+    with pytest.raises(ValueError, match=r"batch_size: 4 \(checkpoint\) -> 2.*lr: 0\.003 \(checkpoint\) -> 0\.5") as e:
+        train(run_cfg(corpus, tmp_path, "part", resume=True, batch_size=2, lr=0.5, **kw))
+    assert "resume_override" in str(e.value) and "--resume-override" in str(e.value)
+    for bad in (dict(weight_decay=0.0), dict(warmup=3), dict(grad_clip=0.5), dict(seed=1), dict(min_lr_ratio=0.5),
+                dict(betas=(0.8, 0.95)), dict(val_fraction=0.1)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}: "):
+            train(run_cfg(corpus, tmp_path, "part", resume=True, **dict(kw, **bad)))
+    assert {p: (part / p).read_bytes() for p in before} == before  # rejected before anything was written
+    # grad_accum, intervals and eval settings do not change the trajectory: resume goes on
+    rest = train(run_cfg(corpus, tmp_path, "part", resume=True, **dict(kw, grad_accum=2, log_every=2, eval_batches=1)))
+    np.testing.assert_allclose([rest["train_loss"][s] for s in (5, 6)], [full["train_loss"][s] for s in (5, 6)],
+                               rtol=1e-5)
+    # an explicit override continues with the new settings (the new lr really is used)
+    ext = train(run_cfg(corpus, tmp_path, "part", resume=True, resume_override=True, **dict(kw, steps=8, lr=0.5)))
+    assert sorted(ext["train_loss"]) == [7, 8]
+    lr7 = next(r["lr"] for r in _metrics_rows(part) if r["step"] == 7)
+    from fastlm.train import lr_lambda
+
+    assert lr7 == pytest.approx(0.5 * lr_lambda(run_cfg(corpus, tmp_path, steps=8, lr=0.5, warmup=2))(6))
+    assert load_checkpoint(str(part / "checkpoint.pt"))["config"]["train_config"]["lr"] == 0.5
+
+
+def test_bad_arguments_rejected_before_any_work(corpus, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    for kw, flag in ((dict(val_fraction=1.5), "--val-fraction"), (dict(val_fraction=-0.1), "--val-fraction"),
+                     (dict(grad_clip=-1.0), "--grad-clip"), (dict(weight_decay=-1.0), "--weight-decay")):
+        with pytest.raises(ValueError, match=flag):
+            train(run_cfg(corpus, tmp_path, "bad", **kw))
+        assert not cache.exists() and not (tmp_path / "bad").exists()  # nothing tokenized, nothing created
+    with pytest.raises(ValueError, match="val_fraction"):
+        fdata.TokenData([str(corpus)], cache_dir=str(cache), val_fraction=1.0)
+    assert not cache.exists()
+    run_cfg(corpus, tmp_path, grad_clip=0.0, weight_decay=0.0).validate()  # 0: clipping / decay off
+    base = ["train", "--data", str(corpus), "--cache-dir", str(cache), "--out-dir", str(tmp_path / "bad")]
+    assert cli_main(base + ["--grad-clip", "-1"]) == 1
+    assert "--grad-clip" in capsys.readouterr().err
+    assert cli_main(base + ["--weight-decay", "-1"]) == 1
+    assert "--weight-decay" in capsys.readouterr().err
+    assert not cache.exists() and not (tmp_path / "bad").exists()
+
 # ------------------------------------------------------------------------------ torchrun
 def torchrun(args, nproc=2, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", FASTLM_QUIET_NO_C="1", PYTHONPATH=ROOT)
