@@ -634,6 +634,31 @@ def test_debug_mode_checks_cuda(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ cache objects
+@pytest.mark.parametrize("kind", ["static", "paged"])
+def test_advance_past_reserve_is_an_error(kind):
+    # advance() without reserve() would write nowhere (paged: no block) or past the bookkeeping
+    # that guards max_seqlen: an eager advance(int) says so, and changes nothing.
+    if kind == "static":
+        cache = StaticKVCache(1, 2, 8, 1, 8, torch.float32, DEVICE)
+    else:
+        cache = PagedKVCache(1, 4, 4, 1, 8, torch.float32, DEVICE, max_batch=2)
+        cache.add_sequence(), cache.add_sequence()
+    cache.reserve([3, 2])
+    cache.advance(2)
+    with pytest.raises(ValueError, match=r"advance\(1\): sequence 1 has 2 tokens reserved and 2 advanced"):
+        cache.advance(1)
+    assert cache.seqlens.tolist() == [2, 2]
+    cache.reserve(1, [1])
+    cache.advance(1)
+    assert cache.seqlens.tolist() == [3, 3]
+    cache.reset() if kind == "paged" else cache.reset([0, 1])
+    if kind == "paged":
+        cache.add_sequence()  # slot 0 live again, slot 1 free (not advanced)
+    cache.reserve(1)  # every live sequence
+    cache.advance(1)  # fresh sequences start from 0 again
+    assert cache.seqlens.tolist() == ([1, 1] if kind == "static" else [1, 0])
+
+
 def test_paged_allocator_exhaustion_free_reuse():
     cache = PagedKVCache(1, 6, 4, 1, 8, torch.float32, DEVICE, max_batch=3, max_seqlen=20)
     a, b = cache.add_sequence(), cache.add_sequence()

@@ -42,6 +42,9 @@ class _KVCacheBase(nn.Module):
         # 1 for slots holding a sequence: advance() moves only those (a freed slot stays empty).
         self.register_buffer("live", torch.ones(batch, dtype=torch.int32, device=device), persistent=False)
         self._lens = [0] * batch  # host mirror of the reserved lengths
+        # Host mirror of the lengths advanced to, for advance(int) called eagerly (None: unknown,
+        # after a tensor advance).  Captured steps replay without it, so it can only lag.
+        self._adv = [0] * batch
 
     # -- host side -------------------------------------------------------------------------
     def lengths(self):
@@ -60,9 +63,33 @@ class _KVCacheBase(nn.Module):
         return ns
 
     # -- device side (capturable) ------------------------------------------------------------
+    def _live_slots(self):
+        return range(len(self._lens))
+
+    def _check_advance(self, n):
+        """advance(n) past what reserve() accounted for would write nowhere (paged: no block) or
+        past the bookkeeping: a clear error instead, when advance runs eagerly with an int."""
+        if torch.compiler.is_compiling() or (self.seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        if not isinstance(n, int):
+            self._adv = [None] * len(self._adv)  # values on the device: not tracked from here on
+            return
+        slots = list(self._live_slots())
+        for s in slots:
+            if self._adv[s] is not None and self._adv[s] + n > self._lens[s]:
+                raise ValueError(
+                    f"{type(self).__name__}.advance({n}): sequence {s} has {self._lens[s]} tokens reserved and "
+                    f"{self._adv[s]} advanced; call reserve() on the host first; nothing was changed"
+                )
+        for s in slots:
+            if self._adv[s] is not None:
+                self._adv[s] += n
+
     def advance(self, n):
         """Device op: positions <- seqlens; seqlens += n (int, or int32 tensor (batch,)) for the
-        live sequence slots.  Call it after ``reserve`` (host) and before the layers append/attend."""
+        live sequence slots.  Call it after ``reserve`` (host) and before the layers append/attend;
+        an eager advance(int) past the reserved lengths raises."""
+        self._check_advance(n)
         self.positions.copy_(self.seqlens)
         if isinstance(n, int):
             self.seqlens.add_(self.live, alpha=n)  # one kernel (a decode step runs this every token)
@@ -145,7 +172,7 @@ class StaticKVCache(_KVCacheBase):
         """Empty the given sequences (default: all), on the host and the device."""
         seqs = self._seq_list(seq_ids)
         for s in seqs:
-            self._lens[s] = 0
+            self._lens[s] = self._adv[s] = 0
         idx = torch.tensor(seqs, dtype=torch.long, device=self.seqlens.device)
         self.seqlens.index_fill_(0, idx, 0)
         self.positions.index_fill_(0, idx, 0)
@@ -213,6 +240,8 @@ class PagedKVCache(_KVCacheBase):
     def live_sequences(self):
         return [s for s, b in enumerate(self._blocks) if b is not None]
 
+    _live_slots = live_sequences
+
     def blocks_of(self, seq_id):
         """Host copy of the block ids held by a sequence, in order."""
         self._check_live(seq_id, "blocks_of")
@@ -227,7 +256,7 @@ class PagedKVCache(_KVCacheBase):
         for s, b in enumerate(self._blocks):
             if b is None:
                 self._blocks[s] = []
-                self._lens[s] = 0
+                self._lens[s] = self._adv[s] = 0
                 self.seqlens[s].fill_(0)
                 self.positions[s].fill_(0)
                 self.live[s].fill_(1)
@@ -239,7 +268,7 @@ class PagedKVCache(_KVCacheBase):
         self._check_live(seq_id, "free_sequence")
         self._free_blocks.extend(reversed(self._blocks[seq_id]))
         self._blocks[seq_id] = None
-        self._lens[seq_id] = 0
+        self._lens[seq_id] = self._adv[seq_id] = 0
         self.block_table[seq_id].fill_(-1)
         self.seqlens[seq_id].fill_(0)
         self.positions[seq_id].fill_(0)
