@@ -32,7 +32,7 @@ def _run(kind, shape, dtype, backend, *, residual, affine, eps=1e-5, wdtype=None
     r = torch.randn(shape, dtype=dtype, device=DEVICE) if residual else None
     wdt = wdtype or dtype
     w = torch.randn(N, dtype=wdt, device=DEVICE) if affine else None
-    b = torch.randn(N, dtype=wdt, device=DEVICE) if (affine and kind == "ln") else None
+    b = torch.randn(N, dtype=wdt, device=DEVICE) if (affine is True and kind == "ln") else None  # "weight": no bias
     dy = torch.randn(shape, dtype=dtype, device=DEVICE)
     dh = torch.randn(shape, dtype=dtype, device=DEVICE) if residual else None
 
@@ -76,9 +76,18 @@ def test_forward_backward(backend, kind, dtype, shape, residual):
 
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("kind", ["rms", "ln"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual", [False, True])
-def test_no_affine(backend, kind, residual):
-    _run(kind, (6, 33), torch.float16, backend, residual=residual, affine=False)
+def test_no_affine(backend, kind, dtype, residual):
+    _run(kind, (6, 33), dtype, backend, residual=residual, affine=False)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_weight_without_bias(backend, dtype, residual):
+    # torch.nn.LayerNorm(bias=False): dweight without a bias gradient
+    _run("ln", (7, 130), dtype, backend, residual=residual, affine="weight")
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -248,21 +257,34 @@ def test_torch_compile_fullgraph(backend):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture():
-    for backend in ("triton", "cuda"):
-        x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
-        r = torch.randn_like(x)
-        w = torch.randn(512, device="cuda", dtype=torch.bfloat16)
-        fastlm.ops.rms_norm(x, w, residual=r, backend=backend)  # warm up (compile/autotune)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            y, h = fastlm.ops.rms_norm(x, w, residual=r, backend=backend)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_cuda_graph_capture(backend, kind):
+    # Forward and backward captured together, replayed on new inputs.
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True)
+    w = torch.randn(512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(512, device="cuda", dtype=torch.bfloat16) if kind == "ln" else None
+    dy = torch.randn_like(x)
+
+    def step():
+        y, h = _op(kind, x, w, b, 1e-5, r, backend)
+        return (y, h) + torch.autograd.grad([y, h], [x, r, w], [dy, dy])
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm up (compile/autotune) off the capture stream
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = step()
+    with torch.no_grad():
         x.copy_(torch.randn_like(x))
-        g.replay()
-        ey, eh = fastlm.ops.rms_norm(x, w, residual=r, backend=backend)
-        torch.testing.assert_close(y, ey)
-        torch.testing.assert_close(h, eh)
+        dy.copy_(torch.randn_like(dy))
+    g.replay()
+    for got, want in zip(outs, step()):
+        torch.testing.assert_close(got, want)
 
 
 def test_modules_are_drop_in():
