@@ -43,6 +43,9 @@ def _train_args(p):
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", default=d.out_dir)
     g.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
+    g.add_argument("--resume-override", action="store_true",
+                   help="with --resume: continue even if lr, batch size, schedule, seed or other loss-shaping "
+                        "settings differ from the checkpoint's (the new ones apply)")
     g.add_argument("--overwrite", action="store_true", help="start over even if <out-dir> has a checkpoint")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="0 disables validation")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches)
@@ -80,7 +83,7 @@ def _train_run(a):
         op_backend=a.op_backend, data=a.data or None, tokenizer=a.tokenizer, cache_dir=a.cache_dir,
         val_fraction=a.val_fraction, seqlen=a.seqlen, batch_size=a.batch_size, grad_accum=a.grad_accum,
         steps=a.steps, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup, weight_decay=a.weight_decay,
-        grad_clip=a.grad_clip, out_dir=a.out_dir, resume=a.resume, overwrite=a.overwrite, eval_every=a.eval_every,
+        grad_clip=a.grad_clip, out_dir=a.out_dir, resume=a.resume, resume_override=a.resume_override, overwrite=a.overwrite, eval_every=a.eval_every,
         eval_batches=a.eval_batches, ckpt_every=a.ckpt_every, log_every=a.log_every, seed=a.seed, device=a.device,
         dtype=a.dtype, compile=a.compile, activation_checkpointing=a.activation_checkpointing,
         distributed=a.distributed, progress=not a.no_progress, stop_after=a.stop_after,
@@ -212,12 +215,14 @@ def _generate_run(a):
                 sys.stdout.flush()
                 shown[0] = text
 
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, greedy=a.greedy,
+              eos_token_id=None if a.ignore_eos else eos, seed=a.seed)
+    gen.check_args(prompts, a.max_new_tokens, **kw)  # a bad argument: only the error, nothing on stdout
     if len(prompts) == 1:
         sys.stdout.write(a.prompt[0])
         sys.stdout.flush()
     t0 = time.perf_counter()
-    gen.generate(prompts, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                 greedy=a.greedy, eos_token_id=None if a.ignore_eos else eos, seed=a.seed, stream=show)
+    gen.generate(prompts, a.max_new_tokens, stream=show, **kw)
     wall = time.perf_counter() - t0
     if len(prompts) == 1:
         sys.stdout.write(tok.decode(outs[0])[len(shown[0]):] + "\n")

@@ -245,6 +245,11 @@ def test_cli(corpus, tmp_path, capsys):
     assert json.load(open(out / "config.json"))["model_config"]["n_layers"] == 1
     assert cli_main(args) == 1  # the checkpoint exists and --resume was not given
     assert "already exists" in capsys.readouterr().err
+    more = [a if a != "2" or args[i - 1] != "--steps" else "3" for i, a in enumerate(args)]  # one step more
+    assert cli_main(more + ["--resume", "--lr", "0.01"]) == 1  # another lr than the checkpoint's
+    assert "lr: " in capsys.readouterr().err
+    assert cli_main(more + ["--resume", "--lr", "0.01", "--resume-override"]) == 0
+    assert set(json.load(open(tmp_path / "s.json"))["train_loss"]) == {"3"}
     assert cli_main(["train", "--model", "nope", "--out-dir", str(tmp_path / "x")]) == 1
     assert "unknown model preset 'nope'" in capsys.readouterr().err
     assert cli_main(["presets"]) == 0 and "llama-3.2-1b" in capsys.readouterr().out
