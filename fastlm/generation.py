@@ -224,10 +224,12 @@ def _check_eos(eos_token_id, vocab_size):
 
 
 def _positive_int(name, v, allow_none=False):
+    """-> v as a Python int (any numbers.Integral but bool), or None where allowed; raises naming it."""
     if v is None and allow_none:
-        return
+        return None
     if not _is_int(v) or v < 1:
         raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {v!r}")
+    return int(v)
 
 
 # ------------------------------------------------------------------------------ state
@@ -300,11 +302,11 @@ class Generator:
             raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
-        _positive_int("block_size", block_size)
-        _positive_int("max_seqlen", max_seqlen, allow_none=True)
-        _positive_int("num_blocks", num_blocks, allow_none=True)
-        _positive_int("sync_every", sync_every)
-        _positive_int("prefill_tokens", prefill_tokens)
+        block_size = _positive_int("block_size", block_size)
+        max_seqlen = _positive_int("max_seqlen", max_seqlen, allow_none=True)
+        num_blocks = _positive_int("num_blocks", num_blocks, allow_none=True)
+        sync_every = _positive_int("sync_every", sync_every)
+        prefill_tokens = _positive_int("prefill_tokens", prefill_tokens)
         self.model, self.fused = model, model.backend == "fused"
         self.cache_kind, self.block_size, self.want_graphs = cache, block_size, cuda_graphs
         self.max_seqlen, self.num_blocks = max_seqlen, num_blocks
@@ -352,21 +354,36 @@ class Generator:
         iterated."""
         return self._start(prompts, max_new_tokens, temperature, top_k, top_p, greedy, eos_token_id, seed)[1]
 
-    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, greedy, eos_token_id, seed):
-        """Validate everything, then -> (batch, the token iterator)."""
+    def check_args(self, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, greedy=False,
+                   eos_token_id=None, seed=None, stream=None):
+        """Validate the arguments of ``generate`` / ``stream`` without doing any work (no cache is
+        allocated, nothing runs on the model); raises TypeError / ValueError naming the argument.
+
+        Integers may be any ``numbers.Integral`` (e.g. numpy ints) and floats any ``numbers.Real``
+        (bools are not numbers here); they are converted to Python int / float.  Returns the
+        normalized arguments as a dict (prompts as lists of ints, eos_token_id as a frozenset,
+        plus ``lens``, ``capacity`` and ``num_blocks``: the cache the call needs)."""
         self._model_moved()
         cfg = self.model.config
+        if stream is not None and not callable(stream):
+            raise TypeError(f"stream must be a callable stream(seq_index, token) or None, got {type(stream).__name__}")
         prompts = _check_prompts(prompts, cfg.vocab_size)
-        if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        if not _is_int(max_new_tokens):
+            raise TypeError(f"max_new_tokens must be a positive int, got {max_new_tokens!r} "
+                            f"({type(max_new_tokens).__name__})")
+        max_new_tokens = int(max_new_tokens)
+        if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        check_sampling_args(temperature, top_k, top_p)
+        temperature, top_k, top_p = check_sampling_args(temperature, top_k, top_p)
         if not isinstance(greedy, bool):
             raise TypeError(f"greedy must be a bool, got {greedy!r}")
         eos = _check_eos(eos_token_id, cfg.vocab_size)
-        if seed is not None and not _is_int(seed):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        if seed is not None and not -(2**63) <= seed < 2**64:
-            raise ValueError(f"seed must be in [-2**63, 2**64) (a torch.Generator seed), got {seed}")
+        if seed is not None:
+            if not _is_int(seed):
+                raise TypeError(f"seed must be an int or None, got {seed!r} ({type(seed).__name__})")
+            seed = int(seed)
+            if not -(2**63) <= seed < 2**64:
+                raise ValueError(f"seed must be in [-2**63, 2**64) (a torch.Generator seed), got {seed}")
         lens = [len(p) for p in prompts]
         for i, n in enumerate(lens):
             if n + max_new_tokens > cfg.max_seqlen:
@@ -374,12 +391,21 @@ class Generator:
                                  f"{n + max_new_tokens}, past the model's max_seqlen={cfg.max_seqlen}")
         need = [n + max_new_tokens - 1 for n in lens]  # tokens each sequence stores (the last is never fed)
         capacity, num_blocks = self._sizes(need)
+        return dict(prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, greedy=greedy, eos_token_id=eos, seed=seed, stream=stream, lens=lens,
+                    capacity=capacity, num_blocks=num_blocks)
+
+    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, greedy, eos_token_id, seed):
+        """Validate everything, then -> (batch, the token iterator)."""
+        a = self.check_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            greedy=greedy, eos_token_id=eos_token_id, seed=seed)
+        seed = a["seed"]
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        greedy = greedy or temperature == 0
-        sp = dict(greedy=True) if greedy else dict(temperature=float(temperature), top_k=top_k,
-                                                    top_p=None if top_p is None else float(top_p))
-        return len(prompts), self._run(prompts, lens, max_new_tokens, sp, eos, seed, capacity, num_blocks)
+        greedy = a["greedy"] or a["temperature"] == 0
+        sp = dict(greedy=True) if greedy else dict(temperature=a["temperature"], top_k=a["top_k"], top_p=a["top_p"])
+        return len(a["prompts"]), self._run(a["prompts"], a["lens"], a["max_new_tokens"], sp, a["eos_token_id"], seed,
+                                            a["capacity"], a["num_blocks"])
 
     # -------------------------------------------------------------------------- sizing
     def _sizes(self, need):

@@ -1,21 +1,53 @@
 """Token sampling on the device: greedy, temperature, top-k, top-p.
 
 Everything stays on the logits' device with no host synchronization, so a decode step that
-samples can be captured in a CUDA graph.  Randomness comes from an explicit torch.Generator
-(seeded by the caller) through the exponential-race form of categorical sampling:
-argmax(p / E) with E ~ Exp(1) draws index i with probability p_i.
+samples can be captured in a CUDA graph (the sampling parameters are host Python numbers,
+fixed per captured graph; only the logits and the generator's state live on the device).
+Randomness comes from an explicit torch.Generator (seeded by the caller) through the
+exponential-race form of categorical sampling: argmax(p / E) with E ~ Exp(1) draws index i
+with probability p_i.
+
+Temperature scaling is done in fp32 on logits shifted by their row maximum, with the
+temperature clamped to fp32's normal range, so the largest logit always scales to exactly 0:
+a temperature near 0 approaches greedy (ties drawn uniformly) and never overflows to NaN, and
+a huge temperature approaches uniform.
 """
+import math
+import numbers
+
 import torch
+
+_T_MIN = torch.finfo(torch.float32).tiny  # smallest normal fp32: 0 / T stays 0, x / T stays a number
+_T_MAX = torch.finfo(torch.float32).max  # below fp32 overflow: -inf / T stays -inf
+
+
+def _real(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {v!r} ({type(v).__name__})")
+    return float(v)
 
 
 def check_sampling_args(temperature=1.0, top_k=None, top_p=None):
-    """Raise ValueError naming the argument for invalid sampling parameters."""
-    if not (isinstance(temperature, (int, float)) and temperature >= 0.0 and temperature == temperature):
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0)):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    """Validate sampling parameters; -> (temperature: float, top_k: int | None, top_p: float | None).
+
+    Any ``numbers.Real`` (e.g. numpy floats) is accepted for temperature / top_p and any
+    ``numbers.Integral`` for top_k (bools are not); raises TypeError (wrong type) or ValueError
+    (bad value) naming the argument."""
+    t = _real("temperature", temperature)
+    if not (math.isfinite(t) and t >= 0.0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+            raise TypeError(f"top_k must be a positive int or None, got {top_k!r} ({type(top_k).__name__})")
+        top_k = int(top_k)
+        if top_k < 1:
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None:
+        p = _real("top_p", top_p)
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        top_p = p
+    return t, top_k, top_p
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -35,11 +67,21 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 def sample(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
-    """Next token ids (...,) int64 from logits (..., vocab).  temperature == 0 means greedy."""
+    """Next token ids (...,) int64 from logits (..., vocab).  temperature == 0 means greedy.
+
+    temperature is a host number (checked here on the host, no device sync); the per-step work
+    is device-only, so the call can be captured in a CUDA graph."""
     if greedy or temperature == 0.0:
         return logits.argmax(-1)  # the same index in any float dtype (no fp32 copy of the logits)
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0.0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    t = min(max(t, _T_MIN), _T_MAX)
     logits = logits.float()
-    logits = filter_logits(logits / temperature, top_k, top_p)
+    # Shift so the row maximum is exactly 0 before scaling: (x - max) / T <= 0 cannot overflow to
+    # +inf, and the maximum stays 0 (probability > 0) however small T is.
+    logits = (logits - logits.amax(-1, keepdim=True)) / t
+    logits = filter_logits(logits, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     e = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / e).argmax(-1)

@@ -303,6 +303,14 @@ BAD = [
     (dict(seed=1.5), TypeError, "seed"),
     (dict(seed=2**64), ValueError, "seed must be in"),
     (dict(stream=3), TypeError, "stream must be a callable"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be a finite"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be a finite"),
+    (dict(temperature="hot"), TypeError, "temperature must be a real number"),
+    (dict(top_p="0.9"), TypeError, "top_p must be a real number"),
+    (dict(top_k=2.0), TypeError, "top_k must be a positive int"),
+    (dict(max_new_tokens=2.0), TypeError, "max_new_tokens must be a positive int"),
+    (dict(seed="7"), TypeError, "seed must be an int"),
+    (dict(seed=True), TypeError, "seed must be an int"),
 ]
 
 
@@ -315,6 +323,38 @@ def test_bad_input_raises_before_any_work(kw, exc, match, monkeypatch):
     with pytest.raises(exc, match=match):
         gen.generate(kw.pop("prompts"), kw.pop("max_new_tokens"), **kw)
     assert gen._state is None
+
+
+def test_numpy_numbers_are_accepted():
+    """numpy ints / floats (numbers.Integral / numbers.Real) work like Python ones (seed=np.int64
+    used to pass the check and then fail in torch.Generator.manual_seed after the cache was
+    allocated; max_new_tokens=np.int64 failed in the cache constructor)."""
+    np = pytest.importorskip("numpy")
+    _, fused = models("tiny", op_backend="reference")
+    prompts = prompts_of([4, 2], 320, seed=13)
+    kw = dict(temperature=0.5, top_k=7, top_p=0.75, seed=3)
+    want = generate(fused, prompts, 3, **kw)
+    assert generate(fused, prompts, 3, **{**kw, "seed": np.int64(3)}) == want
+    gen = Generator(fused, block_size=np.int64(4), sync_every=np.int32(2), max_seqlen=np.int64(64))
+    assert gen.block_size == 4 and type(gen.block_size) is int and type(gen.max_seqlen) is int
+    got = gen.generate(prompts, np.int64(3), temperature=np.float32(0.5), top_k=np.int64(7),
+                       top_p=np.float64(0.75), seed=np.int64(3), eos_token_id=np.int64(319))
+    assert got == [w[: w.index(319) + 1] if 319 in w else w for w in want]
+    assert generate(fused, prompts, 3, seed=np.uint64(3), temperature=0.5, top_k=7, top_p=0.75) == want
+    a = gen.check_args(prompts, np.int16(3), temperature=np.float32(0.5), top_k=np.int8(7), seed=np.int64(3))
+    assert a["max_new_tokens"] == 3 and type(a["max_new_tokens"]) is int and type(a["seed"]) is int
+    assert type(a["temperature"]) is float and type(a["top_k"]) is int and gen._state is not None
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300])
+def test_tiny_temperature_is_greedy(temperature):
+    """T -> 0 approaches greedy (logits / T used to overflow: NaN probabilities, every token 0)."""
+    _, fused = models("tiny", op_backend="reference")
+    prompts = prompts_of([5, 3], 320, seed=14)
+    greedy = generate(fused, prompts, 3, greedy=True)
+    assert any(t != 0 for o in greedy for t in o)
+    assert generate(fused, prompts, 3, temperature=temperature, seed=0) == greedy
+    assert generate(fused, prompts, 3, temperature=temperature, top_k=3, top_p=0.5, seed=1, cache="paged") == greedy
 
 
 def test_capacity_and_constructor_errors():
@@ -397,8 +437,12 @@ def test_cli_generate_from_a_training_checkpoint(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(out), "--prompt", "", "--device", "cpu"]) == 1
     assert "prompts[0] is empty" in capsys.readouterr().err
-    assert main(["generate", "--checkpoint", str(out), "--prompt", "x", "--top-p", "2", "--device", "cpu"]) == 1
-    assert "top_p" in capsys.readouterr().err
+    # a bad sampling argument: only the error, the prompt is not echoed before it
+    for bad, name in ((["--top-p", "2"], "top_p"), (["--temperature", "inf"], "temperature"),
+                      (["--temperature", "-1"], "temperature"), (["--top-k", "0"], "top_k")):
+        assert main(["generate", "--checkpoint", str(out), "--prompt", "hi", *bad, "--device", "cpu"]) == 1
+        cap = capsys.readouterr()
+        assert name in cap.err and cap.out == "", (bad, cap)
     with pytest.raises(SystemExit):  # exactly one source
         main(["generate", "--checkpoint", str(out), "--hf", str(out), "--prompt", "x"])
 
@@ -454,8 +498,57 @@ def test_bench_generate_runs_on_cpu(tmp_path, capsys):
         assert by_impl[impl]["status"] == "ok" and by_impl[impl]["tokens_per_s"] > 0, by_impl[impl]
     assert by_impl["fused/static / reference"]["speedup"] > 0
     assert by_impl["fused/static / fused/static-nogemv"]["speedup"] > 0
+    assert not any(r["impl"].startswith("targets") for r in rows)  # no target was set for this preset
     with pytest.raises(SystemExit):
         bg.main(["--device", "cpu", "--impls", "nope"])
+
+
+def _bench_module():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import bench_generate as bg
+
+    return bg
+
+
+def test_bench_generate_target_verdict():
+    """The target verdict is a pass only when every comparison was measured and met; a missing
+    peer (not installed, failed, skipped) says so and never counts as met."""
+    bg = _bench_module()
+    v = bg.target_verdict
+    assert v(85.0, 6.0, 4.0).startswith("MEETS TARGET")
+    for args in ((85.0, None, 4.0), (85.0, 6.0, None), (None, 6.0, 4.0), (85.0, float("nan"), 4.0),
+                 (None, None, None)):
+        s = v(*args)
+        assert s.startswith("TARGET NOT EVALUATED") and "MEETS" not in s, (args, s)
+    assert "hf: not measured" in v(85.0, None, 4.0) and "reference: not measured" in v(85.0, 6.0, None)
+    assert "bandwidth: not measured" in v(None, 6.0, 4.0)
+    for args in ((79.0, 6.0, 4.0), (85.0, 4.9, 4.0), (85.0, 6.0, 2.9), (70.0, None, None)):
+        assert v(*args).startswith("BELOW TARGET"), args
+    assert v(85.0, 6.0, 4.0, fused_ok=False).startswith("TARGET NOT EVALUATED")
+    assert "measured on NVIDIA H200" in v(85.0, 6.0, 4.0, device="NVIDIA H200")
+    assert "measured on" not in v(85.0, 6.0, 4.0, device="NVIDIA H100 80GB HBM3")
+    # the issue sets the targets for batch-1 decode of the 1B preset only
+    assert bg.targets_apply("llama-3.2-1b", 1)
+    assert not bg.targets_apply("gpt2-124m", 1) and not bg.targets_apply("llama-3.2-1b", 8)
+
+
+def test_bench_generate_verdict_row_without_hf(tmp_path, monkeypatch):
+    """The benchmark's targets row, with HF not run: "hf: not measured", not a pass."""
+    bg = _bench_module()
+    monkeypatch.setattr(bg, "TARGET_PRESET", "tiny")
+    monkeypatch.setattr(bg, "TARGET_BATCH", 2)
+    monkeypatch.setattr(bg, "TARGET_X_REFERENCE", 0.0)  # the reference comparison is met (on the CPU)
+    out = tmp_path / "bench"
+    assert bg.main(["--device", "cpu", "--presets", "tiny", "--batches", "2", "--contexts", "5", "--new-tokens", "2",
+                    "--op-backend", "reference", "--impls", "fused/static,reference", "--out", str(out)]) == 0
+    rows = json.load(open(out / "generate.json"))["rows"]
+    (row,) = [r for r in rows if r["impl"].startswith("targets")]
+    assert row["status"].startswith("TARGET NOT EVALUATED") and "hf: not measured" in row["status"], row
+    assert "bandwidth: not measured" in row["status"]  # no copy bandwidth on the CPU
+    assert "reference: " in row["status"] and row["x_reference"] > 0
 
 
 # ------------------------------------------------------------------------------ GPU

@@ -54,3 +54,55 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_bad_sampling_args(kw, name):
     with pytest.raises(ValueError, match=name):
         check_sampling_args(**kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 1e-30, 1e-12])
+def test_tiny_temperature_is_greedy_never_nan(temperature, dtype):
+    """T -> 0 is the argmax (logits / T used to overflow to inf: NaN probabilities, token 0)."""
+    torch.manual_seed(3)
+    logits = (torch.randn(64, 50) * 10).to(dtype)
+    logits[:, 0] = -50.0  # token 0 is never the argmax
+    g = torch.Generator().manual_seed(0)
+    got = sample(logits, temperature=temperature, generator=g)
+    assert torch.equal(got, logits.argmax(-1))
+    got = sample(logits, temperature=temperature, top_k=5, top_p=0.9, generator=g)
+    assert torch.equal(got, logits.argmax(-1))
+
+
+def test_huge_temperature_is_uniform_and_keeps_masked_tokens_out():
+    logits = torch.tensor([[0.0, float("-inf"), 5.0, -3.0]]).expand(20000, 4)
+    for t in (1e30, 1e300):
+        ids = sample(logits, temperature=t, generator=torch.Generator().manual_seed(4))
+        freq = torch.bincount(ids, minlength=4).float() / ids.numel()
+        assert freq[1] == 0  # -inf / T stays -inf (no NaN)
+        torch.testing.assert_close(freq[[0, 2, 3]], torch.full((3,), 1 / 3), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kw, exc, name",
+    [
+        ({"temperature": float("inf")}, ValueError, "temperature"),
+        ({"temperature": float("-inf")}, ValueError, "temperature"),
+        ({"temperature": "0.5"}, TypeError, "temperature"),
+        ({"temperature": None}, TypeError, "temperature"),
+        ({"temperature": True}, TypeError, "temperature"),
+        ({"top_k": 2.0}, TypeError, "top_k"),
+        ({"top_k": True}, TypeError, "top_k"),
+        ({"top_p": "0.9"}, TypeError, "top_p"),
+        ({"top_p": float("nan")}, ValueError, "top_p"),
+    ],
+)
+def test_bad_sampling_args_types_and_non_finite(kw, exc, name):
+    with pytest.raises(exc, match=name):
+        check_sampling_args(**kw)
+    if "temperature" in kw and exc is ValueError:
+        with pytest.raises(ValueError, match="temperature"):
+            sample(torch.randn(2, 5), temperature=kw["temperature"])
+
+
+def test_numpy_numbers_are_accepted_and_normalized():
+    np = pytest.importorskip("numpy")
+    t, k, p = check_sampling_args(np.float32(0.5), np.int64(3), np.float64(0.9))
+    assert (t, k, p) == (0.5, 3, 0.9) and type(t) is float and type(k) is int and type(p) is float
+    assert check_sampling_args(1, None, 1) == (1.0, None, 1.0)
