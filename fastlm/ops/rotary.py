@@ -17,13 +17,12 @@ forward is still one launch; the backward runs one launch per tensor, because au
 records the in-place update of each (possibly view) tensor as its own node.
 """
 import math
-import os
 from collections.abc import Mapping
 
 import torch
 
 from fastlm import _backend
-from fastlm._checks import unit_last
+from fastlm._checks import unit_last, value_checks_on
 from fastlm.reference import rotary as _ref
 
 SUPPORTED = ("triton", "cuda", "reference")
@@ -35,10 +34,6 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256
 
 POS_ARANGE, POS_PER_SEQ, POS_EXPLICIT = 0, 1, 2  # kernel position modes (kernels/rotary.py)
-
-
-def _debug():
-    return os.environ.get("FASTLM_DEBUG", "0") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -202,12 +197,7 @@ def _is_int(x):
 def _check_values(q, cos, positions, cu_seqlens, offset, pos_mode, n_tokens, seqlen):
     """Range checks that need tensor values (a host sync on CUDA): run when the tensors are on
     the CPU or when FASTLM_DEBUG=1; never while compiling or capturing a CUDA graph."""
-    if torch.compiler.is_compiling():
-        return
-    on_cpu = q.device.type == "cpu"
-    if not (on_cpu or _debug()):
-        return
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+    if not value_checks_on(q):
         return
     max_pos = cos.shape[0]
     if cu_seqlens is not None:
