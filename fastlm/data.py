@@ -62,7 +62,8 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
-            raise ImportError("a tokenizer.json needs the `tokenizers` package (pip install tokenizers)") from e
+            raise ImportError("a tokenizer.json needs the `tokenizers` package (pip install tokenizers, or "
+                              "pip install 'fastlm[hf]')") from e
         try:
             self.tok = Tokenizer.from_file(path)
         except Exception as e:

@@ -299,7 +299,11 @@ def read_weights(path):
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     sd = {}
     if files:
-        from safetensors.torch import load_file
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError("loading *.safetensors weights needs the `safetensors` package "
+                              "(pip install safetensors, or pip install 'fastlm[hf]')") from e
 
         for name in files:
             fp = os.path.join(path, name)
