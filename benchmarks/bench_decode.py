@@ -134,7 +134,7 @@ def peer_calls(name, q, lens, caches, paged, hkv, ctx, fa, fi):
         return [lambda c=c: f(q, c[0], c[1], lens, c[2]) for c in caches]
     if name.startswith("sdpa"):
         if paged:
-            return None  # SDPA has no paged layout
+            return "skipped: SDPA has no paged layout (it runs on the contiguous rows)"
         qh = q.transpose(1, 2)  # (B, Hq, 1, D)
         backends = {
             "sdpa": None,
@@ -156,13 +156,13 @@ def peer_calls(name, q, lens, caches, paged, hkv, ctx, fa, fi):
         if fa is None:
             return "skipped: not installed"
         if paged:
-            return None  # its paged layout needs 256-token blocks
+            return f"skipped: its paged layout needs 256-token blocks (this cache: {BLOCK})"
         return [lambda c=c: fa.flash_attn_with_kvcache(q, c[0], c[1], cache_seqlens=lens) for c in caches]
     if name == "flashinfer":
         if fi is None:
             return "skipped: not installed"
         if paged or q.shape[0] != 1:
-            return None  # wired for its single-request decode only
+            return "skipped: wired for its single-request contiguous decode only"
         return [lambda c=c: fi.single_decode_with_kv_cache(q[0, 0], c[0][0], c[1][0]) for c in caches]
     raise ValueError(name)
 
@@ -177,6 +177,9 @@ def bench_decode(res, args, copy_bw, fa, fi):
             for ratio, hkv in GQA.items():
                 nbytes = kv_bytes(batch, ctx, hkv)
                 if nbytes > MAX_KV_BYTES:
+                    res.add(op="decode", batch=batch, context=ctx, gqa=ratio, n_kv_heads=hkv, impl="all",
+                            status=f"skipped: {nbytes / 2**30:.1f} GiB of KV cache exceeds the run's "
+                                   f"{MAX_KV_BYTES / 2**30:.1f} GiB budget")
                     continue
                 for paged in (True, False):
                     copies = n_copies(nbytes)
@@ -191,10 +194,11 @@ def bench_decode(res, args, copy_bw, fa, fi):
                         names += ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn"]
                     row = dict(op="decode", batch=batch, context=ctx, gqa=ratio, n_kv_heads=hkv, layout=layout,
                                kv_mib=round(nbytes / 2**20, 1))
+                    if paged and nbytes > REF_MAX_BYTES:
+                        res.add(**row, impl="reference", status=f"skipped: its gathered copy of the cache is "
+                                f"capped at {REF_MAX_BYTES / 2**20:.0f} MiB of KV")
                     for name in names:
                         calls = peer_calls(name, q, lens, caches, paged, hkv, ctx, fa, fi)
-                        if calls is None:
-                            continue
                         if isinstance(calls, str):
                             res.add(**row, impl=name, status=calls)
                             continue
