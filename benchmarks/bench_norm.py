@@ -13,7 +13,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser, require_cuda
+from benchmarks.common import (Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser,
+                               require_cuda, speedups)
 
 import fastlm
 from fastlm import reference
@@ -143,9 +144,8 @@ def main(argv=None):
                     res.add(**row)
                 for name in ("fastlm-triton", "fastlm-cuda"):
                     if name in times:  # a peer that did not run: None ("not measured")
-                        res.add(**base, impl=name, metric="speedup", **{
-                            f"vs_{peer.removeprefix('torch-')}": times[peer] / times[name] if peer in times else None
-                            for peer in ("torch-eager", "torch-compile", "liger", "apex")})
+                        res.add(**base, impl=name, metric="speedup",
+                                **speedups(times, name, ("torch-eager", "torch-compile", "liger", "apex")))
             del x, r, w, b
     res.write()
 

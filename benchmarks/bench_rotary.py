@@ -15,14 +15,14 @@ import sys
 
 import torch
 
-from benchmarks.common import Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser, require_cuda
+from benchmarks.common import (Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser,
+                               require_cuda, speedups)
 
 import fastlm
 from fastlm import reference
 
 MODELS = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64)}
 TOKENS = [1, 1024, 4096, 16384, 65536]
-COMPILE_MIN_TOKENS = 4096  # torch.compile peer from here (each shape is a fresh compile)
 
 
 def layout(tokens):
@@ -35,7 +35,7 @@ def nbytes(tokens, hq, hk, d, esize):
     return 2 * tokens * (hq + hk) * d * esize
 
 
-def make_impls(compile_peer):
+def make_impls():
     """name -> f(q, k, cos, sin) -> (q_out, k_out), or a 'skipped: why' string."""
     from fastlm import _C_loader
 
@@ -55,7 +55,7 @@ def make_impls(compile_peer):
         return reference.apply_rotary(q, k, c, s)
 
     impls["torch-eager"] = eager
-    impls["torch-compile"] = compiled(eager) if compile_peer else f"skipped: below {COMPILE_MIN_TOKENS} tokens"
+    impls["torch-compile"] = compiled(eager)  # at every size (decode's 1 token too); --quick runs one size
     liger = optional_module("liger_kernel.ops.rope")
     if liger is None:
         impls["liger"] = "skipped: not installed"
@@ -84,7 +84,7 @@ def run_one(name, fn, mode, q, k, cos, sin):
         with torch.no_grad():
             return bench(lambda: fn(q, k, cos, sin), warmup=10, rep=40)
     if name.endswith("inplace"):
-        return None  # the in-place backward is the out-of-place one per tensor
+        return "skipped: the in-place backward is the out-of-place rotation, one launch per tensor"
     qq, kk = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
     qo, ko = fn(qq, kk, cos, sin)
     gq, gk = torch.randn_like(qo), torch.randn_like(ko)
@@ -104,7 +104,7 @@ def main(argv=None):
         cos, sin = fastlm.ops.rotary_tables(d, 8192, 500000.0, device="cuda")
         for tokens in tokens_list:
             B, S = layout(tokens)
-            impls = make_impls(compile_peer=tokens >= COMPILE_MIN_TOKENS)
+            impls = make_impls()
             q = torch.randn(B, S, hq, d, device="cuda", dtype=dtype)
             k = torch.randn(B, S, hk, d, device="cuda", dtype=dtype)
             for mode in ("fwd", "bwd"):
@@ -120,7 +120,8 @@ def main(argv=None):
                     except Exception as e:  # a peer failing must not hide the others
                         res.skipped(name, f"error: {type(e).__name__}: {e}"[:200], **base)
                         continue
-                    if t is None:
+                    if isinstance(t, str):
+                        res.skipped(name, t.split(": ", 1)[1], **base)
                         continue
                     ms, p20, p80 = t
                     times[name] = ms
@@ -129,9 +130,7 @@ def main(argv=None):
                 for name in ("fastlm-triton", "fastlm-cuda"):
                     if name in times:
                         res.add(**base, impl=name, metric="speedup",
-                                vs_eager=times.get("torch-eager", float("nan")) / times[name],
-                                vs_compile=times.get("torch-compile", float("nan")) / times[name],
-                                vs_liger=times.get("liger", float("nan")) / times[name])
+                                **speedups(times, name, ("torch-eager", "torch-compile", "liger")))
             del q, k
         torch.cuda.empty_cache()
     res.write()

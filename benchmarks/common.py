@@ -81,6 +81,12 @@ def optional_module(name):
         return None
 
 
+def speedups(times, name, peers):
+    """{"vs_<peer>": time(peer) / time(name)} ("torch-" dropped from the key), None for a peer
+    that did not run: a missing peer is "not measured", never a number."""
+    return {f"vs_{p.removeprefix('torch-')}": times[p] / times[name] if p in times else None for p in peers}
+
+
 def compiled(fn, dynamic=None):
     """torch.compile of a reference function (the strongest 'plain PyTorch' peer).
 
