@@ -21,7 +21,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser, require_cuda
+from benchmarks.common import (Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser,
+                               require_cuda, speedups)
 
 import fastlm
 from fastlm import reference
@@ -136,12 +137,9 @@ def main(argv=None):
                         pct_copy_bw=100 * gbs / copy_bw)
             for name in ("fastlm-triton", "fastlm-triton-split"):
                 if name in times:
-                    nan = float("nan")
-                    res.add(**base, impl=name, metric="speedup",
-                            vs_eager=times.get("torch-eager", nan) / times[name],
-                            vs_reference=times.get("reference-eager", nan) / times[name],
-                            vs_compile=times.get("torch-compile", nan) / times[name],
-                            vs_liger=times.get("liger", nan) / times[name])
+                    res.add(**base, impl=name, metric="speedup", **speedups(times, name, {
+                        "eager": "torch-eager", "reference": "reference-eager", "compile": "torch-compile",
+                        "liger": "liger"}))
         del x, split
     if not args.quick:
         sweep_tiles(res, copy_bw)

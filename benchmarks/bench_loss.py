@@ -16,7 +16,7 @@ import sys
 import torch
 
 from benchmarks.common import (Results, bench, compiled, copy_bandwidth_gbs, matmul_tflops, optional_module,
-                               parser, require_cuda)
+                               parser, require_cuda, speedups)
 
 import fastlm
 from fastlm import reference
@@ -129,10 +129,8 @@ def main(argv=None):
                 gbs = ce_bytes(M, V, 2, mode) / ms / 1e6
                 res.add(**base, impl=name, ms=ms, p20=p20, p80=p80, GBps=gbs, pct_copy_bw=100 * gbs / copy_bw)
             if "fastlm-triton" in times:
-                f = times["fastlm-triton"]
-                res.add(**base, impl="fastlm-triton", metric="speedup", vs_eager=times.get("torch-eager", float("nan")) / f,
-                        vs_compile=times.get("torch-compile", float("nan")) / f,
-                        vs_liger=times.get("liger", float("nan")) / f)
+                res.add(**base, impl="fastlm-triton", metric="speedup",
+                        **speedups(times, "fastlm-triton", ("torch-eager", "torch-compile", "liger")))
         del x
         torch.cuda.empty_cache()
 
@@ -160,9 +158,8 @@ def main(argv=None):
                     peak_extra_GB=gb)
             torch.cuda.empty_cache()
         if "fastlm-triton" in times:
-            f = times["fastlm-triton"]
-            res.add(**base, impl="fastlm-triton", metric="speedup", vs_eager=times.get("torch-eager", float("nan")) / f,
-                    vs_compile=times.get("torch-compile", float("nan")) / f, vs_liger=times.get("liger", float("nan")) / f)
+            res.add(**base, impl="fastlm-triton", metric="speedup",
+                    **speedups(times, "fastlm-triton", ("torch-eager", "torch-compile", "liger")))
         del h, w
         torch.cuda.empty_cache()
     res.write()

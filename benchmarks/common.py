@@ -82,9 +82,11 @@ def optional_module(name):
 
 
 def speedups(times, name, peers):
-    """{"vs_<peer>": time(peer) / time(name)} ("torch-" dropped from the key), None for a peer
-    that did not run: a missing peer is "not measured", never a number."""
-    return {f"vs_{p.removeprefix('torch-')}": times[p] / times[name] if p in times else None for p in peers}
+    """{"vs_<label>": time(peer) / time(name)}, None for a peer that did not run (a missing peer
+    is "not measured", never a number).  peers: names (label = the name without "torch-") or
+    a {label: name} dict."""
+    pairs = peers.items() if isinstance(peers, dict) else ((p.removeprefix("torch-"), p) for p in peers)
+    return {f"vs_{label}": times[p] / times[name] if p in times else None for label, p in pairs}
 
 
 def compiled(fn, dynamic=None):
