@@ -136,9 +136,10 @@ def test_num_splits_agree(backend):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("block_size", [1, 7, 16])
+@pytest.mark.parametrize("block_size", [1, 7, 16, 32, 128])
 def test_block_sizes(backend, block_size):
-    B, Hq, Hkv, D, cap = 2, 2, 1, 16, 35
+    B, Hq, Hkv, D = 2, 2, 1, 16
+    cap = max(35, 2 * block_size + 3)  # sequences spanning several blocks, the last one partial
     kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=block_size)
     lens = mixed_lengths(B, cap)
     poison_unused(kc, vc, lens, bt)
@@ -786,7 +787,7 @@ BF, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 GPU_CASES = [  # (dtype, head_dim, paged, block_size); D % 8 != 0 and fp32 take the CUDA fallback
     (BF, 128, True, 16), (BF, 128, False, 0), (BF, 128, True, 256), (BF, 128, True, 1), (BF, 64, True, 16),
     (BF, 80, True, 16), (BF, 96, False, 0), (BF, 256, True, 16), (F16, 128, True, 16), (F32, 128, True, 16),
-    (F32, 80, False, 0), (BF, 36, True, 16),
+    (F32, 80, False, 0), (BF, 36, True, 16), (BF, 128, True, 32), (BF, 128, True, 128),
 ]
 
 

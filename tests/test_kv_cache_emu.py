@@ -182,6 +182,8 @@ CASES = [
     (torch.bfloat16, 64, 8, 2, 1, True, 16, (700, 301), True, -1, 0.0, 11),  # 11 splits: 2 merge steps of 8
     (torch.float32, 64, 8, 2, 1, True, 16, (37, 70), True, -1, 0.0, 2),  # CUDA-core fallback (fp32)
     (torch.float16, 36, 6, 3, 2, False, 0, (29, 12), True, -1, 0.0, 1),  # fallback: head_dim % 8 != 0
+    (torch.bfloat16, 96, 8, 2, 1, True, 32, (70, 150), True, -1, 0.0, 2),  # D 96 (padded to 128), page 32
+    (torch.float16, 128, 4, 1, 2, True, 128, (130, 300), True, -1, 0.0, 3),  # page 128: a split inside a page
     (torch.bfloat16, 128, 16, 4, 1, True, 16, (60, 44), True, 30, 0.0, 2),  # fallback forced (tc=False) below
 ]
 
