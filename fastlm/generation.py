@@ -232,6 +232,12 @@ def _positive_int(name, v, allow_none=False):
     return int(v)
 
 
+# Captured decode steps kept per Generator, one per distinct sampling setting (temperature,
+# top-k, top-p): each holds its own memory pool, so a long-lived Generator called with many
+# settings keeps only the most recently used ones.
+MAX_GRAPHS = 8
+
+
 # ------------------------------------------------------------------------------ state
 class _State:
     """Everything sized for one (batch, capacity): the cache, its hook, the step's static
@@ -582,9 +588,12 @@ class Generator:
             self._step_body(st, sp)
             return
         if key not in st.graphs:
+            if len(st.graphs) >= MAX_GRAPHS:  # drop the least recently used (its memory pool with it)
+                st.graphs.pop(next(iter(st.graphs)))
             st.graphs[key] = self._capture(st, sp)  # runs this step eagerly (the warm-up), then captures
             return
-        g = st.graphs[key]
+        g = st.graphs.pop(key)
+        st.graphs[key] = g  # most recently used last
         if g is None:
             self._step_body(st, sp)
         else:

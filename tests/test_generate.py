@@ -584,6 +584,23 @@ def test_cuda_graph_and_eager_decode_agree_gpu(cache):
 
 
 @pytest.mark.gpu
+def test_captured_graphs_are_bounded_gpu(monkeypatch):
+    # One graph per sampling setting, least recently used dropped past MAX_GRAPHS; a dropped
+    # setting is captured again and still right.
+    import fastlm.generation as G
+
+    monkeypatch.setattr(G, "MAX_GRAPHS", 2)
+    _, fused = gpu_models()
+    prompts = prompts_of([9, 30], 1000, seed=11)
+    gen = Generator(fused, cuda_graphs=True)
+    first = gen.generate(prompts, 12, temperature=0.7, seed=1)
+    for t in (0.8, 0.9, 1.1):
+        gen.generate(prompts, 12, temperature=t, seed=1)
+        assert len(gen._state.graphs) <= 2
+    assert gen.generate(prompts, 12, temperature=0.7, seed=1) == first
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("cache", ["static", "paged"])
 def test_bf16_generation_tracks_fp32_gpu(cache):
     """bf16 fused decoding: every greedy token is the fp32 full forward's argmax or within bf16
