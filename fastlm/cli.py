@@ -188,6 +188,15 @@ def _load_for_generation(checkpoint, hf, tokenizer, backend, op_backend, device,
     return model, tok, eos, encode
 
 
+def _continuation(tok, context, new, window=8):
+    """The text that tokens `new` add after `context` (token ids).  Decoding `new` alone can
+    differ: SentencePiece-style tokenizers drop the leading space of the first word of a decode,
+    so it is decoded after the last few context tokens and their own text is cut off."""
+    ctx = list(context[-window:])
+    base, full = tok.decode(ctx), tok.decode(ctx + list(new))
+    return full[len(base):] if full.startswith(base) else tok.decode(list(new))
+
+
 def _generate_run(a):
     import time
 
@@ -209,7 +218,7 @@ def _generate_run(a):
     def show(i, token):  # one prompt: print the text as it arrives (holding back a partial UTF-8 char)
         outs[i].append(token)
         if len(prompts) == 1:
-            text = tok.decode(outs[0]).rstrip("\ufffd")
+            text = _continuation(tok, prompts[0], outs[0]).rstrip("\ufffd")
             if text.startswith(shown[0]):
                 sys.stdout.write(text[len(shown[0]):])
                 sys.stdout.flush()
@@ -225,11 +234,11 @@ def _generate_run(a):
     gen.generate(prompts, a.max_new_tokens, stream=show, **kw)
     wall = time.perf_counter() - t0
     if len(prompts) == 1:
-        sys.stdout.write(tok.decode(outs[0])[len(shown[0]):] + "\n")
+        sys.stdout.write(_continuation(tok, prompts[0], outs[0])[len(shown[0]):] + "\n")
         sys.stdout.flush()
     else:
-        for i, (text, out) in enumerate(zip(a.prompt, outs)):
-            print(f"--- [{i}] ---\n{text}{tok.decode(out)}", flush=True)
+        for i, (text, ids, out) in enumerate(zip(a.prompt, prompts, outs)):
+            print(f"--- [{i}] ---\n{text}{_continuation(tok, ids, out)}", flush=True)
     s = gen.stats
     print(f"[generate] {s['new_tokens']} new tokens for {len(prompts)} prompt(s) in {wall:.3f} s: "
           f"{s['new_tokens'] / wall:.1f} tokens/s; prefill {s['prompt_tokens']} tokens in {s['prefill_s'] * 1e3:.1f} ms; "

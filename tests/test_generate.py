@@ -637,3 +637,20 @@ def test_learned_positions_and_window_gpu():
         out = generate(fused, prompts, 20, greedy=True)
         assert out == generate(fused, prompts, 20, greedy=True, cuda_graphs=False)
         assert_greedy_by_full_forward(ref, prompts, out)
+
+
+def test_cli_text_keeps_the_space_a_sentencepiece_decode_drops():
+    """SentencePiece-style tokenizers drop a decode's leading space ("▁Paris" -> "Paris"), so
+    the CLI decodes new tokens after the end of the prompt, not alone."""
+    from fastlm.cli import _continuation
+
+    class SPLike:
+        vocab = ["▁The", "▁capital", "▁is", "▁Paris", "."]
+
+        def decode(self, ids):
+            return "".join(self.vocab[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+    tok = SPLike()
+    assert tok.decode([3, 4]) == "Paris."  # alone: the space is gone
+    assert _continuation(tok, [0, 1, 2], [3, 4]) == " Paris."
+    assert _continuation(tok, [], [3]) == "Paris"  # nothing before it: the text starts there
