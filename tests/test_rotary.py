@@ -536,6 +536,31 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(closs, loss, atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(cg, g, atol=1e-3, rtol=1e-4)
 
+    # The other positions forms (packed cu_seqlens, an int offset, explicit positions) and the
+    # interleaved pairing, out of place, through the same compiled graph boundary.
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32, device=DEVICE)
+    explicit = torch.tensor([[0, 2, 4, 6, 8], [1, 1, 1, 11, 0]], device=DEVICE)
+
+    def g(x, w, form):
+        qkv = x @ w
+        if form == "packed":
+            q, k = qkv.view(10, 8, 16)[:, :4], qkv.view(10, 8, 16)[:, 4:6]
+            kw = dict(cu_seqlens=cu)
+        else:
+            q, k = qkv.view(2, 5, 8, 16)[:, :, :4], qkv.view(2, 5, 8, 16)[:, :, 4:6]
+            kw = dict(positions={"offset": 5, "explicit": explicit}.get(form), interleaved=form == "interleaved")
+        qo, ko = ops.apply_rotary(q, k, cos, sin, backend=backend, **kw)
+        return qo.square().sum() + (ko * 0.5).sum()
+
+    cg_ = torch.compile(g, fullgraph=True)
+    for form in ("packed", "offset", "explicit", "interleaved"):
+        loss = g(x, w, form)
+        (gr,) = torch.autograd.grad(loss, w)
+        closs = cg_(x, w, form)
+        (cgr,) = torch.autograd.grad(closs, w)
+        torch.testing.assert_close(closs, loss, atol=1e-3, rtol=1e-4, msg=form)
+        torch.testing.assert_close(cgr, gr, atol=1e-3, rtol=1e-4, msg=form)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
