@@ -78,6 +78,9 @@ def _ce_kernel(
 
 def _launch(logits, targets, loss, stats, grad, gscale, ignore_index, compute_lse, write_grad):
     M, V = logits.shape
+    if targets.shape != (M,):
+        raise ValueError(f"targets must have shape ({M},) (one per logits row), got {tuple(targets.shape)}")
+    targets = targets.contiguous()  # read densely, one per row
     if M == 0:
         return
     block = min(MAX_BLOCK, triton.next_power_of_2(V))

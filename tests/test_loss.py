@@ -62,6 +62,23 @@ def test_cross_entropy_strided_and_extreme():
     _check_ce(base[:, :513], t, "sum", ignore_index=7)  # a custom ignore_index
 
 
+@pytest.mark.parametrize("layout", ["strided", "column-of-2d", "expanded"])
+def test_targets_as_views(layout):
+    # targets that are views (every other element, a column slice, one value broadcast) are
+    # read as the values they show, by both losses (the kernel reads one target per row).
+    M, V, D = 12, 33, 16
+    wide = _targets((M, 2), V, n_ignore=2)
+    t = {"strided": wide.flatten()[::2], "column-of-2d": wide[:, 1],
+         "expanded": torch.tensor([5], device=DEVICE).expand(M)}[layout]
+    assert not t.is_contiguous()
+    logits = torch.randn(M, V, device=DEVICE) * 3
+    for reduction in ("mean", "none"):
+        _check_ce(logits, t, reduction)
+    h = torch.randn(M, D, device=DEVICE)
+    w = torch.randn(V, D, device=DEVICE) * D**-0.5
+    _check_lce(h, w, None, t, "sum", 5)
+
+
 def test_cross_entropy_all_ignored():
     x = torch.randn(4, 9, device=DEVICE, requires_grad=True)
     t = torch.full((4,), -100, device=DEVICE)

@@ -201,7 +201,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
     if b == "reference":
         return reference.cross_entropy(logits, targets, ignore_index, reduction)
     V = logits.shape[-1]
-    t = targets.reshape(-1)
+    t = targets.reshape(-1).contiguous()  # the kernel reads one target per row, densely
     _check_targets("cross_entropy", t, V, ignore_index)
     rows, _ = _ce_op(logits.reshape(-1, V), t, int(ignore_index))
     if reduction == "none":
@@ -259,7 +259,7 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.dtype != h.dtype:
                 raise TypeError(f"{op}: {name} has dtype {t.dtype} but h has {h.dtype}; use one dtype (or autocast)")
-    t = targets.reshape(-1)
+    t = targets.reshape(-1).contiguous()  # the kernel reads one target per row, densely
     _check_targets(op, t, V, ignore_index)
     h2 = h.reshape(-1, D)
     need_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, weight, bias))
