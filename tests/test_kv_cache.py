@@ -418,6 +418,36 @@ def test_decode_with_new_kv(backend, dtype, paged, rotary, Hq, Hkv, Sq):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("layout", ["tables-with-different-strides", "one-row-strided-tables", "q-permuted"])
+def test_decode_with_new_kv_layouts(backend, layout):
+    # Views the kernels must not read as dense: cos and sin with different row strides, a
+    # one-position table with strided columns, and a dense q whose head_dim is not innermost.
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 12
+    kc, vc, bt, lens, q, k = small_paged_case(cap, [3, 7])
+    lens = torch.tensor([0, 0], dtype=torch.int32, device=DEVICE) if layout == "one-row-strided-tables" else lens
+    cos, sin = _tables(D, cap)
+    if layout == "tables-with-different-strides":
+        cos_v, sin_v = cos, torch.cat([sin, torch.full_like(sin, 7.0)], 1)[:, : D // 2]
+        q_v = q
+    elif layout == "one-row-strided-tables":
+        cos, sin = cos[:1], sin[:1]
+        cos_v, sin_v = (torch.stack([t, torch.full_like(t, 7.0)], -1)[..., 0] for t in (cos, sin))
+        q_v = q
+    else:
+        cos_v, sin_v = cos, sin
+        q_v = q.transpose(2, 3).contiguous().transpose(2, 3)
+    assert (cos_v.stride(), sin_v.stride()) != (cos.stride(), sin.stride()) or not q_v.is_contiguous()
+    outs, caches = [], []
+    for qq, c, s_ in ((q, cos, sin), (q_v, cos_v, sin_v)):
+        kc2, vc2 = kc.clone(), vc.clone()
+        outs.append(fastlm.ops.decode_attention(qq, kc2, vc2, lens.clone(), k=k, v=k, rotary_cos=c, rotary_sin=s_,
+                                                block_table=bt, backend=backend))
+        caches.append(kc2)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-3, rtol=0)
+    assert torch.equal(caches[1], caches[0])
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_decode_with_new_kv_matches_separate_ops(backend):
     """One call == apply_rotary at the per-sequence offsets + kv_cache_append + decode_attention
     over the advanced lengths, on strided q/k/v views of a fused qkv projection, with window,

@@ -235,10 +235,12 @@ def _decode_kv_op(
         _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos)
     num_splits = _splits(q, k_cache, block_table, num_splits, backend)
     rotary = rotary_cos is not None
+    if rotary:  # the kernels read both tables with one (row) stride, columns at unit stride
+        rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()
     if backend == "triton":
         from fastlm.kernels import decode as kd
 
-        q_rot = torch.empty_like(q) if rotary else q
+        q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotary else q  # dense (not q's layout)
         counters = kd.combine_counters(q, k_cache, num_splits) if n > 0 else None  # zeroed by the append
         kd.kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q, q_rot, rotary_cos, rotary_sin,
                            rotary_interleaved, counters=counters)
@@ -247,7 +249,7 @@ def _decode_kv_op(
     if rotary:
         from fastlm.ops.rotary import POS_PER_SEQ, _launch
 
-        q_rot, k = torch.empty_like(q), k.contiguous()
+        q_rot, k = torch.empty(q.shape, dtype=q.dtype, device=q.device), k.contiguous()
         k_rot = torch.empty_like(k)
         _launch("cuda", q.contiguous(), k, rotary_cos, rotary_sin, q_rot, k_rot, cache_seqlens, None, 0,
                 POS_PER_SEQ, rotary_interleaved, False)
@@ -378,9 +380,6 @@ def _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleav
     if rotary_cos.dtype not in (torch.float32, q.dtype) or rotary_sin.dtype != rotary_cos.dtype:
         raise TypeError(f"{op}: rotary_cos and rotary_sin must both be float32 or q's dtype {q.dtype}, got "
                         f"{rotary_cos.dtype} and {rotary_sin.dtype}")
-    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
-        if t.shape[0] > 1 and t.stride(1) != 1:
-            raise ValueError(f"{op}: {name} must have unit stride in its last dim, got strides {t.stride()}")
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"{op}: with rotary tables, k's seqlen_new ({k.shape[1]}) must equal q's seqlen_q "
                          f"({q.shape[1]}): the query rows are rotated at the positions of the new tokens")
