@@ -209,10 +209,26 @@ def test_bad_inputs():
         (lambda: ops.linear_cross_entropy(h, w, t, reduction="none"), ValueError, "reduction"),
         (lambda: ops.linear_cross_entropy(h, w, t, chunk_size=0), ValueError, "chunk_size"),
         (lambda: ops.linear_cross_entropy(h, w.to("meta"), t), ValueError, "weight is on meta"),
+        (lambda: ops.linear_cross_entropy(h, w.half(), t, backend="reference"), TypeError, "weight has dtype"),
+        (lambda: ops.cross_entropy(x, t, ignore_index=2.5, backend="triton"), TypeError, "ignore_index must be an int"),
+        (lambda: ops.cross_entropy(x, t.int(), ignore_index=2**32, backend="triton"), ValueError,
+         "ignore_index 4294967296 is outside the range of the torch.int32 targets"),
     ]
     for fn, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             fn()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_int32_and_scalar_targets(backend):
+    # int32 targets (accepted by the validation) and a single row (1-D logits, 0-D target)
+    # work on every backend, the reference included.
+    x = torch.randn(5, 11, device=DEVICE)
+    t = torch.randint(0, 11, (5,), device=DEVICE)
+    want = torch.nn.functional.cross_entropy(x, t)
+    torch.testing.assert_close(ops.cross_entropy(x, t.int(), backend=backend), want)
+    torch.testing.assert_close(ops.cross_entropy(x[2], t[2], backend=backend),
+                               torch.nn.functional.cross_entropy(x[2:3], t[2:3]))
 
 
 @pytest.mark.gpu

@@ -12,6 +12,8 @@ chunk instead of the M x V logits plus their fp32 copy, softmax and gradient tha
 keeps (at the 1B preset's 128k vocabulary, 2.5 MB per token for the logits alone).  FLOPs: the
 same three GEMMs as the unfused head.
 """
+import numbers
+
 import torch
 
 from fastlm import _backend, reference
@@ -167,7 +169,11 @@ def _check_targets(op, t, V, ignore_index):
                          f"got {bad[:8].tolist()}")
 
 
-def _validate(op, x, xname, targets, reduction, reductions, backend):
+def _validate(op, x, xname, targets, reduction, reductions, backend, ignore_index):
+    """-> ignore_index as a Python int (after the checks, which name the argument)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r} ({type(ignore_index).__name__})")
+    ignore_index = int(ignore_index)
     allowed = KERNEL_DTYPES + ((torch.float64,) if backend in (None, "reference") else ())
     check_tensor(x, xname, dtypes=allowed, min_ndim=1)
     if x.shape[-1] == 0:
@@ -179,6 +185,10 @@ def _validate(op, x, xname, targets, reduction, reductions, backend):
                          f"got {tuple(targets.shape)}")
     if reduction not in reductions:
         raise ValueError(f"{op}: reduction must be one of {reductions}, got {reduction!r}")
+    info = torch.iinfo(targets.dtype)
+    if not info.min <= ignore_index <= info.max:  # (a comparison with the targets would wrap)
+        raise ValueError(f"{op}: ignore_index {ignore_index} is outside the range of the {targets.dtype} targets")
+    return ignore_index
 
 
 def _pick(backend, x, op):
@@ -196,14 +206,14 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
     ignored).  One kernel pass forward (no fp32 copy of the logits), one backward.
     backend: "triton" | "reference" | None.
     """
-    _validate("cross_entropy", logits, "logits", targets, reduction, REDUCTIONS, backend)
+    ignore_index = _validate("cross_entropy", logits, "logits", targets, reduction, REDUCTIONS, backend, ignore_index)
     b = _pick(backend, logits, "cross_entropy")
     if b == "reference":
         return reference.cross_entropy(logits, targets, ignore_index, reduction)
     V = logits.shape[-1]
     t = targets.reshape(-1).contiguous()  # the kernel reads one target per row, densely
     _check_targets("cross_entropy", t, V, ignore_index)
-    rows, _ = _ce_op(logits.reshape(-1, V), t, int(ignore_index))
+    rows, _ = _ce_op(logits.reshape(-1, V), t, ignore_index)
     if reduction == "none":
         return rows.view(targets.shape)
     if reduction == "sum":
@@ -232,7 +242,7 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
     backend: "triton" | "reference" | None.
     """
     op = "linear_cross_entropy"
-    _validate(op, h, "h", targets, reduction, ("mean", "sum"), backend)
+    ignore_index = _validate(op, h, "h", targets, reduction, ("mean", "sum"), backend, ignore_index)
     D = h.shape[-1]
     check_tensor(weight, "weight", dtypes=KERNEL_DTYPES + (torch.float64,), ndim=2)
     if weight.shape[1] != D:
@@ -247,22 +257,22 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
     check_same_device(h, "h", weight=weight, bias=bias)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    dev = h.device.type
+    if not torch.is_autocast_enabled(dev):
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != h.dtype:
+                raise TypeError(f"{op}: {name} has dtype {t.dtype} but h has {h.dtype}; use one dtype (or autocast)")
     b = _pick(backend, h, op)
     if b == "reference":
         return reference.linear_cross_entropy(h, weight, targets, bias, ignore_index, reduction)
-    dev = h.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         h, weight = h.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    else:
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and t.dtype != h.dtype:
-                raise TypeError(f"{op}: {name} has dtype {t.dtype} but h has {h.dtype}; use one dtype (or autocast)")
     t = targets.reshape(-1).contiguous()  # the kernel reads one target per row, densely
     _check_targets(op, t, V, ignore_index)
     h2 = h.reshape(-1, D)
     need_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, weight, bias))
     chunk = chunk_size or default_chunk_rows(h2.shape[0], V, h2.dtype)
-    loss, _, _, _ = _lce_op(h2, weight, bias, t, int(ignore_index), reduction == "sum", int(chunk), need_grad)
+    loss, _, _, _ = _lce_op(h2, weight, bias, t, ignore_index, reduction == "sum", int(chunk), need_grad)
     return loss

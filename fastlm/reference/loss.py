@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     """logits (..., V), targets (...) -> loss (scalar, or (...) with reduction="none")."""
-    x = logits.flatten(0, -2)
-    loss = F.cross_entropy(x if x.dtype == torch.float64 else x.float(), targets.flatten(), ignore_index=ignore_index,
-                           reduction=reduction)
+    x = logits.reshape(-1, logits.shape[-1])
+    loss = F.cross_entropy(x if x.dtype == torch.float64 else x.float(), targets.reshape(-1).long(),
+                           ignore_index=ignore_index, reduction=reduction)
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
