@@ -69,18 +69,25 @@ def filter_logits(logits, top_k=None, top_p=None):
 def sample(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
     """Next token ids (...,) int64 from logits (..., vocab).  temperature == 0 means greedy.
 
-    temperature is a host number (checked here on the host, no device sync); the per-step work
-    is device-only, so the call can be captured in a CUDA graph."""
-    if greedy or temperature == 0.0:
+    The sampling parameters are host numbers (checked here on the host, no device sync); the
+    per-step work is device-only, so the call can be captured in a CUDA graph.  +inf logits
+    take all the probability (shared equally); a row with a NaN logit gives an arbitrary token
+    (its distribution is undefined: nothing here can raise without a sync)."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 1:
+        raise TypeError(f"logits must be a floating-point tensor (..., vocab), got {getattr(logits, 'dtype', logits)!r}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a non-empty vocabulary (last) dimension, got shape {tuple(logits.shape)}")
+    if not isinstance(greedy, bool):
+        raise TypeError(f"greedy must be a bool, got {greedy!r}")
+    t, top_k, top_p = check_sampling_args(temperature, top_k, top_p)
+    if greedy or t == 0.0:
         return logits.argmax(-1)  # the same index in any float dtype (no fp32 copy of the logits)
-    t = float(temperature)
-    if not (math.isfinite(t) and t > 0.0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
     t = min(max(t, _T_MIN), _T_MAX)
     logits = logits.float()
     # Shift so the row maximum is exactly 0 before scaling: (x - max) / T <= 0 cannot overflow to
-    # +inf, and the maximum stays 0 (probability > 0) however small T is.
-    logits = (logits - logits.amax(-1, keepdim=True)) / t
+    # +inf, and the maximum stays 0 (probability > 0) however small T is (or when it is +inf).
+    top = logits.amax(-1, keepdim=True)
+    logits = torch.where(logits == top, 0.0, (logits - top) / t)
     logits = filter_logits(logits, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     e = torch.empty_like(probs).exponential_(1.0, generator=generator)

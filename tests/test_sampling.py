@@ -106,3 +106,33 @@ def test_numpy_numbers_are_accepted_and_normalized():
     t, k, p = check_sampling_args(np.float32(0.5), np.int64(3), np.float64(0.9))
     assert (t, k, p) == (0.5, 3, 0.9) and type(t) is float and type(k) is int and type(p) is float
     assert check_sampling_args(1, None, 1) == (1.0, None, 1.0)
+
+
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(top_p=-0.5), ValueError, "top_p"),
+    (dict(top_k=0), ValueError, "top_k"),
+    (dict(top_k=1.5), TypeError, "top_k"),
+    (dict(temperature=None), TypeError, "temperature"),
+    (dict(greedy="yes"), TypeError, "greedy"),
+])
+def test_sample_checks_its_own_arguments(kw, exc, name):
+    # sample() is public: it must not turn a bad parameter into NaN probabilities (token 0).
+    with pytest.raises(exc, match=name):
+        sample(torch.randn(2, 5), **kw)
+
+
+def test_sample_bad_logits():
+    with pytest.raises(ValueError, match="non-empty vocabulary"):
+        sample(torch.randn(2, 0))
+    with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
+        sample(torch.arange(5))
+
+
+def test_infinite_logits_take_all_the_probability():
+    # +inf logits: the row maximum shift must not turn them into NaN (which gave token 0).
+    logits = torch.tensor([[0.0, 1.0, float("inf"), 2.0], [float("inf"), 0.0, float("inf"), -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, temperature=0.7, generator=g) for _ in range(200)])
+    assert (draws[:, 0] == 2).all()
+    assert set(draws[:, 1].tolist()) == {0, 2}  # the two +inf tokens, both drawn
