@@ -753,6 +753,17 @@ def test_static_cache_capacity_error():
     assert cache.lengths() == [0, 2]
     cache.reserve(3)
     assert cache.lengths() == [3, 5]
+    # repeated ids (3 + 3 tokens into max_seqlen 5, checked one at a time, would pass) and ids
+    # outside the slots (-1 would wrap to the last) are errors, changing nothing
+    cache.reset()
+    with pytest.raises(ValueError, match="repeated sequence ids"):
+        cache.reserve(3, [0, 0])
+    for bad in ([-1], [2], [True]):
+        with pytest.raises(IndexError, match="is not in \\[0, 2\\)"):
+            cache.reset(bad)
+        with pytest.raises(IndexError, match="is not in"):
+            cache.reserve(1, bad)
+    assert cache.lengths() == [0, 0]
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

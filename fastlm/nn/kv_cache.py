@@ -51,8 +51,15 @@ class _KVCacheBase(nn.Module):
         """Host copy of the reserved length of every sequence slot (no device sync)."""
         return list(self._lens)
 
-    def _seq_list(self, seq_ids):
-        return list(range(len(self._lens))) if seq_ids is None else list(seq_ids)
+    def _seq_list(self, seq_ids, what="reserve"):
+        """seq_ids (default: every slot) as a list of distinct ints in [0, slots)."""
+        seqs = list(range(len(self._lens))) if seq_ids is None else list(seq_ids)
+        for s in seqs:
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < len(self._lens):
+                raise IndexError(f"{type(self).__name__}.{what}: sequence id {s!r} is not in [0, {len(self._lens)})")
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"{type(self).__name__}.{what}: repeated sequence ids {seqs}")
+        return seqs
 
     def _n_list(self, n, seqs):
         ns = [n] * len(seqs) if isinstance(n, int) else list(n)
@@ -158,8 +165,6 @@ class StaticKVCache(_KVCacheBase):
         seqs = self._seq_list(seq_ids)
         ns = self._n_list(n, seqs)
         for s, x in zip(seqs, ns):
-            if not 0 <= s < self.batch:
-                raise IndexError(f"StaticKVCache.reserve: sequence id {s} is outside [0, {self.batch})")
             if self._lens[s] + x > self.max_seqlen:
                 raise ValueError(
                     f"StaticKVCache: sequence {s} would hold {self._lens[s] + x} tokens, past max_seqlen = "
@@ -170,7 +175,7 @@ class StaticKVCache(_KVCacheBase):
 
     def reset(self, seq_ids=None):
         """Empty the given sequences (default: all), on the host and the device."""
-        seqs = self._seq_list(seq_ids)
+        seqs = self._seq_list(seq_ids, "reset")
         for s in seqs:
             self._lens[s] = self._adv[s] = 0
         idx = torch.tensor(seqs, dtype=torch.long, device=self.seqlens.device)
@@ -278,10 +283,8 @@ class PagedKVCache(_KVCacheBase):
         """Host: make room for n more tokens (int or one per sequence) in the given live sequences
         (default: all live ones), allocating blocks as needed.  All or nothing: raises (with
         nothing allocated or written) if the pool, or a sequence's max_seqlen, would be exceeded."""
-        seqs = self.live_sequences() if seq_ids is None else list(seq_ids)
+        seqs = self.live_sequences() if seq_ids is None else self._seq_list(seq_ids)
         ns = self._n_list(n, seqs)
-        if len(set(seqs)) != len(seqs):
-            raise ValueError(f"PagedKVCache.reserve: repeated sequence ids {seqs}")
         need = []
         for s, x in zip(seqs, ns):
             self._check_live(s, "reserve")
