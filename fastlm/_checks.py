@@ -1,4 +1,5 @@
 """Input validation helpers used at op boundaries: messages name the argument."""
+import numbers
 import os
 
 import torch
@@ -42,3 +43,17 @@ def value_checks_on(t):
     if os.environ.get("FASTLM_DEBUG", "0") in ("", "0"):
         return False
     return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def as_real(v, name, op=None):
+    """v as a float if it is a real number (numpy ones too; not a bool), else a TypeError naming it."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op + ': ' if op else ''}{name} must be a real number, got {v!r} ({type(v).__name__})")
+    return float(v)
+
+
+def as_int(v, name, op=None):
+    """v as an int if it is an integer (numpy ones too; not a bool), else a TypeError naming it."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{op + ': ' if op else ''}{name} must be an int, got {v!r} ({type(v).__name__})")
+    return int(v)

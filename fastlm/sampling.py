@@ -13,18 +13,13 @@ a temperature near 0 approaches greedy (ties drawn uniformly) and never overflow
 a huge temperature approaches uniform.
 """
 import math
-import numbers
 
 import torch
 
+from fastlm._checks import as_int, as_real
+
 _T_MIN = torch.finfo(torch.float32).tiny  # smallest normal fp32: 0 / T stays 0, x / T stays a number
 _T_MAX = torch.finfo(torch.float32).max  # below fp32 overflow: -inf / T stays -inf
-
-
-def _real(name, v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {v!r} ({type(v).__name__})")
-    return float(v)
 
 
 def check_sampling_args(temperature=1.0, top_k=None, top_p=None):
@@ -33,17 +28,15 @@ def check_sampling_args(temperature=1.0, top_k=None, top_p=None):
     Any ``numbers.Real`` (e.g. numpy floats) is accepted for temperature / top_p and any
     ``numbers.Integral`` for top_k (bools are not); raises TypeError (wrong type) or ValueError
     (bad value) naming the argument."""
-    t = _real("temperature", temperature)
+    t = as_real(temperature, "temperature")
     if not (math.isfinite(t) and t >= 0.0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-            raise TypeError(f"top_k must be a positive int or None, got {top_k!r} ({type(top_k).__name__})")
-        top_k = int(top_k)
+        top_k = as_int(top_k, "top_k")
         if top_k < 1:
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None:
-        p = _real("top_p", top_p)
+        p = as_real(top_p, "top_p")
         if not 0.0 < p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
         top_p = p

@@ -616,6 +616,8 @@ def test_bad_inputs():
     raises(ValueError, "k_cache.shape\\[0\\]", dec, q, kc, vc, lens)  # paged cache without block_table
     raises(ValueError, "window", dec, q, kc, vc, lens, block_table=bt, window=-2)
     raises(ValueError, "softcap", dec, q, kc, vc, lens, block_table=bt, softcap=-1.0)
+    raises(TypeError, "softcap must be a real number", dec, q, kc, vc, lens, block_table=bt, softcap=None)
+    raises(TypeError, "window must be an int", dec, q, kc, vc, lens, block_table=bt, window=True)
     raises(ValueError, "num_splits", dec, q, kc, vc, lens, block_table=bt, num_splits=-1)
     raises(ValueError, "seqlen_q", dec, q[:, :0], kc, vc, lens, block_table=bt)
     raises(ValueError, "backend", dec, q, kc, vc, lens, block_table=bt, backend="nope")

@@ -382,3 +382,7 @@ def test_bad_inputs(kind):
         call(x=torch.randn(1, 65537, device=DEVICE))
     with pytest.raises(ValueError, match="eps must be"):
         call(eps=-1.0)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        call(eps=None)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        call(w=[1.0] * 16)

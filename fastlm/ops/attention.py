@@ -8,12 +8,11 @@ The Triton backend runs through ``torch.ops.fastlm.attention_fwd`` / ``attention
 torch.compile(fullgraph=True) and CUDA graphs (after the first, autotuning, call).
 """
 import math
-import numbers
 
 import torch
 
 from fastlm import _backend, reference
-from fastlm._checks import KERNEL_DTYPES, check_same_device, check_tensor
+from fastlm._checks import KERNEL_DTYPES, as_real, check_same_device, check_tensor
 
 SUPPORTED = ("triton", "reference")
 MAX_HEAD_DIM = 256
@@ -200,8 +199,8 @@ def _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_
     if window[0] < -1 or window[1] < -1:
         raise ValueError(f"attention: window sizes must be >= -1 (-1 = unbounded), got {tuple(window)}")
     for name, val in (("softcap", softcap), ("softmax_scale", softmax_scale)):
-        if val is not None and (isinstance(val, bool) or not isinstance(val, numbers.Real)):
-            raise TypeError(f"attention: {name} must be a real number, got {type(val).__name__} {val!r}")
+        if val is not None:
+            as_real(val, name, "attention")
     if softcap is None or not (softcap >= 0.0 and math.isfinite(softcap)):
         raise ValueError(f"attention: softcap must be a finite value >= 0 (0 = off), got {softcap}")
     if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):

@@ -36,7 +36,7 @@ import math
 import torch
 
 from fastlm import _backend, _C_loader
-from fastlm._checks import check_tensor, value_checks_on
+from fastlm._checks import as_int, as_real, check_tensor, value_checks_on
 from fastlm.reference import kv_cache as _ref
 
 SUPPORTED = ("triton", "cuda", "reference")
@@ -493,13 +493,16 @@ def decode_attention(
         )
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D)
-    if not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+    op = "decode_attention"
+    softmax_scale, softcap = as_real(softmax_scale, "softmax_scale", op), as_real(softcap, "softcap", op)
+    window, num_splits = as_int(window, "window", op), as_int(num_splits, "num_splits", op)
+    if not math.isfinite(softmax_scale):
         raise ValueError(f"decode_attention: softmax_scale must be a finite number, got {softmax_scale!r}")
-    if not isinstance(window, int) or window < -1:
+    if window < -1:
         raise ValueError(f"decode_attention: window must be an int >= -1 (-1 = unbounded), got {window!r}")
     if not (softcap >= 0.0 and math.isfinite(softcap)):
         raise ValueError(f"decode_attention: softcap must be >= 0 (0 = off), got {softcap!r}")
-    if not isinstance(num_splits, int) or num_splits < 0:
+    if num_splits < 0:
         raise ValueError(f"decode_attention: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     rotary = _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table)
     b = _backend.resolve(backend, device, SUPPORTED, PREFERRED, op="decode_attention")

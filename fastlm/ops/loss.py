@@ -12,12 +12,10 @@ chunk instead of the M x V logits plus their fp32 copy, softmax and gradient tha
 keeps (at the 1B preset's 128k vocabulary, 2.5 MB per token for the logits alone).  FLOPs: the
 same three GEMMs as the unfused head.
 """
-import numbers
-
 import torch
 
 from fastlm import _backend, reference
-from fastlm._checks import KERNEL_DTYPES, check_same_device, check_tensor, unit_last
+from fastlm._checks import KERNEL_DTYPES, as_int, check_same_device, check_tensor, unit_last
 
 SUPPORTED = ("triton", "reference")
 REDUCTIONS = ("mean", "sum", "none")
@@ -171,9 +169,7 @@ def _check_targets(op, t, V, ignore_index):
 
 def _validate(op, x, xname, targets, reduction, reductions, backend, ignore_index):
     """-> ignore_index as a Python int (after the checks, which name the argument)."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r} ({type(ignore_index).__name__})")
-    ignore_index = int(ignore_index)
+    ignore_index = as_int(ignore_index, "ignore_index", op)
     allowed = KERNEL_DTYPES + ((torch.float64,) if backend in (None, "reference") else ())
     check_tensor(x, xname, dtypes=allowed, min_ndim=1)
     if x.shape[-1] == 0:

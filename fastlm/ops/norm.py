@@ -11,7 +11,7 @@ backward), so they work with opcheck, torch.compile(fullgraph=True) and CUDA gra
 import torch
 
 from fastlm import _backend, reference
-from fastlm._checks import KERNEL_DTYPES, check_same_device, check_tensor
+from fastlm._checks import KERNEL_DTYPES, as_real, check_same_device, check_tensor
 
 SUPPORTED = ("triton", "cuda", "reference")
 # Both kernel backends reach the copy-bandwidth floor; Triton is preferred until the GPU
@@ -170,7 +170,6 @@ def _validate(op, x, eps, backend, **params):
     if x.shape[-1] == 0:
         raise ValueError(f"{op}: x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
     N = x.shape[-1]
-    check_same_device(x, "x", **params)
     for name, t in params.items():
         if t is None:
             continue
@@ -184,7 +183,8 @@ def _validate(op, x, eps, backend, **params):
                 raise ValueError(f"{op}: {name} must have shape ({N},) (the last dim of x), got {tuple(t.shape)}")
             if t.dtype not in (x.dtype, torch.float32):
                 raise TypeError(f"{op}: {name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
-    if not (eps >= 0.0):
+    check_same_device(x, "x", **params)
+    if not (as_real(eps, "eps", op) >= 0.0):
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
 
 
