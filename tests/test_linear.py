@@ -168,6 +168,9 @@ def _bad(**over):
     (dict(norm="rms", norm_bias=torch.ones(8)), ValueError, "'rms' has no bias"),
     (dict(norm="rms", norm_weight=torch.ones(7)), ValueError, r"norm_weight must have shape \(8,\)"),
     (dict(norm="rms", eps=-1.0), ValueError, "eps must be a non-negative"),
+    (dict(norm="rms", eps="a"), TypeError, "eps must be a real number"),
+    (dict(norm="rms", norm_weight=torch.ones(8, dtype=torch.float16)), TypeError,
+     "norm_weight must be float32 or x's dtype"),
 ])
 def test_bad_input(over, exc, match):
     args = _bad(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in over.items()})

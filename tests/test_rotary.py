@@ -675,6 +675,20 @@ def test_rotary_tables_bad_scaling_type():
             fnn.RotaryEmbedding(8, 4, scaling=bad)
 
 
+@pytest.mark.parametrize("scaling, match", [
+    ({"rope_type": "linear", "factor": 0.0}, r"scaling\['factor'\] must be a finite number > 0"),
+    ({"rope_type": "dynamic", "factor": float("inf"), "original_max_position_embeddings": 4}, "finite number > 0"),
+    ({"rope_type": "yarn", "factor": -2.0, "original_max_position_embeddings": 4}, "finite number > 0"),
+    ({"rope_type": "linear", "factor": "2"}, r"scaling\['factor'\] must be a real number"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+      "original_max_position_embeddings": 16}, "must differ from low_freq_factor"),
+])
+def test_rotary_tables_bad_factors(scaling, match):
+    # A factor of 0 (or one that divides by zero) gave all-NaN tables without a word.
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.rotary_tables(8, 16, scaling=scaling)
+
+
 def test_rotary_tables_partial_rotary_factor():
     neox = {"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"}
     # The tables know rotary_dim but not head_dim: a factor != 1 needs head_dim to be checked.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import _backend, reference
-from fastlm._checks import KERNEL_DTYPES, check_same_device, check_tensor, unit_last
+from fastlm._checks import KERNEL_DTYPES, as_real, check_same_device, check_tensor, unit_last
 
 SUPPORTED = ("triton", "reference")
 PREFERRED = ("triton", "reference")
@@ -105,7 +105,9 @@ def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, acti
             check_tensor(t, name, dtypes=allowed, ndim=1)
             if t.shape[0] != K:
                 raise ValueError(f"{op}: {name} must have shape ({K},) (the last dim of x), got {tuple(t.shape)}")
-    if eps is not None and not (isinstance(eps, (int, float)) and eps >= 0):
+            if t.dtype not in (x.dtype, torch.float32):  # as rms_norm / layer_norm take them
+                raise TypeError(f"{op}: {name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
+    if eps is not None and not as_real(eps, "eps", op) >= 0:
         raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
     check_same_device(x, "x", weight=weight, bias=bias, residual=residual, norm_weight=norm_weight,
                       norm_bias=norm_bias)

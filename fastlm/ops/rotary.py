@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from fastlm import _backend
-from fastlm._checks import unit_last, value_checks_on
+from fastlm._checks import as_real, unit_last, value_checks_on
 from fastlm.reference import rotary as _ref
 
 SUPPORTED = ("triton", "cuda", "reference")
@@ -525,10 +525,13 @@ def rope_inv_freq(rotary_dim, base=10000.0, scaling=None, max_positions=None, *,
     def plain(b):
         return 1.0 / (b ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
 
-    def need(key):
+    def need(key):  # a positive, finite number (a factor of 0 would give NaN tables)
         if scaling.get(key) is None:
             raise ValueError(f"scaling: rope_type {rope_type!r} needs {key!r}")
-        return scaling[key]
+        v = as_real(scaling[key], f"scaling[{key!r}]")
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"scaling[{key!r}] must be a finite number > 0, got {scaling[key]!r}")
+        return v
 
     orig = scaling.get("original_max_position_embeddings") or max_positions
     if rope_type == "default":
@@ -547,8 +550,7 @@ def rope_inv_freq(rotary_dim, base=10000.0, scaling=None, max_positions=None, *,
     if rope_type == "yarn":
         if orig is None:
             raise ValueError("scaling: 'yarn' needs 'original_max_position_embeddings'")
-        factor = scaling.get("factor")
-        factor = float(factor) if factor is not None else max_positions / orig
+        factor = need("factor") if scaling.get("factor") is not None else max_positions / orig
         attn = scaling.get("attention_factor")
         mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
 
@@ -582,6 +584,8 @@ def rope_inv_freq(rotary_dim, base=10000.0, scaling=None, max_positions=None, *,
             raise ValueError("scaling: 'llama3' needs 'original_max_position_embeddings'")
         factor = float(need("factor"))
         low_ff, high_ff = float(need("low_freq_factor")), float(need("high_freq_factor"))
+        if high_ff == low_ff:
+            raise ValueError(f"scaling: llama3's high_freq_factor must differ from low_freq_factor, both {low_ff}")
         inv = plain(base)
         low_wl, high_wl = orig / low_ff, orig / high_ff
         wavelen = 2 * math.pi / inv
