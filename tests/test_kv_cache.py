@@ -766,6 +766,9 @@ def test_static_cache_capacity_error():
         with pytest.raises(IndexError, match="is not in"):
             cache.reserve(1, bad)
     assert cache.lengths() == [0, 0]
+    for bad in (2, -1):  # layers: the cache has two
+        with pytest.raises(IndexError, match=f"layer {bad} is not in \\[0, 2\\)"):
+            cache.attend(bad, torch.randn(2, 1, 1, 8, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

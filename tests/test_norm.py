@@ -316,6 +316,11 @@ def test_modules_check_normalized_shape():
         fastlm.nn.RMSNorm((4, 8)).to(DEVICE)(torch.randn(3, 4, 8, device=DEVICE), torch.randn(3, 8, 4, device=DEVICE))
 
 
+def test_module_with_integer_input_names_x():
+    with pytest.raises(TypeError, match="x must have dtype"):
+        fastlm.nn.RMSNorm(8).to(DEVICE)(torch.ones(2, 8, dtype=torch.int64, device=DEVICE))
+
+
 def test_torch_ops_check_their_arguments():
     # torch.ops.fastlm.* are public too: they run a kernel backend or say why not, and reject
     # saved statistics that do not match the rows.

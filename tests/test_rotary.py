@@ -410,6 +410,9 @@ def test_bad_inputs(monkeypatch):
 
     with pytest.raises(ValueError, match="rotary_dim"):
         ops.rotary_tables(15, 8)
+    for flag in ("interleaved", "inplace"):  # a string is not a pairing choice ("no" would be truthy)
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            call(**{flag: "no"})
     with pytest.raises(ValueError, match="rotary_dim"):
         fnn.RotaryEmbedding(16, 8, rotary_dim=7)
     with pytest.raises(ValueError, match="rotary_dim"):

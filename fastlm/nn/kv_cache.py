@@ -106,6 +106,10 @@ class _KVCacheBase(nn.Module):
     def _rows(self, t, B):
         return t if B == t.shape[0] else t[:B]
 
+    def _check_layer(self, layer):
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise IndexError(f"{type(self).__name__}: layer {layer!r} is not in [0, {self.num_layers})")
+
     def _layer_args(self, layer, B):
         raise NotImplementedError
 
@@ -183,6 +187,7 @@ class StaticKVCache(_KVCacheBase):
         self.positions.index_fill_(0, idx, 0)
 
     def _layer_args(self, layer, B):
+        self._check_layer(layer)
         if B > self.batch:
             raise ValueError(f"StaticKVCache: batch {B} exceeds the cache's batch {self.batch}")
         return self.k_cache[layer, :B], self.v_cache[layer, :B], None
@@ -322,6 +327,7 @@ class PagedKVCache(_KVCacheBase):
             self.free_sequence(s)
 
     def _layer_args(self, layer, B):
+        self._check_layer(layer)
         if B > self.max_batch:
             raise ValueError(f"PagedKVCache: batch {B} exceeds max_batch {self.max_batch}")
         return self.k_cache[layer], self.v_cache[layer], self._rows(self.block_table, B)

@@ -26,7 +26,10 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, x, residual=None):
         shape = self.normalized_shape
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        if self.eps is not None:
+            eps = self.eps
+        else:  # torch's default: the input dtype's eps (a non-float x is rejected by the op)
+            eps = torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
         w = self.weight.reshape(-1) if self.weight is not None else None
         res = _flat(residual, shape, "residual") if residual is not None else None
         out = ops.rms_norm(_flat(x, shape), w, eps, residual=res, backend=self.backend)

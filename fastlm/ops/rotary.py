@@ -284,7 +284,10 @@ def _normalize_positions(q, positions, cu_seqlens, max_pos):
     )
 
 
-def _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend):
+def _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend, interleaved):
+    for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -395,7 +398,7 @@ def apply_rotary(q, k, cos, sin, *, positions=None, cu_seqlens=None, interleaved
     Returns (q_out, k_out).  Gradients flow to q and k (not to cos/sin); the backward is the
     rotation by -θ, fused the same way.  backend: "triton" | "cuda" | "reference" | None.
     """
-    _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend)
+    _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend, interleaved)
     pos_t, offset, mode = _normalize_positions(q, positions, cu_seqlens, cos.shape[0])
     n_tokens = q.shape[0] if q.dim() == 3 else q.shape[0] * q.shape[1]
     _check_values(q, cos, pos_t, cu_seqlens, offset, mode, n_tokens, q.shape[1] if q.dim() == 4 else n_tokens)

@@ -34,9 +34,9 @@ def _softmax_attend(q, k, v, allowed, scale, softcap):
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~allowed, float("-inf"))
-    if s.shape[-1] == 0:  # no keys at all: every row is fully masked
-        lse = s.new_full(s.shape[:-1], float("-inf"))
-        return q.new_zeros(q.shape[:-1] + (v.shape[-1],)), lse
+    if s.shape[-1] == 0:  # no keys at all: every row is fully masked (out 0, lse -inf)
+        # built from the (empty) scores so both stay in the graph: their gradients are zeros
+        return torch.matmul(s.to(v.dtype), v), s.sum(-1) + float("-inf")
     # Softmax written out (not torch.softmax) so it runs in any dtype on any device and
     # fully masked rows give p = 0 instead of NaN.
     m = s.amax(-1, keepdim=True).detach()  # any shift works; detached keeps the grads clean
