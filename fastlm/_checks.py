@@ -52,8 +52,13 @@ def as_real(v, name, op=None):
     return float(v)
 
 
+def is_int(v):
+    """An integer (Python, numpy, or a traced SymInt), not a bool."""
+    return isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool)
+
+
 def as_int(v, name, op=None):
     """v as an int if it is an integer (numpy ones too; not a bool), else a TypeError naming it."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+    if not is_int(v):
         raise TypeError(f"{op + ': ' if op else ''}{name} must be an int, got {v!r} ({type(v).__name__})")
     return int(v)

@@ -43,7 +43,6 @@ random stream comes from one generator seeded per call, so a seed reproduces a c
 output is independent of the batch composition.
 """
 import contextlib
-import numbers
 import time
 import warnings
 from collections import deque
@@ -52,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import ops
+from fastlm._checks import is_int
 from fastlm.nn.kv_cache import PagedKVCache, StaticKVCache
 from fastlm.models.transformer import triton_only
 from fastlm.sampling import check_sampling_args, sample
@@ -169,10 +169,6 @@ def _sdpa(q, k, v, mask, causal):
 
 
 # ------------------------------------------------------------------------------ validation
-def _is_int(x):
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _check_prompts(prompts, vocab_size):
     """-> list of lists of ints; raises naming the offending prompt."""
     if isinstance(prompts, torch.Tensor):
@@ -185,7 +181,7 @@ def _check_prompts(prompts, vocab_size):
                          + (" of length 0" if isinstance(prompts, (list, tuple)) else ""))
     out = []
     for i, p in enumerate(prompts):
-        if _is_int(p):
+        if is_int(p):
             raise TypeError("prompts must be a list of token-id sequences, got a flat list of ints; "
                             "wrap a single prompt in a list: [prompt]")
         if isinstance(p, torch.Tensor):
@@ -200,7 +196,7 @@ def _check_prompts(prompts, vocab_size):
             raise TypeError(f"prompts[{i}] must be a sequence of token ids, got {type(p).__name__}")
         if len(ids) == 0:
             raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
-        bad = next((t for t in ids if not _is_int(t)), None)
+        bad = next((t for t in ids if not is_int(t)), None)
         if bad is not None:
             raise TypeError(f"prompts[{i}] holds {bad!r} ({type(bad).__name__}): token ids must be ints")
         lo, hi = min(ids), max(ids)
@@ -214,8 +210,8 @@ def _check_prompts(prompts, vocab_size):
 def _check_eos(eos_token_id, vocab_size):
     if eos_token_id is None:
         return frozenset()
-    ids = [eos_token_id] if _is_int(eos_token_id) else eos_token_id
-    if not isinstance(ids, (list, tuple, set, frozenset)) or not all(_is_int(t) for t in ids):
+    ids = [eos_token_id] if is_int(eos_token_id) else eos_token_id
+    if not isinstance(ids, (list, tuple, set, frozenset)) or not all(is_int(t) for t in ids):
         raise TypeError(f"eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
     for t in ids:
         if not 0 <= t < vocab_size:
@@ -227,7 +223,7 @@ def _positive_int(name, v, allow_none=False):
     """-> v as a Python int (any numbers.Integral but bool), or None where allowed; raises naming it."""
     if v is None and allow_none:
         return None
-    if not _is_int(v) or v < 1:
+    if not is_int(v) or v < 1:
         raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {v!r}")
     return int(v)
 
@@ -374,7 +370,7 @@ class Generator:
         if stream is not None and not callable(stream):
             raise TypeError(f"stream must be a callable stream(seq_index, token) or None, got {type(stream).__name__}")
         prompts = _check_prompts(prompts, cfg.vocab_size)
-        if not _is_int(max_new_tokens):
+        if not is_int(max_new_tokens):
             raise TypeError(f"max_new_tokens must be a positive int, got {max_new_tokens!r} "
                             f"({type(max_new_tokens).__name__})")
         max_new_tokens = int(max_new_tokens)
@@ -385,7 +381,7 @@ class Generator:
             raise TypeError(f"greedy must be a bool, got {greedy!r}")
         eos = _check_eos(eos_token_id, cfg.vocab_size)
         if seed is not None:
-            if not _is_int(seed):
+            if not is_int(seed):
                 raise TypeError(f"seed must be an int or None, got {seed!r} ({type(seed).__name__})")
             seed = int(seed)
             if not -(2**63) <= seed < 2**64:

@@ -2,8 +2,8 @@
 import torch
 
 from fastlm import ops
+from fastlm._checks import is_int
 from fastlm.ops import rotary as _rot
-from fastlm.ops.rotary import _is_int
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -29,7 +29,7 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, head_dim, max_positions, base=10000.0, *, rotary_dim=None, interleaved=False, scaling=None,
                  backend=None, device=None):
         super().__init__()
-        if not _is_int(head_dim) or head_dim < 2:
+        if not is_int(head_dim) or head_dim < 2:
             raise ValueError(f"head_dim must be an int >= 2, got {head_dim!r}")
         if head_dim > _rot.MAX_HEAD_DIM:
             raise ValueError(f"head_dim must be <= {_rot.MAX_HEAD_DIM} (the kernels' maximum), got {head_dim}")
@@ -48,7 +48,7 @@ class RotaryEmbedding(torch.nn.Module):
                     "pass an even rotary_dim < head_dim to rotate only part of the head"
                 )
             rotary_dim = head_dim
-        elif not _is_int(rotary_dim) or rotary_dim < 2 or rotary_dim % 2:
+        elif not is_int(rotary_dim) or rotary_dim < 2 or rotary_dim % 2:
             raise ValueError(f"rotary_dim must be an even int >= 2, got {rotary_dim!r}")
         if rotary_dim > head_dim:
             raise ValueError(f"rotary_dim ({rotary_dim}) must be <= head_dim ({head_dim})")

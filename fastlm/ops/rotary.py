@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from fastlm import _backend
-from fastlm._checks import as_real, unit_last, value_checks_on
+from fastlm._checks import as_real, is_int, unit_last, value_checks_on
 from fastlm.reference import rotary as _ref
 
 SUPPORTED = ("triton", "cuda", "reference")
@@ -190,10 +190,6 @@ class _InplaceK(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- validation
-def _is_int(x):
-    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
-
-
 def _check_values(q, cos, positions, cu_seqlens, offset, pos_mode, n_tokens, seqlen):
     """Range checks that need tensor values (a host sync on CUDA): run when the tensors are on
     the CPU or when FASTLM_DEBUG=1; never while compiling or capturing a CUDA graph."""
@@ -248,7 +244,7 @@ def _normalize_positions(q, positions, cu_seqlens, max_pos):
         return None, 0, POS_ARANGE
     if isinstance(positions, bool) or isinstance(positions, float):
         raise TypeError(f"positions must be None, an int or an integer tensor, got {type(positions).__name__}")
-    if _is_int(positions):
+    if is_int(positions):
         if positions < 0:
             raise ValueError(f"positions: the int offset must be >= 0, got {positions}")
         span = S if not packed else (T if cu_seqlens is None else 1)
@@ -486,7 +482,7 @@ def _check_scaling(dim, base, scaling, head_dim):
         raise ValueError(
             f"scaling['rope_theta']={scaling['rope_theta']} disagrees with base={base}; pass base=scaling['rope_theta']"
         )
-    if head_dim is not None and (not _is_int(head_dim) or head_dim < dim):
+    if head_dim is not None and (not is_int(head_dim) or head_dim < dim):
         raise ValueError(f"head_dim must be an int >= rotary_dim ({dim}), got {head_dim!r}")
     factor = _partial_factor(scaling)
     if factor is None:
@@ -516,7 +512,7 @@ def rope_inv_freq(rotary_dim, base=10000.0, scaling=None, max_positions=None, *,
     original_max_position_embeddings, the sequence length of "dynamic", yarn's default factor).
     ``scaling`` and ``head_dim``: see ``rotary_tables``.
     """
-    if not _is_int(rotary_dim) or rotary_dim < 2 or rotary_dim % 2:
+    if not is_int(rotary_dim) or rotary_dim < 2 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be an even int >= 2, got {rotary_dim!r}")
     dim = int(rotary_dim)
     base = float(base)
@@ -622,7 +618,7 @@ def rotary_tables(rotary_dim, max_positions, base=10000.0, scaling=None, *, dtyp
     are an error.  A ``partial_rotary_factor`` other than 1 needs ``head_dim`` (the tables
     know only rotary_dim), and rotary_dim must then equal int(head_dim * factor).
     """
-    if not _is_int(max_positions) or max_positions < 1:
+    if not is_int(max_positions) or max_positions < 1:
         raise ValueError(f"max_positions must be an int >= 1, got {max_positions!r}")
     if dtype not in KERNEL_DTYPES + (torch.float64,):
         raise TypeError(f"dtype must be a floating dtype (float32, float16, bfloat16, float64), got {dtype}")
