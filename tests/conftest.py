@@ -99,5 +99,23 @@ def cuda_backend_available():
 
 
 def kernel_backends():
-    """Backends whose kernels can run here: triton always (interpreter on CPU), cuda on a GPU."""
-    return ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+    """Backends whose kernels can run here: triton always (interpreter on CPU); cuda on a GPU, and
+    without one the whole CUDA backend (op layer, host code of csrc/*.cu, kernels) in the host
+    emulator of tests/cuda_host_emu.py (marker cuda_emu)."""
+    return ["triton", pytest.param("cuda", marks=cuda_mark())]
+
+
+def cuda_mark():
+    """The mark of a test of the cuda backend: gpu on a GPU machine, else cuda_emu (emulated)."""
+    return pytest.mark.gpu if HAS_CUDA else pytest.mark.cuda_emu
+
+
+@pytest.fixture(autouse=True)
+def _emulated_cuda_backend(request, monkeypatch):
+    """A cuda_emu test (backend="cuda" without a GPU) runs the CUDA backend on CPU tensors in the
+    host emulator: torch.ops.fastlm.*_cuda point at its library for the test's duration."""
+    if not HAS_CUDA and request.node.get_closest_marker("cuda_emu") is not None:
+        import cuda_host_emu
+
+        cuda_host_emu.use_emulated_cuda(monkeypatch)
+    yield

@@ -1,8 +1,11 @@
 // A SIMT emulator that runs fastlm's CUDA kernels on the host (tests only; no GPU needed).
 //
 // The kernel source is compiled by g++ with the CUDA qualifiers defined away.  A launch runs the
-// CTAs one after another; each CTA runs one host thread per CUDA thread, so per-thread code is
-// exactly the kernel's.  What threads share is emulated as collectives:
+// CTAs one after another; each CTA runs one fiber (a user-level thread with its own stack, on
+// the calling OS thread) per CUDA thread, so per-thread code is exactly the kernel's.  A fiber
+// runs until it reaches a collective, then the next one runs (no OS threads, no locks: a launch
+// is deterministic, and switching costs well under a microsecond).  What threads share is
+// emulated as collectives:
 //   __syncthreads()         a barrier of the CTA's threads (shared memory is `static`: one copy,
 //                           used by one CTA at a time; dynamic shared memory is a per-CTA
 //                           buffer filled with NaN bytes, so reads before writes show)
@@ -15,23 +18,22 @@
 //                           (section "Matrix Fragments for mma.m16n8k16 with floating point
 //                           type"), in fp32.
 // A collective that not every thread of its group reaches (a divergent __syncthreads or shuffle,
-// a deadlock on the GPU) stops the process after a timeout with a message, rather than hanging.
+// a deadlock on the GPU) stops the process with a message as soon as no fiber can run.
 #pragma once
 #define FASTLM_HOST_EMU 1
 
 #include <algorithm>
 #include <array>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
-#include <thread>
+#include <type_traits>
 #include <vector>
+
+#include <ucontext.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -57,32 +59,51 @@ using std::min;
 struct EmuDim3 {
   unsigned x = 0, y = 0, z = 0;
 };
-inline thread_local EmuDim3 threadIdx;
-inline EmuDim3 blockIdx, blockDim{1, 1, 1}, gridDim{1, 1, 1};
+inline EmuDim3 threadIdx, blockIdx, blockDim{1, 1, 1}, gridDim{1, 1, 1};
+
+class EmuBarrier;
+
+// One CUDA thread of the running CTA.
+struct EmuFiber {
+  ucontext_t ctx;
+  EmuDim3 tid;
+  const EmuBarrier* blocked_on = nullptr;  // waiting at this barrier ...
+  unsigned long gen = 0;                   // ... until its generation moves past this
+  const char* what = "";
+  bool done = false;
+};
+
+struct EmuScheduler {
+  ucontext_t main;
+  std::vector<EmuFiber> fibers;
+  std::vector<std::unique_ptr<char[]>> stacks;  // reused by every launch
+  int cur = -1;
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
+};
+inline EmuScheduler emu_sched;
+constexpr size_t kEmuStackBytes = 256 * 1024;
 
 class EmuBarrier {
  public:
   explicit EmuBarrier(int n) : n_(n) {}
   void wait(const char* what) {
-    std::unique_lock<std::mutex> lk(m_);
-    const unsigned long gen = gen_;
-    if (++count_ == n_) {
+    if (++count_ == n_) {  // the last arrival releases the others
       count_ = 0;
       ++gen_;
-      cv_.notify_all();
       return;
     }
-    if (!cv_.wait_for(lk, std::chrono::seconds(60), [&] { return gen_ != gen; })) {
-      std::fprintf(stderr, "cuda_emu: %s: %d of %d threads arrived, the others never did (divergent collective "
-                   "or deadlock) in block (%u,%u,%u)\n", what, count_, n_, blockIdx.x, blockIdx.y, blockIdx.z);
-      std::fflush(stderr);
-      std::_Exit(86);
-    }
+    EmuFiber& f = emu_sched.fibers[emu_sched.cur];
+    f.blocked_on = this;
+    f.gen = gen_;
+    f.what = what;
+    swapcontext(&f.ctx, &emu_sched.main);
   }
+  bool released(unsigned long gen) const { return gen_ != gen; }
+  int arrived() const { return count_; }
+  int size() const { return n_; }
 
  private:
-  std::mutex m_;
-  std::condition_variable cv_;
   int n_, count_ = 0;
   unsigned long gen_ = 0;
 };
@@ -95,7 +116,6 @@ struct EmuCta {
   int threads;
   EmuBarrier cta;
   std::vector<std::unique_ptr<EmuBarrier>> warps;
-  std::mutex named_mu;
   std::unique_ptr<EmuBarrier> named[16];
   struct alignas(16) Chunk {
     unsigned char b[16];
@@ -113,13 +133,8 @@ inline int emu_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim
 inline void __syncthreads() { emu_cta->cta.wait("__syncthreads"); }
 
 inline void emu_bar_sync(int id, int count) {
-  EmuBarrier* b;
-  {
-    std::lock_guard<std::mutex> lk(emu_cta->named_mu);
-    if (!emu_cta->named[id]) emu_cta->named[id].reset(new EmuBarrier(count));
-    b = emu_cta->named[id].get();
-  }
-  b->wait("bar.sync (named barrier)");
+  if (!emu_cta->named[id]) emu_cta->named[id].reset(new EmuBarrier(count));
+  emu_cta->named[id]->wait("bar.sync (named barrier)");
 }
 
 inline void* emu_dyn_smem() { return emu_cta->dyn.data(); }
@@ -238,26 +253,62 @@ inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
   for (int i = 0; i < 4; ++i) c[i] = d[i];
 }
 
-// Runs body() as a kernel launch <<<grid, block>>>: CTAs in order, one host thread per thread.
+inline void emu_fiber_entry() {
+  emu_sched.body(emu_sched.body_arg);
+  emu_sched.fibers[emu_sched.cur].done = true;
+}  // returns to uc_link: the scheduler
+
+// Runs body() as a kernel launch <<<grid, block>>>: CTAs in order, one fiber per thread.
 template <typename F>
 inline void emu_launch(EmuDim3 grid, EmuDim3 block, F&& body, size_t smem_bytes = 0) {
   gridDim = grid;
   blockDim = block;
   const int n = static_cast<int>(block.x * block.y * block.z);
+  auto& S = emu_sched;
+  while (static_cast<int>(S.stacks.size()) < n) S.stacks.emplace_back(new char[kEmuStackBytes]);
+  S.body = [](void* f) { (*static_cast<std::remove_reference_t<F>*>(f))(); };
+  S.body_arg = const_cast<void*>(static_cast<const void*>(&body));
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = EmuDim3{x, y, z};
         EmuCta cta(n, smem_bytes);
         emu_cta = &cta;
-        std::vector<std::thread> threads;
-        threads.reserve(n);
-        for (int i = 0; i < n; ++i)
-          threads.emplace_back([&, i] {
-            threadIdx = EmuDim3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
-            body();
-          });
-        for (auto& th : threads) th.join();
+        S.fibers.assign(n, EmuFiber{});
+        for (int i = 0; i < n; ++i) {
+          EmuFiber& f = S.fibers[i];
+          f.tid = EmuDim3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = S.stacks[i].get();
+          f.ctx.uc_stack.ss_size = kEmuStackBytes;
+          f.ctx.uc_link = &S.main;
+          makecontext(&f.ctx, emu_fiber_entry, 0);
+        }
+        // Round robin over the runnable fibers; none runnable while some are unfinished: a
+        // collective that some threads never reach.
+        int left = n, idle = 0;
+        for (int i = 0; left > 0; i = (i + 1) % n) {
+          EmuFiber& f = S.fibers[i];
+          if (f.done || (f.blocked_on && !f.blocked_on->released(f.gen))) {
+            if (++idle <= n) continue;
+            for (const EmuFiber& g : S.fibers)
+              if (!g.done && g.blocked_on) {
+                std::fprintf(stderr, "cuda_emu: %s: %d of %d threads arrived, the others never did (divergent "
+                             "collective or deadlock) in block (%u,%u,%u)\n", g.what, g.blocked_on->arrived(),
+                             g.blocked_on->size(), blockIdx.x, blockIdx.y, blockIdx.z);
+                break;
+              }
+            std::fflush(stderr);
+            std::_Exit(86);
+          }
+          idle = 0;
+          f.blocked_on = nullptr;
+          S.cur = i;
+          threadIdx = f.tid;
+          swapcontext(&S.main, &f.ctx);
+          if (f.done) --left;
+        }
+        S.cur = -1;
         emu_cta = nullptr;
       }
 }

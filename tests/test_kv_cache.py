@@ -878,9 +878,8 @@ def test_fused_combine_gpu(B, Hq, Hkv, Sq, num_splits):
     check_decode(*args, "triton", num_splits=num_splits)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_unaligned_cache_gpu(backend):
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_unaligned_cache(backend):
     # A cache view that is not 16-byte aligned takes the CUDA fallback path; still correct.
     B, Hq, Hkv, D, cap = 2, 8, 2, 64, 100
     base = torch.randn(B * cap * Hkv * D + 1, dtype=torch.float16, device=DEVICE)

@@ -4,7 +4,7 @@ import torch
 
 import fastlm
 from fastlm import reference
-from conftest import DEVICE, HAS_CUDA, kernel_backends
+from conftest import DEVICE, HAS_CUDA, cuda_mark, kernel_backends
 from tolerances import assert_close, poison_
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -211,7 +211,7 @@ def test_empty_rows(backend):
     assert x.grad.shape == (0, 16) and torch.equal(w.grad, torch.zeros_like(w))
 
 
-@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_opcheck(backend):
     x = torch.randn(3, 5, 37, device=DEVICE, requires_grad=True)
     r = torch.randn(3, 5, 37, device=DEVICE, requires_grad=True)
@@ -226,16 +226,16 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.fastlm.norm_backward.default, (dy, dy, x.detach(), w.detach(), mean, rstd, False, True, backend))
 
 
-@pytest.mark.gpu
+@cuda_mark()
 def test_opcheck_cuda_kernels():
-    x = torch.randn(7, 300, device="cuda")
-    w = torch.randn(300, device="cuda")
+    x = torch.randn(7, 300, device=DEVICE)
+    w = torch.randn(300, device=DEVICE)
     torch.library.opcheck(torch.ops.fastlm.norm_fwd_cuda.default, (x, w, w, x, 1e-5, False))
-    mean, rstd = torch.randn(7, device="cuda"), torch.rand(7, device="cuda") + 0.5
+    mean, rstd = torch.randn(7, device=DEVICE), torch.rand(7, device=DEVICE) + 0.5
     torch.library.opcheck(torch.ops.fastlm.norm_bwd_cuda.default, (x, x, x, w, mean, rstd, False, True))
 
 
-@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_torch_compile_fullgraph(backend):
     norm = fastlm.nn.RMSNorm(48, eps=1e-6, backend=backend).to(DEVICE)
     ln = fastlm.nn.LayerNorm(48, backend=backend).to(DEVICE)
