@@ -65,7 +65,8 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, gen
     The sampling parameters are host numbers (checked here on the host, no device sync); the
     per-step work is device-only, so the call can be captured in a CUDA graph.  +inf logits
     take all the probability (shared equally); a row with a NaN logit gives an arbitrary token
-    (its distribution is undefined: nothing here can raise without a sync)."""
+    (its distribution is undefined: nothing here can raise without a sync; ``fastlm.generate``
+    flags such rows on the device and raises when it reads the tokens)."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 1:
         raise TypeError(f"logits must be a floating-point tensor (..., vocab), got {getattr(logits, 'dtype', logits)!r}")
     if logits.shape[-1] < 1:

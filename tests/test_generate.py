@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastlm
-from conftest import DEVICE
+from conftest import DEVICE, cuda_mark
 from fastlm.generation import Generator, generate
 from fastlm.models import Transformer, TransformerConfig
 
@@ -87,6 +87,45 @@ def test_greedy_fused_equals_reference_and_full_forward(name):
     assert out_fused == out_ref
     assert [len(o) for o in out_ref] == [5, 5, 5]
     assert_greedy_by_full_forward(ref, prompts, out_ref)
+
+
+@cuda_mark()
+@pytest.mark.parametrize("name", ["tiny", "tiny-mix"])
+def test_greedy_cuda_ops_equal_reference(name):
+    """op_backend="cuda": the CUDA C++ norm, rotary, KV-append and decode kernels (without a GPU:
+    compiled whole for the host emulator, tests/cuda_host_emu.py), both caches."""
+    ref, fused = models(name, op_backend="cuda")
+    prompts = prompts_of([6, 1, 11], ref.config.vocab_size)
+    out_ref = generate(ref, prompts, 5, greedy=True)
+    for cache in ("static", "paged"):
+        assert Generator(fused, cache=cache, block_size=4).generate(prompts, 5, greedy=True) == out_ref, cache
+    assert_greedy_by_full_forward(ref, prompts, out_ref)
+
+
+@pytest.mark.parametrize("which", ["fused", "reference"])
+def test_nan_logits_raise_instead_of_an_arbitrary_token(which):
+    """A NaN row of logits has no distribution to sample: generation raises, naming the prompt
+    and the token, at the prefill (NaN lm_head row) or mid-decode (a generated token whose
+    embedding is NaN makes the next logits NaN), rather than go on from an arbitrary token."""
+    ref, fused = models("tiny-mix", op_backend="reference")  # untied lm_head
+    model = fused if which == "fused" else ref
+    prompts = [[3, 5, 7], [5, 7]]
+    first = generate(model, prompts, 1, greedy=True)
+    finite = [0, 3, 5, 7]  # the prompts' tokens, and 0 (the reference path pads with it)
+    assert not {t for o in first for t in o} & set(finite), "pick other prompt tokens"
+    with torch.no_grad():
+        keep = model.tok_emb.weight[finite].clone()
+        model.tok_emb.weight.fill_(float("nan"))
+        model.tok_emb.weight[finite] = keep  # only the generated tokens embed to NaN
+    with pytest.raises(RuntimeError, match=r"logits for prompt 0 are NaN at new token 2"):
+        generate(model, prompts, 4, greedy=True)
+    with pytest.raises(RuntimeError, match=r"logits for prompt 0 are NaN at new token 2"):
+        generate(model, prompts, 4, temperature=0.7, top_k=1, seed=1)  # the sampling path, same tokens
+    with torch.no_grad():
+        model.tok_emb.weight[~torch.isin(torch.arange(model.config.vocab_size), torch.tensor(finite))] = 0.0
+        model.lm_head.weight[11, 0] = float("nan")  # every row of logits
+    with pytest.raises(RuntimeError, match=r"logits for prompt 0 are NaN at new token 1"):
+        generate(model, prompts, 4, greedy=True)
 
 
 def _hf_llama():
