@@ -66,7 +66,15 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, gen
     per-step work is device-only, so the call can be captured in a CUDA graph.  +inf logits
     take all the probability (shared equally); a row with a NaN logit gives an arbitrary token
     (its distribution is undefined: nothing here can raise without a sync; ``fastlm.generate``
-    flags such rows on the device and raises when it reads the tokens)."""
+    checks ``sample_with_max``'s row maxima and raises when it reads the tokens)."""
+    return sample_with_max(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                           generator=generator)[0]
+
+
+def sample_with_max(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+    """``sample``, and each row's largest logit (...,) -- NaN exactly for the rows that hold a NaN
+    -- which the sampling computes anyway (greedy: in logits' dtype, from the same reduction
+    as the argmax; otherwise fp32)."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 1:
         raise TypeError(f"logits must be a floating-point tensor (..., vocab), got {getattr(logits, 'dtype', logits)!r}")
     if logits.shape[-1] < 1:
@@ -75,7 +83,8 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, gen
         raise TypeError(f"greedy must be a bool, got {greedy!r}")
     t, top_k, top_p = check_sampling_args(temperature, top_k, top_p)
     if greedy or t == 0.0:
-        return logits.argmax(-1)  # the same index in any float dtype (no fp32 copy of the logits)
+        top, idx = logits.max(-1)  # one reduction; the same index as argmax in any float dtype
+        return idx, top
     t = min(max(t, _T_MIN), _T_MAX)
     logits = logits.float()
     # Shift so the row maximum is exactly 0 before scaling: (x - max) / T <= 0 cannot overflow to
@@ -85,4 +94,4 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, gen
     logits = filter_logits(logits, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     e = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / e).argmax(-1)
+    return (probs / e).argmax(-1), top.squeeze(-1)

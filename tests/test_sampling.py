@@ -2,13 +2,31 @@
 import pytest
 import torch
 
-from fastlm.sampling import check_sampling_args, filter_logits, sample
+from fastlm.sampling import check_sampling_args, filter_logits, sample, sample_with_max
 
 
 def test_greedy_and_zero_temperature_are_argmax():
     logits = torch.randn(5, 37)
     assert torch.equal(sample(logits, greedy=True), logits.argmax(-1))
     assert torch.equal(sample(logits, temperature=0.0), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [dict(greedy=True), dict(temperature=0.7, top_k=5, top_p=0.9)])
+def test_row_max_flags_exactly_the_nan_rows(dtype, kw):
+    """sample_with_max's second output (what generate checks) is each row's maximum, NaN
+    exactly for the rows holding a NaN; its tokens are sample's."""
+    logits = torch.randn(6, 50).to(dtype)
+    logits[1, 7] = float("nan")
+    logits[4] = float("nan")
+    logits[5, 3] = float("inf")
+    tok, top = sample_with_max(logits, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.isnan(top).tolist() == [False, True, False, False, True, False]
+    ok = torch.tensor([0, 2, 3, 5])
+    assert torch.equal(top[ok].float(), logits[ok].float().amax(-1))
+    assert torch.equal(tok, sample(logits, generator=torch.Generator().manual_seed(3), **kw))
+    if kw.get("greedy"):
+        assert torch.equal(tok[ok], logits[ok].argmax(-1))
 
 
 def test_seeded_sampling_is_reproducible():
