@@ -213,8 +213,9 @@ def load():
         pytest.fail(f"host emulation of the CUDA sources: {e}")
     from torch.utils import cpp_extension
 
+    asan = os.environ.get("FASTLM_EMU_ASAN", "0") not in ("", "0")  # see test_cuda_kernels_under_asan
     deps = [open(os.path.join(TESTS, "cuda_emu.h")).read(), open(os.path.join(CSRC, "device.cuh")).read(),
-            torch.__version__, cxx]
+            torch.__version__, cxx, f"asan={asan}"]
     key = hashlib.sha256("\0".join(deps + [files[k] for k in sorted(files)]).encode()).hexdigest()[:16]
     build = os.path.join(tempfile.gettempdir(), f"fastlm_host_emu_{key}")
     lib = os.path.join(build, "libfastlm_host_emu.so")
@@ -228,6 +229,8 @@ def load():
             incs = [f"-I{p}" for p in cpp_extension.include_paths() + [build, CSRC, TESTS, cuda_inc,
                                                                       sysconfig.get_paths()["include"]]]
             flags = ["-O1", "-std=c++20", "-fPIC", "-pthread", "-w", "-fvisibility=hidden", "-DFASTLM_WITH_CUDA"] + incs
+            if asan:
+                flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
             objs, procs = [], []
             for fname in files:
                 if fname.endswith(".cpp"):
@@ -239,7 +242,7 @@ def load():
                 log = p.communicate()[0]
                 assert p.returncode == 0, f"compiling the host emulation of {fname} failed:\n{log[-6000:]}"
             libdirs = cpp_extension.library_paths()
-            r = subprocess.run([cxx, "-shared", "-pthread", *objs, *[f"-L{d}" for d in libdirs],
+            r = subprocess.run([cxx, "-shared", "-pthread", *(["-fsanitize=address"] if asan else []), *objs, *[f"-L{d}" for d in libdirs],
                                 *[f"-Wl,-rpath,{d}" for d in libdirs], "-lc10", "-ltorch_cpu", "-o", lib + ".tmp"],
                                capture_output=True, text=True)
             assert r.returncode == 0, f"linking the host emulation failed:\n{r.stderr[-4000:]}"
