@@ -113,7 +113,8 @@ def cuda_mark():
 @pytest.fixture(autouse=True)
 def _emulated_cuda_backend(request, monkeypatch):
     """A cuda_emu test (backend="cuda" without a GPU) runs the CUDA backend on CPU tensors in the
-    host emulator: torch.ops.fastlm.*_cuda point at its library for the test's duration."""
+    host emulator: its library is the CPU kernel of torch.ops.fastlm.*_cuda, and for the test's
+    duration the ops accept backend="cuda" on CPU tensors."""
     if not HAS_CUDA and request.node.get_closest_marker("cuda_emu") is not None:
         import cuda_host_emu
 

@@ -16,14 +16,21 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def toolchain():
+    """(C++ compiler, CUDA include folder) for the emulator; skips the test when either is missing."""
+    inc = os.path.join(os.environ.get("CUDA_HOME") or "/usr/local/cuda", "include")
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None or not all(os.path.exists(os.path.join(inc, h)) for h in ("cuda_bf16.h", "cuda_runtime_api.h")):
+        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h, cuda_bf16.h, ...; they come with nvcc) to emulate "
+                    "the CUDA kernels")
+    return cxx, inc
+
+
 def build(tmp_dir, cu_file, entry_cpp, opt="-O2"):
     src = open(os.path.join(ROOT, "csrc", cu_file)).read()
     begin, end = src.find("// ---- kernel begin"), src.find("// ---- kernel end")
     assert 0 <= begin < end, f"csrc/{cu_file} lost its kernel begin/end markers"
-    inc = os.path.join(os.environ.get("CUDA_HOME") or "/usr/local/cuda", "include")
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None or not os.path.exists(os.path.join(inc, "cuda_bf16.h")):
-        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h / cuda_bf16.h) to emulate the CUDA kernels")
+    cxx, inc = toolchain()
     d = str(tmp_dir)
     with open(os.path.join(d, "kernel_body.inc"), "w") as f:
         f.write(src[begin:end])

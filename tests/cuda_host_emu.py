@@ -19,21 +19,22 @@ mix with those of the same names in fastlm._C.  A CUDA call the transform does n
 the build with a message, rather than running something else.
 
 The library is built once per source version into the temp folder (a file lock makes
-parallel pytest workers wait for one build) and loaded once per process (its CPU kernels stay registered for the process's lifetime;
-the public ops still refuse backend="cuda" on CPU tensors unless a test uses
-``use_emulated_cuda``).
+parallel pytest workers wait for one build) and loaded once per process; its CPU kernels then
+stay registered for the process's lifetime, but the public ops still refuse backend="cuda" on
+CPU tensors unless a test uses ``use_emulated_cuda``.
 """
 import fcntl
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sysconfig
 import tempfile
 
 import pytest
 import torch
+
+from cuda_emu import toolchain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -195,25 +196,22 @@ def _sources():
     return files
 
 
-_LOADED = None
+_LOADED = False
 
 
 def load():
     """Builds (once per source version) and loads the library."""
     global _LOADED
-    if _LOADED is not None:
-        return _LOADED
-    cuda_inc = os.path.join(os.environ.get("CUDA_HOME") or "/usr/local/cuda", "include")
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None or not os.path.exists(os.path.join(cuda_inc, "cuda_runtime_api.h")):
-        pytest.skip("needs g++ and the CUDA headers (they come with nvcc) to emulate the CUDA backend")
+    if _LOADED:
+        return
+    cxx, cuda_inc = toolchain()
     try:
         files = _sources()
     except ValueError as e:
         pytest.fail(f"host emulation of the CUDA sources: {e}")
     from torch.utils import cpp_extension
 
-    asan = os.environ.get("FASTLM_EMU_ASAN", "0") not in ("", "0")  # see test_cuda_kernels_under_asan
+    asan = os.environ.get("FASTLM_EMU_ASAN", "0") not in ("", "0")  # see test_cuda_kernels_under_address_sanitizer
     deps = [open(os.path.join(TESTS, "cuda_emu.h")).read(), open(os.path.join(CSRC, "device.cuh")).read(),
             torch.__version__, cxx, f"asan={asan}"]
     key = hashlib.sha256("\0".join(deps + [files[k] for k in sorted(files)]).encode()).hexdigest()[:16]
