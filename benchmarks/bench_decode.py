@@ -258,8 +258,9 @@ def bench_append(res, args, copy_bw):
 def bench_step(res, args, copy_bw, fa):
     """One layer's attention part of a decode step: rotate q/k at each sequence's position,
     append k/v, attend.  "separate" = apply_rotary + kv_cache_append + decode_attention (3-4
-    launches); "fused" = decode_attention(k=, v=, rotary_cos=, rotary_sin=) (the Triton backend
-    rotates and appends in one launch); flash_attn_with_kvcache does the same when installed.
+    launches); "fused" = decode_attention(k=, v=, rotary_cos=, rotary_sin=) (both backends rotate and
+    append in one launch and decode in one more, the splits merged inside it);
+    flash_attn_with_kvcache does the same when installed.
     GB/s counts the cache read plus the new tokens written."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     hkv = GQA["4:1"]

@@ -8,6 +8,12 @@
 // vectors.  Positions past the capacity and block ids outside [0, num_blocks) are skipped: the
 // kernel never writes out of bounds (negative block ids mean "no block" by design).
 //
+// decode_attention_with_kv_cuda (flash_attn_with_kvcache's form, the model's decode step): two
+// launches.  kv_append_rotary_kernel appends the new tokens, rotating k and q at their positions
+// when rotary tables are given, and zeroes the fused-combine counters; the decode then attends
+// over the old and new tokens and, when split, its last CTA per tile merges the splits
+// (fused_combine) instead of a combine_kernel launch.
+//
 // decode_attention_cuda: memory-bound, so the floor is reading every visible K/V byte once.
 // Grid (split, kv_head x row_tile, batch), 4 warps per CTA.  A CTA owns one KV head and 16 "query
 // rows" (the GQA group's query heads x seqlen_q, row = s * G + g), so each K/V byte is read once
@@ -25,10 +31,12 @@
 //     the m16n8 accumulator and the m16k16 A fragment).
 // The 4 warps' online-softmax states are merged through shared memory (deterministic order); a
 // single split writes the output, several write fp32 partials (normalized output + log2-sum-exp)
-// that combine_kernel merges.  Other dtypes/shapes (fp32, head_dim % 8 != 0, unaligned caches)
+// that combine_kernel merges (or the decode's own last CTA per tile: fused_combine).  Other dtypes/shapes (fp32, head_dim % 8 != 0, unaligned caches)
 // take decode_simple_kernel: CUDA cores, one token at a time, each warp owning 4 of the 16 rows.
 // Masks: query row at position p = L - seqlen_q + s sees key j iff j < L, j <= p (causal) and
 // j >= p - window (window >= 0); rows that see nothing give 0; keys of invalid blocks are masked.
+// A NaN score (a NaN query, or a NaN in a visible key) gives a NaN row, as in the reference:
+// normalizers are tested with != 0 (NaN passes), never > 0, so no NaN is turned into a 0.
 #include "common.cuh"
 
 #include <ATen/ops/empty_like.h>
@@ -78,6 +86,81 @@ __global__ void __launch_bounds__(256) kv_append_kernel(
   }
 }
 
+// The append of decode_attention_with_kv_cuda: the new tokens' k and v go to the cache as above,
+// optionally rotated on the way (k) together with the queries of the same positions (q into
+// q_out), and the fused-combine counters of the decode launched next are zeroed (by the first CTA
+// of each sequence's first new token).  Grid (new token (b, s), chunk): position
+// pos = seqlens[b] + s; q is rotated even where the cache row is skipped.  Units of work: per
+// head (the Hq query heads, then the H key heads) `half` rotary pairs, then the D - 2 half
+// pass-through elements (copied); without rotary (Hq = half = 0) every k element is a copy.
+// Each thread takes one unit and one v element, so its few loads are in flight together: a
+// decode step appends one token per sequence (a few KiB), and latency, not bandwidth, is the
+// cost here.  A position outside the tables rotates to NaN (and reads no table memory).
+struct AppendParams {
+  void* k_cache;
+  void* v_cache;
+  const void* k;
+  const void* v;
+  const int* seqlens;
+  const int* block_table;  // nullptr: contiguous layout
+  const void* q;           // rotary: (batch, seqlen_new, Hq, D), unit stride in D
+  void* q_out;             // rotary: the rotated q, same shape
+  const void* cos;         // rotary: (max_pos, half), row stride s_cos, unit column stride
+  const void* sin;
+  int* sem;  // (batch, n_sem) fused-combine counters to zero, or nullptr
+  int64_t kc_b, kc_t, kc_h, vc_b, vc_t, vc_h;  // cache strides: block|batch, slot|token, head
+  int64_t k_b, k_s, k_h, v_b, v_s, v_h, q_b, q_s, q_h, qo_b, qo_s, qo_h;
+  int64_t bt_s, s_cos, max_pos;
+  int seqlen_new, H, Hq, D, half, n_pages, capacity, page, n_sem;
+  bool interleaved, cos_f32;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(256) kv_append_rotary_kernel(const AppendParams p) {
+  const int b = blockIdx.x / p.seqlen_new;
+  const int s = blockIdx.x % p.seqlen_new;
+  if (p.sem != nullptr && s == 0 && blockIdx.y == 0)
+    for (int i = threadIdx.x; i < p.n_sem; i += blockDim.x) p.sem[static_cast<int64_t>(b) * p.n_sem + i] = 0;
+  const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + s;
+  bool ok = pos >= 0 && pos < p.capacity;  // the cache row exists (else only q is rotated)
+  int64_t blk = b, slot = pos;
+  if (ok && p.block_table != nullptr) {
+    const int id = p.block_table[b * p.bt_s + pos / p.page];
+    ok = id >= 0 && id < p.n_pages;
+    blk = id;
+    slot = pos % p.page;
+  }
+  const int u = blockIdx.y * blockDim.x + threadIdx.x;  // this thread's unit and v element
+  if (ok && u < p.H * p.D) {
+    const int h = u / p.D, d = u - h * p.D;
+    static_cast<T*>(p.v_cache)[blk * p.vc_b + slot * p.vc_t + h * p.vc_h + d] =
+        static_cast<const T*>(p.v)[b * p.v_b + s * p.v_s + h * p.v_h + d];
+  }
+  const int per_head = p.D - p.half;  // half pairs + D - 2 half pass-through elements
+  const int hh = u / per_head, e = u - hh * per_head;
+  const bool is_q = hh < p.Hq;
+  if (hh >= p.Hq + p.H || (!is_q && !ok)) return;
+  const T* x = is_q ? static_cast<const T*>(p.q) + b * p.q_b + s * p.q_s + hh * p.q_h
+                    : static_cast<const T*>(p.k) + b * p.k_b + s * p.k_s + (hh - p.Hq) * p.k_h;
+  T* y = is_q ? static_cast<T*>(p.q_out) + b * p.qo_b + s * p.qo_s + hh * p.qo_h
+              : static_cast<T*>(p.k_cache) + blk * p.kc_b + slot * p.kc_t + (hh - p.Hq) * p.kc_h;
+  if (e >= p.half) {
+    const int d = p.half + e;  // 2 half + (e - half)
+    y[d] = x[d];
+    return;
+  }
+  const int i1 = p.interleaved ? 2 * e : e, i2 = p.interleaved ? 2 * e + 1 : e + p.half;
+  float c = __int_as_float(0x7fffffff), sn = c;  // NaN outside the tables
+  if (pos >= 0 && pos < p.max_pos) {
+    const int64_t off = pos * p.s_cos + e;
+    c = p.cos_f32 ? static_cast<const float*>(p.cos)[off] : to_float(static_cast<const T*>(p.cos)[off]);
+    sn = p.cos_f32 ? static_cast<const float*>(p.sin)[off] : to_float(static_cast<const T*>(p.sin)[off]);
+  }
+  const float x1 = to_float(x[i1]), x2 = to_float(x[i2]);
+  y[i1] = from_float<T>(x1 * c - x2 * sn);
+  y[i2] = from_float<T>(x2 * c + x1 * sn);
+}
+
 // ------------------------------------------------------------------------------------ decode
 struct DecodeParams {
   const void* q;
@@ -88,12 +171,14 @@ struct DecodeParams {
   void* out;
   float* o_part;    // (batch, seqlen_q, Hq, num_splits, D) when num_splits > 1
   float* lse_part;  // (batch, seqlen_q, Hq, num_splits), log2 domain
+  int* sem;         // (batch, Hkv * n_mtiles) zeroed counters: fused combine (num_splits > 1), or nullptr
   int64_t q_b, q_s, q_h;  // q strides (unit stride in D)
   int64_t k_b, k_t, k_h;  // K cache strides: block|batch, slot|token, head
   int64_t v_b, v_t, v_h;
   int64_t o_b, o_s, o_h, o_d;
   int64_t bt_s;
   int seqlen_q, G, Hq, D, n_pages, capacity, page, page_shift, window, num_splits, n_mtiles;
+  int seqlen_add;      // added to seqlens[b]: tokens appended by the launch just before (with_kv), else 0
   float qk_scale;      // softmax_scale * log2(e), or softmax_scale / softcap when softcap > 0
   float softcap_log2;  // softcap * log2(e); 0 = no softcap
   bool causal;
@@ -122,7 +207,8 @@ struct SplitRange {
 
 __device__ __forceinline__ SplitRange split_range(const DecodeParams& p, int b, int split) {
   SplitRange r;
-  r.L = min(max(p.seqlens[b], 0), p.capacity);
+  const int64_t L = static_cast<int64_t>(p.seqlens[b]) + p.seqlen_add;
+  r.L = L < 0 ? 0 : (L > p.capacity ? p.capacity : static_cast<int>(L));
   r.hi = r.L;
   const int lo = p.window >= 0 ? max(0, r.L - p.seqlen_q - p.window) : 0;
   r.lo = lo;
@@ -221,6 +307,99 @@ __device__ __forceinline__ void load_v_chunks(uint32_t (&vw)[4][VM][4], const bo
       }
     }
   }
+}
+
+// Fused combine (decode_attention_cuda_with_kv, num_splits > 1): after writing its partials,
+// each CTA takes a ticket from the counter of its (batch, kv head, row tile) -- its threads' writes
+// fenced to device scope first, then one thread's atomicAdd (the pattern of a grid-wide
+// reduction); the CTA that draws the last ticket merges the splits of its rows, which saves the
+// combine launch.  The merge: 8 threads per row (16 rows x 8 = 128) reduce the max and the sum of
+// the splits' weights 2^(lse_i - max) into s_w (normalized); then every (row, 4-column) item of
+// the tile sums its splits' partials, 4 splits' 16-byte loads at a time.  Reads with .cg (L2):
+// the other CTAs wrote these, and a stale L1 line must not answer.
+template <typename T>
+__device__ void merge_tile(const DecodeParams& p, int b, int hkv, int mtile) {
+  __shared__ float s_w[kRows][kMaxSplits];
+  static_assert(kThreads == 8 * kRows, "8 threads per row");
+  const int NS = p.num_splits, tid = threadIdx.x;
+  const int rows = min(kRows, p.seqlen_q * p.G - mtile * kRows);
+  auto prow_of = [&](int r) {
+    const int R = mtile * kRows + r;
+    return ((static_cast<int64_t>(b) * p.seqlen_q + R / p.G) * p.Hq + hkv * p.G + R % p.G) * NS;
+  };
+  {
+    const int r = tid >> 3, j = tid & 7;
+    const bool ok = r < rows;
+    const float* lse = p.lse_part + (ok ? prow_of(r) : 0);
+    float M = -INFINITY;
+    for (int i = j; ok && i < NS; i += 8) M = fmaxf(M, __ldcg(lse + i));
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    const float Ms = M == -INFINITY ? 0.f : M;  // no split saw a key: every weight is 0
+    float den = 0.f;
+    for (int i = j; ok && i < NS; i += 8) {
+      const float w = exp2f(__ldcg(lse + i) - Ms);
+      s_w[r][i] = w;
+      den += w;
+    }
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+    const float inv = den != 0.f ? 1.f / den : 0.f;
+    for (int i = j; ok && i < NS; i += 8) s_w[r][i] *= inv;
+  }
+  __syncthreads();
+  const int vec = (p.D & 3) == 0 ? 4 : 1;  // o_part rows are D floats: 16-byte aligned when D % 4 == 0
+  const int cols = p.D / vec;
+  for (int it = tid; it < rows * cols; it += kThreads) {
+    const int r = it / cols, c = (it - r * cols) * vec;
+    const int64_t prow = prow_of(r);
+    const float* o = p.o_part + prow * p.D + c;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    if (vec == 4) {
+      int i = 0;
+      for (; i + 4 <= NS; i += 4) {
+        float4 x[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) x[u] = __ldcg(reinterpret_cast<const float4*>(o + static_cast<int64_t>(i + u) * p.D));
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const float w = s_w[r][i + u];
+          acc[0] += w * x[u].x;
+          acc[1] += w * x[u].y;
+          acc[2] += w * x[u].z;
+          acc[3] += w * x[u].w;
+        }
+      }
+      for (; i < NS; ++i) {
+        const float4 x = __ldcg(reinterpret_cast<const float4*>(o + static_cast<int64_t>(i) * p.D));
+        const float w = s_w[r][i];
+        acc[0] += w * x.x;
+        acc[1] += w * x.y;
+        acc[2] += w * x.z;
+        acc[3] += w * x.w;
+      }
+    } else {
+      for (int i = 0; i < NS; ++i) acc[0] += s_w[r][i] * __ldcg(o + static_cast<int64_t>(i) * p.D);
+    }
+    const int R = mtile * kRows + r;
+#pragma unroll
+    for (int e = 0; e < 4; ++e)  // (static indices: acc stays in registers)
+      if (e < vec) store_out<T>(p, b, R / p.G, hkv * p.G + R % p.G, c + e, acc[e]);
+  }
+}
+
+// Called by every thread of a decode CTA after its partials are written.
+template <typename T>
+__device__ __forceinline__ void fused_combine(const DecodeParams& p, int b, int hkv, int mtile) {
+  if (p.sem == nullptr) return;  // (uniform) a combine_kernel launch follows instead
+  __shared__ int s_ticket;
+  __threadfence();  // this thread's partials, visible device-wide before the ticket is drawn
+  __syncthreads();
+  if (threadIdx.x == 0) s_ticket = atomicAdd(p.sem + static_cast<int64_t>(b) * gridDim.y + blockIdx.y, 1);
+  __syncthreads();
+  if (s_ticket != p.num_splits - 1) return;  // (uniform) not the last split of this tile
+  __threadfence();
+  merge_tile<T>(p, b, hkv, mtile);
 }
 
 // Tensor-core decode.  DP: head_dim padded to a multiple of 64 (64, 128, 192, 256).
@@ -439,15 +618,16 @@ __global__ void __launch_bounds__(kThreads) decode_tc_kernel(const DecodeParams 
     if (R >= n_rows) break;  // rows are in order: the rest are padding too
     const int s = R / p.G, h = hkv * p.G + R % p.G;
     const float Lr = s_L[r];
-    const float val = Lr > 0.f ? s_o[r][d] / Lr : 0.f;
+    const float val = Lr != 0.f ? s_o[r][d] / Lr : 0.f;
     if (p.num_splits == 1) {
       store_out<T>(p, b, s, h, d, val);
     } else {
       const int64_t prow = ((static_cast<int64_t>(b) * p.seqlen_q + s) * p.Hq + h) * p.num_splits + split;
       p.o_part[prow * p.D + d] = val;
-      if (d == 0) p.lse_part[prow] = Lr > 0.f ? s_M[r] + log2f(Lr) : -INFINITY;
+      if (d == 0) p.lse_part[prow] = Lr != 0.f ? s_M[r] + log2f(Lr) : -INFINITY;
     }
   }
+  fused_combine<T>(p, b, hkv, mtile);
 }
 
 // CUDA-core decode for every dtype and head_dim <= 256 (the fallback): warp w owns tile rows
@@ -516,7 +696,7 @@ __global__ void __launch_bounds__(kThreads) decode_simple_kernel(const DecodePar
     const int R = mtile * kRows + warp + kWarps * i;
     if (R >= n_rows) continue;
     const int s = R / p.G, h = hkv * p.G + R % p.G;
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    const float inv = l[i] != 0.f ? 1.f / l[i] : 0.f;
     const int64_t prow = ((static_cast<int64_t>(b) * p.seqlen_q + s) * p.Hq + h) * p.num_splits + split;
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
@@ -528,8 +708,9 @@ __global__ void __launch_bounds__(kThreads) decode_simple_kernel(const DecodePar
         p.o_part[prow * p.D + d] = acc[i][j] * inv;
       }
     }
-    if (p.num_splits > 1 && lane == 0) p.lse_part[prow] = l[i] > 0.f ? m[i] + log2f(l[i]) : -INFINITY;
+    if (p.num_splits > 1 && lane == 0) p.lse_part[prow] = l[i] != 0.f ? m[i] + log2f(l[i]) : -INFINITY;
   }
+  fused_combine<T>(p, b, hkv, mtile);
 }
 
 // Merge the splits of one (batch, query, head) row: out = sum_i 2^(lse_i - M) o_i / sum_i 2^(lse_i - M).
@@ -549,7 +730,7 @@ __global__ void __launch_bounds__(kMaxSplits) combine_kernel(const DecodeParams 
   const float w = t < NS ? exp2f(l - (M == -INFINITY ? 0.f : M)) : 0.f;
   if (t < NS) s_w[t] = w;
   const float den = block_sum(w, s_red);  // (its barriers also publish s_w)
-  const float inv = den > 0.f ? 1.f / den : 0.f;
+  const float inv = den != 0.f ? 1.f / den : 0.f;
   const int h = static_cast<int>(row % p.Hq);
   const int s = static_cast<int>((row / p.Hq) % p.seqlen_q);
   const int b = static_cast<int>(row / (static_cast<int64_t>(p.Hq) * p.seqlen_q));
@@ -648,17 +829,15 @@ void run_decode(const DecodeParams& p, dim3 grid, cudaStream_t stream, const at:
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (p.num_splits > 1) {
+  if (p.num_splits > 1 && p.sem == nullptr) {  // (with counters the decode CTAs merge: fused_combine)
     combine_kernel<T><<<static_cast<unsigned>(combine_rows), kMaxSplits, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-}  // namespace
-
-void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_in,
-                          const at::Tensor& v_in, const at::Tensor& cache_seqlens,
-                          const std::optional<at::Tensor>& block_table) {
+// k, v of an append, checked against the cache; returned with unit stride in head_dim.
+std::pair<at::Tensor, at::Tensor> check_new_kv(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                               const at::Tensor& k_in, const at::Tensor& v_in) {
   FASTLM_CHECK_CUDA(k_in, "k");
   TORCH_CHECK(k_in.dim() == 4, "k must be (batch, seqlen_new, n_kv_heads, head_dim), got ", k_in.sizes());
   check_cache(k_cache, k_in, "k_cache");
@@ -671,13 +850,120 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
               "v must have k's dtype and device");
   TORCH_CHECK(k_in.size(2) == k_cache.size(2) && k_in.size(3) == k_cache.size(3), "k must have n_kv_heads = ",
               k_cache.size(2), " and head_dim = ", k_cache.size(3), " like the cache, got ", k_in.sizes());
-  const int64_t B = k_in.size(0), S = k_in.size(1), H = k_in.size(2), D = k_in.size(3);
+  TORCH_CHECK(k_in.size(0) * k_in.size(1) < (int64_t{1} << 31), "batch * seqlen_new is too large");
+  return {k_in.stride(3) == 1 ? k_in : k_in.contiguous(), v_in.stride(3) == 1 ? v_in : v_in.contiguous()};
+}
+
+// q against the cache and the scalar arguments of decode attention.
+void check_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t window,
+                  double softcap, int64_t num_splits) {
+  FASTLM_CHECK_CUDA(q, "q");
+  TORCH_CHECK(q.dim() == 4, "q must be (batch, seqlen_q, n_heads_q, head_dim), got ", q.sizes());
+  check_cache(k_cache, q, "k_cache");
+  check_cache(v_cache, q, "v_cache");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(), " must equal k_cache shape ",
+              k_cache.sizes());
+  const int64_t Sq = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "head_dim of q (", D, ") and k_cache (", k_cache.size(3), ") differ");
+  TORCH_CHECK(D >= 1 && D <= 256, "head_dim must be in [1, 256], got ", D);
+  TORCH_CHECK(Hkv >= 1 && Hq >= 1 && Hq % Hkv == 0, "n_heads_q = ", Hq,
+              " must be a positive multiple of n_kv_heads = ", Hkv);
+  TORCH_CHECK(Sq >= 1 && Sq <= 4096, "seqlen_q must be in [1, 4096], got ", Sq);
+  TORCH_CHECK(window >= -1, "window must be >= -1, got ", window);
+  TORCH_CHECK(softcap >= 0.0, "softcap must be >= 0, got ", softcap);
+  TORCH_CHECK(num_splits >= 1 && num_splits <= kMaxSplits, "num_splits must be in [1, ", kMaxSplits, "], got ",
+              num_splits);
+}
+
+int64_t row_tiles(const at::Tensor& q, const at::Tensor& k_cache) {
+  return (q.size(2) / k_cache.size(2) * q.size(1) + kRows - 1) / kRows;
+}
+
+// q with what the decode kernels read: contiguous, 16-byte aligned (the tensor-core kernel reads
+// q in 4-byte pairs).
+at::Tensor decode_ready(const at::Tensor& q) {
+  return q.is_contiguous() && is_aligned(q.data_ptr(), 16) ? q : at::empty(q.sizes(), q.options()).copy_(q);
+}
+
+// Launches the decode of q (decode_ready) into out over the first cache_seqlens[b] + seqlen_add
+// tokens.  sem: zeroed counters (batch, Hkv * row tiles) for the fused combine, or undefined.
+void launch_decode(const at::Tensor& q, const at::Tensor& out, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& cache_seqlens, const at::Tensor& bt, int64_t capacity, double softmax_scale,
+                   bool causal, int64_t window, double softcap, int64_t num_splits, int64_t seqlen_add,
+                   const at::Tensor& sem) {
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(2);
+  const int64_t G = Hq / Hkv;
+  const int64_t n_mtiles = row_tiles(q, k_cache);
+  TORCH_CHECK(Hkv * n_mtiles <= 65535 && B <= 65535, "too many KV heads x row tiles or sequences for the grid");
+  at::Tensor o_part, lse_part;
+  if (num_splits > 1) {
+    o_part = at::empty({B, Sq, Hq, num_splits, D}, q.options().dtype(at::kFloat));
+    lse_part = at::empty({B, Sq, Hq, num_splits}, q.options().dtype(at::kFloat));
+  }
+  constexpr double kLog2e = 1.4426950408889634;
+  DecodeParams p{};
+  p.q = q.data_ptr();
+  p.k = k_cache.data_ptr();
+  p.v = v_cache.data_ptr();
+  p.seqlens = cache_seqlens.data_ptr<int>();
+  p.block_table = bt.defined() ? bt.data_ptr<int>() : nullptr;
+  p.out = out.data_ptr();
+  p.o_part = num_splits > 1 ? o_part.data_ptr<float>() : nullptr;
+  p.lse_part = num_splits > 1 ? lse_part.data_ptr<float>() : nullptr;
+  p.sem = num_splits > 1 && sem.defined() ? sem.data_ptr<int>() : nullptr;
+  p.q_b = q.stride(0);
+  p.q_s = q.stride(1);
+  p.q_h = q.stride(2);
+  p.k_b = k_cache.stride(0);
+  p.k_t = k_cache.stride(1);
+  p.k_h = k_cache.stride(2);
+  p.v_b = v_cache.stride(0);
+  p.v_t = v_cache.stride(1);
+  p.v_h = v_cache.stride(2);
+  p.o_b = out.stride(0);
+  p.o_s = out.stride(1);
+  p.o_h = out.stride(2);
+  p.o_d = out.stride(3);
+  p.bt_s = bt.defined() ? bt.stride(0) : 0;
+  p.seqlen_q = static_cast<int>(Sq);
+  p.G = static_cast<int>(G);
+  p.Hq = static_cast<int>(Hq);
+  p.D = static_cast<int>(D);
+  p.n_pages = static_cast<int>(k_cache.size(0));
+  p.capacity = static_cast<int>(capacity);
+  p.page = bt.defined() ? static_cast<int>(k_cache.size(1)) : 1;
+  p.page_shift = -1;
+  for (int sh = 0; sh < 31; ++sh)
+    if ((1 << sh) == p.page) p.page_shift = sh;
+  p.window = static_cast<int>(std::min<int64_t>(window, int64_t{1} << 30));
+  p.num_splits = static_cast<int>(num_splits);
+  p.n_mtiles = static_cast<int>(n_mtiles);
+  p.seqlen_add = static_cast<int>(seqlen_add);
+  p.causal = causal;
+  if (softcap > 0.0) {
+    p.qk_scale = static_cast<float>(softmax_scale / softcap);
+    p.softcap_log2 = static_cast<float>(softcap * kLog2e);
+  } else {
+    p.qk_scale = static_cast<float>(softmax_scale * kLog2e);
+    p.softcap_log2 = 0.f;
+  }
+  const dim3 grid(static_cast<unsigned>(num_splits), static_cast<unsigned>(Hkv * n_mtiles), static_cast<unsigned>(B));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTLM_DISPATCH_FLOAT(q.scalar_type(), "decode_attention_cuda", [&] {
+    run_decode<scalar_t>(p, grid, stream, k_cache, v_cache, B * Sq * Hq);
+  });
+}
+
+}  // namespace
+
+void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_in,
+                          const at::Tensor& v_in, const at::Tensor& cache_seqlens,
+                          const std::optional<at::Tensor>& block_table) {
+  auto [k, v] = check_new_kv(k_cache, v_cache, k_in, v_in);
+  const int64_t B = k.size(0), S = k.size(1), H = k.size(2), D = k.size(3);
   auto [bt, capacity] = check_layout(k_cache, cache_seqlens, block_table, B);
   if (B == 0 || S == 0 || H == 0 || D == 0) return;
-  TORCH_CHECK(B * S < (int64_t{1} << 31), "batch * seqlen_new is too large");
-  c10::cuda::CUDAGuard guard(k_in.device());
-  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
-  const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+  c10::cuda::CUDAGuard guard(k.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int* btp = bt.defined() ? bt.data_ptr<int>() : nullptr;
   const int64_t bt_s = bt.defined() ? bt.stride(0) : 0;
@@ -713,88 +999,121 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cac
                                  const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
                                  double softmax_scale, bool causal, int64_t window, double softcap,
                                  int64_t num_splits) {
-  FASTLM_CHECK_CUDA(q_in, "q");
-  TORCH_CHECK(q_in.dim() == 4, "q must be (batch, seqlen_q, n_heads_q, head_dim), got ", q_in.sizes());
-  check_cache(k_cache, q_in, "k_cache");
-  check_cache(v_cache, q_in, "v_cache");
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(), " must equal k_cache shape ",
-              k_cache.sizes());
-  const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D, "head_dim of q (", D, ") and k_cache (", k_cache.size(3), ") differ");
-  TORCH_CHECK(D >= 1 && D <= 256, "head_dim must be in [1, 256], got ", D);
-  TORCH_CHECK(Hkv >= 1 && Hq >= 1 && Hq % Hkv == 0, "n_heads_q = ", Hq,
-              " must be a positive multiple of n_kv_heads = ", Hkv);
-  TORCH_CHECK(Sq >= 1 && Sq <= 4096, "seqlen_q must be in [1, 4096], got ", Sq);
-  TORCH_CHECK(window >= -1, "window must be >= -1, got ", window);
-  TORCH_CHECK(softcap >= 0.0, "softcap must be >= 0, got ", softcap);
-  TORCH_CHECK(num_splits >= 1 && num_splits <= kMaxSplits, "num_splits must be in [1, ", kMaxSplits, "], got ",
-              num_splits);
+  check_decode(q_in, k_cache, v_cache, window, softcap, num_splits);
+  auto [bt, capacity] = check_layout(k_cache, cache_seqlens, block_table, q_in.size(0));
+  at::Tensor out = at::empty_like(q_in);
+  if (out.numel() == 0) return out;
+  c10::cuda::CUDAGuard guard(q_in.device());
+  launch_decode(decode_ready(q_in), out, k_cache, v_cache, cache_seqlens, bt, capacity, softmax_scale, causal, window,
+                softcap, num_splits, 0, at::Tensor());
+  return out;
+}
+
+// decode_attention with new tokens (flash_attn_with_kvcache): two launches.  The append writes k, v
+// at positions cache_seqlens[b] + s, rotating k and q (into a dense copy) at those positions when
+// rotary tables are given, and zeroes the fused-combine counters; the decode then attends over
+// cache_seqlens[b] + seqlen_new tokens and, when split, merges its splits itself.
+at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& k_in, const at::Tensor& v_in,
+                                         const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                                         const std::optional<at::Tensor>& rotary_cos,
+                                         const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
+                                         double softmax_scale, bool causal, int64_t window, double softcap,
+                                         int64_t num_splits) {
+  check_decode(q_in, k_cache, v_cache, window, softcap, num_splits);
+  auto [k, v] = check_new_kv(k_cache, v_cache, k_in, v_in);
+  const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
+  const int64_t S = k.size(1), H = k.size(2);
+  TORCH_CHECK(k.size(0) == B, "k has batch ", k.size(0), " but q has batch ", B);
+  const bool rotary = rotary_cos.has_value() && rotary_cos->defined();
+  TORCH_CHECK(rotary == (rotary_sin.has_value() && rotary_sin->defined()), "rotary_cos and rotary_sin come together");
+  at::Tensor cos, sin;
+  if (rotary) {
+    cos = *rotary_cos;
+    sin = *rotary_sin;
+    for (const at::Tensor* t : {&cos, &sin}) {
+      const char* name = t == &cos ? "rotary_cos" : "rotary_sin";
+      TORCH_CHECK(t->device() == q_in.device(), name, " must be on ", q_in.device(), ", got ", t->device());
+      TORCH_CHECK(t->dim() == 2 && t->size(1) >= 1 && 2 * t->size(1) <= D, name,
+                  " must be (max_positions, rotary_dim // 2) with rotary_dim <= head_dim ", D, ", got ", t->sizes());
+      TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == q_in.scalar_type(), name,
+                  " must be float32 or q's dtype, got ", t->scalar_type());
+    }
+    TORCH_CHECK(sin.sizes() == cos.sizes() && sin.scalar_type() == cos.scalar_type(),
+                "rotary_sin must have rotary_cos's shape and dtype");
+    TORCH_CHECK(S == Sq, "with rotary tables, k's seqlen_new (", S, ") must equal q's seqlen_q (", Sq, ")");
+  }
   auto [bt, capacity] = check_layout(k_cache, cache_seqlens, block_table, B);
   at::Tensor out = at::empty_like(q_in);
   if (out.numel() == 0) return out;
   c10::cuda::CUDAGuard guard(q_in.device());
-  // The tensor-core kernel reads q in 4-byte pairs: a contiguous, 16-byte aligned copy if needed.
-  const at::Tensor q = q_in.is_contiguous() && is_aligned(q_in.data_ptr(), 16)
-                           ? q_in
-                           : at::empty(q_in.sizes(), q_in.options()).copy_(q_in);
-  const int64_t G = Hq / Hkv;
-  const int64_t n_mtiles = (G * Sq + kRows - 1) / kRows;
-  TORCH_CHECK(Hkv * n_mtiles <= 65535 && B <= 65535, "too many KV heads x row tiles or sequences for the grid");
-  at::Tensor o_part, lse_part;
-  if (num_splits > 1) {
-    o_part = at::empty({B, Sq, Hq, num_splits, D}, q.options().dtype(at::kFloat));
-    lse_part = at::empty({B, Sq, Hq, num_splits}, q.options().dtype(at::kFloat));
+  const bool append = S > 0;
+  at::Tensor q = rotary ? at::empty(q_in.sizes(), q_in.options()) : decode_ready(q_in);  // (rotated into by the append)
+  at::Tensor sem;
+  if (append && num_splits > 1) sem = at::empty({B, k_cache.size(2) * row_tiles(q_in, k_cache)}, cache_seqlens.options());
+  if (append) {
+    if (rotary) {  // one row stride for both tables, unit column stride
+      cos = cos.contiguous();
+      sin = sin.contiguous();
+    }
+    const at::Tensor q_src = rotary && q_in.stride(3) != 1 ? q_in.contiguous() : q_in;
+    AppendParams p{};
+    p.k_cache = k_cache.data_ptr();
+    p.v_cache = v_cache.data_ptr();
+    p.k = k.data_ptr();
+    p.v = v.data_ptr();
+    p.seqlens = cache_seqlens.data_ptr<int>();
+    p.block_table = bt.defined() ? bt.data_ptr<int>() : nullptr;
+    p.q = rotary ? q_src.data_ptr() : nullptr;
+    p.q_out = rotary ? q.data_ptr() : nullptr;
+    p.cos = rotary ? cos.data_ptr() : nullptr;
+    p.sin = rotary ? sin.data_ptr() : nullptr;
+    p.sem = sem.defined() ? sem.data_ptr<int>() : nullptr;
+    p.kc_b = k_cache.stride(0);
+    p.kc_t = k_cache.stride(1);
+    p.kc_h = k_cache.stride(2);
+    p.vc_b = v_cache.stride(0);
+    p.vc_t = v_cache.stride(1);
+    p.vc_h = v_cache.stride(2);
+    p.k_b = k.stride(0);
+    p.k_s = k.stride(1);
+    p.k_h = k.stride(2);
+    p.v_b = v.stride(0);
+    p.v_s = v.stride(1);
+    p.v_h = v.stride(2);
+    if (rotary) {
+      p.q_b = q_src.stride(0);
+      p.q_s = q_src.stride(1);
+      p.q_h = q_src.stride(2);
+      p.qo_b = q.stride(0);
+      p.qo_s = q.stride(1);
+      p.qo_h = q.stride(2);
+      p.s_cos = cos.stride(0);
+      p.max_pos = cos.size(0);
+      p.Hq = static_cast<int>(Hq);
+      p.half = static_cast<int>(cos.size(1));
+      p.interleaved = rotary_interleaved;
+      p.cos_f32 = cos.scalar_type() == at::kFloat;
+    }
+    p.bt_s = bt.defined() ? bt.stride(0) : 0;
+    p.seqlen_new = static_cast<int>(S);
+    p.H = static_cast<int>(H);
+    p.D = static_cast<int>(D);
+    p.n_pages = static_cast<int>(k_cache.size(0));
+    p.capacity = static_cast<int>(capacity);
+    p.page = static_cast<int>(k_cache.size(1));
+    p.n_sem = sem.defined() ? static_cast<int>(sem.size(1)) : 0;
+    const int64_t work = std::max(H * D, (p.Hq + H) * (D - p.half));  // v elements; pairs + pass-through dims
+    const int threads = static_cast<int>(std::min<int64_t>(256, (work + 31) / 32 * 32));
+    const dim3 grid(static_cast<unsigned>(B * S), static_cast<unsigned>((work + threads - 1) / threads));
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    FASTLM_DISPATCH_FLOAT(q_in.scalar_type(), "decode_attention_with_kv_cuda", [&] {
+      kv_append_rotary_kernel<scalar_t><<<grid, threads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
-  constexpr double kLog2e = 1.4426950408889634;
-  DecodeParams p{};
-  p.q = q.data_ptr();
-  p.k = k_cache.data_ptr();
-  p.v = v_cache.data_ptr();
-  p.seqlens = cache_seqlens.data_ptr<int>();
-  p.block_table = bt.defined() ? bt.data_ptr<int>() : nullptr;
-  p.out = out.data_ptr();
-  p.o_part = num_splits > 1 ? o_part.data_ptr<float>() : nullptr;
-  p.lse_part = num_splits > 1 ? lse_part.data_ptr<float>() : nullptr;
-  p.q_b = q.stride(0);
-  p.q_s = q.stride(1);
-  p.q_h = q.stride(2);
-  p.k_b = k_cache.stride(0);
-  p.k_t = k_cache.stride(1);
-  p.k_h = k_cache.stride(2);
-  p.v_b = v_cache.stride(0);
-  p.v_t = v_cache.stride(1);
-  p.v_h = v_cache.stride(2);
-  p.o_b = out.stride(0);
-  p.o_s = out.stride(1);
-  p.o_h = out.stride(2);
-  p.o_d = out.stride(3);
-  p.bt_s = bt.defined() ? bt.stride(0) : 0;
-  p.seqlen_q = static_cast<int>(Sq);
-  p.G = static_cast<int>(G);
-  p.Hq = static_cast<int>(Hq);
-  p.D = static_cast<int>(D);
-  p.n_pages = static_cast<int>(k_cache.size(0));
-  p.capacity = static_cast<int>(capacity);
-  p.page = bt.defined() ? static_cast<int>(k_cache.size(1)) : 1;
-  p.page_shift = -1;
-  for (int sh = 0; sh < 31; ++sh)
-    if ((1 << sh) == p.page) p.page_shift = sh;
-  p.window = static_cast<int>(std::min<int64_t>(window, int64_t{1} << 30));
-  p.num_splits = static_cast<int>(num_splits);
-  p.n_mtiles = static_cast<int>(n_mtiles);
-  p.causal = causal;
-  if (softcap > 0.0) {
-    p.qk_scale = static_cast<float>(softmax_scale / softcap);
-    p.softcap_log2 = static_cast<float>(softcap * kLog2e);
-  } else {
-    p.qk_scale = static_cast<float>(softmax_scale * kLog2e);
-    p.softcap_log2 = 0.f;
-  }
-  const dim3 grid(static_cast<unsigned>(num_splits), static_cast<unsigned>(Hkv * n_mtiles), static_cast<unsigned>(B));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTLM_DISPATCH_FLOAT(q.scalar_type(), "decode_attention_cuda", [&] {
-    run_decode<scalar_t>(p, grid, stream, k_cache, v_cache, B * Sq * Hq);
-  });
+  launch_decode(q, out, k_cache, v_cache, cache_seqlens, bt, capacity, softmax_scale, causal, window, softcap,
+                num_splits, S, sem);
   return out;
 }
 
@@ -803,4 +1122,5 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cac
 TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
   m.impl("kv_cache_append_cuda", &fastlm::kv_cache_append_cuda);
   m.impl("decode_attention_cuda", &fastlm::decode_attention_cuda);
+  m.impl("decode_attention_with_kv_cuda", &fastlm::decode_attention_with_kv_cuda);
 }

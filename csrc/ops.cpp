@@ -67,4 +67,12 @@ TORCH_LIBRARY(fastlm, m) {
   m.def(
       "decode_attention_cuda(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table,"
       " float softmax_scale, bool causal, int window, float softcap, int num_splits) -> Tensor");
+  // decode_attention_cuda after appending k, v (batch, seqlen_new, n_kv_heads, head_dim) at positions
+  // cache_seqlens[b] + s (cache_seqlens itself unchanged), attending over cache_seqlens[b] + seqlen_new
+  // tokens.  rotary_cos/sin (max_positions, rotary_dim / 2), fp32 or q's dtype: q and k are first rotated
+  // at those positions (seqlen_new == seqlen_q; q itself unchanged).  Two launches.  Forward only.
+  m.def(
+      "decode_attention_with_kv_cuda(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v,"
+      " Tensor cache_seqlens, Tensor? block_table, Tensor? rotary_cos, Tensor? rotary_sin, bool rotary_interleaved,"
+      " float softmax_scale, bool causal, int window, float softcap, int num_splits) -> Tensor");
 }

@@ -120,7 +120,7 @@ for (Hq, Hk, D, rd), dtype, il, form, packed, inplace, off in itertools.product(
 section("rotary")
 # ---------------------------------------------------------------------------- KV cache
 for (D, Hq, Hkv, Sq), dtype, paged, (window, softcap), splits in itertools.product(
-        [(40, 4, 2, 1), (64, 8, 2, 3), (128, 4, 1, 2), (256, 2, 2, 1)], TOL, [False, True],
+        [(40, 4, 2, 1), (18, 4, 2, 2), (64, 8, 2, 3), (128, 4, 1, 2), (256, 2, 2, 1)], TOL, [False, True],
         [(-1, 0.0), (5, 10.0)], [1, 3]) if "kv" in SECTIONS else []:
     if D == 256 and (window, splits) != (-1, 3):
         continue  # the slowest to emulate: one mask and split setting
@@ -148,7 +148,7 @@ for (D, Hq, Hkv, Sq), dtype, paged, (window, softcap), splits in itertools.produ
     exp = ref.decode_attention(q, kc, vc, lens2, block_table=bt, window=window, softcap=softcap)
     close(out, exp, TOL[dtype], f"decode D{D} {Hq}/{Hkv} Sq{Sq} {dtype} paged={paged} window={window} splits={splits}")
     # decode with the new tokens: rotate q/k (partial rotary), append, attend (one call)
-    cos, sin = ops.rotary_tables(D // 2, cap + 4, dtype=torch.float32)
+    cos, sin = ops.rotary_tables(2 * (D // 4), cap + 4, dtype=torch.float32)
     kc3, vc3 = kc2.clone(), vc2.clone()
     out = ops.decode_attention(q, kc2, vc2, lens, k=k, v=v, rotary_cos=cos, rotary_sin=sin, block_table=bt,
                                window=window, softcap=softcap, num_splits=splits, backend="cuda")

@@ -1,7 +1,7 @@
 // A SIMT emulator that runs fastlm's CUDA kernels on the host (tests only; no GPU needed).
 //
 // The kernel source is compiled by g++ with the CUDA qualifiers defined away.  A launch runs the
-// CTAs one after another; each CTA runs one fiber (a user-level thread with its own stack, on
+// CTAs one after another, in a shuffled order; each CTA runs one fiber (a user-level thread with its own stack, on
 // the calling OS thread) per CUDA thread, so per-thread code is exactly the kernel's.  A fiber
 // runs until it reaches a collective, then the next one runs (no OS threads, no locks: a launch
 // is deterministic, and switching costs well under a microsecond).  What threads share is
@@ -176,6 +176,19 @@ inline T __ldcs(const T* p) {
   emu_check_aligned(p, sizeof(T) < 16 ? sizeof(T) : 16, "__ldcs");
   return *p;
 }
+template <typename T>
+inline T __ldcg(const T* p) {
+  emu_check_aligned(p, sizeof(T) < 16 ? sizeof(T) : 16, "__ldcg");
+  return *p;
+}
+// One OS thread runs every fiber, and a fiber switches only at a collective: an atomic is a plain
+// read-modify-write here, and a fence has nothing to order.
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+inline void __threadfence() {}
 inline float __uint_as_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
@@ -258,7 +271,13 @@ inline void emu_fiber_entry() {
   emu_sched.fibers[emu_sched.cur].done = true;
 }  // returns to uc_link: the scheduler
 
-// Runs body() as a kernel launch <<<grid, block>>>: CTAs in order, one fiber per thread.
+// Runs body() as a kernel launch <<<grid, block>>>: the CTAs one after another, one fiber per
+// thread.  The CTA order is a pseudo-random permutation, a different one each launch (and the
+// same sequence of them each run): a GPU runs CTAs in no set order, so a kernel must not depend on
+// one -- what CTAs coordinate through atomics (the last one to finish does the merge) sees
+// different CTAs in each role.
+inline uint64_t emu_launch_count = 0;
+
 template <typename F>
 inline void emu_launch(EmuDim3 grid, EmuDim3 block, F&& body, size_t smem_bytes = 0) {
   gridDim = grid;
@@ -268,47 +287,58 @@ inline void emu_launch(EmuDim3 grid, EmuDim3 block, F&& body, size_t smem_bytes 
   while (static_cast<int>(S.stacks.size()) < n) S.stacks.emplace_back(new char[kEmuStackBytes]);
   S.body = [](void* f) { (*static_cast<std::remove_reference_t<F>*>(f))(); };
   S.body_arg = const_cast<void*>(static_cast<const void*>(&body));
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = EmuDim3{x, y, z};
-        EmuCta cta(n, smem_bytes);
-        emu_cta = &cta;
-        S.fibers.assign(n, EmuFiber{});
-        for (int i = 0; i < n; ++i) {
-          EmuFiber& f = S.fibers[i];
-          f.tid = EmuDim3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = S.stacks[i].get();
-          f.ctx.uc_stack.ss_size = kEmuStackBytes;
-          f.ctx.uc_link = &S.main;
-          makecontext(&f.ctx, emu_fiber_entry, 0);
-        }
-        // Round robin over the runnable fibers; none runnable while some are unfinished: a
-        // collective that some threads never reach.
-        int left = n, idle = 0;
-        for (int i = 0; left > 0; i = (i + 1) % n) {
-          EmuFiber& f = S.fibers[i];
-          if (f.done || (f.blocked_on && !f.blocked_on->released(f.gen))) {
-            if (++idle <= n) continue;
-            for (const EmuFiber& g : S.fibers)
-              if (!g.done && g.blocked_on) {
-                std::fprintf(stderr, "cuda_emu: %s: %d of %d threads arrived, the others never did (divergent "
-                             "collective or deadlock) in block (%u,%u,%u)\n", g.what, g.blocked_on->arrived(),
-                             g.blocked_on->size(), blockIdx.x, blockIdx.y, blockIdx.z);
-                break;
-              }
-            std::fflush(stderr);
-            std::_Exit(86);
+  const uint64_t n_ctas = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  std::vector<uint64_t> order(n_ctas);
+  for (uint64_t i = 0; i < n_ctas; ++i) order[i] = i;
+  uint64_t rng = 0x9e3779b97f4a7c15ull * ++emu_launch_count;  // splitmix64 steps: a Fisher-Yates shuffle
+  auto next = [&rng] {
+    uint64_t z = (rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  };
+  for (uint64_t i = n_ctas; i > 1; --i) std::swap(order[i - 1], order[next() % i]);
+  for (const uint64_t c : order) {
+    const unsigned x = static_cast<unsigned>(c % grid.x), y = static_cast<unsigned>(c / grid.x % grid.y),
+                   z = static_cast<unsigned>(c / grid.x / grid.y);
+    blockIdx = EmuDim3{x, y, z};
+    EmuCta cta(n, smem_bytes);
+    emu_cta = &cta;
+    S.fibers.assign(n, EmuFiber{});
+    for (int i = 0; i < n; ++i) {
+      EmuFiber& f = S.fibers[i];
+      f.tid = EmuDim3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = S.stacks[i].get();
+      f.ctx.uc_stack.ss_size = kEmuStackBytes;
+      f.ctx.uc_link = &S.main;
+      makecontext(&f.ctx, emu_fiber_entry, 0);
+    }
+    // Round robin over the runnable fibers; none runnable while some are unfinished: a
+    // collective that some threads never reach.
+    int left = n, idle = 0;
+    for (int i = 0; left > 0; i = (i + 1) % n) {
+      EmuFiber& f = S.fibers[i];
+      if (f.done || (f.blocked_on && !f.blocked_on->released(f.gen))) {
+        if (++idle <= n) continue;
+        for (const EmuFiber& g : S.fibers)
+          if (!g.done && g.blocked_on) {
+            std::fprintf(stderr, "cuda_emu: %s: %d of %d threads arrived, the others never did (divergent "
+                         "collective or deadlock) in block (%u,%u,%u)\n", g.what, g.blocked_on->arrived(),
+                         g.blocked_on->size(), blockIdx.x, blockIdx.y, blockIdx.z);
+            break;
           }
-          idle = 0;
-          f.blocked_on = nullptr;
-          S.cur = i;
-          threadIdx = f.tid;
-          swapcontext(&S.main, &f.ctx);
-          if (f.done) --left;
-        }
-        S.cur = -1;
-        emu_cta = nullptr;
+        std::fflush(stderr);
+        std::_Exit(86);
       }
+      idle = 0;
+      f.blocked_on = nullptr;
+      S.cur = i;
+      threadIdx = f.tid;
+      swapcontext(&S.main, &f.ctx);
+      if (f.done) --left;
+    }
+    S.cur = -1;
+    emu_cta = nullptr;
+  }
 }

@@ -40,7 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 TESTS = os.path.join(ROOT, "tests")
 CU_FILES = ("norm.cu", "rotary.cu", "kv_cache.cu")
-OPS = ("norm_fwd_cuda", "norm_bwd_cuda", "rotary_cuda", "kv_cache_append_cuda", "decode_attention_cuda")
+OPS = ("norm_fwd_cuda", "norm_bwd_cuda", "rotary_cuda", "kv_cache_append_cuda", "decode_attention_cuda",
+       "decode_attention_with_kv_cuda")
 
 # What the host code sees in place of the CUDA runtime and c10::cuda (prepended to each file).
 _PRELUDE = r"""

@@ -13,11 +13,16 @@ from fastlm.nn import PagedKVCache, StaticKVCache
 from fastlm.ops import kv_cache as kv_ops
 from fastlm.reference import kv_cache as ref_kv
 from torch.utils._python_dispatch import TorchDispatchMode
-from conftest import DEVICE, HAS_CUDA, kernel_backends
+from conftest import DEVICE, HAS_CUDA, cuda_mark, kernel_backends
 from tolerances import assert_close
 
-# The interpreter's tl.dot on bf16 is broken: bf16 decode runs on the GPU only.
-DTYPES = [torch.float16, torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+# (backend, dtype) pairs: the interpreter's tl.dot on bf16 is broken, so Triton's bf16 decode runs
+# on the GPU only; the CUDA kernels take every dtype here too (emulated without a GPU).
+BACKEND_DTYPES = [
+    *(("triton", dt) for dt in (torch.float16, torch.float32)),
+    pytest.param("triton", torch.bfloat16, marks=pytest.mark.gpu),
+    *(pytest.param("cuda", dt, marks=cuda_mark()) for dt in (torch.float16, torch.float32, torch.bfloat16)),
+]
 
 
 def make_cache(B, Hkv, D, dtype, cap, *, paged, block_size=4, spare_blocks=3):
@@ -94,8 +99,7 @@ def per_sequence_reference(q, kc, vc, lens, bt, scale):
 
 
 # ------------------------------------------------------------------------------ decode
-@pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 @pytest.mark.parametrize("paged", [True, False])
 @pytest.mark.parametrize("Hq,Hkv,Sq", [(4, 4, 1), (8, 2, 1), (6, 1, 3)])
 def test_decode(backend, dtype, paged, Hq, Hkv, Sq):
@@ -395,8 +399,7 @@ ROTARY_CASES = {  # name -> (rotary_dim as a fraction of D or None, interleaved)
 }
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 @pytest.mark.parametrize("paged", [True, False])
 @pytest.mark.parametrize("rotary", list(ROTARY_CASES))
 @pytest.mark.parametrize("Hq,Hkv,Sq", [(4, 4, 1), (8, 2, 1), (6, 1, 3)])
@@ -471,12 +474,13 @@ def test_decode_with_new_kv_matches_separate_ops(backend):
     torch.testing.assert_close(out, exp, atol=2e-3, rtol=0)
 
 
-def _fused_vs_separate_combine(B, Hq, Hkv, D, Sq, cap, lens, dtype, num_splits, paged=True, block_size=16):
-    """decode_attention(k=, v=) on the Triton backend (append + decode with the fused combine)
-    and kv_cache_append + decode_attention (decode + the combine kernel) on a copy of the cache:
-    the same partials merged by the same arithmetic (up to the order of a sum), the same cache.
-    Returns (fused out, separate out, the decode args for check_decode, a rerun of the fused
-    call: the same write and the same output again)."""
+def _fused_vs_separate_combine(B, Hq, Hkv, D, Sq, cap, lens, dtype, num_splits, paged=True, block_size=16,
+                               backend="triton"):
+    """decode_attention(k=, v=) (append + decode with the fused combine) and kv_cache_append +
+    decode_attention (decode + the combine kernel) on a copy of the cache: the same partials
+    merged by the same arithmetic (up to the order of a sum), the same cache.  Returns (fused
+    out, separate out, the decode args for check_decode, a rerun of the fused call: the same
+    write and the same output again)."""
     kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=block_size)
     lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
@@ -485,12 +489,12 @@ def _fused_vs_separate_combine(B, Hq, Hkv, D, Sq, cap, lens, dtype, num_splits, 
 
     def fused():
         return fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=v, block_table=bt, num_splits=num_splits,
-                                           backend="triton")
+                                           backend=backend)
 
     out = fused()
-    fastlm.ops.kv_cache_append(kc2, vc2, k, v, lens, block_table=bt, backend="triton")
+    fastlm.ops.kv_cache_append(kc2, vc2, k, v, lens, block_table=bt, backend=backend)
     exp = fastlm.ops.decode_attention(q, kc2, vc2, lens + Sq, block_table=bt, num_splits=num_splits,
-                                      backend="triton")
+                                      backend=backend)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
     torch.testing.assert_close(out, exp)  # the dtype's default tolerance: a rounding apart at most
     return out, exp, (q, kc2, vc2, lens + Sq, bt), fused
@@ -516,6 +520,21 @@ def test_fused_combine_equals_the_combine_kernel(num_splits, D, Sq, cap):
     kd.kv_cache_append(kc, vc, q[:, :1, :2], q[:, :1, :2], lens, bt, counters=counters)
     assert not counters.any()
     assert kd.combine_counters(q, kc, 1) is None
+
+
+@cuda_mark()
+@pytest.mark.parametrize("num_splits,D,Sq,cap", [(2, 16, 9, 70), (5, 40, 1, 70), (13, 64, 4, 300), (3, 18, 2, 40),
+                                                 (4, 8, 1, 9)])
+def test_cuda_fused_combine_equals_the_combine_kernel(num_splits, D, Sq, cap):
+    """The CUDA backend's fused combine (the last CTA of each (batch, kv head, 16-row tile) merges
+    the splits; the emulator runs the CTAs in a shuffled order, so a different CTA merges in each
+    tile): five row tiles per KV head (G * Sq = 72), an empty sequence, splits with no keys, the
+    CUDA-core kernel with an odd head_dim (D 18: the scalar merge), more splits than key steps
+    (D 8, 9 tokens), against the combine kernel and the reference."""
+    out, exp, (q, kc, vc, lens, bt), rerun = _fused_vs_separate_combine(
+        3, 16, 2, D, Sq, cap, [0, cap // 2, cap - Sq], torch.float16, num_splits, block_size=8, backend="cuda")
+    assert torch.equal(rerun(), out)
+    check_decode(q, kc, vc, lens, bt, "cuda", num_splits=num_splits)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -558,6 +577,49 @@ def test_rotary_append_kernel_position_past_table_is_nan():
     assert torch.isnan(q_out[1]).all() and torch.isnan(kc[1, 8]).all()
     assert not torch.isnan(q_out[0]).any() and not torch.isnan(kc[0, 3]).any()
     assert torch.equal(vc[1, 8], k[1, 0])
+
+
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("with_kv", [False, True])
+def test_nan_query_gives_nan_not_zero(backend, num_splits, with_kv):
+    """A NaN in a query (activations that overflowed upstream) gives a NaN output row, as the
+    reference does, never a plausible-looking 0 (a normalizer tested with `> 0` would make one);
+    the other rows are unaffected.  Split or not, fused combine or not."""
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 40
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=8)
+    lens = torch.tensor([20, 33], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    q[1, 0, 1, 3] = float("nan")
+    kv = {}
+    if with_kv:
+        k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+        kv = dict(k=k, v=k)
+    out = fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, num_splits=num_splits, backend=backend, **kv)
+    assert torch.isnan(out[1, 0, 1]).all()
+    assert not torch.isnan(out[0]).any() and not torch.isnan(out[1, 0, [0, 2, 3]]).any()
+
+
+@cuda_mark()
+def test_cuda_rotary_append_position_past_table_is_nan():
+    """The CUDA append of decode_attention(k=, v=, rotary_cos=...) (called below the op layer's
+    debug checks): a position past the tables rotates k to NaN in the cache and gives NaN
+    output, the other sequence is untouched by it, and v is still copied."""
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 12
+    kc, vc, _ = make_cache(B, Hkv, D, torch.float16, cap, paged=False)
+    lens = torch.tensor([3, 8], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    cos, sin = _tables(D, 8)
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = torch.ops.fastlm.decode_attention_with_kv_cuda(q, kc, vc, k, k, lens, None, cos, sin, False, 0.25, True,
+                                                         -1, 0.0, 2)
+    assert torch.isnan(out[1]).all() and torch.isnan(kc[1, 8]).all()
+    assert not torch.isnan(out[0]).any() and not torch.isnan(kc[0, 3]).any()
+    assert torch.equal(vc[1, 8], k[1, 0]) and torch.equal(vc[0, 3], k[0, 0])
+    untouched = torch.ones(cap, dtype=torch.bool, device=DEVICE)
+    untouched[[3, 8]] = False
+    assert torch.equal(kc[:, untouched], kc2[:, untouched]) and torch.equal(vc[:, untouched], vc2[:, untouched])
 
 
 def test_decode_with_new_kv_bad_inputs():
@@ -864,18 +926,20 @@ def test_decode_batch1_long_context_gpu(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("B,Hq,Hkv,Sq,num_splits", [(1, 32, 8, 1, 0), (1, 32, 8, 1, 128), (8, 32, 8, 1, 0),
                                                     (2, 32, 1, 4, 16)])
-def test_fused_combine_gpu(B, Hq, Hkv, Sq, num_splits):
+def test_fused_combine_gpu(backend, B, Hq, Hkv, Sq, num_splits):
     """The fused combine's ticket counters under real concurrency: the same output bit for bit on
     each of 50 reruns (a program merging before another's partials are visible would differ now
     and then), equal to the combine kernel's, and right against the reference."""
     cap = 8192
     lens = [cap - Sq - 17 * b for b in range(B)]
-    out, exp, args, rerun = _fused_vs_separate_combine(B, Hq, Hkv, 128, Sq, cap, lens, torch.bfloat16, num_splits)
+    out, exp, args, rerun = _fused_vs_separate_combine(B, Hq, Hkv, 128, Sq, cap, lens, torch.bfloat16, num_splits,
+                                                       backend=backend)
     for rep in range(50):
         assert torch.equal(rerun(), out), f"rerun {rep}: the fused combine's output changed"
-    check_decode(*args, "triton", num_splits=num_splits)
+    check_decode(*args, backend, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

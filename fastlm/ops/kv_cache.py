@@ -227,9 +227,8 @@ def _decode_kv_op(
     backend: str,
 ) -> torch.Tensor:
     """Rotate q and k (optional), append k/v, attend over cache_seqlens + seqlen_new tokens.
-    Triton: the rotation and the append are one launch, then decode (which merges its splits
-    itself: the fused combine of kernels/decode.py); CUDA: the rotary, append and decode (+
-    combine when split) kernels one after the other."""
+    Both backends: the rotation and the append are one launch, then the decode, which merges its
+    splits itself (the fused combine: no combine launch)."""
     n = k.shape[1]
     if value_checks_on(q):
         _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos)
@@ -246,17 +245,9 @@ def _decode_kv_op(
                            rotary_interleaved, counters=counters)
         return kd.decode_attention(q_rot, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal,
                                    window, softcap, num_splits, seqlen_add=n, counters=counters)
-    if rotary:
-        from fastlm.ops.rotary import POS_PER_SEQ, _launch
-
-        q_rot, k = torch.empty(q.shape, dtype=q.dtype, device=q.device), k.contiguous()
-        k_rot = torch.empty_like(k)
-        _launch("cuda", q.contiguous(), k, rotary_cos, rotary_sin, q_rot, k_rot, cache_seqlens, None, 0,
-                POS_PER_SEQ, rotary_interleaved, False)
-        q, k = q_rot, k_rot
-    torch.ops.fastlm.kv_cache_append_cuda(k_cache, v_cache, k, v, cache_seqlens, block_table)
-    return torch.ops.fastlm.decode_attention_cuda(q, k_cache, v_cache, cache_seqlens + n, block_table, softmax_scale,
-                                                  causal, window, softcap, num_splits)
+    return torch.ops.fastlm.decode_attention_with_kv_cuda(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                                                          rotary_cos, rotary_sin, rotary_interleaved, softmax_scale,
+                                                          causal, window, softcap, num_splits)
 
 
 @_decode_kv_op.register_fake
@@ -277,6 +268,12 @@ def _register_cuda_fakes():
     @torch.library.register_fake("fastlm::decode_attention_cuda")
     def _(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap, num_splits):
         return torch.empty_like(q)
+
+    if hasattr(torch.ops.fastlm, "decode_attention_with_kv_cuda"):
+        @torch.library.register_fake("fastlm::decode_attention_with_kv_cuda")
+        def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary_cos, rotary_sin, rotary_interleaved,
+              softmax_scale, causal, window, softcap, num_splits):
+            return torch.empty_like(q)
 
 
 _register_cuda_fakes()
@@ -469,8 +466,9 @@ def decode_attention(
     rotary_dim // 2), as fastlm.ops.rotary_tables gives; ``rotary_interleaved`` picks GPT-J pairs)
     q and k are rotated at those same positions first (seqlen_new must equal seqlen_q; q itself
     is not modified).  A position past the tables is an error in debug mode (see the module
-    docstring) and otherwise rotates to NaN, never to a wrapped angle.  The Triton backend rotates
-    and appends in one launch, before the decode launch.
+    docstring) and otherwise rotates to NaN, never to a wrapped angle.  The Triton and CUDA
+    backends rotate and append in one launch, then decode in one more (a split decode merges its
+    splits in the same launch).
     """
     check_tensor(q, "q", ndim=4)
     device = q.device
