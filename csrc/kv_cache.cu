@@ -12,7 +12,8 @@
 // launches.  kv_append_rotary_kernel appends the new tokens, rotating k and q at their positions
 // when rotary tables are given, and zeroes the fused-combine counters; the decode then attends
 // over the old and new tokens and, when split, its last CTA per tile merges the splits
-// (fused_combine) instead of a combine_kernel launch.
+// (fused_combine) instead of a combine_kernel launch (unless a tile's partials exceed
+// kMaxFusedMergeBytes: then three launches).
 //
 // decode_attention_cuda: memory-bound, so the floor is reading every visible K/V byte once.
 // Grid (split, kv_head x row_tile, batch), 4 warps per CTA.  A CTA owns one KV head and 16 "query
@@ -309,14 +310,22 @@ __device__ __forceinline__ void load_v_chunks(uint32_t (&vw)[4][VM][4], const bo
   }
 }
 
-// Fused combine (decode_attention_cuda_with_kv, num_splits > 1): after writing its partials,
-// each CTA takes a ticket from the counter of its (batch, kv head, row tile) -- its threads' writes
-// fenced to device scope first, then one thread's atomicAdd (the pattern of a grid-wide
+constexpr int kMergeUnroll = 8;  // splits whose partials are loaded together (combine_kernel, merge_tile)
+// The fused combine merges in one CTA what combine_kernel spreads over one CTA per row: above
+// this many bytes of partials per tile (rows x head_dim x splits x 4), the separate kernel is
+// used.  At batch 1 with 8 KV heads (33 splits on an H100) a Llama tile of 4 rows reads 34 KiB
+// (head_dim 64) or 68 KiB (128); MQA's 16-row tiles at 128 splits would read 1 MiB.  (A first
+// guess, to be set from bench_decode's decode_step rows on a GPU.)
+constexpr int64_t kMaxFusedMergeBytes = 128 * 1024;
+
+// Fused combine (decode_attention_with_kv_cuda, num_splits > 1): after writing its partials,
+// each CTA takes a ticket from the counter of its (batch, kv head, row tile) -- its threads'
+// writes fenced to device scope first, then one thread's atomicAdd (the pattern of a grid-wide
 // reduction); the CTA that draws the last ticket merges the splits of its rows, which saves the
-// combine launch.  The merge: 8 threads per row (16 rows x 8 = 128) reduce the max and the sum of
-// the splits' weights 2^(lse_i - max) into s_w (normalized); then every (row, 4-column) item of
-// the tile sums its splits' partials, 4 splits' 16-byte loads at a time.  Reads with .cg (L2):
-// the other CTAs wrote these, and a stale L1 line must not answer.
+// combine launch.  The merge: 8 threads per row (16 rows x 8 = 128) reduce the max and the sum
+// of the splits' weights 2^(lse_i - max) into s_w (normalized); then every (row, 4-column) item
+// of the tile sums its splits' partials, kMergeUnroll splits' 16-byte loads at a time.  Reads
+// with .cg (L2): the other CTAs wrote these, and a stale L1 line must not answer.
 template <typename T>
 __device__ void merge_tile(const DecodeParams& p, int b, int hkv, int mtile) {
   __shared__ float s_w[kRows][kMaxSplits];
@@ -357,12 +366,13 @@ __device__ void merge_tile(const DecodeParams& p, int b, int hkv, int mtile) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (vec == 4) {
       int i = 0;
-      for (; i + 4 <= NS; i += 4) {
-        float4 x[4];
+      for (; i + kMergeUnroll <= NS; i += kMergeUnroll) {
+        float4 x[kMergeUnroll];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) x[u] = __ldcg(reinterpret_cast<const float4*>(o + static_cast<int64_t>(i + u) * p.D));
+        for (int u = 0; u < kMergeUnroll; ++u)
+          x[u] = __ldcg(reinterpret_cast<const float4*>(o + static_cast<int64_t>(i + u) * p.D));
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
+        for (int u = 0; u < kMergeUnroll; ++u) {
           const float w = s_w[r][i + u];
           acc[0] += w * x[u].x;
           acc[1] += w * x[u].y;
@@ -717,7 +727,6 @@ __global__ void __launch_bounds__(kThreads) decode_simple_kernel(const DecodePar
 // One split per thread for the max and the weights (two block reductions, not a serial loop of
 // loads), then per output element the partials kMergeUnroll splits at a time, their loads issued
 // together: ceil(num_splits / 8) L2 round trips instead of num_splits.
-constexpr int kMergeUnroll = 8;
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxSplits) combine_kernel(const DecodeParams p) {
@@ -1049,8 +1058,10 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
   c10::cuda::CUDAGuard guard(q_in.device());
   const bool append = S > 0;
   at::Tensor q = rotary ? at::empty(q_in.sizes(), q_in.options()) : decode_ready(q_in);  // (rotated into by the append)
-  at::Tensor sem;
-  if (append && num_splits > 1) sem = at::empty({B, k_cache.size(2) * row_tiles(q_in, k_cache)}, cache_seqlens.options());
+  at::Tensor sem;  // the fused combine's counters (zeroed by the append), unless a tile's merge is too big for one CTA
+  const int64_t tile_rows = std::min<int64_t>(kRows, Hq / k_cache.size(2) * Sq);
+  if (append && num_splits > 1 && tile_rows * D * num_splits * 4 <= kMaxFusedMergeBytes)
+    sem = at::empty({B, k_cache.size(2) * row_tiles(q_in, k_cache)}, cache_seqlens.options());
   if (append) {
     if (rotary) {  // one row stride for both tables, unit column stride
       cos = cos.contiguous();

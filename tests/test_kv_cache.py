@@ -524,13 +524,14 @@ def test_fused_combine_equals_the_combine_kernel(num_splits, D, Sq, cap):
 
 @cuda_mark()
 @pytest.mark.parametrize("num_splits,D,Sq,cap", [(2, 16, 9, 70), (5, 40, 1, 70), (13, 64, 4, 300), (3, 18, 2, 40),
-                                                 (4, 8, 1, 9)])
+                                                 (4, 8, 1, 9), (40, 64, 4, 700)])
 def test_cuda_fused_combine_equals_the_combine_kernel(num_splits, D, Sq, cap):
     """The CUDA backend's fused combine (the last CTA of each (batch, kv head, 16-row tile) merges
     the splits; the emulator runs the CTAs in a shuffled order, so a different CTA merges in each
     tile): five row tiles per KV head (G * Sq = 72), an empty sequence, splits with no keys, the
     CUDA-core kernel with an odd head_dim (D 18: the scalar merge), more splits than key steps
-    (D 8, 9 tokens), against the combine kernel and the reference."""
+    (D 8, 9 tokens), and a tile too big to merge in one CTA (16 rows x D 64 x 40 splits: the
+    combine kernel instead), against the combine kernel and the reference."""
     out, exp, (q, kc, vc, lens, bt), rerun = _fused_vs_separate_combine(
         3, 16, 2, D, Sq, cap, [0, cap // 2, cap - Sq], torch.float16, num_splits, block_size=8, backend="cuda")
     assert torch.equal(rerun(), out)
