@@ -41,6 +41,13 @@ from fastlm.kernels.rotary import _rotate_tile
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 128
+# The fused combine merges in one program what _combine_kernel spreads over one program per
+# row: above this many bytes of partials per tile (merged rows x head_dim x splits x 4) the
+# separate combine is used (at batch 1 with 8 KV heads a Llama tile of 4 rows at 33 splits reads
+# 34 KiB at head_dim 64, 68 KiB at 128; an MQA tile of 32 rows at 64 splits, 1 MiB).  A first
+# guess, to be set from bench_decode's decode_step rows on a GPU; csrc/kv_cache.cu's
+# kMaxFusedMergeBytes is the same limit.
+MAX_FUSED_MERGE_BYTES = 128 * 1024
 
 
 @triton.jit
@@ -415,15 +422,22 @@ def decode_config(n_rows, head_dim):
     return block_m, block_n, block_d, num_warps, num_stages
 
 
+def fused_merge_rows(rows, head_dim):
+    """Query rows one program merges in the fused combine (MERGE_M of _decode_kernel)."""
+    return min(decode_config(rows, head_dim)[0], triton.next_power_of_2(rows))
+
+
 def combine_counters(q, k_cache, num_splits):
     """The fused combine's counters for decode_attention(q, k_cache, ..., num_splits), to be
     zeroed by the kv_cache_append launched just before it (uninitialized here); None when
-    there is nothing to combine."""
+    there is nothing to combine, or when a tile's partials exceed MAX_FUSED_MERGE_BYTES (the
+    combine kernel then merges them)."""
     B, Sq, Hq, D = q.shape
     Hkv = k_cache.shape[2]
-    if num_splits <= 1 or q.numel() == 0:
+    rows = Hq // Hkv * Sq
+    if num_splits <= 1 or q.numel() == 0 or fused_merge_rows(rows, D) * D * num_splits * 4 > MAX_FUSED_MERGE_BYTES:
         return None
-    n_mtiles = triton.cdiv(Hq // Hkv * Sq, decode_config(Hq // Hkv * Sq, D)[0])
+    n_mtiles = triton.cdiv(rows, decode_config(rows, D)[0])
     return torch.empty((B, Hkv * n_mtiles), dtype=torch.int32, device=q.device)
 
 
@@ -446,7 +460,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sc
     n_mtiles = triton.cdiv(G * Sq, block_m)
     split = num_splits > 1
     fused = split and counters is not None  # (the merge constexprs stay 1 otherwise: no recompiles)
-    merge_m = min(block_m, triton.next_power_of_2(G * Sq))
+    merge_m = fused_merge_rows(G * Sq, D)
     if split:
         o_part = torch.empty((B, Sq, Hq, num_splits, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((B, Sq, Hq, num_splits), dtype=torch.float32, device=q.device)

@@ -522,6 +522,22 @@ def test_fused_combine_equals_the_combine_kernel(num_splits, D, Sq, cap):
     assert kd.combine_counters(q, kc, 1) is None
 
 
+def test_fused_combine_falls_back_for_big_tiles():
+    """A tile whose partials exceed MAX_FUSED_MERGE_BYTES (too much for one program to merge)
+    gets no counters, so the combine kernel merges it; the output is still the reference's."""
+    from fastlm.kernels import decode as kd
+
+    limit = kd.MAX_FUSED_MERGE_BYTES
+    q, kc = torch.empty(1, 1, 32, 128), torch.empty(1, 8, 1, 128)  # MQA: 32 rows per tile
+    assert kd.fused_merge_rows(32, 128) == 32
+    fits = limit // (32 * 128 * 4)
+    assert kd.combine_counters(q, kc, fits) is not None and kd.combine_counters(q, kc, fits + 1) is None
+    # 32 rows x D 64 x 40 splits = 320 KiB: the separate combine, through the fused op
+    _, _, args, _ = _fused_vs_separate_combine(1, 16, 2, 64, 4, 700, [650], torch.float16, 40, block_size=8)
+    assert kd.combine_counters(args[0], args[1], 40) is None
+    check_decode(*args, "triton", num_splits=40)
+
+
 @cuda_mark()
 @pytest.mark.parametrize("num_splits,D,Sq,cap", [(2, 16, 9, 70), (5, 40, 1, 70), (13, 64, 4, 300), (3, 18, 2, 40),
                                                  (4, 8, 1, 9), (40, 64, 4, 700)])
@@ -928,14 +944,23 @@ def test_decode_batch1_long_context_gpu(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("B,Hq,Hkv,Sq,num_splits", [(1, 32, 8, 1, 0), (1, 32, 8, 1, 128), (8, 32, 8, 1, 0),
-                                                    (2, 32, 1, 4, 16)])
+@pytest.mark.parametrize("B,Hq,Hkv,Sq,num_splits", [(1, 32, 8, 1, 0), (1, 32, 8, 1, 64), (8, 32, 8, 1, 0),
+                                                    (2, 32, 1, 4, 3), (2, 16, 2, 2, 16)])
 def test_fused_combine_gpu(backend, B, Hq, Hkv, Sq, num_splits):
     """The fused combine's ticket counters under real concurrency: the same output bit for bit on
     each of 50 reruns (a program merging before another's partials are visible would differ now
-    and then), equal to the combine kernel's, and right against the reference."""
+    and then), equal to the combine kernel's, and right against the reference.  (Shapes whose
+    tiles stay under MAX_FUSED_MERGE_BYTES, so the fused path is the one run; two row tiles per
+    KV head in the MQA case.)"""
+    from fastlm.kernels import decode as kd
+
     cap = 8192
     lens = [cap - Sq - 17 * b for b in range(B)]
+    rows = Hq // Hkv * Sq
+    splits = num_splits or kv_ops.num_splits_heuristic(B, Hkv, kv_ops._row_tiles(backend, rows, 128), cap,
+                                                       torch.empty(0, device=DEVICE).device)  # (cuda:N)
+    merge_rows = kd.fused_merge_rows(rows, 128) if backend == "triton" else min(16, rows)
+    assert splits > 1 and merge_rows * 128 * splits * 4 <= kd.MAX_FUSED_MERGE_BYTES, "not the fused path"
     out, exp, args, rerun = _fused_vs_separate_combine(B, Hq, Hkv, 128, Sq, cap, lens, torch.bfloat16, num_splits,
                                                        backend=backend)
     for rep in range(50):
