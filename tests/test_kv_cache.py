@@ -291,18 +291,23 @@ def test_decode_with_new_kv_finished_sequence(backend):
     torch.testing.assert_close(out[:1], exp, atol=1e-3, rtol=0)
 
 
-def _launch_raw_append(backend, kc, vc, k, lens, bt):
+def _launch_raw_append(backend, kc, vc, k, lens, bt, with_decode=False):
     if backend == "triton":
         from fastlm.kernels import decode as kd
 
         kd.kv_cache_append(kc, vc, k, k, lens, bt)
+    elif with_decode:  # the append kernel of the fused op (the decode after it masks bad blocks)
+        q = torch.randn(k.shape[0], k.shape[1], 2 * k.shape[2], k.shape[3], dtype=k.dtype, device=k.device)
+        torch.ops.fastlm.decode_attention_with_kv_cuda(q, kc, vc, k, k, lens, bt, None, None, False, 0.25, True, -1,
+                                                       0.0, 2)
     else:
         torch.ops.fastlm.kv_cache_append_cuda(kc, vc, k, k, lens, bt)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend,with_decode", [("triton", False), pytest.param("cuda", False, marks=cuda_mark()),
+                                                 pytest.param("cuda", True, marks=cuda_mark())])
 @pytest.mark.parametrize("paged", [True, False])
-def test_append_kernel_never_writes_out_of_bounds(backend, paged):
+def test_append_kernel_never_writes_out_of_bounds(backend, with_decode, paged):
     # The kernels themselves (no host checks): positions past the capacity, negative positions and
     # block ids >= num_blocks are skipped, everything in range is written.
     B, S, Hkv, D, cap = 3, 4, 2, 16, 8
@@ -312,7 +317,7 @@ def test_append_kernel_never_writes_out_of_bounds(backend, paged):
     lens = torch.tensor([6, -2, 3], dtype=torch.int32, device=DEVICE)
     k = torch.randn(B, S, Hkv, D, device=DEVICE)
     kc0 = kc.clone()
-    _launch_raw_append(backend, kc, vc, k, lens, bt)
+    _launch_raw_append(backend, kc, vc, k, lens, bt, with_decode)
     changed = (kc != kc0).any(-1).any(-1)
     expect = torch.zeros_like(changed)
     for b, start in enumerate(lens.tolist()):
@@ -342,6 +347,35 @@ def test_opcheck(backend):
     if backend == "cuda":
         torch.library.opcheck(torch.ops.fastlm.decode_attention_cuda.default, (q, kc, vc, lens, bt, 0.25, True, -1, 0.0, 3))
         torch.library.opcheck(torch.ops.fastlm.kv_cache_append_cuda.default, (kc, vc, k, k, lens_app, bt))
+        cos, sin = _tables(D, cap)
+        torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv_cuda.default,
+                              (q, kc, vc, k, k, lens_app, bt, cos, sin, False, 0.25, True, -1, 0.0, 3))
+
+
+@cuda_mark()
+def test_cuda_with_kv_op_rejects_bad_arguments():
+    """The C++ op checks what it is given even when called directly (TORCH_CHECK), naming the
+    argument."""
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 19
+    kc, vc, bt, lens, q, k = small_paged_case(cap, [5, 12])
+    cos, sin = _tables(D, cap)
+    op = torch.ops.fastlm.decode_attention_with_kv_cuda
+
+    def call(**kw):
+        a = dict(q=q, kc=kc, vc=vc, k=k, v=k, lens=lens, bt=bt, cos=cos, sin=sin)
+        a.update(kw)
+        return op(a["q"], a["kc"], a["vc"], a["k"], a["v"], a["lens"], a["bt"], a["cos"], a["sin"], False, 0.25, True,
+                  -1, 0.0, 2)
+
+    for kw, match in [(dict(sin=sin[:, :3]), "rotary_sin"), (dict(cos=cos[:, :1].expand(-1, D)), "rotary_cos"),
+                      (dict(sin=None), "come together"), (dict(k=k[:1], v=k[:1]), "batch"),
+                      (dict(q=torch.cat([q, q], 1)), "seqlen_new"), (dict(v=k[..., :8]), "v shape"),
+                      (dict(lens=lens.long()), "cache_seqlens"), (dict(cos=cos.half(), sin=sin.half()), None)]:
+        if match is None:  # fp16 tables with fp16 q: accepted
+            call(**kw)
+            continue
+        with pytest.raises(RuntimeError, match=match):
+            call(**kw)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
