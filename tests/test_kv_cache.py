@@ -612,22 +612,34 @@ def test_decode_with_new_kv_opcheck_and_compile(backend):
     torch.testing.assert_close(out, exp, atol=1e-3, rtol=0)
 
 
-def test_rotary_append_kernel_position_past_table_is_nan():
-    """Without the host check (CUDA without FASTLM_DEBUG) a position past the tables rotates to
-    NaN in the cache and in q, never to a wrapped or stale angle."""
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_rotary_append_position_past_table_is_nan(backend):
+    """The rotary append of decode_attention(k=, v=, rotary_cos=...) below the op layer's debug
+    checks (CUDA without FASTLM_DEBUG): a position past the tables rotates q and k to NaN (q's
+    rotated copy, the cache row; on CUDA the attention output of that sequence), never to a
+    wrapped or stale angle; v is still copied, the other sequence and every other cache row are
+    untouched."""
     from fastlm.kernels import decode as kd
 
     B, Hq, Hkv, D, cap = 2, 4, 2, 16, 12
-    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=False)
+    kc, vc, _ = make_cache(B, Hkv, D, torch.float16, cap, paged=False)
     lens = torch.tensor([3, 8], dtype=torch.int32, device=DEVICE)
     q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
     k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
     cos, sin = _tables(D, 8)
-    q_out = torch.zeros_like(q)
-    kd.kv_cache_append(kc, vc, k, k, lens, None, q, q_out, cos, sin)
+    kc2, vc2 = kc.clone(), vc.clone()
+    if backend == "triton":
+        q_out = torch.zeros_like(q)
+        kd.kv_cache_append(kc, vc, k, k, lens, None, q, q_out, cos, sin)
+    else:  # (the rotated q is internal: its output row shows it)
+        q_out = torch.ops.fastlm.decode_attention_with_kv_cuda(q, kc, vc, k, k, lens, None, cos, sin, False, 0.25,
+                                                               True, -1, 0.0, 2)
     assert torch.isnan(q_out[1]).all() and torch.isnan(kc[1, 8]).all()
     assert not torch.isnan(q_out[0]).any() and not torch.isnan(kc[0, 3]).any()
-    assert torch.equal(vc[1, 8], k[1, 0])
+    assert torch.equal(vc[1, 8], k[1, 0]) and torch.equal(vc[0, 3], k[0, 0])
+    untouched = torch.ones(cap, dtype=torch.bool, device=DEVICE)
+    untouched[[3, 8]] = False
+    assert torch.equal(kc[:, untouched], kc2[:, untouched]) and torch.equal(vc[:, untouched], vc2[:, untouched])
 
 
 @pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
@@ -649,28 +661,6 @@ def test_nan_query_gives_nan_not_zero(backend, num_splits, with_kv):
     out = fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, num_splits=num_splits, backend=backend, **kv)
     assert torch.isnan(out[1, 0, 1]).all()
     assert not torch.isnan(out[0]).any() and not torch.isnan(out[1, 0, [0, 2, 3]]).any()
-
-
-@cuda_mark()
-def test_cuda_rotary_append_position_past_table_is_nan():
-    """The CUDA append of decode_attention(k=, v=, rotary_cos=...) (called below the op layer's
-    debug checks): a position past the tables rotates k to NaN in the cache and gives NaN
-    output, the other sequence is untouched by it, and v is still copied."""
-    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 12
-    kc, vc, _ = make_cache(B, Hkv, D, torch.float16, cap, paged=False)
-    lens = torch.tensor([3, 8], dtype=torch.int32, device=DEVICE)
-    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
-    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
-    cos, sin = _tables(D, 8)
-    kc2, vc2 = kc.clone(), vc.clone()
-    out = torch.ops.fastlm.decode_attention_with_kv_cuda(q, kc, vc, k, k, lens, None, cos, sin, False, 0.25, True,
-                                                         -1, 0.0, 2)
-    assert torch.isnan(out[1]).all() and torch.isnan(kc[1, 8]).all()
-    assert not torch.isnan(out[0]).any() and not torch.isnan(kc[0, 3]).any()
-    assert torch.equal(vc[1, 8], k[1, 0]) and torch.equal(vc[0, 3], k[0, 0])
-    untouched = torch.ones(cap, dtype=torch.bool, device=DEVICE)
-    untouched[[3, 8]] = False
-    assert torch.equal(kc[:, untouched], kc2[:, untouched]) and torch.equal(vc[:, untouched], vc2[:, untouched])
 
 
 def test_decode_with_new_kv_bad_inputs():
