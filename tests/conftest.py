@@ -22,6 +22,49 @@ from fastlm import _C_loader  # noqa: E402
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+def _interpreter_bf16_dot():
+    """The Triton interpreter keeps bf16 tensors as their uint16 bit patterns, and its tl.dot
+    multiplies those integers: a bf16 dot comes out as garbage.  Its builder's create_dot is
+    wrapped here to widen bf16 operands to fp32 first, which is what a GPU's MMA computes
+    (bf16 products are exact in fp32, accumulated in fp32), so the kernels' bf16 paths run in
+    CI too.  Returns whether the fix is in (False if this Triton's interpreter looks different:
+    the bf16 Triton tests then stay GPU-only)."""
+    if HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter as ti
+
+        builder, handle = ti.InterpreterBuilder, ti.TensorHandle
+        real = builder.create_dot
+    except (ImportError, AttributeError):
+        return False
+    if getattr(real, "_fastlm_bf16", False):
+        return True
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        return handle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        return real(self, widen(a), widen(b), d, *args, **kwargs)
+
+    create_dot._fastlm_bf16 = True
+    builder.create_dot = create_dot
+    return True
+
+
+INTERPRETER_BF16_DOT = _interpreter_bf16_dot()
+
+
+def triton_bf16_mark():
+    """The mark of a bf16 case of a Triton kernel that uses tl.dot: none on a GPU or with the
+    interpreter's bf16 dot fixed (above), else gpu."""
+    return () if HAS_CUDA or INTERPRETER_BF16_DOT else pytest.mark.gpu
+
+
 def pytest_report_header(config):
     return [
         f"fastlm: device={DEVICE} torch={torch.__version__} cuda_kernels={_C_loader.HAVE_CUDA_KERNELS} "

@@ -2,9 +2,9 @@
 reference, under the policy of tests/tolerances.py (error <= 2x the same reference computed in
 the input dtype, plus a small floor).
 
-On CPU the Triton kernels run under the interpreter: fp16/fp32 only (its bf16 dot is broken)
-and a representative subset of small shapes; the full cross-product (bf16, head dims up to 256,
-lengths up to 1000) is marked gpu.
+On CPU the Triton kernels run under the interpreter: a representative subset of small shapes,
+fp16/fp32 and a few bf16 cases (with tests/conftest.py's fix of the interpreter's bf16 dot);
+the full cross-product (bf16, head dims up to 256, lengths up to 1000) is marked gpu.
 """
 import itertools
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICE, HAS_CUDA
+from conftest import DEVICE, HAS_CUDA, triton_bf16_mark
 from tolerances import assert_close, max_err
 
 import fastlm
@@ -114,6 +114,12 @@ CPU_CASES = [
     (1, 47, 18, 2, 2, 32, False, (2, 2), 1.0, False, F16),  # Sq > Sk window: leading rows fully masked
     (1, 19, 23, 2, 1, 200, True, (-1, -1), 3.0, False, F16),  # BLOCK_D 256 (head_dim > 128)
     (1, 9, 9, 1, 1, 256, False, (-1, -1), 0.0, True, F32),  # the largest head_dim
+    # bf16 (the interpreter's bf16 dot as fixed by conftest, else GPU-only)
+    *(pytest.param(c, marks=triton_bf16_mark()) for c in [
+        (1, 33, 33, 4, 2, 64, True, (-1, -1), 0.0, False, torch.bfloat16),
+        (1, 29, 41, 4, 1, 40, False, (5, 2), 3.0, True, torch.bfloat16),  # window + softcap, MQA
+        (2, 1, 19, 4, 2, 128, True, (-1, -1), 0.0, False, torch.bfloat16),  # decode-like
+    ]),
 ]
 
 
@@ -122,6 +128,24 @@ def _case_id(c):
     return (f"b{B}-q{Sq}-k{Sk}-h{Hq}/{Hk}-d{D}{'-causal' if causal else ''}"
             f"{'-w%d,%d' % window if window != (-1, -1) else ''}{'-cap' if softcap else ''}"
             f"{'-det' if det else ''}-{str(dtype).split('.')[-1]}")
+
+
+@triton.jit
+def _dot_probe(A, B, C, N: tl.constexpr):
+    i = tl.arange(0, N)
+    a = tl.load(A + i[:, None] * N + i[None, :])
+    b = tl.load(B + i[:, None] * N + i[None, :])
+    tl.store(C + i[:, None] * N + i[None, :], tl.dot(a, b, tl.full([N, N], 1.0, tl.float32)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=triton_bf16_mark())])
+def test_dot_of_the_kernels_dtypes(dtype):
+    """tl.dot as the kernels' tests see it (on CPU: the interpreter, its bf16 dot fixed by
+    conftest) is the fp32 product of the inputs' exact values, plus the accumulator."""
+    a, b = (torch.randn(16, 16, device=DEVICE).to(dtype) for _ in range(2))
+    c = torch.empty(16, 16, device=DEVICE)
+    _dot_probe[(1,)](a, b, c, N=16)
+    torch.testing.assert_close(c, a.float() @ b.float() + 1.0, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)

@@ -13,15 +13,16 @@ from fastlm.nn import PagedKVCache, StaticKVCache
 from fastlm.ops import kv_cache as kv_ops
 from fastlm.reference import kv_cache as ref_kv
 from torch.utils._python_dispatch import TorchDispatchMode
-from conftest import DEVICE, HAS_CUDA, cuda_mark, kernel_backends
+from conftest import DEVICE, HAS_CUDA, cuda_mark, kernel_backends, triton_bf16_mark
 from tolerances import assert_close
 
-# (backend, dtype) pairs: the interpreter's tl.dot on bf16 is broken, so Triton's bf16 decode runs
-# on the GPU only; the CUDA kernels take every dtype here too (emulated without a GPU).
+# (backend, dtype) pairs: Triton's bf16 decode runs under the interpreter with conftest's fix of
+# its bf16 dot (else on the GPU only); the CUDA kernels (emulated without a GPU) take every dtype.
 BACKEND_DTYPES = [
-    *(("triton", dt) for dt in (torch.float16, torch.float32)),
-    pytest.param("triton", torch.bfloat16, marks=pytest.mark.gpu),
-    *(pytest.param("cuda", dt, marks=cuda_mark()) for dt in (torch.float16, torch.float32, torch.bfloat16)),
+    *(pytest.param("triton", dt, id=f"triton-{str(dt)[6:]}") for dt in (torch.float16, torch.float32)),
+    pytest.param("triton", torch.bfloat16, marks=triton_bf16_mark(), id="triton-bfloat16"),
+    *(pytest.param("cuda", dt, marks=cuda_mark(), id=f"cuda-{str(dt)[6:]}")
+      for dt in (torch.float16, torch.float32, torch.bfloat16)),
 ]
 
 
