@@ -1013,9 +1013,12 @@ def test_unaligned_cache(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_cuda_graph_decode_step(backend):
-    """A decode step (advance + per-layer append + attend) captured in a CUDA graph and replayed
-    after host-side reserve() calls: outputs match the reference on the cache after each step."""
+@pytest.mark.parametrize("fused", [False, True], ids=["append+attend", "append_attend"])
+def test_cuda_graph_decode_step(backend, fused):
+    """A decode step (advance + per-layer append + attend, or the one-call append_attend with
+    rotary and a forced split: the fused combine's counters re-zeroed on every replay) captured
+    in a CUDA graph and replayed after host-side reserve() calls: outputs match the reference on
+    the cache after each step."""
     L_, B, Hq, Hkv, D = 2, 3, 8, 2, 64
     cache = PagedKVCache(L_, 64, 16, Hkv, D, torch.bfloat16, DEVICE, max_batch=B, max_seqlen=512)
     for _ in range(B):
@@ -1029,11 +1032,20 @@ def test_cuda_graph_decode_step(backend):
     k = torch.randn(L_, B, 1, Hkv, D, dtype=torch.bfloat16, device=DEVICE)
     out = torch.empty(L_, B, 1, Hq, D, dtype=torch.bfloat16, device=DEVICE)
 
+    cos, sin = fastlm.ops.rotary_tables(D, 512, device=DEVICE)
+    q_rot = torch.empty_like(q)  # q as the fused step rotates it (for the reference)
+
     def step():
         cache.advance(1)
         for layer in range(L_):
-            cache.append(layer, k[layer], k[layer], backend=backend)
-            out[layer] = cache.attend(layer, q[layer], backend=backend)
+            if fused:
+                out[layer] = cache.append_attend(layer, q[layer], k[layer], k[layer], rotary_cos=cos, rotary_sin=sin,
+                                                 num_splits=3, backend=backend)
+                q_rot[layer] = fastlm.ops.apply_rotary(q[layer], q[layer, :, :, :Hkv], cos, sin,
+                                                       positions=cache.positions, backend="reference")[0]
+            else:
+                cache.append(layer, k[layer], k[layer], backend=backend)
+                out[layer] = cache.attend(layer, q[layer], backend=backend)
 
     cache.reserve(1)
     step()  # eager warm-up: compiles the kernels (and is a real step)
@@ -1048,7 +1060,7 @@ def test_cuda_graph_decode_step(backend):
         g.replay()
         torch.cuda.synchronize()
         for layer in range(L_):
-            expected = reference.decode_attention(q[layer], cache.k_cache[layer], cache.v_cache[layer], cache.seqlens,
-                                                  block_table=cache.block_table)
+            expected = reference.decode_attention(q_rot[layer] if fused else q[layer], cache.k_cache[layer],
+                                                  cache.v_cache[layer], cache.seqlens, block_table=cache.block_table)
             torch.testing.assert_close(out[layer].float(), expected.float(), atol=2e-2, rtol=0)
     assert cache.seqlens.tolist() == [p + 4 for p in prompt] and cache.lengths() == [p + 4 for p in prompt]

@@ -121,8 +121,9 @@ class _KVCacheBase(nn.Module):
 
     def append_attend(self, layer, q, k, v, *, rotary_cos=None, rotary_sin=None, rotary_interleaved=False, **kwargs):
         """``append`` + ``attend`` as one ``decode_attention(k=, v=)`` call: k, v written at
-        ``positions``, q and k first rotated at those positions when rotary tables are given (the
-        Triton backend rotates and appends in one launch).  kwargs as for ``attend``."""
+        ``positions``, q and k first rotated at those positions when rotary tables are given (both
+        kernel backends rotate and append in one launch, then decode in one more).  kwargs as
+        for ``attend``."""
         kc, vc, bt = self._layer_args(layer, q.shape[0])
         return ops.decode_attention(q, kc, vc, self._rows(self.positions, q.shape[0]), k=k, v=v,
                                     rotary_cos=rotary_cos, rotary_sin=rotary_sin,
