@@ -7,7 +7,6 @@ GPT-NeoX rotate_half, GPT-J interleaved).  Triton runs under the interpreter wit
 (bf16 included: the kernel has no tl.dot); CUDA tests carry @pytest.mark.gpu.
 """
 import math
-import os
 
 import pytest
 import torch
