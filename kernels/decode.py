@@ -28,7 +28,8 @@ Decode (memory-bound: every byte of the visible K/V is read once):
   merges the splits (`_merge_splits`, which `_combine_kernel` also uses: vectorized over the
   splits, so the merge is a few wide loads, not a chain of one L2 round trip per split).  The
   counters are zeroed by the append kernel launched just before on the same stream (no memset
-  launch, and nothing kept between calls: CUDA-graph safe).
+  launch, and nothing kept between calls: CUDA-graph safe).  A tile whose partials exceed
+  MAX_FUSED_MERGE_BYTES is left to `_combine_kernel` (too much for one program to merge).
 - Masks: query row at position p = L - seqlen_q + s sees key t iff t < L, t <= p (causal) and
   t >= p - window (window >= 0).  Rows that see no key give 0.  Block ids out of range are
   masked (never read).  Forward only.

@@ -228,7 +228,8 @@ def _decode_kv_op(
 ) -> torch.Tensor:
     """Rotate q and k (optional), append k/v, attend over cache_seqlens + seqlen_new tokens.
     Both backends: the rotation and the append are one launch, then the decode, which merges its
-    splits itself (the fused combine: no combine launch)."""
+    splits itself (the fused combine: no combine launch) unless a row tile's partials exceed
+    MAX_FUSED_MERGE_BYTES (then a combine launch follows)."""
     n = k.shape[1]
     if value_checks_on(q):
         _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos)
