@@ -458,6 +458,11 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sc
     page = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
     block_m, block_n, block_d, num_warps, num_stages = decode_config(G * Sq, D)
+    if q.dtype == torch.float32:
+        # Exact fp32 dots run on the FMA units: at BLOCK_N 64 with 4 warps the D=80 case needs
+        # 255 registers and spills ~850 bytes (triton 3.6, sm_90); half the keys per tile over
+        # 8 warps fits in 76 without a spill.
+        block_n, num_warps, num_stages = max(16, block_n // 2), 8, 2
     n_mtiles = triton.cdiv(G * Sq, block_m)
     split = num_splits > 1
     fused = split and counters is not None  # (the merge constexprs stay 1 otherwise: no recompiles)
