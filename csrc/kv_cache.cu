@@ -365,28 +365,21 @@ __device__ void merge_tile(const DecodeParams& p, int b, int hkv, int mtile) {
     const float* o = p.o_part + prow * p.D + c;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (vec == 4) {
-      int i = 0;
-      for (; i + kMergeUnroll <= NS; i += kMergeUnroll) {
+      for (int i0 = 0; i0 < NS; i0 += kMergeUnroll) {
         float4 x[kMergeUnroll];
 #pragma unroll
         for (int u = 0; u < kMergeUnroll; ++u)
-          x[u] = __ldcg(reinterpret_cast<const float4*>(o + static_cast<int64_t>(i + u) * p.D));
+          x[u] = i0 + u < NS ? __ldcg(reinterpret_cast<const float4*>(o + static_cast<int64_t>(i0 + u) * p.D))
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
         for (int u = 0; u < kMergeUnroll; ++u) {
-          const float w = s_w[r][i + u];
+          if (i0 + u >= NS) break;
+          const float w = s_w[r][i0 + u];
           acc[0] += w * x[u].x;
           acc[1] += w * x[u].y;
           acc[2] += w * x[u].z;
           acc[3] += w * x[u].w;
         }
-      }
-      for (; i < NS; ++i) {
-        const float4 x = __ldcg(reinterpret_cast<const float4*>(o + static_cast<int64_t>(i) * p.D));
-        const float w = s_w[r][i];
-        acc[0] += w * x.x;
-        acc[1] += w * x.y;
-        acc[2] += w * x.z;
-        acc[3] += w * x.w;
       }
     } else {
       for (int i = 0; i < NS; ++i) acc[0] += s_w[r][i] * __ldcg(o + static_cast<int64_t>(i) * p.D);
