@@ -199,8 +199,9 @@ def _check_prompts(prompts, vocab_size):
             raise TypeError(f"prompts[{i}] must be a sequence of token ids, got {type(p).__name__}")
         if len(ids) == 0:
             raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
-        bad = next((t for t in ids if not is_int(t)), None)
-        if bad is not None:
+        bad = [t for t in ids if not is_int(t)][:1]  # (a list: None is a possible bad token)
+        if bad:
+            bad = bad[0]
             raise TypeError(f"prompts[{i}] holds {bad!r} ({type(bad).__name__}): token ids must be ints")
         lo, hi = min(ids), max(ids)
         if lo < 0 or hi >= vocab_size:
@@ -320,6 +321,7 @@ class Generator:
         self.sync_every, self.prefill_tokens = sync_every, prefill_tokens
         self._model_moved()
         self._state = None
+        self._runs = 0  # generate/stream calls started: a paused stream checks nobody started another
         self.stats = {}
 
     def _model_moved(self):
@@ -455,6 +457,8 @@ class Generator:
     def _run(self, prompts, lens, max_new, sp, eos, seed, capacity, num_blocks):
         B, K = len(prompts), self.sync_every
         cuda = self.device.type == "cuda"
+        self._runs += 1
+        me = self._runs  # the cache, RNG and input tokens are this Generator's: one run at a time
         clock = _Clock(cuda)
         with self._ctx():
             st = self._get_state(B, capacity, num_blocks)
@@ -505,6 +509,11 @@ class Generator:
                                 st.cache.free_sequence(b)  # its blocks go back to the pool now
                                 live.remove(b)
                         yield b, tok
+                        if self._runs != me:
+                            raise RuntimeError(
+                                "generate/stream: this Generator started another generate or stream while this "
+                                "stream was being consumed (or from its callback), which reset the cache this "
+                                "stream decodes from; use one Generator per concurrent stream")
                 if all(finished):
                     done = True
                     break

@@ -43,11 +43,18 @@ def check_sampling_args(temperature=1.0, top_k=None, top_p=None):
     return t, top_k, top_p
 
 
+def _outside_top_k(logits, top_k):
+    """Mask of the logits below the k-th largest of their row (ties with it are kept), or None."""
+    if top_k is None or top_k >= logits.shape[-1]:
+        return None
+    return logits < torch.topk(logits, top_k, dim=-1).values[..., -1:]
+
+
 def filter_logits(logits, top_k=None, top_p=None):
     """Set logits outside the top-k / nucleus (top-p) set to -inf.  logits: (..., vocab), fp32."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    outside_k = _outside_top_k(logits, top_k)
+    if outside_k is not None:
+        logits = logits.masked_fill(outside_k, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -90,8 +97,13 @@ def sample_with_max(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=F
     # Shift so the row maximum is exactly 0 before scaling: (x - max) / T <= 0 cannot overflow to
     # +inf, and the maximum stays 0 (probability > 0) however small T is (or when it is +inf).
     top = logits.amax(-1, keepdim=True)
+    # top-k is chosen on the logits as given: at a huge T, (x - max) / T rounds small gaps to 0
+    # and would tie more than k tokens with the maximum (HF's top-k does not depend on T).
+    outside_k = _outside_top_k(logits, top_k)
     logits = torch.where(logits == top, 0.0, (logits - top) / t)
-    logits = filter_logits(logits, top_k, top_p)
+    if outside_k is not None:
+        logits = logits.masked_fill(outside_k, float("-inf"))
+    logits = filter_logits(logits, None, top_p)
     probs = torch.softmax(logits, dim=-1)
     e = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / e).argmax(-1), top.squeeze(-1)

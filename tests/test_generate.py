@@ -328,6 +328,8 @@ BAD = [
     (dict(prompts=[[1, 320]]), ValueError, r"prompts\[0\] has token id 320 outside the vocabulary \[0, 320\)"),
     (dict(prompts=[[3], [-1]]), ValueError, r"prompts\[1\] has token id -1"),
     (dict(prompts=[[1.5]]), TypeError, "token ids must be ints"),
+    (dict(prompts=[[1, None, 3]]), TypeError, r"prompts\[0\] holds None"),
+    (dict(prompts=[[None]]), TypeError, r"prompts\[0\] holds None"),
     (dict(prompts=[torch.tensor([1.0])]), TypeError, r"prompts\[0\] must be a 1-D integer tensor"),
     (dict(prompts=["abc"]), TypeError, r"prompts\[0\] must be a sequence"),
     (dict(max_new_tokens=0), ValueError, "max_new_tokens must be a positive int"),
@@ -362,6 +364,26 @@ def test_bad_input_raises_before_any_work(kw, exc, match, monkeypatch):
     with pytest.raises(exc, match=match):
         gen.generate(kw.pop("prompts"), kw.pop("max_new_tokens"), **kw)
     assert gen._state is None
+
+
+def test_a_paused_stream_refuses_to_go_on_after_another_call():
+    """A Generator has one cache: a second generate/stream while a stream is paused resets it.
+    The paused stream then raises instead of decoding on from the other call's cache (it used to
+    return wrong tokens); the other call's tokens are right, and so is a stream left alone."""
+    _, fused = models("tiny", op_backend="reference")
+    a, b = prompts_of([4, 2], 320, seed=15)
+    want_a, want_b = (generate(fused, [p], 8, greedy=True)[0] for p in (a, b))
+    gen = Generator(fused, sync_every=2)
+    s = gen.stream([a], 8, greedy=True)
+    head = [next(s)[1] for _ in range(2)]
+    assert head == want_a[:2]
+    assert gen.generate([b], 8, greedy=True) == [want_b]
+    with pytest.raises(RuntimeError, match="started another generate or stream"):
+        next(s)
+    assert [t for _, t in gen.stream([a], 8, greedy=True)] == want_a
+    # a callback that calls back into the same Generator
+    with pytest.raises(RuntimeError, match="started another generate or stream"):
+        gen.generate([a], 8, greedy=True, stream=lambda i, t: gen.generate([b], 1, greedy=True))
 
 
 def test_numpy_numbers_are_accepted():

@@ -59,6 +59,17 @@ def test_top_k_and_top_p_restrict_the_support():
     assert torch.isinf(f[0, [0, 2]]).all() and f[0, 1] == 5.0
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1e30, 1e38, 1e300])
+def test_top_k_does_not_depend_on_the_temperature(temperature):
+    """top-k picks the k largest logits as given, at any temperature (at T ~ 1e38 the scaled gaps
+    (x - max) / T underflowed to 0 and tied token 1 with the maximum: top_k=1 drew it too)."""
+    logits = torch.tensor([[1.0, 1.0 - 1.2e-7, 0.5, -3.0]]).expand(2000, 4)
+    assert logits[0, 0] != logits[0, 1]
+    g = torch.Generator().manual_seed(0)
+    assert set(sample(logits, temperature=temperature, top_k=1, generator=g).tolist()) == {0}
+    assert set(sample(logits, temperature=temperature, top_k=2, generator=g).tolist()) == {0, 1}
+
+
 @pytest.mark.parametrize(
     "kw, name",
     [
