@@ -192,6 +192,19 @@ def test_rope_tables_of_both_backends_agree():
     assert ((fused.rope_sin - ref.rope_sin).abs() <= tol).all()
 
 
+def test_llama3_scaling_without_original_max_position_embeddings():
+    # HF and the fused tables default original_max_position_embeddings to max_position_embeddings
+    # (max_seqlen); the reference tables used to raise a KeyError
+    sc = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    cfg = TransformerConfig.from_name("tiny", rope_base=500000.0, max_seqlen=32, rope_scaling=sc)
+    ref, fused = Transformer(cfg, backend="reference"), Transformer(cfg, backend="fused", op_backend="reference")
+    explicit = Transformer(cfg.replace(rope_scaling={**sc, "original_max_position_embeddings": 32}), backend="reference")
+    assert torch.equal(ref.rope_cos, explicit.rope_cos) and torch.equal(ref.rope_sin, explicit.rope_sin)
+    tol = 4 * torch.finfo(torch.float32).eps * (torch.arange(cfg.max_seqlen)[:, None] + 1.0)
+    assert ((fused.rope_cos - ref.rope_cos).abs() <= tol).all()
+    assert ((fused.rope_sin - ref.rope_sin).abs() <= tol).all()
+
+
 @pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_packed_varlen_matches_per_sequence(backend):
     cfg = tiny_config("tiny-mix")
@@ -336,6 +349,42 @@ def test_positions_past_the_table_are_named(name, backend):
         model(torch.zeros(1, 3, dtype=torch.long), positions=torch.tensor([[0, 1, -1]]))
     with pytest.raises(TypeError, match="positions must be None, an int or an integer tensor"):
         model(torch.zeros(1, 3, dtype=torch.long), positions=torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+def test_packed_positions_are_per_sequence_offsets(name):
+    # With cu_seqlens, an int, a 0-d tensor or a (num_seqs,) tensor is each sequence's start
+    # offset (as in ops.apply_rotary), not a count across the packed tokens
+    from fastlm.models.transformer import position_ids
+
+    cfg = tiny_config(name)
+    ref = randomize_(Transformer(cfg, backend="reference"))
+    fused = Transformer(cfg, backend="fused", op_backend="reference")
+    fused.load_state_dict(ref.state_dict())
+    lens = [4, 6]
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    tokens = torch.randint(0, cfg.vocab_size, (10,))
+    for positions, offsets in ((3, [3, 3]), (torch.tensor(3), [3, 3]), (torch.tensor([2, 5]), [2, 5])):
+        expect = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lens)])
+        assert torch.equal(position_ids(tokens, positions, cu), expect), positions
+        with torch.no_grad():
+            singles = torch.cat([ref(s[None], positions=o)[0] for s, o in zip(tokens.split(lens), offsets)])
+            for model in (ref, fused):
+                torch.testing.assert_close(model(tokens, cu_seqlens=cu, positions=positions), singles,
+                                           atol=2e-5, rtol=2e-5)
+    # a 0-d tensor is an offset for (B, T) input too
+    with torch.no_grad():
+        torch.testing.assert_close(ref(tokens.view(2, 5), positions=torch.tensor(3)), ref(tokens.view(2, 5), positions=3))
+    # the bound is offset + longest sequence, not offset + all packed tokens
+    limit = cfg.max_seqlen
+    long_cu = torch.tensor([0, limit - 10, 2 * (limit - 10)], dtype=torch.int32)
+    long_tokens = torch.zeros(2 * (limit - 10), dtype=torch.long)
+    with torch.no_grad():
+        assert ref(long_tokens, cu_seqlens=long_cu, positions=10).shape[0] == 2 * (limit - 10)
+    with pytest.raises(ValueError, match=f"positions 0..{limit} exceed max_seqlen={limit}"):
+        ref(long_tokens, cu_seqlens=long_cu, positions=torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match="exceed max_seqlen"):
+        ref(long_tokens, cu_seqlens=long_cu, positions=11)
 
 
 # ------------------------------------------------------------------------------ HF parity
@@ -486,6 +535,109 @@ def test_to_hf_rejects_mismatched_arch():
         model.to_hf("gpt2")
     with pytest.raises(ValueError, match="arch must be one of"):
         model.to_hf("bert")
+
+
+def test_tied_embeddings_stay_tied_after_to_empty_and_from_hf():
+    # a model built on the meta device and materialized with to_empty() (from_hf, the CLI) must
+    # keep lm_head.weight and tok_emb.weight one Parameter
+    cfg = tiny_config("tiny-gpt2")
+    with torch.device("meta"):
+        model = Transformer(cfg, backend="reference")
+    model.to_empty(device="cpu")
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    hf = hf_model("qwen2")  # tie_word_embeddings=True
+    model = Transformer.from_hf(hf, backend="reference")
+    assert model.config.tie_embeddings and model.lm_head.weight is model.tok_emb.weight
+    assert torch.equal(model.tok_emb.weight, hf.model.embed_tokens.weight)
+
+
+def test_to_hf_low_precision_keeps_inv_freq_fp32():
+    # as HF's own from_pretrained(dtype=bfloat16) does: weights in bf16, rotary inv_freq in fp32
+    model = randomize_(Transformer(tiny_config("tiny"), backend="reference"))
+    fp32 = {n: b for n, b in model.to_hf().named_buffers() if n.endswith("inv_freq")}
+    assert fp32
+    hf = model.to(torch.bfloat16).to_hf()
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    bufs = {n: b for n, b in hf.named_buffers() if n.endswith("inv_freq")}
+    assert bufs.keys() == fp32.keys()
+    for n, b in bufs.items():
+        assert b.dtype == torch.float32 and torch.equal(b, fp32[n]), n
+
+
+def test_to_hf_rope_scaling_with_legacy_type_key():
+    cfg = TransformerConfig.from_name("tiny", rope_scaling={"type": "linear", "factor": 4.0})
+    model = randomize_(Transformer(cfg, backend="reference"))
+    tokens = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(model.to_hf(), tokens), model(tokens), atol=2e-5, rtol=2e-5)
+
+
+def test_partial_rotary_and_llama_like_hf_families():
+    # transformers' Llama/Mistral/Qwen2 rotate the full head_dim with the default rope (a
+    # partial_rotary_factor is ignored) and fail with a scaled rope: no partial rotary to export
+    model = Transformer(TransformerConfig.from_name("tiny", rotary_dim=8), backend="reference")
+    for arch in ("llama", "mistral", "qwen2"):
+        with pytest.raises(ValueError, match="rotary_dim=8 .*head_dim=16"):
+            model.to_hf(arch)
+    # ... and importing one matches what HF computes: the full head_dim
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                  max_position_embeddings=64, bos_token_id=None, eos_token_id=None)
+    hf = randomize_(transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, partial_rotary_factor=0.5))).eval()
+    model = Transformer.from_hf(hf, backend="reference")
+    assert model.config.rotary_dim == model.config.head_dim == 16
+    tokens = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf_logits(hf, tokens), atol=2e-5, rtol=2e-5)
+
+
+def test_rope_config_forms_from_hf():
+    from fastlm.models.hf import config_from_hf
+
+    c = dict(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+             num_attention_heads=4, max_position_embeddings=128)
+    linear = {"rope_type": "linear", "factor": 2.0}
+    cases = [
+        # rope_parameters without rope_theta: the top-level rope_theta (or 10000) is the base
+        (dict(rope_theta=5000.0, rope_parameters=linear), 5000.0, linear),
+        (dict(rope_parameters=linear), 10000.0, linear),
+        (dict(rope_parameters={"rope_theta": 5000.0, **linear}), 5000.0, linear),
+        # v4: rope_theta + rope_scaling (legacy "type" key); rope_scaling wins over rope_parameters, as in HF
+        (dict(rope_theta=5000.0, rope_scaling={"type": "linear", "factor": 2.0}), 5000.0, linear),
+        (dict(rope_theta=5000.0, rope_scaling=linear, rope_parameters={"rope_theta": 7.0, "rope_type": "default"}),
+         5000.0, linear),
+        (dict(rope_theta=5000.0, rope_scaling=None), 5000.0, None),
+        # a top-level original_max_position_embeddings fills in for a yarn/llama3 dict lacking it
+        (dict(original_max_position_embeddings=16, rope_scaling={"rope_type": "yarn", "factor": 4.0}), 10000.0,
+         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+        (dict(original_max_position_embeddings=16, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                 "original_max_position_embeddings": 32}),
+         10000.0, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    ]
+    for extra, base, scaling in cases:
+        cfg = config_from_hf({**c, **extra})
+        assert (cfg.rope_base, cfg.rope_scaling) == (base, scaling), extra
+
+
+def test_hf_folder_sharded_pytorch_bin(tmp_path):
+    # the older sharded layout: pytorch_model-0000i-of-0000n.bin + pytorch_model.bin.index.json
+    hf = hf_model("llama")
+    hf.config.save_pretrained(tmp_path)
+    sd = hf.state_dict()
+    keys = sorted(sd)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        torch.save({k: sd[k].contiguous() for k in ks}, tmp_path / name)
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    model = Transformer.from_hf(str(tmp_path), backend="reference")
+    tokens = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf_logits(hf, tokens), atol=2e-5, rtol=2e-5)
+    (tmp_path / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="missing weight file .*pytorch_model-00002-of-00002.bin"):
+        Transformer.from_hf(str(tmp_path))
 
 
 @pytest.mark.gpu

@@ -22,19 +22,24 @@ SUPPORTED = LLAMA_LIKE + ("gpt2",)
 
 # ------------------------------------------------------------------------------ configs
 def _rope_from_hf(c, head_dim):
-    """(base, scaling dict or None, rotary_dim) from a v4 (rope_theta + rope_scaling) or v5
-    (rope_parameters) transformers config dict."""
-    params = dict(c.get("rope_parameters") or {})
-    if params and "rope_theta" in params:
-        base = params.pop("rope_theta")
-    else:
-        base = c.get("rope_theta", 10000.0)
-        params = dict(c.get("rope_scaling") or {})
-    partial = params.pop("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    """(base, scaling dict or None, rotary_dim) of a Llama-like family from a v4 (rope_theta +
+    rope_scaling) or v5 (rope_parameters) transformers config dict, merged as transformers v5
+    does: rope_scaling has priority over rope_parameters, rope_theta comes from that dict, else
+    the top level, else 10000."""
+    params = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
+    base = params.pop("rope_theta", None)
+    if base is None:
+        base = c.get("rope_theta") or 10000.0
+    # transformers' Llama, Mistral and Qwen2 have no partial rotary: their default rope ignores
+    # partial_rotary_factor and rotates the whole head_dim (the scaled ropes shrink inv_freq by it
+    # and then fail on the size mismatch).  What HF computes is the full head_dim, so that is it.
+    params.pop("partial_rotary_factor", None)
     kind = params.pop("rope_type", params.pop("type", "default"))
+    if kind in ("llama3", "yarn", "longrope") and params.get("original_max_position_embeddings") is None \
+            and c.get("original_max_position_embeddings"):
+        params["original_max_position_embeddings"] = c["original_max_position_embeddings"]  # as HF v5 does
     scaling = None if kind == "default" else {"rope_type": kind, **params}
-    rotary_dim = int(head_dim * partial)
-    return float(base), scaling, rotary_dim - rotary_dim % 2
+    return float(base), scaling, head_dim
 
 
 def config_from_hf(c):
@@ -112,9 +117,12 @@ def _hf_config(cfg, arch):
               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
               rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seqlen, hidden_act="silu",
               bos_token_id=None, eos_token_id=None, **common)
-    rope = {"rope_type": "default", **(cfg.rope_scaling or {})}
-    if cfg.rotary_dim != cfg.head_dim:
-        rope["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+    if cfg.rotary_dim != cfg.head_dim:  # see _rope_from_hf
+        raise ValueError(f"to_hf: transformers' {arch} has no partial rotary (it rotates the whole head_dim), "
+                         f"got rotary_dim={cfg.rotary_dim} < head_dim={cfg.head_dim}")
+    scaling = dict(cfg.rope_scaling or {})
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))  # the legacy "type" key too
+    rope = {"rope_type": kind, **scaling}
     if arch == "llama":
         if cfg.qkv_bias != cfg.out_bias or cfg.sliding_window:
             raise ValueError("to_hf: Llama has one attention_bias flag for q/k/v/o and no sliding window")
@@ -285,16 +293,26 @@ def read_config(path):
     return config
 
 
+def _index_files(index):
+    """The weight files a sharded checkpoint's *.index.json lists."""
+    try:
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"{index} is not a valid weight index: {e}") from e
+
+
+def _missing(fp, index):
+    return FileNotFoundError(f"missing weight file {fp} (listed in {os.path.basename(index)})")
+
+
 def read_weights(path):
     """The state dict of a local HF folder: safetensors (single or sharded with
-    model.safetensors.index.json), or pytorch_model.bin as a fallback."""
+    model.safetensors.index.json), or as a fallback pytorch_model.bin (single or sharded with
+    pytorch_model.bin.index.json; read with torch.load(weights_only=True))."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index: {e}") from e
+        files = _index_files(index)
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     sd = {}
@@ -308,19 +326,27 @@ def read_weights(path):
         for name in files:
             fp = os.path.join(path, name)
             if not os.path.isfile(fp):
-                raise FileNotFoundError(f"missing weight file {fp} (listed in {os.path.basename(index)})")
+                raise _missing(fp, index)
             try:
                 sd.update(load_file(fp))
             except Exception as e:
                 raise ValueError(f"cannot read {fp}: corrupt or truncated safetensors file ({e})") from e
+        return sd
+    index = os.path.join(path, "pytorch_model.bin.index.json")
+    if os.path.isfile(index):
+        files = [os.path.join(path, name) for name in _index_files(index)]
+        for fp in files:
+            if not os.path.isfile(fp):
+                raise _missing(fp, index)
     else:
-        bin_path = os.path.join(path, "pytorch_model.bin")
-        if not os.path.isfile(bin_path):
-            raise FileNotFoundError(f"no *.safetensors (or pytorch_model.bin) weights in {path}")
+        files = [os.path.join(path, "pytorch_model.bin")]
+        if not os.path.isfile(files[0]):
+            raise FileNotFoundError(f"no *.safetensors (or pytorch_model.bin[.index.json]) weights in {path}")
+    for fp in files:
         try:
-            sd = torch.load(bin_path, map_location="cpu", weights_only=True)
+            sd.update(torch.load(fp, map_location="cpu", weights_only=True))
         except Exception as e:
-            raise ValueError(f"cannot read {bin_path}: corrupt or truncated ({e})") from e
+            raise ValueError(f"cannot read {fp}: corrupt or truncated ({e})") from e
     return sd
 
 
@@ -363,7 +389,12 @@ def to_hf(model, arch=None):
     hf_model = cls(hf_cfg)
     sd = state_dict_to_hf(model, arch)
     dtype = next(model.parameters()).dtype
+    # the rotary inv_freq buffers stay fp32, as from_pretrained(dtype=...) keeps them
+    inv_freq = {n: b for n, b in hf_model.named_buffers() if n.endswith("inv_freq")}
     hf_model.to(dtype)
+    for n, b in inv_freq.items():
+        mod, _, name = n.rpartition(".")
+        setattr(hf_model.get_submodule(mod), name, b)
     missing, unexpected = hf_model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and hf_cfg.tie_word_embeddings) and "rotary_emb" not in k
                and not k.endswith(("attn.bias", "attn.masked_bias"))]

@@ -28,7 +28,9 @@ lm_head.  A decoder that needs only some rows' logits (the last token of each pr
 
 Shapes: B batch, T sequence length, D model dim, H query heads, Hkv key/value heads, hd head dim.
 Inputs are (B, T) token ids, or packed variable-length sequences: (total,) ids with
-``cu_seqlens`` (int32, (num_seqs + 1,)), positions restarting at 0 in each sequence.
+``cu_seqlens`` (int32, (num_seqs + 1,)), positions restarting at 0 in each sequence (or at the
+offset ``positions`` gives: an int or 0-d tensor for all, (num_seqs,) per sequence; a (total,)
+tensor is every token's explicit position), as fastlm.ops.apply_rotary reads them.
 
 KV-cache hook: ``forward(..., cache=obj)`` passes ``obj`` down to every attention layer, which
 calls ``k, v = obj.update(layer_idx, k, v)`` with this step's rotated keys/values (B, T, Hkv, hd)
@@ -79,7 +81,7 @@ def rope_tables(config, device=None):
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":  # keep high frequencies, divide low ones by `factor`, blend in between
         factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
+        old_len = scaling.get("original_max_position_embeddings") or config.max_seqlen  # HF's default
         wavelen = 2 * math.pi / inv_freq
         smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
         inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
@@ -87,26 +89,35 @@ def rope_tables(config, device=None):
     return angles.cos().float().to(device), angles.sin().float().to(device)
 
 
-def packed_positions(cu_seqlens, total):
-    """(total,) positions restarting at 0 in each packed sequence, without a host sync."""
+def packed_positions(cu_seqlens, total, offsets=None):
+    """(total,) positions restarting at 0 (or at ``offsets``: an int, 0-d or (num_seqs,) tensor)
+    in each packed sequence, without a host sync."""
     idx = torch.arange(total, device=cu_seqlens.device)
     seq = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)  # sequence of each token
-    return idx - cu_seqlens.long()[seq]
+    pos = idx - cu_seqlens.long()[seq]
+    if offsets is None:
+        return pos
+    if isinstance(offsets, int) or offsets.dim() == 0:
+        return pos + offsets
+    return pos + offsets.long().expand(cu_seqlens.shape[0] - 1)[seq]  # (num_seqs,) or (1,)
 
 
 def position_ids(tokens, positions, cu_seqlens):
-    """Explicit position ids broadcastable to tokens' shape, from any accepted `positions` form:
-    None (0..T-1, or per packed sequence), an int offset, (B,) per-sequence offsets, or explicit."""
+    """Explicit position ids broadcastable to tokens' shape, from any accepted `positions` form
+    (as ops.apply_rotary reads them): None (0..T-1, or per packed sequence), an int or 0-d tensor
+    offset, (B,) / packed (num_seqs,) per-sequence offsets, or explicit (B, T) / packed (total,)."""
     T = tokens.shape[-1]
+    if cu_seqlens is not None:  # packed: every form but explicit (total,) positions is per sequence
+        if positions is None or isinstance(positions, int) or positions.dim() == 0 or positions.shape[0] != T:
+            return packed_positions(cu_seqlens, T, positions)
+        return positions.long()
     if positions is None:
-        if cu_seqlens is not None:
-            return packed_positions(cu_seqlens, T)
         return torch.arange(T, device=tokens.device)  # (T,)
-    if isinstance(positions, int):
-        return torch.arange(positions, positions + T, device=tokens.device)
-    if tokens.dim() == 2 and positions.dim() == 1:  # (B,) start offsets
+    if isinstance(positions, int) or positions.dim() == 0:
+        return positions + torch.arange(T, device=tokens.device)  # (T,)
+    if positions.dim() == 1:  # (B,) start offsets
         return positions[:, None].long() + torch.arange(T, device=tokens.device)  # (B, T)
-    return positions.long()  # (B, T) or packed (total,)
+    return positions.long()  # (B, T)
 
 
 def rotate_half_rope(x, cos, sin):
@@ -318,6 +329,14 @@ class Transformer(nn.Module):
                 self.register_buffer(name, torch.empty(config.max_seqlen, config.rotary_dim // 2), persistent=False)
         self.init_weights()
 
+    def _apply(self, fn, recurse=True):
+        # to_empty() of a model built on the meta device (and any conversion that makes new
+        # Parameters) gives each module its own copy of a shared weight: tie it again
+        super()._apply(fn, recurse)
+        if self.config.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+            self.lm_head.weight = self.tok_emb.weight
+        return self
+
     @property
     def decode_gemv_rows(self):
         """Token rows up to which a grad-free fused forward folds each norm into the next
@@ -436,17 +455,22 @@ class Transformer(nn.Module):
             raise ValueError(f"Transformer: tokens must be (batch, seqlen) or packed (total,) with cu_seqlens, got {tuple(tokens.shape)}")
         T, limit = tokens.shape[-1], self.config.max_seqlen
         start = positions if isinstance(positions, int) else 0
-        if positions is None and cu_seqlens is None or isinstance(positions, int):
+        if cu_seqlens is None and (positions is None or isinstance(positions, int)):
             if start < 0 or start + T > limit:
                 raise ValueError(
                     f"Transformer: positions {start}..{start + T - 1} exceed max_seqlen={limit} of the config "
                     f"(seqlen {T}); use a shorter sequence or a config with a larger max_seqlen"
                 )
             return
-        if positions is not None and (not isinstance(positions, torch.Tensor) or positions.is_floating_point()
-                                      or positions.dtype == torch.bool):
+        if positions is not None and not isinstance(positions, int) and (
+                not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.dtype == torch.bool):
             raise TypeError(f"Transformer: positions must be None, an int or an integer tensor, got "
                             f"{getattr(positions, 'dtype', type(positions).__name__)}")
+        if cu_seqlens is not None and isinstance(positions, torch.Tensor) and positions.dim() and not (
+                positions.dim() == 1 and positions.shape[0] in (T, cu_seqlens.shape[0] - 1, 1)):
+            raise ValueError(f"Transformer: packed positions must have shape (total,)=({T},) (explicit), "
+                             f"(num_seqs,)=({cu_seqlens.shape[0] - 1},) (per-sequence offsets) or () (one offset), "
+                             f"got {tuple(positions.shape)}")
         # Packed sequences and explicit / per-sequence positions: the values decide (a host read,
         # so CPU tensors always, CUDA ones with FASTLM_DEBUG=1, as the ops do).
         if value_checks_on(tokens) and tokens.numel():
