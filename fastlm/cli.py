@@ -75,12 +75,30 @@ def _parse_overrides(items):
     return out
 
 
+def _check_output_file(path, flag):
+    """Raise (before any work) if `path` cannot be written as a file."""
+    import os
+
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag} expects a file path, got the directory {path}")
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"{flag} {path}: its folder {d} does not exist")
+    if not os.access(path if os.path.exists(path) else d, os.W_OK):
+        raise PermissionError(f"{flag} {path} is not writable")
+
+
 def _train_run(a):
+    import os
+
     from fastlm.train import TrainConfig, train
 
+    main_rank = int(os.environ.get("RANK", 0)) == 0
+    if a.summary_json and main_rank:
+        _check_output_file(a.summary_json, "--summary-json")
     cfg = TrainConfig(
         model=a.model, model_overrides=_parse_overrides(a.overrides), vocab_size=a.vocab_size, backend=a.backend,
-        op_backend=a.op_backend, data=a.data or None, tokenizer=a.tokenizer, cache_dir=a.cache_dir,
+        op_backend=a.op_backend, data=a.data, tokenizer=a.tokenizer, cache_dir=a.cache_dir,
         val_fraction=a.val_fraction, seqlen=a.seqlen, batch_size=a.batch_size, grad_accum=a.grad_accum,
         steps=a.steps, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, out_dir=a.out_dir, resume=a.resume, resume_override=a.resume_override, overwrite=a.overwrite, eval_every=a.eval_every,
@@ -89,7 +107,7 @@ def _train_run(a):
         distributed=a.distributed, progress=not a.no_progress, stop_after=a.stop_after,
     )
     hist = train(cfg)
-    if a.summary_json and int(__import__("os").environ.get("RANK", 0)) == 0:
+    if a.summary_json and main_rank:
         with open(a.summary_json, "w") as f:
             json.dump(hist, f)
     return 0
@@ -155,7 +173,13 @@ def _load_for_generation(checkpoint, hf, tokenizer, backend, op_backend, device,
         model.to_empty(device="cpu")
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
         spec = tokenizer or ckpt["config"]["train_config"].get("tokenizer")
-        tok = fdata.load_tokenizer(spec)
+        try:
+            tok = fdata.load_tokenizer(spec)
+        except FileNotFoundError:
+            if tokenizer is not None:
+                raise
+            raise FileNotFoundError(f"tokenizer file not found: {spec}, the tokenizer {path} was trained with "
+                                    "(the path its training stored); pass it with --tokenizer") from None
         if tokenizer is None and tok.identity != ckpt["config"].get("tokenizer", tok.identity):
             raise ValueError(f"the tokenizer {spec or 'bytes'} differs from the one {path} was trained with; "
                              "pass the original one with --tokenizer")
@@ -205,6 +229,9 @@ def _generate_run(a):
     from fastlm.generation import Generator
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {a.device!r} needs CUDA, but torch.cuda.is_available() is False: use --device "
+                         "cpu, or leave it unset")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[a.dtype]
     model, tok, eos, encode = _load_for_generation(checkpoint=a.checkpoint, hf=a.hf, tokenizer=a.tokenizer,
@@ -266,7 +293,7 @@ def main(argv=None):
         return 2
     try:
         return COMMANDS[a.command][1](a)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError) as e:
+    except (ValueError, OSError, RuntimeError, TypeError) as e:  # OSError: FileNotFoundError, NotADirectoryError, ...
         print(f"fastlm {a.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -58,7 +58,8 @@ class HFTokenizer:
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
+            raise FileNotFoundError(f"tokenizer file not found: {path} (--tokenizer expects a tokenizer.json or its "
+                                    "folder)")
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
@@ -109,10 +110,11 @@ def _walk(root, exts):
             p = os.path.join(d, f)
             if exts is not None and not f.endswith(tuple(exts)):
                 continue
+            if not os.path.isfile(p):  # FIFOs, sockets, devices, broken links: never opened (a FIFO would block)
+                continue
             if exts is None and _is_binary(p):
                 continue
-            if os.path.isfile(p):
-                out.append(p)
+            out.append(p)
     return out
 
 

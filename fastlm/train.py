@@ -15,6 +15,9 @@
   uninterrupted run.  Losses go to ``metrics.csv`` and ``metrics.jsonl``; a resumed run drops
   the rows logged after the checkpoint (and a torn last line of a kill mid-append) and
   continues them.
+- A new run refuses an out_dir holding a checkpoint or other run files (config.json, metrics.*)
+  unless ``overwrite=True``, which deletes them before the new run writes its own.  Resuming with
+  ``steps`` equal to the checkpoint's step does nothing (and says so); below it is an error.
 - A resumed run must use the checkpoint's model and the settings that shape the loss trajectory
   (TRAJECTORY_FIELDS, and the tokenizer); ``resume_override=True`` (``--resume-override``)
   continues with changed ones on purpose.  ``steps`` may change (extend a run: the cosine
@@ -41,6 +44,7 @@ from fastlm._io import atomic_open
 from fastlm.models import Transformer, TransformerConfig
 
 CHECKPOINT = "checkpoint.pt"
+RUN_FILES = ("config.json", "metrics.csv", "metrics.jsonl")  # the other files a run writes in out_dir
 FORMAT_VERSION = 1
 
 
@@ -87,22 +91,43 @@ class TrainConfig:
     stop_after: Optional[int] = None  # stop (without a final checkpoint) after this step: simulates a kill
 
     def validate(self):
+        """Check the settings (a ValueError naming the bad one) and normalize them to plain Python
+        values in place (paths -> str, numpy numbers -> int/float): the checkpoint stores them and
+        is read back with torch.load(weights_only=True), which accepts only plain types."""
         def bad(msg):
             raise ValueError(f"train: {msg}")
 
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _plain(getattr(self, f.name)))
+        if self.tokenizer not in (None, "", "bytes"):  # absolute: `fastlm generate` finds it from any folder
+            self.tokenizer = os.path.abspath(self.tokenizer)
         for name in ("seqlen", "batch_size", "grad_accum", "steps", "eval_batches", "ckpt_every", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 bad(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.warmup < 0 or self.eval_every < 0:
             bad("warmup and eval_every must be >= 0")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            bad(f"lr must be > 0 and min_lr_ratio in [0, 1] (got {self.lr}, {self.min_lr_ratio})")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not 0 <= self.min_lr_ratio <= 1:
+            bad(f"lr (--lr) must be finite and > 0 and min_lr_ratio in [0, 1] (got {self.lr}, {self.min_lr_ratio})")
         if not 0.0 <= self.val_fraction < 1.0:  # `not` form: NaN fails too
             bad(f"val_fraction (--val-fraction) must be in [0, 1), got {self.val_fraction!r}")
         if not self.grad_clip >= 0:
             bad(f"grad_clip (--grad-clip) must be >= 0 (0 disables clipping), got {self.grad_clip!r}")
-        if not self.weight_decay >= 0:
-            bad(f"weight_decay (--weight-decay) must be >= 0 (0 disables it), got {self.weight_decay!r}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            bad(f"weight_decay (--weight-decay) must be finite and >= 0 (0 disables it), got {self.weight_decay!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            bad(f"seed (--seed) must be a non-negative int, got {self.seed!r}")
+        if self.vocab_size is not None and (isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int)
+                                            or self.vocab_size <= 0):
+            bad(f"vocab_size (--vocab-size) must be a positive int or None (the tokenizer's), got {self.vocab_size!r}")
+        if "vocab_size" in (self.model_overrides or {}):
+            bad("set the vocabulary size with vocab_size (--vocab-size), not model_overrides (--set vocab_size=...), "
+                f"got model_overrides={self.model_overrides!r}")
+        if self.data is not None and not isinstance(self.data, str) and len(self.data) == 0:
+            bad("data (--data) is an empty list: give text files or folders, or leave it unset (None) for the "
+                "default corpus (the Python standard library sources)")
+        if self.device is not None and torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            bad(f"device (--device) {self.device!r} needs CUDA, but torch.cuda.is_available() is False: "
+                "use --device cpu, or leave it unset")
         if len(tuple(self.betas)) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             bad(f"betas must be two values in [0, 1), got {self.betas!r}")
         if self.backend not in ("fused", "reference"):
@@ -130,6 +155,23 @@ class TrainConfig:
 #   one): bookkeeping that never touches the parameters, the optimizer or the batch order.
 TRAJECTORY_FIELDS = ("val_fraction", "seqlen", "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay",
                      "betas", "grad_clip", "seed")
+
+
+def _plain(v):
+    """`v` with paths as str, numpy scalars as int/float/bool and torch devices as str (recursively)."""
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, torch.device):
+        return str(v)
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return (tuple if isinstance(v, tuple) else list)(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return {_plain(k): _plain(x) for k, x in v.items()}
+    return v
 
 
 def _norm(v):
@@ -419,6 +461,15 @@ def _train(cfg, world, log):
             )
         if diff:
             log(f"resuming with changed settings (resume override): {changes}")
+        ckpt_step = int(ckpt["step"])
+        if cfg.steps < ckpt_step:
+            raise ValueError(f"train: steps={cfg.steps} (--steps) is below step {ckpt_step} of the checkpoint "
+                             f"{ckpt_path}: resume with steps >= {ckpt_step}")
+        if cfg.steps == ckpt_step:  # nothing to train: leave the run's files as they are
+            log(f"{ckpt_path} is already at step {ckpt_step} = steps: nothing to do (resume with more steps to "
+                "train further)")
+            return {"train_loss": {}, "val_loss": {}, "tokens_per_s": None, "n_params": mc.num_params(),
+                    "step": ckpt_step}
         old_steps = (ckpt["config"].get("train_config") or {}).get("steps", cfg.steps)
         if old_steps != cfg.steps:
             log(f"steps {old_steps} -> {cfg.steps}: the lr schedule now ends at step {cfg.steps}")
@@ -430,6 +481,12 @@ def _train(cfg, world, log):
         raise FileExistsError(
             f"train: {ckpt_path} already exists; pass resume=True (--resume) to continue that run or "
             "overwrite=True (--overwrite) to start over"
+        )
+    elif not cfg.overwrite and (clash := [n for n in RUN_FILES if os.path.exists(os.path.join(out_dir, n))]):
+        raise FileExistsError(
+            f"train: {out_dir} already holds {', '.join(clash)} (but no {CHECKPOINT} to resume=True / --resume "
+            "from), which this run would replace; pass overwrite=True (--overwrite) to replace them, or use "
+            "another out_dir (--out-dir)"
         )
     if world.main:
         os.makedirs(out_dir, exist_ok=True)
@@ -470,6 +527,10 @@ def _train(cfg, world, log):
     run_config = {"train_config": dataclasses.asdict(cfg), "model_config": model.config.to_dict(),
                   "tokenizer": tokenizer.identity, "world_size": world.world}
     if world.main:
+        if cfg.overwrite and not cfg.resume:  # the old run goes first: --resume must never pair it with this one
+            for name in (CHECKPOINT,) + RUN_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out_dir, name))
         with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:
             json.dump(run_config, f, indent=1, default=str)
         os.replace(os.path.join(out_dir, "config.json.tmp"), os.path.join(out_dir, "config.json"))

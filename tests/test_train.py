@@ -81,6 +81,26 @@ def test_empty_or_missing_corpus(tmp_path):
         fdata.TokenData([str(tmp_path / "missing.txt")], cache_dir=str(cache))
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no os.mkfifo on this platform")
+def test_corpus_folder_skips_fifos(corpus):
+    """A FIFO (or socket, device) in a corpus folder is skipped without being opened: opening a
+    FIFO blocks until a writer comes."""
+    import threading
+
+    fifo = corpus / "pipe.txt"
+    os.mkfifo(fifo)
+    found = []
+    t = threading.Thread(target=lambda: found.append(fdata.list_files([str(corpus)])), daemon=True)
+    t.start()
+    t.join(timeout=10)
+    hung = t.is_alive()
+    if hung:  # unblock the reader so the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(timeout=10)
+    assert not hung, "list_files blocked opening a FIFO"
+    assert str(fifo) not in found[0] and len(found[0]) == 6
+
+
 def test_default_corpus_is_the_stdlib():
     files = fdata.list_files(None)
     assert len(files) > 100 and all(f.endswith(".py") for f in files)
@@ -287,6 +307,7 @@ def test_resume_drops_a_torn_last_metrics_line(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "metrics.jsonl" in err and "line 2" in err, err
 
+
 def test_resume_checks_the_training_config(corpus, tmp_path, capsys):
     """Settings that change the loss trajectory must match the checkpoint's, unless
     resume_override=True; bookkeeping settings (steps, log/eval/ckpt intervals, grad_accum) may change."""
@@ -334,6 +355,112 @@ def test_bad_arguments_rejected_before_any_work(corpus, tmp_path, capsys):
     assert cli_main(base + ["--weight-decay", "-1"]) == 1
     assert "--weight-decay" in capsys.readouterr().err
     assert not cache.exists() and not (tmp_path / "bad").exists()
+
+
+def test_more_bad_arguments_rejected_before_any_work(corpus, tmp_path, capsys, monkeypatch):
+    """seed < 0, vocab_size <= 0 or in model_overrides, a non-finite lr / weight_decay, an empty data
+    list and a CUDA device without CUDA: a ValueError naming the setting, before any file is written."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for kw, name in ((dict(seed=-1), "seed"), (dict(vocab_size=0), "vocab_size"), (dict(vocab_size=-64), "vocab_size"),
+                     (dict(model_overrides={"vocab_size": 1024}), "--vocab-size"), (dict(lr=float("inf")), "lr"),
+                     (dict(lr=float("nan")), "lr"), (dict(weight_decay=float("inf")), "weight_decay"),
+                     (dict(data=[]), "data"), (dict(device="cuda"), "--device"), (dict(device="cuda:0"), "--device")):
+        with pytest.raises(ValueError, match=name):
+            train(run_cfg(corpus, tmp_path, "bad", **kw))
+        assert not cache.exists() and not (tmp_path / "bad").exists(), kw  # nothing tokenized, nothing created
+    base = ["train", "--cache-dir", str(cache), "--out-dir", str(tmp_path / "bad"), "--steps", "1", "--seqlen", "16",
+            "--batch-size", "2", "--eval-every", "0", "--no-progress", "--backend", "reference"]
+    for extra, flag in ((["--seed", "-1"], "--seed"), (["--vocab-size", "0"], "--vocab-size"),
+                        (["--set", "vocab_size=1024"], "--vocab-size"), (["--lr", "inf"], "--lr"),
+                        (["--weight-decay", "inf"], "--weight-decay"), (["--device", "cuda"], "--device"),
+                        (["--data"], "--data")):
+        data = [] if extra == ["--data"] else ["--data", str(corpus)]
+        assert cli_main(base + data + extra) == 1, extra
+        assert flag in capsys.readouterr().err, extra
+        assert not cache.exists() and not (tmp_path / "bad").exists(), extra
+
+
+def test_paths_and_numpy_numbers_in_the_config(corpus, tmp_path):
+    """pathlib paths and numpy numbers are saved as plain values: the checkpoint loads (weights_only)
+    and resumes."""
+    import pathlib
+
+    kw = dict(data=[corpus], out_dir=tmp_path / "run", cache_dir=tmp_path / "cache", lr=np.float64(3e-3),
+              weight_decay=np.float32(0.25), seed=np.int64(1), betas=(np.float64(0.9), 0.95), steps=2, eval_every=0)
+    train(run_cfg(corpus, tmp_path, **kw))
+    saved = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["config"]["train_config"]
+    assert saved["data"] == [str(corpus)] and saved["out_dir"] == str(tmp_path / "run") and saved["lr"] == 3e-3
+    assert type(saved["lr"]) is float and type(saved["seed"]) is int and type(saved["betas"][0]) is float
+    assert json.load(open(tmp_path / "run" / "config.json"))["train_config"]["data"] == [str(corpus)]
+    hist = train(run_cfg(corpus, tmp_path, resume=True, **dict(kw, steps=3, data=[pathlib.Path(corpus)])))
+    assert sorted(hist["train_loss"]) == [3]
+
+
+def test_overwrite_removes_the_old_run_before_writing(corpus, tmp_path):
+    """overwrite=True deletes the old checkpoint before the new run writes anything: a crash before
+    the new run's first checkpoint leaves nothing for --resume to pair with the new metrics."""
+    train(run_cfg(corpus, tmp_path, steps=4, ckpt_every=4, eval_every=0))
+    run = tmp_path / "run"
+    assert (run / "checkpoint.pt").exists()
+    train(run_cfg(corpus, tmp_path, steps=4, ckpt_every=4, eval_every=0, overwrite=True, lr=1e-2, stop_after=2))
+    assert not (run / "checkpoint.pt").exists()  # killed before its first checkpoint
+    assert [r["step"] for r in _metrics_rows(run)] == [1, 2]
+    assert json.load(open(run / "config.json"))["train_config"]["lr"] == 1e-2
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        train(run_cfg(corpus, tmp_path, steps=4, ckpt_every=4, eval_every=0, lr=1e-2, resume=True))
+
+
+def test_refuses_to_clobber_run_files_without_a_checkpoint(corpus, tmp_path, capsys):
+    """An out_dir with config.json or metrics files but no checkpoint (an HF model folder, a run
+    killed before its first checkpoint) is not overwritten without overwrite=True; an existing
+    folder without them is fine."""
+    for name in ("config.json", "metrics.jsonl", "metrics.csv"):
+        d = tmp_path / name.replace(".", "_")
+        d.mkdir()
+        (d / name).write_text('{"model_type": "llama"}')
+        with pytest.raises(FileExistsError, match=rf"{d}.*{name}.*--overwrite"):
+            train(run_cfg(corpus, tmp_path, d.name, steps=1, eval_every=0))
+        assert [p.name for p in d.iterdir()] == [name] and (d / name).read_text() == '{"model_type": "llama"}'
+    args = cli_args(run_cfg(corpus, tmp_path, "config_json", steps=1, eval_every=0), str(tmp_path / "s.json"))
+    assert cli_main(["train"] + args) == 1
+    err = capsys.readouterr().err
+    assert "config.json" in err and "--overwrite" in err and "--resume" in err, err
+    assert cli_main(["train"] + args + ["--overwrite", "--set", "n_layers=1"]) == 0
+    assert "train_config" in json.load(open(tmp_path / "config_json" / "config.json"))
+    (tmp_path / "empty").mkdir()
+    train(run_cfg(corpus, tmp_path, "empty", steps=1, eval_every=0, model_overrides={"n_layers": 1}))  # empty: fine
+
+
+def test_resume_with_steps_at_or_below_the_checkpoint(corpus, tmp_path):
+    """steps below the checkpoint's step is an error naming steps; equal to it, resume is a no-op
+    that says so (and rewrites nothing)."""
+    train(run_cfg(corpus, tmp_path, steps=4, ckpt_every=2, eval_every=0))
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(ValueError, match=r"steps=2 \(--steps\) is below step 4 of the checkpoint"):
+        train(run_cfg(corpus, tmp_path, steps=2, ckpt_every=2, eval_every=0, resume=True))
+    lines = []
+    hist = train(run_cfg(corpus, tmp_path, steps=4, ckpt_every=2, eval_every=0, resume=True), log=lines.append)
+    assert hist["step"] == 4 and hist["train_loss"] == {} and hist["n_params"] > 0
+    assert any("already at step 4" in line for line in lines) and not any("nan" in line for line in lines), lines
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_cli_os_errors_are_reported_before_training(corpus, tmp_path, capsys):
+    """--out-dir under a file, --summary-json a directory or in a missing folder: an error line and
+    exit code 1 (no traceback), and the --summary-json ones before any training."""
+    (tmp_path / "file").write_text("x")
+    base = ["train", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--steps", "1", "--seqlen", "16",
+            "--batch-size", "2", "--eval-every", "0", "--no-progress", "--backend", "reference", "--set", "n_layers=1"]
+    assert cli_main(base + ["--out-dir", str(tmp_path / "file" / "run")]) == 1
+    assert "Not a directory" in capsys.readouterr().err
+    (tmp_path / "sdir").mkdir()
+    for summary, msg in ((tmp_path / "sdir", "directory"), (tmp_path / "missing" / "s.json", "does not exist")):
+        assert cli_main(base + ["--out-dir", str(tmp_path / "run"), "--summary-json", str(summary)]) == 1
+        err = capsys.readouterr().err
+        assert "--summary-json" in err and msg in err, err
+        assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # checked before training
 
 # ------------------------------------------------------------------------------ torchrun
 def torchrun(args, nproc=2, timeout=240):
