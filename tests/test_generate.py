@@ -157,13 +157,14 @@ def test_greedy_equals_hf_generate(backend):
 def test_batched_mixed_lengths_equal_each_prompt_alone(cache):
     """Batched (prefilled in several packed groups: prefill_tokens=12 splits the prompts, and
     the 13-token prompt goes alone) == every prompt generated alone; paged blocks of 3 tokens
-    so decoding crosses block boundaries.  Triton kernels."""
-    _, fused = models("tiny")
+    so decoding crosses block boundaries.  Triton kernels batched; each prompt alone by the
+    reference model (an independent path, and 4x fewer interpreted kernel launches)."""
+    ref, fused = models("tiny")
     prompts = prompts_of([5, 13, 1, 4], fused.config.vocab_size, seed=1)
     gen = Generator(fused, cache=cache, block_size=3, prefill_tokens=12)
     batched = gen.generate(prompts, 4, greedy=True)
     assert list(gen._groups([len(p) for p in prompts])) == [(0, 1), (1, 2), (2, 4)]
-    alone = [Generator(fused, cache=cache, block_size=3).generate([p], 4, greedy=True)[0] for p in prompts]
+    alone = [generate(ref, [p], 4, greedy=True)[0] for p in prompts]
     assert batched == alone
 
 
@@ -506,6 +507,47 @@ def test_cli_generate_from_a_training_checkpoint(tmp_path, capsys):
         assert name in cap.err and cap.out == "", (bad, cap)
     with pytest.raises(SystemExit):  # exactly one source
         main(["generate", "--checkpoint", str(out), "--hf", str(out), "--prompt", "x"])
+
+
+def test_cli_generate_finds_a_relative_tokenizer_from_another_folder(tmp_path, capsys, monkeypatch):
+    """`train --tokenizer tok.json` (relative) stores the absolute path: `generate --checkpoint`
+    from another folder finds it; a tokenizer gone since is an error pointing at --tokenizer."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from fastlm.cli import main
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    (work / "corpus.txt").write_text("def add ( a , b ) : return a + b\n" * 60)
+    tok = tokenizers.Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([str(work / "corpus.txt")], trainers.WordLevelTrainer(special_tokens=["<unk>", "<|endoftext|>"]))
+    tok.save(str(work / "tok.json"))
+    monkeypatch.chdir(work)
+    assert main(["train", "--model", "tiny", "--set", "n_layers=1", "--backend", "reference", "--data", "corpus.txt",
+                 "--tokenizer", "tok.json", "--cache-dir", "cache", "--steps", "1", "--batch-size", "2", "--seqlen",
+                 "16", "--eval-every", "0", "--device", "cpu", "--no-progress", "--out-dir", "run"]) == 0
+    monkeypatch.chdir(elsewhere)
+    args = ["generate", "--checkpoint", str(work / "run"), "--prompt", "def add", "--max-new-tokens", "2",
+            "--greedy", "--backend", "reference", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(args) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("def add")
+    (work / "tok.json").rename(work / "moved.json")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "tokenizer file not found" in err and str(work / "tok.json") in err and "--tokenizer" in err, err
+    assert main(args + ["--tokenizer", str(work / "moved.json")]) == 0
+
+
+def test_cli_device_cuda_without_cuda_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from fastlm.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "--device" in err and "CUDA" in err and "Traceback" not in err, err
 
 
 def test_cli_generate_from_an_hf_folder(tmp_path, capsys):
