@@ -179,7 +179,7 @@ def _strides(x4):
 
 
 def rotary_fwd(q, k, cos, sin, q_out, k_out, positions, cu_seqlens, offset, pos_mode, interleaved, conj):
-    """Launch the rotary kernel: q_out/k_out <- rotate(q/k).  q_out may be q (in place).
+    """Launch the rotary kernel: q_out/k_out <- rotate(q/k).  q_out may be q and k_out k (in place).
 
     q, k: (B, S, H, D) or packed (T, H, D), unit stride in the last dim (other strides free).
     cos, sin: (max_pos, half), unit column stride.  positions: None or an int tensor laid out
@@ -193,7 +193,10 @@ def rotary_fwd(q, k, cos, sin, q_out, k_out, positions, cu_seqlens, offset, pos_
     half = cos.shape[1]
     if T == 0 or Hq + Hk == 0:
         return
-    inplace = q_out.data_ptr() == q.data_ptr()
+    # In place means the very same tensors (as the op layer passes them), not equal data
+    # pointers: an empty q and its fresh output both report 0, and then k's pass-through dims
+    # were never copied.  (A different view of q's memory as q_out only costs the extra copy.)
+    inplace = q_out is q and k_out is k
     copy_pass = (not inplace) and 2 * half < D
     block_half = triton.next_power_of_2(half)
     block_pass = triton.next_power_of_2(D - 2 * half) if copy_pass else 1

@@ -322,6 +322,39 @@ def test_empty_lengths(backend, Sq, Sk):
         assert g.shape == t.shape and torch.all(g == 0)
 
 
+BIG = 2**31 - 1  # int32 max: the kernels' index arithmetic (i + off + right + 1, ...) overflowed on it
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("window", [(BIG, -1), (-1, BIG), (BIG, BIG), (BIG - 1, BIG - 2)],
+                         ids=["left", "right", "both", "near"])
+def test_huge_window_is_unbounded(window, causal):
+    """Window sides near 2**31 - 1 cover every key: the same out/lse/grads as window=(-1, -1)."""
+    q, k, v = _make(1, 9, 5, 2, 1, 16, F32)  # Sq > Sk: bottom-right aligned
+    dout = _rand(1, 9, 2, 16, dtype=F32)
+    _check_all(_run(q, k, v, dout, window=window, causal=causal), q, k, v, dout, causal=causal)
+
+
+@pytest.mark.parametrize("Sq, Sk", [(9, 5), (5, 9)])
+def test_window_sides_covering_every_key(Sq, Sk):
+    """The op treats left >= Sk - 1 and right >= Sq - 1 as unbounded (j - i - off spans
+    [1 - Sk, Sq - 1]): exact at the boundary and one below it, against the unnormalized reference."""
+    q, k, v = _make(1, Sq, Sk, 2, 1, 16, F32)
+    dout = _rand(1, Sq, 2, 16, dtype=F32)
+    for window in [(Sk - 1, Sq - 1), (Sk - 2, Sq - 2), (Sk - 2, -1), (-1, Sq - 2)]:
+        _check_all(_run(q, k, v, dout, window=window), q, k, v, dout, window=window)
+
+
+def test_huge_window_is_unbounded_varlen():
+    q, cu_q = _pack([3, 7], 2, 16, F32)
+    k, cu_k = _pack([6, 2], 1, 16, F32)
+    v = _rand(*k.shape, dtype=F32)
+    dout = _rand(*q.shape, dtype=F32)
+    vl = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    for window in [(BIG, BIG), (BIG, -1), (-1, BIG)]:
+        _check_all(_run(q, k, v, dout, window=window, **vl), q, k, v, dout, **vl)
+
+
 def test_group_splits_match():
     """dK/dV with a GQA group split across programs (fp32 partials summed) == unsplit."""
     q, k, v = _make(1, 23, 31, 6, 2, 32, F16)
@@ -482,6 +515,8 @@ def _bad_cases():
         ("head_dim must match", (q, k, v[..., :8]), {}),
         ("batch sizes differ", (q, torch.cat([k, k]), torch.cat([v, v])), {}),
         ("multiple of n_heads_k", (q, k[:, :, :1].expand(1, 8, 3, 16), v[:, :, :1].expand(1, 8, 3, 16)), {}),
+        (r"n_heads_q \(q.shape\[-2\]\) must be >= 1, got 0", (q[:, :, :0], k, v), {}),
+        (r"n_heads_k \(k.shape\[-2\]\) must be >= 1, got 0", (q, k[:, :, :0], v[:, :, :0]), {}),
         ("head_dim must be in", (_rand(1, 4, 1, 288, dtype=F16),) * 3, {}),
         ("share one dtype", (q, k.float(), v), {}),
         ("same \\(seqlen, heads\\)", (q, k, v[:, :5]), {}),

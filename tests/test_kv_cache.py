@@ -176,6 +176,36 @@ def test_decode_many_query_rows(backend):
     check_decode(q, kc, vc, lens, bt, backend, num_splits=2, window=9)
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("paged", [True, False])
+@pytest.mark.parametrize("with_kv", [False, True])
+def test_decode_huge_window_is_unbounded(backend, paged, with_kv):
+    """A window near 2**31 - 1 (it overflowed the kernels' int32 position arithmetic) or one that
+    just covers the capacity sees every key, as window=-1 does; one below that is still a window."""
+    B, Hq, Hkv, D, cap, Sq = 3, 4, 2, 16, 12, 3
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float32, cap, paged=paged, block_size=4)
+    lens = torch.tensor([1, 5, cap] if not with_kv else [0, 4, cap - Sq], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, Sq, Hq, D, dtype=torch.float32, device=DEVICE)
+    kv = {}
+    if with_kv:
+        k = torch.randn(B, Sq, Hkv, D, dtype=torch.float32, device=DEVICE)
+        kv = dict(k=k, v=torch.randn_like(k))
+    for causal in (True, False):
+        def run(window):
+            kcw, vcw = kc.clone(), vc.clone()
+            out = fastlm.ops.decode_attention(q, kcw, vcw, lens, block_table=bt, causal=causal, window=window,
+                                              num_splits=2, backend=backend, **kv)
+            ref = ref_kv.decode_attention_with_kv(q, kc.clone(), vc.clone(), kv["k"], kv["v"], lens, block_table=bt,
+                                                  causal=causal, window=window) if kv else \
+                reference.decode_attention(q, kc, vc, lens, block_table=bt, causal=causal, window=window)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+            return out
+        unbounded = run(-1)
+        for window in (2**31 - 1, cap - 1):
+            torch.testing.assert_close(run(window), unbounded, atol=1e-5, rtol=0, msg=f"window={window}")
+        run(cap - 2)
+
+
 def test_num_splits_heuristic():
     h = lambda *a: kv_ops.num_splits_heuristic(*a, torch.device("cpu"), sms=132)  # noqa: E731  (an H100)
     assert h(1, 8, 1, 16384) == 33  # batch 1, long context: 8 CTAs x 33 splits ~ 2 x 132 SMs
@@ -611,6 +641,32 @@ def test_decode_with_new_kv_opcheck_and_compile(backend):
     exp = step(q, k, kc2, vc2, lens2, bt)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2) and torch.equal(lens, lens2)
     torch.testing.assert_close(out, exp, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("layout", ["heads-before-seq", "head_dim-not-innermost"])
+def test_decode_with_new_kv_fake_matches_permuted_q(backend, layout):
+    """The op's output layout (the Triton branch allocates it like q's rotated copy) is what its
+    fake says, for a permuted q: a dense rotated copy against empty_like(q) failed opcheck and
+    torch.compile.  A q whose head_dim is innermost gets an output laid out like q."""
+    B, Hq, Hkv, D, cap, Sq = 2, 4, 2, 16, 12, 2
+    kc, vc, bt, lens, _, _ = small_paged_case(cap, [3, 7])
+    k = torch.randn(B, Sq, Hkv, D, dtype=torch.float16, device=DEVICE)
+    if layout == "heads-before-seq":
+        q = torch.randn(B, Hq, Sq, D, dtype=torch.float16, device=DEVICE).transpose(1, 2)
+    else:
+        q = torch.randn(B, Sq, D, Hq, dtype=torch.float16, device=DEVICE).transpose(2, 3)
+    cos, sin = _tables(D, cap)
+    for rot in ((cos, sin), (None, None)):
+        torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv.default,
+                              (q, kc, vc, k, k, lens, bt, *rot, False, 0.25, True, -1, 0.0, 2, backend),
+                              test_utils=("test_faketensor",))
+    out, exp = (fastlm.ops.decode_attention(qq, kc.clone(), vc.clone(), lens, k=k, v=k, rotary_cos=cos,
+                                            rotary_sin=sin, block_table=bt, backend=backend)
+                for qq in (q, q.contiguous()))
+    torch.testing.assert_close(out, exp, atol=1e-3, rtol=0)
+    if layout == "heads-before-seq":
+        assert out.stride() == q.stride()
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -125,14 +125,17 @@ def test_torch_op_contract():
     assert torch.equal(y, y2) and torch.equal(h, h2)
 
 
-def test_autocast_casts_like_linear():
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_casts_like_linear(backend):
+    """Under autocast every backend casts x, residual, weight and bias first (the reference
+    once returned h in fp32 where Triton returned it in the autocast dtype)."""
     x, w, kw = _case(2, 24, 8, torch.float32, norm="rms", residual=True, swiglu=False, bias=True)
     dt = torch.bfloat16
     with torch.autocast(DEVICE.type, dtype=dt):
-        y, h = fastlm.ops.fused_linear(x, w, **kw, backend="triton")
+        y, h = fastlm.ops.fused_linear(x, w, **kw, backend=backend)
     cast = {k: v.to(dt) if k in ("bias", "residual") else v for k, v in kw.items()}
-    y2, h2 = fastlm.ops.fused_linear(x.to(dt), w.to(dt), **cast, backend="triton")
-    assert y.dtype == dt and torch.equal(y, y2) and torch.equal(h, h2)
+    y2, h2 = fastlm.ops.fused_linear(x.to(dt), w.to(dt), **cast, backend=backend)
+    assert y.dtype == h.dtype == dt and torch.equal(y, y2) and torch.equal(h, h2)
 
 
 def test_inference_only():

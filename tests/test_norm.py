@@ -1,4 +1,6 @@
 """RMSNorm / LayerNorm: Triton (interpreter on CPU) and CUDA kernels vs the float64 reference."""
+import functools
+
 import pytest
 import torch
 
@@ -224,6 +226,27 @@ def test_opcheck(backend):
     mean, rstd = torch.randn(3, 5, device=DEVICE), torch.rand(3, 5, device=DEVICE) + 0.5
     dy = torch.randn_like(x)
     torch.library.opcheck(torch.ops.fastlm.norm_backward.default, (dy, dy, x.detach(), w.detach(), mean, rstd, False, True, backend))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_opcheck_permuted_input(backend):
+    """The kernels return fresh contiguous outputs whatever x's layout, and the fakes must say so
+    (empty_like of a transposed x kept its strides: opcheck and torch.compile failed)."""
+    x = torch.randn(12, 5, device=DEVICE).t().detach().requires_grad_(True)  # (5, 12), strides (1, 5)
+    r = torch.randn(5, 12, device=DEVICE, requires_grad=True)
+    w = torch.randn(12, device=DEVICE, requires_grad=True)
+    b = torch.randn(12, device=DEVICE, requires_grad=True)
+    opcheck = functools.partial(torch.library.opcheck, test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+    for res in (None, r):
+        opcheck(torch.ops.fastlm.rms_norm.default, (x, w, res, 1e-6, backend))
+        opcheck(torch.ops.fastlm.layer_norm.default, (x, w, b, res, 1e-5, backend))
+    mean, rstd = torch.randn(5, device=DEVICE), torch.rand(5, device=DEVICE) + 0.5
+    dy = torch.randn(12, 5, device=DEVICE).t()
+    opcheck(torch.ops.fastlm.norm_backward.default, (dy, None, x.detach(), w.detach(), mean, rstd, False, True, backend))
+    if backend == "cuda":
+        xd = x.detach()
+        opcheck(torch.ops.fastlm.norm_fwd_cuda.default, (xd, w.detach(), None, xd, 1e-5, True))
+        opcheck(torch.ops.fastlm.norm_bwd_cuda.default, (dy, None, xd, None, mean, rstd, False, False))
 
 
 @cuda_mark()

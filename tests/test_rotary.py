@@ -267,6 +267,57 @@ def test_fused_qkv_slices_no_copy(backend, interleaved):
     assert torch.equal(q[..., rd:], before[..., : Hq * D].view(B, S, Hq, D)[..., rd:])
 
 
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
+def test_inplace_rejects_overlapping_q_and_k(backend):
+    """q and k sharing elements (k = q[:], overlapping slices of one buffer) would be rotated
+    twice in place: an error, before any write.
+    Disjoint views whose byte ranges interleave (alternate heads, q/k slices of a fused qkv
+    projection) are fine."""
+    cos, sin = tables(8, 4)
+    qkv = torch.randn(1, 4, 6, 8, device=DEVICE)
+    before = qkv.clone()
+    flat = qkv.view(1, 4, 48)
+    for q, k in [(qkv, qkv[:]), (qkv[:, :, :4], qkv[:, :, 3:5]),
+                 (flat[..., :32].view(1, 4, 4, 8), flat[..., 4:20].view(1, 4, 2, 8))]:  # half a head off
+        with pytest.raises(ValueError, match="q and k overlap in memory"):
+            ops.apply_rotary(q, k, cos, sin, inplace=True, backend=backend)
+    assert torch.equal(qkv, before)
+    for q, k in [(qkv[:, :, 0::2], qkv[:, :, 1::2]), (qkv[:, :, :4], qkv[:, :, 4:6])]:
+        (rq, rk), (lq, lk) = refs(q.clone(), k.clone(), cos, sin)
+        ops.apply_rotary(q, k, cos, sin, inplace=True, backend=backend)
+        assert_close(q, rq, lq)
+        assert_close(k, rk, lk)
+
+
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
+def test_numpy_int_positions(backend):
+    np = pytest.importorskip("numpy")
+    q, k = rand_qk((1, 3, 2, 8), (1, 3, 1, 8), torch.float32)
+    cos, sin = tables(8, 6)
+    out = ops.apply_rotary(q, k, cos, sin, positions=np.int64(2), backend=backend)
+    check(out, q, k, cos, sin, positions=2)
+
+
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
+def test_zero_heads_is_an_error(backend):
+    cos, sin = tables(8, 4)
+    k = torch.randn(1, 2, 1, 12, device=DEVICE)
+    with pytest.raises(ValueError, match=r"n_heads_q \(q.shape\[-2\]\) must be >= 1, got 0"):
+        ops.apply_rotary(torch.empty(1, 2, 0, 12, device=DEVICE), k, cos, sin, backend=backend)
+
+
+def test_kernel_out_of_place_with_empty_q_copies_k_pass_through():
+    # Out of place is decided by the tensors, not by equal data pointers (an empty q and its empty
+    # output both have data_ptr 0): k's dims past rotary_dim must still be copied.
+    cos, sin = tables(8, 4)
+    q, k = rand_qk((1, 2, 0, 12), (1, 2, 1, 12), torch.float32)
+    qo, ko = torch.empty_like(q), poison_(torch.empty_like(k))
+    krot.rotary_fwd(q, k, cos, sin, qo, ko, None, None, 0, krot.POS_ARANGE, False, False)
+    assert torch.equal(ko[..., 8:], k[..., 8:])
+    (_, rk), (_, lk) = refs(q, k, cos, sin)
+    assert_close(ko, rk, lk)
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("inplace", [False, True])
 def test_non_unit_head_dim_stride(backend, inplace):

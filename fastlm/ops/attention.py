@@ -189,7 +189,10 @@ def _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"attention: head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
     hq, hk = q.shape[-2], k.shape[-2]
-    if hk == 0 or hq % hk != 0:
+    for name, h, dim in (("n_heads_q", hq, "q"), ("n_heads_k", hk, "k")):
+        if h < 1:
+            raise ValueError(f"attention: {name} ({dim}.shape[-2]) must be >= 1, got {h}")
+    if hq % hk != 0:
         raise ValueError(f"attention: n_heads_q ({hq}) must be a positive multiple of n_heads_k ({hk}) (GQA/MQA)")
     if hq > MAX_GRID_YZ:
         raise ValueError(f"attention: n_heads_q {hq} exceeds {MAX_GRID_YZ}")
@@ -205,6 +208,20 @@ def _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_
         raise ValueError(f"attention: softcap must be a finite value >= 0 (0 = off), got {softcap}")
     if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"attention: softmax_scale must be a finite value > 0, got {softmax_scale}")
+
+
+def _unbounded_sides(q, k, varlen, window_left, window_right):
+    """A window side wide enough to cover every key becomes -1 (unbounded): the same mask, and the
+    kernels' int32 index arithmetic never sees a huge window (2**31 - 1 would overflow it).  Key j
+    of query i is visible iff -left <= j - i - off <= right, off = Lk - Lq (bottom-right aligned),
+    and j - i - off spans [1 - Lk, Lq - 1]: left >= Lk - 1 and right >= Lq - 1 cover everything.
+    Packed inputs: each sequence's lengths are at most the packed totals (shapes: no host sync)."""
+    lq, lk = (q.shape[0], k.shape[0]) if varlen else (q.shape[1], k.shape[1])
+    if window_left >= lk - 1:
+        window_left = -1
+    if window_right >= lq - 1:
+        window_right = -1
+    return window_left, window_right
 
 
 # ---------------------------------------------------------------------------- public API
@@ -249,6 +266,7 @@ def attention(
     window_left, window_right = int(window[0]), int(window[1])
     if causal:
         window_right = 0
+    window_left, window_right = _unbounded_sides(q, k, cu_seqlens_q is not None, window_left, window_right)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     b = _backend.resolve(backend, q.device, SUPPORTED, op="attention")
     if b == "reference":

@@ -240,7 +240,7 @@ def _decode_kv_op(
     if backend == "triton":
         from fastlm.kernels import decode as kd
 
-        q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotary else q  # dense (not q's layout)
+        q_rot = _rotated_q_buffer(q) if rotary else q  # the decode's output is laid out like it
         counters = kd.combine_counters(q, k_cache, num_splits) if n > 0 else None  # zeroed by the append
         kd.kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q, q_rot, rotary_cos, rotary_sin,
                            rotary_interleaved, counters=counters)
@@ -251,9 +251,19 @@ def _decode_kv_op(
                                                           causal, window, softcap, num_splits)
 
 
+def _rotated_q_buffer(q):
+    """The Triton branch's rotated copy of q, which kernels/decode.py's decode_attention allocates
+    its output like: q's layout (so the output is empty_like(q), as on every other path), dense
+    if head_dim is not innermost there (the rotation writes rows at unit stride)."""
+    t = torch.empty_like(q)
+    return t if t.stride(-1) == 1 else q.new_empty(q.shape)
+
+
 @_decode_kv_op.register_fake
 def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary_cos, rotary_sin, rotary_interleaved,
       softmax_scale, causal, window, softcap, num_splits, backend):
+    if backend == "triton" and rotary_cos is not None:
+        return _rotated_q_buffer(q)
     return torch.empty_like(q)
 
 
@@ -504,6 +514,10 @@ def decode_attention(
     if num_splits < 0:
         raise ValueError(f"decode_attention: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     rotary = _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table)
+    if window >= _capacity(k_cache, block_table) - 1:
+        # Covers every key (a row sits at position p <= capacity - 1 and sees keys j >= p - window
+        # >= 0): unbounded, the same mask, and the kernels' int32 arithmetic never sees a huge window.
+        window = -1
     b = _backend.resolve(backend, device, SUPPORTED, PREFERRED, op="decode_attention")
     if k is not None:
         if b == "reference":

@@ -68,27 +68,29 @@ def _norm_backward_op(
     return tuple(_kernels(backend)[1](dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias))
 
 
+# The fakes allocate contiguous outputs (new_empty, not empty_like: x may be a permuted view), as
+# both kernel backends return fresh contiguous tensors whatever the inputs' strides.
 def _stats_like(x):
     return x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @_rms_norm_op.register_fake
 def _(x, weight, residual, eps, backend):
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), h, _stats_like(x)
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape), h, _stats_like(x)
 
 
 @_layer_norm_op.register_fake
 def _(x, weight, bias, residual, eps, backend):
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), h, _stats_like(x), _stats_like(x)
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape), h, _stats_like(x), _stats_like(x)
 
 
 def _grads_fake(h, weight, has_bias):
     N = h.shape[-1]
     dw = h.new_empty(N if weight is not None else 0, dtype=torch.float32)
     db = h.new_empty(N if has_bias else 0, dtype=torch.float32)
-    return torch.empty_like(h), dw, db
+    return h.new_empty(h.shape), dw, db
 
 
 @_norm_backward_op.register_fake
@@ -105,9 +107,9 @@ def _register_cuda_fakes():
 
     @torch.library.register_fake("fastlm::norm_fwd_cuda")
     def _(x, weight, bias, residual, eps, is_rms):
-        h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+        h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
         mean = _stats_like(x) if not is_rms else x.new_empty(0, dtype=torch.float32)
-        return torch.empty_like(x), h, mean, _stats_like(x)
+        return x.new_empty(x.shape), h, mean, _stats_like(x)
 
     @torch.library.register_fake("fastlm::norm_bwd_cuda")
     def _(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias):
