@@ -16,13 +16,12 @@ writes out: 3 rows F T; backward reads dy, gate, up and writes dgate, dup: 5 row
 (recomputing silu from the saved input); forward+backward 8 rows F T.
 Target on an H100: >= 90% of the copy bandwidth at the large shapes.
 """
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser,
-                               require_cuda, speedups)
+from benchmarks.common import (Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser, require_cuda,
+                               run_module, speedups)
 
 import fastlm
 from fastlm import reference
@@ -129,7 +128,7 @@ def main(argv=None):
                 try:
                     ms, p20, p80 = run_one(fn, mode, (x,) if layout == "stacked" else split)
                 except Exception as e:  # a peer failing must not hide the others
-                    res.skipped(name, f"error: {type(e).__name__}: {e}"[:200], **base)
+                    res.add(**base, impl=name, status=f"error: {type(e).__name__}: {e}"[:200])
                     continue
                 times[name] = ms
                 gbs = nbytes(rows, f, x.element_size(), mode) / ms / 1e6
@@ -147,4 +146,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_module(main)

@@ -16,11 +16,11 @@ bf16 matmul TFLOP/s measured in this run.  fastlm's backward is timed in both mo
 """
 import functools
 import random
-import sys
 
 import torch
 
-from benchmarks.common import Results, bench, compiled, matmul_tflops, optional_module, parser, require_cuda
+from benchmarks.common import (Results, bench, compiled, lift_recompile_limit, matmul_tflops, optional_module, parser,
+                               require_cuda, run_module)
 
 import fastlm
 from fastlm import reference
@@ -83,6 +83,7 @@ def _sdpa(backend_name):
 def _flex_compiled():
     from torch.nn.attention.flex_attention import flex_attention
 
+    lift_recompile_limit()
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -171,7 +172,7 @@ def run_case(res, impls, base, inputs, flops, modes, peak, det_modes=("bwd", "fw
             try:
                 ms, p20, p80 = time_mode(fn, mode, inputs)
             except Exception as e:  # a peer failing must not hide the others
-                res.skipped(name, f"error: {type(e).__name__}: {e}"[:200], **row0)
+                res.add(**row0, impl=name, status=f"error: {type(e).__name__}: {e}"[:200])
                 continue
             tf = flops[mode] / ms / 1e9
             tflops[name] = tf
@@ -222,6 +223,9 @@ def main(argv=None):
             run_case(res, dense_impls(d, s, gqa=True), base, (q, k, v, causal), flops, modes, peak)
         del q, k, v
         run_varlen(res, randn, modes, peak)
+    else:
+        for case in ("gqa", "varlen"):
+            res.add(case=case, impl="all", status="skipped: --quick (dense shapes only)")
     res.write()
 
 
@@ -236,8 +240,8 @@ def run_varlen(res, randn, modes, peak, device="cuda", tokens=TOKENS, h=16):
         "fastlm-triton": lambda q, k, v: fastlm.ops.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                                               max_seqlen_q=mx, max_seqlen_k=mx, backend="triton"),
         "fastlm-triton-det": lambda q, k, v: fastlm.ops.attention(q, k, v, causal=True, cu_seqlens_q=cu,
-                                                                  cu_seqlens_k=cu, deterministic=True,
-                                                                  backend="triton"),
+                                                                  cu_seqlens_k=cu, max_seqlen_q=mx, max_seqlen_k=mx,
+                                                                  deterministic=True, backend="triton"),
     }
     fa2 = optional_module("flash_attn")
     impls["flash_attn"] = (lambda q, k, v: fa2.flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=True)) \
@@ -275,4 +279,4 @@ def run_varlen(res, randn, modes, peak, device="cuda", tokens=TOKENS, h=16):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_module(main)

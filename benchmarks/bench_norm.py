@@ -8,13 +8,12 @@ residual: theirs is added by a separate torch add, as their users do).
 Bytes moved (T = element size, rows x N): forward reads x (+ residual) and writes out (+ h);
 backward reads dy, h (+ grad of h) and writes dx; weight/bias and per-row stats are included.
 """
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser,
-                               require_cuda, speedups)
+from benchmarks.common import (Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser, require_cuda,
+                               run_module, speedups)
 
 import fastlm
 from fastlm import reference
@@ -136,7 +135,7 @@ def main(argv=None):
                     try:
                         ms, p20, p80 = run_one(fn, mode, x, w, b, r)
                     except Exception as e:  # a peer failing must not hide the others
-                        res.skipped(name, f"error: {type(e).__name__}: {e}"[:200], **base)
+                        res.add(**base, impl=name, status=f"error: {type(e).__name__}: {e}"[:200])
                         continue
                     times[name] = ms
                     gbs = nbytes(kind, residual, rows, n, x.element_size(), mode) / ms / 1e6
@@ -151,4 +150,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_module(main)

@@ -17,11 +17,10 @@ Rows go to the results JSON; the top kernels are printed.  About 30 s on an H100
 
     python -m benchmarks.bench_profile [--quick] [--out DIR] [--what train,decode]
 """
-import sys
 
 import torch
 
-from benchmarks.common import Results, main_guard, parser, require_cuda
+from benchmarks.common import Results, main_guard, parser, require_cuda, run_module
 
 FAMILIES = [  # (family, substrings of kernel names; first match wins)
     ("decode_attention", ("decode", "split_kv", "combine")),
@@ -154,4 +153,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_module(main)

@@ -11,12 +11,11 @@ and are not counted).  Forward is out of place (fresh outputs) and in place for 
 backward is the gradient kernel alone (autograd of an already-computed forward).
 Target on an H100: >= 85% of the copy bandwidth at >= 16k tokens and >= 1.2x torch.compile.
 """
-import sys
 
 import torch
 
-from benchmarks.common import (Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser,
-                               require_cuda, speedups)
+from benchmarks.common import (Results, bench, compiled, copy_bandwidth_gbs, optional_module, parser, require_cuda,
+                               run_module, speedups)
 
 import fastlm
 from fastlm import reference
@@ -118,7 +117,7 @@ def main(argv=None):
                     try:
                         t = run_one(name, fn, mode, q, k, cos, sin)
                     except Exception as e:  # a peer failing must not hide the others
-                        res.skipped(name, f"error: {type(e).__name__}: {e}"[:200], **base)
+                        res.add(**base, impl=name, status=f"error: {type(e).__name__}: {e}"[:200])
                         continue
                     if isinstance(t, str):
                         res.skipped(name, t.split(": ", 1)[1], **base)
@@ -137,4 +136,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_module(main)

@@ -28,6 +28,8 @@ def env_info():
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # fastlm's attention tile configs are autotuned per shape unless this is 0
+        "attention_autotune": os.environ.get("FASTLM_ATTENTION_AUTOTUNE", "1"),
     }
     try:
         import triton
@@ -89,13 +91,46 @@ def speedups(times, name, peers):
     return {f"vs_{label}": times[p] / times[name] if p in times else None for label, p in pairs}
 
 
-def compiled(fn, dynamic=None):
-    """torch.compile of a reference function (the strongest 'plain PyTorch' peer).
+def lift_recompile_limit(limit=4096):
+    """torch.compile falls back to EAGER, silently, once a function has been recompiled
+    recompile_limit (8) times -- which a shape x dtype x grad sweep reaches: the rows labelled
+    torch-compile / flex-attention would then time eager PyTorch.  Lifted for every benchmark."""
+    import torch._dynamo
 
-    dynamic=None: the first shape compiles static, a second shape recompiles once with dynamic
-    sizes that later shapes reuse; this keeps shape sweeps inside the GPU check's time budget.
-    Pass dynamic=False for a peer specialized to every shape."""
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+
+
+def compiled(fn, dynamic=False):
+    """torch.compile of a reference function (the strongest 'plain PyTorch' peer), specialized to
+    every shape (dynamic=False: what a user compiling for a fixed shape gets; a dynamic-shape
+    kernel, e.g. a norm looping over a symbolic hidden size, can be slower and would flatter the
+    comparison).  Every shape compiles once, outside the timed region (the first call)."""
+    lift_recompile_limit()
     return torch.compile(fn, dynamic=dynamic)
+
+
+# fastlm's own implementations (the rest are peers: torch-*, reference*, liger, flash_attn, ...)
+OWN_IMPLS = ("fastlm", "fused", "triton", "cuda", "compile(fused")
+FAILURES = []  # "benchmark: impl: status" of every own row that errored, and every failed check
+
+
+def is_failure(row):
+    """A row that must fail the run: one of fastlm's implementations erroring (or out of memory),
+    or any check reporting FAIL.  A peer that errors is reported in its row, not a failure."""
+    status, impl = str(row.get("status", "")), str(row.get("impl", ""))
+    return status.startswith("FAIL") or (impl.startswith(OWN_IMPLS) and status.startswith(("error", "OOM")))
+
+
+def run_module(main):
+    """`python -m benchmarks.bench_x` entry: exit 1 when any of fastlm's rows failed (the rows
+    are all written; the failures are listed last)."""
+    rc = main(sys.argv[1:]) or 0
+    if FAILURES:
+        print(f"[bench] {len(FAILURES)} fastlm failure(s):\n  " + "\n  ".join(FAILURES), flush=True)
+        rc = rc or 1
+    sys.exit(rc)
 
 
 class Results:
@@ -109,6 +144,8 @@ class Results:
 
     def add(self, **row):
         self.rows.append(row)
+        if is_failure(row):
+            FAILURES.append(f"{self.name}: {row.get('impl')}: {row.get('status')}")
         cols = " ".join(f"{k}={_fmt(v)}" for k, v in row.items())
         print(f"[{self.name}] {cols}", flush=True)
         self._save()  # after every row: a run cut short by its time budget keeps what it measured
@@ -117,17 +154,22 @@ class Results:
         if not self.out_dir:
             return None
         os.makedirs(self.out_dir, exist_ok=True)
+        # written to a temporary name and renamed: a run interrupted mid-write (its time budget)
+        # leaves the previous complete file, never a truncated one
         path = os.path.join(self.out_dir, f"{self.name}.json")
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             json.dump({"benchmark": self.name, "env": self.env, "rows": self.rows}, f, indent=1)
+        os.replace(path + ".tmp", path)
         keys = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        with open(os.path.join(self.out_dir, f"{self.name}.csv"), "w", newline="") as f:
+        csv_path = os.path.join(self.out_dir, f"{self.name}.csv")
+        with open(csv_path + ".tmp", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(self.env) + keys)
             w.writeheader()
             for r in self.rows:
                 w.writerow({**self.env, **r})
+        os.replace(csv_path + ".tmp", csv_path)
         return path
 
     def skipped(self, peer, why, **row):

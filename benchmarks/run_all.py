@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 
+from benchmarks import common
 from benchmarks.common import ROOT, main_guard, parser, require_cuda
 
 # Each module has main(argv) -> None; listed in the order of the product card.
@@ -30,7 +31,7 @@ def _run_budgeted(name, sub, seconds):
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     try:
         rc = proc.wait(timeout=max(seconds, 1))
-        return "ok" if rc == 0 else f"failed (exit {rc})"
+        return "ok" if rc == 0 else f"failed (exit {rc}: an error, or a fastlm row that failed; see its log)"
     except subprocess.TimeoutExpired:
         # SIGINT first: the module's finally/atexit paths flush what they measured.
         os.killpg(proc.pid, signal.SIGINT)
@@ -71,8 +72,10 @@ def main(argv=None):
             status[name] = _run_budgeted(name, sub, share)
         else:
             try:
+                before = len(common.FAILURES)
                 importlib.import_module(f"benchmarks.{name}").main(sub)
-                status[name] = "ok"
+                failed = common.FAILURES[before:]
+                status[name] = f"failed ({len(failed)} fastlm rows: {failed[0]} ...)" if failed else "ok"
             except Exception:
                 traceback.print_exc()
                 status[name] = "failed"

@@ -12,16 +12,16 @@
 # BUDGET_S=<seconds> fits the whole check into one device call (a session has 15 minutes of
 # device time, the machine's start included, and 10 minutes per command):
 #   BUDGET_S=500 scripts/gpu_check.sh $OUT       (device tool: timeout_s=590)
-# The build takes what it needs; the tests then get TEST_SHARE percent (default 55) of what is
-# left (all of it when STAGES has no bench): the GPU-only tests (-m gpu: they never run on a CPU machine) first, with 60% of that,
-# then the rest; the benchmarks (--quick, each module in its own process with a weighted share,
-# see benchmarks/run_all.py --budget-s) get the remainder.  A stage cut short by its share says
-# so (pytest is interrupted with SIGINT and still writes its junit XML, rc 2 or 124; a benchmark
-# keeps the rows it measured and is reported "timed out"), never passes silently.
-# Without BUDGET_S every stage runs to completion.
+# The build takes what it needs; then, in order of what only a GPU can tell: the GPU-only tests
+# (-m gpu) with GPU_TEST_SHARE percent (default 30) of what is left, the benchmarks (--quick, each
+# module in its own process with a weighted share, see benchmarks/run_all.py --budget-s) with
+# BENCH_SHARE percent (default 70) of what is then left, and the rest of the tests with the
+# remainder.  A stage cut short by its share says so (pytest is interrupted with SIGINT and still
+# writes its junit XML, rc 2 or 124; a benchmark keeps the rows it measured and is reported "timed
+# out"), never passes silently.  Without BUDGET_S every stage runs to completion.
 # Tests run on TEST_WORKERS pytest-xdist workers (default 8; 0 = serial) when pytest-xdist is
-# installed, with FASTLM_ATTENTION_AUTOTUNE=0: correctness does not need every tile config timed
-# for every shape (tests/test_attention.py runs each config and the autotuned path explicitly).
+# installed, with FASTLM_ATTENTION_AUTOTUNE=0 (the tests only: tests/test_attention.py runs each
+# config and the autotuned path explicitly; the benchmarks time the autotuned kernels).
 # FASTLM_CUDA_ARCHS defaults to 9.0 here (the GPU in hand) to halve the compile time.
 # With the device tool (a session's whole device time is 15 minutes):
 #   here:   scripts/fetch_peer_wheels.sh          (liger-kernel for the peer columns)
@@ -33,6 +33,7 @@ mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 LOG="$OUT_DIR/gpu_check.log"
 exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
 STAGES=${STAGES:-build,test,bench}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -64,55 +65,89 @@ if [[ $STAGES == *build* ]]; then
   rc_build=${PIPESTATUS[0]}
   echo "== build rc=$rc_build in $(( $(date +%s) - start ))s"
 fi
-if [[ $STAGES == *test* ]]; then
-  start=$(date +%s)
-  export FASTLM_ATTENTION_AUTOTUNE=${FASTLM_ATTENTION_AUTOTUNE:-0}
-  ARGS=(-q -rs --durations=15)
-  # A hung test must not eat the whole call: per-test timeout when pytest-timeout is there.
-  $PY -c "import pytest_timeout" 2>/dev/null && ARGS+=(--timeout=${TEST_TIMEOUT:-240})
-  # A worker whose CUDA context a faulting kernel broke exits and is replaced (tests/conftest.py).
-  $PY -c "import xdist" 2>/dev/null && [[ ${TEST_WORKERS:-8} != 0 ]] \
-    && ARGS+=(-n "${TEST_WORKERS:-8}" --max-worker-restart="${TEST_MAX_RESTARTS:-64}")
-  if (( BUDGET_S > 0 )); then
-    # Without the bench stage the tests get all that is left (less time to write the results).
-    if [[ $STAGES == *bench* ]]; then budget=$(( $(left) * ${TEST_SHARE:-55} / 100 )); else budget=$(( $(left) - 15 )); fi
-    echo "== tests: ${budget}s of the $(left)s left, GPU-only tests first"
-    capped $(( budget * 6 / 10 )) $PY -m pytest ${TEST_FILES:-tests} "${ARGS[@]}" -m gpu \
-      --junitxml="$OUT_DIR/junit_gpu.xml" ${PYTEST_ARGS:-}
-    rc1=$?
-    capped $(( budget - ($(date +%s) - start) )) $PY -m pytest ${TEST_FILES:-tests} "${ARGS[@]}" -m "not gpu" \
-      --junitxml="$OUT_DIR/junit_rest.xml" ${PYTEST_ARGS:-}
-    rc2=$?
-    # 5 = that half selected no test (e.g. TEST_FILES without GPU tests): fine unless both are empty.
-    if (( rc1 == 5 && rc2 != 5 )); then rc1=0; elif (( rc2 == 5 && rc1 != 5 )); then rc2=0; fi
-    echo "== tests rc: gpu-only=$rc1 rest=$rc2 (2 or 124 after a 'timeout' line: cut short by the budget)"
-    rc_test=$(( rc1 > rc2 ? rc1 : rc2 ))
-  else
-    $PY -m pytest ${TEST_FILES:-tests} "${ARGS[@]}" --junitxml="$OUT_DIR/junit.xml" ${PYTEST_ARGS:-}
-    rc_test=$?
-  fi
-  echo "== tests rc=$rc_test in $(( $(date +%s) - start ))s"
-fi
-if [[ $STAGES == *bench* ]]; then
+# The tests run with FASTLM_ATTENTION_AUTOTUNE=0 (correctness does not need every tile config
+# timed for every shape); the benchmarks never inherit it (they time the autotuned kernels).
+ATTN_AUTOTUNE_TESTS=${FASTLM_ATTENTION_AUTOTUNE:-0}
+ARGS=(-q -rs --durations=15)
+# A hung test must not eat the whole call: per-test timeout when pytest-timeout is there.
+$PY -c "import pytest_timeout" 2>/dev/null && ARGS+=(--timeout=${TEST_TIMEOUT:-240})
+# A worker whose CUDA context a faulting kernel broke exits and is replaced (tests/conftest.py).
+$PY -c "import xdist" 2>/dev/null && [[ ${TEST_WORKERS:-8} != 0 ]] \
+  && ARGS+=(-n "${TEST_WORKERS:-8}" --max-worker-restart="${TEST_MAX_RESTARTS:-64}")
+# run_tests SECONDS MARK JUNIT: pytest on the tests of marker expression MARK
+run_tests() {
+  capped "$1" env FASTLM_ATTENTION_AUTOTUNE="$ATTN_AUTOTUNE_TESTS" $PY -m pytest ${TEST_FILES:-tests} "${ARGS[@]}" \
+    ${2:+-m "$2"} --junitxml="$OUT_DIR/$3" ${PYTEST_ARGS:-}
+}
+run_bench() {
   start=$(date +%s)
   mkdir -p "$OUT_DIR/results"
   if (( BUDGET_S > 0 )); then
-    bb=$(( $(left) - 20 ))
+    bb=$1
     echo "== benchmarks: ${bb}s, --quick"
-    $PY -m benchmarks.run_all --out "$OUT_DIR/results" --quick --budget-s $(( bb > 30 ? bb : 30 )) ${BENCH_ARGS:-}
+    env -u FASTLM_ATTENTION_AUTOTUNE $PY -m benchmarks.run_all --out "$OUT_DIR/results" --quick \
+      --budget-s $(( bb > 30 ? bb : 30 )) ${BENCH_ARGS:-}
   else
-    $PY -m benchmarks.run_all --out "$OUT_DIR/results" ${BENCH_ARGS:-}
+    env -u FASTLM_ATTENTION_AUTOTUNE $PY -m benchmarks.run_all --out "$OUT_DIR/results" ${BENCH_ARGS:-}
   fi
   rc_bench=$?
   echo "== benchmarks rc=$rc_bench in $(( $(date +%s) - start ))s"
   $PY - "$OUT_DIR" <<'PYEOF'
 import glob, json, os, sys
 out = sys.argv[1]
-merged = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "results", "*.json")))]
+merged = []
+for p in sorted(glob.glob(os.path.join(out, "results", "*.json"))):
+    try:
+        merged.append(json.load(open(p)))
+    except ValueError as e:  # never expected (rows are written atomically): say so, keep the rest
+        merged.append({"benchmark": os.path.basename(p), "status": f"unreadable: {e}"})
 json.dump(merged, open(os.path.join(out, "results.json"), "w"), indent=1)
 PYEOF
   tar -czf "$OUT_DIR/results.tar.gz" -C "$OUT_DIR" results && rm -rf "$OUT_DIR/results"
+}
+# 5 = a half that selected no test (e.g. TEST_FILES without GPU tests): fine unless both are empty.
+combine_rc() {
+  local a=$1 b=$2
+  if (( a == 5 && b != 5 )); then a=0; elif (( b == 5 && a != 5 )); then b=0; fi
+  echo $(( a > b ? a : b ))
+}
+
+if [[ $STAGES == *test* ]] && (( BUDGET_S > 0 )); then
+  # Under a budget, in order of what only a GPU can tell: the GPU-only tests (-m gpu: they never
+  # run on a CPU machine) with GPU_TEST_SHARE percent of what is left (default 30), then the
+  # benchmarks with BENCH_SHARE percent of what is then left (default 70; if STAGES has bench),
+  # then the rest of the tests (which CI also runs, the CUDA kernels through the host emulator)
+  # with the remainder.
+  start=$(date +%s)
+  budget=$(( $(left) * ${GPU_TEST_SHARE:-30} / 100 ))
+  [[ $STAGES == *bench* ]] || budget=$(( ($(left) - 15) / 2 ))
+  echo "== GPU-only tests: ${budget}s of the $(left)s left"
+  run_tests "$budget" gpu junit_gpu.xml
+  rc1=$?
+  echo "== GPU-only tests rc=$rc1 in $(( $(date +%s) - start ))s (2 or 124 after a 'timeout' line: cut short by the budget)"
+  if [[ $STAGES == *bench* ]]; then
+    run_bench $(( ($(left) - 15) * ${BENCH_SHARE:-70} / 100 ))
+  fi
+  start=$(date +%s)
+  budget=$(( $(left) - 15 ))
+  echo "== other tests: ${budget}s"
+  run_tests "$budget" "not gpu" junit_rest.xml
+  rc2=$?
+  echo "== other tests rc=$rc2 in $(( $(date +%s) - start ))s"
+  rc_test=$(combine_rc $rc1 $rc2)
+elif [[ $STAGES == *test* ]]; then
+  start=$(date +%s)
+  run_tests 0 "" junit.xml
+  rc_test=$?
+  echo "== tests rc=$rc_test in $(( $(date +%s) - start ))s"
+  [[ $STAGES == *bench* ]] && run_bench 0
+elif [[ $STAGES == *bench* ]]; then
+  run_bench $(( $(left) - 20 ))
 fi
 echo "{\"build\": $rc_build, \"test\": $rc_test, \"bench\": $rc_bench, \"seconds\": $(( $(date +%s) - T0 ))}" > "$OUT_DIR/summary.json"
 cat "$OUT_DIR/summary.json"
 [[ $rc_build -le 0 && $rc_test -le 0 && $rc_bench -le 0 ]]
+rc=$?
+exec 1>&- 2>&-  # let tee write the last lines of the log before the call ends
+wait "$TEE_PID" 2>/dev/null
+exit $rc

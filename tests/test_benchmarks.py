@@ -1,0 +1,95 @@
+"""The benchmark harness itself (benchmarks/common.py, run_all, scripts/gpu_check.sh): what makes
+a GPU run's numbers trustworthy -- failures of fastlm's own rows fail the run, results files
+are never left half-written, torch.compile peers never fall back to eager unseen.  CPU only."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def no_failures(monkeypatch):
+    monkeypatch.setattr(common, "FAILURES", [])
+    return common.FAILURES
+
+
+@pytest.mark.parametrize("row, failed", [
+    (dict(impl="fastlm-triton", status="error: RuntimeError: x"), True),
+    (dict(impl="triton", status="error: x"), True),  # bench_decode names ours by backend
+    (dict(impl="cuda-fused", status="error: x"), True),
+    (dict(impl="fused/static", status="OOM"), True),
+    (dict(impl="compile(fused)", status="error: x"), True),
+    (dict(impl="parity", status="FAIL: the loss curves diverge"), True),
+    (dict(impl="liger", status="error: x"), False),  # a peer's error is reported, not our failure
+    (dict(impl="torch-compile", status="error: x"), False),
+    (dict(impl="fastlm-triton", status="skipped: fastlm._C built without CUDA"), False),
+    (dict(impl="fastlm-triton", ms=1.0), False),
+])
+def test_is_failure(row, failed):
+    assert common.is_failure(row) == failed
+
+
+def test_own_errors_fail_the_module_and_files_stay_whole(tmp_path, no_failures, monkeypatch, capsys):
+    res = common.Results("demo", str(tmp_path))
+    res.add(impl="torch-eager", ms=1.0)
+    res.add(impl="liger", status="error: ImportError")
+    assert no_failures == []
+
+    def main(argv):
+        res.add(impl="fastlm-triton", status="error: RuntimeError: boom")
+        res.write()
+
+    monkeypatch.setattr(sys, "argv", ["bench_demo"])
+    with pytest.raises(SystemExit) as e:
+        common.run_module(main)
+    assert e.value.code == 1 and "demo: fastlm-triton: error: RuntimeError: boom" in capsys.readouterr().out
+    rows = json.load(open(tmp_path / "demo.json"))["rows"]
+    assert [r["impl"] for r in rows] == ["torch-eager", "liger", "fastlm-triton"]
+    assert sorted(os.listdir(tmp_path)) == ["demo.csv", "demo.json"]  # no temporary files left
+
+
+def test_run_module_passes_without_failures(no_failures, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench_demo"])
+    with pytest.raises(SystemExit) as e:
+        common.run_module(lambda argv: None)
+    assert e.value.code == 0
+
+
+def test_compile_peers_never_hit_the_recompile_limit():
+    """torch.compile falls back to eager after recompile_limit (8) recompiles: a sweep's compile
+    peer would silently time eager PyTorch.  compiled() lifts the limit and specializes shapes."""
+    import torch._dynamo
+
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.append(tuple(example_inputs[0].shape))
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = common.compiled(lambda x: x * 2 + 1)
+    g = torch.compile(lambda x: x * 3 - 1, backend=backend, dynamic=False)
+    for n in range(1, 13):  # 12 shapes > the default limit of 8
+        g(torch.ones(n))
+    assert len(calls) == 12  # every shape compiled, none fell back to eager
+    assert f(torch.ones(3)).tolist() == [3.0] * 3
+
+
+def test_gpu_check_flow_without_a_gpu(tmp_path):
+    """scripts/gpu_check.sh under a budget on a machine without a GPU: every stage reports, the
+    results are merged and archived, summary.json says what ran."""
+    out = tmp_path / "out"
+    env = dict(os.environ, STAGES="bench", BUDGET_S="60", PYTHON=sys.executable)
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.load(open(out / "summary.json"))
+    assert summary["bench"] == 0 and summary["build"] == -1 and summary["test"] == -1
+    assert json.load(open(out / "results.json")) == []  # no GPU: the benchmarks measured nothing
+    assert (out / "results.tar.gz").exists() and "no CUDA GPU" in (out / "gpu_check.log").read_text()
