@@ -524,10 +524,13 @@ def _attn_bwd_dkdv_kernel(
                                         HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_M)
     h_begin = hk * group + split * heads_per_split
     h_end = tl.minimum(h_begin + heads_per_split, (hk + 1) * group)
+    # q / dout head pointers advance by their stride (64-bit pointer + int32 stride): a head-major
+    # view ((B, H, S, D).transpose(1, 2)) has a head stride of S * D, and h * S * D in int32
+    # wraps past 2**31 (e.g. 64 heads at 266k tokens).  DQ (the dense accumulator: head stride
+    # D) and LSE / DELTA (head stride Tq) are indexed in int32.
+    Qh = Q + h_begin.to(tl.int64) * stride_qh
+    DOh = DO + h_begin.to(tl.int64) * stride_doh
     for h in range(h_begin, h_end):
-        # Head offsets stay inside one token row: int32 is enough.
-        Qh = Q + h * stride_qh
-        DOh = DO + h * stride_doh
         DQh = DQ + h * stride_dqh
         LSEh = LSE + h * stride_lh
         DELTAh = DELTA + h * stride_lh
@@ -543,6 +546,8 @@ def _attn_bwd_dkdv_kernel(
                                  full_hi, hi, offs_n, offs_mb, offs_d, Lq, Lk, off, window_left, window_right,
                                  qk_scale2, score_mul, cap_mul, dk_scale, True, HEAD_DIM, BLOCK_D,
                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, IEEE, ATOMIC_DQ, BLOCK_M)
+        Qh += stride_qh
+        DOh += stride_doh
     dk = dk * dk_scale
     split64 = split.to(tl.int64)
     dk_ptrs = DK + split64 * stride_dkp + hk.to(tl.int64) * stride_dkh + rows_n[:, None] * stride_dks + offs_d[None, :]

@@ -127,6 +127,7 @@ def _append_kernel(
     b = pid // seqlen_new
     s = pid % seqlen_new
     b64 = b.to(tl.int64)
+    s64 = s.to(tl.int64)  # (s - 1) * the token stride passes 2**31 in a long prefill of a fused-qkv view
     if ZERO_SEM:
         j = tl.arange(0, BLOCK_SEM)
         tl.store(SEM + b64 * n_sem + j, tl.zeros([BLOCK_SEM], dtype=tl.int32), mask=(j < n_sem) & (s == 0))
@@ -137,7 +138,7 @@ def _append_kernel(
     pos = tl.load(SEQLENS + b + h * 0) + s
     phys64, slot64, ok = _cache_row(pos, b64, BT, s_bt, n_pages, capacity, PAGED, PAGE)
     m = (h < H) & (d < D) & ok
-    v = tl.load(V + b64 * s_vb + s * s_vs + h * s_vh + d * s_vd, mask=m)
+    v = tl.load(V + b64 * s_vb + s64 * s_vs + h.to(tl.int64) * s_vh + d * s_vd, mask=m)
     tl.store(V_CACHE + phys64 * s_vcb + slot64 * s_vct + h * s_vch + d * s_vcd, v.to(V_CACHE.dtype.element_ty), mask=m)
     if ROTARY:
         # One token per program: [1]-shaped position, cache row and cos/sin row (NaN past the
@@ -153,12 +154,12 @@ def _append_kernel(
         sn = tl.load(SIN + coff, mask=cmask, other=float("nan")).to(tl.float32)[:, None, :]
         zero = one.to(tl.int64)
         # k: read at (b, s), written rotated at the cache row; q: read at (b, s), written to QO.
-        _rotate_tile(K + b64 * s_kb + s * s_ks, K_CACHE, 0, 0, s_kh, s_kcb, s_kct, s_kch, phys1, slot1, ok1, 0, H,
+        _rotate_tile(K + b64 * s_kb + s64 * s_ks, K_CACHE, 0, 0, s_kh, s_kcb, s_kct, s_kch, phys1, slot1, ok1, 0, H,
                      c, sn, half, D, INTERLEAVED, COPY_PASS, 1, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
-        _rotate_tile(Q + b64 * s_qb + s * s_qs, QO + b64 * s_qob + s * s_qos, 0, 0, s_qh, 0, 0, s_qoh, zero, zero,
+        _rotate_tile(Q + b64 * s_qb + s64 * s_qs, QO + b64 * s_qob + s64 * s_qos, 0, 0, s_qh, 0, 0, s_qoh, zero, zero,
                      one == 0, 0, Hq, c, sn, half, D, INTERLEAVED, COPY_PASS, 1, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS)
     else:
-        k = tl.load(K + b64 * s_kb + s * s_ks + h * s_kh + d * s_kd, mask=m)
+        k = tl.load(K + b64 * s_kb + s64 * s_ks + h.to(tl.int64) * s_kh + d * s_kd, mask=m)
         tl.store(K_CACHE + phys64 * s_kcb + slot64 * s_kct + h * s_kch + d * s_kcd, k.to(K_CACHE.dtype.element_ty),
                  mask=m)
 
@@ -259,6 +260,7 @@ def _decode_kernel(
     hkv = pid_hm // n_mtiles
     mtile = pid_hm % n_mtiles
     b64 = b.to(tl.int64)
+    hkv64 = hkv.to(tl.int64)  # a head-major cache view: (Hkv - 1) * max_len * D can pass 2**31
 
     # Query rows of this program: row = s * G + g -> query position s, head hkv * G + g.
     rows = mtile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -299,7 +301,7 @@ def _decode_kernel(
             k_row = b64 * s_kb + t.to(tl.int64) * s_kt
             v_row = b64 * s_vb + t.to(tl.int64) * s_vt
         kv_mask = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(K_CACHE + k_row[:, None] + hkv * s_kh + d[None, :] * s_kd, mask=kv_mask, other=0.0)
+        k = tl.load(K_CACHE + k_row[:, None] + hkv64 * s_kh + d[None, :] * s_kd, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if SOFTCAP:
             s = softcap_log2 * _tanh(qk * qk_scale)
@@ -316,7 +318,7 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_CACHE + v_row[:, None] + hkv * s_vh + d[None, :] * s_vd, mask=kv_mask, other=0.0)
+        v = tl.load(V_CACHE + v_row[:, None] + hkv64 * s_vh + d[None, :] * s_vd, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
