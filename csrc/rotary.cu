@@ -316,7 +316,13 @@ void rotary_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos
   TORCH_CHECK(std::max(Hq, Hk) < (1 << 20) && D <= 4096, "rotary_cuda: too many heads or too large a head_dim");
   c10::cuda::CUDAGuard guard(q.device());
 
-  const bool inplace = q_out.data_ptr() == q.data_ptr();
+  // One flag for both tensors (it also skips copying the dims past rotary_dim): a k_out that is
+  // not k beside an in-place q would keep those dims unwritten.  (An empty tensor's data pointer
+  // says nothing: the other one decides.)
+  const bool q_inplace = q_out.data_ptr() == q.data_ptr(), k_inplace = k_out.data_ptr() == k.data_ptr();
+  TORCH_CHECK(q.numel() == 0 || k.numel() == 0 || q_inplace == k_inplace,
+              "rotary_cuda: q_out and k_out must both be q and k (in place) or both be other tensors");
+  const bool inplace = q.numel() ? q_inplace : k_inplace;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.qo = q_out.data_ptr();

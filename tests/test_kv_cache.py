@@ -409,6 +409,32 @@ def test_cuda_with_kv_op_rejects_bad_arguments():
             call(**kw)
 
 
+@pytest.mark.parametrize("backend", ["reference", *kernel_backends()])
+def test_written_caches_must_not_share_memory(backend):
+    """kv_cache_append and decode_attention(k=, v=) write the caches: an expanded cache (two
+    sequences, one slot), v_cache = k_cache, or new k/v that are views of a cache would race or
+    overwrite each other silently -- a ValueError naming both.  Disjoint views of one buffer (k
+    and v interleaved in a (B, S, 2, H, D) tensor) are fine, and a read-only decode may attend
+    over an expanded cache."""
+    S, H, D = 8, 2, 16
+    kc = torch.zeros(1, S, H, D, device=DEVICE).expand(2, S, H, D)
+    vc, other = torch.zeros(2, S, H, D, device=DEVICE), torch.zeros(2, S, H, D, device=DEVICE)
+    k, v = torch.randn(2, 1, H, D, device=DEVICE), torch.randn(2, 1, H, D, device=DEVICE)
+    q = torch.randn(2, 1, 4, D, device=DEVICE)
+    lens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    cases = [((kc, vc, k, v), "k_cache has an expanded"), ((vc, vc, k, v), "k_cache and v_cache overlap"),
+             ((other, vc, vc[:, :1], v), "v_cache and k overlap"), ((other, vc, k, other[:, 2:3]), "k_cache and v overlap")]
+    for (a, b, nk, nv), match in cases:
+        with pytest.raises(ValueError, match=match):
+            fastlm.ops.kv_cache_append(a, b, nk, nv, lens, backend=backend)
+        with pytest.raises(ValueError, match=match):
+            fastlm.ops.decode_attention(q, a, b, lens, k=nk, v=nv, backend=backend)
+    kv = torch.zeros(2, S, 2, H, D, device=DEVICE)
+    fastlm.ops.kv_cache_append(kv[:, :, 0], kv[:, :, 1], k, v, lens, backend=backend)
+    assert torch.equal(kv[:, 0, 0], k[:, 0]) and torch.equal(kv[:, 0, 1], v[:, 0])
+    fastlm.ops.decode_attention(q, kc, vc, lens + 1, backend=backend)  # read only: an expanded cache is fine
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_compile_fullgraph(backend):
     B, Hq, Hkv, D, cap = 2, 4, 2, 16, 21

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, kernel_backends
+from conftest import DEVICE, cuda_mark, kernel_backends
 from tolerances import assert_close, poison_
 
 from fastlm import nn as fnn
@@ -159,6 +159,18 @@ def test_conj_inverts(backend, interleaved):
         torch.ops.fastlm.rotary_cuda(qo, ko, cos, sin, None, None, qo, ko, 0, 0, interleaved, True)
     torch.testing.assert_close(qo, q, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ko, k, atol=1e-5, rtol=1e-5)
+
+
+@cuda_mark()
+def test_cuda_op_rejects_half_in_place():
+    """rotary_cuda decides "in place" once for q and k (which also skips copying the dims past
+    rotary_dim): q in place with a separate k_out would leave k_out's pass-through dims unwritten."""
+    q, k = rand_qk((1, 3, 2, 24), (1, 3, 2, 24), torch.float32)
+    cos, sin = tables(16, 3)
+    with pytest.raises(RuntimeError, match="q_out and k_out must both be q and k"):
+        torch.ops.fastlm.rotary_cuda(q, k, cos, sin, None, None, q, torch.empty_like(k), 0, 0, False, False)
+    with pytest.raises(RuntimeError, match="q_out and k_out must both be q and k"):
+        torch.ops.fastlm.rotary_cuda(q, k, cos, sin, None, None, torch.empty_like(q), k, 0, 0, False, False)
 
 
 # ---------------------------------------------------------------------------- positions

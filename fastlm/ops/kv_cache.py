@@ -36,7 +36,7 @@ import math
 import torch
 
 from fastlm import _backend, _C_loader
-from fastlm._checks import as_int, as_real, check_tensor, value_checks_on
+from fastlm._checks import as_int, as_real, check_tensor, share_memory, value_checks_on
 from fastlm.reference import kv_cache as _ref
 
 SUPPORTED = ("triton", "cuda", "reference")
@@ -291,6 +291,32 @@ _register_cuda_fakes()
 
 
 # ---------------------------------------------------------------------------- validation
+def _check_writable_cache(op, k_cache, v_cache, k, v):
+    """Caches the op writes into: no element may be written twice (an expanded, stride-0 dim:
+    sequences would overwrite each other's slots, the last writer winning at random), and k_cache,
+    v_cache and the new k / v must not share elements (the kernels read the new tokens while
+    writing the caches; a view of the cache as the new k/v, or v_cache = k_cache, is a race).
+    On every decode step: byte ranges first, the exact check only where two of them intersect."""
+    tracing = torch.compiler.is_compiling() or isinstance(k_cache, torch._subclasses.FakeTensor) or \
+        k_cache.device.type == "meta"  # (no data pointers while tracing)
+    spans = []
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        last = 0
+        for n, st in zip(t.shape, t.stride()):
+            if st == 0 and n > 1 and name.endswith("cache"):
+                raise ValueError(f"{op}: {name} has an expanded (stride 0) dim: shape {tuple(t.shape)}, strides "
+                                 f"{t.stride()}; a cache that is written needs its own memory for every slot")
+            last += (n - 1) * st
+        if not tracing and t.numel():
+            start = t.data_ptr()
+            spans.append((name, t, start, start + t.element_size() * (last + 1)))
+    for i, (na, a, a0, a1) in enumerate(spans):
+        for nb, b, b0, b1 in spans[i + 1:]:
+            if a0 < b1 and b0 < a1 and (na, nb) != ("k", "v") and share_memory(a, b):
+                raise ValueError(f"{op}: {na} and {nb} overlap in memory: the op writes the new tokens into the "
+                                 "caches while reading them, so no two of k_cache, v_cache, k, v may share elements")
+
+
 def _validate_cache(op, k_cache, v_cache, cache_seqlens, block_table, batch, device):
     check_tensor(k_cache, "k_cache", ndim=4)
     check_tensor(v_cache, "v_cache", ndim=4)
@@ -433,6 +459,7 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, 
         raise ValueError(f"kv_cache_append: v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
     if v.device != device:
         raise ValueError(f"kv_cache_append: v is on {v.device} but k is on {device}")
+    _check_writable_cache("kv_cache_append", k_cache, v_cache, k, v)
     b = _backend.resolve(backend, device, SUPPORTED, PREFERRED, op="kv_cache_append")
     if b == "reference":
         if value_checks_on(k_cache):
@@ -514,6 +541,8 @@ def decode_attention(
     if num_splits < 0:
         raise ValueError(f"decode_attention: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     rotary = _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table)
+    if k is not None:
+        _check_writable_cache("decode_attention", k_cache, v_cache, k, v)
     if window >= _capacity(k_cache, block_table) - 1:
         # Covers every key (a row sits at position p <= capacity - 1 and sees keys j >= p - window
         # >= 0): unbounded, the same mask, and the kernels' int32 arithmetic never sees a huge window.

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from fastlm import _backend
-from fastlm._checks import as_real, is_int, unit_last, value_checks_on
+from fastlm._checks import as_real, is_int, share_memory, unit_last, value_checks_on
 from fastlm.reference import rotary as _ref
 
 SUPPORTED = ("triton", "cuda", "reference")
@@ -190,56 +190,6 @@ class _InplaceK(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- validation
-_OVERLAP_SEARCH_LIMIT = 4096  # index-difference candidates tried before giving up (nested layouts need a few)
-
-
-def _share_memory(a, b):
-    """Whether any element of a overlaps one of b (same dtype), from data pointers, shapes and
-    strides only (no data read, no sync).  Exact: slices of one buffer whose byte ranges
-    interleave but whose elements are disjoint (q and k of a fused qkv projection) do not share.
-    Elements overlap iff k.data_ptr() - q.data_ptr() = sum_d t_d * stride_d + r (bytes), |r| <
-    itemsize, with each index difference t_d in its range: [0, n - 1] for a dim of a, [1 - m, 0]
-    for one of b (dims of equal stride merged).  Searched from the largest stride down, where
-    the smaller ones bound the candidates (a handful for the layouts of real tensors); a layout
-    that needs more than _OVERLAP_SEARCH_LIMIT candidates counts as not sharing."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    size = a.element_size()
-
-    def extent(t):  # bytes from the first element to the end of the last (strides are >= 0)
-        return sum((n - 1) * s for n, s in zip(t.shape, t.stride())) * size + size
-
-    delta = b.data_ptr() - a.data_ptr()
-    if delta >= extent(a) or -delta >= extent(b):
-        return False
-    ranges = {}
-    for t, sign in ((a, 1), (b, -1)):
-        for n, s in zip(t.shape, t.stride()):
-            if n > 1 and s > 0:
-                lo, hi = ranges.get(s * size, (0, 0))
-                ranges[s * size] = (lo, hi + n - 1) if sign > 0 else (lo - (n - 1), hi)
-    strides = sorted(ranges, reverse=True)
-    # the smallest and largest sums of the strides after position i (plus the in-element slack)
-    low, high = [-(size - 1)] * (len(strides) + 1), [size - 1] * (len(strides) + 1)
-    for i in range(len(strides) - 1, -1, -1):
-        lo, hi = ranges[strides[i]]
-        low[i], high[i] = low[i + 1] + lo * strides[i], high[i + 1] + hi * strides[i]
-    budget = [_OVERLAP_SEARCH_LIMIT]
-
-    def reach(i, rem):  # rem = sum over strides[i:] of t * stride + r, within the ranges?
-        if i == len(strides):
-            return -size < rem < size
-        s, (lo, hi) = strides[i], ranges[strides[i]]
-        first, last = max(lo, -((high[i + 1] - rem) // s)), min(hi, (rem - low[i + 1]) // s)
-        for t in range(first, last + 1):
-            budget[0] -= 1
-            if budget[0] < 0 or reach(i + 1, rem - t * s):
-                return budget[0] >= 0
-        return False
-
-    return reach(0, delta)
-
-
 def _check_values(q, cos, positions, cu_seqlens, offset, pos_mode, n_tokens, seqlen):
     """Range checks that need tensor values (a host sync on CUDA): run when the tensors are on
     the CPU or when FASTLM_DEBUG=1; never while compiling or capturing a CUDA graph."""
@@ -406,7 +356,7 @@ def _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend, interleav
             if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
                 raise ValueError(f"{name}: inplace=True needs a tensor that owns its elements; got an expanded one (stride 0)")
         traced = torch.compiler.is_compiling() or isinstance(q, torch._subclasses.FakeTensor) or q.device.type == "meta"
-        if not traced and _share_memory(q, k):  # (no data pointers to compare while tracing)
+        if not traced and share_memory(q, k):  # (no data pointers to compare while tracing)
             raise ValueError(
                 "inplace=True: q and k overlap in memory (views of the same elements, e.g. k = q[:]); each "
                 "shared element would be rotated twice.  Pass disjoint tensors (slices of one fused qkv buffer "
