@@ -447,6 +447,8 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, 
     block-table entry is negative (no block) are skipped.  No host sync: positions past the
     capacity and block ids >= num_blocks are skipped by the kernels and reported as errors only
     in debug mode (CPU tensors, or FASTLM_DEBUG=1; see the module docstring).
+    The caches must own every slot (no expanded, stride-0 dims), and k_cache, v_cache, k, v must
+    not share elements (ValueError).
     fp32/fp16/bf16.  backend: "triton" | "cuda" | "reference" | None.  Returns None.
     """
     check_tensor(k, "k", ndim=4)

@@ -398,7 +398,8 @@ def apply_rotary(q, k, cos, sin, *, positions=None, cu_seqlens=None, interleaved
 
     inplace: rotate q and k in their own storage and return them (no new memory); works with
     autograd like any in-place op (q/k must not be leaves that require grad, nor outputs of
-    unbind/split, which PyTorch forbids modifying in place).
+    unbind/split, which PyTorch forbids modifying in place); q and k must not share elements
+    (slices of one fused qkv buffer are fine).
 
     Returns (q_out, k_out).  Gradients flow to q and k (not to cos/sin); the backward is the
     rotation by -θ, fused the same way.  backend: "triton" | "cuda" | "reference" | None.
