@@ -10,6 +10,7 @@ Each subcommand is an (add_arguments, run) pair in COMMANDS, so others can be ad
 """
 import argparse
 import json
+import os
 import sys
 
 
@@ -77,8 +78,6 @@ def _parse_overrides(items):
 
 def _check_output_file(path, flag):
     """Raise (before any work) if `path` cannot be written as a file."""
-    import os
-
     d = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"{flag} expects a file path, got the directory {path}")
@@ -89,8 +88,6 @@ def _check_output_file(path, flag):
 
 
 def _train_run(a):
-    import os
-
     from fastlm.train import TrainConfig, train
 
     main_rank = int(os.environ.get("RANK", 0)) == 0
@@ -155,8 +152,6 @@ def _generate_args(p):
 
 def _load_for_generation(checkpoint, hf, tokenizer, backend, op_backend, device, dtype):
     """-> (model on device/dtype in eval mode, tokenizer, eos id(s) or None, encode(text) -> ids)."""
-    import os
-
     import torch
 
     from fastlm import data as fdata
@@ -293,6 +288,9 @@ def main(argv=None):
         return 2
     try:
         return COMMANDS[a.command][1](a)
+    except BrokenPipeError:  # the reader went away (`fastlm presets | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+        return 0
     except (ValueError, OSError, RuntimeError, TypeError) as e:  # OSError: FileNotFoundError, NotADirectoryError, ...
         print(f"fastlm {a.command}: error: {e}", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ STD=${FASTLM_CXX_STD:-c++20}
 PYINC=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 GENCODE=""
 for a in ${ARCHS//;/ }; do n=${a//./}; GENCODE="$GENCODE -gencode=arch=compute_$n,code=sm_$n"; done
+GENCODE="$GENCODE -gencode=arch=compute_$n,code=compute_$n"  # PTX of the newest arch, as setup.py
 TMP=$(mktemp -d)
 for f in "$@"; do
   echo "compiling $f"
@@ -26,7 +27,8 @@ for f in "$@"; do
     *.cu) "$CUDA_HOME/bin/nvcc" -c "$f" -o "$TMP/$(basename "$f").o" -Icsrc $INC -I"$PYINC" -std=$STD -O3 \
             --expt-relaxed-constexpr -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__ \
             -U__CUDA_NO_BFLOAT16_OPERATORS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__ -DFASTLM_WITH_CUDA \
-            -D_GLIBCXX_USE_CXX11_ABI=1 --compiler-options -fPIC $GENCODE -Xptxas=-v 2> "$TMP/ptxas.log" \
+            -D_GLIBCXX_USE_CXX11_ABI=1 --use_fast_math -lineinfo --compiler-options -fPIC $GENCODE -Xptxas=-v \
+            2> "$TMP/ptxas.log" \
           || { cat "$TMP/ptxas.log"; exit 1; }
           grep -E "error|spill|Used" "$TMP/ptxas.log" | grep -v " 0 bytes spill" | head -40 || true ;;
     *.cpp) g++ -c "$f" -o "$TMP/$(basename "$f").o" -Icsrc $INC -I"$PYINC" -I"$CUDA_HOME/include" -std=$STD -O1 -fPIC -DFASTLM_WITH_CUDA ;;
