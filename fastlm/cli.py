@@ -9,6 +9,7 @@
 Each subcommand is an (add_arguments, run) pair in COMMANDS, so others can be added alongside.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -87,6 +88,42 @@ def _check_output_file(path, flag):
         raise PermissionError(f"{flag} {path} is not writable")
 
 
+# TrainConfig fields a --resume takes from the checkpoint when their flag is not on the command
+# line (-> the CLI dest; betas has no flag): the run goes on as it was started, without
+# repeating every option.  Not taken: where and how this process runs (out dir, device,
+# distributed, compile, progress) and the resume flags themselves.
+RESUME_FIELDS = {"model": "model", "model_overrides": "overrides", "vocab_size": "vocab_size", "backend": "backend",
+                 "op_backend": "op_backend", "data": "data", "tokenizer": "tokenizer", "cache_dir": "cache_dir",
+                 "val_fraction": "val_fraction", "seqlen": "seqlen", "batch_size": "batch_size",
+                 "grad_accum": "grad_accum", "steps": "steps", "lr": "lr", "min_lr_ratio": "min_lr_ratio",
+                 "warmup": "warmup", "weight_decay": "weight_decay", "betas": None, "grad_clip": "grad_clip",
+                 "eval_every": "eval_every", "eval_batches": "eval_batches", "ckpt_every": "ckpt_every",
+                 "log_every": "log_every", "seed": "seed", "dtype": "dtype"}
+
+
+def _given(parser, argv):
+    """The dests of the options that appear in argv (abbreviations are off for this parser)."""
+    flags = {t.split("=", 1)[0] for t in argv if t.startswith("-")}
+    return {act.dest for act in parser._actions if flags & set(act.option_strings)}
+
+
+def _resume_settings(a):
+    """{field: value} of the checkpoint in --out-dir for the RESUME_FIELDS not given on the command
+    line ({} without a checkpoint: train() then says what is missing)."""
+    import torch
+
+    from fastlm.train import CHECKPOINT
+
+    path = os.path.join(a.out_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        return {}
+    try:  # (mmap: the config without reading the weights)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]["train_config"]
+    except Exception:
+        return {}  # train() reports the unreadable checkpoint
+    return {f: saved[f] for f, dest in RESUME_FIELDS.items() if f in saved and (dest is None or dest not in a.given)}
+
+
 def _train_run(a):
     from fastlm.train import TrainConfig, train
 
@@ -103,6 +140,14 @@ def _train_run(a):
         dtype=a.dtype, compile=a.compile, activation_checkpointing=a.activation_checkpointing,
         distributed=a.distributed, progress=not a.no_progress, stop_after=a.stop_after,
     )
+    if a.resume:
+        inherited = _resume_settings(a)
+        changed = {f: v for f, v in inherited.items() if getattr(cfg, f) != v and not (
+            isinstance(v, list) and list(getattr(cfg, f) or ()) == v)}
+        cfg = dataclasses.replace(cfg, **inherited)
+        if changed and main_rank:
+            print("fastlm train: --resume takes from the checkpoint: " + ", ".join(
+                f"{f}={v!r}" for f, v in changed.items()), file=sys.stderr)
     hist = train(cfg)
     if a.summary_json and main_rank:
         with open(a.summary_json, "w") as f:
@@ -280,12 +325,16 @@ COMMANDS = {
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fastlm", description="fastlm: fused-kernel Transformer LMs")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    parsers = {}
     for name, (add, _, help_) in COMMANDS.items():
-        add(sub.add_parser(name, help=help_, description=help_))
+        parsers[name] = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
+        add(parsers[name])
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     if a.command is None:
         p.print_help()
         return 2
+    a.given = _given(parsers[a.command], argv)
     try:
         return COMMANDS[a.command][1](a)
     except BrokenPipeError:  # the reader went away (`fastlm presets | head`): not an error of ours

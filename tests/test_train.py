@@ -275,6 +275,32 @@ def test_cli(corpus, tmp_path, capsys):
     assert cli_main(["presets"]) == 0 and "llama-3.2-1b" in capsys.readouterr().out
 
 
+def test_cli_resume_takes_the_checkpoint_settings(corpus, tmp_path, capsys):
+    """`fastlm train --resume --out-dir D` alone continues the run with the settings it was started
+    with (model options, data, lr, batch size, schedule, seed...): the losses of an uninterrupted
+    run.  A flag given on the command line still counts (and a loss-shaping one that differs is
+    an error without --resume-override)."""
+    common = ["--model", "tiny", "--set", "n_layers=1", "--backend", "reference", "--data", str(corpus),
+              "--cache-dir", str(tmp_path / "cache"), "--seqlen", "16", "--batch-size", "2", "--steps", "4",
+              "--lr", "0.004", "--warmup", "1", "--seed", "3", "--eval-every", "0", "--ckpt-every", "2",
+              "--no-progress"]
+    assert cli_main(["train", *common, "--out-dir", str(tmp_path / "full"), "--summary-json",
+                     str(tmp_path / "full.json")]) == 0
+    assert cli_main(["train", *common, "--out-dir", str(tmp_path / "part"), "--stop-after", "2"]) == 0
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", "--out-dir", str(tmp_path / "part"), "--no-progress", "--summary-json",
+                     str(tmp_path / "part.json")]) == 0
+    err = capsys.readouterr().err
+    assert "--resume takes from the checkpoint" in err and "lr=0.004" in err and "seed=3" in err, err
+    full, part = (json.load(open(tmp_path / f"{n}.json"))["train_loss"] for n in ("full", "part"))
+    assert set(part) == {"3", "4"} and all(part[k] == full[k] for k in part)
+    assert cli_main(["train", "--resume", "--out-dir", str(tmp_path / "part"), "--steps", "5", "--lr", "0.01"]) == 1
+    assert "lr: 0.004 (checkpoint) -> 0.01 (this run)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # no abbreviated flags (what was given must be known exactly)
+        cli_main(["train", "--resum", "--out-dir", str(tmp_path / "part")])
+    assert e.value.code == 2
+
+
 def _metrics_rows(run_dir):
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
