@@ -44,7 +44,8 @@ def _train_args(p):
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables clipping")
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", default=d.out_dir)
-    g.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from <out-dir>/checkpoint.pt, with its settings for every flag not given")
     g.add_argument("--resume-override", action="store_true",
                    help="with --resume: continue even if lr, batch size, schedule, seed or other loss-shaping "
                         "settings differ from the checkpoint's (the new ones apply)")
