@@ -64,6 +64,11 @@ def as_int(v, name, op=None):
     return int(v)
 
 
+def has_data_pointers(t):
+    """False while tracing (torch.compile; fake or meta tensors): no addresses to compare."""
+    return not (torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta")
+
+
 _OVERLAP_SEARCH_LIMIT = 4096  # index-difference candidates tried before giving up (nested layouts need a few)
 
 

@@ -36,7 +36,7 @@ import math
 import torch
 
 from fastlm import _backend, _C_loader
-from fastlm._checks import as_int, as_real, check_tensor, share_memory, value_checks_on
+from fastlm._checks import as_int, as_real, check_tensor, has_data_pointers, share_memory, value_checks_on
 from fastlm.reference import kv_cache as _ref
 
 SUPPORTED = ("triton", "cuda", "reference")
@@ -297,8 +297,7 @@ def _check_writable_cache(op, k_cache, v_cache, k, v):
     v_cache and the new k / v must not share elements (the kernels read the new tokens while
     writing the caches; a view of the cache as the new k/v, or v_cache = k_cache, is a race).
     On every decode step: byte ranges first, the exact check only where two of them intersect."""
-    tracing = torch.compiler.is_compiling() or isinstance(k_cache, torch._subclasses.FakeTensor) or \
-        k_cache.device.type == "meta"  # (no data pointers while tracing)
+    tracing = not has_data_pointers(k_cache)
     spans = []
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         last = 0

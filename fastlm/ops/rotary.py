@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from fastlm import _backend
-from fastlm._checks import as_real, is_int, share_memory, unit_last, value_checks_on
+from fastlm._checks import as_real, has_data_pointers, is_int, share_memory, unit_last, value_checks_on
 from fastlm.reference import rotary as _ref
 
 SUPPORTED = ("triton", "cuda", "reference")
@@ -355,8 +355,7 @@ def _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend, interleav
                 )
             if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
                 raise ValueError(f"{name}: inplace=True needs a tensor that owns its elements; got an expanded one (stride 0)")
-        traced = torch.compiler.is_compiling() or isinstance(q, torch._subclasses.FakeTensor) or q.device.type == "meta"
-        if not traced and share_memory(q, k):  # (no data pointers to compare while tracing)
+        if has_data_pointers(q) and share_memory(q, k):
             raise ValueError(
                 "inplace=True: q and k overlap in memory (views of the same elements, e.g. k = q[:]); each "
                 "shared element would be rotated twice.  Pass disjoint tensors (slices of one fused qkv buffer "
