@@ -8,7 +8,8 @@
   activation checkpointing and torch.compile, periodic validation loss.
 - ``batch_size`` is the global number of sequences per optimizer step; every rank and
   micro-step takes its slice of the same global batch, so N processes compute the same
-  losses as one process.
+  losses as one process (DDP: to fp32 rounding; FSDP2 with bf16 keeps its parameters in bf16,
+  where one process and DDP keep fp32 weights under autocast: to bf16 rounding).
 - Checkpoint ``<out_dir>/checkpoint.pt``: model, optimizer, scheduler, data position and RNG
   state, as full (unsharded) state dicts, written to a temporary file and renamed (atomic).
   ``resume=True`` restores it (with any world size) and reproduces the losses of an
@@ -26,6 +27,7 @@
 import contextlib
 import csv
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -295,7 +297,10 @@ class Dist:
             torch.cuda.set_device(self.device)
         self.owns_group = False
         if self.launched and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            # A long timeout: the other ranks wait at a barrier while rank 0 tokenizes the corpus on a
+            # first run, which can take longer than NCCL's 10-minute default.
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                     timeout=datetime.timedelta(hours=2))
             self.owns_group = True
         self.main = self.rank == 0
 
