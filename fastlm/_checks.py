@@ -69,6 +69,12 @@ def has_data_pointers(t):
     return not (torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta")
 
 
+def byte_span(t):
+    """[start, end) of the bytes t's elements lie in (strides >= 0), from its data pointer."""
+    start = t.data_ptr()
+    return start, start + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+
+
 _OVERLAP_SEARCH_LIMIT = 4096  # index-difference candidates tried before giving up (nested layouts need a few)
 
 
@@ -76,7 +82,7 @@ def share_memory(a, b):
     """Whether any element of a overlaps one of b (same dtype), from data pointers, shapes and
     strides only (no data read, no sync).  Exact: slices of one buffer whose byte ranges
     interleave but whose elements are disjoint (q and k of a fused qkv projection) do not share.
-    Elements overlap iff k.data_ptr() - q.data_ptr() = sum_d t_d * stride_d + r (bytes), |r| <
+    Elements overlap iff b.data_ptr() - a.data_ptr() = sum_d t_d * stride_d + r (bytes), |r| <
     itemsize, with each index difference t_d in its range: [0, n - 1] for a dim of a, [1 - m, 0]
     for one of b (dims of equal stride merged).  Searched from the largest stride down, where
     the smaller ones bound the candidates (a handful for the layouts of real tensors); a layout
@@ -84,13 +90,10 @@ def share_memory(a, b):
     if a.numel() == 0 or b.numel() == 0:
         return False
     size = a.element_size()
-
-    def extent(t):  # bytes from the first element to the end of the last (strides are >= 0)
-        return sum((n - 1) * s for n, s in zip(t.shape, t.stride())) * size + size
-
-    delta = b.data_ptr() - a.data_ptr()
-    if delta >= extent(a) or -delta >= extent(b):
+    (a0, a1), (b0, b1) = byte_span(a), byte_span(b)
+    if a0 >= b1 or b0 >= a1:
         return False
+    delta = b0 - a0
     ranges = {}
     for t, sign in ((a, 1), (b, -1)):
         for n, s in zip(t.shape, t.stride()):
