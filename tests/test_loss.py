@@ -139,6 +139,33 @@ def test_linear_cross_entropy_no_grad_and_tied():
     torch.testing.assert_close(g, emb.weight.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("frozen", ["weight", "h", "bias"])
+def test_linear_cross_entropy_frozen(frozen):
+    """A frozen head (LoRA, frozen embeddings) or trunk: only the asked-for gradients are computed
+    (no dW GEMMs or (V, D) buffer for a frozen weight), and they are right."""
+    h = torch.randn(20, 16, device=DEVICE)
+    w = torch.randn(50, 16, device=DEVICE) * 0.25
+    b = torch.randn(50, device=DEVICE)
+    t = _targets((20,), 50, n_ignore=2)
+    leaves = {"h": h, "weight": w, "bias": b}
+    x = {k: v.clone().requires_grad_(k != frozen) for k, v in leaves.items()}
+    r = {k: v.double().requires_grad_(k != frozen) for k, v in leaves.items()}
+    out = ops.linear_cross_entropy(x["h"], x["weight"], t, x["bias"], chunk_size=8, backend="triton")
+    ref = reference.linear_cross_entropy(r["h"], r["weight"], t, r["bias"])
+    names = [k for k in leaves if k != frozen]
+    for name, a, b_ in zip(names, torch.autograd.grad(out, [x[k] for k in names]),
+                           torch.autograd.grad(ref, [r[k] for k in names])):
+        torch.testing.assert_close(a.double(), b_, rtol=1e-4, atol=1e-5, msg=name)
+    need = [k != frozen for k in leaves]
+    _, dh, dw, db = torch.ops.fastlm.linear_cross_entropy(h, w, b, t, -100, False, 8, *need)
+    sizes = {"h": dh.numel(), "weight": dw.numel(), "bias": db.numel()}
+    assert sizes == {k: (0 if k == frozen else leaves[k].numel()) for k in leaves}
+    # the raw op refuses a backward it was not asked to prepare
+    loss = torch.ops.fastlm.linear_cross_entropy(h.requires_grad_(), w, None, t, -100, False, 8, False, False, False)[0]
+    with pytest.raises(RuntimeError, match="need_dh=False"):
+        loss.backward()
+
+
 def test_linear_cross_entropy_autocast():
     dt = torch.bfloat16 if HAS_CUDA else torch.float16  # CPU autocast to fp16 (bf16 is GPU-tested)
     h = torch.randn(33, 48, device=DEVICE, requires_grad=True)
@@ -161,9 +188,9 @@ def test_opcheck():
     loss, stats = torch.ops.fastlm.cross_entropy(x, t, -100)
     torch.library.opcheck(torch.ops.fastlm.cross_entropy_backward.default, (x, t, stats, torch.rand(6, device=DEVICE), -100))
     h, w = torch.randn(6, 8, device=DEVICE), torch.randn(50, 8, device=DEVICE)
-    for need_grad in (True, False):
+    for need in ((True, True, False), (False, False, False), (True, False, False), (False, True, False)):
         torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy.default,
-                              (h, w, None, t, -100, False, 4, need_grad),
+                              (h, w, None, t, -100, False, 4, *need),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

@@ -9,7 +9,8 @@ and, in place, into the logits gradient (softmax - onehot) / n_valid, and two mo
 dh_c = dlogits @ W and dW += dlogits^T @ h_c.  The forward thus computes the gradients too; the
 backward only scales them by the incoming gradient (the loss is a scalar).  Memory: one C x V
 chunk instead of the M x V logits plus their fp32 copy, softmax and gradient that eager PyTorch
-keeps (at the 1B preset's 128k vocabulary, 2.5 MB per token for the logits alone).  FLOPs: the
+keeps (at the 1B preset's 128k vocabulary: 0.26 MB per token for the bf16 logits, about 2 MB
+with eager's copies).  FLOPs: the
 same three GEMMs as the unfused head.
 """
 import torch
@@ -81,21 +82,26 @@ def _lce_op(
     ignore_index: int,
     sum_reduction: bool,
     chunk_rows: int,
-    need_grad: bool,
+    need_dh: bool,
+    need_dw: bool,
+    need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """h (M, D), weight (V, D), bias (V,) or None, targets (M,) ->
-    (loss fp32 scalar, dh (M, D), dweight (V, D), dbias (V,) fp32): the loss and, when
-    need_grad, its gradients (else the three are empty).  See the module docstring."""
+    (loss fp32 scalar, dh (M, D), dweight (V, D), dbias (V,) fp32): the loss and the gradients
+    that are asked for (need_*; the others come back empty and cost no GEMM: a frozen head or a
+    frozen trunk pays for one GEMM less per chunk).  See the module docstring."""
     k = _kernels()
     M, V = h.shape[0], weight.shape[0]
+    need_db = need_db and bias is not None
+    need_grad = need_dh or need_dw or need_db
     with torch.autocast(h.device.type, enabled=False):
         n_valid = (targets != ignore_index).sum(dtype=torch.float32)
         scale = (torch.ones_like(n_valid) if sum_reduction else 1.0 / n_valid).reshape(1)
         rows = h.new_empty((M,), dtype=torch.float32)
         # (outputs must be distinct tensors: fresh empties where nothing is computed)
-        dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_grad else h.new_empty(0)
-        dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_grad and M == 0 else h.new_empty(0)
-        db = h.new_zeros((V if need_grad and bias is not None else 0,), dtype=torch.float32)
+        dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else h.new_empty(0)
+        dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw and M == 0 else h.new_empty(0)
+        db = h.new_zeros((V if need_db else 0,), dtype=torch.float32)
         wt = weight.t()
         for s in range(0, M, chunk_rows):
             e = min(M, s + chunk_rows)
@@ -104,46 +110,47 @@ def _lce_op(
             loss_c, _ = k.ce_forward(logits, targets[s:e], ignore_index,
                                      grad=logits if need_grad else None, gscale=scale)
             rows[s:e] = loss_c
-            if not need_grad:
-                continue
             # logits now hold dloss/dlogits of this chunk
-            torch.mm(logits, weight, out=dh[s:e])
-            if s == 0:
-                dw = torch.mm(logits.t(), hc)
-            else:
-                dw.addmm_(logits.t(), hc)
-            if bias is not None:
+            if need_dh:
+                torch.mm(logits, weight, out=dh[s:e])
+            if need_dw:
+                if s == 0:
+                    dw = torch.mm(logits.t(), hc)
+                else:
+                    dw.addmm_(logits.t(), hc)
+            if need_db:
                 db += logits.sum(0, dtype=torch.float32)
         loss = rows.sum() * scale[0]
     return loss, dh, dw, db
 
 
 @_lce_op.register_fake
-def _(h, weight, bias, targets, ignore_index, sum_reduction, chunk_rows, need_grad):
+def _(h, weight, bias, targets, ignore_index, sum_reduction, chunk_rows, need_dh, need_dw, need_db):
     loss = h.new_empty((), dtype=torch.float32)
-    if not need_grad:
-        return loss, h.new_empty(0), h.new_empty(0), h.new_empty(0, dtype=torch.float32)
-    db = h.new_empty((weight.shape[0] if bias is not None else 0,), dtype=torch.float32)
-    return loss, torch.empty_like(h, memory_format=torch.contiguous_format), \
-        torch.empty_like(weight, memory_format=torch.contiguous_format), db
+    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else h.new_empty(0)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else h.new_empty(0)
+    db = h.new_empty((weight.shape[0] if need_db and bias is not None else 0,), dtype=torch.float32)
+    return loss, dh, dw, db
 
 
 def _lce_setup(ctx, inputs, output):
-    h, weight, bias, targets, ignore_index, sum_reduction, chunk_rows, need_grad = inputs
-    ctx.need_grad = need_grad
+    h, weight, bias, targets, ignore_index, sum_reduction, chunk_rows, need_dh, need_dw, need_db = inputs
+    ctx.computed = (need_dh, need_dw, need_db and bias is not None)
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[1:])
 
 
 def _lce_backward(ctx, dloss, ddh, ddw, ddb):
-    if not ctx.need_grad:
-        raise RuntimeError("fastlm::linear_cross_entropy was called with need_grad=False, so it computed no "
-                           "gradients; call fastlm.ops.linear_cross_entropy (it sets need_grad) instead")
+    for name, needed, computed in zip(("h", "weight", "bias"), ctx.needs_input_grad[:3], ctx.computed):
+        if needed and not computed:
+            raise RuntimeError(f"fastlm::linear_cross_entropy was called with need_d{name[0]}=False, so it computed "
+                               f"no gradient for {name}; call fastlm.ops.linear_cross_entropy (it sets the flags)")
     dh, dw, db = ctx.saved_tensors
     g = dloss.float()
-    dbias = (db * g).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-    return dh * g, dw * g, dbias, None, None, None, None, None
+    grads = [dh * g if ctx.computed[0] else None, dw * g if ctx.computed[1] else None,
+             (db * g).to(ctx.bias_dtype) if ctx.computed[2] else None]
+    return (*grads, None, None, None, None, None, None, None)
 
 
 _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup)
@@ -231,7 +238,8 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
 
     h (..., D) hidden states, weight (V, D) (the lm_head / tied embedding), bias (V,) or None,
     targets (...) int.  reduction "mean" (over non-ignored targets) or "sum"; returns an fp32
-    scalar.  Under autocast, h/weight/bias are cast to the autocast dtype (as F.linear would);
+    scalar ("mean" is NaN when every target is ignored, as torch and cross_entropy; the
+    gradients are then 0).  Under autocast, h/weight/bias are cast to the autocast dtype (as F.linear would);
     otherwise they must share one dtype.  chunk_size: rows per chunk (default: about 1 GiB of
     logits).  The gradients are computed during the forward (see the module docstring), so the
     forward costs the whole head's three GEMMs and the backward almost nothing.
@@ -268,7 +276,8 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
     t = targets.reshape(-1).contiguous()  # the kernel reads one target per row, densely
     _check_targets(op, t, V, ignore_index)
     h2 = h.reshape(-1, D)
-    need_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, weight, bias))
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and x is not None and x.requires_grad for x in (h, weight, bias)]
     chunk = chunk_size or default_chunk_rows(h2.shape[0], V, h2.dtype)
-    loss, _, _, _ = _lce_op(h2, weight, bias, t, ignore_index, reduction == "sum", int(chunk), need_grad)
+    loss, _, _, _ = _lce_op(h2, weight, bias, t, ignore_index, reduction == "sum", int(chunk), *need)
     return loss
