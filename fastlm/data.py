@@ -70,13 +70,20 @@ class HFTokenizer:
         except Exception as e:
             raise ValueError(f"could not read tokenizer {path}: {e}") from e
         self.name = path
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        # ids can go past get_vocab_size() (a sparse vocab): the model needs an embedding row for the largest
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(self.tok.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
         self.eot_id = next((self.tok.token_to_id(t) for t in self.EOT_NAMES if self.tok.token_to_id(t) is not None), None)
+        # Corpus text is data: a literal "<|endoftext|>" in a file must not become a document boundary
+        # (HF tokenizers match special tokens even with add_special_tokens=False; tiktoken's encode_ordinary
+        # is the same idea).  Prompts (encode) keep HF's parsing, as tokenizer(prompt) does.
+        self.corpus_tok = Tokenizer.from_file(path)
+        self.corpus_tok.encode_special_tokens = True
         with open(path, "rb") as f:
-            self.identity = "hf-" + hashlib.sha256(f.read()).hexdigest()[:16]
+            self.identity = "hf2-" + hashlib.sha256(f.read()).hexdigest()[:16]  # hf2: special tokens kept as text
 
     def encode_bytes(self, data):
-        ids = self.tok.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False).ids
+        ids = self.corpus_tok.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int64)
 
     def encode(self, text):
@@ -100,10 +107,11 @@ def stdlib_files():
     return _walk(root, (".py",))
 
 
-def _walk(root, exts):
+def _walk(root, exts, exclude=frozenset()):
     out = []
     for d, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = sorted(x for x in dirs if x not in SKIP_DIRS and not x.startswith("."))
+        dirs[:] = sorted(x for x in dirs if x not in SKIP_DIRS and not x.startswith(".")
+                         and os.path.realpath(os.path.join(d, x)) not in exclude)
         for f in sorted(files):
             if f.startswith("."):
                 continue
@@ -126,8 +134,10 @@ def _is_binary(path):
         return True
 
 
-def list_files(paths=None, exts=None):
-    """Files of the corpus: `paths` (files and/or folders) or, if None/empty, the stdlib sources."""
+def list_files(paths=None, exts=None, exclude=()):
+    """Files of the corpus: `paths` (files and/or folders) or, if None/empty, the stdlib sources.
+    Folders in `exclude` (a run's out_dir, the token cache) are skipped inside a given folder, so
+    a run's own metrics and caches never become its training data."""
     if not paths:
         files = stdlib_files()
         if not files:
@@ -135,11 +145,12 @@ def list_files(paths=None, exts=None):
         return files
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    exclude = frozenset(os.path.realpath(os.fspath(e)) for e in exclude if e)
     files = []
     for p in paths:
         p = os.fspath(p)
         if os.path.isdir(p):
-            files += _walk(p, exts)
+            files += _walk(p, exts, exclude)
         elif os.path.isfile(p):
             files.append(p)
         else:
@@ -167,7 +178,7 @@ def _doc_order(files):
 
 def _cache_key(files, tokenizer):
     h = hashlib.sha256(f"fastlm-tokens-v1|{tokenizer.identity}".encode())
-    for p in files:
+    for p in sorted(files, key=os.path.abspath):  # (the token stream does not depend on the listing order)
         st = os.stat(p)
         h.update(f"|{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:24]
@@ -228,6 +239,9 @@ def build_token_cache(files, tokenizer, cache_dir=None, log=None):
             doc = 0
             for chunk in _read_chunks(path, split_lines=not byte_level):
                 ids = tokenizer.encode_bytes(chunk)
+                if ids.size and not 0 <= ids.min() <= ids.max() < tokenizer.vocab_size:  # never wrap in astype
+                    raise ValueError(f"tokenizer {tokenizer.name} produced ids outside [0, {tokenizer.vocab_size}) "
+                                     f"(its vocab_size) for {path}: min {ids.min()}, max {ids.max()}")
                 out.write(ids.astype(dtype).tobytes())
                 doc += len(ids)
             if doc and tokenizer.eot_id is not None:
@@ -246,11 +260,14 @@ def build_token_cache(files, tokenizer, cache_dir=None, log=None):
 class TokenData:
     """The memory-mapped token stream of a corpus, split into train and validation."""
 
-    def __init__(self, paths=None, tokenizer=None, cache_dir=None, val_fraction=0.01, exts=None, log=None):
+    def __init__(self, paths=None, tokenizer=None, cache_dir=None, val_fraction=0.01, exts=None, log=None,
+                 exclude=()):
+        """exclude: folders never read as corpus (the token cache always is; train adds its out_dir)."""
         if not 0.0 <= val_fraction < 1.0:  # before any tokenizing or cache folder
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.tokenizer = tokenizer or ByteTokenizer()
-        files = list_files(paths, exts)
+        cache_dir = cache_dir or default_cache_dir()
+        files = list_files(paths, exts, exclude=(cache_dir, *exclude))
         if not files:
             raise ValueError(f"empty corpus: no files found in {paths}")
         self.bin_path, self.meta = build_token_cache(files, self.tokenizer, cache_dir, log=log)

@@ -499,7 +499,7 @@ def _train(cfg, world, log):
     # Data (rank 0 builds the token cache, the others wait and map it).
     if not world.main:
         world.barrier()
-    corpus = fdata.TokenData(cfg.data, tokenizer, cfg.cache_dir, cfg.val_fraction, log=log)
+    corpus = fdata.TokenData(cfg.data, tokenizer, cfg.cache_dir, cfg.val_fraction, log=log, exclude=(out_dir,))
     if world.main:
         world.barrier()
     train_sampler = fdata.BatchSampler(corpus.train, cfg.seqlen, seed=cfg.seed, name="train")

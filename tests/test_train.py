@@ -126,6 +126,51 @@ def test_hf_tokenizer_json(corpus, tmp_path):
         fdata.load_tokenizer(str(tmp_path / "nope.json"))
 
 
+def test_hf_tokenizer_corpus_text_and_sparse_ids(tmp_path):
+    """A literal "<|endoftext|>" in corpus text stays text (it is not a document boundary), and a
+    vocab whose ids go past get_vocab_size() gets a vocab_size covering them (not wrapped ids)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    tok = tokenizers.Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1, "world": 70000, "<|endoftext|>": 2},
+                                                unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|endoftext|>"])
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    t = fdata.load_tokenizer(str(path))
+    assert t.eot_id == 2 and t.vocab_size == 70001
+    doc = tmp_path / "corpus" / "a.txt"
+    doc.parent.mkdir()
+    doc.write_text("hello world <|endoftext|> hello world")
+    td = fdata.TokenData([str(doc.parent)], tokenizer=t, cache_dir=str(tmp_path / "cache"), val_fraction=0)
+    ids = np.asarray(td.tokens).tolist()
+    assert ids[:2] == [1, 70000] and ids[-3:] == [1, 70000, 2]
+    assert ids.count(2) == 1, ids  # only the separator after the document
+    assert t.encode("hello <|endoftext|>").tolist() == [1, 2]  # prompts keep HF's special-token parsing
+
+
+def test_runs_and_caches_inside_the_corpus_are_not_read(corpus, tmp_path):
+    """`cd corpus && fastlm train --data .`: the run's own out_dir (config.json, metrics) and a
+    token cache inside the corpus must not become training data (that changed the corpus between
+    a run and its --resume)."""
+    base = fdata.TokenData([str(corpus)], cache_dir=str(tmp_path / "c0"), val_fraction=0)
+    run, cache = corpus / "runs" / "fastlm", corpus / "tokcache"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n')
+    for _ in range(2):
+        td = fdata.TokenData([str(corpus)], cache_dir=str(cache), val_fraction=0, exclude=(str(run),))
+        assert np.array_equal(np.asarray(td.tokens), np.asarray(base.tokens))
+    # the flow itself: a run whose out_dir lies in its corpus resumes (its metrics are not data)
+    inside = dict(data=[str(corpus)], out_dir=str(corpus / "runs" / "r"), cache_dir=str(corpus / "tc"))
+    train(run_cfg(corpus, tmp_path, steps=2, **inside))
+    train(run_cfg(corpus, tmp_path, steps=4, resume=True, **inside))
+    # the listing order of the same files does not change the cache key
+    files = fdata.list_files([str(corpus)])
+    key = fdata._cache_key(files, fdata.ByteTokenizer())
+    assert fdata._cache_key(files[::-1], fdata.ByteTokenizer()) == key
+
+
 def test_batch_sampler_order_and_resume():
     tokens = np.arange(1000, dtype=np.uint16)
     s = fdata.BatchSampler(tokens, seqlen=10, seed=3)
