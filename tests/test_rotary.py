@@ -378,6 +378,69 @@ def test_inplace_leaf_requiring_grad_is_an_error_before_any_write():
     assert torch.equal(q, q0) and torch.equal(k.detach(), k0)
 
 
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
+@pytest.mark.parametrize("how", ["split", "unbind", "chunk", "k_only"])
+def test_inplace_multi_output_views_are_an_error_before_any_write(backend, how):
+    # PyTorch forbids modifying an output of split/unbind/chunk in place when autograd records it;
+    # the fused kernel rotated q AND k before autograd objected, leaving both modified.
+    w = torch.randn(4, 6 * 8, device=DEVICE, requires_grad=True)
+    qkv = (torch.randn(1, 5, 4, device=DEVICE) @ w).view(1, 5, 6, 8)
+    if how == "split":
+        q, k, _ = qkv.split(2, dim=2)
+    elif how == "unbind":
+        q, k, _ = (t[:, :, None] for t in qkv[:, :, :3].unbind(2))
+    elif how == "chunk":
+        q, k, _ = qkv.chunk(3, dim=2)
+    else:  # q an ordinary view, k a split output: the reference path wrote q before k's copy_ failed
+        q, k = qkv[:, :, :2], qkv[:, :, 2:].split(2, dim=2)[0]
+    cos, sin = tables(8, 5)
+    q0, k0 = q.detach().clone(), k.detach().clone()
+    with pytest.raises(RuntimeError, match=r"(k|q): .*several views \(split, unbind, chunk\).*inplace=False"):
+        ops.apply_rotary(q, k, cos, sin, inplace=True, backend=backend)
+    assert torch.equal(q.detach(), q0) and torch.equal(k.detach(), k0)
+    with torch.no_grad():  # nothing is recorded: allowed, as torch allows it
+        ops.apply_rotary(q, k, cos, sin, inplace=True, backend=backend)
+    assert not torch.equal(k.detach(), k0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
+def test_inplace_inference_tensors_outside_inference_mode(backend):
+    cos, sin = tables(8, 3)
+    with torch.inference_mode():
+        qi, ki = rand_qk((1, 3, 2, 8), (1, 3, 1, 8), torch.float32)
+    q, k = rand_qk((1, 3, 2, 8), (1, 3, 1, 8), torch.float32)
+    for args, name in (((qi, ki), "q"), ((q, ki), "k")):
+        before = [t.clone() for t in args]
+        with pytest.raises(RuntimeError, match=f"{name}: .*inference tensor outside InferenceMode"):
+            ops.apply_rotary(*args, cos, sin, inplace=True, backend=backend)
+        assert all(torch.equal(t, b) for t, b in zip(args, before))  # nothing written
+    with torch.inference_mode():  # inside inference mode it is an ordinary in-place update
+        qo, ko = ops.apply_rotary(qi, ki, cos, sin, inplace=True, backend=backend)
+    assert qo is qi and ko is ki
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("grad_of", ["q", "k"])
+def test_inplace_autograd_records_only_tensors_that_require_grad(backend, grad_of):
+    # With only one of q, k requiring grad, the other must not get a graph node (as torch's
+    # in-place ops behave): it stays requires_grad=False and costs no backward launch.
+    torch.manual_seed(0)
+    cos, sin = tables(8, 4)
+    x = torch.randn(1, 4, 2 if grad_of == "q" else 1, 8, device=DEVICE, requires_grad=True)
+    other = torch.randn(1, 4, 1 if grad_of == "q" else 2, 8, device=DEVICE)
+    grads = []
+    for inplace, be in [(False, "reference"), (True, backend)]:
+        q, k = (x * 2, other.clone()) if grad_of == "q" else (other.clone(), x * 2)
+        qo, ko = ops.apply_rotary(q, k, cos, sin, inplace=inplace, backend=be)
+        plain = ko if grad_of == "q" else qo
+        assert not plain.requires_grad and plain.grad_fn is None
+        loss = ((qo if grad_of == "q" else ko) * torch.linspace(-1, 1, 8, device=DEVICE)).sum()
+        grads.append(torch.autograd.grad(loss, x)[0])
+        if inplace:
+            check((qo, ko), *((x.detach() * 2, other) if grad_of == "q" else (other, x.detach() * 2)), cos, sin)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("inplace", [False, True])
 def test_empty_sequences(backend, inplace):
@@ -753,6 +816,86 @@ def test_rotary_tables_bad_factors(scaling, match):
         ops.rotary_tables(8, 16, scaling=scaling)
 
 
+_YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8}
+_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8}
+
+
+@pytest.mark.parametrize("scaling, match", [
+    ({**_YARN, "attention_factor": float("nan")}, r"scaling\['attention_factor'\] must be a finite number > 0"),
+    ({**_YARN, "attention_factor": 0.0}, r"scaling\['attention_factor'\] must be a finite number > 0"),
+    ({**_YARN, "attention_factor": -1.0}, r"scaling\['attention_factor'\] must be a finite number > 0"),
+    ({**_YARN, "original_max_position_embeddings": 0},
+     r"scaling\['original_max_position_embeddings'\] must be an int >= 1"),
+    ({**_LLAMA3, "original_max_position_embeddings": 0}, r"original_max_position_embeddings'\] must be an int >= 1"),
+    ({"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": -4},
+     r"original_max_position_embeddings'\] must be an int >= 1"),
+    ({**_YARN, "original_max_position_embeddings": 8.5}, r"original_max_position_embeddings'\] must be an int >= 1"),
+    ({"rope_type": "linear", "factor": 2.0, "rope_theta": "1e4"}, r"scaling\['rope_theta'\] must be a real number"),
+    ({**_YARN, "beta_fast": "32"}, r"scaling\['beta_fast'\] must be a real number"),
+    ({**_YARN, "beta_slow": 0}, r"scaling\['beta_slow'\] must be a finite number > 0"),
+    ({**_YARN, "beta_fast": float("inf")}, r"scaling\['beta_fast'\] must be a finite number > 0"),
+    ({**_YARN, "mscale": float("nan"), "mscale_all_dim": 1.0}, r"scaling\['mscale'\] must be a finite number"),
+    ({**_YARN, "mscale": "1", "mscale_all_dim": 1.0}, r"scaling\['mscale'\] must be a real number"),
+    ({**_YARN, "mscale": 1.0, "mscale_all_dim": -20.0}, r"attention factor.*mscale.*finite number > 0"),
+    ({**_YARN, "truncate": "false"}, r"scaling\['truncate'\] must be a bool"),
+])
+def test_rotary_tables_bad_scaling_values(scaling, match):
+    # Every numeric key is checked, with a message naming it: NaN / zero / negative values gave
+    # NaN, all-zero or silently different tables, and a 0 original length was replaced by max_positions.
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.rotary_tables(8, 16, scaling=scaling)
+
+
+def test_rotary_tables_none_values_are_absent_keys():
+    # A key set to None counts as absent (HF's .get): rope_theta=None is the base given.
+    c0 = ops.rotary_tables(8, 16, scaling={"rope_type": "linear", "factor": 2.0})[0]
+    linear = {"rope_type": "linear", "factor": 2.0, "rope_theta": None}
+    assert torch.equal(ops.rotary_tables(8, 16, scaling=linear)[0], c0)
+    y0 = ops.rotary_tables(8, 16, scaling=_YARN)[0]
+    assert torch.equal(ops.rotary_tables(8, 16, scaling={**_YARN, "beta_fast": None, "attention_factor": None})[0], y0)
+
+
+def test_rotary_tables_dynamic_needs_original_length():
+    # HF's "dynamic" dicts never carry original_max_position_embeddings (HF uses the config's
+    # max_position_embeddings): falling back to max_positions made a longer table silently unscaled.
+    dyn = {"rope_type": "dynamic", "factor": 4.0}
+    for make in (lambda: ops.rotary_tables(16, 64, scaling=dyn), lambda: fnn.RotaryEmbedding(16, 64, scaling=dyn)):
+        with pytest.raises(ValueError, match=r"'dynamic' needs scaling\['original_max_position_embeddings'\].*"
+                                             r"HF config's max_position_embeddings"):
+            make()
+    plain = ops.rotary_tables(16, 64)[0]
+    # No longer than the original length: HF's unscaled table (what HF uses for every such sequence).
+    assert torch.equal(ops.rotary_tables(16, 64, scaling={**dyn, "original_max_position_embeddings": 64})[0], plain)
+    # Longer: scaled, HF's table for a 64-token sequence (checked against HF in test_rotary_tables_match_hf).
+    inv, _ = ops.rotary.rope_inv_freq(16, 10000.0, {**dyn, "original_max_position_embeddings": 16}, 64)
+    want = 10000.0 * (4.0 * 64 / 16 - 3.0) ** (16 / 14)
+    torch.testing.assert_close(inv, 1.0 / want ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16), atol=0, rtol=2e-7)
+
+
+@pytest.mark.parametrize("scaling", [
+    None, {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 8}, _YARN, _LLAMA3,
+], ids=lambda s: (s or {}).get("rope_type", "default"))
+def test_rotary_tables_meta_and_default_device(scaling):
+    # Under `with torch.device("meta")` (building a big model without memory) the tables are
+    # empty meta tensors of the right shape (the frequencies were made on the default device:
+    # "Cannot copy out of meta tensor"); device=None is the default device, as for torch factories;
+    # an explicit device is honoured inside the context.
+    want = ops.rotary_tables(8, 16, scaling=scaling, device="cpu")
+    with torch.device("meta"):
+        cos, sin = ops.rotary_tables(8, 16, scaling=scaling)
+        got = ops.rotary_tables(8, 16, scaling=scaling, device="cpu")
+    assert cos.is_meta and sin.is_meta and cos.shape == sin.shape == (16, 4) and cos.dtype == torch.float32
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert ops.rotary_tables(8, 16, scaling=scaling, dtype=torch.bfloat16, device="meta")[0].dtype == torch.bfloat16
+    if DEVICE.type == "cuda":
+        with torch.device(DEVICE):
+            c = ops.rotary_tables(8, 16, scaling=scaling)[0]
+        assert c.device.type == "cuda"
+        torch.testing.assert_close(c.cpu(), want[0], atol=1e-6, rtol=0)
+
+
 def test_rotary_tables_partial_rotary_factor():
     neox = {"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"}
     # The tables know rotary_dim but not head_dim: a factor != 1 needs head_dim to be checked.
@@ -893,6 +1036,32 @@ def test_rotary_embedding_module(backend):
     assert "rotary_dim=16" in repr(m)
 
 
+def test_rotary_embedding_module_meta_device_init():
+    # Built on the meta device (the device= argument, or a `with torch.device("meta")` context,
+    # which crashed), then materialized with to_empty(): the tables are non-persistent, so
+    # load_state_dict cannot restore them; reset_parameters() rebuilds them from the arguments.
+    scaling = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}
+    good = fnn.RotaryEmbedding(24, 40, 500.0, rotary_dim=16, scaling=scaling)
+    with torch.device("meta"):
+        in_ctx = fnn.RotaryEmbedding(24, 40, 500.0, rotary_dim=16, scaling=scaling)
+    for m in (fnn.RotaryEmbedding(24, 40, 500.0, rotary_dim=16, scaling=scaling, device="meta"), in_ctx):
+        assert m.cos.is_meta and m.cos.shape == good.cos.shape and m.cos.dtype == torch.float32
+        m.to_empty(device="cpu")
+        m.load_state_dict(good.state_dict())
+        m.cos.fill_(12345.0)  # what uninitialised memory may hold
+        m.sin.fill_(-7.0)
+        ptr = m.cos.data_ptr()
+        m.reset_parameters()
+        assert torch.equal(m.cos, good.cos) and torch.equal(m.sin, good.sin)
+        assert m.cos.data_ptr() == ptr  # rebuilt in place (a captured CUDA graph keeps reading them)
+    # The scaling dict is the module's own copy: a later edit of the caller's dict changes nothing.
+    mine = dict(scaling)
+    m = fnn.RotaryEmbedding(24, 40, 500.0, rotary_dim=16, scaling=mine)
+    mine["factor"] = 8.0
+    m.reset_parameters()
+    assert torch.equal(m.cos, good.cos)
+
+
 def test_rotary_embedding_module_partial_rotary_factor():
     neox = {"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"}
     m = fnn.RotaryEmbedding(64, 16, scaling=neox).to(DEVICE)  # HF: int(64 * 0.25) = 16 rotated dims
@@ -940,7 +1109,9 @@ def test_rotary_embedding_module_accepts_hf_rope_parameters(name, rope_scaling):
         pytest.skip("Phi-3 configs take only longrope scaling")
     kw = {"rope_scaling": dict(rope_scaling)} if rope_scaling else {}
     cfg = getattr(transformers, name)(hidden_size=256, num_attention_heads=4, max_position_embeddings=128, **kw)
-    params = cfg.rope_parameters
+    params = dict(cfg.rope_parameters)
+    if params.get("rope_type") == "dynamic":  # HF's original length is the config's max_position_embeddings
+        params["original_max_position_embeddings"] = cfg.max_position_embeddings
     m = fnn.RotaryEmbedding(64, 128, base=params["rope_theta"], scaling=params)
     assert m.rotary_dim == int(64 * params.get("partial_rotary_factor", 1.0))
 

@@ -38,6 +38,9 @@ def _rope_from_hf(c, head_dim):
     if kind in ("llama3", "yarn", "longrope") and params.get("original_max_position_embeddings") is None \
             and c.get("original_max_position_embeddings"):
         params["original_max_position_embeddings"] = c["original_max_position_embeddings"]  # as HF v5 does
+    if kind == "dynamic" and params.get("original_max_position_embeddings") is None:
+        # HF's dynamic NTK scales past config.max_position_embeddings; fastlm's tables need it said
+        params["original_max_position_embeddings"] = c.get("max_position_embeddings", 2048)
     scaling = None if kind == "default" else {"rope_type": kind, **params}
     return float(base), scaling, head_dim
 
@@ -122,6 +125,8 @@ def _hf_config(cfg, arch):
                          f"got rotary_dim={cfg.rotary_dim} < head_dim={cfg.head_dim}")
     scaling = dict(cfg.rope_scaling or {})
     kind = scaling.pop("rope_type", scaling.pop("type", "default"))  # the legacy "type" key too
+    if kind == "dynamic":  # HF's dynamic reads the original length from max_position_embeddings
+        kw["max_position_embeddings"] = scaling.pop("original_max_position_embeddings", cfg.max_seqlen)
     rope = {"rope_type": kind, **scaling}
     if arch == "llama":
         if cfg.qkv_bias != cfg.out_bias or cfg.sliding_window:

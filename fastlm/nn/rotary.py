@@ -10,7 +10,7 @@ class RotaryEmbedding(torch.nn.Module):
     """Rotary position embeddings for q and k.
 
     RotaryEmbedding(head_dim, max_positions, base=10000.0, *, rotary_dim=None,
-                    interleaved=False, scaling=None, backend=None)
+                    interleaved=False, scaling=None, backend=None, device=None)
 
     head_dim: <= 256.  rotary_dim: rotated dims (even, <= head_dim; default
     int(head_dim * scaling['partial_rotary_factor']) when scaling has that key, else head_dim);
@@ -20,7 +20,11 @@ class RotaryEmbedding(torch.nn.Module):
     HF rope_scaling / rope_parameters dict (see ``fastlm.ops.rotary_tables``).
 
     The tables are non-persistent fp32 buffers: they follow ``.to(device)`` and stay fp32
-    under ``.half()`` / ``.to(torch.bfloat16)`` (the kernels do the math in fp32).
+    under ``.half()`` / ``.to(torch.bfloat16)`` (the kernels do the math in fp32).  device=None
+    is the default device (a ``with torch.device(...)`` context applies).  Meta-device init:
+    on "meta" the tables are empty; after ``to_empty(device=...)`` they hold uninitialised
+    memory that ``load_state_dict`` cannot restore (they are not in the state dict), so call
+    ``reset_parameters()``, which rebuilds them in place from the constructor's arguments.
 
     forward(q, k, positions=None, cu_seqlens=None, inplace=False) -> (q_out, k_out): see
     ``fastlm.ops.apply_rotary`` for the layouts and positions forms.
@@ -33,7 +37,8 @@ class RotaryEmbedding(torch.nn.Module):
             raise ValueError(f"head_dim must be an int >= 2, got {head_dim!r}")
         if head_dim > _rot.MAX_HEAD_DIM:
             raise ValueError(f"head_dim must be <= {_rot.MAX_HEAD_DIM} (the kernels' maximum), got {head_dim}")
-        factor = _rot._partial_factor(_rot._scaling_dict(scaling))
+        scaling = _rot._scaling_dict(scaling)  # a copy: reset_parameters rebuilds the tables from it
+        factor = _rot._partial_factor(scaling)
         if rotary_dim is None and factor is not None:  # HF's partial rotary: int(head_dim * factor) dims
             rotary_dim = int(head_dim * factor)
             if rotary_dim < 2 or rotary_dim % 2:
@@ -53,12 +58,23 @@ class RotaryEmbedding(torch.nn.Module):
         if rotary_dim > head_dim:
             raise ValueError(f"rotary_dim ({rotary_dim}) must be <= head_dim ({head_dim})")
         self.head_dim, self.rotary_dim, self.max_positions = head_dim, rotary_dim, max_positions
-        self.base, self.interleaved, self.scaling, self.backend = float(base), interleaved, scaling, backend
+        self.base, self.interleaved, self.backend = float(base), interleaved, backend
+        self.scaling = scaling or None
+        if not is_int(max_positions) or max_positions < 1:  # (before the buffers' shape is made of it)
+            raise ValueError(f"max_positions must be an int >= 1, got {max_positions!r}")
+        shape = (max_positions, rotary_dim // 2)
+        self.register_buffer("cos", torch.empty(shape, dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("sin", torch.empty(shape, dtype=torch.float32, device=device), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """(Re)builds the cos/sin tables in place, on their device (e.g. after ``to_empty()``)."""
         # head_dim lets the tables check rotary_dim against scaling's partial_rotary_factor.
-        cos, sin = ops.rotary_tables(rotary_dim, max_positions, base, scaling, dtype=torch.float32, device=device,
-                                     head_dim=head_dim)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        cos, sin = ops.rotary_tables(self.rotary_dim, self.max_positions, self.base, self.scaling,
+                                     dtype=torch.float32, device=self.cos.device, head_dim=self.head_dim)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
 
     def _apply(self, fn, recurse=True):
         # Follow device moves, but keep the tables in fp32 through dtype casts of the model.

@@ -152,7 +152,8 @@ class _InplaceQ(torch.autograd.Function):
     """Rotates q AND k in place with one launch; records the autograd node of q only.
 
     PyTorch's autograd cannot record one Function that updates several views in place, so
-    k's node is recorded by _InplaceK right after (its data was already rotated here).
+    k's node (when k requires grad) is recorded by _InplaceK right after (its data was
+    already rotated here).
     """
 
     @staticmethod
@@ -172,7 +173,8 @@ class _InplaceQ(torch.autograd.Function):
 
 
 class _InplaceK(torch.autograd.Function):
-    """Records the autograd node of k's in-place rotation (done by _InplaceQ)."""
+    """Records the autograd node of k's in-place rotation (done by _InplaceQ, or by a
+    launch under no_grad when q does not require grad)."""
 
     @staticmethod
     def forward(ctx, k, cos, sin, positions, cu_seqlens, offset, pos_mode, interleaved, backend):
@@ -190,6 +192,33 @@ class _InplaceK(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- validation
+# How autograd made a view (private; torch's own meta_utils reads it): a view with a creation
+# meta other than DEFAULT (e.g. an output of split / unbind / chunk) may not be modified in place
+# while autograd records it.  Read up front because the kernel rotates q and k together, before
+# autograd would object to either.
+_creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
+
+
+def _check_inplace_allowed(name, t):
+    """Two more errors torch raises for an in-place update of t (the leaf one is checked by the
+    caller), raised before anything is written."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{name}: Inplace update to inference tensor outside InferenceMode is not allowed (inplace=True); "
+            "pass inplace=False, or rotate it under torch.inference_mode()"
+        )
+    if t.requires_grad and torch.is_grad_enabled() and _creation_meta is not None and t._is_view():
+        meta, kinds = _creation_meta(t), torch._C._autograd.CreationMeta
+        if meta != kinds.DEFAULT:
+            origin = ("an output of a function that returns several views (split, unbind, chunk)"
+                      if meta == kinds.MULTI_OUTPUT_NODE else f"a view of creation kind {meta.name}")
+            raise RuntimeError(
+                f"{name}: {origin} requires grad and cannot be modified in place (PyTorch forbids it, as autograd "
+                "could not rewrite that view's history); pass inplace=False, or take q and k as slices "
+                "(qkv[:, :, :n_q]) instead"
+            )
+
+
 def _check_values(q, cos, positions, cu_seqlens, offset, pos_mode, n_tokens, seqlen):
     """Range checks that need tensor values (a host sync on CUDA): run when the tensors are on
     the CPU or when FASTLM_DEBUG=1; never while compiling or capturing a CUDA graph."""
@@ -353,6 +382,8 @@ def _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend, interleav
                     f"{name}: a leaf Variable that requires grad (or a view of one) cannot be rotated in place "
                     "(inplace=True)"
                 )
+            if not torch.compiler.is_compiling():  # eager only: they read autograd state tracing does not have
+                _check_inplace_allowed(name, t)
             if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
                 raise ValueError(f"{name}: inplace=True needs a tensor that owns its elements; got an expanded one (stride 0)")
         if has_data_pointers(q) and share_memory(q, k):
@@ -397,8 +428,9 @@ def apply_rotary(q, k, cos, sin, *, positions=None, cu_seqlens=None, interleaved
 
     inplace: rotate q and k in their own storage and return them (no new memory); works with
     autograd like any in-place op (q/k must not be leaves that require grad, nor outputs of
-    unbind/split, which PyTorch forbids modifying in place); q and k must not share elements
-    (slices of one fused qkv buffer are fine).
+    split/unbind/chunk that require grad, nor inference tensors outside inference mode: the
+    errors PyTorch gives, raised before anything is written); only a tensor that requires grad
+    gets a grad_fn; q and k must not share elements (slices of one fused qkv buffer are fine).
 
     Returns (q_out, k_out).  Gradients flow to q and k (not to cos/sin); the backward is the
     rotation by -θ, fused the same way.  backend: "triton" | "cuda" | "reference" | None.
@@ -428,8 +460,15 @@ def apply_rotary(q, k, cos, sin, *, positions=None, cu_seqlens=None, interleaved
     if not inplace:
         return _rotary_op(q, k, *args, False, b)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        q = _InplaceQ.apply(q, k, *args, b)
-        k = _InplaceK.apply(k, *args, b)
+        # Only a tensor that requires grad gets a node (as with torch's in-place ops): the other
+        # one's rotation is not recorded (no requires_grad, no backward launch for it).
+        if q.requires_grad:
+            q = _InplaceQ.apply(q, k, *args, b)
+        else:
+            with torch.no_grad():
+                _rotary_inplace_op(q, k, *args, False, b)
+        if k.requires_grad:
+            k = _InplaceK.apply(k, *args, b)
         return q, k
     _rotary_inplace_op(q, k, *args, False, b)
     return q, k
@@ -489,7 +528,8 @@ def _check_scaling(dim, base, scaling, head_dim):
             f"scaling: unknown key(s) {', '.join(map(repr, unknown))} for rope_type {rope_type!r}; "
             f"accepted keys: {', '.join(accepted)}"
         )
-    if "rope_theta" in scaling and float(scaling["rope_theta"]) != base:
+    theta = scaling.get("rope_theta")  # None: absent, as for every numeric key
+    if theta is not None and as_real(theta, "scaling['rope_theta']") != base:
         raise ValueError(
             f"scaling['rope_theta']={scaling['rope_theta']} disagrees with base={base}; pass base=scaling['rope_theta']"
         )
@@ -515,13 +555,13 @@ def _check_scaling(dim, base, scaling, head_dim):
 
 
 def rope_inv_freq(rotary_dim, base=10000.0, scaling=None, max_positions=None, *, head_dim=None):
-    """Inverse frequencies θ_i (fp32, (rotary_dim // 2,)) and the cos/sin scale factor.
+    """Inverse frequencies θ_i (fp32, on the CPU, (rotary_dim // 2,)) and the cos/sin scale factor.
 
     Follows HF transformers' rope initialisation (modeling_rope_utils) for each rope_type,
     computed in fp32 like it, so the frequencies are the ones HF checkpoints are used with.
     ``max_positions`` stands in for HF's ``config.max_position_embeddings`` (the default of
-    original_max_position_embeddings, the sequence length of "dynamic", yarn's default factor).
-    ``scaling`` and ``head_dim``: see ``rotary_tables``.
+    original_max_position_embeddings for yarn and llama3, the sequence length of "dynamic",
+    yarn's default factor).  ``scaling`` and ``head_dim``: see ``rotary_tables``.
     """
     if not is_int(rotary_dim) or rotary_dim < 2 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be an even int >= 2, got {rotary_dim!r}")
@@ -532,18 +572,31 @@ def rope_inv_freq(rotary_dim, base=10000.0, scaling=None, max_positions=None, *,
     scaling = _scaling_dict(scaling)
     rope_type = _check_scaling(dim, base, scaling, head_dim)
 
-    def plain(b):
-        return 1.0 / (b ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+    cpu = torch.device("cpu")  # explicit: a `with torch.device(...)` context must not move (or empty) them
 
-    def need(key):  # a positive, finite number (a factor of 0 would give NaN tables)
+    def plain(b):
+        return 1.0 / (b ** (torch.arange(0, dim, 2, dtype=torch.int64, device=cpu).to(torch.float32) / dim))
+
+    def opt(key, default=None):  # a finite number > 0 (a factor of 0 gives NaN tables), default if absent
         if scaling.get(key) is None:
-            raise ValueError(f"scaling: rope_type {rope_type!r} needs {key!r}")
+            return default
         v = as_real(scaling[key], f"scaling[{key!r}]")
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"scaling[{key!r}] must be a finite number > 0, got {scaling[key]!r}")
         return v
 
-    orig = scaling.get("original_max_position_embeddings") or max_positions
+    def need(key):
+        if scaling.get(key) is None:
+            raise ValueError(f"scaling: rope_type {rope_type!r} needs {key!r}")
+        return opt(key)
+
+    orig = scaling.get("original_max_position_embeddings")
+    if orig is not None:
+        if not is_int(orig) or orig < 1:
+            raise ValueError(f"scaling['original_max_position_embeddings'] must be an int >= 1, got {orig!r}")
+        orig = int(orig)
+    elif rope_type != "dynamic":
+        orig = max_positions  # HF's default: config.max_position_embeddings
     if rope_type == "default":
         return plain(base), 1.0
     if rope_type == "linear":
@@ -552,46 +605,63 @@ def rope_inv_freq(rotary_dim, base=10000.0, scaling=None, max_positions=None, *,
         factor = float(need("factor"))
         if dim == 2:
             raise ValueError("scaling: 'dynamic' needs rotary_dim > 2")
-        if orig is None:
-            raise ValueError("scaling: 'dynamic' needs 'original_max_position_embeddings' or max_positions")
+        if orig is None:  # max_positions would be a silent no-op: the table is scaled only past orig
+            raise ValueError(
+                "scaling: 'dynamic' needs scaling['original_max_position_embeddings'], the length the model was "
+                "trained at: set it to the HF config's max_position_embeddings (HF's 'dynamic' dicts leave it out "
+                "and read that)"
+            )
         seq_len = max(max_positions or orig, orig)
         b = base * ((factor * seq_len / orig) - (factor - 1)) ** (dim / (dim - 2))
         return plain(b), 1.0
     if rope_type == "yarn":
         if orig is None:
-            raise ValueError("scaling: 'yarn' needs 'original_max_position_embeddings'")
-        factor = need("factor") if scaling.get("factor") is not None else max_positions / orig
-        attn = scaling.get("attention_factor")
-        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            raise ValueError("scaling: 'yarn' needs 'original_max_position_embeddings' or max_positions")
+        factor = opt("factor")
+        if factor is None:
+            factor = max_positions / orig  # HF's default
+        attn = opt("attention_factor")
+        mscale, mscale_all_dim = (scaling.get(key) for key in ("mscale", "mscale_all_dim"))
+        for key, v in (("mscale", mscale), ("mscale_all_dim", mscale_all_dim)):
+            if v is not None and not math.isfinite(as_real(v, f"scaling[{key!r}]")):
+                raise ValueError(f"scaling[{key!r}] must be a finite number, got {v!r}")
 
         def get_mscale(scale, m=1.0):
             return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
         if attn is None:
-            if mscale and mscale_all_dim:
-                attn = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+            if mscale and mscale_all_dim:  # HF's test: a 0 is "not given"
+                den = get_mscale(factor, mscale_all_dim)
+                attn = float(get_mscale(factor, mscale) / den) if den else math.inf
+                if not (math.isfinite(attn) and attn > 0):
+                    raise ValueError(
+                        f"scaling: yarn's attention factor from mscale={mscale}, mscale_all_dim={mscale_all_dim} and "
+                        f"factor={factor} is {attn}; it must be a finite number > 0"
+                    )
             else:
                 attn = get_mscale(factor)
-        beta_fast = scaling.get("beta_fast") or 32
-        beta_slow = scaling.get("beta_slow") or 1
+        beta_fast, beta_slow = opt("beta_fast", 32.0), opt("beta_slow", 1.0)
+        truncate = scaling.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise ValueError(f"scaling['truncate'] must be a bool, got {truncate!r}")
 
         def correction_dim(n_rot):
             return (dim * math.log(orig / (n_rot * 2 * math.pi))) / (2 * math.log(base))
 
         low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-        if scaling.get("truncate", True):
+        if truncate:
             low, high = math.floor(low), math.ceil(high)
         low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001  # no division by zero
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-        pos_freqs = base ** (torch.arange(0, dim, 2).to(torch.float32) / dim)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=cpu) - low) / (high - low)).clamp(0, 1)
+        pos_freqs = base ** (torch.arange(0, dim, 2, device=cpu).to(torch.float32) / dim)
         extrapolation = 1 - ramp  # 1: keep the original frequency; 0: interpolate by factor
         inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
         return inv, float(attn)
     if rope_type == "llama3":
         if orig is None:
-            raise ValueError("scaling: 'llama3' needs 'original_max_position_embeddings'")
+            raise ValueError("scaling: 'llama3' needs 'original_max_position_embeddings' or max_positions")
         factor = float(need("factor"))
         low_ff, high_ff = float(need("low_freq_factor")), float(need("high_freq_factor"))
         if high_ff == low_ff:
@@ -616,25 +686,42 @@ def rotary_tables(rotary_dim, max_positions, base=10000.0, scaling=None, *, dtyp
     original_max_position_embeddings), "yarn" (factor, original_max_position_embeddings,
     beta_fast, beta_slow, attention_factor / mscale / mscale_all_dim, truncate) or "llama3"
     (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
+    original_max_position_embeddings defaults to max_positions (HF: max_position_embeddings),
+    except for "dynamic", which needs it (below).
     The frequencies match HF transformers' rope initialisation (same fp32 formulas), and the
     yarn attention factor scales cos/sin as HF does.  The angles position * θ_i are formed in
     float64 (HF forms them in fp32, which at position p is off by up to ~p * 6e-8 rad), so
     the tables are the exactly rounded cos/sin of HF's frequencies.
-    "dynamic": HF recomputes the frequencies for the current sequence length; this table is
-    the one HF uses for a sequence of max_positions tokens (for max_positions <= original
-    length, the unscaled one).  rotary_dim = int(head_dim * partial_rotary_factor) for
-    partial-rotary models (GPT-NeoX, Phi).
+    "dynamic": HF's dicts leave original_max_position_embeddings out and use the config's
+    max_position_embeddings; pass that value as the key (without it, the table length would
+    stand in for it and a longer table would come out silently unscaled, so it is an error).
+    HF recomputes the frequencies as sequences grow past the original length (for the
+    longest sequence since the last one within it), which one fixed table cannot follow:
+    this table is HF's for a sequence of max(max_positions, original) tokens.  So with
+    max_positions <= original it is the unscaled table, equal to HF's for every sequence
+    that fits; with a longer table it equals HF's for sequences of exactly max_positions
+    tokens (HF scales a shorter sequence less, and one within the original length not at all).
+    rotary_dim = int(head_dim * partial_rotary_factor) for partial-rotary models (GPT-NeoX, Phi).
     Keys other than those of the dict's rope_type and the generic HF ones (rope_type, type,
     rope_theta (must equal base), partial_rotary_factor, original_max_position_embeddings)
-    are an error.  A ``partial_rotary_factor`` other than 1 needs ``head_dim`` (the tables
-    know only rotary_dim), and rotary_dim must then equal int(head_dim * factor).
+    are an error, and so is a value out of its range (numbers finite and > 0,
+    original_max_position_embeddings an int >= 1, truncate a bool); a numeric key set to None
+    counts as absent (HF reads them with .get).  A ``partial_rotary_factor`` other than 1
+    needs ``head_dim`` (the tables know only rotary_dim), and rotary_dim must then equal
+    int(head_dim * factor).
+    device: None means the default device (``torch.get_default_device()``, so a
+    ``with torch.device(...)`` context applies, as to torch's factories); on "meta" the tables
+    are empty, of the right shape and dtype (a model built without memory).
     """
     if not is_int(max_positions) or max_positions < 1:
         raise ValueError(f"max_positions must be an int >= 1, got {max_positions!r}")
     if dtype not in KERNEL_DTYPES + (torch.float64,):
         raise TypeError(f"dtype must be a floating dtype (float32, float16, bfloat16, float64), got {dtype}")
     inv_freq, attn = rope_inv_freq(rotary_dim, base, scaling, max_positions, head_dim=head_dim)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = torch.device(device) if device is not None else torch.get_default_device()
+    if dev.type == "meta":  # shapes only (a model built without memory; RotaryEmbedding.reset_parameters fills them)
+        shape = (max_positions, inv_freq.shape[0])
+        return torch.empty(shape, dtype=dtype, device=dev), torch.empty(shape, dtype=dtype, device=dev)
     work = dev if dev.type in ("cpu", "cuda") else torch.device("cpu")  # float64 math
     t = torch.arange(max_positions, dtype=torch.float64, device=work)
     ang = t[:, None] * inv_freq.to(device=work, dtype=torch.float64)[None, :]
