@@ -301,6 +301,40 @@ def test_bad_inputs():
         K.swiglu_fwd(torch.randn(4, 15, device=DEVICE))
 
 
+def test_torch_ops_check_their_inputs():
+    # torch.ops.fastlm.swiglu / swiglu_backward are public: they run the triton kernels on
+    # inputs those take, or say why not (they used to return zeros for int64 x, compute float64
+    # in fp32, mix dtypes, and run triton for any backend string).
+    x = torch.randn(2, 8, device=DEVICE)
+    g = torch.randn(2, 4, device=DEVICE)
+    fwd, bwd = torch.ops.fastlm.swiglu, torch.ops.fastlm.swiglu_backward
+    for backend in ("bogus", "reference"):
+        with pytest.raises(ValueError, match="backend must be 'triton'"):
+            fwd(x, None, backend)
+        with pytest.raises(ValueError, match="backend must be 'triton'"):
+            bwd(g, x, None, backend)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        fwd(torch.randint(-3, 3, (2, 8), device=DEVICE), None, "triton")
+    with pytest.raises(TypeError, match="x must have dtype"):
+        fwd(x.double(), None, "triton")
+    with pytest.raises(TypeError, match="up must have dtype"):
+        fwd(g, g.double(), "triton")
+    with pytest.raises(TypeError, match="up must have x's"):
+        fwd(g, g.half(), "triton")
+    with pytest.raises(ValueError, match="x must have at least 1 dims"):
+        fwd(torch.tensor(1.0, device=DEVICE), None, "triton")
+    with pytest.raises(ValueError, match="up is on meta"):  # the fake (Meta) kernel checks devices
+        fwd(g, torch.randn(2, 4, device="meta"), "triton")
+    with pytest.raises(TypeError, match="dy must have x's dtype torch.float32, got torch.float16"):
+        bwd(g.half(), x, None, "triton")
+    with pytest.raises(TypeError, match="up must have x's dtype"):
+        bwd(g, g, g.bfloat16(), "triton")
+    with pytest.raises(TypeError, match="x must have dtype"):
+        bwd(g.long(), x.long(), None, "triton")
+    with pytest.raises(ValueError, match="x must have at least 1 dims"):
+        bwd(g, torch.tensor(1.0, device=DEVICE), None, "triton")
+
+
 # ---------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("form", FORMS)

@@ -339,6 +339,25 @@ def test_modules_check_normalized_shape():
         fastlm.nn.RMSNorm((4, 8)).to(DEVICE)(torch.randn(3, 4, 8, device=DEVICE), torch.randn(3, 8, 4, device=DEVICE))
 
 
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_module_default_eps_is_torchs(backend, dtype):
+    # eps=None: torch.nn.RMSNorm uses the eps of its fp32 compute type for fp16/bf16 inputs, not
+    # the input dtype's (bf16's 7.8e-3 changed outputs of small activations by ~2x).
+    ours = fastlm.nn.RMSNorm(64, backend=backend).to(DEVICE)
+    theirs = torch.nn.RMSNorm(64).to(DEVICE)
+    with torch.no_grad():
+        theirs.weight.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 64, device=DEVICE) * 0.02  # activations of RMS 0.02: eps matters
+    # fp32 inputs get the same eps, so torch's fp32 result serves as the accurate reference.
+    ref = theirs(x.to(dtype).float())
+    assert_close(ours.to(dtype)(x.to(dtype)), ref, theirs.to(dtype)(x.to(dtype)), "out")
+    if backend == "reference":  # float64: float64's eps
+        x64 = x.double() * 1e-6
+        torch.testing.assert_close(ours.double()(x64), theirs.double()(x64))
+
+
 def test_module_with_integer_input_names_x():
     with pytest.raises(TypeError, match="x must have dtype"):
         fastlm.nn.RMSNorm(8).to(DEVICE)(torch.ones(2, 8, dtype=torch.int64, device=DEVICE))
@@ -355,8 +374,59 @@ def test_torch_ops_check_their_arguments():
         torch.ops.fastlm.norm_backward(x, None, x, w, torch.empty(0), torch.ones(2, device=DEVICE), True, False, "triton")
     with pytest.raises(ValueError, match="mean must be float32 with one value per row"):
         torch.ops.fastlm.norm_backward(x, None, x, w, torch.ones(2, device=DEVICE), torch.ones(3, device=DEVICE), False, False, "triton")
-    with pytest.raises(ValueError, match="residual must have x's shape"):
+    with pytest.raises(ValueError, match="residual must have the shape of x"):
         torch.ops.fastlm.rms_norm(x, w, x[:2], 1e-6, "triton")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_torch_ops_check_inputs_like_the_public_functions(backend):
+    # The torch ops check their inputs for both kernel backends (triton used to check none of
+    # these: an int64 x returned zeros, float64 was computed in fp32, eps < 0 gave NaN).
+    x = torch.randn(3, 16, device=DEVICE)
+    w = torch.randn(16, device=DEVICE)
+    rms, ln = torch.ops.fastlm.rms_norm, torch.ops.fastlm.layer_norm
+    with pytest.raises(TypeError, match="x must have dtype"):
+        rms(torch.randint(-5, 5, (3, 16), device=DEVICE), None, None, 1e-6, backend)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ln(x.double(), None, None, None, 1e-5, backend)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        rms(x, None, None, -1.0, backend)
+    with pytest.raises(ValueError, match="non-empty last"):
+        rms(torch.randn(3, 0, device=DEVICE), None, None, 1e-6, backend)
+    with pytest.raises(ValueError, match="x must have at least 1 dims"):
+        ln(torch.randn((), device=DEVICE), None, None, None, 1e-5, backend)
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        rms(x, w, x.half(), 1e-6, backend)
+    with pytest.raises(TypeError, match="bias must be float32 or x's dtype"):
+        ln(x.half(), None, w.bfloat16(), None, 1e-5, backend)
+    with pytest.raises(ValueError, match=r"weight must have shape \(16,\)"):
+        ln(x, w[:15], None, None, 1e-5, backend)
+    # A meta tensor sends the op to its fake (Meta) kernel, which checks the devices.
+    with pytest.raises(ValueError, match="weight is on meta"):
+        rms(x, torch.randn(16, device="meta"), None, 1e-6, backend)
+
+
+def test_norm_backward_op_checks_inputs_on_triton():
+    # The checks of the C++ norm_bwd_cuda, for the triton backward.
+    x = torch.randn(3, 16, device=DEVICE)
+    w = torch.randn(16, device=DEVICE)
+    mean, rstd = torch.randn(3, device=DEVICE), torch.rand(3, device=DEVICE) + 0.5
+
+    def bwd(dy=x, dres=None, h=x, weight=w, is_rms=True):
+        return torch.ops.fastlm.norm_backward(dy, dres, h, weight, mean, rstd, is_rms, False, "triton")
+
+    with pytest.raises(TypeError, match="dy must have h's dtype torch.float32, got torch.float16"):
+        bwd(dy=x.half())
+    with pytest.raises(TypeError, match="dresidual_out must have h's dtype"):
+        bwd(dres=x.bfloat16())
+    with pytest.raises(TypeError, match="h must have dtype"):
+        bwd(dy=x.long(), h=x.long(), weight=None)
+    with pytest.raises(TypeError, match="weight must be float32 or h's dtype"):
+        bwd(weight=w.half())
+    with pytest.raises(ValueError, match=r"h's last \(hidden\) dimension must be in \[1, 65536\]"):
+        bwd(dy=x[:, :0], h=x[:, :0], weight=None)
+    with pytest.raises(ValueError, match="rstd is on meta"):
+        torch.ops.fastlm.norm_backward(x, None, x, w, mean, rstd.to("meta"), True, False, "triton")
 
 
 def test_backend_selection(monkeypatch):
@@ -378,6 +448,65 @@ def test_backend_selection(monkeypatch):
     # ...and rejected with a clear message by a kernel backend.
     with pytest.raises(TypeError, match="x must have dtype"):
         fastlm.ops.layer_norm(x64, backend="triton")
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_backend_none_passes_over_triton_for_wide_rows(monkeypatch, kind):
+    # Rows wider than the triton kernel's 65536 run on a backend that takes them (cuda up to
+    # 2^20, else the reference) when none is named; a named one still says why it cannot.
+    x = torch.randn(2, 65537, device=DEVICE)
+    torch.testing.assert_close(_op(kind, x, None, None, 1e-5, None, None), _ref(kind, x, None, None, 1e-5, None))
+    mod = (fastlm.nn.RMSNorm if kind == "rms" else fastlm.nn.LayerNorm)(65537, eps=1e-5).to(DEVICE)
+    torch.testing.assert_close(mod(x), _ref(kind, x, mod.weight, getattr(mod, "bias", None), 1e-5, None))
+    with pytest.raises(ValueError, match="hidden size 65537 exceeds the triton norm kernel's limit"):
+        _op(kind, x, None, None, 1e-5, None, "triton")
+    monkeypatch.setenv("FASTLM_BACKEND", "triton")
+    with pytest.raises(ValueError, match="hidden size 65537 exceeds the triton norm kernel's limit"):
+        _op(kind, x, None, None, 1e-5, None, None)
+
+
+@cuda_mark()  # (without a GPU: the emulated cuda backend, available for CPU tensors)
+def test_backend_none_choice_by_hidden_size():
+    from fastlm.kernels import norm as K
+    from fastlm.ops import norm as N
+
+    assert N.TRITON_MAX_N == K.MAX_FUSED_N
+    for n, want in [(65536, "triton"), (65537, "cuda"), (N.CUDA_MAX_N, "cuda"), (N.CUDA_MAX_N + 1, "reference")]:
+        x = torch.empty(1, device=DEVICE).expand(1, n)
+        assert N._pick(None, x, "rms_norm") == want, n
+        assert N._pick("triton", x, "rms_norm") == "triton", n
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_unused_output_grad_is_not_materialized(monkeypatch, backend, kind):
+    # A model's last norm leaves h (the residual stream) unused: its grad must reach the
+    # backward kernel as None, not as an (M, N) tensor of zeros it would have to read.  With
+    # only h used, dh is h's grad and no kernel runs.
+    from fastlm.ops import norm as N
+
+    seen = []
+    real = N._norm_backward_op
+
+    def spy(dy, dresidual_out, *args):
+        seen.append(dresidual_out)
+        return real(dy, dresidual_out, *args)
+
+    monkeypatch.setattr(N, "_norm_backward_op", spy)
+    x, r, dy = (torch.randn(6, 40, device=DEVICE) for _ in range(3))
+    w, b = torch.randn(40, device=DEVICE), (torch.randn(40, device=DEVICE) if kind == "ln" else None)
+    for used in (0, 1):  # out, h
+        seen.clear()
+        xs, ws, bs, rs = _leaves(x, w, b, r)
+        x64, w64, b64, r64 = _leaves(*[t.double() if t is not None else None for t in (x, w, b, r)])
+        _op(kind, xs, ws, bs, 1e-5, rs, backend)[used].backward(dy)
+        _ref(kind, x64, w64, b64, 1e-5, r64)[used].backward(dy.double())
+        assert seen == ([None] if used == 0 else []), f"output {used} used: dresidual_out {seen}"
+        for name, t, t64 in zip(["dx", "dweight", "dbias", "dresidual"], (xs, ws, bs, rs), (x64, w64, b64, r64)):
+            if t64 is None or t64.grad is None:
+                assert t is None or t.grad is None, f"output {used} used: {name} should be None"
+            else:
+                torch.testing.assert_close(t.grad, t64.grad.float(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["rms", "ln"])

@@ -8,6 +8,11 @@ import torch
 
 from fastlm import ops
 
+# eps=None: torch.nn.RMSNorm's default, the machine eps of the compute (opmath) type: float32's
+# for fp16/bf16/fp32 inputs, float64's for float64 ones (not the input dtype's: bf16's is 7.8e-3).
+_EPS_FP32 = torch.finfo(torch.float32).eps
+_EPS_FP64 = torch.finfo(torch.float64).eps
+
 
 def _flat(x, shape, name="x"):
     # The ops normalize the last dim; a multi-dim normalized_shape is flattened into it, so
@@ -26,10 +31,7 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, x, residual=None):
         shape = self.normalized_shape
-        if self.eps is not None:
-            eps = self.eps
-        else:  # torch's default: the input dtype's eps (a non-float x is rejected by the op)
-            eps = torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
+        eps = self.eps if self.eps is not None else _EPS_FP64 if x.dtype == torch.float64 else _EPS_FP32
         w = self.weight.reshape(-1) if self.weight is not None else None
         res = _flat(residual, shape, "residual") if residual is not None else None
         out = ops.rms_norm(_flat(x, shape), w, eps, residual=res, backend=self.backend)

@@ -12,7 +12,9 @@ Backends:
   "reference" fastlm.reference.activation (plain PyTorch autograd; the CPU path)
 The kernel backend runs through the torch ops ``torch.ops.fastlm.swiglu`` and
 ``torch.ops.fastlm.swiglu_backward`` (custom ops with fake implementations and a registered
-backward), so it works with opcheck, torch.compile(fullgraph=True) and CUDA graphs.
+backward), so it works with opcheck, torch.compile(fullgraph=True) and CUDA graphs.  The
+torch ops are public and check their inputs themselves; ``swiglu`` checks only what they
+cannot (Python types, the reference path's inputs), so nothing is checked twice.
 """
 import torch
 
@@ -21,19 +23,61 @@ from fastlm._checks import KERNEL_DTYPES, check_same_device, check_tensor
 
 SUPPORTED = ("triton", "reference")
 PREFERRED = ("triton", "reference")
+_REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
-def _kernels():
+def _kernels(backend):
+    if backend != "triton":  # the torch ops run the kernel backend only
+        raise ValueError(f"backend must be 'triton' for the fastlm swiglu torch ops, got {backend!r}")
     from fastlm.kernels import activation as k
 
     return k
+
+
+def _check_inputs(x, up, dtypes):
+    """The forward's checks, for both backends; messages name the argument."""
+    check_tensor(x, "x", dtypes=dtypes, min_ndim=1)
+    if x.shape[-1] == 0:
+        raise ValueError(f"swiglu: x must have a non-empty last dim, got shape {tuple(x.shape)}")
+    if up is None:
+        if x.shape[-1] % 2:
+            raise ValueError(
+                f"swiglu: x without up must be stacked [gate | up] with an even last dim, got shape {tuple(x.shape)}"
+            )
+        return
+    check_tensor(up, "up", dtypes=dtypes)
+    check_same_device(x, "x", up=up)
+    if up.dtype != x.dtype:
+        raise TypeError(f"swiglu: up must have x's (the gate's) dtype {x.dtype}, got {up.dtype}")
+    if up.shape != x.shape:
+        raise ValueError(f"swiglu: up must have the shape of x (the gate) {tuple(x.shape)}, got {tuple(up.shape)}")
+
+
+def _check_backward(dy, x, up):
+    """The backward's checks less the shapes its launcher checks (x's last dim, up's, dy's).
+    Comparisons only: the autograd backward, which always passes them, pays about a microsecond."""
+    op = "swiglu_backward"
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: x must have dtype in {[str(d) for d in KERNEL_DTYPES]}, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least 1 dims, got shape ()")
+    dev = x.device
+    for name, t in (("dy", dy), ("up", up)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != dev:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {dev}; put all inputs on one device")
 
 
 # ---------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("fastlm::swiglu", mutates_args=())
 def _swiglu_op(x: torch.Tensor, up: torch.Tensor | None, backend: str) -> torch.Tensor:
     """-> silu(gate) * up, (..., F) in x's dtype."""
-    return _kernels().swiglu_fwd(x, up)
+    k = _kernels(backend)
+    _check_inputs(x, up, KERNEL_DTYPES)
+    return k.swiglu_fwd(x, up)
 
 
 @torch.library.custom_op("fastlm::swiglu_backward", mutates_args=())
@@ -41,17 +85,23 @@ def _swiglu_backward_op(
     dy: torch.Tensor, x: torch.Tensor, up: torch.Tensor | None, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx, dup): stacked: dx (..., 2F) = [dgate | dup] and an empty dup; split: dgate, dup."""
-    return tuple(_kernels().swiglu_bwd(dy, x, up))
+    k = _kernels(backend)
+    _check_backward(dy, x, up)
+    return tuple(k.swiglu_bwd(dy, x, up))
 
 
+# The fakes are also the ops' Meta kernels, which a meta tensor among real ones dispatches to
+# instead of the op's body: they check the devices, or such a call would return empty tensors.
 @_swiglu_op.register_fake
 def _(x, up, backend):
+    check_same_device(x, "x", up=up)
     F = x.shape[-1] // 2 if up is None else x.shape[-1]
     return x.new_empty((*x.shape[:-1], F))
 
 
 @_swiglu_backward_op.register_fake
 def _(dy, x, up, backend):
+    check_same_device(x, "x", dy=dy, up=up)
     dup = x.new_empty(0) if up is None else torch.empty_like(up, memory_format=torch.contiguous_format)
     return torch.empty_like(x, memory_format=torch.contiguous_format), dup
 
@@ -73,26 +123,6 @@ _swiglu_op.register_autograd(_backward, setup_context=_setup)
 
 
 # ---------------------------------------------------------------------------- public API
-def _validate(x, up, backend):
-    # float64 runs on the reference path only (the kernels are fp32/fp16/bf16).
-    allowed = KERNEL_DTYPES + ((torch.float64,) if backend in (None, "reference") else ())
-    check_tensor(x, "x", dtypes=allowed, min_ndim=1)
-    if x.shape[-1] == 0:
-        raise ValueError(f"swiglu: x must have a non-empty last dim, got shape {tuple(x.shape)}")
-    if up is None:
-        if x.shape[-1] % 2:
-            raise ValueError(
-                f"swiglu: x without up must be stacked [gate | up] with an even last dim, got shape {tuple(x.shape)}"
-            )
-        return
-    check_tensor(up, "up", dtypes=allowed)
-    check_same_device(x, "x", up=up)
-    if up.dtype != x.dtype:
-        raise TypeError(f"swiglu: up must have x's (the gate's) dtype {x.dtype}, got {up.dtype}")
-    if up.shape != x.shape:
-        raise ValueError(f"swiglu: up must have the shape of x (the gate) {tuple(x.shape)}, got {tuple(up.shape)}")
-
-
 def swiglu(x, up=None, *, backend=None):
     """silu(gate) * up, computed in fp32, returned in x's dtype.
 
@@ -100,11 +130,15 @@ def swiglu(x, up=None, *, backend=None):
     returns (..., F).  Otherwise x is the gate and up has its shape and dtype.
     fp32/fp16/bf16 (float64 on the reference backend).  backend: "triton" | "reference" | None.
     """
-    _validate(x, up, backend)
+    # The choice reads x's dtype; the op's schema would reject a non-tensor too, but as a RuntimeError.
+    check_tensor(x, "x", dtypes=None)
+    if up is not None:
+        check_tensor(up, "up", dtypes=None)
     if backend is None and x.dtype == torch.float64:
-        b = "reference"
+        b = "reference"  # the kernels are fp32/fp16/bf16
     else:
         b = _backend.resolve(backend, x.device, SUPPORTED, PREFERRED, op="swiglu")
     if b == "reference":
+        _check_inputs(x, up, _REFERENCE_DTYPES)
         return reference.swiglu(x, up)
-    return _swiglu_op(x, up, b)
+    return _swiglu_op(x, up, b)  # checks the rest

@@ -6,7 +6,9 @@ Public: ``rms_norm`` and ``layer_norm``.  Each dispatches to a backend:
   "reference" fastlm.reference (plain PyTorch autograd; the CPU path)
 The kernel backends run through the torch ops ``torch.ops.fastlm.rms_norm`` /
 ``layer_norm`` / ``norm_backward`` (custom ops with fake implementations and a registered
-backward), so they work with opcheck, torch.compile(fullgraph=True) and CUDA graphs.
+backward), so they work with opcheck, torch.compile(fullgraph=True) and CUDA graphs.  The
+torch ops are public and check their inputs themselves; the public functions check only what
+the ops cannot (Python types, the reference path's inputs), so nothing is checked twice.
 """
 import torch
 
@@ -17,6 +19,11 @@ SUPPORTED = ("triton", "cuda", "reference")
 # Both kernel backends reach the copy-bandwidth floor; Triton is preferred until the GPU
 # benchmark says otherwise (benchmarks/bench_norm.py measures both).
 PREFERRED = ("triton", "cuda", "reference")
+# The widest rows each kernel backend takes: kernels/norm.py MAX_FUSED_N (a row in registers)
+# and csrc/norm.cu kMaxN.  backend=None passes over a backend a row is too wide for.
+TRITON_MAX_N = 65536
+CUDA_MAX_N = 1 << 20
+_REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 def _kernels(backend):
@@ -29,13 +36,61 @@ def _kernels(backend):
     return torch.ops.fastlm.norm_fwd_cuda, torch.ops.fastlm.norm_bwd_cuda
 
 
+def _check_inputs(op, x, weight, bias, residual, eps, dtypes):
+    """The forward's checks, for every backend (the torch ops run them for both kernel backends,
+    so a bad input raises the same error whichever runs).  eps is a float here."""
+    check_tensor(x, "x", dtypes=dtypes, min_ndim=1)
+    N = x.shape[-1]
+    if N == 0:
+        raise ValueError(f"{op}: x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_tensor(t, name, dtypes=dtypes)
+        if t.shape != (N,):
+            raise ValueError(f"{op}: {name} must have shape ({N},) (the last dim of x), got {tuple(t.shape)}")
+        if t.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{op}: {name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
+    if residual is not None:
+        check_tensor(residual, "residual", dtypes=(x.dtype,))
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    check_same_device(x, "x", weight=weight, bias=bias, residual=residual)
+    if not (eps >= 0.0):
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+
+
+def _check_backward_triton(dy, dresidual_out, h, weight, mean, rstd, is_rms):
+    """norm_bwd_cuda's checks for the triton backward, less the shapes its launcher checks (dy's,
+    dresidual_out's, weight's, the statistics').  Comparisons only: the autograd backward, which
+    always passes them, pays about a microsecond."""
+    op = "norm_backward"
+    if h.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: h must have dtype in {[str(d) for d in KERNEL_DTYPES]}, got {h.dtype}")
+    if h.dim() == 0 or not 1 <= h.shape[-1] <= TRITON_MAX_N:
+        raise ValueError(f"{op}: h's last (hidden) dimension must be in [1, {TRITON_MAX_N}] (the triton "
+                         f"kernel's limit), got shape {tuple(h.shape)}")
+    for name, t in (("dy", dy), ("dresidual_out", dresidual_out)):
+        if t is not None and t.dtype != h.dtype:
+            raise TypeError(f"{op}: {name} must have h's dtype {h.dtype}, got {t.dtype}")
+    if weight is not None and weight.dtype not in (h.dtype, torch.float32):
+        raise TypeError(f"{op}: weight must be float32 or h's dtype {h.dtype}, got {weight.dtype}")
+    dev = h.device
+    for name, t in (("dy", dy), ("dresidual_out", dresidual_out), ("weight", weight), ("rstd", rstd),
+                    ("mean", None if is_rms else mean)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"{op}: {name} is on {t.device} but h is on {dev}; put all inputs on one device")
+
+
 # ---------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("fastlm::rms_norm", mutates_args=())
 def _rms_norm_op(
     x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out, residual_out (empty without residual), rstd fp32 (x.shape[:-1]))"""
-    out, h, _, rstd = _kernels(backend)[0](x, weight, None, residual, eps, True)
+    fwd = _kernels(backend)[0]
+    _check_inputs("rms_norm", x, weight, None, residual, eps, KERNEL_DTYPES)
+    out, h, _, rstd = fwd(x, weight, None, residual, eps, True)
     return out, h, rstd
 
 
@@ -49,7 +104,9 @@ def _layer_norm_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out, residual_out (empty without residual), mean fp32, rstd fp32)"""
-    return tuple(_kernels(backend)[0](x, weight, bias, residual, eps, False))
+    fwd = _kernels(backend)[0]
+    _check_inputs("layer_norm", x, weight, bias, residual, eps, KERNEL_DTYPES)
+    return tuple(fwd(x, weight, bias, residual, eps, False))
 
 
 @torch.library.custom_op("fastlm::norm_backward", mutates_args=())
@@ -65,23 +122,30 @@ def _norm_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dh = grad of x and of residual, dweight fp32 or empty, dbias fp32 or empty)"""
-    return tuple(_kernels(backend)[1](dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias))
+    bwd = _kernels(backend)[1]
+    if backend == "triton":  # the C++ op checks its own
+        _check_backward_triton(dy, dresidual_out, h, weight, mean, rstd, is_rms)
+    return tuple(bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias))
 
 
 # The fakes allocate contiguous outputs (new_empty, not empty_like: x may be a permuted view), as
-# both kernel backends return fresh contiguous tensors whatever the inputs' strides.
+# both kernel backends return fresh contiguous tensors whatever the inputs' strides.  They are
+# also the ops' Meta kernels, which a meta tensor among real ones dispatches to instead of the
+# op's body: they check the devices, or such a call would return empty tensors.
 def _stats_like(x):
     return x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @_rms_norm_op.register_fake
 def _(x, weight, residual, eps, backend):
+    check_same_device(x, "x", weight=weight, residual=residual)
     h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
     return x.new_empty(x.shape), h, _stats_like(x)
 
 
 @_layer_norm_op.register_fake
 def _(x, weight, bias, residual, eps, backend):
+    check_same_device(x, "x", weight=weight, bias=bias, residual=residual)
     h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
     return x.new_empty(x.shape), h, _stats_like(x), _stats_like(x)
 
@@ -95,6 +159,8 @@ def _grads_fake(h, weight, has_bias):
 
 @_norm_backward_op.register_fake
 def _(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias, backend):
+    check_same_device(h, "h", dy=dy, dresidual_out=dresidual_out, weight=weight, rstd=rstd,
+                      mean=None if is_rms else mean)
     return _grads_fake(h, weight, has_bias)
 
 
@@ -120,17 +186,23 @@ _register_cuda_fakes()
 
 
 # ---------------------------------------------------------------------------- autograd
+# The grad of an unused output arrives as None, not materialized as zeros: the residual stream
+# h is often unused (a model's last norm), and a zero (M, N) dresidual_out would cost a memset
+# and a read in the backward kernel.  Without the grad of out (only h used), dh is h's grad.
 def _setup_rms(ctx, inputs, output):
     x, weight, residual, eps, backend = inputs
     out, h, rstd = output
+    ctx.set_materialize_grads(False)
     ctx.has_residual = residual is not None
     ctx.backend = backend
     ctx.save_for_backward(h if residual is not None else x, weight, rstd)
 
 
 def _backward_rms(ctx, dout, dh_out, drstd):
-    h, weight, rstd = ctx.saved_tensors
     dres = dh_out if ctx.has_residual else None
+    if dout is None:  # only h used
+        return dres, None, dres, None, None
+    h, weight, rstd = ctx.saved_tensors
     dh, dw, _ = _norm_backward_op(dout, dres, h, weight, rstd.new_empty(0), rstd, True, False, ctx.backend)
     dw = dw.to(weight.dtype) if weight is not None else None
     return dh, dw, (dh if ctx.has_residual else None), None, None
@@ -139,6 +211,7 @@ def _backward_rms(ctx, dout, dh_out, drstd):
 def _setup_ln(ctx, inputs, output):
     x, weight, bias, residual, eps, backend = inputs
     out, h, mean, rstd = output
+    ctx.set_materialize_grads(False)
     ctx.has_residual = residual is not None
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -147,8 +220,10 @@ def _setup_ln(ctx, inputs, output):
 
 
 def _backward_ln(ctx, dout, dh_out, dmean, drstd):
-    h, weight, mean, rstd = ctx.saved_tensors
     dres = dh_out if ctx.has_residual else None
+    if dout is None:  # only h used
+        return dres, None, None, dres, None, None
+    h, weight, mean, rstd = ctx.saved_tensors
     dh, dw, db = _norm_backward_op(dout, dres, h, weight, mean, rstd, False, ctx.has_bias, ctx.backend)
     return (
         dh,
@@ -165,35 +240,23 @@ _layer_norm_op.register_autograd(_backward_ln, setup_context=_setup_ln)
 
 
 # ---------------------------------------------------------------------------- public API
-def _validate(op, x, eps, backend, **params):
-    # float64 runs on the reference path only (the kernels are fp32/fp16/bf16).
-    allowed = KERNEL_DTYPES + ((torch.float64,) if backend in (None, "reference") else ())
-    check_tensor(x, "x", dtypes=allowed, min_ndim=1)
-    if x.shape[-1] == 0:
-        raise ValueError(f"{op}: x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
-    N = x.shape[-1]
-    for name, t in params.items():
-        if t is None:
-            continue
-        if name == "residual":
-            check_tensor(t, "residual", dtypes=(x.dtype,))
-            if t.shape != x.shape:
-                raise ValueError(f"{op}: residual must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
-        else:
-            check_tensor(t, name, dtypes=allowed)
-            if t.shape != (N,):
-                raise ValueError(f"{op}: {name} must have shape ({N},) (the last dim of x), got {tuple(t.shape)}")
-            if t.dtype not in (x.dtype, torch.float32):
-                raise TypeError(f"{op}: {name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
-    check_same_device(x, "x", **params)
-    if not (as_real(eps, "eps", op) >= 0.0):
-        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
-
-
 def _pick(backend, x, op):
-    if backend is None and x.dtype == torch.float64:
-        return "reference"
+    check_tensor(x, "x", dtypes=None, min_ndim=1)  # the choice reads x's dtype and hidden size
+    if backend is None:
+        if x.dtype == torch.float64:
+            return "reference"  # the kernels are fp32/fp16/bf16
+        N = x.shape[-1]
+        if N > TRITON_MAX_N:  # (FASTLM_BACKEND=triton still runs triton, and says why it cannot)
+            wide = ("cuda", "reference") if N <= CUDA_MAX_N else ("reference",)
+            return _backend.resolve(None, x.device, SUPPORTED, wide, op=op)
     return _backend.resolve(backend, x.device, SUPPORTED, PREFERRED, op=op)
+
+
+def _check_types(**tensors):
+    # For the torch ops' arguments: the op's schema rejects a non-tensor too, but as a RuntimeError.
+    for name, t in tensors.items():
+        if t is not None:
+            check_tensor(t, name, dtypes=None)
 
 
 def rms_norm(x, weight=None, eps=1e-6, *, residual=None, backend=None):
@@ -201,13 +264,16 @@ def rms_norm(x, weight=None, eps=1e-6, *, residual=None, backend=None):
 
     With ``residual``: computes h = x + residual and returns (rms_norm(h), h) from one kernel
     pass (the pre-norm residual stream).  fp32/fp16/bf16; fp32 statistics; output in x's dtype.
-    weight may be fp32 or x's dtype.  backend: "triton" | "cuda" | "reference" | None.
+    weight may be fp32 or x's dtype.  backend: "triton" | "cuda" | "reference" | None (the best
+    available for x's device and hidden size: triton takes rows up to 65536, cuda up to 2^20).
     """
-    _validate("rms_norm", x, eps, backend, weight=weight, residual=residual)
+    eps = as_real(eps, "eps", "rms_norm")
     b = _pick(backend, x, "rms_norm")
     if b == "reference":
+        _check_inputs("rms_norm", x, weight, None, residual, eps, _REFERENCE_DTYPES)
         return reference.rms_norm(x, weight, eps, residual=residual)
-    out, h, _ = _rms_norm_op(x, weight, residual, float(eps), b)
+    _check_types(weight=weight, residual=residual)
+    out, h, _ = _rms_norm_op(x, weight, residual, eps, b)  # checks the rest
     return (out, h) if residual is not None else out
 
 
@@ -216,11 +282,13 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, backend=No
 
     With ``residual``: computes h = x + residual and returns (layer_norm(h), h) from one kernel
     pass.  fp32/fp16/bf16; fp32 statistics; output in x's dtype.
-    backend: "triton" | "cuda" | "reference" | None.
+    backend: "triton" | "cuda" | "reference" | None (chosen as for rms_norm).
     """
-    _validate("layer_norm", x, eps, backend, weight=weight, bias=bias, residual=residual)
+    eps = as_real(eps, "eps", "layer_norm")
     b = _pick(backend, x, "layer_norm")
     if b == "reference":
+        _check_inputs("layer_norm", x, weight, bias, residual, eps, _REFERENCE_DTYPES)
         return reference.layer_norm(x, weight, bias, eps, residual=residual)
-    out, h, _, _ = _layer_norm_op(x, weight, bias, residual, float(eps), b)
+    _check_types(weight=weight, bias=bias, residual=residual)
+    out, h, _, _ = _layer_norm_op(x, weight, bias, residual, eps, b)  # checks the rest
     return (out, h) if residual is not None else out
