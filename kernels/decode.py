@@ -132,14 +132,15 @@ def _append_kernel(
         j = tl.arange(0, BLOCK_SEM)
         tl.store(SEM + b64 * n_sem + j, tl.zeros([BLOCK_SEM], dtype=tl.int32), mask=(j < n_sem) & (s == 0))
     h = tl.arange(0, BLOCK_H)[:, None]
+    h64 = h.to(tl.int64)  # head strides of head-major views: (H - 1) * the head stride passes 2**31
     d = tl.arange(0, BLOCK_D)[None, :]
     # The position as a (BLOCK_H, 1) tensor (the same value in every row): the interpreter
     # mishandles masks built from scalar comparisons.
     pos = tl.load(SEQLENS + b + h * 0) + s
     phys64, slot64, ok = _cache_row(pos, b64, BT, s_bt, n_pages, capacity, PAGED, PAGE)
     m = (h < H) & (d < D) & ok
-    v = tl.load(V + b64 * s_vb + s64 * s_vs + h.to(tl.int64) * s_vh + d * s_vd, mask=m)
-    tl.store(V_CACHE + phys64 * s_vcb + slot64 * s_vct + h * s_vch + d * s_vcd, v.to(V_CACHE.dtype.element_ty), mask=m)
+    v = tl.load(V + b64 * s_vb + s64 * s_vs + h64 * s_vh + d * s_vd, mask=m)
+    tl.store(V_CACHE + phys64 * s_vcb + slot64 * s_vct + h64 * s_vch + d * s_vcd, v.to(V_CACHE.dtype.element_ty), mask=m)
     if ROTARY:
         # One token per program: [1]-shaped position, cache row and cos/sin row (NaN past the
         # table, so a bad position shows as NaN, never as a wrapped angle).
@@ -159,8 +160,8 @@ def _append_kernel(
         _rotate_tile(Q + b64 * s_qb + s64 * s_qs, QO + b64 * s_qob + s64 * s_qos, 0, 0, s_qh, 0, 0, s_qoh, zero, zero,
                      one == 0, 0, Hq, c, sn, half, D, INTERLEAVED, COPY_PASS, 1, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS)
     else:
-        k = tl.load(K + b64 * s_kb + s64 * s_ks + h.to(tl.int64) * s_kh + d * s_kd, mask=m)
-        tl.store(K_CACHE + phys64 * s_kcb + slot64 * s_kct + h * s_kch + d * s_kcd, k.to(K_CACHE.dtype.element_ty),
+        k = tl.load(K + b64 * s_kb + s64 * s_ks + h64 * s_kh + d * s_kd, mask=m)
+        tl.store(K_CACHE + phys64 * s_kcb + slot64 * s_kct + h64 * s_kch + d * s_kcd, k.to(K_CACHE.dtype.element_ty),
                  mask=m)
 
 

@@ -78,3 +78,32 @@ def test_attention_backward_head_offsets(store, stride_log2):
         outs.append((o.detach(), qq.grad.clone(), k.grad.clone(), v.grad.clone()))
     for name, a, b in zip(("out", "dq", "dk", "dv"), *outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_kv_append_head_major_cache(store, rotary):
+    """kv_cache_append into a head-major cache view (head stride 2**30): h * the cache's head
+    stride passes 2**31 at head 2, where k and v were written 2**32 elements too low (the decode
+    over the same view, with int64 head offsets, was right).  rotary: the fused
+    decode_attention(k=, v=) path, whose v store is the same."""
+    from fastlm.ops import decode_attention, rotary_tables
+
+    H, D, cap = 3, 16, 4
+    hs = 1 << 30
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, H, D, device=DEVICE), torch.randn(1, 2, H, D, device=DEVICE)
+    zeros = torch.zeros(1, cap, H, D, device=DEVICE)
+    kc = _view(store, (1, cap, H, D), (D * cap, D, hs, 1), BASE, zeros)
+    vc = _view(store, (1, cap, H, D), (D * cap, D, hs, 1), BASE + cap * D, zeros)
+    lens = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    kd, vd = zeros.clone(), zeros.clone()
+    if rotary:
+        q = torch.randn(1, 2, H, D, device=DEVICE)
+        cos, sin = rotary_tables(D, 16, device=DEVICE)
+        outs = [decode_attention(q, kk, vv, lens, k=k, v=v, rotary_cos=cos, rotary_sin=sin, backend="triton")
+                for kk, vv in ((kc, vc), (kd, vd))]
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    else:
+        for kk, vv in ((kc, vc), (kd, vd)):
+            kv_cache_append(kk, vv, k, v, lens, backend="triton")
+    assert torch.equal(kc, kd) and torch.equal(vc, vd)
