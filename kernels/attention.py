@@ -38,8 +38,10 @@ write fp32 partial dK/dV which the launcher sums (still deterministic).
 
 Tuning: a few (BLOCK_M, BLOCK_N, warps, stages) configs per head-dim class, autotuned per
 sequence-length bucket on the first call of each variant (so warm up before CUDA-graph
-capture); FASTLM_ATTENTION_AUTOTUNE=0 takes the first config that fits.  Under
-TRITON_INTERPRET=1 a fixed small config (INTERPRET_CONFIGS) is used.
+capture); FASTLM_ATTENTION_AUTOTUNE=0 takes the first config that fits, and so do
+deterministic=True calls (the autotuner's timed pick can change from run to run, and another
+tile shape gives other bits).  Under TRITON_INTERPRET=1 a fixed small config
+(INTERPRET_CONFIGS) is used.
 """
 import functools
 import os
@@ -72,8 +74,18 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _tanh(x):
-    # tanh(x) = 1 - 2 / (exp(2x) + 1); saturates to +-1 without inf/inf for large |x|.
-    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+    # |x| >= 0.55 (|tanh| >= 0.5): tanh(x) = 1 - 2 / (exp(2x) + 1), which saturates to +-1
+    # without inf/inf.  Its absolute error (~1 ulp of 1) is a large relative error for small |x|,
+    # which softcap * tanh(s / softcap) would scale by the cap; so below 0.55 an odd minimax
+    # polynomial, x + x^3 * P(x^2), accurate to ~1.5 ulp in fp32.  (libdevice's tanh does not
+    # run under the interpreter.)  Both sides are computed and selected: no divergent branch.
+    y = x * x
+    p = 0.016438836231827736 * y - 0.052672483026981354
+    p = p * y + 0.13320735096931458
+    p = p * y - 0.3333294689655304
+    small = x + (x * y) * p
+    big = 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+    return tl.where(y < 0.3025, small, big)
 
 
 @triton.jit
@@ -773,7 +785,9 @@ def _smem_estimate(kind, bm, bn, stages, block_d, esize, atomic=False):
 def _configs(kind, block_d, esize, device_index, atomic=False):
     if esize == 4:
         # fp32 inputs: exact fp32 dots run on FMA units, where big tiles only add compile time
-        # (minutes) and spills; one small config.
+        # (minutes) and spills; one small config.  No fit check: without MMA operand staging it
+        # needs far less shared memory than _smem_estimate models (triton 3.6, D=256: 102-135 KB
+        # on sm_90 and sm_80, against estimates of 164-234 KB).
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
     table = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind]
     limit = _smem_limit(device_index)
@@ -789,6 +803,7 @@ def _configs(kind, block_d, esize, device_index, atomic=False):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in fits]
 
 
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 _TUNE_KEY = ["seq_key", "HEAD_DIM", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "IEEE"]
 
 
@@ -812,20 +827,27 @@ DQ_ATOMIC = os.environ.get("FASTLM_ATTENTION_DQ_ATOMIC", "1") != "0"
 
 # FASTLM_ATTENTION_AUTOTUNE=0: skip autotuning and take the first config that fits (each
 # variant then compiles once instead of len(configs) times; the GPU tests use this).
+# deterministic=True calls always do.
 AUTOTUNE = os.environ.get("FASTLM_ATTENTION_AUTOTUNE", "1") != "0"
 
 
-def _launcher(kind, t, block_d, atomic=False):
-    """(kernel to index with a grid, extra launch kwargs)."""
+@functools.lru_cache(maxsize=None)
+def _first_fit(kind, block_d, esize, device_index, atomic=False):
+    """Launch kwargs of the first config that fits (no autotuning)."""
+    cfg = _configs(kind, block_d, esize, device_index, atomic)[0]
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _launcher(kind, t, block_d, atomic=False, deterministic=False):
+    """(kernel to index with a grid, extra launch kwargs).  deterministic: a fixed config, never
+    the autotuner's pick (it is timed, so it can differ from process to process, and each tile
+    shape sums in another order: different bits)."""
     if t.is_cuda and not _interpreting():
-        if AUTOTUNE:
+        if AUTOTUNE and not deterministic:
             return _tuned(kind, block_d, t.element_size(), t.device.index, atomic), {}
-        cfg = _configs(kind, block_d, t.element_size(), t.device.index, atomic)[0]
-        kern = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
-        return kern, dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return _KERNELS[kind], _first_fit(kind, block_d, t.element_size(), t.device.index, atomic)
     bm, bn = INTERPRET_CONFIGS[kind]
-    kern = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
-    return kern, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4}
+    return _KERNELS[kind], {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4}
 
 
 def _empty(shape, dtype, device):
@@ -876,11 +898,12 @@ def _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, softc
 
 
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                  window_left, window_right, softcap):
+                  window_left, window_right, softcap, deterministic=False):
     """Forward.  Returns (out like q (contiguous), lse fp32 (B, Hq, Sq) or packed (Hq, Tq)).
 
     window_left / window_right: -1 = unbounded; causal is window_right = 0.  Inputs are
     validated by fastlm.ops.attention; only their last dim must have unit stride here.
+    deterministic: a fixed tile config instead of the autotuned one (bitwise-reproducible).
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     varlen, d, block_d, num_seqs, sq, sk, seq_key, score_mul, cap_mul = _common(
@@ -899,7 +922,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         return out, lse
     cu_q = cu_seqlens_q if varlen else _dummy_cu(q)
     cu_k = cu_seqlens_k if varlen else cu_q
-    kern, extra = _launcher("fwd", q, block_d)
+    kern, extra = _launcher("fwd", q, block_d, deterministic=deterministic)
 
     def grid(meta):
         if varlen:
@@ -935,7 +958,8 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
     """Backward.  Returns (dq, dk, dv) like q, k, v (contiguous).
 
     dlse: gradient of the returned lse or None.  deterministic=False accumulates dQ with fp32
-    atomics inside the dK/dV kernel; True runs a separate dQ kernel (bitwise reproducible).
+    atomics inside the dK/dV kernel; True runs a separate dQ kernel, and both kernels with fixed
+    tile configs (bitwise reproducible).
     group_splits: programs per GQA group in the dK/dV kernel (None: by occupancy).
     """
     q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
@@ -987,7 +1011,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
     def dk_strides(t):
         return (t.stride(0),) + ((0, t.stride(1), t.stride(2)) if varlen else (t.stride(1), t.stride(2), t.stride(3)))
 
-    kern, extra = _launcher("dkdv", q, block_d, atomic)
+    kern, extra = _launcher("dkdv", q, block_d, atomic, deterministic)
 
     def grid_kv(meta):
         if varlen:
@@ -1009,7 +1033,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
         dq.copy_(dq_acc)
         return dq, dk, dv
 
-    kern, extra = _launcher("dq", q, block_d)
+    kern, extra = _launcher("dq", q, block_d, deterministic=deterministic)
 
     def grid_q(meta):
         if varlen:

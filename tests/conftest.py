@@ -17,51 +17,18 @@ os.environ.setdefault("FASTLM_QUIET_NO_C", "0")
 import pytest  # noqa: E402
 
 import fastlm  # noqa: E402,F401
-from fastlm import _C_loader  # noqa: E402
+import fastlm.kernels  # noqa: E402,F401  (with the interpreter on, this fixes its bf16 tl.dot)
+from fastlm import _C_loader, _interpret  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-
-
-def _interpreter_bf16_dot():
-    """The Triton interpreter keeps bf16 tensors as their uint16 bit patterns, and its tl.dot
-    multiplies those integers: a bf16 dot comes out as garbage.  Its builder's create_dot is
-    wrapped here to widen bf16 operands to fp32 first, which is what a GPU's MMA computes
-    (bf16 products are exact in fp32, accumulated in fp32), so the kernels' bf16 paths run in
-    CI too.  Returns whether the fix is in (False if this Triton's interpreter looks different:
-    the bf16 Triton tests then stay GPU-only)."""
-    if HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter as ti
-
-        builder, handle = ti.InterpreterBuilder, ti.TensorHandle
-        real = builder.create_dot
-    except (ImportError, AttributeError):
-        return False
-    if getattr(real, "_fastlm_bf16", False):
-        return True
-
-    def widen(x):
-        if x.dtype.scalar != tl.bfloat16:
-            return x
-        return handle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, d, *args, **kwargs):
-        return real(self, widen(a), widen(b), d, *args, **kwargs)
-
-    create_dot._fastlm_bf16 = True
-    builder.create_dot = create_dot
-    return True
-
-
-INTERPRETER_BF16_DOT = _interpreter_bf16_dot()
+# Whether the kernels' bf16 paths can run on CPU: fastlm fixes the interpreter's bf16 tl.dot
+# (fastlm/_interpret.py) when its kernels are imported.
+INTERPRETER_BF16_DOT = not HAS_CUDA and _interpret.fix_bf16_dot()
 
 
 def triton_bf16_mark():
     """The mark of a bf16 case of a Triton kernel that uses tl.dot: none on a GPU or with the
-    interpreter's bf16 dot fixed (above), else gpu."""
+    interpreter's bf16 dot fixed (by fastlm, above), else gpu."""
     return () if HAS_CUDA or INTERPRETER_BF16_DOT else pytest.mark.gpu
 
 

@@ -3,10 +3,13 @@ reference, under the policy of tests/tolerances.py (error <= 2x the same referen
 the input dtype, plus a small floor).
 
 On CPU the Triton kernels run under the interpreter: a representative subset of small shapes,
-fp16/fp32 and a few bf16 cases (with tests/conftest.py's fix of the interpreter's bf16 dot);
+fp16/fp32 and a few bf16 cases (with fastlm's fix of the interpreter's bf16 dot);
 the full cross-product (bf16, head dims up to 256, lengths up to 1000) is marked gpu.
 """
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ from tolerances import assert_close, max_err
 import fastlm
 from fastlm import reference
 from fastlm.kernels import attention as K
-from fastlm.kernels.attention import _kv_range, _q_range
+from fastlm.kernels.attention import _kv_range, _q_range, _tanh
 
 attention = fastlm.ops.attention
 
@@ -114,7 +117,7 @@ CPU_CASES = [
     (1, 47, 18, 2, 2, 32, False, (2, 2), 1.0, False, F16),  # Sq > Sk window: leading rows fully masked
     (1, 19, 23, 2, 1, 200, True, (-1, -1), 3.0, False, F16),  # BLOCK_D 256 (head_dim > 128)
     (1, 9, 9, 1, 1, 256, False, (-1, -1), 0.0, True, F32),  # the largest head_dim
-    # bf16 (the interpreter's bf16 dot as fixed by conftest, else GPU-only)
+    # bf16 (the interpreter's bf16 dot as fixed by fastlm/_interpret.py, else GPU-only)
     *(pytest.param(c, marks=triton_bf16_mark()) for c in [
         (1, 33, 33, 4, 2, 64, True, (-1, -1), 0.0, False, torch.bfloat16),
         (1, 29, 41, 4, 1, 40, False, (5, 2), 3.0, True, torch.bfloat16),  # window + softcap, MQA
@@ -141,7 +144,7 @@ def _dot_probe(A, B, C, N: tl.constexpr):
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=triton_bf16_mark())])
 def test_dot_of_the_kernels_dtypes(dtype):
     """tl.dot as the kernels' tests see it (on CPU: the interpreter, its bf16 dot fixed by
-    conftest) is the fp32 product of the inputs' exact values, plus the accumulator."""
+    fastlm) is the fp32 product of the inputs' exact values, plus the accumulator."""
     a, b = (torch.randn(16, 16, device=DEVICE).to(dtype) for _ in range(2))
     c = torch.empty(16, 16, device=DEVICE)
     _dot_probe[(1,)](a, b, c, N=16)
@@ -156,6 +159,55 @@ def test_forward_backward(case):
     kw = dict(causal=causal, window=window, softcap=softcap)
     res = _run(q, k, v, dout, deterministic=det, **kw)
     _check_all(res, q, k, v, dout, **kw)
+
+
+_BF16_FRESH_PROCESS = """
+import torch, fastlm
+from fastlm import reference
+torch.manual_seed(0)
+q, k, v = (torch.randn(1, 16, 2, 16).to(torch.bfloat16) for _ in range(3))
+out = fastlm.ops.attention(q, k, v, causal=True, backend="triton")
+ref = reference.attention(q.double(), k.double(), v.double(), causal=True)
+print((out.double() - ref).abs().max().item())
+"""
+
+
+def test_bf16_under_the_interpreter_in_a_fresh_process():
+    """A user's process (no conftest): fastlm itself fixes the interpreter's bf16 tl.dot, so bf16
+    attention on CPU is right, not garbage (errors of ~1e9 before)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _BF16_FRESH_PROCESS], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(r.stdout.split()[-1]) < 0.05  # bf16 rounding of outputs of size ~1
+
+
+# ------------------------------------------------------------------------------ softcap precision
+@triton.jit
+def _tanh_probe(X, Y, N: tl.constexpr):
+    i = tl.program_id(0) * N + tl.arange(0, N)
+    tl.store(Y + i, _tanh(tl.load(X + i)))
+
+
+def test_tanh_relative_error():
+    """The kernels' tanh is accurate relative to its value for small |x| too (softcap * tanh(s /
+    softcap) scales an absolute error by the cap): a few fp32 ulp over 1e-12 .. 10, both signs."""
+    x = torch.logspace(-12, 1, 1024, device=DEVICE)
+    x = torch.cat([x, -x])
+    y = torch.empty_like(x)
+    _tanh_probe[(x.numel() // 256,)](x, y, N=256)
+    exact = torch.tanh(x.double())
+    rel = ((y.double() - exact).abs() / exact.abs()).max().item()
+    assert rel < 5e-7, f"max relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("softcap", [1000.0, 1e6])
+def test_softcap_large_caps_fp32(softcap):
+    """fp32 with a large cap (s / softcap tiny): as accurate as the fp32 reference, not an error
+    growing with the cap."""
+    q, k, v = _make(1, 19, 23, 2, 1, 32, F32, scale=2.0)
+    dout = _rand(1, 19, 2, 32, dtype=F32)
+    _check_all(_run(q, k, v, dout, softcap=softcap), q, k, v, dout, softcap=softcap)
 
 
 # ------------------------------------------------------------------------------ tile ranges
@@ -449,6 +501,38 @@ def test_varlen_tokens_outside_cu_seqlens(backend, layout):
 
 
 # ------------------------------------------------------------------------------ determinism
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """The launchers' GPU path without a GPU: shared memory of an H100/H200, no interpreter, and
+    fresh config caches before and after."""
+    monkeypatch.setattr(K, "_interpreting", lambda: False)
+    monkeypatch.setattr(K, "_smem_limit", lambda idx: 232448)
+    K._tuned.cache_clear(), K._first_fit.cache_clear()
+    yield
+    K._tuned.cache_clear(), K._first_fit.cache_clear()
+
+
+@pytest.mark.parametrize("autotune", [True, False])
+def test_deterministic_uses_fixed_configs(fake_gpu, monkeypatch, autotune):
+    """deterministic=True launches every kernel with its first config, never the autotuner (its
+    timed pick can change from process to process, and other tiles give other bits), whatever
+    FASTLM_ATTENTION_AUTOTUNE says; deterministic=False autotunes when that is on."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.setattr(K, "AUTOTUNE", autotune)
+    with FakeTensorMode():
+        t = torch.empty(1, 64, 2, 128, dtype=torch.bfloat16, device="cuda:0")
+    kernels = {"fwd": K._attn_fwd_kernel, "dkdv": K._attn_bwd_dkdv_kernel, "dq": K._attn_bwd_dq_kernel}
+    tables = {"fwd": K._FWD_CONFIGS, "dkdv": K._DKDV_CONFIGS, "dq": K._DQ_CONFIGS}
+    for kind, atomic in (("fwd", False), ("dkdv", False), ("dkdv", True), ("dq", False)):
+        kern, extra = K._launcher(kind, t, 128, atomic, deterministic=True)
+        bm, bn, w, st = tables[kind][128][0]
+        assert kern is kernels[kind] and extra == dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st), kind
+        kern, extra = K._launcher(kind, t, 128, atomic, deterministic=False)
+        assert isinstance(kern, Autotuner) == autotune, kind
+
+
 def test_deterministic_bitwise():
     q, k, v = _make(1, 40, 40, 4, 1, 32, F16)
     dout = _rand(1, 40, 4, 32, dtype=F16)
@@ -493,6 +577,27 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(loss, loss_e)
     for a, b in zip(grads, grads_e):
         assert torch.equal(a, b)
+
+
+def test_torch_compile_dynamic():
+    """dynamic=True: Dynamo passes the float arguments (softcap, softmax_scale) as SymFloats,
+    which the input checks must trace."""
+    q, k, v = (t.requires_grad_() for t in _make(1, 13, 11, 2, 1, 16, F16))
+
+    def f(q, k, v, softcap, scale):
+        out = attention(q, k, v, causal=True, softcap=softcap, softmax_scale=scale, backend="triton")
+        return out.float().square().sum()
+
+    torch._dynamo.reset()
+    g = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for softcap, scale in ((0.0, 0.3), (5.0, 0.25)):
+        loss = g(q, k, v, softcap, scale)
+        grads = torch.autograd.grad(loss, (q, k, v))
+        loss_e = f(q, k, v, softcap, scale)
+        grads_e = torch.autograd.grad(loss_e, (q, k, v))
+        assert torch.equal(loss, loss_e)
+        for a, b in zip(grads, grads_e):
+            assert torch.equal(a, b)
 
 
 def test_reference_backend_and_dispatch():
@@ -593,15 +698,17 @@ def test_gpu_sweep(monkeypatch, dtype, D, mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_gpu_autotuned(monkeypatch, deterministic):
+@pytest.mark.parametrize("dq_atomic", [True, False])
+def test_gpu_autotuned(monkeypatch, dq_atomic):
     """The autotuned launch (several configs benchmarked; the atomic-dQ accumulator must be
-    re-zeroed after tuning) gives correct results on its first and later calls."""
+    re-zeroed after tuning) gives correct results on its first and later calls.  The separate
+    dQ kernel is autotuned with FASTLM_ATTENTION_DQ_ATOMIC=0 (deterministic=True runs fixed configs)."""
     monkeypatch.setattr(K, "AUTOTUNE", True)  # on even when the run sets FASTLM_ATTENTION_AUTOTUNE=0
+    monkeypatch.setattr(K, "DQ_ATOMIC", dq_atomic)
     q, k, v = _make(2, 1531, 1531, 8, 2, 128, torch.bfloat16)
     dout = _rand(2, 1531, 8, 128, dtype=torch.bfloat16)
     for _ in range(2):
-        _check_all(_run(q, k, v, dout, causal=True, deterministic=deterministic), q, k, v, dout, causal=True)
+        _check_all(_run(q, k, v, dout, causal=True), q, k, v, dout, causal=True)
 
 
 def _tile_configs(kind, D, dtype, atomic):
@@ -627,15 +734,15 @@ def test_gpu_every_tile_config(monkeypatch, D, deterministic):
     dtype = torch.bfloat16
     atomic = not deterministic and K.DQ_ATOMIC
     chosen = {}
-    real = K._configs
+    real = K._first_fit
 
     def forced(kind, block_d, esize, device_index, atomic=False):
         if kind in chosen:
             bm, bn, w, st = chosen[kind]
-            return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)]
+            return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
         return real(kind, block_d, esize, device_index, atomic)
 
-    monkeypatch.setattr(K, "_configs", forced)
+    monkeypatch.setattr(K, "_first_fit", forced)
     q, k, v = _make(2, 333, 461, 8, 2, D, dtype)
     dout = _rand(2, 333, 8, D, dtype=dtype)
     runs = [("fwd", c) for c in _tile_configs("fwd", D, dtype, False)]

@@ -195,6 +195,7 @@ class _Recorder:
         patch(self.k["attention"], "_num_sms", lambda idx: sms)
         patch(self.k["attention"], "_smem_limit", lambda idx: smem)
         self.k["attention"]._tuned.cache_clear()
+        self.k["attention"]._first_fit.cache_clear()
         self.k["attention"]._dummy_cu_on.cache_clear()
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.mode.__enter__()
@@ -208,6 +209,7 @@ class _Recorder:
             else:
                 setattr(obj, name, old)
         self.k["attention"]._tuned.cache_clear()
+        self.k["attention"]._first_fit.cache_clear()
         self.k["attention"]._dummy_cu_on.cache_clear()
         return False
 
@@ -336,7 +338,7 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
         import torch
 
         A = k["attention"]
-        saved = A.AUTOTUNE
+        saved = A.AUTOTUNE, A.DQ_ATOMIC
         A.AUTOTUNE = autotune  # False: the first config that fits (FASTLM_ATTENTION_AUTOTUNE=0, GPU tests)
         try:
             lead = (B * S,) if varlen else (B, S)
@@ -349,8 +351,14 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
             g = _t(*lse.shape, dtype=torch.float32) if dlse else None
             for det in deterministic:
                 A.attention_bwd(dout, g, q, kk, v, out, lse, cu, cu, mx, mx, D**-0.5, wl, wr, softcap, det)
+                if det and autotune:
+                    # deterministic=True runs the first configs; the separate dQ kernel is autotuned
+                    # with FASTLM_ATTENTION_DQ_ATOMIC=0 (and deterministic=False).
+                    A.DQ_ATOMIC = False
+                    A.attention_bwd(dout, g, q, kk, v, out, lse, cu, cu, mx, mx, D**-0.5, wl, wr, softcap, False)
+                    A.DQ_ATOMIC = saved[1]
         finally:
-            A.AUTOTUNE = saved
+            A.AUTOTUNE, A.DQ_ATOMIC = saved
     tag = f"D={D} {_dt(dtype)}" + " varlen" * varlen + " causal" * causal
     tag += f" window={window}" * (window != (-1, -1)) + f" softcap={softcap}" * (softcap > 0)
     tag += " dlse" * dlse + (" all-configs" if autotune else " first-config") + f" B={B} S={S} H={H}/{Hk}"

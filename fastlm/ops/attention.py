@@ -41,9 +41,10 @@ def _attention_fwd_op(
     softcap: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (out like q, lse fp32 (B, Hq, Sq) or packed (Hq, Tq)).  deterministic: for the backward."""
+    """-> (out like q, lse fp32 (B, Hq, Sq) or packed (Hq, Tq)).  deterministic: fixed tile
+    configs (no autotuning), and saved for the backward."""
     return _kernels().attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                    softmax_scale, window_left, window_right, softcap)
+                                    softmax_scale, window_left, window_right, softcap, deterministic)
 
 
 @torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
@@ -204,9 +205,11 @@ def _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_
     for name, val in (("softcap", softcap), ("softmax_scale", softmax_scale)):
         if val is not None:
             as_real(val, name, "attention")
-    if softcap is None or not (softcap >= 0.0 and math.isfinite(softcap)):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) the floats arrive as
+    # SymFloats, which comparisons trace (as guards) and math.isfinite cannot.  NaN fails both.
+    if softcap is None or not (0.0 <= softcap < math.inf):
         raise ValueError(f"attention: softcap must be a finite value >= 0 (0 = off), got {softcap}")
-    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
+    if softmax_scale is not None and not (0.0 < softmax_scale < math.inf):
         raise ValueError(f"attention: softmax_scale must be a finite value > 0, got {softmax_scale}")
 
 
@@ -257,7 +260,11 @@ def attention(
 
     return_lse: also return the log-sum-exp of the (scaled, capped) scores, fp32 (batch,
     n_heads_q, seqlen_q) or packed (n_heads_q, total_q); it is differentiable.
-    deterministic: bitwise-reproducible gradients (a separate dQ pass instead of atomics).
+    deterministic: bitwise-reproducible out, lse and gradients, from call to call and from
+    process to process (same GPU model and software versions): a separate dQ pass instead of
+    atomics, and fixed tile configs (the first that fits, as FASTLM_ATTENTION_AUTOTUNE=0) instead
+    of autotuned ones, since the autotuner's timing-based pick can differ between runs and each
+    tile shape rounds differently.  Costs some speed.
     backend: "triton" | "reference" | None (best for the device; env FASTLM_BACKEND overrides).
     """
     _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
