@@ -453,6 +453,22 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(out, exp, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_compile_dynamic_float_arguments(backend):
+    """torch.compile(dynamic=True) passes softmax_scale / softcap as symbolic floats: the checks
+    must trace (math.isfinite on them stopped the compile)."""
+    kc, vc, bt, lens, q, k = small_paged_case(21, [3, 12])
+
+    def f(q, kc, vc, lens, bt, scale, cap):
+        return fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, softmax_scale=scale, softcap=cap,
+                                           backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for scale, cap in ((0.25, 0.0), (0.3, 20.0)):
+        torch.testing.assert_close(compiled(q, kc, vc, lens, bt, scale, cap), f(q, kc, vc, lens, bt, scale, cap))
+
+
 # ------------------------------------------------------------------------------ new tokens in the call
 def _tables(rd, n, dtype=torch.float32):
     cos, sin = fastlm.ops.rotary_tables(rd, n, device=DEVICE)
@@ -1146,3 +1162,54 @@ def test_cuda_graph_decode_step(backend, fused):
                                                   cache.v_cache[layer], cache.seqlens, block_table=cache.block_table)
             torch.testing.assert_close(out[layer].float(), expected.float(), atol=2e-2, rtol=0)
     assert cache.seqlens.tolist() == [p + 4 for p in prompt] and cache.lengths() == [p + 4 for p in prompt]
+
+
+def test_cache_objects_take_numpy_and_tensor_ids():
+    """Sequence ids and token counts as numpy / torch integers (as as_int accepts elsewhere); a
+    bool is not an id (free_sequence(True) freed slot 1)."""
+    np = pytest.importorskip("numpy")
+    cache = StaticKVCache(1, 2, 8, 1, 8, dtype=torch.float32)
+    cache.reserve(1, np.array([0, 1]))
+    cache.reserve(np.int64(2), torch.tensor([1]))
+    assert cache.lengths() == [1, 3]
+    paged = PagedKVCache(1, 8, 4, 1, 8, max_batch=2, dtype=torch.float32)
+    a, b = paged.add_sequence(), paged.add_sequence()
+    paged.reserve([np.int64(3), 5], np.array([a, b]))
+    assert paged.lengths() == [3, 5] and paged.blocks_of(np.int64(b)) == paged.blocks_of(b)
+    with pytest.raises(KeyError, match="True is not a live sequence id"):
+        paged.free_sequence(True)
+    paged.free_sequence(np.int64(a))
+    assert paged.live_sequences() == [b]
+
+
+def test_cache_dtype_follows_module_casts():
+    cache = StaticKVCache(1, 1, 8, 1, 8, dtype=torch.bfloat16)
+    cache.half()
+    assert cache.dtype == cache.k_cache.dtype == torch.float16
+    with pytest.raises(TypeError, match="the cache became torch.float64"):
+        cache.double()
+
+
+def test_decode_causal_must_be_a_bool():
+    q = torch.randn(1, 2, 1, 8, device=DEVICE)
+    kc = torch.randn(1, 4, 1, 8, device=DEVICE)
+    lens = torch.tensor([3], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(TypeError, match="causal must be a bool, got None"):
+        kv_ops.decode_attention(q, kc, kc.clone(), lens, causal=None)
+
+
+def test_reference_decode_reads_only_the_used_part_on_cpu():
+    """On CPU the reference decode cuts a pool-sized capacity to the longest sequence (it gathered
+    and masked the whole pool per call: 12x slower at PagedKVCache's default), same result."""
+    torch.manual_seed(0)
+    kc, vc = torch.randn(64, 4, 2, 8), torch.randn(64, 4, 2, 8)
+    bt = torch.randperm(64, dtype=torch.int32).view(2, 32)
+    lens = torch.tensor([5, 9], dtype=torch.int32)
+    _, _, cut = ref_kv._used_part(kc, vc, lens, bt)
+    assert cut.shape == (2, 3)
+    kd, _, none = ref_kv._used_part(kc, vc, lens, None)
+    assert kd.shape[1] == 4 and none is None  # (capacity 4 < 9: nothing to cut)
+    q = torch.randn(2, 1, 4, 8)
+    k, v = ref_kv.padded_kv(kc, vc, bt)
+    full = ref_kv.attention_with_mask(q, k, v, ref_kv.decode_mask(lens, 1, k.shape[1]), 8 ** -0.5)
+    torch.testing.assert_close(ref_kv.decode_attention(q, kc, vc, lens, block_table=bt), full)

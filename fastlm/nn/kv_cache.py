@@ -27,6 +27,12 @@ import torch
 from torch import nn
 
 from fastlm import ops
+from fastlm._checks import KERNEL_DTYPES, is_int
+
+
+def _host_list(v):
+    """A sequence of ids or counts as a list (a tensor or numpy array element-wise as Python ints)."""
+    return v.tolist() if isinstance(v, torch.Tensor) or hasattr(v, "tolist") else list(v)
 
 
 class _KVCacheBase(nn.Module):
@@ -36,7 +42,7 @@ class _KVCacheBase(nn.Module):
                 raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {val!r}")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"{type(self).__name__}: dtype must be float32, float16 or bfloat16, got {dtype}")
-        self.num_layers, self.n_kv_heads, self.head_dim, self.dtype = num_layers, n_kv_heads, head_dim, dtype
+        self.num_layers, self.n_kv_heads, self.head_dim = num_layers, n_kv_heads, head_dim
         self.register_buffer("seqlens", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
         self.register_buffer("positions", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
         # 1 for slots holding a sequence: advance() moves only those (a freed slot stays empty).
@@ -46,6 +52,18 @@ class _KVCacheBase(nn.Module):
         # after a tensor advance).  Captured steps replay without it, so it can only lag.
         self._adv = [0] * batch
 
+    @property
+    def dtype(self):
+        """The caches' dtype (it follows .half() / .to(dtype) of the module)."""
+        return self.k_cache.dtype
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.k_cache.dtype not in KERNEL_DTYPES:  # e.g. model.double(): the kernels would refuse it later
+            raise TypeError(f"{type(self).__name__}: the cache became {self.k_cache.dtype}; a KV cache holds "
+                            "float32, float16 or bfloat16 (convert it with .to(dtype) to one of those)")
+        return out
+
     # -- host side -------------------------------------------------------------------------
     def lengths(self):
         """Host copy of the reserved length of every sequence slot (no device sync)."""
@@ -53,21 +71,22 @@ class _KVCacheBase(nn.Module):
 
     def _seq_list(self, seq_ids, what="reserve"):
         """seq_ids (default: every slot) as a list of distinct ints in [0, slots)."""
-        seqs = list(range(len(self._lens))) if seq_ids is None else list(seq_ids)
-        for s in seqs:
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < len(self._lens):
+        seqs = list(range(len(self._lens))) if seq_ids is None else _host_list(seq_ids)
+        for i, s in enumerate(seqs):
+            if not is_int(s) or not 0 <= s < len(self._lens):
                 raise IndexError(f"{type(self).__name__}.{what}: sequence id {s!r} is not in [0, {len(self._lens)})")
+            seqs[i] = int(s)
         if len(set(seqs)) != len(seqs):
             raise ValueError(f"{type(self).__name__}.{what}: repeated sequence ids {seqs}")
         return seqs
 
     def _n_list(self, n, seqs):
-        ns = [n] * len(seqs) if isinstance(n, int) else list(n)
+        ns = [n] * len(seqs) if is_int(n) else _host_list(n)
         if len(ns) != len(seqs):
             raise ValueError(f"{type(self).__name__}.reserve: got {len(ns)} token counts for {len(seqs)} sequences")
-        if any((not isinstance(x, int)) or x < 0 for x in ns):
+        if any(not is_int(x) or x < 0 for x in ns):
             raise ValueError(f"{type(self).__name__}.reserve: token counts must be ints >= 0, got {ns}")
-        return ns
+        return [int(x) for x in ns]
 
     # -- device side (capturable) ------------------------------------------------------------
     def _live_slots(self):
@@ -255,12 +274,13 @@ class PagedKVCache(_KVCacheBase):
 
     def blocks_of(self, seq_id):
         """Host copy of the block ids held by a sequence, in order."""
-        self._check_live(seq_id, "blocks_of")
+        seq_id = self._check_live(seq_id, "blocks_of")
         return list(self._blocks[seq_id])
 
     def _check_live(self, seq_id, what):
-        if not isinstance(seq_id, int) or not 0 <= seq_id < self.max_batch or self._blocks[seq_id] is None:
+        if not is_int(seq_id) or not 0 <= seq_id < self.max_batch or self._blocks[seq_id] is None:
             raise KeyError(f"PagedKVCache.{what}: {seq_id!r} is not a live sequence id (live: {self.live_sequences()})")
+        return int(seq_id)
 
     def add_sequence(self):
         """Claim the lowest free slot for a new, empty sequence; returns its id (the row index)."""
@@ -276,7 +296,7 @@ class PagedKVCache(_KVCacheBase):
 
     def free_sequence(self, seq_id):
         """Return the sequence's blocks to the pool and empty its slot (host + device)."""
-        self._check_live(seq_id, "free_sequence")
+        seq_id = self._check_live(seq_id, "free_sequence")
         self._free_blocks.extend(reversed(self._blocks[seq_id]))
         self._blocks[seq_id] = None
         self._lens[seq_id] = self._adv[seq_id] = 0

@@ -533,14 +533,17 @@ def decode_attention(
     op = "decode_attention"
     softmax_scale, softcap = as_real(softmax_scale, "softmax_scale", op), as_real(softcap, "softcap", op)
     window, num_splits = as_int(window, "window", op), as_int(num_splits, "num_splits", op)
-    if not math.isfinite(softmax_scale):
+    # (comparisons, not math.isfinite: they trace on torch.compile(dynamic=True)'s symbolic floats; NaN fails them)
+    if not -math.inf < softmax_scale < math.inf:
         raise ValueError(f"decode_attention: softmax_scale must be a finite number, got {softmax_scale!r}")
     if window < -1:
         raise ValueError(f"decode_attention: window must be an int >= -1 (-1 = unbounded), got {window!r}")
-    if not (softcap >= 0.0 and math.isfinite(softcap)):
+    if not 0.0 <= softcap < math.inf:
         raise ValueError(f"decode_attention: softcap must be >= 0 (0 = off), got {softcap!r}")
     if num_splits < 0:
         raise ValueError(f"decode_attention: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    if not isinstance(causal, bool):  # (None would read as False: silently non-causal)
+        raise TypeError(f"decode_attention: causal must be a bool, got {causal!r}")
     rotary = _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table)
     if k is not None:
         _check_writable_cache("decode_attention", k_cache, v_cache, k, v)

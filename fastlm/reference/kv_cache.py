@@ -79,6 +79,20 @@ def padded_kv(k_cache, v_cache, block_table=None):
     return k, v
 
 
+def _used_part(k_cache, v_cache, cache_seqlens, block_table):
+    """On CPU, the caches cut to the longest sequence (whole blocks): the mask hides the rest, and
+    a pool-sized capacity (PagedKVCache's default) would otherwise cost O(capacity) per call.  On
+    a GPU reading the lengths would be a host sync (and no capturable shape), so nothing is cut."""
+    if cache_seqlens.device.type != "cpu" or torch.compiler.is_compiling() or cache_seqlens.numel() == 0:
+        return k_cache, v_cache, block_table
+    longest = max(int(cache_seqlens.max()), 1)
+    if block_table is None:
+        n = min(longest, k_cache.shape[1])
+        return k_cache[:, :n], v_cache[:, :n], None
+    n = min(-(-longest // k_cache.shape[1]), block_table.shape[1])
+    return k_cache, v_cache, block_table[:, :n]
+
+
 def gather_kv(k_cache, v_cache, cache_seqlens, block_table=None):
     """Host-side: a list of (k, v), each (cache_seqlens[b], n_kv_heads, head_dim), one per sequence."""
     out = []
@@ -139,6 +153,7 @@ def decode_attention(
     tokens of each sequence (the gather + attention baseline).  Output like q.  upcast computes
     fp16/bf16 in fp32 (upcast=False: in the input dtype, the same-dtype baseline of the tests)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    k_cache, v_cache, block_table = _used_part(k_cache, v_cache, cache_seqlens, block_table)
     k, v = padded_kv(k_cache, v_cache, block_table)
     mask = decode_mask(cache_seqlens, q.shape[1], k.shape[1], causal=causal, window=window)
     if block_table is not None:  # keys in no valid block are never seen (as in the kernels)
