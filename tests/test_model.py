@@ -6,6 +6,7 @@ Error policy (tests/tolerances.py): the fp32 result's error against the same mod
 float64 must be within 2x the error of the fp32 reference backend, plus a small floor.
 """
 import json
+import re
 
 import pytest
 import torch
@@ -84,10 +85,34 @@ def test_llama_3_2_1b_shape():
     (dict(rope_scaling={"rope_type": "llama3"}), "rope_scaling .*needs 'factor'"),
     (dict(rope_scaling={"rope_type": "bogus"}), "rope_scaling .*unsupported rope_type"),
     (dict(rope_scaling="linear"), "rope_scaling must be an HF rope_scaling dict"),
+    # wrongly-typed fields are named (not a bare TypeError from a comparison); bools are not ints
+    (dict(norm_eps="1e-5"), "norm_eps must be a non-negative real number, got '1e-5'"),
+    (dict(rope_base="1e4"), "rope_base must be a positive real number, got '1e4'"),
+    (dict(init_std=-1.0), "init_std must be a non-negative real number"),
+    (dict(norm_eps=True), "norm_eps must be"),
+    (dict(sliding_window=True), "sliding_window must be a positive int or None, got True"),
+    (dict(vocab_size=True), "vocab_size must be a positive int, got True"),
+    (dict(n_heads="4"), "n_heads must be a positive int, got '4'"),
+    (dict(head_dim="16"), "head_dim must be a positive int"),
+    (dict(rotary_dim=8.0), "rotary_dim must be"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         TransformerConfig.from_name("tiny", **kw)
+
+
+def test_model_construction_errors():
+    cfg = TransformerConfig.from_name("tiny")
+    # a typo in op_backend is named at construction, on either backend (not at the first
+    # forward as `backend`, nor silently ignored by the reference)
+    for backend in ("fused", "reference"):
+        with pytest.raises(ValueError, match="op_backend must be one of .* or None, got 'trition'"):
+            Transformer(cfg, backend=backend, op_backend="trition")
+    # the fused attention kernels stop at head_dim 256; the reference runs any head_dim
+    wide = TransformerConfig.from_name("tiny", head_dim=320)
+    with pytest.raises(ValueError, match="head_dim=320 exceeds the fused backend's limit of 256"):
+        Transformer(wide, backend="fused")
+    Transformer(wide, backend="reference")
 
 
 def test_unknown_preset_and_backend():
@@ -319,6 +344,36 @@ def test_torch_compile_fullgraph_fused():
         torch.testing.assert_close(comp_grads[n], p.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_compile_blocks_copy_and_save():
+    # compile_blocks() compiles the head as a module (Module.compile), not a bound method of
+    # this model: a deepcopy (EMA, teacher) runs and trains its own lm_head, and the model pickles
+    import copy
+    import io
+
+    cfg = tiny_config("tiny")
+    model = randomize_(Transformer(cfg, backend="reference"))
+    keys = list(model.state_dict())
+    model.compile_blocks(backend="eager")
+    assert list(model.state_dict()) == keys  # checkpoints and the HF export read these names
+    tokens = torch.randint(0, cfg.vocab_size, (1, 6))
+    with torch.no_grad():
+        want = model(tokens)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.zero_()
+        assert twin(tokens).abs().max().item() == 0.0
+        torch.testing.assert_close(model(tokens), want, atol=0, rtol=0)
+    model.zero_grad(set_to_none=True)
+    twin(tokens, tokens).backward()
+    assert model.lm_head.weight.grad is None and twin.lm_head.weight.grad is not None
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), want, atol=0, rtol=0)
+
+
 def test_forward_errors():
     cfg = tiny_config("tiny")
     model = Transformer(cfg, backend="reference")
@@ -332,6 +387,74 @@ def test_forward_errors():
         model(torch.zeros(1, 2, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="packed"):
         model(torch.zeros(1, 8, dtype=torch.long), cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+
+
+# The model checks its inputs before anything runs, so both backends (and learned positions,
+# which call no rotary op) give the same named error instead of broadcasting or disagreeing.
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_positions_shape_is_checked(name, backend):
+    model = Transformer(tiny_config(name), backend=backend)
+    tok = torch.zeros(1, 5, dtype=torch.long)
+    for pos in (torch.arange(5), torch.tensor([0, 1, 2]), torch.zeros(2, 1, dtype=torch.long),
+                torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 1, 5, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"positions must have shape \(\) .*\(batch,\)=\(1,\) .*"
+                                             r"\(batch, seqlen\)=\(1, 5\).*got " + re.escape(str(tuple(pos.shape)))):
+            model(tok, positions=pos)
+    with pytest.raises(ValueError, match=r"positions must have shape .*got \(2, 1\)"):
+        model(torch.zeros(2, 5, dtype=torch.long), positions=torch.tensor([[3], [4]]))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_cu_seqlens_is_checked(name, backend):
+    # int32, (num_seqs + 1,), from 0 to the packed length, non-decreasing
+    model = Transformer(tiny_config(name), backend=backend)
+    packed = torch.zeros(9, dtype=torch.long)
+    for cu, err, match in (([0, 4, 7], ValueError, r"cu_seqlens must start at 0, be non-decreasing and end at "
+                                                   r"tokens.shape\[0\]=9, got \[0, 4, 7\]"),
+                           ([1, 4, 9], ValueError, "cu_seqlens must start at 0"),
+                           ([0, 6, 4, 9], ValueError, "cu_seqlens must start at 0"),
+                           ([0, 4, 9, 10], ValueError, "cu_seqlens must start at 0")):
+        with pytest.raises(err, match=match):
+            model(packed, cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+    with pytest.raises(TypeError, match="cu_seqlens must be an int32 tensor, got torch.int64"):
+        model(packed, cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(TypeError, match="cu_seqlens must be an int32 tensor, got list"):
+        model(packed, cu_seqlens=[0, 4, 9])
+    for cu in (torch.tensor([[0, 4, 9]]), torch.tensor([0])):
+        match = r"cu_seqlens must have shape \(num_seqs \+ 1,\).*got " + re.escape(str(tuple(cu.shape)))
+        with pytest.raises(ValueError, match=match):
+            model(packed, cu_seqlens=cu.int())
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_token_ids_out_of_range_are_named(name, backend):
+    # not nn.Embedding's "index out of range in self" (a device assert on CUDA)
+    cfg = tiny_config(name)
+    model = Transformer(cfg, backend=backend)
+    for bad in (cfg.vocab_size, -1):
+        with pytest.raises(ValueError, match=rf"tokens must be in \[0, {cfg.vocab_size}\) \(vocab_size\), "
+                                             rf"got values in \[{min(bad, 0)}, {max(bad, 0)}\]"):
+            model(torch.tensor([[0, bad]]))
+        with pytest.raises(ValueError, match="tokens must be in"):
+            model(torch.tensor([0, 0, bad]), cu_seqlens=torch.tensor([0, 1, 3], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+def test_positions_forms_of_batched_input(name):
+    # For (B, T) tokens the forms ops.apply_rotary reads: a 0-d offset, (B,) offsets and (B, T)
+    # explicit positions, each with a leading 1 broadcasting over the batch
+    model = randomize_(Transformer(tiny_config(name), backend="reference"))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 5))
+    explicit = torch.tensor([[3, 4, 5, 6, 7], [4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        want = model(tokens, positions=explicit)
+        torch.testing.assert_close(model(tokens, positions=torch.tensor([3, 4])), want)
+        same = model(tokens, positions=3)
+        for pos in (torch.tensor(3), torch.tensor([3]), explicit[:1]):
+            torch.testing.assert_close(model(tokens, positions=pos), same)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
@@ -617,6 +740,28 @@ def test_rope_config_forms_from_hf():
     for extra, base, scaling in cases:
         cfg = config_from_hf({**c, **extra})
         assert (cfg.rope_base, cfg.rope_scaling) == (base, scaling), extra
+
+
+def test_hf_dynamic_rope_round_trip():
+    """HF's "dynamic" dicts carry no original length (HF reads max_position_embeddings): the
+    import fills it in, so a longer fastlm table is scaled as HF scales a sequence of its length
+    (it was silently unscaled), and the export puts it back in max_position_embeddings."""
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                  max_position_embeddings=16, bos_token_id=None, eos_token_id=None)
+    dyn = {"rope_type": "dynamic", "factor": 4.0}
+    hf = randomize_(transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**common, **_rope_kw(transformers.LlamaConfig, 10000.0, dyn)))).eval()
+    model = Transformer.from_hf(hf, backend="reference")
+    assert model.config.rope_scaling == {**dyn, "original_max_position_embeddings": 16}
+    long = Transformer(model.config.replace(max_seqlen=48), backend="reference")
+    long.load_state_dict(model.state_dict())
+    for m, n in ((model, 12), (long, 48)):  # HF's tables for a sequence of the table's length
+        tokens = torch.randint(0, 300, (1, n))
+        with torch.no_grad():
+            torch.testing.assert_close(m(tokens), hf_logits(hf, tokens), atol=2e-5, rtol=2e-5)
+            back = m.to_hf()
+            assert back.config.max_position_embeddings == 16
+            torch.testing.assert_close(hf_logits(back, tokens), hf_logits(hf, tokens), atol=2e-5, rtol=2e-5)
 
 
 def test_hf_folder_sharded_pytorch_bin(tmp_path):

@@ -27,10 +27,14 @@ lm_head.  A decoder that needs only some rows' logits (the last token of each pr
 ``residual_stream`` and applies ``head`` to those rows alone.
 
 Shapes: B batch, T sequence length, D model dim, H query heads, Hkv key/value heads, hd head dim.
-Inputs are (B, T) token ids, or packed variable-length sequences: (total,) ids with
-``cu_seqlens`` (int32, (num_seqs + 1,)), positions restarting at 0 in each sequence (or at the
-offset ``positions`` gives: an int or 0-d tensor for all, (num_seqs,) per sequence; a (total,)
-tensor is every token's explicit position), as fastlm.ops.apply_rotary reads them.
+Inputs are (B, T) token ids, positions 0..T-1 (or from the offset ``positions`` gives: an int or
+0-d tensor for all, (B,) per row; a (B, T) tensor is every token's explicit position; a batch
+of 1 broadcasts), or packed variable-length sequences: (total,) ids with ``cu_seqlens`` (int32,
+(num_seqs + 1,), from 0 to total), positions restarting at 0 in each sequence (or at the offset
+``positions`` gives: an int or 0-d tensor for all, (num_seqs,) per sequence; a (total,) tensor
+is every token's explicit position), as fastlm.ops.apply_rotary reads them.  Token ids must be
+in [0, vocab_size); values are checked on the host for CPU inputs, for CUDA ones with
+FASTLM_DEBUG=1 (as the ops do: reading them is a device sync).
 
 KV-cache hook: ``forward(..., cache=obj)`` passes ``obj`` down to every attention layer, which
 calls ``k, v = obj.update(layer_idx, k, v)`` with this step's rotated keys/values (B, T, Hkv, hd)
@@ -56,8 +60,10 @@ from torch.utils.checkpoint import checkpoint
 
 import fastlm.nn
 from fastlm import ops
+from fastlm._backend import BACKENDS as OP_BACKENDS
 from fastlm._checks import value_checks_on
 from fastlm.models.config import TransformerConfig
+from fastlm.ops.attention import MAX_HEAD_DIM
 
 BACKENDS = ("fused", "reference")
 # Token rows up to which a fused, grad-free forward uses ops.fused_linear (see the docstring).
@@ -306,6 +312,26 @@ class Block(nn.Module):
         return mlp.w_out(h), residual
 
 
+class LMHead(nn.Linear):
+    """The lm_head (no bias): logits, or with targets the mean next-token cross-entropy.  The
+    fused backend computes the loss with ops.linear_cross_entropy (the logits are never
+    materialized whole).  A module of its own so that compile_blocks() can compile it with
+    Module.compile(), which deepcopy and pickling handle (a compiled bound method of the model
+    would tie a copy to this model's weights and cannot be pickled)."""
+
+    def __init__(self, dim, vocab_size, fused, op_backend):
+        super().__init__(dim, vocab_size, bias=False)
+        self.fused, self.op_backend = fused, triton_only(op_backend)
+
+    def forward(self, h, targets=None):
+        if targets is not None and self.fused:
+            return ops.linear_cross_entropy(h, self.weight, targets, backend=self.op_backend)
+        logits = F.linear(h, self.weight)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: TransformerConfig, backend="fused", op_backend=None):
         """backend: "fused" | "reference".  op_backend: backend= passed to every fastlm op by the
@@ -313,14 +339,19 @@ class Transformer(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"Transformer: backend must be one of {BACKENDS}, got {backend!r}")
+        if op_backend is not None and op_backend not in OP_BACKENDS:
+            raise ValueError(f"Transformer: op_backend must be one of {OP_BACKENDS} or None, got {op_backend!r}")
         config.validate()
+        if backend == "fused" and config.head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"Transformer: head_dim={config.head_dim} exceeds the fused backend's limit of "
+                             f"{MAX_HEAD_DIM} (its attention kernels); use backend='reference' or a smaller head_dim")
         self.config, self.backend, self.op_backend = config, backend, op_backend
         fused = backend == "fused"
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.pos_emb = nn.Embedding(config.max_seqlen, config.dim) if config.positional == "learned" else None
         self.layers = nn.ModuleList(Block(config, i, fused, op_backend) for i in range(config.n_layers))
         self.norm = make_norm(config, fused, op_backend)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.dim, config.vocab_size, fused, op_backend)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.activation_checkpointing = False  # recompute each block in the backward (saves memory)
@@ -426,20 +457,17 @@ class Transformer(nn.Module):
         return self.output(h, targets)
 
     def output(self, h, targets=None):
-        """lm_head, and the cross-entropy when targets are given (a method so it can be compiled)."""
-        if targets is not None and self.backend == "fused":
-            return ops.linear_cross_entropy(h, self.lm_head.weight, targets, backend=triton_only(self.op_backend))
-        logits = self.lm_head(h)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
+        """lm_head, and the cross-entropy when targets are given (see LMHead)."""
+        return self.lm_head(h, targets)
 
     def compile_blocks(self, **kwargs):
-        """torch.compile each block and the output head separately (as torchtitan does): the
-        identical blocks share one compiled graph, and it composes with DDP and FSDP2."""
+        """torch.compile each block and the lm_head (with the loss) separately, as torchtitan
+        does: the identical blocks share one compiled graph, and it composes with DDP and FSDP2.
+        Module.compile() leaves the state_dict keys as they are; a deepcopy or an unpickled
+        model runs eagerly until compiled again."""
         for block in self.layers:
             block.compile(**kwargs)
-        self.output = torch.compile(self.output, **kwargs)
+        self.lm_head.compile(**kwargs)
         return self
 
     def _check_inputs(self, tokens, positions, cu_seqlens, cache):
@@ -448,32 +476,63 @@ class Transformer(nn.Module):
         if cu_seqlens is not None:
             if tokens.dim() != 1:
                 raise ValueError(f"Transformer: with cu_seqlens, tokens must be packed (total,), got {tuple(tokens.shape)}")
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
+                raise TypeError(f"Transformer: cu_seqlens must be an int32 tensor, got "
+                                f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
+            if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+                raise ValueError(f"Transformer: cu_seqlens must have shape (num_seqs + 1,) with num_seqs >= 1, "
+                                 f"got {tuple(cu_seqlens.shape)}")
+            if cu_seqlens.device != tokens.device:
+                raise ValueError(f"Transformer: cu_seqlens is on {cu_seqlens.device} but tokens is on {tokens.device}")
             if cache is not None and not hasattr(cache, "attend"):
                 raise ValueError("Transformer: packed (cu_seqlens) input with a KV cache needs a cache that runs "
                                  "the attention itself (an `attend` method; see the module docstring)")
         elif tokens.dim() != 2:
             raise ValueError(f"Transformer: tokens must be (batch, seqlen) or packed (total,) with cu_seqlens, got {tuple(tokens.shape)}")
         T, limit = tokens.shape[-1], self.config.max_seqlen
-        start = positions if isinstance(positions, int) else 0
-        if cu_seqlens is None and (positions is None or isinstance(positions, int)):
+        if isinstance(positions, torch.Tensor):
+            if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+                raise TypeError(f"Transformer: positions must be None, an int or an integer tensor, "
+                                f"got {positions.dtype}")
+            shape = tuple(positions.shape)
+            if cu_seqlens is not None:
+                if len(shape) > 1 or shape and shape[0] not in (T, cu_seqlens.shape[0] - 1, 1):
+                    raise ValueError(f"Transformer: packed positions must have shape (total,)=({T},) (explicit), "
+                                     f"(num_seqs,)=({cu_seqlens.shape[0] - 1},) (per-sequence offsets) or () (one "
+                                     f"offset), got {shape}")
+            elif not (len(shape) == 0 or len(shape) == 1 and shape[0] in (1, tokens.shape[0])
+                      or len(shape) == 2 and shape[0] in (1, tokens.shape[0]) and shape[1] == T):
+                # as ops.apply_rotary reads them; any other shape would broadcast against (B, T)
+                raise ValueError(f"Transformer: positions must have shape () (one offset), (batch,)="
+                                 f"({tokens.shape[0]},) (per-row offsets) or (batch, seqlen)={tuple(tokens.shape)} "
+                                 f"(explicit; batch may be 1, broadcast over the rows), got {shape}")
+        elif positions is not None and not isinstance(positions, int):
+            raise TypeError(f"Transformer: positions must be None, an int or an integer tensor, got "
+                            f"{type(positions).__name__}")
+        position_values = cu_seqlens is not None or isinstance(positions, torch.Tensor)
+        if not position_values:  # offset + seqlen, from the host int alone
+            start = positions or 0
             if start < 0 or start + T > limit:
                 raise ValueError(
                     f"Transformer: positions {start}..{start + T - 1} exceed max_seqlen={limit} of the config "
                     f"(seqlen {T}); use a shorter sequence or a config with a larger max_seqlen"
                 )
+        # The values of tokens, cu_seqlens and tensor positions: a host read, so CPU tensors
+        # always, CUDA ones with FASTLM_DEBUG=1, as the ops do.
+        if not value_checks_on(tokens):
             return
-        if positions is not None and not isinstance(positions, int) and (
-                not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.dtype == torch.bool):
-            raise TypeError(f"Transformer: positions must be None, an int or an integer tensor, got "
-                            f"{getattr(positions, 'dtype', type(positions).__name__)}")
-        if cu_seqlens is not None and isinstance(positions, torch.Tensor) and positions.dim() and not (
-                positions.dim() == 1 and positions.shape[0] in (T, cu_seqlens.shape[0] - 1, 1)):
-            raise ValueError(f"Transformer: packed positions must have shape (total,)=({T},) (explicit), "
-                             f"(num_seqs,)=({cu_seqlens.shape[0] - 1},) (per-sequence offsets) or () (one offset), "
-                             f"got {tuple(positions.shape)}")
-        # Packed sequences and explicit / per-sequence positions: the values decide (a host read,
-        # so CPU tensors always, CUDA ones with FASTLM_DEBUG=1, as the ops do).
-        if value_checks_on(tokens) and tokens.numel():
+        if tokens.numel():
+            lo, hi = (int(v) for v in torch.aminmax(tokens))
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"Transformer: tokens must be in [0, {self.config.vocab_size}) (vocab_size), "
+                                 f"got values in [{lo}, {hi}]")
+        if cu_seqlens is not None:
+            cu = cu_seqlens.long()
+            if not bool((cu[0] == 0) & (cu[-1] == T) & (cu[1:] >= cu[:-1]).all()):
+                c = cu.tolist()
+                raise ValueError(f"Transformer: cu_seqlens must start at 0, be non-decreasing and end at "
+                                 f"tokens.shape[0]={T}, got {c if len(c) <= 16 else c[:8] + ['...'] + c[-8:]}")
+        if position_values and tokens.numel():
             pos = position_ids(tokens, positions, cu_seqlens)
             lo, hi = int(pos.min()), int(pos.max())
             if lo < 0 or hi >= limit:
