@@ -3,8 +3,36 @@
 One module per op family; each holds @triton.jit kernels plus one launcher per kernel (shape
 checks, grid, launch).  No autograd and no modules here: see fastlm/ops for those.
 """
+import contextlib
+import functools
+
+import torch
+
 from fastlm import _interpret
 
 # Under TRITON_INTERPRET=1 the interpreter's bf16 tl.dot is garbage: fix it before any kernel
 # runs (a no-op without the interpreter).
 _interpret.fix_bf16_dot()
+
+_SAME_DEVICE = contextlib.nullcontext()
+
+
+def launch_device(t):
+    """A context for launching on t's CUDA device: Triton launches on the *current* device and
+    its current stream, not on the tensors' device, so a tensor on cuda:1 while cuda:0 is current
+    (a model split across GPUs) would run on the wrong device.  A no-op in the common case."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _SAME_DEVICE
+
+
+def on_tensor_device(launcher):
+    """Decorator for a launcher whose first argument is a tensor on the device to run on."""
+
+    @functools.wraps(launcher)
+    def launch(t, *args, **kwargs):
+        with launch_device(t):
+            return launcher(t, *args, **kwargs)
+
+    launch.on_tensor_device = True
+    return launch

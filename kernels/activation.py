@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.kernels import on_tensor_device
+
 # Largest column tile of one program (a power of two); see the module docstring.
 MAX_BLOCK = 1024
 MAX_COL_TILES = 65535  # CUDA grid axis-1 limit
@@ -146,6 +148,7 @@ def _check_out(t, like, name):
     return t
 
 
+@on_tensor_device
 def swiglu_fwd(x, up=None, out=None):
     """silu(gate) * up.  Stacked: x (..., 2F), up None.  Split: x = gate (..., F), up (..., F).
 
@@ -164,6 +167,7 @@ def swiglu_fwd(x, up=None, out=None):
     return out
 
 
+@on_tensor_device
 def swiglu_bwd(dy, x, up=None, dx=None, dup=None):
     """Gradients of silu(gate) * up given dy (..., F), from one kernel.
 

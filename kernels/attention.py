@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.kernels import on_tensor_device
+
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 # Sequences per vector step of the varlen block lookup (a constexpr global: readable in kernels).
@@ -897,6 +899,7 @@ def _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, softc
     return varlen, d, block_d, num_seqs, sq, sk, _seq_key(hint), score_mul, cap_mul
 
 
+@on_tensor_device
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                   window_left, window_right, softcap, deterministic=False):
     """Forward.  Returns (out like q (contiguous), lse fp32 (B, Hq, Sq) or packed (Hq, Tq)).
@@ -953,6 +956,7 @@ def _group_splits(q, k, varlen, num_seqs, sk, group):
     return min(group, triton.cdiv(target, programs))
 
 
+@on_tensor_device
 def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   softmax_scale, window_left, window_right, softcap, deterministic, group_splits=None):
     """Backward.  Returns (dq, dk, dv) like q, k, v (contiguous).

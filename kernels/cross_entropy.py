@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.kernels import on_tensor_device
+
 MAX_BLOCK = 4096  # vocabulary tile: 16 KiB of fp32 per program in flight, 32 tiles at V = 128k
 
 
@@ -94,6 +96,7 @@ def _launch(logits, targets, loss, stats, grad, gscale, ignore_index, compute_ls
     )
 
 
+@on_tensor_device
 def ce_forward(logits, targets, ignore_index, grad=None, gscale=None):
     """logits (M, V) with unit column stride, targets (M,) -> (loss (M,) fp32, stats (M, 2) fp32:
     row max and log-sum-exp after subtracting it; lse = their sum).
@@ -108,6 +111,7 @@ def ce_forward(logits, targets, ignore_index, grad=None, gscale=None):
     return loss, stats
 
 
+@on_tensor_device
 def ce_backward(logits, targets, stats, gscale, ignore_index, grad):
     """Writes (softmax - onehot) * gscale into grad (M, V) from the saved stats (one read of the
     logits, one write of the gradient)."""

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.kernels import on_tensor_device
 from fastlm.kernels.rotary import _rotate_tile
 
 LOG2E = 1.4426950408889634
@@ -165,6 +166,7 @@ def _append_kernel(
                  mask=m)
 
 
+@on_tensor_device
 def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q=None, q_out=None, cos=None, sin=None,
                     interleaved=False, counters=None):
     """In place; shapes/dtypes/devices already validated by fastlm.ops.kv_cache.  With cos/sin,
@@ -445,6 +447,7 @@ def combine_counters(q, k_cache, num_splits):
     return torch.empty((B, Hkv * n_mtiles), dtype=torch.int32, device=q.device)
 
 
+@on_tensor_device
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap,
                      num_splits, seqlen_add=0, counters=None):
     """Shapes/dtypes/devices validated by fastlm.ops.kv_cache; num_splits >= 1 resolved there.

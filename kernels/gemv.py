@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.kernels import on_tensor_device
+
 MAX_ROWS = 16  # rows of x one launch handles (BLOCK_M <= 16); the op splits larger M
 
 
@@ -197,6 +199,7 @@ def _tuned(block_m, swiglu):
     return triton.autotune(_configs(block_m, swiglu), key=["M", "N", "K"])(_gemv_kernel)
 
 
+@on_tensor_device
 def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, swiglu, y, h):
     """Writes act(norm(x [+ residual]) @ weight^T + bias) into y (M, N) and, with a residual,
     x + residual into h (M, K).  x/residual/h: (M, K) with unit column stride; weight (N or 2N,

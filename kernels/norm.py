@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.kernels import on_tensor_device
+
 # Largest hidden size held in registers by one program (fp32: 256 KiB per row at 65536).
 MAX_FUSED_N = 65536
 
@@ -183,6 +185,7 @@ def _stat(t, name, M):
     return t.contiguous()
 
 
+@on_tensor_device
 def norm_fwd(x, weight, bias, residual, eps, is_rms):
     """x, residual: (..., N).  Returns (out, residual_out or empty, mean or empty, rstd)."""
     N = x.shape[-1]
@@ -214,6 +217,7 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms):
     return out, h, mean, rstd
 
 
+@on_tensor_device
 def norm_bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias):
     """Returns (dh, dweight or empty, dbias or empty); dweight/dbias as fp32 (N,)."""
     N = h.shape[-1]

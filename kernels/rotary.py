@@ -20,6 +20,8 @@ check the values without a host sync.
 import triton
 import triton.language as tl
 
+from fastlm.kernels import on_tensor_device
+
 # Positions: arange within each sequence + an int offset, + a per-sequence offset tensor, or
 # read per token from an explicit positions tensor.
 POS_ARANGE, POS_PER_SEQ, POS_EXPLICIT = 0, 1, 2
@@ -178,6 +180,7 @@ def _strides(x4):
     return [st if n > 1 else 0 for st, n in zip(x4.stride()[:3], x4.shape[:3])]
 
 
+@on_tensor_device
 def rotary_fwd(q, k, cos, sin, q_out, k_out, positions, cu_seqlens, offset, pos_mode, interleaved, conj):
     """Launch the rotary kernel: q_out/k_out <- rotate(q/k).  q_out may be q and k_out k (in place).
 

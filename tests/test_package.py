@@ -93,3 +93,49 @@ def test_sdist_carries_every_cuda_source(tmp_path):
     want = {os.path.relpath(f, root) for ext in ("cu", "cuh", "cpp") for f in glob.glob(os.path.join(root, "csrc", f"*.{ext}"))}
     assert want and want <= names, f"missing from the sdist: {sorted(want - names)}"
     assert "tests/cuda_emu.h" in names
+
+
+def test_triton_launchers_run_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': every launcher switches to
+    its first tensor's device when they differ (a model split across GPUs), and does nothing
+    otherwise.  (The device switch itself needs two GPUs; its logic is checked with stand-ins.)"""
+    import importlib
+
+    import fastlm.kernels as fk
+
+    launchers = {"norm": ["norm_fwd", "norm_bwd"], "rotary": ["rotary_fwd"], "attention": ["attention_fwd", "attention_bwd"],
+                 "decode": ["kv_cache_append", "decode_attention"], "cross_entropy": ["ce_forward", "ce_backward"],
+                 "activation": ["swiglu_fwd", "swiglu_bwd"], "gemv": ["gemv"]}
+    for mod, names in launchers.items():
+        m = importlib.import_module(f"fastlm.kernels.{mod}")
+        for name in names:
+            assert getattr(getattr(m, name), "on_tensor_device", False), f"{mod}.{name} launches without a device guard"
+
+    class Stub:  # a tensor on cuda:1
+        is_cuda, device = True, torch.device("cuda", 1)
+
+        def get_device(self):
+            return 1
+
+    entered = []
+
+    class Guard:
+        def __init__(self, dev):
+            self.dev = dev
+
+        def __enter__(self):
+            entered.append(self.dev)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    seen = []
+    launch = fk.on_tensor_device(lambda t, x: seen.append((t, x)) or x)
+    for current in (0, 1):
+        entered.clear()
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+        assert launch(Stub(), 7) == 7
+        assert entered == ([torch.device("cuda", 1), "exit"] if current == 0 else [])
+    cpu = torch.zeros(1)
+    assert fk.launch_device(cpu) is fk.launch_device(cpu)  # the shared no-op context
