@@ -187,7 +187,13 @@ class _Recorder:
             base = bases.setdefault(key, (len(bases) + 1) << 32)
             return base + t.storage_offset() * t.element_size()
 
+        import contextlib
+
+        import fastlm.kernels
+
         patch(JITFunction, "run", jit_run)
+        # (no CUDA device to switch to: the launchers' device guard would initialise CUDA)
+        patch(fastlm.kernels, "launch_device", lambda t: contextlib.nullcontext())
         patch(at.Autotuner, "run", tuner_run)
         patch(FakeTensor, "data_ptr", data_ptr)
         sms, smem = self.prof["sms"], self.prof["smem"]
