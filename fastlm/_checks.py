@@ -47,6 +47,8 @@ def value_checks_on(t):
 
 def as_real(v, name, op=None):
     """v as a float if it is a real number (numpy ones too; not a bool), else a TypeError naming it."""
+    if type(v) is float:  # the common case, before the slow abstract-class checks (~0.5 us)
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{op + ': ' if op else ''}{name} must be a real number, got {v!r} ({type(v).__name__})")
     return float(v)
@@ -54,11 +56,14 @@ def as_real(v, name, op=None):
 
 def is_int(v):
     """An integer (Python, numpy, or a traced SymInt), not a bool."""
-    return isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool)
+    # (type(v) is int first: the abstract-class isinstance costs ~0.5 us, on per-token paths)
+    return type(v) is int or (isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool))
 
 
 def as_int(v, name, op=None):
     """v as an int if it is an integer (numpy ones too; not a bool), else a TypeError naming it."""
+    if type(v) is int:
+        return v
     if not is_int(v):
         raise TypeError(f"{op + ': ' if op else ''}{name} must be an int, got {v!r} ({type(v).__name__})")
     return int(v)

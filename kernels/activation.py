@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels import on_tensor_device
+from fastlm.kernels import cdiv, next_pow2, on_tensor_device
 
 # Largest column tile of one program (a power of two); see the module docstring.
 MAX_BLOCK = 1024
@@ -100,7 +100,7 @@ def _swiglu_bwd_kernel(
 # ---------------------------------------------------------------------------- launchers
 def launch_config(F, element_size):
     """(BLOCK, num_warps) for rows of F columns: see the module docstring."""
-    block = min(triton.next_power_of_2(F), MAX_BLOCK)
+    block = min(next_pow2(F), MAX_BLOCK)
     vec = max(1, 16 // element_size)  # elements per 16-byte vector
     num_warps = max(1, min(4, block // (32 * vec)))
     return block, num_warps
@@ -121,7 +121,7 @@ def _row_stride(t2):
 
 
 def _grid(M, F, block):
-    tiles = triton.cdiv(F, block)
+    tiles = cdiv(F, block)
     if tiles > MAX_COL_TILES:
         raise ValueError(f"swiglu: width {F} needs {tiles} column tiles, more than the grid limit {MAX_COL_TILES}")
     return (M, tiles)

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels import on_tensor_device
+from fastlm.kernels import cdiv, next_pow2, on_tensor_device
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -713,7 +713,7 @@ def _attn_bwd_dq_kernel(
 
 # ------------------------------------------------------------------------------ launchers
 def _block_d(d):
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def _d_class(block_d):
@@ -722,7 +722,7 @@ def _d_class(block_d):
 
 def _seq_key(n):
     """Autotune bucket of a sequence length (powers of two, 64 .. 16384)."""
-    return min(max(triton.next_power_of_2(max(int(n), 1)), 64), 16384)
+    return min(max(next_pow2(max(int(n), 1)), 64), 16384)
 
 
 # Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages), per head-dim class, for sm_80/sm_90.
@@ -931,8 +931,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
     def grid(meta):
         if varlen:
-            return (triton.cdiv(sq, meta["BLOCK_M"]) + num_seqs, hq, 1)
-        return (triton.cdiv(sq, meta["BLOCK_M"]), hq, num_seqs)
+            return (cdiv(sq, meta["BLOCK_M"]) + num_seqs, hq, 1)
+        return (cdiv(sq, meta["BLOCK_M"]), hq, num_seqs)
 
     kern[grid](
         q, k, v, out, lse, cu_q, cu_k,
@@ -950,12 +950,12 @@ def _group_splits(q, k, varlen, num_seqs, sk, group):
     if group == 1 or not q.is_cuda or _interpreting():
         return 1
     hk = k.shape[-2]
-    blocks = triton.cdiv(sk, 128) + num_seqs if varlen else triton.cdiv(sk, 128) * num_seqs
+    blocks = cdiv(sk, 128) + num_seqs if varlen else cdiv(sk, 128) * num_seqs
     programs = max(blocks * hk, 1)
     target = 2 * _num_sms(q.device.index)
     if programs >= target:
         return 1
-    return min(group, triton.cdiv(target, programs))
+    return min(group, cdiv(target, programs))
 
 
 @on_tensor_device
@@ -992,7 +992,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
     else:
         stride_dl = (0, 0, 0)
     pre_bm = max(16, min(128, 8192 // block_d))
-    _attn_bwd_preprocess_kernel[(triton.cdiv(sq, pre_bm), hq, batch)](
+    _attn_bwd_preprocess_kernel[(cdiv(sq, pre_bm), hq, batch)](
         out, dout, dlse if dlse is not None else delta, delta,
         *_strides3(out, varlen), *_strides3(dout, varlen), *stride_dl, *stride_l, sq,
         HEAD_DIM=d, BLOCK_D=block_d, HAS_DLSE=dlse is not None, BLOCK_M=pre_bm, num_warps=4,
@@ -1005,8 +1005,8 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
     atomic = DQ_ATOMIC and not deterministic
     splits = group_splits if group_splits is not None else _group_splits(q, k, varlen, num_seqs, sk, group)
     splits = max(1, min(int(splits), group))
-    heads_per_split = triton.cdiv(group, splits)
-    splits = triton.cdiv(group, heads_per_split)
+    heads_per_split = cdiv(group, splits)
+    splits = cdiv(group, heads_per_split)
     if splits > 1:
         dk_buf = alloc((splits,) + tuple(k.shape), torch.float32, k.device)
         dv_buf = alloc((splits,) + tuple(v.shape), torch.float32, v.device)
@@ -1021,8 +1021,8 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
 
     def grid_kv(meta):
         if varlen:
-            return (triton.cdiv(sk, meta["BLOCK_N"]) + num_seqs, hk * splits, 1)
-        return (triton.cdiv(sk, meta["BLOCK_N"]), hk * splits, num_seqs)
+            return (cdiv(sk, meta["BLOCK_N"]) + num_seqs, hk * splits, 1)
+        return (cdiv(sk, meta["BLOCK_N"]), hk * splits, num_seqs)
 
     kern[grid_kv](
         q, k, v, dout, lse, delta, dk_buf, dv_buf, dq_acc, cu_q, cu_k,
@@ -1043,8 +1043,8 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
 
     def grid_q(meta):
         if varlen:
-            return (triton.cdiv(sq, meta["BLOCK_M"]) + num_seqs, hq, 1)
-        return (triton.cdiv(sq, meta["BLOCK_M"]), hq, num_seqs)
+            return (cdiv(sq, meta["BLOCK_M"]) + num_seqs, hq, 1)
+        return (cdiv(sq, meta["BLOCK_M"]), hq, num_seqs)
 
     kern[grid_q](
         q, k, v, dout, lse, delta, dq, cu_q, cu_k,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels import on_tensor_device
+from fastlm.kernels import next_pow2, on_tensor_device
 
 MAX_BLOCK = 4096  # vocabulary tile: 16 KiB of fp32 per program in flight, 32 tiles at V = 128k
 
@@ -85,7 +85,7 @@ def _launch(logits, targets, loss, stats, grad, gscale, ignore_index, compute_ls
     targets = targets.contiguous()  # read densely, one per row
     if M == 0:
         return
-    block = min(MAX_BLOCK, triton.next_power_of_2(V))
+    block = min(MAX_BLOCK, next_pow2(V))
     # 8 warps keep 16-byte accesses on a 4096-wide tile (4096 / 256 threads = 16 elements each).
     num_warps = 8 if block >= 2048 else 4
     _ce_kernel[(M,)](

@@ -34,11 +34,13 @@ Decode (memory-bound: every byte of the visible K/V is read once):
   t >= p - window (window >= 0).  Rows that see no key give 0.  Block ids out of range are
   masked (never read).  Forward only.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels import on_tensor_device
+from fastlm.kernels import cdiv, next_pow2, on_tensor_device
 from fastlm.kernels.rotary import _rotate_tile
 
 LOG2E = 1.4426950408889634
@@ -180,15 +182,15 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q=None, 
     paged = block_table is not None
     page = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
-    block_h, block_d = triton.next_power_of_2(H), triton.next_power_of_2(D)
+    block_h, block_d = next_pow2(H), next_pow2(D)
     rotary = cos is not None
     if rotary:
         # the rotation reads whole rows: unit stride in head_dim (a free view of a fused qkv)
         q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
         Hq, half = q.shape[2], cos.shape[1]
-        block_hq, block_half = triton.next_power_of_2(Hq), triton.next_power_of_2(half)
+        block_hq, block_half = next_pow2(Hq), next_pow2(half)
         copy_pass = 2 * half < D
-        block_pass = triton.next_power_of_2(D - 2 * half) if copy_pass else 1
+        block_pass = next_pow2(D - 2 * half) if copy_pass else 1
         q_args = (q, q_out, cos, sin)
         q_strides = (*q.stride()[:3], *q_out.stride()[:3], cos.stride(0))
         tile = max(block_h, block_hq) * block_d
@@ -208,7 +210,7 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q=None, 
         PAGED=paged, PAGE=page, ROTARY=rotary, INTERLEAVED=interleaved, COPY_PASS=copy_pass,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
         ZERO_SEM=counters is not None,
-        BLOCK_SEM=triton.next_power_of_2(counters.shape[1]) if counters is not None else 1,
+        BLOCK_SEM=next_pow2(counters.shape[1]) if counters is not None else 1,
         num_warps=8 if tile >= 8192 else (4 if tile >= 1024 else 2),
     )
 
@@ -384,7 +386,7 @@ def merge_chunk(rows, block_d, num_warps, num_splits):
     32 per thread (more lifts the decode kernel's registers: 94 at llama-3.2-1b's 4 rows x
     D 64, CHUNK_S 16; 128 at 64 per thread), and no more splits than there are."""
     fit = max(1, 32 * 32 * num_warps // (rows * block_d))
-    return max(1, min(triton.next_power_of_2(num_splits), 1 << (fit.bit_length() - 1)))
+    return max(1, min(next_pow2(num_splits), 1 << (fit.bit_length() - 1)))
 
 
 @triton.jit
@@ -415,13 +417,14 @@ def _combine_kernel(
     tl.store(optr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+@functools.lru_cache(maxsize=None)  # (called several times per decode launch with the same shapes)
 def decode_config(n_rows, head_dim):
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) by a deterministic rule.
     BLOCK_M: the GQA group x seqlen_q rows, padded to tl.dot's minimum of 16, at most 64 (more
     rows are split into row tiles, which re-read K/V, mostly from L2).  BLOCK_N: 64 keys per
     tile (32 at head_dim > 128) keeps a K and a V tile (16 KiB each in bf16) in flight per stage."""
-    block_m = min(64, max(16, triton.next_power_of_2(n_rows)))
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = min(64, max(16, next_pow2(n_rows)))
+    block_d = max(16, next_pow2(head_dim))
     block_n = 64 if block_d <= 128 else 32
     num_warps = 8 if block_m * block_d >= 8192 else 4
     num_stages = 3 if block_d <= 128 else 2
@@ -430,7 +433,7 @@ def decode_config(n_rows, head_dim):
 
 def fused_merge_rows(rows, head_dim):
     """Query rows one program merges in the fused combine (MERGE_M of _decode_kernel)."""
-    return min(decode_config(rows, head_dim)[0], triton.next_power_of_2(rows))
+    return min(decode_config(rows, head_dim)[0], next_pow2(rows))
 
 
 def combine_counters(q, k_cache, num_splits):
@@ -443,7 +446,7 @@ def combine_counters(q, k_cache, num_splits):
     rows = Hq // Hkv * Sq
     if num_splits <= 1 or q.numel() == 0 or fused_merge_rows(rows, D) * D * num_splits * 4 > MAX_FUSED_MERGE_BYTES:
         return None
-    n_mtiles = triton.cdiv(rows, decode_config(rows, D)[0])
+    n_mtiles = cdiv(rows, decode_config(rows, D)[0])
     return torch.empty((B, Hkv * n_mtiles), dtype=torch.int32, device=q.device)
 
 
@@ -469,7 +472,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sc
         # 255 registers and spills ~850 bytes (triton 3.6, sm_90); half the keys per tile over
         # 8 warps fits in 76 without a spill.
         block_n, num_warps, num_stages = max(16, block_n // 2), 8, 2
-    n_mtiles = triton.cdiv(G * Sq, block_m)
+    n_mtiles = cdiv(G * Sq, block_m)
     split = num_splits > 1
     fused = split and counters is not None  # (the merge constexprs stay 1 otherwise: no recompiles)
     merge_m = fused_merge_rows(G * Sq, D)
@@ -490,17 +493,17 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sc
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         block_table.stride(0) if paged else 0,
         PAGED=paged, PAGE=page, CAUSAL=causal, HAS_WINDOW=window >= 0, SOFTCAP=softcap > 0, SPLIT=split,
-        FUSED_COMBINE=fused, BLOCK_S=triton.next_power_of_2(num_splits) if fused else 1,
+        FUSED_COMBINE=fused, BLOCK_S=next_pow2(num_splits) if fused else 1,
         MERGE_M=merge_m if fused else 1, CHUNK_S=merge_chunk(merge_m, block_d, num_warps, num_splits) if fused else 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
     )
     if split and counters is None:
-        rows, block_r, bd = B * Sq * Hq, 1, triton.next_power_of_2(D)
+        rows, block_r, bd = B * Sq * Hq, 1, next_pow2(D)
         warps = 8 if bd >= 256 else 4  # up to 32 splits x BLOCK_D 128 per step
-        _combine_kernel[(triton.cdiv(rows, block_r),)](
+        _combine_kernel[(cdiv(rows, block_r),)](
             o_part, lse_part, out, rows, Sq, Hq, D, num_splits, *out.stride(),
-            BLOCK_R=block_r, BLOCK_D=bd, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_R=block_r, BLOCK_D=bd, BLOCK_S=next_pow2(num_splits),
             CHUNK_S=merge_chunk(block_r, bd, warps, num_splits), num_warps=warps,
         )
     return out

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels import on_tensor_device
+from fastlm.kernels import cdiv, next_pow2, on_tensor_device
 
 MAX_ROWS = 16  # rows of x one launch handles (BLOCK_M <= 16); the op splits larger M
 
@@ -210,7 +210,7 @@ def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, swiglu, y
         if residual is not None and M:
             torch.add(x, residual, out=h)
         return y
-    block_m = max(1, triton.next_power_of_2(M))
+    block_m = max(1, next_pow2(M))
     d = x  # placeholder for absent pointer arguments (never read)
     args = (x, residual if residual is not None else d, h if h is not None else d,
             norm_weight if norm_weight is not None else d, norm_bias if norm_bias is not None else d,
@@ -222,14 +222,14 @@ def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, swiglu, y
     if x.is_cuda and not _interpreting():
         if AUTOTUNE:
             kern = _tuned(block_m, swiglu)
-            kern[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+            kern[lambda meta: (cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
             return y
         cfg = _configs(block_m, swiglu)[0]
         bn = cfg.kwargs["BLOCK_N"]
-        _gemv_kernel[(triton.cdiv(N, bn),)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+        _gemv_kernel[(cdiv(N, bn),)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                             num_stages=cfg.num_stages)
         return y
     bn, bk = INTERPRET_CONFIG
-    bn = max(bn, triton.next_power_of_2(triton.cdiv(N, INTERPRET_PROGRAMS)))
-    _gemv_kernel[(triton.cdiv(N, bn),)](*args, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    bn = max(bn, next_pow2(cdiv(N, INTERPRET_PROGRAMS)))
+    _gemv_kernel[(cdiv(N, bn),)](*args, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     return y

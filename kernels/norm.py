@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels import on_tensor_device
+from fastlm.kernels import cdiv, next_pow2, on_tensor_device
 
 # Largest hidden size held in registers by one program (fp32: 256 KiB per row at 65536).
 MAX_FUSED_N = 65536
@@ -206,7 +206,7 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms):
         r2, h = x2, torch.empty(0, dtype=x.dtype, device=x.device)
     if M == 0:
         return out, h, mean, rstd
-    block_n = triton.next_power_of_2(N)
+    block_n = next_pow2(N)
     _norm_fwd_kernel[(M,)](
         x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
         out, h if residual is not None else out, mean if not is_rms else rstd, rstd,
@@ -238,11 +238,11 @@ def norm_bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias):
         return dh, dw, db
     dho2 = _rows2d(dresidual_out, "dresidual_out") if dresidual_out is not None else dy2
     G = min(_num_programs(h.device.index if h.is_cuda else None), M)
-    rows_per_program = triton.cdiv(M, G)
-    G = triton.cdiv(M, rows_per_program)
+    rows_per_program = cdiv(M, G)
+    G = cdiv(M, rows_per_program)
     dw_part = torch.empty((G, N) if has_w else (0,), dtype=torch.float32, device=h.device)
     db_part = torch.empty((G, N) if has_bias else (0,), dtype=torch.float32, device=h.device)
-    block_n = triton.next_power_of_2(N)
+    block_n = next_pow2(N)
     _norm_bwd_kernel[(G,)](
         dy2, dho2, h2, weight if has_w else h2, mean if not is_rms else rstd, rstd, dh,
         dw_part if has_w else dh, db_part if has_bias else dh,

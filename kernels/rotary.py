@@ -20,7 +20,7 @@ check the values without a host sync.
 import triton
 import triton.language as tl
 
-from fastlm.kernels import on_tensor_device
+from fastlm.kernels import cdiv, next_pow2, on_tensor_device
 
 # Positions: arange within each sequence + an int offset, + a per-sequence offset tensor, or
 # read per token from an explicit positions tensor.
@@ -201,16 +201,16 @@ def rotary_fwd(q, k, cos, sin, q_out, k_out, positions, cu_seqlens, offset, pos_
     # were never copied.  (A different view of q's memory as q_out only costs the extra copy.)
     inplace = q_out is q and k_out is k
     copy_pass = (not inplace) and 2 * half < D
-    block_half = triton.next_power_of_2(half)
-    block_pass = triton.next_power_of_2(D - 2 * half) if copy_pass else 1
+    block_half = next_pow2(half)
+    block_pass = next_pow2(D - 2 * half) if copy_pass else 1
     # Heads per program: the k head count (a divisor of q's when it is a power of two), so
     # q and k tiles are both full; tokens per program: ~4096 rotary elements per tile.
-    block_h = min(triton.next_power_of_2(max(Hk if Hk else Hq, 1)), 16)
+    block_h = min(next_pow2(max(Hk if Hk else Hq, 1)), 16)
     block_t = max(1, min(64, 4096 // (block_h * 2 * block_half)))
     if q.device.type == "cpu":  # the interpreter: fewer, larger programs run faster
-        block_t = max(block_t, min(16, triton.next_power_of_2(T)))
-    block_t = min(block_t, triton.next_power_of_2(T))
-    n_qb, n_kb = triton.cdiv(Hq, block_h), triton.cdiv(Hk, block_h)
+        block_t = max(block_t, min(16, next_pow2(T)))
+    block_t = min(block_t, next_pow2(T))
+    n_qb, n_kb = cdiv(Hq, block_h), cdiv(Hk, block_h)
     varlen = cu_seqlens is not None
     num_seqs = cu_seqlens.numel() - 1 if varlen else B
     pos_t = positions if positions is not None else q
@@ -222,7 +222,7 @@ def rotary_fwd(q, k, cos, sin, q_out, k_out, positions, cu_seqlens, offset, pos_
         spos_b, spos_s = 0, positions.stride(0)
     else:
         spos_b, spos_s = positions.stride(0), 0
-    grid = (triton.cdiv(T, block_t), n_qb + n_kb)
+    grid = (cdiv(T, block_t), n_qb + n_kb)
     _rotary_kernel[grid](
         q4, k4, qo4, ko4, cos, sin, pos_t, cu_seqlens if varlen else q4,
         *_strides(q4), *_strides(k4), *_strides(qo4), *_strides(ko4),

@@ -24,6 +24,20 @@ def _flat(x, shape, name="x"):
     return x if len(shape) == 1 else x.flatten(-len(shape))
 
 
+def _flat_param(p):
+    return p if p is None or p.dim() == 1 else p.reshape(-1)
+
+
+def _unflat(out, x, shape):
+    # The op's outputs have the flattened input's shape: x's own for a 1-D normalized_shape
+    # (no views then: each would cost a microsecond and an autograd node).
+    if len(shape) == 1:
+        return out
+    if isinstance(out, tuple):
+        return out[0].view(x.shape), out[1].view(x.shape)
+    return out.view(x.shape)
+
+
 class RMSNorm(torch.nn.RMSNorm):
     def __init__(self, *args, backend=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -32,12 +46,9 @@ class RMSNorm(torch.nn.RMSNorm):
     def forward(self, x, residual=None):
         shape = self.normalized_shape
         eps = self.eps if self.eps is not None else _EPS_FP64 if x.dtype == torch.float64 else _EPS_FP32
-        w = self.weight.reshape(-1) if self.weight is not None else None
         res = _flat(residual, shape, "residual") if residual is not None else None
-        out = ops.rms_norm(_flat(x, shape), w, eps, residual=res, backend=self.backend)
-        if residual is not None:
-            return out[0].view(x.shape), out[1].view(x.shape)
-        return out.view(x.shape)
+        out = ops.rms_norm(_flat(x, shape), _flat_param(self.weight), eps, residual=res, backend=self.backend)
+        return _unflat(out, x, shape)
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -47,10 +58,7 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, x, residual=None):
         shape = self.normalized_shape
-        w = self.weight.reshape(-1) if self.weight is not None else None
-        b = self.bias.reshape(-1) if self.bias is not None else None
         res = _flat(residual, shape, "residual") if residual is not None else None
-        out = ops.layer_norm(_flat(x, shape), w, b, self.eps, residual=res, backend=self.backend)
-        if residual is not None:
-            return out[0].view(x.shape), out[1].view(x.shape)
-        return out.view(x.shape)
+        out = ops.layer_norm(_flat(x, shape), _flat_param(self.weight), _flat_param(self.bias), self.eps, residual=res,
+                             backend=self.backend)
+        return _unflat(out, x, shape)
