@@ -47,8 +47,9 @@ def _train_args(p):
     g.add_argument("--resume", action="store_true",
                    help="continue from <out-dir>/checkpoint.pt, with its settings for every flag not given")
     g.add_argument("--resume-override", action="store_true",
-                   help="with --resume: continue even if lr, batch size, schedule, seed or other loss-shaping "
-                        "settings differ from the checkpoint's (the new ones apply)")
+                   help="with --resume: continue even if lr, batch size, schedule or other loss-shaping "
+                        "settings differ from the checkpoint's (the new ones apply; not seqlen, val fraction, "
+                        "seed or tokenizer, which define the data order)")
     g.add_argument("--overwrite", action="store_true", help="start over even if <out-dir> has a checkpoint")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="0 disables validation")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches)

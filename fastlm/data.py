@@ -9,7 +9,9 @@
   ``<cache_dir>/<key>.bin`` (uint16, or uint32 for vocabularies > 65535) and then read through
   ``numpy.memmap``, so a corpus larger than RAM works.  The key hashes the tokenizer and every
   file's path, size and mtime.  Files are written to a temporary name and renamed (atomic),
-  and the ``.json`` metadata is written last: a killed build leaves no half cache behind.
+  and the ``.json`` metadata is written last: a killed build leaves no half cache behind.  The
+  metadata's ``fingerprint`` (blake2b of the token bytes, hashed while they are written) tells
+  one token stream from another: a training checkpoint stores it and a resume compares it.
 - Split: documents are concatenated in a fixed pseudo-random order (a hash of each path) and
   the last ``val_fraction`` of the token stream is the validation set: deterministic, and a
   mix of documents rather than the alphabetically last ones.
@@ -225,15 +227,17 @@ def build_token_cache(files, tokenizer, cache_dir=None, log=None):
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
-            if os.path.getsize(bin_path) == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize:
+            # (a cache written before the fingerprint was recorded is rebuilt, so every cache has one)
+            if os.path.getsize(bin_path) == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize and meta["fingerprint"]:
                 return bin_path, meta
         except (ValueError, KeyError, OSError):
-            pass  # stale or corrupt: rebuild
+            pass  # stale, corrupt or without a fingerprint: rebuild
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     byte_level = isinstance(tokenizer, ByteTokenizer)
     if log:
         log(f"tokenizing {len(files)} files into {bin_path}")
     n_tokens = n_docs = 0
+    digest = hashlib.blake2b(digest_size=16)  # of the bytes as written: no second pass over the file
     with atomic_open(bin_path, "wb") as out:  # a kill mid-way leaves no partial cache file
         for path in _doc_order(files):
             doc = 0
@@ -242,17 +246,21 @@ def build_token_cache(files, tokenizer, cache_dir=None, log=None):
                 if ids.size and not 0 <= ids.min() <= ids.max() < tokenizer.vocab_size:  # never wrap in astype
                     raise ValueError(f"tokenizer {tokenizer.name} produced ids outside [0, {tokenizer.vocab_size}) "
                                      f"(its vocab_size) for {path}: min {ids.min()}, max {ids.max()}")
-                out.write(ids.astype(dtype).tobytes())
+                b = ids.astype(dtype).tobytes()
+                out.write(b)
+                digest.update(b)
                 doc += len(ids)
             if doc and tokenizer.eot_id is not None:
-                out.write(np.asarray([tokenizer.eot_id], dtype=dtype).tobytes())
+                b = np.asarray([tokenizer.eot_id], dtype=dtype).tobytes()
+                out.write(b)
+                digest.update(b)
                 doc += 1
             n_tokens += doc
             n_docs += doc > 0
         if n_tokens == 0:
             raise ValueError(f"empty corpus: the {len(files)} input file(s) contain no text (e.g. {files[0]})")
     meta = dict(key=key, n_tokens=n_tokens, n_docs=n_docs, n_files=len(files), dtype=np.dtype(dtype).name,
-                tokenizer=tokenizer.identity, vocab_size=tokenizer.vocab_size)
+                tokenizer=tokenizer.identity, vocab_size=tokenizer.vocab_size, fingerprint=digest.hexdigest())
     _atomic_write_text(meta_path, json.dumps(meta))
     return bin_path, meta
 

@@ -3,31 +3,49 @@
     fastlm train --model tiny --steps 200                       # stdlib corpus, byte tokenizer
     torchrun --nproc_per_node 8 -m fastlm train --model llama-3.2-1b --distributed fsdp ...
 
-- AdamW (fused on CUDA), linear warmup then cosine decay to min_lr_ratio * lr, gradient
-  accumulation, gradient-norm clipping, bf16 autocast on GPU (fp32 on CPU), optional
-  activation checkpointing and torch.compile, periodic validation loss.
+- AdamW (fused on CUDA), gradient accumulation, gradient-norm clipping (the pre-clip norm is
+  logged as ``grad_norm``), bf16 autocast on GPU (fp32 on CPU), optional activation
+  checkpointing and torch.compile, periodic validation loss (evaluated in forwards of the
+  training micro-batch size).
+- Learning rate (lr_lambda): optimizer update k = 1..steps (the ``step`` of the metrics rows)
+  uses ``lr * k / warmup`` for k <= warmup (update 1 takes lr / warmup; update ``warmup`` the
+  peak lr), then ``lr * (r + (1 - r) * (1 + cos(pi * (k - 1 - warmup) / (steps - warmup))) / 2)``
+  with r = min_lr_ratio: the peak again at update warmup + 1, decaying towards r * lr, which
+  the cosine reaches one update after the last (warmup=0: the cosine from update 1).
 - ``batch_size`` is the global number of sequences per optimizer step; every rank and
   micro-step takes its slice of the same global batch, so N processes compute the same
   losses as one process (DDP: to fp32 rounding; FSDP2 with bf16 keeps its parameters in bf16,
   where one process and DDP keep fp32 weights under autocast: to bf16 rounding).
 - Checkpoint ``<out_dir>/checkpoint.pt``: model, optimizer, scheduler, data position and RNG
   state, as full (unsharded) state dicts, written to a temporary file and renamed (atomic).
-  ``resume=True`` restores it (with any world size) and reproduces the losses of an
-  uninterrupted run.  Losses go to ``metrics.csv`` and ``metrics.jsonl``; a resumed run drops
-  the rows logged after the checkpoint (and a torn last line of a kill mid-append) and
-  continues them.
+  ``resume=True`` restores it (with any world size; every rank memory-maps the file) and
+  continues the uninterrupted run: bitwise the same losses on CPU (same machine, world size
+  and grad_accum).  On GPU they match to rounding, not bitwise: the fused attention backward
+  accumulates dQ with fp32 atomics and autotunes its tiles by timing, unless the environment
+  sets FASTLM_ATTENTION_DQ_ATOMIC=0 and FASTLM_ATTENTION_AUTOTUNE=0, and other GPU kernels
+  (torch's SDPA backward of the reference backend, torch.compile's autotuning) are not
+  guaranteed bitwise from process to process either.  Resume checks that the corpus is the
+  same token stream (a fingerprint in the token cache and the checkpoint); a checkpoint from
+  before fingerprints skips that check.  Losses go to ``metrics.csv`` and ``metrics.jsonl``;
+  a resumed run drops the rows logged after the checkpoint (and a torn last line of a kill
+  mid-append) and continues them.
 - A new run refuses an out_dir holding a checkpoint or other run files (config.json, metrics.*)
   unless ``overwrite=True``, which deletes them before the new run writes its own.  Resuming with
   ``steps`` equal to the checkpoint's step does nothing (and says so); below it is an error.
 - A resumed run must use the checkpoint's model and the settings that shape the loss trajectory
   (TRAJECTORY_FIELDS, and the tokenizer); ``resume_override=True`` (``--resume-override``)
-  continues with changed ones on purpose.  ``steps`` may change (extend a run: the cosine
-  schedule then ends at the new step count), and so may execution and bookkeeping settings.
+  continues with changed ones on purpose, except those that define the training windows and
+  their order (DATA_ORDER_FIELDS: seqlen, val_fraction, seed, the tokenizer).  ``steps`` may
+  change (extend a run: the cosine schedule then ends at the new step count), and so may
+  execution and bookkeeping settings.
+- Under torchrun every rank must be launched with the same settings (all but PER_RANK_FIELDS):
+  checked at start-up.
 """
 import contextlib
 import csv
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -77,7 +95,7 @@ class TrainConfig:
     # run
     out_dir: str = "runs/fastlm"
     resume: bool = False
-    resume_override: bool = False  # resume even if TRAJECTORY_FIELDS / the tokenizer differ from the checkpoint's
+    resume_override: bool = False  # resume though TRAJECTORY_FIELDS differ from the checkpoint's (not DATA_ORDER_FIELDS)
     overwrite: bool = False
     eval_every: int = 100
     eval_batches: int = 8
@@ -101,13 +119,24 @@ class TrainConfig:
 
         for f in dataclasses.fields(self):
             setattr(self, f.name, _plain(getattr(self, f.name)))
-        if self.tokenizer not in (None, "", "bytes"):  # absolute: `fastlm generate` finds it from any folder
+        # Absolute: the checkpoint stores them, and `fastlm train --resume` / `fastlm generate` run from
+        # any folder.
+        if self.tokenizer not in (None, "", "bytes"):
             self.tokenizer = os.path.abspath(self.tokenizer)
-        for name in ("seqlen", "batch_size", "grad_accum", "steps", "eval_batches", "ckpt_every", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                bad(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.warmup < 0 or self.eval_every < 0:
-            bad("warmup and eval_every must be >= 0")
+        if isinstance(self.data, str):
+            self.data = os.path.abspath(self.data) if self.data else None  # "": the default corpus
+        elif self.data is not None:
+            self.data = [os.path.abspath(p) for p in self.data]
+        if self.cache_dir:
+            self.cache_dir = os.path.abspath(self.cache_dir)
+        # Counts are ints (not bool, not float: warmup=0.1, an HF warmup_ratio habit, would start at 10x lr).
+        for name, low in (("seqlen", 1), ("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("warmup", 0),
+                          ("eval_every", 0), ("eval_batches", 1), ("ckpt_every", 1), ("log_every", 1),
+                          ("stop_after", 0)):
+            v = getattr(self, name)
+            if (v is not None or name != "stop_after") and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                bad(f"{name} (--{name.replace('_', '-')}) must be {'a positive' if low else 'a non-negative'} int, "
+                    f"got {v!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)) or not 0 <= self.min_lr_ratio <= 1:
             bad(f"lr (--lr) must be finite and > 0 and min_lr_ratio in [0, 1] (got {self.lr}, {self.min_lr_ratio})")
         if not 0.0 <= self.val_fraction < 1.0:  # `not` form: NaN fails too
@@ -153,10 +182,18 @@ class TrainConfig:
 #   sequences (up to float rounding) for any grad_accum x world size; checkpoints are meant to
 #   move between world sizes, and grad_accum is how per-device memory is kept when they do.
 # - eval_every, eval_batches, ckpt_every, log_every, progress, stop_after, out_dir, cache_dir,
-#   data paths (a moved corpus is the same corpus; the data position check catches a different
-#   one): bookkeeping that never touches the parameters, the optimizer or the batch order.
+#   data paths (a moved corpus is the same corpus; the token stream's fingerprint, checked on
+#   resume, catches a different one): bookkeeping that never touches the parameters, the
+#   optimizer or the batch order.
 TRAJECTORY_FIELDS = ("val_fraction", "seqlen", "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay",
                      "betas", "grad_clip", "seed")
+# The ones (and the tokenizer) that define the windows and their order: the checkpoint's data
+# position (epoch, index into the seed's permutation of the windows) means nothing under other
+# values, so resume_override cannot change them (a new run can).
+DATA_ORDER_FIELDS = ("val_fraction", "seqlen", "seed", "tokenizer")
+# Settings that may differ between the ranks of one run (where and how each process reports);
+# every other TrainConfig field must agree, which train() checks at start-up.
+PER_RANK_FIELDS = ("device", "progress")
 
 
 def _plain(v):
@@ -242,7 +279,9 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: the tensors are read from the page cache on demand (shared by the ranks of a node),
+        # not copied into each process's memory.  torch.save's zip format (atomic_save) allows it.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} is corrupt or truncated and cannot be read: {e}") from e
     missing = {"model", "optimizer", "scheduler", "step", "data", "config"} - set(ckpt if isinstance(ckpt, dict) else ())
@@ -320,11 +359,28 @@ class Dist:
             dist.destroy_process_group()
 
 
+def check_ranks_agree(cfg, world):
+    """Raise (on every rank) if the ranks were launched with different settings: DDP/FSDP would
+    train on, each rank with its own lr, data or schedule, and the replicas silently diverge."""
+    if world.world == 1:
+        return
+    mine = {f.name: hashlib.blake2b(repr(getattr(cfg, f.name)).encode(), digest_size=8).hexdigest()
+            for f in dataclasses.fields(cfg) if f.name not in PER_RANK_FIELDS}
+    every = [None] * world.world
+    dist.all_gather_object(every, mine)
+    differ = [k for k in mine if len({d[k] for d in every}) > 1]
+    if differ:
+        ranks = {k: [r for r, d in enumerate(every) if d[k] != every[0][k]] for k in differ}
+        raise ValueError("train: the ranks were launched with different settings: " + "; ".join(
+            f"{k} (ranks {ranks[k]} differ from rank 0; this rank {world.rank}: {getattr(cfg, k)!r})" for k in differ)
+            + ". Launch every rank with the same options")
+
+
 class MetricsLog:
     """metrics.csv + metrics.jsonl, both rewritten (atomically) to `rows` -- on resume, the rows
     up to the checkpoint step (read_metrics) -- and then appended to."""
 
-    FIELDS = ["step", "loss", "val_loss", "lr", "tokens", "tokens_per_s", "time_s"]
+    FIELDS = ["step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "time_s"]
 
     def __init__(self, out_dir, rows=(), enabled=True):
         self.enabled = enabled
@@ -432,6 +488,7 @@ def train(cfg: TrainConfig, log=print):
 
 
 def _train(cfg, world, log):
+    check_ranks_agree(cfg, world)
     device = world.device
     micro = cfg.batch_size // (world.world * cfg.grad_accum)
     if micro * world.world * cfg.grad_accum != cfg.batch_size:
@@ -463,6 +520,14 @@ def _train(cfg, world, log):
                 f"train: this run's training settings differ from those of {ckpt_path}, so its losses would differ "
                 f"from the uninterrupted run's: {changes}. Resume with the checkpoint's settings, or pass "
                 "resume_override=True (--resume-override) to continue with the new ones"
+            )
+        fixed = [(k, old, new) for k, old, new in diff if k in DATA_ORDER_FIELDS]
+        if fixed:
+            raise ValueError(
+                "train: resume_override (--resume-override) cannot change " + ", ".join(
+                    f"{k}: {old!r} (checkpoint) -> {new!r} (this run)" for k, old, new in fixed)
+                + f": {', '.join(DATA_ORDER_FIELDS)} define the training windows and their order, which the "
+                f"checkpoint's data position belongs to. Resume with the checkpoint's values, or start a new run"
             )
         if diff:
             log(f"resuming with changed settings (resume override): {changes}")
@@ -502,6 +567,14 @@ def _train(cfg, world, log):
     corpus = fdata.TokenData(cfg.data, tokenizer, cfg.cache_dir, cfg.val_fraction, log=log, exclude=(out_dir,))
     if world.main:
         world.barrier()
+    fingerprint = corpus.meta["fingerprint"]
+    saved_fp = ckpt["config"].get("data_fingerprint") if ckpt is not None else None  # None: an older checkpoint
+    if saved_fp is not None and saved_fp != fingerprint:
+        raise ValueError(
+            f"train: the corpus differs from the one {ckpt_path} was trained on: its token stream (data "
+            f"{cfg.data or 'the Python stdlib sources'}, tokenizer {tokenizer.identity}) has fingerprint "
+            f"{fingerprint}, the checkpoint's has {saved_fp}. Resume with the checkpoint's data (a moved or copied "
+            "corpus is fine; changed files are not), or start a new run")
     train_sampler = fdata.BatchSampler(corpus.train, cfg.seqlen, seed=cfg.seed, name="train")
     val_sampler = fdata.BatchSampler(corpus.val, cfg.seqlen, name="validation") if cfg.eval_every and len(corpus.val) else None
 
@@ -529,8 +602,9 @@ def _train(cfg, world, log):
             g.update(initial_lr=cfg.lr, lr=cfg.lr * lam(step), weight_decay=wd, betas=tuple(cfg.betas))
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         log(f"resumed from {ckpt_path} at step {step}")
+        ckpt = None  # restored: let go of the rest of the mapped file
     run_config = {"train_config": dataclasses.asdict(cfg), "model_config": model.config.to_dict(),
-                  "tokenizer": tokenizer.identity, "world_size": world.world}
+                  "tokenizer": tokenizer.identity, "data_fingerprint": fingerprint, "world_size": world.world}
     if world.main:
         if cfg.overwrite and not cfg.resume:  # the old run goes first: --resume must never pair it with this one
             for name in (CHECKPOINT,) + RUN_FILES:
@@ -557,18 +631,20 @@ def _train(cfg, world, log):
         return torch.autocast(device.type, dtype=amp_dtype)
 
     def evaluate():
+        """Mean loss over eval_batches global batches of validation windows, in forwards of the
+        training micro-batch size (what device memory was sized for): every forward has micro x
+        seqlen tokens, so the mean of their means is the mean over all the windows."""
         wrapped.eval()
         idx = fdata.eval_windows(val_sampler.n_windows, cfg.eval_batches * cfg.batch_size)
+        mine = idx.reshape(-1, world.world, micro)[:, world.rank]  # this rank's micro-batches, as in training
         total = torch.zeros((), device=device)
         with torch.no_grad():
-            for b in range(cfg.eval_batches):
-                rows = idx[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                rows = rows[world.rank * (cfg.batch_size // world.world) : (world.rank + 1) * (cfg.batch_size // world.world)]
+            for rows in mine:
                 w = to_device(val_sampler.fetch(rows))
                 with autocast():
                     total += wrapped(w[:, :-1], w[:, 1:]).float()
         wrapped.train()
-        return world.mean(total / cfg.eval_batches).item()
+        return world.mean(total / len(mine)).item()
 
     def save(step):
         msd, osd = _state_dicts(model, optimizer)
@@ -593,7 +669,7 @@ def _train(cfg, world, log):
             pass
     history = {"train_loss": {}, "val_loss": {}, "tokens_per_s": None, "n_params": n_params}
     tokens_per_step = cfg.batch_size * cfg.seqlen
-    pending = []  # (step, loss tensor, lr) not yet synced to the host
+    pending = []  # (step, loss tensor, grad-norm tensor or None, lr) not yet synced to the host
     t_last, tokens_since = time.perf_counter(), 0
     t_start = time.perf_counter()
     wrapped.train()
@@ -617,26 +693,32 @@ def _train(cfg, world, log):
                     loss = wrapped(batch[:, :-1], batch[:, 1:])
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
+        grad_norm = None  # the norm before clipping (without clipping it is not computed)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_since += tokens_per_step
-        pending.append((step, world.mean(loss_sum / cfg.grad_accum), lr))
+        pending.append((step, world.mean(loss_sum / cfg.grad_accum), grad_norm, lr))
         do_eval = val_sampler is not None and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
         do_save = step % cfg.ckpt_every == 0 or step == cfg.steps
         if not (do_eval or do_save or step % cfg.log_every == 0 or step == stop_at):
             continue
-        losses = torch.stack([p[1] for p in pending]).tolist()  # one host sync per log interval
+        synced = torch.stack([p[1] for p in pending] + [p[2].float() for p in pending if p[2] is not None]).tolist()
+        losses, norms = synced[: len(pending)], iter(synced[len(pending):])  # one host sync per log interval
         now = time.perf_counter()
         tps = tokens_since / (now - t_last)  # training only: eval and checkpoint time come after
         val_loss = evaluate() if do_eval else None
-        for (s, _, lr_s), l in zip(pending, losses):
+        for (s, _, gn, lr_s), l in zip(pending, losses):
             history["train_loss"][s] = l
             row = {"step": s, "loss": l, "lr": lr_s, "tokens": s * tokens_per_step, "time_s": now - t_start}
+            if gn is not None:
+                row["grad_norm"] = gn = next(norms)
             if s == step:
                 row["tokens_per_s"] = tps
                 if val_loss is not None:
@@ -645,7 +727,8 @@ def _train(cfg, world, log):
         if val_loss is not None:
             history["val_loss"][step] = val_loss
         history["tokens_per_s"] = tps
-        msg = f"step {step}/{cfg.steps} loss {losses[-1]:.4f} lr {lr:.2e} {tps:,.0f} tok/s" + (
+        msg = f"step {step}/{cfg.steps} loss {losses[-1]:.4f} lr {lr:.2e}" + (
+            f" grad norm {gn:.3g}" if gn is not None else "") + f" {tps:,.0f} tok/s" + (
             f" val {val_loss:.4f}" if val_loss is not None else "")
         if bar is not None:
             bar.set_postfix_str(msg.split(" ", 2)[2])

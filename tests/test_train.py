@@ -622,3 +622,154 @@ def test_bench_train_target_verdict():
     alone = target_verdict("llama-3.2-1b", {"fused": dict(fused, peak_mem_gb=None)})
     assert alone["x_reference"] == alone["x_compile_reference"] == alone["peak_memory"] == "not measured"
     assert target_verdict("llama-3.2-1b", {})["mfu"] == "not measured"
+
+
+# ------------------------------------------------------------------------------ audit fixes
+def test_count_settings_must_be_ints(corpus, tmp_path):
+    """Counts are ints: warmup=0.1 (an HF warmup_ratio habit) started at 10x the peak lr; floats
+    and bools are rejected with the setting's name, before any work."""
+    for kw, name in ((dict(warmup=0.1), "warmup"), (dict(warmup=1.5), "warmup"), (dict(eval_every=1.5), "eval_every"),
+                     (dict(seqlen=32.0), "seqlen"), (dict(steps=True), "steps"), (dict(log_every=2.0), "log_every"),
+                     (dict(stop_after=1.0), "stop_after"), (dict(warmup=-1), "warmup")):
+        with pytest.raises(ValueError, match=rf"{name} \(--{name.replace('_', '-')}\) must be .*int, got"):
+            train(run_cfg(corpus, tmp_path, "bad", **kw))
+        assert not (tmp_path / "cache").exists() and not (tmp_path / "bad").exists(), kw
+    run_cfg(corpus, tmp_path, warmup=np.int64(0), eval_every=0, stop_after=None).validate()
+
+
+def test_resume_from_another_folder(corpus, tmp_path, monkeypatch):
+    """Relative data and cache_dir are stored absolute: `fastlm train --resume --out-dir D` from
+    another folder finds the corpus (and the cache) of the run."""
+    monkeypatch.chdir(corpus.parent)
+    common = ["--model", "tiny", "--set", "n_layers=1", "--backend", "reference", "--seqlen", "16", "--batch-size",
+              "2", "--eval-every", "0", "--ckpt-every", "2", "--no-progress"]
+    out = str(tmp_path / "run")
+    assert cli_main(["train", *common, "--data", corpus.name, "--cache-dir", "cache", "--steps", "2",
+                     "--out-dir", out]) == 0
+    saved = load_checkpoint(os.path.join(out, "checkpoint.pt"))["config"]["train_config"]
+    assert saved["data"] == [str(corpus)] and saved["cache_dir"] == str(tmp_path / "cache")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli_main(["train", "--resume", "--steps", "3", "--out-dir", out, "--no-progress", "--summary-json",
+                     "s.json"]) == 0
+    assert set(json.load(open("s.json"))["train_loss"]) == {"3"}
+    assert os.listdir(tmp_path / "elsewhere") == ["s.json"]  # no second cache here
+
+
+def test_resume_override_refuses_the_data_order(corpus, tmp_path):
+    """seqlen, val_fraction and seed define the windows and their order, which the checkpoint's
+    data position belongs to: resume_override refuses to change them, by name (seqlen failed
+    with a window-count message; a changed seed was logged but not applied)."""
+    kw = dict(steps=2, ckpt_every=2, eval_every=0, model_overrides={"n_layers": 1})
+    train(run_cfg(corpus, tmp_path, **kw))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    for bad in (dict(seqlen=16), dict(val_fraction=0.1), dict(seed=5)):
+        lines = []
+        with pytest.raises(ValueError, match=rf"resume_override \(--resume-override\) cannot change "
+                                             rf"{next(iter(bad))}: .*start a new run"):
+            train(run_cfg(corpus, tmp_path, resume=True, resume_override=True, **dict(kw, steps=4, **bad)),
+                  log=lines.append)
+        assert not any("resuming with changed settings" in line for line in lines), lines
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_eval_runs_in_training_micro_batches(corpus, tmp_path, monkeypatch):
+    """Validation forwards have the training micro-batch size (batch_size / world / grad_accum),
+    not grad_accum times it; the val loss is the same mean over the same windows."""
+    import fastlm.models.transformer as tm
+
+    shapes = []
+    real = tm.Transformer.forward
+
+    def spy(self, tokens, targets=None, **kw):
+        if not self.training:
+            shapes.append(tuple(tokens.shape))
+        return real(self, tokens, targets, **kw)
+
+    kw = dict(steps=2, batch_size=8, eval_every=2, eval_batches=2, ckpt_every=2, model_overrides={"n_layers": 1})
+    one = train(run_cfg(corpus, tmp_path, "a", **kw))
+    monkeypatch.setattr(tm.Transformer, "forward", spy)
+    four = train(run_cfg(corpus, tmp_path, "b", grad_accum=4, **kw))
+    assert set(shapes) == {(2, 32)} and len(shapes) == 2 * 4, shapes
+    np.testing.assert_allclose(four["val_loss"][2], one["val_loss"][2], rtol=1e-6)
+
+
+def test_grad_norm_is_logged(corpus, tmp_path):
+    """The pre-clip gradient norm of every step goes to metrics.jsonl / metrics.csv (none
+    without clipping, where it is not computed)."""
+    train(run_cfg(corpus, tmp_path, steps=3, eval_every=0, grad_clip=1e-3, log_every=2,
+                  model_overrides={"n_layers": 1}))
+    rows = _metrics_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_norm"] > 1e-3 for r in rows), rows
+    csv_lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("step,loss,val_loss,lr,grad_norm,")
+    assert float(csv_lines[1].split(",")[4]) == rows[0]["grad_norm"]
+    train(run_cfg(corpus, tmp_path, "noclip", steps=1, eval_every=0, grad_clip=0.0, model_overrides={"n_layers": 1}))
+    assert "grad_norm" not in _metrics_rows(tmp_path / "noclip")[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_checkpoint_is_memory_mapped(corpus, tmp_path):
+    """load_checkpoint maps the file instead of reading it into each rank's memory: the tensors
+    live in a mapping of the checkpoint file."""
+    train(run_cfg(corpus, tmp_path, steps=1, eval_every=0, ckpt_every=1, model_overrides={"n_layers": 1}))
+    path = str(tmp_path / "run" / "checkpoint.pt")
+    ckpt = load_checkpoint(path)
+    maps = [line.split() for line in open("/proc/self/maps")]
+    spans = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps if len(m) >= 6 and m[5] == path]
+    assert spans, "the checkpoint file is not mapped"
+    assert all(any(lo <= t.data_ptr() < hi for lo, hi in spans) for t in ckpt["model"].values())
+
+
+def test_resume_checks_the_corpus_fingerprint(corpus, tmp_path):
+    """Another corpus with the same number of tokens is refused on resume (it passed the window
+    count check); a copy of the corpus is fine, and so are an old checkpoint without a fingerprint
+    and an old token cache (rebuilt with one)."""
+    import shutil
+
+    kw = dict(steps=2, ckpt_every=2, eval_every=0, model_overrides={"n_layers": 1})
+    train(run_cfg(corpus, tmp_path, **kw))
+    other = tmp_path / "other"
+    shutil.copytree(corpus, other)
+    text = (other / "mod0.py").read_text()
+    (other / "mod0.py").write_text(text.replace("add", "mul"))  # same size, other tokens
+    with pytest.raises(ValueError, match="corpus differs from the one .*fingerprint"):
+        train(run_cfg(corpus, tmp_path, resume=True, **dict(kw, steps=3, data=[str(other)])))
+    (other / "mod0.py").write_text(text)  # now a copy: the same token stream
+    train(run_cfg(corpus, tmp_path, resume=True, **dict(kw, steps=3, data=[str(other)])))
+    # a checkpoint written before fingerprints: no check
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["data_fingerprint"]
+    torch.save(ckpt, path)
+    (other / "mod0.py").write_text(text.replace("add", "mul"))
+    train(run_cfg(corpus, tmp_path, resume=True, **dict(kw, steps=4, data=[str(other)])))
+    # a token cache written before fingerprints: rebuilt with one
+    fp = fdata.TokenData([str(corpus)], cache_dir=str(tmp_path / "old")).meta["fingerprint"]
+    (meta_path,) = (tmp_path / "old").glob("*.json")
+    meta_path.write_text(json.dumps({k: v for k, v in json.loads(meta_path.read_text()).items() if k != "fingerprint"}))
+    assert fdata.TokenData([str(corpus)], cache_dir=str(tmp_path / "old")).meta["fingerprint"] == fp
+    assert "fingerprint" in json.loads(meta_path.read_text())
+
+
+def test_ranks_launched_with_different_settings_fail(corpus, tmp_path):
+    """2 gloo ranks started with different lr: both fail at start-up naming lr (DDP trained on,
+    each rank with its own lr, and the replicas diverged)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, lr in ((0, "0.003"), (1, "0.5")):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", FASTLM_QUIET_NO_C="1", PYTHONPATH=ROOT)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fastlm", "train", "--model", "tiny", "--set", "n_layers=1", "--backend", "reference",
+             "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--seqlen", "16", "--batch-size", "2",
+             "--steps", "1", "--lr", lr, "--eval-every", "0", "--out-dir", str(tmp_path / "run"), "--no-progress"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 1 and "different settings: lr (ranks [1] differ from rank 0" in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
