@@ -105,7 +105,9 @@ class _TorchKVCache:
     Prefill of rows [r0, r1) (right-padded, every prompt starting at position 0): slice
     assignment and causal SDPA.  Decode: one token per row written with index_put at
     ``positions`` (device, the lengths before the step), then SDPA over the first S = max
-    length slots, with a per-row length mask when the rows differ in length.
+    length slots, with a per-row length mask when the rows differ in length.  A masked slot
+    still enters SDPA's sums (0 x NaN = NaN), so the prefill zeroes each row's slots past its
+    prompt: the padding's k/v and whatever an earlier call left there.
     """
 
     def __init__(self, n_layers, batch, capacity, n_kv_heads, head_dim, dtype, device):
@@ -113,7 +115,7 @@ class _TorchKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.batch, self.capacity = batch, capacity
-        self.rows = None  # prefill: slice of the rows being prefilled
+        self.rows, self.valid = None, None  # prefill: slice of the rows being prefilled, their prompt tokens
         self.mask, self.S = None, 0
         self.lens = [0] * batch  # host: tokens held per row (after the current step)
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
@@ -125,6 +127,8 @@ class _TorchKVCache:
 
     def begin_prefill(self, r0, r1, T, window):
         self.rows, self.S = slice(r0, r1), T
+        # (G, T, 1, 1): the prompt's own tokens (positions holds the prompt lengths here)
+        self.valid = (torch.arange(T, device=self.k.device) < self.positions[r0:r1, None])[..., None, None]
         self.mask = None if window[0] < 0 else _visible(torch.zeros(r1 - r0, dtype=torch.long, device=self.k.device),
                                                         T, T, window)
 
@@ -142,8 +146,12 @@ class _TorchKVCache:
 
     def attend(self, layer, q, k, v, window):
         if self.rows is not None:  # prefill: (G, T) tokens at positions 0..T-1
-            self.k[layer, self.rows, : k.shape[1]] = k
-            self.v[layer, self.rows, : v.shape[1]] = v
+            T = k.shape[1]
+            # The padding's k/v zeroed for this SDPA too: a causal block that is partly masked still sums them.
+            k, v = (torch.where(self.valid, t, 0.0) for t in (k, v))
+            for buf, new in ((self.k[layer, self.rows], k), (self.v[layer, self.rows], v)):
+                buf[:, :T] = new
+                buf[:, T:] = 0.0
             return _sdpa(q, k, v, self.mask, causal=self.mask is None)
         self.k[layer].index_put_((self._arange, self.positions), k[:, 0])
         self.v[layer].index_put_((self._arange, self.positions), v[:, 0])
@@ -444,7 +452,11 @@ class Generator:
         st = self._state
         if st is None or not st.fits(self, batch, capacity, num_blocks):
             self._state = None  # free the old cache and graphs first
-            st = self._state = _State(self, batch, capacity, num_blocks)
+            # Normal tensors even when called under torch.inference_mode(): the steps update the
+            # cache and buffers in place, which a later call outside inference mode could not do
+            # to inference tensors (normal ones may be updated in place inside it).
+            with torch.inference_mode(False):
+                st = self._state = _State(self, batch, capacity, num_blocks)
         return st
 
     # -------------------------------------------------------------------------- the loop
@@ -466,7 +478,7 @@ class Generator:
             clock.mark("start")
             self._prefill(st, prompts, lens, sp)
             clock.mark("prefill")
-        finished, counts, live = [False] * B, [0] * B, list(range(B))
+        finished, counts = [False] * B, [0] * B
         key = tuple(sorted(sp.items()))
         pending = deque()
         t, chunk = 1, 0  # tokens sampled per sequence so far; chunks issued
@@ -475,7 +487,7 @@ class Generator:
             with self._ctx():
                 end = min(max_new, (chunk + 1) * K)  # chunk c: tokens [c * K, end)
                 while t < end:
-                    self._decode_step(st, sp, key, live)
+                    self._decode_step(st, sp, key)
                     t += 1
                 buf, mbuf = st.host[chunk % 2]
                 buf.copy_(st.ring, non_blocking=cuda)
@@ -507,7 +519,6 @@ class Generator:
                             finished[b] = True
                             if st.fused and self.cache_kind == "paged":
                                 st.cache.free_sequence(b)  # its blocks go back to the pool now
-                                live.remove(b)
                         yield b, tok
                         if self._runs != me:
                             raise RuntimeError(
@@ -593,14 +604,12 @@ class Generator:
         last = torch.tensor(group, device=dev) - 1
         return _head_rows(m, stream, (torch.arange(g1 - g0, device=dev), last))
 
-    def _decode_step(self, st, sp, key, live):
+    def _decode_step(self, st, sp, key):
         """One token for every sequence: host-side reserve, then the (captured) device step.
         key: the sampling parameters as a hashable (one graph per distinct key)."""
         if not st.fused:
             st.cache.begin_decode(self.model.config.attention_window)
-        elif self.cache_kind == "paged":
-            st.cache.reserve(1, live)
-        else:
+        else:  # every live sequence (paged: the unfinished ones), without per-id checks
             st.cache.reserve(1)
         if not self.cuda_graphs:
             self._step_body(st, sp)

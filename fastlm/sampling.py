@@ -50,11 +50,26 @@ def _outside_top_k(logits, top_k):
     return logits < torch.topk(logits, top_k, dim=-1).values[..., -1:]
 
 
+def _check_logits(logits):
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 1:
+        raise TypeError(f"logits must be a floating-point tensor (..., vocab), got {getattr(logits, 'dtype', logits)!r}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a non-empty vocabulary (last) dimension, got shape {tuple(logits.shape)}")
+
+
 def filter_logits(logits, top_k=None, top_p=None):
-    """Set logits outside the top-k / nucleus (top-p) set to -inf.  logits: (..., vocab), fp32."""
+    """Set logits outside the top-k / nucleus (top-p) set to -inf.  logits: (..., vocab), fp32.
+    top_k / top_p are checked as by ``sample`` (raises naming the argument)."""
+    _check_logits(logits)
+    _, top_k, top_p = check_sampling_args(1.0, top_k, top_p)
     outside_k = _outside_top_k(logits, top_k)
     if outside_k is not None:
         logits = logits.masked_fill(outside_k, float("-inf"))
+    return _filter_top_p(logits, top_p)
+
+
+def _filter_top_p(logits, top_p):
+    """filter_logits' nucleus part, for parameters already checked."""
     if top_p is not None and top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -82,10 +97,7 @@ def sample_with_max(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=F
     """``sample``, and each row's largest logit (...,) -- NaN exactly for the rows that hold a NaN
     -- which the sampling computes anyway (greedy: in logits' dtype, from the same reduction
     as the argmax; otherwise fp32)."""
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 1:
-        raise TypeError(f"logits must be a floating-point tensor (..., vocab), got {getattr(logits, 'dtype', logits)!r}")
-    if logits.shape[-1] < 1:
-        raise ValueError(f"logits must have a non-empty vocabulary (last) dimension, got shape {tuple(logits.shape)}")
+    _check_logits(logits)
     if not isinstance(greedy, bool):
         raise TypeError(f"greedy must be a bool, got {greedy!r}")
     t, top_k, top_p = check_sampling_args(temperature, top_k, top_p)
@@ -103,7 +115,7 @@ def sample_with_max(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=F
     logits = torch.where(logits == top, 0.0, (logits - top) / t)
     if outside_k is not None:
         logits = logits.masked_fill(outside_k, float("-inf"))
-    logits = filter_logits(logits, None, top_p)
+    logits = _filter_top_p(logits, top_p)
     probs = torch.softmax(logits, dim=-1)
     e = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / e).argmax(-1), top.squeeze(-1)

@@ -128,6 +128,25 @@ def test_nan_logits_raise_instead_of_an_arbitrary_token(which):
         generate(model, prompts, 4, greedy=True)
 
 
+def test_reference_cache_masked_slots_hold_no_nan():
+    """The reference path's SDPA sums masked slots with weight 0 (0 x NaN = NaN): NaN k/v left
+    by an earlier call that raised, or made from the padding token, must not reach a clean call."""
+    ref, _ = models("tiny", op_backend="reference")
+    bad, pad = 311, 0  # the reference path right-pads prompts with token 0
+    clean = [[20, 21], [22, 23, 24, 25]]
+    want = generate(ref, clean, 8, greedy=True)
+    assert not {t for o in want for t in o} & {bad, pad}, "pick other prompt tokens"
+    gen = Generator(ref)
+    with torch.no_grad():
+        ref.tok_emb.weight[bad] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN"):
+        gen.generate([[5, 6, 7, 8, 9, 10, 11, 12, bad, 13], [5, 6]], 8, greedy=True)
+    assert gen.generate(clean, 8, greedy=True) == want  # stale NaN slots of the first call
+    with torch.no_grad():
+        ref.tok_emb.weight[pad] = float("nan")
+    assert generate(ref, clean, 8, greedy=True) == want  # NaN k/v of the padding
+
+
 def _hf_llama():
     transformers = pytest.importorskip("transformers", reason="the HF generate comparison needs transformers")
     cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -219,6 +238,21 @@ def test_generator_reuses_its_cache_and_resizes():
     fused.to(torch.bfloat16)  # converted weights (new addresses): a new cache of the new dtype
     gen.generate(prompts_of([3, 5, 2], 320), 2, greedy=True)
     assert gen._state is not st and gen._state.cache.k_cache.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("which, cache", [("fused", "static"), ("fused", "paged"), ("reference", "static")])
+@pytest.mark.parametrize("first_inside", [True, False])
+def test_generator_works_in_and_out_of_inference_mode(which, cache, first_inside):
+    """The state built by a call under torch.inference_mode() (inference tensors, if made there)
+    must still be updated in place by a later call outside it, and the other way round."""
+    ref, fused = models("tiny", op_backend="reference")
+    prompts = prompts_of([5, 2], 320, seed=1)
+    gen = Generator(fused if which == "fused" else ref, cache=cache)
+    out = []
+    for inside in (first_inside, not first_inside, first_inside):
+        with torch.inference_mode(inside):
+            out.append(gen.generate(prompts, 4, greedy=True))
+    assert out[0] == out[1] == out[2]
 
 
 # ------------------------------------------------------------------------------ sampling

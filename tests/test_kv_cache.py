@@ -947,6 +947,30 @@ def test_paged_allocator_random_no_sharing():
             assert all(x == -1 for x in row[len(cache.blocks_of(s)):])
 
 
+@pytest.mark.parametrize("kind", ["static", "paged"])
+def test_reserve_of_every_sequence_checks_no_ids(kind, monkeypatch):
+    """reserve(n) of every (live) sequence runs each decode step on the host: the ids are the
+    cache's own, so they are not checked one by one (O(batch) Python per token); explicit ids are."""
+    import fastlm.nn.kv_cache as kvc
+
+    B = 64
+    if kind == "static":
+        cache = StaticKVCache(1, B, 8, 1, 8, torch.float32, DEVICE)
+    else:
+        cache = PagedKVCache(1, B, 4, 1, 8, torch.float32, DEVICE, max_batch=B, max_seqlen=8)
+        for _ in range(B):
+            cache.add_sequence()
+    calls = []
+    monkeypatch.setattr(kvc, "is_int", lambda v: calls.append(v) or isinstance(v, int))
+    cache.reserve(1)
+    assert len(calls) <= 2 and cache.lengths() == [1] * B
+    calls.clear()
+    cache.reserve(1, list(range(B)))  # the public checks stay for ids given by the caller
+    assert len(calls) >= B and cache.lengths() == [2] * B
+    with pytest.raises(ValueError, match="token counts must be ints >= 0"):
+        cache.reserve(-1)
+
+
 def test_static_cache_capacity_error():
     cache = StaticKVCache(2, 2, 5, 1, 8, torch.float32, DEVICE)
     cache.reserve([5, 2])

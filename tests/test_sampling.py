@@ -165,3 +165,19 @@ def test_infinite_logits_take_all_the_probability():
     draws = torch.stack([sample(logits, temperature=0.7, generator=g) for _ in range(200)])
     assert (draws[:, 0] == 2).all()
     assert set(draws[:, 1].tolist()) == {0, 2}  # the two +inf tokens, both drawn
+
+
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(top_p=1.5), ValueError, "top_p"),
+    (dict(top_k=0), ValueError, "top_k"),
+    (dict(top_k=-1), ValueError, "top_k"),
+    (dict(top_k=2.0), TypeError, "top_k"),
+])
+def test_filter_logits_checks_its_arguments(kw, exc, name):
+    # filter_logits is public too: top_p=0 used to mask every token (even the top one) and
+    # top_k <= 0 failed inside torch with messages that did not name top_k.
+    with pytest.raises(exc, match=name):
+        filter_logits(torch.tensor([[1.0, 3.0, 2.0]]), **kw)
+    with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
+        filter_logits(torch.arange(3), top_k=1)

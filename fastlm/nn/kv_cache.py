@@ -71,7 +71,9 @@ class _KVCacheBase(nn.Module):
 
     def _seq_list(self, seq_ids, what="reserve"):
         """seq_ids (default: every slot) as a list of distinct ints in [0, slots)."""
-        seqs = list(range(len(self._lens))) if seq_ids is None else _host_list(seq_ids)
+        if seq_ids is None:  # nothing to check (a decode step's reserve(1) comes here: O(1) Python checks)
+            return list(range(len(self._lens)))
+        seqs = _host_list(seq_ids)
         for i, s in enumerate(seqs):
             if not is_int(s) or not 0 <= s < len(self._lens):
                 raise IndexError(f"{type(self).__name__}.{what}: sequence id {s!r} is not in [0, {len(self._lens)})")
@@ -81,7 +83,11 @@ class _KVCacheBase(nn.Module):
         return seqs
 
     def _n_list(self, n, seqs):
-        ns = [n] * len(seqs) if is_int(n) else _host_list(n)
+        if is_int(n):  # one check, not one per sequence
+            if n < 0:
+                raise ValueError(f"{type(self).__name__}.reserve: token counts must be ints >= 0, got {n}")
+            return [int(n)] * len(seqs)
+        ns = _host_list(n)
         if len(ns) != len(seqs):
             raise ValueError(f"{type(self).__name__}.reserve: got {len(ns)} token counts for {len(seqs)} sequences")
         if any(not is_int(x) or x < 0 for x in ns):
@@ -309,11 +315,15 @@ class PagedKVCache(_KVCacheBase):
         """Host: make room for n more tokens (int or one per sequence) in the given live sequences
         (default: all live ones), allocating blocks as needed.  All or nothing: raises (with
         nothing allocated or written) if the pool, or a sequence's max_seqlen, would be exceeded."""
-        seqs = self.live_sequences() if seq_ids is None else self._seq_list(seq_ids)
+        if seq_ids is None:
+            seqs = self.live_sequences()  # live by construction: no per-id checks
+        else:
+            seqs = self._seq_list(seq_ids)
+            for s in seqs:
+                self._check_live(s, "reserve")
         ns = self._n_list(n, seqs)
         need = []
         for s, x in zip(seqs, ns):
-            self._check_live(s, "reserve")
             total = self._lens[s] + x
             if total > self.max_seqlen:
                 raise ValueError(
