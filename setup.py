@@ -12,6 +12,7 @@ for an H100-only build.  The Triton kernels in ``kernels/`` install as ``fastlm.
 """
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -51,17 +52,27 @@ import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 
-def _cuda_archs():
-    archs = os.environ.get("FASTLM_CUDA_ARCHS", "8.0;9.0")
+def _parse_cuda_archs(spec):
+    """nvcc -gencode flags for FASTLM_CUDA_ARCHS: archs separated by ';', ',' or spaces (as
+    TORCH_CUDA_ARCH_LIST), each like "8.0", "80", "sm_90", "9.0a" or "9.0+PTX"."""
+    archs = [a for a in re.split(r"[;,\s]+", spec) if a]
+    expected = "CUDA archs separated by ';', ',' or spaces, each like 8.0, 80, sm_90, 9.0a or 9.0+PTX"
+    if not archs:
+        raise ValueError(f"FASTLM_CUDA_ARCHS={spec!r} names no arch: expected {expected} (unset: 8.0;9.0)")
     flags = []
-    parsed = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
-    for a in parsed:
-        num = a.replace(".", "").replace("+PTX", "")
+    for a in archs:
+        m = re.fullmatch(r"(?:sm_)?(\d+)(?:\.(\d))?([a-z]?)(?:\+PTX)?", a, re.IGNORECASE)
+        if m is None or (m[2] is None and len(m[1]) < 2):  # ("8" alone: no minor version)
+            raise ValueError(f"FASTLM_CUDA_ARCHS={spec!r}: expected {expected}; got {a!r}")
+        num = m[1] + (m[2] or "") + m[3].lower()
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
     # PTX of the newest arch so later GPUs can JIT it.
-    last = parsed[-1].replace(".", "").replace("+PTX", "")
-    flags.append(f"-gencode=arch=compute_{last},code=compute_{last}")
+    flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
     return flags
+
+
+def _cuda_archs():
+    return _parse_cuda_archs(os.environ.get("FASTLM_CUDA_ARCHS", "8.0;9.0"))
 
 
 def _why_no_cuda():

@@ -13,7 +13,8 @@ HAVE_CUDA_KERNELS = False  # ... and it was compiled with the CUDA kernels
 WHY_NOT = ""  # human-readable reason the CUDA backend is unavailable
 
 try:
-    from fastlm import _C  # noqa: F401  (importing registers the ops)
+    # (not `from fastlm import _C`: in the partly initialized package its failure reads as a circular import)
+    import fastlm._C  # noqa: F401  (importing registers the ops)
 
     HAVE_C = True
     HAVE_CUDA_KERNELS = bool(torch.ops.fastlm.built_with_cuda())
@@ -27,8 +28,13 @@ try:
             "CUDA build of torch: pip install --no-build-isolation -e ."
         )
 except ImportError as e:  # pragma: no cover - depends on how the package was installed
+    if isinstance(e, ModuleNotFoundError) and e.name == "fastlm._C":
+        _here = os.path.dirname(os.path.abspath(__file__))
+        _cause = f"no fastlm/_C*.so in {_here}: it was not built or the build failed"
+    else:  # the file is there but does not load (e.g. built against another torch)
+        _cause = f"it is there but failed to import: {e}"
     WHY_NOT = (
-        f"the compiled extension fastlm._C is not available ({e}); the 'cuda' backend is "
+        f"the compiled extension fastlm._C is not available ({_cause}); the 'cuda' backend is "
         "disabled and the Triton/reference backends are used. Build it with: "
         "pip install --no-build-isolation -e ."
     )

@@ -22,7 +22,8 @@ def _train_args(p):
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="model preset (see `fastlm presets`)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a model config field, e.g. --set n_layers=4 (repeatable; JSON values)")
+                   help="override a model config field, e.g. --set n_layers=4 (repeatable; JSON values, or "
+                        "True/False/None)")
     g.add_argument("--vocab-size", type=int, default=None, help="default: the tokenizer's, rounded up to 64")
     g.add_argument("--backend", choices=["fused", "reference"], default=d.backend)
     g.add_argument("--op-backend", choices=["triton", "cuda", "reference"], default=None,
@@ -72,6 +73,8 @@ def _parse_overrides(items):
         if "=" not in it:
             raise SystemExit(f"fastlm train: --set expects FIELD=VALUE, got {it!r}")
         k, v = it.split("=", 1)
+        # Python spellings too: a string 'False' would be truthy
+        v = {"True": "true", "False": "false", "None": "null"}.get(v.strip(), v)
         try:
             out[k.strip()] = json.loads(v)
         except json.JSONDecodeError:
@@ -228,6 +231,17 @@ def _load_for_generation(checkpoint, hf, tokenizer, backend, op_backend, device,
         eos = tok.eot_id
         encode = lambda text: tok.encode(text).tolist()  # noqa: E731
     else:
+        from fastlm.train import CHECKPOINT
+
+        try:  # a `fastlm train` run folder also has a config.json, without an HF model_type
+            with open(os.path.join(hf, "config.json")) as fh:
+                hf_config = json.load(fh)
+        except (OSError, ValueError):
+            hf_config = None  # from_hf reports it
+        if isinstance(hf_config, dict) and "model_type" not in hf_config:
+            hint = (f"; it looks like a `fastlm train` run folder: use --checkpoint {hf}"
+                    if "model_config" in hf_config or os.path.isfile(os.path.join(hf, CHECKPOINT)) else "")
+            raise ValueError(f"--hf {hf}: its config.json has no model_type (not a Hugging Face model folder){hint}")
         model = Transformer.from_hf(hf, backend=backend, op_backend=op_backend)
         spec = tokenizer or (hf if os.path.isfile(os.path.join(hf, "tokenizer.json")) else None)
         tok = fdata.load_tokenizer(spec)
@@ -276,6 +290,11 @@ def _generate_run(a):
                          "cpu, or leave it unset")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[a.dtype]
+    if a.backend == "fused" and a.op_backend is not None:  # before loading (and before the prompt is printed)
+        from fastlm._backend import why_unavailable
+
+        if why := why_unavailable(a.op_backend, device):
+            raise ValueError(f"--op-backend {a.op_backend} cannot run on {device}: {why}")
     model, tok, eos, encode = _load_for_generation(checkpoint=a.checkpoint, hf=a.hf, tokenizer=a.tokenizer,
                                                   backend=a.backend, op_backend=a.op_backend, device=device,
                                                   dtype=dtype)
@@ -311,10 +330,21 @@ def _generate_run(a):
     s = gen.stats
     print(f"[generate] {s['new_tokens']} new tokens for {len(prompts)} prompt(s) in {wall:.3f} s: "
           f"{s['new_tokens'] / wall:.1f} tokens/s; prefill {s['prompt_tokens']} tokens in {s['prefill_s'] * 1e3:.1f} ms; "
-          f"decode {s['decode_steps']} steps, {s['decode_s'] * 1e3 / max(s['decode_steps'], 1):.2f} ms/step "
-          f"({s['decode_tokens_per_s']:.1f} tokens/s) [{model.backend}, {a.cache if model.backend == 'fused' else 'torch'} "
+          f"{_decode_stats(s)} [{model.backend}, {a.cache if model.backend == 'fused' else 'torch'} "
           f"cache, {'CUDA graphs' if gen.cuda_graphs else 'eager'}, {dtype}, {device}]", file=sys.stderr)
     return 0
+
+
+def _decode_stats(s):
+    """The decode part of the stats line, from Generator.stats.  Its decode_tokens_per_s counts
+    every step of every sequence, also the steps run after a sequence's EOS: here only the tokens
+    returned count (all but each prompt's first, which the prefill made)."""
+    steps, secs = s["decode_steps"], s["decode_s"]
+    if steps == 0 or not secs > 0:
+        return "decode n/a (no decode steps)"
+    produced = s["new_tokens"] - s["batch"]
+    return (f"decode {produced} new tokens in {steps} steps, {secs * 1e3 / steps:.2f} ms/step "
+            f"({produced / secs:.1f} tokens/s)")
 
 
 COMMANDS = {

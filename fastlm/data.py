@@ -157,7 +157,10 @@ def list_files(paths=None, exts=None, exclude=()):
             files.append(p)
         else:
             raise FileNotFoundError(f"corpus path not found: {p}")
-    return files
+    # Overlapping paths (a folder and its subfolder, `data` and `./data`) list a file more than once:
+    # keep its first listing, so no document repeats (nor lands in both the train and the val split).
+    seen = set()
+    return [f for f in files if not ((r := os.path.realpath(f)) in seen or seen.add(r))]
 
 
 # --------------------------------------------------------------------------- token cache
@@ -220,6 +223,8 @@ def build_token_cache(files, tokenizer, cache_dir=None, log=None):
     if not files:
         raise ValueError("empty corpus: no input files")
     cache_dir = cache_dir or default_cache_dir()
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):  # (makedirs would say only "File exists")
+        raise NotADirectoryError(f"the token cache folder (cache_dir, --cache-dir) {cache_dir} is a file, not a folder")
     os.makedirs(cache_dir, exist_ok=True)
     key = _cache_key(files, tokenizer)
     bin_path, meta_path = os.path.join(cache_dir, key + ".bin"), os.path.join(cache_dir, key + ".json")

@@ -16,7 +16,7 @@
   micro-step takes its slice of the same global batch, so N processes compute the same
   losses as one process (DDP: to fp32 rounding; FSDP2 with bf16 keeps its parameters in bf16,
   where one process and DDP keep fp32 weights under autocast: to bf16 rounding).
-- Checkpoint ``<out_dir>/checkpoint.pt``: model, optimizer, scheduler, data position and RNG
+- Checkpoint ``<out_dir>/checkpoint.pt``: model, optimizer, scheduler, data position, tokens trained and RNG
   state, as full (unsharded) state dicts, written to a temporary file and renamed (atomic).
   ``resume=True`` restores it (with any world size; every rank memory-maps the file) and
   continues the uninterrupted run: bitwise the same losses on CPU (same machine, world size
@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fastlm import _backend
 from fastlm import data as fdata
 from fastlm._io import atomic_open
 from fastlm.models import Transformer, TransformerConfig
@@ -502,7 +503,14 @@ def _train(cfg, world, log):
     if vocab_size < tokenizer.vocab_size:
         raise ValueError(f"train: vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     mc = model_config(cfg, vocab_size)
+    if cfg.backend == "fused" and cfg.op_backend is not None:  # else found at the first forward, after the writes
+        why = _backend.why_unavailable(cfg.op_backend, device)
+        if why:
+            raise ValueError(f"train: op_backend={cfg.op_backend!r} (--op-backend) cannot run on {device}: {why}")
     out_dir = cfg.out_dir
+    for name, d in (("out_dir (--out-dir)", out_dir), ("cache_dir (--cache-dir)", cfg.cache_dir)):
+        if d and os.path.exists(d) and not os.path.isdir(d):  # (makedirs would say only "File exists")
+            raise NotADirectoryError(f"train: {name} {d} is a file, not a folder")
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     for p in [cfg.data] if isinstance(cfg.data, (str, os.PathLike)) else cfg.data or ():  # before any mkdir
         if not os.path.exists(p):
@@ -510,9 +518,12 @@ def _train(cfg, world, log):
     ckpt, metrics_rows = None, ()
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt["config"]["model_config"] != mc.to_dict():
-            raise ValueError("train: the checkpoint's model config differs from this run's; resume with the same "
-                             "model options")
+        saved_mc = ckpt["config"]["model_config"]
+        if saved_mc != mc.to_dict():
+            fields = ", ".join(f"{k}: {saved_mc.get(k)!r} (checkpoint) -> {v!r} (this run)"
+                               for k, v in mc.to_dict().items() if saved_mc.get(k) != v)
+            raise ValueError(f"train: the checkpoint's model config differs from this run's: {fields}; resume with "
+                             "the same model options (--model, --set, --vocab-size)")
         diff = resume_config_diff(ckpt["config"], cfg, tokenizer.identity)
         changes = ", ".join(f"{k}: {old!r} (checkpoint) -> {new!r} (this run)" for k, old, new in diff)
         if diff and not cfg.resume_override:
@@ -585,7 +596,7 @@ def _train(cfg, world, log):
     wrapped = wrap_model(model, cfg, world, amp_dtype)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    step = 0
+    step = tokens = 0  # tokens: trained so far (a running total: resume_override may change the tokens per step)
     if ckpt is not None:
         _load_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -593,6 +604,8 @@ def _train(cfg, world, log):
         rng = ckpt["rng"]
         _set_rng_state(rng[world.rank] if len(rng) == world.world else rng[0])
         step = int(ckpt["step"])
+        old = ckpt["config"].get("train_config") or {}  # (checkpoints without "tokens": its constant tokens/step)
+        tokens = int(ckpt.get("tokens", step * old.get("batch_size", cfg.batch_size) * old.get("seqlen", cfg.seqlen)))
         # The restored optimizer and scheduler hold the checkpoint's lr, weight decay and betas: set this
         # run's (the same values unless resume_override) and the next step's lr from this run's schedule
         # (its steps may have grown).  base_lr * lambda(step) is what LambdaLR computes: bitwise the same.
@@ -646,7 +659,7 @@ def _train(cfg, world, log):
         wrapped.train()
         return world.mean(total / len(mine)).item()
 
-    def save(step):
+    def save(step, tokens):
         msd, osd = _state_dicts(model, optimizer)
         rngs = [None] * world.world
         if world.launched:
@@ -656,7 +669,7 @@ def _train(cfg, world, log):
         if world.main:
             atomic_save({"format": FORMAT_VERSION, "step": step, "model": msd, "optimizer": osd,
                          "scheduler": scheduler.state_dict(), "data": train_sampler.state_dict(), "rng": rngs,
-                         "config": run_config}, ckpt_path)
+                         "tokens": tokens, "config": run_config}, ckpt_path)
         world.barrier()
 
     bar = None
@@ -669,7 +682,7 @@ def _train(cfg, world, log):
             pass
     history = {"train_loss": {}, "val_loss": {}, "tokens_per_s": None, "n_params": n_params}
     tokens_per_step = cfg.batch_size * cfg.seqlen
-    pending = []  # (step, loss tensor, grad-norm tensor or None, lr) not yet synced to the host
+    pending = []  # (step, tokens, loss tensor, grad-norm tensor or None, lr) not yet synced to the host
     t_last, tokens_since = time.perf_counter(), 0
     t_start = time.perf_counter()
     wrapped.train()
@@ -703,20 +716,21 @@ def _train(cfg, world, log):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        tokens += tokens_per_step
         tokens_since += tokens_per_step
-        pending.append((step, world.mean(loss_sum / cfg.grad_accum), grad_norm, lr))
+        pending.append((step, tokens, world.mean(loss_sum / cfg.grad_accum), grad_norm, lr))
         do_eval = val_sampler is not None and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
         do_save = step % cfg.ckpt_every == 0 or step == cfg.steps
         if not (do_eval or do_save or step % cfg.log_every == 0 or step == stop_at):
             continue
-        synced = torch.stack([p[1] for p in pending] + [p[2].float() for p in pending if p[2] is not None]).tolist()
+        synced = torch.stack([p[2] for p in pending] + [p[3].float() for p in pending if p[3] is not None]).tolist()
         losses, norms = synced[: len(pending)], iter(synced[len(pending):])  # one host sync per log interval
         now = time.perf_counter()
         tps = tokens_since / (now - t_last)  # training only: eval and checkpoint time come after
         val_loss = evaluate() if do_eval else None
-        for (s, _, gn, lr_s), l in zip(pending, losses):
+        for (s, tok_s, _, gn, lr_s), l in zip(pending, losses):
             history["train_loss"][s] = l
-            row = {"step": s, "loss": l, "lr": lr_s, "tokens": s * tokens_per_step, "time_s": now - t_start}
+            row = {"step": s, "loss": l, "lr": lr_s, "tokens": tok_s, "time_s": now - t_start}
             if gn is not None:
                 row["grad_norm"] = gn = next(norms)
             if s == step:
@@ -736,7 +750,7 @@ def _train(cfg, world, log):
         else:
             log(msg)
         if do_save:
-            save(step)
+            save(step, tokens)
         pending, t_last, tokens_since = [], time.perf_counter(), 0
     if bar is not None:
         bar.close()

@@ -95,6 +95,12 @@ def test_llama_3_2_1b_shape():
     (dict(n_heads="4"), "n_heads must be a positive int, got '4'"),
     (dict(head_dim="16"), "head_dim must be a positive int"),
     (dict(rotary_dim=8.0), "rotary_dim must be"),
+    # a string 'False' is truthy: it must not silently keep the embeddings tied / the biases on
+    (dict(tie_embeddings="False"), "tie_embeddings must be a bool .*got 'False'"),
+    (dict(qkv_bias="false"), "qkv_bias must be a bool"),
+    (dict(out_bias=0), "out_bias must be a bool"),
+    (dict(mlp_bias=None), "mlp_bias must be a bool"),
+    (dict(norm_bias="True"), "norm_bias must be a bool"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):

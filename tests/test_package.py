@@ -139,3 +139,63 @@ def test_triton_launchers_run_on_the_tensors_device(monkeypatch):
         assert entered == ([torch.device("cuda", 1), "exit"] if current == 0 else [])
     cpu = torch.zeros(1)
     assert fk.launch_device(cpu) is fk.launch_device(cpu)  # the shared no-op context
+
+
+def test_missing_extension_warning_names_the_real_cause(tmp_path):
+    """A copy of the package without fastlm/_C*.so: the warning says it was not built (not the
+    'circular import' that `from fastlm import _C` reports inside the partly imported package);
+    a _C*.so that does not load: the warning says so, with the loader's error."""
+    import shutil
+
+    pkg = os.path.dirname(os.path.abspath(fastlm.__file__))
+    shutil.copytree(pkg, tmp_path / "fastlm", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    code = """
+        import sys, warnings
+        # only the copy: not the editable install's finder, which maps fastlm._C to the checkout's .so
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", f))]
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import fastlm
+        assert fastlm.__file__.startswith(sys.path[0]), fastlm.__file__
+        print("\\n".join(str(x.message) for x in w if "fastlm._C" in str(x.message)))
+        """
+    code = code.replace("sys.path[0]", repr(str(tmp_path)))
+    p = _run(code, PYTHONPATH=str(tmp_path), FASTLM_QUIET_NO_C="0")
+    assert p.returncode == 0, p.stderr
+    assert "not built" in p.stdout and "circular" not in p.stdout, p.stdout
+    (tmp_path / "fastlm" / "_C.abi3.so").write_bytes(b"not a shared library")
+    p = _run(code, PYTHONPATH=str(tmp_path), FASTLM_QUIET_NO_C="0")
+    assert p.returncode == 0, p.stderr
+    assert "failed to import" in p.stdout and "circular" not in p.stdout, p.stdout
+
+
+def test_cuda_archs_parsing():
+    """FASTLM_CUDA_ARCHS -> nvcc -gencode flags (setup.py's parser, run alone: no build)."""
+    import ast
+    import re
+
+    import pytest
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    if not os.path.exists(path):
+        pytest.skip("not a source checkout")
+    fn = next(n for n in ast.parse(open(path).read()).body
+              if isinstance(n, ast.FunctionDef) and n.name == "_parse_cuda_archs")
+    ns = {"re": re}
+    exec(compile(ast.Module([fn], []), path, "exec"), ns)
+    parse = ns["_parse_cuda_archs"]
+
+    def gencode(*sm, ptx):
+        return ([f"-gencode=arch=compute_{a},code=sm_{a}" for a in sm]
+                + [f"-gencode=arch=compute_{ptx},code=compute_{ptx}"])
+
+    for spec in ("8.0;9.0", "8.0 9.0", "8.0, 9.0", "80;90;", "sm_80 sm_90", "8.0;9.0+PTX"):
+        assert parse(spec) == gencode("80", "90", ptx="90"), spec
+    assert parse("9.0a") == parse("sm_90a") == gencode("90a", ptx="90a")
+    assert parse("10.0") == gencode("100", ptx="100")
+    for spec in ("", " ", ";"):
+        with pytest.raises(ValueError, match="FASTLM_CUDA_ARCHS=.* names no arch"):
+            parse(spec)
+    for spec, bad in (("8.0;x", "'x'"), ("8", "'8'"), ("compute_90", "'compute_90'")):
+        with pytest.raises(ValueError, match=f"FASTLM_CUDA_ARCHS=.*got {bad}"):
+            parse(spec)

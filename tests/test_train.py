@@ -533,6 +533,89 @@ def test_cli_os_errors_are_reported_before_training(corpus, tmp_path, capsys):
         assert "--summary-json" in err and msg in err, err
         assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # checked before training
 
+def test_set_accepts_python_spellings_of_bools():
+    """`--set tie_embeddings=False` (Python spelling) is the bool, not the truthy string 'False'."""
+    from fastlm.cli import _parse_overrides
+
+    assert _parse_overrides(["tie_embeddings=False", "qkv_bias=True", "sliding_window=None", "norm=layer",
+                             "n_layers=2"]) == {"tie_embeddings": False, "qkv_bias": True, "sliding_window": None,
+                                                "norm": "layer", "n_layers": 2}
+
+
+def test_data_paths_overlapping_list_each_file_once(corpus):
+    once = fdata.list_files([str(corpus)])
+    for paths in ([str(corpus), str(corpus / "sub")], [str(corpus), os.path.join(str(corpus), ".", "")],
+                  [str(corpus / "sub" / "notes.txt"), str(corpus)]):
+        files = fdata.list_files(paths)
+        assert len(files) == len({os.path.realpath(f) for f in files}) == len(once), paths
+    # the first listing is kept (its position and spelling)
+    assert fdata.list_files([str(corpus / "sub" / "notes.txt"), str(corpus)])[0] == str(corpus / "sub" / "notes.txt")
+
+
+def test_unusable_op_backend_is_refused_before_anything_is_written(corpus, tmp_path, monkeypatch):
+    from fastlm import _backend
+
+    monkeypatch.setattr(_backend, "why_unavailable", lambda b, d: "" if b != "cuda" else "no CUDA here")
+    with pytest.raises(ValueError, match="op_backend='cuda' \\(--op-backend\\) cannot run on cpu: no CUDA here"):
+        train(run_cfg(corpus, tmp_path, "new", backend="fused", op_backend="cuda"))
+    assert not (tmp_path / "new").exists() and not (tmp_path / "cache").exists()
+    train(run_cfg(corpus, tmp_path, steps=2, eval_every=0))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(ValueError, match="cannot run on cpu"):
+        train(run_cfg(corpus, tmp_path, steps=2, backend="fused", op_backend="cuda", overwrite=True))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # the old run is kept
+
+
+def test_metrics_tokens_are_a_running_total_across_resume_override(corpus, tmp_path):
+    kw = dict(steps=2, batch_size=4, ckpt_every=2, eval_every=0)
+    train(run_cfg(corpus, tmp_path, **kw))
+    train(run_cfg(corpus, tmp_path, **{**kw, "steps": 3, "batch_size": 8}, resume=True, resume_override=True))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [(r["step"], r["tokens"]) for r in rows] == [(1, 4 * 32), (2, 8 * 32), (3, 8 * 32 + 8 * 32)]
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["tokens"] == 16 * 32
+
+
+def test_error_messages_name_the_flag_and_the_cause(corpus, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    base = ["train", "--data", str(corpus), "--steps", "1", "--seqlen", "16", "--batch-size", "2", "--eval-every",
+            "0", "--no-progress", "--backend", "reference", "--set", "n_layers=1"]
+    assert cli_main(base + ["--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "file")]) == 1
+    assert "out_dir (--out-dir)" in capsys.readouterr().err
+    assert cli_main(base + ["--cache-dir", str(tmp_path / "file"), "--out-dir", str(tmp_path / "run")]) == 1
+    assert "cache_dir (--cache-dir)" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    with pytest.raises(NotADirectoryError, match="cache_dir, --cache-dir"):
+        fdata.TokenData([str(corpus)], cache_dir=str(tmp_path / "file"))
+    assert cli_main(base + ["--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert cli_main(["generate", "--hf", str(tmp_path / "run"), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "config.json has no model_type" in err and f"--checkpoint {tmp_path / 'run'}" in err, err
+    resume = ["train", "--out-dir", str(tmp_path / "run"), "--resume", "--set", "n_layers=2", "--steps", "3"]
+    assert cli_main(resume) == 1
+    assert "n_layers: 1 (checkpoint) -> 2 (this run)" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # an unusable op backend: only the error, not the prompt on stdout first
+        assert cli_main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "PROMPT", "--op-backend",
+                         "cuda"]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and "--op-backend cuda cannot run on cpu" in err, (out, err)
+
+
+def test_generate_stats_count_the_tokens_produced(corpus, tmp_path, capsys):
+    """The [generate] decode stats: the tokens returned (not the steps run past EOS) per decode
+    second, and n/a without decode steps (--max-new-tokens 1: the prefill makes the only token)."""
+    from fastlm.cli import _decode_stats
+
+    # one prompt; its 2nd token was EOS, but the decode ran 11 steps (whole chunks)
+    line = _decode_stats(dict(batch=1, new_tokens=2, decode_steps=11, decode_s=0.011, decode_tokens_per_s=1000.0))
+    assert line == "decode 1 new tokens in 11 steps, 1.00 ms/step (90.9 tokens/s)"
+    train(run_cfg(corpus, tmp_path, steps=1, eval_every=0, ckpt_every=1, model_overrides={"n_layers": 1}))
+    capsys.readouterr()
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def", "--greedy",
+                     "--max-new-tokens", "1", "--backend", "reference"]) == 0
+    err = capsys.readouterr().err
+    assert "decode n/a (no decode steps)" in err and "ms/step" not in err, err
+
+
 # ------------------------------------------------------------------------------ torchrun
 def torchrun(args, nproc=2, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", FASTLM_QUIET_NO_C="1", PYTHONPATH=ROOT)

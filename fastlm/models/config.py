@@ -104,6 +104,10 @@ class TransformerConfig:
             v = getattr(self, name)
             if not _is_real(v) or not v >= 0:
                 bad(f"{name} must be a non-negative real number, got {v!r}")
+        for name in ("qkv_bias", "out_bias", "mlp_bias", "norm_bias", "tie_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):  # a string 'False' (e.g. from --set) is truthy
+                bad(f"{name} must be a bool (True or False), got {v!r}")
 
     # ----------------------------------------------------------------------------- helpers
     def to_dict(self):
