@@ -12,7 +12,8 @@ with each backend (flash, cuDNN, efficient; on varlen, which SDPA cannot take pa
 per document, as its users write it), FlexAttention (compiled), flash_attn (FA2) / FA3
 when installed, the math reference (eager and compiled) at small sizes; plus % of the dense
 bf16 matmul TFLOP/s measured in this run.  fastlm's backward is timed in both modes: atomic dQ
-(default) and deterministic=True.
+(default) and deterministic=True; on sm_90+ its forward also with TMA tile loads
+(fastlm-triton-tma, FASTLM_ATTENTION_TMA=1).
 """
 import functools
 import random
@@ -24,6 +25,7 @@ from benchmarks.common import (Results, bench, compiled, lift_recompile_limit, m
 
 import fastlm
 from fastlm import reference
+from fastlm.kernels import attention as K
 
 TOKENS = 16384
 MODEL_DIM = 2048  # n_heads = MODEL_DIM // head_dim
@@ -102,10 +104,27 @@ def _flex(q, k, v, causal, block_mask_cache={}):  # noqa: B006 (a cache on purpo
     return o.transpose(1, 2)
 
 
+def _tma_variant(fn):
+    """fn with the forward's TMA loads on (FASTLM_ATTENTION_TMA=1), or why it cannot run.
+    Only the forward differs, so it is timed in fwd and fwd+bwd."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        return "skipped: TMA needs sm_90+"
+
+    def f(*args):
+        saved, K.TMA = K.TMA, True
+        try:
+            return fn(*args)
+        finally:
+            K.TMA = saved
+    return f
+
+
 def dense_impls(head_dim, seqlen, gqa=False):
     """name -> f(q, k, v, causal) or a 'skipped: why' string."""
+    triton_fn = lambda q, k, v, c: fastlm.ops.attention(q, k, v, causal=c, backend="triton")  # noqa: E731
     impls = {
-        "fastlm-triton": lambda q, k, v, c: fastlm.ops.attention(q, k, v, causal=c, backend="triton"),
+        "fastlm-triton": triton_fn,
+        "fastlm-triton-tma": _tma_variant(triton_fn),
         "fastlm-triton-det": (lambda q, k, v, c: fastlm.ops.attention(q, k, v, causal=c, deterministic=True,
                                                                       backend="triton"))
         if head_dim == 128 else "skipped: deterministic backward timed at head_dim 128 only (compile time)",
@@ -166,6 +185,8 @@ def run_case(res, impls, base, inputs, flops, modes, peak, det_modes=("bwd", "fw
         for name, fn in impls.items():
             if name.endswith("-det") and mode not in det_modes:
                 continue  # deterministic=True only changes the backward
+            if name.endswith("-tma") and mode == "bwd":
+                continue  # TMA only changes the forward
             if isinstance(fn, str):
                 res.skipped(name, fn.split(": ", 1)[1], **row0)
                 continue
@@ -178,10 +199,10 @@ def run_case(res, impls, base, inputs, flops, modes, peak, det_modes=("bwd", "fw
             tflops[name] = tf
             res.add(**row0, impl=name, ms=ms, p20=p20, p80=p80, TFLOPs=tf, pct_matmul=100 * tf / peak)
         sdpa = {k: v for k, v in tflops.items() if k.startswith("sdpa-")}
-        if "fastlm-triton" in tflops and sdpa:
-            best = max(sdpa, key=sdpa.get)
-            res.add(**row0, impl="fastlm-triton", metric="vs_best_sdpa", best_sdpa=best,
-                    ratio=tflops["fastlm-triton"] / sdpa[best])
+        for name in ("fastlm-triton", "fastlm-triton-tma"):
+            if name in tflops and sdpa:
+                best = max(sdpa, key=sdpa.get)
+                res.add(**row0, impl=name, metric="vs_best_sdpa", best_sdpa=best, ratio=tflops[name] / sdpa[best])
         torch.cuda.empty_cache()
 
 
@@ -243,6 +264,7 @@ def run_varlen(res, randn, modes, peak, device="cuda", tokens=TOKENS, h=16):
                                                                   cu_seqlens_k=cu, max_seqlen_q=mx, max_seqlen_k=mx,
                                                                   deterministic=True, backend="triton"),
     }
+    impls["fastlm-triton-tma"] = _tma_variant(impls["fastlm-triton"])
     fa2 = optional_module("flash_attn")
     impls["flash_attn"] = (lambda q, k, v: fa2.flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=True)) \
         if fa2 else "skipped: not installed"

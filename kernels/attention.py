@@ -36,6 +36,14 @@ blocks (7 matmuls per tile, bitwise deterministic).  When a GQA group has too fe
 K block) programs to fill the GPU, the group's query heads are split across programs that
 write fp32 partial dK/dV which the launcher sums (still deterministic).
 
+TMA (FASTLM_ATTENTION_TMA=1, sm_90+, fp16/bf16, power-of-2 head dim; off by default until GPU
+runs show it faster): the forward reads Q/K/V tiles through host-built 2-D TMA descriptors of
+the (tokens, heads * D) token-major views instead of per-thread pointers.  Hopper builds then
+use TMA + wgmma with far fewer registers (triton 3.6, D=128, 128x128 tiles: 198 and no spills
+against 255 and spills for cp.async).  A tile past a sequence's end holds the next sequence's
+tokens (or TMA's zero fill): their scores are masked as usual and the values zeroed, so
+non-finite values there never leak in; rows past Lq are computed and not stored.
+
 Tuning: a few (BLOCK_M, BLOCK_N, warps, stages) configs per head-dim class, autotuned per
 sequence-length bucket on the first call of each variant (so warm up before CUDA-graph
 capture); FASTLM_ATTENTION_AUTOTUNE=0 takes the first config that fits, and so do
@@ -51,6 +59,11 @@ import triton
 import triton.language as tl
 
 from fastlm.kernels import cdiv, next_pow2, on_tensor_device
+
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the pointer path only
+    TensorDescriptor = None
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -189,11 +202,11 @@ def _allowed(rows, cols, Lq, Lk, off, window_left, window_right,
 
 # ------------------------------------------------------------------------------ forward
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, lo, hi,
+def _fwd_inner(acc, m_i, l_i, q, K, V, DESC_K, DESC_V, k_row, k_col, stride_ks, stride_vs, lo, hi,
                offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right, score_mul, cap_mul,
                MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+               IEEE: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     d_ok = offs_d[None, :] < HEAD_DIM
     k_ptrs = K + lo.to(tl.int64) * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :]
     v_ptrs = V + lo.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
@@ -203,7 +216,11 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, lo, hi,
             kv_ok = ((start_n + offs_n)[:, None] < Lk) & d_ok
         else:
             kv_ok = d_ok
-        if BLOCK_D == HEAD_DIM and not MASK:
+        if USE_TMA:
+            # Rows past Lk are the next sequence's keys (or TMA zero fill): their scores are
+            # masked below (MASK tiles are the only ones that reach past Lk).
+            k = DESC_K.load([k_row + start_n, k_col])
+        elif BLOCK_D == HEAD_DIM and not MASK:
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
@@ -232,7 +249,12 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, lo, hi,
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if BLOCK_D == HEAD_DIM and not MASK:
+        if USE_TMA:
+            v = DESC_V.load([k_row + start_n, k_col])
+            if MASK:
+                # p is 0 past Lk, but 0 * (inf or NaN in another sequence's values) is NaN.
+                v = tl.where(kv_ok, v, 0.0)
+        elif BLOCK_D == HEAD_DIM and not MASK:
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
@@ -252,6 +274,9 @@ def _attn_fwd_kernel(
     LSE,  # *fp32 log-sum-exp (natural log): (B, Hq, Sq) or packed (Hq, Tq); unit stride in seq
     CU_Q,  # *i32 (num_seqs + 1,) packed query offsets (IS_VARLEN only)
     CU_K,  # *i32 (num_seqs + 1,) packed key offsets (IS_VARLEN only)
+    DESC_Q,  # USE_TMA: TMA descriptors of Q, K, V as 2-D (tokens, heads * D) row-major views
+    DESC_K,
+    DESC_V,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -275,6 +300,7 @@ def _attn_fwd_kernel(
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner step
+    USE_TMA: tl.constexpr = False,  # load Q/K/V tiles with TMA (sm_90+; BLOCK_D == HEAD_DIM)
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -292,6 +318,8 @@ def _attn_fwd_kernel(
         v_off = k_start.to(tl.int64) * stride_vs
         o_off = q_start.to(tl.int64) * stride_os
         l_off = q_start.to(tl.int64)
+        q_row = q_start
+        k_row = k_start
     else:
         b = tl.program_id(2).to(tl.int64)
         if HAS_RIGHT:
@@ -306,6 +334,8 @@ def _attn_fwd_kernel(
         v_off = b * stride_vb
         o_off = b * stride_ob
         l_off = b * stride_lb
+        q_row = tl.program_id(2) * seqlen_q
+        k_row = tl.program_id(2) * seqlen_k
     off = Lk - Lq
     m0 = m_blk * BLOCK_M
     Q += q_off + h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qs
@@ -320,7 +350,12 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
     tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + offs_r[:, None] * stride_qs + offs_d[None, :], mask=tile_ok, other=0.0)
+    if USE_TMA:
+        # Rows past Lq hold another sequence's queries: computed, never stored.
+        q = DESC_Q.load([q_row + m0, h * HEAD_DIM])
+    else:
+        q = tl.load(Q + offs_r[:, None] * stride_qs + offs_d[None, :], mask=tile_ok, other=0.0)
+    k_col = hk * HEAD_DIM
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -330,18 +365,18 @@ def _attn_fwd_kernel(
     lo, full_lo, full_hi, hi = _kv_range(m0, i_last, Lk, off, window_left, window_right,
                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
     if HAS_LEFT:
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, lo, full_lo,
-                                   offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right,
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, DESC_K, DESC_V, k_row, k_col, stride_ks, stride_vs,
+                                   lo, full_lo, offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right,
                                    score_mul, cap_mul, True, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT,
-                                   HAS_SOFTCAP, IEEE, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, full_lo, full_hi,
-                               offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right,
+                                   HAS_SOFTCAP, IEEE, BLOCK_N, USE_TMA)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, DESC_K, DESC_V, k_row, k_col, stride_ks, stride_vs,
+                               full_lo, full_hi, offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right,
                                score_mul, cap_mul, False, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT,
-                               HAS_SOFTCAP, IEEE, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, full_hi, hi,
-                               offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right,
+                               HAS_SOFTCAP, IEEE, BLOCK_N, USE_TMA)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, DESC_K, DESC_V, k_row, k_col, stride_ks, stride_vs,
+                               full_hi, hi, offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right,
                                score_mul, cap_mul, True, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT,
-                               HAS_SOFTCAP, IEEE, BLOCK_N)
+                               HAS_SOFTCAP, IEEE, BLOCK_N, USE_TMA)
 
     # Epilogue: rows that saw no key (l = 0) give out = 0 and lse = -inf.
     empty = l_i == 0.0
@@ -842,16 +877,88 @@ def _first_fit(kind, block_d, esize, device_index, atomic=False):
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _launcher(kind, t, block_d, atomic=False, deterministic=False):
+# FASTLM_ATTENTION_TMA=1: the forward loads its Q/K/V tiles with the Hopper tensor memory
+# accelerator (host-built descriptors) instead of per-thread pointers, on sm_90+ for fp16/bf16
+# with a power-of-2 head dim and token-major tensors (see _tma_ok).  Off by default until GPU
+# runs show it faster; benchmarks/bench_attention.py times it as fastlm-triton-tma.  (The dK/dV
+# kernel is not a candidate: TMA tiles of Q/dO raised its sm_90 spills 2-5x in triton 3.6.)
+TMA = os.environ.get("FASTLM_ATTENTION_TMA", "0") == "1"
+
+# Per kernel: descriptor argument -> the config's tile size along its rows.
+_TMA_TILES = {"fwd": {"DESC_Q": "BLOCK_M", "DESC_K": "BLOCK_N", "DESC_V": "BLOCK_N"}}
+
+
+def _set_tma_blocks(kind, nargs):
+    """The descriptors' tile shapes follow the config's BLOCK_M / BLOCK_N (an autotune
+    pre-hook; called directly for a fixed config)."""
+    d = nargs["HEAD_DIM"]
+    for name, block in _TMA_TILES[kind].items():
+        nargs[name].block_shape = [nargs[block], d]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_tma(kind, block_d, esize, device_index):
+    hook = functools.partial(_set_tma_blocks, kind)
+    cfgs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=hook)
+            for c in _configs(kind, block_d, esize, device_index)]
+    return triton.autotune(cfgs, key=_TUNE_KEY)(_KERNELS[kind])
+
+
+def _launcher(kind, t, block_d, atomic=False, deterministic=False, tma=False):
     """(kernel to index with a grid, extra launch kwargs).  deterministic: a fixed config, never
     the autotuner's pick (it is timed, so it can differ from process to process, and each tile
-    shape sums in another order: different bits)."""
+    shape sums in another order: different bits).  tma: the forward's TMA variant (the caller
+    sets the descriptors' tile shapes from the returned BLOCK_M / BLOCK_N when not autotuned)."""
     if t.is_cuda and not _interpreting():
         if AUTOTUNE and not deterministic:
+            if tma:
+                return _tuned_tma(kind, block_d, t.element_size(), t.device.index), {}
             return _tuned(kind, block_d, t.element_size(), t.device.index, atomic), {}
         return _KERNELS[kind], _first_fit(kind, block_d, t.element_size(), t.device.index, atomic)
     bm, bn = INTERPRET_CONFIGS[kind]
     return _KERNELS[kind], {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index):
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _tma_ok(tensors, varlen, d, block_d):
+    """Can a kernel read these tensors through 2-D (tokens, heads * D) TMA descriptors?  Needs
+    sm_90+ (or the interpreter), 2-byte elements, D a power of 2 (a tile holds exactly one
+    head), each head's D contiguous and heads adjacent within a token, batches evenly spaced
+    (dense), 16-byte aligned bases and token strides, and no empty tensor."""
+    t0 = tensors[0]
+    if not TMA or TensorDescriptor is None or t0.element_size() != 2 or d != block_d:
+        return False
+    if not _interpreting() and (not t0.is_cuda or _capability(t0.device.index)[0] < 9):
+        return False
+    for t in tensors:
+        ss = t.stride(0) if varlen else t.stride(1)
+        if t.numel() == 0 or t.stride(-1) != 1 or t.stride(-2) != d or ss < t.shape[-2] * d:
+            return False
+        if (ss * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+        if not varlen and t.shape[0] > 1 and t.stride(0) != t.shape[1] * ss:
+            return False
+    return True
+
+
+def _tma_descs(kind, extra, d, varlen, **tensors):
+    """Descriptors of `tensors` (argument name -> tensor), tile shapes set when `extra` is a
+    fixed config (an autotuned launch sets them in its pre-hook)."""
+    descs = {name: _tma_desc(t, varlen, d) for name, t in tensors.items()}
+    if extra:
+        _set_tma_blocks(kind, dict(extra, HEAD_DIM=d, **descs))
+    return descs
+
+
+def _tma_desc(t, varlen, d):
+    """2-D descriptor of t as (tokens, heads * D); tile shape set at launch."""
+    rows = t.shape[0] if varlen else t.shape[0] * t.shape[1]
+    ss = t.stride(0) if varlen else t.stride(1)
+    return TensorDescriptor(t, [rows, t.shape[-2] * d], [ss, 1], [16, d])
 
 
 def _empty(shape, dtype, device):
@@ -927,7 +1034,9 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         return out, lse
     cu_q = cu_seqlens_q if varlen else _dummy_cu(q)
     cu_k = cu_seqlens_k if varlen else cu_q
-    kern, extra = _launcher("fwd", q, block_d, deterministic=deterministic)
+    tma = _tma_ok((q, k, v), varlen, d, block_d)
+    kern, extra = _launcher("fwd", q, block_d, deterministic=deterministic, tma=tma)
+    descs = _tma_descs("fwd", extra, d, varlen, DESC_Q=q, DESC_K=k, DESC_V=v) if tma else {}
 
     def grid(meta):
         if varlen:
@@ -935,12 +1044,12 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         return (cdiv(sq, meta["BLOCK_M"]), hq, num_seqs)
 
     kern[grid](
-        q, k, v, out, lse, cu_q, cu_k,
+        q, k, v, out, lse, cu_q, cu_k, descs.get("DESC_Q"), descs.get("DESC_K"), descs.get("DESC_V"),
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *stride_l,
         sq, sk, num_seqs, hq // hk, score_mul, cap_mul, window_left, window_right, seq_key,
         HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-        HAS_SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32, **extra,
+        HAS_SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32, USE_TMA=tma, **extra,
     )
     return out, lse
 

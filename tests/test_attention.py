@@ -661,6 +661,108 @@ def test_bad_device_mix():
         attention(q, k.cpu(), v)
 
 
+# ------------------------------------------------------------------------------ TMA forward
+# FASTLM_ATTENTION_TMA=1: the forward loads Q/K/V tiles through 2-D (tokens, heads * D) TMA
+# descriptors, so a tile reaching past a sequence's end holds the *next* sequence's tokens
+# (not zeros, as the masked pointer loads give): the kernel must mask them itself.  On CPU the
+# interpreter emulates the descriptors; test_gpu_tma_forward runs the real ones.
+@pytest.fixture
+def tma(monkeypatch):
+    """TMA on; yields a counter of the launches that built descriptors (proof the path ran)."""
+    monkeypatch.setattr(K, "TMA", True)
+    calls = []
+    real = K._tma_desc
+
+    def spy(t, varlen, d):
+        calls.append(t.shape)
+        return real(t, varlen, d)
+
+    monkeypatch.setattr(K, "_tma_desc", spy)
+    return calls
+
+
+def _fwd_check(q, k, v, deterministic=False, **kw):
+    out, lse = attention(q, k, v, return_lse=True, backend="triton", deterministic=deterministic, **kw)
+    r64 = reference.attention(q.double(), k.double(), v.double(), return_lse=True, upcast=False, **kw)
+    rlp = reference.attention(q, k, v, return_lse=True, upcast=False, **kw)
+    assert_close(out, r64[0], rlp[0], "out")
+    _check_lse(lse, r64[1], rlp[1])
+    return out
+
+
+TMA_CASES = [c for c in CPU_CASES if type(c) is tuple and c[10] == F16 and c[5] in (16, 32, 64)]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=_case_id)
+def test_tma_forward(tma, case):
+    B, Sq, Sk, Hq, Hk, D, causal, window, softcap, det, dtype = case
+    q, k, v = _make(B, Sq, Sk, Hq, Hk, D, dtype)
+    _fwd_check(q, k, v, causal=causal, window=window, softcap=softcap, deterministic=det)
+    assert len(tma) == 3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_tma_tiles_past_the_end_never_leak(tma, bad):
+    """The keys/values a tile reads past one sequence's end belong to the next one: non-finite
+    values there must not reach this sequence's output (0 * inf is NaN)."""
+    q, k, v = _make(3, 21, 21, 2, 1, 32, F16)
+    k[1], v[1] = bad, bad
+    out = attention(q, k, v, causal=True, backend="triton")
+    assert len(tma) == 3
+    for b in (0, 2):
+        ref = _fwd_check(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=True)
+        assert torch.equal(out[b:b + 1], ref)
+    lens = [5, 0, 17, 33]
+    q, cu = _pack(lens, 4, 32, F16)
+    k, _ = _pack(lens, 2, 32, F16)
+    v = _rand(k.shape[0], 2, 32, dtype=F16)
+    k[5:22], v[5:22] = bad, bad  # the third sequence
+    n = len(tma)
+    out = attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, backend="triton")
+    assert len(tma) == n + 3
+    for a, b in ((0, 5), (22, 55)):
+        _fwd_check(q[None, a:b], k[None, a:b], v[None, a:b], causal=True)
+        ref = attention(q[None, a:b], k[None, a:b], v[None, a:b], causal=True, backend="triton")[0]
+        assert torch.equal(out[a:b], ref)
+
+
+def test_tma_varlen_and_qkv_views(tma):
+    lens_q, lens_k = [1, 40, 7, 0, 19], [30, 40, 0, 3, 19]
+    q, cu_q = _pack(lens_q, 4, 64, F16)
+    k, cu_k = _pack(lens_k, 2, 64, F16)
+    v = _rand(k.shape[0], 2, 64, dtype=F16)
+    _fwd_check(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, window=(6, 2), softcap=3.0)
+    qkv = _rand(2, 19, 4 + 2 + 2, 32, dtype=F16)
+    q, k, v = qkv.split([4, 2, 2], dim=2)  # strided views, as the model passes them
+    _fwd_check(q, k, v, causal=True)
+    assert len(tma) == 6
+
+
+def test_tma_only_where_the_layout_allows():
+    def ok(q, k, v, varlen=False):
+        d = q.shape[-1]
+        return K._tma_ok((q, k, v), varlen, d, K._block_d(d))
+
+    q, k, v = _make(2, 24, 24, 4, 2, 64, F16)
+    K_tma = K.TMA
+    try:
+        K.TMA = True
+        assert ok(q, k, v)
+        assert ok(q[0], k[0], v[0], varlen=True)
+        assert not ok(*_make(2, 24, 24, 4, 2, 40, F16))  # D not a power of 2: a tile would span heads
+        assert not ok(*_make(2, 24, 24, 4, 2, 64, F32))  # 4-byte elements: the exact-fp32 path
+        assert not ok(q, k[:, :, :1].expand(-1, -1, 2, -1), v)  # expanded heads (stride 0)
+        flat = torch.empty(q.numel() + 1, dtype=F16, device=DEVICE)
+        assert not ok(flat[1:].view(q.shape), k, v)  # base not 16-byte aligned
+        longer = _rand(2, 40, 4, 64, dtype=F16)
+        assert not ok(longer[:, :24], k, v)  # batches not evenly spaced in the 2-D token view
+        assert not ok(q, k[:, :0], v[:, :0])  # no keys
+        K.TMA = False
+        assert not ok(q, k, v)
+    finally:
+        K.TMA = K_tma
+
+
 # ------------------------------------------------------------------------------ GPU: full sweep
 # Each (dtype, head_dim, mask mode) compiles its own kernels, so those are the parameters and
 # the runtime-only dimensions (lengths, GQA ratio) loop inside; autotuning is off here (one
@@ -695,6 +797,31 @@ def test_gpu_sweep(monkeypatch, dtype, D, mode):
             _check_all(_run(q, k, v, dout, deterministic=mode in GPU_DET_MODES, **kw), q, k, v, dout, **kw)
         except AssertionError as e:
             raise AssertionError(f"Sq={Sq} Sk={Sk} heads={Hq}/{Hk}: {e}") from e
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D, autotune", [(64, False), (128, False), (256, False), (128, True)])
+def test_gpu_tma_forward(tma, monkeypatch, D, autotune):
+    """The TMA forward on a real sm_90: dense with GQA, every mask mode and lengths that end
+    mid-tile, strided qkv views, varlen; autotune: every config the autotuner tries (causal)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    monkeypatch.setattr(K, "AUTOTUNE", autotune)
+    modes = {"causal": GPU_MODES["causal"]} if autotune else GPU_MODES
+    for mode, kw in modes.items():
+        for (Sq, Sk), (Hq, Hk) in itertools.product(GPU_LENS, GPU_HEADS):
+            q, k, v = _make(2, Sq, Sk, Hq, Hk, D, torch.bfloat16)
+            try:
+                _fwd_check(q, k, v, **kw)
+            except AssertionError as e:
+                raise AssertionError(f"{mode} Sq={Sq} Sk={Sk} heads={Hq}/{Hk}: {e}") from e
+    qkv = _rand(3, 777, 8 + 2 + 2, D, dtype=torch.bfloat16)
+    _fwd_check(*qkv.split([8, 2, 2], dim=2), causal=True)
+    q, cu = _pack([1000, 0, 1, 513, 77, 2048], 8, D, torch.bfloat16)
+    k, _ = _pack([1000, 0, 1, 513, 77, 2048], 2, D, torch.bfloat16)
+    v = _rand(k.shape[0], 2, D, dtype=torch.bfloat16)
+    _fwd_check(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    assert tma, "the TMA path never ran"
 
 
 @pytest.mark.gpu

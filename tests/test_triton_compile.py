@@ -98,6 +98,9 @@ def _specialize(value):
 
     if value is None:
         return "constexpr", False
+    if type(value).__name__ == "TensorDescriptor":  # host-side TMA descriptor
+        block = ", ".join(str(b) for b in value.block_shape)
+        return f"tensordesc<{_ptr_type(value.base)[1:]}[{block}]>", False
     if isinstance(value, torch.Tensor):
         return _ptr_type(value), value.data_ptr() % 16 == 0
     if isinstance(value, bool):
@@ -172,11 +175,18 @@ class _Recorder:
             rec.launches.append((fn, args, kwargs))
 
         def tuner_run(tuner, *args, **kwargs):
+            import copy
+
             kwargs.pop("grid", None), kwargs.pop("warmup", None)
             for cfg in tuner.configs:
                 kw = dict(kwargs, **cfg.kwargs)
                 kw.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-                rec.launches.append((tuner.fn, args, kw))
+                # Each config gets its own copies of the TMA descriptors, shaped by its pre-hook.
+                a = [copy.copy(x) if type(x).__name__ == "TensorDescriptor" else x for x in args]
+                if cfg.pre_hook is not None:
+                    nargs = dict(zip(tuner.fn.arg_names, a), **kw)
+                    cfg.pre_hook(nargs)
+                rec.launches.append((tuner.fn, tuple(a), kw))
 
         bases = {}
 
@@ -200,9 +210,8 @@ class _Recorder:
         patch(self.k["norm"], "_num_programs", lambda idx: 4 * sms)
         patch(self.k["attention"], "_num_sms", lambda idx: sms)
         patch(self.k["attention"], "_smem_limit", lambda idx: smem)
-        self.k["attention"]._tuned.cache_clear()
-        self.k["attention"]._first_fit.cache_clear()
-        self.k["attention"]._dummy_cu_on.cache_clear()
+        patch(self.k["attention"], "_capability", lambda idx: divmod(self.arch, 10))
+        self._clear_caches()
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.mode.__enter__()
         return self
@@ -214,10 +223,12 @@ class _Recorder:
                 delattr(obj, name)
             else:
                 setattr(obj, name, old)
-        self.k["attention"]._tuned.cache_clear()
-        self.k["attention"]._first_fit.cache_clear()
-        self.k["attention"]._dummy_cu_on.cache_clear()
+        self._clear_caches()
         return False
+
+    def _clear_caches(self):
+        for name in ("_tuned", "_tuned_tma", "_first_fit", "_dummy_cu_on"):
+            getattr(self.k["attention"], name).cache_clear()
 
 
 _MISSING = object()
@@ -335,7 +346,8 @@ def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, sof
 
 
 def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=False, autotune=False,
-               deterministic=(False, True), dlse=False, B=4, S=2048, H=32, Hk=8):
+               deterministic=(False, True), dlse=False, B=4, S=2048, H=32, Hk=8, tma=False):
+    """tma: the forward's TMA variant (FASTLM_ATTENTION_TMA=1; sm_90 only), forward alone."""
     wl, wr = window
     if causal:
         wr = 0
@@ -344,8 +356,9 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
         import torch
 
         A = k["attention"]
-        saved = A.AUTOTUNE, A.DQ_ATOMIC
+        saved = A.AUTOTUNE, A.DQ_ATOMIC, A.TMA
         A.AUTOTUNE = autotune  # False: the first config that fits (FASTLM_ATTENTION_AUTOTUNE=0, GPU tests)
+        A.TMA = tma
         try:
             lead = (B * S,) if varlen else (B, S)
             qkv = _t(*lead, H + 2 * Hk, D, dtype=dtype)
@@ -353,6 +366,8 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
             cu = _t(B + 1, dtype=torch.int32) if varlen else None
             mx = S if varlen else None
             out, lse = A.attention_fwd(q, kk, v, cu, cu, mx, mx, D**-0.5, wl, wr, softcap)
+            if tma:
+                return
             dout = _t(*out.shape, dtype=dtype)
             g = _t(*lse.shape, dtype=torch.float32) if dlse else None
             for det in deterministic:
@@ -364,8 +379,8 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
                     A.attention_bwd(dout, g, q, kk, v, out, lse, cu, cu, mx, mx, D**-0.5, wl, wr, softcap, False)
                     A.DQ_ATOMIC = saved[1]
         finally:
-            A.AUTOTUNE, A.DQ_ATOMIC = saved
-    tag = f"D={D} {_dt(dtype)}" + " varlen" * varlen + " causal" * causal
+            A.AUTOTUNE, A.DQ_ATOMIC, A.TMA = saved
+    tag = f"D={D} {_dt(dtype)}" + " tma-fwd" * tma + " varlen" * varlen + " causal" * causal
     tag += f" window={window}" * (window != (-1, -1)) + f" softcap={softcap}" * (softcap > 0)
     tag += " dlse" * dlse + (" all-configs" if autotune else " first-config") + f" B={B} S={S} H={H}/{Hk}"
     return tag, run
@@ -498,6 +513,8 @@ def _cases(full):
                                                 (True, (256, -1), 0.0), (False, (128, 128), 50.0)):
                         add("attention", both, _attn_case(D, dt, causal=causal, window=window, softcap=cap,
                                                           varlen=varlen, autotune=dt != fp32))
+                    if dt != fp32 and D != 80:
+                        add("attention", h100, _attn_case(D, dt, varlen=varlen, autotune=True, tma=True))
     else:
         add("attention", both, _attn_case(128, bf16, autotune=True))
         # llama-3.2-1b attention (D=64, 32 / 8 heads), also the generation prefill's head dim
@@ -509,6 +526,9 @@ def _cases(full):
         add("attention", h100, _attn_case(80, fp16, varlen=True, causal=False, window=(128, 128), B=2, S=512,
                                           H=16, Hk=2, deterministic=(False,)))
         add("attention", h100, _attn_case(64, fp32, causal=True, B=2, S=256, H=4, Hk=2, deterministic=(True,)))
+        # the TMA forward (FASTLM_ATTENTION_TMA=1): every config of the model's case; varlen + window
+        add("attention", h100, _attn_case(128, bf16, autotune=True, tma=True))
+        add("attention", h100, _attn_case(64, fp16, varlen=True, window=(256, -1), B=3, S=700, H=12, Hk=4, tma=True))
 
     # ---- cross_entropy: tile 4096 (8 warps) and a small vocabulary (4 warps), both modes
     for V, dt, fused in ((128256, bf16, True), (50257, fp16, False), (1000, fp32, True), (256, bf16, False)):
