@@ -967,7 +967,12 @@ def _empty(shape, dtype, device):
 
 
 def _unit_last(t):
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+    """t as the kernels can address it: unit stride in D, and a token stride small enough that
+    the in-tile offsets (row < 256) * stride stay int32 (they are computed in int32; a larger
+    stride wrapped them and read the wrong memory).  Otherwise a contiguous copy."""
+    if (t.stride(-1) == 1 or t.shape[-1] == 1) and t.stride(-3) * 256 < 2**31:
+        return t
+    return t.contiguous()
 
 
 def _strides3(t, varlen):

@@ -107,3 +107,18 @@ def test_kv_append_head_major_cache(store, rotary):
         for kk, vv in ((kc, vc), (kd, vd)):
             kv_cache_append(kk, vv, k, v, lens, backend="triton")
     assert torch.equal(kc, kd) and torch.equal(vc, vd)
+
+
+def test_attention_large_token_stride(store):
+    """q whose token stride s is so large that (row in tile) * s passes 2**31 (s ~ 1e8: a q slice
+    of a huge strided buffer): the in-tile offsets are int32, so the launcher hands the kernels
+    a contiguous copy instead (before, rows past 2**31 / s read 2**32 elements too low)."""
+    S, H, D = 32, 1, 16
+    s = 3 << 25  # 100,663,296: (S - 1) * s > 2**31; the view spans S * s < N_ELEMENTS
+    torch.manual_seed(0)
+    data = torch.randn(1, S, H, D, device=DEVICE)
+    q = _view(store, (1, S, H, D), (0, s, D, 1), 0, data)
+    k, v = torch.randn(1, S, H, D, device=DEVICE), torch.randn(1, S, H, D, device=DEVICE)
+    got = attention(q, k, v, causal=True, backend="triton")
+    want = attention(data, k, v, causal=True, backend="triton")
+    assert torch.equal(got, want)
