@@ -880,8 +880,9 @@ def _first_fit(kind, block_d, esize, device_index, atomic=False):
 # FASTLM_ATTENTION_TMA=1: the forward loads its Q/K/V tiles with the Hopper tensor memory
 # accelerator (host-built descriptors) instead of per-thread pointers, on sm_90+ for fp16/bf16
 # with a power-of-2 head dim and token-major tensors (see _tma_ok).  Off by default until GPU
-# runs show it faster; benchmarks/bench_attention.py times it as fastlm-triton-tma.  (The dK/dV
-# kernel is not a candidate: TMA tiles of Q/dO raised its sm_90 spills 2-5x in triton 3.6.)
+# runs show it faster; benchmarks/bench_attention.py times it as fastlm-triton-tma.  (Tried and
+# left out, triton 3.6 sm_90: TMA Q/dO tiles in the dK/dV kernel raised its spills 2-5x; TMA K/V
+# tiles in the dQ kernel cut 246 registers to 215 where neither spills nor gains occupancy.)
 TMA = os.environ.get("FASTLM_ATTENTION_TMA", "0") == "1"
 
 # Per kernel: descriptor argument -> the config's tile size along its rows.
