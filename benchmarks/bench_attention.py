@@ -122,15 +122,17 @@ def _tma_variant(fn):
 def dense_impls(head_dim, seqlen, gqa=False):
     """name -> f(q, k, v, causal) or a 'skipped: why' string."""
     triton_fn = lambda q, k, v, c: fastlm.ops.attention(q, k, v, causal=c, backend="triton")  # noqa: E731
+    # Run order = what a run cut short by its time budget keeps: fastlm and SDPA (the targets'
+    # comparison) first, then fastlm's variants, then the other peers.
     impls = {
         "fastlm-triton": triton_fn,
+        "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+        "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+        "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
         "fastlm-triton-tma": _tma_variant(triton_fn),
         "fastlm-triton-det": (lambda q, k, v, c: fastlm.ops.attention(q, k, v, causal=c, deterministic=True,
                                                                       backend="triton"))
         if head_dim == 128 else "skipped: deterministic backward timed at head_dim 128 only (compile time)",
-        "sdpa-flash": _sdpa("FLASH_ATTENTION"),
-        "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
-        "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
     }
     if seqlen in FLEX_SEQLENS and head_dim == 128:
         impls["flex-attention"] = _flex
