@@ -464,6 +464,11 @@ class Generator:
         s = contextlib.ExitStack()
         s.enter_context(torch.no_grad())
         s.enter_context(torch.autocast(self.device.type, enabled=False))
+        if self.device.type == "cuda":
+            # The model's GPU current: events, streams and the graph capture are made on the
+            # current device (a model on cuda:1 with cuda:0 current had its token copies raced
+            # and captured nothing).
+            s.enter_context(torch.cuda.device(self.device))
         return s
 
     def _run(self, prompts, lens, max_new, sp, eos, seed, capacity, num_blocks):
@@ -645,11 +650,11 @@ class Generator:
         then capture the step into a CUDA graph.  Returns None (the steps then run eagerly) when
         sampling needs a generator the graph cannot own (torch without
         CUDAGraph.register_generator_state) or the capture fails."""
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             self._step_body(st, sp)
-        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.current_stream(self.device).wait_stream(s)
         sampling = not sp.get("greedy", False)
         g = torch.cuda.CUDAGraph()
         if sampling:
@@ -661,7 +666,9 @@ class Generator:
                 warnings.simplefilter("ignore")
                 g.register_generator_state(st.rng)
         try:
-            with torch.cuda.graph(g):
+            # (its own capture stream on the model's device: torch.cuda.graph's default one is made
+            # once, on whichever device was current first)
+            with torch.cuda.graph(g, stream=torch.cuda.Stream(self.device)):
                 self._step_body(st, sp)  # recorded, not run
         except Exception as e:  # e.g. an op that cannot be captured: decode eagerly, correctly
             warnings.warn(f"CUDA-graph capture of the decode step failed ({type(e).__name__}: {e}); decoding "

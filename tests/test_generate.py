@@ -338,7 +338,7 @@ def test_streaming_yields_tokens_as_they_are_produced(monkeypatch):
     steps = []
     real = Generator._step_body
     monkeypatch.setattr(Generator, "_step_body", lambda self, st, sp: (steps.append(1), real(self, st, sp)))
-    gen = Generator(fused, sync_every=3)
+    gen = Generator(fused, sync_every=3, cuda_graphs=False)  # (replays would not call _step_body)
     it = gen.stream(prompts, 20, greedy=True)
     events = []
     for b, tok in it:
@@ -699,6 +699,34 @@ def gpu_models(dtype=torch.bfloat16, **kw):
     return ref, fused.to(dtype)
 
 
+def test_steps_run_with_the_models_gpu_current(monkeypatch):
+    """The decode loop makes its events, streams and graph capture on the current CUDA device, so
+    it makes the model's device current (a model on cuda:1 with cuda:0 current raced its token
+    copies and captured nothing).  Checked with a stand-in for torch.cuda.device (no second GPU)."""
+    _, fused = models("tiny", op_backend="reference", device="cpu")
+    gen = Generator(fused)
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    with gen._ctx():
+        pass
+    assert entered == []  # a CPU model: no CUDA device context
+    gen.device = torch.device("cuda", 1)
+    with gen._ctx():
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache", ["static", "paged"])
 def test_cuda_graph_and_eager_decode_agree_gpu(cache):
@@ -718,6 +746,8 @@ def test_cuda_graph_and_eager_decode_agree_gpu(cache):
         b = graphed.generate(prompts, 40, **kw)  # warm-up step eager, captured, replays
         c = graphed.generate(prompts, 40, **kw)  # every step replayed
         assert a == b == c
+    # the sampling steps were captured (a failed capture only warns and decodes eagerly: equal tokens)
+    assert graphed._state.graphs and all(g is not None for g in graphed._state.graphs.values())
 
 
 @pytest.mark.gpu
@@ -734,6 +764,7 @@ def test_captured_graphs_are_bounded_gpu(monkeypatch):
     for t in (0.8, 0.9, 1.1):
         gen.generate(prompts, 12, temperature=t, seed=1)
         assert len(gen._state.graphs) <= 2
+        assert all(g is not None for g in gen._state.graphs.values())  # captured, not eager fallbacks
     assert gen.generate(prompts, 12, temperature=0.7, seed=1) == first
 
 

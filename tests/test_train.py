@@ -37,6 +37,17 @@ def corpus(tmp_path):
     return d
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_gpu_test(request, monkeypatch):
+    """The training tests are CPU tests (gloo ranks, exact loss equalities), on every machine:
+    on a GPU machine, training's default device would be cuda:LOCAL_RANK (rank 1 of a torchrun
+    test then asks for a second GPU) and bf16 autocast would break the exact comparisons.
+    @pytest.mark.gpu tests keep the GPU; subprocesses see no GPU either."""
+    if "gpu" not in request.keywords:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def run_cfg(corpus, tmp_path, name="run", **kw):
     base = dict(model="tiny", backend="reference", data=[str(corpus)], cache_dir=str(tmp_path / "cache"),
                 seqlen=32, batch_size=4, steps=6, lr=3e-3, warmup=2, eval_every=3, eval_batches=2, ckpt_every=2,
