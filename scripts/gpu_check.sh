@@ -72,8 +72,9 @@ ARGS=(-q -rs --durations=15)
 # A hung test must not eat the whole call: per-test timeout when pytest-timeout is there.
 $PY -c "import pytest_timeout" 2>/dev/null && ARGS+=(--timeout=${TEST_TIMEOUT:-240})
 # A worker whose CUDA context a faulting kernel broke exits and is replaced (tests/conftest.py).
+# --dist loadgroup: tests marked xdist_group share one worker (test_large_offsets: one 16 GiB store).
 $PY -c "import xdist" 2>/dev/null && [[ ${TEST_WORKERS:-8} != 0 ]] \
-  && ARGS+=(-n "${TEST_WORKERS:-8}" --max-worker-restart="${TEST_MAX_RESTARTS:-64}")
+  && ARGS+=(-n "${TEST_WORKERS:-8}" --dist loadgroup --max-worker-restart="${TEST_MAX_RESTARTS:-64}")
 # run_tests SECONDS MARK JUNIT: pytest on the tests of marker expression MARK
 run_tests() {
   capped "$1" env FASTLM_ATTENTION_AUTOTUNE="$ATTN_AUTOTUNE_TESTS" $PY -m pytest ${TEST_FILES:-tests} "${ARGS[@]}" \

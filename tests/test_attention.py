@@ -649,6 +649,8 @@ def _bad_cases():
 @pytest.mark.parametrize("i", range(len(_bad_cases())))
 def test_bad_inputs(i):
     match, args, kw = _bad_cases()[i]
+    if HAS_CUDA and match in ("non-decreasing", "end at <= 8"):
+        pytest.skip("CUDA cu_seqlens values are checked by a device assert (no host sync): not catchable")
     with pytest.raises((ValueError, TypeError), match=match):
         attention(*args, backend="triton", **kw)
 
@@ -793,8 +795,11 @@ def test_gpu_sweep(monkeypatch, dtype, D, mode):
     for (Sq, Sk), (Hq, Hk) in itertools.product(GPU_LENS, GPU_HEADS):
         q, k, v = _make(2, Sq, Sk, Hq, Hk, D, dtype)
         dout = _rand(2, Sq, Hq, D, dtype=dtype)
+        # fp32: a row seeing one key has exactly-zero reference dQ/dK (see _check_all): a larger floor
+        floor = 32 if dtype == torch.float32 else None
         try:
-            _check_all(_run(q, k, v, dout, deterministic=mode in GPU_DET_MODES, **kw), q, k, v, dout, **kw)
+            _check_all(_run(q, k, v, dout, deterministic=mode in GPU_DET_MODES, **kw), q, k, v, dout,
+                       grad_floor_eps=floor, **kw)
         except AssertionError as e:
             raise AssertionError(f"Sq={Sq} Sk={Sk} heads={Hq}/{Hk}: {e}") from e
 

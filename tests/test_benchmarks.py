@@ -85,7 +85,8 @@ def test_gpu_check_flow_without_a_gpu(tmp_path):
     """scripts/gpu_check.sh under a budget on a machine without a GPU: every stage reports, the
     results are merged and archived, summary.json says what ran."""
     out = tmp_path / "out"
-    env = dict(os.environ, STAGES="bench", BUDGET_S="60", PYTHON=sys.executable)
+    # (CUDA hidden: on a GPU machine this would otherwise run, and time, every benchmark)
+    env = dict(os.environ, STAGES="bench", BUDGET_S="60", PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
     r = subprocess.run(["bash", "scripts/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

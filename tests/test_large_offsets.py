@@ -20,17 +20,27 @@ N_ELEMENTS = (1 << 32) + (1 << 20)  # fp32 elements
 BASE = 1 << 31  # the views start here: an offset wrapped by -2**32 still lands inside (a wrong value, not a crash)
 
 
+# On a GPU the store is 16 GiB of real memory: these tests share one pytest-xdist worker
+# (scripts/gpu_check.sh runs --dist loadgroup), so one store exists at a time, and it is freed
+# (not just returned to the caching allocator) when the module is done.
+pytestmark = pytest.mark.xdist_group("large_offsets")
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """N_ELEMENTS fp32: a sparse file on CPU, device memory (16 GiB) on a GPU."""
     if HAS_CUDA:
-        return torch.empty(N_ELEMENTS, dtype=torch.float32, device=DEVICE)
+        t = torch.empty(N_ELEMENTS, dtype=torch.float32, device=DEVICE)
+        yield t
+        del t
+        torch.cuda.empty_cache()
+        return
     path = tmp_path_factory.mktemp("sparse") / "store.bin"
     with open(path, "wb") as f:
         f.truncate(4 * N_ELEMENTS)
     if os.stat(path).st_blocks * 512 > 1 << 20:
         pytest.skip("this filesystem has no sparse files (the test would write 16 GiB)")
-    return torch.from_file(str(path), shared=True, size=N_ELEMENTS, dtype=torch.float32)
+    yield torch.from_file(str(path), shared=True, size=N_ELEMENTS, dtype=torch.float32)
 
 
 def _view(store, shape, strides, offset, values):
