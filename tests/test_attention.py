@@ -655,6 +655,31 @@ def test_bad_inputs(i):
         attention(*args, backend="triton", **kw)
 
 
+def test_cuda_cu_seqlens_from_inference_mode(monkeypatch):
+    """CUDA cu_seqlens are value-checked by a device assert, cached per tensor version; a tensor
+    made under torch.inference_mode() has no version counter (reading it raised), so it is
+    checked on every call instead.  (A stand-in reports device cuda: no GPU needed.)"""
+    A = sys.modules["fastlm.ops.attention"]  # (the module; fastlm.ops.attention is the function)
+
+    class OnCuda(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    asserts = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: asserts.append(bool(ok)))
+    with torch.inference_mode():
+        cu = torch.tensor([0, 5, 9], dtype=torch.int32).as_subclass(OnCuda)
+    A._check_cu_values(cu, "cu_seqlens_q", 9)
+    A._check_cu_values(cu, "cu_seqlens_q", 9)
+    assert asserts == [True, True]
+    normal = torch.tensor([0, 5, 9], dtype=torch.int32).as_subclass(OnCuda)
+    A._check_cu_values(normal, "cu_seqlens_q", 9)
+    A._check_cu_values(normal, "cu_seqlens_q", 9)  # same version: checked once
+    assert asserts == [True, True, True]
+
+
 def test_bad_device_mix():
     if not HAS_CUDA:
         pytest.skip("needs a CUDA GPU to mix devices")

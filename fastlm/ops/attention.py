@@ -135,12 +135,14 @@ def _check_cu_values(cu, name, total):
             return
         # A model step passes the same cu_seqlens to every layer: check each version once (the
         # mark lives on the tensor object, so a new tensor at a reused address is checked again).
-        key = (cu._version, total)
-        if getattr(cu, "_fastlm_cu_checked", None) == key:
+        # (an inference tensor has no version counter: checked on every call)
+        key = None if cu.is_inference() else (cu._version, total)
+        if key is not None and getattr(cu, "_fastlm_cu_checked", None) == key:
             return
         ok = (cu[0] >= 0) & (cu[1:] >= cu[:-1]).all() & (cu[-1] <= total)
         torch._assert_async(ok, f"attention: {name} must start >= 0, be non-decreasing and end <= {total}")
-        cu._fastlm_cu_checked = key
+        if key is not None:
+            cu._fastlm_cu_checked = key
         return
     c = cu.tolist()
     if c[0] < 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] > total:
