@@ -1237,3 +1237,15 @@ def test_reference_decode_reads_only_the_used_part_on_cpu():
     k, v = ref_kv.padded_kv(kc, vc, bt)
     full = ref_kv.attention_with_mask(q, k, v, ref_kv.decode_mask(lens, 1, k.shape[1]), 8 ** -0.5)
     torch.testing.assert_close(ref_kv.decode_attention(q, kc, vc, lens, block_table=bt), full)
+
+
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=cuda_mark())])
+def test_decode_batch_past_the_grid_limit_is_a_clear_error(backend):
+    """A batch above CUDA's grid z limit (65535): a ValueError naming the batch, not a launch
+    failure ('invalid argument') from the driver."""
+    B = 65536
+    q = torch.randn(B, 1, 1, 16, dtype=torch.float16, device=DEVICE)
+    kc = torch.zeros(B, 2, 1, 16, dtype=torch.float16, device=DEVICE)
+    lens = torch.ones(B, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"batch 65536 \(q.shape\[0\]\) exceeds 65535"):
+        fastlm.ops.decode_attention(q, kc, kc, lens, backend=backend)

@@ -45,6 +45,7 @@ PREFERRED = ("triton", "cuda", "reference")
 
 MAX_HEAD_DIM = 256
 MAX_SEQLEN_Q = 128  # decode / speculative / small chunks; use fastlm.ops.attention for prefill
+MAX_GRID_YZ = 65535  # CUDA grid limit of the batch axis
 MAX_SPLITS = 128
 MIN_TOKENS_PER_SPLIT = 64  # one key tile: fewer keys per split only adds combine work
 
@@ -528,6 +529,7 @@ def decode_attention(
             f"decode_attention: seqlen_q = {Sq} (q.shape[1]) must be in [1, {MAX_SEQLEN_Q}]; use "
             f"fastlm.ops.attention for long prefills"
         )
+
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D)
     op = "decode_attention"
@@ -552,6 +554,9 @@ def decode_attention(
         # >= 0): unbounded, the same mask, and the kernels' int32 arithmetic never sees a huge window.
         window = -1
     b = _backend.resolve(backend, device, SUPPORTED, PREFERRED, op="decode_attention")
+    if b != "reference" and B > MAX_GRID_YZ:  # the kernels put the batch on a grid axis CUDA caps at 65535
+        raise ValueError(f"decode_attention: batch {B} (q.shape[0]) exceeds {MAX_GRID_YZ}, the {b} kernels' grid "
+                         "limit; split the batch into smaller calls")
     if k is not None:
         if b == "reference":
             if value_checks_on(q):
