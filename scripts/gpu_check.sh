@@ -81,8 +81,9 @@ $PY -c "import xdist" 2>/dev/null && [[ ${TEST_WORKERS:-8} != 0 ]] \
 # first, then the Triton ops, attention's compile-heavy sweeps last among the kernels.
 GPU_TEST_ORDER="tests/test_kv_cache.py tests/test_norm.py tests/test_rotary.py tests/test_generate.py
   tests/test_loss.py tests/test_linear.py tests/test_activation.py tests/test_model.py tests/test_attention.py"
+GPU_TEST_ORDER=$(echo $GPU_TEST_ORDER)  # one line, single spaces
 for f in tests/test_*.py; do  # then every other test file (a new one is never left out)
-  [[ " $GPU_TEST_ORDER " == *" $f "* || " $GPU_TEST_ORDER " == *" $f"$'\n'* ]] || GPU_TEST_ORDER+=" $f"
+  [[ " $GPU_TEST_ORDER " == *" $f "* ]] || GPU_TEST_ORDER+=" $f"
 done
 # run_tests SECONDS MARK JUNIT [FILES]: pytest on the tests of marker expression MARK
 run_tests() {

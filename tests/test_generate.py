@@ -13,6 +13,7 @@ Oracles: greedy tokens are checked against the argmax of a float64 full forward 
 the generated sequence, which does not share any code with the decoding path; models get large
 random weights so that the logits are far apart (no near-ties for rounding to flip).
 """
+import contextlib
 import json
 
 import pytest
@@ -706,18 +707,7 @@ def test_steps_run_with_the_models_gpu_current(monkeypatch):
     _, fused = models("tiny", op_backend="reference", device="cpu")
     gen = Generator(fused)
     entered = []
-
-    class Recorder:
-        def __init__(self, device):
-            self.device = device
-
-        def __enter__(self):
-            entered.append(self.device)
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    monkeypatch.setattr(torch.cuda, "device", contextlib.contextmanager(lambda device: iter([entered.append(device)])))
     with gen._ctx():
         pass
     assert entered == []  # a CPU model: no CUDA device context
