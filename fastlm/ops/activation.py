@@ -20,6 +20,7 @@ import torch
 
 from fastlm import _backend, reference
 from fastlm._checks import KERNEL_DTYPES, check_same_device, check_tensor
+from fastlm._dispatch import fast_op
 
 SUPPORTED = ("triton", "reference")
 PREFERRED = ("triton", "reference")
@@ -72,7 +73,7 @@ def _check_backward(dy, x, up):
 
 
 # ---------------------------------------------------------------------------- torch ops
-@torch.library.custom_op("fastlm::swiglu", mutates_args=())
+@fast_op("fastlm::swiglu")
 def _swiglu_op(x: torch.Tensor, up: torch.Tensor | None, backend: str) -> torch.Tensor:
     """-> silu(gate) * up, (..., F) in x's dtype."""
     k = _kernels(backend)
@@ -80,7 +81,7 @@ def _swiglu_op(x: torch.Tensor, up: torch.Tensor | None, backend: str) -> torch.
     return k.swiglu_fwd(x, up)
 
 
-@torch.library.custom_op("fastlm::swiglu_backward", mutates_args=())
+@fast_op("fastlm::swiglu_backward")
 def _swiglu_backward_op(
     dy: torch.Tensor, x: torch.Tensor, up: torch.Tensor | None, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

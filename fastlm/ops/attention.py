@@ -13,6 +13,7 @@ import torch
 
 from fastlm import _backend, reference
 from fastlm._checks import KERNEL_DTYPES, as_real, check_same_device, check_tensor
+from fastlm._dispatch import fast_op
 
 SUPPORTED = ("triton", "reference")
 MAX_HEAD_DIM = 256
@@ -26,7 +27,7 @@ def _kernels():
 
 
 # ---------------------------------------------------------------------------- torch ops
-@torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
+@fast_op("fastlm::attention_fwd")
 def _attention_fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -47,7 +48,7 @@ def _attention_fwd_op(
                                     softmax_scale, window_left, window_right, softcap, deterministic)
 
 
-@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
+@fast_op("fastlm::attention_bwd")
 def _attention_bwd_op(
     dout: torch.Tensor,
     dlse: torch.Tensor | None,

@@ -37,6 +37,7 @@ import torch
 
 from fastlm import _backend, _C_loader
 from fastlm._checks import as_int, as_real, check_tensor, has_data_pointers, share_memory, value_checks_on
+from fastlm._dispatch import fast_op
 from fastlm.reference import kv_cache as _ref
 
 SUPPORTED = ("triton", "cuda", "reference")
@@ -177,7 +178,7 @@ def _(k_cache, v_cache, k, v, cache_seqlens, block_table, backend):
     return None
 
 
-@torch.library.custom_op("fastlm::decode_attention", mutates_args=())
+@fast_op("fastlm::decode_attention")
 def _decode_op(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fastlm import _backend, reference
 from fastlm._checks import KERNEL_DTYPES, as_real, check_same_device, check_tensor, unit_last
+from fastlm._dispatch import fast_op
 
 SUPPORTED = ("triton", "reference")
 PREFERRED = ("triton", "reference")
@@ -36,7 +37,7 @@ def _kernels():
 
 
 # ---------------------------------------------------------------------------- torch op
-@torch.library.custom_op("fastlm::fused_linear", mutates_args=())
+@fast_op("fastlm::fused_linear")
 def _fused_linear_op(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -17,6 +17,7 @@ import torch
 
 from fastlm import _backend, reference
 from fastlm._checks import KERNEL_DTYPES, as_int, check_same_device, check_tensor, unit_last
+from fastlm._dispatch import fast_op
 
 SUPPORTED = ("triton", "reference")
 REDUCTIONS = ("mean", "sum", "none")
@@ -30,14 +31,14 @@ def _kernels():
 
 
 # ---------------------------------------------------------------------------- cross_entropy
-@torch.library.custom_op("fastlm::cross_entropy", mutates_args=())
+@fast_op("fastlm::cross_entropy")
 def _ce_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (M, V), targets (M,) -> (per-row loss fp32 (M,), stats fp32 (M, 2): row max and
     log-sum-exp(x - max)).  stats are saved for the backward and are not differentiable."""
     return _kernels().ce_forward(unit_last(logits), targets, ignore_index)
 
 
-@torch.library.custom_op("fastlm::cross_entropy_backward", mutates_args=())
+@fast_op("fastlm::cross_entropy_backward")
 def _ce_backward_op(
     logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor, dloss: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
@@ -73,7 +74,7 @@ _ce_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
 # ---------------------------------------------------------------------------- linear_cross_entropy
-@torch.library.custom_op("fastlm::linear_cross_entropy", mutates_args=())
+@fast_op("fastlm::linear_cross_entropy")
 def _lce_op(
     h: torch.Tensor,
     weight: torch.Tensor,

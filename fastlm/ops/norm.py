@@ -14,6 +14,7 @@ import torch
 
 from fastlm import _backend, reference
 from fastlm._checks import KERNEL_DTYPES, as_real, check_same_device, check_tensor
+from fastlm._dispatch import fast_op
 
 SUPPORTED = ("triton", "cuda", "reference")
 # Both kernel backends reach the copy-bandwidth floor; Triton is preferred until the GPU
@@ -83,7 +84,7 @@ def _check_backward_triton(dy, dresidual_out, h, weight, mean, rstd, is_rms):
 
 
 # ---------------------------------------------------------------------------- torch ops
-@torch.library.custom_op("fastlm::rms_norm", mutates_args=())
+@fast_op("fastlm::rms_norm")
 def _rms_norm_op(
     x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,7 +95,7 @@ def _rms_norm_op(
     return out, h, rstd
 
 
-@torch.library.custom_op("fastlm::layer_norm", mutates_args=())
+@fast_op("fastlm::layer_norm")
 def _layer_norm_op(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -109,7 +110,7 @@ def _layer_norm_op(
     return tuple(fwd(x, weight, bias, residual, eps, False))
 
 
-@torch.library.custom_op("fastlm::norm_backward", mutates_args=())
+@fast_op("fastlm::norm_backward")
 def _norm_backward_op(
     dy: torch.Tensor,
     dresidual_out: torch.Tensor | None,

@@ -24,6 +24,7 @@ import torch
 from fastlm import _backend
 from fastlm._checks import as_real, has_data_pointers, is_int, share_memory, unit_last, value_checks_on
 from fastlm.reference import rotary as _ref
+from fastlm._dispatch import fast_op
 
 SUPPORTED = ("triton", "cuda", "reference")
 # Both kernel backends target the copy-bandwidth floor; Triton is preferred until the GPU
@@ -55,7 +56,7 @@ def _launch(backend, q, k, cos, sin, q_out, k_out, positions, cu_seqlens, offset
 
 
 # ---------------------------------------------------------------------------- torch ops
-@torch.library.custom_op("fastlm::rotary", mutates_args=())
+@fast_op("fastlm::rotary")
 def _rotary_op(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,0 +1,113 @@
+"""``fast_op``: a ``torch.library.custom_op`` that eager calls from fastlm itself reach directly.
+
+Every Python-side op is a custom op (``torch.ops.fastlm.<name>``) so that torch.compile, opcheck,
+fake tensors, dispatch modes and functorch see it.  But the dispatcher and the autograd wrapper
+that ``register_autograd`` generates cost host time on every call (measured with torch 2.14 on
+this project's attention op with its kernels stubbed out: 53 us of wrapper per forward with
+grad, 96 us per forward + backward, against 15 and 40 us for a plain ``autograd.Function``);
+for the small, memory-bound kernels of a Transformer layer that host time is the whole step.
+
+So the object ``fast_op`` returns is called like the op and decides per call:
+  * eager, plain tensors on a real device, no dispatch mode or functorch transform active:
+    the op's Python body runs directly, wrapped (when a gradient is needed) in one
+    ``autograd.Function`` that uses the *same* ``setup_context`` and ``backward`` functions
+    that were registered with ``register_autograd``;
+  * anything else (torch.compile / export tracing, FakeTensor or meta tensors, tensor
+    subclasses, TorchDispatchModes such as selective checkpointing or FlopCounterMode,
+    torch.func transforms): the custom op, through the dispatcher.
+Both routes run the same body, setup and backward, so they give bitwise-identical results;
+tests/test_package.py checks that op by op.  ``FASTLM_DIRECT_OPS=0`` forces the custom op route.
+"""
+import os
+
+import torch
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _env_enabled():
+    return os.environ.get("FASTLM_DIRECT_OPS", "1") not in ("0", "")
+
+
+ENABLED = _env_enabled()
+
+
+def _direct(args):
+    """-> (direct ok, a tensor requires grad)."""
+    if (not ENABLED or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()):
+        return False, False
+    grad = False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN or a.is_meta:
+                return False, False
+            grad = grad or a.requires_grad
+    return True, grad
+
+
+class _DirectAutograd(torch.autograd.Function):
+    """The eager route's autograd node: args = (*op inputs, the FastOp)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        op, inputs = args[-1], args[:-1]
+        output = op.fn(*inputs)  # (grad mode is off in here, as below the dispatcher's autograd key)
+        op.setup_context(ctx, inputs, output)
+        ctx.fastlm_op = op
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = needs[:-1]  # the backward sees the op's inputs only
+        try:
+            result = ctx.fastlm_op.backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        if not isinstance(result, tuple):
+            result = (result,)
+        if len(result) != len(needs) - 1:
+            raise RuntimeError(f"the backward of {ctx.fastlm_op.name} returned {len(result)} gradients for "
+                               f"{len(needs) - 1} inputs")
+        return (*result, None)
+
+
+class FastOp:
+    """The callable ``fast_op`` returns: ``register_fake`` / ``register_autograd`` as on a
+    custom op; calling it takes the direct route when it may (module docstring)."""
+
+    def __init__(self, name, fn, mutates_args):
+        if mutates_args:
+            # A direct call would not bump the mutated tensors' version counters.
+            raise ValueError(f"fast_op {name}: ops that mutate their inputs stay plain custom ops")
+        self.name = name
+        self.fn = fn
+        self.op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+        self.setup_context = self.backward = None
+
+    def register_fake(self, fn):
+        return self.op.register_fake(fn)
+
+    def register_autograd(self, backward, *, setup_context):
+        self.op.register_autograd(backward, setup_context=setup_context)
+        self.backward, self.setup_context = backward, setup_context
+
+    def __call__(self, *args):
+        direct, grad = _direct(args)
+        if not direct:
+            return self.op(*args)
+        if grad and torch.is_grad_enabled():
+            # An op with no registered backward (a backward op under create_graph=True) stays
+            # a custom op, whose autograd raises instead of dropping the graph silently.
+            return self.op(*args) if self.backward is None else _DirectAutograd.apply(*args, self)
+        return self.fn(*args)
+
+
+def fast_op(name, *, mutates_args=()):
+    """Decorator: ``@fast_op("fastlm::x")`` in place of ``@torch.library.custom_op("fastlm::x",
+    mutates_args=())``; the body must take its arguments positionally."""
+    def wrap(fn):
+        return FastOp(name, fn, mutates_args)
+
+    return wrap

@@ -1,0 +1,152 @@
+"""fastlm/_dispatch.py: eager calls skip the torch dispatcher, with results identical to the
+custom-op route, and every caller that needs to see the op (dispatch modes, tracing) still does."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastlm.ops as ops
+from fastlm import _dispatch
+from tests.conftest import DEVICE
+
+BK = "triton"
+
+
+def _t(*shape, grad=True, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_(grad)
+
+
+def _cases():
+    """name -> (make inputs, run: inputs -> tensor or tuple of tensors)."""
+    def rotary(q, k):
+        cos, sin = ops.rotary_tables(8, 16, device=DEVICE)
+        return ops.apply_rotary(q, k, cos, sin, backend=BK)
+
+    def ce(logits):
+        return ops.cross_entropy(logits, torch.tensor([1, 5, -100, 2], device=DEVICE), backend=BK)
+
+    def lce(h, w):
+        return ops.linear_cross_entropy(h, w, torch.tensor([1, 5, -100, 2], device=DEVICE), backend=BK)
+
+    return {
+        "rms_norm": (lambda: (_t(4, 32), _t(32), _t(4, 32)),
+                     lambda x, w, r: ops.rms_norm(x, w, residual=r, backend=BK)),
+        "layer_norm": (lambda: (_t(4, 32), _t(32), _t(32)),
+                       lambda x, w, b: ops.layer_norm(x, w, b, backend=BK)),
+        "rotary": (lambda: (_t(2, 5, 4, 16), _t(2, 5, 2, 16)), rotary),
+        "attention": (lambda: (_t(2, 9, 4, 16), _t(2, 7, 2, 16), _t(2, 7, 2, 16)),
+                      lambda q, k, v: ops.attention(q, k, v, causal=True, return_lse=True, backend=BK)),
+        "swiglu": (lambda: (_t(3, 2, 16),), lambda x: ops.swiglu(x, backend=BK)),
+        "swiglu_up": (lambda: (_t(3, 8), _t(3, 8)), lambda x, up: ops.swiglu(x, up, backend=BK)),
+        "cross_entropy": (lambda: (_t(4, 40),), ce),
+        "linear_cross_entropy": (lambda: (_t(4, 16), _t(40, 16)), lce),
+    }
+
+
+CASES = _cases()
+
+
+def _run(run, inputs, enabled, monkeypatch):
+    """-> (outputs, grads of the inputs, the names of the autograd nodes reached)."""
+    monkeypatch.setattr(_dispatch, "ENABLED", enabled)
+    xs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = run(*xs)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o.float() * torch.linspace(-1, 1, o.numel(), device=o.device).view(o.shape)).sum() for o in outs)
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        n = todo.pop()
+        if n is not None and n not in seen:
+            seen.add(n)
+            todo.extend(f for f, _ in n.next_functions)
+    nodes = {type(n).__name__ for n in seen}
+    grads = torch.autograd.grad(loss, xs)
+    return [o.detach() for o in outs], grads, nodes
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_direct_route_matches_custom_op_route(name, monkeypatch):
+    make, run = CASES[name]
+    torch.manual_seed(0)
+    inputs = make()
+    out_d, grads_d, nodes_d = _run(run, inputs, True, monkeypatch)
+    out_o, grads_o, nodes_o = _run(run, inputs, False, monkeypatch)
+    # each route is the one expected: the direct one never reaches a custom op's autograd node
+    assert "_DirectAutogradBackward" in nodes_d and not any(n.startswith("GeneratedBackwardFor_fastlm") for n in nodes_d)
+    assert "_DirectAutogradBackward" not in nodes_o and any(n.startswith("GeneratedBackwardFor_fastlm") for n in nodes_o)
+    for a, b in zip(out_d, out_o, strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(grads_d, grads_o, strict=True):
+        assert torch.equal(a, b), name
+
+
+class _Record(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_dispatch_modes_still_see_the_ops(grad):
+    """Under a TorchDispatchMode (selective checkpointing, FlopCounterMode, tracing) the call
+    goes through the dispatcher, forward and backward."""
+    q, k, v = (_t(1, 5, 2, 16, grad=grad) for _ in range(3))
+    with _Record() as rec:
+        out = ops.attention(q, k, v, causal=True, backend=BK)
+        if grad:
+            out.sum().backward()
+    assert "fastlm.attention_fwd.default" in rec.ops
+    assert ("fastlm.attention_bwd.default" in rec.ops) == grad
+
+
+def _count_op_calls(monkeypatch, fop):
+    calls = []
+    real = fop.op
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(fop, "op", spy)
+    return calls
+
+
+def test_no_grad_calls_skip_the_dispatcher(monkeypatch):
+    """Inference-only ops (no backward) run their body directly, with the custom op's results."""
+    from fastlm.ops import kv_cache as KV
+    from fastlm.ops import linear as L
+
+    lin = _count_op_calls(monkeypatch, L._fused_linear_op)
+    dec = _count_op_calls(monkeypatch, KV._decode_op)
+    x, w, nw = _t(2, 16, grad=False), _t(24, 16, grad=False), _t(16, grad=False)
+    q, kc, vc = _t(2, 1, 4, 16, grad=False), _t(2, 8, 2, 16, grad=False), _t(2, 8, 2, 16, grad=False)
+    lens = torch.tensor([3, 8], dtype=torch.int32, device=DEVICE)
+
+    def run():
+        return (ops.fused_linear(x, w, norm="rms", norm_weight=nw, backend=BK),
+                ops.decode_attention(q, kc, vc, lens, backend=BK))
+
+    direct = run()
+    assert lin == [] and dec == []
+    monkeypatch.setattr(_dispatch, "ENABLED", False)
+    via_op = run()
+    assert lin == [1] and dec == [1]
+    for a, b in zip(direct, via_op, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_second_order_through_a_backward_op_still_raises():
+    """A backward op has no backward: under create_graph=True the direct route defers to the
+    custom op, whose autograd raises, instead of returning a gradient cut off from the graph."""
+    x, w = _t(3, 8), _t(8)
+    g, = torch.autograd.grad(ops.rms_norm(x, w, backend=BK).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        g.sum().backward()
+
+
+def test_mutating_ops_are_not_fast_ops():
+    with pytest.raises(ValueError, match="mutate"):
+        _dispatch.fast_op("fastlm::_never_registered", mutates_args=("x",))(lambda x: None)
