@@ -4,7 +4,9 @@ The end-to-end benchmarks (bench_train, bench_generate) say how fast; this one s
 GPU session can decide what to fuse or tune next without another run.  torch.profiler records
 
   train   one fused training step of the Llama-3.2-1B preset (bf16 autocast, fwd + bwd + AdamW)
-          at --train-seqlen (default 2048) x --train-batch (default 4) tokens
+          at --train-seqlen (default 2048) x --train-batch (default 4) tokens; then the host
+          (CPU) time to issue one step beside its wall time, for that step and for the
+          GPT-2-124M preset at 1x1024 tokens, fused and reference (a host-bound step shows)
   decode  --decode-steps greedy decode steps of the same preset at batch 1 after a 1024-token
           prompt, run eagerly (cuda_graphs=False, so each kernel is visible; graph replay runs
           the same kernels minus the launch gaps)
@@ -17,6 +19,9 @@ Rows go to the results JSON; the top kernels are printed.  About 30 s on an H100
 
     python -m benchmarks.bench_profile [--quick] [--out DIR] [--what train,decode]
 """
+
+import statistics
+import time
 
 import torch
 
@@ -83,9 +88,39 @@ def profile_train(res, seqlen, batch):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         _step(model, opt, data)
         torch.cuda.synchronize()
-    report(res, f"train llama-3.2-1b fused {batch}x{seqlen}", kernel_table(prof), 1)
+    what = f"train llama-3.2-1b fused {batch}x{seqlen}"
+    report(res, what, kernel_table(prof), 1)
+    host_time(res, what, model, opt, data)
     del model, opt
     torch.cuda.empty_cache()
+    # A small model at few tokens is where launch overhead shows: fused beside the reference.
+    for impl in ("fused", "reference"):
+        cfg, model, opt = _build("gpt2-124m", impl, "cuda")
+        data = torch.randint(0, cfg.vocab_size, (1, 1024 + 1), device="cuda")
+        for _ in range(3):
+            _step(model, opt, data)
+        host_time(res, f"train gpt2-124m {impl} 1x1024", model, opt, data)
+        del model, opt
+        torch.cuda.empty_cache()
+
+
+def host_time(res, what, model, opt, data, steps=5):
+    """The host's time to issue one training step (no sync inside it) beside the step's wall
+    time: a host share near 100% means the step waits on Python and kernel launches, not the GPU."""
+    from benchmarks.bench_train import _step
+
+    host, wall = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        _step(model, opt, data)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    h, w = statistics.median(host) * 1e3, statistics.median(wall) * 1e3
+    print(f"[profile] {what}: host issue time {h:.2f} ms of a {w:.2f} ms step ({100 * h / w:.0f}%)")
+    res.add(profile=what, metric="host", host_ms=h, step_ms=w, host_pct=100 * h / w)
 
 
 def profile_decode(res, steps, context=1024):
