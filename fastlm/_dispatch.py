@@ -16,26 +16,24 @@ So the object ``fast_op`` returns is called like the op and decides per call:
     subclasses, TorchDispatchModes such as selective checkpointing or FlopCounterMode,
     torch.func transforms): the custom op, through the dispatcher.
 Both routes run the same body, setup and backward, so they give bitwise-identical results;
-tests/test_package.py checks that op by op.  ``FASTLM_DIRECT_OPS=0`` forces the custom op route.
+tests/test_dispatch.py checks that op by op.  ``FASTLM_DIRECT_OPS=0`` forces the custom op route.
+Forward-mode AD (dual tensors, torch.func.jvp) raises on either route: no op has a forward
+derivative, and a custom op would silently drop the tangent.
 """
 import os
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _env_enabled():
-    return os.environ.get("FASTLM_DIRECT_OPS", "1") not in ("0", "")
-
-
-ENABLED = _env_enabled()
+ENABLED = os.environ.get("FASTLM_DIRECT_OPS", "1") not in ("0", "")
 
 
 def _direct(args):
-    """-> (direct ok, a tensor requires grad)."""
-    if (not ENABLED or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active()):
+    """-> (direct ok, a tensor requires grad).  (Called with no functorch transform active.)"""
+    if not ENABLED or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False, False
     grad = False
     for a in args:
@@ -44,6 +42,23 @@ def _direct(args):
                 return False, False
             grad = grad or a.requires_grad
     return True, grad
+
+
+def _refuse_forward_ad(name, args):
+    """No fastlm op has a forward-mode derivative, and a custom op without one passes its
+    tangent through as nothing: torch.func.jvp would return zeros, a dual tensor's tangent
+    would vanish.  Raise instead (conservatively: any op call under a jvp transform)."""
+    dual = fwAD._current_level >= 0 and any(
+        isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None for a in args)
+    if not dual and torch._C._are_functorch_transforms_active():
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        dual = any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    if dual:
+        raise NotImplementedError(
+            f"{name} has no forward-mode derivative (torch.func.jvp / jacfwd / forward_ad dual tensors): its "
+            "tangent would silently be lost; use backend='reference' for forward-mode AD")
 
 
 class _DirectAutograd(torch.autograd.Function):
@@ -94,6 +109,9 @@ class FastOp:
         self.backward, self.setup_context = backward, setup_context
 
     def __call__(self, *args):
+        if fwAD._current_level >= 0 or torch._C._are_functorch_transforms_active():
+            _refuse_forward_ad(self.name, args)
+            return self.op(*args)
         direct, grad = _direct(args)
         if not direct:
             return self.op(*args)

@@ -119,6 +119,7 @@ def test_no_grad_calls_skip_the_dispatcher(monkeypatch):
     from fastlm.ops import kv_cache as KV
     from fastlm.ops import linear as L
 
+    monkeypatch.setattr(_dispatch, "ENABLED", True)
     lin = _count_op_calls(monkeypatch, L._fused_linear_op)
     dec = _count_op_calls(monkeypatch, KV._decode_op)
     x, w, nw = _t(2, 16, grad=False), _t(24, 16, grad=False), _t(16, grad=False)
@@ -150,3 +151,21 @@ def test_second_order_through_a_backward_op_still_raises():
 def test_mutating_ops_are_not_fast_ops():
     with pytest.raises(ValueError, match="mutate"):
         _dispatch.fast_op("fastlm::_never_registered", mutates_args=("x",))(lambda x: None)
+
+
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+    """No op has a forward-mode derivative; without the check torch.func.jvp returned a zero
+    tangent and a dual tensor's tangent vanished."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, t = _t(3, 8, grad=False), _t(8, grad=False), _t(3, 8, grad=False)
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(lambda x_: ops.rms_norm(x_, w, backend=BK), (x,), (t,))
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            ops.rms_norm(fwAD.make_dual(x, t), w, backend=BK)
+        # inside a dual level, inputs without a tangent are fine
+        assert torch.equal(ops.rms_norm(x, w, backend=BK), ops.rms_norm(x, w, backend=BK))
+    # vmap (a functorch transform without tangents) still runs, through the torch op
+    y = torch.vmap(lambda r: ops.rms_norm(r, w, backend=BK))(x.view(3, 1, 8))
+    torch.testing.assert_close(y.view(3, 8), ops.rms_norm(x, w, backend=BK))
