@@ -20,6 +20,7 @@ tests/test_dispatch.py checks that op by op.  ``FASTLM_DIRECT_OPS=0`` forces the
 Forward-mode AD (dual tensors, torch.func.jvp) raises on either route: no op has a forward
 derivative, and a custom op would silently drop the tangent.
 """
+import inspect
 import os
 
 import torch
@@ -93,13 +94,14 @@ class FastOp:
     custom op; calling it takes the direct route when it may (module docstring)."""
 
     def __init__(self, name, fn, mutates_args):
-        if mutates_args:
-            # A direct call would not bump the mutated tensors' version counters.
-            raise ValueError(f"fast_op {name}: ops that mutate their inputs stay plain custom ops")
         self.name = name
         self.fn = fn
         self.op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
         self.setup_context = self.backward = None
+        # positions of the mutated arguments: a direct call bumps their version counters, as
+        # the dispatcher does for a custom op that declares them
+        params = list(inspect.signature(fn).parameters)
+        self.mutated = tuple(params.index(a) for a in mutates_args)
 
     def register_fake(self, fn):
         return self.op.register_fake(fn)
@@ -116,15 +118,21 @@ class FastOp:
         if not direct:
             return self.op(*args)
         if grad and torch.is_grad_enabled():
-            # An op with no registered backward (a backward op under create_graph=True) stays
-            # a custom op, whose autograd raises instead of dropping the graph silently.
-            return self.op(*args) if self.backward is None else _DirectAutograd.apply(*args, self)
-        return self.fn(*args)
+            # An op with no registered backward (a backward op under create_graph=True, a
+            # mutating op) stays a custom op, whose autograd raises instead of dropping the
+            # graph silently.
+            if self.backward is None or self.mutated:
+                return self.op(*args)
+            return _DirectAutograd.apply(*args, self)
+        out = self.fn(*args)
+        if self.mutated:
+            torch.autograd.graph.increment_version([args[i] for i in self.mutated if args[i] is not None])
+        return out
 
 
 def fast_op(name, *, mutates_args=()):
-    """Decorator: ``@fast_op("fastlm::x")`` in place of ``@torch.library.custom_op("fastlm::x",
-    mutates_args=())``; the body must take its arguments positionally."""
+    """Decorator: ``@fast_op("fastlm::x", mutates_args=...)`` in place of
+    ``@torch.library.custom_op``; the body must take its arguments positionally."""
     def wrap(fn):
         return FastOp(name, fn, mutates_args)
 

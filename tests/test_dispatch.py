@@ -148,9 +148,31 @@ def test_second_order_through_a_backward_op_still_raises():
         g.sum().backward()
 
 
-def test_mutating_ops_are_not_fast_ops():
-    with pytest.raises(ValueError, match="mutate"):
-        _dispatch.fast_op("fastlm::_never_registered", mutates_args=("x",))(lambda x: None)
+@pytest.mark.parametrize("enabled", [True, False])
+def test_mutating_ops_bump_versions_on_either_route(enabled, monkeypatch):
+    """A direct call of an op that writes its inputs bumps their version counters as the
+    dispatcher does, so autograd still catches a saved tensor modified in place."""
+    from fastlm.ops import kv_cache as KV
+
+    monkeypatch.setattr(_dispatch, "ENABLED", enabled)
+    calls = _count_op_calls(monkeypatch, KV._append_op)
+    torch.manual_seed(0)
+    kc, vc = torch.zeros(2, 8, 2, 16, device=DEVICE), torch.zeros(2, 8, 2, 16, device=DEVICE)
+    k, v = _t(2, 3, 2, 16, grad=False), _t(2, 3, 2, 16, grad=False)
+    lens = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    before = kc._version, vc._version
+    ops.kv_cache_append(kc, vc, k, v, lens, backend=BK)
+    assert kc._version > before[0] and vc._version > before[1]
+    assert len(calls) == (0 if enabled else 1)
+    assert torch.equal(kc[0, :3], k[0]) and torch.equal(vc[1, 4:7], v[1])
+    # in-place rotary under autograd: an earlier op's saved input, rotated since, is caught
+    q, kk = _t(1, 4, 2, 16), _t(1, 4, 2, 16)
+    cos, sin = ops.rotary_tables(16, 8, device=DEVICE)
+    a, b = q * 1, kk * 1
+    saved = a.pow(2)  # pow saves a for its backward
+    ops.apply_rotary(a, b, cos, sin, inplace=True, backend=BK)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
 
 
 def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():

@@ -153,7 +153,7 @@ def _splits(q, k_cache, block_table, num_splits, backend):
 
 
 # ---------------------------------------------------------------------------- torch ops
-@torch.library.custom_op("fastlm::kv_cache_append", mutates_args=("k_cache", "v_cache"))
+@fast_op("fastlm::kv_cache_append", mutates_args=("k_cache", "v_cache"))
 def _append_op(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -209,7 +209,7 @@ def _(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, wi
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("fastlm::decode_attention_with_kv", mutates_args=("k_cache", "v_cache"))
+@fast_op("fastlm::decode_attention_with_kv", mutates_args=("k_cache", "v_cache"))
 def _decode_kv_op(
     q: torch.Tensor,
     k_cache: torch.Tensor,

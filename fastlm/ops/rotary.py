@@ -83,7 +83,7 @@ def _(q, k, cos, sin, positions, cu_seqlens, offset, pos_mode, interleaved, conj
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-@torch.library.custom_op("fastlm::rotary_", mutates_args=("q", "k"))
+@fast_op("fastlm::rotary_", mutates_args=("q", "k"))
 def _rotary_inplace_op(
     q: torch.Tensor,
     k: torch.Tensor,
