@@ -11,9 +11,10 @@ packing 16k tokens, causal).  Each figure sits beside the peers measured in the 
 with each backend (flash, cuDNN, efficient; on varlen, which SDPA cannot take packed, one call
 per document, as its users write it), FlexAttention (compiled), flash_attn (FA2) / FA3
 when installed, the math reference (eager and compiled) at small sizes; plus % of the dense
-bf16 matmul TFLOP/s measured in this run.  fastlm's backward is timed in both modes: atomic dQ
-(default) and deterministic=True; on sm_90+ its forward also with TMA tile loads
-(fastlm-triton-tma, FASTLM_ATTENTION_TMA=1).
+bf16 matmul TFLOP/s measured in this run.  fastlm's backward is timed as its default (dQ by
+fp32 atomics in the dK/dV kernel or by a separate kernel, whichever the first call of each
+shape bucket timed faster; "dq_pick" rows list the picks) and with deterministic=True; on
+sm_90+ its forward also with TMA tile loads (fastlm-triton-tma, FASTLM_ATTENTION_TMA=1).
 """
 import functools
 import random
@@ -249,6 +250,8 @@ def main(argv=None):
     else:
         for case in ("gqa", "varlen"):
             res.add(case=case, impl="all", status="skipped: --quick (dense shapes only)")
+    for key, atomic in K._ATOMIC_PICKS.items():
+        res.add(impl="fastlm-triton", metric="dq_pick", key=str(key), dq="atomic" if atomic else "separate kernel")
     res.write()
 
 

@@ -859,10 +859,15 @@ def _tuned(kind, block_d, esize, device_index, atomic=False):
     return triton.autotune(cfgs, key=_TUNE_KEY)(_attn_bwd_dq_kernel)
 
 
-# With deterministic=False the dK/dV kernel also accumulates dQ with fp32 atomics (5 matmuls per
-# tile instead of 7).  FASTLM_ATTENTION_DQ_ATOMIC=0 uses the separate dQ kernel in that mode too
-# (benchmarks/bench_attention.py times both as fastlm-triton and fastlm-triton-det).
-DQ_ATOMIC = os.environ.get("FASTLM_ATTENTION_DQ_ATOMIC", "1") != "0"
+# dQ with deterministic=False: either the dK/dV kernel also accumulates it with fp32 atomics (5
+# matmuls per tile instead of 7, but more registers: at D=128 on sm_90 every atomic config spills
+# a little), or a separate dQ kernel computes it (as deterministic=True does).  Which is faster
+# depends on the GPU and shape, so by default (None) the first backward of each autotuning key
+# times both and keeps the faster (_pick_atomic).  FASTLM_ATTENTION_DQ_ATOMIC=1 / 0 forces one
+# (benchmarks/bench_attention.py times the default and fastlm-triton-det).
+_DQ_ENV = os.environ.get("FASTLM_ATTENTION_DQ_ATOMIC", "auto").strip().lower()
+DQ_ATOMIC = None if _DQ_ENV in ("", "auto") else _DQ_ENV != "0"
+_ATOMIC_PICKS = {}  # autotuning key -> atomic dQ won the timing
 
 # FASTLM_ATTENTION_AUTOTUNE=0: skip autotuning and take the first config that fits (each
 # variant then compiles once instead of len(configs) times; the GPU tests use this).
@@ -1117,7 +1122,6 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
     cu_k = cu_seqlens_k if varlen else cu_q
     flags = dict(HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=window_left >= 0,
                  HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32)
-    atomic = DQ_ATOMIC and not deterministic
     splits = group_splits if group_splits is not None else _group_splits(q, k, varlen, num_seqs, sk, group)
     splits = max(1, min(int(splits), group))
     heads_per_split = cdiv(group, splits)
@@ -1127,45 +1131,85 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
         dv_buf = alloc((splits,) + tuple(v.shape), torch.float32, v.device)
     else:
         dk_buf, dv_buf = dk.unsqueeze(0), dv.unsqueeze(0)
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
 
     def dk_strides(t):
         return (t.stride(0),) + ((0, t.stride(1), t.stride(2)) if varlen else (t.stride(1), t.stride(2), t.stride(3)))
-
-    kern, extra = _launcher("dkdv", q, block_d, atomic, deterministic)
 
     def grid_kv(meta):
         if varlen:
             return (cdiv(sk, meta["BLOCK_N"]) + num_seqs, hk * splits, 1)
         return (cdiv(sk, meta["BLOCK_N"]), hk * splits, num_seqs)
 
-    kern[grid_kv](
-        q, k, v, dout, lse, delta, dk_buf, dv_buf, dq_acc, cu_q, cu_k,
-        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
-        *stride_l, *dk_strides(dk_buf), *dk_strides(dv_buf), *_strides3(dq_acc, varlen),
-        sq, sk, num_seqs, group, splits, heads_per_split,
-        softmax_scale * LOG2E, score_mul, cap_mul, softmax_scale, window_left, window_right, seq_key,
-        ATOMIC_DQ=atomic, **flags, **extra,
-    )
-    if splits > 1:
-        dk.copy_(dk_buf.sum(0))
-        dv.copy_(dv_buf.sum(0))
-    if atomic:
-        dq.copy_(dq_acc)
-        return dq, dk, dv
-
-    kern, extra = _launcher("dq", q, block_d, deterministic=deterministic)
-
     def grid_q(meta):
         if varlen:
             return (cdiv(sq, meta["BLOCK_M"]) + num_seqs, hq, 1)
         return (cdiv(sq, meta["BLOCK_M"]), hq, num_seqs)
 
-    kern[grid_q](
-        q, k, v, dout, lse, delta, dq, cu_q, cu_k,
-        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
-        *stride_l, *_strides3(dq, varlen),
-        sq, sk, num_seqs, group, softmax_scale * LOG2E, score_mul, cap_mul, softmax_scale,
-        window_left, window_right, seq_key, **flags, **extra,
-    )
+    def run(atomic):
+        """dK, dV (and dQ): every launch after the preprocess; writes all of dq, dk, dv, so
+        running it again (the timed pick) recomputes the same gradients."""
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
+        kern, extra = _launcher("dkdv", q, block_d, atomic, deterministic)
+        kern[grid_kv](
+            q, k, v, dout, lse, delta, dk_buf, dv_buf, dq_acc, cu_q, cu_k,
+            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
+            *stride_l, *dk_strides(dk_buf), *dk_strides(dv_buf), *_strides3(dq_acc, varlen),
+            sq, sk, num_seqs, group, splits, heads_per_split,
+            softmax_scale * LOG2E, score_mul, cap_mul, softmax_scale, window_left, window_right, seq_key,
+            ATOMIC_DQ=atomic, **flags, **extra,
+        )
+        if splits > 1:
+            dk.copy_(dk_buf.sum(0))
+            dv.copy_(dv_buf.sum(0))
+        if atomic:
+            dq.copy_(dq_acc)
+            return
+        kern, extra = _launcher("dq", q, block_d, deterministic=deterministic)
+        kern[grid_q](
+            q, k, v, dout, lse, delta, dq, cu_q, cu_k,
+            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
+            *stride_l, *_strides3(dq, varlen),
+            sq, sk, num_seqs, group, softmax_scale * LOG2E, score_mul, cap_mul, softmax_scale,
+            window_left, window_right, seq_key, **flags, **extra,
+        )
+
+    if deterministic:
+        run(False)
+    elif DQ_ATOMIC is not None:
+        run(DQ_ATOMIC)
+    else:
+        key = (q.device, q.dtype, seq_key, splits > 1, *flags.values())
+        _pick_atomic(key, run, q)
     return dq, dk, dv
+
+
+def _pick_atomic(key, run, t):
+    """Run the backward with atomic or separate dQ: the one that was faster on the first call
+    with this key (timed here, after each variant's own autotuning).  Untimed (atomic) where a
+    timing cannot or should not run: no autotuning, the interpreter, a CUDA graph capture."""
+    picked = _ATOMIC_PICKS.get(key)
+    if picked is not None:
+        return run(picked)
+    if not _can_time(t):
+        return run(True)
+    # (each timed run writes all of dq, dk, dv: the last one leaves the gradients in place)
+    ms = {a: _time_ms(lambda a=a: run(a)) for a in (True, False)}
+    _ATOMIC_PICKS[key] = ms[True] <= ms[False]
+
+
+def _can_time(t):
+    return AUTOTUNE and t.is_cuda and not _interpreting() and not torch.cuda.is_current_stream_capturing()
+
+
+def _time_ms(fn, reps=3):
+    """Median milliseconds of fn on the current stream, after one untimed call (its autotuning)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]

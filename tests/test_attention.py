@@ -533,6 +533,49 @@ def test_deterministic_uses_fixed_configs(fake_gpu, monkeypatch, autotune):
         assert isinstance(kern, Autotuner) == autotune, kind
 
 
+def test_atomic_dq_pick(monkeypatch):
+    """Default dQ mode: the first backward of each key times the atomic and the separate dQ
+    variants (really running both, here under the interpreter) and keeps the faster; later calls
+    run only that one; the gradients are right whichever ran last."""
+    monkeypatch.setattr(K, "DQ_ATOMIC", None)
+    monkeypatch.setattr(K, "_ATOMIC_PICKS", {})
+    monkeypatch.setattr(K, "_can_time", lambda t: True)
+    fake_ms = {}
+    ran = []
+
+    def timed(fn):
+        n = len(ran)
+        fn()
+        assert len(ran) == n + 1
+        return fake_ms[ran[-1]]
+
+    real_launcher = K._launcher
+
+    def launcher(kind, t, block_d, atomic=False, deterministic=False, tma=False):
+        if kind == "dkdv":
+            ran.append(atomic)
+        return real_launcher(kind, t, block_d, atomic, deterministic, tma)
+
+    monkeypatch.setattr(K, "_time_ms", timed)
+    monkeypatch.setattr(K, "_launcher", launcher)
+    q, k, v = _make(1, 37, 37, 4, 2, 32, F16)
+    dout = _rand(1, 37, 4, 32, dtype=F16)
+    for winner in (False, True):
+        K._ATOMIC_PICKS.clear()
+        fake_ms.update({winner: 1.0, not winner: 2.0})
+        ran.clear()
+        _check_all(_run(q, k, v, dout, causal=True), q, k, v, dout, causal=True)
+        assert ran == [True, False] and list(K._ATOMIC_PICKS.values()) == [winner]
+        ran.clear()
+        _check_all(_run(q, k, v, dout, causal=True), q, k, v, dout, causal=True)
+        assert ran == [winner]
+    # a key not yet timed where timing cannot run (a CUDA graph capture, no autotuning): atomic, unrecorded
+    monkeypatch.setattr(K, "_can_time", lambda t: False)
+    ran.clear()
+    _run(q, k, v, dout, causal=False)
+    assert ran == [True] and len(K._ATOMIC_PICKS) == 1
+
+
 def test_deterministic_bitwise():
     q, k, v = _make(1, 40, 40, 4, 1, 32, F16)
     dout = _rand(1, 40, 4, 32, dtype=F16)
@@ -855,17 +898,20 @@ def test_gpu_tma_forward(tma, monkeypatch, D, autotune):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dq_atomic", [True, False])
+@pytest.mark.parametrize("dq_atomic", [True, False, None])
 def test_gpu_autotuned(monkeypatch, dq_atomic):
     """The autotuned launch (several configs benchmarked; the atomic-dQ accumulator must be
     re-zeroed after tuning) gives correct results on its first and later calls.  The separate
-    dQ kernel is autotuned with FASTLM_ATTENTION_DQ_ATOMIC=0 (deterministic=True runs fixed configs)."""
+    dQ kernel is autotuned with FASTLM_ATTENTION_DQ_ATOMIC=0 (deterministic=True runs fixed
+    configs); None, the default, times both variants on the first call."""
     monkeypatch.setattr(K, "AUTOTUNE", True)  # on even when the run sets FASTLM_ATTENTION_AUTOTUNE=0
     monkeypatch.setattr(K, "DQ_ATOMIC", dq_atomic)
+    monkeypatch.setattr(K, "_ATOMIC_PICKS", {})
     q, k, v = _make(2, 1531, 1531, 8, 2, 128, torch.bfloat16)
     dout = _rand(2, 1531, 8, 128, dtype=torch.bfloat16)
     for _ in range(2):
         _check_all(_run(q, k, v, dout, causal=True), q, k, v, dout, causal=True)
+    assert len(K._ATOMIC_PICKS) == (1 if dq_atomic is None else 0)
 
 
 def _tile_configs(kind, D, dtype, atomic):
@@ -889,7 +935,7 @@ def test_gpu_every_tile_config(monkeypatch, D, deterministic):
     GQA and lengths that are not multiples of any tile."""
     monkeypatch.setattr(K, "AUTOTUNE", False)
     dtype = torch.bfloat16
-    atomic = not deterministic and K.DQ_ATOMIC
+    atomic = not deterministic and K.DQ_ATOMIC is not False  # (untuned default: atomic)
     chosen = {}
     real = K._first_fit
 

@@ -359,6 +359,9 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
         saved = A.AUTOTUNE, A.DQ_ATOMIC, A.TMA
         A.AUTOTUNE = autotune  # False: the first config that fits (FASTLM_ATTENTION_AUTOTUNE=0, GPU tests)
         A.TMA = tma
+        # deterministic=False: the atomic-dQ variant here; with autotune, the separate dQ kernel too
+        # (below; the default times both, FASTLM_ATTENTION_DQ_ATOMIC=1 / 0 forces one)
+        A.DQ_ATOMIC = True
         try:
             lead = (B * S,) if varlen else (B, S)
             qkv = _t(*lead, H + 2 * Hk, D, dtype=dtype)
@@ -374,10 +377,10 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
                 A.attention_bwd(dout, g, q, kk, v, out, lse, cu, cu, mx, mx, D**-0.5, wl, wr, softcap, det)
                 if det and autotune:
                     # deterministic=True runs the first configs; the separate dQ kernel is autotuned
-                    # with FASTLM_ATTENTION_DQ_ATOMIC=0 (and deterministic=False).
+                    # with deterministic=False when it is picked or forced.
                     A.DQ_ATOMIC = False
                     A.attention_bwd(dout, g, q, kk, v, out, lse, cu, cu, mx, mx, D**-0.5, wl, wr, softcap, False)
-                    A.DQ_ATOMIC = saved[1]
+                    A.DQ_ATOMIC = True
         finally:
             A.AUTOTUNE, A.DQ_ATOMIC, A.TMA = saved
     tag = f"D={D} {_dt(dtype)}" + " tma-fwd" * tma + " varlen" * varlen + " causal" * causal
