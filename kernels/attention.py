@@ -1083,8 +1083,9 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
                   softmax_scale, window_left, window_right, softcap, deterministic, group_splits=None):
     """Backward.  Returns (dq, dk, dv) like q, k, v (contiguous).
 
-    dlse: gradient of the returned lse or None.  deterministic=False accumulates dQ with fp32
-    atomics inside the dK/dV kernel; True runs a separate dQ kernel, and both kernels with fixed
+    dlse: gradient of the returned lse or None.  deterministic=False computes dQ with fp32
+    atomics inside the dK/dV kernel or with a separate dQ kernel (DQ_ATOMIC; by default the
+    faster, timed once per key); True runs the separate dQ kernel, and both kernels with fixed
     tile configs (bitwise reproducible).
     group_splits: programs per GQA group in the dK/dV kernel (None: by occupancy).
     """
