@@ -14,7 +14,8 @@ So the object ``fast_op`` returns is called like the op and decides per call:
     that were registered with ``register_autograd``;
   * anything else (torch.compile / export tracing, FakeTensor or meta tensors, tensor
     subclasses, TorchDispatchModes such as selective checkpointing or FlopCounterMode,
-    torch.func transforms): the custom op, through the dispatcher.
+    TorchFunctionModes other than ``with torch.device(...)``, torch.func transforms): the
+    custom op, through the dispatcher.
 Both routes run the same body, setup and backward, so they give bitwise-identical results;
 tests/test_dispatch.py checks that op by op.  ``FASTLM_DIRECT_OPS=0`` forces the custom op route.
 Forward-mode AD (dual tensors, torch.func.jvp) raises on either route: no op has a forward
@@ -32,9 +33,18 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 ENABLED = os.environ.get("FASTLM_DIRECT_OPS", "1") not in ("0", "")
 
 
+def _function_mode_active():
+    """A TorchFunctionMode other than ``with torch.device(...)``'s is active (a tracer or op
+    logger that should see the op)."""
+    from torch.utils._device import DeviceContext
+
+    return any(not isinstance(m, DeviceContext) for m in torch.overrides._get_current_function_mode_stack())
+
+
 def _direct(args):
     """-> (direct ok, a tensor requires grad).  (Called with no functorch transform active.)"""
-    if not ENABLED or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if (not ENABLED or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or (torch._C._is_torch_function_mode_enabled() and _function_mode_active())):
         return False, False
     grad = False
     for a in args:

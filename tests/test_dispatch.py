@@ -102,6 +102,32 @@ def test_dispatch_modes_still_see_the_ops(grad):
     assert ("fastlm.attention_bwd.default" in rec.ops) == grad
 
 
+class _RecordFunctions(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_function_modes_still_see_the_ops(monkeypatch):
+    """A TorchFunctionMode (an op logger or tracer) sees the torch op; ``with torch.device()``
+    (also a function mode) keeps the direct route."""
+    from fastlm.ops import norm as N
+
+    monkeypatch.setattr(_dispatch, "ENABLED", True)
+    calls = _count_op_calls(monkeypatch, N._rms_norm_op)
+    x, w = _t(3, 8, grad=False), _t(8, grad=False)
+    with _RecordFunctions() as rec:
+        ops.rms_norm(x, w, backend=BK)
+    assert "fastlm.rms_norm.default" in rec.ops and calls == [1]
+    with torch.device(DEVICE):
+        ops.rms_norm(x, w, backend=BK)
+    assert calls == [1]
+
+
 def _count_op_calls(monkeypatch, fop):
     calls = []
     real = fop.op
