@@ -135,8 +135,9 @@ class FastOp:
                 return self.op(*args)
             return _DirectAutograd.apply(*args, self)
         out = self.fn(*args)
-        if self.mutated:
-            torch.autograd.graph.increment_version([args[i] for i in self.mutated if args[i] is not None])
+        for i in self.mutated:  # (one tensor per call: older torch takes no list)
+            if args[i] is not None:
+                torch.autograd.graph.increment_version(args[i])
         return out
 
 
