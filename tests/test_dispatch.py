@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlm.ops as ops
 from fastlm import _dispatch
-from tests.conftest import DEVICE
+from conftest import DEVICE
 
 BK = "triton"
 
