@@ -6,3 +6,4 @@ from fastlm.ops.attention import attention  # noqa: F401
 from fastlm.ops.loss import cross_entropy, linear_cross_entropy  # noqa: F401
 from fastlm.ops.activation import swiglu  # noqa: F401
 from fastlm.ops.linear import fused_linear  # noqa: F401
+from fastlm.ops import _flops  # noqa: F401,E402  (FlopCounterMode formulas of the ops above)
