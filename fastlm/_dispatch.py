@@ -127,6 +127,13 @@ class FastOp:
         direct, grad = _direct(args)
         if not direct:
             return self.op(*args)
+        if torch.autograd._profiler_enabled():
+            # the profiler shows the op by name, as it does a dispatcher call
+            with torch.autograd.profiler.record_function(self.name):
+                return self._direct_call(args, grad)
+        return self._direct_call(args, grad)
+
+    def _direct_call(self, args, grad):
         if grad and torch.is_grad_enabled():
             # An op with no registered backward (a backward op under create_graph=True, a
             # mutating op) stays a custom op, whose autograd raises instead of dropping the

@@ -222,3 +222,13 @@ def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
     # vmap (a functorch transform without tangents) still runs, through the torch op
     y = torch.vmap(lambda r: ops.rms_norm(r, w, backend=BK))(x.view(3, 1, 8))
     torch.testing.assert_close(y.view(3, 8), ops.rms_norm(x, w, backend=BK))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_profiler_shows_the_ops_by_name(enabled, monkeypatch):
+    monkeypatch.setattr(_dispatch, "ENABLED", enabled)
+    x, w = _t(3, 8), _t(8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.rms_norm(x, w, backend=BK).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert {"fastlm::rms_norm", "fastlm::norm_backward"} <= names, sorted(names)
