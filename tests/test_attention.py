@@ -1021,3 +1021,19 @@ def test_gpu_matches_sdpa():
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
     assert max_err(ours, sdpa) < 3e-2  # two bf16 implementations: a few bf16 ulps apart
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_casts_fp32_inputs_like_sdpa(backend):
+    """Under autocast fp32 q/k/v run in the autocast dtype, as SDPA's do (same output dtype as
+    SDPA, same result as casting first); gradients flow back to the fp32 leaves."""
+    q, k, v = (_rand(1, 9, 2, 16, dtype=torch.float32).requires_grad_() for _ in range(3))
+    with torch.autocast(DEVICE.type, dtype=F16):
+        out = attention(q, k, v, causal=True, backend=backend)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                                 is_causal=True)
+        want = attention(q.detach().half(), k.detach().half(), v.detach().half(), causal=True, backend=backend)
+    assert out.dtype == sdpa.dtype == F16
+    assert torch.equal(out, want)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0

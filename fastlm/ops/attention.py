@@ -231,6 +231,18 @@ def _unbounded_sides(q, k, varlen, window_left, window_right):
 
 
 # ---------------------------------------------------------------------------- public API
+def _autocast(q, k, v):
+    """Under torch.autocast: fp32 tensors cast to the autocast dtype, as autocast casts SDPA's
+    inputs (other dtypes are left alone; non-tensors and float64 are _validate's to reject)."""
+    if not isinstance(q, torch.Tensor) or q.device.type not in ("cuda", "cpu"):
+        return q, k, v
+    dev = q.device.type
+    if not torch.is_autocast_enabled(dev):
+        return q, k, v
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for t in (q, k, v))
+
+
 def attention(
     q,
     k,
@@ -269,7 +281,9 @@ def attention(
     of autotuned ones, since the autotuner's timing-based pick can differ between runs and each
     tile shape rounds differently.  Costs some speed.
     backend: "triton" | "reference" | None (best for the device; env FASTLM_BACKEND overrides).
+    Under torch.autocast, fp32 q / k / v are cast to the autocast dtype first, as SDPA's are.
     """
+    q, k, v = _autocast(q, k, v)
     _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if cu_seqlens_q is not None:  # the kernels read the offsets densely
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
