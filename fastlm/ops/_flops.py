@@ -15,8 +15,9 @@ from torch.utils.flop_counter import register_flop_formula
 
 
 def _known(t):
-    """t's values can be read (a real tensor, not a fake / functional / meta one)."""
-    return type(t) is torch.Tensor and not t.is_meta
+    """t's values can be read: a real tensor (not a fake / functional / meta one), and not on a
+    stream capturing a CUDA graph (where reading them would break the capture)."""
+    return type(t) is torch.Tensor and not t.is_meta and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _pairs(q, k, cu_q, cu_k, max_q, max_k):
