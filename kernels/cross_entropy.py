@@ -11,6 +11,12 @@ lse = m + log s: x - m is exact near the maximum, while x - lse would carry lse'
 (ulp(|lse|), 1e-5 at logits ~100) into every probability.  Nothing else is materialized: no fp32 copy of the
 logits and no saved softmax, which is where eager PyTorch spends its memory.
 
+Options (constexpr-gated, so the plain loss pays nothing for them), as Liger-Kernel and torch
+offer them: label smoothing eps (torch's definition: (1 - eps) * nll + eps * mean_c(-log p_c),
+one more running sum in pass 1), a z-loss z * lse^2 per row (PaLM; its gradient adds
+2 z lse p), and a logit softcap c (Gemma 2's final_logit_softcapping: every logit becomes
+c * tanh(x / c) before the softmax, and the gradient gets the factor 1 - tanh^2).
+
 Rows whose target is ignore_index get loss 0 and a zero gradient.  Target range is checked at
 the op boundary (asynchronously on CUDA); the kernel never reads outside the row either way.
 """
@@ -19,6 +25,7 @@ import triton
 import triton.language as tl
 
 from fastlm.kernels import next_pow2, on_tensor_device
+from fastlm.kernels.attention import _tanh
 
 MAX_BLOCK = 4096  # vocabulary tile: 16 KiB of fp32 per program in flight, 32 tiles at V = 128k
 
@@ -36,8 +43,14 @@ def _ce_kernel(
     stride_s,
     V,  # vocabulary size (row length)
     ignore_index,
+    softcap,  # logits become softcap * tanh(x / softcap)              (HAS_SOFTCAP)
+    smoothing,  # label smoothing epsilon                                (SMOOTH)
+    z_coef,  # z-loss coefficient: loss += z_coef * lse^2                (HAS_Z)
     COMPUTE_LSE: tl.constexpr,  # pass 1: compute lse and the loss (else read LSE)
     WRITE_GRAD: tl.constexpr,  # pass 2: write the gradient
+    HAS_SOFTCAP: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_Z: tl.constexpr,
     BLOCK: tl.constexpr,  # vocabulary tile (power of two)
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -49,8 +62,14 @@ def _ce_kernel(
     if COMPUTE_LSE:
         m = -float("inf")
         s = 0.0
+        y_sum = 0.0  # sum of the (capped) logits, for label smoothing
         for start in range(0, V, BLOCK):
-            x = tl.load(x_row + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32)
+            in_row = start + cols < V
+            x = tl.load(x_row + start + cols, mask=in_row, other=-float("inf")).to(tl.float32)
+            if HAS_SOFTCAP:
+                x = tl.where(in_row, softcap * _tanh(x / softcap), -float("inf"))
+            if SMOOTH:
+                y_sum += tl.sum(tl.where(in_row, x, 0.0), axis=0)
             m_new = tl.maximum(m, tl.max(x, axis=0))
             # m_new is finite once any logit is; a row of all -inf gives lse = -inf (as torch).
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -60,7 +79,16 @@ def _ce_kernel(
         tl.store(STATS + 2 * row, m)
         tl.store(STATS + 2 * row + 1, log_s)
         x_t = tl.load(x_row + tl.where(valid, target, 0)).to(tl.float32)
-        tl.store(LOSS + row, tl.where(valid, (m - x_t) + log_s, 0.0))
+        if HAS_SOFTCAP:
+            x_t = softcap * _tanh(x_t / softcap)
+        loss = (m - x_t) + log_s
+        if SMOOTH:
+            # torch's label smoothing: (1 - eps) * nll + eps * mean over classes of -log p
+            loss = (1.0 - smoothing) * loss + smoothing * ((m - y_sum / V) + log_s)
+        if HAS_Z:
+            lse = m + log_s
+            loss += z_coef * lse * lse
+        tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     else:
         m = tl.load(STATS + 2 * row)
         log_s = tl.load(STATS + 2 * row + 1)
@@ -68,17 +96,32 @@ def _ce_kernel(
     if WRITE_GRAD:
         scale = tl.load(GSCALE + row * stride_s).to(tl.float32)
         scale = tl.where(valid, scale, 0.0)
+        # d loss / d y = p * (1 + 2 z lse) - (1 - eps) onehot - eps / V  (y: the capped logits)
+        p_scale = scale
+        if HAS_Z:
+            p_scale = scale * (1.0 + 2.0 * z_coef * (m + log_s))
+        hit = scale
+        off = 0.0
+        if SMOOTH:
+            hit = scale * (1.0 - smoothing)
+            off = scale * smoothing / V
         g_row = GRAD + row * stride_g
         for start in range(0, V, BLOCK):
             c = start + cols
             mask = c < V
             x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                x = softcap * t
             p = tl.exp((x - m) - log_s)
-            g = (p - tl.where(c == target, 1.0, 0.0)) * scale
+            g = p * p_scale - tl.where(c == target, hit, 0.0) - off
+            if HAS_SOFTCAP:
+                g = g * (1.0 - t * t)  # d(softcap * tanh(x / softcap)) / dx
             tl.store(g_row + c, g.to(GRAD.dtype.element_ty), mask=mask)
 
 
-def _launch(logits, targets, loss, stats, grad, gscale, ignore_index, compute_lse, write_grad):
+def _launch(logits, targets, loss, stats, grad, gscale, ignore_index, compute_lse, write_grad, smoothing, z_loss,
+            softcap):
     M, V = logits.shape
     if targets.shape != (M,):
         raise ValueError(f"targets must have shape ({M},) (one per logits row), got {tuple(targets.shape)}")
@@ -91,30 +134,32 @@ def _launch(logits, targets, loss, stats, grad, gscale, ignore_index, compute_ls
     _ce_kernel[(M,)](
         logits, targets, loss, stats, grad, gscale,
         logits.stride(0), grad.stride(0), gscale.stride(0) if gscale.numel() > 1 else 0,
-        V, ignore_index,
-        COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK=block, num_warps=num_warps,
+        V, ignore_index, float(softcap) or 1.0, float(smoothing), float(z_loss),
+        COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, HAS_SOFTCAP=softcap > 0, SMOOTH=smoothing > 0,
+        HAS_Z=z_loss > 0, BLOCK=block, num_warps=num_warps,
     )
 
 
 @on_tensor_device
-def ce_forward(logits, targets, ignore_index, grad=None, gscale=None):
+def ce_forward(logits, targets, ignore_index, grad=None, gscale=None, smoothing=0.0, z_loss=0.0, softcap=0.0):
     """logits (M, V) with unit column stride, targets (M,) -> (loss (M,) fp32, stats (M, 2) fp32:
-    row max and log-sum-exp after subtracting it; lse = their sum).
+    row max and log-sum-exp after subtracting it, of the capped logits; lse = their sum).
+    smoothing: label smoothing epsilon; z_loss: coefficient of lse^2 added to each row's loss;
+    softcap > 0: the logits are softcap * tanh(logits / softcap) (0: none).
     With ``grad`` (M, V, may be ``logits`` itself) and ``gscale`` (fp32, one element or (M,)),
-    also writes (softmax - onehot) * gscale into ``grad`` in the same launch."""
+    also writes d loss / d logits * gscale into ``grad`` in the same launch."""
     M = logits.shape[0]
     loss = logits.new_empty((M,), dtype=torch.float32)
     stats = logits.new_empty((M, 2), dtype=torch.float32)
     write = grad is not None
     _launch(logits, targets, loss, stats, grad if write else logits, gscale if write else loss,
-            ignore_index, True, write)
+            ignore_index, True, write, smoothing, z_loss, softcap)
     return loss, stats
 
 
 @on_tensor_device
-def ce_backward(logits, targets, stats, gscale, ignore_index, grad):
-    """Writes (softmax - onehot) * gscale into grad (M, V) from the saved stats (one read of the
-    logits, one write of the gradient)."""
-    _launch(logits, targets, gscale, stats, grad, gscale, ignore_index, False, True)
+def ce_backward(logits, targets, stats, gscale, ignore_index, grad, smoothing=0.0, z_loss=0.0, softcap=0.0):
+    """Writes d loss / d logits * gscale into grad (M, V) from the saved stats (one read of the
+    logits, one write of the gradient); the options as in ce_forward."""
+    _launch(logits, targets, gscale, stats, grad, gscale, ignore_index, False, True, smoothing, z_loss, softcap)
     return grad
-

@@ -89,15 +89,129 @@ def test_cross_entropy_all_ignored():
     assert s.item() == 0 and (g == 0).all()
 
 
-def _check_lce(h, w, b, t, reduction, chunk, factor=2.0):
+# Loss options: label smoothing, z-loss, logit softcap (logits * 3 reach about +-12: a cap of 5 bends them).
+OPTIONS = {"smooth": dict(label_smoothing=0.1), "z": dict(z_loss=0.01), "softcap": dict(softcap=5.0),
+           "all": dict(label_smoothing=0.2, z_loss=1e-3, softcap=8.0)}
+
+
+def _ce_lowp(x, t, reduction, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """The options' reference computed in the input dtype (the baseline of the error policy)."""
+    x = x.flatten(0, -2)
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
+    rows = torch.nn.functional.cross_entropy(x, t.flatten(), ignore_index=ignore_index, reduction="none",
+                                             label_smoothing=label_smoothing)
+    valid = t.flatten() != ignore_index
+    rows = rows + z_loss * torch.logsumexp(x, -1).square() * valid
+    if reduction == "none":
+        return rows.view(t.shape)
+    return rows.sum() if reduction == "sum" else rows.sum() / valid.sum()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", sorted(OPTIONS))
+@pytest.mark.parametrize("shape", [(3, 17, 1001), (40, 4097)])
+def test_cross_entropy_options(dtype, reduction, opt, shape):
+    kw = OPTIONS[opt]
+    logits = torch.randn(*shape, device=DEVICE, dtype=dtype) * 3
+    t = _targets(shape[:-1], shape[-1], n_ignore=3)
+    x = logits.detach().requires_grad_()
+    x64 = logits.detach().double().requires_grad_()
+    xlp = logits.detach().requires_grad_()
+    out, z = ops.cross_entropy(x, t, reduction=reduction, return_z_loss=True, backend="triton", **kw)
+    r64, z64 = reference.cross_entropy(x64, t, -100, reduction, kw.get("label_smoothing", 0.0),
+                                       kw.get("z_loss", 0.0), kw.get("softcap", 0.0), return_z_loss=True)
+    rlp = _ce_lowp(xlp, t, reduction, **kw)
+    low = torch.float32 if dtype == torch.float32 else dtype
+    assert out.dtype == z.dtype == torch.float32 and not z.requires_grad
+    assert_close(out, r64, rlp.float(), "loss", dtype=low)
+    if "z_loss" in kw:  # the z term's share, as logged: about 1% of the loss here
+        torch.testing.assert_close(z.double(), z64, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-6)
+        assert (z64.abs() >= 1e-3 * r64.abs()).all() and (z64 != 0).any()
+    else:
+        assert (z == 0).all()
+    g = torch.randn_like(out) if reduction == "none" else torch.tensor(1.3, device=DEVICE)
+    (gx,) = _grads(out, x, g)
+    (g64,) = _grads(r64, x64, g.double())
+    (glp,) = _grads(rlp, xlp, g.to(rlp.dtype))
+    assert_close(gx, g64, glp, "dlogits")
+
+
+def test_reference_options_match_torch():
+    # the float64 oracle's options are torch's own: label smoothing with ignored rows and a
+    # mean over the non-ignored ones; z-loss and softcap by their formulas
+    x = torch.randn(30, 50, dtype=torch.float64) * 3
+    t = _targets((30,), 50, n_ignore=4)
+    for reduction in ("mean", "sum", "none"):
+        want = torch.nn.functional.cross_entropy(x, t, reduction=reduction, label_smoothing=0.3)
+        torch.testing.assert_close(reference.cross_entropy(x, t, -100, reduction, 0.3), want)
+    valid = t != -100
+    lse = torch.logsumexp(4 * torch.tanh(x / 4), -1)
+    want = (torch.nn.functional.cross_entropy(4 * torch.tanh(x / 4), t, reduction="sum")
+            + 0.5 * (lse[valid] ** 2).sum()) / valid.sum()
+    torch.testing.assert_close(reference.cross_entropy(x, t, -100, "mean", 0.0, 0.5, 4.0), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_options(dtype, reduction):
+    M, D, V = 50, 64, 777
+    kw = OPTIONS["all"]
+    h = torch.randn(M, D, device=DEVICE, dtype=dtype) * 2
+    w = torch.randn(V, D, device=DEVICE, dtype=dtype) * D**-0.5
+    b = torch.randn(V, device=DEVICE, dtype=dtype)
+    t = _targets((M,), V, n_ignore=5)
+    _check_lce(h, w, b, t, reduction, 16, factor=4.0, **kw)
+    loss, z = ops.linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=16, return_z_loss=True,
+                                       backend="triton", **kw)
+    r, z64 = reference.linear_cross_entropy(h.double(), w.double(), t, b.double(), -100, reduction, 0.2, 1e-3, 8.0,
+                                            return_z_loss=True)
+    torch.testing.assert_close(z.double(), z64, rtol=1e-3 if dtype == torch.float32 else 2e-2, atol=1e-6)
+    # the same options without a z-loss: the loss drops by exactly the reported share
+    plain = ops.linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=16, backend="triton",
+                                     label_smoothing=0.2, softcap=8.0)
+    torch.testing.assert_close(loss - z, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_option_errors():
+    x = torch.randn(4, 10, device=DEVICE)
+    t = torch.randint(0, 10, (4,), device=DEVICE)
+    h, w = torch.randn(4, 6, device=DEVICE), torch.randn(10, 6, device=DEVICE)
+    cases = [
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
+        (dict(label_smoothing=-0.1), ValueError, "label_smoothing must be in"),
+        (dict(label_smoothing=float("nan")), ValueError, "label_smoothing must be a finite"),
+        (dict(label_smoothing="0.1"), TypeError, "label_smoothing must be a finite"),
+        (dict(z_loss=-1e-4), ValueError, "z_loss must be >= 0"),
+        (dict(z_loss=True), TypeError, "z_loss must be a finite"),
+        (dict(softcap=-3.0), ValueError, "softcap must be > 0"),
+        (dict(softcap=float("inf")), ValueError, "softcap must be a finite"),
+    ]
+    for backend in ("triton", "reference"):
+        for kw, exc, msg in cases:
+            with pytest.raises(exc, match="cross_entropy: " + msg):
+                ops.cross_entropy(x, t, backend=backend, **kw)
+            with pytest.raises(exc, match="linear_cross_entropy: " + msg):
+                ops.linear_cross_entropy(h, w, t, backend=backend, **kw)
+    # off values are accepted everywhere: 0, None (softcap), ints
+    for kw in (dict(label_smoothing=0, z_loss=0, softcap=None), dict(softcap=0), dict(label_smoothing=1)):
+        ops.cross_entropy(x, t, backend="triton", **kw)
+
+
+def _check_lce(h, w, b, t, reduction, chunk, factor=2.0, **kw):
     leaves = [h, w] + ([b] if b is not None else [])
     x = [a.detach().requires_grad_() for a in leaves]
     x64 = [a.detach().double().requires_grad_() for a in leaves]
     xlp = [a.detach().requires_grad_() for a in leaves]
     bias = lambda xs: xs[2] if b is not None else None  # noqa: E731
-    out = ops.linear_cross_entropy(x[0], x[1], t, bias(x), reduction=reduction, chunk_size=chunk, backend="triton")
-    r64 = reference.linear_cross_entropy(x64[0], x64[1], t, bias(x64), reduction=reduction)
-    rlp = reference.linear_cross_entropy(xlp[0], xlp[1], t, bias(xlp), reduction=reduction)
+    out = ops.linear_cross_entropy(x[0], x[1], t, bias(x), reduction=reduction, chunk_size=chunk, backend="triton",
+                                   **kw)
+    r64 = reference.linear_cross_entropy(x64[0], x64[1], t, bias(x64), reduction=reduction, **kw)
+    if kw:
+        rlp = _ce_lowp(torch.nn.functional.linear(xlp[0], xlp[1], bias(xlp)), t, reduction, **kw)
+    else:
+        rlp = reference.linear_cross_entropy(xlp[0], xlp[1], t, bias(xlp), reduction=reduction)
     low = h.dtype if h.dtype != torch.float32 else torch.float32
     assert_close(out, r64, rlp, "loss", dtype=low)
     g = torch.tensor(0.7, device=DEVICE)
@@ -157,11 +271,12 @@ def test_linear_cross_entropy_frozen(frozen):
                            torch.autograd.grad(ref, [r[k] for k in names])):
         torch.testing.assert_close(a.double(), b_, rtol=1e-4, atol=1e-5, msg=name)
     need = [k != frozen for k in leaves]
-    _, dh, dw, db = torch.ops.fastlm.linear_cross_entropy(h, w, b, t, -100, False, 8, *need)
+    _, dh, dw, db, _ = torch.ops.fastlm.linear_cross_entropy(h, w, b, t, -100, False, 8, *need, 0.0, 0.0, 0.0)
     sizes = {"h": dh.numel(), "weight": dw.numel(), "bias": db.numel()}
     assert sizes == {k: (0 if k == frozen else leaves[k].numel()) for k in leaves}
     # the raw op refuses a backward it was not asked to prepare
-    loss = torch.ops.fastlm.linear_cross_entropy(h.requires_grad_(), w, None, t, -100, False, 8, False, False, False)[0]
+    loss = torch.ops.fastlm.linear_cross_entropy(h.requires_grad_(), w, None, t, -100, False, 8, False, False, False,
+                                                 0.0, 0.0, 0.0)[0]
     with pytest.raises(RuntimeError, match="need_dh=False"):
         loss.backward()
 
@@ -184,13 +299,15 @@ def test_linear_cross_entropy_autocast():
 def test_opcheck():
     x = torch.randn(6, 50, device=DEVICE)
     t = _targets((6,), 50, n_ignore=1)
-    torch.library.opcheck(torch.ops.fastlm.cross_entropy.default, (x, t, -100))
-    loss, stats = torch.ops.fastlm.cross_entropy(x, t, -100)
-    torch.library.opcheck(torch.ops.fastlm.cross_entropy_backward.default, (x, t, stats, torch.rand(6, device=DEVICE), -100))
+    for opts in ((0.0, 0.0, 0.0), (0.1, 1e-3, 5.0)):  # plain; label smoothing, z-loss and softcap
+        torch.library.opcheck(torch.ops.fastlm.cross_entropy.default, (x, t, -100, *opts))
+        loss, stats = torch.ops.fastlm.cross_entropy(x, t, -100, *opts)
+        torch.library.opcheck(torch.ops.fastlm.cross_entropy_backward.default,
+                              (x, t, stats, torch.rand(6, device=DEVICE), -100, *opts))
     h, w = torch.randn(6, 8, device=DEVICE), torch.randn(50, 8, device=DEVICE)
     for need in ((True, True, False), (False, False, False), (True, False, False), (False, True, False)):
         torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy.default,
-                              (h, w, None, t, -100, False, 4, *need),
+                              (h, w, None, t, -100, False, 4, *need, *((0.1, 1e-3, 5.0) if need[0] else (0.0,) * 3)),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
@@ -202,7 +319,9 @@ def test_torch_compile_fullgraph():
     def f(h, w, t):
         a = ops.linear_cross_entropy(h, w, t, backend="triton")
         b = ops.cross_entropy(h @ w.t(), t, backend="triton")
-        return a + b
+        c, z = ops.linear_cross_entropy(h, w, t, backend="triton", return_z_loss=True, **OPTIONS["all"])
+        d = ops.cross_entropy(h @ w.t(), t, backend="triton", reduction="sum", **OPTIONS["all"])
+        return a + b + c + d + z
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if not HAS_CUDA else "inductor")
     out = compiled(h, w, t)

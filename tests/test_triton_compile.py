@@ -389,7 +389,10 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
     return tag, run
 
 
-def _ce_case(V, dtype, *, fused_grad, rows=4096, target_dtype=None):
+def _ce_case(V, dtype, *, fused_grad, rows=4096, target_dtype=None, options=False):
+    """options: label smoothing, z-loss and softcap all on (their constexpr branches)."""
+    opts = dict(smoothing=0.1, z_loss=1e-4, softcap=30.0) if options else {}
+
     def run(k, arch):
         import torch
 
@@ -397,11 +400,11 @@ def _ce_case(V, dtype, *, fused_grad, rows=4096, target_dtype=None):
         x = _t(rows, V, dtype=dtype)
         t = _t(rows, dtype=target_dtype or torch.int64)
         if fused_grad:  # linear_cross_entropy: loss + gradient in place, one scalar scale
-            ce.ce_forward(x, t, -100, grad=x, gscale=_t(1, dtype=torch.float32))
+            ce.ce_forward(x, t, -100, grad=x, gscale=_t(1, dtype=torch.float32), **opts)
         else:  # cross_entropy: forward, then the backward from the saved stats
-            _, stats = ce.ce_forward(x, t, -100)
-            ce.ce_backward(x, t, stats, _t(rows, dtype=torch.float32), -100, _t(rows, V, dtype=dtype))
-    return f"V={V} {_dt(dtype)}" + (" fused-grad" if fused_grad else ""), run
+            _, stats = ce.ce_forward(x, t, -100, **opts)
+            ce.ce_backward(x, t, stats, _t(rows, dtype=torch.float32), -100, _t(rows, V, dtype=dtype), **opts)
+    return f"V={V} {_dt(dtype)}" + (" fused-grad" if fused_grad else "") + (" options" if options else ""), run
 
 
 def _swiglu_case(F, dtype, *, stacked, rows=8192):
@@ -537,6 +540,8 @@ def _cases(full):
     for V, dt, fused in ((128256, bf16, True), (50257, fp16, False), (1000, fp32, True), (256, bf16, False)):
         if full or V != 1000:
             add("cross_entropy", both if V == 128256 or full else h100, _ce_case(V, dt, fused_grad=fused))
+    for fused in (True, False):  # label smoothing + z-loss + softcap (Gemma 2's vocabulary)
+        add("cross_entropy", h100, _ce_case(256000, bf16, fused_grad=fused, options=True))
 
     # ---- activation: the presets' widths (stacked, bf16), a 1-warp tile, the split form in fp32
     for F, dt, stacked in ((8192, bf16, True), (2816, fp16, True), (100, bf16, True), (1000, fp32, False)):

@@ -13,6 +13,9 @@ keeps (at the 1B preset's 128k vocabulary: 0.26 MB per token for the bf16 logits
 with eager's copies).  FLOPs: the
 same three GEMMs as the unfused head.
 """
+import math
+import numbers
+
 import torch
 
 from fastlm import _backend, reference
@@ -32,42 +35,48 @@ def _kernels():
 
 # ---------------------------------------------------------------------------- cross_entropy
 @fast_op("fastlm::cross_entropy")
-def _ce_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _ce_op(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+    softcap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (M, V), targets (M,) -> (per-row loss fp32 (M,), stats fp32 (M, 2): row max and
-    log-sum-exp(x - max)).  stats are saved for the backward and are not differentiable."""
-    return _kernels().ce_forward(unit_last(logits), targets, ignore_index)
+    log-sum-exp(x - max) of the (capped) logits).  stats are saved for the backward and are not
+    differentiable.  softcap 0: none."""
+    return _kernels().ce_forward(unit_last(logits), targets, ignore_index, smoothing=label_smoothing, z_loss=z_loss,
+                                 softcap=softcap)
 
 
 @fast_op("fastlm::cross_entropy_backward")
 def _ce_backward_op(
-    logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor, dloss: torch.Tensor, ignore_index: int
+    logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor, dloss: torch.Tensor, ignore_index: int,
+    label_smoothing: float, z_loss: float, softcap: float
 ) -> torch.Tensor:
-    """-> dlogits (M, V) = (softmax - onehot) * dloss[row] (dloss fp32 (M,), any stride)."""
+    """-> dlogits (M, V) = d rowloss / d logits * dloss[row] (dloss fp32 (M,), any stride)."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return _kernels().ce_backward(unit_last(logits), targets, stats.contiguous(), dloss.float(), ignore_index, grad)
+    return _kernels().ce_backward(unit_last(logits), targets, stats.contiguous(), dloss.float(), ignore_index, grad,
+                                  smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
 
 
 @_ce_op.register_fake
-def _(logits, targets, ignore_index):
+def _(logits, targets, ignore_index, label_smoothing, z_loss, softcap):
     M = logits.shape[0]
     return logits.new_empty((M,), dtype=torch.float32), logits.new_empty((M, 2), dtype=torch.float32)
 
 
 @_ce_backward_op.register_fake
-def _(logits, targets, stats, dloss, ignore_index):
+def _(logits, targets, stats, dloss, ignore_index, label_smoothing, z_loss, softcap):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _ce_setup(ctx, inputs, output):
-    logits, targets, ignore_index = inputs
-    ctx.ignore_index = ignore_index
+    logits, targets, *ctx.options = inputs  # ignore_index, label_smoothing, z_loss, softcap
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(logits, targets, output[1])
 
 
 def _ce_backward(ctx, dloss, dstats):
     logits, targets, stats = ctx.saved_tensors
-    return _ce_backward_op(logits, targets, stats, dloss, ctx.ignore_index), None, None
+    return _ce_backward_op(logits, targets, stats, dloss, *ctx.options), None, None, None, None, None
 
 
 _ce_op.register_autograd(_ce_backward, setup_context=_ce_setup)
@@ -86,11 +95,16 @@ def _lce_op(
     need_dh: bool,
     need_dw: bool,
     need_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """h (M, D), weight (V, D), bias (V,) or None, targets (M,) ->
-    (loss fp32 scalar, dh (M, D), dweight (V, D), dbias (V,) fp32): the loss and the gradients
-    that are asked for (need_*; the others come back empty and cost no GEMM: a frozen head or a
-    frozen trunk pays for one GEMM less per chunk).  See the module docstring."""
+    (loss fp32 scalar, dh (M, D), dweight (V, D), dbias (V,) fp32, z fp32 scalar): the loss and
+    the gradients that are asked for (need_*; the others come back empty and cost no GEMM: a
+    frozen head or a frozen trunk pays for one GEMM less per chunk), and the part of the loss
+    that the z-loss term is (0 without it; not differentiable: for logging).  The options as in
+    cross_entropy (softcap 0: none).  See the module docstring."""
     k = _kernels()
     M, V = h.shape[0], weight.shape[0]
     need_db = need_db and bias is not None
@@ -99,6 +113,7 @@ def _lce_op(
         n_valid = (targets != ignore_index).sum(dtype=torch.float32)
         scale = (torch.ones_like(n_valid) if sum_reduction else 1.0 / n_valid).reshape(1)
         rows = h.new_empty((M,), dtype=torch.float32)
+        zrows = h.new_zeros((M if z_loss > 0 else 0,), dtype=torch.float32)
         # (outputs must be distinct tensors: fresh empties where nothing is computed)
         dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else h.new_empty(0)
         dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw and M == 0 else h.new_empty(0)
@@ -108,9 +123,11 @@ def _lce_op(
             e = min(M, s + chunk_rows)
             hc = h[s:e]
             logits = torch.mm(hc, wt) if bias is None else torch.addmm(bias, hc, wt)  # (C, V)
-            loss_c, _ = k.ce_forward(logits, targets[s:e], ignore_index,
-                                     grad=logits if need_grad else None, gscale=scale)
+            loss_c, stats = k.ce_forward(logits, targets[s:e], ignore_index, grad=logits if need_grad else None,
+                                         gscale=scale, smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
             rows[s:e] = loss_c
+            if z_loss > 0:
+                zrows[s:e] = stats.sum(1).square()
             # logits now hold dloss/dlogits of this chunk
             if need_dh:
                 torch.mm(logits, weight, out=dh[s:e])
@@ -122,27 +139,36 @@ def _lce_op(
             if need_db:
                 db += logits.sum(0, dtype=torch.float32)
         loss = rows.sum() * scale[0]
-    return loss, dh, dw, db
+        z = _z_part(zrows, targets, ignore_index, z_loss, scale[0])
+    return loss, dh, dw, db, z
+
+
+def _z_part(lse2, targets, ignore_index, z_loss, scale):
+    """z_loss * sum of lse^2 over the non-ignored rows, times scale (1 or 1 / n_valid)."""
+    if z_loss <= 0:
+        return scale.new_zeros(())
+    return z_loss * torch.where(targets != ignore_index, lse2, 0.0).sum() * scale
 
 
 @_lce_op.register_fake
-def _(h, weight, bias, targets, ignore_index, sum_reduction, chunk_rows, need_dh, need_dw, need_db):
+def _(h, weight, bias, targets, ignore_index, sum_reduction, chunk_rows, need_dh, need_dw, need_db, label_smoothing,
+      z_loss, softcap):
     loss = h.new_empty((), dtype=torch.float32)
     dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else h.new_empty(0)
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else h.new_empty(0)
     db = h.new_empty((weight.shape[0] if need_db and bias is not None else 0,), dtype=torch.float32)
-    return loss, dh, dw, db
+    return loss, dh, dw, db, h.new_empty((), dtype=torch.float32)
 
 
 def _lce_setup(ctx, inputs, output):
-    h, weight, bias, targets, ignore_index, sum_reduction, chunk_rows, need_dh, need_dw, need_db = inputs
+    h, weight, bias, targets, ignore_index, sum_reduction, chunk_rows, need_dh, need_dw, need_db = inputs[:10]
     ctx.computed = (need_dh, need_dw, need_db and bias is not None)
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[1:])
+    ctx.save_for_backward(*output[1:4])
 
 
-def _lce_backward(ctx, dloss, ddh, ddw, ddb):
+def _lce_backward(ctx, dloss, ddh, ddw, ddb, dz):
     for name, needed, computed in zip(("h", "weight", "bias"), ctx.needs_input_grad[:3], ctx.computed):
         if needed and not computed:
             raise RuntimeError(f"fastlm::linear_cross_entropy was called with need_d{name[0]}=False, so it computed "
@@ -151,7 +177,7 @@ def _lce_backward(ctx, dloss, ddh, ddw, ddb):
     g = dloss.float()
     grads = [dh * g if ctx.computed[0] else None, dw * g if ctx.computed[1] else None,
              (db * g).to(ctx.bias_dtype) if ctx.computed[2] else None]
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, *[None] * 10)
 
 
 _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup)
@@ -201,28 +227,69 @@ def _pick(backend, x, op):
     return _backend.resolve(backend, x.device, SUPPORTED, op=op)
 
 
+def _check_options(op, label_smoothing, z_loss, softcap):
+    """-> (label_smoothing, z_loss, softcap) as floats, softcap 0.0 for None (after the checks)."""
+    def num(v, name):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise (ValueError if isinstance(v, numbers.Real) and not isinstance(v, bool) else TypeError)(
+                f"{op}: {name} must be a finite number, got {v!r}")
+        return float(v)
+
+    label_smoothing = num(label_smoothing, "label_smoothing")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    z_loss = num(z_loss, "z_loss")
+    if z_loss < 0:
+        raise ValueError(f"{op}: z_loss must be >= 0 (the coefficient of lse^2; 0 = off), got {z_loss}")
+    softcap = 0.0 if softcap is None else num(softcap, "softcap")
+    if softcap < 0:
+        raise ValueError(f"{op}: softcap must be > 0 (or None / 0 for no cap), got {softcap}")
+    return label_smoothing, z_loss, softcap
+
+
 # ---------------------------------------------------------------------------- public API
-def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backend=None):
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                  softcap=None, return_z_loss=False, backend=None):
     """Cross-entropy of logits (..., V) against int targets (...), fp32 softmax statistics.
 
     Returns fp32: the mean over non-ignored targets ("mean"; NaN when all are ignored, as
     torch), their sum ("sum"), or the per-position loss ("none", shape of targets, 0 where
     ignored).  One kernel pass forward (no fp32 copy of the logits), one backward.
+    Options (as torch's and Liger-Kernel's; each costs nothing when off):
+      label_smoothing: eps in [0, 1], torch's definition: (1 - eps) * nll + eps * mean_c(-log p_c).
+      z_loss: coefficient z >= 0 of a z-loss z * lse^2 added to each non-ignored row (PaLM;
+        Liger's lse_square_scale); return_z_loss=True returns (loss, z_part), z_part the
+        detached share of the loss that term is (reduced the same way), for logging.
+      softcap: None or c > 0: the logits become c * tanh(logits / c) first (Gemma 2's
+        final_logit_softcapping), forward and backward.
     backend: "triton" | "reference" | None.
     """
-    ignore_index = _validate("cross_entropy", logits, "logits", targets, reduction, REDUCTIONS, backend, ignore_index)
-    b = _pick(backend, logits, "cross_entropy")
+    op = "cross_entropy"
+    ignore_index = _validate(op, logits, "logits", targets, reduction, REDUCTIONS, backend, ignore_index)
+    opts = _check_options(op, label_smoothing, z_loss, softcap)
+    b = _pick(backend, logits, op)
     if b == "reference":
-        return reference.cross_entropy(logits, targets, ignore_index, reduction)
+        return reference.cross_entropy(logits, targets, ignore_index, reduction, *opts, return_z_loss=return_z_loss)
     V = logits.shape[-1]
     t = targets.reshape(-1).contiguous()  # the kernel reads one target per row, densely
-    _check_targets("cross_entropy", t, V, ignore_index)
-    rows, _ = _ce_op(logits.reshape(-1, V), t, ignore_index)
+    _check_targets(op, t, V, ignore_index)
+    rows, stats = _ce_op(logits.reshape(-1, V), t, ignore_index, *opts)
     if reduction == "none":
-        return rows.view(targets.shape)
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / (t != ignore_index).sum(dtype=torch.float32)
+        loss, scale = rows.view(targets.shape), None
+    elif reduction == "sum":
+        loss, scale = rows.sum(), rows.new_ones(())
+    else:
+        scale = 1.0 / (t != ignore_index).sum(dtype=torch.float32)
+        loss = rows.sum() * scale
+    if not return_z_loss:
+        return loss
+    with torch.no_grad():
+        lse2 = stats.sum(1).square()
+        if scale is None:
+            z = torch.where(t != ignore_index, opts[1] * lse2, 0.0).view(targets.shape)
+        else:
+            z = _z_part(lse2, t, ignore_index, opts[1], scale)
+    return loss, z
 
 
 def default_chunk_rows(M, V, dtype):
@@ -234,13 +301,15 @@ def default_chunk_rows(M, V, dtype):
 
 
 def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, reduction="mean",
-                         chunk_size=None, backend=None):
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, return_z_loss=False, chunk_size=None,
+                         backend=None):
     """cross_entropy(h @ weight.T + bias, targets) without materializing the logits.
 
     h (..., D) hidden states, weight (V, D) (the lm_head / tied embedding), bias (V,) or None,
     targets (...) int.  reduction "mean" (over non-ignored targets) or "sum"; returns an fp32
     scalar ("mean" is NaN when every target is ignored, as torch and cross_entropy; the
-    gradients are then 0).  Under autocast, h/weight/bias are cast to the autocast dtype (as F.linear would);
+    gradients are then 0).  label_smoothing, z_loss, softcap, return_z_loss: as in
+    cross_entropy.  Under autocast, h/weight/bias are cast to the autocast dtype (as F.linear would);
     otherwise they must share one dtype.  chunk_size: rows per chunk (default: about 1 GiB of
     logits).  The gradients are computed during the forward (see the module docstring), so the
     forward costs the whole head's three GEMMs and the backward almost nothing.
@@ -248,6 +317,7 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
     """
     op = "linear_cross_entropy"
     ignore_index = _validate(op, h, "h", targets, reduction, ("mean", "sum"), backend, ignore_index)
+    opts = _check_options(op, label_smoothing, z_loss, softcap)
     D = h.shape[-1]
     check_tensor(weight, "weight", dtypes=KERNEL_DTYPES + (torch.float64,), ndim=2)
     if weight.shape[1] != D:
@@ -269,7 +339,8 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
                 raise TypeError(f"{op}: {name} has dtype {t.dtype} but h has {h.dtype}; use one dtype (or autocast)")
     b = _pick(backend, h, op)
     if b == "reference":
-        return reference.linear_cross_entropy(h, weight, targets, bias, ignore_index, reduction)
+        return reference.linear_cross_entropy(h, weight, targets, bias, ignore_index, reduction, *opts,
+                                              return_z_loss=return_z_loss)
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         h, weight = h.to(dt), weight.to(dt)
@@ -280,5 +351,5 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
     grad_on = torch.is_grad_enabled()
     need = [grad_on and x is not None and x.requires_grad for x in (h, weight, bias)]
     chunk = chunk_size or default_chunk_rows(h2.shape[0], V, h2.dtype)
-    loss, _, _, _ = _lce_op(h2, weight, bias, t, ignore_index, reduction == "sum", int(chunk), *need)
-    return loss
+    loss, _, _, _, z = _lce_op(h2, weight, bias, t, ignore_index, reduction == "sum", int(chunk), *need, *opts)
+    return (loss, z) if return_z_loss else loss
