@@ -148,20 +148,22 @@ def test_reference_cache_masked_slots_hold_no_nan():
     assert generate(ref, clean, 8, greedy=True) == want  # NaN k/v of the padding
 
 
-def _hf_llama():
+def _hf_model(family="llama"):
     transformers = pytest.importorskip("transformers", reason="the HF generate comparison needs transformers")
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     torch.manual_seed(1)
-    m = transformers.LlamaForCausalLM(cfg)
+    if family == "qwen3":  # per-head q/k norms before the rotation the decode kernels fuse
+        m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw, head_dim=32))
+    else:
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     randomize_(m)
     return m.eval()
 
 
-@pytest.mark.parametrize("backend", ["fused", "reference"])
-def test_greedy_equals_hf_generate(backend):
-    hf = _hf_llama()
+@pytest.mark.parametrize("family,backend", [("llama", "fused"), ("llama", "reference"), ("qwen3", "fused")])
+def test_greedy_equals_hf_generate(family, backend):
+    hf = _hf_model(family)
     model = Transformer.from_hf(hf, backend=backend).to(DEVICE)
     prompts = prompts_of([7, 2], 300, seed=3)
     ours = generate(model, prompts, 6, greedy=True, cache="paged")

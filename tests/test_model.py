@@ -1,5 +1,5 @@
 """The Transformer: fused vs reference backend, packed input, KV-cache hook, torch.compile,
-HF checkpoint parity (Llama, Mistral, Qwen2, GPT-2) and bad input.
+HF checkpoint parity (Llama, Mistral, Qwen2, Qwen3, GPT-2) and bad input.
 
 On CPU the fused backend runs the Triton kernels under the interpreter, so shapes are tiny.
 Error policy (tests/tolerances.py): the fp32 result's error against the same model run in
@@ -20,8 +20,9 @@ transformers = pytest.importorskip("transformers", reason="HF parity tests need 
 TINY_VARIANTS = {
     "tiny": {},
     "tiny-gpt2": {},
-    # llama3 rope scaling, sliding window, q/k/v biases, partial rotary, odd sizes, untied
-    "tiny-mix": dict(base="tiny", rope_base=500000.0, sliding_window=7, qkv_bias=True, rotary_dim=10, ffn_dim=72,
+    # llama3 rope scaling, sliding window, q/k/v biases, per-head q/k norms, partial rotary, odd sizes, untied
+    "tiny-mix": dict(base="tiny", rope_base=500000.0, sliding_window=7, qkv_bias=True, qk_norm=True, rotary_dim=10,
+                     ffn_dim=72,
                      tie_embeddings=False, vocab_size=301,
                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
@@ -58,11 +59,13 @@ def loss_and_grads(model, tokens, targets, **kw):
 
 # ------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_presets_build_and_count_params(name):
-    cfg = TransformerConfig.from_name(name)
-    with torch.device("meta"):
-        model = Transformer(cfg, backend="reference")
-    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_presets_build_and_count_params(name, qk_norm):
+    cfg = TransformerConfig.from_name(name, qk_norm=qk_norm)
+    for backend in ("reference", "fused"):
+        with torch.device("meta"):
+            model = Transformer(cfg, backend=backend)
+        assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
     assert cfg.flops_per_token(1024) > 6 * cfg.num_params(embeddings=False)
 
 
@@ -529,6 +532,8 @@ def hf_model(family):
         m = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=6))
     elif family == "qwen2":
         m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
+    elif family == "qwen3":  # per-head q/k RMSNorms; head_dim * heads != hidden_size, as in Qwen3-0.6B
+        m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True))
     else:
         m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=None, eos_token_id=None))
@@ -543,7 +548,7 @@ def _rope_kw(cls, theta, scaling):
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 
 
 def hf_logits(model, tokens):
@@ -664,6 +669,16 @@ def test_to_hf_rejects_mismatched_arch():
         model.to_hf("gpt2")
     with pytest.raises(ValueError, match="arch must be one of"):
         model.to_hf("bert")
+    with pytest.raises(ValueError, match="qwen3 needs per-head q/k norms"):
+        model.to_hf("qwen3")
+    qk = Transformer(tiny_config("tiny").replace(qk_norm=True), backend="reference")
+    assert qk.config.num_params() == sum(p.numel() for p in qk.parameters())
+    for arch in ("llama", "mistral", "qwen2"):
+        with pytest.raises(ValueError, match=f"{arch} has no per-head q/k norms"):
+            qk.to_hf(arch)
+    with pytest.raises(ValueError, match="not a GPT-2 architecture"):
+        qk.to_hf("gpt2")
+    assert type(qk.to_hf()).__name__ == "Qwen3ForCausalLM"  # the default for a qk_norm model
 
 
 def test_tied_embeddings_stay_tied_after_to_empty_and_from_hf():

@@ -2,7 +2,8 @@
 
 One dataclass covers the GPT-2 family (learned positions, LayerNorm, GELU MLP, biases) and the
 Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention; Mistral adds a sliding window,
-Qwen2 adds q/k/v biases).  Fields left as None are derived in ``__post_init__``.
+Qwen2 adds q/k/v biases, Qwen3 an RMSNorm over each head of q and k).  Fields left as None are
+derived in ``__post_init__``.
 """
 import dataclasses
 import math
@@ -39,6 +40,7 @@ class TransformerConfig:
     qkv_bias: bool = False  # bias on the q/k/v projections (GPT-2, Qwen2)
     out_bias: bool = False  # bias on the attention output projection (GPT-2)
     mlp_bias: bool = False  # biases in the MLP (GPT-2)
+    qk_norm: bool = False  # Qwen3: RMSNorm (weight per head_dim, eps norm_eps) on each q and k head before RoPE
     norm_bias: bool = True  # LayerNorm bias (RMSNorm never has one)
     tie_embeddings: bool = False  # lm_head shares the token embedding matrix
     max_seqlen: int = 2048  # longest sequence (size of the learned-position / RoPE tables)
@@ -104,7 +106,7 @@ class TransformerConfig:
             v = getattr(self, name)
             if not _is_real(v) or not v >= 0:
                 bad(f"{name} must be a non-negative real number, got {v!r}")
-        for name in ("qkv_bias", "out_bias", "mlp_bias", "norm_bias", "tie_embeddings"):
+        for name in ("qkv_bias", "out_bias", "mlp_bias", "norm_bias", "tie_embeddings", "qk_norm"):
             v = getattr(self, name)
             if not isinstance(v, bool):  # a string 'False' (e.g. from --set) is truthy
                 bad(f"{name} must be a bool (True or False), got {v!r}")
@@ -142,7 +144,8 @@ class TransformerConfig:
         n_in = 2 * f if self.mlp == "swiglu" else f
         mlp = d * n_in + f * d + ((n_in + d) if self.mlp_bias else 0)
         norm = d * (2 if self.norm == "layer" and self.norm_bias else 1)
-        n = self.n_layers * (qkv + out + mlp + 2 * norm) + norm
+        qk_norm = 2 * hd if self.qk_norm else 0
+        n = self.n_layers * (qkv + out + mlp + 2 * norm + qk_norm) + norm
         emb = self.vocab_size * d + (self.max_seqlen * d if self.positional == "learned" else 0)
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return n + head + (emb if embeddings else 0)

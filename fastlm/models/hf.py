@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> fastlm Transformer: Llama, Mistral, Qwen2 and GPT-2 families.
+"""Hugging Face checkpoints <-> fastlm Transformer: Llama, Mistral, Qwen2, Qwen3 and GPT-2 families.
 
     model = Transformer.from_hf("path/to/folder")       # config.json + *.safetensors (or a model object)
     hf_model = model.to_hf()                             # a transformers model with the same weights
@@ -6,7 +6,8 @@
 Weight layout differences handled here:
   - fastlm stacks q/k/v into one ``wqkv`` and SwiGLU's gate/up into one ``w_in`` (one matmul each);
   - GPT-2's Conv1D stores weights as (in, out): they are transposed;
-  - HF Llama weights already use the rotate-half RoPE pairing that fastlm uses (no permutation).
+  - HF Llama weights already use the rotate-half RoPE pairing that fastlm uses (no permutation);
+  - Qwen3's per-head q_norm / k_norm map to the attention's q_norm / k_norm (config qk_norm).
 Nothing is downloaded: a folder must be local.
 """
 import json
@@ -16,7 +17,7 @@ import torch
 
 from fastlm.models.config import TransformerConfig
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
 
 
@@ -76,21 +77,22 @@ def config_from_hf(c):
     window = None
     if mtype == "mistral":
         window = c.get("sliding_window")
-    elif mtype == "qwen2":
+    elif mtype in ("qwen2", "qwen3"):
         types = c.get("layer_types")
         if types is None:  # transformers v4
             n_full = min(c.get("max_window_layers", 0), c["num_hidden_layers"]) if c.get("use_sliding_window") else c["num_hidden_layers"]
             types = ["full_attention"] * n_full + ["sliding_attention"] * (c["num_hidden_layers"] - n_full)
         if len(set(types)) > 1:
-            raise ValueError("unsupported Qwen2 config: a mix of sliding-window and full-attention layers")
+            raise ValueError(f"unsupported {mtype} config: a mix of sliding-window and full-attention layers")
         window = c.get("sliding_window") if types and types[0] == "sliding_attention" else None
-    bias = mtype == "qwen2" or bool(c.get("attention_bias", False))
+    bias = mtype == "qwen2" or bool(c.get("attention_bias", False))  # Qwen3: q/k/v/o all or none
     return TransformerConfig(
         vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=c.get("num_key_value_heads") or n_heads, head_dim=head_dim, ffn_dim=c["intermediate_size"],
         norm="rms", norm_eps=c.get("rms_norm_eps", 1e-6), positional="rope", rope_base=base, rotary_dim=rotary_dim,
         rope_scaling=scaling, mlp="swiglu", qkv_bias=bias, out_bias=bias and mtype != "qwen2",
         mlp_bias=bool(c.get("mlp_bias", False)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qk_norm=mtype == "qwen3",
         max_seqlen=c.get("max_position_embeddings", 2048), sliding_window=window, extra={"hf_arch": mtype},
     )
 
@@ -105,7 +107,7 @@ def _hf_config(cfg, arch):
     if arch == "gpt2":
         if not (cfg.positional == "learned" and cfg.norm == "layer" and cfg.mlp == "gelu" and cfg.norm_bias
                 and cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias and cfg.n_kv_heads == cfg.n_heads
-                and cfg.head_dim * cfg.n_heads == cfg.dim and cfg.sliding_window is None):
+                and cfg.head_dim * cfg.n_heads == cfg.dim and cfg.sliding_window is None and not cfg.qk_norm):
             raise ValueError("to_hf: this config is not a GPT-2 architecture")
         act = "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu"
         return transformers.GPT2Config(
@@ -115,7 +117,11 @@ def _hf_config(cfg, arch):
         )
     if not (cfg.positional == "rope" and cfg.norm == "rms" and cfg.mlp == "swiglu"):
         raise ValueError(f"to_hf: this config (positional={cfg.positional}, norm={cfg.norm}, mlp={cfg.mlp}) is not a {arch} architecture")
-    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[arch]
+    if cfg.qk_norm != (arch == "qwen3"):
+        raise ValueError(f"to_hf: {arch} {'needs' if arch == 'qwen3' else 'has no'} per-head q/k norms "
+                         f"(config qk_norm={cfg.qk_norm})")
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config}[arch]
     kw = dict(hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
               rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seqlen, hidden_act="silu",
@@ -132,6 +138,11 @@ def _hf_config(cfg, arch):
         if cfg.qkv_bias != cfg.out_bias or cfg.sliding_window:
             raise ValueError("to_hf: Llama has one attention_bias flag for q/k/v/o and no sliding window")
         kw.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    elif arch == "qwen3":
+        if cfg.qkv_bias != cfg.out_bias or cfg.mlp_bias:
+            raise ValueError("to_hf: Qwen3 has one attention_bias flag for q/k/v/o and no MLP biases")
+        kw.update(attention_bias=cfg.qkv_bias, use_sliding_window=cfg.sliding_window is not None,
+                  sliding_window=cfg.sliding_window, max_window_layers=0)
     elif arch == "qwen2":
         if not cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
             raise ValueError("to_hf: Qwen2 has q/k/v biases and no output/MLP biases")
@@ -154,6 +165,8 @@ def default_arch(cfg):
         return cfg.extra["hf_arch"]
     if cfg.positional == "learned":
         return "gpt2"
+    if cfg.qk_norm:
+        return "qwen3"
     if cfg.qkv_bias and not cfg.out_bias:
         return "qwen2"
     return "mistral" if cfg.sliding_window else "llama"
@@ -214,6 +227,9 @@ def state_dict_from_hf(sd, cfg, arch):
                 out[q + "attn.wo.weight"] = take(a + "o_proj.weight")
                 if cfg.out_bias:
                     out[q + "attn.wo.bias"] = take(a + "o_proj.bias")
+                if cfg.qk_norm:
+                    out[q + "attn.q_norm.weight"] = take(a + "q_norm.weight")
+                    out[q + "attn.k_norm.weight"] = take(a + "k_norm.weight")
                 out[q + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
                 m = p + "mlp."
                 out[q + "mlp.w_in.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
@@ -269,6 +285,9 @@ def state_dict_to_hf(model, arch):
             out[a + "o_proj.weight"] = sd[q + "attn.wo.weight"]
             if cfg.out_bias:
                 out[a + "o_proj.bias"] = sd[q + "attn.wo.bias"]
+            if cfg.qk_norm:
+                for n in ("q_norm", "k_norm"):
+                    out[a + f"{n}.weight"] = sd[q + f"attn.{n}.weight"]
             out[p + "post_attention_layernorm.weight"] = sd[q + "mlp_norm.weight"]
             gate, up = sd[q + "mlp.w_in.weight"].chunk(2)
             out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
@@ -381,8 +400,8 @@ def from_hf(model_or_path, backend="fused", op_backend=None, dtype=None):
 
 
 def to_hf(model, arch=None):
-    """The transformers model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or
-    GPT2LMHeadModel) holding a copy of `model`'s weights, in float32 unless the model isn't."""
+    """The transformers model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+    Qwen3ForCausalLM or GPT2LMHeadModel) holding a copy of `model`'s weights, in float32 unless the model isn't."""
     import transformers
 
     arch = arch or default_arch(model.config)
@@ -390,7 +409,8 @@ def to_hf(model, arch=None):
         raise ValueError(f"to_hf: arch must be one of {SUPPORTED}, got {arch!r}")
     hf_cfg = _hf_config(model.config, arch)
     cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-           "qwen2": transformers.Qwen2ForCausalLM, "gpt2": transformers.GPT2LMHeadModel}[arch]
+           "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+           "gpt2": transformers.GPT2LMHeadModel}[arch]
     hf_model = cls(hf_cfg)
     sd = state_dict_to_hf(model, arch)
     dtype = next(model.parameters()).dtype

@@ -1,4 +1,4 @@
-"""A decoder-only Transformer LM on the fastlm ops: GPT-2 and Llama/Mistral/Qwen2 shapes.
+"""A decoder-only Transformer LM on the fastlm ops: GPT-2 and Llama/Mistral/Qwen2/Qwen3 shapes.
 
     tokens -> embedding (+ learned positions) -> n_layers x Block -> norm -> lm_head -> logits
     Block:  h = h + Attention(norm(h));  h = h + MLP(norm(h))        (pre-norm)
@@ -174,14 +174,16 @@ def triton_only(op_backend):
     return None if op_backend == "cuda" else op_backend
 
 
-def make_norm(config, fused, op_backend):
-    if config.norm == "rms":
+def make_norm(config, fused, op_backend, dim=None, kind=None):
+    """config.norm over config.dim, or a `kind` norm over `dim` (the per-head q/k RMSNorms)."""
+    dim, kind = dim or config.dim, kind or config.norm
+    if kind == "rms":
         if fused:
-            return fastlm.nn.RMSNorm(config.dim, eps=config.norm_eps, backend=op_backend)
-        return nn.RMSNorm(config.dim, eps=config.norm_eps)
+            return fastlm.nn.RMSNorm(dim, eps=config.norm_eps, backend=op_backend)
+        return nn.RMSNorm(dim, eps=config.norm_eps)
     if fused:
-        return fastlm.nn.LayerNorm(config.dim, eps=config.norm_eps, bias=config.norm_bias, backend=op_backend)
-    return nn.LayerNorm(config.dim, eps=config.norm_eps, bias=config.norm_bias)
+        return fastlm.nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias, backend=op_backend)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias)
 
 
 def add_norm(norm, x, residual, fused):
@@ -219,6 +221,10 @@ class Attention(nn.Module):
         qkv_dim = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.wqkv = nn.Linear(config.dim, qkv_dim, bias=config.qkv_bias)  # q, k, v stacked
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.out_bias)
+        if config.qk_norm:  # Qwen3: each q and k head is RMS-normalized before RoPE
+            self.q_norm = make_norm(config, fused, op_backend, config.head_dim, "rms")
+            self.k_norm = make_norm(config, fused, op_backend, config.head_dim, "rms")
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None, qkv=None):
         # x: (B, T, D) or packed (total, D); or None and qkv, the projection already made
@@ -230,6 +236,8 @@ class Attention(nn.Module):
         qkv = qkv.view(*lead, H + 2 * Hkv, self.head_dim)
         # (B, T, H|Hkv, hd) views; split (not slicing) so the backward is one cat of dq, dk, dv
         q, k, v = qkv.split([H, Hkv, Hkv], dim=-2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None and getattr(cache, "rotates", False):  # the cache rotates q/k itself
             o = cache.attend(self.layer_idx, q, k, v, self.window, rope)
             return self.wo(o.reshape(*lead, self.n_heads * self.head_dim))
@@ -545,7 +553,7 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------- HF conversion
     @classmethod
     def from_hf(cls, model_or_path, backend="fused", op_backend=None, dtype=None):
-        """Load a Hugging Face Llama / Mistral / Qwen2 / GPT-2 checkpoint: a transformers model
+        """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / GPT-2 checkpoint: a transformers model
         object, or a local folder with config.json and *.safetensors (see fastlm.models.hf)."""
         from fastlm.models import hf
 
