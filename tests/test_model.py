@@ -333,8 +333,9 @@ def test_autocast_residual_stream_dtype(backend):
         assert abs(loss.item() - ref(tokens, tokens).item()) < 0.05
 
 
-def test_torch_compile_fullgraph_fused():
-    cfg = tiny_config("tiny")
+@pytest.mark.parametrize("name", ["tiny", "tiny-mix"])
+def test_torch_compile_fullgraph_fused(name):
+    cfg = tiny_config(name)
     _, fused = pair(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 19), device=DEVICE)
     compiled = torch.compile(fused, fullgraph=True)
