@@ -156,6 +156,7 @@ setup(
         "fastlm.reference",
         "fastlm.nn",
         "fastlm.models",
+        "fastlm.integrations",
         "fastlm.kernels",
     ],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},

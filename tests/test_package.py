@@ -93,6 +93,12 @@ def test_sdist_carries_every_cuda_source(tmp_path):
     want = {os.path.relpath(f, root) for ext in ("cu", "cuh", "cpp") for f in glob.glob(os.path.join(root, "csrc", f"*.{ext}"))}
     assert want and want <= names, f"missing from the sdist: {sorted(want - names)}"
     assert "tests/cuda_emu.h" in names
+    # every Python module of the package (a subpackage missing from setup.py's list would be
+    # left out of the sdist and the wheel, and `import fastlm` would fail there)
+    py = {os.path.relpath(f, root) for d in ("fastlm", "kernels")
+          for f in glob.glob(os.path.join(root, d, "**", "*.py"), recursive=True)
+          if "__pycache__" not in f and not f.endswith("_build_info.py")}
+    assert py and py <= names, f"Python modules missing from the sdist: {sorted(py - names)}"
 
 
 def test_triton_launchers_run_on_the_tensors_device(monkeypatch):

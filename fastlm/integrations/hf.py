@@ -1,0 +1,235 @@
+"""fastlm's kernels inside a Hugging Face transformers model, without converting it.
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(...)   # Llama, Mistral, Qwen2, Qwen3
+    fastlm.apply_to_hf(model)                                          # in place; returns the model
+
+(the way Liger-Kernel's apply_liger_kernel_to_* is used; Transformer.from_hf instead converts a
+checkpoint to fastlm's own model.)  What it swaps in, each optional:
+
+  rms_norm    every RMSNorm module of the model (Qwen3's per-head q/k norms too) runs
+              ops.rms_norm: one kernel each way instead of eager's five.
+  rope        the attention layers' apply_rotary_pos_emb runs ops.apply_rotary (q and k in one
+              launch) on the cos/sin tables this model's rotary module produced.  HF looks the
+              function up in the modeling module, so the patch is module-wide, but it only takes
+              the fused path for tables marked by a patched model's rotary module: other models
+              of the same family in the process keep HF's own code.
+  swiglu      each MLP computes down(swiglu(gate(x), up(x))) (one kernel for silu(gate) * up).
+  attention   config._attn_implementation = "fastlm": ops.attention (causal, GQA, softcap,
+              lse-free FA2-style forward and backward) whenever HF passes no explicit mask
+              (no padding, no packing, windows that cannot cut anything: the cases where HF's
+              SDPA path would use is_causal).  An explicit mask, dropout or a non-causal module
+              falls back to HF's own SDPA attention, so nothing is computed differently.
+  loss        in training mode, a forward with labels computes the lm_head and the next-token
+              cross-entropy together (ops.linear_cross_entropy: the (tokens x vocab) logits are
+              never materialized) and returns logits=None, as Liger's fused loss does; in eval
+              mode (or without labels) the forward is HF's, and a loss over its logits uses
+              ops.cross_entropy (no fp32 copy of the logits).  HF's semantics are kept: labels
+              shifted inside, -100 ignored, shift_labels and num_items_in_batch (sum / count,
+              for gradient accumulation) honoured.
+
+The kernel backend follows ``backend`` ("triton" | "cuda" | "reference" | None = best available).
+"""
+import functools
+import inspect
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+from fastlm import ops
+
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+ATTENTION = "fastlm"  # the attn_implementation name registered with transformers
+
+
+def apply_to_hf(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, loss=True, backend=None):
+    """Patch an HF causal LM (or its base model) of the Llama, Mistral, Qwen2 or Qwen3 family in
+    place to run on fastlm's kernels (see the module docstring); returns the model."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    if family not in FAMILIES:
+        raise ValueError(f"apply_to_hf: unsupported model type {family!r} ({type(model).__name__}); "
+                         f"fastlm patches {sorted(FAMILIES)}")
+    modeling = sys.modules[type(model).__module__]
+    prefix = FAMILIES[family]
+    if swiglu and getattr(config, "hidden_act", None) not in ("silu", "swish"):
+        raise ValueError(f"apply_to_hf: swiglu=True needs hidden_act 'silu', the model has {config.hidden_act!r}")
+    # Instance forwards are methods bound to their module (a deepcopy rebinds them to the copy;
+    # torch.compile traces them), the backend an attribute of the module.
+    patches = ((rms_norm, "RMSNorm", _rms_norm_forward), (swiglu, "MLP", _mlp_forward),
+               (rope, "RotaryEmbedding", _rotary_emb_forward))
+    for on, cls_name, forward in patches:
+        if on:
+            cls = getattr(modeling, f"{prefix}{cls_name}")
+            for m in model.modules():
+                if isinstance(m, cls):
+                    m._fastlm_backend = backend
+                    m.forward = types.MethodType(forward, m)
+    if rope:
+        _patch_rope_function(modeling)
+    if attention:
+        _register_attention()
+        for m in model.modules():
+            if isinstance(m, getattr(modeling, f"{prefix}Attention")):
+                m._fastlm_backend = backend
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(ATTENTION)
+        else:
+            config._attn_implementation = ATTENTION
+    if loss and hasattr(model, "lm_head"):
+        try:
+            model.loss_function = functools.partial(_causal_lm_loss, backend=backend)
+        except AttributeError:  # transformers without a loss_function setter: the fused path only
+            pass
+        model._fastlm_backend = backend
+        model.forward = types.MethodType(_fused_loss_forward, model)
+    return model
+
+
+# ------------------------------------------------------------------------------ norms, MLP
+def _rms_norm_forward(self, x):
+    return ops.rms_norm(x, self.weight, eps=self.variance_epsilon, backend=self._fastlm_backend)
+
+
+def _mlp_forward(self, x):
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=_triton_only(self._fastlm_backend)))
+
+
+def _triton_only(backend):
+    """backend= for the ops that have no CUDA C++ kernel: "cuda" means the best there is."""
+    return None if backend == "cuda" else backend
+
+
+# ------------------------------------------------------------------------------ rotary
+def _rotary_emb_forward(self, x, position_ids, *args, **kwargs):
+    """HF's cos/sin (B, T, head_dim) = cat(freqs, freqs) per token, marked with the compact
+    table ops.apply_rotary reads: the first halves as (B*T, head_dim/2) rows, and each token's
+    row as its position."""
+    cos, sin = type(self).forward(self, x, position_ids, *args, **kwargs)
+    if cos.dim() == 3 and cos.shape[-1] % 2 == 0 and not cos.requires_grad and not sin.requires_grad:
+        B, T, D = cos.shape
+        rows = torch.arange(B * T, device=cos.device).view(B, T)
+        half = D // 2
+        cos._fastlm_rope = (cos[..., :half].reshape(B * T, half), sin[..., :half].reshape(B * T, half), rows,
+                            self._fastlm_backend)
+    return cos, sin
+
+
+def _patch_rope_function(modeling):
+    orig = modeling.apply_rotary_pos_emb
+    if getattr(orig, "_fastlm", False):
+        return
+    params = list(inspect.signature(orig).parameters)
+
+    @functools.wraps(orig)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        bound = dict(zip(params[4:], args), **kwargs)
+        table = getattr(cos, "_fastlm_rope", None)
+        if (table is None or bound.get("unsqueeze_dim", 1) != 1 or bound.get("position_ids") is not None
+                or q.dim() != 4 or k.dim() != 4 or q.shape[2] != cos.shape[1] or k.shape[2] != cos.shape[1]
+                or q.shape[-1] != cos.shape[-1] or k.shape[-1] != cos.shape[-1] or q.shape[0] != k.shape[0]
+                or cos.shape[0] not in (1, q.shape[0])):
+            return orig(q, k, cos, sin, *args, **kwargs)
+        tab_cos, tab_sin, rows, backend = table
+        if tab_cos.dtype not in (torch.float32, q.dtype):
+            tab_cos, tab_sin = tab_cos.float(), tab_sin.float()
+        # q, k: (B, H, T, hd) -> the op's (B, T, H, hd) layout, as views
+        qo, ko = ops.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), tab_cos, tab_sin,
+                                  positions=rows.expand(q.shape[0], -1), backend=backend)
+        return qo.transpose(1, 2), ko.transpose(1, 2)
+
+    apply_rotary_pos_emb._fastlm = True
+    apply_rotary_pos_emb._fastlm_orig = orig
+    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
+# ------------------------------------------------------------------------------ attention
+def _register_attention():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, _attention_forward)
+    try:  # transformers >= 4.53: the mask builder of this implementation (SDPA's: None when causal suffices)
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                       softcap=None, **kwargs):
+    """HF attention interface: query (B, H, T, hd), key/value (B, Hkv, S, hd) -> ((B, T, H, hd), None)."""
+    S = key.shape[2]
+    if (attention_mask is not None or (dropout and module.training) or not getattr(module, "is_causal", True)
+            or (sliding_window is not None and S > sliding_window - 1) or query.shape[-1] != value.shape[-1]):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      sliding_window=sliding_window, softcap=softcap, **kwargs)
+    out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
+                        softmax_scale=scaling, softcap=softcap or 0.0,
+                        backend=_triton_only(getattr(module, "_fastlm_backend", None)))
+    return out, None
+
+
+# ------------------------------------------------------------------------------ loss
+_LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+
+
+def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                    backend=None, **kwargs):
+    """HF's ForCausalLMLoss on ops.cross_entropy (fp32 statistics, no fp32 copy of the logits)."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    logits = logits.reshape(-1, vocab_size)
+    return _reduce(ops.cross_entropy(logits, shift_labels.reshape(-1).to(logits.device), ignore_index=ignore_index,
+                                     reduction="sum" if num_items_in_batch is not None else "mean",
+                                     backend=_triton_only(backend)), num_items_in_batch)
+
+
+def _reduce(loss, num_items_in_batch):
+    if num_items_in_batch is None:
+        return loss
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+_SIGNATURES = {}  # causal LM class -> the signature of its forward
+
+
+def _fused_loss_forward(self, *args, **kwargs):
+    """The causal LM's forward; in training mode with labels, the base model's hidden states go
+    straight into ops.linear_cross_entropy (logits=None in the output)."""
+    cls = type(self)
+    if not self.training:
+        return cls.forward(self, *args, **kwargs)
+    sig = _SIGNATURES.get(cls)
+    if sig is None:
+        sig = _SIGNATURES[cls] = inspect.signature(cls.forward)
+    orig = functools.partial(cls.forward, self)
+    bound = sig.bind(self, *args, **kwargs)
+    arguments = dict(bound.arguments)
+    arguments.pop(next(iter(sig.parameters)))  # self
+    var_kw = next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+    extra = arguments.pop(var_kw, {}) if var_kw else {}
+    labels = arguments.pop("labels", None)
+    keep = arguments.pop("logits_to_keep", arguments.pop("num_logits_to_keep", 0))
+    if labels is None or not self.training or (keep != 0 if not torch.is_tensor(keep) else True):
+        return orig(*args, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    base = getattr(self, self.base_model_prefix)
+    outputs = base(**arguments, **extra)
+    h = outputs[0]  # last_hidden_state (B, T, D), after the final norm
+    ignore_index = extra.get("ignore_index", -100)
+    targets = extra.get("shift_labels")
+    if targets is None:  # HF's shift: position t predicts labels[t + 1]; the last position nothing
+        targets = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    num_items = extra.get("num_items_in_batch")
+    head = self.get_output_embeddings()
+    loss = ops.linear_cross_entropy(h, head.weight, targets.to(h.device), head.bias, ignore_index=ignore_index,
+                                    reduction="sum" if num_items is not None else "mean",
+                                    backend=_triton_only(self._fastlm_backend))
+    rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
+    return CausalLMOutputWithPast(loss=_reduce(loss, num_items), logits=None, **rest)

@@ -1,0 +1,223 @@
+"""fastlm.apply_to_hf: a transformers model patched to run on fastlm's kernels computes what the
+unpatched model computes (logits, loss, every gradient, greedy generation), calls the kernels it
+says it does, and falls back to HF's own attention wherever HF passes an explicit mask."""
+import copy
+
+import pytest
+import torch
+
+import fastlm
+from conftest import DEVICE, triton_bf16_mark
+from fastlm import ops
+from tolerances import assert_close
+
+transformers = pytest.importorskip("transformers", reason="the HF integration tests need transformers")
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def hf_model(family, seed=0, **over):
+    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    kw.update(over)
+    torch.manual_seed(seed)
+    cls, cfg = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+                "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig),
+                "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
+                "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config)}[family]
+    if family == "mistral":
+        kw.setdefault("sliding_window", 64)  # longer than the test sequences: it cuts nothing
+    if family == "qwen3":
+        kw.setdefault("head_dim", 32)
+    m = cls(cfg(**kw))
+    with torch.no_grad():
+        for p in m.parameters():  # norm weights start at exactly 1 and biases at 0
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.to(DEVICE)
+
+
+def _spy(monkeypatch):
+    calls = []
+    for name in ("rms_norm", "apply_rotary", "swiglu", "attention", "linear_cross_entropy", "cross_entropy"):
+        real = getattr(ops, name)
+
+        def wrapper(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(ops, name, wrapper)
+    return calls
+
+
+def _loss_and_grads(model, tokens, labels, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(tokens, labels=labels, **kw)
+    out.loss.backward()
+    return out.loss.detach(), {n.removeprefix("_orig_mod."): p.grad.detach().clone()
+                               for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_matches_hf(family, monkeypatch):
+    ref = hf_model(family)
+    ref64 = copy.deepcopy(ref).double()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    assert model.config._attn_implementation == "fastlm"
+    tokens = torch.randint(1, 300, (2, 21), device=DEVICE)
+    labels = tokens.clone()
+    labels[0, :5] = -100  # a prompt that is not trained on
+
+    calls = _spy(monkeypatch)
+    for m in (ref, ref64, model):
+        m.eval()
+    with torch.no_grad():
+        out, r32, r64 = (m(tokens).logits for m in (model, ref, ref64))
+    assert {"rms_norm", "apply_rotary", "swiglu", "attention"} <= set(calls)
+    assert_close(out, r64, r32, name=f"{family} logits")
+
+    # eval with labels: HF's forward, the loss on ops.cross_entropy
+    calls.clear()
+    with torch.no_grad():
+        loss = model(tokens, labels=labels).loss
+    assert "cross_entropy" in calls and "linear_cross_entropy" not in calls
+    assert_close(loss, ref64(tokens, labels=labels).loss, ref(tokens, labels=labels).loss, name="eval loss")
+
+    # training: the lm_head and loss fused (no logits), every gradient as HF's
+    for m in (ref, ref64, model):
+        m.train()
+    calls.clear()
+    out = model(tokens, labels=labels)
+    assert out.logits is None and "linear_cross_entropy" in calls
+    loss, grads = _loss_and_grads(model, tokens, labels)
+    loss32, grads32 = _loss_and_grads(ref, tokens, labels)
+    loss64, grads64 = _loss_and_grads(ref64, tokens, labels)
+    assert_close(loss, loss64, loss32, name="train loss")
+    assert grads.keys() == grads64.keys()
+    for n in grads64:
+        assert_close(grads[n], grads64[n], grads32[n], name=f"grad {n}", dtype=torch.float32)
+
+
+def test_loss_kwargs_follow_hf():
+    # num_items_in_batch (gradient accumulation: sum / count) and shift_labels, as HF's loss
+    ref = hf_model("llama", seed=1).train()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    tokens = torch.randint(1, 300, (2, 9), device=DEVICE)
+    labels = tokens.clone()
+    labels[1, 3] = -100
+    for kw in (dict(num_items_in_batch=torch.tensor(40, device=DEVICE)), dict(num_items_in_batch=7),
+               dict(shift_labels=torch.roll(labels, 1, dims=1))):
+        want = ref(tokens, labels=labels, **kw).loss
+        got = model(tokens, labels=labels, **kw).loss
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        model.eval()
+        ref.eval()
+        with torch.no_grad():  # the logits path too
+            torch.testing.assert_close(model(tokens, labels=labels, **kw).loss, ref(tokens, labels=labels, **kw).loss,
+                                       rtol=1e-5, atol=1e-6)
+        model.train()
+        ref.train()
+
+
+def test_padding_and_short_windows_fall_back_to_hf_attention(monkeypatch):
+    # an explicit mask (left padding; a sliding window shorter than the sequence) goes to HF's
+    # SDPA attention: the same numbers as the unpatched model, and fastlm's attention not called
+    for family, over in (("llama", {}), ("mistral", dict(sliding_window=4))):
+        ref = hf_model(family, seed=2).eval()
+        model = fastlm.apply_to_hf(copy.deepcopy(ref))
+        tokens = torch.randint(1, 300, (2, 11), device=DEVICE)
+        mask = torch.ones_like(tokens)
+        if not over:
+            mask[0, :4] = 0
+        else:
+            ref = hf_model(family, seed=2, **over).eval()
+            model = fastlm.apply_to_hf(copy.deepcopy(ref))
+        calls = _spy(monkeypatch)
+        with torch.no_grad():
+            got = model(tokens, attention_mask=mask).logits
+            want = ref(tokens, attention_mask=mask).logits
+        assert "attention" not in calls and "rms_norm" in calls
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_generation_matches_hf(family):
+    ref = hf_model(family, seed=3).eval()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    prompt = torch.randint(1, 300, (1, 7), device=DEVICE)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(prompt))
+    with torch.no_grad():
+        assert model.generate(prompt, **kw).tolist() == ref.generate(prompt, **kw).tolist()
+
+
+def test_other_models_of_the_family_keep_hf_code(monkeypatch):
+    # the rope patch is module-wide (HF looks the function up there) but only takes the fused
+    # path for tables made by a patched model: an unpatched Llama runs HF's code exactly
+    ref = hf_model("llama", seed=4).eval()
+    twin = copy.deepcopy(ref)
+    tokens = torch.randint(1, 300, (1, 8), device=DEVICE)
+    with torch.no_grad():
+        before = ref(tokens).logits
+    fastlm.apply_to_hf(twin)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        after = ref(tokens).logits
+    assert calls == [] and torch.equal(before, after)
+
+
+def test_flags_and_errors():
+    with pytest.raises(ValueError, match="unsupported model type 'gpt2'"):
+        fastlm.apply_to_hf(transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)))
+    with pytest.raises(ValueError, match="needs hidden_act 'silu'"):
+        fastlm.apply_to_hf(hf_model("llama", hidden_act="gelu"))
+    # everything off: the model is HF's own (forward untouched, attention implementation unchanged)
+    m = hf_model("llama")
+    impl = m.config._attn_implementation
+    fastlm.apply_to_hf(m, rms_norm=False, rope=False, swiglu=False, attention=False, loss=False)
+    assert m.config._attn_implementation == impl and "forward" not in vars(m)
+
+
+def test_torch_compile_fullgraph_training_step():
+    ref = hf_model("qwen3", seed=5).train()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    tokens = torch.randint(1, 300, (2, 9), device=DEVICE)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss, grads = _loss_and_grads(compiled, tokens, tokens)
+    want, want_grads = _loss_and_grads(ref, tokens, tokens)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == want_grads.keys()
+    for n, g in want_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5)
+
+
+def test_deepcopy_of_a_patched_model_runs_its_own_weights():
+    # the patched forwards are methods bound to their modules: a copy (EMA, teacher) rebinds them
+    model = fastlm.apply_to_hf(hf_model("llama", seed=6)).eval()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+    assert twin.model.norm.forward.__self__ is twin.model.norm and twin.forward.__self__ is twin
+    plain = hf_model("llama", seed=6).eval()
+    plain.load_state_dict(twin.state_dict())
+    tokens = torch.randint(1, 300, (1, 8), device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(tokens).logits, plain(tokens).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(twin(tokens).logits, model(tokens).logits)
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=triton_bf16_mark()) for f in ("llama", "qwen3")])
+def test_bf16_training_step_matches_hf(family):
+    # bf16 weights and activations (what people train in): loss and gradients within the
+    # error of HF's own bf16 model against fp64
+    ref = hf_model(family, seed=7).train()
+    ref64 = copy.deepcopy(ref).double()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref).to(torch.bfloat16))
+    ref16 = ref.to(torch.bfloat16)
+    tokens = torch.randint(1, 300, (2, 33), device=DEVICE)
+    loss, grads = _loss_and_grads(model, tokens, tokens)
+    loss16, grads16 = _loss_and_grads(ref16, tokens, tokens)
+    loss64, grads64 = _loss_and_grads(ref64, tokens, tokens)
+    assert_close(loss.float(), loss64, loss16.float(), name="bf16 loss", dtype=torch.bfloat16)
+    for n in grads64:
+        assert_close(grads[n].float(), grads64[n], grads16[n].float(), name=f"bf16 grad {n}", dtype=torch.bfloat16)
