@@ -8,6 +8,12 @@ training step (bf16 autocast forward + backward, gradient clipping, fused AdamW 
   compile(reference) the reference with every block and the output head torch.compile'd
   compile(fused)     the fused model compiled the same way (fuses the glue the ops leave:
                      embedding, GELU, dtype casts)
+  hf                 transformers' LlamaForCausalLM of the same shape (Llama-style presets only),
+                     attn_implementation="sdpa", its own loss over materialized logits
+  hf+fastlm          that model after fastlm.apply_to_hf (norms, rotary, SwiGLU, attention and
+                     the fused lm_head + loss on fastlm's kernels)
+  hf+liger           that model after Liger-Kernel's apply_liger_kernel_to_llama (when installed):
+                     Liger's own headline benchmark is exactly this comparison
 
 Reported: step time (median, p20/p80 over timed steps), tokens/s, model TFLOP/s and MFU
 (FLOPs per token = 6 x matmul params + causal attention, see TransformerConfig.flops_per_token;
@@ -29,6 +35,7 @@ Time (estimated, H100): compiling dominates, so by default the compiled peers ru
     python -m benchmarks.bench_train --plan      # print the plan and FLOP counts (no GPU needed)
 """
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -37,11 +44,12 @@ import time
 
 import torch
 
-from benchmarks.common import Results, main_guard, matmul_tflops, parser, require_cuda, run_module
+from benchmarks.common import Results, main_guard, matmul_tflops, optional_module, parser, require_cuda, run_module
 from fastlm.models import Transformer, TransformerConfig
 
 NAME = "train"
-IMPLS = ("fused", "reference", "compile(reference)", "compile(fused)")
+IMPLS = ("fused", "reference", "compile(reference)", "compile(fused)", "hf", "hf+fastlm", "hf+liger")
+HF_IMPLS = ("hf", "hf+fastlm", "hf+liger")
 # Tokens per step chosen to fit the reference on an 80 GB GPU with headroom (fp32 master
 # weights + AdamW: 16 bytes/param; the 1B preset's 128k-vocab logits alone take ~2.5 MB/token).
 TOKENS_PER_STEP = {"gpt2-124m": 32768, "llama-125m": 32768, "llama-3.2-1b": 8192}
@@ -66,11 +74,63 @@ def _free():
         torch.cuda.empty_cache()
 
 
+def hf_supported(preset):
+    """The HF peers need a Llama-shaped preset (RoPE, RMSNorm, SwiGLU, no biases)."""
+    cfg = TransformerConfig.from_name(preset)
+    return cfg.positional == "rope" and cfg.norm == "rms" and cfg.mlp == "swiglu" and not (
+        cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias or cfg.sliding_window or cfg.qk_norm)
+
+
+def _build_hf(cfg, impl, device):
+    from fastlm.models.hf import _hf_config
+
+    hf_cfg = _hf_config(cfg, "llama")
+    hf_cfg._attn_implementation = "sdpa"
+    import transformers
+
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(hf_cfg)
+    if impl == "hf+fastlm":
+        import fastlm
+
+        fastlm.apply_to_hf(model)
+    elif impl == "hf+liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama  # ImportError: reported as skipped
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True, model=model)
+    return model
+
+
+@contextlib.contextmanager
+def _restore_llama_module():
+    """Liger's apply_liger_kernel_to_llama also patches transformers' modeling_llama module and
+    its classes (RMSNorm, MLP, rotary, LlamaForCausalLM.forward) for every model built later:
+    undo that after its measurement, so the "hf" peer at the next shape is HF's own code."""
+    from transformers.models.llama import modeling_llama as m
+
+    saved = dict(vars(m))
+    forwards = {c: vars(c).get("forward") for c in saved.values() if isinstance(c, type) and c.__module__ == m.__name__}
+    try:
+        yield
+    finally:
+        for k in set(vars(m)) - set(saved):
+            delattr(m, k)
+        for k, v in saved.items():
+            setattr(m, k, v)
+        for c, f in forwards.items():
+            if f is not None:
+                c.forward = f
+
+
 def _build(preset, impl, device):
     cfg = TransformerConfig.from_name(preset)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Transformer(cfg, backend="fused" if "fused" in impl else "reference")
+    if impl in HF_IMPLS:
+        model = _build_hf(cfg, impl, device)
+    else:
+        with torch.device(device):
+            model = Transformer(cfg, backend="fused" if "fused" in impl else "reference")
     if impl.startswith("compile"):
         model.compile_blocks()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -80,7 +140,10 @@ def _build(preset, impl, device):
 
 def _step(model, opt, batch):
     with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=batch.is_cuda):
-        loss = model(batch[:, :-1], batch[:, 1:])
+        if isinstance(model, Transformer):
+            loss = model(batch[:, :-1], batch[:, 1:])
+        else:  # a transformers causal LM: labels are shifted inside (the same next-token targets)
+            loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -171,9 +234,20 @@ def run_throughput(res, args, peak):
                 res.skipped(impl, "time budget: compiled peers run at --compile-seqlens (use --full for all)",
                             preset=preset, seqlen=seqlen, batch=batch)
                 continue
+            if impl in HF_IMPLS and not hf_supported(preset):
+                res.skipped(impl, "the HF peers run on the Llama-style presets", preset=preset, seqlen=seqlen,
+                            batch=batch)
+                continue
+            if impl in HF_IMPLS and optional_module("transformers") is None:
+                res.skipped(impl, "not installed (transformers)", preset=preset, seqlen=seqlen, batch=batch)
+                continue
+            if impl == "hf+liger" and optional_module("liger_kernel") is None:
+                res.skipped(impl, "not installed (liger-kernel)", preset=preset, seqlen=seqlen, batch=batch)
+                continue
             try:
-                r = time_training(preset, impl, batch, seqlen, warmup=args.warmup, iters=args.iters,
-                                  device=args.device)
+                with _restore_llama_module() if impl == "hf+liger" else contextlib.nullcontext():
+                    r = time_training(preset, impl, batch, seqlen, warmup=args.warmup, iters=args.iters,
+                                      device=args.device)
             except torch.OutOfMemoryError:
                 _free()
                 res.add(**row, status="OOM")
@@ -202,8 +276,17 @@ def run_throughput(res, args, peak):
                 res.add(preset=preset, seqlen=seqlen, batch=batch, impl="compile(fused) / compile(reference)",
                         speedup=got["compile(fused)"]["tokens_per_s"] / got["compile(reference)"]["tokens_per_s"],
                         status="ok")
+        for peer in ("hf", "hf+liger"):  # the HF model patched by fastlm against HF and HF + Liger
+            if "hf+fastlm" in got and peer in got:
+                res.add(preset=preset, seqlen=seqlen, batch=batch, impl=f"hf+fastlm / {peer}",
+                        speedup=got["hf+fastlm"]["tokens_per_s"] / got[peer]["tokens_per_s"],
+                        memory_ratio=_ratio(got["hf+fastlm"]["peak_mem_gb"], got[peer]["peak_mem_gb"]), status="ok")
         res.add(preset=preset, seqlen=seqlen, batch=batch, impl="targets", **target_verdict(preset, got),
                 device=torch.cuda.get_device_name() if args.device == "cuda" else args.device, status="ok")
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
 
 
 def run_parity(res, args):
@@ -267,7 +350,7 @@ def main(argv=None):
         args.seqlens, args.iters, args.parity_steps = "2048", 6, min(args.parity_steps, 50)
         if args.presets == "gpt2-124m,llama-3.2-1b":  # the preset the targets are set on first (a time budget)
             args.presets = "llama-3.2-1b,gpt2-124m"
-        args.impls = "fused,reference,compile(reference)"
+        args.impls = "fused,reference,compile(reference),hf,hf+fastlm,hf+liger"
     if args.plan:
         for preset, seqlen, batch in plan(args.presets.split(","), [int(s) for s in args.seqlens.split(",")], args.tokens):
             cfg = TransformerConfig.from_name(preset)

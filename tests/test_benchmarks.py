@@ -61,6 +61,27 @@ def test_run_module_passes_without_failures(no_failures, monkeypatch):
     assert e.value.code == 0
 
 
+def test_bench_train_hf_peers_on_cpu(tmp_path, no_failures):
+    """bench_train's HF rows (CPU smoke run, tiny shapes): transformers' Llama and the same model
+    after fastlm.apply_to_hf train on the same next-token targets (equal first-step losses: the
+    same init and data), Liger is run or reported, GPT-2-style presets skip the HF peers."""
+    pytest.importorskip("transformers")
+    from benchmarks import bench_train
+
+    bench_train.main(["--device", "cpu", "--presets", "tiny,tiny-gpt2", "--seqlens", "16", "--tokens", "32",
+                      "--impls", "hf,hf+fastlm,hf+liger", "--iters", "1", "--warmup", "1", "--parity-steps", "0",
+                      "--out", str(tmp_path)])
+    rows = json.load(open(tmp_path / "train.json"))["rows"]
+    got = {(r.get("preset"), r["impl"]): r for r in rows}
+    assert got[("tiny", "hf")]["status"] == got[("tiny", "hf+fastlm")]["status"] == "ok"
+    assert got[("tiny", "hf+liger")]["status"].startswith(("ok", "skipped: not installed", "error"))
+    assert got[("tiny", "hf+fastlm / hf")]["speedup"] > 0
+    assert abs(got[("tiny", "hf")]["loss"] - got[("tiny", "hf+fastlm")]["loss"]) < 1e-3
+    for impl in bench_train.HF_IMPLS:
+        assert got[("tiny-gpt2", impl)]["status"].startswith("skipped: the HF peers run on the Llama-style")
+    assert no_failures == []
+
+
 def test_compile_peers_never_hit_the_recompile_limit():
     """torch.compile falls back to eager after recompile_limit (8) recompiles: a sweep's compile
     peer would silently time eager PyTorch.  compiled() lifts the limit and specializes shapes."""
