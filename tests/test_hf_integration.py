@@ -206,15 +206,18 @@ def test_deepcopy_of_a_patched_model_runs_its_own_weights():
         assert not torch.allclose(twin(tokens).logits, model(tokens).logits)
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=triton_bf16_mark()) for f in ("llama", "qwen3")])
-def test_bf16_training_step_matches_hf(family):
+@pytest.mark.parametrize("family,size", [pytest.param(f, "tiny", marks=triton_bf16_mark()) for f in ("llama", "qwen3")]
+                         + [pytest.param(f, "gpu", marks=pytest.mark.gpu) for f in ("llama", "qwen3")])
+def test_bf16_training_step_matches_hf(family, size):
     # bf16 weights and activations (what people train in): loss and gradients within the
-    # error of HF's own bf16 model against fp64
-    ref = hf_model(family, seed=7).train()
+    # error of HF's own bf16 model against fp64.  "gpu": head_dim 128 and 512 tokens on the
+    # real kernels (the tiled attention paths, several blocks per sequence)
+    over = dict(hidden_size=512, num_attention_heads=4, head_dim=128, intermediate_size=1024) if size == "gpu" else {}
+    ref = hf_model(family, seed=7, **over).train()
     ref64 = copy.deepcopy(ref).double()
     model = fastlm.apply_to_hf(copy.deepcopy(ref).to(torch.bfloat16))
     ref16 = ref.to(torch.bfloat16)
-    tokens = torch.randint(1, 300, (2, 33), device=DEVICE)
+    tokens = torch.randint(1, 300, (2, 512 if size == "gpu" else 33), device=DEVICE)
     loss, grads = _loss_and_grads(model, tokens, tokens)
     loss16, grads16 = _loss_and_grads(ref16, tokens, tokens)
     loss64, grads64 = _loss_and_grads(ref64, tokens, tokens)
