@@ -118,26 +118,84 @@ def test_loss_kwargs_follow_hf():
         ref.train()
 
 
-def test_padding_and_short_windows_fall_back_to_hf_attention(monkeypatch):
-    # an explicit mask (left padding; a sliding window shorter than the sequence) goes to HF's
-    # SDPA attention: the same numbers as the unpatched model, and fastlm's attention not called
-    for family, over in (("llama", {}), ("mistral", dict(sliding_window=4))):
-        ref = hf_model(family, seed=2).eval()
-        model = fastlm.apply_to_hf(copy.deepcopy(ref))
-        tokens = torch.randint(1, 300, (2, 11), device=DEVICE)
-        mask = torch.ones_like(tokens)
-        if not over:
-            mask[0, :4] = 0
-        else:
-            ref = hf_model(family, seed=2, **over).eval()
-            model = fastlm.apply_to_hf(copy.deepcopy(ref))
-        calls = _spy(monkeypatch)
-        with torch.no_grad():
-            got = model(tokens, attention_mask=mask).logits
-            want = ref(tokens, attention_mask=mask).logits
-        assert "attention" not in calls and "rms_norm" in calls
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        monkeypatch.undo()
+def test_padding_falls_back_to_hf_attention(monkeypatch):
+    # a padding mask goes to HF's SDPA attention: the same numbers as the unpatched model, and
+    # fastlm's attention not called
+    ref = hf_model("llama", seed=2).eval()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    tokens = torch.randint(1, 300, (2, 11), device=DEVICE)
+    mask = torch.ones_like(tokens)
+    mask[0, :4] = 0  # left padding
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        got = model(tokens, attention_mask=mask).logits
+        want = ref(tokens, attention_mask=mask).logits
+    assert "attention" not in calls and "rms_norm" in calls
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _packed(lengths, rows=1, seed=0):
+    """Padding-free batch (DataCollatorWithFlattening's form): each row the concatenation of
+    sequences of the given lengths, position_ids restarting at 0 for each."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 300, (rows, sum(lengths)), generator=g).to(DEVICE)
+    pos = torch.cat([torch.arange(n) for n in lengths]).expand(rows, -1).contiguous().to(DEVICE)
+    return tokens, pos
+
+
+@pytest.mark.parametrize("family,window,rows", [("llama", None, 1), ("qwen3", None, 2), ("mistral", 4, 1),
+                                                ("mistral", 4, 2)])
+def test_packed_sequences_and_sliding_windows_run_fused(family, window, rows, monkeypatch):
+    # packed sequences (and windows shorter than them) are what HF's mask encodes without
+    # padding: the patched model runs them as one varlen batch on fastlm's kernel and computes
+    # what HF's SDPA with that mask computes (logits, loss and gradients)
+    over = dict(sliding_window=window) if window else {}
+    ref = hf_model(family, seed=9, **over).train()
+    ref64 = copy.deepcopy(ref).double()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    tokens, pos = _packed([5, 1, 9, 6], rows)
+    labels = tokens.clone()
+    labels[:, 5] = -100  # (DataCollatorWithFlattening puts -100 at each sequence's first label)
+    real, varlen = ops.attention, []
+
+    def spy(*a, **k):
+        varlen.append(k.get("cu_seqlens_q"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ops, "attention", spy)
+    kw = dict(position_ids=pos, use_cache=False)  # (HF looks for packing only without a cache)
+    loss, grads = _loss_and_grads(model, tokens, labels, **kw)
+    assert varlen and all(cu is not None and cu.tolist() == [0, 5, 6, 15, 21] if rows == 1 else
+                          cu.tolist() == [0, 5, 6, 15, 21, 26, 27, 36, 42] for cu in varlen)
+    loss32, grads32 = _loss_and_grads(ref, tokens, labels, **kw)
+    loss64, grads64 = _loss_and_grads(ref64, tokens, labels, **kw)
+    assert_close(loss, loss64, loss32, name="packed loss")
+    for n in grads64:
+        assert_close(grads[n], grads64[n], grads32[n], name=f"packed grad {n}", dtype=torch.float32)
+    # the sequences really are separate: the same result as each one alone (first row, eval;
+    # HF looks for packing only without a cache)
+    model.eval()
+    with torch.no_grad():
+        packed = model(tokens[:1], position_ids=pos[:1], use_cache=False).logits[0]
+        alone = torch.cat([model(tokens[:1, s:s + n]).logits[0] for s, n in ((0, 5), (5, 1), (6, 9), (15, 6))])
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,window", [("llama", None), ("mistral", 3)])
+def test_restarting_positions_with_a_2d_mask_are_not_packing(family, window, monkeypatch):
+    # HF looks for packing only without a 2D mask and without a cache: with an all-ones mask (or
+    # a cache) the same tokens attend across the restarts (causal over the row, the window
+    # included), and the patched model does as HF does, on its own kernel
+    ref = hf_model(family, seed=10, **(dict(sliding_window=window) if window else {})).eval()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    tokens, pos = _packed([4, 7])
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        for kw in (dict(attention_mask=torch.ones_like(tokens), use_cache=False), {}):
+            calls.clear()
+            torch.testing.assert_close(model(tokens, position_ids=pos, **kw).logits,
+                                       ref(tokens, position_ids=pos, **kw).logits, rtol=1e-4, atol=1e-4)
+            assert "attention" in calls
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -15,10 +15,13 @@ checkpoint to fastlm's own model.)  What it swaps in, each optional:
               of the same family in the process keep HF's own code.
   swiglu      each MLP computes down(swiglu(gate(x), up(x))) (one kernel for silu(gate) * up).
   attention   config._attn_implementation = "fastlm": ops.attention (causal, GQA, softcap,
-              lse-free FA2-style forward and backward) whenever HF passes no explicit mask
-              (no padding, no packing, windows that cannot cut anything: the cases where HF's
-              SDPA path would use is_causal).  An explicit mask, dropout or a non-causal module
-              falls back to HF's own SDPA attention, so nothing is computed differently.
+              sliding windows; FA2-style forward and backward) wherever the batch has no padding:
+              plain causal batches (where HF's SDPA path would use is_causal) and padding-free
+              packed batches (sequences concatenated with restarting position_ids, e.g.
+              DataCollatorWithFlattening, or its flash varlen kwargs cu_seq_lens_q/k), which run
+              as one varlen batch.  A padding mask, a cache with its own mask (static caches),
+              dropout or a non-causal module falls back to HF's own SDPA attention, so nothing is
+              computed differently.
   loss        in training mode, a forward with labels computes the lm_head and the next-token
               cross-entropy together (ops.linear_cross_entropy: the (tokens x vocab) logits are
               never materialized) and returns logits=None, as Liger's fused loss does; in eval
@@ -150,26 +153,83 @@ def _register_attention():
 
     AttentionInterface.register(ATTENTION, _attention_forward)
     try:  # transformers >= 4.53: the mask builder of this implementation (SDPA's: None when causal suffices)
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError:
         return
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION, _mask)
+
+
+def _mask(*args, **kwargs):
+    """SDPA's mask builder (None where is_causal suffices, else a 4D bool mask), the mask marked
+    when no padding went into it: then its only structure besides causality is the sliding
+    window and, when HF looked for it (no 2D mask given), sequence packing, both of which the
+    attention takes from sliding_window and position_ids instead of reading the mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    mask = sdpa_mask(*args, **kwargs)
+    if torch.is_tensor(mask) and "attention_mask" in kwargs and "allow_is_causal_skip" in kwargs:
+        pad = kwargs["attention_mask"]
+        if pad is None:
+            # HF looks for packed sequences only without a 2D mask and without a cache, and a
+            # packing it found turns allow_is_causal_skip off (as only extra mask functions, which
+            # these families do not use, and a compiled cache's decode step would)
+            mask._fastlm_no_padding = "no-packing" if kwargs["allow_is_causal_skip"] else "packing"
+        elif not torch.compiler.is_compiling() and pad.shape[-1] == mask.shape[-1] and bool(pad.all()):
+            mask._fastlm_no_padding = "no-packing"  # an all-ones 2D mask: HF did not look for packing
+    return mask
 
 
 def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                        softcap=None, **kwargs):
     """HF attention interface: query (B, H, T, hd), key/value (B, Hkv, S, hd) -> ((B, T, H, hd), None)."""
+    B, _, T, _ = query.shape
     S = key.shape[2]
-    if (attention_mask is not None or (dropout and module.training) or not getattr(module, "is_causal", True)
-            or (sliding_window is not None and S > sliding_window - 1) or query.shape[-1] != value.shape[-1]):
+    backend = _triton_only(getattr(module, "_fastlm_backend", None))
+    plain = not (dropout and module.training) and getattr(module, "is_causal", True) and (
+        query.shape[-1] == value.shape[-1])
+    if plain and attention_mask is None and (sliding_window is None or S <= sliding_window - 1):
+        # what HF's SDPA path runs with is_causal (bottom-right aligned when T < S: decoding)
+        out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
+                            softmax_scale=scaling, softcap=softcap or 0.0, backend=backend)
+        return out, None
+    marker = getattr(attention_mask, "_fastlm_no_padding", None) if plain and T == S else None
+    cu = _packed_cu_seqlens(kwargs.get("position_ids"), B, T) if marker == "packing" else None
+    if marker is None or (marker == "packing" and cu is None):
+        # padding, a cache with its own mask, dropout, ...: HF's SDPA attention
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, softcap=softcap, **kwargs)
-    out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
-                        softmax_scale=scaling, softcap=softcap or 0.0,
-                        backend=_triton_only(getattr(module, "_fastlm_backend", None)))
-    return out, None
+    # The mask is causality + the sliding window (HF's: a query sees its sliding_window - 1
+    # predecessors and itself) + packing: the kernel's own window, and packed sequences as one
+    # varlen batch of the B rows' tokens.
+    window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
+    if cu is None:
+        out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
+                            softmax_scale=scaling, softcap=softcap or 0.0, window=window, backend=backend)
+        return out, None
+    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3]) for t in (query, key, value))
+    out = ops.attention(q, k, v, causal=True, softmax_scale=scaling, softcap=softcap or 0.0, window=window,
+                        cu_seqlens_q=cu, cu_seqlens_k=cu, backend=backend)
+    return out.view(B, T, *out.shape[1:]), None
+
+
+def _packed_cu_seqlens(pos, B, T):
+    """int32 (num_seqs + 1,) offsets of the sequences in the B * T tokens of a padding-free
+    batch: a sequence starts at each row and wherever position_ids do not step by 1 (HF's own
+    packing rule).  Read on the host once per forward and kept on the position_ids tensor."""
+    if pos is None or pos.dim() != 2 or pos.shape[-1] != T or pos.shape[0] not in (1, B):
+        return None
+    if torch.compiler.is_compiling():  # (the offsets are read on the host: HF's SDPA path instead)
+        return None
+    cached = getattr(pos, "_fastlm_cu", None)
+    if cached is None or cached[0] != (B, T):
+        p = pos.expand(B, T)
+        starts = torch.ones(B, T, dtype=torch.bool, device=p.device)
+        starts[:, 1:] = p[:, 1:] - p[:, :-1] != 1
+        idx = starts.flatten().nonzero().flatten()
+        cached = pos._fastlm_cu = ((B, T), torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32))
+    return cached[1]
 
 
 # ------------------------------------------------------------------------------ loss
