@@ -10,7 +10,9 @@ linear_cross_entropy (the training head: bf16 h (tokens x dim), weight (vocab x 
 + backward time, TFLOP/s of its three GEMMs (6 x tokens x dim x vocab) and % of the matmul rate
 measured in this run, and the peak memory above the inputs, beside the eager reference (F.linear
 + fp32 cross-entropy), torch.compile of it and Liger's fused linear cross-entropy.
-Shapes: the Llama-3.2-1B head (dim 2048, vocab 128256, 8k tokens) and GPT-2's (768, 50257, 32k).
+Shapes: the Llama-3.2-1B head (dim 2048, vocab 128256, 8k tokens) and GPT-2's (768, 50257, 32k);
+and that 1B head with the loss options on (label smoothing 0.1, z-loss 1e-4, softcap 30: Gemma 2's
+final-logit cap), beside the same reference and Liger's loss module with the same options.
 """
 
 import torch
@@ -23,6 +25,7 @@ from fastlm import reference
 
 CE_SHAPES = [(8192, 128256), (32768, 50257)]
 LCE_SHAPES = [("llama-3.2-1b", 8192, 2048, 128256), ("gpt2-124m", 32768, 768, 50257)]
+OPTIONS = dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0)  # the "options" head
 
 
 def ce_bytes(M, V, esize, mode):
@@ -52,14 +55,30 @@ def ce_impls():
     return impls
 
 
-def lce_impls():
+def lce_impls(options=False):
+    """options: the loss options of OPTIONS on, for every implementation."""
+    kw = OPTIONS if options else {}
+
+    def ref(h, w, t):
+        return reference.linear_cross_entropy(h, w, t, None, -100, "mean", kw.get("label_smoothing", 0.0),
+                                              kw.get("z_loss", 0.0), kw.get("softcap", 0.0))
+
     impls = {
-        "fastlm-triton": lambda h, w, t: fastlm.ops.linear_cross_entropy(h, w, t, backend="triton"),
-        "torch-eager": lambda h, w, t: reference.linear_cross_entropy(h, w, t),
-        "torch-compile": compiled(reference.linear_cross_entropy),
+        "fastlm-triton": lambda h, w, t: fastlm.ops.linear_cross_entropy(h, w, t, backend="triton", **kw),
+        "torch-eager": ref,
+        "torch-compile": compiled(ref),
     }
-    liger = _liger("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
-    impls["liger"] = liger if isinstance(liger, str) else (lambda h, w, t: liger.apply(h, w, t)[0])
+    if not options:
+        liger = _liger("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
+        impls["liger"] = liger if isinstance(liger, str) else (lambda h, w, t: liger.apply(h, w, t)[0])
+        return impls
+    liger = _liger("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
+    if isinstance(liger, str):
+        impls["liger"] = liger
+    else:
+        loss = liger(ignore_index=-100, lse_square_scale=OPTIONS["z_loss"], label_smoothing=OPTIONS["label_smoothing"],
+                     softcap=OPTIONS["softcap"])
+        impls["liger"] = lambda h, w, t: loss(w, h, t)
     return impls
 
 
@@ -136,12 +155,13 @@ def main(argv=None):
         del x
         torch.cuda.empty_cache()
 
-    impls = lce_impls()
-    for preset, M, D, V in lce_shapes:
+    for preset, M, D, V, options in [(*s, False) for s in lce_shapes] + [(*LCE_SHAPES[0], True)]:
+        impls = lce_impls(options)
         h = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(V, D, device="cuda", dtype=torch.bfloat16) * D**-0.5
         t = _targets(M, V)
-        base = dict(op="linear_cross_entropy", head=preset, tokens=M, dim=D, vocab=V, dtype="bfloat16", mode="fwd+bwd")
+        base = dict(op="linear_cross_entropy", head=preset, tokens=M, dim=D, vocab=V, dtype="bfloat16", mode="fwd+bwd",
+                    options=",".join(f"{k}={v}" for k, v in OPTIONS.items()) if options else "none")
         times = {}
         for name, fn in impls.items():
             if isinstance(fn, str):
