@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import ops
+from fastlm.models.transformer import triton_only  # "cuda" -> None for the ops without a CUDA C++ kernel
 
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 ATTENTION = "fastlm"  # the attn_implementation name registered with transformers
@@ -96,12 +97,7 @@ def _rms_norm_forward(self, x):
 
 
 def _mlp_forward(self, x):
-    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=_triton_only(self._fastlm_backend)))
-
-
-def _triton_only(backend):
-    """backend= for the ops that have no CUDA C++ kernel: "cuda" means the best there is."""
-    return None if backend == "cuda" else backend
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=triton_only(self._fastlm_backend)))
 
 
 # ------------------------------------------------------------------------------ rotary
@@ -184,7 +180,7 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     """HF attention interface: query (B, H, T, hd), key/value (B, Hkv, S, hd) -> ((B, T, H, hd), None)."""
     B, _, T, _ = query.shape
     S = key.shape[2]
-    backend = _triton_only(getattr(module, "_fastlm_backend", None))
+    backend = triton_only(getattr(module, "_fastlm_backend", None))
     plain = not (dropout and module.training) and getattr(module, "is_causal", True) and (
         query.shape[-1] == value.shape[-1])
     if plain and attention_mask is None and (sliding_window is None or S <= sliding_window - 1):
@@ -244,7 +240,7 @@ def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_
     logits = logits.reshape(-1, vocab_size)
     return _reduce(ops.cross_entropy(logits, shift_labels.reshape(-1).to(logits.device), ignore_index=ignore_index,
                                      reduction="sum" if num_items_in_batch is not None else "mean",
-                                     backend=_triton_only(backend)), num_items_in_batch)
+                                     backend=triton_only(backend)), num_items_in_batch)
 
 
 def _reduce(loss, num_items_in_batch):
@@ -290,6 +286,6 @@ def _fused_loss_forward(self, *args, **kwargs):
     head = self.get_output_embeddings()
     loss = ops.linear_cross_entropy(h, head.weight, targets.to(h.device), head.bias, ignore_index=ignore_index,
                                     reduction="sum" if num_items is not None else "mean",
-                                    backend=_triton_only(self._fastlm_backend))
+                                    backend=triton_only(self._fastlm_backend))
     rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
     return CausalLMOutputWithPast(loss=_reduce(loss, num_items), logits=None, **rest)
