@@ -24,8 +24,9 @@ def _cases():
     def ce(logits):
         return ops.cross_entropy(logits, torch.tensor([1, 5, -100, 2], device=DEVICE), backend=BK)
 
-    def lce(h, w):
-        return ops.linear_cross_entropy(h, w, torch.tensor([1, 5, -100, 2], device=DEVICE), backend=BK)
+    def lce(h, w, reduction="mean"):
+        return ops.linear_cross_entropy(h, w, torch.tensor([1, 5, -100, 2], device=DEVICE), reduction=reduction,
+                                        backend=BK)
 
     return {
         "rms_norm": (lambda: (_t(4, 32), _t(32), _t(4, 32)),
@@ -41,6 +42,7 @@ def _cases():
         "swiglu_up": (lambda: (_t(3, 8), _t(3, 8)), lambda x, up: ops.swiglu(x, up, backend=BK)),
         "cross_entropy": (lambda: (_t(4, 40),), ce),
         "linear_cross_entropy": (lambda: (_t(4, 16), _t(40, 16)), lce),
+        "linear_cross_entropy_none": (lambda: (_t(4, 16), _t(40, 16)), lambda h, w: lce(h, w, "none")),
     }
 
 

@@ -40,6 +40,10 @@ def test_linear_cross_entropy_counts_what_it_computes():
     w.requires_grad_(False)  # a frozen head: no dW GEMM
     assert _count(lambda: ops.linear_cross_entropy(h, w, t, backend="triton").backward()) == {
         "fastlm.linear_cross_entropy": 2 * 2 * 6 * 16 * 40}
+    w.requires_grad_(True)  # reduction="none": the logits once forward, again in the backward
+    assert _count(lambda: ops.linear_cross_entropy(h, w, t, reduction="none", backend="triton").sum().backward()) == {
+        "fastlm.linear_cross_entropy_rows": 2 * 6 * 16 * 40,
+        "fastlm.linear_cross_entropy_rows_backward": 3 * 2 * 6 * 16 * 40}
 
 
 def test_decode_ops():

@@ -154,7 +154,7 @@ def test_reference_options_match_torch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_linear_cross_entropy_options(dtype, reduction):
     M, D, V = 50, 64, 777
     kw = OPTIONS["all"]
@@ -213,8 +213,10 @@ def _check_lce(h, w, b, t, reduction, chunk, factor=2.0, **kw):
     else:
         rlp = reference.linear_cross_entropy(xlp[0], xlp[1], t, bias(xlp), reduction=reduction)
     low = h.dtype if h.dtype != torch.float32 else torch.float32
+    assert out.dtype == torch.float32 and out.shape == r64.shape
     assert_close(out, r64, rlp, "loss", dtype=low)
-    g = torch.tensor(0.7, device=DEVICE)
+    # "none": a different upstream gradient per position (some zero, some negative)
+    g = torch.randn_like(out) if reduction == "none" else torch.tensor(0.7, device=DEVICE)
     for name, a, b64, blp in zip(("dh", "dweight", "dbias"), _grads(out, x, g), _grads(r64, x64, g.double()),
                                  _grads(rlp, xlp, g)):
         assert a.dtype == h.dtype
@@ -222,7 +224,7 @@ def _check_lce(h, w, b, t, reduction, chunk, factor=2.0, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16 CPU GEMMs: see the GPU test
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("chunk,bias", [(None, False), (16, True), (7, False)])
 def test_linear_cross_entropy(dtype, reduction, chunk, bias):
     M, D, V = 50, 64, 777
@@ -251,6 +253,33 @@ def test_linear_cross_entropy_no_grad_and_tied():
     emb.weight.grad = None
     reference.linear_cross_entropy(emb(tokens), emb.weight, t).backward()
     torch.testing.assert_close(g, emb.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "h", "bias"])
+def test_linear_cross_entropy_none_frozen(frozen):
+    """reduction="none" recomputes the logits in its backward: only for the gradients asked for."""
+    h = torch.randn(20, 16, device=DEVICE)
+    w = torch.randn(50, 16, device=DEVICE) * 0.25
+    b = torch.randn(50, device=DEVICE)
+    t = _targets((4, 5), 50, n_ignore=2)
+    g = torch.randn(4, 5, device=DEVICE)
+    leaves = {"h": h.view(4, 5, 16), "weight": w, "bias": b}
+    x = {k: v.clone().requires_grad_(k != frozen) for k, v in leaves.items()}
+    r = {k: v.double().requires_grad_(k != frozen) for k, v in leaves.items()}
+    out = ops.linear_cross_entropy(x["h"], x["weight"], t, x["bias"], reduction="none", chunk_size=8,
+                                   backend="triton")
+    ref = reference.linear_cross_entropy(r["h"], r["weight"], t, r["bias"], reduction="none")
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    names = [k for k in leaves if k != frozen]
+    for name, a, b_ in zip(names, torch.autograd.grad(out, [x[k] for k in names], g),
+                           torch.autograd.grad(ref, [r[k] for k in names], g.double())):
+        torch.testing.assert_close(a.double(), b_, rtol=1e-4, atol=1e-5, msg=name)
+    rows, stats = torch.ops.fastlm.linear_cross_entropy_rows(h, w, b, t.flatten(), -100, 8, 0.0, 0.0, 0.0)
+    need = [k != frozen for k in leaves]
+    grads = torch.ops.fastlm.linear_cross_entropy_rows_backward(h, w, b, t.flatten(), stats, g.flatten(), -100, 8,
+                                                                *need, 0.0, 0.0, 0.0)
+    sizes = dict(zip(leaves, (a.numel() for a in grads)))
+    assert sizes == {k: (0 if k == frozen else leaves[k].numel()) for k in leaves}
 
 
 @pytest.mark.parametrize("frozen", ["weight", "h", "bias"])
@@ -309,6 +338,13 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy.default,
                               (h, w, None, t, -100, False, 4, *need, *((0.1, 1e-3, 5.0) if need[0] else (0.0,) * 3)),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    b = torch.randn(50, device=DEVICE)
+    for bias, opts in ((None, (0.0,) * 3), (b, (0.1, 1e-3, 5.0))):
+        torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy_rows.default, (h, w, bias, t, -100, 4, *opts))
+        _, stats = torch.ops.fastlm.linear_cross_entropy_rows(h, w, bias, t, -100, 4, *opts)
+        for need in ((True, True, True), (False, True, False), (True, False, False)):
+            torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy_rows_backward.default,
+                                  (h, w, bias, t, stats, torch.randn(6, device=DEVICE), -100, 4, *need, *opts))
 
 
 def test_torch_compile_fullgraph():
@@ -321,7 +357,9 @@ def test_torch_compile_fullgraph():
         b = ops.cross_entropy(h @ w.t(), t, backend="triton")
         c, z = ops.linear_cross_entropy(h, w, t, backend="triton", return_z_loss=True, **OPTIONS["all"])
         d = ops.cross_entropy(h @ w.t(), t, backend="triton", reduction="sum", **OPTIONS["all"])
-        return a + b + c + d + z
+        e, ze = ops.linear_cross_entropy(h, w, t, backend="triton", reduction="none", return_z_loss=True,
+                                         **OPTIONS["all"])
+        return a + b + c + d + z + (e * torch.arange(5.0, device=DEVICE)).sum() + ze.sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if not HAS_CUDA else "inductor")
     out = compiled(h, w, t)
@@ -352,7 +390,7 @@ def test_bad_inputs():
         (lambda: ops.linear_cross_entropy(h, w.t(), t, backend="triton"), ValueError, "weight must have shape"),
         (lambda: ops.linear_cross_entropy(h, w, t, torch.randn(9, device=DEVICE), backend="triton"), ValueError, "bias"),
         (lambda: ops.linear_cross_entropy(h, w.half(), t, backend="triton"), TypeError, "weight has dtype"),
-        (lambda: ops.linear_cross_entropy(h, w, t, reduction="none"), ValueError, "reduction"),
+        (lambda: ops.linear_cross_entropy(h, w, t, reduction="elementwise"), ValueError, "reduction"),
         (lambda: ops.linear_cross_entropy(h, w, t, chunk_size=0), ValueError, "chunk_size"),
         (lambda: ops.linear_cross_entropy(h, w.to("meta"), t), ValueError, "weight is on meta"),
         (lambda: ops.linear_cross_entropy(h, w.half(), t, backend="reference"), TypeError, "weight has dtype"),
@@ -388,6 +426,7 @@ def test_gpu_large_vocab_bf16(V):
     t = _targets((M,), V, n_ignore=17)
     _check_ce(h @ w.t(), t, "mean")
     _check_lce(h, w, None, t, "mean", chunk=512, factor=4.0)
+    _check_lce(h[:512], w, None, t[:512], "none", chunk=256, factor=4.0)
 
 
 @pytest.mark.gpu

@@ -60,6 +60,19 @@ def _linear_cross_entropy(h, weight, bias, targets, ignore_index, sum_reduction,
     return 2 * h.shape[0] * h.shape[1] * weight.shape[0] * (1 + bool(need_dh) + bool(need_dw))
 
 
+@register_flop_formula(torch.ops.fastlm.linear_cross_entropy_rows, get_raw=True)
+def _linear_cross_entropy_rows(h, weight, *args, out_val=None, **kwargs):
+    # reduction="none": only the logits in the forward ...
+    return 2 * h.shape[0] * h.shape[1] * weight.shape[0]
+
+
+@register_flop_formula(torch.ops.fastlm.linear_cross_entropy_rows_backward, get_raw=True)
+def _linear_cross_entropy_rows_bwd(h, weight, bias, targets, stats, drows, ignore_index, chunk_rows, need_dh, need_dw,
+                                   *args, out_val=None, **kwargs):
+    # ... and the backward recomputes them before dh and dW
+    return 2 * h.shape[0] * h.shape[1] * weight.shape[0] * (1 + bool(need_dh) + bool(need_dw))
+
+
 @register_flop_formula(torch.ops.fastlm.fused_linear, get_raw=True)
 def _fused_linear(x, weight, *args, out_val=None, **kwargs):
     return 2 * x.shape[0] * x.shape[1] * weight.shape[0]

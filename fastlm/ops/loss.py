@@ -106,41 +106,64 @@ def _lce_op(
     that the z-loss term is (0 without it; not differentiable: for logging).  The options as in
     cross_entropy (softcap 0: none).  See the module docstring."""
     k = _kernels()
-    M, V = h.shape[0], weight.shape[0]
+    M = h.shape[0]
     need_db = need_db and bias is not None
-    need_grad = need_dh or need_dw or need_db
     with torch.autocast(h.device.type, enabled=False):
         n_valid = (targets != ignore_index).sum(dtype=torch.float32)
         scale = (torch.ones_like(n_valid) if sum_reduction else 1.0 / n_valid).reshape(1)
         rows = h.new_empty((M,), dtype=torch.float32)
         zrows = h.new_zeros((M if z_loss > 0 else 0,), dtype=torch.float32)
-        # (outputs must be distinct tensors: fresh empties where nothing is computed)
-        dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else h.new_empty(0)
-        dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw and M == 0 else h.new_empty(0)
-        db = h.new_zeros((V if need_db else 0,), dtype=torch.float32)
-        wt = weight.t()
-        for s in range(0, M, chunk_rows):
-            e = min(M, s + chunk_rows)
-            hc = h[s:e]
-            logits = torch.mm(hc, wt) if bias is None else torch.addmm(bias, hc, wt)  # (C, V)
-            loss_c, stats = k.ce_forward(logits, targets[s:e], ignore_index, grad=logits if need_grad else None,
+        grads, need = _grad_buffers(h, weight, need_dh, need_dw, need_db)
+        for s, e, hc, logits in _head_chunks(h, weight, bias, chunk_rows):
+            loss_c, stats = k.ce_forward(logits, targets[s:e], ignore_index, grad=logits if any(need) else None,
                                          gscale=scale, smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
             rows[s:e] = loss_c
             if z_loss > 0:
                 zrows[s:e] = stats.sum(1).square()
             # logits now hold dloss/dlogits of this chunk
-            if need_dh:
-                torch.mm(logits, weight, out=dh[s:e])
-            if need_dw:
-                if s == 0:
-                    dw = torch.mm(logits.t(), hc)
-                else:
-                    dw.addmm_(logits.t(), hc)
-            if need_db:
-                db += logits.sum(0, dtype=torch.float32)
+            _project_grads(logits, hc, weight, s, e, grads, need)
         loss = rows.sum() * scale[0]
         z = _z_part(zrows, targets, ignore_index, z_loss, scale[0])
-    return loss, dh, dw, db, z
+    return loss, *grads, z
+
+
+@torch.no_grad()
+def _z_rows(stats, targets, ignore_index, z_loss, shape):
+    """The z-loss share of each row's loss (reduction "none"): z_loss * lse^2, 0 on ignored rows."""
+    return torch.where(targets != ignore_index, z_loss * stats.sum(1).square(), 0.0).view(shape)
+
+
+def _grad_buffers(h, weight, need_dh, need_dw, need_db):
+    """-> ([dh, dw, db], need) for _project_grads: dh (M, D) to fill, dw empty (the first chunk
+    creates it; zeros when there are no rows), db (V,) fp32 zeros; fresh empty tensors for
+    what is not needed (custom op outputs must be distinct tensors)."""
+    M, V = h.shape[0], weight.shape[0]
+    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else h.new_empty(0)
+    dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw and M == 0 else h.new_empty(0)
+    db = h.new_zeros((V if need_db else 0,), dtype=torch.float32)
+    return [dh, dw, db], (need_dh, need_dw, need_db)
+
+
+def _head_chunks(h, weight, bias, chunk_rows):
+    """Yields (start, end, h[start:end], its logits (C, V) = h_c W^T + bias), chunk by chunk."""
+    wt = weight.t()
+    for s in range(0, h.shape[0], chunk_rows):
+        e = min(h.shape[0], s + chunk_rows)
+        hc = h[s:e]
+        yield s, e, hc, (torch.mm(hc, wt) if bias is None else torch.addmm(bias, hc, wt))
+
+
+def _project_grads(dlogits, hc, weight, s, e, grads, need):
+    """Back through the head for one chunk of rows [s, e), into grads = [dh, dw, db] where need
+    says so (no GEMM otherwise): dh[s:e] = dlogits W, dw += dlogits^T h_c (the first chunk
+    creates it), db += column sums in fp32."""
+    dh, dw, db = grads
+    if need[0]:
+        torch.mm(dlogits, weight, out=dh[s:e])
+    if need[1]:
+        grads[1] = torch.mm(dlogits.t(), hc) if s == 0 else dw.addmm_(dlogits.t(), hc)
+    if need[2]:
+        db += dlogits.sum(0, dtype=torch.float32)
 
 
 def _z_part(lse2, targets, ignore_index, z_loss, scale):
@@ -181,6 +204,85 @@ def _lce_backward(ctx, dloss, ddh, ddw, ddb, dz):
 
 
 _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup)
+
+
+# reduction="none": the upstream gradient differs per row, so the forward cannot fold the
+# gradients in; it computes the losses (one GEMM per chunk) and the backward recomputes each
+# chunk's logits (as Liger-Kernel does for "none"): four GEMMs in all instead of three.
+@fast_op("fastlm::linear_cross_entropy_rows")
+def _lce_rows_op(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, ignore_index: int,
+    chunk_rows: int, label_smoothing: float, z_loss: float, softcap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (M, D), weight (V, D), bias (V,) or None, targets (M,) -> (per-row loss fp32 (M,), 0 on
+    ignored rows; stats fp32 (M, 2) as cross_entropy's, saved for the backward, not
+    differentiable).  Options as in cross_entropy (softcap 0: none)."""
+    k = _kernels()
+    M = h.shape[0]
+    with torch.autocast(h.device.type, enabled=False):
+        rows = h.new_empty((M,), dtype=torch.float32)
+        stats = h.new_empty((M, 2), dtype=torch.float32)
+        for s, e, _, logits in _head_chunks(h, weight, bias, chunk_rows):
+            rows[s:e], stats[s:e] = k.ce_forward(logits, targets[s:e], ignore_index, smoothing=label_smoothing,
+                                                 z_loss=z_loss, softcap=softcap)
+    return rows, stats
+
+
+@fast_op("fastlm::linear_cross_entropy_rows_backward")
+def _lce_rows_backward_op(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, stats: torch.Tensor,
+    drows: torch.Tensor, ignore_index: int, chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool,
+    label_smoothing: float, z_loss: float, softcap: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dh (M, D), dweight (V, D), dbias (V,) fp32) for the per-row upstream gradient drows
+    (M,); the ones not asked for (need_*) come back empty and cost no GEMM.  Each chunk's
+    logits are recomputed and turned into their gradient in place from the saved stats."""
+    k = _kernels()
+    need_db = need_db and bias is not None
+    with torch.autocast(h.device.type, enabled=False):
+        g = drows.float().contiguous()
+        grads, need = _grad_buffers(h, weight, need_dh, need_dw, need_db)
+        if any(need):
+            for s, e, hc, logits in _head_chunks(h, weight, bias, chunk_rows):
+                k.ce_backward(logits, targets[s:e], stats[s:e], g[s:e], ignore_index, logits,
+                              smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+                _project_grads(logits, hc, weight, s, e, grads, need)
+    return tuple(grads)
+
+
+@_lce_rows_op.register_fake
+def _(h, weight, bias, targets, ignore_index, chunk_rows, label_smoothing, z_loss, softcap):
+    M = h.shape[0]
+    return h.new_empty((M,), dtype=torch.float32), h.new_empty((M, 2), dtype=torch.float32)
+
+
+@_lce_rows_backward_op.register_fake
+def _(h, weight, bias, targets, stats, drows, ignore_index, chunk_rows, need_dh, need_dw, need_db, label_smoothing,
+      z_loss, softcap):
+    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else h.new_empty(0)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else h.new_empty(0)
+    db = h.new_empty((weight.shape[0] if need_db and bias is not None else 0,), dtype=torch.float32)
+    return dh, dw, db
+
+
+def _lce_rows_setup(ctx, inputs, output):
+    h, weight, bias, targets, ignore_index, chunk_rows, *opts = inputs
+    ctx.args = (ignore_index, chunk_rows)
+    ctx.options = opts
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(h, weight, bias, targets, output[1])
+
+
+def _lce_rows_backward(ctx, drows, dstats):
+    h, weight, bias, targets, stats = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    dh, dw, db = _lce_rows_backward_op(h, weight, bias, targets, stats, drows, *ctx.args, *need, *ctx.options)
+    return (dh if need[0] else None, dw if need[1] else None, db.to(ctx.bias_dtype) if need[2] else None,
+            *[None] * 6)
+
+
+_lce_rows_op.register_autograd(_lce_rows_backward, setup_context=_lce_rows_setup)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -283,13 +385,10 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label
         loss = rows.sum() * scale
     if not return_z_loss:
         return loss
+    if scale is None:
+        return loss, _z_rows(stats, t, ignore_index, opts[1], targets.shape)
     with torch.no_grad():
-        lse2 = stats.sum(1).square()
-        if scale is None:
-            z = torch.where(t != ignore_index, opts[1] * lse2, 0.0).view(targets.shape)
-        else:
-            z = _z_part(lse2, t, ignore_index, opts[1], scale)
-    return loss, z
+        return loss, _z_part(stats.sum(1).square(), t, ignore_index, opts[1], scale)
 
 
 def default_chunk_rows(M, V, dtype):
@@ -306,17 +405,20 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
     """cross_entropy(h @ weight.T + bias, targets) without materializing the logits.
 
     h (..., D) hidden states, weight (V, D) (the lm_head / tied embedding), bias (V,) or None,
-    targets (...) int.  reduction "mean" (over non-ignored targets) or "sum"; returns an fp32
-    scalar ("mean" is NaN when every target is ignored, as torch and cross_entropy; the
-    gradients are then 0).  label_smoothing, z_loss, softcap, return_z_loss: as in
-    cross_entropy.  Under autocast, h/weight/bias are cast to the autocast dtype (as F.linear would);
-    otherwise they must share one dtype.  chunk_size: rows per chunk (default: about 1 GiB of
-    logits).  The gradients are computed during the forward (see the module docstring), so the
-    forward costs the whole head's three GEMMs and the backward almost nothing.
+    targets (...) int.  Returns fp32: the mean over non-ignored targets ("mean"; NaN when every
+    target is ignored, as torch and cross_entropy; the gradients are then 0), their sum
+    ("sum"), or the per-position loss ("none", shape of targets, 0 where ignored).
+    label_smoothing, z_loss, softcap, return_z_loss: as in cross_entropy.  Under autocast,
+    h/weight/bias are cast to the autocast dtype (as F.linear would); otherwise they must share
+    one dtype.  chunk_size: rows per chunk (default: about 1 GiB of
+    logits).  With "mean" and "sum" the gradients are computed during the forward (see the
+    module docstring), so the forward costs the whole head's three GEMMs and the backward
+    almost nothing.  With "none" the upstream gradient differs per position, so the forward
+    costs one GEMM and the backward recomputes the logits: four GEMMs in all.
     backend: "triton" | "reference" | None.
     """
     op = "linear_cross_entropy"
-    ignore_index = _validate(op, h, "h", targets, reduction, ("mean", "sum"), backend, ignore_index)
+    ignore_index = _validate(op, h, "h", targets, reduction, REDUCTIONS, backend, ignore_index)
     opts = _check_options(op, label_smoothing, z_loss, softcap)
     D = h.shape[-1]
     check_tensor(weight, "weight", dtypes=KERNEL_DTYPES + (torch.float64,), ndim=2)
@@ -351,5 +453,11 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
     grad_on = torch.is_grad_enabled()
     need = [grad_on and x is not None and x.requires_grad for x in (h, weight, bias)]
     chunk = chunk_size or default_chunk_rows(h2.shape[0], V, h2.dtype)
+    if reduction == "none":
+        rows, stats = _lce_rows_op(h2, weight, bias, t, ignore_index, int(chunk), *opts)
+        loss = rows.view(targets.shape)
+        if not return_z_loss:
+            return loss
+        return loss, _z_rows(stats, t, ignore_index, opts[1], targets.shape)
     loss, _, _, _, z = _lce_op(h2, weight, bias, t, ignore_index, reduction == "sum", int(chunk), *need, *opts)
     return (loss, z) if return_z_loss else loss
