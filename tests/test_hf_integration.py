@@ -118,20 +118,82 @@ def test_loss_kwargs_follow_hf():
         ref.train()
 
 
-def test_padding_falls_back_to_hf_attention(monkeypatch):
-    # a padding mask goes to HF's SDPA attention: the same numbers as the unpatched model, and
-    # fastlm's attention not called
+def _spy_varlen(monkeypatch):
+    """ops.attention's cu_seqlens_q of each call (None: a dense call)."""
+    real, seen = ops.attention, []
+
+    def spy(*a, **k):
+        seen.append(k.get("cu_seqlens_q"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ops, "attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family,window", [("llama", None), ("qwen3", None), ("mistral", 3)])
+def test_padded_batches_run_unpadded(family, window, monkeypatch):
+    # left and right padding: each row's tokens run as one sequence of a varlen batch on
+    # fastlm's kernel, and compute what HF's SDPA with the padding mask computes (the tokens'
+    # logits, the loss and every gradient; the padding's own outputs are not compared)
+    over = dict(sliding_window=window) if window else {}
+    ref = hf_model(family, seed=2, **over).train()
+    ref64 = copy.deepcopy(ref).double()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    tokens = torch.randint(1, 300, (3, 11), device=DEVICE)
+    mask = torch.ones_like(tokens)
+    mask[0, :4] = 0  # left padding
+    mask[1, 8:] = 0  # right padding
+    labels = tokens.masked_fill(mask == 0, -100)
+    seen = _spy_varlen(monkeypatch)
+    kw = dict(attention_mask=mask)
+    loss, grads = _loss_and_grads(model, tokens, labels, **kw)
+    assert seen and all(cu is not None and cu.tolist() == [0, 7, 15, 26] for cu in seen)
+    loss32, grads32 = _loss_and_grads(ref, tokens, labels, **kw)
+    loss64, grads64 = _loss_and_grads(ref64, tokens, labels, **kw)
+    assert_close(loss, loss64, loss32, name="padded loss")
+    for n in grads64:
+        assert_close(grads[n], grads64[n], grads32[n], name=f"padded grad {n}", dtype=torch.float32)
+    for m in (model, ref):
+        m.eval()
+    with torch.no_grad():
+        got, want = (m(tokens, attention_mask=mask).logits for m in (model, ref))
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(got).all()
+
+
+def test_padding_with_holes_falls_back_to_hf_attention(monkeypatch):
+    # a row whose mask has a hole is not one run of tokens: HF's SDPA attention computes it
     ref = hf_model("llama", seed=2).eval()
     model = fastlm.apply_to_hf(copy.deepcopy(ref))
     tokens = torch.randint(1, 300, (2, 11), device=DEVICE)
     mask = torch.ones_like(tokens)
-    mask[0, :4] = 0  # left padding
+    mask[0, :3] = 0
+    mask[1, 5] = 0  # a hole
     calls = _spy(monkeypatch)
     with torch.no_grad():
         got = model(tokens, attention_mask=mask).logits
         want = ref(tokens, attention_mask=mask).logits
     assert "attention" not in calls and "rms_norm" in calls
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_left_padded_batch_generation_matches_hf(monkeypatch):
+    # batched greedy generation with left padding: the prefill runs unpadded on fastlm's kernel,
+    # the decode steps over the padded cache on HF's SDPA; the tokens are HF's
+    ref = hf_model("qwen3", seed=6).eval()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    prompt = torch.randint(1, 300, (2, 9), device=DEVICE)
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    prompt[1, :4] = 0  # the pad token
+    seen = _spy_varlen(monkeypatch)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, attention_mask=mask, pad_token_id=0)
+    with torch.no_grad():
+        got = model.generate(prompt, **kw)
+        want = ref.generate(prompt, **kw)
+    assert got.tolist() == want.tolist()
+    assert any(cu is not None and cu.tolist() == [0, 9, 14] for cu in seen)
 
 
 def _packed(lengths, rows=1, seed=0):
@@ -156,13 +218,7 @@ def test_packed_sequences_and_sliding_windows_run_fused(family, window, rows, mo
     tokens, pos = _packed([5, 1, 9, 6], rows)
     labels = tokens.clone()
     labels[:, 5] = -100  # (DataCollatorWithFlattening puts -100 at each sequence's first label)
-    real, varlen = ops.attention, []
-
-    def spy(*a, **k):
-        varlen.append(k.get("cu_seqlens_q"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(ops, "attention", spy)
+    varlen = _spy_varlen(monkeypatch)
     kw = dict(position_ids=pos, use_cache=False)  # (HF looks for packing only without a cache)
     loss, grads = _loss_and_grads(model, tokens, labels, **kw)
     assert varlen and all(cu is not None and cu.tolist() == [0, 5, 6, 15, 21] if rows == 1 else
@@ -264,21 +320,31 @@ def test_deepcopy_of_a_patched_model_runs_its_own_weights():
         assert not torch.allclose(twin(tokens).logits, model(tokens).logits)
 
 
-@pytest.mark.parametrize("family,size", [pytest.param(f, "tiny", marks=triton_bf16_mark()) for f in ("llama", "qwen3")]
-                         + [pytest.param(f, "gpu", marks=pytest.mark.gpu) for f in ("llama", "qwen3")])
-def test_bf16_training_step_matches_hf(family, size):
+@pytest.mark.parametrize("family,size,padded",
+                         [pytest.param(f, "tiny", False, marks=triton_bf16_mark()) for f in ("llama", "qwen3")]
+                         + [pytest.param(f, "gpu", p, marks=pytest.mark.gpu) for f in ("llama", "qwen3")
+                            for p in (False, True)])
+def test_bf16_training_step_matches_hf(family, size, padded):
     # bf16 weights and activations (what people train in): loss and gradients within the
     # error of HF's own bf16 model against fp64.  "gpu": head_dim 128 and 512 tokens on the
-    # real kernels (the tiled attention paths, several blocks per sequence)
+    # real kernels (the tiled attention paths, several blocks per sequence); padded: a
+    # left-padded and a right-padded row (the unpadded varlen path)
     over = dict(hidden_size=512, num_attention_heads=4, head_dim=128, intermediate_size=1024) if size == "gpu" else {}
     ref = hf_model(family, seed=7, **over).train()
     ref64 = copy.deepcopy(ref).double()
     model = fastlm.apply_to_hf(copy.deepcopy(ref).to(torch.bfloat16))
     ref16 = ref.to(torch.bfloat16)
-    tokens = torch.randint(1, 300, (2, 512 if size == "gpu" else 33), device=DEVICE)
-    loss, grads = _loss_and_grads(model, tokens, tokens)
-    loss16, grads16 = _loss_and_grads(ref16, tokens, tokens)
-    loss64, grads64 = _loss_and_grads(ref64, tokens, tokens)
+    T = 512 if size == "gpu" else 33
+    tokens = torch.randint(1, 300, (2, T), device=DEVICE)
+    mask = torch.ones_like(tokens)
+    if padded:
+        mask[0, :T // 3] = 0
+        mask[1, T - 70:] = 0
+    labels = tokens.masked_fill(mask == 0, -100)
+    kw = dict(attention_mask=mask) if padded else {}
+    loss, grads = _loss_and_grads(model, tokens, labels, **kw)
+    loss16, grads16 = _loss_and_grads(ref16, tokens, labels, **kw)
+    loss64, grads64 = _loss_and_grads(ref64, tokens, labels, **kw)
     assert_close(loss.float(), loss64, loss16.float(), name="bf16 loss", dtype=torch.bfloat16)
     for n in grads64:
         assert_close(grads[n].float(), grads64[n], grads16[n].float(), name=f"bf16 grad {n}", dtype=torch.bfloat16)

@@ -15,13 +15,15 @@ checkpoint to fastlm's own model.)  What it swaps in, each optional:
               of the same family in the process keep HF's own code.
   swiglu      each MLP computes down(swiglu(gate(x), up(x))) (one kernel for silu(gate) * up).
   attention   config._attn_implementation = "fastlm": ops.attention (causal, GQA, softcap,
-              sliding windows; FA2-style forward and backward) wherever the batch has no padding:
-              plain causal batches (where HF's SDPA path would use is_causal) and padding-free
-              packed batches (sequences concatenated with restarting position_ids, e.g.
-              DataCollatorWithFlattening, or its flash varlen kwargs cu_seq_lens_q/k), which run
-              as one varlen batch.  A padding mask, a cache with its own mask (static caches),
-              dropout or a non-causal module falls back to HF's own SDPA attention, so nothing is
-              computed differently.
+              sliding windows; FA2-style forward and backward) for plain causal batches (where
+              HF's SDPA path would use is_causal), padding-free packed batches (sequences
+              concatenated with restarting position_ids, e.g. DataCollatorWithFlattening; the
+              sequences are found from position_ids, as HF's SDPA mask finds them), and padded
+              training or prefill batches (left or right padding: each row's tokens are gathered
+              into one varlen batch, as flash_attn's HF integration does; the padding's outputs
+              are 0).  A padding mask with holes inside a row, decode steps over a padded cache,
+              a cache with its own mask (static caches), dropout or a non-causal module fall back
+              to HF's own SDPA attention, so nothing is computed differently.
   loss        in training mode, a forward with labels computes the lm_head and the next-token
               cross-entropy together (ops.linear_cross_entropy: the (tokens x vocab) logits are
               never materialized) and returns logits=None, as Liger's fused loss does; in eval
@@ -163,16 +165,39 @@ def _mask(*args, **kwargs):
     from transformers.masking_utils import sdpa_mask
 
     mask = sdpa_mask(*args, **kwargs)
-    if torch.is_tensor(mask) and "attention_mask" in kwargs and "allow_is_causal_skip" in kwargs:
+    if (torch.is_tensor(mask) and "attention_mask" in kwargs and "allow_is_causal_skip" in kwargs
+            and not kwargs.get("use_vmap", False)):  # (use_vmap: custom mask functions are in the mask)
         pad = kwargs["attention_mask"]
         if pad is None:
             # HF looks for packed sequences only without a 2D mask and without a cache, and a
             # packing it found turns allow_is_causal_skip off (as only extra mask functions, which
             # these families do not use, and a compiled cache's decode step would)
             mask._fastlm_no_padding = "no-packing" if kwargs["allow_is_causal_skip"] else "packing"
-        elif not torch.compiler.is_compiling() and pad.shape[-1] == mask.shape[-1] and bool(pad.all()):
-            mask._fastlm_no_padding = "no-packing"  # an all-ones 2D mask: HF did not look for packing
+        elif not torch.compiler.is_compiling() and pad.dim() == 2 and pad.shape[-1] == mask.shape[-1]:
+            if bool(pad.all()):
+                mask._fastlm_no_padding = "no-packing"  # an all-ones 2D mask: HF did not look for packing
+            elif mask.shape[-2] == mask.shape[-1] and kwargs.get("q_offset", 0) == 0:
+                unpad = _unpad_index(pad)  # (a prefill or training batch; decode steps go to SDPA)
+                if unpad is not None:
+                    mask._fastlm_no_padding, mask._fastlm_unpad = "padding", unpad
     return mask
+
+
+def _unpad_index(pad):
+    """For a (B, T) padding mask whose rows each keep one contiguous run of tokens (left or right
+    padding): (indices of the kept tokens among the B * T, int32 (B + 1,) offsets of each row's
+    run among them), the varlen layout flash_attn's HF integration unpads to.  Within such a run
+    HF's mask (causal over the row's indices, window included) is the run's own causal mask.
+    None for rows with holes.  One host sync, once per forward (the mask is built once)."""
+    keep = pad.bool()
+    starts = keep.clone()
+    starts[:, 1:] &= ~keep[:, :-1]
+    if bool((starts.sum(1) > 1).any()):
+        return None
+    counts = keep.sum(1, dtype=torch.int32)
+    cu = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=keep.device)
+    torch.cumsum(counts, 0, out=cu[1:])
+    return keep.flatten().nonzero().flatten(), cu
 
 
 def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
@@ -189,24 +214,32 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
                             softmax_scale=scaling, softcap=softcap or 0.0, backend=backend)
         return out, None
     marker = getattr(attention_mask, "_fastlm_no_padding", None) if plain and T == S else None
-    cu = _packed_cu_seqlens(kwargs.get("position_ids"), B, T) if marker == "packing" else None
-    if marker is None or (marker == "packing" and cu is None):
-        # padding, a cache with its own mask, dropout, ...: HF's SDPA attention
+    idx = cu = None
+    if marker == "packing":
+        cu = _packed_cu_seqlens(kwargs.get("position_ids"), B, T)
+    elif marker == "padding" and attention_mask.shape[0] == B:
+        idx, cu = attention_mask._fastlm_unpad
+    if marker != "no-packing" and cu is None:
+        # rows with holes, a cache with its own mask, dropout, ...: HF's SDPA attention
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, softcap=softcap, **kwargs)
     # The mask is causality + the sliding window (HF's: a query sees its sliding_window - 1
-    # predecessors and itself) + packing: the kernel's own window, and packed sequences as one
-    # varlen batch of the B rows' tokens.
+    # predecessors and itself) + packing or padding: the kernel's own window, and the packed
+    # sequences, or each row's run of unpadded tokens, as one varlen batch.
     window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
     if cu is None:
         out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
                             softmax_scale=scaling, softcap=softcap or 0.0, window=window, backend=backend)
         return out, None
     q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3]) for t in (query, key, value))
+    if idx is not None:  # the unpadded tokens only (the padding's outputs are 0)
+        q, k, v = (t.index_select(0, idx) for t in (q, k, v))
     out = ops.attention(q, k, v, causal=True, softmax_scale=scaling, softcap=softcap or 0.0, window=window,
                         cu_seqlens_q=cu, cu_seqlens_k=cu, backend=backend)
+    if idx is not None:
+        out = out.new_zeros(B * T, *out.shape[1:]).index_copy(0, idx, out)
     return out.view(B, T, *out.shape[1:]), None
 
 
