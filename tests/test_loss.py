@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, HAS_CUDA
+import fastlm
 from fastlm import ops, reference
 from tolerances import assert_close
 
@@ -453,3 +454,42 @@ def test_gpu_cuda_graph_capture():
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 30), (30,), (3, 30, 4)])  # torch's layouts: the classes in dim 1
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_module_is_torchs(shape, reduction):
+    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    tshape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    t = torch.randint(0, 30, tshape, device=DEVICE)
+    if t.dim():
+        t.view(-1)[1] = -100
+    mine = fastlm.nn.CrossEntropyLoss(reduction=reduction, label_smoothing=0.1, backend="triton")
+    want = torch.nn.CrossEntropyLoss(reduction=reduction, label_smoothing=0.1)(x, t)
+    got = mine(x, t)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0],
+                               rtol=1e-5, atol=1e-6)
+    assert "label_smoothing=0.1" in repr(mine)
+
+
+def test_loss_modules_options_and_errors():
+    h = torch.randn(2, 5, 16, device=DEVICE)
+    w = torch.randn(40, 16, device=DEVICE)
+    b = torch.randn(40, device=DEVICE)
+    t = _targets((2, 5), 40, n_ignore=2)
+    kw = dict(reduction="sum", **OPTIONS["all"])
+    lce = fastlm.nn.LinearCrossEntropyLoss(return_z_loss=True, chunk_size=4, backend="triton", **kw)
+    loss, z = lce(h, w, t, b)
+    want, zw = ops.linear_cross_entropy(h, w, t, b, return_z_loss=True, backend="triton", **kw)
+    assert torch.equal(loss, want) and torch.equal(z, zw)
+    ce = fastlm.nn.CrossEntropyLoss(backend="triton", **kw)
+    torch.testing.assert_close(ce(torch.nn.functional.linear(h, w, b).flatten(0, 1), t.flatten()), want,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="class weights"):
+        fastlm.nn.CrossEntropyLoss(weight=torch.ones(40))
+    with pytest.raises(TypeError, match="class-probability targets"):
+        fastlm.nn.CrossEntropyLoss()(torch.randn(3, 5), torch.rand(3, 5).softmax(-1))
+    with pytest.raises(ValueError, match="cross_entropy: reduction must be one of"):
+        fastlm.nn.CrossEntropyLoss(reduction="avg")(torch.randn(3, 5), torch.tensor([0, 1, 2]))
