@@ -13,7 +13,7 @@ from tolerances import assert_close
 
 transformers = pytest.importorskip("transformers", reason="the HF integration tests need transformers")
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral"]
 
 
 def hf_model(family, seed=0, **over):
@@ -24,12 +24,21 @@ def hf_model(family, seed=0, **over):
     cls, cfg = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
                 "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig),
                 "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
-                "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config)}[family]
+                "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config),
+                "phi3": (transformers.Phi3ForCausalLM, transformers.Phi3Config),
+                "mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig)}[family]
     if family == "mistral":
         kw.setdefault("sliding_window", 64)  # longer than the test sequences: it cuts nothing
     if family == "qwen3":
         kw.setdefault("head_dim", 32)
+    if family == "phi3":  # partial rotary: the first half of each head rotated, the rest passed through
+        kw.setdefault("rope_parameters", dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
+    if family == "mixtral":  # 4 experts, 2 per token, and the router's load-balancing loss in training
+        kw.update(num_local_experts=4, num_experts_per_tok=2)
+        kw.setdefault("output_router_logits", True)
     m = cls(cfg(**kw))
+    if family == "mixtral":
+        m.set_experts_implementation("eager")  # (grouped_mm has no float64: the fp64 references need eager)
     with torch.no_grad():
         for p in m.parameters():  # norm weights start at exactly 1 and biases at 0
             p.add_(torch.randn_like(p) * 0.05)
@@ -72,7 +81,8 @@ def test_patched_model_matches_hf(family, monkeypatch):
         m.eval()
     with torch.no_grad():
         out, r32, r64 = (m(tokens).logits for m in (model, ref, ref64))
-    assert {"rms_norm", "apply_rotary", "swiglu", "attention"} <= set(calls)
+    expected = {"rms_norm", "apply_rotary", "attention"} | ({"swiglu"} if family != "mixtral" else set())
+    assert expected <= set(calls)  # (Mixtral's experts are HF's)
     assert_close(out, r64, r32, name=f"{family} logits")
 
     # eval with labels: HF's forward, the loss on ops.cross_entropy
@@ -88,6 +98,10 @@ def test_patched_model_matches_hf(family, monkeypatch):
     calls.clear()
     out = model(tokens, labels=labels)
     assert out.logits is None and "linear_cross_entropy" in calls
+    if family == "mixtral":  # the router's load-balancing loss is added, as HF adds it
+        want = ref(tokens, labels=labels)
+        assert out.aux_loss is not None and want.aux_loss is not None
+        torch.testing.assert_close(out.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-6)
     loss, grads = _loss_and_grads(model, tokens, labels)
     loss32, grads32 = _loss_and_grads(ref, tokens, labels)
     loss64, grads64 = _loss_and_grads(ref64, tokens, labels)
@@ -254,7 +268,7 @@ def test_restarting_positions_with_a_2d_mask_are_not_packing(family, window, mon
             assert "attention" in calls
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "mixtral"])
 def test_greedy_generation_matches_hf(family):
     ref = hf_model(family, seed=3).eval()
     model = fastlm.apply_to_hf(copy.deepcopy(ref))

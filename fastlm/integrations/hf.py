@@ -1,7 +1,7 @@
 """fastlm's kernels inside a Hugging Face transformers model, without converting it.
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(...)   # Llama, Mistral, Qwen2, Qwen3
-    fastlm.apply_to_hf(model)                                          # in place; returns the model
+    model = transformers.AutoModelForCausalLM.from_pretrained(...)  # Llama, Mistral, Qwen2/3, Phi-3, Mixtral
+    fastlm.apply_to_hf(model)                                         # in place; returns the model
 
 (the way Liger-Kernel's apply_liger_kernel_to_* is used; Transformer.from_hf instead converts a
 checkpoint to fastlm's own model.)  What it swaps in, each optional:
@@ -12,8 +12,10 @@ checkpoint to fastlm's own model.)  What it swaps in, each optional:
               launch) on the cos/sin tables this model's rotary module produced.  HF looks the
               function up in the modeling module, so the patch is module-wide, but it only takes
               the fused path for tables marked by a patched model's rotary module: other models
-              of the same family in the process keep HF's own code.
-  swiglu      each MLP computes down(swiglu(gate(x), up(x))) (one kernel for silu(gate) * up).
+              of the same family in the process keep HF's own code.  Phi-3's partial rotary
+              (partial_rotary_factor < 1) rotates the first dims and passes the rest, as HF.
+  swiglu      each MLP computes down(swiglu(gate(x), up(x))) (one kernel for silu(gate) * up;
+              Phi-3's fused gate_up_proj too).  Mixtral's experts keep HF's implementation.
   attention   config._attn_implementation = "fastlm": ops.attention (causal, GQA, softcap,
               sliding windows; FA2-style forward and backward) for plain causal batches (where
               HF's SDPA path would use is_causal), padding-free packed batches (sequences
@@ -45,13 +47,16 @@ import torch.nn.functional as F
 from fastlm import ops
 from fastlm.models.transformer import triton_only  # "cuda" -> None for the ops without a CUDA C++ kernel
 
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
+            "mixtral": "Mixtral"}
+PARTIAL_ROTARY = ("phi3",)  # families whose apply_rotary_pos_emb rotates cos.shape[-1] <= head_dim dims
 ATTENTION = "fastlm"  # the attn_implementation name registered with transformers
 
 
 def apply_to_hf(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, loss=True, backend=None):
-    """Patch an HF causal LM (or its base model) of the Llama, Mistral, Qwen2 or Qwen3 family in
-    place to run on fastlm's kernels (see the module docstring); returns the model."""
+    """Patch an HF causal LM (or its base model) of the Llama, Mistral, Qwen2, Qwen3, Phi-3 or
+    Mixtral family in place to run on fastlm's kernels (see the module docstring); returns the
+    model."""
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None)
     if family not in FAMILIES:
@@ -66,14 +71,14 @@ def apply_to_hf(model, *, rms_norm=True, rope=True, swiglu=True, attention=True,
     patches = ((rms_norm, "RMSNorm", _rms_norm_forward), (swiglu, "MLP", _mlp_forward),
                (rope, "RotaryEmbedding", _rotary_emb_forward))
     for on, cls_name, forward in patches:
-        if on:
-            cls = getattr(modeling, f"{prefix}{cls_name}")
+        cls = getattr(modeling, f"{prefix}{cls_name}", None)  # (Mixtral has no dense MLP: its experts stay HF's)
+        if on and cls is not None:
             for m in model.modules():
                 if isinstance(m, cls):
                     m._fastlm_backend = backend
                     m.forward = types.MethodType(forward, m)
     if rope:
-        _patch_rope_function(modeling)
+        _patch_rope_function(modeling, partial=family in PARTIAL_ROTARY)
     if attention:
         _register_attention()
         for m in model.modules():
@@ -99,7 +104,10 @@ def _rms_norm_forward(self, x):
 
 
 def _mlp_forward(self, x):
-    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=triton_only(self._fastlm_backend)))
+    backend = triton_only(self._fastlm_backend)
+    if hasattr(self, "gate_up_proj"):  # Phi-3: one projection to [gate | up]
+        return self.down_proj(ops.swiglu(self.gate_up_proj(x), backend=backend))
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
 
 
 # ------------------------------------------------------------------------------ rotary
@@ -117,7 +125,9 @@ def _rotary_emb_forward(self, x, position_ids, *args, **kwargs):
     return cos, sin
 
 
-def _patch_rope_function(modeling):
+def _patch_rope_function(modeling, partial):
+    """partial: HF's function rotates the first cos.shape[-1] dims and passes the rest through
+    (as ops.apply_rotary does with a narrower table); otherwise the widths must match."""
     orig = modeling.apply_rotary_pos_emb
     if getattr(orig, "_fastlm", False):
         return
@@ -129,7 +139,9 @@ def _patch_rope_function(modeling):
         table = getattr(cos, "_fastlm_rope", None)
         if (table is None or bound.get("unsqueeze_dim", 1) != 1 or bound.get("position_ids") is not None
                 or q.dim() != 4 or k.dim() != 4 or q.shape[2] != cos.shape[1] or k.shape[2] != cos.shape[1]
-                or q.shape[-1] != cos.shape[-1] or k.shape[-1] != cos.shape[-1] or q.shape[0] != k.shape[0]
+                or not (q.shape[-1] == k.shape[-1] == cos.shape[-1]
+                        or partial and q.shape[-1] == k.shape[-1] > cos.shape[-1])
+                or q.shape[0] != k.shape[0]
                 or cos.shape[0] not in (1, q.shape[0])):
             return orig(q, k, cos, sin, *args, **kwargs)
         tab_cos, tab_sin, rows, backend = table
@@ -306,8 +318,11 @@ def _fused_loss_forward(self, *args, **kwargs):
     keep = arguments.pop("logits_to_keep", arguments.pop("num_logits_to_keep", 0))
     if labels is None or not self.training or (keep != 0 if not torch.is_tensor(keep) else True):
         return orig(*args, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
+    moe = "output_router_logits" in sig.parameters  # (Mixtral: HF adds the router's load-balancing loss)
+    if moe and arguments.get("output_router_logits") is None:
+        arguments["output_router_logits"] = self.config.output_router_logits
     base = getattr(self, self.base_model_prefix)
     outputs = base(**arguments, **extra)
     h = outputs[0]  # last_hidden_state (B, T, D), after the final norm
@@ -320,5 +335,14 @@ def _fused_loss_forward(self, *args, **kwargs):
     loss = ops.linear_cross_entropy(h, head.weight, targets.to(h.device), head.bias, ignore_index=ignore_index,
                                     reduction="sum" if num_items is not None else "mean",
                                     backend=triton_only(self._fastlm_backend))
+    loss = _reduce(loss, num_items)
     rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
-    return CausalLMOutputWithPast(loss=_reduce(loss, num_items), logits=None, **rest)
+    if not moe:
+        return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+    aux = None
+    if arguments["output_router_logits"]:
+        balance = sys.modules[cls.__module__].load_balancing_loss_func
+        aux = balance(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
+                      arguments.get("attention_mask"))
+        loss = loss + self.router_aux_loss_coef * aux.to(loss.device)
+    return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=None, **rest)
