@@ -1,7 +1,9 @@
-"""SwiGLU activation benchmark: forward, backward, forward+backward.
+"""Gated activation benchmark (SwiGLU, GeGLU): forward, backward, forward+backward.
 
 The Llama MLP's activation silu(gate) * up on the stacked (rows, 2F) [gate | up] projection,
-bf16, rows 4k-32k tokens, F = 2816 (GPT-2-size MLP), 5632, 8192, 14336 (Llama-3-8B).
+bf16, rows 4k-32k tokens, F = 2816 (GPT-2-size MLP), 5632, 8192, 14336 (Llama-3-8B); and
+Gemma's GeGLU, gelu_tanh(gate) * up, at F = 9216 (Gemma-2-2B) and 16384 (Gemma-7B), beside
+the same peers with gelu (Liger: LigerGELUMulFunction).  Rows carry act=swiglu|geglu.
 
 Reports achieved GB/s and % of the copy bandwidth measured in this run, beside:
   torch-eager      F.silu(gate) * up on the chunks in bf16 (what HF Llama runs)
@@ -33,38 +35,59 @@ SWEEP_BLOCKS = (256, 512, 1024, 2048, 4096)
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
+GEGLU_SHAPES = ((16384, 9216), (4096, 16384))
+
+
 def shapes(quick=False):
+    """(act, dtype, rows, F) of every measured case."""
     if quick:
-        return [(torch.bfloat16, 16384, 14336), (torch.bfloat16, 4096, 2816)]
-    return [(torch.bfloat16, rows, f) for rows in ROWS for f in WIDTHS]
+        return [("swiglu", torch.bfloat16, 16384, 14336), ("swiglu", torch.bfloat16, 4096, 2816),
+                ("geglu", torch.bfloat16, *GEGLU_SHAPES[0])]
+    return ([("swiglu", torch.bfloat16, rows, f) for rows in ROWS for f in WIDTHS]
+            + [("geglu", torch.bfloat16, rows, f) for rows, f in GEGLU_SHAPES])
 
 
 def nbytes(rows, f, esize, mode):
     return {"fwd": 3, "bwd": 5, "fwd+bwd": 8}[mode] * rows * f * esize
 
 
-def make_impls():
-    """name -> (layout, f(*inputs) -> out) or a 'skipped: why' string.
+def make_impls(act="swiglu"):
+    """name -> (layout, f(*inputs) -> out) or a 'skipped: why' string, for act "swiglu" or
+    "geglu" (gelu's tanh approximation, as Gemma and Liger).
 
     layout "stacked": inputs = (x,) with x (rows, 2F); "split": inputs = (gate, up), each a
     contiguous (rows, F) tensor (what Liger expects)."""
+    if act == "swiglu":
+        ours, activation = fastlm.ops.swiglu, F.silu
+        ref = reference.swiglu
+        liger_mod, liger_fn = "liger_kernel.ops.swiglu", "LigerSiLUMulFunction"
+    else:
+        def ours(x, up=None, backend=None):
+            return fastlm.ops.geglu(x, up, approximate="tanh", backend=backend)
+
+        def activation(g):
+            return F.gelu(g, approximate="tanh")
+
+        def ref(x):
+            return reference.geglu(x, approximate="tanh")
+        liger_mod, liger_fn = "liger_kernel.ops.geglu", "LigerGELUMulFunction"
 
     def eager(x):
         g, u = x.chunk(2, -1)
-        return F.silu(g) * u
+        return activation(g) * u
 
     impls = {
-        "fastlm-triton": ("stacked", lambda x: fastlm.ops.swiglu(x, backend="triton")),
-        "fastlm-triton-split": ("split", lambda g, u: fastlm.ops.swiglu(g, u, backend="triton")),
+        "fastlm-triton": ("stacked", lambda x: ours(x, backend="triton")),
+        "fastlm-triton-split": ("split", lambda g, u: ours(g, u, backend="triton")),
         "torch-eager": ("stacked", eager),
-        "reference-eager": ("stacked", reference.swiglu),
-        "torch-compile": ("stacked", compiled(reference.swiglu)),
+        "reference-eager": ("stacked", ref),
+        "torch-compile": ("stacked", compiled(ref)),
     }
-    liger = optional_module("liger_kernel.ops.swiglu")
+    liger = optional_module(liger_mod)
     if liger is None:
         impls["liger"] = "skipped: not installed"
     else:
-        impls["liger"] = ("split", lambda g, u: liger.LigerSiLUMulFunction.apply(g, u))
+        impls["liger"] = ("split", lambda g, u: getattr(liger, liger_fn).apply(g, u))
     return impls
 
 
@@ -113,14 +136,14 @@ def main(argv=None):
     res = Results("activation", args.out)
     copy_bw = copy_bandwidth_gbs()
     res.add(impl="device", metric="copy_bandwidth_GBps", value=copy_bw)
-    impls = make_impls()
-    for dtype, rows, f in shapes(args.quick):
+    impls = {act: make_impls(act) for act in ("swiglu", "geglu")}
+    for act, dtype, rows, f in shapes(args.quick):
         x = torch.randn(rows, 2 * f, device="cuda", dtype=dtype) * 3
         split = tuple(t.contiguous() for t in x.chunk(2, -1))
         for mode in MODES:
-            base = dict(dtype=str(dtype).split(".")[-1], rows=rows, F=f, mode=mode)
+            base = dict(act=act, dtype=str(dtype).split(".")[-1], rows=rows, F=f, mode=mode)
             times = {}
-            for name, impl in impls.items():
+            for name, impl in impls[act].items():
                 if isinstance(impl, str):
                     res.skipped(name, impl.split(": ", 1)[1], **base)
                     continue

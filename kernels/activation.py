@@ -1,4 +1,7 @@
-"""SwiGLU activation, forward and backward, in Triton: out = silu(gate) * up.
+"""Gated activations, forward and backward, in Triton: out = act(gate) * up, with act silu
+(SwiGLU: Llama, Mistral, Qwen), gelu's tanh approximation (GeGLU: Gemma's
+gelu_pytorch_tanh) or the exact erf gelu (GeGLU as torch's F.gelu).  The activation is a
+constexpr: each is its own compiled kernel, and everything below holds for all three.
 
 Both kernels are pure elementwise streams, so the floor is memory traffic (T = element size,
 M rows, F = the width of gate/up):
@@ -41,14 +44,37 @@ import triton
 import triton.language as tl
 
 from fastlm.kernels import cdiv, next_pow2, on_tensor_device
+from fastlm.kernels.attention import _tanh
 
 # Largest column tile of one program (a power of two); see the module docstring.
 MAX_BLOCK = 1024
 MAX_COL_TILES = 65535  # CUDA grid axis-1 limit
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}  # -> the kernels' ACT constexpr
+
 
 
 @triton.jit
-def _swiglu_fwd_kernel(
+def _act(g, ACT: tl.constexpr):
+    """(act(g), d act / dg) in fp32; the derivative is dead code in the forward kernel."""
+    if ACT == 0:  # silu: g * sigmoid(g); exp overflow to inf gives s = 0 exactly
+        s = 1.0 / (1.0 + tl.exp(-g))
+        a = g * s
+        da = s * (1.0 + g * (1.0 - s))  # s + g s (1 - s)
+    # (the constants are literals: the compiler reads only constexpr globals, which the
+    # interpreter cannot multiply with a tensor)
+    elif ACT == 1:  # gelu, tanh approximation: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
+        t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+        a = 0.5 * g * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+    else:  # gelu: 0.5 g (1 + erf(g / sqrt 2)); d/dg = cdf + g * exp(-g^2 / 2) / sqrt(2 pi)
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        a = g * cdf
+        da = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
+    return a, da
+
+
+@triton.jit
+def _glu_fwd_kernel(
     G,  # *T   gate, (M, F), row stride stride_g, unit column stride
     U,  # *T   up, (M, F), row stride stride_u, unit column stride (may share G's storage)
     Y,  # *T   output silu(gate) * up, (M, F), row stride stride_y
@@ -56,6 +82,7 @@ def _swiglu_fwd_kernel(
     stride_u,
     stride_y,
     F,  # columns of gate / up / out
+    ACT: tl.constexpr,  # the activation, see ACTIVATIONS
     BLOCK: tl.constexpr,  # columns per program (power of two), see launch_config
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride may exceed 2^31
@@ -63,13 +90,12 @@ def _swiglu_fwd_kernel(
     mask = cols < F
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    s = 1.0 / (1.0 + tl.exp(-g))  # sigmoid; exp overflow to inf gives s = 0 exactly
-    y = g * s * u
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    a, _ = _act(g, ACT)
+    tl.store(Y + row * stride_y + cols, (a * u).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(
+def _glu_bwd_kernel(
     DY,  # *T  grad of the output, (M, F), row stride stride_dy (0 for a broadcast row)
     G,  # *T   gate (saved input), (M, F), row stride stride_g
     U,  # *T   up (saved input), (M, F), row stride stride_u
@@ -81,6 +107,7 @@ def _swiglu_bwd_kernel(
     stride_dg,
     stride_du,
     F,
+    ACT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -89,10 +116,9 @@ def _swiglu_bwd_kernel(
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    s = 1.0 / (1.0 + tl.exp(-g))
-    # d silu(g) / dg = s + g s (1 - s) = s (1 + g (1 - s))
-    dg = dy * u * s * (1.0 + g * (1.0 - s))
-    du = dy * g * s
+    a, da = _act(g, ACT)
+    dg = dy * u * da
+    du = dy * a
     tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + row * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
 
@@ -148,11 +174,19 @@ def _check_out(t, like, name):
     return t
 
 
+def _act_id(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
 @on_tensor_device
-def swiglu_fwd(x, up=None, out=None):
-    """silu(gate) * up.  Stacked: x (..., 2F), up None.  Split: x = gate (..., F), up (..., F).
+def swiglu_fwd(x, up=None, out=None, activation="silu"):
+    """act(gate) * up (act: see ACTIVATIONS; silu by default).  Stacked: x (..., 2F), up None.
+    Split: x = gate (..., F), up (..., F).
 
     Returns out (..., F) in x's dtype; `out` may be given (contiguous, right shape and dtype)."""
+    act = _act_id(activation)
     if x.shape[-1] == 0:
         raise ValueError(f"swiglu: x must have a non-empty last dim, got shape {tuple(x.shape)}")
     g2, u2, M, F = _split_input(x, up)
@@ -161,18 +195,19 @@ def swiglu_fwd(x, up=None, out=None):
     if M == 0:
         return out
     block, num_warps = launch_config(F, x.element_size())
-    _swiglu_fwd_kernel[_grid(M, F, block)](
-        g2, u2, out.view(M, F), _row_stride(g2), _row_stride(u2), F, F, BLOCK=block, num_warps=num_warps,
+    _glu_fwd_kernel[_grid(M, F, block)](
+        g2, u2, out.view(M, F), _row_stride(g2), _row_stride(u2), F, F, ACT=act, BLOCK=block, num_warps=num_warps,
     )
     return out
 
 
 @on_tensor_device
-def swiglu_bwd(dy, x, up=None, dx=None, dup=None):
-    """Gradients of silu(gate) * up given dy (..., F), from one kernel.
+def swiglu_bwd(dy, x, up=None, dx=None, dup=None, activation="silu"):
+    """Gradients of act(gate) * up given dy (..., F), from one kernel.
 
     Stacked (up None): returns (dx (..., 2F) = [dgate | dup], empty).
     Split: returns (dgate (..., F), dup (..., F)).  Outputs may be given (contiguous)."""
+    act = _act_id(activation)
     if x.shape[-1] == 0:
         raise ValueError(f"swiglu: x must have a non-empty last dim, got shape {tuple(x.shape)}")
     g2, u2, M, F = _split_input(x, up)
@@ -192,9 +227,9 @@ def swiglu_bwd(dy, x, up=None, dx=None, dup=None):
         return dx, dup
     dy2 = _rows2d(dy, M)
     block, num_warps = launch_config(F, x.element_size())
-    _swiglu_bwd_kernel[_grid(M, F, block)](
+    _glu_bwd_kernel[_grid(M, F, block)](
         dy2, g2, u2, dg2, du2,
         _row_stride(dy2), _row_stride(g2), _row_stride(u2), _row_stride(dg2), _row_stride(du2), F,
-        BLOCK=block, num_warps=num_warps,
+        ACT=act, BLOCK=block, num_warps=num_warps,
     )
     return dx, dup

@@ -1,4 +1,4 @@
-"""SwiGLU activation: the Triton kernels (interpreter on CPU) vs the float64 reference."""
+"""Gated activations (SwiGLU, GeGLU): the Triton kernels (interpreter on CPU) vs the float64 reference."""
 import pytest
 import torch
 
@@ -27,14 +27,26 @@ def _fwd_bwd(fn, inputs, dy, cast):
     return y.detach(), grads
 
 
-def _check(inputs, dy, backend, names=None, view=None):
+GELUS = {"none": "gelu", "tanh": "gelu_tanh"}  # geglu's approximate -> reference.gated's activation
+
+
+def _check(inputs, dy, backend, names=None, view=None, gelu=None):
     """Forward + backward of the op vs the fp64 reference, with the same-dtype baseline.
 
     view(*leaves) -> the op's arguments (default: the leaves themselves), e.g. strided views
-    of a bigger leaf; gradients are then checked on the leaves."""
+    of a bigger leaf; gradients are then checked on the leaves.  gelu: None checks swiglu,
+    else geglu with that approximate ("none" | "tanh")."""
     view = view or (lambda *a: a)
-    y, g = _fwd_bwd(lambda *a: fastlm.ops.swiglu(*view(*a), backend=backend), inputs, dy, lambda t: t)
-    ref = lambda *a: reference.swiglu(*view(*a))  # noqa: E731
+    if gelu is None:
+        op, act = lambda *a: fastlm.ops.swiglu(*a, backend=backend), "silu"
+    else:
+        op, act = lambda *a: fastlm.ops.geglu(*a, approximate=gelu, backend=backend), GELUS[gelu]
+    y, g = _fwd_bwd(lambda *a: op(*view(*a)), inputs, dy, lambda t: t)
+
+    def ref(*a):
+        args = view(*a)
+        return reference.gated(args[0], args[1] if len(args) > 1 else None, act)
+
     y64, g64 = _fwd_bwd(ref, inputs, dy, lambda t: t.double())
     # Same-dtype PyTorch baseline: the reference on the input dtype (fp32 math, one rounding).
     yl, gl = _fwd_bwd(ref, inputs, dy, lambda t: t)
@@ -54,6 +66,34 @@ def _check(inputs, dy, backend, names=None, view=None):
 def test_forward_backward(form, dtype, F, rows):
     inputs = _inputs(form, (rows,), F, dtype)
     _check(inputs, torch.randn(rows, F, dtype=dtype, device=DEVICE), "triton")
+
+
+@pytest.mark.parametrize("gelu", ["none", "tanh"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("F", [7, 129])
+@pytest.mark.parametrize("rows", [0, 3])
+def test_geglu_forward_backward(gelu, form, dtype, F, rows):
+    inputs = _inputs(form, (rows,), F, dtype)
+    _check(inputs, torch.randn(rows, F, dtype=dtype, device=DEVICE), "triton", gelu=gelu)
+
+
+def test_geglu_is_torchs_gelu_times_up():
+    # the definitions themselves: torch's F.gelu (erf / tanh) times up, e.g. HF's
+    # gelu_pytorch_tanh MLPs (Gemma); and reference.geglu is the same
+    g, u = torch.randn(5, 40, device=DEVICE) * 3, torch.randn(5, 40, device=DEVICE)
+    for approximate in ("none", "tanh"):
+        want = torch.nn.functional.gelu(g, approximate=approximate) * u
+        for backend in ("triton", "reference"):
+            got = fastlm.ops.geglu(g, u, approximate=approximate, backend=backend)
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(reference.geglu(torch.cat([g, u], -1), approximate=approximate), want)
+    with pytest.raises(ValueError, match="geglu: approximate must be 'none' or 'tanh'"):
+        fastlm.ops.geglu(g, u, approximate="erf")
+    with pytest.raises(ValueError, match="geglu: x without up must be stacked"):
+        fastlm.ops.geglu(torch.randn(3, 5, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        torch.ops.fastlm.swiglu(g, u, "triton", "relu")
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -79,8 +119,9 @@ def test_extreme_gate_values():
     # exp(-g) overflows to inf for g << 0: sigmoid must be exactly 0 there, not NaN.
     g = torch.tensor([[-200.0, -90.0, -20.0, -1.2785, 0.0, 1e-4, 20.0, 90.0, 200.0]], device=DEVICE)
     u = torch.randn_like(g)
-    _check((g, u), torch.randn_like(g), "triton")
-    _check((torch.cat([g, u], -1),), torch.randn_like(g), "triton")
+    for gelu in (None, "none", "tanh"):  # (gelu: erf and exp(-g^2 / 2) saturate; tanh's cube overflows to inf)
+        _check((g, u), torch.randn_like(g), "triton", gelu=gelu)
+        _check((torch.cat([g, u], -1),), torch.randn_like(g), "triton", gelu=gelu)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -213,6 +254,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastlm.swiglu_backward.default, (dy, g.detach(), u.detach(), "triton"))
     torch.library.opcheck(torch.ops.fastlm.swiglu_backward.default,
                           (dy[:, :1].expand(3, 5, 37), g.detach(), u.detach(), "triton"))
+    for act in ("gelu", "gelu_tanh"):
+        torch.library.opcheck(torch.ops.fastlm.swiglu.default, (g, u, "triton", act))
+        torch.library.opcheck(torch.ops.fastlm.swiglu.default, (x, None, "triton", act))
+        torch.library.opcheck(torch.ops.fastlm.swiglu_backward.default, (dy, g.detach(), u.detach(), "triton", act))
 
 
 def test_torch_compile_fullgraph():
@@ -343,6 +388,16 @@ def test_torch_ops_check_their_inputs():
 def test_gpu_large(form, dtype, shape):
     *lead, F = shape
     _check(_inputs(form, tuple(lead), F, dtype), torch.randn(*lead, F, dtype=dtype, device=DEVICE), "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gelu", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4096, 16384), (1000, 2817)])  # Gemma-2-2B's MLP width, a ragged one
+def test_gpu_large_geglu(gelu, dtype, shape):
+    *lead, F = shape
+    _check(_inputs("stacked", tuple(lead), F, dtype), torch.randn(*lead, F, dtype=dtype, device=DEVICE), "triton",
+           gelu=gelu)
 
 
 @pytest.mark.gpu

@@ -407,13 +407,13 @@ def _ce_case(V, dtype, *, fused_grad, rows=4096, target_dtype=None, options=Fals
     return f"V={V} {_dt(dtype)}" + (" fused-grad" if fused_grad else "") + (" options" if options else ""), run
 
 
-def _swiglu_case(F, dtype, *, stacked, rows=8192):
+def _swiglu_case(F, dtype, *, stacked, rows=8192, activation="silu"):
     def run(k, arch):
         x = _t(rows, 2 * F, dtype=dtype)
         args = (x, None) if stacked else tuple(x.chunk(2, -1))
-        k["activation"].swiglu_fwd(*args)
-        k["activation"].swiglu_bwd(_t(rows, F, dtype=dtype), *args)
-    return f"swiglu F={F} {_dt(dtype)} {'stacked' if stacked else 'split'}", run
+        k["activation"].swiglu_fwd(*args, activation=activation)
+        k["activation"].swiglu_bwd(_t(rows, F, dtype=dtype), *args, activation=activation)
+    return f"{activation} glu F={F} {_dt(dtype)} {'stacked' if stacked else 'split'}", run
 
 
 def _gemv_case(M, N, K, dtype, *, norm, residual, swiglu, bias=False, nw_dtype=None):
@@ -546,6 +546,8 @@ def _cases(full):
     # ---- activation: the presets' widths (stacked, bf16), a 1-warp tile, the split form in fp32
     for F, dt, stacked in ((8192, bf16, True), (2816, fp16, True), (100, bf16, True), (1000, fp32, False)):
         add("activation", both if F == 8192 or full else h100, _swiglu_case(F, dt, stacked=stacked))
+    for act in ("gelu_tanh", "gelu"):  # GeGLU at Gemma-2-2B's width
+        add("activation", h100, _swiglu_case(9216, bf16, stacked=True, activation=act))
 
     # ---- gemv (decode-step linear layers, every autotune config): llama-3.2-1b's norm + qkv and
     # norm + w_in + swiglu at batch 1, w_out at batch 4; GPT-2's LayerNorm + qkv with bias at 16 rows

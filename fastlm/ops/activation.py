@@ -1,10 +1,11 @@
-"""SwiGLU activation op: ``swiglu(x, up=None)`` = silu(gate) * up, one kernel each way.
+"""Gated activation ops, one kernel each way: ``swiglu(x, up=None)`` = silu(gate) * up and
+``geglu(x, up=None, approximate=...)`` = gelu(gate) * up (erf or tanh gelu).
 
 Forms:
   stacked  up is None: x (..., 2F) = [gate | up] along the last dim (the Llama MLP's fused
            w_in projection) -> (..., F); the backward writes one (..., 2F) gradient.
   split    x is the gate (..., F), up the same shape -> (..., F); two gradients.
-Only the input is saved for the backward (silu is recomputed), instead of the sigmoid/silu
+Only the input is saved for the backward (the activation is recomputed), instead of the
 intermediates eager PyTorch keeps.
 
 Backends:
@@ -12,9 +13,10 @@ Backends:
   "reference" fastlm.reference.activation (plain PyTorch autograd; the CPU path)
 The kernel backend runs through the torch ops ``torch.ops.fastlm.swiglu`` and
 ``torch.ops.fastlm.swiglu_backward`` (custom ops with fake implementations and a registered
-backward), so it works with opcheck, torch.compile(fullgraph=True) and CUDA graphs.  The
-torch ops are public and check their inputs themselves; ``swiglu`` checks only what they
-cannot (Python types, the reference path's inputs), so nothing is checked twice.
+backward; their last argument, the activation "silu" | "gelu_tanh" | "gelu", defaults to
+silu), so it works with opcheck, torch.compile(fullgraph=True) and CUDA graphs.  The
+torch ops are public and check their inputs themselves; ``swiglu`` / ``geglu`` check only
+what they cannot (Python types, the reference path's inputs), so nothing is checked twice.
 """
 import torch
 
@@ -35,23 +37,23 @@ def _kernels(backend):
     return k
 
 
-def _check_inputs(x, up, dtypes):
-    """The forward's checks, for both backends; messages name the argument."""
+def _check_inputs(x, up, dtypes, op="swiglu"):
+    """The forward's checks, for both backends; messages name the argument (and op)."""
     check_tensor(x, "x", dtypes=dtypes, min_ndim=1)
     if x.shape[-1] == 0:
-        raise ValueError(f"swiglu: x must have a non-empty last dim, got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: x must have a non-empty last dim, got shape {tuple(x.shape)}")
     if up is None:
         if x.shape[-1] % 2:
             raise ValueError(
-                f"swiglu: x without up must be stacked [gate | up] with an even last dim, got shape {tuple(x.shape)}"
+                f"{op}: x without up must be stacked [gate | up] with an even last dim, got shape {tuple(x.shape)}"
             )
         return
     check_tensor(up, "up", dtypes=dtypes)
     check_same_device(x, "x", up=up)
     if up.dtype != x.dtype:
-        raise TypeError(f"swiglu: up must have x's (the gate's) dtype {x.dtype}, got {up.dtype}")
+        raise TypeError(f"{op}: up must have x's (the gate's) dtype {x.dtype}, got {up.dtype}")
     if up.shape != x.shape:
-        raise ValueError(f"swiglu: up must have the shape of x (the gate) {tuple(x.shape)}, got {tuple(up.shape)}")
+        raise ValueError(f"{op}: up must have the shape of x (the gate) {tuple(x.shape)}, got {tuple(up.shape)}")
 
 
 def _check_backward(dy, x, up):
@@ -74,50 +76,51 @@ def _check_backward(dy, x, up):
 
 # ---------------------------------------------------------------------------- torch ops
 @fast_op("fastlm::swiglu")
-def _swiglu_op(x: torch.Tensor, up: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """-> silu(gate) * up, (..., F) in x's dtype."""
+def _swiglu_op(x: torch.Tensor, up: torch.Tensor | None, backend: str, activation: str = "silu") -> torch.Tensor:
+    """-> act(gate) * up, (..., F) in x's dtype; activation "silu" | "gelu_tanh" | "gelu"."""
     k = _kernels(backend)
-    _check_inputs(x, up, KERNEL_DTYPES)
-    return k.swiglu_fwd(x, up)
+    _check_inputs(x, up, KERNEL_DTYPES, "swiglu" if activation == "silu" else "geglu")
+    return k.swiglu_fwd(x, up, activation=activation)
 
 
 @fast_op("fastlm::swiglu_backward")
 def _swiglu_backward_op(
-    dy: torch.Tensor, x: torch.Tensor, up: torch.Tensor | None, backend: str
+    dy: torch.Tensor, x: torch.Tensor, up: torch.Tensor | None, backend: str, activation: str = "silu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx, dup): stacked: dx (..., 2F) = [dgate | dup] and an empty dup; split: dgate, dup."""
     k = _kernels(backend)
     _check_backward(dy, x, up)
-    return tuple(k.swiglu_bwd(dy, x, up))
+    return tuple(k.swiglu_bwd(dy, x, up, activation=activation))
 
 
 # The fakes are also the ops' Meta kernels, which a meta tensor among real ones dispatches to
 # instead of the op's body: they check the devices, or such a call would return empty tensors.
 @_swiglu_op.register_fake
-def _(x, up, backend):
+def _(x, up, backend, activation="silu"):
     check_same_device(x, "x", up=up)
     F = x.shape[-1] // 2 if up is None else x.shape[-1]
     return x.new_empty((*x.shape[:-1], F))
 
 
 @_swiglu_backward_op.register_fake
-def _(dy, x, up, backend):
+def _(dy, x, up, backend, activation="silu"):
     check_same_device(x, "x", dy=dy, up=up)
     dup = x.new_empty(0) if up is None else torch.empty_like(up, memory_format=torch.contiguous_format)
     return torch.empty_like(x, memory_format=torch.contiguous_format), dup
 
 
 def _setup(ctx, inputs, output):
-    x, up, backend = inputs
+    x, up, backend, *activation = inputs
     ctx.backend = backend
+    ctx.activation = activation[0] if activation else "silu"
     ctx.has_up = up is not None
     ctx.save_for_backward(x, up)
 
 
 def _backward(ctx, dy):
     x, up = ctx.saved_tensors
-    dx, dup = _swiglu_backward_op(dy, x, up, ctx.backend)
-    return dx, (dup if ctx.has_up else None), None
+    dx, dup = _swiglu_backward_op(dy, x, up, ctx.backend, ctx.activation)
+    return dx, (dup if ctx.has_up else None), None, None
 
 
 _swiglu_op.register_autograd(_backward, setup_context=_setup)
@@ -131,6 +134,22 @@ def swiglu(x, up=None, *, backend=None):
     returns (..., F).  Otherwise x is the gate and up has its shape and dtype.
     fp32/fp16/bf16 (float64 on the reference backend).  backend: "triton" | "reference" | None.
     """
+    return _gated("swiglu", "silu", x, up, backend)
+
+
+GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}  # F.gelu's approximate -> the kernels' activation
+
+
+def geglu(x, up=None, *, approximate="none", backend=None):
+    """gelu(gate) * up (GeGLU), computed in fp32, returned in x's dtype; the forms, dtypes and
+    backends as swiglu's.  approximate: as torch's F.gelu, "none" (erf) or "tanh" (Gemma's
+    gelu_pytorch_tanh, Liger-Kernel's GeGLU)."""
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"geglu: approximate must be 'none' or 'tanh' (as torch's F.gelu), got {approximate!r}")
+    return _gated("geglu", GELU_APPROXIMATIONS[approximate], x, up, backend)
+
+
+def _gated(op, activation, x, up, backend):
     # The choice reads x's dtype; the op's schema would reject a non-tensor too, but as a RuntimeError.
     check_tensor(x, "x", dtypes=None)
     if up is not None:
@@ -138,8 +157,8 @@ def swiglu(x, up=None, *, backend=None):
     if backend is None and x.dtype == torch.float64:
         b = "reference"  # the kernels are fp32/fp16/bf16
     else:
-        b = _backend.resolve(backend, x.device, SUPPORTED, PREFERRED, op="swiglu")
+        b = _backend.resolve(backend, x.device, SUPPORTED, PREFERRED, op=op)
     if b == "reference":
-        _check_inputs(x, up, _REFERENCE_DTYPES)
-        return reference.swiglu(x, up)
-    return _swiglu_op(x, up, b)  # checks the rest
+        _check_inputs(x, up, _REFERENCE_DTYPES, op)
+        return reference.gated(x, up, activation)
+    return _swiglu_op(x, up, b, activation)  # checks the rest

@@ -7,5 +7,5 @@ from fastlm.reference.rotary import apply_rotary  # noqa: F401
 from fastlm.reference.kv_cache import decode_attention, kv_cache_append  # noqa: F401
 from fastlm.reference.attention import attention  # noqa: F401
 from fastlm.reference.loss import cross_entropy, linear_cross_entropy  # noqa: F401
-from fastlm.reference.activation import swiglu  # noqa: F401
+from fastlm.reference.activation import geglu, gated, swiglu  # noqa: F401
 from fastlm.reference.linear import fused_linear  # noqa: F401
