@@ -13,7 +13,7 @@ from tolerances import assert_close
 
 transformers = pytest.importorskip("transformers", reason="the HF integration tests need transformers")
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "gemma", "gemma2", "gemma3"]
 
 
 def hf_model(family, seed=0, **over):
@@ -26,13 +26,23 @@ def hf_model(family, seed=0, **over):
                 "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
                 "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config),
                 "phi3": (transformers.Phi3ForCausalLM, transformers.Phi3Config),
-                "mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig)}[family]
+                "mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig),
+                "gemma": (transformers.GemmaForCausalLM, transformers.GemmaConfig),
+                "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config),
+                "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig)}[family]
     if family == "mistral":
         kw.setdefault("sliding_window", 64)  # longer than the test sequences: it cuts nothing
     if family == "qwen3":
         kw.setdefault("head_dim", 32)
     if family == "phi3":  # partial rotary: the first half of each head rotated, the rest passed through
         kw.setdefault("rope_parameters", dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
+    if family in ("gemma2", "gemma3"):
+        # alternating sliding-window (4 tokens) and full layers, a query scale that is not
+        # head_dim^-0.5; Gemma 2's attention and final-logit softcaps low enough to bend
+        kw.update(head_dim=16, query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention"])
+        kw.setdefault("sliding_window", 4)
+        if family == "gemma2":
+            kw.update(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
     if family == "mixtral":  # 4 experts, 2 per token, and the router's load-balancing loss in training
         kw.update(num_local_experts=4, num_experts_per_tok=2)
         kw.setdefault("output_router_logits", True)
@@ -47,7 +57,7 @@ def hf_model(family, seed=0, **over):
 
 def _spy(monkeypatch):
     calls = []
-    for name in ("rms_norm", "apply_rotary", "swiglu", "attention", "linear_cross_entropy", "cross_entropy"):
+    for name in ("rms_norm", "apply_rotary", "swiglu", "geglu", "attention", "linear_cross_entropy", "cross_entropy"):
         real = getattr(ops, name)
 
         def wrapper(*a, _real=real, _name=name, **k):
@@ -81,8 +91,8 @@ def test_patched_model_matches_hf(family, monkeypatch):
         m.eval()
     with torch.no_grad():
         out, r32, r64 = (m(tokens).logits for m in (model, ref, ref64))
-    expected = {"rms_norm", "apply_rotary", "attention"} | ({"swiglu"} if family != "mixtral" else set())
-    assert expected <= set(calls)  # (Mixtral's experts are HF's)
+    mlp = {"mixtral": set(), "gemma": {"geglu"}, "gemma2": {"geglu"}, "gemma3": {"geglu"}}.get(family, {"swiglu"})
+    assert {"rms_norm", "apply_rotary", "attention"} | mlp <= set(calls)  # (Mixtral's experts are HF's)
     assert_close(out, r64, r32, name=f"{family} logits")
 
     # eval with labels: HF's forward, the loss on ops.cross_entropy
@@ -144,7 +154,7 @@ def _spy_varlen(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("family,window", [("llama", None), ("qwen3", None), ("mistral", 3)])
+@pytest.mark.parametrize("family,window", [("llama", None), ("qwen3", None), ("mistral", 3), ("gemma2", 4)])
 def test_padded_batches_run_unpadded(family, window, monkeypatch):
     # left and right padding: each row's tokens run as one sequence of a varlen batch on
     # fastlm's kernel, and compute what HF's SDPA with the padding mask computes (the tokens'
@@ -155,13 +165,19 @@ def test_padded_batches_run_unpadded(family, window, monkeypatch):
     model = fastlm.apply_to_hf(copy.deepcopy(ref))
     tokens = torch.randint(1, 300, (3, 11), device=DEVICE)
     mask = torch.ones_like(tokens)
-    mask[0, :4] = 0  # left padding
+    if family != "gemma2":
+        mask[0, :4] = 0  # left padding
+    else:
+        # (HF's fp64 eager attention, Gemma 2's, turns a query that sees only padding (left
+        # padding, or right padding as long as the window) into NaN, which 0 * NaN then spreads)
+        mask[0, 9:] = 0
     mask[1, 8:] = 0  # right padding
     labels = tokens.masked_fill(mask == 0, -100)
     seen = _spy_varlen(monkeypatch)
     kw = dict(attention_mask=mask)
     loss, grads = _loss_and_grads(model, tokens, labels, **kw)
-    assert seen and all(cu is not None and cu.tolist() == [0, 7, 15, 26] for cu in seen)
+    want_cu = [0, *mask.sum(1).cumsum(0).tolist()]
+    assert seen and all(cu is not None and cu.tolist() == want_cu for cu in seen)
     loss32, grads32 = _loss_and_grads(ref, tokens, labels, **kw)
     loss64, grads64 = _loss_and_grads(ref64, tokens, labels, **kw)
     assert_close(loss, loss64, loss32, name="padded loss")
@@ -268,7 +284,7 @@ def test_restarting_positions_with_a_2d_mask_are_not_packing(family, window, mon
             assert "attention" in calls
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "mixtral", "gemma2", "gemma3"])
 def test_greedy_generation_matches_hf(family):
     ref = hf_model(family, seed=3).eval()
     model = fastlm.apply_to_hf(copy.deepcopy(ref))
@@ -293,11 +309,25 @@ def test_other_models_of_the_family_keep_hf_code(monkeypatch):
     assert calls == [] and torch.equal(before, after)
 
 
-def test_flags_and_errors():
+def test_flags_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="unsupported model type 'gpt2'"):
         fastlm.apply_to_hf(transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)))
-    with pytest.raises(ValueError, match="needs hidden_act 'silu'"):
-        fastlm.apply_to_hf(hf_model("llama", hidden_act="gelu"))
+    relu = hf_model("llama", hidden_act="relu")
+    with pytest.raises(ValueError, match="the MLP activation ReLU has no fused gated kernel"):
+        fastlm.apply_to_hf(relu)
+    assert "forward" not in vars(relu.model.layers[0].mlp)  # nothing patched before the error
+    fastlm.apply_to_hf(relu, swiglu=False, geglu=False)  # HF's MLP kept
+    assert "forward" not in vars(relu.model.layers[0].mlp) and "forward" in vars(relu.model.norm)
+    # the flags pick MLPs by their gate's activation: a Llama with an (erf) GELU gate runs geglu
+    ref = hf_model("llama", hidden_act="gelu").eval()
+    for flags, kernel in ((dict(), "geglu"), (dict(geglu=False), None)):
+        m = fastlm.apply_to_hf(copy.deepcopy(ref), **flags)
+        calls = _spy(monkeypatch)
+        tokens = torch.randint(1, 300, (1, 8), device=DEVICE)
+        with torch.no_grad():
+            torch.testing.assert_close(m(tokens).logits, ref(tokens).logits, rtol=1e-4, atol=1e-4)
+        assert ("geglu" in calls) == (kernel == "geglu") and "swiglu" not in calls
+        monkeypatch.undo()
     # everything off: the model is HF's own (forward untouched, attention implementation unchanged)
     m = hf_model("llama")
     impl = m.config._attn_implementation

@@ -6,16 +6,19 @@
 (the way Liger-Kernel's apply_liger_kernel_to_* is used; Transformer.from_hf instead converts a
 checkpoint to fastlm's own model.)  What it swaps in, each optional:
 
-  rms_norm    every RMSNorm module of the model (Qwen3's per-head q/k norms too) runs
-              ops.rms_norm: one kernel each way instead of eager's five.
+  rms_norm    every RMSNorm module of the model (Qwen3's and Gemma 3's per-head q/k norms too)
+              runs ops.rms_norm: one kernel each way instead of eager's five (Gemma's
+              norm(x) * (1 + w) as the op's fp32 weight 1 + w).
   rope        the attention layers' apply_rotary_pos_emb runs ops.apply_rotary (q and k in one
               launch) on the cos/sin tables this model's rotary module produced.  HF looks the
               function up in the modeling module, so the patch is module-wide, but it only takes
               the fused path for tables marked by a patched model's rotary module: other models
               of the same family in the process keep HF's own code.  Phi-3's partial rotary
               (partial_rotary_factor < 1) rotates the first dims and passes the rest, as HF.
-  swiglu      each MLP computes down(swiglu(gate(x), up(x))) (one kernel for silu(gate) * up;
-              Phi-3's fused gate_up_proj too).  Mixtral's experts keep HF's implementation.
+  swiglu      each MLP with a SiLU gate computes down(swiglu(gate(x), up(x))) (one kernel for
+              silu(gate) * up; Phi-3's fused gate_up_proj too).  Mixtral's experts stay HF's.
+  geglu       likewise each MLP with a GELU gate (Gemma's gelu_pytorch_tanh, or erf gelu):
+              down(geglu(gate(x), up(x))).
   attention   config._attn_implementation = "fastlm": ops.attention (causal, GQA, softcap,
               sliding windows; FA2-style forward and backward) for plain causal batches (where
               HF's SDPA path would use is_causal), padding-free packed batches (sequences
@@ -23,16 +26,19 @@ checkpoint to fastlm's own model.)  What it swaps in, each optional:
               sequences are found from position_ids, as HF's SDPA mask finds them), and padded
               training or prefill batches (left or right padding: each row's tokens are gathered
               into one varlen batch, as flash_attn's HF integration does; the padding's outputs
-              are 0).  A padding mask with holes inside a row, decode steps over a padded cache,
-              a cache with its own mask (static caches), dropout or a non-causal module fall back
-              to HF's own SDPA attention, so nothing is computed differently.
+              are 0).  A padding mask with holes inside a row, decode steps for which HF builds
+              a mask (a padded batch, a window shorter than the cache; plain decode steps need
+              none and run the kernel), a cache with its own mask (static caches), dropout or a
+              non-causal module fall back to HF's own SDPA attention (its eager attention for a
+              softcap, which SDPA lacks), so nothing is computed differently.
   loss        in training mode, a forward with labels computes the lm_head and the next-token
               cross-entropy together (ops.linear_cross_entropy: the (tokens x vocab) logits are
               never materialized) and returns logits=None, as Liger's fused loss does; in eval
               mode (or without labels) the forward is HF's, and a loss over its logits uses
               ops.cross_entropy (no fp32 copy of the logits).  HF's semantics are kept: labels
               shifted inside, -100 ignored, shift_labels and num_items_in_batch (sum / count,
-              for gradient accumulation) honoured.
+              for gradient accumulation) honoured; Gemma 2's final_logit_softcapping applied
+              inside the fused loss; Mixtral's router load-balancing loss added.
 
 The kernel backend follows ``backend`` ("triton" | "cuda" | "reference" | None = best available).
 """
@@ -48,15 +54,22 @@ from fastlm import ops
 from fastlm.models.transformer import triton_only  # "cuda" -> None for the ops without a CUDA C++ kernel
 
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
-            "mixtral": "Mixtral"}
+            "mixtral": "Mixtral", "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
 PARTIAL_ROTARY = ("phi3",)  # families whose apply_rotary_pos_emb rotates cos.shape[-1] <= head_dim dims
+OFFSET_NORM = ("gemma", "gemma2", "gemma3_text")  # RMSNorm scaling by (1 + weight), in fp32
+# HF activation name (ACT2FN) -> (the apply_to_hf flag that patches it, the gated kernel's activation).
+# An MLP's activation is recognised by the class of its act_fn module, whatever config field named it.
+MLP_ACTIVATIONS = {"silu": ("swiglu", "silu"), "swish": ("swiglu", "silu"), "gelu": ("geglu", "gelu"),
+                   "gelu_pytorch_tanh": ("geglu", "gelu_tanh"), "gelu_new": ("geglu", "gelu_tanh"),
+                   "gelu_fast": ("geglu", "gelu_tanh")}
 ATTENTION = "fastlm"  # the attn_implementation name registered with transformers
 
 
-def apply_to_hf(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, loss=True, backend=None):
-    """Patch an HF causal LM (or its base model) of the Llama, Mistral, Qwen2, Qwen3, Phi-3 or
-    Mixtral family in place to run on fastlm's kernels (see the module docstring); returns the
-    model."""
+def apply_to_hf(model, *, rms_norm=True, rope=True, swiglu=True, geglu=True, attention=True, loss=True,
+                backend=None):
+    """Patch an HF causal LM (or its base model) of the Llama, Mistral, Qwen2, Qwen3, Phi-3,
+    Mixtral, Gemma, Gemma 2 or Gemma 3 (text) family in place to run on fastlm's kernels (see the
+    module docstring); returns the model.  swiglu / geglu: the MLPs with a SiLU / GELU gate."""
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None)
     if family not in FAMILIES:
@@ -64,19 +77,21 @@ def apply_to_hf(model, *, rms_norm=True, rope=True, swiglu=True, attention=True,
                          f"fastlm patches {sorted(FAMILIES)}")
     modeling = sys.modules[type(model).__module__]
     prefix = FAMILIES[family]
-    if swiglu and getattr(config, "hidden_act", None) not in ("silu", "swish"):
-        raise ValueError(f"apply_to_hf: swiglu=True needs hidden_act 'silu', the model has {config.hidden_act!r}")
+    mlps = _gated_mlps(model, getattr(modeling, f"{prefix}MLP", None), dict(swiglu=swiglu, geglu=geglu))
     # Instance forwards are methods bound to their module (a deepcopy rebinds them to the copy;
     # torch.compile traces them), the backend an attribute of the module.
-    patches = ((rms_norm, "RMSNorm", _rms_norm_forward), (swiglu, "MLP", _mlp_forward),
+    patches = ((rms_norm, "RMSNorm", _offset_rms_norm_forward if family in OFFSET_NORM else _rms_norm_forward),
                (rope, "RotaryEmbedding", _rotary_emb_forward))
     for on, cls_name, forward in patches:
-        cls = getattr(modeling, f"{prefix}{cls_name}", None)  # (Mixtral has no dense MLP: its experts stay HF's)
-        if on and cls is not None:
+        cls = getattr(modeling, f"{prefix}{cls_name}")
+        if on:
             for m in model.modules():
                 if isinstance(m, cls):
                     m._fastlm_backend = backend
                     m.forward = types.MethodType(forward, m)
+    for m, activation in mlps:
+        m._fastlm_backend, m._fastlm_activation = backend, activation
+        m.forward = types.MethodType(_mlp_forward, m)
     if rope:
         _patch_rope_function(modeling, partial=family in PARTIAL_ROTARY)
     if attention:
@@ -99,15 +114,48 @@ def apply_to_hf(model, *, rms_norm=True, rope=True, swiglu=True, attention=True,
 
 
 # ------------------------------------------------------------------------------ norms, MLP
+def _gated_mlps(model, cls, flags):
+    """[(MLP module, kernel activation)] to patch, those whose gate activation's flag is on (no
+    dense MLP class: none, e.g. Mixtral's experts).  An activation without a kernel is an error
+    unless both flags are off (checked before anything is patched)."""
+    if cls is None or not any(flags.values()):
+        return []
+    from transformers.activations import ACT2FN
+
+    by_class = {type(ACT2FN[name]): spec for name, spec in MLP_ACTIVATIONS.items()}
+    out = []
+    for m in model.modules():
+        if isinstance(m, cls):
+            fn = getattr(m, "act_fn", None) or getattr(m, "activation_fn", None)
+            flag, activation = by_class.get(type(fn), (None, None))
+            if flag is None:
+                raise ValueError(f"apply_to_hf: the MLP activation {type(fn).__name__} has no fused gated kernel "
+                                 f"(fastlm has {sorted(MLP_ACTIVATIONS)}); pass swiglu=False, geglu=False to keep "
+                                 "HF's MLP")
+            if flags[flag]:
+                out.append((m, activation))
+    return out
+
+
 def _rms_norm_forward(self, x):
     return ops.rms_norm(x, self.weight, eps=self.variance_epsilon, backend=self._fastlm_backend)
 
 
+def _offset_rms_norm_forward(self, x):
+    # Gemma: norm(x) * (1 + w) in fp32, rounded once (the op's fp32 weight path)
+    return ops.rms_norm(x, 1.0 + self.weight.float(), eps=self.eps, backend=self._fastlm_backend)
+
+
 def _mlp_forward(self, x):
     backend = triton_only(self._fastlm_backend)
+    act = self._fastlm_activation
+    if act == "silu":
+        gated = ops.swiglu
+    else:
+        gated = functools.partial(ops.geglu, approximate="tanh" if act == "gelu_tanh" else "none")
     if hasattr(self, "gate_up_proj"):  # Phi-3: one projection to [gate | up]
-        return self.down_proj(ops.swiglu(self.gate_up_proj(x), backend=backend))
-    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
+        return self.down_proj(gated(self.gate_up_proj(x), backend=backend))
+    return self.down_proj(gated(self.gate_proj(x), self.up_proj(x), backend=backend))
 
 
 # ------------------------------------------------------------------------------ rotary
@@ -232,7 +280,12 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     elif marker == "padding" and attention_mask.shape[0] == B:
         idx, cu = attention_mask._fastlm_unpad
     if marker != "no-packing" and cu is None:
-        # rows with holes, a cache with its own mask, dropout, ...: HF's SDPA attention
+        # rows with holes, a cache with its own mask, dropout, ...: HF's SDPA attention, or with
+        # a softcap (Gemma 2), which SDPA lacks, the model's own eager attention
+        if softcap:
+            eager = sys.modules[type(module).__module__].eager_attention_forward
+            return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                         sliding_window=sliding_window, softcap=softcap, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
@@ -334,6 +387,7 @@ def _fused_loss_forward(self, *args, **kwargs):
     head = self.get_output_embeddings()
     loss = ops.linear_cross_entropy(h, head.weight, targets.to(h.device), head.bias, ignore_index=ignore_index,
                                     reduction="sum" if num_items is not None else "mean",
+                                    softcap=getattr(self.config, "final_logit_softcapping", None),  # (Gemma 2)
                                     backend=triton_only(self._fastlm_backend))
     loss = _reduce(loss, num_items)
     rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
