@@ -407,3 +407,20 @@ def test_gradient_checkpointing():
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     for n, g in want_grads.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5)
+
+
+def test_base_model_and_other_heads(monkeypatch):
+    # the base model alone, and a sequence-classification model of the family, patch the same
+    # way (no lm_head: no loss patch) and compute what HF computes
+    full = hf_model("qwen2", seed=11).eval()
+    tokens = torch.randint(1, 300, (2, 9), device=DEVICE)
+    base = fastlm.apply_to_hf(copy.deepcopy(full.model))
+    cls = transformers.Qwen2ForSequenceClassification(full.config).to(DEVICE).eval()
+    patched_cls = fastlm.apply_to_hf(copy.deepcopy(cls))
+    assert "forward" not in vars(patched_cls)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(base(tokens).last_hidden_state, full.model(tokens).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(patched_cls(tokens).logits, cls(tokens).logits, rtol=1e-4, atol=1e-4)
+    assert {"rms_norm", "apply_rotary", "swiglu", "attention"} <= set(calls)
