@@ -1,0 +1,180 @@
+"""fastlm.integrations.flash_attn: flash-attn's functions, called the way flash-attn code calls
+them (positional arguments in flash-attn's order, its defaults), against an independent float64
+implementation of flash-attn's documented semantics; and errors for what fastlm lacks."""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from fastlm.integrations import flash_attn as fa
+
+
+def _t(*shape, dtype=torch.float32, grad=False):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_(grad)
+
+
+def naive(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=None):
+    """flash-attn's definition in float64: (B, Sq, H, D) x (B, Sk, Hk, D) -> (out, lse (B, H, Sq)).
+    Query i sees key j iff i + Sk - Sq - left <= j <= i + Sk - Sq + right (right = 0 when causal;
+    -1 = unbounded); rows that see nothing are 0 (lse -inf)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    k, v = (t.repeat_interleave(H // Hk, dim=2) for t in (k, v))
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (scale if scale is not None else D ** -0.5)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    left, right = window
+    right = 0 if causal else right
+    i = torch.arange(Sq, device=q.device)[:, None] + Sk - Sq
+    j = torch.arange(Sk, device=q.device)[None, :]
+    ok = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if left >= 0:
+        ok &= j >= i - left
+    if right >= 0:
+        ok &= j <= i + right
+    s = s.masked_fill(~ok, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
+def close(a, b, tol=2e-5):
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("causal,window,softcap", [(False, (-1, -1), 0.0), (True, (-1, -1), 0.0),
+                                                   (True, (3, 0), 5.0), (False, (2, 1), 0.0)])
+def test_flash_attn_func_and_packed_forms(causal, window, softcap):
+    q, k, v = _t(2, 7, 4, 16, grad=True), _t(2, 9, 2, 16, grad=True), _t(2, 9, 2, 16, grad=True)
+    # flash-attn's positional order: (q, k, v, dropout_p, softmax_scale, causal, window_size, softcap)
+    out = fa.flash_attn_func(q, k, v, 0.0, 0.3, causal, window, softcap)
+    want, lse = naive(q, k, v, causal, window, softcap, 0.3)
+    close(out, want)
+    o2, lse2, probs = fa.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                         softmax_scale=0.3, return_attn_probs=True)
+    assert probs is None and lse2.shape == (2, 4, 7) and lse2.dtype == torch.float32
+    close(o2, want)
+    close(lse2, lse)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want_grads = torch.autograd.grad(naive(q64, k64, v64, causal, window, softcap, 0.3)[0], (q64, k64, v64),
+                                     g.double())
+    for a, b in zip(grads, want_grads):
+        close(a, b, 1e-4)
+    # packed forms: the same numbers
+    kv = torch.stack([k, v], 2).detach()
+    close(fa.flash_attn_kvpacked_func(q, kv, 0.0, 0.3, causal, window, softcap), want)
+    if q.shape[1] == k.shape[1] and q.shape[2] == k.shape[2]:
+        close(fa.flash_attn_qkvpacked_func(torch.stack([q, k, v], 2), 0.0, 0.3, causal, window, softcap), want)
+    qkv = _t(2, 9, 3, 2, 16)
+    close(fa.flash_attn_qkvpacked_func(qkv, causal=causal, window_size=window, softcap=softcap),
+          naive(*qkv.unbind(2), causal, window, softcap)[0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_forms(causal):
+    lens_q, lens_k = [3, 1, 5], [4, 1, 6]
+    cu_q = torch.tensor([0, 3, 4, 9], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 4, 5, 11], dtype=torch.int32, device=DEVICE)
+    q, k, v = _t(9, 4, 8), _t(11, 2, 8), _t(11, 2, 8)
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 6, 0.0, None, causal, return_attn_probs=True)
+    assert lse.shape == (4, 9)  # (nheads, total_q), as flash-attn's varlen lse
+    for b in range(3):
+        sq, sk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        w, wl = naive(q[None, sq], k[None, sk], v[None, sk], causal)
+        close(out[sq], w[0])
+        close(lse[:, sq], wl[0])
+    kv = torch.stack([k, v], 1)
+    close(fa.flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, 5, 6, causal=causal), out)
+    qkv = _t(11, 3, 2, 8)
+    got = fa.flash_attn_varlen_qkvpacked_func(qkv, cu_k, 6, causal=causal)
+    for b in range(3):
+        s = slice(cu_k[b], cu_k[b + 1])
+        close(got[s], naive(*(t[None, s] for t in qkv.unbind(1)), causal)[0][0])
+
+
+def _rotate_interleaved(x, pos, cos, sin):
+    """GPT-J pairs (2i, 2i+1) of the first 2 * cos.shape[1] dims rotated at positions pos (B, S)."""
+    rd = 2 * cos.shape[1]
+    c, s = cos[pos].double()[:, :, None, :], sin[pos].double()[:, :, None, :]
+    x = x.double().clone()
+    a, b = x[..., 0:rd:2].clone(), x[..., 1:rd:2].clone()
+    x[..., 0:rd:2], x[..., 1:rd:2] = a * c - b * s, a * s + b * c
+    return x
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_with_kvcache(paged):
+    B, Hq, Hk, D, cap = 2, 4, 2, 16, 24
+    lens = torch.tensor([5, 11], dtype=torch.int32, device=DEVICE)
+    k_cache, v_cache = _t(B, cap, Hk, D), _t(B, cap, Hk, D)
+    block_table = None
+    if paged:  # blocks of 8 slots, shuffled
+        perm = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32, device=DEVICE)
+        kp, vp = (torch.empty(6, 8, Hk, D, device=DEVICE) for _ in range(2))
+        for b in range(B):
+            for i in range(3):
+                kp[perm[b, i]] = k_cache[b, 8 * i:8 * i + 8]
+                vp[perm[b, i]] = v_cache[b, 8 * i:8 * i + 8]
+        block_table = perm
+
+    def caches():
+        return (kp.clone(), vp.clone()) if paged else (k_cache.clone(), v_cache.clone())
+
+    # decoding over the cache as it is (k / v None); causal is flash-attn's default False
+    q = _t(B, 1, Hq, D)
+    kc, vc = caches()
+    got = fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=block_table)
+    for b in range(B):
+        n = int(lens[b])
+        close(got[b:b + 1], naive(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n])[0])
+    # two new tokens appended in place with rotary (flash-attn's default: interleaved), causal
+    q, k, v = _t(B, 2, Hq, D), _t(B, 2, Hk, D), _t(B, 2, Hk, D)
+    angles = torch.arange(64, device=DEVICE)[:, None] * 0.1 * torch.arange(1, 5, device=DEVICE)[None, :]
+    cos, sin = angles.cos(), angles.sin()  # rotary_dim 8 of head_dim 16
+    kc, vc = caches()
+    got = fa.flash_attn_with_kvcache(q, kc, vc, k, v, cos, sin, lens, block_table=block_table, causal=True)
+    pos = lens[:, None].long() + torch.arange(2, device=DEVICE)
+    qr, kr = _rotate_interleaved(q, pos, cos, sin), _rotate_interleaved(k, pos, cos, sin)
+    for b in range(B):
+        n = int(lens[b])
+        keys = torch.cat([k_cache[b:b + 1, :n].double(), kr[b:b + 1]], 1)
+        vals = torch.cat([v_cache[b:b + 1, :n].double(), v[b:b + 1].double()], 1)
+        close(got[b:b + 1], naive(qr[b:b + 1], keys, vals, causal=True)[0])
+        stored = kc if not paged else torch.cat([kc[i] for i in block_table[b].tolist()])[None].expand(B, -1, -1, -1)
+        close(stored[b if not paged else 0, n:n + 2], kr[b])  # appended, rotated, in place
+    # an int cache_seqlens; None: the whole cache
+    kc, vc = caches()
+    q = _t(B, 1, Hq, D)
+    close(fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=7, block_table=block_table),
+          naive(q, k_cache[:, :7], v_cache[:, :7])[0])
+    close(fa.flash_attn_with_kvcache(q, kc, vc, block_table=block_table), naive(q, k_cache, v_cache)[0])
+
+
+def test_unsupported_arguments_are_errors():
+    q, k, v = _t(1, 4, 2, 8), _t(1, 4, 2, 8), _t(1, 4, 2, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    kc, vc = _t(1, 8, 2, 8), _t(1, 8, 2, 8)
+    lens = torch.tensor([3], dtype=torch.int32, device=DEVICE)
+    cos = sin = torch.ones(16, 4, device=DEVICE)
+    cases = [
+        (lambda: fa.flash_attn_func(q, k, v, 0.1), "dropout_p=0.1"),
+        (lambda: fa.flash_attn_func(q, k, v, alibi_slopes=torch.ones(2, device=DEVICE)), "alibi_slopes"),
+        (lambda: fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4, block_table=cu[None]), "block_table"),
+        (lambda: fa.flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=lens, cache_batch_idx=lens),
+         "cache_batch_idx"),
+        (lambda: fa.flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=lens, cache_leftpad=lens), "cache_leftpad"),
+        (lambda: fa.flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=lens, return_softmax_lse=True),
+         "return_softmax_lse"),
+        (lambda: fa.flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=lens, window_size=(2, 1)),
+         "a right window"),
+        (lambda: fa.flash_attn_with_kvcache(q[:, :2], kc, vc, k[:, :2], v[:, :2], cos, sin, lens),
+         "rotary with causal=False"),
+        (lambda: fa.flash_attn_with_kvcache(q[:, :1], kc, vc, k[:, :1], v[:, :1]), "cache_seqlens must be given"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises((NotImplementedError, ValueError), match=msg):
+            fn()
