@@ -76,8 +76,7 @@ def test_flash_attn_func_and_packed_forms(causal, window, softcap):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_forms(causal):
-    lens_q, lens_k = [3, 1, 5], [4, 1, 6]
-    cu_q = torch.tensor([0, 3, 4, 9], dtype=torch.int32, device=DEVICE)
+    cu_q = torch.tensor([0, 3, 4, 9], dtype=torch.int32, device=DEVICE)  # lengths 3, 1, 5 (keys 4, 1, 6)
     cu_k = torch.tensor([0, 4, 5, 11], dtype=torch.int32, device=DEVICE)
     q, k, v = _t(9, 4, 8), _t(11, 2, 8), _t(11, 2, 8)
     out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 6, 0.0, None, causal, return_attn_probs=True)
