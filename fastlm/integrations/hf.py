@@ -28,9 +28,10 @@ checkpoint to fastlm's own model.)  What it swaps in, each optional:
               into one varlen batch, as flash_attn's HF integration does; the padding's outputs
               are 0).  A padding mask with holes inside a row, decode steps for which HF builds
               a mask (a padded batch, a window shorter than the cache; plain decode steps need
-              none and run the kernel), a cache with its own mask (static caches), dropout or a
-              non-causal module fall back to HF's own SDPA attention (its eager attention for a
-              softcap, which SDPA lacks), so nothing is computed differently.
+              none and run the split-KV decode kernel over HF's cache in place), a cache with
+              its own mask (static caches), dropout or a non-causal module fall back to HF's
+              own SDPA attention (its eager attention for a softcap, which SDPA lacks), so
+              nothing is computed differently.
   loss        in training mode, a forward with labels computes the lm_head and the next-token
               cross-entropy together (ops.linear_cross_entropy: the (tokens x vocab) logits are
               never materialized) and returns logits=None, as Liger's fused loss does; in eval
@@ -51,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import ops
+from fastlm.ops import kv_cache as _decode
 from fastlm.models.transformer import triton_only  # "cuda" -> None for the ops without a CUDA C++ kernel
 
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
@@ -270,8 +272,15 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
         query.shape[-1] == value.shape[-1])
     if plain and attention_mask is None and (sliding_window is None or S <= sliding_window - 1):
         # what HF's SDPA path runs with is_causal (bottom-right aligned when T < S: decoding)
-        out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
-                            softmax_scale=scaling, softcap=softcap or 0.0, backend=backend)
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if T < S and T <= _decode.MAX_SEQLEN_Q and not (torch.is_grad_enabled() and query.requires_grad):
+            # a decode step over HF's cache (B, Hkv, S, hd), read in place as (B, S, Hkv, hd): the
+            # split-KV decode kernel, which fills the GPU at batch 1 where one program per head cannot
+            lens = torch.full((B,), S, dtype=torch.int32, device=query.device)
+            out = ops.decode_attention(q, k, v, lens, softmax_scale=scaling, softcap=softcap or 0.0,
+                                       backend=getattr(module, "_fastlm_backend", None))
+            return out, None
+        out = ops.attention(q, k, v, causal=True, softmax_scale=scaling, softcap=softcap or 0.0, backend=backend)
         return out, None
     marker = getattr(attention_mask, "_fastlm_no_padding", None) if plain and T == S else None
     idx = cu = None
