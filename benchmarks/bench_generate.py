@@ -15,6 +15,9 @@ generation of ``--new-tokens`` tokens per sequence by
                  a plain PyTorch cache (index_put + SDPA over the filled part), eager
   hf             transformers ``generate`` (greedy, its default dynamic cache, SDPA) on the
                  same weights (``model.to_hf()``)
+  hf+fastlm      that HF model after ``fastlm.apply_to_hf`` (HF's own generate loop and cache;
+                 the prefill and decode attention, norms, rotary and SwiGLU on fastlm's
+                 kernels; Llama-style presets only)
 
 Decode time per step (each step makes ``batch`` tokens): for fastlm, from the generator's own
 CUDA-event marks (prefill end -> last decode step, host gaps included) of a call made after a
@@ -44,6 +47,7 @@ Time (H100, estimated): ~90 s by default; HF runs only where batch x context <= 
     python -m benchmarks.bench_generate --plan     # shapes and bytes per step (no GPU needed)
 """
 import argparse
+import copy
 import gc
 import statistics
 import time
@@ -51,11 +55,14 @@ import time
 import torch
 
 from benchmarks.common import Results, copy_bandwidth_gbs, main_guard, optional_module, parser, require_cuda, run_module
+import fastlm
 from fastlm.generation import Generator
+from fastlm.integrations.hf import FAMILIES
+from fastlm.models.hf import default_arch
 from fastlm.models import Transformer, TransformerConfig
 
 NAME = "generate"
-IMPLS = ("fused/static", "fused/paged", "fused/static-nogemv", "reference", "hf")
+IMPLS = ("fused/static", "fused/paged", "fused/static-nogemv", "reference", "hf", "hf+fastlm")
 BLOCK = 16
 
 
@@ -109,7 +116,8 @@ def _sync(device):
 
 
 def build_models(preset, device, dtype, impls, op_backend=None):
-    """(config, fused, reference, hf): the same random weights in each (None where not needed)."""
+    """(config, fused, reference, {"hf": model, "hf+fastlm": model}): the same random weights in
+    each (None / absent where not needed or not possible)."""
     cfg = TransformerConfig.from_name(preset)
     torch.manual_seed(0)
     with torch.device(device):
@@ -117,7 +125,7 @@ def build_models(preset, device, dtype, impls, op_backend=None):
     fused.to(dtype).eval()
     if cfg.positional == "rope":  # derived fp32 tables, kept fp32 in a bf16 model
         fused.rope_cos, fused.rope_sin = fused.make_rope_tables(device)
-    ref = hf = None
+    ref, hf = None, {}
     if "reference" in impls:
         with torch.device("meta"):
             ref = Transformer(cfg, backend="reference").to(dtype)
@@ -126,9 +134,13 @@ def build_models(preset, device, dtype, impls, op_backend=None):
         ref.eval()
         if cfg.positional == "rope":
             ref.rope_cos, ref.rope_sin = ref.make_rope_tables(device)
-    if "hf" in impls and optional_module("transformers") is not None:
+    if {"hf", "hf+fastlm"} & set(impls) and optional_module("transformers") is not None:
         with torch.device(device):  # HF builds (and randomly initializes) the model where it will run
-            hf = fused.to_hf().to(device=device, dtype=dtype).eval()
+            model = fused.to_hf().to(device=device, dtype=dtype).eval()
+        if "hf+fastlm" in impls and model.config.model_type in FAMILIES:
+            hf["hf+fastlm"] = fastlm.apply_to_hf(copy.deepcopy(model), backend=op_backend)
+        if "hf" in impls:
+            hf["hf"] = model
     return cfg, fused, ref, hf
 
 
@@ -247,8 +259,11 @@ def run(res, args, copy_gbs):
     for preset in dict.fromkeys(p for p, _, _ in shapes):
         _free()
         cfg, fused, ref, hf = build_models(preset, args.device, dtype, impls, args.op_backend)
-        if "hf" in impls and hf is None:
-            res.skipped("hf", "not installed (transformers)", preset=preset)
+        for name in ("hf", "hf+fastlm"):
+            if name in impls and name not in hf:
+                why = ("not installed (transformers)" if optional_module("transformers") is None
+                       else f"apply_to_hf does not patch the preset's HF architecture ({default_arch(cfg)})")
+                res.skipped(name, why, preset=preset)
         wb = weight_bytes(cfg, esize)
         res.add(preset=preset, impl="model", params_m=cfg.num_params() / 1e6, weight_mb_per_step=wb / 1e6,
                 status="ok")
@@ -262,14 +277,14 @@ def run(res, args, copy_gbs):
             for impl in impls:
                 if impl == "fused/static-nogemv" and batch > fused.decode_gemv_rows:
                     continue  # the same kernels as fused/static at this batch
-                if impl == "hf" and (hf is None or batch * ctx > args.hf_max_tokens):
-                    if hf is not None:
+                if impl in ("hf", "hf+fastlm") and (impl not in hf or batch * ctx > args.hf_max_tokens):
+                    if impl in hf:
                         res.skipped(impl, f"time budget: batch x context > --hf-max-tokens={args.hf_max_tokens}",
                                     **base)
                     continue
                 try:
-                    if impl == "hf":
-                        ms, p20, p80, pre = time_hf(hf, prompts, n, min(reps, 2), args.device)
+                    if impl in ("hf", "hf+fastlm"):
+                        ms, p20, p80, pre = time_hf(hf[impl], prompts, n, min(reps, 2), args.device)
                     else:
                         cap = capacity(ctx, n)
                         if impl == "reference":
@@ -308,6 +323,8 @@ def run(res, args, copy_gbs):
                  if lead in got and peer in got}
             for peer, v in x.items():
                 res.add(**base, impl=f"{lead} / {peer}", speedup=v, status="ok")
+            if "hf" in got and "hf+fastlm" in got:  # what apply_to_hf buys inside HF's own generate
+                res.add(**base, impl="hf+fastlm / hf", speedup=got["hf"] / got["hf+fastlm"], status="ok")
             if targets_apply(preset, batch):  # the issue's targets: batch-1 decode of the 1B preset only
                 pct = 100 * nbytes / (got[lead] / 1e3) / 1e9 / copy_gbs if lead in got and copy_gbs else None
                 res.add(**base, impl=f"targets ({lead})", pct_copy_bw=pct, x_hf=x.get("hf"),

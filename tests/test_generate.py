@@ -629,7 +629,8 @@ def test_bench_generate_runs_on_cpu(tmp_path, capsys):
     assert bg.plan(["gpt2-124m"], [1], [128, 8192, 9000], 64) == [("gpt2-124m", 1, 128), ("gpt2-124m", 1, 4031)]
     assert bg.main(["--plan", "--presets", "tiny"]) == 0
     out = tmp_path / "bench"
-    impls = "fused/static,fused/paged,fused/static-nogemv,reference" + (",hf" if bg.optional_module("transformers") else "")
+    impls = "fused/static,fused/paged,fused/static-nogemv,reference" + (
+        ",hf,hf+fastlm" if bg.optional_module("transformers") else "")
     assert bg.main(["--device", "cpu", "--presets", "tiny", "--batches", "2", "--contexts", "5", "--new-tokens", "2",
                     "--op-backend", "reference", "--impls", impls, "--out", str(out)]) == 0
     rows = json.load(open(out / "generate.json"))["rows"]
@@ -637,6 +638,8 @@ def test_bench_generate_runs_on_cpu(tmp_path, capsys):
     for impl in impls.split(","):
         assert by_impl[impl]["status"] == "ok" and by_impl[impl]["tokens_per_s"] > 0, by_impl[impl]
     assert by_impl["fused/static / reference"]["speedup"] > 0
+    if "hf+fastlm" in impls:
+        assert by_impl["hf+fastlm / hf"]["speedup"] > 0
     assert by_impl["fused/static / fused/static-nogemv"]["speedup"] > 0
     assert not any(r["impl"].startswith("targets") for r in rows)  # no target was set for this preset
     with pytest.raises(SystemExit):
