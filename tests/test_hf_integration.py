@@ -300,6 +300,28 @@ def test_greedy_generation_matches_hf(family, monkeypatch):
         assert got == ref.generate(prompt, **kw).tolist()
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_window_decode_runs_the_decode_kernel(family, monkeypatch):
+    # a window (4) shorter than the generation: HF's sliding layers keep a window-long cache and
+    # build a mask at each decode step; that mask is only causality and the window, so the
+    # steps run ops.decode_attention with the window, and the tokens are HF's
+    ref = hf_model(family, seed=12, sliding_window=4).eval()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    prompt = torch.randint(1, 300, (2, 7), device=DEVICE)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(prompt))
+    real, windows = ops.decode_attention, []
+
+    def spy(*a, **k):
+        windows.append(k.get("window"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ops, "decode_attention", spy)
+    with torch.no_grad():
+        got = model.generate(prompt, **kw).tolist()
+    assert 3 in windows  # sliding_window - 1, FlashAttention's left window
+    assert got == ref.generate(prompt, **kw).tolist()
+
+
 def test_other_models_of_the_family_keep_hf_code(monkeypatch):
     # the rope patch is module-wide (HF looks the function up there) but only takes the fused
     # path for tables made by a patched model: an unpatched Llama runs HF's code exactly
@@ -430,3 +452,21 @@ def test_base_model_and_other_heads(monkeypatch):
                                    rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(patched_cls(tokens).logits, cls(tokens).logits, rtol=1e-4, atol=1e-4)
     assert {"rms_norm", "apply_rotary", "swiglu", "attention"} <= set(calls)
+
+
+def test_plain_decode_mask_recognises_only_causality_and_the_window():
+    from fastlm.integrations.hf import _plain_decode_mask
+
+    T, S = 2, 6
+    p = torch.arange(S - T, S)[:, None]
+    j = torch.arange(S)[None, :]
+    causal = (j <= p).expand(3, 1, T, S).clone()
+    windowed = (causal & (j > p - 4)).clone()
+    assert _plain_decode_mask(causal.clone(), T, S, None)
+    assert _plain_decode_mask(windowed, T, S, 4)
+    assert not _plain_decode_mask(causal.clone(), T, S, 4)  # the window would cut keys the mask allows
+    padded = causal.clone()
+    padded[1, :, :, 0] = False  # left padding in one row
+    assert not _plain_decode_mask(padded, T, S, None)
+    assert not _plain_decode_mask(causal.float(), T, S, None)  # additive float masks are not read
+    assert not _plain_decode_mask(None, T, S, None)

@@ -270,18 +270,20 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     backend = triton_only(getattr(module, "_fastlm_backend", None))
     plain = not (dropout and module.training) and getattr(module, "is_causal", True) and (
         query.shape[-1] == value.shape[-1])
+    # a decode step (a few new tokens over HF's cache, no gradient): the split-KV decode kernel,
+    # which fills the GPU at batch 1 where one program per head cannot
+    decode = plain and T < S and T <= _decode.MAX_SEQLEN_Q and not (torch.is_grad_enabled() and query.requires_grad)
     if plain and attention_mask is None and (sliding_window is None or S <= sliding_window - 1):
         # what HF's SDPA path runs with is_causal (bottom-right aligned when T < S: decoding)
-        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        if T < S and T <= _decode.MAX_SEQLEN_Q and not (torch.is_grad_enabled() and query.requires_grad):
-            # a decode step over HF's cache (B, Hkv, S, hd), read in place as (B, S, Hkv, hd): the
-            # split-KV decode kernel, which fills the GPU at batch 1 where one program per head cannot
-            lens = torch.full((B,), S, dtype=torch.int32, device=query.device)
-            out = ops.decode_attention(q, k, v, lens, softmax_scale=scaling, softcap=softcap or 0.0,
-                                       backend=getattr(module, "_fastlm_backend", None))
-            return out, None
-        out = ops.attention(q, k, v, causal=True, softmax_scale=scaling, softcap=softcap or 0.0, backend=backend)
+        if decode:
+            return _decode_step(module, query, key, value, scaling, softcap, -1), None
+        out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
+                            softmax_scale=scaling, softcap=softcap or 0.0, backend=backend)
         return out, None
+    if decode and _plain_decode_mask(attention_mask, T, S, sliding_window):
+        # the mask HF built is only causality and the window (a sliding layer's cache, longer than its window)
+        window = sliding_window - 1 if sliding_window is not None else -1
+        return _decode_step(module, query, key, value, scaling, softcap, window), None
     marker = getattr(attention_mask, "_fastlm_no_padding", None) if plain and T == S else None
     idx = cu = None
     if marker == "packing":
@@ -315,6 +317,40 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     if idx is not None:
         out = out.new_zeros(B * T, *out.shape[1:]).index_copy(0, idx, out)
     return out.view(B, T, *out.shape[1:]), None
+
+
+def _decode_step(module, query, key, value, scaling, softcap, window):
+    """ops.decode_attention over HF's cache (B, Hkv, S, hd), read in place as (B, S, Hkv, hd):
+    every sequence holds S tokens, the T queries are the last T; window: FlashAttention's left
+    window (-1: none)."""
+    B, S = query.shape[0], key.shape[2]
+    lens = torch.full((B,), S, dtype=torch.int32, device=query.device)
+    return ops.decode_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
+                                softmax_scale=scaling, softcap=softcap or 0.0, window=window,
+                                backend=getattr(module, "_fastlm_backend", None))
+
+
+def _plain_decode_mask(mask, T, S, sliding_window):
+    """Whether HF's (B or 1, 1, T, S) bool mask is exactly bottom-right causality and the
+    sliding window (HF's: a query sees its sliding_window - 1 predecessors), no padding: then
+    the decode kernel computes what SDPA with it would.  Compared on the device, read once per
+    mask (HF builds one per forward and layer type; its generate loop syncs every step anyway),
+    the answer kept on the mask.  Not under torch.compile (a host read)."""
+    if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape[-2:]) != (T, S):
+        return False
+    cached = getattr(mask, "_fastlm_plain_decode", None)
+    if cached is not None and cached[0] == sliding_window:
+        return cached[1]
+    if torch.compiler.is_compiling():
+        return False
+    p = torch.arange(S - T, S, device=mask.device)[:, None]  # the queries' positions
+    j = torch.arange(S, device=mask.device)[None, :]
+    want = j <= p
+    if sliding_window is not None:
+        want &= j > p - sliding_window
+    ok = bool((mask == want).all())
+    mask._fastlm_plain_decode = (sliding_window, ok)
+    return ok
 
 
 def _packed_cu_seqlens(pos, B, T):
