@@ -26,12 +26,13 @@ checkpoint to fastlm's own model.)  What it swaps in, each optional:
               sequences are found from position_ids, as HF's SDPA mask finds them), and padded
               training or prefill batches (left or right padding: each row's tokens are gathered
               into one varlen batch, as flash_attn's HF integration does; the padding's outputs
-              are 0).  A padding mask with holes inside a row, decode steps for which HF builds
-              a mask (a padded batch, a window shorter than the cache; plain decode steps need
-              none and run the split-KV decode kernel over HF's cache in place), a cache with
-              its own mask (static caches), dropout or a non-causal module fall back to HF's
-              own SDPA attention (its eager attention for a softcap, which SDPA lacks), so
-              nothing is computed differently.
+              are 0).  Decode steps (a few new tokens, no gradient) run the split-KV decode
+              kernel over HF's cache in place when HF's mask is none, or only causality and the
+              sliding window (checked on the device once per mask).  A padding mask with holes
+              inside a row, decode steps of a padded batch, a cache with its own mask (static
+              caches), dropout or a non-causal module fall back to HF's own SDPA attention (its
+              eager attention for a softcap, which SDPA lacks), so nothing is computed
+              differently.
   loss        in training mode, a forward with labels computes the lm_head and the next-token
               cross-entropy together (ops.linear_cross_entropy: the (tokens x vocab) logits are
               never materialized) and returns logits=None, as Liger's fused loss does; in eval
