@@ -35,7 +35,9 @@ checkpoint to fastlm's own model.)  What it swaps in, each optional:
               differently.
   loss        in training mode, a forward with labels computes the lm_head and the next-token
               cross-entropy together (ops.linear_cross_entropy: the (tokens x vocab) logits are
-              never materialized) and returns logits=None, as Liger's fused loss does; in eval
+              never materialized) and returns logits=None, as Liger's fused loss does (code
+              that reads the training logits, e.g. TRL's SFTTrainer token accuracy without
+              use_liger_kernel, needs loss=False); in eval
               mode (or without labels) the forward is HF's, and a loss over its logits uses
               ops.cross_entropy (no fp32 copy of the logits).  HF's semantics are kept: labels
               shifted inside, -100 ignored, shift_labels and num_items_in_batch (sum / count,
