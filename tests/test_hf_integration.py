@@ -13,7 +13,9 @@ from tolerances import assert_close
 
 transformers = pytest.importorskip("transformers", reason="the HF integration tests need transformers")
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "gemma", "gemma2", "gemma3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
+            "gemma3"]
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def hf_model(family, seed=0, **over):
@@ -27,6 +29,8 @@ def hf_model(family, seed=0, **over):
                 "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config),
                 "phi3": (transformers.Phi3ForCausalLM, transformers.Phi3Config),
                 "mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig),
+                "qwen2_moe": (transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig),
+                "qwen3_moe": (transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig),
                 "gemma": (transformers.GemmaForCausalLM, transformers.GemmaConfig),
                 "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config),
                 "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig)}[family]
@@ -46,8 +50,14 @@ def hf_model(family, seed=0, **over):
     if family == "mixtral":  # 4 experts, 2 per token, and the router's load-balancing loss in training
         kw.update(num_local_experts=4, num_experts_per_tok=2)
         kw.setdefault("output_router_logits", True)
+    if family in ("qwen2_moe", "qwen3_moe"):  # 4 experts of width 32, 2 per token; Qwen2-MoE's shared expert
+        kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, output_router_logits=True)
+        if family == "qwen2_moe":
+            kw.update(shared_expert_intermediate_size=48)
+        else:
+            kw.update(head_dim=32)
     m = cls(cfg(**kw))
-    if family == "mixtral":
+    if family in MOE:
         m.set_experts_implementation("eager")  # (grouped_mm has no float64: the fp64 references need eager)
     with torch.no_grad():
         for p in m.parameters():  # norm weights start at exactly 1 and biases at 0
@@ -92,8 +102,9 @@ def test_patched_model_matches_hf(family, monkeypatch):
         m.eval()
     with torch.no_grad():
         out, r32, r64 = (m(tokens).logits for m in (model, ref, ref64))
-    mlp = {"mixtral": set(), "gemma": {"geglu"}, "gemma2": {"geglu"}, "gemma3": {"geglu"}}.get(family, {"swiglu"})
-    assert {"rms_norm", "apply_rotary", "attention"} | mlp <= set(calls)  # (Mixtral's experts are HF's)
+    mlp = {"mixtral": set(), "qwen3_moe": set(), "gemma": {"geglu"}, "gemma2": {"geglu"}, "gemma3": {"geglu"}}.get(
+        family, {"swiglu"})  # (MoE experts are HF's; Qwen2-MoE's shared expert is a dense MLP)
+    assert {"rms_norm", "apply_rotary", "attention"} | mlp <= set(calls)
     assert_close(out, r64, r32, name=f"{family} logits")
 
     # eval with labels: HF's forward, the loss on ops.cross_entropy
@@ -109,7 +120,7 @@ def test_patched_model_matches_hf(family, monkeypatch):
     calls.clear()
     out = model(tokens, labels=labels)
     assert out.logits is None and "linear_cross_entropy" in calls
-    if family == "mixtral":  # the router's load-balancing loss is added, as HF adds it
+    if family in MOE:  # the router's load-balancing loss is added, as HF adds it
         want = ref(tokens, labels=labels)
         assert out.aux_loss is not None and want.aux_loss is not None
         torch.testing.assert_close(out.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,6 @@
 """fastlm's kernels inside a Hugging Face transformers model, without converting it.
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(...)  # Llama, Mistral, Qwen2/3, Phi-3, Mixtral
+    model = transformers.AutoModelForCausalLM.from_pretrained(...)  # Llama, Mistral, Qwen, Phi-3, Gemma, MoE
     fastlm.apply_to_hf(model)                                         # in place; returns the model
 
 (the way Liger-Kernel's apply_liger_kernel_to_* is used; Transformer.from_hf instead converts a
@@ -16,7 +16,8 @@ checkpoint to fastlm's own model.)  What it swaps in, each optional:
               of the same family in the process keep HF's own code.  Phi-3's partial rotary
               (partial_rotary_factor < 1) rotates the first dims and passes the rest, as HF.
   swiglu      each MLP with a SiLU gate computes down(swiglu(gate(x), up(x))) (one kernel for
-              silu(gate) * up; Phi-3's fused gate_up_proj too).  Mixtral's experts stay HF's.
+              silu(gate) * up; Phi-3's fused gate_up_proj too).  MoE experts stay HF's (Qwen2-MoE's
+              shared expert is a dense MLP: patched).
   geglu       likewise each MLP with a GELU gate (Gemma's gelu_pytorch_tanh, or erf gelu):
               down(geglu(gate(x), up(x))).
   attention   config._attn_implementation = "fastlm": ops.attention (causal, GQA, softcap,
@@ -42,7 +43,7 @@ checkpoint to fastlm's own model.)  What it swaps in, each optional:
               ops.cross_entropy (no fp32 copy of the logits).  HF's semantics are kept: labels
               shifted inside, -100 ignored, shift_labels and num_items_in_batch (sum / count,
               for gradient accumulation) honoured; Gemma 2's final_logit_softcapping applied
-              inside the fused loss; Mixtral's router load-balancing loss added.
+              inside the fused loss; the MoE router's load-balancing loss added.
 
 The kernel backend follows ``backend`` ("triton" | "cuda" | "reference" | None = best available).
 """
@@ -59,7 +60,8 @@ from fastlm.ops import kv_cache as _decode
 from fastlm.models.transformer import triton_only  # "cuda" -> None for the ops without a CUDA C++ kernel
 
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
-            "mixtral": "Mixtral", "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
+            "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "gemma": "Gemma",
+            "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
 PARTIAL_ROTARY = ("phi3",)  # families whose apply_rotary_pos_emb rotates cos.shape[-1] <= head_dim dims
 OFFSET_NORM = ("gemma", "gemma2", "gemma3_text")  # RMSNorm scaling by (1 + weight), in fp32
 # HF activation name (ACT2FN) -> (the apply_to_hf flag that patches it, the gated kernel's activation).
@@ -73,8 +75,9 @@ ATTENTION = "fastlm"  # the attn_implementation name registered with transformer
 def apply_to_hf(model, *, rms_norm=True, rope=True, swiglu=True, geglu=True, attention=True, loss=True,
                 backend=None):
     """Patch an HF causal LM (or its base model) of the Llama, Mistral, Qwen2, Qwen3, Phi-3,
-    Mixtral, Gemma, Gemma 2 or Gemma 3 (text) family in place to run on fastlm's kernels (see the
-    module docstring); returns the model.  swiglu / geglu: the MLPs with a SiLU / GELU gate."""
+    Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma, Gemma 2 or Gemma 3 (text) family in place to run on
+    fastlm's kernels (see the module docstring); returns the model.  swiglu / geglu: the MLPs
+    with a SiLU / GELU gate."""
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None)
     if family not in FAMILIES:
