@@ -57,7 +57,7 @@ from fastlm import ops
 from fastlm._checks import is_int
 from fastlm.nn.kv_cache import PagedKVCache, StaticKVCache
 from fastlm.models.transformer import triton_only
-from fastlm.sampling import check_sampling_args, sample_with_max
+from fastlm.sampling import check_min_p, check_sampling_args, sample_with_max
 
 CACHES = ("static", "paged")
 
@@ -341,13 +341,14 @@ class Generator:
         self.cuda_graphs = self.want_graphs and self.device.type == "cuda" and self.fused
 
     # -------------------------------------------------------------------------- public
-    def generate(self, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, greedy=False,
-                 eos_token_id=None, seed=None, stream=None):
+    def generate(self, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                 greedy=False, eos_token_id=None, seed=None, stream=None):
         """Generate up to ``max_new_tokens`` tokens after each prompt.
 
         prompts: a list of token-id sequences (lists, 1-D tensors or arrays; lengths may differ)
         or a 2-D tensor.  Sampling: greedy=True (or temperature=0) takes the argmax; otherwise
-        temperature, then top_k / top_p filtering, then a draw from a generator seeded with
+        temperature, then top_k / top_p / min_p filtering (see fastlm.sampling.sample), then a
+        draw from a generator seeded with
         ``seed`` (None: drawn from torch's global RNG, so torch.manual_seed also reproduces).
         eos_token_id: an int or a list of ints; a sequence stops after emitting one (it is
         included in the output).  stream: called as stream(seq_index, token) for every token as
@@ -357,7 +358,8 @@ class Generator:
         """
         if stream is not None and not callable(stream):
             raise TypeError(f"stream must be a callable stream(seq_index, token) or None, got {type(stream).__name__}")
-        batch, it = self._start(prompts, max_new_tokens, temperature, top_k, top_p, greedy, eos_token_id, seed)
+        batch, it = self._start(prompts, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_token_id,
+                                seed)
         out = [[] for _ in range(batch)]
         for i, tok in it:
             out[i].append(tok)
@@ -365,15 +367,15 @@ class Generator:
                 stream(i, tok)
         return out
 
-    def stream(self, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, greedy=False,
+    def stream(self, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None, greedy=False,
                eos_token_id=None, seed=None):
         """An iterator of (seq_index, token) in the order they are produced (arguments as in
         ``generate``).  Arguments are checked now, before any work; the work runs as it is
         iterated."""
-        return self._start(prompts, max_new_tokens, temperature, top_k, top_p, greedy, eos_token_id, seed)[1]
+        return self._start(prompts, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_token_id, seed)[1]
 
-    def check_args(self, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, greedy=False,
-                   eos_token_id=None, seed=None, stream=None):
+    def check_args(self, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                   greedy=False, eos_token_id=None, seed=None, stream=None):
         """Validate the arguments of ``generate`` / ``stream`` without doing any work (no cache is
         allocated, nothing runs on the model); raises TypeError / ValueError naming the argument.
 
@@ -393,6 +395,7 @@ class Generator:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         temperature, top_k, top_p = check_sampling_args(temperature, top_k, top_p)
+        min_p = check_min_p(min_p)
         if not isinstance(greedy, bool):
             raise TypeError(f"greedy must be a bool, got {greedy!r}")
         eos = _check_eos(eos_token_id, cfg.vocab_size)
@@ -410,18 +413,19 @@ class Generator:
         need = [n + max_new_tokens - 1 for n in lens]  # tokens each sequence stores (the last is never fed)
         capacity, num_blocks = self._sizes(need)
         return dict(prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, greedy=greedy, eos_token_id=eos, seed=seed, stream=stream, lens=lens,
+                    top_p=top_p, min_p=min_p, greedy=greedy, eos_token_id=eos, seed=seed, stream=stream, lens=lens,
                     capacity=capacity, num_blocks=num_blocks)
 
-    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, greedy, eos_token_id, seed):
+    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_token_id, seed):
         """Validate everything, then -> (batch, the token iterator)."""
         a = self.check_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            greedy=greedy, eos_token_id=eos_token_id, seed=seed)
+                            min_p=min_p, greedy=greedy, eos_token_id=eos_token_id, seed=seed)
         seed = a["seed"]
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         greedy = a["greedy"] or a["temperature"] == 0
-        sp = dict(greedy=True) if greedy else dict(temperature=a["temperature"], top_k=a["top_k"], top_p=a["top_p"])
+        sp = dict(greedy=True) if greedy else dict(temperature=a["temperature"], top_k=a["top_k"], top_p=a["top_p"],
+                                                   min_p=a["min_p"])
         return len(a["prompts"]), self._run(a["prompts"], a["lens"], a["max_new_tokens"], sp, a["eos_token_id"], seed,
                                             a["capacity"], a["num_blocks"])
 
@@ -718,7 +722,7 @@ class _Clock:
         return self.marks[b] - self.marks[a]
 
 
-def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, greedy=False,
+def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None, greedy=False,
              eos_token_id=None, seed=None, cache="static", cuda_graphs=True, stream=None):
     """Generate up to ``max_new_tokens`` tokens after each prompt with a fastlm Transformer.
 
@@ -727,8 +731,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top
     list of new token ids per prompt; see ``Generator.generate`` for the arguments.
     """
     gen = Generator(model, cache=cache, cuda_graphs=cuda_graphs)
-    return gen.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                        eos_token_id=eos_token_id, seed=seed, stream=stream)
+    return gen.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        greedy=greedy, eos_token_id=eos_token_id, seed=seed, stream=stream)
 
 
 def _head_rows(model, stream, index):

@@ -1,4 +1,4 @@
-"""Token sampling on the device: greedy, temperature, top-k, top-p.
+"""Token sampling on the device: greedy, temperature, top-k, top-p, min-p.
 
 Everything stays on the logits' device with no host synchronization, so a decode step that
 samples can be captured in a CUDA graph (the sampling parameters are host Python numbers,
@@ -43,6 +43,25 @@ def check_sampling_args(temperature=1.0, top_k=None, top_p=None):
     return t, top_k, top_p
 
 
+def check_min_p(min_p):
+    """-> min_p as a float, or None for None / 0 (off): a number in [0, 1] (raises naming it)."""
+    if min_p is None:
+        return None
+    m = as_real(min_p, "min_p")
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1] or None, got {min_p!r}")
+    return m or None
+
+
+def _filter_min_p(logits, min_p):
+    """Drop the tokens whose probability is below min_p times the row's largest (HF's and vLLM's
+    min-p), for logits whose row maximum is 0: p_i / p_max = exp(logit_i), so the test is
+    logit_i < log(min_p), no softmax needed."""
+    if min_p is None:
+        return logits
+    return logits.masked_fill(logits < math.log(min_p), float("-inf"))
+
+
 def _outside_top_k(logits, top_k):
     """Mask of the logits below the k-th largest of their row (ties with it are kept), or None."""
     if top_k is None or top_k >= logits.shape[-1]:
@@ -57,15 +76,20 @@ def _check_logits(logits):
         raise ValueError(f"logits must have a non-empty vocabulary (last) dimension, got shape {tuple(logits.shape)}")
 
 
-def filter_logits(logits, top_k=None, top_p=None):
-    """Set logits outside the top-k / nucleus (top-p) set to -inf.  logits: (..., vocab), fp32.
-    top_k / top_p are checked as by ``sample`` (raises naming the argument)."""
+def filter_logits(logits, top_k=None, top_p=None, min_p=None):
+    """Set logits outside the top-k / nucleus (top-p) / min-p set to -inf.  logits: (..., vocab),
+    fp32.  top_k / top_p / min_p are checked as by ``sample`` (raises naming the argument)."""
     _check_logits(logits)
     _, top_k, top_p = check_sampling_args(1.0, top_k, top_p)
+    min_p = check_min_p(min_p)
     outside_k = _outside_top_k(logits, top_k)
     if outside_k is not None:
         logits = logits.masked_fill(outside_k, float("-inf"))
-    return _filter_top_p(logits, top_p)
+    logits = _filter_top_p(logits, top_p)
+    if min_p is None:
+        return logits
+    top = logits.amax(-1, keepdim=True)
+    return logits.masked_fill(logits - top < math.log(min_p), float("-inf"))
 
 
 def _filter_top_p(logits, top_p):
@@ -81,19 +105,21 @@ def _filter_top_p(logits, top_p):
     return logits
 
 
-def sample(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, greedy=False, generator=None):
     """Next token ids (...,) int64 from logits (..., vocab).  temperature == 0 means greedy.
+    Order (HF's): temperature, top-k, top-p, then min-p (keep the tokens whose probability is
+    at least min_p times the most likely one's; None or 0: off).
 
     The sampling parameters are host numbers (checked here on the host, no device sync); the
     per-step work is device-only, so the call can be captured in a CUDA graph.  +inf logits
     take all the probability (shared equally); a row with a NaN logit gives an arbitrary token
     (its distribution is undefined: nothing here can raise without a sync; ``fastlm.generate``
     checks ``sample_with_max``'s row maxima and raises when it reads the tokens)."""
-    return sample_with_max(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+    return sample_with_max(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy,
                            generator=generator)[0]
 
 
-def sample_with_max(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+def sample_with_max(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, greedy=False, generator=None):
     """``sample``, and each row's largest logit (...,) -- NaN exactly for the rows that hold a NaN
     -- which the sampling computes anyway (greedy: in logits' dtype, from the same reduction
     as the argmax; otherwise fp32)."""
@@ -101,6 +127,7 @@ def sample_with_max(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=F
     if not isinstance(greedy, bool):
         raise TypeError(f"greedy must be a bool, got {greedy!r}")
     t, top_k, top_p = check_sampling_args(temperature, top_k, top_p)
+    min_p = check_min_p(min_p)
     if greedy or t == 0.0:
         top, idx = logits.max(-1)  # one reduction; the same index as argmax in any float dtype
         return idx, top
@@ -115,7 +142,7 @@ def sample_with_max(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=F
     logits = torch.where(logits == top, 0.0, (logits - top) / t)
     if outside_k is not None:
         logits = logits.masked_fill(outside_k, float("-inf"))
-    logits = _filter_top_p(logits, top_p)
+    logits = _filter_min_p(_filter_top_p(logits, top_p), min_p)  # (the row maximum is still 0)
     probs = torch.softmax(logits, dim=-1)
     e = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / e).argmax(-1), top.squeeze(-1)

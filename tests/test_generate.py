@@ -278,6 +278,11 @@ def test_seeded_sampling_is_reproducible():
     assert gen.generate(prompts, 12, temperature=0.0) == greedy
     assert gen.generate(prompts, 12, top_k=1, seed=9) == greedy
     assert gen.generate(prompts, 12, top_p=1e-6, seed=9) == greedy
+    assert gen.generate(prompts, 12, min_p=1.0, seed=9) == greedy  # only the most likely token is kept
+    mp = gen.generate(prompts, 12, seed=123, min_p=0.05, **kw)  # min-p reaches the sampler (and its graph key)
+    assert generate(ref, prompts, 12, seed=123, min_p=0.05, **kw) == mp
+    with pytest.raises(ValueError, match="min_p"):
+        gen.check_args(prompts, 4, min_p=2.0)
 
 
 def test_sampling_follows_temperature():

@@ -181,3 +181,29 @@ def test_filter_logits_checks_its_arguments(kw, exc, name):
         filter_logits(torch.tensor([[1.0, 3.0, 2.0]]), **kw)
     with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
         filter_logits(torch.arange(3), top_k=1)
+
+
+def test_min_p_keeps_the_tokens_near_the_top():
+    # probabilities ~[0.64, 0.24, 0.09, 0.03, 0.01]: min_p=0.3 keeps p >= 0.19 (tokens 0, 1); HF's
+    # MinPLogitsWarper on the same logits keeps the same set, after the temperature
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).expand(5000, 5)
+    g = torch.Generator().manual_seed(5)
+    assert set(sample(logits, min_p=0.3, generator=g).tolist()) == {0, 1}
+    assert set(sample(logits, min_p=0.1, generator=g).tolist()) == {0, 1, 2}
+    # temperature 2 flattens the ratios (p_i / p_max = exp(-gap / 2)): min_p=0.3 now keeps 3 tokens
+    assert set(sample(logits, temperature=2.0, min_p=0.3, generator=g).tolist()) == {0, 1, 2}
+    assert set(sample(logits, min_p=1.0, generator=g).tolist()) == {0}
+    # off: None and 0 are the same draws as no min_p
+    for off in (None, 0, 0.0):
+        a = sample(logits[:50], min_p=off, generator=torch.Generator().manual_seed(9))
+        assert torch.equal(a, sample(logits[:50], generator=torch.Generator().manual_seed(9)))
+    f = filter_logits(torch.tensor([[1.0, 5.0, 3.0, 4.5]]), min_p=0.5)  # exp(-0.5) = 0.61 kept, exp(-2) not
+    assert torch.isinf(f[0, [0, 2]]).all() and f[0, 1] == 5.0 and f[0, 3] == 4.5
+    transformers = pytest.importorskip("transformers")
+    warp = transformers.generation.logits_process.MinPLogitsWarper(min_p=0.3)
+    hf = warp(None, torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]) / 2.0)
+    assert torch.isinf(hf[0]).tolist() == [False, False, False, True, True]
+    for bad, exc in ((-0.1, ValueError), (1.5, ValueError), ("0.1", TypeError), (True, TypeError),
+                     (float("nan"), ValueError)):
+        with pytest.raises(exc, match="min_p"):
+            sample(logits, min_p=bad)
