@@ -59,6 +59,8 @@ def hf_model(family, seed=0, **over):
     m = cls(cfg(**kw))
     if family in MOE:
         m.set_experts_implementation("eager")  # (grouped_mm has no float64: the fp64 references need eager)
+    if family == "gemma2":  # the attention softcap as defined (some transformers 5.x run SDPA, which drops it)
+        m.set_attn_implementation("eager")
     with torch.no_grad():
         for p in m.parameters():  # norm weights start at exactly 1 and biases at 0
             p.add_(torch.randn_like(p) * 0.05)
