@@ -187,6 +187,7 @@ def _generate_args(p):
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--min-p", type=float, default=None,
                    help="keep the tokens at least this fraction as likely as the most likely one")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="HF's repetition penalty (1 = off)")
     g.add_argument("--seed", type=int, default=None, help="default: random")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     g = p.add_argument_group("runtime")
@@ -314,7 +315,8 @@ def _generate_run(a):
                 sys.stdout.flush()
                 shown[0] = text
 
-    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, greedy=a.greedy,
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+              repetition_penalty=a.repetition_penalty, greedy=a.greedy,
               eos_token_id=None if a.ignore_eos else eos, seed=a.seed)
     gen.check_args(prompts, a.max_new_tokens, **kw)  # a bad argument: only the error, nothing on stdout
     if len(prompts) == 1:

@@ -57,7 +57,8 @@ from fastlm import ops
 from fastlm._checks import is_int
 from fastlm.nn.kv_cache import PagedKVCache, StaticKVCache
 from fastlm.models.transformer import triton_only
-from fastlm.sampling import check_min_p, check_sampling_args, sample_with_max
+from fastlm.sampling import (apply_repetition_penalty, check_min_p, check_repetition_penalty, check_sampling_args,
+                             sample_with_max)
 
 CACHES = ("static", "paged")
 
@@ -277,6 +278,8 @@ class _State:
                       torch.zeros(K, batch, dtype=dt, pin_memory=pinned)) for _ in range(2)]
         self.rng = torch.Generator(device=dev)
         self.graphs = {}  # sampling key -> CUDAGraph (or None: capture not possible, run eagerly)
+        self.penalty = None  # this run's repetition penalty (None: off)
+        self.seen = None  # (batch, vocab) bool: the tokens each sequence has seen (with a penalty)
 
     def fits(self, gen, batch, capacity, num_blocks):
         return (self.batch == batch and self.capacity >= capacity and self.weights == _weights_key(gen.model)
@@ -342,14 +345,16 @@ class Generator:
 
     # -------------------------------------------------------------------------- public
     def generate(self, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
-                 greedy=False, eos_token_id=None, seed=None, stream=None):
+                 repetition_penalty=None, greedy=False, eos_token_id=None, seed=None, stream=None):
         """Generate up to ``max_new_tokens`` tokens after each prompt.
 
         prompts: a list of token-id sequences (lists, 1-D tensors or arrays; lengths may differ)
         or a 2-D tensor.  Sampling: greedy=True (or temperature=0) takes the argmax; otherwise
         temperature, then top_k / top_p / min_p filtering (see fastlm.sampling.sample), then a
-        draw from a generator seeded with
-        ``seed`` (None: drawn from torch's global RNG, so torch.manual_seed also reproduces).
+        draw from a generator seeded with ``seed`` (None: drawn from torch's global RNG, so
+        torch.manual_seed also reproduces).  repetition_penalty (HF's, greedy included; None or
+        1: off) first rescales the logits of every token of the prompt and of the output so far
+        (fastlm.sampling.apply_repetition_penalty).
         eos_token_id: an int or a list of ints; a sequence stops after emitting one (it is
         included in the output).  stream: called as stream(seq_index, token) for every token as
         the host receives it (in chunks of ``sync_every``).
@@ -358,8 +363,8 @@ class Generator:
         """
         if stream is not None and not callable(stream):
             raise TypeError(f"stream must be a callable stream(seq_index, token) or None, got {type(stream).__name__}")
-        batch, it = self._start(prompts, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_token_id,
-                                seed)
+        batch, it = self._start(prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                                greedy, eos_token_id, seed)
         out = [[] for _ in range(batch)]
         for i, tok in it:
             out[i].append(tok)
@@ -367,15 +372,16 @@ class Generator:
                 stream(i, tok)
         return out
 
-    def stream(self, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None, greedy=False,
-               eos_token_id=None, seed=None):
+    def stream(self, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
+               repetition_penalty=None, greedy=False, eos_token_id=None, seed=None):
         """An iterator of (seq_index, token) in the order they are produced (arguments as in
         ``generate``).  Arguments are checked now, before any work; the work runs as it is
         iterated."""
-        return self._start(prompts, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_token_id, seed)[1]
+        return self._start(prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, greedy,
+                           eos_token_id, seed)[1]
 
     def check_args(self, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
-                   greedy=False, eos_token_id=None, seed=None, stream=None):
+                   repetition_penalty=None, greedy=False, eos_token_id=None, seed=None, stream=None):
         """Validate the arguments of ``generate`` / ``stream`` without doing any work (no cache is
         allocated, nothing runs on the model); raises TypeError / ValueError naming the argument.
 
@@ -396,6 +402,7 @@ class Generator:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         temperature, top_k, top_p = check_sampling_args(temperature, top_k, top_p)
         min_p = check_min_p(min_p)
+        repetition_penalty = check_repetition_penalty(repetition_penalty)
         if not isinstance(greedy, bool):
             raise TypeError(f"greedy must be a bool, got {greedy!r}")
         eos = _check_eos(eos_token_id, cfg.vocab_size)
@@ -413,21 +420,24 @@ class Generator:
         need = [n + max_new_tokens - 1 for n in lens]  # tokens each sequence stores (the last is never fed)
         capacity, num_blocks = self._sizes(need)
         return dict(prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, min_p=min_p, greedy=greedy, eos_token_id=eos, seed=seed, stream=stream, lens=lens,
+                    top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, greedy=greedy,
+                    eos_token_id=eos, seed=seed, stream=stream, lens=lens,
                     capacity=capacity, num_blocks=num_blocks)
 
-    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_token_id, seed):
+    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, greedy,
+               eos_token_id, seed):
         """Validate everything, then -> (batch, the token iterator)."""
         a = self.check_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, greedy=greedy, eos_token_id=eos_token_id, seed=seed)
+                            min_p=min_p, repetition_penalty=repetition_penalty, greedy=greedy,
+                            eos_token_id=eos_token_id, seed=seed)
         seed = a["seed"]
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         greedy = a["greedy"] or a["temperature"] == 0
         sp = dict(greedy=True) if greedy else dict(temperature=a["temperature"], top_k=a["top_k"], top_p=a["top_p"],
                                                    min_p=a["min_p"])
-        return len(a["prompts"]), self._run(a["prompts"], a["lens"], a["max_new_tokens"], sp, a["eos_token_id"], seed,
-                                            a["capacity"], a["num_blocks"])
+        return len(a["prompts"]), self._run(a["prompts"], a["lens"], a["max_new_tokens"], sp, a["repetition_penalty"],
+                                            a["eos_token_id"], seed, a["capacity"], a["num_blocks"])
 
     # -------------------------------------------------------------------------- sizing
     def _sizes(self, need):
@@ -475,7 +485,7 @@ class Generator:
             s.enter_context(torch.cuda.device(self.device))
         return s
 
-    def _run(self, prompts, lens, max_new, sp, eos, seed, capacity, num_blocks):
+    def _run(self, prompts, lens, max_new, sp, penalty, eos, seed, capacity, num_blocks):
         B, K = len(prompts), self.sync_every
         cuda = self.device.type == "cuda"
         self._runs += 1
@@ -484,11 +494,12 @@ class Generator:
         with self._ctx():
             st = self._get_state(B, capacity, num_blocks)
             st.rng.manual_seed(seed)
+            st.penalty = penalty  # (read by the steps; part of the graph key)
             clock.mark("start")
             self._prefill(st, prompts, lens, sp)
             clock.mark("prefill")
         finished, counts = [False] * B, [0] * B
-        key = tuple(sorted(sp.items()))
+        key = tuple(sorted(sp.items())) + (("repetition_penalty", penalty),)
         pending = deque()
         t, chunk = 1, 0  # tokens sampled per sequence so far; chunks issued
         done = False
@@ -564,7 +575,17 @@ class Generator:
             else:
                 logits.append(self._prefill_padded(st, prompts, lens, g0, g1))
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        if st.penalty is not None:  # the prompts' tokens are "seen"
+            if st.seen is None or st.seen.shape != logits.shape:
+                st.seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
+            st.seen.zero_()
+            rows = torch.tensor([b for b, n in enumerate(lens) for _ in range(n)], dtype=torch.long)
+            cols = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+            st.seen[_to(rows, self.device), _to(cols, self.device)] = True
+            logits = apply_repetition_penalty(logits, st.seen, st.penalty)
         first, top = sample_with_max(logits, generator=st.rng, **sp)  # (B,)
+        if st.penalty is not None:
+            st.seen.scatter_(1, first[:, None], True)
         st.tok.copy_(first[:, None])
         st.ring[0].copy_(first)
         st.row_max[0].copy_(top)
@@ -641,7 +662,12 @@ class Generator:
         if st.fused:
             st.cache.advance(1)  # positions <- seqlens; seqlens += 1
         stream = m.residual_stream(st.tok, positions=st.cache.positions, cache=st.hook)  # (B, 1, D)
-        nxt, top = sample_with_max(_head_rows(m, stream, (slice(None), -1)), generator=st.rng, **sp)  # (B,)
+        logits = _head_rows(m, stream, (slice(None), -1))  # (B, vocab)
+        if st.penalty is not None:
+            logits = apply_repetition_penalty(logits, st.seen, st.penalty)
+        nxt, top = sample_with_max(logits, generator=st.rng, **sp)  # (B,)
+        if st.penalty is not None:
+            st.seen.scatter_(1, nxt[:, None], True)
         st.tok.copy_(nxt[:, None])
         st.ring.index_copy_(0, st.ctr, nxt[None])
         st.row_max.index_copy_(0, st.ctr, top[None].to(st.row_max.dtype))  # .to: a no-op when greedy
@@ -722,8 +748,9 @@ class _Clock:
         return self.marks[b] - self.marks[a]
 
 
-def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None, greedy=False,
-             eos_token_id=None, seed=None, cache="static", cuda_graphs=True, stream=None):
+def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
+             repetition_penalty=None, greedy=False, eos_token_id=None, seed=None, cache="static", cuda_graphs=True,
+             stream=None):
     """Generate up to ``max_new_tokens`` tokens after each prompt with a fastlm Transformer.
 
     One-shot form of ``Generator(model, cache=cache, cuda_graphs=cuda_graphs).generate(...)``
@@ -732,7 +759,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top
     """
     gen = Generator(model, cache=cache, cuda_graphs=cuda_graphs)
     return gen.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                        greedy=greedy, eos_token_id=eos_token_id, seed=seed, stream=stream)
+                        repetition_penalty=repetition_penalty, greedy=greedy, eos_token_id=eos_token_id, seed=seed,
+                        stream=stream)
 
 
 def _head_rows(model, stream, index):

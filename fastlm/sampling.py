@@ -53,6 +53,24 @@ def check_min_p(min_p):
     return m or None
 
 
+def check_repetition_penalty(penalty):
+    """-> the penalty as a float, or None for None / 1.0 (off): a finite number > 0."""
+    if penalty is None:
+        return None
+    r = as_real(penalty, "repetition_penalty")
+    if not (math.isfinite(r) and r > 0.0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {penalty!r}")
+    return None if r == 1.0 else r
+
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """HF's repetition penalty (CTRL): the logits of the tokens already seen (bool mask ``seen``,
+    (..., vocab): the prompt and the tokens generated so far) are divided by ``penalty`` when
+    positive and multiplied by it when negative.  -> fp32 logits; device-only (capturable)."""
+    x = logits.float()
+    return torch.where(seen, torch.where(x < 0, x * penalty, x / penalty), x)
+
+
 def _filter_min_p(logits, min_p):
     """Drop the tokens whose probability is below min_p times the row's largest (HF's and vLLM's
     min-p), for logits whose row maximum is 0: p_i / p_max = exp(logit_i), so the test is

@@ -207,3 +207,22 @@ def test_min_p_keeps_the_tokens_near_the_top():
                      (float("nan"), ValueError)):
         with pytest.raises(exc, match="min_p"):
             sample(logits, min_p=bad)
+
+
+def test_repetition_penalty_is_hfs():
+    from fastlm.sampling import apply_repetition_penalty, check_repetition_penalty
+
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(3, 20) * 3
+    ids = torch.tensor([[1, 5, 5, 7], [0, 19, 2, 2], [3, 3, 3, 3]])
+    seen = torch.zeros(3, 20, dtype=torch.bool).scatter_(1, ids, True)
+    for penalty in (1.3, 0.7):
+        want = transformers.generation.logits_process.RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+        torch.testing.assert_close(apply_repetition_penalty(logits, seen, penalty), want)
+        # bf16 logits: computed in fp32
+        assert apply_repetition_penalty(logits.bfloat16(), seen, penalty).dtype == torch.float32
+    assert check_repetition_penalty(None) is None and check_repetition_penalty(1) is None
+    assert check_repetition_penalty(1.2) == 1.2
+    for bad, exc in ((0.0, ValueError), (-1.0, ValueError), (float("inf"), ValueError), ("1.2", TypeError)):
+        with pytest.raises(exc, match="repetition_penalty"):
+            check_repetition_penalty(bad)
