@@ -12,7 +12,9 @@ measured in this run, and the peak memory above the inputs, beside the eager ref
 + fp32 cross-entropy), torch.compile of it and Liger's fused linear cross-entropy.
 Shapes: the Llama-3.2-1B head (dim 2048, vocab 128256, 8k tokens) and GPT-2's (768, 50257, 32k);
 and that 1B head with the loss options on (label smoothing 0.1, z-loss 1e-4, softcap 30: Gemma 2's
-final-logit cap), beside the same reference and Liger's loss module with the same options.
+final-logit cap), beside the same reference and Liger's loss module with the same options; and
+with reduction="none" (per-token losses, here summed with per-token weights: fastlm and Liger
+both recompute the logits in the backward, four GEMMs instead of three), rows options=reduction-none.
 """
 
 import torch
@@ -55,19 +57,35 @@ def ce_impls():
     return impls
 
 
-def lce_impls(options=False):
-    """options: the loss options of OPTIONS on, for every implementation."""
+def _weighted(t):
+    """Per-token weights in {0.5, 1, 1.5} (from the targets: no extra state) for reduction="none"."""
+    return (t.remainder(3).float() + 1.0) * 0.5
+
+
+def lce_impls(options=False, reduction="mean"):
+    """options: the loss options of OPTIONS on, for every implementation.  reduction "none": each
+    returns its per-token losses summed with _weighted's weights (a scalar to differentiate)."""
     kw = OPTIONS if options else {}
 
     def ref(h, w, t):
-        return reference.linear_cross_entropy(h, w, t, None, -100, "mean", kw.get("label_smoothing", 0.0),
+        return reference.linear_cross_entropy(h, w, t, None, -100, reduction, kw.get("label_smoothing", 0.0),
                                               kw.get("z_loss", 0.0), kw.get("softcap", 0.0))
 
     impls = {
-        "fastlm-triton": lambda h, w, t: fastlm.ops.linear_cross_entropy(h, w, t, backend="triton", **kw),
+        "fastlm-triton": lambda h, w, t: fastlm.ops.linear_cross_entropy(h, w, t, reduction=reduction,
+                                                                         backend="triton", **kw),
         "torch-eager": ref,
         "torch-compile": compiled(ref),
     }
+    if reduction == "none":
+        liger = _liger("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
+        if isinstance(liger, str):
+            impls["liger"] = liger
+        else:
+            loss = liger(ignore_index=-100, reduction="none")
+            impls["liger"] = lambda h, w, t: loss(w, h, t)
+        return {name: fn if isinstance(fn, str) else (lambda h, w, t, f=fn: (f(h, w, t) * _weighted(t)).sum())
+                for name, fn in impls.items()}
     if not options:
         liger = _liger("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
         impls["liger"] = liger if isinstance(liger, str) else (lambda h, w, t: liger.apply(h, w, t)[0])
@@ -155,13 +173,16 @@ def main(argv=None):
         del x
         torch.cuda.empty_cache()
 
-    for preset, M, D, V, options in [(*s, False) for s in lce_shapes] + [(*LCE_SHAPES[0], True)]:
-        impls = lce_impls(options)
+    variants = [(*s, False, "mean") for s in lce_shapes] + [(*LCE_SHAPES[0], True, "mean"),
+                                                             (*LCE_SHAPES[0], False, "none")]
+    for preset, M, D, V, options, reduction in variants:
+        impls = lce_impls(options, reduction)
         h = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(V, D, device="cuda", dtype=torch.bfloat16) * D**-0.5
         t = _targets(M, V)
+        label = ",".join(f"{k}={v}" for k, v in OPTIONS.items()) if options else "none"
         base = dict(op="linear_cross_entropy", head=preset, tokens=M, dim=D, vocab=V, dtype="bfloat16", mode="fwd+bwd",
-                    options=",".join(f"{k}={v}" for k, v in OPTIONS.items()) if options else "none")
+                    options="reduction-none" if reduction == "none" else label)
         times = {}
         for name, fn in impls.items():
             if isinstance(fn, str):

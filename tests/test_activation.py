@@ -264,7 +264,8 @@ def test_torch_compile_fullgraph():
     def block(h, gate, up):
         a = fastlm.ops.swiglu(h, backend="triton")
         b = fastlm.ops.swiglu(gate, up, backend="triton")
-        return (a * 2.0).sum() + (b * b).sum()
+        c = fastlm.ops.geglu(h, approximate="tanh", backend="triton")
+        return (a * 2.0).sum() + (b * b).sum() + (c * c).sum()
 
     h = torch.randn(4, 3, 2 * 24, device=DEVICE, requires_grad=True)
     gate = torch.randn(7, 24, device=DEVICE, requires_grad=True)
