@@ -256,7 +256,7 @@ def _unpad_index(pad):
     padding): (indices of the kept tokens among the B * T, int32 (B + 1,) offsets of each row's
     run among them), the varlen layout flash_attn's HF integration unpads to.  Within such a run
     HF's mask (causal over the row's indices, window included) is the run's own causal mask.
-    None for rows with holes.  One host sync, once per forward (the mask is built once)."""
+    None for rows with holes.  Two host reads, once per forward (the mask is built once)."""
     keep = pad.bool()
     starts = keep.clone()
     starts[:, 1:] &= ~keep[:, :-1]
