@@ -278,7 +278,8 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
         query.shape[-1] == value.shape[-1])
     # a decode step (a few new tokens over HF's cache, no gradient): the split-KV decode kernel,
     # which fills the GPU at batch 1 where one program per head cannot
-    decode = plain and T < S and T <= _decode.MAX_SEQLEN_Q and not (torch.is_grad_enabled() and query.requires_grad)
+    decode = (plain and T < S and T <= _decode.MAX_SEQLEN_Q and query.dtype == key.dtype == value.dtype
+              and not (torch.is_grad_enabled() and query.requires_grad))
     if plain and attention_mask is None and (sliding_window is None or S <= sliding_window - 1):
         # what HF's SDPA path runs with is_causal (bottom-right aligned when T < S: decoding)
         if decode:
