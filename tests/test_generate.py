@@ -155,13 +155,17 @@ def _hf_model(family="llama"):
     torch.manual_seed(1)
     if family == "qwen3":  # per-head q/k norms before the rotation the decode kernels fuse
         m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw, head_dim=32))
+    elif family == "phi3":  # partial rotary in the fused rotate-and-append decode kernel
+        m = transformers.Phi3ForCausalLM(transformers.Phi3Config(**{**kw, "pad_token_id": None}, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}))
     else:
         m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     randomize_(m)
     return m.eval()
 
 
-@pytest.mark.parametrize("family,backend", [("llama", "fused"), ("llama", "reference"), ("qwen3", "fused")])
+@pytest.mark.parametrize("family,backend", [("llama", "fused"), ("llama", "reference"), ("qwen3", "fused"),
+                                            ("phi3", "fused")])
 def test_greedy_equals_hf_generate(family, backend):
     hf = _hf_model(family)
     model = Transformer.from_hf(hf, backend=backend).to(DEVICE)

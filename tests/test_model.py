@@ -535,6 +535,10 @@ def hf_model(family):
         m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
     elif family == "qwen3":  # per-head q/k RMSNorms; head_dim * heads != hidden_size, as in Qwen3-0.6B
         m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True))
+    elif family == "phi3":  # stacked qkv_proj / gate_up_proj, partial rotary (3/4 of each head), a sliding window
+        rope = {"rope_type": "default", "partial_rotary_factor": 0.75}
+        m = transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, pad_token_id=None, sliding_window=9,
+                                                                 **_rope_kw(transformers.Phi3Config, 10000.0, rope)))
     else:
         m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=None, eos_token_id=None))
@@ -549,7 +553,7 @@ def _rope_kw(cls, theta, scaling):
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"]
 
 
 def hf_logits(model, tokens):
@@ -823,3 +827,19 @@ def test_op_backend_cuda_runs_everywhere():
 
     out = generate(cuda, [[1, 2, 3], [4, 5]], 5, greedy=True)
     assert out == generate(ref, [[1, 2, 3], [4, 5]], 5, greedy=True)
+
+
+def test_phi3_longrope_is_refused():
+    # Phi-3's long-context checkpoints switch between two rescaled tables by sequence length
+    # ("longrope"), which fastlm's rotary tables do not have: an error naming it, not a wrong table
+    from fastlm.models.hf import config_from_hf
+
+    c = dict(model_type="phi3", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=128, hidden_act="silu",
+             rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+             original_max_position_embeddings=64)
+    with pytest.raises(ValueError, match="unsupported phi3 rope_type 'longrope'"):
+        config_from_hf(c)
+    c.pop("rope_scaling")
+    cfg = config_from_hf(dict(c, partial_rotary_factor=0.5))  # transformers 4's top-level factor
+    assert (cfg.head_dim, cfg.rotary_dim) == (16, 8)

@@ -1,10 +1,11 @@
-"""Hugging Face checkpoints <-> fastlm Transformer: Llama, Mistral, Qwen2, Qwen3 and GPT-2 families.
+"""Hugging Face checkpoints <-> fastlm Transformer: Llama, Mistral, Qwen2, Qwen3, Phi-3 and GPT-2 families.
 
     model = Transformer.from_hf("path/to/folder")       # config.json + *.safetensors (or a model object)
     hf_model = model.to_hf()                             # a transformers model with the same weights
 
 Weight layout differences handled here:
-  - fastlm stacks q/k/v into one ``wqkv`` and SwiGLU's gate/up into one ``w_in`` (one matmul each);
+  - fastlm stacks q/k/v into one ``wqkv`` and SwiGLU's gate/up into one ``w_in`` (one matmul each;
+    Phi-3 stores them stacked already, as qkv_proj and gate_up_proj);
   - GPT-2's Conv1D stores weights as (in, out): they are transposed;
   - HF Llama weights already use the rotate-half RoPE pairing that fastlm uses (no permutation);
   - Qwen3's per-head q_norm / k_norm map to the attention's q_norm / k_norm (config qk_norm).
@@ -17,12 +18,12 @@ import torch
 
 from fastlm.models.config import TransformerConfig
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
 
 
 # ------------------------------------------------------------------------------ configs
-def _rope_from_hf(c, head_dim):
+def _rope_from_hf(c, head_dim, partial=False):
     """(base, scaling dict or None, rotary_dim) of a Llama-like family from a v4 (rope_theta +
     rope_scaling) or v5 (rope_parameters) transformers config dict, merged as transformers v5
     does: rope_scaling has priority over rope_parameters, rope_theta comes from that dict, else
@@ -34,8 +35,14 @@ def _rope_from_hf(c, head_dim):
     # transformers' Llama, Mistral and Qwen2 have no partial rotary: their default rope ignores
     # partial_rotary_factor and rotates the whole head_dim (the scaled ropes shrink inv_freq by it
     # and then fail on the size mismatch).  What HF computes is the full head_dim, so that is it.
-    params.pop("partial_rotary_factor", None)
+    factor = params.pop("partial_rotary_factor", None)
+    if partial:  # Phi-3 rotates the first int(head_dim * factor) dims and passes the rest
+        factor = factor if factor is not None else c.get("partial_rotary_factor", 1.0)
+        head_dim = int(head_dim * factor)
     kind = params.pop("rope_type", params.pop("type", "default"))
+    if partial and kind not in ("default", "linear", "dynamic", "yarn", "llama3"):
+        raise ValueError(f"unsupported {c.get('model_type')} rope_type {kind!r} (fastlm's rotary tables have default, "
+                         "linear, dynamic, yarn and llama3)")
     if kind in ("llama3", "yarn", "longrope") and params.get("original_max_position_embeddings") is None \
             and c.get("original_max_position_embeddings"):
         params["original_max_position_embeddings"] = c["original_max_position_embeddings"]  # as HF v5 does
@@ -73,9 +80,9 @@ def config_from_hf(c):
         raise ValueError(f"unsupported {mtype} hidden_act {c.get('hidden_act')!r} (fastlm's SwiGLU uses silu)")
     n_heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // n_heads
-    base, scaling, rotary_dim = _rope_from_hf(c, head_dim)
+    base, scaling, rotary_dim = _rope_from_hf(c, head_dim, partial=mtype == "phi3")
     window = None
-    if mtype == "mistral":
+    if mtype in ("mistral", "phi3"):
         window = c.get("sliding_window")
     elif mtype in ("qwen2", "qwen3"):
         types = c.get("layer_types")
@@ -121,15 +128,21 @@ def _hf_config(cfg, arch):
         raise ValueError(f"to_hf: {arch} {'needs' if arch == 'qwen3' else 'has no'} per-head q/k norms "
                          f"(config qk_norm={cfg.qk_norm})")
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
-           "qwen3": transformers.Qwen3Config}[arch]
+           "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config}[arch]
     kw = dict(hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
               rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seqlen, hidden_act="silu",
               bos_token_id=None, eos_token_id=None, **common)
-    if cfg.rotary_dim != cfg.head_dim:  # see _rope_from_hf
+    if cfg.rotary_dim != cfg.head_dim and arch != "phi3":  # see _rope_from_hf
         raise ValueError(f"to_hf: transformers' {arch} has no partial rotary (it rotates the whole head_dim), "
                          f"got rotary_dim={cfg.rotary_dim} < head_dim={cfg.head_dim}")
     scaling = dict(cfg.rope_scaling or {})
+    if arch == "phi3":
+        factor = cfg.rotary_dim / cfg.head_dim
+        if int(cfg.head_dim * factor) != cfg.rotary_dim:
+            raise ValueError(f"to_hf: rotary_dim={cfg.rotary_dim} is not int(head_dim * factor) for any factor")
+        if factor != 1.0:
+            scaling["partial_rotary_factor"] = factor
     kind = scaling.pop("rope_type", scaling.pop("type", "default"))  # the legacy "type" key too
     if kind == "dynamic":  # HF's dynamic reads the original length from max_position_embeddings
         kw["max_position_embeddings"] = scaling.pop("original_max_position_embeddings", cfg.max_seqlen)
@@ -150,11 +163,19 @@ def _hf_config(cfg, arch):
                   max_window_layers=0)
     else:
         if cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
-            raise ValueError("to_hf: Mistral has no biases")
+            raise ValueError(f"to_hf: {arch} has no biases")
         kw.update(sliding_window=cfg.sliding_window)
+        if arch == "phi3":
+            kw.pop("head_dim")  # (Phi-3 derives it: hidden_size / num_attention_heads)
+            if cfg.head_dim * cfg.n_heads != cfg.dim:
+                raise ValueError("to_hf: Phi-3's head_dim is hidden_size / num_attention_heads")
+            kw.update(pad_token_id=None, original_max_position_embeddings=cfg.max_seqlen, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attention_dropout=0.0)
     if "rope_parameters" in inspect.signature(cls.__init__).parameters:  # transformers >= 5
         kw["rope_parameters"] = {"rope_theta": cfg.rope_base, **rope}
     else:
+        if "partial_rotary_factor" in rope:  # transformers 4's Phi-3 reads it from the top level
+            kw["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
         kw["rope_theta"] = cfg.rope_base
         kw["rope_scaling"] = None if rope == {"rope_type": "default"} else rope
     return cls(**kw)
@@ -221,7 +242,10 @@ def state_dict_from_hf(sd, cfg, arch):
                 p, q = f"layers.{i}.", f"layers.{i}."
                 a = p + "self_attn."
                 out[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
-                out[q + "attn.wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
+                if arch == "phi3":
+                    out[q + "attn.wqkv.weight"] = take(a + "qkv_proj.weight")
+                else:
+                    out[q + "attn.wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
                 if cfg.qkv_bias:
                     out[q + "attn.wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
                 out[q + "attn.wo.weight"] = take(a + "o_proj.weight")
@@ -232,7 +256,10 @@ def state_dict_from_hf(sd, cfg, arch):
                     out[q + "attn.k_norm.weight"] = take(a + "k_norm.weight")
                 out[q + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
                 m = p + "mlp."
-                out[q + "mlp.w_in.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
+                if arch == "phi3":
+                    out[q + "mlp.w_in.weight"] = take(m + "gate_up_proj.weight")
+                else:
+                    out[q + "mlp.w_in.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
                 out[q + "mlp.w_out.weight"] = take(m + "down_proj.weight")
                 if cfg.mlp_bias:
                     out[q + "mlp.w_in.bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])
@@ -277,8 +304,11 @@ def state_dict_to_hf(model, arch):
             p, q = f"model.layers.{i}.", f"layers.{i}."
             a = p + "self_attn."
             out[p + "input_layernorm.weight"] = sd[q + "attn_norm.weight"]
-            for n, w in zip("qkv", sd[q + "attn.wqkv.weight"].split(sizes)):
-                out[a + f"{n}_proj.weight"] = w
+            if arch == "phi3":
+                out[a + "qkv_proj.weight"] = sd[q + "attn.wqkv.weight"]
+            else:
+                for n, w in zip("qkv", sd[q + "attn.wqkv.weight"].split(sizes)):
+                    out[a + f"{n}_proj.weight"] = w
             if cfg.qkv_bias:
                 for n, b in zip("qkv", sd[q + "attn.wqkv.bias"].split(sizes)):
                     out[a + f"{n}_proj.bias"] = b
@@ -289,8 +319,11 @@ def state_dict_to_hf(model, arch):
                 for n in ("q_norm", "k_norm"):
                     out[a + f"{n}.weight"] = sd[q + f"attn.{n}.weight"]
             out[p + "post_attention_layernorm.weight"] = sd[q + "mlp_norm.weight"]
-            gate, up = sd[q + "mlp.w_in.weight"].chunk(2)
-            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+            if arch == "phi3":
+                out[p + "mlp.gate_up_proj.weight"] = sd[q + "mlp.w_in.weight"]
+            else:
+                gate, up = sd[q + "mlp.w_in.weight"].chunk(2)
+                out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
             out[p + "mlp.down_proj.weight"] = sd[q + "mlp.w_out.weight"]
             if cfg.mlp_bias:
                 gb, ub = sd[q + "mlp.w_in.bias"].chunk(2)
@@ -401,7 +434,8 @@ def from_hf(model_or_path, backend="fused", op_backend=None, dtype=None):
 
 def to_hf(model, arch=None):
     """The transformers model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-    Qwen3ForCausalLM or GPT2LMHeadModel) holding a copy of `model`'s weights, in float32 unless the model isn't."""
+    Qwen3ForCausalLM, Phi3ForCausalLM or GPT2LMHeadModel) holding a copy of `model`'s weights, in float32 unless
+    the model isn't."""
     import transformers
 
     arch = arch or default_arch(model.config)
@@ -410,7 +444,7 @@ def to_hf(model, arch=None):
     hf_cfg = _hf_config(model.config, arch)
     cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
            "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
-           "gpt2": transformers.GPT2LMHeadModel}[arch]
+           "phi3": transformers.Phi3ForCausalLM, "gpt2": transformers.GPT2LMHeadModel}[arch]
     hf_model = cls(hf_cfg)
     sd = state_dict_to_hf(model, arch)
     dtype = next(model.parameters()).dtype
