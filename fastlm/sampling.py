@@ -71,13 +71,13 @@ def apply_repetition_penalty(logits, seen, penalty):
     return torch.where(seen, torch.where(x < 0, x * penalty, x / penalty), x)
 
 
-def _filter_min_p(logits, min_p):
+def _filter_min_p(logits, min_p, top=None):
     """Drop the tokens whose probability is below min_p times the row's largest (HF's and vLLM's
-    min-p), for logits whose row maximum is 0: p_i / p_max = exp(logit_i), so the test is
-    logit_i < log(min_p), no softmax needed."""
+    min-p): p_i / p_max = exp(logit_i - top), so the test is logit_i - top < log(min_p), no
+    softmax needed.  top: the row maxima (keepdim), None for logits whose row maximum is 0."""
     if min_p is None:
         return logits
-    return logits.masked_fill(logits < math.log(min_p), float("-inf"))
+    return logits.masked_fill((logits if top is None else logits - top) < math.log(min_p), float("-inf"))
 
 
 def _outside_top_k(logits, top_k):
@@ -104,10 +104,7 @@ def filter_logits(logits, top_k=None, top_p=None, min_p=None):
     if outside_k is not None:
         logits = logits.masked_fill(outside_k, float("-inf"))
     logits = _filter_top_p(logits, top_p)
-    if min_p is None:
-        return logits
-    top = logits.amax(-1, keepdim=True)
-    return logits.masked_fill(logits - top < math.log(min_p), float("-inf"))
+    return _filter_min_p(logits, min_p, logits.amax(-1, keepdim=True) if min_p is not None else None)
 
 
 def _filter_top_p(logits, top_p):
