@@ -35,7 +35,9 @@
 // that combine_kernel merges (or the decode's own last CTA per tile: fused_combine).  Other dtypes/shapes (fp32, head_dim % 8 != 0, unaligned caches)
 // take decode_simple_kernel: CUDA cores, one token at a time, each warp owning 4 of the 16 rows.
 // Masks: query row at position p = L - seqlen_q + s sees key j iff j < L, j <= p (causal) and
-// j >= p - window (window >= 0); rows that see nothing give 0; keys of invalid blocks are masked.
+// j >= p - window (window >= 0), and j >= cache_leftpad[b] when given (the split range starts
+// there: a left-padded prompt's padding is never read); rows that see nothing give 0; keys of
+// invalid blocks are masked.
 // A NaN score (a NaN query, or a NaN in a visible key) gives a NaN row, as in the reference:
 // normalizers are tested with != 0 (NaN passes), never > 0, so no NaN is turned into a 0.
 #include "common.cuh"
@@ -168,6 +170,7 @@ struct DecodeParams {
   const void* k;
   const void* v;
   const int* seqlens;
+  const int* leftpad;      // (batch,) each sequence's first key (cache_leftpad), or nullptr: 0
   const int* block_table;  // nullptr: contiguous layout
   void* out;
   float* o_part;    // (batch, seqlen_q, Hq, num_splits, D) when num_splits > 1
@@ -211,7 +214,8 @@ __device__ __forceinline__ SplitRange split_range(const DecodeParams& p, int b, 
   const int64_t L = static_cast<int64_t>(p.seqlens[b]) + p.seqlen_add;
   r.L = L < 0 ? 0 : (L > p.capacity ? p.capacity : static_cast<int>(L));
   r.hi = r.L;
-  const int lo = p.window >= 0 ? max(0, r.L - p.seqlen_q - p.window) : 0;
+  int lo = p.window >= 0 ? max(0, r.L - p.seqlen_q - p.window) : 0;
+  if (p.leftpad != nullptr) lo = max(lo, min(p.leftpad[b], r.L));  // a left-padded prompt's padding
   r.lo = lo;
   r.base = lo & ~(kStep - 1);
   const int n_steps = max(0, (r.hi - r.base + kStep - 1) / kStep);
@@ -665,7 +669,8 @@ __global__ void __launch_bounds__(kThreads) decode_simple_kernel(const DecodePar
       acc[i][j] = 0.f;
     }
   }
-  const int t0 = sr.base + sr.step0 * kStep, t1 = min(sr.base + sr.step1 * kStep, sr.hi);
+  // (base is lo rounded down: the tokens before lo are the window's or the padding's, never seen)
+  const int t0 = max(sr.base + sr.step0 * kStep, sr.lo), t1 = min(sr.base + sr.step1 * kStep, sr.hi);
   for (int tok = t0; tok < t1; ++tok) {
     int blk = 0, slot = 0;
     if (!locate(p, b, tok, sr.hi, blk, slot)) continue;  // warp-uniform
@@ -768,6 +773,16 @@ void check_index(const at::Tensor& t, const at::Tensor& ref, const char* name, i
   TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kInt, name, " must have dtype int32, got ", t.scalar_type());
   TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+// cache_leftpad (int32 (batch,), contiguous), or undefined when absent.
+at::Tensor check_leftpad(const std::optional<at::Tensor>& cache_leftpad, const at::Tensor& k_cache, int64_t batch) {
+  if (!cache_leftpad.has_value() || !cache_leftpad->defined()) return at::Tensor();
+  const at::Tensor& t = *cache_leftpad;
+  check_index(t, k_cache, "cache_leftpad", 1);
+  TORCH_CHECK(t.size(0) == batch, "cache_leftpad must have shape (", batch, ",), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "cache_leftpad must be contiguous");
+  return t;
 }
 
 // Validates cache_seqlens / block_table for `batch` sequences; returns (block_table or undefined,
@@ -890,9 +905,9 @@ at::Tensor decode_ready(const at::Tensor& q) {
 // Launches the decode of q (decode_ready) into out over the first cache_seqlens[b] + seqlen_add
 // tokens.  sem: zeroed counters (batch, Hkv * row tiles) for the fused combine, or undefined.
 void launch_decode(const at::Tensor& q, const at::Tensor& out, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                   const at::Tensor& cache_seqlens, const at::Tensor& bt, int64_t capacity, double softmax_scale,
-                   bool causal, int64_t window, double softcap, int64_t num_splits, int64_t seqlen_add,
-                   const at::Tensor& sem) {
+                   const at::Tensor& cache_seqlens, const at::Tensor& leftpad, const at::Tensor& bt, int64_t capacity,
+                   double softmax_scale, bool causal, int64_t window, double softcap, int64_t num_splits,
+                   int64_t seqlen_add, const at::Tensor& sem) {
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(2);
   const int64_t G = Hq / Hkv;
   const int64_t n_mtiles = row_tiles(q, k_cache);
@@ -908,6 +923,7 @@ void launch_decode(const at::Tensor& q, const at::Tensor& out, const at::Tensor&
   p.k = k_cache.data_ptr();
   p.v = v_cache.data_ptr();
   p.seqlens = cache_seqlens.data_ptr<int>();
+  p.leftpad = leftpad.defined() ? leftpad.data_ptr<int>() : nullptr;
   p.block_table = bt.defined() ? bt.data_ptr<int>() : nullptr;
   p.out = out.data_ptr();
   p.o_part = num_splits > 1 ? o_part.data_ptr<float>() : nullptr;
@@ -999,15 +1015,16 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
 
 at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
-                                 double softmax_scale, bool causal, int64_t window, double softcap,
-                                 int64_t num_splits) {
+                                 const std::optional<at::Tensor>& cache_leftpad, double softmax_scale, bool causal,
+                                 int64_t window, double softcap, int64_t num_splits) {
   check_decode(q_in, k_cache, v_cache, window, softcap, num_splits);
   auto [bt, capacity] = check_layout(k_cache, cache_seqlens, block_table, q_in.size(0));
+  const at::Tensor leftpad = check_leftpad(cache_leftpad, k_cache, q_in.size(0));
   at::Tensor out = at::empty_like(q_in);
   if (out.numel() == 0) return out;
   c10::cuda::CUDAGuard guard(q_in.device());
-  launch_decode(decode_ready(q_in), out, k_cache, v_cache, cache_seqlens, bt, capacity, softmax_scale, causal, window,
-                softcap, num_splits, 0, at::Tensor());
+  launch_decode(decode_ready(q_in), out, k_cache, v_cache, cache_seqlens, leftpad, bt, capacity, softmax_scale, causal,
+                window, softcap, num_splits, 0, at::Tensor());
   return out;
 }
 
@@ -1018,6 +1035,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cac
 at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                          const at::Tensor& k_in, const at::Tensor& v_in,
                                          const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                                         const std::optional<at::Tensor>& cache_leftpad,
                                          const std::optional<at::Tensor>& rotary_cos,
                                          const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
                                          double softmax_scale, bool causal, int64_t window, double softcap,
@@ -1046,6 +1064,7 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
     TORCH_CHECK(S == Sq, "with rotary tables, k's seqlen_new (", S, ") must equal q's seqlen_q (", Sq, ")");
   }
   auto [bt, capacity] = check_layout(k_cache, cache_seqlens, block_table, B);
+  const at::Tensor leftpad = check_leftpad(cache_leftpad, k_cache, B);
   at::Tensor out = at::empty_like(q_in);
   if (out.numel() == 0) return out;
   c10::cuda::CUDAGuard guard(q_in.device());
@@ -1116,8 +1135,8 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  launch_decode(q, out, k_cache, v_cache, cache_seqlens, bt, capacity, softmax_scale, causal, window, softcap,
-                num_splits, S, sem);
+  launch_decode(q, out, k_cache, v_cache, cache_seqlens, leftpad, bt, capacity, softmax_scale, causal, window,
+                softcap, num_splits, S, sem);
   return out;
 }
 

@@ -62,17 +62,18 @@ TORCH_LIBRARY(fastlm, m) {
       "kv_cache_append_cuda(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor cache_seqlens,"
       " Tensor? block_table) -> ()");
   // Split-KV decode attention of q (batch, seqlen_q, n_heads_q, head_dim) over the first
-  // cache_seqlens[b] tokens; causal aligned to the end of the cache, window >= -1, softcap >= 0,
-  // num_splits in [1, 128] (resolved by the caller).  Returns out like q.  Forward only.
+  // cache_seqlens[b] tokens (from cache_leftpad[b] on, int32 (batch,), when given); causal aligned to
+  // the end of the cache, window >= -1, softcap >= 0, num_splits in [1, 128] (resolved by the
+  // caller).  Returns out like q.  Forward only.
   m.def(
       "decode_attention_cuda(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table,"
-      " float softmax_scale, bool causal, int window, float softcap, int num_splits) -> Tensor");
+      " Tensor? cache_leftpad, float softmax_scale, bool causal, int window, float softcap, int num_splits) -> Tensor");
   // decode_attention_cuda after appending k, v (batch, seqlen_new, n_kv_heads, head_dim) at positions
   // cache_seqlens[b] + s (cache_seqlens itself unchanged), attending over cache_seqlens[b] + seqlen_new
   // tokens.  rotary_cos/sin (max_positions, rotary_dim / 2), fp32 or q's dtype: q and k are first rotated
   // at those positions (seqlen_new == seqlen_q; q itself unchanged).  Two launches.  Forward only.
   m.def(
       "decode_attention_with_kv_cuda(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v,"
-      " Tensor cache_seqlens, Tensor? block_table, Tensor? rotary_cos, Tensor? rotary_sin, bool rotary_interleaved,"
+      " Tensor cache_seqlens, Tensor? block_table, Tensor? cache_leftpad, Tensor? rotary_cos, Tensor? rotary_sin, bool rotary_interleaved,"
       " float softmax_scale, bool causal, int window, float softcap, int num_splits) -> Tensor");
 }

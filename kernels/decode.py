@@ -31,7 +31,8 @@ Decode (memory-bound: every byte of the visible K/V is read once):
   launch, and nothing kept between calls: CUDA-graph safe).  A tile whose partials exceed
   MAX_FUSED_MERGE_BYTES is left to `_combine_kernel` (too much for one program to merge).
 - Masks: query row at position p = L - seqlen_q + s sees key t iff t < L, t <= p (causal) and
-  t >= p - window (window >= 0).  Rows that see no key give 0.  Block ids out of range are
+  t >= p - window (window >= 0), and t >= cache_leftpad[b] when given (the split range starts
+  there, so padding keys are never read).  Rows that see no key give 0.  Block ids out of range are
   masked (never read).  Forward only.
 """
 import functools
@@ -222,6 +223,7 @@ def _decode_kernel(
     K_CACHE,  # *T  (num_blocks, PAGE, Hkv, D) or (batch, max_seqlen, Hkv, D)
     V_CACHE,  # *T  same shape as K_CACHE
     SEQLENS,  # *i32 (batch,): tokens of each sequence in the cache (+ seqlen_add: the new ones)
+    LEFTPAD,  # *i32 (batch,): each sequence's first key (cache_leftpad; read when HAS_LEFTPAD)
     BT,  # *i32 (batch, max_blocks) (unused unless PAGED)
     OUT,  # *T  (batch, seqlen_q, Hq, D), strides s_o* (written when not SPLIT)
     O_PART,  # *fp32 (batch, seqlen_q, Hq, num_splits, D) contiguous (written when SPLIT)
@@ -248,6 +250,7 @@ def _decode_kernel(
     PAGE: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr,
     SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr,  # write partials to O_PART/LSE_PART (else the final output to OUT)
     FUSED_COMBINE: tl.constexpr,  # SPLIT: the last program of each (b, hkv, mtile) merges the splits
@@ -285,6 +288,8 @@ def _decode_kernel(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(L - seqlen_q - window, 0)
+    if HAS_LEFTPAD:  # keys before the sequence's first one (a left-padded prompt's padding)
+        lo = tl.maximum(lo, tl.minimum(tl.load(LEFTPAD + b), L))
     # This program's chunk of the visible keys: a run of whole tiles.
     n_tiles = (L - lo + BLOCK_N - 1) // BLOCK_N
     per_split = (n_tiles + num_splits - 1) // num_splits
@@ -452,9 +457,10 @@ def combine_counters(q, k_cache, num_splits):
 
 @on_tensor_device
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap,
-                     num_splits, seqlen_add=0, counters=None):
+                     num_splits, seqlen_add=0, counters=None, cache_leftpad=None):
     """Shapes/dtypes/devices validated by fastlm.ops.kv_cache; num_splits >= 1 resolved there.
-    Sequence b attends to its first cache_seqlens[b] + seqlen_add tokens.  counters: from
+    Sequence b attends to its first cache_seqlens[b] + seqlen_add tokens (from cache_leftpad[b]
+    on, when given).  counters: from
     combine_counters(), zeroed since (by kv_cache_append): the splits merge without a combine
     launch."""
     B, Sq, Hq, D = q.shape
@@ -486,13 +492,15 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sc
     else:
         qk_scale, softcap_log2 = softmax_scale * LOG2E, 0.0
     _decode_kernel[(num_splits, Hkv * n_mtiles, B)](
-        q, k_cache, v_cache, cache_seqlens, block_table if paged else cache_seqlens,
+        q, k_cache, v_cache, cache_seqlens, cache_leftpad if cache_leftpad is not None else cache_seqlens,
+        block_table if paged else cache_seqlens,
         out, o_part, lse_part, counters if split and counters is not None else cache_seqlens,
         qk_scale, softcap_log2,
         Sq, seqlen_add, G, Hq, D, k_cache.shape[0], capacity, window, num_splits, n_mtiles,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         block_table.stride(0) if paged else 0,
-        PAGED=paged, PAGE=page, CAUSAL=causal, HAS_WINDOW=window >= 0, SOFTCAP=softcap > 0, SPLIT=split,
+        PAGED=paged, PAGE=page, CAUSAL=causal, HAS_WINDOW=window >= 0,
+        HAS_LEFTPAD=cache_leftpad is not None, SOFTCAP=softcap > 0, SPLIT=split,
         FUSED_COMBINE=fused, BLOCK_S=next_pow2(num_splits) if fused else 1,
         MERGE_M=merge_m if fused else 1, CHUNK_S=merge_chunk(merge_m, block_d, num_warps, num_splits) if fused else 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

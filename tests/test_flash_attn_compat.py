@@ -145,6 +145,17 @@ def test_with_kvcache(paged):
         close(got[b:b + 1], naive(qr[b:b + 1], keys, vals, causal=True)[0])
         stored = kc if not paged else torch.cat([kc[i] for i in block_table[b].tolist()])[None].expand(B, -1, -1, -1)
         close(stored[b if not paged else 0, n:n + 2], kr[b])  # appended, rotated, in place
+    # cache_leftpad (left-padded prompts): sequence b's keys start at that slot; the new tokens
+    # still go to (and rotate at) slots cache_seqlens + i
+    pad = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
+    kc, vc = caches()
+    got = fa.flash_attn_with_kvcache(q, kc, vc, k, v, cos, sin, lens, cache_leftpad=pad, block_table=block_table,
+                                     causal=True)
+    for b in range(B):
+        n, p = int(lens[b]), int(pad[b])
+        keys = torch.cat([k_cache[b:b + 1, p:n].double(), kr[b:b + 1]], 1)
+        vals = torch.cat([v_cache[b:b + 1, p:n].double(), v[b:b + 1].double()], 1)
+        close(got[b:b + 1], naive(qr[b:b + 1], keys, vals, causal=True)[0])
     # an int cache_seqlens; None: the whole cache
     kc, vc = caches()
     q = _t(B, 1, Hq, D)
@@ -165,7 +176,6 @@ def test_unsupported_arguments_are_errors():
         (lambda: fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4, block_table=cu[None]), "block_table"),
         (lambda: fa.flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=lens, cache_batch_idx=lens),
          "cache_batch_idx"),
-        (lambda: fa.flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=lens, cache_leftpad=lens), "cache_leftpad"),
         (lambda: fa.flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=lens, return_softmax_lse=True),
          "return_softmax_lse"),
         (lambda: fa.flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=lens, window_size=(2, 1)),

@@ -222,22 +222,33 @@ def test_padding_with_holes_falls_back_to_hf_attention(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_left_padded_batch_generation_matches_hf(monkeypatch):
+@pytest.mark.parametrize("family,window", [("qwen3", None), ("mistral", 12), ("gemma3", 4)])
+def test_left_padded_batch_generation_matches_hf(family, window, monkeypatch):
     # batched greedy generation with left padding: the prefill runs unpadded on fastlm's kernel,
-    # the decode steps over the padded cache on HF's SDPA; the tokens are HF's
-    ref = hf_model("qwen3", seed=6).eval()
+    # the decode steps over the padded cache on the decode kernel with cache_leftpad (the window
+    # too: hiding part of the padding, then all of it); the tokens are HF's
+    ref = hf_model(family, seed=6, **(dict(sliding_window=window) if window else {})).eval()
     model = fastlm.apply_to_hf(copy.deepcopy(ref))
-    prompt = torch.randint(1, 300, (2, 9), device=DEVICE)
+    prompt = torch.randint(1, 300, (3, 9), device=DEVICE)
     mask = torch.ones_like(prompt)
     mask[1, :4] = 0
-    prompt[1, :4] = 0  # the pad token
+    mask[2, :1] = 0
+    prompt[mask == 0] = 0  # the pad token
     seen = _spy_varlen(monkeypatch)
+    real, leftpads = ops.decode_attention, []
+
+    def spy(*a, **k):
+        leftpads.append(None if k.get("cache_leftpad") is None else k["cache_leftpad"].tolist())
+        return real(*a, **k)
+
+    monkeypatch.setattr(ops, "decode_attention", spy)
     kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, attention_mask=mask, pad_token_id=0)
     with torch.no_grad():
         got = model.generate(prompt, **kw)
         want = ref.generate(prompt, **kw)
     assert got.tolist() == want.tolist()
-    assert any(cu is not None and cu.tolist() == [0, 9, 14] for cu in seen)
+    assert any(cu is not None and cu.tolist() == [0, 9, 14, 22] for cu in seen)
+    assert [0, 4, 1] in leftpads  # every decode step ran the kernel, with the padding as cache_leftpad
 
 
 def _packed(lengths, rows=1, seed=0):
@@ -475,11 +486,21 @@ def test_plain_decode_mask_recognises_only_causality_and_the_window():
     j = torch.arange(S)[None, :]
     causal = (j <= p).expand(3, 1, T, S).clone()
     windowed = (causal & (j > p - 4)).clone()
-    assert _plain_decode_mask(causal.clone(), T, S, None)
-    assert _plain_decode_mask(windowed, T, S, 4)
-    assert not _plain_decode_mask(causal.clone(), T, S, 4)  # the window would cut keys the mask allows
+    assert _plain_decode_mask(causal.clone(), T, S, None) == (True, None)
+    assert _plain_decode_mask(windowed, T, S, 4) == (True, None)
+    assert not _plain_decode_mask(causal.clone(), T, S, 4)[0]  # the window would cut keys the mask allows
     padded = causal.clone()
-    padded[1, :, :, 0] = False  # left padding in one row
-    assert not _plain_decode_mask(padded, T, S, None)
-    assert not _plain_decode_mask(causal.float(), T, S, None)  # additive float masks are not read
-    assert not _plain_decode_mask(None, T, S, None)
+    padded[1, :, :, :2] = False  # left padding in one row
+    ok, first = _plain_decode_mask(padded, T, S, None)
+    assert ok and first.tolist() == [0, 2, 0]
+    holed = padded.clone()
+    holed[2, :, :, 3] = False  # a hole: not one run of keys
+    assert not _plain_decode_mask(holed, T, S, None)[0]
+    righted = causal.clone()
+    righted[0, :, 0, 3] = False  # a key hidden from one query row but not the next
+    assert not _plain_decode_mask(righted, T, S, None)[0]
+    wpad = (windowed & (j >= 2)).clone()  # padding the window hides from row 1 but not from row 0
+    ok, first = _plain_decode_mask(wpad, T, S, 4)
+    assert ok and first.tolist() == [2, 2, 2]
+    assert not _plain_decode_mask(causal.float(), T, S, None)[0]  # additive float masks are not read
+    assert not _plain_decode_mask(None, T, S, None)[0]

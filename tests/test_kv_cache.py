@@ -206,6 +206,89 @@ def test_decode_huge_window_is_unbounded(backend, paged, with_kv):
         run(cap - 2)
 
 
+def leftpad_oracle(q, kc, vc, lens, pad, bt, scale, window=-1):
+    """float64, one sequence at a time: query row i of sequence b (at position L - Sq + i) sees
+    the slots j with pad[b] <= j <= its position (and j >= position - window)."""
+    outs = []
+    for b, (k, v) in enumerate(ref_kv.gather_kv(kc, vc, lens, bt)):
+        L, Sq, G = k.shape[0], q.shape[1], q.shape[2] // k.shape[1]
+        qb = q[b].double().transpose(0, 1)
+        kb = k.double().repeat_interleave(G, 1).transpose(0, 1)
+        vb = v.double().repeat_interleave(G, 1).transpose(0, 1)
+        pos = torch.arange(L - Sq, L, device=q.device)[:, None]
+        j = torch.arange(L, device=q.device)[None, :]
+        see = (j <= pos) & (j >= int(pad[b]))
+        if window >= 0:
+            see &= j >= pos - window
+        s = (qb @ kb.transpose(-1, -2) * scale).masked_fill(~see, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)  # a row that sees nothing: 0
+        outs.append((p @ torch.where(see.any(0)[:, None], vb, 0.0)).transpose(0, 1))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("backend", ["reference", *kernel_backends()])
+@pytest.mark.parametrize("paged", [True, False])
+@pytest.mark.parametrize("with_kv", [False, True])
+@pytest.mark.parametrize("num_splits,window", [(1, -1), (3, -1), (2, 5)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])  # (CUDA: the tensor-core and the fallback kernel)
+def test_decode_cache_leftpad(backend, paged, with_kv, num_splits, window, dtype):
+    """FlashAttention's cache_leftpad: sequence b's keys start at slot cache_leftpad[b] (a
+    left-padded prompt).  The padding slots hold NaN, and on the paged cache whole blocks of
+    padding have no block (-1): a kernel that reads or softmaxes any of them gives NaN or faults.
+    Positions stay the slot indices (the new tokens' rotary angles too)."""
+    B, Hq, Hkv, D, cap, Sq, bs = 4, 4, 2, 16, 37, 2, 4
+    kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=bs)
+    old = torch.tensor([30, 9, 35, 2], dtype=torch.int32, device=DEVICE) - (Sq if with_kv else 0)
+    lens = old + (Sq if with_kv else 0)  # the tokens the attention covers
+    pad = torch.tensor([13, 0, 33, 2], dtype=torch.int32, device=DEVICE)  # the last: no key before the new ones
+    q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
+    kv, rot = {}, {}
+    if with_kv:
+        k = torch.randn(B, Sq, Hkv, D, dtype=dtype, device=DEVICE)
+        kv = dict(k=k, v=torch.randn_like(k))
+        cos, sin = _tables(D, cap)
+        rot = dict(rotary_cos=cos, rotary_sin=sin)
+    poison_unused(kc, vc, lens, bt)
+    for b in range(B):  # the padding: NaN, and (paged) its whole blocks unassigned
+        for t in range(int(pad[b])):
+            blk, slot = (int(bt[b, t // bs]), t % bs) if paged else (b, t)
+            kc[blk, slot] = vc[blk, slot] = float("nan")
+        if paged:
+            bt[b, : int(pad[b]) // bs] = -1
+    out = fastlm.ops.decode_attention(q, kc, vc, old, block_table=bt, cache_leftpad=pad, window=window,
+                                      num_splits=num_splits, backend=backend, **kv, **rot)
+    qq = q
+    if with_kv:  # the oracle reads the cache the op wrote; q rotated at the new tokens' slots
+        qq, _ = reference.apply_rotary(q.double(), q.double(), cos.double(), sin.double(), positions=old.long())
+    want = leftpad_oracle(qq, kc, vc, lens, pad, bt, D ** -0.5, window)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), want, atol=2e-3, rtol=0)
+    if with_kv:  # the new tokens went to slots old[b] + i, rotated there (not at old[b] - pad[b])
+        ks = torch.stack([ref_kv.gather_kv(kc, vc, lens, bt)[b][0][int(old[b]):] for b in range(B)])
+        kr, _ = reference.apply_rotary(kv["k"].double(), kv["k"].double(), cos.double(), sin.double(),
+                                       positions=old.long())
+        torch.testing.assert_close(ks.double(), kr, atol=2e-3, rtol=0)
+
+
+def test_decode_cache_leftpad_bad_inputs(monkeypatch):
+    monkeypatch.setenv("FASTLM_DEBUG", "1")  # (the value checks of CUDA tensors)
+    kc, vc, bt, lens, q, k = small_paged_case(12, [5, 12])
+    pad = torch.tensor([1, 2], dtype=torch.int32, device=DEVICE)
+    shift = lambda *d: torch.tensor(d, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    for bad, match in [(pad.long(), "cache_leftpad"), (pad[:1], "cache_leftpad must have shape"),
+                       (pad[None], "cache_leftpad"), (pad + shift(5, 0), r"cache_leftpad\[0\] = 6"),
+                       (pad - shift(1, 3), r"cache_leftpad\[1\] = -1")]:
+        with pytest.raises((TypeError, ValueError, IndexError), match=match):
+            fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, cache_leftpad=bad, backend="reference")
+    # with new tokens the bound is cache_seqlens + seqlen_new: a prompt of padding only is fine
+    fastlm.ops.decode_attention(q, kc, vc, lens - 1, k=k, v=k, block_table=bt, cache_leftpad=lens - 1,
+                                backend="reference")
+    bt[0, 0] = -1  # the first block holds padding only: never read
+    fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, cache_leftpad=pad * 4, backend="reference")
+    with pytest.raises(IndexError, match="block_table"):
+        fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, cache_leftpad=pad, backend="reference")
+
+
 def test_num_splits_heuristic():
     h = lambda *a: kv_ops.num_splits_heuristic(*a, torch.device("cpu"), sms=132)  # noqa: E731  (an H100)
     assert h(1, 8, 1, 16384) == 33  # batch 1, long context: 8 CTAs x 33 splits ~ 2 x 132 SMs
@@ -329,8 +412,8 @@ def _launch_raw_append(backend, kc, vc, k, lens, bt, with_decode=False):
         kd.kv_cache_append(kc, vc, k, k, lens, bt)
     elif with_decode:  # the append kernel of the fused op (the decode after it masks bad blocks)
         q = torch.randn(k.shape[0], k.shape[1], 2 * k.shape[2], k.shape[3], dtype=k.dtype, device=k.device)
-        torch.ops.fastlm.decode_attention_with_kv_cuda(q, kc, vc, k, k, lens, bt, None, None, False, 0.25, True, -1,
-                                                       0.0, 2)
+        torch.ops.fastlm.decode_attention_with_kv_cuda(q, kc, vc, k, k, lens, bt, None, None, None, False, 0.25, True,
+                                                       -1, 0.0, 2)
     else:
         torch.ops.fastlm.kv_cache_append_cuda(kc, vc, k, k, lens, bt)
 
@@ -373,14 +456,19 @@ def test_opcheck(backend):
     B, Hq, Hkv, D, cap = 2, 4, 2, 16, 19
     kc, vc, bt, lens, q, k = small_paged_case(cap, [5, 19])
     lens_app = torch.tensor([5, 18], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(torch.ops.fastlm.decode_attention.default, (q, kc, vc, lens, bt, 0.25, True, -1, 0.0, 2, backend))
+    torch.library.opcheck(torch.ops.fastlm.decode_attention.default,
+                          (q, kc, vc, lens, bt, None, 0.25, True, -1, 0.0, 2, backend))
+    pad = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastlm.decode_attention.default,
+                          (q, kc, vc, lens, bt, pad, 0.25, True, -1, 0.0, 2, backend))
     torch.library.opcheck(torch.ops.fastlm.kv_cache_append.default, (kc, vc, k, k, lens_app, bt, backend))
     if backend == "cuda":
-        torch.library.opcheck(torch.ops.fastlm.decode_attention_cuda.default, (q, kc, vc, lens, bt, 0.25, True, -1, 0.0, 3))
+        torch.library.opcheck(torch.ops.fastlm.decode_attention_cuda.default,
+                              (q, kc, vc, lens, bt, pad, 0.25, True, -1, 0.0, 3))
         torch.library.opcheck(torch.ops.fastlm.kv_cache_append_cuda.default, (kc, vc, k, k, lens_app, bt))
         cos, sin = _tables(D, cap)
         torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv_cuda.default,
-                              (q, kc, vc, k, k, lens_app, bt, cos, sin, False, 0.25, True, -1, 0.0, 3))
+                              (q, kc, vc, k, k, lens_app, bt, pad, cos, sin, False, 0.25, True, -1, 0.0, 3))
 
 
 @cuda_mark()
@@ -393,15 +481,16 @@ def test_cuda_with_kv_op_rejects_bad_arguments():
     op = torch.ops.fastlm.decode_attention_with_kv_cuda
 
     def call(**kw):
-        a = dict(q=q, kc=kc, vc=vc, k=k, v=k, lens=lens, bt=bt, cos=cos, sin=sin)
+        a = dict(q=q, kc=kc, vc=vc, k=k, v=k, lens=lens, bt=bt, pad=None, cos=cos, sin=sin)
         a.update(kw)
-        return op(a["q"], a["kc"], a["vc"], a["k"], a["v"], a["lens"], a["bt"], a["cos"], a["sin"], False, 0.25, True,
-                  -1, 0.0, 2)
+        return op(a["q"], a["kc"], a["vc"], a["k"], a["v"], a["lens"], a["bt"], a["pad"], a["cos"], a["sin"], False,
+                  0.25, True, -1, 0.0, 2)
 
     for kw, match in [(dict(sin=sin[:, :3]), "rotary_sin"), (dict(cos=cos[:, :1].expand(-1, D)), "rotary_cos"),
                       (dict(sin=None), "come together"), (dict(k=k[:1], v=k[:1]), "batch"),
                       (dict(q=torch.cat([q, q], 1)), "seqlen_new"), (dict(v=k[..., :8]), "v shape"),
-                      (dict(lens=lens.long()), "cache_seqlens"), (dict(cos=cos.half(), sin=sin.half()), None)]:
+                      (dict(lens=lens.long()), "cache_seqlens"), (dict(pad=lens.long()), "cache_leftpad"),
+                      (dict(pad=lens[:1]), "cache_leftpad"), (dict(cos=cos.half(), sin=sin.half()), None)]:
         if match is None:  # fp16 tables with fp16 q: accepted
             call(**kw)
             continue
@@ -667,9 +756,12 @@ def test_decode_with_new_kv_opcheck_and_compile(backend):
     kc, vc, bt, lens, q, k = small_paged_case(cap, [5, 18])
     cos, sin = _tables(D // 2, cap)  # partial rotary
     torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv.default,
-                          (q, kc, vc, k, k, lens, bt, cos, sin, False, 0.25, True, -1, 0.0, 2, backend))
+                          (q, kc, vc, k, k, lens, bt, None, cos, sin, False, 0.25, True, -1, 0.0, 2, backend))
     torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv.default,
-                          (q, kc, vc, k, k, lens, bt, None, None, False, 0.25, True, -1, 0.0, 1, backend))
+                          (q, kc, vc, k, k, lens, bt, None, None, None, False, 0.25, True, -1, 0.0, 1, backend))
+    pad = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv.default,
+                          (q, kc, vc, k, k, lens, bt, pad, cos, sin, False, 0.25, True, -1, 0.0, 2, backend))
 
     def step(q, k, kc, vc, lens, bt):
         out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=k, rotary_cos=cos, rotary_sin=sin,
@@ -701,7 +793,7 @@ def test_decode_with_new_kv_fake_matches_permuted_q(backend, layout):
     cos, sin = _tables(D, cap)
     for rot in ((cos, sin), (None, None)):
         torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv.default,
-                              (q, kc, vc, k, k, lens, bt, *rot, False, 0.25, True, -1, 0.0, 2, backend),
+                              (q, kc, vc, k, k, lens, bt, None, *rot, False, 0.25, True, -1, 0.0, 2, backend),
                               test_utils=("test_faketensor",))
     out, exp = (fastlm.ops.decode_attention(qq, kc.clone(), vc.clone(), lens, k=k, v=k, rotary_cos=cos,
                                             rotary_sin=sin, block_table=bt, backend=backend)
@@ -731,8 +823,8 @@ def test_rotary_append_position_past_table_is_nan(backend):
         q_out = torch.zeros_like(q)
         kd.kv_cache_append(kc, vc, k, k, lens, None, q, q_out, cos, sin)
     else:  # (the rotated q is internal: its output row shows it)
-        q_out = torch.ops.fastlm.decode_attention_with_kv_cuda(q, kc, vc, k, k, lens, None, cos, sin, False, 0.25,
-                                                               True, -1, 0.0, 2)
+        q_out = torch.ops.fastlm.decode_attention_with_kv_cuda(q, kc, vc, k, k, lens, None, None, cos, sin, False,
+                                                               0.25, True, -1, 0.0, 2)
     assert torch.isnan(q_out[1]).all() and torch.isnan(kc[1, 8]).all()
     assert not torch.isnan(q_out[0]).any() and not torch.isnan(kc[0, 3]).any()
     assert torch.equal(vc[1, 8], k[1, 0]) and torch.equal(vc[0, 3], k[0, 0])

@@ -317,8 +317,9 @@ def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8, rotary_dim=0, Hq=32
 
 
 def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, softcap=0.0, page=16, cap=4096,
-                 fused_combine=False):
-    """fused_combine: the decode of decode_attention(k=, v=), which merges its own splits."""
+                 fused_combine=False, leftpad=False):
+    """fused_combine: the decode of decode_attention(k=, v=), which merges its own splits;
+    leftpad: with cache_leftpad (a left-padded batch)."""
     def run(k, arch):
         import torch
         from fastlm.ops import kv_cache as opk
@@ -338,9 +339,10 @@ def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, sof
         assert splits > 1 or not fused_combine, "a fused-combine case needs a split"
         counters = _t(B, Hkv * tiles, dtype=torch.int32) if fused_combine else None
         k["decode"].decode_attention(q, kc, vc, _t(B, dtype=torch.int32), bt, D**-0.5, causal, window, softcap,
-                                     splits, seqlen_add=Sq if fused_combine else 0, counters=counters)
+                                     splits, seqlen_add=Sq if fused_combine else 0, counters=counters,
+                                     cache_leftpad=_t(B, dtype=torch.int32) if leftpad else None)
     tag = f"decode D={D} {_dt(dtype)} B={B} Sq={Sq} G={Hq // Hkv}" + (f" paged{page}" if paged else "")
-    tag += " fused-combine" * fused_combine
+    tag += " fused-combine" * fused_combine + " leftpad" * leftpad
     tag += " causal" * causal + f" window={window}" * (window >= 0) + f" softcap={softcap}" * (softcap > 0)
     return tag, run
 
@@ -504,6 +506,8 @@ def _cases(full):
         add("decode", both, _decode_case(64, bf16, B=1, Sq=1, Hq=32, Hkv=8, paged=False, fused_combine=True))
         add("decode", h100, _decode_case(128, fp16, B=2, Sq=8, Hq=128, Hkv=8, paged=True, fused_combine=True))
         add("decode", h100, _decode_case(128, bf16, B=64, Sq=1, Hq=32, Hkv=8, paged=True))  # no split
+        add("decode", both, _decode_case(128, bf16, B=8, Sq=1, Hq=32, Hkv=8, paged=False, fused_combine=True,
+                                         leftpad=True))  # an HF left-padded batch's decode step
         add("decode", h100, _decode_case(128, fp16, B=2, Sq=4, Hq=64, Hkv=8, paged=True, causal=True, window=512,
                                          softcap=30.0))
         add("decode", h100, _decode_case(256, bf16, B=2, Sq=8, Hq=128, Hkv=8, paged=False))  # BLOCK_M 64

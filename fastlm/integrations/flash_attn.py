@@ -11,7 +11,7 @@ Same names, argument order, defaults (rotary_interleaved=True, causal=False, ...
 fastlm op: ``fastlm.ops.attention`` (forward and backward) or ``fastlm.ops.decode_attention``
 (forward only, as flash_attn_with_kvcache).  What fastlm does not implement is an error naming
 the argument, never a silently different result: dropout_p > 0, alibi_slopes, a paged varlen
-prefill (block_table in flash_attn_varlen_func), cache_batch_idx, cache_leftpad,
+prefill (block_table in flash_attn_varlen_func), cache_batch_idx,
 return_softmax_lse of the KV-cache call, a right window on a non-causal KV-cache call, and
 flash_attn's non-causal rotary rule for several query tokens (all of them rotated at position
 cache_seqlens).  With return_attn_probs=True the third output (the attention probabilities,
@@ -105,9 +105,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """Decoding over a KV cache (contiguous (batch, seqlen_cache, nheads_k, headdim), or paged
     (num_blocks, block_size, nheads_k, headdim) with block_table): k / v, if given, are
     appended in place at cache_seqlens (int or int32 (batch,); None: the whole cache is filled)
-    after rotary (q too), and q attends to the first cache_seqlens + seqlen_new tokens."""
+    after rotary (q too), and q attends to the first cache_seqlens + seqlen_new tokens, from slot
+    cache_leftpad[b] on when that is given (a left-padded batch; positions stay the slots')."""
     fn = "flash_attn_with_kvcache"
-    _unsupported(fn, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, alibi_slopes=alibi_slopes,
+    _unsupported(fn, cache_batch_idx=cache_batch_idx, alibi_slopes=alibi_slopes,
                  return_softmax_lse=return_softmax_lse or None)
     left, right = (int(w) for w in window_size)
     if not causal and right >= 0:
@@ -126,5 +127,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=q.device)
     return ops.decode_attention(q, k_cache, v_cache, cache_seqlens, k=k, v=v, rotary_cos=rotary_cos,
                                 rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved, block_table=block_table,
-                                softmax_scale=softmax_scale, causal=causal, window=left, softcap=softcap,
+                                cache_leftpad=cache_leftpad, softmax_scale=softmax_scale, causal=causal, window=left,
+                                softcap=softcap,
                                 num_splits=num_splits)

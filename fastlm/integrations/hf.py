@@ -28,12 +28,12 @@ checkpoint to fastlm's own model.)  What it swaps in, each optional:
               training or prefill batches (left or right padding: each row's tokens are gathered
               into one varlen batch, as flash_attn's HF integration does; the padding's outputs
               are 0).  Decode steps (a few new tokens, no gradient) run the split-KV decode
-              kernel over HF's cache in place when HF's mask is none, or only causality and the
-              sliding window (checked on the device once per mask).  A padding mask with holes
-              inside a row, decode steps of a padded batch, a cache with its own mask (static
-              caches), dropout or a non-causal module fall back to HF's own SDPA attention (its
-              eager attention for a softcap, which SDPA lacks), so nothing is computed
-              differently.
+              kernel over HF's cache in place when HF's mask is none, or only causality, the
+              sliding window and left padding (the kernel's cache_leftpad; checked on the device
+              once per mask).  A padding mask with holes inside a row, decode steps of a
+              right-padded batch, a cache with its own mask (static caches), dropout or a
+              non-causal module fall back to HF's own SDPA attention (its eager attention for a
+              softcap, which SDPA lacks), so nothing is computed differently.
   loss        in training mode, a forward with labels computes the lm_head and the next-token
               cross-entropy together (ops.linear_cross_entropy: the (tokens x vocab) logits are
               never materialized) and returns logits=None, as Liger's fused loss does (code
@@ -245,7 +245,7 @@ def _mask(*args, **kwargs):
             if bool(pad.all()):
                 mask._fastlm_no_padding = "no-packing"  # an all-ones 2D mask: HF did not look for packing
             elif mask.shape[-2] == mask.shape[-1] and kwargs.get("q_offset", 0) == 0:
-                unpad = _unpad_index(pad)  # (a prefill or training batch; decode steps go to SDPA)
+                unpad = _unpad_index(pad)  # (a prefill or training batch; decode steps: _plain_decode_mask)
                 if unpad is not None:
                     mask._fastlm_no_padding, mask._fastlm_unpad = "padding", unpad
     return mask
@@ -287,10 +287,13 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
         out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
                             softmax_scale=scaling, softcap=softcap or 0.0, backend=backend)
         return out, None
-    if decode and _plain_decode_mask(attention_mask, T, S, sliding_window):
-        # the mask HF built is only causality and the window (a sliding layer's cache, longer than its window)
-        window = sliding_window - 1 if sliding_window is not None else -1
-        return _decode_step(module, query, key, value, scaling, softcap, window), None
+    if decode:
+        plain_mask, leftpad = _plain_decode_mask(attention_mask, T, S, sliding_window)
+        if plain_mask:
+            # the mask HF built is only causality, the window (a sliding layer's cache, longer
+            # than its window) and left padding (a padded batch's prompts): the kernel's own masks
+            window = sliding_window - 1 if sliding_window is not None else -1
+            return _decode_step(module, query, key, value, scaling, softcap, window, leftpad), None
     marker = getattr(attention_mask, "_fastlm_no_padding", None) if plain and T == S else None
     idx = cu = None
     if marker == "packing":
@@ -326,38 +329,47 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     return out.view(B, T, *out.shape[1:]), None
 
 
-def _decode_step(module, query, key, value, scaling, softcap, window):
+def _decode_step(module, query, key, value, scaling, softcap, window, leftpad=None):
     """ops.decode_attention over HF's cache (B, Hkv, S, hd), read in place as (B, S, Hkv, hd):
     every sequence holds S tokens, the T queries are the last T; window: FlashAttention's left
-    window (-1: none)."""
+    window (-1: none); leftpad: int32 (B,) first key of each sequence (its padding before), or None."""
     B, S = query.shape[0], key.shape[2]
     lens = torch.full((B,), S, dtype=torch.int32, device=query.device)
     return ops.decode_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
-                                softmax_scale=scaling, softcap=softcap or 0.0, window=window,
+                                cache_leftpad=leftpad, softmax_scale=scaling, softcap=softcap or 0.0, window=window,
                                 backend=getattr(module, "_fastlm_backend", None))
 
 
 def _plain_decode_mask(mask, T, S, sliding_window):
-    """Whether HF's (B or 1, 1, T, S) bool mask is exactly bottom-right causality and the
-    sliding window (HF's: a query sees its sliding_window - 1 predecessors), no padding: then
-    the decode kernel computes what SDPA with it would.  Compared on the device, read once per
-    mask (HF builds one per forward and layer type; its generate loop syncs every step anyway),
-    the answer kept on the mask.  Not under torch.compile (a host read)."""
+    """Whether HF's (B or 1, 1, T, S) bool mask is exactly bottom-right causality, the sliding
+    window (HF's: a query sees its sliding_window - 1 predecessors) and left padding (sequence
+    b's keys start at one slot; HF's left-padded batches): then the decode kernel, given that
+    start as cache_leftpad, computes what SDPA with the mask would.  -> (ok, int32 (B or 1,)
+    first keys, or None without padding).  The start is the first key any query row sees: where
+    the window hides more than the padding, that is row 0's window start, which hides the same
+    keys of every row.  Compared on the device, read once per mask (HF builds one per forward and
+    layer type; its generate loop syncs every step anyway), the answer kept on the mask.  Not
+    under torch.compile (a host read)."""
     if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape[-2:]) != (T, S):
-        return False
+        return False, None
     cached = getattr(mask, "_fastlm_plain_decode", None)
     if cached is not None and cached[0] == sliding_window:
-        return cached[1]
-    if torch.compiler.is_compiling():
-        return False
+        return cached[1:]
+    if torch.compiler.is_compiling() or mask.shape[1] != 1:
+        return False, None
     p = torch.arange(S - T, S, device=mask.device)[:, None]  # the queries' positions
     j = torch.arange(S, device=mask.device)[None, :]
     want = j <= p
     if sliding_window is not None:
         want &= j > p - sliding_window
-    ok = bool((mask == want).all())
-    mask._fastlm_plain_decode = (sliding_window, ok)
-    return ok
+    seen = mask[:, 0].any(1)  # (B, S): keys some query row sees
+    first = torch.where(seen.any(1), seen.int().argmax(1), S).int()  # (a row that sees nothing: S)
+    want = want & (j >= first[:, None, None])[:, None]
+    lo = max(0, S - T - sliding_window + 1) if sliding_window is not None else 0  # row 0's first key
+    ok, padded = torch.stack([(mask == want).all(), (first > lo).any()]).tolist()
+    result = (ok, first if ok and padded else None)
+    mask._fastlm_plain_decode = (sliding_window, *result)
+    return result
 
 
 def _packed_cu_seqlens(pos, B, T):

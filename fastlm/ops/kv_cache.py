@@ -95,7 +95,10 @@ def _debug_check_append(k_cache, k, cache_seqlens, block_table):
                          k_cache.shape[0], allow_negative=True)
 
 
-def _debug_check_decode(k_cache, cache_seqlens, block_table):
+def _debug_check_decode(k_cache, cache_seqlens, block_table, cache_leftpad=None, seqlen_new=0):
+    """cache_seqlens within the capacity, the blocks of the cached tokens valid (those before
+    cache_leftpad[b] are never read, so they may be -1), and 0 <= cache_leftpad[b] <=
+    cache_seqlens[b] + seqlen_new (the tokens the attention covers)."""
     lens = cache_seqlens.long().cpu()
     cap = _capacity(k_cache, block_table)
     bad = (lens < 0) | (lens > cap)
@@ -105,12 +108,22 @@ def _debug_check_decode(k_cache, cache_seqlens, block_table):
             f"decode_attention: cache_seqlens[{b}] = {int(lens[b])} is outside [0, {cap}] (the cache capacity, "
             f"{_layout(block_table)})"
         )
+    first = torch.zeros_like(lens)
+    if cache_leftpad is not None:
+        first = cache_leftpad.long().cpu()
+        bad = (first < 0) | (first > lens + seqlen_new)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise IndexError(
+                f"decode_attention: cache_leftpad[{b}] = {int(first[b])} is outside [0, {int(lens[b]) + seqlen_new}] "
+                "(0 to the sequence's length, cache_seqlens[b]" + (" + seqlen_new)" if seqlen_new else ")")
+            )
     if block_table is not None:
         bs = k_cache.shape[1]
         nb = block_table.shape[1]
         cols = torch.arange(nb)[None, :].expand(lens.shape[0], nb)
         rows = torch.arange(lens.shape[0])[:, None].expand_as(cols)
-        used = cols < ((lens + bs - 1) // bs)[:, None]
+        used = (cols < ((lens + bs - 1) // bs)[:, None]) & (cols >= (first // bs)[:, None])
         _check_block_ids("decode_attention", block_table.cpu(), rows, cols, used, k_cache.shape[0])
 
 
@@ -185,6 +198,7 @@ def _decode_op(
     v_cache: torch.Tensor,
     cache_seqlens: torch.Tensor,
     block_table: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None,
     softmax_scale: float,
     causal: bool,
     window: int,
@@ -193,19 +207,20 @@ def _decode_op(
     backend: str,
 ) -> torch.Tensor:
     if value_checks_on(q):
-        _debug_check_decode(k_cache, cache_seqlens, block_table)
+        _debug_check_decode(k_cache, cache_seqlens, block_table, cache_leftpad)
     num_splits = _splits(q, k_cache, block_table, num_splits, backend)
     if backend == "triton":
         from fastlm.kernels import decode as kd
 
         return kd.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window,
-                                   softcap, num_splits)
-    return torch.ops.fastlm.decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale,
-                                                  causal, window, softcap, num_splits)
+                                   softcap, num_splits, cache_leftpad=cache_leftpad)
+    return torch.ops.fastlm.decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad,
+                                                  softmax_scale, causal, window, softcap, num_splits)
 
 
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap, num_splits, backend):
+def _(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, softmax_scale, causal, window, softcap,
+      num_splits, backend):
     return torch.empty_like(q)
 
 
@@ -218,6 +233,7 @@ def _decode_kv_op(
     v: torch.Tensor,
     cache_seqlens: torch.Tensor,
     block_table: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None,
     rotary_cos: torch.Tensor | None,
     rotary_sin: torch.Tensor | None,
     rotary_interleaved: bool,
@@ -234,7 +250,7 @@ def _decode_kv_op(
     MAX_FUSED_MERGE_BYTES (then a combine launch follows)."""
     n = k.shape[1]
     if value_checks_on(q):
-        _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos)
+        _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos, cache_leftpad)
     num_splits = _splits(q, k_cache, block_table, num_splits, backend)
     rotary = rotary_cos is not None
     if rotary:  # the kernels read both tables with one (row) stride, columns at unit stride
@@ -247,10 +263,11 @@ def _decode_kv_op(
         kd.kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q, q_rot, rotary_cos, rotary_sin,
                            rotary_interleaved, counters=counters)
         return kd.decode_attention(q_rot, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal,
-                                   window, softcap, num_splits, seqlen_add=n, counters=counters)
+                                   window, softcap, num_splits, seqlen_add=n, counters=counters,
+                                   cache_leftpad=cache_leftpad)
     return torch.ops.fastlm.decode_attention_with_kv_cuda(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
-                                                          rotary_cos, rotary_sin, rotary_interleaved, softmax_scale,
-                                                          causal, window, softcap, num_splits)
+                                                          cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved,
+                                                          softmax_scale, causal, window, softcap, num_splits)
 
 
 def _rotated_q_buffer(q):
@@ -262,7 +279,7 @@ def _rotated_q_buffer(q):
 
 
 @_decode_kv_op.register_fake
-def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary_cos, rotary_sin, rotary_interleaved,
+def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved,
       softmax_scale, causal, window, softcap, num_splits, backend):
     if backend == "triton" and rotary_cos is not None:
         return _rotated_q_buffer(q)
@@ -279,13 +296,14 @@ def _register_cuda_fakes():
         return None
 
     @torch.library.register_fake("fastlm::decode_attention_cuda")
-    def _(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap, num_splits):
+    def _(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, softmax_scale, causal, window, softcap,
+          num_splits):
         return torch.empty_like(q)
 
     if hasattr(torch.ops.fastlm, "decode_attention_with_kv_cuda"):
         @torch.library.register_fake("fastlm::decode_attention_with_kv_cuda")
-        def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary_cos, rotary_sin, rotary_interleaved,
-              softmax_scale, causal, window, softcap, num_splits):
+        def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_leftpad, rotary_cos, rotary_sin,
+              rotary_interleaved, softmax_scale, causal, window, softcap, num_splits):
             return torch.empty_like(q)
 
 
@@ -421,12 +439,12 @@ def _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleav
     return True
 
 
-def _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos):
+def _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos, cache_leftpad=None):
     """Debug-mode checks of decode_attention with new tokens: the new tokens may fall in no
     block (skipped, as by kv_cache_append), the cached ones need valid blocks, and every new
     position must be inside the rotary tables."""
     _debug_check_append(k_cache, k, cache_seqlens, block_table)
-    _debug_check_decode(k_cache, cache_seqlens, block_table)
+    _debug_check_decode(k_cache, cache_seqlens, block_table, cache_leftpad, k.shape[1])
     if rotary_cos is None or cache_seqlens.numel() == 0:
         return
     last = int(cache_seqlens.max()) + k.shape[1] - 1
@@ -478,8 +496,8 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, 
 
 def decode_attention(
     q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, rotary_cos=None, rotary_sin=None,
-    rotary_interleaved=False, block_table=None, softmax_scale=None, causal=True, window=-1, softcap=0.0,
-    num_splits=0, backend=None,
+    rotary_interleaved=False, block_table=None, cache_leftpad=None, softmax_scale=None, causal=True, window=-1,
+    softcap=0.0, num_splits=0, backend=None,
 ):
     """Attention of a few new query tokens over each sequence's KV cache (forward only: decoding
     needs no backward).
@@ -493,6 +511,12 @@ def decode_attention(
     j <= p (causal) and j >= p - window (window >= 0; -1 = unbounded; FlashAttention's left
     window, so Mistral's sliding_window w is window = w - 1).  softcap > 0 maps scores to
     softcap * tanh(score / softcap).  A row that sees no key returns 0.
+
+    ``cache_leftpad`` (int32 (batch,), FlashAttention's argument of that name): sequence b's
+    keys start at slot cache_leftpad[b] (a left-padded batch's prompts, whose padding sits in
+    the first slots); the keys before it are never read.  Positions (causality, window, rotary)
+    stay the slots' indices.  0 <= cache_leftpad[b] <= the sequence's length (checked in debug
+    mode; otherwise a larger value gives a row that sees no key).
 
     Split-KV (Flash-Decoding): the keys are cut into num_splits chunks processed in parallel and
     merged; num_splits=0 picks by a heuristic from shapes only (fills the GPU at batch 1 and long
@@ -548,6 +572,14 @@ def decode_attention(
     if not isinstance(causal, bool):  # (None would read as False: silently non-causal)
         raise TypeError(f"decode_attention: causal must be a bool, got {causal!r}")
     rotary = _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table)
+    if cache_leftpad is not None:
+        check_tensor(cache_leftpad, "cache_leftpad", dtypes=(torch.int32,), ndim=1)
+        if cache_leftpad.shape[0] != B:
+            raise ValueError(f"{op}: cache_leftpad must have shape ({B},) (the batch), got "
+                             f"{tuple(cache_leftpad.shape)}")
+        if cache_leftpad.device != device:
+            raise ValueError(f"{op}: cache_leftpad is on {cache_leftpad.device} but q is on {device}")
+        cache_leftpad = cache_leftpad.contiguous()
     if k is not None:
         _check_writable_cache("decode_attention", k_cache, v_cache, k, v)
     if window >= _capacity(k_cache, block_table) - 1:
@@ -561,22 +593,23 @@ def decode_attention(
     if k is not None:
         if b == "reference":
             if value_checks_on(q):
-                _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos)
+                _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos, cache_leftpad)
             return _ref.decode_attention_with_kv(
                 q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                 rotary_interleaved=rotary_interleaved, block_table=block_table, softmax_scale=softmax_scale,
-                causal=causal, window=window, softcap=softcap)
+                causal=causal, window=window, softcap=softcap, cache_leftpad=cache_leftpad)
         if q.numel() == 0:  # batch 0 (every other dim is >= 1): nothing to append either
             return torch.empty_like(q)
-        return _decode_kv_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+        return _decode_kv_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_leftpad,
                              rotary_cos if rotary else None, rotary_sin if rotary else None, bool(rotary_interleaved),
                              float(softmax_scale), bool(causal), int(window), float(softcap), int(num_splits), b)
     if b == "reference":
         if value_checks_on(q):
-            _debug_check_decode(k_cache, cache_seqlens, block_table)
+            _debug_check_decode(k_cache, cache_seqlens, block_table, cache_leftpad)
         return _ref.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=block_table,
-                                     softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap)
+                                     softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap,
+                                     cache_leftpad=cache_leftpad)
     if q.numel() == 0:
         return torch.empty_like(q)
-    return _decode_op(q, k_cache, v_cache, cache_seqlens, block_table, float(softmax_scale), bool(causal),
-                      int(window), float(softcap), int(num_splits), b)
+    return _decode_op(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, float(softmax_scale),
+                      bool(causal), int(window), float(softcap), int(num_splits), b)

@@ -8,8 +8,10 @@ Cache layouts (shared with fastlm.ops.kv_cache):
 
 Masking of decode_attention (query row i of seqlen_q, sequence b of length L = cache_seqlens[b]):
 the row sits at position p = L - seqlen_q + i (aligned to the end of the cache) and sees key j
-iff j < L, and j <= p when causal, and j >= p - window when window >= 0.  A row that sees no
-key gives 0.  softcap > 0 maps scores s (already scaled) to softcap * tanh(s / softcap).
+iff j < L, and j <= p when causal, and j >= p - window when window >= 0, and j >=
+cache_leftpad[b] when a cache_leftpad is given (the slots before it are a left-padded prompt's
+padding: FlashAttention's cache_leftpad).  A row that sees no key gives 0.  softcap > 0 maps
+scores s (already scaled) to softcap * tanh(s / softcap).
 
 Everything here is vectorized (no host syncs), so the reference also runs under torch.compile
 and CUDA graphs; ``gather_kv`` is the host-side per-sequence gather the tests use.
@@ -109,7 +111,7 @@ def gather_kv(k_cache, v_cache, cache_seqlens, block_table=None):
     return out
 
 
-def decode_mask(cache_seqlens, seqlen_q, seqlen_k, *, causal=True, window=-1):
+def decode_mask(cache_seqlens, seqlen_q, seqlen_k, *, causal=True, window=-1, cache_leftpad=None):
     """(batch, seqlen_q, seqlen_k) bool: which keys each query row sees."""
     L = cache_seqlens.long()[:, None, None]
     i = torch.arange(seqlen_q, device=cache_seqlens.device)[None, :, None]
@@ -120,6 +122,8 @@ def decode_mask(cache_seqlens, seqlen_q, seqlen_k, *, causal=True, window=-1):
         mask = mask & (j <= p)
     if window >= 0:
         mask = mask & (j >= p - window)
+    if cache_leftpad is not None:
+        mask = mask & (j >= cache_leftpad.long()[:, None, None])
     return mask
 
 
@@ -147,7 +151,7 @@ def attention_with_mask(q, k, v, mask, softmax_scale, softcap=0.0):
 
 def decode_attention(
     q, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None, causal=True, window=-1,
-    softcap=0.0, upcast=True,
+    softcap=0.0, cache_leftpad=None, upcast=True,
 ):
     """Attention of q (batch, seqlen_q, n_heads_q, head_dim) over the first cache_seqlens[b] cached
     tokens of each sequence (the gather + attention baseline).  Output like q.  upcast computes
@@ -155,7 +159,8 @@ def decode_attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     k_cache, v_cache, block_table = _used_part(k_cache, v_cache, cache_seqlens, block_table)
     k, v = padded_kv(k_cache, v_cache, block_table)
-    mask = decode_mask(cache_seqlens, q.shape[1], k.shape[1], causal=causal, window=window)
+    mask = decode_mask(cache_seqlens, q.shape[1], k.shape[1], causal=causal, window=window,
+                       cache_leftpad=cache_leftpad)
     if block_table is not None:  # keys in no valid block are never seen (as in the kernels)
         blk = block_table.long().repeat_interleave(k_cache.shape[1], dim=1)  # (B, capacity)
         mask = mask & ((blk >= 0) & (blk < k_cache.shape[0]))[:, None, :]
@@ -165,15 +170,16 @@ def decode_attention(
 
 def decode_attention_with_kv(
     q, k_cache, v_cache, k, v, cache_seqlens, *, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
-    block_table=None, softmax_scale=None, causal=True, window=-1, softcap=0.0, upcast=True,
+    block_table=None, softmax_scale=None, causal=True, window=-1, softcap=0.0, cache_leftpad=None, upcast=True,
 ):
     """flash_attn_with_kvcache's form: q and k rotated at positions cache_seqlens[b] + i (when
-    rotary tables are given), k and v appended at those positions (in place; cache_seqlens is
-    not changed), then decode attention over the first cache_seqlens[b] + seqlen_new tokens."""
+    rotary tables are given; cache_leftpad does not shift them), k and v appended at those
+    positions (in place; cache_seqlens is not changed), then decode attention over the first
+    cache_seqlens[b] + seqlen_new tokens (from cache_leftpad[b] on, when given)."""
     if rotary_cos is not None:
         q, k = apply_rotary(q, k, rotary_cos, rotary_sin, positions=cache_seqlens.long(),
                             interleaved=rotary_interleaved, upcast=upcast)
     kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table)
     return decode_attention(q, k_cache, v_cache, cache_seqlens + k.shape[1], block_table=block_table,
                             softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap,
-                            upcast=upcast)
+                            cache_leftpad=cache_leftpad, upcast=upcast)
