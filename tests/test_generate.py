@@ -158,6 +158,8 @@ def _hf_model(family="llama"):
     elif family == "phi3":  # partial rotary in the fused rotate-and-append decode kernel
         m = transformers.Phi3ForCausalLM(transformers.Phi3Config(**{**kw, "pad_token_id": None}, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}))
+    elif family == "gemma":  # GeGLU (unfused in the decode step's norm + w_in kernel), 1 + w norms, scaled embeddings
+        m = transformers.GemmaForCausalLM(transformers.GemmaConfig(**kw, head_dim=32))
     else:
         m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     randomize_(m)
@@ -165,7 +167,7 @@ def _hf_model(family="llama"):
 
 
 @pytest.mark.parametrize("family,backend", [("llama", "fused"), ("llama", "reference"), ("qwen3", "fused"),
-                                            ("phi3", "fused")])
+                                            ("phi3", "fused"), ("gemma", "fused")])
 def test_greedy_equals_hf_generate(family, backend):
     hf = _hf_model(family)
     model = Transformer.from_hf(hf, backend=backend).to(DEVICE)

@@ -1,5 +1,5 @@
 """The Transformer: fused vs reference backend, packed input, KV-cache hook, torch.compile,
-HF checkpoint parity (Llama, Mistral, Qwen2, Qwen3, GPT-2) and bad input.
+HF checkpoint parity (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, GPT-2) and bad input.
 
 On CPU the fused backend runs the Triton kernels under the interpreter, so shapes are tiny.
 Error policy (tests/tolerances.py): the fp32 result's error against the same model run in
@@ -26,6 +26,9 @@ TINY_VARIANTS = {
                      tie_embeddings=False, vocab_size=301,
                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    # Gemma-style: GeGLU (erf GELU here), norms scaling by 1 + w (the q/k norms too), scaled embeddings, wide heads
+    "tiny-gemma": dict(base="tiny", mlp="geglu", gelu_approximate="none", norm_offset=1.0, embed_scale=8.0,
+                       head_dim=32, qk_norm=True),
 }
 
 
@@ -69,6 +72,20 @@ def test_presets_build_and_count_params(name, qk_norm):
     assert cfg.flops_per_token(1024) > 6 * cfg.num_params(embeddings=False)
 
 
+def test_gemma_style_config_counts_and_starts_at_unit_scales():
+    cfg = tiny_config("tiny-gemma")
+    assert cfg.gated and cfg.ffn_dim == 160
+    for backend in ("reference", "fused"):
+        model = Transformer(cfg, backend=backend)
+        assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
+        assert len(norms) == 2 * cfg.n_layers + 1 + 2 * cfg.n_layers  # block norms, final norm, q/k norms
+        assert all(m.offset == 1.0 and torch.equal(m.weight, torch.zeros_like(m.weight)) for m in norms)
+    # the weight of 0 is a scale of 1: the same output as a plain RMSNorm
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(model.norm(x), torch.nn.functional.rms_norm(x, (64,), eps=cfg.norm_eps))
+
+
 def test_llama_3_2_1b_shape():
     cfg = TransformerConfig.from_name("llama-3.2-1b")
     assert abs(cfg.num_params() - 1.2358e9) < 1e6  # Llama-3.2-1B has 1,235,814,400 parameters
@@ -104,6 +121,11 @@ def test_llama_3_2_1b_shape():
     (dict(out_bias=0), "out_bias must be a bool"),
     (dict(mlp_bias=None), "mlp_bias must be a bool"),
     (dict(norm_bias="True"), "norm_bias must be a bool"),
+    (dict(norm="layer", norm_offset=1.0), "norm_offset applies to RMSNorm only"),
+    (dict(norm_offset="1"), "norm_offset must be a finite real number"),
+    (dict(norm_offset=float("nan")), "norm_offset must be a finite real number"),
+    (dict(embed_scale=0.0), "embed_scale must be a positive real number or None"),
+    (dict(embed_scale=True), "embed_scale must be"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -539,6 +561,8 @@ def hf_model(family):
         rope = {"rope_type": "default", "partial_rotary_factor": 0.75}
         m = transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, pad_token_id=None, sliding_window=9,
                                                                  **_rope_kw(transformers.Phi3Config, 10000.0, rope)))
+    elif family == "gemma":  # GeGLU, norms scaling by 1 + w, embeddings by sqrt(hidden); head_dim > hidden / heads
+        m = transformers.GemmaForCausalLM(transformers.GemmaConfig(**common, head_dim=32, pad_token_id=None))
     else:
         m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=None, eos_token_id=None))
@@ -553,7 +577,7 @@ def _rope_kw(cls, theta, scaling):
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2"]
 
 
 def hf_logits(model, tokens):
@@ -684,6 +708,16 @@ def test_to_hf_rejects_mismatched_arch():
     with pytest.raises(ValueError, match="not a GPT-2 architecture"):
         qk.to_hf("gpt2")
     assert type(qk.to_hf()).__name__ == "Qwen3ForCausalLM"  # the default for a qk_norm model
+    with pytest.raises(ValueError, match="is not a gemma architecture"):
+        model.to_hf("gemma")  # SwiGLU
+    gemma = Transformer(tiny_config("tiny").replace(mlp="geglu", norm_offset=1.0, embed_scale=8.0), backend="reference")
+    assert type(gemma.to_hf()).__name__ == "GemmaForCausalLM"
+    with pytest.raises(ValueError, match="is not a llama architecture"):
+        gemma.to_hf("llama")
+    with pytest.raises(ValueError, match="Gemma scales norms by 1 \\+ weight"):
+        Transformer(gemma.config.replace(embed_scale=None), backend="reference").to_hf("gemma")
+    with pytest.raises(ValueError, match="llama has no norm_offset or embed_scale"):
+        Transformer(tiny_config("tiny").replace(norm_offset=1.0), backend="reference").to_hf("llama")
 
 
 def test_tied_embeddings_stay_tied_after_to_empty_and_from_hf():

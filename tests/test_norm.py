@@ -358,6 +358,34 @@ def test_rms_norm_module_default_eps_is_torchs(backend, dtype):
         torch.testing.assert_close(ours.double()(x64), theirs.double()(x64))
 
 
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+def test_rms_norm_module_offset(backend):
+    # offset=1 (Gemma): scale by 1 + weight in fp32 (HF's Gemma RMSNorm, rounded once), the weight
+    # starting at 0; its gradient is that of the scale, with or without a residual
+    mod = fastlm.nn.RMSNorm(48, eps=1e-6, offset=1.0, backend=backend).to(DEVICE)
+    assert torch.equal(mod.weight, torch.zeros(48, device=DEVICE)) and "offset=1.0" in repr(mod)
+    with torch.no_grad():
+        mod.weight.normal_(0, 0.1)
+    x = torch.randn(5, 48, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True)
+    y, h = mod(x, r)
+
+    def hf_gemma(x, w):  # transformers' GemmaRMSNorm, in float64
+        xf = x.double()
+        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + w.double())
+
+    x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, mod.weight))
+    want = hf_gemma(x64 + r64, w64)
+    torch.testing.assert_close(y.double(), want, atol=4e-3, rtol=4e-3)
+    assert y.dtype == torch.float16 and torch.equal(h, (x + r).detach())
+    g = torch.randn_like(y)
+    y.backward(g)
+    want.backward(g.double())
+    torch.testing.assert_close(mod.weight.grad.double(), w64.grad, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(r.grad, x.grad)
+
+
 def test_module_with_integer_input_names_x():
     with pytest.raises(TypeError, match="x must have dtype"):
         fastlm.nn.RMSNorm(8).to(DEVICE)(torch.ones(2, 8, dtype=torch.int64, device=DEVICE))

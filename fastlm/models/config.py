@@ -2,8 +2,9 @@
 
 One dataclass covers the GPT-2 family (learned positions, LayerNorm, GELU MLP, biases) and the
 Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention; Mistral adds a sliding window,
-Qwen2 adds q/k/v biases, Qwen3 an RMSNorm over each head of q and k).  Fields left as None are
-derived in ``__post_init__``.
+Qwen2 adds q/k/v biases, Qwen3 an RMSNorm over each head of q and k) and Gemma (GeGLU MLP,
+RMSNorm scaling by 1 + weight, embeddings scaled by sqrt(dim)).  Fields left as None are derived
+in ``__post_init__``.
 """
 import dataclasses
 import math
@@ -28,14 +29,15 @@ class TransformerConfig:
     n_heads: int = 12  # query heads
     n_kv_heads: Optional[int] = None  # key/value heads (GQA); default n_heads
     head_dim: Optional[int] = None  # default dim // n_heads
-    ffn_dim: Optional[int] = None  # MLP hidden width; default 4*dim (gelu) or Llama's 8/3*dim rule (swiglu)
+    ffn_dim: Optional[int] = None  # MLP hidden width; default 4*dim (gelu) or Llama's 8/3*dim rule (gated)
     norm: str = "rms"  # "rms" | "layer"
     norm_eps: float = 1e-5
+    norm_offset: float = 0.0  # RMSNorm scales by norm_offset + weight (Gemma: 1, its weights start at 0)
     positional: str = "rope"  # "rope" | "learned"
     rope_base: float = 10000.0
     rotary_dim: Optional[int] = None  # rotated dims per head (partial rotary); default head_dim
     rope_scaling: Optional[dict] = None  # HF rope_scaling dict, e.g. {"rope_type": "llama3", "factor": 32.0, ...}
-    mlp: str = "swiglu"  # "swiglu" (silu(gate) * up) | "gelu" (GPT-2)
+    mlp: str = "swiglu"  # "swiglu" (silu(gate) * up) | "geglu" (gelu(gate) * up, Gemma) | "gelu" (GPT-2)
     gelu_approximate: str = "tanh"  # GPT-2's "gelu_new" is the tanh approximation; "none" = exact erf GELU
     qkv_bias: bool = False  # bias on the q/k/v projections (GPT-2, Qwen2)
     out_bias: bool = False  # bias on the attention output projection (GPT-2)
@@ -43,6 +45,7 @@ class TransformerConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm (weight per head_dim, eps norm_eps) on each q and k head before RoPE
     norm_bias: bool = True  # LayerNorm bias (RMSNorm never has one)
     tie_embeddings: bool = False  # lm_head shares the token embedding matrix
+    embed_scale: Optional[float] = None  # token embeddings times this, in their dtype (Gemma: sqrt(dim))
     max_seqlen: int = 2048  # longest sequence (size of the learned-position / RoPE tables)
     sliding_window: Optional[int] = None  # Mistral: a query sees at most this many keys (itself included)
     init_std: float = 0.02
@@ -56,7 +59,7 @@ class TransformerConfig:
         if self.head_dim is None and self.n_heads > 0 and self.dim % self.n_heads == 0:
             self.head_dim = self.dim // self.n_heads
         if self.ffn_dim is None:
-            if self.mlp == "swiglu":  # Llama: 2/3 of 4*dim, rounded up to a multiple of 256
+            if self.gated:  # Llama: 2/3 of 4*dim, rounded up to a multiple of 256
                 self.ffn_dim = 256 * math.ceil(int(8 * self.dim / 3) / 256)
             else:
                 self.ffn_dim = 4 * self.dim
@@ -82,8 +85,8 @@ class TransformerConfig:
             bad(f"norm must be 'rms' or 'layer', got {self.norm!r}")
         if self.positional not in ("rope", "learned"):
             bad(f"positional must be 'rope' or 'learned', got {self.positional!r}")
-        if self.mlp not in ("swiglu", "gelu"):
-            bad(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.mlp not in ("swiglu", "geglu", "gelu"):
+            bad(f"mlp must be 'swiglu', 'geglu' or 'gelu', got {self.mlp!r}")
         if self.gelu_approximate not in ("tanh", "none"):
             bad(f"gelu_approximate must be 'tanh' or 'none', got {self.gelu_approximate!r}")
         if self.positional == "rope":
@@ -106,6 +109,12 @@ class TransformerConfig:
             v = getattr(self, name)
             if not _is_real(v) or not v >= 0:
                 bad(f"{name} must be a non-negative real number, got {v!r}")
+        if not _is_real(self.norm_offset) or not math.isfinite(self.norm_offset):
+            bad(f"norm_offset must be a finite real number, got {self.norm_offset!r}")
+        if self.norm_offset and self.norm != "rms":
+            bad(f"norm_offset applies to RMSNorm only (norm='rms'), got norm={self.norm!r}")
+        if self.embed_scale is not None and (not _is_real(self.embed_scale) or not 0 < self.embed_scale < math.inf):
+            bad(f"embed_scale must be a positive real number or None, got {self.embed_scale!r}")
         for name in ("qkv_bias", "out_bias", "mlp_bias", "norm_bias", "tie_embeddings", "qk_norm"):
             v = getattr(self, name)
             if not isinstance(v, bool):  # a string 'False' (e.g. from --set) is truthy
@@ -132,6 +141,11 @@ class TransformerConfig:
         return TransformerConfig.from_dict(d)
 
     @property
+    def gated(self):
+        """Whether the MLP is gated (SwiGLU / GeGLU: its input projection stacks gate and up)."""
+        return self.mlp in ("swiglu", "geglu")
+
+    @property
     def attention_window(self):
         """(left, right) for fastlm.ops.attention with causal=True."""
         return (self.sliding_window - 1, 0) if self.sliding_window else (-1, -1)
@@ -141,7 +155,7 @@ class TransformerConfig:
         d, f, hd = self.dim, self.ffn_dim, self.head_dim
         qkv = d * hd * (self.n_heads + 2 * self.n_kv_heads) + (hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0)
         out = self.n_heads * hd * d + (d if self.out_bias else 0)
-        n_in = 2 * f if self.mlp == "swiglu" else f
+        n_in = 2 * f if self.gated else f
         mlp = d * n_in + f * d + ((n_in + d) if self.mlp_bias else 0)
         norm = d * (2 if self.norm == "layer" and self.norm_bias else 1)
         qk_norm = 2 * hd if self.qk_norm else 0

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> fastlm Transformer: Llama, Mistral, Qwen2, Qwen3, Phi-3 and GPT-2 families.
+"""Hugging Face checkpoints <-> fastlm Transformer: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma and GPT-2 families.
 
     model = Transformer.from_hf("path/to/folder")       # config.json + *.safetensors (or a model object)
     hf_model = model.to_hf()                             # a transformers model with the same weights
@@ -8,7 +8,9 @@ Weight layout differences handled here:
     Phi-3 stores them stacked already, as qkv_proj and gate_up_proj);
   - GPT-2's Conv1D stores weights as (in, out): they are transposed;
   - HF Llama weights already use the rotate-half RoPE pairing that fastlm uses (no permutation);
-  - Qwen3's per-head q_norm / k_norm map to the attention's q_norm / k_norm (config qk_norm).
+  - Qwen3's per-head q_norm / k_norm map to the attention's q_norm / k_norm (config qk_norm);
+  - Gemma's RMSNorm weights scale by 1 + weight (config norm_offset=1) and its embeddings by
+    sqrt(hidden_size) (config embed_scale); its MLP is GeGLU (tanh GELU).
 Nothing is downloaded: a folder must be local.
 """
 import json
@@ -18,7 +20,7 @@ import torch
 
 from fastlm.models.config import TransformerConfig
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
 
 
@@ -76,7 +78,18 @@ def config_from_hf(c):
             tie_embeddings=c.get("tie_word_embeddings", True), max_seqlen=c.get("n_positions", 1024),
             extra={"hf_arch": "gpt2"},
         )
-    if c.get("hidden_act", "silu") != "silu":
+    mlp, approx = "swiglu", "tanh"
+    if mtype == "gemma":
+        # transformers 4 reads hidden_activation when set (else the tanh GELU); transformers 5
+        # has hidden_act alone and reads its legacy "gelu" as the tanh GELU too
+        act = c.get("hidden_activation")
+        approx = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}.get(act) if act else \
+            {"gelu_pytorch_tanh": "tanh", "gelu": "tanh", None: "tanh"}.get(c.get("hidden_act"))
+        if approx is None:
+            raise ValueError(f"unsupported gemma activation {act or c.get('hidden_act')!r} (fastlm's GeGLU takes the "
+                             "tanh or the exact GELU)")
+        mlp = "geglu"
+    elif c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported {mtype} hidden_act {c.get('hidden_act')!r} (fastlm's SwiGLU uses silu)")
     n_heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // n_heads
@@ -93,13 +106,15 @@ def config_from_hf(c):
             raise ValueError(f"unsupported {mtype} config: a mix of sliding-window and full-attention layers")
         window = c.get("sliding_window") if types and types[0] == "sliding_attention" else None
     bias = mtype == "qwen2" or bool(c.get("attention_bias", False))  # Qwen3: q/k/v/o all or none
+    gemma = mtype == "gemma"
     return TransformerConfig(
         vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=c.get("num_key_value_heads") or n_heads, head_dim=head_dim, ffn_dim=c["intermediate_size"],
         norm="rms", norm_eps=c.get("rms_norm_eps", 1e-6), positional="rope", rope_base=base, rotary_dim=rotary_dim,
-        rope_scaling=scaling, mlp="swiglu", qkv_bias=bias, out_bias=bias and mtype != "qwen2",
-        mlp_bias=bool(c.get("mlp_bias", False)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qk_norm=mtype == "qwen3",
+        rope_scaling=scaling, mlp=mlp, gelu_approximate=approx, qkv_bias=bias, out_bias=bias and mtype != "qwen2",
+        mlp_bias=bool(c.get("mlp_bias", False)), tie_embeddings=bool(c.get("tie_word_embeddings", gemma)),
+        qk_norm=mtype == "qwen3", norm_offset=1.0 if gemma else 0.0,
+        embed_scale=c["hidden_size"] ** 0.5 if gemma else None,
         max_seqlen=c.get("max_position_embeddings", 2048), sliding_window=window, extra={"hf_arch": mtype},
     )
 
@@ -122,16 +137,26 @@ def _hf_config(cfg, arch):
             layer_norm_epsilon=cfg.norm_eps, activation_function=act, bos_token_id=None, eos_token_id=None,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
         )
-    if not (cfg.positional == "rope" and cfg.norm == "rms" and cfg.mlp == "swiglu"):
+    gemma = arch == "gemma"
+    if not (cfg.positional == "rope" and cfg.norm == "rms" and cfg.mlp == ("geglu" if gemma else "swiglu")):
         raise ValueError(f"to_hf: this config (positional={cfg.positional}, norm={cfg.norm}, mlp={cfg.mlp}) is not a {arch} architecture")
+    if gemma and not (cfg.norm_offset == 1.0 and cfg.embed_scale == cfg.dim ** 0.5 and cfg.gelu_approximate == "tanh"):
+        raise ValueError(f"to_hf: Gemma scales norms by 1 + weight (norm_offset=1), embeddings by sqrt(dim) "
+                         f"(embed_scale={cfg.dim ** 0.5}) and uses the tanh GELU; got norm_offset={cfg.norm_offset}, "
+                         f"embed_scale={cfg.embed_scale}, gelu_approximate={cfg.gelu_approximate!r}")
+    if not gemma and (cfg.norm_offset or cfg.embed_scale is not None):
+        raise ValueError(f"to_hf: {arch} has no norm_offset or embed_scale (Gemma's); got {cfg.norm_offset}, "
+                         f"{cfg.embed_scale}")
     if cfg.qk_norm != (arch == "qwen3"):
         raise ValueError(f"to_hf: {arch} {'needs' if arch == 'qwen3' else 'has no'} per-head q/k norms "
                          f"(config qk_norm={cfg.qk_norm})")
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
-           "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config}[arch]
+           "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config,
+           "gemma": transformers.GemmaConfig}[arch]
     kw = dict(hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-              rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seqlen, hidden_act="silu",
+              rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seqlen,
+              hidden_act="gelu_pytorch_tanh" if gemma else "silu",
               bos_token_id=None, eos_token_id=None, **common)
     if cfg.rotary_dim != cfg.head_dim and arch != "phi3":  # see _rope_from_hf
         raise ValueError(f"to_hf: transformers' {arch} has no partial rotary (it rotates the whole head_dim), "
@@ -151,6 +176,11 @@ def _hf_config(cfg, arch):
         if cfg.qkv_bias != cfg.out_bias or cfg.sliding_window:
             raise ValueError("to_hf: Llama has one attention_bias flag for q/k/v/o and no sliding window")
         kw.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    elif gemma:
+        if cfg.qkv_bias != cfg.out_bias or cfg.sliding_window or cfg.mlp_bias:
+            raise ValueError("to_hf: Gemma has one attention_bias flag for q/k/v/o, no MLP biases and no sliding "
+                             "window")
+        kw.update(attention_bias=cfg.qkv_bias, pad_token_id=None)
     elif arch == "qwen3":
         if cfg.qkv_bias != cfg.out_bias or cfg.mlp_bias:
             raise ValueError("to_hf: Qwen3 has one attention_bias flag for q/k/v/o and no MLP biases")
@@ -186,6 +216,8 @@ def default_arch(cfg):
         return cfg.extra["hf_arch"]
     if cfg.positional == "learned":
         return "gpt2"
+    if cfg.mlp == "geglu":
+        return "gemma"
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias and not cfg.out_bias:
@@ -434,7 +466,7 @@ def from_hf(model_or_path, backend="fused", op_backend=None, dtype=None):
 
 def to_hf(model, arch=None):
     """The transformers model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-    Qwen3ForCausalLM, Phi3ForCausalLM or GPT2LMHeadModel) holding a copy of `model`'s weights, in float32 unless
+    Qwen3ForCausalLM, Phi3ForCausalLM, GemmaForCausalLM or GPT2LMHeadModel) holding a copy of `model`'s weights, in float32 unless
     the model isn't."""
     import transformers
 
@@ -444,7 +476,8 @@ def to_hf(model, arch=None):
     hf_cfg = _hf_config(model.config, arch)
     cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
            "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
-           "phi3": transformers.Phi3ForCausalLM, "gpt2": transformers.GPT2LMHeadModel}[arch]
+           "phi3": transformers.Phi3ForCausalLM, "gemma": transformers.GemmaForCausalLM,
+           "gpt2": transformers.GPT2LMHeadModel}[arch]
     hf_model = cls(hf_cfg)
     sd = state_dict_to_hf(model, arch)
     dtype = next(model.parameters()).dtype

@@ -1,4 +1,4 @@
-"""A decoder-only Transformer LM on the fastlm ops: GPT-2 and Llama/Mistral/Qwen2/Qwen3 shapes.
+"""A decoder-only Transformer LM on the fastlm ops: GPT-2 and Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma shapes.
 
     tokens -> embedding (+ learned positions) -> n_layers x Block -> norm -> lm_head -> logits
     Block:  h = h + Attention(norm(h));  h = h + MLP(norm(h))        (pre-norm)
@@ -6,8 +6,8 @@
 Two backends with the same parameters and state_dict keys (one checkpoint runs on either):
   "fused"      every norm, rotary and attention is a fastlm op; the residual add of each
                pre-norm is fused into the next norm call (one kernel reads x and the residual
-               and writes norm(x + residual) and x + residual); SwiGLU is one kernel
-               (ops.swiglu); the training loss is the
+               and writes norm(x + residual) and x + residual); SwiGLU / GeGLU is one kernel
+               (ops.swiglu / ops.geglu); the training loss is the
                lm_head fused with the cross-entropy (ops.linear_cross_entropy: the
                (tokens x vocab) logits are never materialized whole).
   "reference"  what a good PyTorch user writes: torch.nn.RMSNorm/LayerNorm, rotate-half RoPE,
@@ -174,12 +174,33 @@ def triton_only(op_backend):
     return None if op_backend == "cuda" else op_backend
 
 
+class OffsetRMSNorm(nn.RMSNorm):
+    """Reference RMSNorm scaling by offset + weight, as HF's Gemma computes it: all in fp32 (the
+    weight too), rounded once to x's dtype.  Same parameter as nn.RMSNorm; the weight starts at
+    1 - offset (a scale of 1)."""
+
+    def __init__(self, dim, eps, offset):
+        self.offset = float(offset)
+        super().__init__(dim, eps=eps)
+
+    def reset_parameters(self):
+        nn.init.constant_(self.weight, 1.0 - self.offset)
+
+    def forward(self, x):
+        ct = torch.promote_types(x.dtype, torch.float32)  # (float64 stays float64)
+        xf = x.to(ct)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (self.offset + self.weight.to(ct))).to(x.dtype)
+
+
 def make_norm(config, fused, op_backend, dim=None, kind=None):
     """config.norm over config.dim, or a `kind` norm over `dim` (the per-head q/k RMSNorms)."""
     dim, kind = dim or config.dim, kind or config.norm
     if kind == "rms":
         if fused:
-            return fastlm.nn.RMSNorm(dim, eps=config.norm_eps, backend=op_backend)
+            return fastlm.nn.RMSNorm(dim, eps=config.norm_eps, offset=config.norm_offset, backend=op_backend)
+        if config.norm_offset:
+            return OffsetRMSNorm(dim, config.norm_eps, config.norm_offset)
         return nn.RMSNorm(dim, eps=config.norm_eps)
     if fused:
         return fastlm.nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias, backend=op_backend)
@@ -206,7 +227,8 @@ def _norm_linear(norm, x, residual, linear, activation=None):
     is_rms = isinstance(norm, nn.RMSNorm)
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
     out = ops.fused_linear(x, linear.weight, linear.bias, norm="rms" if is_rms else "layer",
-                           norm_weight=norm.weight, norm_bias=None if is_rms else norm.bias, eps=eps,
+                           norm_weight=norm.scale() if is_rms else norm.weight, norm_bias=None if is_rms else norm.bias,
+                           eps=eps,
                            residual=residual, activation=activation, backend=triton_only(norm.backend))
     return out if residual is not None else (out, x)
 
@@ -221,7 +243,7 @@ class Attention(nn.Module):
         qkv_dim = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.wqkv = nn.Linear(config.dim, qkv_dim, bias=config.qkv_bias)  # q, k, v stacked
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.out_bias)
-        if config.qk_norm:  # Qwen3: each q and k head is RMS-normalized before RoPE
+        if config.qk_norm:  # Qwen3 (Gemma 3): each q and k head is RMS-normalized before RoPE
             self.q_norm = make_norm(config, fused, op_backend, config.head_dim, "rms")
             self.k_norm = make_norm(config, fused, op_backend, config.head_dim, "rms")
         self.qk_norm = config.qk_norm
@@ -269,22 +291,26 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config, fused=False, op_backend=None):
         super().__init__()
-        self.swiglu, self.approximate = config.mlp == "swiglu", config.gelu_approximate
+        self.kind, self.approximate = config.mlp, config.gelu_approximate
+        self.swiglu = config.mlp == "swiglu"
         self.fused, self.op_backend = fused, triton_only(op_backend)
-        n_in = 2 * config.ffn_dim if self.swiglu else config.ffn_dim  # SwiGLU: gate and up stacked
+        n_in = 2 * config.ffn_dim if config.gated else config.ffn_dim  # SwiGLU / GeGLU: gate and up stacked
         self.w_in = nn.Linear(config.dim, n_in, bias=config.mlp_bias)
         self.w_out = nn.Linear(config.ffn_dim, config.dim, bias=config.mlp_bias)
 
     def forward(self, x):
-        h = self.w_in(x)  # (B, T, ffn) or (B, T, 2*ffn)
-        if self.swiglu and self.fused:
-            h = ops.swiglu(h, backend=self.op_backend)  # one kernel each way, saves only h
-        elif self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate=self.approximate)
-        return self.w_out(h)  # (B, T, D)
+        return self.w_out(self.act(self.w_in(x)))  # (B, T, D)
+
+    def act(self, h):
+        """The activation of w_in's output h (B, T, ffn) or, gated, (B, T, 2*ffn) = [gate | up]."""
+        if self.kind == "gelu":
+            return F.gelu(h, approximate=self.approximate)
+        if self.fused:  # one kernel each way, saves only h
+            if self.swiglu:
+                return ops.swiglu(h, backend=self.op_backend)
+            return ops.geglu(h, approximate=self.approximate, backend=self.op_backend)
+        gate, up = h.chunk(2, dim=-1)
+        return (F.silu(gate) if self.swiglu else F.gelu(gate, approximate=self.approximate)) * up
 
 
 class Block(nn.Module):
@@ -315,8 +341,8 @@ class Block(nn.Module):
         x = self.attn(None, rope, cu_seqlens, max_seqlen, cache, qkv=qkv)
         mlp = self.mlp
         h, residual = _norm_linear(self.mlp_norm, x, residual, mlp.w_in, "swiglu" if mlp.swiglu else None)
-        if not mlp.swiglu:
-            h = F.gelu(h, approximate=mlp.approximate)
+        if not mlp.swiglu:  # (the kernel folds SwiGLU only)
+            h = mlp.act(h)
         return mlp.w_out(h), residual
 
 
@@ -397,7 +423,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """GPT-2 init: N(0, init_std) weights, zero biases, unit norms; the projections into the
+        """GPT-2 init: N(0, init_std) weights, zero biases, unit norm scales; the projections into the
         residual stream scaled by 1/sqrt(2 * n_layers).  Also (re)builds the RoPE tables (for
         models created on the meta device and materialized with to_empty())."""
         std = self.config.init_std
@@ -429,6 +455,8 @@ class Transformer(nn.Module):
         whose sum the final norm normalizes (residual is None for a model with no layers)."""
         self._check_inputs(tokens, positions, cu_seqlens, cache)
         x = self.tok_emb(tokens)  # (B, T, D)
+        if self.config.embed_scale is not None:  # Gemma: sqrt(dim), rounded to the embeddings' dtype as HF does
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids(tokens, positions, cu_seqlens))
         if self.backend == "fused" and torch.is_autocast_enabled(x.device.type):
@@ -553,7 +581,7 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------- HF conversion
     @classmethod
     def from_hf(cls, model_or_path, backend="fused", op_backend=None, dtype=None):
-        """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / GPT-2 checkpoint: a transformers model
+        """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma / GPT-2 checkpoint: a transformers model
         object, or a local folder with config.json and *.safetensors (see fastlm.models.hf)."""
         from fastlm.models import hf
 

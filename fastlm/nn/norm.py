@@ -2,7 +2,8 @@
 
 Subclasses of torch.nn.RMSNorm / torch.nn.LayerNorm: same constructor, same parameters and
 state_dict keys.  ``forward(x, residual=None)``: with a residual, returns (norm(x + residual),
-x + residual) from one fused kernel.
+x + residual) from one fused kernel.  ``RMSNorm(..., offset=1.0)`` scales by 1 + weight in fp32
+(Gemma's convention; the weight starts at 0).
 """
 import torch
 
@@ -39,16 +40,31 @@ def _unflat(out, x, shape):
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    def __init__(self, *args, backend=None, **kwargs):
+    def __init__(self, *args, backend=None, offset=0.0, **kwargs):
+        self.offset = float(offset)  # (before super().__init__, whose reset_parameters reads it)
         super().__init__(*args, **kwargs)
         self.backend = backend
+
+    def reset_parameters(self):
+        if self.weight is not None:
+            torch.nn.init.constant_(self.weight, 1.0 - self.offset)  # a scale of 1
+
+    def scale(self):
+        """The weight the normalized x is multiplied by: weight, or offset + weight in fp32."""
+        w = _flat_param(self.weight)
+        if not self.offset or w is None:
+            return w
+        return w.to(torch.float64 if w.dtype == torch.float64 else torch.float32) + self.offset
 
     def forward(self, x, residual=None):
         shape = self.normalized_shape
         eps = self.eps if self.eps is not None else _EPS_FP64 if x.dtype == torch.float64 else _EPS_FP32
         res = _flat(residual, shape, "residual") if residual is not None else None
-        out = ops.rms_norm(_flat(x, shape), _flat_param(self.weight), eps, residual=res, backend=self.backend)
+        out = ops.rms_norm(_flat(x, shape), self.scale(), eps, residual=res, backend=self.backend)
         return _unflat(out, x, shape)
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", offset={self.offset}" if self.offset else "")
 
 
 class LayerNorm(torch.nn.LayerNorm):
