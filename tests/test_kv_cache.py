@@ -525,14 +525,17 @@ def test_written_caches_must_not_share_memory(backend):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-def test_compile_fullgraph(backend):
+@pytest.mark.parametrize("leftpad", [False, True])
+def test_compile_fullgraph(backend, leftpad):
     B, Hq, Hkv, D, cap = 2, 4, 2, 16, 21
     kc, vc, bt, lens, q, k = small_paged_case(cap, [3, 12])
+    pad = torch.tensor([1, 5], dtype=torch.int32, device=DEVICE) if leftpad else None
 
     def step(q, k, kc, vc, lens, bt):
         fastlm.ops.kv_cache_append(kc, vc, k, k, lens, block_table=bt, backend=backend)
         lens.add_(1)
-        return fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, num_splits=2, backend=backend)
+        return fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, cache_leftpad=pad, num_splits=2,
+                                           backend=backend)
 
     kc2, vc2, lens2 = kc.clone(), vc.clone(), lens.clone()
     torch._dynamo.reset()
@@ -540,6 +543,9 @@ def test_compile_fullgraph(backend):
     exp = step(q, k, kc2, vc2, lens2, bt)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2) and torch.equal(lens, lens2)
     torch.testing.assert_close(out, exp, atol=1e-3, rtol=0)
+    if leftpad:  # (and the padding is really left out)
+        torch.testing.assert_close(out, reference.decode_attention(q, kc, vc, lens, block_table=bt, cache_leftpad=pad),
+                                   atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
