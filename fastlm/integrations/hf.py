@@ -335,6 +335,8 @@ def _decode_step(module, query, key, value, scaling, softcap, window, leftpad=No
     window (-1: none); leftpad: int32 (B,) first key of each sequence (its padding before), or None."""
     B, S = query.shape[0], key.shape[2]
     lens = torch.full((B,), S, dtype=torch.int32, device=query.device)
+    if leftpad is not None and leftpad.shape[0] != B:  # a mask of batch 1, broadcast over the rows
+        leftpad = leftpad.expand(B)
     return ops.decode_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
                                 cache_leftpad=leftpad, softmax_scale=scaling, softcap=softcap or 0.0, window=window,
                                 backend=getattr(module, "_fastlm_backend", None))
