@@ -70,8 +70,10 @@ def as_int(v, name, op=None):
 
 
 def has_data_pointers(t):
-    """False while tracing (torch.compile; fake or meta tensors): no addresses to compare."""
-    return not (torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta")
+    """False while tracing (torch.compile; fake or meta tensors) or for a torch.func transform's
+    wrapper tensor: no addresses to compare."""
+    return not (torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta"
+                or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def byte_span(t):

@@ -18,6 +18,10 @@ So the object ``fast_op`` returns is called like the op and decides per call:
     custom op, through the dispatcher.
 Both routes run the same body, setup and backward, so they give bitwise-identical results;
 tests/test_dispatch.py checks that op by op.  ``FASTLM_DIRECT_OPS=0`` forces the custom op route.
+Under torch.func's reverse-mode transforms (grad, vjp, jacrev, and vmap over them) the op runs
+inside ``_FunctorchAutograd``, an ``autograd.Function`` in functorch's style (forward without ctx,
+``setup_context``, ``generate_vmap_rule``) around the same custom op, setup and backward: the
+autograd wrapper that ``register_autograd`` generates refuses functorch transforms.
 Forward-mode AD (dual tensors, torch.func.jvp) raises on either route: no op has a forward
 derivative, and a custom op would silently drop the tangent.
 """
@@ -99,6 +103,36 @@ class _DirectAutograd(torch.autograd.Function):
         return (*result, None)
 
 
+class _FunctorchAutograd(torch.autograd.Function):
+    """The route under torch.func transforms: args = (*op inputs, the FastOp).  functorch runs
+    ``forward`` one level down (so the custom op inside sees no gradient and no transform of
+    this level), ``setup_context`` saves what the registered setup saves, and vmap of either
+    is generated from the custom op's own batching (torch's per-example fallback).  An op with
+    no registered backward (the backward ops themselves, which functorch's create_graph=True
+    backward calls with grad enabled) gets a node that raises if it is ever differentiated
+    (grad of grad), never a silently constant result."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return args[-1].op(*args[:-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        op = inputs[-1]
+        if op.setup_context is not None:
+            op.setup_context(ctx, inputs[:-1], output)
+        ctx.fastlm_op = op
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.fastlm_op.backward is None:
+            raise NotImplementedError(f"{ctx.fastlm_op.name} has no derivative: a fastlm op's backward cannot be "
+                                      "differentiated again (grad of grad); use backend='reference' for that")
+        return _DirectAutograd.backward(ctx, *grads)
+
+
 class FastOp:
     """The callable ``fast_op`` returns: ``register_fake`` / ``register_autograd`` as on a
     custom op; calling it takes the direct route when it may (module docstring)."""
@@ -123,6 +157,8 @@ class FastOp:
     def __call__(self, *args):
         if fwAD._current_level >= 0 or torch._C._are_functorch_transforms_active():
             _refuse_forward_ad(self.name, args)
+            if not self.mutated and torch.is_grad_enabled() and torch._C._are_functorch_transforms_active():
+                return _FunctorchAutograd.apply(*args, self)
             return self.op(*args)
         direct, grad = _direct(args)
         if not direct:

@@ -460,6 +460,11 @@ def apply_rotary(q, k, cos, sin, *, positions=None, cu_seqlens=None, interleaved
     args = (cos, sin, pos_t, cu_seqlens, offset, mode, interleaved)
     if not inplace:
         return _rotary_op(q, k, *args, False, b)
+    if torch.is_grad_enabled() and torch._C._are_functorch_transforms_active():
+        # torch.func transforms: out of place, then copied in (functorch records copy_, not the
+        # two-node in-place recording below)
+        qo, ko = _rotary_op(q, k, *args, False, b)
+        return q.copy_(qo), k.copy_(ko)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         # Only a tensor that requires grad gets a node (as with torch's in-place ops): the other
         # one's rotation is not recorded (no requires_grad, no backward launch for it).
