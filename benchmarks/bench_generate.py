@@ -122,9 +122,7 @@ def build_models(preset, device, dtype, impls, op_backend=None):
     torch.manual_seed(0)
     with torch.device(device):
         fused = Transformer(cfg, backend="fused", op_backend=op_backend)
-    fused.to(dtype).eval()
-    if cfg.positional == "rope":  # derived fp32 tables, kept fp32 in a bf16 model
-        fused.rope_cos, fused.rope_sin = fused.make_rope_tables(device)
+    fused.to(dtype).eval()  # (the RoPE tables stay fp32)
     ref, hf = None, {}
     if "reference" in impls:
         with torch.device("meta"):
@@ -132,8 +130,6 @@ def build_models(preset, device, dtype, impls, op_backend=None):
         ref.to_empty(device=device)
         ref.load_state_dict(fused.state_dict())
         ref.eval()
-        if cfg.positional == "rope":
-            ref.rope_cos, ref.rope_sin = ref.make_rope_tables(device)
     if {"hf", "hf+fastlm"} & set(impls) and optional_module("transformers") is not None:
         with torch.device(device):  # HF builds (and randomly initializes) the model where it will run
             model = fused.to_hf().to(device=device, dtype=dtype).eval()

@@ -265,9 +265,7 @@ def _load_for_generation(checkpoint, hf, tokenizer, backend, op_backend, device,
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
                          f"{model.config.vocab_size}")
-    model = model.to(device=device, dtype=dtype).eval()
-    if model.config.positional == "rope":  # derived fp32 tables (not in the checkpoint; kept fp32 in bf16 models)
-        model.rope_cos, model.rope_sin = model.make_rope_tables(device)
+    model = model.to(device=device, dtype=dtype).eval()  # (the RoPE tables stay fp32)
     return model, tok, eos, encode
 
 

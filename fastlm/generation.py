@@ -51,12 +51,11 @@ import warnings
 from collections import deque
 
 import torch
-import torch.nn.functional as F
 
 from fastlm import ops
 from fastlm._checks import is_int
 from fastlm.nn.kv_cache import PagedKVCache, StaticKVCache
-from fastlm.models.transformer import triton_only
+from fastlm.models.transformer import masked_attention, triton_only
 from fastlm.sampling import (apply_repetition_penalty, check_min_p, check_repetition_penalty, check_sampling_args,
                              sample_with_max)
 
@@ -80,8 +79,9 @@ class _CacheHook:
         self.cache, self.op_backend = cache, op_backend
         self.prefill = None  # (slots (total,) int64, cu_seqlens int32, max_seqlen int)
 
-    def attend(self, layer, q, k, v, window, rope):
+    def attend(self, layer, q, k, v, window, rope, softmax_scale=None, softcap=None):
         c = self.cache
+        softcap = softcap or 0.0
         if self.prefill is not None:
             if rope is not None:
                 cos, sin, positions, cu = rope
@@ -89,15 +89,16 @@ class _CacheHook:
             slots, cu, max_len = self.prefill
             for buf, new in ((c.k_cache[layer], k), (c.v_cache[layer], v)):
                 buf.view(-1, *buf.shape[2:]).index_copy_(0, slots, new)
-            return ops.attention(q, k, v, causal=True, window=window, cu_seqlens_q=cu, cu_seqlens_k=cu,
+            return ops.attention(q, k, v, causal=True, softmax_scale=softmax_scale, window=window, softcap=softcap,
+                                 cu_seqlens_q=cu, cu_seqlens_k=cu,
                                  max_seqlen_q=max_len, max_seqlen_k=max_len, backend=triton_only(self.op_backend))
         # Decode: the step's tokens sit at the cache's write positions (the model was called with
         # positions=cache.positions), so rotary, append and attention are one decode_attention.
         cos, sin = (rope[0], rope[1]) if rope is not None else (None, None)
         if rope is not None and rope[2] is not c.positions:  # the rotation positions are the cache's
             raise RuntimeError("_CacheHook: a decode step must run the model with positions=cache.positions")
-        return c.append_attend(layer, q, k, v, rotary_cos=cos, rotary_sin=sin, window=window[0],
-                               backend=self.op_backend)  # (left, 0) -> left window
+        return c.append_attend(layer, q, k, v, rotary_cos=cos, rotary_sin=sin, window=window[0],  # (left, 0) -> left
+                               softmax_scale=softmax_scale, softcap=softcap, backend=self.op_backend)
 
 
 class _TorchKVCache:
@@ -117,7 +118,7 @@ class _TorchKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.batch, self.capacity = batch, capacity
         self.rows, self.valid = None, None  # prefill: slice of the rows being prefilled, their prompt tokens
-        self.mask, self.S = None, 0
+        self.masks, self.S = {}, 0  # this step's mask per attention window (the layers' may differ)
         self.lens = [0] * batch  # host: tokens held per row (after the current step)
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self._arange = torch.arange(batch, device=device)
@@ -126,14 +127,12 @@ class _TorchKVCache:
         self.lens = list(lens)
         self.positions.copy_(torch.tensor(lens, dtype=torch.long))
 
-    def begin_prefill(self, r0, r1, T, window):
-        self.rows, self.S = slice(r0, r1), T
+    def begin_prefill(self, r0, r1, T):
+        self.rows, self.S, self.masks = slice(r0, r1), T, {}
         # (G, T, 1, 1): the prompt's own tokens (positions holds the prompt lengths here)
         self.valid = (torch.arange(T, device=self.k.device) < self.positions[r0:r1, None])[..., None, None]
-        self.mask = None if window[0] < 0 else _visible(torch.zeros(r1 - r0, dtype=torch.long, device=self.k.device),
-                                                        T, T, window)
 
-    def begin_decode(self, window):
+    def begin_decode(self):
         """Host, before a decode step: one more token per row at ``positions``."""
         self.rows = None
         for b in range(self.batch):
@@ -141,11 +140,23 @@ class _TorchKVCache:
             if self.lens[b] > self.capacity:
                 raise ValueError(f"_TorchKVCache: row {b} would hold {self.lens[b]} tokens, past its capacity "
                                  f"{self.capacity}")
-        self.S = max(self.lens)
-        same = min(self.lens) == self.S
-        self.mask = None if same and window[0] < 0 else _visible(self.positions, 1, self.S, window)
+        self.S, self.masks = max(self.lens), {}
 
-    def attend(self, layer, q, k, v, window):
+    def _mask(self, window):
+        """This step's (B, 1, T, S) mask for `window` (None: plain causal), made once per step."""
+        if window not in self.masks:
+            if self.rows is not None:  # prefill: (G, T) tokens at positions 0..T-1
+                g = self.rows.stop - self.rows.start
+                m = None if window[0] < 0 else _visible(torch.zeros(g, dtype=torch.long, device=self.k.device),
+                                                        self.S, self.S, window)
+            else:  # decode: one token per row at its own position
+                same = min(self.lens) == self.S
+                m = None if same and window[0] < 0 else _visible(self.positions, 1, self.S, window)
+            self.masks[window] = m
+        return self.masks[window]
+
+    def attend(self, layer, q, k, v, window, softmax_scale=None, softcap=None):
+        mask, kw = self._mask(window), dict(scale=softmax_scale, softcap=softcap)
         if self.rows is not None:  # prefill: (G, T) tokens at positions 0..T-1
             T = k.shape[1]
             # The padding's k/v zeroed for this SDPA too: a causal block that is partly masked still sums them.
@@ -153,10 +164,10 @@ class _TorchKVCache:
             for buf, new in ((self.k[layer, self.rows], k), (self.v[layer, self.rows], v)):
                 buf[:, :T] = new
                 buf[:, T:] = 0.0
-            return _sdpa(q, k, v, self.mask, causal=self.mask is None)
+            return masked_attention(q, k, v, mask, causal=mask is None, **kw)
         self.k[layer].index_put_((self._arange, self.positions), k[:, 0])
         self.v[layer].index_put_((self._arange, self.positions), v[:, 0])
-        return _sdpa(q, self.k[layer, :, : self.S], self.v[layer, :, : self.S], self.mask, causal=False)
+        return masked_attention(q, self.k[layer, :, : self.S], self.v[layer, :, : self.S], mask, **kw)
 
 
 def _visible(positions, T, S, window):
@@ -168,16 +179,6 @@ def _visible(positions, T, S, window):
     if window[0] >= 0:
         m &= j[None, None, :] >= p[:, :, None] - window[0]
     return m[:, None]
-
-
-def _sdpa(q, k, v, mask, causal):
-    """q (B, T, H, hd), k/v (B, S, Hkv, hd) -> (B, T, H, hd) with F.scaled_dot_product_attention."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if mask is not None and k.shape[1] != q.shape[1]:  # CUDA SDPA's GQA path takes no mask
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
-    return o.transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------ validation
@@ -629,7 +630,7 @@ class Generator:
         tokens = torch.zeros(g1 - g0, T, dtype=torch.long)
         for r, p in enumerate(prompts[g0:g1]):
             tokens[r, : len(p)] = torch.tensor(p)
-        st.cache.begin_prefill(g0, g1, T, m.config.attention_window)
+        st.cache.begin_prefill(g0, g1, T)
         stream = m.residual_stream(_to(tokens, dev), cache=st.cache)  # (G, T, D)
         last = torch.tensor(group, device=dev) - 1
         return _head_rows(m, stream, (torch.arange(g1 - g0, device=dev), last))
@@ -638,7 +639,7 @@ class Generator:
         """One token for every sequence: host-side reserve, then the (captured) device step.
         key: the sampling parameters as a hashable (one graph per distinct key)."""
         if not st.fused:
-            st.cache.begin_decode(self.model.config.attention_window)
+            st.cache.begin_decode()
         else:  # every live sequence (paged: the unfinished ones), without per-id checks
             st.cache.reserve(1)
         if not self.cuda_graphs:

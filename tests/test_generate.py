@@ -32,6 +32,11 @@ VARIANTS = {
                      tie_embeddings=False, vocab_size=301,
                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    # Gemma 2 + 3: sandwich norms, own softmax scale, soft-capped scores and logits, a sliding layer (own
+    # RoPE base) then a full one, per-head q/k norms, GeGLU
+    "tiny-gemma23": dict(base="tiny", mlp="geglu", norm_offset=1.0, embed_scale=8.0, head_dim=32, qk_norm=True,
+                         post_norms=True, attn_scale=0.3, attn_softcap=2.0, logit_softcap=3.0, sliding_window=5,
+                         layer_types=["sliding", "full"], rope_local_base=100.0, rope_base=20000.0),
 }
 
 
@@ -77,7 +82,7 @@ def assert_greedy_by_full_forward(ref, prompts, outs, eos=()):
 
 
 # ------------------------------------------------------------------------------ parity
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-mix"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-mix", "tiny-gemma23"])
 def test_greedy_fused_equals_reference_and_full_forward(name):
     """Fused (Triton kernels under the interpreter on CPU) vs reference path, batched prompts of
     mixed lengths (1 and past the sliding window), and the fp64 full-forward oracle."""
@@ -91,7 +96,7 @@ def test_greedy_fused_equals_reference_and_full_forward(name):
 
 
 @cuda_mark()
-@pytest.mark.parametrize("name", ["tiny", "tiny-mix"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-mix", "tiny-gemma23"])
 def test_greedy_cuda_ops_equal_reference(name):
     """op_backend="cuda": the CUDA C++ norm, rotary, KV-append and decode kernels (without a GPU:
     compiled whole for the host emulator, tests/cuda_host_emu.py), both caches."""
@@ -160,6 +165,14 @@ def _hf_model(family="llama"):
             "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}))
     elif family == "gemma":  # GeGLU (unfused in the decode step's norm + w_in kernel), 1 + w norms, scaled embeddings
         m = transformers.GemmaForCausalLM(transformers.GemmaConfig(**kw, head_dim=32))
+    elif family == "gemma2":  # sandwich norms, soft-capping (eager: HF's SDPA drops it), sliding then full layers
+        m = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **kw, head_dim=32, sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0, attn_implementation="eager"))
+    elif family == "gemma3_text":  # q/k norms, the sliding layers' own RoPE base (HF's defaults: 1e4 and 1e6)
+        m = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **kw, head_dim=32, sliding_window=4, query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention"]))
     else:
         m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     randomize_(m)
@@ -167,7 +180,8 @@ def _hf_model(family="llama"):
 
 
 @pytest.mark.parametrize("family,backend", [("llama", "fused"), ("llama", "reference"), ("qwen3", "fused"),
-                                            ("phi3", "fused"), ("gemma", "fused")])
+                                            ("phi3", "fused"), ("gemma", "fused"), ("gemma2", "fused"),
+                                            ("gemma3_text", "fused")])
 def test_greedy_equals_hf_generate(family, backend):
     hf = _hf_model(family)
     model = Transformer.from_hf(hf, backend=backend).to(DEVICE)

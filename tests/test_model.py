@@ -1,5 +1,5 @@
 """The Transformer: fused vs reference backend, packed input, KV-cache hook, torch.compile,
-HF checkpoint parity (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, GPT-2) and bad input.
+HF checkpoint parity (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 1/2/3, GPT-2) and bad input.
 
 On CPU the fused backend runs the Triton kernels under the interpreter, so shapes are tiny.
 Error policy (tests/tolerances.py): the fp32 result's error against the same model run in
@@ -29,6 +29,11 @@ TINY_VARIANTS = {
     # Gemma-style: GeGLU (erf GELU here), norms scaling by 1 + w (the q/k norms too), scaled embeddings, wide heads
     "tiny-gemma": dict(base="tiny", mlp="geglu", gelu_approximate="none", norm_offset=1.0, embed_scale=8.0,
                        head_dim=32, qk_norm=True),
+    # Gemma 2 and 3 at once: norms on the sublayer outputs, a softmax scale of its own, soft-capped scores
+    # and logits (caps small enough to bite), a sliding layer (with its own RoPE base) then a full one
+    "tiny-gemma23": dict(base="tiny", mlp="geglu", norm_offset=1.0, embed_scale=8.0, head_dim=32, qk_norm=True,
+                         post_norms=True, attn_scale=24 ** -0.5, attn_softcap=2.0, logit_softcap=1.5, sliding_window=5,
+                         layer_types=["sliding", "full"], rope_local_base=100.0, rope_base=20000.0),
 }
 
 
@@ -72,14 +77,16 @@ def test_presets_build_and_count_params(name, qk_norm):
     assert cfg.flops_per_token(1024) > 6 * cfg.num_params(embeddings=False)
 
 
-def test_gemma_style_config_counts_and_starts_at_unit_scales():
-    cfg = tiny_config("tiny-gemma")
+@pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma23"])
+def test_gemma_style_config_counts_and_starts_at_unit_scales(name):
+    cfg = tiny_config(name)
     assert cfg.gated and cfg.ffn_dim == 160
     for backend in ("reference", "fused"):
         model = Transformer(cfg, backend=backend)
         assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
         norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
-        assert len(norms) == 2 * cfg.n_layers + 1 + 2 * cfg.n_layers  # block norms, final norm, q/k norms
+        per_block = 4 if cfg.post_norms else 2
+        assert len(norms) == per_block * cfg.n_layers + 1 + 2 * cfg.n_layers  # block norms, final norm, q/k norms
         assert all(m.offset == 1.0 and torch.equal(m.weight, torch.zeros_like(m.weight)) for m in norms)
     # the weight of 0 is a scale of 1: the same output as a plain RMSNorm
     x = torch.randn(3, 64)
@@ -126,6 +133,15 @@ def test_llama_3_2_1b_shape():
     (dict(norm_offset=float("nan")), "norm_offset must be a finite real number"),
     (dict(embed_scale=0.0), "embed_scale must be a positive real number or None"),
     (dict(embed_scale=True), "embed_scale must be"),
+    (dict(layer_types=["sliding"]), "layer_types must be None or a list of n_layers=2"),
+    (dict(layer_types=["sliding", "local"], sliding_window=4), "layer_types must be"),
+    (dict(layer_types=["sliding", "full"]), "'sliding' layers but sliding_window is None"),
+    (dict(rope_local_base=0.0), "rope_local_base must be a positive real number"),
+    (dict(rope_local_base=100.0, positional="learned"), "rope_local_base needs positional='rope'"),
+    (dict(attn_scale=-1.0), "attn_scale must be a positive real number or None"),
+    (dict(attn_softcap=0.0), "attn_softcap must be"),
+    (dict(logit_softcap=float("inf")), "logit_softcap must be"),
+    (dict(post_norms="True"), "post_norms must be a bool"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -178,7 +194,7 @@ def test_fused_matches_reference(name):
         assert_close(grads[n], grads64[n], grads32[n], name=f"grad {n}", dtype=torch.float32)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-gemma23"])
 def test_fused_training_loss_matches_reference(name):
     """model(tokens, targets): the fused model's lm_head + cross-entropy (linear_cross_entropy,
     never materializing the logits) against the reference's logits + F.cross_entropy."""
@@ -294,17 +310,17 @@ class AttendingCache(ContiguousCache):
 
     calls = 0
 
-    def attend(self, layer, q, k, v, window):
+    def attend(self, layer, q, k, v, window, softmax_scale=None, softcap=None):
         from fastlm.models.transformer import sdpa_attention
 
         AttendingCache.calls += 1
         k, v = self.update(layer, k, v)
-        return sdpa_attention(q, k, v, window=window)
+        return sdpa_attention(q, k, v, window=window, scale=softmax_scale, softcap=softcap)
 
 
 @pytest.mark.parametrize("backend, cache_cls", [("reference", ContiguousCache), ("fused", ContiguousCache),
                                                 ("fused", AttendingCache)])
-@pytest.mark.parametrize("name", ["tiny-mix", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny-mix", "tiny-gpt2", "tiny-gemma23"])
 def test_kv_cache_hook_and_positions(backend, cache_cls, name):
     cfg = tiny_config(name)
     ref, fused = pair(cfg)
@@ -355,7 +371,7 @@ def test_autocast_residual_stream_dtype(backend):
         assert abs(loss.item() - ref(tokens, tokens).item()) < 0.05
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-mix"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-mix", "tiny-gemma23"])
 def test_torch_compile_fullgraph_fused(name):
     cfg = tiny_config(name)
     _, fused = pair(cfg)
@@ -563,6 +579,24 @@ def hf_model(family):
                                                                  **_rope_kw(transformers.Phi3Config, 10000.0, rope)))
     elif family == "gemma":  # GeGLU, norms scaling by 1 + w, embeddings by sqrt(hidden); head_dim > hidden / heads
         m = transformers.GemmaForCausalLM(transformers.GemmaConfig(**common, head_dim=32, pad_token_id=None))
+    elif family == "gemma2":  # + sandwich norms, query_pre_attn_scalar, soft-capping (small caps that bite),
+        # a sliding layer between full ones.  Eager attention: HF's SDPA path drops the score softcap.
+        m = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **{**common, "num_hidden_layers": 3}, head_dim=32, pad_token_id=None, sliding_window=6,
+            query_pre_attn_scalar=24, attn_logit_softcapping=1.5, final_logit_softcapping=2.0,
+            attn_implementation="eager"))
+    elif family == "gemma3_text":  # + per-head q/k norms, the sliding layers' own RoPE base, linear scaling
+        types = ["sliding_attention", "full_attention", "sliding_attention"]
+        rope = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}
+        if "rope_parameters" not in transformers.Gemma3TextConfig.__annotations__:  # transformers 4
+            rope = dict(rope_theta=100000.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
+                        rope_local_base_freq=1000.0)
+        else:
+            rope = dict(rope_parameters=rope)
+        m = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 3}, head_dim=32, pad_token_id=None, sliding_window=6,
+            query_pre_attn_scalar=24, layer_types=types, **rope))
     else:
         m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=None, eos_token_id=None))
@@ -577,7 +611,7 @@ def _rope_kw(cls, theta, scaling):
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "gpt2"]
 
 
 def hf_logits(model, tokens):
@@ -718,6 +752,44 @@ def test_to_hf_rejects_mismatched_arch():
         Transformer(gemma.config.replace(embed_scale=None), backend="reference").to_hf("gemma")
     with pytest.raises(ValueError, match="llama has no norm_offset or embed_scale"):
         Transformer(tiny_config("tiny").replace(norm_offset=1.0), backend="reference").to_hf("llama")
+    # Gemma 2 / 3: the default arch follows post_norms and qk_norm; features the arch lacks are named
+    g23 = tiny_config("tiny-gemma23")
+    assert type(Transformer(g23, backend="reference").to_hf()).__name__ == "Gemma3ForCausalLM"
+    g2 = g23.replace(qk_norm=False, rope_local_base=None)
+    assert type(Transformer(g2, backend="reference").to_hf()).__name__ == "Gemma2ForCausalLM"
+    with pytest.raises(ValueError, match="Gemma 2 has one RoPE"):
+        Transformer(g2.replace(rope_local_base=10.0), backend="reference").to_hf("gemma2")
+    with pytest.raises(ValueError, match="gemma2 needs norms on the attention and MLP outputs"):
+        gemma.to_hf("gemma2")
+    with pytest.raises(ValueError, match="gemma has no norms on the attention"):
+        Transformer(g2, backend="reference").to_hf("gemma")
+    with pytest.raises(ValueError, match="llama has no attn_scale, soft-capping"):
+        Transformer(tiny_config("tiny").replace(logit_softcap=30.0), backend="reference").to_hf("llama")
+    with pytest.raises(ValueError, match="query_pre_attn_scalar .* is an int; attn_scale=0.3"):
+        Transformer(g2.replace(attn_scale=0.3), backend="reference").to_hf()
+    with pytest.raises(ValueError, match="gemma3_text needs per-head q/k norms"):
+        Transformer(g2, backend="reference").to_hf("gemma3_text")
+
+
+def test_per_layer_windows_and_rope():
+    """layer_types: each layer its own window (and, with rope_local_base, its own RoPE table);
+    a config whose layers differ has no single attention_window."""
+    cfg = tiny_config("tiny-gemma23")
+    assert [cfg.layer_window(i) for i in range(2)] == [(4, 0), (-1, -1)]
+    assert [cfg.local_rope(i) for i in range(2)] == [True, False]
+    with pytest.raises(ValueError, match="different attention windows"):
+        cfg.attention_window
+    assert tiny_config("tiny-mix").attention_window == (6, 0)
+    assert cfg.replace(layer_types=None).attention_window == (4, 0)  # every layer sliding
+    for backend in ("reference", "fused"):
+        model = Transformer(cfg, backend=backend).to(torch.bfloat16)
+        # the tables stay fp32 through .to(bf16); the sliding layer's differ from the full one's
+        assert model.rope_cos.dtype == model.rope_local_cos.dtype == torch.float32
+        expect = torch.outer(torch.arange(cfg.max_seqlen, dtype=torch.float64),
+                             100.0 ** -(torch.arange(0, 32, 2, dtype=torch.float64) / 32))
+        torch.testing.assert_close(model.rope_local_cos, expect.cos().float(), atol=1e-5, rtol=0)
+        assert not torch.allclose(model.rope_cos, model.rope_local_cos)
+        assert "rope_local_cos" not in model.state_dict()
 
 
 def test_tied_embeddings_stay_tied_after_to_empty_and_from_hf():

@@ -3,8 +3,10 @@
 One dataclass covers the GPT-2 family (learned positions, LayerNorm, GELU MLP, biases) and the
 Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention; Mistral adds a sliding window,
 Qwen2 adds q/k/v biases, Qwen3 an RMSNorm over each head of q and k) and Gemma (GeGLU MLP,
-RMSNorm scaling by 1 + weight, embeddings scaled by sqrt(dim)).  Fields left as None are derived
-in ``__post_init__``.
+RMSNorm scaling by 1 + weight, embeddings scaled by sqrt(dim); Gemma 2 and 3 add norms on the
+attention and MLP outputs, a softmax scale of their own, tanh soft-capping of the attention scores
+and the logits (Gemma 2), sliding-window layers between full ones, and (Gemma 3) another RoPE base
+on the sliding layers).  Fields left as None are derived in ``__post_init__``.
 """
 import dataclasses
 import math
@@ -48,6 +50,13 @@ class TransformerConfig:
     embed_scale: Optional[float] = None  # token embeddings times this, in their dtype (Gemma: sqrt(dim))
     max_seqlen: int = 2048  # longest sequence (size of the learned-position / RoPE tables)
     sliding_window: Optional[int] = None  # Mistral: a query sees at most this many keys (itself included)
+    # per layer "sliding" (sliding_window applies) or "full"; None: every layer sliding if sliding_window is set
+    layer_types: Optional[list] = None
+    rope_local_base: Optional[float] = None  # Gemma 3: the RoPE base of the sliding layers (unscaled); None: rope_base
+    attn_scale: Optional[float] = None  # softmax scale of the attention scores; None: head_dim ** -0.5
+    attn_softcap: Optional[float] = None  # Gemma 2: scores become c * tanh(scores / c)
+    logit_softcap: Optional[float] = None  # Gemma 2: logits become c * tanh(logits / c)
+    post_norms: bool = False  # Gemma 2/3: the attention and MLP outputs are normed before the residual add
     init_std: float = 0.02
     extra: dict = field(default_factory=dict)  # free-form metadata (e.g. the HF architecture it came from)
 
@@ -105,6 +114,23 @@ class TransformerConfig:
                     bad(f"rope_scaling {self.rope_scaling}: {e}")
         if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window <= 0):
             bad(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            types = self.layer_types
+            if not isinstance(types, (list, tuple)) or len(types) != self.n_layers \
+                    or any(t not in ("sliding", "full") for t in types):
+                bad(f"layer_types must be None or a list of n_layers={self.n_layers} entries 'sliding' / 'full', "
+                    f"got {types!r}")
+            if "sliding" in types and self.sliding_window is None:
+                bad("layer_types has 'sliding' layers but sliding_window is None")
+        if self.rope_local_base is not None:
+            if self.positional != "rope":
+                bad("rope_local_base needs positional='rope'")
+            if not _is_real(self.rope_local_base) or not self.rope_local_base > 0:
+                bad(f"rope_local_base must be a positive real number or None, got {self.rope_local_base!r}")
+        for name in ("attn_scale", "attn_softcap", "logit_softcap"):
+            v = getattr(self, name)
+            if v is not None and (not _is_real(v) or not 0 < v < math.inf):
+                bad(f"{name} must be a positive real number or None, got {v!r}")
         for name in ("norm_eps", "init_std"):
             v = getattr(self, name)
             if not _is_real(v) or not v >= 0:
@@ -115,7 +141,7 @@ class TransformerConfig:
             bad(f"norm_offset applies to RMSNorm only (norm='rms'), got norm={self.norm!r}")
         if self.embed_scale is not None and (not _is_real(self.embed_scale) or not 0 < self.embed_scale < math.inf):
             bad(f"embed_scale must be a positive real number or None, got {self.embed_scale!r}")
-        for name in ("qkv_bias", "out_bias", "mlp_bias", "norm_bias", "tie_embeddings", "qk_norm"):
+        for name in ("qkv_bias", "out_bias", "mlp_bias", "norm_bias", "tie_embeddings", "qk_norm", "post_norms"):
             v = getattr(self, name)
             if not isinstance(v, bool):  # a string 'False' (e.g. from --set) is truthy
                 bad(f"{name} must be a bool (True or False), got {v!r}")
@@ -145,10 +171,29 @@ class TransformerConfig:
         """Whether the MLP is gated (SwiGLU / GeGLU: its input projection stacks gate and up)."""
         return self.mlp in ("swiglu", "geglu")
 
+    def is_sliding(self, layer):
+        """Whether layer `layer` attends over a sliding window (see layer_types)."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding"
+
+    def layer_window(self, layer):
+        """(left, right) of layer `layer` for fastlm.ops.attention with causal=True."""
+        return (self.sliding_window - 1, 0) if self.is_sliding(layer) else (-1, -1)
+
     @property
     def attention_window(self):
-        """(left, right) for fastlm.ops.attention with causal=True."""
-        return (self.sliding_window - 1, 0) if self.sliding_window else (-1, -1)
+        """(left, right) for fastlm.ops.attention with causal=True, the same in every layer (a
+        config whose layers differ has no single window: use layer_window)."""
+        windows = {self.layer_window(i) for i in range(self.n_layers)}
+        if len(windows) > 1:
+            raise ValueError("TransformerConfig: the layers have different attention windows (layer_types); "
+                             "use layer_window(layer)")
+        return windows.pop() if windows else (-1, -1)
+
+    def local_rope(self, layer):
+        """Whether layer `layer` rotates with the rope_local_base table (Gemma 3's sliding layers)."""
+        return self.rope_local_base is not None and self.is_sliding(layer)
 
     def num_params(self, embeddings=True):
         """Parameter count computed from the shapes (tied weights counted once)."""
@@ -159,7 +204,7 @@ class TransformerConfig:
         mlp = d * n_in + f * d + ((n_in + d) if self.mlp_bias else 0)
         norm = d * (2 if self.norm == "layer" and self.norm_bias else 1)
         qk_norm = 2 * hd if self.qk_norm else 0
-        n = self.n_layers * (qkv + out + mlp + 2 * norm + qk_norm) + norm
+        n = self.n_layers * (qkv + out + mlp + (4 if self.post_norms else 2) * norm + qk_norm) + norm
         emb = self.vocab_size * d + (self.max_seqlen * d if self.positional == "learned" else 0)
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return n + head + (emb if embeddings else 0)

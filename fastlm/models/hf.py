@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> fastlm Transformer: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma and GPT-2 families.
+"""Hugging Face checkpoints <-> fastlm Transformer: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma (1, 2, 3) and GPT-2.
 
     model = Transformer.from_hf("path/to/folder")       # config.json + *.safetensors (or a model object)
     hf_model = model.to_hf()                             # a transformers model with the same weights
@@ -10,7 +10,12 @@ Weight layout differences handled here:
   - HF Llama weights already use the rotate-half RoPE pairing that fastlm uses (no permutation);
   - Qwen3's per-head q_norm / k_norm map to the attention's q_norm / k_norm (config qk_norm);
   - Gemma's RMSNorm weights scale by 1 + weight (config norm_offset=1) and its embeddings by
-    sqrt(hidden_size) (config embed_scale); its MLP is GeGLU (tanh GELU).
+    sqrt(hidden_size) (config embed_scale); its MLP is GeGLU (tanh GELU).  Gemma 2 and 3 add
+    post_attention_layernorm / post_feedforward_layernorm on the sublayer outputs (config
+    post_norms; their pre_feedforward_layernorm is the MLP's input norm, which is Llama's
+    post_attention_layernorm), query_pre_attn_scalar (attn_scale), soft-capping (Gemma 2),
+    alternating sliding / full layers (layer_types) and (Gemma 3) the sliding layers' own RoPE
+    base (rope_local_base) and per-head q/k norms.
 Nothing is downloaded: a folder must be local.
 """
 import json
@@ -20,7 +25,9 @@ import torch
 
 from fastlm.models.config import TransformerConfig
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+GEMMA = ("gemma", "gemma2", "gemma3_text")
+POST_NORMS = ("gemma2", "gemma3_text")  # Gemma 2 / 3: norms on the attention and MLP outputs
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3") + GEMMA
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
 
 
@@ -79,9 +86,10 @@ def config_from_hf(c):
             extra={"hf_arch": "gpt2"},
         )
     mlp, approx = "swiglu", "tanh"
-    if mtype == "gemma":
+    if mtype in GEMMA:
         # transformers 4 reads hidden_activation when set (else the tanh GELU); transformers 5
-        # has hidden_act alone and reads its legacy "gelu" as the tanh GELU too
+        # has hidden_act alone and reads its legacy "gelu" as the tanh GELU too.  Gemma 2 / 3
+        # read hidden_activation as it is.
         act = c.get("hidden_activation")
         approx = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}.get(act) if act else \
             {"gelu_pytorch_tanh": "tanh", "gelu": "tanh", None: "tanh"}.get(c.get("hidden_act"))
@@ -93,6 +101,8 @@ def config_from_hf(c):
         raise ValueError(f"unsupported {mtype} hidden_act {c.get('hidden_act')!r} (fastlm's SwiGLU uses silu)")
     n_heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // n_heads
+    if mtype in POST_NORMS:
+        return _gemma23_config(c, mtype, head_dim, approx)
     base, scaling, rotary_dim = _rope_from_hf(c, head_dim, partial=mtype == "phi3")
     window = None
     if mtype in ("mistral", "phi3"):
@@ -119,6 +129,52 @@ def config_from_hf(c):
     )
 
 
+def _gemma23_config(c, mtype, head_dim, approx):
+    """TransformerConfig of a Gemma 2 (gemma2) or Gemma 3 text (gemma3_text) config dict."""
+    n = c["num_hidden_layers"]
+    if c.get("use_bidirectional_attention"):
+        raise ValueError(f"unsupported {mtype} config: use_bidirectional_attention (fastlm's model is causal)")
+    types = c.get("layer_types")
+    if types is None:  # older configs: a pattern (Gemma 2: every other layer; Gemma 3: 5 sliding, 1 full)
+        pattern = 2 if mtype == "gemma2" else c.get("sliding_window_pattern", c.get("_sliding_window_pattern", 6))
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    kinds = {"sliding_attention": "sliding", "full_attention": "full"}
+    if len(types) != n or any(t not in kinds for t in types):
+        raise ValueError(f"unsupported {mtype} layer_types {types!r}")
+    window = c.get("sliding_window")
+    layer_types = [kinds[t] for t in types] if window else None
+    params = c.get("rope_parameters")
+    local_base = None
+    if mtype == "gemma3_text":
+        if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):  # v5
+            full, local = params.get("full_attention") or {}, dict(params.get("sliding_attention") or {})
+            base, scaling, _ = _rope_from_hf({"rope_parameters": {"rope_theta": 1e6, **full}}, head_dim)
+            local_base = float(local.pop("rope_theta", 10000.0))
+            if local.get("rope_type", local.get("type", "default")) != "default":
+                raise ValueError(f"unsupported gemma3_text rope for the sliding layers {params['sliding_attention']}"
+                                 " (fastlm's rope_local_base is an unscaled table)")
+        else:  # transformers 4: rope_theta + rope_scaling for the full layers, rope_local_base_freq
+            base, scaling, _ = _rope_from_hf({**c, "rope_theta": c.get("rope_theta") or 1e6}, head_dim)
+            local_base = float(c.get("rope_local_base_freq") or 10000.0)
+    else:
+        base, scaling, _ = _rope_from_hf(c, head_dim)
+    scalar = c.get("query_pre_attn_scalar", 256)
+    return TransformerConfig(
+        vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=n, n_heads=c["num_attention_heads"],
+        n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], head_dim=head_dim,
+        ffn_dim=c["intermediate_size"], norm="rms", norm_eps=c.get("rms_norm_eps", 1e-6), norm_offset=1.0,
+        positional="rope", rope_base=base, rope_scaling=scaling, mlp="geglu", gelu_approximate=approx,
+        qkv_bias=bool(c.get("attention_bias", False)), out_bias=bool(c.get("attention_bias", False)),
+        tie_embeddings=bool(c.get("tie_word_embeddings", True)), qk_norm=mtype == "gemma3_text",
+        embed_scale=c["hidden_size"] ** 0.5, max_seqlen=c.get("max_position_embeddings", 8192),
+        sliding_window=window, layer_types=layer_types,
+        rope_local_base=local_base if local_base is not None and (local_base != base or scaling) else None,
+        attn_scale=None if scalar == head_dim else float(scalar) ** -0.5,
+        attn_softcap=c.get("attn_logit_softcapping"), logit_softcap=c.get("final_logit_softcapping"),
+        post_norms=True, extra={"hf_arch": mtype},
+    )
+
+
 def _hf_config(cfg, arch):
     """The transformers config object for `cfg` exported as `arch`."""
     import inspect
@@ -137,19 +193,29 @@ def _hf_config(cfg, arch):
             layer_norm_epsilon=cfg.norm_eps, activation_function=act, bos_token_id=None, eos_token_id=None,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
         )
-    gemma = arch == "gemma"
+    gemma, gemma23 = arch in GEMMA, arch in POST_NORMS
+    if cfg.post_norms != gemma23:
+        raise ValueError(f"to_hf: {arch} {'needs' if gemma23 else 'has no'} norms on the attention and MLP outputs "
+                         f"(config post_norms={cfg.post_norms}; gemma2 / gemma3_text have them)")
+    if not gemma23 and (cfg.attn_scale is not None or cfg.attn_softcap or cfg.logit_softcap or cfg.rope_local_base
+                        or cfg.layer_types is not None):
+        raise ValueError(f"to_hf: {arch} has no attn_scale, soft-capping, rope_local_base or layer_types "
+                         "(gemma2 / gemma3_text have)")
     if not (cfg.positional == "rope" and cfg.norm == "rms" and cfg.mlp == ("geglu" if gemma else "swiglu")):
         raise ValueError(f"to_hf: this config (positional={cfg.positional}, norm={cfg.norm}, mlp={cfg.mlp}) is not a {arch} architecture")
-    if gemma and not (cfg.norm_offset == 1.0 and cfg.embed_scale == cfg.dim ** 0.5 and cfg.gelu_approximate == "tanh"):
+    if gemma and not (cfg.norm_offset == 1.0 and cfg.embed_scale == cfg.dim ** 0.5
+                      and (cfg.gelu_approximate == "tanh" or gemma23)):
         raise ValueError(f"to_hf: Gemma scales norms by 1 + weight (norm_offset=1), embeddings by sqrt(dim) "
                          f"(embed_scale={cfg.dim ** 0.5}) and uses the tanh GELU; got norm_offset={cfg.norm_offset}, "
                          f"embed_scale={cfg.embed_scale}, gelu_approximate={cfg.gelu_approximate!r}")
     if not gemma and (cfg.norm_offset or cfg.embed_scale is not None):
         raise ValueError(f"to_hf: {arch} has no norm_offset or embed_scale (Gemma's); got {cfg.norm_offset}, "
                          f"{cfg.embed_scale}")
-    if cfg.qk_norm != (arch == "qwen3"):
-        raise ValueError(f"to_hf: {arch} {'needs' if arch == 'qwen3' else 'has no'} per-head q/k norms "
-                         f"(config qk_norm={cfg.qk_norm})")
+    if cfg.qk_norm != (arch in ("qwen3", "gemma3_text")):
+        raise ValueError(f"to_hf: {arch} {'needs' if arch in ('qwen3', 'gemma3_text') else 'has no'} per-head q/k "
+                         f"norms (config qk_norm={cfg.qk_norm})")
+    if gemma23:
+        return _gemma23_hf_config(cfg, arch, common)
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
            "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config,
            "gemma": transformers.GemmaConfig}[arch]
@@ -211,13 +277,55 @@ def _hf_config(cfg, arch):
     return cls(**kw)
 
 
+def _gemma23_hf_config(cfg, arch, common):
+    """The transformers Gemma2Config / Gemma3TextConfig of `cfg` (checked by _hf_config)."""
+    import inspect
+
+    import transformers
+
+    if cfg.qkv_bias != cfg.out_bias or cfg.mlp_bias:
+        raise ValueError(f"to_hf: {arch} has one attention_bias flag for q/k/v/o and no MLP biases")
+    if cfg.rotary_dim != cfg.head_dim:
+        raise ValueError(f"to_hf: transformers' {arch} has no partial rotary, got rotary_dim={cfg.rotary_dim}")
+    if arch == "gemma2" and cfg.rope_local_base is not None:
+        raise ValueError("to_hf: Gemma 2 has one RoPE for all layers (config rope_local_base must be None)")
+    scalar = cfg.head_dim if cfg.attn_scale is None else cfg.attn_scale ** -2.0
+    if abs(scalar - round(scalar)) > 1e-6 * scalar:
+        raise ValueError(f"to_hf: {arch}'s query_pre_attn_scalar (attn_scale ** -2) is an int; attn_scale="
+                         f"{cfg.attn_scale} gives {scalar}")
+    scalar = round(scalar)  # (256, 144: an int field in HF's configs)
+    types = [("sliding_attention" if cfg.is_sliding(i) else "full_attention") for i in range(cfg.n_layers)]
+    cls = transformers.Gemma2Config if arch == "gemma2" else transformers.Gemma3TextConfig
+    kw = dict(hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
+              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+              rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seqlen,
+              hidden_activation="gelu_pytorch_tanh" if cfg.gelu_approximate == "tanh" else "gelu",
+              attention_bias=cfg.qkv_bias, query_pre_attn_scalar=scalar, sliding_window=cfg.sliding_window,
+              layer_types=types, attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.logit_softcap,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None, **common)
+    if cfg.attn_softcap:  # HF's SDPA / flash paths drop the score softcap: its eager attention applies it
+        kw["attn_implementation"] = "eager"
+    scaling = dict(cfg.rope_scaling or {})
+    rope = {"rope_type": scaling.pop("rope_type", scaling.pop("type", "default")), **scaling}
+    local = cfg.rope_local_base if cfg.rope_local_base is not None else cfg.rope_base
+    if "rope_parameters" in inspect.signature(cls.__init__).parameters or "rope_parameters" in cls.__annotations__:
+        full = {"rope_theta": cfg.rope_base, **rope}
+        kw["rope_parameters"] = full if arch == "gemma2" else {
+            "full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+    else:  # transformers 4
+        kw.update(rope_theta=cfg.rope_base, rope_scaling=None if rope == {"rope_type": "default"} else rope)
+        if arch == "gemma3_text":
+            kw["rope_local_base_freq"] = local
+    return cls(**kw)
+
+
 def default_arch(cfg):
     if cfg.extra.get("hf_arch") in SUPPORTED:
         return cfg.extra["hf_arch"]
     if cfg.positional == "learned":
         return "gpt2"
     if cfg.mlp == "geglu":
-        return "gemma"
+        return ("gemma3_text" if cfg.qk_norm else "gemma2") if cfg.post_norms else "gemma"
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias and not cfg.out_bias:
@@ -286,7 +394,12 @@ def state_dict_from_hf(sd, cfg, arch):
                 if cfg.qk_norm:
                     out[q + "attn.q_norm.weight"] = take(a + "q_norm.weight")
                     out[q + "attn.k_norm.weight"] = take(a + "k_norm.weight")
-                out[q + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
+                if arch in POST_NORMS:
+                    out[q + "attn_post_norm.weight"] = take(p + "post_attention_layernorm.weight")
+                    out[q + "mlp_norm.weight"] = take(p + "pre_feedforward_layernorm.weight")
+                    out[q + "mlp_post_norm.weight"] = take(p + "post_feedforward_layernorm.weight")
+                else:
+                    out[q + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
                 m = p + "mlp."
                 if arch == "phi3":
                     out[q + "mlp.w_in.weight"] = take(m + "gate_up_proj.weight")
@@ -350,7 +463,12 @@ def state_dict_to_hf(model, arch):
             if cfg.qk_norm:
                 for n in ("q_norm", "k_norm"):
                     out[a + f"{n}.weight"] = sd[q + f"attn.{n}.weight"]
-            out[p + "post_attention_layernorm.weight"] = sd[q + "mlp_norm.weight"]
+            if arch in POST_NORMS:
+                out[p + "post_attention_layernorm.weight"] = sd[q + "attn_post_norm.weight"]
+                out[p + "pre_feedforward_layernorm.weight"] = sd[q + "mlp_norm.weight"]
+                out[p + "post_feedforward_layernorm.weight"] = sd[q + "mlp_post_norm.weight"]
+            else:
+                out[p + "post_attention_layernorm.weight"] = sd[q + "mlp_norm.weight"]
             if arch == "phi3":
                 out[p + "mlp.gate_up_proj.weight"] = sd[q + "mlp.w_in.weight"]
             else:
@@ -455,10 +573,8 @@ def from_hf(model_or_path, backend="fused", op_backend=None, dtype=None):
     fsd = state_dict_from_hf(sd, cfg, cfg.extra["hf_arch"])
     with torch.device("meta"):
         model = Transformer(cfg, backend=backend, op_backend=op_backend)
-    model.to_empty(device="cpu")
+    model.to_empty(device="cpu")  # (computes the RoPE tables: they are not in the checkpoint)
     model.load_state_dict(fsd, strict=True)
-    if cfg.positional == "rope":  # buffers are not in the checkpoint: rebuild them
-        model.rope_cos, model.rope_sin = model.make_rope_tables()
     if dtype is not None:
         model.to(dtype)
     return model
@@ -466,8 +582,8 @@ def from_hf(model_or_path, backend="fused", op_backend=None, dtype=None):
 
 def to_hf(model, arch=None):
     """The transformers model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-    Qwen3ForCausalLM, Phi3ForCausalLM, GemmaForCausalLM or GPT2LMHeadModel) holding a copy of `model`'s weights, in float32 unless
-    the model isn't."""
+    Qwen3ForCausalLM, Phi3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM or
+    GPT2LMHeadModel) holding a copy of `model`'s weights, in float32 unless the model isn't."""
     import transformers
 
     arch = arch or default_arch(model.config)
@@ -477,6 +593,7 @@ def to_hf(model, arch=None):
     cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
            "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
            "phi3": transformers.Phi3ForCausalLM, "gemma": transformers.GemmaForCausalLM,
+           "gemma2": transformers.Gemma2ForCausalLM, "gemma3_text": transformers.Gemma3ForCausalLM,
            "gpt2": transformers.GPT2LMHeadModel}[arch]
     hf_model = cls(hf_cfg)
     sd = state_dict_to_hf(model, arch)

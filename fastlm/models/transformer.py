@@ -2,6 +2,7 @@
 
     tokens -> embedding (+ learned positions) -> n_layers x Block -> norm -> lm_head -> logits
     Block:  h = h + Attention(norm(h));  h = h + MLP(norm(h))        (pre-norm)
+            Gemma 2/3 (post_norms): h = h + norm(Attention(norm(h)));  h = h + norm(MLP(norm(h)))
 
 Two backends with the same parameters and state_dict keys (one checkpoint runs on either):
   "fused"      every norm, rotary and attention is a fastlm op; the residual add of each
@@ -48,7 +49,10 @@ sequence boundaries itself (e.g. a prefill of several prompts that writes each o
 own cache slots; see fastlm.generation).  A cache whose ``rotates`` attribute is True gets q and k
 *before* rotary and the layer's rope argument, ``attend(layer_idx, q, k, v, window, rope)``, so it
 can fuse the rotation into its own kernels (fused backend: rope = (cos table, sin table,
-positions, cu_seqlens)).  ``cache`` is None in training.
+positions, cu_seqlens)).  A model with attn_scale or attn_softcap (Gemma 2/3) also passes
+``softmax_scale=`` / ``softcap=`` to ``attend`` (only those that are set, so a cache that cannot
+apply them fails with a TypeError instead of computing something else); ``window`` is the layer's
+own (layer_types).  ``cache`` is None in training.
 """
 import math
 import os
@@ -150,8 +154,31 @@ def attention_mask(T, S, device, window=(-1, -1), q_seq=None, k_seq=None):
     return mask
 
 
-def sdpa_attention(q, k, v, *, window=(-1, -1), cu_seqlens=None):
-    """Reference causal attention on F.scaled_dot_product_attention.
+def masked_attention(q, k, v, mask=None, causal=False, scale=None, softcap=None):
+    """Reference attention: q (B, T, H, hd), k/v (B, S, Hkv, hd), a boolean mask broadcastable
+    to (B, H, T, S) (or causal, top-left aligned) -> (B, T, H, hd).  F.scaled_dot_product_attention;
+    with a softcap (which SDPA lacks) the same written out, as HF's eager Gemma 2 attention does
+    (scores c * tanh(scores / c), masked, softmax in fp32)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd): SDPA's layout
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and (mask is not None or softcap):  # CUDA SDPA's GQA path takes no mask: repeat the kv heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        gqa = False
+    if not softcap:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return o.transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(p, v).transpose(1, 2)
+
+
+def sdpa_attention(q, k, v, *, window=(-1, -1), cu_seqlens=None, scale=None, softcap=None):
+    """Reference causal attention (bottom-right aligned) on masked_attention.
     q: (B, T, H, hd), k/v: (B, S, Hkv, hd) -> (B, T, H, hd)."""
     T, S = q.shape[1], k.shape[1]
     mask = None
@@ -160,13 +187,7 @@ def sdpa_attention(q, k, v, *, window=(-1, -1), cu_seqlens=None):
         if cu_seqlens is not None:  # token -> sequence index
             seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(T, device=q.device), right=True)
         mask = attention_mask(T, S, q.device, window, seq, seq)
-        if k.shape[2] != q.shape[2]:  # CUDA SDPA's GQA path takes no mask: repeat the kv heads
-            k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v))
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # SDPA wants (B, H, T, hd)
-        attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[2] != q.shape[2],
-    )
-    return out.transpose(1, 2)
+    return masked_attention(q, k, v, mask, causal=mask is None, scale=scale, softcap=softcap)
 
 
 def triton_only(op_backend):
@@ -239,7 +260,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx, self.fused, self.op_backend = layer_idx, fused, op_backend
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.window = config.attention_window
+        self.window = config.layer_window(layer_idx)
+        self.local_rope = config.local_rope(layer_idx)  # rotates with the model's rope_local tables
+        self.scale, self.softcap = config.attn_scale, config.attn_softcap
+        # given to a cache hook's attend() only when set (a hook without them fails loudly)
+        self.attend_kwargs = {k: v for k, v in (("softmax_scale", self.scale), ("softcap", self.softcap))
+                              if v is not None}
         qkv_dim = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.wqkv = nn.Linear(config.dim, qkv_dim, bias=config.qkv_bias)  # q, k, v stacked
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.out_bias)
@@ -261,7 +287,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None and getattr(cache, "rotates", False):  # the cache rotates q/k itself
-            o = cache.attend(self.layer_idx, q, k, v, self.window, rope)
+            o = cache.attend(self.layer_idx, q, k, v, self.window, rope, **self.attend_kwargs)
             return self.wo(o.reshape(*lead, self.n_heads * self.head_dim))
         if self.fused:
             if rope is not None:  # (cos table, sin table, positions, cu_seqlens): one launch for q and k
@@ -270,21 +296,23 @@ class Attention(nn.Module):
         elif rope is not None:  # (cos, sin) already gathered at each token's position
             q, k = rotate_half_rope(q, *rope), rotate_half_rope(k, *rope)
         if cache is not None and hasattr(cache, "attend"):  # the cache runs the attention itself
-            o = cache.attend(self.layer_idx, q, k, v, self.window)
+            o = cache.attend(self.layer_idx, q, k, v, self.window, **self.attend_kwargs)
         elif self.fused:
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, S, Hkv, hd)
             o = ops.attention(  # reads the strided q/k/v views directly
-                q, k, v, causal=True, window=self.window, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                q, k, v, causal=True, softmax_scale=self.scale, window=self.window, softcap=self.softcap or 0.0,
+                cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                 max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, backend=triton_only(self.op_backend),
             )
         else:
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)
+            kw = dict(window=self.window, scale=self.scale, softcap=self.softcap)
             if cu_seqlens is not None:  # packed: one "batch" row with a block-diagonal mask
-                o = sdpa_attention(q[None], k[None], v[None], window=self.window, cu_seqlens=cu_seqlens)[0]
+                o = sdpa_attention(q[None], k[None], v[None], cu_seqlens=cu_seqlens, **kw)[0]
             else:
-                o = sdpa_attention(q, k, v, window=self.window)
+                o = sdpa_attention(q, k, v, **kw)
         return self.wo(o.reshape(*lead, self.n_heads * self.head_dim))  # (B, T, D)
 
 
@@ -321,6 +349,10 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_idx, fused, op_backend)
         self.mlp_norm = make_norm(config, fused, op_backend)
         self.mlp = MLP(config, fused, op_backend)
+        if config.post_norms:  # Gemma 2/3: the attention and MLP outputs normed before the residual add
+            self.attn_post_norm = make_norm(config, fused, op_backend)
+            self.mlp_post_norm = make_norm(config, fused, op_backend)
+        self.post_norms = config.post_norms
         self.gemv_rows = DECODE_GEMV_ROWS  # token rows up to which forward() uses _forward_gemv
 
     def forward(self, x, residual, rope, cu_seqlens=None, max_seqlen=None, cache=None):
@@ -331,19 +363,25 @@ class Block(nn.Module):
             return self._forward_gemv(x, residual, rope, cu_seqlens, max_seqlen, cache)
         h, residual = add_norm(self.attn_norm, x, residual, self.fused)
         x = self.attn(h, rope, cu_seqlens, max_seqlen, cache)
+        if self.post_norms:
+            x = self.attn_post_norm(x)
         h, residual = add_norm(self.mlp_norm, x, residual, self.fused)
-        return self.mlp(h), residual
+        x = self.mlp(h)
+        return (self.mlp_post_norm(x) if self.post_norms else x), residual
 
     def _forward_gemv(self, x, residual, rope, cu_seqlens, max_seqlen, cache):
         """forward() for a few token rows without grad (decode): the norms are folded into the
         qkv and w_in projections, and SwiGLU into w_in (see the module docstring)."""
         qkv, residual = _norm_linear(self.attn_norm, x, residual, self.attn.wqkv)
         x = self.attn(None, rope, cu_seqlens, max_seqlen, cache, qkv=qkv)
+        if self.post_norms:
+            x = self.attn_post_norm(x)
         mlp = self.mlp
         h, residual = _norm_linear(self.mlp_norm, x, residual, mlp.w_in, "swiglu" if mlp.swiglu else None)
         if not mlp.swiglu:  # (the kernel folds SwiGLU only)
             h = mlp.act(h)
-        return mlp.w_out(h), residual
+        x = mlp.w_out(h)
+        return (self.mlp_post_norm(x) if self.post_norms else x), residual
 
 
 class LMHead(nn.Linear):
@@ -353,14 +391,21 @@ class LMHead(nn.Linear):
     Module.compile(), which deepcopy and pickling handle (a compiled bound method of the model
     would tie a copy to this model's weights and cannot be pickled)."""
 
-    def __init__(self, dim, vocab_size, fused, op_backend):
+    def __init__(self, dim, vocab_size, fused, op_backend, softcap=None):
         super().__init__(dim, vocab_size, bias=False)
         self.fused, self.op_backend = fused, triton_only(op_backend)
+        self.softcap = softcap  # Gemma 2: logits become c * tanh(logits / c)
+
+    def cap(self, logits):
+        """The logit soft-capping (in the logits' dtype, as HF's Gemma 2 does); identity without one."""
+        if self.softcap is None:
+            return logits
+        return torch.tanh(logits / self.softcap) * self.softcap
 
     def forward(self, h, targets=None):
         if targets is not None and self.fused:
-            return ops.linear_cross_entropy(h, self.weight, targets, backend=self.op_backend)
-        logits = F.linear(h, self.weight)
+            return ops.linear_cross_entropy(h, self.weight, targets, softcap=self.softcap, backend=self.op_backend)
+        logits = self.cap(F.linear(h, self.weight))
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
@@ -385,14 +430,20 @@ class Transformer(nn.Module):
         self.pos_emb = nn.Embedding(config.max_seqlen, config.dim) if config.positional == "learned" else None
         self.layers = nn.ModuleList(Block(config, i, fused, op_backend) for i in range(config.n_layers))
         self.norm = make_norm(config, fused, op_backend)
-        self.lm_head = LMHead(config.dim, config.vocab_size, fused, op_backend)
+        self.lm_head = LMHead(config.dim, config.vocab_size, fused, op_backend, config.logit_softcap)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.activation_checkpointing = False  # recompute each block in the backward (saves memory)
         if config.positional == "rope":  # (max_seqlen, rotary_dim / 2) fp32, filled by init_weights();
-            for name in ("rope_cos", "rope_sin"):  # not in the state_dict: derived from the config
+            for name in self._rope_buffers():  # not in the state_dict: derived from the config
                 self.register_buffer(name, torch.empty(config.max_seqlen, config.rotary_dim // 2), persistent=False)
         self.init_weights()
+
+    def _rope_buffers(self):
+        """Names of the RoPE table buffers: (cos, sin), then the sliding layers' own (Gemma 3)."""
+        if self.config.positional != "rope":
+            return ()
+        return ("rope_cos", "rope_sin") + (("rope_local_cos", "rope_local_sin") if self.config.rope_local_base else ())
 
     def _apply(self, fn, recurse=True):
         # to_empty() of a model built on the meta device (and any conversion that makes new
@@ -400,7 +451,27 @@ class Transformer(nn.Module):
         super()._apply(fn, recurse)
         if self.config.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
             self.lm_head.weight = self.tok_emb.weight
+        names = self._rope_buffers()  # .to(bf16) / .half(): the tables stay fp32 (rebuilt, not rounded)
+        if names and not self.rope_cos.is_meta and self.rope_cos.dtype in (torch.float16, torch.bfloat16):
+            self.rebuild_rope_tables()
         return self
+
+    def to_empty(self, *, device, recurse=True):
+        """Module.to_empty, then the RoPE tables computed (derived buffers, not in any state_dict)."""
+        super().to_empty(device=device, recurse=recurse)
+        self.rebuild_rope_tables()
+        return self
+
+    def rebuild_rope_tables(self, device=None):
+        """Recompute the RoPE tables in fp32 (they are derived, not in the state_dict): after
+        to_empty(), or after .to(bf16) converted them (the kernels take fp32 tables as they are)."""
+        names = self._rope_buffers()
+        if not names:
+            return
+        device = device if device is not None else self.rope_cos.device
+        tables = self.make_rope_tables(device) + (self.make_rope_tables(device, local=True) if len(names) > 2 else ())
+        for name, t in zip(names, tables):
+            setattr(self, name, t)
 
     @property
     def decode_gemv_rows(self):
@@ -415,8 +486,11 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.gemv_rows = n
 
-    def make_rope_tables(self, device=None):
+    def make_rope_tables(self, device=None, local=False):
+        """(cos, sin) fp32 of the config's RoPE; local: the sliding layers' (rope_local_base, unscaled)."""
         c = self.config
+        if local:
+            c = c.replace(rope_base=c.rope_local_base, rope_scaling=None)
         if self.backend == "fused":
             return ops.rotary_tables(c.rotary_dim, c.max_seqlen, c.rope_base, c.rope_scaling, device=device)
         return rope_tables(c, device)
@@ -438,17 +512,23 @@ class Transformer(nn.Module):
             for lin in (block.attn.wo, block.mlp.w_out):
                 nn.init.normal_(lin.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
         if self.config.positional == "rope" and not self.rope_cos.is_meta:
-            cos, sin = self.make_rope_tables(self.rope_cos.device)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+            self.rebuild_rope_tables()
 
     def _rope_inputs(self, tokens, positions, cu_seqlens):
+        """-> (the rope argument of the layers, that of the layers with local_rope) (None, None
+        without RoPE): the tables and positions (fused; the op gathers the table rows itself), or
+        (cos, sin) gathered at each token's position (reference)."""
         if self.config.positional != "rope":
-            return None
-        if self.backend == "fused":  # the op gathers the table rows itself
-            return self.rope_cos, self.rope_sin, positions, cu_seqlens
-        pos = position_ids(tokens, positions, cu_seqlens)
-        return self.rope_cos[pos], self.rope_sin[pos]  # (T, rd/2) or (B, T, rd/2)
+            return None, None
+        tables = [(self.rope_cos, self.rope_sin)]
+        if self.config.rope_local_base:
+            tables.append((self.rope_local_cos, self.rope_local_sin))
+        if self.backend == "fused":
+            ropes = [(cos, sin, positions, cu_seqlens) for cos, sin in tables]
+        else:
+            pos = position_ids(tokens, positions, cu_seqlens)
+            ropes = [(cos[pos], sin[pos]) for cos, sin in tables]  # (T, rd/2) or (B, T, rd/2)
+        return ropes[0], ropes[-1]
 
     def residual_stream(self, tokens, *, positions=None, cu_seqlens=None, max_seqlen=None, cache=None):
         """tokens -> (x, residual): the last block's output and the residual stream before it,
@@ -461,9 +541,10 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(position_ids(tokens, positions, cu_seqlens))
         if self.backend == "fused" and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # residual stream in bf16 (see the docstring)
-        rope = self._rope_inputs(tokens, positions, cu_seqlens)
+        ropes = self._rope_inputs(tokens, positions, cu_seqlens)
         residual = None
         for layer in self.layers:
+            rope = ropes[layer.attn.local_rope]
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x, residual = checkpoint(layer, x, residual, rope, cu_seqlens, max_seqlen, cache, use_reentrant=False)
             else:
@@ -482,7 +563,7 @@ class Transformer(nn.Module):
         then the lm_head.  Fused, grad-free and at most decode_gemv_rows rows: one kernel
         (ops.fused_linear, the norm folded into the matrix-vector product)."""
         if self.backend == "fused" and residual is not None and _decode_sized(x, self.decode_gemv_rows):
-            return _norm_linear(self.norm, x, residual, self.lm_head)[0]
+            return self.lm_head.cap(_norm_linear(self.norm, x, residual, self.lm_head)[0])
         h, _ = add_norm(self.norm, x, residual, self.backend == "fused")
         return self.output(h)
 
