@@ -323,14 +323,15 @@ def bench_step(res, args, copy_bw, fa):
             torch.cuda.empty_cache()
 
 
-# (tag, K, N, norm, swiglu, bias, residual): the projections of a decode step
+# (tag, K, N, norm, activation, bias, residual): the projections of a decode step
 LINEAR_SHAPES = [
-    ("llama-1b norm+qkv", 2048, 3072, "rms", False, False, True),
-    ("llama-1b norm+w_in+swiglu", 2048, 8192, "rms", True, False, True),
-    ("llama-1b wo", 2048, 2048, None, False, False, False),
-    ("llama-1b w_out", 8192, 2048, None, False, False, False),
-    ("llama-1b norm+lm_head", 2048, 128256, "rms", False, False, True),
-    ("gpt2 norm+qkv", 768, 2304, "layer", False, True, True),
+    ("llama-1b norm+qkv", 2048, 3072, "rms", None, False, True),
+    ("llama-1b norm+w_in+swiglu", 2048, 8192, "rms", "swiglu", False, True),
+    ("llama-1b wo", 2048, 2048, None, None, False, False),
+    ("llama-1b w_out", 8192, 2048, None, None, False, False),
+    ("llama-1b norm+lm_head", 2048, 128256, "rms", None, False, True),
+    ("gpt2 norm+qkv", 768, 2304, "layer", None, True, True),
+    ("gemma2-2b norm+w_in+geglu", 2304, 9216, "rms", "geglu_tanh", False, True),
 ]
 
 
@@ -338,15 +339,15 @@ def bench_linear(res, args, copy_bw):
     """ops.fused_linear vs its unfused chain, cuBLAS alone, eager and compiled references."""
     gen = torch.Generator(device="cuda").manual_seed(3)
     shapes = LINEAR_SHAPES[:2] + LINEAR_SHAPES[3:4] if args.quick else LINEAR_SHAPES
-    for tag, K, N, norm, swiglu, has_bias, has_res in shapes:
-        n_out = 2 * N if swiglu else N
+    for tag, K, N, norm, act, has_bias, has_res in shapes:
+        n_out = 2 * N if act else N
         wbytes = n_out * K * 2
         copies = n_copies(wbytes)
         ws = [torch.randn(n_out, K, device="cuda", dtype=DTYPE, generator=gen) / K**0.5 for _ in range(copies)]
         bias = torch.randn(n_out, device="cuda", dtype=DTYPE, generator=gen) if has_bias else None
         nw = torch.rand(K, device="cuda", generator=gen) + 0.5 if norm else None
         nb = torch.randn(K, device="cuda", generator=gen) * 0.1 if norm == "layer" else None
-        kw = dict(norm=norm, norm_weight=nw, norm_bias=nb, activation="swiglu" if swiglu else None)
+        kw = dict(norm=norm, norm_weight=nw, norm_bias=nb, activation=act)
         for M in ((1, 4) if args.quick else (1, 4, 8, 16)):
             x = torch.randn(M, K, device="cuda", dtype=DTYPE, generator=gen)
             r = torch.randn(M, K, device="cuda", dtype=DTYPE, generator=gen) if has_res else None
@@ -355,7 +356,7 @@ def bench_linear(res, args, copy_bw):
 
             def separate(w):  # what the model runs with decode_gemv_rows = 0 (fused_linear's GEMM path)
                 eps = linear_ops.DEFAULT_EPS.get(norm, 0.0)
-                return linear_ops._gemm_path(x, w, bias, r, norm, nw, nb, eps, swiglu, "triton")[0]
+                return linear_ops._gemm_path(x, w, bias, r, norm, nw, nb, eps, act, "triton")[0]
 
             ref = lambda w: reference.fused_linear(x, w, bias, residual=r, **kw)  # noqa: E731
             impls = {

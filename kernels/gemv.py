@@ -8,17 +8,19 @@ of each), so this kernel folds the layer's neighbours into it:
   prologue  the pre-norm residual add and RMSNorm / LayerNorm of x (the rows' statistics are
             recomputed by every program from x, which is a few KiB and sits in L2; program 0
             also writes h = x + residual, the residual stream);
-  epilogue  the bias, and SwiGLU: W stacks [gate; up] (2F, K) as the Llama MLP's w_in does,
-            and each program reads the gate rows and the matching up rows, so it can write
-            silu(gate) * up directly: the (M, 2F) activation never goes to memory.
-This removes the norm kernels (2 per layer) and the SwiGLU kernel (1 per layer) of a decode
-step, leaving per layer: [norm + qkv], rotary + append, decode attention, combine, wo,
+  epilogue  the bias, and a gated activation (SwiGLU, or GeGLU with the tanh or erf GELU): W
+            stacks [gate; up] (2F, K) as the Llama / Gemma MLP's w_in does, and each program
+            reads the gate rows and the matching up rows, so it can write act(gate) * up
+            directly: the (M, 2F) activation never goes to memory.
+This removes the norm kernels (2 per layer) and the SwiGLU / GeGLU kernel (1 per layer) of a
+decode step, leaving per layer: [norm + qkv], rotary + append, decode attention, combine, wo,
 [norm + w_in + swiglu], w_out.
 
 Roundings match the unfused ops exactly where it matters: h is rounded to x's dtype before it
 is normalized (as kernels/norm.py does), the normalized x is rounded to x's dtype before the
 product (it would be stored in that dtype), gate and up are rounded before SwiGLU (they would
-be stored by the GEMM).  Only the order of the K-sum differs from cuBLAS.
+be stored by the GEMM), and the activation is kernels/activation.py's own.  Only the order of the
+K-sum differs from cuBLAS.
 
 Grid: one program per BLOCK_N output columns (rows of W), all M rows of x at once, so W is read
 exactly once.  Each program walks K in BLOCK_K steps, keeping an elementwise fp32 accumulator
@@ -26,7 +28,7 @@ exactly once.  Each program walks K in BLOCK_K steps, keeping an elementwise fp3
 inside the loop).  A (BLOCK_N, BLOCK_K) tile of W is BLOCK_N contiguous row segments: with
 BLOCK_K = 512 bf16 each thread issues 16-byte loads.  Configs are autotuned per (M, N, K) on a
 GPU (FASTLM_GEMV_AUTOTUNE=0: the first config that fits), capped so the accumulators fit in
-registers: BLOCK_M * BLOCK_N * BLOCK_K <= 32 fp32 per thread (64 with SwiGLU's two).
+registers: BLOCK_M * BLOCK_N * BLOCK_K <= 32 fp32 per thread (64 with a gated activation's two).
 """
 import functools
 import os
@@ -36,6 +38,7 @@ import triton
 import triton.language as tl
 
 from fastlm.kernels import cdiv, next_pow2, on_tensor_device
+from fastlm.kernels.activation import ACTIVATIONS, _act
 
 MAX_ROWS = 16  # rows of x one launch handles (BLOCK_M <= 16); the op splits larger M
 
@@ -56,7 +59,7 @@ def _gemv_kernel(
     H,  # *T   (M, K) out: h = x + residual, written by program 0 (HAS_RESIDUAL)
     NW,  # *Tn (K,) norm weight (HAS_NW)
     NB,  # *Tn (K,) norm bias (HAS_NB)
-    W,  # *T   (N or 2N, K) weight, row stride stride_w, unit column stride; SWIGLU: [gate; up]
+    W,  # *T   (N or 2N, K) weight, row stride stride_w, unit column stride; GATED: [gate; up]
     B,  # *T   (N or 2N,) bias (HAS_BIAS)
     Y,  # *T   (M, N) out, row stride stride_y
     stride_x,
@@ -65,7 +68,7 @@ def _gemv_kernel(
     stride_w,
     stride_y,
     M,
-    N,  # output columns (SWIGLU: F, with up rows at N..2N-1 of W)
+    N,  # output columns (GATED: F, with up rows at N..2N-1 of W)
     K,  # input features
     eps,
     NORM: tl.constexpr,  # 0 none, 1 RMSNorm, 2 LayerNorm
@@ -73,7 +76,8 @@ def _gemv_kernel(
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    SWIGLU: tl.constexpr,
+    GATED: tl.constexpr,  # y = act(gate) * up
+    ACT: tl.constexpr,  # the gate's activation (kernels.activation.ACTIVATIONS: silu, gelu_tanh, gelu)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -125,7 +129,7 @@ def _gemv_kernel(
 
     # ---- main loop: elementwise fp32 accumulators, reduced over K at the end
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if SWIGLU:
+    if GATED:
         acc_u = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -146,21 +150,21 @@ def _gemv_kernel(
         nk = n_mask[:, None] & k_mask[None, :]
         w = tl.load(w_rows + kk[None, :], mask=nk, other=0.0).to(tl.float32)
         acc += x[:, None, :] * w[None, :, :]
-        if SWIGLU:
+        if GATED:
             u = tl.load(u_rows + kk[None, :], mask=nk, other=0.0).to(tl.float32)
             acc_u += x[:, None, :] * u[None, :, :]
 
-    # ---- epilogue: bias, SwiGLU, one store
+    # ---- epilogue: bias, gated activation, one store
     y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
     if HAS_BIAS:
         y += tl.load(B + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:
+    if GATED:
         up = tl.sum(acc_u, axis=2)
         if HAS_BIAS:
             up += tl.load(B + N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         g = y.to(Y.dtype.element_ty).to(tl.float32)  # the GEMM would store gate and up
         up = up.to(Y.dtype.element_ty).to(tl.float32)
-        y = g / (1.0 + tl.exp(-g)) * up
+        y = _act(g, ACT)[0] * up
     y_ptr = Y + rm.to(tl.int64)[:, None] * stride_y + rn[None, :]
     tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -179,12 +183,12 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _configs(block_m, swiglu):
+def _configs(block_m, gated):
     """Configs whose accumulators fit: BLOCK_M x BLOCK_N x BLOCK_K fp32 <= 32 per thread (x2 with
-    SwiGLU), shrinking BLOCK_K for more rows (at least 64: 16-byte loads over 8 threads)."""
+    a gated activation), shrinking BLOCK_K for more rows (at least 64: 16-byte loads over 8 threads)."""
     out = []
     for bn, bk, warps in _CONFIGS:
-        budget = 32 * 32 * warps // (2 if swiglu else 1)
+        budget = 32 * 32 * warps // (2 if gated else 1)
         while block_m * bn * bk > budget and bk > 64:
             bk //= 2
         if block_m * bn * bk <= budget and (bn, bk, warps) not in out:
@@ -195,15 +199,17 @@ def _configs(block_m, swiglu):
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(block_m, swiglu):
-    return triton.autotune(_configs(block_m, swiglu), key=["M", "N", "K"])(_gemv_kernel)
+def _tuned(block_m, gated):
+    return triton.autotune(_configs(block_m, gated), key=["M", "N", "K"])(_gemv_kernel)
 
 
 @on_tensor_device
-def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, swiglu, y, h):
+def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h):
     """Writes act(norm(x [+ residual]) @ weight^T + bias) into y (M, N) and, with a residual,
     x + residual into h (M, K).  x/residual/h: (M, K) with unit column stride; weight (N or 2N,
-    K) with unit column stride; M <= MAX_ROWS.  norm: 0 none, 1 rms, 2 layer."""
+    K) with unit column stride; M <= MAX_ROWS.  norm: 0 none, 1 rms, 2 layer.  glu: None, or the
+    gate's activation of a gated product ("silu", "gelu_tanh", "gelu"; weight stacks [gate; up])."""
+    gated = glu is not None
     M, K = x.shape
     N = y.shape[1]
     if M == 0 or N == 0:
@@ -218,13 +224,14 @@ def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, swiglu, y
             x.stride(0), residual.stride(0) if residual is not None else 0, h.stride(0) if h is not None else 0,
             weight.stride(0), y.stride(0), M, N, K, float(eps))
     flags = dict(NORM=norm, HAS_RESIDUAL=residual is not None, HAS_NW=norm_weight is not None,
-                 HAS_NB=norm_bias is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_M=block_m)
+                 HAS_NB=norm_bias is not None, HAS_BIAS=bias is not None, GATED=gated,
+                 ACT=ACTIVATIONS[glu] if gated else 0, BLOCK_M=block_m)
     if x.is_cuda and not _interpreting():
         if AUTOTUNE:
-            kern = _tuned(block_m, swiglu)
+            kern = _tuned(block_m, gated)
             kern[lambda meta: (cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
             return y
-        cfg = _configs(block_m, swiglu)[0]
+        cfg = _configs(block_m, gated)[0]
         bn = cfg.kwargs["BLOCK_N"]
         _gemv_kernel[(cdiv(N, bn),)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                             num_stages=cfg.num_stages)

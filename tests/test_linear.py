@@ -1,4 +1,4 @@
-"""fused_linear (norm + residual prologue, linear, SwiGLU epilogue; kernels/gemv.py) vs the
+"""fused_linear (norm + residual prologue, linear, SwiGLU / GeGLU epilogue; kernels/gemv.py) vs the
 float64 reference chain, the torch op contract, bad input, and the model's decode path."""
 import pytest
 import torch
@@ -14,12 +14,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NORMS = [None, "rms", "layer"]
 
 
-def _case(M, K, N, dtype, *, norm, residual, swiglu, bias, lead=None, scale=1.0):
-    """Fresh inputs: x, weight (2N rows with SwiGLU), and the keyword arguments of the op."""
+def _case(M, K, N, dtype, *, norm, residual, act, bias, lead=None, scale=1.0):
+    """Fresh inputs: x, weight (2N rows with a gated activation), and the keyword arguments of the op."""
     lead = lead or (M,)
     x = torch.randn(*lead, K, device=DEVICE).to(dtype) * scale
-    w = (torch.randn(2 * N if swiglu else N, K, device=DEVICE) / K**0.5).to(dtype)
-    kw = dict(norm=norm, activation="swiglu" if swiglu else None)
+    w = (torch.randn(2 * N if act else N, K, device=DEVICE) / K**0.5).to(dtype)
+    kw = dict(norm=norm, activation=act)
     if bias:
         kw["bias"] = torch.randn(w.shape[0], device=DEVICE).to(dtype)
     if residual:
@@ -58,13 +58,27 @@ def _check(x, w, kw, backend="triton"):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("act", [None, "swiglu"])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("M", [1, 3])
-def test_matches_reference(dtype, norm, swiglu, residual, M):
+def test_matches_reference(dtype, norm, act, residual, M):
     """Shapes span several (BLOCK_N, BLOCK_K) tiles of the interpreter config with ragged edges."""
-    x, w, kw = _case(M, 37, 22, dtype, norm=norm, residual=residual, swiglu=swiglu, bias=M == 3, scale=2.0)
+    x, w, kw = _case(M, 37, 22, dtype, norm=norm, residual=residual, act=act, bias=M == 3, scale=2.0)
     _check(x, w, kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["geglu", "geglu_tanh"])
+@pytest.mark.parametrize("M", [1, 3])
+def test_geglu_matches_reference(dtype, act, M):
+    """GeGLU (erf and tanh GELU) in the epilogue, as Gemma's decode step runs it; its gate/up
+    rounding and activation are ops.geglu's."""
+    x, w, kw = _case(M, 37, 22, dtype, norm="rms", residual=True, act=act, bias=M == 3, scale=2.0)
+    assert _check(x, w, kw).shape == (M, 22)
+    # the two GELUs differ by more than the tolerance here: each is the one asked for
+    other = fastlm.ops.fused_linear(x, w, **dict(kw, activation="geglu" if act == "geglu_tanh" else "geglu_tanh"),
+                                    backend="triton")[0]
+    assert not torch.allclose(other, _check(x, w, kw), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("M", [16, 17, 40])
@@ -72,7 +86,7 @@ def test_matches_reference(dtype, norm, swiglu, residual, M):
 def test_many_rows(M, norm):
     """M = MAX_ROWS runs the kernel with BLOCK_M 16; more rows take the GEMM path (norm kernel,
     GEMM, SwiGLU kernel): same results either way."""
-    x, w, kw = _case(M, 40, 12, torch.float16, norm=norm, residual=True, swiglu=True, bias=True)
+    x, w, kw = _case(M, 40, 12, torch.float16, norm=norm, residual=True, act="swiglu", bias=True)
     _check(x, w, kw)
 
 
@@ -94,7 +108,7 @@ def test_leading_dims_and_strided_views():
 
 
 def test_norm_without_weight_and_no_rows():
-    x, w, kw = _case(2, 33, 7, torch.float32, norm="layer", residual=False, swiglu=False, bias=False)
+    x, w, kw = _case(2, 33, 7, torch.float32, norm="layer", residual=False, act=None, bias=False)
     kw.pop("norm_weight"), kw.pop("norm_bias")
     _check(x, w, kw)
     y, h = fastlm.ops.fused_linear(x[:0], w, residual=x[:0], norm="rms", backend="triton")
@@ -114,8 +128,8 @@ def test_default_eps_follows_the_norm():
 
 
 def test_torch_op_contract():
-    x, w, kw = _case(3, 20, 6, torch.float32, norm="rms", residual=True, swiglu=True, bias=True)
-    args = (x, w, kw["bias"], kw["residual"], kw["norm_weight"], None, 1, 1e-6, True)
+    x, w, kw = _case(3, 20, 6, torch.float32, norm="rms", residual=True, act="swiglu", bias=True)
+    args = (x, w, kw["bias"], kw["residual"], kw["norm_weight"], None, 1, 1e-6, "silu")
     torch.library.opcheck(torch.ops.fastlm.fused_linear.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     f = torch.compile(lambda *a: fastlm.ops.fused_linear(*a, **{k: v for k, v in kw.items() if k != "bias"},
@@ -129,7 +143,7 @@ def test_torch_op_contract():
 def test_autocast_casts_like_linear(backend):
     """Under autocast every backend casts x, residual, weight and bias first (the reference
     once returned h in fp32 where Triton returned it in the autocast dtype)."""
-    x, w, kw = _case(2, 24, 8, torch.float32, norm="rms", residual=True, swiglu=False, bias=True)
+    x, w, kw = _case(2, 24, 8, torch.float32, norm="rms", residual=True, act=None, bias=True)
     dt = torch.bfloat16
     with torch.autocast(DEVICE.type, dtype=dt):
         y, h = fastlm.ops.fused_linear(x, w, **kw, backend=backend)
@@ -139,7 +153,7 @@ def test_autocast_casts_like_linear(backend):
 
 
 def test_inference_only():
-    x, w, kw = _case(1, 16, 4, torch.float32, norm="rms", residual=False, swiglu=False, bias=False)
+    x, w, kw = _case(1, 16, 4, torch.float32, norm="rms", residual=False, act=None, bias=False)
     w.requires_grad_(True)
     with pytest.raises(RuntimeError, match="no backward"):
         fastlm.ops.fused_linear(x, w, **kw, backend="triton")
@@ -203,7 +217,8 @@ def _count_fused_linear(monkeypatch):
 
 def _perturbed_fused_model(name):
     """The preset's fused model with its weights moved off their init (norm weights off 1)."""
-    cfg = TransformerConfig.from_name(name)
+    cfg = TransformerConfig.from_name(name) if name != "tiny-geglu" else \
+        TransformerConfig.from_name("tiny", mlp="geglu", norm_offset=1.0)  # Gemma's MLP and norms
     model = Transformer(cfg, backend="fused").to(DEVICE)
     with torch.no_grad():
         for p in model.parameters():
@@ -211,10 +226,10 @@ def _perturbed_fused_model(name):
     return cfg, model
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-geglu"])
 def test_model_decode_path_matches_the_unfused_blocks(name, monkeypatch):
     """A grad-free forward of a few token rows (the decode path: norms folded into qkv / w_in,
-    SwiGLU into w_in) gives the logits of the same model with that path off."""
+    SwiGLU / GeGLU into w_in) gives the logits of the same model with that path off."""
     cfg, model = _perturbed_fused_model(name)
     tokens = torch.randint(0, cfg.vocab_size, (3, 1), device=DEVICE)
     with torch.no_grad():
@@ -224,7 +239,8 @@ def test_model_decode_path_matches_the_unfused_blocks(name, monkeypatch):
         calls = _count_fused_linear(monkeypatch)
         got = model(tokens)
     assert len(calls) == 2 * cfg.n_layers  # norm + qkv, norm + w_in per block
-    assert calls.count("swiglu") == (cfg.n_layers if cfg.mlp == "swiglu" else 0)
+    gated = {"swiglu": "swiglu", "geglu": "geglu_tanh"}.get(cfg.mlp)  # (tiny-geglu: the tanh GELU)
+    assert calls.count(gated) == cfg.n_layers if gated else set(calls) == {None}
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # more rows than the threshold, or grad mode on: the unfused blocks
     calls.clear()
@@ -266,27 +282,28 @@ def test_model_head_folds_the_final_norm(name, monkeypatch):
 # ------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 4, 8, 16])
-@pytest.mark.parametrize("shape, norm, swiglu", [
-    ((2048, 3072), "rms", False),  # llama-3.2-1b: norm + qkv
-    ((2048, 8192), "rms", True),  # norm + w_in + SwiGLU
-    ((8192, 2048), None, False),  # w_out
-    ((768, 2304), "layer", False),  # gpt2: LayerNorm + qkv (with bias)
+@pytest.mark.parametrize("shape, norm, act", [
+    ((2048, 3072), "rms", None),  # llama-3.2-1b: norm + qkv
+    ((2048, 8192), "rms", "swiglu"),  # norm + w_in + SwiGLU
+    ((2304, 9216), "rms", "geglu_tanh"),  # gemma-2-2b: norm + w_in + GeGLU
+    ((8192, 2048), None, None),  # w_out
+    ((768, 2304), "layer", None),  # gpt2: LayerNorm + qkv (with bias)
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_model_shapes(M, shape, norm, swiglu, dtype):
+def test_gpu_model_shapes(M, shape, norm, act, dtype):
     K, N = shape
-    x, w, kw = _case(M, K, N, dtype, norm=norm, residual=norm is not None, swiglu=swiglu, bias=K == 768)
+    x, w, kw = _case(M, K, N, dtype, norm=norm, residual=norm is not None, act=act, bias=K == 768)
     _check(x, w, kw)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("act", [None, "swiglu", "geglu"])
 @pytest.mark.parametrize("M", [1, 4])
-def test_gpu_every_config(monkeypatch, M, swiglu):
+def test_gpu_every_config(monkeypatch, M, act):
     """Each autotune config forced in turn (the tuner may pick any), and the autotuned launch."""
-    x, w, kw = _case(M, 2048, 1000, torch.bfloat16, norm="rms", residual=True, swiglu=swiglu, bias=False)
+    x, w, kw = _case(M, 2048, 1000, torch.bfloat16, norm="rms", residual=True, act=act, bias=False)
     monkeypatch.setattr(G, "AUTOTUNE", False)
-    for cfg in G._configs(triton_next_pow2(M), swiglu):
+    for cfg in G._configs(triton_next_pow2(M), act is not None):
         monkeypatch.setattr(G, "_configs", lambda bm, sw, c=cfg: [c])
         _check(x, w, kw)
     monkeypatch.undo()

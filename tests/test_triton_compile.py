@@ -418,17 +418,18 @@ def _swiglu_case(F, dtype, *, stacked, rows=8192, activation="silu"):
     return f"{activation} glu F={F} {_dt(dtype)} {'stacked' if stacked else 'split'}", run
 
 
-def _gemv_case(M, N, K, dtype, *, norm, residual, swiglu, bias=False, nw_dtype=None):
+def _gemv_case(M, N, K, dtype, *, norm, residual, glu, bias=False, nw_dtype=None):
+    """glu: None or the gate activation of a gated product ("silu", "gelu_tanh", "gelu")."""
     def run(k, arch):
         x = _t(M, K, dtype=dtype)
         r = _t(M, K, dtype=dtype) if residual else None
-        w = _t(2 * N if swiglu else N, K, dtype=dtype)
+        w = _t(2 * N if glu else N, K, dtype=dtype)
         b = _t(w.shape[0], dtype=dtype) if bias else None
         nw = _t(K, dtype=nw_dtype or dtype) if norm else None
         nb = _t(K, dtype=nw_dtype or dtype) if norm == 2 else None
-        k["gemv"].gemv(x, w, b, r, norm, nw, nb, 1e-5, swiglu, _t(M, N, dtype=dtype),
+        k["gemv"].gemv(x, w, b, r, norm, nw, nb, 1e-5, glu, _t(M, N, dtype=dtype),
                        _t(M, K, dtype=dtype) if residual else None)
-    flags = ["none", "rms", "ln"][norm] + "+res" * residual + "+swiglu" * swiglu + "+b" * bias
+    flags = ["none", "rms", "ln"][norm] + "+res" * residual + f"+{glu}glu" * bool(glu) + "+b" * bias
     return f"gemv {flags} M={M} N={N} K={K} {_dt(dtype)}", run
 
 
@@ -555,11 +556,14 @@ def _cases(full):
 
     # ---- gemv (decode-step linear layers, every autotune config): llama-3.2-1b's norm + qkv and
     # norm + w_in + swiglu at batch 1, w_out at batch 4; GPT-2's LayerNorm + qkv with bias at 16 rows
-    add("gemv", both, _gemv_case(1, 3072, 2048, bf16, norm=1, residual=True, swiglu=False, nw_dtype=fp32))
-    add("gemv", both, _gemv_case(1, 8192, 2048, bf16, norm=1, residual=True, swiglu=True))
-    add("gemv", h100, _gemv_case(4, 2048, 8192, bf16, norm=0, residual=False, swiglu=False))
-    add("gemv", h100, _gemv_case(16, 2304, 768, fp16, norm=2, residual=True, swiglu=False, bias=True))
-    add("gemv", h100, _gemv_case(3, 1000, 100, fp32, norm=0, residual=True, swiglu=True, bias=True))
+    add("gemv", both, _gemv_case(1, 3072, 2048, bf16, norm=1, residual=True, glu=None, nw_dtype=fp32))
+    add("gemv", both, _gemv_case(1, 8192, 2048, bf16, norm=1, residual=True, glu="silu"))
+    add("gemv", h100, _gemv_case(4, 2048, 8192, bf16, norm=0, residual=False, glu=None))
+    add("gemv", h100, _gemv_case(16, 2304, 768, fp16, norm=2, residual=True, glu=None, bias=True))
+    add("gemv", h100, _gemv_case(3, 1000, 100, fp32, norm=0, residual=True, glu="silu", bias=True))
+    # gemma-2-2b's norm + w_in + GeGLU (tanh GELU), and the erf GELU's epilogue
+    add("gemv", h100, _gemv_case(1, 9216, 2304, bf16, norm=1, residual=True, glu="gelu_tanh", nw_dtype=fp32))
+    add("gemv", h100, _gemv_case(2, 1000, 256, fp16, norm=1, residual=False, glu="gelu"))
     return cases
 
 

@@ -21,7 +21,7 @@ plus bf16 block outputs promote to fp32), so torch.nn.RMSNorm sees matching fp32
 
 Decode-sized inputs: with grad mode off and at most ``decode_gemv_rows`` token rows (default 4,
 env FASTLM_DECODE_GEMV_ROWS; 0 turns it off), the fused backend runs each block's norm + qkv
-projection and norm + w_in (+ SwiGLU) as one kernel each (ops.fused_linear: a matrix-vector
+projection and norm + w_in (+ SwiGLU / GeGLU) as one kernel each (ops.fused_linear: a matrix-vector
 product with the norm folded in before and the activation after), removing three small kernels
 per layer from a decode step; ``head(x, residual)`` likewise folds the final norm into the
 lm_head.  A decoder that needs only some rows' logits (the last token of each prompt) takes
@@ -244,7 +244,7 @@ def _decode_sized(x, gemv_rows):
 
 
 def _norm_linear(norm, x, residual, linear, activation=None):
-    """(linear(norm(x + residual)) [SwiGLU'd], x + residual) in one ops.fused_linear call."""
+    """(linear(norm(x + residual)) [SwiGLU'd / GeGLU'd], x + residual) in one ops.fused_linear call."""
     is_rms = isinstance(norm, nn.RMSNorm)
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
     out = ops.fused_linear(x, linear.weight, linear.bias, norm="rms" if is_rms else "layer",
@@ -321,6 +321,9 @@ class MLP(nn.Module):
         super().__init__()
         self.kind, self.approximate = config.mlp, config.gelu_approximate
         self.swiglu = config.mlp == "swiglu"
+        # ops.fused_linear's name for the gated activation (None: GELU, applied after it)
+        self.fused_linear_activation = {"swiglu": "swiglu", "geglu": "geglu_tanh" if self.approximate == "tanh"
+                                        else "geglu"}.get(config.mlp)
         self.fused, self.op_backend = fused, triton_only(op_backend)
         n_in = 2 * config.ffn_dim if config.gated else config.ffn_dim  # SwiGLU / GeGLU: gate and up stacked
         self.w_in = nn.Linear(config.dim, n_in, bias=config.mlp_bias)
@@ -371,14 +374,14 @@ class Block(nn.Module):
 
     def _forward_gemv(self, x, residual, rope, cu_seqlens, max_seqlen, cache):
         """forward() for a few token rows without grad (decode): the norms are folded into the
-        qkv and w_in projections, and SwiGLU into w_in (see the module docstring)."""
+        qkv and w_in projections, and SwiGLU / GeGLU into w_in (see the module docstring)."""
         qkv, residual = _norm_linear(self.attn_norm, x, residual, self.attn.wqkv)
         x = self.attn(None, rope, cu_seqlens, max_seqlen, cache, qkv=qkv)
         if self.post_norms:
             x = self.attn_post_norm(x)
         mlp = self.mlp
-        h, residual = _norm_linear(self.mlp_norm, x, residual, mlp.w_in, "swiglu" if mlp.swiglu else None)
-        if not mlp.swiglu:  # (the kernel folds SwiGLU only)
+        h, residual = _norm_linear(self.mlp_norm, x, residual, mlp.w_in, mlp.fused_linear_activation)
+        if mlp.fused_linear_activation is None:  # (the kernel folds the gated activations only)
             h = mlp.act(h)
         x = mlp.w_out(h)
         return (self.mlp_post_norm(x) if self.post_norms else x), residual

@@ -1,5 +1,5 @@
-"""fused_linear: a linear layer with the pre-norm residual add and norm before it and SwiGLU
-after it, in one kernel for the few rows of a decode step.
+"""fused_linear: a linear layer with the pre-norm residual add and norm before it and SwiGLU /
+GeGLU after it, in one kernel for the few rows of a decode step.
 
     y = act(norm(x + residual) @ weight^T + bias)        (each part optional)
 
@@ -7,7 +7,7 @@ Backends:
   "triton"    kernels/gemv.py for up to kernels.gemv.MAX_ROWS rows (decode: a matrix-vector
               product bound by reading the weight once, with the norm and the activation folded
               in, see that module); more rows are a compute-bound GEMM, which runs on cuBLAS
-              between the fused norm and SwiGLU kernels.
+              between the fused norm and SwiGLU / GeGLU kernels.
   "reference" fastlm.reference.fused_linear (the unfused PyTorch chain; the CPU path)
 The kernel runs through the torch op ``torch.ops.fastlm.fused_linear`` (custom op with a fake
 implementation), so it works with opcheck, torch.compile(fullgraph=True) and CUDA graphs.
@@ -26,7 +26,8 @@ from fastlm._dispatch import fast_op
 SUPPORTED = ("triton", "reference")
 PREFERRED = ("triton", "reference")
 NORMS = {None: 0, "rms": 1, "layer": 2}
-ACTIVATIONS = (None, "swiglu")
+# activation -> the gate's activation in the kernels (None: no activation)
+ACTIVATIONS = {None: None, "swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
 DEFAULT_EPS = {"rms": 1e-6, "layer": 1e-5}
 
 
@@ -47,23 +48,25 @@ def _fused_linear_op(
     norm_bias: torch.Tensor | None,
     norm: int,
     eps: float,
-    swiglu: bool,
+    glu: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M <= kernels.gemv.MAX_ROWS, K), weight (N or 2N, K) -> (y (M, N), h (M, K) = x + residual,
-    empty without one).  1-D inputs must be contiguous (the public function makes them so)."""
+    empty without one).  glu: None, or the gate activation ("silu", "gelu_tanh", "gelu") of a
+    gated product (weight stacks [gate; up]).  1-D inputs must be contiguous (the public
+    function makes them so)."""
     k = _kernels()
     M, K = x.shape
-    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    N = weight.shape[0] // 2 if glu else weight.shape[0]
     y = x.new_empty((M, N))
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
-    k.gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, swiglu, y,
+    k.gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y,
            h if residual is not None else None)
     return y, h
 
 
 @_fused_linear_op.register_fake
-def _(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, swiglu):
-    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
+def _(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, glu):
+    N = weight.shape[0] // 2 if glu else weight.shape[0]
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
     return x.new_empty((x.shape[0], N)), h
 
@@ -80,11 +83,11 @@ def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, acti
     if weight.shape[1] != K:
         raise ValueError(f"{op}: weight must have shape (out_features, {K}) (K = the last dim of x), "
                          f"got {tuple(weight.shape)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if activation == "swiglu" and weight.shape[0] % 2:
-        raise ValueError(f"{op}: with activation='swiglu' weight must stack [gate; up] (an even number of rows), "
-                         f"got {tuple(weight.shape)}")
+    if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if activation is not None and weight.shape[0] % 2:
+        raise ValueError(f"{op}: with activation={activation!r} weight must stack [gate; up] (an even number of "
+                         f"rows), got {tuple(weight.shape)}")
     if bias is not None:
         check_tensor(bias, "bias", dtypes=allowed, ndim=1)
         if bias.shape[0] != weight.shape[0]:
@@ -119,8 +122,8 @@ def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, acti
                            "layer_norm, F.linear and swiglu")
 
 
-def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, swiglu, backend):
-    """Many rows: the fused norm kernel, the cuBLAS GEMM, the fused SwiGLU kernel."""
+def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, activation, backend):
+    """Many rows: the fused norm kernel, the cuBLAS GEMM, the fused SwiGLU / GeGLU kernel."""
     from fastlm import ops
 
     if norm is None:
@@ -132,8 +135,10 @@ def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, s
             out = ops.layer_norm(x2, norm_weight, norm_bias, eps, residual=residual2, backend=backend)
         a, h = out if residual2 is not None else (out, x2)
     y = F.linear(a, weight, bias)
-    if swiglu:
+    if activation == "swiglu":
         y = ops.swiglu(y, backend=backend)
+    elif activation is not None:
+        y = ops.geglu(y, approximate="tanh" if activation == "geglu_tanh" else "none", backend=backend)
     return y, h
 
 
@@ -142,9 +147,10 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
                  activation=None, backend=None):
     """act(norm(x + residual) @ weight.T + bias) in one kernel for decode-sized inputs.
 
-    x (..., K); weight (N, K) as nn.Linear stores it, bias (N,) or None; with
-    activation="swiglu", weight stacks the gate rows over the up rows (2F, K) and the result is
-    silu(gate) * up (..., F).  norm: None | "rms" | "layer" with norm_weight / norm_bias (K,)
+    x (..., K); weight (N, K) as nn.Linear stores it, bias (N,) or None; with a gated
+    activation, weight stacks the gate rows over the up rows (2F, K) and the result is
+    act(gate) * up (..., F): "swiglu" silu, "geglu" the exact (erf) GELU, "geglu_tanh" its tanh
+    approximation (Gemma's gelu_pytorch_tanh), computed as ops.swiglu / ops.geglu do.  norm: None | "rms" | "layer" with norm_weight / norm_bias (K,)
     and eps (default 1e-6 for rms, 1e-5 for layer).  residual (like x): h = x + residual is
     normalized and returned too.  Returns y (..., N or F), or (y, h) with a residual.
     Statistics and accumulation in fp32; each intermediate is rounded to x's dtype where the
@@ -154,7 +160,6 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     """
     _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, activation, backend)
     eps = float(DEFAULT_EPS[norm] if eps is None and norm is not None else (eps or 0.0))
-    swiglu = activation == "swiglu"
     if backend is None and x.dtype == torch.float64:
         b = "reference"
     else:
@@ -175,9 +180,10 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     x2 = unit_last(x.reshape(-1, K))
     r2 = unit_last(residual.reshape(-1, K)) if residual is not None else None
     if x2.shape[0] > _kernels().MAX_ROWS:
-        y, h = _gemm_path(x2, weight, bias, r2, norm, norm_weight, norm_bias, eps, swiglu, b)
+        y, h = _gemm_path(x2, weight, bias, r2, norm, norm_weight, norm_bias, eps, activation, b)
     else:
         vec = [t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias)]
-        y, h = _fused_linear_op(x2, unit_last(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps, swiglu)
+        y, h = _fused_linear_op(x2, unit_last(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps,
+                                ACTIVATIONS[activation])
     y = y.view(*lead, y.shape[-1])
     return (y, h.view(x.shape)) if residual is not None else y

@@ -1,7 +1,7 @@
 """Reference fused_linear (plain PyTorch): the unfused chain the kernel replaces."""
 import torch.nn.functional as F
 
-from fastlm.reference.activation import swiglu
+from fastlm.reference.activation import geglu, swiglu
 from fastlm.reference.norm import layer_norm, rms_norm
 
 
@@ -22,4 +22,6 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     y = F.linear(a, weight, bias)
     if activation == "swiglu":
         y = swiglu(y, upcast=upcast)
+    elif activation in ("geglu", "geglu_tanh"):
+        y = geglu(y, approximate="tanh" if activation == "geglu_tanh" else "none", upcast=upcast)
     return (y, h) if residual is not None else y
