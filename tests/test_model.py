@@ -93,6 +93,18 @@ def test_gemma_style_config_counts_and_starts_at_unit_scales(name):
     torch.testing.assert_close(model.norm(x), torch.nn.functional.rms_norm(x, (64,), eps=cfg.norm_eps))
 
 
+def test_flops_per_token_counts_each_layers_window():
+    """Causal attention counts the half that is computed; a sliding layer only its window's
+    keys (w^2 / 2 + (seqlen - w) * w pairs), each layer by its own type."""
+    cfg = tiny_config("tiny")
+    per_layer = 12 * cfg.n_heads * cfg.head_dim  # FLOPs per (token, key) pair and layer, fwd + bwd
+    base = cfg.flops_per_token(64) - cfg.n_layers * per_layer * 32
+    assert cfg.flops_per_token(64, causal=False) == base + cfg.n_layers * per_layer * 64
+    mixed = cfg.replace(sliding_window=16, layer_types=["sliding", "full"])
+    assert mixed.flops_per_token(64) == base + per_layer * ((16 * 16 / 2 + 48 * 16) / 64 + 32)
+    assert mixed.flops_per_token(8) == cfg.flops_per_token(8)  # the window spans the whole sequence
+
+
 def test_llama_3_2_1b_shape():
     cfg = TransformerConfig.from_name("llama-3.2-1b")
     assert abs(cfg.num_params() - 1.2358e9) < 1e6  # Llama-3.2-1B has 1,235,814,400 parameters
@@ -826,6 +838,29 @@ def test_to_hf_rope_scaling_with_legacy_type_key():
     tokens = torch.randint(0, cfg.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(hf_logits(model.to_hf(), tokens), model(tokens), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_mixed_sliding_and_full_layers(arch):
+    """Qwen2/3 with use_sliding_window and max_window_layers: full layers first, sliding ones after
+    (layer_types); logits as HF's and back to the same layer types."""
+    cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
+    hf = randomize_(cls[1](cls[0](vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                  use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                                  bos_token_id=None, eos_token_id=None))).eval()
+    tokens = torch.randint(0, 300, (2, 17))
+    for backend in ("reference", "fused"):
+        model = Transformer.from_hf(hf, backend=backend)
+        assert model.config.layer_types == ["full", "sliding", "sliding"] and model.config.sliding_window == 4
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens), hf_logits(hf, tokens), atol=2e-5, rtol=2e-5)
+    back = model.to_hf()
+    assert list(back.config.layer_types) == ["full_attention", "sliding_attention", "sliding_attention"]
+    torch.testing.assert_close(hf_logits(back, tokens), hf_logits(hf, tokens), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="llama has no per-layer attention types"):
+        model.to_hf("llama")
 
 
 def test_partial_rotary_and_llama_like_hf_families():

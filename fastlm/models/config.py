@@ -213,13 +213,22 @@ class TransformerConfig:
         """Training FLOPs per token: 6 x (matmul params) + attention scores and values.
 
         Matmul params exclude the embedding lookups and include the lm_head (tied or not).
-        Attention: 2 matmuls of 2*seqlen*head_dim*n_heads FLOPs each per token in the
-        forward, x3 for forward + backward; causal counts the half that is computed.
+        Attention: 2 matmuls of 2*keys*head_dim*n_heads FLOPs each per token in the forward, x3
+        for forward + backward, where keys is the mean number of keys a query sees: seqlen, or
+        with causal the half that is computed (seqlen / 2); a causal sliding layer of window
+        w < seqlen computes w^2 / 2 + (seqlen - w) * w (query, key) pairs.
         """
         head = self.vocab_size * self.dim
         blocks = self.num_params(embeddings=False) - (0 if self.tie_embeddings else head)  # no vocab matrix
         matmul_params = blocks + head  # the lm_head is a matmul whether or not it is tied
-        attn = 12 * self.n_layers * self.n_heads * self.head_dim * seqlen * (0.5 if causal else 1.0)
+        keys = 0.0
+        for i in range(self.n_layers):
+            w = self.sliding_window if causal and self.is_sliding(i) else None
+            if w is not None and w < seqlen:
+                keys += (w * w / 2 + (seqlen - w) * w) / seqlen
+            else:
+                keys += seqlen * (0.5 if causal else 1.0)
+        attn = 12 * self.n_heads * self.head_dim * keys
         return 6 * matmul_params + attn
 
     # ----------------------------------------------------------------------------- presets

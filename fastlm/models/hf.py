@@ -104,7 +104,7 @@ def config_from_hf(c):
     if mtype in POST_NORMS:
         return _gemma23_config(c, mtype, head_dim, approx)
     base, scaling, rotary_dim = _rope_from_hf(c, head_dim, partial=mtype == "phi3")
-    window = None
+    window, layer_types = None, None
     if mtype in ("mistral", "phi3"):
         window = c.get("sliding_window")
     elif mtype in ("qwen2", "qwen3"):
@@ -112,9 +112,13 @@ def config_from_hf(c):
         if types is None:  # transformers v4
             n_full = min(c.get("max_window_layers", 0), c["num_hidden_layers"]) if c.get("use_sliding_window") else c["num_hidden_layers"]
             types = ["full_attention"] * n_full + ["sliding_attention"] * (c["num_hidden_layers"] - n_full)
-        if len(set(types)) > 1:
-            raise ValueError(f"unsupported {mtype} config: a mix of sliding-window and full-attention layers")
-        window = c.get("sliding_window") if types and types[0] == "sliding_attention" else None
+        kinds = {"sliding_attention": "sliding", "full_attention": "full"}
+        if len(types) != c["num_hidden_layers"] or any(t not in kinds for t in types):
+            raise ValueError(f"unsupported {mtype} layer_types {types!r}")
+        if "sliding_attention" in types and c.get("sliding_window"):
+            window = c["sliding_window"]
+            if len(set(types)) > 1:  # sliding and full layers (max_window_layers)
+                layer_types = [kinds[t] for t in types]
     bias = mtype == "qwen2" or bool(c.get("attention_bias", False))  # Qwen3: q/k/v/o all or none
     gemma = mtype == "gemma"
     return TransformerConfig(
@@ -125,7 +129,8 @@ def config_from_hf(c):
         mlp_bias=bool(c.get("mlp_bias", False)), tie_embeddings=bool(c.get("tie_word_embeddings", gemma)),
         qk_norm=mtype == "qwen3", norm_offset=1.0 if gemma else 0.0,
         embed_scale=c["hidden_size"] ** 0.5 if gemma else None,
-        max_seqlen=c.get("max_position_embeddings", 2048), sliding_window=window, extra={"hf_arch": mtype},
+        max_seqlen=c.get("max_position_embeddings", 2048), sliding_window=window, layer_types=layer_types,
+        extra={"hf_arch": mtype},
     )
 
 
@@ -197,10 +202,12 @@ def _hf_config(cfg, arch):
     if cfg.post_norms != gemma23:
         raise ValueError(f"to_hf: {arch} {'needs' if gemma23 else 'has no'} norms on the attention and MLP outputs "
                          f"(config post_norms={cfg.post_norms}; gemma2 / gemma3_text have them)")
-    if not gemma23 and (cfg.attn_scale is not None or cfg.attn_softcap or cfg.logit_softcap or cfg.rope_local_base
-                        or cfg.layer_types is not None):
-        raise ValueError(f"to_hf: {arch} has no attn_scale, soft-capping, rope_local_base or layer_types "
-                         "(gemma2 / gemma3_text have)")
+    if not gemma23 and (cfg.attn_scale is not None or cfg.attn_softcap or cfg.logit_softcap or cfg.rope_local_base):
+        raise ValueError(f"to_hf: {arch} has no attn_scale, soft-capping or rope_local_base (gemma2 / gemma3_text "
+                         "have)")
+    if cfg.layer_types is not None and arch not in ("qwen2", "qwen3") + POST_NORMS:
+        raise ValueError(f"to_hf: {arch} has no per-layer attention types (config layer_types; qwen2, qwen3, "
+                         "gemma2 and gemma3_text have)")
     if not (cfg.positional == "rope" and cfg.norm == "rms" and cfg.mlp == ("geglu" if gemma else "swiglu")):
         raise ValueError(f"to_hf: this config (positional={cfg.positional}, norm={cfg.norm}, mlp={cfg.mlp}) is not a {arch} architecture")
     if gemma and not (cfg.norm_offset == 1.0 and cfg.embed_scale == cfg.dim ** 0.5
@@ -250,13 +257,11 @@ def _hf_config(cfg, arch):
     elif arch == "qwen3":
         if cfg.qkv_bias != cfg.out_bias or cfg.mlp_bias:
             raise ValueError("to_hf: Qwen3 has one attention_bias flag for q/k/v/o and no MLP biases")
-        kw.update(attention_bias=cfg.qkv_bias, use_sliding_window=cfg.sliding_window is not None,
-                  sliding_window=cfg.sliding_window, max_window_layers=0)
+        kw.update(attention_bias=cfg.qkv_bias, **_qwen_windows(cfg, cls))
     elif arch == "qwen2":
         if not cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
             raise ValueError("to_hf: Qwen2 has q/k/v biases and no output/MLP biases")
-        kw.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
-                  max_window_layers=0)
+        kw.update(_qwen_windows(cfg, cls))
     else:
         if cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
             raise ValueError(f"to_hf: {arch} has no biases")
@@ -275,6 +280,24 @@ def _hf_config(cfg, arch):
         kw["rope_theta"] = cfg.rope_base
         kw["rope_scaling"] = None if rope == {"rope_type": "default"} else rope
     return cls(**kw)
+
+
+def _qwen_windows(cfg, cls):
+    """Qwen2 / Qwen3 config kwargs of cfg's windows: every layer sliding, none, or a mix
+    (layer_types in transformers 5; transformers 4 has max_window_layers: full layers first)."""
+    import inspect
+
+    kw = dict(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+              max_window_layers=0)
+    if cfg.layer_types is None:
+        return kw
+    if "layer_types" in inspect.signature(cls.__init__).parameters or "layer_types" in getattr(cls, "__annotations__", {}):
+        return dict(kw, layer_types=[f"{t}_attention" for t in cfg.layer_types])
+    n_full = cfg.layer_types.index("sliding")
+    if cfg.layer_types != ["full"] * n_full + ["sliding"] * (cfg.n_layers - n_full):
+        raise ValueError(f"to_hf: this transformers' {cls.__name__} has max_window_layers (full layers first, then "
+                         f"sliding ones), not layer_types {cfg.layer_types}")
+    return dict(kw, max_window_layers=n_full)
 
 
 def _gemma23_hf_config(cfg, arch, common):
