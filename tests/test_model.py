@@ -863,6 +863,49 @@ def test_qwen_mixed_sliding_and_full_layers(arch):
         model.to_hf("llama")
 
 
+def test_gemma3_multimodal_checkpoint_loads_its_language_model(tmp_path):
+    """A Gemma3ForConditionalGeneration (gemma-3-4b and up) object or folder: its language model,
+    text logits as HF's; the vision tower's weights are left out, not an error."""
+    tc = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, sliding_window=4, query_pre_attn_scalar=24,
+              layer_types=["sliding_attention", "full_attention"])
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
+    hf = randomize_(transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=tc, vision_config=vc, mm_tokens_per_image=4, image_token_index=299, boi_token_index=297,
+        eoi_token_index=298)), scale=0.3).eval()
+    tokens = torch.randint(0, 290, (2, 11))
+    with torch.no_grad():
+        expect = hf(input_ids=tokens).logits
+    hf.save_pretrained(tmp_path / "mm")
+    for src in (hf, str(tmp_path / "mm")):  # transformers 5's keys (model.language_model.*), the file's
+        model = Transformer.from_hf(src, backend="reference")
+        assert model.config.extra == {"hf_arch": "gemma3_text", "hf_multimodal": "gemma3"}
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens), expect, atol=2e-5, rtol=2e-5)
+    assert type(model.to_hf()).__name__ == "Gemma3ForCausalLM"  # the export is the language model
+
+
+def test_gemma_hub_configs_fill_transformers_defaults():
+    """Hub config.json files of Gemma 3 list only what differs from transformers' defaults (this
+    is gemma-3-4b-it's text_config): the rest comes from those defaults."""
+    from fastlm.models.hf import config_from_hf
+
+    cfg = config_from_hf({"model_type": "gemma3", "text_config": {
+        "model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}})
+    assert (cfg.vocab_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (262208, 8, 4, 256)
+    assert cfg.rope_base == 1e6 and cfg.rope_local_base == 1e4 and cfg.rope_scaling == {"rope_type": "linear",
+                                                                                          "factor": 8.0}
+    assert cfg.layer_types == ["full" if (i + 1) % 6 == 0 else "sliding" for i in range(34)]
+    assert cfg.attn_scale is None and cfg.attn_softcap is None and cfg.logit_softcap is None and cfg.tie_embeddings
+    assert cfg.qk_norm and cfg.post_norms and cfg.embed_scale == 2560 ** 0.5
+    g2 = config_from_hf({"model_type": "gemma2", "hidden_size": 3584, "num_hidden_layers": 42,
+                         "num_attention_heads": 16, "num_key_value_heads": 8, "intermediate_size": 14336})
+    assert (g2.attn_softcap, g2.logit_softcap, g2.sliding_window) == (50.0, 30.0, 4096)
+    assert g2.attn_scale is None and g2.layer_types[:2] == ["sliding", "full"]
+
+
 def test_partial_rotary_and_llama_like_hf_families():
     # transformers' Llama/Mistral/Qwen2 rotate the full head_dim with the default rope (a
     # partial_rotary_factor is ignored) and fail with a scaled rope: no partial rotary to export

@@ -62,12 +62,45 @@ def _rope_from_hf(c, head_dim, partial=False):
     return float(base), scaling, head_dim
 
 
+# transformers' defaults of the Gemma 2 / Gemma 3 text configs: the Hub's config.json files of
+# Gemma 3 list only what differs from them (gemma-3-4b's text_config has no num_attention_heads)
+_GEMMA23_DEFAULTS = {
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                   max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=10000.0,
+                   attention_bias=False, query_pre_attn_scalar=256, sliding_window=4096,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
+                        tie_word_embeddings=True, attention_bias=False, query_pre_attn_scalar=256,
+                        sliding_window=4096, final_logit_softcapping=None, attn_logit_softcapping=None),
+}
+
+
+def _text_config(c):
+    """A multimodal Gemma 3 config (model_type "gemma3": Gemma3ForConditionalGeneration) -> the dict
+    of its language model (gemma3_text); any other config as it is."""
+    if c.get("model_type") != "gemma3":
+        return c
+    tc = c.get("text_config")
+    if not isinstance(tc, dict):
+        raise ValueError("HF gemma3 config without a text_config dict")
+    tie = c.get("tie_word_embeddings", tc.get("tie_word_embeddings", True))  # (the top level's governs)
+    return {**tc, "model_type": "gemma3_text", "tie_word_embeddings": tie, "_multimodal": True}
+
+
 def config_from_hf(c):
-    """TransformerConfig from an HF config dict (config.json / PretrainedConfig.to_dict())."""
+    """TransformerConfig from an HF config dict (config.json / PretrainedConfig.to_dict()).  A
+    multimodal Gemma 3 config gives its language model's (the vision tower is not loaded)."""
+    c = _text_config(c)
     mtype = c.get("model_type")
     if mtype not in SUPPORTED:
         archs = c.get("architectures")
-        raise ValueError(f"unsupported HF architecture {mtype!r} ({archs}); fastlm loads {list(SUPPORTED)}")
+        raise ValueError(f"unsupported HF architecture {mtype!r} ({archs}); fastlm loads {list(SUPPORTED)} "
+                         "(and the language model of gemma3)")
+    if mtype in _GEMMA23_DEFAULTS:
+        c = {**_GEMMA23_DEFAULTS[mtype], **c}
     if mtype == "gpt2":
         act = c.get("activation_function", "gelu_new")
         approx = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(act)
@@ -176,7 +209,7 @@ def _gemma23_config(c, mtype, head_dim, approx):
         rope_local_base=local_base if local_base is not None and (local_base != base or scaling) else None,
         attn_scale=None if scalar == head_dim else float(scalar) ** -0.5,
         attn_softcap=c.get("attn_logit_softcapping"), logit_softcap=c.get("final_logit_softcapping"),
-        post_norms=True, extra={"hf_arch": mtype},
+        post_norms=True, extra={"hf_arch": mtype, **({"hf_multimodal": "gemma3"} if c.get("_multimodal") else {})},
     )
 
 
@@ -368,6 +401,26 @@ def _strip(sd, prefixes):
     return out
 
 
+_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _language_model_weights(sd):
+    """A multimodal (Gemma3ForConditionalGeneration) state dict -> its language model's, keyed as
+    a CausalLM's (model.*, lm_head.weight): transformers 5 keys them model.language_model.*,
+    transformers 4 (and Hub files) language_model.model.* / language_model.lm_head.*."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(_VISION):
+            continue
+        for old, new in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                         ("language_model.lm_head.", "lm_head.")):
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        out[k] = v
+    return out
+
+
 def state_dict_from_hf(sd, cfg, arch):
     """HF state dict -> fastlm state dict (same tensors, stacked/transposed where needed)."""
     out, used = {}, set()
@@ -399,6 +452,8 @@ def state_dict_from_hf(sd, cfg, arch):
                     used.add(p + buf)
             out["norm.weight"], out["norm.bias"] = take("ln_f.weight"), take("ln_f.bias")
         else:
+            if cfg.extra.get("hf_multimodal"):  # the language model's weights; the vision tower's are not loaded
+                sd = _language_model_weights(sd)
             sd = _strip(sd, ("model.",))
             out["tok_emb.weight"] = take("embed_tokens.weight")
             for i in range(cfg.n_layers):
