@@ -504,3 +504,55 @@ def test_plain_decode_mask_recognises_only_causality_and_the_window():
     assert ok and first.tolist() == [2, 2, 2]
     assert not _plain_decode_mask(causal.float(), T, S, None)[0]  # additive float masks are not read
     assert not _plain_decode_mask(None, T, S, None)[0]
+
+
+def test_multimodal_gemma3_language_model(monkeypatch):
+    """A Gemma3ForConditionalGeneration is refused as a whole (its vision tower's attention is not
+    causal) with the way that works: patching its language model, which then runs fastlm's kernels
+    for text and keeps HF's attention for a prompt with an image (image tokens attend both ways:
+    a mask fastlm's causal kernels do not model), matching the unpatched model in both."""
+    tc = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+              layer_types=["sliding_attention", "full_attention"])
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
+    torch.manual_seed(0)
+    ref = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=tc, vision_config=vc, mm_tokens_per_image=4, image_token_index=299, boi_token_index=297,
+        eoi_token_index=298))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref = ref.to(DEVICE).eval()
+    model = copy.deepcopy(ref)
+    with pytest.raises(ValueError, match=r"patch its language model: apply_to_hf\(model.model.language_model\)"):
+        fastlm.apply_to_hf(model)
+    fastlm.apply_to_hf(model.model.language_model)
+    text = torch.randint(0, 290, (2, 11), device=DEVICE)
+    image = torch.cat([torch.randint(0, 290, (1, 3)), torch.tensor([[297, 299, 299, 299, 299, 298]]),
+                       torch.randint(0, 290, (1, 4))], dim=1).to(DEVICE)
+    pixels = torch.randn(1, 3, 28, 28, device=DEVICE)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=text).logits, ref(input_ids=text).logits, rtol=1e-4, atol=1e-4)
+        assert "attention" in calls and "rms_norm" in calls
+        got = model(input_ids=image, pixel_values=pixels, token_type_ids=(image == 299).long()).logits
+        want = ref(input_ids=image, pixel_values=pixels, token_type_ids=(image == 299).long()).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_only_causal_mask_functions_take_the_kernels_masks():
+    """The mask marker (the attention then takes causality, the window, packing and padding from
+    its own arguments) is set only for HF mask functions made of those parts."""
+    from transformers import masking_utils as mu
+
+    from fastlm.integrations.hf import _causal_parts_only
+
+    seq = torch.zeros(1, 4, dtype=torch.long)
+    assert _causal_parts_only(mu.causal_mask_function)
+    assert _causal_parts_only(mu.sliding_window_causal_mask_function(4))
+    assert _causal_parts_only(mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(seq)))
+    assert not _causal_parts_only(mu.or_masks(mu.causal_mask_function, lambda *a: torch.tensor(True)))
+    assert not _causal_parts_only(mu.and_masks(mu.causal_mask_function, lambda *a: torch.tensor(True)))
+    assert not _causal_parts_only(mu.bidirectional_mask_function)
+    assert not _causal_parts_only(None)

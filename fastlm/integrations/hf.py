@@ -81,8 +81,10 @@ def apply_to_hf(model, *, rms_norm=True, rope=True, swiglu=True, geglu=True, att
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None)
     if family not in FAMILIES:
+        hint = ("; for a multimodal Gemma 3, patch its language model: apply_to_hf(model.model.language_model) "
+                "(the vision tower stays HF's)" if family == "gemma3" else "")
         raise ValueError(f"apply_to_hf: unsupported model type {family!r} ({type(model).__name__}); "
-                         f"fastlm patches {sorted(FAMILIES)}")
+                         f"fastlm patches {sorted(FAMILIES)}{hint}")
     modeling = sys.modules[type(model).__module__]
     prefix = FAMILIES[family]
     mlps = _gated_mlps(model, getattr(modeling, f"{prefix}MLP", None), dict(swiglu=swiglu, geglu=geglu))
@@ -225,6 +227,25 @@ def _register_attention():
     AttentionMaskInterface.register(ATTENTION, _mask)
 
 
+# HF's mask functions (transformers.masking_utils) that the attention reproduces from
+# sliding_window and position_ids: causality, the sliding window, packed sequences, padding.
+_CAUSAL_PARTS = ("causal_mask_function", "sliding_window_overlay.<locals>.inner_mask",
+                 "packed_sequence_mask_function.<locals>.inner_mask", "padding_mask_function.<locals>.inner_mask")
+
+
+def _causal_parts_only(fn):
+    """Whether HF's mask function is an intersection (and_masks) of _CAUSAL_PARTS only.  Anything
+    else (an or_masks overlay such as Gemma 3's bidirectional image blocks, a chunked or unknown
+    function) makes the mask something fastlm's causal kernels do not compute: HF's attention then."""
+    if fn is None or getattr(fn, "__module__", None) != "transformers.masking_utils":
+        return False
+    if fn.__qualname__ == "and_masks.<locals>.and_mask":
+        cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+        parts = cells["mask_functions"].cell_contents if "mask_functions" in cells else None
+        return isinstance(parts, tuple) and all(_causal_parts_only(f) for f in parts)
+    return fn.__qualname__ in _CAUSAL_PARTS
+
+
 def _mask(*args, **kwargs):
     """SDPA's mask builder (None where is_causal suffices, else a 4D bool mask), the mask marked
     when no padding went into it: then its only structure besides causality is the sliding
@@ -234,7 +255,8 @@ def _mask(*args, **kwargs):
 
     mask = sdpa_mask(*args, **kwargs)
     if (torch.is_tensor(mask) and "attention_mask" in kwargs and "allow_is_causal_skip" in kwargs
-            and not kwargs.get("use_vmap", False)):  # (use_vmap: custom mask functions are in the mask)
+            and not kwargs.get("use_vmap", False)  # (use_vmap: custom mask functions are in the mask)
+            and _causal_parts_only(kwargs.get("mask_function"))):
         pad = kwargs["attention_mask"]
         if pad is None:
             # HF looks for packed sequences only without a 2D mask and without a cache, and a
