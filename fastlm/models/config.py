@@ -259,6 +259,15 @@ PRESETS = {
     # A Llama-style model of about the same size (Llama-2 tokenizer vocab).
     "llama-125m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=3072,
                        max_seqlen=4096, tie_embeddings=True),
+    # The shapes of Gemma 2 2B and Gemma 3 1B (transformers' Gemma2Config defaults; google/gemma-3-1b-pt).
+    "gemma-2-2b": dict(vocab_size=256000, dim=2304, n_layers=26, n_heads=8, n_kv_heads=4, head_dim=256, ffn_dim=9216,
+                       mlp="geglu", norm_eps=1e-6, norm_offset=1.0, embed_scale=48.0, tie_embeddings=True,
+                       max_seqlen=8192, post_norms=True, attn_softcap=50.0, logit_softcap=30.0, sliding_window=4096,
+                       layer_types=["sliding", "full"] * 13),
+    "gemma-3-1b": dict(vocab_size=262144, dim=1152, n_layers=26, n_heads=4, n_kv_heads=1, head_dim=256, ffn_dim=6912,
+                       mlp="geglu", norm_eps=1e-6, norm_offset=1.0, embed_scale=1152 ** 0.5, tie_embeddings=True,
+                       max_seqlen=32768, post_norms=True, qk_norm=True, rope_base=1e6, rope_local_base=1e4,
+                       sliding_window=512, layer_types=["full" if (i + 1) % 6 == 0 else "sliding" for i in range(26)]),
     # The shape of Llama-3.2-1B.
     "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
                          max_seqlen=131072, rope_base=500000.0, norm_eps=1e-5, tie_embeddings=True,
