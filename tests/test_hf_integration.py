@@ -556,3 +556,7 @@ def test_only_causal_mask_functions_take_the_kernels_masks():
     assert not _causal_parts_only(mu.and_masks(mu.causal_mask_function, lambda *a: torch.tensor(True)))
     assert not _causal_parts_only(mu.bidirectional_mask_function)
     assert not _causal_parts_only(None)
+    remap = getattr(mu, "remap_positions_for_packed_sequence", None)  # (newer transformers' packing)
+    if remap is not None:
+        assert _causal_parts_only(remap(mu.causal_mask_function, seq))
+        assert not _causal_parts_only(remap(mu.or_masks(mu.causal_mask_function, lambda *a: torch.tensor(True)), seq))

@@ -239,10 +239,13 @@ def _causal_parts_only(fn):
     function) makes the mask something fastlm's causal kernels do not compute: HF's attention then."""
     if fn is None or getattr(fn, "__module__", None) != "transformers.masking_utils":
         return False
+    cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
     if fn.__qualname__ == "and_masks.<locals>.and_mask":
-        cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
-        parts = cells["mask_functions"].cell_contents if "mask_functions" in cells else None
+        parts = cells.get("mask_functions")
         return isinstance(parts, tuple) and all(_causal_parts_only(f) for f in parts)
+    if fn.__qualname__ == "remap_positions_for_packed_sequence.<locals>.inner_mask":
+        # transformers >= 5.2x packing: the mask function on each sequence's own positions
+        return _causal_parts_only(cells.get("mask_function"))
     return fn.__qualname__ in _CAUSAL_PARTS
 
 
