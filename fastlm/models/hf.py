@@ -145,13 +145,11 @@ def config_from_hf(c):
         if types is None:  # transformers v4
             n_full = min(c.get("max_window_layers", 0), c["num_hidden_layers"]) if c.get("use_sliding_window") else c["num_hidden_layers"]
             types = ["full_attention"] * n_full + ["sliding_attention"] * (c["num_hidden_layers"] - n_full)
-        kinds = {"sliding_attention": "sliding", "full_attention": "full"}
-        if len(types) != c["num_hidden_layers"] or any(t not in kinds for t in types):
-            raise ValueError(f"unsupported {mtype} layer_types {types!r}")
-        if "sliding_attention" in types and c.get("sliding_window"):
+        kinds = _layer_kinds(types, c["num_hidden_layers"], mtype)
+        if "sliding" in kinds and c.get("sliding_window"):
             window = c["sliding_window"]
-            if len(set(types)) > 1:  # sliding and full layers (max_window_layers)
-                layer_types = [kinds[t] for t in types]
+            if len(set(kinds)) > 1:  # sliding and full layers (max_window_layers)
+                layer_types = kinds
     bias = mtype == "qwen2" or bool(c.get("attention_bias", False))  # Qwen3: q/k/v/o all or none
     gemma = mtype == "gemma"
     return TransformerConfig(
@@ -167,6 +165,22 @@ def config_from_hf(c):
     )
 
 
+def _layer_kinds(types, n, mtype):
+    """HF layer_types ("sliding_attention" / "full_attention", n of them) -> fastlm's ("sliding" / "full")."""
+    kinds = {"sliding_attention": "sliding", "full_attention": "full"}
+    if len(types) != n or any(t not in kinds for t in types):
+        raise ValueError(f"unsupported {mtype} layer_types {types!r}")
+    return [kinds[t] for t in types]
+
+
+def _takes(cls, name):
+    """Whether the transformers config class `cls` has the field `name` (an __init__ argument, or
+    a dataclass field of transformers >= 5.x's strict configs)."""
+    import inspect
+
+    return name in inspect.signature(cls.__init__).parameters or name in getattr(cls, "__annotations__", {})
+
+
 def _gemma23_config(c, mtype, head_dim, approx):
     """TransformerConfig of a Gemma 2 (gemma2) or Gemma 3 text (gemma3_text) config dict."""
     n = c["num_hidden_layers"]
@@ -176,11 +190,8 @@ def _gemma23_config(c, mtype, head_dim, approx):
     if types is None:  # older configs: a pattern (Gemma 2: every other layer; Gemma 3: 5 sliding, 1 full)
         pattern = 2 if mtype == "gemma2" else c.get("sliding_window_pattern", c.get("_sliding_window_pattern", 6))
         types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
-    kinds = {"sliding_attention": "sliding", "full_attention": "full"}
-    if len(types) != n or any(t not in kinds for t in types):
-        raise ValueError(f"unsupported {mtype} layer_types {types!r}")
     window = c.get("sliding_window")
-    layer_types = [kinds[t] for t in types] if window else None
+    layer_types = _layer_kinds(types, n, mtype) if window else None
     params = c.get("rope_parameters")
     local_base = None
     if mtype == "gemma3_text":
@@ -215,8 +226,6 @@ def _gemma23_config(c, mtype, head_dim, approx):
 
 def _hf_config(cfg, arch):
     """The transformers config object for `cfg` exported as `arch`."""
-    import inspect
-
     import transformers
 
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
@@ -305,7 +314,7 @@ def _hf_config(cfg, arch):
                 raise ValueError("to_hf: Phi-3's head_dim is hidden_size / num_attention_heads")
             kw.update(pad_token_id=None, original_max_position_embeddings=cfg.max_seqlen, resid_pdrop=0.0,
                       embd_pdrop=0.0, attention_dropout=0.0)
-    if "rope_parameters" in inspect.signature(cls.__init__).parameters:  # transformers >= 5
+    if _takes(cls, "rope_parameters"):  # transformers >= 5
         kw["rope_parameters"] = {"rope_theta": cfg.rope_base, **rope}
     else:
         if "partial_rotary_factor" in rope:  # transformers 4's Phi-3 reads it from the top level
@@ -318,13 +327,11 @@ def _hf_config(cfg, arch):
 def _qwen_windows(cfg, cls):
     """Qwen2 / Qwen3 config kwargs of cfg's windows: every layer sliding, none, or a mix
     (layer_types in transformers 5; transformers 4 has max_window_layers: full layers first)."""
-    import inspect
-
     kw = dict(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
               max_window_layers=0)
     if cfg.layer_types is None:
         return kw
-    if "layer_types" in inspect.signature(cls.__init__).parameters or "layer_types" in getattr(cls, "__annotations__", {}):
+    if _takes(cls, "layer_types"):
         return dict(kw, layer_types=[f"{t}_attention" for t in cfg.layer_types])
     n_full = cfg.layer_types.index("sliding")
     if cfg.layer_types != ["full"] * n_full + ["sliding"] * (cfg.n_layers - n_full):
@@ -335,8 +342,6 @@ def _qwen_windows(cfg, cls):
 
 def _gemma23_hf_config(cfg, arch, common):
     """The transformers Gemma2Config / Gemma3TextConfig of `cfg` (checked by _hf_config)."""
-    import inspect
-
     import transformers
 
     if cfg.qkv_bias != cfg.out_bias or cfg.mlp_bias:
@@ -364,7 +369,7 @@ def _gemma23_hf_config(cfg, arch, common):
     scaling = dict(cfg.rope_scaling or {})
     rope = {"rope_type": scaling.pop("rope_type", scaling.pop("type", "default")), **scaling}
     local = cfg.rope_local_base if cfg.rope_local_base is not None else cfg.rope_base
-    if "rope_parameters" in inspect.signature(cls.__init__).parameters or "rope_parameters" in cls.__annotations__:
+    if _takes(cls, "rope_parameters"):
         full = {"rope_theta": cfg.rope_base, **rope}
         kw["rope_parameters"] = full if arch == "gemma2" else {
             "full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local}}
