@@ -6,6 +6,25 @@ checks, grid, launch).  No autograd and no modules here: see fastlm/ops for thos
 import contextlib
 import functools
 
+if __name__ == "kernels":
+    # Imported as a top-level ``kernels``: the repository root is on sys.path (``python -m pytest``,
+    # a script run in the checkout).  This folder is fastlm.kernels' source and must not stand in
+    # for an installed top-level ``kernels`` (Hugging Face's kernels package, which transformers
+    # >= 5.25 depends on and imports): hand the import over to that one when it exists.  (The
+    # rest of this file then runs in a module object nothing refers to: harmless.)
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
+    if _spec is not None and _spec.origin != __file__:
+        _installed = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _installed  # what the import statement returns
+        _spec.loader.exec_module(_installed)
+
 import torch
 
 from fastlm import _interpret

@@ -16,15 +16,47 @@ def _run(code, **env):
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd="/", env=e)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def test_kernels_is_a_subpackage_not_top_level():
+    """Installed, the Triton kernels are fastlm.kernels only: a top-level ``kernels`` found from
+    outside the checkout is someone else's (Hugging Face's kernels package, a transformers
+    dependency), never this folder."""
     p = _run(
         """
         import importlib.util, fastlm.kernels.norm
-        print(fastlm.kernels.norm.__name__, importlib.util.find_spec("kernels"))
+        spec = importlib.util.find_spec("kernels")
+        print(fastlm.kernels.norm.__name__, spec.origin if spec else None)
         """
     )
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["fastlm.kernels.norm", "None"]
+    name, origin = p.stdout.split()
+    assert name == "fastlm.kernels.norm"
+    assert origin == "None" or not os.path.abspath(origin).startswith(os.path.join(REPO, "kernels")), origin
+
+
+def test_checkout_does_not_shadow_an_installed_top_level_kernels():
+    """Run in the checkout (its root on sys.path, as ``python -m pytest`` puts it), ``import
+    kernels`` would find the kernels/ folder first.  transformers >= 5.25 imports Hugging Face's
+    ``kernels`` package (``from kernels import CUDAProperties``) whenever that is installed, and got
+    this folder instead: every HF model load failed.  The folder hands the import over."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("kernels")
+        installed = True
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    code = "import kernels, sys; print(kernels.__file__)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert p.returncode == 0, p.stderr
+    origin = os.path.abspath(p.stdout.strip())
+    if installed:
+        assert not origin.startswith(os.path.join(REPO, "kernels")), f"the checkout's kernels/ shadowed it: {origin}"
+    else:  # nothing to hand over to: the folder itself (harmless, as before)
+        assert origin == os.path.join(REPO, "kernels", "__init__.py")
 
 
 def test_extension_loaded_in_this_build():
@@ -109,7 +141,8 @@ def test_triton_launchers_run_on_the_tensors_device(monkeypatch):
 
     import fastlm.kernels as fk
 
-    launchers = {"norm": ["norm_fwd", "norm_bwd"], "rotary": ["rotary_fwd"], "attention": ["attention_fwd", "attention_bwd"],
+    launchers = {"norm": ["norm_fwd", "norm_bwd"], "rotary": ["rotary_fwd"],
+                 "qk_norm": ["qk_norm_rotary_fwd", "qk_norm_rotary_bwd"], "attention": ["attention_fwd", "attention_bwd"],
                  "decode": ["kv_cache_append", "decode_attention"], "cross_entropy": ["ce_forward", "ce_backward"],
                  "activation": ["swiglu_fwd", "swiglu_bwd"], "gemv": ["gemv"]}
     for mod, names in launchers.items():
