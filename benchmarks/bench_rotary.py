@@ -10,6 +10,12 @@ Bytes moved, the floor of any implementation: read q and k once and write them o
 and are not counted).  Forward is out of place (fresh outputs) and in place for fastlm;
 backward is the gradient kernel alone (autograd of an already-computed forward).
 Target on an H100: >= 85% of the copy bandwidth at >= 16k tokens and >= 1.2x torch.compile.
+
+Rows with op=qk_norm_rotary: Qwen3-8B's per-head q/k RMSNorm + rotary (fastlm.ops.qk_norm_rotary,
+one launch each way, q and k read in place from views of the qkv projection) beside what the
+fused model ran before it (fastlm-unfused: two ops.rms_norm launches, which copy the strided
+views, then ops.apply_rotary), HF Qwen3's eager arithmetic and torch.compile of it; the same
+byte floor (the weights and the fp32 rstd, < 1%, are not counted).
 """
 
 import torch
@@ -21,6 +27,7 @@ import fastlm
 from fastlm import reference
 
 MODELS = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64)}
+QK_NORM_MODELS = {"qwen3-8b": (32, 8, 128)}
 TOKENS = [1, 1024, 4096, 16384, 65536]
 
 
@@ -75,6 +82,26 @@ def make_impls():
     return impls
 
 
+def make_qk_norm_impls(qw, kw, eps=1e-6):
+    """name -> f(q, k, cos, sin): q/k RMSNorm with weights qw/kw, then rotary."""
+    def fused(q, k, c, s):
+        return fastlm.ops.qk_norm_rotary(q, k, qw, kw, c, s, eps=eps, backend="triton")
+
+    def unfused(q, k, c, s):
+        qn = fastlm.ops.rms_norm(q, qw, eps, backend="triton")
+        kn = fastlm.ops.rms_norm(k, kw, eps, backend="triton")
+        return fastlm.ops.apply_rotary(qn, kn, c, s, backend="triton")
+
+    def eager(q, k, c, s):  # HF Qwen3RMSNorm, then apply_rotary_pos_emb in the input dtype
+        def norm(x, w):
+            xf = x.float()
+            return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+        return reference.apply_rotary(norm(q, qw), norm(k, kw), c, s, upcast=False)
+
+    return {"fastlm-triton": fused, "fastlm-unfused": unfused, "torch-eager": eager, "torch-compile": compiled(eager)}
+
+
 def run_one(name, fn, mode, q, k, cos, sin):
     if mode == "fwd":
         if name.endswith("inplace"):
@@ -99,15 +126,21 @@ def main(argv=None):
     res.add(impl="device", metric="copy_bandwidth_GBps", value=copy_bw)
     tokens_list = [16384] if args.quick else TOKENS
     dtype = torch.bfloat16
-    for model, (hq, hk, d) in MODELS.items():
+    sections = [("rotary", m, shape) for m, shape in MODELS.items()]
+    sections += [("qk_norm_rotary", m, shape) for m, shape in QK_NORM_MODELS.items()]
+    for op, model, (hq, hk, d) in sections:
         cos, sin = fastlm.ops.rotary_tables(d, 8192, 500000.0, device="cuda")
         for tokens in tokens_list:
             B, S = layout(tokens)
-            impls = make_impls()
-            q = torch.randn(B, S, hq, d, device="cuda", dtype=dtype)
-            k = torch.randn(B, S, hk, d, device="cuda", dtype=dtype)
+            if op == "rotary":
+                impls = make_impls()
+                q = torch.randn(B, S, hq, d, device="cuda", dtype=dtype)
+                k = torch.randn(B, S, hk, d, device="cuda", dtype=dtype)
+            else:  # views of one qkv projection, as the model has them
+                impls = make_qk_norm_impls(*(torch.rand(d, device="cuda", dtype=dtype) + 0.5 for _ in range(2)))
+                q, k, _ = torch.randn(B, S, hq + 2 * hk, d, device="cuda", dtype=dtype).split([hq, hk, hk], dim=2)
             for mode in ("fwd", "bwd"):
-                base = dict(model=model, tokens=B * S, batch=B, seqlen=S, heads_q=hq, heads_k=hk, head_dim=d,
+                base = dict(op=op, model=model, tokens=B * S, batch=B, seqlen=S, heads_q=hq, heads_k=hk, head_dim=d,
                             dtype="bfloat16", mode=mode)
                 times = {}
                 for name, fn in impls.items():
@@ -128,8 +161,8 @@ def main(argv=None):
                     res.add(**base, impl=name, ms=ms, p20=p20, p80=p80, GBps=gbs, pct_copy_bw=100 * gbs / copy_bw)
                 for name in ("fastlm-triton", "fastlm-cuda"):
                     if name in times:
-                        res.add(**base, impl=name, metric="speedup",
-                                **speedups(times, name, ("torch-eager", "torch-compile", "liger")))
+                        peers = ("torch-eager", "torch-compile", "liger" if op == "rotary" else "fastlm-unfused")
+                        res.add(**base, impl=name, metric="speedup", **speedups(times, name, peers))
             del q, k
         torch.cuda.empty_cache()
     res.write()

@@ -79,6 +79,65 @@ def _rotate_tile(
 
 
 @triton.jit
+def token_tables(
+    t,  # [BLOCK_T] token indices (in [0, n_tokens) where tmask)
+    tmask,
+    COS, SIN, POS, CU,  # as _rotary_kernel's
+    s_cos, spos_b, spos_s, seqlen, half, max_pos, offset, num_seqs, search_iters,
+    POS_MODE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    CONJ: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """-> (ab, as_, c, s): each token's batch / token index in the (B, S, H, D) address space
+    (packed: 0 / t), and its cos / sin rows [BLOCK_T, 1, BLOCK_HALF] in fp32 (sin negated for
+    CONJ; NaN for a position outside the tables or a token in no sequence)."""
+    # ---- token -> (sequence, index in sequence, address indices, position)
+    if IS_VARLEN:
+        # seq = number of cu_seqlens[1:] entries <= t (upper bound), clamped to the last sequence.
+        lo = tl.zeros_like(t)
+        hi = tl.zeros_like(t) + num_seqs
+        for _ in range(search_iters):
+            go = lo < hi
+            mid = (lo + hi) // 2
+            cm = tl.load(CU + mid + 1, mask=go & tmask, other=0)
+            right = go & (cm <= t)
+            lo = tl.where(right, mid + 1, lo)
+            hi = tl.where(go & (cm > t), mid, hi)
+        seq = tl.minimum(lo, num_seqs - 1)
+        start = tl.load(CU + seq, mask=tmask, other=0)
+        end = tl.load(CU + num_seqs)
+        inside = (t >= start) & (t < end)  # False only for malformed cu_seqlens
+        loc = t - start
+        as_ = t.to(tl.int64)
+        ab = as_ * 0
+    else:
+        seq = t // seqlen
+        loc = t - seq * seqlen
+        inside = tmask
+        ab = seq.to(tl.int64)
+        as_ = loc.to(tl.int64)
+    if POS_MODE == 0:
+        pos = loc.to(tl.int64) + offset
+    elif POS_MODE == 1:
+        pos = loc.to(tl.int64) + tl.load(POS + seq.to(tl.int64) * spos_b, mask=tmask, other=0).to(tl.int64)
+    else:
+        pos = tl.load(POS + ab * spos_b + as_ * spos_s, mask=tmask, other=0).to(tl.int64)
+    valid = tmask & inside & (pos >= 0) & (pos < max_pos)
+    pos = tl.where(valid, pos, 0)
+
+    # ---- the cos/sin rows of these tokens, shared by every head (NaN for invalid positions)
+    i = tl.arange(0, BLOCK_HALF)
+    cmask = valid[:, None] & (i < half)[None, :]
+    coff = pos[:, None] * s_cos + i[None, :]
+    c = tl.load(COS + coff, mask=cmask, other=float("nan")).to(tl.float32)[:, None, :]
+    s = tl.load(SIN + coff, mask=cmask, other=float("nan")).to(tl.float32)[:, None, :]
+    if CONJ:
+        s = -s
+    return ab, as_, c, s
+
+
+@triton.jit
 def _rotary_kernel(
     Q,  # *T  q: (batch, seqlen, heads_q, head_dim) (packed: batch stride 0), unit last stride
     K,  # *T  k: same with heads_k
@@ -118,49 +177,8 @@ def _rotary_kernel(
     pid_h = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < n_tokens
-
-    # ---- token -> (sequence, index in sequence, address indices, position)
-    if IS_VARLEN:
-        # seq = number of cu_seqlens[1:] entries <= t (upper bound), clamped to the last sequence.
-        lo = tl.zeros([BLOCK_T], dtype=tl.int32)
-        hi = tl.zeros([BLOCK_T], dtype=tl.int32) + num_seqs
-        for _ in range(search_iters):
-            go = lo < hi
-            mid = (lo + hi) // 2
-            cm = tl.load(CU + mid + 1, mask=go & tmask, other=0)
-            right = go & (cm <= t)
-            lo = tl.where(right, mid + 1, lo)
-            hi = tl.where(go & (cm > t), mid, hi)
-        seq = tl.minimum(lo, num_seqs - 1)
-        start = tl.load(CU + seq, mask=tmask, other=0)
-        end = tl.load(CU + num_seqs)
-        inside = (t >= start) & (t < end)  # False only for malformed cu_seqlens
-        loc = t - start
-        ab = tl.zeros([BLOCK_T], dtype=tl.int64)
-        as_ = t.to(tl.int64)
-    else:
-        seq = t // seqlen
-        loc = t - seq * seqlen
-        inside = tmask
-        ab = seq.to(tl.int64)
-        as_ = loc.to(tl.int64)
-    if POS_MODE == 0:
-        pos = loc.to(tl.int64) + offset
-    elif POS_MODE == 1:
-        pos = loc.to(tl.int64) + tl.load(POS + seq.to(tl.int64) * spos_b, mask=tmask, other=0).to(tl.int64)
-    else:
-        pos = tl.load(POS + ab * spos_b + as_ * spos_s, mask=tmask, other=0).to(tl.int64)
-    valid = tmask & inside & (pos >= 0) & (pos < max_pos)
-    pos = tl.where(valid, pos, 0)
-
-    # ---- the cos/sin rows of these tokens, shared by every head (NaN for invalid positions)
-    i = tl.arange(0, BLOCK_HALF)
-    cmask = valid[:, None] & (i < half)[None, :]
-    coff = pos[:, None] * s_cos + i[None, :]
-    c = tl.load(COS + coff, mask=cmask, other=float("nan")).to(tl.float32)[:, None, :]
-    s = tl.load(SIN + coff, mask=cmask, other=float("nan")).to(tl.float32)[:, None, :]
-    if CONJ:
-        s = -s
+    ab, as_, c, s = token_tables(t, tmask, COS, SIN, POS, CU, s_cos, spos_b, spos_s, seqlen, half, max_pos, offset,
+                                 num_seqs, search_iters, POS_MODE, IS_VARLEN, CONJ, BLOCK_HALF)
 
     if pid_h < n_qblocks:
         _rotate_tile(Q, QO, sqb, sqs, sqh, sqob, sqos, sqoh, ab, as_, tmask, pid_h * BLOCK_H, n_heads_q,

@@ -21,6 +21,10 @@ def _cases():
         cos, sin = ops.rotary_tables(8, 16, device=DEVICE)
         return ops.apply_rotary(q, k, cos, sin, backend=BK)
 
+    def qk_norm_rotary(q, k, qw, kw):
+        cos, sin = ops.rotary_tables(8, 16, device=DEVICE)
+        return ops.qk_norm_rotary(q, k, qw, kw, cos, sin, backend=BK)
+
     def ce(logits):
         return ops.cross_entropy(logits, torch.tensor([1, 5, -100, 2], device=DEVICE), backend=BK)
 
@@ -34,6 +38,7 @@ def _cases():
         "layer_norm": (lambda: (_t(4, 32), _t(32), _t(32)),
                        lambda x, w, b: ops.layer_norm(x, w, b, backend=BK)),
         "rotary": (lambda: (_t(2, 5, 4, 16), _t(2, 5, 2, 16)), rotary),
+        "qk_norm_rotary": (lambda: (_t(2, 5, 4, 16), _t(2, 5, 2, 16), _t(16), _t(16)), qk_norm_rotary),
         "attention": (lambda: (_t(2, 9, 4, 16), _t(2, 7, 2, 16), _t(2, 7, 2, 16)),
                       # (deterministic: bitwise comparable on a GPU, no dQ atomics or timed picks)
                       lambda q, k, v: ops.attention(q, k, v, causal=True, return_lse=True, deterministic=True,

@@ -40,7 +40,7 @@ import pytest
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
-MODULES = ["norm", "rotary", "decode", "attention", "cross_entropy", "activation", "gemv"]
+MODULES = ["norm", "rotary", "qk_norm", "decode", "attention", "cross_entropy", "activation", "gemv"]
 
 # Device profiles: what the launchers' GPU queries return, and the compile target.
 PROFILES = {
@@ -287,6 +287,30 @@ def _rotary_case(D, rotary_dim, dtype, *, mode, varlen=False, interleaved=False,
     return tag, run
 
 
+def _qk_norm_case(D, rotary_dim, dtype, *, mode=0, varlen=False, interleaved=False, weights=True, backward=True,
+                  B=2, S=2048, H=32, Hk=8):
+    """ops.qk_norm_rotary's launches (forward, and backward with its partial-sum reduction);
+    rotary_dim 0: the norm only (a decode step's q/k norms)."""
+    def run(k, arch):
+        import torch
+
+        Q = k["qk_norm"]
+        lead = (B * S,) if varlen else (B, S)
+        qkv = _t(*lead, H + 2 * Hk, D, dtype=dtype)
+        q, kk, _ = qkv.split([H, Hk, Hk], dim=-2)
+        w = _t(D, dtype=dtype) if weights else None
+        cos = _t(8192, rotary_dim // 2, dtype=torch.float32) if rotary_dim else None
+        sin = _t(8192, rotary_dim // 2, dtype=torch.float32) if rotary_dim else None
+        cu = _t(B + 1, dtype=torch.int32) if varlen else None
+        positions = _t(B, dtype=torch.int32) if mode == 1 else _t(*lead, dtype=torch.int64) if mode == 2 else None
+        qo, ko, qr, kr = Q.qk_norm_rotary_fwd(q, kk, w, w, cos, sin, positions, cu, 1e-6, 0, mode, interleaved)
+        if backward:
+            Q.qk_norm_rotary_bwd(_t(*qo.shape, dtype=dtype), _t(*ko.shape, dtype=dtype), q, kk, w, w, qr, kr, cos, sin,
+                                 positions, cu, 0, mode, interleaved)
+    tag = f"D={D} rot={rotary_dim} {_dt(dtype)} mode={mode}" + " varlen" * varlen + " interleaved" * interleaved
+    return tag + " weights" * weights + " +bwd" * backward, run
+
+
 def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8, rotary_dim=0, Hq=32, interleaved=False,
                  counters=0):
     """rotary_dim > 0: the fused rotary + append of decode_attention(k=, v=, rotary_cos=...);
@@ -481,6 +505,23 @@ def _cases(full):
         add("rotary", h100, _rotary_case(64, 32, fp16, mode=1, interleaved=True, conj=True, pos_dtype=torch.int64))
         add("rotary", h100, _rotary_case(80, 80, fp32, mode=2, inplace=True, cos_dtype=bf16, pos_dtype=torch.int32))
         add("rotary", h100, _rotary_case(256, 192, bf16, mode=0, varlen=True, interleaved=True, H=8, Hk=1))
+
+    # ---- qk_norm: Qwen3 training (D=128, full rotary, varlen), decode (norm only, one token),
+    # Gemma 3 (D=256), partial / interleaved rotary, no weights
+    if full:
+        for D, rot in ((64, 64), (128, 128), (128, 0), (80, 40), (256, 256)):
+            for dt in (bf16, fp16, fp32):
+                for mode in (0, 1, 2):
+                    for varlen in (False, True):
+                        for inter in ((False, True) if rot else (False,)):
+                            add("qk_norm", both, _qk_norm_case(D, rot, dt, mode=mode if rot else 0, varlen=varlen,
+                                                               interleaved=inter))
+    else:
+        add("qk_norm", both, _qk_norm_case(128, 128, bf16, varlen=True))
+        add("qk_norm", both, _qk_norm_case(128, 0, bf16, B=1, S=1, backward=False))  # Qwen3 decode step's norms
+        add("qk_norm", h100, _qk_norm_case(256, 256, bf16, mode=2, H=8, Hk=4))  # Gemma 3
+        add("qk_norm", h100, _qk_norm_case(80, 40, fp16, mode=1, interleaved=True, weights=False))
+        add("qk_norm", h100, _qk_norm_case(64, 64, fp32, mode=0))
 
     # ---- decode: append (contiguous / paged), decode (split / not, paged, window, softcap,
     # GQA row tiles 16/32/64, head dims 64/80/128/256, fp32 "ieee" dots), combine

@@ -8,7 +8,8 @@ Two backends with the same parameters and state_dict keys (one checkpoint runs o
   "fused"      every norm, rotary and attention is a fastlm op; the residual add of each
                pre-norm is fused into the next norm call (one kernel reads x and the residual
                and writes norm(x + residual) and x + residual); SwiGLU / GeGLU is one kernel
-               (ops.swiglu / ops.geglu); the training loss is the
+               (ops.swiglu / ops.geglu); per-head q/k norms (Qwen3, Gemma 3) and the
+               rotation are one kernel (ops.qk_norm_rotary); the training loss is the
                lm_head fused with the cross-entropy (ops.linear_cross_entropy: the
                (tokens x vocab) logits are never materialized whole).
   "reference"  what a good PyTorch user writes: torch.nn.RMSNorm/LayerNorm, rotate-half RoPE,
@@ -272,6 +273,7 @@ class Attention(nn.Module):
         if config.qk_norm:  # Qwen3 (Gemma 3): each q and k head is RMS-normalized before RoPE
             self.q_norm = make_norm(config, fused, op_backend, config.head_dim, "rms")
             self.k_norm = make_norm(config, fused, op_backend, config.head_dim, "rms")
+            self.qk_norm_eps = config.norm_eps
         self.qk_norm = config.qk_norm
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None, qkv=None):
@@ -284,9 +286,18 @@ class Attention(nn.Module):
         qkv = qkv.view(*lead, H + 2 * Hkv, self.head_dim)
         # (B, T, H|Hkv, hd) views; split (not slicing) so the backward is one cat of dq, dk, dv
         q, k, v = qkv.split([H, Hkv, Hkv], dim=-2)
-        if self.qk_norm:
+        cache_rotates = cache is not None and getattr(cache, "rotates", False)
+        if self.qk_norm and self.fused:
+            # one kernel reads the q/k views in place: both norms, and the rotation unless the cache does it
+            rot = rope if rope is not None and not cache_rotates else (None,) * 4
+            q, k = ops.qk_norm_rotary(q, k, self.q_norm.scale(), self.k_norm.scale(), rot[0], rot[1],
+                                      eps=self.qk_norm_eps, positions=rot[2], cu_seqlens=rot[3],
+                                      backend=triton_only(self.op_backend))
+            if not cache_rotates:
+                rope = None  # rotated
+        elif self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if cache is not None and getattr(cache, "rotates", False):  # the cache rotates q/k itself
+        if cache_rotates:  # the cache rotates q/k itself
             o = cache.attend(self.layer_idx, q, k, v, self.window, rope, **self.attend_kwargs)
             return self.wo(o.reshape(*lead, self.n_heads * self.head_dim))
         if self.fused:

@@ -310,16 +310,15 @@ def _normalize_positions(q, positions, cu_seqlens, max_pos):
     )
 
 
-def _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend, interleaved):
-    for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
-    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+def _check_qk(q, k, cu_seqlens, backend, tables=()):
+    """The checks of q, k and cu_seqlens (and that ``tables``, (name, tensor) pairs, are tensors
+    on q's device), shared with ops.qk_norm_rotary."""
+    for name, t in (("q", q), ("k", k), *tables):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be an int32 tensor, got {type(cu_seqlens).__name__}")
-    for name, t in (("k", k), ("cos", cos), ("sin", sin), ("cu_seqlens", cu_seqlens)):
+    for name, t in (("k", k), *tables, ("cu_seqlens", cu_seqlens)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; put all inputs on one device")
     if q.dtype == torch.float64 and backend not in (None, "reference"):
@@ -362,6 +361,11 @@ def _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend, interleav
         raise ValueError(f"q: n_heads_q (q.shape[-2]) must be >= 1, got {Hq}")
     if Hk < 1 or Hq % Hk != 0:
         raise ValueError(f"k: n_heads_k ({Hk}) must divide n_heads_q ({Hq}) (GQA/MQA)")
+
+
+def _check_tables(q, cos, sin, op="apply_rotary"):
+    """cos/sin against q (already checked by _check_qk)."""
+    D = q.shape[-1]
     if cos.dim() != 2 or cos.shape[1] < 1:
         raise ValueError(f"cos must have shape (max_positions, rotary_dim // 2), got {tuple(cos.shape)}")
     if sin.shape != cos.shape:
@@ -372,7 +376,15 @@ def _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend, interleav
     if cos.dtype not in (torch.float32, q.dtype) or sin.dtype != cos.dtype:
         raise TypeError(f"cos and sin must both be float32 or q's dtype {q.dtype}, got {cos.dtype} and {sin.dtype}")
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
-        raise NotImplementedError("cos/sin: apply_rotary has no gradient for the tables; pass detached tables")
+        raise NotImplementedError(f"cos/sin: {op} has no gradient for the tables; pass detached tables")
+
+
+def _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend, interleaved):
+    for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    _check_qk(q, k, cu_seqlens, backend, (("cos", cos), ("sin", sin)))
+    _check_tables(q, cos, sin)
     if inplace:
         if q is k:
             raise ValueError("inplace=True: q and k must be different tensors")

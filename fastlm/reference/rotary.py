@@ -76,3 +76,21 @@ def apply_rotary(q, k, cos, sin, *, positions=None, cu_seqlens=None, interleaved
     qo = _rotate(q.to(ct), c, s, interleaved).to(q.dtype)
     ko = _rotate(k.to(ct), c, s, interleaved).to(k.dtype)
     return qo, ko
+
+
+def qk_norm_rotary(q, k, q_weight, k_weight, cos=None, sin=None, *, eps=1e-6, positions=None, cu_seqlens=None,
+                   interleaved=False):
+    """RMSNorm of every q and k head over head_dim (times q_weight / k_weight), then, with
+    tables, ``apply_rotary``; computed in fp32 (float64 stays float64), rounded once to the
+    input dtype."""
+    ct = torch.promote_types(q.dtype, torch.float32)
+
+    def norm(x, w):
+        x = x.to(ct)
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return y * w.to(ct) if w is not None else y
+
+    qn, kn = norm(q, q_weight), norm(k, k_weight)
+    if cos is not None:
+        qn, kn = apply_rotary(qn, kn, cos, sin, positions=positions, cu_seqlens=cu_seqlens, interleaved=interleaved)
+    return qn.to(q.dtype), kn.to(k.dtype)
