@@ -269,7 +269,9 @@ def bench_step(res, args, copy_bw, fa):
     append k/v, attend.  "separate" = apply_rotary + kv_cache_append + decode_attention (3-4
     launches); "fused" = decode_attention(k=, v=, rotary_cos=, rotary_sin=) (both backends rotate and
     append in one launch and decode in one more, the splits merged inside it);
-    flash_attn_with_kvcache does the same when installed.
+    flash_attn_with_kvcache does the same when installed.  Qwen3 / Gemma 3 first RMS-normalize
+    each q and k head: "+qk rms_norm x2" (two norm launches on the qkv views) vs
+    "+qk_norm_rotary" (one launch, norm only: the decode call still rotates).
     GB/s counts the cache read plus the new tokens written."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     hkv = GQA["4:1"]
@@ -282,6 +284,9 @@ def bench_step(res, args, copy_bw, fa):
             lens_after = lens + 1  # (made here: an extra launch in the timed chain would inflate x_separate)
             k = torch.randn(batch, 1, hkv, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
             v = torch.randn_like(k)
+            qkv_q, qkv_k, qkv_v = torch.randn(batch, 1, HQ + 2 * hkv, HEAD_DIM, device="cuda", dtype=DTYPE,
+                                              generator=gen).split([HQ, hkv, hkv], dim=2)
+            qk_w = torch.rand(HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen) + 0.5
             row = dict(op="decode_step", batch=batch, context=ctx, gqa="4:1", n_kv_heads=hkv, layout="contiguous")
             impls = {}
             for be in ("triton", "cuda"):
@@ -296,6 +301,21 @@ def bench_step(res, args, copy_bw, fa):
                 impls[f"{be}-separate"] = separate
                 impls[f"{be}-fused"] = lambda c, be=be: fastlm.ops.decode_attention(
                     q, c[0], c[1], lens, k=k, v=v, rotary_cos=cos, rotary_sin=sin, backend=be)
+
+                # Qwen3 / Gemma 3: the q/k RMSNorms first, on views of the step's qkv projection
+                def qk_norms(c, be=be):  # two norm launches (each copies its strided view)
+                    qn = fastlm.ops.rms_norm(qkv_q, qk_w, 1e-6, backend="triton")
+                    kn = fastlm.ops.rms_norm(qkv_k, qk_w, 1e-6, backend="triton")
+                    return fastlm.ops.decode_attention(qn, c[0], c[1], lens, k=kn, v=qkv_v, rotary_cos=cos,
+                                                       rotary_sin=sin, backend=be)
+
+                def qk_norm_fused(c, be=be):  # one launch reads both views in place
+                    qn, kn = fastlm.ops.qk_norm_rotary(qkv_q, qkv_k, qk_w, qk_w, eps=1e-6, backend="triton")
+                    return fastlm.ops.decode_attention(qn, c[0], c[1], lens, k=kn, v=qkv_v, rotary_cos=cos,
+                                                       rotary_sin=sin, backend=be)
+
+                impls[f"{be}-fused +qk rms_norm x2"] = qk_norms
+                impls[f"{be}-fused +qk_norm_rotary"] = qk_norm_fused
             if fa is not None:  # its tables in q's dtype
                 cos_lp, sin_lp = cos.to(DTYPE), sin.to(DTYPE)
                 impls["flash_attn"] = lambda c: fa.flash_attn_with_kvcache(
@@ -319,6 +339,9 @@ def bench_step(res, args, copy_bw, fa):
                 if fused:
                     peers = {"x_separate": got.get(f"{be}-separate"), "x_flash_attn": got.get("flash_attn")}
                     res.add(**row, impl=f"{be}-fused speedup", **{k: v / fused for k, v in peers.items() if v})
+                qk_fused, qk_sep = got.get(f"{be}-fused +qk_norm_rotary"), got.get(f"{be}-fused +qk rms_norm x2")
+                if qk_fused and qk_sep:
+                    res.add(**row, impl=f"{be}-fused +qk_norm_rotary speedup", x_qk_rms_norm_x2=qk_sep / qk_fused)
             del q, caches
             torch.cuda.empty_cache()
 
