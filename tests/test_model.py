@@ -111,6 +111,12 @@ def test_llama_3_2_1b_shape():
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size) == (2048, 16, 32, 8, 8192, 128256)
 
 
+def test_qwen3_0_6b_shape():
+    cfg = TransformerConfig.from_name("qwen3-0.6b")
+    assert cfg.num_params() == 596_049_920  # transformers' Qwen3ForCausalLM of Qwen/Qwen3-0.6B's config
+    assert cfg.qk_norm and cfg.head_dim * cfg.n_heads == 2 * cfg.dim
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(dim=100, n_heads=3), "not divisible by n_heads"),
     (dict(n_heads=4, n_kv_heads=3), "must divide n_heads"),

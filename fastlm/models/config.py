@@ -268,6 +268,10 @@ PRESETS = {
                        mlp="geglu", norm_eps=1e-6, norm_offset=1.0, embed_scale=1152 ** 0.5, tie_embeddings=True,
                        max_seqlen=32768, post_norms=True, qk_norm=True, rope_base=1e6, rope_local_base=1e4,
                        sliding_window=512, layer_types=["full" if (i + 1) % 6 == 0 else "sliding" for i in range(26)]),
+    # The shape of Qwen3-0.6B (Qwen/Qwen3-0.6B's config): q/k norms, head_dim 128 > dim / n_heads.
+    "qwen3-0.6b": dict(vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
+                       ffn_dim=3072, max_seqlen=40960, rope_base=1e6, norm_eps=1e-6, qk_norm=True,
+                       tie_embeddings=True),
     # The shape of Llama-3.2-1B.
     "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
                          max_seqlen=131072, rope_base=500000.0, norm_eps=1e-5, tie_embeddings=True,
