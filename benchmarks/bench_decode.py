@@ -22,7 +22,8 @@ Decode-step linear layers (ops.fused_linear): the residual add + norm before a p
 SwiGLU after it in one matrix-vector kernel, vs the same as separate kernels (norm kernel,
 cuBLAS, SwiGLU kernel: what the model runs with decode_gemv_rows = 0), cuBLAS alone (F.linear:
 the GEMM without its neighbours), the eager reference chain and torch.compile of it, at 1-16
-rows on Llama-3.2-1B / GPT-2 shapes.  GB/s = (weight + activation bytes) / time.
+rows on Llama-3.2-1B / GPT-2 / Gemma shapes (Gemma 3's with the attention's post-norm folded in
+too: x_norm_weight).  GB/s = (weight + activation bytes) / time.
 
 Timing: every call is captured in a CUDA graph (many calls per graph, replayed; median of 10
 replays with p20/p80) so launch overhead does not hide the kernel time, and the calls cycle
@@ -346,7 +347,7 @@ def bench_step(res, args, copy_bw, fa):
             torch.cuda.empty_cache()
 
 
-# (tag, K, N, norm, activation, bias, residual): the projections of a decode step
+# (tag, K, N, norm, activation, bias, residual[, x_norm]): the projections of a decode step
 LINEAR_SHAPES = [
     ("llama-1b norm+qkv", 2048, 3072, "rms", None, False, True),
     ("llama-1b norm+w_in+swiglu", 2048, 8192, "rms", "swiglu", False, True),
@@ -355,6 +356,8 @@ LINEAR_SHAPES = [
     ("llama-1b norm+lm_head", 2048, 128256, "rms", None, False, True),
     ("gpt2 norm+qkv", 768, 2304, "layer", None, True, True),
     ("gemma2-2b norm+w_in+geglu", 2304, 9216, "rms", "geglu_tanh", False, True),
+    # (x_norm) Gemma 2/3: the attention's post-norm folded in before the residual add
+    ("gemma3-1b post-norm+norm+w_in+geglu", 1152, 6912, "rms", "geglu_tanh", False, True, True),
 ]
 
 
@@ -362,7 +365,7 @@ def bench_linear(res, args, copy_bw):
     """ops.fused_linear vs its unfused chain, cuBLAS alone, eager and compiled references."""
     gen = torch.Generator(device="cuda").manual_seed(3)
     shapes = LINEAR_SHAPES[:2] + LINEAR_SHAPES[3:4] if args.quick else LINEAR_SHAPES
-    for tag, K, N, norm, act, has_bias, has_res in shapes:
+    for tag, K, N, norm, act, has_bias, has_res, *x_norm in shapes:
         n_out = 2 * N if act else N
         wbytes = n_out * K * 2
         copies = n_copies(wbytes)
@@ -370,7 +373,8 @@ def bench_linear(res, args, copy_bw):
         bias = torch.randn(n_out, device="cuda", dtype=DTYPE, generator=gen) if has_bias else None
         nw = torch.rand(K, device="cuda", generator=gen) + 0.5 if norm else None
         nb = torch.randn(K, device="cuda", generator=gen) * 0.1 if norm == "layer" else None
-        kw = dict(norm=norm, norm_weight=nw, norm_bias=nb, activation=act)
+        xw = torch.rand(K, device="cuda", generator=gen) + 0.5 if x_norm else None
+        kw = dict(norm=norm, norm_weight=nw, norm_bias=nb, activation=act, x_norm_weight=xw)
         for M in ((1, 4) if args.quick else (1, 4, 8, 16)):
             x = torch.randn(M, K, device="cuda", dtype=DTYPE, generator=gen)
             r = torch.randn(M, K, device="cuda", dtype=DTYPE, generator=gen) if has_res else None
@@ -379,7 +383,7 @@ def bench_linear(res, args, copy_bw):
 
             def separate(w):  # what the model runs with decode_gemv_rows = 0 (fused_linear's GEMM path)
                 eps = linear_ops.DEFAULT_EPS.get(norm, 0.0)
-                return linear_ops._gemm_path(x, w, bias, r, norm, nw, nb, eps, act, "triton")[0]
+                return linear_ops._gemm_path(x, w, bias, r, norm, nw, nb, eps, act, "triton", xw)[0]
 
             ref = lambda w: reference.fused_linear(x, w, bias, residual=r, **kw)  # noqa: E731
             impls = {

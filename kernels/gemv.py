@@ -7,7 +7,9 @@ nothing.  What a decode step does lose is time between small kernels (launch, ra
 of each), so this kernel folds the layer's neighbours into it:
   prologue  the pre-norm residual add and RMSNorm / LayerNorm of x (the rows' statistics are
             recomputed by every program from x, which is a few KiB and sits in L2; program 0
-            also writes h = x + residual, the residual stream);
+            also writes h = x + residual, the residual stream); for Gemma 2/3 also the
+            post-norm of the sublayer that made x, before the add (HAS_XNORM: one more pass
+            over x for its statistics);
   epilogue  the bias, and a gated activation (SwiGLU, or GeGLU with the tanh or erf GELU): W
             stacks [gate; up] (2F, K) as the Llama / Gemma MLP's w_in does, and each program
             reads the gate rows and the matching up rows, so it can write act(gate) * up
@@ -38,18 +40,31 @@ import triton
 import triton.language as tl
 
 from fastlm.kernels import cdiv, next_pow2, on_tensor_device
+from fastlm.kernels import norm as _norm
 from fastlm.kernels.activation import ACTIVATIONS, _act
 
 MAX_ROWS = 16  # rows of x one launch handles (BLOCK_M <= 16); the op splits larger M
 
 
 @triton.jit
-def _load_h(x_ptrs, r_ptrs, mask, HAS_RESIDUAL: tl.constexpr):
-    """x, or x + residual rounded to x's dtype (as the residual stream stores it)."""
+def _load_h(x_ptrs, r_ptrs, mask, xw, rstd_x, HAS_RESIDUAL: tl.constexpr, HAS_XNORM: tl.constexpr):
+    """x, or x + residual rounded to x's dtype (as the residual stream stores it); with HAS_XNORM
+    x is first RMS-normalized (rstd_x (BLOCK_M,), times xw (BLOCK_K,)) and rounded, as a
+    separate norm (Gemma 2/3's post-norm of the previous sublayer) would store it."""
     x = tl.load(x_ptrs, mask=mask, other=0.0)
+    if HAS_XNORM:
+        x = (x.to(tl.float32) * rstd_x[:, None] * xw[None, :]).to(x.dtype)
     if HAS_RESIDUAL:
         x = (x.to(tl.float32) + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
     return x
+
+
+@triton.jit
+def _xw(XW, kk, K, HAS_XNORM: tl.constexpr):
+    """The x-norm weights of columns kk in fp32 (ones without HAS_XNORM: never read then)."""
+    if HAS_XNORM:
+        return tl.load(XW + kk, mask=kk < K, other=0.0).to(tl.float32)
+    return tl.full(kk.shape, 1.0, tl.float32)
 
 
 @triton.jit
@@ -57,6 +72,7 @@ def _gemv_kernel(
     X,  # *T   (M, K) input rows, row stride stride_x, unit column stride
     R,  # *T   (M, K) residual (HAS_RESIDUAL)
     H,  # *T   (M, K) out: h = x + residual, written by program 0 (HAS_RESIDUAL)
+    XW,  # *Tn (K,) weight of the RMSNorm of x before the residual add (HAS_XNORM)
     NW,  # *Tn (K,) norm weight (HAS_NW)
     NB,  # *Tn (K,) norm bias (HAS_NB)
     W,  # *T   (N or 2N, K) weight, row stride stride_w, unit column stride; GATED: [gate; up]
@@ -73,6 +89,7 @@ def _gemv_kernel(
     eps,
     NORM: tl.constexpr,  # 0 none, 1 RMSNorm, 2 LayerNorm
     HAS_RESIDUAL: tl.constexpr,
+    HAS_XNORM: tl.constexpr,  # x <- rms_norm(x) * XW (rounded) first
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -94,12 +111,22 @@ def _gemv_kernel(
     u_rows = W + (rn + N).to(tl.int64)[:, None] * stride_w
 
     # ---- prologue: the rows' statistics (and h, by program 0)
+    rstd_x = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_XNORM:  # x's own RMS statistics first
+        acc0 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            mk = m_mask[:, None] & (kk < K)[None, :]
+            x = tl.load(x_rows + kk[None, :], mask=mk, other=0.0).to(tl.float32)
+            acc0 += x * x
+        rstd_x = 1.0 / tl.sqrt(tl.sum(acc0, axis=1) / K + eps)
     if NORM != 0:
         acc1 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             mk = m_mask[:, None] & (kk < K)[None, :]
-            x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, HAS_RESIDUAL)
+            x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, _xw(XW, kk, K, HAS_XNORM), rstd_x,
+                        HAS_RESIDUAL, HAS_XNORM)
             if HAS_RESIDUAL:
                 tl.store(H + rm.to(tl.int64)[:, None] * stride_h + kk[None, :], x, mask=mk & (pid == 0))
             x = x.to(tl.float32)
@@ -116,7 +143,8 @@ def _gemv_kernel(
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
                 mk = m_mask[:, None] & (kk < K)[None, :]
-                x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, HAS_RESIDUAL)
+                x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, _xw(XW, kk, K, HAS_XNORM), rstd_x,
+                            HAS_RESIDUAL, HAS_XNORM)
                 xc = tl.where(mk, x.to(tl.float32) - mean[:, None], 0.0)
                 acc2 += xc * xc
             rstd = 1.0 / tl.sqrt(tl.sum(acc2, axis=1) / K + eps)
@@ -124,7 +152,8 @@ def _gemv_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             mk = m_mask[:, None] & (kk < K)[None, :] & (pid == 0)
-            x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, True)
+            x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, _xw(XW, kk, K, HAS_XNORM), rstd_x, True,
+                        HAS_XNORM)
             tl.store(H + rm.to(tl.int64)[:, None] * stride_h + kk[None, :], x, mask=mk)
 
     # ---- main loop: elementwise fp32 accumulators, reduced over K at the end
@@ -135,7 +164,8 @@ def _gemv_kernel(
         kk = k0 + rk
         k_mask = kk < K
         mk = m_mask[:, None] & k_mask[None, :]
-        x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, HAS_RESIDUAL)
+        x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, _xw(XW, kk, K, HAS_XNORM), rstd_x,
+                    HAS_RESIDUAL, HAS_XNORM)
         if NORM != 0:
             xn = x.to(tl.float32)
             if NORM == 2:
@@ -204,26 +234,28 @@ def _tuned(block_m, gated):
 
 
 @on_tensor_device
-def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h):
+def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h, x_norm_weight=None):
     """Writes act(norm(x [+ residual]) @ weight^T + bias) into y (M, N) and, with a residual,
     x + residual into h (M, K).  x/residual/h: (M, K) with unit column stride; weight (N or 2N,
     K) with unit column stride; M <= MAX_ROWS.  norm: 0 none, 1 rms, 2 layer.  glu: None, or the
-    gate's activation of a gated product ("silu", "gelu_tanh", "gelu"; weight stacks [gate; up])."""
+    gate's activation of a gated product ("silu", "gelu_tanh", "gelu"; weight stacks [gate; up]).
+    x_norm_weight (K,): x is RMS-normalized with it (eps) before anything else."""
     gated = glu is not None
     M, K = x.shape
     N = y.shape[1]
     if M == 0 or N == 0:
         if residual is not None and M:
-            torch.add(x, residual, out=h)
+            xn = x if x_norm_weight is None else _norm.norm_fwd(x, x_norm_weight, None, None, eps, True)[0]
+            torch.add(xn, residual, out=h)
         return y
     block_m = max(1, next_pow2(M))
     d = x  # placeholder for absent pointer arguments (never read)
     args = (x, residual if residual is not None else d, h if h is not None else d,
-            norm_weight if norm_weight is not None else d, norm_bias if norm_bias is not None else d,
+            x_norm_weight if x_norm_weight is not None else d, norm_weight if norm_weight is not None else d, norm_bias if norm_bias is not None else d,
             weight, bias if bias is not None else d, y,
             x.stride(0), residual.stride(0) if residual is not None else 0, h.stride(0) if h is not None else 0,
             weight.stride(0), y.stride(0), M, N, K, float(eps))
-    flags = dict(NORM=norm, HAS_RESIDUAL=residual is not None, HAS_NW=norm_weight is not None,
+    flags = dict(NORM=norm, HAS_RESIDUAL=residual is not None, HAS_XNORM=x_norm_weight is not None, HAS_NW=norm_weight is not None,
                  HAS_NB=norm_bias is not None, HAS_BIAS=bias is not None, GATED=gated,
                  ACT=ACTIVATIONS[glu] if gated else 0, BLOCK_M=block_m)
     if x.is_cuda and not _interpreting():

@@ -14,7 +14,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NORMS = [None, "rms", "layer"]
 
 
-def _case(M, K, N, dtype, *, norm, residual, act, bias, lead=None, scale=1.0):
+def _case(M, K, N, dtype, *, norm, residual, act, bias, lead=None, scale=1.0, x_norm=False):
     """Fresh inputs: x, weight (2N rows with a gated activation), and the keyword arguments of the op."""
     lead = lead or (M,)
     x = torch.randn(*lead, K, device=DEVICE).to(dtype) * scale
@@ -28,15 +28,19 @@ def _case(M, K, N, dtype, *, norm, residual, act, bias, lead=None, scale=1.0):
         kw["norm_weight"] = 1.0 + 0.5 * torch.randn(K, device=DEVICE)  # fp32, as a model's norm keeps it
         if norm == "layer":
             kw["norm_bias"] = 0.1 * torch.randn(K, device=DEVICE)
+    if x_norm:  # Gemma 2/3's post-norm of the sublayer that made x (fp32 1 + w)
+        kw["x_norm_weight"] = 1.0 + 0.5 * torch.randn(K, device=DEVICE)
     return x, w, kw
 
 
+NORM_PARAMS = ("norm_weight", "norm_bias", "x_norm_weight")
+
+
 def _run_ref(x, w, kw, cast):
-    kw = {k: cast(v) if isinstance(v, torch.Tensor) and k not in ("norm_weight", "norm_bias") else v
-          for k, v in kw.items()}
-    if "norm_weight" in kw:  # the norm's own parameters stay fp32 in both references
-        kw = dict(kw, **{k: kw[k].double() if cast(x).dtype == torch.float64 else kw[k]
-                         for k in ("norm_weight", "norm_bias") if kw.get(k) is not None})
+    kw = {k: cast(v) if isinstance(v, torch.Tensor) and k not in NORM_PARAMS else v for k, v in kw.items()}
+    # the norms' own parameters stay fp32 in both references
+    kw = dict(kw, **{k: kw[k].double() if cast(x).dtype == torch.float64 else kw[k]
+                     for k in NORM_PARAMS if kw.get(k) is not None})
     return reference.fused_linear(cast(x), cast(w), **kw)
 
 
@@ -81,12 +85,30 @@ def test_geglu_matches_reference(dtype, act, M):
     assert not torch.allclose(other, _check(x, w, kw), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("M", [1, 3])
+def test_x_norm_matches_reference(dtype, norm, residual, M):
+    """x_norm_weight: x RMS-normalized (and rounded) before the residual add, as Gemma 2/3's
+    post-norm would store it, then the norm and product as usual."""
+    x, w, kw = _case(M, 37, 22, dtype, norm=norm, residual=residual, act="geglu_tanh", bias=False, scale=3.0,
+                     x_norm=True)
+    _check(x, w, kw)
+    # it is applied: without it the result differs
+    other = fastlm.ops.fused_linear(x, w, **dict(kw, x_norm_weight=None), backend="triton")
+    y = fastlm.ops.fused_linear(x, w, **kw, backend="triton")
+    assert not torch.allclose(y[0] if residual else y, other[0] if residual else other, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("M", [16, 17, 40])
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_many_rows(M, norm):
     """M = MAX_ROWS runs the kernel with BLOCK_M 16; more rows take the GEMM path (norm kernel,
     GEMM, SwiGLU kernel): same results either way."""
     x, w, kw = _case(M, 40, 12, torch.float16, norm=norm, residual=True, act="swiglu", bias=True)
+    _check(x, w, kw)
+    x, w, kw = _case(M, 40, 12, torch.float16, norm=norm, residual=True, act=None, bias=False, x_norm=True)
     _check(x, w, kw)
 
 
@@ -113,6 +135,11 @@ def test_norm_without_weight_and_no_rows():
     _check(x, w, kw)
     y, h = fastlm.ops.fused_linear(x[:0], w, residual=x[:0], norm="rms", backend="triton")
     assert y.shape == (0, 7) and h.shape == (0, 33)
+    # no output columns: h is still written (x normalized first with x_norm_weight)
+    xw = torch.rand(33, device=DEVICE) + 0.5
+    y, h = fastlm.ops.fused_linear(x, w[:0], residual=x, norm="rms", x_norm_weight=xw, backend="triton")
+    assert y.shape == (2, 0)
+    torch.testing.assert_close(h, reference.rms_norm(x, xw, 1e-6) + x)
 
 
 def test_default_eps_follows_the_norm():
@@ -131,6 +158,8 @@ def test_torch_op_contract():
     x, w, kw = _case(3, 20, 6, torch.float32, norm="rms", residual=True, act="swiglu", bias=True)
     args = (x, w, kw["bias"], kw["residual"], kw["norm_weight"], None, 1, 1e-6, "silu")
     torch.library.opcheck(torch.ops.fastlm.fused_linear.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(torch.ops.fastlm.fused_linear.default, args + (torch.rand(20, device=DEVICE) + 0.5,),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     f = torch.compile(lambda *a: fastlm.ops.fused_linear(*a, **{k: v for k, v in kw.items() if k != "bias"},
                                                          backend="triton"), fullgraph=True, backend="eager")
@@ -188,6 +217,8 @@ def _bad(**over):
     (dict(norm="rms", eps="a"), TypeError, "eps must be a real number"),
     (dict(norm="rms", norm_weight=torch.ones(8, dtype=torch.float16)), TypeError,
      "norm_weight must be float32 or x's dtype"),
+    (dict(x_norm_weight=torch.ones(7)), ValueError, r"x_norm_weight must have shape \(8,\)"),
+    (dict(x_norm_weight=torch.ones(8, dtype=torch.float16)), TypeError, "x_norm_weight must be float32 or x's"),
 ])
 def test_bad_input(over, exc, match):
     args = _bad(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in over.items()})
@@ -250,6 +281,35 @@ def test_model_decode_path_matches_the_unfused_blocks(name, monkeypatch):
     assert calls == []
     with pytest.raises(ValueError, match="decode_gemv_rows"):
         model.decode_gemv_rows = -1
+
+
+def test_model_decode_path_folds_gemma_post_norms(monkeypatch):
+    """Gemma 2/3 (post_norms): on the decode path each post-norm is folded into the projection
+    after it (x_norm_weight: the attention's into norm + w_in, the MLP's into the next block's
+    norm + qkv); only the last block's MLP post-norm runs as its own kernel.  Same logits as the
+    model with that path off, through forward and through residual_stream + head (generation)."""
+    cfg = TransformerConfig.from_name("tiny", mlp="geglu", norm_offset=1.0, norm_eps=1e-6, post_norms=True,
+                                      qk_norm=True, head_dim=32)
+    model = Transformer(cfg, backend="fused").to(DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 1), device=DEVICE)
+    ran = []
+    for i, block in enumerate(model.layers):
+        for name in ("attn_post_norm", "mlp_post_norm"):
+            getattr(block, name).register_forward_hook(lambda *a, tag=(i, name): ran.append(tag))
+    with torch.no_grad():
+        model.decode_gemv_rows = 0
+        want = model(tokens)
+        assert len(ran) == 2 * cfg.n_layers
+        ran.clear()
+        model.decode_gemv_rows = 4
+        got = model(tokens)
+        assert ran == [(cfg.n_layers - 1, "mlp_post_norm")]
+        got_head = model.head(*model.residual_stream(tokens))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_head, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])

@@ -442,9 +442,12 @@ def _swiglu_case(F, dtype, *, stacked, rows=8192, activation="silu"):
     return f"{activation} glu F={F} {_dt(dtype)} {'stacked' if stacked else 'split'}", run
 
 
-def _gemv_case(M, N, K, dtype, *, norm, residual, glu, bias=False, nw_dtype=None):
-    """glu: None or the gate activation of a gated product ("silu", "gelu_tanh", "gelu")."""
+def _gemv_case(M, N, K, dtype, *, norm, residual, glu, bias=False, nw_dtype=None, x_norm=False):
+    """glu: None or the gate activation of a gated product ("silu", "gelu_tanh", "gelu");
+    x_norm: x RMS-normalized first (Gemma 2/3's post-norm folded in)."""
     def run(k, arch):
+        import torch
+
         x = _t(M, K, dtype=dtype)
         r = _t(M, K, dtype=dtype) if residual else None
         w = _t(2 * N if glu else N, K, dtype=dtype)
@@ -452,8 +455,8 @@ def _gemv_case(M, N, K, dtype, *, norm, residual, glu, bias=False, nw_dtype=None
         nw = _t(K, dtype=nw_dtype or dtype) if norm else None
         nb = _t(K, dtype=nw_dtype or dtype) if norm == 2 else None
         k["gemv"].gemv(x, w, b, r, norm, nw, nb, 1e-5, glu, _t(M, N, dtype=dtype),
-                       _t(M, K, dtype=dtype) if residual else None)
-    flags = ["none", "rms", "ln"][norm] + "+res" * residual + f"+{glu}glu" * bool(glu) + "+b" * bias
+                       _t(M, K, dtype=dtype) if residual else None, _t(K, dtype=torch.float32) if x_norm else None)
+    flags = "xnorm+" * x_norm + ["none", "rms", "ln"][norm] + "+res" * residual + f"+{glu}glu" * bool(glu) + "+b" * bias
     return f"gemv {flags} M={M} N={N} K={K} {_dt(dtype)}", run
 
 
@@ -605,6 +608,10 @@ def _cases(full):
     # gemma-2-2b's norm + w_in + GeGLU (tanh GELU), and the erf GELU's epilogue
     add("gemv", h100, _gemv_case(1, 9216, 2304, bf16, norm=1, residual=True, glu="gelu_tanh", nw_dtype=fp32))
     add("gemv", h100, _gemv_case(2, 1000, 256, fp16, norm=1, residual=False, glu="gelu"))
+    # gemma-3-1b's decode step with the post-norms folded in: norm + qkv, norm + w_in + GeGLU
+    add("gemv", both, _gemv_case(1, 1536, 1152, bf16, norm=1, residual=True, glu=None, nw_dtype=fp32, x_norm=True))
+    add("gemv", h100, _gemv_case(1, 6912, 1152, bf16, norm=1, residual=True, glu="gelu_tanh", nw_dtype=fp32,
+                                 x_norm=True))
     return cases
 
 

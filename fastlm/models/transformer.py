@@ -24,7 +24,8 @@ Decode-sized inputs: with grad mode off and at most ``decode_gemv_rows`` token r
 env FASTLM_DECODE_GEMV_ROWS; 0 turns it off), the fused backend runs each block's norm + qkv
 projection and norm + w_in (+ SwiGLU / GeGLU) as one kernel each (ops.fused_linear: a matrix-vector
 product with the norm folded in before and the activation after), removing three small kernels
-per layer from a decode step; ``head(x, residual)`` likewise folds the final norm into the
+per layer from a decode step (Gemma 2/3's post-norms fold into the projection after them:
+fused_linear's x_norm_weight); ``head(x, residual)`` likewise folds the final norm into the
 lm_head.  A decoder that needs only some rows' logits (the last token of each prompt) takes
 ``residual_stream`` and applies ``head`` to those rows alone.
 
@@ -244,14 +245,18 @@ def _decode_sized(x, gemv_rows):
     return 0 < x.numel() <= gemv_rows * x.shape[-1] and not torch.is_grad_enabled()
 
 
-def _norm_linear(norm, x, residual, linear, activation=None):
-    """(linear(norm(x + residual)) [SwiGLU'd / GeGLU'd], x + residual) in one ops.fused_linear call."""
+def _norm_linear(norm, x, residual, linear, activation=None, x_norm_weight=None):
+    """(linear(norm(x + residual)) [SwiGLU'd / GeGLU'd], x + residual) in one ops.fused_linear call;
+    with x_norm_weight (the scale of Gemma 2/3's post-norm of the sublayer that made x, whose eps
+    is norm's: one config.norm_eps), rms_norm(x) * x_norm_weight in place of x, in the same call."""
     is_rms = isinstance(norm, nn.RMSNorm)
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    if x_norm_weight is not None and residual is None:  # (h would be the normed x: not what callers keep)
+        x, x_norm_weight = ops.rms_norm(x, x_norm_weight, eps, backend=triton_only(norm.backend)), None
     out = ops.fused_linear(x, linear.weight, linear.bias, norm="rms" if is_rms else "layer",
                            norm_weight=norm.scale() if is_rms else norm.weight, norm_bias=None if is_rms else norm.bias,
-                           eps=eps,
-                           residual=residual, activation=activation, backend=triton_only(norm.backend))
+                           eps=eps, residual=residual, activation=activation, x_norm_weight=x_norm_weight,
+                           backend=triton_only(norm.backend))
     return out if residual is not None else (out, x)
 
 
@@ -369,12 +374,19 @@ class Block(nn.Module):
         self.post_norms = config.post_norms
         self.gemv_rows = DECODE_GEMV_ROWS  # token rows up to which forward() uses _forward_gemv
 
-    def forward(self, x, residual, rope, cu_seqlens=None, max_seqlen=None, cache=None):
+    def forward(self, x, residual, rope, cu_seqlens=None, max_seqlen=None, cache=None, x_norm_weight=None,
+                defer_post_norm=False):
         """x: the previous block's output (or the embeddings), residual: the stream before it
         (None for the first block).  Returns (this block's MLP output, residual stream before it),
-        leaving the last residual add to the next norm."""
+        leaving the last residual add to the next norm.  Post-norm models (Gemma 2/3) on the decode
+        path (``gemv_path``): with defer_post_norm the MLP output is returned before its post-norm,
+        whose scale the caller passes to the next block as x_norm_weight, to be folded into its
+        first kernel (a tensor, not the module: a compiled block would recompile per module)."""
         if self.fused and _decode_sized(x, self.gemv_rows):
-            return self._forward_gemv(x, residual, rope, cu_seqlens, max_seqlen, cache)
+            return self._forward_gemv(x, residual, rope, cu_seqlens, max_seqlen, cache, x_norm_weight,
+                                      defer_post_norm)
+        if x_norm_weight is not None:
+            x = ops.rms_norm(x, x_norm_weight, self.attn_norm.eps, backend=triton_only(self.attn_norm.backend))
         h, residual = add_norm(self.attn_norm, x, residual, self.fused)
         x = self.attn(h, rope, cu_seqlens, max_seqlen, cache)
         if self.post_norms:
@@ -383,19 +395,24 @@ class Block(nn.Module):
         x = self.mlp(h)
         return (self.mlp_post_norm(x) if self.post_norms else x), residual
 
-    def _forward_gemv(self, x, residual, rope, cu_seqlens, max_seqlen, cache):
+    def gemv_path(self, x):
+        """Whether forward(x, ...) takes the decode path (_forward_gemv)."""
+        return self.fused and _decode_sized(x, self.gemv_rows)
+
+    def _forward_gemv(self, x, residual, rope, cu_seqlens, max_seqlen, cache, x_norm_weight=None,
+                      defer_post_norm=False):
         """forward() for a few token rows without grad (decode): the norms are folded into the
-        qkv and w_in projections, and SwiGLU / GeGLU into w_in (see the module docstring)."""
-        qkv, residual = _norm_linear(self.attn_norm, x, residual, self.attn.wqkv)
+        qkv and w_in projections, and SwiGLU / GeGLU into w_in (see the module docstring); the
+        post-norms of Gemma 2/3 into the projection after them (x_norm_weight of fused_linear)."""
+        qkv, residual = _norm_linear(self.attn_norm, x, residual, self.attn.wqkv, x_norm_weight=x_norm_weight)
         x = self.attn(None, rope, cu_seqlens, max_seqlen, cache, qkv=qkv)
-        if self.post_norms:
-            x = self.attn_post_norm(x)
         mlp = self.mlp
-        h, residual = _norm_linear(self.mlp_norm, x, residual, mlp.w_in, mlp.fused_linear_activation)
+        h, residual = _norm_linear(self.mlp_norm, x, residual, mlp.w_in, mlp.fused_linear_activation,
+                                   x_norm_weight=self.attn_post_norm.scale() if self.post_norms else None)
         if mlp.fused_linear_activation is None:  # (the kernel folds the gated activations only)
             h = mlp.act(h)
         x = mlp.w_out(h)
-        return (self.mlp_post_norm(x) if self.post_norms else x), residual
+        return (self.mlp_post_norm(x) if self.post_norms and not defer_post_norm else x), residual
 
 
 class LMHead(nn.Linear):
@@ -556,13 +573,19 @@ class Transformer(nn.Module):
         if self.backend == "fused" and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # residual stream in bf16 (see the docstring)
         ropes = self._rope_inputs(tokens, positions, cu_seqlens)
-        residual = None
+        residual = pending = None  # pending: a post-norm deferred into the next block's first kernel
         for layer in self.layers:
             rope = ropes[layer.attn.local_rope]
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x, residual = checkpoint(layer, x, residual, rope, cu_seqlens, max_seqlen, cache, use_reentrant=False)
             else:
-                x, residual = layer(x, residual, rope, cu_seqlens, max_seqlen, cache)
+                defer = layer.post_norms and layer.gemv_path(x)
+                x, residual = layer(x, residual, rope, cu_seqlens, max_seqlen, cache,
+                                    x_norm_weight=pending.scale() if pending is not None else None,
+                                    defer_post_norm=defer)
+                pending = layer.mlp_post_norm if defer else None
+        if pending is not None:
+            x = pending(x)
         return x, residual
 
     def hidden_states(self, tokens, *, positions=None, cu_seqlens=None, max_seqlen=None, cache=None):

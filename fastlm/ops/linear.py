@@ -3,6 +3,9 @@ GeGLU after it, in one kernel for the few rows of a decode step.
 
     y = act(norm(x + residual) @ weight^T + bias)        (each part optional)
 
+and, for Gemma 2/3's sandwich norms, x may first be RMS-normalized itself (``x_norm_weight``: the
+previous sublayer's post-norm), so a decode step's post-norm costs no launch of its own.
+
 Backends:
   "triton"    kernels/gemv.py for up to kernels.gemv.MAX_ROWS rows (decode: a matrix-vector
               product bound by reading the weight once, with the norm and the activation folded
@@ -49,30 +52,31 @@ def _fused_linear_op(
     norm: int,
     eps: float,
     glu: str | None,
+    x_norm_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M <= kernels.gemv.MAX_ROWS, K), weight (N or 2N, K) -> (y (M, N), h (M, K) = x + residual,
     empty without one).  glu: None, or the gate activation ("silu", "gelu_tanh", "gelu") of a
     gated product (weight stacks [gate; up]).  1-D inputs must be contiguous (the public
-    function makes them so)."""
+    function makes them so).  x_norm_weight (K,): x is RMS-normalized with it (eps) first."""
     k = _kernels()
     M, K = x.shape
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     y = x.new_empty((M, N))
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
     k.gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y,
-           h if residual is not None else None)
+           h if residual is not None else None, x_norm_weight)
     return y, h
 
 
 @_fused_linear_op.register_fake
-def _(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, glu):
+def _(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, glu, x_norm_weight=None):
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
     return x.new_empty((x.shape[0], N)), h
 
 
 # ---------------------------------------------------------------------------- checks
-def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, activation, backend):
+def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, activation, backend, x_norm_weight=None):
     op = "fused_linear"
     allowed = KERNEL_DTYPES + ((torch.float64,) if backend in (None, "reference") else ())
     check_tensor(x, "x", dtypes=allowed, min_ndim=1)
@@ -104,7 +108,7 @@ def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, acti
         raise ValueError(f"{op}: norm_weight / norm_bias given without norm ('rms' or 'layer')")
     if norm == "rms" and norm_bias is not None:
         raise ValueError(f"{op}: norm='rms' has no bias; got norm_bias")
-    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias), ("x_norm_weight", x_norm_weight)):
         if t is not None:
             check_tensor(t, name, dtypes=allowed, ndim=1)
             if t.shape[0] != K:
@@ -114,17 +118,20 @@ def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, acti
     if eps is not None and not as_real(eps, "eps", op) >= 0:
         raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
     check_same_device(x, "x", weight=weight, bias=bias, residual=residual, norm_weight=norm_weight,
-                      norm_bias=norm_bias)
+                      norm_bias=norm_bias, x_norm_weight=x_norm_weight)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, weight, bias, residual, norm_weight, norm_bias)):
+                                       for t in (x, weight, bias, residual, norm_weight, norm_bias, x_norm_weight)):
         raise RuntimeError(f"{op} is an inference kernel with no backward, and an input requires grad; run it "
                            "under torch.no_grad() / torch.inference_mode(), or for training use rms_norm / "
                            "layer_norm, F.linear and swiglu")
 
 
-def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, activation, backend):
-    """Many rows: the fused norm kernel, the cuBLAS GEMM, the fused SwiGLU / GeGLU kernel."""
+def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, activation, backend, x_norm_weight):
+    """Many rows: the fused norm kernel(s), the cuBLAS GEMM, the fused SwiGLU / GeGLU kernel."""
     from fastlm import ops
+
+    if x_norm_weight is not None:
+        x2 = ops.rms_norm(x2, x_norm_weight, eps, backend=backend)
 
     if norm is None:
         a = h = x2 + residual2 if residual2 is not None else x2
@@ -144,7 +151,7 @@ def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, a
 
 # ---------------------------------------------------------------------------- public API
 def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias=None, eps=None, residual=None,
-                 activation=None, backend=None):
+                 activation=None, x_norm_weight=None, backend=None):
     """act(norm(x + residual) @ weight.T + bias) in one kernel for decode-sized inputs.
 
     x (..., K); weight (N, K) as nn.Linear stores it, bias (N,) or None; with a gated
@@ -152,14 +159,17 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     act(gate) * up (..., F): "swiglu" silu, "geglu" the exact (erf) GELU, "geglu_tanh" its tanh
     approximation (Gemma's gelu_pytorch_tanh), computed as ops.swiglu / ops.geglu do.  norm: None | "rms" | "layer" with norm_weight / norm_bias (K,)
     and eps (default 1e-6 for rms, 1e-5 for layer).  residual (like x): h = x + residual is
-    normalized and returned too.  Returns y (..., N or F), or (y, h) with a residual.
+    normalized and returned too.  x_norm_weight (K,): x itself is first RMS-normalized with this
+    weight (same eps; default 1e-6) and rounded, h = that + residual (Gemma 2/3's post-norm of
+    the previous sublayer's output, folded in).  Returns y (..., N or F), or (y, h) with a residual.
     Statistics and accumulation in fp32; each intermediate is rounded to x's dtype where the
     separate ops would store it.  Under autocast, x, residual, weight and bias are cast to the
     autocast dtype (as F.linear would); otherwise weight and bias must have x's dtype.
     Inference only (no backward).  backend: "triton" | "reference" | None.
     """
-    _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, activation, backend)
-    eps = float(DEFAULT_EPS[norm] if eps is None and norm is not None else (eps or 0.0))
+    _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, activation, backend, x_norm_weight)
+    default_eps = DEFAULT_EPS[norm or "rms"] if norm is not None or x_norm_weight is not None else 0.0
+    eps = float(default_eps if eps is None else eps)
     if backend is None and x.dtype == torch.float64:
         b = "reference"
     else:
@@ -175,15 +185,19 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
             raise TypeError(f"fused_linear: {name} has dtype {t.dtype} but x has {x.dtype}; use one dtype (or autocast)")
     if b == "reference":
         return reference.fused_linear(x, weight, bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
-                                      eps=eps, residual=residual, activation=activation)
+                                      eps=eps, residual=residual, activation=activation, x_norm_weight=x_norm_weight)
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = unit_last(x.reshape(-1, K))
     r2 = unit_last(residual.reshape(-1, K)) if residual is not None else None
     if x2.shape[0] > _kernels().MAX_ROWS:
-        y, h = _gemm_path(x2, weight, bias, r2, norm, norm_weight, norm_bias, eps, activation, b)
+        y, h = _gemm_path(x2, weight, bias, r2, norm, norm_weight, norm_bias, eps, activation, b, x_norm_weight)
     else:
-        vec = [t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias)]
-        y, h = _fused_linear_op(x2, unit_last(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps,
-                                ACTIVATIONS[activation])
+        vec = [t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias, x_norm_weight)]
+        if vec[3] is None:  # (the op's schema before x_norm_weight: traces and opcheck calls stay as they were)
+            y, h = _fused_linear_op(x2, unit_last(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps,
+                                    ACTIVATIONS[activation])
+        else:
+            y, h = _fused_linear_op(x2, unit_last(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps,
+                                    ACTIVATIONS[activation], vec[3])
     y = y.view(*lead, y.shape[-1])
     return (y, h.view(x.shape)) if residual is not None else y

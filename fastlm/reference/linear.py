@@ -6,12 +6,15 @@ from fastlm.reference.norm import layer_norm, rms_norm
 
 
 def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias=None, eps=None, residual=None,
-                 activation=None, upcast=True):
+                 activation=None, x_norm_weight=None, upcast=True):
     """act(norm(x [+ residual]) @ weight^T + bias); returns y, or (y, h = x + residual).
     eps None: 1e-6 for norm="rms", 1e-5 for "layer" (as rms_norm / layer_norm).
 
     Each step rounds to x's dtype, as the separate ops would store it: h, the normalized x,
-    the linear's output (gate and up for SwiGLU), the activation."""
+    the linear's output (gate and up for SwiGLU), the activation.  x_norm_weight: x is first
+    RMS-normalized with it (eps; Gemma 2/3's post-norm of the previous sublayer)."""
+    if x_norm_weight is not None:
+        x = rms_norm(x, x_norm_weight, 1e-6 if eps is None else eps, upcast=upcast)
     h = x + residual if residual is not None else x
     if norm == "rms":
         a = rms_norm(h, norm_weight, 1e-6 if eps is None else eps, upcast=upcast)
