@@ -251,12 +251,13 @@ def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h
     block_m = max(1, next_pow2(M))
     d = x  # placeholder for absent pointer arguments (never read)
     args = (x, residual if residual is not None else d, h if h is not None else d,
-            x_norm_weight if x_norm_weight is not None else d, norm_weight if norm_weight is not None else d, norm_bias if norm_bias is not None else d,
+            x_norm_weight if x_norm_weight is not None else d,
+            norm_weight if norm_weight is not None else d, norm_bias if norm_bias is not None else d,
             weight, bias if bias is not None else d, y,
             x.stride(0), residual.stride(0) if residual is not None else 0, h.stride(0) if h is not None else 0,
             weight.stride(0), y.stride(0), M, N, K, float(eps))
-    flags = dict(NORM=norm, HAS_RESIDUAL=residual is not None, HAS_XNORM=x_norm_weight is not None, HAS_NW=norm_weight is not None,
-                 HAS_NB=norm_bias is not None, HAS_BIAS=bias is not None, GATED=gated,
+    flags = dict(NORM=norm, HAS_RESIDUAL=residual is not None, HAS_XNORM=x_norm_weight is not None,
+                 HAS_NW=norm_weight is not None, HAS_NB=norm_bias is not None, HAS_BIAS=bias is not None, GATED=gated,
                  ACT=ACTIVATIONS[glu] if gated else 0, BLOCK_M=block_m)
     if x.is_cuda and not _interpreting():
         if AUTOTUNE:

@@ -142,7 +142,8 @@ def test_triton_launchers_run_on_the_tensors_device(monkeypatch):
     import fastlm.kernels as fk
 
     launchers = {"norm": ["norm_fwd", "norm_bwd"], "rotary": ["rotary_fwd"],
-                 "qk_norm": ["qk_norm_rotary_fwd", "qk_norm_rotary_bwd"], "attention": ["attention_fwd", "attention_bwd"],
+                 "qk_norm": ["qk_norm_rotary_fwd", "qk_norm_rotary_bwd"],
+                 "attention": ["attention_fwd", "attention_bwd"],
                  "decode": ["kv_cache_append", "decode_attention"], "cross_entropy": ["ce_forward", "ce_backward"],
                  "activation": ["swiglu_fwd", "swiglu_bwd"], "gemv": ["gemv"]}
     for mod, names in launchers.items():
