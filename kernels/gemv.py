@@ -60,10 +60,10 @@ def _load_h(x_ptrs, r_ptrs, mask, xw, rstd_x, HAS_RESIDUAL: tl.constexpr, HAS_XN
 
 
 @triton.jit
-def _xw(XW, kk, K, HAS_XNORM: tl.constexpr):
-    """The x-norm weights of columns kk in fp32 (ones without HAS_XNORM: never read then)."""
+def _xw(XW, kk, K, w_offset, HAS_XNORM: tl.constexpr):
+    """The x-norm scales of columns kk in fp32 (ones without HAS_XNORM: never read then)."""
     if HAS_XNORM:
-        return tl.load(XW + kk, mask=kk < K, other=0.0).to(tl.float32)
+        return tl.load(XW + kk, mask=kk < K, other=0.0).to(tl.float32) + w_offset
     return tl.full(kk.shape, 1.0, tl.float32)
 
 
@@ -87,6 +87,7 @@ def _gemv_kernel(
     N,  # output columns (GATED: F, with up rows at N..2N-1 of W)
     K,  # input features
     eps,
+    w_offset,  # the norms scale by w_offset + NW (and XW): Gemma's 1 + weight, without a launch for the sum
     NORM: tl.constexpr,  # 0 none, 1 RMSNorm, 2 LayerNorm
     HAS_RESIDUAL: tl.constexpr,
     HAS_XNORM: tl.constexpr,  # x <- rms_norm(x) * XW (rounded) first
@@ -125,7 +126,7 @@ def _gemv_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             mk = m_mask[:, None] & (kk < K)[None, :]
-            x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, _xw(XW, kk, K, HAS_XNORM), rstd_x,
+            x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, _xw(XW, kk, K, w_offset, HAS_XNORM), rstd_x,
                         HAS_RESIDUAL, HAS_XNORM)
             if HAS_RESIDUAL:
                 tl.store(H + rm.to(tl.int64)[:, None] * stride_h + kk[None, :], x, mask=mk & (pid == 0))
@@ -143,7 +144,7 @@ def _gemv_kernel(
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
                 mk = m_mask[:, None] & (kk < K)[None, :]
-                x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, _xw(XW, kk, K, HAS_XNORM), rstd_x,
+                x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, _xw(XW, kk, K, w_offset, HAS_XNORM), rstd_x,
                             HAS_RESIDUAL, HAS_XNORM)
                 xc = tl.where(mk, x.to(tl.float32) - mean[:, None], 0.0)
                 acc2 += xc * xc
@@ -152,8 +153,8 @@ def _gemv_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             mk = m_mask[:, None] & (kk < K)[None, :] & (pid == 0)
-            x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, _xw(XW, kk, K, HAS_XNORM), rstd_x, True,
-                        HAS_XNORM)
+            x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, _xw(XW, kk, K, w_offset, HAS_XNORM), rstd_x,
+                        True, HAS_XNORM)
             tl.store(H + rm.to(tl.int64)[:, None] * stride_h + kk[None, :], x, mask=mk)
 
     # ---- main loop: elementwise fp32 accumulators, reduced over K at the end
@@ -164,7 +165,7 @@ def _gemv_kernel(
         kk = k0 + rk
         k_mask = kk < K
         mk = m_mask[:, None] & k_mask[None, :]
-        x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, _xw(XW, kk, K, HAS_XNORM), rstd_x,
+        x = _load_h(x_rows + kk[None, :], r_rows + kk[None, :], mk, _xw(XW, kk, K, w_offset, HAS_XNORM), rstd_x,
                     HAS_RESIDUAL, HAS_XNORM)
         if NORM != 0:
             xn = x.to(tl.float32)
@@ -172,7 +173,7 @@ def _gemv_kernel(
                 xn = xn - mean[:, None]
             xn = xn * rstd[:, None]
             if HAS_NW:
-                xn = xn * tl.load(NW + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+                xn = xn * (tl.load(NW + kk, mask=k_mask, other=0.0).to(tl.float32) + w_offset)[None, :]
             if HAS_NB:
                 xn = xn + tl.load(NB + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             x = xn.to(X.dtype.element_ty)  # the unfused norm would store it in x's dtype
@@ -234,18 +235,20 @@ def _tuned(block_m, gated):
 
 
 @on_tensor_device
-def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h, x_norm_weight=None):
+def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h, x_norm_weight=None, w_offset=0.0):
     """Writes act(norm(x [+ residual]) @ weight^T + bias) into y (M, N) and, with a residual,
     x + residual into h (M, K).  x/residual/h: (M, K) with unit column stride; weight (N or 2N,
     K) with unit column stride; M <= MAX_ROWS.  norm: 0 none, 1 rms, 2 layer.  glu: None, or the
     gate's activation of a gated product ("silu", "gelu_tanh", "gelu"; weight stacks [gate; up]).
-    x_norm_weight (K,): x is RMS-normalized with it (eps) before anything else."""
+    x_norm_weight (K,): x is RMS-normalized with it (eps) before anything else.  w_offset: the
+    norm weights scale as w_offset + weight (Gemma's 1 + w, summed in the kernel)."""
     gated = glu is not None
     M, K = x.shape
     N = y.shape[1]
     if M == 0 or N == 0:
         if residual is not None and M:
-            xn = x if x_norm_weight is None else _norm.norm_fwd(x, x_norm_weight, None, None, eps, True)[0]
+            xn = x if x_norm_weight is None else _norm.norm_fwd(x, x_norm_weight.float() + w_offset, None, None, eps,
+                                                                True)[0]
             torch.add(xn, residual, out=h)
         return y
     block_m = max(1, next_pow2(M))
@@ -255,7 +258,7 @@ def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h
             norm_weight if norm_weight is not None else d, norm_bias if norm_bias is not None else d,
             weight, bias if bias is not None else d, y,
             x.stride(0), residual.stride(0) if residual is not None else 0, h.stride(0) if h is not None else 0,
-            weight.stride(0), y.stride(0), M, N, K, float(eps))
+            weight.stride(0), y.stride(0), M, N, K, float(eps), float(w_offset))
     flags = dict(NORM=norm, HAS_RESIDUAL=residual is not None, HAS_XNORM=x_norm_weight is not None,
                  HAS_NW=norm_weight is not None, HAS_NB=norm_bias is not None, HAS_BIAS=bias is not None, GATED=gated,
                  ACT=ACTIVATIONS[glu] if gated else 0, BLOCK_M=block_m)

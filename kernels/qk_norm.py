@@ -49,7 +49,7 @@ def _fwd_tile(
     X, Y, W, R,  # q or k, its output, weight, rstd
     sxb, sxs, sxh, n_heads, h0, pid_t,
     COS, SIN, POS, CU, s_cos, spos_b, spos_s,
-    n_tokens, seqlen, head_dim, half, max_pos, offset, num_seqs, search_iters, eps,
+    n_tokens, seqlen, head_dim, half, max_pos, offset, num_seqs, search_iters, eps, w_offset,
     POS_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
@@ -81,14 +81,14 @@ def _fwd_tile(
     r3 = rstd[:, :, None]
     yp = xp * r3
     if HAS_WEIGHT:
-        yp = yp * tl.load(W + p, mask=pm, other=0.0).to(tl.float32)[None, None, :]
+        yp = yp * (tl.load(W + p, mask=pm, other=0.0).to(tl.float32) + w_offset)[None, None, :]
     tl.store(Y + ry[:, :, None] + p[None, None, :], yp.to(Y.dtype.element_ty), mask=mp)
     if HAS_ROTARY:
         na = xa * r3
         nb = xb * r3
         if HAS_WEIGHT:
-            na = na * tl.load(W + ia, mask=im, other=0.0).to(tl.float32)[None, None, :]
-            nb = nb * tl.load(W + ib, mask=im, other=0.0).to(tl.float32)[None, None, :]
+            na = na * (tl.load(W + ia, mask=im, other=0.0).to(tl.float32) + w_offset)[None, None, :]
+            nb = nb * (tl.load(W + ib, mask=im, other=0.0).to(tl.float32) + w_offset)[None, None, :]
         tl.store(Y + ry[:, :, None] + ia[None, None, :], (na * c - nb * s).to(Y.dtype.element_ty), mask=m3)
         tl.store(Y + ry[:, :, None] + ib[None, None, :], (nb * c + na * s).to(Y.dtype.element_ty), mask=m3)
 
@@ -106,6 +106,7 @@ def _qk_norm_rotary_fwd_kernel(
     half,  # rotary_dim // 2 (0 without tables)
     max_pos, offset, num_seqs, search_iters,
     eps,
+    w_offset,  # the heads scale by w_offset + weight (Gemma 3's 1 + w)
     n_qblocks,  # head blocks of q; program_id(1) >= n_qblocks works on k
     POS_MODE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -122,12 +123,12 @@ def _qk_norm_rotary_fwd_kernel(
     if pid_h < n_qblocks:
         _fwd_tile(Q, QO, QW, QR, sqb, sqs, sqh, n_heads_q, pid_h * BLOCK_H, pid_t,
                   COS, SIN, POS, CU, s_cos, spos_b, spos_s, n_tokens, seqlen, head_dim, half, max_pos, offset,
-                  num_seqs, search_iters, eps, POS_MODE, IS_VARLEN, HAS_ROTARY, INTERLEAVED, HAS_WEIGHT,
+                  num_seqs, search_iters, eps, w_offset, POS_MODE, IS_VARLEN, HAS_ROTARY, INTERLEAVED, HAS_WEIGHT,
                   BLOCK_T, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
     else:
         _fwd_tile(K, KO, KW, KR, skb, sks, skh, n_heads_k, (pid_h - n_qblocks) * BLOCK_H, pid_t,
                   COS, SIN, POS, CU, s_cos, spos_b, spos_s, n_tokens, seqlen, head_dim, half, max_pos, offset,
-                  num_seqs, search_iters, eps, POS_MODE, IS_VARLEN, HAS_ROTARY, INTERLEAVED, HAS_WEIGHT,
+                  num_seqs, search_iters, eps, w_offset, POS_MODE, IS_VARLEN, HAS_ROTARY, INTERLEAVED, HAS_WEIGHT,
                   BLOCK_T, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
 
 
@@ -136,7 +137,7 @@ def _bwd_tile(
     DY, X, DX, W, R, PART_ROW,  # grad of q's (k's) output, q (k), grad of q (k), weight, rstd, partial row
     sdb, sds, sdh, sxb, sxs, sxh, n_heads, h0, pid_g, G, n_tblocks,
     COS, SIN, POS, CU, s_cos, spos_b, spos_s,
-    n_tokens, seqlen, head_dim, half, max_pos, offset, num_seqs, search_iters,
+    n_tokens, seqlen, head_dim, half, max_pos, offset, num_seqs, search_iters, w_offset,
     POS_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
@@ -150,9 +151,9 @@ def _bwd_tile(
     ia = 2 * i if INTERLEAVED else i
     ib = ia + 1 if INTERLEAVED else i + half
     if HAS_WEIGHT:
-        wp = tl.load(W + p, mask=pm, other=0.0).to(tl.float32)[None, None, :]
-        wa = tl.load(W + ia, mask=im, other=0.0).to(tl.float32)[None, None, :]
-        wb = tl.load(W + ib, mask=im, other=0.0).to(tl.float32)[None, None, :]
+        wp = (tl.load(W + p, mask=pm, other=0.0).to(tl.float32) + w_offset)[None, None, :]
+        wa = (tl.load(W + ia, mask=im, other=0.0).to(tl.float32) + w_offset)[None, None, :]
+        wb = (tl.load(W + ib, mask=im, other=0.0).to(tl.float32) + w_offset)[None, None, :]
     else:
         wp = tl.full([1, 1, BLOCK_PASS], 1.0, tl.float32)
         wa = tl.full([1, 1, BLOCK_HALF], 1.0, tl.float32)
@@ -219,6 +220,7 @@ def _qk_norm_rotary_bwd_kernel(
     s_cos, spos_b, spos_s,
     n_tokens, seqlen, n_heads_q, n_heads_k, head_dim,
     half, max_pos, offset, num_seqs, search_iters,
+    w_offset,
     n_qblocks,
     n_tblocks,  # token blocks; program (g, .) takes blocks g, g + G, ...
     POS_MODE: tl.constexpr,
@@ -238,13 +240,13 @@ def _qk_norm_rotary_bwd_kernel(
     if pid_h < n_qblocks:
         _bwd_tile(DQ, Q, DQI, QW, QR, part_row, sdqb, sdqs, sdqh, sqb, sqs, sqh, n_heads_q, pid_h * BLOCK_H,
                   pid_g, G, n_tblocks, COS, SIN, POS, CU, s_cos, spos_b, spos_s, n_tokens, seqlen, head_dim, half,
-                  max_pos, offset, num_seqs, search_iters, POS_MODE, IS_VARLEN, HAS_ROTARY, INTERLEAVED,
+                  max_pos, offset, num_seqs, search_iters, w_offset, POS_MODE, IS_VARLEN, HAS_ROTARY, INTERLEAVED,
                   HAS_WEIGHT, BLOCK_T, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
     else:
         _bwd_tile(DK, K, DKI, KW, KR, part_row, sdkb, sdks, sdkh, skb, sks, skh, n_heads_k,
                   (pid_h - n_qblocks) * BLOCK_H, pid_g, G, n_tblocks, COS, SIN, POS, CU, s_cos, spos_b, spos_s,
-                  n_tokens, seqlen, head_dim, half, max_pos, offset, num_seqs, search_iters, POS_MODE, IS_VARLEN,
-                  HAS_ROTARY, INTERLEAVED, HAS_WEIGHT, BLOCK_T, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+                  n_tokens, seqlen, head_dim, half, max_pos, offset, num_seqs, search_iters, w_offset, POS_MODE,
+                  IS_VARLEN, HAS_ROTARY, INTERLEAVED, HAS_WEIGHT, BLOCK_T, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
 
 
 def _plan(q, k, half, device, tile=4096):
@@ -290,10 +292,10 @@ def _weights(q_weight, k_weight, fallback):
 
 @on_tensor_device
 def qk_norm_rotary_fwd(q, k, q_weight, k_weight, cos, sin, positions, cu_seqlens, eps, offset, pos_mode,
-                       interleaved):
+                       interleaved, w_offset=0.0):
     """-> (q_out, k_out, q_rstd, k_rstd).  q, k: (B, S, H, D) or packed (T, H, D), unit last
     stride; weights: both (D,) or both None; cos/sin (max_pos, half) unit column stride, or None
-    (norm only).  The op layer validates everything."""
+    (norm only).  The heads scale by w_offset + weight.  The op layer validates everything."""
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     q_rstd = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
@@ -309,7 +311,8 @@ def qk_norm_rotary_fwd(q, k, q_weight, k_weight, cos, sin, positions, cu_seqlens
     _qk_norm_rotary_fwd_kernel[(cdiv(T, block_t), n_qb + n_kb)](
         q4, k4, q_out, k_out, qw, kw, q_rstd, k_rstd, *tables, pos_t, cu_t,
         *_strides(q4), *_strides(k4), cos.stride(0) if cos is not None else 0, spos_b, spos_s,
-        T, S, Hq, Hk, D, half, cos.shape[0] if cos is not None else 0, offset, num_seqs, iters, eps, n_qb,
+        T, S, Hq, Hk, D, half, cos.shape[0] if cos is not None else 0, offset, num_seqs, iters, eps, float(w_offset),
+        n_qb,
         POS_MODE=pos_mode, IS_VARLEN=varlen and cos is not None, HAS_ROTARY=cos is not None,
         INTERLEAVED=interleaved, HAS_WEIGHT=has_w,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_PASS=block_pass, num_warps=4,
@@ -319,7 +322,7 @@ def qk_norm_rotary_fwd(q, k, q_weight, k_weight, cos, sin, positions, cu_seqlens
 
 @on_tensor_device
 def qk_norm_rotary_bwd(dq, dk, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, positions, cu_seqlens, offset,
-                       pos_mode, interleaved, max_programs=None):
+                       pos_mode, interleaved, w_offset=0.0, max_programs=None):
     """-> (dq_in, dk_in, dq_weight fp32 (D,) or empty, dk_weight likewise).  max_programs caps
     the token-walking programs per head block (tests use it to make each walk several blocks)."""
     dq_in = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -341,7 +344,8 @@ def qk_norm_rotary_bwd(dq, dk, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, si
             dq4, dk4, q4, k4, dq_in, dk_in, qw, kw, q_rstd, k_rstd, part if has_w else q_rstd, *tables, pos_t, cu_t,
             *_strides(dq4), *_strides(dk4), *_strides(q4), *_strides(k4),
             cos.stride(0) if cos is not None else 0, spos_b, spos_s,
-            T, S, Hq, Hk, D, half, cos.shape[0] if cos is not None else 0, offset, num_seqs, iters, n_qb, n_tb,
+            T, S, Hq, Hk, D, half, cos.shape[0] if cos is not None else 0, offset, num_seqs, iters, float(w_offset),
+            n_qb, n_tb,
             POS_MODE=pos_mode, IS_VARLEN=varlen and cos is not None, HAS_ROTARY=cos is not None,
             INTERLEAVED=interleaved, HAS_WEIGHT=has_w,
             BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,

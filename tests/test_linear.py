@@ -101,6 +101,25 @@ def test_x_norm_matches_reference(dtype, norm, residual, M):
     assert not torch.allclose(y[0] if residual else y, other[0] if residual else other, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("M", [1, 3, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_offset_is_gemma_one_plus_w(M, dtype):
+    """norm_offset=1: the norms (and the x norm) scale by 1 + w in fp32 (Gemma), summed in the
+    kernel (M=20: on the GEMM path, by the launcher); same as the chain with the summed weights."""
+    x, w, kw = _case(M, 37, 22, dtype, norm="rms", residual=True, act="geglu_tanh", bias=False, scale=2.0,
+                     x_norm=True)
+    kw = dict(kw, norm_weight=0.3 * torch.randn(37, device=DEVICE), x_norm_weight=0.3 * torch.randn(37, device=DEVICE))
+    summed = dict(kw, norm_weight=kw["norm_weight"] + 1, x_norm_weight=kw["x_norm_weight"] + 1)
+    y, h = fastlm.ops.fused_linear(x, w, **kw, norm_offset=1.0, backend="triton")
+    _check(x, w, summed)  # (the summed weights against the fp64 chain)
+    y2, h2 = fastlm.ops.fused_linear(x, w, **summed, backend="triton")
+    assert torch.equal(y, y2) and torch.equal(h, h2)  # the same fp32 scales, summed in or before the kernel
+    ry, rh = fastlm.ops.fused_linear(x, w, **kw, norm_offset=1.0, backend="reference")
+    torch.testing.assert_close(ry, fastlm.ops.fused_linear(x, w, **summed, backend="reference")[0])
+    with pytest.raises(ValueError, match="norm_offset offsets"):
+        fastlm.ops.fused_linear(x, w, norm_offset=1.0, backend="triton")
+
+
 @pytest.mark.parametrize("M", [16, 17, 40])
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_many_rows(M, norm):

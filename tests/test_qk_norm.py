@@ -125,6 +125,34 @@ def test_rotation_conventions_and_positions(interleaved, positions):
     torch.testing.assert_close(rr[0].double(), rq, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_offset_is_gemma_one_plus_w(dtype):
+    """weight_offset=1: the heads scale by 1 + w in fp32 (Gemma 3's q/k norms), summed in the
+    kernel; the gradient of w is the scale's."""
+    q, k, qw, kw, cos, sin, rot = make("gqa_full_rotary", dtype)
+    qw, kw = 0.3 * torch.randn_like(qw), 0.3 * torch.randn_like(kw)  # near 0, as Gemma's start
+    ins = [t.detach().clone().requires_grad_() for t in (q, k, qw, kw)]
+    qo, ko = ops.qk_norm_rotary(*ins, cos, sin, weight_offset=1.0, backend="triton")
+    r64 = oracle(q, k, 1 + qw, 1 + kw, cos, sin, 1e-6)
+    lp = hf_style(q, k, 1 + qw, 1 + kw, cos, sin, 1e-6)
+    tf = truncation_factor(dtype)
+    assert_close(qo, r64[0], lp[0], "q_out", factor=2 * tf)
+    assert_close(ko, r64[1], lp[1], "k_out", factor=2 * tf)
+    g = torch.randn_like(qo), torch.randn_like(ko)
+    torch.autograd.backward((qo, ko), g)
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, qw, kw)]
+    torch.autograd.backward(oracle(x64[0], x64[1], 1 + x64[2], 1 + x64[3], cos, sin, 1e-6),
+                            tuple(t.double() for t in g))
+    xlp = [t.detach().clone().requires_grad_() for t in (q, k, qw, kw)]
+    torch.autograd.backward(hf_style(xlp[0], xlp[1], 1 + xlp[2], 1 + xlp[3], cos, sin, 1e-6), g)
+    for name, a, b, c in zip(("dq", "dk", "dq_weight", "dk_weight"), ins, x64, xlp):
+        assert_close(a.grad, b.grad, c.grad, name, factor=2 * tf)
+    ref = ops.qk_norm_rotary(q, k, qw, kw, cos, sin, weight_offset=1.0, backend="reference")
+    torch.testing.assert_close(ref[0].double(), r64[0], atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+    with pytest.raises(ValueError, match="weight_offset offsets"):
+        ops.qk_norm_rotary(q, k, weight_offset=1.0, backend="triton")
+
+
 @pytest.mark.parametrize("max_programs", [1, 2, 3])
 def test_backward_programs_walking_several_token_blocks(max_programs):
     """The backward's G programs per head block each walk token blocks g, g + G, ... and sum
@@ -223,6 +251,7 @@ def test_opcheck():
     q, k, qw, kw, cos, sin, rot = make("gqa_full_rotary", torch.float32)
     pos = torch.tensor([1, 4], device=DEVICE)
     for args in ((q, k, qw, kw, cos, sin, pos, None, 1e-6, 0, 1, False, "triton"),
+                 (q, k, qw, kw, cos, sin, None, None, 1e-6, 0, 0, False, "triton", 1.0),
                  (q, k, None, None, None, None, None, None, 1e-5, 0, 0, False, "triton"),
                  (q.contiguous(), k.contiguous(), qw, kw, cos, sin, None, None, 1e-6, 2, 0, True, "triton")):
         torch.library.opcheck(torch.ops.fastlm.qk_norm_rotary.default, args)

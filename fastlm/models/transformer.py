@@ -245,17 +245,25 @@ def _decode_sized(x, gemv_rows):
     return 0 < x.numel() <= gemv_rows * x.shape[-1] and not torch.is_grad_enabled()
 
 
+def _post_norm_scale(norm, w):
+    """The scale of a post-norm with weight w and norm's offset and eps (one config for all)."""
+    return w.float() + norm.offset if getattr(norm, "offset", 0.0) else w
+
+
 def _norm_linear(norm, x, residual, linear, activation=None, x_norm_weight=None):
     """(linear(norm(x + residual)) [SwiGLU'd / GeGLU'd], x + residual) in one ops.fused_linear call;
-    with x_norm_weight (the scale of Gemma 2/3's post-norm of the sublayer that made x, whose eps
-    is norm's: one config.norm_eps), rms_norm(x) * x_norm_weight in place of x, in the same call."""
+    with x_norm_weight (the weight of Gemma 2/3's post-norm of the sublayer that made x, whose
+    offset and eps are norm's: one config), rms_norm(x) in place of x, in the same call.  Gemma's
+    1 + weight offset is summed in the kernel (norm_offset), not by a launch of its own."""
     is_rms = isinstance(norm, nn.RMSNorm)
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    offset = norm.offset if is_rms and norm.weight is not None else 0.0
     if x_norm_weight is not None and residual is None:  # (h would be the normed x: not what callers keep)
-        x, x_norm_weight = ops.rms_norm(x, x_norm_weight, eps, backend=triton_only(norm.backend)), None
+        x = ops.rms_norm(x, _post_norm_scale(norm, x_norm_weight), eps, backend=triton_only(norm.backend))
+        x_norm_weight = None
     out = ops.fused_linear(x, linear.weight, linear.bias, norm="rms" if is_rms else "layer",
-                           norm_weight=norm.scale() if is_rms else norm.weight, norm_bias=None if is_rms else norm.bias,
-                           eps=eps, residual=residual, activation=activation, x_norm_weight=x_norm_weight,
+                           norm_weight=norm.weight, norm_bias=None if is_rms else norm.bias, eps=eps,
+                           residual=residual, activation=activation, x_norm_weight=x_norm_weight, norm_offset=offset,
                            backend=triton_only(norm.backend))
     return out if residual is not None else (out, x)
 
@@ -295,9 +303,9 @@ class Attention(nn.Module):
         if self.qk_norm and self.fused:
             # one kernel reads the q/k views in place: both norms, and the rotation unless the cache does it
             rot = rope if rope is not None and not cache_rotates else (None,) * 4
-            q, k = ops.qk_norm_rotary(q, k, self.q_norm.scale(), self.k_norm.scale(), rot[0], rot[1],
+            q, k = ops.qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, rot[0], rot[1],
                                       eps=self.qk_norm_eps, positions=rot[2], cu_seqlens=rot[3],
-                                      backend=triton_only(self.op_backend))
+                                      weight_offset=self.q_norm.offset, backend=triton_only(self.op_backend))
             if not cache_rotates:
                 rope = None  # rotated
         elif self.qk_norm:
@@ -380,13 +388,14 @@ class Block(nn.Module):
         (None for the first block).  Returns (this block's MLP output, residual stream before it),
         leaving the last residual add to the next norm.  Post-norm models (Gemma 2/3) on the decode
         path (``gemv_path``): with defer_post_norm the MLP output is returned before its post-norm,
-        whose scale the caller passes to the next block as x_norm_weight, to be folded into its
+        whose weight the caller passes to the next block as x_norm_weight, to be folded into its
         first kernel (a tensor, not the module: a compiled block would recompile per module)."""
         if self.fused and _decode_sized(x, self.gemv_rows):
             return self._forward_gemv(x, residual, rope, cu_seqlens, max_seqlen, cache, x_norm_weight,
                                       defer_post_norm)
         if x_norm_weight is not None:
-            x = ops.rms_norm(x, x_norm_weight, self.attn_norm.eps, backend=triton_only(self.attn_norm.backend))
+            x = ops.rms_norm(x, _post_norm_scale(self.attn_norm, x_norm_weight), self.attn_norm.eps,
+                             backend=triton_only(self.attn_norm.backend))
         h, residual = add_norm(self.attn_norm, x, residual, self.fused)
         x = self.attn(h, rope, cu_seqlens, max_seqlen, cache)
         if self.post_norms:
@@ -408,7 +417,7 @@ class Block(nn.Module):
         x = self.attn(None, rope, cu_seqlens, max_seqlen, cache, qkv=qkv)
         mlp = self.mlp
         h, residual = _norm_linear(self.mlp_norm, x, residual, mlp.w_in, mlp.fused_linear_activation,
-                                   x_norm_weight=self.attn_post_norm.scale() if self.post_norms else None)
+                                   x_norm_weight=self.attn_post_norm.weight if self.post_norms else None)
         if mlp.fused_linear_activation is None:  # (the kernel folds the gated activations only)
             h = mlp.act(h)
         x = mlp.w_out(h)
@@ -581,7 +590,7 @@ class Transformer(nn.Module):
             else:
                 defer = layer.post_norms and layer.gemv_path(x)
                 x, residual = layer(x, residual, rope, cu_seqlens, max_seqlen, cache,
-                                    x_norm_weight=pending.scale() if pending is not None else None,
+                                    x_norm_weight=pending.weight if pending is not None else None,
                                     defer_post_norm=defer)
                 pending = layer.mlp_post_norm if defer else None
         if pending is not None:

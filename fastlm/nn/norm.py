@@ -50,30 +50,11 @@ class RMSNorm(torch.nn.RMSNorm):
             torch.nn.init.constant_(self.weight, 1.0 - self.offset)  # a scale of 1
 
     def scale(self):
-        """The weight the normalized x is multiplied by: weight, or offset + weight in fp32.
-
-        The offset sum is a kernel launch of its own, which a decode step would pay for every
-        norm of every layer: without autograd (and outside torch.compile) it is computed once per
-        weight and kept until the weight changes (another tensor, storage or in-place version)."""
+        """The weight the normalized x is multiplied by: weight, or offset + weight in fp32.  (The
+        fused model's kernels take the weight and the offset instead: the sum is a launch.)"""
         w = _flat_param(self.weight)
         if not self.offset or w is None:
             return w
-        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
-            return self._offset_scale(w)
-        try:
-            key = (w.data_ptr(), w._version)
-        except RuntimeError:  # an inference tensor: no version counter, no cache
-            return self._offset_scale(w)
-        cached = self.__dict__.get("_scale_cache")
-        if cached is not None and cached[0] is w and cached[1] == key:
-            return cached[2]
-        out = self._offset_scale(w)
-        # (not filled while capturing a CUDA graph: the sum would exist only once the graph replays)
-        if not (w.is_cuda and torch.cuda.is_current_stream_capturing()):
-            self.__dict__["_scale_cache"] = (w, key, out)
-        return out
-
-    def _offset_scale(self, w):
         return w.to(torch.float64 if w.dtype == torch.float64 else torch.float32) + self.offset
 
     def forward(self, x, residual=None):

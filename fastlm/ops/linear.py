@@ -53,23 +53,25 @@ def _fused_linear_op(
     eps: float,
     glu: str | None,
     x_norm_weight: torch.Tensor | None = None,
+    norm_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M <= kernels.gemv.MAX_ROWS, K), weight (N or 2N, K) -> (y (M, N), h (M, K) = x + residual,
     empty without one).  glu: None, or the gate activation ("silu", "gelu_tanh", "gelu") of a
     gated product (weight stacks [gate; up]).  1-D inputs must be contiguous (the public
-    function makes them so).  x_norm_weight (K,): x is RMS-normalized with it (eps) first."""
+    function makes them so).  x_norm_weight (K,): x is RMS-normalized with it (eps) first.  The
+    norms scale by norm_offset + their weight."""
     k = _kernels()
     M, K = x.shape
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     y = x.new_empty((M, N))
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
     k.gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y,
-           h if residual is not None else None, x_norm_weight)
+           h if residual is not None else None, x_norm_weight, norm_offset)
     return y, h
 
 
 @_fused_linear_op.register_fake
-def _(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, glu, x_norm_weight=None):
+def _(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, glu, x_norm_weight=None, norm_offset=0.0):
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
     return x.new_empty((x.shape[0], N)), h
@@ -126,10 +128,14 @@ def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, acti
                            "layer_norm, F.linear and swiglu")
 
 
-def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, activation, backend, x_norm_weight):
+def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, activation, backend, x_norm_weight,
+               norm_offset=0.0):
     """Many rows: the fused norm kernel(s), the cuBLAS GEMM, the fused SwiGLU / GeGLU kernel."""
     from fastlm import ops
 
+    if norm_offset:
+        norm_weight, x_norm_weight = (w.float() + norm_offset if w is not None else None
+                                      for w in (norm_weight, x_norm_weight))
     if x_norm_weight is not None:
         x2 = ops.rms_norm(x2, x_norm_weight, eps, backend=backend)
 
@@ -151,7 +157,7 @@ def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, a
 
 # ---------------------------------------------------------------------------- public API
 def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias=None, eps=None, residual=None,
-                 activation=None, x_norm_weight=None, backend=None):
+                 activation=None, x_norm_weight=None, norm_offset=0.0, backend=None):
     """act(norm(x + residual) @ weight.T + bias) in one kernel for decode-sized inputs.
 
     x (..., K); weight (N, K) as nn.Linear stores it, bias (N,) or None; with a gated
@@ -161,13 +167,19 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     and eps (default 1e-6 for rms, 1e-5 for layer).  residual (like x): h = x + residual is
     normalized and returned too.  x_norm_weight (K,): x itself is first RMS-normalized with this
     weight (same eps; default 1e-6) and rounded, h = that + residual (Gemma 2/3's post-norm of
-    the previous sublayer's output, folded in).  Returns y (..., N or F), or (y, h) with a residual.
+    the previous sublayer's output, folded in).  norm_offset: the norms scale by norm_offset +
+    their weight (Gemma's 1 + w, in fp32 as HF computes it; summed in the kernel, not by a launch).
+    Returns y (..., N or F), or (y, h) with a residual.
     Statistics and accumulation in fp32; each intermediate is rounded to x's dtype where the
     separate ops would store it.  Under autocast, x, residual, weight and bias are cast to the
     autocast dtype (as F.linear would); otherwise weight and bias must have x's dtype.
     Inference only (no backward).  backend: "triton" | "reference" | None.
     """
     _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, activation, backend, x_norm_weight)
+    norm_offset = as_real(norm_offset, "norm_offset", "fused_linear")
+    if norm_offset and norm_weight is None and x_norm_weight is None:
+        raise ValueError("fused_linear: norm_offset offsets the norm weights; got it without norm_weight or "
+                         "x_norm_weight")
     default_eps = DEFAULT_EPS[norm or "rms"] if norm is not None or x_norm_weight is not None else 0.0
     eps = float(default_eps if eps is None else eps)
     if backend is None and x.dtype == torch.float64:
@@ -185,19 +197,19 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
             raise TypeError(f"fused_linear: {name} has dtype {t.dtype} but x has {x.dtype}; use one dtype (or autocast)")
     if b == "reference":
         return reference.fused_linear(x, weight, bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
-                                      eps=eps, residual=residual, activation=activation, x_norm_weight=x_norm_weight)
+                                      eps=eps, residual=residual, activation=activation, x_norm_weight=x_norm_weight,
+                                      norm_offset=norm_offset)
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = unit_last(x.reshape(-1, K))
     r2 = unit_last(residual.reshape(-1, K)) if residual is not None else None
     if x2.shape[0] > _kernels().MAX_ROWS:
-        y, h = _gemm_path(x2, weight, bias, r2, norm, norm_weight, norm_bias, eps, activation, b, x_norm_weight)
+        y, h = _gemm_path(x2, weight, bias, r2, norm, norm_weight, norm_bias, eps, activation, b, x_norm_weight,
+                          norm_offset)
     else:
         vec = [t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias, x_norm_weight)]
-        if vec[3] is None:  # (the op's schema before x_norm_weight: traces and opcheck calls stay as they were)
-            y, h = _fused_linear_op(x2, unit_last(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps,
-                                    ACTIVATIONS[activation])
-        else:
-            y, h = _fused_linear_op(x2, unit_last(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps,
-                                    ACTIVATIONS[activation], vec[3])
+        extra = (vec[3], norm_offset) if norm_offset else (vec[3],) if vec[3] is not None else ()
+        # (the defaults left out: calls without the Gemma arguments keep the op's earlier form)
+        y, h = _fused_linear_op(x2, unit_last(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps,
+                                ACTIVATIONS[activation], *extra)
     y = y.view(*lead, y.shape[-1])
     return (y, h.view(x.shape)) if residual is not None else y

@@ -64,8 +64,10 @@ def _qk_norm_rotary_op(
     pos_mode: int,
     interleaved: bool,
     backend: str,
+    weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (q_out, k_out) contiguous, and rstd of each head in fp32, q.shape[:-1] and k.shape[:-1]."""
+    """-> (q_out, k_out) contiguous, and rstd of each head in fp32, q.shape[:-1] and k.shape[:-1].
+    The heads scale by weight_offset + their weight."""
     if backend != "triton":
         raise ValueError(f"backend must be 'triton' for the fastlm qk_norm_rotary torch ops, got {backend!r}")
     _check_tensors(q, k, q_weight, k_weight, cos, sin, cu_seqlens, eps, backend)
@@ -75,7 +77,7 @@ def _qk_norm_rotary_op(
         cos, sin = cos.contiguous(), sin.contiguous()
     return tuple(qk_norm_rotary_fwd(unit_last(q), unit_last(k), q_weight, k_weight, cos, sin, positions,
                                     cu_seqlens.contiguous() if cu_seqlens is not None else None, eps, offset,
-                                    pos_mode, interleaved))
+                                    pos_mode, interleaved, weight_offset))
 
 
 @fast_op("fastlm::qk_norm_rotary_backward")
@@ -96,6 +98,7 @@ def _qk_norm_rotary_backward_op(
     pos_mode: int,
     interleaved: bool,
     backend: str,
+    weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq_in, dk_in, dq_weight, dk_weight); the weight grads fp32 (head_dim,), or empty without weights."""
     if backend != "triton":
@@ -113,12 +116,13 @@ def _qk_norm_rotary_backward_op(
 
     return tuple(qk_norm_rotary_bwd(unit_last(dq), unit_last(dk), unit_last(q), unit_last(k), q_weight, k_weight,
                                     q_rstd.contiguous(), k_rstd.contiguous(), cos, sin, positions, cu_seqlens,
-                                    offset, pos_mode, interleaved))
+                                    offset, pos_mode, interleaved, weight_offset))
 
 
 # The fakes are also the ops' Meta kernels: they check the devices (see ops/norm.py).
 @_qk_norm_rotary_op.register_fake
-def _(q, k, q_weight, k_weight, cos, sin, positions, cu_seqlens, eps, offset, pos_mode, interleaved, backend):
+def _(q, k, q_weight, k_weight, cos, sin, positions, cu_seqlens, eps, offset, pos_mode, interleaved, backend,
+      weight_offset=0.0):
     check_same_device(q, "q", k=k, q_weight=q_weight, k_weight=k_weight, cos=cos, sin=sin, positions=positions,
                       cu_seqlens=cu_seqlens)
     f32 = torch.float32
@@ -128,7 +132,7 @@ def _(q, k, q_weight, k_weight, cos, sin, positions, cu_seqlens, eps, offset, po
 
 @_qk_norm_rotary_backward_op.register_fake
 def _(dq, dk, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, positions, cu_seqlens, offset, pos_mode,
-      interleaved, backend):
+      interleaved, backend, weight_offset=0.0):
     check_same_device(q, "q", dq=dq, dk=dk, k=k, q_rstd=q_rstd, k_rstd=k_rstd)
     n = q.shape[-1] if q_weight is not None else 0
     return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(n, dtype=torch.float32),
@@ -136,9 +140,10 @@ def _(dq, dk, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, positions, cu_
 
 
 def _setup(ctx, inputs, output):
-    q, k, q_weight, k_weight, cos, sin, positions, cu_seqlens, eps, offset, pos_mode, interleaved, backend = inputs
+    q, k, q_weight, k_weight, cos, sin, positions, cu_seqlens, eps, offset, pos_mode, interleaved, backend, *wo = inputs
     ctx.save_for_backward(q, k, q_weight, k_weight, output[2], output[3], cos, sin, positions, cu_seqlens)
-    ctx.args = (offset, pos_mode, interleaved, backend)
+    ctx.args = (offset, pos_mode, interleaved, backend, *wo)
+    ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, dq, dk, _dq_rstd, _dk_rstd):
@@ -149,7 +154,7 @@ def _backward(ctx, dq, dk, _dq_rstd, _dk_rstd):
         dqw, dkw = dqw.to(q_weight.dtype), dkw.to(k_weight.dtype)
     else:
         dqw = dkw = None
-    return dq_in, dk_in, dqw, dkw, None, None, None, None, None, None, None, None, None
+    return (dq_in, dk_in, dqw, dkw) + (None,) * (ctx.n_inputs - 4)
 
 
 _qk_norm_rotary_op.register_autograd(_backward, setup_context=_setup)
@@ -157,7 +162,7 @@ _qk_norm_rotary_op.register_autograd(_backward, setup_context=_setup)
 
 # ---------------------------------------------------------------------------- public API
 def qk_norm_rotary(q, k, q_weight=None, k_weight=None, cos=None, sin=None, *, eps=1e-6, positions=None,
-                   cu_seqlens=None, interleaved=False, backend=None):
+                   cu_seqlens=None, interleaved=False, weight_offset=0.0, backend=None):
     """RMSNorm of every q and k head over head_dim, then (with ``cos``/``sin``) rotary: one
     kernel launch for q and k, forward and backward (Qwen3's / Gemma 3's q_norm, k_norm and RoPE).
 
@@ -167,7 +172,9 @@ def qk_norm_rotary(q, k, q_weight=None, k_weight=None, cos=None, sin=None, *, ep
     fused qkv projection are read in place).  fp32/fp16/bf16; float64 on the reference path.
 
     q_weight, k_weight: (head_dim,) scales of the normalized heads, fp32 or q's dtype; both or
-    neither (a Gemma-style 1 + w scale is passed as that sum).  eps: added to the mean square.
+    neither.  weight_offset: the heads scale by weight_offset + weight, summed in fp32 in the
+    kernel (Gemma 3's 1 + w; the gradient is the weight's all the same).  eps: added to the
+    mean square.
     cos, sin, positions, cu_seqlens, interleaved: as ``apply_rotary`` (the tables give
     rotary_dim; dims past it are normalized, not rotated).  Without tables, a norm only.
     Statistics and math in fp32, one rounding to q's dtype.
@@ -179,6 +186,9 @@ def qk_norm_rotary(q, k, q_weight=None, k_weight=None, cos=None, sin=None, *, ep
     if not isinstance(interleaved, bool):
         raise TypeError(f"{op}: interleaved must be a bool, got {interleaved!r}")
     eps = as_real(eps, "eps", op)
+    weight_offset = as_real(weight_offset, "weight_offset", op)
+    if weight_offset and q_weight is None:
+        raise ValueError(f"{op}: weight_offset offsets q_weight and k_weight; got it without them")
     if (cos is None) != (sin is None):
         raise ValueError(f"{op}: pass both cos and sin (the rotation), or neither (a norm only)")
     if cos is None and (positions is not None or cu_seqlens is not None or interleaved):
@@ -202,7 +212,8 @@ def qk_norm_rotary(q, k, q_weight=None, k_weight=None, cos=None, sin=None, *, ep
     if b == "reference":
         _check_tensors(q, k, q_weight, k_weight, cos, sin, cu_seqlens, eps, backend)
         return reference.qk_norm_rotary(q, k, q_weight, k_weight, cos, sin, eps=eps, positions=positions,
-                                        cu_seqlens=cu_seqlens, interleaved=interleaved)
+                                        cu_seqlens=cu_seqlens, interleaved=interleaved, weight_offset=weight_offset)
+    extra = (weight_offset,) if weight_offset else ()
     out = _qk_norm_rotary_op(q, k, q_weight, k_weight, cos, sin, pos_t, cu_seqlens, eps, offset, mode, interleaved,
-                             b)
+                             b, *extra)
     return out[0], out[1]

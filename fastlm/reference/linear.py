@@ -1,4 +1,5 @@
 """Reference fused_linear (plain PyTorch): the unfused chain the kernel replaces."""
+import torch
 import torch.nn.functional as F
 
 from fastlm.reference.activation import geglu, swiglu
@@ -6,13 +7,17 @@ from fastlm.reference.norm import layer_norm, rms_norm
 
 
 def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias=None, eps=None, residual=None,
-                 activation=None, x_norm_weight=None, upcast=True):
+                 activation=None, x_norm_weight=None, norm_offset=0.0, upcast=True):
     """act(norm(x [+ residual]) @ weight^T + bias); returns y, or (y, h = x + residual).
     eps None: 1e-6 for norm="rms", 1e-5 for "layer" (as rms_norm / layer_norm).
 
     Each step rounds to x's dtype, as the separate ops would store it: h, the normalized x,
     the linear's output (gate and up for SwiGLU), the activation.  x_norm_weight: x is first
-    RMS-normalized with it (eps; Gemma 2/3's post-norm of the previous sublayer)."""
+    RMS-normalized with it (eps; Gemma 2/3's post-norm of the previous sublayer).  norm_offset:
+    the norms scale by norm_offset + weight, summed in fp32 (float64 stays float64)."""
+    if norm_offset:
+        norm_weight, x_norm_weight = (w.to(torch.promote_types(w.dtype, torch.float32)) + norm_offset
+                                      if w is not None else None for w in (norm_weight, x_norm_weight))
     if x_norm_weight is not None:
         x = rms_norm(x, x_norm_weight, 1e-6 if eps is None else eps, upcast=upcast)
     h = x + residual if residual is not None else x

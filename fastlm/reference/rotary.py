@@ -79,7 +79,7 @@ def apply_rotary(q, k, cos, sin, *, positions=None, cu_seqlens=None, interleaved
 
 
 def qk_norm_rotary(q, k, q_weight, k_weight, cos=None, sin=None, *, eps=1e-6, positions=None, cu_seqlens=None,
-                   interleaved=False):
+                   interleaved=False, weight_offset=0.0):
     """RMSNorm of every q and k head over head_dim (times q_weight / k_weight), then, with
     tables, ``apply_rotary``; computed in fp32 (float64 stays float64), rounded once to the
     input dtype."""
@@ -88,7 +88,7 @@ def qk_norm_rotary(q, k, q_weight, k_weight, cos=None, sin=None, *, eps=1e-6, po
     def norm(x, w):
         x = x.to(ct)
         y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        return y * w.to(ct) if w is not None else y
+        return y * (w.to(ct) + weight_offset) if w is not None else y
 
     qn, kn = norm(q, q_weight), norm(k, k_weight)
     if cos is not None:
