@@ -116,10 +116,18 @@ def test_rotation_conventions_and_positions(interleaved, positions):
     pos = {"none": None, "offset": 5, "per_seq": torch.tensor([2, 9], device=DEVICE),
            "explicit": torch.randint(0, 32, (B, S), device=DEVICE)}[positions]
     rot = dict(positions=pos, interleaved=interleaved)
-    qo, ko = ops.qk_norm_rotary(q, k, qw, kw, cos, sin, **rot, backend="triton")
+    ins = [t.clone().requires_grad_() for t in (q, k, qw, kw)]
+    qo, ko = ops.qk_norm_rotary(*ins, cos, sin, **rot, backend="triton")
     rq, rk = oracle(q, k, qw, kw, cos, sin, 1e-6, **rot)
     torch.testing.assert_close(qo.double(), rq, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(ko.double(), rk, atol=2e-5, rtol=2e-5)
+    # the gradients, weights' included (their partial sums land on the pairing's own dims)
+    g = torch.randn_like(qo), torch.randn_like(ko)
+    torch.autograd.backward((qo, ko), g)
+    x64 = [t.double().requires_grad_() for t in (q, k, qw, kw)]
+    torch.autograd.backward(oracle(*x64, cos, sin, 1e-6, **rot), tuple(t.double() for t in g))
+    for a, b in zip(ins, x64):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-4, rtol=1e-4)
     # the reference backend is the same composition
     rr = ops.qk_norm_rotary(q, k, qw, kw, cos, sin, **rot, backend="reference")
     torch.testing.assert_close(rr[0].double(), rq, atol=2e-5, rtol=2e-5)
