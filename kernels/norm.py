@@ -37,6 +37,7 @@ def _norm_fwd_kernel(
     stride_h,
     N,  # hidden size
     eps,
+    w_offset,  # y scales by w_offset + weight (Gemma's 1 + w, summed here instead of by a launch)
     IS_RMS: tl.constexpr,  # RMSNorm (no mean subtraction, no bias) vs LayerNorm
     HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -64,7 +65,7 @@ def _norm_fwd_kernel(
     tl.store(RSTD + row, rstd)
     y = xc * rstd
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + w_offset)
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
@@ -87,6 +88,7 @@ def _norm_bwd_kernel(
     M,  # rows
     N,  # hidden size
     rows_per_program,
+    w_offset,  # the forward's scale is w_offset + weight
     IS_RMS: tl.constexpr,
     HAS_DRESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -97,7 +99,7 @@ def _norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + w_offset
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -186,8 +188,9 @@ def _stat(t, name, M):
 
 
 @on_tensor_device
-def norm_fwd(x, weight, bias, residual, eps, is_rms):
-    """x, residual: (..., N).  Returns (out, residual_out or empty, mean or empty, rstd)."""
+def norm_fwd(x, weight, bias, residual, eps, is_rms, w_offset=0.0):
+    """x, residual: (..., N).  Returns (out, residual_out or empty, mean or empty, rstd).
+    The output scales by w_offset + weight."""
     N = x.shape[-1]
     if N > MAX_FUSED_N:
         raise ValueError(f"x: hidden size {N} exceeds the triton norm kernel's limit of {MAX_FUSED_N}")
@@ -210,7 +213,7 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms):
     _norm_fwd_kernel[(M,)](
         x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
         out, h if residual is not None else out, mean if not is_rms else rstd, rstd,
-        _row_stride(x2), _row_stride(r2), N, N, N, eps,
+        _row_stride(x2), _row_stride(r2), N, N, N, eps, float(w_offset),
         IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=_num_warps(block_n),
     )
@@ -218,8 +221,9 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms):
 
 
 @on_tensor_device
-def norm_bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias):
-    """Returns (dh, dweight or empty, dbias or empty); dweight/dbias as fp32 (N,)."""
+def norm_bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias, w_offset=0.0):
+    """Returns (dh, dweight or empty, dbias or empty); dweight/dbias as fp32 (N,).  w_offset:
+    the forward's (the gradient of the weight is that of w_offset + weight)."""
     N = h.shape[-1]
     dy2 = _rows2d(dy, "dy")
     h2 = _rows2d(h, "h")
@@ -246,7 +250,7 @@ def norm_bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias):
     _norm_bwd_kernel[(G,)](
         dy2, dho2, h2, weight if has_w else h2, mean if not is_rms else rstd, rstd, dh,
         dw_part if has_w else dh, db_part if has_bias else dh,
-        _row_stride(dy2), _row_stride(dho2), _row_stride(h2), M, N, rows_per_program,
+        _row_stride(dy2), _row_stride(dho2), _row_stride(h2), M, N, rows_per_program, float(w_offset),
         IS_RMS=is_rms, HAS_DRESIDUAL=dresidual_out is not None, HAS_WEIGHT=has_w, HAS_BIAS=has_bias,
         BLOCK_N=block_n, num_warps=_num_warps(block_n),
     )

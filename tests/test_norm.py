@@ -226,6 +226,39 @@ def test_opcheck(backend):
     mean, rstd = torch.randn(3, 5, device=DEVICE), torch.rand(3, 5, device=DEVICE) + 0.5
     dy = torch.randn_like(x)
     torch.library.opcheck(torch.ops.fastlm.norm_backward.default, (dy, dy, x.detach(), w.detach(), mean, rstd, False, True, backend))
+    # with a weight offset (Gemma's 1 + w)
+    torch.library.opcheck(torch.ops.fastlm.rms_norm.default, (x, w, r, 1e-6, backend, 1.0))
+    torch.library.opcheck(torch.ops.fastlm.norm_backward.default,
+                          (dy, None, x.detach(), w.detach(), mean, rstd, True, False, backend, 1.0))
+
+
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_offset_is_one_plus_weight(backend, dtype, residual):
+    """offset=1: the scale is 1 + w in fp32 (Gemma; Liger's offset).  The Triton kernels sum it
+    in, the CUDA path sums it first: either way bit-identical to passing the summed fp32 weight,
+    gradients included (the weight's gradient is the scale's)."""
+    x = (torch.randn(6, 37, device=DEVICE) * 2).to(dtype)
+    r = torch.randn(6, 37, device=DEVICE).to(dtype) if residual else None
+    w = 0.3 * torch.randn(37, device=DEVICE)  # fp32 and near 0, as Gemma keeps and starts it
+    outs, grads = [], []
+    for summed in (False, True):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        rs = r.clone().requires_grad_() if residual else None
+        if summed:
+            out = fastlm.ops.rms_norm(xs, ws + 1.0, 1e-6, residual=rs, backend=backend)
+        else:
+            out = fastlm.ops.rms_norm(xs, ws, 1e-6, residual=rs, offset=1.0, backend=backend)
+        y = out[0] if residual else out
+        g = torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape).to(dtype)
+        y.backward(g)
+        outs.append(out if residual else (out,))
+        grads.append((xs.grad, ws.grad) + ((rs.grad,) if residual else ()))
+    for a, b in zip(outs[0] + grads[0], outs[1] + grads[1]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="offset offsets the weight"):
+        fastlm.ops.rms_norm(x, None, offset=1.0, backend=backend)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -51,7 +51,7 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def scale(self):
         """The weight the normalized x is multiplied by: weight, or offset + weight in fp32.  (The
-        fused model's kernels take the weight and the offset instead: the sum is a launch.)"""
+        kernels take the weight and the offset instead: the sum is a launch.)"""
         w = _flat_param(self.weight)
         if not self.offset or w is None:
             return w
@@ -61,7 +61,9 @@ class RMSNorm(torch.nn.RMSNorm):
         shape = self.normalized_shape
         eps = self.eps if self.eps is not None else _EPS_FP64 if x.dtype == torch.float64 else _EPS_FP32
         res = _flat(residual, shape, "residual") if residual is not None else None
-        out = ops.rms_norm(_flat(x, shape), self.scale(), eps, residual=res, backend=self.backend)
+        w = _flat_param(self.weight)  # (the offset is summed by the kernel: no launch for 1 + w)
+        out = ops.rms_norm(_flat(x, shape), w, eps, residual=res, offset=self.offset if w is not None else 0.0,
+                           backend=self.backend)
         return _unflat(out, x, shape)
 
     def extra_repr(self):

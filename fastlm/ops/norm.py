@@ -37,6 +37,16 @@ def _kernels(backend):
     return torch.ops.fastlm.norm_fwd_cuda, torch.ops.fastlm.norm_bwd_cuda
 
 
+def _offset_args(backend, weight, weight_offset):
+    """(weight, extra kernel args) for a weight offset: the Triton kernels sum it in; for the
+    CUDA ones (no offset argument) the weight is summed first, in fp32 (a launch)."""
+    if not weight_offset:
+        return weight, ()
+    if backend == "triton":
+        return weight, (weight_offset,)
+    return weight.float() + weight_offset, ()
+
+
 def _check_inputs(op, x, weight, bias, residual, eps, dtypes):
     """The forward's checks, for every backend (the torch ops run them for both kernel backends,
     so a bad input raises the same error whichever runs).  eps is a float here."""
@@ -86,12 +96,17 @@ def _check_backward_triton(dy, dresidual_out, h, weight, mean, rstd, is_rms):
 # ---------------------------------------------------------------------------- torch ops
 @fast_op("fastlm::rms_norm")
 def _rms_norm_op(
-    x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float, backend: str
+    x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float, backend: str,
+    weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out, residual_out (empty without residual), rstd fp32 (x.shape[:-1]))"""
+    """-> (out, residual_out (empty without residual), rstd fp32 (x.shape[:-1])); out scales by
+    weight_offset + weight."""
     fwd = _kernels(backend)[0]
     _check_inputs("rms_norm", x, weight, None, residual, eps, KERNEL_DTYPES)
-    out, h, _, rstd = fwd(x, weight, None, residual, eps, True)
+    if weight_offset and weight is None:
+        raise ValueError("rms_norm: weight_offset offsets the weight; got it without one")
+    weight, extra = _offset_args(backend, weight, weight_offset)
+    out, h, _, rstd = fwd(x, weight, None, residual, eps, True, *extra)
     return out, h, rstd
 
 
@@ -121,12 +136,17 @@ def _norm_backward_op(
     is_rms: bool,
     has_bias: bool,
     backend: str,
+    weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dh = grad of x and of residual, dweight fp32 or empty, dbias fp32 or empty)"""
+    """-> (dh = grad of x and of residual, dweight fp32 or empty, dbias fp32 or empty); the
+    forward scaled by weight_offset + weight."""
     bwd = _kernels(backend)[1]
     if backend == "triton":  # the C++ op checks its own
         _check_backward_triton(dy, dresidual_out, h, weight, mean, rstd, is_rms)
-    return tuple(bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias))
+    if weight_offset and weight is None:
+        raise ValueError("norm_backward: weight_offset offsets the weight; got it without one")
+    weight, extra = _offset_args(backend, weight, weight_offset)
+    return tuple(bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias, *extra))
 
 
 # The fakes allocate contiguous outputs (new_empty, not empty_like: x may be a permuted view), as
@@ -138,7 +158,7 @@ def _stats_like(x):
 
 
 @_rms_norm_op.register_fake
-def _(x, weight, residual, eps, backend):
+def _(x, weight, residual, eps, backend, weight_offset=0.0):
     check_same_device(x, "x", weight=weight, residual=residual)
     h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
     return x.new_empty(x.shape), h, _stats_like(x)
@@ -159,7 +179,7 @@ def _grads_fake(h, weight, has_bias):
 
 
 @_norm_backward_op.register_fake
-def _(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias, backend):
+def _(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias, backend, weight_offset=0.0):
     check_same_device(h, "h", dy=dy, dresidual_out=dresidual_out, weight=weight, rstd=rstd,
                       mean=None if is_rms else mean)
     return _grads_fake(h, weight, has_bias)
@@ -191,22 +211,25 @@ _register_cuda_fakes()
 # h is often unused (a model's last norm), and a zero (M, N) dresidual_out would cost a memset
 # and a read in the backward kernel.  Without the grad of out (only h used), dh is h's grad.
 def _setup_rms(ctx, inputs, output):
-    x, weight, residual, eps, backend = inputs
+    x, weight, residual, eps, backend, *weight_offset = inputs
     out, h, rstd = output
     ctx.set_materialize_grads(False)
     ctx.has_residual = residual is not None
     ctx.backend = backend
+    ctx.weight_offset = tuple(weight_offset)  # () or (offset,): as the op was called
     ctx.save_for_backward(h if residual is not None else x, weight, rstd)
 
 
 def _backward_rms(ctx, dout, dh_out, drstd):
     dres = dh_out if ctx.has_residual else None
+    rest = (None, None) + (None,) * len(ctx.weight_offset)  # eps, backend[, weight_offset]
     if dout is None:  # only h used
-        return dres, None, dres, None, None
+        return (dres, None, dres) + rest
     h, weight, rstd = ctx.saved_tensors
-    dh, dw, _ = _norm_backward_op(dout, dres, h, weight, rstd.new_empty(0), rstd, True, False, ctx.backend)
+    dh, dw, _ = _norm_backward_op(dout, dres, h, weight, rstd.new_empty(0), rstd, True, False, ctx.backend,
+                                  *ctx.weight_offset)
     dw = dw.to(weight.dtype) if weight is not None else None
-    return dh, dw, (dh if ctx.has_residual else None), None, None
+    return (dh, dw, (dh if ctx.has_residual else None)) + rest
 
 
 def _setup_ln(ctx, inputs, output):
@@ -260,21 +283,29 @@ def _check_types(**tensors):
             check_tensor(t, name, dtypes=None)
 
 
-def rms_norm(x, weight=None, eps=1e-6, *, residual=None, backend=None):
-    """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight.
+def rms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, backend=None):
+    """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * (offset + weight).
 
     With ``residual``: computes h = x + residual and returns (rms_norm(h), h) from one kernel
     pass (the pre-norm residual stream).  fp32/fp16/bf16; fp32 statistics; output in x's dtype.
     weight may be fp32 or x's dtype.  backend: "triton" | "cuda" | "reference" | None (the best
     available for x's device and hidden size: triton takes rows up to 65536, cuda up to 2^20).
+    offset: the scale is offset + weight in fp32 (Gemma's 1 + w, Liger's ``offset``); the Triton
+    kernels sum it in (no launch of its own); the gradient of weight is the scale's.
     """
     eps = as_real(eps, "eps", "rms_norm")
+    offset = as_real(offset, "offset", "rms_norm")
+    if offset and weight is None:
+        raise ValueError("rms_norm: offset offsets the weight; got it without one")
     b = _pick(backend, x, "rms_norm")
     if b == "reference":
         _check_inputs("rms_norm", x, weight, None, residual, eps, _REFERENCE_DTYPES)
+        if offset:
+            weight = weight.to(torch.promote_types(weight.dtype, torch.float32)) + offset
         return reference.rms_norm(x, weight, eps, residual=residual)
     _check_types(weight=weight, residual=residual)
-    out, h, _ = _rms_norm_op(x, weight, residual, eps, b)  # checks the rest
+    extra = (offset,) if offset else ()  # (without one, the op's earlier form)
+    out, h, _ = _rms_norm_op(x, weight, residual, eps, b, *extra)  # checks the rest
     return (out, h) if residual is not None else out
 
 
