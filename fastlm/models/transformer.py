@@ -245,11 +245,6 @@ def _decode_sized(x, gemv_rows):
     return 0 < x.numel() <= gemv_rows * x.shape[-1] and not torch.is_grad_enabled()
 
 
-def _post_norm_scale(norm, w):
-    """The scale of a post-norm with weight w and norm's offset and eps (one config for all)."""
-    return w.float() + norm.offset if getattr(norm, "offset", 0.0) else w
-
-
 def _norm_linear(norm, x, residual, linear, activation=None, x_norm_weight=None):
     """(linear(norm(x + residual)) [SwiGLU'd / GeGLU'd], x + residual) in one ops.fused_linear call;
     with x_norm_weight (the weight of Gemma 2/3's post-norm of the sublayer that made x, whose
@@ -259,7 +254,7 @@ def _norm_linear(norm, x, residual, linear, activation=None, x_norm_weight=None)
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
     offset = norm.offset if is_rms and norm.weight is not None else 0.0
     if x_norm_weight is not None and residual is None:  # (h would be the normed x: not what callers keep)
-        x = ops.rms_norm(x, _post_norm_scale(norm, x_norm_weight), eps, backend=triton_only(norm.backend))
+        x = ops.rms_norm(x, x_norm_weight, eps, offset=offset, backend=triton_only(norm.backend))
         x_norm_weight = None
     out = ops.fused_linear(x, linear.weight, linear.bias, norm="rms" if is_rms else "layer",
                            norm_weight=norm.weight, norm_bias=None if is_rms else norm.bias, eps=eps,
@@ -390,12 +385,12 @@ class Block(nn.Module):
         path (``gemv_path``): with defer_post_norm the MLP output is returned before its post-norm,
         whose weight the caller passes to the next block as x_norm_weight, to be folded into its
         first kernel (a tensor, not the module: a compiled block would recompile per module)."""
-        if self.fused and _decode_sized(x, self.gemv_rows):
+        if self.gemv_path(x):
             return self._forward_gemv(x, residual, rope, cu_seqlens, max_seqlen, cache, x_norm_weight,
                                       defer_post_norm)
         if x_norm_weight is not None:
-            x = ops.rms_norm(x, _post_norm_scale(self.attn_norm, x_norm_weight), self.attn_norm.eps,
-                             backend=triton_only(self.attn_norm.backend))
+            n = self.attn_norm
+            x = ops.rms_norm(x, x_norm_weight, n.eps, offset=n.offset, backend=triton_only(n.backend))
         h, residual = add_norm(self.attn_norm, x, residual, self.fused)
         x = self.attn(h, rope, cu_seqlens, max_seqlen, cache)
         if self.post_norms:
