@@ -272,7 +272,9 @@ def bench_step(res, args, copy_bw, fa):
     append in one launch and decode in one more, the splits merged inside it);
     flash_attn_with_kvcache does the same when installed.  Qwen3 / Gemma 3 first RMS-normalize
     each q and k head: "+qk rms_norm x2" (two norm launches on the qkv views) vs
-    "+qk_norm_rotary" (one launch, norm only: the decode call still rotates).
+    "+qk_norm_rotary" (one launch, norm only: the decode call still rotates) vs "+qk norm in
+    append" (decode_attention(q_norm_weight=, k_norm_weight=): the append kernel normalizes too,
+    no extra launch; the model's decode step).
     GB/s counts the cache read plus the new tokens written."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     hkv = GQA["4:1"]
@@ -315,8 +317,14 @@ def bench_step(res, args, copy_bw, fa):
                     return fastlm.ops.decode_attention(qn, c[0], c[1], lens, k=kn, v=qkv_v, rotary_cos=cos,
                                                        rotary_sin=sin, backend=be)
 
+                def qk_norm_in_append(c, be=be):  # the append kernel normalizes, rotates and writes
+                    return fastlm.ops.decode_attention(qkv_q, c[0], c[1], lens, k=qkv_k, v=qkv_v, rotary_cos=cos,
+                                                       rotary_sin=sin, q_norm_weight=qk_w, k_norm_weight=qk_w,
+                                                       qk_norm_eps=1e-6, backend=be)
+
                 impls[f"{be}-fused +qk rms_norm x2"] = qk_norms
                 impls[f"{be}-fused +qk_norm_rotary"] = qk_norm_fused
+                impls[f"{be}-fused +qk norm in append"] = qk_norm_in_append
             if fa is not None:  # its tables in q's dtype
                 cos_lp, sin_lp = cos.to(DTYPE), sin.to(DTYPE)
                 impls["flash_attn"] = lambda c: fa.flash_attn_with_kvcache(
@@ -343,6 +351,11 @@ def bench_step(res, args, copy_bw, fa):
                 qk_fused, qk_sep = got.get(f"{be}-fused +qk_norm_rotary"), got.get(f"{be}-fused +qk rms_norm x2")
                 if qk_fused and qk_sep:
                     res.add(**row, impl=f"{be}-fused +qk_norm_rotary speedup", x_qk_rms_norm_x2=qk_sep / qk_fused)
+                qk_app = got.get(f"{be}-fused +qk norm in append")
+                if qk_app:
+                    peers = {"x_qk_rms_norm_x2": qk_sep, "x_qk_norm_rotary": qk_fused}
+                    res.add(**row, impl=f"{be}-fused +qk norm in append speedup",
+                            **{k: v / qk_app for k, v in peers.items() if v})
             del q, caches
             torch.cuda.empty_cache()
 

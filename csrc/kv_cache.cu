@@ -111,34 +111,60 @@ struct AppendParams {
   const void* cos;         // rotary: (max_pos, half), row stride s_cos, unit column stride
   const void* sin;
   int* sem;  // (batch, n_sem) fused-combine counters to zero, or nullptr
+  const void* q_w;  // norm: (D,) RMSNorm weights of the q heads and the k heads, fp32 or T (w_f32)
+  const void* k_w;
   int64_t kc_b, kc_t, kc_h, vc_b, vc_t, vc_h;  // cache strides: block|batch, slot|token, head
   int64_t k_b, k_s, k_h, v_b, v_s, v_h, q_b, q_s, q_h, qo_b, qo_s, qo_h;
   int64_t bt_s, s_cos, max_pos;
   int seqlen_new, H, Hq, D, half, n_pages, capacity, page, n_sem;
-  bool interleaved, cos_f32;
+  float eps, w_offset;  // norm: rstd = 1 / sqrt(mean(x^2) + eps); the heads scale by w_offset + w
+  bool interleaved, cos_f32, w_f32;
 };
 
+// What both append kernels do first for new token (b, s): zero the fused-combine counters (first
+// CTA of each sequence's first token), find the cache row of position pos = seqlens[b] + s (false:
+// none, the token is not written) and copy the v element u of this thread.
 template <typename T>
-__global__ void __launch_bounds__(256) kv_append_rotary_kernel(const AppendParams p) {
-  const int b = blockIdx.x / p.seqlen_new;
-  const int s = blockIdx.x % p.seqlen_new;
+__device__ __forceinline__ bool append_row(const AppendParams& p, int b, int s, int u, int64_t& pos, int64_t& blk,
+                                           int64_t& slot) {
   if (p.sem != nullptr && s == 0 && blockIdx.y == 0)
     for (int i = threadIdx.x; i < p.n_sem; i += blockDim.x) p.sem[static_cast<int64_t>(b) * p.n_sem + i] = 0;
-  const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + s;
+  pos = static_cast<int64_t>(p.seqlens[b]) + s;
   bool ok = pos >= 0 && pos < p.capacity;  // the cache row exists (else only q is rotated)
-  int64_t blk = b, slot = pos;
+  blk = b;
+  slot = pos;
   if (ok && p.block_table != nullptr) {
     const int id = p.block_table[b * p.bt_s + pos / p.page];
     ok = id >= 0 && id < p.n_pages;
     blk = id;
     slot = pos % p.page;
   }
-  const int u = blockIdx.y * blockDim.x + threadIdx.x;  // this thread's unit and v element
   if (ok && u < p.H * p.D) {
     const int h = u / p.D, d = u - h * p.D;
     static_cast<T*>(p.v_cache)[blk * p.vc_b + slot * p.vc_t + h * p.vc_h + d] =
         static_cast<const T*>(p.v)[b * p.v_b + s * p.v_s + h * p.v_h + d];
   }
+  return ok;
+}
+
+// cos / sin of pair e at position pos; NaN outside the tables (and no table memory read).
+template <typename T>
+__device__ __forceinline__ void rotary_row(const AppendParams& p, int64_t pos, int e, float& c, float& sn) {
+  c = sn = __int_as_float(0x7fffffff);
+  if (pos >= 0 && pos < p.max_pos) {
+    const int64_t off = pos * p.s_cos + e;
+    c = p.cos_f32 ? static_cast<const float*>(p.cos)[off] : to_float(static_cast<const T*>(p.cos)[off]);
+    sn = p.cos_f32 ? static_cast<const float*>(p.sin)[off] : to_float(static_cast<const T*>(p.sin)[off]);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) kv_append_rotary_kernel(const AppendParams p) {
+  const int b = blockIdx.x / p.seqlen_new;
+  const int s = blockIdx.x % p.seqlen_new;
+  const int u = blockIdx.y * blockDim.x + threadIdx.x;  // this thread's unit and v element
+  int64_t pos, blk, slot;
+  const bool ok = append_row<T>(p, b, s, u, pos, blk, slot);
   const int per_head = p.D - p.half;  // half pairs + D - 2 half pass-through elements
   const int hh = u / per_head, e = u - hh * per_head;
   const bool is_q = hh < p.Hq;
@@ -153,15 +179,58 @@ __global__ void __launch_bounds__(256) kv_append_rotary_kernel(const AppendParam
     return;
   }
   const int i1 = p.interleaved ? 2 * e : e, i2 = p.interleaved ? 2 * e + 1 : e + p.half;
-  float c = __int_as_float(0x7fffffff), sn = c;  // NaN outside the tables
-  if (pos >= 0 && pos < p.max_pos) {
-    const int64_t off = pos * p.s_cos + e;
-    c = p.cos_f32 ? static_cast<const float*>(p.cos)[off] : to_float(static_cast<const T*>(p.cos)[off]);
-    sn = p.cos_f32 ? static_cast<const float*>(p.sin)[off] : to_float(static_cast<const T*>(p.sin)[off]);
-  }
+  float c, sn;
+  rotary_row<T>(p, pos, e, c, sn);
   const float x1 = to_float(x[i1]), x2 = to_float(x[i2]);
   y[i1] = from_float<T>(x1 * c - x2 * sn);
   y[i2] = from_float<T>(x2 * c + x1 * sn);
+}
+
+// The append with the q/k norms (Qwen3, Gemma 3): one warp per head (the Hq query heads, then the
+// H key heads), kAppendWarps heads per CTA.  The warp sums x^2 over the head (warp_sum), then
+// writes each element normalized, times w_offset + w, and rotated (pairs e < half) or passed
+// through (dims >= 2 half; all of them without tables: half = 0).  The v copy is spread over the
+// CTAs' threads as in kv_append_rotary_kernel.  The head's elements are read twice (the second time
+// from L1): a decode step's few KiB, where latency, not bandwidth, is the cost.
+constexpr int kAppendWarps = 8;
+
+template <typename T>
+__device__ __forceinline__ float norm_weight(const AppendParams& p, const void* w, int d) {
+  return p.w_offset + (p.w_f32 ? static_cast<const float*>(w)[d] : to_float(static_cast<const T*>(w)[d]));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kAppendWarps) kv_append_norm_kernel(const AppendParams p) {
+  const int b = blockIdx.x / p.seqlen_new;
+  const int s = blockIdx.x % p.seqlen_new;
+  int64_t pos, blk, slot;
+  const bool ok = append_row<T>(p, b, s, blockIdx.y * blockDim.x + threadIdx.x, pos, blk, slot);
+  const int lane = threadIdx.x & 31;
+  const int hh = blockIdx.y * kAppendWarps + threadIdx.x / 32;  // warp-uniform, as ok: whole warps leave
+  const bool is_q = hh < p.Hq;
+  if (hh >= p.Hq + p.H || (!is_q && !ok)) return;
+  const T* x = is_q ? static_cast<const T*>(p.q) + b * p.q_b + s * p.q_s + hh * p.q_h
+                    : static_cast<const T*>(p.k) + b * p.k_b + s * p.k_s + (hh - p.Hq) * p.k_h;
+  T* y = is_q ? static_cast<T*>(p.q_out) + b * p.qo_b + s * p.qo_s + hh * p.qo_h
+              : static_cast<T*>(p.k_cache) + blk * p.kc_b + slot * p.kc_t + (hh - p.Hq) * p.kc_h;
+  const void* w = is_q ? p.q_w : p.k_w;
+  float ss = 0.f;
+  for (int d = lane; d < p.D; d += 32) {
+    const float t = to_float(x[d]);
+    ss += t * t;
+  }
+  const float rstd = rsqrtf(warp_sum(ss) / p.D + p.eps);
+  for (int e = lane; e < p.half; e += 32) {
+    const int i1 = p.interleaved ? 2 * e : e, i2 = p.interleaved ? 2 * e + 1 : e + p.half;
+    float c, sn;
+    rotary_row<T>(p, pos, e, c, sn);
+    const float x1 = to_float(x[i1]) * rstd * norm_weight<T>(p, w, i1);
+    const float x2 = to_float(x[i2]) * rstd * norm_weight<T>(p, w, i2);
+    y[i1] = from_float<T>(x1 * c - x2 * sn);
+    y[i2] = from_float<T>(x2 * c + x1 * sn);
+  }
+  for (int d = 2 * p.half + lane; d < p.D; d += 32)
+    y[d] = from_float<T>(to_float(x[d]) * rstd * norm_weight<T>(p, w, d));
 }
 
 // ------------------------------------------------------------------------------------ decode
@@ -1039,7 +1108,9 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
                                          const std::optional<at::Tensor>& rotary_cos,
                                          const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
                                          double softmax_scale, bool causal, int64_t window, double softcap,
-                                         int64_t num_splits) {
+                                         int64_t num_splits, const std::optional<at::Tensor>& q_norm_weight,
+                                         const std::optional<at::Tensor>& k_norm_weight, double qk_norm_eps,
+                                         double qk_norm_offset) {
   check_decode(q_in, k_cache, v_cache, window, softcap, num_splits);
   auto [k, v] = check_new_kv(k_cache, v_cache, k_in, v_in);
   const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
@@ -1063,13 +1134,32 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
                 "rotary_sin must have rotary_cos's shape and dtype");
     TORCH_CHECK(S == Sq, "with rotary tables, k's seqlen_new (", S, ") must equal q's seqlen_q (", Sq, ")");
   }
+  const bool norm = q_norm_weight.has_value() && q_norm_weight->defined();
+  TORCH_CHECK(norm == (k_norm_weight.has_value() && k_norm_weight->defined()),
+              "q_norm_weight and k_norm_weight come together");
+  at::Tensor qw, kw;
+  if (norm) {
+    qw = q_norm_weight->contiguous();
+    kw = k_norm_weight->contiguous();
+    for (const at::Tensor* t : {&qw, &kw}) {
+      const char* name = t == &qw ? "q_norm_weight" : "k_norm_weight";
+      TORCH_CHECK(t->device() == q_in.device(), name, " must be on ", q_in.device(), ", got ", t->device());
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == D, name, " must have shape (", D, ",) (head_dim), got ", t->sizes());
+      TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == q_in.scalar_type(), name,
+                  " must be float32 or q's dtype, got ", t->scalar_type());
+    }
+    TORCH_CHECK(kw.scalar_type() == qw.scalar_type(), "q_norm_weight and k_norm_weight must share a dtype");
+    TORCH_CHECK(qk_norm_eps >= 0.0, "qk_norm_eps must be >= 0, got ", qk_norm_eps);
+    TORCH_CHECK(S == Sq, "with q/k norms, k's seqlen_new (", S, ") must equal q's seqlen_q (", Sq, ")");
+  }
+  const bool transform = rotary || norm;  // q is rewritten (into a dense copy) by the append
   auto [bt, capacity] = check_layout(k_cache, cache_seqlens, block_table, B);
   const at::Tensor leftpad = check_leftpad(cache_leftpad, k_cache, B);
   at::Tensor out = at::empty_like(q_in);
   if (out.numel() == 0) return out;
   c10::cuda::CUDAGuard guard(q_in.device());
   const bool append = S > 0;
-  at::Tensor q = rotary ? at::empty(q_in.sizes(), q_in.options()) : decode_ready(q_in);  // (rotated into by the append)
+  at::Tensor q = transform ? at::empty(q_in.sizes(), q_in.options()) : decode_ready(q_in);  // (written by the append)
   at::Tensor sem;  // the fused combine's counters (zeroed by the append), unless a tile's merge is too big for one CTA
   const int64_t tile_rows = std::min<int64_t>(kRows, Hq / k_cache.size(2) * Sq);
   if (append && num_splits > 1 && tile_rows * D * num_splits * 4 <= kMaxFusedMergeBytes)
@@ -1079,7 +1169,7 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
       cos = cos.contiguous();
       sin = sin.contiguous();
     }
-    const at::Tensor q_src = rotary && q_in.stride(3) != 1 ? q_in.contiguous() : q_in;
+    const at::Tensor q_src = transform && q_in.stride(3) != 1 ? q_in.contiguous() : q_in;
     AppendParams p{};
     p.k_cache = k_cache.data_ptr();
     p.v_cache = v_cache.data_ptr();
@@ -1087,8 +1177,8 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
     p.v = v.data_ptr();
     p.seqlens = cache_seqlens.data_ptr<int>();
     p.block_table = bt.defined() ? bt.data_ptr<int>() : nullptr;
-    p.q = rotary ? q_src.data_ptr() : nullptr;
-    p.q_out = rotary ? q.data_ptr() : nullptr;
+    p.q = transform ? q_src.data_ptr() : nullptr;
+    p.q_out = transform ? q.data_ptr() : nullptr;
     p.cos = rotary ? cos.data_ptr() : nullptr;
     p.sin = rotary ? sin.data_ptr() : nullptr;
     p.sem = sem.defined() ? sem.data_ptr<int>() : nullptr;
@@ -1104,19 +1194,28 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
     p.v_b = v.stride(0);
     p.v_s = v.stride(1);
     p.v_h = v.stride(2);
-    if (rotary) {
+    if (transform) {
       p.q_b = q_src.stride(0);
       p.q_s = q_src.stride(1);
       p.q_h = q_src.stride(2);
       p.qo_b = q.stride(0);
       p.qo_s = q.stride(1);
       p.qo_h = q.stride(2);
+      p.Hq = static_cast<int>(Hq);
+    }
+    if (rotary) {
       p.s_cos = cos.stride(0);
       p.max_pos = cos.size(0);
-      p.Hq = static_cast<int>(Hq);
       p.half = static_cast<int>(cos.size(1));
       p.interleaved = rotary_interleaved;
       p.cos_f32 = cos.scalar_type() == at::kFloat;
+    }
+    if (norm) {
+      p.q_w = qw.data_ptr();
+      p.k_w = kw.data_ptr();
+      p.w_f32 = qw.scalar_type() == at::kFloat;
+      p.eps = static_cast<float>(qk_norm_eps);
+      p.w_offset = static_cast<float>(qk_norm_offset);
     }
     p.bt_s = bt.defined() ? bt.stride(0) : 0;
     p.seqlen_new = static_cast<int>(S);
@@ -1126,14 +1225,25 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
     p.capacity = static_cast<int>(capacity);
     p.page = static_cast<int>(k_cache.size(1));
     p.n_sem = sem.defined() ? static_cast<int>(sem.size(1)) : 0;
-    const int64_t work = std::max(H * D, (p.Hq + H) * (D - p.half));  // v elements; pairs + pass-through dims
-    const int threads = static_cast<int>(std::min<int64_t>(256, (work + 31) / 32 * 32));
-    const dim3 grid(static_cast<unsigned>(B * S), static_cast<unsigned>((work + threads - 1) / threads));
     auto stream = c10::cuda::getCurrentCUDAStream();
-    FASTLM_DISPATCH_FLOAT(q_in.scalar_type(), "decode_attention_with_kv_cuda", [&] {
-      kv_append_rotary_kernel<scalar_t><<<grid, threads, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    if (norm) {  // a warp per head, and the v copy spread over the same CTAs
+      constexpr int threads = 32 * kAppendWarps;
+      const int64_t ctas =
+          std::max<int64_t>((Hq + H + kAppendWarps - 1) / kAppendWarps, (H * D + threads - 1) / threads);
+      const dim3 grid(static_cast<unsigned>(B * S), static_cast<unsigned>(ctas));
+      FASTLM_DISPATCH_FLOAT(q_in.scalar_type(), "decode_attention_with_kv_cuda", [&] {
+        kv_append_norm_kernel<scalar_t><<<grid, threads, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    } else {
+      const int64_t work = std::max(H * D, (p.Hq + H) * (D - p.half));  // v elements; pairs + pass-through dims
+      const int threads = static_cast<int>(std::min<int64_t>(256, (work + 31) / 32 * 32));
+      const dim3 grid(static_cast<unsigned>(B * S), static_cast<unsigned>((work + threads - 1) / threads));
+      FASTLM_DISPATCH_FLOAT(q_in.scalar_type(), "decode_attention_with_kv_cuda", [&] {
+        kv_append_rotary_kernel<scalar_t><<<grid, threads, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
   }
   launch_decode(q, out, k_cache, v_cache, cache_seqlens, leftpad, bt, capacity, softmax_scale, causal, window,
                 softcap, num_splits, S, sem);

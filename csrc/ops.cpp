@@ -71,9 +71,12 @@ TORCH_LIBRARY(fastlm, m) {
   // decode_attention_cuda after appending k, v (batch, seqlen_new, n_kv_heads, head_dim) at positions
   // cache_seqlens[b] + s (cache_seqlens itself unchanged), attending over cache_seqlens[b] + seqlen_new
   // tokens.  rotary_cos/sin (max_positions, rotary_dim / 2), fp32 or q's dtype: q and k are first rotated
-  // at those positions (seqlen_new == seqlen_q; q itself unchanged).  Two launches.  Forward only.
+  // at those positions (seqlen_new == seqlen_q; q itself unchanged).  q_norm_weight / k_norm_weight
+  // (head_dim,), fp32 or q's dtype: every head of q and k is first RMS-normalized (qk_norm_eps) and scaled
+  // by qk_norm_offset + weight (Qwen3's / Gemma 3's q/k norms).  Two launches.  Forward only.
   m.def(
       "decode_attention_with_kv_cuda(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v,"
       " Tensor cache_seqlens, Tensor? block_table, Tensor? cache_leftpad, Tensor? rotary_cos, Tensor? rotary_sin, bool rotary_interleaved,"
-      " float softmax_scale, bool causal, int window, float softcap, int num_splits) -> Tensor");
+      " float softmax_scale, bool causal, int window, float softcap, int num_splits, Tensor? q_norm_weight=None,"
+      " Tensor? k_norm_weight=None, float qk_norm_eps=1e-06, float qk_norm_offset=0.) -> Tensor");
 }

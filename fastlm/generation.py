@@ -79,11 +79,19 @@ class _CacheHook:
         self.cache, self.op_backend = cache, op_backend
         self.prefill = None  # (slots (total,) int64, cu_seqlens int32, max_seqlen int)
 
-    def attend(self, layer, q, k, v, window, rope, softmax_scale=None, softcap=None):
+    def attend(self, layer, q, k, v, window, rope, softmax_scale=None, softcap=None, qk_norm=None):
+        # qk_norm: (q weight, k weight, eps, offset) of the layer's q/k RMSNorms (Qwen3, Gemma 3),
+        # applied before the rotation: by ops.qk_norm_rotary in the prefill, by the append kernel
+        # of decode_attention in a decode step.
         c = self.cache
         softcap = softcap or 0.0
         if self.prefill is not None:
-            if rope is not None:
+            if qk_norm is not None:
+                rot = rope if rope is not None else (None,) * 4
+                q, k = ops.qk_norm_rotary(q, k, qk_norm[0], qk_norm[1], rot[0], rot[1], eps=qk_norm[2],
+                                          positions=rot[2], cu_seqlens=rot[3], weight_offset=qk_norm[3],
+                                          backend=triton_only(self.op_backend))
+            elif rope is not None:
                 cos, sin, positions, cu = rope
                 q, k = ops.apply_rotary(q, k, cos, sin, positions=positions, cu_seqlens=cu, backend=self.op_backend)
             slots, cu, max_len = self.prefill
@@ -97,8 +105,10 @@ class _CacheHook:
         cos, sin = (rope[0], rope[1]) if rope is not None else (None, None)
         if rope is not None and rope[2] is not c.positions:  # the rotation positions are the cache's
             raise RuntimeError("_CacheHook: a decode step must run the model with positions=cache.positions")
+        norm = {} if qk_norm is None else dict(q_norm_weight=qk_norm[0], k_norm_weight=qk_norm[1],
+                                                qk_norm_eps=qk_norm[2], qk_norm_offset=qk_norm[3])
         return c.append_attend(layer, q, k, v, rotary_cos=cos, rotary_sin=sin, window=window[0],  # (left, 0) -> left
-                               softmax_scale=softmax_scale, softcap=softcap, backend=self.op_backend)
+                               softmax_scale=softmax_scale, softcap=softcap, backend=self.op_backend, **norm)
 
 
 class _TorchKVCache:

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from fastlm.kernels import cdiv, next_pow2, on_tensor_device
+from fastlm.kernels.qk_norm import norm_rotate
 from fastlm.kernels.rotary import _rotate_tile
 
 LOG2E = 1.4426950408889634
@@ -96,12 +97,16 @@ def _append_kernel(
     QO,  # *T  rotated queries, same shape (ROTARY only)
     COS,  # *Tc (max_pos, half) rotary tables, unit column stride (ROTARY only)
     SIN,
+    QW,  # *Tw (D,) RMSNorm weights of the q and k heads (NORM only)
+    KW,
     seqlen_new,
     H,
     D,
     Hq,  # query heads (ROTARY only)
     half,  # rotary_dim // 2 (ROTARY only)
     max_pos,  # rows of the tables (ROTARY only)
+    eps,  # the norms' epsilon (NORM only)
+    w_offset,  # the heads scale by w_offset + weight (NORM only)
     n_pages,  # valid range of the cache's first index: num_blocks (paged) or batch
     capacity,  # tokens a sequence can hold: max_blocks * PAGE (paged) or max_seqlen
     s_kcb, s_kct, s_kch, s_kcd,  # K_CACHE strides (block|batch, slot|token, head, dim)
@@ -117,6 +122,7 @@ def _append_kernel(
     PAGED: tl.constexpr,  # paged layout (else contiguous)
     PAGE: tl.constexpr,  # block size (1 when not PAGED)
     ROTARY: tl.constexpr,  # rotate k (and q into QO) at each token's position before writing
+    NORM: tl.constexpr,  # RMS-normalize each head of k (and q into QO) first (Qwen3's q/k norms)
     INTERLEAVED: tl.constexpr,  # GPT-J pairs (ROTARY only)
     COPY_PASS: tl.constexpr,  # rotary_dim < head_dim: copy the dims past it (ROTARY only)
     BLOCK_H: tl.constexpr,  # power of two >= H
@@ -145,24 +151,40 @@ def _append_kernel(
     m = (h < H) & (d < D) & ok
     v = tl.load(V + b64 * s_vb + s64 * s_vs + h64 * s_vh + d * s_vd, mask=m)
     tl.store(V_CACHE + phys64 * s_vcb + slot64 * s_vct + h64 * s_vch + d * s_vcd, v.to(V_CACHE.dtype.element_ty), mask=m)
-    if ROTARY:
+    if ROTARY or NORM:
         # One token per program: [1]-shaped position, cache row and cos/sin row (NaN past the
         # table, so a bad position shows as NaN, never as a wrapped angle).
         one = tl.zeros([1], dtype=tl.int32)
         pos1 = tl.load(SEQLENS + b + one) + s
         phys1, slot1, ok1 = _cache_row(pos1, b64, BT, s_bt, n_pages, capacity, PAGED, PAGE)
-        in_table = (pos1 >= 0) & (pos1 < max_pos)
-        i = tl.arange(0, BLOCK_HALF)
-        coff = tl.where(in_table, pos1, 0).to(tl.int64)[:, None] * s_cos + i[None, :]
-        cmask = in_table[:, None] & (i < half)[None, :]
-        c = tl.load(COS + coff, mask=cmask, other=float("nan")).to(tl.float32)[:, None, :]
-        sn = tl.load(SIN + coff, mask=cmask, other=float("nan")).to(tl.float32)[:, None, :]
-        zero = one.to(tl.int64)
-        # k: read at (b, s), written rotated at the cache row; q: read at (b, s), written to QO.
-        _rotate_tile(K + b64 * s_kb + s64 * s_ks, K_CACHE, 0, 0, s_kh, s_kcb, s_kct, s_kch, phys1, slot1, ok1, 0, H,
-                     c, sn, half, D, INTERLEAVED, COPY_PASS, 1, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
-        _rotate_tile(Q + b64 * s_qb + s64 * s_qs, QO + b64 * s_qob + s64 * s_qos, 0, 0, s_qh, 0, 0, s_qoh, zero, zero,
-                     one == 0, 0, Hq, c, sn, half, D, INTERLEAVED, COPY_PASS, 1, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS)
+        if ROTARY:
+            in_table = (pos1 >= 0) & (pos1 < max_pos)
+            i = tl.arange(0, BLOCK_HALF)
+            coff = tl.where(in_table, pos1, 0).to(tl.int64)[:, None] * s_cos + i[None, :]
+            cmask = in_table[:, None] & (i < half)[None, :]
+            c = tl.load(COS + coff, mask=cmask, other=float("nan")).to(tl.float32)[:, None, :]
+            sn = tl.load(SIN + coff, mask=cmask, other=float("nan")).to(tl.float32)[:, None, :]
+        else:  # (unused: a norm alone)
+            c = tl.full([1, 1, BLOCK_HALF], 1.0, tl.float32)
+            sn = tl.zeros([1, 1, BLOCK_HALF], tl.float32)
+        # k: read at (b, s), written (normalized and) rotated at the cache row; q: read at (b, s),
+        # written to QO.
+        kx = K + b64 * s_kb + s64 * s_ks
+        qx, qy = Q + b64 * s_qb + s64 * s_qs, QO + b64 * s_qob + s64 * s_qos
+        if NORM:
+            hk = tl.arange(0, BLOCK_H).to(tl.int64)[None, :]  # [1, BLOCK_H]
+            hq = tl.arange(0, BLOCK_HQ).to(tl.int64)[None, :]
+            norm_rotate(kx, K_CACHE, hk * s_kh, (phys1 * s_kcb + slot1 * s_kct)[:, None] + hk * s_kch,
+                        ok1[:, None] & (hk < H), KW, c, sn, eps, w_offset, half, D, ROTARY, INTERLEAVED, True,
+                        BLOCK_HALF, BLOCK_PASS)
+            norm_rotate(qx, qy, hq * s_qh, hq * s_qoh, (one == 0)[:, None] & (hq < Hq), QW, c, sn, eps, w_offset,
+                        half, D, ROTARY, INTERLEAVED, True, BLOCK_HALF, BLOCK_PASS)
+        else:
+            zero = one.to(tl.int64)
+            _rotate_tile(kx, K_CACHE, 0, 0, s_kh, s_kcb, s_kct, s_kch, phys1, slot1, ok1, 0, H,
+                         c, sn, half, D, INTERLEAVED, COPY_PASS, 1, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+            _rotate_tile(qx, qy, 0, 0, s_qh, 0, 0, s_qoh, zero, zero,
+                         one == 0, 0, Hq, c, sn, half, D, INTERLEAVED, COPY_PASS, 1, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS)
     else:
         k = tl.load(K + b64 * s_kb + s64 * s_ks + h64 * s_kh + d * s_kd, mask=m)
         tl.store(K_CACHE + phys64 * s_kcb + slot64 * s_kct + h64 * s_kch + d * s_kcd, k.to(K_CACHE.dtype.element_ty),
@@ -171,11 +193,12 @@ def _append_kernel(
 
 @on_tensor_device
 def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q=None, q_out=None, cos=None, sin=None,
-                    interleaved=False, counters=None):
+                    interleaved=False, counters=None, q_weight=None, k_weight=None, eps=1e-6, w_offset=0.0):
     """In place; shapes/dtypes/devices already validated by fastlm.ops.kv_cache.  With cos/sin,
     k is rotated at each token's position (cache_seqlens[b] + s) as it is written, and q (same
-    positions) is rotated into q_out, in the same launch.  counters: combine_counters() of the
-    decode_attention launched next, zeroed here."""
+    positions) is rotated into q_out, in the same launch.  With q_weight/k_weight, every head of
+    q and k is first RMS-normalized over head_dim (fp32, eps) and scaled by w_offset + weight.
+    counters: combine_counters() of the decode_attention launched next, zeroed here."""
     B, S, H, D = k.shape
     if B == 0 or S == 0:
         assert counters is None or counters.numel() == 0, "the fused combine's counters need an append to zero them"
@@ -184,16 +207,16 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q=None, 
     page = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
     block_h, block_d = next_pow2(H), next_pow2(D)
-    rotary = cos is not None
-    if rotary:
+    rotary, norm = cos is not None, k_weight is not None
+    if rotary or norm:
         # the rotation reads whole rows: unit stride in head_dim (a free view of a fused qkv)
         q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-        Hq, half = q.shape[2], cos.shape[1]
-        block_hq, block_half = next_pow2(Hq), next_pow2(half)
+        Hq, half = q.shape[2], cos.shape[1] if rotary else 0
+        block_hq, block_half = next_pow2(Hq), max(next_pow2(half), 1)
         copy_pass = 2 * half < D
         block_pass = next_pow2(D - 2 * half) if copy_pass else 1
-        q_args = (q, q_out, cos, sin)
-        q_strides = (*q.stride()[:3], *q_out.stride()[:3], cos.stride(0))
+        q_args = (q, q_out, cos if rotary else q, sin if rotary else q)
+        q_strides = (*q.stride()[:3], *q_out.stride()[:3], cos.stride(0) if rotary else 0)
         tile = max(block_h, block_hq) * block_d
     else:
         Hq = half = 0
@@ -204,11 +227,12 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q=None, 
         tile = block_h * block_d
     _append_kernel[(B * S,)](
         k_cache, v_cache, k, v, cache_seqlens, block_table if paged else cache_seqlens, *q_args,
-        S, H, D, Hq, half, cos.shape[0] if rotary else 0, k_cache.shape[0], capacity,
+        q_weight if norm else k, k_weight if norm else k,
+        S, H, D, Hq, half, cos.shape[0] if rotary else 0, float(eps), float(w_offset), k_cache.shape[0], capacity,
         *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(), *q_strides,
         block_table.stride(0) if paged else 0,
         counters if counters is not None else cache_seqlens, counters.shape[1] if counters is not None else 0,
-        PAGED=paged, PAGE=page, ROTARY=rotary, INTERLEAVED=interleaved, COPY_PASS=copy_pass,
+        PAGED=paged, PAGE=page, ROTARY=rotary, NORM=norm, INTERLEAVED=interleaved, COPY_PASS=copy_pass,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
         ZERO_SEM=counters is not None,
         BLOCK_SEM=next_pow2(counters.shape[1]) if counters is not None else 1,

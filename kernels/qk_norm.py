@@ -45,6 +45,52 @@ def _addresses(t, tmask, COS, SIN, POS, CU, s_cos, spos_b, spos_s, seqlen, half,
 
 
 @triton.jit
+def norm_rotate(
+    X, Y,  # *T  input / output base pointers (unit stride in head_dim)
+    rx, ry,  # [BLOCK_T, BLOCK_H] int64 offsets of the rows (one head of one token each) in X / Y
+    m2,  # [BLOCK_T, BLOCK_H] the row exists
+    W,  # *Tw  (head_dim,) weight (unused unless HAS_WEIGHT)
+    c, s,  # [BLOCK_T, 1, BLOCK_HALF] fp32 cos / sin (unused unless HAS_ROTARY)
+    eps, w_offset, half, head_dim,
+    HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,  # power of two >= half
+    BLOCK_PASS: tl.constexpr,  # power of two >= head_dim - 2 * half
+):
+    """RMS-normalize rows of head_dim (fp32 statistics), scale by w_offset + W, rotate the
+    pairs (i, i + half) or (2i, 2i+1) with (c, s) and store to Y; dims past 2 * half (all of
+    them without tables: half = 0) pass through normalized.  -> rstd [BLOCK_T, BLOCK_H]."""
+    p = 2 * half + tl.arange(0, BLOCK_PASS)
+    pm = p < head_dim
+    mp = m2[:, :, None] & pm[None, None, :]
+    xp = tl.load(X + rx[:, :, None] + p[None, None, :], mask=mp, other=0.0).to(tl.float32)
+    ss = tl.sum(xp * xp, axis=2)
+    i = tl.arange(0, BLOCK_HALF)
+    im = i < half
+    m3 = m2[:, :, None] & im[None, None, :]
+    ia = 2 * i if INTERLEAVED else i  # the pair (a, b): (2i, 2i+1) or (i, i + half)
+    ib = ia + 1 if INTERLEAVED else i + half
+    if HAS_ROTARY:
+        xa = tl.load(X + rx[:, :, None] + ia[None, None, :], mask=m3, other=0.0).to(tl.float32)
+        xb = tl.load(X + rx[:, :, None] + ib[None, None, :], mask=m3, other=0.0).to(tl.float32)
+        ss += tl.sum(xa * xa + xb * xb, axis=2)
+    rstd = 1.0 / tl.sqrt(ss / head_dim + eps)  # [BLOCK_T, BLOCK_H]
+    r3 = rstd[:, :, None]
+    yp = xp * r3
+    if HAS_WEIGHT:
+        yp = yp * (tl.load(W + p, mask=pm, other=0.0).to(tl.float32) + w_offset)[None, None, :]
+    tl.store(Y + ry[:, :, None] + p[None, None, :], yp.to(Y.dtype.element_ty), mask=mp)
+    if HAS_ROTARY:
+        na = xa * r3
+        nb = xb * r3
+        if HAS_WEIGHT:
+            na = na * (tl.load(W + ia, mask=im, other=0.0).to(tl.float32) + w_offset)[None, None, :]
+            nb = nb * (tl.load(W + ib, mask=im, other=0.0).to(tl.float32) + w_offset)[None, None, :]
+        tl.store(Y + ry[:, :, None] + ia[None, None, :], (na * c - nb * s).to(Y.dtype.element_ty), mask=m3)
+        tl.store(Y + ry[:, :, None] + ib[None, None, :], (nb * c + na * s).to(Y.dtype.element_ty), mask=m3)
+    return rstd
+
+
+@triton.jit
 def _fwd_tile(
     X, Y, W, R,  # q or k, its output, weight, rstd
     sxb, sxs, sxh, n_heads, h0, pid_t,
@@ -62,35 +108,9 @@ def _fwd_tile(
     m2 = tmask[:, None] & (h < n_heads)[None, :]  # [BLOCK_T, BLOCK_H]
     rx = (ab * sxb + as_ * sxs)[:, None] + h.to(tl.int64)[None, :] * sxh
     ry = t.to(tl.int64)[:, None] * (n_heads * head_dim) + h[None, :] * head_dim
-    p = 2 * half + tl.arange(0, BLOCK_PASS)
-    pm = p < head_dim
-    mp = m2[:, :, None] & pm[None, None, :]
-    xp = tl.load(X + rx[:, :, None] + p[None, None, :], mask=mp, other=0.0).to(tl.float32)
-    ss = tl.sum(xp * xp, axis=2)
-    i = tl.arange(0, BLOCK_HALF)
-    im = i < half
-    m3 = m2[:, :, None] & im[None, None, :]
-    ia = 2 * i if INTERLEAVED else i  # the pair (a, b): (2i, 2i+1) or (i, i + half)
-    ib = ia + 1 if INTERLEAVED else i + half
-    if HAS_ROTARY:
-        xa = tl.load(X + rx[:, :, None] + ia[None, None, :], mask=m3, other=0.0).to(tl.float32)
-        xb = tl.load(X + rx[:, :, None] + ib[None, None, :], mask=m3, other=0.0).to(tl.float32)
-        ss += tl.sum(xa * xa + xb * xb, axis=2)
-    rstd = 1.0 / tl.sqrt(ss / head_dim + eps)  # [BLOCK_T, BLOCK_H]
+    rstd = norm_rotate(X, Y, rx, ry, m2, W, c, s, eps, w_offset, half, head_dim, HAS_ROTARY, INTERLEAVED, HAS_WEIGHT,
+                       BLOCK_HALF, BLOCK_PASS)
     tl.store(R + t.to(tl.int64)[:, None] * n_heads + h[None, :], rstd, mask=m2)
-    r3 = rstd[:, :, None]
-    yp = xp * r3
-    if HAS_WEIGHT:
-        yp = yp * (tl.load(W + p, mask=pm, other=0.0).to(tl.float32) + w_offset)[None, None, :]
-    tl.store(Y + ry[:, :, None] + p[None, None, :], yp.to(Y.dtype.element_ty), mask=mp)
-    if HAS_ROTARY:
-        na = xa * r3
-        nb = xb * r3
-        if HAS_WEIGHT:
-            na = na * (tl.load(W + ia, mask=im, other=0.0).to(tl.float32) + w_offset)[None, None, :]
-            nb = nb * (tl.load(W + ib, mask=im, other=0.0).to(tl.float32) + w_offset)[None, None, :]
-        tl.store(Y + ry[:, :, None] + ia[None, None, :], (na * c - nb * s).to(Y.dtype.element_ty), mask=m3)
-        tl.store(Y + ry[:, :, None] + ib[None, None, :], (nb * c + na * s).to(Y.dtype.element_ty), mask=m3)
 
 
 @triton.jit

@@ -496,6 +496,11 @@ def test_cuda_with_kv_op_rejects_bad_arguments():
             continue
         with pytest.raises(RuntimeError, match=match):
             call(**kw)
+    w = torch.ones(D, device=DEVICE)
+    for (qw, kw), match in [((w, None), "come together"), ((w, w[:8]), "k_norm_weight must have shape"),
+                            ((w.double(), w), "q_norm_weight must be float32"), ((w, w.half()), "share a dtype")]:
+        with pytest.raises(RuntimeError, match=match):
+            op(q, kc, vc, k, k, lens, bt, None, cos, sin, False, 0.25, True, -1, 0.0, 2, qw, kw, 1e-6, 0.0)
 
 
 @pytest.mark.parametrize("backend", ["reference", *kernel_backends()])
@@ -620,6 +625,60 @@ def test_decode_with_new_kv(backend, dtype, paged, rotary, Hq, Hkv, Sq):
     if frac is not None:
         cos, sin = _tables(2 * max(1, int(D * frac) // 2), cap + 3)
     _check_with_kv(q, kc, vc, k, v, lens, bt, backend, cos, sin, inter)
+
+
+QK_NORM_CASES = {  # name -> (rotary case, norm offset)
+    "norm-only": ("none", 0.0), "qwen3": ("neox", 0.0), "gemma3": ("neox", 1.0), "partial-gptj": ("partial-gptj", 0.5),
+}
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("paged", [True, False])
+@pytest.mark.parametrize("case", list(QK_NORM_CASES))
+@pytest.mark.parametrize("Hq,Hkv,Sq", [(8, 2, 1), (6, 1, 3)])
+def test_decode_with_new_kv_qk_norm(backend, dtype, paged, case, Hq, Hkv, Sq):
+    """q/k norms (Qwen3, Gemma 3) in the append: every head of q and the new k RMS-normalized,
+    scaled by offset + weight, then rotated and appended; against the reference in float64 and
+    in the input dtype, the cache too.  Weights in fp32 (paged) or q's dtype (contiguous)."""
+    B, D, cap = 3, 40, 29
+    kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=5)
+    lens = torch.tensor([0, 11, cap - Sq], dtype=torch.int32, device=DEVICE)
+    poison_unused(kc, vc, lens, bt)
+    q = 3 * torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)  # (not unit scale: the norm must matter)
+    k = torch.randn(B, Sq, Hkv, D, dtype=dtype, device=DEVICE) / 4
+    v = torch.randn(B, Sq, Hkv, D, dtype=dtype, device=DEVICE)
+    rotary, offset = QK_NORM_CASES[case]
+    frac, inter = ROTARY_CASES[rotary]
+    cos = sin = None
+    if frac is not None:
+        cos, sin = _tables(2 * max(1, int(D * frac) // 2), cap + 3)
+    wdt = torch.float32 if paged else dtype
+    qw, kw = (torch.rand(D, device=DEVICE).to(wdt) + 0.5 - offset for _ in range(2))
+    _check_with_kv(q, kc, vc, k, v, lens, bt, backend, cos, sin, inter, q_norm_weight=qw, k_norm_weight=kw,
+                   qk_norm_eps=1e-5, qk_norm_offset=offset)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_decode_with_new_kv_qk_norm_matches_separate_ops(backend):
+    """decode_attention(q_norm_weight=, k_norm_weight=, rotary) == ops.qk_norm_rotary at the
+    per-sequence positions, then decode_attention(k=, v=) without them; on strided q/k/v views
+    of a fused qkv projection (the model's decode step) and a forced split."""
+    B, Hq, Hkv, D, cap = 3, 8, 2, 32, 45
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=8)
+    lens = torch.tensor([0, 17, cap - 1], dtype=torch.int32, device=DEVICE)
+    qkv = torch.randn(B, 1, Hq + 2 * Hkv, D, dtype=torch.float16, device=DEVICE) * 2
+    q, k, v = qkv.split([Hq, Hkv, Hkv], dim=2)
+    cos, sin = _tables(D, cap)
+    qw, kw = (torch.rand(D, dtype=torch.float16, device=DEVICE) + 0.5 for _ in range(2))
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=v, rotary_cos=cos, rotary_sin=sin, q_norm_weight=qw,
+                                      k_norm_weight=kw, qk_norm_eps=1e-6, block_table=bt, num_splits=3,
+                                      backend=backend)
+    qn, kn = fastlm.ops.qk_norm_rotary(q, k, qw, kw, cos, sin, eps=1e-6, positions=lens, backend="triton")
+    exp = fastlm.ops.decode_attention(qn, kc2, vc2, lens, k=kn, v=v, block_table=bt, num_splits=3, backend=backend)
+    torch.testing.assert_close(kc, kc2, atol=1e-3, rtol=0)
+    assert torch.equal(vc, vc2)
+    torch.testing.assert_close(out, exp, atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -768,6 +827,11 @@ def test_decode_with_new_kv_opcheck_and_compile(backend):
     pad = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv.default,
                           (q, kc, vc, k, k, lens, bt, pad, cos, sin, False, 0.25, True, -1, 0.0, 2, backend))
+    w = torch.rand(D, device=DEVICE) + 0.5
+    for rot in ((cos, sin), (None, None)):  # q/k norms, with and without the rotation
+        torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv.default,
+                              (q, kc, vc, k, k, lens, bt, None, *rot, False, 0.25, True, -1, 0.0, 2, backend,
+                               w, w * 0.5, 1e-6, 1.0))
 
     def step(q, k, kc, vc, lens, bt):
         out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=k, rotary_cos=cos, rotary_sin=sin,
@@ -885,6 +949,20 @@ def test_decode_with_new_kv_bad_inputs():
     raises(ValueError, "rotary_sin must have the shape", rotary_sin=sin[:, :2])
     raises(TypeError, "float32 or q's dtype", rotary_cos=cos.double(), rotary_sin=sin.double())
     raises(TypeError, "rotary_interleaved", rotary_interleaved=1)
+    w = torch.ones(D, device=DEVICE)
+    raises(ValueError, "got only q_norm_weight", q_norm_weight=w)
+    raises(ValueError, "got only k_norm_weight", k_norm_weight=w)
+    raises(ValueError, "need k and v", q_norm_weight=w, k_norm_weight=w, k=None, v=None, rotary_cos=None,
+           rotary_sin=None)
+    raises(ValueError, r"k_norm_weight must have shape \(16,\)", q_norm_weight=w, k_norm_weight=w[:8])
+    raises(TypeError, "q_norm_weight must be float32 or q's dtype", q_norm_weight=w.double(), k_norm_weight=w)
+    raises(TypeError, "share a dtype", q_norm_weight=w, k_norm_weight=w.half())
+    raises(TypeError, "q_norm_weight must be a tensor", q_norm_weight=[1.0] * D, k_norm_weight=w)
+    raises(ValueError, "qk_norm_eps", q_norm_weight=w, k_norm_weight=w, qk_norm_eps=-1.0)
+    raises(ValueError, "qk_norm_offset offsets", qk_norm_offset=1.0)
+    raises(ValueError, "qk_norm_offset must be a finite", q_norm_weight=w, k_norm_weight=w, qk_norm_offset=math.nan)
+    raises(ValueError, "normalized with the new tokens", q_norm_weight=w, k_norm_weight=w, rotary_cos=None,
+           rotary_sin=None, k=torch.cat([k, k], 1), v=torch.cat([k, k], 1))
     if not HAS_CUDA:  # host index checks (CPU always)
         raises(IndexError, "position 8, past the 8 positions", rotary_cos=cos[:8], rotary_sin=sin[:8])
         dec(q, kc.clone(), vc.clone(), lens, k=k, v=k, rotary_cos=cos[:9], rotary_sin=sin[:9], block_table=bt)

@@ -312,8 +312,9 @@ def _qk_norm_case(D, rotary_dim, dtype, *, mode=0, varlen=False, interleaved=Fal
 
 
 def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8, rotary_dim=0, Hq=32, interleaved=False,
-                 counters=0):
+                 counters=0, norm=False):
     """rotary_dim > 0: the fused rotary + append of decode_attention(k=, v=, rotary_cos=...);
+    norm: with the q/k RMSNorms too (q_norm_weight=, k_norm_weight=; rotary_dim may be 0);
     counters > 0: it also zeroes that many fused-combine counters per sequence."""
     def run(k, arch):
         import torch
@@ -323,20 +324,24 @@ def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8, rotary_dim=0, Hq=32
             bt = _t(B, 64, dtype=torch.int32)
         else:
             kc, vc, bt = _t(B, 4096, H, D, dtype=dtype), _t(B, 4096, H, D, dtype=dtype), None
-        if rotary_dim:  # q, k, v as views of one fused qkv projection
+        if rotary_dim or norm:  # q, k, v as views of one fused qkv projection
             qkv = _t(B, S, Hq + 2 * H, D, dtype=dtype)
             q, k_new, v_new = qkv.split([Hq, H, H], dim=2)
-            cos, sin = _t(4096, rotary_dim // 2, dtype=torch.float32), _t(4096, rotary_dim // 2, dtype=torch.float32)
+            cos = sin = None
+            if rotary_dim:
+                cos, sin = (_t(4096, rotary_dim // 2, dtype=torch.float32) for _ in range(2))
+            w = _t(D, dtype=dtype) if norm else None
             k["decode"].kv_cache_append(kc, vc, k_new, v_new, _t(B, dtype=torch.int32), bt, q, _t(*q.shape, dtype=dtype),
                                         cos, sin, interleaved,
-                                        counters=_t(B, counters, dtype=torch.int32) if counters else None)
+                                        counters=_t(B, counters, dtype=torch.int32) if counters else None,
+                                        q_weight=w, k_weight=w, eps=1e-6, w_offset=1.0 if norm else 0.0)
             return
         kv = _t(B, S, 2 * H, D, dtype=dtype)  # k, v as views of one projection
         k_new, v_new = kv.split([H, H], dim=2)
         k["decode"].kv_cache_append(kc, vc, k_new, v_new, _t(B, dtype=torch.int32), bt)
     tag = f"append D={D} {_dt(dtype)}" + (f" paged{page}" if paged else " contiguous") + f" S={S}"
-    if rotary_dim:
-        tag += f" rotary{rotary_dim}" + " interleaved" * interleaved + f" Hq={Hq}"
+    if rotary_dim or norm:
+        tag += f" rotary{rotary_dim}" + " interleaved" * interleaved + " qk-norm" * norm + f" Hq={Hq}"
     return tag + f" counters={counters}" * (counters > 0), run
 
 
@@ -534,6 +539,7 @@ def _cases(full):
                 for paged in (False, True):
                     add("decode", both, _append_case(D, dt, paged=paged))
                     add("decode", both, _append_case(D, dt, paged=paged, rotary_dim=D, Hq=32, counters=8))
+                    add("decode", both, _append_case(D, dt, paged=paged, rotary_dim=D, Hq=32, counters=8, norm=True))
                     add("decode", both, _decode_case(D, dt, B=1, Sq=1, Hq=32, Hkv=8, paged=paged, fused_combine=True))
                     for B, Sq, G in ((1, 1, 4), (64, 1, 8), (2, 4, 8), (2, 8, 16)):
                         for causal, window, cap in ((True, -1, 0.0), (False, 256, 30.0)):
@@ -546,6 +552,9 @@ def _cases(full):
         # the fused rotary + append of a decode step: llama-3.2-1b (32 / 8 heads, D=64), partial GPT-J
         add("decode", both, _append_case(64, bf16, paged=False, B=1, rotary_dim=64, Hq=32, counters=8))
         add("decode", h100, _append_case(128, fp16, paged=True, B=8, rotary_dim=64, Hq=64, interleaved=True))
+        # ... with the q/k norms (Qwen3-8B: 32 / 8 heads, D=128; Gemma 3 D=256 norm-only form)
+        add("decode", both, _append_case(128, bf16, paged=True, B=1, rotary_dim=128, Hq=32, counters=8, norm=True))
+        add("decode", h100, _append_case(256, fp16, paged=False, B=4, Hq=8, H=4, norm=True))
         # batch 1: split-KV + combine; llama-3.2-1b shape (32 / 8 heads, D=64)
         add("decode", both, _decode_case(64, bf16, B=1, Sq=1, Hq=32, Hkv=8, paged=False))
         add("decode", both, _decode_case(64, bf16, B=1, Sq=1, Hq=32, Hkv=8, paged=False, fused_combine=True))

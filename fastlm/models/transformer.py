@@ -51,7 +51,10 @@ sequence boundaries itself (e.g. a prefill of several prompts that writes each o
 own cache slots; see fastlm.generation).  A cache whose ``rotates`` attribute is True gets q and k
 *before* rotary and the layer's rope argument, ``attend(layer_idx, q, k, v, window, rope)``, so it
 can fuse the rotation into its own kernels (fused backend: rope = (cos table, sin table,
-positions, cu_seqlens)).  A model with attn_scale or attn_softcap (Gemma 2/3) also passes
+positions, cu_seqlens)); with the fused backend, a model with q/k norms (Qwen3, Gemma 3) gives
+such a cache the normalization too, ``qk_norm=(q weight, k weight, eps, offset)``, and q/k
+unnormalized (the decode step's append kernel normalizes, rotates and writes them in one
+launch).  A model with attn_scale or attn_softcap (Gemma 2/3) also passes
 ``softmax_scale=`` / ``softcap=`` to ``attend`` (only those that are set, so a cache that cannot
 apply them fails with a TypeError instead of computing something else); ``window`` is the layer's
 own (layer_types).  ``cache`` is None in training.
@@ -295,19 +298,23 @@ class Attention(nn.Module):
         # (B, T, H|Hkv, hd) views; split (not slicing) so the backward is one cat of dq, dk, dv
         q, k, v = qkv.split([H, Hkv, Hkv], dim=-2)
         cache_rotates = cache is not None and getattr(cache, "rotates", False)
+        if cache_rotates:  # the cache normalizes (fused) and rotates q/k itself, in its append
+            kw = dict(self.attend_kwargs)
+            if self.qk_norm and self.fused:
+                kw["qk_norm"] = (self.q_norm.weight, self.k_norm.weight, self.qk_norm_eps, self.q_norm.offset)
+            elif self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            o = cache.attend(self.layer_idx, q, k, v, self.window, rope, **kw)
+            return self.wo(o.reshape(*lead, self.n_heads * self.head_dim))
         if self.qk_norm and self.fused:
-            # one kernel reads the q/k views in place: both norms, and the rotation unless the cache does it
-            rot = rope if rope is not None and not cache_rotates else (None,) * 4
+            # one kernel reads the q/k views in place: both norms and the rotation
+            rot = rope if rope is not None else (None,) * 4
             q, k = ops.qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, rot[0], rot[1],
                                       eps=self.qk_norm_eps, positions=rot[2], cu_seqlens=rot[3],
                                       weight_offset=self.q_norm.offset, backend=triton_only(self.op_backend))
-            if not cache_rotates:
-                rope = None  # rotated
+            rope = None  # rotated
         elif self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if cache_rotates:  # the cache rotates q/k itself
-            o = cache.attend(self.layer_idx, q, k, v, self.window, rope, **self.attend_kwargs)
-            return self.wo(o.reshape(*lead, self.n_heads * self.head_dim))
         if self.fused:
             if rope is not None:  # (cos table, sin table, positions, cu_seqlens): one launch for q and k
                 cos, sin, positions, cu = rope

@@ -243,28 +243,40 @@ def _decode_kv_op(
     softcap: float,
     num_splits: int,
     backend: str,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    qk_norm_eps: float = 1e-6,
+    qk_norm_offset: float = 0.0,
 ) -> torch.Tensor:
-    """Rotate q and k (optional), append k/v, attend over cache_seqlens + seqlen_new tokens.
-    Both backends: the rotation and the append are one launch, then the decode, which merges its
-    splits itself (the fused combine: no combine launch) unless a row tile's partials exceed
-    MAX_FUSED_MERGE_BYTES (then a combine launch follows)."""
+    """Normalize (optional) and rotate (optional) q and k, append k/v, attend over cache_seqlens
+    + seqlen_new tokens.  Both backends: the norm, the rotation and the append are one launch,
+    then the decode, which merges its splits itself (the fused combine: no combine launch)
+    unless a row tile's partials exceed MAX_FUSED_MERGE_BYTES (then a combine launch follows)."""
     n = k.shape[1]
     if value_checks_on(q):
         _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos, cache_leftpad)
     num_splits = _splits(q, k_cache, block_table, num_splits, backend)
-    rotary = rotary_cos is not None
+    rotary, norm = rotary_cos is not None, q_norm_weight is not None
     if rotary:  # the kernels read both tables with one (row) stride, columns at unit stride
         rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()
+    if norm:
+        q_norm_weight, k_norm_weight = q_norm_weight.contiguous(), k_norm_weight.contiguous()
     if backend == "triton":
         from fastlm.kernels import decode as kd
 
-        q_rot = _rotated_q_buffer(q) if rotary else q  # the decode's output is laid out like it
+        q_rot = _rotated_q_buffer(q) if rotary or norm else q  # the decode's output is laid out like it
         counters = kd.combine_counters(q, k_cache, num_splits) if n > 0 else None  # zeroed by the append
         kd.kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q, q_rot, rotary_cos, rotary_sin,
-                           rotary_interleaved, counters=counters)
+                           rotary_interleaved, counters=counters, q_weight=q_norm_weight, k_weight=k_norm_weight,
+                           eps=qk_norm_eps, w_offset=qk_norm_offset)
         return kd.decode_attention(q_rot, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal,
                                    window, softcap, num_splits, seqlen_add=n, counters=counters,
                                    cache_leftpad=cache_leftpad)
+    if norm:  # (an older fastlm._C without the norm arguments never gets here: _check_norm_weights)
+        return torch.ops.fastlm.decode_attention_with_kv_cuda(
+            q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_leftpad, rotary_cos, rotary_sin,
+            rotary_interleaved, softmax_scale, causal, window, softcap, num_splits, q_norm_weight, k_norm_weight,
+            qk_norm_eps, qk_norm_offset)
     return torch.ops.fastlm.decode_attention_with_kv_cuda(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
                                                           cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved,
                                                           softmax_scale, causal, window, softcap, num_splits)
@@ -280,8 +292,9 @@ def _rotated_q_buffer(q):
 
 @_decode_kv_op.register_fake
 def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved,
-      softmax_scale, causal, window, softcap, num_splits, backend):
-    if backend == "triton" and rotary_cos is not None:
+      softmax_scale, causal, window, softcap, num_splits, backend, q_norm_weight=None, k_norm_weight=None,
+      qk_norm_eps=1e-6, qk_norm_offset=0.0):
+    if backend == "triton" and (rotary_cos is not None or q_norm_weight is not None):
         return _rotated_q_buffer(q)
     return torch.empty_like(q)
 
@@ -303,7 +316,8 @@ def _register_cuda_fakes():
     if hasattr(torch.ops.fastlm, "decode_attention_with_kv_cuda"):
         @torch.library.register_fake("fastlm::decode_attention_with_kv_cuda")
         def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_leftpad, rotary_cos, rotary_sin,
-              rotary_interleaved, softmax_scale, causal, window, softcap, num_splits):
+              rotary_interleaved, softmax_scale, causal, window, softcap, num_splits, q_norm_weight=None,
+              k_norm_weight=None, qk_norm_eps=1e-6, qk_norm_offset=0.0):
             return torch.empty_like(q)
 
 
@@ -439,6 +453,51 @@ def _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleav
     return True
 
 
+def _check_norm_weights(q, k, q_norm_weight, k_norm_weight, eps, offset):
+    """Validate decode_attention's q/k norm arguments; returns whether the norm is on."""
+    op = "decode_attention"
+    eps, offset = as_real(eps, "qk_norm_eps", op), as_real(offset, "qk_norm_offset", op)
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(f"{op}: qk_norm_eps must be a finite number >= 0, got {eps!r}")
+    if not -math.inf < offset < math.inf:
+        raise ValueError(f"{op}: qk_norm_offset must be a finite number, got {offset!r}")
+    if q_norm_weight is None and k_norm_weight is None:
+        if offset != 0.0:
+            raise ValueError(f"{op}: qk_norm_offset offsets q_norm_weight and k_norm_weight; got it without them")
+        return False
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError(f"{op}: pass both q_norm_weight and k_norm_weight, or neither (got only "
+                         f"{'q_norm_weight' if k_norm_weight is None else 'k_norm_weight'})")
+    if k is None:
+        raise ValueError(f"{op}: q_norm_weight/k_norm_weight need k and v: q and the new keys are normalized as "
+                         "they are appended (normalize q yourself with fastlm.ops.qk_norm_rotary otherwise)")
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"{op}: with q/k norm weights, k's seqlen_new ({k.shape[1]}) must equal q's seqlen_q "
+                         f"({q.shape[1]}): the query rows are normalized with the new tokens")
+    D = q.shape[3]
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(w).__name__}")
+        if w.shape != (D,):
+            raise ValueError(f"{op}: {name} must have shape ({D},) (head_dim), got {tuple(w.shape)}")
+        if w.dtype not in (torch.float32, q.dtype):
+            raise TypeError(f"{op}: {name} must be float32 or q's dtype {q.dtype}, got {w.dtype}")
+        if w.device != q.device:
+            raise ValueError(f"{op}: {name} is on {w.device} but q is on {q.device}")
+    if q_norm_weight.dtype != k_norm_weight.dtype:
+        raise TypeError(f"{op}: q_norm_weight and k_norm_weight must share a dtype, got {q_norm_weight.dtype} and "
+                        f"{k_norm_weight.dtype}")
+    return True
+
+
+@functools.cache
+def _cuda_has_qk_norm():
+    """Whether fastlm._C's decode_attention_with_kv_cuda takes the q/k norm weights (a _C built
+    from an older source does not)."""
+    schema = torch.ops.fastlm.decode_attention_with_kv_cuda.default._schema
+    return any(a.name == "q_norm_weight" for a in schema.arguments)
+
+
 def _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos, cache_leftpad=None):
     """Debug-mode checks of decode_attention with new tokens: the new tokens may fall in no
     block (skipped, as by kv_cache_append), the cached ones need valid blocks, and every new
@@ -496,8 +555,9 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, 
 
 def decode_attention(
     q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, rotary_cos=None, rotary_sin=None,
-    rotary_interleaved=False, block_table=None, cache_leftpad=None, softmax_scale=None, causal=True, window=-1,
-    softcap=0.0, num_splits=0, backend=None,
+    rotary_interleaved=False, q_norm_weight=None, k_norm_weight=None, qk_norm_eps=1e-6, qk_norm_offset=0.0,
+    block_table=None, cache_leftpad=None, softmax_scale=None, causal=True, window=-1, softcap=0.0, num_splits=0,
+    backend=None,
 ):
     """Attention of a few new query tokens over each sequence's KV cache (forward only: decoding
     needs no backward).
@@ -531,9 +591,13 @@ def decode_attention(
     rotary_dim // 2), as fastlm.ops.rotary_tables gives; ``rotary_interleaved`` picks GPT-J pairs)
     q and k are rotated at those same positions first (seqlen_new must equal seqlen_q; q itself
     is not modified).  A position past the tables is an error in debug mode (see the module
-    docstring) and otherwise rotates to NaN, never to a wrapped angle.  The Triton and CUDA
-    backends rotate and append in one launch, then decode in one more (a split decode merges its
-    splits in the same launch).
+    docstring) and otherwise rotates to NaN, never to a wrapped angle.  With ``q_norm_weight``
+    and ``k_norm_weight`` ((head_dim,), float32 or q's dtype; both or neither; they need k and v)
+    every head of q and of the new k is first RMS-normalized over head_dim (fp32 statistics,
+    ``qk_norm_eps``) and scaled by ``qk_norm_offset`` + weight: the q/k norms of Qwen3 (offset 0)
+    and Gemma 3 (offset 1), as ``fastlm.ops.qk_norm_rotary`` computes them.  The Triton and CUDA
+    backends normalize, rotate and append in one launch, then decode in one more (a split decode
+    merges its splits in the same launch).
     """
     check_tensor(q, "q", ndim=4)
     device = q.device
@@ -572,6 +636,8 @@ def decode_attention(
     if not isinstance(causal, bool):  # (None would read as False: silently non-causal)
         raise TypeError(f"decode_attention: causal must be a bool, got {causal!r}")
     rotary = _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table)
+    norm = _check_norm_weights(q, k, q_norm_weight, k_norm_weight, qk_norm_eps, qk_norm_offset)
+    qk_norm_eps, qk_norm_offset = float(qk_norm_eps), float(qk_norm_offset)
     if cache_leftpad is not None:
         check_tensor(cache_leftpad, "cache_leftpad", dtypes=(torch.int32,), ndim=1)
         if cache_leftpad.shape[0] != B:
@@ -591,18 +657,25 @@ def decode_attention(
         raise ValueError(f"decode_attention: batch {B} (q.shape[0]) exceeds {MAX_GRID_YZ}, the {b} kernels' grid "
                          "limit; split the batch into smaller calls")
     if k is not None:
+        norm_kw = dict(q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, qk_norm_eps=qk_norm_eps,
+                       qk_norm_offset=qk_norm_offset) if norm else {}
         if b == "reference":
             if value_checks_on(q):
                 _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos, cache_leftpad)
             return _ref.decode_attention_with_kv(
                 q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                 rotary_interleaved=rotary_interleaved, block_table=block_table, softmax_scale=softmax_scale,
-                causal=causal, window=window, softcap=softcap, cache_leftpad=cache_leftpad)
+                causal=causal, window=window, softcap=softcap, cache_leftpad=cache_leftpad, **norm_kw)
+        if norm and b == "cuda" and not _cuda_has_qk_norm():
+            raise RuntimeError("decode_attention: this fastlm._C was built from an older source whose CUDA "
+                               "decode_attention_with_kv has no q/k norm; rebuild it (pip install "
+                               "--no-build-isolation -e .) or pass backend='triton'")
         if q.numel() == 0:  # batch 0 (every other dim is >= 1): nothing to append either
             return torch.empty_like(q)
         return _decode_kv_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_leftpad,
                              rotary_cos if rotary else None, rotary_sin if rotary else None, bool(rotary_interleaved),
-                             float(softmax_scale), bool(causal), int(window), float(softcap), int(num_splits), b)
+                             float(softmax_scale), bool(causal), int(window), float(softcap), int(num_splits), b,
+                             *norm_kw.values())  # (positional: a fast_op takes no keywords)
     if b == "reference":
         if value_checks_on(q):
             _debug_check_decode(k_cache, cache_seqlens, block_table, cache_leftpad)

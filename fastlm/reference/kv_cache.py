@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from fastlm.reference.rotary import apply_rotary
+from fastlm.reference.rotary import apply_rotary, qk_norm_rotary
 
 
 def _up(t, upcast):
@@ -171,12 +171,19 @@ def decode_attention(
 def decode_attention_with_kv(
     q, k_cache, v_cache, k, v, cache_seqlens, *, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
     block_table=None, softmax_scale=None, causal=True, window=-1, softcap=0.0, cache_leftpad=None, upcast=True,
+    q_norm_weight=None, k_norm_weight=None, qk_norm_eps=1e-6, qk_norm_offset=0.0,
 ):
     """flash_attn_with_kvcache's form: q and k rotated at positions cache_seqlens[b] + i (when
     rotary tables are given; cache_leftpad does not shift them), k and v appended at those
     positions (in place; cache_seqlens is not changed), then decode attention over the first
-    cache_seqlens[b] + seqlen_new tokens (from cache_leftpad[b] on, when given)."""
-    if rotary_cos is not None:
+    cache_seqlens[b] + seqlen_new tokens (from cache_leftpad[b] on, when given).  With
+    q_norm_weight/k_norm_weight, the heads of q and k are RMS-normalized (fastlm.reference's
+    qk_norm_rotary: fp32 or float64) before the rotation."""
+    if q_norm_weight is not None:
+        q, k = qk_norm_rotary(q, k, q_norm_weight, k_norm_weight, rotary_cos, rotary_sin, eps=qk_norm_eps,
+                              positions=cache_seqlens.long(), interleaved=rotary_interleaved,
+                              weight_offset=qk_norm_offset)
+    elif rotary_cos is not None:
         q, k = apply_rotary(q, k, rotary_cos, rotary_sin, positions=cache_seqlens.long(),
                             interleaved=rotary_interleaved, upcast=upcast)
     kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table)
