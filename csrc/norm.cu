@@ -76,6 +76,7 @@ struct FwdParams {
   int64_t M, sx, sr;
   int N;
   float eps, inv_n;
+  float w_off;  // the rows scale by w_off + w (Gemma's 1 + w); 0 otherwise
   bool is_rms, has_res, has_w, has_b, w_f32, b_f32;
 };
 
@@ -92,6 +93,7 @@ struct BwdParams {
   int64_t M, sdy, sdres, sh;
   int N;
   float inv_n;
+  float w_off;  // as FwdParams::w_off (dweight is unchanged by it)
   bool is_rms, has_dres, has_w, has_b, w_f32;
 };
 
@@ -245,6 +247,19 @@ __device__ __forceinline__ float load_param1(const void* p, bool is_f32, int64_t
   return is_f32 ? __ldg(static_cast<const float*>(p) + i) : to_float(static_cast<const T*>(p)[i]);
 }
 
+// The weight's VEC elements i.. plus the offset (the scale the rows get), as fp32.
+template <typename T, int VEC, typename P>
+__device__ __forceinline__ void load_weight(const P& p, int64_t i, float (&out)[VEC]) {
+  load_param<T, VEC>(p.w, p.w_f32, i, out);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out[j] += p.w_off;
+}
+
+template <typename T, typename P>
+__device__ __forceinline__ float load_weight1(const P& p, int64_t i) {
+  return load_param1<T>(p.w, p.w_f32, i) + p.w_off;
+}
+
 // --------------------------------------------------------------------------- forward
 
 // Most threads per CTA per NVEC (the register cap: 64 registers at 1024, 128 at 512).
@@ -330,7 +345,7 @@ __global__ void __launch_bounds__(fwd_max_threads<NVEC>()) norm_fwd_cached_kerne
     const int c = t + k * tpr;
     if (c < nch) {
       float wv[VEC], bv[VEC];
-      if (p.has_w) load_param<T, VEC>(p.w, p.w_f32, c * VEC, wv);
+      if (p.has_w) load_weight<T, VEC>(p, c * VEC, wv);
       if (p.has_b) load_param<T, VEC>(p.b, p.b_f32, c * VEC, bv);
       float f[VEC];
       unpack<T, VEC>(hv[k], f);
@@ -395,7 +410,7 @@ __global__ void __launch_bounds__(1024) norm_fwd_stream_kernel(const FwdParams p
   }
   for (int c = t; c < n; c += tpr) {
     float y = (to_float(src[c]) - mean) * rstd;
-    if (p.has_w) y *= load_param1<T>(p.w, p.w_f32, c);
+    if (p.has_w) y *= load_weight1<T>(p, c);
     if (p.has_b) y += load_param1<T>(p.b, p.b_f32, c);
     out[c] = from_float<T>(y);
   }
@@ -441,7 +456,7 @@ __global__ void __launch_bounds__(bwd_max_threads<NVEC>()) norm_bwd_fused_kernel
         dws[i] = zero4;
         if (y == 0) {
           float wv[4] = {0.f, 0.f, 0.f, 0.f};
-          if (c < nch_all) load_param<T, 4>(p.w, p.w_f32, c * VEC + 4 * u, wv);
+          if (c < nch_all) load_weight<T, 4>(p, c * VEC + 4 * u, wv);
           ws[i] = make_float4(wv[0], wv[1], wv[2], wv[3]);
         }
       }
@@ -602,7 +617,7 @@ __global__ void __launch_bounds__(1024) norm_bwd_rowstats_kernel(const BwdParams
   for (int c = t; c < n; c += tpr) {
     const float xhat = (to_float(h[c]) - mean) * rstd;
     float wdy = to_float(dy[c]);
-    if (p.has_w) wdy *= load_param1<T>(p.w, p.w_f32, c);
+    if (p.has_w) wdy *= load_weight1<T>(p, c);
     s[0] += xhat * wdy;
     s[1] += wdy;
   }
@@ -620,7 +635,7 @@ __global__ void __launch_bounds__(32 * kTileRows) norm_bwd_tile_kernel(const Bwd
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int col = blockIdx.x * 32 + tx;
   const bool col_ok = col < p.N;
-  const float w = (p.has_w && col_ok) ? load_param1<T>(p.w, p.w_f32, col) : 1.f;
+  const float w = (p.has_w && col_ok) ? load_weight1<T>(p, col) : 1.f;
   float dwa = 0.f, dba = 0.f;
   if (col_ok) {
     const T* dyp = static_cast<const T*>(p.dy);
@@ -947,7 +962,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(const a
                                                                          const std::optional<at::Tensor>& weight,
                                                                          const std::optional<at::Tensor>& bias,
                                                                          const std::optional<at::Tensor>& residual,
-                                                                         double eps, bool is_rms) {
+                                                                         double eps, bool is_rms,
+                                                                         double weight_offset) {
   constexpr const char* op = "norm_fwd_cuda";
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(is_kernel_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
@@ -998,6 +1014,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(const a
   p.N = static_cast<int>(N);
   p.eps = static_cast<float>(eps);
   p.inv_n = static_cast<float>(1.0 / static_cast<double>(N));
+  p.w_off = static_cast<float>(weight_offset);
   p.is_rms = is_rms;
   p.has_res = has_res;
   p.has_w = w.defined();
@@ -1015,7 +1032,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(const at::Tensor& d
                                                              const at::Tensor& h,
                                                              const std::optional<at::Tensor>& weight,
                                                              const at::Tensor& mean, const at::Tensor& rstd,
-                                                             bool is_rms, bool has_bias) {
+                                                             bool is_rms, bool has_bias, double weight_offset) {
   constexpr const char* op = "norm_bwd_cuda";
   TORCH_CHECK(h.is_cuda(), op, ": h must be a CUDA tensor, got ", h.device());
   TORCH_CHECK(is_kernel_dtype(h.scalar_type()), op, ": h must be float32, float16 or bfloat16, got ",
@@ -1082,6 +1099,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(const at::Tensor& d
   p.sh = row_stride(h2);
   p.N = static_cast<int>(N);
   p.inv_n = static_cast<float>(1.0 / static_cast<double>(N));
+  p.w_off = static_cast<float>(weight_offset);
   p.is_rms = is_rms;
   p.has_dres = has_dres;
   p.has_w = w.defined();

@@ -29,16 +29,17 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("built_with_cuda() -> bool", &built_with_cuda);
 
   // ---- normalization (csrc/norm.cu) ----
-  // x, residual: (rows, N) with unit stride in the last dim.  Returns
+  // x, residual: (rows, N) with unit stride in the last dim; the rows scale by weight_offset + weight
+  // (Gemma's 1 + w).  Returns
   // (out, residual_out = x + residual or empty, mean (rows,) fp32 or empty for RMS, rstd (rows,) fp32).
   m.def(
-      "norm_fwd_cuda(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool is_rms)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
+      "norm_fwd_cuda(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool is_rms,"
+      " float weight_offset=0.) -> (Tensor, Tensor, Tensor, Tensor)");
   // h: the normalized input (x, or x + residual).  dresidual_out: grad of residual_out, or None.
   // Returns (dh, dweight or empty, dbias or empty); dh is the gradient of both x and residual.
   m.def(
       "norm_bwd_cuda(Tensor dy, Tensor? dresidual_out, Tensor h, Tensor? weight, Tensor mean, Tensor rstd,"
-      " bool is_rms, bool has_bias) -> (Tensor, Tensor, Tensor)");
+      " bool is_rms, bool has_bias, float weight_offset=0.) -> (Tensor, Tensor, Tensor)");
 
   // [rotary schemas]
   // ---- rotary embeddings (csrc/rotary.cu) ----

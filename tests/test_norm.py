@@ -236,9 +236,9 @@ def test_opcheck(backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual", [False, True])
 def test_rms_offset_is_one_plus_weight(backend, dtype, residual):
-    """offset=1: the scale is 1 + w in fp32 (Gemma; Liger's offset).  The Triton kernels sum it
-    in, the CUDA path sums it first: either way bit-identical to passing the summed fp32 weight,
-    gradients included (the weight's gradient is the scale's)."""
+    """offset=1: the scale is 1 + w in fp32 (Gemma; Liger's offset).  The Triton and CUDA kernels
+    sum it in as they read the weight: bit-identical to passing the summed fp32 weight, gradients
+    included (the weight's gradient is the scale's)."""
     x = (torch.randn(6, 37, device=DEVICE) * 2).to(dtype)
     r = torch.randn(6, 37, device=DEVICE).to(dtype) if residual else None
     w = 0.3 * torch.randn(37, device=DEVICE)  # fp32 and near 0, as Gemma keeps and starts it
@@ -289,6 +289,9 @@ def test_opcheck_cuda_kernels():
     torch.library.opcheck(torch.ops.fastlm.norm_fwd_cuda.default, (x, w, w, x, 1e-5, False))
     mean, rstd = torch.randn(7, device=DEVICE), torch.rand(7, device=DEVICE) + 0.5
     torch.library.opcheck(torch.ops.fastlm.norm_bwd_cuda.default, (x, x, x, w, mean, rstd, False, True))
+    # with a weight offset (Gemma's 1 + w), summed in by the kernels
+    torch.library.opcheck(torch.ops.fastlm.norm_fwd_cuda.default, (x, w, None, x, 1e-5, True, 1.0))
+    torch.library.opcheck(torch.ops.fastlm.norm_bwd_cuda.default, (x, None, x, w, mean, rstd, True, False, 1.0))
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -37,14 +37,10 @@ def _kernels(backend):
     return torch.ops.fastlm.norm_fwd_cuda, torch.ops.fastlm.norm_bwd_cuda
 
 
-def _offset_args(backend, weight, weight_offset):
-    """(weight, extra kernel args) for a weight offset: the Triton kernels sum it in; for the
-    CUDA ones (no offset argument) the weight is summed first, in fp32 (a launch)."""
-    if not weight_offset:
-        return weight, ()
-    if backend == "triton":
-        return weight, (weight_offset,)
-    return weight.float() + weight_offset, ()
+def _offset_args(weight_offset):
+    """The kernels' trailing argument for a weight offset, when there is one (both kernel
+    backends sum it to the weight in fp32 as they read it: no extra launch)."""
+    return (weight_offset,) if weight_offset else ()
 
 
 def _check_inputs(op, x, weight, bias, residual, eps, dtypes):
@@ -105,8 +101,7 @@ def _rms_norm_op(
     _check_inputs("rms_norm", x, weight, None, residual, eps, KERNEL_DTYPES)
     if weight_offset and weight is None:
         raise ValueError("rms_norm: weight_offset offsets the weight; got it without one")
-    weight, extra = _offset_args(backend, weight, weight_offset)
-    out, h, _, rstd = fwd(x, weight, None, residual, eps, True, *extra)
+    out, h, _, rstd = fwd(x, weight, None, residual, eps, True, *_offset_args(weight_offset))
     return out, h, rstd
 
 
@@ -145,8 +140,7 @@ def _norm_backward_op(
         _check_backward_triton(dy, dresidual_out, h, weight, mean, rstd, is_rms)
     if weight_offset and weight is None:
         raise ValueError("norm_backward: weight_offset offsets the weight; got it without one")
-    weight, extra = _offset_args(backend, weight, weight_offset)
-    return tuple(bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias, *extra))
+    return tuple(bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias, *_offset_args(weight_offset)))
 
 
 # The fakes allocate contiguous outputs (new_empty, not empty_like: x may be a permuted view), as
@@ -193,13 +187,13 @@ def _register_cuda_fakes():
         return
 
     @torch.library.register_fake("fastlm::norm_fwd_cuda")
-    def _(x, weight, bias, residual, eps, is_rms):
+    def _(x, weight, bias, residual, eps, is_rms, weight_offset=0.0):
         h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
         mean = _stats_like(x) if not is_rms else x.new_empty(0, dtype=torch.float32)
         return x.new_empty(x.shape), h, mean, _stats_like(x)
 
     @torch.library.register_fake("fastlm::norm_bwd_cuda")
-    def _(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias):
+    def _(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias, weight_offset=0.0):
         return _grads_fake(h, weight, has_bias)
 
 
@@ -291,7 +285,7 @@ def rms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, backend=Non
     weight may be fp32 or x's dtype.  backend: "triton" | "cuda" | "reference" | None (the best
     available for x's device and hidden size: triton takes rows up to 65536, cuda up to 2^20).
     offset: the scale is offset + weight in fp32 (Gemma's 1 + w, Liger's ``offset``); the Triton
-    kernels sum it in (no launch of its own); the gradient of weight is the scale's.
+    and CUDA kernels sum it in (no launch of its own); the gradient of weight is the scale's.
     """
     eps = as_real(eps, "eps", "rms_norm")
     offset = as_real(offset, "offset", "rms_norm")
