@@ -368,6 +368,7 @@ LINEAR_SHAPES = [
     ("llama-1b w_out", 8192, 2048, None, None, False, False),
     ("llama-1b norm+lm_head", 2048, 128256, "rms", None, False, True),
     ("gpt2 norm+qkv", 768, 2304, "layer", None, True, True),
+    ("gpt2 norm+w_in+gelu", 768, 3072, "layer", "gelu_tanh", True, True),  # a plain (not gated) activation
     ("gemma2-2b norm+w_in+geglu", 2304, 9216, "rms", "geglu_tanh", False, True),
     # (x_norm) Gemma 2/3: the attention's post-norm folded in before the residual add
     ("gemma3-1b post-norm+norm+w_in+geglu", 1152, 6912, "rms", "geglu_tanh", False, True, True),
@@ -379,7 +380,7 @@ def bench_linear(res, args, copy_bw):
     gen = torch.Generator(device="cuda").manual_seed(3)
     shapes = LINEAR_SHAPES[:2] + LINEAR_SHAPES[3:4] if args.quick else LINEAR_SHAPES
     for tag, K, N, norm, act, has_bias, has_res, *x_norm in shapes:
-        n_out = 2 * N if act else N
+        n_out = 2 * N if act in linear_ops.GATED else N
         wbytes = n_out * K * 2
         copies = n_copies(wbytes)
         ws = [torch.randn(n_out, K, device="cuda", dtype=DTYPE, generator=gen) / K**0.5 for _ in range(copies)]

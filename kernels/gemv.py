@@ -13,15 +13,17 @@ of each), so this kernel folds the layer's neighbours into it:
   epilogue  the bias, and a gated activation (SwiGLU, or GeGLU with the tanh or erf GELU): W
             stacks [gate; up] (2F, K) as the Llama / Gemma MLP's w_in does, and each program
             reads the gate rows and the matching up rows, so it can write act(gate) * up
-            directly: the (M, 2F) activation never goes to memory.
-This removes the norm kernels (2 per layer) and the SwiGLU / GeGLU kernel (1 per layer) of a
+            directly: the (M, 2F) activation never goes to memory; or a plain activation of
+            the output (GPT-2's GELU).
+This removes the norm kernels (2 per layer) and the activation kernel (1 per layer) of a
 decode step, leaving per layer: [norm + qkv], rotary + append, decode attention, combine, wo,
-[norm + w_in + swiglu], w_out.
+[norm + w_in + activation], w_out.
 
 Roundings match the unfused ops exactly where it matters: h is rounded to x's dtype before it
 is normalized (as kernels/norm.py does), the normalized x is rounded to x's dtype before the
 product (it would be stored in that dtype), gate and up are rounded before SwiGLU (they would
-be stored by the GEMM), and the activation is kernels/activation.py's own.  Only the order of the
+be stored by the GEMM; so is a plain activation's input), and the activation is
+kernels/activation.py's own.  Only the order of the
 K-sum differs from cuBLAS.
 
 Grid: one program per BLOCK_N output columns (rows of W), all M rows of x at once, so W is read
@@ -95,7 +97,8 @@ def _gemv_kernel(
     HAS_NB: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr,  # y = act(gate) * up
-    ACT: tl.constexpr,  # the gate's activation (kernels.activation.ACTIVATIONS: silu, gelu_tanh, gelu)
+    PLAIN_ACT: tl.constexpr,  # y = act(y) (not GATED)
+    ACT: tl.constexpr,  # the (gate's) activation (kernels.activation.ACTIVATIONS: silu, gelu_tanh, gelu)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -196,6 +199,8 @@ def _gemv_kernel(
         g = y.to(Y.dtype.element_ty).to(tl.float32)  # the GEMM would store gate and up
         up = up.to(Y.dtype.element_ty).to(tl.float32)
         y = _act(g, ACT)[0] * up
+    if PLAIN_ACT:
+        y = _act(y.to(Y.dtype.element_ty).to(tl.float32), ACT)[0]  # (the GEMM would store y first)
     y_ptr = Y + rm.to(tl.int64)[:, None] * stride_y + rn[None, :]
     tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -235,14 +240,17 @@ def _tuned(block_m, gated):
 
 
 @on_tensor_device
-def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h, x_norm_weight=None, w_offset=0.0):
+def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h, x_norm_weight=None, w_offset=0.0,
+         act=None):
     """Writes act(norm(x [+ residual]) @ weight^T + bias) into y (M, N) and, with a residual,
     x + residual into h (M, K).  x/residual/h: (M, K) with unit column stride; weight (N or 2N,
     K) with unit column stride; M <= MAX_ROWS.  norm: 0 none, 1 rms, 2 layer.  glu: None, or the
     gate's activation of a gated product ("silu", "gelu_tanh", "gelu"; weight stacks [gate; up]).
+    act (glu None): None, or an activation of the output (the same names).
     x_norm_weight (K,): x is RMS-normalized with it (eps) before anything else.  w_offset: the
     norm weights scale as w_offset + weight (Gemma's 1 + w, summed in the kernel)."""
     gated = glu is not None
+    assert not (gated and act is not None), "a gated product's activation is glu's"
     M, K = x.shape
     N = y.shape[1]
     if M == 0 or N == 0:
@@ -261,7 +269,7 @@ def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h
             weight.stride(0), y.stride(0), M, N, K, float(eps), float(w_offset))
     flags = dict(NORM=norm, HAS_RESIDUAL=residual is not None, HAS_XNORM=x_norm_weight is not None,
                  HAS_NW=norm_weight is not None, HAS_NB=norm_bias is not None, HAS_BIAS=bias is not None, GATED=gated,
-                 ACT=ACTIVATIONS[glu] if gated else 0, BLOCK_M=block_m)
+                 PLAIN_ACT=act is not None, ACT=ACTIVATIONS[glu or act] if gated or act else 0, BLOCK_M=block_m)
     if x.is_cuda and not _interpreting():
         if AUTOTUNE:
             kern = _tuned(block_m, gated)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fastlm
-from conftest import DEVICE, cuda_mark
+from conftest import DEVICE, HAS_CUDA, cuda_mark
 from fastlm.generation import Generator, generate
 from fastlm.models import Transformer, TransformerConfig
 
@@ -276,6 +276,96 @@ def test_generator_works_in_and_out_of_inference_mode(which, cache, first_inside
         with torch.inference_mode(inside):
             out.append(gen.generate(prompts, 4, greedy=True))
     assert out[0] == out[1] == out[2]
+
+
+# ------------------------------------------------------------------------------ launch budget
+# Ops that launch no kernel: allocations, views and metadata changes; and composites that launch
+# only through the ops they call (counted there when they copy).
+_NO_LAUNCH = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::view",
+              "aten::_unsafe_view", "aten::as_strided", "aten::as_strided_", "aten::_reshape_alias", "aten::reshape",
+              "aten::slice", "aten::select", "aten::split", "aten::split_with_sizes", "aten::unbind", "aten::narrow",
+              "aten::transpose", "aten::t", "aten::permute", "aten::unsqueeze", "aten::squeeze", "aten::expand",
+              "aten::flatten", "aten::detach", "aten::detach_", "aten::alias", "aten::lift_fresh",
+              "aten::resolve_conj", "aten::resolve_neg", "aten::contiguous", "aten::to"}
+_LAUNCH = "fastlm-test-triton-launch:"  # the profiler range of a Triton launch, + the kernel's name
+_HOST_SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero", "aten::equal"}
+# (kernels per layer, kernels per step besides the layers) of a fused decode step
+_DECODE_BUDGET = {
+    # per layer: [norm + qkv] gemv, (q/k norm +) rotary + append, decode, wo, [norm + w_in + act] gemv,
+    # w_out; per step: embedding, [final norm + lm_head] gemv, greedy max, 7 bookkeeping ops
+    "tiny": (6, 10),
+    "tiny-mix": (6, 10),  # + q/k norms (in the append), qkv bias, partial rotary, sliding window
+    "tiny-gpt2": (6, 15),  # + learned positions (arange, add, cast, embedding, add)
+    "tiny-gemma23": (6, 15),  # + embedding scale, last post-norm, logit softcap (div, tanh, mul)
+}
+
+
+def _decode_step_kernels(name, n_layers, monkeypatch):
+    """(kernel launches, host syncs) of the second greedy decode step of the fused model `name`
+    with n_layers (static cache, batch 1), on CPU: each Triton kernel launch counts one, and
+    each outermost aten op outside them that launches a kernel on a GPU counts one (cuBLAS's
+    linear, the embedding, elementwise ops...).  The ops' host-side index checks, which a GPU
+    skips, are off."""
+    import sys
+
+    from triton.runtime import interpreter as ti
+
+    from fastlm import _checks
+    from fastlm import generation as G
+
+    real = _checks.value_checks_on
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("fastlm") and getattr(mod, "value_checks_on", None) is real:
+            monkeypatch.setattr(mod, "value_checks_on", lambda t: False)
+    run, body, steps = ti.InterpretedFunction.run, G.Generator._step_body, []
+
+    def launch(self, *a, **k):
+        with torch.profiler.record_function(_LAUNCH + self.fn.__name__):
+            return run(self, *a, **k)
+
+    def step(self, st, sp):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            body(self, st, sp)
+        steps.append(prof.events())
+
+    monkeypatch.setattr(ti.InterpretedFunction, "run", launch)
+    monkeypatch.setattr(G.Generator, "_step_body", step)
+    over = dict(layer_types=["sliding", "full"] * (n_layers // 2)) if name == "tiny-gemma23" else {}
+    _, fused = models(name, n_layers=n_layers, **over)
+    generate(fused, [[1, 2, 3]], 3, greedy=True, cache="static")
+    monkeypatch.undo()
+
+    def under_launch(e):
+        while e is not None and not e.name.startswith(_LAUNCH):
+            e = e.cpu_parent
+        return e is not None
+
+    kernels, syncs = [], []
+    for e in steps[-1]:
+        if e.name.startswith(_LAUNCH):
+            kernels.append("triton:" + e.name[len(_LAUNCH):])
+        elif e.name.startswith("aten::") and not under_launch(e):
+            if e.name in _HOST_SYNCS:
+                syncs.append(e.name)
+            p = e.cpu_parent
+            while p is not None and (not p.name.startswith("aten::") or p.name in _NO_LAUNCH):
+                p = p.cpu_parent
+            if e.name not in _NO_LAUNCH and p is None:  # outermost
+                kernels.append(e.name)
+    return kernels, syncs
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="counts Triton launches under the CPU interpreter; on a GPU "
+                                     "benchmarks/bench_profile.py counts a decode step's kernels")
+@pytest.mark.parametrize("name", list(_DECODE_BUDGET))
+def test_decode_step_kernel_budget(name, monkeypatch):
+    """A fused decode step launches 6 kernels per layer whatever the architecture (q/k norms
+    fold into the append, Gemma's post-norms and every MLP activation into the gemv kernels)
+    and a few per step, and makes no host sync (it is captured in a CUDA graph)."""
+    (k2, s2), (k4, s4) = (_decode_step_kernels(name, n, monkeypatch) for n in (2, 4))
+    per_layer, rest = (len(k4) - len(k2)) // 2, len(k2) - 2 * (len(k4) - len(k2)) // 2
+    assert not s2 and not s4, f"host syncs in a decode step: {s2 or s4}"
+    assert (per_layer, rest) == _DECODE_BUDGET[name], f"{name}: 2-layer step launches {sorted(k2)}"
 
 
 # ------------------------------------------------------------------------------ sampling

@@ -2,6 +2,7 @@
 float64 reference chain, the torch op contract, bad input, and the model's decode path."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastlm
 from conftest import DEVICE, HAS_CUDA
@@ -12,13 +13,14 @@ from tolerances import FACTOR, assert_close, truncation_factor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NORMS = [None, "rms", "layer"]
+GATED = ("swiglu", "geglu", "geglu_tanh")  # (the plain activations: "gelu", "gelu_tanh")
 
 
 def _case(M, K, N, dtype, *, norm, residual, act, bias, lead=None, scale=1.0, x_norm=False):
     """Fresh inputs: x, weight (2N rows with a gated activation), and the keyword arguments of the op."""
     lead = lead or (M,)
     x = torch.randn(*lead, K, device=DEVICE).to(dtype) * scale
-    w = (torch.randn(2 * N if act else N, K, device=DEVICE) / K**0.5).to(dtype)
+    w = (torch.randn(2 * N if act in GATED else N, K, device=DEVICE) / K**0.5).to(dtype)
     kw = dict(norm=norm, activation=act)
     if bias:
         kw["bias"] = torch.randn(w.shape[0], device=DEVICE).to(dtype)
@@ -54,7 +56,7 @@ def _check(x, w, kw, backend="triton"):
         assert h.dtype == x.dtype and h.shape == x.shape
         assert_close(h, h64, hl, "h", factor=f)
     assert out.dtype == x.dtype
-    N = w.shape[0] // 2 if kw.get("activation") else w.shape[0]
+    N = w.shape[0] // 2 if kw.get("activation") in GATED else w.shape[0]
     assert out.shape == (*x.shape[:-1], N)
     assert_close(out, ref64, lowp, "y", factor=f)
     return out
@@ -83,6 +85,24 @@ def test_geglu_matches_reference(dtype, act, M):
     other = fastlm.ops.fused_linear(x, w, **dict(kw, activation="geglu" if act == "geglu_tanh" else "geglu_tanh"),
                                     backend="triton")[0]
     assert not torch.allclose(other, _check(x, w, kw), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("M", [1, 3, 20])
+def test_plain_gelu_matches_reference(dtype, act, M):
+    """A plain GELU of the output (GPT-2's w_in: LayerNorm, residual, bias), as F.gelu computes
+    it from the rounded product; M=20 on the GEMM path.  Each GELU is the one asked for."""
+    x, w, kw = _case(M, 37, 22, dtype, norm="layer", residual=True, act=act, bias=True, scale=2.0)
+    y = _check(x, w, kw)
+    assert y.shape == (M, 22)
+    other = fastlm.ops.fused_linear(x, w, **dict(kw, activation="gelu" if act == "gelu_tanh" else "gelu_tanh"),
+                                    backend="triton")[0]
+    assert not torch.allclose(other, y, rtol=1e-3, atol=1e-4)
+    plain = fastlm.ops.fused_linear(x, w, **dict(kw, activation=None), backend="triton")[0]
+    approximate = "tanh" if act == "gelu_tanh" else "none"
+    torch.testing.assert_close(y.float(), F.gelu(plain.float(), approximate=approximate).to(x.dtype).float(),
+                               rtol=1e-2 if x.dtype != torch.float32 else 1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -224,7 +244,7 @@ def _bad(**over):
     (dict(weight=torch.randn(6, 7)), ValueError, r"weight must have shape \(out_features, 8\)"),
     (dict(weight=torch.randn(6, 8, dtype=torch.float16)), TypeError, "weight has dtype"),
     (dict(weight=torch.randn(5, 8), activation="swiglu"), ValueError, "even number of rows"),
-    (dict(activation="gelu"), ValueError, "activation must be one of"),
+    (dict(activation="relu"), ValueError, "activation must be one of"),
     (dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\)"),
     (dict(residual=torch.randn(2, 9)), ValueError, "residual must have the shape of x"),
     (dict(residual=torch.randn(2, 8, dtype=torch.float16)), TypeError, "residual must have x's dtype"),
@@ -289,8 +309,8 @@ def test_model_decode_path_matches_the_unfused_blocks(name, monkeypatch):
         calls = _count_fused_linear(monkeypatch)
         got = model(tokens)
     assert len(calls) == 2 * cfg.n_layers  # norm + qkv, norm + w_in per block
-    gated = {"swiglu": "swiglu", "geglu": "geglu_tanh"}.get(cfg.mlp)  # (tiny-geglu: the tanh GELU)
-    assert calls.count(gated) == cfg.n_layers if gated else set(calls) == {None}
+    act = {"swiglu": "swiglu", "geglu": "geglu_tanh", "gelu": "gelu_tanh"}[cfg.mlp]  # (the tanh GELUs here)
+    assert calls.count(act) == cfg.n_layers and calls.count(None) == cfg.n_layers
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # more rows than the threshold, or grad mode on: the unfused blocks
     calls.clear()
@@ -367,6 +387,7 @@ def test_model_head_folds_the_final_norm(name, monkeypatch):
     ((2304, 9216), "rms", "geglu_tanh"),  # gemma-2-2b: norm + w_in + GeGLU
     ((8192, 2048), None, None),  # w_out
     ((768, 2304), "layer", None),  # gpt2: LayerNorm + qkv (with bias)
+    ((768, 3072), "layer", "gelu_tanh"),  # gpt2: LayerNorm + w_in + GELU (with bias)
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_model_shapes(M, shape, norm, act, dtype):
@@ -376,13 +397,13 @@ def test_gpu_model_shapes(M, shape, norm, act, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("act", [None, "swiglu", "geglu"])
+@pytest.mark.parametrize("act", [None, "swiglu", "geglu", "gelu_tanh"])
 @pytest.mark.parametrize("M", [1, 4])
 def test_gpu_every_config(monkeypatch, M, act):
     """Each autotune config forced in turn (the tuner may pick any), and the autotuned launch."""
     x, w, kw = _case(M, 2048, 1000, torch.bfloat16, norm="rms", residual=True, act=act, bias=False)
     monkeypatch.setattr(G, "AUTOTUNE", False)
-    for cfg in G._configs(triton_next_pow2(M), act is not None):
+    for cfg in G._configs(triton_next_pow2(M), act in GATED):
         monkeypatch.setattr(G, "_configs", lambda bm, sw, c=cfg: [c])
         _check(x, w, kw)
     monkeypatch.undo()

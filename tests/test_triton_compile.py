@@ -447,9 +447,10 @@ def _swiglu_case(F, dtype, *, stacked, rows=8192, activation="silu"):
     return f"{activation} glu F={F} {_dt(dtype)} {'stacked' if stacked else 'split'}", run
 
 
-def _gemv_case(M, N, K, dtype, *, norm, residual, glu, bias=False, nw_dtype=None, x_norm=False):
+def _gemv_case(M, N, K, dtype, *, norm, residual, glu, bias=False, nw_dtype=None, x_norm=False, act=None):
     """glu: None or the gate activation of a gated product ("silu", "gelu_tanh", "gelu");
-    x_norm: x RMS-normalized first (Gemma 2/3's post-norm folded in)."""
+    act: a plain activation of the output (GPT-2's GELU); x_norm: x RMS-normalized first
+    (Gemma 2/3's post-norm folded in)."""
     def run(k, arch):
         import torch
 
@@ -460,8 +461,10 @@ def _gemv_case(M, N, K, dtype, *, norm, residual, glu, bias=False, nw_dtype=None
         nw = _t(K, dtype=nw_dtype or dtype) if norm else None
         nb = _t(K, dtype=nw_dtype or dtype) if norm == 2 else None
         k["gemv"].gemv(x, w, b, r, norm, nw, nb, 1e-5, glu, _t(M, N, dtype=dtype),
-                       _t(M, K, dtype=dtype) if residual else None, _t(K, dtype=torch.float32) if x_norm else None)
+                       _t(M, K, dtype=dtype) if residual else None, _t(K, dtype=torch.float32) if x_norm else None,
+                       0.0, act)
     flags = "xnorm+" * x_norm + ["none", "rms", "ln"][norm] + "+res" * residual + f"+{glu}glu" * bool(glu) + "+b" * bias
+    flags += f"+{act}" * bool(act)
     return f"gemv {flags} M={M} N={N} K={K} {_dt(dtype)}", run
 
 
@@ -613,6 +616,9 @@ def _cases(full):
     add("gemv", both, _gemv_case(1, 8192, 2048, bf16, norm=1, residual=True, glu="silu"))
     add("gemv", h100, _gemv_case(4, 2048, 8192, bf16, norm=0, residual=False, glu=None))
     add("gemv", h100, _gemv_case(16, 2304, 768, fp16, norm=2, residual=True, glu=None, bias=True))
+    # gpt2's LayerNorm + w_in + GELU (tanh) of a decode step
+    add("gemv", both, _gemv_case(1, 3072, 768, bf16, norm=2, residual=True, glu=None, bias=True, act="gelu_tanh"))
+    add("gemv", h100, _gemv_case(4, 1000, 256, fp16, norm=0, residual=False, glu=None, act="gelu"))
     add("gemv", h100, _gemv_case(3, 1000, 100, fp32, norm=0, residual=True, glu="silu", bias=True))
     # gemma-2-2b's norm + w_in + GeGLU (tanh GELU), and the erf GELU's epilogue
     add("gemv", h100, _gemv_case(1, 9216, 2304, bf16, norm=1, residual=True, glu="gelu_tanh", nw_dtype=fp32))

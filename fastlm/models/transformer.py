@@ -22,7 +22,7 @@ plus bf16 block outputs promote to fp32), so torch.nn.RMSNorm sees matching fp32
 
 Decode-sized inputs: with grad mode off and at most ``decode_gemv_rows`` token rows (default 4,
 env FASTLM_DECODE_GEMV_ROWS; 0 turns it off), the fused backend runs each block's norm + qkv
-projection and norm + w_in (+ SwiGLU / GeGLU) as one kernel each (ops.fused_linear: a matrix-vector
+projection and norm + w_in (+ SwiGLU / GeGLU / GELU) as one kernel each (ops.fused_linear: a matrix-vector
 product with the norm folded in before and the activation after), removing three small kernels
 per layer from a decode step (Gemma 2/3's post-norms fold into the projection after them:
 fused_linear's x_norm_weight); ``head(x, residual)`` likewise folds the final norm into the
@@ -347,9 +347,10 @@ class MLP(nn.Module):
         super().__init__()
         self.kind, self.approximate = config.mlp, config.gelu_approximate
         self.swiglu = config.mlp == "swiglu"
-        # ops.fused_linear's name for the gated activation (None: GELU, applied after it)
-        self.fused_linear_activation = {"swiglu": "swiglu", "geglu": "geglu_tanh" if self.approximate == "tanh"
-                                        else "geglu"}.get(config.mlp)
+        # ops.fused_linear's name for the activation (gated, or GPT-2's plain GELU), folded into w_in's kernel
+        tanh = self.approximate == "tanh"
+        self.fused_linear_activation = {"swiglu": "swiglu", "geglu": "geglu_tanh" if tanh else "geglu",
+                                        "gelu": "gelu_tanh" if tanh else "gelu"}[config.mlp]
         self.fused, self.op_backend = fused, triton_only(op_backend)
         n_in = 2 * config.ffn_dim if config.gated else config.ffn_dim  # SwiGLU / GeGLU: gate and up stacked
         self.w_in = nn.Linear(config.dim, n_in, bias=config.mlp_bias)
@@ -413,15 +414,14 @@ class Block(nn.Module):
     def _forward_gemv(self, x, residual, rope, cu_seqlens, max_seqlen, cache, x_norm_weight=None,
                       defer_post_norm=False):
         """forward() for a few token rows without grad (decode): the norms are folded into the
-        qkv and w_in projections, and SwiGLU / GeGLU into w_in (see the module docstring); the
-        post-norms of Gemma 2/3 into the projection after them (x_norm_weight of fused_linear)."""
+        qkv and w_in projections, and the activation (SwiGLU / GeGLU / GELU) into w_in (see the
+        module docstring); the post-norms of Gemma 2/3 into the projection after them
+        (x_norm_weight of fused_linear)."""
         qkv, residual = _norm_linear(self.attn_norm, x, residual, self.attn.wqkv, x_norm_weight=x_norm_weight)
         x = self.attn(None, rope, cu_seqlens, max_seqlen, cache, qkv=qkv)
         mlp = self.mlp
         h, residual = _norm_linear(self.mlp_norm, x, residual, mlp.w_in, mlp.fused_linear_activation,
                                    x_norm_weight=self.attn_post_norm.weight if self.post_norms else None)
-        if mlp.fused_linear_activation is None:  # (the kernel folds the gated activations only)
-            h = mlp.act(h)
         x = mlp.w_out(h)
         return (self.mlp_post_norm(x) if self.post_norms and not defer_post_norm else x), residual
 

@@ -1,5 +1,5 @@
 """fused_linear: a linear layer with the pre-norm residual add and norm before it and SwiGLU /
-GeGLU after it, in one kernel for the few rows of a decode step.
+GeGLU (or a plain GELU) after it, in one kernel for the few rows of a decode step.
 
     y = act(norm(x + residual) @ weight^T + bias)        (each part optional)
 
@@ -29,8 +29,11 @@ from fastlm._dispatch import fast_op
 SUPPORTED = ("triton", "reference")
 PREFERRED = ("triton", "reference")
 NORMS = {None: 0, "rms": 1, "layer": 2}
-# activation -> the gate's activation in the kernels (None: no activation)
-ACTIVATIONS = {None: None, "swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+# gated activation -> the gate's activation in the kernels
+GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+# plain activation (of the output) -> the kernels' name for it
+PLAIN = {"gelu": "gelu", "gelu_tanh": "gelu_tanh"}
+ACTIVATIONS = (None, *GATED, *PLAIN)
 DEFAULT_EPS = {"rms": 1e-6, "layer": 1e-5}
 
 
@@ -54,24 +57,29 @@ def _fused_linear_op(
     glu: str | None,
     x_norm_weight: torch.Tensor | None = None,
     norm_offset: float = 0.0,
+    act: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M <= kernels.gemv.MAX_ROWS, K), weight (N or 2N, K) -> (y (M, N), h (M, K) = x + residual,
     empty without one).  glu: None, or the gate activation ("silu", "gelu_tanh", "gelu") of a
-    gated product (weight stacks [gate; up]).  1-D inputs must be contiguous (the public
-    function makes them so).  x_norm_weight (K,): x is RMS-normalized with it (eps) first.  The
-    norms scale by norm_offset + their weight."""
+    gated product (weight stacks [gate; up]).  act (glu None): None, or an activation of the
+    output ("gelu_tanh", "gelu").  1-D inputs must be contiguous (the public function makes
+    them so).  x_norm_weight (K,): x is RMS-normalized with it (eps) first.  The norms scale by
+    norm_offset + their weight."""
     k = _kernels()
     M, K = x.shape
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     y = x.new_empty((M, N))
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
+    if glu is not None and act is not None:
+        raise ValueError("fused_linear: glu and act are exclusive (a gated product's activation is glu)")
     k.gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y,
-           h if residual is not None else None, x_norm_weight, norm_offset)
+           h if residual is not None else None, x_norm_weight, norm_offset, act)
     return y, h
 
 
 @_fused_linear_op.register_fake
-def _(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, glu, x_norm_weight=None, norm_offset=0.0):
+def _(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, glu, x_norm_weight=None, norm_offset=0.0,
+      act=None):
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
     return x.new_empty((x.shape[0], N)), h
@@ -91,7 +99,7 @@ def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, acti
                          f"got {tuple(weight.shape)}")
     if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-    if activation is not None and weight.shape[0] % 2:
+    if activation in GATED and weight.shape[0] % 2:
         raise ValueError(f"{op}: with activation={activation!r} weight must stack [gate; up] (an even number of "
                          f"rows), got {tuple(weight.shape)}")
     if bias is not None:
@@ -150,8 +158,10 @@ def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, a
     y = F.linear(a, weight, bias)
     if activation == "swiglu":
         y = ops.swiglu(y, backend=backend)
-    elif activation is not None:
+    elif activation in GATED:
         y = ops.geglu(y, approximate="tanh" if activation == "geglu_tanh" else "none", backend=backend)
+    elif activation is not None:
+        y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
     return y, h
 
 
@@ -163,7 +173,9 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     x (..., K); weight (N, K) as nn.Linear stores it, bias (N,) or None; with a gated
     activation, weight stacks the gate rows over the up rows (2F, K) and the result is
     act(gate) * up (..., F): "swiglu" silu, "geglu" the exact (erf) GELU, "geglu_tanh" its tanh
-    approximation (Gemma's gelu_pytorch_tanh), computed as ops.swiglu / ops.geglu do.  norm: None | "rms" | "layer" with norm_weight / norm_bias (K,)
+    approximation (Gemma's gelu_pytorch_tanh), computed as ops.swiglu / ops.geglu do; a plain
+    activation of the output (GPT-2's MLP): "gelu" (erf) or "gelu_tanh" (GPT-2's gelu_new), as
+    F.gelu computes it.  norm: None | "rms" | "layer" with norm_weight / norm_bias (K,)
     and eps (default 1e-6 for rms, 1e-5 for layer).  residual (like x): h = x + residual is
     normalized and returned too.  x_norm_weight (K,): x itself is first RMS-normalized with this
     weight (same eps; default 1e-6) and rounded, h = that + residual (Gemma 2/3's post-norm of
@@ -207,9 +219,12 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
                           norm_offset)
     else:
         vec = [t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias, x_norm_weight)]
-        extra = (vec[3], norm_offset) if norm_offset else (vec[3],) if vec[3] is not None else ()
+        if activation in PLAIN:
+            extra = (vec[3], norm_offset, PLAIN[activation])
+        else:
+            extra = (vec[3], norm_offset) if norm_offset else (vec[3],) if vec[3] is not None else ()
         # (the defaults left out: calls without the Gemma arguments keep the op's earlier form)
         y, h = _fused_linear_op(x2, unit_last(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps,
-                                ACTIVATIONS[activation], *extra)
+                                GATED.get(activation), *extra)
     y = y.view(*lead, y.shape[-1])
     return (y, h.view(x.shape)) if residual is not None else y

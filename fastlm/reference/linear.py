@@ -12,7 +12,8 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     eps None: 1e-6 for norm="rms", 1e-5 for "layer" (as rms_norm / layer_norm).
 
     Each step rounds to x's dtype, as the separate ops would store it: h, the normalized x,
-    the linear's output (gate and up for SwiGLU), the activation.  x_norm_weight: x is first
+    the linear's output (gate and up for SwiGLU), the activation (gated, or a plain "gelu" /
+    "gelu_tanh" of the output).  x_norm_weight: x is first
     RMS-normalized with it (eps; Gemma 2/3's post-norm of the previous sublayer).  norm_offset:
     the norms scale by norm_offset + weight, summed in fp32 (float64 stays float64)."""
     if norm_offset:
@@ -32,4 +33,7 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
         y = swiglu(y, upcast=upcast)
     elif activation in ("geglu", "geglu_tanh"):
         y = geglu(y, approximate="tanh" if activation == "geglu_tanh" else "none", upcast=upcast)
+    elif activation in ("gelu", "gelu_tanh"):  # plain (GPT-2's MLP), from the rounded y as F.gelu computes it
+        ct = torch.float32 if upcast and y.dtype in (torch.float16, torch.bfloat16) else y.dtype
+        y = F.gelu(y.to(ct), approximate="tanh" if activation == "gelu_tanh" else "none").to(y.dtype)
     return (y, h) if residual is not None else y
