@@ -51,6 +51,13 @@ def why_unavailable(backend, device):
     return f"unknown backend {backend!r}; expected one of {BACKENDS} or None"
 
 
+def step_kernels(t, backend=None):
+    """Whether the bookkeeping of a decode step on tensor t runs as kernels/step.py's single
+    Triton launches (else as torch ops): unless backend is "reference", Triton runs on t's
+    device, and torch.compile is not tracing."""
+    return backend != "reference" and not torch.compiler.is_compiling() and why_unavailable("triton", t.device) == ""
+
+
 def resolve(backend, device, supported, preferred=None, op="op"):
     """Return the backend name to run `op` with.
 

@@ -52,7 +52,7 @@ from collections import deque
 
 import torch
 
-from fastlm import ops
+from fastlm import _backend, ops
 from fastlm._checks import is_int
 from fastlm.nn.kv_cache import PagedKVCache, StaticKVCache
 from fastlm.models.transformer import masked_attention, triton_only
@@ -670,8 +670,9 @@ class Generator:
     def _step_body(self, st, sp):
         """The device part of a decode step (capturable: no host syncs, fixed shapes)."""
         m = self.model
+        backend = st.hook.op_backend if st.fused else "reference"  # (the bookkeeping's kernels follow the ops')
         if st.fused:
-            st.cache.advance(1)  # positions <- seqlens; seqlens += 1
+            st.cache.advance(1, backend=backend)  # positions <- seqlens; seqlens += 1
         stream = m.residual_stream(st.tok, positions=st.cache.positions, cache=st.hook)  # (B, 1, D)
         logits = _head_rows(m, stream, (slice(None), -1))  # (B, vocab)
         if st.penalty is not None:
@@ -679,10 +680,15 @@ class Generator:
         nxt, top = sample_with_max(logits, generator=st.rng, **sp)  # (B,)
         if st.penalty is not None:
             st.seen.scatter_(1, nxt[:, None], True)
-        st.tok.copy_(nxt[:, None])
-        st.ring.index_copy_(0, st.ctr, nxt[None])
-        st.row_max.index_copy_(0, st.ctr, top[None].to(st.row_max.dtype))  # .to: a no-op when greedy
-        st.ctr.add_(1).remainder_(self.sync_every)
+        if _backend.step_kernels(st.tok, backend):  # one launch for the five ops below
+            from fastlm.kernels import step
+
+            step.record_token(nxt.contiguous(), top.contiguous(), st.tok, st.ring, st.row_max, st.ctr)
+        else:
+            st.tok.copy_(nxt[:, None])
+            st.ring.index_copy_(0, st.ctr, nxt[None])
+            st.row_max.index_copy_(0, st.ctr, top[None].to(st.row_max.dtype))  # .to: a no-op when greedy
+            st.ctr.add_(1).remainder_(self.sync_every)
         if not st.fused:
             st.cache.positions.add_(1)
 

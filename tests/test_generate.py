@@ -292,11 +292,12 @@ _HOST_SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten
 # (kernels per layer, kernels per step besides the layers) of a fused decode step
 _DECODE_BUDGET = {
     # per layer: [norm + qkv] gemv, (q/k norm +) rotary + append, decode, wo, [norm + w_in + act] gemv,
-    # w_out; per step: embedding, [final norm + lm_head] gemv, greedy max, 7 bookkeeping ops
-    "tiny": (6, 10),
-    "tiny-mix": (6, 10),  # + q/k norms (in the append), qkv bias, partial rotary, sliding window
-    "tiny-gpt2": (6, 15),  # + learned positions (arange, add, cast, embedding, add)
-    "tiny-gemma23": (6, 15),  # + embedding scale, last post-norm, logit softcap (div, tanh, mul)
+    # w_out; per step: the cache's advance, embedding, [final norm + lm_head] gemv, greedy max, the
+    # token's bookkeeping (kernels/step.py)
+    "tiny": (6, 5),
+    "tiny-mix": (6, 5),  # + q/k norms (in the append), qkv bias, partial rotary, sliding window
+    "tiny-gpt2": (6, 7),  # + learned positions (embedding, add)
+    "tiny-gemma23": (6, 10),  # + embedding scale, last post-norm, logit softcap (div, tanh, mul)
 }
 
 
@@ -366,6 +367,34 @@ def test_decode_step_kernel_budget(name, monkeypatch):
     per_layer, rest = (len(k4) - len(k2)) // 2, len(k2) - 2 * (len(k4) - len(k2)) // 2
     assert not s2 and not s4, f"host syncs in a decode step: {s2 or s4}"
     assert (per_layer, rest) == _DECODE_BUDGET[name], f"{name}: 2-layer step launches {sorted(k2)}"
+
+
+@pytest.mark.parametrize("B", [1, 5, 1500])  # (1500: more rows than one loop step of the kernels)
+def test_step_kernels_equal_the_torch_ops(B):
+    """kernels/step.py's single launches == the torch ops they replace: the cache's advance (a
+    freed slot does not move) and the token's bookkeeping (the ring counter wraps)."""
+    from fastlm.kernels import step
+
+    K = 4
+    seq = torch.randint(0, 100, (B,), dtype=torch.int32, device=DEVICE)
+    live = (torch.rand(B, device=DEVICE) > 0.3).to(torch.int32)
+    pos = torch.full((B,), -1, dtype=torch.int32, device=DEVICE)
+    for n in (1, 3):
+        want_pos, want_seq = seq.clone(), seq + live * n
+        step.advance(pos, seq, live, n)
+        assert torch.equal(pos, want_pos) and torch.equal(seq, want_seq)
+    nxt = torch.randint(0, 50000, (B,), device=DEVICE)
+    top = torch.randn(B, device=DEVICE).to(torch.bfloat16)
+    tok = torch.zeros(B, 1, dtype=torch.long, device=DEVICE)
+    ring, row_max = torch.zeros(K, B, dtype=torch.long, device=DEVICE), torch.zeros(K, B, device=DEVICE)
+    ctr = torch.tensor([K - 1], device=DEVICE)
+    w_ring, w_max = ring.clone(), row_max.clone()
+    w_ring[K - 1], w_max[K - 1] = nxt, top.float()
+    step.record_token(nxt, top, tok, ring, row_max, ctr)
+    assert torch.equal(tok[:, 0], nxt) and torch.equal(ring, w_ring) and torch.equal(row_max, w_max)
+    assert ctr.tolist() == [0]  # wrapped
+    step.record_token(nxt + 1, top, tok, ring, row_max, ctr)
+    assert torch.equal(ring[0], nxt + 1) and ctr.tolist() == [1]
 
 
 # ------------------------------------------------------------------------------ sampling

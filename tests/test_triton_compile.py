@@ -40,7 +40,7 @@ import pytest
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
-MODULES = ["norm", "rotary", "qk_norm", "decode", "attention", "cross_entropy", "activation", "gemv"]
+MODULES = ["norm", "rotary", "qk_norm", "decode", "attention", "cross_entropy", "activation", "gemv", "step"]
 
 # Device profiles: what the launchers' GPU queries return, and the compile target.
 PROFILES = {
@@ -468,6 +468,18 @@ def _gemv_case(M, N, K, dtype, *, norm, residual, glu, bias=False, nw_dtype=None
     return f"gemv {flags} M={M} N={N} K={K} {_dt(dtype)}", run
 
 
+def _step_case(B, top_dtype):
+    """A decode step's bookkeeping: the cache's advance and the token's record (ring of K=8)."""
+    def run(k, arch):
+        import torch
+
+        i32, i64 = torch.int32, torch.int64
+        k["step"].advance(_t(B, dtype=i32), _t(B, dtype=i32), _t(B, dtype=i32), 1)
+        k["step"].record_token(_t(B, dtype=i64), _t(B, dtype=top_dtype), _t(B, 1, dtype=i64), _t(8, B, dtype=i64),
+                               _t(8, B, dtype=top_dtype), _t(1, dtype=i64))
+    return f"step B={B} {_dt(top_dtype)}", run
+
+
 def _dt(dtype):
     return str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
 
@@ -627,6 +639,9 @@ def _cases(full):
     add("gemv", both, _gemv_case(1, 1536, 1152, bf16, norm=1, residual=True, glu=None, nw_dtype=fp32, x_norm=True))
     add("gemv", h100, _gemv_case(1, 6912, 1152, bf16, norm=1, residual=True, glu="gelu_tanh", nw_dtype=fp32,
                                  x_norm=True))
+    # ---- step: a decode step's bookkeeping, batch 1 and 64
+    add("step", both, _step_case(1, bf16))
+    add("step", h100, _step_case(64, fp32))
     return cases
 
 

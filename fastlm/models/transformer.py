@@ -131,6 +131,8 @@ def position_ids(tokens, positions, cu_seqlens):
     if isinstance(positions, int) or positions.dim() == 0:
         return positions + torch.arange(T, device=tokens.device)  # (T,)
     if positions.dim() == 1:  # (B,) start offsets
+        if T == 1:  # a decode step: the offsets themselves (no arange, add and cast to launch)
+            return positions[:, None]  # (B, 1), int32 or int64 (any index op takes either)
         return positions[:, None].long() + torch.arange(T, device=tokens.device)  # (B, T)
     return positions.long()  # (B, T)
 

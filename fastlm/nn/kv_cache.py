@@ -26,7 +26,7 @@ The protocol of one step that adds ``n`` tokens to each sequence (decoding: n = 
 import torch
 from torch import nn
 
-from fastlm import ops
+from fastlm import _backend, ops
 from fastlm._checks import KERNEL_DTYPES, is_int
 
 
@@ -117,11 +117,17 @@ class _KVCacheBase(nn.Module):
             if self._adv[s] is not None:
                 self._adv[s] += n
 
-    def advance(self, n):
+    def advance(self, n, *, backend=None):
         """Device op: positions <- seqlens; seqlens += n (int, or int32 tensor (batch,)) for the
         live sequence slots.  Call it after ``reserve`` (host) and before the layers append/attend;
-        an eager advance(int) past the reserved lengths raises."""
+        an eager advance(int) past the reserved lengths raises.  One Triton launch for an int n
+        (kernels/step.py) where Triton runs, unless backend="reference" (torch ops)."""
         self._check_advance(n)
+        if isinstance(n, int) and _backend.step_kernels(self.seqlens, backend):
+            from fastlm.kernels import step
+
+            step.advance(self.positions, self.seqlens, self.live, n)
+            return
         self.positions.copy_(self.seqlens)
         if isinstance(n, int):
             self.seqlens.add_(self.live, alpha=n)  # one kernel (a decode step runs this every token)
