@@ -74,6 +74,7 @@ class _CacheHook:
     """
 
     rotates = True  # gets q/k before rotary: the decode step rotates and appends in one launch
+    fuses_qk_norm = True  # ... and before their q/k norms (attend's qk_norm), which that launch applies too
 
     def __init__(self, cache, op_backend):
         self.cache, self.op_backend = cache, op_backend

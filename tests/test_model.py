@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, triton_bf16_mark
+from fastlm import ops
 from fastlm.models import PRESETS, Transformer, TransformerConfig
 from tolerances import assert_close
 
@@ -336,8 +337,22 @@ class AttendingCache(ContiguousCache):
         return sdpa_attention(q, k, v, window=window, scale=softmax_scale, softcap=softcap)
 
 
+class RotatingCache(AttendingCache):
+    """An attending cache that gets q/k before rotary (``rotates``; the fused backend's rope
+    argument) and rotates them itself; it does not say ``fuses_qk_norm``, so a q/k-norm model
+    normalizes them first."""
+
+    rotates = True
+
+    def attend(self, layer, q, k, v, window, rope, softmax_scale=None, softcap=None):
+        if rope is not None:  # (None: learned positions)
+            cos, sin, positions, cu = rope
+            q, k = ops.apply_rotary(q, k, cos, sin, positions=positions, cu_seqlens=cu)
+        return super().attend(layer, q, k, v, window, softmax_scale=softmax_scale, softcap=softcap)
+
+
 @pytest.mark.parametrize("backend, cache_cls", [("reference", ContiguousCache), ("fused", ContiguousCache),
-                                                ("fused", AttendingCache)])
+                                                ("fused", AttendingCache), ("fused", RotatingCache)])
 @pytest.mark.parametrize("name", ["tiny-mix", "tiny-gpt2", "tiny-gemma23"])
 def test_kv_cache_hook_and_positions(backend, cache_cls, name):
     cfg = tiny_config(name)
@@ -354,7 +369,7 @@ def test_kv_cache_hook_and_positions(backend, cache_cls, name):
         # explicit (B, T) position ids and (B,) offsets are other forms of the same thing
         steps.append(model(tokens[:, 12:13], cache=cache, positions=torch.full((2,), 12, device=DEVICE)))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=2e-5)
-    assert AttendingCache.calls == (4 * cfg.n_layers if cache_cls is AttendingCache else 0)
+    assert AttendingCache.calls == (4 * cfg.n_layers if issubclass(cache_cls, AttendingCache) else 0)
     with torch.no_grad():
         pos = torch.arange(13, device=DEVICE).expand(2, 13)
         torch.testing.assert_close(model(tokens, positions=pos), full, atol=2e-5, rtol=2e-5)

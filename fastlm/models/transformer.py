@@ -52,9 +52,9 @@ own cache slots; see fastlm.generation).  A cache whose ``rotates`` attribute is
 *before* rotary and the layer's rope argument, ``attend(layer_idx, q, k, v, window, rope)``, so it
 can fuse the rotation into its own kernels (fused backend: rope = (cos table, sin table,
 positions, cu_seqlens)); with the fused backend, a model with q/k norms (Qwen3, Gemma 3) gives
-such a cache the normalization too, ``qk_norm=(q weight, k weight, eps, offset)``, and q/k
-unnormalized (the decode step's append kernel normalizes, rotates and writes them in one
-launch).  A model with attn_scale or attn_softcap (Gemma 2/3) also passes
+such a cache whose ``fuses_qk_norm`` attribute is True the normalization too,
+``qk_norm=(q weight, k weight, eps, offset)``, and q/k unnormalized (fastlm.generation's
+decode step: its append kernel normalizes, rotates and writes them in one launch).  A model with attn_scale or attn_softcap (Gemma 2/3) also passes
 ``softmax_scale=`` / ``softcap=`` to ``attend`` (only those that are set, so a cache that cannot
 apply them fails with a TypeError instead of computing something else); ``window`` is the layer's
 own (layer_types).  ``cache`` is None in training.
@@ -300,10 +300,13 @@ class Attention(nn.Module):
         # (B, T, H|Hkv, hd) views; split (not slicing) so the backward is one cat of dq, dk, dv
         q, k, v = qkv.split([H, Hkv, Hkv], dim=-2)
         cache_rotates = cache is not None and getattr(cache, "rotates", False)
-        if cache_rotates:  # the cache normalizes (fused) and rotates q/k itself, in its append
+        if cache_rotates:  # the cache rotates q/k itself (and normalizes them, if it says so), in its append
             kw = dict(self.attend_kwargs)
-            if self.qk_norm and self.fused:
+            if self.qk_norm and self.fused and getattr(cache, "fuses_qk_norm", False):
                 kw["qk_norm"] = (self.q_norm.weight, self.k_norm.weight, self.qk_norm_eps, self.q_norm.offset)
+            elif self.qk_norm and self.fused:  # both norms in one launch, on the q/k views
+                q, k = ops.qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, eps=self.qk_norm_eps,
+                                          weight_offset=self.q_norm.offset, backend=triton_only(self.op_backend))
             elif self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             o = cache.attend(self.layer_idx, q, k, v, self.window, rope, **kw)
