@@ -833,9 +833,10 @@ def test_decode_with_new_kv_opcheck_and_compile(backend):
                               (q, kc, vc, k, k, lens, bt, None, *rot, False, 0.25, True, -1, 0.0, 2, backend,
                                w, w * 0.5, 1e-6, 1.0))
 
-    def step(q, k, kc, vc, lens, bt):
+    def step(q, k, kc, vc, lens, bt):  # (with q/k norms too: a Qwen3 decode step)
         out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=k, rotary_cos=cos, rotary_sin=sin,
-                                          block_table=bt, num_splits=2, backend=backend)
+                                          q_norm_weight=w, k_norm_weight=w, block_table=bt, num_splits=2,
+                                          backend=backend)
         lens.add_(1)
         return out
 

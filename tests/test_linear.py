@@ -200,6 +200,10 @@ def test_torch_op_contract():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     torch.library.opcheck(torch.ops.fastlm.fused_linear.default, args + (torch.rand(20, device=DEVICE) + 0.5,),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    # a plain GELU (GPT-2's w_in): no glu, act given
+    plain = (x, w[:6], kw["bias"][:6], kw["residual"], kw["norm_weight"], None, 1, 1e-6, None, None, 0.0, "gelu_tanh")
+    torch.library.opcheck(torch.ops.fastlm.fused_linear.default, plain,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     f = torch.compile(lambda *a: fastlm.ops.fused_linear(*a, **{k: v for k, v in kw.items() if k != "bias"},
                                                          backend="triton"), fullgraph=True, backend="eager")
     y, h = f(x, w, kw["bias"])
