@@ -14,7 +14,7 @@ of each), so this kernel folds the layer's neighbours into it:
             stacks [gate; up] (2F, K) as the Llama / Gemma MLP's w_in does, and each program
             reads the gate rows and the matching up rows, so it can write act(gate) * up
             directly: the (M, 2F) activation never goes to memory; or a plain activation of
-            the output (GPT-2's GELU).
+            the output (GPT-2's GELU); or the logit soft-capping of Gemma 2/3's lm_head.
 This removes the norm kernels (2 per layer) and the activation kernel (1 per layer) of a
 decode step, leaving per layer: [norm + qkv], rotary + append, decode attention, combine, wo,
 [norm + w_in + activation], w_out.
@@ -44,6 +44,7 @@ import triton.language as tl
 from fastlm.kernels import cdiv, next_pow2, on_tensor_device
 from fastlm.kernels import norm as _norm
 from fastlm.kernels.activation import ACTIVATIONS, _act
+from fastlm.kernels.attention import _tanh
 
 MAX_ROWS = 16  # rows of x one launch handles (BLOCK_M <= 16); the op splits larger M
 
@@ -90,6 +91,7 @@ def _gemv_kernel(
     K,  # input features
     eps,
     w_offset,  # the norms scale by w_offset + NW (and XW): Gemma's 1 + weight, without a launch for the sum
+    softcap,  # SOFTCAP: y <- softcap * tanh(y / softcap)
     NORM: tl.constexpr,  # 0 none, 1 RMSNorm, 2 LayerNorm
     HAS_RESIDUAL: tl.constexpr,
     HAS_XNORM: tl.constexpr,  # x <- rms_norm(x) * XW (rounded) first
@@ -98,6 +100,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr,  # y = act(gate) * up
     PLAIN_ACT: tl.constexpr,  # y = act(y) (not GATED)
+    SOFTCAP: tl.constexpr,  # y = softcap * tanh(y / softcap), last
     ACT: tl.constexpr,  # the (gate's) activation (kernels.activation.ACTIVATIONS: silu, gelu_tanh, gelu)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -201,6 +204,8 @@ def _gemv_kernel(
         y = _act(g, ACT)[0] * up
     if PLAIN_ACT:
         y = _act(y.to(Y.dtype.element_ty).to(tl.float32), ACT)[0]  # (the GEMM would store y first)
+    if SOFTCAP:
+        y = softcap * _tanh(y.to(Y.dtype.element_ty).to(tl.float32) / softcap)  # (from the stored logits)
     y_ptr = Y + rm.to(tl.int64)[:, None] * stride_y + rn[None, :]
     tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -241,12 +246,13 @@ def _tuned(block_m, gated):
 
 @on_tensor_device
 def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h, x_norm_weight=None, w_offset=0.0,
-         act=None):
+         act=None, softcap=0.0):
     """Writes act(norm(x [+ residual]) @ weight^T + bias) into y (M, N) and, with a residual,
     x + residual into h (M, K).  x/residual/h: (M, K) with unit column stride; weight (N or 2N,
     K) with unit column stride; M <= MAX_ROWS.  norm: 0 none, 1 rms, 2 layer.  glu: None, or the
     gate's activation of a gated product ("silu", "gelu_tanh", "gelu"; weight stacks [gate; up]).
-    act (glu None): None, or an activation of the output (the same names).
+    act (glu None): None, or an activation of the output (the same names).  softcap > 0: y is
+    soft-capped last, softcap * tanh(y / softcap) (Gemma 2/3's logits).
     x_norm_weight (K,): x is RMS-normalized with it (eps) before anything else.  w_offset: the
     norm weights scale as w_offset + weight (Gemma's 1 + w, summed in the kernel)."""
     gated = glu is not None
@@ -266,10 +272,10 @@ def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h
             norm_weight if norm_weight is not None else d, norm_bias if norm_bias is not None else d,
             weight, bias if bias is not None else d, y,
             x.stride(0), residual.stride(0) if residual is not None else 0, h.stride(0) if h is not None else 0,
-            weight.stride(0), y.stride(0), M, N, K, float(eps), float(w_offset))
+            weight.stride(0), y.stride(0), M, N, K, float(eps), float(w_offset), float(softcap or 1.0))
     flags = dict(NORM=norm, HAS_RESIDUAL=residual is not None, HAS_XNORM=x_norm_weight is not None,
                  HAS_NW=norm_weight is not None, HAS_NB=norm_bias is not None, HAS_BIAS=bias is not None, GATED=gated,
-                 PLAIN_ACT=act is not None, ACT=ACTIVATIONS[glu or act] if gated or act else 0, BLOCK_M=block_m)
+                 PLAIN_ACT=act is not None, SOFTCAP=bool(softcap), ACT=ACTIVATIONS[glu or act] if gated or act else 0, BLOCK_M=block_m)
     if x.is_cuda and not _interpreting():
         if AUTOTUNE:
             kern = _tuned(block_m, gated)

@@ -297,7 +297,7 @@ _DECODE_BUDGET = {
     "tiny": (6, 5),
     "tiny-mix": (6, 5),  # + q/k norms (in the append), qkv bias, partial rotary, sliding window
     "tiny-gpt2": (6, 7),  # + learned positions (embedding, add)
-    "tiny-gemma23": (6, 10),  # + embedding scale, last post-norm, logit softcap (div, tanh, mul)
+    "tiny-gemma23": (6, 7),  # + embedding scale, last post-norm (the logit softcap is in the lm_head gemv)
 }
 
 

@@ -140,6 +140,23 @@ def test_norm_offset_is_gemma_one_plus_w(M, dtype):
         fastlm.ops.fused_linear(x, w, norm_offset=1.0, backend="triton")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 20])
+def test_softcap_matches_reference(dtype, M):
+    """softcap: Gemma 2/3's lm_head, norm + product + softcap * tanh(y / softcap) from the rounded
+    logits (M=20: the GEMM path); the logits really are capped (|y| < softcap)."""
+    x, w, kw = _case(M, 37, 22, dtype, norm="rms", residual=True, act=None, bias=False, scale=4.0)
+    w = w * 8  # logits well past the cap
+    kw = dict(kw, softcap=3.0, norm_offset=1.0)
+    y = _check(x, w, kw)
+    assert y.abs().max() <= 3.0 and y.abs().max() > 2.0
+    plain = fastlm.ops.fused_linear(x, w, **dict(kw, softcap=0.0), backend="triton")[0]
+    torch.testing.assert_close(y.float(), (3.0 * torch.tanh(plain.float() / 3.0)).to(dtype).float(),
+                               rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="softcap must be a finite number"):
+        fastlm.ops.fused_linear(x, w, **dict(kw, softcap=-1.0), backend="triton")
+
+
 @pytest.mark.parametrize("M", [16, 17, 40])
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_many_rows(M, norm):

@@ -447,7 +447,8 @@ def _swiglu_case(F, dtype, *, stacked, rows=8192, activation="silu"):
     return f"{activation} glu F={F} {_dt(dtype)} {'stacked' if stacked else 'split'}", run
 
 
-def _gemv_case(M, N, K, dtype, *, norm, residual, glu, bias=False, nw_dtype=None, x_norm=False, act=None):
+def _gemv_case(M, N, K, dtype, *, norm, residual, glu, bias=False, nw_dtype=None, x_norm=False, act=None,
+               softcap=0.0):
     """glu: None or the gate activation of a gated product ("silu", "gelu_tanh", "gelu");
     act: a plain activation of the output (GPT-2's GELU); x_norm: x RMS-normalized first
     (Gemma 2/3's post-norm folded in)."""
@@ -462,9 +463,9 @@ def _gemv_case(M, N, K, dtype, *, norm, residual, glu, bias=False, nw_dtype=None
         nb = _t(K, dtype=nw_dtype or dtype) if norm == 2 else None
         k["gemv"].gemv(x, w, b, r, norm, nw, nb, 1e-5, glu, _t(M, N, dtype=dtype),
                        _t(M, K, dtype=dtype) if residual else None, _t(K, dtype=torch.float32) if x_norm else None,
-                       0.0, act)
+                       0.0, act, softcap)
     flags = "xnorm+" * x_norm + ["none", "rms", "ln"][norm] + "+res" * residual + f"+{glu}glu" * bool(glu) + "+b" * bias
-    flags += f"+{act}" * bool(act)
+    flags += f"+{act}" * bool(act) + "+softcap" * bool(softcap)
     return f"gemv {flags} M={M} N={N} K={K} {_dt(dtype)}", run
 
 
@@ -639,6 +640,8 @@ def _cases(full):
     add("gemv", both, _gemv_case(1, 1536, 1152, bf16, norm=1, residual=True, glu=None, nw_dtype=fp32, x_norm=True))
     add("gemv", h100, _gemv_case(1, 6912, 1152, bf16, norm=1, residual=True, glu="gelu_tanh", nw_dtype=fp32,
                                  x_norm=True))
+    # gemma-2-2b's final norm + lm_head + logit softcap
+    add("gemv", both, _gemv_case(1, 256000, 2304, bf16, norm=1, residual=True, glu=None, nw_dtype=fp32, softcap=30.0))
     # ---- step: a decode step's bookkeeping, batch 1 and 64
     add("step", both, _step_case(1, bf16))
     add("step", h100, _step_case(64, fp32))

@@ -250,11 +250,12 @@ def _decode_sized(x, gemv_rows):
     return 0 < x.numel() <= gemv_rows * x.shape[-1] and not torch.is_grad_enabled()
 
 
-def _norm_linear(norm, x, residual, linear, activation=None, x_norm_weight=None):
+def _norm_linear(norm, x, residual, linear, activation=None, x_norm_weight=None, softcap=None):
     """(linear(norm(x + residual)) [SwiGLU'd / GeGLU'd], x + residual) in one ops.fused_linear call;
     with x_norm_weight (the weight of Gemma 2/3's post-norm of the sublayer that made x, whose
     offset and eps are norm's: one config), rms_norm(x) in place of x, in the same call.  Gemma's
-    1 + weight offset is summed in the kernel (norm_offset), not by a launch of its own."""
+    1 + weight offset is summed in the kernel (norm_offset), not by a launch of its own; softcap:
+    the lm_head's logit soft-capping (Gemma 2/3), in the same kernel."""
     is_rms = isinstance(norm, nn.RMSNorm)
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
     offset = norm.offset if is_rms and norm.weight is not None else 0.0
@@ -264,7 +265,7 @@ def _norm_linear(norm, x, residual, linear, activation=None, x_norm_weight=None)
     out = ops.fused_linear(x, linear.weight, linear.bias, norm="rms" if is_rms else "layer",
                            norm_weight=norm.weight, norm_bias=None if is_rms else norm.bias, eps=eps,
                            residual=residual, activation=activation, x_norm_weight=x_norm_weight, norm_offset=offset,
-                           backend=triton_only(norm.backend))
+                           softcap=softcap or 0.0, backend=triton_only(norm.backend))
     return out if residual is not None else (out, x)
 
 
@@ -616,7 +617,7 @@ class Transformer(nn.Module):
         then the lm_head.  Fused, grad-free and at most decode_gemv_rows rows: one kernel
         (ops.fused_linear, the norm folded into the matrix-vector product)."""
         if self.backend == "fused" and residual is not None and _decode_sized(x, self.decode_gemv_rows):
-            return self.lm_head.cap(_norm_linear(self.norm, x, residual, self.lm_head)[0])
+            return _norm_linear(self.norm, x, residual, self.lm_head, softcap=self.lm_head.softcap)[0]
         h, _ = add_norm(self.norm, x, residual, self.backend == "fused")
         return self.output(h)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from fastlm import _backend, reference
 from fastlm._checks import KERNEL_DTYPES, as_real, check_same_device, check_tensor, unit_last
 from fastlm._dispatch import fast_op
+from fastlm.reference.linear import soft_cap
 
 SUPPORTED = ("triton", "reference")
 PREFERRED = ("triton", "reference")
@@ -58,12 +59,13 @@ def _fused_linear_op(
     x_norm_weight: torch.Tensor | None = None,
     norm_offset: float = 0.0,
     act: str | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M <= kernels.gemv.MAX_ROWS, K), weight (N or 2N, K) -> (y (M, N), h (M, K) = x + residual,
     empty without one).  glu: None, or the gate activation ("silu", "gelu_tanh", "gelu") of a
     gated product (weight stacks [gate; up]).  act (glu None): None, or an activation of the
-    output ("gelu_tanh", "gelu").  1-D inputs must be contiguous (the public function makes
-    them so).  x_norm_weight (K,): x is RMS-normalized with it (eps) first.  The norms scale by
+    output ("gelu_tanh", "gelu").  softcap > 0: y <- softcap * tanh(y / softcap), last.  1-D
+    inputs must be contiguous (the public function makes them so).  x_norm_weight (K,): x is RMS-normalized with it (eps) first.  The norms scale by
     norm_offset + their weight."""
     k = _kernels()
     M, K = x.shape
@@ -73,13 +75,13 @@ def _fused_linear_op(
     if glu is not None and act is not None:
         raise ValueError("fused_linear: glu and act are exclusive (a gated product's activation is glu)")
     k.gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y,
-           h if residual is not None else None, x_norm_weight, norm_offset, act)
+           h if residual is not None else None, x_norm_weight, norm_offset, act, softcap)
     return y, h
 
 
 @_fused_linear_op.register_fake
 def _(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, glu, x_norm_weight=None, norm_offset=0.0,
-      act=None):
+      act=None, softcap=0.0):
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
     return x.new_empty((x.shape[0], N)), h
@@ -137,7 +139,7 @@ def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, acti
 
 
 def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, activation, backend, x_norm_weight,
-               norm_offset=0.0):
+               norm_offset=0.0, softcap=0.0):
     """Many rows: the fused norm kernel(s), the cuBLAS GEMM, the fused SwiGLU / GeGLU kernel."""
     from fastlm import ops
 
@@ -162,12 +164,14 @@ def _gemm_path(x2, weight, bias, residual2, norm, norm_weight, norm_bias, eps, a
         y = ops.geglu(y, approximate="tanh" if activation == "geglu_tanh" else "none", backend=backend)
     elif activation is not None:
         y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if softcap:
+        y = soft_cap(y, softcap)  # (torch ops, as the reference)
     return y, h
 
 
 # ---------------------------------------------------------------------------- public API
 def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias=None, eps=None, residual=None,
-                 activation=None, x_norm_weight=None, norm_offset=0.0, backend=None):
+                 activation=None, x_norm_weight=None, norm_offset=0.0, softcap=0.0, backend=None):
     """act(norm(x + residual) @ weight.T + bias) in one kernel for decode-sized inputs.
 
     x (..., K); weight (N, K) as nn.Linear stores it, bias (N,) or None; with a gated
@@ -181,7 +185,8 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     weight (same eps; default 1e-6) and rounded, h = that + residual (Gemma 2/3's post-norm of
     the previous sublayer's output, folded in).  norm_offset: the norms scale by norm_offset +
     their weight (Gemma's 1 + w, in fp32 as HF computes it; summed in the kernel, not by a launch).
-    Returns y (..., N or F), or (y, h) with a residual.
+    softcap > 0: y <- softcap * tanh(y / softcap) last, from y rounded to x's dtype (Gemma 2/3's
+    logit soft-capping of the lm_head).  Returns y (..., N or F), or (y, h) with a residual.
     Statistics and accumulation in fp32; each intermediate is rounded to x's dtype where the
     separate ops would store it.  Under autocast, x, residual, weight and bias are cast to the
     autocast dtype (as F.linear would); otherwise weight and bias must have x's dtype.
@@ -189,6 +194,9 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     """
     _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, activation, backend, x_norm_weight)
     norm_offset = as_real(norm_offset, "norm_offset", "fused_linear")
+    softcap = as_real(softcap, "softcap", "fused_linear")
+    if not 0.0 <= softcap < float("inf"):
+        raise ValueError(f"fused_linear: softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
     if norm_offset and norm_weight is None and x_norm_weight is None:
         raise ValueError("fused_linear: norm_offset offsets the norm weights; got it without norm_weight or "
                          "x_norm_weight")
@@ -210,17 +218,17 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     if b == "reference":
         return reference.fused_linear(x, weight, bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
                                       eps=eps, residual=residual, activation=activation, x_norm_weight=x_norm_weight,
-                                      norm_offset=norm_offset)
+                                      norm_offset=norm_offset, softcap=softcap)
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = unit_last(x.reshape(-1, K))
     r2 = unit_last(residual.reshape(-1, K)) if residual is not None else None
     if x2.shape[0] > _kernels().MAX_ROWS:
         y, h = _gemm_path(x2, weight, bias, r2, norm, norm_weight, norm_bias, eps, activation, b, x_norm_weight,
-                          norm_offset)
+                          norm_offset, softcap)
     else:
         vec = [t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias, x_norm_weight)]
-        if activation in PLAIN:
-            extra = (vec[3], norm_offset, PLAIN[activation])
+        if activation in PLAIN or softcap:
+            extra = (vec[3], norm_offset, PLAIN.get(activation), softcap)
         else:
             extra = (vec[3], norm_offset) if norm_offset else (vec[3],) if vec[3] is not None else ()
         # (the defaults left out: calls without the Gemma arguments keep the op's earlier form)

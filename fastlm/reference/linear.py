@@ -6,14 +6,20 @@ from fastlm.reference.activation import geglu, swiglu
 from fastlm.reference.norm import layer_norm, rms_norm
 
 
+def soft_cap(y, softcap, upcast=True):
+    """softcap * tanh(y / softcap), from y as stored, in fp32 for fp16/bf16 when upcast."""
+    ct = torch.float32 if upcast and y.dtype in (torch.float16, torch.bfloat16) else y.dtype
+    return (torch.tanh(y.to(ct) / softcap) * softcap).to(y.dtype)
+
+
 def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias=None, eps=None, residual=None,
-                 activation=None, x_norm_weight=None, norm_offset=0.0, upcast=True):
+                 activation=None, x_norm_weight=None, norm_offset=0.0, softcap=0.0, upcast=True):
     """act(norm(x [+ residual]) @ weight^T + bias); returns y, or (y, h = x + residual).
     eps None: 1e-6 for norm="rms", 1e-5 for "layer" (as rms_norm / layer_norm).
 
     Each step rounds to x's dtype, as the separate ops would store it: h, the normalized x,
     the linear's output (gate and up for SwiGLU), the activation (gated, or a plain "gelu" /
-    "gelu_tanh" of the output).  x_norm_weight: x is first
+    "gelu_tanh" of the output), the soft-capping (softcap > 0: softcap * tanh(y / softcap)).  x_norm_weight: x is first
     RMS-normalized with it (eps; Gemma 2/3's post-norm of the previous sublayer).  norm_offset:
     the norms scale by norm_offset + weight, summed in fp32 (float64 stays float64)."""
     if norm_offset:
@@ -36,4 +42,6 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     elif activation in ("gelu", "gelu_tanh"):  # plain (GPT-2's MLP), from the rounded y as F.gelu computes it
         ct = torch.float32 if upcast and y.dtype in (torch.float16, torch.bfloat16) else y.dtype
         y = F.gelu(y.to(ct), approximate="tanh" if activation == "gelu_tanh" else "none").to(y.dtype)
+    if softcap:
+        y = soft_cap(y, softcap, upcast)
     return (y, h) if residual is not None else y
