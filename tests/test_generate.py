@@ -26,6 +26,7 @@ from fastlm.models import Transformer, TransformerConfig
 
 VARIANTS = {
     "tiny": {},
+    "tiny-qwen3": dict(base="tiny", qk_norm=True),  # per-head q/k RMSNorms
     "tiny-gpt2": {},
     # sliding window, q/k/v biases, partial rotary, llama3 rope scaling, odd sizes, untied
     "tiny-mix": dict(base="tiny", rope_base=500000.0, sliding_window=5, qkv_bias=True, rotary_dim=10, ffn_dim=72,
@@ -295,7 +296,8 @@ _DECODE_BUDGET = {
     # w_out; per step: the cache's advance, embedding, [final norm + lm_head] gemv, greedy max, the
     # token's bookkeeping (kernels/step.py)
     "tiny": (6, 5),
-    "tiny-mix": (6, 5),  # + q/k norms (in the append), qkv bias, partial rotary, sliding window
+    "tiny-qwen3": (6, 5),  # + q/k norms (in the append kernel)
+    "tiny-mix": (6, 5),  # + qkv bias, partial rotary, llama3 rope scaling, sliding window
     "tiny-gpt2": (6, 7),  # + learned positions (embedding, add)
     "tiny-gemma23": (6, 7),  # + embedding scale, last post-norm (the logit softcap is in the lm_head gemv)
 }
