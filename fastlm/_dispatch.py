@@ -178,8 +178,8 @@ class FastOp:
                 return self.op(*args)
             return _DirectAutograd.apply(*args, self)
         out = self.fn(*args)
-        for i in self.mutated:  # (one tensor per call: older torch takes no list)
-            if args[i] is not None:
+        for i in self.mutated:  # (one tensor per call: older torch takes no list; a trailing one may be left out)
+            if i < len(args) and args[i] is not None:
                 torch.autograd.graph.increment_version(args[i])
         return out
 

@@ -21,15 +21,22 @@ Decode (memory-bound: every byte of the visible K/V is read once):
   each program runs an online softmax over its chunk and writes the normalized partial output
   and its log2-sum-exp (fp32 workspace), and `_combine_kernel` merges the splits.  With one
   split the program writes the output directly.
-- Fused combine (decode right after an append in the same op, the model's decode step): no
-  combine launch.  Each program, after writing its partials, takes a ticket from an int32
-  counter of its (batch, kv head, row tile) (a barrier, then one thread's acq_rel atomic at GPU
-  scope: the pattern of a cooperative-groups grid sync); the program that draws the last ticket
-  merges the splits (`_merge_splits`, which `_combine_kernel` also uses: vectorized over the
-  splits, so the merge is a few wide loads, not a chain of one L2 round trip per split).  The
-  counters are zeroed by the append kernel launched just before on the same stream (no memset
-  launch, and nothing kept between calls: CUDA-graph safe).  A tile whose partials exceed
+- Fused combine (given zeroed counters): no combine launch.  Each program, after writing its
+  partials, takes a ticket from an int32 counter of its (batch, kv head, row tile) (a barrier,
+  then one thread's acq_rel atomic at GPU scope: the pattern of a cooperative-groups grid sync);
+  the program that draws the last ticket merges the splits (`_merge_splits`, which
+  `_combine_kernel` also uses: vectorized over the splits, so the merge is a few wide loads, not
+  a chain of one L2 round trip per split) and zeroes the counter again (every ticket is drawn by
+  then).  The counters come zeroed either from the append kernel launched just before on the
+  same stream, or from a workspace the caller keeps between calls (the previous launch left it
+  zeroed: no memset launch, CUDA-graph safe).  A tile whose partials exceed
   MAX_FUSED_MERGE_BYTES is left to `_combine_kernel` (too much for one program to merge).
+- New tokens in the decode launch (NEW_KV, the model's decode step: no append launch): every
+  program normalizes (q/k norms) and rotates its query rows itself at the new tokens' positions
+  (a few hundred bytes of q, read by each split); the keys read from the cache end where the
+  new tokens start, and the last split also takes the new keys and values as one more tile:
+  normalized and rotated in registers, attended to from there, and written to the cache (by
+  the KV head's first row tile).  No program reads a slot another one writes in the launch.
 - Masks: query row at position p = L - seqlen_q + s sees key t iff t < L, t <= p (causal) and
   t >= p - window (window >= 0), and t >= cache_leftpad[b] when given (the split range starts
   there, so padding keys are never read).  Rows that see no key give 0.  Block ids out of range are
@@ -242,6 +249,75 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q=None, 
 
 # ----------------------------------------------------------------------------- decode
 @triton.jit
+def _normed_rotated(X, rx, r_ok, pos, d, d_ok, s_d, COS, SIN, s_cos, half, max_pos, W, eps, w_offset, D,
+                    ROTARY: tl.constexpr, NORM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rows X[rx + d * s_d] as a [rows, BLOCK_D] fp32 tile: RMS-normalized over D (NORM: fp32
+    statistics, times w_offset + W), then rotated at positions pos [rows] (ROTARY: the pairs
+    (i, i + half) or (2i, 2i+1); a position past the tables gives NaN, never a wrapped angle;
+    dims past 2 * half pass through).  The same operations, in the same order, as the append
+    kernel's norm_rotate / _rotate_tile (unrounded: the caller rounds as they store)."""
+    m = r_ok[:, None] & d_ok[None, :]
+    x = tl.load(X + rx[:, None] + d[None, :] * s_d, mask=m, other=0.0).to(tl.float32)
+    if ROTARY:
+        rot = d < 2 * half
+        if INTERLEAVED:  # pairs (2i, 2i+1)
+            first = d % 2 == 0
+            partner = tl.where(first, d + 1, d - 1)
+            i = d // 2
+        else:  # pairs (i, i + half)
+            first = d < half
+            partner = tl.where(first, d + half, d - half)
+            i = tl.where(first, d, d - half)
+        partner = tl.where(rot, partner, d)
+        xp = tl.load(X + rx[:, None] + partner[None, :] * s_d, mask=m & rot[None, :], other=0.0).to(tl.float32)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
+        x = x * rstd[:, None] * (tl.load(W + d, mask=d_ok, other=0.0).to(tl.float32) + w_offset)[None, :]
+        if ROTARY:
+            xp = xp * rstd[:, None] * (tl.load(W + partner, mask=d_ok, other=0.0).to(tl.float32) + w_offset)[None, :]
+    if ROTARY:
+        in_table = (pos >= 0) & (pos < max_pos)
+        coff = tl.where(in_table, pos, 0).to(tl.int64)[:, None] * s_cos + tl.where(rot, i, 0)[None, :]
+        cm = (r_ok & in_table)[:, None] & rot[None, :]
+        c = tl.load(COS + coff, mask=cm, other=0.0).to(tl.float32)
+        sn = tl.load(SIN + coff, mask=cm, other=0.0).to(tl.float32)
+        off_table = (r_ok & ~in_table)[:, None]
+        c = tl.where(off_table, float("nan"), c)
+        sn = tl.where(off_table, float("nan"), sn)
+        x = tl.where(rot[None, :], tl.where(first[None, :], x * c - xp * sn, x * c + xp * sn), x)
+    return x
+
+
+@triton.jit
+def _softmax_step(q, k, t, t_ok, pos, m_i, l_i, qk_scale, softcap_log2, window,
+                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+                  DOT: tl.constexpr = True):
+    """One tile of keys k ([BLOCK_N, BLOCK_D], at positions t, t_ok the ones that exist) in the
+    online softmax of the query rows q (at positions pos): -> (p, alpha, m_i, l_i), the tile's
+    probabilities (unnormalized) and the factor that rescales the accumulator.  DOT=False: the
+    scores as fp32 products summed over D, for a tile of a few keys (tl.dot needs 16)."""
+    if DOT:
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    else:
+        qk = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+    if SOFTCAP:
+        s = softcap_log2 * _tanh(qk * qk_scale)
+    else:
+        s = qk * qk_scale
+    vis = t_ok[None, :]
+    if CAUSAL:
+        vis = vis & (t[None, :] <= pos[:, None])
+    if HAS_WINDOW:
+        vis = vis & (t[None, :] >= pos[:, None] - window)
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid inf - inf
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _decode_kernel(
     Q,  # *T  (batch, seqlen_q, Hq, D), strides s_q*
     K_CACHE,  # *T  (num_blocks, PAGE, Hkv, D) or (batch, max_seqlen, Hkv, D)
@@ -252,11 +328,17 @@ def _decode_kernel(
     OUT,  # *T  (batch, seqlen_q, Hq, D), strides s_o* (written when not SPLIT)
     O_PART,  # *fp32 (batch, seqlen_q, Hq, num_splits, D) contiguous (written when SPLIT)
     LSE_PART,  # *fp32 (batch, seqlen_q, Hq, num_splits): log2-sum-exp of each split (SPLIT)
-    SEM,  # *i32 (batch, Hkv * n_mtiles) zeroed counters (FUSED_COMBINE)
+    SEM,  # *i32 (batch, Hkv * n_mtiles) zeroed counters (FUSED_COMBINE; left zeroed)
+    KN,  # *T  new keys (batch, seqlen_add, Hkv, D), any strides (NEW_KV)
+    VN,  # *T  new values, same shape (NEW_KV)
+    COS,  # *Tc (max_pos, half) rotary tables, unit column stride (NEW_KV and ROTARY)
+    SIN,
+    QW,  # *Tw (D,) RMSNorm weights of the q and k heads (NEW_KV and NORM)
+    KW,
     qk_scale,  # softmax_scale * log2(e), or softmax_scale / softcap with SOFTCAP
     softcap_log2,  # softcap * log2(e) (SOFTCAP only)
     seqlen_q,
-    seqlen_add,  # added to SEQLENS (tokens appended by this step's fused append, else 0)
+    seqlen_add,  # added to SEQLENS (tokens appended by this step's fused append, else 0; NEW_KV: those in KN)
     G,  # query heads per KV head
     Hq,
     D,
@@ -265,13 +347,25 @@ def _decode_kernel(
     window,  # left window (keys >= p - window), used when HAS_WINDOW
     num_splits,
     n_mtiles,  # row tiles per KV head
+    half,  # rotary_dim // 2 (ROTARY)
+    max_pos,  # rows of the tables (ROTARY)
+    eps,  # the norms' epsilon (NORM)
+    w_offset,  # the heads scale by w_offset + weight (NORM)
     s_qb, s_qs, s_qh, s_qd,
     s_kb, s_kt, s_kh, s_kd,
     s_vb, s_vt, s_vh, s_vd,
     s_ob, s_os, s_oh, s_od,
     s_bt,
+    s_knb, s_kns, s_knh, s_knd,  # KN strides (NEW_KV)
+    s_vnb, s_vns, s_vnh, s_vnd,  # VN strides (NEW_KV)
+    s_cos,  # table row stride (ROTARY)
     PAGED: tl.constexpr,
     PAGE: tl.constexpr,
+    NEW_KV: tl.constexpr,  # append KN/VN (normalized, rotated) at SEQLENS[b] + j, attend to them: no append launch
+    ROTARY: tl.constexpr,  # NEW_KV: rotate q and the new keys at their positions
+    NORM: tl.constexpr,  # NEW_KV: RMS-normalize every head of q and of the new keys first
+    INTERLEAVED: tl.constexpr,  # GPT-J pairs (ROTARY)
+    BLOCK_NEW: tl.constexpr,  # power of two >= seqlen_add (NEW_KV)
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr,
@@ -301,13 +395,20 @@ def _decode_kernel(
     head = hkv * G + rows % G
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q = tl.load(
-        Q + b64 * s_qb + qs[:, None] * s_qs + head[:, None] * s_qh + d[None, :] * s_qd,
-        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-    )
+    L_raw = tl.load(SEQLENS + b)
+    if NEW_KV and (ROTARY or NORM):  # q normalized and rotated here, at the new tokens' positions
+        q = _normed_rotated(Q, b64 * s_qb + qs * s_qs + head.to(tl.int64) * s_qh, row_ok, L_raw + qs, d, d_ok, s_qd,
+                            COS, SIN, s_cos, half, max_pos, QW, eps, w_offset, D, ROTARY, NORM, INTERLEAVED)
+        q = q.to(Q.dtype.element_ty)
+    else:
+        q = tl.load(
+            Q + b64 * s_qb + qs[:, None] * s_qs + head[:, None] * s_qh + d[None, :] * s_qd,
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        )
 
-    L = tl.load(SEQLENS + b) + seqlen_add
-    L = tl.minimum(tl.maximum(L, 0), capacity)
+    L = tl.minimum(tl.maximum(L_raw + seqlen_add, 0), capacity)
+    # The keys read from the cache end at L_old (NEW_KV: the new ones come from KN/VN), else at L.
+    L_old = tl.minimum(tl.maximum(L_raw, 0), capacity) if NEW_KV else L
     pos = L - seqlen_q + qs  # position of each query row
     lo = 0
     if HAS_WINDOW:
@@ -315,10 +416,10 @@ def _decode_kernel(
     if HAS_LEFTPAD:  # keys before the sequence's first one (a left-padded prompt's padding)
         lo = tl.maximum(lo, tl.minimum(tl.load(LEFTPAD + b), L))
     # This program's chunk of the visible keys: a run of whole tiles.
-    n_tiles = (L - lo + BLOCK_N - 1) // BLOCK_N
+    n_tiles = (tl.maximum(L_old - lo, 0) + BLOCK_N - 1) // BLOCK_N
     per_split = (n_tiles + num_splits - 1) // num_splits
     start = lo + pid_split * per_split * BLOCK_N
-    end = tl.minimum(start + per_split * BLOCK_N, L)
+    end = tl.minimum(start + per_split * BLOCK_N, L_old)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -336,25 +437,34 @@ def _decode_kernel(
             v_row = b64 * s_vb + t.to(tl.int64) * s_vt
         kv_mask = t_ok[:, None] & d_ok[None, :]
         k = tl.load(K_CACHE + k_row[:, None] + hkv64 * s_kh + d[None, :] * s_kd, mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if SOFTCAP:
-            s = softcap_log2 * _tanh(qk * qk_scale)
-        else:
-            s = qk * qk_scale
-        vis = t_ok[None, :]
-        if CAUSAL:
-            vis = vis & (t[None, :] <= pos[:, None])
-        if HAS_WINDOW:
-            vis = vis & (t[None, :] >= pos[:, None] - window)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid inf - inf
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _softmax_step(q, k, t, t_ok, pos, m_i, l_i, qk_scale, softcap_log2, window,
+                                           CAUSAL, HAS_WINDOW, SOFTCAP, PRECISION)
         v = tl.load(V_CACHE + v_row[:, None] + hkv64 * s_vh + d[None, :] * s_vd, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    if NEW_KV:
+        if pid_split == num_splits - 1:  # the new tokens: one more tile, from KN/VN, in the last split
+            j = tl.arange(0, BLOCK_NEW)
+            j_ok = j < seqlen_add
+            t = L_raw + j  # their positions
+            kn = _normed_rotated(KN, b64 * s_knb + j.to(tl.int64) * s_kns + hkv64 * s_knh, j_ok, t, d, d_ok, s_knd,
+                                 COS, SIN, s_cos, half, max_pos, KW, eps, w_offset, D, ROTARY, NORM, INTERLEAVED)
+            kn = kn.to(K_CACHE.dtype.element_ty)
+            nmask = j_ok[:, None] & d_ok[None, :]
+            vn = tl.load(VN + b64 * s_vnb + j.to(tl.int64)[:, None] * s_vns + hkv64 * s_vnh + d[None, :] * s_vnd,
+                         mask=nmask, other=0.0).to(V_CACHE.dtype.element_ty)
+            phys64, slot64, ok = _cache_row(t, b64, BT, s_bt, n_pages, capacity, PAGED, PAGE)
+            if mtile == 0:  # (another row tile of this KV head holds the same values)
+                wmask = (j_ok & ok)[:, None] & d_ok[None, :]
+                tl.store(K_CACHE + (phys64 * s_kb + slot64 * s_kt)[:, None] + hkv64 * s_kh + d[None, :] * s_kd, kn,
+                         mask=wmask)
+                tl.store(V_CACHE + (phys64 * s_vb + slot64 * s_vt)[:, None] + hkv64 * s_vh + d[None, :] * s_vd, vn,
+                         mask=wmask)
+            # (a few keys, the decode step's one: products and sums in fp32, not tl.dot, whose
+            # 16-key minimum tile would hold registers for 16 prepared keys)
+            p, alpha, m_i, l_i = _softmax_step(q, kn, t, j_ok & ok & (t < L) & (t >= lo), pos, m_i, l_i, qk_scale,
+                                               softcap_log2, window, CAUSAL, HAS_WINDOW, SOFTCAP, PRECISION, False)
+            pv = p.to(vn.dtype).to(tl.float32)[:, :, None] * vn.to(tl.float32)[None, :, :]
+            acc = acc * alpha[:, None] + tl.sum(pv, 1)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -367,8 +477,12 @@ def _decode_kernel(
         tl.store(LSE_PART + prow + pid_split, lse, mask=row_ok)
         if FUSED_COMBINE:
             tl.debug_barrier()  # every thread's partials are written before the ticket is taken
-            ticket = tl.atomic_add(SEM + b64 * tl.num_programs(1) + pid_hm, 1, sem="acq_rel", scope="gpu")
+            sem = SEM + b64 * tl.num_programs(1) + pid_hm
+            ticket = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
             if ticket == num_splits - 1:  # the last split of this (b, hkv, mtile) to finish
+                # Every split has drawn its ticket: the counter is free again.  Zeroed, it is
+                # ready for the next launch (a workspace kept between calls needs no memset).
+                tl.store(sem, 0)
                 # Its first MERGE_M rows (all the real ones: MERGE_M < BLOCK_M only for a single
                 # row tile of fewer than 16 rows, padded for tl.dot), so no padding row is merged.
                 mr = mtile * BLOCK_M + tl.arange(0, MERGE_M)
@@ -460,48 +574,87 @@ def decode_config(n_rows, head_dim):
     return block_m, block_n, block_d, num_warps, num_stages
 
 
+def launch_config(n_rows, head_dim, dtype):
+    """decode_config for a cache of `dtype`.  Exact fp32 dots run on the FMA units: at BLOCK_N 64
+    with 4 warps the D=80 case needs 255 registers and spills ~850 bytes (triton 3.6, sm_90);
+    half the keys per tile over 8 warps fits in 76 without a spill."""
+    block_m, block_n, block_d, num_warps, num_stages = decode_config(n_rows, head_dim)
+    if dtype == torch.float32:
+        block_n, num_warps, num_stages = max(16, block_n // 2), 8, 2
+    return block_m, block_n, block_d, num_warps, num_stages
+
+
 def fused_merge_rows(rows, head_dim):
     """Query rows one program merges in the fused combine (MERGE_M of _decode_kernel)."""
     return min(decode_config(rows, head_dim)[0], next_pow2(rows))
 
 
-def combine_counters(q, k_cache, num_splits):
-    """The fused combine's counters for decode_attention(q, k_cache, ..., num_splits), to be
-    zeroed by the kv_cache_append launched just before it (uninitialized here); None when
-    there is nothing to combine, or when a tile's partials exceed MAX_FUSED_MERGE_BYTES (the
-    combine kernel then merges them)."""
+def combine_counters_shape(q, k_cache, num_splits):
+    """Shape of the fused combine's counters of decode_attention(q, k_cache, ..., num_splits):
+    (batch, Hkv * row tiles), at most batch * n_heads_q * seqlen_q of them; None when there is
+    nothing to combine, or when a tile's partials exceed MAX_FUSED_MERGE_BYTES (the combine
+    kernel then merges them)."""
     B, Sq, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     rows = Hq // Hkv * Sq
     if num_splits <= 1 or q.numel() == 0 or fused_merge_rows(rows, D) * D * num_splits * 4 > MAX_FUSED_MERGE_BYTES:
         return None
-    n_mtiles = cdiv(rows, decode_config(rows, D)[0])
-    return torch.empty((B, Hkv * n_mtiles), dtype=torch.int32, device=q.device)
+    return B, Hkv * cdiv(rows, decode_config(rows, D)[0])
+
+
+def combine_counters(q, k_cache, num_splits):
+    """The fused combine's counters (combine_counters_shape), to be zeroed by the
+    kv_cache_append launched just before the decode (uninitialized here); or None."""
+    shape = combine_counters_shape(q, k_cache, num_splits)
+    return None if shape is None else torch.empty(shape, dtype=torch.int32, device=q.device)
+
+
+def takes_new_kv(q, k_cache, seqlen_new):
+    """Whether decode_attention(new_kv=) takes seqlen_new new tokens per sequence in its own
+    launch: their scores are fp32 products (BLOCK_M, BLOCK_NEW, BLOCK_D), which must fit in 64
+    registers a thread (always for a decode step's one token; a few draft tokens at small head
+    dims).  More go through kv_cache_append first (a 16-key tl.dot tile of prepared keys, on
+    top of q's preparation, spilled registers)."""
+    B, Sq, Hq, D = q.shape
+    block_m, _, block_d, num_warps, _ = launch_config(Hq // k_cache.shape[2] * Sq, D, q.dtype)
+    return 1 <= seqlen_new and block_m * next_pow2(seqlen_new) * block_d <= 64 * 32 * num_warps
 
 
 @on_tensor_device
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap,
-                     num_splits, seqlen_add=0, counters=None, cache_leftpad=None):
+                     num_splits, seqlen_add=0, counters=None, cache_leftpad=None, new_kv=None, out=None):
     """Shapes/dtypes/devices validated by fastlm.ops.kv_cache; num_splits >= 1 resolved there.
     Sequence b attends to its first cache_seqlens[b] + seqlen_add tokens (from cache_leftpad[b]
-    on, when given).  counters: from
-    combine_counters(), zeroed since (by kv_cache_append): the splits merge without a combine
-    launch."""
+    on, when given).  counters: zeroed int32 of combine_counters_shape() (by the
+    kv_cache_append launched just before, or left zeroed by the previous decode launch): the
+    splits merge without a combine launch, and the counters are zeroed again.
+    new_kv: (k, v, cos, sin, interleaved, q_weight, k_weight, eps, w_offset), the new tokens
+    (takes_new_kv) that this one launch normalizes (q/k weights given) and
+    rotates (cos/sin given) with q, appends at cache_seqlens[b] + i and attends to; then
+    cache_seqlens counts the tokens before them and seqlen_add is seqlen_new.
+    out: the output tensor (q's shape and dtype), else allocated like q."""
     B, Sq, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if out.numel() == 0:
         return out
+    if new_kv is not None:
+        kn, vn, cos, sin, interleaved, qw, kw, eps, w_offset = new_kv
+        assert kn.shape[1] == seqlen_add and takes_new_kv(q, k_cache, seqlen_add)
+        rotary, norm = cos is not None, kw is not None
+        kv_args = (kn, vn, cos if rotary else kn, sin if rotary else kn, qw if norm else kn, kw if norm else kn)
+        nk_args = (cos.shape[1] if rotary else 0, cos.shape[0] if rotary else 0, float(eps), float(w_offset))
+        nk_strides = (*kn.stride(), *vn.stride(), cos.stride(0) if rotary else 0)
+    else:
+        rotary = norm = interleaved = False
+        kv_args = (q,) * 6  # placeholders (never read)
+        nk_args = (0, 0, 0.0, 0.0)
+        nk_strides = (0,) * 9
     paged = block_table is not None
     page = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
-    block_m, block_n, block_d, num_warps, num_stages = decode_config(G * Sq, D)
-    if q.dtype == torch.float32:
-        # Exact fp32 dots run on the FMA units: at BLOCK_N 64 with 4 warps the D=80 case needs
-        # 255 registers and spills ~850 bytes (triton 3.6, sm_90); half the keys per tile over
-        # 8 warps fits in 76 without a spill.
-        block_n, num_warps, num_stages = max(16, block_n // 2), 8, 2
+    block_m, block_n, block_d, num_warps, num_stages = launch_config(G * Sq, D, q.dtype)
     n_mtiles = cdiv(G * Sq, block_m)
     split = num_splits > 1
     fused = split and counters is not None  # (the merge constexprs stay 1 otherwise: no recompiles)
@@ -518,12 +671,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sc
     _decode_kernel[(num_splits, Hkv * n_mtiles, B)](
         q, k_cache, v_cache, cache_seqlens, cache_leftpad if cache_leftpad is not None else cache_seqlens,
         block_table if paged else cache_seqlens,
-        out, o_part, lse_part, counters if split and counters is not None else cache_seqlens,
+        out, o_part, lse_part, counters if split and counters is not None else cache_seqlens, *kv_args,
         qk_scale, softcap_log2,
-        Sq, seqlen_add, G, Hq, D, k_cache.shape[0], capacity, window, num_splits, n_mtiles,
+        Sq, seqlen_add, G, Hq, D, k_cache.shape[0], capacity, window, num_splits, n_mtiles, *nk_args,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        block_table.stride(0) if paged else 0,
-        PAGED=paged, PAGE=page, CAUSAL=causal, HAS_WINDOW=window >= 0,
+        block_table.stride(0) if paged else 0, *nk_strides,
+        PAGED=paged, PAGE=page, NEW_KV=new_kv is not None, ROTARY=rotary, NORM=norm, INTERLEAVED=bool(interleaved),
+        BLOCK_NEW=next_pow2(seqlen_add) if new_kv is not None else 1, CAUSAL=causal, HAS_WINDOW=window >= 0,
         HAS_LEFTPAD=cache_leftpad is not None, SOFTCAP=softcap > 0, SPLIT=split,
         FUSED_COMBINE=fused, BLOCK_S=next_pow2(num_splits) if fused else 1,
         MERGE_M=merge_m if fused else 1, CHUNK_S=merge_chunk(merge_m, block_d, num_warps, num_splits) if fused else 1,

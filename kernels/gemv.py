@@ -16,8 +16,8 @@ of each), so this kernel folds the layer's neighbours into it:
             directly: the (M, 2F) activation never goes to memory; or a plain activation of
             the output (GPT-2's GELU); or the logit soft-capping of Gemma 2/3's lm_head.
 This removes the norm kernels (2 per layer) and the activation kernel (1 per layer) of a
-decode step, leaving per layer: [norm + qkv], rotary + append, decode attention, combine, wo,
-[norm + w_in + activation], w_out.
+decode step, leaving per layer: [norm + qkv], [rotary + append + decode attention + merge]
+(kernels/decode.py), wo, [norm + w_in + activation], w_out.
 
 Roundings match the unfused ops exactly where it matters: h is rounded to x's dtype before it
 is normalized (as kernels/norm.py does), the normalized x is rounded to x's dtype before the

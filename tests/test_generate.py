@@ -292,14 +292,14 @@ _LAUNCH = "fastlm-test-triton-launch:"  # the profiler range of a Triton launch,
 _HOST_SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero", "aten::equal"}
 # (kernels per layer, kernels per step besides the layers) of a fused decode step
 _DECODE_BUDGET = {
-    # per layer: [norm + qkv] gemv, (q/k norm +) rotary + append, decode, wo, [norm + w_in + act] gemv,
-    # w_out; per step: the cache's advance, embedding, [final norm + lm_head] gemv, greedy max, the
-    # token's bookkeeping (kernels/step.py)
-    "tiny": (6, 5),
-    "tiny-qwen3": (6, 5),  # + q/k norms (in the append kernel)
-    "tiny-mix": (6, 5),  # + qkv bias, partial rotary, llama3 rope scaling, sliding window
-    "tiny-gpt2": (6, 7),  # + learned positions (embedding, add)
-    "tiny-gemma23": (6, 7),  # + embedding scale, last post-norm (the logit softcap is in the lm_head gemv)
+    # per layer: [norm + qkv] gemv, [(q/k norm +) rotary + append + split decode + merge], wo,
+    # [norm + w_in + act] gemv, w_out; per step: the cache's advance, embedding, [final norm +
+    # lm_head] gemv, greedy max, the token's bookkeeping (kernels/step.py)
+    "tiny": (5, 5),
+    "tiny-qwen3": (5, 5),  # + q/k norms (in the decode kernel)
+    "tiny-mix": (5, 5),  # + qkv bias, partial rotary, llama3 rope scaling, sliding window
+    "tiny-gpt2": (5, 7),  # + learned positions (embedding, add)
+    "tiny-gemma23": (5, 7),  # + embedding scale, last post-norm (the logit softcap is in the lm_head gemv)
 }
 
 
@@ -362,9 +362,10 @@ def _decode_step_kernels(name, n_layers, monkeypatch):
                                      "benchmarks/bench_profile.py counts a decode step's kernels")
 @pytest.mark.parametrize("name", list(_DECODE_BUDGET))
 def test_decode_step_kernel_budget(name, monkeypatch):
-    """A fused decode step launches 6 kernels per layer whatever the architecture (q/k norms
-    fold into the append, Gemma's post-norms and every MLP activation into the gemv kernels)
-    and a few per step, and makes no host sync (it is captured in a CUDA graph)."""
+    """A fused decode step launches 5 kernels per layer whatever the architecture (q/k norms,
+    rotary and the append fold into the split decode, which merges its splits itself; Gemma's
+    post-norms and every MLP activation into the gemv kernels) and a few per step, and makes no
+    host sync (it is captured in a CUDA graph)."""
     (k2, s2), (k4, s4) = (_decode_step_kernels(name, n, monkeypatch) for n in (2, 4))
     per_layer, rest = (len(k4) - len(k2)) // 2, len(k2) - 2 * (len(k4) - len(k2)) // 2
     assert not s2 and not s4, f"host syncs in a decode step: {s2 or s4}"

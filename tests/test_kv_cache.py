@@ -406,7 +406,13 @@ def test_decode_with_new_kv_finished_sequence(backend):
 
 
 def _launch_raw_append(backend, kc, vc, k, lens, bt, with_decode=False):
-    if backend == "triton":
+    if backend == "triton" and with_decode:  # the decode kernel's own append (NEW_KV)
+        from fastlm.kernels import decode as kd
+
+        q = torch.randn(k.shape[0], k.shape[1], 2 * k.shape[2], k.shape[3], dtype=k.dtype, device=k.device)
+        kd.decode_attention(q, kc, vc, lens, bt, 0.25, True, -1, 0.0, 2, seqlen_add=k.shape[1],
+                            new_kv=(k, k, None, None, False, None, None, 1e-6, 0.0))
+    elif backend == "triton":
         from fastlm.kernels import decode as kd
 
         kd.kv_cache_append(kc, vc, k, k, lens, bt)
@@ -418,7 +424,8 @@ def _launch_raw_append(backend, kc, vc, k, lens, bt, with_decode=False):
         torch.ops.fastlm.kv_cache_append_cuda(kc, vc, k, k, lens, bt)
 
 
-@pytest.mark.parametrize("backend,with_decode", [("triton", False), pytest.param("cuda", False, marks=cuda_mark()),
+@pytest.mark.parametrize("backend,with_decode", [("triton", False), ("triton", True),
+                                                 pytest.param("cuda", False, marks=cuda_mark()),
                                                  pytest.param("cuda", True, marks=cuda_mark())])
 @pytest.mark.parametrize("paged", [True, False])
 def test_append_kernel_never_writes_out_of_bounds(backend, with_decode, paged):
@@ -575,18 +582,20 @@ def _tables(rd, n, dtype=torch.float32):
     return cos.to(dtype), sin.to(dtype)
 
 
-def _check_with_kv(q, kc, vc, k, v, lens, bt, backend, cos=None, sin=None, interleaved=False, **kw):
+def _check_with_kv(q, kc, vc, k, v, lens, bt, backend, cos=None, sin=None, interleaved=False, workspace=None, **kw):
     """decode_attention(k=, v=, rotary_*) against the reference form in float64 (cache and
     tables upcast) and in the input dtype; the written cache against the reference's."""
     rot = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved)
     q0, lens0 = q.clone(), lens.clone()
     caches = {name: (kc.clone(), vc.clone()) for name in ("ref64", "low", "up")}
     k64, v64 = (c.double() for c in caches["ref64"])
+    num_splits = kw.pop("num_splits", 0)  # (the op's: the reference has no splits)
     ref64 = ref_kv.decode_attention_with_kv(q.double(), k64, v64, k.double(), v.double(), lens, block_table=bt,
                                             **rot, **kw)
     klow, vlow = caches["low"]
     low = ref_kv.decode_attention_with_kv(q, klow, vlow, k, v, lens, block_table=bt, upcast=False, **rot, **kw)
-    out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=v, block_table=bt, backend=backend, **rot, **kw)
+    out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=v, block_table=bt, backend=backend, workspace=workspace,
+                                      num_splits=num_splits, **rot, **kw)
     assert torch.equal(q, q0) and torch.equal(lens, lens0), "q and cache_seqlens must not change"
     assert out.dtype == q.dtype and out.shape == q.shape
     assert_close(out, ref64, low, "decode with new kv")
@@ -797,6 +806,222 @@ def test_fused_combine_falls_back_for_big_tiles():
     _, _, args, _ = _fused_vs_separate_combine(1, 16, 2, 64, 4, 700, [650], torch.float16, 40, block_size=8)
     assert kd.combine_counters(args[0], args[1], 40) is None
     check_decode(*args, "triton", num_splits=40)
+
+
+class TritonLaunches:
+    """Names of the Triton kernels launched inside the block (under the interpreter or on a GPU)."""
+
+    def __enter__(self):
+        from triton.runtime import interpreter, jit
+
+        self.names, self._saved = [], []
+        for cls in (jit.JITFunction, interpreter.InterpretedFunction):
+            run = cls.run
+
+            def counted(fn, *a, _run=run, **k):
+                self.names.append(fn.fn.__name__)
+                return _run(fn, *a, **k)
+
+            self._saved.append((cls, run))
+            cls.run = counted
+        return self
+
+    def __exit__(self, *exc):
+        for cls, run in self._saved:
+            cls.run = run
+
+
+WORKSPACE_CASES = {  # name -> (paged, rotary case, norm offset or None, Sq, seqlen_new, Hq, Hkv, num_splits, extra)
+    "neox-split": (True, "neox", None, 1, 1, 8, 2, 3, {}),
+    "one-split": (False, "neox", None, 1, 1, 4, 4, 1, {}),
+    "qwen3-sq3-window": (True, "neox", 0.0, 3, 3, 8, 2, 4, dict(window=6)),
+    "gemma3-partial-gptj-softcap": (False, "partial-gptj", 1.0, 1, 1, 4, 2, 2, dict(softcap=4.0)),
+    "norm-only-mqa": (True, "none", 0.5, 2, 2, 6, 1, 5, {}),
+    "plain-append-5-leftpad": (False, "none", None, 1, 5, 4, 2, 3, dict(leftpad=True)),
+    "draft-9-gqa8": (True, "gptj", None, 9, 9, 16, 2, 2, {}),  # 72 rows x 9 new keys: an append launch first
+}
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("case", list(WORKSPACE_CASES))
+def test_decode_with_new_kv_in_one_launch(backend, dtype, case):
+    """With a workspace the Triton decode kernel does a whole decode step's attention in one
+    launch: q/k norms and rotation of q (every split) and of the new keys (the last split),
+    their append, the attention over the cached keys and them, and the merge of the splits
+    (counters left zeroed, so the workspace serves the next call).  Against the reference in
+    float64 and the input dtype, the cache too; an empty cache, a middle one and one that ends
+    full; then the same call again on a copy gives the same output and cache.  The CUDA backend
+    takes the workspace and leaves it untouched."""
+    from fastlm.kernels import decode as kd
+
+    paged, rotary, offset, Sq, S, Hq, Hkv, num_splits, extra = WORKSPACE_CASES[case]
+    B, D, cap = 3, 40, 29
+    kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=5)
+    lens = torch.tensor([0, 11, cap - S], dtype=torch.int32, device=DEVICE)
+    poison_unused(kc, vc, lens, bt)
+    q = 2 * torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
+    k = torch.randn(B, S, Hkv, D, dtype=dtype, device=DEVICE)
+    v = torch.randn(B, S, Hkv, D, dtype=dtype, device=DEVICE)
+    frac, inter = ROTARY_CASES[rotary]
+    cos = sin = None
+    if frac is not None:
+        cos, sin = _tables(2 * max(1, int(D * frac) // 2), cap + 3)
+    kw = dict(num_splits=num_splits, window=extra.get("window", -1), softcap=extra.get("softcap", 0.0))
+    if offset is not None:
+        qw, kw_ = (torch.rand(D, device=DEVICE) + 0.5 - offset for _ in range(2))
+        kw.update(q_norm_weight=qw, k_norm_weight=kw_, qk_norm_eps=1e-5, qk_norm_offset=offset)
+    if extra.get("leftpad"):
+        kw["cache_leftpad"] = torch.tensor([0, 4, 7], dtype=torch.int32, device=DEVICE)
+    ws = fastlm.ops.decode_workspace(B, Hq, Sq, device=DEVICE)
+    kc0, vc0 = kc.clone(), vc.clone()
+    with TritonLaunches() as launches:
+        out = _check_with_kv(q, kc, vc, k, v, lens, bt, backend, cos, sin, inter, workspace=ws, **kw)
+    assert not ws.any(), "the workspace must be left zeroed"
+    if backend == "triton":
+        one = kd.takes_new_kv(q, kc, S)
+        assert one == (case != "draft-9-gqa8")
+        assert launches.names == ["_decode_kernel"] if one else ["_append_kernel", "_decode_kernel"], launches.names
+    rot = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=inter)
+    again = fastlm.ops.decode_attention(q, kc0, vc0, lens, k=k, v=v, block_table=bt, backend=backend, workspace=ws,
+                                        **rot, **kw)
+    assert torch.equal(again, out) and torch.equal(kc0.nan_to_num(7.0), kc.nan_to_num(7.0))
+    assert torch.equal(vc0.nan_to_num(7.0), vc.nan_to_num(7.0)) and not ws.any()
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("Sq,num_splits", [(1, 3), (9, 5), (2, 1)])
+def test_decode_with_workspace_merges_in_the_same_launch(backend, Sq, num_splits):
+    """decode_attention without new tokens: with a workspace a split decode merges its splits
+    itself (one Triton launch, not a decode and a combine) and leaves the workspace zeroed;
+    two row tiles per KV head at Sq 9 (G * Sq = 72 rows); the reference's output."""
+    B, Hq, Hkv, D, cap = 3, 16, 2, 24, 70
+    kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=8)
+    lens = torch.tensor([Sq, 40, cap], dtype=torch.int32, device=DEVICE)
+    poison_unused(kc, vc, lens, bt)
+    q = torch.randn(B, Sq, Hq, D, dtype=torch.float16, device=DEVICE)
+    ws = fastlm.ops.decode_workspace(B, Hq, Sq, device=DEVICE)
+    with TritonLaunches() as launches:
+        out = fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, num_splits=num_splits, workspace=ws,
+                                          backend=backend)
+    assert not ws.any()
+    if backend == "triton":
+        assert launches.names == ["_decode_kernel"], launches.names
+        with TritonLaunches() as without:
+            exp = fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, num_splits=num_splits,
+                                              backend=backend)
+        assert without.names == ["_decode_kernel"] + ["_combine_kernel"] * (num_splits > 1)
+        torch.testing.assert_close(out, exp, atol=1e-3, rtol=0)
+    ref64 = reference.decode_attention(q.double(), kc.double(), vc.double(), lens, block_table=bt)
+    low = reference.decode_attention(q, kc, vc, lens, block_table=bt, upcast=False)
+    assert_close(out, ref64, low, "decode with a workspace")
+
+
+def test_decode_with_new_kv_without_workspace_keeps_the_append_launch():
+    """Without a workspace a split decode with new tokens has no zeroed counters of its own, so
+    the append launch (which zeroes them) stays in front; with one split there is nothing to
+    merge and the decode kernel appends itself; new tokens too many for the decode kernel's
+    registers (kd.takes_new_kv) go through the append launch too."""
+    from fastlm.kernels import decode as kd
+
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 60
+    kc, vc, bt, lens, q, k = small_paged_case(cap, [5, 18])
+    cos, sin = _tables(D, cap)
+    for num_splits, want in ((3, ["_append_kernel", "_decode_kernel"]), (1, ["_decode_kernel"])):
+        with TritonLaunches() as launches:
+            fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=k, rotary_cos=cos, rotary_sin=sin, block_table=bt,
+                                        num_splits=num_splits, backend="triton")
+        assert launches.names == want
+    S = 33  # (16 query rows x 64 new keys x head_dim 16 in fp32: 64 registers a thread at 4 warps)
+    assert kd.takes_new_kv(q, kc, 32) and not kd.takes_new_kv(q, kc, S)
+    kn = torch.randn(B, S, Hkv, D, dtype=torch.float16, device=DEVICE)
+    ws = fastlm.ops.decode_workspace(B, Hq, device=DEVICE)
+    kc2, vc2 = kc.clone(), vc.clone()
+    with TritonLaunches() as launches:
+        out = fastlm.ops.decode_attention(q, kc, vc, lens, k=kn, v=kn, block_table=bt, num_splits=2, workspace=ws,
+                                          backend="triton")
+    assert launches.names == ["_append_kernel", "_decode_kernel"] and not ws.any()
+    exp = fastlm.ops.decode_attention(q, kc2, vc2, lens, k=kn, v=kn, block_table=bt, backend="reference")
+    torch.testing.assert_close(out, exp, atol=2e-3, rtol=0)
+    assert torch.equal(kc, kc2)
+
+
+def test_decode_one_launch_position_past_table_is_nan():
+    """The one-launch form below the op layer's debug checks (as on a GPU without FASTLM_DEBUG):
+    a position past the rotary tables rotates q and the new key to NaN (that sequence's output
+    and cache row), never to a wrapped angle; the other sequence is unaffected."""
+    from fastlm.kernels import decode as kd
+
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 12
+    kc, vc, _ = make_cache(B, Hkv, D, torch.float16, cap, paged=False)
+    lens = torch.tensor([3, 8], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    cos, sin = _tables(D, 8)
+    out = kd.decode_attention(q, kc, vc, lens, None, 0.25, True, -1, 0.0, 1, seqlen_add=1,
+                              new_kv=(k, k, cos, sin, False, None, None, 1e-6, 0.0))
+    assert torch.isnan(out[1]).all() and torch.isnan(kc[1, 8]).all()
+    assert not torch.isnan(out[0]).any() and not torch.isnan(kc[0, 3]).any()
+    assert torch.equal(vc[1, 8], k[1, 0]) and torch.equal(vc[0, 3], k[0, 0])
+
+
+def test_decode_workspace_bad_inputs(monkeypatch):
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 12
+    kc, vc, bt, lens, q, k = small_paged_case(cap, [3, 8])
+    args = (q, kc, vc, lens)
+    kw = dict(k=k, v=k, block_table=bt, backend="triton")
+    for ws, err, match in (
+        (torch.zeros(8, dtype=torch.int64, device=DEVICE), TypeError, "workspace must have dtype"),
+        (torch.zeros(2, 4, dtype=torch.int32, device=DEVICE), ValueError, "workspace must be 1-D"),
+        (torch.zeros(7, dtype=torch.int32, device=DEVICE), ValueError, r"needs batch \* n_heads_q \* seqlen_q = 8"),
+        (torch.zeros(16, dtype=torch.int32, device=DEVICE)[::2], ValueError, "workspace must be contiguous"),
+        (torch.ones(8, dtype=torch.int32, device=DEVICE), ValueError, "workspace must be zero-filled"),
+        ([0] * 8, TypeError, "workspace must be a torch.Tensor"),
+    ):
+        kc0 = kc.clone()
+        with pytest.raises(err, match=match):
+            fastlm.ops.decode_attention(*args, workspace=ws, **kw)
+        assert torch.equal(kc, kc0), "nothing is written when the arguments are refused"
+    if HAS_CUDA:
+        with pytest.raises(ValueError, match="workspace is on cpu"):
+            fastlm.ops.decode_attention(*args, workspace=torch.zeros(8, dtype=torch.int32), **kw)
+    for bad, match in ((("batch", 0), "batch must be a positive int"), (("seqlen_q", -1), "seqlen_q must be")):
+        sizes = dict(batch=2, n_heads_q=4, seqlen_q=1)
+        sizes[bad[0]] = bad[1]
+        with pytest.raises(ValueError, match=match):
+            fastlm.ops.decode_workspace(sizes["batch"], sizes["n_heads_q"], sizes["seqlen_q"])
+    assert fastlm.ops.decode_workspace(2, 4, 3).shape == (24,)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_decode_workspace_opcheck_and_compile(backend):
+    """The ops with a workspace (a declared mutated argument): opcheck, and a decode step under
+    torch.compile(fullgraph=True) equal to eager, the workspace left zeroed by both."""
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 19
+    kc, vc, bt, lens, q, k = small_paged_case(cap, [5, 18])
+    cos, sin = _tables(D, cap)
+    ws = fastlm.ops.decode_workspace(B, Hq, device=DEVICE)
+    w = torch.rand(D, device=DEVICE) + 0.5
+    torch.library.opcheck(torch.ops.fastlm.decode_attention_with_kv.default,
+                          (q, kc, vc, k, k, lens, bt, None, cos, sin, False, 0.25, True, -1, 0.0, 3, backend,
+                           w, w, 1e-6, 0.0, ws))
+    torch.library.opcheck(torch.ops.fastlm.decode_attention.default,
+                          (q, kc, vc, lens, bt, None, 0.25, True, -1, 0.0, 3, backend, ws))
+    assert not ws.any()
+
+    def step(q, k, kc, vc, lens, bt, ws):
+        out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=k, rotary_cos=cos, rotary_sin=sin,
+                                          q_norm_weight=w, k_norm_weight=w, block_table=bt, num_splits=3,
+                                          workspace=ws, backend=backend)
+        lens.add_(1)
+        return out + fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, num_splits=2, workspace=ws,
+                                                 backend=backend)
+
+    kc2, vc2, lens2 = kc.clone(), vc.clone(), lens.clone()
+    torch._dynamo.reset()
+    out = torch.compile(step, fullgraph=True)(q, k, kc, vc, lens, bt, ws)
+    exp = step(q, k, kc2, vc2, lens2, bt, ws)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2) and torch.equal(lens, lens2) and not ws.any()
+    torch.testing.assert_close(out, exp, atol=1e-3, rtol=0)
 
 
 @cuda_mark()

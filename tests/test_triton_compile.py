@@ -346,9 +346,11 @@ def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8, rotary_dim=0, Hq=32
 
 
 def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, softcap=0.0, page=16, cap=4096,
-                 fused_combine=False, leftpad=False):
+                 fused_combine=False, leftpad=False, new_kv=None):
     """fused_combine: the decode of decode_attention(k=, v=), which merges its own splits;
-    leftpad: with cache_leftpad (a left-padded batch)."""
+    leftpad: with cache_leftpad (a left-padded batch); new_kv=(rotary_dim, interleaved, norm):
+    the one-launch form (NEW_KV: q/k norms, rotary and the append in the decode kernel), with
+    k/v as views of a fused qkv projection."""
     def run(k, arch):
         import torch
         from fastlm.ops import kv_cache as opk
@@ -367,11 +369,23 @@ def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, sof
         splits = min(splits, k["decode"].MAX_SPLITS)
         assert splits > 1 or not fused_combine, "a fused-combine case needs a split"
         counters = _t(B, Hkv * tiles, dtype=torch.int32) if fused_combine else None
+        nkv = None
+        if new_kv is not None:
+            rd, inter, norm = new_kv
+            qkv = _t(B, Sq, Hq + 2 * Hkv, D, dtype=dtype)
+            q, kn, vn = qkv.split([Hq, Hkv, Hkv], dim=2)
+            f32 = torch.float32
+            tables = (_t(cap, rd // 2, dtype=f32), _t(cap, rd // 2, dtype=f32)) if rd else (None, None)
+            weights = (_t(D, dtype=dtype), _t(D, dtype=dtype)) if norm else (None, None)
+            nkv = (kn, vn, *tables, inter, *weights, 1e-6, 0.0)
+            assert k["decode"].takes_new_kv(q, kc, Sq)
         k["decode"].decode_attention(q, kc, vc, _t(B, dtype=torch.int32), bt, D**-0.5, causal, window, softcap,
-                                     splits, seqlen_add=Sq if fused_combine else 0, counters=counters,
-                                     cache_leftpad=_t(B, dtype=torch.int32) if leftpad else None)
+                                     splits, seqlen_add=Sq if fused_combine or new_kv else 0, counters=counters,
+                                     cache_leftpad=_t(B, dtype=torch.int32) if leftpad else None, new_kv=nkv)
     tag = f"decode D={D} {_dt(dtype)} B={B} Sq={Sq} G={Hq // Hkv}" + (f" paged{page}" if paged else "")
     tag += " fused-combine" * fused_combine + " leftpad" * leftpad
+    if new_kv is not None:
+        tag += f" new-kv rotary{new_kv[0]}" + " interleaved" * new_kv[1] + " qk-norm" * new_kv[2]
     tag += " causal" * causal + f" window={window}" * (window >= 0) + f" softcap={softcap}" * (softcap > 0)
     return tag, run
 
@@ -557,6 +571,8 @@ def _cases(full):
                     add("decode", both, _append_case(D, dt, paged=paged, rotary_dim=D, Hq=32, counters=8))
                     add("decode", both, _append_case(D, dt, paged=paged, rotary_dim=D, Hq=32, counters=8, norm=True))
                     add("decode", both, _decode_case(D, dt, B=1, Sq=1, Hq=32, Hkv=8, paged=paged, fused_combine=True))
+                    add("decode", both, _decode_case(D, dt, B=1, Sq=1, Hq=32, Hkv=8, paged=paged, fused_combine=True,
+                                                     new_kv=(D, False, True)))
                     for B, Sq, G in ((1, 1, 4), (64, 1, 8), (2, 4, 8), (2, 8, 16)):
                         for causal, window, cap in ((True, -1, 0.0), (False, 256, 30.0)):
                             add("decode", both, _decode_case(D, dt, B=B, Sq=Sq, Hq=8 * G, Hkv=8, paged=paged,
@@ -574,6 +590,17 @@ def _cases(full):
         # batch 1: split-KV + combine; llama-3.2-1b shape (32 / 8 heads, D=64)
         add("decode", both, _decode_case(64, bf16, B=1, Sq=1, Hq=32, Hkv=8, paged=False))
         add("decode", both, _decode_case(64, bf16, B=1, Sq=1, Hq=32, Hkv=8, paged=False, fused_combine=True))
+        # the one-launch decode step (NEW_KV): llama-3.2-1b; Qwen3 (q/k norms, paged); a partial
+        # GPT-J batch without a split; fp32 "ieee" dots with 4 new tokens, window and softcap
+        add("decode", both, _decode_case(64, bf16, B=1, Sq=1, Hq=32, Hkv=8, paged=False, fused_combine=True,
+                                         new_kv=(64, False, False)))
+        add("decode", both, _decode_case(128, bf16, B=1, Sq=1, Hq=16, Hkv=8, paged=True, fused_combine=True,
+                                         new_kv=(128, False, True)))
+        add("decode", h100, _decode_case(128, fp16, B=64, Sq=1, Hq=32, Hkv=8, paged=True, new_kv=(64, True, False)))
+        add("decode", h100, _decode_case(80, fp32, B=2, Sq=4, Hq=16, Hkv=2, paged=False, window=100, softcap=30.0,
+                                         fused_combine=True, new_kv=(32, False, True)))
+        add("decode", h100, _decode_case(64, fp16, B=4, Sq=4, Hq=16, Hkv=8, paged=True, fused_combine=True,
+                                         new_kv=(64, False, False)))  # 4 draft tokens
         add("decode", h100, _decode_case(128, fp16, B=2, Sq=8, Hq=128, Hkv=8, paged=True, fused_combine=True))
         add("decode", h100, _decode_case(128, bf16, B=64, Sq=1, Hq=32, Hkv=8, paged=True))  # no split
         add("decode", both, _decode_case(128, bf16, B=8, Sq=1, Hq=32, Hkv=8, paged=False, fused_combine=True,

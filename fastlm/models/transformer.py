@@ -54,7 +54,8 @@ can fuse the rotation into its own kernels (fused backend: rope = (cos table, si
 positions, cu_seqlens)); with the fused backend, a model with q/k norms (Qwen3, Gemma 3) gives
 such a cache whose ``fuses_qk_norm`` attribute is True the normalization too,
 ``qk_norm=(q weight, k weight, eps, offset)``, and q/k unnormalized (fastlm.generation's
-decode step: its append kernel normalizes, rotates and writes them in one launch).  A model with attn_scale or attn_softcap (Gemma 2/3) also passes
+decode step: its decode kernel normalizes, rotates and writes them and attends, in one launch).
+A model with attn_scale or attn_softcap (Gemma 2/3) also passes
 ``softmax_scale=`` / ``softcap=`` to ``attend`` (only those that are set, so a cache that cannot
 apply them fails with a TypeError instead of computing something else); ``window`` is the layer's
 own (layer_types).  ``cache`` is None in training.

@@ -48,6 +48,7 @@ class _KVCacheBase(nn.Module):
         # 1 for slots holding a sequence: advance() moves only those (a freed slot stays empty).
         self.register_buffer("live", torch.ones(batch, dtype=torch.int32, device=device), persistent=False)
         self._lens = [0] * batch  # host mirror of the reserved lengths
+        self._ws = None  # decode_attention's workspace (zeroed counters), made at the first decode
         # Host mirror of the lengths advanced to, for advance(int) called eagerly (None: unknown,
         # after a tensor advance).  Captured steps replay without it, so it can only lag.
         self._adv = [0] * batch
@@ -150,21 +151,37 @@ class _KVCacheBase(nn.Module):
         kc, vc, bt = self._layer_args(layer, k.shape[0])
         ops.kv_cache_append(kc, vc, k, v, self._rows(self.positions, k.shape[0]), block_table=bt, backend=backend)
 
+    def _workspace(self, q):
+        """The zeroed workspace that decode_attention keeps zeroed (one for every layer and
+        step: the launches run in order on one stream), made or grown at a call that needs more
+        (the eager warm-up before a CUDA graph capture); None where it cannot be made (while
+        capturing or compiling: the decode then takes one more launch)."""
+        need = q.shape[0] * q.shape[1] * q.shape[2]
+        ws = self._ws
+        if ws is None or ws.numel() < need or ws.device != q.device:
+            if torch.compiler.is_compiling() or (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                return None
+            ws = self._ws = ops.decode_workspace(q.shape[0], q.shape[2], q.shape[1], device=q.device)
+        return ws
+
     def append_attend(self, layer, q, k, v, *, rotary_cos=None, rotary_sin=None, rotary_interleaved=False, **kwargs):
         """``append`` + ``attend`` as one ``decode_attention(k=, v=)`` call: k, v written at
-        ``positions``, q and k first rotated at those positions when rotary tables are given (both
-        kernel backends rotate and append in one launch, then decode in one more).  kwargs as
-        for ``attend``."""
+        ``positions``, q and k first rotated at those positions when rotary tables are given.
+        With the cache's workspace the Triton backend does it all in one launch (the CUDA
+        backend in two).  kwargs as for ``attend``."""
         kc, vc, bt = self._layer_args(layer, q.shape[0])
         return ops.decode_attention(q, kc, vc, self._rows(self.positions, q.shape[0]), k=k, v=v,
                                     rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                                    rotary_interleaved=rotary_interleaved, block_table=bt, **kwargs)
+                                    rotary_interleaved=rotary_interleaved, block_table=bt,
+                                    workspace=self._workspace(q), **kwargs)
 
     def attend(self, layer, q, **kwargs):
         """decode_attention of q (batch, n, n_heads, head_dim) over the first ``seqlens`` tokens of
-        each sequence (kwargs: softmax_scale, causal, window, softcap, num_splits, backend)."""
+        each sequence (kwargs: softmax_scale, causal, window, softcap, num_splits, backend), with
+        the cache's workspace (a split decode merges its splits in the same launch)."""
         kc, vc, bt = self._layer_args(layer, q.shape[0])
-        return ops.decode_attention(q, kc, vc, self._rows(self.seqlens, q.shape[0]), block_table=bt, **kwargs)
+        return ops.decode_attention(q, kc, vc, self._rows(self.seqlens, q.shape[0]), block_table=bt,
+                                    workspace=self._workspace(q), **kwargs)
 
 
 class StaticKVCache(_KVCacheBase):

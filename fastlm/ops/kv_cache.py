@@ -205,7 +205,12 @@ def _decode_op(
     softcap: float,
     num_splits: int,
     backend: str,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """workspace (Triton): zeroed counters that let the split decode merge its splits itself
+    (no combine launch).  Not declared mutated: the kernel counts in it but leaves it zeroed,
+    so its value never changes (and an optional mutated argument passed as None breaks
+    inductor's lowering of the op)."""
     if value_checks_on(q):
         _debug_check_decode(k_cache, cache_seqlens, block_table, cache_leftpad)
     num_splits = _splits(q, k_cache, block_table, num_splits, backend)
@@ -213,15 +218,25 @@ def _decode_op(
         from fastlm.kernels import decode as kd
 
         return kd.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window,
-                                   softcap, num_splits, cache_leftpad=cache_leftpad)
+                                   softcap, num_splits, cache_leftpad=cache_leftpad,
+                                   counters=_workspace_counters(workspace, q, k_cache, num_splits))
     return torch.ops.fastlm.decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad,
                                                   softmax_scale, causal, window, softcap, num_splits)
 
 
 @_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, softmax_scale, causal, window, softcap,
-      num_splits, backend):
+      num_splits, backend, workspace=None):
     return torch.empty_like(q)
+
+
+def _workspace_counters(workspace, q, k_cache, num_splits):
+    """The fused combine's counters of a Triton decode launch, as a view of the (zeroed)
+    workspace; None without a workspace or with nothing to merge in the launch."""
+    from fastlm.kernels import decode as kd
+
+    shape = kd.combine_counters_shape(q, k_cache, num_splits) if workspace is not None else None
+    return None if shape is None else workspace[: shape[0] * shape[1]].view(shape)
 
 
 @fast_op("fastlm::decode_attention_with_kv", mutates_args=("k_cache", "v_cache"))
@@ -247,11 +262,16 @@ def _decode_kv_op(
     k_norm_weight: torch.Tensor | None = None,
     qk_norm_eps: float = 1e-6,
     qk_norm_offset: float = 0.0,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Normalize (optional) and rotate (optional) q and k, append k/v, attend over cache_seqlens
-    + seqlen_new tokens.  Both backends: the norm, the rotation and the append are one launch,
-    then the decode, which merges its splits itself (the fused combine: no combine launch)
-    unless a row tile's partials exceed MAX_FUSED_MERGE_BYTES (then a combine launch follows)."""
+    + seqlen_new tokens.
+    Triton: one launch does it all when kd.takes_new_kv (a decode step's one token: always) and
+    the split decode either
+    has a workspace (zeroed counters for its fused combine, left zeroed) or needs none.
+    Otherwise (and on CUDA) the norm, the rotation and the append are one launch, then the
+    decode, which merges its splits itself (the append zeroes the counters).  Either way a row
+    tile whose partials exceed MAX_FUSED_MERGE_BYTES is merged by one more launch."""
     n = k.shape[1]
     if value_checks_on(q):
         _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos, cache_leftpad)
@@ -264,6 +284,14 @@ def _decode_kv_op(
     if backend == "triton":
         from fastlm.kernels import decode as kd
 
+        if kd.takes_new_kv(q, k_cache, n) and (workspace is not None
+                                               or kd.combine_counters_shape(q, k_cache, num_splits) is None):
+            return kd.decode_attention(
+                q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap, num_splits,
+                seqlen_add=n, counters=_workspace_counters(workspace, q, k_cache, num_splits),
+                cache_leftpad=cache_leftpad, out=_rotated_q_buffer(q) if rotary or norm else None,
+                new_kv=(k, v, rotary_cos, rotary_sin, rotary_interleaved, q_norm_weight, k_norm_weight, qk_norm_eps,
+                        qk_norm_offset))
         q_rot = _rotated_q_buffer(q) if rotary or norm else q  # the decode's output is laid out like it
         counters = kd.combine_counters(q, k_cache, num_splits) if n > 0 else None  # zeroed by the append
         kd.kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, q, q_rot, rotary_cos, rotary_sin,
@@ -293,7 +321,7 @@ def _rotated_q_buffer(q):
 @_decode_kv_op.register_fake
 def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved,
       softmax_scale, causal, window, softcap, num_splits, backend, q_norm_weight=None, k_norm_weight=None,
-      qk_norm_eps=1e-6, qk_norm_offset=0.0):
+      qk_norm_eps=1e-6, qk_norm_offset=0.0, workspace=None):
     if backend == "triton" and (rotary_cos is not None or q_norm_weight is not None):
         return _rotated_q_buffer(q)
     return torch.empty_like(q)
@@ -491,6 +519,37 @@ def _check_norm_weights(q, k, q_norm_weight, k_norm_weight, eps, offset):
 
 
 @functools.cache
+def decode_workspace(batch, n_heads_q, seqlen_q=1, *, device=None):
+    """A zeroed int32 workspace for ``decode_attention(..., workspace=)`` calls of up to `batch`
+    sequences, `n_heads_q` query heads and `seqlen_q` query tokens (any KV cache)."""
+    op = "decode_workspace"
+    n = 1
+    for name, val in (("batch", batch), ("n_heads_q", n_heads_q), ("seqlen_q", seqlen_q)):
+        val = as_int(val, name, op)
+        if val < 1:
+            raise ValueError(f"{op}: {name} must be a positive int, got {val!r}")
+        n *= val
+    return torch.zeros(n, dtype=torch.int32, device=device)
+
+
+def _check_workspace(workspace, q):
+    if workspace is None:
+        return
+    op = "decode_attention"
+    check_tensor(workspace, "workspace", dtypes=(torch.int32,), ndim=1)
+    if workspace.device != q.device:
+        raise ValueError(f"{op}: workspace is on {workspace.device} but q is on {q.device}")
+    if not workspace.is_contiguous():
+        raise ValueError(f"{op}: workspace must be contiguous")
+    need = q.shape[0] * q.shape[1] * q.shape[2]
+    if workspace.numel() < need:
+        raise ValueError(f"{op}: workspace has {workspace.numel()} elements; this call needs batch * n_heads_q * "
+                         f"seqlen_q = {need} (fastlm.ops.decode_workspace({q.shape[0]}, {q.shape[2]}, {q.shape[1]}))")
+    if value_checks_on(workspace) and bool(workspace[:need].any()):
+        raise ValueError(f"{op}: workspace must be zero-filled (fastlm.ops.decode_workspace makes one; the calls "
+                         "leave it zeroed)")
+
+
 def _cuda_has_qk_norm():
     """Whether fastlm._C's decode_attention_with_kv_cuda takes the q/k norm weights (a _C built
     from an older source does not)."""
@@ -557,7 +616,7 @@ def decode_attention(
     q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, rotary_cos=None, rotary_sin=None,
     rotary_interleaved=False, q_norm_weight=None, k_norm_weight=None, qk_norm_eps=1e-6, qk_norm_offset=0.0,
     block_table=None, cache_leftpad=None, softmax_scale=None, causal=True, window=-1, softcap=0.0, num_splits=0,
-    backend=None,
+    workspace=None, backend=None,
 ):
     """Attention of a few new query tokens over each sequence's KV cache (forward only: decoding
     needs no backward).
@@ -595,9 +654,21 @@ def decode_attention(
     and ``k_norm_weight`` ((head_dim,), float32 or q's dtype; both or neither; they need k and v)
     every head of q and of the new k is first RMS-normalized over head_dim (fp32 statistics,
     ``qk_norm_eps``) and scaled by ``qk_norm_offset`` + weight: the q/k norms of Qwen3 (offset 0)
-    and Gemma 3 (offset 1), as ``fastlm.ops.qk_norm_rotary`` computes them.  The Triton and CUDA
-    backends normalize, rotate and append in one launch, then decode in one more (a split decode
-    merges its splits in the same launch).
+    and Gemma 3 (offset 1), as ``fastlm.ops.qk_norm_rotary`` computes them.
+
+    Launches.  A split decode merges its splits in the same launch (its last program to finish
+    merges them) when it has zeroed counters: an append launched just before zeroes them, or a
+    ``workspace`` does: a zero-filled int32 tensor of at least batch * n_heads_q * seqlen_q
+    elements (``decode_workspace``), which every call leaves zeroed, so one workspace serves
+    every call of a decode step, every layer, and a CUDA graph's replays.  (Calls running
+    concurrently on different streams need their own.)  The Triton backend then does a whole
+    step's attention in one launch: with k/v (one new token, or a few at small head dims) it
+    normalizes, rotates and appends them and attends, all in the decode kernel; without a workspace that is one launch
+    when the decode needs no merge (one split), else an append launch and the decode.  Without
+    k/v and without a workspace, a split decode is followed by a merge launch.  The CUDA
+    backend normalizes, rotates and appends in one launch, then decodes and merges in one more
+    (it does not use the workspace).  Row tiles whose partials exceed 128 KiB (very many splits
+    of a large GQA group) are merged by one more launch on either backend.
     """
     check_tensor(q, "q", ndim=4)
     device = q.device
@@ -638,6 +709,7 @@ def decode_attention(
     rotary = _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table)
     norm = _check_norm_weights(q, k, q_norm_weight, k_norm_weight, qk_norm_eps, qk_norm_offset)
     qk_norm_eps, qk_norm_offset = float(qk_norm_eps), float(qk_norm_offset)
+    _check_workspace(workspace, q)
     if cache_leftpad is not None:
         check_tensor(cache_leftpad, "cache_leftpad", dtypes=(torch.int32,), ndim=1)
         if cache_leftpad.shape[0] != B:
@@ -672,10 +744,14 @@ def decode_attention(
                                "--no-build-isolation -e .) or pass backend='triton'")
         if q.numel() == 0:  # batch 0 (every other dim is >= 1): nothing to append either
             return torch.empty_like(q)
+        if workspace is not None and not norm:  # (positional: a fast_op takes no keywords)
+            norm_kw = dict(q_norm_weight=None, k_norm_weight=None, qk_norm_eps=qk_norm_eps,
+                           qk_norm_offset=qk_norm_offset)
+        ws = (workspace,) if workspace is not None and b == "triton" else ()
         return _decode_kv_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_leftpad,
                              rotary_cos if rotary else None, rotary_sin if rotary else None, bool(rotary_interleaved),
                              float(softmax_scale), bool(causal), int(window), float(softcap), int(num_splits), b,
-                             *norm_kw.values())  # (positional: a fast_op takes no keywords)
+                             *norm_kw.values(), *ws)
     if b == "reference":
         if value_checks_on(q):
             _debug_check_decode(k_cache, cache_seqlens, block_table, cache_leftpad)
@@ -684,5 +760,6 @@ def decode_attention(
                                      cache_leftpad=cache_leftpad)
     if q.numel() == 0:
         return torch.empty_like(q)
+    ws = (workspace,) if workspace is not None and b == "triton" else ()
     return _decode_op(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, float(softmax_scale),
-                      bool(causal), int(window), float(softcap), int(num_splits), b)
+                      bool(causal), int(window), float(softcap), int(num_splits), b, *ws)
