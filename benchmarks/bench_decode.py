@@ -274,7 +274,9 @@ def bench_step(res, args, copy_bw, fa):
     each q and k head: "+qk rms_norm x2" (two norm launches on the qkv views) vs
     "+qk_norm_rotary" (one launch, norm only: the decode call still rotates) vs "+qk norm in
     append" (decode_attention(q_norm_weight=, k_norm_weight=): the append kernel normalizes too,
-    no extra launch; the model's decode step).
+    no extra launch).  "+workspace" (Triton): decode_attention(workspace=), the decode kernel
+    normalizes, rotates and appends itself and merges its splits: one launch, the model's
+    decode step (the nn caches keep a workspace).
     GB/s counts the cache read plus the new tokens written."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     hkv = GQA["4:1"]
@@ -290,6 +292,7 @@ def bench_step(res, args, copy_bw, fa):
             qkv_q, qkv_k, qkv_v = torch.randn(batch, 1, HQ + 2 * hkv, HEAD_DIM, device="cuda", dtype=DTYPE,
                                               generator=gen).split([HQ, hkv, hkv], dim=2)
             qk_w = torch.rand(HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen) + 0.5
+            ws = fastlm.ops.decode_workspace(batch, HQ, device="cuda")
             row = dict(op="decode_step", batch=batch, context=ctx, gqa="4:1", n_kv_heads=hkv, layout="contiguous")
             impls = {}
             for be in ("triton", "cuda"):
@@ -325,6 +328,12 @@ def bench_step(res, args, copy_bw, fa):
                 impls[f"{be}-fused +qk rms_norm x2"] = qk_norms
                 impls[f"{be}-fused +qk_norm_rotary"] = qk_norm_fused
                 impls[f"{be}-fused +qk norm in append"] = qk_norm_in_append
+                if be == "triton":  # one launch (the CUDA backend takes no workspace)
+                    impls["triton-fused +workspace"] = lambda c: fastlm.ops.decode_attention(
+                        q, c[0], c[1], lens, k=k, v=v, rotary_cos=cos, rotary_sin=sin, workspace=ws, backend="triton")
+                    impls["triton-fused +qk norm +workspace"] = lambda c: fastlm.ops.decode_attention(
+                        qkv_q, c[0], c[1], lens, k=qkv_k, v=qkv_v, rotary_cos=cos, rotary_sin=sin,
+                        q_norm_weight=qk_w, k_norm_weight=qk_w, qk_norm_eps=1e-6, workspace=ws, backend="triton")
             if fa is not None:  # its tables in q's dtype
                 cos_lp, sin_lp = cos.to(DTYPE), sin.to(DTYPE)
                 impls["flash_attn"] = lambda c: fa.flash_attn_with_kvcache(
@@ -356,6 +365,16 @@ def bench_step(res, args, copy_bw, fa):
                     peers = {"x_qk_rms_norm_x2": qk_sep, "x_qk_norm_rotary": qk_fused}
                     res.add(**row, impl=f"{be}-fused +qk norm in append speedup",
                             **{k: v / qk_app for k, v in peers.items() if v})
+            one, one_qk = got.get("triton-fused +workspace"), got.get("triton-fused +qk norm +workspace")
+            if one:
+                peers = {"x_triton_fused": got.get("triton-fused"), "x_cuda_fused": got.get("cuda-fused"),
+                         "x_flash_attn": got.get("flash_attn")}
+                res.add(**row, impl="triton-fused +workspace speedup", **{k: v / one for k, v in peers.items() if v})
+            if one_qk:
+                peers = {"x_triton_qk_norm_in_append": got.get("triton-fused +qk norm in append"),
+                         "x_cuda_qk_norm_in_append": got.get("cuda-fused +qk norm in append")}
+                res.add(**row, impl="triton-fused +qk norm +workspace speedup",
+                        **{k: v / one_qk for k, v in peers.items() if v})
             del q, caches
             torch.cuda.empty_cache()
 
