@@ -868,7 +868,8 @@ def test_decode_with_new_kv_in_one_launch(backend, dtype, case):
         cos, sin = _tables(2 * max(1, int(D * frac) // 2), cap + 3)
     kw = dict(num_splits=num_splits, window=extra.get("window", -1), softcap=extra.get("softcap", 0.0))
     if offset is not None:
-        qw, kw_ = (torch.rand(D, device=DEVICE) + 0.5 - offset for _ in range(2))
+        wdt = torch.float32 if paged else dtype  # (both weight dtypes)
+        qw, kw_ = ((torch.rand(D, device=DEVICE) + 0.5 - offset).to(wdt) for _ in range(2))
         kw.update(q_norm_weight=qw, k_norm_weight=kw_, qk_norm_eps=1e-5, qk_norm_offset=offset)
     if extra.get("leftpad"):
         kw["cache_leftpad"] = torch.tensor([0, 4, 7], dtype=torch.int32, device=DEVICE)
