@@ -158,6 +158,20 @@ __device__ __forceinline__ void rotary_row(const AppendParams& p, int64_t pos, i
   }
 }
 
+// Head hh of token (b, s) of the append's rows (the Hq query heads, then the H key heads): where
+// it is read (q or k) and where it goes (q_out, or the key's cache slot (blk, slot)).
+template <typename T>
+__device__ __forceinline__ void head_row(const AppendParams& p, int b, int s, int hh, int64_t blk, int64_t slot,
+                                         const T*& x, T*& y) {
+  if (hh < p.Hq) {
+    x = static_cast<const T*>(p.q) + b * p.q_b + s * p.q_s + hh * p.q_h;
+    y = static_cast<T*>(p.q_out) + b * p.qo_b + s * p.qo_s + hh * p.qo_h;
+  } else {
+    x = static_cast<const T*>(p.k) + b * p.k_b + s * p.k_s + (hh - p.Hq) * p.k_h;
+    y = static_cast<T*>(p.k_cache) + blk * p.kc_b + slot * p.kc_t + (hh - p.Hq) * p.kc_h;
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(256) kv_append_rotary_kernel(const AppendParams p) {
   const int b = blockIdx.x / p.seqlen_new;
@@ -169,10 +183,9 @@ __global__ void __launch_bounds__(256) kv_append_rotary_kernel(const AppendParam
   const int hh = u / per_head, e = u - hh * per_head;
   const bool is_q = hh < p.Hq;
   if (hh >= p.Hq + p.H || (!is_q && !ok)) return;
-  const T* x = is_q ? static_cast<const T*>(p.q) + b * p.q_b + s * p.q_s + hh * p.q_h
-                    : static_cast<const T*>(p.k) + b * p.k_b + s * p.k_s + (hh - p.Hq) * p.k_h;
-  T* y = is_q ? static_cast<T*>(p.q_out) + b * p.qo_b + s * p.qo_s + hh * p.qo_h
-              : static_cast<T*>(p.k_cache) + blk * p.kc_b + slot * p.kc_t + (hh - p.Hq) * p.kc_h;
+  const T* x;
+  T* y;
+  head_row<T>(p, b, s, hh, blk, slot, x, y);
   if (e >= p.half) {
     const int d = p.half + e;  // 2 half + (e - half)
     y[d] = x[d];
@@ -209,10 +222,9 @@ __global__ void __launch_bounds__(32 * kAppendWarps) kv_append_norm_kernel(const
   const int hh = blockIdx.y * kAppendWarps + threadIdx.x / 32;  // warp-uniform, as ok: whole warps leave
   const bool is_q = hh < p.Hq;
   if (hh >= p.Hq + p.H || (!is_q && !ok)) return;
-  const T* x = is_q ? static_cast<const T*>(p.q) + b * p.q_b + s * p.q_s + hh * p.q_h
-                    : static_cast<const T*>(p.k) + b * p.k_b + s * p.k_s + (hh - p.Hq) * p.k_h;
-  T* y = is_q ? static_cast<T*>(p.q_out) + b * p.qo_b + s * p.qo_s + hh * p.qo_h
-              : static_cast<T*>(p.k_cache) + blk * p.kc_b + slot * p.kc_t + (hh - p.Hq) * p.kc_h;
+  const T* x;
+  T* y;
+  head_row<T>(p, b, s, hh, blk, slot, x, y);
   const void* w = is_q ? p.q_w : p.k_w;
   float ss = 0.f;
   for (int d = lane; d < p.D; d += 32) {
