@@ -1457,6 +1457,50 @@ def test_caches_decode_loop(backend):
     assert paged.seqlens.tolist()[0] == 0 and paged.num_free_blocks == 9 - len(paged.blocks_of(ids[1]))
 
 
+@pytest.mark.parametrize("cache_kind", ["static", "paged"])
+def test_cache_workspace_is_made_once_and_left_zeroed(cache_kind):
+    """The caches' decode workspace: made at the first decode, shared by every layer and step
+    (a split decode then merges in its own launch, and append_attend is one launch), grown for
+    a call with more query rows, left zeroed; outputs equal to the two-launch form's."""
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    if cache_kind == "static":
+        cache = StaticKVCache(2, B, 40, Hkv, D, torch.float16, DEVICE)
+    else:
+        cache = PagedKVCache(2, 24, 4, Hkv, D, torch.float16, DEVICE, max_batch=B, max_seqlen=40)
+        for _ in range(B):
+            cache.add_sequence()
+    cache.reserve(5)
+    cache.advance(5)
+    for layer in range(2):
+        k = torch.randn(B, 5, Hkv, D, dtype=torch.float16, device=DEVICE)
+        cache.append(layer, k, k)
+    assert cache._ws is None
+    cache.reserve(1)
+    cache.advance(1)
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
+    kc, vc, bt = cache._layer_args(0, B)
+    kc2, vc2 = kc.clone(), vc.clone()
+    with TritonLaunches() as launches:
+        out = cache.append_attend(0, q, k, k, num_splits=3, backend="triton")
+    ws = cache._ws
+    assert launches.names == ["_decode_kernel"] and ws.numel() == B * Hq and not ws.any()
+    exp = fastlm.ops.decode_attention(q, kc2, vc2, cache.positions, k=k, v=k, block_table=bt, num_splits=3,
+                                      backend="triton")
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    torch.testing.assert_close(out, exp, atol=1e-3, rtol=0)
+    with TritonLaunches() as launches:
+        cache.append_attend(1, q, k, k, num_splits=3, backend="triton")
+        cache.attend(1, q, num_splits=3, backend="triton")
+    assert launches.names == ["_decode_kernel"] * 2 and cache._ws is ws and not ws.any()
+    cache.reserve(3)
+    cache.advance(3)
+    q3 = torch.randn(B, 3, Hq, D, dtype=torch.float16, device=DEVICE)
+    k3 = torch.randn(B, 3, Hkv, D, dtype=torch.float16, device=DEVICE)
+    cache.append_attend(0, q3, k3, k3, num_splits=2, backend="triton")
+    assert cache._ws.numel() == B * Hq * 3 and not cache._ws.any()
+
+
 # ------------------------------------------------------------------------------ GPU-only
 BF, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 GPU_CASES = [  # (dtype, head_dim, paged, block_size); D % 8 != 0 and fp32 take the CUDA fallback
