@@ -630,7 +630,8 @@ class Generator:
         tokens, cu_dev, slots = (_to(x, dev) for x in (tokens, cu, torch.cat(slots)))
         st.hook.prefill = (slots, cu_dev, max(group))
         try:
-            stream = m.residual_stream(tokens, cu_seqlens=cu_dev, max_seqlen=max(group), cache=st.hook)  # (total, D)
+            stream = m.residual_stream(tokens, cu_seqlens=cu_dev, max_seqlen=max(group), cache=st.hook,
+                                       defer_post_norm=True)  # (total, D)
         finally:
             st.hook.prefill = None
         return _head_rows(m, stream, cu_dev[1:].long() - 1)  # last token of each prompt -> (G, vocab)
@@ -643,7 +644,7 @@ class Generator:
         for r, p in enumerate(prompts[g0:g1]):
             tokens[r, : len(p)] = torch.tensor(p)
         st.cache.begin_prefill(g0, g1, T)
-        stream = m.residual_stream(_to(tokens, dev), cache=st.cache)  # (G, T, D)
+        stream = m.residual_stream(_to(tokens, dev), cache=st.cache, defer_post_norm=True)  # (G, T, D)
         last = torch.tensor(group, device=dev) - 1
         return _head_rows(m, stream, (torch.arange(g1 - g0, device=dev), last))
 
@@ -675,7 +676,7 @@ class Generator:
         backend = st.hook.op_backend if st.fused else "reference"  # (the bookkeeping's kernels follow the ops')
         if st.fused:
             st.cache.advance(1, backend=backend)  # positions <- seqlens; seqlens += 1
-        stream = m.residual_stream(st.tok, positions=st.cache.positions, cache=st.hook)  # (B, 1, D)
+        stream = m.residual_stream(st.tok, positions=st.cache.positions, cache=st.hook, defer_post_norm=True)
         logits = _head_rows(m, stream, (slice(None), -1))  # (B, vocab)
         if st.penalty is not None:
             logits = apply_repetition_penalty(logits, st.seen, st.penalty)
@@ -783,7 +784,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top
 
 
 def _head_rows(model, stream, index):
-    """Logits of the rows `index` of residual_stream's (x, residual): the final norm and the
-    lm_head run on those rows only (one fused kernel for a decode-sized batch)."""
-    x, residual = stream
-    return model.head(x[index], None if residual is None else residual[index])
+    """Logits of the rows `index` of residual_stream(defer_post_norm=True)'s (x, residual,
+    post-norm): the last post-norm (Gemma 2/3), the final norm and the lm_head run on those rows
+    only (one fused kernel for a decode-sized batch)."""
+    x, residual, post_norm = stream
+    return model.head(x[index], None if residual is None else residual[index], x_norm=post_norm)

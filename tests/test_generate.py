@@ -293,13 +293,14 @@ _HOST_SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten
 # (kernels per layer, kernels per step besides the layers) of a fused decode step
 _DECODE_BUDGET = {
     # per layer: [norm + qkv] gemv, [(q/k norm +) rotary + append + split decode + merge], wo,
-    # [norm + w_in + act] gemv, w_out; per step: the cache's advance, embedding, [final norm +
-    # lm_head] gemv, greedy max, the token's bookkeeping (kernels/step.py)
+    # [norm + w_in + act] gemv, w_out; per step: the cache's advance, embedding (kernels/step.py),
+    # [final norm + lm_head] gemv, greedy max, the token's bookkeeping (kernels/step.py)
     "tiny": (5, 5),
     "tiny-qwen3": (5, 5),  # + q/k norms (in the decode kernel)
     "tiny-mix": (5, 5),  # + qkv bias, partial rotary, llama3 rope scaling, sliding window
-    "tiny-gpt2": (5, 7),  # + learned positions (embedding, add)
-    "tiny-gemma23": (5, 7),  # + embedding scale, last post-norm (the logit softcap is in the lm_head gemv)
+    "tiny-gpt2": (5, 5),  # + learned positions (in the embedding kernel)
+    "tiny-gemma23": (5, 5),  # + embedding scale (in the embedding kernel), last post-norm and logit softcap
+    #                          (in the lm_head gemv)
 }
 
 
@@ -398,6 +399,66 @@ def test_step_kernels_equal_the_torch_ops(B):
     assert ctr.tolist() == [0]  # wrapped
     step.record_token(nxt + 1, top, tok, ring, row_max, ctr)
     assert torch.equal(ring[0], nxt + 1) and ctr.tolist() == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_embed_kernel_equals_the_torch_ops(dtype):
+    """kernels/step.py's embed == the embedding, Gemma's scale (rounded to the table's dtype) and
+    GPT-2's position embeddings as torch computes them, bit for bit (bf16 under the interpreter:
+    within its two roundings, which the interpreter truncates where a GPU rounds to nearest); a
+    (B, 1) decode step and packed tokens with explicit positions; an id outside its table gives
+    a NaN row, the others are unaffected."""
+    from fastlm.kernels import step
+
+    def same(a, b):
+        if dtype == torch.bfloat16 and not HAS_CUDA:  # (a rounding of the largest sum: cancellations)
+            top = float(W.float().abs().max() * 45.25 + PW.float().abs().max())
+            torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=top * 2**-7, equal_nan=True)
+            return True
+        return torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+    V, P, D = 300, 40, 1100  # (D > one 1024-column block)
+    W = torch.randn(V, D, device=DEVICE).to(dtype)
+    PW = torch.randn(P, D, device=DEVICE).to(dtype)
+    tok = torch.randint(0, V, (5, 1), device=DEVICE)
+    pos = torch.randint(0, P, (5,), dtype=torch.int32, device=DEVICE)[:, None]
+    scale = float(torch.tensor(45.25, dtype=dtype))
+    want = torch.nn.functional.embedding(tok, W) * torch.tensor(45.25, dtype=dtype, device=DEVICE)
+    want = want + torch.nn.functional.embedding(pos.long(), PW)
+    assert same(step.embed(tok, W, scale, pos, PW), want)
+    packed = torch.randint(0, V, (7,), device=DEVICE)
+    ppos = torch.arange(7, device=DEVICE)
+    assert same(step.embed(packed, W, None, ppos, PW), W[packed] + PW[ppos])
+    assert torch.equal(step.embed(packed, W), W[packed])
+    bad = tok.clone()
+    bad[2, 0] = V
+    out = step.embed(bad, W, None, pos, PW)
+    exp = W[tok] + PW[pos.long()]
+    assert torch.isnan(out[2]).all() and same(out[[0, 1, 3, 4]], exp[[0, 1, 3, 4]])
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma23"])
+def test_fused_embedding_and_deferred_post_norm_match_the_unfused_model(name):
+    """The fused model's input rows (one embed launch) equal the torch embedding path's, and the
+    last post-norm folded into the head (residual_stream(defer_post_norm=True), a decode-sized
+    batch) gives the logits of applying it first."""
+    from fastlm.models import transformer as tm
+
+    _, fused = models(name)
+    tok = torch.randint(0, fused.config.vocab_size, (3, 1), device=DEVICE)
+    with torch.no_grad():
+        x = fused._embed(tok, None, None)
+        with torch.enable_grad():  # (a table that takes gradients: the torch ops)
+            exp = fused._embed(tok, None, None)
+        assert exp.requires_grad and torch.equal(x, exp.detach())
+        x, res, post = fused.residual_stream(tok, defer_post_norm=True)
+        assert (post is not None) == (name == "tiny-gemma23")
+        x2, res2 = fused.residual_stream(tok)
+        assert torch.equal(res, res2)
+        rows = (slice(None), -1)
+        torch.testing.assert_close(fused.head(x[rows], res[rows], x_norm=post), fused.head(x2[rows], res2[rows]),
+                                   atol=1e-4, rtol=1e-4)
+    assert tm._rounded(45.25, torch.bfloat16) == 45.25
 
 
 # ------------------------------------------------------------------------------ sampling

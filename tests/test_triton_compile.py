@@ -495,6 +495,17 @@ def _step_case(B, top_dtype):
     return f"step B={B} {_dt(top_dtype)}", run
 
 
+def _embed_case(B, D, dtype, scale, learned_pos):
+    """A decode step's input rows: the embedding gather (Gemma's scale, GPT-2's positions)."""
+    def run(k, arch):
+        import torch
+
+        pos = _t(B, 1, dtype=torch.int32) if learned_pos else None
+        k["step"].embed(_t(B, 1, dtype=torch.int64), _t(1000, D, dtype=dtype), scale, pos,
+                        _t(1024, D, dtype=dtype) if learned_pos else None)
+    return f"embed B={B} D={D} {_dt(dtype)}" + " scaled" * (scale is not None) + " +pos" * learned_pos, run
+
+
 def _dt(dtype):
     return str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
 
@@ -672,6 +683,9 @@ def _cases(full):
     # ---- step: a decode step's bookkeeping, batch 1 and 64
     add("step", both, _step_case(1, bf16))
     add("step", h100, _step_case(64, fp32))
+    add("step", both, _embed_case(1, 1152, bf16, 33.9, False))  # gemma-3-1b
+    add("step", h100, _embed_case(8, 768, fp32, None, True))  # gpt2
+    add("step", h100, _embed_case(1, 2048, bf16, None, False))  # llama-3.2-1b
     return cases
 
 

@@ -60,6 +60,7 @@ A model with attn_scale or attn_softcap (Gemma 2/3) also passes
 apply them fails with a TypeError instead of computing something else); ``window`` is the layer's
 own (layer_types).  ``cache`` is None in training.
 """
+import functools
 import math
 import os
 
@@ -69,7 +70,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import fastlm.nn
-from fastlm import ops
+from fastlm import _backend, ops
 from fastlm._backend import BACKENDS as OP_BACKENDS
 from fastlm._checks import value_checks_on
 from fastlm.models.config import TransformerConfig
@@ -249,6 +250,12 @@ def add_norm(norm, x, residual, fused):
 def _decode_sized(x, gemv_rows):
     """x (..., D) has 1..gemv_rows token rows and grad mode is off: the ops.fused_linear path."""
     return 0 < x.numel() <= gemv_rows * x.shape[-1] and not torch.is_grad_enabled()
+
+
+@functools.lru_cache(maxsize=None)
+def _rounded(value, dtype):
+    """The float `value` rounded to `dtype` (once: a decode step makes no tensor for it)."""
+    return float(torch.tensor(value, dtype=dtype))
 
 
 def _norm_linear(norm, x, residual, linear, activation=None, x_norm_weight=None, softcap=None):
@@ -579,15 +586,40 @@ class Transformer(nn.Module):
             ropes = [(cos[pos], sin[pos]) for cos, sin in tables]  # (T, rd/2) or (B, T, rd/2)
         return ropes[0], ropes[-1]
 
-    def residual_stream(self, tokens, *, positions=None, cu_seqlens=None, max_seqlen=None, cache=None):
+    def _embed(self, tokens, positions, cu_seqlens):
+        """The input rows: token embeddings, times Gemma's scale (sqrt(dim), rounded to the
+        embeddings' dtype as HF does), plus learned position embeddings (GPT-2).  The fused
+        model without gradients to the tables, where Triton runs: one launch (kernels/step.py's
+        embed; a decode step's three or two launches were one each; ids were checked by
+        _check_inputs where values are, and an id outside a table gives NaN rows, never another
+        row)."""
+        emb, pos_emb, scale = self.tok_emb, self.pos_emb, self.config.embed_scale
+        tables = [emb] if pos_emb is None else [emb, pos_emb]
+        if (self.backend == "fused" and _backend.step_kernels(tokens, self.op_backend)
+                and not (torch.is_grad_enabled() and any(t.weight.requires_grad for t in tables))
+                and all(t.max_norm is None and t.weight.stride(1) == 1 for t in tables)
+                and (pos_emb is None or pos_emb.weight.dtype == emb.weight.dtype)):
+            from fastlm.kernels import step
+
+            scale = None if scale is None else _rounded(scale, emb.weight.dtype)
+            pos = None if pos_emb is None else position_ids(tokens, positions, cu_seqlens)
+            return step.embed(tokens, emb.weight, scale, pos, None if pos_emb is None else pos_emb.weight)
+        x = emb(tokens)
+        if scale is not None:
+            x = x * torch.tensor(scale, dtype=x.dtype)
+        if pos_emb is not None:
+            x = x + pos_emb(position_ids(tokens, positions, cu_seqlens))
+        return x
+
+    def residual_stream(self, tokens, *, positions=None, cu_seqlens=None, max_seqlen=None, cache=None,
+                        defer_post_norm=False):
         """tokens -> (x, residual): the last block's output and the residual stream before it,
-        whose sum the final norm normalizes (residual is None for a model with no layers)."""
+        whose sum the final norm normalizes (residual is None for a model with no layers).
+        defer_post_norm=True -> (x, residual, post_norm): a Gemma 2/3 model's last post-norm is
+        not applied to x but returned (else None), for ``head(x, residual, x_norm=post_norm)``,
+        which folds it into its fused kernel (and which the caller may give only some rows)."""
         self._check_inputs(tokens, positions, cu_seqlens, cache)
-        x = self.tok_emb(tokens)  # (B, T, D)
-        if self.config.embed_scale is not None:  # Gemma: sqrt(dim), rounded to the embeddings' dtype as HF does
-            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(position_ids(tokens, positions, cu_seqlens))
+        x = self._embed(tokens, positions, cu_seqlens)  # (B, T, D)
         if self.backend == "fused" and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # residual stream in bf16 (see the docstring)
         ropes = self._rope_inputs(tokens, positions, cu_seqlens)
@@ -602,6 +634,8 @@ class Transformer(nn.Module):
                                     x_norm_weight=pending.weight if pending is not None else None,
                                     defer_post_norm=defer)
                 pending = layer.mlp_post_norm if defer else None
+        if defer_post_norm:
+            return x, residual, pending
         if pending is not None:
             x = pending(x)
         return x, residual
@@ -613,12 +647,17 @@ class Transformer(nn.Module):
         h, _ = add_norm(self.norm, x, residual, self.backend == "fused")
         return h
 
-    def head(self, x, residual):
+    def head(self, x, residual, x_norm=None):
         """Logits of the rows (x, residual) from residual_stream: the final norm of x + residual,
-        then the lm_head.  Fused, grad-free and at most decode_gemv_rows rows: one kernel
-        (ops.fused_linear, the norm folded into the matrix-vector product)."""
-        if self.backend == "fused" and residual is not None and _decode_sized(x, self.decode_gemv_rows):
-            return _norm_linear(self.norm, x, residual, self.lm_head, softcap=self.lm_head.softcap)[0]
+        then the lm_head; x_norm: residual_stream(defer_post_norm=True)'s post-norm, applied to
+        x first.  Fused, grad-free and at most decode_gemv_rows rows: one kernel
+        (ops.fused_linear, the norms folded into the matrix-vector product)."""
+        gemv = self.backend == "fused" and residual is not None and _decode_sized(x, self.decode_gemv_rows)
+        if x_norm is not None and not (gemv and x_norm.weight is not None):
+            x, x_norm = x_norm(x), None
+        if gemv:
+            return _norm_linear(self.norm, x, residual, self.lm_head, softcap=self.lm_head.softcap,
+                                x_norm_weight=None if x_norm is None else x_norm.weight)[0]
         h, _ = add_norm(self.norm, x, residual, self.backend == "fused")
         return self.output(h)
 
