@@ -744,10 +744,10 @@ def decode_attention(
                                "--no-build-isolation -e .) or pass backend='triton'")
         if q.numel() == 0:  # batch 0 (every other dim is >= 1): nothing to append either
             return torch.empty_like(q)
-        if workspace is not None and not norm:  # (positional: a fast_op takes no keywords)
+        ws = (workspace,) if workspace is not None and b == "triton" else ()
+        if ws and not norm:  # (positional, after the norm arguments: a fast_op takes no keywords)
             norm_kw = dict(q_norm_weight=None, k_norm_weight=None, qk_norm_eps=qk_norm_eps,
                            qk_norm_offset=qk_norm_offset)
-        ws = (workspace,) if workspace is not None and b == "triton" else ()
         return _decode_kv_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_leftpad,
                              rotary_cos if rotary else None, rotary_sin if rotary else None, bool(rotary_interleaved),
                              float(softmax_scale), bool(causal), int(window), float(softcap), int(num_splits), b,
