@@ -615,6 +615,25 @@ ROTARY_CASES = {  # name -> (rotary_dim as a fraction of D or None, interleaved)
 }
 
 
+def _new_kv_case(dtype, paged, Hq, Hkv, Sq, S, rotary, q_scale=1.0, k_scale=1.0):
+    """A decode_attention(k=, v=) case: a poisoned cache of 3 sequences (empty, middle, ending
+    full after the S new tokens; D 40, 5-token blocks when paged), q (times q_scale), the new
+    k (times k_scale) and v, and the ROTARY_CASES tables.
+    -> (kc, vc, bt, lens, q, k, v, cos, sin, interleaved)."""
+    B, D, cap = 3, 40, 29
+    kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=5)
+    lens = torch.tensor([0, 11, cap - S], dtype=torch.int32, device=DEVICE)
+    poison_unused(kc, vc, lens, bt)
+    q = q_scale * torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
+    k = torch.randn(B, S, Hkv, D, dtype=dtype, device=DEVICE) * k_scale
+    v = torch.randn(B, S, Hkv, D, dtype=dtype, device=DEVICE)
+    frac, inter = ROTARY_CASES[rotary]
+    cos = sin = None
+    if frac is not None:
+        cos, sin = _tables(2 * max(1, int(D * frac) // 2), cap + 3)
+    return kc, vc, bt, lens, q, k, v, cos, sin, inter
+
+
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 @pytest.mark.parametrize("paged", [True, False])
 @pytest.mark.parametrize("rotary", list(ROTARY_CASES))
@@ -622,17 +641,7 @@ ROTARY_CASES = {  # name -> (rotary_dim as a fraction of D or None, interleaved)
 def test_decode_with_new_kv(backend, dtype, paged, rotary, Hq, Hkv, Sq):
     """FlashAttention's flash_attn_with_kvcache form: rotate q/k at cache_seqlens + i, append,
     attend over the old and the new tokens; an empty cache, a middle one and one that ends full."""
-    B, D, cap = 3, 40, 29
-    kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=5)
-    lens = torch.tensor([0, 11, cap - Sq], dtype=torch.int32, device=DEVICE)
-    poison_unused(kc, vc, lens, bt)
-    q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
-    k = torch.randn(B, Sq, Hkv, D, dtype=dtype, device=DEVICE)
-    v = torch.randn(B, Sq, Hkv, D, dtype=dtype, device=DEVICE)
-    frac, inter = ROTARY_CASES[rotary]
-    cos = sin = None
-    if frac is not None:
-        cos, sin = _tables(2 * max(1, int(D * frac) // 2), cap + 3)
+    kc, vc, bt, lens, q, k, v, cos, sin, inter = _new_kv_case(dtype, paged, Hq, Hkv, Sq, Sq, rotary)
     _check_with_kv(q, kc, vc, k, v, lens, bt, backend, cos, sin, inter)
 
 
@@ -649,18 +658,10 @@ def test_decode_with_new_kv_qk_norm(backend, dtype, paged, case, Hq, Hkv, Sq):
     """q/k norms (Qwen3, Gemma 3) in the append: every head of q and the new k RMS-normalized,
     scaled by offset + weight, then rotated and appended; against the reference in float64 and
     in the input dtype, the cache too.  Weights in fp32 (paged) or q's dtype (contiguous)."""
-    B, D, cap = 3, 40, 29
-    kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=5)
-    lens = torch.tensor([0, 11, cap - Sq], dtype=torch.int32, device=DEVICE)
-    poison_unused(kc, vc, lens, bt)
-    q = 3 * torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)  # (not unit scale: the norm must matter)
-    k = torch.randn(B, Sq, Hkv, D, dtype=dtype, device=DEVICE) / 4
-    v = torch.randn(B, Sq, Hkv, D, dtype=dtype, device=DEVICE)
     rotary, offset = QK_NORM_CASES[case]
-    frac, inter = ROTARY_CASES[rotary]
-    cos = sin = None
-    if frac is not None:
-        cos, sin = _tables(2 * max(1, int(D * frac) // 2), cap + 3)
+    # (q and k not at unit scale: the norm must matter)
+    kc, vc, bt, lens, q, k, v, cos, sin, inter = _new_kv_case(dtype, paged, Hq, Hkv, Sq, Sq, rotary, 3.0, 0.25)
+    D = q.shape[3]
     wdt = torch.float32 if paged else dtype
     qw, kw = (torch.rand(D, device=DEVICE).to(wdt) + 0.5 - offset for _ in range(2))
     _check_with_kv(q, kc, vc, k, v, lens, bt, backend, cos, sin, inter, q_norm_weight=qw, k_norm_weight=kw,
@@ -855,17 +856,8 @@ def test_decode_with_new_kv_in_one_launch(backend, dtype, case):
     from fastlm.kernels import decode as kd
 
     paged, rotary, offset, Sq, S, Hq, Hkv, num_splits, extra = WORKSPACE_CASES[case]
-    B, D, cap = 3, 40, 29
-    kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=5)
-    lens = torch.tensor([0, 11, cap - S], dtype=torch.int32, device=DEVICE)
-    poison_unused(kc, vc, lens, bt)
-    q = 2 * torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
-    k = torch.randn(B, S, Hkv, D, dtype=dtype, device=DEVICE)
-    v = torch.randn(B, S, Hkv, D, dtype=dtype, device=DEVICE)
-    frac, inter = ROTARY_CASES[rotary]
-    cos = sin = None
-    if frac is not None:
-        cos, sin = _tables(2 * max(1, int(D * frac) // 2), cap + 3)
+    kc, vc, bt, lens, q, k, v, cos, sin, inter = _new_kv_case(dtype, paged, Hq, Hkv, Sq, S, rotary, 2.0)
+    B, D = q.shape[0], q.shape[3]
     kw = dict(num_splits=num_splits, window=extra.get("window", -1), softcap=extra.get("softcap", 0.0))
     if offset is not None:
         wdt = torch.float32 if paged else dtype  # (both weight dtypes)
