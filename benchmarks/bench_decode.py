@@ -268,15 +268,16 @@ def bench_append(res, args, copy_bw):
 def bench_step(res, args, copy_bw, fa):
     """One layer's attention part of a decode step: rotate q/k at each sequence's position,
     append k/v, attend.  "separate" = apply_rotary + kv_cache_append + decode_attention (3-4
-    launches); "fused" = decode_attention(k=, v=, rotary_cos=, rotary_sin=) (both backends rotate and
-    append in one launch and decode in one more, the splits merged inside it);
+    launches); "fused" = decode_attention(k=, v=, rotary_cos=, rotary_sin=) without a workspace (a
+    split decode: both backends rotate and append in one launch and decode in one more, the
+    splits merged inside it);
     flash_attn_with_kvcache does the same when installed.  Qwen3 / Gemma 3 first RMS-normalize
     each q and k head: "+qk rms_norm x2" (two norm launches on the qkv views) vs
     "+qk_norm_rotary" (one launch, norm only: the decode call still rotates) vs "+qk norm in
     append" (decode_attention(q_norm_weight=, k_norm_weight=): the append kernel normalizes too,
-    no extra launch).  "+workspace" (Triton): decode_attention(workspace=), the decode kernel
-    normalizes, rotates and appends itself and merges its splits: one launch, the model's
-    decode step (the nn caches keep a workspace).
+    no extra launch).  "+workspace" (both backends): decode_attention(workspace=), the decode
+    kernel normalizes, rotates and appends itself and merges its splits: one launch, the
+    model's decode step (the nn caches keep a workspace).
     GB/s counts the cache read plus the new tokens written."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     hkv = GQA["4:1"]
@@ -328,12 +329,12 @@ def bench_step(res, args, copy_bw, fa):
                 impls[f"{be}-fused +qk rms_norm x2"] = qk_norms
                 impls[f"{be}-fused +qk_norm_rotary"] = qk_norm_fused
                 impls[f"{be}-fused +qk norm in append"] = qk_norm_in_append
-                if be == "triton":  # one launch (the CUDA backend takes no workspace)
-                    impls["triton-fused +workspace"] = lambda c: fastlm.ops.decode_attention(
-                        q, c[0], c[1], lens, k=k, v=v, rotary_cos=cos, rotary_sin=sin, workspace=ws, backend="triton")
-                    impls["triton-fused +qk norm +workspace"] = lambda c: fastlm.ops.decode_attention(
-                        qkv_q, c[0], c[1], lens, k=qkv_k, v=qkv_v, rotary_cos=cos, rotary_sin=sin,
-                        q_norm_weight=qk_w, k_norm_weight=qk_w, qk_norm_eps=1e-6, workspace=ws, backend="triton")
+                # one launch on either backend
+                impls[f"{be}-fused +workspace"] = lambda c, be=be: fastlm.ops.decode_attention(
+                    q, c[0], c[1], lens, k=k, v=v, rotary_cos=cos, rotary_sin=sin, workspace=ws, backend=be)
+                impls[f"{be}-fused +qk norm +workspace"] = lambda c, be=be: fastlm.ops.decode_attention(
+                    qkv_q, c[0], c[1], lens, k=qkv_k, v=qkv_v, rotary_cos=cos, rotary_sin=sin,
+                    q_norm_weight=qk_w, k_norm_weight=qk_w, qk_norm_eps=1e-6, workspace=ws, backend=be)
             if fa is not None:  # its tables in q's dtype
                 cos_lp, sin_lp = cos.to(DTYPE), sin.to(DTYPE)
                 impls["flash_attn"] = lambda c: fa.flash_attn_with_kvcache(
@@ -365,16 +366,17 @@ def bench_step(res, args, copy_bw, fa):
                     peers = {"x_qk_rms_norm_x2": qk_sep, "x_qk_norm_rotary": qk_fused}
                     res.add(**row, impl=f"{be}-fused +qk norm in append speedup",
                             **{k: v / qk_app for k, v in peers.items() if v})
-            one, one_qk = got.get("triton-fused +workspace"), got.get("triton-fused +qk norm +workspace")
-            if one:
-                peers = {"x_triton_fused": got.get("triton-fused"), "x_cuda_fused": got.get("cuda-fused"),
-                         "x_flash_attn": got.get("flash_attn")}
-                res.add(**row, impl="triton-fused +workspace speedup", **{k: v / one for k, v in peers.items() if v})
-            if one_qk:
-                peers = {"x_triton_qk_norm_in_append": got.get("triton-fused +qk norm in append"),
-                         "x_cuda_qk_norm_in_append": got.get("cuda-fused +qk norm in append")}
-                res.add(**row, impl="triton-fused +qk norm +workspace speedup",
-                        **{k: v / one_qk for k, v in peers.items() if v})
+            for be in ("triton", "cuda"):
+                one, one_qk = got.get(f"{be}-fused +workspace"), got.get(f"{be}-fused +qk norm +workspace")
+                if one:
+                    peers = {"x_triton_fused": got.get("triton-fused"), "x_cuda_fused": got.get("cuda-fused"),
+                             "x_flash_attn": got.get("flash_attn")}
+                    res.add(**row, impl=f"{be}-fused +workspace speedup", **{k: v / one for k, v in peers.items() if v})
+                if one_qk:
+                    peers = {"x_triton_qk_norm_in_append": got.get("triton-fused +qk norm in append"),
+                             "x_cuda_qk_norm_in_append": got.get("cuda-fused +qk norm in append")}
+                    res.add(**row, impl=f"{be}-fused +qk norm +workspace speedup",
+                            **{k: v / one_qk for k, v in peers.items() if v})
             del q, caches
             torch.cuda.empty_cache()
 

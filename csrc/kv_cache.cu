@@ -8,12 +8,16 @@
 // vectors.  Positions past the capacity and block ids outside [0, num_blocks) are skipped: the
 // kernel never writes out of bounds (negative block ids mean "no block" by design).
 //
-// decode_attention_with_kv_cuda (flash_attn_with_kvcache's form, the model's decode step): two
-// launches.  kv_append_rotary_kernel appends the new tokens, rotating k and q at their positions
-// when rotary tables are given, and zeroes the fused-combine counters; the decode then attends
-// over the old and new tokens and, when split, its last CTA per tile merges the splits
-// (fused_combine) instead of a combine_kernel launch (unless a tile's partials exceed
-// kMaxFusedMergeBytes: then three launches).
+// decode_attention_with_kv_cuda (flash_attn_with_kvcache's form, the model's decode step): one
+// launch for a decode step (seqlen_new == seqlen_q <= 16, with a workspace of zeroed counters or
+// nothing to merge): the decode kernel normalizes and rotates q and the new keys itself, its last
+// split attends to the new tokens from shared memory / registers, the first row tile's CTA of that
+// split appends them, and the last CTA per tile merges the splits (fused_combine), leaving the
+// counters zeroed.  Otherwise two launches: kv_append_rotary_kernel (or kv_append_norm_kernel)
+// appends the new tokens, rotating k and q at their positions when rotary tables are given, and
+// zeroes the fused-combine counters; the decode then attends over the old and new tokens and
+// merges the same way.  A tile whose partials exceed kMaxFusedMergeBytes is merged by a
+// combine_kernel launch instead.
 //
 // decode_attention_cuda: memory-bound, so the floor is reading every visible K/V byte once.
 // Grid (split, kv_head x row_tile, batch), 4 warps per CTA.  A CTA owns one KV head and 16 "query
@@ -121,6 +125,21 @@ struct AppendParams {
   bool interleaved, cos_f32, w_f32;
 };
 
+// The cache row of position pos of sequence b: (block|batch, slot|token); false if there is none
+// (outside [0, capacity), or a block id outside [0, n_pages): the token is not written).
+__device__ __forceinline__ bool cache_slot(const AppendParams& p, int b, int64_t pos, int64_t& blk, int64_t& slot) {
+  bool ok = pos >= 0 && pos < p.capacity;
+  blk = b;
+  slot = pos;
+  if (ok && p.block_table != nullptr) {
+    const int id = p.block_table[b * p.bt_s + pos / p.page];
+    ok = id >= 0 && id < p.n_pages;
+    blk = id;
+    slot = pos % p.page;
+  }
+  return ok;
+}
+
 // What both append kernels do first for new token (b, s): zero the fused-combine counters (first
 // CTA of each sequence's first token), find the cache row of position pos = seqlens[b] + s (false:
 // none, the token is not written) and copy the v element u of this thread.
@@ -130,15 +149,7 @@ __device__ __forceinline__ bool append_row(const AppendParams& p, int b, int s, 
   if (p.sem != nullptr && s == 0 && blockIdx.y == 0)
     for (int i = threadIdx.x; i < p.n_sem; i += blockDim.x) p.sem[static_cast<int64_t>(b) * p.n_sem + i] = 0;
   pos = static_cast<int64_t>(p.seqlens[b]) + s;
-  bool ok = pos >= 0 && pos < p.capacity;  // the cache row exists (else only q is rotated)
-  blk = b;
-  slot = pos;
-  if (ok && p.block_table != nullptr) {
-    const int id = p.block_table[b * p.bt_s + pos / p.page];
-    ok = id >= 0 && id < p.n_pages;
-    blk = id;
-    slot = pos % p.page;
-  }
+  const bool ok = cache_slot(p, b, pos, blk, slot);  // (else only q is rotated)
   if (ok && u < p.H * p.D) {
     const int h = u / p.D, d = u - h * p.D;
     static_cast<T*>(p.v_cache)[blk * p.vc_b + slot * p.vc_t + h * p.vc_h + d] =
@@ -212,6 +223,37 @@ __device__ __forceinline__ float norm_weight(const AppendParams& p, const void* 
   return p.w_offset + (p.w_f32 ? static_cast<const float*>(w)[d] : to_float(static_cast<const T*>(w)[d]));
 }
 
+// 1 / sqrt(mean(x^2) + eps) over the D elements of head row x; called by a whole warp.
+template <typename T>
+__device__ __forceinline__ float head_rstd(const AppendParams& p, const T* x, int lane) {
+  float ss = 0.f;
+  for (int d = lane; d < p.D; d += 32) {
+    const float t = to_float(x[d]);
+    ss += t * t;
+  }
+  return rsqrtf(warp_sum(ss) / p.D + p.eps);
+}
+
+// Element d of head row x as the append kernels write it, in fp32 before the rounding to T:
+// normalized (norm: times rstd and w_offset + w) and rotated at position pos (pairs of dims
+// < 2 half), with the same operations in the same order.  The decode kernels' one-launch form
+// (DecodeParams::new_kv) computes q and the new keys element by element with it.
+template <typename T>
+__device__ __forceinline__ float prepared(const AppendParams& p, bool norm, const T* x, const void* w, float rstd,
+                                          int64_t pos, int d) {
+  auto val = [&](int i) {
+    const float t = to_float(x[i]);
+    return norm ? t * rstd * norm_weight<T>(p, w, i) : t;
+  };
+  if (d >= 2 * p.half) return val(d);
+  const int e = p.interleaved ? d >> 1 : (d < p.half ? d : d - p.half);
+  const int i1 = p.interleaved ? 2 * e : e, i2 = p.interleaved ? 2 * e + 1 : e + p.half;
+  float c, sn;
+  rotary_row<T>(p, pos, e, c, sn);
+  const float x1 = val(i1), x2 = val(i2);
+  return d == i1 ? x1 * c - x2 * sn : x2 * c + x1 * sn;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(32 * kAppendWarps) kv_append_norm_kernel(const AppendParams p) {
   const int b = blockIdx.x / p.seqlen_new;
@@ -226,12 +268,7 @@ __global__ void __launch_bounds__(32 * kAppendWarps) kv_append_norm_kernel(const
   T* y;
   head_row<T>(p, b, s, hh, blk, slot, x, y);
   const void* w = is_q ? p.q_w : p.k_w;
-  float ss = 0.f;
-  for (int d = lane; d < p.D; d += 32) {
-    const float t = to_float(x[d]);
-    ss += t * t;
-  }
-  const float rstd = rsqrtf(warp_sum(ss) / p.D + p.eps);
+  const float rstd = head_rstd<T>(p, x, lane);
   for (int e = lane; e < p.half; e += 32) {
     const int i1 = p.interleaved ? 2 * e : e, i2 = p.interleaved ? 2 * e + 1 : e + p.half;
     float c, sn;
@@ -267,6 +304,16 @@ struct DecodeParams {
   float qk_scale;      // softmax_scale * log2(e), or softmax_scale / softcap when softcap > 0
   float softcap_log2;  // softcap * log2(e); 0 = no softcap
   bool causal;
+  // The one-launch form of decode_attention_with_kv_cuda: the decode appends the seqlen_q new
+  // tokens itself (new_kv).  nk holds them (k, v, their strides, the cache to write, the rotary
+  // tables and the q/k norm weights, as for the append kernels).  The cached keys end at
+  // seqlens[b]; the last split also attends to the new tokens, prepared (normalized, rotated,
+  // rounded to T) from nk.k / nk.v by every CTA of that split, and written to the cache by the
+  // first row tile's CTA, which no other CTA reads them from.  q_prep: q is read raw from nk.q
+  // and prepared the same way (norm: the q/k norms; nk.half > 0: the rotation), at positions
+  // seqlens[b] + s.
+  AppendParams nk;
+  bool new_kv, q_prep, norm;
 };
 
 // Where token `tok` of sequence b lives: (block|batch index, slot|token index); false if it must
@@ -294,7 +341,8 @@ __device__ __forceinline__ SplitRange split_range(const DecodeParams& p, int b, 
   SplitRange r;
   const int64_t L = static_cast<int64_t>(p.seqlens[b]) + p.seqlen_add;
   r.L = L < 0 ? 0 : (L > p.capacity ? p.capacity : static_cast<int>(L));
-  r.hi = r.L;
+  // (new_kv: the cache holds the keys before the new tokens; those come from registers)
+  r.hi = p.new_kv ? max(0, min(p.seqlens[b], r.L)) : r.L;
   int lo = p.window >= 0 ? max(0, r.L - p.seqlen_q - p.window) : 0;
   if (p.leftpad != nullptr) lo = max(lo, min(p.leftpad[b], r.L));  // a left-padded prompt's padding
   r.lo = lo;
@@ -333,6 +381,38 @@ __device__ __forceinline__ bool visible(const DecodeParams& p, int tok, int pos)
 template <typename T>
 __device__ __forceinline__ void store_out(const DecodeParams& p, int b, int s, int h, int d, float val) {
   static_cast<T*>(p.out)[b * p.o_b + s * p.o_s + h * p.o_h + d * p.o_d] = from_float<T>(val);
+}
+
+// ---- the one-launch form (DecodeParams::new_kv)
+// Raw head rows: q head h of query s, the new key / value j of KV head hkv, of sequence b.
+template <typename T>
+__device__ __forceinline__ const T* raw_q_row(const DecodeParams& p, int b, int s, int h) {
+  return static_cast<const T*>(p.nk.q) + b * p.nk.q_b + s * p.nk.q_s + h * p.nk.q_h;
+}
+template <typename T>
+__device__ __forceinline__ const T* new_k_row(const DecodeParams& p, int b, int j, int hkv) {
+  return static_cast<const T*>(p.nk.k) + b * p.nk.k_b + j * p.nk.k_s + hkv * p.nk.k_h;
+}
+template <typename T>
+__device__ __forceinline__ const T* new_v_row(const DecodeParams& p, int b, int j, int hkv) {
+  return static_cast<const T*>(p.nk.v) + b * p.nk.v_b + j * p.nk.v_s + hkv * p.nk.v_h;
+}
+
+// Writes element d of new token j of sequence b (KV head hkv) to the cache, if its row exists.
+template <typename T>
+__device__ __forceinline__ void write_new(const DecodeParams& p, int b, int j, int hkv, int d, T kval, T vval) {
+  int64_t blk, slot;
+  if (!cache_slot(p.nk, b, static_cast<int64_t>(p.seqlens[b]) + j, blk, slot)) return;
+  static_cast<T*>(p.nk.k_cache)[blk * p.nk.kc_b + slot * p.nk.kc_t + hkv * p.nk.kc_h + d] = kval;
+  static_cast<T*>(p.nk.v_cache)[blk * p.nk.vc_b + slot * p.nk.vc_t + hkv * p.nk.vc_h + d] = vval;
+}
+
+// Whether new token j of sequence b (position seqlens[b] + j) may be attended to: its cache row
+// exists (else the two-launch form would not have appended it either) and it is at or past lo.
+__device__ __forceinline__ bool new_visible(const DecodeParams& p, int b, int j, int lo) {
+  int64_t blk, slot;
+  const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + j;
+  return pos >= lo && cache_slot(p.nk, b, pos, blk, slot);
 }
 
 template <typename T>
@@ -488,10 +568,14 @@ __device__ __forceinline__ void fused_combine(const DecodeParams& p, int b, int 
   if (s_ticket != p.num_splits - 1) return;  // (uniform) not the last split of this tile
   __threadfence();
   merge_tile<T>(p, b, hkv, mtile);
+  // Every CTA of the tile has drawn its ticket: the counter goes back to 0 for the next launch,
+  // so counters kept between calls (a workspace) never need zeroing.
+  if (threadIdx.x == 0) p.sem[static_cast<int64_t>(b) * gridDim.y + blockIdx.y] = 0;
 }
 
-// Tensor-core decode.  DP: head_dim padded to a multiple of 64 (64, 128, 192, 256).
-template <typename T, int DP>
+// Tensor-core decode.  DP: head_dim padded to a multiple of 64 (64, 128, 192, 256).  NEW_KV:
+// p.new_kv (a separate instantiation: the plain decode keeps its registers).
+template <typename T, int DP, bool NEW_KV = false>
 __global__ void __launch_bounds__(kThreads) decode_tc_kernel(const DecodeParams p) {
   constexpr int KCH = DP / 32;     // 16-byte K chunks per thread per key (4 threads share a key)
   constexpr int KSTEPS = DP / 16;  // QK mma k-steps
@@ -512,6 +596,22 @@ __global__ void __launch_bounds__(kThreads) decode_tc_kernel(const DecodeParams 
   const T* __restrict__ kc = static_cast<const T*>(p.k) + hkv * p.k_h;
   const T* __restrict__ vc = static_cast<const T*>(p.v) + hkv * p.v_h;
 
+  const SplitRange sr = split_range(p, b, split);
+  const bool last = NEW_KV && split == p.num_splits - 1;  // (uniform) this CTA attends to the new tokens
+  __shared__ float s_rstd[2 * kRows];  // norm: 1 / rms of the tile's q rows, then of the new keys
+  const bool norm = NEW_KV && p.norm;
+  if (norm) {
+    for (int r = warp; r < 2 * kRows; r += kWarps) {  // (warp-uniform)
+      const int R = mtile * kRows + r;
+      if (r < kRows && R < n_rows) {
+        s_rstd[r] = head_rstd<T>(p.nk, raw_q_row<T>(p, b, R / p.G, hkv * p.G + R % p.G), lane);
+      } else if (r >= kRows && last && r - kRows < p.seqlen_q) {
+        s_rstd[r] = head_rstd<T>(p.nk, new_k_row<T>(p, b, r - kRows, hkv), lane);
+      }
+    }
+    __syncthreads();
+  }
+
   // Q fragments: register r of k-step ks of lane (rg, rt) holds Q[row][d0], Q[row][d0 + 1] with
   // row = rg + 8 * (r & 1) and d0 the head-dim pair that K's B fragment holds (same permutation).
   for (int idx = tid; idx < KSTEPS * 32 * 4; idx += kThreads) {
@@ -522,12 +622,36 @@ __global__ void __launch_bounds__(kThreads) decode_tc_kernel(const DecodeParams 
     uint32_t val = 0;
     if (R < n_rows && d0 < p.D) {
       const int s = R / p.G, h = hkv * p.G + R % p.G;
-      val = *reinterpret_cast<const uint32_t*>(q + b * p.q_b + s * p.q_s + h * p.q_h + d0);
+      if (NEW_KV && p.q_prep) {  // (D % 8 == 0 here: d0 + 1 < D)
+        const T* x = raw_q_row<T>(p, b, s, h);
+        const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + s;
+        const float rs = norm ? s_rstd[row] : 0.f;
+        val = pack2<T>(prepared<T>(p.nk, norm, x, p.nk.q_w, rs, pos, d0),
+                       prepared<T>(p.nk, norm, x, p.nk.q_w, rs, pos, d0 + 1));
+      } else {
+        val = *reinterpret_cast<const uint32_t*>(q + b * p.q_b + s * p.q_s + h * p.q_h + d0);
+      }
     }
     s_q[ks][ln][r] = val;
   }
 
-  const SplitRange sr = split_range(p, b, split);
+  // The last split's new keys and values, prepared and rounded to T, [kRows][DP] each, in s_o's
+  // storage (2 x 16 x DP x 2 bytes <= 16 x (DP + 4) x 4: free until the warps merge); the first
+  // row tile's CTA appends them to the cache.
+  T* const s_kn = reinterpret_cast<T*>(&s_o[0][0]);
+  T* const s_vn = s_kn + kRows * DP;
+  if (last) {
+    for (int idx = tid; idx < p.seqlen_q * p.D; idx += kThreads) {
+      const int j = idx / p.D, d = idx - j * p.D;
+      const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + j;
+      const T kt = from_float<T>(prepared<T>(p.nk, norm, new_k_row<T>(p, b, j, hkv), p.nk.k_w,
+                                             norm ? s_rstd[kRows + j] : 0.f, pos, d));
+      const T vt = new_v_row<T>(p, b, j, hkv)[d];
+      s_kn[j * DP + d] = kt;
+      s_vn[j * DP + d] = vt;
+      if (mtile == 0) write_new<T>(p, b, j, hkv, d, kt, vt);
+    }
+  }
   // Query positions of this thread's two accumulator rows (g and g + 8).
   const int pos0 = sr.L - p.seqlen_q + (mtile * kRows + g) / p.G;
   const int pos1 = sr.L - p.seqlen_q + (mtile * kRows + g + 8) / p.G;
@@ -644,6 +768,61 @@ __global__ void __launch_bounds__(kThreads) decode_tc_kernel(const DecodeParams 
     }
   }
 
+  // The new tokens (last split, new_kv), one at a time, by the warp with the fewest steps: the
+  // scores of rows g and g + 8 from this thread's Q fragment dims against the key in shared
+  // memory, summed over the quad; fp32 products (no mma); the quad's tq == 0 thread carries the
+  // row sum, as the quad's partial sums are added below.
+  if (last && warp == max(0, sr.step1 - sr.step0) % kWarps) {
+    for (int j = 0; j < p.seqlen_q; ++j) {
+      const T* kn = s_kn + j * DP;
+      const T* vn = s_vn + j * DP;
+      float dot[2] = {0.f, 0.f};
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ++ks) {
+#pragma unroll
+        for (int pr = 0; pr < 2; ++pr) {
+          const int d0 = 8 * (tq + 4 * (ks >> 1)) + 2 * (2 * (ks & 1) + pr);
+          if (d0 >= p.D) continue;
+          const float k0 = to_float(kn[d0]), k1 = to_float(kn[d0 + 1]);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {  // register 2 pr + r: row g + 8 r, dims d0, d0 + 1
+            const T* qq = reinterpret_cast<const T*>(&s_q[ks][lane][2 * pr + r]);
+            dot[r] += to_float(qq[0]) * k0 + to_float(qq[1]) * k1;
+          }
+        }
+      }
+      const int tok = p.seqlens[b] + j;
+      const bool ok = new_visible(p, b, j, sr.lo);
+      bool vis[2];
+      float alpha[2], pw[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
+        dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
+        vis[r] = ok && visible(p, tok, r ? pos1 : pos0);
+        const float sc = vis[r] ? score(p, dot[r]) : -INFINITY;
+        const float mn = fmaxf(m[r], sc);
+        const float ms = mn == -INFINITY ? 0.f : mn;
+        alpha[r] = exp2f(m[r] - ms);
+        pw[r] = exp2f(sc - ms);
+        m[r] = mn;
+        l[r] = l[r] * alpha[r] + (tq == 0 ? pw[r] : 0.f);
+      }
+#pragma unroll
+      for (int mm = 0; mm < VM; ++mm) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {  // accumulators as in the merge below: dims d0 and d0 + 8
+          const int jj = 8 * mm + e, d0 = 8 * (2 * tq + 8 * mm) + e;
+          const float v0 = d0 < p.D ? to_float(vn[d0]) : 0.f, v1 = d0 + 8 < p.D ? to_float(vn[d0 + 8]) : 0.f;
+          o[jj][0] = o[jj][0] * alpha[0] + (vis[0] ? pw[0] * v0 : 0.f);
+          o[jj][1] = o[jj][1] * alpha[0] + (vis[0] ? pw[0] * v1 : 0.f);
+          o[jj][2] = o[jj][2] * alpha[1] + (vis[1] ? pw[1] * v0 : 0.f);
+          o[jj][3] = o[jj][3] * alpha[1] + (vis[1] ? pw[1] * v1 : 0.f);
+        }
+      }
+    }
+  }
+
   // Merge the 4 warps: row sums over the quad, then max / rescale / sum through shared memory.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -720,7 +899,7 @@ __global__ void __launch_bounds__(kThreads) decode_tc_kernel(const DecodeParams 
 
 // CUDA-core decode for every dtype and head_dim <= 256 (the fallback): warp w owns tile rows
 // w, w + 4, w + 8, w + 12; lanes split head_dim (NV elements each); one key at a time.
-template <typename T, int NV>
+template <typename T, int NV, bool NEW_KV = false>
 __global__ void __launch_bounds__(kThreads) decode_simple_kernel(const DecodeParams p) {
   constexpr int RPW = kRows / kWarps;  // rows per warp
   const int split = blockIdx.x;
@@ -732,38 +911,35 @@ __global__ void __launch_bounds__(kThreads) decode_simple_kernel(const DecodePar
   const T* __restrict__ kc = static_cast<const T*>(p.k) + hkv * p.k_h;
   const T* __restrict__ vc = static_cast<const T*>(p.v) + hkv * p.v_h;
   const SplitRange sr = split_range(p, b, split);
+  const bool q_prep = NEW_KV && p.q_prep, norm = NEW_KV && p.norm;
 
   float qv[RPW][NV], acc[RPW][NV], m[RPW], l[RPW];
   int pos[RPW];
 #pragma unroll
   for (int i = 0; i < RPW; ++i) {
     const int R = mtile * kRows + warp + kWarps * i;
-    const bool ok = R < n_rows;
+    const bool ok = R < n_rows;  // (warp-uniform)
     const int s = ok ? R / p.G : 0, h = hkv * p.G + (ok ? R % p.G : 0);
     pos[i] = sr.L - p.seqlen_q + s;
     m[i] = -INFINITY;
     l[i] = 0.f;
+    const T* x = q_prep ? raw_q_row<T>(p, b, s, h) : nullptr;
+    const float rs = q_prep && norm && ok ? head_rstd<T>(p.nk, x, lane) : 0.f;
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
       const int d = lane + 32 * j;
-      qv[i][j] = ok && d < p.D ? to_float(q[b * p.q_b + s * p.q_s + h * p.q_h + d]) : 0.f;
+      const bool in = ok && d < p.D;
+      if (q_prep) {
+        const int64_t qpos = static_cast<int64_t>(p.seqlens[b]) + s;  // (rounded to T, as the append stores q)
+        qv[i][j] = in ? to_float(from_float<T>(prepared<T>(p.nk, norm, x, p.nk.q_w, rs, qpos, d))) : 0.f;
+      } else {
+        qv[i][j] = in ? to_float(q[b * p.q_b + s * p.q_s + h * p.q_h + d]) : 0.f;
+      }
       acc[i][j] = 0.f;
     }
   }
-  // (base is lo rounded down: the tokens before lo are the window's or the padding's, never seen)
-  const int t0 = max(sr.base + sr.step0 * kStep, sr.lo), t1 = min(sr.base + sr.step1 * kStep, sr.hi);
-  for (int tok = t0; tok < t1; ++tok) {
-    int blk = 0, slot = 0;
-    if (!locate(p, b, tok, sr.hi, blk, slot)) continue;  // warp-uniform
-    const T* kp = kc + blk * p.k_b + slot * p.k_t;
-    const T* vp = vc + blk * p.v_b + slot * p.v_t;
-    float kv[NV], vv[NV];
-#pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      const int d = lane + 32 * j;
-      kv[j] = d < p.D ? to_float(kp[d]) : 0.f;
-      vv[j] = d < p.D ? to_float(vp[d]) : 0.f;
-    }
+  // Key `tok` (its elements d = lane + 32 j in kv, vv) into every visible row's online softmax.
+  auto attend = [&](int tok, const float (&kv)[NV], const float (&vv)[NV]) {
 #pragma unroll
     for (int i = 0; i < RPW; ++i) {
       float dot = 0.f;
@@ -778,6 +954,44 @@ __global__ void __launch_bounds__(kThreads) decode_simple_kernel(const DecodePar
 #pragma unroll
       for (int j = 0; j < NV; ++j) acc[i][j] = acc[i][j] * alpha + pw * vv[j];
       m[i] = mn;
+    }
+  };
+  // (base is lo rounded down: the tokens before lo are the window's or the padding's, never seen)
+  const int t0 = max(sr.base + sr.step0 * kStep, sr.lo), t1 = min(sr.base + sr.step1 * kStep, sr.hi);
+  for (int tok = t0; tok < t1; ++tok) {
+    int blk = 0, slot = 0;
+    if (!locate(p, b, tok, sr.hi, blk, slot)) continue;  // warp-uniform
+    const T* kp = kc + blk * p.k_b + slot * p.k_t;
+    const T* vp = vc + blk * p.v_b + slot * p.v_t;
+    float kv[NV], vv[NV];
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int d = lane + 32 * j;
+      kv[j] = d < p.D ? to_float(kp[d]) : 0.f;
+      vv[j] = d < p.D ? to_float(vp[d]) : 0.f;
+    }
+    attend(tok, kv, vv);
+  }
+  // The new tokens (last split, new_kv): every warp prepares them itself (a few KiB, L1-resident);
+  // warp 0 of the first row tile's CTA appends them to the cache.
+  if (NEW_KV && split == p.num_splits - 1) {
+    for (int jn = 0; jn < p.seqlen_q; ++jn) {
+      const T* xk = new_k_row<T>(p, b, jn, hkv);
+      const T* xv = new_v_row<T>(p, b, jn, hkv);
+      const float rs = norm ? head_rstd<T>(p.nk, xk, lane) : 0.f;
+      float kv[NV], vv[NV];
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int d = lane + 32 * j;
+        kv[j] = vv[j] = 0.f;
+        if (d >= p.D) continue;
+        const T kt = from_float<T>(prepared<T>(p.nk, norm, xk, p.nk.k_w, rs, static_cast<int64_t>(p.seqlens[b]) + jn, d));
+        const T vt = xv[d];
+        kv[j] = to_float(kt);
+        vv[j] = to_float(vt);
+        if (mtile == 0 && warp == 0) write_new<T>(p, b, jn, hkv, d, kt, vt);
+      }
+      if (new_visible(p, b, jn, sr.lo)) attend(p.seqlens[b] + jn, kv, vv);  // (warp-uniform)
     }
   }
 #pragma unroll
@@ -898,34 +1112,40 @@ bool aligned16(const at::Tensor& t, std::initializer_list<int64_t> strides) {
   return is_aligned(t.data_ptr(), 16);
 }
 
+template <typename T, bool NEW_KV>
+void launch_decode_kernel(const DecodeParams& p, dim3 grid, cudaStream_t stream, bool tc) {
+  if (tc) {
+    if constexpr (!std::is_same_v<T, float>) {
+      if (p.D <= 64) {
+        decode_tc_kernel<T, 64, NEW_KV><<<grid, kThreads, 0, stream>>>(p);
+      } else if (p.D <= 128) {
+        decode_tc_kernel<T, 128, NEW_KV><<<grid, kThreads, 0, stream>>>(p);
+      } else if (p.D <= 192) {
+        decode_tc_kernel<T, 192, NEW_KV><<<grid, kThreads, 0, stream>>>(p);
+      } else {
+        decode_tc_kernel<T, 256, NEW_KV><<<grid, kThreads, 0, stream>>>(p);
+      }
+    }
+  } else if (p.D <= 64) {
+    decode_simple_kernel<T, 2, NEW_KV><<<grid, kThreads, 0, stream>>>(p);
+  } else if (p.D <= 128) {
+    decode_simple_kernel<T, 4, NEW_KV><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    decode_simple_kernel<T, 8, NEW_KV><<<grid, kThreads, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T>
 void run_decode(const DecodeParams& p, dim3 grid, cudaStream_t stream, const at::Tensor& k_cache,
                 const at::Tensor& v_cache, int64_t combine_rows) {
   bool tc = false;
-  if constexpr (!std::is_same_v<T, float>) {
+  if constexpr (!std::is_same_v<T, float>)
     tc = p.D % 8 == 0 && aligned16<T>(k_cache, {p.k_b, p.k_t, p.k_h}) && aligned16<T>(v_cache, {p.v_b, p.v_t, p.v_h});
-    if (tc) {
-      if (p.D <= 64) {
-        decode_tc_kernel<T, 64><<<grid, kThreads, 0, stream>>>(p);
-      } else if (p.D <= 128) {
-        decode_tc_kernel<T, 128><<<grid, kThreads, 0, stream>>>(p);
-      } else if (p.D <= 192) {
-        decode_tc_kernel<T, 192><<<grid, kThreads, 0, stream>>>(p);
-      } else {
-        decode_tc_kernel<T, 256><<<grid, kThreads, 0, stream>>>(p);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  }
-  if (!tc) {
-    if (p.D <= 64) {
-      decode_simple_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p);
-    } else if (p.D <= 128) {
-      decode_simple_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p);
-    } else {
-      decode_simple_kernel<T, 8><<<grid, kThreads, 0, stream>>>(p);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.new_kv) {
+    launch_decode_kernel<T, true>(p, grid, stream, tc);
+  } else {
+    launch_decode_kernel<T, false>(p, grid, stream, tc);
   }
   if (p.num_splits > 1 && p.sem == nullptr) {  // (with counters the decode CTAs merge: fused_combine)
     combine_kernel<T><<<static_cast<unsigned>(combine_rows), kMaxSplits, 0, stream>>>(p);
@@ -977,6 +1197,26 @@ int64_t row_tiles(const at::Tensor& q, const at::Tensor& k_cache) {
   return (q.size(2) / k_cache.size(2) * q.size(1) + kRows - 1) / kRows;
 }
 
+// Whether a split decode's row tile merges in its last CTA (fused_combine): its partials are at
+// most kMaxFusedMergeBytes (else combine_kernel merges).
+bool fused_merge_fits(const at::Tensor& q, const at::Tensor& k_cache, int64_t num_splits) {
+  const int64_t tile_rows = std::min<int64_t>(kRows, q.size(2) / k_cache.size(2) * q.size(1));
+  return num_splits > 1 && tile_rows * q.size(3) * num_splits * 4 <= kMaxFusedMergeBytes;
+}
+
+// The caller's zeroed counters (fastlm.ops.decode_workspace; left zeroed), or undefined.
+at::Tensor check_workspace(const std::optional<at::Tensor>& workspace, const at::Tensor& q, const at::Tensor& k_cache) {
+  if (!workspace.has_value() || !workspace->defined()) return at::Tensor();
+  const at::Tensor& t = *workspace;
+  TORCH_CHECK(t.device() == q.device(), "workspace must be on ", q.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kInt, "workspace must have dtype int32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "workspace must be contiguous");
+  const int64_t need = q.size(0) * k_cache.size(2) * row_tiles(q, k_cache);
+  TORCH_CHECK(t.numel() >= need, "workspace has ", t.numel(), " elements; this call needs at least ", need,
+              " (batch x n_kv_heads x 16-row tiles)");
+  return t;
+}
+
 // q with what the decode kernels read: contiguous, 16-byte aligned (the tensor-core kernel reads
 // q in 4-byte pairs).
 at::Tensor decode_ready(const at::Tensor& q) {
@@ -988,7 +1228,8 @@ at::Tensor decode_ready(const at::Tensor& q) {
 void launch_decode(const at::Tensor& q, const at::Tensor& out, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& cache_seqlens, const at::Tensor& leftpad, const at::Tensor& bt, int64_t capacity,
                    double softmax_scale, bool causal, int64_t window, double softcap, int64_t num_splits,
-                   int64_t seqlen_add, const at::Tensor& sem) {
+                   int64_t seqlen_add, const at::Tensor& sem, const AppendParams* nk = nullptr, bool q_prep = false,
+                   bool norm = false) {
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(2);
   const int64_t G = Hq / Hkv;
   const int64_t n_mtiles = row_tiles(q, k_cache);
@@ -1039,6 +1280,12 @@ void launch_decode(const at::Tensor& q, const at::Tensor& out, const at::Tensor&
   p.n_mtiles = static_cast<int>(n_mtiles);
   p.seqlen_add = static_cast<int>(seqlen_add);
   p.causal = causal;
+  if (nk != nullptr) {  // the one-launch form
+    p.nk = *nk;
+    p.new_kv = true;
+    p.q_prep = q_prep;
+    p.norm = norm;
+  }
   if (softcap > 0.0) {
     p.qk_scale = static_cast<float>(softmax_scale / softcap);
     p.softcap_log2 = static_cast<float>(softcap * kLog2e);
@@ -1097,22 +1344,30 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
 at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
                                  const std::optional<at::Tensor>& cache_leftpad, double softmax_scale, bool causal,
-                                 int64_t window, double softcap, int64_t num_splits) {
+                                 int64_t window, double softcap, int64_t num_splits,
+                                 const std::optional<at::Tensor>& workspace) {
   check_decode(q_in, k_cache, v_cache, window, softcap, num_splits);
   auto [bt, capacity] = check_layout(k_cache, cache_seqlens, block_table, q_in.size(0));
   const at::Tensor leftpad = check_leftpad(cache_leftpad, k_cache, q_in.size(0));
+  const at::Tensor ws = check_workspace(workspace, q_in, k_cache);
   at::Tensor out = at::empty_like(q_in);
   if (out.numel() == 0) return out;
   c10::cuda::CUDAGuard guard(q_in.device());
+  // With a workspace a split decode merges its splits itself (its counters): one launch.
+  const at::Tensor sem = fused_merge_fits(q_in, k_cache, num_splits) ? ws : at::Tensor();
   launch_decode(decode_ready(q_in), out, k_cache, v_cache, cache_seqlens, leftpad, bt, capacity, softmax_scale, causal,
-                window, softcap, num_splits, 0, at::Tensor());
+                window, softcap, num_splits, 0, sem);
   return out;
 }
 
-// decode_attention with new tokens (flash_attn_with_kvcache): two launches.  The append writes k, v
-// at positions cache_seqlens[b] + s, rotating k and q (into a dense copy) at those positions when
-// rotary tables are given, and zeroes the fused-combine counters; the decode then attends over
-// cache_seqlens[b] + seqlen_new tokens and, when split, merges its splits itself.
+// decode_attention with new tokens (flash_attn_with_kvcache).  One launch when the new tokens are
+// the query rows' own (seqlen_new == seqlen_q <= 16) and the decode either needs no zeroed
+// counters (one split, or tiles too big for the fused merge) or has them (a workspace): the
+// decode kernel normalizes, rotates and appends the new tokens itself (DecodeParams::new_kv).
+// Otherwise two: the append writes k, v at positions cache_seqlens[b] + s, normalizing / rotating k
+// and q (into a dense copy) at those positions when asked, and zeroes the fused-combine counters;
+// the decode then attends over cache_seqlens[b] + seqlen_new tokens and, when split, merges its
+// splits itself.
 at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                          const at::Tensor& k_in, const at::Tensor& v_in,
                                          const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
@@ -1122,7 +1377,7 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
                                          double softmax_scale, bool causal, int64_t window, double softcap,
                                          int64_t num_splits, const std::optional<at::Tensor>& q_norm_weight,
                                          const std::optional<at::Tensor>& k_norm_weight, double qk_norm_eps,
-                                         double qk_norm_offset) {
+                                         double qk_norm_offset, const std::optional<at::Tensor>& workspace) {
   check_decode(q_in, k_cache, v_cache, window, softcap, num_splits);
   auto [k, v] = check_new_kv(k_cache, v_cache, k_in, v_in);
   const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
@@ -1164,25 +1419,36 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
     TORCH_CHECK(qk_norm_eps >= 0.0, "qk_norm_eps must be >= 0, got ", qk_norm_eps);
     TORCH_CHECK(S == Sq, "with q/k norms, k's seqlen_new (", S, ") must equal q's seqlen_q (", Sq, ")");
   }
-  const bool transform = rotary || norm;  // q is rewritten (into a dense copy) by the append
+  const bool transform = rotary || norm;  // q is normalized / rotated (by the append: into a dense copy)
   auto [bt, capacity] = check_layout(k_cache, cache_seqlens, block_table, B);
   const at::Tensor leftpad = check_leftpad(cache_leftpad, k_cache, B);
+  const at::Tensor ws = check_workspace(workspace, q_in, k_cache);
   at::Tensor out = at::empty_like(q_in);
   if (out.numel() == 0) return out;
   c10::cuda::CUDAGuard guard(q_in.device());
   const bool append = S > 0;
-  at::Tensor q = transform ? at::empty(q_in.sizes(), q_in.options()) : decode_ready(q_in);  // (written by the append)
-  at::Tensor sem;  // the fused combine's counters (zeroed by the append), unless a tile's merge is too big for one CTA
-  const int64_t tile_rows = std::min<int64_t>(kRows, Hq / k_cache.size(2) * Sq);
-  if (append && num_splits > 1 && tile_rows * D * num_splits * 4 <= kMaxFusedMergeBytes)
+  // The fused combine's counters, unless a tile's merge is too big for one CTA: the workspace's,
+  // or new ones that the append launch zeroes.
+  const bool fused_merge = fused_merge_fits(q_in, k_cache, num_splits);
+  const bool one_launch = append && S == Sq && Sq <= kRows && (!fused_merge || ws.defined());
+  at::Tensor sem;
+  if (fused_merge && ws.defined()) {
+    sem = ws;
+  } else if (fused_merge && append) {
     sem = at::empty({B, k_cache.size(2) * row_tiles(q_in, k_cache)}, cache_seqlens.options());
+  }
+  // q as the decode reads it: raw (the one-launch form prepares it itself), the append's dense copy
+  // (transform), or q itself.
+  at::Tensor q = one_launch && transform ? (q_in.stride(3) == 1 ? q_in : q_in.contiguous())
+                 : transform            ? at::empty(q_in.sizes(), q_in.options())
+                                        : decode_ready(q_in);
+  AppendParams p{};
   if (append) {
     if (rotary) {  // one row stride for both tables, unit column stride
       cos = cos.contiguous();
       sin = sin.contiguous();
     }
-    const at::Tensor q_src = transform && q_in.stride(3) != 1 ? q_in.contiguous() : q_in;
-    AppendParams p{};
+    const at::Tensor q_src = one_launch ? q : (transform && q_in.stride(3) != 1 ? q_in.contiguous() : q_in);
     p.k_cache = k_cache.data_ptr();
     p.v_cache = v_cache.data_ptr();
     p.k = k.data_ptr();
@@ -1190,7 +1456,7 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
     p.seqlens = cache_seqlens.data_ptr<int>();
     p.block_table = bt.defined() ? bt.data_ptr<int>() : nullptr;
     p.q = transform ? q_src.data_ptr() : nullptr;
-    p.q_out = transform ? q.data_ptr() : nullptr;
+    p.q_out = transform && !one_launch ? q.data_ptr() : nullptr;
     p.cos = rotary ? cos.data_ptr() : nullptr;
     p.sin = rotary ? sin.data_ptr() : nullptr;
     p.sem = sem.defined() ? sem.data_ptr<int>() : nullptr;
@@ -1210,7 +1476,7 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
       p.q_b = q_src.stride(0);
       p.q_s = q_src.stride(1);
       p.q_h = q_src.stride(2);
-      p.qo_b = q.stride(0);
+      p.qo_b = q.stride(0);  // (unused by the one-launch form)
       p.qo_s = q.stride(1);
       p.qo_h = q.stride(2);
       p.Hq = static_cast<int>(Hq);
@@ -1236,9 +1502,11 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
     p.n_pages = static_cast<int>(k_cache.size(0));
     p.capacity = static_cast<int>(capacity);
     p.page = static_cast<int>(k_cache.size(1));
-    p.n_sem = sem.defined() ? static_cast<int>(sem.size(1)) : 0;
+    p.n_sem = sem.defined() ? static_cast<int>(k_cache.size(2) * row_tiles(q_in, k_cache)) : 0;
     auto stream = c10::cuda::getCurrentCUDAStream();
-    if (norm) {  // a warp per head, and the v copy spread over the same CTAs
+    if (one_launch) {
+      // (the decode launch below does it all)
+    } else if (norm) {  // a warp per head, and the v copy spread over the same CTAs
       constexpr int threads = 32 * kAppendWarps;
       const int64_t ctas =
           std::max<int64_t>((Hq + H + kAppendWarps - 1) / kAppendWarps, (H * D + threads - 1) / threads);
@@ -1258,7 +1526,7 @@ at::Tensor decode_attention_with_kv_cuda(const at::Tensor& q_in, const at::Tenso
     }
   }
   launch_decode(q, out, k_cache, v_cache, cache_seqlens, leftpad, bt, capacity, softmax_scale, causal, window,
-                softcap, num_splits, S, sem);
+                softcap, num_splits, S, sem, one_launch ? &p : nullptr, transform, norm);
   return out;
 }
 

@@ -65,19 +65,25 @@ TORCH_LIBRARY(fastlm, m) {
   // Split-KV decode attention of q (batch, seqlen_q, n_heads_q, head_dim) over the first
   // cache_seqlens[b] tokens (from cache_leftpad[b] on, int32 (batch,), when given); causal aligned to
   // the end of the cache, window >= -1, softcap >= 0, num_splits in [1, 128] (resolved by the
-  // caller).  Returns out like q.  Forward only.
+  // caller).  workspace: zero-filled int32 counters (at least batch x n_kv_heads x 16-row tiles),
+  // left zeroed, with which a split decode merges its splits in the same launch.  Returns out like
+  // q.  Forward only.
   m.def(
       "decode_attention_cuda(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table,"
-      " Tensor? cache_leftpad, float softmax_scale, bool causal, int window, float softcap, int num_splits) -> Tensor");
+      " Tensor? cache_leftpad, float softmax_scale, bool causal, int window, float softcap, int num_splits,"
+      " Tensor? workspace=None) -> Tensor");
   // decode_attention_cuda after appending k, v (batch, seqlen_new, n_kv_heads, head_dim) at positions
   // cache_seqlens[b] + s (cache_seqlens itself unchanged), attending over cache_seqlens[b] + seqlen_new
   // tokens.  rotary_cos/sin (max_positions, rotary_dim / 2), fp32 or q's dtype: q and k are first rotated
   // at those positions (seqlen_new == seqlen_q; q itself unchanged).  q_norm_weight / k_norm_weight
   // (head_dim,), fp32 or q's dtype: every head of q and k is first RMS-normalized (qk_norm_eps) and scaled
-  // by qk_norm_offset + weight (Qwen3's / Gemma 3's q/k norms).  Two launches.  Forward only.
+  // by qk_norm_offset + weight (Qwen3's / Gemma 3's q/k norms).  workspace as for
+  // decode_attention_cuda.  One launch when seqlen_new == seqlen_q <= 16 and the decode needs no
+  // zeroed counters or has a workspace, else two (append, decode).  Forward only.
   m.def(
       "decode_attention_with_kv_cuda(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v,"
       " Tensor cache_seqlens, Tensor? block_table, Tensor? cache_leftpad, Tensor? rotary_cos, Tensor? rotary_sin, bool rotary_interleaved,"
       " float softmax_scale, bool causal, int window, float softcap, int num_splits, Tensor? q_norm_weight=None,"
-      " Tensor? k_norm_weight=None, float qk_norm_eps=1e-06, float qk_norm_offset=0.) -> Tensor");
+      " Tensor? k_norm_weight=None, float qk_norm_eps=1e-06, float qk_norm_offset=0., Tensor? workspace=None)"
+      " -> Tensor");
 }

@@ -156,12 +156,15 @@ for (D, Hq, Hkv, Sq), dtype, paged, (window, softcap), splits in itertools.produ
                                        window=window, softcap=softcap)
     close(out, exp, TOL[dtype] * 2, f"decode with k/v D{D} {dtype} paged={paged} splits={splits}")
     close(kc2, kc3, TOL[dtype] * 2, "decode with k/v: k cache")
-    # ... with the q/k norms first (the warp-per-head append; without tables on the window cases)
+    # ... with the q/k norms first (without tables on the window cases), and a workspace: the
+    # one-launch form at every split count (above: at one split; append + decode at three)
     rot = {} if window > 0 else dict(rotary_cos=cos, rotary_sin=sin)
     norm = dict(q_norm_weight=torch.rand(D) + 0.5, k_norm_weight=torch.rand(D) + 0.5, qk_norm_offset=0.5)
     kc4, vc4 = kc3.clone(), vc3.clone()
+    ws = ops.decode_workspace(B, Hq, Sq)
     out = ops.decode_attention(q, kc3, vc3, lens, k=k, v=v, block_table=bt, num_splits=splits, backend="cuda",
-                               **rot, **norm)
+                               workspace=ws, **rot, **norm)
+    assert not ws.any(), "the workspace must be left zeroed"
     exp = ref_kv.decode_attention_with_kv(q, kc4, vc4, k, v, lens, block_table=bt, **rot, **norm)
     close(out, exp, TOL[dtype] * 2, f"decode with k/v and q/k norms D{D} {dtype} paged={paged} splits={splits}")
     close(kc3, kc4, TOL[dtype] * 2, "decode with k/v and q/k norms: k cache")

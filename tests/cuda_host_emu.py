@@ -190,14 +190,36 @@ def _common():
     return src
 
 
+# The one exported symbol: how many kernels the emulated backend has launched (tests count the
+# launches of an op with it).
+_API = r"""
+#include "cuda_emu.h"
+extern "C" __attribute__((visibility("default"))) uint64_t fastlm_emu_launch_count() { return emu_launch_count; }
+"""
+
+
 def _sources():
-    files = {"common_emu.cuh": _common()}
+    files = {"common_emu.cuh": _common(), "emu_api.cpp": _API}
     for name in CU_FILES:
         files[name.replace(".cu", "_emu.cpp")] = transform(open(os.path.join(CSRC, name)).read(), name)
     return files
 
 
 _LOADED = False
+_LIB_PATH = None
+_LIB = None  # (ctypes handle of the loaded library)
+
+
+def launch_count():
+    """Kernels launched so far by the emulated CUDA backend in this process."""
+    global _LIB
+    if _LIB is None:
+        import ctypes
+
+        assert _LOADED, "the emulated CUDA library is not loaded (use_emulated_cuda)"
+        _LIB = ctypes.CDLL(_LIB_PATH)
+        _LIB.fastlm_emu_launch_count.restype = ctypes.c_uint64
+    return int(_LIB.fastlm_emu_launch_count())
 
 
 def load():
@@ -248,6 +270,8 @@ def load():
             os.replace(lib + ".tmp", lib)
     torch.ops.load_library(lib)
     _LOADED = True
+    global _LIB_PATH
+    _LIB_PATH = lib
 
 
 def use_emulated_cuda(monkeypatch):

@@ -746,28 +746,37 @@ def test_decode_with_new_kv_matches_separate_ops(backend):
 
 
 def _fused_vs_separate_combine(B, Hq, Hkv, D, Sq, cap, lens, dtype, num_splits, paged=True, block_size=16,
-                               backend="triton"):
+                               backend="triton", atol=None, workspace=False):
     """decode_attention(k=, v=) (append + decode with the fused combine) and kv_cache_append +
     decode_attention (decode + the combine kernel) on a copy of the cache: the same partials
     merged by the same arithmetic (up to the order of a sum), the same cache.  Returns (fused
     out, separate out, the decode args for check_decode, a rerun of the fused call: the same
-    write and the same output again)."""
+    write and the same output again).  atol: for a fused call that takes the one-launch form
+    (its new tokens' probabilities stay fp32 where the mma path rounds them to the dtype), as it
+    does with workspace=True (a decode_workspace, checked zeroed after each call)."""
     kc, vc, bt = make_cache(B, Hkv, D, dtype, cap, paged=paged, block_size=block_size)
     lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
     k, v = (torch.randn(B, Sq, Hkv, D, dtype=dtype, device=DEVICE) for _ in range(2))
     kc2, vc2 = kc.clone(), vc.clone()
 
+    ws = fastlm.ops.decode_workspace(B, Hq, Sq, device=DEVICE) if workspace else None
+
     def fused():
-        return fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=v, block_table=bt, num_splits=num_splits,
-                                           backend=backend)
+        out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=v, block_table=bt, num_splits=num_splits,
+                                          workspace=ws, backend=backend)
+        assert ws is None or not ws.any(), "the workspace must be left zeroed"
+        return out
 
     out = fused()
     fastlm.ops.kv_cache_append(kc2, vc2, k, v, lens, block_table=bt, backend=backend)
     exp = fastlm.ops.decode_attention(q, kc2, vc2, lens + Sq, block_table=bt, num_splits=num_splits,
                                       backend=backend)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
-    torch.testing.assert_close(out, exp)  # the dtype's default tolerance: a rounding apart at most
+    if atol is None:
+        torch.testing.assert_close(out, exp)  # the dtype's default tolerance: a rounding apart at most
+    else:
+        torch.testing.assert_close(out, exp, atol=atol, rtol=0)
     return out, exp, (q, kc2, vc2, lens + Sq, bt), fused
 
 
@@ -832,6 +841,25 @@ class TritonLaunches:
             cls.run = run
 
 
+class CudaLaunches:
+    """How many kernels the emulated CUDA backend launched inside the block: n (None on a GPU,
+    where the kernels run for real and this count does not exist)."""
+
+    def __enter__(self):
+        self.n = None
+        if not HAS_CUDA:
+            import cuda_host_emu
+
+            self._start = cuda_host_emu.launch_count()
+        return self
+
+    def __exit__(self, *exc):
+        if not HAS_CUDA:
+            import cuda_host_emu
+
+            self.n = cuda_host_emu.launch_count() - self._start
+
+
 WORKSPACE_CASES = {  # name -> (paged, rotary case, norm offset or None, Sq, seqlen_new, Hq, Hkv, num_splits, extra)
     "neox-split": (True, "neox", None, 1, 1, 8, 2, 3, {}),
     "one-split": (False, "neox", None, 1, 1, 4, 4, 1, {}),
@@ -846,13 +874,15 @@ WORKSPACE_CASES = {  # name -> (paged, rotary case, norm offset or None, Sq, seq
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 @pytest.mark.parametrize("case", list(WORKSPACE_CASES))
 def test_decode_with_new_kv_in_one_launch(backend, dtype, case):
-    """With a workspace the Triton decode kernel does a whole decode step's attention in one
-    launch: q/k norms and rotation of q (every split) and of the new keys (the last split),
-    their append, the attention over the cached keys and them, and the merge of the splits
-    (counters left zeroed, so the workspace serves the next call).  Against the reference in
-    float64 and the input dtype, the cache too; an empty cache, a middle one and one that ends
-    full; then the same call again on a copy gives the same output and cache.  The CUDA backend
-    takes the workspace and leaves it untouched."""
+    """With a workspace the decode kernel does a whole decode step's attention in one launch:
+    q/k norms and rotation of q (every split) and of the new keys (the last split), their
+    append, the attention over the cached keys and them, and the merge of the splits (counters
+    left zeroed, so the workspace serves the next call).  Against the reference in float64 and
+    the input dtype, the cache too; an empty cache, a middle one and one that ends full; then
+    the same call again on a copy gives the same output and cache.  Triton takes an append
+    launch first for new tokens too many for its registers (draft-9-gqa8); CUDA for seqlen_new
+    != seqlen_q (plain-append-5) -- its one-launch form runs the tensor-core kernel (fp16/bf16)
+    and the CUDA-core one (fp32), several row tiles per KV head in draft-9-gqa8."""
     from fastlm.kernels import decode as kd
 
     paged, rotary, offset, Sq, S, Hq, Hkv, num_splits, extra = WORKSPACE_CASES[case]
@@ -867,13 +897,15 @@ def test_decode_with_new_kv_in_one_launch(backend, dtype, case):
         kw["cache_leftpad"] = torch.tensor([0, 4, 7], dtype=torch.int32, device=DEVICE)
     ws = fastlm.ops.decode_workspace(B, Hq, Sq, device=DEVICE)
     kc0, vc0 = kc.clone(), vc.clone()
-    with TritonLaunches() as launches:
+    with TritonLaunches() as launches, CudaLaunches() as cuda_launches:
         out = _check_with_kv(q, kc, vc, k, v, lens, bt, backend, cos, sin, inter, workspace=ws, **kw)
     assert not ws.any(), "the workspace must be left zeroed"
     if backend == "triton":
         one = kd.takes_new_kv(q, kc, S)
         assert one == (case != "draft-9-gqa8")
         assert launches.names == ["_decode_kernel"] if one else ["_append_kernel", "_decode_kernel"], launches.names
+    elif cuda_launches.n is not None:
+        assert cuda_launches.n == (1 if S == Sq else 2), cuda_launches.n
     rot = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=inter)
     again = fastlm.ops.decode_attention(q, kc0, vc0, lens, k=k, v=v, block_table=bt, backend=backend, workspace=ws,
                                         **rot, **kw)
@@ -885,7 +917,7 @@ def test_decode_with_new_kv_in_one_launch(backend, dtype, case):
 @pytest.mark.parametrize("Sq,num_splits", [(1, 3), (9, 5), (2, 1)])
 def test_decode_with_workspace_merges_in_the_same_launch(backend, Sq, num_splits):
     """decode_attention without new tokens: with a workspace a split decode merges its splits
-    itself (one Triton launch, not a decode and a combine) and leaves the workspace zeroed;
+    itself (one launch, not a decode and a combine) and leaves the workspace zeroed;
     two row tiles per KV head at Sq 9 (G * Sq = 72 rows); the reference's output."""
     B, Hq, Hkv, D, cap = 3, 16, 2, 24, 70
     kc, vc, bt = make_cache(B, Hkv, D, torch.float16, cap, paged=True, block_size=8)
@@ -893,10 +925,17 @@ def test_decode_with_workspace_merges_in_the_same_launch(backend, Sq, num_splits
     poison_unused(kc, vc, lens, bt)
     q = torch.randn(B, Sq, Hq, D, dtype=torch.float16, device=DEVICE)
     ws = fastlm.ops.decode_workspace(B, Hq, Sq, device=DEVICE)
-    with TritonLaunches() as launches:
+    with TritonLaunches() as launches, CudaLaunches() as cuda_launches:
         out = fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, num_splits=num_splits, workspace=ws,
                                           backend=backend)
     assert not ws.any()
+    if cuda_launches.n is not None and backend == "cuda":
+        assert cuda_launches.n == 1
+        with CudaLaunches() as without:
+            exp = fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, num_splits=num_splits,
+                                              backend=backend)
+        assert without.n == 1 + (num_splits > 1)
+        torch.testing.assert_close(out, exp, atol=1e-3, rtol=0)
     if backend == "triton":
         assert launches.names == ["_decode_kernel"], launches.names
         with TritonLaunches() as without:
@@ -936,6 +975,32 @@ def test_decode_with_new_kv_without_workspace_keeps_the_append_launch():
     exp = fastlm.ops.decode_attention(q, kc2, vc2, lens, k=kn, v=kn, block_table=bt, backend="reference")
     torch.testing.assert_close(out, exp, atol=2e-3, rtol=0)
     assert torch.equal(kc, kc2)
+
+
+@cuda_mark()
+def test_cuda_decode_with_new_kv_launches():
+    """The CUDA backend's launches for decode_attention(k=, v=): one when the decode needs no
+    counters (one split) or has a workspace; append + decode for a split decode without one, and
+    for more than 16 new tokens (the decode kernel's row tile) even with one; all equal to the
+    reference."""
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 60
+    kc, vc, bt, lens, q, k = small_paged_case(cap, [5, 18])
+    cos, sin = _tables(D, cap)
+    ws = fastlm.ops.decode_workspace(B, Hq, 17, device=DEVICE)
+    for Sq, num_splits, workspace, want in ((1, 3, None, 2), (1, 1, None, 1), (1, 3, ws, 1), (17, 2, ws, 2)):
+        q_ = torch.randn(B, Sq, Hq, D, dtype=torch.float16, device=DEVICE)
+        k_ = torch.randn(B, Sq, Hkv, D, dtype=torch.float16, device=DEVICE)
+        kc2, vc2 = kc.clone(), vc.clone()
+        with CudaLaunches() as launches:
+            out = fastlm.ops.decode_attention(q_, kc, vc, lens, k=k_, v=k_, rotary_cos=cos, rotary_sin=sin,
+                                              block_table=bt, num_splits=num_splits, workspace=workspace,
+                                              backend="cuda")
+        if launches.n is not None:
+            assert launches.n == want, (Sq, num_splits, launches.n)
+        exp = fastlm.ops.decode_attention(q_, kc2, vc2, lens, k=k_, v=k_, rotary_cos=cos, rotary_sin=sin,
+                                          block_table=bt, backend="reference")
+        torch.testing.assert_close(out, exp, atol=2e-3, rtol=0)
+        assert torch.equal(kc, kc2) and torch.equal(vc, vc2) and not ws.any()
 
 
 def test_decode_one_launch_position_past_table_is_nan():
@@ -1027,8 +1092,10 @@ def test_cuda_fused_combine_equals_the_combine_kernel(num_splits, D, Sq, cap):
     CUDA-core kernel with an odd head_dim (D 18: the scalar merge), more splits than key steps
     (D 8, 9 tokens), and a tile too big to merge in one CTA (16 rows x D 64 x 40 splits: the
     combine kernel instead), against the combine kernel and the reference."""
+    # (the big tile has no fused merge, so its decode appends itself: the one-launch form + the combine kernel)
     out, exp, (q, kc, vc, lens, bt), rerun = _fused_vs_separate_combine(
-        3, 16, 2, D, Sq, cap, [0, cap // 2, cap - Sq], torch.float16, num_splits, block_size=8, backend="cuda")
+        3, 16, 2, D, Sq, cap, [0, cap // 2, cap - Sq], torch.float16, num_splits, block_size=8, backend="cuda",
+        atol=2e-3 if num_splits == 40 else None)
     assert torch.equal(rerun(), out)
     check_decode(q, kc, vc, lens, bt, "cuda", num_splits=num_splits)
 
@@ -1096,9 +1163,9 @@ def test_decode_with_new_kv_fake_matches_permuted_q(backend, layout):
 def test_rotary_append_position_past_table_is_nan(backend):
     """The rotary append of decode_attention(k=, v=, rotary_cos=...) below the op layer's debug
     checks (CUDA without FASTLM_DEBUG): a position past the tables rotates q and k to NaN (q's
-    rotated copy, the cache row; on CUDA the attention output of that sequence), never to a
-    wrapped or stale angle; v is still copied, the other sequence and every other cache row are
-    untouched."""
+    rotated copy, the cache row; on CUDA the attention output of that sequence, in both its
+    two-launch and one-launch forms), never to a wrapped or stale angle; v is still copied, the
+    other sequence and every other cache row are untouched."""
     from fastlm.kernels import decode as kd
 
     B, Hq, Hkv, D, cap = 2, 4, 2, 16, 12
@@ -1107,19 +1174,28 @@ def test_rotary_append_position_past_table_is_nan(backend):
     q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
     k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
     cos, sin = _tables(D, 8)
-    kc2, vc2 = kc.clone(), vc.clone()
+    untouched = torch.ones(cap, dtype=torch.bool, device=DEVICE)
+    untouched[[3, 8]] = False
+
+    def check(q_out, kc, vc, kc2, vc2):
+        assert torch.isnan(q_out[1]).all() and torch.isnan(kc[1, 8]).all()
+        assert not torch.isnan(q_out[0]).any() and not torch.isnan(kc[0, 3]).any()
+        assert torch.equal(vc[1, 8], k[1, 0]) and torch.equal(vc[0, 3], k[0, 0])
+        assert torch.equal(kc[:, untouched], kc2[:, untouched]) and torch.equal(vc[:, untouched], vc2[:, untouched])
+
+    kc0, vc0 = kc.clone(), vc.clone()
     if backend == "triton":
         q_out = torch.zeros_like(q)
         kd.kv_cache_append(kc, vc, k, k, lens, None, q, q_out, cos, sin)
-    else:  # (the rotated q is internal: its output row shows it)
+        check(q_out, kc, vc, kc0, vc0)
+        return
+    # (the rotated q is internal: its output row shows it) append + decode, then the one-launch form
+    ws = fastlm.ops.decode_workspace(B, Hq, device=DEVICE)
+    for extra in ((), (None, None, 1e-6, 0.0, ws)):
+        kc, vc = kc0.clone(), vc0.clone()
         q_out = torch.ops.fastlm.decode_attention_with_kv_cuda(q, kc, vc, k, k, lens, None, None, cos, sin, False,
-                                                               0.25, True, -1, 0.0, 2)
-    assert torch.isnan(q_out[1]).all() and torch.isnan(kc[1, 8]).all()
-    assert not torch.isnan(q_out[0]).any() and not torch.isnan(kc[0, 3]).any()
-    assert torch.equal(vc[1, 8], k[1, 0]) and torch.equal(vc[0, 3], k[0, 0])
-    untouched = torch.ones(cap, dtype=torch.bool, device=DEVICE)
-    untouched[[3, 8]] = False
-    assert torch.equal(kc[:, untouched], kc2[:, untouched]) and torch.equal(vc[:, untouched], vc2[:, untouched])
+                                                               0.25, True, -1, 0.0, 2, *extra)
+        check(q_out, kc, vc, kc0, vc0)
 
 
 @pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
@@ -1532,12 +1608,14 @@ def test_decode_batch1_long_context_gpu(backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("B,Hq,Hkv,Sq,num_splits", [(1, 32, 8, 1, 0), (1, 32, 8, 1, 64), (8, 32, 8, 1, 0),
                                                     (2, 32, 1, 4, 3), (2, 16, 2, 2, 16)])
-def test_fused_combine_gpu(backend, B, Hq, Hkv, Sq, num_splits):
+@pytest.mark.parametrize("workspace", [False, True])
+def test_fused_combine_gpu(backend, B, Hq, Hkv, Sq, num_splits, workspace):
     """The fused combine's ticket counters under real concurrency: the same output bit for bit on
     each of 50 reruns (a program merging before another's partials are visible would differ now
     and then), equal to the combine kernel's, and right against the reference.  (Shapes whose
     tiles stay under MAX_FUSED_MERGE_BYTES, so the fused path is the one run; two row tiles per
-    KV head in the MQA case.)"""
+    KV head in the MQA case.)  With a workspace: the one-launch form, whose counters reset
+    themselves (left zeroed after every rerun)."""
     from fastlm.kernels import decode as kd
 
     cap = 8192
@@ -1548,7 +1626,8 @@ def test_fused_combine_gpu(backend, B, Hq, Hkv, Sq, num_splits):
     merge_rows = kd.fused_merge_rows(rows, 128) if backend == "triton" else min(16, rows)
     assert splits > 1 and merge_rows * 128 * splits * 4 <= kd.MAX_FUSED_MERGE_BYTES, "not the fused path"
     out, exp, args, rerun = _fused_vs_separate_combine(B, Hq, Hkv, 128, Sq, cap, lens, torch.bfloat16, num_splits,
-                                                       backend=backend)
+                                                       backend=backend, workspace=workspace,
+                                                       atol=1e-2 if workspace else None)
     for rep in range(50):
         assert torch.equal(rerun(), out), f"rerun {rep}: the fused combine's output changed"
     check_decode(*args, backend, num_splits=num_splits)

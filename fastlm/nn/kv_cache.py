@@ -167,8 +167,8 @@ class _KVCacheBase(nn.Module):
     def append_attend(self, layer, q, k, v, *, rotary_cos=None, rotary_sin=None, rotary_interleaved=False, **kwargs):
         """``append`` + ``attend`` as one ``decode_attention(k=, v=)`` call: k, v written at
         ``positions``, q and k first rotated at those positions when rotary tables are given.
-        With the cache's workspace the Triton backend does it all in one launch (the CUDA
-        backend in two).  kwargs as for ``attend``."""
+        With the cache's workspace either backend does it all in one launch (CUDA: up to 16 new
+        tokens per sequence).  kwargs as for ``attend``."""
         kc, vc, bt = self._layer_args(layer, q.shape[0])
         return ops.decode_attention(q, kc, vc, self._rows(self.positions, q.shape[0]), k=k, v=v,
                                     rotary_cos=rotary_cos, rotary_sin=rotary_sin,

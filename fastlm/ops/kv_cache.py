@@ -207,8 +207,8 @@ def _decode_op(
     backend: str,
     workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """workspace (Triton): zeroed counters that let the split decode merge its splits itself
-    (no combine launch).  Not declared mutated: the kernel counts in it but leaves it zeroed,
+    """workspace: zeroed counters that let the split decode merge its splits itself (no combine
+    launch), on both backends.  Not declared mutated: the kernel counts in it but leaves it zeroed,
     so its value never changes (and an optional mutated argument passed as None breaks
     inductor's lowering of the op)."""
     if value_checks_on(q):
@@ -220,8 +220,9 @@ def _decode_op(
         return kd.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window,
                                    softcap, num_splits, cache_leftpad=cache_leftpad,
                                    counters=_workspace_counters(workspace, q, k_cache, num_splits))
+    extra = (workspace,) if workspace is not None and _cuda_takes_workspace() else ()
     return torch.ops.fastlm.decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad,
-                                                  softmax_scale, causal, window, softcap, num_splits)
+                                                  softmax_scale, causal, window, softcap, num_splits, *extra)
 
 
 @_decode_op.register_fake
@@ -269,9 +270,11 @@ def _decode_kv_op(
     Triton: one launch does it all when kd.takes_new_kv (a decode step's one token: always) and
     the split decode either
     has a workspace (zeroed counters for its fused combine, left zeroed) or needs none.
-    Otherwise (and on CUDA) the norm, the rotation and the append are one launch, then the
-    decode, which merges its splits itself (the append zeroes the counters).  Either way a row
-    tile whose partials exceed MAX_FUSED_MERGE_BYTES is merged by one more launch."""
+    CUDA: one launch as well when seqlen_new == seqlen_q <= 16 (with a workspace, or with
+    nothing to merge in the launch).
+    Otherwise the norm, the rotation and the append are one launch, then the decode, which
+    merges its splits itself (the append zeroes the counters).  Either way a row tile whose
+    partials exceed MAX_FUSED_MERGE_BYTES is merged by one more launch."""
     n = k.shape[1]
     if value_checks_on(q):
         _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos, cache_leftpad)
@@ -300,14 +303,14 @@ def _decode_kv_op(
         return kd.decode_attention(q_rot, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal,
                                    window, softcap, num_splits, seqlen_add=n, counters=counters,
                                    cache_leftpad=cache_leftpad)
-    if norm:  # (an older fastlm._C without the norm arguments never gets here: _check_norm_weights)
-        return torch.ops.fastlm.decode_attention_with_kv_cuda(
-            q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_leftpad, rotary_cos, rotary_sin,
-            rotary_interleaved, softmax_scale, causal, window, softcap, num_splits, q_norm_weight, k_norm_weight,
-            qk_norm_eps, qk_norm_offset)
+    # (an older fastlm._C without the norm arguments never gets here with them: _check_norm_weights;
+    # one without the workspace takes two launches)
+    extra = (q_norm_weight, k_norm_weight, qk_norm_eps, qk_norm_offset) if norm else ()
+    if workspace is not None and _cuda_takes_workspace():
+        extra = (q_norm_weight, k_norm_weight, qk_norm_eps, qk_norm_offset, workspace)
     return torch.ops.fastlm.decode_attention_with_kv_cuda(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
                                                           cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved,
-                                                          softmax_scale, causal, window, softcap, num_splits)
+                                                          softmax_scale, causal, window, softcap, num_splits, *extra)
 
 
 def _rotated_q_buffer(q):
@@ -338,14 +341,14 @@ def _register_cuda_fakes():
 
     @torch.library.register_fake("fastlm::decode_attention_cuda")
     def _(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, softmax_scale, causal, window, softcap,
-          num_splits):
+          num_splits, workspace=None):
         return torch.empty_like(q)
 
     if hasattr(torch.ops.fastlm, "decode_attention_with_kv_cuda"):
         @torch.library.register_fake("fastlm::decode_attention_with_kv_cuda")
         def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_leftpad, rotary_cos, rotary_sin,
               rotary_interleaved, softmax_scale, causal, window, softcap, num_splits, q_norm_weight=None,
-              k_norm_weight=None, qk_norm_eps=1e-6, qk_norm_offset=0.0):
+              k_norm_weight=None, qk_norm_eps=1e-6, qk_norm_offset=0.0, workspace=None):
             return torch.empty_like(q)
 
 
@@ -553,8 +556,17 @@ def _check_workspace(workspace, q):
 def _cuda_has_qk_norm():
     """Whether fastlm._C's decode_attention_with_kv_cuda takes the q/k norm weights (a _C built
     from an older source does not)."""
-    schema = torch.ops.fastlm.decode_attention_with_kv_cuda.default._schema
-    return any(a.name == "q_norm_weight" for a in schema.arguments)
+    return _cuda_arg("decode_attention_with_kv_cuda", "q_norm_weight")
+
+
+def _cuda_takes_workspace():
+    """Whether fastlm._C's decode ops take the workspace (a _C built from an older source does
+    not: it decodes without one, in more launches)."""
+    return _cuda_arg("decode_attention_with_kv_cuda", "workspace") and _cuda_arg("decode_attention_cuda", "workspace")
+
+
+def _cuda_arg(op, name):
+    return any(a.name == name for a in getattr(torch.ops.fastlm, op).default._schema.arguments)
 
 
 def _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos, cache_leftpad=None):
@@ -661,14 +673,13 @@ def decode_attention(
     ``workspace`` does: a zero-filled int32 tensor of at least batch * n_heads_q * seqlen_q
     elements (``decode_workspace``), which every call leaves zeroed, so one workspace serves
     every call of a decode step, every layer, and a CUDA graph's replays.  (Calls running
-    concurrently on different streams need their own.)  The Triton backend then does a whole
-    step's attention in one launch: with k/v (one new token, or a few at small head dims) it
-    normalizes, rotates and appends them and attends, all in the decode kernel; without a workspace that is one launch
-    when the decode needs no merge (one split), else an append launch and the decode.  Without
-    k/v and without a workspace, a split decode is followed by a merge launch.  The CUDA
-    backend normalizes, rotates and appends in one launch, then decodes and merges in one more
-    (it does not use the workspace).  Row tiles whose partials exceed 128 KiB (very many splits
-    of a large GQA group) are merged by one more launch on either backend.
+    concurrently on different streams need their own.)  Either backend then does a whole
+    step's attention in one launch: with k/v (Triton: one new token, or a few at small head
+    dims; CUDA: seqlen_new == seqlen_q <= 16) the decode kernel normalizes, rotates and appends
+    them and attends; without a workspace that is one launch when the decode needs no merge
+    (one split), else an append launch and the decode.  Without k/v and without a workspace, a
+    split decode is followed by a merge launch.  Row tiles whose partials exceed 128 KiB (very
+    many splits of a large GQA group) are merged by one more launch on either backend.
     """
     check_tensor(q, "q", ndim=4)
     device = q.device
@@ -744,7 +755,7 @@ def decode_attention(
                                "--no-build-isolation -e .) or pass backend='triton'")
         if q.numel() == 0:  # batch 0 (every other dim is >= 1): nothing to append either
             return torch.empty_like(q)
-        ws = (workspace,) if workspace is not None and b == "triton" else ()
+        ws = (workspace,) if workspace is not None else ()
         if ws and not norm:  # (positional, after the norm arguments: a fast_op takes no keywords)
             norm_kw = dict(q_norm_weight=None, k_norm_weight=None, qk_norm_eps=qk_norm_eps,
                            qk_norm_offset=qk_norm_offset)
@@ -760,6 +771,6 @@ def decode_attention(
                                      cache_leftpad=cache_leftpad)
     if q.numel() == 0:
         return torch.empty_like(q)
-    ws = (workspace,) if workspace is not None and b == "triton" else ()
+    ws = (workspace,) if workspace is not None else ()
     return _decode_op(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, float(softmax_scale),
                       bool(causal), int(window), float(softcap), int(num_splits), b, *ws)
