@@ -50,3 +50,76 @@ def fix_bf16_dot():
         builder.create_dot = create_dot
     _BF16_DOT_FIXED = True
     return True
+
+
+_BF16_CASTS_FIXED = None
+
+
+def fix_bf16_casts():
+    """The Triton interpreter converts to bf16 by cutting off the low 16 bits of an fp32 (round
+    toward zero, where a GPU's cvt.rn rounds to nearest even), and casts between bf16 and any
+    type but fp32 as if the uint16 bit pattern were the value.  So every bf16 output of a
+    kernel run there came out a little low in magnitude, and int/fp16 <-> bf16 casts were
+    garbage.  Its builder's casts are wrapped here to go through fp32 with round-to-nearest-even
+    (round toward zero when a cast asks for it: ``fp_downcast_rounding="rtz"``), NaN kept NaN,
+    as a GPU converts.
+
+    Returns whether bf16 casts are right under the interpreter now: False without the
+    interpreter, or if this Triton's interpreter looks different (then nothing is changed)."""
+    global _BF16_CASTS_FIXED
+    if _BF16_CASTS_FIXED is not None:
+        return _BF16_CASTS_FIXED
+    _BF16_CASTS_FIXED = False
+    if not _backend.interpreter_active():
+        return False
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter as ti
+
+        builder, handle, np_dtype = ti.InterpreterBuilder, ti.TensorHandle, ti._get_np_dtype
+        real_cast, real_fp_to_fp = builder.cast_impl, builder.create_fp_to_fp
+        rtz = ti._ir.ROUNDING_MODE.RTZ
+    except (ImportError, AttributeError):
+        return False
+    if getattr(real_cast, "_fastlm_bf16", False):
+        _BF16_CASTS_FIXED = True
+        return True
+
+    def to_bf16(f32, toward_zero=False):
+        u = np.ascontiguousarray(f32, dtype=np.float32).view(np.uint32)
+        if toward_zero:
+            bits = u >> np.uint32(16)
+        else:  # add half an ulp of bf16 (minus one on an even tie), then cut: round to nearest even
+            bits = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+        nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+        bits = np.where(nan, (u >> np.uint32(16)) | np.uint32(0x40), bits)  # a quiet NaN, never inf
+        return bits.astype(np.uint16).reshape(np.shape(f32))
+
+    def from_bf16(bits):
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+    def convert(src, dst_type, toward_zero=False):
+        s, d = src.dtype.scalar, dst_type.scalar
+        if (s == tl.bfloat16) == (d == tl.bfloat16):
+            return None  # no bf16 side, or bf16 to bf16: as before
+        if s == tl.bfloat16:
+            if src.data.dtype != np.uint16:
+                return None
+            f32 = from_bf16(src.data)
+            return handle(f32 if d == tl.float32 else f32.astype(np_dtype(dst_type)), d)
+        return handle(to_bf16(src.data.astype(np.float32), toward_zero), d)  # (fp64: rounded twice)
+
+    def cast_impl(self, src, dst_type):
+        out = convert(src, dst_type)
+        return real_cast(self, src, dst_type) if out is None else out
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        out = convert(src, dst_type, rounding_mode == rtz)
+        return real_fp_to_fp(self, src, dst_type, rounding_mode) if out is None else out
+
+    cast_impl._fastlm_bf16 = create_fp_to_fp._fastlm_bf16 = True
+    builder.cast_impl, builder.create_fp_to_fp = cast_impl, create_fp_to_fp
+    # (the create_fp_trunc / create_fp_ext / ..._to_fp lambdas call self.cast_impl: they follow)
+    _BF16_CASTS_FIXED = True
+    return True

@@ -29,9 +29,10 @@ import torch
 
 from fastlm import _interpret
 
-# Under TRITON_INTERPRET=1 the interpreter's bf16 tl.dot is garbage: fix it before any kernel
-# runs (a no-op without the interpreter).
+# Under TRITON_INTERPRET=1 the interpreter's bf16 tl.dot is garbage and its bf16 casts
+# truncate: fix them before any kernel runs (a no-op without the interpreter).
 _interpret.fix_bf16_dot()
+_interpret.fix_bf16_casts()
 
 _SAME_DEVICE = contextlib.nullcontext()
 

@@ -239,3 +239,45 @@ def test_cuda_archs_parsing():
     for spec, bad in (("8.0;x", "'x'"), ("8", "'8'"), ("compute_90", "'compute_90'")):
         with pytest.raises(ValueError, match=f"FASTLM_CUDA_ARCHS=.*got {bad}"):
             parse(spec)
+
+
+def test_bf16_casts_round_to_nearest_even():
+    """A Triton kernel's casts to and from bf16 as a GPU does them (and, with TRITON_INTERPRET=1,
+    as fastlm/_interpret.py fixes the interpreter's: it truncated fp32 -> bf16 and read
+    int/fp16 <-> bf16 casts as bit patterns): fp32 -> bf16 rounds to nearest even (a store's
+    implicit cast and .to()), or toward zero when asked; NaN stays NaN, overflow goes to inf;
+    int32 -> bf16 rounds; bf16 -> fp16 and bf16 -> fp32 are exact.  Against torch's casts."""
+    import triton
+    import triton.language as tl
+
+    import fastlm.kernels  # noqa: F401  (the interpreter's fixes)
+
+    @triton.jit
+    def casts(X, I, Y, Z, W, V, F, N: tl.constexpr):
+        i = tl.arange(0, N)
+        x = tl.load(X + i)
+        tl.store(Y + i, x)  # the store's implicit fp32 -> bf16
+        tl.store(Z + i, x.to(tl.bfloat16, fp_downcast_rounding="rtz"))
+        b = tl.load(Y + i)
+        tl.store(W + i, b.to(tl.float16))
+        tl.store(F + i, b.to(tl.float32) * 2.0)
+        tl.store(V + i, tl.load(I + i).to(tl.bfloat16))
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    N = 64
+    x = torch.randn(N, generator=torch.Generator().manual_seed(0)) * 3
+    x[:9] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), float("nan"), float("inf"), -float("inf"), 3.4e38,
+                          1e-40, -0.0])  # ties to even (down, up), NaN, infinities, overflow, a subnormal, -0
+    ints = torch.arange(N, dtype=torch.int32) * 37 + 250  # 257 = 256 + 1: a tie, to 256
+    x, ints = x.to(dev), ints.to(dev)
+    y, z, v = (torch.empty(N, dtype=torch.bfloat16, device=dev) for _ in range(3))
+    w, f = torch.empty(N, dtype=torch.float16, device=dev), torch.empty(N, device=dev)
+    casts[(1,)](x, ints, y, z, w, v, f, N=N)
+    bits = lambda t: t.view(torch.int16)  # noqa: E731
+    num = ~x.isnan()
+    rne = x.to(torch.bfloat16)
+    assert torch.equal(bits(y)[num], bits(rne)[num]) and y[~num].isnan().all()
+    assert torch.equal(bits(y)[:3], bits(torch.tensor([1.0, 1 + 2**-6, -1.0], dtype=torch.bfloat16, device=dev)))
+    assert torch.equal(bits(z)[num], (x.view(torch.int32) >> 16).to(torch.int16)[num]) and z[~num].isnan().all()
+    assert torch.equal(w[num], rne.to(torch.float16)[num]) and torch.equal(f[num], 2 * rne.float()[num])
+    assert torch.equal(bits(v), bits(ints.to(torch.bfloat16)))
