@@ -574,9 +574,12 @@ __device__ __forceinline__ void fused_combine(const DecodeParams& p, int b, int 
 }
 
 // Tensor-core decode.  DP: head_dim padded to a multiple of 64 (64, 128, 192, 256).  NEW_KV:
-// p.new_kv (a separate instantiation: the plain decode keeps its registers).
+// p.new_kv (a separate instantiation: the plain decode keeps its registers).  At DP 64, 5 CTAs
+// per SM (<= 102 registers): the main loop takes 96, and without the bound ptxas gave the NEW_KV
+// form 120-128 (its new-token pass scheduled for ILP it does not need).  (A min-blocks of 1
+// instead of none changes ptxas's choices at the larger DPs: 0 keeps them.)
 template <typename T, int DP, bool NEW_KV = false>
-__global__ void __launch_bounds__(kThreads) decode_tc_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, DP == 64 ? 5 : 0) decode_tc_kernel(const DecodeParams p) {
   constexpr int KCH = DP / 32;     // 16-byte K chunks per thread per key (4 threads share a key)
   constexpr int KSTEPS = DP / 16;  // QK mma k-steps
   constexpr int VM = DP / 64;      // 16-byte V chunks per thread per token (chunk g + 8m)
