@@ -387,7 +387,8 @@ def test_reference_paged_append_is_sync_free(aim_at_block0):
 @pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
 def test_decode_with_new_kv_finished_sequence(backend):
     """A finished sequence of a paged batch (block-table row -1, length 0) gets no cache write and
-    a zero output from the flash_attn_with_kvcache form; the live one is unaffected."""
+    a zero output from the flash_attn_with_kvcache form; the live one is unaffected.  The same
+    with a workspace (the kernels' one-launch forms)."""
     B, Hq, Hkv, D = 2, 4, 2, 16
     kc, vc, bt = make_cache(B, Hkv, D, torch.float16, 12, paged=True, block_size=4)
     bt[1] = -1
@@ -395,14 +396,16 @@ def test_decode_with_new_kv_finished_sequence(backend):
     q = torch.randn(B, 1, Hq, D, dtype=torch.float16, device=DEVICE)
     k = torch.randn(B, 1, Hkv, D, dtype=torch.float16, device=DEVICE)
     cos, sin = _tables(D, 12)
-    kc0 = kc.clone()
-    out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=k, rotary_cos=cos, rotary_sin=sin, block_table=bt,
-                                      backend=backend)
-    assert torch.equal(out[1], torch.zeros_like(out[1]))
-    assert int((kc != kc0).any(-1).any(-1).sum()) == 1  # only the live sequence's new slot
-    exp = fastlm.ops.decode_attention(q[:1], kc0, vc.clone(), lens[:1], k=k[:1], v=k[:1], rotary_cos=cos,
+    kc0, vc0 = kc.clone(), vc.clone()
+    exp = fastlm.ops.decode_attention(q[:1], kc0.clone(), vc0.clone(), lens[:1], k=k[:1], v=k[:1], rotary_cos=cos,
                                       rotary_sin=sin, block_table=bt[:1], backend=backend)
-    torch.testing.assert_close(out[:1], exp, atol=1e-3, rtol=0)
+    for ws in (None, fastlm.ops.decode_workspace(B, Hq, device=DEVICE)):
+        kc, vc = kc0.clone(), vc0.clone()
+        out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=k, rotary_cos=cos, rotary_sin=sin, block_table=bt,
+                                          num_splits=2, workspace=ws, backend=backend)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert int((kc != kc0).any(-1).any(-1).sum()) == 1  # only the live sequence's new slot
+        torch.testing.assert_close(out[:1], exp, atol=1e-3, rtol=0)
 
 
 def _launch_raw_append(backend, kc, vc, k, lens, bt, with_decode=False):
@@ -416,17 +419,20 @@ def _launch_raw_append(backend, kc, vc, k, lens, bt, with_decode=False):
         from fastlm.kernels import decode as kd
 
         kd.kv_cache_append(kc, vc, k, k, lens, bt)
-    elif with_decode:  # the append kernel of the fused op (the decode after it masks bad blocks)
+    elif with_decode:  # the append kernel of the fused op (the decode after it masks bad blocks), or with a
+        # workspace the decode kernel's own append (its one-launch form)
         q = torch.randn(k.shape[0], k.shape[1], 2 * k.shape[2], k.shape[3], dtype=k.dtype, device=k.device)
+        ws = (None, None, 1e-6, 0.0, fastlm.ops.decode_workspace(q.shape[0], q.shape[2], q.shape[1], device=q.device))
         torch.ops.fastlm.decode_attention_with_kv_cuda(q, kc, vc, k, k, lens, bt, None, None, None, False, 0.25, True,
-                                                       -1, 0.0, 2)
+                                                       -1, 0.0, 2, *(ws if with_decode == "one-launch" else ()))
     else:
         torch.ops.fastlm.kv_cache_append_cuda(kc, vc, k, k, lens, bt)
 
 
 @pytest.mark.parametrize("backend,with_decode", [("triton", False), ("triton", True),
                                                  pytest.param("cuda", False, marks=cuda_mark()),
-                                                 pytest.param("cuda", True, marks=cuda_mark())])
+                                                 pytest.param("cuda", True, marks=cuda_mark()),
+                                                 pytest.param("cuda", "one-launch", marks=cuda_mark())])
 @pytest.mark.parametrize("paged", [True, False])
 def test_append_kernel_never_writes_out_of_bounds(backend, with_decode, paged):
     # The kernels themselves (no host checks): positions past the capacity, negative positions and
