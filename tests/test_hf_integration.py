@@ -226,7 +226,8 @@ def test_padding_with_holes_falls_back_to_hf_attention(monkeypatch):
 def test_left_padded_batch_generation_matches_hf(family, window, monkeypatch):
     # batched greedy generation with left padding: the prefill runs unpadded on fastlm's kernel,
     # the decode steps over the padded cache on the decode kernel with cache_leftpad (the window
-    # too: hiding part of the padding, then all of it); the tokens are HF's
+    # too: hiding part of the padding, then all of it), with each module's workspace; the tokens
+    # are HF's
     ref = hf_model(family, seed=6, **(dict(sliding_window=window) if window else {})).eval()
     model = fastlm.apply_to_hf(copy.deepcopy(ref))
     prompt = torch.randint(1, 300, (3, 9), device=DEVICE)
@@ -235,11 +236,14 @@ def test_left_padded_batch_generation_matches_hf(family, window, monkeypatch):
     mask[2, :1] = 0
     prompt[mask == 0] = 0  # the pad token
     seen = _spy_varlen(monkeypatch)
-    real, leftpads = ops.decode_attention, []
+    real, leftpads, workspaces = ops.decode_attention, [], set()
 
     def spy(*a, **k):
         leftpads.append(None if k.get("cache_leftpad") is None else k["cache_leftpad"].tolist())
-        return real(*a, **k)
+        workspaces.add(k["workspace"].data_ptr())
+        out = real(*a, **k)
+        assert not k["workspace"].any(), "the decode workspace must be left zeroed"
+        return out
 
     monkeypatch.setattr(ops, "decode_attention", spy)
     kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, attention_mask=mask, pad_token_id=0)
@@ -249,6 +253,8 @@ def test_left_padded_batch_generation_matches_hf(family, window, monkeypatch):
     assert got.tolist() == want.tolist()
     assert any(cu is not None and cu.tolist() == [0, 9, 14, 22] for cu in seen)
     assert [0, 4, 1] in leftpads  # every decode step ran the kernel, with the padding as cache_leftpad
+    # one workspace per attention module, kept from step to step (a split decode merges in its launch)
+    assert len(workspaces) == ref.config.num_hidden_layers
 
 
 def _packed(lengths, rows=1, seed=0):

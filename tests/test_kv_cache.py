@@ -1054,6 +1054,8 @@ def test_decode_workspace_bad_inputs(monkeypatch):
         with pytest.raises(ValueError, match=match):
             fastlm.ops.decode_workspace(sizes["batch"], sizes["n_heads_q"], sizes["seqlen_q"])
     assert fastlm.ops.decode_workspace(2, 4, 3).shape == (24,)
+    a, b = fastlm.ops.decode_workspace(2, 4, 3), fastlm.ops.decode_workspace(2, 4, 3)
+    assert a.data_ptr() != b.data_ptr(), "each call makes its own workspace (never one shared by two callers)"
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -1535,7 +1537,8 @@ def test_caches_decode_loop(backend):
 def test_cache_workspace_is_made_once_and_left_zeroed(cache_kind):
     """The caches' decode workspace: made at the first decode, shared by every layer and step
     (a split decode then merges in its own launch, and append_attend is one launch), grown for
-    a call with more query rows, left zeroed; outputs equal to the two-launch form's."""
+    a call with more query rows, left zeroed; outputs equal to the two-launch form's; never
+    shared with another cache."""
     B, Hq, Hkv, D = 2, 4, 2, 16
     if cache_kind == "static":
         cache = StaticKVCache(2, B, 40, Hkv, D, torch.float16, DEVICE)
@@ -1573,6 +1576,12 @@ def test_cache_workspace_is_made_once_and_left_zeroed(cache_kind):
     k3 = torch.randn(B, 3, Hkv, D, dtype=torch.float16, device=DEVICE)
     cache.append_attend(0, q3, k3, k3, num_splits=2, backend="triton")
     assert cache._ws.numel() == B * Hq * 3 and not cache._ws.any()
+    # another cache of the same shapes has its own (caches may decode on different streams at once)
+    other = StaticKVCache(2, B, 40, Hkv, D, torch.float16, DEVICE)
+    other.reserve(1)
+    other.advance(1)
+    other.append_attend(0, q, k, k, num_splits=3, backend="triton")
+    assert other._ws is not None and other._ws.data_ptr() != ws.data_ptr() != cache._ws.data_ptr()
 
 
 # ------------------------------------------------------------------------------ GPU-only

@@ -357,13 +357,21 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
 def _decode_step(module, query, key, value, scaling, softcap, window, leftpad=None):
     """ops.decode_attention over HF's cache (B, Hkv, S, hd), read in place as (B, S, Hkv, hd):
     every sequence holds S tokens, the T queries are the last T; window: FlashAttention's left
-    window (-1: none); leftpad: int32 (B,) first key of each sequence (its padding before), or None."""
+    window (-1: none); leftpad: int32 (B,) first key of each sequence (its padding before), or None.
+    The module keeps a decode workspace, so a split decode is one launch, its merge included."""
     B, S = query.shape[0], key.shape[2]
     lens = torch.full((B,), S, dtype=torch.int32, device=query.device)
     if leftpad is not None and leftpad.shape[0] != B:  # a mask of batch 1, broadcast over the rows
         leftpad = leftpad.expand(B)
-    return ops.decode_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
-                                cache_leftpad=leftpad, softmax_scale=scaling, softcap=softcap or 0.0, window=window,
+    q = query.transpose(1, 2)
+    # the attention module keeps a zeroed workspace, so a split decode merges its splits in its
+    # own launch (HF's forward runs the layers in order on one stream)
+    kept = getattr(module, "_fastlm_decode_ws", None)
+    ws = _decode.kept_workspace(kept, q)
+    if ws is not None and ws is not kept:  # (a new one: made eagerly, never while compiling)
+        module._fastlm_decode_ws = ws
+    return ops.decode_attention(q, key.transpose(1, 2), value.transpose(1, 2), lens, cache_leftpad=leftpad,
+                                softmax_scale=scaling, softcap=softcap or 0.0, window=window, workspace=ws,
                                 backend=getattr(module, "_fastlm_backend", None))
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fastlm import _backend, ops
+from fastlm.ops import kv_cache as kv_ops
 from fastlm._checks import KERNEL_DTYPES, is_int
 
 
@@ -156,12 +157,9 @@ class _KVCacheBase(nn.Module):
         step: the launches run in order on one stream), made or grown at a call that needs more
         (the eager warm-up before a CUDA graph capture); None where it cannot be made (while
         capturing or compiling: the decode then takes one more launch)."""
-        need = q.shape[0] * q.shape[1] * q.shape[2]
-        ws = self._ws
-        if ws is None or ws.numel() < need or ws.device != q.device:
-            if torch.compiler.is_compiling() or (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-                return None
-            ws = self._ws = ops.decode_workspace(q.shape[0], q.shape[2], q.shape[1], device=q.device)
+        ws = kv_ops.kept_workspace(self._ws, q)
+        if ws is not None and ws is not self._ws:
+            self._ws = ws
         return ws
 
     def append_attend(self, layer, q, k, v, *, rotary_cos=None, rotary_sin=None, rotary_interleaved=False, **kwargs):

@@ -521,10 +521,10 @@ def _check_norm_weights(q, k, q_norm_weight, k_norm_weight, eps, offset):
     return True
 
 
-@functools.cache
 def decode_workspace(batch, n_heads_q, seqlen_q=1, *, device=None):
-    """A zeroed int32 workspace for ``decode_attention(..., workspace=)`` calls of up to `batch`
-    sequences, `n_heads_q` query heads and `seqlen_q` query tokens (any KV cache)."""
+    """A new zeroed int32 workspace for ``decode_attention(..., workspace=)`` calls of up to
+    `batch` sequences, `n_heads_q` query heads and `seqlen_q` query tokens (any KV cache).  Each
+    call makes its own: calls that may run concurrently (other streams) must not share one."""
     op = "decode_workspace"
     n = 1
     for name, val in (("batch", batch), ("n_heads_q", n_heads_q), ("seqlen_q", seqlen_q)):
@@ -533,6 +533,19 @@ def decode_workspace(batch, n_heads_q, seqlen_q=1, *, device=None):
             raise ValueError(f"{op}: {name} must be a positive int, got {val!r}")
         n *= val
     return torch.zeros(n, dtype=torch.int32, device=device)
+
+
+def kept_workspace(workspace, q):
+    """The workspace for a decode_attention call on q (batch, seqlen_q, n_heads_q, head_dim) that
+    a caller keeps between calls: `workspace` when it serves (large enough, on q's device), else
+    a new one; None when none can be made (while torch.compile traces or a CUDA graph captures:
+    the call then takes its merge launch).  One workspace serves calls in order on one stream."""
+    need = q.shape[0] * q.shape[1] * q.shape[2]
+    if workspace is not None and workspace.numel() >= need and workspace.device == q.device:
+        return workspace
+    if torch.compiler.is_compiling() or (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return None
+    return decode_workspace(q.shape[0], q.shape[2], q.shape[1], device=q.device)
 
 
 def _check_workspace(workspace, q):
@@ -565,6 +578,7 @@ def _cuda_takes_workspace():
     return _cuda_arg("decode_attention_with_kv_cuda", "workspace") and _cuda_arg("decode_attention_cuda", "workspace")
 
 
+@functools.cache
 def _cuda_arg(op, name):
     return any(a.name == name for a in getattr(torch.ops.fastlm, op).default._schema.arguments)
 
