@@ -566,21 +566,31 @@ def _check_workspace(workspace, q):
                          "leave it zeroed)")
 
 
+def _cuda_arg(op, name):
+    """Whether fastlm._C's op `op` takes an argument `name` (a _C built from an older source may
+    not; False without the op)."""
+    if not _C_loader.HAVE_C or not hasattr(torch.ops.fastlm, op):
+        return False
+    return any(a.name == name for a in getattr(torch.ops.fastlm, op).default._schema.arguments)
+
+
+# Read once at import (fastlm._C is loaded by then), not per call: torch.compile traces the
+# calls below, and a FunctionSchema does not trace (torch 2.11's dynamo stops on it).
+_CUDA_HAS_QK_NORM = _cuda_arg("decode_attention_with_kv_cuda", "q_norm_weight")
+_CUDA_TAKES_WORKSPACE = (_cuda_arg("decode_attention_with_kv_cuda", "workspace")
+                         and _cuda_arg("decode_attention_cuda", "workspace"))
+
+
 def _cuda_has_qk_norm():
     """Whether fastlm._C's decode_attention_with_kv_cuda takes the q/k norm weights (a _C built
     from an older source does not)."""
-    return _cuda_arg("decode_attention_with_kv_cuda", "q_norm_weight")
+    return _CUDA_HAS_QK_NORM
 
 
 def _cuda_takes_workspace():
     """Whether fastlm._C's decode ops take the workspace (a _C built from an older source does
     not: it decodes without one, in more launches)."""
-    return _cuda_arg("decode_attention_with_kv_cuda", "workspace") and _cuda_arg("decode_attention_cuda", "workspace")
-
-
-@functools.cache
-def _cuda_arg(op, name):
-    return any(a.name == name for a in getattr(torch.ops.fastlm, op).default._schema.arguments)
+    return _CUDA_TAKES_WORKSPACE
 
 
 def _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos, cache_leftpad=None):
