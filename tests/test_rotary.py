@@ -744,8 +744,10 @@ def test_gpu_inplace_autograd_cuda_matches_triton():
         qo, ko = ops.apply_rotary(qq * 1, kk * 1, cos, sin, inplace=True, backend=backend)
         (qo.float().square().sum() + ko.float().sum()).backward()
         res.append((qo.detach(), ko.detach(), qq.grad, kk.grad))
-    for a, b in zip(*res):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # Outputs bit for bit; gradients within one bf16 ulp (an H200 run had one element of 51200
+    # one ulp apart: nvcc and Triton contract x1 * c - x2 * s into different FMAs).
+    for i, (a, b) in enumerate(zip(*res)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0 if i < 2 else 2.0 ** -7)
 
 
 # ---------------------------------------------------------------------------- tables
