@@ -6,7 +6,8 @@
 #   gpu_check.log   everything printed         junit*.xml      per-test results
 #   results.json    all benchmark rows + env   results.tar.gz  per-benchmark JSON/CSV
 #   summary.json    exit status of each stage
-# STAGES=build,test,bench (default all) selects stages; TEST_FILES / PYTEST_ARGS / BENCH_ARGS
+# STAGES=build,diag,test,bench (default all) selects stages (diag: scripts/gpu_diag.py, the decode
+# step's per-shape report, at most DIAG_S seconds, default 75); TEST_FILES / PYTEST_ARGS / BENCH_ARGS
 # pass options.
 #
 # BUDGET_S=<seconds> fits the whole check into one device call (a session has 15 minutes of
@@ -34,7 +35,7 @@ OUT_DIR=$(cd "$OUT_DIR" && pwd)
 LOG="$OUT_DIR/gpu_check.log"
 exec > >(tee -a "$LOG") 2>&1
 TEE_PID=$!
-STAGES=${STAGES:-build,test,bench}
+STAGES=${STAGES:-build,diag,test,bench}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
@@ -64,6 +65,11 @@ if [[ $STAGES == *build* ]]; then
     $PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -20
   rc_build=${PIPESTATUS[0]}
   echo "== build rc=$rc_build in $(( $(date +%s) - start ))s"
+fi
+if [[ $STAGES == *diag* ]]; then  # the decode step, shape by shape (the 2026-12-04 run's open failures)
+  start=$(date +%s)
+  capped "${DIAG_S:-75}" $PY scripts/gpu_diag.py
+  echo "== diag rc=$? in $(( $(date +%s) - start ))s"
 fi
 # The tests run with FASTLM_ATTENTION_AUTOTUNE=0 (correctness does not need every tile config
 # timed for every shape); the benchmarks never inherit it (they time the autotuned kernels).

@@ -1,0 +1,133 @@
+"""GPU diagnostic of the decode step (decode_attention with new k/v), run first by
+scripts/gpu_check.sh: the 2026-12-04 H200 run found the one-launch decode step wrong on the GPU
+while it passes under the interpreter and the host emulator.  For each backend and a spread of
+shapes it prints one line: output error against the reference per sequence, the cache slots
+written differently (as (sequence, position, kv head)), whether the workspace was left zeroed,
+and whether reruns are bit-identical.  Then the CUDA op's bad-argument calls one by one (one of
+them crashed the process there), each line printed before the call.
+    python scripts/gpu_diag.py            (a GPU; ~1 minute)
+"""
+import faulthandler
+import itertools
+import os
+import sys
+import time
+
+import torch
+
+import fastlm
+
+faulthandler.enable()
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+QUICK = os.environ.get("DIAG_QUICK")  # a few shapes (a CPU smoke run under TRITON_INTERPRET=1)
+T0 = time.time()
+
+
+def make(B, Hkv, D, cap, paged, dtype, page):
+    if paged:
+        nper = cap // page
+        nb = B * nper + 3
+        kc = torch.randn(nb, page, Hkv, D, dtype=dtype, device=dev)
+        bt = torch.randperm(nb, device=dev)[: B * nper].view(B, nper).int()
+    else:
+        kc = torch.randn(B, cap, Hkv, D, dtype=dtype, device=dev)
+        bt = None
+    return kc, torch.randn_like(kc), bt
+
+
+def where(bad, bt, page):
+    """(sequence, position, kv head) of the first differing cache rows."""
+    idx = bad.nonzero().tolist()[:6]
+    if bt is None:
+        return [tuple(i) for i in idx]
+    inv = {p: (b, j * page) for b, row in enumerate(bt.tolist()) for j, p in enumerate(row)}
+    return [(inv.get(i[0], (-1, 0))[0], inv.get(i[0], (-1, 0))[1] + i[1], i[2]) for i in idx]
+
+
+def run(backend, B, Hq, Hkv, D, cap, lens, paged, splits, ws, Sq=1, rot=False, dtype=torch.bfloat16, page=16):
+    torch.manual_seed(1)
+    kc, vc, bt = make(B, Hkv, D, cap, paged, dtype, page)
+    lt = torch.tensor(lens, dtype=torch.int32, device=dev)
+    q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=dev)
+    k = torch.randn(B, Sq, Hkv, D, dtype=dtype, device=dev)
+    v = torch.randn(B, Sq, Hkv, D, dtype=dtype, device=dev)
+    cos, sin = fastlm.ops.rotary_tables(D, cap + Sq, device=dev) if rot else (None, None)
+    w = fastlm.ops.decode_workspace(B, Hq, Sq, device=dev) if ws else None
+    kc0, vc0 = kc.clone(), vc.clone()
+    kw = dict(k=k, v=v, rotary_cos=cos, rotary_sin=sin, block_table=bt)
+    out = fastlm.ops.decode_attention(q, kc, vc, lt, num_splits=splits, workspace=w, backend=backend, **kw)
+    kc2, vc2 = kc0.clone(), vc0.clone()
+    exp = fastlm.ops.decode_attention(q, kc2, vc2, lt, backend="reference", **kw)
+    err = (out.float() - exp.float()).abs().amax(dim=(1, 3))  # (B, Hq)
+    kbad, vbad = (kc != kc2).any(-1), (vc != vc2).any(-1)
+    same = []
+    for _ in range(3):
+        kc3, vc3 = kc0.clone(), vc0.clone()
+        same.append(torch.equal(fastlm.ops.decode_attention(q, kc3, vc3, lt, num_splits=splits, workspace=w,
+                                                            backend=backend, **kw), out))
+    tag = "OK " if err.max() < 0.05 and not kbad.any() and not vbad.any() else "BAD"
+    print(f"{tag} {backend:6s} B{B} Hq{Hq} Hkv{Hkv} D{D} cap{cap} paged{int(paged)} splits{splits} ws{int(ws)} "
+          f"Sq{Sq} rot{int(rot)} {str(dtype)[6:]}: err {err.max().item():.3g} per_seq "
+          f"{[round(x, 3) for x in err.amax(1).tolist()]} bad_heads {(err > 0.05).sum().item()} "
+          f"k_bad {kbad.sum().item()} {where(kbad, bt, kc.shape[1]) if kbad.any() else ''} v_bad {vbad.sum().item()} "
+          f"ws_zeroed {not bool(w.any()) if ws else '-'} reruns_equal {all(same)}", flush=True)
+
+
+def safe(*a, **k):
+    try:
+        run(*a, **k)
+    except Exception as e:  # a diagnostic: report and go on
+        print("ERR", a, k, repr(e)[:300], flush=True)
+
+
+def bad_argument_calls():
+    """tests/test_kv_cache.py::test_cuda_with_kv_op_rejects_bad_arguments, one line per call."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    import test_kv_cache as T
+
+    D, cap = 16, 19
+    kc, vc, bt, lens, q, k = T.small_paged_case(cap, [5, 12])
+    cos, sin = T._tables(D, cap)
+    op = torch.ops.fastlm.decode_attention_with_kv_cuda
+    cases = [dict(sin=sin[:, :3]), dict(cos=cos[:, :1].expand(-1, D)), dict(sin=None), dict(k=k[:1], v=k[:1]),
+             dict(q=torch.cat([q, q], 1)), dict(v=k[..., :8]), dict(lens=lens.long()), dict(pad=lens.long()),
+             dict(pad=lens[:1]), dict(cos=cos.half(), sin=sin.half())]
+    for i, kw in enumerate(cases):
+        a = dict(q=q, kc=kc, vc=vc, k=k, v=k, lens=lens, bt=bt, pad=None, cos=cos, sin=sin)
+        a.update(kw)
+        print(f"bad-argument call {i}: {list(kw)}", flush=True)
+        try:
+            op(a["q"], a["kc"], a["vc"], a["k"], a["v"], a["lens"], a["bt"], a["pad"], a["cos"], a["sin"], False,
+               0.25, True, -1, 0.0, 2)
+            print("  returned", flush=True)
+        except RuntimeError as e:
+            print("  raised:", str(e).splitlines()[0][:200], flush=True)
+
+
+def main():
+    have_cuda_op = dev == "cuda" and hasattr(torch.ops.fastlm, "decode_attention_with_kv_cuda")
+    backends = ["triton"] + (["cuda"] if have_cuda_op else [])
+    for backend in backends:  # tests/test_kv_cache.py::test_cuda_decode_with_new_kv_launches's cases
+        for Sq, splits, ws in ((1, 3, False), (1, 1, False), (1, 3, True), (17, 2, True), (4, 2, True)):
+            for rot in (False, True):
+                safe(backend, 2, 4, 2, 16, 60, [5, 18], True, splits, ws, Sq=Sq, rot=rot, dtype=torch.float16,
+                     page=4)
+            if QUICK:
+                break
+    for backend in backends:
+        for B, (Hq, Hkv, D), paged, splits, ws in itertools.product(
+                (1, 3, 8), ((8, 2, 64), (32, 8, 128)), (True, False), (1, 3, 0), (False, True)):
+            safe(backend, B, Hq, Hkv, D, 256, [(100, 3, 17)[b % 3] + b for b in range(B)], paged, splits, ws)
+            if QUICK or time.time() - T0 > 45:
+                break
+    if not QUICK:
+        for backend, B, ws in itertools.product(backends, (1, 8), (False, True)):
+            safe(backend, B, 32, 8, 128, 8192, [8191 - 17 * b for b in range(B)], True, 0, ws)
+            safe(backend, B, 8, 2, 64, 512, [300 + b for b in range(B)], True, 3, ws, rot=True)
+    print(f"decode-step diagnostic done in {time.time() - T0:.0f} s", flush=True)
+    if have_cuda_op:
+        bad_argument_calls()
+
+
+if __name__ == "__main__":
+    main()
