@@ -3,7 +3,8 @@ scripts/gpu_check.sh: the 2026-12-04 H200 run found the one-launch decode step w
 while it passes under the interpreter and the host emulator.  For each backend and a spread of
 shapes it prints one line: output error against the reference per sequence, the cache slots
 written differently (as (sequence, position, kv head)), whether the workspace was left zeroed,
-and whether reruns are bit-identical.  Then the CUDA op's bad-argument calls one by one (one of
+and whether reruns are bit-identical; first with the Triton one-launch form forced
+(fastlm.ops.kv_cache.TRITON_ONE_LAUNCH_ON_GPU, held back on GPUs since that run), then without.  Then the CUDA op's bad-argument calls one by one (one of
 them crashed the process there), each line printed before the call.
     python scripts/gpu_diag.py            (a GPU; ~1 minute)
 """
@@ -105,8 +106,20 @@ def bad_argument_calls():
 
 
 def main():
+    from fastlm.ops import kv_cache as kv_ops
+
+    for one_launch in (True, False):  # the Triton one-launch form (held back on GPUs), then the default
+        kv_ops.TRITON_ONE_LAUNCH_ON_GPU = one_launch
+        print(f"== Triton decode step: TRITON_ONE_LAUNCH_ON_GPU={one_launch}", flush=True)
+        decode_step_report(first=one_launch)
+    print(f"decode-step diagnostic done in {time.time() - T0:.0f} s", flush=True)
+    if dev == "cuda" and hasattr(torch.ops.fastlm, "decode_attention_with_kv_cuda"):
+        bad_argument_calls()
+
+
+def decode_step_report(first):
     have_cuda_op = dev == "cuda" and hasattr(torch.ops.fastlm, "decode_attention_with_kv_cuda")
-    backends = ["triton"] + (["cuda"] if have_cuda_op else [])
+    backends = ["triton"] + (["cuda"] if have_cuda_op and first else [])
     for backend in backends:  # tests/test_kv_cache.py::test_cuda_decode_with_new_kv_launches's cases
         for Sq, splits, ws in ((1, 3, False), (1, 1, False), (1, 3, True), (17, 2, True), (4, 2, True)):
             for rot in (False, True):
@@ -118,15 +131,12 @@ def main():
         for B, (Hq, Hkv, D), paged, splits, ws in itertools.product(
                 (1, 3, 8), ((8, 2, 64), (32, 8, 128)), (True, False), (1, 3, 0), (False, True)):
             safe(backend, B, Hq, Hkv, D, 256, [(100, 3, 17)[b % 3] + b for b in range(B)], paged, splits, ws)
-            if QUICK or time.time() - T0 > 45:
+            if QUICK or time.time() - T0 > (30 if first else 55):
                 break
     if not QUICK:
         for backend, B, ws in itertools.product(backends, (1, 8), (False, True)):
             safe(backend, B, 32, 8, 128, 8192, [8191 - 17 * b for b in range(B)], True, 0, ws)
             safe(backend, B, 8, 2, 64, 512, [300 + b for b in range(B)], True, 3, ws, rot=True)
-    print(f"decode-step diagnostic done in {time.time() - T0:.0f} s", flush=True)
-    if have_cuda_op:
-        bad_argument_calls()
 
 
 if __name__ == "__main__":

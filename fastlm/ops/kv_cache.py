@@ -32,6 +32,7 @@ before anything is written.
 """
 import functools
 import math
+import os
 
 import torch
 
@@ -240,6 +241,15 @@ def _workspace_counters(workspace, q, k_cache, num_splits):
     return None if shape is None else workspace[: shape[0] * shape[1]].view(shape)
 
 
+# The Triton one-launch decode step (new k/v appended and attended in the decode launch) gave
+# wrong outputs on an H200 (GPU check of 2026-12-04: test_fused_combine_gpu with a workspace at
+# batch 8, the CUDA-graph decode step, greedy generation) while it passes under the interpreter;
+# the append + decode form passed there.  Until a GPU run clears it, CUDA tensors take the
+# append + decode form; FASTLM_TRITON_ONE_LAUNCH=1 (or setting this) forces the one launch
+# (scripts/gpu_diag.py runs both).
+TRITON_ONE_LAUNCH_ON_GPU = os.environ.get("FASTLM_TRITON_ONE_LAUNCH", "0") not in ("", "0")
+
+
 @fast_op("fastlm::decode_attention_with_kv", mutates_args=("k_cache", "v_cache"))
 def _decode_kv_op(
     q: torch.Tensor,
@@ -267,9 +277,9 @@ def _decode_kv_op(
 ) -> torch.Tensor:
     """Normalize (optional) and rotate (optional) q and k, append k/v, attend over cache_seqlens
     + seqlen_new tokens.
-    Triton: one launch does it all when kd.takes_new_kv (a decode step's one token: always) and
-    the split decode either
-    has a workspace (zeroed counters for its fused combine, left zeroed) or needs none.
+    Triton: one launch does it all when kd.takes_new_kv (a decode step's one token: always), the
+    tensors are on the CPU or TRITON_ONE_LAUNCH_ON_GPU is set (held back on GPUs: see there), and
+    the split decode either has a workspace (zeroed counters for its fused combine, left zeroed) or needs none.
     CUDA: one launch as well when seqlen_new == seqlen_q <= 16 (with a workspace, or with
     nothing to merge in the launch).
     Otherwise the norm, the rotation and the append are one launch, then the decode, which
@@ -287,8 +297,8 @@ def _decode_kv_op(
     if backend == "triton":
         from fastlm.kernels import decode as kd
 
-        if kd.takes_new_kv(q, k_cache, n) and (workspace is not None
-                                               or kd.combine_counters_shape(q, k_cache, num_splits) is None):
+        if (kd.takes_new_kv(q, k_cache, n) and (q.device.type != "cuda" or TRITON_ONE_LAUNCH_ON_GPU)
+                and (workspace is not None or kd.combine_counters_shape(q, k_cache, num_splits) is None)):
             return kd.decode_attention(
                 q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window, softcap, num_splits,
                 seqlen_add=n, counters=_workspace_counters(workspace, q, k_cache, num_splits),
