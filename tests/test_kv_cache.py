@@ -1016,8 +1016,12 @@ def test_cuda_decode_with_new_kv_launches():
                                           block_table=bt, backend="reference")
         case = dict(Sq=Sq, num_splits=num_splits, workspace=workspace is not None)
         torch.testing.assert_close(out, exp, atol=2e-3, rtol=0, msg=lambda m: f"{case}: {m}")
+        # The caches within one fp16 ulp of the reference's (on a GPU nvcc contracts the rotation
+        # into FMAs, which the reference's separate torch ops do not; the H200 run found the caches
+        # unequal); a slot written in the wrong place is off by O(1) and fails.
         for name, a, b in (("k_cache", kc, kc2), ("v_cache", vc, vc2)):
-            bad = (a != b).any(-1).nonzero().tolist()  # (block, slot, kv head) written differently
+            far = (a.float() - b.float()).abs() > 2.0 ** -10 * b.float().abs() + 2.0 ** -24
+            bad = far.any(-1).nonzero().tolist()  # (block, slot, kv head) written differently
             assert not bad, f"{case}: {name} differs from the reference's at (block, slot, head) {bad[:8]}"
         assert not ws.any(), f"{case}: the workspace was left non-zero"
 
