@@ -565,23 +565,34 @@ def decode_config(n_rows, head_dim):
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) by a deterministic rule.
     BLOCK_M: the GQA group x seqlen_q rows, padded to tl.dot's minimum of 16, at most 64 (more
     rows are split into row tiles, which re-read K/V, mostly from L2).  BLOCK_N: 64 keys per
-    tile (32 at head_dim > 128) keeps a K and a V tile (16 KiB each in bf16) in flight per stage."""
+    tile (32 at head_dim > 128) keeps a K and a V tile (16 KiB each in bf16) per stage.
+    num_stages 3: Triton's pipeliner then keeps two K/V buffers, one tile loading while the
+    other is used (every head dim: at 2 the loads and the math would take turns)."""
     block_m = min(64, max(16, next_pow2(n_rows)))
     block_d = max(16, next_pow2(head_dim))
     block_n = 64 if block_d <= 128 else 32
     num_warps = 8 if block_m * block_d >= 8192 else 4
-    num_stages = 3 if block_d <= 128 else 2
-    return block_m, block_n, block_d, num_warps, num_stages
+    return block_m, block_n, block_d, num_warps, 3
 
 
-def launch_config(n_rows, head_dim, dtype):
-    """decode_config for a cache of `dtype`.  Exact fp32 dots run on the FMA units: at BLOCK_N 64
-    with 4 warps the D=80 case needs 255 registers and spills ~850 bytes (triton 3.6, sm_90);
-    half the keys per tile over 8 warps fits in 76 without a spill."""
+# Stages a paged cache adds: the block-table load that the K/V addresses depend on takes
+# pipeline stages of its own.  Read from the TTGIR of sm_90 builds (triton 3.6 and 3.8): with
+# num_stages n a contiguous cache gets n - 1 K/V buffers, a paged one max(1, n - 3), so at 3
+# the paged loop had one buffer and waited for every tile's loads (the H200 run of 2026-12-04:
+# paged 32 us against contiguous 24.5 us at batch 1, 32 heads, 4k context).
+PAGED_EXTRA_STAGES = 2
+
+
+def launch_config(n_rows, head_dim, dtype, paged=False):
+    """decode_config for a cache of `dtype` (paged: PAGED_EXTRA_STAGES more stages, the same K/V
+    buffers).  Exact fp32 dots run on the FMA units: at BLOCK_N 64 with 4 warps the D=80 case
+    needs 255 registers and spills ~850 bytes (triton 3.6, sm_90); half the keys per tile over
+    8 warps fits in 76 without a spill, at 2 stages (one buffer: a second one, or the paged
+    form's extra stages, spill again at 32+ rows)."""
     block_m, block_n, block_d, num_warps, num_stages = decode_config(n_rows, head_dim)
     if dtype == torch.float32:
-        block_n, num_warps, num_stages = max(16, block_n // 2), 8, 2
-    return block_m, block_n, block_d, num_warps, num_stages
+        return block_m, max(16, block_n // 2), block_d, 8, 2
+    return block_m, block_n, block_d, num_warps, num_stages + (PAGED_EXTRA_STAGES if paged else 0)
 
 
 def fused_merge_rows(rows, head_dim):
@@ -654,7 +665,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sc
     paged = block_table is not None
     page = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
-    block_m, block_n, block_d, num_warps, num_stages = launch_config(G * Sq, D, q.dtype)
+    block_m, block_n, block_d, num_warps, num_stages = launch_config(G * Sq, D, q.dtype, paged)
     n_mtiles = cdiv(G * Sq, block_m)
     split = num_splits > 1
     fused = split and counters is not None  # (the merge constexprs stay 1 otherwise: no recompiles)
