@@ -298,11 +298,17 @@ def test_decode_cache_leftpad_bad_inputs(monkeypatch):
 
 def test_num_splits_heuristic():
     h = lambda *a: kv_ops.num_splits_heuristic(*a, torch.device("cpu"), sms=132)  # noqa: E731  (an H100)
-    assert h(1, 8, 1, 16384) == 33  # batch 1, long context: 8 CTAs x 33 splits ~ 2 x 132 SMs
+    # A wave is 2 CTAs per SM (264): the grid fills one without spilling into a second.
+    assert h(1, 32, 1, 4096) == 8  # 256 CTAs; 9 splits (288) would leave a 24-CTA second wave
+    assert h(1, 8, 1, 16384) == 32  # 8 CTAs x 32 = 256 (33 ties with 264: fewer splits win)
+    assert h(8, 8, 1, 16384) == 4  # 256 CTAs, not 5 x 64 = 320
     assert h(1, 8, 1, 100) == 2  # bounded by the capacity (>= 64 slots per split)
-    assert h(64, 8, 1, 16384) == 1  # enough CTAs already
-    assert h(8, 8, 1, 16384) == 5
+    assert h(64, 8, 1, 16384) == 1 and h(8, 32, 1, 16384) == 1  # the CTAs already fill 80% of a wave
     assert h(1, 1, 1, 10**7) == kv_ops.MAX_SPLITS
+    for ctas in (1, 3, 8, 24, 100, 200):  # the last wave well filled (or too few CTAs to fill one)
+        s = h(1, ctas, 1, 32768)
+        waves = ctas * s / 264
+        assert waves / math.ceil(waves) >= 0.75 or s == kv_ops.MAX_SPLITS, (ctas, s)
 
 
 # ------------------------------------------------------------------------------ append

@@ -50,6 +50,10 @@ MAX_SEQLEN_Q = 128  # decode / speculative / small chunks; use fastlm.ops.attent
 MAX_GRID_YZ = 65535  # CUDA grid limit of the batch axis
 MAX_SPLITS = 128
 MIN_TOKENS_PER_SPLIT = 64  # one key tile: fewer keys per split only adds combine work
+# CTAs of a decode kernel resident per SM that the split heuristic plans a wave for: the Triton
+# kernel at head_dim 128 holds 3 stages of a 64-key K and V tile (96 KiB of shared memory: 2 fit
+# in an H100's 228 KiB); the CUDA kernel fits more, and a wave of 2 per SM keeps both busy.
+CTAS_PER_SM = 2
 
 
 def _capacity(k_cache, block_table):
@@ -136,15 +140,34 @@ def _sm_count(device_index):
 
 
 def num_splits_heuristic(batch, n_kv_heads, n_row_tiles, capacity, device, sms=None):
-    """Flash-Decoding split count from shapes only (CUDA-graph safe): enough splits that
-    batch * n_kv_heads * row_tiles * splits fills about twice the SMs, but at least
-    MIN_TOKENS_PER_SPLIT cache slots per split and at most MAX_SPLITS."""
-    ctas = max(1, batch * n_kv_heads * n_row_tiles)
+    """Flash-Decoding split count from shapes only (CUDA-graph safe), by a wave model.
+
+    The decode grid has batch * n_kv_heads * row_tiles * splits CTAs, of which
+    CTAS_PER_SM * sms run at once (a wave); a CTA's time is its keys (capacity / splits,
+    rounded up to whole MIN_TOKENS_PER_SPLIT tiles) plus about one tile's worth of fixed work
+    (q, the partials, its share of the merge).  The count minimizing waves x (keys + 1 tile)
+    wins (ties: fewer splits): a grid that spills a few CTAs into a second wave costs a whole
+    wave, so 32 KV heads at batch 1 take 8 splits (256 CTAs on an H100's 264 slots), not 9
+    (288: the H200 run of 2026-12-04 measured that form at 65% of the copy bandwidth).  No split
+    when the CTAs already fill 80% of a wave (FlashAttention's rule: splitting then only adds
+    merge work); at most MAX_SPLITS, and at least MIN_TOKENS_PER_SPLIT slots per split."""
     if sms is None:
         sms = _sm_count(device.index if device.type == "cuda" else None)
-    want = -(-2 * sms // ctas)
-    useful = max(1, -(-capacity // MIN_TOKENS_PER_SPLIT))
-    return max(1, min(want, useful, MAX_SPLITS))
+    return _splits_by_waves(max(1, batch * n_kv_heads * n_row_tiles), max(1, capacity), CTAS_PER_SM * sms)
+
+
+@functools.lru_cache(maxsize=4096)  # (once per shape: every decode call asks)
+def _splits_by_waves(ctas, capacity, slots):
+    tile = MIN_TOKENS_PER_SPLIT
+    useful = min(-(-capacity // tile), MAX_SPLITS)
+    if ctas * 5 >= slots * 4 or useful <= 1:
+        return 1
+
+    def cost(s):
+        waves = -(-ctas * s // slots)
+        return waves * (-(-capacity // (s * tile)) * tile + tile)
+
+    return min(range(1, useful + 1), key=lambda s: (cost(s), s))
 
 
 def _row_tiles(backend, rows, head_dim):
