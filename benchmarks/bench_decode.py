@@ -18,6 +18,10 @@ Decode step (one layer's attention part): rotary + append + decode as separate o
 call decode_attention(k=, v=, rotary_cos=, rotary_sin=), and flash_attn_with_kvcache when
 installed, in microseconds per call.
 
+Split sweep (first, it is small): decode time per num_splits at batch 1 and 8, 4k context (and
+16k without --quick), paged and contiguous, with the heuristic's pick and its time against the
+best count measured: the data num_splits_heuristic is tuned from.
+
 Decode-step linear layers (ops.fused_linear): the residual add + norm before a projection and
 SwiGLU after it in one matrix-vector kernel, vs the same as separate kernels (norm kernel,
 cuBLAS, SwiGLU kernel: what the model runs with decode_gemv_rows = 0), cuBLAS alone (F.linear:
@@ -210,13 +214,54 @@ def bench_decode(res, args, copy_bw, fa, fi):
                         gbs = nbytes / ms / 1e6
                         extra = {}
                         if name in ("triton", "cuda"):
-                            extra["num_splits"] = kv_ops.num_splits_heuristic(batch, hkv, 1, ctx, q.device)
+                            extra["num_splits"] = kv_ops._splits(q, caches[0][0], caches[0][2], 0, name)
                         res.add(**row, impl=name, ms=ms, p20=p20, p80=p80, gbs=gbs, pct_copy=100 * gbs / copy_bw,
                                 **extra)
                         summary[(batch, ctx, ratio, layout, name)] = ms
                     del q, lens, caches
                     torch.cuda.empty_cache()
     return summary
+
+
+def bench_splits(res, args, copy_bw):
+    """The split count, swept: decode time per num_splits for the target shapes (batch 1 and 8,
+    4k context; 16k too without --quick), paged and contiguous, against the heuristic's pick
+    (num_splits=0): the data that tunes kv_cache.num_splits_heuristic (its wave model assumes
+    CTAS_PER_SM resident CTAs; the Triton kernel's occupancy differs by layout)."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    shapes = [(1, 4096, "1:1"), (1, 4096, "4:1"), (8, 4096, "4:1")]
+    if not args.quick:
+        shapes += [(1, 16384, "1:1"), (1, 16384, "4:1"), (8, 16384, "1:1"), (1, 4096, "8:1")]
+    backends = ["triton"] + (["cuda"] if _C_loader.HAVE_CUDA_KERNELS and not args.quick else [])
+    for batch, ctx, ratio in shapes:
+        hkv = GQA[ratio]
+        nbytes = kv_bytes(batch, ctx, hkv)
+        for paged in (True, False):
+            q, lens, caches = make_inputs(batch, ctx, hkv, paged, n_copies(nbytes), gen)
+            for be in backends:
+                picked = kv_ops._splits(q, caches[0][0], caches[0][2], 0, be)
+                row = dict(op="decode_splits", batch=batch, context=ctx, gqa=ratio, layout="paged" if paged else "contiguous",
+                           impl=be, heuristic=picked)
+                counts = sorted({1, 2, 4, 8, 12, 16, 24, 32, 48, 64, picked} & set(range(1, ctx // 64 + 1)))
+                times = {}
+                for n in counts:
+                    calls = [lambda c=c, n=n: fastlm.ops.decode_attention(q, c[0], c[1], lens, block_table=c[2],
+                                                                          num_splits=n, backend=be) for c in caches]
+                    try:
+                        ms, p20, p80 = bench_graph(calls)
+                    except Exception as e:  # say so, and go on with the other counts
+                        res.add(**row, num_splits=n, status=f"error: {type(e).__name__}: {str(e)[:120]}")
+                        torch.cuda.synchronize()
+                        continue
+                    gbs = nbytes / ms / 1e6
+                    res.add(**row, num_splits=n, ms=ms, p20=p20, p80=p80, gbs=gbs, pct_copy=100 * gbs / copy_bw)
+                    times[n] = ms
+                if picked in times:
+                    best = min(times, key=times.get)
+                    res.add(**row, metric="heuristic_vs_best", best_splits=best, best_ms=times[best],
+                            heuristic_ms=times[picked], ratio=times[best] / times[picked])
+            del q, lens, caches
+            torch.cuda.empty_cache()
 
 
 def bench_append(res, args, copy_bw):
@@ -488,6 +533,7 @@ def main(argv=None):
     res.add(op="roof", impl="copy", gbs=copy_bw)
     fa = optional_module("flash_attn")
     fi = optional_module("flashinfer")
+    bench_splits(res, args, copy_bw)  # first: small, and what the next tuning step needs
     summary = bench_decode(res, args, copy_bw, fa, fi)
     bench_append(res, args, copy_bw)
     bench_step(res, args, copy_bw, fa)
