@@ -305,6 +305,9 @@ def test_num_splits_heuristic():
     assert h(1, 8, 1, 100) == 2  # bounded by the capacity (>= 64 slots per split)
     assert h(64, 8, 1, 16384) == 1 and h(8, 32, 1, 16384) == 1  # the CTAs already fill 80% of a wave
     assert h(1, 1, 1, 10**7) == kv_ops.MAX_SPLITS
+    # The CUDA kernel plans 4 CTAs per SM at head_dim <= 128 (registers, not shared memory, bound it).
+    assert kv_ops._ctas_per_sm("cuda", 128) == 4 and kv_ops._ctas_per_sm("cuda", 256) == 2
+    assert kv_ops.num_splits_heuristic(1, 32, 1, 4096, torch.device("cpu"), sms=132, ctas_per_sm=4) == 16
     for ctas in (1, 3, 8, 24, 100, 200):  # the last wave well filled (or too few CTAs to fill one)
         s = h(1, ctas, 1, 32768)
         waves = ctas * s / 264
@@ -1660,7 +1663,8 @@ def test_fused_combine_gpu(backend, B, Hq, Hkv, Sq, num_splits, workspace):
     lens = [cap - Sq - 17 * b for b in range(B)]
     rows = Hq // Hkv * Sq
     splits = num_splits or kv_ops.num_splits_heuristic(B, Hkv, kv_ops._row_tiles(backend, rows, 128), cap,
-                                                       torch.empty(0, device=DEVICE).device)  # (cuda:N)
+                                                       torch.empty(0, device=DEVICE).device,  # (cuda:N)
+                                                       ctas_per_sm=kv_ops._ctas_per_sm(backend, 128))
     merge_rows = kd.fused_merge_rows(rows, 128) if backend == "triton" else min(16, rows)
     assert splits > 1 and merge_rows * 128 * splits * 4 <= kd.MAX_FUSED_MERGE_BYTES, "not the fused path"
     out, exp, args, rerun = _fused_vs_separate_combine(B, Hq, Hkv, 128, Sq, cap, lens, torch.bfloat16, num_splits,

@@ -50,10 +50,18 @@ MAX_SEQLEN_Q = 128  # decode / speculative / small chunks; use fastlm.ops.attent
 MAX_GRID_YZ = 65535  # CUDA grid limit of the batch axis
 MAX_SPLITS = 128
 MIN_TOKENS_PER_SPLIT = 64  # one key tile: fewer keys per split only adds combine work
-# CTAs of a decode kernel resident per SM that the split heuristic plans a wave for: the Triton
-# kernel at head_dim 128 holds 3 stages of a 64-key K and V tile (96 KiB of shared memory: 2 fit
-# in an H100's 228 KiB); the CUDA kernel fits more, and a wave of 2 per SM keeps both busy.
-CTAS_PER_SM = 2
+# CTAs of a decode kernel per SM that the split heuristic plans a wave for (sm_90 builds):
+# the Triton kernel at head_dim 128 holds two 64-key K and V buffers (71-73 KiB of shared memory;
+# 180 registers when paged): 2-3 fit.  The CUDA kernel keeps K/V in registers (96 at head_dim
+# 128, 15 KiB of shared memory: 5 fit), so its memory parallelism comes from more CTAs: 4
+# (2 past head_dim 128: 166-255 registers).
+CTAS_PER_SM = {"triton": 2, "cuda": 4}
+
+
+def _ctas_per_sm(backend, head_dim):
+    if backend == "cuda" and head_dim > 128:
+        return 2
+    return CTAS_PER_SM.get(backend, 2)
 
 
 def _capacity(k_cache, block_table):
@@ -139,21 +147,21 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_splits_heuristic(batch, n_kv_heads, n_row_tiles, capacity, device, sms=None):
+def num_splits_heuristic(batch, n_kv_heads, n_row_tiles, capacity, device, sms=None, ctas_per_sm=2):
     """Flash-Decoding split count from shapes only (CUDA-graph safe), by a wave model.
 
-    The decode grid has batch * n_kv_heads * row_tiles * splits CTAs, of which
-    CTAS_PER_SM * sms run at once (a wave); a CTA's time is its keys (capacity / splits,
-    rounded up to whole MIN_TOKENS_PER_SPLIT tiles) plus about one tile's worth of fixed work
+    The decode grid has batch * n_kv_heads * row_tiles * splits CTAs, of which ctas_per_sm *
+    sms run at once (a wave; CTAS_PER_SM of the backend); a CTA's time is its keys (capacity /
+    splits, rounded up to whole MIN_TOKENS_PER_SPLIT tiles) plus about one tile's worth of fixed work
     (q, the partials, its share of the merge).  The count minimizing waves x (keys + 1 tile)
     wins (ties: fewer splits): a grid that spills a few CTAs into a second wave costs a whole
-    wave, so 32 KV heads at batch 1 take 8 splits (256 CTAs on an H100's 264 slots), not 9
+    wave, so 32 KV heads at batch 1 take 8 Triton splits (256 CTAs on an H100's 264 slots), not 9
     (288: the H200 run of 2026-12-04 measured that form at 65% of the copy bandwidth).  No split
     when the CTAs already fill 80% of a wave (FlashAttention's rule: splitting then only adds
     merge work); at most MAX_SPLITS, and at least MIN_TOKENS_PER_SPLIT slots per split."""
     if sms is None:
         sms = _sm_count(device.index if device.type == "cuda" else None)
-    return _splits_by_waves(max(1, batch * n_kv_heads * n_row_tiles), max(1, capacity), CTAS_PER_SM * sms)
+    return _splits_by_waves(max(1, batch * n_kv_heads * n_row_tiles), max(1, capacity), ctas_per_sm * sms)
 
 
 @functools.lru_cache(maxsize=4096)  # (once per shape: every decode call asks)
@@ -184,7 +192,8 @@ def _splits(q, k_cache, block_table, num_splits, backend):
         B, Sq, Hq, D = q.shape
         Hkv = k_cache.shape[2]
         num_splits = num_splits_heuristic(
-            B, Hkv, _row_tiles(backend, Sq * (Hq // Hkv), D), _capacity(k_cache, block_table), q.device
+            B, Hkv, _row_tiles(backend, Sq * (Hq // Hkv), D), _capacity(k_cache, block_table), q.device,
+            ctas_per_sm=_ctas_per_sm(backend, D),
         )
     return min(num_splits, MAX_SPLITS)
 
