@@ -777,16 +777,20 @@ _FWD_CONFIGS = {
 # 100-600 bytes (more with the atomic dQ); (16, 128) and (32, 64) with 8 warps spill nothing
 # (atomic dQ: 50-150 bytes).  The autotuner tries them all; (16, 128) is first because the
 # untuned paths (deterministic=True, FASTLM_ATTENTION_AUTOTUNE=0) take the first: no spills
-# without the atomic dQ, the fewest with it, and the 128-key tile.
+# without the atomic dQ, the fewest with it, and the 128-key tile.  Three stages (a deeper Q/dO
+# pipeline) fit without spills at (16, 128) (48 bytes with the atomic dQ) and (16, 64) (none with
+# it either; triton 3.6, sm_90): candidates for the autotuner, not yet timed on a GPU.
 _DKDV_CONFIGS = {
     64: [(32, 128, 8, 2), (64, 128, 8, 2)],
-    128: [(16, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 8, 2)],
+    128: [(16, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 8, 2), (16, 128, 8, 3),
+          (16, 64, 8, 3)],
     256: [(32, 64, 8, 2), (64, 32, 8, 2)],
 }
-# dQ kernel: BLOCK_M queries owned, BLOCK_N keys per step.
+# dQ kernel: BLOCK_M queries owned, BLOCK_N keys per step ((128, 32) at 3 stages: 176 registers,
+# no spills, 112 KiB).
 _DQ_CONFIGS = {
     64: [(128, 64, 8, 2), (64, 64, 4, 3)],
-    128: [(128, 64, 8, 2), (128, 32, 8, 2)],
+    128: [(128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3)],
     256: [(64, 64, 8, 2), (32, 32, 4, 2)],
 }
 # Fallbacks when none of the above fits the device's shared memory.
