@@ -30,7 +30,12 @@ for f in "$@"; do
             -D_GLIBCXX_USE_CXX11_ABI=1 --use_fast_math -lineinfo --compiler-options -fPIC $GENCODE -Xptxas=-v \
             2> "$TMP/ptxas.log" \
           || { cat "$TMP/ptxas.log"; exit 1; }
-          grep -E "error|spill|Used" "$TMP/ptxas.log" | grep -v " 0 bytes spill" | head -40 || true ;;
+          # One line per kernel: registers, spills, shared memory, then its (demangled) name.
+          grep -E "Compiling entry|error|spill|Used" "$TMP/ptxas.log" | grep -v " 0 bytes spill" \
+            | sed -E "s/.*Compiling entry function '([^']*)' for '(sm_[0-9a]+)'.*/== \2 \1/" \
+            | { command -v c++filt >/dev/null && c++filt || cat; } \
+            | awk '/^== /{name=$0; next} {sub(/^ptxas info *: */, ""); print $0 "   " substr(name, 4, 160)}' \
+            | head -${PTXAS_LINES:-60} || true ;;
     *.cpp) g++ -c "$f" -o "$TMP/$(basename "$f").o" -Icsrc $INC -I"$PYINC" -I"$CUDA_HOME/include" -std=$STD -O1 -fPIC -DFASTLM_WITH_CUDA ;;
   esac
 done

@@ -305,9 +305,9 @@ def test_num_splits_heuristic():
     assert h(1, 8, 1, 100) == 2  # bounded by the capacity (>= 64 slots per split)
     assert h(64, 8, 1, 16384) == 1 and h(8, 32, 1, 16384) == 1  # the CTAs already fill 80% of a wave
     assert h(1, 1, 1, 10**7) == kv_ops.MAX_SPLITS
-    # The CUDA kernel plans 4 CTAs per SM at head_dim <= 128 (registers, not shared memory, bound it).
-    assert kv_ops._ctas_per_sm("cuda", 128) == 4 and kv_ops._ctas_per_sm("cuda", 256) == 2
-    assert kv_ops.num_splits_heuristic(1, 32, 1, 4096, torch.device("cpu"), sms=132, ctas_per_sm=4) == 16
+    # The CUDA kernel plans by its registers: 4 CTAs per SM at head_dim 64, 3 at 128, 2 past it.
+    assert [kv_ops._ctas_per_sm("cuda", d) for d in (64, 128, 256)] == [4, 3, 2]
+    assert kv_ops.num_splits_heuristic(1, 32, 1, 4096, torch.device("cpu"), sms=132, ctas_per_sm=3) == 11
     for ctas in (1, 3, 8, 24, 100, 200):  # the last wave well filled (or too few CTAs to fill one)
         s = h(1, ctas, 1, 32768)
         waves = ctas * s / 264

@@ -52,15 +52,15 @@ MAX_SPLITS = 128
 MIN_TOKENS_PER_SPLIT = 64  # one key tile: fewer keys per split only adds combine work
 # CTAs of a decode kernel per SM that the split heuristic plans a wave for (sm_90 builds):
 # the Triton kernel at head_dim 128 holds two 64-key K and V buffers (71-73 KiB of shared memory;
-# 180 registers when paged): 2-3 fit.  The CUDA kernel keeps K/V in registers (96 at head_dim
-# 128, 15 KiB of shared memory: 5 fit), so its memory parallelism comes from more CTAs: 4
-# (2 past head_dim 128: 166-255 registers).
+# 180 registers when paged): 2-3 fit.  The CUDA kernel keeps K/V in registers (ptxas: 96 at
+# head_dim 64, launch-bounded to 5 CTAs; 161-168 at 128: 3 fit; 240-255 past 128: 2), so its
+# memory parallelism comes from more CTAs (scripts/compile_check.sh prints the registers).
 CTAS_PER_SM = {"triton": 2, "cuda": 4}
 
 
 def _ctas_per_sm(backend, head_dim):
-    if backend == "cuda" and head_dim > 128:
-        return 2
+    if backend == "cuda" and head_dim > 64:
+        return 3 if head_dim <= 128 else 2
     return CTAS_PER_SM.get(backend, 2)
 
 
