@@ -240,8 +240,8 @@ def bench_splits(res, args, copy_bw):
             q, lens, caches = make_inputs(batch, ctx, hkv, paged, n_copies(nbytes), gen)
             for be in backends:
                 picked = kv_ops._splits(q, caches[0][0], caches[0][2], 0, be)
-                row = dict(op="decode_splits", batch=batch, context=ctx, gqa=ratio, layout="paged" if paged else "contiguous",
-                           impl=be, heuristic=picked)
+                row = dict(op="decode_splits", batch=batch, context=ctx, gqa=ratio,
+                           layout="paged" if paged else "contiguous", impl=be, heuristic=picked)
                 counts = sorted({1, 2, 4, 8, 12, 16, 24, 32, 48, 64, picked} & set(range(1, ctx // 64 + 1)))
                 times = {}
                 for n in counts:
