@@ -43,6 +43,7 @@ Decode (memory-bound: every byte of the visible K/V is read once):
   masked (never read).  Forward only.
 """
 import functools
+import os
 
 import torch
 import triton
@@ -61,6 +62,13 @@ MAX_SPLITS = 128
 # guess, to be set from bench_decode's decode_step rows on a GPU; csrc/kv_cache.cu's
 # kMaxFusedMergeBytes is the same limit.
 MAX_FUSED_MERGE_BYTES = 128 * 1024
+# The new tokens' tile of the one-launch decode step: fp32 products summed over head_dim (False:
+# a decode step's one key needs no 16-key tile), or tl.dot over the tile padded to 16 keys (True,
+# or FASTLM_TRITON_NEW_KV_DOT=1: the main loop's layouts, and its rounding of P to the cache
+# dtype).  The H200 run of 2026-12-04 found the one-launch step wrong on the GPU while both forms
+# pass under the interpreter; scripts/gpu_diag.py runs both, to tell whether the product path is
+# where it goes wrong.
+NEW_KV_DOT = os.environ.get("FASTLM_TRITON_NEW_KV_DOT", "0") not in ("", "0")
 
 
 @triton.jit
@@ -365,7 +373,8 @@ def _decode_kernel(
     ROTARY: tl.constexpr,  # NEW_KV: rotate q and the new keys at their positions
     NORM: tl.constexpr,  # NEW_KV: RMS-normalize every head of q and of the new keys first
     INTERLEAVED: tl.constexpr,  # GPT-J pairs (ROTARY)
-    BLOCK_NEW: tl.constexpr,  # power of two >= seqlen_add (NEW_KV)
+    BLOCK_NEW: tl.constexpr,  # power of two >= seqlen_add (NEW_KV; >= 16 with NEW_DOT)
+    NEW_DOT: tl.constexpr,  # NEW_KV: the new tokens' tile through tl.dot (NEW_KV_DOT), else fp32 products
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr,
@@ -459,12 +468,18 @@ def _decode_kernel(
                          mask=wmask)
                 tl.store(V_CACHE + (phys64 * s_vb + slot64 * s_vt)[:, None] + hkv64 * s_vh + d[None, :] * s_vd, vn,
                          mask=wmask)
-            # (a few keys, the decode step's one: products and sums in fp32, not tl.dot, whose
-            # 16-key minimum tile would hold registers for 16 prepared keys)
-            p, alpha, m_i, l_i = _softmax_step(q, kn, t, j_ok & ok & (t < L) & (t >= lo), pos, m_i, l_i, qk_scale,
-                                               softcap_log2, window, CAUSAL, HAS_WINDOW, SOFTCAP, PRECISION, False)
-            pv = p.to(vn.dtype).to(tl.float32)[:, :, None] * vn.to(tl.float32)[None, :, :]
-            acc = acc * alpha[:, None] + tl.sum(pv, 1)
+            new_ok = j_ok & ok & (t < L) & (t >= lo)
+            if NEW_DOT:  # the tile padded to 16 keys (BLOCK_NEW >= 16), through tl.dot like the loop's
+                p, alpha, m_i, l_i = _softmax_step(q, kn, t, new_ok, pos, m_i, l_i, qk_scale, softcap_log2, window,
+                                                   CAUSAL, HAS_WINDOW, SOFTCAP, PRECISION)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vn.dtype), vn, input_precision=PRECISION)
+            else:
+                # (a few keys, the decode step's one: products and sums in fp32, not tl.dot, whose
+                # 16-key minimum tile would hold registers for 16 prepared keys)
+                p, alpha, m_i, l_i = _softmax_step(q, kn, t, new_ok, pos, m_i, l_i, qk_scale, softcap_log2, window,
+                                                   CAUSAL, HAS_WINDOW, SOFTCAP, PRECISION, False)
+                pv = p.to(vn.dtype).to(tl.float32)[:, :, None] * vn.to(tl.float32)[None, :, :]
+                acc = acc * alpha[:, None] + tl.sum(pv, 1)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -688,7 +703,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sc
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         block_table.stride(0) if paged else 0, *nk_strides,
         PAGED=paged, PAGE=page, NEW_KV=new_kv is not None, ROTARY=rotary, NORM=norm, INTERLEAVED=bool(interleaved),
-        BLOCK_NEW=next_pow2(seqlen_add) if new_kv is not None else 1, CAUSAL=causal, HAS_WINDOW=window >= 0,
+        BLOCK_NEW=(max(next_pow2(seqlen_add), 16 if NEW_KV_DOT else 1) if new_kv is not None else 1),
+        NEW_DOT=new_kv is not None and NEW_KV_DOT, CAUSAL=causal, HAS_WINDOW=window >= 0,
         HAS_LEFTPAD=cache_leftpad is not None, SOFTCAP=softcap > 0, SPLIT=split,
         FUSED_COMBINE=fused, BLOCK_S=next_pow2(num_splits) if fused else 1,
         MERGE_M=merge_m if fused else 1, CHUNK_S=merge_chunk(merge_m, block_d, num_warps, num_splits) if fused else 1,

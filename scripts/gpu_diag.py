@@ -4,7 +4,9 @@ while it passes under the interpreter and the host emulator.  For each backend a
 shapes it prints one line: output error against the reference per sequence, the cache slots
 written differently (as (sequence, position, kv head)), whether the workspace was left zeroed,
 and whether reruns are bit-identical; first with the Triton one-launch form forced
-(fastlm.ops.kv_cache.TRITON_ONE_LAUNCH_ON_GPU, held back on GPUs since that run), then without.  Then the CUDA op's bad-argument calls one by one (one of
+(fastlm.ops.kv_cache.TRITON_ONE_LAUNCH_ON_GPU, held back on GPUs since that run), with its new
+tokens' tile as fp32 products (the form that failed) and through tl.dot
+(fastlm.kernels.decode.NEW_KV_DOT), then without.  Then the CUDA op's bad-argument calls one by one (one of
 them crashed the process there), each line printed before the call.
     python scripts/gpu_diag.py            (a GPU; ~1 minute)
 """
@@ -106,18 +108,24 @@ def bad_argument_calls():
 
 
 def main():
+    from fastlm.kernels import decode as kd
     from fastlm.ops import kv_cache as kv_ops
 
-    for one_launch in (True, False):  # the Triton one-launch form (held back on GPUs), then the default
+    # The Triton one-launch form (held back on GPUs) with its new tokens' tile as fp32 products
+    # (the form that failed), then through tl.dot (kd.NEW_KV_DOT), then the default.
+    # Each pass stops its shape sweep at `cutoff` seconds from the start (gpu_check.sh gives the
+    # whole diagnostic DIAG_S); the long-cache cases run in the one-launch passes only.
+    for one_launch, dot, cutoff in ((True, False, 20), (True, True, 40), (False, False, 50)):
         kv_ops.TRITON_ONE_LAUNCH_ON_GPU = one_launch
-        print(f"== Triton decode step: TRITON_ONE_LAUNCH_ON_GPU={one_launch}", flush=True)
-        decode_step_report(first=one_launch)
+        kd.NEW_KV_DOT = dot
+        print(f"== Triton decode step: TRITON_ONE_LAUNCH_ON_GPU={one_launch} NEW_KV_DOT={dot}", flush=True)
+        decode_step_report(first=one_launch and not dot, cutoff=cutoff, long_caches=one_launch)
     print(f"decode-step diagnostic done in {time.time() - T0:.0f} s", flush=True)
     if dev == "cuda" and hasattr(torch.ops.fastlm, "decode_attention_with_kv_cuda"):
         bad_argument_calls()
 
 
-def decode_step_report(first):
+def decode_step_report(first, cutoff, long_caches):
     have_cuda_op = dev == "cuda" and hasattr(torch.ops.fastlm, "decode_attention_with_kv_cuda")
     backends = ["triton"] + (["cuda"] if have_cuda_op and first else [])
     for backend in backends:  # tests/test_kv_cache.py::test_cuda_decode_with_new_kv_launches's cases
@@ -131,9 +139,9 @@ def decode_step_report(first):
         for B, (Hq, Hkv, D), paged, splits, ws in itertools.product(
                 (1, 3, 8), ((8, 2, 64), (32, 8, 128)), (True, False), (1, 3, 0), (False, True)):
             safe(backend, B, Hq, Hkv, D, 256, [(100, 3, 17)[b % 3] + b for b in range(B)], paged, splits, ws)
-            if QUICK or time.time() - T0 > (30 if first else 55):
+            if QUICK or time.time() - T0 > cutoff:
                 break
-    if not QUICK:
+    if long_caches and not QUICK:
         # Batch 1, 4 query rows (a padded 16-row tile): 33 splits leave the last split no cache keys
         # (the 2026-12-04 run passed that), 32 give it four tiles besides the new token (as the
         # failing batch-8 case had): does the failure follow the last split's cache keys?

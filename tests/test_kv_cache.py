@@ -937,6 +937,18 @@ def test_decode_with_new_kv_in_one_launch(backend, dtype, case):
     assert torch.equal(vc0.nan_to_num(7.0), vc.nan_to_num(7.0)) and not ws.any()
 
 
+@pytest.mark.parametrize("case", ["neox-split", "qwen3-sq3-window", "gemma3-partial-gptj-softcap", "norm-only-mqa",
+                                  "plain-append-5-leftpad"])
+def test_decode_one_launch_new_tokens_through_dot(monkeypatch, case):
+    """The Triton one-launch step with its new tokens' tile through tl.dot (kd.NEW_KV_DOT: padded
+    to 16 keys, the main loop's layouts and rounding) instead of fp32 products: every check of
+    test_decode_with_new_kv_in_one_launch (fp16: the interpreter's bf16 dot is broken)."""
+    from fastlm.kernels import decode as kd
+
+    monkeypatch.setattr(kd, "NEW_KV_DOT", True)
+    test_decode_with_new_kv_in_one_launch("triton", torch.float16, case)
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("Sq,num_splits", [(1, 3), (9, 5), (2, 1)])
 def test_decode_with_workspace_merges_in_the_same_launch(backend, Sq, num_splits):

@@ -346,11 +346,12 @@ def _append_case(D, dtype, *, paged, page=16, B=8, S=1, H=8, rotary_dim=0, Hq=32
 
 
 def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, softcap=0.0, page=16, cap=4096,
-                 fused_combine=False, leftpad=False, new_kv=None):
+                 fused_combine=False, leftpad=False, new_kv=None, new_dot=False):
     """fused_combine: the decode of decode_attention(k=, v=), which merges its own splits;
     leftpad: with cache_leftpad (a left-padded batch); new_kv=(rotary_dim, interleaved, norm):
     the one-launch form (NEW_KV: q/k norms, rotary and the append in the decode kernel), with
-    k/v as views of a fused qkv projection."""
+    k/v as views of a fused qkv projection; new_dot: its new tokens' tile through tl.dot
+    (kernels/decode.py NEW_KV_DOT)."""
     def run(k, arch):
         import torch
         from fastlm.ops import kv_cache as opk
@@ -379,13 +380,18 @@ def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, sof
             weights = (_t(D, dtype=dtype), _t(D, dtype=dtype)) if norm else (None, None)
             nkv = (kn, vn, *tables, inter, *weights, 1e-6, 0.0)
             assert k["decode"].takes_new_kv(q, kc, Sq)
-        k["decode"].decode_attention(q, kc, vc, _t(B, dtype=torch.int32), bt, D**-0.5, causal, window, softcap,
-                                     splits, seqlen_add=Sq if fused_combine or new_kv else 0, counters=counters,
-                                     cache_leftpad=_t(B, dtype=torch.int32) if leftpad else None, new_kv=nkv)
+        dot = k["decode"].NEW_KV_DOT
+        k["decode"].NEW_KV_DOT = new_dot
+        try:
+            k["decode"].decode_attention(q, kc, vc, _t(B, dtype=torch.int32), bt, D**-0.5, causal, window, softcap,
+                                         splits, seqlen_add=Sq if fused_combine or new_kv else 0, counters=counters,
+                                         cache_leftpad=_t(B, dtype=torch.int32) if leftpad else None, new_kv=nkv)
+        finally:
+            k["decode"].NEW_KV_DOT = dot
     tag = f"decode D={D} {_dt(dtype)} B={B} Sq={Sq} G={Hq // Hkv}" + (f" paged{page}" if paged else "")
     tag += " fused-combine" * fused_combine + " leftpad" * leftpad
     if new_kv is not None:
-        tag += f" new-kv rotary{new_kv[0]}" + " interleaved" * new_kv[1] + " qk-norm" * new_kv[2]
+        tag += f" new-kv rotary{new_kv[0]}" + " interleaved" * new_kv[1] + " qk-norm" * new_kv[2] + " dot-tile" * new_dot
     tag += " causal" * causal + f" window={window}" * (window >= 0) + f" softcap={softcap}" * (softcap > 0)
     return tag, run
 
@@ -607,6 +613,8 @@ def _cases(full):
                                          new_kv=(64, False, False)))
         add("decode", both, _decode_case(128, bf16, B=1, Sq=1, Hq=16, Hkv=8, paged=True, fused_combine=True,
                                          new_kv=(128, False, True)))
+        add("decode", h100, _decode_case(128, bf16, B=8, Sq=1, Hq=32, Hkv=8, paged=True, fused_combine=True,
+                                         new_kv=(128, False, False), new_dot=True))  # gpu_diag's second form
         add("decode", h100, _decode_case(128, fp16, B=64, Sq=1, Hq=32, Hkv=8, paged=True, new_kv=(64, True, False)))
         add("decode", h100, _decode_case(80, fp32, B=2, Sq=4, Hq=16, Hkv=2, paged=False, window=100, softcap=30.0,
                                          fused_combine=True, new_kv=(32, False, True)))
