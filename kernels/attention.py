@@ -766,12 +766,14 @@ def _seq_key(n):
 # Forward: BLOCK_M query rows per program (a Hopper warpgroup = 4 warps per 64 rows),
 # BLOCK_N keys per pipelined step.  Larger D shrinks the tiles to stay inside registers
 # (the fp32 accumulator is BLOCK_M x D) and shared memory (num_stages K/V tiles in flight).
-# At D=128 (128, 64) with 4 stages: 231 registers, no spills, 160 KiB (triton 3.6, sm_90): a
-# candidate for the autotuner, not yet timed on a GPU.
+# Candidates for the autotuner not yet timed on a GPU (triton 3.6, sm_90, no spills): D=64
+# (128, 64) over 8 warps with 4 stages (113 registers: 2 CTAs per SM), D=128 (128, 64) with 4
+# stages (231 registers, 160 KiB), D=256 (128, 32) with 3 stages (214 registers, 160 KiB; the
+# first D=256 config spills 24 bytes).
 _FWD_CONFIGS = {
-    64: [(128, 128, 8, 3), (128, 64, 4, 3)],
+    64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)],
     128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4)],
-    256: [(128, 64, 8, 2), (64, 32, 4, 2)],
+    256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 3)],
 }
 # dK/dV kernel: BLOCK_N keys owned by the program (dK, dV accumulators: 2 x BLOCK_N x D fp32),
 # BLOCK_M queries per step.  Register-bound: small BLOCK_M keeps the score tiles small.  At D=128
