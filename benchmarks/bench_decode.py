@@ -105,6 +105,21 @@ def bench_graph(calls, reps=10, target_ms=8.0, max_calls=500):
     return q[0], q[1], q[2]
 
 
+def timed_row(res, calls, nbytes, copy_bw, **row):
+    """Times `calls` (bench_graph) and adds `row` with ms, p20/p80, GB/s of `nbytes` and % of the
+    copy bandwidth; returns ms.  A call that fails adds the row with its error as the status
+    (the other rows go on) and returns None."""
+    try:
+        ms, p20, p80 = bench_graph(calls)
+    except Exception as e:  # say so, and go on with the other rows
+        res.add(**row, status=f"error: {type(e).__name__}: {str(e)[:120]}")
+        torch.cuda.synchronize()
+        return None
+    gbs = nbytes / ms / 1e6
+    res.add(**row, ms=ms, p20=p20, p80=p80, gbs=gbs, pct_copy=100 * gbs / copy_bw)
+    return ms
+
+
 def make_inputs(batch, ctx, hkv, paged, copies, gen):
     """`copies` independent caches (contiguous or paged with a shuffled block table) + q."""
     q = torch.randn(batch, 1, HQ, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
@@ -205,19 +220,12 @@ def bench_decode(res, args, copy_bw, fa, fi):
                         if isinstance(calls, str):
                             res.add(**row, impl=name, status=calls)
                             continue
-                        try:
-                            ms, p20, p80 = bench_graph(calls)
-                        except Exception as e:  # a peer that cannot run this shape: say so
-                            res.add(**row, impl=name, status=f"error: {type(e).__name__}: {str(e)[:120]}")
-                            torch.cuda.synchronize()
-                            continue
-                        gbs = nbytes / ms / 1e6
                         extra = {}
                         if name in ("triton", "cuda"):
                             extra["num_splits"] = kv_ops._splits(q, caches[0][0], caches[0][2], 0, name)
-                        res.add(**row, impl=name, ms=ms, p20=p20, p80=p80, gbs=gbs, pct_copy=100 * gbs / copy_bw,
-                                **extra)
-                        summary[(batch, ctx, ratio, layout, name)] = ms
+                        ms = timed_row(res, calls, nbytes, copy_bw, **row, impl=name, **extra)
+                        if ms is not None:  # (a peer that cannot run this shape said so in its row)
+                            summary[(batch, ctx, ratio, layout, name)] = ms
                     del q, lens, caches
                     torch.cuda.empty_cache()
     return summary
@@ -247,15 +255,9 @@ def bench_splits(res, args, copy_bw):
                 for n in counts:
                     calls = [lambda c=c, n=n: fastlm.ops.decode_attention(q, c[0], c[1], lens, block_table=c[2],
                                                                           num_splits=n, backend=be) for c in caches]
-                    try:
-                        ms, p20, p80 = bench_graph(calls)
-                    except Exception as e:  # say so, and go on with the other counts
-                        res.add(**row, num_splits=n, status=f"error: {type(e).__name__}: {str(e)[:120]}")
-                        torch.cuda.synchronize()
-                        continue
-                    gbs = nbytes / ms / 1e6
-                    res.add(**row, num_splits=n, ms=ms, p20=p20, p80=p80, gbs=gbs, pct_copy=100 * gbs / copy_bw)
-                    times[n] = ms
+                    ms = timed_row(res, calls, nbytes, copy_bw, **row, num_splits=n)
+                    if ms is not None:
+                        times[n] = ms
                 if picked in times:
                     best = min(times, key=times.get)
                     res.add(**row, metric="heuristic_vs_best", best_splits=best, best_ms=times[best],
@@ -298,14 +300,7 @@ def bench_append(res, args, copy_bw):
                         return reference.kv_cache_append(kc, vc, k, v, lens, block_table=bt)
                     return fastlm.ops.kv_cache_append(kc, vc, k, v, lens, block_table=bt, backend=name)
 
-                try:
-                    ms, p20, p80 = bench_graph([lambda i=i: call(i) for i in range(copies)])
-                except Exception as e:  # say so, and go on with the other rows
-                    res.add(**row, impl=name, status=f"error: {type(e).__name__}: {str(e)[:120]}")
-                    torch.cuda.synchronize()
-                    continue
-                gbs = nbytes / ms / 1e6
-                res.add(**row, impl=name, ms=ms, p20=p20, p80=p80, gbs=gbs, pct_copy=100 * gbs / copy_bw)
+                timed_row(res, [lambda i=i: call(i) for i in range(copies)], nbytes, copy_bw, **row, impl=name)
             del caches, inputs
             torch.cuda.empty_cache()
 
