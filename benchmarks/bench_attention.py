@@ -14,7 +14,8 @@ when installed, the math reference (eager and compiled) at small sizes; plus % o
 bf16 matmul TFLOP/s measured in this run.  fastlm's backward is timed as its default (dQ by
 fp32 atomics in the dK/dV kernel or by a separate kernel, whichever the first call of each
 shape bucket timed faster; "dq_pick" rows list the picks) and with deterministic=True; on
-sm_90+ its forward also with TMA tile loads (fastlm-triton-tma, FASTLM_ATTENTION_TMA=1).
+sm_90+ its forward also with TMA tile loads (fastlm-triton-tma, FASTLM_ATTENTION_TMA=1) and,
+on sm_90 with triton 3.6, warp-specialized (fastlm-triton-ws, FASTLM_ATTENTION_WS=1).
 """
 import functools
 import random
@@ -120,6 +121,25 @@ def _tma_variant(fn):
     return f
 
 
+def _ws_variant(fn):
+    """fn with the warp-specialized forward on (FASTLM_ATTENTION_WS=1), or why it cannot run.
+    A shape the WS kernel does not take raises (the row reports it) instead of timing the
+    usual forward under this name."""
+    if torch.cuda.get_device_capability()[0] != 9 or not K.WS_TRITON:
+        return "skipped: the WS forward runs on sm_90 with triton 3.6 only"
+
+    def f(q, k, v, c):
+        saved, K.WS = K.WS, True
+        try:
+            d = q.shape[-1]
+            if not K._ws_ok(q, k, v, False, d, K._block_d(d), -1, 0 if c else -1, 0.0):
+                raise RuntimeError("the WS forward does not take this shape")
+            return fn(q, k, v, c)
+        finally:
+            K.WS = saved
+    return f
+
+
 def dense_impls(head_dim, seqlen, gqa=False):
     """name -> f(q, k, v, causal) or a 'skipped: why' string."""
     triton_fn = lambda q, k, v, c: fastlm.ops.attention(q, k, v, causal=c, backend="triton")  # noqa: E731
@@ -131,6 +151,7 @@ def dense_impls(head_dim, seqlen, gqa=False):
         "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
         "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
         "fastlm-triton-tma": _tma_variant(triton_fn),
+        "fastlm-triton-ws": _ws_variant(triton_fn),
         "fastlm-triton-det": (lambda q, k, v, c: fastlm.ops.attention(q, k, v, causal=c, deterministic=True,
                                                                       backend="triton"))
         if head_dim == 128 else "skipped: deterministic backward timed at head_dim 128 only (compile time)",
@@ -188,8 +209,8 @@ def run_case(res, impls, base, inputs, flops, modes, peak, det_modes=("bwd", "fw
         for name, fn in impls.items():
             if name.endswith("-det") and mode not in det_modes:
                 continue  # deterministic=True only changes the backward
-            if name.endswith("-tma") and mode == "bwd":
-                continue  # TMA only changes the forward
+            if name.endswith(("-tma", "-ws")) and mode == "bwd":
+                continue  # TMA and WS only change the forward
             if isinstance(fn, str):
                 res.skipped(name, fn.split(": ", 1)[1], **row0)
                 continue
@@ -202,7 +223,7 @@ def run_case(res, impls, base, inputs, flops, modes, peak, det_modes=("bwd", "fw
             tflops[name] = tf
             res.add(**row0, impl=name, ms=ms, p20=p20, p80=p80, TFLOPs=tf, pct_matmul=100 * tf / peak)
         sdpa = {k: v for k, v in tflops.items() if k.startswith("sdpa-")}
-        for name in ("fastlm-triton", "fastlm-triton-tma"):
+        for name in ("fastlm-triton", "fastlm-triton-tma", "fastlm-triton-ws"):
             if name in tflops and sdpa:
                 best = max(sdpa, key=sdpa.get)
                 res.add(**row0, impl=name, metric="vs_best_sdpa", best_sdpa=best, ratio=tflops[name] / sdpa[best])

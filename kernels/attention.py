@@ -44,6 +44,13 @@ against 255 and spills for cp.async).  A tile past a sequence's end holds the ne
 tokens (or TMA's zero fill): their scores are masked as usual and the values zeroed, so
 non-finite values there never leak in; rows past Lq are computed and not stored.
 
+Warp-specialized forward (FASTLM_ATTENTION_WS=1; sm_90 with triton 3.6, dense fp16/bf16,
+head_dim 64/128/256, causal or not, seqlen_k a multiple of 128; off by default until GPU runs
+check and time it): _attn_fwd_ws_kernel, one straight-line loop that Triton's Hopper warp
+specialization splits into a TMA producer warpgroup and two wgmma consumer warpgroups of 64 rows
+each (the FlashAttention-3 structure).  That pass takes one loop without branches, so this
+kernel masks every tile arithmetically when causal instead of splitting off the diagonal.
+
 Tuning: a few (BLOCK_M, BLOCK_N, warps, stages) configs per head-dim class, autotuned per
 sequence-length bucket on the first call of each variant (so warm up before CUDA-graph
 capture); FASTLM_ATTENTION_AUTOTUNE=0 takes the first config that fits, and so do
@@ -385,6 +392,85 @@ def _attn_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(O + offs_r[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=tile_ok)
     tl.store(LSE + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_fwd_ws_kernel(
+    DESC_Q,  # TMA descriptors of Q, K, V as 2-D (tokens, heads * D) row-major views (dense batch)
+    DESC_K,
+    DESC_V,
+    O,  # *T  output (B, Sq, Hq, D), unit stride in D
+    LSE,  # *fp32 (B, Hq, Sq), unit stride in seq
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q,
+    seqlen_k,  # a multiple of BLOCK_N: a K/V tile never reaches into the next sequence
+    group,  # Hq // Hk
+    score_mul,  # softmax_scale * log2(e)
+    seq_key,  # autotune key only
+    HEAD_DIM: tl.constexpr,  # D, a power of two (one head per TMA tile column block)
+    CAUSAL: tl.constexpr,  # bottom-right aligned: key j <= i + seqlen_k - seqlen_q
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The forward as ONE loop with a straight-line body, the form Triton's Hopper warp
+    specialization (`tl.range(warp_specialize=True)`, sm_90) partitions: a producer warpgroup
+    issues the TMA loads, two consumer warpgroups (BLOCK_M / 2 rows each, registers moved to
+    them by setmaxnreg) run the wgmma chains and the softmax.  (Triton 3.6 refuses a loop with an
+    `if` in its body and a function with two specialized loops: so no masked/unmasked loop split
+    here, and the causal mask is applied to every tile.)  Dense batches with seqlen_k a multiple
+    of BLOCK_N, no window or softcap (attention_fwd's _ws_ok); rows past seqlen_q hold the next
+    sequence's queries (or TMA zero fill): computed, never stored."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    if CAUSAL:
+        m_blk = tl.num_programs(0) - 1 - pid_m  # the longest rows first
+    else:
+        m_blk = pid_m
+    m0 = m_blk * BLOCK_M
+    hk = h // group
+    off = seqlen_k - seqlen_q
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen_q
+    bb = b.to(tl.int64)
+    q = DESC_Q.load([b * seqlen_q + m0, h * HEAD_DIM])
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(tl.minimum(m0 + BLOCK_M, seqlen_q) + off, 0), seqlen_k)
+    else:
+        hi = seqlen_k
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_row = b * seqlen_k
+    k_col = hk * HEAD_DIM
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        k = DESC_K.load([k_row + start_n, k_col])
+        qk = tl.dot(q, tl.trans(k))
+        if CAUSAL:
+            s = tl.where((start_n + offs_n)[None, :] <= (offs_m + off)[:, None], qk * score_mul, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no inf - inf
+            p = tl.math.exp2(s - m_use[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * score_mul)
+            m_use = m_new
+            p = tl.math.exp2(qk * score_mul - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = DESC_V.load([k_row + start_n, k_col])
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc * (1.0 / tl.where(empty, 1.0, l_i))[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    optr = O + bb * stride_ob + h.to(tl.int64) * stride_oh + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
+    tl.store(optr, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bb * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)
 
 
 # ------------------------------------------------------------------------------ backward
@@ -917,6 +1003,68 @@ def _tuned_tma(kind, block_d, esize, device_index):
     return triton.autotune(cfgs, key=_TUNE_KEY)(_KERNELS[kind])
 
 
+# FASTLM_ATTENTION_WS=1: the warp-specialized forward (_attn_fwd_ws_kernel: a TMA producer
+# warpgroup and two wgmma consumer warpgroups, Triton's Hopper warp specialization) where
+# _ws_ok allows it: sm_90, triton 3.6 (3.8 rejects its TMA loads after the consumer split;
+# other versions untried), dense fp16/bf16, head_dim 64/128/256, causal or not, no window
+# or softcap, seqlen_k a multiple of 128.  Off by default until a GPU run has checked it and
+# timed it (benchmarks/bench_attention.py: fastlm-triton-ws).
+WS = os.environ.get("FASTLM_ATTENTION_WS", "0") == "1"
+WS_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
+# (BLOCK_M, BLOCK_N, num_warps of each of the 3 warpgroups' partitions, num_stages): sm_90
+# builds (triton 3.6) spill nothing and take 65-213 KiB of shared memory; the kernel runs 12
+# warps (setmaxnreg: 232 registers for each consumer, 40 for the producer).
+_WS_CONFIGS = {
+    64: [(128, 128, 4, 3), (128, 64, 4, 3)],
+    128: [(128, 128, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4)],
+    256: [(128, 64, 4, 2)],
+}
+WS_KEY_MULTIPLE = 128  # seqlen_k must be a multiple of every config's BLOCK_N
+
+def _ws_smem(bm, bn, stages, block_d, esize):
+    """Shared memory of a WS config: _smem_estimate's plus a copy of one consumer's half of the
+    Q tile (at least 16 KiB) and barriers; within 1 KiB above the sm_90 builds (triton 3.6:
+    D=64 128x128x3 131360, D=128 128x128x2 180384, D=256 128x64x2 229536 bytes)."""
+    return _smem_estimate("fwd", bm, bn, stages, block_d, esize) + max(16384, bm // 2 * block_d * esize) + 1024
+
+
+def _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap):
+    """Whether attention_fwd takes the warp-specialized kernel (WS and the shapes it handles)."""
+    if not WS or varlen or window_left >= 0 or window_right > 0 or softcap > 0:
+        return False
+    if not _tma_layout_ok((q, k, v), varlen, d, block_d):
+        return False
+    if _interpreting():
+        return k.shape[1] % INTERPRET_CONFIGS["fwd"][1] == 0
+    return (WS_TRITON and d in _WS_CONFIGS and k.shape[1] % WS_KEY_MULTIPLE == 0
+            and _capability(q.device.index)[0] == 9 and bool(_ws_configs(d, 2, q.device.index)))
+
+
+def _ws_configs(block_d, esize, device_index):
+    limit = _smem_limit(device_index)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st,
+                          pre_hook=functools.partial(_set_tma_blocks, "fwd"))
+            for bm, bn, w, st in _WS_CONFIGS[block_d]
+            if _ws_smem(bm, bn, st, block_d, esize) <= limit]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_ws(block_d, esize, device_index):
+    return triton.autotune(_ws_configs(block_d, esize, device_index), key=["seq_key", "HEAD_DIM", "CAUSAL"])(
+        _attn_fwd_ws_kernel)
+
+
+def _ws_launcher(t, block_d, deterministic):
+    """(kernel, launch kwargs) of the warp-specialized forward, as _launcher."""
+    if t.is_cuda and not _interpreting():
+        if AUTOTUNE and not deterministic:
+            return _tuned_ws(block_d, t.element_size(), t.device.index), {}
+        cfg = _ws_configs(block_d, t.element_size(), t.device.index)[0]
+        return _attn_fwd_ws_kernel, dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    bm, bn = INTERPRET_CONFIGS["fwd"]
+    return _attn_fwd_ws_kernel, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4}
+
+
 def _launcher(kind, t, block_d, atomic=False, deterministic=False, tma=False):
     """(kernel to index with a grid, extra launch kwargs).  deterministic: a fixed config, never
     the autotuner's pick (it is timed, so it can differ from process to process, and each tile
@@ -938,12 +1086,17 @@ def _capability(device_index):
 
 
 def _tma_ok(tensors, varlen, d, block_d):
+    """The forward's TMA variant: on (TMA) and the layout allows it (_tma_layout_ok)."""
+    return TMA and _tma_layout_ok(tensors, varlen, d, block_d)
+
+
+def _tma_layout_ok(tensors, varlen, d, block_d):
     """Can a kernel read these tensors through 2-D (tokens, heads * D) TMA descriptors?  Needs
     sm_90+ (or the interpreter), 2-byte elements, D a power of 2 (a tile holds exactly one
     head), each head's D contiguous and heads adjacent within a token, batches evenly spaced
     (dense), 16-byte aligned bases and token strides, and no empty tensor."""
     t0 = tensors[0]
-    if not TMA or TensorDescriptor is None or t0.element_size() != 2 or d != block_d:
+    if TensorDescriptor is None or t0.element_size() != 2 or d != block_d:
         return False
     if not _interpreting() and (not t0.is_cuda or _capability(t0.device.index)[0] < 9):
         return False
@@ -1049,6 +1202,13 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         lse = _empty((q.shape[0], hq, sq), torch.float32, q.device)
         stride_l = (lse.stride(0), lse.stride(1))
     if sq == 0 or num_seqs == 0 or out.numel() == 0:
+        return out, lse
+    if _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap):
+        kern, extra = _ws_launcher(q, block_d, deterministic)
+        descs = _tma_descs("fwd", extra, d, False, DESC_Q=q, DESC_K=k, DESC_V=v)
+        kern[lambda meta: (cdiv(sq, meta["BLOCK_M"]), hq, num_seqs)](
+            descs["DESC_Q"], descs["DESC_K"], descs["DESC_V"], out, lse, *_strides3(out, False), *stride_l,
+            sq, sk, hq // hk, score_mul, seq_key, HEAD_DIM=d, CAUSAL=window_right == 0, **extra)
         return out, lse
     cu_q = cu_seqlens_q if varlen else _dummy_cu(q)
     cu_k = cu_seqlens_k if varlen else cu_q

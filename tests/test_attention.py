@@ -833,6 +833,89 @@ def test_tma_only_where_the_layout_allows():
         K.TMA = K_tma
 
 
+# ------------------------------------------------------------------------------ WS forward
+# FASTLM_ATTENTION_WS=1: the warp-specialized forward (_attn_fwd_ws_kernel), one loop that masks
+# every tile itself (causal), TMA tiles past a sequence's end hold the next sequence's queries.
+# The interpreter runs its arithmetic (warp specialization is a compiler transformation);
+# test_gpu_ws_forward runs the real one on sm_90.
+@pytest.fixture
+def ws(monkeypatch):
+    """WS on; yields the list of launches that took the warp-specialized kernel."""
+    monkeypatch.setattr(K, "WS", True)
+    calls = []
+    real = K._ws_launcher
+
+    def spy(t, block_d, deterministic):
+        calls.append(t.shape)
+        return real(t, block_d, deterministic)
+
+    monkeypatch.setattr(K, "_ws_launcher", spy)
+    return calls
+
+
+# (B, Sq, Sk, Hq, Hk, D, causal): seqlen_k a multiple of the interpreter's BLOCK_N (16); queries
+# that end mid-tile, more queries than keys (causal rows that see nothing: out 0, lse -inf),
+# a single query, GQA and MQA.
+WS_CASES = [
+    (2, 17, 32, 4, 2, 32, False), (2, 40, 32, 2, 1, 16, True), (1, 1, 48, 2, 2, 32, True),
+    (3, 32, 32, 2, 1, 64, True), (2, 5, 16, 2, 2, 16, False), (1, 70, 64, 3, 1, 32, True),
+]
+
+
+@pytest.mark.parametrize("case", WS_CASES, ids=lambda c: "B{}-{}x{}-h{}/{}-d{}".format(*c[:6]) + "-causal" * c[6])
+def test_ws_forward(ws, case):
+    B, Sq, Sk, Hq, Hk, D, causal = case
+    q, k, v = _make(B, Sq, Sk, Hq, Hk, D, F16)
+    _fwd_check(q, k, v, causal=causal)
+    assert len(ws) == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_ws_next_sequence_never_leaks(ws, bad):
+    """A query tile past one sequence's end reads the next sequence's queries: computed, never
+    stored, so non-finite values there reach no other sequence's output or lse."""
+    q, k, v = _make(3, 21, 32, 2, 1, 32, F16)
+    q[1], k[1], v[1] = bad, bad, bad
+    out, lse = attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    for b in (0, 2):
+        ref = _fwd_check(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=True)
+        assert torch.equal(out[b:b + 1], ref)
+        assert torch.isfinite(lse[b]).all()
+    assert len(ws) == 3
+
+
+def test_ws_strided_views_and_backward(ws):
+    """q/k/v as views of one fused qkv projection, and the gradients through the WS forward's
+    out and lse (the backward is the usual one)."""
+    qkv = _rand(2, 32, 4 + 2 + 2, 32, dtype=F16)
+    q, k, v = qkv.split([4, 2, 2], dim=2)
+    _fwd_check(q, k, v, causal=True)
+    q, k, v = _make(2, 24, 32, 4, 2, 32, F16)
+    dout = _rand(2, 24, 4, 32, dtype=F16)
+    _check_all(_run(q, k, v, dout, causal=True), q, k, v, dout, causal=True)
+    assert len(ws) == 2
+
+
+def test_ws_only_where_it_applies(monkeypatch):
+    """Anything the one-loop kernel does not handle takes the usual forward."""
+    def ok(q, k, v, varlen=False, window=(-1, 0), softcap=0.0):
+        d = q.shape[-1]
+        return K._ws_ok(q, k, v, varlen, d, K._block_d(d), window[0], window[1], softcap)
+
+    q, k, v = _make(2, 24, 32, 4, 2, 64, F16)
+    monkeypatch.setattr(K, "WS", True)
+    assert ok(q, k, v) and ok(q, k, v, window=(-1, -1))
+    assert not ok(q[0], k[0], v[0], varlen=True)  # packed sequences
+    assert not ok(q, k, v, window=(8, 0))  # a left window
+    assert not ok(q, k, v, window=(-1, 3))  # a right window other than causal
+    assert not ok(q, k, v, softcap=5.0)
+    assert not ok(*_make(2, 24, 40, 4, 2, 64, F16))  # keys not a multiple of the tile
+    assert not ok(*_make(2, 24, 32, 4, 2, 40, F16))  # D not a power of 2
+    assert not ok(*_make(2, 24, 32, 4, 2, 64, F32))  # 4-byte elements
+    monkeypatch.setattr(K, "WS", False)
+    assert not ok(q, k, v)
+
+
 # ------------------------------------------------------------------------------ GPU: full sweep
 # Each (dtype, head_dim, mask mode) compiles its own kernels, so those are the parameters and
 # the runtime-only dimensions (lengths, GQA ratio) loop inside; autotuning is off here (one
@@ -895,6 +978,31 @@ def test_gpu_tma_forward(tma, monkeypatch, D, autotune):
     v = _rand(k.shape[0], 2, D, dtype=torch.bfloat16)
     _fwd_check(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
     assert tma, "the TMA path never ran"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D, autotune", [(64, False), (128, False), (256, False), (128, True)])
+def test_gpu_ws_forward(ws, monkeypatch, D, autotune):
+    """The warp-specialized forward on a real sm_90 (triton 3.6): causal and not, GQA, query
+    lengths that end mid-tile or exceed the keys, strided qkv views; autotune: every config."""
+    if torch.cuda.get_device_capability()[0] != 9 or not K.WS_TRITON:
+        pytest.skip(f"the WS forward is enabled on sm_90 with triton 3.6 only (triton {triton.__version__})")
+    monkeypatch.setattr(K, "AUTOTUNE", autotune)
+    modes = {"causal": GPU_MODES["causal"]} if autotune else {"full": {}, "causal": GPU_MODES["causal"]}
+    for mode, kw in modes.items():
+        for (Sq, Sk), (Hq, Hk) in itertools.product([(1, 128), (127, 256), (1000, 1024), (1024, 1024), (2000, 384)],
+                                                    GPU_HEADS):
+            q, k, v = _make(2, Sq, Sk, Hq, Hk, D, torch.bfloat16)
+            n = len(ws)
+            try:
+                _fwd_check(q, k, v, **kw)
+            except AssertionError as e:
+                raise AssertionError(f"{mode} Sq={Sq} Sk={Sk} heads={Hq}/{Hk}: {e}") from e
+            assert len(ws) == n + 1, "the WS kernel did not run"
+    qkv = _rand(3, 768, 8 + 2 + 2, D, dtype=torch.bfloat16)
+    n = len(ws)
+    _fwd_check(*qkv.split([8, 2, 2], dim=2), causal=True)
+    assert len(ws) == n + 1, "the WS kernel did not run on the qkv views"
 
 
 @pytest.mark.gpu

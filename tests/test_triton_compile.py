@@ -397,8 +397,10 @@ def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, sof
 
 
 def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=False, autotune=False,
-               deterministic=(False, True), dlse=False, B=4, S=2048, H=32, Hk=8, tma=False):
-    """tma: the forward's TMA variant (FASTLM_ATTENTION_TMA=1; sm_90 only), forward alone."""
+               deterministic=(False, True), dlse=False, B=4, S=2048, H=32, Hk=8, tma=False, ws=False):
+    """tma: the forward's TMA variant (FASTLM_ATTENTION_TMA=1; sm_90 only), forward alone.
+    ws: the warp-specialized forward (FASTLM_ATTENTION_WS=1), forward alone: taken with triton
+    3.6 only (K.WS_TRITON); with another triton the launcher records the usual forward."""
     wl, wr = window
     if causal:
         wr = 0
@@ -407,9 +409,9 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
         import torch
 
         A = k["attention"]
-        saved = A.AUTOTUNE, A.DQ_ATOMIC, A.TMA
+        saved = A.AUTOTUNE, A.DQ_ATOMIC, A.TMA, A.WS
         A.AUTOTUNE = autotune  # False: the first config that fits (FASTLM_ATTENTION_AUTOTUNE=0, GPU tests)
-        A.TMA = tma
+        A.TMA, A.WS = tma, ws
         # deterministic=False: the atomic-dQ variant here; with autotune, the separate dQ kernel too
         # (below; the default times both, FASTLM_ATTENTION_DQ_ATOMIC=1 / 0 forces one)
         A.DQ_ATOMIC = True
@@ -420,7 +422,7 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
             cu = _t(B + 1, dtype=torch.int32) if varlen else None
             mx = S if varlen else None
             out, lse = A.attention_fwd(q, kk, v, cu, cu, mx, mx, D**-0.5, wl, wr, softcap)
-            if tma:
+            if tma or ws:
                 return
             dout = _t(*out.shape, dtype=dtype)
             g = _t(*lse.shape, dtype=torch.float32) if dlse else None
@@ -433,8 +435,8 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
                     A.attention_bwd(dout, g, q, kk, v, out, lse, cu, cu, mx, mx, D**-0.5, wl, wr, softcap, False)
                     A.DQ_ATOMIC = True
         finally:
-            A.AUTOTUNE, A.DQ_ATOMIC, A.TMA = saved
-    tag = f"D={D} {_dt(dtype)}" + " tma-fwd" * tma + " varlen" * varlen + " causal" * causal
+            A.AUTOTUNE, A.DQ_ATOMIC, A.TMA, A.WS = saved
+    tag = f"D={D} {_dt(dtype)}" + " tma-fwd" * tma + " ws-fwd" * ws + " varlen" * varlen + " causal" * causal
     tag += f" window={window}" * (window != (-1, -1)) + f" softcap={softcap}" * (softcap > 0)
     tag += " dlse" * dlse + (" all-configs" if autotune else " first-config") + f" B={B} S={S} H={H}/{Hk}"
     return tag, run
@@ -641,6 +643,9 @@ def _cases(full):
                                                           varlen=varlen, autotune=dt != fp32))
                     if dt != fp32 and D != 80:
                         add("attention", h100, _attn_case(D, dt, varlen=varlen, autotune=True, tma=True))
+                if dt != fp32 and D != 80:
+                    for causal in (True, False):
+                        add("attention", h100, _attn_case(D, dt, causal=causal, autotune=True, ws=True))
     else:
         add("attention", both, _attn_case(128, bf16, autotune=True))
         # llama-3.2-1b attention (D=64, 32 / 8 heads), also the generation prefill's head dim
@@ -655,6 +660,10 @@ def _cases(full):
         # the TMA forward (FASTLM_ATTENTION_TMA=1): every config of the model's case; varlen + window
         add("attention", h100, _attn_case(128, bf16, autotune=True, tma=True))
         add("attention", h100, _attn_case(64, fp16, varlen=True, window=(256, -1), B=3, S=700, H=12, Hk=4, tma=True))
+        # the warp-specialized forward (FASTLM_ATTENTION_WS=1, triton 3.6): every config at each head dim
+        add("attention", h100, _attn_case(128, bf16, autotune=True, ws=True))
+        add("attention", h100, _attn_case(64, fp16, causal=False, autotune=True, ws=True, B=8, S=1024))
+        add("attention", h100, _attn_case(256, bf16, autotune=True, ws=True, B=2, S=1024, H=8, Hk=8))
 
     # ---- cross_entropy: tile 4096 (8 warps) and a small vocabulary (4 warps), both modes
     for V, dt, fused in ((128256, bf16, True), (50257, fp16, False), (1000, fp32, True), (256, bf16, False)):
