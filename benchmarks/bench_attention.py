@@ -15,7 +15,8 @@ bf16 matmul TFLOP/s measured in this run.  fastlm's backward is timed as its def
 fp32 atomics in the dK/dV kernel or by a separate kernel, whichever the first call of each
 shape bucket timed faster; "dq_pick" rows list the picks) and with deterministic=True; on
 sm_90+ its forward also with TMA tile loads (fastlm-triton-tma, FASTLM_ATTENTION_TMA=1) and,
-on sm_90 with triton 3.6, warp-specialized (fastlm-triton-ws, FASTLM_ATTENTION_WS=1).
+on sm_90 with triton 3.6, warp-specialized (fastlm-triton-ws, FASTLM_ATTENTION_WS=1: the
+forward, and the backward at head_dim 64 and 128).
 """
 import functools
 import random
@@ -121,22 +122,26 @@ def _tma_variant(fn):
     return f
 
 
-def _ws_variant(fn):
-    """fn with the warp-specialized forward on (FASTLM_ATTENTION_WS=1), or why it cannot run.
-    A shape the WS kernel does not take raises (the row reports it) instead of timing the
-    usual forward under this name."""
+def _ws_variant(fn, head_dim):
+    """fn with the warp-specialized kernels on (FASTLM_ATTENTION_WS=1), or why it cannot run;
+    its `modes` attribute: the modes they cover (the forward at every head dim, the backward at
+    64 and 128).  A shape they do not take raises (the row reports it) instead of timing the
+    usual kernels under this name."""
     if torch.cuda.get_device_capability()[0] != 9 or not K.WS_TRITON:
-        return "skipped: the WS forward runs on sm_90 with triton 3.6 only"
+        return "skipped: the WS kernels run on sm_90 with triton 3.6 only"
+    bwd = head_dim in K._WS_BWD_CONFIGS["dq"]
 
     def f(q, k, v, c):
         saved, K.WS = K.WS, True
         try:
             d = q.shape[-1]
-            if not K._ws_ok(q, k, v, False, d, K._block_d(d), -1, 0 if c else -1, 0.0):
-                raise RuntimeError("the WS forward does not take this shape")
+            for dout in (None, q) if bwd else (None,):  # (q: dout's layout, contiguous like it)
+                if not K._ws_ok(q, k, v, False, d, K._block_d(d), -1, 0 if c else -1, 0.0, dout=dout):
+                    raise RuntimeError("the WS kernels do not take this shape")
             return fn(q, k, v, c)
         finally:
             K.WS = saved
+    f.modes = ("fwd", "bwd", "fwd+bwd") if bwd else ("fwd",)
     return f
 
 
@@ -151,7 +156,7 @@ def dense_impls(head_dim, seqlen, gqa=False):
         "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
         "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
         "fastlm-triton-tma": _tma_variant(triton_fn),
-        "fastlm-triton-ws": _ws_variant(triton_fn),
+        "fastlm-triton-ws": _ws_variant(triton_fn, head_dim),
         "fastlm-triton-det": (lambda q, k, v, c: fastlm.ops.attention(q, k, v, causal=c, deterministic=True,
                                                                       backend="triton"))
         if head_dim == 128 else "skipped: deterministic backward timed at head_dim 128 only (compile time)",
@@ -209,10 +214,13 @@ def run_case(res, impls, base, inputs, flops, modes, peak, det_modes=("bwd", "fw
         for name, fn in impls.items():
             if name.endswith("-det") and mode not in det_modes:
                 continue  # deterministic=True only changes the backward
-            if name.endswith(("-tma", "-ws")) and mode == "bwd":
-                continue  # TMA and WS only change the forward
+            if name.endswith("-tma") and mode == "bwd":
+                continue  # TMA only changes the forward
             if isinstance(fn, str):
                 res.skipped(name, fn.split(": ", 1)[1], **row0)
+                continue
+            if mode not in getattr(fn, "modes", (mode,)):
+                res.skipped(name, f"{mode}: not at this head_dim", **row0)
                 continue
             try:
                 ms, p20, p80 = time_mode(fn, mode, inputs)

@@ -50,6 +50,9 @@ check and time it): _attn_fwd_ws_kernel, one straight-line loop that Triton's Ho
 specialization splits into a TMA producer warpgroup and two wgmma consumer warpgroups of 64 rows
 each (the FlashAttention-3 structure).  That pass takes one loop without branches, so this
 kernel masks every tile arithmetically when causal instead of splitting off the diagonal.
+The backward's WS kernels (head_dim 64/128, seqlen_q a multiple of 128 too): dK/dV with the GQA
+group's (head, query block) pairs flattened into one loop, and a separate dQ kernel (7 matmuls
+per tile, no atomics: deterministic).
 
 Tuning: a few (BLOCK_M, BLOCK_N, warps, stages) configs per head-dim class, autotuned per
 sequence-length bucket on the first call of each variant (so warm up before CUDA-graph
@@ -833,6 +836,134 @@ def _attn_bwd_dq_kernel(
 
 
 # ------------------------------------------------------------------------------ launchers
+@triton.jit
+def _attn_bwd_dkdv_ws_kernel(
+    DESC_Q, DESC_DO,  # TMA descriptors (tokens, heads * D) of Q and dO (tile BLOCK_M x D)
+    DESC_K, DESC_V,  # of K and V (tile BLOCK_N x D)
+    LSE, DELTA,  # *fp32 (B, Hq, Sq): forward lse (natural log), rowsum(dO * O) - dlse
+    DK, DV,  # *T or *fp32: (splits, B, Sk, Hk, D) strided; fp32 partials when several splits
+    stride_lb, stride_lh,
+    stride_dkp, stride_dkb, stride_dks, stride_dkh,
+    stride_dvp, stride_dvb, stride_dvs, stride_dvh,
+    seqlen_q, seqlen_k,  # multiples of BLOCK_M and BLOCK_N
+    group, n_splits, heads_per_split,
+    qk_scale2,  # softmax_scale * log2(e)
+    dk_scale,  # softmax_scale
+    seq_key,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV of one key block (BLOCK_N keys of kv head hk, split across the two consumer
+    warpgroups) over the query heads [h_begin, h_end) of its group and their query blocks, as
+    ONE flattened loop (the form the Hopper warp specialization takes: no branch, no second
+    loop); causal masks every tile arithmetically and starts at the first query block that
+    sees a key of this block."""
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = pid_h // n_splits
+    split = pid_h % n_splits
+    off = seqlen_k - seqlen_q
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = DESC_K.load([b * seqlen_k + n0, hk * HEAD_DIM])
+    v = DESC_V.load([b * seqlen_k + n0, hk * HEAD_DIM])
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    n_q = seqlen_q // BLOCK_M
+    if CAUSAL:
+        first = tl.minimum(tl.maximum(n0 - off, 0) // BLOCK_M, n_q)  # query i sees key j iff j <= i + off
+    else:
+        first = 0
+    cnt = n_q - first
+    h_begin = hk * group + split * heads_per_split
+    n_heads = tl.minimum(heads_per_split, (hk + 1) * group - h_begin)
+    q_row0 = b * seqlen_q
+    L = LSE + b.to(tl.int64) * stride_lb
+    DL = DELTA + b.to(tl.int64) * stride_lb
+    for t in tl.range(0, n_heads * cnt, warp_specialize=True):
+        h = h_begin + t // cnt
+        m0 = (first + t % cnt) * BLOCK_M
+        q = DESC_Q.load([q_row0 + m0, h * HEAD_DIM])
+        do = DESC_DO.load([q_row0 + m0, h * HEAD_DIM])
+        lse = tl.load(L + h * stride_lh + m0 + offs_mb)
+        delta = tl.load(DL + h * stride_lh + m0 + offs_mb)
+        # log2-domain lse; rows that saw no key (lse = -inf) get +inf so that p = 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(qkT * qk_scale2 - lse2[None, :])
+        if CAUSAL:
+            pT = tl.where(offs_n[:, None] <= (m0 + offs_mb + off)[None, :], pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
+    dk = dk * dk_scale
+    rows = offs_n.to(tl.int64)[:, None]
+    bb = b.to(tl.int64)
+    tl.store(DK + split * stride_dkp + bb * stride_dkb + hk.to(tl.int64) * stride_dkh + rows * stride_dks
+             + offs_d[None, :], dk.to(DK.dtype.element_ty))
+    tl.store(DV + split * stride_dvp + bb * stride_dvb + hk.to(tl.int64) * stride_dvh + rows * stride_dvs
+             + offs_d[None, :], dv.to(DV.dtype.element_ty))
+
+
+@triton.jit
+def _attn_bwd_dq_ws_kernel(
+    DESC_Q, DESC_DO,  # TMA descriptors as in _attn_bwd_dkdv_ws_kernel
+    DESC_K, DESC_V,
+    LSE, DELTA,  # *fp32 (B, Hq, Sq)
+    DQ,  # *T (B, Sq, Hq, D)
+    stride_lb, stride_lh,
+    stride_dqb, stride_dqs, stride_dqh,
+    seqlen_q, seqlen_k,  # multiples of BLOCK_M and BLOCK_N
+    group,
+    qk_scale2, dq_scale,
+    seq_key,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of one query block (BLOCK_M rows of head h, split across the two consumer
+    warpgroups): one loop over the key blocks it sees, as the forward's WS kernel."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    if CAUSAL:
+        m_blk = tl.num_programs(0) - 1 - pid_m  # the longest rows first
+    else:
+        m_blk = pid_m
+    m0 = m_blk * BLOCK_M
+    hk = h // group
+    off = seqlen_k - seqlen_q
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = DESC_Q.load([b * seqlen_q + m0, h * HEAD_DIM])
+    do = DESC_DO.load([b * seqlen_q + m0, h * HEAD_DIM])
+    lrow = b.to(tl.int64) * stride_lb + h * stride_lh + offs_m
+    lse = tl.load(LSE + lrow)
+    delta = tl.load(DELTA + lrow)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + off, 0), seqlen_k)
+    else:
+        hi = seqlen_k
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_row = b * seqlen_k
+    for n0 in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        k = DESC_K.load([k_row + n0, hk * HEAD_DIM])
+        v = DESC_V.load([k_row + n0, hk * HEAD_DIM])
+        qk = tl.dot(q, tl.trans(k))
+        p = tl.math.exp2(qk * qk_scale2 - lse2[:, None])
+        if CAUSAL:
+            p = tl.where((n0 + offs_n)[None, :] <= (offs_m + off)[:, None], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    dq = dq * dq_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + offs_m.to(tl.int64)[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty))
+
+
 def _block_d(d):
     return max(16, next_pow2(d))
 
@@ -984,7 +1115,8 @@ def _first_fit(kind, block_d, esize, device_index, atomic=False):
 TMA = os.environ.get("FASTLM_ATTENTION_TMA", "0") == "1"
 
 # Per kernel: descriptor argument -> the config's tile size along its rows.
-_TMA_TILES = {"fwd": {"DESC_Q": "BLOCK_M", "DESC_K": "BLOCK_N", "DESC_V": "BLOCK_N"}}
+_TMA_TILES = {"fwd": {"DESC_Q": "BLOCK_M", "DESC_K": "BLOCK_N", "DESC_V": "BLOCK_N"},
+              "bwd": {"DESC_Q": "BLOCK_M", "DESC_DO": "BLOCK_M", "DESC_K": "BLOCK_N", "DESC_V": "BLOCK_N"}}
 
 
 def _set_tma_blocks(kind, nargs):
@@ -1003,12 +1135,13 @@ def _tuned_tma(kind, block_d, esize, device_index):
     return triton.autotune(cfgs, key=_TUNE_KEY)(_KERNELS[kind])
 
 
-# FASTLM_ATTENTION_WS=1: the warp-specialized forward (_attn_fwd_ws_kernel: a TMA producer
-# warpgroup and two wgmma consumer warpgroups, Triton's Hopper warp specialization) where
-# _ws_ok allows it: sm_90, triton 3.6 (3.8 rejects its TMA loads after the consumer split;
-# other versions untried), dense fp16/bf16, head_dim 64/128/256, causal or not, no window
-# or softcap, seqlen_k a multiple of 128.  Off by default until a GPU run has checked it and
-# timed it (benchmarks/bench_attention.py: fastlm-triton-ws).
+# FASTLM_ATTENTION_WS=1: the warp-specialized kernels (a TMA producer warpgroup and two wgmma
+# consumer warpgroups, Triton's Hopper warp specialization) where _ws_ok allows them: sm_90,
+# triton 3.6 (3.8 rejects the forward's TMA loads after the consumer split; other versions
+# untried), dense fp16/bf16, causal or not, no window or softcap, seqlen_k a multiple of 128;
+# the forward at head_dim 64/128/256, the backward at 64/128 with seqlen_q a multiple of 128.
+# Off by default until a GPU run has checked and timed them (benchmarks/bench_attention.py:
+# fastlm-triton-ws).
 WS = os.environ.get("FASTLM_ATTENTION_WS", "0") == "1"
 WS_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
 # (BLOCK_M, BLOCK_N, num_warps of each of the 3 warpgroups' partitions, num_stages): sm_90
@@ -1019,7 +1152,15 @@ _WS_CONFIGS = {
     128: [(128, 128, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4)],
     256: [(128, 64, 4, 2)],
 }
-WS_KEY_MULTIPLE = 128  # seqlen_k must be a multiple of every config's BLOCK_N
+# The backward's WS kernels (dK/dV: BLOCK_N keys split between the consumers, BLOCK_M queries
+# streamed; dQ: BLOCK_M = 64 queries, as a 128-row tile's per-row lse/delta vectors stop the
+# consumer split) at head_dim 64 and 128 (256 spills kilobytes): no spills (sm_90, triton 3.6)
+# but the causal dK/dV 64x128 (184 bytes), kept for the non-causal one.
+_WS_BWD_CONFIGS = {
+    "dkdv": {64: [(64, 128, 4, 2), (32, 128, 4, 2)], 128: [(32, 128, 4, 2), (32, 128, 4, 3), (64, 128, 4, 2)]},
+    "dq": {64: [(64, 128, 4, 2), (64, 64, 4, 2)], 128: [(64, 64, 4, 2), (64, 64, 4, 3)]},
+}
+WS_KEY_MULTIPLE = 128  # seqlen_k (and for the backward seqlen_q) a multiple of every config's tiles
 
 def _ws_smem(bm, bn, stages, block_d, esize):
     """Shared memory of a WS config: _smem_estimate's plus a copy of one consumer's half of the
@@ -1028,41 +1169,59 @@ def _ws_smem(bm, bn, stages, block_d, esize):
     return _smem_estimate("fwd", bm, bn, stages, block_d, esize) + max(16384, bm // 2 * block_d * esize) + 1024
 
 
-def _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap):
-    """Whether attention_fwd takes the warp-specialized kernel (WS and the shapes it handles)."""
+def _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap, dout=None):
+    """Whether attention_fwd (dout None) or attention_bwd takes the warp-specialized kernels
+    (WS and the shapes they handle)."""
     if not WS or varlen or window_left >= 0 or window_right > 0 or softcap > 0:
         return False
-    if not _tma_layout_ok((q, k, v), varlen, d, block_d):
+    if not _tma_layout_ok((q, k, v) if dout is None else (q, k, v, dout), varlen, d, block_d):
         return False
+    sq, sk = q.shape[1], k.shape[1]
     if _interpreting():
-        return k.shape[1] % INTERPRET_CONFIGS["fwd"][1] == 0
-    return (WS_TRITON and d in _WS_CONFIGS and k.shape[1] % WS_KEY_MULTIPLE == 0
-            and _capability(q.device.index)[0] == 9 and bool(_ws_configs(d, 2, q.device.index)))
+        if dout is None:
+            return sk % INTERPRET_CONFIGS["fwd"][1] == 0
+        return sq % 32 == 0 and sk % 32 == 0  # the dK/dV (16, 32) and dQ (32, 16) tiles
+    if not WS_TRITON or sk % WS_KEY_MULTIPLE or _capability(q.device.index)[0] != 9:
+        return False
+    if dout is None:
+        return d in _WS_CONFIGS and bool(_ws_configs(d, 2, q.device.index))
+    return (d in _WS_BWD_CONFIGS["dq"] and sq % WS_KEY_MULTIPLE == 0
+            and all(_ws_configs(d, 2, q.device.index, kind) for kind in ("dkdv", "dq")))
 
 
-def _ws_configs(block_d, esize, device_index):
+def _ws_configs(block_d, esize, device_index, kind="fwd"):
+    """The WS configs of `kind` ("fwd", "dkdv", "dq") that fit the device's shared memory."""
     limit = _smem_limit(device_index)
+    table = _WS_CONFIGS if kind == "fwd" else _WS_BWD_CONFIGS[kind]
+    # (the dK/dV kernel keeps K and V, streams Q and dO: the same count as _ws_smem's with the
+    # roles of the two tiles swapped; the dQ kernel keeps Q and dO, streams K and V)
+    fits = {"fwd": lambda bm, bn, st: _ws_smem(bm, bn, st, block_d, esize),
+            "dkdv": lambda bm, bn, st: _ws_smem(bn, bm, st, block_d, esize) + bn * block_d * esize,
+            "dq": lambda bm, bn, st: _ws_smem(bm, bn, st, block_d, esize) + bm * block_d * esize}[kind]
+    tiles = "fwd" if kind == "fwd" else "bwd"
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st,
-                          pre_hook=functools.partial(_set_tma_blocks, "fwd"))
-            for bm, bn, w, st in _WS_CONFIGS[block_d]
-            if _ws_smem(bm, bn, st, block_d, esize) <= limit]
+                          pre_hook=functools.partial(_set_tma_blocks, tiles))
+            for bm, bn, w, st in table[block_d] if fits(bm, bn, st) <= limit]
+
+
+_WS_KERNELS = {"fwd": _attn_fwd_ws_kernel, "dkdv": _attn_bwd_dkdv_ws_kernel, "dq": _attn_bwd_dq_ws_kernel}
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_ws(block_d, esize, device_index):
-    return triton.autotune(_ws_configs(block_d, esize, device_index), key=["seq_key", "HEAD_DIM", "CAUSAL"])(
-        _attn_fwd_ws_kernel)
+def _tuned_ws(block_d, esize, device_index, kind="fwd"):
+    return triton.autotune(_ws_configs(block_d, esize, device_index, kind), key=["seq_key", "HEAD_DIM", "CAUSAL"])(
+        _WS_KERNELS[kind])
 
 
-def _ws_launcher(t, block_d, deterministic):
-    """(kernel, launch kwargs) of the warp-specialized forward, as _launcher."""
+def _ws_launcher(t, block_d, deterministic, kind="fwd"):
+    """(kernel, launch kwargs) of a warp-specialized kernel, as _launcher."""
     if t.is_cuda and not _interpreting():
         if AUTOTUNE and not deterministic:
-            return _tuned_ws(block_d, t.element_size(), t.device.index), {}
-        cfg = _ws_configs(block_d, t.element_size(), t.device.index)[0]
-        return _attn_fwd_ws_kernel, dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    bm, bn = INTERPRET_CONFIGS["fwd"]
-    return _attn_fwd_ws_kernel, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4}
+            return _tuned_ws(block_d, t.element_size(), t.device.index, kind), {}
+        cfg = _ws_configs(block_d, t.element_size(), t.device.index, kind)[0]
+        return _WS_KERNELS[kind], dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    bm, bn = INTERPRET_CONFIGS[kind]
+    return _WS_KERNELS[kind], {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4}
 
 
 def _launcher(kind, t, block_d, atomic=False, deterministic=False, tma=False):
@@ -1286,6 +1445,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
         HEAD_DIM=d, BLOCK_D=block_d, HAS_DLSE=dlse is not None, BLOCK_M=pre_bm, num_warps=4,
     )
 
+    ws = _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap, dout=dout)
     cu_q = cu_seqlens_q if varlen else _dummy_cu(q)
     cu_k = cu_seqlens_k if varlen else cu_q
     flags = dict(HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=window_left >= 0,
@@ -1341,7 +1501,28 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
             window_left, window_right, seq_key, **flags, **extra,
         )
 
-    if deterministic:
+    def run_ws():
+        """The warp-specialized dK/dV and dQ kernels (no atomics: deterministic)."""
+        causal = window_right == 0
+        kern, extra = _ws_launcher(q, block_d, deterministic, "dkdv")
+        descs = _tma_descs("bwd", extra, d, False, DESC_Q=q, DESC_DO=dout, DESC_K=k, DESC_V=v)
+        kern[lambda meta: (sk // meta["BLOCK_N"], hk * splits, num_seqs)](
+            descs["DESC_Q"], descs["DESC_DO"], descs["DESC_K"], descs["DESC_V"], lse, delta, dk_buf, dv_buf,
+            *stride_l, *dk_strides(dk_buf), *dk_strides(dv_buf), sq, sk, group, splits, heads_per_split,
+            softmax_scale * LOG2E, softmax_scale, seq_key, HEAD_DIM=d, CAUSAL=causal, **extra)
+        if splits > 1:
+            dk.copy_(dk_buf.sum(0))
+            dv.copy_(dv_buf.sum(0))
+        kern, extra = _ws_launcher(q, block_d, deterministic, "dq")
+        descs = _tma_descs("bwd", extra, d, False, DESC_Q=q, DESC_DO=dout, DESC_K=k, DESC_V=v)
+        kern[lambda meta: (sq // meta["BLOCK_M"], hq, num_seqs)](
+            descs["DESC_Q"], descs["DESC_DO"], descs["DESC_K"], descs["DESC_V"], lse, delta, dq,
+            *stride_l, *_strides3(dq, False), sq, sk, group, softmax_scale * LOG2E, softmax_scale, seq_key,
+            HEAD_DIM=d, CAUSAL=causal, **extra)
+
+    if ws:
+        run_ws()
+    elif deterministic:
         run(False)
     elif DQ_ATOMIC is not None:
         run(DQ_ATOMIC)

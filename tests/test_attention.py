@@ -840,14 +840,14 @@ def test_tma_only_where_the_layout_allows():
 # test_gpu_ws_forward runs the real one on sm_90.
 @pytest.fixture
 def ws(monkeypatch):
-    """WS on; yields the list of launches that took the warp-specialized kernel."""
+    """WS on; yields the kinds ("fwd", "dkdv", "dq") of the launches that took warp-specialized kernels."""
     monkeypatch.setattr(K, "WS", True)
     calls = []
     real = K._ws_launcher
 
-    def spy(t, block_d, deterministic):
-        calls.append(t.shape)
-        return real(t, block_d, deterministic)
+    def spy(t, block_d, deterministic, kind="fwd"):
+        calls.append(kind)
+        return real(t, block_d, deterministic, kind)
 
     monkeypatch.setattr(K, "_ws_launcher", spy)
     return calls
@@ -884,16 +884,48 @@ def test_ws_next_sequence_never_leaks(ws, bad):
     assert len(ws) == 3
 
 
-def test_ws_strided_views_and_backward(ws):
-    """q/k/v as views of one fused qkv projection, and the gradients through the WS forward's
-    out and lse (the backward is the usual one)."""
+def test_ws_strided_views_and_usual_backward(ws):
+    """q/k/v as views of one fused qkv projection; a query length the WS backward does not
+    take (not a multiple of its tiles): the usual backward from the WS forward's out and lse."""
     qkv = _rand(2, 32, 4 + 2 + 2, 32, dtype=F16)
     q, k, v = qkv.split([4, 2, 2], dim=2)
     _fwd_check(q, k, v, causal=True)
     q, k, v = _make(2, 24, 32, 4, 2, 32, F16)
     dout = _rand(2, 24, 4, 32, dtype=F16)
     _check_all(_run(q, k, v, dout, causal=True), q, k, v, dout, causal=True)
-    assert len(ws) == 2
+    assert ws == ["fwd", "fwd"]
+
+
+# (B, Sq, Sk, Hq, Hk, D, causal): lengths multiples of the interpreter's tiles (32); more
+# queries than keys (causal rows that see nothing), more keys than queries, GQA and MQA
+# (several heads of a group summed by one program, or split over programs: fp32 partials).
+WS_BWD_CASES = [
+    (2, 32, 64, 4, 2, 32, False), (1, 64, 32, 2, 1, 16, True), (2, 32, 32, 4, 4, 64, True),
+    (1, 32, 96, 6, 1, 32, True),
+]
+
+
+@pytest.mark.parametrize("case", WS_BWD_CASES, ids=lambda c: "B{}-{}x{}-h{}/{}-d{}".format(*c[:6]) + "-causal" * c[6])
+def test_ws_backward(ws, case):
+    B, Sq, Sk, Hq, Hk, D, causal = case
+    q, k, v = _make(B, Sq, Sk, Hq, Hk, D, F16)
+    dout = _rand(B, Sq, Hq, D, dtype=F16)
+    dlse = _rand(B, Hq, Sq, dtype=F32)
+    _check_all(_run(q, k, v, dout, dlse, causal=causal), q, k, v, dout, dlse, causal=causal)
+    assert ws == ["fwd", "dkdv", "dq"]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_ws_backward_group_splits(ws, splits):
+    """The WS dK/dV kernel with the GQA group's heads on one program or on several (fp32
+    partials summed by the launcher)."""
+    q, k, v = _make(1, 32, 64, 6, 1, 32, F16)
+    dout = _rand(1, 32, 6, 32, dtype=F16)
+    out, lse = K.attention_fwd(q, k, v, None, None, None, None, 0.3, -1, 0, 0.0)
+    dq, dk, dv = K.attention_bwd(dout, None, q, k, v, out, lse, None, None, None, None, 0.3, -1, 0, 0.0, False,
+                                 group_splits=splits)
+    _check_all((out, lse, dq, dk, dv), q, k, v, dout, causal=True, softmax_scale=0.3)
+    assert ws == ["fwd", "dkdv", "dq"]
 
 
 def test_ws_only_where_it_applies(monkeypatch):
@@ -912,6 +944,12 @@ def test_ws_only_where_it_applies(monkeypatch):
     assert not ok(*_make(2, 24, 40, 4, 2, 64, F16))  # keys not a multiple of the tile
     assert not ok(*_make(2, 24, 32, 4, 2, 40, F16))  # D not a power of 2
     assert not ok(*_make(2, 24, 32, 4, 2, 64, F32))  # 4-byte elements
+    dout = _rand(2, 24, 4, 64, dtype=F16)
+    assert not K._ws_ok(q, k, v, False, 64, 64, -1, 0, 0.0, dout=dout)  # queries not a multiple of 32
+    q, k, v = _make(2, 32, 32, 4, 2, 64, F16)
+    dout = _rand(2, 32, 4, 64, dtype=F16)
+    assert K._ws_ok(q, k, v, False, 64, 64, -1, 0, 0.0, dout=dout)
+    assert not K._ws_ok(q, k, v, False, 64, 64, -1, 0, 0.0, dout=dout.transpose(1, 2).contiguous().transpose(1, 2))
     monkeypatch.setattr(K, "WS", False)
     assert not ok(q, k, v)
 
@@ -1003,6 +1041,29 @@ def test_gpu_ws_forward(ws, monkeypatch, D, autotune):
     n = len(ws)
     _fwd_check(*qkv.split([8, 2, 2], dim=2), causal=True)
     assert len(ws) == n + 1, "the WS kernel did not run on the qkv views"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D, autotune", [(64, False), (128, False), (128, True)])
+def test_gpu_ws_backward(ws, monkeypatch, D, autotune):
+    """The warp-specialized dK/dV and dQ kernels on a real sm_90 (triton 3.6): causal and not,
+    GQA/MQA (group heads on one program or split into fp32 partials), more queries than keys;
+    every autotuner config with autotune."""
+    if torch.cuda.get_device_capability()[0] != 9 or not K.WS_TRITON:
+        pytest.skip(f"the WS kernels are enabled on sm_90 with triton 3.6 only (triton {triton.__version__})")
+    monkeypatch.setattr(K, "AUTOTUNE", autotune)
+    modes = {"causal": GPU_MODES["causal"]} if autotune else {"full": {}, "causal": GPU_MODES["causal"]}
+    for mode, kw in modes.items():
+        for (Sq, Sk), (Hq, Hk) in itertools.product([(128, 128), (256, 1024), (1024, 1024), (1024, 384)],
+                                                    GPU_HEADS + [(16, 2)]):
+            q, k, v = _make(2, Sq, Sk, Hq, Hk, D, torch.bfloat16)
+            dout = _rand(2, Sq, Hq, D, dtype=torch.bfloat16)
+            del ws[:]
+            try:
+                _check_all(_run(q, k, v, dout, **kw), q, k, v, dout, **kw)
+            except AssertionError as e:
+                raise AssertionError(f"{mode} Sq={Sq} Sk={Sk} heads={Hq}/{Hk}: {e}") from e
+            assert ws == ["fwd", "dkdv", "dq"], f"the WS kernels did not all run: {ws}"
 
 
 @pytest.mark.gpu

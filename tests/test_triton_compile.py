@@ -399,8 +399,9 @@ def _decode_case(D, dtype, *, B, Sq, Hq, Hkv, paged, causal=True, window=-1, sof
 def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=False, autotune=False,
                deterministic=(False, True), dlse=False, B=4, S=2048, H=32, Hk=8, tma=False, ws=False):
     """tma: the forward's TMA variant (FASTLM_ATTENTION_TMA=1; sm_90 only), forward alone.
-    ws: the warp-specialized forward (FASTLM_ATTENTION_WS=1), forward alone: taken with triton
-    3.6 only (K.WS_TRITON); with another triton the launcher records the usual forward."""
+    ws: the warp-specialized kernels (FASTLM_ATTENTION_WS=1), forward and (head_dim 64/128)
+    backward: taken with triton 3.6 only (K.WS_TRITON); with another triton the launchers
+    record the usual kernels."""
     wl, wr = window
     if causal:
         wr = 0
@@ -422,11 +423,11 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
             cu = _t(B + 1, dtype=torch.int32) if varlen else None
             mx = S if varlen else None
             out, lse = A.attention_fwd(q, kk, v, cu, cu, mx, mx, D**-0.5, wl, wr, softcap)
-            if tma or ws:
+            if tma or (ws and D not in A._WS_BWD_CONFIGS["dq"]):
                 return
             dout = _t(*out.shape, dtype=dtype)
             g = _t(*lse.shape, dtype=torch.float32) if dlse else None
-            for det in deterministic:
+            for det in (False,) if ws else deterministic:  # (ws: the WS backward has no atomics)
                 A.attention_bwd(dout, g, q, kk, v, out, lse, cu, cu, mx, mx, D**-0.5, wl, wr, softcap, det)
                 if det and autotune:
                     # deterministic=True runs the first configs; the separate dQ kernel is autotuned
