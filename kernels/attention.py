@@ -902,6 +902,7 @@ def _attn_bwd_dkdv_ws_kernel(
     dk = dk * dk_scale
     rows = offs_n.to(tl.int64)[:, None]
     bb = b.to(tl.int64)
+    split = split.to(tl.int64)  # (a partial's stride is the whole dK's element count)
     tl.store(DK + split * stride_dkp + bb * stride_dkb + hk.to(tl.int64) * stride_dkh + rows * stride_dks
              + offs_d[None, :], dk.to(DK.dtype.element_ty))
     tl.store(DV + split * stride_dvp + bb * stride_dvb + hk.to(tl.int64) * stride_dvh + rows * stride_dvs
