@@ -6,9 +6,9 @@
 #   gpu_check.log   everything printed         junit*.xml      per-test results
 #   results.json    all benchmark rows + env   results.tar.gz  per-benchmark JSON/CSV
 #   summary.json    exit status of each stage
-# STAGES=build,diag,test,bench (default all) selects stages (diag: scripts/gpu_diag.py, the decode
-# step's per-shape report, at most DIAG_S seconds, default 100); TEST_FILES / PYTEST_ARGS / BENCH_ARGS
-# pass options.
+# STAGES=build,diag,test,bench (default all) selects stages (diag: scripts/gpu_diag.py, the WS
+# attention check and the decode step's per-shape report, at most DIAG_S seconds, default 150);
+# TEST_FILES / PYTEST_ARGS / BENCH_ARGS pass options.
 #
 # BUDGET_S=<seconds> fits the whole check into one device call (a session has 15 minutes of
 # device time, the machine's start included, and 10 minutes per command):
@@ -68,7 +68,7 @@ if [[ $STAGES == *build* ]]; then
 fi
 if [[ $STAGES == *diag* ]]; then  # the decode step, shape by shape (the 2026-12-04 run's open failures)
   start=$(date +%s)
-  capped "${DIAG_S:-100}" $PY scripts/gpu_diag.py
+  capped "${DIAG_S:-150}" $PY scripts/gpu_diag.py
   echo "== diag rc=$? in $(( $(date +%s) - start ))s"
 fi
 # The tests run with FASTLM_ATTENTION_AUTOTUNE=0 (correctness does not need every tile config

@@ -1,14 +1,17 @@
-"""GPU diagnostic of the decode step (decode_attention with new k/v), run first by
-scripts/gpu_check.sh: the 2026-12-04 H200 run found the one-launch decode step wrong on the GPU
-while it passes under the interpreter and the host emulator.  For each backend and a spread of
-shapes it prints one line: output error against the reference per sequence, the cache slots
-written differently (as (sequence, position, kv head)), whether the workspace was left zeroed,
-and whether reruns are bit-identical; first with the Triton one-launch form forced
+"""GPU diagnostics run first by scripts/gpu_check.sh.
+
+First the warp-specialized attention kernels (FASTLM_ATTENTION_WS=1, new: errors and TFLOP/s
+beside the usual kernels and SDPA; DIAG_ATTN_S seconds, default 45).  Then the decode step
+(decode_attention with new k/v): the 2026-12-04 H200 run found the one-launch decode step wrong
+on the GPU while it passes under the interpreter and the host emulator.  For each backend and a
+spread of shapes it prints one line: output error against the reference per sequence, the cache
+slots written differently (as (sequence, position, kv head)), whether the workspace was left
+zeroed, and whether reruns are bit-identical; first with the Triton one-launch form forced
 (fastlm.ops.kv_cache.TRITON_ONE_LAUNCH_ON_GPU, held back on GPUs since that run), with its new
 tokens' tile as fp32 products (the form that failed) and through tl.dot
-(fastlm.kernels.decode.NEW_KV_DOT), then without.  Then the CUDA op's bad-argument calls one by one (one of
-them crashed the process there), each line printed before the call.
-    python scripts/gpu_diag.py            (a GPU; ~1 minute)
+(fastlm.kernels.decode.NEW_KV_DOT), then without.  Then the CUDA op's bad-argument calls one by
+one (one of them crashed the process there), each line printed before the call.
+    python scripts/gpu_diag.py            (a GPU; ~2 minutes)
 """
 import faulthandler
 import itertools
@@ -107,9 +110,99 @@ def bad_argument_calls():
             print("  raised:", str(e).splitlines()[0][:200], flush=True)
 
 
+def _ms(fn, reps=10):
+    """Median milliseconds of fn() over reps CUDA-event-timed calls (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+ATTN_ERR_SHAPES = ((2, 1024, 8, 2, 128), (2, 512, 4, 4, 64))  # (B, S, Hq, Hk, D)
+ATTN_TIME_SHAPE = (4, 4096, 16, 128)  # (B, S, H, D)
+
+
+def attention_ws_report(limit):
+    """The warp-specialized attention kernels (FASTLM_ATTENTION_WS, new and off by default): error
+    of out/dq/dk/dv against an fp32 reference beside the usual kernels' (first configs), then
+    forward and forward+backward TFLOP/s of both beside SDPA's default at head_dim 128, 4k
+    tokens per sequence.  Stops starting new lines after `limit` seconds."""
+    from fastlm import reference
+    from fastlm.kernels import attention as K
+
+    if not (dev == "cuda" and torch.cuda.get_device_capability()[0] == 9 and K.WS_TRITON):
+        print("== attention WS: not on this device / triton (sm_90 with triton 3.6 only)", flush=True)
+        return
+    print("== attention WS kernels (first configs) against the usual ones", flush=True)
+    t0 = time.time()
+    saved = K.AUTOTUNE, K.WS
+    K.AUTOTUNE = False
+    try:
+        for causal, (B, S, Hq, Hk, D) in itertools.product((False, True), ATTN_ERR_SHAPES):
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(B, S, h, D, device=dev, dtype=torch.bfloat16) for h in (Hq, Hk, Hk))
+            dout = torch.randn_like(q)
+            leaves = [t.float().requires_grad_() for t in (q, k, v)]
+            ref = reference.attention(*leaves, causal=causal)
+            refs = [ref] + list(torch.autograd.grad(ref, leaves, dout.float()))
+            line = []
+            for ws in (False, True):
+                K.WS = ws
+                xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+                try:
+                    out = fastlm.ops.attention(*xs, causal=causal, backend="triton")
+                    got = [out] + list(torch.autograd.grad(out, xs, dout))
+                    errs = [((g.float() - r).abs().max() / r.abs().max()).item() for g, r in zip(got, refs)]
+                    line.append(f"{'ws' if ws else 'usual'} " + " ".join(f"{n} {e:.2e}" for n, e in
+                                                                         zip(("out", "dq", "dk", "dv"), errs)))
+                except Exception as e:  # a diagnostic: report and go on
+                    line.append(f"{'ws' if ws else 'usual'} ERR {repr(e)[:200]}")
+            K.WS = True
+            taken = [K._ws_ok(q, k, v, False, D, D, -1, 0 if causal else -1, 0.0, dout=g) for g in (None, dout)]
+            print(f"ATTN err B{B} S{S} H{Hq}/{Hk} D{D} causal{int(causal)} (ws taken: fwd {taken[0]} bwd {taken[1]}): "
+                  + " | ".join(line), flush=True)
+        for causal in (False, True):
+            if time.time() - t0 > limit:
+                print("ATTN timing skipped: diagnostic time limit", flush=True)
+                break
+            B, S, H, D = ATTN_TIME_SHAPE
+            q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            dout = torch.randn_like(q)
+            fl = 4.0 * B * H * S * S * D / (2 if causal else 1)
+            sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+            res = []
+            for name, ws in (("usual", False), ("ws", True), ("sdpa", None)):
+                K.WS = bool(ws)
+                f = sdpa if ws is None else (lambda: fastlm.ops.attention(q, k, v, causal=causal, backend="triton"))
+                try:
+                    with torch.no_grad():
+                        fwd = _ms(f)
+                    fb = _ms(lambda: torch.autograd.grad(f(), (q, k, v), dout))
+                    res.append(f"{name} fwd {fl / fwd / 1e9:.0f} fwd+bwd {3.5 * fl / fb / 1e9:.0f}")
+                except Exception as e:
+                    res.append(f"{name} ERR {repr(e)[:200]}")
+            print(f"ATTN TFLOP/s B{B} S{S} H{H} D{D} causal{int(causal)}: " + " | ".join(res), flush=True)
+    finally:
+        K.AUTOTUNE, K.WS = saved
+    print(f"attention WS diagnostic done in {time.time() - t0:.0f} s", flush=True)
+
+
 def main():
+    global T0
     from fastlm.kernels import decode as kd
     from fastlm.ops import kv_cache as kv_ops
+
+    if not QUICK:
+        attention_ws_report(limit=float(os.environ.get("DIAG_ATTN_S", 45)))
+        T0 = time.time()  # the decode passes' cutoffs count from here
 
     # The Triton one-launch form (held back on GPUs) with its new tokens' tile as fp32 products
     # (the form that failed), then through tl.dot (kd.NEW_KV_DOT), then the default.
