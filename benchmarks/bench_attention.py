@@ -166,7 +166,8 @@ def dense_impls(head_dim, seqlen, gqa=False):
     else:
         impls["flex-attention"] = f"skipped: only at head_dim 128, seqlen {FLEX_SEQLENS} (compile time)"
     fa2 = optional_module("flash_attn")
-    impls["flash_attn"] = (lambda q, k, v, c: fa2.flash_attn_func(q, k, v, causal=c)) if fa2 else "skipped: not installed"
+    impls["flash_attn"] = ((lambda q, k, v, c: fa2.flash_attn_func(q, k, v, causal=c)) if fa2
+                           else "skipped: not installed")
     fa3 = optional_module("flash_attn_interface")
     if fa3 is None:
         impls["flash_attn_3"] = "skipped: not installed"
