@@ -17,6 +17,9 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=64" wheel
 	$(PIP) install -q torch numpy ninja pytest pytest-xdist transformers safetensors tokenizers tqdm
+	# the GPU machine's triton, beside the local one, for tests/test_triton_compile.py's compile of
+	# the kernels only that version takes (FASTLM_ATTENTION_WS); never imported by fastlm itself
+	$(PIP) install -q --target $(VENV)/triton36 --no-deps triton==3.6.0
 	touch $@
 
 deps: $(VENV)/.deps

@@ -134,14 +134,22 @@ def _ws_variant(fn, head_dim):
     def f(q, k, v, c):
         saved, K.WS = K.WS, True
         try:
-            d = q.shape[-1]
-            for dout in (None, q) if bwd else (None,):  # (q: dout's layout, contiguous like it)
-                if not K._ws_ok(q, k, v, False, d, K._block_d(d), -1, 0 if c else -1, 0.0, dout=dout):
-                    raise RuntimeError("the WS kernels do not take this shape")
+            if not f.applies(q, k, v, c):
+                raise RuntimeError("the WS kernels do not take this shape")
             return fn(q, k, v, c)
         finally:
             K.WS = saved
+
+    def applies(q, k, v, c):
+        saved, K.WS = K.WS, True
+        try:
+            d = q.shape[-1]
+            return all(K._ws_ok(q, k, v, False, d, K._block_d(d), -1, 0 if c else -1, 0.0, dout=dout)
+                       for dout in ((None, q) if bwd else (None,)))  # (q: dout's layout, contiguous like it)
+        finally:
+            K.WS = saved
     f.modes = ("fwd", "bwd", "fwd+bwd") if bwd else ("fwd",)
+    f.applies = applies
     return f
 
 
@@ -222,6 +230,9 @@ def run_case(res, impls, base, inputs, flops, modes, peak, det_modes=("bwd", "fw
                 continue
             if mode not in getattr(fn, "modes", (mode,)):
                 res.skipped(name, f"{mode}: not at this head_dim", **row0)
+                continue
+            if not getattr(fn, "applies", lambda *a: True)(*inputs):
+                res.skipped(name, "not taken at this shape", **row0)
                 continue
             try:
                 ms, p20, p80 = time_mode(fn, mode, inputs)

@@ -115,3 +115,30 @@ def test_gpu_check_flow_without_a_gpu(tmp_path):
     assert summary["bench"] == 0 and summary["build"] == -1 and summary["test"] == -1
     assert json.load(open(out / "results.json")) == []  # no GPU: the benchmarks measured nothing
     assert (out / "results.tar.gz").exists() and "no CUDA GPU" in (out / "gpu_check.log").read_text()
+
+
+def test_attention_variants_skip_what_they_do_not_run(no_failures, monkeypatch):
+    """bench_attention's WS variant declares the modes and shapes its kernels take: the rest are
+    'skipped' rows, never the usual kernels timed under its name nor an error row that would fail
+    the run; the rows it does take are timed."""
+    from benchmarks import bench_attention as B
+
+    timed = []
+    monkeypatch.setattr(B, "time_mode", lambda fn, mode, inputs: timed.append(mode) or (1.0, 0.9, 1.1))
+
+    def variant(applies):
+        f = lambda *a: None  # noqa: E731
+        f.modes, f.applies = ("fwd",), (lambda *a: applies)
+        return f
+
+    for applies in (True, False):
+        res = common.Results("demo")
+        timed.clear()
+        B.run_case(res, {"fastlm-triton-ws": variant(applies)}, dict(case="dense"), ("q", "k", "v", True),
+                   {"fwd": 1e9, "bwd": 2.5e9, "fwd+bwd": 3.5e9}, ["fwd", "bwd", "fwd+bwd"], 1000.0)
+        status = {r["mode"]: r.get("status", "timed") for r in res.rows}
+        assert status == {"fwd": "timed" if applies else "skipped: not taken at this shape",
+                          "bwd": "skipped: bwd: not at this head_dim",
+                          "fwd+bwd": "skipped: fwd+bwd: not at this head_dim"}
+        assert timed == (["fwd"] if applies else [])
+    assert not no_failures
