@@ -913,9 +913,8 @@ def _attn_bwd_dkdv_ws_kernel(
 def _attn_bwd_dq_ws_kernel(
     DESC_Q, DESC_DO,  # TMA descriptors as in _attn_bwd_dkdv_ws_kernel
     DESC_K, DESC_V,
-    LSE, DELTA,  # *fp32 (B, Hq, Sq)
+    DESC_L, DESC_DL,  # TMA descriptors of lse and delta as 2-D (B * Hq, Sq) views, tile 1 x BLOCK_M
     DQ,  # *T (B, Sq, Hq, D)
-    stride_lb, stride_lh,
     stride_dqb, stride_dqs, stride_dqh,
     seqlen_q, seqlen_k,  # multiples of BLOCK_M and BLOCK_N
     group,
@@ -924,7 +923,10 @@ def _attn_bwd_dq_ws_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block (BLOCK_M rows of head h, split across the two consumer
-    warpgroups): one loop over the key blocks it sees, as the forward's WS kernel."""
+    warpgroups): one loop over the key blocks it sees, as the forward's WS kernel.  The rows'
+    lse and delta come through TMA inside the loop as (BLOCK_M, 1) columns: a (BLOCK_M,) vector
+    loaded before the loop stops triton 3.6's consumer split (every consumer then computed the
+    whole tile)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -940,10 +942,7 @@ def _attn_bwd_dq_ws_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q = DESC_Q.load([b * seqlen_q + m0, h * HEAD_DIM])
     do = DESC_DO.load([b * seqlen_q + m0, h * HEAD_DIM])
-    lrow = b.to(tl.int64) * stride_lb + h * stride_lh + offs_m
-    lse = tl.load(LSE + lrow)
-    delta = tl.load(DELTA + lrow)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lrow = b * tl.num_programs(1) + h
     if CAUSAL:
         hi = tl.minimum(tl.maximum(m0 + BLOCK_M + off, 0), seqlen_k)
     else:
@@ -953,12 +952,16 @@ def _attn_bwd_dq_ws_kernel(
     for n0 in tl.range(0, hi, BLOCK_N, warp_specialize=True):
         k = DESC_K.load([k_row + n0, hk * HEAD_DIM])
         v = DESC_V.load([k_row + n0, hk * HEAD_DIM])
+        lse = tl.trans(DESC_L.load([lrow, m0]))  # (BLOCK_M, 1)
+        delta = tl.trans(DESC_DL.load([lrow, m0]))
+        # log2-domain lse; rows that saw no key (lse = -inf) get +inf so that p = 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         qk = tl.dot(q, tl.trans(k))
-        p = tl.math.exp2(qk * qk_scale2 - lse2[:, None])
+        p = tl.math.exp2(qk * qk_scale2 - lse2)
         if CAUSAL:
             p = tl.where((n0 + offs_n)[None, :] <= (offs_m + off)[:, None], p, 0.0)
         dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta)
         dq = tl.dot(ds.to(k.dtype), k, dq)
     dq = dq * dq_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
@@ -1118,6 +1121,8 @@ TMA = os.environ.get("FASTLM_ATTENTION_TMA", "0") == "1"
 # Per kernel: descriptor argument -> the config's tile size along its rows.
 _TMA_TILES = {"fwd": {"DESC_Q": "BLOCK_M", "DESC_K": "BLOCK_N", "DESC_V": "BLOCK_N"},
               "bwd": {"DESC_Q": "BLOCK_M", "DESC_DO": "BLOCK_M", "DESC_K": "BLOCK_N", "DESC_V": "BLOCK_N"}}
+# Row-vector descriptors (lse, delta as (B * H, S)): a 1 x BLOCK_M tile.
+_TMA_ROW_TILES = {"bwd": {"DESC_L": "BLOCK_M", "DESC_DL": "BLOCK_M"}}
 
 
 def _set_tma_blocks(kind, nargs):
@@ -1126,6 +1131,9 @@ def _set_tma_blocks(kind, nargs):
     d = nargs["HEAD_DIM"]
     for name, block in _TMA_TILES[kind].items():
         nargs[name].block_shape = [nargs[block], d]
+    for name, block in _TMA_ROW_TILES.get(kind, {}).items():
+        if name in nargs:
+            nargs[name].block_shape = [1, nargs[block]]
 
 
 @functools.lru_cache(maxsize=None)
@@ -1154,12 +1162,12 @@ _WS_CONFIGS = {
     256: [(128, 64, 4, 2)],
 }
 # The backward's WS kernels (dK/dV: BLOCK_N keys split between the consumers, BLOCK_M queries
-# streamed; dQ: BLOCK_M = 64 queries, as a 128-row tile's per-row lse/delta vectors stop the
-# consumer split) at head_dim 64 and 128 (256 spills kilobytes): no spills (sm_90, triton 3.6)
-# but the causal dK/dV 64x128 (184 bytes), kept for the non-causal one.
+# streamed; dQ: BLOCK_M queries split, BLOCK_N keys streamed) at head_dim 64 and 128 (256 spills
+# kilobytes): no spills (sm_90, triton 3.6) but the causal dK/dV 64x128 (184 bytes), kept for
+# the non-causal one.
 _WS_BWD_CONFIGS = {
     "dkdv": {64: [(64, 128, 4, 2), (32, 128, 4, 2)], 128: [(32, 128, 4, 2), (32, 128, 4, 3), (64, 128, 4, 2)]},
-    "dq": {64: [(64, 128, 4, 2), (64, 64, 4, 2)], 128: [(64, 64, 4, 2), (64, 64, 4, 3)]},
+    "dq": {64: [(128, 128, 4, 2), (128, 64, 4, 3)], 128: [(128, 64, 4, 2), (128, 64, 4, 3)]},
 }
 WS_KEY_MULTIPLE = 128  # seqlen_k (and for the backward seqlen_q) a multiple of every config's tiles
 
@@ -1195,10 +1203,12 @@ def _ws_configs(block_d, esize, device_index, kind="fwd"):
     limit = _smem_limit(device_index)
     table = _WS_CONFIGS if kind == "fwd" else _WS_BWD_CONFIGS[kind]
     # (the dK/dV kernel keeps K and V, streams Q and dO: the same count as _ws_smem's with the
-    # roles of the two tiles swapped; the dQ kernel keeps Q and dO, streams K and V)
+    # roles of the two tiles swapped; the dQ kernel keeps Q and dO, streams K and V and the rows'
+    # lse and delta; each within 2 KiB above the sm_90 builds)
     fits = {"fwd": lambda bm, bn, st: _ws_smem(bm, bn, st, block_d, esize),
             "dkdv": lambda bm, bn, st: _ws_smem(bn, bm, st, block_d, esize) + bn * block_d * esize,
-            "dq": lambda bm, bn, st: _ws_smem(bm, bn, st, block_d, esize) + bm * block_d * esize}[kind]
+            "dq": lambda bm, bn, st: _ws_smem(bm, bn, st, block_d, esize) + bm * block_d * esize + st * 2 * bm * 4,
+            }[kind]
     tiles = "fwd" if kind == "fwd" else "bwd"
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st,
                           pre_hook=functools.partial(_set_tma_blocks, tiles))
@@ -1515,10 +1525,14 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
             dk.copy_(dk_buf.sum(0))
             dv.copy_(dv_buf.sum(0))
         kern, extra = _ws_launcher(q, block_d, deterministic, "dq")
+        rows = {name: TensorDescriptor(t.contiguous().view(-1, sq), [num_seqs * hq, sq], [sq, 1], [1, 16])
+                for name, t in (("DESC_L", lse), ("DESC_DL", delta))}
         descs = _tma_descs("bwd", extra, d, False, DESC_Q=q, DESC_DO=dout, DESC_K=k, DESC_V=v)
+        if extra:
+            _set_tma_blocks("bwd", dict(extra, HEAD_DIM=d, **descs, **rows))
         kern[lambda meta: (sq // meta["BLOCK_M"], hq, num_seqs)](
-            descs["DESC_Q"], descs["DESC_DO"], descs["DESC_K"], descs["DESC_V"], lse, delta, dq,
-            *stride_l, *_strides3(dq, False), sq, sk, group, softmax_scale * LOG2E, softmax_scale, seq_key,
+            descs["DESC_Q"], descs["DESC_DO"], descs["DESC_K"], descs["DESC_V"], rows["DESC_L"], rows["DESC_DL"], dq,
+            *_strides3(dq, False), sq, sk, group, softmax_scale * LOG2E, softmax_scale, seq_key,
             HEAD_DIM=d, CAUSAL=causal, **extra)
 
     if ws:
