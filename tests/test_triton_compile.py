@@ -775,7 +775,9 @@ def _compile(job):
                spill_stores=last(r"(\d+) bytes spill stores"), spill_loads=last(r"(\d+) bytes spill loads"),
                stack=last(r"(\d+) bytes stack frame"), shared=getattr(k.metadata, "shared", None),
                warps=getattr(k.metadata, "num_warps", None),
-               maxnreg_split="setmaxnreg" in k.asm.get("ptx", ""))  # (warp-specialized: registers moved)
+               maxnreg_split="setmaxnreg" in k.asm.get("ptx", ""),  # (warp-specialized: registers moved)
+               # rows of each Hopper MMA's result: what one warpgroup computes
+               mma_rows=sorted({int(m) for m in re.findall(r"warp_group_dot .*-> tensor<(\d+)x", k.asm.get("ttgir", ""))}))
     return res
 
 
@@ -983,6 +985,13 @@ def test_ws_kernels_compile(tmp_path):
     assert not failed, "WS kernels failing to compile or over the shared memory:\n" + format_table(failed)
     assert all(r.get("maxnreg_split") for r in rows if r["kernel"] in WS_KERNELS), \
         "a WS kernel compiled without the warp specialization (no setmaxnreg in its PTX)"
+    # The two consumer warpgroups split the program's tile (the forward's and dQ's BLOCK_M query
+    # rows, dK/dV's BLOCK_N keys): each MMA is half of it.  A tile the partitioner cannot split
+    # is computed whole by both (every matmul twice), which compiles and runs, only slower.
+    for r in rows:
+        if r["kernel"] in WS_KERNELS:
+            split = r["constexprs"]["BLOCK_N" if "dkdv" in r["kernel"] else "BLOCK_M"]
+            assert r["mma_rows"] == [split // 2], f"{r['kernel']} {_describe(r)}: MMA rows {r['mma_rows']}"
 
 
 @pytest.mark.parametrize("module", MODULES)
