@@ -1198,6 +1198,7 @@ def _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap, dout
             and all(_ws_configs(d, 2, q.device.index, kind) for kind in ("dkdv", "dq")))
 
 
+@functools.lru_cache(maxsize=None)  # (_ws_ok asks on every call)
 def _ws_configs(block_d, esize, device_index, kind="fwd"):
     """The WS configs of `kind` ("fwd", "dkdv", "dq") that fit the device's shared memory."""
     limit = _smem_limit(device_index)

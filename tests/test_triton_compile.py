@@ -227,7 +227,7 @@ class _Recorder:
         return False
 
     def _clear_caches(self):
-        for name in ("_tuned", "_tuned_tma", "_first_fit", "_dummy_cu_on"):
+        for name in ("_tuned", "_tuned_tma", "_first_fit", "_dummy_cu_on", "_tuned_ws", "_ws_configs"):
             getattr(self.k["attention"], name).cache_clear()
 
 
