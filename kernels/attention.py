@@ -45,11 +45,12 @@ tokens (or TMA's zero fill): their scores are masked as usual and the values zer
 non-finite values there never leak in; rows past Lq are computed and not stored.
 
 Warp-specialized forward (FASTLM_ATTENTION_WS=1; sm_90 with triton 3.6, dense fp16/bf16,
-head_dim 64/128/256, causal or not, seqlen_k a multiple of 128; off by default until GPU runs
-check and time it): _attn_fwd_ws_kernel, one straight-line loop that Triton's Hopper warp
-specialization splits into a TMA producer warpgroup and two wgmma consumer warpgroups of 64 rows
-each (the FlashAttention-3 structure).  That pass takes one loop without branches, so this
-kernel masks every tile arithmetically when causal instead of splitting off the diagonal.
+head_dim 64/128/256, causal, windowed or full, no softcap, seqlen_k a multiple of 128; off by
+default until GPU runs check and time it): _attn_fwd_ws_kernel, one straight-line loop that
+Triton's Hopper warp specialization splits into a TMA producer warpgroup and two wgmma consumer
+warpgroups of 64 rows each (the FlashAttention-3 structure).  That pass takes one loop without
+branches, so this kernel masks every tile of the band arithmetically instead of splitting off
+the diagonal ones.
 The backward's WS kernels (head_dim 64/128, seqlen_q a multiple of 128 too): dK/dV with the GQA
 group's (head, query block) pairs flattened into one loop, and a separate dQ kernel (7 matmuls
 per tile, no atomics: deterministic).
@@ -398,6 +399,18 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _window_ok(rows, cols, off, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """_allowed without the bounds (the WS kernels' tiles never pass seqlen_k; rows past
+    seqlen_q are never stored)."""
+    ok = cols >= 0
+    if HAS_RIGHT:
+        ok = ok & (cols <= rows + (off + window_right))
+    if HAS_LEFT:
+        ok = ok & (cols >= rows + (off - window_left))
+    return ok
+
+
+@triton.jit
 def _attn_fwd_ws_kernel(
     DESC_Q,  # TMA descriptors of Q, K, V as 2-D (tokens, heads * D) row-major views (dense batch)
     DESC_K,
@@ -410,9 +423,11 @@ def _attn_fwd_ws_kernel(
     seqlen_k,  # a multiple of BLOCK_N: a K/V tile never reaches into the next sequence
     group,  # Hq // Hk
     score_mul,  # softmax_scale * log2(e)
+    window_left, window_right,  # >= 0 when HAS_LEFT / HAS_RIGHT (causal: right = 0)
     seq_key,  # autotune key only
     HEAD_DIM: tl.constexpr,  # D, a power of two (one head per TMA tile column block)
-    CAUSAL: tl.constexpr,  # bottom-right aligned: key j <= i + seqlen_k - seqlen_q
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -420,15 +435,15 @@ def _attn_fwd_ws_kernel(
     specialization (`tl.range(warp_specialize=True)`, sm_90) partitions: a producer warpgroup
     issues the TMA loads, two consumer warpgroups (BLOCK_M / 2 rows each, registers moved to
     them by setmaxnreg) run the wgmma chains and the softmax.  (Triton 3.6 refuses a loop with an
-    `if` in its body and a function with two specialized loops: so no masked/unmasked loop split
-    here, and the causal mask is applied to every tile.)  Dense batches with seqlen_k a multiple
-    of BLOCK_N, no window or softcap (attention_fwd's _ws_ok); rows past seqlen_q hold the next
-    sequence's queries (or TMA zero fill): computed, never stored."""
+    `if` in its body, a second loop, or a dot before or after the loop: so no masked/unmasked
+    loop split here, and a causal or window mask is applied to every tile of the band.)  Dense
+    batches with seqlen_k a multiple of BLOCK_N, no softcap (attention_fwd's _ws_ok); rows past
+    seqlen_q hold the next sequence's queries (or TMA zero fill): computed, never stored."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    if CAUSAL:
-        m_blk = tl.num_programs(0) - 1 - pid_m  # the longest rows first
+    if HAS_RIGHT:
+        m_blk = tl.num_programs(0) - 1 - pid_m  # causal-like: the longest rows first
     else:
         m_blk = pid_m
     m0 = m_blk * BLOCK_M
@@ -440,20 +455,20 @@ def _attn_fwd_ws_kernel(
     row_ok = offs_m < seqlen_q
     bb = b.to(tl.int64)
     q = DESC_Q.load([b * seqlen_q + m0, h * HEAD_DIM])
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(tl.minimum(m0 + BLOCK_M, seqlen_q) + off, 0), seqlen_k)
-    else:
-        hi = seqlen_k
+    lo, _, _, hi = _kv_range(m0, tl.minimum(m0 + BLOCK_M, seqlen_q) - 1, seqlen_k, off, window_left, window_right,
+                             HAS_LEFT, HAS_RIGHT, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     k_row = b * seqlen_k
     k_col = hk * HEAD_DIM
-    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
         k = DESC_K.load([k_row + start_n, k_col])
         qk = tl.dot(q, tl.trans(k))
-        if CAUSAL:
-            s = tl.where((start_n + offs_n)[None, :] <= (offs_m + off)[:, None], qk * score_mul, float("-inf"))
+        if HAS_LEFT or HAS_RIGHT:
+            ok = _window_ok(offs_m[:, None], (start_n + offs_n)[None, :], off, window_left, window_right,
+                            HAS_LEFT, HAS_RIGHT)
+            s = tl.where(ok, qk * score_mul, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no inf - inf
             p = tl.math.exp2(s - m_use[:, None])
@@ -835,7 +850,6 @@ def _attn_bwd_dq_kernel(
     tl.store(DQ + rows[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_ok)
 
 
-# ------------------------------------------------------------------------------ launchers
 @triton.jit
 def _attn_bwd_dkdv_ws_kernel(
     DESC_Q, DESC_DO,  # TMA descriptors (tokens, heads * D) of Q and dO (tile BLOCK_M x D)
@@ -849,14 +863,16 @@ def _attn_bwd_dkdv_ws_kernel(
     group, n_splits, heads_per_split,
     qk_scale2,  # softmax_scale * log2(e)
     dk_scale,  # softmax_scale
+    window_left, window_right,  # >= 0 when HAS_LEFT / HAS_RIGHT (causal: right = 0)
     seq_key,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one key block (BLOCK_N keys of kv head hk, split across the two consumer
     warpgroups) over the query heads [h_begin, h_end) of its group and their query blocks, as
     ONE flattened loop (the form the Hopper warp specialization takes: no branch, no second
-    loop); causal masks every tile arithmetically and starts at the first query block that
-    sees a key of this block."""
+    loop); a causal or window mask applies to every tile of the query blocks that see a key of
+    this block."""
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = tl.program_id(2)
@@ -871,12 +887,10 @@ def _attn_bwd_dkdv_ws_kernel(
     v = DESC_V.load([b * seqlen_k + n0, hk * HEAD_DIM])
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    n_q = seqlen_q // BLOCK_M
-    if CAUSAL:
-        first = tl.minimum(tl.maximum(n0 - off, 0) // BLOCK_M, n_q)  # query i sees key j iff j <= i + off
-    else:
-        first = 0
-    cnt = n_q - first
+    q_lo, _, _, q_hi = _q_range(n0, n0 + BLOCK_N - 1, seqlen_q, seqlen_k, off, window_left, window_right,
+                                HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_M)
+    first = q_lo // BLOCK_M
+    cnt = (q_hi - q_lo) // BLOCK_M
     h_begin = hk * group + split * heads_per_split
     n_heads = tl.minimum(heads_per_split, (hk + 1) * group - h_begin)
     q_row0 = b * seqlen_q
@@ -893,8 +907,10 @@ def _attn_bwd_dkdv_ws_kernel(
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(qkT * qk_scale2 - lse2[None, :])
-        if CAUSAL:
-            pT = tl.where(offs_n[:, None] <= (m0 + offs_mb + off)[None, :], pT, 0.0)
+        if HAS_LEFT or HAS_RIGHT:
+            ok = _window_ok((m0 + offs_mb)[None, :], offs_n[:, None], off, window_left, window_right,
+                            HAS_LEFT, HAS_RIGHT)
+            pT = tl.where(ok, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
@@ -919,8 +935,10 @@ def _attn_bwd_dq_ws_kernel(
     seqlen_q, seqlen_k,  # multiples of BLOCK_M and BLOCK_N
     group,
     qk_scale2, dq_scale,
+    window_left, window_right,
     seq_key,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block (BLOCK_M rows of head h, split across the two consumer
     warpgroups): one loop over the key blocks it sees, as the forward's WS kernel.  The rows'
@@ -930,8 +948,8 @@ def _attn_bwd_dq_ws_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    if CAUSAL:
-        m_blk = tl.num_programs(0) - 1 - pid_m  # the longest rows first
+    if HAS_RIGHT:
+        m_blk = tl.num_programs(0) - 1 - pid_m  # causal-like: the longest rows first
     else:
         m_blk = pid_m
     m0 = m_blk * BLOCK_M
@@ -943,13 +961,11 @@ def _attn_bwd_dq_ws_kernel(
     q = DESC_Q.load([b * seqlen_q + m0, h * HEAD_DIM])
     do = DESC_DO.load([b * seqlen_q + m0, h * HEAD_DIM])
     lrow = b * tl.num_programs(1) + h
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + off, 0), seqlen_k)
-    else:
-        hi = seqlen_k
+    lo, _, _, hi = _kv_range(m0, m0 + BLOCK_M - 1, seqlen_k, off, window_left, window_right,
+                             HAS_LEFT, HAS_RIGHT, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     k_row = b * seqlen_k
-    for n0 in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
         k = DESC_K.load([k_row + n0, hk * HEAD_DIM])
         v = DESC_V.load([k_row + n0, hk * HEAD_DIM])
         lse = tl.trans(DESC_L.load([lrow, m0]))  # (BLOCK_M, 1)
@@ -958,14 +974,19 @@ def _attn_bwd_dq_ws_kernel(
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         qk = tl.dot(q, tl.trans(k))
         p = tl.math.exp2(qk * qk_scale2 - lse2)
-        if CAUSAL:
-            p = tl.where((n0 + offs_n)[None, :] <= (offs_m + off)[:, None], p, 0.0)
+        if HAS_LEFT or HAS_RIGHT:
+            ok = _window_ok(offs_m[:, None], (n0 + offs_n)[None, :], off, window_left, window_right,
+                            HAS_LEFT, HAS_RIGHT)
+            p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta)
         dq = tl.dot(ds.to(k.dtype), k, dq)
     dq = dq * dq_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + offs_m.to(tl.int64)[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty))
+
+
+# ------------------------------------------------------------------------------ launchers
 
 
 def _block_d(d):
@@ -1147,7 +1168,7 @@ def _tuned_tma(kind, block_d, esize, device_index):
 # FASTLM_ATTENTION_WS=1: the warp-specialized kernels (a TMA producer warpgroup and two wgmma
 # consumer warpgroups, Triton's Hopper warp specialization) where _ws_ok allows them: sm_90,
 # triton 3.6 (3.8 rejects the forward's TMA loads after the consumer split; other versions
-# untried), dense fp16/bf16, causal or not, no window or softcap, seqlen_k a multiple of 128;
+# untried), dense fp16/bf16, causal, windowed or full, no softcap, seqlen_k a multiple of 128;
 # the forward at head_dim 64/128/256, the backward at 64/128 with seqlen_q a multiple of 128.
 # Off by default until a GPU run has checked and timed them (benchmarks/bench_attention.py:
 # fastlm-triton-ws).
@@ -1181,7 +1202,7 @@ def _ws_smem(bm, bn, stages, block_d, esize):
 def _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap, dout=None):
     """Whether attention_fwd (dout None) or attention_bwd takes the warp-specialized kernels
     (WS and the shapes they handle)."""
-    if not WS or varlen or window_left >= 0 or window_right > 0 or softcap > 0:
+    if not WS or varlen or softcap > 0:
         return False
     if not _tma_layout_ok((q, k, v) if dout is None else (q, k, v, dout), varlen, d, block_d):
         return False
@@ -1221,8 +1242,8 @@ _WS_KERNELS = {"fwd": _attn_fwd_ws_kernel, "dkdv": _attn_bwd_dkdv_ws_kernel, "dq
 
 @functools.lru_cache(maxsize=None)
 def _tuned_ws(block_d, esize, device_index, kind="fwd"):
-    return triton.autotune(_ws_configs(block_d, esize, device_index, kind), key=["seq_key", "HEAD_DIM", "CAUSAL"])(
-        _WS_KERNELS[kind])
+    return triton.autotune(_ws_configs(block_d, esize, device_index, kind),
+                           key=["seq_key", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT"])(_WS_KERNELS[kind])
 
 
 def _ws_launcher(t, block_d, deterministic, kind="fwd"):
@@ -1379,7 +1400,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         descs = _tma_descs("fwd", extra, d, False, DESC_Q=q, DESC_K=k, DESC_V=v)
         kern[lambda meta: (cdiv(sq, meta["BLOCK_M"]), hq, num_seqs)](
             descs["DESC_Q"], descs["DESC_K"], descs["DESC_V"], out, lse, *_strides3(out, False), *stride_l,
-            sq, sk, hq // hk, score_mul, seq_key, HEAD_DIM=d, CAUSAL=window_right == 0, **extra)
+            sq, sk, hq // hk, score_mul, window_left, window_right, seq_key, HEAD_DIM=d, HAS_LEFT=window_left >= 0,
+            HAS_RIGHT=window_right >= 0, **extra)
         return out, lse
     cu_q = cu_seqlens_q if varlen else _dummy_cu(q)
     cu_k = cu_seqlens_k if varlen else cu_q
@@ -1515,13 +1537,13 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
 
     def run_ws():
         """The warp-specialized dK/dV and dQ kernels (no atomics: deterministic)."""
-        causal = window_right == 0
+        ws_flags = dict(HEAD_DIM=d, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0)
         kern, extra = _ws_launcher(q, block_d, deterministic, "dkdv")
         descs = _tma_descs("bwd", extra, d, False, DESC_Q=q, DESC_DO=dout, DESC_K=k, DESC_V=v)
         kern[lambda meta: (sk // meta["BLOCK_N"], hk * splits, num_seqs)](
             descs["DESC_Q"], descs["DESC_DO"], descs["DESC_K"], descs["DESC_V"], lse, delta, dk_buf, dv_buf,
             *stride_l, *dk_strides(dk_buf), *dk_strides(dv_buf), sq, sk, group, splits, heads_per_split,
-            softmax_scale * LOG2E, softmax_scale, seq_key, HEAD_DIM=d, CAUSAL=causal, **extra)
+            softmax_scale * LOG2E, softmax_scale, window_left, window_right, seq_key, **ws_flags, **extra)
         if splits > 1:
             dk.copy_(dk_buf.sum(0))
             dv.copy_(dv_buf.sum(0))
@@ -1533,8 +1555,8 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
             _set_tma_blocks("bwd", dict(extra, HEAD_DIM=d, **descs, **rows))
         kern[lambda meta: (sq // meta["BLOCK_M"], hq, num_seqs)](
             descs["DESC_Q"], descs["DESC_DO"], descs["DESC_K"], descs["DESC_V"], rows["DESC_L"], rows["DESC_DL"], dq,
-            *_strides3(dq, False), sq, sk, group, softmax_scale * LOG2E, softmax_scale, seq_key,
-            HEAD_DIM=d, CAUSAL=causal, **extra)
+            *_strides3(dq, False), sq, sk, group, softmax_scale * LOG2E, softmax_scale, window_left, window_right,
+            seq_key, **ws_flags, **extra)
 
     if ws:
         run_ws()
