@@ -45,7 +45,7 @@ tokens (or TMA's zero fill): their scores are masked as usual and the values zer
 non-finite values there never leak in; rows past Lq are computed and not stored.
 
 Warp-specialized forward (FASTLM_ATTENTION_WS=1; sm_90 with triton 3.6, dense fp16/bf16,
-head_dim 64/128/256, causal, windowed or full, no softcap, seqlen_k a multiple of 128; off by
+head_dim 64/128/256, causal, windowed or full, softcap or not, seqlen_k a multiple of 128; off by
 default until GPU runs check and time it): _attn_fwd_ws_kernel, one straight-line loop that
 Triton's Hopper warp specialization splits into a TMA producer warpgroup and two wgmma consumer
 warpgroups of 64 rows each (the FlashAttention-3 structure).  That pass takes one loop without
@@ -422,12 +422,14 @@ def _attn_fwd_ws_kernel(
     seqlen_q,
     seqlen_k,  # a multiple of BLOCK_N: a K/V tile never reaches into the next sequence
     group,  # Hq // Hk
-    score_mul,  # softmax_scale * log2(e)
+    score_mul,  # softmax_scale * log2(e); softcap: softmax_scale / softcap
+    cap_mul,  # softcap * log2(e) (HAS_SOFTCAP only)
     window_left, window_right,  # >= 0 when HAS_LEFT / HAS_RIGHT (causal: right = 0)
     seq_key,  # autotune key only
     HEAD_DIM: tl.constexpr,  # D, a power of two (one head per TMA tile column block)
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -437,8 +439,8 @@ def _attn_fwd_ws_kernel(
     them by setmaxnreg) run the wgmma chains and the softmax.  (Triton 3.6 refuses a loop with an
     `if` in its body, a second loop, or a dot before or after the loop: so no masked/unmasked
     loop split here, and a causal or window mask is applied to every tile of the band.)  Dense
-    batches with seqlen_k a multiple of BLOCK_N, no softcap (attention_fwd's _ws_ok); rows past
-    seqlen_q hold the next sequence's queries (or TMA zero fill): computed, never stored."""
+    batches with seqlen_k a multiple of BLOCK_N (attention_fwd's _ws_ok); rows past seqlen_q
+    hold the next sequence's queries (or TMA zero fill): computed, never stored."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -465,10 +467,15 @@ def _attn_fwd_ws_kernel(
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
         k = DESC_K.load([k_row + start_n, k_col])
         qk = tl.dot(q, tl.trans(k))
-        if HAS_LEFT or HAS_RIGHT:
-            ok = _window_ok(offs_m[:, None], (start_n + offs_n)[None, :], off, window_left, window_right,
-                            HAS_LEFT, HAS_RIGHT)
-            s = tl.where(ok, qk * score_mul, float("-inf"))
+        if HAS_LEFT or HAS_RIGHT or HAS_SOFTCAP:
+            if HAS_SOFTCAP:
+                s = cap_mul * _tanh(qk * score_mul)
+            else:
+                s = qk * score_mul
+            if HAS_LEFT or HAS_RIGHT:
+                ok = _window_ok(offs_m[:, None], (start_n + offs_n)[None, :], off, window_left, window_right,
+                                HAS_LEFT, HAS_RIGHT)
+                s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no inf - inf
             p = tl.math.exp2(s - m_use[:, None])
@@ -862,10 +869,11 @@ def _attn_bwd_dkdv_ws_kernel(
     seqlen_q, seqlen_k,  # multiples of BLOCK_M and BLOCK_N
     group, n_splits, heads_per_split,
     qk_scale2,  # softmax_scale * log2(e)
+    score_mul, cap_mul,  # as in the forward (softcap)
     dk_scale,  # softmax_scale
     window_left, window_right,  # >= 0 when HAS_LEFT / HAS_RIGHT (causal: right = 0)
     seq_key,
-    HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one key block (BLOCK_N keys of kv head hk, split across the two consumer
@@ -906,7 +914,11 @@ def _attn_bwd_dkdv_ws_kernel(
         # log2-domain lse; rows that saw no key (lse = -inf) get +inf so that p = 0.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M)
-        pT = tl.math.exp2(qkT * qk_scale2 - lse2[None, :])
+        if HAS_SOFTCAP:
+            t = _tanh(qkT * score_mul)
+            pT = tl.math.exp2(cap_mul * t - lse2[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale2 - lse2[None, :])
         if HAS_LEFT or HAS_RIGHT:
             ok = _window_ok((m0 + offs_mb)[None, :], offs_n[:, None], off, window_left, window_right,
                             HAS_LEFT, HAS_RIGHT)
@@ -914,6 +926,8 @@ def _attn_bwd_dkdv_ws_kernel(
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - t * t)
         dk = tl.dot(dsT.to(q.dtype), q, dk)
     dk = dk * dk_scale
     rows = offs_n.to(tl.int64)[:, None]
@@ -934,10 +948,10 @@ def _attn_bwd_dq_ws_kernel(
     stride_dqb, stride_dqs, stride_dqh,
     seqlen_q, seqlen_k,  # multiples of BLOCK_M and BLOCK_N
     group,
-    qk_scale2, dq_scale,
+    qk_scale2, score_mul, cap_mul, dq_scale,
     window_left, window_right,
     seq_key,
-    HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block (BLOCK_M rows of head h, split across the two consumer
@@ -973,13 +987,19 @@ def _attn_bwd_dq_ws_kernel(
         # log2-domain lse; rows that saw no key (lse = -inf) get +inf so that p = 0.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         qk = tl.dot(q, tl.trans(k))
-        p = tl.math.exp2(qk * qk_scale2 - lse2)
+        if HAS_SOFTCAP:
+            t = _tanh(qk * score_mul)
+            p = tl.math.exp2(cap_mul * t - lse2)
+        else:
+            p = tl.math.exp2(qk * qk_scale2 - lse2)
         if HAS_LEFT or HAS_RIGHT:
             ok = _window_ok(offs_m[:, None], (n0 + offs_n)[None, :], off, window_left, window_right,
                             HAS_LEFT, HAS_RIGHT)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta)
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq)
     dq = dq * dq_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
@@ -1168,7 +1188,7 @@ def _tuned_tma(kind, block_d, esize, device_index):
 # FASTLM_ATTENTION_WS=1: the warp-specialized kernels (a TMA producer warpgroup and two wgmma
 # consumer warpgroups, Triton's Hopper warp specialization) where _ws_ok allows them: sm_90,
 # triton 3.6 (3.8 rejects the forward's TMA loads after the consumer split; other versions
-# untried), dense fp16/bf16, causal, windowed or full, no softcap, seqlen_k a multiple of 128;
+# untried), dense fp16/bf16, causal, windowed or full, softcap or not, seqlen_k a multiple of 128;
 # the forward at head_dim 64/128/256, the backward at 64/128 with seqlen_q a multiple of 128.
 # Off by default until a GPU run has checked and timed them (benchmarks/bench_attention.py:
 # fastlm-triton-ws).
@@ -1202,7 +1222,7 @@ def _ws_smem(bm, bn, stages, block_d, esize):
 def _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap, dout=None):
     """Whether attention_fwd (dout None) or attention_bwd takes the warp-specialized kernels
     (WS and the shapes they handle)."""
-    if not WS or varlen or softcap > 0:
+    if not WS or varlen:
         return False
     if not _tma_layout_ok((q, k, v) if dout is None else (q, k, v, dout), varlen, d, block_d):
         return False
@@ -1243,7 +1263,7 @@ _WS_KERNELS = {"fwd": _attn_fwd_ws_kernel, "dkdv": _attn_bwd_dkdv_ws_kernel, "dq
 @functools.lru_cache(maxsize=None)
 def _tuned_ws(block_d, esize, device_index, kind="fwd"):
     return triton.autotune(_ws_configs(block_d, esize, device_index, kind),
-                           key=["seq_key", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT"])(_WS_KERNELS[kind])
+                           key=["seq_key", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP"])(_WS_KERNELS[kind])
 
 
 def _ws_launcher(t, block_d, deterministic, kind="fwd"):
@@ -1400,8 +1420,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         descs = _tma_descs("fwd", extra, d, False, DESC_Q=q, DESC_K=k, DESC_V=v)
         kern[lambda meta: (cdiv(sq, meta["BLOCK_M"]), hq, num_seqs)](
             descs["DESC_Q"], descs["DESC_K"], descs["DESC_V"], out, lse, *_strides3(out, False), *stride_l,
-            sq, sk, hq // hk, score_mul, window_left, window_right, seq_key, HEAD_DIM=d, HAS_LEFT=window_left >= 0,
-            HAS_RIGHT=window_right >= 0, **extra)
+            sq, sk, hq // hk, score_mul, cap_mul, window_left, window_right, seq_key, HEAD_DIM=d,
+            HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, **extra)
         return out, lse
     cu_q = cu_seqlens_q if varlen else _dummy_cu(q)
     cu_k = cu_seqlens_k if varlen else cu_q
@@ -1537,13 +1557,14 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
 
     def run_ws():
         """The warp-specialized dK/dV and dQ kernels (no atomics: deterministic)."""
-        ws_flags = dict(HEAD_DIM=d, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0)
+        ws_flags = dict(HEAD_DIM=d, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0)
         kern, extra = _ws_launcher(q, block_d, deterministic, "dkdv")
         descs = _tma_descs("bwd", extra, d, False, DESC_Q=q, DESC_DO=dout, DESC_K=k, DESC_V=v)
         kern[lambda meta: (sk // meta["BLOCK_N"], hk * splits, num_seqs)](
             descs["DESC_Q"], descs["DESC_DO"], descs["DESC_K"], descs["DESC_V"], lse, delta, dk_buf, dv_buf,
             *stride_l, *dk_strides(dk_buf), *dk_strides(dv_buf), sq, sk, group, splits, heads_per_split,
-            softmax_scale * LOG2E, softmax_scale, window_left, window_right, seq_key, **ws_flags, **extra)
+            softmax_scale * LOG2E, score_mul, cap_mul, softmax_scale, window_left, window_right, seq_key,
+            **ws_flags, **extra)
         if splits > 1:
             dk.copy_(dk_buf.sum(0))
             dv.copy_(dv_buf.sum(0))
@@ -1555,8 +1576,8 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
             _set_tma_blocks("bwd", dict(extra, HEAD_DIM=d, **descs, **rows))
         kern[lambda meta: (sq // meta["BLOCK_M"], hq, num_seqs)](
             descs["DESC_Q"], descs["DESC_DO"], descs["DESC_K"], descs["DESC_V"], rows["DESC_L"], rows["DESC_DL"], dq,
-            *_strides3(dq, False), sq, sk, group, softmax_scale * LOG2E, softmax_scale, window_left, window_right,
-            seq_key, **ws_flags, **extra)
+            *_strides3(dq, False), sq, sk, group, softmax_scale * LOG2E, score_mul, cap_mul, softmax_scale,
+            window_left, window_right, seq_key, **ws_flags, **extra)
 
     if ws:
         run_ws()

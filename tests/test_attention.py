@@ -864,19 +864,22 @@ WS_CASES = [
     (2, 5, 16, 2, 2, 16, False, (-1, -1)), (1, 70, 64, 3, 1, 32, True, (-1, -1)),
     (2, 40, 64, 2, 1, 32, True, (9, -1)), (1, 50, 48, 2, 2, 16, False, (5, 20)),
     (1, 33, 32, 2, 1, 32, False, (-1, 3)), (1, 64, 32, 2, 2, 16, False, (0, 0)),
-    (1, 20, 48, 2, 1, 32, True, (500, -1)),
+    (1, 20, 48, 2, 1, 32, True, (500, -1)), (2, 17, 32, 4, 2, 32, False, (-1, -1), 2.0),
+    (1, 40, 32, 2, 1, 16, True, (6, -1), 5.0),
 ]
 
 
 def _ws_id(c):
-    return "B{}-{}x{}-h{}/{}-d{}".format(*c[:6]) + "-causal" * c[6] + (f"-w{c[7]}" if c[7] != (-1, -1) else "")
+    return ("B{}-{}x{}-h{}/{}-d{}".format(*c[:6]) + "-causal" * c[6] + (f"-w{c[7]}" if c[7] != (-1, -1) else "")
+            + (f"-softcap{c[8]}" if len(c) > 8 else ""))
 
 
 @pytest.mark.parametrize("case", WS_CASES, ids=_ws_id)
 def test_ws_forward(ws, case):
-    B, Sq, Sk, Hq, Hk, D, causal, window = case
-    q, k, v = _make(B, Sq, Sk, Hq, Hk, D, F16)
-    _fwd_check(q, k, v, causal=causal, window=window)
+    B, Sq, Sk, Hq, Hk, D, causal, window = case[:8]
+    softcap = case[8] if len(case) > 8 else 0.0
+    q, k, v = _make(B, Sq, Sk, Hq, Hk, D, F16, scale=2.0 if softcap else 1.0)
+    _fwd_check(q, k, v, causal=causal, window=window, softcap=softcap)
     assert len(ws) == 1
 
 
@@ -913,17 +916,19 @@ WS_BWD_CASES = [
     (2, 32, 64, 4, 2, 32, False, (-1, -1)), (1, 64, 32, 2, 1, 16, True, (-1, -1)),
     (2, 32, 32, 4, 4, 64, True, (-1, -1)), (1, 32, 96, 6, 1, 32, True, (-1, -1)),
     (1, 64, 64, 2, 1, 32, True, (7, -1)), (1, 64, 96, 2, 2, 16, False, (20, 5)),
-    (1, 96, 32, 4, 2, 16, False, (2, 0)),
+    (1, 96, 32, 4, 2, 16, False, (2, 0)), (2, 32, 64, 4, 2, 32, False, (-1, -1), 2.0),
+    (1, 64, 64, 2, 1, 32, True, (7, -1), 5.0),
 ]
 
 
 @pytest.mark.parametrize("case", WS_BWD_CASES, ids=_ws_id)
 def test_ws_backward(ws, case):
-    B, Sq, Sk, Hq, Hk, D, causal, window = case
-    q, k, v = _make(B, Sq, Sk, Hq, Hk, D, F16)
+    B, Sq, Sk, Hq, Hk, D, causal, window = case[:8]
+    softcap = case[8] if len(case) > 8 else 0.0
+    q, k, v = _make(B, Sq, Sk, Hq, Hk, D, F16, scale=2.0 if softcap else 1.0)
     dout = _rand(B, Sq, Hq, D, dtype=F16)
     dlse = _rand(B, Hq, Sq, dtype=F32)
-    kw = dict(causal=causal, window=window)
+    kw = dict(causal=causal, window=window, softcap=softcap)
     _check_all(_run(q, k, v, dout, dlse, **kw), q, k, v, dout, dlse, **kw)
     assert ws == ["fwd", "dkdv", "dq"]
 
@@ -950,8 +955,8 @@ def test_ws_only_where_it_applies(monkeypatch):
     q, k, v = _make(2, 24, 32, 4, 2, 64, F16)
     monkeypatch.setattr(K, "WS", True)
     assert ok(q, k, v) and ok(q, k, v, window=(-1, -1)) and ok(q, k, v, window=(8, 0)) and ok(q, k, v, window=(4, 9))
+    assert ok(q, k, v, softcap=5.0)
     assert not ok(q[0], k[0], v[0], varlen=True)  # packed sequences
-    assert not ok(q, k, v, softcap=5.0)
     assert not ok(*_make(2, 24, 40, 4, 2, 64, F16))  # keys not a multiple of the tile
     assert not ok(*_make(2, 24, 32, 4, 2, 40, F16))  # D not a power of 2
     assert not ok(*_make(2, 24, 32, 4, 2, 64, F32))  # 4-byte elements
@@ -1032,12 +1037,13 @@ def test_gpu_tma_forward(tma, monkeypatch, D, autotune):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D, autotune", [(64, False), (128, False), (256, False), (128, True)])
 def test_gpu_ws_forward(ws, monkeypatch, D, autotune):
-    """The warp-specialized forward on a real sm_90 (triton 3.6): full, causal and windowed, GQA,
-    query lengths that end mid-tile or exceed the keys, strided qkv views; autotune: every config."""
+    """The warp-specialized forward on a real sm_90 (triton 3.6): every mask mode (full, causal,
+    windowed, with softcap), GQA, query lengths that end mid-tile or exceed the keys, strided qkv
+    views; autotune: every config."""
     if torch.cuda.get_device_capability()[0] != 9 or not K.WS_TRITON:
         pytest.skip(f"the WS forward is enabled on sm_90 with triton 3.6 only (triton {triton.__version__})")
     monkeypatch.setattr(K, "AUTOTUNE", autotune)
-    modes = {"causal": GPU_MODES["causal"]} if autotune else {m: GPU_MODES[m] for m in ("full", "causal", "window")}
+    modes = {"causal": GPU_MODES["causal"]} if autotune else GPU_MODES
     for mode, kw in modes.items():
         for (Sq, Sk), (Hq, Hk) in itertools.product([(1, 128), (127, 256), (1000, 1024), (1024, 1024), (2000, 384)],
                                                     GPU_HEADS):
@@ -1057,13 +1063,13 @@ def test_gpu_ws_forward(ws, monkeypatch, D, autotune):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D, autotune", [(64, False), (128, False), (128, True)])
 def test_gpu_ws_backward(ws, monkeypatch, D, autotune):
-    """The warp-specialized dK/dV and dQ kernels on a real sm_90 (triton 3.6): full, causal and
-    windowed, GQA/MQA (group heads on one program or split into fp32 partials), more queries
-    than keys; every autotuner config with autotune."""
+    """The warp-specialized dK/dV and dQ kernels on a real sm_90 (triton 3.6): every mask mode,
+    GQA/MQA (group heads on one program or split into fp32 partials), more queries than keys;
+    every autotuner config with autotune."""
     if torch.cuda.get_device_capability()[0] != 9 or not K.WS_TRITON:
         pytest.skip(f"the WS kernels are enabled on sm_90 with triton 3.6 only (triton {triton.__version__})")
     monkeypatch.setattr(K, "AUTOTUNE", autotune)
-    modes = {"causal": GPU_MODES["causal"]} if autotune else {m: GPU_MODES[m] for m in ("full", "causal", "window")}
+    modes = {"causal": GPU_MODES["causal"]} if autotune else GPU_MODES
     for mode, kw in modes.items():
         for (Sq, Sk), (Hq, Hk) in itertools.product([(128, 128), (256, 1024), (1024, 1024), (1024, 384)],
                                                     GPU_HEADS + [(16, 2)]):

@@ -647,8 +647,10 @@ def _cases(full):
                     if dt != fp32 and D != 80:
                         add("attention", h100, _attn_case(D, dt, varlen=varlen, autotune=True, tma=True))
                 if dt != fp32 and D != 80:
-                    for causal, window in ((True, (-1, -1)), (False, (-1, -1)), (True, (256, -1)), (False, (128, 128))):
-                        add("attention", h100, _attn_case(D, dt, causal=causal, window=window, autotune=True, ws=True))
+                    for causal, window, cap in ((True, (-1, -1), 0.0), (False, (-1, -1), 0.0), (True, (256, -1), 0.0),
+                                                (False, (128, 128), 50.0)):
+                        add("attention", h100, _attn_case(D, dt, causal=causal, window=window, softcap=cap,
+                                                          autotune=True, ws=True))
     else:
         add("attention", both, _attn_case(128, bf16, autotune=True))
         # llama-3.2-1b attention (D=64, 32 / 8 heads), also the generation prefill's head dim
@@ -669,6 +671,9 @@ def _cases(full):
         add("attention", h100, _attn_case(256, bf16, autotune=True, ws=True, B=2, S=1024, H=8, Hk=8))
         add("attention", h100, _attn_case(128, bf16, causal=False, window=(128, 128), ws=True, B=2, S=1024))
         add("attention", h100, _attn_case(64, fp16, causal=True, window=(256, -1), ws=True, B=2, S=1024))
+        add("attention", h100, _attn_case(128, bf16, causal=True, window=(256, -1), softcap=30.0, autotune=True,
+                                          ws=True, B=2, S=1024))
+        add("attention", h100, _attn_case(256, bf16, causal=False, softcap=50.0, ws=True, B=2, S=1024, H=8, Hk=8))
 
     # ---- cross_entropy: tile 4096 (8 warps) and a small vocabulary (4 warps), both modes
     for V, dt, fused in ((128256, bf16, True), (50257, fp16, False), (1000, fp32, True), (256, bf16, False)):
