@@ -132,10 +132,10 @@ def _ws_variant(fn, head_dim):
     bwd = head_dim in K._WS_BWD_CONFIGS["dq"]
 
     def f(q, k, v, c):
+        if not f.applies(q, k, v, c):
+            raise RuntimeError("the WS kernels do not take this shape")
         saved, K.WS = K.WS, True
         try:
-            if not f.applies(q, k, v, c):
-                raise RuntimeError("the WS kernels do not take this shape")
             return fn(q, k, v, c)
         finally:
             K.WS = saved

@@ -411,6 +411,19 @@ def _window_ok(rows, cols, off, window_left, window_right, HAS_LEFT: tl.constexp
 
 
 @triton.jit
+def _ws_query_block(seqlen_q, seqlen_k, group, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(head, batch, kv head, first row, Lk - Lq) of a WS program over a block of query rows
+    (grid: query blocks, heads, batch), causal-like masks launching the longest rows first."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    if HAS_RIGHT:
+        m_blk = tl.num_programs(0) - 1 - pid_m
+    else:
+        m_blk = pid_m
+    return h, tl.program_id(2), h // group, m_blk * BLOCK_M, seqlen_k - seqlen_q
+
+
+@triton.jit
 def _attn_fwd_ws_kernel(
     DESC_Q,  # TMA descriptors of Q, K, V as 2-D (tokens, heads * D) row-major views (dense batch)
     DESC_K,
@@ -441,16 +454,7 @@ def _attn_fwd_ws_kernel(
     loop split here, and a causal or window mask is applied to every tile of the band.)  Dense
     batches with seqlen_k a multiple of BLOCK_N (attention_fwd's _ws_ok); rows past seqlen_q
     hold the next sequence's queries (or TMA zero fill): computed, never stored."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    if HAS_RIGHT:
-        m_blk = tl.num_programs(0) - 1 - pid_m  # causal-like: the longest rows first
-    else:
-        m_blk = pid_m
-    m0 = m_blk * BLOCK_M
-    hk = h // group
-    off = seqlen_k - seqlen_q
+    h, b, hk, m0, off = _ws_query_block(seqlen_q, seqlen_k, group, HAS_RIGHT, BLOCK_M)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -959,16 +963,7 @@ def _attn_bwd_dq_ws_kernel(
     lse and delta come through TMA inside the loop as (BLOCK_M, 1) columns: a (BLOCK_M,) vector
     loaded before the loop stops triton 3.6's consumer split (every consumer then computed the
     whole tile)."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    if HAS_RIGHT:
-        m_blk = tl.num_programs(0) - 1 - pid_m  # causal-like: the longest rows first
-    else:
-        m_blk = pid_m
-    m0 = m_blk * BLOCK_M
-    hk = h // group
-    off = seqlen_k - seqlen_q
+    h, b, hk, m0, off = _ws_query_block(seqlen_q, seqlen_k, group, HAS_RIGHT, BLOCK_M)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)

@@ -110,19 +110,12 @@ def bad_argument_calls():
             print("  raised:", str(e).splitlines()[0][:200], flush=True)
 
 
-def _ms(fn, reps=10):
-    """Median milliseconds of fn() over reps CUDA-event-timed calls (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+def _ms(fn):
+    """Median milliseconds of fn() (the benchmarks' timer, short: a diagnostic)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from benchmarks.common import bench
+
+    return bench(fn, warmup=5, rep=20)[0]
 
 
 ATTN_ERR_SHAPES = ((2, 1024, 8, 2, 128), (2, 512, 4, 4, 64))  # (B, S, Hq, Hk, D)
