@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h) setup.py pyproject.toml
+SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h csrc/sm90/*.cu csrc/sm90/*.cuh) setup.py pyproject.toml
 
 .PHONY: all deps build test bench gpu-check clean
 

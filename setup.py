@@ -75,6 +75,14 @@ def _cuda_archs():
     return _parse_cuda_archs(os.environ.get("FASTLM_CUDA_ARCHS", "8.0;9.0"))
 
 
+def _want_sm90():
+    """Whether to build fastlm._C_sm90 (csrc/sm90/*.cu, for sm_90a): when FASTLM_CUDA_ARCHS names
+    a 9.x arch (the default does), unless FASTLM_SKIP_SM90_BUILD=1."""
+    if os.environ.get("FASTLM_SKIP_SM90_BUILD", "0") not in ("", "0"):
+        return False
+    return any("compute_9" in f for f in _cuda_archs())
+
+
 def _why_no_cuda():
     """"" when the CUDA kernels should be built, else the reason they are not."""
     if os.environ.get("FASTLM_SKIP_CUDA_BUILD", "0") not in ("", "0"):
@@ -133,7 +141,7 @@ def _extensions():
         ] + _cuda_archs()
         if os.environ.get("NVCC_THREADS"):
             nvcc.append(f"--threads={os.environ['NVCC_THREADS']}")
-        return [
+        exts = [
             cpp_extension.CUDAExtension(
                 "fastlm._C",
                 sources,
@@ -142,6 +150,21 @@ def _extensions():
                 py_limited_api=True,
             )
         ]
+        if _want_sm90():
+            # The Hopper kernels (wgmma, setmaxnreg) exist only for sm_90a, an arch-specific target
+            # that a fatbin beside plain sm_90 code may not be picked for: their own library, built
+            # for sm_90a alone and loaded after _C (whose schemas it implements).
+            sm90 = [f for f in nvcc if not f.startswith("-gencode")] + ["-gencode=arch=compute_90a,code=sm_90a"]
+            exts.append(
+                cpp_extension.CUDAExtension(
+                    "fastlm._C_sm90",
+                    sorted(glob.glob(os.path.join("csrc", "sm90", "*.cu"))),
+                    include_dirs=include_dirs,
+                    extra_compile_args={"cxx": cxx + ["-DFASTLM_WITH_CUDA"], "nvcc": sm90 + ["-DFASTLM_WITH_CUDA"]},
+                    py_limited_api=True,
+                )
+            )
+        return exts
     return [
         cpp_extension.CppExtension(
             "fastlm._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, py_limited_api=True

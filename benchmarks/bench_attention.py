@@ -16,7 +16,8 @@ fp32 atomics in the dK/dV kernel or by a separate kernel, whichever the first ca
 shape bucket timed faster; "dq_pick" rows list the picks) and with deterministic=True; on
 sm_90+ its forward also with TMA tile loads (fastlm-triton-tma, FASTLM_ATTENTION_TMA=1) and,
 on sm_90 with triton 3.6, warp-specialized (fastlm-triton-ws, FASTLM_ATTENTION_WS=1: the
-forward, and the backward at head_dim 64 and 128).
+forward, and the backward at head_dim 64 and 128); on sm_90 the CUDA C++ Hopper forward
+(fastlm-cuda-sm90, FASTLM_ATTENTION_SM90=1; head_dim 64 and 128, full or causal).
 """
 import functools
 import random
@@ -122,35 +123,60 @@ def _tma_variant(fn):
     return f
 
 
+def _flag_variant(fn, flag, taken, modes):
+    """fn with the module switch K.<flag> on, declaring the `modes` its kernels cover and the
+    shapes they take (taken(q, k, v, causal), asked with the switch on).  A shape they do not
+    take raises (the row reports it) instead of timing the usual kernels under this name."""
+
+    def on(call):
+        saved = getattr(K, flag)
+        setattr(K, flag, True)
+        try:
+            return call()
+        finally:
+            setattr(K, flag, saved)
+
+    def f(q, k, v, c):
+        if not f.applies(q, k, v, c):
+            raise RuntimeError(f"the K.{flag} kernels do not take this shape")
+        return on(lambda: fn(q, k, v, c))
+
+    f.applies = lambda q, k, v, c: on(lambda: taken(q, k, v, c))
+    f.modes = modes
+    return f
+
+
 def _ws_variant(fn, head_dim):
-    """fn with the warp-specialized kernels on (FASTLM_ATTENTION_WS=1), or why it cannot run;
-    its `modes` attribute: the modes they cover (the forward at every head dim, the backward at
-    64 and 128).  A shape they do not take raises (the row reports it) instead of timing the
-    usual kernels under this name."""
+    """fn with the warp-specialized Triton kernels on (FASTLM_ATTENTION_WS=1), or why it cannot
+    run: the forward at every head dim, the backward at 64 and 128."""
     if torch.cuda.get_device_capability()[0] != 9 or not K.WS_TRITON:
         return "skipped: the WS kernels run on sm_90 with triton 3.6 only"
     bwd = head_dim in K._WS_BWD_CONFIGS["dq"]
 
-    def f(q, k, v, c):
-        if not f.applies(q, k, v, c):
-            raise RuntimeError("the WS kernels do not take this shape")
-        saved, K.WS = K.WS, True
-        try:
-            return fn(q, k, v, c)
-        finally:
-            K.WS = saved
+    def taken(q, k, v, c):
+        d = q.shape[-1]
+        return all(K._ws_ok(q, k, v, False, d, K._block_d(d), -1, 0 if c else -1, 0.0, dout=dout)
+                   for dout in ((None, q) if bwd else (None,)))  # (q: dout's layout, contiguous like it)
 
-    def applies(q, k, v, c):
-        saved, K.WS = K.WS, True
-        try:
-            d = q.shape[-1]
-            return all(K._ws_ok(q, k, v, False, d, K._block_d(d), -1, 0 if c else -1, 0.0, dout=dout)
-                       for dout in ((None, q) if bwd else (None,)))  # (q: dout's layout, contiguous like it)
-        finally:
-            K.WS = saved
-    f.modes = ("fwd", "bwd", "fwd+bwd") if bwd else ("fwd",)
-    f.applies = applies
-    return f
+    return _flag_variant(fn, "WS", taken, ("fwd", "bwd", "fwd+bwd") if bwd else ("fwd",))
+
+
+def _sm90_variant(fn, head_dim):
+    """fn with the CUDA Hopper forward on (FASTLM_ATTENTION_SM90=1: csrc/sm90/attention.cu; the
+    backward stays the Triton one, so fwd+bwd rows time the pair), or why it cannot run."""
+    from fastlm import _C_loader
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "skipped: the CUDA Hopper forward runs on sm_90 only"
+    if not _C_loader.HAVE_SM90:
+        return f"skipped: {_C_loader.WHY_NO_SM90}"
+    if head_dim not in (64, 128):
+        return "skipped: the CUDA Hopper forward takes head_dim 64 and 128"
+
+    def taken(q, k, v, c):
+        return K._sm90_ok(q, k, v, False, q.shape[-1], -1, 0 if c else -1, 0.0)
+
+    return _flag_variant(fn, "SM90", taken, ("fwd", "fwd+bwd"))
 
 
 def dense_impls(head_dim, seqlen, gqa=False):
@@ -165,6 +191,7 @@ def dense_impls(head_dim, seqlen, gqa=False):
         "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
         "fastlm-triton-tma": _tma_variant(triton_fn),
         "fastlm-triton-ws": _ws_variant(triton_fn, head_dim),
+        "fastlm-cuda-sm90": _sm90_variant(triton_fn, head_dim),
         "fastlm-triton-det": (lambda q, k, v, c: fastlm.ops.attention(q, k, v, causal=c, deterministic=True,
                                                                       backend="triton"))
         if head_dim == 128 else "skipped: deterministic backward timed at head_dim 128 only (compile time)",
@@ -243,7 +270,7 @@ def run_case(res, impls, base, inputs, flops, modes, peak, det_modes=("bwd", "fw
             tflops[name] = tf
             res.add(**row0, impl=name, ms=ms, p20=p20, p80=p80, TFLOPs=tf, pct_matmul=100 * tf / peak)
         sdpa = {k: v for k, v in tflops.items() if k.startswith("sdpa-")}
-        for name in ("fastlm-triton", "fastlm-triton-tma", "fastlm-triton-ws"):
+        for name in ("fastlm-triton", "fastlm-triton-tma", "fastlm-triton-ws", "fastlm-cuda-sm90"):
             if name in tflops and sdpa:
                 best = max(sdpa, key=sdpa.get)
                 res.add(**row0, impl=name, metric="vs_best_sdpa", best_sdpa=best, ratio=tflops[name] / sdpa[best])

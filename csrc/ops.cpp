@@ -86,4 +86,14 @@ TORCH_LIBRARY(fastlm, m) {
       " float softmax_scale, bool causal, int window, float softcap, int num_splits, Tensor? q_norm_weight=None,"
       " Tensor? k_norm_weight=None, float qk_norm_eps=1e-06, float qk_norm_offset=0., Tensor? workspace=None)"
       " -> Tensor");
+
+  // ---- attention forward for sm_90 (csrc/sm90/attention.cu, built into fastlm._C_sm90 for sm_90a) ----
+  // q (batch, seqlen_q, heads_q, D), k, v (batch, seqlen_k, heads_kv, D), fp16/bf16, D 64 or 128, unit
+  // stride in D and 16-byte aligned strides; causal aligned to the bottom right.  Returns (out like q,
+  // lse (batch, heads_q, seqlen_q) fp32).  Forward only (experimental: see fastlm.ops.attention_sm90).
+  // overlap: 1 (default), FlashAttention-3's overlap of the softmax with the P V of the previous tile;
+  // 2, that and its ping-pong of the two consumer warpgroups; 0, each wgmma waited for in turn.
+  m.def(
+      "attention_fwd_sm90_cuda(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int overlap=1)"
+      " -> (Tensor, Tensor)");
 }

@@ -40,3 +40,21 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
     )
     if os.environ.get("FASTLM_QUIET_NO_C", "0") in ("", "0"):
         warnings.warn("fastlm: " + WHY_NOT, RuntimeWarning, stacklevel=2)
+
+# The Hopper kernels (csrc/sm90/, built for sm_90a into their own library: fastlm._C_sm90)
+# implement schemas of _C, so they load after it.  Absent when the build skipped them.
+HAVE_SM90 = False
+WHY_NO_SM90 = "fastlm._C has no CUDA kernels" if not HAVE_CUDA_KERNELS else ""
+if HAVE_CUDA_KERNELS:
+    import glob as _glob
+
+    _sm90 = sorted(_glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_sm90*.so")))
+    if not _sm90:
+        WHY_NO_SM90 = ("fastlm._C_sm90 was not built (FASTLM_CUDA_ARCHS names no 9.x arch, or "
+                       "FASTLM_SKIP_SM90_BUILD=1)")
+    else:
+        try:
+            torch.ops.load_library(_sm90[0])
+            HAVE_SM90 = True
+        except OSError as e:  # pragma: no cover - a library built against another torch
+            WHY_NO_SM90 = f"fastlm._C_sm90 failed to load: {e}"

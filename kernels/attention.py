@@ -1188,6 +1188,14 @@ def _tuned_tma(kind, block_d, esize, device_index):
 # Off by default until a GPU run has checked and timed them (benchmarks/bench_attention.py:
 # fastlm-triton-ws).
 WS = os.environ.get("FASTLM_ATTENTION_WS", "0") == "1"
+# The CUDA C++ Hopper forward (csrc/sm90/attention.cu: TMA + wgmma, warp-specialized; in
+# fastlm._C_sm90) for the dense shapes it takes (_sm90_ok), the backward staying with the Triton
+# kernels (it reads the same out and lse).  Off by default until a GPU run checks and times it.
+SM90 = os.environ.get("FASTLM_ATTENTION_SM90", "0") == "1"
+# Its consumer loop (FASTLM_ATTENTION_SM90_OVERLAP): 1, the softmax overlapped with the previous
+# tile's P V; 2, that and the two consumer warpgroups taking turns at the GEMMs (ping-pong);
+# 0, each wgmma waited for in turn.
+SM90_OVERLAP = int(os.environ.get("FASTLM_ATTENTION_SM90_OVERLAP", "1"))
 WS_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
 # (BLOCK_M, BLOCK_N, num_warps of each of the 3 warpgroups' partitions, num_stages): sm_90
 # builds (triton 3.6) spill nothing and take 65-213 KiB of shared memory; the kernel runs 12
@@ -1212,6 +1220,19 @@ def _ws_smem(bm, bn, stages, block_d, esize):
     Q tile (at least 16 KiB) and barriers; within 1 KiB above the sm_90 builds (triton 3.6:
     D=64 128x128x3 131360, D=128 128x128x2 180384, D=256 128x64x2 229536 bytes)."""
     return _smem_estimate("fwd", bm, bn, stages, block_d, esize) + max(16384, bm // 2 * block_d * esize) + 1024
+
+
+def _sm90_ok(q, k, v, varlen, d, window_left, window_right, softcap):
+    """Whether attention_fwd takes the CUDA Hopper forward (SM90 and the shapes it handles: dense
+    fp16/bf16 on an sm_90 GPU, head_dim 64 or 128, full or causal, no softcap, TMA-able strides)."""
+    if not SM90 or varlen or not q.is_cuda or d not in (64, 128) or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if window_left != -1 or window_right not in (-1, 0) or softcap > 0:
+        return False
+    from fastlm import _C_loader
+
+    return (_C_loader.HAVE_SM90 and _capability(q.device.index) == (9, 0)
+            and _tma_layout_ok((q, k, v), varlen, d, d) and q.shape[0] <= 65535 and q.shape[2] <= 65535)
 
 
 def _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap, dout=None):
@@ -1410,6 +1431,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         stride_l = (lse.stride(0), lse.stride(1))
     if sq == 0 or num_seqs == 0 or out.numel() == 0:
         return out, lse
+    if _sm90_ok(q, k, v, varlen, d, window_left, window_right, softcap):
+        return torch.ops.fastlm.attention_fwd_sm90_cuda(q, k, v, softmax_scale, window_right == 0, SM90_OVERLAP)
     if _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap):
         kern, extra = _ws_launcher(q, block_d, deterministic)
         descs = _tma_descs("fwd", extra, d, False, DESC_Q=q, DESC_K=k, DESC_V=v)

@@ -123,19 +123,35 @@ ATTN_TIME_SHAPE = (4, 4096, 16, 128)  # (B, S, H, D)
 
 
 def attention_ws_report(limit):
-    """The warp-specialized attention kernels (FASTLM_ATTENTION_WS, new and off by default): error
-    of out/dq/dk/dv against an fp32 reference beside the usual kernels' (first configs), then
-    forward and forward+backward TFLOP/s of both beside SDPA's default at head_dim 128, 4k
-    tokens per sequence.  Stops starting new lines after `limit` seconds."""
-    from fastlm import reference
+    """The new attention forms, off by default: the warp-specialized Triton kernels
+    (FASTLM_ATTENTION_WS; sm_90 with triton 3.6) and the CUDA Hopper forward
+    (FASTLM_ATTENTION_SM90, csrc/sm90/attention.cu, with the Triton backward).  Error of
+    out/dq/dk/dv against an fp32 reference beside the usual kernels' (first configs), then
+    forward and forward+backward TFLOP/s beside SDPA's default at head_dim 128, 4k tokens per
+    sequence.  Stops starting new lines after `limit` seconds."""
+    from fastlm import _C_loader, reference
     from fastlm.kernels import attention as K
 
-    if not (dev == "cuda" and torch.cuda.get_device_capability()[0] == 9 and K.WS_TRITON):
-        print("== attention WS: not on this device / triton (sm_90 with triton 3.6 only)", flush=True)
+    variants = [("usual", {})]
+    if dev == "cuda" and torch.cuda.get_device_capability()[0] == 9 and K.WS_TRITON:
+        variants.append(("ws", {"WS": True}))
+    if dev == "cuda" and torch.cuda.get_device_capability() == (9, 0):
+        if _C_loader.HAVE_SM90:
+            variants += [("sm90", {"SM90": True}), ("sm90-pingpong", {"SM90": True, "SM90_OVERLAP": 2}),
+                         ("sm90-serial", {"SM90": True, "SM90_OVERLAP": 0})]
+        else:
+            print(f"== attention sm90: not loaded: {_C_loader.WHY_NO_SM90}", flush=True)
+    if len(variants) == 1:
+        print("== attention WS / sm90: not on this device / triton (sm_90; WS with triton 3.6 only)", flush=True)
         return
-    print("== attention WS kernels (first configs) against the usual ones", flush=True)
+    print(f"== attention {', '.join(n for n, _ in variants[1:])} against the usual kernels (first configs)", flush=True)
     t0 = time.time()
-    saved = K.AUTOTUNE, K.WS
+    saved = K.AUTOTUNE, K.WS, K.SM90, K.SM90_OVERLAP
+
+    def use(flags):
+        K.WS, K.SM90 = flags.get("WS", False), flags.get("SM90", False)
+        K.SM90_OVERLAP = flags.get("SM90_OVERLAP", 1)
+
     K.AUTOTUNE = False
     try:
         for causal, (B, S, Hq, Hk, D) in itertools.product((False, True), ATTN_ERR_SHAPES):
@@ -146,21 +162,21 @@ def attention_ws_report(limit):
             ref = reference.attention(*leaves, causal=causal)
             refs = [ref] + list(torch.autograd.grad(ref, leaves, dout.float()))
             line = []
-            for ws in (False, True):
-                K.WS = ws
+            for name, flags in variants:
+                use(flags)
                 xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
                 try:
                     out = fastlm.ops.attention(*xs, causal=causal, backend="triton")
                     got = [out] + list(torch.autograd.grad(out, xs, dout))
                     errs = [((g.float() - r).abs().max() / r.abs().max()).item() for g, r in zip(got, refs)]
-                    line.append(f"{'ws' if ws else 'usual'} " + " ".join(f"{n} {e:.2e}" for n, e in
-                                                                         zip(("out", "dq", "dk", "dv"), errs)))
+                    line.append(f"{name} " + " ".join(f"{n} {e:.2e}" for n, e in zip(("out", "dq", "dk", "dv"), errs)))
                 except Exception as e:  # a diagnostic: report and go on
-                    line.append(f"{'ws' if ws else 'usual'} ERR {repr(e)[:200]}")
-            K.WS = True
+                    line.append(f"{name} ERR {repr(e)[:200]}")
+            use({"WS": True, "SM90": True})
             taken = [K._ws_ok(q, k, v, False, D, D, -1, 0 if causal else -1, 0.0, dout=g) for g in (None, dout)]
-            print(f"ATTN err B{B} S{S} H{Hq}/{Hk} D{D} causal{int(causal)} (ws taken: fwd {taken[0]} bwd {taken[1]}): "
-                  + " | ".join(line), flush=True)
+            sm90 = K._sm90_ok(q, k, v, False, D, -1, 0 if causal else -1, 0.0)
+            print(f"ATTN err B{B} S{S} H{Hq}/{Hk} D{D} causal{int(causal)} (ws taken: fwd {taken[0]} bwd {taken[1]}; "
+                  f"sm90 taken: {sm90}): " + " | ".join(line), flush=True)
         for causal in (False, True):
             if time.time() - t0 > limit:
                 print("ATTN timing skipped: diagnostic time limit", flush=True)
@@ -172,9 +188,9 @@ def attention_ws_report(limit):
             sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
             res = []
-            for name, ws in (("usual", False), ("ws", True), ("sdpa", None)):
-                K.WS = bool(ws)
-                f = sdpa if ws is None else (lambda: fastlm.ops.attention(q, k, v, causal=causal, backend="triton"))
+            for name, flags in variants + [("sdpa", None)]:
+                use(flags or {})
+                f = sdpa if flags is None else (lambda: fastlm.ops.attention(q, k, v, causal=causal, backend="triton"))
                 try:
                     with torch.no_grad():
                         fwd = _ms(f)
@@ -184,8 +200,8 @@ def attention_ws_report(limit):
                     res.append(f"{name} ERR {repr(e)[:200]}")
             print(f"ATTN TFLOP/s B{B} S{S} H{H} D{D} causal{int(causal)}: " + " | ".join(res), flush=True)
     finally:
-        K.AUTOTUNE, K.WS = saved
-    print(f"attention WS diagnostic done in {time.time() - t0:.0f} s", flush=True)
+        K.AUTOTUNE, K.WS, K.SM90, K.SM90_OVERLAP = saved
+    print(f"attention WS / sm90 diagnostic done in {time.time() - t0:.0f} s", flush=True)
 
 
 def main():

@@ -99,17 +99,32 @@ class EmuBarrier {
     f.what = what;
     swapcontext(&f.ctx, &emu_sched.main);
   }
+  // bar.arrive: counted, without waiting (the last arrival releases the waiters).
+  void arrive() {
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+    }
+  }
   bool released(unsigned long gen) const { return gen_ != gen; }
   int arrived() const { return count_; }
   int size() const { return n_; }
 
- private:
+ protected:
+  // Parks the running fiber until the generation moves on (a subclass's own release rule).
+  void park(const char* what) {
+    EmuFiber& f = emu_sched.fibers[emu_sched.cur];
+    f.blocked_on = this;
+    f.gen = gen_;
+    f.what = what;
+    swapcontext(&f.ctx, &emu_sched.main);
+  }
   int n_, count_ = 0;
   unsigned long gen_ = 0;
 };
 
 struct EmuCta {
-  EmuCta(int n, size_t smem_bytes) : threads(n), cta(n), slots((n + 31) / 32), dyn((smem_bytes + 15) / 16 + 1) {
+  EmuCta(int n, size_t smem_bytes) : threads(n), cta(n), slots((n + 31) / 32), dyn((smem_bytes + 1023) / 1024 + 1) {
     for (int w = 0; w < (n + 31) / 32; ++w) warps.emplace_back(new EmuBarrier(std::min(32, n - 32 * w)));
     std::memset(dyn.data(), 0xff, dyn.size() * sizeof(dyn[0]));
   }
@@ -117,14 +132,18 @@ struct EmuCta {
   EmuBarrier cta;
   std::vector<std::unique_ptr<EmuBarrier>> warps;
   std::unique_ptr<EmuBarrier> named[16];
-  struct alignas(16) Chunk {
-    unsigned char b[16];
+  // Dynamic shared memory, 1024-byte aligned (as the 128-byte swizzle patterns of TMA and
+  // wgmma need their shared addresses: emu_smem_u32 gives offsets from this base).
+  struct alignas(1024) Chunk {
+    unsigned char b[1024];
   };
-  std::vector<Chunk> dyn;  // dynamic shared memory
+  std::vector<Chunk> dyn;
   struct alignas(16) Slot {
     unsigned char bytes[64];
   };
   std::vector<std::array<Slot, 32>> slots;  // per warp, per lane: one deposited value
+  std::unique_ptr<EmuBarrier> warpgroups[8];  // (cuda_emu_sm90.h: the wgmma collectives)
+  std::vector<std::pair<uint32_t, std::unique_ptr<EmuBarrier>>> mbarriers;  // (cuda_emu_sm90.h)
 };
 inline EmuCta* emu_cta = nullptr;
 
@@ -132,10 +151,18 @@ inline int emu_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim
 
 inline void __syncthreads() { emu_cta->cta.wait("__syncthreads"); }
 
-inline void emu_bar_sync(int id, int count) {
+inline EmuBarrier& emu_named_bar(int id, int count) {
   if (!emu_cta->named[id]) emu_cta->named[id].reset(new EmuBarrier(count));
-  emu_cta->named[id]->wait("bar.sync (named barrier)");
+  if (emu_cta->named[id]->size() != count) {
+    std::fprintf(stderr, "cuda_emu: named barrier %d used with %d and %d threads\n", id, emu_cta->named[id]->size(),
+                 count);
+    std::_Exit(86);
+  }
+  return *emu_cta->named[id];
 }
+inline void emu_bar_sync(int id, int count) { emu_named_bar(id, count).wait("bar.sync (named barrier)"); }
+// bar.arrive counts per warp on the GPU: the emulator counts each thread (a warp's 32 make 32).
+inline void emu_bar_arrive(int id, int count) { emu_named_bar(id, count).arrive(); }
 
 inline void* emu_dyn_smem() { return emu_cta->dyn.data(); }
 #define FASTLM_EXTERN_SMEM(T, name) T* name = reinterpret_cast<T*>(emu_dyn_smem())
@@ -339,6 +366,13 @@ inline void emu_launch(EmuDim3 grid, EmuDim3 block, F&& body, size_t smem_bytes 
       if (f.done) --left;
     }
     S.cur = -1;
+    for (int id = 0; id < 16; ++id)  // (a CTA leaves no named barrier half arrived at)
+      if (cta.named[id] && cta.named[id]->arrived()) {
+        std::fprintf(stderr, "cuda_emu: block (%u,%u,%u) ended with %d of %d threads arrived at named barrier %d\n",
+                     blockIdx.x, blockIdx.y, blockIdx.z, cta.named[id]->arrived(), cta.named[id]->size(), id);
+        std::fflush(stderr);
+        std::_Exit(86);
+      }
     emu_cta = nullptr;
   }
 }

@@ -1083,6 +1083,72 @@ def test_gpu_ws_backward(ws, monkeypatch, D, autotune):
             assert ws == ["fwd", "dkdv", "dq"], f"the WS kernels did not all run: {ws}"
 
 
+@pytest.fixture
+def sm90(monkeypatch):
+    """The CUDA Hopper forward on (K.SM90); yields the list of forwards that took it."""
+    from fastlm import _C_loader
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUDA Hopper forward needs an sm_90 GPU")
+    assert _C_loader.HAVE_SM90, f"fastlm._C_sm90 should load on an sm_90 machine: {_C_loader.WHY_NO_SM90}"
+    monkeypatch.setattr(K, "SM90", True)
+    calls = []
+    real = K._sm90_ok
+
+    def spy(*a):
+        ok = real(*a)
+        if ok:
+            calls.append(a[3])  # (d)
+        return ok
+
+    monkeypatch.setattr(K, "_sm90_ok", spy)
+    return calls
+
+
+def test_sm90_switch_is_inert_elsewhere(monkeypatch):
+    """FASTLM_ATTENTION_SM90 takes the CUDA Hopper forward only where it runs (an sm_90 GPU with
+    fastlm._C_sm90 loaded, dense fp16/bf16, head_dim 64/128, full or causal); anything else
+    keeps the usual kernels, with the right answer."""
+    monkeypatch.setattr(K, "SM90", True)
+    q, k, v = _make(1, 20, 32, 2, 1, 64, F16)
+    on_sm90 = q.is_cuda and torch.cuda.get_device_capability() == (9, 0)
+    assert K._sm90_ok(q, k, v, False, 64, -1, 0, 0.0) == on_sm90
+    for args in [(False, 64, 5, 0, 0.0), (False, 64, -1, 0, 30.0), (False, 64, -1, 3, 0.0), (True, 64, -1, 0, 0.0)]:
+        assert not K._sm90_ok(q, k, v, *args), args  # window, softcap, right window, varlen
+    q32, k32, v32 = _make(1, 20, 32, 2, 1, 32, F16)
+    assert not K._sm90_ok(q32, k32, v32, False, 32, -1, -1, 0.0)  # head_dim 32
+    _fwd_check(q, k, v, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [1, 2, 0], ids=["overlap", "pingpong", "serial"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_sm90_forward(sm90, monkeypatch, D, overlap):
+    """csrc/sm90/attention.cu on a real sm_90, every consumer loop: full and causal, GQA/MQA,
+    lengths that end mid-tile, more queries than keys (rows that see nothing), a single query,
+    strided qkv views, fp16 and bf16; and the backward (Triton) from its out and lse."""
+    monkeypatch.setattr(K, "SM90_OVERLAP", overlap)
+    for mode in ("full", "causal"):
+        kw = GPU_MODES[mode]
+        for (Sq, Sk), (Hq, Hk) in itertools.product(GPU_LENS + [(4096, 4096)], GPU_HEADS):
+            q, k, v = _make(2, Sq, Sk, Hq, Hk, D, torch.bfloat16)
+            n = len(sm90)
+            try:
+                _fwd_check(q, k, v, **kw)
+            except AssertionError as e:
+                raise AssertionError(f"{mode} Sq={Sq} Sk={Sk} heads={Hq}/{Hk}: {e}") from e
+            assert len(sm90) == n + 1, "the sm90 kernel did not run"
+    q, k, v = _make(2, 1000, 1000, 8, 2, D, torch.float16)
+    _fwd_check(q, k, v, causal=True)
+    qkv = _rand(3, 777, 8 + 2 + 2, D, dtype=torch.bfloat16)
+    _fwd_check(*qkv.split([8, 2, 2], dim=2), causal=True)
+    q, k, v = _make(2, 1000, 1000, 8, 2, D, torch.bfloat16)
+    dout = _rand(2, 1000, 8, D, dtype=torch.bfloat16)
+    n = len(sm90)
+    _check_all(_run(q, k, v, dout, causal=True), q, k, v, dout, causal=True)
+    assert len(sm90) > n
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dq_atomic", [True, False, None])
 def test_gpu_autotuned(monkeypatch, dq_atomic):

@@ -122,9 +122,11 @@ def test_sdist_carries_every_cuda_source(tmp_path):
     (sdist,) = glob.glob(str(tmp_path / "dist" / "*.tar.gz"))
     with tarfile.open(sdist) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-    want = {os.path.relpath(f, root) for ext in ("cu", "cuh", "cpp") for f in glob.glob(os.path.join(root, "csrc", f"*.{ext}"))}
+    want = {os.path.relpath(f, root) for ext in ("cu", "cuh", "cpp")
+            for f in glob.glob(os.path.join(root, "csrc", "**", f"*.{ext}"), recursive=True)}
+    assert "csrc/sm90/attention.cu" in want
     assert want and want <= names, f"missing from the sdist: {sorted(want - names)}"
-    assert "tests/cuda_emu.h" in names
+    assert "tests/cuda_emu.h" in names and "tests/cuda_emu_sm90.h" in names
     # every Python module of the package (a subpackage missing from setup.py's list would be
     # left out of the sdist and the wheel, and `import fastlm` would fail there)
     py = {os.path.relpath(f, root) for d in ("fastlm", "kernels")
@@ -281,3 +283,15 @@ def test_bf16_casts_round_to_nearest_even():
     assert torch.equal(bits(z)[num], (x.view(torch.int32) >> 16).to(torch.int16)[num]) and z[~num].isnan().all()
     assert torch.equal(w[num], rne.to(torch.float16)[num]) and torch.equal(f[num], 2 * rne.float()[num])
     assert torch.equal(bits(v), bits(ints.to(torch.bfloat16)))
+
+
+def test_generated_wgmma_wrappers_are_current():
+    """csrc/sm90/wgmma_ptx.cuh is what scripts/gen_wgmma.py writes (edit the generator, not it)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gen_wgmma", os.path.join(root, "scripts", "gen_wgmma.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    with open(os.path.join(root, "csrc", "sm90", "wgmma_ptx.cuh")) as f:
+        assert f.read() == gen.render(), "run: python scripts/gen_wgmma.py"

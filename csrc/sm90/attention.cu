@@ -1,0 +1,482 @@
+// Attention forward for Hopper (sm_90a), warp-specialized in the FlashAttention-3 manner:
+// a producer warp issues TMA loads of Q and of K/V tiles into a ring of shared-memory stages,
+// and two consumer warpgroups (64 query rows each of a 128-row tile) run S = Q K^T and O += P V
+// on wgmma (fp32 accumulators in registers) with the online softmax between them.  Registers go
+// where the work is (setmaxnreg: 232 per consumer thread, 40 for the producer warpgroup).
+//
+// Dense fp16/bf16, q (batch, seqlen_q, heads_q, D), k/v (batch, seqlen_k, heads_kv, D) with unit
+// stride in D and 16-byte aligned strides (TMA), heads_q a multiple of heads_kv (GQA), D 64 or
+// 128, causal (bottom-right aligned) or not.  Returns out like q and lse (batch, heads_q,
+// seqlen_q) fp32 (natural log; -inf with out = 0 for rows that see no key).
+//
+// Pipeline (per CTA, one 128-row query tile of one head): for K and for V, full[s] (stage s
+// landed: TMA transaction bytes) and empty[s] (the 256 consumer threads are done with it)
+// mbarriers; the producer waits empty, the consumers wait full.  Each tile: S (64 x 128 per
+// warpgroup) = Q K^T over D/16 k-steps of wgmma m64n128k16 (both operands from shared memory,
+// K-major); masks and the online softmax in registers (log2 domain); P packed to the A-register
+// layout of wgmma (the m64 accumulator and the A fragment share their rows and columns, as for
+// mma.sync); O += P V over 8 k-steps of m64nDk16 with V MN-major.
+//
+// Three consumer loops (template MODE; the op's `overlap` argument): 1 (default),
+// FlashAttention-3's overlap inside a warpgroup (S_j = Q K_j^T issued together with
+// O += P_{j-1} V_{j-1}, the softmax of S_j running while the P V is on the tensor cores; K
+// streams one tile ahead of V, each with its own full/empty barriers); 2, that plus its
+// ping-pong between the two consumer warpgroups (named barriers: they take turns issuing their
+// GEMMs, one's softmax hiding under the other's matmuls); 0, each wgmma group waited for in turn.
+// Tested in the SIMT emulator
+// (tests/test_attention_sm90_emu.py: tests/cuda_emu_sm90.h implements mbarriers, TMA and wgmma
+// from the PTX ISA), compiled for sm_90a here; on a GPU by
+// tests/test_attention.py::test_gpu_sm90_forward, through fastlm.ops.attention with
+// FASTLM_ATTENTION_SM90=1 (kernels/attention.py: _sm90_ok).
+#ifndef FASTLM_HOST_EMU
+#include "../common.cuh"
+
+#include <cuda.h>  // CUtensorMap (the encode function is reached through the runtime: no -lcuda)
+#include <cuda_runtime.h>
+
+#include <ATen/ops/empty.h>
+
+#include "hopper.cuh"
+#endif
+
+namespace fastlm {
+namespace sm90 {
+namespace {
+
+// ---- kernel begin: this section (to 'kernel end') is also compiled on the host by
+// tests/test_attention_sm90_emu.py, which runs the kernel in the SIMT emulator with the Hopper
+// primitives of tests/cuda_emu_sm90.h.
+constexpr int kBlockM = 128, kBlockN = 128;  // query rows per CTA (2 consumer warpgroups), keys per tile
+// Consumer loops (MODE, the op's `overlap`): each wgmma waited for in turn; the softmax of tile
+// j overlapped with P V of tile j - 1; that, with the two warpgroups taking turns at the GEMMs.
+constexpr int kSerial = 0, kOverlap = 1, kPingPongOverlap = 2;
+constexpr int kThreads = 384;                // producer warpgroup + 2 consumer warpgroups
+constexpr int kBoxBytes = 128 * kSwizzleBytes;  // one TMA box: 128 rows x 64 elements (16-bit)
+
+template <int D>
+struct Shape {
+  static constexpr int kBoxes = D / 64;  // boxes per 128-row tile (64 columns each)
+  static constexpr int kStages = D == 64 ? 4 : 2;
+  static constexpr int kTileBytes = kBoxes * kBoxBytes;
+  // Q, K stages, V stages, then the mbarriers; +1024 to align the base.
+  static constexpr int kBarOffset = (1 + 2 * kStages) * kTileBytes;
+  static constexpr int kSmemBytes = kBarOffset + (1 + 4 * kStages) * 8 + 1024;
+};
+
+struct FwdParams {
+  void* out;   // (batch, seqlen_q, heads_q, D)
+  float* lse;  // (batch, heads_q, seqlen_q) contiguous
+  int64_t o_b, o_s, o_h;
+  int seqlen_q, seqlen_k, heads_q, group;  // group = heads_q / heads_kv
+  float scale_log2;                        // softmax_scale * log2(e)
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T a = from_float<T>(lo), b = from_float<T>(hi);
+  uint16_t ua, ub;
+  memcpy(&ua, &a, 2);
+  memcpy(&ub, &b, 2);
+  return static_cast<uint32_t>(ua) | (static_cast<uint32_t>(ub) << 16);
+}
+
+// A consumer thread's two accumulator rows (r[0] = g, r[1] = g + 8 of its warp's 16) and its
+// column offset t (columns 8 j + 2 t, + 1); causal: row r sees keys <= r + shift, and diag is
+// the CTA's first row's limit (tiles past it need the mask).
+struct Rows {
+  int r[2];
+  int t, shift, diag;
+};
+
+// S = Q K^T of one key tile into sacc: D / 16 k-steps of m64n128k16, 4 per 64-column box (32
+// bytes apart along the swizzled rows); issued and committed, not waited for.
+template <typename T, int D>
+__device__ __forceinline__ void issue_qk(float (&sacc)[kBlockN / 2], uint32_t q_addr, uint32_t k_addr) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const uint32_t off = (ks / 4) * kBoxBytes + (ks % 4) * 32;
+    wgmma_ss<T, kBlockN>(sacc, smem_desc(q_addr + off, 16, 1024), smem_desc(k_addr + off, 16, 1024), ks > 0);
+  }
+  wgmma_commit();
+}
+
+// O += P V: 8 k-steps of 16 keys (2048 bytes of V rows each), N = D (the boxes kBoxBytes
+// apart); issued and committed.
+template <typename T, int D>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[kBlockN / 16][4], uint32_t v_addr) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk)
+    wgmma_rs<T, D>(o, pa[kk], smem_desc(v_addr + kk * 16 * kSwizzleBytes, kBoxBytes, 1024), 1);
+  wgmma_commit();
+}
+
+// The online softmax of one tile (keys key0 ..): scores to the log2 domain, keys past seqlen_k
+// (TMA zero-filled) and causal ones past the row's diagonal to -inf; m_i, l_i updated (l_i:
+// this thread's columns, the quad's sum at the end), sacc left holding the probabilities and
+// alpha the factor that rescales O.
+template <bool CAUSAL>
+__device__ __forceinline__ void softmax_tile(float (&sacc)[kBlockN / 2], float (&m_i)[2], float (&l_i)[2],
+                                             float (&alpha)[2], int key0, const Rows& rows, const FwdParams& p) {
+  const bool edge = key0 + kBlockN > p.seqlen_k || (CAUSAL && key0 + kBlockN - 1 > rows.diag);
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) {
+    float x = sacc[i] * p.scale_log2;
+    if (edge) {
+      const int key = key0 + 8 * (i / 4) + 2 * rows.t + (i & 1);
+      if (key >= p.seqlen_k || (CAUSAL && key > rows.r[(i >> 1) & 1] + rows.shift)) x = -INFINITY;
+    }
+    sacc[i] = x;
+    mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], x);
+  }
+  float msafe[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float mn = fmaxf(m_i[r], mx[r]);
+    msafe[r] = mn == -INFINITY ? 0.f : mn;  // no visible key yet: avoid (-inf) - (-inf)
+    alpha[r] = exp2f(m_i[r] - msafe[r]);
+    m_i[r] = mn;
+  }
+  float rs[2] = {0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) {
+    const float e = exp2f(sacc[i] - msafe[(i >> 1) & 1]);
+    sacc[i] = e;
+    rs[(i >> 1) & 1] += e;
+  }
+  l_i[0] = l_i[0] * alpha[0] + rs[0];
+  l_i[1] = l_i[1] * alpha[1] + rs[1];
+}
+
+// P as wgmma A registers: k-step kk covers keys 16 kk .. + 15 = accumulator tiles 2 kk and
+// 2 kk + 1 (the m64 accumulator and the A fragment share rows and columns, as for mma.sync).
+template <typename T>
+__device__ __forceinline__ void pack_p(const float (&sacc)[kBlockN / 2], uint32_t (&pa)[kBlockN / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    pa[kk][0] = pack2<T>(sacc[8 * kk + 0], sacc[8 * kk + 1]);
+    pa[kk][1] = pack2<T>(sacc[8 * kk + 2], sacc[8 * kk + 3]);
+    pa[kk][2] = pack2<T>(sacc[8 * kk + 4], sacc[8 * kk + 5]);
+    pa[kk][3] = pack2<T>(sacc[8 * kk + 6], sacc[8 * kk + 7]);
+  }
+}
+
+template <typename T, int D, bool CAUSAL, int MODE>
+__global__ void __launch_bounds__(kThreads, 1)
+    attn_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                         const __grid_constant__ CUtensorMap tv, const FwdParams p) {
+  using S = Shape<D>;
+  FASTLM_EXTERN_SMEM(unsigned char, smem_raw);
+  unsigned char* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
+  unsigned char* sq = smem;
+  unsigned char* sk = smem + S::kTileBytes;                  // stage s at + s * kTileBytes
+  unsigned char* sv = smem + (1 + S::kStages) * S::kTileBytes;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + S::kBarOffset);
+  uint64_t* q_full = bars;
+  uint64_t* k_full = bars + 1;
+  uint64_t* v_full = bars + 1 + S::kStages;
+  uint64_t* k_empty = bars + 1 + 2 * S::kStages;
+  uint64_t* v_empty = bars + 1 + 3 * S::kStages;
+
+  const int tid = threadIdx.x, wg = tid / 128;
+  const int n_mblocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  // Causal: the longest rows first (the last query tile sees the most keys).
+  const int mb = CAUSAL ? n_mblocks - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int h = blockIdx.y, b = blockIdx.z, hkv = h / p.group;
+  const int m0 = mb * kBlockM;
+  const int shift = p.seqlen_k - p.seqlen_q;  // causal: row r sees keys <= r + shift
+  const int n_end = CAUSAL ? min(p.seqlen_k, m0 + kBlockM + shift) : p.seqlen_k;
+  const int n_tiles = n_end > 0 ? (n_end + kBlockN - 1) / kBlockN : 0;
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < S::kStages; ++s) {
+      mbar_init(&k_full[s], 1);
+      mbar_init(&v_full[s], 1);
+      mbar_init(&k_empty[s], 256);
+      mbar_init(&v_empty[s], 256);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---- producer
+    setmaxnreg_dec<40>();
+    if (tid == 0) {
+      tma_prefetch_map(&tq);
+      tma_prefetch_map(&tk);
+      tma_prefetch_map(&tv);
+      mbar_arrive_expect_tx(q_full, S::kTileBytes);
+      for (int x = 0; x < S::kBoxes; ++x) tma_load_4d(sq + x * kBoxBytes, &tq, q_full, 64 * x, m0, h, b);
+      // K runs one tile ahead of V, the order the consumers use them in (S_j = Q K_j^T is issued
+      // with O += P_{j-1} V_{j-1}); each waits for its stage's previous tile to be released.
+      auto load = [&](const CUtensorMap* map, unsigned char* ring, uint64_t* full, uint64_t* empty, int j) {
+        const int s = j % S::kStages;
+        mbar_wait(&empty[s], ((j / S::kStages) & 1) ^ 1);  // (the first pass through the ring finds it free)
+        mbar_arrive_expect_tx(&full[s], S::kTileBytes);
+        for (int x = 0; x < S::kBoxes; ++x)
+          tma_load_4d(ring + s * S::kTileBytes + x * kBoxBytes, map, &full[s], 64 * x, j * kBlockN, hkv, b);
+      };
+      for (int j = 0; j <= n_tiles; ++j) {
+        if (j < n_tiles) load(&tk, sk, k_full, k_empty, j);
+        if (j > 0) load(&tv, sv, v_full, v_empty, j - 1);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers: warpgroup cw owns rows m0 + 64 cw .. + 63; warp w of it rows 16 w .. + 15,
+  // thread (g, t) rows g and g + 8 of those, columns 8 j + 2 t (+ 1) of each accumulator tile.
+  setmaxnreg_inc<232>();
+  const int cw = wg - 1, w = (tid / 32) % 4, lane = tid % 32, t = lane % 4;
+  Rows rows;
+  rows.r[0] = m0 + 64 * cw + 16 * w + lane / 4;
+  rows.r[1] = rows.r[0] + 8;
+  rows.t = t;
+  rows.shift = shift;
+  rows.diag = m0 + shift;
+  const uint32_t q_addr = smem_u32(sq) + cw * 64 * kSwizzleBytes;
+  auto k_addr = [&](int j) { return smem_u32(sk + (j % S::kStages) * S::kTileBytes); };
+  auto v_addr = [&](int j) { return smem_u32(sv + (j % S::kStages) * S::kTileBytes); };
+  auto phase = [](int j) { return static_cast<uint32_t>((j / S::kStages) & 1); };
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.f, 0.f}, alpha[2];
+  float sacc[kBlockN / 2];
+  uint32_t pa[kBlockN / 16][4];
+
+  mbar_wait(q_full, 0);
+  if (MODE == kSerial) {  // each wgmma group waited for before the next step
+    for (int j = 0; j < n_tiles; ++j) {
+      mbar_wait(&k_full[j % S::kStages], phase(j));
+      issue_qk<T, D>(sacc, q_addr, k_addr(j));
+      wgmma_wait<0>();
+      fence_regs(sacc);
+      mbar_arrive(&k_empty[j % S::kStages]);
+      softmax_tile<CAUSAL>(sacc, m_i, l_i, alpha, j * kBlockN, rows, p);
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+      pack_p<T>(sacc, pa);
+      mbar_wait(&v_full[j % S::kStages], phase(j));
+      issue_pv<T, D>(o, pa, v_addr(j));
+      wgmma_wait<0>();
+      fence_regs(o);
+      mbar_arrive(&v_empty[j % S::kStages]);
+    }
+  } else if (n_tiles > 0) {
+    // FlashAttention-3's overlap inside a warpgroup: tile j's S = Q K^T and tile j-1's O += P V
+    // are issued together, and the softmax of S_j runs while P V is still on the tensor cores.
+    mbar_wait(&k_full[0], 0);
+    issue_qk<T, D>(sacc, q_addr, k_addr(0));
+    wgmma_wait<0>();
+    fence_regs(sacc);
+    mbar_arrive(&k_empty[0]);
+    softmax_tile<CAUSAL>(sacc, m_i, l_i, alpha, 0, rows, p);  // (o is 0: no rescale)
+    pack_p<T>(sacc, pa);
+    // Ping-pong: the two warpgroups take turns issuing their GEMMs (named barrier 1 + cw is
+    // warpgroup cw's turn), so one's softmax runs while the other's GEMMs hold the tensor cores.
+    // Warpgroup 1 hands warpgroup 0 the first turn; every turn taken is handed back, but the
+    // last one of warpgroup 1, which nobody would take.
+    constexpr bool kPingPong = MODE == kPingPongOverlap;
+    if (kPingPong && cw == 1 && n_tiles > 1) named_bar_arrive(1, 256);
+    for (int j = 1; j < n_tiles; ++j) {
+      mbar_wait(&k_full[j % S::kStages], phase(j));
+      mbar_wait(&v_full[(j - 1) % S::kStages], phase(j - 1));
+      if (kPingPong) named_bar_sync(1 + cw, 256);
+      issue_qk<T, D>(sacc, q_addr, k_addr(j));
+      issue_pv<T, D>(o, pa, v_addr(j - 1));
+      if (kPingPong && !(cw == 1 && j == n_tiles - 1)) named_bar_arrive(2 - cw, 256);
+      wgmma_wait<1>();  // S_j is in; P_{j-1} V_{j-1} may still run (it reads pa, writes o)
+      fence_regs(sacc);
+      mbar_arrive(&k_empty[j % S::kStages]);
+      softmax_tile<CAUSAL>(sacc, m_i, l_i, alpha, j * kBlockN, rows, p);
+      wgmma_wait<0>();
+      fence_regs(o);
+      mbar_arrive(&v_empty[(j - 1) % S::kStages]);
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+      pack_p<T>(sacc, pa);
+    }
+    const int last = n_tiles - 1;
+    mbar_wait(&v_full[last % S::kStages], phase(last));
+    issue_pv<T, D>(o, pa, v_addr(last));
+    wgmma_wait<0>();
+    fence_regs(o);
+    mbar_arrive(&v_empty[last % S::kStages]);
+  }
+  const int row0 = rows.r[0], row1 = rows.r[1];
+
+  // Epilogue: the quad's row sums, out = O / l (0 for a row with no key), lse.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
+  }
+  T* out = static_cast<T*>(p.out) + b * p.o_b + h * p.o_h;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r ? row1 : row0;
+    if (row >= p.seqlen_q) continue;
+    const float inv = l_i[r] > 0.f ? 1.f / l_i[r] : 0.f;
+    T* orow = out + static_cast<int64_t>(row) * p.o_s;
+#pragma unroll
+    for (int jj = 0; jj < D / 8; ++jj) {
+      const uint32_t v = pack2<T>(o[4 * jj + 2 * r] * inv, o[4 * jj + 2 * r + 1] * inv);
+      memcpy(orow + 8 * jj + 2 * t, &v, 4);
+    }
+    if (t == 0)
+      p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + row] =
+          l_i[r] > 0.f ? (m_i[r] + log2f(l_i[r])) * 0.6931471805599453f : -INFINITY;
+  }
+}
+// ---- kernel end
+
+}  // namespace
+}  // namespace sm90
+}  // namespace fastlm
+
+#ifndef FASTLM_HOST_EMU
+namespace fastlm {
+namespace sm90 {
+namespace {
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_tiled() {
+  static EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q);
+    TORCH_CHECK(err == cudaSuccess && q == cudaDriverEntryPointSuccess && p != nullptr,
+                "attention_fwd_sm90_cuda: cuTensorMapEncodeTiled is not available from the driver");
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+// A (batch, seqlen, heads, D) tensor as a 4-D TMA map (D innermost), boxes of 64 x 128 rows,
+// 128-byte swizzle, rows past seqlen read as 0.
+CUtensorMap make_map(const at::Tensor& x, const char* name) {
+  const int64_t es = x.element_size();
+  for (int d = 0; d < 3; ++d)
+    TORCH_CHECK(x.stride(d) * es % 16 == 0, "attention_fwd_sm90_cuda: ", name,
+                " needs 16-byte aligned strides (TMA), got strides ", x.strides());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "attention_fwd_sm90_cuda: ", name,
+              " must be 16-byte aligned");
+  CUtensorMap map;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(x.size(3)), static_cast<cuuint64_t>(x.size(1)),
+                              static_cast<cuuint64_t>(x.size(2)), static_cast<cuuint64_t>(x.size(0))};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(x.stride(1) * es), static_cast<cuuint64_t>(x.stride(2) * es),
+                                 static_cast<cuuint64_t>(x.stride(0) * es)};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(kBlockN), 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode_tiled()(
+      &map, x.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+      x.data_ptr(), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "attention_fwd_sm90_cuda: cuTensorMapEncodeTiled failed for ", name, " (error ",
+              static_cast<int>(r), ")");
+  return map;
+}
+
+template <typename T, int D, bool CAUSAL, int MODE>
+void launch(const CUtensorMap& tq, const CUtensorMap& tk, const CUtensorMap& tv, const FwdParams& p, int batch,
+            cudaStream_t stream) {
+  auto kernel = attn_fwd_sm90_kernel<T, D, CAUSAL, MODE>;
+  constexpr int smem = Shape<D>::kSmemBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.heads_q, batch);
+  kernel<<<grid, kThreads, smem, stream>>>(tq, tk, tv, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, double softmax_scale, bool causal,
+                                                           int64_t overlap) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
+    FASTLM_CHECK_CUDA(t, "attention_fwd_sm90_cuda: tensors");
+    TORCH_CHECK(t.dim() == 4, "attention_fwd_sm90_cuda: ", name, " must be (batch, seqlen, heads, head_dim), got ",
+                t.sizes());
+    TORCH_CHECK(t.scalar_type() == q.scalar_type() && t.device() == q.device(), "attention_fwd_sm90_cuda: ", name,
+                " must have q's dtype and device");
+    TORCH_CHECK(t.stride(3) == 1, "attention_fwd_sm90_cuda: ", name, " needs unit stride in head_dim");
+  }
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "attention_fwd_sm90_cuda: fp16 or bf16 only, got ", q.scalar_type());
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Sk = k.size(1), Hkv = k.size(2);
+  TORCH_CHECK(D == 64 || D == 128, "attention_fwd_sm90_cuda: head_dim 64 or 128, got ", D);
+  TORCH_CHECK(overlap >= 0 && overlap <= 2, "attention_fwd_sm90_cuda: overlap must be 0, 1 or 2, got ", overlap);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D, "attention_fwd_sm90_cuda: k and v must be (",
+              B, ", seqlen_k, heads_kv, ", D, "), got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "attention_fwd_sm90_cuda: heads_q ", Hq, " must be a multiple of heads_kv ",
+              Hkv);
+  TORCH_CHECK(Sq < (int64_t{1} << 31) && Sk < (int64_t{1} << 31) && Hq <= 65535 && B <= 65535,
+              "attention_fwd_sm90_cuda: shape too large");
+  c10::cuda::CUDAGuard guard(q.device());
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  TORCH_CHECK(major == 9 && minor == 0, "attention_fwd_sm90_cuda: needs an sm_90 GPU (H100/H200), got sm_", major,
+              minor);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const CUtensorMap tq = make_map(q, "q"), tk = make_map(k, "k"), tv = make_map(v, "v");
+  FwdParams p{};
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.o_b = out.stride(0);
+  p.o_s = out.stride(1);
+  p.o_h = out.stride(2);
+  p.seqlen_q = static_cast<int>(Sq);
+  p.seqlen_k = static_cast<int>(Sk);
+  p.heads_q = static_cast<int>(Hq);
+  p.group = static_cast<int>(Hq / Hkv);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int b = static_cast<int>(B);
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    auto with = [&](auto d, auto c) {
+      constexpr int dd = decltype(d)::value;
+      constexpr bool cc = decltype(c)::value;
+      if (overlap == kSerial) {
+        launch<T, dd, cc, kSerial>(tq, tk, tv, p, b, stream);
+      } else if (overlap == kOverlap) {
+        launch<T, dd, cc, kOverlap>(tq, tk, tv, p, b, stream);
+      } else {
+        launch<T, dd, cc, kPingPongOverlap>(tq, tk, tv, p, b, stream);
+      }
+    };
+    using D64 = std::integral_constant<int, 64>;
+    using D128 = std::integral_constant<int, 128>;
+    if (D == 64) {
+      causal ? with(D64{}, std::true_type{}) : with(D64{}, std::false_type{});
+    } else {
+      causal ? with(D128{}, std::true_type{}) : with(D128{}, std::false_type{});
+    }
+  };
+  if (q.scalar_type() == at::kBFloat16) {
+    go(__nv_bfloat16{});
+  } else {
+    go(__half{});
+  }
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace sm90
+}  // namespace fastlm
+
+TORCH_LIBRARY_IMPL(fastlm, CUDA, m) { m.impl("attention_fwd_sm90_cuda", &fastlm::sm90::attention_fwd_sm90_cuda); }
+#endif  // !FASTLM_HOST_EMU
