@@ -17,7 +17,8 @@ shape bucket timed faster; "dq_pick" rows list the picks) and with deterministic
 sm_90+ its forward also with TMA tile loads (fastlm-triton-tma, FASTLM_ATTENTION_TMA=1) and,
 on sm_90 with triton 3.6, warp-specialized (fastlm-triton-ws, FASTLM_ATTENTION_WS=1: the
 forward, and the backward at head_dim 64 and 128); on sm_90 the CUDA C++ Hopper forward
-(fastlm-cuda-sm90, FASTLM_ATTENTION_SM90=1; head_dim 64 and 128, full or causal).
+(fastlm-cuda-sm90, FASTLM_ATTENTION_SM90=1; head_dim 64 and 128, full or causal) and with its
+CUDA backward (fastlm-cuda-sm90-bwd, FASTLM_ATTENTION_SM90_BWD=1 too).
 """
 import functools
 import random
@@ -123,22 +124,26 @@ def _tma_variant(fn):
     return f
 
 
-def _flag_variant(fn, flag, taken, modes):
-    """fn with the module switch K.<flag> on, declaring the `modes` its kernels cover and the
-    shapes they take (taken(q, k, v, causal), asked with the switch on).  A shape they do not
-    take raises (the row reports it) instead of timing the usual kernels under this name."""
+def _flag_variant(fn, flags, taken, modes):
+    """fn with the module switches K.<flag> (a name or a tuple of names) on, declaring the `modes`
+    its kernels cover and the shapes they take (taken(q, k, v, causal), asked with the switches
+    on).  A shape they do not take raises (the row reports it) instead of timing the usual
+    kernels under this name."""
+    flags = (flags,) if isinstance(flags, str) else flags
 
     def on(call):
-        saved = getattr(K, flag)
-        setattr(K, flag, True)
+        saved = [getattr(K, f) for f in flags]
+        for f in flags:
+            setattr(K, f, True)
         try:
             return call()
         finally:
-            setattr(K, flag, saved)
+            for f, old in zip(flags, saved):
+                setattr(K, f, old)
 
     def f(q, k, v, c):
         if not f.applies(q, k, v, c):
-            raise RuntimeError(f"the K.{flag} kernels do not take this shape")
+            raise RuntimeError(f"the K.{'/'.join(flags)} kernels do not take this shape")
         return on(lambda: fn(q, k, v, c))
 
     f.applies = lambda q, k, v, c: on(lambda: taken(q, k, v, c))
@@ -161,9 +166,10 @@ def _ws_variant(fn, head_dim):
     return _flag_variant(fn, "WS", taken, ("fwd", "bwd", "fwd+bwd") if bwd else ("fwd",))
 
 
-def _sm90_variant(fn, head_dim):
+def _sm90_variant(fn, head_dim, bwd=False):
     """fn with the CUDA Hopper forward on (FASTLM_ATTENTION_SM90=1: csrc/sm90/attention.cu; the
-    backward stays the Triton one, so fwd+bwd rows time the pair), or why it cannot run."""
+    backward stays the Triton one, so fwd+bwd rows time the pair), or with bwd its backward too
+    (FASTLM_ATTENTION_SM90_BWD=1: bwd and fwd+bwd rows); or why it cannot run."""
     from fastlm import _C_loader
 
     if torch.cuda.get_device_capability() != (9, 0):
@@ -174,8 +180,11 @@ def _sm90_variant(fn, head_dim):
         return "skipped: the CUDA Hopper forward takes head_dim 64 and 128"
 
     def taken(q, k, v, c):
-        return K._sm90_ok(q, k, v, False, q.shape[-1], -1, 0 if c else -1, 0.0)
+        args = (False, q.shape[-1], -1, 0 if c else -1, 0.0)
+        return K._sm90_ok(q, k, v, *args) and (not bwd or K._sm90_bwd_ok(q, k, v, q, *args, False))
 
+    if bwd:
+        return _flag_variant(fn, ("SM90", "SM90_BWD"), taken, ("bwd", "fwd+bwd"))
     return _flag_variant(fn, "SM90", taken, ("fwd", "fwd+bwd"))
 
 
@@ -192,6 +201,7 @@ def dense_impls(head_dim, seqlen, gqa=False):
         "fastlm-triton-tma": _tma_variant(triton_fn),
         "fastlm-triton-ws": _ws_variant(triton_fn, head_dim),
         "fastlm-cuda-sm90": _sm90_variant(triton_fn, head_dim),
+        "fastlm-cuda-sm90-bwd": _sm90_variant(triton_fn, head_dim, bwd=True),
         "fastlm-triton-det": (lambda q, k, v, c: fastlm.ops.attention(q, k, v, causal=c, deterministic=True,
                                                                       backend="triton"))
         if head_dim == 128 else "skipped: deterministic backward timed at head_dim 128 only (compile time)",
@@ -270,7 +280,8 @@ def run_case(res, impls, base, inputs, flops, modes, peak, det_modes=("bwd", "fw
             tflops[name] = tf
             res.add(**row0, impl=name, ms=ms, p20=p20, p80=p80, TFLOPs=tf, pct_matmul=100 * tf / peak)
         sdpa = {k: v for k, v in tflops.items() if k.startswith("sdpa-")}
-        for name in ("fastlm-triton", "fastlm-triton-tma", "fastlm-triton-ws", "fastlm-cuda-sm90"):
+        for name in ("fastlm-triton", "fastlm-triton-tma", "fastlm-triton-ws", "fastlm-cuda-sm90",
+                     "fastlm-cuda-sm90-bwd"):
             if name in tflops and sdpa:
                 best = max(sdpa, key=sdpa.get)
                 res.add(**row0, impl=name, metric="vs_best_sdpa", best_sdpa=best, ratio=tflops[name] / sdpa[best])

@@ -96,4 +96,10 @@ TORCH_LIBRARY(fastlm, m) {
   m.def(
       "attention_fwd_sm90_cuda(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int overlap=1)"
       " -> (Tensor, Tensor)");
+  // Its backward: dK, dV per 128-key block (returned), dQ added into dq_accum (fp32, q's shape, zeroed by
+  // the caller) with atomics.  lse from the forward and delta = rowsum(dout * out), both fp32
+  // (batch, heads_q, seqlen_q).
+  m.def(
+      "attention_bwd_sm90_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta,"
+      " Tensor(a!) dq_accum, float softmax_scale, bool causal) -> (Tensor, Tensor)");
 }

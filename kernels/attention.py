@@ -1196,6 +1196,9 @@ SM90 = os.environ.get("FASTLM_ATTENTION_SM90", "0") == "1"
 # tile's P V; 2, that and the two consumer warpgroups taking turns at the GEMMs (ping-pong);
 # 0, each wgmma waited for in turn.
 SM90_OVERLAP = int(os.environ.get("FASTLM_ATTENTION_SM90_OVERLAP", "1"))
+# The CUDA Hopper backward (the same file: dK/dV per 128-key block, dQ by fp32 atomics, so not
+# with deterministic=True), FASTLM_ATTENTION_SM90_BWD=1; off by default until a GPU run checks it.
+SM90_BWD = os.environ.get("FASTLM_ATTENTION_SM90_BWD", "0") == "1"
 WS_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
 # (BLOCK_M, BLOCK_N, num_warps of each of the 3 warpgroups' partitions, num_stages): sm_90
 # builds (triton 3.6) spill nothing and take 65-213 KiB of shared memory; the kernel runs 12
@@ -1222,17 +1225,30 @@ def _ws_smem(bm, bn, stages, block_d, esize):
     return _smem_estimate("fwd", bm, bn, stages, block_d, esize) + max(16384, bm // 2 * block_d * esize) + 1024
 
 
-def _sm90_ok(q, k, v, varlen, d, window_left, window_right, softcap):
-    """Whether attention_fwd takes the CUDA Hopper forward (SM90 and the shapes it handles: dense
-    fp16/bf16 on an sm_90 GPU, head_dim 64 or 128, full or causal, no softcap, TMA-able strides)."""
-    if not SM90 or varlen or not q.is_cuda or d not in (64, 128) or q.dtype not in (torch.float16, torch.bfloat16):
+def _sm90_shape_ok(tensors, varlen, d, window_left, window_right, softcap):
+    """The shapes the CUDA Hopper kernels handle: dense fp16/bf16 on an sm_90 GPU with
+    fastlm._C_sm90 loaded, head_dim 64 or 128, full or causal, no softcap, TMA-able strides."""
+    q = tensors[0]
+    if varlen or not q.is_cuda or d not in (64, 128) or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if window_left != -1 or window_right not in (-1, 0) or softcap > 0:
         return False
     from fastlm import _C_loader
 
     return (_C_loader.HAVE_SM90 and _capability(q.device.index) == (9, 0)
-            and _tma_layout_ok((q, k, v), varlen, d, d) and q.shape[0] <= 65535 and q.shape[2] <= 65535)
+            and _tma_layout_ok(tensors, varlen, d, d) and q.shape[0] <= 65535 and q.shape[2] <= 65535)
+
+
+def _sm90_ok(q, k, v, varlen, d, window_left, window_right, softcap):
+    """Whether attention_fwd takes the CUDA Hopper forward (SM90 and _sm90_shape_ok)."""
+    return SM90 and _sm90_shape_ok((q, k, v), varlen, d, window_left, window_right, softcap)
+
+
+def _sm90_bwd_ok(q, k, v, dout, varlen, d, window_left, window_right, softcap, deterministic):
+    """Whether attention_bwd takes the CUDA Hopper backward (SM90_BWD, not deterministic: dQ is
+    summed with atomics, and _sm90_shape_ok)."""
+    return (SM90_BWD and not deterministic
+            and _sm90_shape_ok((q, k, v, dout), varlen, d, window_left, window_right, softcap))
 
 
 def _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap, dout=None):
@@ -1516,6 +1532,11 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
         *_strides3(out, varlen), *_strides3(dout, varlen), *stride_dl, *stride_l, sq,
         HEAD_DIM=d, BLOCK_D=block_d, HAS_DLSE=dlse is not None, BLOCK_M=pre_bm, num_warps=4,
     )
+    if _sm90_bwd_ok(q, k, v, dout, varlen, d, window_left, window_right, softcap, deterministic):
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk, dv = torch.ops.fastlm.attention_bwd_sm90_cuda(dout, q, k, v, lse.contiguous(), delta, dq_acc,
+                                                          softmax_scale, window_right == 0)
+        return dq_acc.to(q.dtype), dk, dv
 
     ws = _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap, dout=dout)
     cu_q = cu_seqlens_q if varlen else _dummy_cu(q)

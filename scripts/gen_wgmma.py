@@ -1,5 +1,5 @@
 """Writes csrc/sm90/wgmma_ptx.cuh: the wgmma.mma_async wrappers of csrc/sm90/hopper.cuh, one per
-(N, dtype, A from shared memory or registers).  Inline PTX needs every accumulator register as
+(N, dtype, A from shared memory or registers, operands K- or MN-major).  Inline PTX needs every accumulator register as
 its own operand (N/2 of them), hence a generator instead of hand-written lists.
 
     python scripts/gen_wgmma.py    (then commit csrc/sm90/wgmma_ptx.cuh)
@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TYPES = {"bf16": "__nv_bfloat16", "f16": "__half"}
 
 
-def wrapper(n, ptx_type, rs):
+def wrapper(n, ptx_type, rs, trans=""):
     r = n // 2
     acc = ", ".join(f"%{i}" for i in range(r))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(r))
@@ -21,12 +21,12 @@ def wrapper(n, ptx_type, rs):
         ins = '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate)'
         sig = "const uint32_t (&a)[4], uint64_t db, int accumulate"
         name = "rs"
-    else:  # A and B K-major in shared memory
+    else:  # A and B in shared memory: "" both K-major; "nt" B MN-major; "tt" both MN-major
         a_ops, b_op, pred = f"%{r}", f"%{r + 1}", f"%{r + 2}"
-        tail = "1, 1, 0, 0"
+        tail = {"": "1, 1, 0, 0", "nt": "1, 1, 0, 1", "tt": "1, 1, 1, 1"}[trans]
         ins = '"l"(da), "l"(db), "r"(accumulate)'
         sig = "uint64_t da, uint64_t db, int accumulate"
-        name = "ss"
+        name = f"ss_{trans}" if trans else "ss"
     return (
         f"template <>\n__device__ __forceinline__ void wgmma_{name}<{TYPES[ptx_type]}, {n}>(float (&d)[{r}], {sig}) {{\n"
         f"  asm volatile(\n"
@@ -47,12 +47,19 @@ def render():
         "template <typename T, int N>\n"
         "__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate);\n"
         "template <typename T, int N>\n"
-        "__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int accumulate);\n\n"
+        "__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int accumulate);\n"
+        "template <typename T, int N>\n"
+        "__device__ __forceinline__ void wgmma_ss_nt(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate);\n"
+        "template <typename T, int N>\n"
+        "__device__ __forceinline__ void wgmma_ss_tt(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate);\n\n"
     ]
     for t in TYPES:
         for n in (64, 128):
             parts.append(wrapper(n, t, False))
             parts.append(wrapper(n, t, True))
+        for n in (64, 128):  # (the backward's dV = P^T dO, dK = dS^T Q: P and dS from shared memory)
+            parts.append(wrapper(n, t, False, trans="nt"))
+        parts.append(wrapper(64, t, False, trans="tt"))  # (dQ = dS K: 64 head_dim columns per warpgroup)
     return "\n".join(parts)
 
 

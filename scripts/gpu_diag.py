@@ -125,7 +125,8 @@ ATTN_TIME_SHAPE = (4, 4096, 16, 128)  # (B, S, H, D)
 def attention_ws_report(limit):
     """The new attention forms, off by default: the warp-specialized Triton kernels
     (FASTLM_ATTENTION_WS; sm_90 with triton 3.6) and the CUDA Hopper forward
-    (FASTLM_ATTENTION_SM90, csrc/sm90/attention.cu, with the Triton backward).  Error of
+    (FASTLM_ATTENTION_SM90, csrc/sm90/attention.cu; with the Triton backward, and with its own:
+    FASTLM_ATTENTION_SM90_BWD).  Error of
     out/dq/dk/dv against an fp32 reference beside the usual kernels' (first configs), then
     forward and forward+backward TFLOP/s beside SDPA's default at head_dim 128, 4k tokens per
     sequence.  Stops starting new lines after `limit` seconds."""
@@ -138,7 +139,8 @@ def attention_ws_report(limit):
     if dev == "cuda" and torch.cuda.get_device_capability() == (9, 0):
         if _C_loader.HAVE_SM90:
             variants += [("sm90", {"SM90": True}), ("sm90-pingpong", {"SM90": True, "SM90_OVERLAP": 2}),
-                         ("sm90-serial", {"SM90": True, "SM90_OVERLAP": 0})]
+                         ("sm90-serial", {"SM90": True, "SM90_OVERLAP": 0}),
+                         ("sm90+bwd", {"SM90": True, "SM90_BWD": True})]
         else:
             print(f"== attention sm90: not loaded: {_C_loader.WHY_NO_SM90}", flush=True)
     if len(variants) == 1:
@@ -146,10 +148,10 @@ def attention_ws_report(limit):
         return
     print(f"== attention {', '.join(n for n, _ in variants[1:])} against the usual kernels (first configs)", flush=True)
     t0 = time.time()
-    saved = K.AUTOTUNE, K.WS, K.SM90, K.SM90_OVERLAP
+    saved = K.AUTOTUNE, K.WS, K.SM90, K.SM90_OVERLAP, K.SM90_BWD
 
     def use(flags):
-        K.WS, K.SM90 = flags.get("WS", False), flags.get("SM90", False)
+        K.WS, K.SM90, K.SM90_BWD = flags.get("WS", False), flags.get("SM90", False), flags.get("SM90_BWD", False)
         K.SM90_OVERLAP = flags.get("SM90_OVERLAP", 1)
 
     K.AUTOTUNE = False
@@ -172,11 +174,12 @@ def attention_ws_report(limit):
                     line.append(f"{name} " + " ".join(f"{n} {e:.2e}" for n, e in zip(("out", "dq", "dk", "dv"), errs)))
                 except Exception as e:  # a diagnostic: report and go on
                     line.append(f"{name} ERR {repr(e)[:200]}")
-            use({"WS": True, "SM90": True})
+            use({"WS": True, "SM90": True, "SM90_BWD": True})
             taken = [K._ws_ok(q, k, v, False, D, D, -1, 0 if causal else -1, 0.0, dout=g) for g in (None, dout)]
-            sm90 = K._sm90_ok(q, k, v, False, D, -1, 0 if causal else -1, 0.0)
+            sm90 = K._sm90_ok(q, k, v, False, D, -1, 0 if causal else -1, 0.0) and K._sm90_bwd_ok(
+                q, k, v, dout, False, D, -1, 0 if causal else -1, 0.0, False)
             print(f"ATTN err B{B} S{S} H{Hq}/{Hk} D{D} causal{int(causal)} (ws taken: fwd {taken[0]} bwd {taken[1]}; "
-                  f"sm90 taken: {sm90}): " + " | ".join(line), flush=True)
+                  f"sm90 fwd+bwd taken: {sm90}): " + " | ".join(line), flush=True)
         for causal in (False, True):
             if time.time() - t0 > limit:
                 print("ATTN timing skipped: diagnostic time limit", flush=True)
@@ -200,7 +203,7 @@ def attention_ws_report(limit):
                     res.append(f"{name} ERR {repr(e)[:200]}")
             print(f"ATTN TFLOP/s B{B} S{S} H{H} D{D} causal{int(causal)}: " + " | ".join(res), flush=True)
     finally:
-        K.AUTOTUNE, K.WS, K.SM90, K.SM90_OVERLAP = saved
+        K.AUTOTUNE, K.WS, K.SM90, K.SM90_OVERLAP, K.SM90_BWD = saved
     print(f"attention WS / sm90 diagnostic done in {time.time() - t0:.0f} s", flush=True)
 
 

@@ -215,6 +215,11 @@ inline int atomicAdd(int* p, int v) {
   *p = old + v;
   return old;
 }
+inline float atomicAdd(float* p, float v) {
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
 inline void __threadfence() {}
 inline float __uint_as_float(uint32_t u) {
   float f;

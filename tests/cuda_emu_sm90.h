@@ -144,6 +144,7 @@ template <int N>
 inline void wgmma_wait() {}
 template <int R>
 inline void fence_regs(float (&)[R]) {}
+inline void fence_proxy_async() {}
 
 inline EmuBarrier& emu_warpgroup() {
   const int wg = emu_tid() / 128;
@@ -177,11 +178,12 @@ inline float emu_desc_elem(uint64_t desc, bool k_major, int mn, int k) {
   return emu_bits_to_float<T>(bits);
 }
 
-// D[64 x N] (+)= A[64 x 16] B[16 x N]; A from shared memory (desc a_desc, K-major) or from the
-// threads' registers (a_regs), B from shared memory (K-major, or MN-major with b_mn_major).
+// D[64 x N] (+)= A[64 x 16] B[16 x N]; A from shared memory (desc a_desc, K-major, or M-major
+// with a_mn_major) or from the threads' registers (a_regs), B from shared memory (K-major, or
+// MN-major with b_mn_major).
 template <typename T, int N>
 inline void emu_wgmma(float (&d)[N / 2], const uint32_t* a_regs, uint64_t a_desc, uint64_t b_desc, bool b_mn_major,
-                      int accumulate) {
+                      int accumulate, bool a_mn_major = false) {
   const int tid = emu_tid(), w = (tid >> 5) & 3, lane = tid & 31;
   auto& slots = emu_cta->slots[tid >> 5];
   if (a_regs) std::memcpy(slots[lane].bytes, a_regs, 16);
@@ -189,7 +191,7 @@ inline void emu_wgmma(float (&d)[N / 2], const uint32_t* a_regs, uint64_t a_desc
   wg.wait("wgmma.mma_async");
   const int wbase = tid / 128 * 4;  // the warpgroup's first warp
   auto A = [&](int row, int k) {    // row in [0, 64)
-    if (!a_regs) return emu_desc_elem<T>(a_desc, true, row, k);
+    if (!a_regs) return emu_desc_elem<T>(a_desc, !a_mn_major, row, k);
     const int ww = row / 16, r = row % 16;  // the m16 fragment of warp ww
     uint32_t regs[4];
     std::memcpy(regs, emu_cta->slots[wbase + ww][(r & 7) * 4 + ((k & 7) >> 1)].bytes, 16);
@@ -213,6 +215,14 @@ inline void emu_wgmma(float (&d)[N / 2], const uint32_t* a_regs, uint64_t a_desc
 template <typename T, int N>
 inline void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate) {
   emu_wgmma<T, N>(d, nullptr, da, db, false, accumulate);
+}
+template <typename T, int N>
+inline void wgmma_ss_nt(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate) {
+  emu_wgmma<T, N>(d, nullptr, da, db, true, accumulate, false);
+}
+template <typename T, int N>
+inline void wgmma_ss_tt(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate) {
+  emu_wgmma<T, N>(d, nullptr, da, db, true, accumulate, true);
 }
 template <typename T, int N>
 inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int accumulate) {

@@ -1098,7 +1098,7 @@ def sm90(monkeypatch):
     def spy(*a):
         ok = real(*a)
         if ok:
-            calls.append(a[3])  # (d)
+            calls.append(a[4])  # (head_dim)
         return ok
 
     monkeypatch.setattr(K, "_sm90_ok", spy)
@@ -1118,6 +1118,11 @@ def test_sm90_switch_is_inert_elsewhere(monkeypatch):
     q32, k32, v32 = _make(1, 20, 32, 2, 1, 32, F16)
     assert not K._sm90_ok(q32, k32, v32, False, 32, -1, -1, 0.0)  # head_dim 32
     _fwd_check(q, k, v, causal=True)
+    monkeypatch.setattr(K, "SM90_BWD", True)
+    assert K._sm90_bwd_ok(q, k, v, q, False, 64, -1, 0, 0.0, False) == on_sm90
+    assert not K._sm90_bwd_ok(q, k, v, q, False, 64, -1, 0, 0.0, True)  # deterministic: no dQ atomics
+    dout = _rand(1, 20, 2, 64, dtype=F16)
+    _check_all(_run(q, k, v, dout, causal=True), q, k, v, dout, causal=True)
 
 
 @pytest.mark.gpu
@@ -1147,6 +1152,33 @@ def test_gpu_sm90_forward(sm90, monkeypatch, D, overlap):
     n = len(sm90)
     _check_all(_run(q, k, v, dout, causal=True), q, k, v, dout, causal=True)
     assert len(sm90) > n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_sm90_backward(sm90, monkeypatch, D):
+    """The CUDA Hopper backward (FASTLM_ATTENTION_SM90_BWD) on a real sm_90, after the Hopper
+    forward: full and causal, GQA/MQA (a group summed in one CTA), lengths that end mid-tile, more
+    queries than keys, with dlse; deterministic=True keeps the Triton backward."""
+    monkeypatch.setattr(K, "SM90_BWD", True)
+    taken = []
+    real = K._sm90_bwd_ok
+    monkeypatch.setattr(K, "_sm90_bwd_ok", lambda *a: taken.append(real(*a)) or taken[-1])
+    for mode in ("full", "causal"):
+        kw = GPU_MODES[mode]
+        for (Sq, Sk), (Hq, Hk) in itertools.product([(1, 1), (127, 129), (1000, 1000), (1000, 300), (4096, 4096)],
+                                                    GPU_HEADS):
+            q, k, v = _make(2, Sq, Sk, Hq, Hk, D, torch.bfloat16)
+            dout = _rand(2, Sq, Hq, D, dtype=torch.bfloat16)
+            del taken[:]
+            try:
+                _check_all(_run(q, k, v, dout, **kw), q, k, v, dout, **kw)
+            except AssertionError as e:
+                raise AssertionError(f"{mode} Sq={Sq} Sk={Sk} heads={Hq}/{Hk}: {e}") from e
+            assert taken == [True], "the sm90 backward did not run"
+    q, k, v = _make(2, 700, 700, 4, 2, D, torch.bfloat16)
+    dout, dlse = _rand(2, 700, 4, D, dtype=torch.bfloat16), _rand(2, 4, 700, dtype=torch.float32)
+    _check_all(_run(q, k, v, dout, dlse=dlse, causal=True), q, k, v, dout, dlse=dlse, causal=True)
 
 
 @pytest.mark.gpu

@@ -33,7 +33,7 @@ namespace {
 #include "kernel_body.inc"
 
 // make_map's tensor map of a (batch, seqlen, heads, D) tensor (strides in elements).
-CUtensorMap emu_map(const void* base, const int64_t* shape, const int64_t* st) {
+CUtensorMap emu_map(const void* base, const int64_t* shape, const int64_t* st, int box_rows = kBlockN) {
   CUtensorMap m;
   m.base = base;
   m.elem_bytes = 2;
@@ -44,8 +44,17 @@ CUtensorMap emu_map(const void* base, const int64_t* shape, const int64_t* st) {
     m.strides[d] = strides[d];
   }
   m.box[0] = 64;
-  m.box[1] = kBlockN;
+  m.box[1] = box_rows;
   return m;
+}
+
+template <typename T, int D, bool CAUSAL>
+void run_bwd(const CUtensorMap& tq, const CUtensorMap& tk, const CUtensorMap& tv, const CUtensorMap& tdo,
+             const BwdParams& p, int heads_kv, int batch) {
+  const EmuDim3 grid{static_cast<unsigned>((p.seqlen_k + kBwdN - 1) / kBwdN), static_cast<unsigned>(heads_kv),
+                     static_cast<unsigned>(batch)};
+  emu_launch(grid, EmuDim3{kThreads, 1, 1}, [&] { attn_bwd_sm90_kernel<T, D, CAUSAL>(tq, tk, tv, tdo, p); },
+             BwdShape<D>::kSmemBytes);
 }
 
 template <typename T, int D, bool CAUSAL, int MODE>
@@ -96,6 +105,44 @@ extern "C" void attn_fwd(const void* q, const void* k, const void* v, void* out,
   };
   if (bf16) go(__nv_bfloat16{}); else go(__half{});
 }
+
+// attention_bwd_sm90_cuda's launch: dq accumulated into dq_accum (fp32, zeroed), dk / dv written.
+extern "C" void attn_bwd(const void* dout, const void* q, const void* k, const void* v, const float* lse,
+                         const float* delta, float* dq_accum, void* dk, void* dv, const int64_t* qshape,
+                         const int64_t* kshape, const int64_t* dost, const int64_t* qst, const int64_t* kst,
+                         const int64_t* vst, const int64_t* dkst, const int64_t* dvst, double scale, int causal,
+                         int bf16) {
+  const CUtensorMap tq = emu_map(q, qshape, qst, kBwdM), tdo = emu_map(dout, qshape, dost, kBwdM);
+  const CUtensorMap tk = emu_map(k, kshape, kst, kBwdN), tv = emu_map(v, kshape, vst, kBwdN);
+  BwdParams p{};
+  p.lse = lse;
+  p.delta = delta;
+  p.dq = dq_accum;
+  p.dk = dk;
+  p.dv = dv;
+  p.dk_b = dkst[0];
+  p.dk_s = dkst[1];
+  p.dk_h = dkst[2];
+  p.dv_b = dvst[0];
+  p.dv_s = dvst[1];
+  p.dv_h = dvst[2];
+  p.seqlen_q = static_cast<int>(qshape[1]);
+  p.seqlen_k = static_cast<int>(kshape[1]);
+  p.heads_q = static_cast<int>(qshape[2]);
+  p.group = static_cast<int>(qshape[2] / kshape[2]);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  const int B = static_cast<int>(qshape[0]), D = static_cast<int>(qshape[3]), Hkv = static_cast<int>(kshape[2]);
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    if (D == 64) {
+      causal ? run_bwd<T, 64, true>(tq, tk, tv, tdo, p, Hkv, B) : run_bwd<T, 64, false>(tq, tk, tv, tdo, p, Hkv, B);
+    } else {
+      causal ? run_bwd<T, 128, true>(tq, tk, tv, tdo, p, Hkv, B) : run_bwd<T, 128, false>(tq, tk, tv, tdo, p, Hkv, B);
+    }
+  };
+  if (bf16) go(__nv_bfloat16{}); else go(__half{});
+}
 """
 
 
@@ -103,6 +150,7 @@ extern "C" void attn_fwd(const void* q, const void* k, const void* v, void* out,
 def lib(tmp_path_factory):
     lib = cuda_emu.build(tmp_path_factory.mktemp("sm90_emu"), "sm90/attention.cu", _ENTRY)
     lib.attn_fwd.restype = None
+    lib.attn_bwd.restype = None
     return lib
 
 
@@ -179,3 +227,50 @@ def test_strided_views(lib):
     B, S, H, D = 1, 150, 2, 64
     qkv = torch.randn(B, S, 3, H, D).half()
     _check(lib, B, S, S, H, H, D, True, qkv=(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]), scale=0.3)
+
+
+def run_emu_bwd(lib, dout, q, k, v, out, lse, causal, scale=None):
+    """(dq, dk, dv) of the sm90 backward: delta = rowsum(dout * out) and the fp32 dQ accumulator
+    as attention_bwd_sm90_cuda's caller makes them."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    dq = torch.zeros(q.shape, dtype=torch.float32)
+    dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+    lib.attn_bwd(cuda_emu.ptr(dout), cuda_emu.ptr(q), cuda_emu.ptr(k), cuda_emu.ptr(v), cuda_emu.ptr(lse),
+                 cuda_emu.ptr(delta), cuda_emu.ptr(dq), cuda_emu.ptr(dk), cuda_emu.ptr(dv), _arr(q.shape), _arr(k.shape),
+                 _arr(dout.stride()), _arr(q.stride()), _arr(k.stride()), _arr(v.stride()), _arr(dk.stride()),
+                 _arr(dv.stride()), ctypes.c_double(scale), int(causal), int(q.dtype == torch.bfloat16))
+    return dq.to(q.dtype), dk, dv
+
+
+def _check_bwd(lib, B, Sq, Sk, Hq, Hkv, D, causal, dtype=torch.float16):
+    g = torch.Generator().manual_seed(Sq * 7 + Sk + D + Hq)
+    q, k, v, dout = (torch.randn(B, S, H, D, generator=g).to(dtype)
+                     for S, H in ((Sq, Hq), (Sk, Hkv), (Sk, Hkv), (Sq, Hq)))
+    out, lse = run_emu(lib, q, k, v, causal)
+    got = run_emu_bwd(lib, dout, q, k, v, out, lse, causal)
+    x64 = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*x64, causal=causal)
+    exp = torch.autograd.grad(ref, x64, dout.double())
+    xlo = [t.float().requires_grad_() for t in (q, k, v)]  # (the input dtype's reference, fp32 products)
+    lo = torch.autograd.grad(reference.attention(*[t.to(dtype) for t in xlo], causal=causal), xlo, dout)
+    for name, a, e, l in zip(("dq", "dk", "dv"), got, exp, lo):
+        assert not a.isnan().any(), f"{name}: NaN (unwritten or a masked row leaking)"
+        tol = 2 * (l.double() - e).abs().max().item() + 2e-3 * e.abs().max().item()
+        err = (a.double() - e).abs().max().item()
+        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward(lib, D, causal):
+    # two key blocks (the second ragged), queries in 64-row tiles ending mid-tile
+    _check_bwd(lib, 1, 150, 200, 2, 2, D, causal)
+
+
+@pytest.mark.parametrize("Sq,Sk", [(40, 300), (300, 40), (1, 129)])
+def test_backward_lengths_gqa(lib, Sq, Sk):
+    # seqlen_q != seqlen_k (bottom-right causal, key blocks no query sees), a GQA group summed in
+    # the CTA, more steps than the 2-stage ring and the 2 dS buffers
+    _check_bwd(lib, 2, Sq, Sk, 4, 2, 64, True)
+    _check_bwd(lib, 1, Sq, Sk, 2, 1, 64, False, dtype=torch.bfloat16)

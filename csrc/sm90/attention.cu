@@ -1,8 +1,9 @@
-// Attention forward for Hopper (sm_90a), warp-specialized in the FlashAttention-3 manner:
+// Attention forward and backward for Hopper (sm_90a), warp-specialized in the FlashAttention-3
+// manner (the backward: see attn_bwd_sm90_kernel).  The forward:
 // a producer warp issues TMA loads of Q and of K/V tiles into a ring of shared-memory stages,
 // and two consumer warpgroups (64 query rows each of a 128-row tile) run S = Q K^T and O += P V
 // on wgmma (fp32 accumulators in registers) with the online softmax between them.  Registers go
-// where the work is (setmaxnreg: 232 per consumer thread, 40 for the producer warpgroup).
+// where the work is (setmaxnreg: 240 per consumer thread, 24 for the producer warpgroup, as FA3).
 //
 // Dense fp16/bf16, q (batch, seqlen_q, heads_q, D), k/v (batch, seqlen_k, heads_kv, D) with unit
 // stride in D and 16-byte aligned strides (TMA), heads_q a multiple of heads_kv (GQA), D 64 or
@@ -154,10 +155,10 @@ __device__ __forceinline__ void softmax_tile(float (&sacc)[kBlockN / 2], float (
 
 // P as wgmma A registers: k-step kk covers keys 16 kk .. + 15 = accumulator tiles 2 kk and
 // 2 kk + 1 (the m64 accumulator and the A fragment share rows and columns, as for mma.sync).
-template <typename T>
-__device__ __forceinline__ void pack_p(const float (&sacc)[kBlockN / 2], uint32_t (&pa)[kBlockN / 16][4]) {
+template <typename T, int N>
+__device__ __forceinline__ void pack_p_n(const float (&sacc)[N / 2], uint32_t (&pa)[N / 16][4]) {
 #pragma unroll
-  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+  for (int kk = 0; kk < N / 16; ++kk) {
     pa[kk][0] = pack2<T>(sacc[8 * kk + 0], sacc[8 * kk + 1]);
     pa[kk][1] = pack2<T>(sacc[8 * kk + 2], sacc[8 * kk + 3]);
     pa[kk][2] = pack2<T>(sacc[8 * kk + 4], sacc[8 * kk + 5]);
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (wg == 0) {  // ---- producer
-    setmaxnreg_dec<40>();
+    setmaxnreg_dec<24>();
     if (tid == 0) {
       tma_prefetch_map(&tq);
       tma_prefetch_map(&tk);
@@ -231,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // ---- consumers: warpgroup cw owns rows m0 + 64 cw .. + 63; warp w of it rows 16 w .. + 15,
   // thread (g, t) rows g and g + 8 of those, columns 8 j + 2 t (+ 1) of each accumulator tile.
-  setmaxnreg_inc<232>();
+  setmaxnreg_inc<240>();
   const int cw = wg - 1, w = (tid / 32) % 4, lane = tid % 32, t = lane % 4;
   Rows rows;
   rows.r[0] = m0 + 64 * cw + 16 * w + lane / 4;
@@ -262,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       softmax_tile<CAUSAL>(sacc, m_i, l_i, alpha, j * kBlockN, rows, p);
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-      pack_p<T>(sacc, pa);
+      pack_p_n<T, kBlockN>(sacc, pa);
       mbar_wait(&v_full[j % S::kStages], phase(j));
       issue_pv<T, D>(o, pa, v_addr(j));
       wgmma_wait<0>();
@@ -278,7 +279,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_regs(sacc);
     mbar_arrive(&k_empty[0]);
     softmax_tile<CAUSAL>(sacc, m_i, l_i, alpha, 0, rows, p);  // (o is 0: no rescale)
-    pack_p<T>(sacc, pa);
+    pack_p_n<T, kBlockN>(sacc, pa);
     // Ping-pong: the two warpgroups take turns issuing their GEMMs (named barrier 1 + cw is
     // warpgroup cw's turn), so one's softmax runs while the other's GEMMs hold the tensor cores.
     // Warpgroup 1 hands warpgroup 0 the first turn; every turn taken is handed back, but the
@@ -301,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_arrive(&v_empty[(j - 1) % S::kStages]);
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-      pack_p<T>(sacc, pa);
+      pack_p_n<T, kBlockN>(sacc, pa);
     }
     const int last = n_tiles - 1;
     mbar_wait(&v_full[last % S::kStages], phase(last));
@@ -335,6 +336,249 @@ __global__ void __launch_bounds__(kThreads, 1)
           l_i[r] > 0.f ? (m_i[r] + log2f(l_i[r])) * 0.6931471805599453f : -INFINITY;
   }
 }
+
+// ---- backward: dK, dV per 128-key block (and dQ through fp32 atomics), FlashAttention-3's
+// layout of the work.  A CTA owns keys n0 .. n0 + 127 of one KV head (its two consumer
+// warpgroups 64 keys each) and streams the (query head of the group, 64-query tile) steps that
+// can see them: the producer loads K and V once, then Q and dO of each step into a 2-stage ring.
+// Per step, in the transposed form (rows = keys, columns = queries, like the m64 accumulator):
+//   S^T = K Q^T and dP^T = V dO^T (wgmma, both operands K-major in shared memory),
+//   P^T = exp2(S^T * scale * log2 e - lse * log2 e) (masked) to shared memory, dV += P^T dO,
+//   dS^T = P^T (dP^T - delta) to shared memory, dK += dS^T Q (P^T and dS^T K-major, dO and Q
+//   MN-major: FlashAttention-3's way of leaving the registers to the dK/dV accumulators), and
+//   dQ (64 queries x 64 head-dim columns per warpgroup) = dS K with both operands MN-major,
+//   added to an fp32 dQ accumulator with atomics.
+// lse (natural log) and delta = rowsum(dO * O) come from the caller, (batch, heads_q, seqlen_q).
+constexpr int kBwdM = 64, kBwdN = 128;  // queries per step, keys per CTA
+constexpr int kQBoxBytes = kBwdM * kSwizzleBytes;  // a 64-row box
+
+template <int D>
+struct BwdShape {
+  static constexpr int kBoxes = D / 64;
+  static constexpr int kKVBytes = kBoxes * kBoxBytes;    // K or V: 128 rows
+  static constexpr int kQBytes = kBoxes * kQBoxBytes;    // Q or dO: 64 rows
+  static constexpr int kDsBytes = kBwdN * kSwizzleBytes;  // dS^T: 128 keys x 64 queries
+  static constexpr int kStages = 2;
+  static constexpr int kQOffset = 2 * kKVBytes, kDoOffset = kQOffset + kStages * kQBytes;
+  static constexpr int kDsOffset = kDoOffset + kStages * kQBytes, kPOffset = kDsOffset + 2 * kDsBytes;
+  static constexpr int kBarOffset = kPOffset + kDsBytes;
+  static constexpr int kSmemBytes = kBarOffset + (1 + 2 * kStages) * 8 + 1024;
+};
+
+struct BwdParams {
+  const float* lse;    // (batch, heads_q, seqlen_q)
+  const float* delta;  // (batch, heads_q, seqlen_q)
+  float* dq;           // (batch, seqlen_q, heads_q, D) fp32, accumulated into
+  void* dk;            // (batch, seqlen_k, heads_kv, D)
+  void* dv;
+  int64_t dk_b, dk_s, dk_h, dv_b, dv_s, dv_h;
+  int seqlen_q, seqlen_k, heads_q, group;
+  float scale, scale_log2;
+};
+
+// A thread's m64 x 64 accumulator tile (rows kr0, kr0 + 8 of the block; columns 8 j + 2 t, + 1)
+// as 16-bit values into `buf`: row r's 64 columns are one 128-byte line, 8 lines per 1024 bytes,
+// in the 128-byte swizzle (what TMA writes and wgmma reads).
+template <typename T>
+__device__ __forceinline__ void store_rows(unsigned char* buf, int kr0, int t, const float (&acc)[kBwdM / 2]) {
+  const uint32_t base = smem_u32(buf);
+#pragma unroll
+  for (int i = 0; i < kBwdM / 2; i += 2) {
+    const int row = kr0 + 8 * ((i >> 1) & 1), col = 8 * (i / 4) + 2 * t;
+    const uint32_t at = base + (row % 8) * kSwizzleBytes + (row / 8) * 1024 + 2 * col;
+    const uint32_t v = pack2<T>(acc[i], acc[i + 1]);
+    memcpy(buf + ((at ^ (((at >> 7) & 7u) << 4)) - base), &v, 4);
+  }
+}
+
+template <typename T, int D, bool CAUSAL>
+__global__ void __launch_bounds__(kThreads, 1)
+    attn_bwd_sm90_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                         const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap tdo,
+                         const BwdParams p) {
+  using S = BwdShape<D>;
+  FASTLM_EXTERN_SMEM(unsigned char, smem_raw);
+  unsigned char* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
+  unsigned char* sk = smem;
+  unsigned char* sv = smem + S::kKVBytes;
+  unsigned char* sq = smem + S::kQOffset;    // stage s at + s * kQBytes
+  unsigned char* sdo = smem + S::kDoOffset;
+  unsigned char* sds = smem + S::kDsOffset;  // buffer u at + u * kDsBytes
+  unsigned char* sp = smem + S::kPOffset;
+  __shared__ float s_lse[2][kBwdM], s_delta[2][kBwdM];  // per consumer warpgroup
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + S::kBarOffset);
+  uint64_t* kv_full = bars;
+  uint64_t* q_full = bars + 1;
+  uint64_t* q_empty = bars + 1 + S::kStages;
+
+  const int tid = threadIdx.x, wg = tid / 128;
+  const int n0 = blockIdx.x * kBwdN, hkv = blockIdx.y, b = blockIdx.z;
+  const int shift = p.seqlen_k - p.seqlen_q;  // causal: query q sees keys <= q + shift
+  const int i_lo = CAUSAL ? max(0, n0 - shift) / kBwdM : 0;
+  const int n_i = max(0, (p.seqlen_q + kBwdM - 1) / kBwdM - i_lo);  // query tiles per head
+  const int n_steps = p.group * n_i;
+
+  if (tid == 0) {
+    mbar_init(kv_full, 1);
+    for (int s = 0; s < S::kStages; ++s) {
+      mbar_init(&q_full[s], 1);
+      mbar_init(&q_empty[s], 256);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---- producer
+    setmaxnreg_dec<24>();
+    if (tid == 0) {
+      mbar_arrive_expect_tx(kv_full, 2 * S::kKVBytes);
+      for (int x = 0; x < S::kBoxes; ++x) {
+        tma_load_4d(sk + x * kBoxBytes, &tk, kv_full, 64 * x, n0, hkv, b);
+        tma_load_4d(sv + x * kBoxBytes, &tv, kv_full, 64 * x, n0, hkv, b);
+      }
+      for (int st = 0; st < n_steps; ++st) {
+        const int s = st % S::kStages, h = hkv * p.group + st / n_i, m0 = (i_lo + st % n_i) * kBwdM;
+        mbar_wait(&q_empty[s], ((st / S::kStages) & 1) ^ 1);
+        mbar_arrive_expect_tx(&q_full[s], 2 * S::kQBytes);
+        for (int x = 0; x < S::kBoxes; ++x) {
+          tma_load_4d(sq + s * S::kQBytes + x * kQBoxBytes, &tq, &q_full[s], 64 * x, m0, h, b);
+          tma_load_4d(sdo + s * S::kQBytes + x * kQBoxBytes, &tdo, &q_full[s], 64 * x, m0, h, b);
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- consumers: warpgroup cw owns keys n0 + 64 cw .. + 63 (accumulator rows); thread (g, t)
+  // of warp w rows 16 w + g (+ 8), query columns 8 j + 2 t (+ 1).
+  setmaxnreg_inc<240>();
+  const int cw = wg - 1, w = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int kr0 = 64 * cw + 16 * w + g;  // the thread's first key row in the block (+ 8: second)
+  const uint32_t k_addr = smem_u32(sk) + cw * 64 * kSwizzleBytes, v_addr = smem_u32(sv) + cw * 64 * kSwizzleBytes;
+  float dk[D / 2], dv[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+
+  mbar_wait(kv_full, 0);
+  for (int st = 0; st < n_steps; ++st) {
+    const int s = st % S::kStages, h = hkv * p.group + st / n_i, m0 = (i_lo + st % n_i) * kBwdM;
+    const uint32_t q_addr = smem_u32(sq + s * S::kQBytes), do_addr = smem_u32(sdo + s * S::kQBytes);
+    const int64_t row_base = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q;
+    mbar_wait(&q_full[s], (st / S::kStages) & 1);
+
+    float sacc[kBwdM / 2], dpacc[kBwdM / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t off = (ks / 4) * kBoxBytes + (ks % 4) * 32, qoff = (ks / 4) * kQBoxBytes + (ks % 4) * 32;
+      wgmma_ss<T, kBwdM>(sacc, smem_desc(k_addr + off, 16, 1024), smem_desc(q_addr + qoff, 16, 1024), ks > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t off = (ks / 4) * kBoxBytes + (ks % 4) * 32, qoff = (ks / 4) * kQBoxBytes + (ks % 4) * 32;
+      wgmma_ss<T, kBwdM>(dpacc, smem_desc(v_addr + off, 16, 1024), smem_desc(do_addr + qoff, 16, 1024), ks > 0);
+    }
+    wgmma_commit();
+    // The step's lse (log2 domain, +inf for a row with no key: P = 0) and delta, staged in shared
+    // memory per warpgroup while the GEMMs run (loads kept out of the registers the
+    // accumulators need); the previous step's readers are past its barriers by now.
+    {
+      const int x = tid % 128, q = m0 + x % kBwdM;
+      const bool in = q < p.seqlen_q;
+      if (x < kBwdM) {
+        const float l = in ? __ldg(p.lse + row_base + q) : -INFINITY;
+        s_lse[cw][x] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
+      } else {
+        s_delta[cw][x - kBwdM] = in ? __ldg(p.delta + row_base + q) : 0.f;
+      }
+    }
+    named_bar_sync(2 + cw, 128);
+    wgmma_wait<1>();
+    fence_regs(sacc);
+
+    // P^T; queries past seqlen_q (lse +inf), keys past seqlen_k and (causal) keys after the
+    // query: 0.
+#pragma unroll
+    for (int i = 0; i < kBwdM / 2; ++i) {
+      const int ql = 8 * (i / 4) + 2 * t + (i & 1), key = n0 + kr0 + 8 * ((i >> 1) & 1);
+      bool vis = key < p.seqlen_k;
+      if (CAUSAL) vis = vis && key <= m0 + ql + shift;
+      sacc[i] = vis ? exp2f(sacc[i] * p.scale_log2 - s_lse[cw][ql]) : 0.f;
+    }
+    // P^T (this warpgroup's 64 key rows) to shared memory for dV += P^T dO: a 128-byte line of 64
+    // queries per key, K-major for that GEMM (registers stay for the accumulators).
+    store_rows<T>(sp, kr0, t, sacc);
+    fence_proxy_async();
+    named_bar_sync(2 + cw, 128);  // the warpgroup's P^T rows are in
+    const uint32_t p_addr = smem_u32(sp) + cw * 64 * kSwizzleBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBwdM / 16; ++kk)
+      wgmma_ss_nt<T, D>(dv, smem_desc(p_addr + kk * 32, 16, 1024),
+                        smem_desc(do_addr + kk * 16 * kSwizzleBytes, kQBoxBytes, 1024), 1);
+    wgmma_commit();
+    wgmma_wait<1>();  // dP^T is in (dV += P^T dO may still run)
+    fence_regs(dpacc);
+#pragma unroll
+    for (int i = 0; i < kBwdM / 2; ++i)  // dS^T (0 wherever P is)
+      dpacc[i] = sacc[i] * (dpacc[i] - s_delta[cw][8 * (i / 4) + 2 * t + (i & 1)]);
+    // dS^T likewise, in the buffer of this step's parity (the other one may still be read by the
+    // previous step's dQ): K-major for dK += dS^T Q, and M-major (M = queries) for dQ = dS K.
+    unsigned char* ds = sds + (st & 1) * S::kDsBytes;
+    store_rows<T>(ds, kr0, t, dpacc);
+    fence_proxy_async();
+    named_bar_sync(1, 256);  // both warpgroups' dS^T are in
+    const uint32_t ds_addr = smem_u32(ds);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBwdM / 16; ++kk)
+      wgmma_ss_nt<T, D>(dk, smem_desc(ds_addr + cw * 64 * kSwizzleBytes + kk * 32, 16, 1024),
+                        smem_desc(q_addr + kk * 16 * kSwizzleBytes, kQBoxBytes, 1024), 1);
+    wgmma_commit();
+    if (D == 128 || cw == 0) {  // dQ columns 64 cw .. + 63 (head_dim 64: warpgroup 0 alone)
+      float dq[32];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBwdN / 16; ++kk)
+        wgmma_ss_tt<T, 64>(dq, smem_desc(ds_addr + kk * 2048, kQBoxBytes, 1024),
+                           smem_desc(smem_u32(sk) + cw * kBoxBytes + kk * 2048, kBoxBytes, 1024), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(dq);
+      // rows q0 and q0 + 8 (8 query rows are 8 * heads_q * D floats apart), columns 64 cw + 8 j + 2 t (+ 1)
+      const int q0 = m0 + 16 * w + g;
+      float* dq0 = p.dq + ((static_cast<int64_t>(b) * p.seqlen_q + q0) * p.heads_q + h) * D + 64 * cw + 2 * t;
+      const int64_t row8 = int64_t{8} * p.heads_q * D;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int r = (i >> 1) & 1;
+        if (q0 + 8 * r < p.seqlen_q) atomicAdd(dq0 + r * row8 + 8 * (i / 4) + (i & 1), dq[i] * p.scale);
+      }
+    } else {
+      wgmma_wait<0>();
+    }
+    fence_regs(dk);
+    fence_regs(dv);
+    mbar_arrive(&q_empty[s]);  // Q and dO of this stage are done with (dV, dK, dQ waited for)
+  }
+
+  // dK (times the softmax scale) and dV of the thread's two key rows.
+  T* dkp = static_cast<T*>(p.dk) + b * p.dk_b + hkv * p.dk_h;
+  T* dvp = static_cast<T*>(p.dv) + b * p.dv_b + hkv * p.dv_h;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = n0 + kr0 + 8 * r;
+    if (key >= p.seqlen_k) continue;
+#pragma unroll
+    for (int jj = 0; jj < D / 8; ++jj) {
+      const uint32_t a = pack2<T>(dk[4 * jj + 2 * r] * p.scale, dk[4 * jj + 2 * r + 1] * p.scale);
+      const uint32_t c = pack2<T>(dv[4 * jj + 2 * r], dv[4 * jj + 2 * r + 1]);
+      memcpy(dkp + static_cast<int64_t>(key) * p.dk_s + 8 * jj + 2 * t, &a, 4);
+      memcpy(dvp + static_cast<int64_t>(key) * p.dv_s + 8 * jj + 2 * t, &c, 4);
+    }
+  }
+}
 // ---- kernel end
 
 }  // namespace
@@ -366,7 +610,7 @@ EncodeTiled encode_tiled() {
 
 // A (batch, seqlen, heads, D) tensor as a 4-D TMA map (D innermost), boxes of 64 x 128 rows,
 // 128-byte swizzle, rows past seqlen read as 0.
-CUtensorMap make_map(const at::Tensor& x, const char* name) {
+CUtensorMap make_map(const at::Tensor& x, const char* name, int box_rows = kBlockN) {
   const int64_t es = x.element_size();
   for (int d = 0; d < 3; ++d)
     TORCH_CHECK(x.stride(d) * es % 16 == 0, "attention_fwd_sm90_cuda: ", name,
@@ -378,7 +622,7 @@ CUtensorMap make_map(const at::Tensor& x, const char* name) {
                               static_cast<cuuint64_t>(x.size(2)), static_cast<cuuint64_t>(x.size(0))};
   const cuuint64_t strides[3] = {static_cast<cuuint64_t>(x.stride(1) * es), static_cast<cuuint64_t>(x.stride(2) * es),
                                  static_cast<cuuint64_t>(x.stride(0) * es)};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(kBlockN), 1, 1};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   const CUresult r = encode_tiled()(
       &map, x.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
@@ -387,6 +631,34 @@ CUtensorMap make_map(const at::Tensor& x, const char* name) {
   TORCH_CHECK(r == CUDA_SUCCESS, "attention_fwd_sm90_cuda: cuTensorMapEncodeTiled failed for ", name, " (error ",
               static_cast<int>(r), ")");
   return map;
+}
+
+// q (batch, seqlen_q, heads_q, D), k and v (batch, seqlen_k, heads_kv, D): CUDA, one fp16/bf16
+// dtype, unit stride in head_dim, D 64 or 128, heads_q a multiple of heads_kv.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
+    FASTLM_CHECK_CUDA(t, "attention sm90: tensors");
+    TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be (batch, seqlen, heads, head_dim), got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == q.scalar_type() && t.device() == q.device(), op, ": ", name,
+                " must have q's dtype and device");
+    TORCH_CHECK(t.stride(3) == 1, op, ": ", name, " needs unit stride in head_dim");
+  }
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op, ": fp16 or bf16 only, got ",
+              q.scalar_type());
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Sk = k.size(1), Hkv = k.size(2);
+  TORCH_CHECK(D == 64 || D == 128, op, ": head_dim 64 or 128, got ", D);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D, op, ": k and v must be (", B,
+              ", seqlen_k, heads_kv, ", D, "), got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": heads_q ", Hq, " must be a multiple of heads_kv ", Hkv);
+  TORCH_CHECK(Sq < (int64_t{1} << 31) && Sk < (int64_t{1} << 31) && Hq <= 65535 && B <= 65535, op,
+              ": shape too large");
+}
+
+void check_sm90(const at::Tensor& q, const char* op) {
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  TORCH_CHECK(major == 9 && minor == 0, op, ": needs an sm_90 GPU (H100/H200), got sm_", major, minor);
 }
 
 template <typename T, int D, bool CAUSAL, int MODE>
@@ -403,31 +675,11 @@ void launch(const CUtensorMap& tq, const CUtensorMap& tk, const CUtensorMap& tv,
 std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, double softmax_scale, bool causal,
                                                            int64_t overlap) {
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
-    FASTLM_CHECK_CUDA(t, "attention_fwd_sm90_cuda: tensors");
-    TORCH_CHECK(t.dim() == 4, "attention_fwd_sm90_cuda: ", name, " must be (batch, seqlen, heads, head_dim), got ",
-                t.sizes());
-    TORCH_CHECK(t.scalar_type() == q.scalar_type() && t.device() == q.device(), "attention_fwd_sm90_cuda: ", name,
-                " must have q's dtype and device");
-    TORCH_CHECK(t.stride(3) == 1, "attention_fwd_sm90_cuda: ", name, " needs unit stride in head_dim");
-  }
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "attention_fwd_sm90_cuda: fp16 or bf16 only, got ", q.scalar_type());
-  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Sk = k.size(1), Hkv = k.size(2);
-  TORCH_CHECK(D == 64 || D == 128, "attention_fwd_sm90_cuda: head_dim 64 or 128, got ", D);
+  check_qkv(q, k, v, "attention_fwd_sm90_cuda");
   TORCH_CHECK(overlap >= 0 && overlap <= 2, "attention_fwd_sm90_cuda: overlap must be 0, 1 or 2, got ", overlap);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D, "attention_fwd_sm90_cuda: k and v must be (",
-              B, ", seqlen_k, heads_kv, ", D, "), got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "attention_fwd_sm90_cuda: heads_q ", Hq, " must be a multiple of heads_kv ",
-              Hkv);
-  TORCH_CHECK(Sq < (int64_t{1} << 31) && Sk < (int64_t{1} << 31) && Hq <= 65535 && B <= 65535,
-              "attention_fwd_sm90_cuda: shape too large");
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Sk = k.size(1), Hkv = k.size(2);
   c10::cuda::CUDAGuard guard(q.device());
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
-  TORCH_CHECK(major == 9 && minor == 0, "attention_fwd_sm90_cuda: needs an sm_90 GPU (H100/H200), got sm_", major,
-              minor);
+  check_sm90(q, "attention_fwd_sm90_cuda");
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -474,9 +726,86 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(const at::Tensor& q, 
   return {out, lse};
 }
 
+template <typename T, int D, bool CAUSAL>
+void launch_bwd(const CUtensorMap& tq, const CUtensorMap& tk, const CUtensorMap& tv, const CUtensorMap& tdo,
+                const BwdParams& p, int heads_kv, int batch, cudaStream_t stream) {
+  auto kernel = attn_bwd_sm90_kernel<T, D, CAUSAL>;
+  constexpr int smem = BwdShape<D>::kSmemBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.seqlen_k + kBwdN - 1) / kBwdN, heads_kv, batch);
+  kernel<<<grid, kThreads, smem, stream>>>(tq, tk, tv, tdo, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dQ is accumulated (+=) into dq_accum (fp32, q's shape, zeroed by the caller); returns (dk, dv).
+std::tuple<at::Tensor, at::Tensor> attention_bwd_sm90_cuda(const at::Tensor& dout, const at::Tensor& q,
+                                                           const at::Tensor& k, const at::Tensor& v,
+                                                           const at::Tensor& lse, const at::Tensor& delta,
+                                                           const at::Tensor& dq_accum, double softmax_scale,
+                                                           bool causal) {
+  check_qkv(q, k, v, "attention_bwd_sm90_cuda");
+  TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() && dout.device() == q.device() &&
+                  dout.stride(3) == 1,
+              "attention_bwd_sm90_cuda: dout must be like q with unit stride in head_dim");
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Sk = k.size(1), Hkv = k.size(2);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lse, "lse"}, {delta, "delta"}}) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.device() == q.device() && t.is_contiguous() &&
+                    t.sizes() == at::IntArrayRef({B, Hq, Sq}),
+                "attention_bwd_sm90_cuda: ", name, " must be contiguous fp32 (batch, heads_q, seqlen_q)");
+  }
+  TORCH_CHECK(dq_accum.scalar_type() == at::kFloat && dq_accum.is_contiguous() && dq_accum.sizes() == q.sizes() &&
+                  dq_accum.device() == q.device(),
+              "attention_bwd_sm90_cuda: dq_accum must be contiguous fp32 like q");
+  c10::cuda::CUDAGuard guard(q.device());
+  check_sm90(q, "attention_bwd_sm90_cuda");
+  at::Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
+  if (dk.numel() == 0) return {dk, dv};
+  const CUtensorMap tq = make_map(q, "q", kBwdM), tdo = make_map(dout, "dout", kBwdM);
+  const CUtensorMap tk = make_map(k, "k", kBwdN), tv = make_map(v, "v", kBwdN);
+  BwdParams p{};
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq_accum.data_ptr<float>();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dk_b = dk.stride(0);
+  p.dk_s = dk.stride(1);
+  p.dk_h = dk.stride(2);
+  p.dv_b = dv.stride(0);
+  p.dv_s = dv.stride(1);
+  p.dv_h = dv.stride(2);
+  p.seqlen_q = static_cast<int>(Sq);
+  p.seqlen_k = static_cast<int>(Sk);
+  p.heads_q = static_cast<int>(Hq);
+  p.group = static_cast<int>(Hq / Hkv);
+  p.scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int hkv = static_cast<int>(Hkv), b = static_cast<int>(B);
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    if (D == 64) {
+      causal ? launch_bwd<T, 64, true>(tq, tk, tv, tdo, p, hkv, b, stream)
+             : launch_bwd<T, 64, false>(tq, tk, tv, tdo, p, hkv, b, stream);
+    } else {
+      causal ? launch_bwd<T, 128, true>(tq, tk, tv, tdo, p, hkv, b, stream)
+             : launch_bwd<T, 128, false>(tq, tk, tv, tdo, p, hkv, b, stream);
+    }
+  };
+  if (q.scalar_type() == at::kBFloat16) {
+    go(__nv_bfloat16{});
+  } else {
+    go(__half{});
+  }
+  return {dk, dv};
+}
+
 }  // namespace
 }  // namespace sm90
 }  // namespace fastlm
 
-TORCH_LIBRARY_IMPL(fastlm, CUDA, m) { m.impl("attention_fwd_sm90_cuda", &fastlm::sm90::attention_fwd_sm90_cuda); }
+TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
+  m.impl("attention_fwd_sm90_cuda", &fastlm::sm90::attention_fwd_sm90_cuda);
+  m.impl("attention_bwd_sm90_cuda", &fastlm::sm90::attention_bwd_sm90_cuda);
+}
 #endif  // !FASTLM_HOST_EMU

@@ -79,6 +79,8 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
+// Orders this thread's shared-memory stores before later reads by the async proxy (wgmma operands).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 // The accumulators must not be touched by other instructions while a wgmma is in flight: this
 // keeps the compiler from moving their uses across the wait.
 template <int R>
