@@ -94,4 +94,19 @@ __device__ __forceinline__ float block_reduce(float v, float identity, float* sm
 __device__ __forceinline__ float block_sum(float v, float* smem) { return block_reduce<warp_sum>(v, 0.f, smem); }
 __device__ __forceinline__ float block_max(float v, float* smem) { return block_reduce<warp_max>(v, -INFINITY, smem); }
 
+// Two floats rounded to T (fp16 / bf16) in one 32-bit register, lo in the low half (the
+// element order of mma / wgmma fragments).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
 }  // namespace fastlm

@@ -415,18 +415,6 @@ __device__ __forceinline__ bool new_visible(const DecodeParams& p, int b, int j,
   return pos >= lo && cache_slot(p.nk, b, pos, blk, slot);
 }
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
 
 // D (16x8, fp32) += A (16x16, row) * B (16x8, col).  (The emulator defines its own.)
 #ifndef FASTLM_HOST_EMU

@@ -200,15 +200,21 @@ def _q_range(n0, j_last, Lq, Lk, off, window_left, window_right,
 
 
 @triton.jit
-def _allowed(rows, cols, Lq, Lk, off, window_left, window_right,
-             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Mask of visible (query row, key col) pairs; rows/cols are broadcastable index tiles."""
-    ok = (rows < Lq) & (cols < Lk)
+def _band(ok, rows, cols, off, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """ok restricted to the window band (causal is window_right = 0): keys from row + off -
+    window_left to row + off + window_right."""
     if HAS_RIGHT:
         ok = ok & (cols <= rows + (off + window_right))
     if HAS_LEFT:
         ok = ok & (cols >= rows + (off - window_left))
     return ok
+
+
+@triton.jit
+def _allowed(rows, cols, Lq, Lk, off, window_left, window_right,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Mask of visible (query row, key col) pairs; rows/cols are broadcastable index tiles."""
+    return _band((rows < Lq) & (cols < Lk), rows, cols, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
 
 
 # ------------------------------------------------------------------------------ forward
@@ -402,12 +408,7 @@ def _attn_fwd_kernel(
 def _window_ok(rows, cols, off, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """_allowed without the bounds (the WS kernels' tiles never pass seqlen_k; rows past
     seqlen_q are never stored)."""
-    ok = cols >= 0
-    if HAS_RIGHT:
-        ok = ok & (cols <= rows + (off + window_right))
-    if HAS_LEFT:
-        ok = ok & (cols >= rows + (off - window_left))
-    return ok
+    return _band(cols >= 0, rows, cols, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
 
 
 @triton.jit
@@ -1508,15 +1509,8 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
         q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, softcap)
     hq, hk = q.shape[-2], k.shape[-2]
     group = hq // hk
-    # Packed tokens past cu_seqlens[-1] belong to no sequence: their gradients stay 0.
-    alloc = (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)) if varlen else _empty
-    dq = alloc(q.shape, q.dtype, q.device)
-    dk = alloc(k.shape, k.dtype, k.device)
-    dv = alloc(v.shape, v.dtype, v.device)
     if num_seqs == 0 or q.numel() == 0 or k.numel() == 0:
-        if not varlen:
-            dq.zero_(), dk.zero_(), dv.zero_()
-        return dq, dk, dv
+        return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     batch = 1 if varlen else num_seqs
 
     # delta = rowsum(dO * O) - dlse, fp32, in lse's layout.
@@ -1538,6 +1532,11 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
                                                           softmax_scale, window_right == 0)
         return dq_acc.to(q.dtype), dk, dv
 
+    # Packed tokens past cu_seqlens[-1] belong to no sequence: their gradients stay 0.
+    alloc = (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)) if varlen else _empty
+    dq = alloc(q.shape, q.dtype, q.device)
+    dk = alloc(k.shape, k.dtype, k.device)
+    dv = alloc(v.shape, v.dtype, v.device)
     ws = _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap, dout=dout)
     cu_q = cu_seqlens_q if varlen else _dummy_cu(q)
     cu_k = cu_seqlens_k if varlen else cu_q

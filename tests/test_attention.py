@@ -1034,6 +1034,20 @@ def test_gpu_tma_forward(tma, monkeypatch, D, autotune):
     assert tma, "the TMA path never ran"
 
 
+def _fwd_sweep(calls, what, modes, lens, D):
+    """_fwd_check over the mask modes x (Sq, Sk) lens x GPU_HEADS in bf16, each forward required
+    to take the kernel whose launches `calls` records."""
+    for mode, kw in modes.items():
+        for (Sq, Sk), (Hq, Hk) in itertools.product(lens, GPU_HEADS):
+            q, k, v = _make(2, Sq, Sk, Hq, Hk, D, torch.bfloat16)
+            n = len(calls)
+            try:
+                _fwd_check(q, k, v, **kw)
+            except AssertionError as e:
+                raise AssertionError(f"{mode} Sq={Sq} Sk={Sk} heads={Hq}/{Hk}: {e}") from e
+            assert len(calls) == n + 1, f"the {what} kernel did not run"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D, autotune", [(64, False), (128, False), (256, False), (128, True)])
 def test_gpu_ws_forward(ws, monkeypatch, D, autotune):
@@ -1044,16 +1058,7 @@ def test_gpu_ws_forward(ws, monkeypatch, D, autotune):
         pytest.skip(f"the WS forward is enabled on sm_90 with triton 3.6 only (triton {triton.__version__})")
     monkeypatch.setattr(K, "AUTOTUNE", autotune)
     modes = {"causal": GPU_MODES["causal"]} if autotune else GPU_MODES
-    for mode, kw in modes.items():
-        for (Sq, Sk), (Hq, Hk) in itertools.product([(1, 128), (127, 256), (1000, 1024), (1024, 1024), (2000, 384)],
-                                                    GPU_HEADS):
-            q, k, v = _make(2, Sq, Sk, Hq, Hk, D, torch.bfloat16)
-            n = len(ws)
-            try:
-                _fwd_check(q, k, v, **kw)
-            except AssertionError as e:
-                raise AssertionError(f"{mode} Sq={Sq} Sk={Sk} heads={Hq}/{Hk}: {e}") from e
-            assert len(ws) == n + 1, "the WS kernel did not run"
+    _fwd_sweep(ws, "WS", modes, [(1, 128), (127, 256), (1000, 1024), (1024, 1024), (2000, 384)], D)
     qkv = _rand(3, 768, 8 + 2 + 2, D, dtype=torch.bfloat16)
     n = len(ws)
     _fwd_check(*qkv.split([8, 2, 2], dim=2), causal=True)
@@ -1133,16 +1138,7 @@ def test_gpu_sm90_forward(sm90, monkeypatch, D, overlap):
     lengths that end mid-tile, more queries than keys (rows that see nothing), a single query,
     strided qkv views, fp16 and bf16; and the backward (Triton) from its out and lse."""
     monkeypatch.setattr(K, "SM90_OVERLAP", overlap)
-    for mode in ("full", "causal"):
-        kw = GPU_MODES[mode]
-        for (Sq, Sk), (Hq, Hk) in itertools.product(GPU_LENS + [(4096, 4096)], GPU_HEADS):
-            q, k, v = _make(2, Sq, Sk, Hq, Hk, D, torch.bfloat16)
-            n = len(sm90)
-            try:
-                _fwd_check(q, k, v, **kw)
-            except AssertionError as e:
-                raise AssertionError(f"{mode} Sq={Sq} Sk={Sk} heads={Hq}/{Hk}: {e}") from e
-            assert len(sm90) == n + 1, "the sm90 kernel did not run"
+    _fwd_sweep(sm90, "sm90", {m: GPU_MODES[m] for m in ("full", "causal")}, GPU_LENS + [(4096, 4096)], D)
     q, k, v = _make(2, 1000, 1000, 8, 2, D, torch.float16)
     _fwd_check(q, k, v, causal=True)
     qkv = _rand(3, 777, 8 + 2 + 2, D, dtype=torch.bfloat16)

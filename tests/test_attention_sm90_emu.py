@@ -74,36 +74,10 @@ extern "C" void attn_fwd(const void* q, const void* k, const void* v, void* out,
                          const int64_t* kshape, const int64_t* qst, const int64_t* kst, const int64_t* vst,
                          const int64_t* ost, double scale, int causal, int bf16, int overlap) {
   const CUtensorMap tq = emu_map(q, qshape, qst), tk = emu_map(k, kshape, kst), tv = emu_map(v, kshape, vst);
-  FwdParams p{};
-  p.out = out;
-  p.lse = lse;
-  p.o_b = ost[0];
-  p.o_s = ost[1];
-  p.o_h = ost[2];
-  p.seqlen_q = static_cast<int>(qshape[1]);
-  p.seqlen_k = static_cast<int>(kshape[1]);
-  p.heads_q = static_cast<int>(qshape[2]);
-  p.group = static_cast<int>(qshape[2] / kshape[2]);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  const int B = static_cast<int>(qshape[0]), D = static_cast<int>(qshape[3]);
-  auto go = [&](auto tag) {
-    using T = decltype(tag);
-    auto with = [&](auto d, auto c) {
-      constexpr int dd = decltype(d)::value;
-      constexpr bool cc = decltype(c)::value;
-      if (overlap == kSerial) run<T, dd, cc, kSerial>(tq, tk, tv, p, B);
-      else if (overlap == kOverlap) run<T, dd, cc, kOverlap>(tq, tk, tv, p, B);
-      else run<T, dd, cc, kPingPongOverlap>(tq, tk, tv, p, B);
-    };
-    using D64 = std::integral_constant<int, 64>;
-    using D128 = std::integral_constant<int, 128>;
-    if (D == 64) {
-      causal ? with(D64{}, std::true_type{}) : with(D64{}, std::false_type{});
-    } else {
-      causal ? with(D128{}, std::true_type{}) : with(D128{}, std::false_type{});
-    }
-  };
-  if (bf16) go(__nv_bfloat16{}); else go(__half{});
+  const FwdParams p = fwd_params(out, lse, ost, qshape[1], kshape[1], qshape[2], kshape[2], scale);
+  dispatch(bf16, qshape[3], causal, overlap, [&]<typename T, int D, bool C, int MODE>() {
+    run<T, D, C, MODE>(tq, tk, tv, p, static_cast<int>(qshape[0]));
+  });
 }
 
 // attention_bwd_sm90_cuda's launch: dq accumulated into dq_accum (fp32, zeroed), dk / dv written.
@@ -114,34 +88,11 @@ extern "C" void attn_bwd(const void* dout, const void* q, const void* k, const v
                          int bf16) {
   const CUtensorMap tq = emu_map(q, qshape, qst, kBwdM), tdo = emu_map(dout, qshape, dost, kBwdM);
   const CUtensorMap tk = emu_map(k, kshape, kst, kBwdN), tv = emu_map(v, kshape, vst, kBwdN);
-  BwdParams p{};
-  p.lse = lse;
-  p.delta = delta;
-  p.dq = dq_accum;
-  p.dk = dk;
-  p.dv = dv;
-  p.dk_b = dkst[0];
-  p.dk_s = dkst[1];
-  p.dk_h = dkst[2];
-  p.dv_b = dvst[0];
-  p.dv_s = dvst[1];
-  p.dv_h = dvst[2];
-  p.seqlen_q = static_cast<int>(qshape[1]);
-  p.seqlen_k = static_cast<int>(kshape[1]);
-  p.heads_q = static_cast<int>(qshape[2]);
-  p.group = static_cast<int>(qshape[2] / kshape[2]);
-  p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  const int B = static_cast<int>(qshape[0]), D = static_cast<int>(qshape[3]), Hkv = static_cast<int>(kshape[2]);
-  auto go = [&](auto tag) {
-    using T = decltype(tag);
-    if (D == 64) {
-      causal ? run_bwd<T, 64, true>(tq, tk, tv, tdo, p, Hkv, B) : run_bwd<T, 64, false>(tq, tk, tv, tdo, p, Hkv, B);
-    } else {
-      causal ? run_bwd<T, 128, true>(tq, tk, tv, tdo, p, Hkv, B) : run_bwd<T, 128, false>(tq, tk, tv, tdo, p, Hkv, B);
-    }
-  };
-  if (bf16) go(__nv_bfloat16{}); else go(__half{});
+  const BwdParams p =
+      bwd_params(lse, delta, dq_accum, dk, dkst, dv, dvst, qshape[1], kshape[1], qshape[2], kshape[2], scale);
+  dispatch(bf16, qshape[3], causal, kSerial, [&]<typename T, int D, bool C, int>() {
+    run_bwd<T, D, C>(tq, tk, tv, tdo, p, static_cast<int>(kshape[2]), static_cast<int>(qshape[0]));
+  });
 }
 """
 

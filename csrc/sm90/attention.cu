@@ -72,14 +72,6 @@ struct FwdParams {
   float scale_log2;                        // softmax_scale * log2(e)
 };
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  const T a = from_float<T>(lo), b = from_float<T>(hi);
-  uint16_t ua, ub;
-  memcpy(&ua, &a, 2);
-  memcpy(&ub, &b, 2);
-  return static_cast<uint32_t>(ua) | (static_cast<uint32_t>(ub) << 16);
-}
 
 // A consumer thread's two accumulator rows (r[0] = g, r[1] = g + 8 of its warp's 16) and its
 // column offset t (columns 8 j + 2 t, + 1); causal: row r sees keys <= r + shift, and diag is
@@ -579,6 +571,70 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 }
+
+// The kernels' parameters from shapes and strides (in elements), and the dispatch over the
+// runtime choices: shared by the host code below and the emulator's entry points.
+inline FwdParams fwd_params(void* out, float* lse, const int64_t* out_strides, int64_t seqlen_q, int64_t seqlen_k,
+                            int64_t heads_q, int64_t heads_kv, double softmax_scale) {
+  FwdParams p{};
+  p.out = out;
+  p.lse = lse;
+  p.o_b = out_strides[0];
+  p.o_s = out_strides[1];
+  p.o_h = out_strides[2];
+  p.seqlen_q = static_cast<int>(seqlen_q);
+  p.seqlen_k = static_cast<int>(seqlen_k);
+  p.heads_q = static_cast<int>(heads_q);
+  p.group = static_cast<int>(heads_q / heads_kv);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  return p;
+}
+
+inline BwdParams bwd_params(const float* lse, const float* delta, float* dq, void* dk, const int64_t* dk_strides,
+                            void* dv, const int64_t* dv_strides, int64_t seqlen_q, int64_t seqlen_k, int64_t heads_q,
+                            int64_t heads_kv, double softmax_scale) {
+  BwdParams p{};
+  p.lse = lse;
+  p.delta = delta;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.dk_b = dk_strides[0];
+  p.dk_s = dk_strides[1];
+  p.dk_h = dk_strides[2];
+  p.dv_b = dv_strides[0];
+  p.dv_s = dv_strides[1];
+  p.dv_h = dv_strides[2];
+  p.seqlen_q = static_cast<int>(seqlen_q);
+  p.seqlen_k = static_cast<int>(seqlen_k);
+  p.heads_q = static_cast<int>(heads_q);
+  p.group = static_cast<int>(heads_q / heads_kv);
+  p.scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  return p;
+}
+
+// f.template operator()<T, D, CAUSAL, MODE>() for bf16 (else fp16), head_dim D (64, else 128),
+// causal and the consumer loop `mode` (the backward passes kSerial and ignores MODE).
+template <typename F>
+void dispatch(bool bf16, int64_t head_dim, bool causal, int64_t mode, F&& f) {
+  auto by_type = [&]<typename T>() {
+    auto by_dim = [&]<int D>() {
+      auto by_mask = [&]<bool C>() {
+        if (mode == kSerial) {
+          f.template operator()<T, D, C, kSerial>();
+        } else if (mode == kOverlap) {
+          f.template operator()<T, D, C, kOverlap>();
+        } else {
+          f.template operator()<T, D, C, kPingPongOverlap>();
+        }
+      };
+      causal ? by_mask.template operator()<true>() : by_mask.template operator()<false>();
+    };
+    head_dim == 64 ? by_dim.template operator()<64>() : by_dim.template operator()<128>();
+  };
+  bf16 ? by_type.template operator()<__nv_bfloat16>() : by_type.template operator()<__half>();
+}
 // ---- kernel end
 
 }  // namespace
@@ -684,45 +740,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(const at::Tensor& q, 
   at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const CUtensorMap tq = make_map(q, "q"), tk = make_map(k, "k"), tv = make_map(v, "v");
-  FwdParams p{};
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.o_b = out.stride(0);
-  p.o_s = out.stride(1);
-  p.o_h = out.stride(2);
-  p.seqlen_q = static_cast<int>(Sq);
-  p.seqlen_k = static_cast<int>(Sk);
-  p.heads_q = static_cast<int>(Hq);
-  p.group = static_cast<int>(Hq / Hkv);
-  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  const FwdParams p =
+      fwd_params(out.data_ptr(), lse.data_ptr<float>(), out.strides().data(), Sq, Sk, Hq, Hkv, softmax_scale);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int b = static_cast<int>(B);
-  auto go = [&](auto tag) {
-    using T = decltype(tag);
-    auto with = [&](auto d, auto c) {
-      constexpr int dd = decltype(d)::value;
-      constexpr bool cc = decltype(c)::value;
-      if (overlap == kSerial) {
-        launch<T, dd, cc, kSerial>(tq, tk, tv, p, b, stream);
-      } else if (overlap == kOverlap) {
-        launch<T, dd, cc, kOverlap>(tq, tk, tv, p, b, stream);
-      } else {
-        launch<T, dd, cc, kPingPongOverlap>(tq, tk, tv, p, b, stream);
-      }
-    };
-    using D64 = std::integral_constant<int, 64>;
-    using D128 = std::integral_constant<int, 128>;
-    if (D == 64) {
-      causal ? with(D64{}, std::true_type{}) : with(D64{}, std::false_type{});
-    } else {
-      causal ? with(D128{}, std::true_type{}) : with(D128{}, std::false_type{});
-    }
-  };
-  if (q.scalar_type() == at::kBFloat16) {
-    go(__nv_bfloat16{});
-  } else {
-    go(__half{});
-  }
+  dispatch(q.scalar_type() == at::kBFloat16, D, causal, overlap, [&]<typename T, int DD, bool C, int MODE>() {
+    launch<T, DD, C, MODE>(tq, tk, tv, p, static_cast<int>(B), stream);
+  });
   return {out, lse};
 }
 
@@ -762,41 +785,13 @@ std::tuple<at::Tensor, at::Tensor> attention_bwd_sm90_cuda(const at::Tensor& dou
   if (dk.numel() == 0) return {dk, dv};
   const CUtensorMap tq = make_map(q, "q", kBwdM), tdo = make_map(dout, "dout", kBwdM);
   const CUtensorMap tk = make_map(k, "k", kBwdN), tv = make_map(v, "v", kBwdN);
-  BwdParams p{};
-  p.lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.dq = dq_accum.data_ptr<float>();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dk_b = dk.stride(0);
-  p.dk_s = dk.stride(1);
-  p.dk_h = dk.stride(2);
-  p.dv_b = dv.stride(0);
-  p.dv_s = dv.stride(1);
-  p.dv_h = dv.stride(2);
-  p.seqlen_q = static_cast<int>(Sq);
-  p.seqlen_k = static_cast<int>(Sk);
-  p.heads_q = static_cast<int>(Hq);
-  p.group = static_cast<int>(Hq / Hkv);
-  p.scale = static_cast<float>(softmax_scale);
-  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  const BwdParams p = bwd_params(lse.data_ptr<float>(), delta.data_ptr<float>(), dq_accum.data_ptr<float>(),
+                                 dk.data_ptr(), dk.strides().data(), dv.data_ptr(), dv.strides().data(), Sq, Sk, Hq,
+                                 Hkv, softmax_scale);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int hkv = static_cast<int>(Hkv), b = static_cast<int>(B);
-  auto go = [&](auto tag) {
-    using T = decltype(tag);
-    if (D == 64) {
-      causal ? launch_bwd<T, 64, true>(tq, tk, tv, tdo, p, hkv, b, stream)
-             : launch_bwd<T, 64, false>(tq, tk, tv, tdo, p, hkv, b, stream);
-    } else {
-      causal ? launch_bwd<T, 128, true>(tq, tk, tv, tdo, p, hkv, b, stream)
-             : launch_bwd<T, 128, false>(tq, tk, tv, tdo, p, hkv, b, stream);
-    }
-  };
-  if (q.scalar_type() == at::kBFloat16) {
-    go(__nv_bfloat16{});
-  } else {
-    go(__half{});
-  }
+  dispatch(q.scalar_type() == at::kBFloat16, D, causal, kSerial, [&]<typename T, int DD, bool C, int>() {
+    launch_bwd<T, DD, C>(tq, tk, tv, tdo, p, static_cast<int>(Hkv), static_cast<int>(B), stream);
+  });
   return {dk, dv};
 }
 
