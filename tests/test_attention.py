@@ -1151,6 +1151,34 @@ def test_gpu_sm90_forward(sm90, monkeypatch, D, overlap):
 
 
 @pytest.mark.gpu
+def test_gpu_sm90_ops_reject_bad_arguments(sm90):
+    """torch.ops.fastlm.attention_{fwd,bwd}_sm90_cuda called directly check what they are given
+    (TORCH_CHECK naming the argument), and the good call runs."""
+    fwd, bwd = torch.ops.fastlm.attention_fwd_sm90_cuda, torch.ops.fastlm.attention_bwd_sm90_cuda
+    q, k, v = _make(2, 100, 120, 4, 2, 64, torch.bfloat16)
+    out, lse = fwd(q, k, v, 0.125, True, 1)
+    cases = [((q.float(), k.float(), v.float()), "fp16 or bf16"),
+             ((q[..., :32], k[..., :32], v[..., :32]), "head_dim 64 or 128"),
+             ((q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1)), "multiple of heads_kv"),
+             ((q, k, v[:, :50]), "k and v must be"), ((q, k.half(), v), "k must have q's dtype")]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            fwd(*args, 0.125, True, 1)
+    with pytest.raises(RuntimeError, match="overlap must be 0, 1 or 2"):
+        fwd(q, k, v, 0.125, True, 3)
+    dout = torch.randn_like(q)
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    bwd(dout, q, k, v, lse, delta, acc, 0.125, True)
+    for kw, match in [(dict(lse=lse.transpose(1, 2)), "lse must be"), (dict(delta=delta.double()), "delta must be"),
+                      (dict(acc=acc.half()), "dq_accum must be"), (dict(dout=dout[:, :50]), "dout must be like q")]:
+        a = dict(dout=dout, lse=lse, delta=delta, acc=acc)
+        a.update(kw)
+        with pytest.raises(RuntimeError, match=match):
+            bwd(a["dout"], q, k, v, a["lse"], a["delta"], a["acc"], 0.125, True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_sm90_backward(sm90, monkeypatch, D):
     """The CUDA Hopper backward (FASTLM_ATTENTION_SM90_BWD) on a real sm_90, after the Hopper
