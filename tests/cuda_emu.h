@@ -67,7 +67,7 @@ class EmuBarrier;
 struct EmuFiber {
   ucontext_t ctx;
   EmuDim3 tid;
-  const EmuBarrier* blocked_on = nullptr;  // waiting at this barrier ...
+  EmuBarrier* blocked_on = nullptr;  // waiting at this barrier ...
   unsigned long gen = 0;                   // ... until its generation moves past this
   const char* what = "";
   bool done = false;
@@ -87,6 +87,7 @@ constexpr size_t kEmuStackBytes = 256 * 1024;
 class EmuBarrier {
  public:
   explicit EmuBarrier(int n) : n_(n) {}
+  virtual ~EmuBarrier() = default;
   void wait(const char* what) {
     if (++count_ == n_) {  // the last arrival releases the others
       count_ = 0;
@@ -106,7 +107,8 @@ class EmuBarrier {
       ++gen_;
     }
   }
-  bool released(unsigned long gen) const { return gen_ != gen; }
+  // Asked by the scheduler for a parked fiber (a subclass may complete asynchronous work then).
+  virtual bool released(unsigned long gen) { return gen_ != gen; }
   int arrived() const { return count_; }
   int size() const { return n_; }
 
@@ -144,6 +146,10 @@ struct EmuCta {
   std::vector<std::array<Slot, 32>> slots;  // per warp, per lane: one deposited value
   std::unique_ptr<EmuBarrier> warpgroups[8];  // (cuda_emu_sm90.h: the wgmma collectives)
   std::vector<std::pair<uint32_t, std::unique_ptr<EmuBarrier>>> mbarriers;  // (cuda_emu_sm90.h)
+  // An extension's per-CTA state (cuda_emu_sm90.h: the wgmma groups in flight) and its check
+  // when the CTA's threads have all finished.
+  std::shared_ptr<void> ext;
+  void (*at_end)() = nullptr;
 };
 inline EmuCta* emu_cta = nullptr;
 
@@ -371,6 +377,7 @@ inline void emu_launch(EmuDim3 grid, EmuDim3 block, F&& body, size_t smem_bytes 
       if (f.done) --left;
     }
     S.cur = -1;
+    if (cta.at_end) cta.at_end();
     for (int id = 0; id < 16; ++id)  // (a CTA leaves no named barrier half arrived at)
       if (cta.named[id] && cta.named[id]->arrived()) {
         std::fprintf(stderr, "cuda_emu: block (%u,%u,%u) ended with %d of %d threads arrived at named barrier %d\n",

@@ -5,19 +5,28 @@
 //   TMA           a tiled 4-D box load: elements outside the tensor read as 0, the box rows
 //                 (innermost dimension: 128 bytes) written with the 128-byte swizzle (16-byte
 //                 chunk i of a row at chunk i ^ (shared address bits 7-9)), then the box's
-//                 bytes completed on the mbarrier
+//                 bytes completed on the mbarrier -- at once or, pseudo-randomly per load, only
+//                 when a thread waits for the barrier (asynchronous, as on the GPU: a wait for
+//                 the wrong phase reads stale data; a load never waited for stops the process)
 //   wgmma         m64nNk16 of the 4 warps of a warpgroup, fp32 accumulation: each thread deposits
 //                 its A registers (RS), the warpgroup meets, and each thread computes its own
 //                 accumulators (row 16 * warp + lane / 4 (+ 8), column 8j + 2 (lane % 4) (+ 1)),
 //                 reading A / B from shared memory through the matrix descriptors' canonical
 //                 layouts (K-major: ((8, m), (T, 2k)) : ((8T, SBO), (1, T)); MN-major:
 //                 ((T, 8, m), (8, k)) : ((1, T, LBO), (8T, SBO)), T = 8 16-bit elements) and
-//                 the same 128-byte swizzle; asynchrony is not modelled (the wgmma completes
-//                 when issued), so a missing wait is not caught here
-//   setmaxnreg, fences   no-ops; named barriers: cuda_emu.h's
+//                 the same 128-byte swizzle.  Asynchronous: commit groups and wait_group as in
+//                 the PTX ISA; the accumulators read as NaN until the wait that completes the
+//                 wgmma, and writing them, or changing a shared-memory operand or an A register
+//                 before that wait, stops the process (see "wgmma: asynchronous" below)
+//   setmaxnreg, fences   no-ops (the proxy fences and wgmma.fence are not checked); named
+//                 barriers: cuda_emu.h's
 #pragma once
 
+#include <array>
+#include <deque>
+#include <functional>
 #include <utility>
+#include <vector>
 
 #include "cuda_emu.h"
 
@@ -44,12 +53,52 @@ inline uint32_t smem_u32(const void* p) {
 inline unsigned char* emu_smem_at(uint32_t addr) { return static_cast<unsigned char*>(emu_dyn_smem()) + addr; }
 inline uint32_t emu_swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
 
+// ---- per-CTA state: TMA loads and wgmma groups in flight ----
+struct EmuWgmmaOp {
+  float* d;                                   // the accumulator registers
+  int n;                                      // how many
+  bool accumulate;
+  std::function<std::vector<float>()> product;  // A B for this thread's accumulators, from the operands now
+  std::vector<float> at_issue;                // ... as it was when issued
+  const uint32_t* a_regs;                     // RS: the A registers, and their values when issued
+  uint32_t a_issue[4];
+};
+struct EmuWgmmaThread {
+  std::vector<EmuWgmmaOp> open;                  // issued, not yet committed
+  std::deque<std::vector<EmuWgmmaOp>> groups;    // committed, not yet waited for
+  struct Acc {
+    float* d;
+    int pending;                                  // wgmmas in flight writing it
+    std::vector<float> value;                     // what the tensor cores hold for it meanwhile
+  };
+  std::vector<Acc> accs;
+};
+struct EmuSm90Cta {
+  std::vector<EmuWgmmaThread> threads;
+  uint64_t tma_count = 0;
+};
+inline void emu_sm90_at_end();
+inline EmuSm90Cta& emu_sm90() {
+  if (!emu_cta->ext) {
+    auto st = std::make_shared<EmuSm90Cta>();
+    st->threads.resize(emu_cta->threads);
+    emu_cta->ext = st;
+    emu_cta->at_end = &emu_sm90_at_end;
+  }
+  return *static_cast<EmuSm90Cta*>(emu_cta->ext.get());
+}
+[[noreturn]] inline void emu_sm90_fail(const char* what) {
+  std::fprintf(stderr, "cuda_emu_sm90: %s (block (%u,%u,%u))\n", what, blockIdx.x, blockIdx.y, blockIdx.z);
+  std::fflush(stderr);
+  std::_Exit(89);
+}
+
 // ---- mbarrier ----
 class EmuMbar : public EmuBarrier {
  public:
   explicit EmuMbar(int count) : EmuBarrier(count), pending_(count) {}
   void arrive() {
-    if (--pending_ < 0) fail("more arrivals than the barrier's count in one phase");
+    if (--pending_ < 0) emu_sm90_fail("mbarrier: more arrivals than the barrier's count in one phase");
     maybe_complete();
   }
   void expect_tx(int64_t bytes) { tx_ += bytes; }
@@ -57,26 +106,39 @@ class EmuMbar : public EmuBarrier {
     tx_ -= bytes;
     maybe_complete();
   }
+  // A TMA load that lands later: when a thread waits for this barrier's phase (at once, or when
+  // the scheduler next looks at a parked waiter).
+  void defer(std::function<int64_t()> load) { deferred_.push_back(std::move(load)); }
+  bool has_deferred() const { return !deferred_.empty(); }
   void wait(uint32_t parity) {
     // The phase of parity p has completed iff the current phase's parity differs from p.
-    while ((gen_ & 1u) == (parity & 1u)) park("mbarrier.try_wait.parity");
+    while ((gen_ & 1u) == (parity & 1u))
+      if (!land()) park("mbarrier.try_wait.parity");
+  }
+  bool released(unsigned long gen) override {
+    if (gen_ == gen) land();
+    return gen_ != gen;
   }
 
  private:
+  bool land() {  // the deferred loads write shared memory and complete their bytes
+    if (deferred_.empty()) return false;
+    auto loads = std::move(deferred_);
+    deferred_.clear();
+    for (auto& load : loads) complete_tx(load());
+    return true;
+  }
   void maybe_complete() {
     if (pending_ == 0 && tx_ == 0) {
       pending_ = n_;
       ++gen_;
     } else if (tx_ < 0 && pending_ == 0) {
-      fail("more transaction bytes completed than expected");
+      emu_sm90_fail("mbarrier: more transaction bytes completed than expected");
     }
-  }
-  static void fail(const char* what) {
-    std::fprintf(stderr, "cuda_emu_sm90: mbarrier: %s (block (%u,%u,%u))\n", what, blockIdx.x, blockIdx.y, blockIdx.z);
-    std::_Exit(89);
   }
   int pending_;
   int64_t tx_ = 0;
+  std::vector<std::function<int64_t()>> deferred_;
 };
 
 inline EmuMbar& emu_mbar(uint64_t* bar) {
@@ -93,6 +155,7 @@ inline void mbar_init(uint64_t* bar, int count) {
     std::fprintf(stderr, "cuda_emu_sm90: mbarrier at shared address %u is not 8-byte aligned\n", addr);
     std::_Exit(89);
   }
+  emu_sm90();
   emu_cta->mbarriers.emplace_back(addr, std::unique_ptr<EmuBarrier>(new EmuMbar(count)));
 }
 inline void mbar_fence_init() {}
@@ -106,45 +169,135 @@ inline void mbar_wait(uint64_t* bar, uint32_t parity) { emu_mbar(bar).wait(parit
 
 // ---- TMA ----
 inline void tma_prefetch_map(const CUtensorMap*) {}
-inline void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2, int c3) {
-  const uint32_t base = smem_u32(dst);
-  const int row_bytes = map->box[0] * map->elem_bytes;
-  if (base % 1024 || row_bytes != 128) {
-    std::fprintf(stderr, "cuda_emu_sm90: TMA box at shared address %u: the 128-byte swizzle needs 1024-byte "
-                 "aligned boxes of 128-byte rows (got %d-byte rows)\n", base, row_bytes);
-    std::_Exit(89);
-  }
-  const int c[4] = {c0, c1, c2, c3};
+// Writes the box at `base` (shared address); returns its bytes.
+inline int64_t emu_tma_box(uint32_t base, const CUtensorMap& map, const int (&c)[4]) {
   int64_t row = 0;
-  for (int i3 = 0; i3 < map->box[3]; ++i3)
-    for (int i2 = 0; i2 < map->box[2]; ++i2)
-      for (int i1 = 0; i1 < map->box[1]; ++i1, ++row)
-        for (int i0 = 0; i0 < map->box[0]; ++i0) {
+  for (int i3 = 0; i3 < map.box[3]; ++i3)
+    for (int i2 = 0; i2 < map.box[2]; ++i2)
+      for (int i1 = 0; i1 < map.box[1]; ++i1, ++row)
+        for (int i0 = 0; i0 < map.box[0]; ++i0) {
           const int64_t g[4] = {int64_t{c[0]} + i0, int64_t{c[1]} + i1, int64_t{c[2]} + i2, int64_t{c[3]} + i3};
           bool in = true;
           int64_t off = 0;
           for (int d = 0; d < 4; ++d) {
-            in = in && g[d] >= 0 && g[d] < map->dims[d];
-            off += g[d] * map->strides[d];
+            in = in && g[d] >= 0 && g[d] < map.dims[d];
+            off += g[d] * map.strides[d];
           }
-          const uint32_t at = emu_swizzle128(base + static_cast<uint32_t>(row * 128 + i0 * map->elem_bytes));
+          const uint32_t at = emu_swizzle128(base + static_cast<uint32_t>(row * 128 + i0 * map.elem_bytes));
           if (in) {
-            std::memcpy(emu_smem_at(at), static_cast<const unsigned char*>(map->base) + off, map->elem_bytes);
+            std::memcpy(emu_smem_at(at), static_cast<const unsigned char*>(map.base) + off, map.elem_bytes);
           } else {
-            std::memset(emu_smem_at(at), 0, map->elem_bytes);
+            std::memset(emu_smem_at(at), 0, map.elem_bytes);
           }
         }
-  emu_mbar(bar).complete_tx(row * 128);
+  return row * 128;
+}
+// The load lands at once or later (when a thread waits for the barrier), pseudo-randomly per
+// load: a wait for the wrong phase reads stale data in one case, a buffer overwritten while still
+// being read shows in the other.
+inline void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2, int c3) {
+  const uint32_t base = smem_u32(dst);
+  if (base % 1024 || map->box[0] * map->elem_bytes != 128) {
+    std::fprintf(stderr, "cuda_emu_sm90: TMA box at shared address %u: the 128-byte swizzle needs 1024-byte "
+                 "aligned boxes of 128-byte rows (got %d-byte rows)\n", base, map->box[0] * map->elem_bytes);
+    std::_Exit(89);
+  }
+  EmuMbar& m = emu_mbar(bar);
+  const int c[4] = {c0, c1, c2, c3};
+  uint64_t h = (emu_sm90().tma_count++ + 1) * 0x9e3779b97f4a7c15ull ^
+               (emu_launch_count * 0xbf58476d1ce4e5b9ull + ((blockIdx.z * 65536ull + blockIdx.y) << 20) + blockIdx.x);
+  h ^= h >> 31;
+  h *= 0x94d049bb133111ebull;
+  if ((h >> 40) & 1) {
+    m.complete_tx(emu_tma_box(base, *map, c));
+  } else {
+    const CUtensorMap copy = *map;
+    m.defer([base, copy, c0, c1, c2, c3] {
+      const int cc[4] = {c0, c1, c2, c3};
+      return emu_tma_box(base, copy, cc);
+    });
+  }
 }
 
-// ---- wgmma ----
+// ---- wgmma: asynchronous, as in the PTX ISA ----
+// A wgmma.mma_async joins the thread's open group; wgmma.commit_group closes it; wait_group N
+// completes all but the N most recent groups, in order.  While one is in flight its accumulator
+// registers hold a NaN pattern (a read before the wait shows in the results), and its
+// completion stops the process if they were written meanwhile, or if a shared-memory operand or
+// (RS) an A register changed between the issue and the wait.  The product is computed at both
+// ends; the accumulator is updated at the wait.
+constexpr uint32_t kEmuInFlight = 0x7f80fa57u;  // a signaling NaN: arithmetic on it gives another pattern
+
+inline EmuWgmmaThread& emu_wgmma_thread() { return emu_sm90().threads[emu_tid()]; }
+
+inline bool emu_poisoned(const float* d, int n) {
+  for (int i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, d + i, 4);
+    if (u != kEmuInFlight) return false;
+  }
+  return true;
+}
+
+inline void emu_wgmma_issue(EmuWgmmaOp op) {
+  EmuWgmmaThread& th = emu_wgmma_thread();
+  EmuWgmmaThread::Acc* acc = nullptr;
+  for (auto& a : th.accs)
+    if (a.d == op.d) acc = &a;
+  if (!acc) {
+    th.accs.push_back({op.d, 0, std::vector<float>(op.d, op.d + op.n)});
+    acc = &th.accs.back();
+    for (int i = 0; i < op.n; ++i) std::memcpy(op.d + i, &kEmuInFlight, 4);
+  } else if (!emu_poisoned(op.d, op.n)) {
+    emu_sm90_fail("wgmma: accumulator registers written while an earlier wgmma into them is in flight");
+  }
+  ++acc->pending;
+  th.open.push_back(std::move(op));
+}
+
+inline void emu_wgmma_complete(EmuWgmmaThread& th, EmuWgmmaOp& op) {
+  const std::vector<float> now = op.product();
+  if (std::memcmp(now.data(), op.at_issue.data(), now.size() * sizeof(float)))
+    emu_sm90_fail("wgmma: a shared-memory operand changed while the wgmma was in flight (before its wait_group)");
+  if (op.a_regs && std::memcmp(op.a_regs, op.a_issue, sizeof(op.a_issue)))
+    emu_sm90_fail("wgmma: an A register changed while the wgmma was in flight (before its wait_group)");
+  if (!emu_poisoned(op.d, op.n))
+    emu_sm90_fail("wgmma: accumulator registers written while the wgmma was in flight (before its wait_group)");
+  size_t k = 0;
+  while (th.accs[k].d != op.d) ++k;
+  auto& acc = th.accs[k];
+  for (int i = 0; i < op.n; ++i) acc.value[i] = (op.accumulate ? acc.value[i] : 0.f) + now[i];
+  if (--acc.pending == 0) {
+    std::memcpy(op.d, acc.value.data(), op.n * sizeof(float));
+    th.accs.erase(th.accs.begin() + k);
+  }
+}
+
 inline void wgmma_fence() {}
-inline void wgmma_commit() {}
+inline void wgmma_commit() {
+  EmuWgmmaThread& th = emu_wgmma_thread();
+  th.groups.push_back(std::move(th.open));
+  th.open.clear();
+}
 template <int N>
-inline void wgmma_wait() {}
+inline void wgmma_wait() {
+  EmuWgmmaThread& th = emu_wgmma_thread();
+  while (th.groups.size() > N) {
+    for (auto& op : th.groups.front()) emu_wgmma_complete(th, op);
+    th.groups.pop_front();
+  }
+}
 template <int R>
 inline void fence_regs(float (&)[R]) {}
 inline void fence_proxy_async() {}
+
+inline void emu_sm90_at_end() {
+  auto* st = static_cast<EmuSm90Cta*>(emu_cta->ext.get());
+  for (const auto& th : st->threads)
+    if (!th.open.empty() || !th.groups.empty()) emu_sm90_fail("a thread exited with wgmmas not waited for");
+  for (auto& [addr, b] : emu_cta->mbarriers)
+    if (static_cast<EmuMbar&>(*b).has_deferred()) emu_sm90_fail("a TMA load was never waited for");
+}
 
 inline EmuBarrier& emu_warpgroup() {
   const int wg = emu_tid() / 128;
@@ -180,7 +333,7 @@ inline float emu_desc_elem(uint64_t desc, bool k_major, int mn, int k) {
 
 // D[64 x N] (+)= A[64 x 16] B[16 x N]; A from shared memory (desc a_desc, K-major, or M-major
 // with a_mn_major) or from the threads' registers (a_regs), B from shared memory (K-major, or
-// MN-major with b_mn_major).
+// MN-major with b_mn_major).  The warpgroup meets to hand round the A registers (RS).
 template <typename T, int N>
 inline void emu_wgmma(float (&d)[N / 2], const uint32_t* a_regs, uint64_t a_desc, uint64_t b_desc, bool b_mn_major,
                       int accumulate, bool a_mn_major = false) {
@@ -190,26 +343,40 @@ inline void emu_wgmma(float (&d)[N / 2], const uint32_t* a_regs, uint64_t a_desc
   EmuBarrier& wg = emu_warpgroup();
   wg.wait("wgmma.mma_async");
   const int wbase = tid / 128 * 4;  // the warpgroup's first warp
-  auto A = [&](int row, int k) {    // row in [0, 64)
-    if (!a_regs) return emu_desc_elem<T>(a_desc, !a_mn_major, row, k);
-    const int ww = row / 16, r = row % 16;  // the m16 fragment of warp ww
-    uint32_t regs[4];
-    std::memcpy(regs, emu_cta->slots[wbase + ww][(r & 7) * 4 + ((k & 7) >> 1)].bytes, 16);
-    const uint32_t reg = regs[(r >> 3) + 2 * (k >> 3)];
-    return emu_bits_to_float<T>(static_cast<uint16_t>(reg >> (16 * (k & 1))));
-  };
   const int g = lane >> 2, t = lane & 3;
-  float out[N / 2];
-  for (int i = 0; i < N / 2; ++i) {
-    const int j = i / 4, e = i % 4;
-    const int row = 16 * w + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
-    float acc = accumulate ? d[i] : 0.f;
-    for (int k = 0; k < 16; ++k)
-      acc += A(row, k) * emu_desc_elem<T>(b_desc, !b_mn_major, col, k);
-    out[i] = acc;
-  }
+  // A for this thread's two rows (16 w + g, + 8) from the other threads' registers (RS)
+  std::array<float, 32> a_rows{};
+  if (a_regs)
+    for (int half = 0; half < 2; ++half)
+      for (int k = 0; k < 16; ++k) {
+        const int row = 16 * w + g + 8 * half, ww = row / 16, r = row % 16;
+        uint32_t regs[4];
+        std::memcpy(regs, emu_cta->slots[wbase + ww][(r & 7) * 4 + ((k & 7) >> 1)].bytes, 16);
+        const uint32_t reg = regs[(r >> 3) + 2 * (k >> 3)];
+        a_rows[16 * half + k] = emu_bits_to_float<T>(static_cast<uint16_t>(reg >> (16 * (k & 1))));
+      }
   wg.wait("wgmma.mma_async");
-  for (int i = 0; i < N / 2; ++i) d[i] = out[i];
+  EmuWgmmaOp op;
+  op.d = d;
+  op.n = N / 2;
+  op.accumulate = accumulate != 0;
+  op.product = [=] {
+    std::vector<float> out(N / 2);
+    for (int i = 0; i < N / 2; ++i) {
+      const int j = i / 4, e = i % 4, half = e >> 1;
+      const int row = 16 * w + g + 8 * half, col = 8 * j + 2 * t + (e & 1);
+      float acc = 0.f;
+      for (int k = 0; k < 16; ++k)
+        acc += (a_regs ? a_rows[16 * half + k] : emu_desc_elem<T>(a_desc, !a_mn_major, row, k)) *
+               emu_desc_elem<T>(b_desc, !b_mn_major, col, k);
+      out[i] = acc;
+    }
+    return out;
+  };
+  op.at_issue = op.product();
+  op.a_regs = a_regs;
+  if (a_regs) std::memcpy(op.a_issue, a_regs, sizeof(op.a_issue));
+  emu_wgmma_issue(std::move(op));
 }
 
 template <typename T, int N>

@@ -6,8 +6,11 @@ loads with the 128-byte swizzle and zero fill past the tensor, the mbarrier phas
 transaction counts (a consumer that waits for data the producer never sends deadlocks and
 stops the test), and wgmma reading its shared-memory operands through the matrix descriptors'
 canonical layouts.  The entry point below builds the tensor maps as the host code does
-(make_map) and launches the same grid.  What this cannot check: the asynchrony of wgmma and
-TMA (they complete when issued here), register pressure and speed; the GPU tests do
+(make_map) and launches the same grid.  The emulator makes TMA and wgmma asynchronous as on the
+GPU (a load lands at once or only when waited for; a wgmma's accumulators are unusable until its
+wait_group, and its operands must not change before then: tests/test_cuda_emu_sm90.py shows each
+rule caught), so a missing or misplaced wait fails here.  What this cannot check: the proxy
+fences, register pressure and speed; the GPU tests do
 (tests/test_attention.py::test_gpu_sm90_forward).
 """
 import ctypes
