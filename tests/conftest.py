@@ -26,6 +26,48 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 INTERPRETER_BF16_DOT = not HAS_CUDA and _interpret.fix_bf16_dot()
 
 
+def _shuffle_interpreter_programs():
+    """The Triton interpreter runs a launch's programs one after another in grid order; a GPU
+    runs them in no set order, concurrently.  A kernel whose programs coordinate (the decode's
+    fused combine: the program that draws the last ticket merges the splits; atomics that
+    accumulate) must not depend on that order, so under the interpreter each launch here runs
+    its programs in a pseudo-random order, a different one per launch (the same sequence every
+    run), as tests/cuda_emu.h does for the CUDA kernels' CTAs.  FASTLM_INTERPRET_GRID_ORDER=0
+    keeps the grid order."""
+    if os.environ.get("FASTLM_INTERPRET_GRID_ORDER", "shuffle") == "0":
+        return False
+    try:
+        import random
+
+        from triton.runtime import interpreter as ti
+
+        builder = ti.InterpreterBuilder
+        real_dim, real_idx = builder.set_grid_dim, builder.set_grid_idx
+    except (ImportError, AttributeError):
+        return False
+    state = {"launches": 0, "dims": None, "perm": None}
+
+    def set_grid_dim(self, nx, ny, nz):
+        state["launches"] += 1
+        perm = list(range(nx * ny * nz))
+        random.Random(state["launches"]).shuffle(perm)
+        state["dims"], state["perm"] = (nx, ny, nz), perm
+        return real_dim(self, nx, ny, nz)
+
+    def set_grid_idx(self, x, y, z):
+        if state["dims"] is not None:  # program (x, y, z) of the loop runs as perm[its index]
+            nx, ny, nz = state["dims"]
+            j = state["perm"][(x * ny + y) * nz + z]
+            x, y, z = j // (ny * nz), j // nz % ny, j % nz
+        return real_idx(self, x, y, z)
+
+    builder.set_grid_dim, builder.set_grid_idx = set_grid_dim, set_grid_idx
+    return True
+
+
+INTERPRETER_SHUFFLES_PROGRAMS = not HAS_CUDA and _shuffle_interpreter_programs()
+
+
 def triton_bf16_mark():
     """The mark of a bf16 case of a Triton kernel that uses tl.dot: none on a GPU or with the
     interpreter's bf16 dot fixed (by fastlm, above), else gpu."""

@@ -13,7 +13,7 @@ from fastlm.nn import PagedKVCache, StaticKVCache
 from fastlm.ops import kv_cache as kv_ops
 from fastlm.reference import kv_cache as ref_kv
 from torch.utils._python_dispatch import TorchDispatchMode
-from conftest import DEVICE, HAS_CUDA, cuda_mark, kernel_backends, triton_bf16_mark
+from conftest import DEVICE, HAS_CUDA, INTERPRETER_SHUFFLES_PROGRAMS, cuda_mark, kernel_backends, triton_bf16_mark
 from tolerances import assert_close
 
 
@@ -1655,6 +1655,29 @@ def test_decode_batch1_long_context_gpu(backend):
     q = torch.randn(1, 1, Hq, D, dtype=torch.bfloat16, device=DEVICE)
     for n in (0, 1, 128):
         check_decode(q, kc, vc, lens, bt, backend, num_splits=n)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's program order (a GPU has none)")
+def test_interpreter_runs_programs_out_of_grid_order():
+    """Under the interpreter the tests run each launch's programs in a shuffled order
+    (conftest.py), so the fused combine's "the last ticket merges" and the one-launch step are
+    tested with a different program merging each time, as on a GPU: the order is checked here by
+    a kernel that records which ticket each program drew."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tickets(C, O):
+        tl.store(O + tl.program_id(0), tl.atomic_add(C, 1))
+
+    assert INTERPRETER_SHUFFLES_PROGRAMS
+    orders = []
+    for _ in range(3):
+        c, o = torch.zeros(1, dtype=torch.int32), torch.zeros(16, dtype=torch.int32)
+        _tickets[(16,)](c, o)
+        assert sorted(o.tolist()) == list(range(16))  # every program ran once
+        orders.append(o.tolist())
+    assert orders[0] != list(range(16)) and len({tuple(x) for x in orders}) == 3
 
 
 @pytest.mark.gpu
