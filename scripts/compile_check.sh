@@ -31,7 +31,7 @@ for f in "$@"; do
             2> "$TMP/ptxas.log" \
           || { cat "$TMP/ptxas.log"; exit 1; }
           # One line per kernel: registers, spills, shared memory, then its (demangled) name.
-          grep -E "Compiling entry|error|spill|Used" "$TMP/ptxas.log" | grep -v " 0 bytes spill" \
+          grep -E "Compiling entry|error|warning|Performance|spill|Used" "$TMP/ptxas.log" | grep -v " 0 bytes spill" \
             | sed -E "s/.*Compiling entry function '([^']*)' for '(sm_[0-9a]+)'.*/== \2 \1/" \
             | { command -v c++filt >/dev/null && c++filt || cat; } \
             | awk '/^== /{name=$0; next} {sub(/^ptxas info *: */, ""); print $0 "   " substr(name, 4, 160)}' \
