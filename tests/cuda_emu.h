@@ -226,6 +226,14 @@ inline float atomicAdd(float* p, float v) {
   *p = old + v;
   return old;
 }
+// sm_90's vector atomic (global memory, 8-byte aligned)
+inline float2 atomicAdd(float2* p, float2 v) {
+  emu_check_aligned(p, 8, "atomicAdd(float2)");
+  const float2 old = *p;
+  p->x = old.x + v.x;
+  p->y = old.y + v.y;
+  return old;
+}
 inline void __threadfence() {}
 inline float __uint_as_float(uint32_t u) {
   float f;

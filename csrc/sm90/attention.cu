@@ -538,14 +538,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(dq);
-      // rows q0 and q0 + 8 (8 query rows are 8 * heads_q * D floats apart), columns 64 cw + 8 j + 2 t (+ 1)
+      // rows q0 and q0 + 8 (8 query rows are 8 * heads_q * D floats apart), columns 64 cw + 8 j + 2 t
+      // and + 1: one 8-byte vector atomic per pair (sm_90's float2 atomicAdd: half the L2
+      // reductions of scalar ones)
       const int q0 = m0 + 16 * w + g;
       float* dq0 = p.dq + ((static_cast<int64_t>(b) * p.seqlen_q + q0) * p.heads_q + h) * D + 64 * cw + 2 * t;
       const int64_t row8 = int64_t{8} * p.heads_q * D;
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
+      for (int i = 0; i < 32; i += 2) {
         const int r = (i >> 1) & 1;
-        if (q0 + 8 * r < p.seqlen_q) atomicAdd(dq0 + r * row8 + 8 * (i / 4) + (i & 1), dq[i] * p.scale);
+        if (q0 + 8 * r < p.seqlen_q)
+          atomicAdd(reinterpret_cast<float2*>(dq0 + r * row8 + 8 * (i / 4)),
+                    make_float2(dq[i] * p.scale, dq[i + 1] * p.scale));
       }
     } else {
       wgmma_wait<0>();
