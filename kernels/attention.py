@@ -1197,7 +1197,7 @@ SM90 = os.environ.get("FASTLM_ATTENTION_SM90", "0") == "1"
 # tile's P V; 2, that and the two consumer warpgroups taking turns at the GEMMs (ping-pong);
 # 0, each wgmma waited for in turn.
 SM90_OVERLAP = int(os.environ.get("FASTLM_ATTENTION_SM90_OVERLAP", "1"))
-# The CUDA Hopper backward (the same file: dK/dV per 128-key block, dQ by fp32 atomics, so not
+# The CUDA Hopper backward (the same file: dK/dV per 128-key block, dQ by TMA reduce-adds, so not
 # with deterministic=True), FASTLM_ATTENTION_SM90_BWD=1; off by default until a GPU run checks it.
 SM90_BWD = os.environ.get("FASTLM_ATTENTION_SM90_BWD", "0") == "1"
 WS_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)

@@ -8,6 +8,9 @@
 //                 bytes completed on the mbarrier -- at once or, pseudo-randomly per load, only
 //                 when a thread waits for the barrier (asynchronous, as on the GPU: a wait for
 //                 the wrong phase reads stale data; a load never waited for stops the process)
+//   TMA reduce    the reverse: a box of shared memory added (+=) into the tensor, elements outside
+//                 it skipped; read when issued, added when a bulk wait_group.read completes its
+//                 group (shared memory changed before then stops the process)
 //   wgmma         m64nNk16 of the 4 warps of a warpgroup, fp32 accumulation: each thread deposits
 //                 its A registers (RS), the warpgroup meets, and each thread computes its own
 //                 accumulators (row 16 * warp + lane / 4 (+ 8), column 8j + 2 (lane % 4) (+ 1)),
@@ -73,8 +76,18 @@ struct EmuWgmmaThread {
   };
   std::vector<Acc> accs;
 };
+struct EmuBulkOp {  // a TMA reduce in flight: its box, as read from shared memory when issued
+  uint32_t src;
+  std::vector<unsigned char> at_issue;
+  std::function<void()> perform;  // the global additions
+};
+struct EmuBulkThread {
+  std::vector<EmuBulkOp> open;                // issued, not yet committed
+  std::deque<std::vector<EmuBulkOp>> groups;  // committed, not yet waited for
+};
 struct EmuSm90Cta {
   std::vector<EmuWgmmaThread> threads;
+  std::vector<EmuBulkThread> bulk;
   uint64_t tma_count = 0;
 };
 inline void emu_sm90_at_end();
@@ -82,6 +95,7 @@ inline EmuSm90Cta& emu_sm90() {
   if (!emu_cta->ext) {
     auto st = std::make_shared<EmuSm90Cta>();
     st->threads.resize(emu_cta->threads);
+    st->bulk.resize(emu_cta->threads);
     emu_cta->ext = st;
     emu_cta->at_end = &emu_sm90_at_end;
   }
@@ -219,6 +233,61 @@ inline void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0
   }
 }
 
+// TMA reduce-add (shared -> global, +=, fp32 maps only here) in bulk async-groups: the box is
+// read when issued and added at the wait_group.read that completes its group; shared memory
+// changed before that wait, or a thread ending with reduces not waited for, stops the process.
+inline void tma_reduce_add_4d(const CUtensorMap* map, const void* src, int c0, int c1, int c2, int c3) {
+  const uint32_t base = smem_u32(src);
+  if (base % 1024 || map->box[0] * map->elem_bytes != 128 || map->elem_bytes != 4) {
+    std::fprintf(stderr, "cuda_emu_sm90: TMA reduce: fp32 boxes of 128-byte rows at 1024-byte aligned shared "
+                 "addresses only (got address %u, %d-byte elements)\n", base, map->elem_bytes);
+    std::_Exit(89);
+  }
+  const int64_t bytes = int64_t{128} * map->box[1] * map->box[2] * map->box[3];
+  EmuBulkOp op;
+  op.src = base;
+  op.at_issue.assign(emu_smem_at(base), emu_smem_at(base) + bytes);
+  const CUtensorMap m = *map;
+  const std::vector<unsigned char> box = op.at_issue;
+  op.perform = [m, box, c0, c1, c2, c3] {
+    int64_t row = 0;
+    for (int i3 = 0; i3 < m.box[3]; ++i3)
+      for (int i2 = 0; i2 < m.box[2]; ++i2)
+        for (int i1 = 0; i1 < m.box[1]; ++i1, ++row)
+          for (int i0 = 0; i0 < m.box[0]; ++i0) {
+            const int64_t g[4] = {int64_t{c0} + i0, int64_t{c1} + i1, int64_t{c2} + i2, int64_t{c3} + i3};
+            bool in = true;
+            int64_t off = 0;
+            for (int d = 0; d < 4; ++d) {
+              in = in && g[d] >= 0 && g[d] < m.dims[d];
+              off += g[d] * m.strides[d];
+            }
+            if (!in) continue;  // (outside the tensor: skipped)
+            float v;  // the box is 1024-byte aligned: its swizzle is that of its own offsets
+            std::memcpy(&v, box.data() + emu_swizzle128(static_cast<uint32_t>(row * 128 + i0 * 4)), 4);
+            *reinterpret_cast<float*>(static_cast<unsigned char*>(const_cast<void*>(m.base)) + off) += v;
+          }
+  };
+  emu_sm90().bulk[emu_tid()].open.push_back(std::move(op));
+}
+inline void bulk_commit() {
+  EmuBulkThread& th = emu_sm90().bulk[emu_tid()];
+  th.groups.push_back(std::move(th.open));
+  th.open.clear();
+}
+template <int N>
+inline void bulk_wait_read() {
+  EmuBulkThread& th = emu_sm90().bulk[emu_tid()];
+  while (th.groups.size() > N) {
+    for (auto& op : th.groups.front()) {
+      if (std::memcmp(emu_smem_at(op.src), op.at_issue.data(), op.at_issue.size()))
+        emu_sm90_fail("TMA reduce: its shared-memory box changed before its wait_group.read");
+      op.perform();
+    }
+    th.groups.pop_front();
+  }
+}
+
 // ---- wgmma: asynchronous, as in the PTX ISA ----
 // A wgmma.mma_async joins the thread's open group; wgmma.commit_group closes it; wait_group N
 // completes all but the N most recent groups, in order.  While one is in flight its accumulator
@@ -295,6 +364,8 @@ inline void emu_sm90_at_end() {
   auto* st = static_cast<EmuSm90Cta*>(emu_cta->ext.get());
   for (const auto& th : st->threads)
     if (!th.open.empty() || !th.groups.empty()) emu_sm90_fail("a thread exited with wgmmas not waited for");
+  for (const auto& th : st->bulk)
+    if (!th.open.empty() || !th.groups.empty()) emu_sm90_fail("a thread exited with TMA reduces not waited for");
   for (auto& [addr, b] : emu_cta->mbarriers)
     if (static_cast<EmuMbar&>(*b).has_deferred()) emu_sm90_fail("a TMA load was never waited for");
 }

@@ -35,28 +35,29 @@ namespace sm90 {
 namespace {
 #include "kernel_body.inc"
 
-// make_map's tensor map of a (batch, seqlen, heads, D) tensor (strides in elements).
-CUtensorMap emu_map(const void* base, const int64_t* shape, const int64_t* st, int box_rows = kBlockN) {
+// make_map's tensor map of a (batch, seqlen, heads, D) tensor (strides in elements): boxes of
+// 128-byte rows.
+CUtensorMap emu_map(const void* base, const int64_t* shape, const int64_t* st, int box_rows = kBlockN, int es = 2) {
   CUtensorMap m;
   m.base = base;
-  m.elem_bytes = 2;
+  m.elem_bytes = es;
   const int64_t dims[4] = {shape[3], shape[1], shape[2], shape[0]};
-  const int64_t strides[4] = {2, 2 * st[1], 2 * st[2], 2 * st[0]};
+  const int64_t strides[4] = {es, es * st[1], es * st[2], es * st[0]};
   for (int d = 0; d < 4; ++d) {
     m.dims[d] = dims[d];
     m.strides[d] = strides[d];
   }
-  m.box[0] = 64;
+  m.box[0] = 128 / es;
   m.box[1] = box_rows;
   return m;
 }
 
 template <typename T, int D, bool CAUSAL>
 void run_bwd(const CUtensorMap& tq, const CUtensorMap& tk, const CUtensorMap& tv, const CUtensorMap& tdo,
-             const BwdParams& p, int heads_kv, int batch) {
+             const CUtensorMap& tdq, const BwdParams& p, int heads_kv, int batch) {
   const EmuDim3 grid{static_cast<unsigned>((p.seqlen_k + kBwdN - 1) / kBwdN), static_cast<unsigned>(heads_kv),
                      static_cast<unsigned>(batch)};
-  emu_launch(grid, EmuDim3{kThreads, 1, 1}, [&] { attn_bwd_sm90_kernel<T, D, CAUSAL>(tq, tk, tv, tdo, p); },
+  emu_launch(grid, EmuDim3{kThreads, 1, 1}, [&] { attn_bwd_sm90_kernel<T, D, CAUSAL>(tq, tk, tv, tdo, tdq, p); },
              BwdShape<D>::kSmemBytes);
 }
 
@@ -91,10 +92,11 @@ extern "C" void attn_bwd(const void* dout, const void* q, const void* k, const v
                          int bf16) {
   const CUtensorMap tq = emu_map(q, qshape, qst, kBwdM), tdo = emu_map(dout, qshape, dost, kBwdM);
   const CUtensorMap tk = emu_map(k, kshape, kst, kBwdN), tv = emu_map(v, kshape, vst, kBwdN);
-  const BwdParams p =
-      bwd_params(lse, delta, dq_accum, dk, dkst, dv, dvst, qshape[1], kshape[1], qshape[2], kshape[2], scale);
+  const int64_t dqst[4] = {qshape[1] * qshape[2] * qshape[3], qshape[2] * qshape[3], qshape[3], 1};  // contiguous
+  const CUtensorMap tdq = emu_map(dq_accum, qshape, dqst, kBwdM, 4);
+  const BwdParams p = bwd_params(lse, delta, dk, dkst, dv, dvst, qshape[1], kshape[1], qshape[2], kshape[2], scale);
   dispatch(bf16, qshape[3], causal, kSerial, [&]<typename T, int D, bool C, int>() {
-    run_bwd<T, D, C>(tq, tk, tv, tdo, p, static_cast<int>(kshape[2]), static_cast<int>(qshape[0]));
+    run_bwd<T, D, C>(tq, tk, tv, tdo, tdq, p, static_cast<int>(kshape[2]), static_cast<int>(qshape[0]));
   });
 }
 """

@@ -4,8 +4,9 @@ violation), first obeying the rule (it must pass), then breaking it (it must fai
 
 These guard the checks that tests/test_attention_sm90_emu.py relies on: wgmma is asynchronous
 (its accumulators are unusable until the wait_group that completes it; its shared-memory
-operands and A registers must not change before then) and a TMA load lands when it lands (a
-consumer must wait for its barrier's phase).
+operands and A registers must not change before then), a TMA load lands when it lands (a
+consumer must wait for its barrier's phase), and a TMA reduce reads its shared memory when it
+reads it (the box must stay unchanged until bulk wait_group.read).
 """
 import os
 import subprocess
@@ -83,8 +84,50 @@ void tma_kernel(const CUtensorMap* map) {
   }
 }
 
+// Thread 0 adds an 8 x 32 fp32 box of shared memory into an 8-row tensor whose map says 6 rows
+// (the last two are outside it: skipped).
+static float gacc[8][32];
+void reduce_kernel(const CUtensorMap* map) {
+  FASTLM_EXTERN_SMEM(unsigned char, smem);
+  if (threadIdx.x != 0) return;
+  for (int r = 0; r < 8; ++r)
+    for (int c = 0; c < 32; ++c) {
+      const float v = static_cast<float>(100 * r + c);
+      std::memcpy(smem + emu_swizzle128(static_cast<uint32_t>(128 * r + 4 * c)), &v, 4);
+    }
+  fence_proxy_async();
+  tma_reduce_add_4d(map, smem, 0, 0, 0, 0);
+  bulk_commit();
+  if (mode == "reduce_early_write") smem[4] ^= 1;  // the box, before the wait: the TMA may not have read it yet
+  if (mode != "reduce_no_wait") bulk_wait_read<0>();
+}
+
 int main(int argc, char** argv) {
   mode = argv[1];
+  if (mode.rfind("reduce", 0) == 0) {
+    for (auto& row : gacc)
+      for (float& x : row) x = 1.f;
+    CUtensorMap map;
+    map.base = gacc;
+    map.elem_bytes = 4;
+    map.dims[0] = 32;
+    map.dims[1] = 6;
+    map.strides[0] = 4;
+    map.strides[1] = 128;
+    map.strides[2] = map.strides[3] = 8 * 128;
+    map.box[0] = 32;
+    map.box[1] = 8;
+    emu_launch(EmuDim3{1, 1, 1}, EmuDim3{128, 1, 1}, [&] { reduce_kernel(&map); }, 2048);
+    for (int r = 0; r < 8; ++r)
+      for (int c = 0; c < 32; ++c) {
+        const float want = r < 6 ? 1.f + static_cast<float>(100 * r + c) : 1.f;
+        if (gacc[r][c] != want) {
+          std::printf("row %d column %d: %g, want %g\n", r, c, gacc[r][c], want);
+          return 1;
+        }
+      }
+    return 0;
+  }
   if (mode == "tma" || mode == "no_wait_tma") {
     for (int i = 0; i < 128 * 64; ++i) gmem[i] = __float2half(static_cast<float>(i % 7));
     CUtensorMap map;
@@ -163,3 +206,17 @@ def test_tma_read_without_waiting_fails(program):
     # for the wrong parity is the same bug, or a hang, depending on when the load lands.)
     rc, out = _run(program, "no_wait_tma")
     assert rc != 0 and "a TMA load was never waited for" in out, (rc, out)
+
+
+def test_tma_reduce_obeying_the_rules_passes(program):
+    # the box added once, rows outside the tensor skipped
+    assert _run(program, "reduce") == (0, "")
+
+
+@pytest.mark.parametrize("mode,says", [
+    ("reduce_early_write", "its shared-memory box changed before its wait_group.read"),
+    ("reduce_no_wait", "a thread exited with TMA reduces not waited for"),
+])
+def test_tma_reduce_broken_rules_fail(program, mode, says):
+    rc, out = _run(program, mode)
+    assert rc != 0 and says in out, (rc, out)

@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-// ---- backward: dK, dV per 128-key block (and dQ through fp32 atomics), FlashAttention-3's
+// ---- backward: dK, dV per 128-key block (and dQ added into an fp32 accumulator), FlashAttention-3's
 // layout of the work.  A CTA owns keys n0 .. n0 + 127 of one KV head (its two consumer
 // warpgroups 64 keys each) and streams the (query head of the group, 64-query tile) steps that
 // can see them: the producer loads K and V once, then Q and dO of each step into a 2-stage ring.
@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 //   dS^T = P^T (dP^T - delta) to shared memory, dK += dS^T Q (P^T and dS^T K-major, dO and Q
 //   MN-major: FlashAttention-3's way of leaving the registers to the dK/dV accumulators), and
 //   dQ (64 queries x 64 head-dim columns per warpgroup) = dS K with both operands MN-major,
-//   added to an fp32 dQ accumulator with atomics.
+//   staged in shared memory and added into the fp32 dQ accumulator by TMA reduce-adds (as FA3).
 // lse (natural log) and delta = rowsum(dO * O) come from the caller, (batch, heads_q, seqlen_q).
 constexpr int kBwdM = 64, kBwdN = 128;  // queries per step, keys per CTA
 constexpr int kQBoxBytes = kBwdM * kSwizzleBytes;  // a 64-row box
@@ -353,14 +353,17 @@ struct BwdShape {
   static constexpr int kStages = 2;
   static constexpr int kQOffset = 2 * kKVBytes, kDoOffset = kQOffset + kStages * kQBytes;
   static constexpr int kDsOffset = kDoOffset + kStages * kQBytes, kPOffset = kDsOffset + 2 * kDsBytes;
-  static constexpr int kBarOffset = kPOffset + kDsBytes;
+  // dQ staging, per consumer warpgroup: 64 queries x 64 fp32 columns as two TMA boxes of 32
+  // columns (128-byte rows, the 128-byte swizzle), added into dq_accum by the TMA unit
+  static constexpr int kDqBoxBytes = kBwdM * kSwizzleBytes, kDqBytes = 2 * kDqBoxBytes;
+  static constexpr int kDqOffset = kPOffset + kDsBytes;
+  static constexpr int kBarOffset = kDqOffset + 2 * kDqBytes;
   static constexpr int kSmemBytes = kBarOffset + (1 + 2 * kStages) * 8 + 1024;
 };
 
 struct BwdParams {
   const float* lse;    // (batch, heads_q, seqlen_q)
   const float* delta;  // (batch, heads_q, seqlen_q)
-  float* dq;           // (batch, seqlen_q, heads_q, D) fp32, accumulated into
   void* dk;            // (batch, seqlen_k, heads_kv, D)
   void* dv;
   int64_t dk_b, dk_s, dk_h, dv_b, dv_s, dv_h;
@@ -383,11 +386,35 @@ __device__ __forceinline__ void store_rows(unsigned char* buf, int kr0, int t, c
   }
 }
 
+// A thread's m64 x 64 fp32 dQ fragment (rows r0 and r0 + 8 of the tile, columns 8 j + 2 t and + 1)
+// times `scale` into a staging tile of two 64-row x 32-column boxes (128-byte rows in the
+// 128-byte swizzle: what the TMA reduce reads), one 8-byte store per column pair.  Element
+// (row, col) lies at box col / 32, line row, 16-byte chunk ((col % 32) / 4) ^ (row % 8), byte
+// (col % 4) * 4; the thread's rows share row % 8 = g and its columns give chunk 2 (j % 4) + t / 2,
+// so the chunk term is 32 ((j % 4) ^ (g / 2)) + 16 ((t / 2) ^ (g % 2)): four XORs, the rest
+// immediates (per-store swizzle arithmetic had spilled the dK/dV accumulators).
+__device__ __forceinline__ void store_dq(unsigned char* tile, int r0, int t, const float (&dq)[32], float scale) {
+  const int g = r0 % 8;
+  unsigned char* row = tile + r0 * kSwizzleBytes + 16 * ((t >> 1) ^ (g & 1)) + 8 * (t & 1);
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    unsigned char* at = row + 32 * (m ^ (g >> 1));
+#pragma unroll
+    for (int box = 0; box < 2; ++box)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = 4 * (4 * box + m) + 2 * r;  // accumulator i: column tile j = 4 box + m, row r0 + 8 r
+        *reinterpret_cast<float2*>(at + box * kQBoxBytes + r * 8 * kSwizzleBytes) =
+            make_float2(dq[i] * scale, dq[i + 1] * scale);
+      }
+  }
+}
+
 template <typename T, int D, bool CAUSAL>
 __global__ void __launch_bounds__(kThreads, 1)
     attn_bwd_sm90_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
                          const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap tdo,
-                         const BwdParams p) {
+                         const __grid_constant__ CUtensorMap tdq, const BwdParams p) {
   using S = BwdShape<D>;
   FASTLM_EXTERN_SMEM(unsigned char, smem_raw);
   unsigned char* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
@@ -397,6 +424,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* sdo = smem + S::kDoOffset;
   unsigned char* sds = smem + S::kDsOffset;  // buffer u at + u * kDsBytes
   unsigned char* sp = smem + S::kPOffset;
+  unsigned char* sdq = smem + S::kDqOffset;  // warpgroup cw's tile at + cw * kDqBytes
   __shared__ float s_lse[2][kBwdM], s_delta[2][kBwdM];  // per consumer warpgroup
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + S::kBarOffset);
   uint64_t* kv_full = bars;
@@ -529,6 +557,15 @@ __global__ void __launch_bounds__(kThreads, 1)
                         smem_desc(q_addr + kk * 16 * kSwizzleBytes, kQBoxBytes, 1024), 1);
     wgmma_commit();
     if (D == 128 || cw == 0) {  // dQ columns 64 cw .. + 63 (head_dim 64: warpgroup 0 alone)
+      // dQ (times the softmax scale) goes to the warpgroup's staging tile, then into dq_accum by
+      // two TMA reduce-adds (one per 32-column box; query rows past seqlen_q are skipped by the
+      // TMA unit): no per-element atomics.  The tile is written again only after the previous
+      // step's reduce has read it (bulk_wait_read, then the warpgroup's barrier: before dQ's
+      // registers are live, while dK's wgmma runs).
+      const int wt = tid % 128;
+      unsigned char* tile = sdq + cw * S::kDqBytes;
+      if (wt == 0) bulk_wait_read<0>();
+      named_bar_sync(2 + cw, 128);
       float dq[32];
       wgmma_fence();
 #pragma unroll
@@ -538,18 +575,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(dq);
-      // rows q0 and q0 + 8 (8 query rows are 8 * heads_q * D floats apart), columns 64 cw + 8 j + 2 t
-      // and + 1: one 8-byte vector atomic per pair (sm_90's float2 atomicAdd: half the L2
-      // reductions of scalar ones)
-      const int q0 = m0 + 16 * w + g;
-      float* dq0 = p.dq + ((static_cast<int64_t>(b) * p.seqlen_q + q0) * p.heads_q + h) * D + 64 * cw + 2 * t;
-      const int64_t row8 = int64_t{8} * p.heads_q * D;
-#pragma unroll
-      for (int i = 0; i < 32; i += 2) {
-        const int r = (i >> 1) & 1;
-        if (q0 + 8 * r < p.seqlen_q)
-          atomicAdd(reinterpret_cast<float2*>(dq0 + r * row8 + 8 * (i / 4)),
-                    make_float2(dq[i] * p.scale, dq[i + 1] * p.scale));
+      store_dq(tile, 16 * w + g, t, dq, p.scale);
+      fence_proxy_async();
+      named_bar_sync(2 + cw, 128);
+      if (wt == 0) {
+        tma_reduce_add_4d(&tdq, tile, 64 * cw, m0, h, b);
+        tma_reduce_add_4d(&tdq, tile + S::kDqBoxBytes, 64 * cw + 32, m0, h, b);
+        bulk_commit();
       }
     } else {
       wgmma_wait<0>();
@@ -558,6 +590,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_regs(dv);
     mbar_arrive(&q_empty[s]);  // Q and dO of this stage are done with (dV, dK, dQ waited for)
   }
+  if (tid % 128 == 0) bulk_wait_read<0>();  // (the last dQ reduce has read the tile before the CTA ends)
 
   // dK (times the softmax scale) and dV of the thread's two key rows.
   T* dkp = static_cast<T*>(p.dk) + b * p.dk_b + hkv * p.dk_h;
@@ -594,13 +627,12 @@ inline FwdParams fwd_params(void* out, float* lse, const int64_t* out_strides, i
   return p;
 }
 
-inline BwdParams bwd_params(const float* lse, const float* delta, float* dq, void* dk, const int64_t* dk_strides,
+inline BwdParams bwd_params(const float* lse, const float* delta, void* dk, const int64_t* dk_strides,
                             void* dv, const int64_t* dv_strides, int64_t seqlen_q, int64_t seqlen_k, int64_t heads_q,
                             int64_t heads_kv, double softmax_scale) {
   BwdParams p{};
   p.lse = lse;
   p.delta = delta;
-  p.dq = dq;
   p.dk = dk;
   p.dv = dv;
   p.dk_b = dk_strides[0];
@@ -668,8 +700,9 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
-// A (batch, seqlen, heads, D) tensor as a 4-D TMA map (D innermost), boxes of 64 x 128 rows,
-// 128-byte swizzle, rows past seqlen read as 0.
+// A (batch, seqlen, heads, D) tensor as a 4-D TMA map (D innermost), boxes of 128 bytes (64
+// 16-bit or 32 fp32 elements) x box_rows rows, 128-byte swizzle, rows past seqlen read as 0 (and
+// skipped by a reduce).
 CUtensorMap make_map(const at::Tensor& x, const char* name, int box_rows = kBlockN) {
   const int64_t es = x.element_size();
   for (int d = 0; d < 3; ++d)
@@ -682,11 +715,13 @@ CUtensorMap make_map(const at::Tensor& x, const char* name, int box_rows = kBloc
                               static_cast<cuuint64_t>(x.size(2)), static_cast<cuuint64_t>(x.size(0))};
   const cuuint64_t strides[3] = {static_cast<cuuint64_t>(x.stride(1) * es), static_cast<cuuint64_t>(x.stride(2) * es),
                                  static_cast<cuuint64_t>(x.stride(0) * es)};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(kSwizzleBytes / es), static_cast<cuuint32_t>(box_rows), 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType type = x.scalar_type() == at::kFloat      ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                   : x.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                      : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const CUresult r = encode_tiled()(
-      &map, x.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-      x.data_ptr(), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      &map, type, 4, x.data_ptr(), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(r == CUDA_SUCCESS, "attention_fwd_sm90_cuda: cuTensorMapEncodeTiled failed for ", name, " (error ",
               static_cast<int>(r), ")");
@@ -755,12 +790,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(const at::Tensor& q, 
 
 template <typename T, int D, bool CAUSAL>
 void launch_bwd(const CUtensorMap& tq, const CUtensorMap& tk, const CUtensorMap& tv, const CUtensorMap& tdo,
-                const BwdParams& p, int heads_kv, int batch, cudaStream_t stream) {
+                const CUtensorMap& tdq, const BwdParams& p, int heads_kv, int batch, cudaStream_t stream) {
   auto kernel = attn_bwd_sm90_kernel<T, D, CAUSAL>;
   constexpr int smem = BwdShape<D>::kSmemBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.seqlen_k + kBwdN - 1) / kBwdN, heads_kv, batch);
-  kernel<<<grid, kThreads, smem, stream>>>(tq, tk, tv, tdo, p);
+  kernel<<<grid, kThreads, smem, stream>>>(tq, tk, tv, tdo, tdq, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -789,12 +824,13 @@ std::tuple<at::Tensor, at::Tensor> attention_bwd_sm90_cuda(const at::Tensor& dou
   if (dk.numel() == 0) return {dk, dv};
   const CUtensorMap tq = make_map(q, "q", kBwdM), tdo = make_map(dout, "dout", kBwdM);
   const CUtensorMap tk = make_map(k, "k", kBwdN), tv = make_map(v, "v", kBwdN);
-  const BwdParams p = bwd_params(lse.data_ptr<float>(), delta.data_ptr<float>(), dq_accum.data_ptr<float>(),
+  const CUtensorMap tdq = make_map(dq_accum, "dq_accum", kBwdM);
+  const BwdParams p = bwd_params(lse.data_ptr<float>(), delta.data_ptr<float>(),
                                  dk.data_ptr(), dk.strides().data(), dv.data_ptr(), dv.strides().data(), Sq, Sk, Hq,
                                  Hkv, softmax_scale);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type() == at::kBFloat16, D, causal, kSerial, [&]<typename T, int DD, bool C, int>() {
-    launch_bwd<T, DD, C>(tq, tk, tv, tdo, p, static_cast<int>(Hkv), static_cast<int>(B), stream);
+    launch_bwd<T, DD, C>(tq, tk, tv, tdo, tdq, p, static_cast<int>(Hkv), static_cast<int>(B), stream);
   });
   return {dk, dv};
 }
