@@ -1247,7 +1247,7 @@ def _sm90_ok(q, k, v, varlen, d, window_left, window_right, softcap):
 
 def _sm90_bwd_ok(q, k, v, dout, varlen, d, window_left, window_right, softcap, deterministic):
     """Whether attention_bwd takes the CUDA Hopper backward (SM90_BWD, not deterministic: dQ is
-    summed with atomics, and _sm90_shape_ok)."""
+    summed by TMA reduce-adds in no set order, and _sm90_shape_ok)."""
     return (SM90_BWD and not deterministic
             and _sm90_shape_ok((q, k, v, dout), varlen, d, window_left, window_right, softcap))
 
