@@ -109,4 +109,22 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// The online softmax's running-max step for a thread's two accumulator rows of an mma / wgmma
+// fragment (a row's columns spread over the 4 lanes of a quad): mx[r] (this thread's max of the
+// tile's scores, log2 domain) becomes the quad's; m[r] the new running max; alpha[r] the factor
+// that rescales what was accumulated; msafe[r] the max to subtract (0 while the row has seen no
+// key: no (-inf) - (-inf)).
+__device__ __forceinline__ void online_max_step(float (&mx)[2], float (&m)[2], float (&alpha)[2],
+                                                float (&msafe)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float mn = fmaxf(m[r], mx[r]);
+    msafe[r] = mn == -INFINITY ? 0.f : mn;
+    alpha[r] = exp2f(m[r] - msafe[r]);
+    m[r] = mn;
+  }
+}
+
 }  // namespace fastlm

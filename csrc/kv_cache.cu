@@ -716,15 +716,7 @@ __global__ void __launch_bounds__(kThreads, DP == 64 ? 5 : 0) decode_tc_kernel(c
     float mx[2] = {fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1])),
                    fmaxf(fmaxf(sc[0][2], sc[0][3]), fmaxf(sc[1][2], sc[1][3]))};
     float alpha[2], msafe[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float mn = fmaxf(m[r], mx[r]);
-      msafe[r] = mn == -INFINITY ? 0.f : mn;  // no visible key yet: avoid (-inf) - (-inf)
-      alpha[r] = exp2f(m[r] - msafe[r]);
-      m[r] = mn;
-    }
+    online_max_step(mx, m, alpha, msafe);
     float pr[2][4];
 #pragma unroll
     for (int t = 0; t < 2; ++t) {

@@ -183,8 +183,10 @@ inline void mbar_wait(uint64_t* bar, uint32_t parity) { emu_mbar(bar).wait(parit
 
 // ---- TMA ----
 inline void tma_prefetch_map(const CUtensorMap*) {}
-// Writes the box at `base` (shared address); returns its bytes.
-inline int64_t emu_tma_box(uint32_t base, const CUtensorMap& map, const int (&c)[4]) {
+// Calls f(box byte offset, global byte offset, inside the tensor) for each element of the box
+// at coordinates c (its 128-byte rows in order, before the swizzle); returns the box's bytes.
+template <typename F>
+inline int64_t emu_for_box(const CUtensorMap& map, const int (&c)[4], F&& f) {
   int64_t row = 0;
   for (int i3 = 0; i3 < map.box[3]; ++i3)
     for (int i2 = 0; i2 < map.box[2]; ++i2)
@@ -197,14 +199,20 @@ inline int64_t emu_tma_box(uint32_t base, const CUtensorMap& map, const int (&c)
             in = in && g[d] >= 0 && g[d] < map.dims[d];
             off += g[d] * map.strides[d];
           }
-          const uint32_t at = emu_swizzle128(base + static_cast<uint32_t>(row * 128 + i0 * map.elem_bytes));
-          if (in) {
-            std::memcpy(emu_smem_at(at), static_cast<const unsigned char*>(map.base) + off, map.elem_bytes);
-          } else {
-            std::memset(emu_smem_at(at), 0, map.elem_bytes);
-          }
+          f(static_cast<uint32_t>(row * 128 + i0 * map.elem_bytes), off, in);
         }
   return row * 128;
+}
+// Writes the box at `base` (shared address, 1024-byte aligned); returns its bytes.
+inline int64_t emu_tma_box(uint32_t base, const CUtensorMap& map, const int (&c)[4]) {
+  return emu_for_box(map, c, [&](uint32_t at, int64_t off, bool in) {
+    unsigned char* dst = emu_smem_at(emu_swizzle128(base + at));
+    if (in) {
+      std::memcpy(dst, static_cast<const unsigned char*>(map.base) + off, map.elem_bytes);
+    } else {
+      std::memset(dst, 0, map.elem_bytes);
+    }
+  });
 }
 // The load lands at once or later (when a thread waits for the barrier), pseudo-randomly per
 // load: a wait for the wrong phase reads stale data in one case, a buffer overwritten while still
@@ -250,23 +258,13 @@ inline void tma_reduce_add_4d(const CUtensorMap* map, const void* src, int c0, i
   const CUtensorMap m = *map;
   const std::vector<unsigned char> box = op.at_issue;
   op.perform = [m, box, c0, c1, c2, c3] {
-    int64_t row = 0;
-    for (int i3 = 0; i3 < m.box[3]; ++i3)
-      for (int i2 = 0; i2 < m.box[2]; ++i2)
-        for (int i1 = 0; i1 < m.box[1]; ++i1, ++row)
-          for (int i0 = 0; i0 < m.box[0]; ++i0) {
-            const int64_t g[4] = {int64_t{c0} + i0, int64_t{c1} + i1, int64_t{c2} + i2, int64_t{c3} + i3};
-            bool in = true;
-            int64_t off = 0;
-            for (int d = 0; d < 4; ++d) {
-              in = in && g[d] >= 0 && g[d] < m.dims[d];
-              off += g[d] * m.strides[d];
-            }
-            if (!in) continue;  // (outside the tensor: skipped)
-            float v;  // the box is 1024-byte aligned: its swizzle is that of its own offsets
-            std::memcpy(&v, box.data() + emu_swizzle128(static_cast<uint32_t>(row * 128 + i0 * 4)), 4);
-            *reinterpret_cast<float*>(static_cast<unsigned char*>(const_cast<void*>(m.base)) + off) += v;
-          }
+    const int c[4] = {c0, c1, c2, c3};
+    emu_for_box(m, c, [&](uint32_t at, int64_t off, bool in) {
+      if (!in) return;  // (outside the tensor: skipped)
+      float v;  // (the box is 1024-byte aligned: its swizzle is that of its own offsets)
+      std::memcpy(&v, box.data() + emu_swizzle128(at), 4);
+      *reinterpret_cast<float*>(static_cast<unsigned char*>(const_cast<void*>(m.base)) + off) += v;
+    });
   };
   emu_sm90().bulk[emu_tid()].open.push_back(std::move(op));
 }

@@ -102,21 +102,27 @@ void reduce_kernel(const CUtensorMap* map) {
   if (mode != "reduce_no_wait") bulk_wait_read<0>();
 }
 
+// A row-major (rows, cols) tensor of es-byte elements as a tensor map of boxes of 128-byte rows.
+CUtensorMap map_2d(const void* base, int es, int cols, int rows, int stored_rows, int box_rows) {
+  CUtensorMap map;
+  map.base = base;
+  map.elem_bytes = es;
+  map.dims[0] = cols;
+  map.dims[1] = rows;
+  map.strides[0] = es;
+  map.strides[1] = int64_t{es} * cols;
+  map.strides[2] = map.strides[3] = int64_t{es} * cols * stored_rows;
+  map.box[0] = 128 / es;
+  map.box[1] = box_rows;
+  return map;
+}
+
 int main(int argc, char** argv) {
   mode = argv[1];
   if (mode.rfind("reduce", 0) == 0) {
     for (auto& row : gacc)
       for (float& x : row) x = 1.f;
-    CUtensorMap map;
-    map.base = gacc;
-    map.elem_bytes = 4;
-    map.dims[0] = 32;
-    map.dims[1] = 6;
-    map.strides[0] = 4;
-    map.strides[1] = 128;
-    map.strides[2] = map.strides[3] = 8 * 128;
-    map.box[0] = 32;
-    map.box[1] = 8;
+    const CUtensorMap map = map_2d(gacc, 4, 32, 6, 8, 8);  // (rows 6 and 7 stored, outside the map)
     emu_launch(EmuDim3{1, 1, 1}, EmuDim3{128, 1, 1}, [&] { reduce_kernel(&map); }, 2048);
     for (int r = 0; r < 8; ++r)
       for (int c = 0; c < 32; ++c) {
@@ -130,15 +136,7 @@ int main(int argc, char** argv) {
   }
   if (mode == "tma" || mode == "no_wait_tma") {
     for (int i = 0; i < 128 * 64; ++i) gmem[i] = __float2half(static_cast<float>(i % 7));
-    CUtensorMap map;
-    map.base = gmem;
-    map.dims[0] = 64;
-    map.dims[1] = 128;
-    map.strides[0] = 2;
-    map.strides[1] = 128;
-    map.strides[2] = map.strides[3] = 128 * 128;
-    map.box[0] = 64;
-    map.box[1] = 8;
+    const CUtensorMap map = map_2d(gmem, 2, 64, 128, 128, 8);
     emu_launch(EmuDim3{1, 1, 1}, EmuDim3{128, 1, 1}, [&] { tma_kernel(&map); }, 10 * 1024);
     for (int round = 0; round < 2; ++round)
       for (int i = 0; i < 8; ++i) {

@@ -125,15 +125,7 @@ __device__ __forceinline__ void softmax_tile(float (&sacc)[kBlockN / 2], float (
     mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], x);
   }
   float msafe[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    const float mn = fmaxf(m_i[r], mx[r]);
-    msafe[r] = mn == -INFINITY ? 0.f : mn;  // no visible key yet: avoid (-inf) - (-inf)
-    alpha[r] = exp2f(m_i[r] - msafe[r]);
-    m_i[r] = mn;
-  }
+  online_max_step(mx, m_i, alpha, msafe);
   float rs[2] = {0.f, 0.f};
 #pragma unroll
   for (int i = 0; i < kBlockN / 2; ++i) {
