@@ -65,9 +65,9 @@ MAX_FUSED_MERGE_BYTES = 128 * 1024
 # The new tokens' tile of the one-launch decode step: fp32 products summed over head_dim (False:
 # a decode step's one key needs no 16-key tile), or tl.dot over the tile padded to 16 keys (True,
 # or FASTLM_TRITON_NEW_KV_DOT=1: the main loop's layouts, and its rounding of P to the cache
-# dtype).  The H200 run of 2026-12-04 found the one-launch step wrong on the GPU while both forms
-# pass under the interpreter; scripts/gpu_diag.py runs both, to tell whether the product path is
-# where it goes wrong.
+# dtype).  The H200 run of 2026-12-04 found the one-launch step wrong on the GPU while it passed
+# under the interpreter: the products' sum over the keys had become a K = 1 tensor-core dot in
+# triton 3.6 (the new token's P V counted 8 times; see _few_keys_pv, which replaced that sum).
 NEW_KV_DOT = os.environ.get("FASTLM_TRITON_NEW_KV_DOT", "0") not in ("", "0")
 
 
@@ -326,6 +326,24 @@ def _softmax_step(q, k, t, t_ok, pos, m_i, l_i, qk_scale, softcap_log2, window,
 
 
 @triton.jit
+def _few_keys_pv(p, v, j, BLOCK_NEW: tl.constexpr):
+    """sum over keys i of p[:, i] (x) v[i, :] for a tile of BLOCK_NEW keys (j = arange(BLOCK_NEW)),
+    in fp32: one outer product per key, each key's column of p and row of v picked by a masked
+    sum.  Never tl.sum(p[:, :, None] * v[None, :, :], 1): Triton's combine pass rewrites that
+    product-and-sum into a tt.dot with K = BLOCK_NEW, and below the mma's K of 8 the dot's
+    operand layouts repeat the keys instead of padding with zeros -- the H200 run of 2026-12-04
+    got 8 p v for a decode step's one new token (m16n8k8 with the same register in every K
+    slot), while the interpreter sums exactly.  tests/test_triton_compile.py fails any kernel
+    with a dot of K < 16."""
+    acc = tl.zeros([p.shape[0], v.shape[1]], dtype=tl.float32)
+    for i in tl.static_range(BLOCK_NEW):
+        p_i = tl.sum(tl.where(j[None, :] == i, p, 0.0), 1)
+        v_i = tl.sum(tl.where(j[:, None] == i, v, 0.0), 0)
+        acc += p_i[:, None] * v_i[None, :]
+    return acc
+
+
+@triton.jit
 def _decode_kernel(
     Q,  # *T  (batch, seqlen_q, Hq, D), strides s_q*
     K_CACHE,  # *T  (num_blocks, PAGE, Hkv, D) or (batch, max_seqlen, Hkv, D)
@@ -478,8 +496,8 @@ def _decode_kernel(
                 # 16-key minimum tile would hold registers for 16 prepared keys)
                 p, alpha, m_i, l_i = _softmax_step(q, kn, t, new_ok, pos, m_i, l_i, qk_scale, softcap_log2, window,
                                                    CAUSAL, HAS_WINDOW, SOFTCAP, PRECISION, False)
-                pv = p.to(vn.dtype).to(tl.float32)[:, :, None] * vn.to(tl.float32)[None, :, :]
-                acc = acc * alpha[:, None] + tl.sum(pv, 1)
+                pv = _few_keys_pv(p.to(vn.dtype).to(tl.float32), vn.to(tl.float32), j, BLOCK_NEW)
+                acc = acc * alpha[:, None] + pv
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]

@@ -8,7 +8,8 @@ spread of shapes it prints one line: output error against the reference per sequ
 slots written differently (as (sequence, position, kv head)), whether the workspace was left
 zeroed, and whether reruns are bit-identical; first with the Triton one-launch form forced
 (fastlm.ops.kv_cache.TRITON_ONE_LAUNCH_ON_GPU, held back on GPUs since that run), with its new
-tokens' tile as fp32 products (the form that failed) and through tl.dot
+tokens' tile as fp32 products (the form that failed: triton 3.6 had made their sum a K = 1
+tensor-core dot, replaced since by kernels/decode.py _few_keys_pv) and through tl.dot
 (fastlm.kernels.decode.NEW_KV_DOT), then without.  Then the CUDA op's bad-argument calls one by
 one (one of them crashed the process there), each line printed before the call.
     python scripts/gpu_diag.py            (a GPU; ~2 minutes)

@@ -26,7 +26,9 @@ Against the GPU machine's Triton version (3.6) instead of the local one:
 The default (representative) set is what CI runs (FASTLM_AOT_FULL=1 makes pytest run --full):
 every kernel and flag, head dims 64/80/128/256, fp16/bf16/fp32, every attention autotune config
 of the model's case (D=128 causal GQA, as pruned by each device's shared memory) on sm_90 and
-sm_80, and at least one variant of every kernel on sm_80.
+sm_80, and at least one variant of every kernel on sm_80; and the sm_90 set again with triton 3.6
+from .venv/triton36 (test_kernels_compile_with_triton36: the GPU machine's compiler, which
+miscompiled a kernel that triton 3.8 compiles right).  Both fail any tensor-core dot of K < 16.
 """
 import argparse
 import json
@@ -401,7 +403,7 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
     """tma: the forward's TMA variant (FASTLM_ATTENTION_TMA=1; sm_90 only), forward alone.
     ws: the warp-specialized kernels (FASTLM_ATTENTION_WS=1), forward and (head_dim 64/128)
     backward: taken with triton 3.6 only (K.WS_TRITON); with another triton nothing is recorded
-    (test_ws_kernels_compile runs these cases with triton 3.6)."""
+    (the aot36 fixture runs these cases with triton 3.6)."""
     wl, wr = window
     if causal:
         wr = 0
@@ -783,6 +785,13 @@ def _compile(job):
                stack=last(r"(\d+) bytes stack frame"), shared=getattr(k.metadata, "shared", None),
                warps=getattr(k.metadata, "num_warps", None),
                maxnreg_split="setmaxnreg" in k.asm.get("ptx", ""),  # (warp-specialized: registers moved)
+               # tensor-core dots with K < 16 (an MMA's smallest K is 8 or 16): tl.dot refuses them, so
+               # they come from Triton's combine pass turning a product-and-sum into a dot, and triton
+               # 3.6 lowers such a dot with the keys repeated in the MMA's K slots, not zero-padded
+               # (kernels/decode.py _few_keys_pv)
+               small_k_mma=sorted({int(m) for m in re.findall(
+                   r"(?:tt\.dot|warp_group_dot) [^:\n]*: (?:tensor<\d+x(\d+)x\w+, #ttg\.dot_op<\{opIdx = 0, parent = #mma"
+                   r"|!ttg\.memdesc<\d+x(\d+)x)", k.asm.get("ttgir", "")) for m in m if m and int(m) < 16}),
                # rows of each Hopper MMA's result: what one warpgroup computes
                mma_rows=sorted({int(m) for m in re.findall(r"warp_group_dot .*-> tensor<(\d+)x", k.asm.get("ttgir", ""))}))
     return res
@@ -964,28 +973,41 @@ def test_every_kernel_is_compiled_for_both_archs(aot):
     assert not missing, "kernels no case launches: " + ", ".join(missing)
 
 
-def test_ws_kernels_compile(tmp_path):
-    """The warp-specialized attention kernels compiled for sm_90 by triton 3.6, the only version
-    that takes them (the GPU machine's; `make deps` installs it into .venv/triton36, beside the
-    local triton): every config of their cases compiles (the warp specialization itself: the
-    PTX has setmaxnreg) and fits the shared memory."""
+@pytest.fixture(scope="module")
+def aot36(tmp_path_factory):
+    """Every sm_90 compile job, compiled by triton 3.6 (the GPU machine's version; `make deps`
+    installs it into .venv/triton36, beside the local triton): one subprocess, about a minute."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a CPU-CI check: on a GPU machine the GPU tests compile and run the kernels for real")
     if not os.path.isdir(os.path.join(TRITON36, "triton")):
         pytest.skip(f"no triton 3.6 at {TRITON36}: pip install --target {TRITON36} --no-deps triton==3.6.0")
-    out = tmp_path / "ws.json"
-    env = _subprocess_env(str(tmp_path / "triton_cache"))
+    tmp = tmp_path_factory.mktemp("aot36")
+    out = tmp / "aot36.json"
+    env = _subprocess_env(str(tmp / "triton_cache"))
     env["PYTHONPATH"] = ROOT + os.pathsep + TRITON36
-    cmd = [sys.executable, HERE, "--json", str(out), "--arch", "90", "--module", "attention", "--match", "ws-fwd"]
+    cmd = [sys.executable, HERE, "--json", str(out), "--arch", "90"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     if r.returncode != 0 or not out.exists():
         pytest.fail(f"AOT compile subprocess failed (rc={r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
     data = json.loads(out.read_text())
     assert data["skip"] is None and data["triton"].startswith("3.6"), (data["skip"], data["triton"])
     assert not data["errors"], data["errors"]
-    rows = data["results"]
+    return data["results"]
+
+
+def _small_k_mma(rows):
+    """Rows of kernels with a tensor-core dot of K < 16 (see _compile's small_k_mma), as a message."""
+    bad = [r for r in rows if r.get("small_k_mma")]
+    return "\n".join(f"{r['kernel']} {_describe(r)} [{r['case']}]: dot K = {r['small_k_mma']}" for r in bad)
+
+
+def test_ws_kernels_compile(aot36):
+    """The warp-specialized attention kernels compiled for sm_90 by triton 3.6, the only version
+    that takes them: every config of their cases compiles (the warp specialization itself: the
+    PTX has setmaxnreg) and fits the shared memory."""
+    rows = [r for r in aot36 if "ws-fwd" in r["case"]]
     print("\n" + format_table(rows))
     assert WS_KERNELS <= {r["kernel"] for r in rows}, "a WS kernel was not launched by its cases"
     failed = [r for r in rows if not r["ok"] or _over_smem(r)]
@@ -1018,6 +1040,21 @@ def test_kernels_compile(aot, module):
         f"[{r['case']}]" for r in big)
     # The register report must be real (ptxas ran); a compile that produced no stats is suspect.
     assert all(r["regs"] is not None for r in rows) or _ptxas_log_unsupported(), "ptxas log missing"
+    small = _small_k_mma(rows)
+    assert not small, "tensor-core dots with K < 16 (keys repeated in the MMA's K slots on triton 3.6):\n" + small
+
+
+def test_kernels_compile_with_triton36(aot36):
+    """Every kernel as the GPU machine's triton (3.6) compiles it for sm_90: it compiles, fits
+    the shared memory, and has no tensor-core dot of K < 16.  The one-launch decode step's
+    new-token product once became a K = 1 dot there (m16n8k8 tf32 with the token in all 8 K
+    slots: 8 p v on the H200, wrong outputs), while triton 3.8 lowers the same dot on the FMA
+    units, correctly: the local compile check alone does not see it."""
+    assert {r["module"] for r in aot36} == {f"fastlm.kernels.{m}" for m in MODULES}
+    failed = [r for r in aot36 if not r["ok"] or _over_smem(r)]
+    assert not failed, "failing to compile or over the shared memory with triton 3.6:\n" + format_table(failed)
+    small = _small_k_mma(aot36)
+    assert not small, "tensor-core dots with K < 16:\n" + small
 
 
 def _ptxas_log_unsupported():

@@ -276,9 +276,11 @@ def _workspace_counters(workspace, q, k_cache, num_splits):
 # The Triton one-launch decode step (new k/v appended and attended in the decode launch) gave
 # wrong outputs on an H200 (GPU check of 2026-12-04: test_fused_combine_gpu with a workspace at
 # batch 8, the CUDA-graph decode step, greedy generation) while it passes under the interpreter;
-# the append + decode form passed there.  Until a GPU run clears it, CUDA tensors take the
-# append + decode form; FASTLM_TRITON_ONE_LAUNCH=1 (or setting this) forces the one launch
-# (scripts/gpu_diag.py runs both).
+# the append + decode form passed there.  The cause, found since in triton 3.6's sm_90 PTX: the
+# new token's P V had become a K = 1 tensor-core dot with the token in all 8 K slots (8 p v;
+# fixed by kernels/decode.py _few_keys_pv, guarded by test_decode_kernels_with_triton36).  Until
+# a GPU run confirms the fix, CUDA tensors take the append + decode form;
+# FASTLM_TRITON_ONE_LAUNCH=1 (or setting this) forces the one launch (scripts/gpu_diag.py runs both).
 TRITON_ONE_LAUNCH_ON_GPU = os.environ.get("FASTLM_TRITON_ONE_LAUNCH", "0") not in ("", "0")
 
 
