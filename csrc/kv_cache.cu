@@ -22,8 +22,10 @@
 // decode_attention_cuda: memory-bound, so the floor is reading every visible K/V byte once.
 // Grid (split, kv_head x row_tile, batch), 4 warps per CTA.  A CTA owns one KV head and 16 "query
 // rows" (the GQA group's query heads x seqlen_q, row = s * G + g), so each K/V byte is read once
-// for the whole group.  Tensor-core path (fp16/bf16, head_dim % 8 == 0, 16-byte aligned caches):
-// each warp takes 16-token steps of its CTA's chunk and computes S = Q K^T and O += P V with
+// for the whole group.  Tensor-core path (fp16/bf16, head_dim % 8 == 0, 16-byte aligned caches,
+// contiguous or with pages of whole 16-token steps: page % 16 == 0, every page size from 16 up):
+// each warp takes 16-token steps of its CTA's chunk (one block each, its id loaded a step ahead)
+// and computes S = Q K^T and O += P V with
 // mma.sync m16n8k16 (fp32 accumulation), loading K and V straight from global memory into
 // registers with 16-byte loads in a layout that *is* the mma B fragment:
 //   - QK: the contraction runs over head_dim, whose order is free: thread (g = lane/4, t = lane%4)
@@ -36,7 +38,7 @@
 //     the m16n8 accumulator and the m16k16 A fragment).
 // The 4 warps' online-softmax states are merged through shared memory (deterministic order); a
 // single split writes the output, several write fp32 partials (normalized output + log2-sum-exp)
-// that combine_kernel merges (or the decode's own last CTA per tile: fused_combine).  Other dtypes/shapes (fp32, head_dim % 8 != 0, unaligned caches)
+// that combine_kernel merges (or the decode's own last CTA per tile: fused_combine).  Other dtypes/shapes (fp32, head_dim % 8 != 0, unaligned caches, pages of other sizes)
 // take decode_simple_kernel: CUDA cores, one token at a time, each warp owning 4 of the 16 rows.
 // Masks: query row at position p = L - seqlen_q + s sees key j iff j < L, j <= p (causal) and
 // j >= p - window (window >= 0), and j >= cache_leftpad[b] when given (the split range starts
@@ -603,27 +605,49 @@ __global__ void __launch_bounds__(kThreads, DP == 64 ? 5 : 0) decode_tc_kernel(c
     __syncthreads();
   }
 
+  // Where the keys are: contiguous caches, or pages of whole 16-key steps (page % 16 == 0;
+  // run_decode gives other page sizes to decode_simple_kernel).  A step's keys then share one
+  // block and sit at consecutive slots; the warp loads the block id of its next step while this
+  // one's K/V loads are in flight, so those never wait for a block-table load (the first one is
+  // loaded here, beside q).
+  const bool paged = p.block_table != nullptr;
+  auto block_of = [&](int tok) { return __ldg(p.block_table + b * p.bt_s + tok / p.page); };
+  int next_blk = paged && sr.step0 + warp < sr.step1 ? block_of(sr.base + (sr.step0 + warp) * kStep)
+                                                     : b;  // (contiguous: the sequence's own row)
   // Q fragments: register r of k-step ks of lane (rg, rt) holds Q[row][d0], Q[row][d0 + 1] with
   // row = rg + 8 * (r & 1) and d0 the head-dim pair that K's B fragment holds (same permutation).
-  for (int idx = tid; idx < KSTEPS * 32 * 4; idx += kThreads) {
-    const int ks = idx >> 7, ln = (idx >> 2) & 31, r = idx & 3;
+  // Thread tid fills entry (lane tid / 4, register tid % 4) of every k-step: one query row, KSTEPS
+  // pairs of it, all loaded before any is stored (a load-store loop waited for each load in turn:
+  // KSTEPS dependent round trips before the first key).
+  static_assert(kThreads == 32 * 4, "one Q fragment entry per thread and k-step");
+  {
+    const int ln = tid >> 2, r = tid & 3;
     const int row = (ln >> 2) + 8 * (r & 1), pr = r >> 1;
-    const int d0 = 8 * ((ln & 3) + 4 * (ks >> 1)) + 2 * (2 * (ks & 1) + pr);
     const int R = mtile * kRows + row;
-    uint32_t val = 0;
-    if (R < n_rows && d0 < p.D) {
-      const int s = R / p.G, h = hkv * p.G + R % p.G;
-      if (NEW_KV && p.q_prep) {  // (D % 8 == 0 here: d0 + 1 < D)
-        const T* x = raw_q_row<T>(p, b, s, h);
-        const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + s;
-        const float rs = norm ? s_rstd[row] : 0.f;
-        val = pack2<T>(prepared<T>(p.nk, norm, x, p.nk.q_w, rs, pos, d0),
-                       prepared<T>(p.nk, norm, x, p.nk.q_w, rs, pos, d0 + 1));
-      } else {
-        val = *reinterpret_cast<const uint32_t*>(q + b * p.q_b + s * p.q_s + h * p.q_h + d0);
+    const bool row_ok = R < n_rows;
+    const int s = row_ok ? R / p.G : 0, h = hkv * p.G + (row_ok ? R % p.G : 0);
+    uint32_t val[KSTEPS];
+    if (NEW_KV && p.q_prep) {  // (D % 8 == 0 here: d0 + 1 < D)
+      const T* x = raw_q_row<T>(p, b, s, h);
+      const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + s;
+      const float rs = norm ? s_rstd[row] : 0.f;
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ++ks) {
+        const int d0 = 8 * ((ln & 3) + 4 * (ks >> 1)) + 2 * (2 * (ks & 1) + pr);
+        val[ks] = row_ok && d0 < p.D ? pack2<T>(prepared<T>(p.nk, norm, x, p.nk.q_w, rs, pos, d0),
+                                                prepared<T>(p.nk, norm, x, p.nk.q_w, rs, pos, d0 + 1))
+                                     : 0u;
+      }
+    } else {
+      const T* qrow = q + b * p.q_b + s * p.q_s + h * p.q_h;
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ++ks) {
+        const int d0 = 8 * ((ln & 3) + 4 * (ks >> 1)) + 2 * (2 * (ks & 1) + pr);
+        val[ks] = row_ok && d0 < p.D ? *reinterpret_cast<const uint32_t*>(qrow + d0) : 0u;
       }
     }
-    s_q[ks][ln][r] = val;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) s_q[ks][ln][r] = val[ks];
   }
 
   // The last split's new keys and values, prepared and rounded to T, [kRows][DP] each, in s_o's
@@ -655,13 +679,19 @@ __global__ void __launch_bounds__(kThreads, DP == 64 ? 5 : 0) decode_tc_kernel(c
 
   for (int st = sr.step0 + warp; st < sr.step1; st += kWarps) {
     const int base = sr.base + st * kStep;
+    const int blk = next_blk;
+    if (paged && st + kWarps < sr.step1) next_blk = block_of(base + kWarps * kStep);
+    const bool blk_ok = blk >= 0 && blk < p.n_pages;  // (a freed sequence's -1, an id out of range: never read)
+    const int slot0 = paged ? base % p.page : base;  // key base + i: slot slot0 + i of block blk
+    const T* const kstep = kc + blk_ok * (blk * p.k_b + slot0 * p.k_t);
+    const T* const vstep = vc + blk_ok * (blk * p.v_b + slot0 * p.v_t);
     // K: keys base + 8t + g, chunks tq + 4i.
     uint32_t kw[2][KCH][4];
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
-      int blk = 0, slot = 0;
-      const bool ok = locate(p, b, base + 8 * t + g, sr.hi, blk, slot);
-      const T* kp = kc + blk * p.k_b + slot * p.k_t;
+      const int i_key = 8 * t + g;
+      const bool ok = blk_ok && base + i_key < sr.hi;
+      const T* kp = kstep + i_key * p.k_t;
 #pragma unroll
       for (int i = 0; i < KCH; ++i) {
         const int c = tq + 4 * i;
@@ -679,12 +709,11 @@ __global__ void __launch_bounds__(kThreads, DP == 64 ? 5 : 0) decode_tc_kernel(c
     const T* vp[4];
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      int blk = 0, slot = 0;
-      const int tok = base + 2 * tq + (u & 1) + 8 * (u >> 1);
+      const int i_key = 2 * tq + (u & 1) + 8 * (u >> 1), tok = base + i_key;
       // Tokens before the window's first key (base is lo rounded down) get P = 0, but their
       // V must not be read either: a reused block could hold NaN/Inf, and 0 * NaN = NaN.
-      vok[u] = locate(p, b, tok, sr.hi, blk, slot) && tok >= sr.lo;
-      vp[u] = vc + blk * p.v_b + slot * p.v_t;
+      vok[u] = blk_ok && tok < sr.hi && tok >= sr.lo;
+      vp[u] = vstep + i_key * p.v_t;
     }
     if (!kLateV) load_v_chunks<T, VM>(vw, vok, vp, g, p.D);
 
@@ -1124,7 +1153,8 @@ void run_decode(const DecodeParams& p, dim3 grid, cudaStream_t stream, const at:
                 const at::Tensor& v_cache, int64_t combine_rows) {
   bool tc = false;
   if constexpr (!std::is_same_v<T, float>)
-    tc = p.D % 8 == 0 && aligned16<T>(k_cache, {p.k_b, p.k_t, p.k_h}) && aligned16<T>(v_cache, {p.v_b, p.v_t, p.v_h});
+    tc = p.D % 8 == 0 && aligned16<T>(k_cache, {p.k_b, p.k_t, p.k_h}) && aligned16<T>(v_cache, {p.v_b, p.v_t, p.v_h}) &&
+         (p.block_table == nullptr || p.page % kStep == 0);  // (pages of whole steps: decode_tc_kernel)
   if (p.new_kv) {
     launch_decode_kernel<T, true>(p, grid, stream, tc);
   } else {

@@ -153,7 +153,7 @@ def emu_decode(lib, q, k_cache, v_cache, seqlens, block_table=None, *, causal=Tr
         vec = 16 // q.element_size()
         tc = q.dtype != torch.float32 and D % 8 == 0 and all(
             s % vec == 0 for c in (k_cache, v_cache) for s in c.stride()[:3]) and all(
-            c.data_ptr() % 16 == 0 for c in (k_cache, v_cache))
+            c.data_ptr() % 16 == 0 for c in (k_cache, v_cache)) and (block_table is None or page % 16 == 0)
     st = list(q.stride()[:3]) + list(k_cache.stride()[:3]) + list(v_cache.stride()[:3]) + list(out.stride())
     lib.decode(_ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(seqlens), _ptr(block_table), _ptr(out), _ptr(o_part),
                _ptr(lse_part), (ctypes.c_int64 * 13)(*st), block_table.stride(0) if block_table is not None else 0,
