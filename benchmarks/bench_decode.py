@@ -5,7 +5,9 @@ is achieved GB/s = (K + V cache bytes read) / time = 2 * batch * context * n_kv_
 head_dim * element_size / time, and its % of the device copy bandwidth measured in this run.
 Shapes: batch 1, 8, 64 x context 512..32k x GQA 1:1, 4:1, 8:1 (32 query heads, head_dim 128,
 bf16), every sequence filled to the context; paged caches use 16-token blocks in a shuffled
-block table.  Implementations: fastlm triton and cuda (paged and contiguous), PyTorch SDPA over
+block table.  Implementations: fastlm triton and cuda (paged and contiguous; with a
+decode_workspace, as the model's caches call them: the splits merge in the decode launch, no
+combine launch), PyTorch SDPA over
 the contiguous cache (q of length 1 attends to everything: no mask needed), the reference
 gather + attention (fastlm.reference.decode_attention, <= 512 MiB caches), torch.compile of the
 reference (one shape: batch 1, 4k, GQA 4:1), flash_attn_with_kvcache / flashinfer when installed.
@@ -143,8 +145,9 @@ def peer_calls(name, q, lens, caches, paged, hkv, ctx, fa, fi):
     if name in ("triton", "cuda"):
         if name == "cuda" and not _C_loader.HAVE_CUDA_KERNELS:
             return "skipped: fastlm._C built without CUDA kernels"
-        return [lambda c=c: fastlm.ops.decode_attention(q, c[0], c[1], lens, block_table=c[2], backend=name)
-                for c in caches]
+        ws = fastlm.ops.decode_workspace(q.shape[0], q.shape[2], q.shape[1], device=q.device)  # (left zeroed)
+        return [lambda c=c: fastlm.ops.decode_attention(q, c[0], c[1], lens, block_table=c[2], workspace=ws,
+                                                        backend=name) for c in caches]
     if name == "reference":
         return [lambda c=c: reference.decode_attention(q, c[0], c[1], lens, block_table=c[2]) for c in caches]
     if name == "reference-compile":
@@ -246,6 +249,7 @@ def bench_splits(res, args, copy_bw):
         nbytes = kv_bytes(batch, ctx, hkv)
         for paged in (True, False):
             q, lens, caches = make_inputs(batch, ctx, hkv, paged, n_copies(nbytes), gen)
+            ws = fastlm.ops.decode_workspace(batch, HQ, device="cuda")  # (as in bench_decode: the fused merge)
             for be in backends:
                 picked = kv_ops._splits(q, caches[0][0], caches[0][2], 0, be)
                 row = dict(op="decode_splits", batch=batch, context=ctx, gqa=ratio,
@@ -254,7 +258,8 @@ def bench_splits(res, args, copy_bw):
                 times = {}
                 for n in counts:
                     calls = [lambda c=c, n=n: fastlm.ops.decode_attention(q, c[0], c[1], lens, block_table=c[2],
-                                                                          num_splits=n, backend=be) for c in caches]
+                                                                          num_splits=n, workspace=ws, backend=be)
+                             for c in caches]
                     ms = timed_row(res, calls, nbytes, copy_bw, **row, num_splits=n)
                     if ms is not None:
                         times[n] = ms
