@@ -21,8 +21,12 @@
 //                 the PTX ISA; the accumulators read as NaN until the wait that completes the
 //                 wgmma, and writing them, or changing a shared-memory operand or an A register
 //                 before that wait, stops the process (see "wgmma: asynchronous" below)
-//   setmaxnreg, fences   no-ops (the proxy fences and wgmma.fence are not checked); named
-//                 barriers: cuda_emu.h's
+//   proxy fences  a shared-memory store made with st_async_src (the kernel's stores of data that
+//                 wgmma or a TMA reduce reads) stays "unfenced" until its thread's next
+//                 fence.proxy.async; a wgmma or TMA reduce issued while a byte it reads is
+//                 unfenced stops the process (plain stores are not tracked); a TMA load over it
+//                 clears it
+//   setmaxnreg, wgmma.fence   no-ops (not checked); named barriers: cuda_emu.h's
 #pragma once
 
 #include <array>
@@ -89,6 +93,12 @@ struct EmuSm90Cta {
   std::vector<EmuWgmmaThread> threads;
   std::vector<EmuBulkThread> bulk;
   uint64_t tma_count = 0;
+  // Proxy fences: per 4-byte word of dynamic shared memory, 1 + the thread whose st_async_src to
+  // it is not yet followed by its fence.proxy.async (0: none); per thread, the words it stored
+  // since its last fence.
+  std::vector<uint16_t> unfenced;
+  std::vector<std::vector<uint32_t>> stored;
+  bool checking_async_read = false;  // (a wgmma's operands are being read at its issue)
 };
 inline void emu_sm90_at_end();
 inline EmuSm90Cta& emu_sm90() {
@@ -96,6 +106,8 @@ inline EmuSm90Cta& emu_sm90() {
     auto st = std::make_shared<EmuSm90Cta>();
     st->threads.resize(emu_cta->threads);
     st->bulk.resize(emu_cta->threads);
+    st->unfenced.assign(emu_cta->dyn.size() * sizeof(emu_cta->dyn[0]) / 4, 0);
+    st->stored.resize(emu_cta->threads);
     emu_cta->ext = st;
     emu_cta->at_end = &emu_sm90_at_end;
   }
@@ -105,6 +117,40 @@ inline EmuSm90Cta& emu_sm90() {
   std::fprintf(stderr, "cuda_emu_sm90: %s (block (%u,%u,%u))\n", what, blockIdx.x, blockIdx.y, blockIdx.z);
   std::fflush(stderr);
   std::_Exit(89);
+}
+
+// ---- proxy fences ----
+template <typename V>
+inline void st_async_src(void* p, const V& v) {
+  static_assert(sizeof(V) % 4 == 0, "whole 4-byte words");
+  std::memcpy(p, &v, sizeof(V));
+  const uint32_t at = smem_u32(p);
+  if (at % 4) emu_sm90_fail("st_async_src: a store not aligned to 4 bytes");
+  EmuSm90Cta& st = emu_sm90();
+  const int tid = emu_tid();
+  for (uint32_t w = at / 4; w < (at + sizeof(V)) / 4; ++w) {
+    st.unfenced[w] = static_cast<uint16_t>(tid + 1);
+    st.stored[tid].push_back(w);
+  }
+}
+inline void fence_proxy_async() {
+  EmuSm90Cta& st = emu_sm90();
+  const int tid = emu_tid();
+  for (uint32_t w : st.stored[tid])
+    if (st.unfenced[w] == tid + 1) st.unfenced[w] = 0;
+  st.stored[tid].clear();
+}
+// An async-proxy read of shared memory [addr, addr + bytes): every st_async_src to it fenced.
+inline void emu_async_read(uint32_t addr, uint32_t bytes, const char* who) {
+  const EmuSm90Cta& st = emu_sm90();
+  for (uint32_t w = addr / 4; w < (addr + bytes + 3) / 4; ++w)
+    if (st.unfenced[w]) {
+      std::fprintf(stderr, "cuda_emu_sm90: %s reads shared address %u, stored by thread %d with no "
+                   "fence.proxy.async after the store (block (%u,%u,%u))\n", who, 4 * w, st.unfenced[w] - 1,
+                   blockIdx.x, blockIdx.y, blockIdx.z);
+      std::fflush(stderr);
+      std::_Exit(89);
+    }
 }
 
 // ---- mbarrier ----
@@ -205,7 +251,9 @@ inline int64_t emu_for_box(const CUtensorMap& map, const int (&c)[4], F&& f) {
 }
 // Writes the box at `base` (shared address, 1024-byte aligned); returns its bytes.
 inline int64_t emu_tma_box(uint32_t base, const CUtensorMap& map, const int (&c)[4]) {
+  std::vector<uint16_t>& unfenced = emu_sm90().unfenced;
   return emu_for_box(map, c, [&](uint32_t at, int64_t off, bool in) {
+    unfenced[emu_swizzle128(base + at) / 4] = 0;  // (async data now)
     unsigned char* dst = emu_smem_at(emu_swizzle128(base + at));
     if (in) {
       std::memcpy(dst, static_cast<const unsigned char*>(map.base) + off, map.elem_bytes);
@@ -252,6 +300,7 @@ inline void tma_reduce_add_4d(const CUtensorMap* map, const void* src, int c0, i
     std::_Exit(89);
   }
   const int64_t bytes = int64_t{128} * map->box[1] * map->box[2] * map->box[3];
+  emu_async_read(base, static_cast<uint32_t>(bytes), "TMA reduce");
   EmuBulkOp op;
   op.src = base;
   op.at_issue.assign(emu_smem_at(base), emu_smem_at(base) + bytes);
@@ -356,7 +405,6 @@ inline void wgmma_wait() {
 }
 template <int R>
 inline void fence_regs(float (&)[R]) {}
-inline void fence_proxy_async() {}
 
 inline void emu_sm90_at_end() {
   auto* st = static_cast<EmuSm90Cta*>(emu_cta->ext.get());
@@ -395,8 +443,10 @@ inline float emu_desc_elem(uint64_t desc, bool k_major, int mn, int k) {
   } else {  // ((T, 8, m), (8, k)) : ((1, T, LBO), (8T, SBO))
     elem = (mn % 8) + ((mn / 8) % 8) * 8 + (mn / 64) * (lbo / 2) + (k % 8) * 64 + (k / 8) * (sbo / 2);
   }
+  const uint32_t at = emu_swizzle128(start + 2 * elem);
+  if (emu_sm90().checking_async_read) emu_async_read(at, 2, "wgmma (a shared-memory operand)");
   uint16_t bits;
-  std::memcpy(&bits, emu_smem_at(emu_swizzle128(start + 2 * elem)), 2);
+  std::memcpy(&bits, emu_smem_at(at), 2);
   return emu_bits_to_float<T>(bits);
 }
 
@@ -442,7 +492,9 @@ inline void emu_wgmma(float (&d)[N / 2], const uint32_t* a_regs, uint64_t a_desc
     }
     return out;
   };
+  emu_sm90().checking_async_read = true;  // (the operands as the issue reads them: fenced)
   op.at_issue = op.product();
+  emu_sm90().checking_async_read = false;
   op.a_regs = a_regs;
   if (a_regs) std::memcpy(op.a_issue, a_regs, sizeof(op.a_issue));
   emu_wgmma_issue(std::move(op));

@@ -4,7 +4,8 @@ violation), first obeying the rule (it must pass), then breaking it (it must fai
 
 These guard the checks that tests/test_attention_sm90_emu.py relies on: wgmma is asynchronous
 (its accumulators are unusable until the wait_group that completes it; its shared-memory
-operands and A registers must not change before then), a TMA load lands when it lands (a
+operands and A registers must not change before then; data stored for it through the generic
+proxy needs fence.proxy.async first), a TMA load lands when it lands (a
 consumer must wait for its barrier's phase), and a TMA reduce reads its shared memory when it
 reads it (the box must stay unchanged until bulk wait_group.read).
 """
@@ -33,7 +34,15 @@ void wgmma_kernel() {
   FASTLM_EXTERN_SMEM(unsigned char, smem);
   const int tid = threadIdx.x;
   const __half one = __float2half(1.f);
-  for (int i = tid; i < 2 * 64 * 64; i += 128) std::memcpy(smem + 2 * i, &one, 2);  // A at 0, B at 8192
+  if (mode.rfind("generic", 0) == 0) {  // the operands as st_async_src stores (4 bytes: two ones)
+    uint32_t ones;
+    std::memcpy(&ones, &one, 2);
+    std::memcpy(reinterpret_cast<char*>(&ones) + 2, &one, 2);
+    for (int i = tid; i < 64 * 64; i += 128) st_async_src(smem + 4 * i, ones);
+    if (mode == "generic_fenced") fence_proxy_async();
+  } else {
+    for (int i = tid; i < 2 * 64 * 64; i += 128) std::memcpy(smem + 2 * i, &one, 2);  // A at 0, B at 8192
+  }
   __syncthreads();
   float d[32];
   for (int i = 0; i < 32; ++i) d[i] = 0.f;
@@ -181,6 +190,8 @@ def _run(exe, mode):
 
 def test_wgmma_obeying_the_rules_passes(program):
     assert _run(program, "ok") == (0, "")
+    # operands stored through the generic proxy (st_async_src), then fence.proxy.async, barrier
+    assert _run(program, "generic_fenced") == (0, "")
 
 
 @pytest.mark.parametrize("mode,says", [
@@ -188,6 +199,7 @@ def test_wgmma_obeying_the_rules_passes(program):
     ("write_early", "accumulator registers written while the wgmma was in flight"),
     ("smem_early", "a shared-memory operand changed while the wgmma was in flight"),
     ("no_wait", "a thread exited with wgmmas not waited for"),
+    ("generic_unfenced", "with no fence.proxy.async after the store"),  # the barrier alone is not enough
 ])
 def test_wgmma_broken_rules_fail(program, mode, says):
     rc, out = _run(program, mode)

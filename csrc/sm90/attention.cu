@@ -374,7 +374,7 @@ __device__ __forceinline__ void store_rows(unsigned char* buf, int kr0, int t, c
     const int row = kr0 + 8 * ((i >> 1) & 1), col = 8 * (i / 4) + 2 * t;
     const uint32_t at = base + (row % 8) * kSwizzleBytes + (row / 8) * 1024 + 2 * col;
     const uint32_t v = pack2<T>(acc[i], acc[i + 1]);
-    memcpy(buf + ((at ^ (((at >> 7) & 7u) << 4)) - base), &v, 4);
+    st_async_src(buf + ((at ^ (((at >> 7) & 7u) << 4)) - base), v);
   }
 }
 
@@ -396,8 +396,7 @@ __device__ __forceinline__ void store_dq(unsigned char* tile, int r0, int t, con
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = 4 * (4 * box + m) + 2 * r;  // accumulator i: column tile j = 4 box + m, row r0 + 8 r
-        *reinterpret_cast<float2*>(at + box * kQBoxBytes + r * 8 * kSwizzleBytes) =
-            make_float2(dq[i] * scale, dq[i + 1] * scale);
+        st_async_src(at + box * kQBoxBytes + r * 8 * kSwizzleBytes, make_float2(dq[i] * scale, dq[i + 1] * scale));
       }
   }
 }

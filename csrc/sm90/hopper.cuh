@@ -98,6 +98,18 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 // Orders this thread's shared-memory stores before later reads by the async proxy (wgmma operands).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// A shared-memory store (generic proxy) of data an async-proxy operation will read (a wgmma
+// operand, a TMA reduce's box): fence_proxy_async must follow it before that read (and a barrier,
+// for another thread's).  The emulator tracks these stores and stops a run whose async read finds
+// one not fenced.
+template <typename V>
+__device__ __forceinline__ void st_async_src(void* p, const V& v) {
+  if constexpr (sizeof(V) == 4) {
+    memcpy(p, &v, 4);  // (a typed 4-byte store here costs the backward's dK/dV 8-16 more bytes of spill)
+  } else {
+    *static_cast<V*>(p) = v;
+  }
+}
 // The accumulators must not be touched by other instructions while a wgmma is in flight: this
 // keeps the compiler from moving their uses across the wait.
 template <int R>
