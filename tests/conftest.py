@@ -68,6 +68,52 @@ def _shuffle_interpreter_programs():
 INTERPRETER_SHUFFLES_PROGRAMS = not HAS_CUDA and _shuffle_interpreter_programs()
 
 
+def _contract_interpreter_fp32():
+    """On a GPU, triton contracts an fp32 product feeding an add or subtract into one fused
+    multiply-add (its default enable_fp_fusion: LLVM's NVPTX backend, then ptxas, fuse even a
+    product with other uses), rounding once where the interpreter rounds the product and the sum
+    apart.  A result a test expects bit for bit (a rotated cache row against the reference's, two
+    backends against each other) can then differ on a GPU only.  Under the interpreter here each
+    fp32 add / subtract of a product is computed as that fused operation: the product exact in
+    float64, one rounding to fp32 (the left operand's product when both are products, as LLVM's
+    DAG combiner picks).  Sums inside tl.sum and tl.dot keep the interpreter's numpy arithmetic.
+    FASTLM_INTERPRET_FMA=0 leaves the interpreter's separate roundings."""
+    if os.environ.get("FASTLM_INTERPRET_FMA", "1") == "0":
+        return False
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter as ti
+
+        builder, handle = ti.InterpreterBuilder, ti.TensorHandle
+        real_mul, real_add, real_sub = builder.create_fmul, builder.create_fadd, builder.create_fsub
+    except (ImportError, AttributeError):
+        return False
+
+    def create_fmul(self, lhs, rhs):
+        out = real_mul(self, lhs, rhs)
+        if out.dtype == tl.float32:
+            out.fastlm_product = (lhs.data, rhs.data)
+        return out
+
+    def fused(real, sign):
+        def create(self, lhs, rhs):  # lhs + sign * rhs
+            for prod, other, s_prod, s_other in ((lhs, rhs, 1.0, sign), (rhs, lhs, sign, 1.0)):
+                ab = getattr(prod, "fastlm_product", None)
+                if ab is not None and other.dtype == tl.float32:
+                    exact = s_prod * (ab[0].astype(np.float64) * ab[1].astype(np.float64))
+                    return handle((exact + s_other * other.data.astype(np.float64)).astype(np.float32), tl.float32)
+            return real(self, lhs, rhs)
+        return create
+
+    builder.create_fmul = create_fmul
+    builder.create_fadd, builder.create_fsub = fused(real_add, 1.0), fused(real_sub, -1.0)
+    return True
+
+
+INTERPRETER_CONTRACTS_FP32 = not HAS_CUDA and _contract_interpreter_fp32()
+
+
 def triton_bf16_mark():
     """The mark of a bf16 case of a Triton kernel that uses tl.dot: none on a GPU or with the
     interpreter's bf16 dot fixed (by fastlm, above), else gpu."""

@@ -26,6 +26,21 @@ def toolchain():
     return cxx, inc
 
 
+def fp_contract_flags():
+    """Compiler flags that contract a * b + c into one fused multiply-add, as nvcc does (--fmad=true,
+    implied by the --use_fast_math of setup.py): a kernel whose result must equal an unfused
+    reference bit for bit (a rotated cache row, say) then differs here as it would on a GPU, instead of
+    only there.  g++ forms FMAs in its -fexpensive-optimizations passes (on at -O2), so -O1 builds
+    get them too.  Only where the CPU has FMA instructions (x86-64 with the fma flag); elsewhere none,
+    and the emulated kernels round every product (the reference's way)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            has_fma = any(line.startswith("flags") and " fma " in f" {line.split(':', 1)[-1].strip()} " for line in f)
+    except OSError:
+        has_fma = False
+    return ["-mfma", "-ffp-contract=fast", "-fexpensive-optimizations"] if has_fma else []
+
+
 def build(tmp_dir, cu_file, entry_cpp, opt="-O2"):
     src = open(os.path.join(ROOT, "csrc", cu_file)).read()
     begin, end = src.find("// ---- kernel begin"), src.find("// ---- kernel end")
@@ -37,7 +52,7 @@ def build(tmp_dir, cu_file, entry_cpp, opt="-O2"):
     with open(os.path.join(d, "entry.cpp"), "w") as f:
         f.write(entry_cpp)
     lib = os.path.join(d, "libemu.so")
-    r = subprocess.run([cxx, opt, "-std=c++20", "-shared", "-fPIC", "-pthread", "-w", f"-I{inc}",
+    r = subprocess.run([cxx, opt, *fp_contract_flags(), "-std=c++20", "-shared", "-fPIC", "-pthread", "-w", f"-I{inc}",
                         f"-I{os.path.join(ROOT, 'csrc')}", f"-I{os.path.join(ROOT, 'tests')}", f"-I{d}",
                         os.path.join(d, "entry.cpp"), "-o", lib], capture_output=True, text=True)
     assert r.returncode == 0, f"compiling the emulated csrc/{cu_file} failed:\n{r.stderr[-4000:]}"

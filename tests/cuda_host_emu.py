@@ -34,7 +34,7 @@ import tempfile
 import pytest
 import torch
 
-from cuda_emu import toolchain
+from cuda_emu import fp_contract_flags, toolchain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -236,7 +236,7 @@ def load():
 
     asan = os.environ.get("FASTLM_EMU_ASAN", "0") not in ("", "0")  # see test_cuda_kernels_under_address_sanitizer
     deps = [open(os.path.join(TESTS, "cuda_emu.h")).read(), open(os.path.join(CSRC, "device.cuh")).read(),
-            torch.__version__, cxx, f"asan={asan}"]
+            torch.__version__, cxx, f"asan={asan}", *fp_contract_flags()]
     key = hashlib.sha256("\0".join(deps + [files[k] for k in sorted(files)]).encode()).hexdigest()[:16]
     build = os.path.join(tempfile.gettempdir(), f"fastlm_host_emu_{key}")
     lib = os.path.join(build, "libfastlm_host_emu.so")
@@ -249,7 +249,7 @@ def load():
                     f.write(text)
             incs = [f"-I{p}" for p in cpp_extension.include_paths() + [build, CSRC, TESTS, cuda_inc,
                                                                       sysconfig.get_paths()["include"]]]
-            flags = ["-O1", "-std=c++20", "-fPIC", "-pthread", "-w", "-fvisibility=hidden", "-DFASTLM_WITH_CUDA"] + incs
+            flags = ["-O1", *fp_contract_flags(), "-std=c++20", "-fPIC", "-pthread", "-w", "-fvisibility=hidden", "-DFASTLM_WITH_CUDA"] + incs
             if asan:
                 flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
             objs, procs = [], []

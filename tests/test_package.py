@@ -285,6 +285,70 @@ def test_bf16_casts_round_to_nearest_even():
     assert torch.equal(bits(v), bits(ints.to(torch.bfloat16)))
 
 
+def test_fp32_products_contract_into_fma():
+    """A Triton kernel's fp32 product feeding an add or subtract is one fused multiply-add: a
+    GPU's triton contracts it (enable_fp_fusion), and the tests' interpreter does the same
+    (conftest.py), so a test expecting a kernel's bits is not right on the CPU only.  Against the
+    fused result computed in float64 (product exact, one rounding), with inputs where the
+    separate roundings differ from it.  Two products: one of them is fused."""
+    import triton
+    import triton.language as tl
+
+    from conftest import HAS_CUDA, INTERPRETER_CONTRACTS_FP32
+
+    @triton.jit
+    def fma_forms(X, Y, Z, U, O, N: tl.constexpr):
+        i = tl.arange(0, N)
+        x, y, z, u = tl.load(X + i), tl.load(Y + i), tl.load(Z + i), tl.load(U + i)
+        tl.store(O + i, x * y + z)
+        tl.store(O + N + i, x * y - z)
+        tl.store(O + 2 * N + i, z - x * y)
+        tl.store(O + 3 * N + i, x * y - z * u)
+
+    assert HAS_CUDA or INTERPRETER_CONTRACTS_FP32
+    dev = "cuda" if HAS_CUDA else "cpu"
+    N = 256
+    g = torch.Generator().manual_seed(0)
+    x, y, z, u = (torch.randn(N, generator=g) for _ in range(4))
+    out = torch.empty(4 * N, device=dev)
+    fma_forms[(1,)](*(t.to(dev) for t in (x, y, z, u)), out, N=N)
+    out = out.cpu().view(4, N)
+    X, Y, Z, U = (t.double() for t in (x, y, z, u))
+    fused = [(X * Y + Z).float(), (X * Y - Z).float(), (Z - X * Y).float()]
+    unfused = [x * y + z, x * y - z, z - x * y]
+    for k in range(3):
+        assert torch.equal(out[k], fused[k]), f"form {k}: not one fused multiply-add"
+        assert not torch.equal(fused[k], unfused[k])  # the inputs tell the two apart
+    left, right = (X * Y - (z * u).double()).float(), ((x * y).double() - Z * U).float()
+    assert ((out[3] == left) | (out[3] == right)).all() and not torch.equal(left, x * y - z * u)
+
+
+def test_emulated_cuda_contracts_like_nvcc(tmp_path):
+    """The CUDA emulator's builds (tests/cuda_emu.py, cuda_host_emu.py) fuse a * b + c into one
+    multiply-add, as nvcc does for the GPU: the flags do it with this compiler at -O1 (the host
+    library's level) as at -O2, checked on inputs where one rounding and two differ."""
+    import ctypes
+
+    import pytest
+
+    import cuda_emu
+
+    flags = cuda_emu.fp_contract_flags()
+    if not flags:
+        pytest.skip("this CPU has no FMA instructions: the emulated kernels round every product")
+    cxx, _ = cuda_emu.toolchain()
+    src = tmp_path / "f.cpp"
+    src.write_text('extern "C" float muladd(float a, float b, float c) { return a * b + c; }\n')
+    a = c = 1 + 2.0**-12  # a * a = 1 + 2^-11 + 2^-24 exactly; rounded to fp32, 1 + 2^-11
+    for opt in ("-O1", "-O2"):
+        lib = tmp_path / f"f{opt}.so"
+        subprocess.run([cxx, opt, *flags, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+        f = ctypes.CDLL(str(lib)).muladd
+        f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float] * 3
+        got = f(a, c, -(1 + 2.0**-11))
+        assert got == 2.0**-24, f"{opt}: a * b + c was rounded twice (got {got}, 0 when rounded twice)"
+
+
 def test_generated_wgmma_wrappers_are_current():
     """csrc/sm90/wgmma_ptx.cuh is what scripts/gen_wgmma.py writes (edit the generator, not it)."""
     import importlib.util
