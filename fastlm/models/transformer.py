@@ -625,7 +625,7 @@ class Transformer(nn.Module):
         ropes = self._rope_inputs(tokens, positions, cu_seqlens)
         residual = pending = None  # pending: a post-norm deferred into the next block's first kernel
         for layer in self.layers:
-            rope = ropes[layer.attn.local_rope]
+            rope = ropes[1] if layer.attn.local_rope else ropes[0]  # (dynamo of torch 2.11 refuses a bool index)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x, residual = checkpoint(layer, x, residual, rope, cu_seqlens, max_seqlen, cache, use_reentrant=False)
             else:
