@@ -68,3 +68,22 @@ def cdiv(a, b):
 def next_pow2(n):
     n = int(n)
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def mul_rn(a, b, ASM: tl.constexpr):
+    """fp32 a * b rounded on its own, never fused into a multiply-add with what follows (a GPU's
+    triton contracts a product feeding an add): for a kernel whose result must equal torch's
+    separate ops bit for bit.  ASM (on a GPU): PTX mul.rn.f32, which neither LLVM nor ptxas fuses.
+    Without it (the interpreter, which has no inline assembly and rounds every product anyway):
+    the product through bitcasts, a new value that the tests' contraction model
+    (tests/conftest.py) does not see as a product either."""
+    if ASM:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return (a * b).to(tl.int32, bitcast=True).to(tl.float32, bitcast=True)

@@ -22,7 +22,8 @@ warp issues each load and store for all its lanes at once), so no other program 
 import triton
 import triton.language as tl
 
-from fastlm.kernels import next_pow2, on_tensor_device
+from fastlm._backend import interpreter_active
+from fastlm.kernels import mul_rn, next_pow2, on_tensor_device
 
 MAX_BLOCK = 1024  # batch rows per loop step
 
@@ -70,7 +71,7 @@ def record_token(nxt, top, tok, ring, row_max, ctr):
 
 @triton.jit
 def _embed_kernel(TOK, W, POS, P, OUT, T, V, n_pos, D, scale, s_tb, s_tt, s_w, s_pb, s_pt, s_p,
-                  HAS_SCALE: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_D: tl.constexpr):
+                  HAS_SCALE: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_D: tl.constexpr, ASM: tl.constexpr):
     r = tl.program_id(0)
     b, t = r // T, r % T
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -80,8 +81,8 @@ def _embed_kernel(TOK, W, POS, P, OUT, T, V, n_pos, D, scale, s_tb, s_tt, s_w, s
     ok = (tok >= 0) & (tok < V)  # an id outside the vocabulary gives a NaN row, never another row
     x = tl.load(W + tl.where(ok, tok, 0)[:, None] * s_w + d[None, :], mask=ok[:, None] & dm[None, :],
                 other=float("nan"))
-    if HAS_SCALE:  # rounded to the table's dtype, as x * tensor(scale, dtype) stores it
-        x = (x.to(tl.float32) * scale).to(x.dtype)
+    if HAS_SCALE:  # rounded to the table's dtype, as x * tensor(scale, dtype) stores it (fp32: not
+        x = mul_rn(x.to(tl.float32), scale, ASM).to(x.dtype)  # fused with the + pe below)
     if HAS_POS:
         pos = tl.load(POS + b * s_pb + t * s_pt + one).to(tl.int64)
         pok = (pos >= 0) & (pos < n_pos)
@@ -113,6 +114,6 @@ def embed(tokens, weight, scale=None, positions=None, pos_weight=None):
     _embed_kernel[(B * T, triton.cdiv(D, block_d))](
         tok, weight, p_args[0], p_args[1], out, T, V, p_args[2], D, float(scale) if scale is not None else 1.0,
         tok.stride(0), tok.stride(1), weight.stride(0), p_args[3], p_args[4], p_args[5],
-        HAS_SCALE=scale is not None, HAS_POS=positions is not None, BLOCK_D=block_d,
+        HAS_SCALE=scale is not None, HAS_POS=positions is not None, BLOCK_D=block_d, ASM=not interpreter_active(),
         num_warps=4 if block_d >= 512 else 1)
     return out
