@@ -26,6 +26,8 @@ if __name__ == "kernels":
         _spec.loader.exec_module(_installed)
 
 import torch
+import triton
+import triton.language as tl
 
 from fastlm import _interpret
 
@@ -68,10 +70,6 @@ def cdiv(a, b):
 def next_pow2(n):
     n = int(n)
     return 1 << (n - 1).bit_length() if n > 0 else 0
-
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 
 @triton.jit

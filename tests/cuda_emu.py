@@ -7,6 +7,7 @@ launch entry points), compiles them with g++ and returns the ctypes library.  Sk
 when g++ or the CUDA headers (cuda_fp16.h / cuda_bf16.h; they come with nvcc) are missing.
 """
 import ctypes
+import functools
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ def toolchain():
     return cxx, inc
 
 
+@functools.lru_cache(maxsize=None)
 def fp_contract_flags():
     """Compiler flags that contract a * b + c into one fused multiply-add, as nvcc does (--fmad=true,
     implied by the --use_fast_math of setup.py): a kernel whose result must equal an unfused
@@ -38,7 +40,7 @@ def fp_contract_flags():
             has_fma = any(line.startswith("flags") and " fma " in f" {line.split(':', 1)[-1].strip()} " for line in f)
     except OSError:
         has_fma = False
-    return ["-mfma", "-ffp-contract=fast", "-fexpensive-optimizations"] if has_fma else []
+    return ("-mfma", "-ffp-contract=fast", "-fexpensive-optimizations") if has_fma else ()
 
 
 def build(tmp_dir, cu_file, entry_cpp, opt="-O2"):
