@@ -26,7 +26,8 @@
 # FASTLM_CUDA_ARCHS defaults to 9.0 here (the GPU in hand) to halve the compile time.
 # With the device tool (a session's whole device time is 15 minutes):
 #   here:   scripts/fetch_peer_wheels.sh          (liger-kernel for the peer columns)
-#   device: run(command="BUDGET_S=480 bash scripts/gpu_check.sh $OUT", carry=[".whl"], timeout_s=570)
+#           scripts/prebuild_for_device.sh        (the CUDA build, compiled here: ~100 s of device time saved)
+#   device: run(command="BUDGET_S=480 bash scripts/gpu_check.sh $OUT", carry=[".whl", ".prebuilt"], timeout_s=570)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-out}}
@@ -59,11 +60,36 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
 rc_build=-1; rc_test=-1; rc_bench=-1
+# The build: .prebuilt/ (scripts/prebuild_for_device.sh, compiled on a machine without a GPU) when
+# its stamp matches this machine's torch, the archs and the sources, and its libraries import with
+# their CUDA kernels: the package is installed without them (FASTLM_SKIP_CUDA_BUILD=1, one C++
+# file) and they are copied in.  Otherwise, or if that fails, every .cu file is compiled here.
+ARCHS=${FASTLM_CUDA_ARCHS:-"9.0"}
+use_prebuilt() {
+  [[ -f .prebuilt/stamp ]] || return 1
+  source scripts/_gpu_versions_env.sh
+  local want
+  want="torch=$($PY -c 'import torch; print(torch.__version__)') archs=$ARCHS sources=$(prebuilt_sources_hash .)"
+  if [[ $(cat .prebuilt/stamp) != "$want" ]]; then
+    echo "== .prebuilt/ not used: its stamp '$(cat .prebuilt/stamp)' is not this build's '$want'"
+    return 1
+  fi
+  FASTLM_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20
+  (( PIPESTATUS[0] == 0 )) || return 1
+  cp .prebuilt/_C*.so .prebuilt/_build_info.py fastlm/ || return 1
+  $PY -c "import fastlm._C_loader as c; assert c.HAVE_CUDA_KERNELS and (c.HAVE_SM90 or '9' not in '$ARCHS'), \
+(c.WHY_NOT, c.WHY_NO_SM90)" && echo "== build: the prebuilt libraries ($(cat .prebuilt/stamp))"
+}
 if [[ $STAGES == *build* ]]; then
   start=$(date +%s)
-  MAX_JOBS=${MAX_JOBS:-16} FASTLM_CUDA_ARCHS=${FASTLM_CUDA_ARCHS:-"9.0"} \
-    $PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -20
-  rc_build=${PIPESTATUS[0]}
+  if use_prebuilt; then
+    rc_build=0
+  else
+    [[ -f .prebuilt/stamp ]] && echo "== .prebuilt/ failed: building here"
+    MAX_JOBS=${MAX_JOBS:-16} FASTLM_CUDA_ARCHS=$ARCHS \
+      $PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -20
+    rc_build=${PIPESTATUS[0]}
+  fi
   echo "== build rc=$rc_build in $(( $(date +%s) - start ))s"
 fi
 if [[ $STAGES == *diag* ]]; then  # the decode step, shape by shape (the 2026-12-04 run's open failures)

@@ -7,20 +7,9 @@
 # The checkout (with uncommitted changes) is copied to a temporary folder, since the editable build
 # of fastlm._C is per torch version; the venv is kept in $VENV (default /tmp/fastlm-venv-gpu-versions).
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-VENV=${VENV:-/tmp/fastlm-venv-gpu-versions}
-TORCH=${TORCH:-2.11.0} TRANSFORMERS=${TRANSFORMERS:-5.17.*} TRITON=${TRITON:-3.8.0}
-if [[ ! -x $VENV/bin/python ]] || [[ $($VENV/bin/python -c "import torch; print(torch.__version__)" 2>/dev/null) != $TORCH* ]]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q "setuptools>=64" wheel
-  "$VENV/bin/python" -m pip install -q "torch==$TORCH" numpy pytest pytest-xdist ninja "transformers==$TRANSFORMERS" \
-    safetensors tokenizers tqdm
-fi
-"$VENV/bin/python" -m pip install -q --no-deps "triton==$TRITON"
-WORK=$(mktemp -d /tmp/fastlm-gpu-versions.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
-git clone -q "$ROOT" "$WORK/src"
-(cd "$ROOT" && git diff HEAD --binary) | (cd "$WORK/src" && git apply --allow-empty)
+source "$(dirname "$0")/_gpu_versions_env.sh"
+gpu_versions_venv
+checkout_copy
 cd "$WORK/src"
 FASTLM_SKIP_CUDA_BUILD=1 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e . >/dev/null
 "$VENV/bin/python" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
