@@ -12,6 +12,7 @@ the contiguous cache (q of length 1 attends to everything: no mask needed), the 
 gather + attention (fastlm.reference.decode_attention, <= 512 MiB caches), torch.compile of the
 reference (one shape: batch 1, 4k, GQA 4:1), flash_attn_with_kvcache / flashinfer when installed.
 The reference runs on the paged layout (its gather is the point); SDPA on the contiguous one.
+--quick: batch 1 and 8 at contexts 4k and 16k (the targets' shapes, first), then 512.
 
 Append: GB/s = (k, v read + cache written) / time for decode-style (1 token) and chunk-style
 (512 tokens) appends, fastlm backends vs the reference (index_put).
@@ -190,47 +191,49 @@ def peer_calls(name, q, lens, caches, paged, hkv, ctx, fa, fi):
 
 def bench_decode(res, args, copy_bw, fa, fi):
     gen = torch.Generator(device="cuda").manual_seed(0)
-    batches = (1, 8) if args.quick else BATCHES
-    contexts = (512, 4096, 16384) if args.quick else CONTEXTS
+    if args.quick:  # the targets' shapes first (context >= 4k at batch 1 and 8; 16k at batch 1), so a
+        # run cut short by its time budget keeps them
+        cases = [(1, 16384), (1, 4096), (8, 4096), (8, 16384), (1, 512), (8, 512)]
+    else:
+        cases = [(batch, ctx) for batch in BATCHES for ctx in CONTEXTS]
     summary = {}
-    for batch in batches:
-        for ctx in contexts:
-            for ratio, hkv in GQA.items():
-                nbytes = kv_bytes(batch, ctx, hkv)
-                if nbytes > MAX_KV_BYTES:
-                    res.add(op="decode", batch=batch, context=ctx, gqa=ratio, n_kv_heads=hkv, impl="all",
-                            status=f"skipped: {nbytes / 2**30:.1f} GiB of KV cache exceeds the run's "
-                                   f"{MAX_KV_BYTES / 2**30:.1f} GiB budget")
-                    continue
-                for paged in (True, False):
-                    copies = n_copies(nbytes)
-                    q, lens, caches = make_inputs(batch, ctx, hkv, paged, copies, gen)
-                    layout = "paged" if paged else "contiguous"
-                    names = ["triton", "cuda", "sdpa", "flash_attn", "flashinfer"]
-                    if nbytes <= REF_MAX_BYTES and paged:
-                        names.append("reference")  # the gather + attention baseline
-                    if ctx == 4096 and ratio == "4:1" and batch == 1 and paged:
-                        names.append("reference-compile")  # one shape: each shape is a fresh compile
-                    if batch == 1 and ctx == 16384 and not paged:
-                        names += ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn"]
-                    row = dict(op="decode", batch=batch, context=ctx, gqa=ratio, n_kv_heads=hkv, layout=layout,
-                               kv_mib=round(nbytes / 2**20, 1))
-                    if paged and nbytes > REF_MAX_BYTES:
-                        res.add(**row, impl="reference", status=f"skipped: its gathered copy of the cache is "
-                                f"capped at {REF_MAX_BYTES / 2**20:.0f} MiB of KV")
-                    for name in names:
-                        calls = peer_calls(name, q, lens, caches, paged, hkv, ctx, fa, fi)
-                        if isinstance(calls, str):
-                            res.add(**row, impl=name, status=calls)
-                            continue
-                        extra = {}
-                        if name in ("triton", "cuda"):
-                            extra["num_splits"] = kv_ops._splits(q, caches[0][0], caches[0][2], 0, name)
-                        ms = timed_row(res, calls, nbytes, copy_bw, **row, impl=name, **extra)
-                        if ms is not None:  # (a peer that cannot run this shape said so in its row)
-                            summary[(batch, ctx, ratio, layout, name)] = ms
-                    del q, lens, caches
-                    torch.cuda.empty_cache()
+    for batch, ctx in cases:
+        for ratio, hkv in GQA.items():
+            nbytes = kv_bytes(batch, ctx, hkv)
+            if nbytes > MAX_KV_BYTES:
+                res.add(op="decode", batch=batch, context=ctx, gqa=ratio, n_kv_heads=hkv, impl="all",
+                        status=f"skipped: {nbytes / 2**30:.1f} GiB of KV cache exceeds the run's "
+                               f"{MAX_KV_BYTES / 2**30:.1f} GiB budget")
+                continue
+            for paged in (True, False):
+                copies = n_copies(nbytes)
+                q, lens, caches = make_inputs(batch, ctx, hkv, paged, copies, gen)
+                layout = "paged" if paged else "contiguous"
+                names = ["triton", "cuda", "sdpa", "flash_attn", "flashinfer"]
+                if nbytes <= REF_MAX_BYTES and paged:
+                    names.append("reference")  # the gather + attention baseline
+                if ctx == 4096 and ratio == "4:1" and batch == 1 and paged:
+                    names.append("reference-compile")  # one shape: each shape is a fresh compile
+                if batch == 1 and ctx == 16384 and not paged:
+                    names += ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn"]
+                row = dict(op="decode", batch=batch, context=ctx, gqa=ratio, n_kv_heads=hkv, layout=layout,
+                           kv_mib=round(nbytes / 2**20, 1))
+                if paged and nbytes > REF_MAX_BYTES:
+                    res.add(**row, impl="reference", status=f"skipped: its gathered copy of the cache is "
+                            f"capped at {REF_MAX_BYTES / 2**20:.0f} MiB of KV")
+                for name in names:
+                    calls = peer_calls(name, q, lens, caches, paged, hkv, ctx, fa, fi)
+                    if isinstance(calls, str):
+                        res.add(**row, impl=name, status=calls)
+                        continue
+                    extra = {}
+                    if name in ("triton", "cuda"):
+                        extra["num_splits"] = kv_ops._splits(q, caches[0][0], caches[0][2], 0, name)
+                    ms = timed_row(res, calls, nbytes, copy_bw, **row, impl=name, **extra)
+                    if ms is not None:  # (a peer that cannot run this shape said so in its row)
+                        summary[(batch, ctx, ratio, layout, name)] = ms
+                del q, lens, caches
+                torch.cuda.empty_cache()
     return summary
 
 
