@@ -1,0 +1,243 @@
+"""Seeded random argument combinations of the ops with the most arguments, against the float64
+reference with the tolerance policy of tests/tolerances.py.
+
+The per-op test files cover hand-picked grids; here each seed draws a whole combination at once
+(a window with GQA, varlen, non-contiguous inputs and the lse; a paged cache with 3-token pages,
+left padding, new tokens, rotary, q/k norms and a workspace; packed rotary with per-token
+positions, in place, with autograd), so combinations nobody listed are tried too.  The draws are
+fixed by the seed (a test id is its seed: rerun one with -k), and the shapes are small for the
+Triton interpreter.  On a GPU machine the same cases run on the GPU (bf16 included).
+"""
+import random
+
+import pytest
+import torch
+
+import fastlm
+from fastlm.reference import kv_cache as ref_kv
+from fastlm.reference import rotary as ref_rotary
+from conftest import DEVICE, HAS_CUDA, INTERPRETER_BF16_DOT, kernel_backends
+from tolerances import assert_close
+
+# Dtypes of kernels with tl.dot: the interpreter's bf16 dot is broken unless fastlm fixed it.
+DOT_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if HAS_CUDA or INTERPRETER_BF16_DOT else [])
+
+
+def _randn(shape, gen, noncontig=False):
+    """float64 normal values on DEVICE; noncontig: a slice of a wider last dim (a fused projection's
+    columns)."""
+    if noncontig:
+        big = torch.randn(*shape[:-1], 2 * shape[-1] + 3, dtype=torch.float64, generator=gen).to(DEVICE)
+        return big[..., 1:1 + shape[-1]]
+    return torch.randn(*shape, dtype=torch.float64, generator=gen).to(DEVICE)
+
+
+def _cast(t, dtype):
+    """A new leaf copy of t in dtype with t's strides (Tensor.to makes a strided view contiguous)."""
+    base = t._base if t._base is not None else t
+    return base.detach().to(dtype, copy=True).as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+# ------------------------------------------------------------------------------------ attention
+def _attention_case(seed):
+    rng = random.Random(seed)
+    c = dict(dtype=rng.choice(DOT_DTYPES), D=rng.choice([8, 16, 24, 40, 64, 72]), Hkv=rng.choice([1, 2]),
+             causal=rng.random() < 0.5, window=(rng.choice([-1, -1, 0, 1, 5, 17]), rng.choice([-1, -1, 0, 3, 9])),
+             softcap=rng.choice([0.0, 0.0, 5.0, 30.0]), scale=rng.choice([None, 0.3]),
+             varlen=rng.random() < 0.4, noncontig=rng.random() < 0.4, lse=rng.random() < 0.5)
+    c["Hq"] = c["Hkv"] * rng.choice([1, 2, 3])
+    if c["varlen"]:
+        lq = [rng.choice([0, 1, 5, 17, 33]) for _ in range(rng.randint(1, 3))]
+        c["lens_q"] = lq
+        c["lens_k"] = [n if rng.random() < 0.6 else rng.choice([0, 1, 9, 40]) for n in lq]
+    else:
+        c["B"], c["Sq"] = rng.choice([1, 2]), rng.choice([1, 3, 17, 40])
+        c["Sk"] = c["Sq"] if rng.random() < 0.5 else rng.choice([1, 8, 33, 70])
+    return c
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_attention_random_cases(seed):
+    c = _attention_case(seed)
+    gen = torch.Generator().manual_seed(seed)
+    D, Hq, Hkv = c["D"], c["Hq"], c["Hkv"]
+    kw = {}
+    if c["varlen"]:
+        def cu(lens):
+            return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+        kw = dict(cu_seqlens_q=cu(c["lens_q"]), cu_seqlens_k=cu(c["lens_k"]))
+        shq, shk = (sum(c["lens_q"]), Hq, D), (sum(c["lens_k"]), Hkv, D)
+    else:
+        shq, shk = (c["B"], c["Sq"], Hq, D), (c["B"], c["Sk"], Hkv, D)
+    q64, k64, v64 = (_randn(s, gen, c["noncontig"]) for s in (shq, shk, shk))
+    dout64 = _randn(shq, gen)
+    args = dict(causal=c["causal"], window=c["window"], softcap=c["softcap"], softmax_scale=c["scale"],
+                return_lse=c["lse"], **kw)
+
+    def run(fn, dtype, **extra):
+        q, k, v = (_cast(t, dtype).requires_grad_(True) for t in (q64, k64, v64))
+        res = fn(q, k, v, **args, **extra)
+        out, lse = res if c["lse"] else (res, None)
+        grads = torch.autograd.grad(out, (q, k, v), dout64.to(dtype)) if out.numel() else (None,) * 3
+        return (out, lse) + tuple(grads)
+
+    got = run(fastlm.ops.attention, c["dtype"], backend="triton")
+    ref64 = run(fastlm.reference.attention, torch.float64)
+    ref_lowp = run(fastlm.reference.attention, c["dtype"])
+    for name, a, b, lo in zip(["out", "lse", "dq", "dk", "dv"], got, ref64, ref_lowp):
+        if b is None:
+            continue
+        if name == "lse":  # rows that see no key: -inf in both
+            seen = torch.isfinite(b)
+            assert torch.equal(torch.isfinite(a), seen), f"{c}: lse finite where the reference is not (or back)"
+            a, b, lo = a[seen], b[seen], lo[seen]
+        # fp32 gradients with one visible key: FlashAttention's delta = rowsum(dO * O) cancels dP =
+        # dO . V to an exact 0 in the reference but to a rounding of |dO| |V| in the kernel (up to ~24
+        # eps measured), while the floor scales with the ~0 gradient: a floor of 64 eps there.
+        floor = 64.0 if name[0] == "d" and c["dtype"] == torch.float32 else None
+        assert_close(a, b, lo, name=f"{name} of {c}", dtype=c["dtype"], floor_eps=floor)
+
+
+# ------------------------------------------------------------------------------------ decode
+def _decode_case(seed):
+    rng = random.Random(seed)
+    c = dict(dtype=rng.choice(DOT_DTYPES), D=rng.choice([16, 32, 40, 64, 80]), Hkv=rng.choice([1, 2]),
+             G=rng.choice([1, 2, 4, 5]), B=rng.choice([1, 2, 3]), paged=rng.random() < 0.5,
+             cap=rng.choice([8, 40, 100, 200]), Sq=rng.choice([1, 1, 2, 4, 7]), new_kv=rng.random() < 0.5,
+             causal=rng.random() < 0.8, window=rng.choice([-1, -1, 0, 2, 30]), softcap=rng.choice([0.0, 0.0, 10.0]),
+             splits=rng.choice([0, 0, 1, 2, 3, 7]), scale=rng.choice([None, 0.2]), workspace=rng.random() < 0.3)
+    if c["paged"]:
+        c["page"] = rng.choice([1, 3, 16, 32])
+        c["cap"] = -(-c["cap"] // c["page"]) * c["page"]
+    c["rotary"] = c["new_kv"] and rng.random() < 0.5
+    c["rotary_dim"] = c["D"] if rng.random() < 0.7 else c["D"] // 2
+    c["interleaved"] = rng.random() < 0.5
+    c["qk_norm"] = c["rotary"] and rng.random() < 0.3
+    new = c["Sq"] if c["new_kv"] else 0
+    c["lens"] = [rng.randint(0, c["cap"] - new) for _ in range(c["B"])]
+    c["leftpad"] = [rng.randint(0, n + new) for n in c["lens"]] if rng.random() < 0.3 else None
+    return c
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("seed", range(64))
+def test_decode_random_cases(seed, backend):
+    c = _decode_case(seed)
+    gen = torch.Generator().manual_seed(seed)
+    B, D, Hkv, Sq, dtype = c["B"], c["D"], c["Hkv"], c["Sq"], c["dtype"]
+    if c["paged"]:
+        nper = c["cap"] // c["page"]
+        kc64 = _randn((B * nper + 2, c["page"], Hkv, D), gen)
+        bt = torch.randperm(B * nper + 2, generator=gen)[: B * nper].view(B, nper).int().to(DEVICE)
+    else:
+        kc64, bt = _randn((B, c["cap"], Hkv, D), gen), None
+    vc64 = _randn(kc64.shape, gen)
+    q64 = _randn((B, Sq, Hkv * c["G"], D), gen)
+    k64, v64 = _randn((B, Sq, Hkv, D), gen), _randn((B, Sq, Hkv, D), gen)
+    lens = torch.tensor(c["lens"], dtype=torch.int32, device=DEVICE)
+    pad = torch.tensor(c["leftpad"], dtype=torch.int32, device=DEVICE) if c["leftpad"] is not None else None
+    kw = dict(block_table=bt, cache_leftpad=pad, softmax_scale=c["scale"], causal=c["causal"], window=c["window"],
+              softcap=c["softcap"])
+    extra = {}
+    if c["rotary"]:
+        cos, sin = fastlm.ops.rotary_tables(c["rotary_dim"], c["cap"] + 1, device=DEVICE)
+        extra.update(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=c["interleaved"])
+    if c["qk_norm"]:
+        extra.update(q_norm_weight=torch.rand(D, generator=gen).to(DEVICE) + 0.5,
+                     k_norm_weight=torch.rand(D, generator=gen).to(DEVICE) + 0.5)
+
+    def ref(dt):
+        kc, vc = kc64.to(dt, copy=True), vc64.to(dt, copy=True)
+        if c["new_kv"]:
+            e = {n: t.to(torch.float64) if dt == torch.float64 and torch.is_tensor(t) else t for n, t in extra.items()}
+            out = ref_kv.decode_attention_with_kv(q64.to(dt), kc, vc, k64.to(dt), v64.to(dt), lens, upcast=False,
+                                                  **kw, **e)
+        else:
+            out = ref_kv.decode_attention(q64.to(dt), kc, vc, lens, upcast=False, **kw)
+        return out, kc, vc
+
+    kc, vc = kc64.to(dtype), vc64.to(dtype)
+    ws = fastlm.ops.decode_workspace(B, q64.shape[2], Sq, device=DEVICE) if c["workspace"] else None
+    new = dict(k=k64.to(dtype), v=v64.to(dtype), **extra) if c["new_kv"] else {}
+    out = fastlm.ops.decode_attention(q64.to(dtype), kc, vc, lens, num_splits=c["splits"], workspace=ws,
+                                      backend=backend, **kw, **new)
+    for name, a, b, lo in zip(["out", "k_cache", "v_cache"], (out, kc, vc), ref(torch.float64), ref(dtype)):
+        assert_close(a, b, lo, name=f"{name} of {c}", dtype=dtype)
+    assert ws is None or not ws.any(), f"{c}: the workspace was not left zeroed"
+
+
+# ------------------------------------------------------------------------------------ rotary
+def _rotary_case(seed):
+    rng = random.Random(seed)
+    dtype = rng.choice([torch.float16, torch.float32, torch.bfloat16])
+    D = rng.choice([2, 8, 16, 40, 64, 80, 128])
+    c = dict(dtype=dtype, D=D, rotary_dim=max(2, rng.choice([D, D, D // 4 * 2, 2])), Hk=rng.choice([1, 2]),
+             packed=rng.random() < 0.3, interleaved=rng.random() < 0.5, inplace=rng.random() < 0.3,
+             max_pos=rng.choice([64, 200]), table_dtype=rng.choice([torch.float32, dtype]),
+             base=rng.choice([10000.0, 500.0]), noncontig=rng.random() < 0.4, grad=rng.random() < 0.5)
+    c["Hq"] = c["Hk"] * rng.choice([1, 2, 3])
+    if c["packed"]:
+        c["lens"] = [rng.randint(0, 20) for _ in range(rng.randint(1, 3))]
+        c["positions"] = rng.choice(["none", "int", "per_token"])
+        c["offset"] = rng.randint(0, 10)
+    else:
+        c["B"], c["S"] = rng.choice([1, 2, 3]), rng.choice([1, 5, 17])
+        c["positions"] = rng.choice(["none", "int", "per_sequence", "per_token"])
+        c["offset"] = rng.randint(0, c["max_pos"] - c["S"])
+        c["index_dtype"] = rng.choice([torch.int32, torch.int64])
+    return c
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("seed", range(96))
+def test_rotary_random_cases(seed, backend):
+    c = _rotary_case(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cos, sin = fastlm.ops.rotary_tables(c["rotary_dim"], c["max_pos"], base=c["base"], device=DEVICE)
+    kw = {}
+    if c["packed"]:
+        kw["cu_seqlens"] = torch.tensor([0] + torch.tensor(c["lens"]).cumsum(0).tolist(), dtype=torch.int32,
+                                        device=DEVICE)
+        T = sum(c["lens"])
+        shq, shk = (T, c["Hq"], c["D"]), (T, c["Hk"], c["D"])
+        if c["positions"] == "int":
+            kw["positions"] = c["offset"]
+        elif c["positions"] == "per_token":
+            kw["positions"] = torch.randint(0, c["max_pos"], (T,), generator=gen).to(DEVICE)
+    else:
+        B, S = c["B"], c["S"]
+        shq, shk = (B, S, c["Hq"], c["D"]), (B, S, c["Hk"], c["D"])
+        if c["positions"] == "int":
+            kw["positions"] = c["offset"]
+        elif c["positions"] == "per_sequence":
+            kw["positions"] = torch.randint(0, c["max_pos"] - S, (B,), generator=gen).to(DEVICE, c["index_dtype"])
+        elif c["positions"] == "per_token":
+            kw["positions"] = torch.randint(0, c["max_pos"], (B, S), generator=gen).to(DEVICE, c["index_dtype"])
+
+    def heads_slice(shape):  # noncontig: the middle third of a (..., 3 * heads, head_dim) buffer (a fused qkv)
+        if not c["noncontig"]:
+            return _randn(shape, gen)
+        return _randn(shape[:-2] + (3 * shape[-2], shape[-1]), gen)[..., shape[-2]:2 * shape[-2], :]
+
+    q64, k64 = heads_slice(shq), heads_slice(shk)
+    dq64, dk64 = _randn(shq, gen), _randn(shk, gen)
+
+    def run(fn, dtype, tables, **extra):
+        q, k = _cast(q64, dtype), _cast(k64, dtype)
+        if c["grad"]:
+            q.requires_grad_(True)
+            k.requires_grad_(True)
+        qi, ki = (q * 1, k * 1) if c["grad"] and extra.get("inplace") else (q, k)  # (in place on a leaf: not allowed)
+        oq, ok = fn(qi, ki, *tables, interleaved=c["interleaved"], **kw, **extra)
+        if not c["grad"]:
+            return oq, ok
+        return (oq, ok) + torch.autograd.grad((oq, ok), (q, k), (dq64.to(dtype), dk64.to(dtype)))
+
+    got = run(fastlm.ops.apply_rotary, c["dtype"], (cos.to(c["table_dtype"]), sin.to(c["table_dtype"])),
+              backend=backend, inplace=c["inplace"])
+    ref64 = run(ref_rotary.apply_rotary, torch.float64, (cos.double(), sin.double()))
+    ref_lowp = run(ref_rotary.apply_rotary, c["dtype"], (cos.to(c["table_dtype"]), sin.to(c["table_dtype"])),
+                   upcast=False)
+    for name, a, b, lo in zip(["q", "k", "dq", "dk"], got, ref64, ref_lowp):
+        assert_close(a, b, lo, name=f"{name} of {c}", dtype=c["dtype"])
