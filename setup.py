@@ -172,7 +172,18 @@ def _extensions():
     ]
 
 
+def _license():
+    """Apache-2.0, as an SPDX license expression where setuptools takes one (>= 77; it stops
+    building the older TOML-table form of project.license after 2027-02-18), else as the older
+    License field (setuptools 64-76, which torch 2.11's requirement, setuptools < 82, still allows)."""
+    import setuptools
+
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "Apache-2.0"} if major >= 77 else {"license": "Apache-2.0"}
+
+
 setup(
+    **_license(),
     packages=[
         "fastlm",
         "fastlm.ops",
