@@ -25,8 +25,8 @@ env FASTLM_DECODE_GEMV_ROWS; 0 turns it off), the fused backend runs each block'
 projection and norm + w_in (+ SwiGLU / GeGLU / GELU) as one kernel each (ops.fused_linear: a matrix-vector
 product with the norm folded in before and the activation after), removing three small kernels
 per layer from a decode step (Gemma 2/3's post-norms fold into the projection after them:
-fused_linear's x_norm_weight); ``head(x, residual)`` likewise folds the final norm into the
-lm_head.  A decoder that needs only some rows' logits (the last token of each prompt) takes
+fused_linear's x_norm_weight, an RMS norm; LayerNorm post-norms run as modules);
+``head(x, residual)`` likewise folds the final norm into the lm_head.  A decoder that needs only some rows' logits (the last token of each prompt) takes
 ``residual_stream`` and applies ``head`` to those rows alone.
 
 Shapes: B batch, T sequence length, D model dim, H query heads, Hkv key/value heads, hd head dim.
@@ -258,6 +258,11 @@ def _rounded(value, dtype):
     return float(torch.tensor(value, dtype=dtype))
 
 
+def _folds_into_linear(norm):
+    """Whether norm can be fused_linear's x_norm_weight: an RMSNorm with a weight."""
+    return isinstance(norm, nn.RMSNorm) and norm.weight is not None
+
+
 def _norm_linear(norm, x, residual, linear, activation=None, x_norm_weight=None, softcap=None):
     """(linear(norm(x + residual)) [SwiGLU'd / GeGLU'd], x + residual) in one ops.fused_linear call;
     with x_norm_weight (the weight of Gemma 2/3's post-norm of the sublayer that made x, whose
@@ -397,6 +402,9 @@ class Block(nn.Module):
             self.attn_post_norm = make_norm(config, fused, op_backend)
             self.mlp_post_norm = make_norm(config, fused, op_backend)
         self.post_norms = config.post_norms
+        # The decode path folds RMSNorm post-norms (Gemma 2/3) into the next projection's kernel
+        # (fused_linear's x_norm_weight is an RMS norm); LayerNorm ones (mean and bias) run as modules.
+        self.fold_post_norms = config.post_norms and _folds_into_linear(self.attn_post_norm)
         self.gemv_rows = DECODE_GEMV_ROWS  # token rows up to which forward() uses _forward_gemv
 
     def forward(self, x, residual, rope, cu_seqlens=None, max_seqlen=None, cache=None, x_norm_weight=None,
@@ -433,9 +441,11 @@ class Block(nn.Module):
         (x_norm_weight of fused_linear)."""
         qkv, residual = _norm_linear(self.attn_norm, x, residual, self.attn.wqkv, x_norm_weight=x_norm_weight)
         x = self.attn(None, rope, cu_seqlens, max_seqlen, cache, qkv=qkv)
+        if self.post_norms and not self.fold_post_norms:
+            x = self.attn_post_norm(x)
         mlp = self.mlp
         h, residual = _norm_linear(self.mlp_norm, x, residual, mlp.w_in, mlp.fused_linear_activation,
-                                   x_norm_weight=self.attn_post_norm.weight if self.post_norms else None)
+                                   x_norm_weight=self.attn_post_norm.weight if self.fold_post_norms else None)
         x = mlp.w_out(h)
         return (self.mlp_post_norm(x) if self.post_norms and not defer_post_norm else x), residual
 
@@ -615,9 +625,10 @@ class Transformer(nn.Module):
                         defer_post_norm=False):
         """tokens -> (x, residual): the last block's output and the residual stream before it,
         whose sum the final norm normalizes (residual is None for a model with no layers).
-        defer_post_norm=True -> (x, residual, post_norm): a Gemma 2/3 model's last post-norm is
-        not applied to x but returned (else None), for ``head(x, residual, x_norm=post_norm)``,
-        which folds it into its fused kernel (and which the caller may give only some rows)."""
+        defer_post_norm=True -> (x, residual, post_norm): a Gemma 2/3 model's last post-norm (an
+        RMSNorm, on the decode path) is not applied to x but returned (else None), for
+        ``head(x, residual, x_norm=post_norm)``, which folds it into its fused kernel (and which
+        the caller may give only some rows)."""
         self._check_inputs(tokens, positions, cu_seqlens, cache)
         x = self._embed(tokens, positions, cu_seqlens)  # (B, T, D)
         if self.backend == "fused" and torch.is_autocast_enabled(x.device.type):
@@ -629,7 +640,7 @@ class Transformer(nn.Module):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x, residual = checkpoint(layer, x, residual, rope, cu_seqlens, max_seqlen, cache, use_reentrant=False)
             else:
-                defer = layer.post_norms and layer.gemv_path(x)
+                defer = layer.fold_post_norms and layer.gemv_path(x)
                 x, residual = layer(x, residual, rope, cu_seqlens, max_seqlen, cache,
                                     x_norm_weight=pending.weight if pending is not None else None,
                                     defer_post_norm=defer)
@@ -653,7 +664,7 @@ class Transformer(nn.Module):
         x first.  Fused, grad-free and at most decode_gemv_rows rows: one kernel
         (ops.fused_linear, the norms folded into the matrix-vector product)."""
         gemv = self.backend == "fused" and residual is not None and _decode_sized(x, self.decode_gemv_rows)
-        if x_norm is not None and not (gemv and x_norm.weight is not None):
+        if x_norm is not None and not (gemv and _folds_into_linear(x_norm)):
             x, x_norm = x_norm(x), None
         if gemv:
             return _norm_linear(self.norm, x, residual, self.lm_head, softcap=self.lm_head.softcap,
