@@ -35,6 +35,9 @@ TINY_VARIANTS = {
     "tiny-gemma23": dict(base="tiny", mlp="geglu", norm_offset=1.0, embed_scale=8.0, head_dim=32, qk_norm=True,
                          post_norms=True, attn_scale=24 ** -0.5, attn_softcap=2.0, logit_softcap=1.5, sliding_window=5,
                          layer_types=["sliding", "full"], rope_local_base=100.0, rope_base=20000.0),
+    # post-norms that are LayerNorms (mean, bias): the decode-sized path must not fold them into the next
+    # projection as it does Gemma's RMSNorms (it did, silently wrong, until tests/test_fuzz.py drew one)
+    "tiny-gpt2-postnorm": dict(base="tiny-gpt2", post_norms=True, sliding_window=4),
 }
 
 
@@ -353,7 +356,7 @@ class RotatingCache(AttendingCache):
 
 @pytest.mark.parametrize("backend, cache_cls", [("reference", ContiguousCache), ("fused", ContiguousCache),
                                                 ("fused", AttendingCache), ("fused", RotatingCache)])
-@pytest.mark.parametrize("name", ["tiny-mix", "tiny-gpt2", "tiny-gemma23"])
+@pytest.mark.parametrize("name", ["tiny-mix", "tiny-gpt2", "tiny-gemma23", "tiny-gpt2-postnorm"])
 def test_kv_cache_hook_and_positions(backend, cache_cls, name):
     cfg = tiny_config(name)
     ref, fused = pair(cfg)
@@ -774,6 +777,11 @@ def test_to_hf_rejects_mismatched_arch():
             qk.to_hf(arch)
     with pytest.raises(ValueError, match="not a GPT-2 architecture"):
         qk.to_hf("gpt2")
+    # GPT-2-shaped but with what GPT2Config cannot say: an error naming it, not another model exported
+    for kw in (dict(post_norms=True), dict(attn_scale=0.2), dict(attn_softcap=5.0), dict(logit_softcap=5.0),
+               dict(embed_scale=2.0)):
+        with pytest.raises(ValueError, match=f"GPT-2 has no {next(iter(kw))}"):
+            Transformer(tiny_config("tiny-gpt2").replace(**kw), backend="reference").to_hf()
     assert type(qk.to_hf()).__name__ == "Qwen3ForCausalLM"  # the default for a qk_norm model
     with pytest.raises(ValueError, match="is not a gemma architecture"):
         model.to_hf("gemma")  # SwiGLU

@@ -234,6 +234,10 @@ def _hf_config(cfg, arch):
                 and cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias and cfg.n_kv_heads == cfg.n_heads
                 and cfg.head_dim * cfg.n_heads == cfg.dim and cfg.sliding_window is None and not cfg.qk_norm):
             raise ValueError("to_hf: this config is not a GPT-2 architecture")
+        extras = {n: getattr(cfg, n) for n in ("post_norms", "attn_scale", "attn_softcap", "logit_softcap",
+                                                "embed_scale") if getattr(cfg, n)}
+        if extras:  # (GPT2Config cannot say them: the export would be another model)
+            raise ValueError(f"to_hf: GPT-2 has no {', '.join(extras)} (config {extras})")
         act = "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu"
         return transformers.GPT2Config(
             n_embd=cfg.dim, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.ffn_dim, n_positions=cfg.max_seqlen,
