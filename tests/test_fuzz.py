@@ -4,10 +4,14 @@ reference with the tolerance policy of tests/tolerances.py.
 The per-op test files cover hand-picked grids; here each seed draws a whole combination at once
 (a window with GQA, varlen, non-contiguous inputs and the lse; a paged cache with 3-token pages,
 left padding, new tokens, rotary, q/k norms and a workspace; packed rotary with per-token
-positions, in place, with autograd), so combinations nobody listed are tried too.  The draws are
-fixed by the seed (a test id is its seed: rerun one with -k), and the shapes are small for the
-Triton interpreter.  On a GPU machine the same cases run on the GPU (bf16 included).
+positions, in place, with autograd; a whole Transformer config: norm, positions, MLP, biases, q/k
+norms, windows, soft-caps, post-norms at once), so combinations nobody listed are tried too.  The
+draws are fixed by the seed (a test id is its seed: rerun one with -k), and the shapes are small
+for the Triton interpreter.  On a GPU machine the same cases run on the GPU (bf16 included).
+FASTLM_FUZZ_SEEDS=N draws N seeds per test instead, for an exploratory run (such a run of the
+model draws found the LayerNorm post-norm bug fixed in ddb00d0; here seeds 33 and 39 have it).
 """
+import os
 import random
 
 import pytest
@@ -18,6 +22,13 @@ from fastlm.reference import kv_cache as ref_kv
 from fastlm.reference import rotary as ref_rotary
 from conftest import DEVICE, HAS_CUDA, INTERPRETER_BF16_DOT, kernel_backends
 from tolerances import assert_close
+
+SEEDS = int(os.environ.get("FASTLM_FUZZ_SEEDS", "0"))
+
+
+def seeds(default):
+    return range(SEEDS or default)
+
 
 # Dtypes of kernels with tl.dot: the interpreter's bf16 dot is broken unless fastlm fixed it.
 DOT_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if HAS_CUDA or INTERPRETER_BF16_DOT else [])
@@ -56,7 +67,7 @@ def _attention_case(seed):
     return c
 
 
-@pytest.mark.parametrize("seed", range(48))
+@pytest.mark.parametrize("seed", seeds(48))
 def test_attention_random_cases(seed):
     c = _attention_case(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -121,7 +132,7 @@ def _decode_case(seed):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("seed", range(64))
+@pytest.mark.parametrize("seed", seeds(64))
 def test_decode_random_cases(seed, backend):
     c = _decode_case(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -190,7 +201,7 @@ def _rotary_case(seed):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("seed", range(96))
+@pytest.mark.parametrize("seed", seeds(96))
 def test_rotary_random_cases(seed, backend):
     c = _rotary_case(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -241,3 +252,82 @@ def test_rotary_random_cases(seed, backend):
                    upcast=False)
     for name, a, b, lo in zip(["q", "k", "dq", "dk"], got, ref64, ref_lowp):
         assert_close(a, b, lo, name=f"{name} of {c}", dtype=c["dtype"])
+
+
+# ------------------------------------------------------------------------------------ model
+def _model_config(seed):
+    from fastlm.models import TransformerConfig
+
+    rng = random.Random(seed)
+    n_kv, hd, n_layers = rng.choice([1, 2]), rng.choice([8, 16, 24]), rng.choice([1, 2, 3])
+    kw = dict(vocab_size=rng.choice([67, 130]), dim=rng.choice([32, 48]), n_layers=n_layers,
+              n_heads=n_kv * rng.choice([1, 2, 3]), n_kv_heads=n_kv, head_dim=hd, ffn_dim=rng.choice([40, 64]),
+              norm=rng.choice(["rms", "rms", "layer"]), positional=rng.choice(["rope", "rope", "learned"]),
+              mlp=rng.choice(["swiglu", "geglu", "gelu"]), gelu_approximate=rng.choice(["tanh", "none"]),
+              qkv_bias=rng.random() < 0.3, out_bias=rng.random() < 0.3, mlp_bias=rng.random() < 0.3,
+              tie_embeddings=rng.random() < 0.5, max_seqlen=64, norm_eps=rng.choice([1e-5, 1e-6]))
+    if kw["norm"] == "layer":
+        kw["norm_bias"] = rng.random() < 0.7
+    else:
+        kw["norm_offset"] = rng.choice([0.0, 0.0, 1.0])
+    if kw["positional"] == "rope":
+        kw.update(rotary_dim=rng.choice([hd, hd // 4 * 2]), rope_base=rng.choice([10000.0, 500000.0]),
+                  qk_norm=rng.random() < 0.3)
+        if rng.random() < 0.3:
+            kw["rope_scaling"] = rng.choice([{"rope_type": "linear", "factor": 2.0},
+                                             {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}])
+    if rng.random() < 0.3:
+        kw["sliding_window"] = rng.choice([3, 7])
+        if n_layers > 1 and rng.random() < 0.5:
+            kw["layer_types"] = [rng.choice(["sliding", "full"]) for _ in range(n_layers)]
+            if kw["positional"] == "rope" and rng.random() < 0.5:
+                kw["rope_local_base"] = 100.0
+    for name, values in (("attn_softcap", [2.0, 20.0]), ("logit_softcap", [1.5, 30.0]), ("attn_scale", [0.2]),
+                         ("post_norms", [True]), ("embed_scale", [4.0])):
+        if rng.random() < 0.3:
+            kw[name] = rng.choice(values)
+    return TransformerConfig(**kw)
+
+
+@pytest.mark.parametrize("seed", seeds(4))
+def test_model_random_configs(seed):
+    """Fused vs reference backend on a random config: logits, training loss and every gradient
+    (against float64), the grad-free decode-sized forward (its fused_linear path), and greedy
+    generation with the static and paged caches."""
+    from fastlm.models import Transformer
+
+    cfg = _model_config(seed)
+    torch.manual_seed(seed)
+    ref = Transformer(cfg, backend="reference")
+    with torch.no_grad():  # large weights: logits far apart, so no near-tie can flip a greedy token
+        for p in ref.parameters():
+            p.normal_(0.0, 0.25) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+    ref = ref.to(DEVICE)
+    fused = Transformer(cfg, backend="fused").to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    ref64 = Transformer(cfg, backend="reference").to(DEVICE).double()
+    ref64.load_state_dict(ref.state_dict())
+    rng = random.Random(seed)
+    B, T = rng.choice([1, 2]), rng.choice([5, 13])
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), device=DEVICE)
+    targets = torch.randint(0, cfg.vocab_size, (B, T), device=DEVICE)
+    targets[0, :2] = -100
+    res = {}
+    for key, model in (("fused", fused), ("ref", ref), ("ref64", ref64)):
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens)
+        model(tokens, targets).backward()
+        with torch.no_grad():  # <= decode_gemv_rows rows without grad: the fused model's fused_linear path
+            small = model(tokens[:, -2:] if B == 1 else tokens[:, -1:])
+        res[key] = (logits.detach(), small, {n: p.grad for n, p in model.named_parameters()})
+    for i, name in enumerate(["logits", "decode-sized logits"]):
+        assert_close(res["fused"][i], res["ref64"][i], res["ref"][i], name=f"{name} of {cfg}")
+    for n, g64 in res["ref64"][2].items():
+        assert_close(res["fused"][2][n], g64, res["ref"][2][n], name=f"grad {n} of {cfg}", dtype=torch.float32)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in rng.choice([[3], [2, 6]])]
+    with torch.no_grad():
+        out = {key: fastlm.generate(model, prompts, 5, greedy=True, cache=cache, cuda_graphs=False)
+               for key, model, cache in (("ref", ref, "static"), ("static", fused, "static"),
+                                         ("paged", fused, "paged"))}
+    assert out["static"] == out["ref"] and out["paged"] == out["ref"], f"{cfg}: {out}"
