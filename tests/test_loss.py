@@ -88,6 +88,15 @@ def test_cross_entropy_all_ignored():
     s = ops.cross_entropy(x, t, reduction="sum", backend="triton")
     (g,) = torch.autograd.grad(s, x)
     assert s.item() == 0 and (g == 0).all()
+    # the z-loss share of a mean over no target is NaN too (as the reference's 0 / 0), with or without
+    # a z-loss; of a sum, 0
+    w = torch.randn(9, 4, device=DEVICE)
+    for z_loss in (0.0, 1e-3):
+        for f, args in ((ops.cross_entropy, (x, t)), (ops.linear_cross_entropy, (x[:, :4], w, t))):
+            for reduction, nan in (("mean", True), ("sum", False)):
+                _, z = f(*args, reduction=reduction, z_loss=z_loss, return_z_loss=True, backend="triton")
+                _, z_ref = f(*args, reduction=reduction, z_loss=z_loss, return_z_loss=True, backend="reference")
+                assert bool(torch.isnan(z)) == bool(torch.isnan(z_ref)) == nan and (nan or z.item() == 0)
 
 
 # Loss options: label smoothing, z-loss, logit softcap (logits * 3 reach about +-12: a cap of 5 bends them).

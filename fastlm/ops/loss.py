@@ -167,9 +167,10 @@ def _project_grads(dlogits, hc, weight, s, e, grads, need):
 
 
 def _z_part(lse2, targets, ignore_index, z_loss, scale):
-    """z_loss * sum of lse^2 over the non-ignored rows, times scale (1 or 1 / n_valid)."""
+    """z_loss * sum of lse^2 over the non-ignored rows, times scale (1 or 1 / n_valid).  Without a
+    z-loss it is 0, and NaN like the mean loss when every target is ignored (scale = 1 / 0)."""
     if z_loss <= 0:
-        return scale.new_zeros(())
+        return scale.new_zeros(()) * scale
     return z_loss * torch.where(targets != ignore_index, lse2, 0.0).sum() * scale
 
 
