@@ -121,6 +121,18 @@ def test_x_norm_matches_reference(dtype, norm, residual, M):
     assert not torch.allclose(y[0] if residual else y, other[0] if residual else other, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_x_norm_takes_the_norms_default_eps(norm):
+    """eps=None: the x norm uses the norm's eps default (1e-5 with "layer", 1e-6 with "rms"), in
+    the kernel (one eps) and the reference alike; small x, where the eps shows (the reference
+    used 1e-6 with "layer", until a random-argument run of the op found it)."""
+    x, w, kw = _case(3, 37, 22, torch.float32, norm=norm, residual=True, act=None, bias=False, scale=0.05, x_norm=True)
+    _check(x, w, kw)
+    eps = 1e-5 if norm == "layer" else 1e-6
+    y, _ = fastlm.ops.fused_linear(x, w, **kw, backend="triton")
+    assert torch.equal(y, fastlm.ops.fused_linear(x, w, **kw, eps=eps, backend="triton")[0])
+
+
 @pytest.mark.parametrize("M", [1, 3, 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norm_offset_is_gemma_one_plus_w(M, dtype):

@@ -20,18 +20,20 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     Each step rounds to x's dtype, as the separate ops would store it: h, the normalized x,
     the linear's output (gate and up for SwiGLU), the activation (gated, or a plain "gelu" /
     "gelu_tanh" of the output), the soft-capping (softcap > 0: softcap * tanh(y / softcap)).  x_norm_weight: x is first
-    RMS-normalized with it (eps; Gemma 2/3's post-norm of the previous sublayer).  norm_offset:
+    RMS-normalized with it (with the norm's eps, the same default; Gemma 2/3's post-norm of the previous sublayer).  norm_offset:
     the norms scale by norm_offset + weight, summed in fp32 (float64 stays float64)."""
     if norm_offset:
         norm_weight, x_norm_weight = (w.to(torch.promote_types(w.dtype, torch.float32)) + norm_offset
                                       if w is not None else None for w in (norm_weight, x_norm_weight))
+    if eps is None:
+        eps = 1e-5 if norm == "layer" else 1e-6
     if x_norm_weight is not None:
-        x = rms_norm(x, x_norm_weight, 1e-6 if eps is None else eps, upcast=upcast)
+        x = rms_norm(x, x_norm_weight, eps, upcast=upcast)
     h = x + residual if residual is not None else x
     if norm == "rms":
-        a = rms_norm(h, norm_weight, 1e-6 if eps is None else eps, upcast=upcast)
+        a = rms_norm(h, norm_weight, eps, upcast=upcast)
     elif norm == "layer":
-        a = layer_norm(h, norm_weight, norm_bias, 1e-5 if eps is None else eps, upcast=upcast)
+        a = layer_norm(h, norm_weight, norm_bias, eps, upcast=upcast)
     else:
         a = h
     y = F.linear(a, weight, bias)
