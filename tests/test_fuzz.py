@@ -4,8 +4,10 @@ reference with the tolerance policy of tests/tolerances.py.
 The per-op test files cover hand-picked grids; here each seed draws a whole combination at once
 (a window with GQA, varlen, non-contiguous inputs and the lse; a paged cache with 3-token pages,
 left padding, new tokens, rotary, q/k norms and a workspace; packed rotary with per-token
-positions, in place, with autograd; a whole Transformer config: norm, positions, MLP, biases, q/k
-norms, windows, soft-caps, post-norms at once), so combinations nobody listed are tried too.  The
+positions, in place, with autograd; norms over strided and expanded inputs with a residual; the
+fused lm_head loss with every option and tiny chunks; the decode-step fused_linear with norms, x
+norm, residual, activation and soft-cap; a whole Transformer config: norm, positions, MLP, biases,
+q/k norms, windows, soft-caps, post-norms at once), so combinations nobody listed are tried too.  The
 draws are fixed by the seed (a test id is its seed: rerun one with -k), and the shapes are small
 for the Triton interpreter.  On a GPU machine the same cases run on the GPU (bf16 included).
 FASTLM_FUZZ_SEEDS=N draws N seeds per test instead, for an exploratory run (such a run of the
@@ -19,6 +21,9 @@ import torch
 
 import fastlm
 from fastlm.reference import kv_cache as ref_kv
+from fastlm.reference import linear as ref_linear
+from fastlm.reference import loss as ref_loss
+from fastlm.reference import norm as ref_norm
 from fastlm.reference import rotary as ref_rotary
 from conftest import DEVICE, HAS_CUDA, INTERPRETER_BF16_DOT, kernel_backends
 from tolerances import assert_close
@@ -40,7 +45,7 @@ def _randn(shape, gen, noncontig=False):
     if noncontig:
         big = torch.randn(*shape[:-1], 2 * shape[-1] + 3, dtype=torch.float64, generator=gen).to(DEVICE)
         return big[..., 1:1 + shape[-1]]
-    return torch.randn(*shape, dtype=torch.float64, generator=gen).to(DEVICE)
+    return torch.randn(tuple(shape), dtype=torch.float64, generator=gen).to(DEVICE)
 
 
 def _cast(t, dtype):
@@ -252,6 +257,127 @@ def test_rotary_random_cases(seed, backend):
                    upcast=False)
     for name, a, b, lo in zip(["q", "k", "dq", "dk"], got, ref64, ref_lowp):
         assert_close(a, b, lo, name=f"{name} of {c}", dtype=c["dtype"])
+
+
+# ------------------------------------------------------------------------------------ norms
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("seed", seeds(48))
+def test_norm_random_cases(seed, backend):
+    rng = random.Random(seed)
+    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    kind, H = rng.choice(["rms", "layer"]), rng.choice([1, 7, 64, 123, 1000, 4097])
+    lead = rng.choice([(1,), (5,), (2, 3), (17,)])
+    has_w = rng.random() < 0.8
+    has_b = kind == "layer" and rng.random() < 0.6
+    offset = rng.choice([0.0, 1.0]) if kind == "rms" and has_w else 0.0
+    eps = rng.choice([1e-6, 1e-5])
+    gen = torch.Generator().manual_seed(seed)
+
+    def layout(shape, how):  # contiguous, a strided view, or one row expanded (a broadcast gradient's layout)
+        if how == "strided":
+            return _randn(shape[:-1] + (2 * shape[-1],), gen)[..., ::2]
+        if how == "expanded":
+            return _randn(shape[-1:], gen).expand(*shape)
+        return _randn(shape, gen)
+
+    x64 = layout(lead + (H,), rng.choice(["contiguous", "strided", "expanded"]))
+    r64 = layout(lead + (H,), rng.choice(["contiguous", "strided", "expanded"])) if rng.random() < 0.5 else None
+    w64 = torch.rand(H, dtype=torch.float64, generator=gen).to(DEVICE) + 0.5 if has_w else None
+    b64 = _randn((H,), gen) if has_b else None
+    desc = dict(kind=kind, dtype=dtype, H=H, lead=lead, w=has_w, b=has_b, residual=r64 is not None, offset=offset,
+                x_stride=x64.stride())
+
+    def run(fn, dt, **extra):
+        x, r, w, b = (None if t is None else _cast(t, dt).requires_grad_(True) for t in (x64, r64, w64, b64))
+        kw = dict(residual=r) if r is not None else {}
+        if kind == "layer":
+            out = fn(x, w, b, eps, **kw, **extra)
+        elif fn is fastlm.ops.rms_norm:
+            out = fn(x, w, eps, offset=offset, **kw, **extra)
+        else:  # (the reference takes the summed weight)
+            out = fn(x, w + offset if offset else w, eps, **kw, **extra)
+        outs = out if isinstance(out, tuple) else (out,)
+        douts = [_randn(o.shape, torch.Generator().manual_seed(seed + i)).to(o.dtype) for i, o in enumerate(outs)]
+        grads = torch.autograd.grad(outs, [t for t in (x, r, w, b) if t is not None], douts)
+        return tuple(o.detach() for o in outs) + grads
+
+    fn, ref = (fastlm.ops.rms_norm, ref_norm.rms_norm) if kind == "rms" else (fastlm.ops.layer_norm, ref_norm.layer_norm)
+    got = run(fn, dtype, backend=backend)
+    for i, (a, b, lo) in enumerate(zip(got, run(ref, torch.float64), run(ref, dtype))):
+        assert_close(a, b, lo, name=f"output/gradient {i} of {desc}", dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------ loss
+@pytest.mark.parametrize("seed", seeds(32))
+def test_linear_cross_entropy_random_cases(seed):
+    rng = random.Random(seed)
+    dtype = rng.choice([torch.float32, torch.float16])
+    shape, D, V = rng.choice([(7,), (3, 5), (1,), (2, 19)]), rng.choice([8, 16, 40, 64]), rng.choice([5, 33, 130, 300])
+    opts = dict(ignore_index=rng.choice([-100, 0]), reduction=rng.choice(["mean", "sum", "none"]),
+                label_smoothing=rng.choice([0.0, 0.0, 0.1]), z_loss=rng.choice([0.0, 0.0, 1e-3]),
+                return_z_loss=rng.random() < 0.3)
+    softcap = rng.choice([None, None, 5.0])
+    if softcap:
+        opts["softcap"] = softcap
+    chunk = rng.choice([None, 1, 3, 16])
+    gen = torch.Generator().manual_seed(seed)
+    h64, w64 = _randn(shape + (D,), gen), _randn((V, D), gen) * 0.3
+    b64 = _randn((V,), gen) if rng.random() < 0.3 else None
+    targets = torch.randint(0, V, shape, generator=gen)
+    targets[torch.rand(shape, generator=gen) < 0.2] = opts["ignore_index"]
+    targets = targets.to(DEVICE)
+
+    def run(fn, dt, **extra):
+        leaves = [_cast(t, dt).requires_grad_(True) for t in (h64, w64, b64) if t is not None]
+        out = fn(*leaves[:2], targets, leaves[2] if len(leaves) > 2 else None, **opts, **extra)
+        loss, z = out if opts["return_z_loss"] else (out, None)
+        dloss = _randn(loss.shape, torch.Generator().manual_seed(seed)).to(loss.dtype)
+        grads = torch.autograd.grad(loss, leaves, dloss) if bool(torch.isfinite(loss).all()) else ()
+        return (loss.detach(), z) + tuple(grads)
+
+    got = run(fastlm.ops.linear_cross_entropy, dtype, backend="triton", chunk_size=chunk)
+    for name, a, b, lo in zip(["loss", "z part", "dh", "dweight", "dbias"], got,
+                              run(ref_loss.linear_cross_entropy, torch.float64), run(ref_loss.linear_cross_entropy, dtype)):
+        if b is None:
+            continue
+        if not bool(torch.isfinite(b).all()):  # a mean over no target: NaN in both
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{name}: NaN where the reference has none, or back"
+            continue
+        assert_close(a, b, lo, name=f"{name} ({dict(opts, chunk=chunk, dtype=dtype)})",
+                     dtype=torch.float32 if name in ("loss", "z part") else dtype)
+
+
+# ------------------------------------------------------------------------------------ fused_linear
+@pytest.mark.parametrize("seed", seeds(48))
+def test_fused_linear_random_cases(seed):
+    rng = random.Random(seed)
+    dtype = rng.choice(DOT_DTYPES)
+    rows, K, N = rng.choice([(1,), (2,), (1, 3), (4,), (2, 1, 2)]), rng.choice([8, 33, 64, 130]), rng.choice([5, 16, 70])
+    act = rng.choice([None, None, "swiglu", "geglu", "geglu_tanh", "gelu", "gelu_tanh"])
+    norm = rng.choice([None, "rms", "layer"])
+    residual = norm is not None and rng.random() < 0.5
+    x_norm = residual and rng.random() < 0.4
+    kw = dict(norm=norm, activation=act, eps=rng.choice([None, 1e-5]), softcap=rng.choice([0.0, 0.0, 3.0]),
+              norm_offset=rng.choice([0.0, 1.0]) if norm == "rms" or x_norm else 0.0)
+    gen = torch.Generator().manual_seed(seed)
+    x64 = _randn(rows + (K,), gen)
+    w64 = _randn((2 * N if act in ("swiglu", "geglu", "geglu_tanh") else N, K), gen) / K**0.5
+    tensors = dict(bias=_randn((w64.shape[0],), gen) if rng.random() < 0.4 else None,
+                   norm_weight=torch.rand(K, dtype=torch.float64, generator=gen).to(DEVICE) + 0.5 if norm else None,
+                   norm_bias=_randn((K,), gen) if norm == "layer" and rng.random() < 0.6 else None,
+                   residual=_randn(rows + (K,), gen) if residual else None,
+                   x_norm_weight=torch.rand(K, dtype=torch.float64, generator=gen).to(DEVICE) + 0.5 if x_norm else None)
+
+    def run(fn, dt, **extra):
+        out = fn(x64.to(dt), w64.to(dt), **{n: None if t is None else t.to(dt) for n, t in tensors.items()}, **kw,
+                 **extra)
+        return out if isinstance(out, tuple) else (out,)
+
+    got = run(fastlm.ops.fused_linear, dtype, backend="triton")
+    desc = dict(kw, dtype=dtype, rows=rows, K=K, N=N, **{n: t is not None for n, t in tensors.items()})
+    for i, (a, b, lo) in enumerate(zip(got, run(ref_linear.fused_linear, torch.float64),
+                                       run(ref_linear.fused_linear, dtype))):
+        assert_close(a, b, lo, name=f"output {i} of {desc}", dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------ model
