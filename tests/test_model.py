@@ -777,6 +777,11 @@ def test_to_hf_rejects_mismatched_arch():
             qk.to_hf(arch)
     with pytest.raises(ValueError, match="not a GPT-2 architecture"):
         qk.to_hf("gpt2")
+    # what transformers' own config classes refuse is a ValueError too (Phi-3 takes longrope scaling only)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 16}
+    with pytest.raises(ValueError, match="Phi3Config refuses this config"):
+        Transformer(tiny_config("tiny").replace(rope_scaling=llama3), backend="reference").to_hf("phi3")
     # GPT-2-shaped but with what GPT2Config cannot say: an error naming it, not another model exported
     for kw in (dict(post_norms=True), dict(attn_scale=0.2), dict(attn_softcap=5.0), dict(logit_softcap=5.0),
                dict(embed_scale=2.0)):

@@ -325,7 +325,20 @@ def _hf_config(cfg, arch):
             kw["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
         kw["rope_theta"] = cfg.rope_base
         kw["rope_scaling"] = None if rope == {"rope_type": "default"} else rope
-    return cls(**kw)
+    return _make_hf_config(cls, kw)
+
+
+def _make_hf_config(cls, kw):
+    """cls(**kw), with transformers' own refusal of a field value (e.g. Phi-3 takes no rope type
+    but longrope; its validator raises a class of its own) as a ValueError naming the class."""
+    try:
+        return cls(**kw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"to_hf: transformers' {cls.__name__} refuses this config: {e}") from e
+    except Exception as e:  # noqa: BLE001  (huggingface_hub's StrictDataclassClassValidationError, ...)
+        if "validat" not in type(e).__name__.lower():
+            raise
+        raise ValueError(f"to_hf: transformers' {cls.__name__} refuses this config: {e}") from e
 
 
 def _qwen_windows(cfg, cls):
@@ -381,7 +394,7 @@ def _gemma23_hf_config(cfg, arch, common):
         kw.update(rope_theta=cfg.rope_base, rope_scaling=None if rope == {"rope_type": "default"} else rope)
         if arch == "gemma3_text":
             kw["rope_local_base_freq"] = local
-    return cls(**kw)
+    return _make_hf_config(cls, kw)
 
 
 def default_arch(cfg):
