@@ -8,7 +8,8 @@ in a value comparison on the host, an illegal-address fault or garbage on a GPU)
 process with ASan's report.  Triton is kept out of this process (its libtriton does not load
 under ASan); the public ops run with backend="cuda" and are compared with the reference.
 Edge shapes on purpose: 1-element rows, tails that are not a multiple of the vector width,
-offset (misaligned) views, a full cache, several splits.
+offset (misaligned) views, a full cache, several splits; and the host checks of the KV-cache ops on
+bad arguments (each must raise: a C++ exception, which ASan intercepts with libstdc++ preloaded).
 """
 import itertools
 import math
@@ -171,4 +172,41 @@ for (D, Hq, Hkv, Sq), dtype, paged, (window, softcap), splits in itertools.produ
     n_cases += 1
 
 section("kv cache")
+
+# The host checks on bad arguments, called directly (the H200 run of 2026-12-04 had a host segfault in
+# one of tests/test_kv_cache.py's test_cuda_with_kv_op_rejects_bad_arguments calls): each must raise,
+# with no out-of-bounds access on the way.
+B, Hq, Hkv, D, page, nper = 2, 4, 2, 16, 4, 5
+kc = torch.randn(B * nper + 1, page, Hkv, D)
+vc, q, k = torch.randn_like(kc), torch.randn(B, 1, Hq, D), torch.randn(B, 1, Hkv, D)
+bt = torch.randperm(B * nper + 1)[: B * nper].view(B, nper).int()
+lens = torch.tensor([5, 12], dtype=torch.int32)
+cos, sin = ops.rotary_tables(D, nper * page + 1)
+w = torch.ones(D)
+op = torch.ops.fastlm.decode_attention_with_kv_cuda
+base = dict(q=q, kc=kc, vc=vc, k=k, v=k, lens=lens, bt=bt, pad=None, cos=cos, sin=sin, qw=None, kw=None)
+bad = [dict(sin=sin[:, :3]), dict(cos=cos[:, :1].expand(-1, D)), dict(sin=None), dict(k=k[:1], v=k[:1]),
+       dict(q=torch.cat([q, q], 1)), dict(v=k[..., :8]), dict(lens=lens.long()), dict(pad=lens.long()),
+       dict(pad=lens[:1]), dict(qw=w), dict(qw=w, kw=w[:8]), dict(qw=w.double(), kw=w), dict(qw=w, kw=w.half()),
+       dict(bt=bt[:1]), dict(bt=bt.long()), dict(lens=lens[:1]), dict(kc=kc[..., :8]), dict(q=q[..., :8]),
+       dict(q=q.double())]
+for over in bad:
+    a = dict(base, **over)
+    try:
+        op(a["q"], a["kc"], a["vc"], a["k"], a["v"], a["lens"], a["bt"], a["pad"], a["cos"], a["sin"], False, 0.25,
+           True, -1, 0.0, 2, a["qw"], a["kw"], 1e-6, 0.0)
+    except RuntimeError:
+        n_cases += 1
+        continue
+    raise AssertionError(f"decode_attention_with_kv_cuda accepted bad arguments: {list(over)}")
+for args in [(q, kc, vc, lens, bt, None, 0.25, True, -2, 0.0, 2), (q, kc, vc, lens, bt, None, 0.25, True, -1, -1.0, 2),
+             (q, kc, vc, lens, bt, None, 0.25, True, -1, 0.0, 0), (q, kc, vc, lens.long(), bt, None, 0.25, True, -1, 0.0, 2),
+             (q[:1], kc, vc, lens, bt, None, 0.25, True, -1, 0.0, 2)]:
+    try:
+        torch.ops.fastlm.decode_attention_cuda(*args)
+    except RuntimeError:
+        n_cases += 1
+        continue
+    raise AssertionError("decode_attention_cuda accepted bad arguments")
+section("bad arguments")
 print(f"{n_cases} cases passed")

@@ -50,7 +50,11 @@ def test_cuda_kernels_under_address_sanitizer(tmp_path):
         if cxx else ""
     if not libasan or not os.path.isabs(libasan) or not os.path.exists(libasan):
         pytest.skip("needs g++ with AddressSanitizer (libasan)")
-    env = dict(os.environ, LD_PRELOAD=libasan, FASTLM_EMU_ASAN="1", ASAN_OPTIONS="detect_leaks=0",
+    # libstdc++ preloaded after libasan: else ASan, loaded into a C program (python) before any C++
+    # library, finds no __cxa_throw to intercept and aborts at the first C++ exception (TORCH_CHECK)
+    stdcxx = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
+    preload = " ".join([libasan] + ([stdcxx] if os.path.isabs(stdcxx) and os.path.exists(stdcxx) else []))
+    env = dict(os.environ, LD_PRELOAD=preload, FASTLM_EMU_ASAN="1", ASAN_OPTIONS="detect_leaks=0",
                PYTHONPATH=os.pathsep.join([TESTS] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run([sys.executable, os.path.join(TESTS, "asan_cuda_emu.py")], env=env, capture_output=True,
