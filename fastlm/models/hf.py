@@ -333,10 +333,8 @@ def _make_hf_config(cls, kw):
     but longrope; its validator raises a class of its own) as a ValueError naming the class."""
     try:
         return cls(**kw)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"to_hf: transformers' {cls.__name__} refuses this config: {e}") from e
-    except Exception as e:  # noqa: BLE001  (huggingface_hub's StrictDataclassClassValidationError, ...)
-        if "validat" not in type(e).__name__.lower():
+    except Exception as e:  # noqa: BLE001  (huggingface_hub's StrictDataclassClassValidationError too)
+        if not isinstance(e, (ValueError, TypeError, KeyError)) and "validat" not in type(e).__name__.lower():
             raise
         raise ValueError(f"to_hf: transformers' {cls.__name__} refuses this config: {e}") from e
 

@@ -26,8 +26,9 @@ projection and norm + w_in (+ SwiGLU / GeGLU / GELU) as one kernel each (ops.fus
 product with the norm folded in before and the activation after), removing three small kernels
 per layer from a decode step (Gemma 2/3's post-norms fold into the projection after them:
 fused_linear's x_norm_weight, an RMS norm; LayerNorm post-norms run as modules);
-``head(x, residual)`` likewise folds the final norm into the lm_head.  A decoder that needs only some rows' logits (the last token of each prompt) takes
-``residual_stream`` and applies ``head`` to those rows alone.
+``head(x, residual)`` likewise folds the final norm into the lm_head.  A decoder that needs
+only some rows' logits (the last token of each prompt) takes ``residual_stream`` and applies
+``head`` to those rows alone.
 
 Shapes: B batch, T sequence length, D model dim, H query heads, Hkv key/value heads, hd head dim.
 Inputs are (B, T) token ids, positions 0..T-1 (or from the offset ``positions`` gives: an int or

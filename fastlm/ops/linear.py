@@ -182,8 +182,9 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     F.gelu computes it.  norm: None | "rms" | "layer" with norm_weight / norm_bias (K,)
     and eps (default 1e-6 for rms, 1e-5 for layer).  residual (like x): h = x + residual is
     normalized and returned too.  x_norm_weight (K,): x itself is first RMS-normalized with this
-    weight (with the norm's eps, the same default: 1e-5 with norm="layer", else 1e-6) and rounded, h = that + residual (Gemma 2/3's post-norm of
-    the previous sublayer's output, folded in).  norm_offset: the norms scale by norm_offset +
+    weight (with the norm's eps, the same default: 1e-5 with norm="layer", else 1e-6) and
+    rounded, h = that + residual (Gemma 2/3's post-norm of the previous sublayer's output,
+    folded in).  norm_offset: the norms scale by norm_offset +
     their weight (Gemma's 1 + w, in fp32 as HF computes it; summed in the kernel, not by a launch).
     softcap > 0: y <- softcap * tanh(y / softcap) last, from y rounded to x's dtype (Gemma 2/3's
     logit soft-capping of the lm_head).  Returns y (..., N or F), or (y, h) with a residual.

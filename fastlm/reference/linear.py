@@ -20,8 +20,9 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
     Each step rounds to x's dtype, as the separate ops would store it: h, the normalized x,
     the linear's output (gate and up for SwiGLU), the activation (gated, or a plain "gelu" /
     "gelu_tanh" of the output), the soft-capping (softcap > 0: softcap * tanh(y / softcap)).  x_norm_weight: x is first
-    RMS-normalized with it (with the norm's eps, the same default; Gemma 2/3's post-norm of the previous sublayer).  norm_offset:
-    the norms scale by norm_offset + weight, summed in fp32 (float64 stays float64)."""
+    RMS-normalized with it (with the norm's eps, the same default; Gemma 2/3's post-norm of the
+    previous sublayer).  norm_offset: the norms scale by norm_offset + weight, summed in fp32
+    (float64 stays float64)."""
     if norm_offset:
         norm_weight, x_norm_weight = (w.to(torch.promote_types(w.dtype, torch.float32)) + norm_offset
                                       if w is not None else None for w in (norm_weight, x_norm_weight))
