@@ -151,6 +151,14 @@ def _seq_bounds(CU, seq, total):
 
 
 @triton.jit
+def _seq_spans(CU_Q, CU_K, seq, total_q, total_k):
+    """Packed sequence seq's query and key spans: (q_start, k_start, Lq, Lk)."""
+    q_start, q_end = _seq_bounds(CU_Q, seq, total_q)
+    k_start, k_end = _seq_bounds(CU_K, seq, total_k)
+    return q_start, k_start, q_end - q_start, k_end - k_start
+
+
+@triton.jit
 def _kv_range(m0, i_last, Lk, off, window_left, window_right,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
     """For query rows [m0, i_last]: key blocks [lo, full_lo) masked, [full_lo, full_hi)
@@ -326,10 +334,7 @@ def _attn_fwd_kernel(
         seq, m_blk = _seq_lookup(CU_Q, num_seqs, seqlen_q, pid_m, BLOCK_M, LOOKUP_CHUNK)
         if seq >= num_seqs:
             return
-        q_start, q_end = _seq_bounds(CU_Q, seq, seqlen_q)
-        k_start, k_end = _seq_bounds(CU_K, seq, seqlen_k)
-        Lq = q_end - q_start
-        Lk = k_end - k_start
+        q_start, k_start, Lq, Lk = _seq_spans(CU_Q, CU_K, seq, seqlen_q, seqlen_k)
         q_off = q_start.to(tl.int64) * stride_qs
         k_off = k_start.to(tl.int64) * stride_ks
         v_off = k_start.to(tl.int64) * stride_vs
@@ -643,10 +648,7 @@ def _attn_bwd_dkdv_kernel(
         seq, n_blk = _seq_lookup(CU_K, num_seqs, seqlen_k, pid_n, BLOCK_N, LOOKUP_CHUNK)
         if seq >= num_seqs:
             return
-        q_start, q_end = _seq_bounds(CU_Q, seq, seqlen_q)
-        k_start, k_end = _seq_bounds(CU_K, seq, seqlen_k)
-        Lq = q_end - q_start
-        Lk = k_end - k_start
+        q_start, k_start, Lq, Lk = _seq_spans(CU_Q, CU_K, seq, seqlen_q, seqlen_k)
         q_tok = q_start.to(tl.int64)
         k_tok = k_start.to(tl.int64)
         Q += q_tok * stride_qs
@@ -790,10 +792,7 @@ def _attn_bwd_dq_kernel(
         seq, m_blk = _seq_lookup(CU_Q, num_seqs, seqlen_q, pid_m, BLOCK_M, LOOKUP_CHUNK)
         if seq >= num_seqs:
             return
-        q_start, q_end = _seq_bounds(CU_Q, seq, seqlen_q)
-        k_start, k_end = _seq_bounds(CU_K, seq, seqlen_k)
-        Lq = q_end - q_start
-        Lk = k_end - k_start
+        q_start, k_start, Lq, Lk = _seq_spans(CU_Q, CU_K, seq, seqlen_q, seqlen_k)
         q_tok = q_start.to(tl.int64)
         k_tok = k_start.to(tl.int64)
         Q += q_tok * stride_qs
