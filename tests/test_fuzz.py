@@ -7,7 +7,8 @@ left padding, new tokens, rotary, q/k norms and a workspace; packed rotary with 
 positions, in place, with autograd; norms over strided and expanded inputs with a residual; the
 fused lm_head loss with every option and tiny chunks; the decode-step fused_linear with norms, x
 norm, residual, activation and soft-cap; a whole Transformer config: norm, positions, MLP, biases,
-q/k norms, windows, soft-caps, post-norms at once), so combinations nobody listed are tried too.  The
+q/k norms, windows, soft-caps, post-norms at once; a KV cache's random life of adds, prefill
+chunks, decode steps, frees and refused requests), so combinations nobody listed are tried too.  The
 draws are fixed by the seed (a test id is its seed: rerun one with -k), and the shapes are small
 for the Triton interpreter.  On a GPU machine the same cases run on the GPU (bf16 included).
 FASTLM_FUZZ_SEEDS=N draws N seeds per test instead, for an exploratory run (such a run of the
@@ -457,3 +458,116 @@ def test_model_random_configs(seed):
                for key, model, cache in (("ref", ref, "static"), ("static", fused, "static"),
                                          ("paged", fused, "paged"))}
     assert out["static"] == out["ref"] and out["paged"] == out["ref"], f"{cfg}: {out}"
+
+
+# ------------------------------------------------------------------------------------ KV cache lifecycles
+@pytest.mark.parametrize("backend", ["reference", *kernel_backends()])
+@pytest.mark.parametrize("seed", seeds(6))
+def test_kv_cache_random_lifecycles(seed, backend):
+    """fastlm.nn.PagedKVCache / StaticKVCache driven through a random life (sequences added,
+    grown by prefill chunks and decode steps, freed or reset and their blocks reused, requests
+    the pool or max_seqlen cannot hold refused), checked after every step against a float64
+    oracle: the attention outputs of every live row (0 for a freed paged row), the allocator's
+    invariants (no block held twice, none lost) and the host/device bookkeeping."""
+    from fastlm.nn import PagedKVCache, StaticKVCache
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    dtype = rng.choice(DOT_DTYPES)
+    L, Hkv, G, D = 2, rng.choice([1, 2]), rng.choice([1, 2]), rng.choice([16, 32])
+    MB, max_seqlen = rng.choice([1, 2, 3]), rng.choice([9, 24, 40])
+    paged = rng.random() < 0.7
+    if paged:
+        bs = rng.choice([1, 3, 4, 16])
+        nb = rng.randint(1, MB * -(-max_seqlen // bs))  # from scarce to plenty
+        cache = PagedKVCache(L, nb, bs, Hkv, D, dtype, DEVICE, max_batch=MB, max_seqlen=max_seqlen)
+    else:
+        cache = StaticKVCache(L, MB, max_seqlen, Hkv, D, dtype, DEVICE)
+    rotary = rng.random() < 0.5
+    tables = fastlm.ops.rotary_tables(D, max_seqlen, device=DEVICE) if rotary else None
+    live = [not paged] * MB
+    olens = [0] * MB
+    # oracle caches per layer, contiguous: float64 and the same-dtype baseline
+    ok = {dt: [torch.zeros(MB, max_seqlen, Hkv, D, dtype=dt, device=DEVICE) for _ in range(L)]
+          for dt in (torch.float64, dtype)}
+    ov = {dt: [torch.zeros_like(t) for t in ok[dt]] for dt in ok}
+    log = [f"seed={seed} {backend} {dtype} paged={paged} MB={MB} max_seqlen={max_seqlen} rotary={rotary}"
+           + (f" bs={bs} nb={nb}" if paged else "")]
+
+    def check_books():
+        assert cache.lengths() == [n if l else 0 for n, l in zip(olens, live)], log
+        assert cache.seqlens.tolist() == cache.lengths(), log
+        if paged:
+            held = [b for s in cache.live_sequences() for b in cache.blocks_of(s)]
+            assert len(held) == len(set(held)) and len(held) + cache.num_free_blocks == nb, log
+            assert cache.live_sequences() == [s for s in range(MB) if live[s]], log
+            for s in range(MB):
+                row = cache.block_table[s].tolist()
+                blocks = cache.blocks_of(s) if live[s] else []
+                assert row[: len(blocks)] == blocks and all(x == -1 for x in row[len(blocks):]), log
+                assert len(blocks) == -(-olens[s] // bs) if live[s] else True, log
+
+    for step in range(rng.randint(10, 20)):
+        r = rng.random()
+        if paged and not all(live) and (r < 0.2 or not any(live)):
+            s = cache.add_sequence()
+            assert s == live.index(False), log
+            live[s], olens[s] = True, 0
+            log.append(f"add {s}")
+        elif r < 0.32 and any(live):
+            s = rng.choice([i for i in range(MB) if live[i]])
+            if paged:
+                cache.free_sequence(s)
+                live[s] = False
+            else:
+                cache.reset([s])
+            olens[s] = 0
+            log.append(f"free {s}")
+        elif any(live):
+            n = rng.choice([1, 1, 1, 2, 5, 9])
+            before = (cache.lengths(), cache.num_free_blocks if paged else 0)
+            need = sum(-(-(olens[s] + n) // bs) - -(-olens[s] // bs) for s in range(MB) if live[s]) if paged else 0
+            fits = all(olens[s] + n <= max_seqlen for s in range(MB) if live[s]) and (not paged or need <= nb - sum(
+                -(-olens[s] // bs) for s in range(MB) if live[s]))
+            if not fits:
+                with pytest.raises((ValueError, RuntimeError)):
+                    cache.reserve(n)
+                assert (cache.lengths(), cache.num_free_blocks if paged else 0) == before, log
+                log.append(f"refused {n}")
+                check_books()
+                continue
+            cache.reserve(n)
+            cache.advance(n, backend=backend)
+            B = max(s for s in range(MB) if live[s]) + 1
+            one = n <= 16 and rng.random() < 0.6  # append + attend in one decode_attention(k=, v=)
+            log.append(f"step n={n} B={B} one={one}")
+            pos = torch.tensor(olens[:B], dtype=torch.int32, device=DEVICE)
+            for layer in range(L):
+                q64 = _randn((B, n, Hkv * G, D), gen)
+                k64, v64 = _randn((B, n, Hkv, D), gen), _randn((B, n, Hkv, D), gen)
+                rot = dict(rotary_cos=tables[0], rotary_sin=tables[1]) if rotary else {}
+                if one:
+                    out = cache.append_attend(layer, q64.to(dtype), k64.to(dtype), v64.to(dtype), backend=backend,
+                                              **rot)
+                else:
+                    q, k = q64.to(dtype), k64.to(dtype)
+                    if rotary:
+                        q, k = fastlm.ops.apply_rotary(q, k, *tables, positions=pos, backend="reference")
+                    cache.append(layer, k, v64.to(dtype), backend=backend)
+                    out = cache.attend(layer, q, backend=backend)
+                refs = {}
+                for dt in ok:
+                    kc, vc = ok[dt][layer][:B], ov[dt][layer][:B]
+                    e = {} if not rotary else {"rotary_cos": tables[0].to(dt) if dt == torch.float64 else tables[0],
+                                               "rotary_sin": tables[1].to(dt) if dt == torch.float64 else tables[1]}
+                    refs[dt] = ref_kv.decode_attention_with_kv(q64.to(dt), kc, vc, k64.to(dt), v64.to(dt), pos,
+                                                               upcast=False, **e)
+                for s in range(B):
+                    if live[s]:
+                        assert_close(out[s], refs[torch.float64][s], refs[dtype][s], dtype=dtype,
+                                     name=f"row {s} layer {layer} of {log}")
+                    else:  # a freed paged slot inside the batch: no block, nothing written, output 0
+                        assert not out[s].any(), log
+            for s in range(MB):
+                olens[s] += n if live[s] else 0
+        check_books()
