@@ -11,8 +11,9 @@ q/k norms, windows, soft-caps, post-norms at once; a KV cache's random life of a
 chunks, decode steps, frees and refused requests), so combinations nobody listed are tried too.  The
 draws are fixed by the seed (a test id is its seed: rerun one with -k), and the shapes are small
 for the Triton interpreter.  On a GPU machine the same cases run on the GPU (bf16 included).
-FASTLM_FUZZ_SEEDS=N draws N seeds per test instead, for an exploratory run (such a run of the
-model draws found the LayerNorm post-norm bug fixed in ddb00d0; here seeds 33 and 39 have it).
+FASTLM_FUZZ_SEEDS=N draws N seeds per test instead, for an exploratory run, from
+FASTLM_FUZZ_FIRST (default 0; another start gives new draws).  Such a run of the model draws
+found the LayerNorm post-norm bug fixed in ddb00d0 (here seeds 33 and 39 have it).
 """
 import os
 import random
@@ -30,10 +31,11 @@ from conftest import DEVICE, HAS_CUDA, INTERPRETER_BF16_DOT, kernel_backends
 from tolerances import assert_close
 
 SEEDS = int(os.environ.get("FASTLM_FUZZ_SEEDS", "0"))
+FIRST = int(os.environ.get("FASTLM_FUZZ_FIRST", "0"))
 
 
 def seeds(default):
-    return range(SEEDS or default)
+    return range(FIRST, FIRST + (SEEDS or default))
 
 
 # Dtypes of kernels with tl.dot: the interpreter's bf16 dot is broken unless fastlm fixed it.
