@@ -8,7 +8,8 @@ positions, in place, with autograd; norms over strided and expanded inputs with 
 fused lm_head loss with every option and tiny chunks; the decode-step fused_linear with norms, x
 norm, residual, activation and soft-cap; a whole Transformer config: norm, positions, MLP, biases,
 q/k norms, windows, soft-caps, post-norms at once; a KV cache's random life of adds, prefill
-chunks, decode steps, frees and refused requests), so combinations nobody listed are tried too.  The
+chunks, decode steps, frees and refused requests; a Generator reused over random calls), so
+combinations nobody listed are tried too.  The
 draws are fixed by the seed (a test id is its seed: rerun one with -k), and the shapes are small
 for the Triton interpreter.  On a GPU machine the same cases run on the GPU (bf16 included).
 FASTLM_FUZZ_SEEDS=N draws N seeds per test instead, for an exploratory run, from
@@ -573,3 +574,58 @@ def test_kv_cache_random_lifecycles(seed, backend):
             for s in range(MB):
                 olens[s] += n if live[s] else 0
         check_books()
+
+
+# ------------------------------------------------------------------------------------ Generator reuse
+@pytest.mark.parametrize("seed", seeds(5))
+def test_generator_reuse_random_calls(seed):
+    """One Generator reused across random calls (batch sizes, caches, sampling keys, repetition
+    penalty, EOS, a stream abandoned half-way) gives each call what a fresh Generator gives:
+    nothing of an earlier call (cache contents, positions, the token ring, seen tokens, captured
+    graphs on a GPU) leaks into a later one."""
+    import itertools
+
+    from fastlm.generation import Generator
+    from fastlm.models import Transformer
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    cfg = _model_config(seed)
+    model = Transformer(cfg, backend=rng.choice(["fused", "fused", "reference"]))
+    with torch.no_grad():  # large weights: no near-tie can flip a greedy token
+        for p in model.parameters():
+            p.normal_(0.0, 0.25) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+    model = model.to(DEVICE)
+    gkw = dict(cache=rng.choice(["static", "paged"]), block_size=rng.choice([1, 4, 16]),
+               sync_every=rng.choice([1, 3, 8]), cuda_graphs=HAS_CUDA)
+    if rng.random() < 0.3:
+        gkw["max_seqlen"] = 40
+    if rng.random() < 0.2:
+        gkw["prefill_tokens"] = rng.choice([3, 8])
+    gen = Generator(model, **gkw)
+    log = [f"seed={seed} {model.backend} {gkw}"]
+    for call in range(rng.randint(3, 6)):
+        prompts = [torch.randint(0, cfg.vocab_size, (rng.randint(1, 10),)).tolist() for _ in range(rng.randint(1, 3))]
+        mx = rng.randint(1, 8)
+        kw = dict(eos_token_id=rng.choice([None, rng.randrange(cfg.vocab_size)]))
+        if rng.random() < 0.5:
+            kw["greedy"] = True
+        else:
+            kw.update(temperature=rng.choice([0.7, 1.0]), top_k=rng.choice([None, 5]), top_p=rng.choice([None, 0.9]),
+                      seed=rng.randrange(1000))
+        if rng.random() < 0.3:
+            kw["repetition_penalty"] = 1.3
+        mode = rng.choice(["generate", "generate", "stream", "abandon"])
+        log.append(f"call {call}: {mode} prompts={[len(p) for p in prompts]} max_new={mx} {kw}")
+        with torch.no_grad():
+            if mode == "abandon":  # a stream left half-way: the next call must start clean
+                list(itertools.islice(gen.stream(prompts, mx, **kw), rng.randint(0, 3)))
+                continue
+            fresh = Generator(model, **gkw).generate(prompts, mx, **kw)
+            if mode == "generate":
+                got = gen.generate(prompts, mx, **kw)
+            else:
+                got = [[] for _ in prompts]
+                for i, tok in gen.stream(prompts, mx, **kw):
+                    got[i].append(tok)
+        assert got == fresh, f"{log}: reused Generator gave {got}, a fresh one {fresh}"
