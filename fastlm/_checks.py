@@ -7,7 +7,7 @@ import torch
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_tensor(t, name, *, dtypes=KERNEL_DTYPES, ndim=None, min_ndim=None, device=None):
+def check_tensor(t, name, *, dtypes=KERNEL_DTYPES, ndim=None, min_ndim=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -16,8 +16,6 @@ def check_tensor(t, name, *, dtypes=KERNEL_DTYPES, ndim=None, min_ndim=None, dev
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
 
 
 def check_same_device(ref, name_ref, **tensors):
@@ -52,6 +50,14 @@ def as_real(v, name, op=None):
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{op + ': ' if op else ''}{name} must be a real number, got {v!r} ({type(v).__name__})")
     return float(v)
+
+
+def check_bool(v, name, op=None):
+    """A TypeError naming the argument unless v is a bool: None, 0/1 or a string like 'False'
+    would otherwise read as a flag silently (causal=None: non-causal attention)."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{op + ': ' if op else ''}{name} must be a bool (True or False), got {v!r}")
+    return v
 
 
 def is_int(v):

@@ -686,6 +686,11 @@ def _bad_cases():
         ("packed 3-D", (q, k, v), dict(cu_seqlens_q=cu, cu_seqlens_k=cu)),
         ("max_seqlen_q", (qp, kp, vp), dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=-3)),
         ("for packed inputs", (q, k, v), dict(max_seqlen_q=8)),
+        # flags are bools: None or "False" read by truthiness would silently drop the causal mask
+        (r"attention: causal must be a bool \(True or False\), got None", (q, k, v), dict(causal=None)),
+        ("attention: causal must be a bool", (q, k, v), dict(causal="False")),
+        ("attention: return_lse must be a bool", (q, k, v), dict(return_lse=1)),
+        ("attention: deterministic must be a bool", (q, k, v), dict(deterministic=None)),
     ]
 
 

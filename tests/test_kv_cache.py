@@ -1369,6 +1369,18 @@ def test_bad_inputs():
     strided = torch.tensor([3, 99, 12, 99], dtype=torch.int32, device=DEVICE)[::2]
     raises(ValueError, "cache_seqlens must be contiguous", app, kc, vc, k, k, strided, block_table=bt)
     raises(ValueError, "cache_seqlens must be contiguous", dec, q, kc, vc, strided, block_table=bt)
+    # A device mix names the input on the other device and the one it is compared with.
+    raises(ValueError, r"decode_attention: k_cache is on \S+ but q is on meta", dec, q.to("meta"), kc, vc, lens,
+           block_table=bt)
+    raises(ValueError, r"kv_cache_append: k_cache is on \S+ but k is on meta", app, kc, vc, k.to("meta"),
+           k.to("meta"), lens, block_table=bt)
+    raises(ValueError, r"decode_attention: cache_seqlens is on meta but q is on", dec, q, kc, vc, lens.to("meta"),
+           block_table=bt)
+    for flag in (None, 1, "False"):  # a non-bool flag is refused, never read by its truthiness
+        raises(TypeError, r"kv_cache_append: advance must be a bool \(True or False\)", app, kc, vc, k, k, lens,
+               block_table=bt, advance=flag)
+        raises(TypeError, r"decode_attention: rotary_interleaved must be a bool", dec, q, kc, vc, lens,
+               block_table=bt, rotary_interleaved=flag)
 
 
 @pytest.mark.gpu
@@ -1809,11 +1821,51 @@ def test_cache_dtype_follows_module_casts():
         cache.double()
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_kernels_refuse_what_would_lose_its_gradient(backend):
+    """The kernels write the cache in place with no backward: under grad mode, a cache or a new
+    k/v (or k's norm weight, the rotary tables) that requires grad is refused, naming it, where
+    the gradient would otherwise vanish (found by test_fuzz's argument mutations).  Under
+    no_grad, or detached, it runs; the reference backend tracks the gradient."""
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q = torch.randn(B, 1, Hq, D, device=DEVICE)
+    kc, vc = torch.randn(B, 8, Hkv, D, device=DEVICE), torch.randn(B, 8, Hkv, D, device=DEVICE)
+    k, v = torch.randn(B, 1, Hkv, D, device=DEVICE), torch.randn(B, 1, Hkv, D, device=DEVICE)
+    cos, sin = torch.randn(16, D // 2, device=DEVICE), torch.randn(16, D // 2, device=DEVICE)
+    w = torch.ones(D, device=DEVICE)
+
+    def lens():
+        return torch.tensor([3, 5], dtype=torch.int32, device=DEVICE)
+
+    def calls(a):
+        yield lambda: fastlm.ops.kv_cache_append(a["k_cache"], a["v_cache"], a["k"], a["v"], lens(), backend=backend)
+        yield lambda: fastlm.ops.decode_attention(q, a["k_cache"], a["v_cache"], lens(), k=a["k"], v=a["v"],
+                                                  rotary_cos=a["rotary_cos"], rotary_sin=cos, q_norm_weight=w,
+                                                  k_norm_weight=a["k_norm_weight"], backend=backend)
+
+    plain = dict(k_cache=kc, v_cache=vc, k=k, v=v, rotary_cos=cos, k_norm_weight=w)
+    for name in plain:
+        a = {n: t.clone() for n, t in plain.items()}
+        a[name].requires_grad_()
+        for i, call in enumerate(calls(a)):
+            if i == 0 and name in ("rotary_cos", "k_norm_weight"):
+                continue  # (not arguments of kv_cache_append)
+            with pytest.raises(RuntimeError, match=rf"{name} requires grad, but the {backend} kernels write the KV "
+                                                   rf"cache in place and have no backward"):
+                call()
+            with torch.no_grad():
+                call()
+    a = {n: t.clone() for n, t in plain.items()}
+    a["k"].requires_grad_()
+    fastlm.ops.kv_cache_append(a["k_cache"], a["v_cache"], a["k"], a["v"], lens(), backend="reference")
+    assert a["k_cache"].requires_grad  # the reference backend keeps the graph
+
+
 def test_decode_causal_must_be_a_bool():
     q = torch.randn(1, 2, 1, 8, device=DEVICE)
     kc = torch.randn(1, 4, 1, 8, device=DEVICE)
     lens = torch.tensor([3], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(TypeError, match="causal must be a bool, got None"):
+    with pytest.raises(TypeError, match=r"causal must be a bool \(True or False\), got None"):
         kv_ops.decode_attention(q, kc, kc.clone(), lens, causal=None)
 
 

@@ -197,6 +197,8 @@ def test_option_errors():
         (dict(z_loss=True), TypeError, "z_loss must be a finite"),
         (dict(softcap=-3.0), ValueError, "softcap must be > 0"),
         (dict(softcap=float("inf")), ValueError, "softcap must be a finite"),
+        (dict(return_z_loss=None), TypeError, r"return_z_loss must be a bool \(True or False\), got None"),
+        (dict(return_z_loss=1), TypeError, "return_z_loss must be a bool"),
     ]
     for backend in ("triton", "reference"):
         for kw, exc, msg in cases:
@@ -397,6 +399,10 @@ def test_bad_inputs():
         (lambda: ops.cross_entropy(x[:, :0], t, backend="triton"), ValueError, "non-empty"),
         (lambda: ops.cross_entropy(x, t, backend="cuda"), ValueError, "not implemented"),
         (lambda: ops.linear_cross_entropy(h, w, bad, backend="triton"), ValueError, "targets must be in"),
+        # the reference backend's targets are checked by the op too (torch's own error names no argument)
+        (lambda: ops.cross_entropy(x, bad, backend="reference"), ValueError, "targets must be in"),
+        (lambda: ops.linear_cross_entropy(h, w, bad, backend="reference"), ValueError, "targets must be in"),
+        (lambda: ops.linear_cross_entropy(h, w, t, chunk_size=True), ValueError, "chunk_size"),
         (lambda: ops.linear_cross_entropy(h, w.t(), t, backend="triton"), ValueError, "weight must have shape"),
         (lambda: ops.linear_cross_entropy(h, w, t, torch.randn(9, device=DEVICE), backend="triton"), ValueError, "bias"),
         (lambda: ops.linear_cross_entropy(h, w.half(), t, backend="triton"), TypeError, "weight has dtype"),

@@ -231,6 +231,9 @@ def test_float64_runs_on_the_reference_path():
     (dict(k=torch.ones(1, 3, 2, 4)), "head_dim"),
     (dict(k=torch.ones(1, 3, 2, 8, dtype=torch.float16)), "k must have q's dtype"),
     (dict(cos=torch.ones(4, 8), sin=torch.ones(4, 8)), "rotary_dim"),
+    # a table of the wrong rank is named before its rows are read (found by test_fuzz's mutations)
+    (dict(cos=torch.tensor(1.0), sin=torch.ones(4, 2)), r"cos must have shape \(max_positions, rotary_dim // 2\)"),
+    (dict(cos=torch.ones(4), sin=torch.ones(4)), "cos must have shape"),
     (dict(cos=torch.ones(4, 2), sin=torch.ones(4, 2), positions=3), "exceeds the 4 rows"),
     (dict(q=torch.ones(3, 8)), "q must be"),
 ])

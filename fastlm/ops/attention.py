@@ -12,7 +12,7 @@ import math
 import torch
 
 from fastlm import _backend, reference
-from fastlm._checks import KERNEL_DTYPES, as_real, check_same_device, check_tensor
+from fastlm._checks import KERNEL_DTYPES, as_real, check_bool, check_same_device, check_tensor
 from fastlm._dispatch import fast_op
 
 SUPPORTED = ("triton", "reference")
@@ -291,6 +291,8 @@ def attention(
     dQ/dK 2x; std 1, 1.1-1.3x).  fp16/bf16 are not affected: their own rounding of the
     probabilities is far larger.  (Keeping the row max and log(l) apart would remove it.)
     """
+    for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
+        check_bool(flag, name, "attention")
     q, k, v = _autocast(q, k, v)
     _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if cu_seqlens_q is not None:  # the kernels read the offsets densely
@@ -306,5 +308,5 @@ def attention(
             q, k, v, softmax_scale=scale, window=(window_left, window_right), softcap=float(softcap),
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
     out, lse = _attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                 window_left, window_right, float(softcap), bool(deterministic))
+                                 window_left, window_right, float(softcap), deterministic)
     return (out, lse) if return_lse else out

@@ -37,7 +37,8 @@ import os
 import torch
 
 from fastlm import _backend, _C_loader
-from fastlm._checks import as_int, as_real, check_tensor, has_data_pointers, share_memory, value_checks_on
+from fastlm._checks import (as_int, as_real, check_bool, check_tensor, has_data_pointers, share_memory,
+                            value_checks_on)
 from fastlm._dispatch import fast_op
 from fastlm.reference import kv_cache as _ref
 
@@ -425,7 +426,21 @@ def _check_writable_cache(op, k_cache, v_cache, k, v):
                                  "caches while reading them, so no two of k_cache, v_cache, k, v may share elements")
 
 
-def _validate_cache(op, k_cache, v_cache, cache_seqlens, block_table, batch, device):
+def _refuse_grad(op, backend, **tensors):
+    """The kernels write the new tokens into the caches in place and have no backward: with grad
+    mode on, a cache or anything written into it that requires grad would lose its gradient
+    without a word (the reference backend, plain PyTorch, tracks it).  Raise instead."""
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if t is not None and t.requires_grad:
+                raise RuntimeError(
+                    f"{op}: {name} requires grad, but the {backend} kernels write the KV cache in place and have no "
+                    f"backward, so its gradient would be lost; decode under torch.no_grad() / "
+                    f"torch.inference_mode(), pass {name}.detach(), or use backend='reference'")
+
+
+def _validate_cache(op, k_cache, v_cache, cache_seqlens, block_table, batch, device, ref):
+    """ref: the name of the input whose device and batch the others must match (q or k)."""
     check_tensor(k_cache, "k_cache", ndim=4)
     check_tensor(v_cache, "v_cache", ndim=4)
     if v_cache.shape != k_cache.shape:
@@ -434,7 +449,7 @@ def _validate_cache(op, k_cache, v_cache, cache_seqlens, block_table, batch, dev
         raise TypeError(f"{op}: v_cache dtype {v_cache.dtype} must equal k_cache dtype {k_cache.dtype}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if c.device != device:
-            raise ValueError(f"{op}: {name} is on {c.device} but the other inputs are on {device}")
+            raise ValueError(f"{op}: {name} is on {c.device} but {ref} is on {device}; put all inputs on one device")
         if c.stride(-1) != 1:
             raise ValueError(f"{op}: {name} must have unit stride in head_dim (the last dim), got strides {c.stride()}")
     if k_cache.shape[1] < 1 or k_cache.shape[2] < 1 or k_cache.shape[3] < 1:
@@ -445,7 +460,8 @@ def _validate_cache(op, k_cache, v_cache, cache_seqlens, block_table, batch, dev
     if cache_seqlens.shape[0] != batch:
         raise ValueError(f"{op}: cache_seqlens must have shape ({batch},) (the batch), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
-        raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but the other inputs are on {device}")
+        raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but {ref} is on {device}; put all inputs "
+                         "on one device")
     if not cache_seqlens.is_contiguous():  # the kernels read (and advance) it in place, densely
         raise ValueError(f"{op}: cache_seqlens must be contiguous, got stride {cache_seqlens.stride()}")
     if block_table is None:
@@ -461,7 +477,8 @@ def _validate_cache(op, k_cache, v_cache, cache_seqlens, block_table, batch, dev
                 f"{op}: block_table must have shape ({batch}, max_blocks_per_seq), got {tuple(block_table.shape)}"
             )
         if block_table.device != device:
-            raise ValueError(f"{op}: block_table is on {block_table.device} but the other inputs are on {device}")
+            raise ValueError(f"{op}: block_table is on {block_table.device} but {ref} is on {device}; put all inputs "
+                             "on one device")
         if block_table.shape[1] > 0 and block_table.stride(1) != 1:
             raise ValueError(f"{op}: block_table must have unit stride in its last dim, got {block_table.stride()}")
 
@@ -486,8 +503,7 @@ def _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleav
     if (rotary_cos is None) != (rotary_sin is None):
         missing = "rotary_sin" if rotary_sin is None else "rotary_cos"
         raise ValueError(f"{op}: rotary_cos and rotary_sin come together; {missing} is missing")
-    if not isinstance(rotary_interleaved, bool):
-        raise TypeError(f"{op}: rotary_interleaved must be a bool, got {rotary_interleaved!r}")
+    check_bool(rotary_interleaved, "rotary_interleaved", op)
     if k is None:
         if rotary_cos is not None:
             raise ValueError(f"{op}: rotary_cos/rotary_sin need k and v: the rotation is applied to q and the new "
@@ -665,13 +681,16 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, 
     capacity and block ids >= num_blocks are skipped by the kernels and reported as errors only
     in debug mode (CPU tensors, or FASTLM_DEBUG=1; see the module docstring).
     The caches must own every slot (no expanded, stride-0 dims), and k_cache, v_cache, k, v must
-    not share elements (ValueError).
+    not share elements (ValueError).  Forward only: with grad mode on, the kernel backends refuse
+    caches, k or v that require grad (RuntimeError; their gradient would be lost), the reference
+    backend tracks it.
     fp32/fp16/bf16.  backend: "triton" | "cuda" | "reference" | None.  Returns None.
     """
     check_tensor(k, "k", ndim=4)
+    check_bool(advance, "advance", "kv_cache_append")
     device = k.device
     B = k.shape[0]
-    _validate_cache("kv_cache_append", k_cache, v_cache, cache_seqlens, block_table, B, device)
+    _validate_cache("kv_cache_append", k_cache, v_cache, cache_seqlens, block_table, B, device, "k")
     _check_new("kv_cache_append", "k", k, k_cache)
     _check_new("kv_cache_append", "v", v, k_cache)
     if v.shape != k.shape:
@@ -680,6 +699,8 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, 
         raise ValueError(f"kv_cache_append: v is on {v.device} but k is on {device}")
     _check_writable_cache("kv_cache_append", k_cache, v_cache, k, v)
     b = _backend.resolve(backend, device, SUPPORTED, PREFERRED, op="kv_cache_append")
+    if b != "reference":
+        _refuse_grad("kv_cache_append", b, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
     if b == "reference":
         if value_checks_on(k_cache):
             _debug_check_append(k_cache, k, cache_seqlens, block_table)
@@ -699,7 +720,9 @@ def decode_attention(
     workspace=None, backend=None,
 ):
     """Attention of a few new query tokens over each sequence's KV cache (forward only: decoding
-    needs no backward).
+    needs no backward; a q that requires grad gives an output whose backward raises, and with k/v
+    the kernel backends refuse, as kv_cache_append does, whatever is written into the caches
+    requiring grad while grad mode is on).
 
     q: (batch, seqlen_q, n_heads_q, head_dim), seqlen_q small (1 for decoding; up to 16 for
     speculative decoding / chunked prefill; at most 128).  k_cache, v_cache, block_table as in
@@ -752,7 +775,7 @@ def decode_attention(
     check_tensor(q, "q", ndim=4)
     device = q.device
     B, Sq, Hq, D = q.shape
-    _validate_cache("decode_attention", k_cache, v_cache, cache_seqlens, block_table, B, device)
+    _validate_cache("decode_attention", k_cache, v_cache, cache_seqlens, block_table, B, device, "q")
     if k_cache.dtype != q.dtype:
         raise TypeError(f"decode_attention: k_cache dtype {k_cache.dtype} must equal q dtype {q.dtype}")
     if k_cache.shape[3] != D:
@@ -783,8 +806,7 @@ def decode_attention(
         raise ValueError(f"decode_attention: softcap must be >= 0 (0 = off), got {softcap!r}")
     if num_splits < 0:
         raise ValueError(f"decode_attention: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
-    if not isinstance(causal, bool):  # (None would read as False: silently non-causal)
-        raise TypeError(f"decode_attention: causal must be a bool, got {causal!r}")
+    check_bool(causal, "causal", op)
     rotary = _check_new_tokens(q, k_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table)
     norm = _check_norm_weights(q, k, q_norm_weight, k_norm_weight, qk_norm_eps, qk_norm_offset)
     qk_norm_eps, qk_norm_offset = float(qk_norm_eps), float(qk_norm_offset)
@@ -817,6 +839,8 @@ def decode_attention(
                 q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                 rotary_interleaved=rotary_interleaved, block_table=block_table, softmax_scale=softmax_scale,
                 causal=causal, window=window, softcap=softcap, cache_leftpad=cache_leftpad, **norm_kw)
+        _refuse_grad("decode_attention", b, k_cache=k_cache, v_cache=v_cache, k=k, v=v, k_norm_weight=k_norm_weight,
+                     rotary_cos=rotary_cos, rotary_sin=rotary_sin)
         if norm and b == "cuda" and not _cuda_has_qk_norm():
             raise RuntimeError("decode_attention: this fastlm._C was built from an older source whose CUDA "
                                "decode_attention_with_kv has no q/k norm; rebuild it (pip install "

@@ -19,7 +19,7 @@ import numbers
 import torch
 
 from fastlm import _backend, reference
-from fastlm._checks import KERNEL_DTYPES, as_int, check_same_device, check_tensor, unit_last
+from fastlm._checks import KERNEL_DTYPES, as_int, check_bool, check_same_device, check_tensor, is_int, unit_last
 from fastlm._dispatch import fast_op
 
 SUPPORTED = ("triton", "reference")
@@ -368,14 +368,15 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label
     backend: "triton" | "reference" | None.
     """
     op = "cross_entropy"
+    check_bool(return_z_loss, "return_z_loss", op)
     ignore_index = _validate(op, logits, "logits", targets, reduction, REDUCTIONS, backend, ignore_index)
     opts = _check_options(op, label_smoothing, z_loss, softcap)
     b = _pick(backend, logits, op)
-    if b == "reference":
-        return reference.cross_entropy(logits, targets, ignore_index, reduction, *opts, return_z_loss=return_z_loss)
     V = logits.shape[-1]
     t = targets.reshape(-1).contiguous()  # the kernel reads one target per row, densely
-    _check_targets(op, t, V, ignore_index)
+    _check_targets(op, t, V, ignore_index)  # (the reference backend's too: torch's error names no argument)
+    if b == "reference":
+        return reference.cross_entropy(logits, targets, ignore_index, reduction, *opts, return_z_loss=return_z_loss)
     rows, stats = _ce_op(logits.reshape(-1, V), t, ignore_index, *opts)
     if reduction == "none":
         loss, scale = rows.view(targets.shape), None
@@ -419,6 +420,7 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
     backend: "triton" | "reference" | None.
     """
     op = "linear_cross_entropy"
+    check_bool(return_z_loss, "return_z_loss", op)
     ignore_index = _validate(op, h, "h", targets, reduction, REDUCTIONS, backend, ignore_index)
     opts = _check_options(op, label_smoothing, z_loss, softcap)
     D = h.shape[-1]
@@ -433,7 +435,7 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
         if tuple(bias.shape) != (V,):
             raise ValueError(f"{op}: bias must have shape ({V},) (weight's vocabulary), got {tuple(bias.shape)}")
     check_same_device(h, "h", weight=weight, bias=bias)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
     dev = h.device.type
     if not torch.is_autocast_enabled(dev):
@@ -441,6 +443,8 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
             if t is not None and t.dtype != h.dtype:
                 raise TypeError(f"{op}: {name} has dtype {t.dtype} but h has {h.dtype}; use one dtype (or autocast)")
     b = _pick(backend, h, op)
+    t = targets.reshape(-1).contiguous()  # the kernel reads one target per row, densely
+    _check_targets(op, t, V, ignore_index)  # (the reference backend's too: torch's error names no argument)
     if b == "reference":
         return reference.linear_cross_entropy(h, weight, targets, bias, ignore_index, reduction, *opts,
                                               return_z_loss=return_z_loss)
@@ -448,8 +452,6 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
         dt = torch.get_autocast_dtype(dev)
         h, weight = h.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    t = targets.reshape(-1).contiguous()  # the kernel reads one target per row, densely
-    _check_targets(op, t, V, ignore_index)
     h2 = h.reshape(-1, D)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and x is not None and x.requires_grad for x in (h, weight, bias)]

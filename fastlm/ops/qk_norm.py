@@ -17,7 +17,7 @@ positions forms, the reference path's inputs).
 import torch
 
 from fastlm import _backend, reference
-from fastlm._checks import as_real, check_same_device, is_int, unit_last
+from fastlm._checks import as_real, check_bool, check_same_device, is_int, unit_last
 from fastlm._dispatch import fast_op
 from fastlm.ops import rotary as _rotary
 
@@ -183,8 +183,7 @@ def qk_norm_rotary(q, k, q_weight=None, k_weight=None, cos=None, sin=None, *, ep
     backend: "triton" | "reference" | None.
     """
     op = "qk_norm_rotary"
-    if not isinstance(interleaved, bool):
-        raise TypeError(f"{op}: interleaved must be a bool, got {interleaved!r}")
+    check_bool(interleaved, "interleaved", op)
     eps = as_real(eps, "eps", op)
     weight_offset = as_real(weight_offset, "weight_offset", op)
     if weight_offset and q_weight is None:
@@ -195,7 +194,7 @@ def qk_norm_rotary(q, k, q_weight=None, k_weight=None, cos=None, sin=None, *, ep
         given = [n for n, v in (("positions", positions), ("cu_seqlens", cu_seqlens), ("interleaved", interleaved))
                  if v is not None and v is not False]
         raise ValueError(f"{op}: {', '.join(given)} only place(s) the rotation; pass cos and sin too, or drop it")
-    _rotary._check_qk(q, k, cu_seqlens, backend, (("cos", cos), ("sin", sin)) if cos is not None else ())
+    _check_tensors(q, k, q_weight, k_weight, cos, sin, cu_seqlens, eps, backend)  # (the tables before cos.shape)
     if cos is not None:
         if is_int(positions) and not isinstance(positions, torch.SymInt):
             positions = int(positions)
@@ -210,7 +209,6 @@ def qk_norm_rotary(q, k, q_weight=None, k_weight=None, cos=None, sin=None, *, ep
     else:
         b = _backend.resolve(backend, q.device, SUPPORTED, PREFERRED, op=op)
     if b == "reference":
-        _check_tensors(q, k, q_weight, k_weight, cos, sin, cu_seqlens, eps, backend)
         return reference.qk_norm_rotary(q, k, q_weight, k_weight, cos, sin, eps=eps, positions=positions,
                                         cu_seqlens=cu_seqlens, interleaved=interleaved, weight_offset=weight_offset)
     extra = (weight_offset,) if weight_offset else ()

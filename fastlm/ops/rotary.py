@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from fastlm import _backend
-from fastlm._checks import as_real, has_data_pointers, is_int, share_memory, unit_last, value_checks_on
+from fastlm._checks import as_real, check_bool, has_data_pointers, is_int, share_memory, unit_last, value_checks_on
 from fastlm.reference import rotary as _ref
 from fastlm._dispatch import fast_op
 
@@ -381,8 +381,7 @@ def _check_tables(q, cos, sin, op="apply_rotary"):
 
 def _validate(q, k, cos, sin, positions, cu_seqlens, inplace, backend, interleaved):
     for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
+        check_bool(flag, name)
     _check_qk(q, k, cu_seqlens, backend, (("cos", cos), ("sin", sin)))
     _check_tables(q, cos, sin)
     if inplace:
