@@ -9,7 +9,8 @@ fused lm_head loss with every option and tiny chunks; the decode-step fused_line
 norm, residual, activation and soft-cap; a whole Transformer config: norm, positions, MLP, biases,
 q/k norms, windows, soft-caps, post-norms at once; a KV cache's random life of adds, prefill
 chunks, decode steps, frees and refused requests; a Generator reused over random calls), so
-combinations nobody listed are tried too.  The
+combinations nobody listed are tried too; and one argument of a valid call changed into bad
+input, which must be refused naming an argument or computed as the reference computes it.  The
 draws are fixed by the seed (a test id is its seed: rerun one with -k), and the shapes are small
 for the Triton interpreter.  On a GPU machine the same cases run on the GPU (bf16 included).
 FASTLM_FUZZ_SEEDS=N draws N seeds per test instead, for an exploratory run, from
@@ -629,3 +630,204 @@ def test_generator_reuse_random_calls(seed):
                 for i, tok in gen.stream(prompts, mx, **kw):
                     got[i].append(tok)
         assert got == fresh, f"{log}: reused Generator gave {got}, a fresh one {fresh}"
+
+
+# ------------------------------------------------------------------------------------ bad arguments
+def _valid_call(op, gen):
+    """A valid call of a public op on small fp32 DEVICE tensors: (fn, positional names, arguments)."""
+    ops = fastlm.ops
+
+    def r(*shape):
+        return _randn(shape, gen).float()
+
+    def i32(values):
+        return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+    if op == "attention":
+        return ops.attention, ("q", "k", "v"), dict(q=r(2, 5, 4, 16), k=r(2, 7, 2, 16), v=r(2, 7, 2, 16), causal=True,
+                                                    softmax_scale=None, window=(-1, -1), softcap=0.0, return_lse=False)
+    if op == "attention_varlen":
+        return ops.attention, ("q", "k", "v"), dict(q=r(9, 4, 16), k=r(11, 2, 16), v=r(11, 2, 16), causal=False,
+                                                    cu_seqlens_q=i32([0, 4, 9]), cu_seqlens_k=i32([0, 5, 11]),
+                                                    max_seqlen_q=5, max_seqlen_k=6, deterministic=False)
+    if op == "decode_attention":
+        return ops.decode_attention, ("q", "k_cache", "v_cache", "cache_seqlens"), dict(
+            q=r(2, 1, 4, 16), k_cache=r(2, 12, 2, 16), v_cache=r(2, 12, 2, 16), cache_seqlens=i32([5, 12]),
+            window=-1, softcap=0.0, num_splits=0, causal=True)
+    if op == "decode_paged":
+        return ops.decode_attention, ("q", "k_cache", "v_cache", "cache_seqlens"), dict(
+            q=r(2, 2, 4, 16), k_cache=r(6, 4, 2, 16), v_cache=r(6, 4, 2, 16), cache_seqlens=i32([5, 9]),
+            block_table=i32([[0, 2, -1], [1, 3, 5]]), softmax_scale=0.3)
+    if op == "decode_new_kv":
+        return ops.decode_attention, ("q", "k_cache", "v_cache", "cache_seqlens"), dict(
+            q=r(2, 1, 4, 16), k_cache=r(2, 12, 2, 16), v_cache=r(2, 12, 2, 16), cache_seqlens=i32([5, 11]),
+            k=r(2, 1, 2, 16), v=r(2, 1, 2, 16), rotary_cos=r(32, 8), rotary_sin=r(32, 8), rotary_interleaved=False)
+    if op == "kv_cache_append":
+        return ops.kv_cache_append, ("k_cache", "v_cache", "k", "v", "cache_seqlens"), dict(
+            k_cache=r(2, 12, 2, 16), v_cache=r(2, 12, 2, 16), k=r(2, 3, 2, 16), v=r(2, 3, 2, 16),
+            cache_seqlens=i32([5, 9]), advance=False)
+    if op == "apply_rotary":
+        return ops.apply_rotary, ("q", "k", "cos", "sin"), dict(q=r(2, 5, 4, 16), k=r(2, 5, 2, 16), cos=r(32, 6),
+                                                                sin=r(32, 6), positions=None, interleaved=False)
+    if op == "apply_rotary_positions":
+        return ops.apply_rotary, ("q", "k", "cos", "sin"), dict(
+            q=r(2, 5, 4, 16), k=r(2, 5, 2, 16), cos=r(32, 8), sin=r(32, 8),
+            positions=torch.tensor([3, 0], device=DEVICE), inplace=False)
+    if op == "rms_norm":
+        return ops.rms_norm, ("x", "weight", "eps"), dict(x=r(3, 5, 40), weight=r(40), eps=1e-6, residual=r(3, 5, 40),
+                                                          offset=0.0)
+    if op == "layer_norm":
+        return ops.layer_norm, ("x", "weight", "bias", "eps"), dict(x=r(6, 40), weight=r(40), bias=r(40), eps=1e-5,
+                                                                    residual=None)
+    if op == "cross_entropy":
+        return ops.cross_entropy, ("logits", "targets"), dict(
+            logits=r(7, 50), targets=torch.randint(0, 50, (7,), generator=gen).to(DEVICE), ignore_index=-100,
+            reduction="mean", label_smoothing=0.1, z_loss=0.0, return_z_loss=False)
+    if op == "linear_cross_entropy":
+        return ops.linear_cross_entropy, ("h", "weight", "targets", "bias"), dict(
+            h=r(7, 24), weight=r(50, 24), targets=torch.randint(0, 50, (7,), generator=gen).to(DEVICE), bias=None,
+            reduction="sum", softcap=None, chunk_size=None)
+    if op == "fused_linear":
+        return ops.fused_linear, ("x", "weight", "bias"), dict(x=r(2, 24), weight=r(40, 24), bias=r(40), norm="rms",
+                                                               norm_weight=r(24), residual=r(2, 24), activation=None)
+    if op == "swiglu":
+        return ops.swiglu, ("x", "up"), dict(x=r(3, 32), up=None)
+    if op == "geglu":
+        return ops.geglu, ("x", "up"), dict(x=r(3, 16), up=r(3, 16), approximate="tanh")
+    if op == "qk_norm_rotary":
+        return ops.qk_norm_rotary, ("q", "k", "q_weight", "k_weight", "cos", "sin"), dict(
+            q=r(2, 5, 4, 16), k=r(2, 5, 2, 16), q_weight=r(16), k_weight=r(16), cos=r(32, 8), sin=r(32, 8), eps=1e-6)
+    raise KeyError(op)
+
+
+_CUDA_OPS = ("decode_attention", "decode_paged", "decode_new_kv", "kv_cache_append", "apply_rotary",
+             "apply_rotary_positions", "rms_norm", "layer_norm")
+_TRITON_OPS = _CUDA_OPS + ("attention", "attention_varlen", "cross_entropy", "linear_cross_entropy", "fused_linear",
+                           "swiglu", "geglu", "qk_norm_rotary")
+
+
+def _mutate(value, rng, others):
+    """-> (what was done, the changed value), or None when the draw does not apply to this value.
+    others: the call's other arguments (an alias is one of them)."""
+    if isinstance(value, torch.Tensor):
+        kinds = ["dtype", "longer", "shorter", "empty", "extra dim", "one dim less", "meta", "strided", "0-d",
+                 "expanded", "permuted", "alias"]
+        if value.is_floating_point():
+            kinds += ["requires grad"]
+        elif not HAS_CUDA:  # (CUDA index values are checked by device asserts)
+            kinds += ["negative", "huge", "reversed"]
+        kind = rng.choice(kinds)
+        if kind == "expanded":  # one row broadcast (stride 0): never a place to write to
+            return (kind, value[:1].expand_as(value)) if value.dim() and value.shape[0] > 1 else None
+        if kind == "permuted":  # the same values and shape in another memory order (e.g. heads-major)
+            if value.dim() < 2:
+                return None
+            a, b = rng.sample(range(value.dim()), 2)
+            return f"{kind} {a}<->{b}", value.transpose(a, b).contiguous().transpose(a, b)
+        if kind == "alias":  # another argument of the same shape and dtype, the very tensor
+            same = [n for n, t in others.items() if isinstance(t, torch.Tensor) and t is not value
+                    and t.shape == value.shape and t.dtype == value.dtype]
+            return (f"alias of {same[0]}", others[same[0]]) if same else None
+        if kind == "requires grad":
+            return kind, value.detach().clone().requires_grad_()
+        if kind == "dtype":
+            dt = rng.choice([torch.float64, torch.int32, torch.int64, torch.bool, torch.float16, torch.bfloat16])
+            return f"dtype {dt}", value.to(dt)
+        if kind in ("longer", "shorter", "empty"):
+            if value.dim() == 0:
+                return None
+            d = rng.randrange(value.dim())
+            n = {"longer": value.shape[d] + 1, "shorter": value.shape[d] - 1, "empty": 0}[kind]
+            if n < 0 or n == value.shape[d]:
+                return None
+            grown = torch.cat([value, value.narrow(d, 0, 1)], d) if n > value.shape[d] else None
+            return f"dim {d} {value.shape[d]} -> {n}", grown if grown is not None else value.narrow(d, 0, n).clone()
+        if kind == "extra dim":
+            return kind, value.unsqueeze(0)
+        if kind == "one dim less":
+            return (kind, value[0].clone()) if value.dim() else None
+        if kind == "meta":
+            return "on the meta device", value.to("meta")
+        if kind == "strided":  # the same values, every other element of a wider last dim
+            if value.dim() == 0:
+                return None
+            return kind, torch.stack([value, torch.zeros_like(value)], -1).flatten(-2)[..., ::2]
+        if kind == "0-d":
+            return kind, value.flatten()[:1].reshape(()).clone()
+        return kind, {"negative": value - 1000, "huge": value + 10**6, "reversed": value.flip(-1)}[kind]
+    if isinstance(value, bool):
+        return "flag", rng.choice([1, "False", None])
+    if isinstance(value, str):
+        return "string", rng.choice(["bogus", None, 3])
+    if isinstance(value, tuple):
+        return "pair", rng.choice([(-2, 0), (1,), (1, 2, 3), (0.5, 1), None, 5])
+    return "scalar", rng.choice([-1, -7, 0, float("nan"), float("inf"), 10**9, "x", 2.5, True, None, -0.5])
+
+
+def _fresh(args):
+    """The arguments with fresh copies of the tensors (the in-place ops write into them), aliases
+    kept aliases and layouts (strides, expanded dims) kept."""
+    copies = {}
+
+    def fresh(v):
+        if not isinstance(v, torch.Tensor) or v.device.type == "meta":
+            return v
+        if id(v) not in copies:
+            base = v._base if v._base is not None else v
+            c = base.detach().clone().as_strided(v.shape, v.stride(), v.storage_offset())
+            copies[id(v)] = c.requires_grad_() if v.requires_grad else c
+        return copies[id(v)]
+
+    return {k: fresh(v) for k, v in args.items()}
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("seed", seeds(100))
+def test_bad_argument_mutations(seed, backend):
+    """One argument of a valid op call changed at random (its dtype, one dim's length, a dim more
+    or less, another device, a strided, permuted or expanded layout, an alias of another
+    argument, requires_grad, index values out of range, a flag, string, pair or number of the
+    wrong type or value).  The kernel backend must either refuse it with a TypeError / ValueError /
+    IndexError / RuntimeError naming an argument of the op (or the backend), or take it as the
+    reference backend does and compute what the reference computes, the in-place outputs
+    included: never a crash of another kind, never a result for an input the reference refuses,
+    never a different one.  (The reference backend may take what a kernel cannot: float64, the
+    meta device, caches that require grad.)  An exploratory run of this test found flags read by
+    their truthiness (causal=None), KV-cache writes dropping a gradient and a 0-d rotary table
+    failing inside qk_norm_rotary (fixed in 7e9a5c4)."""
+    import inspect
+    import re
+
+    rng = random.Random(seed)
+    op = rng.choice(_CUDA_OPS if backend == "cuda" else _TRITON_OPS)
+    gen = torch.Generator().manual_seed(seed)
+    fn, positional, args = _valid_call(op, gen)
+    name = rng.choice(list(args))
+    change = _mutate(args[name], rng, args)
+    if change is None:
+        return  # (this draw's change does not apply: nothing to check)
+    what, args[name] = change
+    desc = f"seed {seed}: {op} with {name} changed ({what})"
+    params = list(inspect.signature(fn).parameters)
+
+    def call(be):
+        a = _fresh(args)
+        try:
+            out = fn(*(a[n] for n in positional), **{k: v for k, v in a.items() if k not in positional}, backend=be)
+        except (TypeError, ValueError, IndexError, RuntimeError, NotImplementedError) as e:
+            return e
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        return [t.detach() for t in outs + list(a.values()) if isinstance(t, torch.Tensor)]  # in-place outputs too
+
+    got, ref = call(backend), call("reference")
+    if isinstance(got, Exception):
+        named = any(re.search(rf"\b{p}\b", str(got)) for p in params + ["backend"])
+        assert named, f"{desc}: the error names no argument: {got!r}"
+        return
+    assert not isinstance(ref, Exception), f"{desc}: the {backend} backend took what the reference refuses ({ref!r})"
+    assert len(got) == len(ref), desc
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype), f"{desc}: result {i} is {a.shape} {a.dtype}, not {b.shape} {b.dtype}"
+        if a.device.type != "meta":
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, equal_nan=True,
+                                       msg=lambda m: f"{desc}: result {i}: {m}")

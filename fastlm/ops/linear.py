@@ -131,10 +131,12 @@ def _validate(x, weight, bias, norm, norm_weight, norm_bias, eps, residual, acti
         raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
     check_same_device(x, "x", weight=weight, bias=bias, residual=residual, norm_weight=norm_weight,
                       norm_bias=norm_bias, x_norm_weight=x_norm_weight)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, weight, bias, residual, norm_weight, norm_bias, x_norm_weight)):
-        raise RuntimeError(f"{op} is an inference kernel with no backward, and an input requires grad; run it "
-                           "under torch.no_grad() / torch.inference_mode(), or for training use rms_norm / "
+    grads = [n for n, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual),
+                            ("norm_weight", norm_weight), ("norm_bias", norm_bias), ("x_norm_weight", x_norm_weight))
+             if t is not None and t.requires_grad]
+    if grads and torch.is_grad_enabled():
+        raise RuntimeError(f"{op} is an inference kernel with no backward, and {', '.join(grads)} require(s) grad; "
+                           "run it under torch.no_grad() / torch.inference_mode(), or for training use rms_norm / "
                            "layer_norm, F.linear and swiglu")
 
 
