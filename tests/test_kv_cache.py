@@ -4,6 +4,7 @@ Static/Paged cache objects and their block allocator."""
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -1859,6 +1860,23 @@ def test_kernels_refuse_what_would_lose_its_gradient(backend):
     a["k"].requires_grad_()
     fastlm.ops.kv_cache_append(a["k_cache"], a["v_cache"], a["k"], a["v"], lens(), backend="reference")
     assert a["k_cache"].requires_grad  # the reference backend keeps the graph
+
+
+def test_cache_sizes_are_positive_ints():
+    """A size that is a bool (True would be a size of 1), a float or < 1 is refused by name;
+    numpy ints are sizes like ints."""
+    static = dict(num_layers=1, batch=2, max_seqlen=8, n_kv_heads=2, head_dim=8, dtype=torch.float32)
+    paged = dict(num_layers=1, num_blocks=4, block_size=4, n_kv_heads=2, head_dim=8, dtype=torch.float32,
+                 max_batch=2, max_seqlen=8)
+    for cls, args in ((StaticKVCache, static), (PagedKVCache, paged)):
+        for name in args:
+            if name == "dtype":
+                continue
+            for bad in (True, 2.0, 0):
+                with pytest.raises(ValueError, match=f"{cls.__name__}: {name} must be a positive int, got {bad!r}"):
+                    cls(**{**args, name: bad})
+        cache = cls(**{n: np.int64(v) if isinstance(v, int) else v for n, v in args.items()})
+        assert all(type(getattr(cache, n)) is int for n in args if n != "dtype")
 
 
 def test_decode_causal_must_be_a_bool():

@@ -803,6 +803,16 @@ def test_rotary_tables_bad_scaling_keys():
         ops.rotary_tables(8, 4, scaling={"rope_type": kind, "type": kind, **generic, **extra})
 
 
+def test_bad_base_names_it():
+    for bad in ("x", None, (1, 2)):
+        with pytest.raises(TypeError, match="base must be a real number"):
+            ops.rotary_tables(8, 4, bad)
+        with pytest.raises(TypeError, match="RotaryEmbedding: base must be a real number"):
+            fnn.RotaryEmbedding(8, 4, bad)
+    with pytest.raises(ValueError, match="base must be > 1"):
+        ops.rotary_tables(8, 4, float("nan"))
+
+
 def test_rotary_tables_bad_scaling_type():
     for bad in ("linear", 2.0, [("rope_type", "linear")]):
         with pytest.raises(TypeError, match="scaling must be None or an HF rope_scaling"):

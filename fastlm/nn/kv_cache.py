@@ -36,11 +36,18 @@ def _host_list(v):
     return v.tolist() if isinstance(v, torch.Tensor) or hasattr(v, "tolist") else list(v)
 
 
+def _positive_int(owner, name, val):
+    """val as an int if it is a positive integer (numpy ones too; not a bool: True would be a size
+    of 1), else an error naming it."""
+    if not is_int(val) or val < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {val!r}")
+    return int(val)
+
+
 class _KVCacheBase(nn.Module):
     def _init_common(self, num_layers, batch, n_kv_heads, head_dim, dtype, device):
-        for name, val in (("num_layers", num_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {val!r}")
+        num_layers, n_kv_heads, head_dim = (_positive_int(type(self).__name__, n, v) for n, v in (
+            ("num_layers", num_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)))
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"{type(self).__name__}: dtype must be float32, float16 or bfloat16, got {dtype}")
         self.num_layers, self.n_kv_heads, self.head_dim = num_layers, n_kv_heads, head_dim
@@ -201,12 +208,11 @@ class StaticKVCache(_KVCacheBase):
 
     def __init__(self, num_layers, batch, max_seqlen, n_kv_heads, head_dim, dtype=torch.bfloat16, device=None):
         super().__init__()
-        for name, val in (("batch", batch), ("max_seqlen", max_seqlen)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"StaticKVCache: {name} must be a positive int, got {val!r}")
+        batch = _positive_int("StaticKVCache", "batch", batch)
+        max_seqlen = _positive_int("StaticKVCache", "max_seqlen", max_seqlen)
         self._init_common(num_layers, batch, n_kv_heads, head_dim, dtype, device)
         self.batch, self.max_seqlen = batch, max_seqlen
-        shape = (num_layers, batch, max_seqlen, n_kv_heads, head_dim)
+        shape = (self.num_layers, batch, max_seqlen, self.n_kv_heads, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -268,17 +274,15 @@ class PagedKVCache(_KVCacheBase):
     def __init__(self, num_layers, num_blocks, block_size, n_kv_heads, head_dim, dtype=torch.bfloat16, device=None,
                  *, max_batch=8, max_seqlen=None):
         super().__init__()
-        for name, val in (("num_blocks", num_blocks), ("block_size", block_size), ("max_batch", max_batch)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"PagedKVCache: {name} must be a positive int, got {val!r}")
+        num_blocks, block_size, max_batch = (_positive_int("PagedKVCache", n, v) for n, v in (
+            ("num_blocks", num_blocks), ("block_size", block_size), ("max_batch", max_batch)))
         if max_seqlen is None:
             max_seqlen = num_blocks * block_size
-        if not isinstance(max_seqlen, int) or max_seqlen < 1:
-            raise ValueError(f"PagedKVCache: max_seqlen must be a positive int, got {max_seqlen!r}")
+        max_seqlen = _positive_int("PagedKVCache", "max_seqlen", max_seqlen)
         self._init_common(num_layers, max_batch, n_kv_heads, head_dim, dtype, device)
         self.num_blocks, self.block_size, self.max_batch, self.max_seqlen = num_blocks, block_size, max_batch, max_seqlen
         self.max_blocks_per_seq = -(-max_seqlen // block_size)
-        shape = (num_layers, num_blocks, block_size, n_kv_heads, head_dim)
+        shape = (self.num_layers, num_blocks, block_size, self.n_kv_heads, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer(

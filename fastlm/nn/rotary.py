@@ -2,7 +2,7 @@
 import torch
 
 from fastlm import ops
-from fastlm._checks import is_int
+from fastlm._checks import as_real, is_int
 from fastlm.ops import rotary as _rot
 
 
@@ -58,7 +58,7 @@ class RotaryEmbedding(torch.nn.Module):
         if rotary_dim > head_dim:
             raise ValueError(f"rotary_dim ({rotary_dim}) must be <= head_dim ({head_dim})")
         self.head_dim, self.rotary_dim, self.max_positions = head_dim, rotary_dim, max_positions
-        self.base, self.interleaved, self.backend = float(base), interleaved, backend
+        self.base, self.interleaved, self.backend = as_real(base, "base", "RotaryEmbedding"), interleaved, backend
         self.scaling = scaling or None
         if not is_int(max_positions) or max_positions < 1:  # (before the buffers' shape is made of it)
             raise ValueError(f"max_positions must be an int >= 1, got {max_positions!r}")

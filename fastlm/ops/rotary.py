@@ -583,7 +583,7 @@ def rope_inv_freq(rotary_dim, base=10000.0, scaling=None, max_positions=None, *,
     if not is_int(rotary_dim) or rotary_dim < 2 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be an even int >= 2, got {rotary_dim!r}")
     dim = int(rotary_dim)
-    base = float(base)
+    base = as_real(base, "base")
     if not base > 1.0:
         raise ValueError(f"base must be > 1, got {base}")
     scaling = _scaling_dict(scaling)
