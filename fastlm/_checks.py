@@ -75,6 +75,17 @@ def as_int(v, name, op=None):
     return int(v)
 
 
+def as_positive_int(v, name, op=None, allow_none=False):
+    """v as a Python int if it is an integer >= 1 (numpy ones too; not a bool: True would be a
+    size of 1), or None where allowed; else a ValueError naming it."""
+    if v is None and allow_none:
+        return None
+    if not is_int(v) or v < 1:
+        raise ValueError(f"{op + ': ' if op else ''}{name} must be a positive int{' or None' if allow_none else ''}, "
+                         f"got {v!r}")
+    return int(v)
+
+
 def has_data_pointers(t):
     """False while tracing (torch.compile; fake or meta tensors) or for a torch.func transform's
     wrapper tensor: no addresses to compare."""

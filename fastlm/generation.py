@@ -54,7 +54,7 @@ from collections import deque
 import torch
 
 from fastlm import _backend, ops
-from fastlm._checks import is_int
+from fastlm._checks import as_positive_int, is_int
 from fastlm.nn.kv_cache import PagedKVCache, StaticKVCache
 from fastlm.models.transformer import masked_attention, triton_only
 from fastlm.sampling import (apply_repetition_penalty, check_min_p, check_repetition_penalty, check_sampling_args,
@@ -245,15 +245,6 @@ def _check_eos(eos_token_id, vocab_size):
     return frozenset(int(t) for t in ids)
 
 
-def _positive_int(name, v, allow_none=False):
-    """-> v as a Python int (any numbers.Integral but bool), or None where allowed; raises naming it."""
-    if v is None and allow_none:
-        return None
-    if not is_int(v) or v < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {v!r}")
-    return int(v)
-
-
 # Captured decode steps kept per Generator, one per distinct sampling setting (temperature,
 # top-k, top-p): each holds its own memory pool, so a long-lived Generator called with many
 # settings keeps only the most recently used ones.
@@ -334,11 +325,11 @@ class Generator:
             raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
-        block_size = _positive_int("block_size", block_size)
-        max_seqlen = _positive_int("max_seqlen", max_seqlen, allow_none=True)
-        num_blocks = _positive_int("num_blocks", num_blocks, allow_none=True)
-        sync_every = _positive_int("sync_every", sync_every)
-        prefill_tokens = _positive_int("prefill_tokens", prefill_tokens)
+        block_size = as_positive_int(block_size, "block_size")
+        max_seqlen = as_positive_int(max_seqlen, "max_seqlen", allow_none=True)
+        num_blocks = as_positive_int(num_blocks, "num_blocks", allow_none=True)
+        sync_every = as_positive_int(sync_every, "sync_every")
+        prefill_tokens = as_positive_int(prefill_tokens, "prefill_tokens")
         self.model, self.fused = model, model.backend == "fused"
         self.cache_kind, self.block_size, self.want_graphs = cache, block_size, cuda_graphs
         self.max_seqlen, self.num_blocks = max_seqlen, num_blocks

@@ -28,7 +28,7 @@ from torch import nn
 
 from fastlm import _backend, ops
 from fastlm.ops import kv_cache as kv_ops
-from fastlm._checks import KERNEL_DTYPES, is_int
+from fastlm._checks import KERNEL_DTYPES, as_positive_int, is_int
 
 
 def _host_list(v):
@@ -36,17 +36,9 @@ def _host_list(v):
     return v.tolist() if isinstance(v, torch.Tensor) or hasattr(v, "tolist") else list(v)
 
 
-def _positive_int(owner, name, val):
-    """val as an int if it is a positive integer (numpy ones too; not a bool: True would be a size
-    of 1), else an error naming it."""
-    if not is_int(val) or val < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {val!r}")
-    return int(val)
-
-
 class _KVCacheBase(nn.Module):
     def _init_common(self, num_layers, batch, n_kv_heads, head_dim, dtype, device):
-        num_layers, n_kv_heads, head_dim = (_positive_int(type(self).__name__, n, v) for n, v in (
+        num_layers, n_kv_heads, head_dim = (as_positive_int(v, n, type(self).__name__) for n, v in (
             ("num_layers", num_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)))
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"{type(self).__name__}: dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -208,8 +200,8 @@ class StaticKVCache(_KVCacheBase):
 
     def __init__(self, num_layers, batch, max_seqlen, n_kv_heads, head_dim, dtype=torch.bfloat16, device=None):
         super().__init__()
-        batch = _positive_int("StaticKVCache", "batch", batch)
-        max_seqlen = _positive_int("StaticKVCache", "max_seqlen", max_seqlen)
+        batch = as_positive_int(batch, "batch", "StaticKVCache")
+        max_seqlen = as_positive_int(max_seqlen, "max_seqlen", "StaticKVCache")
         self._init_common(num_layers, batch, n_kv_heads, head_dim, dtype, device)
         self.batch, self.max_seqlen = batch, max_seqlen
         shape = (self.num_layers, batch, max_seqlen, self.n_kv_heads, self.head_dim)
@@ -274,11 +266,11 @@ class PagedKVCache(_KVCacheBase):
     def __init__(self, num_layers, num_blocks, block_size, n_kv_heads, head_dim, dtype=torch.bfloat16, device=None,
                  *, max_batch=8, max_seqlen=None):
         super().__init__()
-        num_blocks, block_size, max_batch = (_positive_int("PagedKVCache", n, v) for n, v in (
+        num_blocks, block_size, max_batch = (as_positive_int(v, n, "PagedKVCache") for n, v in (
             ("num_blocks", num_blocks), ("block_size", block_size), ("max_batch", max_batch)))
         if max_seqlen is None:
             max_seqlen = num_blocks * block_size
-        max_seqlen = _positive_int("PagedKVCache", "max_seqlen", max_seqlen)
+        max_seqlen = as_positive_int(max_seqlen, "max_seqlen", "PagedKVCache")
         self._init_common(num_layers, max_batch, n_kv_heads, head_dim, dtype, device)
         self.num_blocks, self.block_size, self.max_batch, self.max_seqlen = num_blocks, block_size, max_batch, max_seqlen
         self.max_blocks_per_seq = -(-max_seqlen // block_size)
