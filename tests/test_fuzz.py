@@ -831,3 +831,57 @@ def test_bad_argument_mutations(seed, backend):
         if a.device.type != "meta":
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, equal_nan=True,
                                        msg=lambda m: f"{desc}: result {i}: {m}")
+
+
+def _valid_construction(cls_name, gen):
+    """A valid construction of a fastlm class and a small use of the object: (class, arguments, use)."""
+    from fastlm import nn as fnn
+    from fastlm.generation import Generator
+    from fastlm.models import Transformer, TransformerConfig
+
+    def r(*shape):
+        return _randn(shape, gen).float()
+
+    if cls_name == "RotaryEmbedding":
+        return fnn.RotaryEmbedding, dict(head_dim=16, max_positions=32, base=10000.0, rotary_dim=None, interleaved=False,
+                                         scaling=None), lambda m: m.to(DEVICE)(r(1, 4, 2, 16), r(1, 4, 2, 16))
+    if cls_name == "StaticKVCache":
+        return fnn.StaticKVCache, dict(num_layers=2, batch=2, max_seqlen=8, n_kv_heads=2, head_dim=16,
+                                       dtype=torch.float32, device=DEVICE), lambda c: c.reserve(3)
+    if cls_name == "PagedKVCache":
+        return fnn.PagedKVCache, dict(num_layers=2, num_blocks=8, block_size=4, n_kv_heads=2, head_dim=16,
+                                      dtype=torch.float32, device=DEVICE, max_batch=4, max_seqlen=None), \
+            lambda c: c.reserve(3, [c.add_sequence()])
+    if cls_name == "CrossEntropyLoss":
+        return fnn.CrossEntropyLoss, dict(ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                                          softcap=None, return_z_loss=False), \
+            lambda m: m(r(3, 7), torch.tensor([0, 1, 2], device=DEVICE))
+    if cls_name == "LinearCrossEntropyLoss":
+        return fnn.LinearCrossEntropyLoss, dict(ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                                                softcap=None, return_z_loss=False, chunk_size=None), \
+            lambda m: m(r(3, 4), r(7, 4), torch.tensor([0, 1, 2], device=DEVICE))
+    if cls_name == "Generator":
+        model = Transformer(TransformerConfig.from_name("tiny")).to(DEVICE)
+        return (lambda **kw: Generator(model, **kw)), dict(cache="static", cuda_graphs=False, block_size=16,
+                                                            max_seqlen=None, num_blocks=None, sync_every=8,
+                                                            prefill_tokens=64), \
+            lambda g: g.generate([[1, 2, 3]], 2, greedy=True)
+    raise KeyError(cls_name)
+
+
+@pytest.mark.parametrize("seed", seeds(60))
+def test_bad_constructor_mutations(seed):
+    """One argument of a valid construction of a fastlm class (nn modules, KV caches, the
+    Generator) changed at random: refused by an error naming it, or constructed and used without
+    any other error.  (Found: the KV caches took True as a size of 1, RotaryEmbedding's base
+    failed inside float(); fixed in 081cbef.)"""
+    rng = random.Random(seed)
+    cls_name = rng.choice(["RotaryEmbedding", "StaticKVCache", "PagedKVCache", "CrossEntropyLoss",
+                           "LinearCrossEntropyLoss", "Generator"])
+    cls, args, use = _valid_construction(cls_name, torch.Generator().manual_seed(seed))
+    name = rng.choice([n for n in args if n not in ("dtype", "device")])
+    args[name] = rng.choice([-1, 0, 1, 2.5, float("nan"), float("inf"), "x", None, True, (1, 2), 3, "mean"])
+    try:
+        use(cls(**args))
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+        assert name in str(e), f"{cls_name}({name}={args[name]!r}): the error names no argument: {e!r}"

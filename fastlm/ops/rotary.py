@@ -240,7 +240,8 @@ def _check_values(q, cos, positions, cu_seqlens, offset, pos_mode, n_tokens, seq
         longest = int(lens.max().item()) if lens.numel() else 0
         if longest and offset + longest > max_pos:
             raise ValueError(
-                f"positions: offset {offset} + longest sequence {longest} exceeds the {max_pos} rows of cos/sin"
+                f"positions: offset {offset} + longest sequence {longest} exceeds the {max_pos} rows of cos/sin "
+                "(the tables' max_positions)"
             )
         return
     p = positions.long()
@@ -251,13 +252,14 @@ def _check_values(q, cos, positions, cu_seqlens, offset, pos_mode, n_tokens, seq
         if p.numel() and int(end.max().item()) > max_pos:
             raise ValueError(
                 f"positions: per-sequence offset + sequence length reaches {int(end.max().item())}, beyond the "
-                f"{max_pos} rows of cos/sin"
+                f"{max_pos} rows of cos/sin (the tables' max_positions)"
             )
         return
     if p.numel():
         lo, hi = int(p.min().item()), int(p.max().item())
         if lo < 0 or hi >= max_pos:
-            raise ValueError(f"positions must lie in [0, {max_pos}) (the rows of cos/sin), got values in [{lo}, {hi}]")
+            raise ValueError(f"positions must lie in [0, {max_pos}) (the rows of cos/sin: the tables' max_positions), "
+                             f"got values in [{lo}, {hi}]")
 
 
 def _normalize_positions(q, positions, cu_seqlens, max_pos):
@@ -280,7 +282,8 @@ def _normalize_positions(q, positions, cu_seqlens, max_pos):
         span = S if not packed else (T if cu_seqlens is None else 1)
         if span and positions + span > max_pos:
             raise ValueError(
-                f"positions: offset {positions} + sequence length {span} exceeds the {max_pos} rows of cos/sin"
+                f"positions: offset {positions} + sequence length {span} exceeds the {max_pos} rows of cos/sin "
+                "(the tables' max_positions)"
             )
         return None, positions, POS_ARANGE
     if not isinstance(positions, torch.Tensor):
