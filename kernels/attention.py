@@ -297,6 +297,7 @@ def _attn_fwd_kernel(
     V,  # *T  like K
     O,  # *T  output, like Q (written)
     LSE,  # *fp32 log-sum-exp (natural log): (B, Hq, Sq) or packed (Hq, Tq); unit stride in seq
+    LSE_LO,  # *fp32 like LSE (IEEE only): m + log2(l) - LSE * log2(e), the part of the lse its rounding loses
     CU_Q,  # *i32 (num_seqs + 1,) packed query offsets (IS_VARLEN only)
     CU_K,  # *i32 (num_seqs + 1,) packed key offsets (IS_VARLEN only)
     DESC_Q,  # USE_TMA: TMA descriptors of Q, K, V as 2-D (tokens, heads * D) row-major views
@@ -365,6 +366,7 @@ def _attn_fwd_kernel(
     K += k_off + hk.to(tl.int64) * stride_kh
     V += v_off + hk.to(tl.int64) * stride_vh
     LSE += l_off + h.to(tl.int64) * stride_lh
+    LSE_LO += l_off + h.to(tl.int64) * stride_lh
 
     offs_r = tl.arange(0, BLOCK_M)
     offs_m = m0 + offs_r
@@ -404,9 +406,17 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     inv_l = 1.0 / tl.where(empty, 1.0, l_i)
     out = acc * inv_l[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    log2_l = tl.math.log2(tl.where(empty, 1.0, l_i))
+    lse = tl.where(empty, float("-inf"), (m_i + log2_l) * 0.6931471805599453)
     tl.store(O + offs_r[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=tile_ok)
     tl.store(LSE + offs_m, lse, mask=row_ok)
+    if IEEE:
+        # fp32: the backward's probabilities exp2(s - lse2 - lo) then miss only fp32 roundings of
+        # s - lse2 (small where p matters), not lse's own (|lse| 2^-24, relative, on the whole
+        # row).  lse2 is rounded as the backward rounds it (the select keeps the product unfused);
+        # m - lse2 is exact where |m| >> log2(l), the case that needs it.
+        lse2 = tl.where(empty, float("inf"), lse * 1.4426950408889634)
+        tl.store(LSE_LO + offs_m, tl.where(empty, 0.0, (m_i - lse2) + log2_l), mask=row_ok)
 
 
 @triton.jit
@@ -544,7 +554,7 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, stride_qs, stride_dos, stride_dqs, lo, hi,
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, LSE_LO, DELTA, DQ, stride_qs, stride_dos, stride_dqs, lo, hi,
                     offs_n, offs_mb, offs_d, Lq, Lk, off, window_left, window_right, qk_scale2, score_mul,
                     cap_mul, dq_scale,
                     MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -568,10 +578,14 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, stride_qs, stride_dos, 
             q_ok = row_ok[:, None] & d_ok
             lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+            if IEEE:
+                lse_lo = tl.load(LSE_LO + offs_m, mask=row_ok, other=0.0)
         else:
             q_ok = d_ok
             lse = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
+            if IEEE:
+                lse_lo = tl.load(LSE_LO + offs_m)
         if BLOCK_D == HEAD_DIM and not MASK:
             q = tl.load(q_ptrs)
             do = tl.load(do_ptrs)
@@ -583,9 +597,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, stride_qs, stride_dos, 
         qkT = _dot(k, tl.trans(q), None, IEEE)  # (BLOCK_N, BLOCK_M)
         if HAS_SOFTCAP:
             t = _tanh(qkT * score_mul)
-            pT = tl.math.exp2(cap_mul * t - lse2[None, :])
+            sT = cap_mul * t - lse2[None, :]
         else:
-            pT = tl.math.exp2(qkT * qk_scale2 - lse2[None, :])
+            sT = qkT * qk_scale2 - lse2[None, :]
+        if IEEE:  # (fp32: lse's low part, see the forward's epilogue)
+            sT = sT - lse_lo[None, :]
+        pT = tl.math.exp2(sT)
         if MASK:
             ok = _allowed(offs_m[None, :], offs_n[:, None], Lq, Lk, off, window_left, window_right,
                           HAS_LEFT, HAS_RIGHT)
@@ -611,6 +628,7 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V,  # *T forward inputs (layouts as in the forward kernel)
     DO,  # *T  gradient of the output, like Q
     LSE,  # *fp32 forward lse, (B, Hq, Sq) / (Hq, Tq)
+    LSE_LO,  # *fp32 the forward's LSE_LO, like LSE (IEEE only)
     DELTA,  # *fp32 preprocess output, same layout as LSE
     DK,  # *T or *fp32  dK: (B, Sk, Hk, D) / (Tk, Hk, D), or fp32 partials (splits, ...) when split
     DV,  # *T or *fp32  dV: like DK
@@ -659,6 +677,7 @@ def _attn_bwd_dkdv_kernel(
         DK += k_tok * stride_dks
         DV += k_tok * stride_dvs
         LSE += q_tok
+        LSE_LO += q_tok
         DELTA += q_tok
     else:
         b = tl.program_id(2).to(tl.int64)
@@ -673,6 +692,7 @@ def _attn_bwd_dkdv_kernel(
         DK += b * stride_dkb
         DV += b * stride_dvb
         LSE += b * stride_lb
+        LSE_LO += b * stride_lb
         DELTA += b * stride_lb
     off = Lk - Lq
     n0 = n_blk * BLOCK_N
@@ -700,16 +720,20 @@ def _attn_bwd_dkdv_kernel(
     for h in range(h_begin, h_end):
         DQh = DQ + h * stride_dqh
         LSEh = LSE + h * stride_lh
+        LSE_LOh = LSE_LO + h * stride_lh
         DELTAh = DELTA + h * stride_lh
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qs, stride_dos, stride_dqs,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, LSE_LOh, DELTAh, DQh, stride_qs, stride_dos,
+                                 stride_dqs,
                                  lo, full_lo, offs_n, offs_mb, offs_d, Lq, Lk, off, window_left, window_right,
                                  qk_scale2, score_mul, cap_mul, dk_scale, True, HEAD_DIM, BLOCK_D,
                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, IEEE, ATOMIC_DQ, BLOCK_M)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qs, stride_dos, stride_dqs,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, LSE_LOh, DELTAh, DQh, stride_qs, stride_dos,
+                                 stride_dqs,
                                  full_lo, full_hi, offs_n, offs_mb, offs_d, Lq, Lk, off, window_left, window_right,
                                  qk_scale2, score_mul, cap_mul, dk_scale, False, HEAD_DIM, BLOCK_D,
                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, IEEE, ATOMIC_DQ, BLOCK_M)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qs, stride_dos, stride_dqs,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, LSE_LOh, DELTAh, DQh, stride_qs, stride_dos,
+                                 stride_dqs,
                                  full_hi, hi, offs_n, offs_mb, offs_d, Lq, Lk, off, window_left, window_right,
                                  qk_scale2, score_mul, cap_mul, dk_scale, True, HEAD_DIM, BLOCK_D,
                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, IEEE, ATOMIC_DQ, BLOCK_M)
@@ -724,7 +748,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, lo, hi,
+def _bwd_dq_inner(dq, q, do, lse2, lse_lo, delta, K, V, stride_ks, stride_vs, lo, hi,
                   offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right, qk_scale2, score_mul, cap_mul,
                   MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -747,9 +771,12 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, lo, hi,
         qk = _dot(q, tl.trans(k), None, IEEE)
         if HAS_SOFTCAP:
             t = _tanh(qk * score_mul)
-            p = tl.math.exp2(cap_mul * t - lse2[:, None])
+            s = cap_mul * t - lse2[:, None]
         else:
-            p = tl.math.exp2(qk * qk_scale2 - lse2[:, None])
+            s = qk * qk_scale2 - lse2[:, None]
+        if IEEE:  # (fp32: lse's low part, see the forward's epilogue)
+            s = s - lse_lo[:, None]
+        p = tl.math.exp2(s)
         if MASK:
             ok = _allowed(offs_m[:, None], (start_n + offs_n)[None, :], Lq, Lk, off, window_left, window_right,
                           HAS_LEFT, HAS_RIGHT)
@@ -766,7 +793,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, lo, hi,
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA,  # as in _attn_bwd_dkdv_kernel
+    Q, K, V, DO, LSE, LSE_LO, DELTA,  # as in _attn_bwd_dkdv_kernel
     DQ,  # *T output dQ like Q
     CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
@@ -801,6 +828,7 @@ def _attn_bwd_dq_kernel(
         K += k_tok * stride_ks
         V += k_tok * stride_vs
         LSE += q_tok
+        LSE_LO += q_tok
         DELTA += q_tok
     else:
         b = tl.program_id(2).to(tl.int64)
@@ -816,6 +844,7 @@ def _attn_bwd_dq_kernel(
         K += b * stride_kb
         V += b * stride_vb
         LSE += b * stride_lb
+        LSE_LO += b * stride_lb
         DELTA += b * stride_lb
     off = Lk - Lq
     m0 = m_blk * BLOCK_M
@@ -826,6 +855,7 @@ def _attn_bwd_dq_kernel(
     K += hk.to(tl.int64) * stride_kh
     V += hk.to(tl.int64) * stride_vh
     LSE += h64 * stride_lh
+    LSE_LO += h64 * stride_lh
     DELTA += h64 * stride_lh
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -839,21 +869,25 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    if IEEE:
+        lse_lo = tl.load(LSE_LO + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse_lo = lse2  # (unused)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     i_last = tl.minimum(m0 + BLOCK_M, Lq) - 1
     lo, full_lo, full_hi, hi = _kv_range(m0, i_last, Lk, off, window_left, window_right,
                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
     if HAS_LEFT:
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, lo, full_lo,
+        dq = _bwd_dq_inner(dq, q, do, lse2, lse_lo, delta, K, V, stride_ks, stride_vs, lo, full_lo,
                            offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right, qk_scale2,
                            score_mul, cap_mul, True, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
                            IEEE, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, full_lo, full_hi,
+    dq = _bwd_dq_inner(dq, q, do, lse2, lse_lo, delta, K, V, stride_ks, stride_vs, full_lo, full_hi,
                        offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right, qk_scale2,
                        score_mul, cap_mul, False, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
                        IEEE, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, full_hi, hi,
+    dq = _bwd_dq_inner(dq, q, do, lse2, lse_lo, delta, K, V, stride_ks, stride_vs, full_hi, hi,
                        offs_m, offs_n, offs_d, Lq, Lk, off, window_left, window_right, qk_scale2,
                        score_mul, cap_mul, True, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
                        IEEE, BLOCK_N)
@@ -1426,7 +1460,9 @@ def _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, softc
 @on_tensor_device
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                   window_left, window_right, softcap, deterministic=False):
-    """Forward.  Returns (out like q (contiguous), lse fp32 (B, Hq, Sq) or packed (Hq, Tq)).
+    """Forward.  Returns (out like q (contiguous), lse fp32 (B, Hq, Sq) or packed (Hq, Tq), lse_lo):
+    lse_lo, for fp32 inputs, is like lse and holds the part of the exact log-sum-exp (in log2
+    units) that lse's rounding loses, for attention_bwd; for fp16/bf16 it is empty.
 
     window_left / window_right: -1 = unbounded; causal is window_right = 0.  Inputs are
     validated by fastlm.ops.attention; only their last dim must have unit stride here.
@@ -1436,19 +1472,23 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     varlen, d, block_d, num_seqs, sq, sk, seq_key, score_mul, cap_mul = _common(
         q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, softcap)
     hq, hk = q.shape[-2], k.shape[-2]
+    ieee = q.dtype == torch.float32
     if varlen:
-        # Tokens past cu_seqlens[-1] belong to no sequence: they keep out = 0, lse = -inf.
+        # Tokens past cu_seqlens[-1] belong to no sequence: they keep out = 0, lse = -inf (lse_lo 0).
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.full((hq, sq), float("-inf"), dtype=torch.float32, device=q.device)
+        lse_lo = torch.zeros_like(lse) if ieee else lse.new_empty(0)
         stride_l = (0, lse.stride(0))
     else:
         out = _empty(q.shape, q.dtype, q.device)
         lse = _empty((q.shape[0], hq, sq), torch.float32, q.device)
+        lse_lo = _empty(lse.shape, torch.float32, q.device) if ieee else lse.new_empty(0)
         stride_l = (lse.stride(0), lse.stride(1))
     if sq == 0 or num_seqs == 0 or out.numel() == 0:
-        return out, lse
-    if _sm90_ok(q, k, v, varlen, d, window_left, window_right, softcap):
-        return torch.ops.fastlm.attention_fwd_sm90_cuda(q, k, v, softmax_scale, window_right == 0, SM90_OVERLAP)
+        return out, lse, lse_lo
+    if _sm90_ok(q, k, v, varlen, d, window_left, window_right, softcap):  # (fp16 / bf16)
+        return (*torch.ops.fastlm.attention_fwd_sm90_cuda(q, k, v, softmax_scale, window_right == 0, SM90_OVERLAP),
+                lse_lo)
     if _ws_ok(q, k, v, varlen, d, block_d, window_left, window_right, softcap):
         kern, extra = _ws_launcher(q, block_d, deterministic)
         descs = _tma_descs("fwd", extra, d, False, DESC_Q=q, DESC_K=k, DESC_V=v)
@@ -1456,7 +1496,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
             descs["DESC_Q"], descs["DESC_K"], descs["DESC_V"], out, lse, *_strides3(out, False), *stride_l,
             sq, sk, hq // hk, score_mul, cap_mul, window_left, window_right, seq_key, HEAD_DIM=d,
             HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, **extra)
-        return out, lse
+        return out, lse, lse_lo
     cu_q = cu_seqlens_q if varlen else _dummy_cu(q)
     cu_k = cu_seqlens_k if varlen else cu_q
     tma = _tma_ok((q, k, v), varlen, d, block_d)
@@ -1469,14 +1509,15 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         return (cdiv(sq, meta["BLOCK_M"]), hq, num_seqs)
 
     kern[grid](
-        q, k, v, out, lse, cu_q, cu_k, descs.get("DESC_Q"), descs.get("DESC_K"), descs.get("DESC_V"),
+        q, k, v, out, lse, lse_lo if ieee else lse, cu_q, cu_k, descs.get("DESC_Q"), descs.get("DESC_K"),
+        descs.get("DESC_V"),
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *stride_l,
         sq, sk, num_seqs, hq // hk, score_mul, cap_mul, window_left, window_right, seq_key,
         HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-        HAS_SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32, USE_TMA=tma, **extra,
+        HAS_SOFTCAP=softcap > 0, IEEE=ieee, USE_TMA=tma, **extra,
     )
-    return out, lse
+    return out, lse, lse_lo
 
 
 def _group_splits(q, k, varlen, num_seqs, sk, group):
@@ -1494,8 +1535,11 @@ def _group_splits(q, k, varlen, num_seqs, sk, group):
 
 @on_tensor_device
 def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  softmax_scale, window_left, window_right, softcap, deterministic, group_splits=None):
+                  softmax_scale, window_left, window_right, softcap, deterministic, group_splits=None, lse_lo=None):
     """Backward.  Returns (dq, dk, dv) like q, k, v (contiguous).
+
+    lse_lo: attention_fwd's third output (fp32 inputs: the probabilities are then recomputed
+    without lse's rounding); None or empty: from lse alone.
 
     dlse: gradient of the returned lse or None.  deterministic=False computes dQ with fp32
     atomics inside the dK/dV kernel or with a separate dQ kernel (DQ_ATOMIC; by default the
@@ -1508,6 +1552,11 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
         q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, softcap)
     hq, hk = q.shape[-2], k.shape[-2]
     group = hq // hk
+    ieee = q.dtype == torch.float32
+    if lse_lo is None or lse_lo.numel() == 0 or not ieee:
+        lse_lo = torch.zeros_like(lse) if ieee else lse  # (no low part: 0; not read without IEEE)
+    elif lse_lo.stride() != lse.stride():  # (the kernels index both with lse's strides)
+        lse, lse_lo = lse.contiguous(), lse_lo.contiguous()
     if num_seqs == 0 or q.numel() == 0 or k.numel() == 0:
         return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     batch = 1 if varlen else num_seqs
@@ -1540,7 +1589,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
     cu_q = cu_seqlens_q if varlen else _dummy_cu(q)
     cu_k = cu_seqlens_k if varlen else cu_q
     flags = dict(HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=window_left >= 0,
-                 HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32)
+                 HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, IEEE=ieee)
     splits = group_splits if group_splits is not None else _group_splits(q, k, varlen, num_seqs, sk, group)
     splits = max(1, min(int(splits), group))
     heads_per_split = cdiv(group, splits)
@@ -1570,7 +1619,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
         kern, extra = _launcher("dkdv", q, block_d, atomic, deterministic)
         kern[grid_kv](
-            q, k, v, dout, lse, delta, dk_buf, dv_buf, dq_acc, cu_q, cu_k,
+            q, k, v, dout, lse, lse_lo, delta, dk_buf, dv_buf, dq_acc, cu_q, cu_k,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
             *stride_l, *dk_strides(dk_buf), *dk_strides(dv_buf), *_strides3(dq_acc, varlen),
             sq, sk, num_seqs, group, splits, heads_per_split,
@@ -1585,7 +1634,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
             return
         kern, extra = _launcher("dq", q, block_d, deterministic=deterministic)
         kern[grid_q](
-            q, k, v, dout, lse, delta, dq, cu_q, cu_k,
+            q, k, v, dout, lse, lse_lo, delta, dq, cu_q, cu_k,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
             *stride_l, *_strides3(dq, varlen),
             sq, sk, num_seqs, group, softmax_scale * LOG2E, score_mul, cap_mul, softmax_scale,

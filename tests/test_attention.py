@@ -304,7 +304,7 @@ def test_mask_sweep_end_to_end(tiny_blocks):
                 _check_all(_run(q, k, v, dout, window=window, deterministic=n % 2 == 0), q, k, v, dout,
                            grad_floor_eps=32, window=window)
                 continue
-            out, lse = K.attention_fwd(q, k, v, None, None, None, None, 0.25, window[0], window[1], 0.0)
+            out, lse, _ = K.attention_fwd(q, k, v, None, None, None, None, 0.25, window[0], window[1], 0.0)
             kw = dict(softmax_scale=0.25, window=window, return_lse=True)
             r64 = reference.attention(q.double(), k.double(), v.double(), **kw)
             r32 = reference.attention(q, k, v, **kw)
@@ -411,7 +411,7 @@ def test_group_splits_match():
     """dK/dV with a GQA group split across programs (fp32 partials summed) == unsplit."""
     q, k, v = _make(1, 23, 31, 6, 2, 32, F16)
     dout = _rand(1, 23, 6, 32, dtype=F16)
-    out, lse = K.attention_fwd(q, k, v, None, None, None, None, 0.2, 4, 0, 0.0)
+    out, lse, _ = K.attention_fwd(q, k, v, None, None, None, None, 0.2, 4, 0, 0.0)
     base = K.attention_bwd(dout, None, q, k, v, out, lse, None, None, None, None, 0.2, 4, 0, 0.0, True, 1)
     for splits in (2, 3):
         got = K.attention_bwd(dout, None, q, k, v, out, lse, None, None, None, None, 0.2, 4, 0, 0.0, True, splits)
@@ -597,12 +597,14 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, args)
 
 
-def test_opcheck_backward_op():
-    q, k, v = _make(1, 9, 11, 2, 1, 16, F16)
-    out, lse = torch.ops.fastlm.attention_fwd(q, k, v, None, None, None, None, 0.25, -1, 0, 0.0, True)
-    dout = _rand(*out.shape, dtype=F16)
+@pytest.mark.parametrize("dtype", [F16, F32])
+def test_opcheck_backward_op(dtype):
+    q, k, v = _make(1, 9, 11, 2, 1, 16, dtype)
+    out, lse, lse_lo = torch.ops.fastlm.attention_fwd(q, k, v, None, None, None, None, 0.25, -1, 0, 0.0, True)
+    assert lse_lo.shape == (lse.shape if dtype == F32 else (0,))  # (fp32: lse's low part for the backward)
+    dout = _rand(*out.shape, dtype=dtype)
     dlse = torch.randn_like(lse)
-    args = (dout, dlse, q, k, v, out, lse, None, None, None, None, 0.25, -1, 0, 0.0, True)
+    args = (dout, dlse, q, k, v, out, lse, lse_lo, None, None, None, None, 0.25, -1, 0, 0.0, True)
     torch.library.opcheck(torch.ops.fastlm.attention_bwd.default, args)
 
 
@@ -944,7 +946,7 @@ def test_ws_backward_group_splits(ws, splits):
     partials summed by the launcher)."""
     q, k, v = _make(1, 32, 64, 6, 1, 32, F16)
     dout = _rand(1, 32, 6, 32, dtype=F16)
-    out, lse = K.attention_fwd(q, k, v, None, None, None, None, 0.3, -1, 0, 0.0)
+    out, lse, _ = K.attention_fwd(q, k, v, None, None, None, None, 0.3, -1, 0, 0.0)
     dq, dk, dv = K.attention_bwd(dout, None, q, k, v, out, lse, None, None, None, None, 0.3, -1, 0, 0.0, False,
                                  group_splits=splits)
     _check_all((out, lse, dq, dk, dv), q, k, v, dout, causal=True, softmax_scale=0.3)

@@ -426,18 +426,20 @@ def _attn_case(D, dtype, *, causal=True, window=(-1, -1), softcap=0.0, varlen=Fa
             q, kk, v = qkv.split([H, Hk, Hk], dim=-2)  # strided views, as the model passes them
             cu = _t(B + 1, dtype=torch.int32) if varlen else None
             mx = S if varlen else None
-            out, lse = A.attention_fwd(q, kk, v, cu, cu, mx, mx, D**-0.5, wl, wr, softcap)
+            out, lse, lse_lo = A.attention_fwd(q, kk, v, cu, cu, mx, mx, D**-0.5, wl, wr, softcap)
             if tma or (ws and D not in A._WS_BWD_CONFIGS["dq"]):
                 return
             dout = _t(*out.shape, dtype=dtype)
             g = _t(*lse.shape, dtype=torch.float32) if dlse else None
             for det in (False,) if ws else deterministic:  # (ws: the WS backward has no atomics)
-                A.attention_bwd(dout, g, q, kk, v, out, lse, cu, cu, mx, mx, D**-0.5, wl, wr, softcap, det)
+                A.attention_bwd(dout, g, q, kk, v, out, lse, cu, cu, mx, mx, D**-0.5, wl, wr, softcap, det,
+                                lse_lo=lse_lo)
                 if det and autotune:
                     # deterministic=True runs the first configs; the separate dQ kernel is autotuned
                     # with deterministic=False when it is picked or forced.
                     A.DQ_ATOMIC = False
-                    A.attention_bwd(dout, g, q, kk, v, out, lse, cu, cu, mx, mx, D**-0.5, wl, wr, softcap, False)
+                    A.attention_bwd(dout, g, q, kk, v, out, lse, cu, cu, mx, mx, D**-0.5, wl, wr, softcap, False,
+                                    lse_lo=lse_lo)
                     A.DQ_ATOMIC = True
         finally:
             A.AUTOTUNE, A.DQ_ATOMIC, A.TMA, A.WS = saved

@@ -46,7 +46,7 @@ def _attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, *args, out_val=None, **kwa
 
 
 @register_flop_formula(torch.ops.fastlm.attention_bwd, get_raw=True)
-def _attention_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *args, out_val=None, **kwargs):
+def _attention_bwd(dout, dlse, q, k, v, out, lse, lse_lo, cu_q, cu_k, max_q, max_k, *args, out_val=None, **kwargs):
     # QK^T again, dO V^T, P^T dO (dV), dS K (dQ), dS^T Q (dK)
     d, dv = q.shape[-1], v.shape[-1]
     return 2 * _pairs(q, k, cu_q, cu_k, max_q, max_k) * q.shape[-2] * (3 * d + 2 * dv)

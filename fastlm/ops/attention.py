@@ -41,8 +41,10 @@ def _attention_fwd_op(
     window_right: int,
     softcap: float,
     deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (out like q, lse fp32 (B, Hq, Sq) or packed (Hq, Tq)).  deterministic: fixed tile
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out like q, lse fp32 (B, Hq, Sq) or packed (Hq, Tq), lse_lo: for fp32 inputs like lse,
+    the part of the exact log-sum-exp that lse's rounding loses, which the backward needs to
+    recompute the probabilities to fp32 accuracy; empty otherwise).  deterministic: fixed tile
     configs (no autotuning), and saved for the backward."""
     return _kernels().attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     softmax_scale, window_left, window_right, softcap, deterministic)
@@ -57,6 +59,7 @@ def _attention_bwd_op(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    lse_lo: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None,
     max_seqlen_q: int | None,
@@ -69,7 +72,8 @@ def _attention_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv)"""
     return _kernels().attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                    max_seqlen_k, softmax_scale, window_left, window_right, softcap, deterministic)
+                                    max_seqlen_k, softmax_scale, window_left, window_right, softcap, deterministic,
+                                    lse_lo=lse_lo)
 
 
 def _lse_shape(q, varlen):
@@ -80,11 +84,11 @@ def _lse_shape(q, varlen):
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
       window_right, softcap, deterministic):
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
-    return q.new_empty(q.shape), lse
+    return q.new_empty(q.shape), lse, lse.new_empty(lse.shape if q.dtype == torch.float32 else (0,))
 
 
 @_attention_bwd_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+def _(dout, dlse, q, k, v, out, lse, lse_lo, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
       window_left, window_right, softcap, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -92,17 +96,17 @@ def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 # ---------------------------------------------------------------------------- autograd
 def _setup(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, deterministic) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    out, lse, lse_lo = output
+    ctx.save_for_backward(q, k, v, out, lse, lse_lo, cu_q, cu_k)
     ctx.params = (max_q, max_k, scale, wl, wr, softcap, deterministic)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+def _backward(ctx, dout, dlse, _dlse_lo):  # (lse_lo is internal: never differentiated)
+    q, k, v, out, lse, lse_lo, cu_q, cu_k = ctx.saved_tensors
     max_q, max_k, scale, wl, wr, softcap, deterministic = ctx.params
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd_op(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, wl, wr,
+    dq, dk, dv = _attention_bwd_op(dout, dlse, q, k, v, out, lse, lse_lo, cu_q, cu_k, max_q, max_k, scale, wl, wr,
                                    softcap, deterministic)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
@@ -283,13 +287,13 @@ def attention(
     backend: "triton" | "reference" | None (best for the device; env FASTLM_BACKEND overrides).
     Under torch.autocast, fp32 q / k / v are cast to the autocast dtype first, as SDPA's are.
 
-    Accuracy (fp32): the backward recomputes the probabilities from the saved lse, as
-    FlashAttention does, so they carry the lse's rounding, about |lse| * 2^-24 relative: with
-    large scores the fp32 gradients are a few times further from float64 than unfused PyTorch's,
-    whose softmax normalizes that error away (measured on causal 13-token rows, errors relative
-    to PyTorch fp32's, medians: scores of std 9, dV 2.9x and dQ/dK 1.4x; std 36, dV 6.7x and
-    dQ/dK 2x; std 1, 1.1-1.3x).  fp16/bf16 are not affected: their own rounding of the
-    probabilities is far larger.  (Keeping the row max and log(l) apart would remove it.)
+    Accuracy (fp32): the backward recomputes the probabilities from the forward's log-sum-exp,
+    as FlashAttention does; for fp32 inputs the forward also keeps the part of it that lse's
+    fp32 rounding loses (|lse| 2^-24, on a whole row), so the recomputed probabilities carry only
+    fp32 roundings of each score (measured on causal 13-token rows with scores of std 9 / 36, the
+    median of 20 draws: dV 0.75x / 0.85x PyTorch fp32's error from float64, dQ and dK 0.8-1.0x;
+    from lse alone dV was 2.1x / 4.1x).  fp16/bf16 need no such part: their own rounding of the
+    probabilities is far larger.
     """
     for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
         check_bool(flag, name, "attention")
@@ -307,6 +311,6 @@ def attention(
         return reference.attention(
             q, k, v, softmax_scale=scale, window=(window_left, window_right), softcap=float(softcap),
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
-    out, lse = _attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+    out, lse, _ = _attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                  window_left, window_right, float(softcap), deterministic)
     return (out, lse) if return_lse else out
