@@ -19,7 +19,8 @@ import numbers
 import torch
 
 from fastlm import _backend, reference
-from fastlm._checks import KERNEL_DTYPES, as_int, check_bool, check_same_device, check_tensor, is_int, unit_last
+from fastlm._checks import (KERNEL_DTYPES, as_int, as_positive_int, check_bool, check_same_device, check_tensor,
+                            unit_last)
 from fastlm._dispatch import fast_op
 
 SUPPORTED = ("triton", "reference")
@@ -435,8 +436,7 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
         if tuple(bias.shape) != (V,):
             raise ValueError(f"{op}: bias must have shape ({V},) (weight's vocabulary), got {tuple(bias.shape)}")
     check_same_device(h, "h", weight=weight, bias=bias)
-    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
-        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    chunk_size = as_positive_int(chunk_size, "chunk_size", op, allow_none=True)
     dev = h.device.type
     if not torch.is_autocast_enabled(dev):
         for name, t in (("weight", weight), ("bias", bias)):
