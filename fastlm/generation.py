@@ -47,6 +47,7 @@ random stream comes from one generator seeded per call, so a seed reproduces a c
 output is independent of the batch composition.
 """
 import contextlib
+import inspect
 import time
 import warnings
 from collections import deque
@@ -365,8 +366,7 @@ class Generator:
         Returns one list of new token ids per prompt.  Raises RuntimeError when a sequence's
         logits hold a NaN (found when the host reads that chunk of tokens).
         """
-        if stream is not None and not callable(stream):
-            raise TypeError(f"stream must be a callable stream(seq_index, token) or None, got {type(stream).__name__}")
+        _check_stream(stream)
         batch, it = self._start(prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                                 greedy, eos_token_id, seed)
         out = [[] for _ in range(batch)]
@@ -395,8 +395,7 @@ class Generator:
         plus ``lens``, ``capacity`` and ``num_blocks``: the cache the call needs)."""
         self._model_moved()
         cfg = self.model.config
-        if stream is not None and not callable(stream):
-            raise TypeError(f"stream must be a callable stream(seq_index, token) or None, got {type(stream).__name__}")
+        _check_stream(stream)
         prompts = _check_prompts(prompts, cfg.vocab_size)
         if not is_int(max_new_tokens):
             raise TypeError(f"max_new_tokens must be a positive int, got {max_new_tokens!r} "
@@ -772,6 +771,24 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top
     return gen.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, greedy=greedy, eos_token_id=eos_token_id, seed=seed,
                         stream=stream)
+
+
+def _check_stream(stream):
+    """generate's stream callback: None, or a callable that takes (seq_index, token); checked before
+    any work (a wrong signature would otherwise fail at the first token, after the prefill)."""
+    if stream is None:
+        return
+    if not callable(stream):
+        raise TypeError(f"stream must be a callable stream(seq_index, token) or None, got {type(stream).__name__}")
+    try:
+        sig = inspect.signature(stream)
+    except (TypeError, ValueError):  # some builtins and C callables have no signature: not checkable
+        return
+    try:
+        sig.bind(0, 0)
+    except TypeError as e:
+        raise TypeError(f"stream must take two positional arguments, stream(seq_index, token); {stream!r} has the "
+                        f"signature {sig} ({e})") from None
 
 
 def _head_rows(model, stream, index):
