@@ -9,6 +9,7 @@
 Each subcommand is an (add_arguments, run) pair in COMMANDS, so others can be added alongside.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -356,12 +357,36 @@ COMMANDS = {
 }
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """--help shows each option's default value, where it has one (not None / False) that its
+    help text does not already describe."""
+
+    @staticmethod
+    def _shows_default(action):
+        d, text = action.default, action.help or ""
+        return (bool(action.option_strings) and d not in (None, False, argparse.SUPPRESS, [])
+                and text is not argparse.SUPPRESS and "default" not in text)
+
+    def _format_action(self, action):
+        if not action.help and self._shows_default(action):  # (options with no help text at all)
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = (action.help or "").strip()
+        if self._shows_default(action):
+            text = f"{text} (default: %(default)s)".lstrip()
+        return text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fastlm", description="fastlm: fused-kernel Transformer LMs")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     parsers = {}
     for name, (add, _, help_) in COMMANDS.items():
-        parsers[name] = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
+        parsers[name] = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False,
+                                       formatter_class=_DefaultsHelp)
         add(parsers[name])
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)

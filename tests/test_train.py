@@ -331,6 +331,26 @@ def test_cli(corpus, tmp_path, capsys):
     assert cli_main(["presets"]) == 0 and "llama-3.2-1b" in capsys.readouterr().out
 
 
+def test_cli_help_shows_the_defaults(capsys):
+    from fastlm.train import TrainConfig
+
+    d = TrainConfig()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # (argparse wraps lines)
+    for flag, value in (("--steps STEPS", d.steps), ("--lr LR", d.lr), ("--warmup WARMUP", d.warmup),
+                        ("--grad-clip GRAD_CLIP 0 disables clipping", d.grad_clip),
+                        ("--model MODEL model preset (see `fastlm presets`)", d.model)):
+        assert f"{flag} (default: {value})" in text, flag
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "default: the tokenizer's, rounded up to 64 (default" not in text  # (its own words kept, not doubled)
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens MAX_NEW_TOKENS (default: 64)" in text and "--temperature TEMPERATURE (default: 1.0)" in text
+
+
 def test_cli_resume_takes_the_checkpoint_settings(corpus, tmp_path, capsys):
     """`fastlm train --resume --out-dir D` alone continues the run with the settings it was started
     with (model options, data, lr, batch size, schedule, seed...): the losses of an uninterrupted
