@@ -631,6 +631,10 @@ def _train(cfg, world, log):
         f"{len(corpus.train):,} train / {len(corpus.val):,} val tokens; {world.world} process(es) [{world.mode}] on "
         f"{device}, {'bf16 autocast' if amp_dtype else 'fp32'}; global batch "
         f"{cfg.batch_size} x {cfg.seqlen} tokens, micro-batch {micro} x {cfg.grad_accum} accum")
+    if cfg.warmup >= cfg.steps:
+        log(f"note: warmup {cfg.warmup} >= steps {cfg.steps}: the learning rate only rises (to "
+            f"{cfg.lr * cfg.steps / max(1, cfg.warmup):.2e} at the last step, peak {cfg.lr:.2e} at step {cfg.warmup}); "
+            f"lower --warmup for a short run")
 
     def to_device(a):
         t = torch.from_numpy(a)

@@ -316,6 +316,7 @@ def test_cli(corpus, tmp_path, capsys):
             str(tmp_path / "cache"), "--seqlen", "16", "--batch-size", "2", "--steps", "2", "--out-dir", str(out),
             "--no-progress", "--eval-every", "0", "--set", "n_layers=1", "--summary-json", str(tmp_path / "s.json")]
     assert cli_main(args) == 0
+    assert "note: warmup 50 >= steps 2: the learning rate only rises" in capsys.readouterr().out
     summary = json.load(open(tmp_path / "s.json"))
     assert set(summary["train_loss"]) == {"1", "2"}
     assert json.load(open(out / "config.json"))["model_config"]["n_layers"] == 1
