@@ -22,6 +22,7 @@ import torch
 import cuda_emu
 from conftest import HAS_CUDA
 from fastlm import reference
+from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="CPU CI emulates the sm_90 kernel; a GPU runs it for real")
 
@@ -212,9 +213,11 @@ def _check_bwd(lib, B, Sq, Sk, Hq, Hkv, D, causal, dtype=torch.float16):
     lo = torch.autograd.grad(reference.attention(*[t.to(dtype) for t in xlo], causal=causal), xlo, dout)
     for name, a, e, l in zip(("dq", "dk", "dv"), got, exp, lo):
         assert not a.isnan().any(), f"{name}: NaN (unwritten or a masked row leaking)"
-        tol = 2 * (l.double() - e).abs().max().item() + 2e-3 * e.abs().max().item()
-        err = (a.double() - e).abs().max().item()
-        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+        # The suite's policy (tests/tolerances.py: 2x the same-dtype error + the dtype's floor).  A
+        # tighter ad-hoc floor failed on rounding alone in exploratory runs: the exact dq of one key
+        # is 0 (p = 1, dS = dP - delta: two fp32 dots that round apart, ~1e-6), and with two keys
+        # dS_1 = -dS_0 each rounded to bf16 before dS K (as in every flash kernel) left 3.7 ulps.
+        assert_close(a, e, l, name)
 
 
 @pytest.mark.parametrize("D", [64, 128])
