@@ -7,6 +7,8 @@ float64 must be within 2x the error of the fp32 reference backend, plus a small 
 """
 import json
 import re
+import sys
+import warnings
 
 import pytest
 import torch
@@ -1045,6 +1047,42 @@ def test_op_backend_cuda_runs_everywhere():
 
     out = generate(cuda, [[1, 2, 3], [4, 5]], 5, greedy=True)
     assert out == generate(ref, [[1, 2, 3], [4, 5]], 5, greedy=True)
+
+
+def test_gemma_activation_follows_the_transformers_version(monkeypatch):
+    # Gemma (1): transformers 4 runs hidden_activation when set, transformers 5 runs hidden_act
+    # alone (legacy "gelu" = tanh).  A config with hidden_activation="gelu" (exact) therefore means
+    # the exact GELU to 4 and the tanh one to 5: from_hf follows the installed transformers (logits
+    # match it), and warns that the two readings differ.
+    from fastlm.models import hf as fhf
+
+    cfg = transformers.GemmaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                   pad_token_id=None, bos_token_id=None, eos_token_id=None, hidden_activation="gelu")
+    m = randomize_(transformers.GemmaForCausalLM(cfg)).eval()
+    with pytest.warns(UserWarning, match="hidden_activation='gelu'.*transformers 4 and 'gelu_pytorch_tanh' to "
+                                         "transformers 5"):
+        model = Transformer.from_hf(m, backend="reference")
+    major = int(transformers.__version__.split(".")[0])
+    assert model.config.gelu_approximate == ("none" if major < 5 else "tanh")
+    tokens = torch.randint(0, 300, (2, 9))
+    m64 = transformers.GemmaForCausalLM(cfg).double().eval()
+    m64.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert_close(model(tokens), m64(tokens).logits, m(tokens).logits, name="gemma logits")
+    c = dict(m.config.to_dict(), transformers_version="4.44.0")
+    for v, expect in ((4, "none"), (5, "tanh")):
+        monkeypatch.setattr(fhf, "_transformers_major", lambda c, v=v: v)
+        with pytest.warns(UserWarning, match=f"as transformers {v} runs it"):
+            assert fhf.config_from_hf(c).gelu_approximate == expect
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed: the version that wrote the config
+    assert fhf._transformers_major(c) == 4 and fhf._transformers_major({}) == 5
+    # the common configs agree under both versions: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kw in (dict(hidden_act="gelu", hidden_activation="gelu_pytorch_tanh"), dict(hidden_act="gelu"), {}):
+            assert fhf.config_from_hf(dict(c, **{"hidden_activation": None, **kw})).gelu_approximate == "tanh"
 
 
 def test_phi3_longrope_is_refused():

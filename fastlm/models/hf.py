@@ -120,15 +120,10 @@ def config_from_hf(c):
         )
     mlp, approx = "swiglu", "tanh"
     if mtype in GEMMA:
-        # transformers 4 reads hidden_activation when set (else the tanh GELU); transformers 5
-        # has hidden_act alone and reads its legacy "gelu" as the tanh GELU too.  Gemma 2 / 3
-        # read hidden_activation as it is.
-        act = c.get("hidden_activation")
-        approx = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}.get(act) if act else \
-            {"gelu_pytorch_tanh": "tanh", "gelu": "tanh", None: "tanh"}.get(c.get("hidden_act"))
+        act = _gemma_activation(c, mtype)
+        approx = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}.get(act)
         if approx is None:
-            raise ValueError(f"unsupported gemma activation {act or c.get('hidden_act')!r} (fastlm's GeGLU takes the "
-                             "tanh or the exact GELU)")
+            raise ValueError(f"unsupported {mtype} activation {act!r} (fastlm's GeGLU takes the tanh or the exact GELU)")
         mlp = "geglu"
     elif c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported {mtype} hidden_act {c.get('hidden_act')!r} (fastlm's SwiGLU uses silu)")
@@ -163,6 +158,44 @@ def config_from_hf(c):
         max_seqlen=c.get("max_position_embeddings", 2048), sliding_window=window, layer_types=layer_types,
         extra={"hf_arch": mtype},
     )
+
+
+def _transformers_major(c):
+    """The major version of the transformers that runs the checkpoint: the installed one, else the
+    one that wrote the config (its transformers_version), else 5."""
+    try:
+        import transformers
+
+        return int(transformers.__version__.split(".")[0])
+    except (ImportError, ValueError):
+        pass
+    try:
+        return int(str(c.get("transformers_version")).split(".")[0])
+    except ValueError:
+        return 5
+
+
+def _gemma_activation(c, mtype):
+    """The MLP activation's ACT2FN name, as transformers reads a Gemma config.  Gemma 2 / 3:
+    hidden_activation.  Gemma (1) differs by version: transformers 4 takes hidden_activation when
+    set (else the tanh GELU), transformers 5 takes hidden_act alone (hidden_activation is kept but
+    unused) and reads its legacy "gelu" as the tanh GELU.  So a config with hidden_activation
+    "gelu" (exact) runs the exact GELU under 4 and the tanh one under 5: fastlm follows the
+    transformers at hand (_transformers_major) and warns when the two readings differ."""
+    if mtype != "gemma":
+        return c.get("hidden_activation") or "gelu_pytorch_tanh"
+    v4 = c.get("hidden_activation") or "gelu_pytorch_tanh"
+    v5 = c.get("hidden_act") or "gelu_pytorch_tanh"
+    v5 = "gelu_pytorch_tanh" if v5 == "gelu" else v5
+    major = _transformers_major(c)
+    act = v4 if major < 5 else v5
+    if v4 != v5:
+        import warnings
+
+        warnings.warn(f"this Gemma config's hidden_activation={c.get('hidden_activation')!r} and hidden_act="
+                      f"{c.get('hidden_act')!r} mean {v4!r} to transformers 4 and {v5!r} to transformers 5; "
+                      f"loading with {act!r}, as transformers {major} runs it", stacklevel=4)
+    return act
 
 
 def _layer_kinds(types, n, mtype):
