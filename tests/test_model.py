@@ -1049,40 +1049,54 @@ def test_op_backend_cuda_runs_everywhere():
     assert out == generate(ref, [[1, 2, 3], [4, 5]], 5, greedy=True)
 
 
-def test_gemma_activation_follows_the_transformers_version(monkeypatch):
-    # Gemma (1): transformers 4 runs hidden_activation when set, transformers 5 runs hidden_act
-    # alone (legacy "gelu" = tanh).  A config with hidden_activation="gelu" (exact) therefore means
-    # the exact GELU to 4 and the tanh one to 5: from_hf follows the installed transformers (logits
-    # match it), and warns that the two readings differ.
-    from fastlm.models import hf as fhf
+@pytest.mark.parametrize("acts", [("gelu", None), (None, "gelu"), ("gelu_pytorch_tanh", "gelu"), (None, None),
+                                  ("gelu_pytorch_tanh", None)], ids=str)
+def test_gemma_activation_is_what_transformers_runs(acts, tmp_path):
+    # Gemma (1)'s GELU: transformers 4 ran hidden_activation when set, 5.17 runs hidden_act as written
+    # (the official checkpoints' legacy "gelu" = exact), 5.25 turns that legacy "gelu" into tanh.
+    # from_hf (a model object or its folder) matches the installed transformers' logits whichever it
+    # is, and warns when that is not the GELU the config intends (hidden_activation, else tanh).
+    import torch.nn.functional as F
 
+    activation, act = acts
+    kw = {k: v for k, v in (("hidden_activation", activation), ("hidden_act", act)) if v is not None}
     cfg = transformers.GemmaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                   pad_token_id=None, bos_token_id=None, eos_token_id=None, hidden_activation="gelu")
+                                   pad_token_id=None, bos_token_id=None, eos_token_id=None, **kw)
     m = randomize_(transformers.GemmaForCausalLM(cfg)).eval()
-    with pytest.warns(UserWarning, match="hidden_activation='gelu'.*transformers 4 and 'gelu_pytorch_tanh' to "
-                                         "transformers 5"):
-        model = Transformer.from_hf(m, backend="reference")
-    major = int(transformers.__version__.split(".")[0])
-    assert model.config.gelu_approximate == ("none" if major < 5 else "tanh")
+    x = torch.linspace(-4, 4, 33, dtype=torch.float64)
+    ran = "tanh" if torch.allclose(m.model.layers[0].mlp.act_fn(x), F.gelu(x, approximate="tanh")) else "none"
+    intended = "none" if activation == "gelu" else "tanh"
+    m.save_pretrained(tmp_path)
     tokens = torch.randint(0, 300, (2, 9))
     m64 = transformers.GemmaForCausalLM(cfg).double().eval()
     m64.load_state_dict(m.state_dict())
-    with torch.no_grad():
-        assert_close(model(tokens), m64(tokens).logits, m(tokens).logits, name="gemma logits")
-    c = dict(m.config.to_dict(), transformers_version="4.44.0")
-    for v, expect in ((4, "none"), (5, "tanh")):
-        monkeypatch.setattr(fhf, "_transformers_major", lambda c, v=v: v)
-        with pytest.warns(UserWarning, match=f"as transformers {v} runs it"):
-            assert fhf.config_from_hf(c).gelu_approximate == expect
-    monkeypatch.undo()
-    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed: the version that wrote the config
-    assert fhf._transformers_major(c) == 4 and fhf._transformers_major({}) == 5
-    # the common configs agree under both versions: no warning
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for kw in (dict(hidden_act="gelu", hidden_activation="gelu_pytorch_tanh"), dict(hidden_act="gelu"), {}):
-            assert fhf.config_from_hf(dict(c, **{"hidden_activation": None, **kw})).gelu_approximate == "tanh"
+    for src in (m, tmp_path):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = Transformer.from_hf(src, backend="reference")
+        said = [str(w.message) for w in caught if "installed transformers runs" in str(w.message)]
+        assert bool(said) == (ran != intended), (acts, ran, said)
+        assert model.config.gelu_approximate == ran
+        with torch.no_grad():
+            assert_close(model(tokens), m64(tokens).logits, m(tokens).logits, name=f"gemma logits {acts}")
+
+
+def test_gemma_activation_without_transformers(monkeypatch):
+    # no transformers to ask: the GELU the config intends (hidden_activation, else tanh)
+    from fastlm.models import hf as fhf
+    from fastlm.models.hf import config_from_hf
+
+    c = dict(model_type="gemma", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, head_dim=16)
+    for name in [n for n in sys.modules if n == "transformers" or n.startswith("transformers.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # (an import of any of them fails)
+    for kw, expect in ((dict(hidden_activation="gelu", hidden_act="gelu_pytorch_tanh"), "none"),
+                       (dict(hidden_act="gelu"), "tanh"), (dict(hidden_activation="gelu_pytorch_tanh"), "tanh"), ({}, "tanh")):
+        assert config_from_hf(dict(c, **kw)).gelu_approximate == expect, kw
+    with pytest.raises(ValueError, match="unsupported gemma activation 'relu'"):
+        config_from_hf(dict(c, hidden_act="relu"))
+    assert fhf._installed_act_fn(c, "gemma") is None
 
 
 def test_phi3_longrope_is_refused():

@@ -90,9 +90,11 @@ def _text_config(c):
     return {**tc, "model_type": "gemma3_text", "tie_word_embeddings": tie, "_multimodal": True}
 
 
-def config_from_hf(c):
+def config_from_hf(c, model=None):
     """TransformerConfig from an HF config dict (config.json / PretrainedConfig.to_dict()).  A
-    multimodal Gemma 3 config gives its language model's (the vision tower is not loaded)."""
+    multimodal Gemma 3 config gives its language model's (the vision tower is not loaded).
+    model: the transformers model object of that config, if there is one (what it computes
+    settles what the config alone leaves open: see _gemma_activation)."""
     c = _text_config(c)
     mtype = c.get("model_type")
     if mtype not in SUPPORTED:
@@ -120,10 +122,7 @@ def config_from_hf(c):
         )
     mlp, approx = "swiglu", "tanh"
     if mtype in GEMMA:
-        act = _gemma_activation(c, mtype)
-        approx = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}.get(act)
-        if approx is None:
-            raise ValueError(f"unsupported {mtype} activation {act!r} (fastlm's GeGLU takes the tanh or the exact GELU)")
+        approx = _gemma_activation(c, mtype, model)
         mlp = "geglu"
     elif c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported {mtype} hidden_act {c.get('hidden_act')!r} (fastlm's SwiGLU uses silu)")
@@ -160,42 +159,74 @@ def config_from_hf(c):
     )
 
 
-def _transformers_major(c):
-    """The major version of the transformers that runs the checkpoint: the installed one, else the
-    one that wrote the config (its transformers_version), else 5."""
+def _gelu_kind(act_fn):
+    """'tanh' / 'none' when act_fn computes the tanh / the exact GELU (probed in float64), else None."""
+    import torch.nn.functional as F
+
+    x = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
     try:
-        import transformers
+        with torch.no_grad():
+            y = act_fn(x)
+    except Exception:
+        return None
+    for kind in ("tanh", "none"):
+        if (y - F.gelu(x, approximate=kind)).abs().max().item() < 1e-9:
+            return kind
+    return None
 
-        return int(transformers.__version__.split(".")[0])
-    except (ImportError, ValueError):
-        pass
+
+def _installed_act_fn(c, mtype, model=None):
+    """The MLP activation module that transformers runs for this config: the model object's own
+    (its first module with an act_fn), or, for a config dict, the one the installed transformers
+    builds (its MLP class made on the meta device).  None when that cannot be found out (no
+    transformers, another layout)."""
+    if model is not None:
+        return next((m.act_fn for m in model.modules() if hasattr(m, "act_fn") and hasattr(m, "gate_proj")), None)
     try:
-        return int(str(c.get("transformers_version")).split(".")[0])
-    except ValueError:
-        return 5
+        import importlib
+
+        pkg = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}[mtype]
+        name = {"gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}[mtype]
+        conf = getattr(importlib.import_module(f"transformers.models.{pkg}.configuration_{pkg}"),
+                       f"{name}TextConfig" if mtype == "gemma3_text" else f"{name}Config")
+        mlp = getattr(importlib.import_module(f"transformers.models.{pkg}.modeling_{pkg}"), f"{name}MLP")
+        keys = ("hidden_act", "hidden_activation", "hidden_size", "intermediate_size")
+        with torch.device("meta"):
+            return mlp(conf(**{k: c[k] for k in keys if c.get(k) is not None})).act_fn
+    except Exception:
+        return None
 
 
-def _gemma_activation(c, mtype):
-    """The MLP activation's ACT2FN name, as transformers reads a Gemma config.  Gemma 2 / 3:
-    hidden_activation.  Gemma (1) differs by version: transformers 4 takes hidden_activation when
-    set (else the tanh GELU), transformers 5 takes hidden_act alone (hidden_activation is kept but
-    unused) and reads its legacy "gelu" as the tanh GELU.  So a config with hidden_activation
-    "gelu" (exact) runs the exact GELU under 4 and the tanh one under 5: fastlm follows the
-    transformers at hand (_transformers_major) and warns when the two readings differ."""
-    if mtype != "gemma":
-        return c.get("hidden_activation") or "gelu_pytorch_tanh"
-    v4 = c.get("hidden_activation") or "gelu_pytorch_tanh"
-    v5 = c.get("hidden_act") or "gelu_pytorch_tanh"
-    v5 = "gelu_pytorch_tanh" if v5 == "gelu" else v5
-    major = _transformers_major(c)
-    act = v4 if major < 5 else v5
-    if v4 != v5:
+def _gemma_activation(c, mtype, model=None):
+    """'tanh' or 'none': the GELU of a Gemma MLP as transformers runs it.  The config fields do not
+    say it alone: Gemma 2 / 3 read hidden_activation, but Gemma (1)'s reading changed between
+    transformers versions: 4 takes hidden_activation when set (else the tanh GELU); 5.17 takes
+    hidden_act alone, as written (the official checkpoints' legacy "gelu": the exact GELU); 5.25
+    also reads hidden_act but turns a legacy "gelu" into the tanh GELU.  So fastlm matches what
+    transformers computes here (_installed_act_fn, probed), and warns when that is not the GELU the
+    config intends (hidden_activation when set, else hidden_act with "gelu" meaning tanh, as Gemma
+    was trained).  Without transformers: the intended one."""
+    names = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
+    act, legacy = c.get("hidden_activation"), c.get("hidden_act")
+    if act:
+        intended = names.get(act)
+    else:
+        intended = "tanh" if legacy in (None, "gelu") or mtype != "gemma" else names.get(legacy)
+    fn = _installed_act_fn(c, mtype, model)
+    actual = _gelu_kind(fn) if fn is not None else None
+    if fn is not None and actual is None:
+        raise ValueError(f"unsupported {mtype} activation {fn!r} (fastlm's GeGLU takes the tanh or the exact GELU)")
+    if actual is None and intended is None:
+        raise ValueError(f"unsupported {mtype} activation {act or legacy!r} (fastlm's GeGLU takes the tanh or the "
+                         f"exact GELU)")
+    if actual is not None and intended is not None and actual != intended:
         import warnings
 
-        warnings.warn(f"this Gemma config's hidden_activation={c.get('hidden_activation')!r} and hidden_act="
-                      f"{c.get('hidden_act')!r} mean {v4!r} to transformers 4 and {v5!r} to transformers 5; "
-                      f"loading with {act!r}, as transformers {major} runs it", stacklevel=4)
-    return act
+        words = {"tanh": "tanh", "none": "exact"}
+        warnings.warn(f"this {mtype} config (hidden_activation={act!r}, hidden_act={legacy!r}) intends the "
+                      f"{words[intended]} GELU, but the installed transformers runs the {words[actual]} one; fastlm "
+                      f"follows transformers (its logits match it)", stacklevel=4)
+    return actual or intended
 
 
 def _layer_kinds(types, n, mtype):
@@ -697,7 +728,7 @@ def from_hf(model_or_path, backend="fused", op_backend=None, dtype=None):
         cfg = config_from_hf(read_config(path))  # an unsupported architecture fails before the weights are read
         sd = read_weights(path)
     elif hasattr(model_or_path, "config") and hasattr(model_or_path, "state_dict"):
-        cfg = config_from_hf(model_or_path.config.to_dict())
+        cfg = config_from_hf(model_or_path.config.to_dict(), model=model_or_path)
         sd = model_or_path.state_dict()
     else:
         raise TypeError(f"from_hf expects an HF model object or a folder path, got {type(model_or_path).__name__}")
