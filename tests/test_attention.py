@@ -669,6 +669,8 @@ def _bad_cases():
         (r"n_heads_k \(k.shape\[-2\]\) must be >= 1, got 0", (q, k[:, :, :0], v[:, :, :0]), {}),
         ("head_dim must be in", (_rand(1, 4, 1, 288, dtype=F16),) * 3, {}),
         ("share one dtype", (q, k.float(), v), {}),
+        ("q is float64, which backend 'triton' does not take", (q.double(), k.double(), v.double()), {}),
+        (r"q must have dtype in \['torch.float32', 'torch.float16', 'torch.bfloat16'\]", (q.int(), k, v), {}),
         ("same \\(seqlen, heads\\)", (q, k, v[:, :5]), {}),
         ("must be 4-D", (q[0], k, v), {}),
         ("window sizes must be >= -1", (q, k, v), dict(window=(-2, 0))),
@@ -703,6 +705,22 @@ def test_bad_inputs(i):
         pytest.skip("CUDA cu_seqlens values are checked by a device assert (no host sync): not catchable")
     with pytest.raises((ValueError, TypeError), match=match):
         attention(*args, backend="triton", **kw)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_float64_runs_on_the_reference_backend(backend):
+    # as every other op: float64 takes the reference path (backend=None picks it), gradients too
+    q, k, v, do = (_rand(2, 7, h, 16, dtype=torch.float64) for h in (4, 2, 2, 4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, causal=True, window=(3, 0), backend=backend)
+    assert out.dtype == torch.float64
+    out.backward(do)
+    x64 = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = reference.attention(*x64, causal=True, window=(3, 0))
+    want.backward(do)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    for a, b in zip(leaves, x64):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
 
 
 def test_cuda_cu_seqlens_from_inference_mode(monkeypatch):

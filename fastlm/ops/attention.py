@@ -155,9 +155,10 @@ def _check_cu_values(cu, name, total):
                          f"(the packed length), got {c if len(c) <= 16 else c[:8] + ['...'] + c[-8:]}")
 
 
-def _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+              dtypes=KERNEL_DTYPES):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(t, name, dtypes=KERNEL_DTYPES)
+        check_tensor(t, name, dtypes=dtypes)
     check_same_device(q, "q", k=k, v=v)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"attention: q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
@@ -270,7 +271,8 @@ def attention(
     n_heads_k dividing n_heads_q (GQA/MQA).  Packed variable-length form: q (total_q, Hq, D),
     k/v (total_k, Hk, D) with ``cu_seqlens_q/k`` int32 (num_seqs + 1,) offsets (tokens past
     cu_seqlens[-1] get 0); ``max_seqlen_q/k`` are optional tuning hints (no host sync needed).
-    head_dim 1..256; fp16/bf16/fp32.
+    head_dim 1..256; fp16/bf16/fp32 (and float64 on the reference backend, which backend=None
+    picks for it).
 
     causal: bottom-right aligned when seqlen_q != seqlen_k (query i sees keys j <= i + Sk - Sq),
     as FlashAttention >= 2.1.  window=(left, right): keys in [i + Sk - Sq - left,
@@ -298,7 +300,16 @@ def attention(
     for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
         check_bool(flag, name, "attention")
     q, k, v = _autocast(q, k, v)
-    _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_tensor(q, "q", dtypes=None)  # (the backend's choice reads q's dtype and device)
+    if backend is None and q.dtype == torch.float64:
+        b = "reference"  # the kernels are fp32/fp16/bf16
+    else:
+        b = _backend.resolve(backend, q.device, SUPPORTED, op="attention")
+        if q.dtype == torch.float64 and b != "reference":
+            raise TypeError(f"attention: q is float64, which backend {b!r} does not take (float32, float16 or "
+                            "bfloat16); float64 runs on the reference backend (backend=None or 'reference')")
+    _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+              KERNEL_DTYPES + ((torch.float64,) if b == "reference" else ()))
     if cu_seqlens_q is not None:  # the kernels read the offsets densely
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     window_left, window_right = int(window[0]), int(window[1])
@@ -306,7 +317,6 @@ def attention(
         window_right = 0
     window_left, window_right = _unbounded_sides(q, k, cu_seqlens_q is not None, window_left, window_right)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    b = _backend.resolve(backend, q.device, SUPPORTED, op="attention")
     if b == "reference":
         return reference.attention(
             q, k, v, softmax_scale=scale, window=(window_left, window_right), softcap=float(softcap),
