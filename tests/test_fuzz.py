@@ -8,7 +8,8 @@ positions, in place, with autograd; norms over strided and expanded inputs with 
 fused lm_head loss with every option and tiny chunks; the decode-step fused_linear with norms, x
 norm, residual, activation and soft-cap; a whole Transformer config: norm, positions, MLP, biases,
 q/k norms, windows, soft-caps, post-norms at once; a tiny random HF checkpoint of each supported
-family through from_hf; a KV cache's random life of adds, prefill
+family through from_hf, and patched by apply_to_hf with random padding; a KV cache's random life
+of adds, prefill
 chunks, decode steps, frees and refused requests; a Generator reused over random calls), so
 combinations nobody listed are tried too; and one argument of a valid call changed into bad
 input, which must be refused naming an argument or computed as the reference computes it.  The
@@ -588,6 +589,44 @@ def test_hf_random_configs(seed, tmp_path):
     hf64.load_state_dict(hf.state_dict())
     with torch.no_grad():
         assert_close(model(tokens), hf64(tokens).logits, hf(tokens).logits, name=f"{fam} logits ({hf.config})")
+
+
+@pytest.mark.parametrize("seed", seeds(24))
+def test_apply_to_hf_random_configs(seed):
+    """fastlm.apply_to_hf on a random tiny HF model (every family it patches): logits of a batch
+    with random left or right padding (the kept tokens; HF's own NaNs skipped: its Gemma 2 eager
+    attention gives NaN for some padded rows with a window) and the eval loss, against the same
+    HF model in float64.  (Gradients: test_hf_integration's per-family tests; random configs
+    there show rounding tails, since a few layers of random weights amplify it.)"""
+    pytest.importorskip("transformers", reason="the HF integration needs transformers (a test extra)")
+    import copy
+
+    fam, hf, rng = _hf_random_model(seed)
+    if fam == "gpt2":  # (apply_to_hf patches the Llama-like families)
+        with pytest.raises(ValueError, match="unsupported model type 'gpt2'"):
+            fastlm.apply_to_hf(hf)
+        return
+    hf = hf.to(DEVICE)
+    hf64 = copy.deepcopy(hf).double()
+    # (on the CPU the reference ops: the interpreter would take minutes; the wiring is what is drawn)
+    model = fastlm.apply_to_hf(copy.deepcopy(hf), backend="reference" if DEVICE.type == "cpu" else None)
+    B, T = 2, rng.choice([7, 21, 40])
+    tokens = torch.randint(1, hf.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+    cut = rng.randint(1, T - 2)
+    side = rng.choice(["none", "left", "right"])
+    if side == "left":
+        mask[1, :cut] = 0
+    elif side == "right":
+        mask[1, T - cut:] = 0
+    labels = tokens.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        out, r32, r64 = (m(tokens, attention_mask=mask, labels=labels) for m in (model, hf, hf64))
+    keep = mask.bool() & r64.logits.isfinite().all(-1) & r32.logits.isfinite().all(-1)
+    what = f"{fam} ({side} padding, {hf.config})"
+    assert_close(out.logits[keep], r64.logits[keep], r32.logits[keep], name=f"logits of {what}")
+    if bool(keep[mask.bool()].all()):
+        assert_close(out.loss, r64.loss, r32.loss, name=f"loss of {what}")
 
 
 # ------------------------------------------------------------------------------------ KV cache lifecycles
