@@ -202,7 +202,8 @@ def _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_
         if h < 1:
             raise ValueError(f"attention: {name} ({dim}.shape[-2]) must be >= 1, got {h}")
     if hq % hk != 0:
-        raise ValueError(f"attention: n_heads_q ({hq}) must be a positive multiple of n_heads_k ({hk}) (GQA/MQA)")
+        raise ValueError(f"attention: n_heads_q (q.shape[-2] = {hq}) must be a positive multiple of n_heads_k "
+                         f"(k.shape[-2] = {hk}) (GQA/MQA)")
     if hq > MAX_GRID_YZ:
         raise ValueError(f"attention: n_heads_q {hq} exceeds {MAX_GRID_YZ}")
     if not (isinstance(window, (tuple, list)) and len(window) == 2
