@@ -192,6 +192,16 @@ def _seed():
     yield
 
 
+def hf_rope_kwargs(cls, theta, scaling):
+    """An HF config class's RoPE keywords (base theta, scaling dict) in the form its transformers
+    takes: rope_parameters (transformers >= 5), else rope_theta and rope_scaling."""
+    import inspect
+
+    if "rope_parameters" in inspect.signature(cls.__init__).parameters:
+        return {"rope_parameters": {"rope_theta": theta, **scaling}}
+    return {"rope_theta": theta, "rope_scaling": scaling}
+
+
 def cuda_backend_available():
     return HAS_CUDA and _C_loader.HAVE_CUDA_KERNELS
 

@@ -31,7 +31,7 @@ from fastlm.reference import linear as ref_linear
 from fastlm.reference import loss as ref_loss
 from fastlm.reference import norm as ref_norm
 from fastlm.reference import rotary as ref_rotary
-from conftest import DEVICE, HAS_CUDA, INTERPRETER_BF16_DOT, kernel_backends
+from conftest import DEVICE, HAS_CUDA, INTERPRETER_BF16_DOT, hf_rope_kwargs, kernel_backends
 from tolerances import assert_close, assert_close_compound
 
 SEEDS = int(os.environ.get("FASTLM_FUZZ_SEEDS", "0"))
@@ -475,15 +475,6 @@ def test_model_random_configs(seed):
 
 
 # ------------------------------------------------------------------------------------ HF checkpoints
-def _hf_rope(cls, theta, scaling):
-    """A config's RoPE keywords in the form its transformers takes (5: rope_parameters)."""
-    import inspect
-
-    if "rope_parameters" in inspect.signature(cls.__init__).parameters:
-        return {"rope_parameters": {"rope_theta": theta, **scaling}}
-    return {"rope_theta": theta, **({"rope_scaling": scaling} if scaling["rope_type"] != "default" else {})}
-
-
 def _hf_random_model(seed):
     """(family, a tiny random transformers model of it, the draws): shape, GQA, tied embeddings,
     explicit head_dim, norm eps and per family what changes the math (RoPE scaling kinds,
@@ -517,10 +508,10 @@ def _hf_random_model(seed):
         if kind == "yarn" and rng.random() < 0.5:
             sc.update(beta_fast=rng.choice([16.0, 32.0]), beta_slow=rng.choice([1.0, 2.0]))
         m = tf.LlamaForCausalLM(tf.LlamaConfig(**c, attention_bias=rng.random() < 0.3, mlp_bias=rng.random() < 0.3,
-                                               **_hf_rope(tf.LlamaConfig, theta, sc)))
+                                               **hf_rope_kwargs(tf.LlamaConfig, theta, sc)))
     elif fam == "mistral":
         m = tf.MistralForCausalLM(tf.MistralConfig(**c, sliding_window=rng.choice([None, 5, 17]),
-                                                   **_hf_rope(tf.MistralConfig, theta, {"rope_type": "default"})))
+                                                   **hf_rope_kwargs(tf.MistralConfig, theta, {"rope_type": "default"})))
     elif fam == "qwen2":
         m = tf.Qwen2ForCausalLM(tf.Qwen2Config(**c, **window))
     elif fam == "qwen3":
@@ -528,7 +519,7 @@ def _hf_random_model(seed):
     elif fam == "phi3":
         sc = {"rope_type": "default", "partial_rotary_factor": rng.choice([1.0, 0.5, 0.75])}
         m = tf.Phi3ForCausalLM(tf.Phi3Config(**c, pad_token_id=None, sliding_window=rng.choice([None, 7]),
-                                             **_hf_rope(tf.Phi3Config, theta, sc)))
+                                             **hf_rope_kwargs(tf.Phi3Config, theta, sc)))
     elif fam == "gemma":  # (hidden_act / hidden_activation: read differently by transformers 4 and 5)
         m = tf.GemmaForCausalLM(tf.GemmaConfig(**c, pad_token_id=None, hidden_act=rng.choice(["gelu", "gelu_pytorch_tanh"]),
                                                hidden_activation=rng.choice([None, "gelu", "gelu_pytorch_tanh"])))

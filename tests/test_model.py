@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import DEVICE, triton_bf16_mark
+from conftest import DEVICE, hf_rope_kwargs, triton_bf16_mark
 from fastlm import ops
 from fastlm.models import PRESETS, Transformer, TransformerConfig
 from tolerances import assert_close
@@ -603,7 +603,7 @@ def hf_model(family):
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 32}
     if family == "llama":
-        cfg = transformers.LlamaConfig(**common, **_rope_kw(transformers.LlamaConfig, 500000.0, llama3))
+        cfg = transformers.LlamaConfig(**common, **hf_rope_kwargs(transformers.LlamaConfig, 500000.0, llama3))
         m = transformers.LlamaForCausalLM(cfg)
     elif family == "mistral":
         m = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=6))
@@ -614,7 +614,7 @@ def hf_model(family):
     elif family == "phi3":  # stacked qkv_proj / gate_up_proj, partial rotary (3/4 of each head), a sliding window
         rope = {"rope_type": "default", "partial_rotary_factor": 0.75}
         m = transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, pad_token_id=None, sliding_window=9,
-                                                                 **_rope_kw(transformers.Phi3Config, 10000.0, rope)))
+                                                                 **hf_rope_kwargs(transformers.Phi3Config, 10000.0, rope)))
     elif family == "gemma":  # GeGLU, norms scaling by 1 + w, embeddings by sqrt(hidden); head_dim > hidden / heads
         m = transformers.GemmaForCausalLM(transformers.GemmaConfig(**common, head_dim=32, pad_token_id=None))
     elif family == "gemma2":  # + sandwich norms, query_pre_attn_scalar, soft-capping (small caps that bite),
@@ -639,14 +639,6 @@ def hf_model(family):
         m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=None, eos_token_id=None))
     return randomize_(m).eval()
-
-
-def _rope_kw(cls, theta, scaling):
-    import inspect
-
-    if "rope_parameters" in inspect.signature(cls.__init__).parameters:  # transformers >= 5
-        return {"rope_parameters": {"rope_theta": theta, **scaling}}
-    return {"rope_theta": theta, "rope_scaling": scaling}
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "gpt2"]
@@ -996,7 +988,7 @@ def test_hf_dynamic_rope_round_trip():
                   max_position_embeddings=16, bos_token_id=None, eos_token_id=None)
     dyn = {"rope_type": "dynamic", "factor": 4.0}
     hf = randomize_(transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**common, **_rope_kw(transformers.LlamaConfig, 10000.0, dyn)))).eval()
+        transformers.LlamaConfig(**common, **hf_rope_kwargs(transformers.LlamaConfig, 10000.0, dyn)))).eval()
     model = Transformer.from_hf(hf, backend="reference")
     assert model.config.rope_scaling == {**dyn, "original_max_position_embeddings": 16}
     long = Transformer(model.config.replace(max_seqlen=48), backend="reference")

@@ -185,10 +185,10 @@ def _installed_act_fn(c, mtype, model=None):
     try:
         import importlib
 
-        pkg = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}[mtype]
-        name = {"gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}[mtype]
-        conf = getattr(importlib.import_module(f"transformers.models.{pkg}.configuration_{pkg}"),
-                       f"{name}TextConfig" if mtype == "gemma3_text" else f"{name}Config")
+        pkg, name, conf_name = {"gemma": ("gemma", "Gemma", "GemmaConfig"),
+                                "gemma2": ("gemma2", "Gemma2", "Gemma2Config"),
+                                "gemma3_text": ("gemma3", "Gemma3", "Gemma3TextConfig")}[mtype]
+        conf = getattr(importlib.import_module(f"transformers.models.{pkg}.configuration_{pkg}"), conf_name)
         mlp = getattr(importlib.import_module(f"transformers.models.{pkg}.modeling_{pkg}"), f"{name}MLP")
         keys = ("hidden_act", "hidden_activation", "hidden_size", "intermediate_size")
         with torch.device("meta"):
