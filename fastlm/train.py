@@ -46,6 +46,7 @@ import csv
 import dataclasses
 import datetime
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -337,6 +338,14 @@ class Dist:
             torch.cuda.set_device(self.device)
         self.owns_group = False
         if self.launched and not dist.is_initialized():
+            # torch._dynamo, imported after the group exists (DDP imports it), keeps 10 references to
+            # the group for good (torch 2.14), so destroy_process_group() would not free it and its
+            # gloo worker threads would outlive close(): a worker that drops a finished collective's
+            # tensors while the interpreter shuts down aborts the process ("terminate called without
+            # an active exception", SIGABRT after a successful run).  Imported first, it holds none,
+            # and close() joins the workers.
+            importlib.import_module("torch._dynamo")
+
             # A long timeout: the other ranks wait at a barrier while rank 0 tokenizes the corpus on a
             # first run, which can take longer than NCCL's 10-minute default.
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
@@ -358,6 +367,28 @@ class Dist:
     def close(self):
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+            # FSDP2's device mesh stays in DTensor's caches and holds the group, so its gloo workers
+            # outlive destroy_process_group() (gloo's shutdown does not stop them).  A worker that
+            # finished the last collective still has to drop its tensors, which takes the GIL; let it
+            # do that now, not while the interpreter is finalizing (see the torch._dynamo note in __init__).
+            if _gloo_workers_alive():
+                time.sleep(0.2)
+
+
+def _gloo_workers_alive():
+    """Whether this process still runs gloo worker threads (Linux names them; elsewhere: assume so)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return True
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                if f.read().startswith("pt_gloo"):
+                    return True
+        except OSError:
+            pass
+    return False
 
 
 def check_ranks_agree(cfg, world):
