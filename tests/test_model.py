@@ -189,6 +189,12 @@ def test_model_construction_errors():
 def test_unknown_preset_and_backend():
     with pytest.raises(ValueError, match="unknown model preset 'gpt5'.*available"):
         TransformerConfig.from_name("gpt5")
+    # an override of a field the config does not have (`fastlm train --set n_layer=4`) names it,
+    # the likely one meant, and the fields there are
+    with pytest.raises(ValueError, match="has no field 'n_layer' \\(did you mean 'n_layers'\\?\\); its fields: .*ffn_dim"):
+        TransformerConfig.from_name("tiny", n_layer=4)
+    with pytest.raises(ValueError, match="has no field 'dropout'; its fields: "):
+        TransformerConfig.from_name("tiny", dropout=0.1)
     with pytest.raises(ValueError, match="backend must be one of"):
         Transformer(TransformerConfig.from_name("tiny"), backend="triton")
 

@@ -329,6 +329,8 @@ def test_cli(corpus, tmp_path, capsys):
     assert set(json.load(open(tmp_path / "s.json"))["train_loss"]) == {"3"}
     assert cli_main(["train", "--model", "nope", "--out-dir", str(tmp_path / "x")]) == 1
     assert "unknown model preset 'nope'" in capsys.readouterr().err
+    assert cli_main(["train", "--set", "d_model=32", "--out-dir", str(tmp_path / "x")]) == 1
+    assert "has no field 'd_model'; its fields: " in capsys.readouterr().err
     assert cli_main(["presets"]) == 0 and "llama-3.2-1b" in capsys.readouterr().out
 
 

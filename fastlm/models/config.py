@@ -9,6 +9,7 @@ and the logits (Gemma 2), sliding-window layers between full ones, and (Gemma 3)
 on the sliding layers).  Fields left as None are derived in ``__post_init__``.
 """
 import dataclasses
+import difflib
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -238,6 +239,12 @@ class TransformerConfig:
         key = name.lower().replace("_", "-")
         if key not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
+        fields = sorted(f.name for f in dataclasses.fields(cls))
+        for k in overrides:
+            if k not in fields:  # (what `fastlm train --set` gives; the dataclass's own TypeError names no fields)
+                close = difflib.get_close_matches(k, fields, n=1)
+                raise ValueError(f"{cls.__name__} has no field {k!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                 + f"; its fields: {', '.join(fields)}")
         return cls(**{**PRESETS[key], **overrides})
 
 
