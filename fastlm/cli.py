@@ -71,9 +71,9 @@ def _train_args(p):
 def _parse_overrides(items):
     out = {}
     for it in items:
-        if "=" not in it:
-            raise SystemExit(f"fastlm train: --set expects FIELD=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
+        k, eq, v = it.partition("=")
+        if not eq or not k.strip():
+            raise ValueError(f"--set expects FIELD=VALUE, got {it!r}")
         # Python spellings too: a string 'False' would be truthy
         v = {"True": "true", "False": "false", "None": "null"}.get(v.strip(), v)
         try:

@@ -331,6 +331,9 @@ def test_cli(corpus, tmp_path, capsys):
     assert "unknown model preset 'nope'" in capsys.readouterr().err
     assert cli_main(["train", "--set", "d_model=32", "--out-dir", str(tmp_path / "x")]) == 1
     assert "has no field 'd_model'; its fields: " in capsys.readouterr().err
+    for bad in ("n_layers", "=4"):
+        assert cli_main(["train", "--set", bad, "--out-dir", str(tmp_path / "x")]) == 1
+        assert f"fastlm train: error: --set expects FIELD=VALUE, got {bad!r}" in capsys.readouterr().err
     assert cli_main(["presets"]) == 0 and "llama-3.2-1b" in capsys.readouterr().out
 
 
