@@ -28,6 +28,30 @@ def interpreter_active():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_device(device, arg):
+    """The torch.device that `device` names, or a ValueError naming `arg` (e.g. "--device") when
+    this machine cannot hold a model there: not a device string, 'meta' (no data), a CUDA device
+    without CUDA or past the device count, or an accelerator type this torch build cannot use."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{arg} {device!r} is not a device: {e}") from None
+    if dev.type == "meta":
+        raise ValueError(f"{arg} 'meta' holds no data to run a model on: use cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{arg} {device!r} needs CUDA, but torch.cuda.is_available() is False: use cpu, "
+                             "or leave it unset")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{arg} {device!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    elif dev.type != "cpu":
+        mod = getattr(torch, dev.type, None)
+        if mod is None or not hasattr(mod, "is_available") or not mod.is_available():
+            raise ValueError(f"{arg} {device!r}: this torch build has no usable {dev.type} device; use cpu or cuda")
+    return dev
+
+
 def why_unavailable(backend, device):
     """Reason `backend` cannot run on `device`, or "" if it can."""
     dev = torch.device(device).type

@@ -286,10 +286,9 @@ def _generate_run(a):
 
     from fastlm.generation import Generator
 
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {a.device!r} needs CUDA, but torch.cuda.is_available() is False: use --device "
-                         "cpu, or leave it unset")
+    from fastlm._backend import check_device
+
+    device = check_device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[a.dtype]
     if a.backend == "fused" and a.op_backend is not None:  # before loading (and before the prompt is printed)

@@ -158,9 +158,11 @@ class TrainConfig:
         if self.data is not None and not isinstance(self.data, str) and len(self.data) == 0:
             bad("data (--data) is an empty list: give text files or folders, or leave it unset (None) for the "
                 "default corpus (the Python standard library sources)")
-        if self.device is not None and torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
-            bad(f"device (--device) {self.device!r} needs CUDA, but torch.cuda.is_available() is False: "
-                "use --device cpu, or leave it unset")
+        if self.device is not None:
+            try:
+                _backend.check_device(self.device, "device (--device)")
+            except ValueError as e:
+                bad(str(e))
         if len(tuple(self.betas)) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             bad(f"betas must be two values in [0, 1), got {self.betas!r}")
         if self.backend not in ("fused", "reference"):
@@ -666,6 +668,10 @@ def _train(cfg, world, log):
         log(f"note: warmup {cfg.warmup} >= steps {cfg.steps}: the learning rate only rises (to "
             f"{cfg.lr * cfg.steps / max(1, cfg.warmup):.2e} at the last step, peak {cfg.lr:.2e} at step {cfg.warmup}); "
             f"lower --warmup for a short run")
+    if val_sampler is not None and cfg.eval_batches * cfg.batch_size > val_sampler.n_windows:
+        log(f"note: an evaluation reads {cfg.eval_batches} x {cfg.batch_size} windows but the validation split has "
+            f"{val_sampler.n_windows}: it goes over them repeatedly (time spent on no new data); lower --eval-batches "
+            f"to at most {max(1, val_sampler.n_windows // cfg.batch_size)}, or raise --val-fraction")
 
     def to_device(a):
         t = torch.from_numpy(a)

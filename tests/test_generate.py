@@ -783,6 +783,11 @@ def test_cli_generate_from_a_training_checkpoint(tmp_path, capsys):
         assert name in cap.err and cap.out == "", (bad, cap)
     with pytest.raises(SystemExit):  # exactly one source
         main(["generate", "--checkpoint", str(out), "--hf", str(out), "--prompt", "x"])
+    # a device this machine cannot run on: an error naming --device (xpu was an AssertionError traceback)
+    for dev, why in (("xpu", "no usable xpu"), ("meta", "no data"), ("banana", "not a device")):
+        assert main(["generate", "--checkpoint", str(out), "--prompt", "hi", "--device", dev]) == 1
+        cap = capsys.readouterr()
+        assert f"--device {dev!r}" in cap.err and why in cap.err and cap.out == "", (dev, cap)
 
 
 def test_cli_generate_finds_a_relative_tokenizer_from_another_folder(tmp_path, capsys, monkeypatch):

@@ -310,6 +310,19 @@ def test_atomic_checkpoint_survives_a_crash_mid_save(corpus, tmp_path, monkeypat
     assert sorted(hist["train_loss"]) == [3, 4]
 
 
+def test_eval_larger_than_the_validation_split_is_noted(corpus, tmp_path):
+    """--eval-batches past what the validation split holds goes over its windows again and again
+    (100,000 took minutes on a 90-window split): said at start-up, with the most that is useful."""
+    lines = []
+    train(run_cfg(corpus, tmp_path, steps=1, eval_every=1, eval_batches=30), log=lines.append)
+    (note,) = [ln for ln in lines if ln.startswith("note: an evaluation")]
+    n_windows = int(note.split("the validation split has ")[1].split(":")[0])
+    assert 0 < n_windows < 30 * 4 and f"lower --eval-batches to at most {n_windows // 4}" in note, note
+    lines.clear()
+    train(run_cfg(corpus, tmp_path, "fits", steps=1, eval_every=1, eval_batches=n_windows // 4), log=lines.append)
+    assert not [ln for ln in lines if ln.startswith("note: an evaluation")]
+
+
 def test_cli(corpus, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["train", "--model", "tiny", "--backend", "reference", "--data", str(corpus), "--cache-dir",
@@ -473,7 +486,9 @@ def test_more_bad_arguments_rejected_before_any_work(corpus, tmp_path, capsys, m
     for kw, name in ((dict(seed=-1), "seed"), (dict(vocab_size=0), "vocab_size"), (dict(vocab_size=-64), "vocab_size"),
                      (dict(model_overrides={"vocab_size": 1024}), "--vocab-size"), (dict(lr=float("inf")), "lr"),
                      (dict(lr=float("nan")), "lr"), (dict(weight_decay=float("inf")), "weight_decay"),
-                     (dict(data=[]), "data"), (dict(device="cuda"), "--device"), (dict(device="cuda:0"), "--device")):
+                     (dict(data=[]), "data"), (dict(device="cuda"), "--device"), (dict(device="cuda:0"), "--device"),
+                     (dict(device="xpu"), "--device.*no usable xpu"), (dict(device="meta"), "--device.*no data"),
+                     (dict(device="banana"), "--device.*not a device")):
         with pytest.raises(ValueError, match=name):
             train(run_cfg(corpus, tmp_path, "bad", **kw))
         assert not cache.exists() and not (tmp_path / "bad").exists(), kw  # nothing tokenized, nothing created
@@ -482,11 +497,25 @@ def test_more_bad_arguments_rejected_before_any_work(corpus, tmp_path, capsys, m
     for extra, flag in ((["--seed", "-1"], "--seed"), (["--vocab-size", "0"], "--vocab-size"),
                         (["--set", "vocab_size=1024"], "--vocab-size"), (["--lr", "inf"], "--lr"),
                         (["--weight-decay", "inf"], "--weight-decay"), (["--device", "cuda"], "--device"),
+                        (["--device", "xpu"], "--device"),
                         (["--data"], "--data")):
         data = [] if extra == ["--data"] else ["--data", str(corpus)]
         assert cli_main(base + data + extra) == 1, extra
         assert flag in capsys.readouterr().err, extra
         assert not cache.exists() and not (tmp_path / "bad").exists(), extra
+
+
+def test_check_device_counts_the_cuda_devices(monkeypatch):
+    """cuda:N past the machine's device count is refused up front, naming the count."""
+    from fastlm._backend import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1", "--device") == torch.device("cuda", 1)
+    assert check_device("cuda", "--device") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"--device 'cuda:2': this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        check_device("cuda:2", "--device")
+    assert check_device(torch.device("cpu"), "--device") == torch.device("cpu")
 
 
 def test_paths_and_numpy_numbers_in_the_config(corpus, tmp_path):
