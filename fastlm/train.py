@@ -139,8 +139,11 @@ class TrainConfig:
             if (v is not None or name != "stop_after") and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 bad(f"{name} (--{name.replace('_', '-')}) must be {'a positive' if low else 'a non-negative'} int, "
                     f"got {v!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or not 0 <= self.min_lr_ratio <= 1:
-            bad(f"lr (--lr) must be finite and > 0 and min_lr_ratio in [0, 1] (got {self.lr}, {self.min_lr_ratio})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            bad(f"lr (--lr) must be finite and > 0, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:  # (`not` form: NaN fails too)
+            bad(f"min_lr_ratio (--min-lr-ratio) must be in [0, 1] (the final lr as a fraction of lr), "
+                f"got {self.min_lr_ratio!r}")
         if not 0.0 <= self.val_fraction < 1.0:  # `not` form: NaN fails too
             bad(f"val_fraction (--val-fraction) must be in [0, 1), got {self.val_fraction!r}")
         if not self.grad_clip >= 0:

@@ -486,6 +486,8 @@ def test_more_bad_arguments_rejected_before_any_work(corpus, tmp_path, capsys, m
     for kw, name in ((dict(seed=-1), "seed"), (dict(vocab_size=0), "vocab_size"), (dict(vocab_size=-64), "vocab_size"),
                      (dict(model_overrides={"vocab_size": 1024}), "--vocab-size"), (dict(lr=float("inf")), "lr"),
                      (dict(lr=float("nan")), "lr"), (dict(weight_decay=float("inf")), "weight_decay"),
+                     (dict(min_lr_ratio=-1.0), r"min_lr_ratio \(--min-lr-ratio\) must be in \[0, 1\].*got -1.0"),
+                     (dict(min_lr_ratio=float("nan")), "min_lr_ratio"),
                      (dict(data=[]), "data"), (dict(device="cuda"), "--device"), (dict(device="cuda:0"), "--device"),
                      (dict(device="xpu"), "--device.*no usable xpu"), (dict(device="meta"), "--device.*no data"),
                      (dict(device="banana"), "--device.*not a device")):
