@@ -340,6 +340,11 @@ class Dist:
         else:
             self.device = torch.device("cpu")
         if self.device.type == "cuda":
+            n = torch.cuda.device_count()
+            if self.device.index is not None and self.device.index >= n:  # (before waiting for the other ranks)
+                raise ValueError(f"train: rank {self.rank} would use {self.device} (LOCAL_RANK={self.local_rank}), but "
+                                 f"this machine has {n} CUDA device(s): launch at most {n} process(es) per node "
+                                 "(torchrun --nproc-per-node), or train on cpu (--device cpu)")
             torch.cuda.set_device(self.device)
         self.owns_group = False
         if self.launched and not dist.is_initialized():

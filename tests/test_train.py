@@ -520,6 +520,21 @@ def test_check_device_counts_the_cuda_devices(monkeypatch):
     assert check_device(torch.device("cpu"), "--device") == torch.device("cpu")
 
 
+def test_more_ranks_than_gpus_is_an_error_before_any_waiting(corpus, tmp_path, monkeypatch):
+    """torchrun --nproc-per-node 2 on a 1-GPU machine: rank 1 says so (it ended in CUDA's
+    'invalid device ordinal'), before it would wait for the other ranks."""
+    from fastlm.train import Dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
+    for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=r"rank 1 would use cuda:1 \(LOCAL_RANK=1\), but this machine has 1 CUDA "
+                                         r"device\(s\): launch at most 1 process\(es\) per node"):
+        Dist(run_cfg(corpus, tmp_path))
+
+
 def test_paths_and_numpy_numbers_in_the_config(corpus, tmp_path):
     """pathlib paths and numpy numbers are saved as plain values: the checkpoint loads (weights_only)
     and resumes."""
