@@ -709,6 +709,15 @@ def torchrun(args, nproc=2, timeout=240):
     return r
 
 
+def free_port():
+    """A TCP port free on 127.0.0.1 now (for a hand-launched gloo group's MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cli_args(cfg, summary):
     a = ["--model", cfg.model, "--backend", cfg.backend, "--data", *cfg.data, "--cache-dir", cfg.cache_dir,
          "--seqlen", str(cfg.seqlen), "--batch-size", str(cfg.batch_size), "--grad-accum", str(cfg.grad_accum),
@@ -725,11 +734,7 @@ def test_ddp_run_leaves_no_gloo_workers_behind(corpus, tmp_path):
     to it) aborted about 1 torchrun run in 20 at exit with SIGABRT ("terminate called without an
     active exception"): it took the GIL to drop a finished collective's tensors while the
     interpreter was finalizing."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = run_cfg(corpus, tmp_path, steps=2, ckpt_every=2, eval_every=2)
     code = (
         "import os, sys\n"
@@ -949,11 +954,7 @@ def test_resume_checks_the_corpus_fingerprint(corpus, tmp_path):
 def test_ranks_launched_with_different_settings_fail(corpus, tmp_path):
     """2 gloo ranks started with different lr: both fail at start-up naming lr (DDP trained on,
     each rank with its own lr, and the replicas diverged)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank, lr in ((0, "0.003"), (1, "0.5")):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
