@@ -28,7 +28,8 @@ every kernel and flag, head dims 64/80/128/256, fp16/bf16/fp32, every attention 
 of the model's case (D=128 causal GQA, as pruned by each device's shared memory) on sm_90 and
 sm_80, and at least one variant of every kernel on sm_80; and the sm_90 set again with triton 3.6
 from .venv/triton36 (test_kernels_compile_with_triton36: the GPU machine's compiler, which
-miscompiled a kernel that triton 3.8 compiles right).  Both fail any tensor-core dot of K < 16.
+miscompiled a kernel that triton 3.8 compiles right).  Both fail any tensor-core dot of K < 16
+and any tf32 MMA (the interpreter computes both exactly; only the compiled code shows them).
 """
 import argparse
 import json
@@ -794,6 +795,11 @@ def _compile(job):
                small_k_mma=sorted({int(m) for m in re.findall(
                    r"(?:tt\.dot|warp_group_dot) [^:\n]*: (?:tensor<\d+x(\d+)x\w+, #ttg\.dot_op<\{opIdx = 0, parent = #mma"
                    r"|!ttg\.memdesc<\d+x(\d+)x)", k.asm.get("ttgir", "")) for m in m if m and int(m) < 16}),
+               # tf32 tensor-core MMAs: fastlm's fp32 paths promise fp32 products (tl.dot with
+               # input_precision="ieee"), and a product-and-sum of fp32 values that the combine
+               # pass turns into a dot gets tf32 (10-bit mantissas) by default; the interpreter
+               # computes either exactly, so only the compiled code shows the lost precision
+               tf32_mma=sorted(set(re.findall(r"\b((?:mma|wgmma)[\w.]*\.tf32)\b", k.asm.get("ptx", "")))),
                # rows of each Hopper MMA's result: what one warpgroup computes
                mma_rows=sorted({int(m) for m in re.findall(r"warp_group_dot .*-> tensor<(\d+)x", k.asm.get("ttgir", ""))}))
     return res
@@ -1005,6 +1011,12 @@ def _small_k_mma(rows):
     return "\n".join(f"{r['kernel']} {_describe(r)} [{r['case']}]: dot K = {r['small_k_mma']}" for r in bad)
 
 
+def _tf32_mma(rows):
+    """Rows of kernels with a tf32 tensor-core MMA (see _compile's tf32_mma), as a message."""
+    bad = [r for r in rows if r.get("tf32_mma")]
+    return "\n".join(f"{r['kernel']} {_describe(r)} [{r['case']}]: {', '.join(r['tf32_mma'])}" for r in bad)
+
+
 def test_ws_kernels_compile(aot36):
     """The warp-specialized attention kernels compiled for sm_90 by triton 3.6, the only version
     that takes them: every config of their cases compiles (the warp specialization itself: the
@@ -1044,19 +1056,23 @@ def test_kernels_compile(aot, module):
     assert all(r["regs"] is not None for r in rows) or _ptxas_log_unsupported(), "ptxas log missing"
     small = _small_k_mma(rows)
     assert not small, "tensor-core dots with K < 16 (keys repeated in the MMA's K slots on triton 3.6):\n" + small
+    tf32 = _tf32_mma(rows)
+    assert not tf32, "tf32 MMAs (fp32 products rounded to 10-bit mantissas on the GPU):\n" + tf32
 
 
 def test_kernels_compile_with_triton36(aot36):
     """Every kernel as the GPU machine's triton (3.6) compiles it for sm_90: it compiles, fits
-    the shared memory, and has no tensor-core dot of K < 16.  The one-launch decode step's
-    new-token product once became a K = 1 dot there (m16n8k8 tf32 with the token in all 8 K
-    slots: 8 p v on the H200, wrong outputs), while triton 3.8 lowers the same dot on the FMA
-    units, correctly: the local compile check alone does not see it."""
+    the shared memory, and has no tensor-core dot of K < 16 and no tf32 MMA.  The one-launch
+    decode step's new-token product once became a K = 1 dot there (m16n8k8 tf32 with the token
+    in all 8 K slots: 8 p v on the H200, wrong outputs), while triton 3.8 lowers the same dot on
+    the FMA units, correctly: the local compile check alone does not see it."""
     assert {r["module"] for r in aot36} == {f"fastlm.kernels.{m}" for m in MODULES}
     failed = [r for r in aot36 if not r["ok"] or _over_smem(r)]
     assert not failed, "failing to compile or over the shared memory with triton 3.6:\n" + format_table(failed)
     small = _small_k_mma(aot36)
     assert not small, "tensor-core dots with K < 16:\n" + small
+    tf32 = _tf32_mma(aot36)
+    assert not tf32, "tf32 MMAs:\n" + tf32
 
 
 def _ptxas_log_unsupported():
