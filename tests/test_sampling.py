@@ -1,4 +1,6 @@
 """Device-side sampling: greedy, temperature, top-k, top-p, seeded reproducibility."""
+import math
+
 import pytest
 import torch
 
@@ -226,3 +228,79 @@ def test_repetition_penalty_is_hfs():
     for bad, exc in ((0.0, ValueError), (-1.0, ValueError), (float("inf"), ValueError), ("1.2", TypeError)):
         with pytest.raises(exc, match="repetition_penalty"):
             check_repetition_penalty(bad)
+
+
+def test_default_temperature_is_exactly_one():
+    """The defaults are temperature 1 (the logits' own distribution): the same draws as
+    temperature=1.0 passed explicitly (a default of 1.1 would flatten every model's sampling)."""
+    logits = torch.randn(4096, 300) * 4
+    want = sample(logits, temperature=1.0, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(sample(logits, generator=torch.Generator().manual_seed(11)), want)
+    tok, _ = sample_with_max(logits, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(tok, want)
+    assert check_sampling_args() == (1.0, None, None)
+
+
+def test_parameter_ranges_are_exact_at_their_edges():
+    """top_p in (0, 1], min_p in [0, 1], repetition_penalty > 0: the valid values next to each
+    bound are taken, the invalid ones just past it refused."""
+    from fastlm.sampling import check_min_p, check_repetition_penalty
+
+    for p in (1e-6, 1.0):
+        assert check_sampling_args(top_p=p)[2] == p
+    for p in (1.0 + 1e-9, 1.05):
+        with pytest.raises(ValueError, match="top_p"):
+            check_sampling_args(top_p=p)
+    assert check_min_p(1.0) == 1.0 and check_min_p(1e-6) == 1e-6
+    for m in (1.0 + 1e-9, 1.05):
+        with pytest.raises(ValueError, match="min_p"):
+            check_min_p(m)
+    assert check_repetition_penalty(0.05) == 0.05 and check_repetition_penalty(1e-3) == 1e-3
+
+
+def test_one_dimensional_logits_and_a_vocabulary_of_one():
+    """logits (..., vocab) includes a single row (vocab,) -> a 0-d token, and a vocabulary of
+    one token (always token 0), in every sampling mode."""
+    g = torch.Generator().manual_seed(0)
+    row = torch.tensor([0.0, 3.0, -1.0])
+    assert sample(row, greedy=True).shape == () and int(sample(row, greedy=True)) == 1
+    assert sample(row, temperature=0.5, top_k=2, top_p=0.9, min_p=0.1, generator=g).shape == ()
+    assert int(sample(row, top_k=1, generator=g)) == 1
+    assert filter_logits(row, top_k=1).isinf().tolist() == [True, False, True]
+    one = torch.randn(4, 1)
+    for kw in (dict(greedy=True), dict(), dict(temperature=0.3, top_k=1, top_p=0.5, min_p=0.9)):
+        assert sample(one, generator=g, **kw).tolist() == [0, 0, 0, 0]
+
+
+def test_filter_logits_min_p_is_per_row():
+    """min_p compares each token with its own row's maximum (rows of different scales)."""
+    logits = torch.tensor([[0.0, -0.5, -2.0, -9.0], [10.0, 9.6, 3.0, 9.0], [-4.0, -4.0, -4.1, -7.0]])
+    f = filter_logits(logits, min_p=0.5)  # keeps a gap <= log 2 = 0.69 below the row's max
+    assert f.isinf().tolist() == [[False, False, True, True], [False, False, True, True], [False, False, False, True]]
+    want = torch.stack([filter_logits(r, min_p=0.5) for r in logits])
+    assert torch.equal(f, want)
+
+
+def test_min_p_keeps_a_token_exactly_at_the_threshold():
+    """A token whose probability is exactly min_p times the top one's is kept (HF's rule:
+    removed only below it)."""
+    f = filter_logits(torch.tensor([0.0, math.log(0.5), -5.0]), min_p=0.5)
+    assert f.isinf().tolist() == [False, False, True]
+
+
+def test_top_p_one_keeps_every_token():
+    """top_p=1.0 is off: no token is dropped even when the top one's probability rounds the
+    running mass to 1 before the tail (fp32: 1 - e^-30 == 1)."""
+    logits = torch.tensor([[30.0, 0.0, 0.0, -1.0]])
+    assert not filter_logits(logits, top_p=1.0).isinf().any()
+    draws = sample(logits.expand(4000, 4), temperature=30.0, top_p=1.0, generator=torch.Generator().manual_seed(1))
+    assert set(draws.tolist()) == {0, 1, 2, 3}
+
+
+def test_a_small_temperature_still_samples():
+    """Only temperature 0 is greedy: at 1e-3 or 0.1, two tied logits are both drawn (greedy
+    would always return the first)."""
+    logits = torch.tensor([[1.0, 1.0, -2.0]]).expand(400, 3)
+    for t in (1e-3, 0.1):
+        draws = sample(logits, temperature=t, generator=torch.Generator().manual_seed(2))
+        assert set(draws.tolist()) == {0, 1}
