@@ -1478,6 +1478,51 @@ def test_paged_allocator_random_no_sharing():
 
 
 @pytest.mark.parametrize("kind", ["static", "paged"])
+def test_cache_bookkeeping_edges(kind):
+    """What a mutation run of fastlm/nn/kv_cache.py found untested: the caches are not model
+    state (a model's state_dict or checkpoint never carries GBs of KV), reserve(0) is a no-op,
+    advance by a tensor moves each live slot by its own count (a freed paged slot stays put),
+    an emptied slot is 0 on the device too, and a bool layer or an id just past the slots is
+    refused by name."""
+    if kind == "static":
+        cache = StaticKVCache(2, 2, 8, 1, 8, torch.float32, DEVICE)
+    else:
+        cache = PagedKVCache(2, 8, 4, 1, 8, torch.float32, DEVICE, max_batch=2)
+        cache.add_sequence(), cache.add_sequence()
+    assert cache.state_dict() == {}
+    cache.reserve(0)
+    cache.reserve([0, 0])
+    assert cache.lengths() == [0, 0]
+    cache.reserve([5, 6])
+    cache.advance(torch.tensor([2, 3], dtype=torch.int32, device=DEVICE), backend="reference")
+    assert cache.seqlens.tolist() == [2, 3] and cache.positions.tolist() == [0, 0]
+    cache.advance(1, backend="reference")
+    assert cache.seqlens.tolist() == [3, 4] and cache.positions.tolist() == [2, 3]
+    cache.advance(torch.tensor([1, 2], dtype=torch.int32, device=DEVICE))  # (the default backend too)
+    assert cache.seqlens.tolist() == [4, 6] and cache.positions.tolist() == [3, 4]
+    for bad in ([1.5, 2], [1, True]):  # a count that is not an int is refused, never truncated
+        with pytest.raises(ValueError, match="token counts must be ints >= 0"):
+            cache.reserve(bad)
+    assert cache.lengths() == [5, 6]
+    if kind == "static":
+        cache.reset([1])
+    else:
+        cache.free_sequence(1)
+    assert cache.seqlens[1].item() == 0 and cache.positions[1].item() == 0
+    if kind == "paged":
+        cache.advance(torch.tensor([1, 1], dtype=torch.int32, device=DEVICE), backend="reference")
+        assert cache.seqlens.tolist() == [5, 0]  # the freed slot is not moved
+        cache.free_sequence(0)
+        assert cache.add_sequence() == 0 and cache.seqlens[0].item() == 0 and cache.positions[0].item() == 0
+    with pytest.raises(IndexError, match="layer True is not in"):
+        cache.attend(True, torch.randn(2, 1, 1, 8, device=DEVICE))
+    if kind == "paged":
+        for bad in (2, 3, -1):
+            with pytest.raises(KeyError, match=f"{bad} is not a live sequence id"):
+                cache.free_sequence(bad)
+
+
+@pytest.mark.parametrize("kind", ["static", "paged"])
 def test_reserve_of_every_sequence_checks_no_ids(kind, monkeypatch):
     """reserve(n) of every (live) sequence runs each decode step on the host: the ids are the
     cache's own, so they are not checked one by one (O(batch) Python per token); explicit ids are."""
