@@ -80,3 +80,41 @@ def test_model_backends_count_alike():
     (attn, rest), (_, ref_rest) = split(_count(step(fused))), split(_count(step(ref)))
     assert rest == ref_rest > 0
     assert attn == cfg.n_layers * 14 * B * T * T * cfg.n_heads * cfg.head_dim
+
+
+def test_lengths_that_cannot_be_read_count_at_their_bounds():
+    """Under fake tensors (torch.compile's tracing; also a CUDA-graph capture) the lengths have no
+    values: packed attention counts every sequence at max_seqlen_q x max_seqlen_k (at the packed
+    lengths without hints), decode every sequence at the cache's capacity (paged: block_size x
+    blocks per sequence).  With real tensors, a paged cache counts the cached tokens."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    H, Hk, D = 4, 2, 8
+    bt_rows = [[3, 0, 1], [2, 4, 5]]  # 6 blocks of 4 slots, 3 per sequence
+    real_lens = torch.tensor([3, 9], dtype=torch.int32, device=DEVICE)
+    got = _count(lambda: ops.decode_attention(
+        _t(2, 1, H, D), _t(6, 4, Hk, D), _t(6, 4, Hk, D), real_lens,
+        block_table=torch.tensor(bt_rows, dtype=torch.int32, device=DEVICE), backend="triton"))
+    assert got == {"fastlm.decode_attention": 2 * H * 2 * D * (3 + 9)}
+    got = _count(lambda: ops.decode_attention(  # 3 query rows per sequence (speculative decoding)
+        _t(2, 3, H, D), _t(6, 4, Hk, D), _t(6, 4, Hk, D), real_lens,
+        block_table=torch.tensor(bt_rows, dtype=torch.int32, device=DEVICE), backend="triton"))
+    assert got == {"fastlm.decode_attention": 2 * 3 * H * 2 * D * (3 + 9)}
+    with FakeTensorMode():
+        qp, kp, vp = torch.empty(16, H, D), torch.empty(20, Hk, D), torch.empty(20, Hk, D)
+        cu_q = torch.empty(4, dtype=torch.int32)  # 3 sequences
+        cu_k = torch.empty(4, dtype=torch.int32)
+        hinted = _count(lambda: ops.attention(qp, kp, vp, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=7,
+                                              max_seqlen_k=9, backend="triton"))
+        bare = _count(lambda: ops.attention(qp, kp, vp, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="triton"))
+        q1 = torch.empty(2, 1, H, D)
+        lens = torch.empty(2, dtype=torch.int32)
+        contiguous = _count(lambda: ops.decode_attention(q1, torch.empty(2, 32, Hk, D), torch.empty(2, 32, Hk, D),
+                                                         lens, backend="triton"))
+        paged = _count(lambda: ops.decode_attention(q1, torch.empty(6, 4, Hk, D), torch.empty(6, 4, Hk, D), lens,
+                                                    block_table=torch.empty(2, 3, dtype=torch.int32),
+                                                    backend="triton"))
+    assert hinted == {"fastlm.attention_fwd": 2 * 2 * D * H * 3 * 7 * 9}
+    assert bare == {"fastlm.attention_fwd": 2 * 2 * D * H * 3 * 16 * 20}
+    assert contiguous == {"fastlm.decode_attention": 2 * H * 2 * D * 2 * 32}
+    assert paged == {"fastlm.decode_attention": 2 * H * 2 * D * 2 * 4 * 3}
