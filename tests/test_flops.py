@@ -100,6 +100,10 @@ def test_lengths_that_cannot_be_read_count_at_their_bounds():
         _t(2, 3, H, D), _t(6, 4, Hk, D), _t(6, 4, Hk, D), real_lens,
         block_table=torch.tensor(bt_rows, dtype=torch.int32, device=DEVICE), backend="triton"))
     assert got == {"fastlm.decode_attention": 2 * 3 * H * 2 * D * (3 + 9)}
+    got = _count(lambda: ops.decode_attention(  # and with the 3 new tokens appended in the same call
+        _t(2, 3, H, D), _t(6, 4, Hk, D), _t(6, 4, Hk, D), real_lens, k=_t(2, 3, Hk, D), v=_t(2, 3, Hk, D),
+        block_table=torch.tensor(bt_rows, dtype=torch.int32, device=DEVICE), backend="triton"))
+    assert got == {"fastlm.decode_attention_with_kv": 2 * 3 * H * 2 * D * (6 + 12)}
     with FakeTensorMode():
         qp, kp, vp = torch.empty(16, H, D), torch.empty(20, Hk, D), torch.empty(20, Hk, D)
         cu_q = torch.empty(4, dtype=torch.int32)  # 3 sequences
