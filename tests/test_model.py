@@ -111,6 +111,25 @@ def test_flops_per_token_counts_each_layers_window():
     assert mixed.flops_per_token(8) == cfg.flops_per_token(8)  # the window spans the whole sequence
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "gemma-3-1b", "qwen3-0.6b", "llama-3.2-1b"])
+def test_flops_per_token_counts_the_models_own_weights(name):
+    """6 x the parameters a token's forward and backward multiply by -- every weight of the
+    built model but the embedding tables, with the lm_head counted even when it is the tied
+    embedding -- plus 12 x heads x head_dim per (token, key) pair of each layer: counted from
+    the model itself, not from num_params (an MFU figure rests on it)."""
+    cfg = TransformerConfig.from_name(name)
+    with torch.device("meta"):
+        model = Transformer(cfg, backend="reference")
+    tables = {id(model.tok_emb.weight)} | ({id(model.pos_emb.weight)} if model.pos_emb is not None else set())
+    weights = sum(p.numel() for p in model.parameters() if id(p) not in tables)
+    if model.lm_head.weight is model.tok_emb.weight:
+        weights += model.lm_head.weight.numel()
+    S = 256
+    want = 6 * weights + cfg.n_layers * 12 * cfg.n_heads * cfg.head_dim * S
+    assert cfg.flops_per_token(S, causal=False) == want
+    assert cfg.num_params(embeddings=False) == sum(p.numel() for p in model.parameters() if id(p) not in tables)
+
+
 def test_llama_3_2_1b_shape():
     cfg = TransformerConfig.from_name("llama-3.2-1b")
     assert abs(cfg.num_params() - 1.2358e9) < 1e6  # Llama-3.2-1B has 1,235,814,400 parameters
@@ -157,6 +176,7 @@ def test_qwen3_0_6b_shape():
     (dict(norm_offset=float("nan")), "norm_offset must be a finite real number"),
     (dict(embed_scale=0.0), "embed_scale must be a positive real number or None"),
     (dict(embed_scale=True), "embed_scale must be"),
+    (dict(embed_scale=float("inf")), "embed_scale must be a positive real number"),
     (dict(layer_types=["sliding"]), "layer_types must be None or a list of n_layers=2"),
     (dict(layer_types=["sliding", "local"], sliding_window=4), "layer_types must be"),
     (dict(layer_types=["sliding", "full"]), "'sliding' layers but sliding_window is None"),
@@ -166,9 +186,28 @@ def test_qwen3_0_6b_shape():
     (dict(attn_softcap=0.0), "attn_softcap must be"),
     (dict(logit_softcap=float("inf")), "logit_softcap must be"),
     (dict(post_norms="True"), "post_norms must be a bool"),
+    # the bounds themselves (0 is out of each range; 1, 2 or 0.5 are in: test_config_derivations)
+    (dict(n_heads=0), "n_heads must be a positive int, got 0"),
+    (dict(head_dim=0), "head_dim must be a positive int, got 0"),
+    (dict(rotary_dim=0), "rotary_dim must be an even int"),
+    (dict(rope_base=0.0), "rope_base must be a positive real number"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
+        TransformerConfig.from_name("tiny", **kw)
+
+
+def test_config_derivations():
+    """What a config leaves out is derived as documented: head_dim = dim / n_heads (n_heads=1
+    too), n_kv_heads = n_heads, rotary_dim = head_dim, ffn_dim = Llama's 8/3 dim rounded up to a
+    multiple of 256 for gated MLPs and 4 dim for GELU; the smallest valid values are taken."""
+    c = TransformerConfig(vocab_size=64, dim=1000, n_layers=1, n_heads=10)
+    assert (c.head_dim, c.n_kv_heads, c.rotary_dim, c.ffn_dim) == (100, 10, 100, 2816)  # int(8000 / 3) = 2666
+    assert TransformerConfig(dim=768, n_heads=12, mlp="geglu").ffn_dim == 2048
+    assert TransformerConfig(dim=768, n_heads=12, mlp="gelu").ffn_dim == 3072
+    assert TransformerConfig(dim=64, n_heads=1).head_dim == 64
+    for kw in (dict(sliding_window=1), dict(rotary_dim=2), dict(rope_base=0.5),
+               dict(head_dim=1, positional="learned"), dict(norm_eps=0.0), dict(init_std=0.0), dict(embed_scale=0.5)):
         TransformerConfig.from_name("tiny", **kw)
 
 

@@ -190,7 +190,7 @@ class TransformerConfig:
         if len(windows) > 1:
             raise ValueError("TransformerConfig: the layers have different attention windows (layer_types); "
                              "use layer_window(layer)")
-        return windows.pop() if windows else (-1, -1)
+        return windows.pop()  # (n_layers >= 1)
 
     def local_rope(self, layer):
         """Whether layer `layer` rotates with the rope_local_base table (Gemma 3's sliding layers)."""
