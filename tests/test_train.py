@@ -161,6 +161,112 @@ def test_hf_tokenizer_corpus_text_and_sparse_ids(tmp_path):
     assert t.encode("hello <|endoftext|>").tolist() == [1, 2]  # prompts keep HF's special-token parsing
 
 
+def test_hf_tokenizer_adds_no_template_tokens_and_counts_added_ones(tmp_path):
+    """A tokenizer.json whose post-processor adds a BOS (Llama's) puts none into the corpus
+    stream or an encoded prompt (one per 16 MiB chunk, or before the prompt's own BOS-less text,
+    would be silent noise), and tokens added after training count in vocab_size."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, processors
+
+    tok = tokenizers.Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "a": 2, "b": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(["<|endoftext|>"])  # id 4: past the trained vocab
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    assert tok.encode("a b").ids == [1, 2, 3]  # (the template is there)
+    t = fdata.load_tokenizer(str(path))
+    assert t.vocab_size == 5 and t.eot_id == 4
+    assert t.encode("a b a").tolist() == [2, 3, 2]
+    doc = tmp_path / "corpus" / "x.txt"
+    doc.parent.mkdir()
+    doc.write_text("a b\nb a\n")
+    td = fdata.TokenData([str(doc.parent)], tokenizer=t, cache_dir=str(tmp_path / "cache"), val_fraction=0)
+    assert np.asarray(td.tokens).tolist() == [2, 3, 3, 2, 4]
+
+
+def test_long_files_are_read_in_chunks_that_tokenize_as_the_whole(tmp_path, monkeypatch):
+    """Files are read CHUNK bytes at a time; for a text tokenizer each piece ends at a newline
+    (a piece cut inside a word would tokenize differently), and a line longer than a chunk is
+    read whole.  Checked with 16-byte chunks against tokenizing each file at once."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    monkeypatch.setattr(fdata, "CHUNK", 16)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<|endoftext|>", *words])},
+                                                unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = "alpha beta\ngamma\n" + " ".join(words * 3) + "\ndelta epsilon alpha\nbeta"  # a 90-byte line, no final newline
+    (corpus / "a.txt").write_text(text)
+    for name, t in (("bytes", fdata.ByteTokenizer()), ("hf", fdata.load_tokenizer(str(path)))):
+        td = fdata.TokenData([str(corpus)], tokenizer=t, cache_dir=str(tmp_path / f"cache_{name}"), val_fraction=0)
+        whole = t.encode_bytes(text.encode()).tolist() + [t.eot_id]
+        assert np.asarray(td.tokens).tolist() == whole, name
+
+
+class _FakeTokenizer:
+    """Returns preset ids for any text (for the token cache's dtype and range checks)."""
+
+    name = identity = "fake"
+    eot_id = None
+
+    def __init__(self, vocab_size, ids):
+        self.vocab_size, self.ids = vocab_size, np.asarray(ids, dtype=np.int64)
+        self.identity = f"fake-{vocab_size}-{ids}"
+
+    def encode_bytes(self, data):
+        return self.ids
+
+
+def test_token_cache_dtype_and_id_range_at_their_edges(corpus, tmp_path):
+    """uint16 ids up to a vocab of 65536, uint32 past it (id 65536 stored as itself, never
+    wrapped to 0); an id equal to vocab_size is refused by name; n_docs counts the non-empty
+    files; val_fraction is 0.01 by default and must stay below 1."""
+    one = [str(corpus / "mod0.py")]
+    td = fdata.TokenData(one, tokenizer=_FakeTokenizer(65536, [0, 65535]), cache_dir=str(tmp_path / "c"), val_fraction=0)
+    assert td.meta["dtype"] == "uint16" and np.asarray(td.tokens).tolist() == [0, 65535]
+    td = fdata.TokenData(one, tokenizer=_FakeTokenizer(65537, [65536, 7]), cache_dir=str(tmp_path / "c"), val_fraction=0)
+    assert td.meta["dtype"] == "uint32" and np.asarray(td.tokens).tolist() == [65536, 7]
+    for ids in ([3, 10], [10, 3], [-1, 2]):
+        with pytest.raises(ValueError, match=r"produced ids outside \[0, 10\) \(its vocab_size\)"):
+            fdata.TokenData(one, tokenizer=_FakeTokenizer(10, ids), cache_dir=str(tmp_path / "c"))
+    (corpus / "sub" / "empty.txt").write_text("")
+    td = fdata.TokenData([str(corpus)], cache_dir=str(tmp_path / "c"))
+    assert td.meta["n_docs"] == 6 and td.meta["n_files"] == 7
+    assert len(td.val) == int(len(td) * 0.01)
+    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\), got 1.0"):
+        fdata.TokenData([str(corpus)], cache_dir=str(tmp_path / "c"), val_fraction=1.0)
+
+
+def test_byte_tokenizer_decode_keeps_every_byte_and_drops_the_separator():
+    t = fdata.ByteTokenizer()
+    assert t.decode([104, 0, 105, 256, 33]) == "h\x00i!"  # byte 0 is text; 256 (<|endoftext|>) is not
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks on this platform")
+def test_corpus_folder_with_a_symlink_loop(corpus):
+    """A link back up the tree is not followed: the walk ends and lists each file once."""
+    os.symlink(str(corpus), str(corpus / "sub" / "loop"))
+    files = fdata.list_files([str(corpus)])
+    assert len(files) == 6 and not any("loop" in f for f in files)
+
+
+def test_token_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "fc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fdata.default_cache_dir() == os.path.join(str(tmp_path / "fc"), "tokens")
+    monkeypatch.delenv("FASTLM_CACHE")
+    assert fdata.default_cache_dir() == os.path.join(str(tmp_path / "xdg"), "fastlm", "tokens")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fdata.default_cache_dir() == os.path.join(str(tmp_path / "home"), ".cache", "fastlm", "tokens")
+
+
 def test_runs_and_caches_inside_the_corpus_are_not_read(corpus, tmp_path):
     """`cd corpus && fastlm train --data .`: the run's own out_dir (config.json, metrics) and a
     token cache inside the corpus must not become training data (that changed the corpus between
@@ -199,6 +305,9 @@ def test_batch_sampler_order_and_resume():
     assert not np.array_equal(other.next_indices(20), first[:20])
     with pytest.raises(ValueError, match="fewer than seqlen"):
         fdata.BatchSampler(tokens[:10], seqlen=10)
+    one = fdata.BatchSampler(tokens[:11], seqlen=10)  # seqlen + 1 tokens: exactly one window
+    assert one.n_windows == 1 and one.fetch(one.next_indices(2)).tolist() == [list(range(11))] * 2
+    assert fdata.BatchSampler(tokens[:31], seqlen=10).n_windows == 3  # windows overlap by their one target
     with pytest.raises(ValueError, match="same data"):
         fdata.BatchSampler(tokens[:500], seqlen=10).load_state_dict(state)
 
