@@ -136,6 +136,20 @@ def test_llama_3_2_1b_shape():
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size) == (2048, 16, 32, 8, 8192, 128256)
 
 
+def test_published_shapes_of_the_other_presets():
+    """The presets' parameter counts against the published models': Gemma 2 2B and Gemma 3 1B
+    (transformers' Gemma2ForCausalLM / Gemma3ForCausalLM of google/gemma-2-2b's and
+    google/gemma-3-1b-pt's configs), and GPT-2 small's 124,439,808 with nanoGPT's vocab padded to
+    50304 and a 4096-position table (47 + 3072 more rows of 768)."""
+    counts = {"gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952,
+              "gpt2-124m": 124_439_808 + (50304 - 50257) * 768 + (4096 - 1024) * 768}
+    for name, n in counts.items():
+        assert TransformerConfig.from_name(name).num_params() == n, name
+    g = TransformerConfig.from_name("gpt2-124m")
+    assert (g.dim, g.n_layers, g.n_heads, g.ffn_dim, g.norm, g.positional, g.mlp, g.tie_embeddings) == (
+        768, 12, 12, 3072, "layer", "learned", "gelu", True)
+
+
 def test_qwen3_0_6b_shape():
     cfg = TransformerConfig.from_name("qwen3-0.6b")
     assert cfg.num_params() == 596_049_920  # transformers' Qwen3ForCausalLM of Qwen/Qwen3-0.6B's config
