@@ -90,19 +90,19 @@ def test_lengths_that_cannot_be_read_count_at_their_bounds():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     H, Hk, D = 4, 2, 8
-    bt_rows = [[3, 0, 1], [2, 4, 5]]  # 6 blocks of 4 slots, 3 per sequence
+    bt = torch.tensor([[3, 0, 1], [2, 4, 5]], dtype=torch.int32, device=DEVICE)  # 6 blocks of 4 slots, 3 per sequence
     real_lens = torch.tensor([3, 9], dtype=torch.int32, device=DEVICE)
     got = _count(lambda: ops.decode_attention(
         _t(2, 1, H, D), _t(6, 4, Hk, D), _t(6, 4, Hk, D), real_lens,
-        block_table=torch.tensor(bt_rows, dtype=torch.int32, device=DEVICE), backend="triton"))
+        block_table=bt, backend="triton"))
     assert got == {"fastlm.decode_attention": 2 * H * 2 * D * (3 + 9)}
     got = _count(lambda: ops.decode_attention(  # 3 query rows per sequence (speculative decoding)
         _t(2, 3, H, D), _t(6, 4, Hk, D), _t(6, 4, Hk, D), real_lens,
-        block_table=torch.tensor(bt_rows, dtype=torch.int32, device=DEVICE), backend="triton"))
+        block_table=bt, backend="triton"))
     assert got == {"fastlm.decode_attention": 2 * 3 * H * 2 * D * (3 + 9)}
     got = _count(lambda: ops.decode_attention(  # and with the 3 new tokens appended in the same call
         _t(2, 3, H, D), _t(6, 4, Hk, D), _t(6, 4, Hk, D), real_lens, k=_t(2, 3, Hk, D), v=_t(2, 3, Hk, D),
-        block_table=torch.tensor(bt_rows, dtype=torch.int32, device=DEVICE), backend="triton"))
+        block_table=bt, backend="triton"))
     assert got == {"fastlm.decode_attention_with_kv": 2 * 3 * H * 2 * D * (6 + 12)}
     with FakeTensorMode():
         qp, kp, vp = torch.empty(16, H, D), torch.empty(20, Hk, D), torch.empty(20, Hk, D)

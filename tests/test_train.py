@@ -212,7 +212,7 @@ def test_long_files_are_read_in_chunks_that_tokenize_as_the_whole(tmp_path, monk
 class _FakeTokenizer:
     """Returns preset ids for any text (for the token cache's dtype and range checks)."""
 
-    name = identity = "fake"
+    name = "fake"
     eot_id = None
 
     def __init__(self, vocab_size, ids):
