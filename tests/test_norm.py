@@ -7,7 +7,7 @@ import torch
 import fastlm
 from fastlm import reference
 from conftest import DEVICE, HAS_CUDA, cuda_mark, kernel_backends
-from tolerances import assert_close, poison_
+from tolerances import assert_close, assert_rounded_once, poison_
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -65,6 +65,47 @@ def _run(kind, shape, dtype, backend, *, residual, affine, eps=1e-5, wdtype=None
             continue
         assert g.dtype == (wdt if name in ("dweight", "dbias") else dtype), f"{name} dtype {g.dtype}"
         assert_close(g, g64, gl, name, floor_eps=None)
+
+
+# ---------------------------------------------------------------------------- the reference itself
+# The oracle the kernels are held to and the CPU path of backend="reference": pinned here to
+# the formulas written out in float64, so a change to it cannot loosen every test above.
+def _formula64(kind, h, w, b, eps):
+    h = h.double()
+    if kind == "rms":
+        y = h / (h.square().mean(-1, keepdim=True) + eps).sqrt()
+    else:
+        c = h - h.mean(-1, keepdim=True)
+        y = c / (c.square().mean(-1, keepdim=True) + eps).sqrt()
+    y = y * w.double() if w is not None else y
+    return y + b.double() if b is not None else y
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_reference_default_eps_matches_the_formula(kind):
+    # rows small enough that eps is a good part of the variance: a different default shows
+    x = torch.randn(6, 40, dtype=torch.float64) * (1e-3 if kind == "rms" else 3e-3) + 0.01
+    w, b = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    got = reference.rms_norm(x, w) if kind == "rms" else reference.layer_norm(x, w, b)
+    want = _formula64(kind, x, w, None if kind == "rms" else b, 1e-6 if kind == "rms" else 1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_reference_computes_half_inputs_in_fp32_and_rounds_once(kind, dtype, residual):
+    x = (torch.randn(32, 256) * 2 + 0.5).to(dtype)
+    r = torch.randn(32, 256).to(dtype) if residual else None
+    w, b = torch.randn(256).to(dtype), torch.randn(256).to(dtype)
+    out = reference.rms_norm(x, w, residual=r) if kind == "rms" else reference.layer_norm(x, w, b, residual=r)
+    if residual:
+        out, h = out
+        assert h.dtype == dtype and torch.equal(h, x + r)  # the residual sum in the input dtype, as the kernels
+    else:
+        h = x
+    assert out.dtype == dtype
+    assert_rounded_once(out, _formula64(kind, h, w, None if kind == "rms" else b, 1e-6 if kind == "rms" else 1e-5))
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

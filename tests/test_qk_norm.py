@@ -105,6 +105,21 @@ def test_forward_and_grads_match_fp64(case, dtype, weights):
         assert_close(a.grad, b.grad, c.grad, name, factor=2 * tf)
 
 
+@pytest.mark.parametrize("rotary", [False, True])
+def test_reference_defaults_are_the_documented_ones(rotary):
+    # fastlm.reference.qk_norm_rotary called with its defaults: eps 1e-6, rotate_half, no
+    # weight offset; rows small enough (mean square near eps) that another eps shows
+    q = torch.randn(2, 3, 4, 16, dtype=torch.float64) * 1e-3
+    k = torch.randn(2, 3, 2, 16, dtype=torch.float64) * 1e-3
+    qw, kw = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    cos, sin = ops.rotary_tables(16, 8, dtype=torch.float64) if rotary else (None, None)
+    got = reference.qk_norm_rotary(q, k, qw, kw, cos, sin)
+    want = oracle(q, k, qw, kw, cos, sin, 1e-6)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("positions", ["none", "offset", "per_seq", "explicit"])
 def test_rotation_conventions_and_positions(interleaved, positions):

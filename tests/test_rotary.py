@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, cuda_mark, kernel_backends
-from tolerances import assert_close, poison_
+from tolerances import assert_close, assert_rounded_once, poison_
 
 from fastlm import nn as fnn
 from fastlm import ops, reference
@@ -55,6 +55,11 @@ def test_reference_positions_match_hand_built():
     assert token_positions(qp, None, cu).tolist() == [0, 1, 0, 1, 2, 0]
     assert token_positions(qp, torch.tensor([10, 20, 30, 40]), cu).tolist() == [10, 11, 30, 31, 32, 40]
     assert token_positions(qp, 3, cu).tolist() == [3, 4, 3, 4, 5, 3]
+    # packed without cu_seqlens: one sequence
+    assert token_positions(qp).tolist() == [0, 1, 2, 3, 4, 5]
+    assert token_positions(qp, 3).tolist() == [3, 4, 5, 6, 7, 8]
+    assert token_positions(qp, torch.tensor(2)).tolist() == [2, 3, 4, 5, 6, 7]
+    assert token_positions(qp, torch.tensor([9, 8, 7, 6, 5, 4])).tolist() == [9, 8, 7, 6, 5, 4]
 
 
 def test_reference_conventions_by_hand():
@@ -65,10 +70,26 @@ def test_reference_conventions_by_hand():
     c, s = th.cos(), th.sin()
     half, _ = reference.apply_rotary(x, x, cos, sin, positions=1)
     want = [1 * c[0] - 3 * s[0], 2 * c[1] - 4 * s[1], 3 * c[0] + 1 * s[0], 4 * c[1] + 2 * s[1], 5, 6]
-    assert torch.allclose(half.flatten(), torch.tensor(want, dtype=torch.float64))
+    assert half.dtype == torch.float64
+    torch.testing.assert_close(half.flatten(), torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=0)
     inter, _ = reference.apply_rotary(x, x, cos, sin, positions=1, interleaved=True)
     want = [1 * c[0] - 2 * s[0], 2 * c[0] + 1 * s[0], 3 * c[1] - 4 * s[1], 4 * c[1] + 3 * s[1], 5, 6]
-    assert torch.allclose(inter.flatten(), torch.tensor(want, dtype=torch.float64))
+    torch.testing.assert_close(inter.flatten(), torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_reference_computes_half_inputs_in_fp32_and_rounds_once(dtype, interleaved):
+    # the CPU path of backend="reference" and the same-dtype baseline of every tolerance above
+    q, k = rand_qk((2, 24, 4, 64), (2, 24, 2, 64), dtype, device="cpu")
+    cos, sin = ops.rotary_tables(48, 64, dtype=torch.float32)
+    pos = torch.tensor([0, 37])
+    got = reference.apply_rotary(q, k, cos, sin, positions=pos, interleaved=interleaved)
+    exact = reference.apply_rotary(q.double(), k.double(), cos.double(), sin.double(), positions=pos,
+                                   interleaved=interleaved)
+    for name, g, e in zip(("q_out", "k_out"), got, exact):
+        assert g.dtype == dtype
+        assert_rounded_once(g, e, name)
 
 
 # ---------------------------------------------------------------------------- forward / backward
@@ -239,13 +260,15 @@ def test_packed_matches_per_sequence_dense(backend):
         torch.testing.assert_close(ko[a:b], dk[0], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
-def test_packed_without_cu_seqlens_is_one_sequence(backend):
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
+@pytest.mark.parametrize("positions", [None, 2])
+def test_packed_without_cu_seqlens_is_one_sequence(backend, positions):
     q, k = rand_qk((9, 4, 16), (9, 1, 16), torch.float32)
     cos, sin = tables(16, 12)
-    out = ops.apply_rotary(q, k, cos, sin, positions=2, backend=backend)
-    want = ops.apply_rotary(q[None], k[None], cos, sin, positions=2, backend=backend)
+    out = ops.apply_rotary(q, k, cos, sin, positions=positions, backend=backend)
+    want = ops.apply_rotary(q[None], k[None], cos, sin, positions=positions, backend=backend)
     torch.testing.assert_close(out[0], want[0][0], atol=0, rtol=0)
+    torch.testing.assert_close(out[1], want[1][0], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -89,3 +89,19 @@ def poison_(t):
     if t.is_floating_point():
         t.fill_(float("nan"))
     return t
+
+
+def assert_rounded_once(out, ref64, name="output"):
+    """out (fp16/bf16) is ref64 computed in fp32 or better and rounded once to out's dtype: at
+    most 1 ulp from ref64 everywhere and equal to ref64 rounded to nearest almost everywhere
+    (fp32 intermediates can flip a rounding that lies within their own error of a tie).  Math
+    done in the low dtype itself misses by several ulps on a good fraction of elements."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    want = ref64.to(out.dtype)
+    # one ulp of the rounded value (m * 2**e with 0.5 <= |m| < 1: ulp = 2**(e - 1 - mantissa bits))
+    bits = {torch.float16: 10, torch.bfloat16: 7}[out.dtype]
+    _, e = torch.frexp(want.double())
+    ulp = torch.ldexp(torch.ones_like(ref64), e - 1 - bits).clamp_min(torch.finfo(out.dtype).smallest_normal * 2.0 ** -bits)
+    assert ((out.double() - ref64).abs() <= ulp).all(), f"{name}: more than 1 ulp from the exact result"
+    frac = (out != want).double().mean().item()
+    assert frac <= 0.01, f"{name}: {frac:.1%} of elements differ from the exact result rounded once"
