@@ -7,9 +7,10 @@ import torch.nn.functional as F
 import fastlm
 from conftest import DEVICE, HAS_CUDA
 from fastlm import reference
+from fastlm.reference import linear as ref_linear
 from fastlm.kernels import gemv as G
 from fastlm.models import Transformer, TransformerConfig
-from tolerances import FACTOR, assert_close, truncation_factor
+from tolerances import FACTOR, assert_close, assert_rounded_once, truncation_factor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NORMS = [None, "rms", "layer"]
@@ -150,6 +151,22 @@ def test_norm_offset_is_gemma_one_plus_w(M, dtype):
     torch.testing.assert_close(ry, fastlm.ops.fused_linear(x, w, **summed, backend="reference")[0])
     with pytest.raises(ValueError, match="norm_offset offsets"):
         fastlm.ops.fused_linear(x, w, norm_offset=1.0, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_reference_softcap_precision_by_dtype(dtype):
+    # The reference chain's last step (the oracle and backend="reference"): the capping of the
+    # stored logits in fp32, rounded once; float64 stays float64.
+    x = torch.randn(16, 40, dtype=torch.float64).to(dtype)
+    w = (torch.randn(48, 40, dtype=torch.float64) * 0.5).to(dtype)
+    y = F.linear(x, w)  # what the chain stores before capping (the same op, so the same bits)
+    want = 3.0 * torch.tanh(y.double() / 3.0)
+    for out in (ref_linear.soft_cap(y, 3.0), reference.fused_linear(x, w, softcap=3.0)):
+        assert out.dtype == dtype
+        if dtype == torch.float64:
+            torch.testing.assert_close(out, want, rtol=1e-13, atol=0)
+        else:
+            assert_rounded_once(out, want, "capped logits")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
