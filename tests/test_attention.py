@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from conftest import DEVICE, HAS_CUDA, triton_bf16_mark
-from tolerances import assert_close, max_err
+from tolerances import assert_close, assert_rounded_once, max_err
 
 import fastlm
 from fastlm import reference
@@ -643,6 +643,38 @@ def test_torch_compile_dynamic():
         assert torch.equal(loss, loss_e)
         for a, b in zip(grads, grads_e):
             assert torch.equal(a, b)
+
+
+def _sdpa64(q, k, v, causal):
+    """torch's own SDPA in float64 (its math path on CPU), k/v heads repeated for GQA: (B, S, H, D)."""
+    g = q.shape[2] // k.shape[2]
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("packed", [False, True])
+def test_reference_precision_by_dtype(dtype, packed):
+    # The oracle itself (and backend="reference"): float64 stays float64, fp16/bf16 are computed
+    # in fp32 and rounded once; against torch's SDPA in float64, dense and packed alike.
+    q, k, v = (torch.randn(2, 24, h, 32, dtype=torch.float64).to(dtype) for h in (4, 2, 2))
+    want = _sdpa64(q, k, v, causal=True)
+    if packed:
+        cu = torch.tensor([0, 24, 48], dtype=torch.int32)
+        out, lse = reference.attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), causal=True,
+                                       cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=24, max_seqlen_k=24,
+                                       return_lse=True)
+        out, lse = out.view(q.shape), lse.view(4, 2, 24).transpose(0, 1)  # (H, T) -> (B, H, S)
+    else:
+        out, lse = reference.attention(q, k, v, causal=True, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32  # lse is fp32, as the kernels'
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().repeat_interleave(2, 2)) / 32**0.5
+    lse_want = s.masked_fill(torch.ones(24, 24, dtype=torch.bool).triu(1), float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse.double(), lse_want, rtol=1e-6, atol=0)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-14)
+    else:
+        assert_rounded_once(out, want, "out")
 
 
 def test_reference_backend_and_dispatch():

@@ -161,6 +161,12 @@ def test_reference_options_match_torch():
     want = (torch.nn.functional.cross_entropy(4 * torch.tanh(x / 4), t, reduction="sum")
             + 0.5 * (lse[valid] ** 2).sum()) / valid.sum()
     torch.testing.assert_close(reference.cross_entropy(x, t, -100, "mean", 0.0, 0.5, 4.0), want)
+    # and its defaults are torch's (ignore_index -100, mean, no smoothing), the head's as well
+    want = torch.nn.functional.cross_entropy(x, t)
+    torch.testing.assert_close(reference.cross_entropy(x, t), want, rtol=1e-13, atol=0)
+    h, w = torch.randn(30, 8, dtype=torch.float64), torch.randn(50, 8, dtype=torch.float64)
+    want = torch.nn.functional.cross_entropy(h @ w.T, t)
+    torch.testing.assert_close(reference.linear_cross_entropy(h, w, t), want, rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
