@@ -479,10 +479,12 @@ def test_varlen_matches_per_sequence_loop(lens_q, lens_k, Hq, Hk, D, kw, det):
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("layout", ["trailing", "leading+trailing", "strided-cu"])
-def test_varlen_tokens_outside_cu_seqlens(backend, layout):
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_tokens_outside_cu_seqlens(backend, layout, causal):
     """Packed buffers longer than cu_seqlens covers (CUDA-graph style padding after
     cu_seqlens[-1], or an offset cu_seqlens[0] > 0): the extra tokens get out = 0, lse = -inf
-    and zero gradients, on every backend.  cu_seqlens may be a strided view."""
+    and zero gradients, on every backend.  cu_seqlens may be a strided view.  (Without the
+    causal mask the keys just past cu_seqlens[-1] would be in reach of the last sequence.)"""
     q, _ = _pack([30], 2, 16, F16)
     lo = 3 if layout == "leading+trailing" else 0
     cu = torch.tensor([lo, 12, 25], dtype=torch.int32, device=DEVICE)
@@ -490,14 +492,14 @@ def test_varlen_tokens_outside_cu_seqlens(backend, layout):
         cu = torch.tensor([0, 99, 12, 99, 25, 99], dtype=torch.int32, device=DEVICE)[::2]
     k, v = _rand(30, 2, 16, dtype=F16), _rand(30, 2, 16, dtype=F16)
     dout = _rand(30, 2, 16, dtype=F16)
-    out, lse, dq, dk, dv = _run(q, k, v, dout, backend=backend, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    out, lse, dq, dk, dv = _run(q, k, v, dout, backend=backend, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=causal)
     outside = torch.ones(30, dtype=torch.bool, device=DEVICE)
     outside[lo:25] = False
     assert torch.all(out[outside] == 0) and torch.all(torch.isneginf(lse[:, outside]))
     assert torch.all(dq[outside] == 0) and torch.all(dk[outside] == 0) and torch.all(dv[outside] == 0)
     inner = cu.contiguous() - lo
     _check_all((out[lo:25], lse[:, lo:25], dq[lo:25], dk[lo:25], dv[lo:25]), q[lo:25], k[lo:25], v[lo:25],
-               dout[lo:25], cu_seqlens_q=inner, cu_seqlens_k=inner, causal=True)
+               dout[lo:25], cu_seqlens_q=inner, cu_seqlens_k=inner, causal=causal)
 
 
 # ------------------------------------------------------------------------------ determinism

@@ -15,7 +15,7 @@ from fastlm.ops import kv_cache as kv_ops
 from fastlm.reference import kv_cache as ref_kv
 from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import DEVICE, HAS_CUDA, INTERPRETER_SHUFFLES_PROGRAMS, cuda_mark, kernel_backends, triton_bf16_mark
-from tolerances import assert_close
+from tolerances import assert_close, assert_rounded_once
 
 
 @pytest.fixture(autouse=True)
@@ -1963,6 +1963,32 @@ def test_decode_causal_must_be_a_bool():
     lens = torch.tensor([3], dtype=torch.int32, device=DEVICE)
     with pytest.raises(TypeError, match=r"causal must be a bool \(True or False\), got None"):
         kv_ops.decode_attention(q, kc, kc.clone(), lens, causal=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("paged", [False, True])
+def test_reference_decode_precision_by_dtype(dtype, paged):
+    # The oracle itself (and backend="reference"): float64 stays float64, fp16/bf16 are computed
+    # in fp32 and rounded once, against the per-sequence gather-and-loop float64 oracle; the
+    # with-new-kv form too (its append is a copy, so the same holds after it).
+    torch.manual_seed(0)
+    kc, vc, bt = make_cache(3, 2, 32, dtype, 24, paged=paged)
+    kc, vc = kc.cpu(), vc.cpu()
+    bt = bt.cpu() if bt is not None else None
+    lens = torch.tensor([24, 7, 13], dtype=torch.int32)
+    q = torch.randn(3, 2, 4, 32, dtype=torch.float64).to(dtype)
+    k, v = torch.randn(3, 1, 2, 32).to(dtype), torch.randn(3, 1, 2, 32).to(dtype)
+    outs = [(reference.decode_attention(q, kc, vc, lens, block_table=bt), lens, kc.clone(), vc.clone())]
+    lens1 = lens - 1  # room for one new token
+    out = ref_kv.decode_attention_with_kv(q, kc, vc, k, v, lens1, block_table=bt)
+    outs.append((out, lens, kc, vc))
+    for out, L, kcache, vcache in outs:
+        want = per_sequence_reference(q, kcache, vcache, L, bt, 32 ** -0.5)
+        assert out.dtype == dtype
+        if dtype == torch.float64:
+            torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-14)
+        else:
+            assert_rounded_once(out, want, "decode out")
 
 
 def test_reference_decode_reads_only_the_used_part_on_cpu():
