@@ -352,6 +352,19 @@ def test_append_skips_unassigned_blocks(backend):
     assert int((kc != kc0).any(-1).any(-1).sum()) == 3 and torch.equal(kc[bt[0, 0].long(), 2:], k[0, :2])
 
 
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
+def test_decode_ignores_block_table_entries_past_the_sequences(backend):
+    # Entries past a sequence's last block are never read: they may be -1 or ids past the pool
+    # (a stale table of a larger pool) and give the same result as valid ones.
+    kc, vc, bt, lens, q, _ = small_paged_case(24, [24, 7])
+    want = fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, backend=backend)
+    stale = bt.clone()
+    stale[1, 2:4] = kc.shape[0] + 3
+    stale[1, 4:] = -1
+    got = fastlm.ops.decode_attention(q, kc, vc, lens, block_table=stale, backend=backend)
+    assert torch.equal(got, want)
+
+
 class _SyncingOps(TorchDispatchMode):
     """Records the aten ops that need the host to read device data (data-dependent sizes or
     scalars): on CUDA they synchronize, and CUDA-graph capture rejects them."""

@@ -19,8 +19,8 @@ def _up(t, upcast):
 
 def _allowed(qpos, kpos, off, window_left, window_right):
     """Boolean mask (..., Lq, Lk) of the pairs a query may attend to."""
-    ok = torch.ones(qpos.shape[:-1] + (qpos.shape[-1], kpos.shape[-1]), dtype=torch.bool, device=qpos.device)
     rel = kpos.unsqueeze(-2) - qpos.unsqueeze(-1) - off.unsqueeze(-1)  # j - i - off
+    ok = torch.ones_like(rel, dtype=torch.bool)
     if window_right >= 0:
         ok = ok & (rel <= window_right)
     if window_left >= 0:
