@@ -2004,6 +2004,22 @@ def test_reference_decode_precision_by_dtype(dtype, paged):
             assert_rounded_once(out, want, "decode out")
 
 
+@pytest.mark.parametrize("backend", kernel_backends() + ["reference"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_of_an_empty_batch(backend, paged):
+    # batch 0 (every sequence of a serving step finished): an empty result, not an error
+    kc, vc, bt = make_cache(0, 2, 16, torch.float16, 8, paged=paged)  # (paged: a pool of 3 spare blocks)
+    q = torch.randn(0, 1, 4, 16, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(0, 1, 2, 16, dtype=torch.float16, device=DEVICE)
+    lens = torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    for kw in ({}, dict(k=k, v=k)):
+        out = fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, backend=backend, **kw)
+        assert out.shape == q.shape and out.dtype == q.dtype
+    kc0 = kc.clone()
+    fastlm.ops.kv_cache_append(kc, vc, k, k, lens, block_table=bt, backend=backend)
+    assert torch.equal(kc, kc0)
+
+
 def test_reference_decode_reads_only_the_used_part_on_cpu():
     """On CPU the reference decode cuts a pool-sized capacity to the longest sequence (it gathered
     and masked the whole pool per call: 12x slower at PagedKVCache's default), same result."""
@@ -2015,6 +2031,7 @@ def test_reference_decode_reads_only_the_used_part_on_cpu():
     assert cut.shape == (2, 3)
     kd, _, none = ref_kv._used_part(kc, vc, lens, None)
     assert kd.shape[1] == 4 and none is None  # (capacity 4 < 9: nothing to cut)
+    assert ref_kv._used_part(kc, vc, lens[:1], bt[:1])[2].shape == (1, 2)  # one sequence alike
     q = torch.randn(2, 1, 4, 8)
     k, v = ref_kv.padded_kv(kc, vc, bt)
     full = ref_kv.attention_with_mask(q, k, v, ref_kv.decode_mask(lens, 1, k.shape[1]), 8 ** -0.5)

@@ -55,7 +55,7 @@ def kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, 
     seqlen_new to cache_seqlens.  Tokens whose block-table entry is negative (no block) are
     skipped, as the kernels skip them; other indices must be in range (PyTorch indexing raises)."""
     B, S = k.shape[:2]
-    if S > 0:
+    if B * S > 0:  # (an empty batch has nothing to write: _put_where's argmax needs a token)
         if block_table is None:
             pos, _, _ = _token_index(cache_seqlens, S, None, None)
             b = torch.arange(B, device=k.device)[:, None].expand(B, S)
