@@ -1166,6 +1166,17 @@ def test_bad_module_head_dim():
         fnn.RotaryEmbedding(300, 8)
     with pytest.raises(ValueError, match="head_dim must be an int"):
         fnn.RotaryEmbedding(True, 8)
+    # the bounds themselves: 2 and 256 are taken, 1, 257 and a float are not
+    assert fnn.RotaryEmbedding(2, 8).rotary_dim == 2 and fnn.RotaryEmbedding(256, 8).rotary_dim == 256
+    for bad in (1, 0, 8.0):
+        with pytest.raises(ValueError, match=rf"head_dim must be an int >= 2, got {bad}"):
+            fnn.RotaryEmbedding(bad, 8)
+    with pytest.raises(ValueError, match=r"head_dim must be <= 256.*got 257"):
+        fnn.RotaryEmbedding(257, 8)
+    # a partial rotary factor may leave as few as 2 rotated dims, not fewer
+    assert fnn.RotaryEmbedding(8, 4, scaling={"partial_rotary_factor": 0.25}).rotary_dim == 2
+    with pytest.raises(ValueError, match=r"gives rotary_dim int\(8 \* 0.125\) = 1, which must be an even int >= 2$"):
+        fnn.RotaryEmbedding(8, 4, scaling={"partial_rotary_factor": 0.125})
 
 
 # ---------------------------------------------------------------------------- CUDA kernel, host-emulated
