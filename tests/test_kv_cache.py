@@ -2020,6 +2020,20 @@ def test_decode_of_an_empty_batch(backend, paged):
     assert torch.equal(kc, kc0)
 
 
+def test_reference_decode_mask_by_hand():
+    # the masks of the reference decode, written out: rows at the end of the cache, causal by
+    # default; a window of 1 keeps the key itself and the one before; leftpad cuts the front
+    lens = torch.tensor([3, 5])
+    want = [[[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]], [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]]
+    assert ref_kv.decode_mask(lens, 2, 6).int().tolist() == want
+    assert ref_kv.decode_mask(lens, 2, 6, causal=False).expand(2, 2, 6).int().tolist() == [[[1, 1, 1, 0, 0, 0]] * 2,
+                                                                                           [[1, 1, 1, 1, 1, 0]] * 2]
+    want = [[[1, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0]], [[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0]]]
+    assert ref_kv.decode_mask(lens, 2, 6, window=1).int().tolist() == want
+    want = [[[0, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0]], [[0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0]]]
+    assert ref_kv.decode_mask(lens, 2, 6, cache_leftpad=torch.tensor([1, 3])).int().tolist() == want
+
+
 def test_reference_decode_reads_only_the_used_part_on_cpu():
     """On CPU the reference decode cuts a pool-sized capacity to the longest sequence (it gathered
     and masked the whole pool per call: 12x slower at PagedKVCache's default), same result."""

@@ -1173,6 +1173,9 @@ def test_bad_module_head_dim():
             fnn.RotaryEmbedding(bad, 8)
     with pytest.raises(ValueError, match=r"head_dim must be <= 256.*got 257"):
         fnn.RotaryEmbedding(257, 8)
+    assert fnn.RotaryEmbedding(8, 4, rotary_dim=2).rotary_dim == 2
+    with pytest.raises(ValueError, match="rotary_dim must be an even int >= 2, got 0"):
+        fnn.RotaryEmbedding(8, 4, rotary_dim=0)
     # a partial rotary factor may leave as few as 2 rotated dims, not fewer
     assert fnn.RotaryEmbedding(8, 4, scaling={"partial_rotary_factor": 0.25}).rotary_dim == 2
     with pytest.raises(ValueError, match=r"gives rotary_dim int\(8 \* 0.125\) = 1, which must be an even int >= 2$"):
