@@ -493,6 +493,9 @@ def test_cross_entropy_module_is_torchs(shape, reduction):
     torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0],
                                rtol=1e-5, atol=1e-6)
     assert "label_smoothing=0.1" in repr(mine)
+    # and with every default, torch's defaults
+    torch.testing.assert_close(fastlm.nn.CrossEntropyLoss(backend="triton")(x, t), torch.nn.CrossEntropyLoss()(x, t),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_loss_modules_options_and_errors():
