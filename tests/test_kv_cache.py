@@ -125,7 +125,8 @@ def test_decode(backend, dtype, paged, Hq, Hkv, Sq):
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize(
     "causal,window,softcap,Sq",
-    [(True, 3, 0.0, 2), (True, -1, 4.0, 4), (False, -1, 0.0, 3), (False, 6, 2.5, 1), (True, 0, 0.0, 3)],
+    [(True, 3, 0.0, 2), (True, -1, 4.0, 4), (False, -1, 0.0, 3), (False, 6, 2.5, 1), (True, 0, 0.0, 3),
+     (True, -1, 0.5, 2)],  # (a cap below 1: scores within +-0.5)
 )
 def test_decode_masks_softcap(backend, causal, window, softcap, Sq):
     B, Hq, Hkv, D, cap = 3, 4, 2, 32, 29
