@@ -1,5 +1,9 @@
 """fastlm/_dispatch.py: eager calls skip the torch dispatcher, with results identical to the
 custom-op route, and every caller that needs to see the op (dispatch modes, tracing) still does."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -265,6 +269,45 @@ def test_mutating_ops_bump_versions_on_either_route(enabled, monkeypatch):
     ops.apply_rotary(a, b, cos, sin, inplace=True, backend=BK)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.sum().backward()
+
+
+def test_direct_route_is_on_unless_the_environment_turns_it_off():
+    # (the other tests set the switch themselves; this is the default and its parsing)
+    code = ("import importlib, os, fastlm._dispatch as d\n"
+            "for v in (None, '1', 'yes', '0', ''):\n"
+            "    os.environ.pop('FASTLM_DIRECT_OPS', None)\n"
+            "    if v is not None: os.environ['FASTLM_DIRECT_OPS'] = v\n"
+            "    print(importlib.reload(d).ENABLED)")
+    env = {k: v for k, v in os.environ.items() if k != "FASTLM_DIRECT_OPS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "True", "False", "False"]
+
+
+def test_direct_route_takes_only_plain_tensors(monkeypatch):
+    # meta tensors and tensor subclasses go through the dispatcher (fake kernels, the
+    # subclass's own dispatch); plain ones may go direct, with or without a gradient
+    monkeypatch.setattr(_dispatch, "ENABLED", True)
+
+    class Sub(torch.Tensor):
+        pass
+
+    x = _t(2, 3, grad=False)
+    assert _dispatch._direct((x, 1.0, None)) == (True, False)
+    assert _dispatch._direct((x, _t(3))) == (True, True)
+    assert _dispatch._direct((torch.nn.Parameter(x),)) == (True, True)
+    for odd in (torch.empty(2, 3, device="meta"), x.as_subclass(Sub)):
+        assert _dispatch._direct((x, odd))[0] is False
+
+
+def test_any_op_call_under_a_jvp_transform_raises():
+    # jacfwd (vmap over jvp), and conservatively any call under torch.func.jvp, even on inputs
+    # that carry no tangent themselves (the docstring's contract: never a silently lost tangent)
+    x, w = _t(3, 8, grad=False), _t(8, grad=False)
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jacfwd(lambda r: ops.rms_norm(r, w, backend=BK))(x)
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(lambda r: r * ops.rms_norm(x, w, backend=BK), (x,), (x,))
 
 
 def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
