@@ -364,6 +364,31 @@ def test_decode_ignores_block_table_entries_past_the_sequences(backend):
     stale[1, 4:] = -1
     got = fastlm.ops.decode_attention(q, kc, vc, lens, block_table=stale, backend=backend)
     assert torch.equal(got, want)
+    if backend == "reference":
+        # and a used entry that is no valid block (the kernels skip it, as they skip -1; the
+        # op layer's debug checks refuse it first) hides its tokens in the reference too
+        for bad in (-1, kc.shape[0], kc.shape[0] + 7):
+            stale[1, 0] = bad
+            hidden = ref_kv.decode_attention(q, kc, vc, lens, block_table=stale)
+            stale[1, 0] = -1
+            assert torch.equal(hidden, ref_kv.decode_attention(q, kc, vc, lens, block_table=stale)), bad
+        assert not torch.equal(hidden[1], want[1])
+
+
+def test_reference_decode_with_kv_rotates_like_apply_rotary_by_default():
+    # (rotate_half, at positions cache_seqlens[b] + i), then append and attend
+    torch.manual_seed(0)
+    kc, vc, _ = make_cache(2, 2, 16, torch.float64, 12, paged=False)
+    kc, vc = kc.cpu(), vc.cpu()
+    lens = torch.tensor([3, 9], dtype=torch.int32)
+    q, k, v = torch.randn(2, 2, 4, 16, dtype=torch.float64), *torch.randn(2, 2, 2, 2, 16, dtype=torch.float64)
+    cos, sin = fastlm.ops.rotary_tables(16, 12, dtype=torch.float64)
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = ref_kv.decode_attention_with_kv(q, kc, vc, k, v, lens, rotary_cos=cos, rotary_sin=sin)
+    qr, kr = reference.apply_rotary(q, k, cos, sin, positions=lens.long())
+    ref_kv.kv_cache_append(kc2, vc2, kr, v, lens)
+    torch.testing.assert_close(got, reference.decode_attention(qr, kc2, vc2, lens + 2), rtol=0, atol=0)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
 class _SyncingOps(TorchDispatchMode):
