@@ -414,6 +414,12 @@ def test_modules_check_normalized_shape():
             mod(bad)
     with pytest.raises(ValueError, match="residual must have shape"):
         fastlm.nn.RMSNorm((4, 8)).to(DEVICE)(torch.randn(3, 4, 8, device=DEVICE), torch.randn(3, 8, 4, device=DEVICE))
+    # an input of exactly normalized_shape (no leading dims) is taken, as torch's modules take it
+    for shape in (8, (4, 8)):
+        for ours, theirs in ((fastlm.nn.RMSNorm(shape), torch.nn.RMSNorm(shape)),
+                             (fastlm.nn.LayerNorm(shape), torch.nn.LayerNorm(shape))):
+            x = torch.randn(shape, device=DEVICE)
+            torch.testing.assert_close(ours.to(DEVICE)(x), theirs.to(DEVICE)(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
