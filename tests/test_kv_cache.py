@@ -375,7 +375,7 @@ def test_decode_ignores_block_table_entries_past_the_sequences(backend):
         assert not torch.equal(hidden[1], want[1])
 
 
-def test_reference_decode_with_kv_rotates_like_apply_rotary_by_default():
+def test_reference_decode_with_kv_defaults_are_the_separate_ops():
     # (rotate_half, at positions cache_seqlens[b] + i), then append and attend
     torch.manual_seed(0)
     kc, vc, _ = make_cache(2, 2, 16, torch.float64, 12, paged=False)
@@ -389,6 +389,16 @@ def test_reference_decode_with_kv_rotates_like_apply_rotary_by_default():
     ref_kv.kv_cache_append(kc2, vc2, kr, v, lens)
     torch.testing.assert_close(got, reference.decode_attention(qr, kc2, vc2, lens + 2), rtol=0, atol=0)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    # with q/k norm weights: reference.qk_norm_rotary's defaults (eps 1e-6, no offset) first;
+    # heads small enough that their mean square is near eps
+    qw, kw = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    qs, ks = q * 1e-3, k * 1e-3
+    got = ref_kv.decode_attention_with_kv(qs, kc, vc, ks, v, lens, rotary_cos=cos, rotary_sin=sin,
+                                          q_norm_weight=qw, k_norm_weight=kw)
+    qr, kr = reference.qk_norm_rotary(qs, ks, qw, kw, cos, sin, positions=lens.long())
+    ref_kv.kv_cache_append(kc2, vc2, kr, v, lens)
+    torch.testing.assert_close(got, reference.decode_attention(qr, kc2, vc2, lens + 2), rtol=0, atol=0)
+    assert torch.equal(kc, kc2)
 
 
 class _SyncingOps(TorchDispatchMode):
