@@ -187,3 +187,53 @@ def test_unsupported_arguments_are_errors():
     for fn, msg in cases:
         with pytest.raises((NotImplementedError, ValueError), match=msg):
             fn()
+
+
+# flash_attn 2.x's signatures (its flash_attn_interface), which code written against it relies
+# on positionally and by default: the same parameter names, order and defaults here.
+_ATTN = [("dropout_p", 0.0), ("softmax_scale", None), ("causal", False), ("window_size", (-1, -1)),
+         ("softcap", 0.0), ("alibi_slopes", None), ("deterministic", False), ("return_attn_probs", False)]
+_VARLEN = [("cu_seqlens_q", None), ("cu_seqlens_k", None), ("max_seqlen_q", None), ("max_seqlen_k", None)]
+FLASH_ATTN_SIGNATURES = {
+    "flash_attn_func": [("q", None), ("k", None), ("v", None)] + _ATTN,
+    "flash_attn_qkvpacked_func": [("qkv", None)] + _ATTN,
+    "flash_attn_kvpacked_func": [("q", None), ("kv", None)] + _ATTN,
+    "flash_attn_varlen_func": [("q", None), ("k", None), ("v", None)] + _VARLEN + _ATTN + [("block_table", None)],
+    "flash_attn_varlen_qkvpacked_func": [("qkv", None), ("cu_seqlens", None), ("max_seqlen", None)] + _ATTN,
+    "flash_attn_varlen_kvpacked_func": [("q", None), ("kv", None)] + _VARLEN + _ATTN,
+    "flash_attn_with_kvcache": [
+        ("q", None), ("k_cache", None), ("v_cache", None), ("k", None), ("v", None), ("rotary_cos", None),
+        ("rotary_sin", None), ("cache_seqlens", None), ("cache_batch_idx", None), ("cache_leftpad", None),
+        ("block_table", None), ("softmax_scale", None), ("causal", False), ("window_size", (-1, -1)),
+        ("softcap", 0.0), ("rotary_interleaved", True), ("alibi_slopes", None), ("num_splits", 0),
+        ("return_softmax_lse", False)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLASH_ATTN_SIGNATURES))
+def test_signatures_are_flash_attns(name):
+    import inspect
+
+    params = inspect.signature(getattr(fa, name)).parameters.values()
+    got = [(p.name, None if p.default is inspect.Parameter.empty else p.default) for p in params]
+    assert got == FLASH_ATTN_SIGNATURES[name]
+    assert name in fa.__all__
+
+
+def test_defaults_compute_flash_attns_defaults():
+    # every function with its required arguments only: no mask, no window, no cap, scale
+    # 1/sqrt(headdim), the output alone (not a tuple)
+    q, k, v = _t(2, 5, 4, 16), _t(2, 7, 2, 16), _t(2, 7, 2, 16)
+    want = naive(q, k, v)[0]
+    close(fa.flash_attn_func(q, k, v), want)
+    close(fa.flash_attn_kvpacked_func(q, torch.stack([k, v], 2)), want)
+    qkv = _t(2, 7, 3, 2, 16)
+    close(fa.flash_attn_qkvpacked_func(qkv), naive(*qkv.unbind(2))[0])
+    cu_q = torch.tensor([0, 5, 10], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 7, 14], dtype=torch.int32, device=DEVICE)
+    flat = [t.flatten(0, 1) for t in (q, k, v)]
+    close(fa.flash_attn_varlen_func(*flat, cu_q, cu_k, 5, 7), want.flatten(0, 1))
+    close(fa.flash_attn_varlen_kvpacked_func(flat[0], torch.stack(flat[1:], 1), cu_q, cu_k, 5, 7), want.flatten(0, 1))
+    close(fa.flash_attn_varlen_qkvpacked_func(qkv.flatten(0, 1), cu_k, 7), naive(*qkv.unbind(2))[0].flatten(0, 1))
+    kc, vc = _t(2, 9, 2, 16), _t(2, 9, 2, 16)
+    close(fa.flash_attn_with_kvcache(q, kc, vc), naive(q, kc, vc)[0])
