@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
+from fastlm import ops as fastlm_ops
 from fastlm.integrations import flash_attn as fa
 
 
@@ -237,3 +238,23 @@ def test_defaults_compute_flash_attns_defaults():
     close(fa.flash_attn_varlen_qkvpacked_func(qkv.flatten(0, 1), cu_k, 7), naive(*qkv.unbind(2))[0].flatten(0, 1))
     kc, vc = _t(2, 9, 2, 16), _t(2, 9, 2, 16)
     close(fa.flash_attn_with_kvcache(q, kc, vc), naive(q, kc, vc)[0])
+
+
+def test_with_kvcache_edges_of_what_is_supported():
+    q, k, v = _t(1, 2, 2, 8), _t(1, 2, 2, 8), _t(1, 2, 2, 8)
+    kc, vc = _t(1, 8, 2, 8), _t(1, 8, 2, 8)
+    lens = torch.tensor([3], dtype=torch.int32, device=DEVICE)
+    cos, sin = torch.cos(torch.randn(16, 4, device=DEVICE)), torch.sin(torch.randn(16, 4, device=DEVICE))
+    # a right window of 0 without causal is still a right window
+    with pytest.raises(NotImplementedError, match="a right window"):
+        fa.flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=lens, window_size=(2, 0))
+    # one query token: non-causal rotary is flash_attn's rule exactly (the row sees the whole
+    # cache either way), so it runs, and equals the causal call
+    one = [fa.flash_attn_with_kvcache(q[:, :1], kc.clone(), vc.clone(), k[:, :1], v[:, :1], cos, sin, lens,
+                                      causal=c) for c in (False, True)]
+    torch.testing.assert_close(one[0], one[1], rtol=0, atol=0)
+    # a local window (left >= 0, even 0) rotates every query at cache_seqlens + i in flash_attn too
+    got = fa.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cos, sin, lens, window_size=(0, -1))
+    want = fastlm_ops.decode_attention(q, kc.clone(), vc.clone(), lens, k=k, v=v, rotary_cos=cos, rotary_sin=sin,
+                                       rotary_interleaved=True, causal=False, window=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
