@@ -252,7 +252,7 @@ def test_with_kvcache_edges_of_what_is_supported():
     # cache either way), so it runs, and equals the causal call
     one = [fa.flash_attn_with_kvcache(q[:, :1], kc.clone(), vc.clone(), k[:, :1], v[:, :1], cos, sin, lens,
                                       causal=c) for c in (False, True)]
-    torch.testing.assert_close(one[0], one[1], rtol=0, atol=0)
+    close(one[0], one[1])
     # a local window (left >= 0, even 0) rotates every query at cache_seqlens + i in flash_attn too
     got = fa.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cos, sin, lens, window_size=(0, -1))
     want = fastlm_ops.decode_attention(q, kc.clone(), vc.clone(), lens, k=k, v=v, rotary_cos=cos, rotary_sin=sin,
