@@ -238,33 +238,29 @@ def test_split_grad_only_where_needed():
 # The reference itself (the oracle the kernels are held to, and backend="reference"): float64
 # stays float64, and fp16/bf16 are computed in fp32 and rounded once, against the formulas
 # written out with torch.nn.functional in float64.
-FORMULAS = {"swiglu": lambda g, u: torch.nn.functional.silu(g) * u,
-            "geglu": lambda g, u: torch.nn.functional.gelu(g) * u,
-            "geglu_tanh": lambda g, u: torch.nn.functional.gelu(g, approximate="tanh") * u}
+# keyed by reference.gated's activation names; the named function of each beside it
+FORMULAS = {"silu": lambda g, u: torch.nn.functional.silu(g) * u,
+            "gelu": lambda g, u: torch.nn.functional.gelu(g) * u,
+            "gelu_tanh": lambda g, u: torch.nn.functional.gelu(g, approximate="tanh") * u}
+NAMED = {"silu": reference.swiglu, "gelu": reference.geglu,
+         "gelu_tanh": lambda x, up=None: reference.geglu(x, up, approximate="tanh")}
 
 
-def _reference_fn(name):
-    if name == "swiglu":
-        return reference.swiglu
-    return lambda x, up=None: reference.geglu(x, up, approximate="tanh" if name == "geglu_tanh" else "none")
-
-
-@pytest.mark.parametrize("name", list(FORMULAS))
+@pytest.mark.parametrize("act", list(FORMULAS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_reference_precision_by_dtype(name, dtype):
+def test_reference_precision_by_dtype(act, dtype):
     # gates from -1.5 up: further into gelu's negative tail 1 + erf(x / sqrt(2)) cancels in fp32 itself
     # (at -3, 3% of fp16 results round the other way)
     g = (torch.randn(64, 96, dtype=torch.float64) * 3).clamp_min(-1.5).to(dtype)
     u = torch.randn(64, 96, dtype=torch.float64).to(dtype)
-    want = FORMULAS[name](g.double(), u.double())
-    act = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}[name]
-    for out in (_reference_fn(name)(g, u), _reference_fn(name)(torch.cat([g, u], -1)),
+    want = FORMULAS[act](g.double(), u.double())
+    for out in (NAMED[act](g, u), NAMED[act](torch.cat([g, u], -1)),
                 reference.gated(g, u, act), reference.gated(torch.cat([g, u], -1), activation=act)):
         assert out.dtype == dtype
         if dtype == torch.float64:
             torch.testing.assert_close(out, want, rtol=1e-13, atol=1e-300)
         else:
-            assert_rounded_once(out, want, name)
+            assert_rounded_once(out, want, act)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -70,15 +70,13 @@ def _run(kind, shape, dtype, backend, *, residual, affine, eps=1e-5, wdtype=None
 # ---------------------------------------------------------------------------- the reference itself
 # The oracle the kernels are held to and the CPU path of backend="reference": pinned here to
 # the formulas written out in float64, so a change to it cannot loosen every test above.
-def _formula64(kind, h, w, b, eps):
+def _formula64(kind, h, w, b):
+    """The norm written out in float64 with its documented default eps (b: LayerNorm's only)."""
     h = h.double()
     if kind == "rms":
-        y = h / (h.square().mean(-1, keepdim=True) + eps).sqrt()
-    else:
-        c = h - h.mean(-1, keepdim=True)
-        y = c / (c.square().mean(-1, keepdim=True) + eps).sqrt()
-    y = y * w.double() if w is not None else y
-    return y + b.double() if b is not None else y
+        return h / (h.square().mean(-1, keepdim=True) + 1e-6).sqrt() * w.double()
+    c = h - h.mean(-1, keepdim=True)
+    return c / (c.square().mean(-1, keepdim=True) + 1e-5).sqrt() * w.double() + b.double()
 
 
 @pytest.mark.parametrize("kind", ["rms", "ln"])
@@ -87,7 +85,7 @@ def test_reference_default_eps_matches_the_formula(kind):
     x = torch.randn(6, 40, dtype=torch.float64) * (1e-3 if kind == "rms" else 3e-3) + 0.01
     w, b = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
     got = reference.rms_norm(x, w) if kind == "rms" else reference.layer_norm(x, w, b)
-    want = _formula64(kind, x, w, None if kind == "rms" else b, 1e-6 if kind == "rms" else 1e-5)
+    want = _formula64(kind, x, w, b)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
@@ -105,7 +103,7 @@ def test_reference_computes_half_inputs_in_fp32_and_rounds_once(kind, dtype, res
     else:
         h = x
     assert out.dtype == dtype
-    assert_rounded_once(out, _formula64(kind, h, w, None if kind == "rms" else b, 1e-6 if kind == "rms" else 1e-5))
+    assert_rounded_once(out, _formula64(kind, h, w, b))
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
