@@ -158,6 +158,12 @@ def test_sample_bad_logits():
         sample(torch.randn(2, 0))
     with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
         sample(torch.arange(5))
+    with pytest.raises(TypeError, match=r"logits must be a floating-point tensor \(\.\.\., vocab\)"):
+        sample(torch.tensor(1.5))  # 0-d: no vocabulary dimension
+    # everything after the logits is keyword-only: a positional 0.5 is no silent temperature
+    for fn in (sample, sample_with_max):
+        with pytest.raises(TypeError):
+            fn(torch.randn(2, 5), 0.5)
 
 
 def test_infinite_logits_take_all_the_probability():
@@ -286,6 +292,18 @@ def test_min_p_keeps_a_token_exactly_at_the_threshold():
     removed only below it)."""
     f = filter_logits(torch.tensor([0.0, math.log(0.5), -5.0]), min_p=0.5)
     assert f.isinf().tolist() == [False, False, True]
+
+
+def test_top_p_drops_a_token_once_the_mass_before_it_reaches_top_p_exactly():
+    """HF's nucleus: the smallest set whose mass reaches top_p. Two equal logits have
+    probability exactly 0.5 each, so top_p=0.5 keeps one of them (the mass before the second
+    is 0.5, which reaches top_p); any top_p above 0.5 keeps both."""
+    logits = torch.zeros(16, 2)
+    kept = filter_logits(logits, top_p=0.5).isfinite()
+    assert kept.sum(-1).tolist() == [1] * 16
+    assert filter_logits(logits, top_p=0.5000001).isfinite().all()
+    draws = sample(logits, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert kept.gather(-1, draws[:, None]).all()  # only the kept token is ever drawn
 
 
 def test_top_p_one_keeps_every_token():
