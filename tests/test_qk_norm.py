@@ -197,6 +197,42 @@ def test_backward_programs_walking_several_token_blocks(max_programs):
         torch.testing.assert_close(g.double(), x.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["interleaved_tables", "strided_cu_seqlens"])
+def test_strided_tables_and_cu_seqlens_reach_the_backward_dense(layout, monkeypatch):
+    """cos/sin as views of one (S, rd/2, 2) buffer (last-dim stride 2) and a strided cu_seqlens:
+    the forward kernel got dense copies, and so must the backward, which sees the forward's
+    inputs as given (it read every other element of the tables: gradients off by ~20).  (The
+    interpreter hides a strided cu_seqlens, so the kernels' arguments are checked too.)"""
+    seen = []
+    for name in ("qk_norm_rotary_fwd", "qk_norm_rotary_bwd"):
+        def spy(*a, _f=getattr(kqk, name), _bwd=name.endswith("bwd")):
+            cos_, sin_, cu_ = a[8:10] + a[11:12] if _bwd else a[4:6] + a[7:8]
+            seen.append((cos_.stride(-1), sin_.stride() == cos_.stride(), cu_.is_contiguous()))
+            return _f(*a)
+        monkeypatch.setattr(kqk, name, spy)
+    q, k, qw, kw, cos, sin, rot = make("packed_varlen", torch.float32)
+    if layout == "interleaved_tables":
+        both = torch.stack([cos, sin], -1)
+        cos, sin = both[..., 0], both[..., 1]
+        assert cos.stride(-1) == 2
+    else:
+        cu = rot["cu_seqlens"]
+        rot["cu_seqlens"] = torch.stack([cu, torch.full_like(cu, 99)], -1)[:, 0]
+        assert rot["cu_seqlens"].stride(0) == 2
+    ins = [t.detach().clone().requires_grad_() for t in (q, k, qw, kw)]
+    outs = ops.qk_norm_rotary(*ins, cos, sin, **rot, backend="triton")
+    grads = [torch.randn_like(o) for o in outs]
+    torch.autograd.backward(outs, grads)
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, qw, kw)]
+    want = oracle(*x64, cos, sin, 1e-6, **rot)
+    torch.autograd.backward(want, [g.double() for g in grads])
+    for o, w in zip(outs, want):
+        torch.testing.assert_close(o.double(), w, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("dq", "dk", "dq_weight", "dk_weight"), ins, x64):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-4, rtol=1e-4, msg=name)
+    assert seen == [(1, True, True)] * 2
+
+
 def test_deterministic_gradients():
     q, k, qw, kw, cos, sin, rot = make("gqa_full_rotary", torch.float32)
     grads = []

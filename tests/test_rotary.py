@@ -182,6 +182,28 @@ def test_conj_inverts(backend, interleaved):
     torch.testing.assert_close(ko, k, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("op", ["rotary", "rotary_"])
+def test_torch_ops_called_directly_take_strided_tables(backend, op):
+    """torch.ops.fastlm.rotary / rotary_ (what a traced graph or a user's code calls, and what
+    the backward runs on the forward's saved inputs) with cos/sin as views of one (S, rd/2, 2)
+    buffer and a strided cu_seqlens: the kernels index the tables with a unit last stride, so
+    the op makes them dense itself (it read every other element of the tables)."""
+    q, k = rand_qk((9, 4, 16), (9, 2, 16), torch.float32)
+    cos, sin = tables(16, 9)
+    both = torch.stack([cos, sin], -1)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    cu_strided = torch.stack([cu, cu + 50], -1)[:, 0]
+    want = reference.apply_rotary(q.double(), k.double(), cos.double(), sin.double(), cu_seqlens=cu)
+    got = (q.clone(), k.clone())
+    out = getattr(torch.ops.fastlm, op)(*got, both[..., 0], both[..., 1], None, cu_strided, 0, krot.POS_ARANGE,
+                                        False, False, backend)
+    if op == "rotary":
+        got = out
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+
 @cuda_mark()
 def test_cuda_op_rejects_half_in_place():
     """rotary_cuda decides "in place" once for q and k (which also skips copying the dims past

@@ -73,11 +73,9 @@ def _qk_norm_rotary_op(
     _check_tensors(q, k, q_weight, k_weight, cos, sin, cu_seqlens, eps, backend)
     from fastlm.kernels.qk_norm import qk_norm_rotary_fwd
 
-    if cos is not None and (cos.stride(-1) != 1 or sin.stride() != cos.stride()):
-        cos, sin = cos.contiguous(), sin.contiguous()
-    return tuple(qk_norm_rotary_fwd(unit_last(q), unit_last(k), q_weight, k_weight, cos, sin, positions,
-                                    cu_seqlens.contiguous() if cu_seqlens is not None else None, eps, offset,
-                                    pos_mode, interleaved, weight_offset))
+    cos, sin, cu_seqlens = _rotary._kernel_layout(cos, sin, cu_seqlens)
+    return tuple(qk_norm_rotary_fwd(unit_last(q), unit_last(k), q_weight, k_weight, cos, sin, positions, cu_seqlens,
+                                    eps, offset, pos_mode, interleaved, weight_offset))
 
 
 @fast_op("fastlm::qk_norm_rotary_backward")
@@ -114,6 +112,7 @@ def _qk_norm_rotary_backward_op(
     check_same_device(q, "q", dq=dq, dk=dk, k=k, q_rstd=q_rstd, k_rstd=k_rstd)
     from fastlm.kernels.qk_norm import qk_norm_rotary_bwd
 
+    cos, sin, cu_seqlens = _rotary._kernel_layout(cos, sin, cu_seqlens)
     return tuple(qk_norm_rotary_bwd(unit_last(dq), unit_last(dk), unit_last(q), unit_last(k), q_weight, k_weight,
                                     q_rstd.contiguous(), k_rstd.contiguous(), cos, sin, positions, cu_seqlens,
                                     offset, pos_mode, interleaved, weight_offset))
@@ -212,6 +211,7 @@ def qk_norm_rotary(q, k, q_weight=None, k_weight=None, cos=None, sin=None, *, ep
         return reference.qk_norm_rotary(q, k, q_weight, k_weight, cos, sin, eps=eps, positions=positions,
                                         cu_seqlens=cu_seqlens, interleaved=interleaved, weight_offset=weight_offset)
     extra = (weight_offset,) if weight_offset else ()
+    cos, sin, cu_seqlens = _rotary._kernel_layout(cos, sin, cu_seqlens)  # once here: the backward saves these
     out = _qk_norm_rotary_op(q, k, q_weight, k_weight, cos, sin, pos_t, cu_seqlens, eps, offset, mode, interleaved,
                              b, *extra)
     return out[0], out[1]

@@ -38,8 +38,19 @@ POS_ARANGE, POS_PER_SEQ, POS_EXPLICIT = 0, 1, 2  # kernel position modes (kernel
 
 
 # ---------------------------------------------------------------------------- kernels
+def _kernel_layout(cos, sin, cu_seqlens):
+    """cos/sin and cu_seqlens as every rotating kernel indexes them (rotary, qk_norm_rotary, both
+    backends): the tables with a unit last stride and one stride pair for the two, cu_seqlens
+    dense.  A copy only where they are not; the op bodies apply it themselves (a backward gets
+    the forward's inputs as given, and the torch ops can be called directly)."""
+    if cos is not None and (cos.stride(-1) != 1 or sin.stride() != cos.stride()):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, cu_seqlens.contiguous() if cu_seqlens is not None else None
+
+
 def _launch(backend, q, k, cos, sin, q_out, k_out, positions, cu_seqlens, offset, pos_mode, interleaved, conj):
     """q_out/k_out <- rotate(q/k); q_out is q (and k_out is k) in place."""
+    cos, sin, cu_seqlens = _kernel_layout(cos, sin, cu_seqlens)
     if backend == "triton":
         from fastlm.kernels.rotary import rotary_fwd
 
@@ -467,10 +478,7 @@ def apply_rotary(q, k, cos, sin, *, positions=None, cu_seqlens=None, interleaved
         return q.copy_(qo), k.copy_(ko)
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"q: dtype {q.dtype} is not supported by the {b} backend (float32/float16/bfloat16)")
-    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.contiguous()  # both kernels index it with unit stride
+    cos, sin, cu_seqlens = _kernel_layout(cos, sin, cu_seqlens)  # once here: the backward saves these
     args = (cos, sin, pos_t, cu_seqlens, offset, mode, interleaved)
     if not inplace:
         return _rotary_op(q, k, *args, False, b)
