@@ -610,6 +610,24 @@ def test_opcheck_backward_op(dtype):
     torch.library.opcheck(torch.ops.fastlm.attention_bwd.default, args)
 
 
+def test_torch_ops_called_directly_take_strided_cu_seqlens():
+    """torch.ops.fastlm.attention_fwd / attention_bwd called directly (a traced graph, a user's
+    code) with cu_seqlens every other element of a buffer: the op bodies make the offsets dense
+    for the kernels (which read them densely: a silently wrong answer before)."""
+    q, k, v = (t[0] for t in _make(1, 9, 9, 2, 1, 16, F32))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    cu_s = torch.stack([cu, cu + 50], -1)[:, 0]
+    args = (0.25, -1, 0, 0.0, True)
+    want = torch.ops.fastlm.attention_fwd(q, k, v, cu, cu, 5, 5, *args)
+    got = torch.ops.fastlm.attention_fwd(q, k, v, cu_s, cu_s, 5, 5, *args)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    dout = torch.randn_like(q)
+    bwd = [torch.ops.fastlm.attention_bwd(dout, None, q, k, v, *want, c, c, 5, 5, *args) for c in (cu, cu_s)]
+    for g, w in zip(*bwd, strict=True):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
 def test_torch_compile_fullgraph():
     q, k, v = (t.requires_grad_() for t in _make(1, 13, 13, 2, 1, 16, F16))
 

@@ -608,6 +608,43 @@ def test_written_caches_must_not_share_memory(backend):
     fastlm.ops.decode_attention(q, kc, vc, lens + 1, backend=backend)  # read only: an expanded cache is fine
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_torch_ops_called_directly_refuse_strided_index_tensors(backend):
+    """torch.ops.fastlm.{kv_cache_append, decode_attention, decode_attention_with_kv} called
+    directly (a traced graph, a user's code) check what the kernels index densely, as the
+    public functions do: cache_seqlens (advanced in place: never a copy), cache_leftpad and the
+    workspace contiguous, block_table with a unit last stride (the Triton path read them as
+    dense: a silently wrong answer)."""
+    B, H, D = 2, 2, 16
+    q, new = torch.randn(B, 1, H, D, device=DEVICE), torch.randn(B, 1, H, D, device=DEVICE)
+    kc, vc = torch.randn(6, 4, H, D, device=DEVICE), torch.randn(6, 4, H, D, device=DEVICE)
+    lens = torch.tensor([3, 5], dtype=torch.int32, device=DEVICE)
+    bt = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32, device=DEVICE)
+
+    def strided(t):
+        return torch.stack([t, t], -1)[..., 0]
+
+    ops = torch.ops.fastlm
+    calls = {
+        "append": lambda ln, b: ops.kv_cache_append(kc, vc, new, new, ln, b, backend),
+        "decode": lambda ln, b, lp=None, ws=None: ops.decode_attention(q, kc, vc, ln, b, lp, 0.25, True, -1, 0.0, 1,
+                                                                       backend, ws),
+        "with_kv": lambda ln, b, lp=None, ws=None: ops.decode_attention_with_kv(
+            q, kc, vc, new, new, ln, b, lp, None, None, False, 0.25, True, -1, 0.0, 1, backend, workspace=ws),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"cache_seqlens must be contiguous, got stride \(2,\)"):
+            call(strided(lens.clone()), bt)
+        with pytest.raises(ValueError, match="block_table must have unit stride in its last dim"):
+            call(lens.clone(), strided(bt))
+        if name != "append":
+            with pytest.raises(ValueError, match="cache_leftpad must be contiguous"):
+                call(lens.clone(), bt, strided(torch.zeros_like(lens)))
+            with pytest.raises(ValueError, match="workspace must be contiguous"):
+                call(lens.clone(), bt, None, strided(torch.zeros(64, dtype=torch.int32, device=DEVICE)))
+        call(lens.clone(), bt)  # the same call, dense, runs
+
+
 def test_share_memory_is_exact_on_random_views():
     """fastlm._checks.share_memory (what the written-cache checks use) against brute force: 3000
     random strided views of one buffer (1-3 dims, strides 0-19, offsets anywhere): it says two

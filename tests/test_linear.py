@@ -239,6 +239,31 @@ def test_default_eps_follows_the_norm():
         assert not torch.allclose(y, fastlm.ops.fused_linear(x, w, norm=norm, eps=eps * 100, backend="triton"))
 
 
+def _strided_copy(t):
+    """t's values in a layout with no unit stride anywhere it matters: 1-D tensors every other
+    element of a buffer, 2-D ones column-major."""
+    if t is None:
+        return None
+    if t.dim() == 1:
+        return torch.stack([t, torch.full_like(t, 1e4)], -1)[:, 0]
+    return t.t().contiguous().t()
+
+
+def test_torch_op_called_directly_takes_any_layout():
+    """torch.ops.fastlm.fused_linear (what a traced graph, or a user's code, calls) with a
+    column-major x, residual and weight and strided vectors gives the public function's result:
+    the op body lays them out for the kernel itself (it read them as dense before)."""
+    x, w, kw = _case(3, 20, 6, torch.float32, norm="layer", residual=True, act="swiglu", bias=True, x_norm=True)
+    want = fastlm.ops.fused_linear(x, w, **kw, backend="triton")
+    names = ("bias", "residual", "norm_weight", "norm_bias", "x_norm_weight")
+    s = {n: _strided_copy(kw[n]) for n in names}
+    assert s["bias"].stride() == (2,) and s["residual"].stride() == (1, 3)
+    y, h = torch.ops.fastlm.fused_linear(_strided_copy(x), _strided_copy(w), s["bias"], s["residual"],
+                                         s["norm_weight"], s["norm_bias"], 2, 1e-5, "silu", s["x_norm_weight"])
+    torch.testing.assert_close(y, want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h, want[1], atol=0, rtol=0)
+
+
 def test_torch_op_contract():
     x, w, kw = _case(3, 20, 6, torch.float32, norm="rms", residual=True, act="swiglu", bias=True)
     args = (x, w, kw["bias"], kw["residual"], kw["norm_weight"], None, 1, 1e-6, "silu")

@@ -46,6 +46,7 @@ def _attention_fwd_op(
     the part of the exact log-sum-exp that lse's rounding loses, which the backward needs to
     recompute the probabilities to fp32 accuracy; empty otherwise).  deterministic: fixed tile
     configs (no autotuning), and saved for the backward."""
+    cu_seqlens_q, cu_seqlens_k = _dense(cu_seqlens_q), _dense(cu_seqlens_k)
     return _kernels().attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     softmax_scale, window_left, window_right, softcap, deterministic)
 
@@ -71,9 +72,15 @@ def _attention_bwd_op(
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv)"""
+    cu_seqlens_q, cu_seqlens_k = _dense(cu_seqlens_q), _dense(cu_seqlens_k)
     return _kernels().attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                     max_seqlen_k, softmax_scale, window_left, window_right, softcap, deterministic,
                                     lse_lo=lse_lo)
+
+
+def _dense(cu_seqlens):
+    """The kernels read the offsets densely (the op bodies apply this: the ops can be called directly)."""
+    return cu_seqlens.contiguous() if cu_seqlens is not None else None
 
 
 def _lse_shape(q, varlen):
@@ -311,8 +318,8 @@ def attention(
                             "bfloat16); float64 runs on the reference backend (backend=None or 'reference')")
     _validate(q, k, v, softmax_scale, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               KERNEL_DTYPES + ((torch.float64,) if b == "reference" else ()))
-    if cu_seqlens_q is not None:  # the kernels read the offsets densely
-        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    if cu_seqlens_q is not None:  # dense once here, where the backward saves them (the op bodies check again)
+        cu_seqlens_q, cu_seqlens_k = _dense(cu_seqlens_q), _dense(cu_seqlens_k)
     window_left, window_right = int(window[0]), int(window[1])
     if causal:
         window_right = 0

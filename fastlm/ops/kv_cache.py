@@ -200,6 +200,16 @@ def _splits(q, k_cache, block_table, num_splits, backend):
 
 
 # ---------------------------------------------------------------------------- torch ops
+def _check_index_layout(op, cache_seqlens, block_table, cache_leftpad=None, workspace=None):
+    """What the kernels of both backends index densely (the CUDA ops check it too): the op bodies
+    check it themselves, as the ops can be called directly (the public functions check more)."""
+    for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad), ("workspace", workspace)):
+        if t is not None and not t.is_contiguous():  # (cache_seqlens is advanced in place: no copy)
+            raise ValueError(f"{op}: {name} must be contiguous, got stride {t.stride()}")
+    if block_table is not None and block_table.shape[-1] > 1 and block_table.stride(-1) != 1:
+        raise ValueError(f"{op}: block_table must have unit stride in its last dim, got {block_table.stride()}")
+
+
 @fast_op("fastlm::kv_cache_append", mutates_args=("k_cache", "v_cache"))
 def _append_op(
     k_cache: torch.Tensor,
@@ -210,6 +220,7 @@ def _append_op(
     block_table: torch.Tensor | None,
     backend: str,
 ) -> None:
+    _check_index_layout("kv_cache_append", cache_seqlens, block_table)
     if value_checks_on(k_cache):
         _debug_check_append(k_cache, k, cache_seqlens, block_table)
     if backend == "triton":
@@ -245,6 +256,7 @@ def _decode_op(
     launch), on both backends.  Not declared mutated: the kernel counts in it but leaves it zeroed,
     so its value never changes (and an optional mutated argument passed as None breaks
     inductor's lowering of the op)."""
+    _check_index_layout("decode_attention", cache_seqlens, block_table, cache_leftpad, workspace)
     if value_checks_on(q):
         _debug_check_decode(k_cache, cache_seqlens, block_table, cache_leftpad)
     num_splits = _splits(q, k_cache, block_table, num_splits, backend)
@@ -321,6 +333,7 @@ def _decode_kv_op(
     merges its splits itself (the append zeroes the counters).  Either way a row tile whose
     partials exceed MAX_FUSED_MERGE_BYTES is merged by one more launch."""
     n = k.shape[1]
+    _check_index_layout("decode_attention", cache_seqlens, block_table, cache_leftpad, workspace)
     if value_checks_on(q):
         _debug_check_with_kv(k_cache, k, cache_seqlens, block_table, rotary_cos, cache_leftpad)
     num_splits = _splits(q, k_cache, block_table, num_splits, backend)

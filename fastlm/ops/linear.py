@@ -65,9 +65,13 @@ def _fused_linear_op(
     empty without one).  glu: None, or the gate activation ("silu", "gelu_tanh", "gelu") of a
     gated product (weight stacks [gate; up]).  act (glu None): None, or an activation of the
     output ("gelu_tanh", "gelu").  softcap > 0: y <- softcap * tanh(y / softcap), last.  1-D
-    inputs must be contiguous (the public function makes them so).  x_norm_weight (K,): x is RMS-normalized with it (eps) first.  The norms scale by
-    norm_offset + their weight."""
+    inputs are made contiguous and x/residual/weight given a unit column stride here (the kernel
+    reads them so; the op can be called directly).  x_norm_weight (K,): x is RMS-normalized with
+    it (eps) first.  The norms scale by norm_offset + their weight."""
     k = _kernels()
+    x, weight, residual = unit_last(x), unit_last(weight), unit_last(residual)
+    bias, norm_weight, norm_bias, x_norm_weight = (t.contiguous() if t is not None else None
+                                                   for t in (bias, norm_weight, norm_bias, x_norm_weight))
     M, K = x.shape
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     y = x.new_empty((M, N))
@@ -229,13 +233,13 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
         y, h = _gemm_path(x2, weight, bias, r2, norm, norm_weight, norm_bias, eps, activation, b, x_norm_weight,
                           norm_offset, softcap)
     else:
-        vec = [t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias, x_norm_weight)]
         if activation in PLAIN or softcap:
-            extra = (vec[3], norm_offset, PLAIN.get(activation), softcap)
+            extra = (x_norm_weight, norm_offset, PLAIN.get(activation), softcap)
         else:
-            extra = (vec[3], norm_offset) if norm_offset else (vec[3],) if vec[3] is not None else ()
+            extra = ((x_norm_weight, norm_offset) if norm_offset
+                     else (x_norm_weight,) if x_norm_weight is not None else ())
         # (the defaults left out: calls without the Gemma arguments keep the op's earlier form)
-        y, h = _fused_linear_op(x2, unit_last(weight), vec[0], r2, vec[1], vec[2], NORMS[norm], eps,
-                                GATED.get(activation), *extra)
+        y, h = _fused_linear_op(x2, weight, bias, r2, norm_weight, norm_bias, NORMS[norm], eps, GATED.get(activation),
+                                *extra)
     y = y.view(*lead, y.shape[-1])
     return (y, h.view(x.shape)) if residual is not None else y
