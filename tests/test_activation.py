@@ -354,6 +354,12 @@ def test_bad_inputs():
         call(torch.randn(4, 15, device=DEVICE))
     with pytest.raises(ValueError, match="non-empty last dim"):
         call(torch.randn(4, 0, device=DEVICE))
+    for backend in ("triton", "reference"):  # the last dim, not the second (the reference path too)
+        with pytest.raises(ValueError, match=r"non-empty last dim, got shape \(2, 3, 0\)"):
+            fastlm.ops.swiglu(torch.randn(2, 3, 0, device=DEVICE), backend=backend)
+    for fn in (fastlm.ops.swiglu, fastlm.ops.geglu):  # backend is keyword-only: no positional "triton"
+        with pytest.raises(TypeError):
+            fn(g, g, "triton")
     with pytest.raises(ValueError, match=r"up must have the shape of x \(the gate\) \(4, 8\)"):
         call(g, torch.randn(4, 9, device=DEVICE))
     with pytest.raises(ValueError, match="up must have the shape"):

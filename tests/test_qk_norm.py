@@ -303,6 +303,42 @@ def test_bad_inputs_name_the_argument(bad, match):
                            backend="triton", **kw)
 
 
+def test_edges_of_the_checks():
+    """eps 0 is allowed (>= 0); everything after the tables is keyword-only; per-sequence
+    offsets are bounded by offset + seqlen (q's second dim) <= the tables' rows, exactly."""
+    q, k = torch.randn(2, 3, 4, 8, device=DEVICE), torch.randn(2, 3, 2, 8, device=DEVICE)
+    qo, _ = ops.qk_norm_rotary(q, k, eps=0.0, backend="triton")
+    torch.testing.assert_close(qo, rms(q, None, 0.0), atol=1e-5, rtol=1e-5)
+    cos, sin = ops.rotary_tables(8, 8, device=DEVICE)
+    with pytest.raises(TypeError):
+        ops.qk_norm_rotary(q, k, None, None, cos, sin, 1e-6)
+    last = torch.tensor([5, 0], device=DEVICE)  # 5 + 3 = 8 rows: the last start that fits
+    qo, ko = ops.qk_norm_rotary(q, k, None, None, cos, sin, positions=last, backend="triton")
+    want = oracle(q, k, None, None, cos, sin, 1e-6, positions=last)
+    torch.testing.assert_close(qo.double(), want[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="reaches 9, beyond the 8 rows of cos/sin"):
+        ops.qk_norm_rotary(q, k, None, None, cos, sin, positions=last + 1, backend="triton")
+
+
+def test_backward_op_checks_its_gradients():
+    """torch.ops.fastlm.qk_norm_rotary_backward called directly: a gradient of the wrong shape
+    or dtype, or an rstd of the wrong dtype or shape, is refused (each alone)."""
+    q, k, qw, kw, cos, sin, rot = make("gqa_full_rotary", torch.float32)
+    qo, ko, qr, kr = torch.ops.fastlm.qk_norm_rotary(q, k, qw, kw, cos, sin, None, None, 1e-6, 0, 0, False, "triton")
+    tail = (cos, sin, None, None, 0, 0, False, "triton")
+    bwd = torch.ops.fastlm.qk_norm_rotary_backward
+    dq, dk = torch.randn_like(qo), torch.randn_like(ko)
+    bwd(dq, dk, q, k, qw, kw, qr, kr, *tail)
+    with pytest.raises(ValueError, match="dq must have the shape and dtype of the input"):
+        bwd(dq[:, :-1], dk, q, k, qw, kw, qr, kr, *tail)
+    with pytest.raises(ValueError, match="dk must have the shape and dtype of the input"):
+        bwd(dq, dk.half(), q, k, qw, kw, qr, kr, *tail)
+    with pytest.raises(ValueError, match="the rstd of q must be float32"):
+        bwd(dq, dk, q, k, qw, kw, qr.double(), kr, *tail)
+    with pytest.raises(ValueError, match="the rstd of k must be float32"):
+        bwd(dq, dk, q, k, qw, kw, qr, kr[:, :-1], *tail)
+
+
 def test_unavailable_backend_is_an_error():
     q, k = torch.ones(1, 2, 2, 8, device=DEVICE), torch.ones(1, 2, 2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="not implemented for this op"):
