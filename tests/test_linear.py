@@ -239,6 +239,27 @@ def test_default_eps_follows_the_norm():
         assert not torch.allclose(y, fastlm.ops.fused_linear(x, w, norm=norm, eps=eps * 100, backend="triton"))
 
 
+def test_defaults_and_edges_of_the_arguments():
+    """x_norm_weight alone (no norm) takes rms_norm's eps 1e-6 by default (seen on a tiny-variance
+    x); eps 0 is allowed; norm_offset needs only one of the two norm weights."""
+    x = torch.full((1, 16), 1e-3, device=DEVICE)
+    x[0, ::2] = -1e-3
+    w, xw = torch.eye(16, device=DEVICE), torch.ones(16, device=DEVICE)
+
+    def run(**kw):
+        return fastlm.ops.fused_linear(x, w, backend="triton", **kw)
+
+    torch.testing.assert_close(run(x_norm_weight=xw), run(x_norm_weight=xw, eps=1e-6))
+    assert not torch.allclose(run(x_norm_weight=xw), run(x_norm_weight=xw, eps=0.0))
+    torch.testing.assert_close(run(x_norm_weight=xw, eps=0.0), x / 1e-3, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(x_norm_weight=xw - 1, norm_offset=1.0), run(x_norm_weight=xw))
+    torch.testing.assert_close(run(norm="rms", norm_weight=xw - 1, norm_offset=1.0), run(norm="rms"))
+    # an odd number of output rows is fine without a gated activation; an even one with it
+    torch.testing.assert_close(fastlm.ops.fused_linear(x, w[:5], backend="triton"), x[:, :5])
+    y = fastlm.ops.fused_linear(x, w[:6], activation="swiglu", backend="triton")
+    torch.testing.assert_close(y, torch.nn.functional.silu(x[:, :3]) * x[:, 3:6])
+
+
 def _strided_copy(t):
     """t's values in a layout with no unit stride anywhere it matters: 1-D tensors every other
     element of a buffer, 2-D ones column-major."""
@@ -319,6 +340,9 @@ def _bad(**over):
     (dict(weight=torch.randn(6, 7)), ValueError, r"weight must have shape \(out_features, 8\)"),
     (dict(weight=torch.randn(6, 8, dtype=torch.float16)), TypeError, "weight has dtype"),
     (dict(weight=torch.randn(5, 8), activation="swiglu"), ValueError, "even number of rows"),
+    (dict(weight=torch.randn(9, 8), activation="swiglu"), ValueError, "even number of rows"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be a finite number >= 0"),
+    (dict(norm_offset=1.0), ValueError, "norm_offset offsets the norm weights"),
     (dict(activation="relu"), ValueError, "activation must be one of"),
     (dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\)"),
     (dict(residual=torch.randn(2, 9)), ValueError, "residual must have the shape of x"),
