@@ -935,6 +935,35 @@ def _subprocess_env(cache_dir):
 
 
 # ============================================================================ pytest side
+def _once_per_run(tmp_path_factory, name, produce):
+    """produce(folder) -> a JSON-able result, computed once per pytest run: under pytest-xdist a
+    module fixture runs in every worker that gets one of the module's tests, and these compiles
+    take minutes, so the first worker computes it (under a file lock, in the run's shared temp
+    folder) and the others read its JSON.  A skip or a failure is shared the same way."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    done = root / f"{name}.outcome.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            try:
+                outcome = {"data": produce(root / name)}
+            except pytest.skip.Exception as e:
+                outcome = {"skip": str(e.msg)}
+            except BaseException as e:  # noqa: BLE001 (a pytest.fail too: shared, then raised)
+                outcome = {"fail": f"{type(e).__name__}: {e}"}
+            done.write_text(json.dumps(outcome))
+        outcome = json.loads(done.read_text())
+    if "skip" in outcome:
+        pytest.skip(outcome["skip"])
+    if "fail" in outcome:
+        pytest.fail(outcome["fail"])
+    return outcome["data"]
+
+
 @pytest.fixture(scope="module")
 def aot(tmp_path_factory):
     """Record and compile everything once (one subprocess, parallel compile workers)."""
@@ -942,22 +971,26 @@ def aot(tmp_path_factory):
 
     if torch.cuda.is_available():
         pytest.skip("a CPU-CI check: on a GPU machine the GPU tests compile and run the kernels for real")
-    tmp = tmp_path_factory.mktemp("aot")
-    out = tmp / "aot.json"
-    cmd = [sys.executable, HERE, "--json", str(out)]
-    if os.environ.get("FASTLM_AOT_FULL", "0") not in ("", "0"):
-        cmd.append("--full")
-    t0 = time.time()
-    r = subprocess.run(cmd, env=_subprocess_env(str(tmp / "triton_cache")), capture_output=True, text=True,
-                       timeout=900, cwd=ROOT)
-    if r.returncode != 0 or not out.exists():
-        pytest.fail(f"AOT compile subprocess failed (rc={r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
-    data = json.loads(out.read_text())
-    if data["skip"]:
-        pytest.skip(data["skip"])
-    print(f"\nAOT compile (triton {data['triton']}): {len(data['results'])} kernels in {time.time() - t0:.0f} s "
-          f"(recording + compiling {data['seconds']:.0f} s)")
-    return data
+
+    def produce(tmp):
+        tmp.mkdir()
+        out = tmp / "aot.json"
+        cmd = [sys.executable, HERE, "--json", str(out)]
+        if os.environ.get("FASTLM_AOT_FULL", "0") not in ("", "0"):
+            cmd.append("--full")
+        t0 = time.time()
+        r = subprocess.run(cmd, env=_subprocess_env(str(tmp / "triton_cache")), capture_output=True, text=True,
+                           timeout=900, cwd=ROOT)
+        if r.returncode != 0 or not out.exists():
+            pytest.fail(f"AOT compile subprocess failed (rc={r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
+        data = json.loads(out.read_text())
+        if data["skip"]:
+            pytest.skip(data["skip"])
+        print(f"\nAOT compile (triton {data['triton']}): {len(data['results'])} kernels in {time.time() - t0:.0f} s "
+              f"(recording + compiling {data['seconds']:.0f} s)")
+        return data
+
+    return _once_per_run(tmp_path_factory, "aot", produce)
 
 
 # Kernels taken on sm_90 with triton 3.6 only (the Hopper warp specialization of
@@ -991,18 +1024,22 @@ def aot36(tmp_path_factory):
         pytest.skip("a CPU-CI check: on a GPU machine the GPU tests compile and run the kernels for real")
     if not os.path.isdir(os.path.join(TRITON36, "triton")):
         pytest.skip(f"no triton 3.6 at {TRITON36}: pip install --target {TRITON36} --no-deps triton==3.6.0")
-    tmp = tmp_path_factory.mktemp("aot36")
-    out = tmp / "aot36.json"
-    env = _subprocess_env(str(tmp / "triton_cache"))
-    env["PYTHONPATH"] = ROOT + os.pathsep + TRITON36
-    cmd = [sys.executable, HERE, "--json", str(out), "--arch", "90"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    if r.returncode != 0 or not out.exists():
-        pytest.fail(f"AOT compile subprocess failed (rc={r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
-    data = json.loads(out.read_text())
-    assert data["skip"] is None and data["triton"].startswith("3.6"), (data["skip"], data["triton"])
-    assert not data["errors"], data["errors"]
-    return data["results"]
+
+    def produce(tmp):
+        tmp.mkdir()
+        out = tmp / "aot36.json"
+        env = _subprocess_env(str(tmp / "triton_cache"))
+        env["PYTHONPATH"] = ROOT + os.pathsep + TRITON36
+        cmd = [sys.executable, HERE, "--json", str(out), "--arch", "90"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        if r.returncode != 0 or not out.exists():
+            pytest.fail(f"AOT compile subprocess failed (rc={r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
+        data = json.loads(out.read_text())
+        assert data["skip"] is None and data["triton"].startswith("3.6"), (data["skip"], data["triton"])
+        assert not data["errors"], data["errors"]
+        return data["results"]
+
+    return _once_per_run(tmp_path_factory, "aot36", produce)
 
 
 def _small_k_mma(rows):
