@@ -611,6 +611,11 @@ def test_bad_inputs(monkeypatch):
     # positions
     with pytest.raises(ValueError, match="positions"):
         call(positions=6)  # 6 + seqlen 3 > 8 rows
+    for kw in ({}, dict(positions=0)):  # seqlen 9 > 8 rows from position 0, dense and packed as one sequence
+        with pytest.raises(ValueError, match="exceeds the 8 rows"):
+            call(q=q[:1].expand(3, 3, 4, 16).reshape(1, 9, 4, 16), k=k[:1].expand(3, 3, 2, 16).reshape(1, 9, 2, 16), **kw)
+        with pytest.raises(ValueError, match="exceeds the 8 rows"):
+            call(q=q[:1].expand(3, 3, 4, 16).reshape(9, 4, 16), k=k[:1].expand(3, 3, 2, 16).reshape(9, 2, 16), **kw)
     with pytest.raises(ValueError, match="positions"):
         call(positions=-1)
     with pytest.raises(ValueError, match="positions"):
@@ -633,6 +638,9 @@ def test_bad_inputs(monkeypatch):
         ops.apply_rotary(qp, kp, cos, sin, cu_seqlens=cu.long())
     with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
         ops.apply_rotary(qp, kp, cos, sin, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32, **T))
+    for bad in ([0, 6, 2, 8], [0, 9, 8]):  # right ends, decreasing inside: not offsets of sequences
+        with pytest.raises(ValueError, match="non-decreasing"):
+            ops.apply_rotary(qp, kp, cos, sin, cu_seqlens=torch.tensor(bad, dtype=torch.int32, **T))
     with pytest.raises(ValueError, match="q must be packed"):
         call(cu_seqlens=cu)
     with pytest.raises(ValueError, match="positions"):  # offset 4 + longest sequence 5 > 8
