@@ -294,6 +294,80 @@ def test_packed_without_cu_seqlens_is_one_sequence(backend, positions):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+def test_positions_edges(backend, monkeypatch):
+    """Positions forms at their edges: a (1,) tensor is every sequence's offset (dense and
+    packed); one sequence as a two-entry cu_seqlens; rotary_dim 2 (one pair); int offsets up to
+    the last row with length-1 sequences.  And what is checked from shapes alone (an int offset
+    past the tables) raises also where tensor values are not read (CUDA without FASTLM_DEBUG)."""
+    cos, sin = tables(16, 8)
+    q, k = rand_qk((2, 3, 4, 16), (2, 3, 2, 16), torch.float32)
+    one = torch.tensor([3], device=DEVICE)
+    check(ops.apply_rotary(q, k, cos, sin, positions=one, backend=backend), q, k, cos, sin,
+          positions=torch.tensor([3, 3], device=DEVICE))
+    qp, kp, cu = _packed([3, 5], D=16)
+    check(ops.apply_rotary(qp, kp, cos, sin, positions=one, cu_seqlens=cu, backend=backend), qp, kp, cos, sin,
+          positions=torch.tensor([3, 3], device=DEVICE), cu_seqlens=cu)
+    cu1 = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+    check(ops.apply_rotary(qp, kp, cos, sin, cu_seqlens=cu1, backend=backend), qp, kp, cos, sin, cu_seqlens=cu1)
+    c2, s2 = tables(2, 8)
+    check(ops.apply_rotary(q, k, c2, s2, positions=5, backend=backend), q, k, c2, s2, positions=5)
+    q1, k1, cu_short = _packed([1, 0, 1], D=16)
+    check(ops.apply_rotary(q1, k1, cos, sin, positions=7, cu_seqlens=cu_short, backend=backend), q1, k1, cos, sin,
+          positions=7, cu_seqlens=cu_short)
+    import fastlm.ops.rotary as rot
+
+    monkeypatch.setattr(rot, "value_checks_on", lambda t: False)
+    with pytest.raises(ValueError, match="offset 6 \\+ sequence length 3 exceeds the 8 rows"):
+        ops.apply_rotary(q, k, cos, sin, positions=6, backend=backend)
+    with pytest.raises(ValueError, match="offset 8 \\+ sequence length 1 exceeds the 8 rows"):
+        ops.apply_rotary(q1, k1, cos, sin, positions=8, cu_seqlens=cu_short, backend=backend)
+
+
+def test_argument_edges(monkeypatch):
+    """Each refused alone (mutants survived the suite): a cu_seqlens of one entry or 2-D, 2-D
+    positions of the wrong shape (dense and packed), per-sequence offsets with one negative,
+    zero KV heads, tables without columns, only cos requiring grad; keyword-only options; a
+    stride-0 dim of size 1 is no expanded tensor for inplace=True; backend=None runs the kernels
+    for fp32 (the reference only for float64)."""
+    q, k = rand_qk((2, 3, 4, 16), (2, 3, 2, 16), torch.float32)
+    cos, sin = tables(16, 8)
+    qp, kp, cu = _packed([3, 5], D=16)
+    T = dict(device=DEVICE)
+    with pytest.raises(ValueError, match="num_seqs \\+ 1"):
+        ops.apply_rotary(qp[:0], kp[:0], cos, sin, cu_seqlens=cu[:1], backend="triton")
+    with pytest.raises(ValueError, match="num_seqs \\+ 1"):
+        ops.apply_rotary(qp, kp, cos, sin, cu_seqlens=cu[None], backend="triton")
+    with pytest.raises(ValueError, match="positions must have shape"):
+        ops.apply_rotary(q, k, cos, sin, positions=torch.zeros(2, 4, dtype=torch.long, **T), backend="triton")
+    with pytest.raises(ValueError, match="positions for packed q must have shape"):
+        ops.apply_rotary(qp, kp, cos, sin, positions=torch.zeros(2, 1, dtype=torch.long, **T), cu_seqlens=cu,
+                         backend="triton")
+    with pytest.raises(ValueError, match="per-sequence offsets must be >= 0"):
+        ops.apply_rotary(q, k, cos, sin, positions=torch.tensor([2, -1], **T), backend="triton")
+    with pytest.raises(ValueError, match="n_heads_k \\(0\\)"):
+        ops.apply_rotary(q, k[:, :, :0], cos, sin, backend="triton")
+    with pytest.raises(ValueError, match="cos must have shape"):
+        ops.apply_rotary(q, k, cos[:, :0], sin[:, :0], backend="triton")
+    with pytest.raises(NotImplementedError, match="no gradient for the tables"):
+        ops.apply_rotary(q, k, cos.clone().requires_grad_(), sin, backend="triton")
+    with pytest.raises(TypeError):
+        ops.apply_rotary(q, k, cos, sin, None)  # positions is keyword-only
+    base_q, base_k = torch.randn(3, 4, 16, **T), torch.randn(3, 2, 16, **T)
+    qe, ke = base_q.expand(1, 3, 4, 16), base_k.expand(1, 3, 2, 16)  # stride 0 on a dim of size 1
+    want = reference.apply_rotary(qe, ke, cos, sin)
+    got = ops.apply_rotary(qe, ke, cos, sin, inplace=True, backend="triton")
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(base_q, want[0][0])
+    import fastlm.ops.rotary as rot
+
+    calls, real = [], rot._ref.apply_rotary
+    monkeypatch.setattr(rot._ref, "apply_rotary", lambda *a, **kw: calls.append(a[0].dtype) or real(*a, **kw))
+    ops.apply_rotary(q, k, cos, sin)
+    ops.apply_rotary(q.double(), k.double(), cos, sin)
+    assert calls == [torch.float64]
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_decode_left_padding(backend):
     # One new token per sequence, each at its own position (per-sequence offsets).
     q, k = rand_qk((4, 1, 8, 64), (4, 1, 2, 64), torch.bfloat16)
