@@ -580,6 +580,12 @@ def test_backend_none_choice_by_hidden_size():
     from fastlm.ops import norm as N
 
     assert N.TRITON_MAX_N == K.MAX_FUSED_N
+    import os
+    import re
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "norm.cu")) as f:
+        k_max_n = re.search(r"constexpr int64_t kMaxN = int64_t\(1\) << (\d+);", f.read())
+    assert k_max_n and N.CUDA_MAX_N == 1 << int(k_max_n.group(1)), "CUDA_MAX_N must be csrc/norm.cu's kMaxN"
     for n, want in [(65536, "triton"), (65537, "cuda"), (N.CUDA_MAX_N, "cuda"), (N.CUDA_MAX_N + 1, "reference")]:
         x = torch.empty(1, device=DEVICE).expand(1, n)
         assert N._pick(None, x, "rms_norm") == want, n
@@ -616,6 +622,29 @@ def test_unused_output_grad_is_not_materialized(monkeypatch, backend, kind):
                 assert t is None or t.grad is None, f"output {used} used: {name} should be None"
             else:
                 torch.testing.assert_close(t.grad, t64.grad.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_eps_zero_and_one_row_backward(backend, kind):
+    """eps 0 is allowed (a row with a nonzero mean square / variance stays finite), and a 1-D x
+    (one row, no leading dims) runs forward and backward, with the residual too (mutants of
+    the checks survived the suite)."""
+    x0, w0, r0 = (torch.randn(40, device=DEVICE, dtype=torch.float64).float() for _ in range(3))
+    for eps, residual in ((0.0, False), (1e-5, True)):
+        x, w, r = _leaves(x0, w0, r0 if residual else None)
+        xr, wr, rr = _leaves(x0.double(), w0.double(), r0.double() if residual else None)
+        got = _op(kind, x, w, None, eps, r, backend)
+        want = _ref(kind, xr, wr, None, eps, rr)
+        got, want = (got, want) if residual else ((got,), (want,))
+        loss = sum((o.float() * torch.linspace(-1, 1, 40, device=DEVICE)).sum() for o in got)
+        loss_ref = sum((o * torch.linspace(-1, 1, 40, device=DEVICE, dtype=torch.float64)).sum() for o in want)
+        loss.backward()
+        loss_ref.backward()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5)
+        for a, b in ((x, xr), (w, wr)) + (((r, rr),) if residual else ()):
+            torch.testing.assert_close(a.grad, b.grad.float(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["rms", "ln"])
