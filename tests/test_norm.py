@@ -669,6 +669,9 @@ def test_bad_inputs(kind):
         call(residual=torch.randn(4, 16, device=DEVICE, dtype=torch.float16))
     with pytest.raises(ValueError, match="non-empty last"):
         call(x=torch.randn(4, 0, device=DEVICE))
+    for backend in (None, "triton", "reference"):  # a 0-d x has no hidden dim to choose a backend by
+        with pytest.raises(ValueError, match="x must have at least 1 dim"):
+            call(x=torch.tensor(1.0, device=DEVICE), backend=backend)
     with pytest.raises(ValueError, match="weight is on meta"):
         call(w=torch.randn(16, device="meta"))
     with pytest.raises(TypeError, match="weight must be float32 or x's dtype"):
