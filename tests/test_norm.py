@@ -647,6 +647,19 @@ def test_eps_zero_and_one_row_backward(backend, kind):
             torch.testing.assert_close(a.grad, b.grad.float(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+def test_default_eps_and_keyword_only_options(backend):
+    """The functions' default eps (rms_norm 1e-6, layer_norm 1e-5; x small enough for eps to
+    matter), and residual/backend keyword-only."""
+    x = torch.randn(3, 16, device=DEVICE) * 1e-3  # mean square and variance ~1e-6
+    torch.testing.assert_close(fastlm.ops.rms_norm(x, backend=backend), reference.rms_norm(x, None, 1e-6))
+    torch.testing.assert_close(fastlm.ops.layer_norm(x, backend=backend), reference.layer_norm(x, None, None, 1e-5))
+    with pytest.raises(TypeError):
+        fastlm.ops.rms_norm(x, None, 1e-6, None)
+    with pytest.raises(TypeError):
+        fastlm.ops.layer_norm(x, None, None, 1e-5, None)
+
+
 @pytest.mark.parametrize("kind", ["rms", "ln"])
 def test_bad_inputs(kind):
     x = torch.randn(4, 16, device=DEVICE)
