@@ -654,9 +654,9 @@ def test_default_eps_and_keyword_only_options(backend):
     x = torch.randn(3, 16, device=DEVICE) * 1e-3  # mean square and variance ~1e-6
     torch.testing.assert_close(fastlm.ops.rms_norm(x, backend=backend), reference.rms_norm(x, None, 1e-6))
     torch.testing.assert_close(fastlm.ops.layer_norm(x, backend=backend), reference.layer_norm(x, None, None, 1e-5))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="positional argument"):
         fastlm.ops.rms_norm(x, None, 1e-6, None)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="positional argument"):
         fastlm.ops.layer_norm(x, None, None, 1e-5, None)
 
 

@@ -350,7 +350,7 @@ def test_argument_edges(monkeypatch):
         ops.apply_rotary(q, k, cos[:, :0], sin[:, :0], backend="triton")
     with pytest.raises(NotImplementedError, match="no gradient for the tables"):
         ops.apply_rotary(q, k, cos.clone().requires_grad_(), sin, backend="triton")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="positional argument"):
         ops.apply_rotary(q, k, cos, sin, None)  # positions is keyword-only
     base_q, base_k = torch.randn(3, 4, 16, **T), torch.randn(3, 2, 16, **T)
     qe, ke = base_q.as_strided((1, 3, 4, 16), (0, 64, 16, 1)), base_k.as_strided((1, 3, 2, 16), (0, 32, 16, 1))
