@@ -964,6 +964,21 @@ def _once_per_run(tmp_path_factory, name, produce):
     return outcome["data"]
 
 
+def _compile_subprocess(tmp, args, triton_path=None):
+    """This file run as the recording + compiling subprocess into tmp (a new folder) -> its JSON.
+    triton_path: a folder holding another triton (imported instead of the installed one)."""
+    tmp.mkdir()
+    out = tmp / "aot.json"
+    env = _subprocess_env(str(tmp / "triton_cache"))
+    if triton_path:
+        env["PYTHONPATH"] = ROOT + os.pathsep + triton_path
+    r = subprocess.run([sys.executable, HERE, "--json", str(out), *args], env=env, capture_output=True, text=True,
+                       timeout=900, cwd=ROOT)
+    if r.returncode != 0 or not out.exists():
+        pytest.fail(f"AOT compile subprocess failed (rc={r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
+    return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def aot(tmp_path_factory):
     """Record and compile everything once (one subprocess, parallel compile workers)."""
@@ -973,17 +988,9 @@ def aot(tmp_path_factory):
         pytest.skip("a CPU-CI check: on a GPU machine the GPU tests compile and run the kernels for real")
 
     def produce(tmp):
-        tmp.mkdir()
-        out = tmp / "aot.json"
-        cmd = [sys.executable, HERE, "--json", str(out)]
-        if os.environ.get("FASTLM_AOT_FULL", "0") not in ("", "0"):
-            cmd.append("--full")
         t0 = time.time()
-        r = subprocess.run(cmd, env=_subprocess_env(str(tmp / "triton_cache")), capture_output=True, text=True,
-                           timeout=900, cwd=ROOT)
-        if r.returncode != 0 or not out.exists():
-            pytest.fail(f"AOT compile subprocess failed (rc={r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
-        data = json.loads(out.read_text())
+        full = os.environ.get("FASTLM_AOT_FULL", "0") not in ("", "0")
+        data = _compile_subprocess(tmp, ["--full"] if full else [])
         if data["skip"]:
             pytest.skip(data["skip"])
         print(f"\nAOT compile (triton {data['triton']}): {len(data['results'])} kernels in {time.time() - t0:.0f} s "
@@ -1026,15 +1033,7 @@ def aot36(tmp_path_factory):
         pytest.skip(f"no triton 3.6 at {TRITON36}: pip install --target {TRITON36} --no-deps triton==3.6.0")
 
     def produce(tmp):
-        tmp.mkdir()
-        out = tmp / "aot36.json"
-        env = _subprocess_env(str(tmp / "triton_cache"))
-        env["PYTHONPATH"] = ROOT + os.pathsep + TRITON36
-        cmd = [sys.executable, HERE, "--json", str(out), "--arch", "90"]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-        if r.returncode != 0 or not out.exists():
-            pytest.fail(f"AOT compile subprocess failed (rc={r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
-        data = json.loads(out.read_text())
+        data = _compile_subprocess(tmp, ["--arch", "90"], TRITON36)
         assert data["skip"] is None and data["triton"].startswith("3.6"), (data["skip"], data["triton"])
         assert not data["errors"], data["errors"]
         return data["results"]
