@@ -3,6 +3,7 @@ GPU) against a reference that gathers each sequence's cache and runs float64 att
 Static/Paged cache objects and their block allocator."""
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -292,6 +293,12 @@ def test_decode_cache_leftpad_bad_inputs(monkeypatch):
     # with new tokens the bound is cache_seqlens + seqlen_new: a prompt of padding only is fine
     fastlm.ops.decode_attention(q, kc, vc, lens - 1, k=k, v=k, block_table=bt, cache_leftpad=lens - 1,
                                 backend="reference")
+    fastlm.ops.decode_attention(q, kc, vc, lens - 1, k=k, v=k, block_table=bt, cache_leftpad=lens,
+                                backend="reference")  # (the bound itself: a row that sees no key)
+    with pytest.raises(IndexError, match=r"cache_leftpad\[0\] = 6 is outside \[0, 5\] \(0 to the sequence's length, "
+                                         r"cache_seqlens\[b\] \+ seqlen_new\)"):
+        fastlm.ops.decode_attention(q, kc, vc, lens - 1, k=k, v=k, block_table=bt, cache_leftpad=lens + 1,
+                                    backend="reference")
     bt[0, 0] = -1  # the first block holds padding only: never read
     fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, cache_leftpad=pad * 4, backend="reference")
     with pytest.raises(IndexError, match="block_table"):
@@ -602,10 +609,25 @@ def test_written_caches_must_not_share_memory(backend):
             fastlm.ops.kv_cache_append(a, b, nk, nv, lens, backend=backend)
         with pytest.raises(ValueError, match=match):
             fastlm.ops.decode_attention(q, a, b, lens, k=nk, v=nv, backend=backend)
+    # One shared element is an overlap: a new v that starts at k_cache's last element, a new k that
+    # ends at v_cache's first.
+    n_cache, n_new = 2 * S * H * D, 2 * H * D
+    buf = torch.zeros(n_cache + n_new - 1, device=DEVICE)
+    for (a, b, nk, nv), match in (
+        ((buf[:n_cache].view(2, S, H, D), vc, k, buf[n_cache - 1:].view(2, 1, H, D)), "k_cache and v overlap"),
+        ((other, buf[n_new - 1:].view(2, S, H, D), buf[:n_new].view(2, 1, H, D), v), "v_cache and k overlap"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fastlm.ops.kv_cache_append(a, b, nk, nv, lens, backend=backend)
     kv = torch.zeros(2, S, 2, H, D, device=DEVICE)
     fastlm.ops.kv_cache_append(kv[:, :, 0], kv[:, :, 1], k, v, lens, backend=backend)
     assert torch.equal(kv[:, 0, 0], k[:, 0]) and torch.equal(kv[:, 0, 1], v[:, 0])
     fastlm.ops.decode_attention(q, kc, vc, lens + 1, backend=backend)  # read only: an expanded cache is fine
+    # A size-1 dim with stride 0 is no expansion: its one slot is the cache's own.
+    one = torch.zeros(2 * S * D, device=DEVICE).as_strided((2, S, 1, D), (S * D, D, 0, 1))
+    fastlm.ops.kv_cache_append(one, torch.zeros(2, S, 1, D, device=DEVICE), k[:, :, :1], v[:, :, :1], lens,
+                               backend=backend)
+    assert torch.equal(one[:, 0], k[:, 0, :1])
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -823,9 +845,11 @@ def test_decode_with_new_kv_qk_norm_matches_separate_ops(backend):
     cos, sin = _tables(D, cap)
     qw, kw = (torch.rand(D, dtype=torch.float16, device=DEVICE) + 0.5 for _ in range(2))
     kc2, vc2 = kc.clone(), vc.clone()
+    ws = fastlm.ops.decode_workspace(B, Hq, device=DEVICE)  # as the model's caches pass one
     out = fastlm.ops.decode_attention(q, kc, vc, lens, k=k, v=v, rotary_cos=cos, rotary_sin=sin, q_norm_weight=qw,
                                       k_norm_weight=kw, qk_norm_eps=1e-6, block_table=bt, num_splits=3,
-                                      backend=backend)
+                                      workspace=ws, backend=backend)
+    assert not ws.any()
     qn, kn = fastlm.ops.qk_norm_rotary(q, k, qw, kw, cos, sin, eps=1e-6, positions=lens, backend="triton")
     exp = fastlm.ops.decode_attention(qn, kc2, vc2, lens, k=kn, v=v, block_table=bt, num_splits=3, backend=backend)
     torch.testing.assert_close(kc, kc2, atol=1e-3, rtol=0)
@@ -1197,6 +1221,8 @@ def test_decode_workspace_bad_inputs(monkeypatch):
         (torch.zeros(7, dtype=torch.int32, device=DEVICE), ValueError, r"needs batch \* n_heads_q \* seqlen_q = 8"),
         (torch.zeros(16, dtype=torch.int32, device=DEVICE)[::2], ValueError, "workspace must be contiguous"),
         (torch.ones(8, dtype=torch.int32, device=DEVICE), ValueError, "workspace must be zero-filled"),
+        (torch.zeros(8, dtype=torch.int32, device=DEVICE).index_fill_(0, torch.tensor([7], device=DEVICE), 1),
+         ValueError, "workspace must be zero-filled"),
         ([0] * 8, TypeError, "workspace must be a torch.Tensor"),
     ):
         kc0 = kc.clone()
@@ -1214,6 +1240,21 @@ def test_decode_workspace_bad_inputs(monkeypatch):
     assert fastlm.ops.decode_workspace(2, 4, 3).shape == (24,)
     a, b = fastlm.ops.decode_workspace(2, 4, 3), fastlm.ops.decode_workspace(2, 4, 3)
     assert a.data_ptr() != b.data_ptr(), "each call makes its own workspace (never one shared by two callers)"
+
+
+def test_kept_workspace(monkeypatch):
+    """kept_workspace: the caller's workspace while it serves the call (batch * n_heads_q *
+    seqlen_q elements or more, on q's device), else a new zeroed one of that size; None while
+    torch.compile traces (the call then merges its splits in a launch of its own)."""
+    q = torch.zeros(3, 2, 4, 8, device=DEVICE)  # needs 3 * 2 * 4 = 24
+    for ws in (fastlm.ops.decode_workspace(3, 4, 2, device=DEVICE), torch.zeros(30, dtype=torch.int32, device=DEVICE)):
+        assert kv_ops.kept_workspace(ws, q) is ws
+    for ws in (None, torch.zeros(23, dtype=torch.int32, device=DEVICE), torch.zeros(24, dtype=torch.int32,
+                                                                                     device="meta")):
+        new = kv_ops.kept_workspace(ws, q)
+        assert new is not ws and new.shape == (24,) and new.device == q.device and not new.any()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert kv_ops.kept_workspace(None, q) is None
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -1422,10 +1463,27 @@ def test_decode_with_new_kv_bad_inputs():
     raises(ValueError, "qk_norm_eps", q_norm_weight=w, k_norm_weight=w, qk_norm_eps=-1.0)
     raises(ValueError, "qk_norm_offset offsets", qk_norm_offset=1.0)
     raises(ValueError, "qk_norm_offset must be a finite", q_norm_weight=w, k_norm_weight=w, qk_norm_offset=math.nan)
+    raises(ValueError, r"rotary_cos must have shape \(max_positions", rotary_cos=cos[:, 0], rotary_sin=sin[:, 0])
+    raises(ValueError, r"rotary_cos must have shape \(max_positions", rotary_cos=cos[:, :0], rotary_sin=sin[:, :0])
+    out, exp = (dec(q, kc.clone(), vc.clone(), lens, k=k, v=k, rotary_cos=cos[:, :1], rotary_sin=sin[:, :1],
+                    block_table=bt, backend=b) for b in (None, "reference"))  # rotary_dim 2: one pair rotated
+    torch.testing.assert_close(out, exp, atol=2e-3, rtol=0)
+    raises(ValueError, "qk_norm_eps must be a finite", q_norm_weight=w, k_norm_weight=w, qk_norm_eps=math.inf)
+    for off in (math.inf, -math.inf):
+        raises(ValueError, "qk_norm_offset must be a finite", q_norm_weight=w, k_norm_weight=w, qk_norm_offset=off)
+    # eps 0 is a valid eps (the end of the range, as for the norm ops).  (The interpreter also
+    # computes the masked-off lanes, whose 0/0 numpy warns about; they never reach the output.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, exp = (dec(q, kc.clone(), vc.clone(), lens, k=k, v=k, q_norm_weight=w, k_norm_weight=w, qk_norm_eps=0.0,
+                        block_table=bt, backend=b) for b in (None, "reference"))
+    torch.testing.assert_close(out, exp, atol=2e-3, rtol=0)
     raises(ValueError, "normalized with the new tokens", q_norm_weight=w, k_norm_weight=w, rotary_cos=None,
            rotary_sin=None, k=torch.cat([k, k], 1), v=torch.cat([k, k], 1))
     if not HAS_CUDA:  # host index checks (CPU always)
         raises(IndexError, "position 8, past the 8 positions", rotary_cos=cos[:8], rotary_sin=sin[:8])
+        with pytest.raises(IndexError, match="sequence 0 puts a new token at position 8"):  # (a batch of one too)
+            dec(q[1:], kc, vc, lens[1:], k=k[1:], v=k[1:], rotary_cos=cos[:8], rotary_sin=sin[:8], block_table=bt[1:])
         dec(q, kc.clone(), vc.clone(), lens, k=k, v=k, rotary_cos=cos[:9], rotary_sin=sin[:9], block_table=bt)
         with pytest.raises(IndexError, match="exceeds the cache capacity"):
             dec(q, kc, vc, torch.tensor([12, 0], dtype=torch.int32), k=k, v=k, block_table=bt)
@@ -1461,6 +1519,27 @@ def test_bad_inputs():
     raises(ValueError, "seqlen_q", dec, q[:, :0], kc, vc, lens, block_table=bt)
     raises(ValueError, "backend", dec, q, kc, vc, lens, block_table=bt, backend="nope")
     raises(ValueError, "unit stride", dec, q, kc.transpose(2, 3), vc.transpose(2, 3), lens, block_table=bt)
+    raises(ValueError, "n_heads_q = 0", dec, q[:, :, :0], kc, vc, lens, block_table=bt)
+    raises(ValueError, r"seqlen_q = 129 \(q.shape\[1\]\) must be in \[1, 128\]", dec, q.expand(B, 129, Hq, D), kc, vc,
+           lens, block_table=bt)
+    out = dec(q.expand(B, 128, Hq, D), kc, vc, lens, block_table=bt, backend="reference")  # the limit itself
+    assert out.shape == (B, 128, Hq, D)
+    for scale in (math.inf, -math.inf):
+        raises(ValueError, "softmax_scale must be a finite number", dec, q, kc, vc, lens, block_table=bt,
+               softmax_scale=scale)
+    raises(ValueError, "softcap must be >= 0", dec, q, kc, vc, lens, block_table=bt, softcap=math.inf)
+    # An empty cache dim (sequence slots, heads, head_dim) is refused by both ops; head_dim up to 256.
+    for dim in (1, 2, 3):
+        cut = (slice(None),) * dim + (slice(0, 0),)
+        raises(ValueError, "k_cache has an empty dimension", dec, q, kc[cut], vc[cut], lens, block_table=bt)
+        raises(ValueError, "k_cache has an empty dimension", fastlm.ops.kv_cache_append, kc[cut], vc[cut],
+               q[:, :, :Hkv], q[:, :, :Hkv], lens, block_table=bt)
+    wide = torch.zeros(1, 2, 1, 257, device=DEVICE)
+    raises(ValueError, "head_dim 257 exceeds the kernels' limit of 256", dec, wide[:, :1], wide, wide,
+           lens[:1])
+    wide, two = torch.randn(1, 2, 1, 256, device=DEVICE), torch.full((1,), 2, dtype=torch.int32, device=DEVICE)
+    exp = ref_kv.decode_attention(wide[:, :1], wide, wide, two)
+    torch.testing.assert_close(dec(wide[:, :1], wide, wide, two, backend="reference"), exp)
     if HAS_CUDA:
         raises(ValueError, "cache_seqlens is on", dec, q, kc, vc, lens.cpu(), block_table=bt)
     else:
@@ -2093,6 +2172,82 @@ def test_decode_of_an_empty_batch(backend, paged):
     assert torch.equal(kc, kc0)
 
 
+@pytest.mark.parametrize("backend", ["reference", *kernel_backends()])
+def test_one_element_caches(backend):
+    """The smallest real shapes: one sequence, one head, head_dim 1 and a one-slot cache (size-1
+    dims are shapes, not empty ones): an append writes its one element and by default leaves
+    cache_seqlens alone; advance=True adds seqlen_new; a decode over one key returns its value,
+    with the key appended in the same call or not."""
+    kc, vc = torch.zeros(1, 1, 1, 1, device=DEVICE), torch.zeros(1, 1, 1, 1, device=DEVICE)
+    k, v, q = (torch.randn(1, 1, 1, 1, device=DEVICE) for _ in range(3))
+    lens = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    fastlm.ops.kv_cache_append(kc, vc, k, v, lens, backend=backend)
+    assert torch.equal(kc, k) and torch.equal(vc, v) and lens.tolist() == [0]
+    torch.testing.assert_close(fastlm.ops.decode_attention(q, kc, vc, lens + 1, backend=backend), v)
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    torch.testing.assert_close(fastlm.ops.decode_attention(q, kc2, vc2, lens, k=k, v=v, backend=backend), v)
+    assert torch.equal(kc2, k) and torch.equal(vc2, v)
+    kc3, vc3 = torch.zeros(1, 3, 1, 1, device=DEVICE), torch.zeros(1, 3, 1, 1, device=DEVICE)
+    k3 = torch.randn(1, 2, 1, 1, device=DEVICE)
+    fastlm.ops.kv_cache_append(kc3, vc3, k3, k3, lens, advance=True, backend=backend)
+    assert lens.tolist() == [2] and torch.equal(kc3[:, :2], k3)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_decode_with_a_block_table_of_no_columns(backend):
+    """Paged caches of empty sequences may come with a (batch, 0) block table, whatever its
+    strides (no entry is read): the decode returns zeros (rows that see no key), the append of
+    no tokens writes nothing."""
+    kc, vc, _ = make_cache(2, 2, 16, torch.float16, 8, paged=True)
+    bt = torch.empty(0, 2, dtype=torch.int32, device=DEVICE).t()  # (2, 0), strides (1, 2)
+    assert bt.shape == (2, 0) and bt.stride(1) != 1
+    lens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(2, 1, 4, 16, dtype=torch.float16, device=DEVICE)
+    assert not fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, backend=backend).any()
+    kc0 = kc.clone()
+    fastlm.ops.kv_cache_append(kc, vc, q[:, :0, :2], q[:, :0, :2], lens, block_table=bt, backend=backend)
+    assert torch.equal(kc, kc0)
+
+
+def test_signatures_defaults_and_keyword_only_options():
+    """The documented defaults of the public KV-cache functions, and their options keyword-only
+    (a positional call is a TypeError, never a value landing in another parameter)."""
+    import inspect
+
+    def options(fn):
+        ps = inspect.signature(fn).parameters.values()
+        return {p.name: p.default for p in ps if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    assert options(fastlm.ops.kv_cache_append) == dict(block_table=None, advance=False, backend=None)
+    assert options(fastlm.ops.decode_attention) == dict(
+        k=None, v=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False, q_norm_weight=None,
+        k_norm_weight=None, qk_norm_eps=1e-6, qk_norm_offset=0.0, block_table=None, cache_leftpad=None,
+        softmax_scale=None, causal=True, window=-1, softcap=0.0, num_splits=0, workspace=None, backend=None)
+    assert options(fastlm.ops.decode_workspace) == dict(device=None)
+    kc, vc, bt, lens, q, k = small_paged_case(8, [1, 2])
+    with pytest.raises(TypeError, match="positional argument"):
+        fastlm.ops.kv_cache_append(kc, vc, k, k, lens, bt)
+    with pytest.raises(TypeError, match="positional argument"):
+        fastlm.ops.decode_attention(q, kc, vc, lens, k)
+    with pytest.raises(TypeError, match="positional argument"):
+        fastlm.ops.decode_workspace(2, 4, 1, DEVICE)
+    assert fastlm.ops.decode_workspace(2, 4).shape == (8,)  # seqlen_q 1 by default
+    assert fastlm.ops.decode_workspace(batch=1, n_heads_q=1, seqlen_q=1).tolist() == [0]  # the smallest
+
+
+def test_cuda_arg_reads_the_ops_schema(monkeypatch):
+    """_cuda_arg: whether fastlm._C's op takes an argument, from its schema; False for an op or
+    an argument it does not have, and for any op without fastlm._C."""
+    from fastlm import _C_loader
+
+    assert not kv_ops._cuda_arg("no_such_op", "workspace")
+    if _C_loader.HAVE_C:
+        assert kv_ops._cuda_arg("decode_attention_cuda", "workspace")
+        assert not kv_ops._cuda_arg("decode_attention_cuda", "no_such_argument")
+    monkeypatch.setattr(_C_loader, "HAVE_C", False)
+    assert not kv_ops._cuda_arg("decode_attention_cuda", "workspace")
+
+
 def test_reference_decode_mask_by_hand():
     # the masks of the reference decode, written out: rows at the end of the cache, causal by
     # default; a window of 1 keeps the key itself and the one before; leftpad cuts the front
@@ -2135,6 +2290,19 @@ def test_decode_batch_past_the_grid_limit_is_a_clear_error(backend):
     lens = torch.ones(B, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match=r"batch 65536 \(q.shape\[0\]\) exceeds 65535"):
         fastlm.ops.decode_attention(q, kc, kc, lens, backend=backend)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_decode_batch_at_the_grid_limit_runs(backend, monkeypatch):
+    """The limit itself is a batch the kernels take (a lowered limit stands in for 65535, whose
+    batch the interpreter would take minutes over)."""
+    monkeypatch.setattr(kv_ops, "MAX_GRID_YZ", 2)
+    kc, vc, bt, lens, q, k = small_paged_case(8, [1, 2])
+    out = fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, backend=backend)
+    torch.testing.assert_close(out, ref_kv.decode_attention(q, kc, vc, lens, block_table=bt), atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match=r"batch 3 \(q.shape\[0\]\) exceeds 2"):
+        fastlm.ops.decode_attention(torch.cat([q, q[:1]]), kc, vc, torch.cat([lens, lens[:1]]),
+                                    block_table=torch.cat([bt, bt[:1]]), backend=backend)
 
 
 @pytest.mark.gpu
