@@ -305,7 +305,7 @@ def test_decode_cache_leftpad_bad_inputs(monkeypatch):
         fastlm.ops.decode_attention(q, kc, vc, lens, block_table=bt, cache_leftpad=pad, backend="reference")
 
 
-def test_num_splits_heuristic():
+def test_num_splits_heuristic(monkeypatch):
     h = lambda *a: kv_ops.num_splits_heuristic(*a, torch.device("cpu"), sms=132)  # noqa: E731  (an H100)
     # A wave is 2 CTAs per SM (264): the grid fills one without spilling into a second.
     assert h(1, 32, 1, 4096) == 8  # 256 CTAs; 9 splits (288) would leave a 24-CTA second wave
@@ -315,12 +315,40 @@ def test_num_splits_heuristic():
     assert h(64, 8, 1, 16384) == 1 and h(8, 32, 1, 16384) == 1  # the CTAs already fill 80% of a wave
     assert h(1, 1, 1, 10**7) == kv_ops.MAX_SPLITS
     # The CUDA kernel plans by its registers: 4 CTAs per SM at head_dim 64, 3 at 128, 2 past it.
-    assert [kv_ops._ctas_per_sm("cuda", d) for d in (64, 128, 256)] == [4, 3, 2]
+    assert [kv_ops._ctas_per_sm("cuda", d) for d in (64, 65, 128, 129, 256)] == [4, 3, 3, 2, 2]
+    assert [kv_ops._ctas_per_sm(b, d) for b in ("triton", "reference") for d in (64, 256)] == [2] * 4
     assert kv_ops.num_splits_heuristic(1, 32, 1, 4096, torch.device("cpu"), sms=132, ctas_per_sm=3) == 11
     for ctas in (1, 3, 8, 24, 100, 200):  # the last wave well filled (or too few CTAs to fill one)
         s = h(1, ctas, 1, 32768)
         waves = ctas * s / 264
         assert waves / math.ceil(waves) >= 0.75 or s == kv_ops.MAX_SPLITS, (ctas, s)
+    # The 80% rule at its edge (211.2 of 264 slots; 208 of 260 exactly) and past one wave, where
+    # the wave model alone would still split (3 splits at 400 CTAs); below it, waves against keys.
+    assert (h(1, 211, 1, 16384), h(1, 212, 1, 16384), h(1, 400, 1, 16384)) == (5, 1, 1)
+    h130 = lambda ctas: kv_ops.num_splits_heuristic(1, ctas, 1, 16384, torch.device("cpu"), sms=130)  # noqa: E731
+    assert (h130(207), h130(208)) == (5, 1)
+    assert (h(1, 150, 1, 16384), h(1, 150, 1, 2000), h(1, 200, 1, 16384)) == (7, 3, 9)
+    assert h(1, 8, 4, 16384) == h(4, 8, 1, 16384) == h(1, 32, 1, 16384) == 8  # CTAs: batch x heads x row tiles
+    # decode_attention's count: its rows (seqlen_q x the GQA group) in the backend's row tiles
+    # (CUDA: 16 rows a CTA; Triton: decode_config's), the backend's CTAs per SM, at most 128.
+    assert [kv_ops._row_tiles("cuda", r, 64) for r in (1, 16, 17, 33)] == [1, 1, 2, 3]
+    from fastlm.kernels.decode import decode_config
+    for rows, d in ((1, 64), (20, 64), (48, 128)):
+        assert kv_ops._row_tiles("triton", rows, d) == -(-rows // decode_config(rows, d)[0])
+    # On the interpreter's pretend 4-SM device, 2 KV heads over 65536 slots (head_dim 128): CUDA
+    # fits 3 CTAs an SM (12 slots): 1 row tile x 2 heads x 6 splits, or at seqlen_q 5 (20 rows,
+    # 2 tiles) x 3 splits; Triton 2 an SM (8 slots) with its 20 rows in one tile: 4 splits.
+    kc = torch.empty(1, 65536, 2, 128, device="meta")
+    q1, q5 = torch.empty(1, 1, 8, 128, device="meta"), torch.empty(1, 5, 8, 128, device="meta")
+    assert [kv_ops._splits(q, kc, None, 0, b) for q, b in ((q1, "cuda"), (q5, "cuda"), (q5, "triton"))] == [6, 3, 4]
+    assert kv_ops._splits(q5, kc, None, 500, "cuda") == kv_ops.MAX_SPLITS and kv_ops._splits(q5, kc, None, 3, "cuda") == 3
+    # The device's SM count: a CUDA device's own; the interpreter's (None) a pretend 4 SMs.
+    assert kv_ops._sm_count(None) == 4
+    asked = []
+    monkeypatch.setattr(kv_ops, "_sm_count", lambda index: asked.append(index) or 132)
+    for dev in (torch.device("cuda", 1), torch.device("cpu")):
+        kv_ops.num_splits_heuristic(1, 8, 1, 4096, dev)
+    assert asked == [1, None]
 
 
 # ------------------------------------------------------------------------------ append
@@ -665,6 +693,9 @@ def test_torch_ops_called_directly_refuse_strided_index_tensors(backend):
             with pytest.raises(ValueError, match="workspace must be contiguous"):
                 call(lens.clone(), bt, None, strided(torch.zeros(64, dtype=torch.int32, device=DEVICE)))
         call(lens.clone(), bt)  # the same call, dense, runs
+        with pytest.raises(ValueError, match="block_table must have unit stride in its last dim"):
+            call(lens.clone(), strided(bt[:, :2]))
+        call(torch.tensor([2, 3], dtype=torch.int32, device=DEVICE), strided(bt[:, :1]))  # (one column: no stride)
 
 
 def test_share_memory_is_exact_on_random_views():
@@ -1552,8 +1583,16 @@ def test_bad_inputs():
         raises(IndexError, "cache_seqlens\\[0\\] = 13", dec, q, kc, vc, torch.tensor([13, 1], dtype=torch.int32),
                block_table=bt)
         k = torch.randn(B, 2, Hkv, D, dtype=torch.float16)
-        raises(IndexError, "exceeds the cache capacity", fastlm.ops.kv_cache_append, kc, vc, k, k, lens,
-               block_table=bt)
+        raises(IndexError, r"capacity of 12 tokens per sequence \(max_blocks_per_seq \* block_size\)",
+               fastlm.ops.kv_cache_append, kc, vc, k, k, lens, block_table=bt)
+        kc1, vc1 = kc[:B].clone(), vc[:B].clone()  # a contiguous cache of 4 slots per sequence
+        raises(IndexError, r"capacity of 4 tokens per sequence \(max_seqlen\)", fastlm.ops.kv_cache_append, kc1, vc1,
+               k, k, torch.tensor([3, 1], dtype=torch.int32))
+        raises(IndexError, r"cache_seqlens\[1\] = -2 is negative", fastlm.ops.kv_cache_append, kc, vc, k, k,
+               torch.tensor([0, -2], dtype=torch.int32), block_table=bt)
+        raises(IndexError, r"block_table\[1, 0\] = 99", fastlm.ops.kv_cache_append, kc, vc, k[:, :1], k[:, :1],
+               torch.tensor([0, 0], dtype=torch.int32), block_table=torch.tensor([[0, 1, 2], [99, 3, 4]],
+                                                                                 dtype=torch.int32))
         raises(IndexError, r"block_table\[0, 1\]", fastlm.ops.kv_cache_append, kc, vc, k, k,
                torch.tensor([3, 0], dtype=torch.int32), block_table=torch.tensor([[0, 99, 1], [2, 3, 4]],
                                                                                  dtype=torch.int32))
@@ -2224,6 +2263,11 @@ def test_signatures_defaults_and_keyword_only_options():
         k_norm_weight=None, qk_norm_eps=1e-6, qk_norm_offset=0.0, block_table=None, cache_leftpad=None,
         softmax_scale=None, causal=True, window=-1, softcap=0.0, num_splits=0, workspace=None, backend=None)
     assert options(fastlm.ops.decode_workspace) == dict(device=None)
+    # the torch op's own defaults (a traced graph or a direct call leaves them out) are the same
+    schema = {a.name: a.default_value for a in torch.ops.fastlm.decode_attention_with_kv.default._schema.arguments
+              if a.has_default_value()}
+    assert {n: schema[n] for n in ("q_norm_weight", "k_norm_weight", "qk_norm_eps", "qk_norm_offset")} == dict(
+        q_norm_weight=None, k_norm_weight=None, qk_norm_eps=1e-6, qk_norm_offset=0.0)
     kc, vc, bt, lens, q, k = small_paged_case(8, [1, 2])
     with pytest.raises(TypeError, match="positional argument"):
         fastlm.ops.kv_cache_append(kc, vc, k, k, lens, bt)
