@@ -328,6 +328,7 @@ def test_num_splits_heuristic(monkeypatch):
     h130 = lambda ctas: kv_ops.num_splits_heuristic(1, ctas, 1, 16384, torch.device("cpu"), sms=130)  # noqa: E731
     assert (h130(207), h130(208)) == (5, 1)
     assert (h(1, 150, 1, 16384), h(1, 150, 1, 2000), h(1, 200, 1, 16384)) == (7, 3, 9)
+    assert h(1, 150, 1, 128) == 1  # 2 splits of one tile each would take a second wave
     assert h(1, 8, 4, 16384) == h(4, 8, 1, 16384) == h(1, 32, 1, 16384) == 8  # CTAs: batch x heads x row tiles
     # decode_attention's count: its rows (seqlen_q x the GQA group) in the backend's row tiles
     # (CUDA: 16 rows a CTA; Triton: decode_config's), the backend's CTAs per SM, at most 128.
