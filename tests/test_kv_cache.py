@@ -1583,6 +1583,15 @@ def test_bad_inputs():
         raises(IndexError, r"block_table\[1, 2\]", dec, q, kc, vc, lens, block_table=bad)
         raises(IndexError, "cache_seqlens\\[0\\] = 13", dec, q, kc, vc, torch.tensor([13, 1], dtype=torch.int32),
                block_table=bt)
+        # The blocks checked are exactly those the lengths use: 8 tokens fill blocks 0-1 (block 2
+        # is never read), 5 tokens use a token of block 1.
+        full = torch.tensor([8, 5], dtype=torch.int32)
+        bad = bt.clone()
+        bad[0, 2] = 99
+        dec(q, kc, vc, full, block_table=bad)
+        bad = bt.clone()
+        bad[1, 1] = 99
+        raises(IndexError, r"block_table\[1, 1\] = 99", dec, q, kc, vc, full, block_table=bad)
         k = torch.randn(B, 2, Hkv, D, dtype=torch.float16)
         raises(IndexError, r"capacity of 12 tokens per sequence \(max_blocks_per_seq \* block_size\)",
                fastlm.ops.kv_cache_append, kc, vc, k, k, lens, block_table=bt)
