@@ -21,6 +21,20 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _load_env_module():
+    """fastlm/_env.py (how every fastlm switch is read), loaded by path: the package itself
+    is not importable while it is being built."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fastlm_env", os.path.join(ROOT, "fastlm", "_env.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_env = _load_env_module()
+
+
 def _has_cudart(home):
     return home and any(
         os.path.exists(os.path.join(home, d, n))
@@ -78,14 +92,14 @@ def _cuda_archs():
 def _want_sm90():
     """Whether to build fastlm._C_sm90 (csrc/sm90/*.cu, for sm_90a): when FASTLM_CUDA_ARCHS names
     a 9.x arch (the default does), unless FASTLM_SKIP_SM90_BUILD=1."""
-    if os.environ.get("FASTLM_SKIP_SM90_BUILD", "0") not in ("", "0"):
+    if _env.flag("FASTLM_SKIP_SM90_BUILD"):
         return False
     return any("compute_9" in f for f in _cuda_archs())
 
 
 def _why_no_cuda():
     """"" when the CUDA kernels should be built, else the reason they are not."""
-    if os.environ.get("FASTLM_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+    if _env.flag("FASTLM_SKIP_CUDA_BUILD"):
         return "FASTLM_SKIP_CUDA_BUILD was set"
     if torch.version.cuda is None:
         return "torch is not a CUDA build"

@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from fastlm import _env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -204,5 +206,5 @@ def require_cuda(name):
 
 
 def main_guard():
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if _env.triton_interpret():
         sys.exit("benchmarks must not run under TRITON_INTERPRET=1")

@@ -8,6 +8,8 @@ import warnings
 
 import torch  # loads libc10/libtorch, which fastlm._C links against
 
+from fastlm import _env
+
 HAVE_C = False  # the extension imported (op schemas registered)
 HAVE_CUDA_KERNELS = False  # ... and it was compiled with the CUDA kernels
 WHY_NOT = ""  # human-readable reason the CUDA backend is unavailable
@@ -38,7 +40,7 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
         "disabled and the Triton/reference backends are used. Build it with: "
         "pip install --no-build-isolation -e ."
     )
-    if os.environ.get("FASTLM_QUIET_NO_C", "0") in ("", "0"):
+    if not _env.flag("FASTLM_QUIET_NO_C"):
         warnings.warn("fastlm: " + WHY_NOT, RuntimeWarning, stacklevel=2)
 
 # The Hopper kernels (csrc/sm90/, built for sm_90a into their own library: fastlm._C_sm90)

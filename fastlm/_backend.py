@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from fastlm import _C_loader
+from fastlm import _C_loader, _env
 
 BACKENDS = ("triton", "cuda", "reference")
 
@@ -25,7 +25,7 @@ _TRITON_STATUS = _find_triton()  # (ok, reason); CPU tensors additionally need t
 
 
 def interpreter_active():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _env.triton_interpret()
 
 
 def check_device(device, arg):

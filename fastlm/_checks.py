@@ -1,8 +1,9 @@
 """Input validation helpers used at op boundaries: messages name the argument."""
 import numbers
-import os
 
 import torch
+
+from fastlm import _env
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -38,7 +39,7 @@ def value_checks_on(t):
         return False
     if t.device.type == "cpu":
         return True
-    if os.environ.get("FASTLM_DEBUG", "0") in ("", "0"):
+    if not _env.flag("FASTLM_DEBUG"):
         return False
     return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 

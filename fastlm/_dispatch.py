@@ -26,15 +26,16 @@ Forward-mode AD (dual tensors, torch.func.jvp) raises on either route: no op has
 derivative, and a custom op would silently drop the tangent.
 """
 import inspect
-import os
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from fastlm import _env
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-ENABLED = os.environ.get("FASTLM_DIRECT_OPS", "1") not in ("0", "")
+ENABLED = _env.flag("FASTLM_DIRECT_OPS", True)
 
 
 def _function_mode_active():

@@ -69,6 +69,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm import _env
+
 from fastlm.kernels import cdiv, next_pow2, on_tensor_device
 
 try:  # host-side TMA descriptors (triton >= 3.4)
@@ -83,7 +85,7 @@ LOOKUP_CHUNK = tl.constexpr(256)
 
 
 def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _env.triton_interpret()
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -1163,14 +1165,14 @@ def _tuned(kind, block_d, esize, device_index, atomic=False):
 # depends on the GPU and shape, so by default (None) the first backward of each autotuning key
 # times both and keeps the faster (_pick_atomic).  FASTLM_ATTENTION_DQ_ATOMIC=1 / 0 forces one
 # (benchmarks/bench_attention.py times the default and fastlm-triton-det).
-_DQ_ENV = os.environ.get("FASTLM_ATTENTION_DQ_ATOMIC", "auto").strip().lower()
-DQ_ATOMIC = None if _DQ_ENV in ("", "auto") else _DQ_ENV != "0"
+DQ_ATOMIC = (None if os.environ.get("FASTLM_ATTENTION_DQ_ATOMIC", "auto").strip().lower() in ("", "auto")
+             else _env.flag("FASTLM_ATTENTION_DQ_ATOMIC"))
 _ATOMIC_PICKS = {}  # autotuning key -> atomic dQ won the timing
 
 # FASTLM_ATTENTION_AUTOTUNE=0: skip autotuning and take the first config that fits (each
 # variant then compiles once instead of len(configs) times; the GPU tests use this).
 # deterministic=True calls always do.
-AUTOTUNE = os.environ.get("FASTLM_ATTENTION_AUTOTUNE", "1") != "0"
+AUTOTUNE = _env.flag("FASTLM_ATTENTION_AUTOTUNE", True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1186,7 +1188,7 @@ def _first_fit(kind, block_d, esize, device_index, atomic=False):
 # runs show it faster; benchmarks/bench_attention.py times it as fastlm-triton-tma.  (Tried and
 # left out, triton 3.6 sm_90: TMA Q/dO tiles in the dK/dV kernel raised its spills 2-5x; TMA K/V
 # tiles in the dQ kernel cut 246 registers to 215 where neither spills nor gains occupancy.)
-TMA = os.environ.get("FASTLM_ATTENTION_TMA", "0") == "1"
+TMA = _env.flag("FASTLM_ATTENTION_TMA")
 
 # Per kernel: descriptor argument -> the config's tile size along its rows.
 _TMA_TILES = {"fwd": {"DESC_Q": "BLOCK_M", "DESC_K": "BLOCK_N", "DESC_V": "BLOCK_N"},
@@ -1221,18 +1223,18 @@ def _tuned_tma(kind, block_d, esize, device_index):
 # the forward at head_dim 64/128/256, the backward at 64/128 with seqlen_q a multiple of 128.
 # Off by default until a GPU run has checked and timed them (benchmarks/bench_attention.py:
 # fastlm-triton-ws).
-WS = os.environ.get("FASTLM_ATTENTION_WS", "0") == "1"
+WS = _env.flag("FASTLM_ATTENTION_WS")
 # The CUDA C++ Hopper forward (csrc/sm90/attention.cu: TMA + wgmma, warp-specialized; in
 # fastlm._C_sm90) for the dense shapes it takes (_sm90_ok), the backward staying with the Triton
 # kernels (it reads the same out and lse).  Off by default until a GPU run checks and times it.
-SM90 = os.environ.get("FASTLM_ATTENTION_SM90", "0") == "1"
+SM90 = _env.flag("FASTLM_ATTENTION_SM90")
 # Its consumer loop (FASTLM_ATTENTION_SM90_OVERLAP): 1, the softmax overlapped with the previous
 # tile's P V; 2, that and the two consumer warpgroups taking turns at the GEMMs (ping-pong);
 # 0, each wgmma waited for in turn.
-SM90_OVERLAP = int(os.environ.get("FASTLM_ATTENTION_SM90_OVERLAP", "1"))
+SM90_OVERLAP = _env.integer("FASTLM_ATTENTION_SM90_OVERLAP", 1, lo=0, hi=2)
 # The CUDA Hopper backward (the same file: dK/dV per 128-key block, dQ by TMA reduce-adds, so not
 # with deterministic=True), FASTLM_ATTENTION_SM90_BWD=1; off by default until a GPU run checks it.
-SM90_BWD = os.environ.get("FASTLM_ATTENTION_SM90_BWD", "0") == "1"
+SM90_BWD = _env.flag("FASTLM_ATTENTION_SM90_BWD")
 WS_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
 # (BLOCK_M, BLOCK_N, num_warps of each of the 3 warpgroups' partitions, num_stages): sm_90
 # builds (triton 3.6) spill nothing and take 65-213 KiB of shared memory; the kernel runs 12

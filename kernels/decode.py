@@ -43,11 +43,12 @@ Decode (memory-bound: every byte of the visible K/V is read once):
   masked (never read).  Forward only.
 """
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastlm import _env
 
 from fastlm.kernels import cdiv, next_pow2, on_tensor_device
 from fastlm.kernels.qk_norm import norm_rotate
@@ -68,7 +69,7 @@ MAX_FUSED_MERGE_BYTES = 128 * 1024
 # dtype).  The H200 run of 2026-12-04 found the one-launch step wrong on the GPU while it passed
 # under the interpreter: the products' sum over the keys had become a K = 1 tensor-core dot in
 # triton 3.6 (the new token's P V counted 8 times; see _few_keys_pv, which replaced that sum).
-NEW_KV_DOT = os.environ.get("FASTLM_TRITON_NEW_KV_DOT", "0") not in ("", "0")
+NEW_KV_DOT = _env.flag("FASTLM_TRITON_NEW_KV_DOT")
 
 
 @triton.jit

@@ -35,11 +35,12 @@ GPU (FASTLM_GEMV_AUTOTUNE=0: the first config that fits), capped so the accumula
 registers: BLOCK_M * BLOCK_N * BLOCK_K <= 32 fp32 per thread (64 with a gated activation's two).
 """
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastlm import _env
 
 from fastlm.kernels import cdiv, next_pow2, on_tensor_device
 from fastlm.kernels import norm as _norm
@@ -217,11 +218,11 @@ _CONFIGS = [(8, 512, 4), (4, 1024, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8),
 # (the interpreter's cost is per program).
 INTERPRET_CONFIG = (4, 16)
 INTERPRET_PROGRAMS = 8
-AUTOTUNE = os.environ.get("FASTLM_GEMV_AUTOTUNE", "1") != "0"
+AUTOTUNE = _env.flag("FASTLM_GEMV_AUTOTUNE", True)
 
 
 def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _env.triton_interpret()
 
 
 def _configs(block_m, gated):

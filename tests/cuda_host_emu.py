@@ -234,7 +234,9 @@ def load():
         pytest.fail(f"host emulation of the CUDA sources: {e}")
     from torch.utils import cpp_extension
 
-    asan = os.environ.get("FASTLM_EMU_ASAN", "0") not in ("", "0")  # see test_cuda_kernels_under_address_sanitizer
+    from fastlm import _env
+
+    asan = _env.flag("FASTLM_EMU_ASAN")  # see test_cuda_kernels_under_address_sanitizer
     deps = [open(os.path.join(TESTS, "cuda_emu.h")).read(), open(os.path.join(CSRC, "device.cuh")).read(),
             torch.__version__, cxx, f"asan={asan}", *fp_contract_flags()]
     key = hashlib.sha256("\0".join(deps + [files[k] for k in sorted(files)]).encode()).hexdigest()[:16]

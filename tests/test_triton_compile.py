@@ -877,7 +877,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = dict(skip=None, results=[], errors=[], launched={}, seconds=0.0, triton="?")
     t0 = time.time()
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from fastlm import _env
+
+    if _env.triton_interpret():
         raise SystemExit("unset TRITON_INTERPRET: the AOT compile needs the real JITFunctions")
     try:
         import triton
@@ -989,7 +991,9 @@ def aot(tmp_path_factory):
 
     def produce(tmp):
         t0 = time.time()
-        full = os.environ.get("FASTLM_AOT_FULL", "0") not in ("", "0")
+        from fastlm import _env
+
+        full = _env.flag("FASTLM_AOT_FULL")
         data = _compile_subprocess(tmp, ["--full"] if full else [])
         if data["skip"]:
             pytest.skip(data["skip"])

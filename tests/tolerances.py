@@ -4,7 +4,6 @@ A fused kernel's error against the float64 reference must be no worse than FACTO
 error of the same reference computed in the input dtype (what plain PyTorch would give), plus
 a small floor that scales with the dtype's resolution and the output's magnitude.
 """
-import os
 
 import torch
 
@@ -20,7 +19,9 @@ def truncation_factor(dtype):
     intermediates to bf16 can be off by 1 ulp at each, where the GPU's round-to-nearest is off
     by at most 1/2.  fastlm/_interpret.py fixes that when fastlm's kernels are imported (then
     1); tests of such kernels scale their tolerance by this in case it could not."""
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    from fastlm import _env
+
+    interp = _env.triton_interpret()
     if dtype != torch.bfloat16 or not interp:
         return 1.0
     from fastlm import _interpret

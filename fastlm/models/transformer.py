@@ -63,7 +63,6 @@ own (layer_types).  ``cache`` is None in training.
 """
 import functools
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -71,7 +70,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import fastlm.nn
-from fastlm import _backend, ops
+from fastlm import _backend, _env, ops
 from fastlm._backend import BACKENDS as OP_BACKENDS
 from fastlm._checks import value_checks_on
 from fastlm.models.config import TransformerConfig
@@ -79,7 +78,7 @@ from fastlm.ops.attention import MAX_HEAD_DIM
 
 BACKENDS = ("fused", "reference")
 # Token rows up to which a fused, grad-free forward uses ops.fused_linear (see the docstring).
-DECODE_GEMV_ROWS = int(os.environ.get("FASTLM_DECODE_GEMV_ROWS", "4"))
+DECODE_GEMV_ROWS = _env.integer("FASTLM_DECODE_GEMV_ROWS", 4, lo=0)
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -32,11 +32,10 @@ before anything is written.
 """
 import functools
 import math
-import os
 
 import torch
 
-from fastlm import _backend, _C_loader
+from fastlm import _backend, _C_loader, _env
 from fastlm._checks import (as_int, as_real, check_bool, check_tensor, has_data_pointers, share_memory,
                             value_checks_on)
 from fastlm._dispatch import fast_op
@@ -294,7 +293,7 @@ def _workspace_counters(workspace, q, k_cache, num_splits):
 # fixed by kernels/decode.py _few_keys_pv, guarded by test_decode_kernels_with_triton36).  Until
 # a GPU run confirms the fix, CUDA tensors take the append + decode form;
 # FASTLM_TRITON_ONE_LAUNCH=1 (or setting this) forces the one launch (scripts/gpu_diag.py runs both).
-TRITON_ONE_LAUNCH_ON_GPU = os.environ.get("FASTLM_TRITON_ONE_LAUNCH", "0") not in ("", "0")
+TRITON_ONE_LAUNCH_ON_GPU = _env.flag("FASTLM_TRITON_ONE_LAUNCH")
 
 
 @fast_op("fastlm::decode_attention_with_kv", mutates_args=("k_cache", "v_cache"))
