@@ -25,6 +25,14 @@ def check_same_device(ref, name_ref, **tensors):
             raise ValueError(f"{name} is on {t.device} but {name_ref} is on {ref.device}; put all inputs on one device")
 
 
+def autocast_dtype(device_type):
+    """The dtype torch.autocast casts to on this device type, or None where it is off or where
+    autocast does not exist (meta tensors: torch.is_autocast_enabled("meta") raises)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def unit_last(t):
     """t, or a contiguous copy when its last dim has a non-unit stride (the kernels read the
     other strides as given; gradients can arrive expanded (stride 0) or transposed)."""

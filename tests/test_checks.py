@@ -120,3 +120,14 @@ def test_unit_last():
     assert unit_last(col) is col
     empty = torch.randn(5, 3, 4).transpose(-1, -2)[..., :0]
     assert unit_last(empty) is empty
+
+
+def test_autocast_dtype():
+    from fastlm._checks import autocast_dtype
+
+    assert autocast_dtype("cpu") is None and autocast_dtype("meta") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_dtype("cpu") == torch.bfloat16
+        assert autocast_dtype("meta") is None  # no autocast exists there (torch raises if asked)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=False):
+        assert autocast_dtype("cpu") is None

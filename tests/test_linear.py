@@ -316,6 +316,16 @@ def test_autocast_casts_like_linear(backend):
     assert y.dtype == h.dtype == dt and torch.equal(y, y2) and torch.equal(h, h2)
 
 
+def test_meta_tensors_give_shapes():
+    """Meta tensors (shape inference) pass the autocast step, which torch has no "meta" autocast
+    for (torch.is_autocast_enabled("meta") raises), and come back as meta of the right shape."""
+    x, w = torch.randn(3, 4, 10, device="meta"), torch.randn(6, 10, device="meta")
+    y = fastlm.ops.fused_linear(x, w, norm="rms", activation="gelu")
+    assert y.is_meta and y.shape == (3, 4, 6)
+    y = fastlm.ops.fused_linear(x, w, activation="swiglu")
+    assert y.is_meta and y.shape == (3, 4, 3)
+
+
 def test_inference_only():
     x, w, kw = _case(1, 16, 4, torch.float32, norm="rms", residual=False, act=None, bias=False)
     w.requires_grad_(True)

@@ -517,3 +517,177 @@ def test_loss_modules_options_and_errors():
         fastlm.nn.CrossEntropyLoss()(torch.randn(3, 5), torch.rand(3, 5).softmax(-1))
     with pytest.raises(ValueError, match="cross_entropy: reduction must be one of"):
         fastlm.nn.CrossEntropyLoss(reduction="avg")(torch.randn(3, 5), torch.tensor([0, 1, 2]))
+
+
+# ---------------------------------------------------------------- host code (mutation audit)
+LOSS = __import__("sys").modules["fastlm.ops.loss"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA targets are checked by a device assert (no host values to list)")
+@pytest.mark.parametrize("ignore_index", [-100, 5])
+def test_bad_targets_message_lists_exactly_the_bad_ones(ignore_index):
+    V = 10
+    t = torch.tensor([ignore_index, -1, 10, 0, 9, 11, ignore_index, 3, -7], device=DEVICE)
+    x = torch.randn(t.numel(), V, device=DEVICE)
+    h, w = torch.randn(t.numel(), 6, device=DEVICE), torch.randn(V, 6, device=DEVICE)
+    want = rf"targets must be in \[0, {V}\) \(the vocabulary size\) or ignore_index={ignore_index}; got \[-1, 10, 11, -7\]$"
+    for backend in ("triton", "reference"):
+        with pytest.raises(ValueError, match=rf"^cross_entropy: {want}"):
+            ops.cross_entropy(x, t, ignore_index=ignore_index, backend=backend)
+        with pytest.raises(ValueError, match=rf"^linear_cross_entropy: {want}"):
+            ops.linear_cross_entropy(h, w, t, ignore_index=ignore_index, backend=backend)
+    # only the first 8 are listed
+    many = torch.arange(V, V + 20, device=DEVICE)
+    with pytest.raises(ValueError, match=r"got \[10, 11, 12, 13, 14, 15, 16, 17\]$"):
+        ops.cross_entropy(torch.randn(20, V, device=DEVICE), many, backend="triton")
+
+
+def test_float64_goes_to_the_reference():
+    """float64 logits/h: backend None takes the reference (the kernels have no fp64 path) and
+    answers as torch does; asking a kernel backend for them is a TypeError naming the argument."""
+    x = torch.randn(6, 9, device=DEVICE, dtype=torch.float64)
+    t = torch.randint(0, 9, (6,), device=DEVICE)
+    torch.testing.assert_close(ops.cross_entropy(x, t), torch.nn.functional.cross_entropy(x, t))
+    h, w = torch.randn(6, 4, device=DEVICE, dtype=torch.float64), torch.randn(9, 4, device=DEVICE, dtype=torch.float64)
+    torch.testing.assert_close(ops.linear_cross_entropy(h, w, t), torch.nn.functional.cross_entropy(h @ w.T, t))
+    with pytest.raises(TypeError, match="logits"):
+        ops.cross_entropy(x, t, backend="triton")
+    with pytest.raises(TypeError, match="^h "):
+        ops.linear_cross_entropy(h, w, t, backend="triton")
+    assert LOSS._pick(None, x, "op") == "reference"
+    assert LOSS._pick(None, x.float(), "op") == "triton"
+    assert LOSS._pick("reference", x.float(), "op") == "reference"
+
+
+def test_scalar_logits_are_refused():
+    with pytest.raises(ValueError, match=r"logits must have at least 1 dims, got shape \(\)"):
+        ops.cross_entropy(torch.tensor(1.0, device=DEVICE), torch.tensor(0, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match=r"h must have at least 1 dims, got shape \(\)"):
+        ops.linear_cross_entropy(torch.tensor(1.0, device=DEVICE), torch.randn(3, 1, device=DEVICE),
+                                 torch.tensor(0, device=DEVICE), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_ignore_index_at_the_int32_edges(backend):
+    """ignore_index may be any value of the targets' dtype, the extremes included (no target
+    in [0, V) equals them: every row counts)."""
+    x = torch.randn(5, 7, device=DEVICE)
+    t = torch.randint(0, 7, (5,), device=DEVICE, dtype=torch.int32)
+    want = torch.nn.functional.cross_entropy(x, t.long())
+    i32 = torch.iinfo(torch.int32)
+    for ii in (i32.min, i32.max):
+        torch.testing.assert_close(ops.cross_entropy(x, t, ignore_index=ii, backend=backend), want)
+    for ii in (i32.min - 1, i32.max + 1):
+        with pytest.raises(ValueError, match=f"ignore_index {ii} is outside the range of the torch.int32 targets"):
+            ops.cross_entropy(x, t, ignore_index=ii, backend=backend)
+
+
+def test_options_are_keyword_only():
+    import inspect
+
+    for fn, positional in ((ops.cross_entropy, ["logits", "targets"]),
+                           (ops.linear_cross_entropy, ["h", "weight", "targets", "bias"])):
+        params = inspect.signature(fn).parameters
+        assert [n for n, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD] == positional, fn
+        assert all(p.kind == p.KEYWORD_ONLY for n, p in params.items() if n not in positional), fn
+    x, t = torch.randn(3, 5, device=DEVICE), torch.zeros(3, dtype=torch.long, device=DEVICE)
+    with pytest.raises(TypeError):
+        ops.cross_entropy(x, t, -100)
+
+
+def test_each_backend_runs_its_own_path(monkeypatch):
+    """backend="reference" never launches a kernel op, "triton" never calls the reference (a
+    swap would still pass every comparison of the two)."""
+    calls = []
+
+    def spy(name, real):
+        def f(*a, **k):
+            calls.append(name)
+            return real(*a, **k)
+        return f
+
+    for name in ("_ce_op", "_lce_op", "_lce_rows_op"):
+        monkeypatch.setattr(LOSS, name, spy(name, getattr(LOSS, name)))
+    for name in ("cross_entropy", "linear_cross_entropy"):
+        monkeypatch.setattr(LOSS.reference, name, spy("ref." + name, getattr(LOSS.reference, name)))
+    x, t = torch.randn(4, 6, device=DEVICE), torch.randint(0, 6, (4,), device=DEVICE)
+    h, w = torch.randn(4, 3, device=DEVICE), torch.randn(6, 3, device=DEVICE)
+    for backend, want in (("reference", ["ref.cross_entropy", "ref.linear_cross_entropy", "ref.linear_cross_entropy"]),
+                          ("triton", ["_ce_op", "_lce_op", "_lce_rows_op"])):
+        calls.clear()
+        ops.cross_entropy(x, t, backend=backend)
+        ops.linear_cross_entropy(h, w, t, backend=backend)
+        ops.linear_cross_entropy(h, w, t, reduction="none", backend=backend)
+        assert calls == want, backend
+
+
+def test_linear_cross_entropy_asks_only_for_the_gradients_it_needs(monkeypatch):
+    """The fused forward computes dh / dweight / dbias only for inputs that need them (each is
+    a GEMM over the whole head): frozen weights, no bias, no_grad skip theirs.  chunk_size=None
+    takes default_chunk_rows of the rows, vocabulary and dtype."""
+    seen = []
+    real = LOSS._lce_op
+
+    def spy(h, weight, bias, targets, ignore_index, sum_reduction, chunk_rows, need_dh, need_dw, need_db, *opts):
+        seen.append((chunk_rows, need_dh, need_dw, need_db))
+        return real(h, weight, bias, targets, ignore_index, sum_reduction, chunk_rows, need_dh, need_dw, need_db, *opts)
+
+    monkeypatch.setattr(LOSS, "_lce_op", spy)
+    M, D, V = 6, 300, 5  # D != M: the default chunk is a function of the rows
+    h, w, b = (torch.randn(M, D, device=DEVICE), torch.randn(V, D, device=DEVICE), torch.randn(V, device=DEVICE))
+    t = torch.randint(0, V, (M,), device=DEVICE)
+    chunk = LOSS.default_chunk_rows(M, V, h.dtype)
+    for grads, bias, want in (((), None, (False, False, False)), (("h",), None, (True, False, False)),
+                              (("weight",), b, (False, True, False)), (("bias",), b, (False, False, True)),
+                              (("h", "weight", "bias"), b, (True, True, True)), (("h", "weight", "bias"), None, (True, True, False))):
+        x = dict(h=h.clone(), weight=w.clone(), bias=None if bias is None else bias.clone())
+        for n in grads:
+            if x[n] is not None:
+                x[n].requires_grad_()
+        seen.clear()
+        ops.linear_cross_entropy(x["h"], x["weight"], t, x["bias"], backend="triton")
+        assert seen == [(chunk, *want)], (grads, bias is None)
+    x = dict(h=h.clone().requires_grad_(), weight=w.clone().requires_grad_())
+    seen.clear()
+    with torch.no_grad():
+        ops.linear_cross_entropy(x["h"], x["weight"], t, backend="triton", chunk_size=4)
+    assert seen == [(4, False, False, False)]
+
+
+def test_default_chunk_rows():
+    """M split into equal chunks of at most ~CHUNK_BYTES (1 GiB) of logits, rows rounded up to
+    a multiple of 128, at least 1 and at most M."""
+    f, GiB = LOSS.default_chunk_rows, 1 << 30
+    assert LOSS.CHUNK_BYTES == GiB
+    assert f(1000, 1000, torch.float32) == 1000  # one chunk, capped at M
+    assert f(200, 8, torch.float32) == 200
+    assert f(1024, 1 << 18, torch.float32) == 1024  # exactly 1 GiB: one chunk
+    assert f(1025, 1 << 18, torch.float32) == 640  # just over: 2 chunks of 513 -> 640 rows
+    assert f(1025, 1 << 18, torch.bfloat16) == 1025  # half the bytes: one chunk
+    assert f(8192, 128256, torch.bfloat16) == 4096  # Llama-3's vocabulary: 2 chunks
+    assert f(8193, 128256, torch.bfloat16) == 4224  # 4097 rows -> the next multiple of 128
+    assert f(130, 1 << 28, torch.float32) == 128  # 130 chunks of 1 row: at least 128 rows
+    assert f(3, 1 << 30, torch.float32) == 3  # ... but never more than M
+    assert f(0, 1000, torch.float32) == 1  # no rows: a chunk of 1 (never 0)
+
+
+def test_vocabulary_of_one():
+    """V = 1 is a valid (if trivial) head: log-softmax of one logit is 0, so the loss is 0."""
+    h, w = torch.randn(4, 3, device=DEVICE, requires_grad=True), torch.randn(1, 3, device=DEVICE)
+    t = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    loss = ops.linear_cross_entropy(h, w, t, backend="triton")
+    torch.testing.assert_close(loss, torch.zeros((), device=DEVICE))
+    loss.backward()
+    torch.testing.assert_close(h.grad, torch.zeros_like(h))
+    with pytest.raises(ValueError, match="weight must have at least one row"):
+        ops.linear_cross_entropy(h, w[:0], t, backend="triton")
+
+
+def test_meta_tensors_give_shapes():
+    """Meta tensors (shape inference, e.g. a model built on the meta device) run through the
+    checks without reading values: the loss comes back as a meta tensor of the right shape."""
+    x, t = torch.randn(4, 10, device="meta"), torch.zeros(4, 2, dtype=torch.long, device="meta")[:, 0]
+    h, w = torch.randn(4, 3, device="meta"), torch.randn(10, 3, device="meta")
+    for reduction, shape in (("mean", ()), ("none", (4,))):
+        for loss in (ops.cross_entropy(x, t, reduction=reduction), ops.linear_cross_entropy(h, w, t, reduction=reduction)):
+            assert loss.is_meta and loss.shape == shape and loss.dtype == torch.float32

@@ -83,6 +83,20 @@ def test_presets_build_and_count_params(name, qk_norm):
     assert cfg.flops_per_token(1024) > 6 * cfg.num_params(embeddings=False)
 
 
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_a_meta_model_runs_for_shapes(backend):
+    """A model on the meta device (shape inference before materializing) runs its forward and
+    its loss: the fused backend's autocast step once asked torch about a "meta" autocast, which
+    raises."""
+    with torch.device("meta"):
+        model = Transformer(TransformerConfig.from_name("tiny"), backend=backend)
+    tokens = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    logits = model(tokens)
+    assert logits.is_meta and logits.shape == (2, 8, model.config.vocab_size)
+    loss = model(tokens, targets=tokens)
+    assert loss.is_meta and loss.shape == ()
+
+
 @pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma23"])
 def test_gemma_style_config_counts_and_starts_at_unit_scales(name):
     cfg = tiny_config(name)

@@ -72,7 +72,7 @@ from torch.utils.checkpoint import checkpoint
 import fastlm.nn
 from fastlm import _backend, _env, ops
 from fastlm._backend import BACKENDS as OP_BACKENDS
-from fastlm._checks import value_checks_on
+from fastlm._checks import autocast_dtype, value_checks_on
 from fastlm.models.config import TransformerConfig
 from fastlm.ops.attention import MAX_HEAD_DIM
 
@@ -631,8 +631,8 @@ class Transformer(nn.Module):
         the caller may give only some rows)."""
         self._check_inputs(tokens, positions, cu_seqlens, cache)
         x = self._embed(tokens, positions, cu_seqlens)  # (B, T, D)
-        if self.backend == "fused" and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))  # residual stream in bf16 (see the docstring)
+        if self.backend == "fused" and autocast_dtype(x.device.type) is not None:
+            x = x.to(autocast_dtype(x.device.type))  # residual stream in bf16 (see the docstring)
         ropes = self._rope_inputs(tokens, positions, cu_seqlens)
         residual = pending = None  # pending: a post-norm deferred into the next block's first kernel
         for layer in self.layers:

@@ -12,7 +12,7 @@ import math
 import torch
 
 from fastlm import _backend, reference
-from fastlm._checks import KERNEL_DTYPES, as_real, check_bool, check_same_device, check_tensor
+from fastlm._checks import KERNEL_DTYPES, as_real, autocast_dtype, check_bool, check_same_device, check_tensor
 from fastlm._dispatch import fast_op
 
 SUPPORTED = ("triton", "reference")
@@ -247,12 +247,9 @@ def _unbounded_sides(q, k, varlen, window_left, window_right):
 def _autocast(q, k, v):
     """Under torch.autocast: fp32 tensors cast to the autocast dtype, as autocast casts SDPA's
     inputs (other dtypes are left alone; non-tensors and float64 are _validate's to reject)."""
-    if not isinstance(q, torch.Tensor) or q.device.type not in ("cuda", "cpu"):
+    dt = autocast_dtype(q.device.type) if isinstance(q, torch.Tensor) else None
+    if dt is None:
         return q, k, v
-    dev = q.device.type
-    if not torch.is_autocast_enabled(dev):
-        return q, k, v
-    dt = torch.get_autocast_dtype(dev)
     return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for t in (q, k, v))
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import _backend, reference
-from fastlm._checks import KERNEL_DTYPES, as_real, check_same_device, check_tensor, unit_last
+from fastlm._checks import KERNEL_DTYPES, as_real, autocast_dtype, check_same_device, check_tensor, unit_last
 from fastlm._dispatch import fast_op
 from fastlm.reference.linear import soft_cap
 
@@ -213,9 +213,8 @@ def fused_linear(x, weight, bias=None, *, norm=None, norm_weight=None, norm_bias
         b = "reference"
     else:
         b = _backend.resolve(backend, x.device, SUPPORTED, PREFERRED, op="fused_linear")
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:  # every backend (autocast leaves float64 alone)
-        dt = torch.get_autocast_dtype(dev)
+    dt = autocast_dtype(x.device.type)
+    if dt is not None and x.dtype != torch.float64:  # every backend (autocast leaves float64 alone)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
         residual = residual.to(dt) if residual is not None else None

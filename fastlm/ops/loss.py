@@ -19,8 +19,8 @@ import numbers
 import torch
 
 from fastlm import _backend, reference
-from fastlm._checks import (KERNEL_DTYPES, as_int, as_positive_int, check_bool, check_same_device, check_tensor,
-                            unit_last)
+from fastlm._checks import (KERNEL_DTYPES, as_int, as_positive_int, autocast_dtype, check_bool, check_same_device,
+                            check_tensor, unit_last)
 from fastlm._dispatch import fast_op
 
 SUPPORTED = ("triton", "reference")
@@ -437,8 +437,8 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
             raise ValueError(f"{op}: bias must have shape ({V},) (weight's vocabulary), got {tuple(bias.shape)}")
     check_same_device(h, "h", weight=weight, bias=bias)
     chunk_size = as_positive_int(chunk_size, "chunk_size", op, allow_none=True)
-    dev = h.device.type
-    if not torch.is_autocast_enabled(dev):
+    autocast = autocast_dtype(h.device.type)
+    if autocast is None:
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.dtype != h.dtype:
                 raise TypeError(f"{op}: {name} has dtype {t.dtype} but h has {h.dtype}; use one dtype (or autocast)")
@@ -448,10 +448,9 @@ def linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index=-100, re
     if b == "reference":
         return reference.linear_cross_entropy(h, weight, targets, bias, ignore_index, reduction, *opts,
                                               return_z_loss=return_z_loss)
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        h, weight = h.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    if autocast is not None:
+        h, weight = h.to(autocast), weight.to(autocast)
+        bias = bias.to(autocast) if bias is not None else None
     h2 = h.reshape(-1, D)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and x is not None and x.requires_grad for x in (h, weight, bias)]
