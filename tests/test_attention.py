@@ -800,6 +800,211 @@ def test_cuda_cu_seqlens_from_inference_mode(monkeypatch):
     assert asserts == [True, True, True]
 
 
+def test_cuda_cu_seqlens_device_assert_values(monkeypatch):
+    """The CUDA branch's device assert (no host sync) accepts exactly what the CPU check accepts:
+    starts >= 0, non-decreasing (empty sequences allowed), ends <= the packed total.  (A
+    stand-in reports device cuda; each call uses a new tensor, so none is skipped as checked.)"""
+    A = sys.modules["fastlm.ops.attention"]
+
+    class OnCuda(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    asserts = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: asserts.append((bool(ok), msg)))
+    cases = [([0, 5, 9], True), ([0, 9], True), ([0, 0, 9], True), ([0, 5, 5, 9], True), ([2, 5, 9], True),
+             ([0, 5, 8], True), ([-1, 5, 9], False), ([0, 5, 4, 9], False), ([0, 5, 10], False),
+             ([0, 6, 5], False), ([1, 0, 9], False), ([0, 3, 2, 9], False)]
+    for c, ok in cases:
+        asserts.clear()
+        A._check_cu_values(torch.tensor(c, dtype=torch.int32).as_subclass(OnCuda), "cu_seqlens_k", 9)
+        assert asserts == [(ok, "attention: cu_seqlens_k must start >= 0, be non-decreasing and end <= 9")], c
+        if ok:  # the CPU check agrees
+            A._check_cu_values(torch.tensor(c, dtype=torch.int32), "cu_seqlens_k", 9)
+        else:
+            with pytest.raises(ValueError, match="cu_seqlens_k must start at >= 0"):
+                A._check_cu_values(torch.tensor(c, dtype=torch.int32), "cu_seqlens_k", 9)
+    asserts.clear()  # while capturing a CUDA graph: nothing is checked
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    A._check_cu_values(torch.tensor([0, 99], dtype=torch.int32).as_subclass(OnCuda), "cu_seqlens_k", 9)
+    assert asserts == []
+
+
+def test_cu_seqlens_checks_at_their_edges():
+    qp, cu = _pack([3, 5], 4, 16, F16)
+    kp, _ = _pack([3, 5], 2, 16, F16)
+    vp = _rand(*kp.shape, dtype=F16)
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    bad = [(torch.tensor([0], **i32), "cu_seqlens_q must be 1-D of shape \\(num_seqs \\+ 1,\\) with num_seqs >= 1, "
+            "got shape \\(1,\\)"),
+           (torch.zeros(2, 2, **i32), "cu_seqlens_q must be 1-D .* got shape \\(2, 2\\)"),
+           (torch.tensor([-1, 3, 8], **i32), "cu_seqlens_q must start at >= 0"),  # only the first is negative
+           (torch.tensor([0, 3, 9], **i32), "end at <= 8 \\(the packed length\\), got \\[0, 3, 9\\]"),
+           ([0, 3, 8], "cu_seqlens_q must be a torch.Tensor of int32, got list")]
+    for c, msg in bad:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            attention(qp, kp, vp, cu_seqlens_q=c, cu_seqlens_k=cu, backend="triton")
+    long = torch.tensor(list(range(0, 40, 2)), dtype=torch.int32)
+    long[10] = 1
+    with pytest.raises(ValueError, match=r"got \[0, 2, 4, 6, 8, 10, 12, 14, '...', 24, 26, 28, 30, 32, 34, 36, 38\]"):
+        sys.modules["fastlm.ops.attention"]._check_cu_values(long, "cu_seqlens_q", 40)
+    # accepted at the edges: one sequence, empty sequences, a start past 0, an end short of the total
+    for c in ([0, 8], [0, 0, 3, 3, 8], [2, 5, 8], [0, 3, 7]):
+        c = torch.tensor(c, **i32)
+        out = attention(qp, kp, vp, cu_seqlens_q=c, cu_seqlens_k=c, backend="triton")
+        want = attention(qp, kp, vp, cu_seqlens_q=c, cu_seqlens_k=c, backend="reference")
+        torch.testing.assert_close(out, want, atol=2e-3, rtol=0)
+
+
+def test_max_seqlen_hints_are_checked():
+    qp, cu = _pack([3, 5], 2, 16, F16)
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, backend="triton")
+    for name in ("max_seqlen_q", "max_seqlen_k"):
+        for bad in (-1, 5.0, True, "5"):
+            with pytest.raises(ValueError, match=f"attention: {name} must be a non-negative int or None, got {bad!r}"):
+                attention(qp, qp, qp, **kw, **{name: bad})
+    want = attention(qp, qp, qp, **kw)
+    for good in (0, 5, 1000):  # hints: any value is safe
+        torch.testing.assert_close(attention(qp, qp, qp, max_seqlen_q=good, max_seqlen_k=good, **kw), want)
+
+
+def test_grid_limits_at_their_edges(monkeypatch):
+    """batch and n_heads_q are grid axes: each up to MAX_GRID_YZ (a monkeypatched small limit
+    here), the next one refused; seqlen and head_dim are not limited by it."""
+    A = sys.modules["fastlm.ops.attention"]
+    monkeypatch.setattr(A, "MAX_GRID_YZ", 3)
+    q, k, v = _make(3, 5, 5, 3, 1, 4, F32)
+    torch.testing.assert_close(attention(q, k, v, backend="triton"), attention(q, k, v, backend="reference"),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="attention: batch 4 exceeds 3; use the packed"):
+        attention(*_make(4, 2, 2, 1, 1, 4, F32), backend="triton")
+    with pytest.raises(ValueError, match="attention: n_heads_q 4 exceeds 3"):
+        attention(*_make(1, 2, 2, 4, 1, 4, F32), backend="triton")
+    qp, cu = _pack([2, 2, 2, 2], 4, 4, F32)  # the packed form takes any number of sequences
+    with pytest.raises(ValueError, match="n_heads_q 4 exceeds 3"):
+        attention(qp, qp, qp, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="triton")
+
+
+@pytest.mark.parametrize("D", [1, 256])
+def test_head_dim_edges(D):
+    q, k, v = _make(1, 3, 3, 1, 1, D, F32)
+    torch.testing.assert_close(attention(q, k, v, causal=True, backend="triton"),
+                               attention(q, k, v, causal=True, backend="reference"), atol=1e-5, rtol=0)
+    for bad in (0, 257):
+        q, k, v = _make(1, 3, 3, 1, 1, bad, F32)
+        with pytest.raises(ValueError, match=f"head_dim must be in \\[1, 256\\], got {bad}"):
+            attention(q, k, v, backend="triton")
+
+
+def test_packed_heads_are_the_second_to_last_dim():
+    """Packed q is (total, heads, head_dim): the GQA check reads heads, not head_dim."""
+    qp, cu = _pack([3, 5], 3, 4, F32)  # 3 heads, head_dim 4
+    kp, _ = _pack([3, 5], 3, 4, F32)
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu)
+    torch.testing.assert_close(attention(qp, kp, kp, **kw, backend="triton"), attention(qp, kp, kp, **kw, backend="reference"),
+                               atol=1e-5, rtol=0)
+    qp, _ = _pack([3, 5], 3, 8, F32)
+    kp, _ = _pack([3, 5], 2, 8, F32)  # 3 q heads over 2 k heads: refused (head_dim 8 is a multiple of 2)
+    with pytest.raises(ValueError, match=r"n_heads_q \(q.shape\[-2\] = 3\) must be a positive multiple of n_heads_k "
+                                         r"\(k.shape\[-2\] = 2\)"):
+        attention(qp, kp, kp, **kw, backend="triton")
+
+
+def test_window_and_float_argument_edges():
+    q, k, v = _make(1, 6, 6, 2, 2, 8, F32)
+    for w in ((1, 2.0), (1.0, 2), (True, 0), (0, False), (1, 2, 3), (1,), "ab", None):
+        with pytest.raises(ValueError, match="window must be a pair of ints"):
+            attention(q, k, v, window=w, backend="triton")
+    for w in ((-2, 0), (0, -2), (-1, -2), (-2, -1)):
+        with pytest.raises(ValueError, match=r"window sizes must be >= -1 \(-1 = unbounded\), got "
+                                             + f"\\({w[0]}, {w[1]}\\)"):
+            attention(q, k, v, window=w, backend="triton")
+    for w in ((-1, -1), [-1, 0], (0, 0), (0, -1)):  # a list works too
+        torch.testing.assert_close(attention(q, k, v, window=w, backend="triton"),
+                                   attention(q, k, v, window=tuple(w), backend="reference"), atol=1e-5, rtol=0)
+    inf = float("inf")
+    for kw, msg in ((dict(softcap=inf), "softcap must be a finite value >= 0"),
+                    (dict(softcap=-0.5), "softcap must be a finite value >= 0"),
+                    (dict(softmax_scale=0.0), "softmax_scale must be a finite value > 0"),
+                    (dict(softmax_scale=inf), "softmax_scale must be a finite value > 0"),
+                    (dict(softmax_scale=-1.0), "softmax_scale must be a finite value > 0")):
+        with pytest.raises(ValueError, match=msg):
+            attention(q, k, v, backend="triton", **kw)
+    # softcap 0 is off; the smallest positive scale is a scale
+    torch.testing.assert_close(attention(q, k, v, softcap=0.0, backend="triton"), attention(q, k, v, backend="triton"))
+    tiny = attention(q, k, v, softmax_scale=1e-30, backend="triton")  # scores all ~0: the mean of v
+    torch.testing.assert_close(tiny, v.mean(1, keepdim=True).expand_as(tiny), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_unbounded_sides_at_their_edges(varlen):
+    """A side that covers every key becomes -1: left >= Lk - 1, right >= Lq - 1 (dense: the
+    seqlens of dim 1; packed: the totals of dim 0, never the head count)."""
+    A = sys.modules["fastlm.ops.attention"]
+    Lq, Lk = 7, 10
+    if varlen:
+        q, k = torch.empty(Lq, 2, 4), torch.empty(Lk, 3, 4)
+    else:
+        q, k = torch.empty(5, Lq, 2, 4), torch.empty(5, Lk, 3, 4)
+    f = lambda wl, wr: A._unbounded_sides(q, k, varlen, wl, wr)  # noqa: E731
+    assert f(Lk - 1, Lq - 1) == (-1, -1)
+    assert f(Lk - 2, Lq - 2) == (Lk - 2, Lq - 2)
+    assert f(Lk, Lq) == (-1, -1)
+    assert f(2**31 - 1, 2**31 - 1) == (-1, -1)
+    assert f(0, 0) == (0, 0) and f(-1, -1) == (-1, -1)
+    assert f(Lq - 1, Lk - 1) == (Lq - 1, -1)  # each side against its own length
+
+
+def test_window_narrower_than_a_packed_sequence_stays_a_window():
+    """A window wider than the head count but narrower than the sequences must stay bounded."""
+    qp, cu = _pack([9, 12], 2, 8, F32)
+    out = attention(qp, qp, qp, cu_seqlens_q=cu, cu_seqlens_k=cu, window=(3, 0), backend="triton")
+    want = attention(qp, qp, qp, cu_seqlens_q=cu, cu_seqlens_k=cu, window=(3, 0), backend="reference")
+    full = attention(qp, qp, qp, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, backend="reference")
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    assert (want - full).abs().max() > 1e-3
+
+
+def test_signature_defaults_and_keyword_only_options():
+    import inspect
+
+    params = inspect.signature(attention).parameters
+    assert [n for n, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD] == ["q", "k", "v"]
+    assert {n: p.default for n, p in params.items() if p.kind == p.KEYWORD_ONLY} == dict(
+        causal=False, softmax_scale=None, window=(-1, -1), softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
+        max_seqlen_q=None, max_seqlen_k=None, return_lse=False, deterministic=False, backend=None)
+
+
+def test_strided_cu_seqlens_are_made_dense_once(monkeypatch):
+    """The op gets (and its backward saves) dense offsets even from a strided view."""
+    A = sys.modules["fastlm.ops.attention"]
+    seen = []
+    real = A._attention_fwd_op
+
+    def spy(q, k, v, cu_q, cu_k, *rest):
+        seen.append((cu_q.is_contiguous(), cu_k.is_contiguous()))
+        return real(q, k, v, cu_q, cu_k, *rest)
+
+    monkeypatch.setattr(A, "_attention_fwd_op", spy)
+    qp, cu = _pack([3, 5], 2, 8, F32)
+    strided = torch.stack([cu, cu], 1)[:, 0]
+    assert not strided.is_contiguous()
+    out = attention(qp, qp, qp, cu_seqlens_q=strided, cu_seqlens_k=strided, backend="triton")
+    assert seen == [(True, True)]
+    torch.testing.assert_close(out, attention(qp, qp, qp, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="reference"),
+                               atol=1e-5, rtol=0)
+
+
+def test_meta_inputs_give_shapes():
+    q = torch.empty(2, 5, 4, 8, device="meta")
+    assert attention(q, q, q, causal=True).shape == q.shape
+    qp, cu = torch.empty(9, 4, 8, device="meta"), torch.zeros(3, dtype=torch.int32, device="meta")
+    out, lse = attention(qp, qp, qp, cu_seqlens_q=cu, cu_seqlens_k=cu, return_lse=True)
+    assert out.is_meta and out.shape == qp.shape and lse.shape == (4, 9)
+
+
 def test_bad_device_mix():
     if not HAS_CUDA:
         pytest.skip("needs a CUDA GPU to mix devices")
@@ -1422,3 +1627,22 @@ def test_autocast_casts_fp32_inputs_like_sdpa(backend):
     assert torch.equal(out, want)
     out.float().sum().backward()
     assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_casts_half_and_mixed_inputs_like_sdpa(backend):
+    """Autocast casts every floating input but float64, as torch does for SDPA: fp16 q/k/v under
+    a bf16 autocast run in bf16, and a mix (fp16 q, fp32 k/v) is no dtype error."""
+    BF16 = torch.bfloat16
+    q, k, v = (_rand(1, 9, 2, 16, dtype=F16) for _ in range(3))
+    with torch.autocast(DEVICE.type, dtype=BF16):
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.float().transpose(1, 2),
+                                                                 v.float().transpose(1, 2), is_causal=True)
+        out = attention(q, k, v, causal=True, backend=backend)
+        mixed = attention(q, k.float(), v.float(), causal=True, backend=backend)
+        want = attention(q.to(BF16), k.to(BF16), v.to(BF16), causal=True, backend=backend)
+    assert out.dtype == mixed.dtype == sdpa.dtype == BF16
+    assert torch.equal(out, want) and torch.equal(mixed, want)
+    with torch.autocast(DEVICE.type, dtype=BF16):  # float64 is left alone (and runs on the reference)
+        q64 = q.double()
+        assert attention(q64, q64, q64, backend=None if backend == "triton" else backend).dtype == torch.float64

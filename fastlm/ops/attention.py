@@ -245,12 +245,14 @@ def _unbounded_sides(q, k, varlen, window_left, window_right):
 
 # ---------------------------------------------------------------------------- public API
 def _autocast(q, k, v):
-    """Under torch.autocast: fp32 tensors cast to the autocast dtype, as autocast casts SDPA's
-    inputs (other dtypes are left alone; non-tensors and float64 are _validate's to reject)."""
+    """Under torch.autocast: floating-point tensors other than float64 cast to the autocast
+    dtype, as autocast casts SDPA's inputs (fp16 ones under a bf16 autocast too; float64 is left
+    alone, as torch leaves it; non-tensors are _validate's to reject)."""
     dt = autocast_dtype(q.device.type) if isinstance(q, torch.Tensor) else None
     if dt is None:
         return q, k, v
-    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for t in (q, k, v))
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in (q, k, v))
 
 
 def attention(
@@ -292,7 +294,8 @@ def attention(
     of autotuned ones, since the autotuner's timing-based pick can differ between runs and each
     tile shape rounds differently.  Costs some speed.
     backend: "triton" | "reference" | None (best for the device; env FASTLM_BACKEND overrides).
-    Under torch.autocast, fp32 q / k / v are cast to the autocast dtype first, as SDPA's are.
+    Under torch.autocast, q / k / v (other than float64) are cast to the autocast dtype first, as
+    SDPA's are.
 
     Accuracy (fp32): the backward recomputes the probabilities from the forward's log-sum-exp,
     as FlashAttention does; for fp32 inputs the forward also keeps the part of it that lse's
