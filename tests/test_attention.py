@@ -775,29 +775,37 @@ def test_float64_runs_on_the_reference_backend(backend):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
 
 
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that reports device cuda: the CUDA branch of a host check, with no GPU."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def _recorded_device_asserts(monkeypatch):
+    """torch._assert_async recorded as (ok, message) instead of run; not capturing a graph."""
+    asserts = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: asserts.append((bool(ok), msg)))
+    return asserts
+
+
 def test_cuda_cu_seqlens_from_inference_mode(monkeypatch):
     """CUDA cu_seqlens are value-checked by a device assert, cached per tensor version; a tensor
     made under torch.inference_mode() has no version counter (reading it raised), so it is
-    checked on every call instead.  (A stand-in reports device cuda: no GPU needed.)"""
+    checked on every call instead."""
     A = sys.modules["fastlm.ops.attention"]  # (the module; fastlm.ops.attention is the function)
-
-    class OnCuda(torch.Tensor):
-        @property
-        def device(self):
-            return torch.device("cuda", 0)
-
-    asserts = []
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: asserts.append(bool(ok)))
+    asserts = _recorded_device_asserts(monkeypatch)
     with torch.inference_mode():
-        cu = torch.tensor([0, 5, 9], dtype=torch.int32).as_subclass(OnCuda)
+        cu = torch.tensor([0, 5, 9], dtype=torch.int32).as_subclass(_OnCuda)
     A._check_cu_values(cu, "cu_seqlens_q", 9)
     A._check_cu_values(cu, "cu_seqlens_q", 9)
-    assert asserts == [True, True]
-    normal = torch.tensor([0, 5, 9], dtype=torch.int32).as_subclass(OnCuda)
+    assert [ok for ok, _ in asserts] == [True, True]
+    normal = torch.tensor([0, 5, 9], dtype=torch.int32).as_subclass(_OnCuda)
     A._check_cu_values(normal, "cu_seqlens_q", 9)
     A._check_cu_values(normal, "cu_seqlens_q", 9)  # same version: checked once
-    assert asserts == [True, True, True]
+    assert [ok for ok, _ in asserts] == [True, True, True]
 
 
 def test_cuda_cu_seqlens_device_assert_values(monkeypatch):
@@ -805,21 +813,13 @@ def test_cuda_cu_seqlens_device_assert_values(monkeypatch):
     starts >= 0, non-decreasing (empty sequences allowed), ends <= the packed total.  (A
     stand-in reports device cuda; each call uses a new tensor, so none is skipped as checked.)"""
     A = sys.modules["fastlm.ops.attention"]
-
-    class OnCuda(torch.Tensor):
-        @property
-        def device(self):
-            return torch.device("cuda", 0)
-
-    asserts = []
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: asserts.append((bool(ok), msg)))
+    asserts = _recorded_device_asserts(monkeypatch)
     cases = [([0, 5, 9], True), ([0, 9], True), ([0, 0, 9], True), ([0, 5, 5, 9], True), ([2, 5, 9], True),
              ([0, 5, 8], True), ([-1, 5, 9], False), ([0, 5, 4, 9], False), ([0, 5, 10], False),
              ([0, 6, 5], False), ([1, 0, 9], False), ([0, 3, 2, 9], False)]
     for c, ok in cases:
         asserts.clear()
-        A._check_cu_values(torch.tensor(c, dtype=torch.int32).as_subclass(OnCuda), "cu_seqlens_k", 9)
+        A._check_cu_values(torch.tensor(c, dtype=torch.int32).as_subclass(_OnCuda), "cu_seqlens_k", 9)
         assert asserts == [(ok, "attention: cu_seqlens_k must start >= 0, be non-decreasing and end <= 9")], c
         if ok:  # the CPU check agrees
             A._check_cu_values(torch.tensor(c, dtype=torch.int32), "cu_seqlens_k", 9)
@@ -828,7 +828,7 @@ def test_cuda_cu_seqlens_device_assert_values(monkeypatch):
                 A._check_cu_values(torch.tensor(c, dtype=torch.int32), "cu_seqlens_k", 9)
     asserts.clear()  # while capturing a CUDA graph: nothing is checked
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    A._check_cu_values(torch.tensor([0, 99], dtype=torch.int32).as_subclass(OnCuda), "cu_seqlens_k", 9)
+    A._check_cu_values(torch.tensor([0, 99], dtype=torch.int32).as_subclass(_OnCuda), "cu_seqlens_k", 9)
     assert asserts == []
 
 
