@@ -38,9 +38,13 @@ def integer(name, default, *, lo=None, hi=None):
     except ValueError:
         n = None
     if n is None or (lo is not None and n < lo) or (hi is not None and n > hi):
-        span = (f"in [{lo}, {hi}]" if hi is not None else f">= {lo}") if lo is not None else (
-            f"<= {hi}" if hi is not None else "")
-        raise ValueError(f"environment variable {name}={value!r}: expected an integer {span}".rstrip())
+        if lo is not None and hi is not None:
+            span = f" in [{lo}, {hi}]"
+        elif lo is not None:
+            span = f" >= {lo}"
+        else:
+            span = f" <= {hi}" if hi is not None else ""
+        raise ValueError(f"environment variable {name}={value!r}: expected an integer{span}")
     return n
 
 

@@ -631,8 +631,9 @@ class Transformer(nn.Module):
         the caller may give only some rows)."""
         self._check_inputs(tokens, positions, cu_seqlens, cache)
         x = self._embed(tokens, positions, cu_seqlens)  # (B, T, D)
-        if self.backend == "fused" and autocast_dtype(x.device.type) is not None:
-            x = x.to(autocast_dtype(x.device.type))  # residual stream in bf16 (see the docstring)
+        dt = autocast_dtype(x.device.type) if self.backend == "fused" else None
+        if dt is not None:
+            x = x.to(dt)  # residual stream in bf16 (see the docstring)
         ropes = self._rope_inputs(tokens, positions, cu_seqlens)
         residual = pending = None  # pending: a post-norm deferred into the next block's first kernel
         for layer in self.layers:
