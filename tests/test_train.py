@@ -98,7 +98,7 @@ def test_corpus_folder_skips_fifos(corpus):
     FIFO blocks until a writer comes."""
     import threading
 
-    fifo = corpus / "pipe.txt"
+    fifo = corpus / "0pipe.txt"  # listed first: the files after it are still read
     os.mkfifo(fifo)
     found = []
     t = threading.Thread(target=lambda: found.append(fdata.list_files([str(corpus)])), daemon=True)
@@ -239,13 +239,49 @@ def test_token_cache_dtype_and_id_range_at_their_edges(corpus, tmp_path):
     td = fdata.TokenData([str(corpus)], cache_dir=str(tmp_path / "c"))
     assert td.meta["n_docs"] == 6 and td.meta["n_files"] == 7
     assert len(td.val) == int(len(td) * 0.01)
+    td = fdata.TokenData(one, tokenizer=_FakeTokenizer(10, [4]), cache_dir=str(tmp_path / "c"), val_fraction=0)
+    assert td.meta["n_docs"] == 1 and td.meta["n_tokens"] == 1  # a one-token document counts
     with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\), got 1.0"):
         fdata.TokenData([str(corpus)], cache_dir=str(tmp_path / "c"), val_fraction=1.0)
+    td = fdata.TokenData([str(corpus)], cache_dir=str(tmp_path / "c"), val_fraction=0.75)  # any fraction below 1
+    assert len(td.val) == int(len(td) * 0.75)
 
 
 def test_byte_tokenizer_decode_keeps_every_byte_and_drops_the_separator():
     t = fdata.ByteTokenizer()
+    assert (t.vocab_size, t.eot_id) == (257, 256)  # the model's embedding has a row for the separator
     assert t.decode([104, 0, 105, 256, 33]) == "h\x00i!"  # byte 0 is text; 256 (<|endoftext|>) is not
+    assert t.decode([0xC3, 0xA9, 255, 104]) == "\u00e9\ufffdh"  # byte 255 is kept (as an invalid byte)
+
+
+def test_corpus_walk_skips_entries_without_stopping(corpus, tmp_path):
+    """A dotfile, a file of another extension or an unreadable path skips that entry only: the
+    files listed after it in the same folder are still read."""
+    (corpus / ".hidden").write_text("secret\n")  # sorts before every other name in the folder
+    assert sorted(os.path.basename(f) for f in fdata.list_files([str(corpus)])) == [
+        "mod0.py", "mod1.py", "mod2.py", "mod3.py", "mod4.py", "notes.txt"]
+    py = fdata.list_files([str(corpus)], exts=(".py",))  # blob.bin sorts first and is filtered out
+    assert sorted(os.path.basename(f) for f in py) == ["mod0.py", "mod1.py", "mod2.py", "mod3.py", "mod4.py"]
+    assert fdata._is_binary(str(tmp_path / "missing")) is True  # unreadable: skipped, not read later
+
+
+def test_token_cache_reads_a_text_file_in_newline_pieces(tmp_path, monkeypatch):
+    """A text tokenizer gets each file in pieces of about CHUNK bytes ending at a newline (not
+    the whole file at once: a corpus file may be larger than memory)."""
+    monkeypatch.setattr(fdata, "CHUNK", 8)
+    pieces = []
+
+    class Spy:  # a text (non-byte) tokenizer: one token per byte, no separator
+        name, identity, vocab_size, eot_id = "spy", "spy", 256, None
+
+        def encode_bytes(self, data):
+            pieces.append(bytes(data))
+            return np.frombuffer(data, dtype=np.uint8)
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_bytes(b"ab\ncd\nef\ngh\n" + b"x" * 20 + b"\nend")
+    fdata.TokenData([str(tmp_path / "c")], tokenizer=Spy(), cache_dir=str(tmp_path / "cache"), val_fraction=0)
+    assert pieces == [b"ab\ncd\n", b"ef\ngh\n", b"x" * 20 + b"\n", b"end"]
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks on this platform")
@@ -310,6 +346,27 @@ def test_batch_sampler_order_and_resume():
     assert fdata.BatchSampler(tokens[:31], seqlen=10).n_windows == 3  # windows overlap by their one target
     with pytest.raises(ValueError, match="same data"):
         fdata.BatchSampler(tokens[:500], seqlen=10).load_state_dict(state)
+
+
+def test_batch_sampler_epochs_are_fresh_permutations():
+    """Each epoch visits every window once, in an order of its own; the state counts epochs one
+    by one from (0, 0); the default seed is 0."""
+    s = fdata.BatchSampler(np.arange(41, dtype=np.uint16), seqlen=10)
+    assert s.state_dict() == {"epoch": 0, "index": 0, "seed": 0, "n_windows": 4}
+    epochs = [s.next_indices(4).tolist() for _ in range(6)]
+    assert all(sorted(e) == [0, 1, 2, 3] for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1  # not one order repeated
+    assert epochs == [fdata.BatchSampler(np.arange(41), 10, seed=0)._order(i).tolist() for i in range(6)]
+    s.next_indices(1)
+    assert s.state_dict()["epoch"] == 6 and s.state_dict()["index"] == 1
+
+
+def test_eval_windows_spread_over_the_split():
+    assert fdata.eval_windows(10, 10).tolist() == list(range(10))
+    assert fdata.eval_windows(11, 3).tolist() == [0, 5, 10]  # first and last included
+    assert fdata.eval_windows(5, 1).tolist() == [0]
+    assert fdata.eval_windows(3, 7).tolist() == [0, 1, 2, 0, 1, 2, 0]  # a small split repeats
+    assert fdata.eval_windows(4, 4).dtype == np.int64
 
 
 def test_split_does_not_depend_on_the_corpus_location(corpus, tmp_path):
