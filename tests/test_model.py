@@ -1007,6 +1007,49 @@ def test_gemma_hub_configs_fill_transformers_defaults():
     assert g2.attn_scale is None and g2.layer_types[:2] == ["sliding", "full"]
 
 
+_HF_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+               "phi3": "Phi3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+               "gemma3_text": "Gemma3TextConfig"}
+
+
+@pytest.mark.parametrize("arch", list(_HF_CLASSES))
+def test_hf_config_fields_left_out_take_transformers_defaults(arch):
+    """A config.json may leave any field out; transformers then takes its class default, which
+    differs between families (Mistral: 8 kv heads and a 4096-token window; Qwen3: head_dim 128;
+    Phi-3: eps 1e-5; Qwen: 28 full layers before the sliding ones).  from_hf reads the same model
+    from a minimal config as from transformers' config object of it; its table of defaults is the
+    installed transformers' own."""
+    import inspect
+
+    from fastlm.models.hf import _HF_DEFAULTS, config_from_hf
+
+    cls = getattr(transformers, _HF_CLASSES[arch])
+    params = inspect.signature(cls.__init__).parameters
+    for field, value in _HF_DEFAULTS[arch].items():
+        if field == "rope_theta" and field not in params:  # (transformers 5: in the rope_parameters it builds)
+            expect = cls().rope_parameters["rope_theta"]
+        else:
+            expect = params[field].default if field in params else getattr(cls, field)
+        assert value == expect, (arch, field, value, expect)
+    base = dict(vocab_size=300, hidden_size=256, intermediate_size=96, num_hidden_layers=3, num_attention_heads=32)
+    variants = [{}, {"head_dim": 16}, {"num_key_value_heads": 4}]
+    if arch.startswith("qwen"):  # the window only with use_sliding_window, after max_window_layers full layers
+        variants += [{"use_sliding_window": True}, {"use_sliding_window": True, "max_window_layers": 1},
+                     {"use_sliding_window": True, "max_window_layers": 1, "sliding_window": 8},
+                     {"layer_types": ["sliding_attention"] * 3, "sliding_window": 8}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for extra in variants:
+            kw = {**base, **extra}
+            assert config_from_hf({"model_type": arch, **kw}) == config_from_hf(cls(**kw).to_dict()), (arch, extra)
+    if arch == "mistral":
+        cfg = config_from_hf({"model_type": arch, **base})
+        assert (cfg.n_kv_heads, cfg.sliding_window, cfg.max_seqlen) == (8, 4096, 131072)
+    if arch == "qwen2":
+        cfg = config_from_hf({"model_type": arch, **base, "use_sliding_window": True, "max_window_layers": 1})
+        assert cfg.layer_types == ["full", "sliding", "sliding"] and cfg.sliding_window == 4096
+
+
 def test_partial_rotary_and_llama_like_hf_families():
     # transformers' Llama/Mistral/Qwen2 rotate the full head_dim with the default rope (a
     # partial_rotary_factor is ignored) and fail with a scaled rope: no partial rotary to export

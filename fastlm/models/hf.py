@@ -62,9 +62,31 @@ def _rope_from_hf(c, head_dim, partial=False):
     return float(base), scaling, head_dim
 
 
-# transformers' defaults of the Gemma 2 / Gemma 3 text configs: the Hub's config.json files of
-# Gemma 3 list only what differs from them (gemma-3-4b's text_config has no num_attention_heads)
-_GEMMA23_DEFAULTS = {
+# transformers' defaults of the fields config_from_hf reads, per family: a config.json may leave
+# any field out (the Hub's Gemma 3 files list only what differs: gemma-3-4b's text_config has no
+# num_attention_heads), and transformers then takes its class default, which differs between
+# families (Mistral: 8 kv heads and a 4096-token window; Qwen3: head_dim 128; Phi-3: eps 1e-5).
+# tests/test_model.py checks each value against the installed transformers.
+_HF_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  attention_bias=False, mlp_bias=False),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                    tie_word_embeddings=False, sliding_window=4096),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, sliding_window=4096, use_sliding_window=False, max_window_layers=28),
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, sliding_window=4096,
+                  use_sliding_window=False, max_window_layers=28),
+    "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                 num_attention_heads=32, max_position_embeddings=4096, original_max_position_embeddings=4096,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None),
+    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=16, head_dim=256, max_position_embeddings=8192,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False),
     "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                    num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
                    max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=10000.0,
@@ -101,8 +123,8 @@ def config_from_hf(c, model=None):
         archs = c.get("architectures")
         raise ValueError(f"unsupported HF architecture {mtype!r} ({archs}); fastlm loads {list(SUPPORTED)} "
                          "(and the language model of gemma3)")
-    if mtype in _GEMMA23_DEFAULTS:
-        c = {**_GEMMA23_DEFAULTS[mtype], **c}
+    if mtype in _HF_DEFAULTS:
+        c = {**_HF_DEFAULTS[mtype], **c}
     if mtype == "gpt2":
         act = c.get("activation_function", "gelu_new")
         approx = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(act)
@@ -140,7 +162,8 @@ def config_from_hf(c, model=None):
             n_full = min(c.get("max_window_layers", 0), c["num_hidden_layers"]) if c.get("use_sliding_window") else c["num_hidden_layers"]
             types = ["full_attention"] * n_full + ["sliding_attention"] * (c["num_hidden_layers"] - n_full)
         kinds = _layer_kinds(types, c["num_hidden_layers"], mtype)
-        if "sliding" in kinds and c.get("sliding_window"):
+        # (transformers drops the window unless use_sliding_window, whatever layer_types say)
+        if "sliding" in kinds and c.get("sliding_window") and c.get("use_sliding_window"):
             window = c["sliding_window"]
             if len(set(kinds)) > 1:  # sliding and full layers (max_window_layers)
                 layer_types = kinds
