@@ -5,6 +5,7 @@ On CPU the fused backend runs the Triton kernels under the interpreter, so shape
 Error policy (tests/tolerances.py): the fp32 result's error against the same model run in
 float64 must be within 2x the error of the fp32 reference backend, plus a small floor.
 """
+import copy
 import json
 import re
 import sys
@@ -1037,17 +1038,50 @@ def test_hf_config_fields_left_out_take_transformers_defaults(arch):
         variants += [{"use_sliding_window": True}, {"use_sliding_window": True, "max_window_layers": 1},
                      {"use_sliding_window": True, "max_window_layers": 1, "sliding_window": 8},
                      {"layer_types": ["sliding_attention"] * 3, "sliding_window": 8}]
+    if arch == "gemma3_text" and "rope_parameters" in params:  # per-layer-type ropes, a rope_theta left out
+        variants += [{"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0}}},
+                     {"rope_parameters": {"sliding_attention": {"rope_type": "default"}}}]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for extra in variants:
             kw = {**base, **extra}
-            assert config_from_hf({"model_type": arch, **kw}) == config_from_hf(cls(**kw).to_dict()), (arch, extra)
+            mine = config_from_hf(copy.deepcopy({"model_type": arch, **kw}))
+            assert mine == config_from_hf(cls(**copy.deepcopy(kw)).to_dict()), (arch, extra)
+    if arch.startswith("qwen"):
+        for types in (["full_attention"] * 2, ["full_attention", "sliding_attention", "chunked_attention"]):
+            with pytest.raises(ValueError, match=f"unsupported {arch} layer_types"):
+                config_from_hf({"model_type": arch, **base, "layer_types": types})
     if arch == "mistral":
         cfg = config_from_hf({"model_type": arch, **base})
         assert (cfg.n_kv_heads, cfg.sliding_window, cfg.max_seqlen) == (8, 4096, 131072)
     if arch == "qwen2":
         cfg = config_from_hf({"model_type": arch, **base, "use_sliding_window": True, "max_window_layers": 1})
         assert cfg.layer_types == ["full", "sliding", "sliding"] and cfg.sliding_window == 4096
+
+
+def test_gpt2_config_defaults_and_unsupported_variants():
+    """A GPT-2 config.json with fields left out reads as transformers' GPT2Config of it; the GPT-2
+    variants fastlm's model does not compute (another attention scaling, cross-attention, a
+    non-GELU activation) are refused by name, not loaded as a different model."""
+    from fastlm.models.hf import config_from_hf
+
+    base = dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for extra in ({}, {"n_inner": 80}, {"activation_function": "gelu"}, {"tie_word_embeddings": False}):
+            kw = {**base, **extra}
+            mine = config_from_hf({"model_type": "gpt2", **kw})
+            assert mine == config_from_hf(transformers.GPT2Config(**kw).to_dict()), extra
+    cfg = config_from_hf({"model_type": "gpt2", **base})
+    assert (cfg.ffn_dim, cfg.norm_eps, cfg.max_seqlen, cfg.tie_embeddings, cfg.gelu_approximate) == (256, 1e-5, 1024,
+                                                                                                     True, "tanh")
+    assert config_from_hf({"model_type": "gpt2", **base, "activation_function": "gelu"}).gelu_approximate == "none"
+    for extra, words in (({"scale_attn_weights": False}, "attention scaling"),
+                         ({"scale_attn_by_inverse_layer_idx": True}, "attention scaling"),
+                         ({"add_cross_attention": True}, "cross-attention"),
+                         ({"activation_function": "relu"}, "activation_function 'relu'")):
+        with pytest.raises(ValueError, match=f"unsupported GPT-2 .*{words}"):
+            config_from_hf({"model_type": "gpt2", **base, **extra})
 
 
 def test_partial_rotary_and_llama_like_hf_families():
