@@ -6,6 +6,7 @@ Error policy (tests/tolerances.py): the fp32 result's error against the same mod
 float64 must be within 2x the error of the fp32 reference backend, plus a small floor.
 """
 import copy
+import dataclasses
 import json
 import re
 import sys
@@ -1057,6 +1058,8 @@ def test_hf_config_fields_left_out_take_transformers_defaults(arch):
     if arch == "qwen2":
         cfg = config_from_hf({"model_type": arch, **base, "use_sliding_window": True, "max_window_layers": 1})
         assert cfg.layer_types == ["full", "sliding", "sliding"] and cfg.sliding_window == 4096
+        cfg = config_from_hf({"model_type": arch, **base, "use_sliding_window": True, "max_window_layers": 0})
+        assert cfg.layer_types is None and cfg.sliding_window == 4096  # every layer sliding: one window, no list
 
 
 def test_gpt2_config_defaults_and_unsupported_variants():
@@ -1076,6 +1079,15 @@ def test_gpt2_config_defaults_and_unsupported_variants():
     assert (cfg.ffn_dim, cfg.norm_eps, cfg.max_seqlen, cfg.tie_embeddings, cfg.gelu_approximate) == (256, 1e-5, 1024,
                                                                                                      True, "tanh")
     assert config_from_hf({"model_type": "gpt2", **base, "activation_function": "gelu"}).gelu_approximate == "none"
+    assert config_from_hf({"model_type": "gpt2", **base, "n_inner": 80}).ffn_dim == 80
+    from fastlm.models.hf import _hf_config
+
+    assert _hf_config(cfg, "gpt2").n_inner == 256  # (the config exports as GPT-2 as it is)
+    for change in (dict(norm_bias=False), dict(qkv_bias=False), dict(out_bias=False), dict(mlp_bias=False),
+                   dict(n_kv_heads=2), dict(sliding_window=8), dict(head_dim=8), dict(mlp="swiglu"),
+                   dict(norm="rms", norm_bias=False), dict(positional="rope")):
+        with pytest.raises(ValueError, match="not a GPT-2 architecture"):  # each one difference is refused
+            _hf_config(dataclasses.replace(cfg, **change), "gpt2")
     for extra, words in (({"scale_attn_weights": False}, "attention scaling"),
                          ({"scale_attn_by_inverse_layer_idx": True}, "attention scaling"),
                          ({"add_cross_attention": True}, "cross-attention"),
@@ -1239,6 +1251,23 @@ def test_gemma_activation_without_transformers(monkeypatch):
     with pytest.raises(ValueError, match="unsupported gemma activation 'relu'"):
         config_from_hf(dict(c, hidden_act="relu"))
     assert fhf._installed_act_fn(c, "gemma") is None
+
+
+def test_gelu_probe_tells_the_two_gelus_apart():
+    """_gelu_kind names the GELU an activation computes (exact and tanh differ by < 1e-3 over
+    [-6, 6], so the probe must look at every point); Gemma 2 with the exact GELU reads as exact
+    from a config dict (transformers' MLP built from it and probed)."""
+    import torch.nn.functional as F
+
+    from fastlm.models.hf import _gelu_kind, config_from_hf
+
+    assert _gelu_kind(F.gelu) == "none" and _gelu_kind(lambda x: F.gelu(x, approximate="tanh")) == "tanh"
+    assert _gelu_kind(F.silu) is None and _gelu_kind(lambda x: x.relu()) is None
+    assert _gelu_kind(lambda x: 1 / 0) is None  # an activation that cannot run on the probe
+    base = dict(model_type="gemma2", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    assert config_from_hf(dict(base, hidden_activation="gelu")).gelu_approximate == "none"
+    assert config_from_hf(dict(base, hidden_activation="gelu_pytorch_tanh")).gelu_approximate == "tanh"
 
 
 def test_phi3_longrope_is_refused():
