@@ -475,6 +475,8 @@ def test_seeded_sampling_is_reproducible():
     b = gen.generate(prompts, 12, **kw)  # seed=None: drawn from torch's global RNG
     torch.manual_seed(5)
     assert gen.generate(prompts, 12, **kw) == b
+    torch.manual_seed(6)
+    assert gen.generate(prompts, 12, **kw) != b  # (a seed drawn from a range of one value was always the same)
     # degenerate sampling settings are greedy
     greedy = gen.generate(prompts, 12, greedy=True)
     assert gen.generate(prompts, 12, temperature=0.0) == greedy
@@ -599,12 +601,17 @@ BAD = [
     (dict(prompts=[[1, 2], []]), ValueError, r"prompts\[1\] is empty"),
     (dict(prompts=[1, 2, 3]), TypeError, "flat list of ints"),
     (dict(prompts=torch.tensor([1, 2])), ValueError, "2-D"),
+    (dict(prompts=torch.zeros(1, 2, 3, dtype=torch.long)), ValueError, "2-D"),
     (dict(prompts=[[1, 320]]), ValueError, r"prompts\[0\] has token id 320 outside the vocabulary \[0, 320\)"),
     (dict(prompts=[[3], [-1]]), ValueError, r"prompts\[1\] has token id -1"),
+    (dict(prompts=[[5, -1]]), ValueError, r"prompts\[0\] has token id -1"),  # the low end of a prompt, not its first
     (dict(prompts=[[1.5]]), TypeError, "token ids must be ints"),
     (dict(prompts=[[1, None, 3]]), TypeError, r"prompts\[0\] holds None"),
     (dict(prompts=[[None]]), TypeError, r"prompts\[0\] holds None"),
     (dict(prompts=[torch.tensor([1.0])]), TypeError, r"prompts\[0\] must be a 1-D integer tensor"),
+    (dict(prompts=[torch.tensor([[1, 2]])]), TypeError, r"prompts\[0\] must be a 1-D integer tensor, got torch.int64"),
+    (dict(prompts=[torch.tensor([True])]), TypeError, r"prompts\[0\] must be a 1-D integer tensor, got torch.bool"),
+    (dict(prompts=[torch.tensor([1j])]), TypeError, r"prompts\[0\] must be a 1-D integer tensor, got torch.complex"),
     (dict(prompts=["abc"]), TypeError, r"prompts\[0\] must be a sequence"),
     (dict(max_new_tokens=0), ValueError, "max_new_tokens must be a positive int"),
     (dict(prompts=[[1] * 250], max_new_tokens=7), ValueError, r"prompts\[0\] has 250 tokens.*max_seqlen=256"),
@@ -615,8 +622,11 @@ BAD = [
     (dict(greedy="yes"), TypeError, "greedy"),
     (dict(eos_token_id=320), ValueError, "eos_token_id 320 is outside"),
     (dict(eos_token_id="x"), TypeError, "eos_token_id"),
+    (dict(eos_token_id=[1, 2.5]), TypeError, "eos_token_id must be None, an int or a list of ints"),
+    (dict(eos_token_id=-1), ValueError, "eos_token_id -1 is outside"),
     (dict(seed=1.5), TypeError, "seed"),
     (dict(seed=2**64), ValueError, "seed must be in"),
+    (dict(seed=-(2**63) - 1), ValueError, "seed must be in"),
     (dict(stream=3), TypeError, "stream must be a callable"),
     (dict(stream=lambda tok: None), TypeError, r"stream must take two positional arguments.*\(tok\)"),
     (dict(stream=lambda i, tok, extra: None), TypeError, "stream must take two positional arguments"),
@@ -696,12 +706,13 @@ def test_tiny_temperature_is_greedy(temperature):
 
 
 def test_capacity_and_constructor_errors():
-    _, fused = models("tiny", op_backend="reference")
+    ref, fused = models("tiny", op_backend="reference")
     with pytest.raises(ValueError, match=r"prompts\[1\].*stores 11 tokens.*capacity max_seqlen=10"):
         Generator(fused, max_seqlen=10).stream([[1] * 4, [2] * 6], 6)  # raises at the call, not when iterated
     with pytest.raises(ValueError, match="need 6 cache blocks of 4 tokens, more than the pool's num_blocks=5"):
         Generator(fused, cache="paged", block_size=4, num_blocks=5).generate([[1] * 4, [2] * 6], 6)
-    assert Generator(fused, max_seqlen=11).generate([[1] * 4, [2] * 6], 6, greedy=True)  # exactly fits
+    for model in (fused, ref):  # exactly fits (the reference path's cache checks its capacity itself)
+        assert Generator(model, max_seqlen=11).generate([[1] * 4, [2] * 6], 6, greedy=True)
     assert Generator(fused, cache="paged", block_size=4, num_blocks=6).generate([[1] * 4, [2] * 6], 6, greedy=True)
     with pytest.raises(ValueError, match="cache must be one of"):
         Generator(fused, cache="ring")
@@ -716,6 +727,159 @@ def test_capacity_and_constructor_errors():
         Generator(fused, cuda_graphs="no")
     with pytest.raises(TypeError, match="parameters must be float32"):
         Generator(Transformer(config("tiny")).double())
+
+
+def test_cache_sizes_for_a_request():
+    """check_args reports the cache a call needs: a capacity per sequence rounded up to a multiple
+    of 256 tokens (so later, somewhat longer requests reuse the cache), at most the model's
+    max_seqlen; a paged pool of exactly the blocks the sequences can fill; a fixed max_seqlen /
+    num_blocks as given.  A sequence stores prompt + max_new_tokens - 1 tokens (the last new
+    token is never fed back)."""
+    ref, fused = models("tiny", op_backend="reference", max_seqlen=1000)
+
+    def sizes(model, lens, new, **kw):
+        a = Generator(model, **kw).check_args([[1] * n for n in lens], new)
+        return a["capacity"], a["num_blocks"]
+
+    assert sizes(fused, [3, 10], 5) == (256, 0)  # static: no pool
+    assert sizes(ref, [3, 10], 5, cache="paged") == (256, 0)  # the reference path has no pool either
+    assert sizes(fused, [3, 10], 5, cache="paged", block_size=4) == (256, 2 + 4)  # 7 and 14 tokens
+    assert sizes(fused, [250], 7) == (256, 0)  # 256 tokens stored: fits 256
+    assert sizes(fused, [250], 8) == (512, 0)  # 257
+    assert sizes(fused, [900], 50) == (1000, 0)  # 949: 1024 would pass the model's max_seqlen
+    assert sizes(fused, [3], 5, max_seqlen=9) == (9, 0)
+    assert sizes(fused, [3, 10], 5, cache="paged", block_size=4, num_blocks=9) == (256, 9)
+    # the sizes are the state's
+    gen = Generator(fused, cache="paged", block_size=4)
+    gen.generate([[1] * 3, [2] * 10], 5, greedy=True)
+    assert (gen._state.capacity, gen._state.num_blocks) == (256, 6)
+
+
+def test_a_paged_pool_that_is_too_small_is_not_reused():
+    """A later request of the same batch within the same capacity but needing more blocks than
+    the kept pool holds gets a new pool (it reused the old one and ran out of blocks)."""
+    _, fused = models("tiny", op_backend="reference")
+    gen = Generator(fused, cache="paged", block_size=4)
+    gen.generate(prompts_of([3, 5], 320), 2, greedy=True)  # 4 + 6 tokens: 1 + 2 blocks
+    st = gen._state
+    prompts = prompts_of([3, 9], 320, seed=2)
+    out = gen.generate(prompts, 6, greedy=True)  # 8 + 14 tokens: 2 + 4 blocks
+    assert gen._state is not st and gen._state.num_blocks == 6
+    assert out == generate(fused, prompts, 6, greedy=True)
+
+
+def test_prefill_groups():
+    """Prompts are prefilled in consecutive groups of at most prefill_tokens tokens; a longer
+    prompt goes alone."""
+    _, fused = models("tiny", op_backend="reference")
+    gen = Generator(fused, prefill_tokens=10)
+    assert list(gen._groups([4, 6, 3])) == [(0, 2), (2, 3)]  # 10 tokens exactly: one group
+    assert list(gen._groups([4, 7, 3])) == [(0, 1), (1, 3)]
+    assert list(gen._groups([12, 1, 9, 2])) == [(0, 1), (1, 3), (3, 4)]
+    assert list(gen._groups([1] * 10)) == [(0, 10)]
+    assert list(gen._groups([1] * 11)) == [(0, 10), (10, 11)]
+    assert list(gen._groups([5])) == [(0, 1)]
+
+
+def test_stats_of_a_call():
+    """Generator.stats (what bench_generate reports): counts, and rates that are those counts over
+    the measured times."""
+    _, fused = models("tiny", op_backend="reference")
+    gen = Generator(fused, sync_every=4)
+    prompts = prompts_of([5, 2, 8], 320, seed=6)
+    out = gen.generate(prompts, 7, greedy=True)
+    s = gen.stats
+    assert (s["batch"], s["prompt_tokens"], s["new_tokens"], s["decode_steps"]) == (3, 15, 21, 6)
+    assert s["new_tokens"] == sum(len(o) for o in out)
+    assert 0 < s["prefill_s"] < 60 and 0 < s["decode_s"] < 60
+    assert s["prefill_tokens_per_s"] == pytest.approx(15 / s["prefill_s"])
+    assert s["decode_tokens_per_s"] == pytest.approx(3 * 6 / s["decode_s"])
+    gen.generate(prompts[:2], 2, greedy=True)  # one decode step
+    s = gen.stats
+    assert (s["batch"], s["new_tokens"], s["decode_steps"]) == (2, 4, 1)
+    assert s["decode_tokens_per_s"] == pytest.approx(2 / s["decode_s"])
+    gen.generate(prompts[:1], 1, greedy=True)  # no decode step: no decode rate
+    s = gen.stats
+    assert (s["batch"], s["prompt_tokens"], s["new_tokens"], s["decode_steps"]) == (1, 5, 1, 0)
+    assert s["prefill_tokens_per_s"] == pytest.approx(5 / s["prefill_s"])
+    assert s["decode_tokens_per_s"] != s["decode_tokens_per_s"]  # NaN
+
+
+def test_defaults_and_keyword_only_arguments():
+    """The documented defaults: Generator(cache="static", cuda_graphs=True, block_size=16,
+    sync_every=8, prefill_tokens=16384), and sampling at temperature 1 (not greedy) unless told;
+    every argument after max_new_tokens is keyword-only."""
+    _, fused = models("tiny", op_backend="reference")
+    gen = Generator(fused)
+    assert (gen.cache_kind, gen.want_graphs, gen.block_size, gen.sync_every, gen.prefill_tokens) == (
+        "static", True, 16, 8, 16384)
+    assert (gen.max_seqlen, gen.num_blocks) == (None, None)
+    a = gen.check_args([[1, 2]], 3)
+    assert (a["temperature"], a["top_k"], a["top_p"], a["min_p"], a["greedy"], a["repetition_penalty"]) == (
+        1.0, None, None, None, False, None)
+    prompts = prompts_of([4, 7, 1], 320, seed=4)
+    sampled = generate(fused, prompts, 12, seed=3)
+    assert sampled == generate(fused, prompts, 12, temperature=1.0, seed=3)
+    assert sampled == gen.generate(prompts, 12, seed=3)
+    assert [[t for b, t in gen.stream(prompts, 12, seed=3) if b == i] for i in range(3)] == sampled
+    assert sampled != generate(fused, prompts, 12, greedy=True)  # temperature 1 is not greedy
+    for call in (lambda: gen.generate(prompts, 2, 0.5), lambda: gen.stream(prompts, 2, 0.5),
+                 lambda: gen.check_args(prompts, 2, 0.5), lambda: generate(fused, prompts, 2, 0.5),
+                 lambda: Generator(fused, "paged")):
+        with pytest.raises(TypeError, match="positional argument"):
+            call()
+
+
+def test_edge_values_are_accepted():
+    """The ends of each valid range work: a prompt that fills max_seqlen exactly, token id 0 as
+    EOS, the extreme torch.Generator seeds."""
+    _, fused = models("tiny", op_backend="reference")
+    gen = Generator(fused)
+    assert [len(o) for o in gen.generate([[1] * 250], 6, greedy=True)] == [6]  # 256 = max_seqlen
+    assert gen.check_args([[1]], 2, eos_token_id=0)["eos_token_id"] == frozenset({0})
+    assert gen.check_args([[1]], 2, eos_token_id=[319, 0])["eos_token_id"] == frozenset({0, 319})
+    for seed in (-(2**63), 2**64 - 1, 0):
+        assert len(gen.generate([[1, 2]], 3, seed=seed)[0]) == 3
+    # prompts as 1-D integer tensors of any integer dtype, or one 2-D tensor: the same as lists
+    want = gen.generate([[5, 6, 7], [8, 9, 10]], 3, greedy=True)
+    assert gen.generate([torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10], dtype=torch.int32)], 3, greedy=True) == want
+    assert gen.generate(torch.tensor([[5, 6, 7], [8, 9, 10]]), 3, greedy=True) == want
+
+
+@pytest.mark.parametrize("which", ["reference", "fused"])
+def test_one_token_window_and_prefill_groups(which):
+    """sliding_window=1 (each token sees only itself: the window's left edge is 0), prompts of
+    equal and of mixed lengths prefilled in several groups: the greedy tokens are the full
+    forward's.  (The reference path's own masks: a left edge of 0 is still a window; the padded
+    prefill of a group that does not start at row 0.)"""
+    ref, fused = models("tiny", op_backend="reference", sliding_window=1)
+    model = ref if which == "reference" else fused
+    for lens in ([4, 4, 4], [6, 1, 11, 3]):
+        prompts = prompts_of(lens, 320, seed=len(lens))
+        out = Generator(model, prefill_tokens=8).generate(prompts, 4, greedy=True)
+        assert_greedy_by_full_forward(ref, prompts, out)
+    # no window, every prompt of one length: the reference decode's unmasked SDPA over the filled slots
+    ref, fused = models("tiny", op_backend="reference")
+    prompts = prompts_of([5, 5], 320, seed=3)
+    out = Generator(ref if which == "reference" else fused).generate(prompts, 6, greedy=True)
+    assert_greedy_by_full_forward(ref, prompts, out)
+
+
+@pytest.mark.parametrize("positional", ["rope", "learned"])
+def test_qk_norm_weights_reach_the_cache_hook(positional):
+    """Per-head q/k RMSNorms in the packed prefill and the decode steps, with q and k norm weights
+    far apart (randomize_ only nudges 1-D weights: a hook that swapped them still passed), with
+    RoPE and without it (learned positions: the prefill norms q/k with no rotation)."""
+    ref, fused = models("tiny", op_backend="reference", qk_norm=True, positional=positional)
+    with torch.no_grad():
+        for name, p in fused.named_parameters():
+            if "q_norm" in name or "k_norm" in name:
+                p.copy_(torch.rand_like(p) * 3.0 + (0.1 if "q_norm" in name else 1.5))
+    ref.load_state_dict(fused.state_dict())
+    prompts = prompts_of([6, 1, 9], 320, seed=5)
+    for cache in ("static", "paged"):
+        out = Generator(fused, cache=cache, block_size=4).generate(prompts, 4, greedy=True)
+        assert_greedy_by_full_forward(ref, prompts, out)
 
 
 def test_packed_input_needs_a_cache_that_attends():
