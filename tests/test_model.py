@@ -1066,7 +1066,7 @@ def test_gpt2_config_defaults_and_unsupported_variants():
     """A GPT-2 config.json with fields left out reads as transformers' GPT2Config of it; the GPT-2
     variants fastlm's model does not compute (another attention scaling, cross-attention, a
     non-GELU activation) are refused by name, not loaded as a different model."""
-    from fastlm.models.hf import config_from_hf
+    from fastlm.models.hf import _hf_config, config_from_hf
 
     base = dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4)
     with warnings.catch_warnings():
@@ -1080,8 +1080,6 @@ def test_gpt2_config_defaults_and_unsupported_variants():
                                                                                                      True, "tanh")
     assert config_from_hf({"model_type": "gpt2", **base, "activation_function": "gelu"}).gelu_approximate == "none"
     assert config_from_hf({"model_type": "gpt2", **base, "n_inner": 80}).ffn_dim == 80
-    from fastlm.models.hf import _hf_config
-
     assert _hf_config(cfg, "gpt2").n_inner == 256  # (the config exports as GPT-2 as it is)
     for change in (dict(norm_bias=False), dict(qkv_bias=False), dict(out_bias=False), dict(mlp_bias=False),
                    dict(n_kv_heads=2), dict(sliding_window=8), dict(head_dim=8), dict(mlp="swiglu"),
