@@ -4,6 +4,7 @@ Training runs use tiny models on a small synthetic corpus; the torchrun tests la
 `python -m torch.distributed.run` as a subprocess with 2 CPU processes.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -1134,3 +1135,255 @@ def test_ranks_launched_with_different_settings_fail(corpus, tmp_path):
         _, err = p.communicate(timeout=240)
         assert p.returncode == 1 and "different settings: lr (ranks [1] differ from rank 0" in err, err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ mutation audit of train.py
+def _documented_lr(k, lr, warmup, steps, r):
+    """The lr of optimizer update k = 1..steps as the module docstring states it."""
+    if k <= warmup:
+        return lr * k / warmup
+    return lr * (r + (1 - r) * (1 + math.cos(math.pi * (k - 1 - warmup) / (steps - warmup))) / 2)
+
+
+def test_learning_rate_schedule_is_the_documented_one(corpus, tmp_path):
+    """Warmup then cosine, as documented (the metrics' lr column and lr_lambda): the schedule had
+    no test of its own, so a warmup off by one, a cosine never decaying or decaying past the floor
+    all passed."""
+    from fastlm.train import lr_lambda
+
+    for warmup, steps, r in ((3, 10, 0.1), (0, 5, 0.0), (1, 2, 1.0), (4, 4, 0.1), (2, 7, 0.25), (0, 1, 0.5)):
+        cfg = TrainConfig(lr=2e-3, warmup=warmup, steps=steps, min_lr_ratio=r)
+        f = lr_lambda(cfg)
+        got = [cfg.lr * f(k - 1) for k in range(1, steps + 1)]  # LambdaLR's epoch k-1 is update k
+        assert got == pytest.approx([_documented_lr(k, 2e-3, warmup, steps, r) for k in range(1, steps + 1)],
+                                    rel=1e-12, abs=0), (warmup, steps, r)
+        if warmup:
+            assert got[warmup - 1] == pytest.approx(cfg.lr, rel=1e-12)  # update `warmup`: the peak
+        if steps > warmup:
+            assert f(steps) == pytest.approx(r, rel=1e-12, abs=1e-15)  # the floor, one update after the last
+            assert f(steps + 5) == pytest.approx(r, rel=1e-12, abs=1e-15)  # and not past it
+    # a training run logs these lrs, update by update
+    cfg = run_cfg(corpus, tmp_path, steps=7, warmup=3, min_lr_ratio=0.2, eval_every=0, ckpt_every=7)
+    train(cfg)
+    rows = _metrics_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 8))
+    assert [r["lr"] for r in rows] == pytest.approx([_documented_lr(k, 3e-3, 3, 7, 0.2) for k in range(1, 8)],
+                                                    rel=1e-12)
+
+
+def test_each_setting_at_its_bounds():
+    """Every checked setting is accepted at the edge of its range and refused just past it (the
+    refusals past the edges had tests; the edges themselves did not)."""
+    ok = [dict(seqlen=1), dict(batch_size=1), dict(grad_accum=1), dict(steps=1), dict(warmup=0), dict(eval_every=0),
+          dict(eval_batches=1), dict(ckpt_every=1), dict(log_every=1), dict(stop_after=0), dict(stop_after=None),
+          dict(lr=1e-30), dict(min_lr_ratio=0.0), dict(min_lr_ratio=1.0), dict(val_fraction=0.0),
+          dict(val_fraction=0.999), dict(grad_clip=0.0), dict(weight_decay=0.0), dict(seed=0), dict(vocab_size=1),
+          dict(vocab_size=None), dict(betas=(0.0, 0.0)), dict(betas=[0.999, 0.5])]
+    for kw in ok:
+        TrainConfig(**kw).validate()
+    bad = [(dict(seqlen=0), "seqlen"), (dict(batch_size=0), "batch_size"), (dict(grad_accum=0), "grad_accum"),
+           (dict(steps=0), "steps"), (dict(warmup=-1), "warmup"), (dict(eval_every=-1), "eval_every"),
+           (dict(eval_batches=0), "eval_batches"), (dict(ckpt_every=0), "ckpt_every"), (dict(log_every=0), "log_every"),
+           (dict(stop_after=-1), "stop_after"), (dict(seqlen=None), "seqlen"), (dict(lr=0.0), "lr"),
+           (dict(lr=-1e-3), "lr"), (dict(min_lr_ratio=1.0001), "min_lr_ratio"), (dict(val_fraction=1.0), "val_fraction"),
+           (dict(val_fraction=0.5 + 0.5), "val_fraction"), (dict(val_fraction=float("nan")), "val_fraction"),
+           (dict(grad_clip=float("nan")), "grad_clip"), (dict(weight_decay=float("nan")), "weight_decay"),
+           (dict(seed=True), "seed"), (dict(seed=1.5), "seed"), (dict(seed=1.0), "seed"),
+           (dict(vocab_size=True), "vocab_size"), (dict(vocab_size=64.0), "vocab_size"),
+           (dict(betas=(0.9,)), "betas"), (dict(betas=(0.9, 0.95, 0.99)), "betas"), (dict(betas=(1.0, 0.95)), "betas"),
+           (dict(betas=(0.9, 1.0)), "betas"), (dict(betas=(-0.1, 0.95)), "betas"), (dict(betas=(0.9, 1.5)), "betas"),
+           (dict(backend="triton"), "backend"), (dict(dtype="fp16"), "dtype"), (dict(distributed="fsdp2"), "distributed")]
+    for kw, name in bad:
+        with pytest.raises(ValueError, match=rf"^train: .*{name}"):
+            TrainConfig(**kw).validate()
+
+
+def test_read_metrics_rows_and_torn_lines(tmp_path):
+    """read_metrics keeps the rows up to the step, drops a torn or non-row last line, and names the
+    line of anything unparseable before it (a row whose step is not an int included)."""
+    from fastlm.train import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    assert read_metrics(str(path), 5) == ([], None)
+    rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    body = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(body + "\n")
+    assert read_metrics(str(path), 2) == (rows[:2], None)
+    assert read_metrics(str(path), 3) == (rows, None)
+    for last in ('{"step": 4, "lo', "[4, 5]", '{"step": "4"}', '{"loss": 1.0}', '"step"'):
+        path.write_text(body + last)
+        assert read_metrics(str(path), 9) == (rows, last), last
+    for middle in ('{"step": "2"}', "[2]", '{"loss": 2.0}', "{"):
+        path.write_text(json.dumps(rows[0]) + "\n" + middle + "\n" + json.dumps(rows[2]) + "\n")
+        with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: cannot be parsed"):
+            read_metrics(str(path), 9)
+
+
+def test_resume_config_diff_names_the_tokenizer():
+    """A checkpoint's tokenizer differing from this run's is a difference (one saved before the
+    tokenizer was recorded is not); trajectory settings compare lists and tuples alike."""
+    from fastlm.train import resume_config_diff
+
+    cfg = TrainConfig(betas=(0.9, 0.95))
+    saved = {"train_config": {"lr": cfg.lr, "betas": [0.9, 0.95], "seed": 0}, "tokenizer": "bytes"}
+    assert resume_config_diff(saved, cfg, "bytes") == []
+    assert resume_config_diff(saved, cfg, "hf:abc") == [("tokenizer", "bytes", "hf:abc")]
+    assert resume_config_diff({"train_config": saved["train_config"]}, cfg, "hf:abc") == []
+    saved["train_config"]["seed"] = 4
+    assert resume_config_diff(saved, cfg, "bytes") == [("seed", 4, 0)]
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    """The torch, Python and numpy generators draw the same numbers after a restore from a saved
+    (weights_only) checkpoint as they did after the save."""
+    import random
+
+    from fastlm.train import _rng_state, _set_rng_state, atomic_save
+
+    np.random.seed(5)
+    np.random.standard_normal()  # numpy's cached second gaussian is part of the state
+    random.seed(6)
+    torch.manual_seed(7)
+    atomic_save({"rng": [_rng_state()]}, str(tmp_path / "r.pt"))
+
+    def draw():
+        return (torch.rand(3).tolist(), [random.random() for _ in range(3)], np.random.standard_normal(3).tolist(),
+                np.random.randint(0, 1 << 30, 3).tolist())
+
+    first = draw()
+    draw()
+    _set_rng_state(torch.load(str(tmp_path / "r.pt"), weights_only=True)["rng"][0])
+    assert draw() == first
+
+
+_ran = []
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (_ran.append, ("unpickled",))
+
+
+def test_a_checkpoint_cannot_run_code_when_loaded(corpus, tmp_path):
+    """load_checkpoint reads with weights_only: a checkpoint holding a pickled callable is refused
+    as unreadable, and the callable never runs."""
+    train(run_cfg(corpus, tmp_path, steps=2, ckpt_every=2, eval_every=0))
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(str(path), weights_only=True)
+    ckpt["payload"] = _RunsCodeWhenUnpickled()
+    torch.save(ckpt, str(path))
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        load_checkpoint(str(path))
+    assert _ran == []
+
+
+def test_dist_reads_the_torchrun_environment(corpus, tmp_path, monkeypatch):
+    """Dist: a single process without RANK and WORLD_SIZE (both needed); under torchrun the rank,
+    world and local rank from the environment, ddp by default for more than one process, a gloo
+    group (on cpu) with a 2-hour timeout; 'none' with several processes, or ddp / fsdp without
+    torchrun, are errors; --device cuda takes cuda:LOCAL_RANK."""
+    from fastlm.train import Dist
+
+    groups = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, timeout: groups.append((backend, timeout)))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = lambda **kw: run_cfg(corpus, tmp_path, **kw)  # noqa: E731
+    state = lambda w: (w.launched, w.rank, w.world, w.local_rank, w.mode, str(w.device), w.main, w.owns_group)  # noqa: E731
+    assert state(Dist(cfg())) == (False, 0, 1, 0, "none", "cpu", True, False)
+    for mode in ("ddp", "fsdp"):
+        with pytest.raises(ValueError, match=f"distributed='{mode}' needs a torchrun launch"):
+            Dist(cfg(distributed=mode))
+    monkeypatch.setenv("WORLD_SIZE", "4")  # no RANK: not a torchrun launch
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert state(Dist(cfg())) == (False, 0, 1, 0, "none", "cpu", True, False)
+    assert groups == []
+    monkeypatch.setenv("RANK", "3")
+    assert state(Dist(cfg())) == (True, 3, 4, 1, "ddp", "cpu", False, True)
+    assert groups == [("gloo", __import__("datetime").timedelta(hours=2))]
+    assert Dist(cfg(distributed="fsdp")).mode == "fsdp"
+    with pytest.raises(ValueError, match=r"distributed='none' but WORLD_SIZE > 1"):
+        Dist(cfg(distributed="none"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert state(Dist(cfg())) == (True, 3, 2, 0, "ddp", "cpu", False, True)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert state(Dist(cfg())) == (True, 0, 1, 0, "none", "cpu", True, True)  # torchrun of one process
+    # cuda: the local rank's device unless an index is given
+    used = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", used.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    groups.clear()
+    assert str(Dist(cfg(device="cuda")).device) == "cuda:1" and str(Dist(cfg()).device) == "cuda:1"
+    assert str(Dist(cfg(device="cuda:0")).device) == "cuda:0" and str(Dist(cfg(device="cpu")).device) == "cpu"
+    assert [str(d) for d in used] == ["cuda:1", "cuda:1", "cuda:0"] and [g[0] for g in groups] == ["nccl"] * 3 + ["gloo"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"rank 0 would use cuda:1 \(LOCAL_RANK=1\)"):
+        Dist(cfg(device="cuda"))
+
+
+def test_resume_keeps_its_checkpoint_and_says_what_changed(corpus, tmp_path):
+    """A resumed run killed before its next checkpoint still has the one it resumed from (only a
+    new run with overwrite removes the old files); extending steps is logged; a checkpoint from
+    before the token count was saved continues it at step x batch_size x seqlen."""
+    kw = dict(steps=4, ckpt_every=4, eval_every=0)
+    train(run_cfg(corpus, tmp_path, **kw))
+    path = tmp_path / "run" / "checkpoint.pt"
+    saved = path.read_bytes()
+    lines = []
+    train(run_cfg(corpus, tmp_path, resume=True, stop_after=5, **dict(kw, steps=8)), log=lines.append)
+    assert path.read_bytes() == saved
+    assert "steps 4 -> 8: the lr schedule now ends at step 8" in lines, lines
+    ckpt = torch.load(str(path), weights_only=True)
+    del ckpt["tokens"]
+    torch.save(ckpt, str(path))
+    lines.clear()
+    train(run_cfg(corpus, tmp_path, resume=True, **dict(kw, steps=5, batch_size=2, resume_override=True)),
+          log=lines.append)
+    assert "steps 4 -> 5: the lr schedule now ends at step 5" in lines, lines  # (the checkpoint's run had 4)
+    rows = _metrics_rows(tmp_path / "run")
+    assert [(r["step"], r["tokens"]) for r in rows][-2:] == [(4, 4 * 4 * 32), (5, 4 * 4 * 32 + 2 * 32)]
+
+
+def test_grad_accum_gives_the_gradient_of_the_whole_batch(corpus, tmp_path):
+    """batch_size is global: 1 micro-step of 4 sequences or 2 of 2 (or 4 of 1) give the same losses
+    and pre-clip gradient norms (the micro-losses are averaged, not summed)."""
+    runs = []
+    for accum in (1, 2, 4):
+        train(run_cfg(corpus, tmp_path, f"a{accum}", steps=3, eval_every=0, grad_accum=accum, batch_size=4))
+        runs.append([(r["loss"], r["grad_norm"]) for r in _metrics_rows(tmp_path / f"a{accum}")])
+    for other in runs[1:]:
+        np.testing.assert_allclose(other, runs[0], rtol=1e-5)
+
+
+def test_edges_of_the_run_settings(corpus, tmp_path, monkeypatch):
+    """seqlen equal to the model's max_seqlen trains; no validation split with eval_every set trains
+    without val losses; the reference backend ignores op_backend; warmup equal to steps is noted; the
+    default vocabulary is the tokenizer's rounded up to 64 (and an explicit one equal to it fits)."""
+    from fastlm.train import model_config
+
+    assert model_config(TrainConfig(seqlen=256), 320).max_seqlen == 256
+    with pytest.raises(ValueError, match="seqlen=257 exceeds max_seqlen=256"):
+        model_config(TrainConfig(seqlen=257), 320)
+    lines = []
+    hist = train(run_cfg(corpus, tmp_path, "noval", steps=2, warmup=2, val_fraction=0.0, eval_every=1,
+                         op_backend="cuda"), log=lines.append)
+    assert hist["val_loss"] == {} and sorted(hist["train_loss"]) == [1, 2]
+    assert any(line.startswith("note: warmup 2 >= steps 2") for line in lines), lines
+    lines.clear()
+    train(run_cfg(corpus, tmp_path, "w1", steps=2, warmup=1, eval_every=0), log=lines.append)
+    assert not any(line.startswith("note: warmup") for line in lines), lines
+
+    class Wider(fdata.ByteTokenizer):
+        vocab_size = 317  # where rounding up to 63 or 65 would differ from 64's 320
+
+    monkeypatch.setattr(fdata, "load_tokenizer", lambda name: Wider())
+    for name, vocab, want in (("v0", None, 320), ("v1", 317, 317)):
+        train(run_cfg(corpus, tmp_path, name, steps=1, eval_every=0, vocab_size=vocab))
+        assert json.load(open(tmp_path / name / "config.json"))["model_config"]["vocab_size"] == want
+    with pytest.raises(ValueError, match="vocab_size=316 is smaller than the tokenizer's 317"):
+        train(run_cfg(corpus, tmp_path, "v2", steps=1, vocab_size=316))
