@@ -294,6 +294,10 @@ def load_checkpoint(path):
     missing = {"model", "optimizer", "scheduler", "step", "data", "config"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise RuntimeError(f"checkpoint {path} is not a fastlm training checkpoint (missing {sorted(missing)})")
+    fmt = ckpt.get("format", 1)
+    if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+        raise RuntimeError(f"checkpoint {path} has format {fmt!r}, which this fastlm (reading formats up to "
+                           f"{FORMAT_VERSION}) does not know: it was written by a newer fastlm; upgrade fastlm to resume it")
     return ckpt
 
 

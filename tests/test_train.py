@@ -1387,3 +1387,20 @@ def test_edges_of_the_run_settings(corpus, tmp_path, monkeypatch):
         assert json.load(open(tmp_path / name / "config.json"))["model_config"]["vocab_size"] == want
     with pytest.raises(ValueError, match="vocab_size=316 is smaller than the tokenizer's 317"):
         train(run_cfg(corpus, tmp_path, "v2", steps=1, vocab_size=316))
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(corpus, tmp_path):
+    """The checkpoint's format number is checked: one from a newer fastlm is refused by name, not
+    misread; this version's and one without the number (format 1) load."""
+    from fastlm.train import FORMAT_VERSION
+
+    train(run_cfg(corpus, tmp_path, steps=2, ckpt_every=2, eval_every=0))
+    path = str(tmp_path / "run" / "checkpoint.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["format"] == FORMAT_VERSION == 1
+    for fmt in (FORMAT_VERSION + 1, "1", True):
+        torch.save(dict(ckpt, format=fmt), path)
+        with pytest.raises(RuntimeError, match=rf"has format {fmt!r}, which this fastlm .*up to 1"):
+            load_checkpoint(path)
+    torch.save({k: v for k, v in ckpt.items() if k != "format"}, path)
+    assert load_checkpoint(path)["step"] == 2
