@@ -297,7 +297,7 @@ def load_checkpoint(path):
     fmt = ckpt.get("format", 1)
     if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt > FORMAT_VERSION:
         raise RuntimeError(f"checkpoint {path} has format {fmt!r}, which this fastlm (reading formats up to "
-                           f"{FORMAT_VERSION}) does not know: it was written by a newer fastlm; upgrade fastlm to resume it")
+                           f"{FORMAT_VERSION}) does not know (a newer fastlm's checkpoint needs that fastlm to resume it)")
     return ckpt
 
 
