@@ -3,6 +3,7 @@
 Training runs use tiny models on a small synthetic corpus; the torchrun tests launch
 `python -m torch.distributed.run` as a subprocess with 2 CPU processes.
 """
+import datetime
 import json
 import math
 import os
@@ -1301,7 +1302,7 @@ def test_dist_reads_the_torchrun_environment(corpus, tmp_path, monkeypatch):
     assert groups == []
     monkeypatch.setenv("RANK", "3")
     assert state(Dist(cfg())) == (True, 3, 4, 1, "ddp", "cpu", False, True)
-    assert groups == [("gloo", __import__("datetime").timedelta(hours=2))]
+    assert groups == [("gloo", datetime.timedelta(hours=2))]
     assert Dist(cfg(distributed="fsdp")).mode == "fsdp"
     with pytest.raises(ValueError, match=r"distributed='none' but WORLD_SIZE > 1"):
         Dist(cfg(distributed="none"))
