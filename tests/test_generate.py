@@ -15,6 +15,8 @@ random weights so that the logits are far apart (no near-ties for rounding to fl
 """
 import contextlib
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -1012,6 +1014,148 @@ def test_cli_generate_from_an_hf_folder(tmp_path, capsys):
     from fastlm.data import ByteTokenizer
 
     assert cap.out == "hi" + ByteTokenizer().decode(want) + "\n"
+
+
+def _word_level_tokenizer(text_file, out_json):
+    """A tiny HF WordLevel tokenizer trained on text_file, saved as out_json."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([str(text_file)], trainers.WordLevelTrainer(special_tokens=["<unk>", "<|endoftext|>"]))
+    tok.save(str(out_json))
+
+
+class _Tape:
+    """A stdout that records its writes and flushes in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def write(self, s):
+        self.events.append(s)
+        return len(s)
+
+    def flush(self):
+        self.events.append(_Tape.FLUSH)
+
+    FLUSH = object()
+
+
+def test_cli_generate_streams_its_text_and_passes_its_settings(tmp_path, capsys, monkeypatch):
+    """One prompt: the prompt, then each new token's text written and flushed while generate()
+    still runs (not all at the end); the end-of-text id unless --ignore-eos; CUDA graphs unless
+    --no-cuda-graphs; --dtype auto is fp32 on a CPU; the stats line's time is the generation's."""
+    import time
+
+    import fastlm.generation as fgen
+    from fastlm.cli import _load_for_generation, main
+
+    out = _train_checkpoint(tmp_path)
+    tape, calls = _Tape(), {}
+    init, gen = fgen.Generator.__init__, fgen.Generator.generate
+
+    def spy_init(self, model, **kw):
+        calls["init"] = kw
+        init(self, model, **kw)
+
+    def spy_generate(self, prompts, n, **kw):
+        calls["generate"] = kw
+        r = gen(self, prompts, n, **kw)
+        tape.events.append("<returned>")
+        return r
+
+    monkeypatch.setattr(fgen.Generator, "__init__", spy_init)
+    monkeypatch.setattr(fgen.Generator, "generate", spy_generate)
+    monkeypatch.setattr(sys, "stdout", tape)
+    args = ["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "5", "--greedy",
+            "--backend", "reference", "--device", "cpu"]
+    assert main(args) == 0
+    assert calls["generate"]["eos_token_id"] == 256 and calls["init"] == dict(cache="static", cuda_graphs=True)
+    capsys.readouterr()
+    tape.events.clear()
+    t0 = time.perf_counter()
+    assert main(args + ["--ignore-eos", "--no-cuda-graphs"]) == 0
+    elapsed = time.perf_counter() - t0
+    ev = list(tape.events)
+    assert calls["generate"]["eos_token_id"] is None and calls["init"]["cuda_graphs"] is False
+    model, tok, _, encode = _load_for_generation(str(out), None, None, "reference", None, torch.device("cpu"),
+                                                 torch.float32)
+    want = tok.decode(generate(model, [encode("def ")], 5, greedy=True)[0])
+    writes = [e for e in ev if isinstance(e, str) and e != "<returned>"]
+    assert "".join(writes) == "def " + want + "\n"
+    assert ev[0] == "def " and ev[1] is _Tape.FLUSH and ev[-1] is _Tape.FLUSH
+    assert all(ev[i + 1] is _Tape.FLUSH for i, e in enumerate(ev) if isinstance(e, str) and e != "<returned>")
+    streamed = "".join(e for e in ev[2:ev.index("<returned>")] if isinstance(e, str))
+    assert want.startswith(streamed) and streamed.strip(), (streamed, want)  # (greedy: ASCII text here)
+    err = capsys.readouterr().err
+    wall = float(re.search(r"5 new tokens for 1 prompt\(s\) in ([0-9.]+) s", err).group(1))
+    assert 0 < wall <= elapsed and "torch.float32, cpu]" in err, err
+
+
+def test_cli_generate_checks_the_tokenizer_against_the_checkpoint(tmp_path, capsys):
+    """A --tokenizer that does not exist is reported as such; a tokenizer file changed since
+    training (same path) is refused, pointing at --tokenizer; given with --tokenizer it is used."""
+    from fastlm.cli import main
+
+    (tmp_path / "corpus.txt").write_text("def add ( a , b ) : return a + b\n" * 60)
+    _word_level_tokenizer(tmp_path / "corpus.txt", tmp_path / "tok.json")
+    assert main(["train", "--model", "tiny", "--set", "n_layers=1", "--backend", "reference", "--data",
+                 str(tmp_path / "corpus.txt"), "--tokenizer", str(tmp_path / "tok.json"), "--cache-dir",
+                 str(tmp_path / "cache"), "--steps", "1", "--batch-size", "2", "--seqlen", "16", "--eval-every", "0",
+                 "--device", "cpu", "--no-progress", "--out-dir", str(tmp_path / "run")]) == 0
+    args = ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def add", "--max-new-tokens", "2",
+            "--greedy", "--backend", "reference", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(args + ["--tokenizer", str(tmp_path / "nope.json")]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nope.json") in err and "trained with" not in err, err
+    (tmp_path / "other.txt").write_text("x = y * z - w\n" * 20)
+    _word_level_tokenizer(tmp_path / "other.txt", tmp_path / "tok.json")  # another tokenizer, same path
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"the tokenizer {tmp_path / 'tok.json'} differs from the one" in err and "--tokenizer" in err, err
+    assert main(args + ["--tokenizer", str(tmp_path / "tok.json")]) == 0
+
+
+def test_cli_generate_hf_folder_eos_tokenizer_and_vocab(tmp_path, capsys):
+    """--hf: the end-of-text id from generation_config.json, else config.json, else the
+    tokenizer's; the folder's tokenizer.json unless --tokenizer; a tokenizer larger than the
+    model's vocabulary is refused (an equal one is fine); a config.json without model_type is
+    refused, with the --checkpoint hint only for what looks like a `fastlm train` run folder."""
+    pytest.importorskip("transformers", reason="saving an HF folder needs transformers")
+    from fastlm.cli import _load_for_generation, main
+    from fastlm.data import ByteTokenizer, HFTokenizer
+    from fastlm.models import hf as fhf
+
+    cpu = torch.device("cpu")
+    load = lambda folder, tokenizer=None: _load_for_generation(  # noqa: E731
+        None, str(folder), tokenizer, "reference", None, cpu, torch.float32)
+    hf = tmp_path / "hf"
+    fhf.save_hf(randomize_(Transformer(config("tiny", vocab_size=257), backend="reference")), str(hf))
+    assert load(hf)[2] == 256  # no eos in the folder: the byte tokenizer's
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=7)))
+    assert load(hf)[2] == 7
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 6]}))
+    assert load(hf)[2] == [5, 6]
+    (tmp_path / "corpus.txt").write_text("hello world , hello there\n")
+    _word_level_tokenizer(tmp_path / "corpus.txt", hf / "tokenizer.json")
+    _, tok, _, encode = load(hf)
+    assert isinstance(tok, HFTokenizer) and encode("hello world") == tok.tok.encode("hello world").ids
+    _, tok, _, encode = load(hf, "bytes")
+    assert isinstance(tok, ByteTokenizer) and encode("hi") == list(b"hi")
+    small = tmp_path / "small"
+    fhf.save_hf(randomize_(Transformer(config("tiny", vocab_size=256), backend="reference")), str(small))
+    with pytest.raises(ValueError, match="the tokenizer has 257 tokens, more than the model's vocab_size 256"):
+        load(small)
+    for folder, cfg, hint in (("plain", {"hidden_size": 8}, False), ("run", {"model_config": {}}, True)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text(json.dumps(cfg))
+        assert main(["generate", "--hf", str(tmp_path / folder), "--prompt", "x", "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert "config.json has no model_type" in err and ("use --checkpoint" in err) == hint, (folder, err)
 
 
 # ------------------------------------------------------------------------------ benchmark

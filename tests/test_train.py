@@ -859,6 +859,8 @@ def test_generate_stats_count_the_tokens_produced(corpus, tmp_path, capsys):
     # one prompt; its 2nd token was EOS, but the decode ran 11 steps (whole chunks)
     line = _decode_stats(dict(batch=1, new_tokens=2, decode_steps=11, decode_s=0.011, decode_tokens_per_s=1000.0))
     assert line == "decode 1 new tokens in 11 steps, 1.00 ms/step (90.9 tokens/s)"
+    # steps timed as 0 s (a coarse clock): n/a, not a division by zero
+    assert _decode_stats(dict(batch=1, new_tokens=3, decode_steps=2, decode_s=0.0)) == "decode n/a (no decode steps)"
     train(run_cfg(corpus, tmp_path, steps=1, eval_every=0, ckpt_every=1, model_overrides={"n_layers": 1}))
     capsys.readouterr()
     assert cli_main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def", "--greedy",
@@ -1405,3 +1407,148 @@ def test_a_checkpoint_of_a_newer_format_is_refused(corpus, tmp_path):
             load_checkpoint(path)
     torch.save({k: v for k, v in ckpt.items() if k != "format"}, path)
     assert load_checkpoint(path)["step"] == 2
+
+
+# ------------------------------------------------------------------------------ mutation audit of cli.py
+def _spy_train(monkeypatch):
+    """fastlm.train.train replaced by one that records the TrainConfig the CLI built."""
+    import fastlm.train as ftrain
+
+    seen = []
+    monkeypatch.setattr(ftrain, "train", lambda cfg: seen.append(cfg) or {"train_loss": {}})
+    return seen
+
+
+def test_every_train_flag_reaches_its_config_field(tmp_path, monkeypatch):
+    """Each `fastlm train` flag sets its own TrainConfig field (no flag dropped or crossed), and
+    without flags the config is TrainConfig()'s defaults."""
+    import dataclasses
+
+    seen = _spy_train(monkeypatch)
+    assert cli_main(["train"]) == 0
+    assert seen.pop() == TrainConfig()
+    out = str(tmp_path / "run")
+    argv = ["train", "--model", "small", "--set", "n_layers=1", "--set", "norm=layernorm", "--vocab-size", "128",
+            "--backend", "reference", "--op-backend", "triton", "--data", "a.txt", "b", "--tokenizer", "t.json",
+            "--cache-dir", "c", "--val-fraction", "0.2", "--seqlen", "7", "--batch-size", "3", "--grad-accum", "3",
+            "--steps", "9", "--lr", "0.5", "--min-lr-ratio", "0.3", "--warmup", "2", "--weight-decay", "0.4",
+            "--grad-clip", "0.7", "--out-dir", out, "--overwrite", "--eval-every", "5", "--eval-batches", "6",
+            "--ckpt-every", "8", "--log-every", "4", "--seed", "11", "--device", "cpu", "--dtype", "fp32",
+            "--compile", "--activation-checkpointing", "--distributed", "none", "--no-progress", "--stop-after", "3"]
+    assert cli_main(argv) == 0
+    want = TrainConfig(model="small", model_overrides={"n_layers": 1, "norm": "layernorm"}, vocab_size=128,
+                       backend="reference", op_backend="triton", data=["a.txt", "b"], tokenizer="t.json",
+                       cache_dir="c", val_fraction=0.2, seqlen=7, batch_size=3, grad_accum=3, steps=9, lr=0.5,
+                       min_lr_ratio=0.3, warmup=2, weight_decay=0.4, grad_clip=0.7, out_dir=out, overwrite=True,
+                       eval_every=5, eval_batches=6, ckpt_every=8, log_every=4, seed=11, device="cpu", dtype="fp32",
+                       compile=True, activation_checkpointing=True, distributed="none", progress=False, stop_after=3)
+    got = seen.pop()
+    assert dataclasses.asdict(got) == dataclasses.asdict(want)
+    # --resume / --resume-override (no checkpoint in the folder: nothing is taken from one)
+    assert cli_main(["train", "--out-dir", out, "--resume", "--resume-override"]) == 0
+    got = seen.pop()
+    assert got.resume and got.resume_override and not got.overwrite and got.lr == TrainConfig().lr
+
+
+def test_resume_takes_only_what_was_not_given_and_says_what_differs(corpus, tmp_path, capsys, monkeypatch):
+    """--resume: a flag given as --flag=value counts as given (not taken from the checkpoint);
+    the stderr note lists only the settings that differ from the defaults (not betas, stored as
+    a list, nor a setting equal to its default), and there is no note when nothing differs."""
+    common = ["--model", "tiny", "--set", "n_layers=1", "--backend", "reference", "--data", str(corpus),
+              "--cache-dir", str(tmp_path / "cache"), "--seqlen", "16", "--batch-size", "2", "--steps", "2",
+              "--lr", "0.004", "--seed", "3", "--eval-every", "0", "--no-progress"]
+    run = str(tmp_path / "run")
+    assert cli_main(["train", *common, "--out-dir", run]) == 0
+    seen = _spy_train(monkeypatch)
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", "--out-dir", run]) == 0
+    got, err = seen.pop(), capsys.readouterr().err
+    assert got.lr == 0.004 and got.seed == 3 and got.seqlen == 16 and got.model_overrides == {"n_layers": 1}
+    assert got.data == [str(corpus)] and got.betas == (0.9, 0.95)
+    note = [line for line in err.splitlines() if "--resume takes from the checkpoint" in line]
+    assert len(note) == 1 and "lr=0.004" in note[0] and "seed=3" in note[0], err
+    assert f"data=[{str(corpus)!r}]" in note[0], note
+    for same in ("betas", "val_fraction", "warmup", "min_lr_ratio", "grad_clip", "dtype"):
+        assert same + "=" not in note[0], (same, note)
+    assert cli_main(["train", "--resume", "--out-dir", run, "--lr=0.01", "--seed=4"]) == 0
+    got, err = seen.pop(), capsys.readouterr().err
+    assert got.lr == 0.01 and got.seed == 4 and got.seqlen == 16
+    assert "lr=" not in err and "seed=" not in err, err
+    assert cli_main(["train", "--resume", *common, "--out-dir", run]) == 0  # every setting given again
+    assert "--resume takes" not in capsys.readouterr().err
+    assert seen.pop().lr == 0.004
+
+
+def test_resume_without_a_readable_checkpoint_is_an_error_not_a_crash(corpus, tmp_path, capsys):
+    """--resume in a folder without a checkpoint, or with an unreadable one: exit 1 with the
+    reason; a checkpoint holding a pickled callable does not run it while its settings are read."""
+    run = tmp_path / "run"
+    assert cli_main(["train", "--resume", "--out-dir", str(run)]) == 1
+    assert f"fastlm train: error: checkpoint not found: {run / 'checkpoint.pt'}" in capsys.readouterr().err
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert cli_main(["train", "--resume", "--out-dir", str(run)]) == 1
+    assert "cannot be read" in capsys.readouterr().err
+    assert cli_main(["train", "--model", "tiny", "--set", "n_layers=1", "--backend", "reference", "--data",
+                     str(corpus), "--cache-dir", str(tmp_path / "cache"), "--seqlen", "16", "--batch-size", "2",
+                     "--steps", "2", "--eval-every", "0", "--no-progress", "--out-dir", str(run),
+                     "--overwrite"]) == 0
+    ckpt = torch.load(str(run / "checkpoint.pt"), weights_only=True)
+    ckpt["config"]["train_config"]["lr"] = _RunsCodeWhenUnpickled()
+    torch.save(ckpt, str(run / "checkpoint.pt"))
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", "--out-dir", str(run)]) == 1
+    assert "cannot be read" in capsys.readouterr().err
+    assert _ran == []
+
+
+def test_cli_summary_json_not_writable_and_strict_flags(tmp_path, capsys, monkeypatch):
+    """An unwritable --summary-json is refused before any work; flags are never abbreviated (a
+    unique prefix included); `fastlm` with no command prints help and exits 2; main() reads
+    sys.argv when given no argv."""
+    seen = _spy_train(monkeypatch)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(tmp_path)) else real_access(p, mode))
+    assert cli_main(["train", "--summary-json", str(tmp_path / "s.json")]) == 1
+    assert f"--summary-json {tmp_path / 's.json'} is not writable" in capsys.readouterr().err and seen == []
+    monkeypatch.setattr(os, "access", real_access)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--overwr"])  # a unique prefix of --overwrite
+    assert e.value.code == 2
+    assert cli_main([]) == 2 and "COMMAND" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["fastlm", "presets"])
+    assert cli_main() == 0 and "llama-3.2-1b" in capsys.readouterr().out
+    for argv in (["generate", "--prompt", "x"], ["generate", "--checkpoint", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:  # a source and a prompt are required
+            cli_main(argv)
+        assert e.value.code == 2, argv
+
+
+def test_cli_a_closed_pipe_is_not_an_error(tmp_path, monkeypatch):
+    """`fastlm presets | head`: the reader going away (BrokenPipeError) exits 0, and stdout is
+    pointed at /dev/null so that nothing more is written to the closed pipe at exit."""
+    spare = open(tmp_path / "stdout", "w")
+
+    class ClosedPipe:
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return spare.fileno()
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert cli_main(["presets"]) == 0
+    os.write(spare.fileno(), b"after")  # the fd now leads to /dev/null
+    spare.close()
+    assert (tmp_path / "stdout").read_text() == ""
+
+
+@pytest.mark.parametrize("module", ["fastlm", "fastlm.cli"])
+def test_cli_exit_status_reaches_the_shell(module):
+    """`python -m fastlm` and `python -m fastlm.cli` exit with main()'s status (1 on an error)."""
+    r = subprocess.run([sys.executable, "-m", module, "train", "--model", "nope"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and "unknown model preset 'nope'" in r.stderr, r.stderr
