@@ -497,40 +497,46 @@ def default_arch(cfg):
 
 
 # ------------------------------------------------------------------------------ weights
-def _strip(sd, prefixes):
+def _strip(sd, prefixes, origin):
+    """sd with the first matching prefix cut off each key; origin[new key] = the checkpoint's key."""
     out = {}
     for k, v in sd.items():
+        new = k
         for p in prefixes:
             if k.startswith(p):
-                k = k[len(p):]
+                new = k[len(p):]
                 break
-        out[k] = v
+        out[new] = v
+        origin[new] = origin.get(k, k)
     return out
 
 
 _VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
-def _language_model_weights(sd):
+def _language_model_weights(sd, origin):
     """A multimodal (Gemma3ForConditionalGeneration) state dict -> its language model's, keyed as
     a CausalLM's (model.*, lm_head.weight): transformers 5 keys them model.language_model.*,
-    transformers 4 (and Hub files) language_model.model.* / language_model.lm_head.*."""
+    transformers 4 (and Hub files) language_model.model.* / language_model.lm_head.*.
+    origin[new key] = the checkpoint's key."""
     out = {}
     for k, v in sd.items():
         if k.startswith(_VISION):
             continue
+        key = k
         for old, new in (("model.language_model.", "model."), ("language_model.model.", "model."),
                          ("language_model.lm_head.", "lm_head.")):
             if k.startswith(old):
-                k = new + k[len(old):]
+                key = new + k[len(old):]
                 break
-        out[k] = v
+        out[key] = v
+        origin[key] = k
     return out
 
 
 def state_dict_from_hf(sd, cfg, arch):
     """HF state dict -> fastlm state dict (same tensors, stacked/transposed where needed)."""
-    out, used = {}, set()
+    out, used, origin = {}, set(), {}  # origin: stripped key -> the checkpoint's (for the messages)
 
     def take(key):
         if key not in sd:
@@ -543,7 +549,7 @@ def state_dict_from_hf(sd, cfg, arch):
 
     try:
         if arch == "gpt2":
-            sd = _strip(sd, ("transformer.",))
+            sd = _strip(sd, ("transformer.",), origin)
             out["tok_emb.weight"] = take("wte.weight")
             out["pos_emb.weight"] = take("wpe.weight")
             for i in range(cfg.n_layers):
@@ -560,8 +566,8 @@ def state_dict_from_hf(sd, cfg, arch):
             out["norm.weight"], out["norm.bias"] = take("ln_f.weight"), take("ln_f.bias")
         else:
             if cfg.extra.get("hf_multimodal"):  # the language model's weights; the vision tower's are not loaded
-                sd = _language_model_weights(sd)
-            sd = _strip(sd, ("model.",))
+                sd = _language_model_weights(sd, origin)
+            sd = _strip(sd, ("model.",), origin)
             out["tok_emb.weight"] = take("embed_tokens.weight")
             for i in range(cfg.n_layers):
                 p, q = f"layers.{i}.", f"layers.{i}."
@@ -605,7 +611,7 @@ def state_dict_from_hf(sd, cfg, arch):
         raise ValueError(f"HF {arch} checkpoint has no lm_head.weight and tie_word_embeddings is false")
     else:
         out["lm_head.weight"] = head
-    unused = sorted(set(sd) - used)
+    unused = sorted(origin.get(k, k) for k in set(sd) - used)
     if unused:
         raise ValueError(f"HF {arch} checkpoint has weights fastlm does not know how to load: {unused[:8]}"
                          f"{' ...' if len(unused) > 8 else ''}")
