@@ -791,6 +791,103 @@ def test_hf_folder_roundtrip(family, tmp_path):
         assert torch.equal(again.state_dict()[k], v), k
 
 
+def test_hf_llama_with_every_bias_round_trips():
+    """Llama with attention_bias and mlp_bias (q/k/v/o and gate/up/down biases, random): the
+    logits of HF's model, and to_hf() gives the same biases back."""
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None)
+    hf = randomize_(transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, attention_bias=True,
+                                                                             mlp_bias=True))).eval()
+    biases = {k: v for k, v in hf.state_dict().items() if k.endswith(".bias")}
+    assert len(biases) == 2 * 7 and all(v.abs().max() > 0 for v in biases.values())
+    model = Transformer.from_hf(hf, backend="reference")
+    assert model.config.qkv_bias and model.config.out_bias and model.config.mlp_bias
+    tokens = torch.randint(0, 300, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf_logits(hf, tokens), atol=2e-5, rtol=2e-5)
+    back = model.to_hf().state_dict()
+    for k, v in biases.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_hf_buffers_of_old_checkpoints_are_accepted():
+    """Old checkpoints also hold non-weights: GPT-2's causal-mask buffers (h.N.attn.bias,
+    h.N.attn.masked_bias) and Llama-family rotary_emb.inv_freq; they load (and are not
+    mistaken for weights), while any other unknown key is refused, named as the checkpoint
+    names it; an untied model without lm_head.weight is refused."""
+    from fastlm.models import hf as fhf
+
+    for family, extra in (("gpt2", {"transformer.h.0.attn.bias": torch.ones(1, 1, 128, 128),
+                                    "transformer.h.1.attn.masked_bias": torch.tensor(-1e4)}),
+                          ("llama", {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8),
+                                     "model.layers.1.self_attn.rotary_emb.inv_freq": torch.ones(8)})):
+        hf = hf_model(family)
+        cfg = fhf.config_from_hf(hf.config.to_dict(), model=hf)
+        sd = hf.state_dict()
+        want = fhf.state_dict_from_hf(sd, cfg, family)
+        got = fhf.state_dict_from_hf({**sd, **extra}, cfg, family)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), family
+        with pytest.raises(ValueError, match=r"does not know how to load: \['model.layers.0.extra.weight'\]"):
+            fhf.state_dict_from_hf({**sd, "model.layers.0.extra.weight": torch.ones(1)}, cfg, family)
+    assert not cfg.tie_embeddings  # (llama's, from the loop)
+    with pytest.raises(ValueError, match="llama checkpoint has no lm_head.weight and tie_word_embeddings is false"):
+        fhf.state_dict_from_hf({k: v for k, v in sd.items() if k != "lm_head.weight"}, cfg, "llama")
+
+
+def test_hf_config_json_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'config.json'))} is not valid JSON"):
+        Transformer.from_hf(str(tmp_path))
+
+
+def test_hf_sharded_folder_with_a_bad_index_or_a_missing_shard(tmp_path, monkeypatch):
+    """A sharded safetensors folder whose index is not JSON, or that lacks a shard its index
+    lists, is an error naming the file; without the safetensors package, an ImportError that
+    says how to get it."""
+    hf_model("llama").save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    shards = sorted(json.loads(index.read_text())["weight_map"].values())
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match="needs the `safetensors` package"):
+        Transformer.from_hf(str(tmp_path / "hf"))
+    monkeypatch.undo()
+    (tmp_path / "hf" / shards[-1]).unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing weight file .*{shards[-1]} .listed in {index.name}"):
+        Transformer.from_hf(str(tmp_path / "hf"))
+    index.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{re.escape(str(index))} is not a valid weight index"):
+        Transformer.from_hf(str(tmp_path / "hf"))
+
+
+_unpickled = []
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (_unpickled.append, ("ran",))
+
+
+def test_hf_pytorch_bin_cannot_run_code_and_a_corrupt_one_is_named(tmp_path):
+    """pytorch_model.bin is read with weights_only: one holding a pickled callable is refused
+    without running it; a truncated one is an error naming the file."""
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path / "hf")  # config.json; the weights as an (old style) pytorch_model.bin
+    for f in (tmp_path / "hf").glob("*.safetensors*"):
+        f.unlink()
+    fp = tmp_path / "hf" / "pytorch_model.bin"
+    sd = hf.state_dict()
+    torch.save(sd, str(fp))
+    Transformer.from_hf(str(tmp_path / "hf"), backend="reference")  # (loads)
+    torch.save({**sd, "payload": _RunsCodeWhenUnpickled()}, str(fp))
+    with pytest.raises(ValueError, match=f"cannot read {re.escape(str(fp))}: corrupt or truncated"):
+        Transformer.from_hf(str(tmp_path / "hf"))
+    assert _unpickled == []
+    torch.save(sd, str(fp))
+    fp.write_bytes(fp.read_bytes()[: fp.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"cannot read {re.escape(str(fp))}: corrupt or truncated"):
+        Transformer.from_hf(str(tmp_path / "hf"))
+
+
 def test_hf_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         Transformer.from_hf(str(tmp_path / "nope"))
