@@ -202,6 +202,17 @@ def hf_rope_kwargs(cls, theta, scaling):
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
+UNPICKLED = []  # what RunsCodeWhenUnpickled ran: stays empty where a loader refuses pickled code
+
+
+class RunsCodeWhenUnpickled:
+    """Unpickling this calls UNPICKLED.append: the payload of the files that must be read with
+    weights_only (checkpoints, pytorch_model.bin)."""
+
+    def __reduce__(self):
+        return (UNPICKLED.append, ("unpickled",))
+
+
 def cuda_backend_available():
     return HAS_CUDA and _C_loader.HAVE_CUDA_KERNELS
 

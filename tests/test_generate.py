@@ -959,18 +959,12 @@ def test_cli_generate_from_a_training_checkpoint(tmp_path, capsys):
 def test_cli_generate_finds_a_relative_tokenizer_from_another_folder(tmp_path, capsys, monkeypatch):
     """`train --tokenizer tok.json` (relative) stores the absolute path: `generate --checkpoint`
     from another folder finds it; a tokenizer gone since is an error pointing at --tokenizer."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, trainers
-
     from fastlm.cli import main
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir(), elsewhere.mkdir()
     (work / "corpus.txt").write_text("def add ( a , b ) : return a + b\n" * 60)
-    tok = tokenizers.Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train([str(work / "corpus.txt")], trainers.WordLevelTrainer(special_tokens=["<unk>", "<|endoftext|>"]))
-    tok.save(str(work / "tok.json"))
+    _word_level_tokenizer(work / "corpus.txt", work / "tok.json")
     monkeypatch.chdir(work)
     assert main(["train", "--model", "tiny", "--set", "n_layers=1", "--backend", "reference", "--data", "corpus.txt",
                  "--tokenizer", "tok.json", "--cache-dir", "cache", "--steps", "1", "--batch-size", "2", "--seqlen",

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import DEVICE, hf_rope_kwargs, triton_bf16_mark
+from conftest import DEVICE, UNPICKLED, RunsCodeWhenUnpickled, hf_rope_kwargs, triton_bf16_mark
 from fastlm import ops
 from fastlm.models import PRESETS, Transformer, TransformerConfig
 from tolerances import assert_close
@@ -672,30 +672,33 @@ def test_packed_positions_are_per_sequence_offsets(name):
 
 
 # ------------------------------------------------------------------------------ HF parity
+# the size of every small HF model of these tests
+HF_COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None)
+
+
 def hf_model(family):
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None)
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 32}
     if family == "llama":
-        cfg = transformers.LlamaConfig(**common, **hf_rope_kwargs(transformers.LlamaConfig, 500000.0, llama3))
+        cfg = transformers.LlamaConfig(**HF_COMMON, **hf_rope_kwargs(transformers.LlamaConfig, 500000.0, llama3))
         m = transformers.LlamaForCausalLM(cfg)
     elif family == "mistral":
-        m = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=6))
+        m = transformers.MistralForCausalLM(transformers.MistralConfig(**HF_COMMON, sliding_window=6))
     elif family == "qwen2":
-        m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
+        m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**HF_COMMON, tie_word_embeddings=True))
     elif family == "qwen3":  # per-head q/k RMSNorms; head_dim * heads != hidden_size, as in Qwen3-0.6B
-        m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True))
+        m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**HF_COMMON, head_dim=32, tie_word_embeddings=True))
     elif family == "phi3":  # stacked qkv_proj / gate_up_proj, partial rotary (3/4 of each head), a sliding window
         rope = {"rope_type": "default", "partial_rotary_factor": 0.75}
-        m = transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, pad_token_id=None, sliding_window=9,
+        m = transformers.Phi3ForCausalLM(transformers.Phi3Config(**HF_COMMON, pad_token_id=None, sliding_window=9,
                                                                  **hf_rope_kwargs(transformers.Phi3Config, 10000.0, rope)))
     elif family == "gemma":  # GeGLU, norms scaling by 1 + w, embeddings by sqrt(hidden); head_dim > hidden / heads
-        m = transformers.GemmaForCausalLM(transformers.GemmaConfig(**common, head_dim=32, pad_token_id=None))
+        m = transformers.GemmaForCausalLM(transformers.GemmaConfig(**HF_COMMON, head_dim=32, pad_token_id=None))
     elif family == "gemma2":  # + sandwich norms, query_pre_attn_scalar, soft-capping (small caps that bite),
         # a sliding layer between full ones.  Eager attention: HF's SDPA path drops the score softcap.
         m = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
-            **{**common, "num_hidden_layers": 3}, head_dim=32, pad_token_id=None, sliding_window=6,
+            **{**HF_COMMON, "num_hidden_layers": 3}, head_dim=32, pad_token_id=None, sliding_window=6,
             query_pre_attn_scalar=24, attn_logit_softcapping=1.5, final_logit_softcapping=2.0,
             attn_implementation="eager"))
     elif family == "gemma3_text":  # + per-head q/k norms, the sliding layers' own RoPE base, linear scaling
@@ -708,7 +711,7 @@ def hf_model(family):
         else:
             rope = dict(rope_parameters=rope)
         m = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
-            **{**common, "num_hidden_layers": 3}, head_dim=32, pad_token_id=None, sliding_window=6,
+            **{**HF_COMMON, "num_hidden_layers": 3}, head_dim=32, pad_token_id=None, sliding_window=6,
             query_pre_attn_scalar=24, layer_types=types, **rope))
     else:
         m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -794,9 +797,7 @@ def test_hf_folder_roundtrip(family, tmp_path):
 def test_hf_llama_with_every_bias_round_trips():
     """Llama with attention_bias and mlp_bias (q/k/v/o and gate/up/down biases, random): the
     logits of HF's model, and to_hf() gives the same biases back."""
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None)
-    hf = randomize_(transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, attention_bias=True,
+    hf = randomize_(transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_COMMON, attention_bias=True,
                                                                              mlp_bias=True))).eval()
     biases = {k: v for k, v in hf.state_dict().items() if k.endswith(".bias")}
     assert len(biases) == 2 * 7 and all(v.abs().max() > 0 for v in biases.values())
@@ -859,14 +860,6 @@ def test_hf_sharded_folder_with_a_bad_index_or_a_missing_shard(tmp_path, monkeyp
         Transformer.from_hf(str(tmp_path / "hf"))
 
 
-_unpickled = []
-
-
-class _RunsCodeWhenUnpickled:
-    def __reduce__(self):
-        return (_unpickled.append, ("ran",))
-
-
 def test_hf_pytorch_bin_cannot_run_code_and_a_corrupt_one_is_named(tmp_path):
     """pytorch_model.bin is read with weights_only: one holding a pickled callable is refused
     without running it; a truncated one is an error naming the file."""
@@ -878,10 +871,10 @@ def test_hf_pytorch_bin_cannot_run_code_and_a_corrupt_one_is_named(tmp_path):
     sd = hf.state_dict()
     torch.save(sd, str(fp))
     Transformer.from_hf(str(tmp_path / "hf"), backend="reference")  # (loads)
-    torch.save({**sd, "payload": _RunsCodeWhenUnpickled()}, str(fp))
+    torch.save({**sd, "payload": RunsCodeWhenUnpickled()}, str(fp))
     with pytest.raises(ValueError, match=f"cannot read {re.escape(str(fp))}: corrupt or truncated"):
         Transformer.from_hf(str(tmp_path / "hf"))
-    assert _unpickled == []
+    assert UNPICKLED == []
     torch.save(sd, str(fp))
     fp.write_bytes(fp.read_bytes()[: fp.stat().st_size // 2])
     with pytest.raises(ValueError, match=f"cannot read {re.escape(str(fp))}: corrupt or truncated"):

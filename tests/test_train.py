@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import UNPICKLED, RunsCodeWhenUnpickled
 from fastlm import data as fdata
 from fastlm.cli import main as cli_main
 from fastlm.train import TrainConfig, load_checkpoint, train
@@ -1259,25 +1260,17 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     assert draw() == first
 
 
-_ran = []
-
-
-class _RunsCodeWhenUnpickled:
-    def __reduce__(self):
-        return (_ran.append, ("unpickled",))
-
-
 def test_a_checkpoint_cannot_run_code_when_loaded(corpus, tmp_path):
     """load_checkpoint reads with weights_only: a checkpoint holding a pickled callable is refused
     as unreadable, and the callable never runs."""
     train(run_cfg(corpus, tmp_path, steps=2, ckpt_every=2, eval_every=0))
     path = tmp_path / "run" / "checkpoint.pt"
     ckpt = torch.load(str(path), weights_only=True)
-    ckpt["payload"] = _RunsCodeWhenUnpickled()
+    ckpt["payload"] = RunsCodeWhenUnpickled()
     torch.save(ckpt, str(path))
     with pytest.raises(RuntimeError, match="cannot be read"):
         load_checkpoint(str(path))
-    assert _ran == []
+    assert UNPICKLED == []
 
 
 def test_dist_reads_the_torchrun_environment(corpus, tmp_path, monkeypatch):
@@ -1452,8 +1445,8 @@ def test_every_train_flag_reaches_its_config_field(tmp_path, monkeypatch):
 
 def test_resume_takes_only_what_was_not_given_and_says_what_differs(corpus, tmp_path, capsys, monkeypatch):
     """--resume: a flag given as --flag=value counts as given (not taken from the checkpoint);
-    the stderr note lists only the settings that differ from the defaults (not betas, stored as
-    a list, nor a setting equal to its default), and there is no note when nothing differs."""
+    the stderr note lists only the settings that differ from the defaults (not betas or another
+    setting equal to its default), and there is no note when nothing differs."""
     common = ["--model", "tiny", "--set", "n_layers=1", "--backend", "reference", "--data", str(corpus),
               "--cache-dir", str(tmp_path / "cache"), "--seqlen", "16", "--batch-size", "2", "--steps", "2",
               "--lr", "0.004", "--seed", "3", "--eval-every", "0", "--no-progress"]
@@ -1494,12 +1487,12 @@ def test_resume_without_a_readable_checkpoint_is_an_error_not_a_crash(corpus, tm
                      "--steps", "2", "--eval-every", "0", "--no-progress", "--out-dir", str(run),
                      "--overwrite"]) == 0
     ckpt = torch.load(str(run / "checkpoint.pt"), weights_only=True)
-    ckpt["config"]["train_config"]["lr"] = _RunsCodeWhenUnpickled()
+    ckpt["config"]["train_config"]["lr"] = RunsCodeWhenUnpickled()
     torch.save(ckpt, str(run / "checkpoint.pt"))
     capsys.readouterr()
     assert cli_main(["train", "--resume", "--out-dir", str(run)]) == 1
     assert "cannot be read" in capsys.readouterr().err
-    assert _ran == []
+    assert UNPICKLED == []
 
 
 def test_cli_summary_json_not_writable_and_strict_flags(tmp_path, capsys, monkeypatch):
