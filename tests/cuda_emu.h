@@ -4,7 +4,7 @@
 // CTAs one after another, in a shuffled order; each CTA runs one fiber (a user-level thread with its own stack, on
 // the calling OS thread) per CUDA thread, so per-thread code is exactly the kernel's.  A fiber
 // runs until it reaches a collective, then the next one runs (no OS threads, no locks: a launch
-// is deterministic, and switching costs well under a microsecond).  What threads share is
+// is deterministic, and switching costs a few nanoseconds: see emu_switch).  What threads share is
 // emulated as collectives:
 //   __syncthreads()         a barrier of the CTA's threads (shared memory is `static`: one copy,
 //                           used by one CTA at a time; dynamic shared memory is a per-CTA
@@ -63,9 +63,54 @@ inline EmuDim3 threadIdx, blockIdx, blockDim{1, 1, 1}, gridDim{1, 1, 1};
 
 class EmuBarrier;
 
+// Switching fibers.  swapcontext (and getcontext) save and restore the signal mask, a system
+// call each time, which was about half of an emulated kernel's run time.  On x86-64 a switch
+// is instead emu_switch: the callee-saved registers (and the SSE / x87 control words) pushed
+// on the running fiber's stack, its stack pointer saved, the other's loaded, and the same
+// popped from there.  AddressSanitizer is told of each switch (its fiber interface), as it
+// must know which stack runs.  On other CPUs, ucontext as before.
+#if defined(__x86_64__)
+#define EMU_FAST_SWITCH 1
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN_FIBERS 1
+#else
+#define EMU_ASAN_FIBERS 0
+#endif
+// emu_switch(save, next): *save = the stack pointer to resume this side from; continues on next.
+__attribute__((naked, noinline)) inline void emu_switch(void** /*save*/, void* /*next*/) {
+  asm("pushq %rbp\n\t"
+      "pushq %rbx\n\t"
+      "pushq %r12\n\t"
+      "pushq %r13\n\t"
+      "pushq %r14\n\t"
+      "pushq %r15\n\t"
+      "subq $8, %rsp\n\t"
+      "stmxcsr (%rsp)\n\t"
+      "fnstcw 4(%rsp)\n\t"
+      "movq %rsp, (%rdi)\n\t"
+      "movq %rsi, %rsp\n\t"
+      "ldmxcsr (%rsp)\n\t"
+      "fldcw 4(%rsp)\n\t"
+      "addq $8, %rsp\n\t"
+      "popq %r15\n\t"
+      "popq %r14\n\t"
+      "popq %r13\n\t"
+      "popq %r12\n\t"
+      "popq %rbx\n\t"
+      "popq %rbp\n\t"
+      "ret\n\t");
+}
+#else
+#define EMU_FAST_SWITCH 0
+#endif
+
 // One CUDA thread of the running CTA.
 struct EmuFiber {
   ucontext_t ctx;
+  void* sp = nullptr;  // (EMU_FAST_SWITCH: where it resumes)
+  char* stack = nullptr;
+  void* asan_fake_stack = nullptr;  // (EMU_ASAN_FIBERS)
   EmuDim3 tid;
   EmuBarrier* blocked_on = nullptr;  // waiting at this barrier ...
   unsigned long gen = 0;                   // ... until its generation moves past this
@@ -75,6 +120,9 @@ struct EmuFiber {
 
 struct EmuScheduler {
   ucontext_t main;
+  void* main_sp = nullptr;
+  const void* main_stack = nullptr;  // (EMU_ASAN_FIBERS: the scheduler's stack)
+  size_t main_stack_size = 0;
   std::vector<EmuFiber> fibers;
   std::vector<std::unique_ptr<char[]>> stacks;  // reused by every launch
   int cur = -1;
@@ -83,6 +131,21 @@ struct EmuScheduler {
 };
 inline EmuScheduler emu_sched;
 constexpr size_t kEmuStackBytes = 256 * 1024;
+
+// The running fiber f parks: the scheduler continues.
+inline void emu_to_scheduler(EmuFiber& f) {
+#if EMU_FAST_SWITCH
+#if EMU_ASAN_FIBERS
+  __sanitizer_start_switch_fiber(&f.asan_fake_stack, emu_sched.main_stack, emu_sched.main_stack_size);
+#endif
+  emu_switch(&f.sp, emu_sched.main_sp);
+#if EMU_ASAN_FIBERS
+  __sanitizer_finish_switch_fiber(f.asan_fake_stack, &emu_sched.main_stack, &emu_sched.main_stack_size);
+#endif
+#else
+  swapcontext(&f.ctx, &emu_sched.main);
+#endif
+}
 
 class EmuBarrier {
  public:
@@ -98,7 +161,7 @@ class EmuBarrier {
     f.blocked_on = this;
     f.gen = gen_;
     f.what = what;
-    swapcontext(&f.ctx, &emu_sched.main);
+    emu_to_scheduler(f);
   }
   // bar.arrive: counted, without waiting (the last arrival releases the waiters).
   void arrive() {
@@ -119,7 +182,7 @@ class EmuBarrier {
     f.blocked_on = this;
     f.gen = gen_;
     f.what = what;
-    swapcontext(&f.ctx, &emu_sched.main);
+    emu_to_scheduler(f);
   }
   int n_, count_ = 0;
   unsigned long gen_ = 0;
@@ -317,6 +380,64 @@ inline void emu_fiber_entry() {
   emu_sched.fibers[emu_sched.cur].done = true;
 }  // returns to uc_link: the scheduler
 
+#if EMU_FAST_SWITCH
+// The bottom of a fiber's stack: runs the thread, then parks for good (a finished fiber is never
+// resumed).  It has no caller: the slot above it holds 0 (and rbp starts 0), where unwinding stops.
+[[noreturn]] inline void emu_fiber_trampoline() {
+#if EMU_ASAN_FIBERS
+  __sanitizer_finish_switch_fiber(nullptr, &emu_sched.main_stack, &emu_sched.main_stack_size);
+#endif
+  emu_fiber_entry();
+#if EMU_ASAN_FIBERS
+  __sanitizer_start_switch_fiber(nullptr, emu_sched.main_stack, emu_sched.main_stack_size);  // (ending)
+#endif
+  emu_switch(&emu_sched.fibers[emu_sched.cur].sp, emu_sched.main_sp);
+  __builtin_unreachable();
+}
+#endif
+
+// f's first switch runs emu_fiber_entry on the given stack.
+inline void emu_start_fiber(EmuFiber& f, char* stack) {
+#if EMU_FAST_SWITCH
+  // The frame emu_switch pops: the control words, r15 r14 r13 r12 rbx rbp, then the trampoline
+  // as the return address, which it enters with rsp = 8 mod 16 (as after a call)
+  const uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + kEmuStackBytes) & ~uintptr_t{15};
+  auto* frame = reinterpret_cast<uint64_t*>(top - 72);
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  frame[0] = mxcsr | static_cast<uint64_t>(fpucw) << 32;
+  for (int i = 1; i <= 6; ++i) frame[i] = 0;
+  frame[7] = reinterpret_cast<uint64_t>(&emu_fiber_trampoline);
+  frame[8] = 0;
+  f.sp = frame;
+  f.stack = stack;
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = stack;
+  f.ctx.uc_stack.ss_size = kEmuStackBytes;
+  f.ctx.uc_link = &emu_sched.main;
+  makecontext(&f.ctx, emu_fiber_entry, 0);
+#endif
+}
+
+// The scheduler runs fiber f until it parks or ends.
+inline void emu_to_fiber(EmuFiber& f) {
+#if EMU_FAST_SWITCH
+#if EMU_ASAN_FIBERS
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, f.stack, kEmuStackBytes);
+#endif
+  emu_switch(&emu_sched.main_sp, f.sp);
+#if EMU_ASAN_FIBERS
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+#else
+  swapcontext(&emu_sched.main, &f.ctx);
+#endif
+}
+
 // Runs body() as a kernel launch <<<grid, block>>>: the CTAs one after another, one fiber per
 // thread.  The CTA order is a pseudo-random permutation, a different one each launch (and the
 // same sequence of them each run): a GPU runs CTAs in no set order, so a kernel must not depend on
@@ -354,11 +475,7 @@ inline void emu_launch(EmuDim3 grid, EmuDim3 block, F&& body, size_t smem_bytes 
     for (int i = 0; i < n; ++i) {
       EmuFiber& f = S.fibers[i];
       f.tid = EmuDim3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
-      getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = S.stacks[i].get();
-      f.ctx.uc_stack.ss_size = kEmuStackBytes;
-      f.ctx.uc_link = &S.main;
-      makecontext(&f.ctx, emu_fiber_entry, 0);
+      emu_start_fiber(f, S.stacks[i].get());
     }
     // Round robin over the runnable fibers; none runnable while some are unfinished: a
     // collective that some threads never reach.
@@ -381,7 +498,7 @@ inline void emu_launch(EmuDim3 grid, EmuDim3 block, F&& body, size_t smem_bytes 
       f.blocked_on = nullptr;
       S.cur = i;
       threadIdx = f.tid;
-      swapcontext(&S.main, &f.ctx);
+      emu_to_fiber(f);
       if (f.done) --left;
     }
     S.cur = -1;
