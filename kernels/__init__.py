@@ -32,9 +32,11 @@ import triton.language as tl
 from fastlm import _interpret
 
 # Under TRITON_INTERPRET=1 the interpreter's bf16 tl.dot is garbage and its bf16 casts
-# truncate: fix them before any kernel runs (a no-op without the interpreter).
+# truncate: fix them before any kernel runs (a no-op without the interpreter); and its helper
+# calls re-patch the language each time: skipped where the kernel's patch covers them.
 _interpret.fix_bf16_dot()
 _interpret.fix_bf16_casts()
+_interpret.fast_device_calls()
 
 _SAME_DEVICE = contextlib.nullcontext()
 

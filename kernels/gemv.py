@@ -214,10 +214,13 @@ def _gemv_kernel(
 # (BLOCK_N, BLOCK_K, num_warps) for one row; BLOCK_K shrinks as BLOCK_M grows (see _configs).
 _CONFIGS = [(8, 512, 4), (4, 1024, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (4, 512, 2)]
 # Under TRITON_INTERPRET=1 (CPU tests): small blocks so test shapes span several of them; for a
-# wide output (a model's lm_head) BLOCK_N grows so that at most INTERPRET_PROGRAMS programs run
-# (the interpreter's cost is per program).
+# wide output (a model's lm_head) BLOCK_N grows so that at most INTERPRET_PROGRAMS programs run,
+# and for a long row BLOCK_K so that the K loops take at most INTERPRET_K_STEPS steps (the
+# interpreter's cost is per program and per step; two steps still carry the accumulators over
+# a step and mask a partial last block).
 INTERPRET_CONFIG = (4, 16)
 INTERPRET_PROGRAMS = 8
+INTERPRET_K_STEPS = 2
 AUTOTUNE = _env.flag("FASTLM_GEMV_AUTOTUNE", True)
 
 
@@ -289,5 +292,6 @@ def gemv(x, weight, bias, residual, norm, norm_weight, norm_bias, eps, glu, y, h
         return y
     bn, bk = INTERPRET_CONFIG
     bn = max(bn, next_pow2(cdiv(N, INTERPRET_PROGRAMS)))
+    bk = max(bk, next_pow2(cdiv(K, INTERPRET_K_STEPS)))
     _gemv_kernel[(cdiv(N, bn),)](*args, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     return y

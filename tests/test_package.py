@@ -1,10 +1,12 @@
 """Packaging: the Triton kernels install as fastlm.kernels, and the package works (with one
 clear warning) when the compiled extension is missing."""
+import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import fastlm
@@ -283,6 +285,87 @@ def test_bf16_casts_round_to_nearest_even():
     assert torch.equal(bits(z)[num], (x.view(torch.int32) >> 16).to(torch.int16)[num]) and z[~num].isnan().all()
     assert torch.equal(w[num], rne.to(torch.float16)[num]) and torch.equal(f[num], 2 * rne.float()[num])
     assert torch.equal(bits(v), bits(ints.to(torch.bfloat16)))
+
+
+def test_interpreter_helper_calls_keep_the_kernels_language_patch(tmp_path):
+    """Under TRITON_INTERPRET=1 a @triton.jit helper called from a running kernel no longer
+    re-patches triton.language (fastlm/_interpret.py): a launch patches the language modules
+    as many times whether its helpers are called once or 24 times (Triton's interpreter patched
+    them again at every call, a third of a helper-built kernel's run time), computes the same,
+    and leaves the language as it found it; after a kernel that raised, the next launch patches
+    (and restores) again."""
+    import triton
+    import triton.language as tl
+
+    import fastlm.kernels  # noqa: F401  (the interpreter's fixes)
+    from fastlm import _backend
+
+    if not _backend.interpreter_active():
+        pytest.skip("an interpreter fix: TRITON_INTERPRET=1 only")
+    from triton.runtime import interpreter as ti
+
+    # (the interpreter resolves a helper from its module's globals: a module of its own)
+    src = tmp_path / "helper_kernels.py"
+    src.write_text(textwrap.dedent("""
+        import triton
+        import triton.language as tl
+
+
+        @triton.jit
+        def inner(x):
+            return x * 2.0
+
+
+        @triton.jit
+        def outer(x, y):
+            return inner(x) + y
+
+
+        @triton.jit
+        def kernel(X, Y, STEPS: tl.constexpr, FAIL: tl.constexpr):
+            i = tl.arange(0, 4)
+            acc = tl.load(X + i)
+            for _ in range(STEPS):
+                acc = outer(acc, 1.0)
+            if FAIL:
+                acc = inner(undefined_name)
+            tl.store(Y + i, acc)
+    """))
+    spec = importlib.util.spec_from_file_location("helper_kernels", src)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kernel = mod.kernel
+
+    real, calls = ti._patch_builtin, []
+
+    def counting(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+
+    def language():
+        return tl.load, tl.math.exp, tl.tensor.__add__, getattr(tl.tensor, "__bool__", None)
+
+    before = language()
+    x = torch.arange(4, dtype=torch.float32)
+    counts = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ti, "_patch_builtin", counting)
+        for steps in (1, 12):
+            calls.clear()
+            y = torch.empty(4)
+            kernel[(1,)](x, y, STEPS=steps, FAIL=False)
+            counts.append(len(calls))
+            assert torch.equal(y, x * 2**steps + (2**steps - 1)), steps
+            assert language() == before
+        with pytest.raises(Exception, match="undefined_name"):
+            kernel[(1,)](x, torch.empty(4), STEPS=1, FAIL=True)
+        assert language() == before
+        calls.clear()
+        y = torch.empty(4)
+        kernel[(1,)](x, y, STEPS=1, FAIL=False)
+        counts.append(len(calls))
+        assert torch.equal(y, x * 2 + 1)
+    assert counts[0] > 0 and counts == [counts[0]] * 3, counts
 
 
 def test_fp32_products_contract_into_fma():
