@@ -2,6 +2,7 @@
 unpatched model computes (logits, loss, every gradient, greedy generation), calls the kernels it
 says it does, and falls back to HF's own attention wherever HF passes an explicit mask."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -365,6 +366,90 @@ def test_other_models_of_the_family_keep_hf_code(monkeypatch):
     with torch.no_grad():
         after = ref(tokens).logits
     assert calls == [] and torch.equal(before, after)
+
+
+def _spy_backends(monkeypatch):
+    """[(op name, the backend it was called with)] of the ops the integration calls."""
+    calls = []
+    for name in ("rms_norm", "apply_rotary", "swiglu", "geglu", "attention", "decode_attention", "linear_cross_entropy",
+                 "cross_entropy"):
+        real = getattr(ops, name)
+
+        def wrapper(*a, _real=real, _name=name, **k):
+            calls.append((_name, k.get("backend", "<not passed>")))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(ops, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_every_patched_op_runs_on_the_backend_given(backend, monkeypatch):
+    """apply_to_hf(backend=...) reaches every op it patches in: the norms (Qwen3's q/k norms too),
+    rotary, SwiGLU, attention (prefill and the decode steps), the fused training loss and the
+    eval loss; None (the best for the device) stays None."""
+    ref = hf_model("qwen3", seed=13)
+    model = fastlm.apply_to_hf(copy.deepcopy(ref), backend=backend)
+    calls = _spy_backends(monkeypatch)
+    tokens = torch.randint(1, 300, (2, 6), device=DEVICE)
+    model.train()
+    model(tokens, labels=tokens).loss.backward()
+    model.eval()
+    with torch.no_grad():
+        model(tokens, labels=tokens)
+        model.generate(tokens, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert {n for n, _ in calls} == {"rms_norm", "apply_rotary", "swiglu", "attention", "decode_attention",
+                                     "linear_cross_entropy", "cross_entropy"}
+    assert {b for _, b in calls} == {backend}, sorted(set(calls))
+
+
+def test_rotary_tables_with_a_gradient_keep_hf_rope(monkeypatch):
+    """cos/sin that require a gradient (a rotary module whose inv_freq is trained) go through HF's
+    own apply_rotary_pos_emb, which differentiates them: the fused rotary treats its tables as
+    constants."""
+    ref = hf_model("llama", seed=14).train()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    for m in (ref, model):
+        m.model.rotary_emb.inv_freq.requires_grad_(True)
+    calls = _spy(monkeypatch)
+    tokens = torch.randint(1, 300, (1, 7), device=DEVICE)
+    loss, _ = _loss_and_grads(model, tokens, tokens)
+    want, _ = _loss_and_grads(ref, tokens, tokens)
+    assert "apply_rotary" not in calls and "rms_norm" in calls
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    got, exp = model.model.rotary_emb.inv_freq.grad, ref.model.rotary_emb.inv_freq.grad
+    assert exp is not None and exp.abs().sum() > 0
+    torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_rope_function_with_other_arguments_is_hf(family, monkeypatch):
+    """The module-wide apply_rotary_pos_emb takes the fused path only for HF's own call
+    (q, k, cos, sin) on a patched model's tables: an unsqueeze_dim other than 1, passed by name
+    or by position (Llama's function has no named parameters to bind it to), is HF's function.
+    q and k as (B, T, H, hd) with H == T, so the shapes alone cannot tell the layouts apart."""
+    model = fastlm.apply_to_hf(hf_model(family, seed=15))
+    modeling = sys.modules[type(model).__module__]
+    fn = modeling.apply_rotary_pos_emb
+    orig = fn._fastlm_orig
+    T = 4
+    x = torch.randn(1, T, 64, device=DEVICE)
+    cos, sin = model.model.rotary_emb(x, torch.arange(T, device=DEVICE)[None])
+    assert hasattr(cos, "_fastlm_rope")
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    q, k = torch.randn(1, T, T, hd, device=DEVICE), torch.randn(1, T, T, hd, device=DEVICE)
+    calls = _spy(monkeypatch)
+    for args, kwargs in (((2,), {}), ((), dict(unsqueeze_dim=2))):
+        got = fn(q, k, cos, sin, *args, **kwargs)
+        want = orig(q, k, cos, sin, *args, **kwargs)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert calls == []
+    # HF's own call (q, k as (B, H, T, hd)) is the fused one, and equal
+    got, want = fn(q, k, cos, sin), orig(q, k, cos, sin)
+    assert calls == ["apply_rotary"]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_flags_and_errors(monkeypatch):

@@ -189,13 +189,15 @@ def _patch_rope_function(modeling, partial):
     orig = modeling.apply_rotary_pos_emb
     if getattr(orig, "_fastlm", False):
         return
-    params = list(inspect.signature(orig).parameters)
 
     @functools.wraps(orig)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        bound = dict(zip(params[4:], args), **kwargs)
+        # the fused path for HF's own call (q, k, cos, sin) only: an argument passed by position
+        # cannot be named (some families' function is a (*args, **kwargs) wrapper), and one by
+        # name is taken only where it asks for what the kernel computes
         table = getattr(cos, "_fastlm_rope", None)
-        if (table is None or bound.get("unsqueeze_dim", 1) != 1 or bound.get("position_ids") is not None
+        if (table is None or args or kwargs.get("unsqueeze_dim", 1) != 1 or kwargs.get("position_ids") is not None
+                or not kwargs.keys() <= {"unsqueeze_dim", "position_ids"}
                 or q.dim() != 4 or k.dim() != 4 or q.shape[2] != cos.shape[1] or k.shape[2] != cos.shape[1]
                 or not (q.shape[-1] == k.shape[-1] == cos.shape[-1]
                         or partial and q.shape[-1] == k.shape[-1] > cos.shape[-1])
