@@ -432,12 +432,14 @@ def test_rope_function_with_other_arguments_is_hf(family, monkeypatch):
     modeling = sys.modules[type(model).__module__]
     fn = modeling.apply_rotary_pos_emb
     orig = fn._fastlm_orig
-    T = 4
-    x = torch.randn(1, T, 64, device=DEVICE)
-    cos, sin = model.model.rotary_emb(x, torch.arange(T, device=DEVICE)[None])
-    assert hasattr(cos, "_fastlm_rope")
+    fastlm.apply_to_hf(hf_model(family, seed=16))  # a second model: the function is wrapped once
+    assert modeling.apply_rotary_pos_emb is fn and not getattr(orig, "_fastlm", False)
+    B, T = 2, 4  # (two rows of their own positions: cos/sin (B, T, n), B != the heads)
+    x = torch.randn(B, T, 64, device=DEVICE)
+    cos, sin = model.model.rotary_emb(x, torch.arange(T, device=DEVICE)[None] + torch.tensor([[0], [5]], device=DEVICE))
+    assert hasattr(cos, "_fastlm_rope") and cos.shape[0] == B
     hd = model.config.hidden_size // model.config.num_attention_heads
-    q, k = torch.randn(1, T, T, hd, device=DEVICE), torch.randn(1, T, T, hd, device=DEVICE)
+    q, k = torch.randn(B, T, T, hd, device=DEVICE), torch.randn(B, T, T, hd, device=DEVICE)
     calls = _spy(monkeypatch)
     for args, kwargs in (((2,), {}), ((), dict(unsqueeze_dim=2))):
         got = fn(q, k, cos, sin, *args, **kwargs)
@@ -647,6 +649,13 @@ def test_only_causal_mask_functions_take_the_kernels_masks():
     assert not _causal_parts_only(mu.and_masks(mu.causal_mask_function, lambda *a: torch.tensor(True)))
     assert not _causal_parts_only(mu.bidirectional_mask_function)
     assert not _causal_parts_only(None)
+
+    def causal_mask_function(*args):  # a lookalike from another module: not HF's
+        return mu.causal_mask_function(*args)
+
+    causal_mask_function.__qualname__ = "causal_mask_function"
+    assert not _causal_parts_only(causal_mask_function)
+    assert not _causal_parts_only(mu.and_masks(causal_mask_function, mu.causal_mask_function))
     remap = getattr(mu, "remap_positions_for_packed_sequence", None)  # (newer transformers' packing)
     if remap is not None:
         assert _causal_parts_only(remap(mu.causal_mask_function, seq))
