@@ -68,14 +68,16 @@ def hf_model(family, seed=0, **over):
     return m.to(DEVICE)
 
 
-def _spy(monkeypatch):
+def _spy(monkeypatch, backends=False):
+    """The names of the ops the integration calls, in order (backends: (name, the backend it was
+    called with) pairs)."""
     calls = []
     for name in ("rms_norm", "apply_rotary", "swiglu", "geglu", "attention", "decode_attention", "linear_cross_entropy",
                  "cross_entropy"):
         real = getattr(ops, name)
 
         def wrapper(*a, _real=real, _name=name, **k):
-            calls.append(_name)
+            calls.append((_name, k.get("backend", "<not passed>")) if backends else _name)
             return _real(*a, **k)
 
         monkeypatch.setattr(ops, name, wrapper)
@@ -368,21 +370,6 @@ def test_other_models_of_the_family_keep_hf_code(monkeypatch):
     assert calls == [] and torch.equal(before, after)
 
 
-def _spy_backends(monkeypatch):
-    """[(op name, the backend it was called with)] of the ops the integration calls."""
-    calls = []
-    for name in ("rms_norm", "apply_rotary", "swiglu", "geglu", "attention", "decode_attention", "linear_cross_entropy",
-                 "cross_entropy"):
-        real = getattr(ops, name)
-
-        def wrapper(*a, _real=real, _name=name, **k):
-            calls.append((_name, k.get("backend", "<not passed>")))
-            return _real(*a, **k)
-
-        monkeypatch.setattr(ops, name, wrapper)
-    return calls
-
-
 @pytest.mark.parametrize("backend", [None, "reference"])
 def test_every_patched_op_runs_on_the_backend_given(backend, monkeypatch):
     """apply_to_hf(backend=...) reaches every op it patches in: the norms (Qwen3's q/k norms too),
@@ -390,7 +377,7 @@ def test_every_patched_op_runs_on_the_backend_given(backend, monkeypatch):
     eval loss; None (the best for the device) stays None."""
     ref = hf_model("qwen3", seed=13)
     model = fastlm.apply_to_hf(copy.deepcopy(ref), backend=backend)
-    calls = _spy_backends(monkeypatch)
+    calls = _spy(monkeypatch, backends=True)
     tokens = torch.randint(1, 300, (2, 6), device=DEVICE)
     model.train()
     model(tokens, labels=tokens).loss.backward()
