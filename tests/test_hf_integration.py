@@ -480,6 +480,22 @@ def test_torch_compile_fullgraph_training_step():
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5)
 
 
+def test_torch_compile_fullgraph_with_a_padding_mask():
+    """A compiled forward (fullgraph) of a left-padded batch: the padding mask is not read on the
+    host while compiling (HF's SDPA attention then), and the logits of the real tokens are HF's."""
+    ref = hf_model("llama", seed=17).eval()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    tokens = torch.randint(1, 300, (2, 7), device=DEVICE)
+    pad = torch.ones_like(tokens)
+    pad[1, :3] = 0
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        got = compiled(tokens, attention_mask=pad).logits
+        want = ref(tokens, attention_mask=pad).logits
+    keep = pad.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
+
+
 def test_deepcopy_of_a_patched_model_runs_its_own_weights():
     # the patched forwards are methods bound to their modules: a copy (EMA, teacher) rebinds them
     model = fastlm.apply_to_hf(hf_model("llama", seed=6)).eval()
