@@ -355,6 +355,54 @@ def test_sliding_window_decode_runs_the_decode_kernel(family, monkeypatch):
     assert got == ref.generate(prompt, **kw).tolist()
 
 
+def test_steps_over_a_cache_route_by_chunk_size_and_gradient(monkeypatch):
+    """A forward over HF's cache takes the decode kernel for up to MAX_SEQLEN_Q new tokens
+    (4 here) when no gradient can flow to the queries (frozen weights with grad mode on
+    included); queries that need a gradient take ops.attention (bottom-right causal), and a
+    longer chunk (whose mask HF builds) HF's attention; each equals HF's logits."""
+    from fastlm.ops import kv_cache
+
+    monkeypatch.setattr(kv_cache, "MAX_SEQLEN_Q", 4)
+    ref = hf_model("llama", seed=18).eval()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    tokens = torch.randint(1, 300, (2, 11), device=DEVICE)
+
+    calls = _spy(monkeypatch)
+
+    def step(m, n_new):
+        with torch.no_grad():
+            past = m(tokens[:, :6], use_cache=True).past_key_values
+        calls.clear()
+        return m(tokens[:, 6:6 + n_new], past_key_values=past, use_cache=True).logits
+
+    for frozen, n_new, kernels in ((True, 4, {"decode_attention"}), (True, 5, set()), (False, 1, {"attention"}),
+                                   (True, 1, {"decode_attention"})):
+        for m in (ref, model):
+            m.requires_grad_(not frozen)
+        got = step(model, n_new)
+        assert {"attention", "decode_attention"} & set(calls) == kernels, (frozen, n_new, calls)
+        torch.testing.assert_close(got, step(ref, n_new), rtol=1e-4, atol=1e-4)
+
+
+def test_attention_dropout_in_training_is_hf_attention(monkeypatch):
+    """Attention dropout in training mode: HF's SDPA attention (with its dropout, the same
+    random draws), not the fused kernel; in eval mode (no dropout) the kernel."""
+    ref = hf_model("llama", seed=19, attention_dropout=0.5).train()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    tokens = torch.randint(1, 300, (2, 8), device=DEVICE)
+    calls = _spy(monkeypatch)
+    torch.manual_seed(3)
+    got = model(tokens, labels=tokens).loss
+    torch.manual_seed(3)
+    want = ref(tokens, labels=tokens).loss
+    assert "attention" not in calls and "rms_norm" in calls
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        model(tokens)
+    assert "attention" in calls
+
+
 def test_other_models_of_the_family_keep_hf_code(monkeypatch):
     # the rope patch is module-wide (HF looks the function up there) but only takes the fused
     # path for tables made by a patched model: an unpatched Llama runs HF's code exactly
