@@ -209,9 +209,11 @@ def test_padded_batches_run_unpadded(family, window, monkeypatch):
     assert torch.isfinite(got).all()
 
 
-def test_padding_with_holes_falls_back_to_hf_attention(monkeypatch):
-    # a row whose mask has a hole is not one run of tokens: HF's SDPA attention computes it
-    ref = hf_model("llama", seed=2).eval()
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_padding_with_holes_falls_back_to_hf_attention(family, monkeypatch):
+    # a row whose mask has a hole is not one run of tokens: HF's SDPA attention computes it (with
+    # Gemma 2's attention softcap, which SDPA lacks, the model's eager attention)
+    ref = hf_model(family, seed=2).eval()
     model = fastlm.apply_to_hf(copy.deepcopy(ref))
     tokens = torch.randint(1, 300, (2, 11), device=DEVICE)
     mask = torch.ones_like(tokens)
@@ -390,13 +392,16 @@ def test_attention_dropout_in_training_is_hf_attention(monkeypatch):
     ref = hf_model("llama", seed=19, attention_dropout=0.5).train()
     model = fastlm.apply_to_hf(copy.deepcopy(ref))
     tokens = torch.randint(1, 300, (2, 8), device=DEVICE)
+    pad = torch.ones_like(tokens)
+    pad[1, :2] = 0  # (a padded batch too: its mask marked for the kernel, still HF's attention)
     calls = _spy(monkeypatch)
-    torch.manual_seed(3)
-    got = model(tokens, labels=tokens).loss
-    torch.manual_seed(3)
-    want = ref(tokens, labels=tokens).loss
-    assert "attention" not in calls and "rms_norm" in calls
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for kw in (dict(), dict(attention_mask=pad)):
+        torch.manual_seed(3)
+        got = model(tokens, labels=tokens, **kw).loss
+        torch.manual_seed(3)
+        want = ref(tokens, labels=tokens, **kw).loss
+        assert "attention" not in calls and "rms_norm" in calls
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     model.eval()
     with torch.no_grad():
         model(tokens)

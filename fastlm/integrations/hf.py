@@ -332,6 +332,11 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
         # a softcap (Gemma 2), which SDPA lacks, the model's own eager attention
         if softcap:
             eager = sys.modules[type(module).__module__].eager_attention_forward
+            if torch.is_tensor(attention_mask) and attention_mask.dtype == torch.bool:
+                # the mask built for this implementation is SDPA's (True: attend); the eager
+                # attention adds its mask to the scores: HF's eager form, 0 or the dtype's minimum
+                attention_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
+                    ~attention_mask, torch.finfo(query.dtype).min)
             return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                          sliding_window=sliding_window, softcap=softcap, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
