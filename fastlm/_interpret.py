@@ -158,19 +158,25 @@ def fast_device_calls():
         _DEVICE_CALLS_FAST = True
         return True
     running = []  # the language modules the running kernel patched (at most one kernel runs)
+    langs_of = {}  # function -> the ids of the language modules among its globals (read once)
 
     def lang_modules(fn):
-        return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+        langs = langs_of.get(fn)
+        if langs is None:
+            langs = langs_of[fn] = frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+        return langs
 
     class _Unchanged:
         def restore(self):
             pass
 
+    unchanged = _Unchanged()
+
     def patch_lang(fn):
         if running:  # a helper called from the running kernel
             langs = lang_modules(fn)
             if langs and langs <= running[-1]:
-                return _Unchanged()
+                return unchanged
             return real(fn)  # (as Triton does, its errors too: never restored)
         scope = real(fn)  # a kernel's launch: patched until its run ends
         running.append(lang_modules(fn))

@@ -4,7 +4,7 @@
 // CTAs one after another, in a shuffled order; each CTA runs one fiber (a user-level thread with its own stack, on
 // the calling OS thread) per CUDA thread, so per-thread code is exactly the kernel's.  A fiber
 // runs until it reaches a collective, then the next one runs (no OS threads, no locks: a launch
-// is deterministic, and switching costs a few nanoseconds: see emu_switch).  What threads share is
+// is deterministic, and switching makes no system call: see emu_switch).  What threads share is
 // emulated as collectives:
 //   __syncthreads()         a barrier of the CTA's threads (shared memory is `static`: one copy,
 //                           used by one CTA at a time; dynamic shared memory is a per-CTA
@@ -378,7 +378,7 @@ inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
 inline void emu_fiber_entry() {
   emu_sched.body(emu_sched.body_arg);
   emu_sched.fibers[emu_sched.cur].done = true;
-}  // returns to uc_link: the scheduler
+}  // returns to uc_link, the scheduler (ucontext), or to emu_fiber_trampoline
 
 #if EMU_FAST_SWITCH
 // The bottom of a fiber's stack: runs the thread, then parks for good (a finished fiber is never
