@@ -653,6 +653,43 @@ def test_plain_decode_mask_recognises_only_causality_and_the_window():
     assert ok and first.tolist() == [2, 2, 2]
     assert not _plain_decode_mask(causal.float(), T, S, None)[0]  # additive float masks are not read
     assert not _plain_decode_mask(None, T, S, None)[0]
+    one = causal.clone()
+    one[1, :, :, 0] = False  # the longest padding is one token: still padding
+    assert _plain_decode_mask(one, T, S, None)[1].tolist() == [0, 1, 0]
+    assert _plain_decode_mask(one.clone(), T, S, 6)[1].tolist() == [0, 1, 0]  # (a window that hides nothing)
+    # the answer kept on the mask is per window: the same mask read for another window is read again
+    shared = causal.clone()
+    assert _plain_decode_mask(shared, T, S, None) == (True, None)
+    assert not _plain_decode_mask(shared, T, S, 4)[0]
+    assert _plain_decode_mask(shared, T, S, None) == (True, None)
+    # a mask per head is not read (the kernel takes one mask for all heads)
+    assert _plain_decode_mask(causal.expand(3, 2, T, S).clone(), T, S, None) == (False, None)
+
+
+def test_packed_offsets_from_position_ids():
+    from fastlm.integrations.hf import _packed_cu_seqlens
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    assert _packed_cu_seqlens(pos, 1, 6).tolist() == [0, 3, 5, 6]
+    assert _packed_cu_seqlens(pos.clone(), 2, 6).tolist() == [0, 3, 5, 6, 9, 11, 12]  # one row for the batch
+    rows = torch.tensor([[0, 1, 2, 3], [5, 6, 0, 1]])  # (a row may start mid-sequence: a new sequence)
+    assert _packed_cu_seqlens(rows, 2, 4).tolist() == [0, 4, 6, 8]
+    for bad, B, T in ((None, 1, 6), (pos[0], 1, 6), (pos[None], 1, 6), (pos, 1, 5), (rows, 3, 4)):
+        assert _packed_cu_seqlens(bad, B, T) is None
+
+
+def test_decode_step_spreads_a_batch_one_padding_over_the_rows():
+    """A left padding read off a mask of batch 1 holds for every row of the batch."""
+    from fastlm.integrations.hf import _decode_step
+
+    torch.manual_seed(0)
+    B, H, S, hd = 3, 2, 7, 16
+    q = torch.randn(B, H, 1, hd, device=DEVICE)
+    k, v = (torch.randn(B, H, S, hd, device=DEVICE) for _ in range(2))
+    pad = torch.tensor([2], dtype=torch.int32, device=DEVICE)
+    got = _decode_step(torch.nn.Module(), q, k, v, hd ** -0.5, None, -1, pad)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, 2:], v[:, :, 2:]).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_multimodal_gemma3_language_model(monkeypatch):
