@@ -670,8 +670,10 @@ def test_packed_offsets_from_position_ids():
     from fastlm.integrations.hf import _packed_cu_seqlens
 
     pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
-    assert _packed_cu_seqlens(pos, 1, 6).tolist() == [0, 3, 5, 6]
-    assert _packed_cu_seqlens(pos.clone(), 2, 6).tolist() == [0, 3, 5, 6, 9, 11, 12]  # one row for the batch
+    first = _packed_cu_seqlens(pos, 1, 6)
+    assert first.tolist() == [0, 3, 5, 6]
+    assert _packed_cu_seqlens(pos, 1, 6) is first  # read once per forward: kept on the position_ids
+    assert _packed_cu_seqlens(pos, 2, 6).tolist() == [0, 3, 5, 6, 9, 11, 12]  # one row for the batch (read again)
     rows = torch.tensor([[0, 1, 2, 3], [5, 6, 0, 1]])  # (a row may start mid-sequence: a new sequence)
     assert _packed_cu_seqlens(rows, 2, 4).tolist() == [0, 4, 6, 8]
     for bad, B, T in ((None, 1, 6), (pos[0], 1, 6), (pos[None], 1, 6), (pos, 1, 5), (rows, 3, 4)):
