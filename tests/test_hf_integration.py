@@ -138,6 +138,27 @@ def test_patched_model_matches_hf(family, monkeypatch):
         assert_close(grads[n], grads64[n], grads32[n], name=f"grad {n}", dtype=torch.float32)
 
 
+def test_training_forwards_that_need_the_logits_are_hf_forwards(monkeypatch):
+    """In training mode the lm_head and loss are fused only for labels over the whole sequence;
+    without labels, or with logits_to_keep (an int or the positions as a tensor), the forward is
+    HF's: its logits (and the loss over the kept positions) as the unpatched model's."""
+    ref = hf_model("llama", seed=3).train()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref)).train()
+    tokens = torch.randint(1, 300, (2, 9), device=DEVICE)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        got = model(tokens)
+        assert got.logits is not None and "linear_cross_entropy" not in calls
+        torch.testing.assert_close(got.logits, ref(tokens).logits, rtol=1e-4, atol=1e-4)
+        for keep in (3, torch.tensor([0, 5, 8], device=DEVICE)):
+            labels = torch.randint(0, 300, (2, 3), device=DEVICE)
+            got = model(tokens, labels=labels, logits_to_keep=keep)
+            want = ref(tokens, labels=labels, logits_to_keep=keep)
+            assert got.logits.shape == (2, 3, 300) and "linear_cross_entropy" not in calls
+            torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_kwargs_follow_hf():
     # num_items_in_batch (gradient accumulation: sum / count) and shift_labels, as HF's loss
     ref = hf_model("llama", seed=1).train()
