@@ -570,6 +570,24 @@ def test_torch_compile_fullgraph_with_a_padding_mask():
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
 
 
+def test_torch_compile_fullgraph_decode_step_of_a_padded_batch():
+    """A compiled (fullgraph) decode step over the cache of a left-padded prompt: the mask is not
+    read on the host while compiling, and the next token's logits are HF's."""
+    ref = hf_model("llama", seed=18).eval()
+    model = fastlm.apply_to_hf(copy.deepcopy(ref))
+    tokens = torch.randint(1, 300, (2, 7), device=DEVICE)
+    pad = torch.ones_like(tokens)
+    pad[1, :3] = 0
+    nxt = torch.randint(1, 300, (2, 1), device=DEVICE)
+    pad2 = torch.cat([pad, torch.ones_like(nxt)], 1)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        got, want = ((step(nxt, attention_mask=pad2, use_cache=True,
+                           past_key_values=m(tokens, attention_mask=pad, use_cache=True).past_key_values).logits)
+                     for m, step in ((model, compiled), (ref, ref)))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_deepcopy_of_a_patched_model_runs_its_own_weights():
     # the patched forwards are methods bound to their modules: a copy (EMA, teacher) rebinds them
     model = fastlm.apply_to_hf(hf_model("llama", seed=6)).eval()
