@@ -1230,15 +1230,28 @@ def test_rope_config_forms_from_hf():
         assert (cfg.rope_base, cfg.rope_scaling) == (base, scaling), extra
 
 
-def test_hf_dynamic_rope_round_trip():
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3_text"])
+def test_hf_dynamic_rope_round_trip(arch):
     """HF's "dynamic" dicts carry no original length (HF reads max_position_embeddings): the
     import fills it in, so a longer fastlm table is scaled as HF scales a sequence of its length
-    (it was silently unscaled), and the export puts it back in max_position_embeddings."""
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+    (it was silently unscaled; Gemma 3's per-layer-type rope dicts took 2048), and the export
+    puts it back in max_position_embeddings (Gemma 2 / 3 exported the longer table's length)."""
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=16, bos_token_id=None, eos_token_id=None)
     dyn = {"rope_type": "dynamic", "factor": 4.0}
-    hf = randomize_(transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**common, **hf_rope_kwargs(transformers.LlamaConfig, 10000.0, dyn)))).eval()
+    if arch == "llama":
+        hf = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**common, **hf_rope_kwargs(transformers.LlamaConfig, 10000.0, dyn)))
+    else:  # a sliding layer (its window longer than the sequences) and a full one
+        cls, model_cls = {"gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+                          "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}[arch]
+        rope = hf_rope_kwargs(cls, 10000.0, dyn)
+        if arch == "gemma3_text" and "rope_parameters" in rope:  # (one dict per layer type)
+            rope = {"rope_parameters": {"full_attention": rope["rope_parameters"],
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}
+        hf = model_cls(cls(**common, head_dim=16, pad_token_id=None, sliding_window=64, query_pre_attn_scalar=16,
+                           layer_types=["sliding_attention", "full_attention"], **rope))
+    hf = randomize_(hf).eval()
     model = Transformer.from_hf(hf, backend="reference")
     assert model.config.rope_scaling == {**dyn, "original_max_position_embeddings": 16}
     long = Transformer(model.config.replace(max_seqlen=48), backend="reference")

@@ -284,7 +284,10 @@ def _gemma23_config(c, mtype, head_dim, approx):
     if mtype == "gemma3_text":
         if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):  # v5
             full, local = params.get("full_attention") or {}, dict(params.get("sliding_attention") or {})
-            base, scaling, _ = _rope_from_hf({"rope_parameters": {"rope_theta": 1e6, **full}}, head_dim)
+            # (with the config's lengths: a dynamic rope scales past max_position_embeddings, a
+            # yarn / llama3 dict may take its original length from the top level)
+            base, scaling, _ = _rope_from_hf({**c, "rope_scaling": None,
+                                              "rope_parameters": {"rope_theta": 1e6, **full}}, head_dim)
             local_base = float(local.pop("rope_theta", 10000.0))
             if local.get("rope_type", local.get("type", "default")) != "default":
                 raise ValueError(f"unsupported gemma3_text rope for the sliding layers {params['sliding_attention']}"
@@ -374,10 +377,7 @@ def _hf_config(cfg, arch):
             raise ValueError(f"to_hf: rotary_dim={cfg.rotary_dim} is not int(head_dim * factor) for any factor")
         if factor != 1.0:
             scaling["partial_rotary_factor"] = factor
-    kind = scaling.pop("rope_type", scaling.pop("type", "default"))  # the legacy "type" key too
-    if kind == "dynamic":  # HF's dynamic reads the original length from max_position_embeddings
-        kw["max_position_embeddings"] = scaling.pop("original_max_position_embeddings", cfg.max_seqlen)
-    rope = {"rope_type": kind, **scaling}
+    rope = _hf_rope(scaling, kw, cfg.max_seqlen)
     if arch == "llama":
         if cfg.qkv_bias != cfg.out_bias or cfg.sliding_window:
             raise ValueError("to_hf: Llama has one attention_bias flag for q/k/v/o and no sliding window")
@@ -413,6 +413,16 @@ def _hf_config(cfg, arch):
         kw["rope_theta"] = cfg.rope_base
         kw["rope_scaling"] = None if rope == {"rope_type": "default"} else rope
     return _make_hf_config(cls, kw)
+
+
+def _hf_rope(scaling, kw, max_seqlen):
+    """HF's rope dict of a copy of fastlm's rope_scaling (rope_type first; the legacy "type" key
+    read too).  HF's dynamic rope reads its original length from max_position_embeddings: it
+    goes there (in kw), out of the dict."""
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if kind == "dynamic":
+        kw["max_position_embeddings"] = scaling.pop("original_max_position_embeddings", max_seqlen)
+    return {"rope_type": kind, **scaling}
 
 
 def _make_hf_config(cls, kw):
@@ -468,8 +478,7 @@ def _gemma23_hf_config(cfg, arch, common):
               bos_token_id=None, eos_token_id=None, pad_token_id=None, **common)
     if cfg.attn_softcap:  # HF's SDPA / flash paths drop the score softcap: its eager attention applies it
         kw["attn_implementation"] = "eager"
-    scaling = dict(cfg.rope_scaling or {})
-    rope = {"rope_type": scaling.pop("rope_type", scaling.pop("type", "default")), **scaling}
+    rope = _hf_rope(dict(cfg.rope_scaling or {}), kw, cfg.max_seqlen)
     local = cfg.rope_local_base if cfg.rope_local_base is not None else cfg.rope_base
     if _takes(cls, "rope_parameters"):
         full = {"rope_theta": cfg.rope_base, **rope}
