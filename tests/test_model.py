@@ -1093,6 +1093,9 @@ def test_gemma_hub_configs_fill_transformers_defaults():
     assert cfg.layer_types == ["full" if (i + 1) % 6 == 0 else "sliding" for i in range(34)]
     assert cfg.attn_scale is None and cfg.attn_softcap is None and cfg.logit_softcap is None and cfg.tie_embeddings
     assert cfg.qk_norm and cfg.post_norms and cfg.embed_scale == 2560 ** 0.5
+    for bad in ({}, {"text_config": None}, {"text_config": "gemma3_text"}):
+        with pytest.raises(ValueError, match="gemma3 config without a text_config dict"):
+            config_from_hf({"model_type": "gemma3", **bad})
     g2 = config_from_hf({"model_type": "gemma2", "hidden_size": 3584, "num_hidden_layers": 42,
                          "num_attention_heads": 16, "num_key_value_heads": 8, "intermediate_size": 14336})
     assert (g2.attn_softcap, g2.logit_softcap, g2.sliding_window) == (50.0, 30.0, 4096)
