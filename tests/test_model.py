@@ -1341,6 +1341,32 @@ def test_gemma_activation_is_what_transformers_runs(acts, tmp_path):
             assert_close(model(tokens), m64(tokens).logits, m(tokens).logits, name=f"gemma logits {acts}")
 
 
+def test_gemma_activation_that_is_no_gelu_is_refused(tmp_path):
+    # the config intends the tanh GELU (hidden_activation), but transformers runs hidden_act's ReLU:
+    # what runs is no GELU fastlm's GeGLU has, so the model and its folder are refused by name
+    cfg = transformers.GemmaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                   pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                                   hidden_activation="gelu_pytorch_tanh", hidden_act="relu")
+    m = transformers.GemmaForCausalLM(cfg)
+    if not isinstance(m.model.layers[0].mlp.act_fn, torch.nn.ReLU):
+        pytest.skip("this transformers runs hidden_activation's GELU for this config")
+    m.save_pretrained(tmp_path)
+    for src in (m, tmp_path):
+        with pytest.raises(ValueError, match=r"unsupported gemma activation ReLU\(\) \(fastlm's GeGLU takes the tanh"):
+            Transformer.from_hf(src, backend="reference")
+
+
+def test_bidirectional_gemma3_is_refused():
+    from fastlm.models.hf import config_from_hf
+
+    c = dict(model_type="gemma3_text", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    assert config_from_hf(c).post_norms
+    with pytest.raises(ValueError, match="unsupported gemma3_text config: use_bidirectional_attention"):
+        config_from_hf({**c, "use_bidirectional_attention": True})
+
+
 def test_gemma_activation_without_transformers(monkeypatch):
     # no transformers to ask: the GELU the config intends (hidden_activation, else tanh)
     from fastlm.models import hf as fhf
