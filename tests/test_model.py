@@ -1357,7 +1357,7 @@ def test_gemma_activation_that_is_no_gelu_is_refused(tmp_path):
             Transformer.from_hf(src, backend="reference")
 
 
-def test_bidirectional_gemma3_is_refused():
+def test_gemma3_configs_fastlm_cannot_run_are_refused():
     from fastlm.models.hf import config_from_hf
 
     c = dict(model_type="gemma3_text", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -1365,6 +1365,14 @@ def test_bidirectional_gemma3_is_refused():
     assert config_from_hf(c).post_norms
     with pytest.raises(ValueError, match="unsupported gemma3_text config: use_bidirectional_attention"):
         config_from_hf({**c, "use_bidirectional_attention": True})
+    # the sliding layers' rope is an unscaled table of its own base (rope_local_base)
+    rope = {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    cfg = config_from_hf({**c, "rope_parameters": rope})
+    assert (cfg.rope_base, cfg.rope_local_base, cfg.rope_scaling) == (1e6, 1e4, {"rope_type": "linear", "factor": 2.0})
+    scaled = {**rope, "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}
+    with pytest.raises(ValueError, match="unsupported gemma3_text rope for the sliding layers"):
+        config_from_hf({**c, "rope_parameters": scaled})
 
 
 def test_gemma_activation_without_transformers(monkeypatch):
