@@ -788,6 +788,9 @@ def test_hf_folder_roundtrip(family, tmp_path):
     back = model.to_hf()
     assert type(back).__name__ == type(hf).__name__
     torch.testing.assert_close(hf_logits(back, tokens), expect, atol=0, rtol=0)
+    # in training mode too: fastlm's model has no dropout, so the export has none
+    torch.testing.assert_close(hf_logits(back.train(), tokens), expect, atol=0, rtol=0)
+    back.eval()
     back.save_pretrained(tmp_path / "back")
     again = Transformer.from_hf(str(tmp_path / "back"), backend="reference")
     for k, v in model.state_dict().items():
