@@ -979,6 +979,41 @@ def test_to_hf_rejects_mismatched_arch():
         Transformer(g2, backend="reference").to_hf("gemma3_text")
 
 
+def test_to_hf_refuses_biases_and_windows_the_arch_cannot_say():
+    """Each transformers family has its own bias flags (Llama: one for q/k/v/o, one for the MLP;
+    Qwen2: q/k/v only; Mistral, Phi-3: none) and window fields: a config it cannot say is named,
+    not exported as another model with weights left out."""
+    base = tiny_config("tiny")
+    gemma = base.replace(mlp="geglu", norm_offset=1.0, embed_scale=8.0)
+    qk = base.replace(qk_norm=True)
+    g2 = tiny_config("tiny-gemma23").replace(qk_norm=False, rope_local_base=None)
+    cases = [
+        ("llama", base.replace(qkv_bias=True), "Llama has one attention_bias flag for q/k/v/o and no sliding window"),
+        ("llama", base.replace(sliding_window=8), "Llama has one attention_bias flag"),
+        ("gemma", gemma.replace(out_bias=True), "Gemma has one attention_bias flag for q/k/v/o, no MLP biases"),
+        ("gemma", gemma.replace(sliding_window=8), "Gemma has one attention_bias flag"),
+        ("gemma", gemma.replace(mlp_bias=True), "Gemma has one attention_bias flag"),
+        ("qwen3", qk.replace(qkv_bias=True), "Qwen3 has one attention_bias flag for q/k/v/o and no MLP biases"),
+        ("qwen3", qk.replace(mlp_bias=True), "Qwen3 has one attention_bias flag"),
+        ("qwen2", base, "Qwen2 has q/k/v biases and no output/MLP biases"),
+        ("qwen2", base.replace(qkv_bias=True, out_bias=True), "Qwen2 has q/k/v biases"),
+        ("qwen2", base.replace(qkv_bias=True, mlp_bias=True), "Qwen2 has q/k/v biases"),
+        ("mistral", base.replace(qkv_bias=True), "mistral has no biases"),
+        ("mistral", base.replace(out_bias=True), "mistral has no biases"),
+        ("phi3", base.replace(mlp_bias=True), "phi3 has no biases"),
+        ("gemma2", g2.replace(mlp_bias=True), "gemma2 has one attention_bias flag for q/k/v/o and no MLP biases"),
+        ("gemma2", g2.replace(qkv_bias=True), "gemma2 has one attention_bias flag"),
+    ]
+    for arch, cfg, words in cases:
+        with pytest.raises(ValueError, match=words):
+            Transformer(cfg, backend="reference").to_hf(arch)
+    # what each can say exports
+    for arch, cfg in (("llama", base.replace(qkv_bias=True, out_bias=True, mlp_bias=True)),
+                      ("gemma", gemma.replace(qkv_bias=True, out_bias=True)), ("qwen3", qk.replace(qkv_bias=True, out_bias=True)),
+                      ("qwen2", base.replace(qkv_bias=True)), ("mistral", base.replace(sliding_window=8))):
+        assert Transformer(cfg, backend="reference").to_hf(arch).config.model_type == arch
+
+
 def test_per_layer_windows_and_rope():
     """layer_types: each layer its own window (and, with rope_local_base, its own RoPE table);
     a config whose layers differ has no single attention_window."""
