@@ -1001,6 +1001,7 @@ def test_to_hf_refuses_biases_and_windows_the_arch_cannot_say():
         ("mistral", base.replace(qkv_bias=True), "mistral has no biases"),
         ("mistral", base.replace(out_bias=True), "mistral has no biases"),
         ("phi3", base.replace(mlp_bias=True), "phi3 has no biases"),
+        ("phi3", base.replace(head_dim=32), "Phi-3's head_dim is hidden_size / num_attention_heads"),
         ("gemma2", g2.replace(mlp_bias=True), "gemma2 has one attention_bias flag for q/k/v/o and no MLP biases"),
         ("gemma2", g2.replace(qkv_bias=True), "gemma2 has one attention_bias flag"),
     ]
