@@ -1004,6 +1004,7 @@ def test_to_hf_refuses_biases_and_windows_the_arch_cannot_say():
         ("phi3", base.replace(head_dim=32), "Phi-3's head_dim is hidden_size / num_attention_heads"),
         ("gemma2", g2.replace(mlp_bias=True), "gemma2 has one attention_bias flag for q/k/v/o and no MLP biases"),
         ("gemma2", g2.replace(qkv_bias=True), "gemma2 has one attention_bias flag"),
+        ("gemma2", g2.replace(rotary_dim=8), "transformers' gemma2 has no partial rotary, got rotary_dim=8"),
     ]
     for arch, cfg, words in cases:
         with pytest.raises(ValueError, match=words):
