@@ -554,14 +554,20 @@ def test_torch_compile_fullgraph_training_step():
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5)
 
 
-def test_torch_compile_fullgraph_with_a_padding_mask():
-    """A compiled forward (fullgraph) of a left-padded batch: the padding mask is not read on the
-    host while compiling (HF's SDPA attention then), and the logits of the real tokens are HF's."""
-    ref = hf_model("llama", seed=17).eval()
+def _left_padded_llama(seed):
+    """(HF Llama, its patched copy, a (2, 7) batch, its mask: row 1 left-padded by 3)."""
+    ref = hf_model("llama", seed=seed).eval()
     model = fastlm.apply_to_hf(copy.deepcopy(ref))
     tokens = torch.randint(1, 300, (2, 7), device=DEVICE)
     pad = torch.ones_like(tokens)
     pad[1, :3] = 0
+    return ref, model, tokens, pad
+
+
+def test_torch_compile_fullgraph_with_a_padding_mask():
+    """A compiled forward (fullgraph) of a left-padded batch: the padding mask is not read on the
+    host while compiling (HF's SDPA attention then), and the logits of the real tokens are HF's."""
+    ref, model, tokens, pad = _left_padded_llama(17)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         got = compiled(tokens, attention_mask=pad).logits
@@ -573,11 +579,7 @@ def test_torch_compile_fullgraph_with_a_padding_mask():
 def test_torch_compile_fullgraph_decode_step_of_a_padded_batch():
     """A compiled (fullgraph) decode step over the cache of a left-padded prompt: the mask is not
     read on the host while compiling, and the next token's logits are HF's."""
-    ref = hf_model("llama", seed=18).eval()
-    model = fastlm.apply_to_hf(copy.deepcopy(ref))
-    tokens = torch.randint(1, 300, (2, 7), device=DEVICE)
-    pad = torch.ones_like(tokens)
-    pad[1, :3] = 0
+    ref, model, tokens, pad = _left_padded_llama(18)
     nxt = torch.randint(1, 300, (2, 1), device=DEVICE)
     pad2 = torch.cat([pad, torch.ones_like(nxt)], 1)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
