@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 import sys
+import types
 import warnings
 
 import pytest
@@ -787,6 +788,9 @@ def test_hf_folder_roundtrip(family, tmp_path):
     # export: to_hf() object and save/load through a folder
     back = model.to_hf()
     assert type(back).__name__ == type(hf).__name__
+    # tied embeddings export tied (one tensor: fine-tuning the export keeps them one), untied ones apart
+    assert (back.get_output_embeddings().weight is back.get_input_embeddings().weight) == model.config.tie_embeddings
+    assert back.config.tie_word_embeddings == model.config.tie_embeddings == hf.config.tie_word_embeddings
     torch.testing.assert_close(hf_logits(back, tokens), expect, atol=0, rtol=0)
     # in training mode too: fastlm's model has no dropout, so the export has none
     torch.testing.assert_close(hf_logits(back.train(), tokens), expect, atol=0, rtol=0)
@@ -910,6 +914,8 @@ def test_hf_errors(tmp_path):
         Transformer.from_hf(_Obj(hf.config, sd))
     with pytest.raises(TypeError, match="expects an HF model object or a folder"):
         Transformer.from_hf(42)
+    with pytest.raises(TypeError, match="expects an HF model object or a folder path, got SimpleNamespace"):
+        Transformer.from_hf(types.SimpleNamespace(config=hf.config))  # a config but no weights
     act = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                                    vocab_size=300, hidden_act="gelu")
     with pytest.raises(ValueError, match="hidden_act"):
@@ -1014,6 +1020,11 @@ def test_to_hf_refuses_biases_and_windows_the_arch_cannot_say():
                       ("gemma", gemma.replace(qkv_bias=True, out_bias=True)), ("qwen3", qk.replace(qkv_bias=True, out_bias=True)),
                       ("qwen2", base.replace(qkv_bias=True)), ("mistral", base.replace(sliding_window=8))):
         assert Transformer(cfg, backend="reference").to_hf(arch).config.model_type == arch
+    # with no arch named, a config fastlm built itself goes to the family that can say it
+    for cfg, arch in ((base, "llama"), (base.replace(qkv_bias=True, out_bias=True), "llama"),
+                      (base.replace(qkv_bias=True), "qwen2"), (base.replace(qkv_bias=True, sliding_window=8), "qwen2"),
+                      (base.replace(sliding_window=8), "mistral"), (tiny_config("tiny-gpt2"), "gpt2")):
+        assert Transformer(cfg, backend="reference").to_hf().config.model_type == arch, (cfg, arch)
 
 
 def test_per_layer_windows_and_rope():
