@@ -126,6 +126,11 @@ def test_flops_per_token_counts_each_layers_window():
     mixed = cfg.replace(sliding_window=16, layer_types=["sliding", "full"])
     assert mixed.flops_per_token(64) == base + per_layer * ((16 * 16 / 2 + 48 * 16) / 64 + 32)
     assert mixed.flops_per_token(8) == cfg.flops_per_token(8)  # the window spans the whole sequence
+    every = cfg.replace(sliding_window=16)  # every layer sliding
+    assert every.flops_per_token(64) == base + cfg.n_layers * per_layer * (16 * 16 / 2 + 48 * 16) / 64
+    # the window bounds causal attention only: without causal, every key of every layer counts
+    assert mixed.flops_per_token(64, causal=False) == every.flops_per_token(64, causal=False) == \
+        cfg.flops_per_token(64, causal=False)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "gemma-3-1b", "qwen3-0.6b", "llama-3.2-1b"])
@@ -165,6 +170,51 @@ def test_published_shapes_of_the_other_presets():
     g = TransformerConfig.from_name("gpt2-124m")
     assert (g.dim, g.n_layers, g.n_heads, g.ffn_dim, g.norm, g.positional, g.mlp, g.tie_embeddings) == (
         768, 12, 12, 3072, "layer", "learned", "gelu", True)
+    # every field, not the counts alone (eps, norm offset, embedding scale, soft caps, windows, RoPE bases):
+    # Gemma 2 2B is transformers' Gemma2Config(); Gemma 3 1B is google/gemma-3-1b-pt's config.json
+    from fastlm.models.hf import config_from_hf
+
+    gemma3_1b = dict(
+        model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=262144, hidden_size=1152,
+        intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+        max_position_embeddings=32768, query_pre_attn_scalar=256, rms_norm_eps=1e-6, rope_theta=1000000,
+        rope_local_base_freq=10000, rope_scaling=None, sliding_window=512, sliding_window_pattern=6,
+        final_logit_softcapping=None, attn_logit_softcapping=None, hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True)
+    # Qwen/Qwen3-0.6B's and meta-llama/Llama-3.2-1B's config.json
+    qwen3_06b = dict(
+        model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=1024,
+        intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1000000, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        attention_bias=False, hidden_act="silu", use_sliding_window=False, sliding_window=None, max_window_layers=28,
+        rope_scaling=None)
+    llama_1b = dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048,
+        intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        attention_bias=False, mlp_bias=False, hidden_act="silu",
+        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+    for name, hf in (("gemma-2-2b", transformers.Gemma2Config().to_dict()), ("gemma-3-1b", gemma3_1b),
+                     ("qwen3-0.6b", qwen3_06b), ("llama-3.2-1b", llama_1b)):
+        assert config_from_hf(hf).replace(extra={}) == TransformerConfig.from_name(name), name
+
+
+def test_small_presets_are_what_their_comments_say():
+    """The test presets cover what the suite relies on them for -- tiny: GQA, RoPE, RMSNorm, SwiGLU,
+    no biases, untied; tiny-gpt2: learned positions, LayerNorm, GELU, every bias, tied -- and
+    llama-125m is GPT-2 small's shape with the Llama-2 vocabulary."""
+    def shape(c):
+        return (c.vocab_size, c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_dim, c.max_seqlen, c.norm_eps)
+
+    def kind(c):
+        return (c.positional, c.norm, c.mlp, c.qkv_bias, c.out_bias, c.mlp_bias, c.tie_embeddings)
+
+    t, g, llama = (TransformerConfig.from_name(n) for n in ("tiny", "tiny-gpt2", "llama-125m"))
+    assert shape(t) == (320, 64, 2, 4, 2, 160, 256, 1e-5) and kind(t) == ("rope", "rms", "swiglu", False, False, False, False)
+    assert shape(g) == (320, 64, 2, 4, 4, 256, 256, 1e-5) and kind(g) == ("learned", "layer", "gelu", True, True, True, True)
+    assert shape(llama) == (32000, 768, 12, 12, 4, 3072, 4096, 1e-5)
+    assert kind(llama) == ("rope", "rms", "swiglu", False, False, False, True)
 
 
 def test_qwen3_0_6b_shape():
@@ -180,6 +230,7 @@ def test_qwen3_0_6b_shape():
     (dict(rotary_dim=32), "rotary_dim"),
     (dict(norm="batch"), "norm must be"),
     (dict(mlp="relu"), "mlp must be"),
+    (dict(gelu_approximate="erf"), "gelu_approximate must be 'tanh' or 'none', got 'erf'"),
     (dict(positional="alibi"), "positional must be"),
     (dict(sliding_window=0), "sliding_window"),
     (dict(vocab_size=0), "vocab_size"),
@@ -237,9 +288,23 @@ def test_config_derivations():
     assert TransformerConfig(dim=768, n_heads=12, mlp="geglu").ffn_dim == 2048
     assert TransformerConfig(dim=768, n_heads=12, mlp="gelu").ffn_dim == 3072
     assert TransformerConfig(dim=64, n_heads=1).head_dim == 64
+    assert TransformerConfig(dim=769, n_heads=1, positional="learned").ffn_dim == 2304  # int(8 * 769 / 3) = 2050 > 8 * 256
     for kw in (dict(sliding_window=1), dict(rotary_dim=2), dict(rope_base=0.5),
-               dict(head_dim=1, positional="learned"), dict(norm_eps=0.0), dict(init_std=0.0), dict(embed_scale=0.5)):
+               dict(head_dim=1, positional="learned"), dict(norm_eps=0.0), dict(init_std=0.0), dict(embed_scale=0.5),
+               dict(attn_scale=1e-3, attn_softcap=1.0, logit_softcap=0.5), dict(rope_local_base=0.5)):
         TransformerConfig.from_name("tiny", **kw)
+
+
+def test_config_defaults():
+    """A bare TransformerConfig() is the Llama-style model the field comments describe, GPT-2
+    small's size: the defaults are API (a config saved without a field reads them back)."""
+    assert TransformerConfig().to_dict() == dict(
+        vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, ffn_dim=2048, norm="rms",
+        norm_eps=1e-5, norm_offset=0.0, positional="rope", rope_base=10000.0, rotary_dim=64, rope_scaling=None,
+        mlp="swiglu", gelu_approximate="tanh", qkv_bias=False, out_bias=False, mlp_bias=False, qk_norm=False,
+        norm_bias=True, tie_embeddings=False, embed_scale=None, max_seqlen=2048, sliding_window=None, layer_types=None,
+        rope_local_base=None, attn_scale=None, attn_softcap=None, logit_softcap=None, post_norms=False, init_std=0.02,
+        extra={})
 
 
 def test_model_construction_errors():
@@ -265,6 +330,11 @@ def test_unknown_preset_and_backend():
         TransformerConfig.from_name("tiny", n_layer=4)
     with pytest.raises(ValueError, match="has no field 'dropout'; its fields: "):
         TransformerConfig.from_name("tiny", dropout=0.1)
+    # a saved config dict (a checkpoint's) with a field this version lacks is named, not a TypeError
+    d = TransformerConfig.from_name("tiny").to_dict()
+    assert TransformerConfig.from_dict(d) == TransformerConfig.from_name("tiny")
+    with pytest.raises(ValueError, match="TransformerConfig: unknown fields \\['dropout', 'n_layer'\\]"):
+        TransformerConfig.from_dict({**d, "n_layer": 2, "dropout": 0.0})
     with pytest.raises(ValueError, match="backend must be one of"):
         Transformer(TransformerConfig.from_name("tiny"), backend="triton")
 
