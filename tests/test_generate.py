@@ -322,6 +322,7 @@ def _decode_step_kernels(name, n_layers, monkeypatch):
     from fastlm import _checks
     from fastlm import generation as G
 
+    monkeypatch.delenv("FASTLM_BACKEND", raising=False)  # (a forced reference backend launches no Triton)
     real = _checks.value_checks_on
     for mod in list(sys.modules.values()):
         if getattr(mod, "__name__", "").startswith("fastlm") and getattr(mod, "value_checks_on", None) is real:

@@ -635,6 +635,15 @@ def test_positions_shape_is_checked(name, backend):
             model(tok, positions=pos)
     with pytest.raises(ValueError, match=r"positions must have shape .*got \(2, 1\)"):
         model(torch.zeros(2, 5, dtype=torch.long), positions=torch.tensor([[3], [4]]))
+    packed, cu = torch.zeros(9, dtype=torch.long), torch.tensor([0, 4, 9], dtype=torch.int32)
+    for pos in (torch.zeros(5, dtype=torch.long), torch.zeros(3, dtype=torch.long), torch.zeros(1, 9, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"packed positions must have shape \(total,\)=\(9,\) .*"
+                                             r"\(num_seqs,\)=\(2,\) .*got " + re.escape(str(tuple(pos.shape)))):
+            model(packed, cu_seqlens=cu, positions=pos)
+    for pos, got in ((3.0, "float"), ([0, 1, 2, 3, 4], "list"), (torch.zeros(1, 5), "torch.float32"),
+                     (torch.zeros(1, 5, dtype=torch.bool), "torch.bool")):
+        with pytest.raises(TypeError, match=f"positions must be None, an int or an integer tensor, got {got}"):
+            model(tok, positions=pos)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
@@ -654,6 +663,8 @@ def test_cu_seqlens_is_checked(name, backend):
         model(packed, cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(TypeError, match="cu_seqlens must be an int32 tensor, got list"):
         model(packed, cu_seqlens=[0, 4, 9])
+    with pytest.raises(ValueError, match="cu_seqlens is on meta but tokens is on cpu"):
+        model(packed, cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32, device="meta"))
     for cu in (torch.tensor([[0, 4, 9]]), torch.tensor([0])):
         match = r"cu_seqlens must have shape \(num_seqs \+ 1,\).*got " + re.escape(str(tuple(cu.shape)))
         with pytest.raises(ValueError, match=match):
@@ -674,19 +685,35 @@ def test_token_ids_out_of_range_are_named(name, backend):
             model(torch.tensor([0, 0, bad]), cu_seqlens=torch.tensor([0, 1, 3], dtype=torch.int32))
 
 
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_a_window_of_one_token_sees_only_itself(backend):
+    # sliding_window=1 is the window (0, 0): each token attends to itself alone, so its output
+    # is that of the token by itself at its position (a window of 0 is a window, not "none")
+    ref, fused = pair(tiny_config("tiny").replace(sliding_window=1))
+    model = fused if backend == "fused" else ref
+    tokens = torch.randint(0, model.config.vocab_size, (2, 6), device=DEVICE)
+    with torch.no_grad():
+        full = model(tokens)
+        alone = torch.cat([ref(tokens[:, t:t + 1], positions=t) for t in range(6)], dim=1)
+    torch.testing.assert_close(full, alone, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
 def test_positions_forms_of_batched_input(name):
     # For (B, T) tokens the forms ops.apply_rotary reads: a 0-d offset, (B,) offsets and (B, T)
     # explicit positions, each with a leading 1 broadcasting over the batch
+    # (T = 1 is a decode step's shortcut, T = 2 the smallest prompt that is not)
     model = randomize_(Transformer(tiny_config(name), backend="reference"))
-    tokens = torch.randint(0, model.config.vocab_size, (2, 5))
-    explicit = torch.tensor([[3, 4, 5, 6, 7], [4, 5, 6, 7, 8]])
-    with torch.no_grad():
-        want = model(tokens, positions=explicit)
-        torch.testing.assert_close(model(tokens, positions=torch.tensor([3, 4])), want)
-        same = model(tokens, positions=3)
-        for pos in (torch.tensor(3), torch.tensor([3]), explicit[:1]):
-            torch.testing.assert_close(model(tokens, positions=pos), same)
+    for T in (5, 2, 1):
+        tokens = torch.randint(0, model.config.vocab_size, (2, T))
+        explicit = torch.tensor([[3], [4]]) + torch.arange(T)
+        with torch.no_grad():
+            want = model(tokens, positions=explicit)
+            for offsets in (torch.tensor([3, 4]), torch.tensor([3, 4], dtype=torch.int32)):
+                torch.testing.assert_close(model(tokens, positions=offsets), want)
+            same = model(tokens, positions=3)
+            for pos in (torch.tensor(3), torch.tensor([3]), explicit[:1]):
+                torch.testing.assert_close(model(tokens, positions=pos), same)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
@@ -727,6 +754,14 @@ def test_packed_positions_are_per_sequence_offsets(name):
             for model in (ref, fused):
                 torch.testing.assert_close(model(tokens, cu_seqlens=cu, positions=positions), singles,
                                            atol=2e-5, rtol=2e-5)
+    # a (total,) tensor is every packed token's own position, in any order
+    explicit = torch.tensor([7, 2, 9, 0, 4, 4, 1, 8, 3, 6])
+    assert torch.equal(position_ids(tokens, explicit, cu), explicit)
+    with torch.no_grad():
+        singles = torch.cat([ref(s[None], positions=p[None])[0] for s, p in zip(tokens.split(lens), explicit.split(lens))])
+        for model in (ref, fused):
+            torch.testing.assert_close(model(tokens, cu_seqlens=cu, positions=explicit.int()), singles,
+                                       atol=2e-5, rtol=2e-5)
     # a 0-d tensor is an offset for (B, T) input too
     with torch.no_grad():
         torch.testing.assert_close(ref(tokens.view(2, 5), positions=torch.tensor(3)), ref(tokens.view(2, 5), positions=3))
