@@ -314,6 +314,12 @@ def test_model_construction_errors():
     for backend in ("fused", "reference"):
         with pytest.raises(ValueError, match="op_backend must be one of .* or None, got 'trition'"):
             Transformer(cfg, backend=backend, op_backend="trition")
+        # a config changed after it was built is validated again by the model
+        changed = TransformerConfig.from_name("tiny")
+        changed.n_kv_heads = 3
+        with pytest.raises(ValueError, match="n_kv_heads=3 must divide n_heads=4"):
+            Transformer(changed, backend=backend)
+        assert Transformer(cfg, backend=backend).activation_checkpointing is False  # opt-in
     # the fused attention kernels stop at head_dim 256; the reference runs any head_dim
     wide = TransformerConfig.from_name("tiny", head_dim=320)
     with pytest.raises(ValueError, match="head_dim=320 exceeds the fused backend's limit of 256"):
@@ -1159,13 +1165,27 @@ def test_tied_embeddings_stay_tied_after_to_empty_and_from_hf():
     cfg = tiny_config("tiny-gpt2")
     with torch.device("meta"):
         model = Transformer(cfg, backend="reference")
-    model.to_empty(device="cpu")
+    assert model.to_empty(device="cpu") is model
     assert model.lm_head.weight is model.tok_emb.weight
     assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
     hf = hf_model("qwen2")  # tie_word_embeddings=True
     model = Transformer.from_hf(hf, backend="reference")
     assert model.config.tie_embeddings and model.lm_head.weight is model.tok_emb.weight
     assert torch.equal(model.tok_emb.weight, hf.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_rope_tables_rebuilt_onto_a_given_device(backend):
+    # a model built on the meta device gets its derived tables, global and local, where asked
+    cfg = tiny_config("tiny-gemma23")
+    with torch.device("meta"):
+        model = Transformer(cfg, backend=backend)
+    assert model.rope_cos.is_meta and model.rope_local_sin.is_meta
+    model.rebuild_rope_tables("cpu")
+    want = Transformer(cfg, backend=backend)
+    for name in ("rope_cos", "rope_sin", "rope_local_cos", "rope_local_sin"):
+        assert torch.equal(getattr(model, name), getattr(want, name)), name
+    assert not torch.equal(want.rope_cos, want.rope_local_cos)
 
 
 def test_to_hf_low_precision_keeps_inv_freq_fp32():
