@@ -421,6 +421,10 @@ def test_model_decode_path_matches_the_unfused_blocks(name, monkeypatch):
     act = {"swiglu": "swiglu", "geglu": "geglu_tanh", "gelu": "gelu_tanh"}[cfg.mlp]  # (the tanh GELUs here)
     assert calls.count(act) == cfg.n_layers and calls.count(None) == cfg.n_layers
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    calls.clear()
+    with torch.no_grad():  # exactly decode_gemv_rows rows: still the decode path
+        model(torch.randint(0, cfg.vocab_size, (2, 2), device=DEVICE))
+    assert len(calls) == 2 * cfg.n_layers
     # more rows than the threshold, or grad mode on: the unfused blocks
     calls.clear()
     with torch.no_grad():
