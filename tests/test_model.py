@@ -1188,6 +1188,37 @@ def test_rope_tables_rebuilt_onto_a_given_device(backend):
     assert not torch.equal(want.rope_cos, want.rope_local_cos)
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma23"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_init_weights_is_the_gpt2_init(name, backend):
+    # N(0, init_std) weights, the projections into the residual stream at init_std / sqrt(2 n_layers),
+    # zero biases, norms at their starting scale -- also when called again on a trained model
+    cfg = tiny_config(name).replace(init_std=0.05)
+    torch.manual_seed(0)
+    model = randomize_(Transformer(cfg, backend=backend), scale=0.5)
+    model.init_weights()
+    residual_out = {id(b.attn.wo.weight) for b in model.layers} | {id(b.mlp.w_out.weight) for b in model.layers}
+    weights = biases = norms = 0
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+            want = 0.05 / (2 * cfg.n_layers) ** 0.5 if id(m.weight) in residual_out else 0.05
+            w = m.weight.detach().double()
+            assert abs(w.mean().item()) < 0.1 * want, m
+            assert abs(w.std().item() / want - 1) < 0.08, (m, w.std().item(), want)
+            weights += 1
+            if getattr(m, "bias", None) is not None:
+                assert torch.equal(m.bias, torch.zeros_like(m.bias)), m
+                biases += 1
+        elif isinstance(m, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            start = 0.0 if getattr(m, "offset", 0.0) else 1.0
+            assert torch.equal(m.weight, torch.full_like(m.weight, start)), m
+            if getattr(m, "bias", None) is not None:
+                assert torch.equal(m.bias, torch.zeros_like(m.bias)), m
+            norms += 1
+    assert len(residual_out) == 2 * cfg.n_layers and weights >= 4 * cfg.n_layers + 1 and norms > cfg.n_layers
+    assert biases == (4 * cfg.n_layers if name == "tiny-gpt2" else 0)  # q/k/v, out, MLP in and out
+
+
 def test_to_hf_low_precision_keeps_inv_freq_fp32():
     # as HF's own from_pretrained(dtype=bfloat16) does: weights in bf16, rotary inv_freq in fp32
     model = randomize_(Transformer(tiny_config("tiny"), backend="reference"))
