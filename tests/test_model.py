@@ -1219,6 +1219,63 @@ def test_init_weights_is_the_gpt2_init(name, backend):
     assert biases == (4 * cfg.n_layers if name == "tiny-gpt2" else 0)  # q/k/v, out, MLP in and out
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("table", ["max_norm", "column_major"])
+@pytest.mark.parametrize("T", [1, 6])
+def test_embedding_tables_the_one_launch_embed_cannot_read(name, table, T):
+    # an nn.Embedding with max_norm (it renormalizes the rows it reads, in place) or a weight whose
+    # columns are not contiguous: the grad-free fused model must not hand them to kernels/step.py's
+    # embed (unit column stride, no renorm); its output is the reference model's
+    cfg = tiny_config(name)
+    ref, fused = pair(cfg)
+    ref64 = Transformer(cfg, backend="reference").to(DEVICE).double()
+    ref64.load_state_dict(ref.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (1, T), device=DEVICE)
+    outs = []
+    with torch.no_grad():
+        for m in (fused, ref, ref64):
+            for emb in (m.tok_emb, m.pos_emb):
+                if emb is None:
+                    continue
+                if table == "max_norm":
+                    emb.max_norm = 0.1  # rows have norm ~0.4: every row read is scaled down
+                else:
+                    emb.weight.data = emb.weight.data.t().contiguous().t()
+                    assert emb.weight.stride(1) != 1
+            outs.append(m(tokens))
+    assert_close(*outs, name=f"{table} logits")
+    if table == "max_norm":  # the rows read were renormalized in place, as nn.Embedding does
+        row = fused.tok_emb.weight[tokens[0, 0]]
+        assert row.norm().item() == pytest.approx(0.1, rel=1e-4)
+
+
+def test_grad_free_fused_forward_embeds_in_one_launch(monkeypatch):
+    # the fused model with no gradient to its tables gathers (token + position) rows in one
+    # kernels/step.py launch; with gradients, or on the reference backend, nn.Embedding does
+    from fastlm.kernels import step
+
+    calls = []
+    real = step.embed
+    monkeypatch.setattr(step, "embed", lambda *a, **k: calls.append(a[3] is not None) or real(*a, **k))
+    for name in ("tiny", "tiny-gpt2"):
+        cfg = tiny_config(name)
+        ref, fused = pair(cfg)
+        tokens = torch.randint(0, cfg.vocab_size, (2, 5), device=DEVICE)
+        learned = cfg.positional == "learned"
+        with torch.no_grad():
+            calls.clear()
+            want = ref(tokens)
+            assert calls == []
+            torch.testing.assert_close(fused(tokens), want, rtol=1e-4, atol=1e-5)
+            assert calls == [learned], name  # positions are gathered only for learned ones
+        calls.clear()
+        fused(tokens).sum().backward()  # tables need gradients: nn.Embedding
+        assert calls == [] and fused.tok_emb.weight.grad is not None
+        fused.requires_grad_(False)
+        fused(tokens)  # grad mode on, but no table needs a gradient
+        assert calls == [learned]
+
+
 def test_to_hf_low_precision_keeps_inv_freq_fp32():
     # as HF's own from_pretrained(dtype=bfloat16) does: weights in bf16, rotary inv_freq in fp32
     model = randomize_(Transformer(tiny_config("tiny"), backend="reference"))
