@@ -542,6 +542,18 @@ def test_activation_checkpointing_same_grads():
     torch.testing.assert_close(out_a, out_b, atol=0, rtol=0)
     for n in g_a:
         torch.testing.assert_close(g_a[n], g_b[n], atol=1e-7, rtol=1e-6)
+    # and it does checkpoint: each block runs again in the backward pass, but only when training
+    runs = []
+    for block in model.layers:
+        block.register_forward_pre_hook(lambda *_: runs.append(1))  # a recompute may stop early: no post hook
+    for ckpt, grad, want in ((False, True, 1), (True, True, 2), (True, False, 1)):
+        model.activation_checkpointing = ckpt
+        runs.clear()
+        with torch.set_grad_enabled(grad):
+            loss = model(tokens, tokens)
+        if grad:
+            loss.backward()
+        assert len(runs) == want * cfg.n_layers, (ckpt, grad)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("fused", marks=triton_bf16_mark())])
