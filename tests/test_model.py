@@ -603,11 +603,20 @@ def test_compile_blocks_copy_and_save():
     cfg = tiny_config("tiny")
     model = randomize_(Transformer(cfg, backend="reference"))
     keys = list(model.state_dict())
-    model.compile_blocks(backend="eager")
+    graphs = []
+
+    def recording_backend(gm, example_inputs):  # eager, noting each graph's inputs
+        graphs.append({n.target for n in gm.graph.nodes if n.op == "placeholder"})
+        return gm.forward
+
+    model.compile_blocks(backend=recording_backend)
     assert list(model.state_dict()) == keys  # checkpoints and the HF export read these names
     tokens = torch.randint(0, cfg.vocab_size, (1, 6))
     with torch.no_grad():
         want = model(tokens)
+    # both the blocks and the head ran compiled: graphs of a block's and of the head's inputs
+    assert any("L_self_modules_attn_modules_wqkv_parameters_weight_" in g for g in graphs)
+    assert any(g == {"L_h_", "L_self_parameters_weight_"} for g in graphs)
     twin = copy.deepcopy(model)
     with torch.no_grad():
         twin.lm_head.weight.zero_()
