@@ -609,7 +609,7 @@ def test_compile_blocks_copy_and_save():
         graphs.append({n.target for n in gm.graph.nodes if n.op == "placeholder"})
         return gm.forward
 
-    model.compile_blocks(backend=recording_backend)
+    assert model.compile_blocks(backend=recording_backend) is model
     assert list(model.state_dict()) == keys  # checkpoints and the HF export read these names
     tokens = torch.randint(0, cfg.vocab_size, (1, 6))
     with torch.no_grad():
@@ -773,7 +773,8 @@ def test_packed_positions_are_per_sequence_offsets(name):
     lens = [4, 6]
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     tokens = torch.randint(0, cfg.vocab_size, (10,))
-    for positions, offsets in ((3, [3, 3]), (torch.tensor(3), [3, 3]), (torch.tensor([2, 5]), [2, 5])):
+    for positions, offsets in ((3, [3, 3]), (torch.tensor(3), [3, 3]), (torch.tensor([3]), [3, 3]),
+                               (torch.tensor([2, 5]), [2, 5])):
         expect = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lens)])
         assert torch.equal(position_ids(tokens, positions, cu), expect), positions
         with torch.no_grad():
