@@ -438,6 +438,21 @@ def test_rope_tables_of_both_backends_agree():
     tol = 4 * torch.finfo(torch.float32).eps * (torch.arange(cfg.max_seqlen)[:, None] + 1.0)
     assert ((fused.rope_cos - ref.rope_cos).abs() <= tol).all()
     assert ((fused.rope_sin - ref.rope_sin).abs() <= tol).all()
+    # each is cos/sin of fp64 angles rounded once, of its own frequencies: the fused backend's
+    # (ops.rotary_tables) of HF's fp32 ones, the reference's of the exact (fp64) ones
+    cfg = tiny_config("tiny")
+    ref, fused = Transformer(cfg, backend="reference"), Transformer(cfg, backend="fused")
+    rd, pos = cfg.rotary_dim, torch.arange(cfg.max_seqlen, dtype=torch.float64)[:, None]
+    hf_freq = (1.0 / cfg.rope_base ** (torch.arange(0, rd, 2, dtype=torch.int64).float() / rd)).double()
+    exact_freq = 1.0 / cfg.rope_base ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd)
+    half_ulp = torch.finfo(torch.float32).eps / 2  # of 1 >= |cos|, |sin|
+
+    def err(table, fn, freq):
+        return (table.double() - fn(pos * freq)).abs().max().item()
+
+    for fn, f, r in ((torch.cos, fused.rope_cos, ref.rope_cos), (torch.sin, fused.rope_sin, ref.rope_sin)):
+        assert err(f, fn, hf_freq) <= half_ulp < err(f, fn, exact_freq)
+        assert err(r, fn, exact_freq) <= half_ulp < err(r, fn, hf_freq)
 
 
 def test_llama3_scaling_without_original_max_position_embeddings():
