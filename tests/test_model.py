@@ -483,6 +483,27 @@ def test_packed_varlen_matches_per_sequence(backend):
     torch.testing.assert_close(packed, singles, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_no_tokens_and_empty_packed_sequences(name, backend):
+    # zero tokens, in each input form, give empty logits; an empty sequence inside a packed batch
+    # (cu_seqlens repeating a value) is allowed and changes no other sequence's output
+    cfg = tiny_config(name)
+    ref, fused = pair(cfg)
+    model, V = (fused if backend == "fused" else ref), cfg.vocab_size
+    empty, cu0 = torch.zeros(0, dtype=torch.long, device=DEVICE), torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        assert model(empty, cu_seqlens=cu0).shape == (0, V)
+        assert model(empty, cu_seqlens=cu0, positions=torch.tensor([3], device=DEVICE)).shape == (0, V)
+        assert model(empty.view(2, 0)).shape == (2, 0, V)
+        assert model(empty.view(2, 0), positions=torch.tensor([1, 2], device=DEVICE)).shape == (2, 0, V)
+        seqs = [torch.randint(0, V, (n,), device=DEVICE) for n in (4, 5)]
+        cu = torch.tensor([0, 4, 4, 9, 9], dtype=torch.int32, device=DEVICE)
+        packed = model(torch.cat(seqs), cu_seqlens=cu)
+        singles = torch.cat([ref(s[None])[0] for s in seqs])
+    torch.testing.assert_close(packed, singles, atol=2e-5, rtol=2e-5)
+
+
 class ContiguousCache:
     """The smallest cache for the `cache` hook: appends each step's k/v and returns all of them."""
 
