@@ -370,6 +370,18 @@ def test_fused_matches_reference(name):
         assert_close(grads[n], grads64[n], grads32[n], name=f"grad {n}", dtype=torch.float32)
 
 
+def test_fused_qk_norm_without_rope_matches_reference():
+    # q/k norms with no rotation to fuse them with (the qk_norm_rotary kernel, no tables)
+    cfg = tiny_config("tiny-gpt2").replace(qk_norm=True)
+    ref, fused = pair(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 7), device=DEVICE)
+    out, grads = loss_and_grads(fused, tokens, tokens)
+    want, want_grads = loss_and_grads(ref, tokens, tokens)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    for n in ("layers.0.attn.q_norm.weight", "layers.1.attn.k_norm.weight", "tok_emb.weight"):
+        torch.testing.assert_close(grads[n], want_grads[n], atol=1e-4, rtol=1e-3)
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-gemma23"])
 def test_fused_training_loss_matches_reference(name):
     """model(tokens, targets): the fused model's lm_head + cross-entropy (linear_cross_entropy,
