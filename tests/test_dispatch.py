@@ -352,3 +352,71 @@ def test_torch_func_grad_over_the_model():
     model(tokens, targets=tokens).backward()
     for k, p in model.named_parameters():
         torch.testing.assert_close(grads[k], p.grad, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _scale_op(name, backward):
+    """A test-only fast_op out = x * w (w: (n,)), with the given backward."""
+    @_dispatch.fast_op(f"fastlm_test::{name}")
+    def op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * w
+
+    def fake(x, w):
+        return torch.empty_like(x)
+
+    assert op.register_fake(fake) is fake  # usable as a decorator, as on a custom op
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    op.register_autograd(backward, setup_context=setup)
+    return op
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_backward_sees_its_own_inputs_needs_and_a_wrong_count_is_named(enabled, monkeypatch):
+    # the direct route's autograd node adds the FastOp as one more input: the op's backward
+    # must still see one needs_input_grad flag per op input, and a backward that returns the
+    # wrong number of gradients is an error naming the op, not a shifted or dropped gradient
+    monkeypatch.setattr(_dispatch, "ENABLED", enabled)
+    seen = []
+
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        seen.append(tuple(ctx.needs_input_grad))
+        return g * w if ctx.needs_input_grad[0] else None, (g * x).sum(0) if ctx.needs_input_grad[1] else None
+
+    op = _scale_op(f"scale_{enabled}", backward)
+    x, w = _t(3, 4), _t(4, grad=False)
+    op(x, w).sum().backward()
+    assert seen == [(True, False)] and torch.equal(x.grad, w.detach().expand(3, 4))
+    x.grad = None
+    w.requires_grad_(True)
+    op(x, w).sum().backward()
+    assert seen[-1] == (True, True) and torch.equal(w.grad, x.detach().sum(0))
+
+    bad = _scale_op(f"scale_bad_{enabled}", lambda ctx, g: g)  # one gradient for two inputs
+    with pytest.raises(RuntimeError, match=r"the backward of fastlm_test::scale_bad_True returned 1 gradients for 2 "
+                       r"inputs" if enabled else r"fastlm_test.scale_bad_False.* incorrect number of gradients"):
+        bad(x, w).sum().backward()
+
+
+def test_a_mutated_argument_left_out_or_none_is_skipped(monkeypatch):
+    # the direct route bumps the version of each mutated tensor it was given; an optional
+    # mutated argument passed as None, or a trailing one left out, is no error
+    from typing import Optional
+
+    monkeypatch.setattr(_dispatch, "ENABLED", True)
+
+    @_dispatch.fast_op("fastlm_test::copy_into", mutates_args=("out", "extra"))
+    def op(x: torch.Tensor, out: torch.Tensor, extra: Optional[torch.Tensor] = None) -> None:
+        out.copy_(x)
+        if extra is not None:
+            extra.copy_(x)
+
+    x, out, extra = _t(4, grad=False), torch.zeros(4, device=DEVICE), torch.zeros(4, device=DEVICE)
+    for args in ((x, out), (x, out, None), (x, out, extra)):
+        before = out._version, extra._version
+        op(*args)
+        assert out._version > before[0] and torch.equal(out, x)
+        assert (extra._version > before[1]) == (len(args) == 3 and args[2] is extra)
+    assert torch.equal(extra, x)
