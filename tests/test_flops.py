@@ -30,6 +30,12 @@ def test_attention_dense_and_packed():
     qp, kp, vp = _t(16, 4, 8), _t(16, 2, 8), _t(16, 2, 8)
     got = _count(lambda: ops.attention(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="triton"))
     assert got == {"fastlm.attention_fwd": 4 * (5 * 5 + 11 * 11) * 4 * 8}
+    # and its backward (packed q is (total, heads, dim): the heads are q.shape[-2])
+    for t in (qp, kp, vp):
+        t.requires_grad_(True)
+    got = _count(lambda: ops.attention(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="triton").sum().backward())
+    pairs = 5 * 5 + 11 * 11
+    assert got == {"fastlm.attention_fwd": 4 * pairs * 4 * 8, "fastlm.attention_bwd": 10 * pairs * 4 * 8}
 
 
 def test_linear_cross_entropy_counts_what_it_computes():
