@@ -272,6 +272,8 @@ def test_bf16_casts_round_to_nearest_even():
     x = torch.randn(N, generator=torch.Generator().manual_seed(0)) * 3
     x[:9] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), float("nan"), float("inf"), -float("inf"), 3.4e38,
                           1e-40, -0.0])  # ties to even (down, up), NaN, infinities, overflow, a subnormal, -0
+    # NaNs whose payload would round into -0 (all ones) or cut down to +-inf (low bits only)
+    x[9:12] = torch.tensor([0x7FFFFFFF, 0x7F800001, -0x7FFFFF], dtype=torch.int32).view(torch.float32)
     ints = torch.arange(N, dtype=torch.int32) * 37 + 250  # 257 = 256 + 1: a tie, to 256
     x, ints = x.to(dev), ints.to(dev)
     y, z, v = (torch.empty(N, dtype=torch.bfloat16, device=dev) for _ in range(3))
