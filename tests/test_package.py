@@ -289,6 +289,42 @@ def test_bf16_casts_round_to_nearest_even():
     assert torch.equal(bits(v), bits(ints.to(torch.bfloat16)))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fixes to Triton's interpreter, which a GPU run does not use")
+def test_interpreter_fixes_report_their_state_once(monkeypatch):
+    """fastlm/_interpret.py's fixes (applied when fastlm's kernels are imported under the
+    interpreter) say whether they are in place -- conftest marks the bf16 kernel tests GPU-only
+    by that answer -- and decide once: a repeated call neither re-reads the environment nor
+    wraps the interpreter twice; without the interpreter, or with a Triton whose interpreter
+    module is missing, they change nothing and say so."""
+    import triton.runtime
+    from triton.runtime import interpreter as ti
+
+    import fastlm.kernels  # noqa: F401  (applies them)
+    from fastlm import _interpret
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"  # as conftest sets it on a machine without CUDA
+    patched = lambda: (ti.InterpreterBuilder.create_dot, ti.InterpreterBuilder.cast_impl,  # noqa: E731
+                       ti.InterpreterBuilder.create_fp_to_fp, ti._patch_lang)
+    before = patched()
+    for state, fix in (("_BF16_DOT_FIXED", _interpret.fix_bf16_dot), ("_BF16_CASTS_FIXED", _interpret.fix_bf16_casts),
+                       ("_DEVICE_CALLS_FAST", _interpret.fast_device_calls)):
+        with monkeypatch.context() as m:
+            assert getattr(_interpret, state) is True and fix() is True, state
+            m.setattr(_interpret, state, None)  # as if never called: the patch found in place
+            assert fix() is True and getattr(_interpret, state) is True and patched() == before, state
+            m.setenv("TRITON_INTERPRET", "0")
+            assert fix() is True, state  # decided once
+            m.setattr(_interpret, state, None)
+            assert fix() is False and getattr(_interpret, state) is False, state  # no interpreter
+            m.setenv("TRITON_INTERPRET", "1")
+            assert fix() is False, state
+            m.setattr(_interpret, state, None)
+            m.delattr(triton.runtime, "interpreter")
+            m.setitem(sys.modules, "triton.runtime.interpreter", None)  # a Triton without it
+            assert fix() is False and getattr(_interpret, state) is False, state
+        assert patched() == before
+
+
 def test_interpreter_helper_calls_keep_the_kernels_language_patch(tmp_path):
     """Under TRITON_INTERPRET=1 a @triton.jit helper called from a running kernel no longer
     re-patches triton.language (fastlm/_interpret.py): a launch patches the language modules
