@@ -401,8 +401,9 @@ def test_backward_sees_its_own_inputs_needs_and_a_wrong_count_is_named(enabled, 
 
 
 def test_a_mutated_argument_left_out_or_none_is_skipped(monkeypatch):
-    # the direct route bumps the version of each mutated tensor it was given; an optional
-    # mutated argument passed as None, or a trailing one left out, is no error
+    # the direct route bumps the version of each mutated tensor it was given (the body's copy_
+    # bumps them too); what this checks: an optional mutated argument passed as None, or a
+    # trailing one left out, is no error, and the tensors given are written
     from typing import Optional
 
     monkeypatch.setattr(_dispatch, "ENABLED", True)
