@@ -1,13 +1,17 @@
 """LayerNorm / RMSNorm forward and backward in Triton, with an optional fused residual add.
 
-Forward, one program per row: the whole row (BLOCK_N >= N) sits in registers, so x (and the
-residual) are read once and out (and h = x + residual) written once: the minimum traffic.
+Forward: each program normalizes a tile of BLOCK_M whole rows (BLOCK_N >= N), held in
+registers, so x (and the residual) are read once and out (and h = x + residual) written once:
+the minimum traffic.  Large rows take one row per program; small ones (q/k norms over a head,
+hidden sizes of a few hundred) take several, so that a program moves a few thousand elements
+rather than a few dozen (one tiny program per row leaves the memory system idle between them).
 Statistics are fp32; LayerNorm uses the two-pass variance on the registers (no cancellation).
 
-Backward, persistent: G programs each walk a contiguous chunk of rows, producing dh for every
-row and accumulating the dweight/dbias partial sums of their chunk in fp32 registers, then
-write one partial row each; the launcher sums the G partial rows.  This keeps the weight
-gradient fast when rows greatly outnumber the hidden size (no atomics, deterministic).
+Backward, persistent: G programs each walk a contiguous chunk of rows, BLOCK_M rows at a time,
+producing dh for every row and accumulating the dweight/dbias partial sums of their chunk in
+fp32 registers, then write one partial row each; the launcher sums the G partial rows.  This
+keeps the weight gradient fast when rows greatly outnumber the hidden size (no atomics,
+deterministic).
 """
 import functools
 
@@ -35,6 +39,7 @@ def _norm_fwd_kernel(
     stride_r,
     stride_y,
     stride_h,
+    M,  # rows
     N,  # hidden size
     eps,
     w_offset,  # y scales by w_offset + weight (Gemma's 1 + w, summed here instead of by a launch)
@@ -42,33 +47,35 @@ def _norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program (a power of two)
     BLOCK_N: tl.constexpr,  # power of two >= N: the whole row in one block
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    row_mask = rows < M
+    mask = row_mask[:, None] & (cols < N)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = (x + r).to(H.dtype.element_ty)
-        tl.store(H + row * stride_h + cols, h, mask=mask)
+        tl.store(H + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
         # Normalize the rounded h, exactly what the backward pass will see.
         x = h.to(tl.float32)
     if IS_RMS:
         xc = x
     else:
-        mean = tl.sum(x, axis=0) / N
-        xc = tl.where(mask, x - mean, 0.0)
-        tl.store(MEAN + row, mean)
-    var = tl.sum(xc * xc, axis=0) / N
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        tl.store(MEAN + rows, mean, mask=row_mask)
+    var = tl.sum(xc * xc, axis=1) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(RSTD + row, rstd)
-    y = xc * rstd
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+    y = xc * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + w_offset)
+        y = y * (tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32) + w_offset)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -93,28 +100,31 @@ def _norm_bwd_kernel(
     HAS_DRESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per loop step (a power of two)
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
+    col_mask = cols < N
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + w_offset
-        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :] + w_offset
+        dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
-        db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    # int64 bounds make the loop variable int64, so row * stride cannot overflow.
+        db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # int64 bounds make the row indices int64, so row * stride cannot overflow.
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for row in range(row_start, row_end):
-        row64 = row
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        h = tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
         if IS_RMS:
             xhat = h * rstd
         else:
-            xhat = tl.where(mask, (h - tl.load(MEAN + row)) * rstd, 0.0)
+            xhat = tl.where(mask, (h - tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]) * rstd, 0.0)
         if HAS_WEIGHT:
             wdy = dy * w
             dw += dy * xhat
@@ -122,32 +132,44 @@ def _norm_bwd_kernel(
             wdy = dy
         if HAS_BIAS:
             db += dy
-        c1 = tl.sum(xhat * wdy, axis=0) / N
+        c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
         if IS_RMS:
             dh = (wdy - xhat * c1) * rstd
         else:
-            c2 = tl.sum(wdy, axis=0) / N
+            c2 = tl.sum(wdy, axis=1)[:, None] / N
             dh = (wdy - xhat * c1 - c2) * rstd
         if HAS_DRESIDUAL:
-            dh += tl.load(DHO + row64 * stride_dho + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DH + row64 * N + cols, dh.to(DH.dtype.element_ty), mask=mask)
+            dh += tl.load(DHO + rows[:, None] * stride_dho + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DH + rows[:, None] * N + cols[None, :], dh.to(DH.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
-        tl.store(DW_PART + pid * N + cols, dw, mask=mask)
+        tl.store(DW_PART + pid * N + cols, tl.sum(dw, axis=0), mask=col_mask)
     if HAS_BIAS:
-        tl.store(DB_PART + pid * N + cols, db, mask=mask)
+        tl.store(DB_PART + pid * N + cols, tl.sum(db, axis=0), mask=col_mask)
 
 
-def _num_warps(block_n):
-    # Deterministic rule: ~8-16 elements per thread up to the register budget.
-    if block_n >= 32768:
+# Elements of a program's tile below which it takes several rows: small rows are stacked up
+# to this many elements (2048 x fp32 = 8 KiB per tensor in registers, 8 to 16 per thread).
+ROW_TILE = 2048
+
+
+def _block_m(block_n, M):
+    """Rows per program (forward) or per loop step (backward): 1 for rows of ROW_TILE elements
+    or more, else enough rows to fill ROW_TILE, no more than M needs (powers of two)."""
+    return max(1, min(ROW_TILE // block_n, next_pow2(M)))
+
+
+def _num_warps(elems):
+    # Deterministic rule (elems: the elements of a program's tile): ~8-16 per thread up to
+    # the register budget.
+    if elems >= 32768:
         return 32
-    if block_n >= 8192:
+    if elems >= 8192:
         return 16
-    if block_n >= 2048:
+    if elems >= 2048:
         return 8
-    if block_n >= 512:
+    if elems >= 512:
         return 4
-    return 2 if block_n >= 128 else 1
+    return 2 if elems >= 128 else 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,12 +232,13 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms, w_offset=0.0):
     if M == 0:
         return out, h, mean, rstd
     block_n = next_pow2(N)
-    _norm_fwd_kernel[(M,)](
+    block_m = _block_m(block_n, M)
+    _norm_fwd_kernel[(cdiv(M, block_m),)](
         x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
         out, h if residual is not None else out, mean if not is_rms else rstd, rstd,
-        _row_stride(x2), _row_stride(r2), N, N, N, eps, float(w_offset),
+        _row_stride(x2), _row_stride(r2), N, N, M, N, eps, float(w_offset),
         IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=_num_warps(block_n),
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n),
     )
     return out, h, mean, rstd
 
@@ -241,18 +264,19 @@ def norm_bwd(dy, dresidual_out, h, weight, mean, rstd, is_rms, has_bias, w_offse
         db = h.new_zeros(N if has_bias else 0, dtype=torch.float32)
         return dh, dw, db
     dho2 = _rows2d(dresidual_out, "dresidual_out") if dresidual_out is not None else dy2
-    G = min(_num_programs(h.device.index if h.is_cuda else None), M)
-    rows_per_program = cdiv(M, G)
+    block_n = next_pow2(N)
+    block_m = _block_m(block_n, M)
+    G = min(_num_programs(h.device.index if h.is_cuda else None), cdiv(M, block_m))
+    rows_per_program = cdiv(cdiv(M, G), block_m) * block_m  # whole tiles per program but the last
     G = cdiv(M, rows_per_program)
     dw_part = torch.empty((G, N) if has_w else (0,), dtype=torch.float32, device=h.device)
     db_part = torch.empty((G, N) if has_bias else (0,), dtype=torch.float32, device=h.device)
-    block_n = next_pow2(N)
     _norm_bwd_kernel[(G,)](
         dy2, dho2, h2, weight if has_w else h2, mean if not is_rms else rstd, rstd, dh,
         dw_part if has_w else dh, db_part if has_bias else dh,
         _row_stride(dy2), _row_stride(dho2), _row_stride(h2), M, N, rows_per_program, float(w_offset),
         IS_RMS=is_rms, HAS_DRESIDUAL=dresidual_out is not None, HAS_WEIGHT=has_w, HAS_BIAS=has_bias,
-        BLOCK_N=block_n, num_warps=_num_warps(block_n),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n),
     )
     dw = dw_part.sum(0) if has_w else dw_part
     db = db_part.sum(0) if has_bias else db_part

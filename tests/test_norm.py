@@ -147,6 +147,37 @@ def test_many_rows(backend, kind):
 
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("kind", ["rms", "ln"])
+@pytest.mark.parametrize("M,N", [(7, 1024), (37, 100), (37, 3), (300, 8)])
+def test_row_tiles_keep_rows_apart(backend, kind, M, N):
+    """Small rows share a program (several per tile, the last tile partial): a NaN row stays in
+    its row (the others are the reference's, forward and dx) and reaches dweight, which sums
+    over every row (dbias, the sum of dy, stays finite)."""
+    x = torch.randn(M, N, device=DEVICE) * 2 + 0.5
+    r, w, b = torch.randn(M, N, device=DEVICE), torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE)
+    bad = M // 2
+    x[bad, 0] = float("nan")
+    dy, dh = torch.randn(M, N, device=DEVICE), torch.randn(M, N, device=DEVICE)
+    b = b if kind == "ln" else None
+    xs, ws, bs = _leaves(x, w, b)
+    y, h = _op(kind, xs, ws, bs, 1e-5, r, backend)
+    torch.autograd.backward([y, h], [dy, dh])
+    keep = [i for i in range(M) if i != bad]
+    assert torch.isnan(y[bad]).all() and torch.isnan(h[bad, 0]) and torch.isnan(xs.grad[bad]).all()
+    assert torch.isnan(ws.grad).all()
+    if bs is not None:
+        torch.testing.assert_close(bs.grad, dy.sum(0), rtol=1e-5, atol=1e-5)
+    xk = _leaves(x[keep])[0]
+    wk, bk = _leaves(w, b)
+    yk, hk = _ref(kind, xk.double(), wk.double(), None if bk is None else bk.double(), 1e-5, r[keep].double())
+    torch.autograd.backward([yk, hk], [dy[keep].double(), dh[keep].double()])
+    low = _ref(kind, x[keep], w, b, 1e-5, r[keep])
+    assert_close(y[keep], yk, low[0], "out")
+    assert_close(h[keep], hk, low[1], "residual_out")
+    torch.testing.assert_close(xs.grad[keep], xk.grad.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
 def test_hidden_65536(backend, kind):
     _run(kind, (2, 65536), torch.bfloat16, backend, residual=True, affine=True)
 
