@@ -123,7 +123,7 @@ def sweep_tiles(res, copy_bw):
                 ms, p20, p80 = run_one(lambda t: fastlm.ops.swiglu(t, backend="triton"), mode, (x,))
                 gbs = nbytes(rows, f, 2, mode) / ms / 1e6
                 res.add(impl="fastlm-triton", sweep="MAX_BLOCK", max_block=block,
-                        warps=K.launch_config(f, 2)[1], rows=rows, F=f, mode=mode, ms=ms, p20=p20, p80=p80,
+                        warps=K.launch_config(rows, f, 2)[2], rows=rows, F=f, mode=mode, ms=ms, p20=p20, p80=p80,
                         GBps=gbs, pct_copy_bw=100 * gbs / copy_bw)
     finally:
         K.MAX_BLOCK = saved

@@ -16,12 +16,13 @@ two column views of the same storage (gate = x[:, :F], up = x[:, F:], both with 
 two halves of one (M, 2F) gradient or into two (M, F) tensors.  Row strides are arguments, so
 strided row views (a slice of a bigger tensor, chunks of a projection) are read in place.
 
-Grid: (rows, cdiv(F, BLOCK)).  Rows go on grid axis 0 (limit 2^31 - 1; axis 1 is limited to
-65535), column tiles on axis 1.  Row offsets are computed in int64: M * 2F can pass 2^31
-elements (e.g. 75k tokens x 2 x 14336).  Column offsets stay int32 (F < 2^31).
+Grid: (cdiv(rows, BLOCK_M), cdiv(F, BLOCK)).  Rows go on grid axis 0 (limit 2^31 - 1; axis 1
+is limited to 65535), column tiles on axis 1.  Row offsets are computed in int64: M * 2F can
+pass 2^31 elements (e.g. 75k tokens x 2 x 14336).  Column offsets stay int32 (F < 2^31).
 
 Tile size (deterministic rule, see `launch_config`): a program covers BLOCK = min(F rounded
-up to a power of two, MAX_BLOCK = 1024) columns of one row with up to 4 warps, which gives
+up to a power of two, MAX_BLOCK = 1024) columns of BLOCK_M rows (1 unless the rows are
+narrower than MAX_BLOCK: then as many as fill MAX_BLOCK elements) with up to 4 warps, which gives
 every thread one 16-byte vector per tensor in 16-bit dtypes (1024 / 128 threads = 8 bf16)
 and two in fp32: about the work per block of PyTorch's vectorized elementwise kernels (128
 threads, a 16-byte vector or two each), whose copy defines the bandwidth we measure against.
@@ -81,13 +82,16 @@ def _glu_fwd_kernel(
     stride_g,
     stride_u,
     stride_y,
+    M,  # rows
     F,  # columns of gate / up / out
     ACT: tl.constexpr,  # the activation, see ACTIVATIONS
+    BLOCK_M: tl.constexpr,  # rows per program (power of two), see launch_config
     BLOCK: tl.constexpr,  # columns per program (power of two), see launch_config
 ):
-    row = tl.program_id(0).to(tl.int64)  # int64: row * stride may exceed 2^31
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < F
+    # int64 rows: row * stride may exceed 2^31
+    row = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    mask = (row < M) & (cols < F)
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     a, _ = _act(g, ACT)
@@ -106,13 +110,15 @@ def _glu_bwd_kernel(
     stride_u,
     stride_dg,
     stride_du,
+    M,
     F,
     ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < F
+    row = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    mask = (row < M) & (cols < F)
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
@@ -124,12 +130,13 @@ def _glu_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------- launchers
-def launch_config(F, element_size):
-    """(BLOCK, num_warps) for rows of F columns: see the module docstring."""
+def launch_config(M, F, element_size):
+    """(BLOCK_M, BLOCK, num_warps) for M rows of F columns: see the module docstring."""
     block = min(next_pow2(F), MAX_BLOCK)
+    block_m = max(1, min(MAX_BLOCK // block, next_pow2(M)))
     vec = max(1, 16 // element_size)  # elements per 16-byte vector
-    num_warps = max(1, min(4, block // (32 * vec)))
-    return block, num_warps
+    num_warps = max(1, min(4, block_m * block // (32 * vec)))
+    return block_m, block, num_warps
 
 
 def _rows2d(t, M):
@@ -146,11 +153,11 @@ def _row_stride(t2):
     return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
 
 
-def _grid(M, F, block):
+def _grid(M, F, block_m, block):
     tiles = cdiv(F, block)
     if tiles > MAX_COL_TILES:
         raise ValueError(f"swiglu: width {F} needs {tiles} column tiles, more than the grid limit {MAX_COL_TILES}")
-    return (M, tiles)
+    return (cdiv(M, block_m), tiles)
 
 
 def _split_input(x, up):
@@ -194,9 +201,10 @@ def swiglu_fwd(x, up=None, out=None, activation="silu"):
     out = y if out is None else _check_out(out, y, "out")
     if M == 0:
         return out
-    block, num_warps = launch_config(F, x.element_size())
-    _glu_fwd_kernel[_grid(M, F, block)](
-        g2, u2, out.view(M, F), _row_stride(g2), _row_stride(u2), F, F, ACT=act, BLOCK=block, num_warps=num_warps,
+    block_m, block, num_warps = launch_config(M, F, x.element_size())
+    _glu_fwd_kernel[_grid(M, F, block_m, block)](
+        g2, u2, out.view(M, F), _row_stride(g2), _row_stride(u2), F, M, F, ACT=act, BLOCK_M=block_m, BLOCK=block,
+        num_warps=num_warps,
     )
     return out
 
@@ -226,10 +234,10 @@ def swiglu_bwd(dy, x, up=None, dx=None, dup=None, activation="silu"):
     if M == 0:
         return dx, dup
     dy2 = _rows2d(dy, M)
-    block, num_warps = launch_config(F, x.element_size())
-    _glu_bwd_kernel[_grid(M, F, block)](
+    block_m, block, num_warps = launch_config(M, F, x.element_size())
+    _glu_bwd_kernel[_grid(M, F, block_m, block)](
         dy2, g2, u2, dg2, du2,
-        _row_stride(dy2), _row_stride(g2), _row_stride(u2), _row_stride(dg2), _row_stride(du2), F,
-        ACT=act, BLOCK=block, num_warps=num_warps,
+        _row_stride(dy2), _row_stride(g2), _row_stride(u2), _row_stride(dg2), _row_stride(du2), M, F,
+        ACT=act, BLOCK_M=block_m, BLOCK=block, num_warps=num_warps,
     )
     return dx, dup
