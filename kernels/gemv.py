@@ -219,7 +219,7 @@ _CONFIGS = [(8, 512, 4), (4, 1024, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8),
 # interpreter's cost is per program and per step; two steps still carry the accumulators over
 # a step and mask a partial last block).
 INTERPRET_CONFIG = (4, 16)
-INTERPRET_PROGRAMS = 8
+INTERPRET_PROGRAMS = 4
 INTERPRET_K_STEPS = 2
 AUTOTUNE = _env.flag("FASTLM_GEMV_AUTOTUNE", True)
 
