@@ -569,6 +569,28 @@ def test_norm_backward_op_checks_inputs_on_triton():
         torch.ops.fastlm.norm_backward(x, None, x, w, mean, rstd.to("meta"), True, False, "triton")
 
 
+def test_triton_launchers_check_their_own_shapes():
+    """fastlm.kernels.norm's launchers, called directly (from a user's own code), refuse a
+    weight, bias, residual or saved statistic of the wrong shape by name rather than reading
+    past it (the ops check these before them)."""
+    from fastlm.kernels import norm as K
+
+    x, w = torch.randn(3, 16, device=DEVICE), torch.randn(16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight must have shape \(16,\) \(the last dim of x\), got \(8,\)"):
+        K.norm_fwd(x, w[:8], None, None, 1e-5, True)
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+        K.norm_fwd(x, w, w[None], None, 1e-5, False)
+    with pytest.raises(ValueError, match=r"residual must have x's shape \(3, 16\), got \(3, 8\)"):
+        K.norm_fwd(x, w, None, x[:, :8], 1e-5, True)
+    out, h, mean, rstd = K.norm_fwd(x, w, None, x, 1e-5, False)
+    with pytest.raises(ValueError, match=r"rstd must be float32 with one value per row \(3\)"):
+        K.norm_bwd(x, None, h, w, mean, rstd[:2], False, False)
+    with pytest.raises(ValueError, match="mean must be float32"):
+        K.norm_bwd(x, None, h, w, mean.half(), rstd, False, False)
+    with pytest.raises(ValueError, match="dy and dresidual_out must have h's shape"):
+        K.norm_bwd(x[:2], None, h, w, mean, rstd, False, False)
+
+
 def test_backend_selection(monkeypatch):
     x = torch.randn(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="backend"):
