@@ -589,6 +589,13 @@ def test_triton_launchers_check_their_own_shapes():
         K.norm_bwd(x, None, h, w, mean.half(), rstd, False, False)
     with pytest.raises(ValueError, match="dy and dresidual_out must have h's shape"):
         K.norm_bwd(x[:2], None, h, w, mean, rstd, False, False)
+    # no rows: dweight / dbias are zeros of the hidden size, or empty for no weight / bias
+    e = x[:0]
+    for has_w, has_b in ((True, True), (True, False), (False, True), (False, False)):
+        dh, dw, db = K.norm_bwd(e, None, e, w if has_w else None, mean[:0], rstd[:0], False, has_b)
+        assert dh.shape == (0, 16) and dw.dtype == db.dtype == torch.float32
+        assert dw.shape == ((16,) if has_w else (0,)) and db.shape == ((16,) if has_b else (0,))
+        assert not dw.any() and not db.any()
 
 
 def test_backend_selection(monkeypatch):
