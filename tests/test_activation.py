@@ -114,6 +114,21 @@ def test_many_column_tiles(monkeypatch, form, max_block):
         _check(_inputs(form, (rows,), F, torch.float16), dy, "triton")
 
 
+def test_launch_config_fills_a_program():
+    """The module docstring's tile rule: MAX_BLOCK columns of one row for wide rows; narrower
+    rows stacked until a program holds MAX_BLOCK elements (no more rows than M needs); up to 4
+    warps of one 16-byte vector per thread."""
+    assert K.launch_config(4096, 14336, 2) == (1, 1024, 4)  # Llama-3-8B's MLP, bf16
+    assert K.launch_config(4096, 14336, 4) == (1, 1024, 4)  # fp32: two vectors per thread
+    assert K.launch_config(4096, 100, 2) == (8, 128, 4)
+    assert K.launch_config(3, 100, 2) == (4, 128, 2)
+    assert K.launch_config(1, 7, 4) == (1, 8, 1)
+    for M in (1, 5, 300):
+        for F in (1, 7, 100, 1000, 1024, 3000):
+            bm, b, _ = K.launch_config(M, F, 2)
+            assert bm * b <= K.MAX_BLOCK and (bm == 1 or bm * b == K.MAX_BLOCK or bm >= M), (M, F, bm, b)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 def test_extreme_gate_values():
     # exp(-g) overflows to inf for g << 0: sigmoid must be exactly 0 there, not NaN.
@@ -379,6 +394,24 @@ def test_bad_inputs():
         K.swiglu_fwd(x, out=torch.empty(4, 16, device=DEVICE))
     with pytest.raises(ValueError, match="even last dim"):
         K.swiglu_fwd(torch.randn(4, 15, device=DEVICE))
+    for fn in (K.swiglu_fwd, lambda t: K.swiglu_bwd(t[..., :0], t)):  # the last dim, not the second
+        with pytest.raises(ValueError, match=r"non-empty last dim, got shape \(2, 3, 0\)"):
+            fn(torch.randn(2, 3, 0, device=DEVICE))
+    with pytest.raises(ValueError, match=r"up must have the shape of x \(4, 8\), got \(4, 9\)"):
+        K.swiglu_fwd(g, torch.randn(4, 9, device=DEVICE))
+
+
+def test_launchers_refuse_more_column_tiles_than_the_grid_takes(monkeypatch):
+    """Grid axis 1 holds at most MAX_COL_TILES column tiles (65535 on CUDA): exactly that many
+    run, one more is refused by name (shrunk here so the interpreter can run the limit)."""
+    monkeypatch.setattr(K, "MAX_BLOCK", 16)
+    monkeypatch.setattr(K, "MAX_COL_TILES", 4)
+    x = torch.randn(2, 128, device=DEVICE)
+    torch.testing.assert_close(K.swiglu_fwd(x), reference.swiglu(x))
+    with pytest.raises(ValueError, match="swiglu: width 65 needs 5 column tiles, more than the grid limit 4"):
+        K.swiglu_fwd(torch.randn(2, 130, device=DEVICE))
+    with pytest.raises(ValueError, match="needs 5 column tiles"):
+        K.swiglu_bwd(torch.randn(2, 65, device=DEVICE), torch.randn(2, 130, device=DEVICE))
 
 
 def test_torch_ops_check_their_inputs():
