@@ -52,8 +52,8 @@ def _norm_fwd_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    mask = row_mask[:, None] & (cols < N)[None, :]
+    row_mask, col_mask = rows < M, cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -72,9 +72,9 @@ def _norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_mask)
     y = xc * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * (tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32) + w_offset)[None, :]
+        y = y * (tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + w_offset)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
